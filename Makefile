@@ -1,0 +1,43 @@
+# vlmsae front door. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+export WANDB_SILENT := true
+
+.DEFAULT_GOAL := help
+
+help: ## List every target with one line each
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Build .venv/ with vlmsae (editable) and its dev tools
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PY) -c "import torch, torchvision, open_clip, transformers, lightning, hydra, webdataset; print('vlmsae env ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+test: install ## Run the whole test suite (offline, CPU, W&B disabled)
+	WANDB_MODE=disabled $(PY) -m pytest -q
+
+test-fast: install ## Run the tests without the slow end-to-end ones
+	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
+
+demo: install ## Run extract -> train -> monosemanticity -> hierarchy -> steer -> browse on the tiny default
+	WANDB_MODE=disabled $(PY) -m vlmsae.demo
+
+bench: install ## Benchmarks: SAE step throughput, MS at 50k x 65k, extraction, data loader -> outputs/bench/
+	WANDB_MODE=disabled $(PY) -m vlmsae.bench
+
+clean: ## Remove caches (keeps .venv/ and outputs/)
+	rm -rf .pytest_cache build dist *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean ## Also remove .venv/ and everything under outputs/
+	rm -rf $(VENV)
+	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+
+.PHONY: help install test test-fast demo bench clean distclean

@@ -1,0 +1,62 @@
+"""What made an output: resolved config, package versions, git commit, command line.
+
+Every output folder gets a ``run_info.json`` written by :func:`write_run_info`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from vlmsae import __version__
+from vlmsae.utils.io import atomic_write_json
+
+_PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "lightning", "hydra-core", "webdataset")
+
+
+def git_commit() -> str:
+    """Commit of the checkout vlmsae runs from, with ``-dirty`` if it has local changes; ``unknown`` outside git."""
+    repo_dpath = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo_dpath), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo_dpath), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    out = {"vlmsae": __version__, "python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def provenance() -> dict[str, Any]:
+    """The small dict that says what produced an artefact (no config)."""
+    return {
+        "vlmsae_version": __version__,
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "command": " ".join(sys.argv),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_run_info(out_dpath: str | Path, config: dict[str, Any] | None = None, **extra: Any) -> Path:
+    """Write ``run_info.json`` (resolved config + provenance + extras) into ``out_dpath``."""
+    info = {**provenance(), "config": config or {}, **extra}
+    return atomic_write_json(Path(out_dpath) / "run_info.json", info)
