@@ -102,10 +102,43 @@ class LoggerSchema:
     group: Optional[str] = None
 
 
+@dataclass
+class TaxonomySchema:
+    """Where the taxon path of each image comes from (SPEC 4; vlmsae.data.taxonomy)."""
+
+    kind: str = MISSING  # inat_dirnames | inat_json | wordnet | csv | concepts
+    path: Optional[str] = None  # file or folder of the taxonomy; inat_dirnames/wordnet: null = the data root
+    key_column: Optional[str] = None  # csv: column holding the image key / class name (null = the first)
+    ranks: Optional[list[str]] = None  # csv: rank columns, root first (null = every other column)
+    wordnet_dpath: Optional[str] = None  # wordnet: folder with data.noun (null = Debian's or nltk's WordNet)
+
+
+@dataclass
+class EmbedderSchema:
+    """The image embedder E of the monosemanticity and steering scores (SPEC 3, 5; vlmsae.models.embedders)."""
+
+    name: str = MISSING  # short name used in cache keys and outputs, e.g. clip_b32
+    backend: str = MISSING  # open_clip | hf | pixels
+    arch: str = "ViT-B-32"  # open_clip model name, or the transformers model id (facebook/dinov2-base)
+    pretrained: Optional[str] = None  # open_clip tag (openai) or checkpoint file
+    local_path: Optional[str] = None  # local weights (checkpoint file/folder, save_pretrained folder)
+    cache_dir: Optional[str] = None  # where downloaded weights are cached
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 64  # images per forward
+    tiny: bool = False  # open_clip: the random tiny CLIP built locally (tests)
+    embed_dim: int = 64  # pixels backend: output width
+    image_size: int = 16  # pixels backend: resize side before the projection
+    seed: int = 0  # tiny / pixels: fixes the random weights
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 SCHEMAS: list[tuple[str | None, str, type]] = [
     ("sae", "sae_schema", SAESchema),
     ("model", "model_schema", ModelSchema),
     ("data", "data_schema", DataSchema),
     ("trainer", "trainer_schema", TrainerSchema),
     ("logger", "logger_schema", LoggerSchema),
+    ("embedder", "embedder_schema", EmbedderSchema),
+    ("taxonomy", "taxonomy_schema", TaxonomySchema),
 ]

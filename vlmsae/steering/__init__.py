@@ -1,1 +1,19 @@
-"""steering"""
+"""Steer LLaVA through SAE latents in its vision tower (SPEC 5): hooks, generation helpers, the steering score."""
+
+from vlmsae.steering.generate import ONE_WORD_PROMPT, chat_prompt, first_word, generate_answers, white_image
+from vlmsae.steering.hooks import (
+    MODES,
+    SteeringHandle,
+    alpha_sweep,
+    edit_activations,
+    grid_patches,
+    load_steering_sae,
+    sae_layer,
+    steer,
+    token_mask,
+)
+
+__all__ = [
+    "MODES", "ONE_WORD_PROMPT", "SteeringHandle", "alpha_sweep", "chat_prompt", "edit_activations",
+    "first_word", "generate_answers", "grid_patches", "load_steering_sae", "sae_layer", "steer", "token_mask", "white_image",
+]

@@ -1,0 +1,76 @@
+"""``make demo`` end to end: every step runs on the tiny default and leaves its documented outputs.
+
+Slow (about a minute on 2 cores): it runs the real jobs, one after the other, into a tmp folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_runs_every_step(tmp_path: Path, capsys):
+    from vlmsae.demo import STEPS, run
+
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    summary = run({"seed": 0}, out)
+    wall = time.perf_counter() - t0
+    printed = capsys.readouterr().out
+
+    statuses = {name: s["status"] for name, s in summary["steps"].items()}
+    assert statuses == {name: "ok" for name in STEPS}, {n: summary["steps"][n]["error"] for n in statuses}
+    assert wall < 600, f"the demo took {wall:.0f} s; it must stay under 10 minutes on 2 cores"
+
+    # Each step printed where its output is and what it shows.
+    for name in STEPS:
+        assert f"] {name} ==" in printed
+    assert "FVE" in printed and "raw neurons" in printed and "steered" in printed and "file://" in printed
+
+    # The documented files, with plausible contents.
+    manifest = json.loads((out / "extract" / "manifest.json").read_text())
+    assert manifest["n_rows"] == 2 * manifest["n_images"] > 0  # 2 random tokens per image
+    metrics = json.loads((out / "train" / "metrics.json").read_text())
+    assert metrics["fve"] > 0.5
+    ms = json.loads((out / "monosemanticity" / "ms_summary.json").read_text())
+    assert 0 < ms["mean"] <= 1 and "baseline" in ms
+    with open(out / "monosemanticity" / "latents.csv") as f:
+        n_latents = sum(1 for _ in csv.DictReader(f))
+    hierarchy = json.loads((out / "hierarchy" / "hierarchy.json").read_text())
+    assert len(hierarchy["groups"]) == 4  # the Matryoshka groups of the demo SAE
+    steer = json.loads((out / "steer" / "steer.json").read_text())
+    assert len(steer["steered"]) == len(steer["baseline"]) == 2
+    gt = json.loads((out / "ground_truth" / "ground_truth.json").read_text())
+    assert gt["sae"]["mean"] > gt["neurons"]["mean"]
+
+    # The browser: one card per latent (fewer than the cap), steering attached, thumbnails copied.
+    html_text = (out / "browser" / "index.html").read_text()
+    data = json.loads(html_text.split('id="browser-data">', 1)[1].split("</script>", 1)[0])
+    assert data["n_cards"] == len(data["cards"]) == n_latents
+    steered = [c for c in data["cards"] if c["steering"]]
+    assert [c["latent"] for c in steered] == [int(k) for k in steer["settings"]["latents"]]
+    srcs = [t["src"] for c in data["cards"] for t in c["top"]]
+    assert srcs and all((out / "browser" / s).is_file() for s in srcs)
+    assert sum(1 for c in data["cards"] for t in c["top"] if t["heat"]) > 0  # patch tokens -> heatmaps
+    assert json.loads((out / "demo_summary.json").read_text())["steps"]["browse"]["status"] == "ok"
+
+    # Running it again replaces the folder rather than resuming into stale outputs.
+    (out / "stale.txt").write_text("x")
+    assert run({"steps": ["data"]}, out)["steps"]["data"]["status"] == "ok"
+    assert not (out / "stale.txt").exists()
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path):
+    from vlmsae.demo import run
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a demo folder"):
+        run({"steps": ["data"]}, tmp_path)
+    assert (tmp_path / "precious.txt").exists()
+    with pytest.raises(ValueError, match="Unknown demo step"):
+        run({"steps": ["extrakt"]}, tmp_path / "new")

@@ -1,0 +1,163 @@
+"""``vlmsae.extract``: stored rows equal a direct forward pass, metadata is right, an interrupted run
+resumes to exactly the rows of an uninterrupted one, corrupt images are skipped and reported."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from vlmsae.data.concepts import make_concept_images
+from vlmsae.data.shards import ShardWriter, list_shards, read_manifest, read_rows
+from vlmsae.extract import run
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    root = make_concept_images(tmp_path_factory.mktemp("imgs") / "concepts", n_per_class=2, size=40, seed=1)
+    (root / "circle_blue" / "00000_corrupt.png").write_bytes(b"\x89PNG broken")
+    return root
+
+
+def _cfg(compose_cfg, root, *extra):
+    return compose_cfg("extract", [
+        "model=tiny", "data=folder", f"data.root={root}", "data.batch_size=5", "data.num_workers=0",
+        "progress=false", *extra,
+    ])
+
+
+def test_rows_equal_direct_forward_and_metadata(compose_cfg, image_root, tmp_path):
+    from PIL import Image
+
+    from vlmsae.data.images import list_folder
+    from vlmsae.models import ModelSpec, load_tap
+
+    cfg = _cfg(compose_cfg, image_root, "layer=1", "tokens=patches", "dtype=float32", "rows_per_shard=100",
+               "rows_per_chunk=64")
+    summary = run(cfg, out_dpath=tmp_path / "out")
+    got = read_rows(tmp_path / "out")
+    manifest = read_manifest(tmp_path / "out")
+
+    tap = load_tap(ModelSpec.from_cfg(cfg.model))
+    listing = list_folder(image_root)
+    want_acts, want_keys, want_pos, want_labels = [], [], [], []
+    for pos, (key, path, label) in enumerate(listing.items):
+        if "corrupt" in key:
+            continue
+        acts = tap.forward_to(tap.preprocess(Image.open(path)).unsqueeze(0), 1)[0]
+        want_acts.append(acts[1:])  # patches: every token but CLS
+        want_keys += [key] * 16
+        want_pos += [pos] * 16
+        want_labels += [label] * 16
+    torch.testing.assert_close(got["acts"], torch.cat(want_acts), rtol=1e-5, atol=1e-5)
+    assert got["keys"] == want_keys
+    assert got["image_idx"].tolist() == want_pos and got["label"].tolist() == want_labels
+    assert got["token_idx"].tolist() == list(range(1, 17)) * 32
+    assert summary["n_rows"] == manifest["n_rows"] == 32 * 16 and manifest["n_images"] == 32
+    assert manifest["n_shards"] == len(list_shards(tmp_path / "out")) > 1
+    assert manifest["n_skipped"] == 1 and manifest["skipped"][0]["key"] == "circle_blue/00000_corrupt.png"
+    assert manifest["skipped"][0]["error"]
+    assert manifest["layer"] == 1 and manifest["tokens"] == "patches" and manifest["d"] == 64
+    assert manifest["model"] == "tiny" and manifest["dtype"] == "float32" and manifest["classes"] == listing.classes
+    x = got["acts"].double()
+    torch.testing.assert_close(torch.tensor(manifest["mean"], dtype=torch.float64), x.mean(0))
+    torch.testing.assert_close(torch.tensor(manifest["var"], dtype=torch.float64), x.var(0, unbiased=False))
+    run_info = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert run_info["config"]["tokens"] == "patches" and run_info["result"]["n_rows"] == 512
+
+
+def _interrupt_after(monkeypatch, method: str, n_calls: int):
+    """Make ShardWriter.<method> raise on its n-th call, as a kill at that point would."""
+    original = getattr(ShardWriter, method)
+    calls = {"n": 0}
+
+    def wrapped(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n_calls:
+            raise KeyboardInterrupt(f"simulated kill in {method}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, method, wrapped)
+
+
+@pytest.mark.parametrize("method,n_calls", [("flush", 3), ("_write_progress", 2)])
+def test_resume_gives_exactly_the_uninterrupted_rows(compose_cfg, image_root, tmp_path, monkeypatch, method, n_calls):
+    args = ("layer=2", "tokens=random_k", "k=3", "rows_per_shard=20", "rows_per_chunk=7", "data.num_workers=2")
+    cfg = _cfg(compose_cfg, image_root, *args)
+    run(cfg, out_dpath=tmp_path / "full")
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, method, n_calls)
+        with pytest.raises(KeyboardInterrupt):
+            run(cfg, out_dpath=tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    assert 0 < len(list_shards(tmp_path / "resumed")) < len(list_shards(tmp_path / "full"))
+    run(cfg, out_dpath=tmp_path / "resumed")
+    full, resumed = read_rows(tmp_path / "full"), read_rows(tmp_path / "resumed")
+    assert torch.equal(full["acts"], resumed["acts"])
+    for name in ("token_idx", "image_idx", "label"):
+        assert torch.equal(full[name], resumed[name]), name
+    assert full["keys"] == resumed["keys"]
+    m_full, m_res = read_manifest(tmp_path / "full"), read_manifest(tmp_path / "resumed")
+    for name in ("n_rows", "n_images", "n_shards", "mean", "var", "mean_sq_norm", "image_list_digest", "skipped"):
+        assert m_full[name] == m_res[name], name
+    assert m_full["n_rows"] == 32 * 3
+    # A rerun of a finished extraction does nothing; other settings in the same folder are refused.
+    assert run(cfg, out_dpath=tmp_path / "full")["n_rows"] == m_full["n_rows"]
+    with pytest.raises(ValueError, match="different extraction"):
+        run(_cfg(compose_cfg, image_root, *args[:-1], "layer=1"), out_dpath=tmp_path / "full")
+
+
+def test_workers_do_not_change_rows(compose_cfg, image_root, tmp_path):
+    base = ("layer=last", "tokens=cls", "dtype=float32")
+    run(_cfg(compose_cfg, image_root, *base), out_dpath=tmp_path / "w0")
+    run(_cfg(compose_cfg, image_root, *base, "data.num_workers=2", "data.batch_size=3"), out_dpath=tmp_path / "w2")
+    a, b = read_rows(tmp_path / "w0"), read_rows(tmp_path / "w2")
+    assert a["keys"] == b["keys"] and a["acts"].shape == (32, 32)  # layer=last: the 32-d projected embedding
+    torch.testing.assert_close(a["acts"], b["acts"], rtol=1e-5, atol=1e-6)
+    assert a["token_idx"].tolist() == [-1] * 32
+    assert read_manifest(tmp_path / "w0")["image_list_digest"] == read_manifest(tmp_path / "w2")["image_list_digest"]
+
+
+def test_list_and_wds_sources(compose_cfg, image_root, tmp_path):
+    from vlmsae.data.images import list_folder
+
+    items = [it for it in list_folder(image_root).items if "corrupt" not in it[0]][:6]
+    list_fpath = tmp_path / "images.txt"
+    list_fpath.write_text("".join(f"{path}\t{label}\n" for _, path, label in items))
+    tar_fpath = tmp_path / "shard-000000.tar"
+    with tarfile.open(tar_fpath, "w") as tar:
+        for i, (_, path, label) in enumerate(items):
+            for ext, data in (("png", open(path, "rb").read()), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"sample{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    common = ("model=tiny", "data.batch_size=4", "data.num_workers=0", "progress=false", "tokens=mean", "layer=0",
+              "dtype=float32")
+    run(compose_cfg("extract", ["data=list", f"data.root={list_fpath}", *common]), out_dpath=tmp_path / "list")
+    run(compose_cfg("extract", ["data=wds", f"data.root={tar_fpath}", *common]), out_dpath=tmp_path / "wds")
+    from_list, from_wds = read_rows(tmp_path / "list"), read_rows(tmp_path / "wds")
+    assert from_wds["keys"] == [f"sample{i:03d}" for i in range(6)]
+    assert from_list["label"].tolist() == from_wds["label"].tolist() == [label for *_, label in items]
+    torch.testing.assert_close(from_list["acts"], from_wds["acts"], rtol=1e-5, atol=1e-6)
+
+
+def test_synthetic_tiny_data_default(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))
+    cfg = compose_cfg("extract", ["progress=false", "data.extra.n_per_class=1", "data.extra.size=32"])
+    summary = run(cfg, out_dpath=tmp_path / "out")
+    assert summary["n_images"] == 16 and summary["layer"] == 2  # default layer=-2 of 4 blocks
+    assert read_manifest(tmp_path / "out")["source"] == "synthetic"
+
+
+def test_clear_errors(compose_cfg, image_root, tmp_path):
+    with pytest.raises(ValueError, match="no CLS token.*tokens=mean"):
+        run(_cfg(compose_cfg, image_root, "model.has_cls=false", "tokens=cls"), out_dpath=tmp_path / "a")
+    with pytest.raises(ValueError, match=r"Layer 9 is out of range.*0\.\.3"):
+        run(_cfg(compose_cfg, image_root, "layer=9"), out_dpath=tmp_path / "b")
+    with pytest.raises(ValueError, match="Unknown tokens='some'"):
+        run(_cfg(compose_cfg, image_root, "tokens=some"), out_dpath=tmp_path / "c")

@@ -1,0 +1,188 @@
+"""The sparse TopK/BatchTopK primitives give exactly the dense autograd's values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmsae.sae.sparse import (
+    batch_topk_select,
+    gather_preacts,
+    prefer_sparse,
+    sparse_decode,
+    topk_select,
+    use_sparse_kernel,
+)
+
+B, D, F_LAT, K = 12, 16, 40, 3
+
+
+def _params(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    W_enc = torch.randn(F_LAT, D, generator=g, dtype=torch.float64)
+    b_enc = torch.randn(F_LAT, generator=g, dtype=torch.float64)
+    W_dec = torch.randn(F_LAT, D, generator=g, dtype=torch.float64)
+    return x, W_enc, b_enc, W_dec
+
+
+def _fixed_k_indices(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    cols = torch.stack([torch.randperm(F_LAT, generator=g)[:K] for _ in range(B)]).reshape(-1)
+    rows = torch.arange(B).repeat_interleave(K)
+    return rows, cols
+
+
+def _variable_indices(seed: int = 2):
+    """BatchTopK-like: uneven counts per row, rows 0 and 5 empty, columns repeated across rows, unsorted."""
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 6, (B,), generator=g)
+    counts[0] = counts[5] = 0
+    rows = torch.arange(B).repeat_interleave(counts)
+    cols = torch.randint(0, 4, (rows.numel(),), generator=g) * 7  # only 4 distinct columns: many repeats
+    perm = torch.randperm(rows.numel(), generator=g)
+    return rows[perm], cols[perm]
+
+
+def _dense_weights(rows, cols, vals):
+    dense = torch.zeros(B, F_LAT, dtype=vals.dtype)
+    return dense.index_put((rows, cols), vals, accumulate=True)
+
+
+@pytest.mark.parametrize("indices", [_fixed_k_indices, _variable_indices], ids=["fixed_k", "variable"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gather_preacts_matches_dense_autograd(indices, dtype):
+    rows, cols = indices()
+    x, W_enc, b_enc, _ = (t.to(dtype) for t in _params())
+    g_out = torch.randn(rows.numel(), dtype=dtype, generator=torch.Generator().manual_seed(3))
+
+    leaves_dense = [t.clone().requires_grad_() for t in (x, W_enc, b_enc)]
+    z = leaves_dense[0] @ leaves_dense[1].T + leaves_dense[2]
+    vals_dense = z[rows, cols]
+    (vals_dense * g_out).sum().backward()
+
+    for use_preacts in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc)]
+        pre = (x @ W_enc.T + b_enc) if use_preacts else None
+        vals = gather_preacts(*leaves, rows, cols, preacts_BF=pre)
+        (vals * g_out).sum().backward()
+        tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vals, vals_dense.detach(), **tol)
+        for a, b in zip(leaves, leaves_dense):
+            torch.testing.assert_close(a.grad, b.grad, **tol)
+
+
+@pytest.mark.parametrize("indices", [_fixed_k_indices, _variable_indices], ids=["fixed_k", "variable"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_decode_matches_dense_autograd(indices, dtype):
+    rows, cols = indices()
+    _, _, _, W_dec = (t.to(dtype) for t in _params())
+    g = torch.Generator().manual_seed(4)
+    vals = torch.randn(rows.numel(), dtype=dtype, generator=g)
+    g_out = torch.randn(B, D, dtype=dtype, generator=g)
+
+    vals_d, W_d = vals.clone().requires_grad_(), W_dec.clone().requires_grad_()
+    x_hat_dense = _dense_weights(rows, cols, vals_d) @ W_d
+    (x_hat_dense * g_out).sum().backward()
+
+    vals_s, W_s = vals.clone().requires_grad_(), W_dec.clone().requires_grad_()
+    x_hat = sparse_decode(rows, cols, vals_s, W_s, B)
+    (x_hat * g_out).sum().backward()
+
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_hat, x_hat_dense.detach(), **tol)
+    torch.testing.assert_close(vals_s.grad, vals_d.grad, **tol)
+    torch.testing.assert_close(W_s.grad, W_d.grad, **tol)
+    if indices is _variable_indices:
+        assert torch.all(x_hat[0] == 0) and torch.all(x_hat[5] == 0)
+        untouched = torch.ones(F_LAT, dtype=torch.bool)
+        untouched[cols] = False
+        assert torch.all(W_s.grad[untouched] == 0)
+
+
+def test_primitives_pass_gradcheck():
+    """Float64 finite differences: the hand-written backwards are the true derivatives."""
+    rows, cols = _variable_indices()
+    x, W_enc, b_enc, W_dec = (t[:, :4].contiguous() if t.dim() == 2 else t for t in _params())
+    leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc)]
+    assert torch.autograd.gradcheck(lambda a, b, c: gather_preacts(a, b, c, rows, cols), leaves)
+    vals = torch.randn(rows.numel(), dtype=torch.float64, requires_grad=True)
+    W = W_dec.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, w: sparse_decode(rows, cols, v, w, B), (vals, W))
+
+
+def _topk_step(x, params, sparse: bool, k: int = K, batch: bool = False):
+    """One TopK (or BatchTopK) SAE loss + backward, the two ways; returns loss and grads."""
+    W_enc, b_enc, W_dec, b_dec = [p.clone().requires_grad_() for p in params]
+    x_cent = x - b_dec
+    if sparse:
+        with torch.no_grad():
+            z = torch.addmm(b_enc, x_cent, W_enc.T)
+        rows, cols = batch_topk_select(z, k * x.shape[0]) if batch else topk_select(z, k)
+        vals = gather_preacts(x_cent, W_enc, b_enc, rows, cols, preacts_BF=z).relu()
+        x_hat = sparse_decode(rows, cols, vals, W_dec, x.shape[0]) + b_dec
+    else:
+        z = x_cent @ W_enc.T + b_enc
+        if batch:
+            flat = z.flatten()
+            idx = flat.topk(k * x.shape[0]).indices
+            codes = torch.zeros_like(flat).scatter(0, idx, flat[idx].relu()).view_as(z)
+        else:
+            top = z.topk(k, dim=1)
+            codes = torch.zeros_like(z).scatter(1, top.indices, top.values.relu())
+        x_hat = codes @ W_dec + b_dec
+    loss = (x_hat - x).pow(2).sum(-1).mean()
+    loss.backward()
+    return loss.detach(), [p.grad for p in (W_enc, b_enc, W_dec, b_dec)]
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["topk", "batchtopk"])
+def test_full_step_same_loss_and_gradients(batch):
+    g = torch.Generator().manual_seed(5)
+    n, d, f = 64, 32, 256
+    x = torch.randn(n, d, generator=g)
+    W_dec = torch.nn.functional.normalize(torch.randn(f, d, generator=g), dim=1)
+    params = [W_dec.clone(), torch.zeros(f), W_dec, x.mean(0)]
+    loss_d, grads_d = _topk_step(x, params, sparse=False, k=4, batch=batch)
+    loss_s, grads_s = _topk_step(x, params, sparse=True, k=4, batch=batch)
+    torch.testing.assert_close(loss_s, loss_d, atol=1e-5, rtol=1e-5)
+    for gs, gd in zip(grads_s, grads_d):
+        torch.testing.assert_close(gs, gd, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_topk_select_is_exact_and_row_sorted():
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(256, 512, generator=g)
+    z[3] += 10.0  # one outlier row owns many of the batch's slots: forces the retry/fallback
+    k_total = 256 * 4
+    rows, cols = batch_topk_select(z, k_total)
+    assert rows.numel() == k_total and torch.all(rows[1:] >= rows[:-1])
+    got = torch.sort(rows * 512 + cols).values
+    want = torch.sort(z.flatten().topk(k_total).indices).values
+    assert torch.equal(got, want)
+    assert int((rows == 3).sum()) > 16  # the outlier row really exceeded 4x the mean count
+
+
+def test_topk_select_shapes_and_errors():
+    z = torch.randn(5, 9)
+    rows, cols = topk_select(z, 2)
+    assert rows.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert torch.equal(torch.sort(cols.view(5, 2), 1).values, torch.sort(z.topk(2, 1).indices, 1).values)
+    with pytest.raises(ValueError, match="k must be"):
+        topk_select(z, 10)
+    with pytest.raises(ValueError, match="int64"):
+        sparse_decode(rows.int(), cols, torch.ones(10), torch.ones(9, 3), 5)
+    with pytest.raises(ValueError, match="share D"):
+        gather_preacts(torch.ones(5, 3), torch.ones(9, 4), torch.ones(9), rows, cols)
+    with pytest.raises(ValueError, match=">= 5"):
+        sparse_decode(rows + 1, cols, torch.ones(10), torch.ones(9, 3), 5)
+
+
+def test_kernel_choice():
+    assert prefer_sparse(4096, 8192, 1024, "cpu", k=20)
+    assert not prefer_sparse(4096, 64, 1024, "cpu", k=20)
+    assert not prefer_sparse(8, 65536, 1024, "cpu", k=20)
+    assert use_sparse_kernel("dense", 4096, 65536, 1024, "cpu") is False
+    assert use_sparse_kernel("sparse", 8, 16, 4, "cpu") is True
+    with pytest.raises(ValueError, match="sparse_kernel"):
+        use_sparse_kernel("fast", 4096, 8192, 1024, "cpu")

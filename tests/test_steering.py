@@ -1,0 +1,239 @@
+"""Steering hooks on the tiny LLaVA: the projector sees exactly the intended edit, LLaVA reads the
+hook (prepend), the hook is removed, modes and masks behave as their formulas say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmsae.models.llava import build_tiny_llava, load_llava, tapped_block_index, vision_blocks
+from vlmsae.sae import SAEConfig, build_sae
+from vlmsae.steering import (
+    ONE_WORD_PROMPT,
+    chat_prompt,
+    edit_activations,
+    first_word,
+    generate_answers,
+    grid_patches,
+    steer,
+    token_mask,
+)
+
+LAYER = 2  # tiny LLaVA: 4 vision blocks, vision_feature_layer=-2 -> block 2
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    model, processor = load_llava(build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny_llava"), dtype="float32")
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return build_sae(SAEConfig(arch="topk", d_in=32, n_latents=64, k=8), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs(llava):
+    from PIL import Image
+
+    _, processor = llava
+    images = [Image.new("RGB", (32, 32), "white"), Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy())]
+    return processor(images=images, text=[chat_prompt(processor, ONE_WORD_PROMPT)] * 2, return_tensors="pt", padding=True)
+
+
+class Capture:
+    """Records the projector's input (what LLaVA projects) and the tapped block's output."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.seen = {}
+        proj = self.model.model.multi_modal_projector
+        self.handles = [proj.register_forward_pre_hook(lambda m, a: self.seen.__setitem__("proj_in", a[0].detach()))]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def projector_input(model, inputs):
+    with torch.no_grad(), Capture(model) as cap:
+        model(**inputs)
+    return cap.seen["proj_in"]
+
+
+def block_output(model, inputs, layer=LAYER):
+    """The tapped block's unsteered output [B, T, D] (CLS first)."""
+    seen = {}
+    h = vision_blocks(model)[layer].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o.detach()))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        h.remove()
+    return seen["h"]
+
+
+def test_replace_changes_projector_input_exactly(llava, sae, inputs):
+    model, _ = llava
+    assert tapped_block_index(model) == LAYER
+    h_BTD = block_output(model, inputs)
+    base = projector_input(model, inputs)
+    assert torch.equal(base, h_BTD[:, 1:])  # "default" strategy drops CLS
+    j, alpha = 5, 7.5
+    with steer(model, sae, {j: alpha}, layer=LAYER) as handle:
+        got = projector_input(model, inputs)
+    assert handle.n_calls == 1 and handle.shapes == [tuple(h_BTD.shape)]
+    B, T, D = h_BTD.shape
+    with torch.no_grad():
+        codes = sae.encode(h_BTD.reshape(B * T, D))
+        codes[:, j] = alpha
+        expected = sae.decode(codes).reshape(B, T, D)[:, 1:]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().max() > 1e-2
+
+
+def test_several_latents_at_once(llava, sae, inputs):
+    model, _ = llava
+    h_BTD = block_output(model, inputs)
+    B, T, D = h_BTD.shape
+    with steer(model, sae, {3: 4.0, 10: -1.0, 20: 9.0}, layer=LAYER):
+        got = projector_input(model, inputs)
+    with torch.no_grad():
+        codes = sae.encode(h_BTD.reshape(B * T, D))
+        codes[:, [3, 10, 20]] = torch.tensor([4.0, -1.0, 9.0])
+        expected = sae.decode(codes).reshape(B, T, D)[:, 1:]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_error_preserving_with_own_value_is_identity(llava, sae, inputs):
+    model, _ = llava
+    h_BTD = block_output(model, inputs)
+    B, T, D = h_BTD.shape
+    with torch.no_grad():
+        codes_BTF = sae.encode(h_BTD.reshape(B * T, D)).reshape(B, T, -1)
+    j = int(codes_BTF.reshape(B * T, -1).gt(0).sum(0).argmax())  # a latent that fires on these tokens
+    assert codes_BTF[..., j].abs().sum() > 0
+    base = projector_input(model, inputs)
+    with steer(model, sae, {j: codes_BTF[..., j]}, mode="error_preserving", layer=LAYER):
+        same = projector_input(model, inputs)
+    torch.testing.assert_close(same, base, rtol=0, atol=1e-6)
+    # Another value moves every token by exactly (alpha - f_j) * W_dec[j].
+    with steer(model, sae, {j: 3.0}, mode="error_preserving", layer=LAYER):
+        moved = projector_input(model, inputs)
+    delta = (3.0 - codes_BTF[:, 1:, j]).unsqueeze(-1) * sae.W_dec[j].detach()
+    torch.testing.assert_close(moved - base, delta, rtol=1e-4, atol=1e-5)
+
+
+def test_add_mode_is_plain_activation_steering(llava, sae, inputs):
+    model, _ = llava
+    base = projector_input(model, inputs)
+    with steer(model, sae, {7: 2.0}, mode="add", layer=LAYER):
+        got = projector_input(model, inputs)
+    unit = sae.W_dec[7].detach() / sae.W_dec[7].detach().norm()
+    torch.testing.assert_close(got - base, (2.0 * unit).expand_as(base), rtol=1e-5, atol=1e-5)
+
+
+def test_patch_masks_restrict_the_change(llava, sae, inputs):
+    model, _ = llava
+    base = projector_input(model, inputs)
+    with steer(model, sae, {5: 7.5}, layer=LAYER, patches=[0, 5]):
+        got = projector_input(model, inputs)
+    changed = (got - base).abs().amax(dim=-1) > 0  # [B, n_patches]
+    assert changed[:, [0, 5]].all() and changed.sum() == 2 * changed.shape[0]
+    # CLS only: LLaVA-1.5 drops CLS before projecting, so at the tapped layer nothing reaches it.
+    with steer(model, sae, {5: 7.5}, layer=LAYER, patches="cls"):
+        assert torch.equal(projector_input(model, inputs), base)
+    assert grid_patches(4, range(0, 2), range(0, 2)) == [0, 1, 4, 5]
+    mask = token_mask("patches", n_tokens=17, batch_size=2)
+    assert mask.shape == (2, 17) and not mask[:, 0].any() and mask[:, 1:].all()
+    with pytest.raises(ValueError, match="Patch indices"):
+        token_mask([16], n_tokens=17, batch_size=1)
+
+
+def test_llava_reads_the_hook_only_with_prepend(llava, sae, inputs):
+    """transformers 5.x records hidden states with hooks installed on the first forward; a hook
+    appended after them edits the next block's input but not what LLaVA projects."""
+    model, _ = llava
+    base = projector_input(model, inputs)  # the model has run: the recorder hooks exist
+    block = vision_blocks(model)[LAYER]
+    zero = lambda m, a, o: torch.zeros_like(o)  # noqa: E731
+    appended = block.register_forward_hook(zero)
+    try:
+        assert torch.equal(projector_input(model, inputs), base)  # unseen: recorder ran first
+    finally:
+        appended.remove()
+    prepended = block.register_forward_hook(zero, prepend=True)
+    try:
+        assert projector_input(model, inputs).abs().max() == 0  # seen
+    finally:
+        prepended.remove()
+    with steer(model, sae, {5: 7.5}, layer=LAYER):  # steer() after a forward: must still be seen
+        assert not torch.equal(projector_input(model, inputs), base)
+
+
+def test_hook_removed_after_block_and_after_error(llava, sae, inputs):
+    model, _ = llava
+    block = vision_blocks(model)[LAYER]
+    n_hooks = len(block._forward_hooks)
+    base = projector_input(model, inputs)
+    with steer(model, sae, {5: 7.5}, layer=LAYER):
+        assert len(block._forward_hooks) == n_hooks + 1
+    assert len(block._forward_hooks) == n_hooks
+    assert torch.equal(projector_input(model, inputs), base)
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(model, sae, {5: 7.5}, layer=LAYER):
+            raise RuntimeError("boom")
+    assert len(block._forward_hooks) == n_hooks
+    assert torch.equal(projector_input(model, inputs), base)
+
+
+def test_batched_generation_matches_single(llava, sae):
+    from PIL import Image
+
+    model, processor = llava
+    images = [Image.new("RGB", (32, 32), c) for c in ("white", "red", "blue")]
+    with steer(model, sae, {5: 50.0}, layer=LAYER) as handle:
+        batched = generate_answers(model, processor, images, ONE_WORD_PROMPT, max_new_tokens=4, batch_size=3)
+        single = [generate_answers(model, processor, [im], ONE_WORD_PROMPT, max_new_tokens=4)[0] for im in images]
+    assert handle.n_calls == 4  # the vision tower runs once per generate (prefill), not per new token
+    assert batched == single and all(len(a.split()) >= 1 for a in batched)
+    plain = generate_answers(model, processor, images, ONE_WORD_PROMPT, max_new_tokens=4, batch_size=3)
+    assert plain != batched  # a large clamp changes what the random model says
+
+
+def test_per_sample_alpha_nan_keeps_the_latent(llava, sae, inputs):
+    """NaN alpha leaves a sample's latent as encoded: one batch can steer a different latent per sample."""
+    model, _ = llava
+    with steer(model, sae, {5: torch.tensor([[7.5], [float("nan")]]), 9: torch.tensor([[float("nan")], [4.0]])}, layer=LAYER):
+        mixed = projector_input(model, inputs)
+    with steer(model, sae, {5: 7.5}, layer=LAYER):
+        first = projector_input(model, inputs)
+    with steer(model, sae, {9: 4.0}, layer=LAYER):
+        second = projector_input(model, inputs)
+    torch.testing.assert_close(mixed[0], first[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[1], second[1], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_fail_clearly(llava, sae, inputs):
+    model, _ = llava
+    with pytest.raises(ValueError, match="out of range"):
+        edit_activations(torch.zeros(1, 2, 32), sae, {64: 1.0})
+    with pytest.raises(ValueError, match="Unknown steering mode"):
+        with steer(model, sae, {1: 1.0}, mode="clamp", layer=LAYER):
+            pass
+    with pytest.raises(ValueError, match="comes after block 2"):
+        with steer(model, sae, {1: 1.0}, layer=3):
+            pass
+    with pytest.raises(ValueError, match="source.layer"):
+        with steer(model, sae, {1: 1.0}):
+            pass
+
+
+def test_first_word():
+    assert first_word(" Dog.\nA dog") == "dog"
+    assert first_word("**Sea-lion** swims") == "sea-lion"
+    assert first_word("...") == ""

@@ -1,0 +1,186 @@
+"""End to end through vlmsae.train.run on planted-feature activation shards: learning, outputs,
+resume without repeated steps, NaN handling, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from vlmsae.data.synthetic import PlantedDictionary
+from vlmsae.lit.stream import write_acts_store
+from vlmsae.train import run
+
+D = 64  # = conf/model/tiny.yaml width
+
+
+@pytest.fixture(scope="module")
+def planted_store(tmp_path_factory):
+    """20k rows of d=64 planted-feature activations (128 atoms, 3 per row, big norm and offset), 10 shards."""
+    planted = PlantedDictionary.random(d_in=D, n_atoms=128, k=3, scale=5.0, offset_norm=10.0, seed=0)
+    x = planted.sample(20_000, seed=1).x
+    dpath = tmp_path_factory.mktemp("acts") / "layer2"
+    write_acts_store(dpath, x.half(), rows_per_chunk=500, chunks_per_shard=4, meta={"model": "tiny", "layer": 2})
+    return dpath
+
+
+def _overrides(store, steps, *extra):
+    return ["data=acts", f"data.acts={store}", "data.batch_size=256", "data.num_workers=0", "data.shuffle_buffer=2048",
+            "data.val_fraction=0.1", f"trainer.max_steps={steps}", "logger=csv", *extra]
+
+
+def test_train_learns_planted_features_and_writes_outputs(compose_cfg, planted_store, tmp_path):
+    cfg = compose_cfg("train", _overrides(planted_store, 300))
+    metrics = run(cfg, out_dpath=tmp_path / "run")
+    assert metrics["fve"] > 0.5, metrics
+    assert metrics["step"] == 300 and metrics["optimizer_steps"] == 300
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("fve", "mse", "l0", "dead_fraction", "step"):
+        assert key in saved and math.isfinite(saved[key])
+    assert saved["n_val_rows"] >= 1000  # the held-out shard
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["status"] == "done" and info["config"]["sae"]["arch"] == "batchtopk"
+    # The SAE checkpoint takes raw activations and records what it was trained on.
+    from vlmsae.sae import load_sae
+
+    sae = load_sae(tmp_path / "run" / "sae")
+    sae_cfg = json.loads((tmp_path / "run" / "sae" / "config.json").read_text())
+    assert sae_cfg["source"]["layer"] == 2 and sae_cfg["source"]["model"] == "tiny"
+    x = PlantedDictionary.random(d_in=D, n_atoms=128, k=3, scale=5.0, offset_norm=10.0, seed=0).sample(2000, seed=9).x
+    fve = 1 - (x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert fve > 0.5
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    for name in ("train/mse", "train/nmse", "train/fve", "train/l0", "train/dead_fraction", "train/dense_fraction",
+                 "train/aux_loss", "train/lr", "val/fve", "val/mse"):
+        assert name in header
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+class _Kill(Exception):
+    pass
+
+
+class _StopAt(L.Callback):
+    """Simulates a kill: raises after ``step`` optimizer steps."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise _Kill(f"killed at {self.step}")
+
+
+class _Record(L.Callback):
+    """Records (step before the update, batch checksum) for every training batch."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.global_step, float(batch.float().sum())))
+
+
+def test_resume_continues_without_repeating_steps(compose_cfg, planted_store, tmp_path):
+    over = _overrides(planted_store, 40, "trainer.checkpoint_every_n_steps=10", "trainer.val_check_interval=1000")
+    reference = _Record()
+    ref_metrics = run(compose_cfg("train", over), out_dpath=tmp_path / "ref" / "a", callbacks=[reference])
+
+    first = _Record()
+    with pytest.raises(_Kill):
+        run(compose_cfg("train", over), out_dpath=tmp_path / "runs" / "killed", callbacks=[first, _StopAt(25)])
+    assert [s for s, _ in first.seen] == list(range(25))
+    # The same command with resume=true: a new run dir, continued from the killed run's last checkpoint (step 20).
+    second = _Record()
+    metrics = run(compose_cfg("train", [*over, "resume=true"]), out_dpath=tmp_path / "runs" / "resumed", callbacks=[second])
+    steps = [s for s, _ in second.seen]
+    assert steps == list(range(20, 40)), steps
+    assert metrics["step"] == 40 and metrics["optimizer_steps"] == 40  # Adam saw exactly 40 updates
+    # The data stream fast-forwarded: the resumed run sees exactly the batches the uninterrupted run saw.
+    assert second.seen == reference.seen[20:]
+    assert metrics["fve"] == pytest.approx(ref_metrics["fve"], abs=1e-4)
+    info = json.loads((tmp_path / "runs" / "resumed" / "run_info.json").read_text())
+    assert info["resumed_from"].endswith("last.ckpt") and "killed" in info["resumed_from"]
+
+
+def test_resume_without_checkpoint_starts_fresh_and_config_must_match(compose_cfg, planted_store, tmp_path):
+    over = _overrides(planted_store, 10, "trainer.checkpoint_every_n_steps=5")
+    run(compose_cfg("train", over), out_dpath=tmp_path / "runs" / "a")
+    # A different SAE is not the same run: resume=true must not pick up run a's checkpoint.
+    rec = _Record()
+    run(compose_cfg("train", [*over, "sae.k=4", "resume=true"]), out_dpath=tmp_path / "runs" / "b", callbacks=[rec])
+    assert rec.seen[0][0] == 0
+
+
+class _CorruptAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.sae.W_enc[0, 0] = float("nan")
+
+
+def test_nan_loss_stops_with_step_and_batch_stats_keeping_last_good_checkpoint(compose_cfg, planted_store, tmp_path):
+    from vlmsae.lit.module import NonFiniteLossError
+
+    over = _overrides(planted_store, 50, "trainer.checkpoint_every_n_steps=5")
+    with pytest.raises(NonFiniteLossError, match=r"step 7.*batch 256 rows x 64.*last good checkpoint") as err:
+        run(compose_cfg("train", over), out_dpath=tmp_path / "run", callbacks=[_CorruptAt(7)])
+    assert "mean" in str(err.value) and "max row norm" in str(err.value)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["status"] == "failed" and "step 7" in info["error"]
+    assert not (tmp_path / "run" / "sae").exists()
+
+
+def test_missing_activations_dir_fails_before_training(compose_cfg, tmp_path):
+    cfg = compose_cfg("train", _overrides(tmp_path / "nowhere", 10))
+    with pytest.raises(FileNotFoundError, match="does not exist.*vlmsae.extract"):
+        run(cfg, out_dpath=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_width_mismatch_fails_before_training(compose_cfg, tmp_path):
+    store = write_acts_store(tmp_path / "acts32", torch.randn(400, 32).half(), 100, 2, meta={"layer": 2})
+    with pytest.raises(ValueError, match=r"width mismatch.*d=32.*model=tiny.*64"):
+        run(compose_cfg("train", _overrides(store, 10)), out_dpath=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_layer_mismatch_with_store_fails(compose_cfg, planted_store, tmp_path):
+    with pytest.raises(ValueError, match=r"layer=3 but the activation store .* holds layer 2"):
+        run(compose_cfg("train", _overrides(planted_store, 10, "layer=3")), out_dpath=tmp_path / "run")
+
+
+def test_default_config_trains_on_the_fly_from_images(compose_cfg, tmp_path):
+    """`python -m vlmsae.train` alone: tiny CLIP + generated images, activations computed as training runs."""
+    cfg = compose_cfg("train", ["trainer.max_steps=30", "trainer.val_check_interval=1000", "logger=none"])
+    assert cfg.data.source == "synthetic" and cfg.model.name == "tiny"
+    metrics = run(cfg, out_dpath=tmp_path / "run")
+    assert metrics["step"] == 30 and metrics["n_val_rows"] > 0 and math.isfinite(metrics["fve"])
+    source = json.loads((tmp_path / "run" / "sae" / "config.json").read_text())["source"]
+    assert source["layer"] == 2 and source["tokens"] == "cls" and source["data_source"] == "synthetic"
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("ms_layer_sweep", {"sae.arch": "batchtopk", "sae.k": 20, "layer": 22, "model.name": "clip_l14", "data.batch_size": 4096}),
+    ("matryoshka_last", {"sae.arch": "matryoshka", "layer": "last", "sae.group_fractions": [0.0625, 0.125, 0.25, 0.5625]}),
+    ("llava_steering_sae", {"sae.arch": "matryoshka", "sae.expansion": 64, "layer": 22, "model.name": "clip_l14_336",
+                            "tokens": "random_k", "tokens_k": 2}),
+    ("tiny", {"sae.arch": "batchtopk", "model.name": "tiny"}),
+])
+def test_experiment_recipes_compose(compose_cfg, name, expect):
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg("train", [f"experiment={name}", "data.acts=/somewhere"])
+    for key, value in expect.items():
+        got = OmegaConf.select(cfg, key)
+        assert (list(got) if OmegaConf.is_list(got) else got) == value, (key, got)
+    assert cfg.trainer.max_steps == (300 if name == "tiny" else 110_000)

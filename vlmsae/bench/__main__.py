@@ -1,0 +1,24 @@
+"""``python -m vlmsae.bench [--quick] [--out DIR] [--only NAME ...]``: run the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vlmsae.bench.harness import DEFAULT_OUT_DPATH, MODULES, run_all
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlmsae.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats: a smoke run (seconds)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT_DPATH), help=f"output folder (default {DEFAULT_OUT_DPATH})")
+    parser.add_argument("--only", nargs="+", choices=MODULES, help="run only these benchmark modules")
+    args = parser.parse_args(argv)
+    results = run_all(quick=args.quick, out_dpath=args.out, only=args.only)
+    errors = [key for key in results if key.endswith("_error")]
+    print(f"wrote {args.out}/results.json and results.md ({len(results)} keys, {len(errors)} module errors)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

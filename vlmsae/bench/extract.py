@@ -1,0 +1,89 @@
+"""Extraction benchmark: stopping the forward after block L vs the full forward (SPEC 1).
+
+On a random ViT-B/32-sized open_clip model (12 blocks, width 768, built without weights), the tap's
+``forward_to(x, L)`` should cost about ``(L+1)/n_layers`` of the full image forward (all blocks +
+ln_post + projection): the patch embedding and the tail are small next to the blocks. Forwards
+are timed interleaved (one of each per round) so background load hits all alike; medians are
+reported. ``extract_images_per_s`` is the end-to-end ``vlmsae.extract.run`` rate (decode, preprocess,
+forward, token selection, shard writing) at the middle layer on generated 224 px images.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _time_rounds(fns: dict[str, Any], rounds: int, warmup: int = 1) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Ratios ``extract_layer{L}_over_full_ratio`` next to ``extract_expected_ratio_layer{L}`` + images/s."""
+    from omegaconf import OmegaConf
+
+    from vlmsae.models import ModelSpec, load_tap
+
+    spec = ModelSpec(name="vit_b32_random", backend="open_clip", arch="ViT-B-32", pretrained=None, image_size=224,
+                     n_layers=12, width=768, embed_dim=512, dtype="float32", device="auto")
+    tap = load_tap(spec)
+    batch = 4 if quick else 16
+    rounds = 2 if quick else 5
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(tap.device)
+    layers = [2, 5, 8] if not quick else [5]
+
+    def full() -> None:
+        with torch.inference_mode():
+            tap.visual(x)
+
+    fns = {"full": full}
+    for layer in layers:
+        fns[f"layer{layer}"] = lambda layer=layer: tap.forward_to(x, layer)
+    medians = _time_rounds(fns, rounds)
+    out: dict[str, Any] = {
+        "extract_model": f"{spec.arch} random ({tap.n_layers} blocks, width {tap.width})",
+        "extract_device": str(tap.device),
+        "extract_batch_size": batch,
+        "extract_full_forward_images_per_s": batch / medians["full"],
+    }
+    for layer in layers:
+        out[f"extract_layer{layer}_over_full_ratio"] = medians[f"layer{layer}"] / medians["full"]
+        out[f"extract_expected_ratio_layer{layer}"] = (layer + 1) / tap.n_layers
+        out[f"extract_layer{layer}_forward_images_per_s"] = batch / medians[f"layer{layer}"]
+    mid = layers[len(layers) // 2]
+    out["extract_expected_ratio"] = out[f"extract_expected_ratio_layer{mid}"]
+    out["extract_layer_ratio"] = out[f"extract_layer{mid}_over_full_ratio"]
+
+    # End to end through vlmsae.extract.run on generated images (decode + preprocess + forward + write).
+    from vlmsae.data.concepts import make_concept_images
+    from vlmsae.extract import run as extract_run
+
+    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-extract-") as tmp:
+        n_per_class = 2 if quick else 8
+        root = make_concept_images(Path(tmp) / "images", n_per_class=n_per_class, size=224, seed=0)
+        cfg = OmegaConf.create({
+            "model": spec.to_dict(), "layer": mid, "tokens": "cls", "k": 2, "dtype": "float16", "out": None,
+            "rows_per_shard": 65536, "rows_per_chunk": 4096, "seed": 0, "progress": False,
+            "data": {"source": "folder", "root": str(root), "batch_size": batch, "num_workers": 0,
+                     "max_images": None, "seed": 0, "extra": {}},
+        })
+        summary = extract_run(cfg, out_dpath=Path(tmp) / "acts")
+    out["extract_images_per_s"] = summary["images_per_s"]
+    out["extract_end_to_end_images"] = summary["n_images"]
+    return out

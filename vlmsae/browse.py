@@ -1,0 +1,60 @@
+"""Entry point: build the static feature browser of a monosemanticity run.
+
+    python -m vlmsae.browse run=outputs/demo            # -> outputs/demo/browser/index.html
+    python -m vlmsae.browse run=<ms run> max_cards=2000 heatmaps=off
+    python -m vlmsae.browse run=<dir> logger=wandb logger.mode=offline   # also a W&B Table
+
+The page is one self-contained folder (index.html with inline data, img/ thumbnails, plots/): open it
+from disk, no server needed. Library code lives in :mod:`vlmsae.report.browser`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlmsae.config import register_configs
+
+
+def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
+    """Build ``<out>/index.html`` from the runs found under ``cfg.run``; returns counts and the page path."""
+    from vlmsae.report.browser import build_browser, cards_summary, find_runs, log_to_wandb
+    from vlmsae.utils.paths import run_dir
+    from vlmsae.utils.provenance import write_run_info
+
+    if out_dpath is None and cfg.get("out"):
+        out_dpath = cfg.out
+    out_dpath = run_dir(out_dpath)
+    steer_runs = list(cfg.steer_runs) if cfg.get("steer_runs") is not None else None
+    sources = find_runs(cfg.run, ms_run=cfg.get("ms_run"), hierarchy_run=cfg.get("hierarchy_run"), steer_runs=steer_runs)
+    data = build_browser(sources, out_dpath, max_cards=int(cfg.max_cards), images_per_card=int(cfg.images_per_card),
+                         thumb_px=int(cfg.thumb_px), heatmaps=str(cfg.heatmaps), title=cfg.get("title"))
+    result = {**cards_summary(data), "index_html": str(Path(out_dpath) / "index.html"),
+              "ms_run": str(sources.ms_dpath),
+              "hierarchy_run": str(sources.hierarchy_dpath) if sources.hierarchy_dpath else None,
+              "steer_files": [str(p) for p in sources.steer_fpaths]}
+    config = OmegaConf.to_container(cfg, resolve=True)
+    logger = cfg.get("logger") or {}
+    if logger.get("kind") == "wandb":
+        result["wandb_dir"] = log_to_wandb(data, out_dpath, OmegaConf.to_container(logger, resolve=True), config)
+    write_run_info(out_dpath, config, result=result)
+    return result
+
+
+def _main(cfg: DictConfig) -> None:
+    result = run(cfg)
+    print(f"feature browser: {result['n_cards']} cards of {result['n_latents']} latents, "
+          f"{result['n_heatmaps']} patch heatmaps ({result['heatmap_note']})")
+    print(f"open file://{Path(result['index_html']).resolve()}")
+
+
+def main() -> None:
+    import hydra
+
+    register_configs()
+    hydra.main(config_path="../conf", config_name="browse", version_base="1.3")(_main)()
+
+
+if __name__ == "__main__":
+    main()

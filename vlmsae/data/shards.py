@@ -1,0 +1,358 @@
+"""Activation store: WebDataset tar shards of safetensors chunks, a manifest, and resumable writing.
+
+Layout of a store folder (docs/ARCHITECTURE.md, "Data"):
+- ``acts-%06d.tar``: samples with ``__key__ = "%06d" % chunk_index`` (global over the store), each
+  with ``acts.safetensors`` (``acts`` [R, D] fp16|bf16, ``token_idx`` [R] int32, ``image_idx`` [R]
+  int64, ``label`` [R] int64, -1 = none) and ``keys.json`` (the image key of every row). No pickles.
+- ``manifest.json``: what produced the store and its statistics (written last, when complete).
+- ``progress.json``: the writer's state after the last complete shard (resume point).
+
+Every file is written under a temporary name and renamed, and ``progress.json`` is rewritten only
+after its shard is in place. A killed run therefore leaves whole shards plus, at worst, one shard
+newer than ``progress.json``; :class:`ShardWriter` deletes that one on restart and the caller
+resumes from the recorded state, so no row is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmsae.utils.io import atomic_write_json
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+SHARD_PATTERN = "acts-%06d.tar"
+STORE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float32": torch.float32, "fp32": torch.float32}
+
+
+def list_shards(dpath: str | Path) -> list[Path]:
+    """The complete shards of a store, in order (temporary files are never listed)."""
+    return sorted(Path(dpath).glob("acts-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+
+
+def read_manifest(dpath: str | Path) -> dict[str, Any]:
+    """``manifest.json`` of a finished store; a clear error if the extraction is missing or unfinished."""
+    fpath = Path(dpath) / MANIFEST
+    if not fpath.exists():
+        hint = " (an extraction is in progress or was interrupted: rerun the same command to finish it)" if (
+            Path(dpath) / PROGRESS).exists() else ""
+        raise FileNotFoundError(f"No {MANIFEST} in {dpath}{hint}: run `python -m vlmsae.extract ... out={dpath}` first.")
+    return json.loads(fpath.read_text())
+
+
+class RunningStats:
+    """Per-dimension mean and variance and the mean squared norm, merged batch by batch in float64.
+
+    Chan et al.'s parallel update keeps the variance accurate over hundreds of millions of rows.
+    ``var`` is the population variance (ddof=0).
+    """
+
+    def __init__(self, d: int):
+        self.n = 0
+        self.mean = torch.zeros(d, dtype=torch.float64)
+        self.m2 = torch.zeros(d, dtype=torch.float64)
+        self.sq_norm_sum = 0.0
+
+    def update(self, x_ND: torch.Tensor) -> None:
+        if x_ND.shape[0] == 0:
+            return
+        x = x_ND.detach().to("cpu", torch.float64)
+        n_b = x.shape[0]
+        mean_b = x.mean(dim=0)
+        m2_b = ((x - mean_b) ** 2).sum(dim=0)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta**2 * (self.n * n_b / n)
+        self.n = n
+        self.sq_norm_sum += float((x**2).sum())
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / max(self.n, 1)
+
+    @property
+    def mean_sq_norm(self) -> float:
+        return self.sq_norm_sum / max(self.n, 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "mean": self.mean.tolist(), "m2": self.m2.tolist(), "sq_norm_sum": self.sq_norm_sum}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "RunningStats":
+        stats = cls(len(state["mean"]))
+        stats.n = int(state["n"])
+        stats.mean = torch.tensor(state["mean"], dtype=torch.float64)
+        stats.m2 = torch.tensor(state["m2"], dtype=torch.float64)
+        stats.sq_norm_sum = float(state["sq_norm_sum"])
+        return stats
+
+
+class ImageListDigest:
+    """sha256 over the ordered image keys, resumable: keys are hashed in fixed blocks chained together.
+
+    The digest depends only on the key sequence (not on shard sizes), so two stores made from the
+    same image list carry the same digest. ``state_dict`` holds the chain and the pending keys.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self) -> None:
+        self.chain = hashlib.sha256(b"vlmsae-image-list-v1").hexdigest()
+        self.pending: list[str] = []
+
+    def update(self, key: str) -> None:
+        self.pending.append(key)
+        if len(self.pending) >= self.BLOCK:
+            self._fold()
+
+    def _fold(self) -> None:
+        block = "\n".join(self.pending).encode("utf-8")
+        self.chain = hashlib.sha256(self.chain.encode() + hashlib.sha256(block).digest()).hexdigest()
+        self.pending = []
+
+    def hexdigest(self) -> str:
+        if not self.pending:
+            return self.chain
+        block = "\n".join(self.pending).encode("utf-8")
+        return hashlib.sha256(self.chain.encode() + hashlib.sha256(block).digest()).hexdigest()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"chain": self.chain, "pending": list(self.pending)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "ImageListDigest":
+        digest = cls()
+        digest.chain, digest.pending = state["chain"], list(state["pending"])
+        return digest
+
+
+def image_list_digest(keys: Iterable[str]) -> str:
+    """The digest :class:`ImageListDigest` gives for ``keys`` (compare an image list with a store's)."""
+    digest = ImageListDigest()
+    for key in keys:
+        digest.update(key)
+    return digest.hexdigest()
+
+
+def encode_chunk(acts_RD: torch.Tensor, token_idx_R: torch.Tensor, image_idx_R: torch.Tensor,
+                 label_R: torch.Tensor, keys: list[str]) -> tuple[bytes, bytes]:
+    """The two tar members of one chunk: safetensors bytes and the keys JSON."""
+    from safetensors.torch import save
+
+    tensors = {
+        "acts": acts_RD.contiguous(),
+        "token_idx": token_idx_R.to(torch.int32).contiguous(),
+        "image_idx": image_idx_R.to(torch.int64).contiguous(),
+        "label": label_R.to(torch.int64).contiguous(),
+    }
+    return save(tensors), json.dumps(keys).encode("utf-8")
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible bytes: the same rows give the same shard
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Buffers activation rows and writes them as whole shards, resuming a previous run in the same folder.
+
+    ``meta`` describes the extraction (model, layer, tokens, source, ...); a folder written with
+    different ``meta`` is refused rather than mixed. After a restart, ``self.state`` is the caller's
+    state saved with the last complete shard (e.g. the next image position), or ``None`` if fresh.
+    """
+
+    def __init__(self, dpath: str | Path, d: int, dtype: str = "float16", rows_per_chunk: int = 4096,
+                 rows_per_shard: int = 65536, meta: dict[str, Any] | None = None):
+        if dtype not in STORE_DTYPES:
+            raise ValueError(f"Unknown store dtype {dtype!r}: use one of {sorted(STORE_DTYPES)}.")
+        if rows_per_chunk < 1 or rows_per_shard < 1:
+            raise ValueError(f"rows_per_chunk={rows_per_chunk} and rows_per_shard={rows_per_shard} must be >= 1.")
+        self.dpath = Path(dpath)
+        self.dpath.mkdir(parents=True, exist_ok=True)
+        self.d, self.dtype_name, self.dtype = d, dtype, STORE_DTYPES[dtype]
+        self.rows_per_chunk, self.rows_per_shard = rows_per_chunk, rows_per_shard
+        self.meta = json.loads(json.dumps(meta or {}, default=str))
+        self.n_shards = self.n_rows = self.n_chunks = 0
+        self.stats = RunningStats(d)
+        self.state: dict[str, Any] | None = None
+        self._buf: list[tuple[torch.Tensor, ...]] = []
+        self._buf_keys: list[str] = []
+        self._buf_rows = 0
+        self._resume()
+
+    def _resume(self) -> None:
+        progress_fpath = self.dpath / PROGRESS
+        if progress_fpath.exists():
+            progress = json.loads(progress_fpath.read_text())
+            if progress["meta"] != self.meta:
+                changed = sorted(k for k in set(progress["meta"]) | set(self.meta)
+                                 if progress["meta"].get(k) != self.meta.get(k))
+                raise ValueError(
+                    f"{self.dpath} holds a different extraction (settings differ in {changed}): resume only with "
+                    "the same command, or choose a new out=<dir>."
+                )
+            self.n_shards, self.n_rows, self.n_chunks = progress["n_shards"], progress["n_rows"], progress["n_chunks"]
+            self.stats = RunningStats.from_state(progress["stats"])
+            self.state = progress["state"]
+        elif list_shards(self.dpath):
+            raise ValueError(f"{self.dpath} holds activation shards but no {PROGRESS}: choose a new out=<dir>.")
+        # Shards newer than the progress record (killed between the rename and the progress write)
+        # and stray temporary files are rewritten from the recorded state.
+        for fpath in list_shards(self.dpath)[self.n_shards:]:
+            fpath.unlink()
+        for fpath in self.dpath.glob(".acts-*.tmp"):
+            fpath.unlink()
+
+    @property
+    def buffered_rows(self) -> int:
+        return self._buf_rows
+
+    def add(self, acts_ND: torch.Tensor, token_idx_N: torch.Tensor, image_idx_N: torch.Tensor,
+            label_N: torch.Tensor, keys: list[str]) -> None:
+        """Buffer rows (cast to the store dtype); statistics are taken on the stored values."""
+        if acts_ND.ndim != 2 or acts_ND.shape[1] != self.d:
+            raise ValueError(f"Expected rows [N, {self.d}], got {tuple(acts_ND.shape)}.")
+        n = acts_ND.shape[0]
+        if not (len(token_idx_N) == len(image_idx_N) == len(label_N) == len(keys) == n):
+            raise ValueError("acts, token_idx, image_idx, label and keys must have one entry per row.")
+        rows = acts_ND.detach().to("cpu", self.dtype)
+        self.stats.update(rows)
+        self._buf.append((rows, token_idx_N.cpu(), image_idx_N.cpu(), label_N.cpu()))
+        self._buf_keys.extend(keys)
+        self._buf_rows += n
+
+    def flush(self, state: dict[str, Any] | None = None) -> Path | None:
+        """Write every buffered row as the next shard, then record ``state`` as the resume point."""
+        if self._buf_rows == 0:
+            if state is not None:
+                self.state = state
+                self._write_progress()
+            return None
+        acts, token_idx, image_idx, label = (torch.cat(parts) for parts in zip(*self._buf))
+        keys = self._buf_keys
+        shard_fpath = self.dpath / (SHARD_PATTERN % self.n_shards)
+        n_chunks = 0
+
+        def write(tmp_fpath: Path) -> None:
+            nonlocal n_chunks
+            with tarfile.open(tmp_fpath, "w") as tar:
+                for start in range(0, len(keys), self.rows_per_chunk):
+                    end = start + self.rows_per_chunk
+                    blob, keys_json = encode_chunk(acts[start:end], token_idx[start:end], image_idx[start:end],
+                                                   label[start:end], keys[start:end])
+                    key = "%06d" % (self.n_chunks + n_chunks)
+                    _add_member(tar, f"{key}.acts.safetensors", blob)
+                    _add_member(tar, f"{key}.keys.json", keys_json)
+                    n_chunks += 1
+
+        _atomic_tmp_write(shard_fpath, write)
+        self.n_shards += 1
+        self.n_rows += len(keys)
+        self.n_chunks += n_chunks
+        self._buf, self._buf_keys, self._buf_rows = [], [], 0
+        self.state = state
+        self._write_progress()
+        return shard_fpath
+
+    def _write_progress(self) -> None:
+        atomic_write_json(self.dpath / PROGRESS, {
+            "meta": self.meta, "n_shards": self.n_shards, "n_rows": self.n_rows, "n_chunks": self.n_chunks,
+            "stats": self.stats.state_dict(), "state": self.state,
+        }, indent=None)
+
+    def write_manifest(self, **fields: Any) -> dict[str, Any]:
+        """Write ``manifest.json`` (statistics + ``meta`` + ``fields``); call after the last ``flush``."""
+        if self._buf_rows:
+            raise RuntimeError("write_manifest() with rows still buffered: call flush() first.")
+        from vlmsae.utils.provenance import git_commit, versions
+
+        manifest = {
+            **self.meta,
+            "d": self.d,
+            "dtype": self.dtype_name,
+            "n_rows": self.n_rows,
+            "n_shards": self.n_shards,
+            "n_chunks": self.n_chunks,
+            "rows_per_chunk": self.rows_per_chunk,
+            "shards": [p.name for p in list_shards(self.dpath)],
+            **fields,
+            "mean": self.stats.mean.tolist(),
+            "var": self.stats.var.tolist(),
+            "mean_sq_norm": self.stats.mean_sq_norm,
+            "versions": versions(),
+            "git_commit": git_commit(),
+        }
+        atomic_write_json(self.dpath / MANIFEST, manifest, indent=1)
+        return manifest
+
+
+def _atomic_tmp_write(fpath: Path, write_fn) -> None:
+    """Like ``atomic_write`` but with a ``.acts-*.tmp`` name the writer can find and clean up after a kill."""
+    import os
+    import tempfile
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{fpath.stem}.", suffix=".tmp", dir=fpath.parent)
+    os.close(fd)
+    tmp_fpath = Path(tmp_name)
+    try:
+        write_fn(tmp_fpath)
+        os.replace(tmp_fpath, fpath)
+    finally:
+        if tmp_fpath.exists():
+            tmp_fpath.unlink()
+
+
+def iter_chunks(shard_fpaths: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
+    """Stream the chunks of the given shards in order: dicts with ``acts`` [R, D], ``token_idx``,
+    ``image_idx``, ``label``, ``keys`` (list of str) and ``chunk`` (its index)."""
+    from safetensors.torch import load
+
+    for fpath in shard_fpaths:
+        pending: dict[str, dict[str, Any]] = {}
+        with tarfile.open(fpath, "r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = Path(member.name).name.partition(".")
+                data = tar.extractfile(member).read()
+                sample = pending.setdefault(key, {})
+                if ext == "acts.safetensors":
+                    sample.update(load(data))
+                elif ext == "keys.json":
+                    sample["keys"] = json.loads(data)
+                if "acts" in sample and "keys" in sample:
+                    sample["chunk"] = int(key)
+                    yield pending.pop(key)
+        if pending:
+            raise ValueError(f"{fpath}: incomplete chunk(s) {sorted(pending)} (each needs acts.safetensors and keys.json).")
+
+
+def read_rows(dpath: str | Path, max_rows: int | None = None) -> dict[str, Any]:
+    """Load a (small) store into memory: ``acts`` [N, D], ``token_idx``, ``image_idx``, ``label``, ``keys``."""
+    parts: dict[str, list] = {"acts": [], "token_idx": [], "image_idx": [], "label": [], "keys": []}
+    n = 0
+    for chunk in iter_chunks(list_shards(dpath)):
+        for name in parts:
+            parts[name].append(chunk[name])
+        n += len(chunk["keys"])
+        if max_rows is not None and n >= max_rows:
+            break
+    if not parts["keys"]:
+        raise ValueError(f"No activation rows in {dpath}.")
+    out: dict[str, Any] = {name: torch.cat(parts[name]) for name in ("acts", "token_idx", "image_idx", "label")}
+    out["keys"] = [key for keys in parts["keys"] for key in keys]
+    if max_rows is not None:
+        out = {name: value[:max_rows] for name, value in out.items()}
+    return out

@@ -1,0 +1,383 @@
+"""``make demo``: the whole pipeline on the built-in tiny default, in a few minutes on a CPU.
+
+    python -m vlmsae.demo                      # -> outputs/demo/ (replaced on each run)
+    python -m vlmsae.demo --out /tmp/demo --steps extract,train,monosemanticity,browse
+
+Every step calls a real job's ``run(cfg, out_dpath)`` with a config composed from ``conf/`` exactly
+as the CLI would compose it, only with tiny choices:
+
+0. data             the generated planted-concept images (what ``data=tiny`` uses): 16 shape x
+                    colour classes, an ImageFolder tree every later step reads       -> data/concepts/
+1. extract          tiny random LLaVA vision tower (``model=tiny_llava``) on those images,
+                    2 random tokens per image (the paper's steering-SAE recipe)       -> extract/
+2. train            a small Matryoshka BatchTopK SAE on those activations             -> train/
+3. monosemanticity  MS of every latent and of the raw neurons (``embedder=tiny``)     -> monosemanticity/
+4. hierarchy        LCA depth of each latent's top images in the shape > shape+colour
+                    taxonomy, per Matryoshka group (``taxonomy=tiny``)                -> hierarchy/
+5. steer            clamp the best latent in the tiny LLaVA, answers with and without  -> steer/
+6. ground_truth     planted-concept check: SAE mean MS vs raw neurons on data with a known answer
+7. browse           the static feature browser of all of the above                     -> browser/index.html
+
+The tiny models are random, so the numbers show the pipeline works, not what CLIP has learned;
+the README lists the real-model commands. A step whose job module is missing or fails is reported
+and the steps that do not need its output still run; the exit status is non-zero if any step did
+not finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_DPATH = Path(__file__).resolve().parents[1]
+CONF_DPATH = REPO_DPATH / "conf"
+DEFAULT_OUT = REPO_DPATH / "outputs" / "demo"
+
+# The demo's one model: LLaVA's vision tower (tiny and random), so the SAE that is scored, aligned
+# and browsed is also the one that steers LLaVA, and the browser shows steering on its cards.
+MODEL = "tiny_llava"
+TOKENS = "random_k"  # 2 random tokens per image, as the paper's steering SAE; patch tokens -> heatmaps
+IMAGES_PER_CLASS = 16  # 16 shape x colour classes -> 256 generated images
+IMAGE_PX = 64
+
+STEPS = ("data", "extract", "train", "monosemanticity", "hierarchy", "steer", "ground_truth", "browse")
+
+
+def compose(config_name: str, overrides: list[str]):
+    """The real ``conf/<config_name>.yaml`` with ``overrides``, as the CLI composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vlmsae.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DPATH), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def call_job(job: str, overrides: list[str], out_dpath: Path) -> dict[str, Any]:
+    """``vlmsae.<job>.run(compose(job, overrides), out_dpath)``."""
+    module = importlib.import_module(f"vlmsae.{job}")
+    cfg = compose(job, overrides)
+    result = module.run(cfg, out_dpath=out_dpath)
+    return result if isinstance(result, dict) else {"result": result}
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str = "pending"  # ok | failed | missing | skipped
+    seconds: float = 0.0
+    out: str = ""
+    lines: list[str] = field(default_factory=list)  # the human summary
+    error: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Readers for what each step wrote (the documented formats, so the summary does not depend on
+# a job's return value)
+# --------------------------------------------------------------------------------------------
+def _read_json(fpath: Path) -> Any:
+    return json.loads(fpath.read_text()) if fpath.is_file() else None
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    try:
+        xf = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return "n/a" if math.isnan(xf) else f"{xf:.{digits}f}"
+
+
+def best_latents(ms_dpath: Path, n: int = 1) -> list[dict[str, Any]]:
+    """The ``n`` live latents with the highest MS (``latents.csv``)."""
+    fpath = ms_dpath / "latents.csv"
+    if not fpath.is_file():
+        return []
+    rows = []
+    with open(fpath, newline="") as f:
+        for r in csv.DictReader(f):
+            try:
+                ms = float(r["ms"])
+            except (TypeError, ValueError):
+                continue
+            if not math.isnan(ms):
+                rows.append({"latent": int(r["latent"]), "ms": ms, "max_act": float(r.get("max_act") or "nan"),
+                             "freq": float(r.get("freq") or "nan")})
+    return sorted(rows, key=lambda r: -r["ms"])[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# The steps
+# --------------------------------------------------------------------------------------------
+class Demo:
+    """Runs the steps in order into ``out_dpath``; each step records what it shows."""
+
+    def __init__(self, out_dpath: Path, steps: tuple[str, ...] = STEPS, seed: int = 0):
+        self.out = out_dpath
+        self.steps = steps
+        self.seed = seed
+        self.results: dict[str, StepResult] = {}
+
+    def d(self, name: str) -> Path:
+        return self.out / name
+
+    @property
+    def data_overrides(self) -> list[str]:
+        return ["data=folder", f"data.root={self.d('data') / 'concepts'}", "data.num_workers=0"]
+
+    # -- 0 ------------------------------------------------------------------------------------
+    def data(self) -> list[str]:
+        from vlmsae.data.concepts import make_concept_images
+
+        root = make_concept_images(self.d("data") / "concepts", n_per_class=IMAGES_PER_CLASS, size=IMAGE_PX,
+                                   seed=self.seed)
+        meta = _read_json(root / "concepts.json") or {}
+        classes = [c["name"] for c in meta.get("classes", [])]
+        return [f"{len(classes) * IMAGES_PER_CLASS} images ({IMAGE_PX} px) in {len(classes)} classes "
+                f"<shape>_<colour>: {', '.join(classes[:4])}, ...",
+                "each class shares one shape and one colour and nothing else: the answer key for MS and hierarchy"]
+
+    def ok(self, name: str) -> bool:
+        return name in self.results and self.results[name].status == "ok"
+
+    # -- 1 ------------------------------------------------------------------------------------
+    def extract(self) -> list[str]:
+        self.require("data")
+        res = call_job("extract", [
+            f"model={MODEL}", *self.data_overrides, f"tokens={TOKENS}", "k=2", "dtype=float32",
+            "rows_per_shard=64", "rows_per_chunk=32", "progress=false", f"seed={self.seed}",
+        ], self.d("extract"))
+        m = _read_json(self.d("extract") / "manifest.json") or {}
+        return [
+            f"{m.get('n_rows', res.get('n_rows'))} activation rows (d={m.get('d', res.get('d'))}) from "
+            f"{m.get('n_images', res.get('n_images'))} generated concept images, layer {m.get('layer')} of {MODEL}, "
+            f"tokens={m.get('tokens')}, in {m.get('n_shards')} WebDataset shards",
+            f"manifest.json: per-dimension mean/var, mean squared norm {_fmt(m.get('mean_sq_norm'), 2)}, "
+            f"{m.get('n_skipped', 0)} skipped images",
+        ]
+
+    # -- 2 ------------------------------------------------------------------------------------
+    def train(self) -> list[str]:
+        self.require("extract")
+        call_job("train", [
+            f"model={MODEL}", "sae=tiny", "sae.arch=matryoshka", "sae.group_fractions=[0.0625,0.125,0.25,0.5625]",
+            "trainer=tiny", "trainer.max_steps=400", "data=acts", f"data.acts={self.d('extract')}",
+            "data.batch_size=64", "data.num_workers=0", "logger=none", f"seed={self.seed}",
+        ], self.d("train"))
+        m = _read_json(self.d("train") / "metrics.json") or {}
+        cfg = _read_json(self.d("train") / "sae" / "config.json") or {}
+        return [
+            f"{cfg.get('arch', '?')} SAE, {cfg.get('n_latents', '?')} latents in groups {cfg.get('group_sizes')}, "
+            f"k={cfg.get('k')}, {m.get('step', '?')} steps",
+            f"validation: FVE {_fmt(m.get('fve'))}, normalized MSE {_fmt(m.get('nmse'))}, L0 {_fmt(m.get('l0'), 1)}, "
+            f"dead {_fmt(100 * float(m.get('dead_fraction', float('nan'))), 1)}%",
+            f"checkpoint: {self.d('train') / 'sae'} (sae.safetensors + config.json)",
+        ]
+
+    # -- 3 ------------------------------------------------------------------------------------
+    def monosemanticity(self) -> list[str]:
+        self.require("train")
+        call_job("monosemanticity", [
+            f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}", *self.data_overrides, "embedder=tiny",
+        ], self.d("monosemanticity"))
+        s = _read_json(self.d("monosemanticity") / "ms_summary.json") or {}
+        b = s.get("baseline") or {}
+        best = best_latents(self.d("monosemanticity"), 3)
+        return [
+            f"mean MS of SAE latents {_fmt(s.get('mean'))} +- {_fmt(s.get('std'))} vs raw neurons "
+            f"{_fmt(b.get('mean'))} +- {_fmt(b.get('std'))} ({s.get('n_images')} images, "
+            f"{s.get('dead')} of {s.get('n_latents')} latents dead)",
+            "best latents: " + ", ".join(f"#{r['latent']} MS {r['ms']:.3f}" for r in best),
+            "latents.csv, ms_summary.json, top_images/ (the index the browser reads), ms_hist.png, ms_vs_freq.png",
+        ]
+
+    # -- 4 ------------------------------------------------------------------------------------
+    def hierarchy(self) -> list[str]:
+        self.require("train")
+        # Reuse the MS run's top images (and its MS per latent) when it finished.
+        ms_run = [f"ms_run={self.d('monosemanticity')}"] if self.ok("monosemanticity") else []
+        call_job("hierarchy", [
+            f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}", *self.data_overrides, "taxonomy=tiny", *ms_run,
+        ], self.d("hierarchy"))
+        h = _read_json(self.d("hierarchy") / "hierarchy.json") or {}
+        groups = h.get("groups") or []
+        lines = ["LCA depth of each latent's top images (0 = nothing shared, 1 = same shape, 2 = same shape and "
+                 "colour), by Matryoshka group:"]
+        lines += [f"  group {g.get('group')}: {g.get('n_latents')} latents, depth {_fmt(g.get('depth_mean'), 2)}, "
+                  f"MS {_fmt(g.get('ms_mean'))}" for g in groups]
+        lines.append("hierarchy.json, hierarchy.md, hierarchy.png, latent_taxa.csv (labels in the browser)")
+        return lines
+
+    # -- 5 ------------------------------------------------------------------------------------
+    def steer(self) -> list[str]:
+        self.require("train")
+        best = best_latents(self.d("monosemanticity"), 1) if self.ok("monosemanticity") else []
+        latent = best[0]["latent"] if best else 0
+        # The paper clamps to alpha=100 on CLIP-L activations; tiny activations are ~100x smaller,
+        # so clamp to a large multiple of the latent's own maximum instead.
+        max_act = best[0]["max_act"] if best and math.isfinite(best[0]["max_act"]) else 1.0
+        alpha = round(max(10.0, 20.0 * max_act), 2)
+        res = call_job("steer", [
+            f"model={MODEL}", f"sae_path={self.d('train') / 'sae'}", f"latent={latent}", f"alpha={alpha}",
+            "image=[white,skimage:astronaut]", "max_new_tokens=6", f"seed={self.seed}",
+        ], self.d("steer"))
+        s = _read_json(self.d("steer") / "steer.json") or res
+        lines = [f"latent #{latent} clamped to alpha={alpha} in every token of the tapped vision block "
+                 f"(prompt {s.get('settings', {}).get('prompt', '')!r})"]
+        for img, b, st in zip(s.get("settings", {}).get("images", ["?"] * 9), s.get("baseline", []), s.get("steered", [])):
+            lines.append(f"  {img}: baseline {b!r} -> steered {st!r}")
+        changed = sum(b != st for b, st in zip(s.get("baseline", []), s.get("steered", [])))
+        lines.append(f"{changed} of {len(s.get('steered', []))} answers changed (a random tiny LM: the words mean "
+                     f"nothing, the change shows the hook reaches the language model)")
+        return lines
+
+    # -- 6 ------------------------------------------------------------------------------------
+    def ground_truth(self) -> list[str]:
+        from vlmsae.metrics.ground_truth import ground_truth_check
+        from vlmsae.utils.io import atomic_write_json
+
+        res = ground_truth_check(seed=self.seed, train_steps=300)
+        atomic_write_json(self.d("ground_truth") / "ground_truth.json", res)
+        sae, trained, neurons, truth = (res.get(k) or {} for k in ("sae", "trained_sae", "neurons", "true_codes"))
+        passed = sae.get("mean", 0) > neurons.get("mean", 1) and trained.get("mean", 0) > neurons.get("mean", 1)
+        lines = [
+            "activations that mix planted concepts (every neuron sees all of them), embeddings that see the concepts:",
+            f"  mean MS: SAE with the planted dictionary {_fmt(sae.get('mean'))}, SAE trained 300 steps "
+            f"{_fmt(trained.get('mean'))}, raw neurons {_fmt(neurons.get('mean'))}, true concept codes "
+            f"{_fmt(truth.get('mean'))}",
+            f"  SAE latents more monosemantic than the neurons they decompose: {'PASS' if passed else 'FAIL'}",
+            f"details: {self.d('ground_truth') / 'ground_truth.json'}",
+        ]
+        if not passed:
+            raise RuntimeError("planted-concept check failed: " + " ".join(x.strip() for x in lines[1:3]))
+        return lines
+
+    # -- 7 ------------------------------------------------------------------------------------
+    def browse(self) -> list[str]:
+        self.require("monosemanticity")
+        res = call_job("browse", [f"run={self.out}", f"out={self.d('browser')}"], self.d("browser"))
+        return [
+            f"{res['n_cards']} latent cards ({res['n_labelled']} with taxonomy labels, {res['n_heatmaps']} patch "
+            f"heatmaps, {res['n_steering']} steering run(s)); {res['heatmap_note']}",
+            f"open file://{Path(res['index_html']).resolve()}",
+        ]
+
+    # -------------------------------------------------------------------------------------------
+    def require(self, step: str) -> None:
+        if not self.ok(step):
+            raise _Skip(f"needs the {step} step, which did not finish")
+
+    def run(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        for i, name in enumerate(self.steps, 1):
+            print(f"\n== [{i}/{len(self.steps)}] {name} ==", flush=True)
+            res = StepResult(name=name, out=str(self.d("browser" if name == "browse" else name)))
+            t0 = time.perf_counter()
+            try:
+                res.lines = getattr(self, name)()
+                res.status = "ok"
+            except _Skip as e:
+                res.status, res.error = "skipped", str(e)
+            except ModuleNotFoundError as e:
+                if not str(getattr(e, "name", "")).startswith("vlmsae"):
+                    res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+                    traceback.print_exc()
+                else:
+                    res.status, res.error = "missing", str(e)
+            except Exception as e:  # noqa: BLE001 - report and go on with the independent steps
+                res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            res.seconds = time.perf_counter() - t0
+            self.results[name] = res
+            if res.status == "ok":
+                print(f"   output: {res.out}  ({res.seconds:.1f} s)")
+                for line in res.lines:
+                    print(f"   {line}")
+            else:
+                print(f"   {res.status.upper()}: {res.error}  ({res.seconds:.1f} s)")
+        wall = time.perf_counter() - t_start
+        summary = {
+            "out": str(self.out), "wall_seconds": round(wall, 1),
+            "steps": {n: {"status": r.status, "seconds": round(r.seconds, 1), "out": r.out, "shows": r.lines,
+                          "error": r.error} for n, r in self.results.items()},
+        }
+        from vlmsae.utils.io import atomic_write_json, atomic_write_text
+
+        atomic_write_json(self.out / "demo_summary.json", summary)
+        atomic_write_text(self.out / "demo_summary.md", _markdown(summary))
+        print("\n== summary ==")
+        for n, r in self.results.items():
+            print(f"   {n:<16} {r.status:<8} {r.seconds:6.1f} s")
+        print(f"   wall time {wall:.1f} s; everything is under {self.out}/ (demo_summary.md lists it)")
+        return summary
+
+
+class _Skip(Exception):
+    pass
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    lines = ["# vlmsae demo", "", f"Output folder: `{summary['out']}`; wall time {summary['wall_seconds']} s.", ""]
+    for name, s in summary["steps"].items():
+        lines.append(f"## {name}: {s['status']} ({s['seconds']} s)")
+        lines.append("")
+        lines.append(f"Output: `{s['out']}`")
+        lines.append("")
+        lines += [f"- {line}" for line in s["shows"]]
+        if s["error"]:
+            lines.append(f"- {s['error']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run(cfg: Any = None, out_dpath: str | Path | None = None) -> dict[str, Any]:
+    """Run the demo into ``out_dpath`` (default ``outputs/demo``, replaced). ``cfg``: optional
+    mapping with ``steps`` (list) and ``seed``."""
+    cfg = dict(cfg or {})
+    out = Path(out_dpath) if out_dpath is not None else DEFAULT_OUT
+    steps = tuple(cfg.get("steps") or STEPS)
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise ValueError(f"Unknown demo step(s) {unknown}: choose from {list(STEPS)}.")
+    if out.exists():
+        if not (out / "demo_summary.json").exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not a demo folder (no demo_summary.json): "
+                                  f"pass another --out or remove it.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    # A marker first, so an interrupted demo folder is still recognised (and replaced) next time.
+    (out / "demo_summary.json").write_text("{}\n")
+    from vlmsae.utils.provenance import write_run_info
+
+    write_run_info(out, {"steps": list(steps), "seed": int(cfg.get("seed", 0)), "model": MODEL, "tokens": TOKENS,
+                         "images_per_class": IMAGES_PER_CLASS})
+    return Demo(out, steps, seed=int(cfg.get("seed", 0))).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlmsae.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (replaced), default outputs/demo")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    summary = run({"steps": [s for s in args.steps.split(",") if s], "seed": args.seed}, args.out)
+    return 0 if all(s["status"] == "ok" for s in summary["steps"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

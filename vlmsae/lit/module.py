@@ -1,0 +1,275 @@
+"""The LightningModule that trains one pure-torch SAE from :mod:`vlmsae.sae` (SPEC section 2).
+
+Manual optimisation, because the SAE step has its own order that Lightning's automatic loop
+would hide: loss -> backward -> remove the decoder-parallel gradient -> clip the gradient norm
+(1.0) -> Adam step -> renormalise the decoder rows -> warmup scheduler. Doing it by hand also lets
+a non-finite loss stop the run *before* the step, so the last saved checkpoint stays good.
+
+Units: the SAE takes raw activations and keeps a scalar input scale inside (set once from the
+first batches, see :meth:`SAELitModule.init_from_batches`). Logged ``mse`` is the mean squared
+error per element in raw activation units; ``nmse`` is ||x - x_hat||^2 / ||x||^2; ``fve`` is
+1 - ||x - x_hat||^2 / ||x - mean(x)||^2 (summed over the rows seen); ``l0`` active latents per row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.mechanics import (
+    constrain_decoder_grad_,
+    estimate_input_scale,
+    init_b_dec_geometric_median_,
+    normalize_decoder_,
+    set_input_scale_,
+)
+
+DENSE_FREQ = 0.1  # a latent firing on more than 10% of rows is "dense" (rarely interpretable)
+DENSITY_EDGES = np.arange(-7.0, 0.01, 0.25)  # log10 firing-frequency bins for the density histogram
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or weights; the message holds the step and batch statistics."""
+
+
+def default_lr(n_latents: int) -> float:
+    """SPEC 2: lr = 2e-4 / sqrt(F / 2^14), so wider dictionaries take smaller steps."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+class LinearWarmup:
+    """LR multiplier rising linearly to 1 over ``warmup_steps`` then constant (picklable, unlike a lambda)."""
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = max(0, int(warmup_steps))
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, (step + 1) / self.warmup_steps)
+
+
+def batch_stats(x_BD: torch.Tensor) -> str:
+    """One line describing a batch: what a NaN report needs to tell bad data from divergence."""
+    x = x_BD.detach().float()
+    finite = torch.isfinite(x)
+    xf = x[finite] if not bool(finite.all()) else x
+    parts = [f"{x.shape[0]} rows x {x.shape[1]}", f"{int((~finite).sum())} non-finite values"]
+    if xf.numel():
+        parts += [f"mean {xf.mean():.4g}", f"std {xf.std():.4g}", f"min {xf.min():.4g}", f"max {xf.max():.4g}"]
+        parts.append(f"max row norm {torch.nan_to_num(x, 0.0, 0.0, 0.0).norm(dim=1).max():.4g}")
+    return ", ".join(parts)
+
+
+class SAELitModule(L.LightningModule):
+    """Trains ``vlmsae.sae.build_sae(SAEConfig(**sae_config))``; see the module docstring."""
+
+    def __init__(
+        self,
+        sae_config: dict[str, Any],
+        lr: float | None = None,
+        warmup_steps: int = 1000,
+        grad_clip: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        log_every_n_steps: int = 50,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        from vlmsae.sae import build_sae
+
+        cfg = SAEConfig(**{**sae_config, "group_fractions": _tuple_or_none(sae_config.get("group_fractions"))})
+        self.sae = build_sae(cfg, seed=seed) if _accepts_seed(build_sae) else build_sae(cfg)
+        self.lr = float(lr) if lr is not None else default_lr(cfg.n_latents)
+        self.automatic_optimization = False
+        self.val_metrics: dict[str, Any] = {}
+        self._val: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ init from data
+    @torch.no_grad()
+    def init_from_batches(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+        """Input scale from the given batches (SPEC: ~100), then b_dec = geometric median of the first.
+
+        Called once before step 0 (never on resume: both live in the checkpoint).
+        """
+        batches = [b.float() for b in batches]
+        if not batches:
+            raise ValueError("no batches to initialise the SAE from: the activation stream is empty")
+        scale = estimate_input_scale(batches, self.sae.cfg.d_in)
+        set_input_scale_(self.sae, scale)
+        init_b_dec_geometric_median_(self.sae, batches[0].to(self.sae.b_dec.device))
+        return {"input_scale": scale, "init_rows": sum(b.shape[0] for b in batches)}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        betas = tuple(self.hparams.betas)
+        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(self.hparams.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _checkpoint_note(self) -> str:
+        callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer is not None else None
+        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        return f"the last good checkpoint is {path}" if path else "no checkpoint was saved yet"
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        x_BD = batch.float()
+        step = int(self.global_step)
+        if not bool(torch.isfinite(x_BD).all()):
+            raise NonFiniteLossError(
+                f"non-finite input at step {step} (the batch itself holds NaN/inf; check the activation store): "
+                f"batch {batch_stats(x_BD)}; training stopped, {self._checkpoint_note()}"
+            )
+        out = self.sae.loss(x_BD)
+        loss = out["loss"]
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLossError(
+                f"loss is {float(loss.detach())} at step {step} (recon {float(out['recon']):.4g}, aux {float(out['aux']):.4g}, "
+                f"l0 {float(out['l0']):.4g}, lr {self._current_lr():.3g}): batch {batch_stats(x_BD)}; "
+                f"training stopped before the optimizer step, {self._checkpoint_note()}. "
+                "Lower trainer.lr or check the activations."
+            )
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        constrain_decoder_grad_(self.sae)
+        if self.hparams.grad_clip and self.hparams.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+        normalize_decoder_(self.sae)
+        self.lr_schedulers().step()
+        if not self._weights_finite():
+            raise NonFiniteLossError(
+                f"weights became non-finite in the optimizer step of step {step} (loss {float(loss):.4g}): "
+                f"batch {batch_stats(x_BD)}; {self._checkpoint_note()}. Lower trainer.lr."
+            )
+        every = max(1, int(self.hparams.log_every_n_steps))
+        if step % every == 0:
+            self._log_train(x_BD, out)
+        return loss.detach()
+
+    def _current_lr(self) -> float:
+        try:
+            return float(self.optimizers().param_groups[0]["lr"])
+        except Exception:  # before configure_optimizers
+            return self.lr
+
+    def _weights_finite(self) -> bool:
+        sums = torch.stack([p.detach().float().sum() for p in self.sae.parameters()])
+        return bool(torch.isfinite(sums).all())
+
+    @torch.no_grad()
+    def _log_train(self, x_BD: torch.Tensor, out: dict) -> None:
+        x_hat_BD = out["x_hat"].float()
+        err = (x_BD - x_hat_BD).pow(2).sum()
+        total = (x_BD - x_BD.mean(0)).pow(2).sum()
+        codes_BF = self.sae.encode(x_BD)  # inference codes, for firing frequencies
+        freq_F = (codes_BF > 0).float().mean(0)
+        metrics = {
+            "train/loss": out["loss"].detach(),
+            "train/recon": out["recon"],
+            "train/mse": err / x_BD.numel(),
+            "train/nmse": err / x_BD.pow(2).sum().clamp_min(1e-12),
+            "train/fve": 1 - err / total.clamp_min(1e-12),
+            "train/l0": out["l0"],
+            "train/aux_loss": out["aux"],
+            "train/dead_fraction": self.sae.dead_latents.float().mean(),
+            "train/dense_fraction": (freq_F > DENSE_FREQ).float().mean(),
+            "train/lr": torch.tensor(self._current_lr()),
+        }
+        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=False)
+        self.log("train/fve_bar", metrics["train/fve"].float(), prog_bar=True, logger=False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if not self._weights_finite():
+            raise NonFiniteLossError(
+                f"refusing to save a checkpoint with non-finite weights at step {self.global_step}; "
+                f"{self._checkpoint_note()}"
+            )
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        F, D = self.sae.n_latents, self.sae.d_in
+        dev = self.device
+        self._val = {
+            "n": torch.zeros((), dtype=torch.float64, device=dev),
+            "sse": torch.zeros((), dtype=torch.float64, device=dev),
+            "sum_x": torch.zeros(D, dtype=torch.float64, device=dev),
+            "sum_x2": torch.zeros((), dtype=torch.float64, device=dev),
+            "active": torch.zeros((), dtype=torch.float64, device=dev),
+            "fires_F": torch.zeros(F, dtype=torch.float64, device=dev),
+        }
+
+    @torch.no_grad()
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        x_BD = batch.float()
+        codes_BF = self.sae.encode(x_BD)
+        x_hat_BD = self.sae.decode(codes_BF).float()
+        active_BF = codes_BF > 0
+        v = self._val
+        v["n"] += x_BD.shape[0]
+        v["sse"] += (x_BD - x_hat_BD).double().pow(2).sum()
+        v["sum_x"] += x_BD.double().sum(0)
+        v["sum_x2"] += x_BD.double().pow(2).sum()
+        v["active"] += active_BF.sum()
+        v["fires_F"] += active_BF.sum(0)
+
+    def on_validation_epoch_end(self) -> None:
+        v = {k: self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+             for k, t in self._val.items()}
+        n = float(v["n"])
+        if n == 0:
+            return
+        D = self.sae.d_in
+        sse, sum_x2 = float(v["sse"]), float(v["sum_x2"])
+        total_var = sum_x2 - float((v["sum_x"] ** 2).sum()) / n  # sum ||x - mean||^2
+        freq_F = (v["fires_F"] / n).cpu().numpy()
+        metrics = {
+            "mse": sse / (n * D),
+            "nmse": sse / max(sum_x2, 1e-30),
+            "fve": 1.0 - sse / max(total_var, 1e-30),
+            "l0": float(v["active"]) / n,
+            "dead_fraction": float(self.sae.dead_latents.float().mean()),
+            "dense_fraction": float((freq_F > DENSE_FREQ).mean()),
+            "never_fired_val_fraction": float((freq_F == 0).mean()),
+        }
+        self.log_dict({f"val/{k}": float(x) for k, x in metrics.items()}, on_step=False, on_epoch=True,
+                      rank_zero_only=True)  # already reduced over ranks above
+        hist_counts, _ = np.histogram(np.log10(freq_F[freq_F > 0]), bins=DENSITY_EDGES)
+        self.val_metrics = {
+            **metrics,
+            "step": int(self.global_step),
+            "n_val_rows": int(n),
+            "density_hist": {"log10_freq_edges": DENSITY_EDGES.tolist(), "counts": hist_counts.tolist(),
+                             "never_fired": int((freq_F == 0).sum())},
+        }
+        self._log_histogram(freq_F)
+
+    def _log_histogram(self, freq_F: np.ndarray) -> None:
+        """Latent density histogram to W&B (other loggers get the scalar summaries only)."""
+        for logger in self.loggers:
+            if type(logger).__name__ != "WandbLogger":
+                continue
+            import wandb
+
+            log10 = np.log10(np.clip(freq_F, 1e-8, None))
+            logger.experiment.log({"val/latent_density_log10": wandb.Histogram(log10), "trainer/global_step": self.global_step})
+
+
+def _tuple_or_none(value):
+    return None if value is None else tuple(float(f) for f in value)
+
+
+def _accepts_seed(fn) -> bool:
+    import inspect
+
+    try:
+        return "seed" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False

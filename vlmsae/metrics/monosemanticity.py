@@ -1,0 +1,268 @@
+"""Monosemanticity score (MS, SPEC section 3), exact and in linear time.
+
+Definition, for latent k with per-image activations a_n (n = 1..N) and image embeddings E(x_n):
+
+    a~_n  = (a_n - min a) / (max a - min a)          min-max normalised over images
+    s_nm  = cos(E(x_n), E(x_m)),   r_nm = a~_n a~_m
+    MS_k  = sum_{n<m} r_nm s_nm / sum_{n<m} r_nm
+
+The reference code loops over all pairs: O(N^2 K).  With e_n = E(x_n) / ||E(x_n)|| (so s_nm =
+e_n . e_m and s_nn = 1) both sums over pairs are half of a full double sum minus its diagonal:
+
+    2 * numerator   = ||sum_n a~_n e_n||^2 - sum_n a~_n^2
+    2 * denominator = (sum_n a~_n)^2        - sum_n a~_n^2
+
+so one weighted sum of embeddings per latent, v_k = sum_n a~_nk e_n, gives MS_k exactly.
+
+Sparse codes (an SAE keeps ~20 of 65,536 latents per image) are never densified: with
+m = min a and R = max a - min a, a~_n = (a_n - m) / R and
+
+    v_k = (sum_{n: a_n != 0} (a_n - m) e_n  -  m * sum_{n: a_n == 0} e_n) / R
+
+where the second term exists only for latents whose minimum is not 0 (they fire on every image, or
+take negative values) and is computed as m * (sum_n e_n - sum_{n: a_n != 0} e_n).  The sums over
+nonzeros are one ``embedding_bag`` per block of latents over the entries sorted by latent (CSC
+order): O(nnz * d) work, O(block * d) memory, and no [N, K] or [K, d] array ever exists.
+Everything after the embeddings are normalised is float64: the numerator is a difference of two
+sums that nearly cancel for latents concentrated on a few images, and float32 there loses the
+1e-6 agreement with the pairwise definition.
+
+Dead latents (max == min: no pair has any weight) get NaN, and so do latents whose pair weights are
+all zero (exactly one image above the minimum: 0 / 0 in the definition); both are excluded from
+summaries (see :func:`ms_summary`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["monosemanticity_scores", "ms_summary", "column_min_max", "unit_embeddings"]
+
+# Latents per block.  A block holds [block, d] float64 sums (4096 x 768 x 8 B = 25 MB) and, on the
+# dense path, one [images_chunk, block] float64 slice of the activations.
+_LATENT_BLOCK = 4096
+# Smallest pair weight, relative to (sum a~)^2, that the float64 identity resolves (64 eps).
+_RESOLUTION = 64 * torch.finfo(torch.float64).eps
+
+
+def unit_embeddings(embeddings_ND: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm, in float64, so that e_n . e_m is the cosine similarity."""
+    if embeddings_ND.dim() != 2:
+        raise ValueError(f"embeddings must be [N, d], got shape {tuple(embeddings_ND.shape)}.")
+    emb_ND = embeddings_ND.detach().to("cpu", torch.float64)
+    if not torch.isfinite(emb_ND).all():
+        bad = (~torch.isfinite(emb_ND)).any(1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"embeddings contain NaN/inf (rows {bad} ...); fix the embedder or drop those images.")
+    norms_N = emb_ND.norm(dim=1)
+    if (norms_N == 0).any():
+        bad = (norms_N == 0).nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"embeddings of images {bad} ... are all-zero, so their cosine similarity is undefined; "
+            "drop those images or use another embedder."
+        )
+    return emb_ND / norms_N[:, None]
+
+
+def _is_sparse(acts: torch.Tensor) -> bool:
+    return acts.layout in (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
+def _coo_entries(acts_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, vals float64) of the stored nonzeros of a sparse [N, K] matrix; explicit zeros dropped."""
+    coo = acts_NK.to_sparse_coo() if acts_NK.layout != torch.sparse_coo else acts_NK
+    coo = coo.coalesce()
+    rows_E, cols_E = coo.indices()
+    vals_E = coo.values().to(torch.float64)
+    keep_E = vals_E != 0
+    if not bool(keep_E.all()):
+        rows_E, cols_E, vals_E = rows_E[keep_E], cols_E[keep_E], vals_E[keep_E]
+    return rows_E, cols_E, vals_E
+
+
+def column_min_max(acts_NK: torch.Tensor, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-latent (min, max) over the N images, float64 [K] each; sparse inputs count implicit zeros."""
+    n_images, n_latents = acts_NK.shape
+    if _is_sparse(acts_NK):
+        rows_E, cols_E, vals_E = _coo_entries(acts_NK)
+        return _sparse_min_max(cols_E, vals_E, n_images, n_latents)
+    lo_K = torch.full((n_latents,), math.inf, dtype=torch.float64)
+    hi_K = torch.full((n_latents,), -math.inf, dtype=torch.float64)
+    for i0 in range(0, n_images, chunk_size):
+        block = acts_NK[i0 : i0 + chunk_size].detach().to("cpu", torch.float64)
+        lo_K = torch.minimum(lo_K, block.amin(0))
+        hi_K = torch.maximum(hi_K, block.amax(0))
+    return lo_K, hi_K
+
+
+def _sparse_min_max(
+    cols_E: torch.Tensor, vals_E: torch.Tensor, n_images: int, n_latents: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    count_K = torch.bincount(cols_E, minlength=n_latents)
+    lo_K = torch.full((n_latents,), math.inf, dtype=torch.float64).scatter_reduce(0, cols_E, vals_E, "amin")
+    hi_K = torch.full((n_latents,), -math.inf, dtype=torch.float64).scatter_reduce(0, cols_E, vals_E, "amax")
+    has_zero_K = count_K < n_images  # some image does not store this latent: it is 0 there
+    lo_K = torch.where(has_zero_K, lo_K.clamp(max=0.0), lo_K)
+    hi_K = torch.where(has_zero_K, hi_K.clamp(min=0.0), hi_K)
+    return lo_K, hi_K
+
+
+def _ratio(sq_norm_K: torch.Tensor, sum_K: torch.Tensor, sum_sq_K: torch.Tensor, dead_K: torch.Tensor) -> torch.Tensor:
+    """MS from the three sufficient statistics of the normalised activations (see module docstring)."""
+    numerator_K = sq_norm_K - sum_sq_K
+    denominator_K = sum_K * sum_K - sum_sq_K
+    # denominator == 0 means one image carries all the weight: no pair, MS undefined (0 / 0).
+    # The identity's rounding is a few float64 eps times (sum a~)^2; a denominator below that cannot
+    # be told from 0, so it is treated as 0 rather than returning a ratio of rounding errors.
+    undefined_K = dead_K | (denominator_K <= _RESOLUTION * sum_K * sum_K)
+    ms_K = numerator_K / torch.where(undefined_K, torch.ones_like(denominator_K), denominator_K)
+    return torch.where(undefined_K, torch.full_like(ms_K, math.nan), ms_K)
+
+
+def monosemanticity_scores(
+    acts: torch.Tensor,
+    embeddings: torch.Tensor,
+    chunk_size: int = 4096,
+    latent_block: int = _LATENT_BLOCK,
+    progress: bool = False,
+) -> torch.Tensor:
+    """MS of every latent: [K] float64, NaN where undefined (dead, or a single image above the minimum).
+
+    acts: [N, K] dense tensor or torch sparse matrix (COO / CSR / CSC) of per-image activations.
+    embeddings: [N, d] image embeddings (any scale; rows are unit-normalised here).
+    chunk_size: images per slice on the dense path (bounds the float64 copy to chunk_size x latent_block).
+    latent_block: latents scored together; memory is O(latent_block * d) beyond the inputs.
+    Exact to float64 rounding of the pairwise definition; O(N K d) dense, O(nnz d) sparse.
+    """
+    if acts.dim() != 2:
+        raise ValueError(f"acts must be [N images, K latents], got shape {tuple(acts.shape)}.")
+    n_images, n_latents = acts.shape
+    if embeddings.shape[0] != n_images:
+        raise ValueError(
+            f"acts has {n_images} images (rows) but embeddings has {embeddings.shape[0]}; both must list the same "
+            "images in the same order."
+        )
+    if n_images < 2:
+        raise ValueError(f"MS needs at least 2 images (pairs), got N={n_images}.")
+    if chunk_size < 1 or latent_block < 1:
+        raise ValueError(f"chunk_size and latent_block must be >= 1, got {chunk_size} and {latent_block}.")
+    emb_ND = unit_embeddings(embeddings)
+    if _is_sparse(acts):
+        return _ms_sparse(acts, emb_ND, latent_block, progress)
+    return _ms_dense(acts, emb_ND, chunk_size, latent_block, progress)
+
+
+def _blocks(n_latents: int, latent_block: int, progress: bool, desc: str):
+    starts = range(0, n_latents, latent_block)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="block", leave=False)
+    return starts
+
+
+def _ms_dense(
+    acts_NK: torch.Tensor, emb_ND: torch.Tensor, chunk_size: int, latent_block: int, progress: bool
+) -> torch.Tensor:
+    """Dense path: shift and scale exactly (a~ in float64), then v = a~^T e by blocks of latents and images."""
+    n_images, n_latents = acts_NK.shape
+    lo_K, hi_K = column_min_max(acts_NK, chunk_size)
+    if not (torch.isfinite(lo_K).all() and torch.isfinite(hi_K).all()):
+        raise ValueError("acts contain NaN or inf; MS is undefined for them. Check the SAE / activations.")
+    range_K = hi_K - lo_K
+    dead_K = range_K == 0
+    safe_range_K = torch.where(dead_K, torch.ones_like(range_K), range_K)
+    ms_K = torch.empty(n_latents, dtype=torch.float64)
+    for k0 in _blocks(n_latents, latent_block, progress, "MS (dense)"):
+        k1 = min(k0 + latent_block, n_latents)
+        v_BD = torch.zeros(k1 - k0, emb_ND.shape[1], dtype=torch.float64)
+        sum_B = torch.zeros(k1 - k0, dtype=torch.float64)
+        sum_sq_B = torch.zeros(k1 - k0, dtype=torch.float64)
+        for i0 in range(0, n_images, chunk_size):
+            a_IB = acts_NK[i0 : i0 + chunk_size, k0:k1].detach().to("cpu", torch.float64)
+            a_IB = (a_IB - lo_K[k0:k1]) / safe_range_K[k0:k1]
+            v_BD.addmm_(a_IB.T, emb_ND[i0 : i0 + chunk_size])
+            sum_B += a_IB.sum(0)
+            sum_sq_B += (a_IB * a_IB).sum(0)
+        ms_K[k0:k1] = _ratio(v_BD.pow(2).sum(1), sum_B, sum_sq_B, dead_K[k0:k1])
+    return ms_K
+
+
+def _ms_sparse(acts_NK: torch.Tensor, emb_ND: torch.Tensor, latent_block: int, progress: bool) -> torch.Tensor:
+    """Sparse path: touch only the stored nonzeros, in latent-major order, one embedding_bag per block."""
+    n_images, n_latents = acts_NK.shape
+    rows_E, cols_E, vals_E = _coo_entries(acts_NK)
+    if not torch.isfinite(vals_E).all():
+        raise ValueError("acts contain NaN or inf; MS is undefined for them. Check the SAE / activations.")
+    lo_K, hi_K = _sparse_min_max(cols_E, vals_E, n_images, n_latents)
+    range_K = hi_K - lo_K
+    dead_K = range_K == 0
+    safe_range_K = torch.where(dead_K, torch.ones_like(range_K), range_K)
+
+    order_E = torch.argsort(cols_E, stable=True)  # latent-major (CSC) order for embedding_bag
+    rows_E, cols_E, vals_E = rows_E[order_E], cols_E[order_E], vals_E[order_E]
+    count_K = torch.bincount(cols_E, minlength=n_latents)
+    start_K1 = torch.zeros(n_latents + 1, dtype=torch.long)
+    start_K1[1:] = count_K.cumsum(0)
+    n_zero_K = n_images - count_K  # images where the latent is 0 (implicit entries)
+
+    # Entries shifted by the latent's minimum: a_n - m >= 0 for the nonzeros.
+    shifted_E = vals_E - lo_K[cols_E]
+    # Exact sums of a~ and a~^2 over all images, as sums of nonnegative terms (no cancellation):
+    # nonzeros contribute (a - m), each implicit zero contributes (0 - m) = -m >= 0.
+    zero_shift_K = -lo_K.clamp(max=0.0) * (n_zero_K > 0)
+    sum_K = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, cols_E, shifted_E)
+    sum_K += n_zero_K * zero_shift_K
+    sum_sq_K = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, cols_E, shifted_E * shifted_E)
+    sum_sq_K += n_zero_K * zero_shift_K * zero_shift_K
+    sum_K /= safe_range_K
+    sum_sq_K /= safe_range_K * safe_range_K
+
+    offset_K = (lo_K != 0) & (n_zero_K > 0)  # latents whose implicit zeros carry weight
+    emb_sum_D = emb_ND.sum(0) if bool(offset_K.any()) else None
+    sq_norm_K = torch.empty(n_latents, dtype=torch.float64)
+    for k0 in _blocks(n_latents, latent_block, progress, "MS (sparse)"):
+        k1 = min(k0 + latent_block, n_latents)
+        e0, e1 = int(start_K1[k0]), int(start_K1[k1])
+        bag_offsets_B = start_K1[k0:k1] - e0
+        # v_b = sum over the block's nonzeros of (a - m) e_n
+        v_BD = F.embedding_bag(
+            rows_E[e0:e1], emb_ND, bag_offsets_B, mode="sum", per_sample_weights=shifted_E[e0:e1]
+        )
+        block_offset_B = offset_K[k0:k1]
+        if bool(block_offset_B.any()):
+            # + (-m) * sum_{n: a_n == 0} e_n = (-m) * (sum_n e_n - sum_{n: a_n != 0} e_n)
+            nz_emb_BD = F.embedding_bag(rows_E[e0:e1], emb_ND, bag_offsets_B, mode="sum")
+            zero_emb_BD = emb_sum_D[None, :] - nz_emb_BD
+            v_BD += torch.where(block_offset_B, -lo_K[k0:k1], torch.zeros(())).unsqueeze(1) * zero_emb_BD
+        v_BD /= safe_range_K[k0:k1, None]
+        sq_norm_K[k0:k1] = v_BD.pow(2).sum(1)
+    return _ratio(sq_norm_K, sum_K, sum_sq_K, dead_K)
+
+
+def ms_summary(ms_K: torch.Tensor, n_images: int | None = None, dead_K: torch.Tensor | None = None) -> dict:
+    """mean, std, min, max over scored latents; ``dead`` = NaN latents (or those flagged in dead_K).
+
+    ``undefined`` counts latents with NaN MS that are not dead (one image above the minimum);
+    ``n_scored`` the latents the statistics are over.
+    """
+    ms_K = ms_K.detach().to("cpu", torch.float64)
+    valid_K = ~torch.isnan(ms_K)
+    scored = ms_K[valid_K]
+    n_nan = int((~valid_K).sum())
+    n_dead = int(dead_K.sum()) if dead_K is not None else n_nan
+    out = {
+        "mean": float(scored.mean()) if scored.numel() else math.nan,
+        "std": float(scored.std(unbiased=False)) if scored.numel() else math.nan,
+        "min": float(scored.min()) if scored.numel() else math.nan,
+        "max": float(scored.max()) if scored.numel() else math.nan,
+        "dead": n_dead,
+        "undefined": n_nan - n_dead if dead_K is not None else 0,
+        "n_scored": int(valid_K.sum()),
+        "n_latents": int(ms_K.numel()),
+    }
+    if n_images is not None:
+        out["n_images"] = int(n_images)
+    return out

@@ -1,0 +1,261 @@
+"""How well an SAE reconstructs held-out activations, and how much the model notices the splice.
+
+Plain functions on tensors (the trainer reuses them for its validation metrics):
+- ``fve(x, x_hat)``: fraction of variance explained, 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2;
+- ``mse(x, x_hat)``: mean squared error per element; ``sq_err(x, x_hat)``: squared error summed
+  over dims, mean over samples (the training loss's "recon", SPEC 2);
+- ``normalized_mse(x, x_hat)``: sum ||x - x_hat||^2 / sum ||x||^2 (error relative to predicting 0);
+- ``l0(codes)``: mean number of active latents per sample (dense or sparse codes).
+``ReconstructionAccumulator`` gives the same numbers over a stream of batches exactly (the
+variance is merged with Chan's formula, so a large shared mean does not cancel away precision),
+plus dead (never fired) and dense (fired on more than ``dense_threshold`` of samples) fractions.
+``reconstruction_metrics(sae, batches)`` runs an SAE over an iterable of activation batches.
+``zero_shot_fidelity`` splices the SAE into an open_clip CLIP at the tapped layer and compares
+the zero-shot class distributions with and without it (KL with the model's logit scale, top-1
+agreement).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+__all__ = [
+    "fve",
+    "mse",
+    "sq_err",
+    "normalized_mse",
+    "l0",
+    "ReconstructionAccumulator",
+    "reconstruction_metrics",
+    "zero_shot_fidelity",
+]
+
+
+def _check_pair(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x_BD.shape != x_hat_BD.shape:
+        raise ValueError(f"x {tuple(x_BD.shape)} and x_hat {tuple(x_hat_BD.shape)} must have the same shape.")
+    d = x_BD.shape[-1] if x_BD.dim() else 1
+    return x_BD.detach().reshape(-1, d).double(), x_hat_BD.detach().reshape(-1, d).double()
+
+
+def fve(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """Fraction of variance explained: 1 = perfect, 0 = no better than the batch mean."""
+    x, x_hat = _check_pair(x_BD, x_hat_BD)
+    total = (x - x.mean(0)).pow(2).sum()
+    return float(1.0 - (x - x_hat).pow(2).sum() / total) if total > 0 else math.nan
+
+
+def mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    x, x_hat = _check_pair(x_BD, x_hat_BD)
+    return float((x - x_hat).pow(2).mean())
+
+
+def sq_err(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """Squared error summed over dims, mean over samples (SPEC 2's reconstruction loss)."""
+    x, x_hat = _check_pair(x_BD, x_hat_BD)
+    return float((x - x_hat).pow(2).sum(1).mean())
+
+
+def normalized_mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """sum ||x - x_hat||^2 / sum ||x||^2."""
+    x, x_hat = _check_pair(x_BD, x_hat_BD)
+    total = x.pow(2).sum()
+    return float((x - x_hat).pow(2).sum() / total) if total > 0 else math.nan
+
+
+def _active_per_latent(codes_BF: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """([F] count of samples where each latent is nonzero, number of samples)."""
+    if codes_BF.layout == torch.strided:
+        flat = codes_BF.detach().reshape(-1, codes_BF.shape[-1])
+        return (flat != 0).sum(0).cpu(), flat.shape[0]
+    coo = (codes_BF if codes_BF.layout == torch.sparse_coo else codes_BF.to_sparse_coo()).coalesce()
+    cols = coo.indices()[1][coo.values() != 0]
+    return torch.bincount(cols.cpu(), minlength=codes_BF.shape[1]), codes_BF.shape[0]
+
+
+def l0(codes_BF: torch.Tensor) -> float:
+    """Mean number of nonzero latents per sample (dense [..., F] or sparse [B, F] codes)."""
+    counts_F, n = _active_per_latent(codes_BF)
+    return float(counts_F.sum()) / max(n, 1)
+
+
+class ReconstructionAccumulator:
+    """Exact streaming FVE / MSE / normalised MSE / L0 / dead and dense fractions over batches."""
+
+    def __init__(self, n_latents: int | None = None, dense_threshold: float = 0.1) -> None:
+        self.dense_threshold = dense_threshold
+        self.n = 0
+        self.mean_D: torch.Tensor | None = None
+        self.m2 = 0.0  # sum ||x - mean||^2 so far
+        self.sse = 0.0
+        self.sum_sq = 0.0
+        self.fired_F = torch.zeros(n_latents, dtype=torch.long) if n_latents else None
+        self.n_codes = 0
+
+    def update(self, x_BD: torch.Tensor, x_hat_BD: torch.Tensor, codes_BF: torch.Tensor | None = None) -> None:
+        x, x_hat = _check_pair(x_BD, x_hat_BD)
+        x, x_hat = x.cpu(), x_hat.cpu()
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mean_b = x.mean(0)
+        m2_b = float((x - mean_b).pow(2).sum())
+        if self.mean_D is None:
+            self.mean_D, self.m2 = mean_b, m2_b
+        else:  # Chan et al.: merge two (count, mean, M2) summaries exactly
+            delta = mean_b - self.mean_D
+            total = self.n + n_b
+            self.m2 += m2_b + float(delta.pow(2).sum()) * self.n * n_b / total
+            self.mean_D = self.mean_D + delta * (n_b / total)
+        self.n += n_b
+        self.sse += float((x - x_hat).pow(2).sum())
+        self.sum_sq += float(x.pow(2).sum())
+        if codes_BF is not None:
+            counts_F, n_rows = _active_per_latent(codes_BF)
+            if self.fired_F is None:
+                self.fired_F = torch.zeros_like(counts_F)
+            self.fired_F += counts_F
+            self.n_codes += n_rows
+
+    def result(self) -> dict[str, Any]:
+        if self.n == 0:
+            raise ValueError("No activations were given: the batch iterable was empty.")
+        d = self.mean_D.numel()
+        out: dict[str, Any] = {
+            "fve": 1.0 - self.sse / self.m2 if self.m2 > 0 else math.nan,
+            "mse": self.sse / (self.n * d),
+            "sq_err": self.sse / self.n,
+            "normalized_mse": self.sse / self.sum_sq if self.sum_sq > 0 else math.nan,
+            "n_samples": self.n,
+        }
+        if self.fired_F is not None and self.n_codes:
+            freq_F = self.fired_F.double() / self.n_codes
+            out.update(
+                l0=float(self.fired_F.sum()) / self.n_codes,
+                dead_fraction=float((self.fired_F == 0).double().mean()),
+                dense_fraction=float((freq_F > self.dense_threshold).double().mean()),
+                dense_threshold=self.dense_threshold,
+                freq_F=freq_F,
+            )
+        return out
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    sae: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    device: str | torch.device = "cpu",
+    dense_threshold: float = 0.1,
+    max_batches: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run ``sae`` (inference encoder) over held-out activation batches [B, D]; metrics as
+    :class:`ReconstructionAccumulator` (``freq_F`` is the per-latent firing frequency tensor)."""
+    acc = ReconstructionAccumulator(getattr(sae, "n_latents", None), dense_threshold)
+    iterator: Iterable = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="reconstruction", unit="batch", total=max_batches)
+    for i, x_BD in enumerate(iterator):
+        if max_batches is not None and i >= max_batches:
+            break
+        x_BD = x_BD.to(device=device, dtype=torch.float32)
+        codes_BF = sae.encode(x_BD)
+        x_hat_BD = sae.decode(codes_BF)
+        acc.update(x_BD, x_hat_BD, codes_BF)
+    return acc.result()
+
+
+def _splice_hook(sae: Callable[[torch.Tensor], torch.Tensor], tokens: str, batch_first: bool):
+    """A forward hook replacing a block's residual output by the SAE's reconstruction."""
+
+    def hook(_module, _inputs, output):
+        x = output[0] if isinstance(output, tuple) else output
+        x_BTD = x if batch_first or x.dim() == 2 else x.transpose(0, 1)
+        if x_BTD.dim() == 2:  # projected embedding [B, E]
+            new = sae(x_BTD.float()).to(x.dtype)
+        elif tokens == "cls":
+            new = x_BTD.clone()
+            new[:, 0] = sae(x_BTD[:, 0].float()).to(x.dtype)
+        else:
+            B, T, D = x_BTD.shape
+            new = sae(x_BTD.reshape(B * T, D).float()).reshape(B, T, D).to(x.dtype)
+        if not batch_first and new.dim() == 3:
+            new = new.transpose(0, 1)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook
+
+
+@torch.no_grad()
+def zero_shot_fidelity(
+    clip_model: torch.nn.Module,
+    sae: Callable[[torch.Tensor], torch.Tensor],
+    layer: int | str,
+    images: Iterable[torch.Tensor],
+    text_tokens: torch.Tensor,
+    labels: Sequence[int] | None = None,
+    tokens: str = "all",
+) -> dict[str, Any]:
+    """Zero-shot classification with and without the SAE spliced into the vision tower.
+
+    clip_model: an open_clip ``CLIP`` (has ``encode_image``, ``encode_text``, ``logit_scale``).
+    sae: maps [N, D] -> [N, D] (an SAE's ``forward``: decode(encode(x))).
+    layer: block index (output of ``visual.transformer.resblocks[layer]``) or ``"last"`` (the
+        projected image embedding).  tokens: ``all`` tokens pass through the SAE, or ``cls`` only.
+    images: iterable of preprocessed image batches [B, C, H, W].  text_tokens: tokenized class prompts [C, L].
+    Returns ``kl`` (mean KL(p_original || p_spliced) of the softmax over classes at the model's
+    logit scale), ``top1_agreement``, and ``accuracy_original`` / ``accuracy_spliced`` when labels are given.
+    """
+    if tokens not in ("all", "cls"):
+        raise ValueError(f"tokens={tokens!r}: splice 'all' tokens or only the 'cls' token.")
+    clip_model = clip_model.eval()
+    text_CE = torch.nn.functional.normalize(clip_model.encode_text(text_tokens).float(), dim=-1)
+    scale = float(clip_model.logit_scale.exp())
+    visual = clip_model.visual
+    if layer == "last":
+        target, batch_first = visual, True
+    else:
+        blocks = visual.transformer.resblocks
+        layer = int(layer)
+        if not -len(blocks) <= layer < len(blocks):
+            raise ValueError(f"layer={layer} but the vision tower has {len(blocks)} blocks (0..{len(blocks) - 1}).")
+        target, batch_first = blocks[layer], getattr(visual.transformer, "batch_first", True)
+    device = next(clip_model.parameters()).device
+
+    def logits_of(x_BCHW: torch.Tensor) -> torch.Tensor:
+        img_BE = torch.nn.functional.normalize(clip_model.encode_image(x_BCHW.to(device)).float(), dim=-1)
+        return scale * img_BE @ text_CE.T
+
+    kl_sum, agree, n = 0.0, 0, 0
+    pred_orig, pred_sae = [], []
+    for x_BCHW in images:
+        logits_orig = logits_of(x_BCHW)
+        handle = target.register_forward_hook(_splice_hook(sae, tokens, batch_first))
+        try:
+            logits_sae = logits_of(x_BCHW)
+        finally:
+            handle.remove()
+        logp_orig = logits_orig.log_softmax(-1)
+        logp_sae = logits_sae.log_softmax(-1)
+        kl_sum += float((logp_orig.exp() * (logp_orig - logp_sae)).sum())
+        a, b = logits_orig.argmax(-1), logits_sae.argmax(-1)
+        agree += int((a == b).sum())
+        n += a.numel()
+        pred_orig.append(a.cpu())
+        pred_sae.append(b.cpu())
+    if n == 0:
+        raise ValueError("zero_shot_fidelity: no images were given.")
+    out: dict[str, Any] = {"kl": kl_sum / n, "top1_agreement": agree / n, "n_images": n, "logit_scale": scale}
+    if labels is not None:
+        y = torch.as_tensor(list(labels))
+        if y.numel() != n:
+            raise ValueError(f"{y.numel()} labels for {n} images; give one label per image or none.")
+        out["accuracy_original"] = float((torch.cat(pred_orig) == y).double().mean())
+        out["accuracy_spliced"] = float((torch.cat(pred_sae) == y).double().mean())
+    return out

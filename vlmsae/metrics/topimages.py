@@ -1,0 +1,218 @@
+"""Top-activating images per latent, streamed over image chunks, and the on-disk index others reuse.
+
+The index (folder ``top_images/``, read by the hierarchy study, steering and the browser):
+- ``top.safetensors``: ``image_idx`` [K, T] int64 (row k = latent k's images, strongest first;
+  -1 pads latents with fewer than T nonzero images) and ``acts`` [K, T] float32 (0 where padded);
+- ``images.json``: {"keys": [...], "paths": [...] or null, "labels": [...] or null}, indexed by image_idx;
+- ``meta.json``: what was ranked (source, SAE, number of images, T), and ``run_info.json``.
+
+Images where a latent is exactly zero never enter its list (the reference code's lists could
+include them, which put unrelated images among a rare latent's "top" images).  Ties keep the
+earlier image.  Memory is O(K * T) plus one chunk; sparse chunks touch only their nonzeros.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TopImages", "TopImagesAccumulator", "top_images", "top_set_jaccard"]
+
+_NONE = -1
+
+
+class TopImagesAccumulator:
+    """Running top-T (value, image index) per latent; ``update`` with consecutive image chunks."""
+
+    def __init__(self, n_latents: int, top_k: int = 16) -> None:
+        if n_latents < 1 or top_k < 1:
+            raise ValueError(f"n_latents and top_k must be >= 1, got {n_latents} and {top_k}.")
+        self.n_latents, self.top_k = n_latents, top_k
+        self.vals_KT = torch.full((n_latents, top_k), -math.inf, dtype=torch.float32)
+        self.idx_KT = torch.full((n_latents, top_k), _NONE, dtype=torch.long)
+        self.n_images = 0
+
+    def update(self, acts_BK: torch.Tensor, image_offset: int | None = None) -> None:
+        """Merge one chunk of images (dense [B, K] or torch sparse); images are numbered from
+        ``image_offset`` (default: right after the previous chunk)."""
+        if acts_BK.dim() != 2 or acts_BK.shape[1] != self.n_latents:
+            raise ValueError(f"expected a [B, {self.n_latents}] chunk, got shape {tuple(acts_BK.shape)}.")
+        offset = self.n_images if image_offset is None else int(image_offset)
+        n_chunk = acts_BK.shape[0]
+        if acts_BK.layout == torch.strided:
+            cand_vals, cand_idx = self._dense_candidates(acts_BK.detach().to("cpu", torch.float32), offset)
+        else:
+            cand_vals, cand_idx = self._sparse_candidates(acts_BK.detach().cpu(), offset)
+        vals = torch.cat([self.vals_KT, cand_vals], 1)
+        idx = torch.cat([self.idx_KT, cand_idx], 1)
+        # Stable descending sort: on ties the running entries (earlier images) stay ahead.
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.top_k]
+        self.vals_KT = vals.gather(1, order)
+        self.idx_KT = idx.gather(1, order)
+        self.n_images = max(self.n_images, offset + n_chunk)
+
+    def _dense_candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        vals_KB = acts_BK.T.masked_fill((acts_BK.T == 0) | torch.isnan(acts_BK.T), -math.inf)
+        t = min(self.top_k, vals_KB.shape[1])
+        top_vals, top_pos = vals_KB.topk(t, dim=1)
+        top_idx = torch.where(torch.isinf(top_vals), torch.full_like(top_pos, _NONE), top_pos + offset)
+        return top_vals, top_idx
+
+    def _sparse_candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        coo = (acts_BK if acts_BK.layout == torch.sparse_coo else acts_BK.to_sparse_coo()).coalesce()
+        rows, cols = coo.indices()
+        vals = coo.values().to(torch.float32)
+        keep = (vals != 0) & ~torch.isnan(vals)
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        # Coalesced entries are in image order; sort by value (stable), then by latent (stable):
+        # each latent's entries end up strongest first, earlier image first on ties.
+        by_val = torch.sort(vals, descending=True, stable=True).indices
+        rows, cols, vals = rows[by_val], cols[by_val], vals[by_val]
+        by_col = torch.sort(cols, stable=True).indices
+        rows, cols, vals = rows[by_col], cols[by_col], vals[by_col]
+        count_K = torch.bincount(cols, minlength=self.n_latents)
+        start_K = torch.cumsum(count_K, 0) - count_K
+        rank = torch.arange(cols.numel()) - start_K[cols]
+        keep = rank < self.top_k
+        cand_vals = torch.full((self.n_latents, self.top_k), -math.inf, dtype=torch.float32)
+        cand_idx = torch.full((self.n_latents, self.top_k), _NONE, dtype=torch.long)
+        cand_vals[cols[keep], rank[keep]] = vals[keep]
+        cand_idx[cols[keep], rank[keep]] = rows[keep] + offset
+        return cand_vals, cand_idx
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image_idx [K, T] int64 with -1 padding, acts [K, T] float32 with 0 padding)."""
+        acts = torch.where(self.idx_KT == _NONE, torch.zeros_like(self.vals_KT), self.vals_KT)
+        return self.idx_KT.clone(), acts
+
+
+def top_images(acts_NK: torch.Tensor, top_k: int = 16, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``top_k`` images of every latent from a whole [N, K] matrix (dense or sparse), in chunks."""
+    acc = TopImagesAccumulator(acts_NK.shape[1], top_k)
+    if acts_NK.layout == torch.strided:
+        for i0 in range(0, acts_NK.shape[0], chunk_size):
+            acc.update(acts_NK[i0 : i0 + chunk_size], image_offset=i0)
+    else:
+        acc.update(acts_NK, image_offset=0)  # the sparse path only touches nonzeros: no chunking needed
+    return acc.result()
+
+
+@dataclass
+class TopImages:
+    """The top-images index (see module docstring); ``keys`` etc. are indexed by ``image_idx``."""
+
+    image_idx: torch.Tensor  # [K, T] int64, -1 = none
+    acts: torch.Tensor  # [K, T] float32, 0 where image_idx == -1
+    keys: list[str]
+    paths: list[str] | None = None
+    labels: list[int] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.image_idx.shape != self.acts.shape or self.image_idx.dim() != 2:
+            raise ValueError(
+                f"image_idx {tuple(self.image_idx.shape)} and acts {tuple(self.acts.shape)} must both be [K, T]."
+            )
+        hi = int(self.image_idx.max()) if self.image_idx.numel() else -1
+        if hi >= len(self.keys):
+            raise ValueError(f"image_idx refers to image {hi} but only {len(self.keys)} keys were given.")
+        for name in ("paths", "labels"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.keys):
+                raise ValueError(f"{name} has {len(values)} entries but keys has {len(self.keys)}; they must align.")
+
+    @property
+    def n_latents(self) -> int:
+        return self.image_idx.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.image_idx.shape[1]
+
+    def keys_of(self, latent: int) -> list[str]:
+        """Image keys of one latent, strongest first (padding dropped)."""
+        return [self.keys[i] for i in self.image_idx[latent].tolist() if i != _NONE]
+
+    def count(self) -> torch.Tensor:
+        """[K] number of real (non-padded) images per latent."""
+        return (self.image_idx != _NONE).sum(1)
+
+    def save(self, dpath: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        from vlmsae.utils.io import atomic_write, atomic_write_json
+        from vlmsae.utils.provenance import write_run_info
+
+        dpath = Path(dpath)
+        dpath.mkdir(parents=True, exist_ok=True)
+        tensors = {"image_idx": self.image_idx.to(torch.long).contiguous(), "acts": self.acts.float().contiguous()}
+        atomic_write(dpath / "top.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write_json(dpath / "images.json", {"keys": self.keys, "paths": self.paths, "labels": self.labels}, indent=None)
+        meta = {**self.meta, "n_latents": self.n_latents, "top_k": self.top_k, "n_images": len(self.keys)}
+        atomic_write_json(dpath / "meta.json", meta)
+        write_run_info(dpath, meta)
+        return dpath
+
+    @classmethod
+    def load(cls, dpath: str | Path) -> "TopImages":
+        from safetensors.torch import load_file
+
+        dpath = Path(dpath)
+        fpath = dpath / "top.safetensors"
+        if not fpath.exists():
+            raise FileNotFoundError(
+                f"{fpath} not found: point at a top_images/ folder written by `python -m vlmsae.monosemanticity`."
+            )
+        tensors = load_file(str(fpath))
+        images = json.loads((dpath / "images.json").read_text())
+        meta_fpath = dpath / "meta.json"
+        meta = json.loads(meta_fpath.read_text()) if meta_fpath.exists() else {}
+        return cls(tensors["image_idx"], tensors["acts"], images["keys"], images.get("paths"), images.get("labels"), meta)
+
+
+def top_set_jaccard(image_idx_KT: torch.Tensor) -> dict[str, Any]:
+    """Overlap of the latents' top-image sets: Jaccard |A & B| / |A | B| over latent pairs.
+
+    Intersections come from one sparse product M M^T of the [K, N] latent-image incidence matrix,
+    so only pairs sharing an image cost anything.  Latents with an empty set are left out.
+    Returns mean (over all pairs of non-empty latents, zeros included), max, the mean over latents
+    of each one's largest overlap with another (``mean_nearest``), the number of latents whose set
+    equals another's (``n_duplicates``), and ``nearest_K`` [K] (NaN for empty latents).
+    """
+    idx = image_idx_KT.long()
+    n_latents = idx.shape[0]
+    size_K = (idx != _NONE).sum(1)
+    lat, slot = (idx != _NONE).nonzero(as_tuple=True)
+    img = idx[lat, slot]
+    n_live = int((size_K > 0).sum())
+    nearest_K = torch.full((n_latents,), math.nan, dtype=torch.float64)
+    nearest_K[size_K > 0] = 0.0
+    if n_live < 2:
+        return {"mean": math.nan, "max": math.nan, "mean_nearest": math.nan, "n_duplicates": 0, "nearest_K": nearest_K}
+    n_img = int(img.max()) + 1
+    ones = torch.ones(lat.numel(), dtype=torch.float64)
+    inc = torch.sparse_coo_tensor(torch.stack([lat, img]), ones, (n_latents, n_img), check_invariants=False).coalesce()
+    # an image listed twice for one latent adds up to 2 here: clamp back to set membership
+    inc = torch.sparse_coo_tensor(inc.indices(), inc.values().clamp(max=1.0), inc.shape, check_invariants=False)
+    inc = inc.coalesce()
+    size_K = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, inc.indices()[0], inc.values())
+    inter = torch.sparse.mm(inc, inc.t()).coalesce()
+    a, b = inter.indices()
+    off = a != b
+    a, b, shared = a[off], b[off], inter.values()[off]
+    jac = shared / (size_K[a] + size_K[b] - shared)
+    total_pairs = n_live * (n_live - 1) / 2
+    if jac.numel():
+        nearest_K.scatter_reduce_(0, a, jac, "amax")
+    return {
+        "mean": float(jac.sum() / 2 / total_pairs),  # each unordered pair appears twice in M M^T
+        "max": float(jac.max()) if jac.numel() else 0.0,
+        "mean_nearest": float(nearest_K[size_K > 0].mean()),
+        "n_duplicates": int((nearest_K >= 1.0 - 1e-12).sum()),
+        "nearest_K": nearest_K,
+    }

@@ -1,0 +1,240 @@
+"""Image embedders E for the monosemanticity score (SPEC 3) and the steering score (SPEC 5).
+
+``load_embedder(spec)`` -> an object with ``embed(pil_images) -> [N, E]`` float32 on CPU, and, for
+CLIP, ``embed_text(strings) -> [N, E]`` in the same space. Backends:
+- ``open_clip``: CLIP's projected ``image_embeds`` (default E = ViT-B-32 ``openai``, 512-d);
+  ``tiny: true`` builds the tiny random open_clip CLIP once into ``$VLMSAE_HOME/models/<name>`` and
+  loads it back through the same ``create_model_and_transforms`` call real weights take.
+- ``hf``: a transformers vision model's ``pooler_output`` (DINOv2-base: the layer-normed CLS token, 768-d).
+- ``pixels``: no weights; a fixed random projection of the downsampled, centred RGB pixels. Meaningful
+  for the generated concept images (same colour -> similar embedding), instant, for tests and demos.
+Weights are never downloaded silently into odd places: ``cache_dir`` and ``local_path`` say where
+they are, and a failed download raises an error that says how to fetch them on a connected machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["EmbedderSpec", "Embedder", "load_embedder", "EMBEDDER_BACKENDS"]
+
+EMBEDDER_BACKENDS = ("open_clip", "hf", "pixels")
+
+
+@dataclass
+class EmbedderSpec:
+    """Which image embedder; mirrors ``vlmsae.config.schemas.EmbedderSchema``."""
+
+    name: str = "clip_b32"  # short name, used in cache keys and outputs
+    backend: str = "open_clip"  # open_clip | hf | pixels
+    arch: str = "ViT-B-32"  # open_clip model name; hf: the model id (facebook/dinov2-base)
+    pretrained: Optional[str] = "openai"  # open_clip tag or checkpoint file; hf: unused
+    local_path: Optional[str] = None  # local weights (open_clip checkpoint/folder, or a save_pretrained folder)
+    cache_dir: Optional[str] = None  # where downloaded weights are cached
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"
+    batch_size: int = 64  # images per forward
+    tiny: bool = False  # open_clip: the random tiny CLIP (tests)
+    embed_dim: int = 64  # pixels: output width
+    image_size: int = 16  # pixels: images are resized to image_size^2 before the projection
+    seed: int = 0  # tiny / pixels: fixes the random weights
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in EMBEDDER_BACKENDS:
+            raise ValueError(f"Unknown embedder backend {self.backend!r}: use one of {list(EMBEDDER_BACKENDS)}.")
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> "EmbedderSpec":
+        if isinstance(cfg, cls):
+            return cfg
+        if not isinstance(cfg, dict):
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = {k: v for k, v in dict(cfg).items() if k != "defaults"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise ValueError(f"Unknown embedder field(s) {unknown}: valid fields are {sorted(names)}.")
+        return cls(**cfg)
+
+    def cache_id(self) -> str:
+        """What must match for cached embeddings to be reused."""
+        weights = self.local_path or self.pretrained or ("tiny" if self.tiny else "random")
+        return f"{self.name}|{self.backend}|{self.arch}|{weights}|{self.seed if self.backend == 'pixels' or self.tiny else ''}"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _offline_error(spec: EmbedderSpec, err: BaseException) -> RuntimeError:
+    if spec.backend == "hf":
+        how = (f"`huggingface-cli download {spec.arch} --local-dir <dir>` and pass embedder.local_path=<dir> "
+               "(or set HF_HOME / embedder.cache_dir to a cache that holds it)")
+    else:
+        how = (f"`python -c \"import open_clip; open_clip.create_model('{spec.arch}', pretrained='{spec.pretrained}', "
+               "cache_dir='<dir>')\"` and pass embedder.cache_dir=<dir>, or embedder.local_path=<checkpoint file>")
+    return RuntimeError(
+        f"Could not load the weights of embedder {spec.name!r} ({spec.backend} {spec.arch!r}, pretrained="
+        f"{spec.pretrained!r}, local_path={spec.local_path!r}): {err}\nThis machine may be offline and the weights "
+        f"not cached. On a machine with internet run {how}. For tests use embedder=tiny (no download)."
+    )
+
+
+def _looks_offline(err: BaseException) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    words = ("download", "connect", "offline", "resolve", "hub", "not found", "404", "internet", "local_files_only",
+             "couldn't", "max retries", "no such file")
+    return any(w in text for w in words)
+
+
+class Embedder:
+    """Base: batching and the CPU float32 contract; backends implement ``_embed_batch``."""
+
+    spec: EmbedderSpec
+    dim: int
+
+    def _embed_batch(self, images: list) -> torch.Tensor:  # pragma: no cover - backends implement it
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def embed(self, images: Sequence, progress: bool = False) -> torch.Tensor:
+        """[N, E] float32 CPU embeddings of PIL images (converted to RGB), ``spec.batch_size`` at a time."""
+        images = list(images)
+        if not images:
+            return torch.zeros(0, self.dim)
+        starts = range(0, len(images), self.spec.batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=f"embed ({self.spec.name})", unit="batch")
+        out = [self._embed_batch([im.convert("RGB") for im in images[i : i + self.spec.batch_size]]) for i in starts]
+        return torch.cat(out).float().cpu()
+
+    __call__ = embed
+
+
+class OpenClipEmbedder(Embedder):
+    """CLIP image (and text) embeddings: ``encode_image`` = the projected ``image_embeds``."""
+
+    def __init__(self, spec: EmbedderSpec):
+        import open_clip
+
+        self.spec = spec
+        model_name, pretrained = spec.arch, spec.pretrained
+        if spec.tiny:
+            from vlmsae.models.tiny import build_tiny_open_clip, tiny_model_dpath
+
+            dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(f"embedder_{spec.name}")
+            build_tiny_open_clip(dpath, seed=spec.seed)
+            model_name, pretrained = f"local-dir:{dpath}", None
+        elif spec.local_path:
+            path = Path(spec.local_path).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"embedder.local_path={path} does not exist (embedder {spec.name!r}).")
+            if path.is_dir():
+                model_name, pretrained = f"local-dir:{path}", None
+            else:
+                pretrained = str(path)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, cache_dir=spec.cache_dir,
+                force_quick_gelu=bool(spec.extra.get("quick_gelu", spec.pretrained == "openai" and not spec.tiny)),
+            )
+        except (RuntimeError, OSError, ValueError) as err:
+            if _looks_offline(err):
+                raise _offline_error(spec, err) from err
+            raise
+        self.device = _device(spec.device)
+        self.model = model.to(self.device).eval()
+        self.preprocess = preprocess
+        try:
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        except Exception:  # noqa: BLE001  local-dir configs without a tokenizer entry: CLIP's BPE tokenizer
+            context = getattr(model, "context_length", 77)
+            self.tokenizer = lambda texts: open_clip.tokenize(texts, context_length=context)
+        self.dim = int(getattr(model.visual, "output_dim", 0) or self._probe_dim())
+
+    def _probe_dim(self) -> int:
+        from PIL import Image
+
+        return int(self._embed_batch([Image.new("RGB", (32, 32))]).shape[1])
+
+    def _embed_batch(self, images: list) -> torch.Tensor:
+        x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        return self.model.encode_image(x).float()
+
+    @torch.inference_mode()
+    def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """[N, E] CLIP text embeddings (unnormalised), in the image embeddings' space."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self.model.encode_text(tokens).float().cpu()
+
+
+class HFEmbedder(Embedder):
+    """A transformers vision backbone's ``pooler_output`` (DINOv2: layer-normed CLS token)."""
+
+    def __init__(self, spec: EmbedderSpec):
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.spec = spec
+        source = spec.local_path or spec.arch
+        if spec.local_path and not Path(spec.local_path).expanduser().exists():
+            raise FileNotFoundError(f"embedder.local_path={spec.local_path} does not exist (embedder {spec.name!r}).")
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(source, cache_dir=spec.cache_dir)
+            model = AutoModel.from_pretrained(source, cache_dir=spec.cache_dir)
+        except (OSError, ValueError, RuntimeError) as err:
+            if _looks_offline(err) or isinstance(err, OSError):
+                raise _offline_error(spec, err) from err
+            raise
+        self.device = _device(spec.device)
+        self.model = model.to(self.device).eval()
+        self.dim = int(getattr(model.config, "hidden_size", 0))
+
+    def _embed_batch(self, images: list) -> torch.Tensor:
+        inputs = self.processor(images=images, return_tensors="pt").to(self.device)
+        out = self.model(**inputs)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:  # backbones without a pooler: the CLS token
+            pooled = out.last_hidden_state[:, 0]
+        return pooled.float()
+
+
+class PixelEmbedder(Embedder):
+    """Fixed random projection of centred, downsampled RGB pixels (no weights to load)."""
+
+    def __init__(self, spec: EmbedderSpec):
+        self.spec = spec
+        self.dim = spec.embed_dim
+        g = torch.Generator().manual_seed(spec.seed)
+        n_in = 3 * spec.image_size * spec.image_size
+        self.proj = torch.randn(n_in, spec.embed_dim, generator=g) / n_in**0.5
+
+    def _embed_batch(self, images: list) -> torch.Tensor:
+        import numpy as np
+
+        size = (self.spec.image_size, self.spec.image_size)
+        arr = np.stack([np.asarray(im.resize(size), dtype=np.float32) / 255.0 for im in images])
+        x = torch.from_numpy(arr).reshape(len(images), -1)
+        return (x - 0.5) @ self.proj
+
+
+def load_embedder(spec: EmbedderSpec | dict | Any) -> Embedder:
+    """An embedder for ``spec``: an :class:`EmbedderSpec`, a dict, or a composed ``cfg.embedder`` node."""
+    spec = EmbedderSpec.from_cfg(spec)
+    if spec.backend == "open_clip":
+        return OpenClipEmbedder(spec)
+    if spec.backend == "hf":
+        return HFEmbedder(spec)
+    return PixelEmbedder(spec)

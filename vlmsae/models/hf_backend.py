@@ -1,0 +1,149 @@
+"""transformers backend: ``CLIPVisionModel(WithProjection)`` and the vision tower inside LLaVA.
+
+Index convention as everywhere (SPEC 1): block L's output is ``hidden_states[L+1]``. Rather than ask
+for all hidden states (which runs every block), the tap runs embeddings -> ``pre_layrnorm`` [sic,
+transformers' name] -> ``encoder.layers[:L+1]`` itself and stops. ``layer="last"`` is
+``image_embeds`` (post_layernorm(CLS) @ visual_projection) for CLIP; LLaVA's tower has no
+projection of its own, so ``last`` is refused there.
+
+Weights: ``local_path`` (a ``save_pretrained`` folder) > ``pretrained`` (a HF id such as
+``openai/clip-vit-large-patch14-336``, cached in ``cache_dir``). LLaVA loads through
+``vlmsae.models.llava.load_llava`` (owned by the steering module).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmsae.models.spec import ModelSpec
+from vlmsae.models.tap import Tap, resolve_device, torch_dtype
+from vlmsae.models.tiny import build_tiny_hf_clip, tiny_model_dpath
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+    """``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+class HFVisionTap(Tap):
+    """A transformers CLIP-style vision tower: ``embeddings``, ``pre_layrnorm``, ``encoder.layers``."""
+
+    def __init__(self, spec: ModelSpec, tower: nn.Module, blocks: nn.ModuleList, image_processor: Any,
+                 projection: nn.Module | None):
+        super().__init__()
+        self.spec = spec
+        self.name = spec.name
+        self.tower = tower.eval()
+        # transformers 4.x wraps the stack in ``.vision_model``; 5.x puts it on the model itself.
+        self.core = getattr(tower, "vision_model", tower)
+        self.blocks = blocks
+        self.projection = projection
+        self.image_processor = image_processor
+        config = self.core.config
+        self.n_layers = len(blocks)
+        self.width = config.hidden_size
+        self.embed_dim = projection.out_features if projection is not None else None
+        self.has_cls = True
+        self.image_size = config.image_size
+        self._n_tokens = (config.image_size // config.patch_size) ** 2 + 1
+        params = next(tower.parameters())
+        self.device, self.dtype = params.device, params.dtype
+        self._causal_kwarg = "causal_attention_mask" in inspect.signature(blocks[0].forward).parameters
+
+    @property
+    def n_tokens(self) -> int:
+        return self._n_tokens
+
+    def preprocess(self, image: Any) -> torch.Tensor:
+        return self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    def _blocks_forward(self, images_BCHW: torch.Tensor, layer: int) -> torch.Tensor:
+        x = self.core.embeddings(images_BCHW)
+        x = self.core.pre_layrnorm(x)
+        kwargs = {"causal_attention_mask": None} if self._causal_kwarg else {}
+        for block in self.blocks[: layer + 1]:
+            out = block(x, None, **kwargs)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
+    def _embed_forward(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        if self.projection is None:
+            raise ValueError(
+                f"layer=last (the projected image embedding) is not defined for {self.name}: its vision tower has "
+                f"no projection. Use a block index 0..{self.n_layers - 1} (LLaVA-1.5 uses -2, i.e. block "
+                f"{self.n_layers - 2})."
+            )
+        x = self._blocks_forward(images_BCHW, self.n_layers - 1)
+        pooled = self.core.post_layernorm(x[:, 0])
+        return self.projection(pooled)
+
+
+def _hf_source(spec: ModelSpec) -> tuple[str, bool]:
+    """``(name_or_path, local_files_only)`` for ``from_pretrained``."""
+    if spec.local_path:
+        path = Path(spec.local_path).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model.local_path={path} is not a folder (model {spec.name!r}): it must hold what save_pretrained "
+                "writes (config.json, weights, preprocessor_config.json)."
+            )
+        return str(path), True
+    if not spec.pretrained:
+        raise ValueError(f"Model {spec.name!r} (backend {spec.backend}) needs model.pretrained=<HF id> or model.local_path.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    return spec.pretrained, offline
+
+
+def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
+    """``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor`` from a HF id, a local folder or the tiny folder."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    if spec.tiny:
+        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
+        build_tiny_hf_clip(dpath, seed=int(spec.extra.get("seed", 0)), image_size=spec.image_size,
+                           width=spec.width, layers=spec.n_layers, embed_dim=spec.embed_dim or spec.width,
+                           patch_size=int(spec.extra.get("patch_size", 8)))
+        source, local_only = str(dpath), True
+    else:
+        source, local_only = _hf_source(spec)
+    kwargs = {"cache_dir": spec.cache_dir, "local_files_only": local_only}
+    try:
+        model = CLIPVisionModelWithProjection.from_pretrained(source, **_dtype_kwarg(torch_dtype(spec.dtype)), **kwargs)
+        processor = CLIPImageProcessor.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"Could not load the weights of model {spec.name!r} ({source!r}, cache_dir={spec.cache_dir!r}): {err}\n"
+            "This machine may be offline and the model not cached. Download it where there is internet "
+            f"(`huggingface-cli download {source} --local-dir <folder>`) and pass model.local_path=<folder>, "
+            "or point model.cache_dir / HF_HOME at a cache that holds it."
+        ) from err
+    model = model.to(resolve_device(spec.device)).eval()
+    core = getattr(model, "vision_model", model)
+    return HFVisionTap(spec, model, core.encoder.layers, processor, model.visual_projection)
+
+
+def load_hf_llava_tap(spec: ModelSpec) -> HFVisionTap:
+    """The CLIP vision tower of a ``LlavaForConditionalGeneration`` (real or tiny), via ``vlmsae.models.llava``."""
+    from vlmsae.models import llava
+
+    if spec.tiny:
+        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
+        llava.build_tiny_llava(dpath)
+        source: str = str(dpath)
+    else:
+        source = spec.local_path or spec.pretrained or llava.LLAVA_15_7B
+    model, processor = llava.load_llava(source, dtype=spec.dtype, device_map=None, cache_dir=spec.cache_dir)
+    tower = llava.vision_tower(model)
+    blocks = llava.vision_blocks(model)
+    tower = tower.to(resolve_device(spec.device))
+    del model  # only the vision tower is needed; the language model is freed
+    return HFVisionTap(spec, tower, blocks, processor.image_processor, projection=None)

@@ -1,0 +1,381 @@
+"""LLaVA: load real weights, build a tiny random one offline, and find the vision-tower blocks.
+
+SPEC 5 steers ``llava-hf/llava-1.5-7b-hf`` through an SAE trained on block 22 of its CLIP
+ViT-L/14-336 vision tower (``vision_feature_layer=-2``). This module is the only place that knows
+how transformers lays LLaVA out, so the steering hooks (``vlmsae.steering``) and the extraction
+backend (``vlmsae.extract``, backend ``hf_llava``) work across transformers 4.4x (``model.vision_tower
+.vision_model.encoder.layers``) and 5.x (``model.model.vision_tower.encoder.layers``).
+
+The tiny model is built from configs with a fixed seed, saved with ``save_pretrained`` and read back
+with the same ``from_pretrained`` call real weights take, processor included: its tokenizer is a
+small word-level vocabulary built locally, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), written for the
+# ``apply_chat_template`` message format (content = list of {"type": "image"|"text"} items).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string "
+    "else message['content'][0]['text'] }}\n{% else %}"
+    "{{ 'USER: ' if message['role'] == 'user' else 'ASSISTANT: ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ ' ' if message['role'] == 'user' else '</s> ' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+# The tiny tokenizer's vocabulary: the chat-template words, the steering prompt, and a few
+# dozen concrete nouns so a random model can "answer" with a word a CLIP text tower can embed.
+_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+_WORDS = (
+    "user assistant : ? ! . , ' \" - what is shown in this image use exactly one word write me a short "
+    "love poem the of and to it you i my your with for on at by from as are be was that there here "
+    "describe picture photo colour color white black red green blue yellow big small "
+    "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox rabbit mouse snake frog turtle "
+    "shark whale dolphin owl eagle parrot duck chicken insect bee butterfly spider ant flower tree "
+    "leaf grass forest mountain river lake sea ocean beach sky cloud sun moon star snow rain "
+    "car truck bus train plane boat bicycle house building bridge road street city church castle "
+    "chair table bed lamp clock cup bottle book pencil pen paper phone computer keyboard camera "
+    "guitar piano ball hat shoe shirt dress bag umbrella pizza banana apple orange bread cake "
+    "coffee rocket robot person man woman child face hand astronaut coin"
+).split()
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float16"`` / ``"fp16"`` / ``torch.float16`` -> ``torch.float16`` (clear error otherwise)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    }
+    if str(dtype) not in names:
+        raise ValueError(f"Unknown dtype {dtype!r}: use one of float32, float16 (fp16), bfloat16 (bf16).")
+    return names[str(dtype)]
+
+
+def build_tiny_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` built in memory: no download, deterministic ids.
+
+    ``<image>`` is a special token, so the processor can expand it into one placeholder per patch
+    and LLaVA can find those placeholders by id.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for tok in _SPECIAL_TOKENS + _WORDS:
+        vocab.setdefault(tok, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence([normalizers.Replace("\n", " "), normalizers.Lowercase()])
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",  # decoder-only batched generation pads on the left
+        model_max_length=4096,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def _is_complete(dpath: Path) -> bool:
+    """A saved LLaVA folder: model config + weights + tokenizer (the temp-then-rename write makes it whole)."""
+    return (dpath / "config.json").exists() and (dpath / "tokenizer.json").exists() and any(
+        dpath.glob("*.safetensors")
+    )
+
+
+def build_tiny_llava(
+    dpath: str | Path,
+    seed: int = 0,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_width: int = 32,
+    vision_layers: int = 4,
+    text_width: int = 32,
+    text_layers: int = 2,
+    vision_feature_layer: int = -2,
+) -> Path:
+    """Build a tiny random ``LlavaForConditionalGeneration`` + offline processor and save both to ``dpath``.
+
+    Same shape of model as LLaVA-1.5 (CLIP vision tower, two-layer GELU projector, Llama text
+    model, ``vision_feature_layer=-2``, CLS dropped), only small: 32 px images with 8 px patches
+    give 16 patch tokens + CLS. Load it back with :func:`load_llava` (``from_pretrained``).
+    Idempotent: an existing complete folder is left as is.
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    dpath = Path(dpath)
+    if _is_complete(dpath):
+        return dpath
+
+    tokenizer = build_tiny_tokenizer()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        do_convert_rgb=True,
+        # CLIP's normalisation constants, as LLaVA-1.5 uses.
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,  # CLIP's CLS
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_width,
+        intermediate_size=vision_width * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_width,
+        hidden_act="quick_gelu",  # as OpenAI CLIP
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_width,
+        intermediate_size=text_width * 2,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    n_patches = (image_size // patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=n_patches,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+    # Write to a sibling temp folder then rename, so a crash never leaves a half-built model that
+    # the idempotence check above would take for complete.
+    dpath.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp_dpath)
+    processor.save_pretrained(tmp_dpath)
+    try:
+        if dpath.exists():  # a concurrent builder finished first; both are identical (same seed)
+            raise FileExistsError(dpath)
+        os.replace(tmp_dpath, dpath)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp_dpath, ignore_errors=True)
+    return dpath
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+    """``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before (same meaning)."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def load_llava(
+    name_or_path: str | Path = LLAVA_15_7B,
+    dtype: str | torch.dtype = "float16",
+    device_map: str | dict | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+):
+    """Load ``(LlavaForConditionalGeneration, LlavaProcessor)`` from a HF id or a local folder.
+
+    ``dtype``: float16 (the paper) or bfloat16 halve memory (a 7B model needs ~14 GB);
+    float32 for CPU tests. ``device_map``: ``"auto"`` spreads layers over the visible GPUs (and
+    CPU) with accelerate; ``None`` loads on CPU (move it with ``.to``); ``"cuda:0"`` puts it on
+    one GPU. ``local_files_only``: None = only if ``HF_HUB_OFFLINE`` is set or the path is a folder.
+    The tokenizer pads on the left, as batched generation with a decoder-only model needs.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    source = str(name_or_path)
+    is_dir = Path(source).expanduser().is_dir()
+    if is_dir:
+        source = str(Path(source).expanduser())
+    if local_files_only is None:
+        local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    kwargs: dict[str, Any] = {
+        "cache_dir": None if cache_dir is None else str(cache_dir),
+        "local_files_only": bool(local_files_only),
+    }
+    torch_dtype = _torch_dtype(dtype)  # a bad dtype is the caller's error, not a loading failure
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            source, device_map=device_map, **_dtype_kwarg(torch_dtype), **kwargs
+        )
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        if is_dir:
+            raise OSError(
+                f"Could not load LLaVA from the local folder {source!r}: {err}\nThe folder must hold what "
+                "save_pretrained writes (config.json, model weights, processor and tokenizer files)."
+            ) from err
+        raise OSError(
+            f"Could not load LLaVA {source!r} (local_files_only={local_files_only}, cache_dir={cache_dir}): "
+            f"{err}\nThis machine may be offline and the model not cached. Either download it where there is "
+            f"internet (`huggingface-cli download {source} --local-dir <folder>`) and pass the folder, e.g. "
+            f"`model.local_path=<folder>` (or load_llava('<folder>')), or point `cache_dir`/HF_HOME at a cache "
+            "that already holds it."
+        ) from err
+    model.eval()
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:  # some checkpoints ship without one; generation needs it
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if model.generation_config.pad_token_id is None and tokenizer is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The vision encoder of a LLaVA model (``...vision_tower``), whatever the transformers version."""
+    for attr_path in ("model.vision_tower", "vision_tower"):
+        obj: Any = model
+        for attr in attr_path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.Module):
+            return obj
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "vision_tower":
+            return module
+    raise ValueError(
+        f"No vision tower in {type(model).__name__}: expected a submodule named 'vision_tower' "
+        "(LlavaForConditionalGeneration and its relatives have one)."
+    )
+
+
+def vision_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of the vision encoder's transformer blocks, found by module name.
+
+    transformers 5.x: ``model.model.vision_tower.encoder.layers``; 4.4x:
+    ``model.vision_tower.vision_model.encoder.layers`` (or under ``model.model``). Also accepts a bare
+    vision tower (CLIPVisionModel / SiglipVisionModel).
+    """
+    try:
+        tower = vision_tower(model)
+    except ValueError:
+        tower = model
+    candidates = [
+        (name, module) for name, module in tower.named_modules()
+        if isinstance(module, nn.ModuleList) and name.endswith("encoder.layers")
+    ]
+    if len(candidates) == 1:
+        return candidates[0][1]
+    if not candidates:  # unknown layout: the longest ModuleList is the block stack
+        lists = [m for _, m in tower.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        if lists:
+            return max(lists, key=len)
+    names = [name for name, _ in candidates]
+    raise ValueError(
+        f"Cannot find the vision encoder blocks of {type(model).__name__}: expected exactly one "
+        f"ModuleList named '*encoder.layers' under the vision tower, found {names or 'none'}."
+    )
+
+
+def tapped_block_index(model: nn.Module) -> int:
+    """The 0-indexed vision block whose output LLaVA projects (SPEC 1, 5).
+
+    ``hidden_states[0]`` is the embedding output and ``hidden_states[L+1]`` the output of block L,
+    so ``vision_feature_layer=-2`` on 24 blocks is ``hidden_states[23]`` = block 22.
+    """
+    layer = getattr(getattr(model, "config", None), "vision_feature_layer", None)
+    if layer is None:
+        raise ValueError(f"{type(model).__name__} has no config.vision_feature_layer: is it a LLaVA model?")
+    if not isinstance(layer, int):
+        raise ValueError(
+            f"vision_feature_layer={layer!r} concatenates several layers; steering supports a single tapped layer."
+        )
+    n_blocks = len(vision_blocks(model))
+    n_states = n_blocks + 1
+    if not -n_states <= layer < n_states:
+        raise ValueError(f"vision_feature_layer={layer} is out of range for a vision tower with {n_blocks} blocks.")
+    block = layer % n_states - 1
+    if block < 0:
+        raise ValueError(
+            f"vision_feature_layer={layer} selects the embedding output (hidden_states[0]), not a block output."
+        )
+    return block
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def load_llava_spec(spec: Any):
+    """``(model, processor)`` for a model config node / ``ModelSpec`` with ``backend: hf_llava``.
+
+    Reads ``name``, ``pretrained`` (HF id), ``local_path`` (takes precedence), ``cache_dir``,
+    ``dtype``, ``device`` and ``extra.device_map``. ``tiny: true`` builds the tiny random LLaVA once
+    under ``$VLMSAE_HOME/models/<name>`` (seed ``extra.seed``, default 0) and loads it from there.
+    Without a ``device_map`` the model is moved to ``device``.
+    """
+    get = spec.get if isinstance(spec, dict) else (lambda key, default=None: getattr(spec, key, default))
+    extra = dict(get("extra", None) or {})
+    backend = get("backend", "hf_llava")
+    if backend != "hf_llava":
+        raise ValueError(f"model.backend={backend!r}: steering needs a LLaVA model (backend hf_llava, e.g. model=llava15_7b).")
+    if get("tiny", False):
+        from vlmsae.models.tiny import tiny_model_dpath
+
+        source: str | Path = get("local_path", None) or build_tiny_llava(
+            tiny_model_dpath(str(get("name", "tiny_llava"))), seed=int(extra.get("seed", 0))
+        )
+    else:
+        source = get("local_path", None) or get("pretrained", None) or LLAVA_15_7B
+    device_map = extra.get("device_map")
+    model, processor = load_llava(
+        source, dtype=get("dtype", "float16"), device_map=device_map, cache_dir=get("cache_dir", None),
+        local_files_only=extra.get("local_files_only"),
+    )
+    if device_map is None:
+        model.to(resolve_device(get("device", "auto")))
+    return model, processor

@@ -1,0 +1,180 @@
+"""Tiny random encoders for tests and the demo, saved once and loaded back like real weights.
+
+``model=tiny`` (open_clip) and ``model=tiny_hf`` (transformers ``CLIPVisionModelWithProjection``)
+are built from configs with a fixed seed and written to ``$VLMSAE_HOME/models/<name>/`` (default
+``~/.cache/vlmsae/models/<name>/``) in the formats real checkpoints come in: an open_clip
+``local-dir`` folder (``open_clip_config.json`` + ``open_clip_model.safetensors``) and a
+``save_pretrained`` folder. Loading then goes through exactly the code that loads real weights, so
+the tests exercise it. ``model=tiny_llava`` is built by :func:`vlmsae.models.llava.build_tiny_llava`.
+
+Folders are written to a temporary sibling and renamed, so concurrent test runs never read a
+half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# CLIP's normalisation constants (OpenAI), used by the tiny models as by the real ones.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def vlmsae_home() -> Path:
+    """Root of vlmsae's local cache: ``$VLMSAE_HOME`` or ``~/.cache/vlmsae``."""
+    return Path(os.environ.get("VLMSAE_HOME", "~/.cache/vlmsae")).expanduser()
+
+
+def models_home() -> Path:
+    """Where tiny models are materialised: ``<vlmsae_home>/models``."""
+    return vlmsae_home() / "models"
+
+
+def _finish_dir(tmp_dpath: Path, dpath: Path) -> Path:
+    """Rename a fully written temp folder onto ``dpath``; a concurrent builder that won keeps its copy."""
+    if dpath.exists():
+        shutil.rmtree(tmp_dpath, ignore_errors=True)
+        return dpath
+    try:
+        os.replace(tmp_dpath, dpath)
+    except OSError:  # lost a race against an identical build
+        shutil.rmtree(tmp_dpath, ignore_errors=True)
+    return dpath
+
+
+def tiny_open_clip_cfg(
+    image_size: int = 32, patch_size: int = 8, width: int = 64, layers: int = 4, heads: int = 4, embed_dim: int = 32
+) -> dict[str, Any]:
+    """An open_clip ``model_cfg`` for a tiny OpenAI-style CLIP (quick_gelu, CLS pooling, ln_pre)."""
+    return {
+        "embed_dim": embed_dim,
+        "quick_gelu": True,  # as OpenAI CLIP, so the HF-equivalence test covers the activation
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": layers,
+            "width": width,
+            "head_width": width // heads,
+            "patch_size": patch_size,
+        },
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": 49408,  # open_clip's tokenizer ids must fit, in case a caller embeds text
+            "width": 32,
+            "heads": 2,
+            "layers": 2,
+        },
+    }
+
+
+def build_tiny_open_clip(dpath: str | Path, seed: int = 0, **cfg_kwargs: Any) -> Path:
+    """Build a random tiny open_clip CLIP with ``seed`` and save it as a ``local-dir`` folder (idempotent)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    dpath = Path(dpath)
+    if (dpath / OPEN_CLIP_CONFIG).exists() and (dpath / OPEN_CLIP_WEIGHTS).exists():
+        return dpath
+    model_cfg = tiny_open_clip_cfg(**cfg_kwargs)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg).eval()
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    dpath.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
+    tmp_dpath.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"], "mean": CLIP_MEAN, "std": CLIP_STD,
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
+        "vlmsae": {"seed": seed, "what": "random tiny open_clip CLIP for tests"},
+    }
+    (tmp_dpath / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
+    save_file(state, str(tmp_dpath / OPEN_CLIP_WEIGHTS))
+    return _finish_dir(tmp_dpath, dpath)
+
+
+def build_tiny_hf_clip(
+    dpath: str | Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, width: int = 64, layers: int = 4,
+    heads: int = 4, embed_dim: int = 32,
+) -> Path:
+    """Build a random tiny ``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor`` and ``save_pretrained`` them."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    dpath = Path(dpath)
+    if (dpath / "config.json").exists() and any(dpath.glob("*.safetensors")):
+        return dpath
+    config = CLIPVisionConfig(
+        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+        image_size=image_size, patch_size=patch_size, projection_dim=embed_dim, hidden_act="quick_gelu",
+    )
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(config).eval()
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )
+    dpath.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp_dpath)
+    processor.save_pretrained(tmp_dpath)
+    return _finish_dir(tmp_dpath, dpath)
+
+
+def tiny_model_dpath(name: str) -> Path:
+    """The local folder of the tiny model ``name``."""
+    return models_home() / name
+
+
+def open_clip_visual_to_hf(visual: Any, projection_dim: int | None = None):
+    """Copy an open_clip (native ViT) vision tower into a transformers ``CLIPVisionModelWithProjection``.
+
+    Layout map: conv1 -> patch_embedding, class/positional embeddings, ln_pre -> pre_layrnorm [sic],
+    each block's packed ``in_proj`` qkv -> q/k/v_proj, out_proj, ln_1/ln_2 -> layer_norm1/2,
+    mlp.c_fc/c_proj -> fc1/fc2, ln_post -> post_layernorm, proj ([width, E], applied as x @ proj)
+    -> visual_projection ([E, width]). The activation (quick_gelu for OpenAI weights) is read from
+    the blocks. Used to prove the two backends tap the same residual stream (SPEC 1 index fact).
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    blocks = visual.transformer.resblocks
+    width = visual.conv1.out_channels
+    patch = visual.conv1.kernel_size[0]
+    heads = blocks[0].attn.num_heads
+    mlp_width = blocks[0].mlp.c_fc.out_features
+    act = blocks[0].mlp.gelu
+    act_name = "quick_gelu" if type(act).__name__ == "QuickGELU" else "gelu"
+    proj = visual.proj
+    config = CLIPVisionConfig(
+        hidden_size=width, intermediate_size=mlp_width, num_hidden_layers=len(blocks), num_attention_heads=heads,
+        image_size=visual.image_size[0], patch_size=patch, projection_dim=projection_dim or proj.shape[1],
+        hidden_act=act_name, layer_norm_eps=visual.ln_pre.eps,
+    )
+    hf = CLIPVisionModelWithProjection(config).eval()
+    vm = hf.vision_model
+    with torch.no_grad():
+        vm.embeddings.patch_embedding.weight.copy_(visual.conv1.weight)
+        vm.embeddings.class_embedding.copy_(visual.class_embedding)
+        vm.embeddings.position_embedding.weight.copy_(visual.positional_embedding)
+        vm.pre_layrnorm.load_state_dict(visual.ln_pre.state_dict())
+        for blk, layer in zip(blocks, vm.encoder.layers):
+            q_w, k_w, v_w = blk.attn.in_proj_weight.chunk(3, dim=0)
+            q_b, k_b, v_b = blk.attn.in_proj_bias.chunk(3, dim=0)
+            for lin, w, b in ((layer.self_attn.q_proj, q_w, q_b), (layer.self_attn.k_proj, k_w, k_b),
+                              (layer.self_attn.v_proj, v_w, v_b)):
+                lin.weight.copy_(w)
+                lin.bias.copy_(b)
+            layer.self_attn.out_proj.load_state_dict(blk.attn.out_proj.state_dict())
+            layer.layer_norm1.load_state_dict(blk.ln_1.state_dict())
+            layer.layer_norm2.load_state_dict(blk.ln_2.state_dict())
+            layer.mlp.fc1.load_state_dict(blk.mlp.c_fc.state_dict())
+            layer.mlp.fc2.load_state_dict(blk.mlp.c_proj.state_dict())
+        vm.post_layernorm.load_state_dict(visual.ln_post.state_dict())
+        hf.visual_projection.weight.copy_(proj.T)
+    return hf

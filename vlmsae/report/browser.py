@@ -1,0 +1,713 @@
+"""A static HTML feature browser: one card per SAE latent, readable from ``file://`` with no server.
+
+The browser only *reads* what the other jobs wrote (docs/ARCHITECTURE.md, "Shared on-disk
+outputs"): a monosemanticity run (``latents.csv``, ``ms_summary.json``, ``top_images/``), an
+optional hierarchy run (``latent_taxa.csv``, ``hierarchy.json``) and optional steering runs
+(``steer.json``). It copies square thumbnails of the top images next to ``index.html`` and inlines
+every number and label as JSON, so the folder can be zipped, mailed or opened from disk.
+
+Safety: labels come from folder names and CSVs we do not control. They reach the page only as
+JSON inside a ``<script type="application/json">`` block with ``<``, ``>`` and ``&`` escaped, and
+the page's script puts them into the DOM with ``textContent``, never ``innerHTML``; a label like
+``<script>alert(1)</script>`` shows up as text.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+import re
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmsae.utils.io import atomic_write_text
+
+TEMPLATE_DPATH = Path(__file__).resolve().parent / "templates"
+# Token selections whose SAE has seen patch tokens, so a per-patch heatmap means something.
+PATCH_TOKEN_SELECTIONS = ("patches", "all", "random_k")
+# Images a card shows; the index usually holds 16 per latent.
+DEFAULT_IMAGES_PER_CARD = 16
+
+
+# --------------------------------------------------------------------------------------------
+# What the browser finds on disk
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunSources:
+    """The run folders one browser is built from (only ``ms_dpath`` is required)."""
+
+    ms_dpath: Path
+    hierarchy_dpath: Path | None = None
+    steer_fpaths: list[Path] = field(default_factory=list)
+
+
+def _is_ms_run(dpath: Path) -> bool:
+    return (dpath / "latents.csv").is_file() and (dpath / "top_images").is_dir()
+
+
+def find_runs(
+    root: str | Path,
+    ms_run: str | Path | None = None,
+    hierarchy_run: str | Path | None = None,
+    steer_runs: list[str | Path] | None = None,
+) -> RunSources:
+    """Locate the monosemanticity, hierarchy and steering outputs under ``root``.
+
+    ``root`` may be one run folder or a parent of several (``outputs/demo/``). Explicit
+    ``ms_run`` / ``hierarchy_run`` / ``steer_runs`` take precedence over the scan. Several
+    candidates for the same role are an error that names them, not a silent guess.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"run={root} is not a folder. Pass the output folder of a monosemanticity run "
+                                f"(it holds latents.csv and top_images/), or a parent of several runs.")
+    skip = {"browser", ".hydra", "wandb", "checkpoints"}
+
+    def scan(pattern: str) -> list[Path]:
+        return sorted(p for p in root.rglob(pattern) if not (skip & set(p.relative_to(root).parts[:-1])))
+
+    if ms_run is not None:
+        ms_dpath = Path(ms_run)
+        if not _is_ms_run(ms_dpath):
+            raise FileNotFoundError(f"ms_run={ms_dpath} holds no latents.csv + top_images/; "
+                                    f"run `python -m vlmsae.monosemanticity` first or fix the path.")
+    else:
+        cands = [p.parent for p in scan("latents.csv") if _is_ms_run(p.parent)]
+        if not cands:
+            raise FileNotFoundError(
+                f"No monosemanticity run under run={root}: found no folder with latents.csv and top_images/. "
+                f"Run `python -m vlmsae.monosemanticity sae_path=...` and point run= at its output folder.")
+        if len(cands) > 1:
+            listing = "\n  ".join(str(c) for c in cands)
+            raise ValueError(f"Several monosemanticity runs under run={root}:\n  {listing}\n"
+                             f"Pick one with ms_run=<dir> (or point run= at one of them).")
+        ms_dpath = cands[0]
+
+    if hierarchy_run is not None:
+        hierarchy_dpath: Path | None = Path(hierarchy_run)
+        if not (hierarchy_dpath / "latent_taxa.csv").is_file():
+            raise FileNotFoundError(f"hierarchy_run={hierarchy_dpath} holds no latent_taxa.csv.")
+    else:
+        cands = [p.parent for p in scan("latent_taxa.csv")]
+        if len(cands) > 1:
+            listing = "\n  ".join(str(c) for c in cands)
+            raise ValueError(f"Several hierarchy runs under run={root}:\n  {listing}\nPick one with hierarchy_run=<dir>.")
+        hierarchy_dpath = cands[0] if cands else None
+
+    if steer_runs is not None:
+        steer_fpaths = []
+        for s in steer_runs:
+            p = Path(s)
+            p = p / "steer.json" if p.is_dir() else p
+            if not p.is_file():
+                raise FileNotFoundError(f"steer_runs entry {s} holds no steer.json.")
+            steer_fpaths.append(p)
+    else:
+        steer_fpaths = scan("steer.json")
+    return RunSources(ms_dpath=ms_dpath, hierarchy_dpath=hierarchy_dpath, steer_fpaths=steer_fpaths)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers for the documented formats
+# --------------------------------------------------------------------------------------------
+def _float(value: Any) -> float | None:
+    """CSV cell -> float, with empty / nan / unparsable -> None (JSON has no NaN)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def read_latents_csv(fpath: Path) -> list[dict[str, Any]]:
+    """``latents.csv`` rows (latent, ms, freq, max_act, group, top_keys) with typed values."""
+    with open(fpath, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"latent", "ms"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{fpath} lacks the column(s) {sorted(missing)}; it has {reader.fieldnames}. "
+                             f"Expected the monosemanticity format: latent, ms, freq, max_act, group, top_keys.")
+        rows = []
+        for r in reader:
+            latent = _int(r["latent"])
+            if latent is None:
+                continue
+            rows.append({"latent": latent, "ms": _float(r.get("ms")), "freq": _float(r.get("freq")),
+                         "max_act": _float(r.get("max_act")), "group": _int(r.get("group")),
+                         "top_keys": r.get("top_keys") or ""})
+    return rows
+
+
+def read_taxa_csv(fpath: Path) -> dict[int, dict[str, Any]]:
+    """``latent_taxa.csv`` -> {latent: {"label", "depth_mean", "depth_mode", "group", "ranks": {rank: taxon}}}."""
+    fixed = {"latent", "group", "depth_mean", "depth_mode", "label"}
+    out: dict[int, dict[str, Any]] = {}
+    with open(fpath, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "latent" not in (reader.fieldnames or []):
+            raise ValueError(f"{fpath} has no 'latent' column (columns: {reader.fieldnames}).")
+        rank_cols = [c for c in reader.fieldnames or [] if c not in fixed]
+        for r in reader:
+            latent = _int(r["latent"])
+            if latent is None:
+                continue
+            out[latent] = {
+                "label": r.get("label") or "",
+                "group": _int(r.get("group")),
+                "depth_mean": _float(r.get("depth_mean")),
+                "depth_mode": _float(r.get("depth_mode")),
+                "ranks": {c: r[c] for c in rank_cols if r.get(c)},
+            }
+    return out
+
+
+@dataclass
+class TopIndex:
+    """The top-activating images index of a monosemanticity run (``top_images/``)."""
+
+    image_idx_KT: Any  # int64 tensor [K, T], -1 = none
+    acts_KT: Any  # float32 tensor [K, T]
+    keys: list[str]
+    paths: list[str] | None
+    labels: list[Any] | None
+    row_latents: list[int]  # latent id of each row (row k = latent k unless the index says otherwise)
+    patch_acts_KTP: Any = None  # optional float tensor [K, T, P]: per-patch activations, if recorded
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def read_top_index(dpath: Path) -> TopIndex:
+    """Read ``top.safetensors`` + ``images.json`` (+ ``meta.json``) exactly as documented."""
+    from safetensors.torch import load_file
+
+    tensors_fpath, images_fpath = dpath / "top.safetensors", dpath / "images.json"
+    for p in (tensors_fpath, images_fpath):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing: the top-images index needs top.safetensors and images.json.")
+    tensors = load_file(str(tensors_fpath))
+    if "image_idx" not in tensors or "acts" not in tensors:
+        raise ValueError(f"{tensors_fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
+    images = json.loads(images_fpath.read_text(encoding="utf-8"))
+    meta_fpath = dpath / "meta.json"
+    meta = json.loads(meta_fpath.read_text(encoding="utf-8")) if meta_fpath.is_file() else {}
+    n_rows = tensors["image_idx"].shape[0]
+    if "latents" in tensors:
+        row_latents = [int(x) for x in tensors["latents"].tolist()]
+    elif isinstance(meta.get("latents"), list):
+        row_latents = [int(x) for x in meta["latents"]]
+    else:
+        row_latents = list(range(n_rows))
+    patch = next((tensors[k] for k in ("patch_acts", "patch_acts_KTP") if k in tensors), None)
+    return TopIndex(image_idx_KT=tensors["image_idx"], acts_KT=tensors["acts"], keys=list(images.get("keys") or []),
+                    paths=images.get("paths"), labels=images.get("labels"), row_latents=row_latents,
+                    patch_acts_KTP=patch, meta=meta)
+
+
+def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
+    """Each ``steer.json`` -> one example: the settings, the latents it steered, one row per image.
+
+    Follows ``vlmsae.steer``'s format: ``steered`` and ``baseline`` answer lists (one per image),
+    optional ``activation_steering`` (the plain add-the-direction baseline) and ``sweep``
+    ({alpha: answers}), and ``settings`` with ``latents`` ({latent: alpha}), ``mode``, ``prompt``,
+    ``images``. A bare ``latent`` / ``alpha`` / ``image`` in the settings is understood too.
+    """
+    examples = []
+    for fpath in fpaths:
+        try:
+            obj = json.loads(fpath.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{fpath} is not valid JSON ({e}); re-run `python -m vlmsae.steer`.") from e
+        settings = obj.get("settings") or {}
+        latents = _steered_latents(settings)
+        alpha = settings.get("alpha")
+        if alpha is None and isinstance(settings.get("latents"), dict):
+            alpha = {str(k): v for k, v in settings["latents"].items()}
+        steered, baseline = _as_list(obj.get("steered")), _as_list(obj.get("baseline"))
+        added = _as_list(obj.get("activation_steering"))
+        images = _as_list(settings.get("images", settings.get("image")))
+        rows = []
+        for i in range(max(len(steered), len(baseline))):
+            rows.append({
+                "image": str(images[i]) if i < len(images) else (str(images[0]) if len(images) == 1 else ""),
+                "baseline": _answer_text(baseline[i]) if i < len(baseline) else "",
+                "steered": _answer_text(steered[i]) if i < len(steered) else "",
+                "activation_steering": _answer_text(added[i]) if i < len(added) else None,
+            })
+        sweep = obj.get("sweep") if isinstance(obj.get("sweep"), dict) else None
+        examples.append({
+            "source": str(fpath.parent.name),
+            "sae_path": settings.get("sae_path"),
+            "latents": latents,
+            "alpha": alpha,
+            "mode": settings.get("mode"),
+            "prompt": settings.get("prompt"),
+            "rows": rows,
+            "sweep": {str(a): [_answer_text(x) for x in _as_list(v)] for a, v in sweep.items()} if sweep else None,
+        })
+    return examples
+
+
+def _as_list(x: Any) -> list[Any]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _answer_text(x: Any) -> str:
+    if isinstance(x, str):
+        return x
+    if isinstance(x, dict):
+        for k in ("answer", "text", "output", "generated"):
+            if isinstance(x.get(k), str):
+                return x[k]
+    return json.dumps(x, default=str)
+
+
+def _steered_latents(settings: dict[str, Any]) -> list[int]:
+    """Latent ids named by the steering settings (``latent: 3``, ``latents: [3, 4]`` or ``{3: 100}``)."""
+    for key in ("latents", "latent"):
+        val = settings.get(key)
+        if val is None:
+            continue
+        if isinstance(val, dict):
+            vals = list(val.keys())
+        elif isinstance(val, (list, tuple)):
+            vals = list(val)
+        else:
+            vals = [val]
+        out = [i for i in (_int(v) for v in vals) if i is not None]
+        if out:
+            return out
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# Thumbnails and heatmaps
+# --------------------------------------------------------------------------------------------
+def square_crop(img: Any) -> Any:
+    """Centre square crop, the same region CLIP-style preprocessing (resize + centre crop) sees,
+    so a patch grid drawn over the thumbnail lines up with the tokens the model saw."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
+def write_thumbnail(src_fpath: str | Path, dst_fpath: Path, size_px: int) -> bool:
+    """Save a ``size_px`` square JPEG thumbnail; False (and no file) when the image cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(src_fpath) as img:
+            thumb = square_crop(img.convert("RGB")).resize((size_px, size_px), Image.Resampling.BICUBIC)
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+    tmp = dst_fpath.with_name(f".{dst_fpath.name}.tmp")
+    thumb.save(tmp, format="JPEG", quality=88)
+    tmp.replace(dst_fpath)
+    return True
+
+
+def quantize_grid(values_P: list[float], scale: float) -> list[int]:
+    """Per-patch activations -> ints 0..255 relative to ``scale`` (the latent's largest patch value),
+    so the same colour means the same activation across one latent's images."""
+    if scale <= 0:
+        return [0] * len(values_P)
+    return [max(0, min(255, round(255 * v / scale))) for v in values_P]
+
+
+def _grid_side(n_patches: int) -> int | None:
+    side = math.isqrt(n_patches)
+    return side if side * side == n_patches and side > 0 else None
+
+
+def recorded_heatmaps(index: TopIndex, row: int, n_show: int) -> list[list[float] | None] | None:
+    """Per-patch activations of one latent's top images if the MS run stored them (``patch_acts``)."""
+    if index.patch_acts_KTP is None:
+        return None
+    P = index.patch_acts_KTP.shape[-1]
+    if _grid_side(P) is None:
+        return None
+    return index.patch_acts_KTP[row, :n_show].float().tolist()
+
+
+def recompute_heatmaps(
+    ms_config: dict[str, Any],
+    requests: dict[int, list[tuple[int, int, int]]],
+    image_paths: list[str],
+) -> tuple[dict[tuple[int, int], list[float]], str]:
+    """Per-patch activations of the requested latents, recomputed with the model and the SAE.
+
+    ``requests`` maps an image index to (card, slot, latent) triples. Each image is encoded once
+    (all its patch tokens through the SAE, thresholded inference) and the columns of the latents
+    that list it are kept. Returns ({(card, slot): values_P}, reason); the reason is non-empty when
+    nothing could be recomputed (no SAE path, CLS-only SAE, model unavailable).
+    """
+    sae_path = ms_config.get("sae_path")
+    if not sae_path or not Path(sae_path).is_dir():
+        return {}, f"no SAE checkpoint at sae_path={sae_path!r} of the MS run"
+    sae_cfg_fpath = Path(sae_path) / "config.json"
+    source = json.loads(sae_cfg_fpath.read_text()).get("source", {}) if sae_cfg_fpath.is_file() else {}
+    tokens = str(source.get("tokens") or ms_config.get("tokens") or "")
+    if tokens not in PATCH_TOKEN_SELECTIONS:
+        return {}, f"the SAE was trained on tokens={tokens or 'unknown'!r}, not patch tokens"
+    model_cfg = ms_config.get("model")
+    layer = source.get("layer", ms_config.get("layer"))
+    if not isinstance(model_cfg, dict) or layer is None:
+        return {}, "the MS run's config names no model or layer"
+    try:
+        import torch
+
+        from vlmsae.models import load_tap
+        from vlmsae.sae import load_sae
+
+        tap = load_tap(model_cfg)
+        sae = load_sae(sae_path, device="cpu").eval()
+    except Exception as e:  # noqa: BLE001 - any failure to load means: no heatmaps, say why
+        return {}, f"could not load the model or SAE ({type(e).__name__}: {e})"
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    out: dict[tuple[int, int], list[float]] = {}
+    layer_arg = layer if layer == "last" else int(layer)
+    if layer_arg == "last":
+        return {}, "layer=last is a pooled embedding: no patch tokens"
+    with torch.no_grad():
+        for image_idx, wanted in tqdm(sorted(requests.items()), desc="heatmaps", unit="img", leave=False):
+            path = image_paths[image_idx] if image_idx < len(image_paths) else None
+            if not path:
+                continue
+            try:
+                with Image.open(path) as img:
+                    x_CHW = tap.preprocess(img.convert("RGB"))
+            except OSError:
+                continue
+            acts_TD = tap.forward_to(x_CHW[None], layer=layer_arg)[0].cpu()
+            patches_PD = acts_TD[1:] if tap.has_cls else acts_TD
+            codes_PF = sae.encode(patches_PD.float())
+            for card, slot, latent in wanted:
+                out[(card, slot)] = codes_PF[:, latent].tolist()
+    return out, "" if out else "no image could be re-read for heatmaps"
+
+
+# --------------------------------------------------------------------------------------------
+# Cards
+# --------------------------------------------------------------------------------------------
+def build_browser(
+    sources: RunSources,
+    out_dpath: str | Path,
+    max_cards: int = 500,
+    images_per_card: int = DEFAULT_IMAGES_PER_CARD,
+    thumb_px: int = 96,
+    heatmaps: str = "auto",
+    title: str | None = None,
+) -> dict[str, Any]:
+    """Write ``out_dpath/index.html`` (+ ``img/`` thumbnails, plots) and return the page's data.
+
+    Cards: the ``max_cards`` latents with the highest MS (dead latents last), plus every latent a
+    steering run used. ``heatmaps``: ``auto`` (recorded, else recomputed when the SAE saw patch
+    tokens), ``recorded`` (only what the MS run stored) or ``off``.
+    """
+    if heatmaps not in ("auto", "recorded", "off"):
+        raise ValueError(f"heatmaps={heatmaps!r}: use auto, recorded or off.")
+    if max_cards < 1:
+        raise ValueError(f"max_cards={max_cards} must be >= 1.")
+    out_dpath = Path(out_dpath)
+    img_dpath = out_dpath / "img"
+    img_dpath.mkdir(parents=True, exist_ok=True)
+
+    ms_dpath = sources.ms_dpath
+    rows = read_latents_csv(ms_dpath / "latents.csv")
+    index = read_top_index(ms_dpath / "top_images")
+    summary = _read_json(ms_dpath / "ms_summary.json")
+    ms_config = (_read_json(ms_dpath / "run_info.json") or {}).get("config", {}) or {}
+    taxa = read_taxa_csv(sources.hierarchy_dpath / "latent_taxa.csv") if sources.hierarchy_dpath else {}
+    hierarchy = _read_json(sources.hierarchy_dpath / "hierarchy.json") if sources.hierarchy_dpath else None
+    steering = read_steering(sources.steer_fpaths)
+
+    # Choose the cards: highest MS first (None = dead, last), then the steered latents.
+    by_latent = {r["latent"]: r for r in rows}
+    ranked = sorted(rows, key=lambda r: (r["ms"] is None, -(r["ms"] or 0.0), r["latent"]))
+    chosen = [r["latent"] for r in ranked[:max_cards]]
+    steer_by_latent: dict[int, list[int]] = defaultdict(list)
+    for i, ex in enumerate(steering):
+        # Latent ids only mean something within one SAE: attach a steering run to the cards only
+        # when it steered with the SAE this MS run scored (or either side does not say).
+        ex["same_sae"] = _same_path(ex.get("sae_path"), ms_config.get("sae_path"))
+        if not ex["same_sae"]:
+            continue
+        for latent in ex["latents"]:
+            steer_by_latent[latent].append(i)
+            if latent not in chosen and latent in by_latent:
+                chosen.append(latent)
+    row_of_latent = {latent: row for row, latent in enumerate(index.row_latents)}
+
+    # Thumbnails, one per image (shared by the cards that show it).
+    paths = index.paths or []
+    thumb_of_image: dict[int, str | None] = {}
+
+    def thumb(image_idx: int) -> str | None:
+        if image_idx not in thumb_of_image:
+            rel = None
+            src = paths[image_idx] if image_idx < len(paths) else None
+            if src and write_thumbnail(src, img_dpath / f"{image_idx:07d}.jpg", thumb_px):
+                rel = f"img/{image_idx:07d}.jpg"
+            thumb_of_image[image_idx] = rel
+        return thumb_of_image[image_idx]
+
+    cards: list[dict[str, Any]] = []
+    from tqdm import tqdm
+
+    for latent in tqdm(chosen, desc="cards", unit="latent", leave=False):
+        r = by_latent[latent]
+        tx = taxa.get(latent, {})
+        top = []
+        row = row_of_latent.get(latent)
+        if row is not None:
+            idx_T = index.image_idx_KT[row].tolist()
+            act_T = index.acts_KT[row].tolist()
+            for slot, (image_idx, act) in enumerate(zip(idx_T[:images_per_card], act_T[:images_per_card])):
+                if image_idx < 0:
+                    continue  # -1 pads latents with fewer than T firing images
+                top.append({
+                    "slot": slot,
+                    "image": int(image_idx),
+                    "key": index.keys[image_idx] if image_idx < len(index.keys) else str(image_idx),
+                    "label": _caption(index.keys[image_idx] if image_idx < len(index.keys) else "",
+                                      index.labels[image_idx] if index.labels and image_idx < len(index.labels) else None),
+                    "act": _float(act),
+                    "src": thumb(int(image_idx)),
+                    "heat": None,
+                })
+            if heatmaps != "off":
+                recorded = recorded_heatmaps(index, row, images_per_card)
+                if recorded is not None:
+                    for t in top:
+                        t["heat"] = recorded[t["slot"]] if t["slot"] < len(recorded) else None
+        group = r["group"] if r["group"] is not None else tx.get("group")
+        cards.append({
+            "latent": latent,
+            "ms": r["ms"],
+            "freq": r["freq"],
+            "max_act": r["max_act"],
+            "group": group,
+            "label": tx.get("label", ""),
+            "ranks": tx.get("ranks", {}),
+            "depth_mean": tx.get("depth_mean"),
+            "top_keys": r["top_keys"] if row is None else "",
+            "top": top,
+            "steering": steer_by_latent.get(latent, []),
+        })
+
+    heatmap_note = _fill_heatmaps(cards, index, ms_config, heatmaps)
+    plots = _copy_plots(ms_dpath, sources.hierarchy_dpath, out_dpath)
+    data = {
+        "title": title or f"vlmsae feature browser: {ms_dpath.name}",
+        "n_latents": len(rows),
+        "n_cards": len(cards),
+        "max_cards": max_cards,
+        "heatmap_note": heatmap_note,
+        "sources": {"ms": str(ms_dpath), "hierarchy": str(sources.hierarchy_dpath or ""),
+                    "steer": [str(p) for p in sources.steer_fpaths]},
+        "summary": summary,
+        "hierarchy": hierarchy,
+        "model": _model_line(ms_config, index.meta),
+        "plots": plots,
+        "steering": steering,
+        "cards": cards,
+    }
+    atomic_write_text(out_dpath / "index.html", render_html(data))
+    return data
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """True unless both paths are given and point to different places."""
+    if not a or not b:
+        return True
+    try:
+        return Path(str(a)).resolve() == Path(str(b)).resolve()
+    except OSError:
+        return str(a) == str(b)
+
+
+def _caption(key: str, label: Any) -> str:
+    """What to print under a thumbnail: a text label, else the class folder of an ImageFolder key
+    (``circle_blue/00003.png`` -> ``circle_blue``), else the numeric label (-1 = none)."""
+    if isinstance(label, str) and label:
+        return label
+    if "/" in key:
+        return key.rsplit("/", 1)[0]
+    return "" if label is None or (isinstance(label, int) and label < 0) else str(label)
+
+
+def _fill_heatmaps(cards: list[dict[str, Any]], index: TopIndex, ms_config: dict[str, Any], mode: str) -> str:
+    """Quantize recorded heatmaps, or recompute them; returns a note for the page header."""
+    if mode == "off":
+        return "heatmaps off"
+    if index.patch_acts_KTP is None:
+        if mode == "recorded":
+            return "no per-patch activations recorded by the MS run"
+        requests: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+        for c, card in enumerate(cards):
+            for s, t in enumerate(card["top"]):
+                requests[t["image"]].append((c, s, card["latent"]))
+        values, reason = recompute_heatmaps(ms_config, requests, index.paths or [])
+        if not values:
+            return f"no patch heatmaps: {reason}"
+        for (c, s), vals in values.items():
+            cards[c]["top"][s]["heat"] = vals
+        note = "patch heatmaps recomputed with the model and SAE"
+    else:
+        note = "patch heatmaps recorded by the MS run"
+    for card in cards:
+        grids = [t["heat"] for t in card["top"] if t["heat"]]
+        scale = max((max(g) for g in grids), default=0.0)
+        for t in card["top"]:
+            if t["heat"] and _grid_side(len(t["heat"])):
+                t["heat"] = quantize_grid(t["heat"], scale)
+            else:
+                t["heat"] = None
+    return note
+
+
+def _read_json(fpath: Path) -> Any:
+    if not fpath.is_file():
+        return None
+    try:
+        return json.loads(fpath.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def _copy_plots(ms_dpath: Path, hierarchy_dpath: Path | None, out_dpath: Path) -> list[dict[str, str]]:
+    """Copy the jobs' PNG plots next to the page (so the folder stays self-contained)."""
+    plots = []
+    named = [(ms_dpath, "ms_hist.png", "MS of SAE latents vs raw neurons"),
+             (ms_dpath, "ms_vs_freq.png", "MS against firing frequency")]
+    if hierarchy_dpath:
+        named.append((hierarchy_dpath, "hierarchy.png", "LCA depth per Matryoshka group"))
+    (out_dpath / "plots").mkdir(exist_ok=True)
+    for dpath, name, caption in named:
+        if (dpath / name).is_file():
+            shutil.copyfile(dpath / name, out_dpath / "plots" / name)
+            plots.append({"src": f"plots/{name}", "caption": caption})
+    return plots
+
+
+def _model_line(ms_config: dict[str, Any], top_meta: dict[str, Any]) -> str:
+    """``model · layer L · tokens · SAE path`` from the MS run's config, its index meta and the SAE."""
+    model = ms_config.get("model") if isinstance(ms_config.get("model"), dict) else {}
+    sae_path = ms_config.get("sae_path") or top_meta.get("sae_path")
+    source = (_read_json(Path(sae_path) / "config.json") or {}).get("source", {}) if sae_path else {}
+    name = model.get("name") or top_meta.get("model") or source.get("model")
+    layer = next((x for x in (ms_config.get("layer"), top_meta.get("layer"), source.get("layer")) if x is not None), None)
+    parts = [str(name) if name else "", f"layer {layer}" if layer is not None else "",
+             f"tokens {source['tokens']}" if source.get("tokens") else "", f"SAE {sae_path}" if sae_path else ""]
+    return " · ".join(p for p in parts if p)
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+def json_for_script(obj: Any) -> str:
+    """JSON that is safe inside ``<script type="application/json">``: no ``<``, ``>``, ``&`` or
+    line separators survive literally, so no string can close the script element."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    for ch, esc in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
+def render_html(data: dict[str, Any]) -> str:
+    """Fill the template with inline CSS, JS and the JSON data (no external requests at all)."""
+    page = (TEMPLATE_DPATH / "browser.html").read_text(encoding="utf-8")
+    css = (TEMPLATE_DPATH / "browser.css").read_text(encoding="utf-8")
+    js = (TEMPLATE_DPATH / "browser.js").read_text(encoding="utf-8")
+    # One pass, so text filled into one placeholder is never scanned for another.
+    fills = {"TITLE": html.escape(str(data["title"])), "CSS": css, "JS": js, "DATA": json_for_script(data)}
+    return re.sub(r"\{\{(TITLE|CSS|JS|DATA)\}\}", lambda m: fills[m.group(1)], page)
+
+
+# --------------------------------------------------------------------------------------------
+# W&B
+# --------------------------------------------------------------------------------------------
+def card_overlay_image(thumb_fpath: Path, heat: list[int] | None) -> Any:
+    """A PIL thumbnail with its patch heatmap blended in (for W&B, which cannot run our JS)."""
+    from PIL import Image
+
+    img = Image.open(thumb_fpath).convert("RGB")
+    side = _grid_side(len(heat)) if heat else None
+    if not side:
+        return img
+    grid = Image.frombytes("L", (side, side), bytes(heat)).resize(img.size, Image.Resampling.BILINEAR)
+    red = Image.new("RGB", img.size, (255, 40, 0))
+    return Image.composite(red, img, grid.point(lambda v: int(v * 0.6)))
+
+
+def wandb_table(data: dict[str, Any], out_dpath: str | Path, images_per_row: int = 8) -> Any:
+    """The browser's cards as a ``wandb.Table``: one row per latent, ``images_per_row`` image columns."""
+    import wandb
+
+    out_dpath = Path(out_dpath)
+    columns = ["latent", "ms", "freq", "group", "label", "depth_mean", "steering"] + \
+              [f"top_{i}" for i in range(images_per_row)]
+    table = wandb.Table(columns=columns)
+    for card in data["cards"]:
+        steer_text = " | ".join(
+            f"{r['baseline']} -> {r['steered']}" for i in card["steering"] for r in data["steering"][i]["rows"][:2])
+        images = []
+        for t in card["top"][:images_per_row]:
+            if t["src"]:
+                caption = f"{t['key']} ({t['label']}) act={t['act']:.3g}" if t["act"] is not None else t["key"]
+                images.append(wandb.Image(card_overlay_image(out_dpath / t["src"], t["heat"]), caption=caption))
+            else:
+                images.append(None)
+        images += [None] * (images_per_row - len(images))
+        table.add_data(card["latent"], card["ms"], card["freq"], card["group"], card["label"],
+                       card["depth_mean"], steer_text, *images)
+    return table
+
+
+def log_to_wandb(data: dict[str, Any], out_dpath: str | Path, logger_cfg: dict[str, Any], config: dict[str, Any]) -> str:
+    """Log the cards table to W&B (``logger.mode``: online | offline | disabled); returns the run dir."""
+    import wandb
+
+    run = wandb.init(project=logger_cfg.get("project") or "vlmsae", entity=logger_cfg.get("entity"),
+                     mode=logger_cfg.get("mode") or "online", tags=list(logger_cfg.get("tags") or []),
+                     group=logger_cfg.get("group"), job_type="browse", dir=str(out_dpath), config=config)
+    try:
+        run.log({"feature_browser": wandb_table(data, out_dpath)})
+        return str(getattr(run, "dir", "") or "")
+    finally:
+        run.finish()
+
+
+def cards_summary(data: dict[str, Any]) -> dict[str, Any]:
+    """A few numbers about a built page (for logs and ``run()``'s return value)."""
+    cards = data["cards"]
+    return {
+        "n_cards": len(cards),
+        "n_latents": data["n_latents"],
+        "n_images": sum(len(c["top"]) for c in cards),
+        "n_heatmaps": sum(1 for c in cards for t in c["top"] if t["heat"]),
+        "n_labelled": sum(1 for c in cards if c["label"]),
+        "n_steering": len(data["steering"]),
+        "heatmap_note": data["heatmap_note"],
+    }
+
+
+__all__ = ["RunSources", "TopIndex", "build_browser", "cards_summary", "find_runs", "json_for_script",
+           "log_to_wandb", "read_latents_csv", "read_steering", "read_taxa_csv", "read_top_index",
+           "render_html", "wandb_table"]

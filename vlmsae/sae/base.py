@@ -1,0 +1,343 @@
+"""The SAE base class: parameters, input checks, input scaling, encode/decode, and the shared loss.
+
+z = (x - b_dec) @ W_enc.T + b_enc,   f = activation(z),   x_hat = f @ W_dec + b_dec      (SPEC 2)
+
+Each architecture (relu.py, topk.py, batchtopk.py, matryoshka.py) only says how pre-activations
+become codes, at inference (:meth:`SAE._activate`) and in training (:meth:`SAE._train_codes`);
+everything else lives here.
+
+Input scaling. The SAE holds a scalar ``input_scale`` s (a buffer, 1 until set by
+:func:`vlmsae.sae.mechanics.set_input_scale_`). Parameters and the loss live in the *scaled*
+space x_s = s * x, where E||x_s||^2 = d_in, so learning rates and l1_coeff transfer across layers.
+The public API always takes and returns *raw* units: ``encode(x)`` returns f_s / s,
+``decode(f)`` returns x_hat_s / s. Because ReLU, top-k and thresholds commute with a positive
+scale, this is the same as an SAE with b_enc/s, b_dec/s, threshold/s and unchanged W_enc, W_dec:
+:meth:`SAE.fold_input_scale_` rewrites it so (s = 1), which is what checkpoints store. Codes are
+therefore coefficients of the unit-norm decoder rows in raw activation units.
+
+Loss terms (``loss()``) are in the scaled space, so ``recon / d_in`` is about 1 - FVE.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.mechanics import auxk_loss, update_dead_latents_
+
+
+@dataclass
+class TrainCodes:
+    """Training-time codes of one batch, dense ([B, F] with grad) or sparse (rows, cols, vals).
+
+    ``z_BF`` are the pre-activations: with grad on the dense path, detached on the sparse one
+    (there only the selected entries carry grad, through ``vals_N``).
+    """
+
+    z_BF: torch.Tensor
+    codes_BF: torch.Tensor | None = None
+    rows_N: torch.Tensor | None = None
+    cols_N: torch.Tensor | None = None
+    vals_N: torch.Tensor | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.codes_BF is None
+
+    def decode_range(self, W_dec_FD: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Contribution of latents [start, end) to x_hat (no bias) -> [B, D]."""
+        end = W_dec_FD.shape[0] if end is None else end
+        full = start == 0 and end == W_dec_FD.shape[0]
+        if not self.is_sparse:
+            codes_BF = self.codes_BF if full else self.codes_BF[:, start:end]
+            return codes_BF.to(W_dec_FD.dtype) @ (W_dec_FD if full else W_dec_FD[start:end])
+        from vlmsae.sae.sparse import sparse_decode
+
+        vals_N = self.vals_N
+        if not full:  # a mask, not boolean indexing: no host sync, and the entry count stays fixed
+            vals_N = vals_N * ((self.cols_N >= start) & (self.cols_N < end)).to(vals_N.dtype)
+        return sparse_decode(self.rows_N, self.cols_N, vals_N, W_dec_FD, self.z_BF.shape[0])
+
+    def decode_groups(self, W_dec_FD: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+        """Each consecutive latent group's contribution to x_hat (no bias) -> [B, G, D].
+
+        Sparse path: one ``sparse_decode`` into B*G bags (bag = row * G + group of the latent), so
+        the G groups cost one sort and one decode instead of G.
+        """
+        if not self.is_sparse:
+            starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
+            return torch.stack(
+                [self.decode_range(W_dec_FD, start, start + size) for start, size in zip(starts, group_sizes)], dim=1
+            )
+        from vlmsae.sae.sparse import sparse_decode
+
+        n_groups, batch_size = len(group_sizes), self.z_BF.shape[0]
+        bounds_G = torch.tensor(group_sizes, device=self.cols_N.device).cumsum(0)
+        group_N = torch.bucketize(self.cols_N, bounds_G, right=True)
+        bags_N = self.rows_N * n_groups + group_N
+        x_hat_BGD = sparse_decode(bags_N, self.cols_N, self.vals_N, W_dec_FD, batch_size * n_groups)
+        return x_hat_BGD.view(batch_size, n_groups, -1)
+
+    def stats(self, n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(l0 = mean active per sample, l1 = mean sum of codes per sample, fired_F bool), detached."""
+        batch_size = self.z_BF.shape[0]
+        with torch.no_grad():
+            if not self.is_sparse:
+                active_BF = self.codes_BF > 0
+                return active_BF.sum() / batch_size, self.codes_BF.sum() / batch_size, active_BF.any(dim=0)
+            active_N = self.vals_N > 0
+            fired_F = torch.zeros(n_latents, device=self.vals_N.device).index_add_(0, self.cols_N, active_N.float()) > 0
+            return active_N.sum() / batch_size, self.vals_N.sum() / batch_size, fired_F
+
+
+class SAE(nn.Module):
+    """Base sparse autoencoder; see the module docstring for the parameterisation and units.
+
+    Parameters: ``W_enc`` [F, D], ``b_enc`` [F], ``W_dec`` [F, D] (unit-norm rows = latent
+    directions), ``b_dec`` [D]. Buffers: ``input_scale`` (scalar), ``threshold`` (scalar, scaled
+    space; < 0 = not estimated; only BatchTopK/Matryoshka use it), ``samples_since_fired`` [F]
+    (dead-latent tracking), ``n_steps`` (training ``loss()`` calls so far).
+
+    State changes (dead-latent counts, the threshold EMA, the step counter) happen only in
+    ``loss()`` while the module is in training mode; ``eval()`` mode ``loss()`` is side-effect free
+    and uses the inference encoder.
+    """
+
+    arch: str = "base"
+    uses_auxk: bool = True
+    check_finite: bool = True
+    """Refuse NaN/inf inputs in encode/loss (one reduction and host sync per call; set False to skip)."""
+
+    def __init__(self, cfg: SAEConfig, seed: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(cfg, SAEConfig):
+            raise TypeError(f"SAE needs an SAEConfig; got {type(cfg).__name__}.")
+        self.cfg = cfg
+        n_latents, d_in = cfg.n_latents, cfg.d_in
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        W_FD = torch.randn(n_latents, d_in, generator=generator)
+        W_FD /= W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec = nn.Parameter(W_FD.clone())
+        self.W_enc = nn.Parameter(W_FD.clone())  # W_enc = W_dec^T in SPEC's column convention
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("threshold", torch.tensor(-1.0))
+        self.register_buffer("samples_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        self.register_buffer("n_steps", torch.tensor(0, dtype=torch.long))
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def n_latents(self) -> int:
+        return self.cfg.n_latents
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Latents per Matryoshka group ([n_latents] for other architectures)."""
+        return self.cfg.group_sizes
+
+    @property
+    def group_of_latent(self) -> torch.Tensor:
+        """LongTensor [F]: the Matryoshka group of each latent (all 0 for other architectures)."""
+        sizes = torch.tensor(self.group_sizes, device=self.W_dec.device)
+        return torch.arange(len(self.group_sizes), device=self.W_dec.device).repeat_interleave(sizes)
+
+    @property
+    def dead_latents(self) -> torch.Tensor:
+        """Bool [F]: latents that have not fired for ``cfg.dead_after_samples`` training samples."""
+        return self.samples_since_fired >= self.cfg.dead_after_samples
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, d_in={self.d_in}, n_latents={self.n_latents}, k={self.cfg.k}"
+
+    # ------------------------------------------------------------------ input checks
+    def check_input(self, x: torch.Tensor, where: str, require_2d: bool = False) -> torch.Tensor:
+        """Validate activations and cast them to the SAE's dtype; errors name the problem and the fix."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: expected a torch.Tensor of activations, got {type(x).__name__}.")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{where}: expected floating-point activations, got dtype {x.dtype}; convert with x.float()."
+            )
+        if x.dim() == 0 or x.shape[-1] != self.d_in or (require_2d and x.dim() != 2):
+            want = "[B, d_in]" if require_2d else "[..., d_in]"
+            raise ValueError(
+                f"{where}: expected activations of shape {want} with d_in={self.d_in}; got shape {tuple(x.shape)}."
+            )
+        if x.device != self.W_enc.device:
+            raise ValueError(
+                f"{where}: activations are on {x.device} but the SAE is on {self.W_enc.device}; move one with .to()."
+            )
+        if x.dtype != self.W_enc.dtype:
+            x = x.to(self.W_enc.dtype)
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+            bad_row = int(torch.nonzero(~torch.isfinite(x.reshape(-1, self.d_in)).all(dim=1))[0])
+            raise ValueError(
+                f"{where}: the batch contains {n_nan} NaN and {n_inf} inf values (first bad row {bad_row}); "
+                "SAE inputs must be finite: check the activation extraction (fp16 overflow?)."
+            )
+        return x
+
+    # ------------------------------------------------------------------ raw-unit public API
+    def _raw_biases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(b_enc, b_dec, threshold) in raw units: the scaled ones divided by input_scale."""
+        s = self.input_scale
+        return self.b_enc / s, self.b_dec / s, self.threshold / s
+
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations z [..., F] in raw units (z_scaled / input_scale)."""
+        x = self.check_input(x, "encode_pre")
+        return self._encode_pre(x.reshape(-1, self.d_in)).reshape(*x.shape[:-1], self.n_latents)
+
+    def _encode_pre(self, x_BD: torch.Tensor) -> torch.Tensor:
+        b_enc, b_dec, _ = self._raw_biases()
+        return torch.addmm(b_enc, x_BD - b_dec, self.W_enc.T)
+
+    def encode(self, x: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+        """Inference codes [..., F] (dense), or a coalesced sparse COO [B, F] when ``sparse=True`` (x must be 2-D)."""
+        x = self.check_input(x, "encode", require_2d=sparse)
+        z_BF = self._encode_pre(x.reshape(-1, self.d_in))
+        codes_BF = self._activate(z_BF, self._raw_biases()[2])
+        if sparse:
+            return codes_BF.to_sparse_coo().coalesce()
+        return codes_BF.reshape(*x.shape[:-1], self.n_latents)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """x_hat [..., D] in raw units from dense codes [..., F] or sparse COO codes [B, F]."""
+        if not isinstance(codes, torch.Tensor):
+            raise TypeError(f"decode: expected a torch.Tensor of codes, got {type(codes).__name__}.")
+        if codes.dim() == 0 or codes.shape[-1] != self.n_latents:
+            raise ValueError(
+                f"decode: expected codes of shape [..., n_latents] with n_latents={self.n_latents}; "
+                f"got shape {tuple(codes.shape)}."
+            )
+        if not (codes.is_floating_point() or (codes.is_sparse and codes.dtype.is_floating_point)):
+            raise TypeError(f"decode: expected floating-point codes, got dtype {codes.dtype}; convert with .float().")
+        b_dec = self._raw_biases()[1]
+        if codes.is_sparse:
+            if codes.dim() != 2:
+                raise ValueError(f"decode: sparse codes must be 2-D [B, F]; got shape {tuple(codes.shape)}.")
+            return torch.sparse.mm(codes.to(self.W_dec.dtype), self.W_dec) + b_dec
+        flat_BF = codes.reshape(-1, self.n_latents).to(self.W_dec.dtype)
+        return torch.addmm(b_dec, flat_BF, self.W_dec).reshape(*codes.shape[:-1], self.d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction x_hat [..., D] in raw units (inference encoder)."""
+        return self.decode(self.encode(x))
+
+    # ------------------------------------------------------------------ architecture hooks
+    def _activate(self, z_BF: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        """Inference codes from pre-activations (any consistent units; ``threshold`` in the same units)."""
+        raise NotImplementedError
+
+    def _train_codes(self, x_cent_BD: torch.Tensor) -> TrainCodes:
+        """Training codes from centred scaled inputs x_s - b_dec (grad flows to all parameters)."""
+        z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
+        return TrainCodes(z_BF=z_BF, codes_BF=self._activate(z_BF, self.threshold))
+
+    def _recon_objective(self, x_s_BD: torch.Tensor, codes: TrainCodes) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(objective, x_hat_s, extra logs). Plain SAEs: objective = recon error of the full decode."""
+        x_hat_BD = codes.decode_range(self.W_dec) + self.b_dec
+        return recon_error(x_s_BD, x_hat_BD), x_hat_BD, {}
+
+    def _sparsity_penalty(self, codes: TrainCodes) -> torch.Tensor | None:
+        return None
+
+    def _after_train_step(self, codes: TrainCodes) -> None:
+        """State updates after a training batch (BatchTopK: the threshold EMA)."""
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch ``x`` [B, D] (raw units); only "loss" carries gradient.
+
+        Keys: loss (total), recon (sum sq err over dims, mean over batch, scaled space), aux
+        (AuxK, unweighted), l1 (mean sum of codes; for relu the penalty term sum_j f_j||W_dec_j||),
+        l0 (mean active per sample), x_hat (raw units), fired_F (bool [F]); Matryoshka adds
+        recon_prefix [G].
+        """
+        x_BD = self.check_input(x, "loss", require_2d=True)
+        x_s_BD = x_BD * self.input_scale
+        x_cent_BD = x_s_BD - self.b_dec
+        if self.training:
+            codes = self._train_codes(x_cent_BD)
+        else:
+            z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
+            codes = TrainCodes(z_BF=z_BF, codes_BF=self._activate(z_BF, self.threshold))
+        objective, x_hat_s_BD, extra = self._recon_objective(x_s_BD, codes)
+        l0, l1, fired_F = codes.stats(self.n_latents)
+        total = objective
+        penalty = self._sparsity_penalty(codes)
+        if penalty is not None:
+            total = total + self.cfg.l1_coeff * penalty
+            l1 = penalty.detach()
+        aux = torch.zeros((), device=x_BD.device)
+        if self.training:
+            if self.uses_auxk and self.cfg.aux_k_coeff > 0:
+                aux = self._auxk(x_s_BD, x_hat_s_BD, x_cent_BD, codes)
+                total = total + self.cfg.aux_k_coeff * aux
+            update_dead_latents_(self.samples_since_fired, fired_F, x_BD.shape[0])
+            self.n_steps += 1
+            self._after_train_step(codes)
+        with torch.no_grad():
+            recon = recon_error(x_s_BD, x_hat_s_BD)
+        return {
+            "loss": total,
+            "recon": recon,
+            "aux": aux.detach(),
+            "l1": l1,
+            "l0": l0,
+            "x_hat": (x_hat_s_BD.detach() / self.input_scale),
+            "fired_F": fired_F,
+            **extra,
+        }
+
+    def _auxk(self, x_s_BD, x_hat_s_BD, x_cent_BD, codes: TrainCodes) -> torch.Tensor:
+        dead_F = self.dead_latents
+        n_dead = int(dead_F.sum())  # one host sync: AuxK's k depends on it (SPEC: min(d/2, #dead))
+        if n_dead == 0:
+            return torch.zeros((), device=x_s_BD.device)
+        k_aux = min(self.cfg.aux_k or max(1, self.d_in // 2), n_dead)
+        preacts_of = None
+        if codes.is_sparse:
+            from vlmsae.sae.sparse import gather_preacts
+
+            def preacts_of(rows_N, cols_N):
+                return gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, preacts_BF=codes.z_BF)
+
+        return auxk_loss(x_s_BD - x_hat_s_BD, codes.z_BF, dead_F, k_aux, self.W_dec, preacts_of=preacts_of)
+
+    # ------------------------------------------------------------------ scale folding
+    @torch.no_grad()
+    def fold_input_scale_(self) -> None:
+        """Bake input_scale into the biases and threshold (s -> 1); every raw-unit output is unchanged."""
+        s = self.input_scale.clone()
+        self.b_enc.div_(s)
+        self.b_dec.div_(s)
+        if float(self.threshold) >= 0:
+            self.threshold.div_(s)
+        self.input_scale.fill_(1.0)
+
+    def _warn_no_threshold(self) -> None:
+        if not getattr(self, "_warned_threshold", False):
+            warnings.warn(
+                f"{self.arch} SAE: the inference threshold is not estimated yet (it starts after "
+                f"threshold_start_step={self.cfg.threshold_start_step} training steps); encoding with per-sample "
+                "top-k instead.",
+                stacklevel=4,
+            )
+            self._warned_threshold = True
+
+
+def recon_error(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
+    """Squared error summed over dims, mean over the batch (SPEC 2), computed in float32 or wider."""
+    diff_BD = x_hat_BD.float() - x_BD.float()
+    return diff_BD.pow(2).sum(dim=-1).mean()

@@ -1,0 +1,43 @@
+"""BatchTopK SAE (Bussmann et al., the paper's SAE, SPEC 2).
+
+Training keeps the k*B largest entries of the flattened B x F batch, so samples share a budget
+of k active latents on average. Inference cannot depend on the batch, so it uses one threshold:
+f = ReLU(z) * 1[ReLU(z) > theta], theta = EMA (beta = cfg.threshold_beta) of the smallest
+positive kept activation per training batch, updated from step ``cfg.threshold_start_step`` on.
+The first update sets theta directly (no bias towards the initial value).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmsae.sae.base import TrainCodes
+from vlmsae.sae.sparse import batch_topk_select
+from vlmsae.sae.topk import TopKSAE
+
+
+class BatchTopKSAE(TopKSAE):
+    """Batch top-k in training, the EMA threshold at inference (per-sample top-k until it exists)."""
+
+    arch = "batchtopk"
+
+    def _select(self, z_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_topk_select(z_BF, self.cfg.k * z_BF.shape[0])
+
+    def _activate(self, z_BF: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        if float(threshold) < 0:
+            self._warn_no_threshold()
+            return super()._activate(z_BF, threshold)
+        f_BF = torch.relu(z_BF)
+        return f_BF * (f_BF > threshold)
+
+    @torch.no_grad()
+    def _after_train_step(self, codes: TrainCodes) -> None:
+        # Tensor ops only (no host sync): the update is a no-op before the start step or when
+        # nothing positive was kept.
+        vals_N = codes.vals_N.detach().float()
+        min_kept = torch.where(vals_N > 0, vals_N, torch.full_like(vals_N, float("inf"))).min()
+        beta = self.cfg.threshold_beta
+        ema = torch.where(self.threshold < 0, min_kept, beta * self.threshold + (1 - beta) * min_kept)
+        do_update = (self.n_steps >= self.cfg.threshold_start_step) & torch.isfinite(min_kept)
+        self.threshold.copy_(torch.where(do_update, ema, self.threshold))

@@ -1,0 +1,154 @@
+"""Training mechanics shared by every SAE architecture (SPEC section 2), one named function each.
+
+A training step with these (what :func:`vlmsae.sae.fit.train_steps` and the Lightning module do)::
+
+    set_input_scale_(sae, estimate_input_scale(first_batches, sae.cfg.d_in))   # once, before step 0
+    init_b_dec_geometric_median_(sae, first_batch_BD)                          # once, after the scale
+    out = sae.loss(x_BD); out["loss"].backward()
+    constrain_decoder_grad_(sae)      # drop the part of each W_dec row's gradient along the row
+    clip_grad_norm_(...); optimizer.step()
+    normalize_decoder_(sae)           # rows back to unit norm
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from vlmsae.sae.base import SAE
+
+
+@torch.no_grad()
+def normalize_decoder_(sae: SAE, eps: float = 1e-12) -> None:
+    """Rescale every decoder row (latent direction) to unit norm, in place. Call after each optimiser step."""
+    norms_F1 = sae.W_dec.norm(dim=1, keepdim=True).clamp_min(eps)
+    sae.W_dec.div_(norms_F1)
+
+
+@torch.no_grad()
+def constrain_decoder_grad_(sae: SAE) -> None:
+    """Remove from each W_dec row's gradient its component parallel to the row, in place.
+
+    With unit-norm rows the loss cannot change by growing a row, so the parallel component only
+    fights :func:`normalize_decoder_`; removing it keeps Adam's moments about the useful direction.
+    Call after ``backward()`` and before the optimiser step (and before gradient clipping).
+    """
+    grad_FD = sae.W_dec.grad
+    if grad_FD is None:
+        return
+    W_FD = sae.W_dec
+    # Divide by ||w||^2 so this is an exact projection even when a row is not yet unit norm.
+    parallel_F1 = (grad_FD * W_FD).sum(dim=1, keepdim=True) / (W_FD * W_FD).sum(dim=1, keepdim=True).clamp_min(1e-12)
+    grad_FD.sub_(parallel_F1 * W_FD)
+
+
+def geometric_median(x_ND: torch.Tensor, n_iter: int = 100, tol: float = 1e-6, eps: float = 1e-8) -> torch.Tensor:
+    """The point minimising the sum of Euclidean distances to the rows of ``x_ND`` (Weiszfeld).
+
+    Robust to the few huge-norm outlier tokens ViTs are known for, unlike the mean. Each
+    iteration is a weighted mean with weights 1 / distance; ``eps`` keeps a row that coincides
+    with the estimate from dividing by zero. Computed in float64 for stability.
+    """
+    if x_ND.dim() != 2 or x_ND.shape[0] == 0:
+        raise ValueError(f"geometric_median needs a non-empty [N, D] batch; got shape {tuple(x_ND.shape)}.")
+    x = x_ND.detach().double()
+    median_D = x.mean(dim=0)
+    for _ in range(n_iter):
+        weights_N = 1.0 / (x - median_D).norm(dim=1).clamp_min(eps)
+        new_D = (weights_N[:, None] * x).sum(dim=0) / weights_N.sum()
+        shift = (new_D - median_D).norm()
+        median_D = new_D
+        if shift <= tol * (median_D.norm() + eps):
+            break
+    return median_D.to(x_ND.dtype)
+
+
+@torch.no_grad()
+def init_b_dec_geometric_median_(sae: SAE, x_BD: torch.Tensor) -> torch.Tensor:
+    """Set ``b_dec`` to the geometric median of a raw batch (SPEC 2 init). Returns the new b_dec.
+
+    Call after :func:`set_input_scale_`: b_dec lives in the scaled space, so the batch is scaled first.
+    """
+    x_BD = sae.check_input(x_BD, "init_b_dec_geometric_median_", require_2d=True)
+    median_D = geometric_median(x_BD * sae.input_scale)
+    sae.b_dec.copy_(median_D.to(sae.b_dec.dtype))
+    return sae.b_dec
+
+
+@torch.no_grad()
+def estimate_input_scale(batches: Iterable[torch.Tensor], d_in: int) -> float:
+    """The scalar s with E||s x||^2 = d_in over ``batches`` (SPEC: ~100 batches).
+
+    Convention: after scaling, a typical activation has per-dimension second moment 1, so loss
+    magnitudes, the learning rate and l1_coeff transfer between layers and models whose raw
+    activation norms differ by orders of magnitude.
+    """
+    total_sq, n_rows = 0.0, 0
+    for x_BD in batches:
+        x_BD = torch.as_tensor(x_BD)
+        if x_BD.shape[-1] != d_in:
+            raise ValueError(f"estimate_input_scale: expected batches of width d_in={d_in}, got shape {tuple(x_BD.shape)}.")
+        x_BD = x_BD.reshape(-1, d_in).double()
+        if not torch.isfinite(x_BD).all():
+            raise ValueError("estimate_input_scale: a batch contains NaN or inf; clean the activations first.")
+        total_sq += float((x_BD * x_BD).sum())
+        n_rows += x_BD.shape[0]
+    if n_rows == 0:
+        raise ValueError("estimate_input_scale: got no rows; pass at least one non-empty batch.")
+    mean_sq_norm = total_sq / n_rows
+    if mean_sq_norm <= 0:
+        raise ValueError("estimate_input_scale: every activation is zero; cannot scale them to E||x||^2 = d_in.")
+    return float((d_in / mean_sq_norm) ** 0.5)
+
+
+@torch.no_grad()
+def set_input_scale_(sae: SAE, scale: float) -> None:
+    """Store the input scale in the SAE's buffer; encode/decode keep taking raw activations."""
+    scale = float(scale)
+    if not scale > 0 or scale == float("inf"):
+        raise ValueError(f"input scale must be a finite number > 0; got {scale!r}.")
+    sae.input_scale.fill_(scale)
+
+
+@torch.no_grad()
+def update_dead_latents_(samples_since_fired_F: torch.Tensor, fired_F: torch.Tensor, batch_size: int) -> None:
+    """Count samples since each latent last fired: +batch_size for all, then 0 where it fired."""
+    samples_since_fired_F.add_(batch_size)
+    samples_since_fired_F.masked_fill_(fired_F, 0)
+
+
+def auxk_loss(
+    residual_BD: torch.Tensor,
+    z_BF: torch.Tensor,
+    dead_F: torch.Tensor,
+    k_aux: int,
+    W_dec_FD: torch.Tensor,
+    preacts_of=None,
+) -> torch.Tensor:
+    """AuxK (Gao et al., SPEC 2): dead latents learn to explain what the live ones miss.
+
+    ``residual_BD`` is e = x - x_hat (detached here), ``z_BF`` the pre-activations, ``dead_F``
+    the dead mask. Each sample keeps its top-``k_aux`` dead pre-activations (through ReLU, as in
+    the reference implementations, so they are real codes), decodes them *without* bias into
+    e_hat, and the loss is ||e - e_hat||^2 / ||e - mean(e)||^2 over the batch. ``preacts_of``
+    (rows, cols) -> vals gives differentiable values when ``z_BF`` is detached (sparse path);
+    by default they are read from ``z_BF``.
+    """
+    from vlmsae.sae.sparse import sparse_decode
+
+    e_BD = residual_BD.detach().float()
+    batch_size = z_BF.shape[0]
+    with torch.no_grad():
+        masked_BF = z_BF.detach().masked_fill(~dead_F, float("-inf"))
+        cols_BK = masked_BF.topk(k_aux, dim=1, sorted=False).indices
+    rows_N = torch.arange(batch_size, device=z_BF.device).repeat_interleave(k_aux)
+    cols_N = cols_BK.reshape(-1)
+    vals_N = z_BF[rows_N, cols_N] if preacts_of is None else preacts_of(rows_N, cols_N)
+    # Alive latents can only be picked when fewer than k_aux are dead in a row of z: mask them out.
+    vals_N = vals_N.relu() * dead_F[cols_N].to(vals_N.dtype)
+    e_hat_BD = sparse_decode(rows_N, cols_N, vals_N, W_dec_FD, batch_size).float()
+    denom = (e_BD - e_BD.mean(dim=0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+    return (e_BD - e_hat_BD).pow(2).sum() / denom

@@ -1,0 +1,283 @@
+"""Steer LLaVA by editing one vision-tower block's output through SAE latents (SPEC 5).
+
+The edit is a forward hook on the block that matches the SAE's layer. Why a hook and why
+``prepend=True``: transformers 5.x does not return hidden states from the encoder loop; it records
+them with forward hooks (``utils/output_capturing.py``) that it installs on every encoder layer the
+first time hidden states are requested, and LLaVA's ``get_image_features`` reads
+``hidden_states[vision_feature_layer]`` from that record. PyTorch runs forward hooks in
+registration order, each seeing the output the previous one returned. A steering hook registered
+*after* the recorder (any time after the model's first forward) would change what the next block
+sees but not what was recorded, so LLaVA's projector would never see the edit. Registered with
+``prepend=True`` it runs before the recorder, which then records the edited output.
+
+Modes (per token t of the tapped layer, ``h`` = block output, ``f = encode(h)``):
+- ``replace`` (the paper): ``f[j] = alpha``; output ``decode(f)`` (the SAE's reconstruction error is dropped).
+- ``error_preserving``: output ``h + decode(f_clamped) - decode(f)``: only the latent's
+  contribution changes, everything the SAE does not explain is kept.
+- ``add`` (baseline, no SAE forward): output ``h + alpha * W_dec[j] / ||W_dec[j]||``, plain
+  activation steering along the latent's decoder direction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmsae.models.llava import tapped_block_index, vision_blocks
+
+MODES = ("replace", "error_preserving", "add")
+
+Alpha = float | int | torch.Tensor
+"""A latent's new value: a number, or a tensor broadcastable to [B, T] (one value per token; NaN
+leaves that token's latent as encoded, so one batch can steer a different latent per sample)."""
+
+
+def sae_layer(sae: nn.Module, sae_dpath: str | Path | None = None) -> int | None:
+    """The vision block the SAE was trained on (``source.layer`` of its ``config.json``), if known."""
+    for holder in (sae, getattr(sae, "cfg", None), getattr(sae, "config", None)):
+        source = getattr(holder, "source", None)
+        if isinstance(source, Mapping) and source.get("layer") is not None:
+            return _int_layer(source["layer"])
+    if sae_dpath is not None:
+        cfg_fpath = Path(sae_dpath) / "config.json"
+        if cfg_fpath.exists():
+            layer = (json.loads(cfg_fpath.read_text()).get("source") or {}).get("layer")
+            if layer is not None:
+                return _int_layer(layer)
+    return None
+
+
+def _int_layer(layer: Any) -> int:
+    try:
+        return int(layer)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"The SAE was trained on layer {layer!r}, not on a vision block: steering edits a block's output "
+            "(LLaVA-1.5 reads block 22); train the steering SAE with layer=22 (or -2)."
+        ) from None
+
+
+def load_steering_sae(sae_dpath: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """``vlmsae.sae.load_sae`` plus the checkpoint's ``source`` (model, layer, tokens) as ``sae.source``,
+    so :func:`steer` finds the block to hook without being told."""
+    from vlmsae.sae import load_sae, read_sae_config
+
+    sae = load_sae(sae_dpath, device=device)
+    sae.source = dict(read_sae_config(sae_dpath).get("source") or {})
+    return sae
+
+
+def token_mask(
+    patches: Any, n_tokens: int, batch_size: int, has_cls: bool = True, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """Which token positions an edit touches, as a bool mask [B, T] (None = every token).
+
+    ``patches``: None / ``"all"``; ``"cls"`` (token 0 in CLIP); ``"patches"`` (every non-CLS token);
+    a sequence of patch indices, 0-based in row-major order over the patch grid (patch p is token
+    p + 1 when the tower has a CLS token); or a bool tensor [T] or [B, T] over tokens.
+    """
+    if patches is None or (isinstance(patches, str) and patches == "all"):
+        return None
+    mask = torch.zeros(batch_size, n_tokens, dtype=torch.bool, device=device)
+    offset = 1 if has_cls else 0
+    if isinstance(patches, str):
+        if patches == "cls":
+            if not has_cls:
+                raise ValueError("patches='cls' but this vision tower has no CLS token.")
+            mask[:, 0] = True
+        elif patches == "patches":
+            mask[:, offset:] = True
+        else:
+            raise ValueError(f"Unknown patches={patches!r}: use all, cls, patches, a list of patch indices or a mask.")
+        return mask
+    if isinstance(patches, torch.Tensor) and patches.dtype == torch.bool:
+        if patches.shape[-1] != n_tokens:
+            raise ValueError(f"Patch mask covers {patches.shape[-1]} tokens but the layer has {n_tokens}.")
+        return patches.to(device).expand(batch_size, n_tokens).clone()
+    idx = torch.as_tensor(list(patches) if not isinstance(patches, torch.Tensor) else patches, dtype=torch.long)
+    n_patches = n_tokens - offset
+    if idx.numel() and (idx.min() < 0 or idx.max() >= n_patches):
+        raise ValueError(f"Patch indices must lie in [0, {n_patches}) (the grid has {n_patches} patches), got {idx.tolist()}.")
+    mask[:, idx.to(mask.device) + offset] = True
+    return mask
+
+
+def grid_patches(grid_size: int, rows: Sequence[int] | range, cols: Sequence[int] | range) -> list[int]:
+    """Patch indices of a rectangle of the ``grid_size x grid_size`` patch grid (row-major), for ``patches=``.
+
+    LLaVA-1.5: 336 px / 14 px = a 24 x 24 grid; ``grid_patches(24, range(0, 12), range(0, 12))`` is the top-left quarter.
+    """
+    return [r * grid_size + c for r in rows for c in cols]
+
+
+def _unit_rows(W_dec_FD: torch.Tensor, latents: Sequence[int]) -> torch.Tensor:
+    rows_LD = W_dec_FD[list(latents)].float()
+    return rows_LD / rows_LD.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _alpha_BT(alpha: Alpha, B: int, T: int, device: torch.device) -> torch.Tensor:
+    a = torch.as_tensor(alpha, dtype=torch.float32, device=device)
+    try:
+        return a.expand(B, T) if a.dim() <= 2 else a.reshape(B, T)
+    except RuntimeError as err:
+        raise ValueError(f"A tensor alpha must broadcast to [B, T] = [{B}, {T}], got shape {tuple(a.shape)}.") from err
+
+
+@torch.no_grad()
+def edit_activations(
+    h_BTD: torch.Tensor,
+    sae: nn.Module,
+    latents: Mapping[int, Alpha],
+    mode: str = "replace",
+    mask_BT: torch.Tensor | None = None,
+    chunk_rows: int = 4096,
+) -> torch.Tensor:
+    """The steered version of one block output ``h_BTD`` (same shape and dtype); the hook's maths.
+
+    Runs the SAE in its own dtype/device, ``chunk_rows`` tokens at a time so a 65k-latent SAE on
+    576 tokens x a batch does not hold a dense [B*T, F] code matrix at once.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown steering mode {mode!r}: use one of {', '.join(MODES)}.")
+    B, T, D = h_BTD.shape
+    W_dec = sae.W_dec
+    n_latents = W_dec.shape[0]
+    for j in latents:
+        if not 0 <= int(j) < n_latents:
+            raise ValueError(f"Latent {j} is out of range: this SAE has {n_latents} latents (0..{n_latents - 1}).")
+    sae_device, sae_dtype = W_dec.device, W_dec.dtype
+    h_ND = h_BTD.reshape(B * T, D).to(sae_device, sae_dtype)
+    alphas = {int(j): _alpha_BT(a, B, T, sae_device).reshape(B * T) for j, a in latents.items()}
+    out_ND = torch.empty_like(h_ND)
+    if mode == "add":
+        dirs_LD = _unit_rows(W_dec, list(alphas)).to(sae_dtype)
+        alpha_NL = torch.stack(list(alphas.values()), dim=1).nan_to_num(nan=0.0).to(sae_dtype)
+        out_ND = h_ND + alpha_NL @ dirs_LD
+    else:
+        idx = torch.tensor(list(alphas), device=sae_device)
+        for start in range(0, B * T, chunk_rows):
+            sl = slice(start, start + chunk_rows)
+            codes_NF = sae.encode(h_ND[sl])
+            if codes_NF.is_sparse:
+                codes_NF = codes_NF.to_dense()
+            edited_NF = codes_NF.clone()
+            new_NL = torch.stack([a[sl] for a in alphas.values()], dim=1).to(edited_NF.dtype)
+            # NaN = "keep the encoded value": lets one batch steer a different latent per sample.
+            edited_NF[:, idx] = torch.where(new_NL.isnan(), codes_NF[:, idx], new_NL)
+            if mode == "replace":
+                out_ND[sl] = sae.decode(edited_NF)
+            else:  # error_preserving: only the clamped latents' contribution changes
+                out_ND[sl] = h_ND[sl] + (sae.decode(edited_NF) - sae.decode(codes_NF))
+    out_BTD = out_ND.reshape(B, T, D).to(h_BTD.device, h_BTD.dtype)
+    if mask_BT is not None:
+        out_BTD = torch.where(mask_BT.to(h_BTD.device).unsqueeze(-1), out_BTD, h_BTD)
+    return out_BTD
+
+
+@dataclass
+class SteeringHandle:
+    """What ``steer`` yields: the settings, and how many times the hook fired (one per vision forward)."""
+
+    layer: int
+    mode: str
+    latents: dict[int, Any]
+    patches: Any = None
+    n_calls: int = 0
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def steer(
+    model: nn.Module,
+    sae: nn.Module,
+    latents: Mapping[int, Alpha],
+    mode: str = "replace",
+    patches: Any = None,
+    layer: int | None = None,
+    has_cls: bool | None = None,
+) -> Iterator[SteeringHandle]:
+    """Within the block, LLaVA's vision block ``layer`` outputs the steered activation.
+
+    ``latents``: {latent index: alpha} (several at once are clamped together). ``layer``: defaults
+    to the SAE's ``source.layer``. It must not lie after the block LLaVA projects
+    (:func:`tapped_block_index`), which LLaVA would never read. ``patches``: see :func:`token_mask`.
+    The hook is removed when the block exits, also on an exception.
+
+        with steer(model, sae, {123: 100.0}):
+            out = model.generate(**inputs, max_new_tokens=5)
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown steering mode {mode!r}: use one of {', '.join(MODES)}.")
+    if not latents:
+        raise ValueError("No latents to steer: pass {latent index: alpha, ...}.")
+    if layer is None:
+        layer = sae_layer(sae)
+    if layer is None:
+        raise ValueError(
+            "The SAE does not say which vision block it was trained on (config.json source.layer): pass layer=<block>."
+        )
+    blocks = vision_blocks(model)
+    if -len(blocks) <= layer < 0:  # counted from the end, as train's layer=-2
+        layer += len(blocks)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(f"layer={layer} is out of range: the vision tower has {len(blocks)} blocks.")
+    try:
+        tapped = tapped_block_index(model)
+    except ValueError:
+        tapped = None  # a bare vision tower: no projector to reach
+    if tapped is not None and layer > tapped:
+        raise ValueError(
+            f"The SAE's layer {layer} comes after block {tapped}, whose output LLaVA projects "
+            f"(vision_feature_layer={model.config.vision_feature_layer}): the edit would never reach the language model."
+        )
+    if has_cls is None:
+        has_cls = "siglip" not in type(blocks[0]).__name__.lower()
+    handle = SteeringHandle(layer=layer, mode=mode, latents=dict(latents), patches=patches)
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        h_BTD = output[0] if isinstance(output, tuple) else output
+        B, T, _ = h_BTD.shape
+        mask_BT = token_mask(patches, T, B, has_cls=has_cls, device=h_BTD.device)
+        new_BTD = edit_activations(h_BTD, sae, latents, mode=mode, mask_BT=mask_BT)
+        handle.n_calls += 1
+        handle.shapes.append(tuple(h_BTD.shape))
+        return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
+
+    # prepend=True: run before transformers' hidden-state recorder (see the module docstring).
+    removable = blocks[layer].register_forward_hook(hook, prepend=True)
+    try:
+        yield handle
+    finally:
+        removable.remove()
+
+
+def alpha_sweep(
+    generate_fn,
+    model: nn.Module,
+    sae: nn.Module,
+    latent: int,
+    alphas: Sequence[float],
+    mode: str = "replace",
+    patches: Any = None,
+    layer: int | None = None,
+) -> dict[float, Any]:
+    """``{alpha: generate_fn()}`` with latent ``latent`` clamped to each alpha (alpha=None: no steering).
+
+    ``generate_fn`` takes no arguments and returns what to keep (e.g. decoded answers), so one
+    sweep serves generation, logits, or any probe. The paper's qualitative sweep is {0, 30, 40, 50}.
+    """
+    results: dict[float, Any] = {}
+    for alpha in alphas:
+        if alpha is None:
+            results[alpha] = generate_fn()
+            continue
+        with steer(model, sae, {latent: float(alpha)}, mode=mode, patches=patches, layer=layer):
+            results[alpha] = generate_fn()
+    return results

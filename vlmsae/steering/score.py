@@ -1,0 +1,91 @@
+"""The steering score of SPEC 5: does clamping latent j make LLaVA name latent j's concept?
+
+- concept of latent j: the mean CLIP image embedding (each unit-normalised) of its top-16 images;
+- LLaVA answers "What is shown in this image? Use exactly one word!" (5 new tokens) about an image,
+  steered (latent j clamped to alpha) or not; the first word of the answer is kept;
+- score = cos(CLIP text embedding of the word, concept of j), averaged over (latent, image) pairs.
+Bounds: the words an oracle would say (the class names of latent j's top images: upper) and
+the same names shuffled across latents (lower).
+
+The embedding functions come in as callables (``embed_images(pil_list) -> [N, E]``,
+``embed_texts(str_list) -> [N, E]``), so the score does not care which CLIP computes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+EmbedFn = Callable[[list[Any]], torch.Tensor]
+
+
+def _unit(x_NE: torch.Tensor) -> torch.Tensor:
+    x_NE = torch.as_tensor(x_NE).float()
+    return x_NE / x_NE.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def concept_embeddings(top_images_per_latent: Sequence[Sequence[Any]], embed_images: EmbedFn) -> torch.Tensor:
+    """[L, E] unit concept vectors: the mean of the unit image embeddings of each latent's top images.
+
+    A latent with no top images gets a NaN row (its scores are NaN and left out of means).
+    """
+    rows = []
+    for images in top_images_per_latent:
+        if len(images) == 0:
+            rows.append(None)
+            continue
+        rows.append(_unit(_unit(embed_images(list(images))).mean(dim=0, keepdim=True))[0])
+    dim = next((r.shape[0] for r in rows if r is not None), None)
+    if dim is None:
+        raise ValueError("No latent has any top image: the top-images index is empty for every steered latent.")
+    return torch.stack([r if r is not None else torch.full((dim,), float("nan")) for r in rows])
+
+
+def word_scores(words: Sequence[str], concept_idx: Sequence[int], concepts_LE: torch.Tensor, embed_texts: EmbedFn) -> torch.Tensor:
+    """cos(text embedding of ``words[i]``, ``concepts_LE[concept_idx[i]]``) for every i; empty word -> NaN."""
+    out = torch.full((len(words),), float("nan"))
+    keep = [i for i, w in enumerate(words) if w]
+    if not keep:
+        return out
+    unique = sorted({words[i] for i in keep})
+    emb_UE = _unit(embed_texts(unique))
+    row_of = {w: r for r, w in enumerate(unique)}
+    text_KE = emb_UE[[row_of[words[i]] for i in keep]]
+    conc_KE = concepts_LE[[concept_idx[i] for i in keep]].to(text_KE)
+    out[keep] = (text_KE * conc_KE).sum(dim=-1)
+    return out
+
+
+@dataclass
+class ScoreSummary:
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, scores: torch.Tensor) -> ScoreSummary:
+        valid = scores[~scores.isnan()]
+        if valid.numel() == 0:
+            return cls(float("nan"), float("nan"), 0)
+        std = valid.std().item() if valid.numel() > 1 else 0.0
+        return cls(valid.mean().item(), std, int(valid.numel()))
+
+
+def shuffled(items: Sequence[Any], seed: int = 0) -> list[Any]:
+    """A seeded permutation of ``items`` with as few fixed points as a random derangement attempt gives."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(items), generator=g).tolist()
+    return [items[p] for p in perm]
+
+
+def markdown_table(rows: dict[str, ScoreSummary], paper: dict[str, float] | None = None) -> str:
+    """The steering-score table: one row per condition, the paper's number beside ours when known."""
+    paper = paper or {}
+    lines = ["| condition | steering score (mean +- std) | n | paper |", "|---|---|---|---|"]
+    for name, s in rows.items():
+        ref = f"{paper[name]:.3f}" if name in paper else ""
+        lines.append(f"| {name} | {s.mean:.3f} +- {s.std:.3f} | {s.n} | {ref} |")
+    return "\n".join(lines) + "\n"
