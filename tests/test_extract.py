@@ -139,7 +139,9 @@ def test_list_and_wds_sources(compose_cfg, image_root, tmp_path):
     common = ("model=tiny", "data.batch_size=4", "data.num_workers=0", "progress=false", "tokens=mean", "layer=0",
               "dtype=float32")
     run(compose_cfg("extract", ["data=list", f"data.root={list_fpath}", *common]), out_dpath=tmp_path / "list")
-    run(compose_cfg("extract", ["data=wds", f"data.root={tar_fpath}", *common]), out_dpath=tmp_path / "wds")
+    # two workers each decode every other sample of the tar; the round-robin keeps the order
+    run(compose_cfg("extract", ["data=wds", f"data.root={tar_fpath}", *common, "data.num_workers=2"]),
+        out_dpath=tmp_path / "wds")
     from_list, from_wds = read_rows(tmp_path / "list"), read_rows(tmp_path / "wds")
     assert from_wds["keys"] == [f"sample{i:03d}" for i in range(6)]
     assert from_list["label"].tolist() == from_wds["label"].tolist() == [label for *_, label in items]
@@ -161,3 +163,13 @@ def test_clear_errors(compose_cfg, image_root, tmp_path):
         run(_cfg(compose_cfg, image_root, "layer=9"), out_dpath=tmp_path / "b")
     with pytest.raises(ValueError, match="Unknown tokens='some'"):
         run(_cfg(compose_cfg, image_root, "tokens=some"), out_dpath=tmp_path / "c")
+
+
+def test_resume_refuses_a_changed_image_folder(compose_cfg, tmp_path):
+    root = make_concept_images(tmp_path / "imgs", n_per_class=1, size=32, seed=0)
+    cfg = _cfg(compose_cfg, root, "rows_per_shard=4")
+    run(cfg, out_dpath=tmp_path / "out")
+    (tmp_path / "out" / "manifest.json").unlink()  # as if killed before the end
+    (root / "circle_red" / "00000.png").rename(root / "circle_red" / "zz_moved.png")
+    with pytest.raises(ValueError, match=r"different extraction.*listing_digest"):
+        run(cfg, out_dpath=tmp_path / "out")

@@ -187,6 +187,7 @@ def test_inat_recipe_has_the_papers_settings(compose_cfg):
     assert sae_cfg.group_sizes == [3, 13, 53, 290, 1177]
 
 
+@pytest.mark.slow
 def test_same_result_from_an_ms_run(tmp_path, compose_cfg):
     """Reusing a monosemanticity run (ms_run=) and computing here give the same top images, depths and MS."""
     from vlmsae import monosemanticity
@@ -206,3 +207,22 @@ def test_same_result_from_an_ms_run(tmp_path, compose_cfg):
     for g1, g2 in zip(via_ms["groups"], direct["groups"]):
         assert g1["depth_mean"] == pytest.approx(g2["depth_mean"])
         assert g1["ms_mean"] == pytest.approx(g2["ms_mean"], abs=1e-5)  # latents.csv keeps 6 decimals
+
+
+def test_unmatched_images_fail_before_encoding(tmp_path, compose_cfg):
+    """An image folder with classes the taxonomy lacks: the error comes before the model runs."""
+    from PIL import Image
+
+    from vlmsae.hierarchy import run
+
+    for cls in ("raven", "zebra"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    sae_dpath = _matryoshka(tmp_path / "sae", d_in=32, n_latents=32, fractions=(0.125, 0.875),
+                            source={"model": "tiny", "layer": "last", "tokens": "cls"})
+    cfg = compose_cfg("hierarchy", [f"sae_path={sae_dpath}", "data=folder", f"data.root={tmp_path / 'imgs'}",
+                                    "taxonomy=csv", f"taxonomy.path={FIX / 'taxonomy.csv'}"])
+    with pytest.raises(TaxonomyError, match=r"2 of 4 images match no taxon.*zebra/0.png"):
+        run(cfg, out_dpath=tmp_path / "out")
+    assert not (tmp_path / "out" / "top_images").exists()

@@ -60,8 +60,11 @@ def test_hand_computed_depths(case):
 
 def test_matches_plain_pair_loop_on_random_index():
     g = torch.Generator().manual_seed(0)
-    paths = [tuple(f"r{r}_{int(torch.randint(0, 2, (1,), generator=g))}" for r in range(4))[: int(torch.randint(2, 5, (1,), generator=g))]
-             for _ in range(40)]
+    # 40 random paths of 2..4 ranks over a binary tree: many shared prefixes, some short paths
+    paths = []
+    for _ in range(40):
+        full = tuple(f"r{r}_{int(torch.randint(0, 2, (1,), generator=g))}" for r in range(4))
+        paths.append(full[: int(torch.randint(2, 5, (1,), generator=g))])
     codes, _ = encode_paths(paths, 4)
     K, T = 50, 24
     idx = torch.randint(-1, 40, (K, T), generator=g)

@@ -44,8 +44,9 @@ def test_load_round_trip_and_seeded(tiny, tiny_dpath, tmp_path):
     w = model.lm_head.weight
     assert torch.equal(w, again.lm_head.weight)
     assert not torch.equal(w, other.lm_head.weight)
-    half, _ = load_llava(tiny_dpath, dtype="bf16")
+    half, _ = load_llava(tiny_dpath, dtype="bf16", device_map="cpu")  # the accelerate path a 7B model takes
     assert next(half.parameters()).dtype == torch.bfloat16
+    assert next(half.parameters()).device.type == "cpu"
 
 
 def test_processor_expands_image_token_and_model_generates(tiny):

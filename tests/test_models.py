@@ -207,3 +207,61 @@ def _write_arch(dpath, cfg):
     fpath = dpath / "vlmsae-test-arch.json"
     fpath.write_text(json.dumps(cfg))
     return fpath
+
+
+def test_timm_trunk_without_cls_siglip_style():
+    """SigLIP in open_clip is a timm trunk with no CLS token: the tap runs its blocks and stops early."""
+    import timm
+    from torch import nn
+
+    from vlmsae.models.open_clip_backend import OpenClipTap
+
+    class Visual(nn.Module):  # the attributes of open_clip.timm_model.TimmModel the tap uses
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.trunk = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, depth=3, embed_dim=32,
+                                           num_heads=2, img_size=32, num_classes=0, global_pool="map")
+            self.output_dim = 32
+
+        def forward(self, x):
+            return self.trunk(x)
+
+    visual = Visual().eval()
+    spec = ModelSpec(name="tiny_siglip", backend="open_clip", arch="x", n_layers=3, width=32, has_cls=False)
+    siglip_tap = OpenClipTap(spec, visual, preprocess=None)
+    assert (siglip_tap.has_cls, siglip_tap.n_layers, siglip_tap.width, siglip_tap.n_tokens) == (False, 3, 32, 4)
+    x = _images(2)
+    outputs = {}
+    hooks = [b.register_forward_hook(lambda m, i, o, idx=idx: outputs.__setitem__(idx, o.detach().clone()))
+             for idx, b in enumerate(visual.trunk.blocks)]
+    with torch.no_grad():
+        emb = visual(x)
+    for h in hooks:
+        h.remove()
+    for layer in range(3):
+        torch.testing.assert_close(siglip_tap.forward_to(x, layer), outputs[layer], rtol=0, atol=0)
+    torch.testing.assert_close(siglip_tap.forward_to(x, "last"), emb, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no CLS token"):
+        select_tokens(siglip_tap.forward_to(x, 1), "cls", has_cls=siglip_tap.has_cls)
+
+
+def test_registered_tiny_models_materialise_under_vlmsae_home(tmp_path, monkeypatch, tap):
+    monkeypatch.setenv("VLMSAE_HOME", str(tmp_path))
+    home_tap = load_tap("tiny")  # by name, as `model=tiny` composes it
+    assert (tmp_path / "models" / "tiny" / "open_clip_model.safetensors").exists()
+    x = _images(1)
+    assert torch.equal(home_tap.forward_to(x, 0), tap.forward_to(x, 0))  # same seed, same model anywhere
+
+
+@pytest.mark.parametrize("name", ["clip_b32", "clip_l14", "clip_l14_336"])
+def test_registered_open_clip_configs_match_the_architectures(name):
+    """The YAML's n_layers / width / embed_dim / image_size are what open_clip builds for that arch."""
+    import open_clip
+
+    spec = get_model_spec(name)
+    cfg = open_clip.get_model_config(spec.arch)
+    vision = cfg["vision_cfg"]
+    assert (vision["layers"], vision["width"], cfg["embed_dim"], vision["image_size"]) == (
+        spec.n_layers, spec.width, spec.embed_dim, spec.image_size)
+    assert spec.pretrained in open_clip.list_pretrained_tags_by_model(spec.arch)

@@ -125,3 +125,22 @@ def test_summary_excludes_nan() -> None:
     s = ms_summary(ms, n_images=10, dead_K=torch.tensor([False, True, False, False]))
     assert s["mean"] == pytest.approx(0.6) and s["dead"] == 1 and s["undefined"] == 1
     assert s["n_latents"] == 4 and s["n_images"] == 10 and s["min"] == 0.5 and s["max"] == 0.7
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_streaming_accumulator_matches_two_pass(sparse: bool) -> None:
+    from vlmsae.metrics.monosemanticity import MSAccumulator
+
+    acts = make_acts(41, seed=5)
+    acts[:, 6] += 1000.0  # a raw neuron with a large offset: the shifted sums must not cancel
+    emb = torch.randn(41, 7, generator=torch.Generator().manual_seed(9))
+    acc = MSAccumulator(acts.shape[1], 7)
+    for i0 in range(0, 41, 6):
+        block = acts[i0 : i0 + 6]
+        acc.update(block.to_sparse() if sparse else block, emb[i0 : i0 + 6])
+    streamed = acc.result().numpy()
+    ref = pairwise_ms(acts.numpy(), emb.numpy())
+    assert np.array_equal(np.isnan(ref), np.isnan(streamed)), (ref, streamed)
+    np.testing.assert_allclose(streamed[~np.isnan(ref)], ref[~np.isnan(ref)], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="chunks"):
+        acc.update(acts[:2] if sparse else acts[:2].to_sparse(), emb[:2])

@@ -31,7 +31,7 @@ def _compose(compose_cfg, sae_dpath, tmp_path, *extra):
     )
 
 
-def test_run_writes_everything(compose_cfg, tiny_sae_dpath, tmp_path) -> None:
+def test_run_writes_everything(compose_cfg, tiny_sae_dpath, tmp_path, monkeypatch) -> None:
     from vlmsae.metrics import monosemanticity_scores
     from vlmsae.metrics.topimages import TopImages
     from vlmsae.monosemanticity import run
@@ -74,16 +74,28 @@ def test_run_writes_everything(compose_cfg, tiny_sae_dpath, tmp_path) -> None:
         ms_ref = monosemanticity_scores(sae.encode(cls), emb)
     torch.testing.assert_close(ms_csv, ms_ref, atol=1e-5, rtol=0, equal_nan=True)
 
-    # Second run: embeddings come from the cache and give the same numbers.
-    again = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path), out_dpath=tmp_path / "out2")
+    # Second run: embeddings come from the cache (the embedder is never even loaded), same numbers.
+    def no_embedder(_spec):
+        raise AssertionError("the embedder was loaded although every embedding is cached")
+
+    with monkeypatch.context() as m:
+        m.setattr("vlmsae.models.embedders.load_embedder", no_embedder)
+        again = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path), out_dpath=tmp_path / "out2")
     assert again["embeddings_cached"] and not summary["embeddings_cached"]
     assert again["mean"] == pytest.approx(summary["mean"], abs=1e-9)
+    # Same keys, other images (a different image size): the cache must not be reused.
+    other = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "++data.extra.size=48"), out_dpath=tmp_path / "out3")
+    assert not other["embeddings_cached"]
 
 
 def test_pooling_over_tokens(compose_cfg, tiny_sae_dpath, tmp_path) -> None:
     from vlmsae.monosemanticity import run
 
-    mean_run = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "pool=mean"), out_dpath=tmp_path / "mean")
+    mean_run = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "pool=mean", "zero_shot=true"),
+                   out_dpath=tmp_path / "mean")
+    zs = mean_run["zero_shot"]
+    assert zs["n_images"] == 64 and zs["n_classes"] == 16 and zs["spliced_tokens"] == "cls"
+    assert zs["kl"] > 0 and 0.0 <= zs["top1_agreement"] <= 1.0 and "accuracy_spliced" in zs
     max_run = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "pool=max"), out_dpath=tmp_path / "max")
     assert mean_run["pool"] == "mean" and max_run["pool"] == "max"
     # mean over 16 patches fires whenever any patch fires: denser than the CLS token's codes

@@ -17,6 +17,7 @@ from vlmsae.steering import (
     grid_patches,
     steer,
     token_mask,
+    white_image,
 )
 
 LAYER = 2  # tiny LLaVA: 4 vision blocks, vision_feature_layer=-2 -> block 2
@@ -228,6 +229,12 @@ def test_bad_arguments_fail_clearly(llava, sae, inputs):
     with pytest.raises(ValueError, match="comes after block 2"):
         with steer(model, sae, {1: 1.0}, layer=3):
             pass
+    wide = build_sae(SAEConfig(arch="topk", d_in=64, n_latents=64, k=8), seed=0)
+    with pytest.raises(ValueError, match="64-d activations"):
+        with steer(model, wide, {1: 1.0}, layer=LAYER):
+            pass
+    with pytest.raises(ValueError, match="64-d activations"):
+        edit_activations(torch.zeros(1, 2, 32), wide, {1: 1.0})
     with pytest.raises(ValueError, match="source.layer"):
         with steer(model, sae, {1: 1.0}):
             pass
@@ -237,3 +244,42 @@ def test_first_word():
     assert first_word(" Dog.\nA dog") == "dog"
     assert first_word("**Sea-lion** swims") == "sea-lion"
     assert first_word("...") == ""
+
+
+def test_half_precision_model_with_float32_sae(llava, sae, inputs, tmp_path):
+    """LLaVA-7B runs in fp16/bf16; the SAE edits in its own dtype and hands back the model's dtype."""
+    _, processor = llava
+    model, _ = load_llava(build_tiny_llava(tmp_path / "m"), dtype="bfloat16")
+    h_BTD = block_output(model, {**inputs, "pixel_values": inputs["pixel_values"].bfloat16()})
+    B, T, D = h_BTD.shape
+    with steer(model, sae, {5: 7.5}, layer=LAYER):
+        got = projector_input(model, {**inputs, "pixel_values": inputs["pixel_values"].bfloat16()})
+    assert got.dtype == torch.bfloat16
+    with torch.no_grad():
+        codes = sae.encode(h_BTD.float().reshape(B * T, D))
+        codes[:, 5] = 7.5
+        expected = sae.decode(codes).reshape(B, T, D)[:, 1:].bfloat16()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    answers = generate_answers(model, processor, [white_image(32)], ONE_WORD_PROMPT, max_new_tokens=2)
+    assert len(answers) == 1
+
+
+def test_chunked_edit_equals_one_pass(sae):
+    h_BTD = torch.randn(3, 17, 32)
+    for mode in ("replace", "error_preserving"):
+        whole = edit_activations(h_BTD, sae, {5: 2.0, 6: 0.0}, mode=mode, chunk_rows=10_000)
+        chunked = edit_activations(h_BTD, sae, {5: 2.0, 6: 0.0}, mode=mode, chunk_rows=7)
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+
+
+def test_alpha_sweep(llava, sae, inputs):
+    from vlmsae.steering import alpha_sweep
+
+    model, _ = llava
+    base = projector_input(model, inputs)
+    with steer(model, sae, {5: 7.5}, layer=LAYER):
+        at_7_5 = projector_input(model, inputs)
+    sweep = alpha_sweep(lambda: projector_input(model, inputs), model, sae, 5, [None, 0.0, 7.5], layer=LAYER)
+    assert list(sweep) == [None, 0.0, 7.5]
+    assert torch.equal(sweep[None], base) and torch.equal(sweep[7.5], at_7_5)
+    assert not torch.equal(sweep[0.0], sweep[7.5])

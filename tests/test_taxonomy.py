@@ -46,7 +46,7 @@ def test_inat_json():
     t = tx.load_inat_json(FIX / "inat_categories.json")
     assert t.ranks == tx.INAT_RANKS
     assert t.paths["00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax"] == RAVEN
-    assert t.paths["Corvus corax"] == RAVEN and t.paths["0"] == RAVEN  # by name and by id
+    assert t.paths["Corvus corax"] == RAVEN and "0" not in t.paths  # by name, never by bare numeric id
     assert t.paths["train/00002_Plantae_Tracheophyta_Magnoliopsida_Rosales_Rosaceae_Rosa_canina/b7.jpg"][0] == "Plantae"
     # an image folder named after the class matches through its parent directory
     assert t.match(["x/00001_Animalia_Chordata_Aves_Passeriformes_Paridae_Parus_major/q.jpg"])[0][-1] == "Parus major"
@@ -117,13 +117,18 @@ def test_wordnet_missing_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_real_wordnet_if_installed():
+    """On a machine with WordNet 3.0 (or WORDNET_DIR=<folder with data.noun>): nltk's hypernym_paths()[0]."""
     try:
-        fpath, _ = tx.find_wordnet_noun_file()
+        tx.find_wordnet_noun_file()
     except tx.TaxonomyError:
         pytest.skip("no WordNet on this machine (apt-get install wordnet-base, or nltk's wordnet corpus)")
     t = tx.load_wordnet(["n01440764", "n02085620"])
-    assert t.paths["n01440764"][0] == "entity" and t.paths["n01440764"][-1] == "tench"
-    assert "dog" in t.paths["n02085620"]
+    assert t.paths["n01440764"] == (
+        "entity", "physical entity", "object", "whole", "living thing", "organism", "animal", "chordate",
+        "vertebrate", "aquatic vertebrate", "fish", "bony fish", "teleost fish", "soft-finned fish",
+        "cypriniform fish", "cyprinid", "tench",
+    )
+    assert t.paths["n02085620"][-4:] == ("canine", "dog", "toy dog", "Chihuahua")
 
 
 def test_unmatched_keys_error_lists_examples():
@@ -137,9 +142,11 @@ def test_unmatched_keys_error_lists_examples():
 
 def test_match_by_label_and_folder():
     t = tx.load_csv(FIX / "taxonomy.csv")
-    got = t.match(["000001", "images/tit/1.png", "x.png"], paths=[None, None, "/data/wolf/x.png"],
-                  labels=["raven", None, None])
-    assert [p[-1] for p in got] == ["Corvus corax", "Parus major", "Canis lupus"]
+    got = t.match(["000001", "images/tit/1.png", "x.png", "crow/raven.jpg", "flat/raven.jpg"],
+                  paths=[None, None, "/data/wolf/x.png", None, None], labels=["raven", None, None, None, None])
+    # the folder wins over the file name; the file-name stem is the last resort
+    assert [p[-1] for p in got] == ["Corvus corax", "Parus major", "Canis lupus", "Corvus brachyrhynchos",
+                                    "Corvus corax"]
 
 
 def test_encode_paths_uses_whole_prefix():

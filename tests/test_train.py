@@ -175,6 +175,7 @@ def test_default_config_trains_on_the_fly_from_images(compose_cfg, tmp_path):
     ("llava_steering_sae", {"sae.arch": "matryoshka", "sae.expansion": 64, "layer": 22, "model.name": "clip_l14_336",
                             "tokens": "random_k", "tokens_k": 2}),
     ("tiny", {"sae.arch": "batchtopk", "model.name": "tiny"}),
+    ("inat_hierarchy", {"sae.arch": "matryoshka", "sae.expansion": 2, "layer": "last"}),
 ])
 def test_experiment_recipes_compose(compose_cfg, name, expect):
     from omegaconf import OmegaConf
@@ -184,3 +185,59 @@ def test_experiment_recipes_compose(compose_cfg, name, expect):
         got = OmegaConf.select(cfg, key)
         assert (list(got) if OmegaConf.is_list(got) else got) == value, (key, got)
     assert cfg.trainer.max_steps == (300 if name == "tiny" else 110_000)
+
+
+def test_negative_layer_counts_from_the_end(compose_cfg, planted_store, tmp_path):
+    metrics = run(compose_cfg("train", _overrides(planted_store, 2, "layer=-2", "logger=none")), out_dpath=tmp_path / "r")
+    assert metrics["layer"] == 2 and metrics["step"] == 2
+
+
+def test_data_images_computes_activations_from_an_image_folder(compose_cfg, tmp_path):
+    """data=images: no activation store; the encoder runs on the images of a folder as training goes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    over = ["data=images", f"data.root={tmp_path / 'imgs'}", "data.batch_size=16", "data.num_workers=0",
+            "data.shuffle_buffer=32", "data.val_fraction=0.1", "tokens=all", "layer=1", "trainer.max_steps=8",
+            "logger=none"]
+    metrics = run(compose_cfg("train", over), out_dpath=tmp_path / "run")
+    assert metrics["step"] == 8 and metrics["n_val_rows"] > 0 and metrics["layer"] == 1
+    source = json.loads((tmp_path / "run" / "sae" / "config.json").read_text())["source"]
+    assert source["tokens"] == "all" and source["data_source"] == "images" and source["data"] == str(tmp_path / "imgs")
+
+
+def test_sweep_summary_tables_the_final_metrics_of_every_job(tmp_path):
+    from vlmsae.lit.callbacks import write_sweep_summary
+
+    for i, (expansion, fve) in enumerate(((2, 0.7), (4, 0.8))):
+        job = tmp_path / f"job_{i}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- sae.expansion={expansion}\n- logger=none\n")
+        (job / "metrics.json").write_text(json.dumps({"fve": fve, "mse": 0.1, "l0": 20.0, "dead_fraction": 0.0, "step": 10}))
+    (tmp_path / "job_2" / ".hydra").mkdir(parents=True)
+    (tmp_path / "job_2" / ".hydra" / "overrides.yaml").write_text("- sae.expansion=8\n- logger=none\n")
+    (tmp_path / "job_2" / "run_info.json").write_text(json.dumps({"status": "failed"}))
+    csv_fpath, md_fpath = write_sweep_summary(tmp_path)
+    lines = csv_fpath.read_text().splitlines()
+    assert lines[0].startswith("job,sae.expansion,logger,status") and len(lines) == 4
+    assert "job_0,2,none,done" in lines[1] and ",0.7," in lines[1] and "job_2" in lines[3] and "failed" in lines[3]
+    md = md_fpath.read_text()
+    assert "`logger=none`" in md and "| job_1 | 4 | done |" in md
+
+
+def test_tiny_extraction_then_training(compose_cfg, tmp_path):
+    """The real hand-off: vlmsae.extract writes a store (tiny CLIP, generated images), train reads it."""
+    from vlmsae.extract import run as extract
+
+    extract(compose_cfg("extract", ["tokens=all", "rows_per_chunk=256", "progress=false"]), out_dpath=tmp_path / "acts")
+    metrics = run(compose_cfg("train", ["data=acts", f"data.acts={tmp_path / 'acts'}", "data.batch_size=64",
+                                        "data.val_fraction=0.1", "trainer.max_steps=60", "logger=none"]),
+                  out_dpath=tmp_path / "train")
+    assert metrics["step"] == 60 and metrics["n_val_rows"] > 0 and metrics["fve"] > 0
+    source = json.loads((tmp_path / "train" / "sae" / "config.json").read_text())["source"]
+    assert source["model"] == "tiny" and source["layer"] == 2 and source["tokens"] == "all"

@@ -38,3 +38,21 @@ def test_multirun_two_jobs_writes_job_dirs_and_sweep_summary(tmp_path, repo_root
     assert [r["layer"] for r in rows] == ["1", "2"] and all(float(r["fve"]) > 0 for r in rows)
     md = (sweep / "sweep_summary.md").read_text()
     assert "| job_0 | 1 |" in md and "fve" in md
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_train_to_the_same_step(tmp_path):
+    """trainer=ddp semantics on CPU (gloo): two ranks, disjoint shards, one set of outputs from rank 0."""
+    planted = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0)
+    write_acts_store(tmp_path / "acts", planted.sample(6000, seed=1).x.half(), 500, 2, meta={"model": "tiny", "layer": 2})
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vlmsae.train", "data=acts", f"data.acts={tmp_path / 'acts'}", "data.batch_size=128",
+           "data.num_workers=1", "trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=30",
+           "trainer.val_check_interval=15", "trainer.limit_val_batches=2", "trainer.warmup_steps=5",
+           "trainer.scale_batches=2", "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={out}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 30 and metrics["optimizer_steps"] == 30 and metrics["fve"] > 0
+    assert json.loads((out / "run_info.json").read_text())["status"] == "done"

@@ -48,7 +48,7 @@ DEFAULT_OUT = REPO_DPATH / "outputs" / "demo"
 # and browsed is also the one that steers LLaVA, and the browser shows steering on its cards.
 MODEL = "tiny_llava"
 TOKENS = "random_k"  # 2 random tokens per image, as the paper's steering SAE; patch tokens -> heatmaps
-IMAGES_PER_CLASS = 16  # 16 shape x colour classes -> 256 generated images
+IMAGES_PER_CLASS = 32  # 16 shape x colour classes -> 512 generated images
 IMAGE_PX = 64
 
 STEPS = ("data", "extract", "train", "monosemanticity", "hierarchy", "steer", "ground_truth", "browse")
@@ -135,6 +135,9 @@ class Demo:
     def d(self, name: str) -> Path:
         return self.out / name
 
+    def ok(self, name: str) -> bool:
+        return name in self.results and self.results[name].status == "ok"
+
     @property
     def data_overrides(self) -> list[str]:
         return ["data=folder", f"data.root={self.d('data') / 'concepts'}", "data.num_workers=0"]
@@ -151,12 +154,10 @@ class Demo:
                 f"<shape>_<colour>: {', '.join(classes[:4])}, ...",
                 "each class shares one shape and one colour and nothing else: the answer key for MS and hierarchy"]
 
-    def ok(self, name: str) -> bool:
-        return name in self.results and self.results[name].status == "ok"
-
     # -- 1 ------------------------------------------------------------------------------------
     def extract(self) -> list[str]:
         self.require("data")
+        # Small shards, so there are several: training holds out whole shards for validation.
         res = call_job("extract", [
             f"model={MODEL}", *self.data_overrides, f"tokens={TOKENS}", "k=2", "dtype=float32",
             "rows_per_shard=64", "rows_per_chunk=32", "progress=false", f"seed={self.seed}",
@@ -175,7 +176,7 @@ class Demo:
         self.require("extract")
         call_job("train", [
             f"model={MODEL}", "sae=tiny", "sae.arch=matryoshka", "sae.group_fractions=[0.0625,0.125,0.25,0.5625]",
-            "trainer=tiny", "trainer.max_steps=400", "data=acts", f"data.acts={self.d('extract')}",
+            "trainer=tiny", "trainer.max_steps=1000", "data=acts", f"data.acts={self.d('extract')}",
             "data.batch_size=64", "data.num_workers=0", "logger=none", f"seed={self.seed}",
         ], self.d("train"))
         m = _read_json(self.d("train") / "metrics.json") or {}
@@ -193,6 +194,7 @@ class Demo:
         self.require("train")
         call_job("monosemanticity", [
             f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}", *self.data_overrides, "embedder=tiny",
+            "progress=false",
         ], self.d("monosemanticity"))
         s = _read_json(self.d("monosemanticity") / "ms_summary.json") or {}
         b = s.get("baseline") or {}
@@ -219,8 +221,27 @@ class Demo:
                  "colour), by Matryoshka group:"]
         lines += [f"  group {g.get('group')}: {g.get('n_latents')} latents, depth {_fmt(g.get('depth_mean'), 2)}, "
                   f"MS {_fmt(g.get('ms_mean'))}" for g in groups]
+        chance = self._chance_depth()
+        if chance is not None:
+            lines.append(f"  chance (16 random images): depth {chance:.2f}; a random tiny encoder barely sees shapes, so "
+                         f"expect little above it here (the paper's Table 2 needs CLIP on iNaturalist)")
         lines.append("hierarchy.json, hierarchy.md, hierarchy.png, latent_taxa.csv (labels in the browser)")
         return lines
+
+    def _chance_depth(self) -> float | None:
+        """Expected LCA depth of two distinct random images: P(same shape) + P(same shape and colour)."""
+        meta = _read_json(self.d("data") / "concepts" / "concepts.json") or {}
+        classes, n = meta.get("classes") or [], int(meta.get("n_per_class") or 0)
+        total = len(classes) * n
+        if total < 2:
+            return None
+        pairs = total * (total - 1) / 2
+        per_shape: dict[str, int] = {}
+        for c in classes:
+            per_shape[c["shape"]] = per_shape.get(c["shape"], 0) + n
+        same_shape = sum(m * (m - 1) / 2 for m in per_shape.values()) / pairs
+        same_class = len(classes) * n * (n - 1) / 2 / pairs
+        return same_shape + same_class
 
     # -- 5 ------------------------------------------------------------------------------------
     def steer(self) -> list[str]:
@@ -234,12 +255,15 @@ class Demo:
         res = call_job("steer", [
             f"model={MODEL}", f"sae_path={self.d('train') / 'sae'}", f"latent={latent}", f"alpha={alpha}",
             "image=[white,skimage:astronaut]", "max_new_tokens=6", f"seed={self.seed}",
+            f"sweep=[0,{round(alpha / 4, 2)},{round(alpha / 2, 2)},{alpha}]",
         ], self.d("steer"))
         s = _read_json(self.d("steer") / "steer.json") or res
         lines = [f"latent #{latent} clamped to alpha={alpha} in every token of the tapped vision block "
                  f"(prompt {s.get('settings', {}).get('prompt', '')!r})"]
         for img, b, st in zip(s.get("settings", {}).get("images", ["?"] * 9), s.get("baseline", []), s.get("steered", [])):
             lines.append(f"  {img}: baseline {b!r} -> steered {st!r}")
+        for a, answers in (s.get("sweep") or {}).items():
+            lines.append(f"  alpha sweep {a}: {answers!r}")
         changed = sum(b != st for b, st in zip(s.get("baseline", []), s.get("steered", [])))
         lines.append(f"{changed} of {len(s.get('steered', []))} answers changed (a random tiny LM: the words mean "
                      f"nothing, the change shows the hook reaches the language model)")
@@ -368,13 +392,31 @@ def run(cfg: Any = None, out_dpath: str | Path | None = None) -> dict[str, Any]:
     return Demo(out, steps, seed=int(cfg.get("seed", 0))).run()
 
 
+def _quiet() -> None:
+    """Keep the demo's output to what each step shows: no download bars, no known-harmless warnings."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+    for pattern in (".*inference threshold is not estimated.*", ".*Sparse CSR tensor support is in beta.*",
+                    ".*LeafSpec.*", ".*litlogger.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    try:  # Lightning sets its loggers to INFO when imported: import first, then turn them down
+        import lightning.pytorch  # noqa: F401
+    except ImportError:
+        pass
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmsae.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (replaced), default outputs/demo")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    os.environ.setdefault("WANDB_MODE", "disabled")
+    _quiet()
     summary = run({"steps": [s for s in args.steps.split(",") if s], "seed": args.seed}, args.out)
     return 0 if all(s["status"] == "ok" for s in summary["steps"].values()) else 1
 

@@ -70,7 +70,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from vlmsae.data.images import SkipLog, list_source
-    from vlmsae.data.shards import MANIFEST, ImageListDigest, ShardWriter, read_manifest
+    from vlmsae.data.shards import MANIFEST, ImageListDigest, ShardWriter, image_list_digest, read_manifest
     from vlmsae.models import TOKEN_CHOICES, ModelSpec, load_tap, select_tokens
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
@@ -91,6 +91,14 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     if data.source not in ("folder", "list", "wds", "synthetic"):
         raise ValueError(f"extract reads images: data.source={data.source!r} must be folder, list, wds or synthetic.")
 
+    classes: list[str] = []
+    total = listing_digest = None
+    if data.source != "wds":  # wds streams; the other sources are listed up front (cheap, no decoding)
+        listing = list_source(str(data.source), data.root, synthetic=synthetic)
+        items = listing.items if data.max_images is None else listing.items[: int(data.max_images)]
+        classes, total = listing.classes, len(items)
+        listing_digest = image_list_digest(key for key, _, _ in items)
+
     tap = load_tap(spec)
     layer = tap.resolve_layer(cfg.layer)
     if tokens == "cls" and layer != "last" and not tap.has_cls:
@@ -105,6 +113,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         "synthetic": synthetic, "max_images": data.max_images, "batch_size": int(data.batch_size),
         "image_size": tap.image_size, "has_cls": tap.has_cls, "model_dtype": spec.dtype,
         "rows_per_shard": int(cfg.rows_per_shard),
+        "listing_digest": listing_digest,  # a changed image folder is refused on resume, not silently mixed
     }
     writer = ShardWriter(out_dpath, d=d, dtype=dtype, rows_per_chunk=int(cfg.rows_per_chunk),
                          rows_per_shard=int(cfg.rows_per_shard), meta=meta)
@@ -114,6 +123,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         log.info("extraction in %s is already complete (%d rows)", out_dpath, manifest["n_rows"])
         return _summary(out_dpath, manifest, seconds=0.0)
 
+    write_run_info(out_dpath, config, result=None)  # says what is being made, even if the run is killed
     state = writer.state or {"next_pos": 0, "n_images": 0, "skipped": [], "digest": ImageListDigest().state_dict()}
     if state["next_pos"]:
         log.info("resuming %s after %d shards (%d rows, image position %d)", out_dpath, writer.n_shards,
@@ -121,13 +131,6 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     digest = ImageListDigest.from_state(state["digest"])
     skipped = SkipLog(list(state["skipped"]))
     n_images = int(state["n_images"])
-    classes: list[str] = []
-    total = None
-    if data.source != "wds":
-        listing = list_source(str(data.source), data.root, synthetic=synthetic)
-        classes = listing.classes
-        total = len(listing.items) if data.max_images is None else min(len(listing.items), int(data.max_images))
-
     stream = _ImageStream(str(data.source), data.root, state["next_pos"], data.max_images, tap.preprocess, synthetic)
     num_workers = int(data.num_workers)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_identity,

@@ -95,23 +95,21 @@ def _synthetic_opts(data: dict) -> dict | None:
     return {k: opts[k] for k in ("n_per_class", "size", "seed")}
 
 
-def compute_top_images(cfg: DictConfig, sae, source: dict[str, Any], out_dpath: Path):
+def compute_top_images(cfg: DictConfig, sae, source: dict[str, Any], out_dpath: Path, data: dict):
     """Run the SAE's source model and the SAE over the images, in one pass.
 
     The model, layer and token pooling are resolved exactly as ``vlmsae.monosemanticity`` does (its
     helpers are reused), so the top images here equal those of an MS run on the same images.
     Returns the top-images index (also saved to ``out_dpath/top_images``), the per-image codes
-    (sparse [N, K]), the image embeddings of ``cfg.embedder`` for MS (None without one) and the
-    class names of the source.
+    (sparse [N, K]) and the image embeddings of ``cfg.embedder`` for MS (None without one).
     """
     from tqdm.auto import tqdm
 
-    from vlmsae.data.images import SkipLog, iter_images, list_source
+    from vlmsae.data.images import SkipLog, iter_images
     from vlmsae.metrics.topimages import TopImages, top_images
     from vlmsae.models import load_tap
     from vlmsae.monosemanticity import POOLS, _model_spec, _pool_rows, _pool_sparse
 
-    data = _node(cfg, "data")
     if data.get("source") not in ("folder", "list", "wds", "synthetic"):
         raise ValueError(f"hierarchy reads images: data.source={data.get('source')!r} must be folder, list, wds or "
                          "synthetic (or pass ms_run=<monosemanticity run dir> to reuse its top images).")
@@ -138,9 +136,6 @@ def compute_top_images(cfg: DictConfig, sae, source: dict[str, Any], out_dpath: 
 
         embedder = load_embedder(_node(cfg, "embedder"))
     synthetic = _synthetic_opts(data)
-    classes: list[str] = []
-    if data["source"] != "wds":
-        classes = list_source(data["source"], data.get("root"), synthetic=synthetic).classes
     skip_log = SkipLog()
     records = iter_images(data["source"], data.get("root"), max_images=data.get("max_images"), skip_log=skip_log,
                           synthetic=synthetic)
@@ -186,7 +181,7 @@ def compute_top_images(cfg: DictConfig, sae, source: dict[str, Any], out_dpath: 
         "skipped": skip_log.to_list(), "written_by": "vlmsae.hierarchy",
     })
     top.save(out_dpath / "top_images")
-    return top, codes_NK, torch.cat(emb_chunks) if emb_chunks else None, classes
+    return top, codes_NK, torch.cat(emb_chunks) if emb_chunks else None
 
 
 def compute_ms(codes_NK: torch.Tensor, embeddings_NE: torch.Tensor | None) -> torch.Tensor | None:
@@ -269,7 +264,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
     out_dpath = run_dir(out_dpath)
     if cfg.get("sae_path") is None:
-        raise ValueError("sae_path is required: the checkpoint folder of a trained SAE (…/sae with config.json).")
+        raise ValueError("sae_path is required: the checkpoint folder of a trained SAE (<run>/sae with config.json).")
     sae_info = read_sae_config(cfg.sae_path)
     sae = load_sae(cfg.sae_path)
     group_K = sae.group_of_latent.cpu()
@@ -277,18 +272,30 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)",
                     sae_info.get("arch"))
     data = _node(cfg, "data")
-    classes: list[str] = []
-    if cfg.get("ms_run"):
-        top, ms_K = load_ms_run(cfg.ms_run, sae.n_latents)
-    else:
-        top, codes, embeddings, classes = compute_top_images(cfg, sae, sae_info.get("source") or {}, out_dpath)
-        ms_K = compute_ms(codes, embeddings)
-
+    if cfg.get("ms_run") and not data.get("root"):
+        data = _ms_run_data(cfg.ms_run) or data  # the images the MS run ranked
+    # The taxonomy first: a missing WordNet or a bad CSV fails before any image is encoded.
     tax_cfg = _node(cfg, "taxonomy")
     taxonomy = load_taxonomy(
         tax_cfg["kind"], tax_cfg.get("path"), key_column=tax_cfg.get("key_column"), ranks=tax_cfg.get("ranks"),
         wordnet_dpath=tax_cfg.get("wordnet_dpath"), data_root=data.get("root") or _concept_root(data),
     )
+    classes: list[str] = []
+    if cfg.get("ms_run"):
+        top, ms_K = load_ms_run(cfg.ms_run, sae.n_latents)
+    else:
+        if data.get("source") in ("folder", "list", "synthetic"):
+            # every listed image must have a taxon: say so now, not after an hour of encoding
+            from vlmsae.data.images import list_source
+
+            listing = list_source(data["source"], data.get("root"), synthetic=_synthetic_opts(data))
+            classes = listing.classes
+            items = listing.items if data.get("max_images") is None else listing.items[: int(data["max_images"])]
+            names = [classes[lab] if isinstance(lab, int) and 0 <= lab < len(classes) else None for _, _, lab in items]
+            taxonomy.match([k for k, _, _ in items], [p for _, p, _ in items], names)
+        top, codes, embeddings = compute_top_images(cfg, sae, sae_info.get("source") or {}, out_dpath, data)
+        ms_K = compute_ms(codes, embeddings)
+
     # integer labels are class indices: give the taxonomy the class name when it is known
     labels = [classes[lab] if classes and isinstance(lab, int) and 0 <= lab < len(classes) else lab
               for lab in (top.labels or [None] * len(top.keys))]
@@ -338,6 +345,15 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     return {**summary, "out_dpath": str(out_dpath)}
 
 
+def _ms_run_data(ms_run: str | Path) -> dict | None:
+    """The ``data`` node an MS run was made with (its run_info.json), to find the taxonomy's images."""
+    info_fpath = Path(ms_run) / "run_info.json"
+    if not info_fpath.is_file():
+        return None
+    data = (json.loads(info_fpath.read_text()).get("config") or {}).get("data")
+    return data if isinstance(data, dict) and data.get("source") else None
+
+
 def _concept_root(data: dict) -> str | None:
     """The generated concept-image folder of ``data=tiny`` (its concepts.json names the classes)."""
     if data.get("source") != "synthetic":
@@ -349,7 +365,8 @@ def _concept_root(data: dict) -> str | None:
 
 def _main(cfg: DictConfig) -> None:
     out = run(cfg)
-    print(json.dumps({k: out[k] for k in ("groups", "n_scored", "n_images", "out_dpath")}, indent=1, default=str))
+    print((Path(out["out_dpath"]) / "hierarchy.md").read_text())
+    print(f"outputs: {out['out_dpath']} (hierarchy.json, hierarchy.md, hierarchy.png, latent_taxa.csv)")
 
 
 def main() -> None:

@@ -96,8 +96,10 @@ def _pool_sparse(codes_RF: torch.Tensor, per_image: int, pool: str, n_images: in
     return torch.sparse_coo_tensor(idx, pooled, (n_images, n_latents), check_invariants=False).coalesce()
 
 
-def _cache_fpath(cache_dpath: Path, embedder_spec, digest: str) -> Path:
-    key = hashlib.sha256(f"{embedder_spec.cache_id()}|{digest}".encode()).hexdigest()[:20]
+def _cache_fpath(cache_dpath: Path, embedder_spec, digest: str, where: str) -> Path:
+    """Cached embeddings are valid for one embedder, one image list (digest of the keys) and one place the
+    images come from (``where``: source, absolute root, synthetic options), since keys are relative paths."""
+    key = hashlib.sha256(f"{embedder_spec.cache_id()}|{digest}|{where}".encode()).hexdigest()[:20]
     return cache_dpath / f"{embedder_spec.name}-{key}.safetensors"
 
 
@@ -106,9 +108,13 @@ def _load_cache(fpath: Path) -> dict[str, torch.Tensor]:
 
     if not fpath.exists():
         return {}
-    with safe_open(str(fpath), framework="pt") as f:
-        keys = json.loads(f.metadata()["keys"])
-        emb = f.get_tensor("embeddings")
+    try:
+        with safe_open(str(fpath), framework="pt") as f:
+            keys = json.loads(f.metadata()["keys"])
+            emb = f.get_tensor("embeddings")
+    except Exception as err:  # noqa: BLE001  a damaged cache is recomputed, never fatal
+        log.warning("ignoring unreadable embedding cache %s (%s); recomputing", fpath, err)
+        return {}
     return {k: emb[i] for i, k in enumerate(keys)}
 
 
@@ -170,6 +176,50 @@ def _latents_csv(ms_K, freq_K, max_K, group_K, top) -> str:
     return buf.getvalue()
 
 
+def _zero_shot(cfg: DictConfig, spec, sae, layer, source: dict, data, synthetic, classes: list[str]) -> dict[str, Any]:
+    """Zero-shot fidelity with the SAE spliced into the source CLIP (open_clip models with a text tower)."""
+    from vlmsae.data.images import iter_images
+    from vlmsae.metrics.reconstruction import zero_shot_fidelity
+
+    if spec.backend != "open_clip":
+        return {"skipped": f"backend {spec.backend} has no text tower here (zero-shot needs an open_clip CLIP)"}
+    if not classes:
+        return {"skipped": "the images have no class folders / labels, so there are no zero-shot classes"}
+    import open_clip
+
+    from vlmsae.models.open_clip_backend import _resolve_source
+
+    model_name, pretrained = _resolve_source(spec)
+    quick_gelu = bool(spec.extra.get("quick_gelu", spec.pretrained == "openai"))
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained, cache_dir=spec.cache_dir, force_quick_gelu=quick_gelu
+    )
+    model = model.to(sae.W_dec.device).eval()
+    if getattr(model, "transformer", None) is None and getattr(model, "text", None) is None:
+        return {"skipped": f"{spec.name} has no text tower"}
+    template = str(cfg.get("zero_shot_template", "a photo of a {}."))
+    prompts = [template.format(c.replace("_", " ")) for c in classes]
+    try:
+        tokenizer = open_clip.get_tokenizer(model_name)
+        text = tokenizer(prompts)
+    except Exception:  # noqa: BLE001  local-dir models: CLIP's BPE tokenizer at the model's context length
+        text = open_clip.tokenize(prompts, context_length=getattr(model, "context_length", 77))
+    max_images = int(cfg.get("zero_shot_max_images", 1000))
+    if data.max_images is not None:
+        max_images = min(max_images, int(data.max_images))
+    records = [r for r in iter_images(str(data.source), data.root, max_images=max_images, synthetic=synthetic)
+               if r.label >= 0]
+    if not records:
+        return {"skipped": "no labelled images"}
+    bs = int(data.batch_size)
+    batches = [torch.stack([preprocess(r.image) for r in records[i : i + bs]]) for i in range(0, len(records), bs)]
+    tokens = "cls" if source.get("tokens", "cls") == "cls" else "all"
+    with torch.no_grad():
+        out = zero_shot_fidelity(model, sae, layer, batches, text.to(sae.W_dec.device),
+                                 labels=[r.label for r in records], tokens=tokens)
+    return {**out, "spliced_tokens": tokens, "n_classes": len(classes), "template": template}
+
+
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Score ``cfg.sae_path``'s latents and the raw neurons on ``cfg.data``; outputs in ``out_dpath``."""
     from tqdm.auto import tqdm
@@ -202,6 +252,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError(f"Unknown pool={pool!r}: use one of {list(POOLS)}.")
     progress = bool(cfg.get("progress", True))
 
+    if cfg.get("device") not in (None, "auto"):
+        spec.device = str(cfg.device)
     tap = load_tap(spec)
     layer = tap.resolve_layer(layer)
     sae = load_sae(sae_dpath, device=tap.device)
@@ -212,7 +264,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
             f"wrong model/layer for this SAE (its source says {source})."
         )
     embedder_spec = EmbedderSpec.from_cfg(cfg.embedder)
-    embedder = load_embedder(embedder_spec)
+    embedder = None  # loaded on first use: a fully cached run needs no embedder weights
 
     data = cfg.data
     synthetic = None
@@ -225,12 +277,14 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     cache_dpath = Path(str(cfg.embed_cache)).expanduser() if cfg.get("embed_cache") else vlmsae_home() / "embeddings"
     cached: dict[str, torch.Tensor] = {}
     listing_digest = None
+    root_id = str(Path(str(data.root)).expanduser().resolve()) if data.root is not None else None
+    where = json.dumps({"source": str(data.source), "root": root_id, "synthetic": synthetic}, sort_keys=True)
     if data.source != "wds":
         listing = list_source(str(data.source), data.root, synthetic=synthetic)
         items = listing.items if data.max_images is None else listing.items[: int(data.max_images)]
         n_total = len(items)
         listing_digest = image_list_digest(key for key, _, _ in items)
-        cached = _load_cache(_cache_fpath(cache_dpath, embedder_spec, listing_digest))
+        cached = _load_cache(_cache_fpath(cache_dpath, embedder_spec, listing_digest, where))
 
     skip_log = SkipLog()
     records = iter_images(str(data.source), data.root, max_images=data.max_images, skip_log=skip_log, synthetic=synthetic)
@@ -245,7 +299,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     n_embedded = 0
 
     def flush(batch: list) -> None:
-        nonlocal n_embedded
+        nonlocal n_embedded, embedder
         images = [r.image for r in batch]
         x_BCHW = torch.stack([tap.preprocess(im) for im in images])
         acts = tap.forward_to(x_BCHW, layer)
@@ -275,6 +329,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         if all(k in cached for k in batch_keys):
             emb_rows.append(torch.stack([cached[k] for k in batch_keys]).float())
         else:
+            if embedder is None:
+                embedder = load_embedder(embedder_spec)
             emb_rows.append(embedder.embed(images))
             n_embedded += n_b
         keys.extend(batch_keys)
@@ -307,7 +363,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     ).coalesce()
     digest = listing_digest if listing_digest is not None else image_list_digest(keys)
     if n_embedded:
-        _save_cache(_cache_fpath(cache_dpath, embedder_spec, digest), keys, emb_NE, embedder_spec.cache_id())
+        _save_cache(_cache_fpath(cache_dpath, embedder_spec, digest, where), keys, emb_NE, embedder_spec.cache_id())
 
     log.info("scoring %d SAE latents and %d raw neurons on %d images", sae.n_latents, raw_ND.shape[1], n_images)
     chunk = int(cfg.get("chunk_size", 4096))
@@ -342,6 +398,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         "embedder": embedder_spec.name, "model": spec.name, "layer": layer, "pool": pool, "sae_path": str(sae_dpath),
         "n_latents_sae": sae.n_latents, "skipped_images": len(skip_log), "embeddings_cached": n_embedded == 0,
     })
+
+    if cfg.get("zero_shot", False):
+        classes = list(listing.classes) if data.source != "wds" else []
+        summary["zero_shot"] = _zero_shot(cfg, spec, sae, layer, source, data, synthetic, classes)
 
     group_F = sae.group_of_latent.cpu()
     atomic_write_text(out_dpath / "latents.csv", _latents_csv(ms_sae, freq_F, max_F, group_F, top))

@@ -75,6 +75,15 @@ def _side_by_side(names: list[str], rows: dict[str, list[str]], width: int = 40)
     return "\n".join(lines)
 
 
+def model_spec(cfg: DictConfig) -> dict:
+    """``cfg.model`` as a dict, with the job-level ``device_map`` (``device_map=auto`` on the command
+    line) folded into ``extra.device_map``, where :func:`vlmsae.models.llava.load_llava_spec` reads it."""
+    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.get("device_map") is not None:
+        spec["extra"] = {**(spec.get("extra") or {}), "device_map": cfg.device_map}
+    return spec
+
+
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     import torch
 
@@ -85,7 +94,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     if cfg.sae_path is None or not Path(str(cfg.sae_path)).is_dir():
         raise FileNotFoundError(f"sae_path={cfg.sae_path!r} is not a folder: pass an SAE checkpoint dir (save_sae output).")
     torch.manual_seed(int(cfg.seed))
-    model, processor = load_llava_spec(OmegaConf.to_container(cfg.model, resolve=True))
+    model, processor = load_llava_spec(model_spec(cfg))
     device = next(vision_tower(model).parameters()).device
     sae = load_steering_sae(str(cfg.sae_path), device=str(device))
     layer = cfg.layer if cfg.layer is not None else sae_layer(sae)
@@ -113,7 +122,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         sweep = alpha_sweep(answers, model, sae, j, [float(a) for a in cfg.sweep], mode=cfg.mode, patches=patches, layer=layer)
         result["sweep"] = {str(a): v for a, v in sweep.items()}
     result["settings"] = {
-        "model": cfg.model.name, "sae_path": str(cfg.sae_path), "layer": handle.layer,
+        "model": cfg.model.name, "dtype": str(cfg.model.dtype), "device_map": cfg.get("device_map"),
+        "sae_path": str(cfg.sae_path), "layer": handle.layer,
         "latents": {str(j): a for j, a in latents.items()}, "mode": cfg.mode, "patches": patches,
         "prompt": cfg.prompt, "images": names, "max_new_tokens": int(cfg.max_new_tokens),
         "greedy": True,

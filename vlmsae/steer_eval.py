@@ -123,6 +123,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.metrics.topimages import TopImages
     from vlmsae.models.embedders import load_embedder
     from vlmsae.models.llava import load_llava_spec, vision_tower
+    from vlmsae.steer import model_spec
     from vlmsae.steering import first_word, generate_answers, load_steering_sae, sae_layer, steer
     from vlmsae.steering.score import ScoreSummary, concept_embeddings, markdown_table, shuffled, word_scores
 
@@ -132,7 +133,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
             raise FileNotFoundError(f"{key}={cfg[key]!r} is not a folder.")
     torch.manual_seed(int(cfg.seed))
     latents = latent_list(cfg.latents)
-    model, processor = load_llava_spec(OmegaConf.to_container(cfg.model, resolve=True))
+    model, processor = load_llava_spec(model_spec(cfg))
     device = next(vision_tower(model).parameters()).device
     sae = load_steering_sae(str(cfg.sae_path), device=str(device))
     layer = cfg.layer if cfg.layer is not None else sae_layer(sae)
@@ -155,18 +156,22 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     for s in tqdm(range(0, len(images), bs), desc="not steered"):
         plain += gen(images[s:s + bs])
     jobs = [(li, ii) for li in range(len(latents)) for ii in range(len(images))]
-    steered: list[str] = []
-    for s in tqdm(range(0, len(jobs), bs), desc="steered"):
-        batch = jobs[s:s + bs]
-        # One generate call steers a different latent per sample: NaN alpha = leave that latent as encoded.
-        alphas = {}
-        for li in sorted({li for li, _ in batch}):
-            a_B1 = torch.full((len(batch), 1), float("nan"))
-            a_B1[[b for b, (lj, _) in enumerate(batch) if lj == li]] = float(cfg.alpha)
-            alphas[latents[li]] = a_B1
-        with steer(model, sae, alphas, mode=cfg.mode, layer=layer):
-            steered += gen([images[ii] for _, ii in batch])
 
+    def steered_answers(mode: str) -> list[str]:
+        answers: list[str] = []
+        for s in tqdm(range(0, len(jobs), bs), desc=f"steered ({mode})"):
+            batch = jobs[s:s + bs]
+            # One generate call steers a different latent per sample: NaN alpha = leave that latent as encoded.
+            alphas = {}
+            for li in sorted({li for li, _ in batch}):
+                a_B1 = torch.full((len(batch), 1), float("nan"))
+                a_B1[[b for b, (lj, _) in enumerate(batch) if lj == li]] = float(cfg.alpha)
+                alphas[latents[li]] = a_B1
+            with steer(model, sae, alphas, mode=mode, layer=layer):
+                answers += gen([images[ii] for _, ii in batch])
+        return answers
+
+    steered = steered_answers(cfg.mode)
     steered_words = [first_word(a) for a in steered]
     plain_words = [first_word(plain[ii]) for _, ii in jobs]
     concept_of_job = [li for li, _ in jobs]
@@ -174,6 +179,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         "steered": word_scores(steered_words, concept_of_job, concepts_LE, embed_texts),
         "not steered": word_scores(plain_words, concept_of_job, concepts_LE, embed_texts),
     }
+    if cfg.compare_add and cfg.mode != "add":  # plain activation steering along the same decoder directions
+        add_words = [first_word(a) for a in steered_answers("add")]
+        scores["activation steering (add)"] = word_scores(add_words, concept_of_job, concepts_LE, embed_texts)
     # Bounds: the class names of each latent's top images, then the same names shuffled across latents.
     names = load_class_names(cfg.class_names)
     bound_note = None
@@ -219,7 +227,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         writer.writerow([latents[li], image_names[ii], steered[k], steered_words[k], f"{scores['steered'][k]:.4f}",
                          plain[ii], plain_words[k], f"{scores['not steered'][k]:.4f}"])
     atomic_write_text(out_dpath / "answers.csv", buf.getvalue())
-    atomic_write_text(out_dpath / "steer_eval.md", f"# Steering score ({setting}, alpha={cfg.alpha})\n\n{table}")
+    title = f"# Steering score: {len(latents)} latents x {n_img} images ({cfg.images}), alpha={cfg.alpha}, {cfg.mode}\n\n"
+    note = f"The paper column is SPEC 5's {'white-image' if setting == 'white' else 'ImageNet-image'} setting.\n"
+    atomic_write_text(out_dpath / "steer_eval.md", title + table + "\n" + note)
     atomic_write_json(out_dpath / "steer_eval.json", result)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
     print(table)

@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.utils.io import atomic_write_json
+from vlmsae.utils.io import atomic_write_json, atomic_write_text
 from vlmsae.utils.provenance import write_run_info
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,10 @@ def resolve_data(cfg: DictConfig) -> dict:
         acts_dpath, manifest, shard_fpaths = open_store(data.get("acts"))
         d = int(manifest["d"])
         store_layer = manifest.get("layer")
+        if layer is not None:
+            from vlmsae.models.tap import resolve_layer
+
+            layer = resolve_layer(layer, int(model.get("n_layers", 24)), model.get("name", "model"))  # -2 -> 22
         if layer is not None and store_layer is not None and not _same_layer(layer, store_layer):
             raise ValueError(
                 f"layer={layer} but the activation store {acts_dpath} holds layer {store_layer}: point data.acts at "
@@ -194,9 +198,12 @@ def build_datamodule(cfg: DictConfig, info: dict):
     image_kwargs = {"source": image_source, "root": data.get("root")}
     if data.get("max_images") is not None:
         image_kwargs["max_images"] = data["max_images"]
+    extra = dict(data.get("extra") or {})
+    if image_source == "synthetic":  # the same generated images the extract job uses for these options
+        image_kwargs["synthetic"] = {k: extra[k] for k in ("n_per_class", "size", "seed") if k in extra}
     tokens, k_tokens = _parse_tokens(info["tokens"], info.get("tokens_k") or 2)
     period = max(2, round(1.0 / stream.val_fraction)) if stream.val_fraction > 0 else 10**9
-    per_forward = int((data.get("extra") or {}).get("images_per_forward", 32))
+    per_forward = int(extra.get("images_per_forward", 32))  # images per encoder forward
     common = dict(model_spec=spec, image_kwargs=image_kwargs, layer=info["layer"], tokens=tokens, k_tokens=k_tokens,
                   images_per_forward=per_forward, seed=stream.seed, holdout_every=period)
     return ImageActsDataModule(ImageChunkMaker(split="train", **common), ImageChunkMaker(split="val", **common),
@@ -263,16 +270,20 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     sae_config = build_sae_config(cfg, info["d"])
     resume_ckpt = find_resume_checkpoint(cfg.get("resume", False), out_dpath, config)
     lr = float(t["lr"]) if t.get("lr") is not None else default_lr(sae_config["n_latents"])
-    write_run_info(out_dpath, config, status="running", resumed_from=str(resume_ckpt) if resume_ckpt else None,
-                   sae_config=sae_config, lr=lr)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    is_rank_zero = rank_zero_only.rank == 0  # DDP: every rank runs this function; one writes the files
+    if is_rank_zero:
+        write_run_info(out_dpath, config, status="running", resumed_from=str(resume_ckpt) if resume_ckpt else None,
+                       sae_config=sae_config, lr=lr)
 
     L.seed_everything(seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg, info)
     module = SAELitModule(sae_config, lr=lr, warmup_steps=int(t["warmup_steps"]), grad_clip=float(t["gradient_clip_val"]),
                           log_every_n_steps=int(t["log_every_n_steps"]), seed=seed)
     logger, wandb_id = build_logger(cfg, out_dpath, resume_ckpt)
-    if wandb_id:
-        (out_dpath / "wandb_id.txt").write_text(wandb_id)
+    if wandb_id and is_rank_zero:
+        atomic_write_text(out_dpath / "wandb_id.txt", wandb_id)  # resume=true continues this W&B run
 
     ckpt_dpath = out_dpath / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dpath), filename="step{step:07d}", auto_insert_metric_name=False,
@@ -292,14 +303,18 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
         if resume_ckpt is None:
             # b_dec and the input scale come from the data before step 0 (they are in the checkpoint on resume).
             n_init = max(1, int(t["scale_batches"]))
-            init = module.init_from_batches(datamodule.first_batches(n_init))
+            from tqdm import tqdm
+
+            batches = tqdm(datamodule.first_batches(n_init), total=n_init, desc="input scale + b_dec init",
+                           unit="batch", disable=not (is_rank_zero and bool(t["enable_progress_bar"])))
+            init = module.init_from_batches(batches)
             log.info("input scale %.4g from %d rows", init["input_scale"], init["init_rows"])
         else:
             log.info("resuming from %s", resume_ckpt)
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
         if trainer.interrupted:
             raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; resume with resume=true")
-        _final_checkpoint(trainer, ckpt_dpath)
+        _final_checkpoint(trainer, checkpoint, ckpt_dpath)
         trainer.validate(module, datamodule=datamodule, verbose=False)
     except NonFiniteLossError as err:
         if trainer.is_global_zero:
@@ -333,10 +348,14 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     return metrics
 
 
-def _final_checkpoint(trainer, ckpt_dpath: Path) -> None:
-    """Save the end state (so resume=true on a finished run is a no-op) and point last.ckpt at it."""
+def _final_checkpoint(trainer, checkpoint, ckpt_dpath: Path) -> None:
+    """Save the end state (so resume=true on a finished run is a no-op) and point last.ckpt at it.
+
+    Whether to save is decided from the callback's state, the same on every rank: saving is a
+    collective call under DDP, and a rank that skipped it would leave the others waiting.
+    """
     final = ckpt_dpath / f"step{int(trainer.global_step):07d}.ckpt"
-    if not final.exists():
+    if getattr(checkpoint, "_last_global_step_saved", -1) != trainer.global_step:
         trainer.save_checkpoint(str(final))
     if trainer.is_global_zero:
         tmp = ckpt_dpath / ".last.ckpt.tmp"

@@ -308,6 +308,9 @@ def _atomic_tmp_write(fpath: Path, write_fn) -> None:
     tmp_fpath = Path(tmp_name)
     try:
         write_fn(tmp_fpath)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_fpath, 0o666 & ~umask)  # mkstemp makes 0600; shards are meant to be shared
         os.replace(tmp_fpath, fpath)
     finally:
         if tmp_fpath.exists():

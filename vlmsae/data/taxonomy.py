@@ -13,8 +13,9 @@ Sources:
 - a CSV with a key column and one column per rank;
 - the generated concept images of ``data=tiny`` (shape, then shape + colour).
 
-Images are matched to taxa by :meth:`Taxonomy.match` (exact key, class label, or any folder or
-file-name prefix of the key / path), so ImageFolder layouts work without a mapping file.
+Images are matched to taxa by :meth:`Taxonomy.match` (exact key, class label, any folder of the key /
+path, then the file name, its stem or its wnid prefix), so ImageFolder layouts work without a mapping
+file. Taxon paths become integer codes per rank with :func:`encode_paths` for the vectorised metric.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ import torch
 INAT_RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 
 # 00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax: an id, six ranks, the epithet.
-# Some epithets carry an underscore-free hyphen or a subspecies word; everything after the genus is
-# the epithet.
+# Everything after the genus is the epithet (a trinomial's subspecies word included).
 _INAT_DIRNAME_RE = re.compile(r"^(\d+)_([^_]+)_([^_]+)_([^_]+)_([^_]+)_([^_]+)_([^_]+)_(.+)$")
 _WNID_RE = re.compile(r"n\d{8}")
 
@@ -75,20 +75,23 @@ class Taxonomy:
             return self.paths[key]
         if isinstance(label, str) and label in self.paths:
             return self.paths[label]
-        # Folder names and file-name stems of the key and the file path, innermost first:
-        # root/train/00000_Animalia_.../x.jpg, root/n01440764/x.JPEG, val/n01440764_123.JPEG.
+        # Folder names of the key and the file path, innermost first, then the file name and its
+        # stem: root/train/00000_Animalia_.../x.jpg, root/n01440764/x.JPEG, then val/n01440764_123.JPEG.
+        # Folders come before the file name so an image called "5.jpg" never matches a taxon "5".
         for candidate in (key, path):
             if not candidate:
                 continue
-            for part in reversed(str(candidate).replace("\\", "/").split("/")):
+            *folders, fname = str(candidate).replace("\\", "/").split("/")
+            for part in reversed(folders):
                 if part in self.paths:
                     return self.paths[part]
-                stem = os.path.splitext(part)[0]
-                if stem in self.paths:
-                    return self.paths[stem]
-                wnid = _WNID_RE.match(stem)
-                if wnid and wnid.group(0) in self.paths:
-                    return self.paths[wnid.group(0)]
+            stem = os.path.splitext(fname)[0]
+            for name in (fname, stem):
+                if name in self.paths:
+                    return self.paths[name]
+            wnid = _WNID_RE.match(stem)
+            if wnid and wnid.group(0) in self.paths:
+                return self.paths[wnid.group(0)]
         return None
 
     def match(
@@ -190,8 +193,9 @@ def load_inat_dirnames(source: str | Path | Iterable[str]) -> Taxonomy:
 def load_inat_json(fpath: str | Path) -> Taxonomy:
     """Taxonomy from the iNat 2021 categories JSON (``train.json`` / ``val.json`` or a bare list).
 
-    Each category is reachable by its ``image_dir_name``, its ``name``, and its ``id`` as a string;
-    images listed in the file (``images`` + ``annotations``) are keyed by ``file_name`` too.
+    Each category is reachable by its ``image_dir_name`` and its ``name`` (not its numeric id, which
+    file names like ``5.jpg`` would hit); images listed in the file (``images`` + ``annotations``)
+    are keyed by ``file_name`` too.
     """
     fpath = Path(fpath)
     if not fpath.is_file():
@@ -208,7 +212,7 @@ def load_inat_json(fpath: str | Path) -> Taxonomy:
         if missing:
             raise TaxonomyError(f"{fpath}: category #{i} ({cat.get('name', '?')}) lacks the fields {missing}.")
         path = tuple(str(cat[f]) for f in fields[:-1]) + (f"{cat['genus']} {cat['specific_epithet']}",)
-        for key in (cat.get("image_dir_name"), cat.get("name"), cat.get("id")):
+        for key in (cat.get("image_dir_name"), cat.get("name")):
             if key is not None:
                 paths[str(key)] = path
         by_id[cat.get("id")] = path
@@ -302,7 +306,9 @@ def find_wordnet_noun_file(wordnet_dpath: str | Path | None = None) -> tuple[Pat
         elif (c / "dict" / "data.noun").is_file():
             return c / "dict" / "data.noun", None
     if wordnet_dpath:
-        raise TaxonomyError(f"No WordNet data.noun under taxonomy.wordnet_dpath={wordnet_dpath}.\n{WORDNET_INSTALL_HINT}")
+        raise TaxonomyError(
+            f"No WordNet data.noun under taxonomy.wordnet_dpath={wordnet_dpath}.\n{WORDNET_INSTALL_HINT}"
+        )
     raise TaxonomyError(WORDNET_INSTALL_HINT)
 
 
@@ -413,7 +419,10 @@ def load_concepts(root: str | Path | None = None) -> Taxonomy:
 def load_taxonomy(kind: str, path: str | Path | None = None, *, key_column: str | None = None,
                   ranks: Sequence[str] | None = None, wordnet_dpath: str | Path | None = None,
                   data_root: str | Path | None = None) -> Taxonomy:
-    """Dispatch on ``kind`` (inat_dirnames | inat_json | wordnet | csv | concepts); ``path`` defaults to the data root."""
+    """Dispatch on ``kind`` (inat_dirnames | inat_json | wordnet | csv | concepts).
+
+    ``path`` (a file or folder) defaults to ``data_root`` where the kind reads folders.
+    """
     if kind == "inat_dirnames":
         return load_inat_dirnames(path or _need(data_root, kind))
     if kind == "inat_json":

@@ -9,9 +9,10 @@ is infinite (``trainer.max_steps`` ends training) so every rank runs the same nu
 extraction model, for users without disk for a cache; it reuses the same shuffle buffer.
 
 Held-out validation rows: whole shards when the store has enough of them
-(``round(val_fraction * n_shards) >= 1`` and one training shard per rank remains), else every
-``round(1 / val_fraction)``-th chunk of every shard (chunk 0 included), so even a tiny store
-keeps a validation split that training never sees.
+(``round(val_fraction * n_shards) >= 1`` and one training shard remains), else every
+``round(1 / val_fraction)``-th chunk (chunk 0 included), else (a single-chunk store) every
+``round(1 / val_fraction)``-th row, so even a tiny store keeps a validation split that training
+never sees.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def open_store(acts: str | Path | None) -> tuple[Path, dict, list[str]]:
     if acts in (None, "", "???"):
         raise ValueError(
             "data.acts is not set: pass the activation folder written by `python -m vlmsae.extract`, "
-            "e.g. data.acts=outputs/extract/<run>/acts (or data=images to compute activations on the fly)"
+            "e.g. data.acts=outputs/extract/<run> (or data=images to compute activations on the fly)"
         )
     acts_dpath = Path(str(acts)).expanduser()
     if not acts_dpath.is_dir():
@@ -112,6 +113,8 @@ class ActsDataModule(L.LightningDataModule):
         if not 0.0 <= frac < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {frac}")
         n_val_shards = round(frac * n_shards)
+        self.train_rows, self.val_rows = ("all",), ("all",)
+        self.train_keep, self.val_keep = ("all",), ("all",)
         if frac == 0.0:
             # No held-out data: validation reads the training shards (in-sample, said in the log).
             self.train_fpaths, self.val_fpaths = self.shard_fpaths, self.shard_fpaths
@@ -124,7 +127,10 @@ class ActsDataModule(L.LightningDataModule):
         else:
             period = max(2, round(1.0 / frac))
             self.train_fpaths, self.val_fpaths = self.shard_fpaths, self.shard_fpaths
-            self.train_keep, self.val_keep = ("train", period), ("val", period)
+            if int(self.manifest.get("n_chunks", 2)) >= 2:  # chunk 0 is held out, chunk 1 trains
+                self.train_keep, self.val_keep = ("train", period), ("val", period)
+            else:  # a single chunk: hold out every period-th row of it
+                self.train_rows, self.val_rows = ("train", period), ("val", period)
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
@@ -137,10 +143,11 @@ class ActsDataModule(L.LightningDataModule):
 
     def _effective_buffer(self, n_fpaths: int) -> int:
         """Cap the buffer at half the rows one worker sees, so a tiny store never holds a row twice."""
-        workers = max(1, self.stream.num_workers)
+        workers = max(1, self.train_workers())
         rows_per_worker = self.n_rows * n_fpaths / max(1, len(self.shard_fpaths)) / (self.world_size * workers)
-        if self.train_keep[0] == "train":
-            rows_per_worker *= 1 - 1 / self.train_keep[1]
+        for keep in (self.train_keep, self.train_rows):
+            if keep[0] == "train":
+                rows_per_worker *= 1 - 1 / keep[1]
         cap = int(rows_per_worker // 2)
         return max(0, min(int(self.stream.shuffle_buffer), cap)) if self.n_rows else int(self.stream.shuffle_buffer)
 
@@ -148,7 +155,8 @@ class ActsDataModule(L.LightningDataModule):
         return ShardRowStream(
             self.train_fpaths, self.stream.batch_size, self._effective_buffer(len(self.train_fpaths)),
             seed=self.stream.seed + seed_offset, rank=self.rank, world_size=self.world_size,
-            n_epochs=None, shuffle=True, drop_last=True, chunk_keep=self.train_keep, skip_batches=skip_batches,
+            n_epochs=None, shuffle=True, drop_last=True, chunk_keep=self.train_keep, row_keep=self.train_rows,
+            skip_batches=skip_batches,
         )
 
     def val_stream(self) -> ShardRowStream:
@@ -156,7 +164,7 @@ class ActsDataModule(L.LightningDataModule):
         rank = self.rank if world > 1 else 0
         return ShardRowStream(
             self.val_fpaths, self.stream.batch_size, 0, seed=self.stream.seed, rank=rank, world_size=world,
-            n_epochs=1, shuffle=False, drop_last=False, chunk_keep=self.val_keep,
+            n_epochs=1, shuffle=False, drop_last=False, chunk_keep=self.val_keep, row_keep=self.val_rows,
         )
 
     def _loader(self, dataset: IterableDataset, workers: int) -> DataLoader:
@@ -165,8 +173,25 @@ class ActsDataModule(L.LightningDataModule):
             persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
         )
 
+    def train_workers(self) -> int:
+        """data.num_workers, capped so every worker of every rank has at least one training chunk."""
+        n_chunks = int(self.manifest.get("n_chunks", 0)) or None
+        if n_chunks is None:
+            return self.stream.num_workers
+        if self.train_rows[0] != "all":
+            n_train = 1
+        elif self.train_keep[0] == "train":
+            n_train = n_chunks - (n_chunks + self.train_keep[1] - 1) // self.train_keep[1]
+        else:
+            n_train = n_chunks * len(self.train_fpaths) // len(self.shard_fpaths)
+        workers = min(self.stream.num_workers, max(1, n_train // self.world_size))
+        if workers < self.stream.num_workers:
+            log.info("data.num_workers=%d capped to %d: the store has %d training chunk(s) for %d rank(s)",
+                     self.stream.num_workers, workers, n_train, self.world_size)
+        return 0 if workers == 1 and n_train < 2 else workers
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_stream(skip_batches=self.batches_seen), self.stream.num_workers)
+        return self._loader(self.train_stream(skip_batches=self.batches_seen), self.train_workers())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_stream(), min(self.stream.num_workers, 1))
@@ -252,7 +277,14 @@ class ImageChunkMaker:
         from vlmsae.models import load_tap, select_tokens
 
         if self._tap is None:
-            self._tap = load_tap(self.model_spec).eval()
+            spec = self.model_spec
+            if spec.device == "auto" and torch.cuda.is_available():
+                # DDP: each rank's encoder on its own GPU (a spawned worker does not inherit the device)
+                import dataclasses
+                import os
+
+                spec = dataclasses.replace(spec, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+            self._tap = load_tap(spec).eval()
         tap = self._tap
         device = next(tap.parameters()).device
         generator = torch.Generator().manual_seed(self.seed * 1000003 + epoch * 7919 + part)
@@ -294,7 +326,9 @@ class ImageActsDataModule(L.LightningDataModule):
         self.rank, self.world_size = _world(self.trainer)
 
     def _loader(self, dataset, workers):
-        return DataLoader(dataset, batch_size=None, num_workers=workers)
+        # CUDA cannot be used in a forked worker: the encoder's workers are spawned instead.
+        context = "spawn" if workers > 0 and torch.cuda.is_available() else None
+        return DataLoader(dataset, batch_size=None, num_workers=workers, multiprocessing_context=context)
 
     def train_dataloader(self) -> DataLoader:
         ds = _ImageRowsStream(self.make_train, self.stream.batch_size, self.stream.shuffle_buffer, self.stream.seed,

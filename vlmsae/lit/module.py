@@ -13,7 +13,7 @@ error per element in raw activation units; ``nmse`` is ||x - x_hat||^2 / ||x||^2
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,11 +36,6 @@ DENSITY_EDGES = np.arange(-7.0, 0.01, 0.25)  # log10 firing-frequency bins for t
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or weights; the message holds the step and batch statistics."""
-
-
-def default_lr(n_latents: int) -> float:
-    """SPEC 2: lr = 2e-4 / sqrt(F / 2^14), so wider dictionaries take smaller steps."""
-    return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
 class LinearWarmup:
@@ -82,11 +77,11 @@ class SAELitModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        from vlmsae.sae import build_sae
+        from vlmsae.sae import build_sae, default_lr
 
         cfg = SAEConfig(**{**sae_config, "group_fractions": _tuple_or_none(sae_config.get("group_fractions"))})
-        self.sae = build_sae(cfg, seed=seed) if _accepts_seed(build_sae) else build_sae(cfg)
-        self.lr = float(lr) if lr is not None else default_lr(cfg.n_latents)
+        self.sae = build_sae(cfg, seed=seed)
+        self.lr = float(lr) if lr is not None else default_lr(cfg.n_latents)  # SPEC 2: 2e-4 / sqrt(F / 2^14)
         self.automatic_optimization = False
         self.val_metrics: dict[str, Any] = {}
         self._val: dict[str, torch.Tensor] = {}
@@ -98,13 +93,19 @@ class SAELitModule(L.LightningModule):
 
         Called once before step 0 (never on resume: both live in the checkpoint).
         """
-        batches = [b.float() for b in batches]
-        if not batches:
-            raise ValueError("no batches to initialise the SAE from: the activation stream is empty")
-        scale = estimate_input_scale(batches, self.sae.cfg.d_in)
+        kept: dict[str, Any] = {"first": None, "rows": 0}
+
+        def stream():  # one batch in memory at a time (100 x 4096 x 1024 floats would be 1.6 GB)
+            for batch in batches:
+                if kept["first"] is None:
+                    kept["first"] = batch.float()
+                kept["rows"] += batch.shape[0]
+                yield batch
+
+        scale = estimate_input_scale(stream(), self.sae.cfg.d_in)  # raises on an empty stream
         set_input_scale_(self.sae, scale)
-        init_b_dec_geometric_median_(self.sae, batches[0].to(self.sae.b_dec.device))
-        return {"input_scale": scale, "init_rows": sum(b.shape[0] for b in batches)}
+        init_b_dec_geometric_median_(self.sae, kept["first"].to(self.sae.b_dec.device))
+        return {"input_scale": scale, "init_rows": kept["rows"]}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -127,6 +128,7 @@ class SAELitModule(L.LightningModule):
                 f"batch {batch_stats(x_BD)}; training stopped, {self._checkpoint_note()}"
             )
         out = self.sae.loss(x_BD)
+        self._sync_dead_tracking(out["fired_F"], x_BD.shape[0])
         loss = out["loss"]
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError(
@@ -154,6 +156,24 @@ class SAELitModule(L.LightningModule):
             self._log_train(x_BD, out)
         return loss.detach()
 
+    @torch.no_grad()
+    def _sync_dead_tracking(self, fired_F: torch.Tensor, batch_size: int) -> None:
+        """DDP: a latent is alive if it fired on any rank, and every rank's rows count as samples.
+
+        ``sae.loss`` updated ``samples_since_fired`` from this rank's batch only; this adds the
+        other ranks' rows and zeroes the latents that fired elsewhere, so the dead mask (and AuxK)
+        follows the global stream and the buffers stay identical on every rank.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        fired_any_F = fired_F.to(torch.int32)
+        dist.all_reduce(fired_any_F, op=dist.ReduceOp.MAX)
+        counts_F = self.sae.samples_since_fired
+        counts_F.add_(batch_size * (dist.get_world_size() - 1))
+        counts_F.masked_fill_(fired_any_F.bool(), 0)
+
     def _current_lr(self) -> float:
         try:
             return float(self.optimizers().param_groups[0]["lr"])
@@ -169,7 +189,9 @@ class SAELitModule(L.LightningModule):
         x_hat_BD = out["x_hat"].float()
         err = (x_BD - x_hat_BD).pow(2).sum()
         total = (x_BD - x_BD.mean(0)).pow(2).sum()
-        codes_BF = self.sae.encode(x_BD)  # inference codes, for firing frequencies
+        with warnings.catch_warnings():  # before the threshold exists encode() uses top-k: expected here
+            warnings.simplefilter("ignore", UserWarning)
+            codes_BF = self.sae.encode(x_BD)  # inference codes, for firing frequencies
         freq_F = (codes_BF > 0).float().mean(0)
         metrics = {
             "train/loss": out["loss"].detach(),
@@ -209,7 +231,9 @@ class SAELitModule(L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         x_BD = batch.float()
-        codes_BF = self.sae.encode(x_BD)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            codes_BF = self.sae.encode(x_BD)
         x_hat_BD = self.sae.decode(codes_BF).float()
         active_BF = codes_BF > 0
         v = self._val
@@ -264,12 +288,3 @@ class SAELitModule(L.LightningModule):
 
 def _tuple_or_none(value):
     return None if value is None else tuple(float(f) for f in value)
-
-
-def _accepts_seed(fn) -> bool:
-    import inspect
-
-    try:
-        return "seed" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False

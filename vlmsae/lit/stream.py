@@ -21,7 +21,7 @@ Module-level functions and classes only (no lambdas): DataLoader workers pickle 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +39,13 @@ class Chunk:
 
 
 # ------------------------------------------------------------------------------------- reading
-def _iter_local_acts(shard_fpath: str) -> Iterator[Chunk]:
+def _iter_local_acts(shard_fpath: str, want: Callable[[int], bool]) -> Iterator[Chunk]:
     """Only the ``acts`` of a local shard, read by member offset (the training fast path).
 
     Training needs neither ``keys.json`` nor the index tensors, and Python's streaming tar reader
     (``tarfile`` mode ``r|``) copies through small buffers: seeking to each ``%06d.acts.safetensors``
-    member and decoding it whole measured ~7x faster on the build machine (bench/loader.py).
+    member and decoding it whole measured ~4x faster on the build machine (bench/loader.py).
+    Chunks that ``want`` refuses (held-out rows, another worker's share) are never read.
     """
     import tarfile
 
@@ -55,21 +56,29 @@ def _iter_local_acts(shard_fpath: str) -> Iterator[Chunk]:
             name = member.name.rsplit("/", 1)[-1]
             if not member.isfile() or not name.endswith(".acts.safetensors"):
                 continue
+            chunk_index = int(name.split(".", 1)[0])
+            if not want(chunk_index):
+                continue
             fh.seek(member.offset_data)
             tensors = load_safetensors(fh.read(member.size))
-            yield Chunk(rows_RD=tensors["acts"], chunk_index=int(name.split(".", 1)[0]))
+            yield Chunk(rows_RD=tensors["acts"], chunk_index=chunk_index)
 
 
-def iter_shard_chunks(shard_fpath: str) -> Iterator[Chunk]:
-    """Chunks of one shard, in file order: the offset fast path for local files, else
-    ``vlmsae.data.shards.iter_chunks`` (the store's reference reader)."""
+def _want_all(chunk_index: int) -> bool:
+    return True
+
+
+def iter_shard_chunks(shard_fpath: str, want: Callable[[int], bool] = _want_all) -> Iterator[Chunk]:
+    """Chunks of one shard whose index ``want`` accepts, in file order: the offset fast path for
+    local files, else ``vlmsae.data.shards.iter_chunks`` (the store's reference reader)."""
     if Path(shard_fpath).is_file():
-        yield from _iter_local_acts(shard_fpath)
+        yield from _iter_local_acts(shard_fpath, want)
         return
     from vlmsae.data.shards import iter_chunks
 
     for sample in iter_chunks([shard_fpath]):
-        yield Chunk(rows_RD=sample["acts"], chunk_index=int(sample["chunk"]))
+        if want(int(sample["chunk"])):
+            yield Chunk(rows_RD=sample["acts"], chunk_index=int(sample["chunk"]))
 
 
 # ---------------------------------------------------------------------------- shuffle buffer
@@ -161,7 +170,8 @@ class ShardRowStream(IterableDataset):
     ``n_epochs=None`` streams forever (training); otherwise that many passes (validation,
     benchmarks, tests). ``chunk_keep`` selects chunks by index: ``("all",)``, ``("val", p)``
     (``chunk_index % p == 0``) or ``("train", p)`` (the others); it is how a store with few shards
-    still gets a held-out split.
+    still gets a held-out split. ``row_keep`` does the same by row position inside each chunk
+    (``("val", p)``: rows ``i % p == 0``), for a store of a single chunk.
     """
 
     def __init__(
@@ -176,6 +186,7 @@ class ShardRowStream(IterableDataset):
         shuffle: bool = True,
         drop_last: bool = True,
         chunk_keep: tuple = ("all",),
+        row_keep: tuple = ("all",),
         start_epoch: int = 0,
         skip_batches: int = 0,
     ):
@@ -198,6 +209,7 @@ class ShardRowStream(IterableDataset):
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.chunk_keep = tuple(chunk_keep)
+        self.row_keep = tuple(row_keep)
         self.start_epoch = int(start_epoch)
         self.skip_batches = int(skip_batches)
 
@@ -221,17 +233,28 @@ class ShardRowStream(IterableDataset):
         return is_val if mode == "val" else not is_val
 
     def iter_chunks(self, epoch: int, worker: int, n_workers: int) -> Iterator[torch.Tensor]:
+        """Row blocks of one worker of this rank in one epoch (chunks are filtered before reading)."""
         fpaths, stride = self.shards_for(epoch, worker, n_workers)
         position = 0
+
+        def want(chunk_index: int) -> bool:
+            nonlocal position
+            if not self._keep(chunk_index):
+                return False
+            if stride is None:
+                return True
+            position += 1
+            return (position - 1) % stride == worker
+
         for fpath in fpaths:
-            for chunk in iter_shard_chunks(fpath):
-                if not self._keep(chunk.chunk_index):
+            for chunk in iter_shard_chunks(fpath, want):
+                if self.row_keep[0] == "all":
+                    yield chunk.rows_RD
                     continue
-                if stride is not None:
-                    position += 1
-                    if (position - 1) % stride != worker:
-                        continue
-                yield chunk.rows_RD
+                is_val_R = torch.arange(chunk.rows_RD.shape[0]) % self.row_keep[1] == 0
+                rows_RD = chunk.rows_RD[is_val_R if self.row_keep[0] == "val" else ~is_val_R]
+                if rows_RD.shape[0]:
+                    yield rows_RD
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()

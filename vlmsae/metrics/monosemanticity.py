@@ -39,7 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["monosemanticity_scores", "ms_summary", "column_min_max", "unit_embeddings"]
+__all__ = ["monosemanticity_scores", "MSAccumulator", "ms_summary", "column_min_max", "unit_embeddings"]
 
 # Latents per block.  A block holds [block, d] float64 sums (4096 x 768 x 8 B = 25 MB) and, on the
 # dense path, one [images_chunk, block] float64 slice of the activations.
@@ -73,7 +73,7 @@ def _is_sparse(acts: torch.Tensor) -> bool:
 def _coo_entries(acts_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, cols, vals float64) of the stored nonzeros of a sparse [N, K] matrix; explicit zeros dropped."""
     coo = acts_NK.to_sparse_coo() if acts_NK.layout != torch.sparse_coo else acts_NK
-    coo = coo.coalesce()
+    coo = coo.detach().cpu().coalesce()  # the scorer runs on the CPU in float64 whatever the input device
     rows_E, cols_E = coo.indices()
     vals_E = coo.values().to(torch.float64)
     keep_E = vals_E != 0
@@ -240,6 +240,98 @@ def _ms_sparse(acts_NK: torch.Tensor, emb_ND: torch.Tensor, latent_block: int, p
         v_BD /= safe_range_K[k0:k1, None]
         sq_norm_K[k0:k1] = v_BD.pow(2).sum(1)
     return _ratio(sq_norm_K, sum_K, sum_sq_K, dead_K)
+
+
+class MSAccumulator:
+    """MS from a stream of image chunks, one pass: ``update(acts_chunk, emb_chunk)`` then ``result()``.
+
+    For activations that never sit in memory together (e.g. codes computed on the fly over a large
+    image set).  Keeps per-latent sufficient statistics: the nonzero count, min and max, and, after a
+    per-latent shift c, S1 = sum (a - c), S2 = sum (a - c)^2 and A = sum (a - c) e_n ([K, d] float64:
+    400 MB at K = 65,536, d = 768), plus sum_n e_n.  At the end, with delta = min a - c:
+    sum a~ R = S1 - N delta, sum a~^2 R^2 = S2 - 2 delta S1 + N delta^2, v R = A - delta sum_n e_n.
+    c = 0 for sparse chunks (their implicit zeros pin the minimum at or below 0) and the first dense
+    chunk's minimum otherwise, so delta stays of the order of the latent's range and the expansions do
+    not cancel away precision for raw neurons with a large offset.  Mixing dense and sparse chunks for
+    one accumulator is refused.  The two-pass :func:`monosemanticity_scores` is the reference and is
+    several times faster when everything fits in memory (it never holds or scatters into [K, d] sums).
+    """
+
+    def __init__(self, n_latents: int, dim: int) -> None:
+        self.n_latents, self.dim = n_latents, dim
+        self.n_images = 0
+        self.count_K = torch.zeros(n_latents, dtype=torch.long)
+        self.lo_K = torch.full((n_latents,), math.inf, dtype=torch.float64)
+        self.hi_K = torch.full((n_latents,), -math.inf, dtype=torch.float64)
+        self.shift_K: torch.Tensor | None = None
+        self.s1_K = torch.zeros(n_latents, dtype=torch.float64)
+        self.s2_K = torch.zeros(n_latents, dtype=torch.float64)
+        self.v_KD = torch.zeros(n_latents, dim, dtype=torch.float64)
+        self.emb_sum_D = torch.zeros(dim, dtype=torch.float64)
+        self.layout: str | None = None
+
+    def update(self, acts_BK: torch.Tensor, embeddings_BD: torch.Tensor) -> None:
+        if acts_BK.dim() != 2 or acts_BK.shape[1] != self.n_latents or embeddings_BD.shape != (acts_BK.shape[0], self.dim):
+            raise ValueError(
+                f"expected acts [B, {self.n_latents}] and embeddings [B, {self.dim}] for the same B images, got "
+                f"{tuple(acts_BK.shape)} and {tuple(embeddings_BD.shape)}."
+            )
+        layout = "sparse" if _is_sparse(acts_BK) else "dense"
+        if self.layout not in (None, layout):
+            raise ValueError(f"this accumulator got {self.layout} chunks before; feed all chunks as {self.layout}.")
+        self.layout = layout
+        emb_BD = unit_embeddings(embeddings_BD)
+        n_b = acts_BK.shape[0]
+        self.emb_sum_D += emb_BD.sum(0)
+        if layout == "sparse":
+            rows_E, cols_E, vals_E = _coo_entries(acts_BK)
+            if not torch.isfinite(vals_E).all():
+                raise ValueError("acts contain NaN or inf; MS is undefined for them.")
+            self.shift_K = torch.zeros(self.n_latents, dtype=torch.float64)
+            self.count_K += torch.bincount(cols_E, minlength=self.n_latents)
+            self.lo_K.scatter_reduce_(0, cols_E, vals_E, "amin")
+            self.hi_K.scatter_reduce_(0, cols_E, vals_E, "amax")
+            self.s1_K.index_add_(0, cols_E, vals_E)
+            self.s2_K.index_add_(0, cols_E, vals_E * vals_E)
+            # Group the chunk's entries by latent (one embedding_bag, no [entries, d] temporary), then
+            # add each touched latent's row once.
+            order_E = torch.argsort(cols_E, stable=True)
+            touched_U, per_U = torch.unique_consecutive(cols_E[order_E], return_counts=True)
+            offsets_U = torch.zeros_like(per_U)
+            offsets_U[1:] = per_U.cumsum(0)[:-1]
+            bag_UD = F.embedding_bag(rows_E[order_E], emb_BD, offsets_U, mode="sum", per_sample_weights=vals_E[order_E])
+            self.v_KD[touched_U] += bag_UD
+        else:
+            a_BK = acts_BK.detach().to("cpu", torch.float64)
+            if not torch.isfinite(a_BK).all():
+                raise ValueError("acts contain NaN or inf; MS is undefined for them.")
+            if self.shift_K is None:
+                self.shift_K = a_BK.amin(0)
+            self.count_K += n_b
+            self.lo_K = torch.minimum(self.lo_K, a_BK.amin(0))
+            self.hi_K = torch.maximum(self.hi_K, a_BK.amax(0))
+            shifted_BK = a_BK - self.shift_K
+            self.s1_K += shifted_BK.sum(0)
+            self.s2_K += (shifted_BK * shifted_BK).sum(0)
+            self.v_KD.addmm_(shifted_BK.T, emb_BD)
+        self.n_images += n_b
+
+    def result(self) -> torch.Tensor:
+        """[K] float64 MS, NaN where undefined (as :func:`monosemanticity_scores`)."""
+        n = self.n_images
+        if n < 2:
+            raise ValueError(f"MS needs at least 2 images (pairs), got N={n}.")
+        has_zero_K = self.count_K < n
+        lo_K = torch.where(has_zero_K, self.lo_K.clamp(max=0.0), self.lo_K)
+        hi_K = torch.where(has_zero_K, self.hi_K.clamp(min=0.0), self.hi_K)
+        range_K = hi_K - lo_K
+        dead_K = range_K == 0
+        safe_range_K = torch.where(dead_K, torch.ones_like(range_K), range_K)
+        delta_K = lo_K - self.shift_K
+        sum_K = (self.s1_K - n * delta_K) / safe_range_K
+        sum_sq_K = (self.s2_K - 2 * delta_K * self.s1_K + n * delta_K * delta_K) / (safe_range_K * safe_range_K)
+        v_KD = (self.v_KD - delta_K[:, None] * self.emb_sum_D[None, :]) / safe_range_K[:, None]
+        return _ratio(v_KD.pow(2).sum(1), sum_K, sum_sq_K, dead_K)
 
 
 def ms_summary(ms_K: torch.Tensor, n_images: int | None = None, dead_K: torch.Tensor | None = None) -> dict:

@@ -165,7 +165,7 @@ def reconstruction_metrics(
         if max_batches is not None and i >= max_batches:
             break
         x_BD = x_BD.to(device=device, dtype=torch.float32)
-        codes_BF = sae.encode(x_BD)
+        codes_BF = sae.encode(x_BD, sparse=True)  # never a dense [B, F] block (F = 65,536 at x64)
         x_hat_BD = sae.decode(codes_BF)
         acc.update(x_BD, x_hat_BD, codes_BF)
     return acc.result()

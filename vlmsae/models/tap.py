@@ -92,7 +92,7 @@ class Tap(nn.Module):
         """Tokens per image in the residual stream (CLS + patches)."""
         raise NotImplementedError  # pragma: no cover
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors cannot enter autograd later (SAE training on the fly)
     def forward_to(self, images_BCHW: torch.Tensor, layer: Layer) -> torch.Tensor:
         """Residual stream after block ``layer`` ([B, T, D]) or the projected embedding ([B, E]) for ``"last"``."""
         layer = self.resolve_layer(layer)

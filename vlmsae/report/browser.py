@@ -346,34 +346,37 @@ def recompute_heatmaps(
     ms_config: dict[str, Any],
     requests: dict[int, list[tuple[int, int, int]]],
     image_paths: list[str],
+    batch_size: int = 32,
 ) -> tuple[dict[tuple[int, int], list[float]], str]:
     """Per-patch activations of the requested latents, recomputed with the model and the SAE.
 
-    ``requests`` maps an image index to (card, slot, latent) triples. Each image is encoded once
-    (all its patch tokens through the SAE, thresholded inference) and the columns of the latents
-    that list it are kept. Returns ({(card, slot): values_P}, reason); the reason is non-empty when
-    nothing could be recomputed (no SAE path, CLS-only SAE, model unavailable).
+    ``requests`` maps an image index to (card, slot, latent) triples. Each image goes through the
+    model once (in batches), all its patch tokens through the SAE (thresholded inference), and the
+    columns of the latents that list it are kept. Returns ({(card, slot): values_P}, reason); the
+    reason is non-empty when nothing could be recomputed (no SAE, CLS-only SAE, model unavailable).
     """
     sae_path = ms_config.get("sae_path")
     if not sae_path or not Path(sae_path).is_dir():
         return {}, f"no SAE checkpoint at sae_path={sae_path!r} of the MS run"
-    sae_cfg_fpath = Path(sae_path) / "config.json"
-    source = json.loads(sae_cfg_fpath.read_text()).get("source", {}) if sae_cfg_fpath.is_file() else {}
+    source = (_read_json(Path(sae_path) / "config.json") or {}).get("source", {}) or {}
     tokens = str(source.get("tokens") or ms_config.get("tokens") or "")
     if tokens not in PATCH_TOKEN_SELECTIONS:
         return {}, f"the SAE was trained on tokens={tokens or 'unknown'!r}, not patch tokens"
-    model_cfg = ms_config.get("model")
+    # The MS run's model node, else the model the SAE names (a registered name, conf/model/<name>.yaml).
+    model = ms_config.get("model") if isinstance(ms_config.get("model"), dict) else source.get("model")
     layer = source.get("layer", ms_config.get("layer"))
-    if not isinstance(model_cfg, dict) or layer is None:
-        return {}, "the MS run's config names no model or layer"
+    if not model or layer is None:
+        return {}, "neither the MS run nor the SAE names the model and layer"
+    if str(layer) == "last":
+        return {}, "the SAE reads the pooled embedding (layer=last): no patch tokens"
     try:
         import torch
 
         from vlmsae.models import load_tap
         from vlmsae.sae import load_sae
 
-        tap = load_tap(model_cfg)
-        sae = load_sae(sae_path, device="cpu").eval()
+        tap = load_tap(model)
+        sae = load_sae(sae_path, device=tap.device).eval()
     except Exception as e:  # noqa: BLE001 - any failure to load means: no heatmaps, say why
         return {}, f"could not load the model or SAE ({type(e).__name__}: {e})"
 
@@ -381,24 +384,26 @@ def recompute_heatmaps(
     from tqdm import tqdm
 
     out: dict[tuple[int, int], list[float]] = {}
-    layer_arg = layer if layer == "last" else int(layer)
-    if layer_arg == "last":
-        return {}, "layer=last is a pooled embedding: no patch tokens"
-    with torch.no_grad():
-        for image_idx, wanted in tqdm(sorted(requests.items()), desc="heatmaps", unit="img", leave=False):
-            path = image_paths[image_idx] if image_idx < len(image_paths) else None
-            if not path:
+    todo = [i for i in sorted(requests) if i < len(image_paths) and image_paths[i]]
+    with torch.no_grad(), tqdm(total=len(todo), desc="heatmaps", unit="img", leave=False, disable=None) as bar:
+        for i0 in range(0, len(todo), batch_size):
+            batch, pixels = [], []
+            for image_idx in todo[i0 : i0 + batch_size]:
+                try:
+                    with Image.open(image_paths[image_idx]) as img:
+                        pixels.append(tap.preprocess(img.convert("RGB")))
+                    batch.append(image_idx)
+                except OSError:
+                    continue  # unreadable now: its card simply shows no heatmap
+            bar.update(len(todo[i0 : i0 + batch_size]))
+            if not batch:
                 continue
-            try:
-                with Image.open(path) as img:
-                    x_CHW = tap.preprocess(img.convert("RGB"))
-            except OSError:
-                continue
-            acts_TD = tap.forward_to(x_CHW[None], layer=layer_arg)[0].cpu()
-            patches_PD = acts_TD[1:] if tap.has_cls else acts_TD
-            codes_PF = sae.encode(patches_PD.float())
-            for card, slot, latent in wanted:
-                out[(card, slot)] = codes_PF[:, latent].tolist()
+            acts_BTD = tap.forward_to(torch.stack(pixels), layer=int(layer))
+            patches_BPD = acts_BTD[:, 1:] if tap.has_cls else acts_BTD
+            for image_idx, patches_PD in zip(batch, patches_BPD):
+                codes_PF = sae.encode(patches_PD.float())  # one image at a time: P x F stays small
+                for card, slot, latent in requests[image_idx]:
+                    out[(card, slot)] = codes_PF[:, latent].float().cpu().tolist()
     return out, "" if out else "no image could be re-read for heatmaps"
 
 
@@ -470,7 +475,7 @@ def build_browser(
     cards: list[dict[str, Any]] = []
     from tqdm import tqdm
 
-    for latent in tqdm(chosen, desc="cards", unit="latent", leave=False):
+    for latent in tqdm(chosen, desc="cards", unit="latent", leave=False, disable=None):
         r = by_latent[latent]
         tx = taxa.get(latent, {})
         top = []
@@ -643,17 +648,33 @@ def render_html(data: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 # W&B
 # --------------------------------------------------------------------------------------------
+# The page's heatmap ramp (browser.js RAMP): violet -> orange -> yellow.
+HEAT_RAMP = ((13, 8, 135), (156, 23, 158), (237, 121, 83), (240, 249, 33))
+
+
+def _ramp(v: float) -> tuple[int, int, int]:
+    x = min(1.0, max(0.0, v)) * (len(HEAT_RAMP) - 1)
+    i = min(len(HEAT_RAMP) - 2, int(x))
+    f = x - i
+    return tuple(round(a + f * (b - a)) for a, b in zip(HEAT_RAMP[i], HEAT_RAMP[i + 1]))  # type: ignore[return-value]
+
+
 def card_overlay_image(thumb_fpath: Path, heat: list[int] | None) -> Any:
-    """A PIL thumbnail with its patch heatmap blended in (for W&B, which cannot run our JS)."""
+    """A PIL thumbnail with its patch heatmap blended in, as the page draws it (for W&B, which
+    cannot run the page's script)."""
     from PIL import Image
 
     img = Image.open(thumb_fpath).convert("RGB")
     side = _grid_side(len(heat)) if heat else None
     if not side:
         return img
-    grid = Image.frombytes("L", (side, side), bytes(heat)).resize(img.size, Image.Resampling.BILINEAR)
-    red = Image.new("RGB", img.size, (255, 40, 0))
-    return Image.composite(red, img, grid.point(lambda v: int(v * 0.6)))
+    colours = Image.new("RGB", (side, side))
+    colours.putdata([_ramp(v / 255) for v in heat])
+    alpha = Image.new("L", (side, side))
+    alpha.putdata([round(190 * math.sqrt(v / 255)) for v in heat])
+    size = img.size
+    return Image.composite(colours.resize(size, Image.Resampling.BILINEAR), img,
+                           alpha.resize(size, Image.Resampling.BILINEAR))
 
 
 def wandb_table(data: dict[str, Any], out_dpath: str | Path, images_per_row: int = 8) -> Any:
@@ -681,11 +702,14 @@ def wandb_table(data: dict[str, Any], out_dpath: str | Path, images_per_row: int
 
 
 def log_to_wandb(data: dict[str, Any], out_dpath: str | Path, logger_cfg: dict[str, Any], config: dict[str, Any]) -> str:
-    """Log the cards table to W&B (``logger.mode``: online | offline | disabled); returns the run dir."""
+    """Log the cards table to W&B; returns the run dir. The mode is ``$WANDB_MODE`` if set (as for
+    training: ``WANDB_MODE=disabled`` always wins), else ``logger.mode`` (online | offline | disabled)."""
+    import os
+
     import wandb
 
-    run = wandb.init(project=logger_cfg.get("project") or "vlmsae", entity=logger_cfg.get("entity"),
-                     mode=logger_cfg.get("mode") or "online", tags=list(logger_cfg.get("tags") or []),
+    mode = os.environ.get("WANDB_MODE") or logger_cfg.get("mode") or "online"
+    run = wandb.init(project=logger_cfg.get("project") or "vlmsae", entity=logger_cfg.get("entity"), mode=mode, tags=list(logger_cfg.get("tags") or []),
                      group=logger_cfg.get("group"), job_type="browse", dir=str(out_dpath), config=config)
     try:
         run.log({"feature_browser": wandb_table(data, out_dpath)})

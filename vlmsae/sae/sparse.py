@@ -12,13 +12,16 @@ autograd primitives that make the rest cost O(N * D):
                     ``embedding_bag`` with per-sample weights; its backward gives
                     dvals[n] = <dx_hat[rows[n]], W_dec[cols[n]]> and dW_dec at selected rows only.
 
-Every "sum over selected entries grouped by a key" (the decoder forward, dx_cent, dW_enc,
-dW_dec) is one ``_bag_sum``: sort the entries by key, then one ``F.embedding_bag(mode="sum",
-per_sample_weights=...)`` with offsets; this handles exactly-k rows (TopK) and any count per row,
-repeated columns and empty rows (BatchTopK) alike, and never builds an N x D temporary.
-The gradients of the weights are returned as ordinary dense [F, D] tensors (zero off the
-selected rows), so any optimiser, gradient clipping and the decoder-norm projection work
-unchanged and the step is the same as the dense one up to float rounding.
+How: the four "sum over selected entries grouped by a key" products (decoder forward, dx_cent,
+dW_enc, dW_dec) are each one ``F.embedding_bag(mode="sum", per_sample_weights=...)``: over a
+[B, k] bag matrix for TopK's row-major layout, with offsets after grouping otherwise (any count
+per row, repeated columns, empty rows: BatchTopK, Matryoshka groups, AuxK).  The dot products
+dvals = <dx_hat[rows], W_dec[cols]> are one ``torch.sparse.sampled_addmm`` (an SDDMM on the CSR
+pattern) on CPU.  No N x D or B x F temporary is built.  The grouping (a sort by column, CSR row
+pointers) is a ``_Plan`` computed once per selection and shared by the forward, both backwards
+and every decode of the same entries.  Weight gradients come back as ordinary dense [F, D]
+tensors (zero off the selected rows), so any optimiser, gradient clipping and the decoder-norm
+projection work unchanged and the step equals the dense one up to float rounding.
 
 Usage in a TopK training step (what ``vlmsae.sae`` does when the sparse kernel is chosen)::
 
@@ -35,6 +38,10 @@ Measured on the 2-core CPU of the build machine (fp32, d = 1024, B = 4096, k = 2
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -47,9 +54,9 @@ __all__ = [
     "batch_topk_select",
 ]
 
-# Entries per chunk in _rowwise_dot: the gathered [chunk, D] blocks (about 5 MB at D = 1024)
-# stay in cache; one unchunked gather of all B*k rows is 3-4x slower on the CPU.
-_DOT_CHUNK_ENTRIES = 1280
+# Entries per chunk when gathering both operands of a dot product (non-CPU devices only):
+# bounds the [chunk, D] temporaries without launching thousands of small kernels.
+_GATHER_CHUNK_ENTRIES = 1 << 16
 
 
 def _check_index_pair(rows_N: torch.Tensor, cols_N: torch.Tensor) -> None:
@@ -65,138 +72,241 @@ def _check_index_pair(rows_N: torch.Tensor, cols_N: torch.Tensor) -> None:
         )
 
 
-def _is_sorted(keys_N: torch.Tensor) -> bool:
-    return keys_N.numel() < 2 or bool((keys_N[1:] >= keys_N[:-1]).all())
+# ---------------------------------------------------------------------------------------------
+# Grouping plans.  Every sparse product groups the N entries by row (decode, dx) or by column
+# (dW_enc, dW_dec) and the dot products need CSR row pointers.  Working these out costs a sort
+# and a handful of small ops; on a CPU shared with other processes each small op can cost
+# milliseconds (threads wait on descheduled peers), so a plan is computed once per selection and
+# reused by the forward and both backwards (and by every Matryoshka prefix decode).
+
+_ROW_MAJOR_ROWS: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
-def _bag_sum(
-    bag_N: torch.Tensor, item_N: torch.Tensor, weight_N: torch.Tensor, table_MD: torch.Tensor, n_bags: int
-) -> torch.Tensor:
-    """out[b] = sum over n with bag_N[n] == b of weight_N[n] * table_MD[item_N[n]]  -> [n_bags, D].
+@contextlib.contextmanager
+def _single_threaded():
+    """Run the small O(N) index ops (sorts, counts, permutations of ~10^5 entries) on one thread.
 
-    Empty bags give zero rows.  One sort of the N keys (skipped when already sorted, e.g. the
-    row-major output of top-k) and one embedding_bag: O(N * D) work and no N x D temporary.
+    They take about a millisecond either way on an idle CPU, but each multi-threaded op ends in
+    a barrier: on a CPU shared with other busy processes a descheduled peer thread turns a 1 ms
+    argsort into 300 ms (measured on the 2-core build machine under load ~8; 6 ms on one thread).
+    The heavy kernels (embedding_bag, sampled_addmm, the matmul) keep all threads.
     """
-    out_dtype = table_MD.dtype
-    if bag_N.numel() == 0:
-        return table_MD.new_zeros(n_bags, table_MD.shape[1])
-    if not _is_sorted(bag_N):
-        order_N = torch.argsort(bag_N, stable=True)
-        bag_N, item_N, weight_N = bag_N[order_N], item_N[order_N], weight_N[order_N]
-    counts_G = torch.bincount(bag_N, minlength=n_bags)
-    if counts_G.numel() > n_bags:
-        raise ValueError(f"an index is >= {n_bags} (the number of rows it indexes into); check rows_N / cols_N.")
-    offsets_G = torch.cumsum(counts_G, 0) - counts_G
-    return F.embedding_bag(
-        item_N, table_MD.contiguous(), offsets_G, mode="sum", per_sample_weights=weight_N.to(out_dtype).contiguous()
-    )
+    n_threads = torch.get_num_threads()
+    if n_threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n_threads)
 
 
-def _row_major_k(rows_N: torch.Tensor, n_rows: int) -> int:
-    """k if ``rows_N`` is exactly [0]*k + [1]*k + ... + [n_rows-1]*k (TopK's layout), else 0."""
-    n_entries = rows_N.numel()
-    if n_rows == 0 or n_entries == 0 or n_entries % n_rows:
-        return 0
-    k = n_entries // n_rows
-    expected_N = torch.arange(n_rows, device=rows_N.device).repeat_interleave(k)
-    return k if torch.equal(rows_N, expected_N) else 0
+def _row_major_rows(n_rows: int, k: int, device: torch.device) -> torch.Tensor:
+    """[0]*k + [1]*k + ... + [n_rows-1]*k, cached: ``topk_select`` hands out this very tensor so
+    the kernels recognise TopK's layout by identity, with no check on the data."""
+    key = (n_rows, k, str(device))
+    rows_N = _ROW_MAJOR_ROWS.get(key)
+    if rows_N is None or rows_N._version != 0:
+        if len(_ROW_MAJOR_ROWS) > 16:
+            _ROW_MAJOR_ROWS.clear()
+        rows_N = torch.arange(n_rows, device=device).repeat_interleave(k)
+        _ROW_MAJOR_ROWS[key] = rows_N
+    return rows_N
 
 
-def _rowwise_dot(a_MD: torch.Tensor, ia_N: torch.Tensor, b_KD: torch.Tensor, ib_N: torch.Tensor) -> torch.Tensor:
-    """out[n] = <a_MD[ia_N[n]], b_KD[ib_N[n]]>, a chunk at a time so the gathered rows stay in cache.
+class _Plan:
+    """How to group one selection's entries (rows_N, cols_N) by row and by column; lazily built."""
 
-    With TopK's layout (ia_N = each row of ``a`` k times) it is one batched matrix-vector
-    product per chunk, [c, k, D] @ [c, D, 1], gathering only ``b``: 3-4x faster on the CPU than
-    gathering both sides and multiplying elementwise (the general path, for BatchTopK).
+    def __init__(self, rows_N: torch.Tensor, cols_N: torch.Tensor, n_rows: int) -> None:
+        self.rows_N, self.cols_N, self.n_rows = rows_N, cols_N, n_rows
+        self.n_entries = rows_N.numel()
+        with _single_threaded():
+            self.k = self._detect_row_major_k()
+        self._by_row = None
+        self._by_col: dict[int, tuple] = {}
+
+    def _detect_row_major_k(self) -> int:
+        n_rows, n_entries = self.n_rows, self.n_entries
+        if n_rows == 0 or n_entries == 0 or n_entries % n_rows:
+            return 0
+        k = n_entries // n_rows
+        cached = _ROW_MAJOR_ROWS.get((n_rows, k, str(self.rows_N.device)))
+        if cached is not None and self.rows_N is cached and cached._version == 0:
+            return k
+        return k if torch.equal(self.rows_N, _row_major_rows(n_rows, k, self.rows_N.device)) else 0
+
+    def by_row(self):
+        """(order_N or None, cols in row order, bag offsets [n_rows], CSR row pointers [n_rows + 1])."""
+        if self._by_row is None:
+            with _single_threaded():
+                self._by_row = self._group_by_row()
+        return self._by_row
+
+    def _group_by_row(self):
+        rows_N, cols_N = self.rows_N, self.cols_N
+        sorted_ = self.n_entries < 2 or bool((rows_N[1:] >= rows_N[:-1]).all())
+        order_N = None if sorted_ else torch.argsort(rows_N, stable=True)
+        if order_N is not None:
+            rows_N, cols_N = rows_N[order_N], cols_N[order_N]
+        counts = torch.bincount(rows_N, minlength=self.n_rows)
+        if counts.numel() > self.n_rows:
+            raise ValueError(
+                f"a row index is >= {self.n_rows} (the batch size / number of bags); check rows_N."
+            )
+        crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=rows_N.device)
+        torch.cumsum(counts, 0, out=crow[1:])
+        return order_N, cols_N, crow[:-1], crow
+
+    def by_col(self, n_latents: int):
+        """(order_N, rows in column order, bag offsets [n_latents]) for the dW products."""
+        if n_latents not in self._by_col:
+            with _single_threaded():
+                self._by_col[n_latents] = self._group_by_col(n_latents)
+        return self._by_col[n_latents]
+
+    def _group_by_col(self, n_latents: int):
+        cols_N = self.cols_N
+        order_N = torch.argsort(cols_N, stable=True)
+        rows_by_col_N = torch.div(order_N, self.k, rounding_mode="floor") if self.k else self.rows_N[order_N]
+        counts = torch.bincount(cols_N, minlength=n_latents)
+        if counts.numel() > n_latents:
+            raise ValueError(f"a column index is >= n_latents={n_latents}; check cols_N.")
+        return order_N, rows_by_col_N, torch.cumsum(counts, 0) - counts
+
+
+_PLANS: list[tuple] = []  # (weakref rows, weakref cols, versions, n_rows, plan), most recent first
+
+
+def _plan_for(rows_N: torch.Tensor, cols_N: torch.Tensor, n_rows: int) -> _Plan:
+    versions = (rows_N._version, cols_N._version)
+    for rows_ref, cols_ref, vers, rows_count, plan in _PLANS:
+        if rows_ref() is rows_N and cols_ref() is cols_N and vers == versions and rows_count == n_rows:
+            return plan
+    plan = _Plan(rows_N, cols_N, n_rows)
+    _PLANS.insert(0, (weakref.ref(rows_N), weakref.ref(cols_N), versions, n_rows, plan))
+    del _PLANS[4:]
+    return plan
+
+
+def _bag_by_row(plan: _Plan, weight_N: torch.Tensor, table_FD: torch.Tensor) -> torch.Tensor:
+    """out[b] = sum over n with rows[n] == b of weight[n] * table[cols[n]]  -> [n_rows, D]."""
+    if plan.n_entries == 0:
+        return table_FD.new_zeros(plan.n_rows, table_FD.shape[1])
+    weight_N = weight_N.to(table_FD.dtype)
+    if plan.k:  # TopK: a [B, k] bag matrix, no offsets
+        return F.embedding_bag(plan.cols_N.reshape(plan.n_rows, plan.k), table_FD, mode="sum",
+                               per_sample_weights=weight_N.reshape(plan.n_rows, plan.k))
+    order_N, cols_by_row_N, offsets, _ = plan.by_row()
+    if order_N is not None:
+        with _single_threaded():
+            weight_N = weight_N[order_N]
+    return F.embedding_bag(cols_by_row_N, table_FD, offsets, mode="sum", per_sample_weights=weight_N.contiguous())
+
+
+def _bag_by_col(plan: _Plan, weight_N: torch.Tensor, table_BD: torch.Tensor, n_latents: int) -> torch.Tensor:
+    """out[f] = sum over n with cols[n] == f of weight[n] * table[rows[n]]  -> [n_latents, D]."""
+    if plan.n_entries == 0:
+        return table_BD.new_zeros(n_latents, table_BD.shape[1])
+    order_N, rows_by_col_N, offsets = plan.by_col(n_latents)
+    with _single_threaded():
+        weight_N = weight_N.to(table_BD.dtype)[order_N]
+    return F.embedding_bag(rows_by_col_N, table_BD, offsets, mode="sum", per_sample_weights=weight_N)
+
+
+def _sampled_dots(plan: _Plan, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.Tensor:
+    """out[n] = <a[rows[n]], b[cols[n]]> -> [N]  (an SDDMM: a @ b.T sampled at the selection).
+
+    CPU: one ``torch.sparse.sampled_addmm`` on the CSR pattern, which computes each dot product
+    in place; gathering the rows instead costs a [N, D] temporary or, chunked, many small ops.
+    Other devices: gathers (batched matrix-vector products for TopK's layout).
     """
-    dtype = torch.promote_types(a_MD.dtype, b_KD.dtype)
-    n_total = ia_N.numel()
-    k = _row_major_k(ia_N, a_MD.shape[0])
-    if k:
-        out_Mk = torch.empty(a_MD.shape[0], k, dtype=dtype, device=a_MD.device)
-        rows_per_chunk = max(1, _DOT_CHUNK_ENTRIES // k)
-        for start in range(0, a_MD.shape[0], rows_per_chunk):
-            stop = min(a_MD.shape[0], start + rows_per_chunk)
-            b_ckD = b_KD.index_select(0, ib_N[start * k : stop * k]).to(dtype).view(stop - start, k, -1)
-            a_cD1 = a_MD[start:stop].to(dtype).unsqueeze(2)
-            torch.bmm(b_ckD, a_cD1, out=out_Mk[start:stop].unsqueeze(2))
-        return out_Mk.view(-1)
-    out_N = torch.empty(n_total, dtype=dtype, device=a_MD.device)
-    for start in range(0, n_total, _DOT_CHUNK_ENTRIES):
-        stop = min(n_total, start + _DOT_CHUNK_ENTRIES)
-        a_cD = a_MD.index_select(0, ia_N[start:stop]).to(dtype)
-        b_cD = b_KD.index_select(0, ib_N[start:stop]).to(dtype)
-        out_N[start:stop] = (a_cD * b_cD).sum(1)
+    dtype = torch.promote_types(a_BD.dtype, b_FD.dtype)
+    a_BD, b_FD = a_BD.to(dtype), b_FD.to(dtype)
+    if plan.n_entries == 0:
+        return a_BD.new_zeros(0)
+    if a_BD.device.type == "cpu":
+        order_N, cols_by_row_N, _, crow = plan.by_row()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            pattern = torch.sparse_csr_tensor(crow, cols_by_row_N, torch.zeros(plan.n_entries, dtype=dtype),
+                                              size=(plan.n_rows, b_FD.shape[0]), check_invariants=False)
+            vals_N = torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
+        if order_N is None:
+            return vals_N
+        with _single_threaded():
+            return torch.empty_like(vals_N).index_copy_(0, order_N, vals_N)
+    if plan.k:
+        return torch.bmm(b_FD[plan.cols_N].view(plan.n_rows, plan.k, -1), a_BD.unsqueeze(2)).reshape(-1)
+    out_N = torch.empty(plan.n_entries, dtype=dtype, device=a_BD.device)
+    for start in range(0, plan.n_entries, _GATHER_CHUNK_ENTRIES):
+        stop = min(plan.n_entries, start + _GATHER_CHUNK_ENTRIES)
+        out_N[start:stop] = (a_BD[plan.rows_N[start:stop]] * b_FD[plan.cols_N[start:stop]]).sum(1)
     return out_N
 
 
 def _no_autocast(device: torch.device):
     """The primitives compute in the weights' dtype: under bf16 autocast a gathered dot product
-    would otherwise silently drop to bf16 (and out= buffers would mismatch)."""
+    would otherwise silently drop to bf16."""
     return torch.autocast(device_type=device.type, enabled=False)
 
 
 class _GatherPreacts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_cent_BD, W_enc_FD, b_enc_F, rows_N, cols_N, preacts_BF):
+        plan = _plan_for(rows_N, cols_N, x_cent_BD.shape[0])
         with _no_autocast(W_enc_FD.device):
-            return _GatherPreacts._forward(ctx, x_cent_BD, W_enc_FD, b_enc_F, rows_N, cols_N, preacts_BF)
-
-    @staticmethod
-    def _forward(ctx, x_cent_BD, W_enc_FD, b_enc_F, rows_N, cols_N, preacts_BF):
-        if preacts_BF is not None:
-            # The dense no-grad forward already holds these numbers: reading them is free and
-            # keeps the selected values bit-identical to what selection saw.
-            vals_N = preacts_BF.detach()[rows_N, cols_N].to(W_enc_FD.dtype)
-        else:
-            vals_N = _rowwise_dot(x_cent_BD, rows_N, W_enc_FD, cols_N).to(W_enc_FD.dtype) + b_enc_F[cols_N]
+            if preacts_BF is not None:
+                # The no-grad forward used for selection already holds these numbers: reading
+                # them is free and keeps the values identical to what selection saw.
+                with _single_threaded():
+                    vals_N = preacts_BF.detach()[rows_N, cols_N].to(W_enc_FD.dtype)
+            else:
+                vals_N = _sampled_dots(plan, x_cent_BD, W_enc_FD).to(W_enc_FD.dtype) + b_enc_F[cols_N]
         ctx.save_for_backward(x_cent_BD, W_enc_FD, rows_N, cols_N)
+        ctx.plan = plan
         ctx.b_enc_meta = (b_enc_F.shape, b_enc_F.dtype)
         return vals_N
 
     @staticmethod
     def backward(ctx, dvals_N):
-        with _no_autocast(dvals_N.device):
-            return _GatherPreacts._backward(ctx, dvals_N)
-
-    @staticmethod
-    def _backward(ctx, dvals_N):
         x_cent_BD, W_enc_FD, rows_N, cols_N = ctx.saved_tensors
-        n_latents, batch_size = W_enc_FD.shape[0], x_cent_BD.shape[0]
-        dvals_N = dvals_N.contiguous()
+        plan = ctx.plan
         dx_BD = dW_FD = db_F = None
-        if ctx.needs_input_grad[0]:
-            dx_BD = _bag_sum(rows_N, cols_N, dvals_N, W_enc_FD, batch_size).to(x_cent_BD.dtype)
-        if ctx.needs_input_grad[1]:
-            dW_FD = _bag_sum(cols_N, rows_N, dvals_N, x_cent_BD, n_latents).to(W_enc_FD.dtype)
-        if ctx.needs_input_grad[2]:
-            shape, dtype = ctx.b_enc_meta
-            db_F = torch.zeros(shape, dtype=dtype, device=dvals_N.device).index_add_(0, cols_N, dvals_N.to(dtype))
+        with _no_autocast(dvals_N.device):
+            dvals_N = dvals_N.contiguous()
+            if ctx.needs_input_grad[0]:
+                dx_BD = _bag_by_row(plan, dvals_N, W_enc_FD).to(x_cent_BD.dtype)
+            if ctx.needs_input_grad[1]:
+                dW_FD = _bag_by_col(plan, dvals_N, x_cent_BD, W_enc_FD.shape[0]).to(W_enc_FD.dtype)
+            if ctx.needs_input_grad[2]:
+                shape, dtype = ctx.b_enc_meta
+                with _single_threaded():
+                    db_F = torch.zeros(shape, dtype=dtype, device=dvals_N.device).index_add_(0, cols_N, dvals_N.to(dtype))
         return dx_BD, dW_FD, db_F, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows_N, cols_N, vals_N, W_dec_FD, batch_size):
+        plan = _plan_for(rows_N, cols_N, batch_size)
         with _no_autocast(W_dec_FD.device):
-            x_hat_BD = _bag_sum(rows_N, cols_N, vals_N, W_dec_FD, batch_size)
+            x_hat_BD = _bag_by_row(plan, vals_N, W_dec_FD)
         ctx.save_for_backward(rows_N, cols_N, vals_N, W_dec_FD)
+        ctx.plan = plan
         return x_hat_BD
 
     @staticmethod
     def backward(ctx, dx_hat_BD):
-        with _no_autocast(dx_hat_BD.device):
-            return _SparseDecode._backward(ctx, dx_hat_BD)
-
-    @staticmethod
-    def _backward(ctx, dx_hat_BD):
         rows_N, cols_N, vals_N, W_dec_FD = ctx.saved_tensors
-        dx_hat_BD = dx_hat_BD.contiguous()
+        plan = ctx.plan
         dvals_N = dW_FD = None
-        if ctx.needs_input_grad[2]:
-            dvals_N = _rowwise_dot(dx_hat_BD, rows_N, W_dec_FD, cols_N).to(vals_N.dtype)
-        if ctx.needs_input_grad[3]:
-            dW_FD = _bag_sum(cols_N, rows_N, vals_N, dx_hat_BD, W_dec_FD.shape[0]).to(W_dec_FD.dtype)
+        with _no_autocast(dx_hat_BD.device):
+            dx_hat_BD = dx_hat_BD.contiguous()
+            if ctx.needs_input_grad[2]:
+                dvals_N = _sampled_dots(plan, dx_hat_BD, W_dec_FD).to(vals_N.dtype)
+            if ctx.needs_input_grad[3]:
+                dW_FD = _bag_by_col(plan, vals_N, dx_hat_BD, W_dec_FD.shape[0]).to(W_dec_FD.dtype)
         return None, None, dvals_N, dW_FD, None
 
 
@@ -252,13 +362,15 @@ def sparse_decode(
 
 
 def topk_select(z_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows_N, cols_N) of the k largest entries of each row of ``z_BF``, row-major, N = B * k."""
+    """(rows_N, cols_N) of the k largest entries of each row of ``z_BF``, row-major, N = B * k.
+
+    ``rows_N`` is a cached tensor shared between calls (the kernels recognise it): do not modify it.
+    """
     batch_size, n_latents = z_BF.shape
     if not 0 < k <= n_latents:
         raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}.")
     cols_N = z_BF.topk(k, dim=1, sorted=False).indices.reshape(-1)
-    rows_N = torch.arange(batch_size, device=z_BF.device).repeat_interleave(k)
-    return rows_N, cols_N
+    return _row_major_rows(batch_size, k, z_BF.device), cols_N
 
 
 def batch_topk_select(z_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,20 +391,25 @@ def batch_topk_select(z_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, t
     while m < n_latents and m * 8 <= n_latents:
         cand_vals_BM, cand_cols_BM = z_BF.topk(m, dim=1, sorted=False)
         flat_N = cand_vals_BM.reshape(-1).topk(k_total, sorted=False).indices
-        rows_N = flat_N // m
-        if int(torch.bincount(rows_N, minlength=batch_size).max()) < m:
-            flat_N, _ = torch.sort(flat_N)
-            return flat_N // m, cand_cols_BM.reshape(-1)[flat_N]
+        with _single_threaded():
+            if int(torch.bincount(flat_N // m, minlength=batch_size).max()) < m:
+                flat_N, _ = torch.sort(flat_N)
+                return flat_N // m, cand_cols_BM.reshape(-1)[flat_N]
         m *= 2
-    flat_N, _ = torch.sort(z_BF.reshape(-1).topk(k_total, sorted=False).indices)
-    return flat_N // n_latents, flat_N % n_latents
+    flat_N = z_BF.reshape(-1).topk(k_total, sorted=False).indices
+    with _single_threaded():
+        flat_N, _ = torch.sort(flat_N)
+        return flat_N // n_latents, flat_N % n_latents
 
 
-# Measured crossover (see prefer_sparse): on CPU the sparse step's extra gathers cost about as
-# much as 1 dense B x F x D matmul when F ~ 8k, so sparse wins from about F >= 16k.
-_CPU_MIN_LATENTS_PER_K = 16
-# On GPUs the dense matmuls run on tensor cores while the sparse gathers are memory-bound and
-# launch several small kernels: an estimate (not measured here, no GPU on the build machine).
+# CPU crossover, measured with vlmsae.bench.sae_step.measure_throughput on the 2-core build
+# machine (d = 1024, B = 4096, k = 20, fp32, 2 threads, shared with other jobs at load ~7),
+# sparse / dense tokens/s of the TopKSAE step:  F = 64: 0.86   128: 1.05   256: 1.17
+# 512: 1.33   1024: 1.47   2048: 1.90   8192: ~3.5.  Sparse wins from F ~ 6k on, i.e. F >= 8k here.
+_CPU_MIN_LATENTS_PER_K = 8
+# GPUs: the dense matmuls run on tensor cores while the sparse gathers are memory-bound and
+# launch several small kernels, so the crossover sits at a much larger F.  An estimate, NOT
+# measured (no GPU on the build machine): re-measure with `python -m vlmsae.bench` on one.
 _GPU_MIN_LATENTS_PER_K = 256
 
 
@@ -301,10 +418,9 @@ def prefer_sparse(batch_size: int, n_latents: int, d_in: int, device: torch.devi
 
     Dense training costs about 6 B*F*D multiply-adds; the sparse path 1 B*F*D (the selecting
     encoder forward) plus O(B*k*D) gathers with a larger constant and a fixed per-step overhead
-    (sorts, small kernels), so it wins once F is large relative to k.  The thresholds come from
-    ``python -m vlmsae.bench`` on the build machine (2-core CPU, d = 1024, B = 4096, k = 20): see
-    ``_CPU_MIN_LATENTS_PER_K`` and the figures in outputs/bench/results.md.  Tiny batches (< 64
-    rows) stay dense: there the fixed overhead dominates and both are fast anyway.
+    (a sort, small index ops), so it wins once F is large relative to k: F >= 8k on CPU (the
+    measured crossover, see ``_CPU_MIN_LATENTS_PER_K``), F >= 256k on GPUs (an estimate).
+    Tiny batches (< 64 rows) stay dense: there the fixed overhead dominates and both are fast.
     """
     if batch_size < 64 or d_in < 1 or k < 1:
         return False

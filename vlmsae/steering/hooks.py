@@ -137,7 +137,7 @@ def edit_activations(
     latents: Mapping[int, Alpha],
     mode: str = "replace",
     mask_BT: torch.Tensor | None = None,
-    chunk_rows: int = 4096,
+    chunk_rows: int = 1024,
 ) -> torch.Tensor:
     """The steered version of one block output ``h_BTD`` (same shape and dtype); the hook's maths.
 
@@ -149,6 +149,11 @@ def edit_activations(
     B, T, D = h_BTD.shape
     W_dec = sae.W_dec
     n_latents = W_dec.shape[0]
+    if W_dec.shape[1] != D:
+        raise ValueError(
+            f"The SAE reads {W_dec.shape[1]}-d activations but this block outputs {D}-d ones: use an SAE trained "
+            "on this model's vision tower (e.g. model=tiny_llava for the tiny LLaVA, clip_l14_336 for LLaVA-1.5)."
+        )
     for j in latents:
         if not 0 <= int(j) < n_latents:
             raise ValueError(f"Latent {j} is out of range: this SAE has {n_latents} latents (0..{n_latents - 1}).")
@@ -236,6 +241,12 @@ def steer(
         raise ValueError(
             f"The SAE's layer {layer} comes after block {tapped}, whose output LLaVA projects "
             f"(vision_feature_layer={model.config.vision_feature_layer}): the edit would never reach the language model."
+        )
+    width = getattr(getattr(getattr(model, "config", None), "vision_config", None), "hidden_size", None)
+    if width is not None and sae.W_dec.shape[1] != width:
+        raise ValueError(
+            f"The SAE reads {sae.W_dec.shape[1]}-d activations but {type(model).__name__}'s vision tower is "
+            f"{width}-d: use an SAE trained on this model's vision tower (source: {getattr(sae, 'source', 'unknown')})."
         )
     if has_cls is None:
         has_cls = "siglip" not in type(blocks[0]).__name__.lower()

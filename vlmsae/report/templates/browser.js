@@ -25,6 +25,13 @@
   }
 
   // Patch heatmap: the grid (ints 0..255) drawn on a tiny canvas that CSS scales up smoothly.
+  // A plasma-like ramp (violet -> orange -> yellow) stands out on most images, red shapes included;
+  // weak patches stay nearly transparent.
+  var RAMP = [[13, 8, 135], [156, 23, 158], [237, 121, 83], [240, 249, 33]];
+  function rampColor(v) {
+    var x = Math.max(0, Math.min(1, v)) * (RAMP.length - 1), i = Math.min(RAMP.length - 2, Math.floor(x)), f = x - i;
+    return [0, 1, 2].map(function (c) { return Math.round(RAMP[i][c] + f * (RAMP[i + 1][c] - RAMP[i][c])); });
+  }
   function heatCanvas(heat) {
     var side = Math.round(Math.sqrt(heat.length));
     var c = el("canvas", "heat");
@@ -32,11 +39,11 @@
     var ctx = c.getContext("2d");
     var img = ctx.createImageData(side, side);
     for (var i = 0; i < heat.length; i++) {
-      var v = heat[i] / 255;
-      img.data[4 * i] = 255;
-      img.data[4 * i + 1] = Math.round(220 * (1 - v) * v * 2);
-      img.data[4 * i + 2] = 0;
-      img.data[4 * i + 3] = Math.round(200 * v);
+      var v = heat[i] / 255, rgb = rampColor(v);
+      img.data[4 * i] = rgb[0];
+      img.data[4 * i + 1] = rgb[1];
+      img.data[4 * i + 2] = rgb[2];
+      img.data[4 * i + 3] = Math.round(190 * Math.sqrt(v));
     }
     ctx.putImageData(img, 0, 0);
     return c;
