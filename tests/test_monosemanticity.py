@@ -65,6 +65,7 @@ def test_dense_matches_pairwise(seed: int) -> None:
     assert fast[9] == pytest.approx(cos, abs=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr])
 def test_sparse_matches_pairwise_and_dense(layout) -> None:
     acts = make_acts(29, seed=3)
@@ -88,7 +89,9 @@ def test_random_sparse_codes_many_latents() -> None:
     dense = torch.zeros(n_images, n_latents).scatter_(1, idx, vals)
     rows = torch.arange(n_images).repeat_interleave(k)
     perm = torch.randperm(rows.numel(), generator=g)
-    coo = torch.sparse_coo_tensor(torch.stack([rows, idx.flatten()])[:, perm], vals.flatten()[perm], (n_images, n_latents))
+    coo = torch.sparse_coo_tensor(
+        torch.stack([rows, idx.flatten()])[:, perm], vals.flatten()[perm], (n_images, n_latents), check_invariants=True
+    )
     emb = torch.randn(n_images, 8, generator=g)
     ref = pairwise_ms(dense.numpy(), emb.numpy())
     fast = monosemanticity_scores(coo, emb, latent_block=16).numpy()

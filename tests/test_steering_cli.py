@@ -48,10 +48,11 @@ def test_steer_run_writes_answers_side_by_side(compose_cfg, home, sae_dpath, tmp
 
     # The steered answers are what a direct steer() gives: the CLI adds no hidden state.
     from vlmsae.models.llava import load_llava_spec
-    from vlmsae.steering import generate_answers, load_steering_sae, steer, white_image
+    from vlmsae.sae import load_sae
+    from vlmsae.steering import generate_answers, steer, white_image
 
     model, processor = load_llava_spec(dict(cfg.model))
-    with steer(model, load_steering_sae(sae_dpath), {5: 60.0, 9: 60.0}):  # layer from config.json
+    with steer(model, load_sae(sae_dpath), {5: 60.0, 9: 60.0}):  # layer from config.json
         direct = generate_answers(model, processor, [white_image(32)], cfg.prompt, max_new_tokens=4)
     assert direct[0] == out["steered"][0]
 

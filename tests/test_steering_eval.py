@@ -76,7 +76,8 @@ def test_steer_eval_run(compose_cfg, eval_setup, tmp_path):
     from vlmsae.models.embedders import load_embedder
     from vlmsae.models.llava import load_llava_spec
     from vlmsae.steer_eval import run
-    from vlmsae.steering import generate_answers, load_steering_sae, steer
+    from vlmsae.sae import load_sae
+    from vlmsae.steering import generate_answers, steer
 
     sae_dpath, top_dpath, img_dpath, names_fpath = eval_setup
     cfg = compose_cfg("steer_eval", [
@@ -103,7 +104,7 @@ def test_steer_eval_run(compose_cfg, eval_setup, tmp_path):
     # Recompute one row by hand: the per-sample batched steering equals steering that image alone,
     # and the score is the cosine of the word's text embedding with the concept.
     model, processor = load_llava_spec(dict(cfg.model))
-    sae = load_steering_sae(sae_dpath)
+    sae = load_sae(sae_dpath)
     from PIL import Image
 
     row = rows[7]  # latent 2, third image (a batch that mixes latents 1 and 2)

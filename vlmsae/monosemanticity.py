@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 POOLS = ("cls", "mean", "max")
 # SAE input rows encoded at once when pooling over tokens: bounds the dense [rows, F] code block.
-_TOKEN_ROWS = 2048
+_TOKEN_ROWS = 1024
 
 
 def _model_spec(cfg: DictConfig, source: dict[str, Any], sae_path: Path):

@@ -88,7 +88,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     import torch
 
     from vlmsae.models.llava import load_llava_spec, vision_tower
-    from vlmsae.steering import alpha_sweep, generate_answers, load_steering_sae, sae_layer, steer
+    from vlmsae.sae import load_sae
+    from vlmsae.steering import alpha_sweep, generate_answers, sae_layer, steer
 
     out_dpath = run_dir(out_dpath)
     if cfg.sae_path is None or not Path(str(cfg.sae_path)).is_dir():
@@ -96,7 +97,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     torch.manual_seed(int(cfg.seed))
     model, processor = load_llava_spec(model_spec(cfg))
     device = next(vision_tower(model).parameters()).device
-    sae = load_steering_sae(str(cfg.sae_path), device=str(device))
+    sae = load_sae(str(cfg.sae_path), device=str(device))
     layer = cfg.layer if cfg.layer is not None else sae_layer(sae)
     latents = latent_alphas(cfg.latent, cfg.alpha)
     patches = OmegaConf.to_container(cfg.patches) if OmegaConf.is_list(cfg.patches) else cfg.patches

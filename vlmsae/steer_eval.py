@@ -124,7 +124,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.models.embedders import load_embedder
     from vlmsae.models.llava import load_llava_spec, vision_tower
     from vlmsae.steer import model_spec
-    from vlmsae.steering import first_word, generate_answers, load_steering_sae, sae_layer, steer
+    from vlmsae.sae import load_sae
+    from vlmsae.steering import first_word, generate_answers, sae_layer, steer
     from vlmsae.steering.score import ScoreSummary, concept_embeddings, markdown_table, shuffled, word_scores
 
     out_dpath = run_dir(out_dpath)
@@ -135,7 +136,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     latents = latent_list(cfg.latents)
     model, processor = load_llava_spec(model_spec(cfg))
     device = next(vision_tower(model).parameters()).device
-    sae = load_steering_sae(str(cfg.sae_path), device=str(device))
+    sae = load_sae(str(cfg.sae_path), device=str(device))
     layer = cfg.layer if cfg.layer is not None else sae_layer(sae)
     embedder = load_embedder(cfg.embedder)
     embed_texts = _text_embed_fn(embedder)

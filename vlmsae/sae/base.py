@@ -23,6 +23,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -129,6 +131,9 @@ class SAE(nn.Module):
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("samples_since_fired", torch.zeros(n_latents, dtype=torch.long))
         self.register_buffer("n_steps", torch.tensor(0, dtype=torch.long))
+        # What the SAE reads (model, layer, tokens): set by training or load_sae, saved with the weights,
+        # so steering and evaluation find the tapped layer without being told.
+        self.source: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ shape facts
     @property

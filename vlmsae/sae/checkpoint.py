@@ -30,7 +30,7 @@ def save_sae(sae: SAE, dpath: str | Path, source: dict[str, Any] | None = None) 
     """Write ``dpath/sae.safetensors`` and ``dpath/config.json`` atomically; returns ``dpath``.
 
     ``source``: what the SAE was trained on, e.g. {"model": "clip_l14_336", "pretrained": "openai",
-    "layer": 22, "tokens": "cls", "data": "/data/acts"}.
+    "layer": 22, "tokens": "cls", "data": "/data/acts"}; defaults to ``sae.source``.
     """
     from safetensors.torch import save_file
 
@@ -64,7 +64,7 @@ def save_sae(sae: SAE, dpath: str | Path, source: dict[str, Any] | None = None) 
         },
         "n_steps": int(sae.n_steps),
         "dtype": str(sae.W_dec.dtype).removeprefix("torch."),
-        "source": dict(source or {}),
+        "source": dict(source if source is not None else sae.source),
         "config": sae.cfg.to_dict(),
         "vlmsae_version": prov["vlmsae_version"],
         "git_commit": prov["git_commit"],
@@ -137,4 +137,5 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
                     f"implies {tuple(target.shape)}."
                 )
             target.copy_(tensors[name])
+    sae.source = dict(info.get("source") or {})
     return sae.to(device).eval()

@@ -7,7 +7,6 @@ from vlmsae.steering.hooks import (
     alpha_sweep,
     edit_activations,
     grid_patches,
-    load_steering_sae,
     sae_layer,
     steer,
     token_mask,
@@ -15,5 +14,5 @@ from vlmsae.steering.hooks import (
 
 __all__ = [
     "MODES", "ONE_WORD_PROMPT", "SteeringHandle", "alpha_sweep", "chat_prompt", "edit_activations",
-    "first_word", "generate_answers", "grid_patches", "load_steering_sae", "sae_layer", "steer", "token_mask", "white_image",
+    "first_word", "generate_answers", "grid_patches", "sae_layer", "steer", "token_mask", "white_image",
 ]

@@ -21,7 +21,6 @@ Modes (per token t of the tapped layer, ``h`` = block output, ``f = encode(h)``)
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,19 +38,10 @@ Alpha = float | int | torch.Tensor
 leaves that token's latent as encoded, so one batch can steer a different latent per sample)."""
 
 
-def sae_layer(sae: nn.Module, sae_dpath: str | Path | None = None) -> int | None:
-    """The vision block the SAE was trained on (``source.layer`` of its ``config.json``), if known."""
-    for holder in (sae, getattr(sae, "cfg", None), getattr(sae, "config", None)):
-        source = getattr(holder, "source", None)
-        if isinstance(source, Mapping) and source.get("layer") is not None:
-            return _int_layer(source["layer"])
-    if sae_dpath is not None:
-        cfg_fpath = Path(sae_dpath) / "config.json"
-        if cfg_fpath.exists():
-            layer = (json.loads(cfg_fpath.read_text()).get("source") or {}).get("layer")
-            if layer is not None:
-                return _int_layer(layer)
-    return None
+def sae_layer(sae: nn.Module) -> int | None:
+    """The vision block the SAE was trained on (``sae.source["layer"]``, from its ``config.json``), if known."""
+    layer = getattr(sae, "source", {}).get("layer")
+    return None if layer is None else _int_layer(layer)
 
 
 def _int_layer(layer: Any) -> int:
@@ -62,16 +52,6 @@ def _int_layer(layer: Any) -> int:
             f"The SAE was trained on layer {layer!r}, not on a vision block: steering edits a block's output "
             "(LLaVA-1.5 reads block 22); train the steering SAE with layer=22 (or -2)."
         ) from None
-
-
-def load_steering_sae(sae_dpath: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """``vlmsae.sae.load_sae`` plus the checkpoint's ``source`` (model, layer, tokens) as ``sae.source``,
-    so :func:`steer` finds the block to hook without being told."""
-    from vlmsae.sae import load_sae, read_sae_config
-
-    sae = load_sae(sae_dpath, device=device)
-    sae.source = dict(read_sae_config(sae_dpath).get("source") or {})
-    return sae
 
 
 def token_mask(
