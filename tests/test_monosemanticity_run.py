@@ -115,7 +115,7 @@ def test_bad_sae_path_is_clear(compose_cfg, tmp_path) -> None:
 @pytest.mark.slow
 def test_cli(tiny_sae_dpath, tmp_path, repo_root) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vlmsae.monosemanticity", f"sae_path={tiny_sae_dpath}", "data=tiny",
+    cmd = [sys.executable, "-m", "vlmsae.monosemanticity", f"sae_path={tiny_sae_dpath}", "model=tiny", "data=tiny",
            "++data.extra.n_per_class=2", "embedder=tiny", f"embed_cache={tmp_path / 'c'}", "progress=false",
            f"hydra.run.dir={tmp_path / 'cli'}"]
     proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
