@@ -3,6 +3,8 @@ bounded memory, exact fast-forward on resume, and clear errors for bad stores.""
 
 from __future__ import annotations
 
+import shlex
+
 import numpy as np
 import pytest
 import torch
@@ -145,17 +147,16 @@ def test_bad_store_errors(tmp_path):
 
 def test_fast_reader_matches_the_store_reader(tmp_path):
     from vlmsae.data.shards import iter_chunks, list_shards
-    from vlmsae.lit.stream import iter_shard_chunks
 
     store = _ids_store(tmp_path)
     for fpath in list_shards(store):
-        ours = list(iter_shard_chunks(str(fpath)))
-        ref = list(iter_chunks([fpath]))
-        assert [c.chunk_index for c in ours] == [r["chunk"] for r in ref]
-        assert all(torch.equal(c.rows_RD, r["acts"]) for c, r in zip(ours, ref))
+        ours = list(iter_chunks([fpath], with_keys=False))  # what training reads: local, by member offset
+        ref = list(iter_chunks([f"pipe:cat {shlex.quote(str(fpath))}"]))  # the streaming reader
+        assert [c["chunk"] for c in ours] == [r["chunk"] for r in ref]
+        assert all(torch.equal(c["acts"], r["acts"]) for c, r in zip(ours, ref))
     # chunks refused by the filter are skipped
     fpath = str(list_shards(store)[0])
-    assert [c.chunk_index for c in iter_shard_chunks(fpath, lambda i: i % 3 == 1)] == [1]
+    assert [c["chunk"] for c in iter_chunks([fpath], lambda i: i % 3 == 1)] == [1]
 
 
 def test_single_chunk_store_holds_out_rows(tmp_path):

@@ -55,6 +55,29 @@ def test_streaming_matches_whole_batch_with_large_mean() -> None:
         ReconstructionAccumulator().result()
 
 
+def test_accumulators_of_disjoint_streams_merge_exactly() -> None:
+    """What the trainer does over DDP ranks: per-rank sums, all-gathered as tensors, merged."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 6, generator=g) * 2 + 50
+    x_hat = x + 0.5 * torch.randn(200, 6, generator=g)
+    codes = torch.relu(torch.randn(200, 7, generator=g))
+    codes[:, 6] = 0.0
+    whole = ReconstructionAccumulator(7, dense_threshold=0.4)
+    whole.update(x, x_hat, codes)
+    ranks = [ReconstructionAccumulator(7, dense_threshold=0.4, d_in=6) for _ in range(3)]
+    for r, (i0, i1) in enumerate(((0, 50), (50, 170), (170, 200))):
+        ranks[r].update(x[i0:i1], x_hat[i0:i1], codes[i0:i1])
+    ranks.append(ReconstructionAccumulator(7, dense_threshold=0.4, d_in=6))  # a rank that saw no rows
+    merged = ReconstructionAccumulator(dense_threshold=0.4)
+    for acc in ranks:
+        merged.merge(ReconstructionAccumulator.from_state(acc.state_dict(), dense_threshold=0.4))
+    got, want = merged.result(), whole.result()
+    for key in ("fve", "mse", "normalized_mse", "l0", "dead_fraction", "dense_fraction"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert got["n_samples"] == 200 and torch.equal(got["freq_F"], want["freq_F"])
+    assert got["fve"] == pytest.approx(fve(x, x_hat), rel=1e-9) and got["dead_fraction"] == pytest.approx(1 / 7)
+
+
 def test_reconstruction_metrics_runs_an_sae() -> None:
     from vlmsae.sae import SAEConfig, build_sae
 

@@ -3,6 +3,7 @@ resume after a kill, and refusal to mix different extractions in one folder."""
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 
@@ -126,3 +127,31 @@ def test_bad_inputs(tmp_path):
     writer = ShardWriter(tmp_path, d=2)
     with pytest.raises(ValueError, match=r"Expected rows \[N, 2\]"):
         writer.add(torch.zeros(3, 5), torch.zeros(3), torch.zeros(3), torch.zeros(3), ["a"] * 3)
+
+
+def test_streamed_reader_equals_the_local_reader_and_checks_chunks(tmp_path):
+    """A shard that cannot be seeked (a URL, a pipe) is streamed: same chunks, keys and filter as a local file."""
+    import shlex
+
+    writer = ShardWriter(tmp_path, d=3, rows_per_chunk=2, rows_per_shard=5)
+    writer.add(*_rows(5, 3, 0))
+    writer.flush({})
+    fpath = list_shards(tmp_path)[0]
+    url = f"pipe:cat {shlex.quote(str(fpath))}"
+    local, streamed = list(iter_chunks([fpath])), list(iter_chunks([url]))
+    assert [c["chunk"] for c in local] == [c["chunk"] for c in streamed] == [0, 1, 2]
+    for a, b in zip(local, streamed):
+        assert a["keys"] == b["keys"]
+        assert all(torch.equal(a[n], b[n]) for n in ("acts", "token_idx", "image_idx", "label"))
+    assert [c["chunk"] for c in iter_chunks([url], lambda i: i != 1)] == [0, 2]
+    assert "keys" not in next(iter_chunks([fpath], with_keys=False))
+    # a chunk without its keys.json is refused by both readers
+    with tarfile.open(fpath) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.name != "000001.keys.json"]
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(broken, "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+    for source in (broken, f"pipe:cat {shlex.quote(str(broken))}"):
+        with pytest.raises(ValueError, match=r"incomplete chunk\(s\) \['000001'\]"):
+            list(iter_chunks([source]))

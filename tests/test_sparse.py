@@ -186,3 +186,20 @@ def test_kernel_choice():
     assert use_sparse_kernel("sparse", 8, 16, 4, "cpu") is True
     with pytest.raises(ValueError, match="sparse_kernel"):
         use_sparse_kernel("fast", 4096, 8192, 1024, "cpu")
+
+
+def test_selection_preacts_matches_addmm_and_reuses_its_buffer():
+    from vlmsae.sae.sparse import release_selection_buffers, selection_preacts
+
+    g = torch.Generator().manual_seed(7)
+    x, W, b = torch.randn(8, 5, generator=g), torch.randn(11, 5, generator=g, requires_grad=True), torch.randn(11)
+    z1 = selection_preacts(x, W, b)
+    torch.testing.assert_close(z1, torch.addmm(b, x, W.detach().T))
+    assert not z1.requires_grad
+    z2 = selection_preacts(x * 2, W, b)
+    assert z2.data_ptr() == z1.data_ptr()  # same buffer: no fresh 128 MB allocation per step
+    torch.testing.assert_close(z2, torch.addmm(b, 2 * x, W.detach().T))
+    import vlmsae.sae.sparse as sparse_mod
+
+    release_selection_buffers()
+    assert not sparse_mod._PREACT_BUFFERS

@@ -69,7 +69,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Extract activations as ``cfg`` says into ``out_dpath`` (or ``cfg.out``, or Hydra's run dir)."""
     from tqdm.auto import tqdm
 
-    from vlmsae.data.images import SkipLog, list_source
+    from vlmsae.data.images import SkipLog, list_source, synthetic_options
     from vlmsae.data.shards import MANIFEST, ImageListDigest, ShardWriter, image_list_digest, read_manifest
     from vlmsae.models import TOKEN_CHOICES, ModelSpec, load_tap, select_tokens
     from vlmsae.utils.paths import run_dir
@@ -86,8 +86,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
             "or tokens=patches."
         )
     data = cfg.data
-    synthetic = {**{"n_per_class": 8, "size": 64}, **dict(data.get("extra") or {}), "seed": int(data.seed)}
-    synthetic = {k: synthetic[k] for k in ("n_per_class", "size", "seed")} if data.source == "synthetic" else None
+    synthetic = synthetic_options(str(data.source), data.get("extra"), data.get("seed", 0))
     if data.source not in ("folder", "list", "wds", "synthetic"):
         raise ValueError(f"extract reads images: data.source={data.source!r} must be folder, list, wds or synthetic.")
 

@@ -89,99 +89,56 @@ def load_ms_run(ms_run: str | Path, n_latents: int):
 
 def _synthetic_opts(data: dict) -> dict | None:
     """Options of the generated concept images for ``data.source=synthetic`` (as the MS job reads them)."""
-    if data.get("source") != "synthetic":
-        return None
-    opts = {"n_per_class": 8, "size": 64, **dict(data.get("extra") or {}), "seed": int(data.get("seed", 0))}
-    return {k: opts[k] for k in ("n_per_class", "size", "seed")}
+    from vlmsae.data.images import synthetic_options
+
+    return synthetic_options(data.get("source"), data.get("extra"), data.get("seed", 0))
 
 
 def compute_top_images(cfg: DictConfig, sae, source: dict[str, Any], out_dpath: Path, data: dict):
     """Run the SAE's source model and the SAE over the images, in one pass.
 
-    The model, layer and token pooling are resolved exactly as ``vlmsae.monosemanticity`` does (its
-    helpers are reused), so the top images here equal those of an MS run on the same images.
+    The model, layer and token pooling are resolved by :func:`vlmsae.metrics.codes.open_sae_source`
+    and the images encoded by :func:`vlmsae.metrics.codes.encode_images`, as ``vlmsae.monosemanticity``
+    does, so the top images here equal those of an MS run on the same images.
     Returns the top-images index (also saved to ``out_dpath/top_images``), the per-image codes
     (sparse [N, K]) and the image embeddings of ``cfg.embedder`` for MS (None without one).
     """
-    from tqdm.auto import tqdm
-
     from vlmsae.data.images import SkipLog, iter_images
-    from vlmsae.metrics.topimages import TopImages, top_images
-    from vlmsae.models import load_tap
-    from vlmsae.monosemanticity import POOLS, _model_spec, _pool_rows, _pool_sparse
+    from vlmsae.metrics.codes import encode_images, open_sae_source
+    from vlmsae.models import ModelSpec
 
     if data.get("source") not in ("folder", "list", "wds", "synthetic"):
         raise ValueError(f"hierarchy reads images: data.source={data.get('source')!r} must be folder, list, wds or "
                          "synthetic (or pass ms_run=<monosemanticity run dir> to reuse its top images).")
-    spec = _model_spec(cfg, source, Path(str(cfg.sae_path)))
-    if cfg.get("device") not in (None, "auto"):
-        spec.device = str(cfg.device)
-    layer = cfg.get("layer") if cfg.get("layer") is not None else source.get("layer")
-    if layer is None:
-        raise ValueError(f"The SAE at {cfg.sae_path} does not record its layer (source.layer); pass layer=<L|last>.")
-    pool = cfg.get("pool") or ("cls" if source.get("tokens", "cls") == "cls" else "mean")
-    if pool not in POOLS:
-        raise ValueError(f"Unknown pool={pool!r}: use one of {list(POOLS)}.")
-
-    tap = load_tap(spec)
-    layer = tap.resolve_layer(layer)
-    width = tap.embed_dim if layer == "last" else tap.width
-    if sae.d_in != width:
-        raise ValueError(f"The SAE reads {sae.d_in}-d activations but {spec.name} layer {layer} is {width}-d: "
-                         f"wrong model/layer for this SAE (its source says {source}).")
-    sae = sae.to(tap.device).eval()
+    model = ModelSpec.from_cfg(cfg.model) if cfg.get("model") is not None else None
+    src = open_sae_source(sae, source, model=model, layer=cfg.get("layer"), pool=cfg.get("pool"),
+                          device=cfg.get("device"), sae_dpath=cfg.sae_path)
     embedder = None
     if cfg.get("embedder") is not None:
         from vlmsae.models.embedders import load_embedder
 
         embedder = load_embedder(_node(cfg, "embedder"))
-    synthetic = _synthetic_opts(data)
     skip_log = SkipLog()
     records = iter_images(data["source"], data.get("root"), max_images=data.get("max_images"), skip_log=skip_log,
-                          synthetic=synthetic)
-    keys: list[str] = []
-    paths: list[str | None] = []
-    labels: list[int] = []
-    code_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+                          synthetic=_synthetic_opts(data))
     emb_chunks: list[torch.Tensor] = []
 
-    def flush(batch: list) -> None:
-        acts = tap.forward_to(torch.stack([tap.preprocess(r.image) for r in batch]), layer)
-        rows_RD, per_image = _pool_rows(acts, pool, tap.has_cls)
-        with torch.no_grad():
-            codes = sae.encode(rows_RD.to(sae.W_dec.device, torch.float32), sparse=True).cpu()
-        pooled = _pool_sparse(codes, per_image, pool, len(batch))
-        code_parts.append((pooled.indices()[0] + len(keys), pooled.indices()[1], pooled.values().float()))
-        if embedder is not None:
-            emb_chunks.append(embedder.embed([r.image for r in batch]).float().cpu())
-        keys.extend(r.key for r in batch)
-        paths.extend(r.path for r in batch)
-        labels.extend(int(r.label) for r in batch)
+    def embed(batch: list) -> None:
+        emb_chunks.append(embedder.embed([r.image for r in batch]).float().cpu())
 
     batch_size = int(cfg.get("batch_size") or data.get("batch_size") or 32)
-    batch: list = []
-    for record in tqdm(records, desc="hierarchy: encode images", unit="img"):
-        batch.append(record)
-        if len(batch) == batch_size:
-            flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
-    if not keys:
+    images = encode_images(src, records, batch_size, on_batch=embed if embedder is not None else None,
+                           desc="hierarchy: encode images")
+    if not images.keys:
         raise ValueError(f"No readable image in data.source={data['source']} data.root={data.get('root')} "
                          f"({len(skip_log)} skipped).")
-    codes_NK = torch.sparse_coo_tensor(
-        torch.stack([torch.cat([p[0] for p in code_parts]), torch.cat([p[1] for p in code_parts])]),
-        torch.cat([p[2] for p in code_parts]), (len(keys), sae.n_latents), check_invariants=False,
-    ).coalesce()
-    idx_KT, acts_KT = top_images(codes_NK, top_k=int(cfg.top_k))
-    top = TopImages(idx_KT, acts_KT, keys, paths if all(p is not None for p in paths) else None, labels, meta={
-        "what": "top-activating images of SAE latents", "sae_path": str(cfg.sae_path), "model": spec.name,
-        "layer": layer, "pool": pool, "data_source": data["source"], "data_root": str(data.get("root")),
+    top = images.top_images(int(cfg.top_k), meta={
+        "what": "top-activating images of SAE latents", "sae_path": str(cfg.sae_path), "model": src.spec.name,
+        "layer": src.layer, "pool": src.pool, "data_source": data["source"], "data_root": str(data.get("root")),
         "skipped": skip_log.to_list(), "written_by": "vlmsae.hierarchy",
     })
     top.save(out_dpath / "top_images")
-    return top, codes_NK, torch.cat(emb_chunks) if emb_chunks else None
+    return top, images.codes_NF, torch.cat(emb_chunks) if emb_chunks else None
 
 
 def compute_ms(codes_NK: torch.Tensor, embeddings_NE: torch.Tensor | None) -> torch.Tensor | None:

@@ -36,66 +36,6 @@ from vlmsae.config import register_configs
 
 log = logging.getLogger(__name__)
 
-POOLS = ("cls", "mean", "max")
-# SAE input rows encoded at once when pooling over tokens: bounds the dense [rows, F] code block.
-_TOKEN_ROWS = 1024
-
-
-def _model_spec(cfg: DictConfig, source: dict[str, Any], sae_path: Path):
-    """The source model: ``cfg.model`` if given, else the registered model the SAE was trained on."""
-    from vlmsae.models import ModelSpec, get_model_spec
-
-    if cfg.get("model") is not None:
-        return ModelSpec.from_cfg(cfg.model)
-    name = source.get("model")
-    if not name:
-        raise ValueError(
-            f"The SAE at {sae_path} does not record its source model (config.json 'source.model'); "
-            "pass model=<name> (one of conf/model/*.yaml) and layer=<L>."
-        )
-    if isinstance(name, dict):
-        return ModelSpec.from_cfg(name)
-    spec = get_model_spec(str(name))
-    if source.get("pretrained") and source["pretrained"] != spec.pretrained:
-        spec.pretrained = source["pretrained"]
-    return spec
-
-
-def _pool_rows(acts_BTD: torch.Tensor, pool: str, has_cls: bool) -> tuple[torch.Tensor, int]:
-    """The rows the SAE reads for a batch: [B, D] for cls / projected embeddings, else [B*T', D]
-    of the patch tokens (T' per image) for mean / max pooling."""
-    if acts_BTD.dim() == 2:
-        return acts_BTD, 1
-    if pool == "cls":
-        if not has_cls:
-            raise ValueError("pool=cls: this model has no CLS token (e.g. SigLIP); use pool=mean or pool=max.")
-        return acts_BTD[:, 0], 1
-    patches = acts_BTD[:, 1:] if has_cls else acts_BTD
-    B, T, D = patches.shape
-    return patches.reshape(B * T, D), T
-
-
-def _pool_sparse(codes_RF: torch.Tensor, per_image: int, pool: str, n_images: int) -> torch.Tensor:
-    """Pool sparse token codes [B*T, F] to per-image codes [B, F] (mean counts zeros; max of nonzeros)."""
-    codes_RF = codes_RF.coalesce()
-    rows, cols = codes_RF.indices()
-    vals = codes_RF.values()
-    n_latents = codes_RF.shape[1]
-    if per_image == 1:
-        return codes_RF
-    image = rows // per_image
-    keys, inverse = torch.unique(image * n_latents + cols, return_inverse=True)
-    if pool == "mean":
-        pooled = torch.zeros(keys.numel(), dtype=vals.dtype).index_add_(0, inverse, vals) / per_image
-    else:
-        pooled = torch.full((keys.numel(),), -math.inf, dtype=vals.dtype).scatter_reduce(0, inverse, vals, "amax")
-        # a latent that is positive on one token and negative (or 0) elsewhere: max is the positive value;
-        # an all-negative latent on some tokens and 0 on others has max 0, which we keep as an implicit zero.
-        pooled = torch.where(pooled < 0, torch.zeros_like(pooled), pooled)
-    idx = torch.stack([keys // n_latents, keys % n_latents])
-    return torch.sparse_coo_tensor(idx, pooled, (n_images, n_latents), check_invariants=False).coalesce()
-
-
 def _cache_fpath(cache_dpath: Path, embedder_spec, digest: str, where: str) -> Path:
     """Cached embeddings are valid for one embedder, one image list (digest of the keys) and one place the
     images come from (``where``: source, absolute root, synthetic options), since keys are relative paths."""
@@ -222,14 +162,13 @@ def _zero_shot(cfg: DictConfig, spec, sae, layer, source: dict, data, synthetic,
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Score ``cfg.sae_path``'s latents and the raw neurons on ``cfg.data``; outputs in ``out_dpath``."""
-    from tqdm.auto import tqdm
-
-    from vlmsae.data.images import SkipLog, iter_images, list_source
+    from vlmsae.data.images import SkipLog, iter_images, list_source, synthetic_options
     from vlmsae.data.shards import image_list_digest
+    from vlmsae.metrics.codes import encode_images, open_sae_source
     from vlmsae.metrics.monosemanticity import column_min_max, monosemanticity_scores, ms_summary
     from vlmsae.metrics.reconstruction import ReconstructionAccumulator
-    from vlmsae.metrics.topimages import TopImages, top_images, top_set_jaccard
-    from vlmsae.models import load_tap
+    from vlmsae.metrics.topimages import top_set_jaccard
+    from vlmsae.models import ModelSpec
     from vlmsae.models.embedders import EmbedderSpec, load_embedder
     from vlmsae.models.tiny import vlmsae_home
     from vlmsae.sae import load_sae, read_sae_config
@@ -243,34 +182,16 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     sae_dpath = Path(str(cfg.sae_path)).expanduser()
     info = read_sae_config(sae_dpath)
     source = dict(info.get("source") or {})
-    spec = _model_spec(cfg, source, sae_dpath)
-    layer = cfg.get("layer") if cfg.get("layer") is not None else source.get("layer")
-    if layer is None:
-        raise ValueError(f"The SAE at {sae_dpath} does not record its layer (source.layer); pass layer=<L|last>.")
-    pool = cfg.get("pool") or ("cls" if source.get("tokens", "cls") == "cls" else "mean")
-    if pool not in POOLS:
-        raise ValueError(f"Unknown pool={pool!r}: use one of {list(POOLS)}.")
     progress = bool(cfg.get("progress", True))
-
-    if cfg.get("device") not in (None, "auto"):
-        spec.device = str(cfg.device)
-    tap = load_tap(spec)
-    layer = tap.resolve_layer(layer)
-    sae = load_sae(sae_dpath, device=tap.device)
-    width = tap.embed_dim if layer == "last" else tap.width
-    if sae.d_in != width:
-        raise ValueError(
-            f"The SAE reads {sae.d_in}-d activations but {spec.name} layer {layer} is {width}-d: "
-            f"wrong model/layer for this SAE (its source says {source})."
-        )
+    model = ModelSpec.from_cfg(cfg.model) if cfg.get("model") is not None else None
+    src = open_sae_source(load_sae(sae_dpath), source, model=model, layer=cfg.get("layer"), pool=cfg.get("pool"),
+                          device=cfg.get("device"), sae_dpath=sae_dpath)
+    sae, spec, layer, pool = src.sae, src.spec, src.layer, src.pool
     embedder_spec = EmbedderSpec.from_cfg(cfg.embedder)
     embedder = None  # loaded on first use: a fully cached run needs no embedder weights
 
     data = cfg.data
-    synthetic = None
-    if data.source == "synthetic":
-        opts = {"n_per_class": 8, "size": 64, **dict(data.get("extra") or {}), "seed": int(data.seed)}
-        synthetic = {k: opts[k] for k in ("n_per_class", "size", "seed")}
+    synthetic = synthetic_options(str(data.source), data.get("extra"), data.get("seed", 0))
     if data.source not in ("folder", "list", "wds", "synthetic"):
         raise ValueError(f"monosemanticity reads images: data.source={data.source!r} must be folder, list, wds or synthetic.")
     n_total = None
@@ -288,79 +209,31 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
     skip_log = SkipLog()
     records = iter_images(str(data.source), data.root, max_images=data.max_images, skip_log=skip_log, synthetic=synthetic)
-    batch_size = int(data.batch_size)
-    keys: list[str] = []
-    paths: list[str | None] = []
-    labels: list[int] = []
     emb_rows: list[torch.Tensor] = []
-    raw_rows: list[torch.Tensor] = []
-    code_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     recon = ReconstructionAccumulator(sae.n_latents, dense_threshold=float(cfg.get("dense_threshold", 0.1)))
     n_embedded = 0
 
-    def flush(batch: list) -> None:
+    def embed(batch: list) -> None:
         nonlocal n_embedded, embedder
-        images = [r.image for r in batch]
-        x_BCHW = torch.stack([tap.preprocess(im) for im in images])
-        acts = tap.forward_to(x_BCHW, layer)
-        rows_RD, per_image = _pool_rows(acts, pool, tap.has_cls)
-        n_b = len(batch)
-        parts = []
-        with torch.no_grad():
-            for r0 in range(0, rows_RD.shape[0], _TOKEN_ROWS):
-                x_rd = rows_RD[r0 : r0 + _TOKEN_ROWS].to(sae.W_dec.device, torch.float32)
-                codes = sae.encode(x_rd, sparse=True)
-                recon.update(x_rd, sae.decode(codes), codes)
-                c = codes.cpu().coalesce()
-                parts.append((c.indices()[0] + r0, c.indices()[1], c.values()))
-        rows = torch.cat([p[0] for p in parts])
-        cols = torch.cat([p[1] for p in parts])
-        vals = torch.cat([p[2] for p in parts]).float()
-        token_codes = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (rows_RD.shape[0], sae.n_latents),
-                                              check_invariants=False)
-        pooled = _pool_sparse(token_codes, per_image, pool, n_b)
-        code_parts.append((pooled.indices()[0] + len(keys), pooled.indices()[1], pooled.values()))
-        if per_image == 1:
-            raw_rows.append(rows_RD.float().cpu())
-        else:
-            tok = rows_RD.float().cpu().reshape(n_b, per_image, -1)
-            raw_rows.append(tok.mean(1) if pool == "mean" else tok.amax(1))
         batch_keys = [r.key for r in batch]
         if all(k in cached for k in batch_keys):
             emb_rows.append(torch.stack([cached[k] for k in batch_keys]).float())
         else:
             if embedder is None:
                 embedder = load_embedder(embedder_spec)
-            emb_rows.append(embedder.embed(images))
-            n_embedded += n_b
-        keys.extend(batch_keys)
-        paths.extend(r.path for r in batch)
-        labels.extend(int(r.label) for r in batch)
+            emb_rows.append(embedder.embed([r.image for r in batch]))
+            n_embedded += len(batch)
 
-    batch: list = []
-    bar = tqdm(total=n_total, desc="images", unit="img", disable=not progress)
-    for record in records:
-        batch.append(record)
-        if len(batch) == batch_size:
-            flush(batch)
-            bar.update(len(batch))
-            batch = []
-    if batch:
-        flush(batch)
-        bar.update(len(batch))
-    bar.close()
-    n_images = len(keys)
+    images = encode_images(src, records, int(data.batch_size), recon=recon, keep_raw=True, on_batch=embed,
+                           progress=progress, total=n_total)
+    keys, codes_NF, raw_ND = images.keys, images.codes_NF, images.raw_ND
+    n_images = images.n_images
     if n_images < 2:
         raise ValueError(
             f"Only {n_images} readable image(s) in data.source={data.source} root={data.root} "
             f"({len(skip_log)} skipped): MS needs at least 2."
         )
     emb_NE = torch.cat(emb_rows)
-    raw_ND = torch.cat(raw_rows)
-    codes_NF = torch.sparse_coo_tensor(
-        torch.stack([torch.cat([p[0] for p in code_parts]), torch.cat([p[1] for p in code_parts])]),
-        torch.cat([p[2] for p in code_parts]), (n_images, sae.n_latents), check_invariants=False,
-    ).coalesce()
     digest = listing_digest if listing_digest is not None else image_list_digest(keys)
     if n_embedded:
         _save_cache(_cache_fpath(cache_dpath, embedder_spec, digest, where), keys, emb_NE, embedder_spec.cache_id())
@@ -377,15 +250,12 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         summary["baseline"] = ms_summary(ms_raw, n_images, dead_K=hi_raw == lo_raw)
 
     top_k = int(cfg.get("top_k", 16))
-    idx_KT, acts_KT = top_images(codes_NF, top_k=top_k)
-    top = TopImages(
-        idx_KT, acts_KT, keys, paths=paths if all(p is not None for p in paths) else None, labels=labels,
-        meta={"what": "top-activating images of SAE latents", "sae_path": str(sae_dpath), "model": spec.name,
-              "layer": layer, "pool": pool, "data_source": str(data.source), "data_root": str(data.root),
-              "image_list_digest": digest},
-    )
+    top = images.top_images(top_k, meta={
+        "what": "top-activating images of SAE latents", "sae_path": str(sae_dpath), "model": spec.name,
+        "layer": layer, "pool": pool, "data_source": str(data.source), "data_root": str(data.root),
+        "image_list_digest": digest})
     top.save(out_dpath / "top_images")
-    uniq = top_set_jaccard(idx_KT)
+    uniq = top_set_jaccard(top.image_idx)
     summary["uniqueness"] = {
         "mean_jaccard": uniq["mean"], "max_jaccard": uniq["max"], "mean_nearest_jaccard": uniq["mean_nearest"],
         "n_duplicate_sets": uniq["n_duplicates"], "top_k": top_k,

@@ -125,9 +125,11 @@ def _step_table(results: dict, prefix: str, title: str) -> list[str]:
     sizes = sorted({int(k.rsplit("_", 1)[1]) for k in results if k.startswith(f"{prefix}_sparse_tokens_per_s_")})
     if not sizes:
         return []
-    rows = [("sparse (vlmsae)", "sparse_tokens_per_s"), ("dense (vlmsae fallback)", "dense_tokens_per_s"),
+    rows = [("sparse (vlmsae)", "sparse_tokens_per_s"),
+            ("dense (vlmsae fallback)", "dense_tokens_per_s"),
             ("dense reference", "reference_tokens_per_s"),
-            ("BatchTopK, sparse (vlmsae)", "sparse_batchtopk_tokens_per_s"), ("encoder matmul alone (bound)", "encoder_bound_tokens_per_s"),
+            ("BatchTopK, sparse (vlmsae)", "sparse_batchtopk_tokens_per_s"),
+            ("encoder matmul alone (bound)", "encoder_bound_tokens_per_s"),
             ("speedup sparse / reference", "speedup_vs_reference"), ("speedup sparse / dense", "speedup_vs_dense"),
             ("sparse / encoder bound", "fraction_of_encoder_bound")]
     lines = ["", f"## {title}", "", "| | " + " | ".join(f"F = {n:,}" for n in sizes) + " |",
@@ -142,13 +144,20 @@ def render_markdown(results: dict) -> str:
     lines = ["# vlmsae benchmarks", "",
              f"Machine: {results.get('machine_cpu')}, {results.get('machine_cpu_count')} cores, "
              f"{results.get('machine_torch_threads')} torch threads, GPU: {results.get('machine_gpu')}; "
-             f"1-min load average {results.get('machine_loadavg_1min_start')} at start, "
-             f"{results.get('machine_loadavg_1min_end')} at end. Quick run: {results.get('quick')}. "
+             f"1-min load average {_fmt(results.get('machine_loadavg_1min_start'))} at start, "
+             f"{_fmt(results.get('machine_loadavg_1min_end'))} at end (other processes share the cores: "
+             f"compare paths within one run). Quick run: {results.get('quick')}. "
              f"Commit {results.get('provenance_git_commit')}, {results.get('provenance_created')}."]
     if "sae_step_batch_size" in results:
         shape = (f"d = {results['sae_step_d_in']}, k = {results['sae_step_k']}, batch {results['sae_step_batch_size']:,}")
         lines += _step_table(results, "sae_step", f"SAE training step, tokens/s (CPU fp32, {shape})")
         lines += _step_table(results, "sae_step_gpu_bf16", f"SAE training step, tokens/s (GPU bf16 autocast, {shape})")
+        lines += ["", "Each step: loss, backward, decoder-gradient projection, grad-norm clip, Adam (fused, the "
+                  "same for every path), unit-norm decoder rows. The paths share one set of weights and are "
+                  "timed interleaved (one step of each per round); median over rounds after warmup. "
+                  "`dense reference` = top-k scattered into a dense B x F code and a dense decoder matmul "
+                  "(vlmsae/bench/sae_step.py); `encoder matmul alone` = the selecting B x F x D matmul, the bound "
+                  "for any exact TopK step."]
     if "sae_fve_sparse" in results:
         lines += ["", f"Learning curve ({results['sae_fve_steps']} steps, same data and seed): FVE sparse "
                   f"{results['sae_fve_sparse']:.4f}, reference {results['sae_fve_reference']:.4f}, relative "

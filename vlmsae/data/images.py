@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,15 @@ def iter_images(
         record = finish(key, path, label, path, pos)
         if record is not None:
             yield record
+
+
+def synthetic_options(source: str, extra: Mapping[str, Any] | None, seed: int) -> dict[str, Any] | None:
+    """The ``synthetic`` options of ``data.source=synthetic`` (``data.extra`` over the defaults of
+    :func:`vlmsae.data.concepts.ensure_concept_images`, plus ``data.seed``); None for other sources."""
+    if source != "synthetic":
+        return None
+    opts = {"n_per_class": 8, "size": 64, **dict(extra or {}), "seed": int(seed)}
+    return {k: opts[k] for k in ("n_per_class", "size", "seed")}
 
 
 def list_source(source: str, root: str | Path | None, synthetic: dict[str, Any] | None = None) -> ImageList:

@@ -26,7 +26,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from vlmsae.lit.stream import RowShuffleBuffer, ShardRowStream, read_json
+from vlmsae.data.shards import list_shards, read_manifest
+from vlmsae.lit.stream import RowShuffleBuffer, ShardRowStream
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +45,8 @@ class StreamConfig:
 
 
 def list_shard_fpaths(acts_dpath: Path) -> list[str]:
-    """Shard files of a store, sorted; ``vlmsae.data.shards.list_shards`` when available."""
-    try:
-        from vlmsae.data.shards import list_shards
-    except ImportError:
-        return sorted(str(p) for p in acts_dpath.glob("acts-*.tar"))
+    """The store's shard files in order, as strings (what a ShardRowStream takes)."""
     return [str(p) for p in list_shards(acts_dpath)]
-
-
-def load_manifest(acts_dpath: Path) -> dict:
-    try:
-        from vlmsae.data.shards import read_manifest
-    except ImportError:
-        return read_json(acts_dpath / "manifest.json")
-    manifest = read_manifest(acts_dpath)
-    if not isinstance(manifest, dict):  # a dataclass or similar
-        manifest = dict(vars(manifest))
-    return manifest
 
 
 def open_store(acts: str | Path | None) -> tuple[Path, dict, list[str]]:
@@ -81,7 +67,7 @@ def open_store(acts: str | Path | None) -> tuple[Path, dict, list[str]]:
             f"{str(acts_dpath)!r} has no manifest.json: it is not an activation store written by vlmsae.extract "
             "(an interrupted extraction writes the manifest last; re-run it)"
         )
-    manifest = load_manifest(acts_dpath)
+    manifest = read_manifest(acts_dpath)
     shard_fpaths = list_shard_fpaths(acts_dpath)
     if not shard_fpaths:
         raise FileNotFoundError(f"{str(acts_dpath)!r} has a manifest but no acts-*.tar shards")

@@ -9,6 +9,9 @@ Units: the SAE takes raw activations and keeps a scalar input scale inside (set 
 first batches, see :meth:`SAELitModule.init_from_batches`). Logged ``mse`` is the mean squared
 error per element in raw activation units; ``nmse`` is ||x - x_hat||^2 / ||x||^2; ``fve`` is
 1 - ||x - x_hat||^2 / ||x - mean(x)||^2 (summed over the rows seen); ``l0`` active latents per row.
+These, the dense fractions and the validation ``l0`` come from
+:class:`vlmsae.metrics.reconstruction.ReconstructionAccumulator` (what ``vlmsae.monosemanticity``
+reports too); ``train/l0`` is the training encoder's, from ``sae.loss``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from vlmsae.metrics.reconstruction import ReconstructionAccumulator
 from vlmsae.sae.config import SAEConfig
 from vlmsae.sae.mechanics import (
     constrain_decoder_grad_,
@@ -84,7 +88,7 @@ class SAELitModule(L.LightningModule):
         self.lr = float(lr) if lr is not None else default_lr(cfg.n_latents)  # SPEC 2: 2e-4 / sqrt(F / 2^14)
         self.automatic_optimization = False
         self.val_metrics: dict[str, Any] = {}
-        self._val: dict[str, torch.Tensor] = {}
+        self._val = ReconstructionAccumulator(dense_threshold=DENSE_FREQ)  # renewed per validation epoch
 
     # ------------------------------------------------------------------ init from data
     @torch.no_grad()
@@ -186,27 +190,26 @@ class SAELitModule(L.LightningModule):
 
     @torch.no_grad()
     def _log_train(self, x_BD: torch.Tensor, out: dict) -> None:
-        x_hat_BD = out["x_hat"].float()
-        err = (x_BD - x_hat_BD).pow(2).sum()
-        total = (x_BD - x_BD.mean(0)).pow(2).sum()
         with warnings.catch_warnings():  # before the threshold exists encode() uses top-k: expected here
             warnings.simplefilter("ignore", UserWarning)
             codes_BF = self.sae.encode(x_BD)  # inference codes, for firing frequencies
-        freq_F = (codes_BF > 0).float().mean(0)
+        batch = ReconstructionAccumulator(self.sae.n_latents, DENSE_FREQ, device=x_BD.device)
+        batch.update(x_BD, out["x_hat"].float(), codes_BF)
+        rec = batch.result()
         metrics = {
             "train/loss": out["loss"].detach(),
             "train/recon": out["recon"],
-            "train/mse": err / x_BD.numel(),
-            "train/nmse": err / x_BD.pow(2).sum().clamp_min(1e-12),
-            "train/fve": 1 - err / total.clamp_min(1e-12),
+            "train/mse": rec["mse"],
+            "train/nmse": rec["normalized_mse"],
+            "train/fve": rec["fve"],
             "train/l0": out["l0"],
             "train/aux_loss": out["aux"],
             "train/dead_fraction": self.sae.dead_latents.float().mean(),
-            "train/dense_fraction": (freq_F > DENSE_FREQ).float().mean(),
-            "train/lr": torch.tensor(self._current_lr()),
+            "train/dense_fraction": rec["dense_fraction"],
+            "train/lr": self._current_lr(),
         }
-        self.log_dict({k: v.float() for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=False)
-        self.log("train/fve_bar", metrics["train/fve"].float(), prog_bar=True, logger=False)
+        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=False)
+        self.log("train/fve_bar", float(rec["fve"]), prog_bar=True, logger=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if not self._weights_finite():
@@ -217,16 +220,7 @@ class SAELitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        F, D = self.sae.n_latents, self.sae.d_in
-        dev = self.device
-        self._val = {
-            "n": torch.zeros((), dtype=torch.float64, device=dev),
-            "sse": torch.zeros((), dtype=torch.float64, device=dev),
-            "sum_x": torch.zeros(D, dtype=torch.float64, device=dev),
-            "sum_x2": torch.zeros((), dtype=torch.float64, device=dev),
-            "active": torch.zeros((), dtype=torch.float64, device=dev),
-            "fires_F": torch.zeros(F, dtype=torch.float64, device=dev),
-        }
+        self._val = ReconstructionAccumulator(self.sae.n_latents, DENSE_FREQ, d_in=self.sae.d_in, device=self.device)
 
     @torch.no_grad()
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -234,42 +228,40 @@ class SAELitModule(L.LightningModule):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             codes_BF = self.sae.encode(x_BD)
-        x_hat_BD = self.sae.decode(codes_BF).float()
-        active_BF = codes_BF > 0
-        v = self._val
-        v["n"] += x_BD.shape[0]
-        v["sse"] += (x_BD - x_hat_BD).double().pow(2).sum()
-        v["sum_x"] += x_BD.double().sum(0)
-        v["sum_x2"] += x_BD.double().pow(2).sum()
-        v["active"] += active_BF.sum()
-        v["fires_F"] += active_BF.sum(0)
+        self._val.update(x_BD, self.sae.decode(codes_BF).float(), codes_BF)
+
+    def _val_over_ranks(self) -> ReconstructionAccumulator:
+        """This rank's validation sums, merged with every other rank's (DDP)."""
+        if self.trainer.world_size == 1:
+            return self._val
+        gathered = self.all_gather(self._val.state_dict())  # each tensor gains a leading [world] dim
+        merged = ReconstructionAccumulator(dense_threshold=DENSE_FREQ)
+        for r in range(self.trainer.world_size):
+            merged.merge(ReconstructionAccumulator.from_state({k: t[r] for k, t in gathered.items()}))
+        return merged
 
     def on_validation_epoch_end(self) -> None:
-        v = {k: self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
-             for k, t in self._val.items()}
-        n = float(v["n"])
-        if n == 0:
+        val = self._val_over_ranks()
+        if val.n == 0:
             return
-        D = self.sae.d_in
-        sse, sum_x2 = float(v["sse"]), float(v["sum_x2"])
-        total_var = sum_x2 - float((v["sum_x"] ** 2).sum()) / n  # sum ||x - mean||^2
-        freq_F = (v["fires_F"] / n).cpu().numpy()
+        rec = val.result()
+        freq_F = rec["freq_F"].numpy()
         metrics = {
-            "mse": sse / (n * D),
-            "nmse": sse / max(sum_x2, 1e-30),
-            "fve": 1.0 - sse / max(total_var, 1e-30),
-            "l0": float(v["active"]) / n,
-            "dead_fraction": float(self.sae.dead_latents.float().mean()),
-            "dense_fraction": float((freq_F > DENSE_FREQ).mean()),
-            "never_fired_val_fraction": float((freq_F == 0).mean()),
+            "mse": rec["mse"],
+            "nmse": rec["normalized_mse"],
+            "fve": rec["fve"],
+            "l0": rec["l0"],
+            "dead_fraction": float(self.sae.dead_latents.float().mean()),  # the trainer's dead mask (AuxK)
+            "dense_fraction": rec["dense_fraction"],
+            "never_fired_val_fraction": rec["dead_fraction"],  # no validation row fired it
         }
         self.log_dict({f"val/{k}": float(x) for k, x in metrics.items()}, on_step=False, on_epoch=True,
-                      rank_zero_only=True)  # already reduced over ranks above
+                      rank_zero_only=True)  # already merged over ranks above
         hist_counts, _ = np.histogram(np.log10(freq_F[freq_F > 0]), bins=DENSITY_EDGES)
         self.val_metrics = {
             **metrics,
             "step": int(self.global_step),
-            "n_val_rows": int(n),
+            "n_val_rows": int(val.n),
             "density_hist": {"log10_freq_edges": DENSITY_EDGES.tolist(), "counts": hist_counts.tolist(),
                              "never_fired": int((freq_F == 0).sum())},
         }

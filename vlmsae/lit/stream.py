@@ -20,65 +20,14 @@ Module-level functions and classes only (no lambdas): DataLoader workers pickle 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-
-@dataclass
-class Chunk:
-    """One sample of a shard: a block of activation rows and its position in the store."""
-
-    rows_RD: torch.Tensor  # fp16 | bf16
-    chunk_index: int  # from the sample key "%06d"
-
-
-# ------------------------------------------------------------------------------------- reading
-def _iter_local_acts(shard_fpath: str, want: Callable[[int], bool]) -> Iterator[Chunk]:
-    """Only the ``acts`` of a local shard, read by member offset (the training fast path).
-
-    Training needs neither ``keys.json`` nor the index tensors, and Python's streaming tar reader
-    (``tarfile`` mode ``r|``) copies through small buffers: seeking to each ``%06d.acts.safetensors``
-    member and decoding it whole measured ~4x faster on the build machine (bench/loader.py).
-    Chunks that ``want`` refuses (held-out rows, another worker's share) are never read.
-    """
-    import tarfile
-
-    from safetensors.torch import load as load_safetensors
-
-    with tarfile.open(shard_fpath, mode="r:") as tar, open(shard_fpath, "rb") as fh:
-        for member in tar.getmembers():
-            name = member.name.rsplit("/", 1)[-1]
-            if not member.isfile() or not name.endswith(".acts.safetensors"):
-                continue
-            chunk_index = int(name.split(".", 1)[0])
-            if not want(chunk_index):
-                continue
-            fh.seek(member.offset_data)
-            tensors = load_safetensors(fh.read(member.size))
-            yield Chunk(rows_RD=tensors["acts"], chunk_index=chunk_index)
-
-
-def _want_all(chunk_index: int) -> bool:
-    return True
-
-
-def iter_shard_chunks(shard_fpath: str, want: Callable[[int], bool] = _want_all) -> Iterator[Chunk]:
-    """Chunks of one shard whose index ``want`` accepts, in file order: the offset fast path for
-    local files, else ``vlmsae.data.shards.iter_chunks`` (the store's reference reader)."""
-    if Path(shard_fpath).is_file():
-        yield from _iter_local_acts(shard_fpath, want)
-        return
-    from vlmsae.data.shards import iter_chunks
-
-    for sample in iter_chunks([shard_fpath]):
-        if want(int(sample["chunk"])):
-            yield Chunk(rows_RD=sample["acts"], chunk_index=int(sample["chunk"]))
+from vlmsae.data.shards import ShardWriter, iter_chunks
 
 
 # ---------------------------------------------------------------------------- shuffle buffer
@@ -246,15 +195,15 @@ class ShardRowStream(IterableDataset):
             position += 1
             return (position - 1) % stride == worker
 
-        for fpath in fpaths:
-            for chunk in iter_shard_chunks(fpath, want):
-                if self.row_keep[0] == "all":
-                    yield chunk.rows_RD
-                    continue
-                is_val_R = torch.arange(chunk.rows_RD.shape[0]) % self.row_keep[1] == 0
-                rows_RD = chunk.rows_RD[is_val_R if self.row_keep[0] == "val" else ~is_val_R]
-                if rows_RD.shape[0]:
-                    yield rows_RD
+        for chunk in iter_chunks(fpaths, want, with_keys=False):  # training needs only the rows
+            rows_RD = chunk["acts"]
+            if self.row_keep[0] == "all":
+                yield rows_RD
+                continue
+            is_val_R = torch.arange(rows_RD.shape[0]) % self.row_keep[1] == 0
+            rows_RD = rows_RD[is_val_R if self.row_keep[0] == "val" else ~is_val_R]
+            if rows_RD.shape[0]:
+                yield rows_RD
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
@@ -291,23 +240,17 @@ class ShardRowStream(IterableDataset):
             yield batch
 
 
-def read_json(fpath: str | Path) -> dict:
-    return json.loads(Path(fpath).read_text(encoding="utf-8"))
-
-
 def write_acts_store(dpath, acts_ND: torch.Tensor, rows_per_chunk: int, chunks_per_shard: int,
                      meta: dict | None = None, dtype: str = "float16") -> Path:
     """Write rows as an activation store with ``vlmsae.data.shards.ShardWriter`` (tests, benchmarks).
 
     ``meta`` goes into the manifest (model, layer, tokens, ...); defaults describe synthetic rows.
     """
-    from vlmsae.data.shards import ShardWriter
-
     N, D = acts_ND.shape
     meta = {"model": "synthetic", "pretrained": None, "layer": 0, "tokens": "cls", **(meta or {})}
-    writer = ShardWriter(dpath, d=D, dtype=dtype, rows_per_chunk=rows_per_chunk,
-                         rows_per_shard=rows_per_chunk * chunks_per_shard, meta=meta)
     rows_per_shard = rows_per_chunk * chunks_per_shard
+    writer = ShardWriter(dpath, d=D, dtype=dtype, rows_per_chunk=rows_per_chunk, rows_per_shard=rows_per_shard,
+                         meta=meta)
     for start in range(0, N, rows_per_shard):
         rows = acts_ND[start : start + rows_per_shard]
         n = rows.shape[0]

@@ -1,6 +1,6 @@
 """How well an SAE reconstructs held-out activations, and how much the model notices the splice.
 
-Plain functions on tensors (the trainer reuses them for its validation metrics):
+Plain functions on tensors:
 - ``fve(x, x_hat)``: fraction of variance explained, 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2;
 - ``mse(x, x_hat)``: mean squared error per element; ``sq_err(x, x_hat)``: squared error summed
   over dims, mean over samples (the training loss's "recon", SPEC 2);
@@ -8,7 +8,8 @@ Plain functions on tensors (the trainer reuses them for its validation metrics):
 - ``l0(codes)``: mean number of active latents per sample (dense or sparse codes).
 ``ReconstructionAccumulator`` gives the same numbers over a stream of batches exactly (the
 variance is merged with Chan's formula, so a large shared mean does not cancel away precision),
-plus dead (never fired) and dense (fired on more than ``dense_threshold`` of samples) fractions.
+plus dead (never fired) and dense (fired on more than ``dense_threshold`` of samples) fractions;
+the Lightning trainer logs its train and validation metrics with it (merged over DDP ranks).
 ``reconstruction_metrics(sae, batches)`` runs an SAE over an iterable of activation batches.
 ``zero_shot_fidelity`` splices the SAE into an open_clip CLIP at the tapped layer and compares
 the zero-shot class distributions with and without it (KL with the model's logit scale, top-1
@@ -68,13 +69,13 @@ def normalized_mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
 
 
 def _active_per_latent(codes_BF: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """([F] count of samples where each latent is nonzero, number of samples)."""
+    """([F] count of samples where each latent is nonzero, on the codes' device; number of samples)."""
     if codes_BF.layout == torch.strided:
         flat = codes_BF.detach().reshape(-1, codes_BF.shape[-1])
-        return (flat != 0).sum(0).cpu(), flat.shape[0]
+        return (flat != 0).sum(0), flat.shape[0]
     coo = (codes_BF if codes_BF.layout == torch.sparse_coo else codes_BF.to_sparse_coo()).coalesce()
     cols = coo.indices()[1][coo.values() != 0]
-    return torch.bincount(cols.cpu(), minlength=codes_BF.shape[1]), codes_BF.shape[0]
+    return torch.bincount(cols, minlength=codes_BF.shape[1]), codes_BF.shape[0]
 
 
 def l0(codes_BF: torch.Tensor) -> float:
@@ -84,59 +85,105 @@ def l0(codes_BF: torch.Tensor) -> float:
 
 
 class ReconstructionAccumulator:
-    """Exact streaming FVE / MSE / normalised MSE / L0 / dead and dense fractions over batches."""
+    """Exact streaming FVE / MSE / normalised MSE / L0 / dead and dense fractions over batches.
 
-    def __init__(self, n_latents: int | None = None, dense_threshold: float = 0.1) -> None:
+    The sums stay float64 tensors on the device of the data (``device``, else that of the first
+    batch), so updating never waits for the GPU; ``result()`` reads them once. Accumulators of
+    disjoint streams combine exactly with :meth:`merge` (DDP ranks: ``state_dict`` / ``from_state``
+    are same-shaped tensors to all-gather when ``d_in`` and ``n_latents`` are given).
+    """
+
+    def __init__(self, n_latents: int | None = None, dense_threshold: float = 0.1, d_in: int | None = None,
+                 device: str | torch.device | None = None) -> None:
         self.dense_threshold = dense_threshold
         self.n = 0
-        self.mean_D: torch.Tensor | None = None
-        self.m2 = 0.0  # sum ||x - mean||^2 so far
-        self.sse = 0.0
-        self.sum_sq = 0.0
-        self.fired_F = torch.zeros(n_latents, dtype=torch.long) if n_latents else None
         self.n_codes = 0
+        self.mean_D: torch.Tensor | None = None
+        self.m2 = self.sse = self.sum_sq = None  # sum ||x - mean||^2, sum ||x - x_hat||^2, sum ||x||^2
+        self.fired_F = torch.zeros(n_latents, dtype=torch.long, device=device) if n_latents else None
+        if d_in is not None:
+            self._init_sums(d_in, device)
+
+    def _init_sums(self, d: int, device: str | torch.device | None) -> None:
+        self.mean_D = torch.zeros(d, dtype=torch.float64, device=device)
+        self.m2, self.sse, self.sum_sq = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(3))
+
+    def _add_moments(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        """Chan et al.: merge a (count, mean, M2) summary into ours exactly."""
+        total = self.n + n_b
+        delta = mean_b - self.mean_D
+        self.m2 = self.m2 + m2_b + delta.pow(2).sum() * (self.n * n_b / total)
+        self.mean_D = self.mean_D + delta * (n_b / total)
+        self.n = total
+
+    def _add_fired(self, counts_F: torch.Tensor, n_rows: int) -> None:
+        if self.fired_F is None:
+            self.fired_F = torch.zeros_like(counts_F)
+        self.fired_F += counts_F.to(self.fired_F.device)
+        self.n_codes += n_rows
 
     def update(self, x_BD: torch.Tensor, x_hat_BD: torch.Tensor, codes_BF: torch.Tensor | None = None) -> None:
         x, x_hat = _check_pair(x_BD, x_hat_BD)
-        x, x_hat = x.cpu(), x_hat.cpu()
         n_b = x.shape[0]
         if n_b == 0:
             return
-        mean_b = x.mean(0)
-        m2_b = float((x - mean_b).pow(2).sum())
         if self.mean_D is None:
-            self.mean_D, self.m2 = mean_b, m2_b
-        else:  # Chan et al.: merge two (count, mean, M2) summaries exactly
-            delta = mean_b - self.mean_D
-            total = self.n + n_b
-            self.m2 += m2_b + float(delta.pow(2).sum()) * self.n * n_b / total
-            self.mean_D = self.mean_D + delta * (n_b / total)
-        self.n += n_b
-        self.sse += float((x - x_hat).pow(2).sum())
-        self.sum_sq += float(x.pow(2).sum())
+            self._init_sums(x.shape[1], x.device)
+        x, x_hat = x.to(self.mean_D.device), x_hat.to(self.mean_D.device)
+        mean_b = x.mean(0)
+        self._add_moments(n_b, mean_b, (x - mean_b).pow(2).sum())
+        self.sse = self.sse + (x - x_hat).pow(2).sum()
+        self.sum_sq = self.sum_sq + x.pow(2).sum()
         if codes_BF is not None:
-            counts_F, n_rows = _active_per_latent(codes_BF)
-            if self.fired_F is None:
-                self.fired_F = torch.zeros_like(counts_F)
-            self.fired_F += counts_F
-            self.n_codes += n_rows
+            self._add_fired(*_active_per_latent(codes_BF))
+
+    def merge(self, other: "ReconstructionAccumulator") -> "ReconstructionAccumulator":
+        """Add the batches ``other`` has seen (a disjoint stream, e.g. another rank's); returns self."""
+        if other.n:
+            if self.mean_D is None:
+                self._init_sums(other.mean_D.numel(), other.mean_D.device)
+            dev = self.mean_D.device
+            self._add_moments(other.n, other.mean_D.to(dev), other.m2.to(dev))
+            self.sse = self.sse + other.sse.to(dev)
+            self.sum_sq = self.sum_sq + other.sum_sq.to(dev)
+        if other.fired_F is not None:
+            self._add_fired(other.fired_F, other.n_codes)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every sum as a tensor (counts included): what one rank all-gathers for :meth:`from_state`."""
+        if self.mean_D is None or self.fired_F is None:
+            raise ValueError("state_dict() needs the shapes: build the accumulator with d_in and n_latents.")
+        dev = self.mean_D.device
+        return {"n": torch.tensor(self.n, device=dev), "n_codes": torch.tensor(self.n_codes, device=dev),
+                "mean_D": self.mean_D, "m2": self.m2, "sse": self.sse, "sum_sq": self.sum_sq, "fired_F": self.fired_F}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], dense_threshold: float = 0.1) -> "ReconstructionAccumulator":
+        acc = cls(dense_threshold=dense_threshold)
+        acc.n, acc.n_codes = int(state["n"]), int(state["n_codes"])
+        acc.mean_D, acc.m2, acc.sse, acc.sum_sq = state["mean_D"], state["m2"], state["sse"], state["sum_sq"]
+        acc.fired_F = state["fired_F"]
+        return acc
 
     def result(self) -> dict[str, Any]:
         if self.n == 0:
             raise ValueError("No activations were given: the batch iterable was empty.")
         d = self.mean_D.numel()
+        m2, sse, sum_sq = float(self.m2), float(self.sse), float(self.sum_sq)
         out: dict[str, Any] = {
-            "fve": 1.0 - self.sse / self.m2 if self.m2 > 0 else math.nan,
-            "mse": self.sse / (self.n * d),
-            "sq_err": self.sse / self.n,
-            "normalized_mse": self.sse / self.sum_sq if self.sum_sq > 0 else math.nan,
+            "fve": 1.0 - sse / m2 if m2 > 0 else math.nan,
+            "mse": sse / (self.n * d),
+            "sq_err": sse / self.n,
+            "normalized_mse": sse / sum_sq if sum_sq > 0 else math.nan,
             "n_samples": self.n,
         }
         if self.fired_F is not None and self.n_codes:
-            freq_F = self.fired_F.double() / self.n_codes
+            fired_F = self.fired_F.cpu()
+            freq_F = fired_F.double() / self.n_codes
             out.update(
-                l0=float(self.fired_F.sum()) / self.n_codes,
-                dead_fraction=float((self.fired_F == 0).double().mean()),
+                l0=float(fired_F.sum()) / self.n_codes,
+                dead_fraction=float((fired_F == 0).double().mean()),
                 dense_fraction=float((freq_F > self.dense_threshold).double().mean()),
                 dense_threshold=self.dense_threshold,
                 freq_F=freq_F,

@@ -26,8 +26,7 @@ projection work unchanged and the step equals the dense one up to float rounding
 Usage in a TopK training step (what ``vlmsae.sae`` does when the sparse kernel is chosen)::
 
     x_cent_BD = x_BD - b_dec
-    with torch.no_grad():
-        z_BF = torch.addmm(b_enc, x_cent_BD, W_enc.T)      # the one dense matmul
+    z_BF = selection_preacts(x_cent_BD, W_enc, b_enc)      # the one dense matmul (no grad)
     rows_N, cols_N = topk_select(z_BF, k)                  # or batch_topk_select(z_BF, k * B)
     vals_N = gather_preacts(x_cent_BD, W_enc, b_enc, rows_N, cols_N, preacts_BF=z_BF).relu()
     x_hat_BD = sparse_decode(rows_N, cols_N, vals_N, W_dec, B) + b_dec
@@ -52,6 +51,8 @@ __all__ = [
     "use_sparse_kernel",
     "topk_select",
     "batch_topk_select",
+    "selection_preacts",
+    "release_selection_buffers",
 ]
 
 # Entries per chunk when gathering both operands of a dot product (non-CPU devices only):
@@ -83,7 +84,7 @@ _ROW_MAJOR_ROWS: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
 @contextlib.contextmanager
-def _single_threaded():
+def _single_threaded(device: torch.device):
     """Run the small O(N) index ops (sorts, counts, permutations of ~10^5 entries) on one thread.
 
     They take about a millisecond either way on an idle CPU, but each multi-threaded op ends in
@@ -92,7 +93,7 @@ def _single_threaded():
     The heavy kernels (embedding_bag, sampled_addmm, the matmul) keep all threads.
     """
     n_threads = torch.get_num_threads()
-    if n_threads == 1:
+    if n_threads == 1 or device.type != "cpu":
         yield
         return
     torch.set_num_threads(1)
@@ -121,7 +122,7 @@ class _Plan:
     def __init__(self, rows_N: torch.Tensor, cols_N: torch.Tensor, n_rows: int) -> None:
         self.rows_N, self.cols_N, self.n_rows = rows_N, cols_N, n_rows
         self.n_entries = rows_N.numel()
-        with _single_threaded():
+        with _single_threaded(rows_N.device):
             self.k = self._detect_row_major_k()
         self._by_row = None
         self._by_col: dict[int, tuple] = {}
@@ -139,7 +140,7 @@ class _Plan:
     def by_row(self):
         """(order_N or None, cols in row order, bag offsets [n_rows], CSR row pointers [n_rows + 1])."""
         if self._by_row is None:
-            with _single_threaded():
+            with _single_threaded(self.rows_N.device):
                 self._by_row = self._group_by_row()
         return self._by_row
 
@@ -161,7 +162,7 @@ class _Plan:
     def by_col(self, n_latents: int):
         """(order_N, rows in column order, bag offsets [n_latents]) for the dW products."""
         if n_latents not in self._by_col:
-            with _single_threaded():
+            with _single_threaded(self.rows_N.device):
                 self._by_col[n_latents] = self._group_by_col(n_latents)
         return self._by_col[n_latents]
 
@@ -199,7 +200,7 @@ def _bag_by_row(plan: _Plan, weight_N: torch.Tensor, table_FD: torch.Tensor) -> 
                                per_sample_weights=weight_N.reshape(plan.n_rows, plan.k))
     order_N, cols_by_row_N, offsets, _ = plan.by_row()
     if order_N is not None:
-        with _single_threaded():
+        with _single_threaded(weight_N.device):
             weight_N = weight_N[order_N]
     return F.embedding_bag(cols_by_row_N, table_FD, offsets, mode="sum", per_sample_weights=weight_N.contiguous())
 
@@ -209,7 +210,7 @@ def _bag_by_col(plan: _Plan, weight_N: torch.Tensor, table_BD: torch.Tensor, n_l
     if plan.n_entries == 0:
         return table_BD.new_zeros(n_latents, table_BD.shape[1])
     order_N, rows_by_col_N, offsets = plan.by_col(n_latents)
-    with _single_threaded():
+    with _single_threaded(weight_N.device):
         weight_N = weight_N.to(table_BD.dtype)[order_N]
     return F.embedding_bag(rows_by_col_N, table_BD, offsets, mode="sum", per_sample_weights=weight_N)
 
@@ -234,7 +235,7 @@ def _sampled_dots(plan: _Plan, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.
             vals_N = torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
         if order_N is None:
             return vals_N
-        with _single_threaded():
+        with _single_threaded(vals_N.device):
             return torch.empty_like(vals_N).index_copy_(0, order_N, vals_N)
     if plan.k:
         return torch.bmm(b_FD[plan.cols_N].view(plan.n_rows, plan.k, -1), a_BD.unsqueeze(2)).reshape(-1)
@@ -259,7 +260,7 @@ class _GatherPreacts(torch.autograd.Function):
             if preacts_BF is not None:
                 # The no-grad forward used for selection already holds these numbers: reading
                 # them is free and keeps the values identical to what selection saw.
-                with _single_threaded():
+                with _single_threaded(rows_N.device):
                     vals_N = preacts_BF.detach()[rows_N, cols_N].to(W_enc_FD.dtype)
             else:
                 vals_N = _sampled_dots(plan, x_cent_BD, W_enc_FD).to(W_enc_FD.dtype) + b_enc_F[cols_N]
@@ -281,8 +282,9 @@ class _GatherPreacts(torch.autograd.Function):
                 dW_FD = _bag_by_col(plan, dvals_N, x_cent_BD, W_enc_FD.shape[0]).to(W_enc_FD.dtype)
             if ctx.needs_input_grad[2]:
                 shape, dtype = ctx.b_enc_meta
-                with _single_threaded():
-                    db_F = torch.zeros(shape, dtype=dtype, device=dvals_N.device).index_add_(0, cols_N, dvals_N.to(dtype))
+                with _single_threaded(dvals_N.device):
+                    db_F = torch.zeros(shape, dtype=dtype, device=dvals_N.device)
+                    db_F.index_add_(0, cols_N, dvals_N.to(dtype))
         return dx_BD, dW_FD, db_F, None, None, None
 
 
@@ -361,6 +363,37 @@ def sparse_decode(
     return _SparseDecode.apply(rows_N, cols_N, vals_N, W_dec_FD, int(batch_size))
 
 
+_PREACT_BUFFERS: dict[tuple, torch.Tensor] = {}
+
+
+@torch.no_grad()
+def selection_preacts(x_cent_BD: torch.Tensor, W_enc_FD: torch.Tensor, b_enc_F: torch.Tensor) -> torch.Tensor:
+    """The no-grad pre-activations z = x_cent @ W_enc.T + b_enc that the sparse path selects from,
+    written into a [B, F] buffer reused from call to call (per shape, dtype and device).
+
+    Why: a fresh [4096, 8192] float32 tensor is 128 MB (1 GB at 65,536 latents); allocations that
+    large are mmap'ed by the C allocator and page-faulted in on every step.  Reusing the buffer
+    measured 374 -> 353 ms per TopK step on the 2-core build CPU (F = 8,192, B = 4,096).
+    The result is overwritten by the next call with the same shape: use it within the step (the
+    sparse primitives never keep it).  Under autocast, or off the CPU, it is a plain ``addmm``.
+    ``release_selection_buffers()`` frees the memory.
+    """
+    device = x_cent_BD.device
+    if device.type != "cpu" or torch.is_autocast_enabled(device.type):
+        return torch.addmm(b_enc_F, x_cent_BD, W_enc_FD.T)
+    dtype = torch.promote_types(x_cent_BD.dtype, W_enc_FD.dtype)
+    key = (x_cent_BD.shape[0], W_enc_FD.shape[0], dtype, str(device))
+    out_BF = _PREACT_BUFFERS.get(key)
+    if out_BF is None:
+        out_BF = _PREACT_BUFFERS[key] = torch.empty(key[:2], dtype=dtype, device=device)
+    return torch.addmm(b_enc_F.to(dtype), x_cent_BD.to(dtype), W_enc_FD.to(dtype).T, out=out_BF)
+
+
+def release_selection_buffers() -> None:
+    """Free the buffers held by :func:`selection_preacts`."""
+    _PREACT_BUFFERS.clear()
+
+
 def topk_select(z_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows_N, cols_N) of the k largest entries of each row of ``z_BF``, row-major, N = B * k.
 
@@ -391,13 +424,13 @@ def batch_topk_select(z_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, t
     while m < n_latents and m * 8 <= n_latents:
         cand_vals_BM, cand_cols_BM = z_BF.topk(m, dim=1, sorted=False)
         flat_N = cand_vals_BM.reshape(-1).topk(k_total, sorted=False).indices
-        with _single_threaded():
+        with _single_threaded(z_BF.device):
             if int(torch.bincount(flat_N // m, minlength=batch_size).max()) < m:
                 flat_N, _ = torch.sort(flat_N)
                 return flat_N // m, cand_cols_BM.reshape(-1)[flat_N]
         m *= 2
     flat_N = z_BF.reshape(-1).topk(k_total, sorted=False).indices
-    with _single_threaded():
+    with _single_threaded(z_BF.device):
         flat_N, _ = torch.sort(flat_N)
         return flat_N // n_latents, flat_N % n_latents
 
