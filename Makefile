@@ -34,6 +34,9 @@ demo: install ## Run extract -> train -> monosemanticity -> hierarchy -> steer -
 bench: install ## Benchmarks: SAE step throughput, MS at 50k x 65k, extraction, data loader -> outputs/bench/
 	WANDB_MODE=disabled $(PY) -m vlmsae.bench
 
+bench-quick: install ## Smoke-run every benchmark at small sizes (seconds) -> outputs/bench-quick/
+	WANDB_MODE=disabled $(PY) -m vlmsae.bench --quick --out outputs/bench-quick
+
 clean: ## Remove caches (keeps .venv/ and outputs/)
 	rm -rf .pytest_cache build dist *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
@@ -42,4 +45,4 @@ distclean: clean ## Also remove .venv/ and everything under outputs/
 	rm -rf $(VENV)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
-.PHONY: help install test test-fast demo bench clean distclean
+.PHONY: help install test test-fast demo bench bench-quick clean distclean

@@ -74,3 +74,15 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path):
     assert (tmp_path / "precious.txt").exists()
     with pytest.raises(ValueError, match="Unknown demo step"):
         run({"steps": ["extrakt"]}, tmp_path / "new")
+
+
+def test_a_step_whose_input_is_missing_is_skipped_and_reported(tmp_path: Path, monkeypatch):
+    from vlmsae.demo import main
+
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # main() sets it; keep it from leaking
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--steps", "extract,browse"]) == 1  # non-zero: not everything finished
+    steps = json.loads((out / "demo_summary.json").read_text())["steps"]
+    assert steps["extract"]["status"] == "skipped" and "data" in steps["extract"]["error"]
+    assert steps["browse"]["status"] == "skipped" and "monosemanticity" in steps["browse"]["error"]
+    assert "skipped" in (out / "demo_summary.md").read_text()

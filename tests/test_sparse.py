@@ -203,3 +203,38 @@ def test_selection_preacts_matches_addmm_and_reuses_its_buffer():
 
     release_selection_buffers()
     assert not sparse_mod._PREACT_BUFFERS
+
+
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+def test_bias_only_dx_shortcut_is_exact(x_requires_grad):
+    """x_cent = x - b_dec: with x constant only the batch sum of dx_cent is needed (shortcut on);
+    with x requiring grad the per-row gradient must be exact (shortcut off)."""
+    rows, cols = _variable_indices()
+    x, W_enc, b_enc, _ = _params()
+    b_dec = torch.randn(D, dtype=torch.float64)
+    g_out = torch.randn(rows.numel(), dtype=torch.float64)
+    grads = {}
+    for kind in ("dense", "sparse"):
+        xl = x.clone().requires_grad_(x_requires_grad)
+        W, b, bd = (t.clone().requires_grad_() for t in (W_enc, b_enc, b_dec))
+        x_cent = xl - bd
+        if kind == "dense":
+            vals = (x_cent @ W.T + b)[rows, cols]
+        else:
+            vals = gather_preacts(x_cent, W, b, rows, cols)
+            assert vals.grad_fn.dx_sum_only is (not x_requires_grad)
+        (vals * g_out).sum().backward()
+        grads[kind] = [t.grad for t in (W, b, bd)] + ([xl.grad] if x_requires_grad else [])
+    for gs, gd in zip(grads["sparse"], grads["dense"]):
+        torch.testing.assert_close(gs, gd)
+
+
+def test_single_threaded_section_restores_the_thread_count():
+    from vlmsae.sae.sparse import _single_threaded
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with _single_threaded(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before

@@ -1,7 +1,7 @@
-"""``make demo``: the whole pipeline on the built-in tiny default, in a few minutes on a CPU.
+"""``make demo``: the whole pipeline on the built-in tiny default, in under a minute on 2 CPU cores.
 
     python -m vlmsae.demo                      # -> outputs/demo/ (replaced on each run)
-    python -m vlmsae.demo --out /tmp/demo --steps extract,train,monosemanticity,browse
+    python -m vlmsae.demo --out /tmp/demo --steps data,extract,train,monosemanticity,browse
 
 Every step calls a real job's ``run(cfg, out_dpath)`` with a config composed from ``conf/`` exactly
 as the CLI would compose it, only with tiny choices:

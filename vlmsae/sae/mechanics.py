@@ -41,8 +41,10 @@ def constrain_decoder_grad_(sae: SAE) -> None:
         return
     W_FD = sae.W_dec
     # Divide by ||w||^2 so this is an exact projection even when a row is not yet unit norm.
-    parallel_F1 = (grad_FD * W_FD).sum(dim=1, keepdim=True) / (W_FD * W_FD).sum(dim=1, keepdim=True).clamp_min(1e-12)
-    grad_FD.sub_(parallel_F1 * W_FD)
+    # (One F x D temporary instead of three: this runs every step on the largest tensor.)
+    norm_sq_F1 = torch.linalg.vector_norm(W_FD, dim=1, keepdim=True).square().clamp_min(1e-12)
+    parallel_F1 = (grad_FD * W_FD).sum(dim=1, keepdim=True) / norm_sq_F1
+    grad_FD.addcmul_(parallel_F1, W_FD, value=-1)
 
 
 def geometric_median(x_ND: torch.Tensor, n_iter: int = 100, tol: float = 1e-6, eps: float = 1e-8) -> torch.Tensor:

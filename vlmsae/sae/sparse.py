@@ -81,6 +81,7 @@ def _check_index_pair(rows_N: torch.Tensor, cols_N: torch.Tensor) -> None:
 # reused by the forward and both backwards (and by every Matryoshka prefix decode).
 
 _ROW_MAJOR_ROWS: dict[tuple[int, int, str], torch.Tensor] = {}
+_DX_SUM_SHORTCUT = True  # see _grad_feeds_only_a_bias; a switch for A/B timing and tests
 
 
 @contextlib.contextmanager
@@ -252,6 +253,26 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def _grad_feeds_only_a_bias(x_cent_BD: torch.Tensor) -> bool:
+    """True if x_cent's gradient can only reach a [D] bias through ``x - b_dec`` (x without grad).
+
+    Then only the batch sum of dx_cent matters (the bias gradient is minus that sum), and the
+    sum is db_enc @ W_enc, an [F] x [F, D] product, instead of an [N] gather of W_enc rows
+    (~10 ms of a ~350 ms step at F = 8,192 on the build CPU).  Hooks or retain_grad on x_cent
+    (which would observe per-row values) disable the shortcut.
+    """
+    grad_fn = x_cent_BD.grad_fn
+    if grad_fn is None or grad_fn.name() != "SubBackward0" or x_cent_BD.retains_grad or x_cent_BD._backward_hooks:
+        return False
+    (x_fn, _), (bias_fn, _) = grad_fn.next_functions
+    return (
+        x_fn is None
+        and bias_fn is not None
+        and bias_fn.name() == "torch::autograd::AccumulateGrad"
+        and bias_fn.variable.dim() == 1
+    )
+
+
 class _GatherPreacts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_cent_BD, W_enc_FD, b_enc_F, rows_N, cols_N, preacts_BF):
@@ -267,6 +288,7 @@ class _GatherPreacts(torch.autograd.Function):
         ctx.save_for_backward(x_cent_BD, W_enc_FD, rows_N, cols_N)
         ctx.plan = plan
         ctx.b_enc_meta = (b_enc_F.shape, b_enc_F.dtype)
+        ctx.dx_sum_only = _DX_SUM_SHORTCUT and _grad_feeds_only_a_bias(x_cent_BD)
         return vals_N
 
     @staticmethod
@@ -276,15 +298,22 @@ class _GatherPreacts(torch.autograd.Function):
         dx_BD = dW_FD = db_F = None
         with _no_autocast(dvals_N.device):
             dvals_N = dvals_N.contiguous()
+            with _single_threaded(dvals_N.device):  # sum of dvals per latent: db_enc
+                dvals_F = torch.zeros(W_enc_FD.shape[0], dtype=dvals_N.dtype, device=dvals_N.device)
+                dvals_F.index_add_(0, cols_N, dvals_N)
             if ctx.needs_input_grad[0]:
-                dx_BD = _bag_by_row(plan, dvals_N, W_enc_FD).to(x_cent_BD.dtype)
+                if ctx.dx_sum_only:
+                    # Rows equal to mean_b dx[b]: the batch sum, all the bias gradient sees, is exact.
+                    batch_size = x_cent_BD.shape[0]
+                    dx_mean_D = (dvals_F.to(W_enc_FD.dtype) @ W_enc_FD) / max(batch_size, 1)
+                    dx_BD = dx_mean_D.to(x_cent_BD.dtype).expand(batch_size, -1)
+                else:
+                    dx_BD = _bag_by_row(plan, dvals_N, W_enc_FD).to(x_cent_BD.dtype)
             if ctx.needs_input_grad[1]:
                 dW_FD = _bag_by_col(plan, dvals_N, x_cent_BD, W_enc_FD.shape[0]).to(W_enc_FD.dtype)
             if ctx.needs_input_grad[2]:
                 shape, dtype = ctx.b_enc_meta
-                with _single_threaded(dvals_N.device):
-                    db_F = torch.zeros(shape, dtype=dtype, device=dvals_N.device)
-                    db_F.index_add_(0, cols_N, dvals_N.to(dtype))
+                db_F = dvals_F.to(dtype).reshape(shape)
         return dx_BD, dW_FD, db_F, None, None, None
 
 
@@ -440,10 +469,12 @@ def batch_topk_select(z_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, t
 # sparse / dense tokens/s of the TopKSAE step:  F = 64: 0.86   128: 1.05   256: 1.17
 # 512: 1.33   1024: 1.47   2048: 1.90   8192: ~3.5.  Sparse wins from F ~ 6k on, i.e. F >= 8k here.
 _CPU_MIN_LATENTS_PER_K = 8
-# GPUs: the dense matmuls run on tensor cores while the sparse gathers are memory-bound and
-# launch several small kernels, so the crossover sits at a much larger F.  An estimate, NOT
-# measured (no GPU on the build machine): re-measure with `python -m vlmsae.bench` on one.
-_GPU_MIN_LATENTS_PER_K = 256
+# GPUs: the dense matmuls run on tensor cores while the sparse path is memory-bound (B*k*D
+# gathers, a B x F top-k) and launches a few dozen small kernels, so the crossover sits at a much
+# larger F.  An estimate from bandwidth and FLOP rates (H100: 6 dense bf16 matmuls at F = 16k,
+# B = 4096, D = 1024 take ~1.5 ms, about what the sparse step's fixed costs do), NOT measured:
+# there is no GPU on the build machine; re-measure with `python -m vlmsae.bench` on one.
+_GPU_MIN_LATENTS_PER_K = 512
 
 
 def prefer_sparse(batch_size: int, n_latents: int, d_in: int, device: torch.device | str, k: int = 20) -> bool:
@@ -452,7 +483,7 @@ def prefer_sparse(batch_size: int, n_latents: int, d_in: int, device: torch.devi
     Dense training costs about 6 B*F*D multiply-adds; the sparse path 1 B*F*D (the selecting
     encoder forward) plus O(B*k*D) gathers with a larger constant and a fixed per-step overhead
     (a sort, small index ops), so it wins once F is large relative to k: F >= 8k on CPU (the
-    measured crossover, see ``_CPU_MIN_LATENTS_PER_K``), F >= 256k on GPUs (an estimate).
+    measured crossover, see ``_CPU_MIN_LATENTS_PER_K``), F >= 512k on GPUs (an estimate).
     Tiny batches (< 64 rows) stay dense: there the fixed overhead dominates and both are fast.
     """
     if batch_size < 64 or d_in < 1 or k < 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from vlmsae.sae.base import SAE, TrainCodes
-from vlmsae.sae.sparse import gather_preacts, topk_select, use_sparse_kernel
+from vlmsae.sae.sparse import gather_preacts, selection_preacts, topk_select, use_sparse_kernel
 
 
 class TopKSAE(SAE):
@@ -36,8 +36,8 @@ class TopKSAE(SAE):
 
     def _train_codes(self, x_cent_BD: torch.Tensor) -> TrainCodes:
         if self.use_sparse_path(x_cent_BD.shape[0]):
-            with torch.no_grad():
-                z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
+            with torch.no_grad():  # into a buffer reused across steps: z is only read within this step
+                z_BF = selection_preacts(x_cent_BD, self.W_enc, self.b_enc)
             rows_N, cols_N = self._select(z_BF)
             vals_N = gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, preacts_BF=z_BF).relu()
             return TrainCodes(z_BF=z_BF, rows_N=rows_N, cols_N=cols_N, vals_N=vals_N)
