@@ -35,6 +35,7 @@ summaries (see :func:`ms_summary`).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,9 @@ __all__ = ["monosemanticity_scores", "MSAccumulator", "ms_summary", "column_min_
 # Latents per block.  A block holds [block, d] float64 sums (4096 x 768 x 8 B = 25 MB) and, on the
 # dense path, one [images_chunk, block] float64 slice of the activations.
 _LATENT_BLOCK = 4096
+# The sparse path's [block, d] float64 sums stay cache-resident at 512 latents (3 MB): measured 9.5 ms
+# against 17.7 ms at 4096 for N = 2,000, K = 4,096, k = 20 on 2 cores, and the same at N = 50,000, K = 65,536.
+_SPARSE_LATENT_BLOCK = 512
 # Smallest pair weight, relative to (sum a~)^2, that the float64 identity resolves (64 eps).
 _RESOLUTION = 64 * torch.finfo(torch.float64).eps
 
@@ -53,10 +57,10 @@ def unit_embeddings(embeddings_ND: torch.Tensor) -> torch.Tensor:
     if embeddings_ND.dim() != 2:
         raise ValueError(f"embeddings must be [N, d], got shape {tuple(embeddings_ND.shape)}.")
     emb_ND = embeddings_ND.detach().to("cpu", torch.float64)
-    if not torch.isfinite(emb_ND).all():
-        bad = (~torch.isfinite(emb_ND)).any(1).nonzero().flatten()[:5].tolist()
+    norms_N = torch.linalg.vector_norm(emb_ND, dim=1)  # NaN/inf in a row make its norm non-finite
+    if not torch.isfinite(norms_N).all():
+        bad = (~torch.isfinite(norms_N)).nonzero().flatten()[:5].tolist()
         raise ValueError(f"embeddings contain NaN/inf (rows {bad} ...); fix the embedder or drop those images.")
-    norms_N = emb_ND.norm(dim=1)
     if (norms_N == 0).any():
         bad = (norms_N == 0).nonzero().flatten()[:5].tolist()
         raise ValueError(
@@ -125,7 +129,7 @@ def monosemanticity_scores(
     acts: torch.Tensor,
     embeddings: torch.Tensor,
     chunk_size: int = 4096,
-    latent_block: int = _LATENT_BLOCK,
+    latent_block: int | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """MS of every latent: [K] float64, NaN where undefined (dead, or a single image above the minimum).
@@ -133,7 +137,8 @@ def monosemanticity_scores(
     acts: [N, K] dense tensor or torch sparse matrix (COO / CSR / CSC) of per-image activations.
     embeddings: [N, d] image embeddings (any scale; rows are unit-normalised here).
     chunk_size: images per slice on the dense path (bounds the float64 copy to chunk_size x latent_block).
-    latent_block: latents scored together; memory is O(latent_block * d) beyond the inputs.
+    latent_block: latents scored together; memory is O(latent_block * d) beyond the inputs
+        (default 4096 dense, 512 sparse).
     Exact to float64 rounding of the pairwise definition; O(N K d) dense, O(nnz d) sparse.
     """
     if acts.dim() != 2:
@@ -146,6 +151,8 @@ def monosemanticity_scores(
         )
     if n_images < 2:
         raise ValueError(f"MS needs at least 2 images (pairs), got N={n_images}.")
+    if latent_block is None:
+        latent_block = _SPARSE_LATENT_BLOCK if _is_sparse(acts) else _LATENT_BLOCK
     if chunk_size < 1 or latent_block < 1:
         raise ValueError(f"chunk_size and latent_block must be >= 1, got {chunk_size} and {latent_block}.")
     emb_ND = unit_embeddings(embeddings)
@@ -226,20 +233,34 @@ def _ms_sparse(acts_NK: torch.Tensor, emb_ND: torch.Tensor, latent_block: int, p
     for k0 in _blocks(n_latents, latent_block, progress, "MS (sparse)"):
         k1 = min(k0 + latent_block, n_latents)
         e0, e1 = int(start_K1[k0]), int(start_K1[k1])
-        bag_offsets_B = start_K1[k0:k1] - e0
+        crow_B1 = start_K1[k0 : k1 + 1] - e0
         # v_b = sum over the block's nonzeros of (a - m) e_n
-        v_BD = F.embedding_bag(
-            rows_E[e0:e1], emb_ND, bag_offsets_B, mode="sum", per_sample_weights=shifted_E[e0:e1]
-        )
+        v_BD = _row_sums(crow_B1, rows_E[e0:e1], shifted_E[e0:e1], emb_ND)
         block_offset_B = offset_K[k0:k1]
         if bool(block_offset_B.any()):
             # + (-m) * sum_{n: a_n == 0} e_n = (-m) * (sum_n e_n - sum_{n: a_n != 0} e_n)
-            nz_emb_BD = F.embedding_bag(rows_E[e0:e1], emb_ND, bag_offsets_B, mode="sum")
+            nz_emb_BD = _row_sums(crow_B1, rows_E[e0:e1], torch.ones(e1 - e0, dtype=torch.float64), emb_ND)
             zero_emb_BD = emb_sum_D[None, :] - nz_emb_BD
             v_BD += torch.where(block_offset_B, -lo_K[k0:k1], torch.zeros(())).unsqueeze(1) * zero_emb_BD
         v_BD /= safe_range_K[k0:k1, None]
-        sq_norm_K[k0:k1] = v_BD.pow(2).sum(1)
+        sq_norm_K[k0:k1] = torch.linalg.vector_norm(v_BD, dim=1).square()  # fused: no [B, d] temporary
     return _ratio(sq_norm_K, sum_K, sum_sq_K, dead_K)
+
+
+def _row_sums(crow_B1: torch.Tensor, rows_E: torch.Tensor, weights_E: torch.Tensor, emb_ND: torch.Tensor) -> torch.Tensor:
+    """[B, d]: row b = sum of weights_E[e] * emb_ND[rows_E[e]] over its entries crow_B1[b]:crow_B1[b+1].
+
+    A CSR [B, N] times dense [N, d] product: in float64 on the CPU it runs ~2x faster than
+    ``embedding_bag`` with per-sample weights (measured at 5k-40k entries, d = 768, 2 cores).
+    """
+    with warnings.catch_warnings():  # "CSR support is in beta": the product used here is long stable
+        warnings.simplefilter("ignore", UserWarning)
+        weights_BN = torch.sparse_csr_tensor(
+            crow_B1, rows_E, weights_E, (crow_B1.numel() - 1, emb_ND.shape[0]), check_invariants=False
+        )
+    # addmm onto explicit zeros: measured 2x faster than ``weights_BN @ emb_ND``, which copies its operands.
+    zeros_BD = torch.zeros(weights_BN.shape[0], emb_ND.shape[1], dtype=emb_ND.dtype)
+    return torch.addmm(zeros_BD, weights_BN, emb_ND)
 
 
 class MSAccumulator:
