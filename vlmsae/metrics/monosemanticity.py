@@ -67,7 +67,7 @@ def unit_embeddings(embeddings_ND: torch.Tensor) -> torch.Tensor:
             f"embeddings of images {bad} ... are all-zero, so their cosine similarity is undefined; "
             "drop those images or use another embedder."
         )
-    return emb_ND / norms_N[:, None]
+    return emb_ND * norms_N.reciprocal()[:, None]  # one division per row, not per element
 
 
 def _is_sparse(acts: torch.Tensor) -> bool:
