@@ -284,15 +284,20 @@ def _nltk_data_dirs() -> list[Path]:
 
 
 def find_wordnet_noun_file(wordnet_dpath: str | Path | None = None) -> tuple[Path, str | None]:
-    """Locate WordNet's ``data.noun``: (file, member) where member is set when it sits inside a zip."""
+    """Locate WordNet's ``data.noun``: (file, member) where member is set when it sits inside a zip.
+
+    An explicit ``wordnet_dpath`` is the only place looked at (a wrong path is an error, never a silent
+    fall-back to another WordNet); otherwise $WORDNET_DIR, Debian's folders, then nltk's data folders.
+    """
     candidates: list[Path] = []
     if wordnet_dpath:
         candidates.append(Path(wordnet_dpath))
-    if os.environ.get("WORDNET_DIR"):
-        candidates.append(Path(os.environ["WORDNET_DIR"]))
-    candidates += [Path("/usr/share/wordnet"), Path("/usr/local/share/wordnet"), Path("/usr/share/wordnet/dict")]
-    for d in _nltk_data_dirs():
-        candidates += [d / "corpora" / "wordnet", d / "corpora" / "wordnet.zip"]
+    else:
+        if os.environ.get("WORDNET_DIR"):
+            candidates.append(Path(os.environ["WORDNET_DIR"]))
+        candidates += [Path("/usr/share/wordnet"), Path("/usr/local/share/wordnet"), Path("/usr/share/wordnet/dict")]
+        for d in _nltk_data_dirs():
+            candidates += [d / "corpora" / "wordnet", d / "corpora" / "wordnet.zip"]
     for c in candidates:
         if c.is_file() and c.suffix == ".zip":
             with zipfile.ZipFile(c) as zf:
