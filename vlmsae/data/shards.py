@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vlmsae.utils.io import atomic_write_json
+from vlmsae.utils.io import atomic_write, atomic_write_json
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -257,7 +257,7 @@ class ShardWriter:
                     _add_member(tar, f"{key}.keys.json", keys_json)
                     n_chunks += 1
 
-        _atomic_tmp_write(shard_fpath, write)
+        atomic_write(shard_fpath, write)  # .acts-*.tmp until renamed
         self.n_shards += 1
         self.n_rows += len(keys)
         self.n_chunks += n_chunks
@@ -296,25 +296,6 @@ class ShardWriter:
         }
         atomic_write_json(self.dpath / MANIFEST, manifest, indent=1)
         return manifest
-
-
-def _atomic_tmp_write(fpath: Path, write_fn) -> None:
-    """Like ``atomic_write`` but with a ``.acts-*.tmp`` name the writer can find and clean up after a kill."""
-    import os
-    import tempfile
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{fpath.stem}.", suffix=".tmp", dir=fpath.parent)
-    os.close(fd)
-    tmp_fpath = Path(tmp_name)
-    try:
-        write_fn(tmp_fpath)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_fpath, 0o666 & ~umask)  # mkstemp makes 0600; shards are meant to be shared
-        os.replace(tmp_fpath, fpath)
-    finally:
-        if tmp_fpath.exists():
-            tmp_fpath.unlink()
 
 
 def _want_all(chunk_index: int) -> bool:

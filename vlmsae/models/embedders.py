@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import torch
 
+from vlmsae.models.tap import resolve_device
+
 __all__ = ["EmbedderSpec", "Embedder", "load_embedder", "EMBEDDER_BACKENDS"]
 
 EMBEDDER_BACKENDS = ("open_clip", "hf", "pixels")
@@ -69,12 +71,6 @@ class EmbedderSpec:
         """What must match for cached embeddings to be reused."""
         weights = self.local_path or self.pretrained or ("tiny" if self.tiny else "random")
         return f"{self.name}|{self.backend}|{self.arch}|{weights}|{self.seed if self.backend == 'pixels' or self.tiny else ''}"
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _offline_error(spec: EmbedderSpec, err: BaseException) -> RuntimeError:
@@ -155,7 +151,7 @@ class OpenClipEmbedder(Embedder):
             if _looks_offline(err):
                 raise _offline_error(spec, err) from err
             raise
-        self.device = _device(spec.device)
+        self.device = resolve_device(spec.device)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
         try:
@@ -198,7 +194,7 @@ class HFEmbedder(Embedder):
             if _looks_offline(err) or isinstance(err, OSError):
                 raise _offline_error(spec, err) from err
             raise
-        self.device = _device(spec.device)
+        self.device = resolve_device(spec.device)
         self.model = model.to(self.device).eval()
         self.dim = int(getattr(model.config, "hidden_size", 0))
 

@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmsae.models.tap import resolve_device
+from vlmsae.utils.io import publish_dir
+
 LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), written for the
@@ -133,15 +136,7 @@ def _save_llava(model, processor, dpath: Path) -> Path:
     tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
     model.save_pretrained(tmp_dpath)
     processor.save_pretrained(tmp_dpath)
-    try:
-        if dpath.exists():  # a concurrent builder finished first; both are identical (same seed)
-            raise FileExistsError(dpath)
-        os.replace(tmp_dpath, dpath)
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp_dpath, ignore_errors=True)
-    return dpath
+    return publish_dir(tmp_dpath, dpath)
 
 
 def _llava_config(vision_config, text_config, tokenizer, image_size: int, patch_size: int, vision_feature_layer: int):
@@ -431,13 +426,6 @@ def tapped_block_index(model: nn.Module) -> int:
             f"vision_feature_layer={layer} selects the embedding output (hidden_states[0]), not a block output."
         )
     return block
-
-
-def resolve_device(device: str | None) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 def load_llava_spec(spec: Any):

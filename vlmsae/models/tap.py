@@ -34,9 +34,9 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` = the first GPU if there is one, else CPU."""
-    if device == "auto":
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None) = the first GPU if there is one, else CPU."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from vlmsae.utils.io import publish_dir
 
 # CLIP's normalisation constants (OpenAI), used by the tiny models as by the real ones.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -36,18 +37,6 @@ def vlmsae_home() -> Path:
 def models_home() -> Path:
     """Where tiny models are materialised: ``<vlmsae_home>/models``."""
     return vlmsae_home() / "models"
-
-
-def _finish_dir(tmp_dpath: Path, dpath: Path) -> Path:
-    """Rename a fully written temp folder onto ``dpath``; a concurrent builder that won keeps its copy."""
-    if dpath.exists():
-        shutil.rmtree(tmp_dpath, ignore_errors=True)
-        return dpath
-    try:
-        os.replace(tmp_dpath, dpath)
-    except OSError:  # lost a race against an identical build
-        shutil.rmtree(tmp_dpath, ignore_errors=True)
-    return dpath
 
 
 def tiny_open_clip_cfg(
@@ -97,7 +86,7 @@ def build_tiny_open_clip(dpath: str | Path, seed: int = 0, **cfg_kwargs: Any) ->
     }
     (tmp_dpath / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
     save_file(state, str(tmp_dpath / OPEN_CLIP_WEIGHTS))
-    return _finish_dir(tmp_dpath, dpath)
+    return publish_dir(tmp_dpath, dpath)
 
 
 def build_tiny_hf_clip(
@@ -124,7 +113,7 @@ def build_tiny_hf_clip(
     tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
     model.save_pretrained(tmp_dpath)
     processor.save_pretrained(tmp_dpath)
-    return _finish_dir(tmp_dpath, dpath)
+    return publish_dir(tmp_dpath, dpath)
 
 
 def tiny_model_dpath(name: str) -> Path:
