@@ -91,3 +91,17 @@ def test_jaccard_matches_python_sets() -> None:
         near = max(j for (a, b), j in pairs.items() if k in (a, b))
         assert out["nearest_K"][k].item() == pytest.approx(near)
     assert torch.isnan(out["nearest_K"][2]) and out["n_duplicates"] >= 2
+
+
+def test_extra_tensors_round_trip(tmp_path):
+    """Tensors beside image_idx/acts (e.g. per-patch activations for the browser) survive save -> load."""
+    import torch
+
+    from vlmsae.metrics.topimages import TopImages
+
+    patch_KTP = torch.rand(2, 3, 4)
+    top = TopImages(torch.tensor([[0, 1, -1], [1, -1, -1]]), torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, 0.0]]),
+                    ["a", "b"], extra={"patch_acts": patch_KTP})
+    back = TopImages.load(top.save(tmp_path / "top_images"))
+    assert torch.equal(back.extra["patch_acts"], patch_KTP) and back.keys == ["a", "b"]
+    assert torch.equal(back.image_idx, top.image_idx)

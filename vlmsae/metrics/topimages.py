@@ -113,6 +113,8 @@ class TopImages:
     paths: list[str] | None = None
     labels: list[int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other tensors kept in top.safetensors,
+    # e.g. ``patch_acts`` [K, T, P] (per-patch activations the browser draws as heatmaps)
 
     def __post_init__(self) -> None:
         if self.image_idx.shape != self.acts.shape or self.image_idx.dim() != 2:
@@ -151,7 +153,8 @@ class TopImages:
 
         dpath = Path(dpath)
         dpath.mkdir(parents=True, exist_ok=True)
-        tensors = {"image_idx": self.image_idx.to(torch.long).contiguous(), "acts": self.acts.float().contiguous()}
+        tensors = {name: t.contiguous() for name, t in self.extra.items()}
+        tensors.update(image_idx=self.image_idx.to(torch.long).contiguous(), acts=self.acts.float().contiguous())
         atomic_write(dpath / "top.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         atomic_write_json(dpath / "images.json", {"keys": self.keys, "paths": self.paths, "labels": self.labels}, indent=None)
         meta = {**self.meta, "n_latents": self.n_latents, "top_k": self.top_k, "n_images": len(self.keys)}
@@ -169,11 +172,18 @@ class TopImages:
             raise FileNotFoundError(
                 f"{fpath} not found: point at a top_images/ folder written by `python -m vlmsae.monosemanticity`."
             )
+        images_fpath = dpath / "images.json"
+        if not images_fpath.is_file():
+            raise FileNotFoundError(f"{images_fpath} is missing: the top_images index needs top.safetensors and images.json.")
         tensors = load_file(str(fpath))
-        images = json.loads((dpath / "images.json").read_text())
+        if "image_idx" not in tensors or "acts" not in tensors:
+            raise ValueError(f"{fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
+        images = json.loads(images_fpath.read_text(encoding="utf-8"))
         meta_fpath = dpath / "meta.json"
-        meta = json.loads(meta_fpath.read_text()) if meta_fpath.exists() else {}
-        return cls(tensors["image_idx"], tensors["acts"], images["keys"], images.get("paths"), images.get("labels"), meta)
+        meta = json.loads(meta_fpath.read_text(encoding="utf-8")) if meta_fpath.exists() else {}
+        image_idx, acts = tensors.pop("image_idx"), tensors.pop("acts")
+        return cls(image_idx, acts, list(images.get("keys") or []), images.get("paths"), images.get("labels"), meta,
+                   extra=tensors)
 
 
 def top_set_jaccard(image_idx_KT: torch.Tensor) -> dict[str, Any]:

@@ -188,30 +188,21 @@ class TopIndex:
 
 
 def read_top_index(dpath: Path) -> TopIndex:
-    """Read ``top.safetensors`` + ``images.json`` (+ ``meta.json``) exactly as documented."""
-    from safetensors.torch import load_file
+    """The top-images index (``vlmsae.metrics.topimages.TopImages.load``) with the browser's extras:
+    the latent id of each row (a ``latents`` tensor or ``meta["latents"]``, else row k = latent k)
+    and recorded per-patch activations (``patch_acts``), if any."""
+    from vlmsae.metrics.topimages import TopImages
 
-    tensors_fpath, images_fpath = dpath / "top.safetensors", dpath / "images.json"
-    for p in (tensors_fpath, images_fpath):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} is missing: the top-images index needs top.safetensors and images.json.")
-    tensors = load_file(str(tensors_fpath))
-    if "image_idx" not in tensors or "acts" not in tensors:
-        raise ValueError(f"{tensors_fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
-    images = json.loads(images_fpath.read_text(encoding="utf-8"))
-    meta_fpath = dpath / "meta.json"
-    meta = json.loads(meta_fpath.read_text(encoding="utf-8")) if meta_fpath.is_file() else {}
-    n_rows = tensors["image_idx"].shape[0]
-    if "latents" in tensors:
-        row_latents = [int(x) for x in tensors["latents"].tolist()]
-    elif isinstance(meta.get("latents"), list):
-        row_latents = [int(x) for x in meta["latents"]]
+    top = TopImages.load(dpath)
+    if "latents" in top.extra:
+        row_latents = [int(x) for x in top.extra["latents"].tolist()]
+    elif isinstance(top.meta.get("latents"), list):
+        row_latents = [int(x) for x in top.meta["latents"]]
     else:
-        row_latents = list(range(n_rows))
-    patch = next((tensors[k] for k in ("patch_acts", "patch_acts_KTP") if k in tensors), None)
-    return TopIndex(image_idx_KT=tensors["image_idx"], acts_KT=tensors["acts"], keys=list(images.get("keys") or []),
-                    paths=images.get("paths"), labels=images.get("labels"), row_latents=row_latents,
-                    patch_acts_KTP=patch, meta=meta)
+        row_latents = list(range(top.n_latents))
+    patch = next((top.extra[k] for k in ("patch_acts", "patch_acts_KTP") if k in top.extra), None)
+    return TopIndex(image_idx_KT=top.image_idx, acts_KT=top.acts, keys=top.keys, paths=top.paths,
+                    labels=top.labels, row_latents=row_latents, patch_acts_KTP=patch, meta=top.meta)
 
 
 def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
