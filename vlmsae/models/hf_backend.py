@@ -8,7 +8,7 @@ projection of its own, so ``last`` is refused there.
 
 Weights: ``local_path`` (a ``save_pretrained`` folder) > ``pretrained`` (a HF id such as
 ``openai/clip-vit-large-patch14-336``, cached in ``cache_dir``). LLaVA loads through
-``vlmsae.models.llava.load_llava`` (owned by the steering module).
+``vlmsae.models.llava.load_llava_vision_tower`` (the tower's tensors only; owned by the steering module).
 """
 
 from __future__ import annotations
@@ -141,9 +141,7 @@ def load_hf_llava_tap(spec: ModelSpec) -> HFVisionTap:
         source: str = str(dpath)
     else:
         source = spec.local_path or spec.pretrained or llava.LLAVA_15_7B
-    model, processor = llava.load_llava(source, dtype=spec.dtype, device_map=None, cache_dir=spec.cache_dir)
-    tower = llava.vision_tower(model)
-    blocks = llava.vision_blocks(model)
+    # Only the vision tower's tensors are read (not the 7B language model); block taps need no projector.
+    tower, image_processor = llava.load_llava_vision_tower(source, dtype=spec.dtype, cache_dir=spec.cache_dir)
     tower = tower.to(resolve_device(spec.device))
-    del model  # only the vision tower is needed; the language model is freed
-    return HFVisionTap(spec, tower, blocks, processor.image_processor, projection=None)
+    return HFVisionTap(spec, tower, llava.vision_blocks(tower), image_processor, projection=None)

@@ -129,12 +129,13 @@ def _tiny_vision_parts(image_size: int, patch_size: int, vision_width: int, visi
     return vision_config, image_processor
 
 
-def _save_llava(model, processor, dpath: Path) -> Path:
+def _save_llava(model, processor, dpath: Path, max_shard_size: str | int | None = None) -> Path:
     """``save_pretrained`` both into a sibling temp folder, then rename: a crash never leaves a
-    half-built folder that the idempotence check would take for complete."""
+    half-built folder that the idempotence check would take for complete. ``max_shard_size`` (e.g.
+    ``"100KB"``) writes shards + ``model.safetensors.index.json``, the layout of the Hub's 7B checkpoint."""
     dpath.parent.mkdir(parents=True, exist_ok=True)
     tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp_dpath)
+    model.save_pretrained(tmp_dpath, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
     processor.save_pretrained(tmp_dpath)
     return publish_dir(tmp_dpath, dpath)
 
@@ -164,13 +165,14 @@ def build_tiny_llava(
     text_width: int = 32,
     text_layers: int = 2,
     vision_feature_layer: int = -2,
+    max_shard_size: str | int | None = None,
 ) -> Path:
     """Build a tiny random ``LlavaForConditionalGeneration`` + offline processor and save both to ``dpath``.
 
     Same shape of model as LLaVA-1.5 (CLIP vision tower, two-layer GELU projector, Llama text
     model, ``vision_feature_layer=-2``, CLS dropped), only small: 32 px images with 8 px patches
     give 16 patch tokens + CLS. Load it back with :func:`load_llava` (``from_pretrained``).
-    Idempotent: an existing complete folder is left as is.
+    Idempotent: an existing complete folder is left as is. ``max_shard_size``: see :func:`_save_llava`.
     """
     from transformers import LlamaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -205,7 +207,7 @@ def build_tiny_llava(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return _save_llava(model, processor, dpath)
+    return _save_llava(model, processor, dpath, max_shard_size)
 
 
 # ChatML (SmolLM2, Qwen, ...) with an image slot, for language models whose own template expects
@@ -299,6 +301,39 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+def _source_kwargs(
+    name_or_path: str | Path, cache_dir: str | Path | None, local_files_only: bool | None
+) -> tuple[str, bool, dict[str, Any]]:
+    """``(source, is_dir, from_pretrained kwargs)``: a folder is read offline; a HF id is offline only if
+    ``HF_HUB_OFFLINE`` is set (or ``local_files_only`` says so)."""
+    source = str(name_or_path)
+    is_dir = Path(source).expanduser().is_dir()
+    if is_dir:
+        source = str(Path(source).expanduser())
+    if local_files_only is None:
+        local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    kwargs: dict[str, Any] = {
+        "cache_dir": None if cache_dir is None else str(cache_dir),
+        "local_files_only": bool(local_files_only),
+    }
+    return source, is_dir, kwargs
+
+
+def _load_error(source: str, is_dir: bool, local_files_only: Any, cache_dir: Any, err: Exception) -> OSError:
+    if is_dir:
+        return OSError(
+            f"Could not load LLaVA from the local folder {source!r}: {err}\nThe folder must hold what "
+            "save_pretrained writes (config.json, model weights, processor and tokenizer files)."
+        )
+    return OSError(
+        f"Could not load LLaVA {source!r} (local_files_only={local_files_only}, cache_dir={cache_dir}): "
+        f"{err}\nThis machine may be offline and the model not cached. Either download it where there is "
+        f"internet (`huggingface-cli download {source} --local-dir <folder>`) and pass the folder, e.g. "
+        f"`model.local_path=<folder>` (or load_llava('<folder>')), or point `cache_dir`/HF_HOME at a cache "
+        "that already holds it."
+    )
+
+
 def load_llava(
     name_or_path: str | Path = LLAVA_15_7B,
     dtype: str | torch.dtype = "float16",
@@ -316,16 +351,8 @@ def load_llava(
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    source = str(name_or_path)
-    is_dir = Path(source).expanduser().is_dir()
-    if is_dir:
-        source = str(Path(source).expanduser())
-    if local_files_only is None:
-        local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    kwargs: dict[str, Any] = {
-        "cache_dir": None if cache_dir is None else str(cache_dir),
-        "local_files_only": bool(local_files_only),
-    }
+    source, is_dir, kwargs = _source_kwargs(name_or_path, cache_dir, local_files_only)
+    local_files_only = kwargs["local_files_only"]
     torch_dtype = _torch_dtype(dtype)  # a bad dtype is the caller's error, not a loading failure
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
@@ -333,18 +360,7 @@ def load_llava(
         )
         processor = AutoProcessor.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        if is_dir:
-            raise OSError(
-                f"Could not load LLaVA from the local folder {source!r}: {err}\nThe folder must hold what "
-                "save_pretrained writes (config.json, model weights, processor and tokenizer files)."
-            ) from err
-        raise OSError(
-            f"Could not load LLaVA {source!r} (local_files_only={local_files_only}, cache_dir={cache_dir}): "
-            f"{err}\nThis machine may be offline and the model not cached. Either download it where there is "
-            f"internet (`huggingface-cli download {source} --local-dir <folder>`) and pass the folder, e.g. "
-            f"`model.local_path=<folder>` (or load_llava('<folder>')), or point `cache_dir`/HF_HOME at a cache "
-            "that already holds it."
-        ) from err
+        raise _load_error(source, is_dir, local_files_only, cache_dir, err) from err
     model.eval()
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
@@ -354,6 +370,143 @@ def load_llava(
     if model.generation_config.pad_token_id is None and tokenizer is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
+
+
+# Where the vision tower's tensors live in a LLaVA checkpoint. Hub checkpoints written by transformers 4.x
+# (llava-hf/llava-1.5-7b-hf): ``vision_tower.vision_model.<...>``; 5.x ``save_pretrained`` (the tiny LLaVA):
+# ``vision_tower.<...>`` (its CLIPVisionModel has no ``vision_model`` wrapper); an unconverted 5.x state dict:
+# ``model.vision_tower.<...>``. Everything else (language model, projector) is never read by the tap.
+VISION_KEY_PREFIXES = ("model.vision_tower.", "vision_tower.")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+
+def _strip_vision_model(key: str) -> str:
+    return key[len("vision_model."):] if key.startswith("vision_model.") else key
+
+
+def vision_key(key: str) -> str | None:
+    """A LLaVA checkpoint key -> the vision tower's own key without its ``vision_model.`` wrapper
+    (``vision_tower.vision_model.encoder.layers.0.x`` -> ``encoder.layers.0.x``); None for any other key."""
+    for prefix in VISION_KEY_PREFIXES:
+        if key.startswith(prefix):
+            return _strip_vision_model(key[len(prefix):])
+    return None
+
+
+def _checkpoint_file(source: str, is_dir: bool, filename: str, kwargs: dict[str, Any]) -> Path | None:
+    """``filename`` of a folder or a HF repo (downloaded/cached on demand); None when the repo has no such file."""
+    if is_dir:
+        fpath = Path(source) / filename
+        return fpath if fpath.is_file() else None
+    from transformers.utils import cached_file
+
+    found = cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **kwargs)
+    return None if found is None else Path(found)
+
+
+def vision_tensor_files(
+    name_or_path: str | Path, cache_dir: str | Path | None = None, local_files_only: bool | None = None
+) -> dict[Path, list[str]]:
+    """``{safetensors file: [vision-tower keys in it]}`` for a LLaVA checkpoint (folder or HF id).
+
+    A sharded checkpoint is resolved through its index's ``weight_map``, so only the shards that hold
+    vision-tower tensors are opened (and, for a HF id, downloaded). Only safetensors are read: a
+    ``pytorch_model.bin`` checkpoint would have to be unpickled, which vlmsae never does.
+    """
+    import json
+
+    source, is_dir, kwargs = _source_kwargs(name_or_path, cache_dir, local_files_only)
+    files: dict[Path, list[str]] = {}
+    index_fpath = _checkpoint_file(source, is_dir, SAFETENSORS_INDEX, kwargs)
+    if index_fpath is not None:
+        weight_map = json.loads(index_fpath.read_text()).get("weight_map") or {}
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            if vision_key(key) is not None:
+                by_shard.setdefault(shard, []).append(key)
+        for shard, keys in sorted(by_shard.items()):
+            fpath = _checkpoint_file(source, is_dir, shard, kwargs)
+            if fpath is None:
+                raise FileNotFoundError(f"{source!r}: {SAFETENSORS_INDEX} names the shard {shard!r}, which is missing.")
+            files[fpath] = keys
+    else:
+        fpath = _checkpoint_file(source, is_dir, SAFETENSORS_SINGLE, kwargs)
+        if fpath is None:
+            raise FileNotFoundError(
+                f"{source!r} has neither {SAFETENSORS_INDEX} nor {SAFETENSORS_SINGLE}: the vision tower is read "
+                "from safetensors only (pytorch_model.bin is never unpickled). Convert the checkpoint with "
+                "`save_pretrained(..., safe_serialization=True)` or use a safetensors release."
+            )
+        import safetensors
+
+        with safetensors.safe_open(str(fpath), framework="pt") as handle:
+            files[fpath] = [key for key in handle.keys() if vision_key(key) is not None]
+    if not any(files.values()):
+        raise ValueError(
+            f"{source!r} holds no vision-tower tensors (keys starting with {' or '.join(VISION_KEY_PREFIXES)}): "
+            "is it a LLaVA checkpoint?"
+        )
+    return files
+
+
+def load_llava_vision_tower(
+    name_or_path: str | Path = LLAVA_15_7B,
+    dtype: str | torch.dtype = "float16",
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+):
+    """``(vision tower, image processor)`` of a LLaVA checkpoint, without the language model or projector.
+
+    The tower is built from the LLaVA config's ``vision_config`` as LLaVA builds it
+    (``AutoModel.from_config``: a CLIPVisionModel for LLaVA-1.5) and filled with the ``vision_tower``
+    tensors only, read one by one with ``safetensors.safe_open`` from the shards that hold them: for
+    LLaVA-1.5-7B that is ~0.6 GB (fp16) instead of the ~14 GB :func:`load_llava` materialises.
+    Extraction (backend ``hf_llava``) uses this; steering needs the whole model (:func:`load_llava`).
+    The tower is on CPU in ``dtype`` (move it with ``.to``).
+    """
+    import safetensors
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    torch_dtype = _torch_dtype(dtype)
+    source, is_dir, kwargs = _source_kwargs(name_or_path, cache_dir, local_files_only)
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        image_processor = AutoProcessor.from_pretrained(source, **kwargs).image_processor
+    except (OSError, ValueError) as err:
+        raise _load_error(source, is_dir, kwargs["local_files_only"], cache_dir, err) from err
+    vision_config = getattr(config, "vision_config", None)
+    if vision_config is None:
+        raise ValueError(f"{source!r} has no vision_config in its config.json ({type(config).__name__}): not a LLaVA.")
+    files = vision_tensor_files(source, cache_dir, kwargs["local_files_only"])
+    try:  # the weights are overwritten right below: skip the random init (seconds for a ViT-L on CPU)
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        tower = AutoModel.from_config(vision_config)
+    own_key = {_strip_vision_model(key): key for key in tower.state_dict()}
+    buffers = {_strip_vision_model(name) for name, _ in tower.named_buffers()}
+    state: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for fpath, keys in files.items():
+        with safetensors.safe_open(str(fpath), framework="pt") as handle:
+            for key in keys:
+                name = vision_key(key)
+                if name in own_key:
+                    state[own_key[name]] = handle.get_tensor(key).to(torch_dtype)
+                elif name not in buffers:  # old checkpoints store non-persistent buffers (position_ids): skip
+                    unexpected.append(key)
+    missing = sorted(set(own_key.values()) - set(state))
+    if missing or unexpected:
+        raise ValueError(
+            f"The vision-tower tensors of {source!r} do not fit the {type(tower).__name__} its vision_config "
+            f"builds: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. Is the checkpoint a LLaVA "
+            "(llava-hf layout) whose config.json matches its weights?"
+        )
+    tower.load_state_dict(state, strict=True, assign=True)  # assign: no second copy of the weights
+    return tower.to(torch_dtype).eval(), image_processor
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
