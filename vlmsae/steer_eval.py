@@ -48,11 +48,30 @@ def latent_list(spec: Any) -> list[int]:
     raise ValueError(f"latents={spec!r}: give a count (10 = latents 0..9) or a list of latent indices.")
 
 
+def open_image(path: str | Path) -> Any:
+    """Decode one image file to an RGB PIL image (the file handle is closed on return)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def latent_concepts(top: Any, latents: Sequence[int], top_n: int, embed_images: Any) -> tuple[Any, list, list]:
+    """``(concepts_LE, top_paths, top_labels)``: each latent's concept from its top-``top_n`` images.
+
+    The images are decoded latent by latent (:func:`~vlmsae.steering.score.streamed_concept_embeddings`),
+    so memory does not grow with the number of latents.
+    """
+    from vlmsae.steering.score import streamed_concept_embeddings
+
+    top_paths, top_labels = _top_lists(top, latents, top_n)
+    concepts_LE = streamed_concept_embeddings(top_paths, open_image, embed_images)
+    return concepts_LE, top_paths, top_labels
+
+
 def eval_images(spec: str, n_images: int | None, size: int, seed: int) -> tuple[list[Any], list[str]]:
     """``white`` (one white image) | a folder of images | a text file listing image paths."""
     import random
-
-    from PIL import Image
 
     from vlmsae.steering import white_image
 
@@ -69,7 +88,7 @@ def eval_images(spec: str, n_images: int | None, size: int, seed: int) -> tuple[
         raise FileNotFoundError(f"images={spec!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     if n_images is not None and len(fpaths) > n_images:
         fpaths = sorted(random.Random(seed).sample(fpaths, n_images))  # a fixed random subset
-    return [Image.open(p).convert("RGB") for p in fpaths], [str(p) for p in fpaths]
+    return [open_image(p) for p in fpaths], [str(p) for p in fpaths]
 
 
 def load_class_names(fpath: str | None) -> dict[int, str] | None:
@@ -117,7 +136,6 @@ def _text_embed_fn(embedder: Any):
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
     from vlmsae.metrics.topimages import TopImages
@@ -126,7 +144,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.steer import model_spec
     from vlmsae.sae import load_sae
     from vlmsae.steering import first_word, generate_answers, sae_layer, steer
-    from vlmsae.steering.score import ScoreSummary, concept_embeddings, markdown_table, shuffled, word_scores
+    from vlmsae.steering.score import ScoreSummary, markdown_table, shuffled, word_scores
 
     out_dpath = run_dir(out_dpath)
     for key in ("sae_path", "top_images"):
@@ -141,12 +159,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     embedder = load_embedder(cfg.embedder)
     embed_texts = _text_embed_fn(embedder)
 
-    # Concepts: mean image embedding of each latent's top images.
+    # Concepts: mean image embedding of each latent's top images, decoded latent by latent.
     top = TopImages.load(str(cfg.top_images))
-    top_paths, top_labels = _top_lists(top, latents, int(cfg.top_n))
-    concepts_LE = concept_embeddings(
-        [[Image.open(p).convert("RGB") for p in paths] for paths in top_paths], embedder.embed
-    )
+    concepts_LE, top_paths, top_labels = latent_concepts(top, latents, int(cfg.top_n), embedder.embed)
 
     # Answers, not steered (once per image) and steered (once per latent x image).
     size = int(model.config.vision_config.image_size)
