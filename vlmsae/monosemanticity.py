@@ -129,9 +129,9 @@ def _zero_shot(cfg: DictConfig, spec, sae, layer, source: dict, data, synthetic,
 
     from vlmsae.models.open_clip_backend import create_open_clip, spec_source
 
-    source = spec_source(spec)  # the tap's weights, activation and preprocessing
-    model_name = source.model_name
-    model, preprocess = create_open_clip(source, spec.cache_dir)
+    weights = spec_source(spec)  # the tap's weights, activation and preprocessing
+    model_name = weights.model_name
+    model, preprocess = create_open_clip(weights, spec.cache_dir)
     model = model.to(sae.W_dec.device).eval()
     if getattr(model, "transformer", None) is None and getattr(model, "text", None) is None:
         return {"skipped": f"{spec.name} has no text tower"}
