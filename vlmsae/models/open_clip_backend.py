@@ -114,12 +114,14 @@ def _extra_overrides(extra: dict[str, Any], where: str) -> tuple[Optional[bool],
         if target is None or value is None:
             continue
         if target in ("mean", "std"):
-            ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(x, (int, float)) for x in value)
+            ok = isinstance(value, (list, tuple)) and len(value) == 3
+            ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
             if not ok or (target == "std" and min(value) <= 0):
                 raise ValueError(f"{where}.extra.{key}={value!r} must be three per-channel (R, G, B) numbers"
                                  + (", all > 0." if target == "std" else "."))
         elif target == "resize_mode" and value not in _RESIZE_MODES:
-            raise ValueError(f"{where}.extra.{key}={value!r} is not an open_clip resize mode: use one of {_RESIZE_MODES}.")
+            raise ValueError(f"{where}.extra.{key}={value!r} is not an open_clip resize mode: use one of "
+                             f"{_RESIZE_MODES}.")
         elif target == "interpolation" and value not in _INTERPOLATIONS:
             raise ValueError(f"{where}.extra.{key}={value!r} is not an open_clip interpolation: use one of "
                              f"{_INTERPOLATIONS}.")
@@ -226,10 +228,11 @@ def resolve_open_clip_source(
             if (path / OPEN_CLIP_CONFIG).exists():
                 folder = _folder_preprocess(path)
                 tag = pretrained_tag or (pretrained if _is_tag(arch, pretrained) else None)
-                if tag and not arch.startswith(("hf-hub:", "local-dir:")) and registered_preprocess(arch, tag) != folder:
+                registered = registered_preprocess(arch, tag) if tag else folder
+                if registered != folder:  # e.g. conf/model's default tag, but other weights in the folder
                     log.warning("%s %s: %s/%s says quick_gelu/preprocess %s, the registered %s/%s says %s; "
                                 "using the folder's", where, name, path, OPEN_CLIP_CONFIG, folder, arch, tag,
-                                registered_preprocess(arch, tag))
+                                registered)
                 return source(f"local-dir:{path}", None, None, folder, f"{path / OPEN_CLIP_CONFIG}")
             fpath = _checkpoint_in_dir(path)
             if fpath is None:
@@ -244,7 +247,8 @@ def resolve_open_clip_source(
     elif arch.startswith("local-dir:"):
         dpath = Path(arch[len("local-dir:"):]).expanduser()
         if not (dpath / OPEN_CLIP_CONFIG).exists():
-            raise FileNotFoundError(f"{where}.arch={arch!r}: {dpath / OPEN_CLIP_CONFIG} does not exist ({where} {name!r}).")
+            raise FileNotFoundError(f"{where}.arch={arch!r}: {dpath / OPEN_CLIP_CONFIG} does not exist "
+                                    f"({where} {name!r}).")
         return source(f"local-dir:{dpath}", None, None, _folder_preprocess(dpath), f"{dpath / OPEN_CLIP_CONFIG}")
     elif arch.startswith("hf-hub:"):
         # The hub's open_clip_config.json decides; only explicit overrides are passed.
