@@ -127,13 +127,11 @@ def _zero_shot(cfg: DictConfig, spec, sae, layer, source: dict, data, synthetic,
         return {"skipped": "the images have no class folders / labels, so there are no zero-shot classes"}
     import open_clip
 
-    from vlmsae.models.open_clip_backend import _resolve_source
+    from vlmsae.models.open_clip_backend import create_open_clip, spec_source
 
-    model_name, pretrained = _resolve_source(spec)
-    quick_gelu = bool(spec.extra.get("quick_gelu", spec.pretrained == "openai"))
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, cache_dir=spec.cache_dir, force_quick_gelu=quick_gelu
-    )
+    weights = spec_source(spec)  # the tap's weights, activation and preprocessing
+    model_name = weights.model_name
+    model, preprocess = create_open_clip(weights, spec.cache_dir)
     model = model.to(sae.W_dec.device).eval()
     if getattr(model, "transformer", None) is None and getattr(model, "text", None) is None:
         return {"skipped": f"{spec.name} has no text tower"}

@@ -39,6 +39,9 @@ class ModelSchema:
     arch: str = MISSING  # open_clip model name (ViT-L-14-336) or transformers class hint
     pretrained: Optional[str] = None  # open_clip tag (openai, webli), HF id, or a local file/folder
     local_path: Optional[str] = None  # local weights that take precedence over `pretrained`
+    # open_clip: the registered pretrained config (openai, webli) whose preprocessing and activation weights
+    # from a file need when `pretrained` is itself a file; otherwise the `pretrained` tag is used
+    pretrained_tag: Optional[str] = None
     cache_dir: Optional[str] = None  # where downloaded weights are cached
     image_size: int = 224
     n_layers: int = 24  # transformer blocks in the vision tower
@@ -122,6 +125,7 @@ class EmbedderSchema:
     arch: str = "ViT-B-32"  # open_clip model name, or the transformers model id (facebook/dinov2-base)
     pretrained: Optional[str] = None  # open_clip tag (openai) or checkpoint file
     local_path: Optional[str] = None  # local weights (checkpoint file/folder, save_pretrained folder)
+    pretrained_tag: Optional[str] = None  # open_clip: registered config of file weights (as ModelSchema's)
     cache_dir: Optional[str] = None  # where downloaded weights are cached
     device: str = "auto"
     dtype: str = "float32"

@@ -38,6 +38,7 @@ class EmbedderSpec:
     arch: str = "ViT-B-32"  # open_clip model name; hf: the model id (facebook/dinov2-base)
     pretrained: Optional[str] = None  # open_clip tag (openai) or checkpoint file; hf: unused
     local_path: Optional[str] = None  # local weights (open_clip checkpoint/folder, or a save_pretrained folder)
+    pretrained_tag: Optional[str] = None  # open_clip: registered config (preprocessing, activation) of file weights
     cache_dir: Optional[str] = None  # where downloaded weights are cached
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"
@@ -70,6 +71,9 @@ class EmbedderSpec:
     def cache_id(self) -> str:
         """What must match for cached embeddings to be reused."""
         weights = self.local_path or self.pretrained or ("tiny" if self.tiny else "random")
+        if self.backend == "open_clip" and (self.local_path or self.pretrained_tag):
+            # File weights are prepared as their tag says (before, as open_clip's defaults): new cache entries.
+            weights += f"|tag={self.pretrained_tag or self.pretrained}"
         return f"{self.name}|{self.backend}|{self.arch}|{weights}|{self.seed if self.backend == 'pixels' or self.tiny else ''}"
 
 
@@ -79,7 +83,8 @@ def _offline_error(spec: EmbedderSpec, err: BaseException) -> RuntimeError:
                "(or set HF_HOME / embedder.cache_dir to a cache that holds it)")
     else:
         how = (f"`python -c \"import open_clip; open_clip.create_model('{spec.arch}', pretrained='{spec.pretrained}', "
-               "cache_dir='<dir>')\"` and pass embedder.cache_dir=<dir>, or embedder.local_path=<checkpoint file>")
+               "cache_dir='<dir>')\"` and pass embedder.cache_dir=<dir>, or embedder.local_path=<checkpoint file> "
+               "(keep embedder.pretrained=<tag>: it decides the preprocessing and activation)")
     return RuntimeError(
         f"Could not load the weights of embedder {spec.name!r} ({spec.backend} {spec.arch!r}, pretrained="
         f"{spec.pretrained!r}, local_path={spec.local_path!r}): {err}\nThis machine may be offline and the weights "
@@ -126,31 +131,20 @@ class OpenClipEmbedder(Embedder):
     def __init__(self, spec: EmbedderSpec):
         import open_clip
 
+        from vlmsae.models.open_clip_backend import create_open_clip, resolve_open_clip_source
+
         self.spec = spec
-        model_name, pretrained = spec.arch, spec.pretrained
+        local_path = spec.local_path
         if spec.tiny:
             from vlmsae.models.tiny import build_tiny_open_clip, tiny_model_dpath
 
             dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(f"embedder_{spec.name}")
-            build_tiny_open_clip(dpath, seed=spec.seed)
-            model_name, pretrained = f"local-dir:{dpath}", None
-        elif spec.local_path:
-            path = Path(spec.local_path).expanduser()
-            if not path.exists():
-                raise FileNotFoundError(f"embedder.local_path={path} does not exist (embedder {spec.name!r}).")
-            if path.is_dir():
-                model_name, pretrained = f"local-dir:{path}", None
-            else:
-                pretrained = str(path)
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, cache_dir=spec.cache_dir,
-                force_quick_gelu=bool(spec.extra.get("quick_gelu", spec.pretrained == "openai" and not spec.tiny)),
-            )
-        except (RuntimeError, OSError, ValueError) as err:
-            if _looks_offline(err):
-                raise _offline_error(spec, err) from err
-            raise
+            local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
+        # The same resolution as the taps': a checkpoint file gets its registered tag's preprocessing/activation.
+        source = resolve_open_clip_source(spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag,
+                                          spec.extra, where="embedder")
+        model_name = source.model_name
+        model, preprocess = create_open_clip(source, spec.cache_dir, on_missing=lambda err: _offline_error(spec, err))
         self.device = resolve_device(spec.device)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess

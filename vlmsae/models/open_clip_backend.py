@@ -3,16 +3,28 @@
 Weights come from, in order of precedence: the tiny model folder (``tiny: true``), ``local_path``
 (an open_clip folder with ``open_clip_config.json``, a folder holding one checkpoint, or a
 checkpoint file: .safetensors/.bin/.pt/.npz), ``arch="hf-hub:org/repo"``, or ``pretrained=<tag>``
-(downloaded into ``cache_dir``). OpenAI weights need QuickGELU; ``pretrained: openai`` turns it on.
-Only the vision tower is kept. The forward runs the blocks itself and stops after block L.
+(downloaded into ``cache_dir``) or ``pretrained=<file>``.
+
+Wherever the weights come from, the activation (QuickGELU for OpenAI weights) and the image
+preprocessing (mean/std, resize mode, interpolation) are those of the weights' registered open_clip
+pretrained config (:func:`registered_preprocess`), named by the ``pretrained`` tag or, when
+``pretrained`` is itself a file, by ``pretrained_tag``. A folder's own ``open_clip_config.json``
+describes its weights instead, and ``extra`` keys (:data:`EXTRA_OVERRIDES`) override both. Without
+this a file would get open_clip's defaults: CLIP normalisation with a centre crop for SigLIP, GELU
+for OpenAI CLIP. :func:`resolve_open_clip_source` decides all of it without loading anything, and
+:func:`create_open_clip` is the one place that builds an open_clip model (taps, embedders, zero-shot).
+Only the vision tower is kept by the tap. The forward runs the blocks itself and stops after block L.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -38,8 +50,106 @@ def _missing_weights_error(spec: ModelSpec, err: BaseException) -> RuntimeError:
         "This machine may be offline and the weights not cached. Download them where there is internet "
         f"(e.g. `python -c \"import open_clip; open_clip.create_model('{spec.arch}', pretrained='{spec.pretrained}', "
         f"cache_dir='<dir>')\"` or `huggingface-cli download {repo} --local-dir <dir>`) and pass "
-        "model.local_path=<checkpoint file or folder>, or point model.cache_dir at a cache that holds them."
+        "model.local_path=<checkpoint file or folder> (keep model.pretrained=<tag>: it decides the image "
+        "preprocessing and the activation), or point model.cache_dir at a cache that holds them."
     )
+
+
+# spec.extra keys that override what the registered pretrained config (or a folder's config) says, for
+# weights that no open_clip tag describes; value -> open_clip's preprocess key (None: the activation).
+EXTRA_OVERRIDES = {"quick_gelu": None, "image_mean": "mean", "image_std": "std",
+                   "image_interpolation": "interpolation", "image_resize_mode": "resize_mode"}
+_RESIZE_MODES = ("shortest", "longest", "squash")
+_INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+@dataclass(frozen=True)
+class OpenClipSource:
+    """Where open_clip weights come from, and the activation and image preprocessing they need.
+
+    ``quick_gelu`` and ``preprocess`` are passed to open_clip explicitly (they override its own
+    choice), so a checkpoint file gets exactly what its registered tag would get.
+    """
+
+    model_name: str  # built-in arch, "local-dir:<folder>" or "hf-hub:<repo>"
+    pretrained: Optional[str]  # registered tag or checkpoint file (built-in arch only), else None
+    tag: Optional[str]  # the registered pretrained config that decided activation/preprocessing, if any
+    quick_gelu: Optional[bool]  # None only for hf-hub sources without an override: the hub config decides
+    preprocess: dict[str, Any]  # mean, std, interpolation, resize_mode (hf-hub: only the overrides)
+    decided_by: str  # what decided them, for logs and errors
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``open_clip.create_model_and_transforms(self.model_name, **kwargs)``."""
+        kwargs: dict[str, Any] = {"pretrained": self.pretrained}
+        if self.quick_gelu is not None:
+            # force_quick_gelu can only turn it on; the model kwarg also turns it off (e.g. a -quickgelu config).
+            kwargs.update(force_quick_gelu=self.quick_gelu, quick_gelu=self.quick_gelu)
+        kwargs.update({f"image_{key}": value for key, value in self.preprocess.items()})
+        return kwargs
+
+
+def _default_preprocess() -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg
+
+    cfg = asdict(PreprocessCfg())
+    return {key: cfg[key] for key in ("mean", "std", "interpolation", "resize_mode")}
+
+
+def _merge_preprocess(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    out.update({key: overlay[key] for key in base if overlay.get(key) is not None})
+    return {key: tuple(float(x) for x in v) if key in ("mean", "std") else v for key, v in out.items()}
+
+
+def _extra_overrides(extra: dict[str, Any], where: str) -> tuple[Optional[bool], dict[str, Any]]:
+    """``(quick_gelu, preprocess)`` given explicitly in ``<where>.extra``, validated."""
+    quick_gelu = extra.get("quick_gelu")
+    if quick_gelu is not None and not isinstance(quick_gelu, bool):
+        raise ValueError(f"{where}.extra.quick_gelu={quick_gelu!r} must be true or false.")
+    preprocess: dict[str, Any] = {}
+    for key, target in EXTRA_OVERRIDES.items():
+        value = extra.get(key)
+        if target is None or value is None:
+            continue
+        if target in ("mean", "std"):
+            ok = isinstance(value, (list, tuple)) and len(value) == 3
+            ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+            if not ok or (target == "std" and min(value) <= 0):
+                raise ValueError(f"{where}.extra.{key}={value!r} must be three per-channel (R, G, B) numbers"
+                                 + (", all > 0." if target == "std" else "."))
+        elif target == "resize_mode" and value not in _RESIZE_MODES:
+            raise ValueError(f"{where}.extra.{key}={value!r} is not an open_clip resize mode: use one of "
+                             f"{_RESIZE_MODES}.")
+        elif target == "interpolation" and value not in _INTERPOLATIONS:
+            raise ValueError(f"{where}.extra.{key}={value!r} is not an open_clip interpolation: use one of "
+                             f"{_INTERPOLATIONS}.")
+        preprocess[target] = value
+    return quick_gelu, preprocess
+
+
+def registered_preprocess(arch: str, tag: Optional[str]) -> tuple[bool, dict[str, Any]]:
+    """``(quick_gelu, preprocess)`` that open_clip's pretrained registry gives ``arch`` with ``tag``.
+
+    The one place the activation rule lives: the tag's ``quick_gelu`` (OpenAI weights were trained
+    with QuickGELU), else the architecture's own config (the ``-quickgelu`` variants), else GELU.
+    Preprocessing is open_clip's defaults overlaid with the tag's mean/std/interpolation/resize_mode
+    (SigLIP: mean = std = 0.5, squash resize, no centre crop).
+    """
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag) if tag else {}
+    arch_cfg = open_clip.get_model_config(arch) or {}
+    quick_gelu = bool(tag_cfg.get("quick_gelu", arch_cfg.get("quick_gelu", False)))
+    return quick_gelu, _merge_preprocess(_default_preprocess(), tag_cfg)
+
+
+def _folder_preprocess(dpath: Path) -> tuple[bool, dict[str, Any]]:
+    """``(quick_gelu, preprocess)`` from an open_clip folder's ``open_clip_config.json`` (as open_clip reads it)."""
+    config = json.loads((dpath / OPEN_CLIP_CONFIG).read_text())
+    quick_gelu = bool((config.get("model_cfg") or {}).get("quick_gelu", False))
+    return quick_gelu, _merge_preprocess(_default_preprocess(), config.get("preprocess_cfg") or {})
 
 
 def _checkpoint_in_dir(dpath: Path) -> Path | None:
@@ -48,46 +158,166 @@ def _checkpoint_in_dir(dpath: Path) -> Path | None:
     return files[0] if files else None
 
 
-def _resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
-    """``(model_name, pretrained)`` for ``open_clip.create_model`` from the spec's weight fields."""
+def _is_tag(arch: str, value: Optional[str]) -> bool:
     import open_clip
 
-    if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
-        build_tiny_open_clip(dpath, seed=int(spec.extra.get("seed", 0)))
-        return f"local-dir:{dpath}", None
-    if spec.local_path:
-        path = Path(spec.local_path).expanduser()
+    return bool(value) and bool(open_clip.get_pretrained_cfg(arch, value))
+
+
+def _tag_for_file(name: str, arch: str, pretrained: Optional[str], pretrained_tag: Optional[str],
+                  extra: dict[str, Any], where: str, fpath: Path) -> Optional[str]:
+    """The registered tag whose config a checkpoint file is loaded with; errors say how to name one."""
+    import open_clip
+
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    tag = pretrained_tag or (pretrained if pretrained and not Path(pretrained).expanduser().is_file() else None)
+    if tag is not None:
+        if not _is_tag(arch, tag):
+            field_name = "pretrained_tag" if pretrained_tag else "pretrained"
+            raise ValueError(
+                f"Unknown pretrained tag {tag!r} ({where}.{field_name}) for open_clip model {arch!r} ({where} "
+                f"{name!r}): valid tags are {tags}. It names the registered config whose preprocessing and "
+                "activation the weights in the file need."
+            )
+        return tag
+    if tags and not all(extra.get(key) is not None for key in EXTRA_OVERRIDES):
+        raise ValueError(
+            f"{where} {name!r} loads open_clip {arch!r} weights from the file {fpath}, but nothing says which "
+            "registered pretrained config they are, so the image preprocessing (mean/std, resize) and the "
+            f"activation (QuickGELU or GELU) are unknown. Set {where}.pretrained_tag=<tag> (valid tags for {arch}: "
+            f"{tags}), or keep {where}.pretrained=<tag> and give the file as {where}.local_path=<file>; for weights "
+            f"that match no tag set all of {where}.extra.{{{','.join(EXTRA_OVERRIDES)}}}."
+        )
+    if not tags:
+        log.warning("%s %s: open_clip has no registered pretrained config for %s; weights from %s use open_clip's "
+                    "default preprocessing unless %s.extra sets %s", where, name, arch, fpath, where,
+                    list(EXTRA_OVERRIDES))
+    return None
+
+
+def resolve_open_clip_source(
+    name: str, arch: str, pretrained: Optional[str] = None, local_path: Optional[str] = None,
+    pretrained_tag: Optional[str] = None, extra: Optional[dict[str, Any]] = None, where: str = "model",
+) -> OpenClipSource:
+    """Which weights to load and with which activation and preprocessing; nothing is loaded or downloaded.
+
+    Precedence for the weights: ``local_path`` (folder with ``open_clip_config.json``, folder with one
+    checkpoint, or checkpoint file) > ``arch`` = ``hf-hub:``/``local-dir:`` > ``pretrained`` (tag or file).
+    Activation and preprocessing: ``extra`` overrides (:data:`EXTRA_OVERRIDES`) > a folder's
+    ``open_clip_config.json`` > the registered config of ``pretrained_tag`` or the ``pretrained`` tag.
+    ``where`` ("model" or "embedder") names the config group in errors.
+    """
+    extra = dict(extra or {})
+    quick_gelu_override, preprocess_override = _extra_overrides(extra, where)
+    if not local_path and pretrained_tag and _is_tag(arch, pretrained) and pretrained_tag != pretrained:
+        raise ValueError(f"{where}.pretrained={pretrained!r} and {where}.pretrained_tag={pretrained_tag!r} name "
+                         f"different registered configs ({where} {name!r}): drop one of them.")
+
+    def source(model_name: str, weights: Optional[str], tag: Optional[str], base: tuple[bool, dict[str, Any]],
+               decided_by: str) -> OpenClipSource:
+        quick_gelu = base[0] if quick_gelu_override is None else quick_gelu_override
+        preprocess = _merge_preprocess(base[1], preprocess_override)
+        if quick_gelu_override is not None or preprocess_override:
+            decided_by += f" + {where}.extra overrides"
+        return OpenClipSource(model_name, weights, tag, quick_gelu, preprocess, decided_by)
+
+    fpath: Optional[Path] = None
+    if local_path:
+        path = Path(local_path).expanduser()
         if path.is_dir():
             if (path / OPEN_CLIP_CONFIG).exists():
-                return f"local-dir:{path}", None
-            ckpt = _checkpoint_in_dir(path)
-            if ckpt is None:
+                folder = _folder_preprocess(path)
+                tag = pretrained_tag or (pretrained if _is_tag(arch, pretrained) else None)
+                registered = registered_preprocess(arch, tag) if tag else folder
+                if registered != folder:  # e.g. conf/model's default tag, but other weights in the folder
+                    log.warning("%s %s: %s/%s says quick_gelu/preprocess %s, the registered %s/%s says %s; "
+                                "using the folder's", where, name, path, OPEN_CLIP_CONFIG, folder, arch, tag,
+                                registered)
+                return source(f"local-dir:{path}", None, None, folder, f"{path / OPEN_CLIP_CONFIG}")
+            fpath = _checkpoint_in_dir(path)
+            if fpath is None:
                 raise FileNotFoundError(
-                    f"model.local_path={path} holds neither {OPEN_CLIP_CONFIG} nor a checkpoint "
-                    f"({', '.join(_CHECKPOINT_SUFFIXES)}) for model {spec.name!r}."
+                    f"{where}.local_path={path} holds neither {OPEN_CLIP_CONFIG} nor a checkpoint "
+                    f"({', '.join(_CHECKPOINT_SUFFIXES)}) for {where} {name!r}."
                 )
-            path = ckpt
-        elif not path.is_file():
-            raise FileNotFoundError(f"model.local_path={path} does not exist (model {spec.name!r}).")
-        _check_arch(spec.arch)
-        return spec.arch, str(path)
-    if spec.arch.startswith("hf-hub:") or spec.arch.startswith("local-dir:"):
-        return spec.arch, None
-    _check_arch(spec.arch)
-    if spec.pretrained is None:
-        log.warning("model %s: no pretrained weights given, using a RANDOM %s (fine for benchmarks only)",
-                    spec.name, spec.arch)
-        return spec.arch, None
-    if Path(spec.pretrained).expanduser().is_file():
-        return spec.arch, str(Path(spec.pretrained).expanduser())
-    tags = open_clip.list_pretrained_tags_by_model(spec.arch)
-    if spec.pretrained not in tags:
-        raise ValueError(
-            f"Unknown pretrained tag {spec.pretrained!r} for open_clip model {spec.arch!r} (model {spec.name!r}): "
-            f"valid tags are {tags}, or give a checkpoint file/folder with model.local_path=<path>."
+        elif path.is_file():
+            fpath = path
+        else:
+            raise FileNotFoundError(f"{where}.local_path={path} does not exist ({where} {name!r}).")
+    elif arch.startswith("local-dir:"):
+        dpath = Path(arch[len("local-dir:"):]).expanduser()
+        if not (dpath / OPEN_CLIP_CONFIG).exists():
+            raise FileNotFoundError(f"{where}.arch={arch!r}: {dpath / OPEN_CLIP_CONFIG} does not exist "
+                                    f"({where} {name!r}).")
+        return source(f"local-dir:{dpath}", None, None, _folder_preprocess(dpath), f"{dpath / OPEN_CLIP_CONFIG}")
+    elif arch.startswith("hf-hub:"):
+        # The hub's open_clip_config.json decides; only explicit overrides are passed.
+        return OpenClipSource(arch, None, None, quick_gelu_override, preprocess_override, f"{arch} config")
+    _check_arch(arch)
+    if fpath is None and pretrained and not _is_tag(arch, pretrained):
+        if Path(pretrained).expanduser().is_file():
+            fpath = Path(pretrained).expanduser()
+        else:
+            import open_clip
+
+            raise ValueError(
+                f"Unknown pretrained tag {pretrained!r} for open_clip model {arch!r} ({where} {name!r}): valid tags "
+                f"are {open_clip.list_pretrained_tags_by_model(arch)}, or give a checkpoint file/folder with "
+                f"{where}.local_path=<path>."
+            )
+    if fpath is not None:
+        tag = _tag_for_file(name, arch, pretrained, pretrained_tag, extra, where, fpath)
+        return source(arch, str(fpath), tag, registered_preprocess(arch, tag),
+                      f"registered config {arch}/{tag}" if tag else "open_clip defaults")
+    if pretrained is None:
+        log.warning("%s %s: no pretrained weights given, using a RANDOM %s (fine for benchmarks only)",
+                    where, name, arch)
+        if pretrained_tag and not _is_tag(arch, pretrained_tag):
+            _tag_for_file(name, arch, None, pretrained_tag, extra, where, Path("<none>"))  # raises the tag error
+        return source(arch, None, pretrained_tag, registered_preprocess(arch, pretrained_tag),
+                      f"registered config {arch}/{pretrained_tag}" if pretrained_tag else "open_clip defaults")
+    return source(arch, pretrained, pretrained, registered_preprocess(arch, pretrained),
+                  f"registered config {arch}/{pretrained}")
+
+
+def spec_source(spec: ModelSpec) -> OpenClipSource:
+    """:func:`resolve_open_clip_source` for a model spec (``tiny: true`` first builds the tiny folder)."""
+    local_path = spec.local_path
+    if spec.tiny:
+        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
+        local_path = str(build_tiny_open_clip(dpath, seed=int(spec.extra.get("seed", 0))))
+    extra = {key: value for key, value in spec.extra.items() if key != "seed"}
+    return resolve_open_clip_source(spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag, extra)
+
+
+def _resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
+    """``(model_name, pretrained)``; kept for callers that predate :func:`create_open_clip`, which they should use."""
+    src = spec_source(spec)
+    return src.model_name, src.pretrained
+
+
+def create_open_clip(source: OpenClipSource, cache_dir: Optional[str] = None,
+                     on_missing: Optional[Callable[[BaseException], BaseException]] = None) -> tuple[Any, Any]:
+    """``(model, preprocess)`` on CPU from open_clip, with ``source``'s activation and preprocessing.
+
+    ``on_missing(err)`` turns a failed download into the caller's offline error.
+    """
+    import open_clip
+
+    log.info("open_clip %s (weights %s): quick_gelu=%s, preprocess=%s, decided by %s", source.model_name,
+             source.pretrained, source.quick_gelu, source.preprocess, source.decided_by)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            source.model_name, cache_dir=cache_dir, device="cpu", **source.create_kwargs()
         )
-    return spec.arch, spec.pretrained
+    except (RuntimeError, OSError, ValueError) as err:
+        text = f"{type(err).__name__} {err}".lower()
+        words = ("download", "connect", "offline", "resolve", "hub", "not found", "404", "internet",
+                 "local_files_only", "couldn't", "max retries", "no such file")
+        if on_missing is not None and any(word in text for word in words):
+            raise on_missing(err) from err
+        raise
+    return model, preprocess
 
 
 def _check_arch(arch: str) -> None:
@@ -170,22 +400,9 @@ class OpenClipTap(Tap):
 
 
 def load_open_clip_tap(spec: ModelSpec) -> OpenClipTap:
-    """Load ``spec`` through ``open_clip.create_model_and_transforms`` and wrap its vision tower."""
-    import open_clip
-
-    model_name, pretrained = _resolve_source(spec)
-    quick_gelu = bool(spec.extra.get("quick_gelu", spec.pretrained == "openai"))
-    device = resolve_device(spec.device)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, cache_dir=spec.cache_dir, force_quick_gelu=quick_gelu,
-            device="cpu",
-        )
-    except (RuntimeError, OSError) as err:
-        text = str(err).lower()
-        if any(word in text for word in ("download", "connect", "offline", "resolve", "hub", "not found", "404")):
-            raise _missing_weights_error(spec, err) from err
-        raise
-    visual = model.visual.to(device=device, dtype=torch_dtype(spec.dtype))
+    """Load ``spec`` through :func:`create_open_clip` and wrap its vision tower."""
+    model, preprocess = create_open_clip(spec_source(spec), spec.cache_dir,
+                                         on_missing=lambda err: _missing_weights_error(spec, err))
+    visual = model.visual.to(device=resolve_device(spec.device), dtype=torch_dtype(spec.dtype))
     del model
     return OpenClipTap(spec, visual, preprocess)

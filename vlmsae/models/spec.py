@@ -27,6 +27,7 @@ class ModelSpec:
     arch: str  # open_clip model name (ViT-L-14-336, hf-hub:org/repo) or a transformers class hint
     pretrained: Optional[str] = None  # open_clip tag (openai, webli), HF id, or a local file/folder
     local_path: Optional[str] = None  # local weights (file or folder) that take precedence over `pretrained`
+    pretrained_tag: Optional[str] = None  # open_clip: registered config (preprocessing, activation) of file weights
     cache_dir: Optional[str] = None  # where downloaded weights are cached
     image_size: int = 224
     n_layers: int = 24
