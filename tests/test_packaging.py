@@ -232,7 +232,8 @@ def test_wheel_ships_conf_and_jobs_run_from_anywhere(tmp_path, compose_cfg):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
           "--disable-pip-version-check", "-q", "-w", dist, src], cwd=tmp_path)
     (wheel,) = dist.glob("vlmsae-*.whl")
-    shipped = {n.removeprefix("vlmsae/conf/") for n in zipfile.ZipFile(wheel).namelist() if n.startswith("vlmsae/conf/")}
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n.removeprefix("vlmsae/conf/") for n in names if n.startswith("vlmsae/conf/")}
     assert shipped == _conf_yamls(REPO_ROOT / "conf"), "the wheel's vlmsae/conf/ must be exactly the repo's conf/"
 
     python, site_dpath = _fresh_venv(tmp_path, wheel)
