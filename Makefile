@@ -37,6 +37,9 @@ bench: install ## Benchmarks: SAE step throughput, MS at 50k x 65k, extraction, 
 bench-quick: install ## Smoke-run every benchmark at small sizes (seconds) -> outputs/bench-quick/
 	WANDB_MODE=disabled $(PY) -m vlmsae.bench --quick --out outputs/bench-quick
 
+wheel: install ## Build dist/vlmsae-*.whl offline (conf/ ships inside it as vlmsae/conf; `pip install dist/*.whl`)
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
+
 clean: ## Remove caches (keeps .venv/ and outputs/)
 	rm -rf .pytest_cache build dist *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
@@ -45,4 +48,4 @@ distclean: clean ## Also remove .venv/ and everything under outputs/
 	rm -rf $(VENV)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
-.PHONY: help install test test-fast demo bench bench-quick clean distclean
+.PHONY: help install test test-fast demo bench bench-quick wheel clean distclean

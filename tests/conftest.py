@@ -22,12 +22,12 @@ def compose_cfg() -> Callable:
     """compose_cfg("train", ["model=tiny", ...]) -> DictConfig from the real conf/ tree."""
     from hydra import compose, initialize_config_dir
 
-    from vlmsae.config import register_configs
+    from vlmsae.config import conf_dir, register_configs
 
     register_configs()
 
     def _compose(config_name: str, overrides: list[str] | None = None):
-        with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return compose(config_name=config_name, overrides=overrides or [])
 
     return _compose

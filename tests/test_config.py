@@ -9,14 +9,13 @@ Groups with a structured schema must actually be typed by it, and every sae opti
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 
+from vlmsae.config import conf_dir
 from vlmsae.config.schemas import SCHEMAS
 
-CONF_DPATH = Path(__file__).resolve().parents[1] / "conf"
+CONF_DPATH = conf_dir()
 SCHEMA_OF_GROUP = {group: node for group, _name, node in SCHEMAS if group}
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import register_configs
+from vlmsae.config import conf_dir, register_configs
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
@@ -53,7 +53,7 @@ def main() -> None:
     import hydra
 
     register_configs()
-    hydra.main(config_path="../conf", config_name="browse", version_base="1.3")(_main)()
+    hydra.main(config_path=str(conf_dir()), config_name="browse", version_base="1.3")(_main)()
 
 
 if __name__ == "__main__":

@@ -40,9 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_DPATH = Path(__file__).resolve().parents[1]
-CONF_DPATH = REPO_DPATH / "conf"
-DEFAULT_OUT = REPO_DPATH / "outputs" / "demo"
+DEFAULT_OUT = Path("outputs") / "demo"  # under the working directory, like every job's outputs/<job>/
 
 # The demo's one model: LLaVA's vision tower (tiny and random), so the SAE that is scored, aligned
 # and browsed is also the one that steers LLaVA, and the browser shows steering on its cards.
@@ -60,11 +58,11 @@ def compose(config_name: str, overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from vlmsae.config import register_configs
+    from vlmsae.config import conf_dir, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DPATH), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 

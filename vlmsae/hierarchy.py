@@ -30,7 +30,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import register_configs
+from vlmsae.config import conf_dir, register_configs
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
-    hydra.main(config_path="../conf", config_name="hierarchy", version_base="1.3")(_main)()
+    hydra.main(config_path=str(conf_dir()), config_name="hierarchy", version_base="1.3")(_main)()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import register_configs
+from vlmsae.config import conf_dir, register_configs
 from vlmsae.utils.io import atomic_write_json, atomic_write_text
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -258,7 +258,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
-    hydra.main(config_path="../conf", config_name="steer_eval", version_base="1.3")(_main)()
+    hydra.main(config_path=str(conf_dir()), config_name="steer_eval", version_base="1.3")(_main)()
 
 
 if __name__ == "__main__":

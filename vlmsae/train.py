@@ -384,10 +384,10 @@ def _main(cfg: DictConfig) -> dict:
 def main() -> None:
     import hydra
 
-    from vlmsae.config import register_configs
+    from vlmsae.config import conf_dir, register_configs
 
     register_configs()
-    hydra.main(config_path="../conf", config_name="train", version_base="1.3")(_main)()
+    hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_main)()
 
 
 if __name__ == "__main__":

@@ -4,12 +4,35 @@ Import-light on purpose: only dataclasses and Hydra's ConfigStore, so ``--help``
 Each node lives in its own module; :func:`register_configs` stores them all. Entry points call it
 before ``@hydra.main`` runs, and YAML files in ``conf/<group>/`` list the schema first in their
 ``defaults`` so that an unknown key (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose
-time with the key named.
+time with the key named. :func:`conf_dir` says where that YAML tree is, for Hydra and every reader.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 _REGISTERED = False
+
+
+def conf_dir() -> Path:
+    """The Hydra config tree (``conf/``); the only place that knows where it lives.
+
+    It is always ``<vlmsae package>/conf``: in a checkout (plain, ``PYTHONPATH`` or editable install)
+    that is the symlink ``vlmsae/conf -> ../conf``, so the tree stays at the repo root and edits show
+    at once; a wheel (``pip install .``) holds a real copy, since setuptools follows the symlink when it
+    builds. The repo-root ``conf/`` is the fallback for a checkout without symlinks (git on Windows
+    with ``core.symlinks=false`` writes the link as a small text file).
+    """
+    package_dpath = Path(__file__).resolve().parents[1]
+    candidates = (package_dpath / "conf", package_dpath.parent / "conf")
+    for dpath in candidates:
+        if (dpath / "train.yaml").is_file():
+            return dpath.resolve()
+    raise FileNotFoundError(
+        f"vlmsae's config tree was not found: looked for train.yaml in {[str(d) for d in candidates]}. "
+        "Reinstall vlmsae (`pip install .` ships conf/ inside the package), or in a checkout restore the "
+        "symlink with `ln -s ../conf vlmsae/conf`."
+    )
 
 
 def register_configs() -> None:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 BACKENDS = ("open_clip", "hf_clip", "hf_llava")
-CONF_MODEL_DPATH = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
 @dataclass
@@ -65,12 +63,16 @@ class ModelSpec:
 
 def list_models() -> list[str]:
     """Names of the known models: one per ``conf/model/*.yaml``."""
-    return sorted(p.stem for p in CONF_MODEL_DPATH.glob("*.yaml"))
+    from vlmsae.config import conf_dir
+
+    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
 
 
 def get_model_spec(name: str, **overrides: Any) -> ModelSpec:
     """The registered spec ``conf/model/<name>.yaml`` (plus overrides); unknown names list the valid ones."""
-    fpath = CONF_MODEL_DPATH / f"{name}.yaml"
+    from vlmsae.config import conf_dir
+
+    fpath = conf_dir() / "model" / f"{name}.yaml"
     if not fpath.exists():
         choices = list_models()
         close = difflib.get_close_matches(name, choices, n=3)
