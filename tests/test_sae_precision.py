@@ -183,9 +183,23 @@ def _train_overrides(store, *extra):
 
 @pytest.mark.slow
 def test_training_run_records_the_policy_and_refuses_other_precisions(compose_cfg, small_store, tmp_path):
+    import lightning as L
+
     from vlmsae.train import run
 
-    run(compose_cfg("train", _train_overrides(small_store)), out_dpath=tmp_path / "fp32")
+    seen = []
+
+    class _SpyBackward(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module.sae.W_enc.register_hook(lambda grad: seen.append(torch.get_float32_matmul_precision()))
+
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32, as Lightning suggests on tensor-core GPUs
+        run(compose_cfg("train", _train_overrides(small_store)), out_dpath=tmp_path / "fp32", callbacks=[_SpyBackward()])
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen == ["highest"] * 3  # the backward of every step ran at full float32 precision
     info = json.loads((tmp_path / "fp32" / "sae" / "config.json").read_text())
     assert info["precision"] == {"master": "float32", "selection": "float32", "matmul": "float32",
                                  "autocast": "off inside the SAE", "float32_matmul_precision": "highest",
@@ -209,3 +223,18 @@ def test_lit_module_checks_precision_at_fit_start():
     module.trainer = SimpleNamespace(precision="bf16-mixed")
     with pytest.raises(ValueError, match="bf16-mixed"):
         module.on_fit_start()
+
+
+def test_backward_of_train_steps_runs_at_full_float32_precision():
+    """The backward's matmuls (dense path: dW_enc, dx, the decoder's) also ignore a global TF32 setting."""
+    previous = torch.get_float32_matmul_precision()
+    seen = []
+    try:
+        torch.set_float32_matmul_precision("high")
+        sae = _sae("topk", "dense")
+        sae.W_enc.register_hook(lambda grad: seen.append(torch.get_float32_matmul_precision()))
+        train_steps(sae, _batches()[:2], lr=1e-3, init=False)
+        assert seen == ["highest", "highest"]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -477,7 +477,9 @@ _CPU_MIN_LATENTS_PER_K = 8
 # gathers, a B x F top-k) and launches a few dozen small kernels, so the crossover sits at a much
 # larger F.  An estimate from bandwidth and FLOP rates (H100: 6 dense bf16 matmuls at F = 16k,
 # B = 4096, D = 1024 take ~1.5 ms, about what the sparse step's fixed costs do), NOT measured:
-# there is no GPU on the build machine; re-measure with `python -m vlmsae.bench` on one.
+# there is no GPU on the build machine; re-measure with `python -m vlmsae.bench` on one.  Since the
+# precision policy (vlmsae.sae.precision) the dense matmuls run in float32, not bf16, which moves the
+# crossover lower still; scripts/gpu_check_precision.py prints both paths' step times on a GPU.
 _GPU_MIN_LATENTS_PER_K = 512
 
 
