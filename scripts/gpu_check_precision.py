@@ -158,7 +158,8 @@ def main() -> None:
         dense16 = time_steps("dense", f, d, k, batch, device, bf16_weights=True)
         print(f"TIME F={f:>6} d={d} k={k} B={batch}: dense fp32 {dense * 1e3:8.2f} ms/step "
               f"({batch / dense:,.0f} tok/s) | sparse fp32 {sparse * 1e3:8.2f} ms/step ({batch / sparse:,.0f} tok/s, "
-              f"{dense / sparse:.2f}x dense) | dense all-bf16 (not the policy) {dense16 * 1e3:8.2f} ms/step", flush=True)
+              f"{dense / sparse:.2f}x dense) | dense all-bf16 (not the policy) {dense16 * 1e3:8.2f} ms/step",
+              flush=True)
     print(f"{'PASS' if all(results) else 'FAIL'} overall ({sum(results)}/{len(results)} checks, "
           f"{time.perf_counter() - t0:.1f} s)", flush=True)
     raise SystemExit(0 if all(results) else 1)

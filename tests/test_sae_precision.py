@@ -196,7 +196,8 @@ def test_training_run_records_the_policy_and_refuses_other_precisions(compose_cf
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")  # TF32, as Lightning suggests on tensor-core GPUs
-        run(compose_cfg("train", _train_overrides(small_store)), out_dpath=tmp_path / "fp32", callbacks=[_SpyBackward()])
+        run(compose_cfg("train", _train_overrides(small_store)), out_dpath=tmp_path / "fp32",
+            callbacks=[_SpyBackward()])
     finally:
         torch.set_float32_matmul_precision(previous)
     assert seen == ["highest"] * 3  # the backward of every step ran at full float32 precision

@@ -2,8 +2,9 @@
 
 ``save_sae`` folds the input scale into a *copy* of the weights (the live module keeps training
 unchanged), so a saved SAE takes raw activations. ``config.json`` says what the SAE is (the full
-SAEConfig, group sizes, threshold, scale) and what it was trained on (``source``) and by which
-code (vlmsae version, git commit). ``load_sae`` rebuilds the module from those two files only.
+SAEConfig, group sizes, threshold, scale), its precision policy (``precision``, see
+:mod:`vlmsae.sae.precision`), what it was trained on (``source``) and by which code (vlmsae
+version, git commit). ``load_sae`` rebuilds the module from those two files only.
 """
 
 from __future__ import annotations
