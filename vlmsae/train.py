@@ -254,6 +254,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
 
     from vlmsae.lit.module import NonFiniteLossError, SAELitModule
     from vlmsae.sae import default_lr, save_sae
+    from vlmsae.sae.precision import check_trainer_precision
     from vlmsae.utils.paths import run_dir
 
     out_dpath = run_dir(out_dpath)
@@ -266,6 +267,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     seed = int(cfg.get("seed", 0))
 
     # Everything that can be wrong with the input is checked before any training starts.
+    check_trainer_precision(t["precision"])  # the SAE trains in float32 only (vlmsae.sae.precision)
     info = resolve_data(cfg)
     sae_config = build_sae_config(cfg, info["d"])
     resume_ckpt = find_resume_checkpoint(cfg.get("resume", False), out_dpath, config)

@@ -12,6 +12,10 @@ error per element in raw activation units; ``nmse`` is ||x - x_hat||^2 / ||x||^2
 These, the dense fractions and the validation ``l0`` come from
 :class:`vlmsae.metrics.reconstruction.ReconstructionAccumulator` (what ``vlmsae.monosemanticity``
 reports too); ``train/l0`` is the training encoder's, from ``sae.loss``.
+
+Precision: the SAE keeps float32 weights and computes forward and backward in float32
+(:mod:`vlmsae.sae.precision`); ``trainer.precision`` other than 32-true is refused at fit start,
+and the setting is recorded in the checkpoint's config.json.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from vlmsae.sae.mechanics import (
     normalize_decoder_,
     set_input_scale_,
 )
+from vlmsae.sae.precision import check_master_weights, check_trainer_precision, fp32_region
 
 DENSE_FREQ = 0.1  # a latent firing on more than 10% of rows is "dense" (rarely interpretable)
 DENSITY_EDGES = np.arange(-7.0, 0.01, 0.25)  # log10 firing-frequency bins for the density histogram
@@ -112,6 +117,12 @@ class SAELitModule(L.LightningModule):
         return {"input_scale": scale, "init_rows": kept["rows"]}
 
     # ------------------------------------------------------------------ optimisation
+    def on_fit_start(self) -> None:
+        """Enforce the precision policy (float32 master weights) and note the trainer's setting for config.json."""
+        precision = check_trainer_precision(self.trainer.precision)
+        check_master_weights(self.sae, precision)
+        self.sae.trainer_precision = precision
+
     def configure_optimizers(self):
         betas = tuple(self.hparams.betas)
         # fused=True: one kernel over all parameters, ~20x faster than the loop on CPU.
@@ -144,7 +155,8 @@ class SAELitModule(L.LightningModule):
             )
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
+        with fp32_region(x_BD.device):  # the SAE's precision policy covers backward too (vlmsae.sae.precision)
+            self.manual_backward(loss)
         constrain_decoder_grad_(self.sae)
         if self.hparams.grad_clip and self.hparams.grad_clip > 0:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")

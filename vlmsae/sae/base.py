@@ -16,10 +16,14 @@ scale, this is the same as an SAE with b_enc/s, b_dec/s, threshold/s and unchang
 therefore coefficients of the unit-norm decoder rows in raw activation units.
 
 Loss terms (``loss()``) are in the scaled space, so ``recon / d_in`` is about 1 - FVE.
+
+Precision: ``loss``, ``encode``, ``encode_pre`` and ``decode`` run with autocast off and float32
+matmuls at full precision, on the dense and the sparse path alike (:mod:`vlmsae.sae.precision`).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -30,6 +34,19 @@ from torch import nn
 
 from vlmsae.sae.config import SAEConfig
 from vlmsae.sae.mechanics import auxk_loss, update_dead_latents_
+from vlmsae.sae.precision import fp32_region
+
+
+def _fp32_compute(method):
+    """Run an SAE entry point with autocast off and float32 matmuls at full precision (the precision
+    policy, vlmsae.sae.precision): selection and values never depend on the caller's autocast."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with fp32_region(self.W_enc.device):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -134,6 +151,9 @@ class SAE(nn.Module):
         # What the SAE reads (model, layer, tokens): set by training or load_sae, saved with the weights,
         # so steering and evaluation find the tapped layer without being told.
         self.source: dict[str, Any] = {}
+        # The Lightning trainer's precision setting (e.g. "bf16-mixed"), recorded in config.json next to the
+        # SAE's own policy (float32 inside, see vlmsae.sae.precision); set by the Lightning module or load_sae.
+        self.trainer_precision: str | None = None
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -198,6 +218,7 @@ class SAE(nn.Module):
         s = self.input_scale
         return self.b_enc / s, self.b_dec / s, self.threshold / s
 
+    @_fp32_compute
     def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations z [..., F] in raw units (z_scaled / input_scale)."""
         x = self.check_input(x, "encode_pre")
@@ -207,6 +228,7 @@ class SAE(nn.Module):
         b_enc, b_dec, _ = self._raw_biases()
         return torch.addmm(b_enc, x_BD - b_dec, self.W_enc.T)
 
+    @_fp32_compute
     def encode(self, x: torch.Tensor, sparse: bool = False) -> torch.Tensor:
         """Inference codes [..., F] (dense), or a coalesced sparse COO [B, F] when ``sparse=True`` (x must be 2-D)."""
         x = self.check_input(x, "encode", require_2d=sparse)
@@ -216,6 +238,7 @@ class SAE(nn.Module):
             return codes_BF.to_sparse_coo().coalesce()
         return codes_BF.reshape(*x.shape[:-1], self.n_latents)
 
+    @_fp32_compute
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """x_hat [..., D] in raw units from dense codes [..., F] or sparse COO codes [B, F]."""
         if not isinstance(codes, torch.Tensor):
@@ -261,6 +284,7 @@ class SAE(nn.Module):
         """State updates after a training batch (BatchTopK: the threshold EMA)."""
 
     # ------------------------------------------------------------------ loss
+    @_fp32_compute
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of one batch ``x`` [B, D] (raw units); only "loss" carries gradient.
 

@@ -2,8 +2,9 @@
 
 ``save_sae`` folds the input scale into a *copy* of the weights (the live module keeps training
 unchanged), so a saved SAE takes raw activations. ``config.json`` says what the SAE is (the full
-SAEConfig, group sizes, threshold, scale) and what it was trained on (``source``) and by which
-code (vlmsae version, git commit). ``load_sae`` rebuilds the module from those two files only.
+SAEConfig, group sizes, threshold, scale), its precision policy (``precision``, see
+:mod:`vlmsae.sae.precision`), what it was trained on (``source``) and by which code (vlmsae
+version, git commit). ``load_sae`` rebuilds the module from those two files only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from vlmsae.sae.base import SAE
 from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.precision import precision_record
 from vlmsae.utils.io import atomic_write, atomic_write_json
 
 WEIGHTS_FNAME = "sae.safetensors"
@@ -26,11 +28,15 @@ FORMAT_VERSION = 1
 _TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
-def save_sae(sae: SAE, dpath: str | Path, source: dict[str, Any] | None = None) -> Path:
+def save_sae(
+    sae: SAE, dpath: str | Path, source: dict[str, Any] | None = None, trainer_precision: str | None = None
+) -> Path:
     """Write ``dpath/sae.safetensors`` and ``dpath/config.json`` atomically; returns ``dpath``.
 
     ``source``: what the SAE was trained on, e.g. {"model": "clip_l14_336", "pretrained": "openai",
     "layer": 22, "tokens": "cls", "data": "/data/acts"}; defaults to ``sae.source``.
+    ``trainer_precision``: the trainer's precision setting, recorded under "precision" with the SAE's own
+    policy (vlmsae.sae.precision); defaults to ``sae.trainer_precision`` (set by the Lightning module).
     """
     from safetensors.torch import save_file
 
@@ -64,6 +70,7 @@ def save_sae(sae: SAE, dpath: str | Path, source: dict[str, Any] | None = None) 
         },
         "n_steps": int(sae.n_steps),
         "dtype": str(sae.W_dec.dtype).removeprefix("torch."),
+        "precision": precision_record(sae, sae.trainer_precision if trainer_precision is None else trainer_precision),
         "source": dict(source if source is not None else sae.source),
         "config": sae.cfg.to_dict(),
         "vlmsae_version": prov["vlmsae_version"],
@@ -138,4 +145,6 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
                 )
             target.copy_(tensors[name])
     sae.source = dict(info.get("source") or {})
+    precision = info.get("precision")
+    sae.trainer_precision = precision.get("trainer_precision") if isinstance(precision, dict) else None
     return sae.to(device).eval()

@@ -20,6 +20,7 @@ from vlmsae.sae.mechanics import (
     normalize_decoder_,
     set_input_scale_,
 )
+from vlmsae.sae.precision import fp32_region
 
 
 def default_lr(n_latents: int) -> float:
@@ -63,7 +64,8 @@ def train_steps(
                 group["lr"] = lr * min(1.0, (step + 1) / warmup_steps)
         out = sae.loss(x_BD)
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        with fp32_region(x_BD.device):  # backward at full float32 precision too (vlmsae.sae.precision)
+            out["loss"].backward()
         constrain_decoder_grad_(sae)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)

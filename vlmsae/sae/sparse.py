@@ -404,18 +404,22 @@ def selection_preacts(x_cent_BD: torch.Tensor, W_enc_FD: torch.Tensor, b_enc_F: 
     large are mmap'ed by the C allocator and page-faulted in on every step.  Reusing the buffer
     measured 374 -> 353 ms per TopK step on the 2-core build CPU (F = 8,192, B = 4,096).
     The result is overwritten by the next call with the same shape: use it within the step (the
-    sparse primitives never keep it).  Under autocast, or off the CPU, it is a plain ``addmm``.
+    sparse primitives never keep it).  Off the CPU it is a plain ``addmm``.
     ``release_selection_buffers()`` frees the memory.
+
+    Like the other primitives it computes in the operands' dtype, ignoring autocast: selection must
+    see the pre-activations the dense path sees (float32, see vlmsae.sae.precision).
     """
     device = x_cent_BD.device
-    if device.type != "cpu" or torch.is_autocast_enabled(device.type):
-        return torch.addmm(b_enc_F, x_cent_BD, W_enc_FD.T)
     dtype = torch.promote_types(x_cent_BD.dtype, W_enc_FD.dtype)
-    key = (x_cent_BD.shape[0], W_enc_FD.shape[0], dtype, str(device))
-    out_BF = _PREACT_BUFFERS.get(key)
-    if out_BF is None:
-        out_BF = _PREACT_BUFFERS[key] = torch.empty(key[:2], dtype=dtype, device=device)
-    return torch.addmm(b_enc_F.to(dtype), x_cent_BD.to(dtype), W_enc_FD.to(dtype).T, out=out_BF)
+    with _no_autocast(device):
+        if device.type != "cpu":
+            return torch.addmm(b_enc_F.to(dtype), x_cent_BD.to(dtype), W_enc_FD.to(dtype).T)
+        key = (x_cent_BD.shape[0], W_enc_FD.shape[0], dtype, str(device))
+        out_BF = _PREACT_BUFFERS.get(key)
+        if out_BF is None:
+            out_BF = _PREACT_BUFFERS[key] = torch.empty(key[:2], dtype=dtype, device=device)
+        return torch.addmm(b_enc_F.to(dtype), x_cent_BD.to(dtype), W_enc_FD.to(dtype).T, out=out_BF)
 
 
 def release_selection_buffers() -> None:
@@ -473,7 +477,9 @@ _CPU_MIN_LATENTS_PER_K = 8
 # gathers, a B x F top-k) and launches a few dozen small kernels, so the crossover sits at a much
 # larger F.  An estimate from bandwidth and FLOP rates (H100: 6 dense bf16 matmuls at F = 16k,
 # B = 4096, D = 1024 take ~1.5 ms, about what the sparse step's fixed costs do), NOT measured:
-# there is no GPU on the build machine; re-measure with `python -m vlmsae.bench` on one.
+# there is no GPU on the build machine; re-measure with `python -m vlmsae.bench` on one.  Since the
+# precision policy (vlmsae.sae.precision) the dense matmuls run in float32, not bf16, which moves the
+# crossover lower still; scripts/gpu_check_precision.py prints both paths' step times on a GPU.
 _GPU_MIN_LATENTS_PER_K = 512
 
 

@@ -1,0 +1,100 @@
+"""The SAE precision policy: float32 everywhere inside the SAE, whatever the trainer's precision.
+
+Policy (recorded in every checkpoint's ``config.json`` under ``"precision"``):
+
+* master weights and Adam state: float32 (the parameters' dtype); ``trainer.precision`` must be
+  ``32-true``: half-precision settings would cast the weights, and mixed ones (``bf16-mixed``) would
+  only wrap the step in an autocast the SAE turns off (and Lightning's mixed-precision plugins
+  refuse gradient clipping with the fused Adam), so both are refused before training;
+* selection: the top-k / batch-top-k choice and the BatchTopK threshold EMA read float32
+  pre-activations, so the selected latents depend neither on the trainer's precision nor on the
+  kernel (``sae.sparse_kernel`` dense | sparse | auto, chosen by size);
+* compute: every SAE forward (``loss``, ``encode``, ``decode``) runs in a region with autocast
+  off and float32 matmuls at torch's "highest" precision (no TF32), on the dense and the sparse
+  path alike; backward follows the forward's dtypes.
+
+Why nothing in bf16: selection needs the one full encoder matmul ``z = x @ W_enc.T`` in float32
+anyway, and on the sparse path everything after it is memory-bound gathers that gain little from
+bf16. Only the dense path's other matmuls (decoder forward, four in backward) could go faster in
+bf16, and running them so would make the two paths train different models. One rule, one result
+per config; the price is float32 matmul speed on GPUs for dense SAEs (scripts/gpu_check_precision.py
+measures it). The activations themselves may be stored in fp16/bf16: they are cast to float32 on entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from vlmsae.sae.base import SAE
+
+MASTER_DTYPE = torch.float32
+"""The dtype of the SAE parameters (and so of Adam's state) during training."""
+
+
+@contextlib.contextmanager
+def fp32_region(device: torch.device | str) -> Iterator[None]:
+    """Autocast off and float32 matmuls at "highest" precision for the enclosed SAE compute.
+
+    The matmul precision is a process-wide setting (``torch.set_float32_matmul_precision``; Lightning
+    suggests "high" = TF32 on tensor-core GPUs); it is restored on exit.
+    """
+    device_type = torch.device(device).type
+    autocast = (torch.autocast(device_type=device_type, enabled=False)
+                if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+    previous = torch.get_float32_matmul_precision()
+    with autocast:
+        if previous == "highest":
+            yield
+            return
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+
+
+def precision_record(sae: SAE, trainer_precision: str | None = None) -> dict[str, Any]:
+    """What ``config.json`` says about the SAE's precision (see the module docstring)."""
+    dtype = str(sae.W_dec.dtype).removeprefix("torch.")
+    return {
+        "master": dtype,
+        "selection": dtype,
+        "matmul": dtype,
+        "autocast": "off inside the SAE",
+        "float32_matmul_precision": "highest",
+        "trainer_precision": None if trainer_precision is None else str(trainer_precision),
+    }
+
+
+TRAINER_PRECISIONS = ("32-true", "32")
+"""The ``trainer.precision`` values SAE training accepts (Lightning's spellings of plain float32)."""
+
+
+def check_trainer_precision(precision: Any) -> str:
+    """``trainer.precision`` as a string, or a ValueError naming the value and the fix."""
+    value = str(precision)
+    if value not in TRAINER_PRECISIONS:
+        raise ValueError(
+            f"trainer.precision={value!r} is not supported for SAE training: the SAE keeps float32 weights and "
+            "computes in float32 whatever the trainer asks (so the selected latents never depend on precision, "
+            "see vlmsae.sae.precision); a mixed setting would change nothing but the label, a half one would cast "
+            "the weights. Use trainer.precision=32-true."
+        )
+    return value
+
+
+def check_master_weights(sae: SAE, trainer_precision: Any = None) -> None:
+    """Refuse training when the SAE's parameters are not float32 (e.g. ``trainer.precision=bf16-true``)."""
+    bad = {name: p.dtype for name, p in sae.named_parameters() if p.dtype != MASTER_DTYPE}
+    if bad:
+        name, dtype = next(iter(bad.items()))
+        raise ValueError(
+            f"the SAE parameter {name} is {dtype} (trainer.precision={trainer_precision!r}), but SAEs train with "
+            "float32 master weights and optimizer state (vlmsae.sae.precision); use trainer.precision=32-true and "
+            "keep the SAE in float32 (no .half() / .bfloat16())."
+        )
