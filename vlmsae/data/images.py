@@ -30,7 +30,7 @@ Decoding (:func:`load_image`, :func:`to_rgb`; every model input goes through the
 - 16-bit greyscale (``I;16``, ``I;16B``, ``I;16L``, and ``I`` holding values in 0..65535, as 16-bit
   PNG/TIFF open) is scaled to 8 bit by ``round(v / 257)`` (65535 -> 255), never clipped. ``I`` with
   values outside 0..65535 and 32-bit float ``F`` are stretched: ``F`` in [0, 1] is taken as
-  normalised (x 255), any other range is min-max stretched to 0..255 (NaN -> 0).
+  normalised (x 255), any other range is min-max stretched to 0..255 (NaN / inf -> 0).
 - Transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index or an RGBA palette, ``L`` /
   ``RGB`` with a ``transparency`` colour) is composited over opaque white, :data:`ALPHA_BACKGROUND`:
   transparent images are mostly logos, icons and cut-out objects made to be seen on a white page,
@@ -236,15 +236,16 @@ def _stretch_to_uint8(values: Any, mode: str) -> Any:
     import numpy as np
 
     x = np.asarray(values, dtype=np.float64)
-    x = np.where(np.isfinite(x), x, 0.0)
-    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    finite = np.isfinite(x)
+    x = np.where(finite, x, 0.0)
+    lo, hi = (float(x[finite].min()), float(x[finite].max())) if finite.any() else (0.0, 0.0)
     if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
         x = x / 257.0  # the nominal 16-bit range: 65535 -> 255, so dark images stay dark
     elif mode == "F" and lo >= 0 and hi <= 1:
         x = x * 255.0  # normalised floats
     elif hi > lo:
         x = (x - lo) / (hi - lo) * 255.0
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return np.where(finite, np.clip(np.rint(x), 0, 255), 0).astype(np.uint8)  # NaN / inf -> 0 (black)
 
 
 def to_rgb(img: Any, background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Any:
