@@ -33,7 +33,8 @@ def sorted_folder(tmp_path_factory):
     for c in range(N_CLASSES):
         (root / f"class{c:02d}").mkdir(parents=True)
         for i in range(PER_CLASS):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"class{c:02d}" / f"{i:02d}.png")
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c:02d}" / f"{i:02d}.png")
     return root
 
 

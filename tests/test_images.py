@@ -156,7 +156,8 @@ def test_order_seed_visits_a_permutation_pos_is_visit_order_index_is_listing(tmp
     assert [r.index for r in plain] == [r.pos for r in plain] == list(range(n))  # no seed: index == pos
     # start, max_images and the worker split count in the visiting order
     assert [r.index for r in iter_images("folder", root, order_seed=7, start=5, decode=False)] == order[5:].tolist()
-    assert [r.index for r in iter_images("folder", root, order_seed=7, max_images=4, decode=False)] == order[:4].tolist()
+    subset = iter_images("folder", root, order_seed=7, max_images=4, decode=False)
+    assert [r.index for r in subset] == order[:4].tolist()
     w0 = [r.index for r in iter_images("folder", root, order_seed=7, start=3, worker=(0, 2), decode=False)]
     w1 = [r.index for r in iter_images("folder", root, order_seed=7, start=3, worker=(1, 2), decode=False)]
     assert w0 == order[3::2].tolist() and w1 == order[4::2].tolist()

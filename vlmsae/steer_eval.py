@@ -52,8 +52,7 @@ def eval_images(spec: str, n_images: int | None, size: int, seed: int) -> tuple[
     """``white`` (one white image) | a folder of images | a text file listing image paths."""
     import random
 
-    from PIL import Image
-
+    from vlmsae.data.images import load_image
     from vlmsae.steering import white_image
 
     if spec == "white":
@@ -69,7 +68,7 @@ def eval_images(spec: str, n_images: int | None, size: int, seed: int) -> tuple[
         raise FileNotFoundError(f"images={spec!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     if n_images is not None and len(fpaths) > n_images:
         fpaths = sorted(random.Random(seed).sample(fpaths, n_images))  # a fixed random subset
-    return [Image.open(p).convert("RGB") for p in fpaths], [str(p) for p in fpaths]
+    return [load_image(p) for p in fpaths], [str(p) for p in fpaths]  # decoded as extraction does
 
 
 def load_class_names(fpath: str | None) -> dict[int, str] | None:
@@ -117,9 +116,9 @@ def _text_embed_fn(embedder: Any):
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
+    from vlmsae.data.images import load_image
     from vlmsae.metrics.topimages import TopImages
     from vlmsae.models.embedders import load_embedder
     from vlmsae.models.llava import load_llava_spec, vision_tower
@@ -145,7 +144,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     top = TopImages.load(str(cfg.top_images))
     top_paths, top_labels = _top_lists(top, latents, int(cfg.top_n))
     concepts_LE = concept_embeddings(
-        [[Image.open(p).convert("RGB") for p in paths] for paths in top_paths], embedder.embed
+        [[load_image(p) for p in paths] for paths in top_paths], embedder.embed
     )
 
     # Answers, not steered (once per image) and steered (once per latent x image).
