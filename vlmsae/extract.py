@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 class _ImageStream(torch.utils.data.IterableDataset):
-    """Decoded + preprocessed images in source order, one item per record (unreadable ones included).
+    """Decoded + preprocessed images in visiting order, one item per record (unreadable ones included).
 
     With W DataLoader workers, worker i handles positions ``start + i, start + i + W, ...``; the
     DataLoader takes one item from each worker in turn, so items come out in position order.
