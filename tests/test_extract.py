@@ -34,7 +34,7 @@ def _cfg(compose_cfg, root, *extra):
 def test_rows_equal_direct_forward_and_metadata(compose_cfg, image_root, tmp_path):
     from PIL import Image
 
-    from vlmsae.data.images import list_folder
+    from vlmsae.data.images import image_order, list_folder, order_digest
     from vlmsae.models import ModelSpec, load_tap
 
     cfg = _cfg(compose_cfg, image_root, "layer=1", "tokens=patches", "dtype=float32", "rows_per_shard=100",
@@ -45,23 +45,30 @@ def test_rows_equal_direct_forward_and_metadata(compose_cfg, image_root, tmp_pat
 
     tap = load_tap(ModelSpec.from_cfg(cfg.model))
     listing = list_folder(image_root)
-    want_acts, want_keys, want_pos, want_labels = [], [], [], []
-    for pos, (key, path, label) in enumerate(listing.items):
+    want_acts, want_keys, want_idx, want_labels = [], [], [], []
+    order = image_order(len(listing.items), 0)  # default order_seed=0: rows in the permuted visiting order
+    assert order.tolist() != list(range(len(listing.items)))
+    for index in order.tolist():
+        key, path, label = listing.items[index]
         if "corrupt" in key:
             continue
         acts = tap.forward_to(tap.preprocess(Image.open(path)).unsqueeze(0), 1)[0]
         want_acts.append(acts[1:])  # patches: every token but CLS
         want_keys += [key] * 16
-        want_pos += [pos] * 16
+        want_idx += [index] * 16  # image_idx: the listing index, whatever the visiting order
         want_labels += [label] * 16
     torch.testing.assert_close(got["acts"], torch.cat(want_acts), rtol=1e-5, atol=1e-5)
     assert got["keys"] == want_keys
-    assert got["image_idx"].tolist() == want_pos and got["label"].tolist() == want_labels
+    assert got["image_idx"].tolist() == want_idx and got["label"].tolist() == want_labels
+    assert [listing.items[i][0] for i in got["image_idx"].tolist()] == got["keys"]  # image_idx -> the row's image
+    assert manifest["order_seed"] == 0 and manifest["order_digest"] == order_digest(order)
+    assert "listing" in manifest["image_idx_meaning"] and manifest["exif_transpose"] is True
     assert got["token_idx"].tolist() == list(range(1, 17)) * 32
     assert summary["n_rows"] == manifest["n_rows"] == 32 * 16 and manifest["n_images"] == 32
     assert manifest["n_shards"] == len(list_shards(tmp_path / "out")) > 1
     assert manifest["n_skipped"] == 1 and manifest["skipped"][0]["key"] == "circle_blue/00000_corrupt.png"
-    assert manifest["skipped"][0]["error"]
+    assert manifest["skipped"][0]["error"] and manifest["skipped"][0]["reason"] == "not an image"
+    assert manifest["skipped_by_reason"] == {"not an image": 1}
     assert manifest["layer"] == 1 and manifest["tokens"] == "patches" and manifest["d"] == 64
     assert manifest["model"] == "tiny" and manifest["dtype"] == "float32" and manifest["classes"] == listing.classes
     x = got["acts"].double()
@@ -143,9 +150,14 @@ def test_list_and_wds_sources(compose_cfg, image_root, tmp_path):
     run(compose_cfg("extract", ["data=wds", f"data.root={tar_fpath}", *common, "data.num_workers=2"]),
         out_dpath=tmp_path / "wds")
     from_list, from_wds = read_rows(tmp_path / "list"), read_rows(tmp_path / "wds")
-    assert from_wds["keys"] == [f"sample{i:03d}" for i in range(6)]
-    assert from_list["label"].tolist() == from_wds["label"].tolist() == [label for *_, label in items]
-    torch.testing.assert_close(from_list["acts"], from_wds["acts"], rtol=1e-5, atol=1e-6)
+    assert from_wds["keys"] == [f"sample{i:03d}" for i in range(6)]  # one tar: nothing to permute
+    assert from_wds["image_idx"].tolist() == list(range(6))
+    # the list is visited in the order_seed permutation; image_idx (the list line) puts the rows back
+    back = from_list["image_idx"].argsort()
+    assert from_list["image_idx"].tolist() != list(range(6)) and from_list["image_idx"][back].tolist() == list(range(6))
+    assert [from_list["keys"][i] for i in back.tolist()] == [path for _, path, _ in items]  # the list lines
+    assert from_list["label"][back].tolist() == from_wds["label"].tolist() == [label for *_, label in items]
+    torch.testing.assert_close(from_list["acts"][back], from_wds["acts"], rtol=1e-5, atol=1e-6)
 
 
 def test_synthetic_tiny_data_default(compose_cfg, tmp_path, monkeypatch):

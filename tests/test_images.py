@@ -138,3 +138,40 @@ def test_synthetic_source_uses_cache(tmp_path, monkeypatch):
     records = list(iter_images("synthetic", None, synthetic={"n_per_class": 1, "size": 16, "seed": 0}))
     assert len(records) == 16 and records[0].image.size == (16, 16)
     assert ensure_concept_images(n_per_class=1, size=16, seed=0).parent == tmp_path / "home" / "data"
+
+
+def test_order_seed_visits_a_permutation_pos_is_visit_order_index_is_listing(tmp_path):
+    from vlmsae.data.images import image_order
+
+    root = make_concept_images(tmp_path / "c", n_per_class=2, size=16, seed=0)
+    listing = list_folder(root)
+    n = len(listing.items)
+    order = image_order(n, 7)
+    assert order.tolist() == np.random.default_rng(7).permutation(n).tolist() != list(range(n))
+    assert image_order(n, None).tolist() == list(range(n))
+    records = list(iter_images("folder", root, order_seed=7, decode=False))
+    assert [r.index for r in records] == order.tolist() and [r.pos for r in records] == list(range(n))
+    assert [(r.key, r.label) for r in records] == [listing.items[i][0::2] for i in order.tolist()]
+    plain = list(iter_images("folder", root, decode=False))
+    assert [r.index for r in plain] == [r.pos for r in plain] == list(range(n))  # no seed: index == pos
+    # start, max_images and the worker split count in the visiting order
+    assert [r.index for r in iter_images("folder", root, order_seed=7, start=5, decode=False)] == order[5:].tolist()
+    subset = iter_images("folder", root, order_seed=7, max_images=4, decode=False)
+    assert [r.index for r in subset] == order[:4].tolist()
+    w0 = [r.index for r in iter_images("folder", root, order_seed=7, start=3, worker=(0, 2), decode=False)]
+    w1 = [r.index for r in iter_images("folder", root, order_seed=7, start=3, worker=(1, 2), decode=False)]
+    assert w0 == order[3::2].tolist() and w1 == order[4::2].tolist()
+    decoded = next(iter(iter_images("folder", root, order_seed=7)))
+    assert decoded.index == order[0] and decoded.image.size == (16, 16)
+
+
+def test_order_seed_permutes_wds_tars_only(tmp_path):
+    from vlmsae.data.images import image_order
+
+    for t in range(4):
+        _write_wds(tmp_path / f"s-{t:06d}.tar", [(f"t{t}_{i}", {"png": _png_bytes(t), "cls": b"1"}) for i in range(2)])
+    tars = image_order(4, 2).tolist()
+    assert tars != [0, 1, 2, 3]
+    records = list(iter_images("wds", str(tmp_path / "s-{000000..000003}.tar"), order_seed=2))
+    assert [r.key for r in records] == [f"t{t}_{i}" for t in tars for i in range(2)]  # samples keep tar order
+    assert [r.pos for r in records] == [r.index for r in records] == list(range(8))

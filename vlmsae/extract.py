@@ -4,10 +4,23 @@ Runs images through a vision encoder up to block ``layer`` (SPEC 1; later blocks
 the rows ``tokens`` selects (cls | patches | all | random_k | mean), and writes them as an activation
 store (``acts-%06d.tar`` + ``manifest.json``, see :mod:`vlmsae.data.shards`) with ``run_info.json``.
 
+Row order: images are visited in the seeded permutation ``numpy.random.default_rng(order_seed)
+.permutation(n)`` of the source's listing (``order_seed``, default 0; ``order_seed=null`` keeps the
+listing order), so every shard and chunk is a uniform sample of the images. Folder listings are
+sorted by class, and the trainer shuffles rows only within a bounded buffer: without the permutation
+a training batch of an ImageNet store would hold a dozen classes. ``data.max_images=N`` keeps the
+first N images of that order, a uniform random subset. A ``wds`` source streams: only its tar order
+is permuted (samples inside a tar keep their order; shuffle the tars' contents when writing them).
+Each row's ``image_idx`` is the image's index in the listing (the stable image id, whatever the
+order), and ``keys.json`` its key. The manifest records ``order_seed``, ``order_digest`` and
+``image_idx_meaning``.
+
 Resumable: rerunning the same command in the same ``out`` continues after the last complete shard;
-the rows are exactly those of an uninterrupted run (batches start at the same image positions and
-``random_k`` draws from a generator seeded by ``seed`` and the batch's first image position).
-Unreadable images are skipped, counted and listed in the manifest.
+the rows are exactly those of an uninterrupted run (batches start at the same visiting positions,
+and ``random_k`` draws from a generator seeded by ``seed`` and the batch's first visiting position).
+A changed listing, ``order_seed`` or order is refused on resume. Unreadable images are skipped,
+counted by reason (``skipped_by_reason``) and listed in the manifest; decoding follows
+:mod:`vlmsae.data.images` (EXIF orientation, 16-bit, alpha over white, CMYK).
 """
 
 from __future__ import annotations
@@ -27,17 +40,18 @@ log = logging.getLogger(__name__)
 
 
 class _ImageStream(torch.utils.data.IterableDataset):
-    """Decoded + preprocessed images in source order, one item per record (unreadable ones included).
+    """Decoded + preprocessed images in visiting order, one item per record (unreadable ones included).
 
     With W DataLoader workers, worker i handles positions ``start + i, start + i + W, ...``; the
     DataLoader takes one item from each worker in turn, so items come out in position order.
     """
 
     def __init__(self, source: str, root: Any, start: int, max_images: int | None, preprocess: Any,
-                 synthetic: dict[str, Any] | None):
+                 synthetic: dict[str, Any] | None, order_seed: int | None = None, exif_transpose: bool = True):
         super().__init__()
         self.source, self.root, self.start, self.max_images = source, root, start, max_images
         self.preprocess, self.synthetic = preprocess, synthetic
+        self.order_seed, self.exif_transpose = order_seed, exif_transpose
 
     def __iter__(self):
         from vlmsae.data.images import iter_images
@@ -45,15 +59,16 @@ class _ImageStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
         for record in iter_images(self.source, self.root, start=self.start, max_images=self.max_images,
-                                  yield_skipped=True, worker=worker, synthetic=self.synthetic):
-            pixels, error = None, record.error
+                                  yield_skipped=True, worker=worker, synthetic=self.synthetic,
+                                  order_seed=self.order_seed, exif_transpose=self.exif_transpose):
+            pixels, error, reason = None, record.error, record.reason
             if record.image is not None:
                 try:
                     pixels = self.preprocess(record.image)
                 except Exception as err:  # a decodable but unusable image (e.g. zero-sized) is skipped too
-                    error = f"{type(err).__name__}: {err}"
-            yield {"pos": record.pos, "key": record.key, "path": record.path, "label": record.label,
-                   "pixels": pixels, "error": error}
+                    error, reason = f"{type(err).__name__}: {err}", "preprocess failed"
+            yield {"pos": record.pos, "index": record.index, "key": record.key, "path": record.path,
+                   "label": record.label, "pixels": pixels, "error": error, "reason": reason}
 
 
 def _identity(item: Any) -> Any:
@@ -69,7 +84,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Extract activations as ``cfg`` says into ``out_dpath`` (or ``cfg.out``, or Hydra's run dir)."""
     from tqdm.auto import tqdm
 
-    from vlmsae.data.images import SkipLog, list_source, synthetic_options
+    from vlmsae.data.images import SkipLog, expand_urls, image_order, list_source, order_digest, synthetic_options
     from vlmsae.data.shards import MANIFEST, ImageListDigest, ShardWriter, image_list_digest, read_manifest
     from vlmsae.models import TOKEN_CHOICES, ModelSpec, load_tap, select_tokens
     from vlmsae.utils.paths import run_dir
@@ -90,13 +105,25 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     if data.source not in ("folder", "list", "wds", "synthetic"):
         raise ValueError(f"extract reads images: data.source={data.source!r} must be folder, list, wds or synthetic.")
 
+    order_seed = cfg.get("order_seed", 0)
+    if order_seed is not None and (isinstance(order_seed, bool) or not isinstance(order_seed, int)):
+        raise ValueError(f"order_seed={order_seed!r} must be an integer (the image-order permutation's seed) or "
+                         "null (listing order).")
+    exif_transpose = bool(data.get("exif_transpose", True))
+    max_images = None if data.max_images is None else int(data.max_images)
     classes: list[str] = []
     total = listing_digest = None
     if data.source != "wds":  # wds streams; the other sources are listed up front (cheap, no decoding)
         listing = list_source(str(data.source), data.root, synthetic=synthetic)
-        items = listing.items if data.max_images is None else listing.items[: int(data.max_images)]
-        classes, total = listing.classes, len(items)
-        listing_digest = image_list_digest(key for key, _, _ in items)
+        order = image_order(len(listing.items), order_seed)[:max_images]  # max_images: a random subset
+        classes, total = listing.classes, len(order)
+        listing_digest = image_list_digest(key for key, _, _ in listing.items)
+        image_idx_meaning = ("the image's index in the sorted listing of data.source (0-based; keys.json has its key), "
+                             "not its position in the visiting order")
+    else:  # only the tars' order can be permuted
+        order = image_order(len(expand_urls(str(data.root))), order_seed) if data.root is not None else []
+        image_idx_meaning = ("the image's position in the streamed order (tars in the order_seed permutation, "
+                             "samples in tar order); keys.json has its __key__")
 
     tap = load_tap(spec)
     layer = tap.resolve_layer(cfg.layer)
@@ -109,10 +136,14 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         "local_path": spec.local_path, "layer": layer, "tokens": tokens,
         "k": int(cfg.k) if tokens == "random_k" else None, "seed": int(cfg.seed),
         "source": str(data.source), "root": None if data.root is None else str(data.root),
-        "synthetic": synthetic, "max_images": data.max_images, "batch_size": int(data.batch_size),
+        "synthetic": synthetic, "max_images": max_images, "batch_size": int(data.batch_size),
         "image_size": tap.image_size, "has_cls": tap.has_cls, "model_dtype": spec.dtype,
         "rows_per_shard": int(cfg.rows_per_shard),
         "listing_digest": listing_digest,  # a changed image folder is refused on resume, not silently mixed
+        # the visiting order: a changed seed or order is refused on resume too (positions would mean other images)
+        "order_seed": order_seed, "order_unit": "shard" if data.source == "wds" else "image",
+        "order_digest": order_digest(order), "image_idx_meaning": image_idx_meaning,
+        "exif_transpose": exif_transpose, "alpha_background": "white",
     }
     writer = ShardWriter(out_dpath, d=d, dtype=dtype, rows_per_chunk=int(cfg.rows_per_chunk),
                          rows_per_shard=int(cfg.rows_per_shard), meta=meta)
@@ -130,7 +161,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     digest = ImageListDigest.from_state(state["digest"])
     skipped = SkipLog(list(state["skipped"]))
     n_images = int(state["n_images"])
-    stream = _ImageStream(str(data.source), data.root, state["next_pos"], data.max_images, tap.preprocess, synthetic)
+    stream = _ImageStream(str(data.source), data.root, state["next_pos"], max_images, tap.preprocess, synthetic,
+                          order_seed=order_seed, exif_transpose=exif_transpose)
     num_workers = int(data.num_workers)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_identity,
                                          prefetch_factor=4 if num_workers else None)
@@ -150,10 +182,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         acts = tap.forward_to(x_BCHW, layer)
         generator = _batch_generator(seed, batch[0]["pos"]) if tokens == "random_k" else None
         rows_ND, token_idx_N, in_batch_N = select_tokens(acts, tokens, k=k, generator=generator, has_cls=tap.has_cls)
-        pos_B = torch.tensor([item["pos"] for item in batch], dtype=torch.long)
+        index_B = torch.tensor([item["index"] for item in batch], dtype=torch.long)  # image_idx: the listing index
         label_B = torch.tensor([item["label"] for item in batch], dtype=torch.long)
         keys = [batch[i]["key"] for i in in_batch_N.tolist()]
-        writer.add(rows_ND, token_idx_N, pos_B[in_batch_N], label_B[in_batch_N], keys)
+        writer.add(rows_ND, token_idx_N, index_B[in_batch_N], label_B[in_batch_N], keys)
 
     with tqdm(total=total, initial=next_pos, unit="img", desc=f"extract {spec.name} L{layer} {tokens}",
               disable=not cfg.get("progress", True), dynamic_ncols=True, mininterval=1.0) as bar:
@@ -162,7 +194,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
             digest.update(item["key"])
             bar.update(1)
             if item["pixels"] is None:
-                skipped.add(item["key"], item["path"], item["error"] or "unreadable")
+                skipped.add(item["key"], item["path"], item["error"] or "unreadable", item["reason"] or "other")
                 log.warning("skipped unreadable image %s: %s", item["key"], item["error"])
                 continue
             batch.append(item)
@@ -181,7 +213,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError(f"No readable images in data.source={data.source} data.root={data.root} "
                          f"({len(skipped)} skipped).")
     manifest = writer.write_manifest(
-        n_images=n_images, n_listed=next_pos, n_skipped=len(skipped), skipped=skipped.to_list(),
+        n_images=n_images, n_listed=next_pos, n_skipped=len(skipped), skipped_by_reason=skipped.by_reason(),
+        skipped=skipped.to_list(),
         image_list_digest=digest.hexdigest(), classes=classes, n_tokens_per_image=tap.n_tokens,
         embed_dim=tap.embed_dim, width=tap.width, n_layers=tap.n_layers, complete=True,
     )

@@ -26,6 +26,7 @@ def load_images(spec: Any, size: int) -> tuple[list[Any], list[str]]:
     """``white`` | ``skimage:<name>`` | a path | a list of those -> (RGB PIL images, their names)."""
     from PIL import Image
 
+    from vlmsae.data.images import load_image
     from vlmsae.steering import white_image
 
     items = list(spec) if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec) else [spec]
@@ -45,7 +46,7 @@ def load_images(spec: Any, size: int) -> tuple[list[Any], list[str]]:
             fpath = Path(item).expanduser()
             if not fpath.is_file():
                 raise FileNotFoundError(f"image={item!r} is not a file: pass an image path, `white` or `skimage:<name>`.")
-            images.append(Image.open(fpath).convert("RGB"))
+            images.append(load_image(fpath))  # EXIF, 16-bit, alpha: as extraction decodes
         names.append(item)
     return images, names
 

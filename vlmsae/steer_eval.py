@@ -49,11 +49,10 @@ def latent_list(spec: Any) -> list[int]:
 
 
 def open_image(path: str | Path) -> Any:
-    """Decode one image file to an RGB PIL image (the file handle is closed on return)."""
-    from PIL import Image
+    """Decode one image file to 8-bit RGB as extraction does (:func:`vlmsae.data.images.load_image`)."""
+    from vlmsae.data.images import load_image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return load_image(path)
 
 
 def latent_concepts(top: Any, latents: Sequence[int], top_n: int, embed_images: Any) -> tuple[Any, list, list]:
@@ -138,6 +137,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
+    from vlmsae.data.images import load_image
     from vlmsae.metrics.topimages import TopImages
     from vlmsae.models.embedders import load_embedder
     from vlmsae.models.llava import load_llava_spec, vision_tower

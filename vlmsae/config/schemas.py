@@ -66,7 +66,8 @@ class DataSchema:
     num_workers: int = 2
     shuffle_buffer: int = 16384  # rows held for shuffling when streaming shards
     val_fraction: float = 0.01  # held-out shards/rows for validation
-    max_images: Optional[int] = None  # cap, for quick looks
+    max_images: Optional[int] = None  # cap, for quick looks (extract: a random subset, see order_seed)
+    exif_transpose: bool = True  # decode images in their EXIF orientation (vlmsae.data.images)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -1,10 +1,16 @@
 """Image sources: ImageFolder trees (iNaturalist 2021 included), WebDataset shards, list files, synthetic.
 
-``iter_images(source, root)`` yields :class:`ImageRecord` in a fixed order; ``pos`` numbers every
-record of the source (unreadable ones included), so a store's ``image_idx`` stays the same image
-even when some files are corrupt, and a resumed extraction can skip ``start`` records without
-decoding them. Unreadable images never stop a run: they are skipped and recorded in a
-:class:`SkipLog` (and in the activation manifest).
+``iter_images(source, root)`` yields :class:`ImageRecord` in a fixed order. ``index`` is the image's
+position in the source's listing (sorted folder walk / list-file order / tar order): the stable image
+id. ``pos`` numbers the records in the order they are *visited* (unreadable ones included); it is
+what ``start`` (resume), ``max_images`` and the ``worker`` split count. Without ``order_seed`` the
+two are equal. With ``order_seed`` a folder / list / synthetic source is visited in the order
+``numpy.random.default_rng(order_seed).permutation(n)`` of its listing (:func:`image_order`), so
+any stretch of the stream is a uniform sample of the images instead of a few classes, and
+``max_images=N`` is a uniform random subset (the first N of that order). A ``wds`` source streams
+and cannot be permuted globally: ``order_seed`` shuffles the order of its tar files only (samples
+inside a tar keep their order), and ``index == pos``. Unreadable images never stop a run: they are
+skipped and recorded in a :class:`SkipLog` with a stable reason name (:data:`SKIP_REASONS`).
 
 - ``folder``: class sub-folders -> labels 0..C-1 in sorted order (``classes``); the class names are
   kept whole, e.g. iNat 2021's ``00000_Animalia_Annelida_Clitellata_..._terrestris``. A folder
@@ -15,6 +21,26 @@ decoding them. Unreadable images never stop a run: they are skipped and recorded
   separated by ``::``); the image is the jpg/jpeg/png/webp member, the label ``cls`` or ``json``
   (``label``/``cls`` field). Keys are the samples' ``__key__``.
 - ``synthetic``: planted-concept images (:mod:`vlmsae.data.concepts`) written once to a cache folder.
+
+Decoding (:func:`load_image`, :func:`to_rgb`; every model input goes through them) gives 8-bit RGB:
+
+- EXIF orientation is applied (``exif_transpose=True``, the default): the pixels are those a viewer,
+  a browser and the HTML report show, and what a human labeller saw. ``data.exif_transpose=false``
+  keeps the stored pixel grid (what a bare ``PIL.Image.open`` gives, e.g. to match another tool).
+- 16-bit greyscale (``I;16``, ``I;16B``, ``I;16L``, and ``I`` holding values in 0..65535, as 16-bit
+  PNG/TIFF open) is scaled to 8 bit by ``round(v / 257)`` (65535 -> 255), never clipped. ``I`` with
+  values outside 0..65535 and 32-bit float ``F`` are stretched: ``F`` in [0, 1] is taken as
+  normalised (x 255), any other range is min-max stretched to 0..255 (NaN / inf -> 0).
+- Transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index or an RGBA palette, ``L`` /
+  ``RGB`` with a ``transparency`` colour) is composited over opaque white, :data:`ALPHA_BACKGROUND`:
+  transparent images are mostly logos, icons and cut-out objects made to be seen on a white page,
+  white is what the report's thumbnails show, and a fixed colour never exposes whatever RGB happens
+  to sit under alpha 0 (often black, or an arbitrary palette entry), which a bare ``convert("RGB")``
+  would feed the model.
+- ``CMYK`` goes through its embedded ICC profile to sRGB when it has one, else through the naive
+  ``(1 - C)(1 - K)`` formula (Pillow's; Adobe's inverted JPEG CMYK is undone by the decoder).
+- Everything else (``L``, ``1``, ``P``, ``YCbCr``, ...) is Pillow's ``convert("RGB")``; a mode it cannot
+  convert is skipped as ``unsupported mode``.
 """
 
 from __future__ import annotations
@@ -30,11 +56,29 @@ from typing import Any
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SOURCES = ("folder", "list", "wds", "synthetic")
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over opaque white (module docstring)
+# Why an image was skipped: stable names, counted in a store's manifest (``skipped_by_reason``).
+SKIP_REASONS = (
+    "missing file",       # the listed path does not exist
+    "unreadable file",    # it exists but cannot be read (permissions, a folder, an I/O error)
+    "not an image",       # no image format recognises the bytes (e.g. a text file named .jpg)
+    "truncated",          # the file ends before the image data does
+    "corrupt",            # the decoder failed on the data (broken stream, bad header)
+    "too large",          # over Pillow's decompression-bomb limit
+    "unsupported mode",   # decoded, but its pixel mode has no conversion to RGB
+    "no image member",    # a WebDataset sample without a jpg/jpeg/png/webp member
+    "preprocess failed",  # decoded, but the model's preprocessing refused it (e.g. zero-sized)
+    "other",
+)
 
 
 @dataclass
 class ImageRecord:
-    """One image of a source. ``image`` is None (and ``error`` set) for an unreadable one."""
+    """One image of a source. ``image`` is None (and ``error``, ``reason`` set) for an unreadable one.
+
+    ``pos``: position in the visiting order; ``index``: position in the source's listing (the stable
+    image id; equal to ``pos`` without ``order_seed``). See the module docstring.
+    """
 
     key: str
     path: str | None
@@ -42,22 +86,79 @@ class ImageRecord:
     image: Any  # PIL.Image.Image (RGB) or None
     pos: int = 0
     error: str | None = None
+    index: int = 0
+    reason: str | None = None  # one of SKIP_REASONS when image is None because it could not be read
 
 
 @dataclass
 class SkipLog:
-    """Images that could not be read: key, path and the error, in order."""
+    """Images that could not be read: key, path, the error and its reason (:data:`SKIP_REASONS`), in order."""
 
     entries: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, key: str, path: str | None, error: str) -> None:
-        self.entries.append({"key": key, "path": path, "error": error})
+    def add(self, key: str, path: str | None, error: str, reason: str = "other") -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"Unknown skip reason {reason!r}: use one of {list(SKIP_REASONS)}.")
+        self.entries.append({"key": key, "path": path, "error": error, "reason": reason})
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def to_list(self) -> list[dict[str, Any]]:
         return list(self.entries)
+
+    def by_reason(self) -> dict[str, int]:
+        """``{reason: count}`` in :data:`SKIP_REASONS` order, reasons that occurred only."""
+        from collections import Counter
+
+        counts = Counter(entry.get("reason") or "other" for entry in self.entries)  # pre-reason entries: other
+        return {reason: counts[reason] for reason in SKIP_REASONS if counts[reason]}
+
+
+def skip_reason(err: BaseException) -> str:
+    """The :data:`SKIP_REASONS` name of an exception raised while reading or decoding an image."""
+    import struct
+    import zlib
+
+    from PIL import Image, UnidentifiedImageError
+
+    message = str(err).lower()
+    if isinstance(err, FileNotFoundError):
+        return "missing file"
+    if isinstance(err, UnidentifiedImageError):  # before OSError: it is one
+        return "not an image"
+    if isinstance(err, Image.DecompressionBombError):
+        return "too large"
+    if isinstance(err, EOFError) or "truncated" in message:
+        return "truncated"
+    if isinstance(err, (PermissionError, IsADirectoryError, NotADirectoryError)):
+        return "unreadable file"
+    if isinstance(err, (OSError, SyntaxError, struct.error, zlib.error)):
+        return "corrupt"
+    if isinstance(err, ValueError) and ("mode" in message or "conversion" in message):
+        return "unsupported mode"
+    return "other"
+
+
+def image_order(n: int, order_seed: int | None) -> Any:
+    """The listing indices ``0..n-1`` in visiting order (numpy int64 array).
+
+    ``numpy.random.default_rng(order_seed).permutation(n)``; ``0..n-1`` when ``order_seed`` is None.
+    """
+    import numpy as np
+
+    if order_seed is None:
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng(int(order_seed)).permutation(n).astype(np.int64)
+
+
+def order_digest(order: Any) -> str:
+    """sha256 of a visiting order (the listing indices as little-endian int64), to pin it on resume."""
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(b"vlmsae-order-v1" + np.asarray(order, dtype="<i8").tobytes()).hexdigest()
 
 
 @dataclass
@@ -122,12 +223,74 @@ def expand_urls(root: str) -> list[str]:
     return urls
 
 
-def _decode(data_or_path: Any):
+def _has_alpha(img: Any) -> bool:
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        return True
+    if img.info.get("transparency") is not None:  # P: a transparent index; L / RGB: a transparent colour
+        return True
+    return img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
+
+
+def _stretch_to_uint8(values: Any, mode: str) -> Any:
+    """8-bit levels of a 16/32-bit int or float image (rules in the module docstring)."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(x)
+    x = np.where(finite, x, 0.0)
+    lo, hi = (float(x[finite].min()), float(x[finite].max())) if finite.any() else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+        x = x / 257.0  # the nominal 16-bit range: 65535 -> 255, so dark images stay dark
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        x = x * 255.0  # normalised floats
+    elif hi > lo:
+        x = (x - lo) / (hi - lo) * 255.0
+    return np.where(finite, np.clip(np.rint(x), 0, 255), 0).astype(np.uint8)  # NaN / inf -> 0 (black)
+
+
+def to_rgb(img: Any, background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Any:
+    """A new 8-bit RGB ``PIL.Image`` from a decoded image of any mode (rules in the module docstring)."""
     from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # Pillow's convert("RGB") clips these to 0..255: a 16-bit photo comes out all white
+        import numpy as np
+
+        return Image.fromarray(_stretch_to_uint8(np.asarray(img), mode), mode="L").convert("RGB")
+    if _has_alpha(img):
+        rgba = img.convert("RGBA")
+        backdrop = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(backdrop, rgba).convert("RGB")
+    if mode == "CMYK" and img.info.get("icc_profile"):
+        from PIL import ImageCms
+
+        try:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+            return ImageCms.profileToProfile(img, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # an unusable profile: the naive conversion below is still a faithful approximation
+    return img.convert("RGB")
+
+
+def load_image(data_or_path: Any, exif_transpose: bool = True) -> Any:
+    """Decode a file path or encoded bytes to 8-bit RGB (module docstring: EXIF, 16-bit, alpha, CMYK).
+
+    Raises on an unreadable file (:func:`skip_reason` names why). Use it wherever an image is decoded
+    for a model, so every tool sees the same pixels as extraction.
+    """
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path) as img:
         img.load()
-        return img.convert("RGB")
+        out = img
+        if exif_transpose:
+            try:
+                out = ImageOps.exif_transpose(img)
+            except Exception:  # noqa: BLE001  a malformed EXIF block: keep the stored pixels rather than drop the image
+                out = img
+        return to_rgb(out)
+
 
 
 def _wds_label(sample: dict[str, bytes]) -> int:
@@ -141,9 +304,9 @@ def _wds_label(sample: dict[str, bytes]) -> int:
     return -1
 
 
-def _iter_wds_samples(root: str) -> Iterator[tuple[str, dict[str, bytes], str]]:
-    """``(key, {ext: bytes}, tar path)`` for each sample of the tars, in order."""
-    for url in expand_urls(root):
+def _iter_wds_samples(root: str, urls: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes], str]]:
+    """``(key, {ext: bytes}, tar path)`` for each sample of the tars (``urls``, default all of ``root``), in order."""
+    for url in expand_urls(root) if urls is None else urls:
         if not Path(url).exists():
             raise FileNotFoundError(f"WebDataset shard {url} not found (data.root={root}).")
         current_key, sample = None, {}
@@ -174,13 +337,19 @@ def iter_images(
     yield_skipped: bool = False,
     worker: tuple[int, int] = (0, 1),
     synthetic: dict[str, Any] | None = None,
+    order_seed: int | None = None,
+    exif_transpose: bool = True,
 ) -> Iterator[ImageRecord]:
-    """Yield the images of a source in order (see the module docstring for the sources).
+    """Yield the images of a source in visiting order (see the module docstring for sources and order).
 
-    ``start``: skip the first ``start`` records without decoding (resume). ``max_images``: stop at
-    position ``max_images``. ``worker=(i, n)``: decode only positions ``(pos - start) % n == i``
-    (DataLoader workers; taking one record from each worker in turn restores the order). Unreadable images go to ``skip_log`` and are yielded with ``image=None`` only if
-    ``yield_skipped``. ``synthetic``: options of :func:`vlmsae.data.concepts.ensure_concept_images`.
+    ``order_seed``: visit a folder / list / synthetic source in the permutation
+    :func:`image_order` gives (a wds source: its tars in that order); None = listing order.
+    ``start``: skip the first ``start`` records of the visiting order without decoding (resume).
+    ``max_images``: stop at position ``max_images`` (with ``order_seed``: a uniform random subset).
+    ``worker=(i, n)``: decode only positions ``(pos - start) % n == i`` (DataLoader workers; taking
+    one record from each worker in turn restores the order). Unreadable images go to ``skip_log`` and
+    are yielded with ``image=None`` only if ``yield_skipped``. ``exif_transpose``: see :func:`load_image`.
+    ``synthetic``: options of :func:`vlmsae.data.concepts.ensure_concept_images`.
     """
     if source not in SOURCES:
         raise ValueError(f"Unknown image source {source!r}: use one of {list(SOURCES)}.")
@@ -190,21 +359,24 @@ def iter_images(
         # offsets from ``start`` so that worker 0 always holds the first record: round-robin keeps order
         return pos >= start and (pos - start) % n_workers == wid
 
-    def finish(key: str, path: str | None, label: int, payload: Any, pos: int) -> ImageRecord | None:
+    def finish(key: str, path: str | None, label: int, payload: Any, pos: int, index: int) -> ImageRecord | None:
         if not decode:
-            return ImageRecord(key, path, label, None, pos)
+            return ImageRecord(key, path, label, None, pos, index=index)
         try:
-            return ImageRecord(key, path, label, _decode(payload), pos)
+            return ImageRecord(key, path, label, load_image(payload, exif_transpose), pos, index=index)
         except Exception as err:  # any unreadable file is skipped, never fatal
-            message = f"{type(err).__name__}: {err}"
+            message, reason = f"{type(err).__name__}: {err}", skip_reason(err)
             if skip_log is not None:
-                skip_log.add(key, path, message)
-            return ImageRecord(key, path, label, None, pos, error=message) if yield_skipped else None
+                skip_log.add(key, path, message, reason)
+            return ImageRecord(key, path, label, None, pos, error=message, index=index,
+                               reason=reason) if yield_skipped else None
 
     if source == "wds":
         if root is None:
             raise ValueError("data=wds needs data.root=<tar path or brace pattern>.")
-        for pos, (key, sample, url) in enumerate(_iter_wds_samples(str(root))):
+        urls = expand_urls(str(root))
+        urls = [urls[i] for i in image_order(len(urls), order_seed).tolist()]
+        for pos, (key, sample, url) in enumerate(_iter_wds_samples(str(root), urls)):
             if max_images is not None and pos >= max_images:
                 return
             if not wanted(pos):
@@ -217,21 +389,24 @@ def iter_images(
             if image_ext is None:
                 message = f"no image member ({'/'.join(WDS_IMAGE_EXTS)}) in sample, found {sorted(sample)}"
                 if skip_log is not None:
-                    skip_log.add(key, url, message)
+                    skip_log.add(key, url, message, "no image member")
                 if yield_skipped:
-                    yield ImageRecord(key, url, label, None, pos, error=message)
+                    yield ImageRecord(key, url, label, None, pos, error=message, index=pos, reason="no image member")
                 continue
-            record = finish(key, url, label, sample[image_ext], pos)
+            record = finish(key, url, label, sample[image_ext], pos, pos)
             if record is not None:
                 yield record
         return
 
     listing = list_source(source, root, synthetic=synthetic)
-    items = listing.items if max_images is None else listing.items[:max_images]
-    for pos, (key, path, label) in enumerate(items):
+    order = image_order(len(listing.items), order_seed)
+    if max_images is not None:
+        order = order[:max_images]
+    for pos, index in enumerate(order.tolist()):
         if not wanted(pos):
             continue
-        record = finish(key, path, label, path, pos)
+        key, path, label = listing.items[index]
+        record = finish(key, path, label, path, pos, index)
         if record is not None:
             yield record
 

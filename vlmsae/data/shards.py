@@ -165,6 +165,11 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ShardWriter:
     """Buffers activation rows and writes them as whole shards, resuming a previous run in the same folder.
 
@@ -199,9 +204,11 @@ class ShardWriter:
             if progress["meta"] != self.meta:
                 changed = sorted(k for k in set(progress["meta"]) | set(self.meta)
                                  if progress["meta"].get(k) != self.meta.get(k))
+                detail = "; ".join(f"{k}: was {_short(progress['meta'].get(k))}, now {_short(self.meta.get(k))}"
+                                   for k in changed)
                 raise ValueError(
-                    f"{self.dpath} holds a different extraction (settings differ in {changed}): resume only with "
-                    "the same command, or choose a new out=<dir>."
+                    f"{self.dpath} holds a different extraction (settings differ in {changed}: {detail}): resume "
+                    "only with the same command and the same images, or choose a new out=<dir>."
                 )
             self.n_shards, self.n_rows, self.n_chunks = progress["n_shards"], progress["n_rows"], progress["n_chunks"]
             self.stats = RunningStats.from_state(progress["stats"])

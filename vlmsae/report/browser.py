@@ -299,9 +299,10 @@ def write_thumbnail(src_fpath: str | Path, dst_fpath: Path, size_px: int) -> boo
     """Save a ``size_px`` square JPEG thumbnail; False (and no file) when the image cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
+    from vlmsae.data.images import load_image  # the pixels the model saw (EXIF, 16-bit, alpha rules)
+
     try:
-        with Image.open(src_fpath) as img:
-            thumb = square_crop(img.convert("RGB")).resize((size_px, size_px), Image.Resampling.BICUBIC)
+        thumb = square_crop(load_image(src_fpath)).resize((size_px, size_px), Image.Resampling.BICUBIC)
     except (OSError, UnidentifiedImageError, ValueError):
         return False
     tmp = dst_fpath.with_name(f".{dst_fpath.name}.tmp")
@@ -371,8 +372,9 @@ def recompute_heatmaps(
     except Exception as e:  # noqa: BLE001 - any failure to load means: no heatmaps, say why
         return {}, f"could not load the model or SAE ({type(e).__name__}: {e})"
 
-    from PIL import Image
     from tqdm import tqdm
+
+    from vlmsae.data.images import load_image
 
     out: dict[tuple[int, int], list[float]] = {}
     todo = [i for i in sorted(requests) if i < len(image_paths) and image_paths[i]]
@@ -381,8 +383,7 @@ def recompute_heatmaps(
             batch, pixels = [], []
             for image_idx in todo[i0 : i0 + batch_size]:
                 try:
-                    with Image.open(image_paths[image_idx]) as img:
-                        pixels.append(tap.preprocess(img.convert("RGB")))
+                    pixels.append(tap.preprocess(load_image(image_paths[image_idx])))  # decoded as when ranked
                     batch.append(image_idx)
                 except OSError:
                     continue  # unreadable now: its card simply shows no heatmap
