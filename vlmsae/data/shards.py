@@ -387,7 +387,8 @@ def image_holdout(image_idx_R: torch.Tensor, period: int) -> torch.Tensor:
     return image_idx_R % int(period) == 0
 
 
-def chunk_row_counts(fpath: str | Path, d: int | None = None, holdout_period: int | None = None) -> list[tuple[int, int, int]]:
+def chunk_row_counts(fpath: str | Path, d: int | None = None,
+                     holdout_period: int | None = None) -> list[tuple[int, int, int]]:
     """``(chunk_index, n_rows, n_held_out)`` of every chunk of a local shard, in file order, from headers.
 
     Reads the tar headers and each chunk's safetensors header (the tensor shapes); with
@@ -402,7 +403,7 @@ def chunk_row_counts(fpath: str | Path, d: int | None = None, holdout_period: in
         for key, parts in members.items():
             member = parts.get("acts.safetensors")
             if member is None:
-                raise ValueError(f"{fpath}: chunk {key} has no acts.safetensors member (the shard is damaged).")
+                raise ValueError(f"{fpath}: chunk {int(key)} has no acts.safetensors member (the shard is damaged).")
             try:
                 fh.seek(member.offset_data)
                 n_header = int.from_bytes(fh.read(8), "little")
@@ -411,10 +412,10 @@ def chunk_row_counts(fpath: str | Path, d: int | None = None, holdout_period: in
                 header = json.loads(fh.read(n_header))
                 shape = header["acts"]["shape"]
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{fpath}: chunk {key} is corrupt (unreadable safetensors header: {err}); re-copy "
-                                 "the shard or re-run `python -m vlmsae.extract`") from err
+                raise ValueError(f"{fpath}: chunk {int(key)} is corrupt (unreadable safetensors header: {err}); "
+                                 "re-copy the shard or re-run `python -m vlmsae.extract`") from err
             if d is not None and (len(shape) != 2 or int(shape[1]) != int(d)):
-                raise ValueError(f"{fpath}: chunk {key} has rows of shape {shape} but the store's manifest says "
+                raise ValueError(f"{fpath}: chunk {int(key)} has rows of shape {shape} but the store's manifest says "
                                  f"d={d}: the store mixes extractions; re-extract it into a fresh folder")
             n_rows, n_held = int(shape[0]), 0
             if holdout_period is not None:
@@ -441,7 +442,8 @@ def _iter_streamed_chunks(url: str, want: Callable[[int], bool], with_keys: bool
             if "acts.safetensors" in sample and "keys.json" in sample:
                 del pending[key]
                 if want(int(key)):
-                    yield _decode_chunk(key, sample["acts.safetensors"], sample["keys.json"] if with_keys else None, where=url)
+                    keys_json = sample["keys.json"] if with_keys else None
+                    yield _decode_chunk(key, sample["acts.safetensors"], keys_json, where=url)
     if pending:
         raise ValueError(f"{url}: incomplete chunk(s) {sorted(pending)} (each needs acts.safetensors and keys.json).")
 

@@ -154,8 +154,13 @@ class ActsDataModule(L.LightningDataModule):
         self.rank, self.world_size = 0, 1
         self._plan_split()
         # per-chunk row counts (and held-out rows) from headers: the resume seek and the size checks use them
+        import time
+
         period = self.train_keep[1] if self.train_keep[0] != "all" else None
+        t0 = time.perf_counter()
         self.chunk_rows = build_chunk_index(self.shard_fpaths, holdout_period=period, d=self.d)
+        log.info("indexed %d shards of %s in %.1f s (headers only)", len(self.shard_fpaths), self.acts_dpath,
+                 time.perf_counter() - t0)
 
     def _plan_split(self) -> None:
         n_shards = len(self.shard_fpaths)
@@ -335,7 +340,8 @@ class _ImageRowsStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         worker = (worker + self.skip_batches) % n_workers  # round-robin order after a skip (see ShardRowStream)
-        buffer = RowShuffleBuffer(self.shuffle_buffer, self.batch_size, np.random.default_rng([self.seed, self.rank, worker]))
+        rng = np.random.default_rng([self.seed, self.rank, worker])
+        buffer = RowShuffleBuffer(self.shuffle_buffer, self.batch_size, rng)
         to_skip = len(range(worker, self.skip_batches, n_workers))
         epoch = 0
         while self.n_epochs is None or epoch < self.n_epochs:

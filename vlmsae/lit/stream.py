@@ -285,9 +285,9 @@ class ShardRowStream(IterableDataset):
 
     def _starved(self, epoch: int, worker: int, n_workers: int) -> str:
         n_rows = sum(n for _, _, n in self.plan(epoch, worker, n_workers))
-        return (f"worker {worker} of {n_workers} on rank {self.rank} gets {n_rows} rows per epoch, fewer than one batch "
-                f"of {self.batch_size}, epoch after epoch: use fewer data.num_workers, a smaller data.batch_size, "
-                "or a larger store")
+        return (f"worker {worker} of {n_workers} on rank {self.rank} gets {n_rows} rows per epoch, fewer than one "
+                f"batch of {self.batch_size}, epoch after epoch: use fewer data.num_workers, a smaller "
+                "data.batch_size, or a larger store")
 
     # ------------------------------------------------------------------------- reading
     def _filter(self, chunk: dict) -> torch.Tensor:
