@@ -173,7 +173,7 @@ class _RowReader:
             self.rest.append(block)
             self.n_rest += block.shape[0]
         rows = self.rest[0] if len(self.rest) == 1 else torch.cat(self.rest)
-        self.rest = [rows[n:]] if rows.shape[0] > n else []
+        self.rest = [rows[n:].clone()] if rows.shape[0] > n else []  # < one chunk; frees the window
         self.n_rest = rows.shape[0] - n
         return rows[:n]
 
