@@ -328,24 +328,49 @@ def iter_chunks(shard_fpaths: Iterable[str | Path], want: Callable[[int], bool] 
             yield from _iter_streamed_chunks(str(fpath), want, with_keys)
 
 
-def _decode_chunk(key: str, blob: bytes, keys_json: bytes | None) -> dict[str, Any]:
+def _decode_chunk(key: str, blob: bytes, keys_json: bytes | None, where: str = "") -> dict[str, Any]:
     from safetensors.torch import load
 
-    chunk: dict[str, Any] = load(blob)
-    if keys_json is not None:
-        chunk["keys"] = json.loads(keys_json)
+    try:
+        chunk: dict[str, Any] = load(blob)
+        if keys_json is not None:
+            chunk["keys"] = json.loads(keys_json)
+    except Exception as err:  # safetensors raises its own error types; name the shard so it can be re-extracted
+        raise ValueError(f"{where}: chunk {key} is corrupt ({type(err).__name__}: {err}); the shard is damaged: "
+                         "delete the store and re-run `python -m vlmsae.extract` (or restore the file)") from err
     chunk["chunk"] = int(key)
     return chunk
 
 
+def _shard_members(fpath: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
+    """key -> ext -> member, in file order; a truncated or unreadable tar is a clear error naming the file.
+
+    Only tar headers are read (tarfile seeks over the payloads), so this is cheap even for a large shard.
+    """
+    members: dict[str, dict[str, tarfile.TarInfo]] = {}
+    fix = "the shard is damaged (an interrupted copy?): re-copy it or re-run `python -m vlmsae.extract`"
+    try:
+        with tarfile.open(fpath, mode="r:") as tar:
+            infos = tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise ValueError(f"{fpath}: not a readable tar shard ({type(err).__name__}: {err}); {fix}") from err
+    size = fpath.stat().st_size
+    for member in infos:
+        if not member.isfile():
+            continue
+        if member.offset_data + member.size > size:
+            raise ValueError(f"{fpath}: truncated shard: member {member.name} ends at byte "
+                             f"{member.offset_data + member.size} but the file has {size} bytes; {fix}")
+        key, _, ext = Path(member.name).name.partition(".")
+        members.setdefault(key, {})[ext] = member
+    if not members:
+        raise ValueError(f"{fpath}: shard holds no chunks; {fix}")
+    return members
+
+
 def _iter_local_chunks(fpath: Path, want: Callable[[int], bool], with_keys: bool) -> Iterator[dict[str, Any]]:
     """Seek to each chunk's members (the fast path: only the chunks ``want`` accepts are read)."""
-    members: dict[str, dict[str, tarfile.TarInfo]] = {}  # key -> ext -> member, in file order
-    with tarfile.open(fpath, mode="r:") as tar:
-        for member in tar.getmembers():
-            if member.isfile():
-                key, _, ext = Path(member.name).name.partition(".")
-                members.setdefault(key, {})[ext] = member
+    members = _shard_members(fpath)
     needed = ("acts.safetensors", "keys.json") if with_keys else ("acts.safetensors",)
     incomplete = sorted(key for key, parts in members.items() if not all(ext in parts for ext in needed))
     if incomplete:
@@ -359,7 +384,54 @@ def _iter_local_chunks(fpath: Path, want: Callable[[int], bool], with_keys: bool
         for key, parts in members.items():
             if want(int(key)):
                 keys_json = read(fh, parts["keys.json"]) if with_keys else None
-                yield _decode_chunk(key, read(fh, parts["acts.safetensors"]), keys_json)
+                yield _decode_chunk(key, read(fh, parts["acts.safetensors"]), keys_json, where=str(fpath))
+
+
+def image_holdout(image_idx_R: torch.Tensor, period: int) -> torch.Tensor:
+    """Rows whose image is held out for validation: ``image_idx % period == 0`` (a split by image, never
+    by row: every row of an image falls on the same side). The same rule holds out the same images
+    in ``data=images`` (listing index), so a store and the on-the-fly path validate on the same images."""
+    return image_idx_R % int(period) == 0
+
+
+def chunk_row_counts(fpath: str | Path, d: int | None = None,
+                     holdout_period: int | None = None) -> list[tuple[int, int, int]]:
+    """``(chunk_index, n_rows, n_held_out)`` of every chunk of a local shard, in file order, from headers.
+
+    Reads the tar headers and each chunk's safetensors header (the tensor shapes); with
+    ``holdout_period`` also the ``image_idx`` tensor (8 bytes a row, not the activations) to count
+    the rows :func:`image_holdout` keeps for validation. ``d``: the width every chunk must have.
+    This index is what lets a resumed training stream seek to its position instead of re-reading.
+    """
+    fpath = Path(fpath)
+    members = _shard_members(fpath)
+    out = []
+    with open(fpath, "rb") as fh:
+        for key, parts in members.items():
+            member = parts.get("acts.safetensors")
+            if member is None:
+                raise ValueError(f"{fpath}: chunk {int(key)} has no acts.safetensors member (the shard is damaged).")
+            try:
+                fh.seek(member.offset_data)
+                n_header = int.from_bytes(fh.read(8), "little")
+                if not 0 < n_header <= member.size - 8:
+                    raise ValueError(f"header length {n_header} outside the member's {member.size} bytes")
+                header = json.loads(fh.read(n_header))
+                shape = header["acts"]["shape"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{fpath}: chunk {int(key)} is corrupt (unreadable safetensors header: {err}); "
+                                 "re-copy the shard or re-run `python -m vlmsae.extract`") from err
+            if d is not None and (len(shape) != 2 or int(shape[1]) != int(d)):
+                raise ValueError(f"{fpath}: chunk {int(key)} has rows of shape {shape} but the store's manifest says "
+                                 f"d={d}: the store mixes extractions; re-extract it into a fresh folder")
+            n_rows, n_held = int(shape[0]), 0
+            if holdout_period is not None:
+                start, end = header["image_idx"]["data_offsets"]
+                fh.seek(member.offset_data + 8 + n_header + start)
+                image_idx_R = torch.frombuffer(bytearray(fh.read(end - start)), dtype=torch.int64)
+                n_held = int(image_holdout(image_idx_R, holdout_period).sum())
+            out.append((int(key), n_rows, n_held))
+    return out
 
 
 def _iter_streamed_chunks(url: str, want: Callable[[int], bool], with_keys: bool) -> Iterator[dict[str, Any]]:
@@ -377,7 +449,8 @@ def _iter_streamed_chunks(url: str, want: Callable[[int], bool], with_keys: bool
             if "acts.safetensors" in sample and "keys.json" in sample:
                 del pending[key]
                 if want(int(key)):
-                    yield _decode_chunk(key, sample["acts.safetensors"], sample["keys.json"] if with_keys else None)
+                    keys_json = sample["keys.json"] if with_keys else None
+                    yield _decode_chunk(key, sample["acts.safetensors"], keys_json, where=url)
     if pending:
         raise ValueError(f"{url}: incomplete chunk(s) {sorted(pending)} (each needs acts.safetensors and keys.json).")
 

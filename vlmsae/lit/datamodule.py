@@ -2,17 +2,42 @@
 
 ``ActsDataModule`` streams an activation store (``acts-%06d.tar`` + ``manifest.json``, written by
 ``python -m vlmsae.extract``) through :class:`vlmsae.lit.stream.ShardRowStream`: memory stays
-flat whatever the store size, ranks and workers read disjoint shards, and the training stream
-is infinite (``trainer.max_steps`` ends training) so every rank runs the same number of steps.
+flat whatever the store size (one shuffle window of ``data.shuffle_buffer`` rows plus a chunk per
+worker), ranks and workers read disjoint shards, and the training stream is infinite
+(``trainer.max_steps`` ends training) so every rank runs the same number of steps.
+
+Resume: the checkpoint holds the stream position (``state_dict``: batches trained, batch size,
+seed, shuffle window, workers, world size and the store's identity). A resumed run seeks there in
+O(1) reads (only the chunks of the current shuffle window are opened) and yields exactly the
+batches the uninterrupted run would have. If the batch size or the store changed, the stream
+restarts from its beginning with a warning; if the workers, ranks or window changed, it seeks to
+the same number of batches but the row order differs from the uninterrupted run (warning).
+
+Held-out validation, always by image (no image gives rows to both splits): whole shards when the
+store has enough of them (``round(val_fraction * n_shards) >= 1`` and one training shard remains;
+extraction flushes a shard only between images, so no image straddles two shards), else the
+images with ``image_idx % round(1 / val_fraction) == 0`` (every row of those images, wherever
+their chunks lie), so even a single-chunk store keeps a validation split that training never sees.
+
+Small or odd stores (each case names the store, the numbers and the fix):
+
+* fail: a store path that does not exist, has no manifest or no shards; a manifest with
+  ``complete: false`` or without ``n_rows`` (an unfinished extraction); a truncated or corrupt
+  shard (checked on open from the tar and safetensors headers, and again in the reader, naming the
+  shard file); a store width ``d`` that differs from the SAE's (:func:`check_store_width`) or a
+  chunk whose width differs from the manifest's; fewer training rows per rank than one batch;
+  fewer training shards than ranks (every rank streams its own shards);
+* adapt with a warning: fewer shards than DataLoader workers (workers split the rank's chunks
+  instead of its shards) and fewer rows than one batch per worker (``data.num_workers`` is lowered
+  until every worker gets a batch per epoch); a ``data.shuffle_buffer`` smaller than a batch (the
+  window is one batch).
 
 ``ImageActsDataModule`` (``data=images``) computes the rows on the fly from images through the
-extraction model, for users without disk for a cache; it reuses the same shuffle buffer.
-
-Held-out validation rows: whole shards when the store has enough of them
-(``round(val_fraction * n_shards) >= 1`` and one training shard remains), else every
-``round(1 / val_fraction)``-th chunk (chunk 0 included), else (a single-chunk store) every
-``round(1 / val_fraction)``-th row, so even a tiny store keeps a validation split that training
-never sees.
+extraction model, for users without disk for a cache. Every epoch visits the images in a fresh
+seeded permutation of the listing (folder, list and synthetic sources; ``wds`` streams in file
+order); images with listing index ``% round(1 / val_fraction) == 0`` are validation (the same
+images a store made from that listing holds out). Its resume still replays the stream (the row
+count of an image is only known once it is decoded).
 """
 
 from __future__ import annotations
@@ -27,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from vlmsae.data.shards import list_shards, read_manifest
-from vlmsae.lit.stream import RowShuffleBuffer, ShardRowStream
+from vlmsae.lit.stream import RowShuffleBuffer, ShardRowStream, build_chunk_index, window_rows
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +62,9 @@ class StreamConfig:
     """How rows are batched and shuffled (mirrors the ``data`` config node)."""
 
     batch_size: int = 4096  # rows per optimizer step (SPEC 2: 4096)
-    shuffle_buffer: int = 16384  # rows held for shuffling; memory = shuffle_buffer * d * 2 bytes
+    shuffle_buffer: int = 16384  # rows per shuffle window; memory = shuffle_buffer * d * 2 bytes per worker
     num_workers: int = 2  # DataLoader workers per rank (each reads its own shards)
-    val_fraction: float = 0.01  # share of shards (or chunks) held out for validation
+    val_fraction: float = 0.01  # share of shards (or of images) held out for validation
     val_batches: int = 20  # validation batches per check (per rank)
     seed: int = 0  # with the epoch, fixes the shard and row order
 
@@ -50,7 +75,7 @@ def list_shard_fpaths(acts_dpath: Path) -> list[str]:
 
 
 def open_store(acts: str | Path | None) -> tuple[Path, dict, list[str]]:
-    """Check an activation store exists and is readable; clear errors before any training."""
+    """Check an activation store exists, is complete and is readable; clear errors before any training."""
     if acts in (None, "", "???"):
         raise ValueError(
             "data.acts is not set: pass the activation folder written by `python -m vlmsae.extract`, "
@@ -68,10 +93,40 @@ def open_store(acts: str | Path | None) -> tuple[Path, dict, list[str]]:
             "(an interrupted extraction writes the manifest last; re-run it)"
         )
     manifest = read_manifest(acts_dpath)
+    if manifest.get("complete") is False or "n_rows" not in manifest or "d" not in manifest:
+        raise ValueError(
+            f"the manifest of {str(acts_dpath)!r} says the store is incomplete (complete={manifest.get('complete')}, "
+            f"n_rows={manifest.get('n_rows')}, d={manifest.get('d')}): finish it by re-running the same "
+            "`python -m vlmsae.extract ... out=<dir>` command (it resumes), then train"
+        )
     shard_fpaths = list_shard_fpaths(acts_dpath)
     if not shard_fpaths:
         raise FileNotFoundError(f"{str(acts_dpath)!r} has a manifest but no acts-*.tar shards")
+    listed = manifest.get("n_shards")
+    if listed is not None and int(listed) != len(shard_fpaths):
+        raise ValueError(f"{str(acts_dpath)!r}: the manifest lists {listed} shards but {len(shard_fpaths)} are "
+                         "present: restore the missing shards or re-run the extraction into a fresh folder")
     return acts_dpath, manifest, shard_fpaths
+
+
+def check_store_width(store: str | Path | dict, d_expected: int, acts_dpath: str | Path | None = None) -> int:
+    """The store's row width ``d``; a clear error when it is not ``d_expected`` (the SAE's ``d_in``).
+
+    ``store``: a store folder or its manifest (then pass ``acts_dpath`` for the message).
+    """
+    if isinstance(store, dict):
+        manifest, where = store, str(acts_dpath or "the activation store")
+    else:
+        where = str(store)
+        manifest = read_manifest(store)
+    d = int(manifest["d"])
+    if d != int(d_expected):
+        raise ValueError(
+            f"width mismatch: the activation store {where} has d={d} (model {manifest.get('model')!r}, layer "
+            f"{manifest.get('layer')}) but the SAE expects d_in={d_expected}: train on the store extracted with the "
+            "SAE's model and layer, or change model=/layer= to the store's"
+        )
+    return d
 
 
 def _world(trainer) -> tuple[int, int]:
@@ -83,15 +138,29 @@ def _world(trainer) -> tuple[int, int]:
 class ActsDataModule(L.LightningDataModule):
     """Streams rows ``[B, D]`` (stored dtype) from an activation store; see the module docstring."""
 
-    def __init__(self, acts_dpath: str | Path, stream: StreamConfig):
+    def __init__(self, acts_dpath: str | Path, stream: StreamConfig, d_expected: int | None = None):
         super().__init__()
         self.acts_dpath, self.manifest, self.shard_fpaths = open_store(acts_dpath)
         self.stream = stream
         self.d = int(self.manifest["d"])
-        self.n_rows = int(self.manifest.get("n_rows", 0))
-        self.batches_seen = 0  # restored from a checkpoint: the train stream fast-forwards past these
+        if d_expected is not None:
+            check_store_width(self.manifest, d_expected, self.acts_dpath)
+        if int(stream.batch_size) < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {stream.batch_size}")
+        self.n_rows = int(self.manifest["n_rows"])
+        self.batches_seen = 0  # restored from a checkpoint: the train stream seeks past these
+        self._resume_state: dict | None = None
+        self._workers: int | None = None
         self.rank, self.world_size = 0, 1
         self._plan_split()
+        # per-chunk row counts (and held-out rows) from headers: the resume seek and the size checks use them
+        import time
+
+        period = self.train_keep[1] if self.train_keep[0] != "all" else None
+        t0 = time.perf_counter()
+        self.chunk_rows = build_chunk_index(self.shard_fpaths, holdout_period=period, d=self.d)
+        log.info("indexed %d shards of %s in %.1f s (headers only)", len(self.shard_fpaths), self.acts_dpath,
+                 time.perf_counter() - t0)
 
     def _plan_split(self) -> None:
         n_shards = len(self.shard_fpaths)
@@ -99,58 +168,78 @@ class ActsDataModule(L.LightningDataModule):
         if not 0.0 <= frac < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {frac}")
         n_val_shards = round(frac * n_shards)
-        self.train_rows, self.val_rows = ("all",), ("all",)
         self.train_keep, self.val_keep = ("all",), ("all",)
         if frac == 0.0:
             # No held-out data: validation reads the training shards (in-sample, said in the log).
             self.train_fpaths, self.val_fpaths = self.shard_fpaths, self.shard_fpaths
-            self.train_keep, self.val_keep = ("all",), ("all",)
             log.warning("data.val_fraction=0: validation metrics are measured on training rows")
         elif n_val_shards >= 1 and n_shards - n_val_shards >= 1:
+            # whole shards: a shard holds whole images (extraction flushes between images)
             self.train_fpaths = self.shard_fpaths[: n_shards - n_val_shards]
             self.val_fpaths = self.shard_fpaths[n_shards - n_val_shards :]
-            self.train_keep, self.val_keep = ("all",), ("all",)
-        else:
+        else:  # too few shards: hold out every period-th image, wherever its rows are
             period = max(2, round(1.0 / frac))
             self.train_fpaths, self.val_fpaths = self.shard_fpaths, self.shard_fpaths
-            if int(self.manifest.get("n_chunks", 2)) >= 2:  # chunk 0 is held out, chunk 1 trains
-                self.train_keep, self.val_keep = ("train", period), ("val", period)
-            else:  # a single chunk: hold out every period-th row of it
-                self.train_rows, self.val_rows = ("train", period), ("val", period)
+            self.train_keep, self.val_keep = ("train", period), ("val", period)
+
+    def _rows_in(self, fpaths: list[str], keep: tuple) -> int:
+        total = 0
+        for fpath in fpaths:
+            for _, n, held in self.chunk_rows[fpath]:
+                total += n if keep[0] == "all" else held if keep[0] == "val" else n - held
+        return total
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
         self.rank, self.world_size = _world(self.trainer)
+        self._workers = None
         if len(self.train_fpaths) < self.world_size:
             raise ValueError(
                 f"{len(self.train_fpaths)} training shard(s) in {self.acts_dpath} for {self.world_size} ranks: "
-                "every rank streams its own shards; extract with more, smaller shards or use fewer devices"
+                "every rank streams its own shards; extract with more, smaller shards (extract rows_per_shard) "
+                "or use fewer devices"
+            )
+        B = int(self.stream.batch_size)
+        per_rank = self._min_worker_rows(1)
+        if per_rank < B:
+            n_train = self._rows_in(self.train_fpaths, self.train_keep)
+            n_val = self._rows_in(self.val_fpaths, self.val_keep) if self.val_fpaths != self.train_fpaths or \
+                self.val_keep[0] != "all" else 0
+            raise ValueError(
+                f"the activation store {self.acts_dpath} has {n_train} training rows ({n_val} held out for "
+                f"validation; {self.world_size} rank(s), at least {per_rank} rows per rank) but data.batch_size={B}: "
+                f"one batch needs more rows than a rank gets. Lower data.batch_size (<= {max(1, per_rank)}), "
+                "extract more images, or train on fewer devices"
             )
 
-    def _effective_buffer(self, n_fpaths: int) -> int:
-        """Cap the buffer at half the rows one worker sees, so a tiny store never holds a row twice."""
-        workers = max(1, self.train_workers())
-        rows_per_worker = self.n_rows * n_fpaths / max(1, len(self.shard_fpaths)) / (self.world_size * workers)
-        for keep in (self.train_keep, self.train_rows):
-            if keep[0] == "train":
-                rows_per_worker *= 1 - 1 / keep[1]
-        cap = int(rows_per_worker // 2)
-        return max(0, min(int(self.stream.shuffle_buffer), cap)) if self.n_rows else int(self.stream.shuffle_buffer)
+    def _stream(self, seed_offset: int = 0, skip_batches: int = 0, rank: int | None = None) -> ShardRowStream:
+        return ShardRowStream(
+            self.train_fpaths, self.stream.batch_size, self.stream.shuffle_buffer,
+            seed=self.stream.seed + seed_offset, rank=self.rank if rank is None else rank,
+            world_size=self.world_size, n_epochs=None, shuffle=True, drop_last=True, holdout=self.train_keep,
+            skip_batches=skip_batches, chunk_rows=self.chunk_rows, d=self.d,
+        )
+
+    def _min_worker_rows(self, workers: int, n_epochs: int = 4) -> int:
+        """The fewest training rows any worker of any rank gets in the first epochs (arithmetic, no reads)."""
+        least = None
+        for rank in range(self.world_size):
+            stream = self._stream(rank=rank)
+            for epoch in range(n_epochs):
+                for worker in range(workers):
+                    n = sum(k for _, _, k in stream.plan(epoch, worker, workers))
+                    least = n if least is None else min(least, n)
+        return int(least or 0)
 
     def train_stream(self, skip_batches: int = 0, seed_offset: int = 0) -> ShardRowStream:
-        return ShardRowStream(
-            self.train_fpaths, self.stream.batch_size, self._effective_buffer(len(self.train_fpaths)),
-            seed=self.stream.seed + seed_offset, rank=self.rank, world_size=self.world_size,
-            n_epochs=None, shuffle=True, drop_last=True, chunk_keep=self.train_keep, row_keep=self.train_rows,
-            skip_batches=skip_batches,
-        )
+        return self._stream(seed_offset=seed_offset, skip_batches=skip_batches)
 
     def val_stream(self) -> ShardRowStream:
         world = self.world_size if len(self.val_fpaths) >= self.world_size else 1
         rank = self.rank if world > 1 else 0
         return ShardRowStream(
             self.val_fpaths, self.stream.batch_size, 0, seed=self.stream.seed, rank=rank, world_size=world,
-            n_epochs=1, shuffle=False, drop_last=False, chunk_keep=self.val_keep, row_keep=self.val_rows,
+            n_epochs=1, shuffle=False, drop_last=False, holdout=self.val_keep, chunk_rows=self.chunk_rows, d=self.d,
         )
 
     def _loader(self, dataset: IterableDataset, workers: int) -> DataLoader:
@@ -160,24 +249,25 @@ class ActsDataModule(L.LightningDataModule):
         )
 
     def train_workers(self) -> int:
-        """data.num_workers, capped so every worker of every rank has at least one training chunk."""
-        n_chunks = int(self.manifest.get("n_chunks", 0)) or None
-        if n_chunks is None:
-            return self.stream.num_workers
-        if self.train_rows[0] != "all":
-            n_train = 1
-        elif self.train_keep[0] == "train":
-            n_train = n_chunks - (n_chunks + self.train_keep[1] - 1) // self.train_keep[1]
-        else:
-            n_train = n_chunks * len(self.train_fpaths) // len(self.shard_fpaths)
-        workers = min(self.stream.num_workers, max(1, n_train // self.world_size))
-        if workers < self.stream.num_workers:
-            log.info("data.num_workers=%d capped to %d: the store has %d training chunk(s) for %d rank(s)",
-                     self.stream.num_workers, workers, n_train, self.world_size)
-        return 0 if workers == 1 and n_train < 2 else workers
+        """data.num_workers, lowered (with a warning) until every worker of every rank gets a batch per epoch."""
+        if self._workers is not None:
+            return self._workers
+        requested = int(self.stream.num_workers)
+        workers = max(1, requested)
+        while workers > 1 and self._min_worker_rows(workers) < self.stream.batch_size:
+            workers -= 1
+        if workers < requested:
+            log.warning(
+                "data.num_workers=%d lowered to %d: the store %s has too few training rows (or chunks) for every "
+                "worker of %d rank(s) to fill a batch of %d each epoch", requested, workers, self.acts_dpath,
+                self.world_size, self.stream.batch_size)
+        self._workers = 0 if workers == 1 and requested != 1 else workers
+        return self._workers
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_stream(skip_batches=self.batches_seen), self.train_workers())
+        workers = self.train_workers()
+        self._check_resume(workers)
+        return self._loader(self.train_stream(skip_batches=self.batches_seen), workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_stream(), min(self.stream.num_workers, 1))
@@ -190,16 +280,46 @@ class ActsDataModule(L.LightningDataModule):
             yield batch
 
     # ------------------------------------------------------- resume: the stream's position
+    def _store_id(self) -> dict:
+        m = self.manifest
+        return {"n_rows": self.n_rows, "n_shards": len(self.shard_fpaths), "d": self.d,
+                "image_list_digest": m.get("image_list_digest"), "seed": m.get("seed")}
+
+    def _layout(self, workers: int | None) -> dict:
+        return {"num_workers": workers, "world_size": self.world_size,
+                "window": window_rows(self.stream.shuffle_buffer, self.stream.batch_size),
+                "holdout": list(self.train_keep), "n_train_shards": len(self.train_fpaths)}
+
     def state_dict(self) -> dict:
         trainer = self.trainer
         step = int(trainer.global_step) if trainer is not None else self.batches_seen
-        return {"batches_seen": step, "seed": self.stream.seed, "batch_size": self.stream.batch_size}
+        return {"batches_seen": step, "seed": self.stream.seed, "batch_size": self.stream.batch_size,
+                "store": self._store_id(), "layout": self._layout(self._workers), "version": 2}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_seen = int(state.get("batches_seen", 0))
+        self._resume_state = dict(state)
+        changed = []
         if state.get("batch_size", self.stream.batch_size) != self.stream.batch_size:
-            log.warning("resuming with a different batch size: the data stream restarts instead of fast-forwarding")
+            changed.append(f"batch size {state.get('batch_size')} -> {self.stream.batch_size}")
+        if state.get("seed", self.stream.seed) != self.stream.seed:
+            changed.append(f"data seed {state.get('seed')} -> {self.stream.seed}")
+        if "store" in state and state["store"] != self._store_id():
+            changed.append(f"store {state['store']} -> {self._store_id()} ({self.acts_dpath})")
+        if changed:
+            log.warning("resuming with a different data stream (%s): the stream restarts from its beginning instead "
+                        "of seeking to batch %d", "; ".join(changed), self.batches_seen)
             self.batches_seen = 0
+
+    def _check_resume(self, workers: int) -> None:
+        saved = (self._resume_state or {}).get("layout")
+        if not saved or not self.batches_seen:
+            return
+        now = self._layout(workers)
+        diff = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
+        if diff:
+            log.warning("resuming with a different stream layout %s: seeking to batch %d, but the row order differs "
+                        "from the uninterrupted run", diff, self.batches_seen)
 
 
 class _ImageRowsStream(IterableDataset):
@@ -220,7 +340,8 @@ class _ImageRowsStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         worker = (worker + self.skip_batches) % n_workers  # round-robin order after a skip (see ShardRowStream)
-        buffer = RowShuffleBuffer(self.shuffle_buffer, self.batch_size, np.random.default_rng([self.seed, self.rank, worker]))
+        rng = np.random.default_rng([self.seed, self.rank, worker])
+        buffer = RowShuffleBuffer(self.shuffle_buffer, self.batch_size, rng)
         to_skip = len(range(worker, self.skip_batches, n_workers))
         epoch = 0
         while self.n_epochs is None or epoch < self.n_epochs:
@@ -237,6 +358,54 @@ class _ImageRowsStream(IterableDataset):
                 raise RuntimeError(f"no images for part {part} of {n_parts}: fewer images than ranks x workers")
             epoch += 1
         yield from buffer.flush(drop_last=False)
+
+
+def epoch_order_seed(seed: int, epoch: int) -> int:
+    """The ``order_seed`` of one training epoch of ``data=images``: a fresh permutation each epoch."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), 4099, int(epoch)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def iter_epoch_images(image_kwargs: dict, order_seed: int | None, part: int, n_parts: int):
+    """The images of part ``part`` of ``n_parts``, visited in ``default_rng(order_seed).permutation`` of the
+    listing (file order when None); every record has ``index``, its listing position (the stable image id).
+
+    Uses ``iter_images(order_seed=...)`` when the image module has it; otherwise permutes the listing
+    here with the same rule (``wds`` cannot be listed: file order).
+    """
+    import inspect
+
+    import numpy as np
+
+    from vlmsae.data import images
+
+    source = image_kwargs.get("source")
+    if order_seed is not None and source == "wds":
+        order_seed = None  # a WebDataset streams; its order is the shards' order
+    if order_seed is None or "order_seed" in inspect.signature(images.iter_images).parameters:
+        extra = {"order_seed": order_seed} if order_seed is not None else {}
+        for record in images.iter_images(worker=(part, n_parts), **image_kwargs, **extra):
+            if getattr(record, "index", None) is None:
+                record.index = record.pos  # file order: the visiting position is the listing index
+            yield record
+        return
+    listing = images.list_source(source, image_kwargs.get("root"), synthetic=image_kwargs.get("synthetic"))
+    items = listing.items
+    if image_kwargs.get("max_images") is not None:
+        items = items[: image_kwargs["max_images"]]
+    order = np.random.default_rng(order_seed).permutation(len(items))
+    for pos in range(part, len(items), n_parts):
+        index = int(order[pos])
+        key, path, label = items[index]
+        try:
+            image = images._decode(path)
+        except Exception as err:  # unreadable images are skipped, as iter_images does
+            log.warning("skipped unreadable image %s: %s", key, err)
+            continue
+        record = images.ImageRecord(key, path, label, image, pos)
+        record.index = index
+        yield record
 
 
 class ImageChunkMaker:
@@ -287,8 +456,9 @@ class ImageChunkMaker:
             pixels.clear()
             return rows.detach().to("cpu", torch.float16)
 
-        for record in iter_images(worker=(part, n_parts), **self.image_kwargs):
-            if not self._keep(record.pos):
+        order_seed = epoch_order_seed(self.seed, epoch) if self.split == "train" else None
+        for record in iter_epoch_images(self.image_kwargs, order_seed, part, n_parts):
+            if not self._keep(record.index):  # the listing index: a held-out image stays held out every epoch
                 continue
             pixels.append(tap.preprocess(record.image))
             if len(pixels) == self.images_per_forward:
@@ -333,5 +503,13 @@ class ImageActsDataModule(L.LightningDataModule):
                 return
             yield batch
 
-    state_dict = ActsDataModule.state_dict
-    load_state_dict = ActsDataModule.load_state_dict
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        step = int(trainer.global_step) if trainer is not None else self.batches_seen
+        return {"batches_seen": step, "seed": self.stream.seed, "batch_size": self.stream.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_seen = int(state.get("batches_seen", 0))
+        if state.get("batch_size", self.stream.batch_size) != self.stream.batch_size:
+            log.warning("resuming with a different batch size: the data stream restarts instead of fast-forwarding")
+            self.batches_seen = 0

@@ -1,25 +1,38 @@
-"""Streaming activation rows: shard/rank/worker split, a bounded row shuffle buffer, epochs that reshuffle.
+"""Streaming activation rows: shard/rank/worker split, a windowed shuffle, epochs that reshuffle, O(1) resume.
 
 Why a hand-written stream and not a map-style dataset: the activation store of a paper-size run
 (ImageNet x tokens x 1024 fp16) is far larger than memory, so rows are read chunk by chunk from
-tar shards and only ``shuffle_buffer + batch + chunk`` rows are ever held. The order is a pure
-function of ``(seed, epoch, rank, worker)``, which gives three properties the trainer relies on:
+tar shards and only ``window + chunk`` rows are ever held. The order is a pure function of
+``(seed, epoch, rank, worker)`` and the store's per-chunk row counts, which gives the properties
+the trainer relies on:
 
 * ranks (``trainer=ddp``, several nodes) read disjoint shards: the shard list is permuted with
   the same ``(seed, epoch)`` generator on every rank, then rank ``r`` takes every ``world``-th
   shard; DataLoader workers split the rank's shards the same way (or its chunks, when a rank has
   fewer shards than workers);
-* the training stream is infinite (epoch after epoch, each with a new permutation of shards and
-  a new buffer state), so every rank yields exactly as many batches as the trainer asks for:
-  equal batch counts per rank by construction, and no epoch replays the previous order;
-* a resumed run can fast-forward to exactly where the killed run stopped (``skip_batches``):
-  the same batches are drawn again but not returned, so no row order is repeated.
+* windowed shuffle: each (rank, worker) reads its planned chunks of the epoch in order, cuts the
+  rows into windows of ``window`` rows (``shuffle_buffer`` rounded down to a multiple of the batch
+  size, at least one batch), permutes each window with ``default_rng([seed, epoch, rank, worker,
+  window])`` and emits whole batches. Extraction writes rows in a seeded permutation, so a window
+  is a uniform sample of the store; the permutation only decorrelates consecutive batches;
+* the training stream is infinite (epoch after epoch, each with a new shard order and new window
+  permutations), so every rank yields exactly as many batches as the trainer asks for. At the end
+  of an epoch a worker drops its last ``< batch_size`` rows (``drop_last``; a finite stream with
+  ``drop_last=False`` emits them as a short batch instead); the next epoch drops different ones;
+* resume costs O(1) reads: batch ``j`` of a worker maps to ``(epoch, window, offset)`` by arithmetic
+  over the per-chunk row counts (:func:`vlmsae.data.shards.chunk_row_counts`: tar and safetensors
+  headers only), so ``skip_batches=S`` opens only the chunks of the current window, whatever S is,
+  and then yields exactly the batches the uninterrupted run yields.
 
-Module-level functions and classes only (no lambdas): DataLoader workers pickle the dataset.
+``holdout=("train"|"val", p)`` keeps only the rows whose image is (val) or is not (train) held out
+(:func:`vlmsae.data.shards.image_holdout`: ``image_idx % p == 0``): the validation split is by
+image, never by row. Module-level functions and classes only (no lambdas): workers pickle the dataset.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +40,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlmsae.data.shards import ShardWriter, iter_chunks
+from vlmsae.data.shards import ShardWriter, chunk_row_counts, image_holdout, iter_chunks
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- shuffle buffer
@@ -44,6 +59,9 @@ class RowShuffleBuffer:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.capacity = max(0, int(capacity))
+        if 0 < self.capacity < batch_size:  # a batch is drawn from the buffer: it must hold one
+            log.warning("shuffle buffer of %d rows is smaller than one batch: using %d", self.capacity, batch_size)
+            self.capacity = int(batch_size)
         self.batch_size = int(batch_size)
         self.rng = rng
         self.buf_SD: torch.Tensor | None = None
@@ -113,14 +131,62 @@ def split_for(items: list, rank: int, world_size: int) -> list:
     return items[rank::world_size]
 
 
+def window_rows(shuffle_buffer: int, batch_size: int) -> int:
+    """Rows of one shuffle window: ``shuffle_buffer`` rounded down to whole batches, at least one batch."""
+    return max(1, int(shuffle_buffer) // int(batch_size)) * int(batch_size)
+
+
+def build_chunk_index(shard_fpaths: list[str], holdout_period: int | None = None,
+                      d: int | None = None) -> dict[str, list[tuple[int, int, int]]]:
+    """``{shard: [(chunk_index, n_rows, n_held_out), ...]}`` for every shard (headers only for local ones).
+
+    A shard that is not a local file (a URL, ``pipe:...``) cannot be seeked: it is read once to count.
+    """
+    index: dict[str, list[tuple[int, int, int]]] = {}
+    for fpath in shard_fpaths:
+        if Path(fpath).is_file():
+            index[fpath] = chunk_row_counts(fpath, d=d, holdout_period=holdout_period)
+            continue
+        log.warning("shard %s is not a local file: reading it once to count its rows", fpath)
+        index[fpath] = [
+            (c["chunk"], int(c["acts"].shape[0]),
+             int(image_holdout(c["image_idx"], holdout_period).sum()) if holdout_period else 0)
+            for c in iter_chunks([fpath], with_keys=False)
+        ]
+    return index
+
+
+class _RowReader:
+    """Pulls exactly ``n`` rows at a time from a generator of row blocks (keeps the rest of a block)."""
+
+    def __init__(self, blocks: Iterator[torch.Tensor], where: str):
+        self.blocks, self.where = blocks, where
+        self.rest: list[torch.Tensor] = []
+        self.n_rest = 0
+
+    def take(self, n: int) -> torch.Tensor:
+        while self.n_rest < n:
+            block = next(self.blocks, None)
+            if block is None:
+                raise RuntimeError(f"{self.where}: fewer rows than the chunk index says: a shard changed while "
+                                   "training; restart the run (the index is rebuilt on start)")
+            self.rest.append(block)
+            self.n_rest += block.shape[0]
+        rows = self.rest[0] if len(self.rest) == 1 else torch.cat(self.rest)
+        self.rest = [rows[n:].clone()] if rows.shape[0] > n else []  # < one chunk; frees the window
+        self.n_rest = rows.shape[0] - n
+        return rows[:n]
+
+
 class ShardRowStream(IterableDataset):
-    """Batches ``[B, D]`` (fp16/bf16 as stored) streamed from activation shards.
+    """Batches ``[B, D]`` (fp16/bf16 as stored) streamed from activation shards (see the module docstring).
 
     ``n_epochs=None`` streams forever (training); otherwise that many passes (validation,
-    benchmarks, tests). ``chunk_keep`` selects chunks by index: ``("all",)``, ``("val", p)``
-    (``chunk_index % p == 0``) or ``("train", p)`` (the others); it is how a store with few shards
-    still gets a held-out split. ``row_keep`` does the same by row position inside each chunk
-    (``("val", p)``: rows ``i % p == 0``), for a store of a single chunk.
+    benchmarks, tests). ``holdout``: ``("all",)``, ``("val", p)`` (only rows of held-out images,
+    ``image_idx % p == 0``) or ``("train", p)`` (the others). ``skip_batches``: the number of
+    batches already trained on (summed over workers, as the DataLoader delivered them); the stream
+    seeks there. ``chunk_rows``: the store's chunk index (:func:`build_chunk_index`), built on first
+    use when not given.
     """
 
     def __init__(
@@ -134,14 +200,17 @@ class ShardRowStream(IterableDataset):
         n_epochs: int | None = None,
         shuffle: bool = True,
         drop_last: bool = True,
-        chunk_keep: tuple = ("all",),
-        row_keep: tuple = ("all",),
+        holdout: tuple = ("all",),
         start_epoch: int = 0,
         skip_batches: int = 0,
+        chunk_rows: dict[str, list[tuple[int, int, int]]] | None = None,
+        d: int | None = None,
     ):
         super().__init__()
         if not shard_fpaths:
             raise ValueError("ShardRowStream needs at least one shard")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if len(shard_fpaths) < world_size:
@@ -149,22 +218,31 @@ class ShardRowStream(IterableDataset):
                 f"{len(shard_fpaths)} training shard(s) for {world_size} ranks: every rank needs its own shard. "
                 "Write more shards (smaller extract shard size) or train on fewer devices."
             )
+        if holdout[0] not in ("all", "train", "val"):
+            raise ValueError(f"holdout must be ('all',), ('train', p) or ('val', p), got {holdout!r}")
         self.shard_fpaths = [str(p) for p in shard_fpaths]
         self.batch_size = int(batch_size)
-        self.shuffle_buffer = int(shuffle_buffer) if shuffle else 0
+        self.window = window_rows(shuffle_buffer, batch_size) if shuffle else self.batch_size
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.n_epochs = n_epochs
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.chunk_keep = tuple(chunk_keep)
-        self.row_keep = tuple(row_keep)
+        self.holdout = tuple(holdout)
         self.start_epoch = int(start_epoch)
         self.skip_batches = int(skip_batches)
+        self.chunk_rows = chunk_rows
+        self.d = d
 
-    # which shards / chunks this (rank, worker) reads in a given epoch
+    # ------------------------------------------------------------------ the plan (no I/O)
+    def index(self) -> dict[str, list[tuple[int, int, int]]]:
+        if self.chunk_rows is None:
+            period = self.holdout[1] if self.holdout[0] != "all" else None
+            self.chunk_rows = build_chunk_index(self.shard_fpaths, holdout_period=period, d=self.d)
+        return self.chunk_rows
+
     def shards_for(self, epoch: int, worker: int, n_workers: int) -> tuple[list[str], int | None]:
-        """(shard paths, chunk stride or None): the plan of one worker of one rank for one epoch."""
+        """(shard paths, chunk stride or None): the shards of one worker of one rank for one epoch."""
         order = list(self.shard_fpaths)
         if self.shuffle:
             perm = np.random.default_rng([self.seed, epoch]).permutation(len(order))
@@ -174,89 +252,145 @@ class ShardRowStream(IterableDataset):
             return split_for(mine, worker, n_workers), None
         return mine, n_workers  # fewer shards than workers: split by chunk position instead
 
-    def _keep(self, chunk_index: int) -> bool:
-        mode = self.chunk_keep[0]
-        if mode == "all":
-            return True
-        is_val = chunk_index % self.chunk_keep[1] == 0
-        return is_val if mode == "val" else not is_val
+    def _kept(self, n_rows: int, n_held: int) -> int:
+        mode = self.holdout[0]
+        return n_rows if mode == "all" else n_held if mode == "val" else n_rows - n_held
+
+    def plan(self, epoch: int, worker: int, n_workers: int) -> list[tuple[str, int, int]]:
+        """``(shard, chunk_index, kept rows)`` in reading order: what one worker reads in one epoch."""
+        fpaths, stride = self.shards_for(epoch, worker, n_workers)
+        index = self.index()
+        entries = [(f, c, self._kept(n, h)) for f in fpaths for c, n, h in index[f]]
+        if stride is not None:
+            entries = entries[worker::stride]
+        return [e for e in entries if e[2] > 0]
+
+    def n_batches(self, plan: list[tuple[str, int, int]]) -> int:
+        n_rows = sum(n for _, _, n in plan)
+        return n_rows // self.batch_size + int(n_rows % self.batch_size > 0 and not self.drop_last)
+
+    def seek(self, local_batch: int, worker: int, n_workers: int) -> tuple[int, int] | None:
+        """(epoch, batch within that epoch) of a worker's ``local_batch``-th batch; None past a finite end."""
+        epoch, empty = self.start_epoch, 0
+        while self.n_epochs is None or epoch < self.start_epoch + self.n_epochs:
+            n = self.n_batches(self.plan(epoch, worker, n_workers))
+            if local_batch < n:
+                return epoch, local_batch
+            local_batch -= n
+            empty = empty + 1 if n == 0 else 0
+            if empty >= 20:
+                raise RuntimeError(self._starved(epoch, worker, n_workers))
+            epoch += 1
+        return None
+
+    def _starved(self, epoch: int, worker: int, n_workers: int) -> str:
+        n_rows = sum(n for _, _, n in self.plan(epoch, worker, n_workers))
+        return (f"worker {worker} of {n_workers} on rank {self.rank} gets {n_rows} rows per epoch, fewer than one "
+                f"batch of {self.batch_size}, epoch after epoch: use fewer data.num_workers, a smaller "
+                "data.batch_size, or a larger store")
+
+    # ------------------------------------------------------------------------- reading
+    def _filter(self, chunk: dict) -> torch.Tensor:
+        rows_RD = chunk["acts"]
+        if self.holdout[0] == "all":
+            return rows_RD
+        held_R = image_holdout(chunk["image_idx"], self.holdout[1])
+        return rows_RD[held_R if self.holdout[0] == "val" else ~held_R]
+
+    def rows_from(self, plan: list[tuple[str, int, int]], start_row: int) -> Iterator[torch.Tensor]:
+        """Kept rows of ``plan`` from kept-row ``start_row`` on; chunks before it are not opened."""
+        first, offset = len(plan), 0
+        for i, (_, _, n) in enumerate(plan):
+            if offset + n > start_row:
+                first = i
+                break
+            offset += n
+        skip = start_row - offset
+        for fpath, group in itertools.groupby(plan[first:], key=lambda e: e[0]):
+            expected = {c: n for _, c, n in group}
+            # only the planned chunks are read; training needs only the rows (and image_idx for a holdout)
+            for chunk in iter_chunks([fpath], expected.__contains__, with_keys=False):
+                rows_RD = self._filter(chunk)
+                if rows_RD.shape[0] != expected[chunk["chunk"]]:
+                    raise RuntimeError(f"{fpath}: chunk {chunk['chunk']} has {rows_RD.shape[0]} rows, the index "
+                                       f"says {expected[chunk['chunk']]}: the shard changed; restart the run")
+                if skip:
+                    rows_RD, skip = rows_RD[skip:], 0
+                if rows_RD.shape[0]:
+                    yield rows_RD
 
     def iter_chunks(self, epoch: int, worker: int, n_workers: int) -> Iterator[torch.Tensor]:
-        """Row blocks of one worker of this rank in one epoch (chunks are filtered before reading)."""
-        fpaths, stride = self.shards_for(epoch, worker, n_workers)
-        position = 0
+        """Row blocks of one worker of this rank in one epoch, in reading order."""
+        yield from self.rows_from(self.plan(epoch, worker, n_workers), 0)
 
-        def want(chunk_index: int) -> bool:
-            nonlocal position
-            if not self._keep(chunk_index):
-                return False
-            if stride is None:
-                return True
-            position += 1
-            return (position - 1) % stride == worker
-
-        for chunk in iter_chunks(fpaths, want, with_keys=False):  # training needs only the rows
-            rows_RD = chunk["acts"]
-            if self.row_keep[0] == "all":
-                yield rows_RD
-                continue
-            is_val_R = torch.arange(rows_RD.shape[0]) % self.row_keep[1] == 0
-            rows_RD = rows_RD[is_val_R if self.row_keep[0] == "val" else ~is_val_R]
-            if rows_RD.shape[0]:
-                yield rows_RD
+    def epoch_batches(self, epoch: int, worker: int, n_workers: int, first_batch: int = 0) -> Iterator[torch.Tensor]:
+        """The batches of one worker in one epoch from ``first_batch`` on (opening only what they need)."""
+        plan = self.plan(epoch, worker, n_workers)
+        n_rows = sum(n for _, _, n in plan)
+        B, W = self.batch_size, self.window
+        window, offset = divmod(first_batch, W // B)
+        reader = _RowReader(self.rows_from(plan, window * W), where=f"rank {self.rank} worker {worker} epoch {epoch}")
+        while window * W < n_rows:
+            size = min(W, n_rows - window * W)
+            if size < B and self.drop_last:
+                return
+            rows_WD = reader.take(size)
+            if self.shuffle:
+                perm_W = torch.from_numpy(
+                    np.random.default_rng([self.seed, epoch, self.rank, worker, window]).permutation(size))
+            else:
+                perm_W = torch.arange(size)
+            n_out = size // B + int(size % B > 0 and not self.drop_last)
+            for b in range(offset, n_out):
+                yield rows_WD.index_select(0, perm_W[b * B : (b + 1) * B])  # a copy: the window is freed
+            window, offset = window + 1, 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # DataLoader interleaves workers round-robin from worker 0, so batch j of the original run
         # came from worker j % n. After skipping s batches, loader worker w must play the role of
-        # original worker (w + s) % n for batch s + i to come out i-th.
+        # original worker (w + s) % n for batch s + i to come out i-th; that role has already
+        # delivered len(range(role, s, n)) batches, so it seeks past exactly those.
         worker = (worker + self.skip_batches) % n_workers
-        to_skip = len(range(worker, self.skip_batches, n_workers))
-        rng = np.random.default_rng([self.seed, 7919, self.rank, worker, self.start_epoch])
-        buffer = RowShuffleBuffer(self.shuffle_buffer, self.batch_size, rng)
-        epoch = self.start_epoch
+        found = self.seek(len(range(worker, self.skip_batches, n_workers)), worker, n_workers)
+        if found is None:
+            return
+        epoch, first_batch = found
+        empty = 0
         while self.n_epochs is None or epoch < self.start_epoch + self.n_epochs:
-            n_chunks = 0
-            for rows_RD in self.iter_chunks(epoch, worker, n_workers):
-                n_chunks += 1
-                for batch in buffer.add(rows_RD):
-                    if to_skip:
-                        to_skip -= 1
-                        continue
-                    yield batch
-            if n_chunks == 0:
-                if self.n_epochs is None:
-                    raise RuntimeError(
-                        f"worker {worker} of rank {self.rank} got no activation rows in epoch {epoch}: "
-                        "use fewer data.num_workers or more shards"
-                    )
-                break
-            epoch += 1
-        for batch in buffer.flush(self.drop_last):
-            if to_skip:
-                to_skip -= 1
-                continue
-            yield batch
+            n_out = 0
+            for batch in self.epoch_batches(epoch, worker, n_workers, first_batch):
+                n_out += 1
+                yield batch
+            empty = empty + 1 if n_out == 0 else 0
+            if empty >= 20 and self.n_epochs is None:
+                raise RuntimeError(self._starved(epoch, worker, n_workers))
+            epoch, first_batch = epoch + 1, 0
 
 
 def write_acts_store(dpath, acts_ND: torch.Tensor, rows_per_chunk: int, chunks_per_shard: int,
-                     meta: dict | None = None, dtype: str = "float16") -> Path:
+                     meta: dict | None = None, dtype: str = "float16", rows_per_image: int = 1) -> Path:
     """Write rows as an activation store with ``vlmsae.data.shards.ShardWriter`` (tests, benchmarks).
 
     ``meta`` goes into the manifest (model, layer, tokens, ...); defaults describe synthetic rows.
+    Row ``i`` belongs to image ``i // rows_per_image`` (e.g. 2 for a ``random_k`` store); like
+    extraction, a shard always holds whole images.
     """
     N, D = acts_ND.shape
     meta = {"model": "synthetic", "pretrained": None, "layer": 0, "tokens": "cls", **(meta or {})}
     rows_per_shard = rows_per_chunk * chunks_per_shard
+    if rows_per_shard % rows_per_image:
+        raise ValueError(f"rows_per_chunk * chunks_per_shard = {rows_per_shard} must be a multiple of "
+                         f"rows_per_image={rows_per_image}: a shard holds whole images")
     writer = ShardWriter(dpath, d=D, dtype=dtype, rows_per_chunk=rows_per_chunk, rows_per_shard=rows_per_shard,
                          meta=meta)
     for start in range(0, N, rows_per_shard):
         rows = acts_ND[start : start + rows_per_shard]
         n = rows.shape[0]
-        image_idx = torch.arange(start, start + n, dtype=torch.int64)
-        writer.add(rows, torch.zeros(n, dtype=torch.int32), image_idx, torch.full((n,), -1, dtype=torch.int64),
-                   [f"row{i}" for i in range(start, start + n)])
+        row_R = torch.arange(start, start + n, dtype=torch.int64)
+        writer.add(rows, (row_R % rows_per_image).to(torch.int32), row_R // rows_per_image,
+                   torch.full((n,), -1, dtype=torch.int64), [f"img{i}" for i in (row_R // rows_per_image).tolist()])
         writer.flush()
-    writer.write_manifest(n_images=N, image_list_digest=None, skipped=[])
+    writer.write_manifest(n_images=-(-N // rows_per_image), image_list_digest=None, skipped=[])
     return Path(dpath)
