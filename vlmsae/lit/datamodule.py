@@ -369,43 +369,16 @@ def epoch_order_seed(seed: int, epoch: int) -> int:
 
 def iter_epoch_images(image_kwargs: dict, order_seed: int | None, part: int, n_parts: int):
     """The images of part ``part`` of ``n_parts``, visited in ``default_rng(order_seed).permutation`` of the
-    listing (file order when None); every record has ``index``, its listing position (the stable image id).
+    listing (file order when None); ``record.index`` is the listing position (the stable image id).
 
-    Uses ``iter_images(order_seed=...)`` when the image module has it; otherwise permutes the listing
-    here with the same rule (``wds`` cannot be listed: file order).
+    A ``wds`` source keeps its file order: permuting its tars would also move ``index`` (a stream
+    position there), and the held-out images must stay the same every epoch.
     """
-    import inspect
+    from vlmsae.data.images import iter_images
 
-    import numpy as np
-
-    from vlmsae.data import images
-
-    source = image_kwargs.get("source")
-    if order_seed is not None and source == "wds":
-        order_seed = None  # a WebDataset streams; its order is the shards' order
-    if order_seed is None or "order_seed" in inspect.signature(images.iter_images).parameters:
-        extra = {"order_seed": order_seed} if order_seed is not None else {}
-        for record in images.iter_images(worker=(part, n_parts), **image_kwargs, **extra):
-            if getattr(record, "index", None) is None:
-                record.index = record.pos  # file order: the visiting position is the listing index
-            yield record
-        return
-    listing = images.list_source(source, image_kwargs.get("root"), synthetic=image_kwargs.get("synthetic"))
-    items = listing.items
-    if image_kwargs.get("max_images") is not None:
-        items = items[: image_kwargs["max_images"]]
-    order = np.random.default_rng(order_seed).permutation(len(items))
-    for pos in range(part, len(items), n_parts):
-        index = int(order[pos])
-        key, path, label = items[index]
-        try:
-            image = images._decode(path)
-        except Exception as err:  # unreadable images are skipped, as iter_images does
-            log.warning("skipped unreadable image %s: %s", key, err)
-            continue
-        record = images.ImageRecord(key, path, label, image, pos)
-        record.index = index
-        yield record
+    if image_kwargs.get("source") == "wds":
+        order_seed = None
+    yield from iter_images(worker=(part, n_parts), order_seed=order_seed, **image_kwargs)
 
 
 class ImageChunkMaker:
