@@ -122,7 +122,8 @@ def _from_json_dict(cls: type, obj: dict[str, Any], fpath: Path, known: tuple[in
     # Files written before format_version existed have none: they are version 1.
     version = check_version(fpath, obj.get("format_version", 1), known, job)
     names = [f.name for f in fields(cls) if f.name not in _SKIP]
-    required = [f.name for f in fields(cls) if f.name not in _SKIP and f.default is MISSING and f.default_factory is MISSING]
+    required = [f.name for f in fields(cls)
+                if f.name not in _SKIP and f.default is MISSING and f.default_factory is MISSING]
     missing = [n for n in required if n not in obj]
     if missing:
         raise ValueError(f"{fpath} lacks the key(s) {missing} (it has {sorted(obj)}); re-run `{job}` to rewrite it.")
@@ -430,7 +431,8 @@ def read_top_images(dpath: str | Path) -> TopImagesIndex:
         raise FileNotFoundError(f"{fpath} not found: point at a top_images/ folder written by `{job}`.")
     images_fpath = dpath / TOP_IMAGES_JSON
     if not images_fpath.is_file():
-        raise FileNotFoundError(f"{images_fpath} is missing: the top_images index needs top.safetensors and images.json.")
+        raise FileNotFoundError(f"{images_fpath} is missing: the top_images index needs {TOP_TENSORS} and "
+                                f"{TOP_IMAGES_JSON}.")
     meta_fpath = dpath / TOP_META_JSON
     meta = _load_json(meta_fpath, job) if meta_fpath.exists() else {}
     # An index written before format_version existed (or without meta.json) is version 1.
