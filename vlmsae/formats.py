@@ -17,6 +17,7 @@ file                 dataclass                           read / write
 ``top_images/``      :class:`TopImagesIndex`             :func:`read_top_images` / :func:`write_top_images`
 ``hierarchy.json``   :class:`HierarchySummary`           :func:`read_hierarchy` / :func:`write_hierarchy`
 ``steer.json``       :class:`SteerResult`                :func:`read_steer` / :func:`write_steer`
+``steer_eval.json``  :class:`SteerEvalResult`            :func:`read_steer_eval` / :func:`write_steer_eval`
 ``run_info.json``    :class:`RunInfo`                    :func:`read_run_info` / :func:`write_run_info`
 ===================  ==================================  ===========================================
 
@@ -44,6 +45,7 @@ LATENTS_CSV = "latents.csv"
 MS_SUMMARY_JSON = "ms_summary.json"
 HIERARCHY_JSON = "hierarchy.json"
 STEER_JSON = "steer.json"
+STEER_EVAL_JSON = "steer_eval.json"
 RUN_INFO_JSON = "run_info.json"
 TOP_IMAGES_DIR = "top_images"
 TOP_TENSORS = "top.safetensors"
@@ -56,13 +58,14 @@ MS_SUMMARY_VERSIONS = (1,)
 TOP_IMAGES_VERSIONS = (1,)
 HIERARCHY_VERSIONS = (1,)
 STEER_VERSIONS = (1,)
+STEER_EVAL_VERSIONS = (1,)
 RUN_INFO_VERSIONS = (1,)
 
 __all__ = [
-    "FormatVersionError", "HierarchySummary", "LatentRow", "LatentsTable", "MsSummary", "RunInfo", "SteerResult",
-    "TopImagesIndex", "read_hierarchy", "read_latents_csv", "read_ms_summary", "read_run_info", "read_steer",
-    "read_top_images", "write_hierarchy", "write_latents_csv", "write_ms_summary", "write_run_info", "write_steer",
-    "write_top_images",
+    "FormatVersionError", "HierarchySummary", "LatentRow", "LatentsTable", "MsSummary", "RunInfo", "SteerEvalResult",
+    "SteerResult", "TopImagesIndex", "check_version", "read_hierarchy", "read_latents_csv", "read_ms_summary",
+    "read_run_info", "read_steer", "read_steer_eval", "read_top_images", "write_hierarchy", "write_latents_csv",
+    "write_ms_summary", "write_run_info", "write_steer", "write_steer_eval", "write_top_images",
 ]
 
 
@@ -255,6 +258,39 @@ def read_steer(path: str | Path) -> SteerResult:
 
 def write_steer(dpath: str | Path, result: SteerResult) -> Path:
     return atomic_write_json(Path(dpath) / STEER_JSON, result.to_dict())
+
+
+@dataclass
+class SteerEvalResult:
+    """``steer_eval.json`` of ``python -m vlmsae.steer_eval``: the steering score (SPEC 5).
+
+    ``summary``: per condition ("steered", "not steered", bounds) the score statistics; ``per_latent``: one
+    object per latent (latent, n_top_images, steered, not_steered, steered_words); ``paper``: the paper's
+    figures for the setting; ``settings``: what was run.
+    """
+
+    summary: dict[str, Any]
+    per_latent: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    paper: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = STEER_EVAL_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        _check_types(self, {"summary": (dict,), "per_latent": (list,), "settings": (dict,), "paper": (dict,)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_json_dict(self)
+
+
+def read_steer_eval(path: str | Path) -> SteerEvalResult:
+    fpath = _file(path, STEER_EVAL_JSON)
+    job = "python -m vlmsae.steer_eval"
+    return _from_json_dict(SteerEvalResult, _load_json(fpath, job), fpath, STEER_EVAL_VERSIONS, job)
+
+
+def write_steer_eval(dpath: str | Path, result: SteerEvalResult) -> Path:
+    return atomic_write_json(Path(dpath) / STEER_EVAL_JSON, result.to_dict())
 
 
 @dataclass
