@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmsae.report.browser import build_browser, find_runs, json_for_script, read_latents_csv
+from vlmsae.formats import read_latents_csv
+from vlmsae.report.browser import build_browser, find_runs, json_for_script
 
 EVIL = "<script>alert(1)</script>"
 EVIL_IMG = '<img src=x onerror="window.__pwned=1">'

@@ -40,6 +40,7 @@ def test_demo_runs_every_step(tmp_path: Path, capsys):
     ms = json.loads((out / "monosemanticity" / "ms_summary.json").read_text())
     assert 0 < ms["mean"] <= 1 and "baseline" in ms
     with open(out / "monosemanticity" / "latents.csv") as f:
+        assert f.readline().startswith("# vlmsae latents.csv format_version=")
         n_latents = sum(1 for _ in csv.DictReader(f))
     hierarchy = json.loads((out / "hierarchy" / "hierarchy.json").read_text())
     assert len(hierarchy["groups"]) == 4  # the Matryoshka groups of the demo SAE

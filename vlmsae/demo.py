@@ -27,7 +27,6 @@ not finish.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import json
 import math
@@ -39,6 +38,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from vlmsae import formats
 
 DEFAULT_OUT = Path("outputs") / "demo"  # under the working directory, like every job's outputs/<job>/
 
@@ -102,20 +103,17 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 def best_latents(ms_dpath: Path, n: int = 1) -> list[dict[str, Any]]:
     """The ``n`` live latents with the highest MS (``latents.csv``)."""
-    fpath = ms_dpath / "latents.csv"
+    fpath = ms_dpath / formats.LATENTS_CSV
     if not fpath.is_file():
         return []
-    rows = []
-    with open(fpath, newline="") as f:
-        for r in csv.DictReader(f):
-            try:
-                ms = float(r["ms"])
-            except (TypeError, ValueError):
-                continue
-            if not math.isnan(ms):
-                rows.append({"latent": int(r["latent"]), "ms": ms, "max_act": float(r.get("max_act") or "nan"),
-                             "freq": float(r.get("freq") or "nan")})
+    rows = [{"latent": r.latent, "ms": r.ms, "max_act": r.max_act, "freq": r.freq}
+            for r in formats.read_latents_csv(fpath).rows if not math.isnan(r.ms)]
     return sorted(rows, key=lambda r: -r["ms"])[:n]
+
+
+def _read_format(read: Any, fpath: Path) -> dict[str, Any]:
+    """A documented output as a dict (``{}`` when the step did not write it)."""
+    return read(fpath).to_dict() if fpath.is_file() else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +192,7 @@ class Demo:
             f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}", *self.data_overrides, "embedder=tiny",
             "progress=false",
         ], self.d("monosemanticity"))
-        s = _read_json(self.d("monosemanticity") / "ms_summary.json") or {}
+        s = _read_format(formats.read_ms_summary, self.d("monosemanticity") / formats.MS_SUMMARY_JSON)
         b = s.get("baseline") or {}
         best = best_latents(self.d("monosemanticity"), 3)
         return [
@@ -213,7 +211,7 @@ class Demo:
         call_job("hierarchy", [
             f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}", *self.data_overrides, "taxonomy=tiny", *ms_run,
         ], self.d("hierarchy"))
-        h = _read_json(self.d("hierarchy") / "hierarchy.json") or {}
+        h = _read_format(formats.read_hierarchy, self.d("hierarchy") / formats.HIERARCHY_JSON)
         groups = h.get("groups") or []
         lines = ["LCA depth of each latent's top images (0 = nothing shared, 1 = same shape, 2 = same shape and "
                  "colour), by Matryoshka group:"]
@@ -255,7 +253,7 @@ class Demo:
             "image=[white,skimage:astronaut]", "max_new_tokens=6", f"seed={self.seed}",
             f"sweep=[0,{round(alpha / 4, 2)},{round(alpha / 2, 2)},{alpha}]",
         ], self.d("steer"))
-        s = _read_json(self.d("steer") / "steer.json") or res
+        s = _read_format(formats.read_steer, self.d("steer") / formats.STEER_JSON) or res
         lines = [f"latent #{latent} clamped to alpha={alpha} in every token of the tapped vision block "
                  f"(prompt {s.get('settings', {}).get('prompt', '')!r})"]
         for img, b, st in zip(s.get("settings", {}).get("images", ["?"] * 9), s.get("baseline", []), s.get("steered", [])):

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -48,40 +46,24 @@ def _node(cfg: DictConfig, key: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_ms_csv(fpath: Path, n_latents: int) -> torch.Tensor:
-    """MS per latent from a monosemanticity run's ``latents.csv`` (NaN for dead or missing latents)."""
-    ms_K = torch.full((n_latents,), math.nan, dtype=torch.float64)
-    with open(fpath, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"latent", "ms"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{fpath} needs columns 'latent' and 'ms'; it has {reader.fieldnames}.")
-        for row in reader:
-            k = int(row["latent"])
-            if 0 <= k < n_latents:
-                try:
-                    ms_K[k] = float(row["ms"])
-                except (TypeError, ValueError):
-                    pass  # empty cell: a dead latent
-    return ms_K
-
-
 def load_ms_run(ms_run: str | Path, n_latents: int):
     """(TopImages, MS [K] or None) from a finished ``python -m vlmsae.monosemanticity`` run."""
+    from vlmsae.formats import LATENTS_CSV, TOP_IMAGES_DIR, read_latents_csv
     from vlmsae.metrics.topimages import TopImages
 
     ms_dpath = Path(ms_run)
-    if not (ms_dpath / "top_images").is_dir():
+    if not (ms_dpath / TOP_IMAGES_DIR).is_dir():
         raise FileNotFoundError(
             f"ms_run={ms_dpath} has no top_images/ folder: point it at a run dir of `python -m vlmsae.monosemanticity`."
         )
-    top = TopImages.load(ms_dpath / "top_images")
+    top = TopImages.load(ms_dpath / TOP_IMAGES_DIR)
     if top.n_latents != n_latents:
         raise ValueError(
             f"ms_run={ms_dpath} ranks {top.n_latents} latents but the SAE at sae_path has {n_latents}: "
             "use the MS run made with this SAE."
         )
-    ms_fpath = ms_dpath / "latents.csv"
-    ms_K = read_ms_csv(ms_fpath, n_latents) if ms_fpath.is_file() else None
+    ms_fpath = ms_dpath / LATENTS_CSV
+    ms_K = read_latents_csv(ms_fpath).ms_K(n_latents) if ms_fpath.is_file() else None
     if ms_K is None:
         log.warning("%s not found: the table will have no MS columns", ms_fpath)
     return top, ms_K
@@ -212,10 +194,11 @@ def plot_depth(groups: list[dict], fpath: Path, title: str) -> None:
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     """Score every latent's top images against the taxonomy and write the per-group table."""
+    from vlmsae import formats
     from vlmsae.data.taxonomy import encode_paths, load_taxonomy
     from vlmsae.metrics import hierarchy as H
     from vlmsae.sae import load_sae, read_sae_config
-    from vlmsae.utils.io import atomic_write_json, atomic_write_text
+    from vlmsae.utils.io import atomic_write_text
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
 
@@ -268,25 +251,25 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
     write_csv(out_dpath / "latent_taxa.csv", rows,
               ["latent", "group", "depth_mean", "depth_mode", *taxonomy.ranks, "label"])
-    summary = {
-        "groups": groups,
-        "group_sizes": list(sae.group_sizes),
-        "n_latents": sae.n_latents,
-        "n_scored": int(depths.valid_K.sum()),
-        "n_images": len(top.keys),
-        "n_top": n_top,
-        "ranks": list(taxonomy.ranks),
-        "taxonomy": taxonomy.source,
-        "sae_path": str(cfg.sae_path),
-        "ms_run": cfg.get("ms_run"),
-        "paper_table2": PAPER_TABLE2,
-    }
-    atomic_write_json(out_dpath / "hierarchy.json", summary)
+    summary = formats.HierarchySummary(
+        groups=groups,
+        group_sizes=list(sae.group_sizes),
+        n_latents=sae.n_latents,
+        n_scored=int(depths.valid_K.sum()),
+        n_images=len(top.keys),
+        n_top=n_top,
+        ranks=list(taxonomy.ranks),
+        taxonomy=taxonomy.source,
+        sae_path=str(cfg.sae_path),
+        ms_run=cfg.get("ms_run"),
+        paper_table2=PAPER_TABLE2,
+    )
+    formats.write_hierarchy(out_dpath, summary)
     reference = ({"paper depth": PAPER_TABLE2["depth"], "paper MS mean": PAPER_TABLE2["ms_mean"]}
                  if len(groups) == len(PAPER_TABLE2["depth"]) else None)
     md = (f"# Taxonomy alignment of Matryoshka levels\n\nSAE: `{cfg.sae_path}`  \nTaxonomy: {taxonomy.source} "
           f"(ranks: {', '.join(taxonomy.ranks)})  \nImages: {len(top.keys)}; top-{n_top} per latent; "
-          f"{summary['n_scored']} of {sae.n_latents} latents have {n_top} firing images and are scored.\n\n"
+          f"{summary.n_scored} of {sae.n_latents} latents have {n_top} firing images and are scored.\n\n"
           + H.table_markdown(groups, reference)
           + "\nLCA depth = length of the shared taxon path of a pair of top images (0 = different "
             f"{taxonomy.ranks[0]}, {taxonomy.n_ranks} = same {taxonomy.ranks[-1]}), mean over the "
@@ -294,20 +277,22 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     atomic_write_text(out_dpath / "hierarchy.md", md)
     plot_depth(groups, out_dpath / "hierarchy.png", f"{Path(str(cfg.sae_path)).name}: {taxonomy.source}"[:90])
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=[
-        "hierarchy.json", "hierarchy.md", "hierarchy.png", "latent_taxa.csv"])
+        formats.HIERARCHY_JSON, "hierarchy.md", "hierarchy.png", "latent_taxa.csv"])
     for r in groups:
         log.info("group %d: %d/%d latents scored, depth %s, MS %s", r["group"], r["n_scored"], r["n_latents"],
                  r["depth_mean"], r["ms_mean"])
     log.info("hierarchy outputs in %s", out_dpath)
-    return {**summary, "out_dpath": str(out_dpath)}
+    return {**summary.to_dict(), "out_dpath": str(out_dpath)}
 
 
 def _ms_run_data(ms_run: str | Path) -> dict | None:
     """The ``data`` node an MS run was made with (its run_info.json), to find the taxonomy's images."""
-    info_fpath = Path(ms_run) / "run_info.json"
+    from vlmsae.formats import RUN_INFO_JSON, read_run_info
+
+    info_fpath = Path(ms_run) / RUN_INFO_JSON
     if not info_fpath.is_file():
         return None
-    data = (json.loads(info_fpath.read_text()).get("config") or {}).get("data")
+    data = read_run_info(info_fpath).config.get("data")
     return data if isinstance(data, dict) and data.get("source") else None
 
 

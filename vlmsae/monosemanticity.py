@@ -19,12 +19,9 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +102,21 @@ def _plots(out_dpath: Path, ms_sae: torch.Tensor, ms_raw: torch.Tensor | None, f
     plt.close(fig)
 
 
-def _latents_csv(ms_K, freq_K, max_K, group_K, top) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["latent", "ms", "freq", "max_act", "group", "top_keys"])
-    for k in range(ms_K.numel()):
-        ms = float(ms_K[k])
-        writer.writerow([k, "nan" if math.isnan(ms) else f"{ms:.6f}", f"{float(freq_K[k]):.6g}",
-                         f"{float(max_K[k]):.6g}", int(group_K[k]), "|".join(top.keys_of(k))])
-    return buf.getvalue()
+def _latents_table(ms_K, freq_K, max_K, group_K, top):
+    """The rows of ``latents.csv`` (:class:`vlmsae.formats.LatentsTable`), one per latent."""
+    from vlmsae.formats import LatentRow, LatentsTable
+
+    return LatentsTable([LatentRow(latent=k, ms=float(ms_K[k]), freq=float(freq_K[k]), max_act=float(max_K[k]),
+                                   group=int(group_K[k]), top_keys=tuple(top.keys_of(k))) for k in range(ms_K.numel())])
+
+
+def _ms_summary_format(summary: dict[str, Any]):
+    """``summary`` as the ``ms_summary.json`` format (the headline statistics typed, the rest in ``extra``)."""
+    from vlmsae.formats import MsSummary
+
+    named = ("mean", "std", "min", "max", "dead", "n_latents", "n_images", "baseline")
+    return MsSummary(**{k: summary[k] for k in named if k in summary},
+                     extra={k: v for k, v in summary.items() if k not in named})
 
 
 def _zero_shot(cfg: DictConfig, spec, sae, layer, source: dict, data, synthetic, classes: list[str]) -> dict[str, Any]:
@@ -170,7 +173,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from vlmsae.models.embedders import EmbedderSpec, load_embedder
     from vlmsae.models.tiny import vlmsae_home
     from vlmsae.sae import load_sae, read_sae_config
-    from vlmsae.utils.io import atomic_write_json, atomic_write_text
+    from vlmsae import formats
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
 
@@ -272,8 +275,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         summary["zero_shot"] = _zero_shot(cfg, spec, sae, layer, source, data, synthetic, classes)
 
     group_F = sae.group_of_latent.cpu()
-    atomic_write_text(out_dpath / "latents.csv", _latents_csv(ms_sae, freq_F, max_F, group_F, top))
-    atomic_write_json(out_dpath / "ms_summary.json", summary)
+    formats.write_latents_csv(out_dpath, _latents_table(ms_sae, freq_F, max_F, group_F, top))
+    formats.write_ms_summary(out_dpath, _ms_summary_format(summary))
     _plots(out_dpath, ms_sae, ms_raw, freq_F)
     write_run_info(
         out_dpath, OmegaConf.to_container(cfg, resolve=True), sae_path=str(sae_dpath), data_root=str(data.root),

@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
-from vlmsae.utils.io import atomic_write_json
+from vlmsae.formats import SteerResult, write_steer
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -134,7 +134,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     if "sweep" in result:
         for a, v in result["sweep"].items():
             print(f"alpha={a}: {v}")
-    atomic_write_json(out_dpath / "steer.json", result)
+    write_steer(out_dpath, SteerResult(**result))
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
     return {**result, "out_dpath": str(out_dpath)}
 

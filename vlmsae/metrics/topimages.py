@@ -4,7 +4,8 @@ The index (folder ``top_images/``, read by the hierarchy study, steering and the
 - ``top.safetensors``: ``image_idx`` [K, T] int64 (row k = latent k's images, strongest first;
   -1 pads latents with fewer than T nonzero images) and ``acts`` [K, T] float32 (0 where padded);
 - ``images.json``: {"keys": [...], "paths": [...] or null, "labels": [...] or null}, indexed by image_idx;
-- ``meta.json``: what was ranked (source, SAE, number of images, T), and ``run_info.json``.
+- ``meta.json``: what was ranked (source, SAE, number of images, T) and the ``format_version``, and
+  ``run_info.json``. The files are read and written by :mod:`vlmsae.formats` (``read_top_images``).
 
 Images where a latent is exactly zero never enter its list (the reference code's lists could
 include them, which put unrelated images among a rare latent's "top" images).  Ties keep the
@@ -13,7 +14,6 @@ earlier image.  Memory is O(K * T) plus one chunk; sparse chunks touch only thei
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -146,44 +146,23 @@ class TopImages:
         return (self.image_idx != _NONE).sum(1)
 
     def save(self, dpath: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        from vlmsae.utils.io import atomic_write, atomic_write_json
+        """Write the index (:func:`vlmsae.formats.write_top_images`) and a ``run_info.json`` into ``dpath``."""
+        from vlmsae.formats import TopImagesIndex, write_top_images
         from vlmsae.utils.provenance import write_run_info
 
-        dpath = Path(dpath)
-        dpath.mkdir(parents=True, exist_ok=True)
-        tensors = {name: t.contiguous() for name, t in self.extra.items()}
-        tensors.update(image_idx=self.image_idx.to(torch.long).contiguous(), acts=self.acts.float().contiguous())
-        atomic_write(dpath / "top.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-        atomic_write_json(dpath / "images.json", {"keys": self.keys, "paths": self.paths, "labels": self.labels}, indent=None)
+        dpath = write_top_images(dpath, TopImagesIndex(self.image_idx, self.acts, self.keys, self.paths, self.labels,
+                                                       self.meta, self.extra))
         meta = {**self.meta, "n_latents": self.n_latents, "top_k": self.top_k, "n_images": len(self.keys)}
-        atomic_write_json(dpath / "meta.json", meta)
         write_run_info(dpath, meta)
         return dpath
 
     @classmethod
     def load(cls, dpath: str | Path) -> "TopImages":
-        from safetensors.torch import load_file
+        """Read an index (:func:`vlmsae.formats.read_top_images`); ``meta`` leaves out its format_version."""
+        from vlmsae.formats import read_top_images
 
-        dpath = Path(dpath)
-        fpath = dpath / "top.safetensors"
-        if not fpath.exists():
-            raise FileNotFoundError(
-                f"{fpath} not found: point at a top_images/ folder written by `python -m vlmsae.monosemanticity`."
-            )
-        images_fpath = dpath / "images.json"
-        if not images_fpath.is_file():
-            raise FileNotFoundError(f"{images_fpath} is missing: the top_images index needs top.safetensors and images.json.")
-        tensors = load_file(str(fpath))
-        if "image_idx" not in tensors or "acts" not in tensors:
-            raise ValueError(f"{fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
-        images = json.loads(images_fpath.read_text(encoding="utf-8"))
-        meta_fpath = dpath / "meta.json"
-        meta = json.loads(meta_fpath.read_text(encoding="utf-8")) if meta_fpath.exists() else {}
-        image_idx, acts = tensors.pop("image_idx"), tensors.pop("acts")
-        return cls(image_idx, acts, list(images.get("keys") or []), images.get("paths"), images.get("labels"), meta,
-                   extra=tensors)
+        index = read_top_images(dpath)
+        return cls(index.image_idx, index.acts, index.keys, index.paths, index.labels, index.meta, extra=index.extra)
 
 
 def top_set_jaccard(image_idx_KT: torch.Tensor) -> dict[str, Any]:

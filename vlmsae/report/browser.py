@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmsae import formats
 from vlmsae.utils.io import atomic_write_text
 
 TEMPLATE_DPATH = Path(__file__).resolve().parent / "templates"
@@ -47,7 +48,7 @@ class RunSources:
 
 
 def _is_ms_run(dpath: Path) -> bool:
-    return (dpath / "latents.csv").is_file() and (dpath / "top_images").is_dir()
+    return (dpath / formats.LATENTS_CSV).is_file() and (dpath / formats.TOP_IMAGES_DIR).is_dir()
 
 
 def find_runs(
@@ -77,7 +78,7 @@ def find_runs(
             raise FileNotFoundError(f"ms_run={ms_dpath} holds no latents.csv + top_images/; "
                                     f"run `python -m vlmsae.monosemanticity` first or fix the path.")
     else:
-        cands = [p.parent for p in scan("latents.csv") if _is_ms_run(p.parent)]
+        cands = [p.parent for p in scan(formats.LATENTS_CSV) if _is_ms_run(p.parent)]
         if not cands:
             raise FileNotFoundError(
                 f"No monosemanticity run under run={root}: found no folder with latents.csv and top_images/. "
@@ -103,12 +104,12 @@ def find_runs(
         steer_fpaths = []
         for s in steer_runs:
             p = Path(s)
-            p = p / "steer.json" if p.is_dir() else p
+            p = p / formats.STEER_JSON if p.is_dir() else p
             if not p.is_file():
                 raise FileNotFoundError(f"steer_runs entry {s} holds no steer.json.")
             steer_fpaths.append(p)
     else:
-        steer_fpaths = scan("steer.json")
+        steer_fpaths = scan(formats.STEER_JSON)
     return RunSources(ms_dpath=ms_dpath, hierarchy_dpath=hierarchy_dpath, steer_fpaths=steer_fpaths)
 
 
@@ -131,23 +132,11 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def read_latents_csv(fpath: Path) -> list[dict[str, Any]]:
-    """``latents.csv`` rows (latent, ms, freq, max_act, group, top_keys) with typed values."""
-    with open(fpath, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"latent", "ms"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{fpath} lacks the column(s) {sorted(missing)}; it has {reader.fieldnames}. "
-                             f"Expected the monosemanticity format: latent, ms, freq, max_act, group, top_keys.")
-        rows = []
-        for r in reader:
-            latent = _int(r["latent"])
-            if latent is None:
-                continue
-            rows.append({"latent": latent, "ms": _float(r.get("ms")), "freq": _float(r.get("freq")),
-                         "max_act": _float(r.get("max_act")), "group": _int(r.get("group")),
-                         "top_keys": r.get("top_keys") or ""})
-    return rows
+def latent_rows(table: formats.LatentsTable) -> list[dict[str, Any]]:
+    """``latents.csv`` rows (:func:`vlmsae.formats.read_latents_csv`) as the page's dicts: NaN -> None
+    (JSON has no NaN), ``top_keys`` joined by "|" as written."""
+    return [{"latent": r.latent, "ms": _float(r.ms), "freq": _float(r.freq), "max_act": _float(r.max_act),
+             "group": r.group, "top_keys": "|".join(r.top_keys)} for r in table.rows]
 
 
 def read_taxa_csv(fpath: Path) -> dict[int, dict[str, Any]]:
@@ -215,17 +204,14 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
     """
     examples = []
     for fpath in fpaths:
-        try:
-            obj = json.loads(fpath.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{fpath} is not valid JSON ({e}); re-run `python -m vlmsae.steer`.") from e
-        settings = obj.get("settings") or {}
+        obj = formats.read_steer(fpath)
+        settings = obj.settings
         latents = _steered_latents(settings)
         alpha = settings.get("alpha")
         if alpha is None and isinstance(settings.get("latents"), dict):
             alpha = {str(k): v for k, v in settings["latents"].items()}
-        steered, baseline = _as_list(obj.get("steered")), _as_list(obj.get("baseline"))
-        added = _as_list(obj.get("activation_steering"))
+        steered, baseline = _as_list(obj.steered), _as_list(obj.baseline)
+        added = _as_list(obj.activation_steering)
         images = _as_list(settings.get("images", settings.get("image")))
         rows = []
         for i in range(max(len(steered), len(baseline))):
@@ -235,7 +221,7 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
                 "steered": _answer_text(steered[i]) if i < len(steered) else "",
                 "activation_steering": _answer_text(added[i]) if i < len(added) else None,
             })
-        sweep = obj.get("sweep") if isinstance(obj.get("sweep"), dict) else None
+        sweep = obj.sweep
         examples.append({
             "source": str(fpath.parent.name),
             "sae_path": settings.get("sae_path"),
@@ -426,12 +412,15 @@ def build_browser(
     img_dpath.mkdir(parents=True, exist_ok=True)
 
     ms_dpath = sources.ms_dpath
-    rows = read_latents_csv(ms_dpath / "latents.csv")
-    index = read_top_index(ms_dpath / "top_images")
-    summary = _read_json(ms_dpath / "ms_summary.json")
-    ms_config = (_read_json(ms_dpath / "run_info.json") or {}).get("config", {}) or {}
+    rows = latent_rows(formats.read_latents_csv(ms_dpath / formats.LATENTS_CSV))
+    index = read_top_index(ms_dpath / formats.TOP_IMAGES_DIR)
+    # ms_summary.json, run_info.json and hierarchy.json are optional here: the page shows what there is.
+    summary = _optional(formats.read_ms_summary, ms_dpath / formats.MS_SUMMARY_JSON)
+    run_info = _optional(formats.read_run_info, ms_dpath / formats.RUN_INFO_JSON)
+    ms_config = run_info.config if run_info is not None else {}
     taxa = read_taxa_csv(sources.hierarchy_dpath / "latent_taxa.csv") if sources.hierarchy_dpath else {}
-    hierarchy = _read_json(sources.hierarchy_dpath / "hierarchy.json") if sources.hierarchy_dpath else None
+    hierarchy = (_optional(formats.read_hierarchy, sources.hierarchy_dpath / formats.HIERARCHY_JSON)
+                 if sources.hierarchy_dpath else None)
     steering = read_steering(sources.steer_fpaths)
 
     # Choose the cards: highest MS first (None = dead, last), then the steered latents.
@@ -518,8 +507,8 @@ def build_browser(
         "heatmap_note": heatmap_note,
         "sources": {"ms": str(ms_dpath), "hierarchy": str(sources.hierarchy_dpath or ""),
                     "steer": [str(p) for p in sources.steer_fpaths]},
-        "summary": summary,
-        "hierarchy": hierarchy,
+        "summary": summary.to_dict() if summary is not None else None,
+        "hierarchy": hierarchy.to_dict() if hierarchy is not None else None,
         "model": _model_line(ms_config, index.meta),
         "plots": plots,
         "steering": steering,
@@ -577,6 +566,11 @@ def _fill_heatmaps(cards: list[dict[str, Any]], index: TopIndex, ms_config: dict
             else:
                 t["heat"] = None
     return note
+
+
+def _optional(read: Any, fpath: Path) -> Any:
+    """``read(fpath)`` when the file is there, else None (a broken or too-new file is still an error)."""
+    return read(fpath) if fpath.is_file() else None
 
 
 def _read_json(fpath: Path) -> Any:
@@ -725,5 +719,5 @@ def cards_summary(data: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["RunSources", "TopIndex", "build_browser", "cards_summary", "find_runs", "json_for_script",
-           "log_to_wandb", "read_latents_csv", "read_steering", "read_taxa_csv", "read_top_index",
+           "latent_rows", "log_to_wandb", "read_steering", "read_taxa_csv", "read_top_index",
            "render_html", "wandb_table"]

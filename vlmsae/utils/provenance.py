@@ -1,6 +1,6 @@
 """What made an output: resolved config, package versions, git commit, command line.
 
-Every output folder gets a ``run_info.json`` written by :func:`write_run_info`.
+Every output folder gets a ``run_info.json`` (:class:`vlmsae.formats.RunInfo`) written by :func:`write_run_info`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from vlmsae import __version__
-from vlmsae.utils.io import atomic_write_json
 
 _PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "lightning", "hydra-core", "webdataset")
 
@@ -57,6 +56,11 @@ def provenance() -> dict[str, Any]:
 
 
 def write_run_info(out_dpath: str | Path, config: dict[str, Any] | None = None, **extra: Any) -> Path:
-    """Write ``run_info.json`` (resolved config + provenance + extras) into ``out_dpath``."""
-    info = {**provenance(), "config": config or {}, **extra}
-    return atomic_write_json(Path(out_dpath) / "run_info.json", info)
+    """Write ``run_info.json`` (resolved config + provenance + extras) into ``out_dpath``.
+
+    The format is :class:`vlmsae.formats.RunInfo`; read it back with :func:`vlmsae.formats.read_run_info`.
+    """
+    from vlmsae import formats
+
+    info = formats.RunInfo(config=config or {}, **provenance(), extra=extra)
+    return formats.write_run_info(out_dpath, info)

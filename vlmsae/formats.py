@@ -1,0 +1,503 @@
+"""Every on-disk format that one job writes and another reads: a dataclass, one read, one write.
+
+Each format carries a ``format_version``. A reader accepts the versions in its ``*_VERSIONS`` tuple
+and refuses any other (a newer vlmsae wrote it) with a message that names the file, the version found,
+the versions this vlmsae reads and the fix. Files written before versions existed carry none: they are
+read as version 1, so finished runs still load. Writers are atomic (:mod:`vlmsae.utils.io`).
+
+Readers take the file itself or the folder that holds it (the file names are fixed, the constants
+below); writers take the folder and return the written path.
+
+===================  ==================================  ===========================================
+file                 dataclass                           read / write
+===================  ==================================  ===========================================
+``latents.csv``      :class:`LatentsTable` of            :func:`read_latents_csv` /
+                     :class:`LatentRow`                  :func:`write_latents_csv`
+``ms_summary.json``  :class:`MsSummary`                  :func:`read_ms_summary` / :func:`write_ms_summary`
+``top_images/``      :class:`TopImagesIndex`             :func:`read_top_images` / :func:`write_top_images`
+``hierarchy.json``   :class:`HierarchySummary`           :func:`read_hierarchy` / :func:`write_hierarchy`
+``steer.json``       :class:`SteerResult`                :func:`read_steer` / :func:`write_steer`
+``steer_eval.json``  :class:`SteerEvalResult`            :func:`read_steer_eval` / :func:`write_steer_eval`
+``run_info.json``    :class:`RunInfo`                    :func:`read_run_info` / :func:`write_run_info`
+===================  ==================================  ===========================================
+
+``latents.csv`` has no header object, so its version rides in a first comment line,
+``# vlmsae latents.csv format_version=2``, then the usual header and rows. Version 1 is the same table
+without that line. Outside vlmsae, skip the line: ``pandas.read_csv(fpath, skiprows=1)`` (not
+``comment="#"``, which would also cut an image key containing ``#`` in ``top_keys``); spreadsheets
+show it as a first row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vlmsae.utils.io import atomic_write, atomic_write_json, atomic_write_text
+
+LATENTS_CSV = "latents.csv"
+MS_SUMMARY_JSON = "ms_summary.json"
+HIERARCHY_JSON = "hierarchy.json"
+STEER_JSON = "steer.json"
+STEER_EVAL_JSON = "steer_eval.json"
+RUN_INFO_JSON = "run_info.json"
+TOP_IMAGES_DIR = "top_images"
+TOP_TENSORS = "top.safetensors"
+TOP_IMAGES_JSON = "images.json"
+TOP_META_JSON = "meta.json"
+
+# The versions each reader understands; the last one is what the writer writes.
+LATENTS_CSV_VERSIONS = (1, 2)  # 1: no version line (before formats.py); 2: "# vlmsae latents.csv format_version=2"
+MS_SUMMARY_VERSIONS = (1,)
+TOP_IMAGES_VERSIONS = (1,)
+HIERARCHY_VERSIONS = (1,)
+STEER_VERSIONS = (1,)
+STEER_EVAL_VERSIONS = (1,)
+RUN_INFO_VERSIONS = (1,)
+
+__all__ = [
+    "FormatVersionError", "HierarchySummary", "LatentRow", "LatentsTable", "MsSummary", "RunInfo", "SteerEvalResult",
+    "SteerResult", "TopImagesIndex", "check_version", "read_hierarchy", "read_latents_csv", "read_ms_summary",
+    "read_run_info", "read_steer", "read_steer_eval", "read_top_images", "write_hierarchy", "write_latents_csv",
+    "write_ms_summary", "write_run_info", "write_steer", "write_steer_eval", "write_top_images",
+]
+
+
+class FormatVersionError(ValueError):
+    """A file's ``format_version`` is one this vlmsae cannot read (usually: a newer vlmsae wrote it)."""
+
+
+def check_version(fpath: Path, found: Any, known: tuple[int, ...], job: str) -> int:
+    """``found`` as an int if this vlmsae reads it; else a :class:`FormatVersionError` that says what to do."""
+    from vlmsae import __version__
+
+    if isinstance(found, int) and not isinstance(found, bool) and found in known:
+        return found
+    raise FormatVersionError(
+        f"{fpath} has format_version={found!r}, but this vlmsae ({__version__}) reads format_version "
+        f"{', '.join(map(str, known))} of {Path(fpath).name}. A newer vlmsae probably wrote it: upgrade vlmsae "
+        f"(`git pull` in its checkout, or `pip install -U vlmsae`), or re-run `{job}` with this vlmsae to rewrite it."
+    )
+
+
+def _file(path: str | Path, name: str) -> Path:
+    """The file ``name`` in folder ``path``, or ``path`` itself when it is not a folder."""
+    path = Path(path)
+    return path / name if path.is_dir() else path
+
+
+def _load_json(fpath: Path, job: str) -> dict[str, Any]:
+    if not fpath.is_file():
+        raise FileNotFoundError(f"{fpath} not found: run `{job}` first, or point at its output folder.")
+    try:
+        obj = json.loads(fpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{fpath} is not valid JSON ({err}); re-run `{job}` to rewrite it.") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{fpath} holds a JSON {type(obj).__name__}, expected an object; re-run `{job}`.")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# JSON formats: typed fields + ``extra`` (keys this vlmsae does not name, kept on a round trip)
+# --------------------------------------------------------------------------------------------
+_SKIP = ("format_version", "extra")
+
+
+def _to_json_dict(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"format_version": obj.format_version}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in _SKIP or (value is None and f.metadata.get("omit_none")):
+            continue
+        out[f.name] = value
+    out.update({k: v for k, v in obj.extra.items() if k not in out})
+    return out
+
+
+def _from_json_dict(cls: type, obj: dict[str, Any], fpath: Path, known: tuple[int, ...], job: str) -> Any:
+    # Files written before format_version existed have none: they are version 1.
+    version = check_version(fpath, obj.get("format_version", 1), known, job)
+    names = [f.name for f in fields(cls) if f.name not in _SKIP]
+    required = [f.name for f in fields(cls)
+                if f.name not in _SKIP and f.default is MISSING and f.default_factory is MISSING]
+    missing = [n for n in required if n not in obj]
+    if missing:
+        raise ValueError(f"{fpath} lacks the key(s) {missing} (it has {sorted(obj)}); re-run `{job}` to rewrite it.")
+    extra = {k: v for k, v in obj.items() if k not in names and k != "format_version"}
+    try:
+        return cls(**{n: obj[n] for n in names if n in obj}, extra=extra, format_version=version)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{fpath}: {err}; re-run `{job}` to rewrite it.") from err
+
+
+def _check_types(obj: Any, spec: dict[str, tuple[type, ...]]) -> None:
+    for name, types in spec.items():
+        value = getattr(obj, name)
+        if value is not None and not isinstance(value, types):
+            raise ValueError(f"{name} must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__} "
+                             f"{value!r:.60}")
+
+
+_NUM = (int, float)
+
+
+@dataclass
+class MsSummary:
+    """``ms_summary.json`` of ``python -m vlmsae.monosemanticity``: MS statistics over the SAE's latents.
+
+    ``baseline`` holds the same statistics for the raw neurons; ``extra`` the rest (``undefined``,
+    ``n_scored``, ``uniqueness``, ``reconstruction``, ``zero_shot``, ``embedder``, ``model``, ...).
+    """
+
+    mean: float | None = None  # NaN when no latent was scored
+    std: float | None = None
+    min: float | None = None
+    max: float | None = None
+    dead: int | None = None
+    n_latents: int | None = None
+    n_images: int | None = None
+    baseline: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = MS_SUMMARY_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        _check_types(self, {"mean": _NUM, "std": _NUM, "min": _NUM, "max": _NUM, "dead": (int,),
+                            "n_latents": (int,), "n_images": (int,), "baseline": (dict,)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_json_dict(self)
+
+
+def read_ms_summary(path: str | Path) -> MsSummary:
+    fpath = _file(path, MS_SUMMARY_JSON)
+    job = "python -m vlmsae.monosemanticity"
+    return _from_json_dict(MsSummary, _load_json(fpath, job), fpath, MS_SUMMARY_VERSIONS, job)
+
+
+def write_ms_summary(dpath: str | Path, summary: MsSummary) -> Path:
+    return atomic_write_json(Path(dpath) / MS_SUMMARY_JSON, summary.to_dict())
+
+
+@dataclass
+class HierarchySummary:
+    """``hierarchy.json`` of ``python -m vlmsae.hierarchy``: one object per Matryoshka group in ``groups``
+    (group, n_latents, n_scored, depth_mean, depth_std, ms_mean, ms_max, ms_min, ...)."""
+
+    groups: list[dict[str, Any]]
+    group_sizes: list[int] | None = None
+    n_latents: int | None = None
+    n_scored: int | None = None
+    n_images: int | None = None
+    n_top: int | None = None
+    ranks: list[str] | None = None
+    taxonomy: str | None = None
+    sae_path: str | None = None
+    ms_run: str | None = None
+    paper_table2: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = HIERARCHY_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        _check_types(self, {"groups": (list,), "group_sizes": (list,), "n_latents": (int,), "n_scored": (int,),
+                            "n_images": (int,), "n_top": (int,), "ranks": (list,), "paper_table2": (dict,)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_json_dict(self)
+
+
+def read_hierarchy(path: str | Path) -> HierarchySummary:
+    fpath = _file(path, HIERARCHY_JSON)
+    job = "python -m vlmsae.hierarchy"
+    return _from_json_dict(HierarchySummary, _load_json(fpath, job), fpath, HIERARCHY_VERSIONS, job)
+
+
+def write_hierarchy(dpath: str | Path, summary: HierarchySummary) -> Path:
+    return atomic_write_json(Path(dpath) / HIERARCHY_JSON, summary.to_dict())
+
+
+@dataclass
+class SteerResult:
+    """``steer.json`` of ``python -m vlmsae.steer``: one answer per image with and without steering.
+
+    ``settings``: model, sae_path, layer, ``latents`` {id: alpha}, mode, patches, prompt, ``images``,
+    max_new_tokens, ... ``activation_steering`` (the add-the-direction baseline) and ``sweep``
+    ({alpha: answers}) are there only when asked for. A job that steers differently can write this
+    format too: ``extra`` keeps any further keys.
+    """
+
+    steered: list[Any]
+    baseline: list[Any]
+    activation_steering: list[Any] | None = field(default=None, metadata={"omit_none": True})
+    sweep: dict[str, list[Any]] | None = field(default=None, metadata={"omit_none": True})
+    settings: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = STEER_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        if self.settings is None:
+            self.settings = {}
+        _check_types(self, {"steered": (list,), "baseline": (list,), "activation_steering": (list,),
+                            "sweep": (dict,), "settings": (dict,)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_json_dict(self)
+
+
+def read_steer(path: str | Path) -> SteerResult:
+    fpath = _file(path, STEER_JSON)
+    job = "python -m vlmsae.steer"
+    return _from_json_dict(SteerResult, _load_json(fpath, job), fpath, STEER_VERSIONS, job)
+
+
+def write_steer(dpath: str | Path, result: SteerResult) -> Path:
+    return atomic_write_json(Path(dpath) / STEER_JSON, result.to_dict())
+
+
+@dataclass
+class SteerEvalResult:
+    """``steer_eval.json`` of ``python -m vlmsae.steer_eval``: the steering score (SPEC 5).
+
+    ``summary``: per condition ("steered", "not steered", bounds) the score statistics; ``per_latent``: one
+    object per latent (latent, n_top_images, steered, not_steered, steered_words); ``paper``: the paper's
+    figures for the setting; ``settings``: what was run.
+    """
+
+    summary: dict[str, Any]
+    per_latent: list[dict[str, Any]]
+    settings: dict[str, Any] = field(default_factory=dict)
+    paper: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = STEER_EVAL_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        _check_types(self, {"summary": (dict,), "per_latent": (list,), "settings": (dict,), "paper": (dict,)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_json_dict(self)
+
+
+def read_steer_eval(path: str | Path) -> SteerEvalResult:
+    fpath = _file(path, STEER_EVAL_JSON)
+    job = "python -m vlmsae.steer_eval"
+    return _from_json_dict(SteerEvalResult, _load_json(fpath, job), fpath, STEER_EVAL_VERSIONS, job)
+
+
+def write_steer_eval(dpath: str | Path, result: SteerEvalResult) -> Path:
+    return atomic_write_json(Path(dpath) / STEER_EVAL_JSON, result.to_dict())
+
+
+@dataclass
+class RunInfo:
+    """``run_info.json``, in every output folder: what made it. ``config`` is the resolved job config;
+    ``extra`` holds what the job added (``status``, ``sae_path``, ``skipped``, ``outputs``, ...)."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    vlmsae_version: str | None = None
+    git_commit: str | None = None
+    versions: dict[str, str] | None = None
+    command: str | None = None
+    created: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = RUN_INFO_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        if self.config is None:
+            self.config = {}
+        _check_types(self, {"config": (dict,), "versions": (dict,)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_json_dict(self)
+
+
+def read_run_info(path: str | Path) -> RunInfo:
+    fpath = _file(path, RUN_INFO_JSON)
+    job = "the job that made this folder"
+    return _from_json_dict(RunInfo, _load_json(fpath, job), fpath, RUN_INFO_VERSIONS, job)
+
+
+def write_run_info(dpath: str | Path, info: RunInfo) -> Path:
+    """Write ``info`` as ``dpath/run_info.json``; :func:`vlmsae.utils.provenance.write_run_info` fills it in."""
+    return atomic_write_json(Path(dpath) / RUN_INFO_JSON, info.to_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# latents.csv
+# --------------------------------------------------------------------------------------------
+LATENTS_COLUMNS = ("latent", "ms", "freq", "max_act", "group", "top_keys")
+_VERSION_LINE = re.compile(r"^# vlmsae latents\.csv format_version=(\S+)\s*$")
+_MS_JOB = "python -m vlmsae.monosemanticity"
+
+
+@dataclass(frozen=True)
+class LatentRow:
+    """One latent of ``latents.csv``."""
+
+    latent: int
+    ms: float  # NaN: dead or undefined (an empty cell reads as NaN too)
+    freq: float = math.nan  # fraction of images where it fires; NaN when the file has no such column
+    max_act: float = math.nan
+    group: int | None = None  # Matryoshka group
+    top_keys: tuple[str, ...] = ()  # its top images' keys, strongest first (written joined by "|")
+
+
+@dataclass
+class LatentsTable:
+    """``latents.csv`` of ``python -m vlmsae.monosemanticity``: one :class:`LatentRow` per latent."""
+
+    rows: list[LatentRow]
+    format_version: int = LATENTS_CSV_VERSIONS[-1]
+
+    def ms_K(self, n_latents: int):
+        """MS per latent as a float64 tensor [n_latents] (NaN for dead, undefined or absent latents)."""
+        import torch
+
+        ms_K = torch.full((n_latents,), math.nan, dtype=torch.float64)
+        for r in self.rows:
+            if 0 <= r.latent < n_latents:
+                ms_K[r.latent] = r.ms
+        return ms_K
+
+
+def _cell_float(value: str | None, fpath: Path, line: int, column: str) -> float:
+    if value is None or value.strip() == "":
+        return math.nan
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{fpath} line {line}: {column}={value!r} is not a number (write nan or leave it "
+                         f"empty for a dead latent); re-run `{_MS_JOB}` to rewrite the file.") from None
+
+
+def _cell_int(value: str | None, fpath: Path, line: int, column: str) -> int | None:
+    x = _cell_float(value, fpath, line, column)
+    if math.isnan(x):
+        return None
+    if x != int(x):
+        raise ValueError(f"{fpath} line {line}: {column}={value!r} is not a whole number.")
+    return int(x)
+
+
+def read_latents_csv(path: str | Path) -> LatentsTable:
+    """``latents.csv`` (the file or its run folder) -> typed rows; columns ``latent`` and ``ms`` are required."""
+    fpath = _file(path, LATENTS_CSV)
+    if not fpath.is_file():
+        raise FileNotFoundError(f"{fpath} not found: run `{_MS_JOB}` first, or point at its output folder.")
+    with open(fpath, newline="", encoding="utf-8") as f:
+        first = f.readline()
+        if first.startswith("#"):
+            match = _VERSION_LINE.match(first.rstrip("\r\n"))
+            if match is None:
+                raise ValueError(f"{fpath} starts with {first.strip()!r}, expected '# vlmsae latents.csv "
+                                 f"format_version=<n>' or the header line; re-run `{_MS_JOB}` to rewrite it.")
+            found: Any = int(match.group(1)) if match.group(1).isdigit() else match.group(1)
+            version, offset = check_version(fpath, found, LATENTS_CSV_VERSIONS, _MS_JOB), 1
+        else:
+            f.seek(0)
+            version, offset = 1, 0  # written before format_version existed: version 1
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in ("latent", "ms") if c not in columns]
+        if missing:
+            raise ValueError(f"{fpath} lacks the column(s) {missing}; it has {columns}. Expected the monosemanticity "
+                             f"format: {', '.join(LATENTS_COLUMNS)}.")
+        rows = []
+        for r in reader:
+            line = reader.line_num + offset
+            latent = _cell_int(r["latent"], fpath, line, "latent")
+            if latent is None:
+                raise ValueError(f"{fpath} line {line}: the latent id is empty.")
+            keys = r.get("top_keys") or ""
+            rows.append(LatentRow(latent=latent, ms=_cell_float(r["ms"], fpath, line, "ms"),
+                                  freq=_cell_float(r.get("freq"), fpath, line, "freq"),
+                                  max_act=_cell_float(r.get("max_act"), fpath, line, "max_act"),
+                                  group=_cell_int(r.get("group"), fpath, line, "group"),
+                                  top_keys=tuple(keys.split("|")) if keys else ()))
+    return LatentsTable(rows, format_version=version)
+
+
+def write_latents_csv(dpath: str | Path, table: LatentsTable) -> Path:
+    """Write ``dpath/latents.csv`` at the current version (the version line, the header, one row per latent)."""
+    buf = io.StringIO()
+    buf.write(f"# vlmsae latents.csv format_version={LATENTS_CSV_VERSIONS[-1]}\r\n")  # csv.writer ends lines \r\n
+    writer = csv.writer(buf)
+    writer.writerow(LATENTS_COLUMNS)
+    for r in table.rows:
+        writer.writerow([r.latent, "nan" if math.isnan(r.ms) else f"{r.ms:.6f}", f"{r.freq:.6g}", f"{r.max_act:.6g}",
+                         "" if r.group is None else r.group, "|".join(r.top_keys)])
+    return atomic_write_text(Path(dpath) / LATENTS_CSV, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# top_images/: top.safetensors + images.json + meta.json (the version lives in meta.json)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TopImagesIndex:
+    """The files of a ``top_images/`` folder; the in-memory object with its checks and helpers is
+    :class:`vlmsae.metrics.topimages.TopImages`, whose ``save`` / ``load`` call the functions below.
+
+    ``top.safetensors``: ``image_idx`` [K, T] int64 (-1 = none), ``acts`` [K, T] float32 and any ``extra``
+    tensors (e.g. ``patch_acts`` [K, T, P]); ``images.json``: keys, paths, labels (indexed by image_idx);
+    ``meta.json``: ``meta`` + n_latents, top_k, n_images and ``format_version``.
+    """
+
+    image_idx: Any  # torch.Tensor [K, T] int64
+    acts: Any  # torch.Tensor [K, T] float32
+    keys: list[str]
+    paths: list[str] | None = None
+    labels: list[Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # name -> torch.Tensor
+    format_version: int = TOP_IMAGES_VERSIONS[-1]
+
+
+def read_top_images(dpath: str | Path) -> TopImagesIndex:
+    from safetensors.torch import load_file
+
+    dpath = Path(dpath)
+    job = "python -m vlmsae.monosemanticity"
+    fpath = dpath / TOP_TENSORS
+    if not fpath.exists():
+        raise FileNotFoundError(f"{fpath} not found: point at a top_images/ folder written by `{job}`.")
+    images_fpath = dpath / TOP_IMAGES_JSON
+    if not images_fpath.is_file():
+        raise FileNotFoundError(f"{images_fpath} is missing: the top_images index needs {TOP_TENSORS} and "
+                                f"{TOP_IMAGES_JSON}.")
+    meta_fpath = dpath / TOP_META_JSON
+    meta = _load_json(meta_fpath, job) if meta_fpath.exists() else {}
+    # An index written before format_version existed (or without meta.json) is version 1.
+    version = check_version(meta_fpath, meta.pop("format_version", 1), TOP_IMAGES_VERSIONS, job)
+    tensors = load_file(str(fpath))
+    if "image_idx" not in tensors or "acts" not in tensors:
+        raise ValueError(f"{fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
+    images = _load_json(images_fpath, job)
+    image_idx, acts = tensors.pop("image_idx"), tensors.pop("acts")
+    return TopImagesIndex(image_idx, acts, list(images.get("keys") or []), images.get("paths"), images.get("labels"),
+                          meta, extra=tensors, format_version=version)
+
+
+def write_top_images(dpath: str | Path, index: TopImagesIndex) -> Path:
+    """Write the three files into ``dpath`` (the tensors first, so a reader never pairs new meta with old tensors
+    for long: each file is atomic, the folder is not)."""
+    import torch
+    from safetensors.torch import save_file
+
+    dpath = Path(dpath)
+    dpath.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.contiguous() for name, t in index.extra.items()}
+    tensors.update(image_idx=index.image_idx.to(torch.long).contiguous(), acts=index.acts.float().contiguous())
+    atomic_write(dpath / TOP_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_json(dpath / TOP_IMAGES_JSON, {"keys": index.keys, "paths": index.paths, "labels": index.labels},
+                      indent=None)
+    meta = {"format_version": TOP_IMAGES_VERSIONS[-1],
+            **{k: v for k, v in index.meta.items() if k != "format_version"},
+            "n_latents": int(index.image_idx.shape[0]), "top_k": int(index.image_idx.shape[1]),
+            "n_images": len(index.keys)}
+    atomic_write_json(dpath / TOP_META_JSON, meta)
+    return dpath
