@@ -26,7 +26,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
-from vlmsae.utils.io import atomic_write_json, atomic_write_text
+from vlmsae.formats import SteerEvalResult, write_steer_eval
+from vlmsae.utils.io import atomic_write_text
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -246,7 +247,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     title = f"# Steering score: {len(latents)} latents x {n_img} images ({cfg.images}), alpha={cfg.alpha}, {cfg.mode}\n\n"
     note = f"The paper column is SPEC 5's {'white-image' if setting == 'white' else 'ImageNet-image'} setting.\n"
     atomic_write_text(out_dpath / "steer_eval.md", title + table + "\n" + note)
-    atomic_write_json(out_dpath / "steer_eval.json", result)
+    write_steer_eval(out_dpath, SteerEvalResult(**result))
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
     print(table)
     return {**result, "table": table, "out_dpath": str(out_dpath)}
