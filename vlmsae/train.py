@@ -217,15 +217,17 @@ def build_logger(cfg: DictConfig, out_dpath: Path, resume_ckpt: Path | None):
     if kind == "none":
         return False, None
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+        from vlmsae.lit.loggers import ResumableCSVLogger
 
-        return CSVLogger(save_dir=str(out_dpath), name="csv", version=""), None
+        # On resume metrics.csv continues the checkpoint's run's history (RestoreLogHistory trims it).
+        history_fpath = _history_dpath(resume_ckpt) / "csv" / "metrics.csv" if resume_ckpt is not None else None
+        return ResumableCSVLogger(save_dir=str(out_dpath), name="csv", version="", history_fpath=history_fpath), None
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
         run_id = None
         if resume_ckpt is not None:
-            id_fpath = resume_ckpt.parent.parent / "wandb_id.txt"
+            id_fpath = _history_dpath(resume_ckpt) / "wandb_id.txt"
             if id_fpath.is_file():
                 run_id = id_fpath.read_text().strip()
         import uuid
@@ -240,6 +242,11 @@ def build_logger(cfg: DictConfig, out_dpath: Path, resume_ckpt: Path | None):
         )
         return logger, run_id
     raise ValueError(f"logger.kind={kind!r}: use none, csv or wandb")
+
+
+def _history_dpath(resume_ckpt: Path) -> Path:
+    """The run dir a checkpoint belongs to (``<run dir>/checkpoints/<name>.ckpt``): its logs are the history."""
+    return resume_ckpt.parent.parent
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | None = None) -> dict:
@@ -285,6 +292,13 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     if wandb_id and is_rank_zero:
         atomic_write_text(out_dpath / "wandb_id.txt", wandb_id)  # resume=true continues this W&B run
 
+    callbacks = list(callbacks or [])
+    if resume_ckpt is not None and logger:
+        from vlmsae.lit.loggers import RestoreLogHistory
+
+        # The killed run logged steps past its checkpoint: keep its history up to there, then continue it.
+        callbacks.append(RestoreLogHistory(_history_dpath(resume_ckpt), wandb_id=wandb_id))
+
     ckpt_dpath = out_dpath / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dpath), filename="step{step:07d}", auto_insert_metric_name=False,
                                  every_n_train_steps=int(t["checkpoint_every_n_steps"]), save_top_k=1, monitor=None,
@@ -295,7 +309,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
         val_check_interval=int(t["val_check_interval"]), check_val_every_n_epoch=None,
         limit_val_batches=int(t["limit_val_batches"]), log_every_n_steps=int(t["log_every_n_steps"]),
         enable_progress_bar=bool(t["enable_progress_bar"]), enable_model_summary=False, num_sanity_val_steps=0,
-        logger=logger, callbacks=[checkpoint, *(callbacks or [])], default_root_dir=str(out_dpath),
+        logger=logger, callbacks=[checkpoint, *callbacks], default_root_dir=str(out_dpath),
         use_distributed_sampler=False,
     )
     init = {}
