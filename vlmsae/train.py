@@ -9,7 +9,9 @@
 Outputs (the Hydra run dir): ``sae/`` (vlmsae.sae checkpoint: takes raw activations, ``source``
 says model/layer/tokens), ``metrics.json`` (final validation metrics), ``run_info.json``
 (resolved config + provenance), ``checkpoints/last.ckpt`` (Lightning, for resume), ``csv/``
-(logger=csv) or ``wandb/`` (logger=wandb).
+(logger=csv, and logger=wandb's scalar mirror) and ``wandb/`` (logger=wandb). On resume the
+logger history is the checkpointed run's up to the checkpoint's step, then this run's
+(vlmsae.lit.loggers): each logged step appears once.
 
 ``layer`` and ``tokens`` (top level) say what to train on. With ``data=acts`` they default to the
 store's manifest and, when set, must agree with it (so a layer sweep whose ``data.acts`` forgot
@@ -211,17 +213,18 @@ def build_datamodule(cfg: DictConfig, info: dict):
 
 
 def build_logger(cfg: DictConfig, out_dpath: Path, resume_ckpt: Path | None):
-    """Lightning logger for logger.kind (none | csv | wandb) and the W&B run id (None otherwise)."""
+    """Lightning logger(s) for logger.kind (none | csv | wandb: W&B plus a CSV mirror) and the W&B run id."""
     lg = _node(cfg, "logger")
     kind = lg.get("kind", "none")
     if kind == "none":
         return False, None
-    if kind == "csv":
-        from vlmsae.lit.loggers import ResumableCSVLogger
+    from vlmsae.lit.loggers import ResumableCSVLogger
 
-        # On resume metrics.csv continues the checkpoint's run's history (RestoreLogHistory trims it).
-        history_fpath = _history_dpath(resume_ckpt) / "csv" / "metrics.csv" if resume_ckpt is not None else None
-        return ResumableCSVLogger(save_dir=str(out_dpath), name="csv", version="", history_fpath=history_fpath), None
+    # On resume metrics.csv continues the checkpoint's run's history (RestoreLogHistory trims it).
+    history_fpath = _history_dpath(resume_ckpt) / "csv" / "metrics.csv" if resume_ckpt is not None else None
+    csv_logger = ResumableCSVLogger(save_dir=str(out_dpath), name="csv", version="", history_fpath=history_fpath)
+    if kind == "csv":
+        return csv_logger, None
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -240,7 +243,9 @@ def build_logger(cfg: DictConfig, out_dpath: Path, resume_ckpt: Path | None):
             save_dir=str(out_dpath), name=name, id=run_id, resume="allow", mode=mode,
             config=OmegaConf.to_container(cfg, resolve=True),
         )
-        return logger, run_id
+        # csv/metrics.csv mirrors the scalars: written at every log, it survives kill -9 (W&B's offline
+        # log is flushed every 15 s), and a resumed offline run replays it (vlmsae.lit.loggers).
+        return [logger, csv_logger], run_id
     raise ValueError(f"logger.kind={kind!r}: use none, csv or wandb")
 
 
@@ -335,7 +340,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
             write_run_info(out_dpath, config, status="failed", error=str(err), sae_config=sae_config, lr=lr)
         raise
     finally:
-        if logger and type(logger).__name__ == "WandbLogger":
+        if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
             import wandb
 
             wandb.finish()  # one W&B run per job: a multirun starts the next job with a fresh run

@@ -192,18 +192,22 @@ def iter_wandb_records(fpath: str | Path):
 
 
 def read_wandb_history(fpath: str | Path) -> list[dict[str, Any]]:
-    """History rows of a ``.wandb`` file: {key: JSON-decoded value}, with W&B's ``_step`` etc."""
+    """History rows of a ``.wandb`` file: {key: JSON-decoded value} (media as their dicts), with ``_step`` etc."""
     rows = []
     for record in iter_wandb_records(fpath):
         if record.WhichOneof("record_type") != "history":
             continue
-        row = {}
+        row: dict[str, Any] = {}
         for item in record.history.item:
-            key = item.key or "/".join(item.nested_key)
             try:
-                row[key] = json.loads(item.value_json)
+                value = json.loads(item.value_json)
             except ValueError:
                 continue
+            path = [item.key] if item.key else list(item.nested_key)  # media: ["val/hist", "_type"], ...
+            node = row
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
         rows.append(row)
     return rows
 
@@ -233,7 +237,7 @@ def merged_wandb_history(files: list[Path], before_step: int) -> list[dict[str, 
 
 
 def _wandb_value(value: Any) -> Any:
-    if isinstance(value, dict) and value.get("_type") == "histogram":
+    if _is_histogram(value):
         import numpy as np
         import wandb
 
@@ -245,7 +249,7 @@ def replay_wandb_history(run, rows: list[dict[str, Any]]) -> int:
     """Log ``rows`` into ``run`` (scalars and histograms; other media are skipped); returns rows logged."""
     n = 0
     for row in rows:
-        values = {k: _wandb_value(v) for k, v in row.items() if not isinstance(v, dict) or v.get("_type") == "histogram"}
+        values = {k: _wandb_value(v) for k, v in row.items() if not isinstance(v, dict) or _is_histogram(v)}
         if len(values) > 1:  # more than the step key alone
             run.log(values)
             n += 1
@@ -291,27 +295,51 @@ class RestoreLogHistory(L.Callback):
         if self._done or not trainer.is_global_zero:
             return
         self._done = True
+        csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]
+        for logger in csv_loggers:  # first: the W&B replay reads the restored CSV
+            logger.restore_history(self._step)
         for logger in trainer.loggers:
-            if isinstance(logger, ResumableCSVLogger):
-                logger.restore_history(self._step)
-            elif type(logger).__name__ == "WandbLogger" and self.wandb_id:
-                self._restore_wandb(logger)
+            if type(logger).__name__ == "WandbLogger" and self.wandb_id:
+                self._restore_wandb(logger, csv_loggers[0] if csv_loggers else None)
 
-    def _restore_wandb(self, logger) -> None:
+    def _restore_wandb(self, logger, csv_logger: ResumableCSVLogger | None) -> None:
         run = logger.experiment
-        if not getattr(run, "offline", False):
+        if getattr(run, "offline", False) is not True:
             return  # online: the server resumed the run; disabled: nothing is written
-        own_dir = Path(getattr(run, "dir", "") or ".").parent  # <wandb dir>/offline-run-.../files
-        files = [p for p in wandb_run_files(self.history_dpath / "wandb", self.wandb_id) if p.parent != own_dir]
-        if not files:
-            log.warning("resume: no W&B history for run %s under %s; the offline run starts at step %d",
-                        self.wandb_id, self.history_dpath / "wandb", self._step)
-            return
-        rows = merged_wandb_history(files, self._step)
+        own_dpath = Path(run.dir).parent  # <wandb dir>/offline-run-<time>-<id>/files
+        files = [p for p in wandb_run_files(self.history_dpath / "wandb", self.wandb_id) if p.parent != own_dpath]
+        # Scalars come from the CSV mirror: W&B buffers its offline log (flushed every 15 s, and not at
+        # all when the process is killed), the CSV is written at every log. Histograms only exist in W&B.
+        wandb_rows = merged_wandb_history(files, self._step)
+        if csv_logger is not None:
+            _, csv_rows = read_metrics_csv(csv_logger.experiment.metrics_file_path)
+            rows = [_csv_row_to_wandb(r) for r in csv_rows if _int_step(r["step"]) < self._step]
+            rows += [r for r in wandb_rows if any(_is_histogram(v) for v in r.values())]
+            rows.sort(key=lambda r: _int_step(r[STEP_KEY]))
+        else:
+            rows = wandb_rows
         n = replay_wandb_history(run, rows)
         supersede(files)
-        log.info("resume: replayed %d W&B history rows (steps < %d) into the offline run %s; superseded %s",
+        log.info("resume: replayed %d history rows (steps < %d) into the offline W&B run %s; superseded %s",
                  n, self._step, self.wandb_id, [str(p) for p in files])
+
+
+def _is_histogram(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("_type") == "histogram"
+
+
+def _csv_row_to_wandb(row: dict[str, str]) -> dict[str, Any]:
+    """A metrics.csv row as Lightning's WandbLogger logs it: numbers, the step as ``trainer/global_step``."""
+    out: dict[str, Any] = {}
+    for key, text in row.items():
+        if key == "step" or text in ("", None):
+            continue
+        try:
+            out[key] = int(text) if text.lstrip("-").isdigit() else float(text)
+        except ValueError:
+            continue
+    out[STEP_KEY] = _int_step(row["step"])
+    return out
 
 
 __all__ = ["ResumableCSVLogger", "RestoreLogHistory", "read_metrics_csv", "read_wandb_history",
