@@ -77,6 +77,22 @@ def config_fingerprint(config: dict) -> dict:
     return config
 
 
+def _run_checkpoint(run_dpath: Path) -> Path | None:
+    """A run dir's ``checkpoints/last.ckpt``, else its newest ``step*.ckpt``, else None.
+
+    Lightning replaces the last.ckpt link by unlinking then linking: a kill in between leaves
+    only the step files.
+    """
+    last = run_dpath / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    steps = sorted((run_dpath / "checkpoints").glob("step*.ckpt"))  # zero-padded step numbers sort
+    if steps:
+        log.warning("%s has no checkpoints/last.ckpt (killed while relinking it?): using %s", run_dpath, steps[-1].name)
+        return steps[-1]
+    return None
+
+
 def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path | None:
     """The Lightning checkpoint to continue from, or None for a fresh run.
 
@@ -89,12 +105,14 @@ def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path |
         return None
     if str(resume).lower() not in ("true", "yes", "1"):
         path = Path(str(resume)).expanduser()
-        ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {ckpt} (give a train run dir or a .ckpt file)")
+        ckpt = _run_checkpoint(path) if path.is_dir() else path
+        if ckpt is None or not ckpt.is_file():
+            where = path / "checkpoints" if path.is_dir() else path
+            raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {where} "
+                                    "(give a train run dir with checkpoints/last.ckpt or a .ckpt file)")
         return ckpt
-    own = out_dpath / "checkpoints" / "last.ckpt"
-    if own.is_file():
+    own = _run_checkpoint(out_dpath)
+    if own is not None:
         return own
     want = config_fingerprint(config)
     roots = [out_dpath.parent]
@@ -104,8 +122,8 @@ def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path |
     for root in roots:
         for info_fpath in list(root.glob("*/run_info.json")) + list(root.glob("*/*/run_info.json")):
             run_dpath = info_fpath.parent
-            ckpt = run_dpath / "checkpoints" / "last.ckpt"
-            if run_dpath.resolve() == out_dpath.resolve() or not ckpt.is_file():
+            ckpt = _run_checkpoint(run_dpath)
+            if run_dpath.resolve() == out_dpath.resolve() or ckpt is None:
                 continue
             try:
                 import json

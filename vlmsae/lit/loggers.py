@@ -215,7 +215,8 @@ def read_wandb_history(fpath: str | Path) -> list[dict[str, Any]]:
 def wandb_run_files(wandb_dpath: str | Path, run_id: str, superseded: bool = True) -> list[Path]:
     """This run id's transaction logs under ``<run dir>/wandb``, oldest first (folder names start with the time)."""
     wandb_dpath = Path(wandb_dpath)
-    patterns = [f"*-{run_id}/run-{run_id}.wandb"] + ([f"*-{run_id}/run-{run_id}.wandb.superseded"] if superseded else [])
+    suffixes = (".wandb", ".wandb.superseded") if superseded else (".wandb",)
+    patterns = [f"*-{run_id}/run-{run_id}{suffix}" for suffix in suffixes]
     files = [p for pattern in patterns for p in wandb_dpath.glob(pattern)]
     return sorted(files, key=lambda p: p.parent.name.split("-", 1)[-1])
 
