@@ -8,10 +8,13 @@ checkpoint's, and the resumed run continues it:
   below the checkpoint's global step; later header changes are atomic too (Lightning rewrites in
   place, which a kill can truncate) and a half-written last line of the killed run is dropped.
 - W&B offline: a resumed offline run cannot continue the old one locally (W&B ignores ``resume``
-  offline: the new process writes a second ``offline-run-*-<id>`` folder starting at ``_step`` 0).
-  The resumed run replays the kept history into its own folder, and the killed run's
-  ``run-<id>.wandb`` is renamed ``*.wandb.superseded``, so ``wandb sync`` uploads one complete
-  history. Online, W&B resumes the run server-side (``resume="allow"``) and nothing is replayed.
+  offline: the new process writes a second ``offline-run-*-<id>`` folder starting at ``_step`` 0),
+  and the killed run's ``.wandb`` log is unreliable (wandb-core flushes it every 15 s and drops
+  the buffer when its parent is killed). So logger=wandb also writes the CSV mirror; the resumed
+  run replays its kept rows (plus the histograms that did reach the old ``.wandb``) into its own
+  folder, and the killed run's ``run-<id>.wandb`` is renamed ``*.wandb.superseded``: ``wandb sync``
+  uploads one complete history. Online, W&B resumes the run server-side (``resume="allow"``) and
+  nothing is replayed (the server keeps what the killed run sent past the checkpoint).
 
 Steps: Lightning logs a training batch after the checkpoint of that batch was saved, at
 ``step = global_step - 1``; a checkpoint at global step G is followed by rows logged at steps >= G
