@@ -9,7 +9,9 @@
 Outputs (the Hydra run dir): ``sae/`` (vlmsae.sae checkpoint: takes raw activations, ``source``
 says model/layer/tokens), ``metrics.json`` (final validation metrics), ``run_info.json``
 (resolved config + provenance), ``checkpoints/last.ckpt`` (Lightning, for resume), ``csv/``
-(logger=csv) or ``wandb/`` (logger=wandb).
+(logger=csv, and logger=wandb's scalar mirror) and ``wandb/`` (logger=wandb). On resume the
+logger history is the checkpointed run's up to the checkpoint's step, then this run's
+(vlmsae.lit.loggers): each logged step appears once.
 
 ``layer`` and ``tokens`` (top level) say what to train on. With ``data=acts`` they default to the
 store's manifest and, when set, must agree with it (so a layer sweep whose ``data.acts`` forgot
@@ -75,6 +77,22 @@ def config_fingerprint(config: dict) -> dict:
     return config
 
 
+def _run_checkpoint(run_dpath: Path) -> Path | None:
+    """A run dir's ``checkpoints/last.ckpt``, else its newest ``step*.ckpt``, else None.
+
+    Lightning replaces the last.ckpt link by unlinking then linking: a kill in between leaves
+    only the step files.
+    """
+    last = run_dpath / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    steps = sorted((run_dpath / "checkpoints").glob("step*.ckpt"))  # zero-padded step numbers sort
+    if steps:
+        log.warning("%s has no checkpoints/last.ckpt (killed while relinking it?): using %s", run_dpath, steps[-1].name)
+        return steps[-1]
+    return None
+
+
 def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path | None:
     """The Lightning checkpoint to continue from, or None for a fresh run.
 
@@ -87,12 +105,14 @@ def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path |
         return None
     if str(resume).lower() not in ("true", "yes", "1"):
         path = Path(str(resume)).expanduser()
-        ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {ckpt} (give a train run dir or a .ckpt file)")
+        ckpt = _run_checkpoint(path) if path.is_dir() else path
+        if ckpt is None or not ckpt.is_file():
+            where = path / "checkpoints" if path.is_dir() else path
+            raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {where} "
+                                    "(give a train run dir with checkpoints/last.ckpt or a .ckpt file)")
         return ckpt
-    own = out_dpath / "checkpoints" / "last.ckpt"
-    if own.is_file():
+    own = _run_checkpoint(out_dpath)
+    if own is not None:
         return own
     want = config_fingerprint(config)
     roots = [out_dpath.parent]
@@ -102,8 +122,8 @@ def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path |
     for root in roots:
         for info_fpath in list(root.glob("*/run_info.json")) + list(root.glob("*/*/run_info.json")):
             run_dpath = info_fpath.parent
-            ckpt = run_dpath / "checkpoints" / "last.ckpt"
-            if run_dpath.resolve() == out_dpath.resolve() or not ckpt.is_file():
+            ckpt = _run_checkpoint(run_dpath)
+            if run_dpath.resolve() == out_dpath.resolve() or ckpt is None:
                 continue
             try:
                 import json
@@ -211,21 +231,24 @@ def build_datamodule(cfg: DictConfig, info: dict):
 
 
 def build_logger(cfg: DictConfig, out_dpath: Path, resume_ckpt: Path | None):
-    """Lightning logger for logger.kind (none | csv | wandb) and the W&B run id (None otherwise)."""
+    """Lightning logger(s) for logger.kind (none | csv | wandb: W&B plus a CSV mirror) and the W&B run id."""
     lg = _node(cfg, "logger")
     kind = lg.get("kind", "none")
     if kind == "none":
         return False, None
-    if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+    from vlmsae.lit.loggers import ResumableCSVLogger
 
-        return CSVLogger(save_dir=str(out_dpath), name="csv", version=""), None
+    # On resume metrics.csv continues the checkpoint's run's history (RestoreLogHistory trims it).
+    history_fpath = _history_dpath(resume_ckpt) / "csv" / "metrics.csv" if resume_ckpt is not None else None
+    csv_logger = ResumableCSVLogger(save_dir=str(out_dpath), name="csv", version="", history_fpath=history_fpath)
+    if kind == "csv":
+        return csv_logger, None
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
         run_id = None
         if resume_ckpt is not None:
-            id_fpath = resume_ckpt.parent.parent / "wandb_id.txt"
+            id_fpath = _history_dpath(resume_ckpt) / "wandb_id.txt"
             if id_fpath.is_file():
                 run_id = id_fpath.read_text().strip()
         import uuid
@@ -238,8 +261,15 @@ def build_logger(cfg: DictConfig, out_dpath: Path, resume_ckpt: Path | None):
             save_dir=str(out_dpath), name=name, id=run_id, resume="allow", mode=mode,
             config=OmegaConf.to_container(cfg, resolve=True),
         )
-        return logger, run_id
+        # csv/metrics.csv mirrors the scalars: written at every log, it survives kill -9 (W&B's offline
+        # log is flushed every 15 s), and a resumed offline run replays it (vlmsae.lit.loggers).
+        return [logger, csv_logger], run_id
     raise ValueError(f"logger.kind={kind!r}: use none, csv or wandb")
+
+
+def _history_dpath(resume_ckpt: Path) -> Path:
+    """The run dir a checkpoint belongs to (``<run dir>/checkpoints/<name>.ckpt``): its logs are the history."""
+    return resume_ckpt.parent.parent
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | None = None) -> dict:
@@ -287,6 +317,13 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     if wandb_id and is_rank_zero:
         atomic_write_text(out_dpath / "wandb_id.txt", wandb_id)  # resume=true continues this W&B run
 
+    callbacks = list(callbacks or [])
+    if resume_ckpt is not None and logger:
+        from vlmsae.lit.loggers import RestoreLogHistory
+
+        # The killed run logged steps past its checkpoint: keep its history up to there, then continue it.
+        callbacks.append(RestoreLogHistory(_history_dpath(resume_ckpt), wandb_id=wandb_id))
+
     ckpt_dpath = out_dpath / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dpath), filename="step{step:07d}", auto_insert_metric_name=False,
                                  every_n_train_steps=int(t["checkpoint_every_n_steps"]), save_top_k=1, monitor=None,
@@ -297,7 +334,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
         val_check_interval=int(t["val_check_interval"]), check_val_every_n_epoch=None,
         limit_val_batches=int(t["limit_val_batches"]), log_every_n_steps=int(t["log_every_n_steps"]),
         enable_progress_bar=bool(t["enable_progress_bar"]), enable_model_summary=False, num_sanity_val_steps=0,
-        logger=logger, callbacks=[checkpoint, *(callbacks or [])], default_root_dir=str(out_dpath),
+        logger=logger, callbacks=[checkpoint, *callbacks], default_root_dir=str(out_dpath),
         use_distributed_sampler=False,
     )
     init = {}
@@ -323,7 +360,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
             write_run_info(out_dpath, config, status="failed", error=str(err), sae_config=sae_config, lr=lr)
         raise
     finally:
-        if logger and type(logger).__name__ == "WandbLogger":
+        if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
             import wandb
 
             wandb.finish()  # one W&B run per job: a multirun starts the next job with a fresh run
