@@ -15,10 +15,11 @@ import torch
 from vlmsae.models import ModelSpec, get_model_spec, load_tap
 from vlmsae.models.embedders import EmbedderSpec, load_embedder
 from vlmsae.models.open_clip_backend import registered_preprocess, resolve_open_clip_source
-from vlmsae.models.spec import CONF_MODEL_DPATH
+from vlmsae.config import conf_dir
 
 torch.set_num_threads(1)
-CONF_EMBEDDER_DPATH = CONF_MODEL_DPATH.parent / "embedder"
+CONF_MODEL_DPATH = conf_dir() / "model"
+CONF_EMBEDDER_DPATH = conf_dir() / "embedder"
 
 
 def _registered_confs() -> list[tuple[str, dict]]:
