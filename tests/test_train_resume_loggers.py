@@ -55,7 +55,11 @@ def _cmd(store, run_dpath, logger, *extra):
 
 def _env(tmp_path, wandb_mode="disabled"):
     wandb_home = tmp_path / "wandb_home"  # nothing of W&B's outside tmp_path
-    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": wandb_mode, "WANDB_SILENT": "true",
+    # An earlier in-process W&B run of this pytest session (the browser test) leaves WANDB_SERVICE set: a child
+    # would then attach to that shared service, which still holds the killed run's id ("run ID ... is in use").
+    # Each run here starts its own service, as it does from a shell.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    return {**inherited, "OMP_NUM_THREADS": "1", "WANDB_MODE": wandb_mode, "WANDB_SILENT": "true",
             "WANDB_DIR": str(wandb_home), "WANDB_CACHE_DIR": str(wandb_home / "cache"),
             "WANDB_CONFIG_DIR": str(wandb_home / "config"), "WANDB_DATA_DIR": str(wandb_home / "data")}
 
