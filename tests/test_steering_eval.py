@@ -122,7 +122,8 @@ def test_steer_eval_run(compose_cfg, eval_setup, tmp_path):
 
 
 def test_steer_eval_bad_inputs(compose_cfg, eval_setup, tmp_path):
-    from vlmsae.steer_eval import latent_list, run
+    from vlmsae.steer_eval import run
+    from vlmsae.steering.evaluate import latent_list
 
     sae_dpath, top_dpath, _, _ = eval_setup
     assert latent_list(3) == [0, 1, 2]
@@ -161,7 +162,7 @@ def eight_latent_index(tmp_path):
 
 
 class CountingOpen:
-    """Wraps steer_eval.open_image; counts the decoded images still alive (weakref) and their maximum."""
+    """Wraps evaluate.open_image; counts the decoded images still alive (weakref) and their maximum."""
 
     def __init__(self, real):
         import weakref
@@ -198,16 +199,16 @@ def test_concept_images_are_streamed_per_latent(eight_latent_index, monkeypatch)
 
     from PIL import Image
 
-    from vlmsae import steer_eval
+    from vlmsae.steering import evaluate
 
-    real_open = steer_eval.open_image
+    real_open = evaluate.open_image
     peaks = {}
     for n_latents in (2, 8):
         counter = CountingOpen(real_open)
-        monkeypatch.setattr(steer_eval, "open_image", counter)
+        monkeypatch.setattr(evaluate, "open_image", counter)
         latents = list(range(n_latents))
-        concepts_LE, top_paths, _ = steer_eval.latent_concepts(eight_latent_index, latents, 16, mean_colour)
-        monkeypatch.setattr(steer_eval, "open_image", real_open)
+        concepts_LE, top_paths, _ = evaluate.latent_concepts(eight_latent_index, latents, 16, mean_colour)
+        monkeypatch.setattr(evaluate, "open_image", real_open)
         gc.collect()
         assert counter.opened == sum(len(p) for p in top_paths) and counter.alive == 0
         peaks[n_latents] = counter.max_alive

@@ -5,7 +5,8 @@
     python -m vlmsae.browse run=<dir> logger=wandb logger.mode=offline   # also a W&B Table
 
 The page is one self-contained folder (index.html with inline data, img/ thumbnails, plots/): open it
-from disk, no server needed. Library code lives in :mod:`vlmsae.report.browser`.
+from disk, no server needed. Keys: ``BrowseJob`` (:mod:`vlmsae.config.jobs.browse`); library code lives in
+:mod:`vlmsae.report.browser`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
+from vlmsae.config.jobs.browse import BrowseJob
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
@@ -23,21 +25,18 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
 
-    if out_dpath is None and cfg.get("out"):
-        out_dpath = cfg.out
-    out_dpath = run_dir(out_dpath)
-    steer_runs = list(cfg.steer_runs) if cfg.get("steer_runs") is not None else None
-    sources = find_runs(cfg.run, ms_run=cfg.get("ms_run"), hierarchy_run=cfg.get("hierarchy_run"), steer_runs=steer_runs)
-    data = build_browser(sources, out_dpath, max_cards=int(cfg.max_cards), images_per_card=int(cfg.images_per_card),
-                         thumb_px=int(cfg.thumb_px), heatmaps=str(cfg.heatmaps), title=cfg.get("title"))
+    job: BrowseJob = OmegaConf.to_object(cfg)
+    out_dpath = run_dir(out_dpath if out_dpath is not None else job.out or None)
+    sources = find_runs(job.run, ms_run=job.ms_run, hierarchy_run=job.hierarchy_run, steer_runs=job.steer_runs)
+    data = build_browser(sources, out_dpath, max_cards=job.max_cards, images_per_card=job.images_per_card,
+                         thumb_px=job.thumb_px, heatmaps=job.heatmaps, title=job.title)
     result = {**cards_summary(data), "index_html": str(Path(out_dpath) / "index.html"),
               "ms_run": str(sources.ms_dpath),
               "hierarchy_run": str(sources.hierarchy_dpath) if sources.hierarchy_dpath else None,
               "steer_files": [str(p) for p in sources.steer_fpaths]}
     config = OmegaConf.to_container(cfg, resolve=True)
-    logger = cfg.get("logger") or {}
-    if logger.get("kind") == "wandb":
-        result["wandb_dir"] = log_to_wandb(data, out_dpath, OmegaConf.to_container(logger, resolve=True), config)
+    if cfg.logger.kind == "wandb":
+        result["wandb_dir"] = log_to_wandb(data, out_dpath, config["logger"], config)
     write_run_info(out_dpath, config, result=result)
     return result
 

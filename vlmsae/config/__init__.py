@@ -42,9 +42,13 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
+    from vlmsae.config.jobs import browse, steer, steer_eval
     from vlmsae.config.schemas import SCHEMAS
 
     cs = ConfigStore.instance()
     for group, name, node in SCHEMAS:
         cs.store(group=group, name=name, node=node)
+    steer.register()
+    steer_eval.register()
+    browse.register()
     _REGISTERED = True

@@ -1,0 +1,55 @@
+"""What every steering job loads first: the LLaVA, its processor, the SAE on the tower's device, the block."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vlmsae.models.llava import load_llava_spec, vision_tower
+from vlmsae.models.spec import ModelSpec
+from vlmsae.sae import load_sae
+from vlmsae.steering.hooks import sae_layer
+
+
+@dataclass
+class SteeringSetup:
+    """A loaded LLaVA and the SAE that steers it."""
+
+    model: nn.Module
+    processor: Any
+    sae: nn.Module
+    layer: int | None  # the vision block to hook; None only when neither the job nor the SAE names one
+    image_size: int  # the vision tower's input side (the white image is made this size)
+
+
+def llava_spec(spec: ModelSpec, device_map: str | None) -> ModelSpec:
+    """``spec`` with the job-level ``device_map`` (``device_map=auto`` on the command line) folded into
+    ``extra.device_map``, where :func:`vlmsae.models.llava.load_llava_spec` reads it; ``None`` keeps ``spec``'s."""
+    if device_map is None:
+        return spec
+    return dataclasses.replace(spec, extra={**spec.extra, "device_map": device_map})
+
+
+def require_folder(key: str, value: str | Path | None, what: str = "") -> Path:
+    """``Path(value)`` if it is a folder, else a FileNotFoundError naming ``key=value``."""
+    if value is None or not Path(str(value)).is_dir():
+        raise FileNotFoundError(f"{key}={value!r} is not a folder{what}.")
+    return Path(str(value))
+
+
+def load_steering(spec: ModelSpec, sae_path: str | Path, layer: int | None = None,
+                  device_map: str | None = None) -> SteeringSetup:
+    """Load the LLaVA of ``spec`` and the SAE of ``sae_path`` onto its vision tower's device.
+
+    ``layer`` overrides the block the SAE was trained on (its ``config.json`` ``source.layer``).
+    """
+    sae_dpath = require_folder("sae_path", sae_path, ": pass an SAE checkpoint dir (save_sae output)")
+    model, processor = load_llava_spec(llava_spec(spec, device_map))
+    device = next(vision_tower(model).parameters()).device  # with device_map=auto the tower may not be on cuda:0
+    sae = load_sae(str(sae_dpath), device=str(device))
+    layer = layer if layer is not None else sae_layer(sae)
+    return SteeringSetup(model, processor, sae, layer, int(model.config.vision_config.image_size))
