@@ -40,7 +40,8 @@ def answers_csv(scores: SteeringScores) -> str:
     latents, s = scores.request.latents, scores.scores
     for k, (li, ii) in enumerate(scores.pairs):
         writer.writerow([latents[li], scores.image_names[ii], scores.steered[k], scores.steered_words[k],
-                         f"{s['steered'][k]:.4f}", scores.plain[ii], scores.plain_words[k], f"{s['not steered'][k]:.4f}"])
+                         f"{s['steered'][k]:.4f}", scores.plain[ii], scores.plain_words[k],
+                         f"{s['not steered'][k]:.4f}"])
     return buf.getvalue()
 
 

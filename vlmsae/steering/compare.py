@@ -34,7 +34,9 @@ def load_images(spec: str | Sequence[str], size: int) -> tuple[list[Any], list[s
         else:
             fpath = Path(item).expanduser()
             if not fpath.is_file():
-                raise FileNotFoundError(f"image={item!r} is not a file: pass an image path, `white` or `skimage:<name>`.")
+                raise FileNotFoundError(
+                    f"image={item!r} is not a file: pass an image path, `white` or `skimage:<name>`."
+                )
             images.append(load_image(fpath))  # EXIF, 16-bit, alpha: as extraction decodes
         names.append(item)
     return images, names
@@ -78,7 +80,7 @@ def compare_answers(setup: SteeringSetup, images: Sequence[Any], names: Sequence
     r = request
     if r.sweep and len(r.latents) != 1:
         raise ValueError(f"sweep needs a single latent, got latent={list(r.latents)}.")
-    hook = dict(mode=r.mode, patches=r.patches, layer=setup.layer)
+    hook = {"mode": r.mode, "patches": r.patches, "layer": setup.layer}
 
     def answers() -> list[str]:
         return generate_answers(setup.model, setup.processor, images, r.prompt, r.max_new_tokens, r.batch_size)

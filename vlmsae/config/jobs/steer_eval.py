@@ -1,4 +1,4 @@
-"""Schema of ``python -m vlmsae.steer_eval`` (``conf/steer_eval.yaml``): every top-level key, its default and meaning."""
+"""Schema of ``python -m vlmsae.steer_eval`` (``conf/steer_eval.yaml``): every top-level key, default, meaning."""
 
 from __future__ import annotations
 
