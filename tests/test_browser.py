@@ -154,6 +154,23 @@ def test_browse_run_through_the_real_config(fixture_root: Path, compose_cfg):
     assert run(cfg)["n_cards"] == 3
 
 
+def test_browse_hands_the_logger_node_to_wandb(fixture_root: Path, compose_cfg, monkeypatch):
+    """logger=wandb reaches log_to_wandb as the typed logger node (its mode, project), with the resolved config."""
+    from vlmsae import browse
+    from vlmsae.report import browser
+
+    calls = []
+    monkeypatch.setattr(browser, "log_to_wandb",
+                        lambda data, out, logger, config: calls.append((logger, config)) or "w")
+    cfg = compose_cfg("browse", [f"run={fixture_root}", "heatmaps=off", "max_cards=2", "logger=wandb",
+                                 "logger.mode=offline", "logger.project=p13"])
+    assert browse.run(cfg)["wandb_dir"] == "w"
+    (logger, config), = calls
+    assert (logger.kind, logger.mode, logger.project) == ("wandb", "offline", "p13")
+    assert config["max_cards"] == 2 and config["logger"]["mode"] == "offline"
+    assert "wandb_dir" not in browse.run(compose_cfg("browse", [f"run={fixture_root}", "heatmaps=off"]))
+
+
 def test_bad_inputs_name_the_problem(tmp_path: Path, fixture_root: Path):
     bad = tmp_path / "bad.csv"
     bad.write_text("id,score\n1,0.5\n")

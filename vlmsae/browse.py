@@ -35,8 +35,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
               "hierarchy_run": str(sources.hierarchy_dpath) if sources.hierarchy_dpath else None,
               "steer_files": [str(p) for p in sources.steer_fpaths]}
     config = OmegaConf.to_container(cfg, resolve=True)
-    if cfg.logger.kind == "wandb":
-        result["wandb_dir"] = log_to_wandb(data, out_dpath, config["logger"], config)
+    if job.logger.kind == "wandb":
+        result["wandb_dir"] = log_to_wandb(data, out_dpath, job.logger, config)
     write_run_info(out_dpath, config, result=result)
     return result
 

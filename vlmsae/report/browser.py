@@ -21,11 +21,13 @@ import math
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmsae import formats
+from vlmsae.config.schemas import LoggerSchema
 from vlmsae.utils.io import atomic_write_text
 
 TEMPLATE_DPATH = Path(__file__).resolve().parent / "templates"
@@ -687,16 +689,21 @@ def wandb_table(data: dict[str, Any], out_dpath: str | Path, images_per_row: int
     return table
 
 
-def log_to_wandb(data: dict[str, Any], out_dpath: str | Path, logger_cfg: dict[str, Any], config: dict[str, Any]) -> str:
-    """Log the cards table to W&B; returns the run dir. The mode is ``$WANDB_MODE`` if set (as for
-    training: ``WANDB_MODE=disabled`` always wins), else ``logger.mode`` (online | offline | disabled)."""
+def log_to_wandb(data: dict[str, Any], out_dpath: str | Path, logger: LoggerSchema | Mapping[str, Any],
+                 config: dict[str, Any]) -> str:
+    """Log the cards table to W&B; returns the run dir. ``logger``: the job's logger node (a mapping takes
+    :class:`~vlmsae.config.schemas.LoggerSchema`'s defaults for the keys it lacks). The mode is ``$WANDB_MODE``
+    if set (as for training: ``WANDB_MODE=disabled`` always wins), else ``logger.mode`` (online | offline |
+    disabled)."""
     import os
 
     import wandb
 
-    mode = os.environ.get("WANDB_MODE") or logger_cfg.get("mode") or "online"
-    run = wandb.init(project=logger_cfg.get("project") or "vlmsae", entity=logger_cfg.get("entity"), mode=mode, tags=list(logger_cfg.get("tags") or []),
-                     group=logger_cfg.get("group"), job_type="browse", dir=str(out_dpath), config=config)
+    if not isinstance(logger, LoggerSchema):
+        logger = LoggerSchema(**logger)
+    mode = os.environ.get("WANDB_MODE") or logger.mode
+    run = wandb.init(project=logger.project, entity=logger.entity, mode=mode, tags=list(logger.tags),
+                     group=logger.group, job_type="browse", dir=str(out_dpath), config=config)
     try:
         run.log({"feature_browser": wandb_table(data, out_dpath)})
         return str(getattr(run, "dir", "") or "")
