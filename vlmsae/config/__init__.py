@@ -41,18 +41,16 @@ def register_configs() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from importlib import import_module
-
     from hydra.core.config_store import ConfigStore
 
+    from vlmsae.config.jobs import extract, train
     from vlmsae.config.schemas import SCHEMAS
 
     cs = ConfigStore.instance()
     for group, name, node in SCHEMAS:
         cs.store(group=group, name=name, node=node)
-    # One line per job schema (vlmsae/config/jobs/<job>.py), stored under ``<job>_schema``.
-    import_module("vlmsae.config.jobs.extract").register()
-    import_module("vlmsae.config.jobs.train").register()
+    extract.register()
+    train.register()
     _REGISTERED = True
 
 

@@ -1,1 +1,1 @@
-"""One schema per job (the top level of ``conf/<job>.yaml``), each registered by its module's ``register()``."""
+"""One structured-config schema per job (``<job>_schema``), each module with its own ``register()``."""

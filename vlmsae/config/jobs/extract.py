@@ -13,7 +13,7 @@ from omegaconf import MISSING
 
 
 @dataclass
-class ExtractSchema:
+class ExtractJob:
     """Run images through a vision encoder up to ``layer`` and write the selected tokens as an activation store."""
 
     model: Any = MISSING  # the model group (conf/model/*.yaml, model_schema)
@@ -33,7 +33,7 @@ class ExtractSchema:
 
 
 def register() -> None:
-    """Store :class:`ExtractSchema` as ``extract_schema`` (the first entry of conf/extract.yaml's defaults)."""
+    """Store :class:`ExtractJob` as ``extract_schema`` (the first entry of conf/extract.yaml's defaults)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="extract_schema", node=ExtractSchema)
+    ConfigStore.instance().store(name="extract_schema", node=ExtractJob)

@@ -13,7 +13,7 @@ from omegaconf import MISSING
 
 
 @dataclass
-class TrainSchema:
+class TrainJob:
     """Train one SAE on a store's activations (``data=acts``) or on activations computed from images."""
 
     model: Any = MISSING  # the model group (conf/model/*.yaml): whose activations
@@ -31,7 +31,7 @@ class TrainSchema:
 
 
 def register() -> None:
-    """Store :class:`TrainSchema` as ``train_schema`` (the first entry of conf/train.yaml's defaults)."""
+    """Store :class:`TrainJob` as ``train_schema`` (the first entry of conf/train.yaml's defaults)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="train_schema", node=TrainSchema)
+    ConfigStore.instance().store(name="train_schema", node=TrainJob)
