@@ -265,7 +265,7 @@ def test_merged_wandb_history_keeps_one_row_per_step_and_keys_before_the_checkpo
 
 def test_resume_falls_back_to_the_newest_step_checkpoint_when_last_link_is_missing(tmp_path):
     """A kill between Lightning's unlink and symlink of last.ckpt leaves only the step files."""
-    from vlmsae.train import find_resume_checkpoint
+    from vlmsae.lit.resume import find_resume_checkpoint
 
     run_dpath = tmp_path / "killed"
     (run_dpath / "checkpoints").mkdir(parents=True)

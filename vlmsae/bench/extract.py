@@ -35,8 +35,6 @@ def _time_rounds(fns: dict[str, Any], rounds: int, warmup: int = 1) -> dict[str,
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Ratios ``extract_layer{L}_over_full_ratio`` next to ``extract_expected_ratio_layer{L}`` + images/s."""
-    from omegaconf import OmegaConf
-
     from vlmsae.models import ModelSpec, load_tap
 
     spec = ModelSpec(name="vit_b32_random", backend="open_clip", arch="ViT-B-32", pretrained=None, image_size=224,
@@ -69,20 +67,18 @@ def run(quick: bool = False) -> dict[str, Any]:
     out["extract_expected_ratio"] = out[f"extract_expected_ratio_layer{mid}"]
     out["extract_layer_ratio"] = out[f"extract_layer{mid}_over_full_ratio"]
 
-    # End to end through vlmsae.extract.run on generated images (decode + preprocess + forward + write).
+    # End to end through the extract job's library call on generated images (decode + preprocess + forward +
+    # write), as vlmsae.extract.run makes it.
     from vlmsae.data.concepts import make_concept_images
-    from vlmsae.extract import run as extract_run
+    from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
 
     with tempfile.TemporaryDirectory(prefix="vlmsae-bench-extract-") as tmp:
         n_per_class = 2 if quick else 8
         root = make_concept_images(Path(tmp) / "images", n_per_class=n_per_class, size=224, seed=0)
-        cfg = OmegaConf.create({
-            "model": spec.to_dict(), "layer": mid, "tokens": "cls", "k": 2, "dtype": "float16", "out": None,
-            "rows_per_shard": 65536, "rows_per_chunk": 4096, "seed": 0, "progress": False,
-            "data": {"source": "folder", "root": str(root), "batch_size": batch, "num_workers": 0,
-                     "max_images": None, "seed": 0, "extra": {}},
-        })
-        summary = extract_run(cfg, out_dpath=Path(tmp) / "acts")
+        plan = ExtractionPlan(source="folder", root=str(root), layer=mid, tokens="cls", k=2, seed=0, dtype="float16",
+                              rows_per_shard=65536, rows_per_chunk=4096, order_seed=0, max_images=None,
+                              batch_size=batch, num_workers=0, exif_transpose=True, progress=False)
+        summary = StoreExtraction(spec, plan, Path(tmp) / "acts").run()
     out["extract_images_per_s"] = summary["images_per_s"]
     out["extract_end_to_end_images"] = summary["n_images"]
     return out

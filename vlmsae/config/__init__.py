@@ -10,6 +10,7 @@ time with the key named. :func:`conf_dir` says where that YAML tree is, for Hydr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 _REGISTERED = False
 
@@ -42,13 +43,28 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
-    from vlmsae.config.jobs import browse, steer, steer_eval
+    from vlmsae.config.jobs import browse, extract, steer, steer_eval, train
     from vlmsae.config.schemas import SCHEMAS
 
     cs = ConfigStore.instance()
     for group, name, node in SCHEMAS:
         cs.store(group=group, name=name, node=node)
-    steer.register()
-    steer_eval.register()
-    browse.register()
+    for job in (extract, train, steer, steer_eval, browse):  # one schema per job: <job>_schema
+        job.register()
     _REGISTERED = True
+
+
+def node_dict(cfg: Any, key: str) -> dict[str, Any]:
+    """The node ``cfg[key]`` as a plain, resolved dict: ``{}`` when the key is absent or null.
+
+    The one conversion jobs use to hand a config node to library code (which never takes a DictConfig).
+    A ``defaults`` entry (a group YAML's own list, present when a node was loaded by hand) is dropped.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    value = cfg.get(key) if isinstance(cfg, (DictConfig, dict)) else getattr(cfg, key, None)
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    value = dict(value or {})
+    value.pop("defaults", None)
+    return value

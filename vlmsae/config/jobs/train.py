@@ -1,0 +1,37 @@
+"""The ``train`` job's schema: every top-level key of ``conf/train.yaml`` (``python -m vlmsae.train``).
+
+``conf/train.yaml`` lists ``train_schema`` first in its defaults, so a misspelt key (``layr=3``) or a
+wrong type (``seed=abc``) fails at compose time naming the key. Defaults live here and in that YAML only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class TrainJob:
+    """Train one SAE on a store's activations (``data=acts``) or on activations computed from images."""
+
+    model: Any = MISSING  # the model group (conf/model/*.yaml): whose activations
+    sae: Any = MISSING  # the SAE group (conf/sae/*.yaml)
+    data: Any = MISSING  # the data group (conf/data/*.yaml): acts (a store) or an image source
+    trainer: Any = MISSING  # the trainer group (conf/trainer/*.yaml)
+    logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb
+    # block index (0-based), negative from the end, or "last". data=acts: null = the store's layer, and a set
+    # layer must match the store; image sources: null = n_layers - 2
+    layer: Any = None
+    tokens: Optional[str] = None  # cls | patches | all | mean | random_k (data=acts: the store's; images: null = cls)
+    tokens_k: int = 2  # tokens per image for tokens=random_k (image sources; a store records its own k)
+    resume: Any = False  # true: continue the newest run with this config; or a run dir / .ckpt path
+    seed: int = 0  # SAE init, data order (with data.seed) and on-the-fly token sampling
+
+
+def register() -> None:
+    """Store :class:`TrainJob` as ``train_schema`` (the first entry of conf/train.yaml's defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainJob)
