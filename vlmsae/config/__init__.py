@@ -42,9 +42,13 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
+    from vlmsae.config.jobs import hierarchy as hierarchy_job
+    from vlmsae.config.jobs import monosemanticity as monosemanticity_job
     from vlmsae.config.schemas import SCHEMAS
 
     cs = ConfigStore.instance()
     for group, name, node in SCHEMAS:
         cs.store(group=group, name=name, node=node)
+    monosemanticity_job.register()
+    hierarchy_job.register()
     _REGISTERED = True
