@@ -34,7 +34,8 @@ class ImageSet:
         """From a ``data`` config node (a plain mapping); ``job`` and ``hint`` word the error for other sources."""
         source = data["source"]
         if source not in IMAGE_SOURCES:
-            raise ValueError(f"{job} reads images: data.source={source!r} must be folder, list, wds or synthetic{hint}.")
+            raise ValueError(
+                f"{job} reads images: data.source={source!r} must be folder, list, wds or synthetic{hint}.")
         return cls(
             source=str(source),
             root=None if data["root"] is None else str(data["root"]),

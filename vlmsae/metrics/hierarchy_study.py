@@ -24,8 +24,7 @@ from vlmsae.data.concepts import ensure_concept_images
 from vlmsae.data.image_set import ImageSet
 from vlmsae.data.images import SkipLog, synthetic_options
 from vlmsae.data.taxonomy import Taxonomy, encode_paths, load_taxonomy
-from vlmsae.formats import (LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, HierarchySummary, read_latents_csv,
-                            read_run_info)
+from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, HierarchySummary, read_latents_csv, read_run_info
 from vlmsae.metrics import hierarchy as H
 from vlmsae.metrics.codes import SAESource, encode_images
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
