@@ -226,3 +226,51 @@ def test_unmatched_images_fail_before_encoding(tmp_path, compose_cfg):
     with pytest.raises(TaxonomyError, match=r"2 of 4 images match no taxon.*zebra/0.png"):
         run(cfg, out_dpath=tmp_path / "out")
     assert not (tmp_path / "out" / "top_images").exists()
+
+
+def _compose_user_yaml(tmp_path, text: str):
+    """Compose a user's YAML that extends conf/hierarchy.yaml (as a recipe or a lab config would)."""
+    from hydra import compose, initialize_config_dir
+
+    from vlmsae.config import conf_dir, register_configs
+
+    register_configs()
+    (tmp_path / "mine.yaml").write_text(
+        f"defaults:\n  - hierarchy\n  - _self_\nhydra:\n  searchpath: [file://{conf_dir()}]\n{text}")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        return compose(config_name="mine", overrides=["sae_path=x"])
+
+
+def test_misspelt_key_fails_at_compose_time_naming_it(compose_cfg, tmp_path):
+    """The job schema (vlmsae.config.jobs.hierarchy) types every top-level key: a typo in a YAML that
+    extends the job config, or a wrong type, fails at compose time and names the key."""
+    assert _compose_user_yaml(tmp_path, "n_top: 8\n").n_top == 8
+    with pytest.raises(Exception, match="Key 'ntop' not in 'HierarchyJob'"):
+        _compose_user_yaml(tmp_path, "ntop: 8\n")
+    with pytest.raises(Exception) as info:
+        compose_cfg("hierarchy", ["sae_path=x", "min_majority=half"])
+    assert "full_key: min_majority" in str(info.value.__cause__)
+    with pytest.raises(Exception, match="ms_runn"):
+        compose_cfg("hierarchy", ["sae_path=x", "ms_runn=/x"])
+    # the defaults live in the schema: the composed job config holds every key with its default
+    from vlmsae.config.jobs.hierarchy import HierarchyJob
+
+    cfg = compose_cfg("hierarchy", ["sae_path=x"])
+    assert cfg.n_top == HierarchyJob.n_top == 16 and cfg.min_majority == 0.5 and cfg.ms_run is None
+    assert cfg.embedder is None and cfg.data.source == "synthetic" and cfg.taxonomy.kind == "concepts"
+
+
+def test_run_is_thin():
+    """run() only wires the config to library calls: about 40 lines, and no other job or private name imported."""
+    import ast
+    import inspect
+
+    from vlmsae import hierarchy
+
+    assert len(inspect.getsource(hierarchy.run).splitlines()) <= 45
+    jobs = {"extract", "train", "monosemanticity", "hierarchy", "steer", "steer_eval", "browse", "demo"}
+    for node in ast.walk(ast.parse(inspect.getsource(hierarchy))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vlmsae"):
+            names = [a.name for a in node.names]
+            assert node.module not in {f"vlmsae.{job}" for job in jobs}, node.module
+            assert not any(n in jobs or n.startswith("_") for n in names), (node.module, names)

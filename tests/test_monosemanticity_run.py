@@ -124,3 +124,58 @@ def test_cli(tiny_sae_dpath, tmp_path, repo_root) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "cli" / "ms_summary.json").read_text())
     assert summary["n_images"] == 32 and summary["embedder"] == "tiny" and "baseline" in summary
+
+
+def _compose_user_yaml(tmp_path, text: str):
+    """Compose a user's YAML that extends conf/monosemanticity.yaml (as a recipe or a lab config would)."""
+    from hydra import compose, initialize_config_dir
+
+    from vlmsae.config import conf_dir, register_configs
+
+    register_configs()
+    (tmp_path / "mine.yaml").write_text(
+        f"defaults:\n  - monosemanticity\n  - _self_\nhydra:\n  searchpath: [file://{conf_dir()}]\n{text}")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        return compose(config_name="mine", overrides=["sae_path=x"])
+
+
+def test_misspelt_key_fails_at_compose_time_naming_it(compose_cfg, tmp_path) -> None:
+    """The job schema (vlmsae.config.jobs.monosemanticity) types every top-level key: a typo in a YAML
+    that extends the job config, or a wrong type, fails at compose time and names the key."""
+    assert _compose_user_yaml(tmp_path, "top_k: 3\n").top_k == 3
+    with pytest.raises(Exception, match="Key 'topk' not in 'MonosemanticityJob'"):
+        _compose_user_yaml(tmp_path, "topk: 3\n")
+    with pytest.raises(Exception) as info:
+        compose_cfg("monosemanticity", ["sae_path=x", "top_k=abc"])
+    assert "full_key: top_k" in str(info.value.__cause__)
+    with pytest.raises(Exception, match="topk"):
+        compose_cfg("monosemanticity", ["sae_path=x", "topk=3"])
+    # the defaults live in the schema: the composed job config holds every key with its default
+    from vlmsae.config.jobs.monosemanticity import MonosemanticityJob
+
+    cfg = compose_cfg("monosemanticity", ["sae_path=x"])
+    assert cfg.top_k == MonosemanticityJob.top_k == 16 and cfg.zero_shot_template == "a photo of a {}."
+
+
+def test_missing_sae_path_says_what_to_pass(compose_cfg, tmp_path) -> None:
+    from vlmsae.monosemanticity import run
+
+    with pytest.raises(ValueError, match="Pass sae_path="):
+        run(compose_cfg("monosemanticity", ["data=tiny"]), out_dpath=tmp_path / "o")
+
+
+def test_run_is_thin() -> None:
+    """run() only wires the config to library calls: about 40 lines, and no other job or private name imported."""
+    import ast
+    import inspect
+
+    from vlmsae import monosemanticity
+
+    assert len(inspect.getsource(monosemanticity.run).splitlines()) <= 45
+    tree = ast.parse(inspect.getsource(monosemanticity))
+    jobs = {"extract", "train", "monosemanticity", "hierarchy", "steer", "steer_eval", "browse", "demo"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vlmsae"):
+            names = [a.name for a in node.names]
+            assert node.module not in {f"vlmsae.{job}" for job in jobs}, node.module
+            assert not any(n in jobs or n.startswith("_") for n in names), (node.module, names)

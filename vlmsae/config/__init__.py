@@ -43,13 +43,13 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
-    from vlmsae.config.jobs import browse, extract, steer, steer_eval, train
+    from vlmsae.config.jobs import browse, extract, hierarchy, monosemanticity, steer, steer_eval, train
     from vlmsae.config.schemas import SCHEMAS
 
     cs = ConfigStore.instance()
     for group, name, node in SCHEMAS:
         cs.store(group=group, name=name, node=node)
-    for job in (extract, train, steer, steer_eval, browse):  # one schema per job: <job>_schema
+    for job in (extract, train, monosemanticity, hierarchy, steer, steer_eval, browse):  # one schema per job: <job>_schema
         job.register()
     _REGISTERED = True
 

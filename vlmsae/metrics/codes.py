@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from vlmsae.data.images import ImageRecord
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator
 from vlmsae.metrics.topimages import TopImages, top_images
 from vlmsae.models.spec import ModelSpec
+from vlmsae.sae import load_sae, read_sae_config
 
 POOLS = ("cls", "mean", "max")
 # SAE input rows encoded at once when pooling over tokens: bounds the dense [rows, F] code block.
@@ -66,6 +67,7 @@ class SAESource:
     spec: ModelSpec
     layer: int | str
     pool: str
+    source: dict[str, Any] = field(default_factory=dict)  # what the SAE's config.json records it reads
 
 
 def open_sae_source(sae, source: dict[str, Any], model: ModelSpec | None = None, layer: int | str | None = None,
@@ -92,7 +94,16 @@ def open_sae_source(sae, source: dict[str, Any], model: ModelSpec | None = None,
             f"The SAE reads {sae.d_in}-d activations but {spec.name} layer {layer} is {width}-d: "
             f"wrong model/layer for this SAE (its source says {source})."
         )
-    return SAESource(sae=sae.to(tap.device).eval(), tap=tap, spec=spec, layer=layer, pool=pool)
+    return SAESource(sae=sae.to(tap.device).eval(), tap=tap, spec=spec, layer=layer, pool=pool, source=dict(source))
+
+
+def open_sae_checkpoint(sae_dpath: str | Path, model: ModelSpec | None = None, layer: int | str | None = None,
+                        pool: str | None = None, device: str | None = None) -> SAESource:
+    """Load the SAE saved at ``sae_dpath`` and open what its ``config.json`` ``source`` says it reads
+    (overrides as :func:`open_sae_source`)."""
+    source = read_sae_config(sae_dpath).get("source") or {}
+    return open_sae_source(load_sae(sae_dpath), source, model=model, layer=layer, pool=pool, device=device,
+                           sae_dpath=sae_dpath)
 
 
 def pool_rows(acts_BTD: torch.Tensor, pool: str, has_cls: bool) -> tuple[torch.Tensor, int]:

@@ -1,0 +1,42 @@
+"""Schema of ``conf/hierarchy.yaml``: the keys of ``python -m vlmsae.hierarchy`` and their defaults.
+
+The defaults live here, once; the YAML lists only the config groups. An unknown key
+(``ntop=8``) or a wrong type (``n_top=abc``) fails at compose time with the key named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class HierarchyJob:
+    """Taxonomy alignment of Matryoshka levels (SPEC 4): LCA depth of each latent's top images, per group."""
+
+    # config groups (typed by their own schemas in vlmsae.config.schemas)
+    data: Any = MISSING  # the images (unused with ms_run, except to find the taxonomy's data root)
+    taxonomy: Any = MISSING  # where each image's taxon path comes from
+    model: Any = None  # null = the model the SAE was trained on (its config.json source.model)
+    embedder: Any = None  # an image embedder for MS per group (e.g. embedder=clip_b32); null = no MS unless ms_run
+
+    sae_path: str = MISSING  # SAE checkpoint folder (sae.safetensors + config.json), e.g. outputs/train/<run>/sae
+    ms_run: Optional[str] = None  # a finished `python -m vlmsae.monosemanticity` run: reuse top_images/, latents.csv
+    layer: Any = None  # null = the SAE's layer (config.json source.layer); or a block index / "last"
+    # cls | mean | max over patch tokens; null = cls if the SAE read CLS tokens, else mean
+    # (as vlmsae.monosemanticity, so both jobs rank the same top images)
+    pool: Optional[str] = None
+    top_k: int = 16  # images kept per latent in top_images/ (>= n_top)
+    n_top: int = 16  # SPEC 4: top-16 images, 120 pairs; a latent with fewer firing images is excluded
+    min_majority: float = 0.5  # latent_taxa.csv label: deepest rank whose majority taxon holds more than this share
+    batch_size: Optional[int] = None  # images per forward; null = data.batch_size
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+def register() -> None:
+    """Store the schema as ``hierarchy_schema`` (the first entry of conf/hierarchy.yaml's defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="hierarchy_schema", node=HierarchyJob)

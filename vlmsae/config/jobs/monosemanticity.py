@@ -1,0 +1,45 @@
+"""Schema of ``conf/monosemanticity.yaml``: the keys of ``python -m vlmsae.monosemanticity`` and their defaults.
+
+The defaults live here, once; the YAML lists only the config groups. An unknown key
+(``topk=5``) or a wrong type (``top_k=abc``) fails at compose time with the key named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class MonosemanticityJob:
+    """MS of every SAE latent and every raw neuron of the layer it reads (SPEC 3), top images, plots."""
+
+    # config groups (typed by their own schemas in vlmsae.config.schemas)
+    model: Any = None  # null = the model the SAE was trained on (its config.json source.model)
+    data: Any = MISSING  # the images: folder | list | wds | synthetic
+    embedder: Any = MISSING  # the image embedder E of the score
+
+    sae_path: str = MISSING  # SAE checkpoint folder (save_sae output; a training run keeps it in <run>/sae/)
+    layer: Any = None  # null = the SAE's source layer; or a block index / "last"
+    pool: Optional[str] = None  # cls | mean | max over patch tokens; null = cls if the SAE read CLS tokens, else mean
+    top_k: int = 16  # top-activating images kept per latent (images where it is 0 never count)
+    baseline: bool = True  # also score the raw neurons of the same layer
+    chunk_size: int = 4096  # images per block in the dense MS path
+    dense_threshold: float = 0.1  # reconstruction: a latent firing on more than this fraction of rows is "dense"
+    device: Optional[str] = None  # null = the model config's device (auto: first GPU, else CPU); e.g. cpu, cuda:1
+    embed_cache: Optional[str] = None  # folder for cached embeddings; null = $VLMSAE_HOME/embeddings
+    # also splice the SAE into the source CLIP and compare zero-shot predictions over the class folders
+    # (KL at the model's logit scale, top-1 agreement); open_clip models only
+    zero_shot: bool = False
+    zero_shot_template: str = "a photo of a {}."  # prompt per class name ("_" read as " ")
+    zero_shot_max_images: int = 1000  # labelled images the zero-shot check reads (also capped by data.max_images)
+    progress: bool = True  # progress bars
+
+
+def register() -> None:
+    """Store the schema as ``monosemanticity_schema`` (the first entry of conf/monosemanticity.yaml's defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="monosemanticity_schema", node=MonosemanticityJob)

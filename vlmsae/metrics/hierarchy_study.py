@@ -1,0 +1,227 @@
+"""The taxonomy-alignment study of one SAE (SPEC 4): what ``vlmsae.hierarchy`` runs.
+
+Inputs: each latent's top images, either computed here (:func:`compute_top_images`: the SAE's
+source model and the SAE over the images, as the monosemanticity study encodes them) or read from a
+finished monosemanticity run (:func:`load_ms_run`), and each image's taxon path
+(:func:`open_taxonomy`, :func:`check_images_have_taxa`). :func:`score_hierarchy` computes the LCA
+depths (:mod:`vlmsae.metrics.hierarchy`), the per-group table and each latent's majority taxa;
+:func:`hierarchy_markdown` and :func:`write_latent_taxa_csv` render them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmsae.data.concepts import ensure_concept_images
+from vlmsae.data.image_set import ImageSet
+from vlmsae.data.images import SkipLog, synthetic_options
+from vlmsae.data.taxonomy import Taxonomy, encode_paths, load_taxonomy
+from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, HierarchySummary, read_latents_csv, read_run_info
+from vlmsae.metrics import hierarchy as H
+from vlmsae.metrics.codes import SAESource, encode_images
+from vlmsae.metrics.monosemanticity import monosemanticity_scores
+from vlmsae.metrics.topimages import TopImages
+from vlmsae.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# SPEC 4, the paper's Table 2 (Matryoshka x2 on CLIP ViT-L/14 embeddings, iNat 2021, groups 0..4)
+PAPER_TABLE2 = {"depth": [3.33, 2.92, 3.85, 3.86, 4.06], "ms_mean": [0.67, 0.68, 0.70, 0.73, 0.74]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: the taxonomy, the top-images index and MS per latent
+# ----------------------------------------------------------------------------------------------
+
+
+def ms_run_data(ms_run: str | Path) -> dict | None:
+    """The ``data`` node an MS run was made with (its run_info.json), to find the taxonomy's images."""
+    info_fpath = Path(ms_run) / RUN_INFO_JSON
+    if not info_fpath.is_file():
+        return None
+    data = read_run_info(info_fpath).config.get("data")
+    return data if isinstance(data, dict) and data.get("source") else None
+
+
+def concept_root(data: Mapping[str, Any]) -> str | None:
+    """The generated concept-image folder of ``data=tiny`` (its concepts.json names the classes)."""
+    if data.get("source") != "synthetic":
+        return None
+    opts = synthetic_options(data["source"], data.get("extra"), data.get("seed", 0))
+    return str(ensure_concept_images(root=data.get("root"), **opts))
+
+
+def taxonomy_data(data: Mapping[str, Any], ms_run: str | Path | None) -> dict:
+    """The ``data`` node whose images the taxonomy must cover: ``data``, or with ``ms_run`` and no
+    ``data.root`` the images the MS run ranked (as its run_info.json records them)."""
+    if ms_run and not data.get("root"):
+        return ms_run_data(ms_run) or dict(data)
+    return dict(data)
+
+
+def open_taxonomy(taxonomy: Mapping[str, Any], data: Mapping[str, Any]) -> Taxonomy:
+    """Load the taxonomy of a ``taxonomy`` node (kind, path, key_column, ranks, wordnet_dpath); folder kinds
+    read ``data``'s root (or the generated concept images) when ``taxonomy.path`` is not set."""
+    ranks = taxonomy.get("ranks")
+    return load_taxonomy(
+        taxonomy["kind"], taxonomy.get("path"), key_column=taxonomy.get("key_column"),
+        ranks=list(ranks) if ranks is not None else None, wordnet_dpath=taxonomy.get("wordnet_dpath"),
+        data_root=data.get("root") or concept_root(data),
+    )
+
+
+def check_images_have_taxa(taxonomy: Taxonomy, images: ImageSet) -> list[str]:
+    """Match every listed image to a taxon now, not after an hour of encoding (a :class:`TaxonomyError`
+    names examples); returns the class names of the listing ([] for a stream, which cannot be listed)."""
+    if not images.listable:
+        return []
+    listing = images.listing()
+    classes = list(listing.classes)
+    items = images.items(listing)
+    names = [classes[lab] if isinstance(lab, int) and 0 <= lab < len(classes) else None for _, _, lab in items]
+    taxonomy.match([k for k, _, _ in items], [p for _, p, _ in items], names)
+    return classes
+
+
+def load_ms_run(ms_run: str | Path, n_latents: int) -> tuple[TopImages, torch.Tensor | None]:
+    """(TopImages, MS [K] or None) from a finished ``python -m vlmsae.monosemanticity`` run."""
+    ms_dpath = Path(ms_run)
+    if not (ms_dpath / TOP_IMAGES_DIR).is_dir():
+        raise FileNotFoundError(
+            f"ms_run={ms_dpath} has no top_images/ folder: point it at a run dir of `python -m vlmsae.monosemanticity`."
+        )
+    top = TopImages.load(ms_dpath / TOP_IMAGES_DIR)
+    if top.n_latents != n_latents:
+        raise ValueError(
+            f"ms_run={ms_dpath} ranks {top.n_latents} latents but the SAE at sae_path has {n_latents}: "
+            "use the MS run made with this SAE."
+        )
+    ms_fpath = ms_dpath / LATENTS_CSV
+    ms_K = read_latents_csv(ms_fpath).ms_K(n_latents) if ms_fpath.is_file() else None
+    if ms_K is None:
+        log.warning("%s not found: the table will have no MS columns", ms_fpath)
+    return top, ms_K
+
+
+def compute_top_images(src: SAESource, images: ImageSet, embedder: Any | None, *, top_k: int, batch_size: int,
+                       sae_path: str | Path) -> tuple[TopImages, torch.Tensor | None]:
+    """Run the SAE's source model and the SAE over the images, in one pass.
+
+    ``src`` comes from :func:`vlmsae.metrics.codes.open_sae_source` and the images are encoded by
+    :func:`vlmsae.metrics.codes.encode_images`, as the monosemanticity study does, so the top images
+    here equal those of an MS run on the same images. Returns the top-``top_k`` index and the MS per
+    latent from ``embedder``'s image embeddings (None without an embedder).
+    """
+    skip_log = SkipLog()
+    emb_chunks: list[torch.Tensor] = []
+
+    def embed(batch: list) -> None:
+        emb_chunks.append(embedder.embed([r.image for r in batch]).float().cpu())
+
+    encoded = encode_images(src, images.records(skip_log), batch_size, on_batch=embed if embedder is not None else None,
+                            desc="hierarchy: encode images")
+    if not encoded.keys:
+        raise ValueError(f"No readable image in data.source={images.source} data.root={images.root} "
+                         f"({len(skip_log)} skipped).")
+    top = encoded.top_images(top_k, meta={
+        "what": "top-activating images of SAE latents", "sae_path": str(sae_path), "model": src.spec.name,
+        "layer": src.layer, "pool": src.pool, "data_source": images.source, "data_root": str(images.root),
+        "skipped": skip_log.to_list(), "written_by": "vlmsae.hierarchy",
+    })
+    ms_K = monosemanticity_scores(encoded.codes_NF, torch.cat(emb_chunks)).double() if emb_chunks else None
+    return top, ms_K
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores and outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HierarchyStudy:
+    """The per-group table (hierarchy.json) and the per-latent rows (latent_taxa.csv) of one run."""
+
+    summary: HierarchySummary
+    latent_rows: list[dict]  # latent_taxa.csv rows (latent_taxa_rows)
+    taxonomy_source: str  # where the taxonomy came from (Taxonomy.source)
+
+
+def score_hierarchy(top: TopImages, ms_K: torch.Tensor | None, taxonomy: Taxonomy, classes: list[str], sae, *,
+                    n_top: int, min_majority: float, sae_path: str | Path,
+                    ms_run: str | Path | None) -> HierarchyStudy:
+    """LCA depths of every latent's top-``n_top`` images in ``taxonomy``, per Matryoshka group of ``sae``.
+
+    classes: names of integer image labels (a listed folder's classes), so the taxonomy can match a
+    label by name; min_majority: see :func:`latent_taxa_rows`; sae_path, ms_run: recorded.
+    """
+    group_K = sae.group_of_latent.cpu()
+    labels = [classes[lab] if classes and isinstance(lab, int) and 0 <= lab < len(classes) else lab
+              for lab in (top.labels or [None] * len(top.keys))]
+    codes_NR, names = encode_paths(taxonomy.match(top.keys, top.paths, labels), taxonomy.n_ranks)
+    depths = H.lca_depths(top.image_idx, top.acts, codes_NR, n_top=n_top)
+    groups = H.group_table(depths, group_K, ms_K, n_groups=len(sae.group_sizes))
+    code_KR, frac_KR, _ = H.majority_taxa(top.image_idx, top.acts, codes_NR, n_top=n_top)
+    rows = latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, taxonomy.ranks, min_majority)
+    summary = HierarchySummary(
+        groups=groups, group_sizes=list(sae.group_sizes), n_latents=sae.n_latents, n_scored=int(depths.valid_K.sum()),
+        n_images=len(top.keys), n_top=n_top, ranks=list(taxonomy.ranks), taxonomy=taxonomy.source,
+        sae_path=str(sae_path), ms_run=None if ms_run is None else str(ms_run), paper_table2=PAPER_TABLE2,
+    )
+    return HierarchyStudy(summary=summary, latent_rows=rows, taxonomy_source=taxonomy.source)
+
+
+def latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, ranks, min_majority: float) -> list[dict]:
+    """One row per latent for latent_taxa.csv (the columns the feature browser reads); ``label`` is the
+    deepest rank whose majority taxon holds more than ``min_majority`` of the latent's top images."""
+    deepest_K = H.deepest_majority_rank(code_KR, frac_KR, min_majority)
+    rows = []
+    for k in range(code_KR.shape[0]):
+        row: dict[str, Any] = {"latent": k, "group": int(group_K[k])}
+        valid = bool(depths.valid_K[k])
+        row["depth_mean"] = f"{float(depths.depth_mean_K[k]):.4f}" if valid else ""
+        row["depth_mode"] = int(depths.depth_mode_K[k]) if valid else ""
+        for r, rank in enumerate(ranks):
+            row[rank] = names[r][int(code_KR[k, r])]
+        d = int(deepest_K[k])
+        row["label"] = f"{names[d][int(code_KR[k, d])]} ({ranks[d]})" if d >= 0 else ""
+        rows.append(row)
+    return rows
+
+
+def write_latent_taxa_csv(fpath: Path, rows: list[dict], ranks: list[str]) -> None:
+    """latent_taxa.csv: latent, group, depth_mean, depth_mode, one column per rank, label."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["latent", "group", "depth_mean", "depth_mode", *ranks, "label"],
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(fpath, buf.getvalue())
+
+
+def hierarchy_markdown(summary: HierarchySummary) -> str:
+    """hierarchy.md: the paper's Table 2 layout for this SAE, with the paper's rows when the group count matches."""
+    groups, ranks, n_top = summary.groups, summary.ranks, summary.n_top
+    reference = ({"paper depth": PAPER_TABLE2["depth"], "paper MS mean": PAPER_TABLE2["ms_mean"]}
+                 if len(groups) == len(PAPER_TABLE2["depth"]) else None)
+    return (f"# Taxonomy alignment of Matryoshka levels\n\nSAE: `{summary.sae_path}`  \nTaxonomy: {summary.taxonomy} "
+            f"(ranks: {', '.join(ranks)})  \nImages: {summary.n_images}; top-{n_top} per latent; "
+            f"{summary.n_scored} of {summary.n_latents} latents have {n_top} firing images and are scored.\n\n"
+            + H.table_markdown(groups, reference)
+            + "\nLCA depth = length of the shared taxon path of a pair of top images (0 = different "
+              f"{ranks[0]}, {len(ranks)} = same {ranks[-1]}), mean over the "
+              f"{n_top * (n_top - 1) // 2} pairs of a latent, then over the latents of a group.\n")
+
+
+def log_groups(summary: HierarchySummary) -> None:
+    """One log line per group: scored latents, depth and MS."""
+    for r in summary.groups:
+        log.info("group %d: %d/%d latents scored, depth %s, MS %s", r["group"], r["n_scored"], r["n_latents"],
+                 r["depth_mean"], r["ms_mean"])
