@@ -214,7 +214,7 @@ def test_a_misspelt_or_mistyped_key_fails_at_compose_time_naming_it(tmp_path):
     assert "Key 'layr' not in 'ExtractJob'" in _compose_error(conf_dir(), "extract", ["layr=3"])
     assert "full_key: k" in _compose_error(conf_dir(), "extract", ["k=abc"])  # the schema types the keys
     # A typo written in the YAML itself (no override involved) is caught too: the schema closes the top level.
-    conf_copy = shutil.copytree(conf_dir(), tmp_path / "conf")
+    conf_copy = shutil.copytree(conf_dir(), tmp_path / "user_conf")
     with open(conf_copy / "extract.yaml", "a", encoding="utf-8") as fh:
         fh.write("\nrows_per_shrad: 10\n")
     assert "Key 'rows_per_shrad' not in 'ExtractJob'" in _compose_error(conf_copy, "extract", [])

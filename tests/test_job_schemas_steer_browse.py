@@ -67,11 +67,11 @@ def test_a_misspelt_key_on_the_command_line_fails_naming_it(job):
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_a_misspelt_key_in_the_job_yaml_fails_naming_it(job, tmp_path):
     _, fill, key = JOBS[job]
-    shutil.copytree(conf_dir(), tmp_path / "conf")
-    fpath = tmp_path / "conf" / f"{job}.yaml"
+    shutil.copytree(conf_dir(), tmp_path / "user_conf")
+    fpath = tmp_path / "user_conf" / f"{job}.yaml"
     fpath.write_text(fpath.read_text() + f"\n{key}s: 3\n")
     with pytest.raises(Exception) as info:
-        _compose(tmp_path / "conf", job, fill)
+        _compose(tmp_path / "user_conf", job, fill)
     assert f"{key}s" in _message_chain(info.value)
 
 

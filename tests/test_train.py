@@ -270,7 +270,7 @@ def test_a_misspelt_or_mistyped_key_fails_at_compose_time_naming_it(tmp_path):
     assert "Key 'layr' not in 'TrainJob'" in _compose_error(conf_dir(), "train", ["layr=3"])
     assert "full_key: seed" in _compose_error(conf_dir(), "train", ["seed=abc"])  # the schema types the keys
     # A typo in a recipe (no override involved) is caught too: the schema closes the top level.
-    conf_copy = shutil.copytree(conf_dir(), tmp_path / "conf")
+    conf_copy = shutil.copytree(conf_dir(), tmp_path / "user_conf")
     (conf_copy / "experiment" / "typo.yaml").write_text("# @package _global_\ntokns: cls\n", encoding="utf-8")
     assert "Key 'tokns' not in 'TrainJob'" in _compose_error(conf_copy, "train", ["experiment=typo"])
 
