@@ -101,7 +101,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
             "or tokens=patches."
         )
     data = cfg.data
-    synthetic = synthetic_options(str(data.source), data.get("extra"), data.get("seed", 0))
+    synthetic = synthetic_options(str(data.source), data.n_per_class, data.size, data.seed)
     if data.source not in ("folder", "list", "wds", "synthetic"):
         raise ValueError(f"extract reads images: data.source={data.source!r} must be folder, list, wds or synthetic.")
 

@@ -70,10 +70,12 @@ def load_ms_run(ms_run: str | Path, n_latents: int):
 
 
 def _synthetic_opts(data: dict) -> dict | None:
-    """Options of the generated concept images for ``data.source=synthetic`` (as the MS job reads them)."""
+    """Options of the generated concept images for ``data.source=synthetic`` (as the MS job reads them).
+    ``data`` may be an MS run's recorded config: runs before the typed fields kept them under ``extra``."""
     from vlmsae.data.images import synthetic_options
 
-    return synthetic_options(data.get("source"), data.get("extra"), data.get("seed", 0))
+    opts = {"n_per_class": 8, "size": 64, **(data.get("extra") or {}), **data}
+    return synthetic_options(data.get("source"), opts["n_per_class"], opts["size"], data.get("seed", 0))
 
 
 def compute_top_images(cfg: DictConfig, sae, source: dict[str, Any], out_dpath: Path, data: dict):

@@ -192,7 +192,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     embedder = None  # loaded on first use: a fully cached run needs no embedder weights
 
     data = cfg.data
-    synthetic = synthetic_options(str(data.source), data.get("extra"), data.get("seed", 0))
+    synthetic = synthetic_options(str(data.source), data.n_per_class, data.size, data.seed)
     if data.source not in ("folder", "list", "wds", "synthetic"):
         raise ValueError(f"monosemanticity reads images: data.source={data.source!r} must be folder, list, wds or synthetic.")
     n_total = None

@@ -78,10 +78,10 @@ def _side_by_side(names: list[str], rows: dict[str, list[str]], width: int = 40)
 
 def model_spec(cfg: DictConfig) -> dict:
     """``cfg.model`` as a dict, with the job-level ``device_map`` (``device_map=auto`` on the command
-    line) folded into ``extra.device_map``, where :func:`vlmsae.models.llava.load_llava_spec` reads it."""
+    line) set as its ``device_map``, where :func:`vlmsae.models.llava.load_llava_spec` reads it."""
     spec = OmegaConf.to_container(cfg.model, resolve=True)
     if cfg.get("device_map") is not None:
-        spec["extra"] = {**(spec.get("extra") or {}), "device_map": cfg.device_map}
+        spec["device_map"] = cfg.device_map
     return spec
 
 

@@ -218,12 +218,13 @@ def build_datamodule(cfg: DictConfig, info: dict):
     image_kwargs = {"source": image_source, "root": data.get("root")}
     if data.get("max_images") is not None:
         image_kwargs["max_images"] = data["max_images"]
-    extra = dict(data.get("extra") or {})
     if image_source == "synthetic":  # the same generated images the extract job uses for these options
-        image_kwargs["synthetic"] = {k: extra[k] for k in ("n_per_class", "size", "seed") if k in extra}
+        from vlmsae.data.images import synthetic_options
+
+        image_kwargs["synthetic"] = synthetic_options(image_source, data["n_per_class"], data["size"], data["seed"])
     tokens, k_tokens = _parse_tokens(info["tokens"], info.get("tokens_k") or 2)
     period = max(2, round(1.0 / stream.val_fraction)) if stream.val_fraction > 0 else 10**9
-    per_forward = int(extra.get("images_per_forward", 32))  # images per encoder forward
+    per_forward = int(data["images_per_forward"])  # images per encoder forward
     common = dict(model_spec=spec, image_kwargs=image_kwargs, layer=info["layer"], tokens=tokens, k_tokens=k_tokens,
                   images_per_forward=per_forward, seed=stream.seed, holdout_every=period)
     return ImageActsDataModule(ImageChunkMaker(split="train", **common), ImageChunkMaker(split="val", **common),

@@ -70,6 +70,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     out["extract_layer_ratio"] = out[f"extract_layer{mid}_over_full_ratio"]
 
     # End to end through vlmsae.extract.run on generated images (decode + preprocess + forward + write).
+    from dataclasses import asdict
+
+    from vlmsae.config.nodes import DataSchema
     from vlmsae.data.concepts import make_concept_images
     from vlmsae.extract import run as extract_run
 
@@ -79,8 +82,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         cfg = OmegaConf.create({
             "model": spec.to_dict(), "layer": mid, "tokens": "cls", "k": 2, "dtype": "float16", "out": None,
             "rows_per_shard": 65536, "rows_per_chunk": 4096, "seed": 0, "progress": False,
-            "data": {"source": "folder", "root": str(root), "batch_size": batch, "num_workers": 0,
-                     "max_images": None, "seed": 0, "extra": {}},
+            "data": asdict(DataSchema(source="folder", root=str(root), batch_size=batch, num_workers=0)),
         })
         summary = extract_run(cfg, out_dpath=Path(tmp) / "acts")
     out["extract_images_per_s"] = summary["images_per_s"]

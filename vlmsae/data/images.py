@@ -48,7 +48,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -411,13 +411,12 @@ def iter_images(
             yield record
 
 
-def synthetic_options(source: str, extra: Mapping[str, Any] | None, seed: int) -> dict[str, Any] | None:
-    """The ``synthetic`` options of ``data.source=synthetic`` (``data.extra`` over the defaults of
-    :func:`vlmsae.data.concepts.ensure_concept_images`, plus ``data.seed``); None for other sources."""
+def synthetic_options(source: str, n_per_class: int = 8, size: int = 64, seed: int = 0) -> dict[str, Any] | None:
+    """The ``synthetic`` options of ``data.source=synthetic`` (``data.n_per_class``, ``data.size``,
+    ``data.seed``: the arguments of :func:`vlmsae.data.concepts.ensure_concept_images`); None for other sources."""
     if source != "synthetic":
         return None
-    opts = {"n_per_class": 8, "size": 64, **dict(extra or {}), "seed": int(seed)}
-    return {k: opts[k] for k in ("n_per_class", "size", "seed")}
+    return {"n_per_class": int(n_per_class), "size": int(size), "seed": int(seed)}
 
 
 def list_source(source: str, root: str | Path | None, synthetic: dict[str, Any] | None = None) -> ImageList:
