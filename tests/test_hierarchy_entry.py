@@ -226,3 +226,14 @@ def test_unmatched_images_fail_before_encoding(tmp_path, compose_cfg):
     with pytest.raises(TaxonomyError, match=r"2 of 4 images match no taxon.*zebra/0.png"):
         run(cfg, out_dpath=tmp_path / "out")
     assert not (tmp_path / "out" / "top_images").exists()
+
+
+def test_synthetic_options_of_ms_runs_recorded_before_the_typed_data_fields():
+    """An MS run's run_info.json written while data kept n_per_class/size under ``extra`` still names its images."""
+    from vlmsae.hierarchy import _synthetic_opts
+
+    old = {"source": "synthetic", "seed": 1, "extra": {"n_per_class": 3, "size": 32}}
+    assert _synthetic_opts(old) == {"n_per_class": 3, "size": 32, "seed": 1}
+    new = {"source": "synthetic", "seed": 2, "n_per_class": 4, "size": 48}
+    assert _synthetic_opts(new) == {"n_per_class": 4, "size": 48, "seed": 2}
+    assert _synthetic_opts({"source": "folder", "root": "/x"}) is None

@@ -19,11 +19,6 @@ from vlmsae.config.nodes import (
     TrainerSchema,
 )
 
-# The names these nodes had while a second, parallel dataclass family existed; the same classes now.
-SAESchema = SAEConfig
-ModelSchema = ModelSpec
-EmbedderSchema = EmbedderSpec
-
 SCHEMAS: list[tuple[str | None, str, type]] = [
     ("sae", "sae_schema", SAEConfig),
     ("model", "model_schema", ModelSpec),
