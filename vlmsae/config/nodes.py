@@ -95,7 +95,7 @@ class ModelSpec:
     dtype: str = "float32"  # float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tiny: bool = False  # a random tiny model materialised locally (tests, demo)
-    seed: int = 0  # tiny: seed of the random weights (a different seed builds a different tiny model)
+    seed: int = 0  # tiny: seed of the random weights, used when the tiny model's folder is first built
     patch_size: int = 8  # tiny, hf_clip: patch side of the random CLIP (open_clip / LLaVA tiny models fix theirs)
     # open_clip, for weights no registered tag describes: each overrides the tag's / folder config's value
     quick_gelu: Optional[bool] = None  # QuickGELU (true, OpenAI weights) or GELU (false); null = the tag decides
