@@ -186,3 +186,111 @@ def test_unknown_option_lists_the_available_ones(compose_any):
         compose_any(primary, [override])
     message = _message_chain(info.value)
     assert "sae/topkk" in message and "batchtopk" in message
+
+
+# --- One dataclass per node (issue 13 item 2): Hydra's schema is the library's type ----------------------------------
+
+
+def test_each_node_schema_is_the_class_the_library_takes():
+    import vlmsae.models
+    import vlmsae.models.embedders
+    import vlmsae.models.spec
+    import vlmsae.sae
+    import vlmsae.sae.config
+
+    assert SCHEMA_OF_GROUP["model"] is vlmsae.models.ModelSpec is vlmsae.models.spec.ModelSpec
+    assert SCHEMA_OF_GROUP["embedder"] is vlmsae.models.embedders.EmbedderSpec
+    assert SCHEMA_OF_GROUP["sae"] is vlmsae.sae.SAEConfig is vlmsae.sae.config.SAEConfig
+
+
+def test_registered_nodes_carry_the_node_class(compose_any):
+    """What Hydra stores under <group>_schema is typed by the node class itself (not a copy of it)."""
+    from hydra.core.config_store import ConfigStore
+
+    compose_any(None, [])  # registers
+    for group, name, schema in SCHEMAS:
+        node = ConfigStore.instance().load(f"{group}/{name}.yaml").node
+        assert OmegaConf.get_type(node) is schema, name
+
+
+def test_composed_nodes_become_the_library_dataclasses(compose_any):
+    from vlmsae.models import ModelSpec
+    from vlmsae.models.embedders import EmbedderSpec
+    from vlmsae.sae import SAEConfig
+
+    cfg = compose_any("monosemanticity", ["model=tiny", "embedder=pixels", "sae_path=/x"])
+    assert ModelSpec.from_cfg(cfg.model) == OmegaConf.to_object(cfg.model)
+    assert EmbedderSpec.from_cfg(cfg.embedder).embed_dim == cfg.embedder.embed_dim
+    sae_cfg = compose_any("train", ["sae=matryoshka", "sae.expansion=2"]).sae
+    node = OmegaConf.to_object(sae_cfg)  # the frozen dataclass itself, unresolved: its width is not known yet
+    assert isinstance(node, SAEConfig) and (node.d_in, node.n_latents) == (None, None)
+    resolved = SAEConfig.from_schema(sae_cfg, d_in=16)
+    assert resolved == node.resolved(16) and (resolved.d_in, resolved.n_latents, resolved.expansion) == (16, 32, 2)
+    assert resolved.group_sizes == [2, 4, 8, 18]
+
+
+@pytest.mark.parametrize("override, value", [
+    ("model.seed=3", 3), ("model.patch_size=4", 4), ("model.quick_gelu=false", False),
+    ("model.image_mean=[0.5,0.5,0.5]", [0.5, 0.5, 0.5]), ("model.image_interpolation=bilinear", "bilinear"),
+    ("model.image_resize_mode=squash", "squash"), ("model.device_map=auto", "auto"),
+    ("model.local_files_only=true", True),
+])
+def test_former_model_extra_keys_are_typed_fields(compose_any, override, value):
+    from vlmsae.models import ModelSpec
+
+    key = override.split("=")[0]
+    spec = ModelSpec.from_cfg(compose_any("extract", ["model=tiny", override]).model)
+    assert getattr(spec, key.split(".")[1]) == value
+    with pytest.raises(Exception) as info:  # the old spelling is now a typo, named at compose time
+        compose_any("extract", ["model=tiny", f"model.extra.{key.split('.')[1]}=1"])
+    assert "model.extra" in _message_chain(info.value)
+
+
+def test_former_data_and_embedder_extra_keys_are_typed_fields(compose_any):
+    cfg = compose_any("monosemanticity", ["sae_path=/x", "data=tiny", "data.n_per_class=2", "data.size=32",
+                                          "embedder=tiny", "embedder.quick_gelu=true", "embedder.image_std=[1,1,1]"])
+    assert (cfg.data.n_per_class, cfg.data.size, cfg.embedder.quick_gelu) == (2, 32, True)
+    assert compose_any("train", ["data=images", "data.root=/x", "data.images_per_forward=8"]).data.images_per_forward == 8
+    for bad in ("data.n_per_class=abc", "data.images_per_forward=x", "embedder.quick_gelu=maybe"):
+        with pytest.raises(Exception) as info:
+            compose_any("monosemanticity", ["sae_path=/x", bad])
+        assert bad.split("=")[0] in _message_chain(info.value), bad
+    # The untyped dicts and the dead trainer.seed are gone: naming them is a typo.
+    for primary, gone, named in (("monosemanticity", "data.extra.n_per_class=2", "data.extra"),
+                                 ("monosemanticity", "embedder.extra.quick_gelu=true", "embedder.extra"),
+                                 ("train", "trainer.seed=1", "trainer.seed")):
+        with pytest.raises(Exception) as info:
+            compose_any(primary, [gone] + (["sae_path=/x"] if primary == "monosemanticity" else []))
+        assert named in _message_chain(info.value), gone
+
+
+def test_library_nodes_refuse_unknown_and_missing_fields_naming_them():
+    from vlmsae.models import ModelSpec
+    from vlmsae.models.embedders import EmbedderSpec
+    from vlmsae.sae import SAEConfig, build_sae
+
+    with pytest.raises(ValueError, match=r"Unknown model field\(s\) \['extra'\].*model.seed=1, not model.extra.seed"):
+        ModelSpec.from_cfg({"name": "x", "backend": "open_clip", "arch": "a", "extra": {"seed": 1}})
+    with pytest.raises(ValueError, match=r"Unknown embedder field\(s\) \['extra'\]"):
+        EmbedderSpec.from_cfg({"name": "x", "extra": {}})
+    with pytest.raises(ValueError, match=r"model needs \['arch'\].*model.arch"):
+        ModelSpec(name="x", backend="open_clip")
+    with pytest.raises(ValueError, match=r"SAE needs d_in and n_latents.*resolved\(d_in\)"):
+        build_sae(SAEConfig(arch="topk"))
+    with pytest.raises(ValueError, match=r"sae.d_in=8 but the activations are 16 wide"):
+        SAEConfig(arch="topk", d_in=8).resolved(16)
+    with pytest.raises(ValueError, match=r"sae.expansion must be a positive integer when sae.n_latents is unset"):
+        SAEConfig(arch="topk", expansion=None).resolved(16)
+    with pytest.raises(ValueError, match=r"expansion must be a positive integer; got 0"):
+        SAEConfig(arch="topk", expansion=0)
+    # An explicit n_latents decides the size; expansion then records the ratio (None when not whole).
+    assert SAEConfig(arch="topk", n_latents=40, expansion=16).resolved(8).expansion == 5
+    assert SAEConfig(arch="topk", d_in=8, n_latents=44).expansion is None
+
+
+def test_embedder_cache_id_changes_with_preprocessing_overrides():
+    from vlmsae.models.embedders import EmbedderSpec
+
+    base = EmbedderSpec(pretrained="openai")
+    assert base.cache_id() == "clip_b32|open_clip|ViT-B-32|openai|"  # unchanged for every existing cache
+    assert EmbedderSpec(pretrained="openai", quick_gelu=False).cache_id() != base.cache_id()

@@ -162,7 +162,7 @@ def test_list_and_wds_sources(compose_cfg, image_root, tmp_path):
 
 def test_synthetic_tiny_data_default(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))
-    cfg = compose_cfg("extract", ["progress=false", "data.extra.n_per_class=1", "data.extra.size=32"])
+    cfg = compose_cfg("extract", ["progress=false", "data.n_per_class=1", "data.size=32"])
     summary = run(cfg, out_dpath=tmp_path / "out")
     assert summary["n_images"] == 16 and summary["layer"] == 2  # default layer=-2 of 4 blocks
     assert read_manifest(tmp_path / "out")["source"] == "synthetic"

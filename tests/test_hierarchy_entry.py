@@ -274,3 +274,14 @@ def test_run_is_thin():
             names = [a.name for a in node.names]
             assert node.module not in {f"vlmsae.{job}" for job in jobs}, node.module
             assert not any(n in jobs or n.startswith("_") for n in names), (node.module, names)
+
+
+def test_synthetic_options_of_ms_runs_recorded_before_the_typed_data_fields():
+    """An MS run's run_info.json written while data kept n_per_class/size under ``extra`` still names its images."""
+    from vlmsae.data.images import synthetic_options_of as _synthetic_opts
+
+    old = {"source": "synthetic", "seed": 1, "extra": {"n_per_class": 3, "size": 32}}
+    assert _synthetic_opts(old) == {"n_per_class": 3, "size": 32, "seed": 1}
+    new = {"source": "synthetic", "seed": 2, "n_per_class": 4, "size": 48}
+    assert _synthetic_opts(new) == {"n_per_class": 4, "size": 48, "seed": 2}
+    assert _synthetic_opts({"source": "folder", "root": "/x"}) is None

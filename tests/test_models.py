@@ -195,7 +195,7 @@ def test_local_checkpoint_file_loads_like_a_tag(tiny_dpath, tap):
     open_clip.add_model_config(_write_arch(tiny_dpath, cfg))
     spec = ModelSpec(name="tiny_file", backend="open_clip", arch="vlmsae-test-arch", image_size=32, n_layers=4,
                      width=64, embed_dim=32, local_path=str(folder / "open_clip_model.safetensors"),
-                     extra={"quick_gelu": True})
+                     quick_gelu=True)
     file_tap = load_tap(spec)
     x = _images(2)
     torch.testing.assert_close(file_tap.forward_to(x, 1), tap.forward_to(x, 1), rtol=0, atol=0)

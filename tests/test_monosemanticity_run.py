@@ -26,7 +26,7 @@ def tiny_sae_dpath(tmp_path, monkeypatch):
 def _compose(compose_cfg, sae_dpath, tmp_path, *extra):
     return compose_cfg(
         "monosemanticity",
-        [f"sae_path={sae_dpath}", "data=tiny", "++data.extra.n_per_class=4", "embedder=pixels",
+        [f"sae_path={sae_dpath}", "data=tiny", "data.n_per_class=4", "embedder=pixels",
          f"embed_cache={tmp_path / 'emb_cache'}", "progress=false", "top_k=5", *extra],
     )
 
@@ -86,7 +86,7 @@ def test_run_writes_everything(compose_cfg, tiny_sae_dpath, tmp_path, monkeypatc
     assert again["embeddings_cached"] and not summary["embeddings_cached"]
     assert again["mean"] == pytest.approx(summary["mean"], abs=1e-9)
     # Same keys, other images (a different image size): the cache must not be reused.
-    other = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "++data.extra.size=48"), out_dpath=tmp_path / "out3")
+    other = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "data.size=48"), out_dpath=tmp_path / "out3")
     assert not other["embeddings_cached"]
 
 
@@ -118,7 +118,7 @@ def test_bad_sae_path_is_clear(compose_cfg, tmp_path) -> None:
 def test_cli(tiny_sae_dpath, tmp_path, repo_root) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "vlmsae.monosemanticity", f"sae_path={tiny_sae_dpath}", "model=tiny", "data=tiny",
-           "++data.extra.n_per_class=2", "embedder=tiny", f"embed_cache={tmp_path / 'c'}", "progress=false",
+           "data.n_per_class=2", "embedder=tiny", f"embed_cache={tmp_path / 'c'}", "progress=false",
            f"hydra.run.dir={tmp_path / 'cli'}"]
     proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

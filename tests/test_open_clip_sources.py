@@ -142,24 +142,24 @@ def test_file_without_a_tag_is_an_error_listing_the_tags(tmp_path):
     assert (src.tag, src.quick_gelu) == ("laion2b_s34b_b79k", False)
 
 
-def test_extra_overrides_are_validated_and_win(tmp_path):
+def test_overrides_are_validated_and_win(tmp_path):
     fpath = tmp_path / "w.safetensors"
     fpath.write_bytes(b"")
     custom = {"quick_gelu": False, "image_mean": [0.1, 0.2, 0.3], "image_std": [1, 1, 1],
               "image_interpolation": "bilinear", "image_resize_mode": "longest"}
-    src = resolve_open_clip_source("m", "ViT-B-32", pretrained=str(fpath), extra=custom)  # no tag needed
+    src = resolve_open_clip_source("m", "ViT-B-32", pretrained=str(fpath), overrides=custom)  # no tag needed
     assert src.quick_gelu is False and src.tag is None
     assert src.preprocess == {"mean": (0.1, 0.2, 0.3), "std": (1.0, 1.0, 1.0), "interpolation": "bilinear",
                               "resize_mode": "longest"}
     assert src.create_kwargs()["quick_gelu"] is False  # turns QuickGELU off even for a -quickgelu arch
-    src = resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", extra={"quick_gelu": False})
+    src = resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", overrides={"quick_gelu": False})
     assert src.quick_gelu is False and src.preprocess == _expected("ViT-B-32", "openai")[1]
-    with pytest.raises(ValueError, match=r"model.extra.image_resize_mode='crop'.*'squash'"):
-        resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", extra={"image_resize_mode": "crop"})
-    with pytest.raises(ValueError, match=r"model.extra.image_std=\[0.5\] must be three"):
-        resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", extra={"image_std": [0.5]})
-    with pytest.raises(ValueError, match=r"model.extra.quick_gelu='yes' must be true or false"):
-        resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", extra={"quick_gelu": "yes"})
+    with pytest.raises(ValueError, match=r"model.image_resize_mode='crop'.*'squash'"):
+        resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", overrides={"image_resize_mode": "crop"})
+    with pytest.raises(ValueError, match=r"model.image_std=\[0.5\] must be three"):
+        resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", overrides={"image_std": [0.5]})
+    with pytest.raises(ValueError, match=r"model.quick_gelu='yes' must be true or false"):
+        resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", overrides={"quick_gelu": "yes"})
 
 
 def test_folder_config_decides_for_open_clip_folders(tmp_path):

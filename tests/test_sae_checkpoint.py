@@ -103,3 +103,21 @@ def test_saved_threshold_none_before_estimation(tmp_path):
     info = json.loads((save_sae(sae, tmp_path) / "config.json").read_text())
     assert info["threshold"] is None
     assert float(load_sae(tmp_path).threshold) < 0
+
+
+@pytest.mark.parametrize("arch", ["matryoshka", "batchtopk"])
+def test_checkpoints_written_before_the_config_node_merge_still_load(repo_root, tmp_path, arch):
+    """tests/fixtures/sae_v1/: config.json + weights saved by the code whose SAEConfig had no ``expansion`` and
+    required ``d_in``/``n_latents``; they load into the same SAE, and a re-save round-trips."""
+    dpath = repo_root / "tests" / "fixtures" / "sae_v1" / arch
+    assert "expansion" not in json.loads((dpath / "config.json").read_text())["config"]  # really the old layout
+    sae = load_sae(dpath)
+    assert (sae.arch, sae.d_in, sae.n_latents, sae.cfg.k) == (arch, 4, 8, 2)
+    assert sae.cfg.expansion == 2 and sae.cfg.group_sizes == ([2, 6] if arch == "matryoshka" else [8])
+    assert sae.cfg == SAEConfig(arch=arch, d_in=4, n_latents=8, k=2,
+                                group_fractions=(0.25, 0.75) if arch == "matryoshka" else None)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    again = load_sae(save_sae(sae, tmp_path / "again"))
+    assert again.cfg == sae.cfg
+    with torch.no_grad():
+        assert torch.equal(again.encode(x), sae.encode(x))

@@ -32,7 +32,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
-from vlmsae.data.images import synthetic_options
+from vlmsae.data.images import synthetic_options_of
 from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
 from vlmsae.models.spec import ModelSpec
 from vlmsae.utils.paths import run_dir
@@ -49,7 +49,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         rows_per_shard=int(cfg.rows_per_shard), rows_per_chunk=int(cfg.rows_per_chunk), order_seed=cfg.order_seed,
         max_images=None if data.max_images is None else int(data.max_images), batch_size=int(data.batch_size),
         num_workers=int(data.num_workers), exif_transpose=bool(data.exif_transpose),
-        synthetic=synthetic_options(str(data.source), data.extra, int(data.seed)), progress=bool(cfg.progress),
+        synthetic=synthetic_options_of(data), progress=bool(cfg.progress),
     )
     extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath)
     if (finished := extraction.finished) is not None:  # rerunning a complete extraction changes nothing

@@ -1,10 +1,11 @@
 """Structured-config schemas (dataclasses) for the core Hydra nodes.
 
 Import-light on purpose: only dataclasses and Hydra's ConfigStore, so ``--help`` stays instant.
-Each node lives in its own module; :func:`register_configs` stores them all. Entry points call it
-before ``@hydra.main`` runs, and YAML files in ``conf/<group>/`` list the schema first in their
-``defaults`` so that an unknown key (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose
-time with the key named. :func:`conf_dir` says where that YAML tree is, for Hydra and every reader.
+Each core node is one dataclass in :mod:`vlmsae.config.nodes` (also the library's typed argument);
+:func:`register_configs` stores them all. Entry points call it before ``@hydra.main`` runs, and YAML
+files in ``conf/<group>/`` list the schema first in their ``defaults`` so that an unknown key
+(``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with the key named.
+:func:`conf_dir` says where that YAML tree is, for Hydra and every reader.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     from vlmsae.config.jobs import browse, extract, hierarchy, monosemanticity, steer, steer_eval, train
-    from vlmsae.config.schemas import SCHEMAS
+    from vlmsae.config.schemas import SCHEMAS, store_node
 
     cs = ConfigStore.instance()
     for group, name, node in SCHEMAS:
-        cs.store(group=group, name=name, node=node)
+        cs.store(group=group, name=name, node=store_node(node))
     for job in (extract, train, monosemanticity, hierarchy, steer, steer_eval, browse):  # one schema per job: <job>_schema
         job.register()
     _REGISTERED = True

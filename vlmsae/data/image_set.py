@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmsae.data.images import ImageList, ImageRecord, SkipLog, iter_images, list_source, synthetic_options
+from vlmsae.data.images import ImageList, ImageRecord, SkipLog, iter_images, list_source, synthetic_options_of
 
 IMAGE_SOURCES = ("folder", "list", "wds", "synthetic")  # sources of decoded images (not activation stores)
 
@@ -41,7 +41,7 @@ class ImageSet:
             root=None if data["root"] is None else str(data["root"]),
             max_images=None if data["max_images"] is None else int(data["max_images"]),
             batch_size=int(data["batch_size"]),
-            synthetic=synthetic_options(str(source), data.get("extra"), data["seed"]),
+            synthetic=synthetic_options_of(data),
         )
 
     @property

@@ -411,13 +411,20 @@ def iter_images(
             yield record
 
 
-def synthetic_options(source: str, extra: Mapping[str, Any] | None, seed: int) -> dict[str, Any] | None:
-    """The ``synthetic`` options of ``data.source=synthetic`` (``data.extra`` over the defaults of
-    :func:`vlmsae.data.concepts.ensure_concept_images`, plus ``data.seed``); None for other sources."""
+def synthetic_options(source: str, n_per_class: int = 8, size: int = 64, seed: int = 0) -> dict[str, Any] | None:
+    """The ``synthetic`` options of ``data.source=synthetic`` (``data.n_per_class``, ``data.size``,
+    ``data.seed``: the arguments of :func:`vlmsae.data.concepts.ensure_concept_images`); None for other sources."""
     if source != "synthetic":
         return None
-    opts = {"n_per_class": 8, "size": 64, **dict(extra or {}), "seed": int(seed)}
-    return {k: opts[k] for k in ("n_per_class", "size", "seed")}
+    return {"n_per_class": int(n_per_class), "size": int(size), "seed": int(seed)}
+
+
+def synthetic_options_of(data: Mapping[str, Any]) -> dict[str, Any] | None:
+    """:func:`synthetic_options` of a ``data`` node (a dict or DictConfig). A node recorded in an older run's
+    ``run_info.json`` kept ``n_per_class`` / ``size`` under ``extra``; those still name the same images."""
+    legacy = dict(data.get("extra") or {})
+    opts = {"n_per_class": 8, "size": 64, **legacy, **{k: data[k] for k in ("n_per_class", "size") if k in data}}
+    return synthetic_options(str(data.get("source")), opts["n_per_class"], opts["size"], data.get("seed", 0) or 0)
 
 
 def list_source(source: str, root: str | Path | None, synthetic: dict[str, Any] | None = None) -> ImageList:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmsae.config.schemas import DataSchema, LoggerSchema, TrainerSchema
+from vlmsae.config.nodes import DataSchema, LoggerSchema, TrainerSchema
+from vlmsae.data.images import synthetic_options
 from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule, ImageChunkMaker, StreamConfig, open_store
 from vlmsae.lit.loggers import ResumableCSVLogger, RestoreLogHistory
 from vlmsae.lit.module import NonFiniteLossError, SAELitModule
@@ -137,12 +138,11 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
     image_kwargs: dict[str, Any] = {"source": image_source, "root": data.root}
     if data.max_images is not None:
         image_kwargs["max_images"] = data.max_images
-    extra = dict(data.extra or {})
     if image_source == "synthetic":  # the same generated images the extract job uses for these options
-        image_kwargs["synthetic"] = {k: extra[k] for k in ("n_per_class", "size", "seed") if k in extra}
+        image_kwargs["synthetic"] = synthetic_options(image_source, data.n_per_class, data.size, data.seed)
     tokens, k_tokens = parse_tokens(source.tokens, source.tokens_k or 2)
     period = max(2, round(1.0 / stream.val_fraction)) if stream.val_fraction > 0 else 10**9
-    per_forward = int(extra.get("images_per_forward", 32))  # images per encoder forward
+    per_forward = int(data.images_per_forward)  # images per encoder forward
     common = dict(model_spec=model, image_kwargs=image_kwargs, layer=source.layer, tokens=tokens, k_tokens=k_tokens,
                   images_per_forward=per_forward, seed=stream.seed, holdout_every=period)
     return ImageActsDataModule(ImageChunkMaker(split="train", **common), ImageChunkMaker(split="val", **common),

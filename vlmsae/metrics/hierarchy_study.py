@@ -22,7 +22,7 @@ import torch
 
 from vlmsae.data.concepts import ensure_concept_images
 from vlmsae.data.image_set import ImageSet
-from vlmsae.data.images import SkipLog, synthetic_options
+from vlmsae.data.images import SkipLog, synthetic_options_of
 from vlmsae.data.taxonomy import Taxonomy, encode_paths, load_taxonomy
 from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, HierarchySummary, read_latents_csv, read_run_info
 from vlmsae.metrics import hierarchy as H
@@ -55,7 +55,7 @@ def concept_root(data: Mapping[str, Any]) -> str | None:
     """The generated concept-image folder of ``data=tiny`` (its concepts.json names the classes)."""
     if data.get("source") != "synthetic":
         return None
-    opts = synthetic_options(data["source"], data.get("extra"), data.get("seed", 0))
+    opts = synthetic_options_of(data)
     return str(ensure_concept_images(root=data.get("root"), **opts))
 
 

@@ -14,67 +14,16 @@ they are, and a failed download raises an error that says how to fetch them on a
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from vlmsae.config.nodes import EMBEDDER_BACKENDS, EmbedderSpec, open_clip_overrides
 from vlmsae.models.tap import resolve_device
 
 __all__ = ["EmbedderSpec", "Embedder", "load_embedder", "EMBEDDER_BACKENDS"]
-
-EMBEDDER_BACKENDS = ("open_clip", "hf", "pixels")
-
-
-@dataclass
-class EmbedderSpec:
-    """Which image embedder; mirrors ``vlmsae.config.schemas.EmbedderSchema``."""
-
-    name: str = "clip_b32"  # short name, used in cache keys and outputs
-    backend: str = "open_clip"  # open_clip | hf | pixels
-    arch: str = "ViT-B-32"  # open_clip model name; hf: the model id (facebook/dinov2-base)
-    pretrained: Optional[str] = None  # open_clip tag (openai) or checkpoint file; hf: unused
-    local_path: Optional[str] = None  # local weights (open_clip checkpoint/folder, or a save_pretrained folder)
-    pretrained_tag: Optional[str] = None  # open_clip: registered config (preprocessing, activation) of file weights
-    cache_dir: Optional[str] = None  # where downloaded weights are cached
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"
-    batch_size: int = 64  # images per forward
-    tiny: bool = False  # open_clip: the random tiny CLIP (tests)
-    embed_dim: int = 64  # pixels: output width
-    image_size: int = 16  # pixels: images are resized to image_size^2 before the projection
-    seed: int = 0  # tiny / pixels: fixes the random weights
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.backend not in EMBEDDER_BACKENDS:
-            raise ValueError(f"Unknown embedder backend {self.backend!r}: use one of {list(EMBEDDER_BACKENDS)}.")
-
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> "EmbedderSpec":
-        if isinstance(cfg, cls):
-            return cfg
-        if not isinstance(cfg, dict):
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        cfg = {k: v for k, v in dict(cfg).items() if k != "defaults"}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - names)
-        if unknown:
-            raise ValueError(f"Unknown embedder field(s) {unknown}: valid fields are {sorted(names)}.")
-        return cls(**cfg)
-
-    def cache_id(self) -> str:
-        """What must match for cached embeddings to be reused."""
-        weights = self.local_path or self.pretrained or ("tiny" if self.tiny else "random")
-        if self.backend == "open_clip" and (self.local_path or self.pretrained_tag):
-            # File weights are prepared as their tag says (before, as open_clip's defaults): new cache entries.
-            weights += f"|tag={self.pretrained_tag or self.pretrained}"
-        return f"{self.name}|{self.backend}|{self.arch}|{weights}|{self.seed if self.backend == 'pixels' or self.tiny else ''}"
 
 
 def _offline_error(spec: EmbedderSpec, err: BaseException) -> RuntimeError:
@@ -142,7 +91,7 @@ class OpenClipEmbedder(Embedder):
             local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
         # The same resolution as the taps': a checkpoint file gets its registered tag's preprocessing/activation.
         source = resolve_open_clip_source(spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag,
-                                          spec.extra, where="embedder")
+                                          open_clip_overrides(spec), where="embedder")
         model_name = source.model_name
         model, preprocess = create_open_clip(source, spec.cache_dir, on_missing=lambda err: _offline_error(spec, err))
         self.device = resolve_device(spec.device)

@@ -109,9 +109,9 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
 
     if spec.tiny:
         dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
-        build_tiny_hf_clip(dpath, seed=int(spec.extra.get("seed", 0)), image_size=spec.image_size,
+        build_tiny_hf_clip(dpath, seed=spec.seed, image_size=spec.image_size,
                            width=spec.width, layers=spec.n_layers, embed_dim=spec.embed_dim or spec.width,
-                           patch_size=int(spec.extra.get("patch_size", 8)))
+                           patch_size=spec.patch_size)
         source, local_only = str(dpath), True
     else:
         source, local_only = _hf_source(spec)

@@ -585,12 +585,11 @@ def load_llava_spec(spec: Any):
     """``(model, processor)`` for a model config node / ``ModelSpec`` with ``backend: hf_llava``.
 
     Reads ``name``, ``pretrained`` (HF id), ``local_path`` (takes precedence), ``cache_dir``,
-    ``dtype``, ``device`` and ``extra.device_map``. ``tiny: true`` builds the tiny random LLaVA once
-    under ``$VLMSAE_HOME/models/<name>`` (seed ``extra.seed``, default 0) and loads it from there.
+    ``dtype``, ``device``, ``device_map`` and ``local_files_only``. ``tiny: true`` builds the tiny random LLaVA
+    once under ``$VLMSAE_HOME/models/<name>`` (seed ``seed``, default 0) and loads it from there.
     Without a ``device_map`` the model is moved to ``device``.
     """
     get = spec.get if isinstance(spec, dict) else (lambda key, default=None: getattr(spec, key, default))
-    extra = dict(get("extra", None) or {})
     backend = get("backend", "hf_llava")
     if backend != "hf_llava":
         raise ValueError(f"model.backend={backend!r}: steering needs a LLaVA model (backend hf_llava, e.g. model=llava15_7b).")
@@ -598,14 +597,14 @@ def load_llava_spec(spec: Any):
         from vlmsae.models.tiny import tiny_model_dpath
 
         source: str | Path = get("local_path", None) or build_tiny_llava(
-            tiny_model_dpath(str(get("name", "tiny_llava"))), seed=int(extra.get("seed", 0))
+            tiny_model_dpath(str(get("name", "tiny_llava"))), seed=int(get("seed", 0))
         )
     else:
         source = get("local_path", None) or get("pretrained", None) or LLAVA_15_7B
-    device_map = extra.get("device_map")
+    device_map = get("device_map", None)
     model, processor = load_llava(
         source, dtype=get("dtype", "float16"), device_map=device_map, cache_dir=get("cache_dir", None),
-        local_files_only=extra.get("local_files_only"),
+        local_files_only=get("local_files_only", None),
     )
     if device_map is None:
         model.to(resolve_device(get("device", "auto")))

@@ -9,7 +9,7 @@ Wherever the weights come from, the activation (QuickGELU for OpenAI weights) an
 preprocessing (mean/std, resize mode, interpolation) are those of the weights' registered open_clip
 pretrained config (:func:`registered_preprocess`), named by the ``pretrained`` tag or, when
 ``pretrained`` is itself a file, by ``pretrained_tag``. A folder's own ``open_clip_config.json``
-describes its weights instead, and ``extra`` keys (:data:`EXTRA_OVERRIDES`) override both. Without
+describes its weights instead, and the override fields (:data:`OVERRIDE_TARGETS`) override both. Without
 this a file would get open_clip's defaults: CLIP normalisation with a centre crop for SigLIP, GELU
 for OpenAI CLIP. :func:`resolve_open_clip_source` decides all of it without loading anything, and
 :func:`create_open_clip` is the one place that builds an open_clip model (taps, embedders, zero-shot).
@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import torch
 
+from vlmsae.config.nodes import open_clip_overrides
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import Tap, resolve_device, torch_dtype
 from vlmsae.models.tiny import OPEN_CLIP_CONFIG, build_tiny_open_clip, tiny_model_dpath
@@ -55,9 +56,10 @@ def _missing_weights_error(spec: ModelSpec, err: BaseException) -> RuntimeError:
     )
 
 
-# spec.extra keys that override what the registered pretrained config (or a folder's config) says, for
-# weights that no open_clip tag describes; value -> open_clip's preprocess key (None: the activation).
-EXTRA_OVERRIDES = {"quick_gelu": None, "image_mean": "mean", "image_std": "std",
+# Model/embedder fields (vlmsae.config.nodes.OPEN_CLIP_OVERRIDES) that override what the registered pretrained
+# config (or a folder's config) says, for weights that no open_clip tag describes; value -> open_clip's
+# preprocess key (None: the activation).
+OVERRIDE_TARGETS = {"quick_gelu": None, "image_mean": "mean", "image_std": "std",
                    "image_interpolation": "interpolation", "image_resize_mode": "resize_mode"}
 _RESIZE_MODES = ("shortest", "longest", "squash")
 _INTERPOLATIONS = ("bicubic", "bilinear")
@@ -103,27 +105,27 @@ def _merge_preprocess(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str
     return {key: tuple(float(x) for x in v) if key in ("mean", "std") else v for key, v in out.items()}
 
 
-def _extra_overrides(extra: dict[str, Any], where: str) -> tuple[Optional[bool], dict[str, Any]]:
-    """``(quick_gelu, preprocess)`` given explicitly in ``<where>.extra``, validated."""
-    quick_gelu = extra.get("quick_gelu")
+def _explicit_overrides(overrides: dict[str, Any], where: str) -> tuple[Optional[bool], dict[str, Any]]:
+    """``(quick_gelu, preprocess)`` set explicitly (``<where>.quick_gelu``, ``<where>.image_mean``, ...), validated."""
+    quick_gelu = overrides.get("quick_gelu")
     if quick_gelu is not None and not isinstance(quick_gelu, bool):
-        raise ValueError(f"{where}.extra.quick_gelu={quick_gelu!r} must be true or false.")
+        raise ValueError(f"{where}.quick_gelu={quick_gelu!r} must be true or false.")
     preprocess: dict[str, Any] = {}
-    for key, target in EXTRA_OVERRIDES.items():
-        value = extra.get(key)
+    for key, target in OVERRIDE_TARGETS.items():
+        value = overrides.get(key)
         if target is None or value is None:
             continue
         if target in ("mean", "std"):
             ok = isinstance(value, (list, tuple)) and len(value) == 3
             ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
             if not ok or (target == "std" and min(value) <= 0):
-                raise ValueError(f"{where}.extra.{key}={value!r} must be three per-channel (R, G, B) numbers"
+                raise ValueError(f"{where}.{key}={value!r} must be three per-channel (R, G, B) numbers"
                                  + (", all > 0." if target == "std" else "."))
         elif target == "resize_mode" and value not in _RESIZE_MODES:
-            raise ValueError(f"{where}.extra.{key}={value!r} is not an open_clip resize mode: use one of "
+            raise ValueError(f"{where}.{key}={value!r} is not an open_clip resize mode: use one of "
                              f"{_RESIZE_MODES}.")
         elif target == "interpolation" and value not in _INTERPOLATIONS:
-            raise ValueError(f"{where}.extra.{key}={value!r} is not an open_clip interpolation: use one of "
+            raise ValueError(f"{where}.{key}={value!r} is not an open_clip interpolation: use one of "
                              f"{_INTERPOLATIONS}.")
         preprocess[target] = value
     return quick_gelu, preprocess
@@ -165,7 +167,7 @@ def _is_tag(arch: str, value: Optional[str]) -> bool:
 
 
 def _tag_for_file(name: str, arch: str, pretrained: Optional[str], pretrained_tag: Optional[str],
-                  extra: dict[str, Any], where: str, fpath: Path) -> Optional[str]:
+                  overrides: dict[str, Any], where: str, fpath: Path) -> Optional[str]:
     """The registered tag whose config a checkpoint file is loaded with; errors say how to name one."""
     import open_clip
 
@@ -180,35 +182,35 @@ def _tag_for_file(name: str, arch: str, pretrained: Optional[str], pretrained_ta
                 "activation the weights in the file need."
             )
         return tag
-    if tags and not all(extra.get(key) is not None for key in EXTRA_OVERRIDES):
+    if tags and not all(overrides.get(key) is not None for key in OVERRIDE_TARGETS):
         raise ValueError(
             f"{where} {name!r} loads open_clip {arch!r} weights from the file {fpath}, but nothing says which "
             "registered pretrained config they are, so the image preprocessing (mean/std, resize) and the "
             f"activation (QuickGELU or GELU) are unknown. Set {where}.pretrained_tag=<tag> (valid tags for {arch}: "
             f"{tags}), or keep {where}.pretrained=<tag> and give the file as {where}.local_path=<file>; for weights "
-            f"that match no tag set all of {where}.extra.{{{','.join(EXTRA_OVERRIDES)}}}."
+            f"that match no tag set all of {where}.{{{','.join(OVERRIDE_TARGETS)}}}."
         )
     if not tags:
         log.warning("%s %s: open_clip has no registered pretrained config for %s; weights from %s use open_clip's "
-                    "default preprocessing unless %s.extra sets %s", where, name, arch, fpath, where,
-                    list(EXTRA_OVERRIDES))
+                    "default preprocessing unless %s sets %s", where, name, arch, fpath, where,
+                    list(OVERRIDE_TARGETS))
     return None
 
 
 def resolve_open_clip_source(
     name: str, arch: str, pretrained: Optional[str] = None, local_path: Optional[str] = None,
-    pretrained_tag: Optional[str] = None, extra: Optional[dict[str, Any]] = None, where: str = "model",
+    pretrained_tag: Optional[str] = None, overrides: Optional[dict[str, Any]] = None, where: str = "model",
 ) -> OpenClipSource:
     """Which weights to load and with which activation and preprocessing; nothing is loaded or downloaded.
 
     Precedence for the weights: ``local_path`` (folder with ``open_clip_config.json``, folder with one
     checkpoint, or checkpoint file) > ``arch`` = ``hf-hub:``/``local-dir:`` > ``pretrained`` (tag or file).
-    Activation and preprocessing: ``extra`` overrides (:data:`EXTRA_OVERRIDES`) > a folder's
+    Activation and preprocessing: ``overrides`` (:data:`OVERRIDE_TARGETS`; None values = unset) > a folder's
     ``open_clip_config.json`` > the registered config of ``pretrained_tag`` or the ``pretrained`` tag.
     ``where`` ("model" or "embedder") names the config group in errors.
     """
-    extra = dict(extra or {})
-    quick_gelu_override, preprocess_override = _extra_overrides(extra, where)
+    overrides = dict(overrides or {})
+    quick_gelu_override, preprocess_override = _explicit_overrides(overrides, where)
     if not local_path and pretrained_tag and _is_tag(arch, pretrained) and pretrained_tag != pretrained:
         raise ValueError(f"{where}.pretrained={pretrained!r} and {where}.pretrained_tag={pretrained_tag!r} name "
                          f"different registered configs ({where} {name!r}): drop one of them.")
@@ -218,7 +220,7 @@ def resolve_open_clip_source(
         quick_gelu = base[0] if quick_gelu_override is None else quick_gelu_override
         preprocess = _merge_preprocess(base[1], preprocess_override)
         if quick_gelu_override is not None or preprocess_override:
-            decided_by += f" + {where}.extra overrides"
+            decided_by += f" + {where} overrides"
         return OpenClipSource(model_name, weights, tag, quick_gelu, preprocess, decided_by)
 
     fpath: Optional[Path] = None
@@ -266,14 +268,14 @@ def resolve_open_clip_source(
                 f"{where}.local_path=<path>."
             )
     if fpath is not None:
-        tag = _tag_for_file(name, arch, pretrained, pretrained_tag, extra, where, fpath)
+        tag = _tag_for_file(name, arch, pretrained, pretrained_tag, overrides, where, fpath)
         return source(arch, str(fpath), tag, registered_preprocess(arch, tag),
                       f"registered config {arch}/{tag}" if tag else "open_clip defaults")
     if pretrained is None:
         log.warning("%s %s: no pretrained weights given, using a RANDOM %s (fine for benchmarks only)",
                     where, name, arch)
         if pretrained_tag and not _is_tag(arch, pretrained_tag):
-            _tag_for_file(name, arch, None, pretrained_tag, extra, where, Path("<none>"))  # raises the tag error
+            _tag_for_file(name, arch, None, pretrained_tag, overrides, where, Path("<none>"))  # raises the tag error
         return source(arch, None, pretrained_tag, registered_preprocess(arch, pretrained_tag),
                       f"registered config {arch}/{pretrained_tag}" if pretrained_tag else "open_clip defaults")
     return source(arch, pretrained, pretrained, registered_preprocess(arch, pretrained),
@@ -285,9 +287,9 @@ def spec_source(spec: ModelSpec) -> OpenClipSource:
     local_path = spec.local_path
     if spec.tiny:
         dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
-        local_path = str(build_tiny_open_clip(dpath, seed=int(spec.extra.get("seed", 0))))
-    extra = {key: value for key, value in spec.extra.items() if key != "seed"}
-    return resolve_open_clip_source(spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag, extra)
+        local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
+    return resolve_open_clip_source(spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag,
+                                    open_clip_overrides(spec))
 
 
 def _resolve_source(spec: ModelSpec) -> tuple[str, str | None]:

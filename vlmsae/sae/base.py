@@ -135,6 +135,9 @@ class SAE(nn.Module):
         super().__init__()
         if not isinstance(cfg, SAEConfig):
             raise TypeError(f"SAE needs an SAEConfig; got {type(cfg).__name__}.")
+        if not cfg.is_resolved:  # a config node straight from conf/sae/*.yaml: its size is not known yet
+            raise ValueError(f"SAE needs d_in and n_latents; got d_in={cfg.d_in}, n_latents={cfg.n_latents}: "
+                             "use cfg.resolved(d_in) or SAEConfig.from_schema(node, d_in).")
         self.cfg = cfg
         n_latents, d_in = cfg.n_latents, cfg.d_in
         generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -27,11 +27,11 @@ class SteeringSetup:
 
 
 def llava_spec(spec: ModelSpec, device_map: str | None) -> ModelSpec:
-    """``spec`` with the job-level ``device_map`` (``device_map=auto`` on the command line) folded into
-    ``extra.device_map``, where :func:`vlmsae.models.llava.load_llava_spec` reads it; ``None`` keeps ``spec``'s."""
+    """``spec`` with the job-level ``device_map`` (``device_map=auto`` on the command line) as its
+    ``device_map``, where :func:`vlmsae.models.llava.load_llava_spec` reads it; ``None`` keeps ``spec``'s."""
     if device_map is None:
         return spec
-    return dataclasses.replace(spec, extra={**spec.extra, "device_map": device_map})
+    return dataclasses.replace(spec, device_map=device_map)
 
 
 def require_folder(key: str, value: str | Path | None, what: str = "") -> Path:

@@ -1,0 +1,456 @@
+"""One dataclass per config node: the Hydra schema of ``conf/<group>/*.yaml`` and the library's typed argument.
+
+Each class below is registered in Hydra's ConfigStore (``vlmsae.config.schemas.SCHEMAS``: ``model_schema``,
+``sae_schema``, ...), so a group YAML that starts with ``defaults: [<group>_schema, _self_]`` is typed by it
+and a misspelt key (``model.widht=3``) or a wrong type (``sae.k=abc``) fails at compose time naming the key.
+The library takes the same classes (``vlmsae.models.ModelSpec``, ``vlmsae.models.embedders.EmbedderSpec``,
+``vlmsae.sae.SAEConfig`` are these), built from a composed node with ``from_cfg`` / ``from_schema``. A config
+key is therefore added in one dataclass here and one YAML file. Every field says what it is for.
+
+Import-light on purpose (dataclasses and omegaconf only, no torch): this is the bottom layer, and ``--help``
+must stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    """A composed node (DictConfig) or a mapping as a plain, resolved dict without a ``defaults`` entry."""
+    if not isinstance(node, dict):
+        from omegaconf import DictConfig, OmegaConf
+
+        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    out = {str(key): value for key, value in node.items()}
+    out.pop("defaults", None)
+    return out
+
+
+def _check_known(cls: type, values: Mapping[str, Any], what: str, also: tuple[str, ...] = ()) -> None:
+    """Unknown keys are an error that lists the valid ones (and says where the old ``extra:`` keys went)."""
+    names = {f.name for f in dataclasses.fields(cls)} | set(also)
+    unknown = sorted(set(values) - names)
+    if unknown:
+        hint = ""
+        if "extra" in unknown:
+            hint = (f" The untyped `extra:` dict is gone: its keys are {what} fields now (write {what}.seed=1, "
+                    f"not {what}.extra.seed=1).")
+        raise ValueError(f"Unknown {what} field(s) {unknown}: valid fields are {sorted(names)}.{hint}")
+
+
+def _check_set(obj: Any, names: tuple[str, ...], what: str) -> None:
+    """Fields whose default is MISSING (required in Hydra) must be given when the library builds the node."""
+    unset = [name for name in names if getattr(obj, name) == MISSING]
+    if unset:
+        raise ValueError(f"{what} needs {unset} (no default): set {', '.join(f'{what}.{n}' for n in unset)}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+OPEN_CLIP_OVERRIDES = ("quick_gelu", "image_mean", "image_std", "image_interpolation", "image_resize_mode")
+"""Fields of ModelSpec and EmbedderSpec that override what an open_clip tag or folder config says
+(vlmsae.models.open_clip_backend.resolve_open_clip_source validates them)."""
+
+
+def open_clip_overrides(spec: Any) -> dict[str, Any]:
+    """``{field: value}`` of the :data:`OPEN_CLIP_OVERRIDES` a model or embedder spec sets (None = not set)."""
+    return {name: getattr(spec, name) for name in OPEN_CLIP_OVERRIDES}
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+BACKENDS = ("open_clip", "hf_clip", "hf_llava")
+"""Model backends :func:`vlmsae.models.load_tap` knows."""
+
+
+@dataclass
+class ModelSpec:
+    """A vision encoder to tap (SPEC 1): the ``model`` node (``conf/model/*.yaml``, ``model_schema``)."""
+
+    name: str = MISSING  # short name used in outputs, e.g. clip_l14_336
+    backend: str = MISSING  # open_clip | hf_clip | hf_llava
+    arch: str = MISSING  # open_clip model name (ViT-L-14-336, hf-hub:org/repo) or a transformers class hint
+    pretrained: Optional[str] = None  # open_clip tag (openai, webli), HF id, or a local file/folder
+    local_path: Optional[str] = None  # local weights (file or folder) that take precedence over `pretrained`
+    # open_clip: the registered pretrained config (openai, webli) whose preprocessing and activation weights
+    # from a file need when `pretrained` is itself a file; otherwise the `pretrained` tag is used
+    pretrained_tag: Optional[str] = None
+    cache_dir: Optional[str] = None  # where downloaded weights are cached
+    image_size: int = 224  # input side in pixels
+    n_layers: int = 24  # transformer blocks in the vision tower
+    width: int = 1024  # residual stream width d
+    embed_dim: Optional[int] = None  # width of the projected embedding (layer=last); null = none (LLaVA tower)
+    has_cls: bool = True  # SigLIP has no CLS token
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tiny: bool = False  # a random tiny model materialised locally (tests, demo)
+    seed: int = 0  # tiny: seed of the random weights, used when the tiny model's folder is first built
+    patch_size: int = 8  # tiny, hf_clip: patch side of the random CLIP (open_clip / LLaVA tiny models fix theirs)
+    # open_clip, for weights no registered tag describes: each overrides the tag's / folder config's value
+    quick_gelu: Optional[bool] = None  # QuickGELU (true, OpenAI weights) or GELU (false); null = the tag decides
+    image_mean: Optional[list[float]] = None  # per-channel (R, G, B) normalisation mean; null = the tag's
+    image_std: Optional[list[float]] = None  # per-channel (R, G, B) normalisation std, all > 0; null = the tag's
+    image_interpolation: Optional[str] = None  # bicubic | bilinear; null = the tag's
+    image_resize_mode: Optional[str] = None  # shortest | longest | squash; null = the tag's
+    # hf_llava: accelerate device map (auto spreads LLaVA-7B over GPUs/CPU, or cuda:0); null = all on `device`.
+    # The steer jobs' top-level device_map sets it.
+    device_map: Optional[str] = None
+    # hf_llava: never download; null = only when HF_HUB_OFFLINE is set or the weights are a local folder
+    local_files_only: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        _check_set(self, ("name", "backend", "arch"), "model")
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"Unknown model backend {self.backend!r} (model {self.name!r}): use one of {list(BACKENDS)}."
+            )
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> ModelSpec:
+        """Build from a composed ``cfg.model`` (DictConfig), a plain dict or a spec; unknown keys are an error."""
+        if isinstance(cfg, cls):
+            return cfg
+        values = _plain(cfg)
+        _check_known(cls, values, "model")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- embedder
+
+EMBEDDER_BACKENDS = ("open_clip", "hf", "pixels")
+"""Embedder backends :func:`vlmsae.models.embedders.load_embedder` knows."""
+
+
+@dataclass
+class EmbedderSpec:
+    """The image embedder E of the monosemanticity and steering scores (SPEC 3, 5): the ``embedder`` node
+    (``conf/embedder/*.yaml``, ``embedder_schema``; loaded by ``vlmsae.models.embedders.load_embedder``)."""
+
+    name: str = "clip_b32"  # short name used in cache keys and outputs
+    backend: str = "open_clip"  # open_clip | hf | pixels
+    arch: str = "ViT-B-32"  # open_clip model name, or the transformers model id (facebook/dinov2-base)
+    pretrained: Optional[str] = None  # open_clip tag (openai) or checkpoint file; hf: unused
+    local_path: Optional[str] = None  # local weights (open_clip checkpoint/folder, or a save_pretrained folder)
+    pretrained_tag: Optional[str] = None  # open_clip: registered config of file weights (as ModelSpec's)
+    cache_dir: Optional[str] = None  # where downloaded weights are cached
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    batch_size: int = 64  # images per forward
+    tiny: bool = False  # open_clip: the random tiny CLIP built locally (tests)
+    embed_dim: int = 64  # pixels backend: output width
+    image_size: int = 16  # pixels backend: images are resized to image_size^2 before the projection
+    seed: int = 0  # tiny / pixels: fixes the random weights
+    # open_clip, for weights no registered tag describes (as ModelSpec's): each overrides the tag's value
+    quick_gelu: Optional[bool] = None  # QuickGELU (true) or GELU (false); null = the tag decides
+    image_mean: Optional[list[float]] = None  # per-channel (R, G, B) normalisation mean; null = the tag's
+    image_std: Optional[list[float]] = None  # per-channel (R, G, B) normalisation std, all > 0; null = the tag's
+    image_interpolation: Optional[str] = None  # bicubic | bilinear; null = the tag's
+    image_resize_mode: Optional[str] = None  # shortest | longest | squash; null = the tag's
+
+    def __post_init__(self) -> None:
+        if self.backend not in EMBEDDER_BACKENDS:
+            raise ValueError(f"Unknown embedder backend {self.backend!r}: use one of {list(EMBEDDER_BACKENDS)}.")
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> EmbedderSpec:
+        """Build from a composed ``cfg.embedder`` (DictConfig), a plain dict or a spec; unknown keys are an error."""
+        if isinstance(cfg, cls):
+            return cfg
+        values = _plain(cfg)
+        _check_known(cls, values, "embedder")
+        return cls(**values)
+
+    def cache_id(self) -> str:
+        """What must match for cached embeddings to be reused."""
+        weights = self.local_path or self.pretrained or ("tiny" if self.tiny else "random")
+        if self.backend == "open_clip" and (self.local_path or self.pretrained_tag):
+            # File weights are prepared as their tag says (before, as open_clip's defaults): new cache entries.
+            weights += f"|tag={self.pretrained_tag or self.pretrained}"
+        overrides = {k: v for k, v in open_clip_overrides(self).items() if v is not None}
+        if self.backend == "open_clip" and overrides:  # other preprocessing or activation: other embeddings
+            weights += "|" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+        seed = self.seed if self.backend == "pixels" or self.tiny else ""
+        return f"{self.name}|{self.backend}|{self.arch}|{weights}|{seed}"
+
+
+# ---------------------------------------------------------------------------------------------- sae
+
+ARCHS = ("relu", "topk", "batchtopk", "matryoshka")
+"""Architectures :func:`vlmsae.sae.build_sae` knows."""
+
+K_ARCHS = ("topk", "batchtopk", "matryoshka")
+"""Architectures whose sparsity is set by ``k`` (ReLU-L1 uses ``l1_coeff`` instead)."""
+
+SPARSE_KERNELS = ("auto", "sparse", "dense")
+
+DEFAULT_GROUP_FRACTIONS = (0.0625, 0.125, 0.25, 0.5625)
+"""The paper's Matryoshka groups (SPEC 2); used when ``arch="matryoshka"`` and none are given."""
+
+_FRACTION_SUM_TOL = 1e-3  # user-typed fractions like 0.333/0.333/0.334 should pass
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """One sparse autoencoder (SPEC 2): architecture, size, sparsity and the training mechanics it owns.
+
+    The ``sae`` node (``conf/sae/*.yaml``, ``sae_schema``) and the argument of ``vlmsae.sae.build_sae``.
+    Frozen, so a built SAE's settings cannot drift during training, and so that the checkpoint's
+    ``config.json`` rebuilds exactly the same module. A node from a YAML leaves ``d_in`` (and usually
+    ``n_latents``) unset: they depend on the activations, and :meth:`resolved` / :meth:`from_schema`
+    fill them in. Invalid values raise ``ValueError`` at construction, naming the value and what is expected.
+    """
+
+    arch: str = MISSING
+    """relu | topk | batchtopk | matryoshka (Matryoshka BatchTopK)."""
+    d_in: Optional[int] = None
+    """Width of the activations the SAE reads (1024 for ViT-L residual streams); None until resolved."""
+    n_latents: Optional[int] = None
+    """Dictionary size F; None = ``expansion * d_in``, filled when resolved."""
+    expansion: Optional[int] = 16
+    """n_latents = expansion * d_in unless n_latents is set. Resolved: n_latents / d_in (None when not whole)."""
+    k: int = 20
+    """Active latents per sample (TopK) or on average per sample (BatchTopK, Matryoshka). Unused by relu."""
+    l1_coeff: float = 5.0e-3
+    """ReLU-L1 only: weight of sum_j f_j ||W_dec[j]||, in the scaled input space (E||x||^2 = d_in)."""
+    group_fractions: Optional[tuple[float, ...]] = None
+    """Matryoshka only: nested group sizes as fractions of n_latents, summing to 1 (None = SPEC's four)."""
+    aux_k_coeff: float = 1.0 / 32.0
+    """Weight of the AuxK dead-latent loss (SPEC: 1/32). 0 turns AuxK off."""
+    aux_k: Optional[int] = None
+    """At most this many dead latents reconstruct the residual in AuxK; None = d_in // 2."""
+    dead_after_samples: int = 10_000_000
+    """A latent that has not fired for this many training samples counts as dead (SPEC: 10M)."""
+    threshold_beta: float = 0.999
+    """BatchTopK/Matryoshka: EMA decay of the inference threshold."""
+    threshold_start_step: int = 1000
+    """BatchTopK/Matryoshka: the threshold EMA is updated from this training step on (SPEC: 1000)."""
+    sparse_kernel: str = "auto"
+    """TopK-family training compute: dense autograd, the sparse kernels of vlmsae.sae.sparse, or auto."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"SAEConfig.arch must be one of {', '.join(ARCHS)}; got {self.arch!r}.")
+        for name in ("k", "dead_after_samples"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"SAEConfig.{name} must be a positive integer; got {value!r}.")
+        for name in ("d_in", "n_latents", "expansion"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"SAEConfig.{name} must be a positive integer; got {value!r} (None = set later).")
+        if not _is_int(self.threshold_start_step) or self.threshold_start_step < 0:
+            raise ValueError(
+                f"SAEConfig.threshold_start_step must be an integer >= 0; got {self.threshold_start_step!r}."
+            )
+        if self.arch in K_ARCHS and self.n_latents is not None and self.k > self.n_latents:
+            raise ValueError(
+                f"SAEConfig.k={self.k} is larger than n_latents={self.n_latents}: k must be <= n_latents "
+                "(lower k or raise the expansion factor)."
+            )
+        if self.aux_k is not None and (not _is_int(self.aux_k) or self.aux_k < 1):
+            raise ValueError(f"SAEConfig.aux_k must be a positive integer or None (= d_in // 2); got {self.aux_k!r}.")
+        for name in ("l1_coeff", "aux_k_coeff"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
+                raise ValueError(f"SAEConfig.{name} must be a finite number >= 0; got {value!r}.")
+        if not isinstance(self.threshold_beta, (int, float)) or not 0.0 <= self.threshold_beta < 1.0:
+            raise ValueError(f"SAEConfig.threshold_beta must be in [0, 1) (SPEC: 0.999); got {self.threshold_beta!r}.")
+        if self.sparse_kernel not in SPARSE_KERNELS:
+            raise ValueError(
+                f"SAEConfig.sparse_kernel must be one of {', '.join(SPARSE_KERNELS)}; got {self.sparse_kernel!r}."
+            )
+        self._validate_groups()
+        if self.is_resolved:
+            # n_latents decides the size; expansion only records the ratio, so a config.json cannot contradict it
+            # (an SAE built with an explicit n_latents, or an old config.json without the field, gets it too).
+            ratio = self.n_latents // self.d_in if self.n_latents % self.d_in == 0 else None
+            object.__setattr__(self, "expansion", ratio)
+
+    def _validate_groups(self) -> None:
+        fractions = self.group_fractions
+        if fractions is None:
+            if self.arch == "matryoshka":
+                object.__setattr__(self, "group_fractions", DEFAULT_GROUP_FRACTIONS)
+            return
+        if self.arch != "matryoshka":
+            raise ValueError(
+                f"SAEConfig.group_fractions is only used by arch=matryoshka; got {list(fractions)} with "
+                f"arch={self.arch!r} (leave it None)."
+            )
+        if isinstance(fractions, (str, bytes)) or not hasattr(fractions, "__iter__"):
+            raise ValueError(f"SAEConfig.group_fractions must be a list of numbers; got {fractions!r}.")
+        fractions = tuple(float(f) for f in fractions)
+        object.__setattr__(self, "group_fractions", fractions)
+        if not fractions or any(not f > 0 for f in fractions):
+            raise ValueError(
+                f"SAEConfig.group_fractions must be a non-empty list of fractions > 0; got {list(fractions)}."
+            )
+        total = sum(fractions)
+        if abs(total - 1.0) > _FRACTION_SUM_TOL:
+            raise ValueError(
+                f"SAEConfig.group_fractions must sum to 1 (within {_FRACTION_SUM_TOL}); got {list(fractions)} "
+                f"which sums to {total:.6g}."
+            )
+        if self.n_latents is None:
+            return  # group sizes are checked once the size is known (resolved)
+        sizes = _fractions_to_sizes(fractions, self.n_latents)
+        if min(sizes) < 1:
+            raise ValueError(
+                f"SAEConfig.group_fractions={list(fractions)} give an empty group with n_latents={self.n_latents} "
+                f"(sizes {sizes}); use larger fractions or more latents."
+            )
+
+    @property
+    def is_resolved(self) -> bool:
+        """True once ``d_in`` and ``n_latents`` are known (what ``build_sae`` needs)."""
+        return self.d_in is not None and self.n_latents is not None
+
+    def resolved(self, d_in: int) -> SAEConfig:
+        """A copy for activations ``d_in`` wide: ``d_in`` set and ``n_latents = expansion * d_in`` unless set."""
+        if not _is_int(d_in) or d_in < 1:
+            raise ValueError(f"The activation width d_in must be a positive integer; got {d_in!r}.")
+        if self.d_in is not None and self.d_in != d_in:
+            raise ValueError(
+                f"sae.d_in={self.d_in} but the activations are {d_in} wide: leave sae.d_in unset (it is filled "
+                "from the activations)."
+            )
+        n_latents = self.n_latents
+        if n_latents is None:
+            if self.expansion is None:
+                raise ValueError(
+                    f"sae.expansion must be a positive integer when sae.n_latents is unset; got {self.expansion!r}."
+                )
+            n_latents = self.expansion * d_in
+        return dataclasses.replace(self, d_in=d_in, n_latents=n_latents)
+
+    @property
+    def group_sizes(self) -> list[int]:
+        """Latents per Matryoshka group, in order (one group of n_latents for other archs).
+
+        Each group gets floor(fraction * F); the last takes the remainder. This reproduces the
+        paper's iNat sizes 3/13/53/290/1177 from 0.002/0.009/0.035/0.189/0.765 of 1536.
+        """
+        if self.n_latents is None:
+            raise ValueError("SAEConfig.group_sizes needs n_latents: resolve the config first (cfg.resolved(d_in)).")
+        if self.group_fractions is None:
+            return [self.n_latents]
+        return _fractions_to_sizes(self.group_fractions, self.n_latents)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists); ``SAEConfig(**d)`` rebuilds it."""
+        out = dataclasses.asdict(self)
+        if out["group_fractions"] is not None:
+            out["group_fractions"] = list(out["group_fractions"])
+        return out
+
+    @classmethod
+    def from_schema(cls, node: Any, d_in: int) -> SAEConfig:
+        """The resolved config of a ``conf/sae/*.yaml`` node (DictConfig, dict or SAEConfig) for activations
+        ``d_in`` wide: ``n_latents`` from the node if set, else ``expansion * d_in``. Unknown keys raise."""
+        if not isinstance(node, cls):
+            values = _plain(node)
+            known = sorted(f.name for f in dataclasses.fields(cls))
+            unknown = sorted(set(values) - set(known))
+            if unknown:
+                raise ValueError(f"Unknown SAE config keys {unknown}; expected a subset of {known}.")
+            node = cls(**values)
+        return node.resolved(int(d_in))
+
+
+def _fractions_to_sizes(fractions: tuple[float, ...], n_latents: int) -> list[int]:
+    # The 1e-6 guards float products like 0.29 * 100 = 28.999999999999996.
+    sizes = [int(math.floor(f * n_latents + 1e-6)) for f in fractions[:-1]]
+    sizes.append(n_latents - sum(sizes))
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataSchema:
+    """Where images or activations come from: the ``data`` node (``conf/data/*.yaml``, ``data_schema``)."""
+
+    source: str = MISSING  # folder | wds | list | acts | images | synthetic
+    root: Optional[str] = None  # image folder, WebDataset url/pattern, or list file
+    acts: Optional[str] = None  # activation store folder (data=acts: train on a cache written by extract)
+    image_source: str = "folder"  # data=images: which image source feeds the on-the-fly activations
+    batch_size: int = 64  # images per forward (extract) or rows per step (train)
+    num_workers: int = 2  # data-loading worker processes
+    shuffle_buffer: int = 16384  # rows held for shuffling when streaming shards
+    val_fraction: float = 0.01  # held-out shards/rows for validation
+    max_images: Optional[int] = None  # cap, for quick looks (extract: a random subset, see order_seed)
+    exif_transpose: bool = True  # decode images in their EXIF orientation (vlmsae.data.images)
+    seed: int = 0  # train: added to the job's seed for the data order; synthetic: seed of the generated images
+    n_per_class: int = 8  # synthetic: generated images per shape x colour class (16 classes, vlmsae.data.concepts)
+    size: int = 64  # synthetic: side of the generated images in pixels
+    images_per_forward: int = 32  # data=images (train on the fly): images per encoder forward
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainerSchema:
+    """Lightning trainer settings (a subset, mapped onto ``lightning.Trainer`` by vlmsae.train): the
+    ``trainer`` node (``conf/trainer/*.yaml``, ``trainer_schema``)."""
+
+    accelerator: str = "cpu"  # cpu | gpu | auto (lightning.Trainer accelerator)
+    devices: Any = 1  # devices per node: a count, -1 = all visible, or a list of ids
+    strategy: str = "auto"  # auto | ddp (each rank streams its own shards)
+    num_nodes: int = 1  # machines; launch one process per node (torchrun / SLURM)
+    precision: str = "32-true"  # the only one accepted: the SAE computes in float32 (vlmsae.sae.precision)
+    max_steps: int = 110_000  # optimizer steps (SPEC 2: 110k)
+    val_check_interval: int = 1000  # validate every this many steps
+    limit_val_batches: int = 20  # validation batches per check
+    log_every_n_steps: int = 50  # scalars logged every this many steps
+    checkpoint_every_n_steps: int = 1000  # step*.ckpt (and last.ckpt) every this many steps, for resume
+    gradient_clip_val: float = 1.0  # gradient norm clip; 0 = off
+    lr: Optional[float] = None  # None = 2e-4 / sqrt(n_latents / 2^14) (SPEC 2)
+    warmup_steps: int = 1000  # linear learning-rate warmup
+    scale_batches: int = 100  # batches used to estimate the input scale (and the b_dec init)
+    enable_progress_bar: bool = True  # tqdm bars (not part of what resume=true matches)
+
+
+# ---------------------------------------------------------------------------------------------- logger
+
+
+@dataclass
+class LoggerSchema:
+    """Where metrics go: the ``logger`` node (``conf/logger/*.yaml``, ``logger_schema``)."""
+
+    kind: str = "none"  # none | csv | wandb (W&B plus a CSV mirror)
+    project: str = "vlmsae"  # wandb: project
+    entity: Optional[str] = None  # wandb: team or user; null = the logged-in default
+    mode: str = "online"  # wandb: online | offline | disabled (WANDB_MODE wins when set)
+    tags: list[str] = field(default_factory=list)  # wandb: run tags
+    group: Optional[str] = None  # wandb: run group (e.g. a sweep's name)
+
+
+# ---------------------------------------------------------------------------------------------- taxonomy
+
+
+@dataclass
+class TaxonomySchema:
+    """Where the taxon path of each image comes from (SPEC 4; vlmsae.data.taxonomy): the ``taxonomy`` node
+    (``conf/taxonomy/*.yaml``, ``taxonomy_schema``)."""
+
+    kind: str = MISSING  # inat_dirnames | inat_json | wordnet | csv | concepts
+    path: Optional[str] = None  # file or folder of the taxonomy; inat_dirnames/wordnet/concepts: null = data root
+    key_column: Optional[str] = None  # csv: column holding the image key / class name (null = the first)
+    ranks: Optional[list[str]] = None  # csv: rank columns, root first (null = every other column)
+    wordnet_dpath: Optional[str] = None  # wordnet: folder with data.noun (null = Debian's or nltk's WordNet)
