@@ -39,7 +39,8 @@ def sorted_folder(tmp_path_factory):
 
 
 def _distinct_classes_per_batch(store, n_batches: int = 30, shuffle_buffer: int | None = None) -> list[int]:
-    from vlmsae.lit.datamodule import ActsDataModule, StreamConfig
+    from vlmsae.data.stream import StreamConfig
+    from vlmsae.lit.datamodule import ActsDataModule
 
     rows = read_rows(store)
     label_of = {row.numpy().tobytes(): label for row, label in zip(rows["acts"], rows["label"].tolist())}

@@ -167,7 +167,7 @@ def test_non_float32_master_weights_and_other_trainer_precisions_are_refused():
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
     from vlmsae.data.synthetic import PlantedDictionary
-    from vlmsae.lit.stream import write_acts_store
+    from vlmsae.data.store import write_acts_store
 
     x = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0).sample(4_000, seed=1).x
     dpath = tmp_path_factory.mktemp("acts") / "layer2"

@@ -147,7 +147,7 @@ def resolve_data(cfg: DictConfig) -> dict:
     source = data.get("source")
     layer, tokens = cfg.get("layer"), cfg.get("tokens")
     if source == "acts":
-        from vlmsae.lit.datamodule import open_store
+        from vlmsae.data.store import open_store
 
         acts_dpath, manifest, shard_fpaths = open_store(data.get("acts"))
         d = int(manifest["d"])
@@ -201,7 +201,9 @@ def build_sae_config(cfg: DictConfig, d: int) -> dict:
 
 
 def build_datamodule(cfg: DictConfig, info: dict):
-    from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule, ImageChunkMaker, StreamConfig
+    from vlmsae.data.stream import StreamConfig
+    from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule
+    from vlmsae.models.image_rows import ImageChunkMaker
 
     data, trainer = _node(cfg, "data"), _node(cfg, "trainer")
     stream = StreamConfig(
