@@ -39,6 +39,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from vlmsae import __version__
 from vlmsae.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 LATENTS_CSV = "latents.csv"
@@ -75,8 +76,6 @@ class FormatVersionError(ValueError):
 
 def check_version(fpath: Path, found: Any, known: tuple[int, ...], job: str) -> int:
     """``found`` as an int if this vlmsae reads it; else a :class:`FormatVersionError` that says what to do."""
-    from vlmsae import __version__
-
     if isinstance(found, int) and not isinstance(found, bool) and found in known:
         return found
     raise FormatVersionError(

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from vlmsae.utils.io import atomic_write, atomic_write_json
+from vlmsae.utils.provenance import git_commit, versions
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -283,8 +284,6 @@ class ShardWriter:
         """Write ``manifest.json`` (statistics + ``meta`` + ``fields``); call after the last ``flush``."""
         if self._buf_rows:
             raise RuntimeError("write_manifest() with rows still buffered: call flush() first.")
-        from vlmsae.utils.provenance import git_commit, versions
-
         manifest = {
             **self.meta,
             "d": self.d,

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
+from vlmsae.sae.build import build_sae
 from vlmsae.sae.config import SAEConfig
 from vlmsae.sae.precision import precision_record
 from vlmsae.utils.io import atomic_write, atomic_write_json
+from vlmsae.utils.provenance import provenance
 
 WEIGHTS_FNAME = "sae.safetensors"
 CONFIG_FNAME = "config.json"
@@ -39,8 +41,6 @@ def save_sae(
     policy (vlmsae.sae.precision); defaults to ``sae.trainer_precision`` (set by the Lightning module).
     """
     from safetensors.torch import save_file
-
-    from vlmsae.utils.provenance import provenance
 
     if not isinstance(sae, SAE):
         raise TypeError(f"save_sae needs a vlmsae SAE module; got {type(sae).__name__}.")
@@ -112,8 +112,6 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Rebuild an SAE from a ``save_sae`` folder (safetensors + JSON only), in eval mode on ``device``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from vlmsae.sae import build_sae
 
     dpath = Path(dpath)
     info = read_sae_config(dpath)
