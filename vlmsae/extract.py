@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
+from vlmsae.formats import MANIFEST_JSON, StoreManifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from vlmsae.data.images import SkipLog, expand_urls, image_order, list_source, order_digest, synthetic_options
-    from vlmsae.data.shards import MANIFEST, ImageListDigest, ShardWriter, image_list_digest, read_manifest
+    from vlmsae.data.shards import ImageListDigest, ShardWriter, image_list_digest
     from vlmsae.models import TOKEN_CHOICES, ModelSpec, load_tap, select_tokens
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
@@ -148,9 +149,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     writer = ShardWriter(out_dpath, d=d, dtype=dtype, rows_per_chunk=int(cfg.rows_per_chunk),
                          rows_per_shard=int(cfg.rows_per_shard), meta=meta)
     config = OmegaConf.to_container(cfg, resolve=True)
-    if writer.state is not None and writer.state.get("done") and (out_dpath / MANIFEST).exists():
+    if writer.state is not None and writer.state.get("done") and (out_dpath / MANIFEST_JSON).exists():
         manifest = read_manifest(out_dpath)
-        log.info("extraction in %s is already complete (%d rows)", out_dpath, manifest["n_rows"])
+        log.info("extraction in %s is already complete (%d rows)", out_dpath, manifest.n_rows)
         return _summary(out_dpath, manifest, seconds=0.0)
 
     write_run_info(out_dpath, config, result=None)  # says what is being made, even if the run is killed
@@ -220,16 +221,16 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     )
     summary = _summary(out_dpath, manifest, seconds=seconds, n_new=n_new)
     write_run_info(out_dpath, config, result=summary)
-    log.info("wrote %d rows from %d images to %s (%.1f images/s)", manifest["n_rows"], n_images, out_dpath,
+    log.info("wrote %d rows from %d images to %s (%.1f images/s)", manifest.n_rows, n_images, out_dpath,
              summary["images_per_s"])
     return summary
 
 
-def _summary(out_dpath: Path, manifest: dict[str, Any], seconds: float, n_new: int = 0) -> dict[str, Any]:
+def _summary(out_dpath: Path, manifest: StoreManifest, seconds: float, n_new: int = 0) -> dict[str, Any]:
     return {
-        "out": str(out_dpath), "n_rows": manifest["n_rows"], "n_images": manifest["n_images"],
-        "n_shards": manifest["n_shards"], "n_skipped": manifest["n_skipped"], "d": manifest["d"],
-        "layer": manifest["layer"], "tokens": manifest["tokens"], "seconds": seconds,
+        "out": str(out_dpath), "n_rows": manifest.n_rows, "n_images": manifest.n_images,
+        "n_shards": manifest.n_shards, "n_skipped": manifest.n_skipped, "d": manifest.d,
+        "layer": manifest.layer, "tokens": manifest.tokens, "seconds": seconds,
         "images_per_s": n_new / seconds if seconds > 0 else 0.0,
     }
 

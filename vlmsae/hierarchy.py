@@ -197,7 +197,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae import formats
     from vlmsae.data.taxonomy import encode_paths, load_taxonomy
     from vlmsae.metrics import hierarchy as H
-    from vlmsae.sae import load_sae, read_sae_config
+    from vlmsae.formats import read_sae_config
+    from vlmsae.sae import load_sae
     from vlmsae.utils.io import atomic_write_text
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
@@ -208,9 +209,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     sae_info = read_sae_config(cfg.sae_path)
     sae = load_sae(cfg.sae_path)
     group_K = sae.group_of_latent.cpu()
-    if sae_info.get("arch") != "matryoshka":
+    if sae_info.arch != "matryoshka":
         log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)",
-                    sae_info.get("arch"))
+                    sae_info.arch)
     data = _node(cfg, "data")
     if cfg.get("ms_run") and not data.get("root"):
         data = _ms_run_data(cfg.ms_run) or data  # the images the MS run ranked
@@ -233,7 +234,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
             items = listing.items if data.get("max_images") is None else listing.items[: int(data["max_images"])]
             names = [classes[lab] if isinstance(lab, int) and 0 <= lab < len(classes) else None for _, _, lab in items]
             taxonomy.match([k for k, _, _ in items], [p for _, p, _ in items], names)
-        top, codes, embeddings = compute_top_images(cfg, sae, sae_info.get("source") or {}, out_dpath, data)
+        top, codes, embeddings = compute_top_images(cfg, sae, sae_info.source, out_dpath, data)
         ms_K = compute_ms(codes, embeddings)
 
     # integer labels are class indices: give the taxonomy the class name when it is known

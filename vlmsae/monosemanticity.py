@@ -172,8 +172,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from vlmsae.models import ModelSpec
     from vlmsae.models.embedders import EmbedderSpec, load_embedder
     from vlmsae.models.tiny import vlmsae_home
-    from vlmsae.sae import load_sae, read_sae_config
     from vlmsae import formats
+    from vlmsae.sae import load_sae
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
 
@@ -181,8 +181,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError("Pass sae_path=<SAE checkpoint folder> (a training run keeps it in <run>/sae/).")
     out_dpath = run_dir(out_dpath)
     sae_dpath = Path(str(cfg.sae_path)).expanduser()
-    info = read_sae_config(sae_dpath)
-    source = dict(info.get("source") or {})
+    info = formats.read_sae_config(sae_dpath)
+    source = dict(info.source)
     progress = bool(cfg.get("progress", True))
     model = ModelSpec.from_cfg(cfg.model) if cfg.get("model") is not None else None
     src = open_sae_source(load_sae(sae_dpath), source, model=model, layer=cfg.get("layer"), pool=cfg.get("pool"),

@@ -150,8 +150,8 @@ def resolve_data(cfg: DictConfig) -> dict:
         from vlmsae.data.store import open_store
 
         acts_dpath, manifest, shard_fpaths = open_store(data.get("acts"))
-        d = int(manifest["d"])
-        store_layer = manifest.get("layer")
+        d = int(manifest.d)
+        store_layer = manifest.layer
         if layer is not None:
             from vlmsae.models.tap import resolve_layer
 
@@ -161,23 +161,24 @@ def resolve_data(cfg: DictConfig) -> dict:
                 f"layer={layer} but the activation store {acts_dpath} holds layer {store_layer}: point data.acts at "
                 "that layer's store (for a sweep over layers: data.acts='/acts/layer${layer}') or drop the layer override"
             )
-        if tokens is not None and manifest.get("tokens") is not None and str(tokens) != str(manifest["tokens"]):
-            log.warning("tokens=%s but the store was extracted with tokens=%s: using the store's", tokens, manifest["tokens"])
+        if tokens is not None and manifest.tokens is not None and str(tokens) != str(manifest.tokens):
+            log.warning("tokens=%s but the store was extracted with tokens=%s: using the store's", tokens, manifest.tokens)
         layer = store_layer if store_layer is not None else layer
         expected = model.get("embed_dim") if _same_layer(layer, "last") else model.get("width")
         if expected is not None and int(expected) != d:
             raise ValueError(
-                f"width mismatch: the activation store {acts_dpath} has d={d} (model {manifest.get('model')!r}, "
+                f"width mismatch: the activation store {acts_dpath} has d={d} (model {manifest.model!r}, "
                 f"layer {store_layer}) but model={model.get('name')} has {'embed_dim' if _same_layer(layer, 'last') else 'width'} "
                 f"{expected}: pass the model the store was extracted with (model=...), or the matching store"
             )
-        if manifest.get("model") not in (None, model.get("name")):
+        if manifest.model not in (None, model.get("name")):
             log.warning("model=%s but the store was extracted from %s: the SAE records the store's model",
-                        model.get("name"), manifest.get("model"))
+                        model.get("name"), manifest.model)
         return {
             "source": "acts", "d": d, "acts_dpath": str(acts_dpath), "manifest": manifest, "n_shards": len(shard_fpaths),
-            "model": manifest.get("model", model.get("name")), "pretrained": manifest.get("pretrained", model.get("pretrained")),
-            "layer": layer, "tokens": manifest.get("tokens", tokens), "tokens_k": manifest.get("k"),
+            "model": manifest.model if manifest.model is not None else model.get("name"),
+            "pretrained": manifest.pretrained if manifest.model is not None else model.get("pretrained"),
+            "layer": layer, "tokens": manifest.tokens if manifest.tokens is not None else tokens, "tokens_k": manifest.k,
         }
     if source in IMAGE_SOURCES:
         from vlmsae.models.tap import resolve_layer

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from vlmsae.data.shards import ShardWriter, list_shards, read_manifest
+from vlmsae.data.shards import ShardWriter, list_shards
+from vlmsae.formats import MANIFEST_JSON, StoreManifest, read_manifest
 
 
 def list_shard_fpaths(acts_dpath: Path) -> list[str]:
@@ -21,7 +22,7 @@ def list_shard_fpaths(acts_dpath: Path) -> list[str]:
     return [str(p) for p in list_shards(acts_dpath)]
 
 
-def open_store(acts: str | Path | None) -> tuple[Path, dict, list[str]]:
+def open_store(acts: str | Path | None) -> tuple[Path, StoreManifest, list[str]]:
     """Check an activation store exists, is complete and is readable; clear errors before any training."""
     if acts in (None, "", "???"):
         raise ValueError(
@@ -34,43 +35,43 @@ def open_store(acts: str | Path | None) -> tuple[Path, dict, list[str]]:
             f"activation directory {str(acts_dpath)!r} does not exist: run `python -m vlmsae.extract` first "
             "or fix data.acts (for a layer sweep: data.acts='/acts/layer${layer}')"
         )
-    if not (acts_dpath / "manifest.json").is_file():
+    if not (acts_dpath / MANIFEST_JSON).is_file():
         raise FileNotFoundError(
             f"{str(acts_dpath)!r} has no manifest.json: it is not an activation store written by vlmsae.extract "
             "(an interrupted extraction writes the manifest last; re-run it)"
         )
     manifest = read_manifest(acts_dpath)
-    if manifest.get("complete") is False or "n_rows" not in manifest or "d" not in manifest:
+    if manifest.complete is False or manifest.n_rows is None or manifest.d is None:
         raise ValueError(
-            f"the manifest of {str(acts_dpath)!r} says the store is incomplete (complete={manifest.get('complete')}, "
-            f"n_rows={manifest.get('n_rows')}, d={manifest.get('d')}): finish it by re-running the same "
+            f"the manifest of {str(acts_dpath)!r} says the store is incomplete (complete={manifest.complete}, "
+            f"n_rows={manifest.n_rows}, d={manifest.d}): finish it by re-running the same "
             "`python -m vlmsae.extract ... out=<dir>` command (it resumes), then train"
         )
     shard_fpaths = list_shard_fpaths(acts_dpath)
     if not shard_fpaths:
         raise FileNotFoundError(f"{str(acts_dpath)!r} has a manifest but no acts-*.tar shards")
-    listed = manifest.get("n_shards")
+    listed = manifest.n_shards
     if listed is not None and int(listed) != len(shard_fpaths):
         raise ValueError(f"{str(acts_dpath)!r}: the manifest lists {listed} shards but {len(shard_fpaths)} are "
                          "present: restore the missing shards or re-run the extraction into a fresh folder")
     return acts_dpath, manifest, shard_fpaths
 
 
-def check_store_width(store: str | Path | dict, d_expected: int, acts_dpath: str | Path | None = None) -> int:
+def check_store_width(store: str | Path | StoreManifest, d_expected: int, acts_dpath: str | Path | None = None) -> int:
     """The store's row width ``d``; a clear error when it is not ``d_expected`` (the SAE's ``d_in``).
 
     ``store``: a store folder or its manifest (then pass ``acts_dpath`` for the message).
     """
-    if isinstance(store, dict):
+    if isinstance(store, StoreManifest):
         manifest, where = store, str(acts_dpath or "the activation store")
     else:
         where = str(store)
         manifest = read_manifest(store)
-    d = int(manifest["d"])
+    d = int(manifest.d)
     if d != int(d_expected):
         raise ValueError(
-            f"width mismatch: the activation store {where} has d={d} (model {manifest.get('model')!r}, layer "
-            f"{manifest.get('layer')}) but the SAE expects d_in={d_expected}: train on the store extracted with the "
+            f"width mismatch: the activation store {where} has d={d} (model {manifest.model!r}, layer "
+            f"{manifest.layer}) but the SAE expects d_in={d_expected}: train on the store extracted with the "
             "SAE's model and layer, or change model=/layer= to the store's"
         )
     return d

@@ -71,12 +71,12 @@ class ActsDataModule(L.LightningDataModule):
         super().__init__()
         self.acts_dpath, self.manifest, self.shard_fpaths = open_store(acts_dpath)
         self.stream = stream
-        self.d = int(self.manifest["d"])
+        self.d = int(self.manifest.d)
         if d_expected is not None:
             check_store_width(self.manifest, d_expected, self.acts_dpath)
         if int(stream.batch_size) < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {stream.batch_size}")
-        self.n_rows = int(self.manifest["n_rows"])
+        self.n_rows = int(self.manifest.n_rows)
         self.batches_seen = 0  # restored from a checkpoint: the train stream seeks past these
         self._resume_state: dict | None = None
         self._workers: int | None = None
@@ -210,7 +210,7 @@ class ActsDataModule(L.LightningDataModule):
     def _store_id(self) -> dict:
         m = self.manifest
         return {"n_rows": self.n_rows, "n_shards": len(self.shard_fpaths), "d": self.d,
-                "image_list_digest": m.get("image_list_digest"), "seed": m.get("seed")}
+                "image_list_digest": m.image_list_digest, "seed": m.seed}
 
     def _layout(self, workers: int | None) -> dict:
         return {"num_workers": workers, "world_size": self.world_size,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from vlmsae.sae.base import SAE, TrainCodes, auxk_loss, recon_error
 from vlmsae.sae.batchtopk import BatchTopKSAE
 from vlmsae.sae.build import SAE_CLASSES, build_sae
-from vlmsae.sae.checkpoint import load_sae, read_sae_config, save_sae
+from vlmsae.sae.checkpoint import load_sae, save_sae
 from vlmsae.sae.config import ARCHS, DEFAULT_GROUP_FRACTIONS, SAEConfig
 from vlmsae.sae.fit import default_lr, train_steps
 from vlmsae.sae.matryoshka import MatryoshkaSAE
@@ -50,7 +50,6 @@ __all__ = [
     "load",
     "load_sae",
     "normalize_decoder_",
-    "read_sae_config",
     "recon_error",
     "save_sae",
     "set_input_scale_",
