@@ -315,7 +315,8 @@ def _assert_version_message(msg: str, fpath: Path, found: str, known: str) -> No
 # Only formats.py reads these files
 # ------------------------------------------------------------------------------------------
 NAME_CONSTANTS = ("LATENTS_CSV", "MS_SUMMARY_JSON", "HIERARCHY_JSON", "STEER_JSON", "STEER_EVAL_JSON", "RUN_INFO_JSON",
-                  "TOP_TENSORS", "TOP_IMAGES_JSON", "TOP_META_JSON", "MANIFEST_JSON", "PROGRESS_JSON", "SAE_CONFIG_JSON")
+                  "TOP_TENSORS", "TOP_IMAGES_JSON", "TOP_META_JSON", "MANIFEST_JSON", "PROGRESS_JSON",
+                  "SAE_CONFIG_JSON")
 FILE_NAMES = tuple(getattr(formats, name) for name in NAME_CONSTANTS)
 # config.json is also the name of Hugging Face and LLaVA model files: vlmsae/models/ reads and writes those
 # (never an SAE checkpoint), so the SAE config.json check skips it.

@@ -76,8 +76,8 @@ PROGRESS_VERSIONS = (1,)
 SAE_CONFIG_VERSIONS = (1,)
 
 __all__ = [
-    "FormatVersionError", "HierarchySummary", "LatentRow", "LatentsTable", "MsSummary", "RunInfo", "SAECheckpointConfig",
-    "SteerEvalResult", "SteerResult", "StoreManifest", "StoreProgress", "TopImagesIndex", "check_version",
+    "FormatVersionError", "HierarchySummary", "LatentRow", "LatentsTable", "MsSummary", "RunInfo",
+    "SAECheckpointConfig", "SteerEvalResult", "SteerResult", "StoreManifest", "StoreProgress", "TopImagesIndex", "check_version",
     "read_hierarchy", "read_latents_csv", "read_manifest", "read_ms_summary", "read_progress",
     "read_run_info", "read_sae_config", "read_steer", "read_steer_eval", "read_top_images", "write_hierarchy",
     "write_latents_csv", "write_manifest", "write_ms_summary", "write_progress", "write_run_info", "write_sae_config",

@@ -162,7 +162,8 @@ def resolve_data(cfg: DictConfig) -> dict:
                 "that layer's store (for a sweep over layers: data.acts='/acts/layer${layer}') or drop the layer override"
             )
         if tokens is not None and manifest.tokens is not None and str(tokens) != str(manifest.tokens):
-            log.warning("tokens=%s but the store was extracted with tokens=%s: using the store's", tokens, manifest.tokens)
+            log.warning("tokens=%s but the store was extracted with tokens=%s: using the store's", tokens,
+                        manifest.tokens)
         layer = store_layer if store_layer is not None else layer
         expected = model.get("embed_dim") if _same_layer(layer, "last") else model.get("width")
         if expected is not None and int(expected) != d:
@@ -178,7 +179,8 @@ def resolve_data(cfg: DictConfig) -> dict:
             "source": "acts", "d": d, "acts_dpath": str(acts_dpath), "manifest": manifest, "n_shards": len(shard_fpaths),
             "model": manifest.model if manifest.model is not None else model.get("name"),
             "pretrained": manifest.pretrained if manifest.model is not None else model.get("pretrained"),
-            "layer": layer, "tokens": manifest.tokens if manifest.tokens is not None else tokens, "tokens_k": manifest.k,
+            "layer": layer, "tokens": manifest.tokens if manifest.tokens is not None else tokens,
+            "tokens_k": manifest.k,
         }
     if source in IMAGE_SOURCES:
         from vlmsae.models.tap import resolve_layer

@@ -25,8 +25,8 @@ class ImageChunkMaker:
     process), at the layer and token selection the training config asks for.
     """
 
-    def __init__(self, model_spec: ModelSpec, image_kwargs: dict, layer, tokens: str, k_tokens: int, images_per_forward: int,
-                 seed: int, holdout_every: int, split: str):
+    def __init__(self, model_spec: ModelSpec, image_kwargs: dict, layer, tokens: str, k_tokens: int,
+                 images_per_forward: int, seed: int, holdout_every: int, split: str):
         self.model_spec, self.image_kwargs = model_spec, image_kwargs
         self.layer, self.tokens, self.k_tokens = layer, tokens, k_tokens
         self.images_per_forward, self.seed = images_per_forward, seed
