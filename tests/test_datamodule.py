@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlmsae.lit.datamodule import ActsDataModule, StreamConfig, open_store
-from vlmsae.lit.stream import RowShuffleBuffer, ShardRowStream, write_acts_store
+from vlmsae.data.store import open_store, write_acts_store
+from vlmsae.data.stream import RowShuffleBuffer, ShardRowStream, StreamConfig
+from vlmsae.lit.datamodule import ActsDataModule
 
 D = 8
 
@@ -27,7 +28,7 @@ def _ids(batches) -> list[int]:
 
 
 def _stream(store, **kw):
-    from vlmsae.lit.datamodule import list_shard_fpaths
+    from vlmsae.data.store import list_shard_fpaths
 
     kw.setdefault("batch_size", 20)
     kw.setdefault("shuffle_buffer", 100)

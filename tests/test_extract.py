@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from vlmsae.data.concepts import make_concept_images
-from vlmsae.data.shards import ShardWriter, list_shards, read_manifest, read_rows
+from vlmsae.data.shards import ShardWriter, list_shards, read_rows
+from vlmsae.formats import read_manifest
 from vlmsae.extract import run
 
 torch.set_num_threads(1)
@@ -61,19 +62,19 @@ def test_rows_equal_direct_forward_and_metadata(compose_cfg, image_root, tmp_pat
     assert got["keys"] == want_keys
     assert got["image_idx"].tolist() == want_idx and got["label"].tolist() == want_labels
     assert [listing.items[i][0] for i in got["image_idx"].tolist()] == got["keys"]  # image_idx -> the row's image
-    assert manifest["order_seed"] == 0 and manifest["order_digest"] == order_digest(order)
-    assert "listing" in manifest["image_idx_meaning"] and manifest["exif_transpose"] is True
+    assert manifest.order_seed == 0 and manifest.order_digest == order_digest(order)
+    assert "listing" in manifest.image_idx_meaning and manifest.exif_transpose is True
     assert got["token_idx"].tolist() == list(range(1, 17)) * 32
-    assert summary["n_rows"] == manifest["n_rows"] == 32 * 16 and manifest["n_images"] == 32
-    assert manifest["n_shards"] == len(list_shards(tmp_path / "out")) > 1
-    assert manifest["n_skipped"] == 1 and manifest["skipped"][0]["key"] == "circle_blue/00000_corrupt.png"
-    assert manifest["skipped"][0]["error"] and manifest["skipped"][0]["reason"] == "not an image"
-    assert manifest["skipped_by_reason"] == {"not an image": 1}
-    assert manifest["layer"] == 1 and manifest["tokens"] == "patches" and manifest["d"] == 64
-    assert manifest["model"] == "tiny" and manifest["dtype"] == "float32" and manifest["classes"] == listing.classes
+    assert summary["n_rows"] == manifest.n_rows == 32 * 16 and manifest.n_images == 32
+    assert manifest.n_shards == len(list_shards(tmp_path / "out")) > 1
+    assert manifest.n_skipped == 1 and manifest.skipped[0]["key"] == "circle_blue/00000_corrupt.png"
+    assert manifest.skipped[0]["error"] and manifest.skipped[0]["reason"] == "not an image"
+    assert manifest.skipped_by_reason == {"not an image": 1}
+    assert manifest.layer == 1 and manifest.tokens == "patches" and manifest.d == 64
+    assert manifest.model == "tiny" and manifest.dtype == "float32" and manifest.classes == listing.classes
     x = got["acts"].double()
-    torch.testing.assert_close(torch.tensor(manifest["mean"], dtype=torch.float64), x.mean(0))
-    torch.testing.assert_close(torch.tensor(manifest["var"], dtype=torch.float64), x.var(0, unbiased=False))
+    torch.testing.assert_close(torch.tensor(manifest.mean, dtype=torch.float64), x.mean(0))
+    torch.testing.assert_close(torch.tensor(manifest.var, dtype=torch.float64), x.var(0, unbiased=False))
     run_info = json.loads((tmp_path / "out" / "run_info.json").read_text())
     assert run_info["config"]["tokens"] == "patches" and run_info["result"]["n_rows"] == 512
 
@@ -111,10 +112,10 @@ def test_resume_gives_exactly_the_uninterrupted_rows(compose_cfg, image_root, tm
     assert full["keys"] == resumed["keys"]
     m_full, m_res = read_manifest(tmp_path / "full"), read_manifest(tmp_path / "resumed")
     for name in ("n_rows", "n_images", "n_shards", "mean", "var", "mean_sq_norm", "image_list_digest", "skipped"):
-        assert m_full[name] == m_res[name], name
-    assert m_full["n_rows"] == 32 * 3
+        assert getattr(m_full, name) == getattr(m_res, name), name
+    assert m_full.n_rows == 32 * 3
     # A rerun of a finished extraction does nothing; other settings in the same folder are refused.
-    assert run(cfg, out_dpath=tmp_path / "full")["n_rows"] == m_full["n_rows"]
+    assert run(cfg, out_dpath=tmp_path / "full")["n_rows"] == m_full.n_rows
     with pytest.raises(ValueError, match="different extraction"):
         run(_cfg(compose_cfg, image_root, *args[:-1], "layer=1"), out_dpath=tmp_path / "full")
 
@@ -127,7 +128,7 @@ def test_workers_do_not_change_rows(compose_cfg, image_root, tmp_path):
     assert a["keys"] == b["keys"] and a["acts"].shape == (32, 32)  # layer=last: the 32-d projected embedding
     torch.testing.assert_close(a["acts"], b["acts"], rtol=1e-5, atol=1e-6)
     assert a["token_idx"].tolist() == [-1] * 32
-    assert read_manifest(tmp_path / "w0")["image_list_digest"] == read_manifest(tmp_path / "w2")["image_list_digest"]
+    assert read_manifest(tmp_path / "w0").image_list_digest == read_manifest(tmp_path / "w2").image_list_digest
 
 
 def test_list_and_wds_sources(compose_cfg, image_root, tmp_path):
@@ -165,7 +166,7 @@ def test_synthetic_tiny_data_default(compose_cfg, tmp_path, monkeypatch):
     cfg = compose_cfg("extract", ["progress=false", "data.n_per_class=1", "data.size=32"])
     summary = run(cfg, out_dpath=tmp_path / "out")
     assert summary["n_images"] == 16 and summary["layer"] == 2  # default layer=-2 of 4 blocks
-    assert read_manifest(tmp_path / "out")["source"] == "synthetic"
+    assert read_manifest(tmp_path / "out").source == "synthetic"
 
 
 def test_clear_errors(compose_cfg, image_root, tmp_path):

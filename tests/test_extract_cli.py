@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from vlmsae.data.concepts import make_concept_images
-from vlmsae.data.shards import read_manifest, read_rows
+from vlmsae.data.shards import read_rows
+from vlmsae.formats import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +47,6 @@ def test_cli_sigkill_then_resume_equals_uninterrupted(tmp_path, repo_root):
     assert torch.equal(full["acts"], resumed["acts"]) and full["keys"] == resumed["keys"]
     assert torch.equal(full["token_idx"], resumed["token_idx"]) and torch.equal(full["image_idx"], resumed["image_idx"])
     m_full, m_res = read_manifest(tmp_path / "full"), read_manifest(tmp_path / "killed")
-    assert m_full["n_rows"] == m_res["n_rows"] == 400 * 2 and m_res["n_skipped"] == 1
-    assert m_full["image_list_digest"] == m_res["image_list_digest"] and m_full["mean"] == m_res["mean"]
+    assert m_full.n_rows == m_res.n_rows == 400 * 2 and m_res.n_skipped == 1
+    assert m_full.image_list_digest == m_res.image_list_digest and m_full.mean == m_res.mean
     assert (tmp_path / "killed" / "run_info.json").exists()

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmsae.data.shards import read_manifest, read_rows
+from vlmsae.data.shards import read_rows
+from vlmsae.formats import read_manifest
 from vlmsae.extract import run
 
 torch.set_num_threads(1)
@@ -39,7 +40,8 @@ def sorted_folder(tmp_path_factory):
 
 
 def _distinct_classes_per_batch(store, n_batches: int = 30, shuffle_buffer: int | None = None) -> list[int]:
-    from vlmsae.lit.datamodule import ActsDataModule, StreamConfig
+    from vlmsae.data.stream import StreamConfig
+    from vlmsae.lit.datamodule import ActsDataModule
 
     rows = read_rows(store)
     label_of = {row.numpy().tobytes(): label for row, label in zip(rows["acts"], rows["label"].tolist())}
@@ -61,7 +63,7 @@ def test_default_extraction_gives_uniformly_mixed_training_batches(compose_cfg, 
                                   "data.num_workers=0"])
     run(cfg, out_dpath=tmp_path / "store")
     manifest = read_manifest(tmp_path / "store")
-    assert manifest["order_seed"] == 0 and manifest["n_rows"] == N_CLASSES * PER_CLASS
+    assert manifest.order_seed == 0 and manifest.n_rows == N_CLASSES * PER_CLASS
     want = expected_distinct_classes([PER_CLASS] * N_CLASSES, BATCH)
     got = float(np.mean(_distinct_classes_per_batch(tmp_path / "store")))
     assert abs(got - want) <= 0.1 * want, (got, want)
@@ -80,7 +82,7 @@ def test_listing_order_is_still_available_and_is_class_sorted(compose_cfg, sorte
     run(cfg, out_dpath=tmp_path / "store")
     rows = read_rows(tmp_path / "store")
     assert rows["image_idx"].tolist() == list(range(N_CLASSES * PER_CLASS)) and read_manifest(
-        tmp_path / "store")["order_seed"] is None
+        tmp_path / "store").order_seed is None
     want = expected_distinct_classes([PER_CLASS] * N_CLASSES, BATCH)
     assert float(np.mean(_distinct_classes_per_batch(tmp_path / "store", n_batches=4, shuffle_buffer=BATCH))) < 0.5 * want
 
@@ -122,7 +124,7 @@ def test_manifest_counts_skips_by_reason(compose_cfg, tmp_path):
                                   "data.num_workers=0", "tokens=cls"])
     run(cfg, out_dpath=tmp_path / "out")
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["n_images"] == 5 and manifest["n_skipped"] == 2
-    assert manifest["skipped_by_reason"] == {"not an image": 1, "truncated": 1}
-    assert {e["key"]: e["reason"] for e in manifest["skipped"]} == {"only/cut.jpg": "truncated",
+    assert manifest.n_images == 5 and manifest.n_skipped == 2
+    assert manifest.skipped_by_reason == {"not an image": 1, "truncated": 1}
+    assert {e["key"]: e["reason"] for e in manifest.skipped} == {"only/cut.jpg": "truncated",
                                                                    "only/notes.jpg": "not an image"}

@@ -115,6 +115,16 @@ JSON_CASES = {
     "run_info.json": (formats.write_run_info, formats.read_run_info, RunInfo(
         config={"data": {"source": "folder"}}, vlmsae_version="0.1.0", git_commit="abc", versions={"torch": "2"},
         command="python -m x", created="2024-01-01T00:00:00+00:00", extra={"status": "done"})),
+    "manifest.json": (formats.write_manifest, formats.read_manifest, formats.StoreManifest(
+        d=4, n_rows=6, dtype="float16", n_shards=1, n_chunks=2, rows_per_chunk=4, shards=["acts-000000.tar"],
+        mean=[0.0, 1.0, 2.0, 3.0], var=[1.0, 1.0, 1.0, 1.0], mean_sq_norm=18.0, versions={"torch": "2"},
+        git_commit="abc", complete=True, model="tiny", layer="last", tokens="random_k", k=2, n_images=3,
+        skipped=[{"key": "a.png", "reason": "truncated"}], skipped_by_reason={"truncated": 1}, classes=["a", "b"],
+        extra={"future_key": [1, 2]})),
+    "progress.json": (formats.write_progress, formats.read_progress, formats.StoreProgress(
+        meta={"model": "tiny", "layer": 1}, n_shards=2, n_rows=10, n_chunks=3,
+        stats={"n": 10, "mean": [0.0], "m2": [1.0], "sq_norm_sum": 5.0}, state={"next_pos": 5, "done": False},
+        extra={"note": "x"})),
 }
 
 
@@ -173,6 +183,64 @@ def test_json_formats_name_missing_keys_and_bad_types(tmp_path: Path):
         formats.read_hierarchy(tmp_path)
     with pytest.raises(FileNotFoundError, match="vlmsae.monosemanticity"):
         formats.read_ms_summary(tmp_path)
+
+
+def test_manifest_types_the_writers_keys_and_keeps_the_rest(tmp_path: Path):
+    m = formats.StoreManifest.from_dict({"d": 4, "n_rows": 8, "model": "m", "pretrained": None, "new_key": 1})
+    assert (m.d, m.n_rows, m.model, m.pretrained, m.layer) == (4, 8, "m", None, None) and m.extra == {"new_key": 1}
+    raw = json.loads(formats.write_manifest(tmp_path, m).read_text())
+    # The writer's keys are always there; the extraction's only when known (a store from write_acts_store has few).
+    assert raw["d"] == 4 and "git_commit" in raw and "pretrained" not in raw and "layer" not in raw
+    assert raw["new_key"] == 1
+    with pytest.raises(ValueError, match="d must be int, got str"):
+        formats.StoreManifest.from_dict({"d": "4"})
+    (tmp_path / "manifest.json").write_text(json.dumps({"n_rows": 1.5}))
+    with pytest.raises(ValueError, match=r"manifest.json: n_rows must be int.*vlmsae.extract"):
+        formats.read_manifest(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"No manifest.json in .*run `python -m vlmsae.extract"):
+        formats.read_manifest(tmp_path / "nowhere")
+
+
+def _sae_config() -> formats.SAECheckpointConfig:
+    return formats.SAECheckpointConfig(
+        arch="topk", d_in=8, n_latents=16, k=2, group_sizes=[16], threshold=None,
+        input_scale={"value": 1.5, "folded": True}, n_steps=3, dtype="float32",
+        precision={"master": "float32", "trainer_precision": None}, source={"model": "tiny", "layer": 1},
+        config={"arch": "topk", "d_in": 8, "n_latents": 16, "k": 2}, vlmsae_version="0.1.0", git_commit="abc",
+        created="2024-01-01T00:00:00+00:00", extra={"future": True})
+
+
+def test_sae_config_round_trip_legacy_and_newer(tmp_path: Path):
+    info = _sae_config()
+    fpath = formats.write_sae_config(tmp_path, info)
+    raw = json.loads(fpath.read_text())
+    assert fpath == tmp_path / "config.json" and list(raw)[:2] == ["format", "format_version"]
+    assert raw["format"] == "vlmsae-sae" and raw["format_version"] == 1 and raw["future"] is True
+    assert formats.read_sae_config(tmp_path) == info and formats.read_sae_config(fpath) == info
+    del raw["format_version"], raw["precision"]  # a checkpoint from before versions and the precision record
+    fpath.write_text(json.dumps(raw))
+    old = formats.read_sae_config(tmp_path)
+    assert old.format_version == 1 and old.precision is None and old.source == {"model": "tiny", "layer": 1}
+    for version in (2, 0, "1"):
+        fpath.write_text(json.dumps({**raw, "format_version": version}))
+        with pytest.raises(FormatVersionError) as err:
+            formats.read_sae_config(tmp_path)
+        msg = str(err.value)
+        assert str(fpath) in msg and f"format_version={version!r}" in msg and "reads format_version 1" in msg, msg
+        assert "upgrade vlmsae" in msg and "re-run `python -m vlmsae.train`" in msg, msg
+
+
+def test_sae_config_refuses_what_is_not_an_sae_checkpoint(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        formats.read_sae_config(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        formats.read_sae_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))  # a Hugging Face config.json
+    with pytest.raises(ValueError, match="not a vlmsae SAE config"):
+        formats.read_sae_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**_sae_config().to_dict(), "d_in": "8"}))
+    with pytest.raises(ValueError, match="d_in must be int"):
+        formats.read_sae_config(tmp_path)
 
 
 def test_provenance_writes_run_info_in_the_format(tmp_path: Path):
@@ -247,8 +315,12 @@ def _assert_version_message(msg: str, fpath: Path, found: str, known: str) -> No
 # Only formats.py reads these files
 # ------------------------------------------------------------------------------------------
 NAME_CONSTANTS = ("LATENTS_CSV", "MS_SUMMARY_JSON", "HIERARCHY_JSON", "STEER_JSON", "STEER_EVAL_JSON", "RUN_INFO_JSON",
-                  "TOP_TENSORS", "TOP_IMAGES_JSON", "TOP_META_JSON")
+                  "TOP_TENSORS", "TOP_IMAGES_JSON", "TOP_META_JSON", "MANIFEST_JSON", "PROGRESS_JSON",
+                  "SAE_CONFIG_JSON")
 FILE_NAMES = tuple(getattr(formats, name) for name in NAME_CONSTANTS)
+# config.json is also the name of Hugging Face and LLaVA model files: vlmsae/models/ reads and writes those
+# (never an SAE checkpoint), so the SAE config.json check skips it.
+NOT_SAE_CONFIG = ("vlmsae/models/",)
 READ_CALLS = {"open", "load", "loads", "read_text", "read_bytes", "DictReader", "reader", "load_file", "safe_open",
               "read_csv", "read_json"}
 # Modules outside this change's reach that still spell a format's file themselves; vlmsae.formats.read_run_info
@@ -260,14 +332,17 @@ def _call_name(func: ast.expr) -> str:
     return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
 
 
-def format_file_uses(source: str) -> list[tuple[int, str]]:
+def format_file_uses(source: str, rel: str = "") -> list[tuple[int, str]]:
     """(line, what) for each place ``source`` spells a format's file name, or reads a path built from
     one of the name constants of vlmsae.formats with open / json.load(s) / csv readers / read_text / ..."""
     found = []
+    names = FILE_NAMES
+    if rel.startswith(NOT_SAE_CONFIG):
+        names = tuple(n for n in FILE_NAMES if n != formats.SAE_CONFIG_JSON)
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and not any(c.isspace() for c in node.value):
             # A path-like string (messages and docstrings have spaces; they may mention the files).
-            found += [(node.lineno, name) for name in FILE_NAMES
+            found += [(node.lineno, name) for name in names
                       if node.value == name or node.value.endswith("/" + name)]
         if isinstance(node, ast.Call) and _call_name(node.func) in READ_CALLS:
             for sub in ast.walk(node):
@@ -287,6 +362,11 @@ def test_the_check_finds_hand_written_readers():
     assert format_file_uses("t = formats.read_latents_csv(d / formats.LATENTS_CSV)") == []
     assert format_file_uses("ok = (d / formats.STEER_JSON).is_file()") == []
     assert format_file_uses('raise ValueError(f"{d} holds no latents.csv")') == []
+    # The store and SAE files too; config.json only outside vlmsae/models/ (Hugging Face files are named so).
+    assert format_file_uses('m = json.loads((d / "manifest.json").read_text())') == [(1, "manifest.json")]
+    assert format_file_uses("p = json.loads((d / PROGRESS_JSON).read_text())")
+    assert format_file_uses('c = json.loads((d / "config.json").read_text())', "vlmsae/report/browser.py")
+    assert format_file_uses('c = json.loads((d / "config.json").read_text())', "vlmsae/models/llava.py") == []
 
 
 def test_no_module_but_formats_reads_the_format_files():
@@ -295,7 +375,7 @@ def test_no_module_but_formats_reads_the_format_files():
         rel = fpath.relative_to(REPO).as_posix()
         if rel == "vlmsae/formats.py":
             continue
-        uses = format_file_uses(fpath.read_text(encoding="utf-8"))
+        uses = format_file_uses(fpath.read_text(encoding="utf-8"), rel)
         if rel in PENDING:
             assert {what for _, what in uses} <= PENDING[rel], (rel, uses)
             assert uses, f"{rel} no longer spells {PENDING[rel]}: remove it from PENDING"

@@ -132,23 +132,23 @@ def test_fp32_region_forces_full_precision_matmuls_and_restores_the_setting():
 
 
 def test_checkpoint_records_the_precision_policy(tmp_path):
-    from vlmsae.sae import read_sae_config
+    from vlmsae.formats import read_sae_config
 
     sae = _sae("batchtopk", "auto")
     want = {"master": "float32", "selection": "float32", "matmul": "float32", "autocast": "off inside the SAE",
             "float32_matmul_precision": "highest"}
     save_sae(sae, tmp_path / "plain")
-    assert read_sae_config(tmp_path / "plain")["precision"] == {**want, "trainer_precision": None}
+    assert read_sae_config(tmp_path / "plain").precision == {**want, "trainer_precision": None}
     save_sae(sae, tmp_path / "given", trainer_precision="bf16-mixed")
     info = json.loads((tmp_path / "given" / "config.json").read_text())
     assert info["precision"] == {**want, "trainer_precision": "bf16-mixed"}
     sae.trainer_precision = "16-mixed"  # what the Lightning module sets at fit start
     save_sae(sae, tmp_path / "attr")
-    assert read_sae_config(tmp_path / "attr")["precision"]["trainer_precision"] == "16-mixed"
+    assert read_sae_config(tmp_path / "attr").precision["trainer_precision"] == "16-mixed"
     loaded = load_sae(tmp_path / "attr")
     assert loaded.trainer_precision == "16-mixed"  # survives a load -> save round trip
     save_sae(loaded, tmp_path / "again")
-    assert read_sae_config(tmp_path / "again")["precision"] == {**want, "trainer_precision": "16-mixed"}
+    assert read_sae_config(tmp_path / "again").precision == {**want, "trainer_precision": "16-mixed"}
 
 
 def test_non_float32_master_weights_and_other_trainer_precisions_are_refused():
@@ -167,7 +167,7 @@ def test_non_float32_master_weights_and_other_trainer_precisions_are_refused():
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
     from vlmsae.data.synthetic import PlantedDictionary
-    from vlmsae.lit.stream import write_acts_store
+    from vlmsae.data.store import write_acts_store
 
     x = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0).sample(4_000, seed=1).x
     dpath = tmp_path_factory.mktemp("acts") / "layer2"

@@ -11,16 +11,15 @@ import pytest
 import torch
 
 from vlmsae.data.shards import (
-    PROGRESS,
     ImageListDigest,
     RunningStats,
     ShardWriter,
     image_list_digest,
     iter_chunks,
     list_shards,
-    read_manifest,
     read_rows,
 )
+from vlmsae.formats import PROGRESS_JSON, read_manifest
 
 
 def _rows(n: int, d: int, start: int, seed: int = 0):
@@ -57,13 +56,13 @@ def test_layout_round_trip_and_manifest(tmp_path):
     assert got["keys"] == [k for p in parts for k in p[4]]
     assert torch.equal(got["image_idx"], torch.arange(25)) and torch.equal(got["label"], torch.arange(25) % 3)
     on_disk = read_manifest(tmp_path)
-    assert on_disk == json.loads(json.dumps(manifest))
-    assert on_disk["n_rows"] == 25 and on_disk["n_shards"] == 3 and on_disk["model"] == "m" and on_disk["d"] == 6
+    assert on_disk == manifest
+    assert on_disk.n_rows == 25 and on_disk.n_shards == 3 and on_disk.model == "m" and on_disk.d == 6
     x = want_acts.double()
-    torch.testing.assert_close(torch.tensor(on_disk["mean"], dtype=torch.float64), x.mean(0))
-    torch.testing.assert_close(torch.tensor(on_disk["var"], dtype=torch.float64), x.var(0, unbiased=False))
-    assert abs(on_disk["mean_sq_norm"] - float((x**2).sum(1).mean())) < 1e-9
-    assert {"versions", "git_commit"} <= set(on_disk)
+    torch.testing.assert_close(torch.tensor(on_disk.mean, dtype=torch.float64), x.mean(0))
+    torch.testing.assert_close(torch.tensor(on_disk.var, dtype=torch.float64), x.var(0, unbiased=False))
+    assert abs(on_disk.mean_sq_norm - float((x**2).sum(1).mean())) < 1e-9
+    assert {"versions", "git_commit"} <= set(on_disk.to_dict())
 
 
 def test_bf16_store(tmp_path):
@@ -91,11 +90,11 @@ def test_resume_drops_shard_newer_than_progress_and_refuses_other_meta(tmp_path)
     for start in (0, 5):
         writer.add(*_rows(5, 4, start))
         writer.flush({"next": start + 5})
-    progress = (tmp_path / PROGRESS).read_text()
+    progress = (tmp_path / PROGRESS_JSON).read_text()
     writer.add(*_rows(5, 4, 10))
     writer.flush({"next": 15})
     # Simulate a kill after the third shard's rename but before its progress record, plus a temp file.
-    (tmp_path / PROGRESS).write_text(progress)
+    (tmp_path / PROGRESS_JSON).write_text(progress)
     (tmp_path / ".acts-000003.abc.tmp").write_bytes(b"partial")
     resumed = ShardWriter(tmp_path, d=4, rows_per_shard=5, meta=meta)
     assert resumed.state == {"next": 10} and resumed.n_rows == 10 and resumed.n_shards == 2

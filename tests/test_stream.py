@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import vlmsae.lit.stream as stream_mod
+import vlmsae.data.stream as stream_mod
 from vlmsae.data.shards import iter_chunks, list_shards
-from vlmsae.lit.datamodule import ActsDataModule, StreamConfig, check_store_width, open_store
-from vlmsae.lit.stream import ShardRowStream, write_acts_store
+from vlmsae.data.store import check_store_width, open_store, write_acts_store
+from vlmsae.data.stream import ShardRowStream, StreamConfig
+from vlmsae.lit.datamodule import ActsDataModule
 
 D = 8
 
@@ -241,14 +242,14 @@ class _PixelTap(torch.nn.Module):
 def test_images_epochs_visit_a_fresh_permutation_and_hold_out_by_listing_index(tmp_path, monkeypatch):
     from PIL import Image
 
-    import vlmsae.models
-    from vlmsae.lit.datamodule import ImageChunkMaker
+    import vlmsae.models.image_rows as image_rows
+    from vlmsae.models.image_rows import ImageChunkMaker
 
     root = tmp_path / "imgs"
     root.mkdir()
     for i in range(40):
         Image.new("RGB", (4, 4), (i, 0, 0)).save(root / f"im{i:03d}.png")
-    monkeypatch.setattr(vlmsae.models, "load_tap", lambda spec: _PixelTap())
+    monkeypatch.setattr(image_rows, "load_tap", lambda spec: _PixelTap())
     common = dict(model_spec=SimpleNamespace(device="cpu"), image_kwargs={"source": "folder", "root": str(root)},
                   layer="last", tokens="cls", k_tokens=1, images_per_forward=3, seed=0, holdout_every=5)
     train, val = ImageChunkMaker(split="train", **common), ImageChunkMaker(split="val", **common)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlmsae.data.synthetic import PlantedDictionary
-from vlmsae.lit.stream import write_acts_store
+from vlmsae.data.store import write_acts_store
 from vlmsae.train import run
 
 D = 64  # = conf/model/tiny.yaml width

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from vlmsae.data.synthetic import PlantedDictionary
-from vlmsae.lit.stream import write_acts_store
+from vlmsae.data.store import write_acts_store
 
 
 @pytest.mark.slow

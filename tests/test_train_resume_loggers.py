@@ -37,7 +37,7 @@ VAL_STEPS = [*range(CKPT_EVERY - 1, MAX_STEPS, CKPT_EVERY), MAX_STEPS]  # in-fit
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     from vlmsae.data.synthetic import PlantedDictionary
-    from vlmsae.lit.stream import write_acts_store
+    from vlmsae.data.store import write_acts_store
 
     planted = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0)
     dpath = tmp_path_factory.mktemp("acts") / "layer2"

@@ -154,17 +154,17 @@ class Demo:
     def extract(self) -> list[str]:
         self.require("data")
         # Small shards, so there are several: training holds out whole shards for validation.
-        res = call_job("extract", [
+        call_job("extract", [
             f"model={MODEL}", *self.data_overrides, f"tokens={TOKENS}", "k=2", "dtype=float32",
             "rows_per_shard=64", "rows_per_chunk=32", "progress=false", f"seed={self.seed}",
         ], self.d("extract"))
-        m = _read_json(self.d("extract") / "manifest.json") or {}
+        m = formats.read_manifest(self.d("extract"))
         return [
-            f"{m.get('n_rows', res.get('n_rows'))} activation rows (d={m.get('d', res.get('d'))}) from "
-            f"{m.get('n_images', res.get('n_images'))} generated concept images, layer {m.get('layer')} of {MODEL}, "
-            f"tokens={m.get('tokens')}, in {m.get('n_shards')} WebDataset shards",
-            f"manifest.json: per-dimension mean/var, mean squared norm {_fmt(m.get('mean_sq_norm'), 2)}, "
-            f"{m.get('n_skipped', 0)} skipped images",
+            f"{m.n_rows} activation rows (d={m.d}) from "
+            f"{m.n_images} generated concept images, layer {m.layer} of {MODEL}, "
+            f"tokens={m.tokens}, in {m.n_shards} WebDataset shards",
+            f"manifest.json: per-dimension mean/var, mean squared norm {_fmt(m.mean_sq_norm, 2)}, "
+            f"{m.n_skipped or 0} skipped images",
         ]
 
     # -- 2 ------------------------------------------------------------------------------------
@@ -176,10 +176,10 @@ class Demo:
             "data.batch_size=64", "data.num_workers=0", "logger=none", f"seed={self.seed}",
         ], self.d("train"))
         m = _read_json(self.d("train") / "metrics.json") or {}
-        cfg = _read_json(self.d("train") / "sae" / "config.json") or {}
+        cfg = formats.read_sae_config(self.d("train") / "sae")
         return [
-            f"{cfg.get('arch', '?')} SAE, {cfg.get('n_latents', '?')} latents in groups {cfg.get('group_sizes')}, "
-            f"k={cfg.get('k')}, {m.get('step', '?')} steps",
+            f"{cfg.arch} SAE, {cfg.n_latents} latents in groups {cfg.group_sizes}, "
+            f"k={cfg.k}, {m.get('step', '?')} steps",
             f"validation: FVE {_fmt(m.get('fve'))}, normalized MSE {_fmt(m.get('nmse'))}, L0 {_fmt(m.get('l0'), 1)}, "
             f"dead {_fmt(100 * float(m.get('dead_fraction', float('nan'))), 1)}%",
             f"checkpoint: {self.d('train') / 'sae'} (sae.safetensors + config.json)",

@@ -19,6 +19,12 @@ file                 dataclass                           read / write
 ``steer.json``       :class:`SteerResult`                :func:`read_steer` / :func:`write_steer`
 ``steer_eval.json``  :class:`SteerEvalResult`            :func:`read_steer_eval` / :func:`write_steer_eval`
 ``run_info.json``    :class:`RunInfo`                    :func:`read_run_info` / :func:`write_run_info`
+``manifest.json``    :class:`StoreManifest` (activation      :func:`read_manifest` / :func:`write_manifest`
+                     store)
+``progress.json``    :class:`StoreProgress` (extraction      :func:`read_progress` / :func:`write_progress`
+                     resume point)
+``config.json``      :class:`SAECheckpointConfig` (SAE       :func:`read_sae_config` / :func:`write_sae_config`
+                     checkpoint, next to sae.safetensors)
 ===================  ==================================  ===========================================
 
 ``latents.csv`` has no header object, so its version rides in a first comment line,
@@ -39,6 +45,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from vlmsae import __version__
 from vlmsae.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 LATENTS_CSV = "latents.csv"
@@ -51,6 +58,10 @@ TOP_IMAGES_DIR = "top_images"
 TOP_TENSORS = "top.safetensors"
 TOP_IMAGES_JSON = "images.json"
 TOP_META_JSON = "meta.json"
+MANIFEST_JSON = "manifest.json"
+PROGRESS_JSON = "progress.json"
+SAE_CONFIG_JSON = "config.json"
+SAE_FORMAT = "vlmsae-sae"  # the "format" key of an SAE checkpoint's config.json
 
 # The versions each reader understands; the last one is what the writer writes.
 LATENTS_CSV_VERSIONS = (1, 2)  # 1: no version line (before formats.py); 2: "# vlmsae latents.csv format_version=2"
@@ -60,12 +71,17 @@ HIERARCHY_VERSIONS = (1,)
 STEER_VERSIONS = (1,)
 STEER_EVAL_VERSIONS = (1,)
 RUN_INFO_VERSIONS = (1,)
+MANIFEST_VERSIONS = (1,)
+PROGRESS_VERSIONS = (1,)
+SAE_CONFIG_VERSIONS = (1,)
 
 __all__ = [
-    "FormatVersionError", "HierarchySummary", "LatentRow", "LatentsTable", "MsSummary", "RunInfo", "SteerEvalResult",
-    "SteerResult", "TopImagesIndex", "check_version", "read_hierarchy", "read_latents_csv", "read_ms_summary",
-    "read_run_info", "read_steer", "read_steer_eval", "read_top_images", "write_hierarchy", "write_latents_csv",
-    "write_ms_summary", "write_run_info", "write_steer", "write_steer_eval", "write_top_images",
+    "FormatVersionError", "HierarchySummary", "LatentRow", "LatentsTable", "MsSummary", "RunInfo",
+    "SAECheckpointConfig", "SteerEvalResult", "SteerResult", "StoreManifest", "StoreProgress", "TopImagesIndex", "check_version",
+    "read_hierarchy", "read_latents_csv", "read_manifest", "read_ms_summary", "read_progress",
+    "read_run_info", "read_sae_config", "read_steer", "read_steer_eval", "read_top_images", "write_hierarchy",
+    "write_latents_csv", "write_manifest", "write_ms_summary", "write_progress", "write_run_info", "write_sae_config",
+    "write_steer", "write_steer_eval", "write_top_images",
 ]
 
 
@@ -75,8 +91,6 @@ class FormatVersionError(ValueError):
 
 def check_version(fpath: Path, found: Any, known: tuple[int, ...], job: str) -> int:
     """``found`` as an int if this vlmsae reads it; else a :class:`FormatVersionError` that says what to do."""
-    from vlmsae import __version__
-
     if isinstance(found, int) and not isinstance(found, bool) and found in known:
         return found
     raise FormatVersionError(
@@ -124,6 +138,11 @@ def _to_json_dict(obj: Any) -> dict[str, Any]:
 def _from_json_dict(cls: type, obj: dict[str, Any], fpath: Path, known: tuple[int, ...], job: str) -> Any:
     # Files written before format_version existed have none: they are version 1.
     version = check_version(fpath, obj.get("format_version", 1), known, job)
+    return _build(cls, obj, fpath, job, version)
+
+
+def _build(cls: type, obj: dict[str, Any], fpath: Path | str, job: str, version: int) -> Any:
+    """``cls`` from a flat dict: its named fields typed, every other key in ``extra``."""
     names = [f.name for f in fields(cls) if f.name not in _SKIP]
     required = [f.name for f in fields(cls)
                 if f.name not in _SKIP and f.default is MISSING and f.default_factory is MISSING]
@@ -325,6 +344,221 @@ def read_run_info(path: str | Path) -> RunInfo:
 def write_run_info(dpath: str | Path, info: RunInfo) -> Path:
     """Write ``info`` as ``dpath/run_info.json``; :func:`vlmsae.utils.provenance.write_run_info` fills it in."""
     return atomic_write_json(Path(dpath) / RUN_INFO_JSON, info.to_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# The activation store (vlmsae.data.shards): manifest.json and progress.json
+# --------------------------------------------------------------------------------------------
+_EXTRACT_JOB = "python -m vlmsae.extract"
+_OPT = {"omit_none": True}  # not every store records every key (write_acts_store stores have no model details)
+
+
+def _opt(default: Any = None) -> Any:
+    return field(default=default, metadata=_OPT)
+
+
+@dataclass
+class StoreManifest:
+    """``manifest.json`` of an activation store, written last (by :meth:`vlmsae.data.shards.ShardWriter.write_manifest`)
+    when the store is complete. Layout and meaning: docs/ARCHITECTURE.md, "Data".
+
+    The shard writer's own keys (shapes, counts, the per-dimension statistics, provenance) are always there;
+    the extraction's (model, layer, tokens, images, order, skipped images, ...) when ``python -m vlmsae.extract``
+    wrote the store. A key absent from the file reads as None; ``extra`` keeps keys this vlmsae does not name.
+    """
+
+    d: int | None = None  # row width
+    n_rows: int | None = None
+    dtype: str | None = None  # stored dtype: float16 | bfloat16 | float32
+    n_shards: int | None = None
+    n_chunks: int | None = None
+    rows_per_chunk: int | None = None
+    shards: list[str] | None = None  # shard file names, in order
+    mean: list[float] | None = None  # per dimension, over the stored rows
+    var: list[float] | None = None  # population variance per dimension
+    mean_sq_norm: float | None = None  # E||x||^2
+    versions: dict[str, Any] | None = None
+    git_commit: str | None = None
+    complete: bool | None = _opt()  # False: an unfinished extraction
+    # what was extracted
+    model: str | None = _opt()
+    backend: str | None = _opt()
+    arch: str | None = _opt()
+    pretrained: str | None = _opt()
+    local_path: str | None = _opt()
+    layer: int | str | None = _opt()  # a block index or "last" (the pooled embedding)
+    tokens: str | None = _opt()  # cls | mean | patches | all | random_k
+    k: int | None = _opt()  # tokens per image for random_k
+    seed: int | None = _opt()
+    model_dtype: str | None = _opt()
+    image_size: int | None = _opt()
+    has_cls: bool | None = _opt()
+    n_tokens_per_image: int | None = _opt()
+    embed_dim: int | None = _opt()
+    width: int | None = _opt()
+    n_layers: int | None = _opt()
+    rows_per_shard: int | None = _opt()
+    # which images, in which order
+    source: str | None = _opt()
+    root: str | None = _opt()
+    synthetic: dict[str, Any] | None = _opt()
+    max_images: int | None = _opt()
+    batch_size: int | None = _opt()
+    n_images: int | None = _opt()
+    n_listed: int | None = _opt()
+    classes: list[str] | None = _opt()  # label names
+    image_list_digest: str | None = _opt()  # vlmsae.data.shards.image_list_digest of the stored images' keys
+    listing_digest: str | None = _opt()
+    order_seed: int | None = _opt()
+    order_unit: str | None = _opt()  # image | shard (wds)
+    order_digest: str | None = _opt()
+    image_idx_meaning: str | None = _opt()
+    exif_transpose: bool | None = _opt()
+    alpha_background: str | None = _opt()
+    n_skipped: int | None = _opt()
+    skipped: list[dict[str, Any]] | None = _opt()  # {key, path, error, reason} per unreadable image
+    skipped_by_reason: dict[str, int] | None = _opt()
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = MANIFEST_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        _check_types(self, {
+            "d": (int,), "n_rows": (int,), "dtype": (str,), "n_shards": (int,), "n_chunks": (int,),
+            "rows_per_chunk": (int,), "shards": (list,), "mean": (list,), "var": (list,), "mean_sq_norm": _NUM,
+            "versions": (dict,), "complete": (bool,), "layer": (int, str), "tokens": (str,), "k": (int,),
+            "n_images": (int,), "n_skipped": (int,), "skipped": (list,), "skipped_by_reason": (dict,),
+            "classes": (list,), "synthetic": (dict,)})
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> StoreManifest:
+        """A manifest from the writer's flat dict (its ``meta`` and fields): named keys typed, the rest in extra."""
+        return _build(cls, obj, "the activation store manifest", _EXTRACT_JOB, MANIFEST_VERSIONS[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_json_dict(self)
+
+
+def read_manifest(path: str | Path) -> StoreManifest:
+    """``manifest.json`` of a finished store (the folder or the file); a clear error when the extraction is
+    missing or unfinished."""
+    fpath = _file(path, MANIFEST_JSON)
+    if not fpath.is_file():
+        hint = " (an extraction is in progress or was interrupted: rerun the same command to finish it)" if (
+            fpath.parent / PROGRESS_JSON).exists() else ""
+        raise FileNotFoundError(f"No {MANIFEST_JSON} in {fpath.parent}{hint}: run `{_EXTRACT_JOB} ... "
+                                f"out={fpath.parent}` first.")
+    return _from_json_dict(StoreManifest, _load_json(fpath, _EXTRACT_JOB), fpath, MANIFEST_VERSIONS, _EXTRACT_JOB)
+
+
+def write_manifest(dpath: str | Path, manifest: StoreManifest) -> Path:
+    return atomic_write_json(Path(dpath) / MANIFEST_JSON, manifest.to_dict(), indent=1)
+
+
+@dataclass
+class StoreProgress:
+    """``progress.json``: the shard writer's state after its last complete shard, the point a killed
+    extraction resumes from (rewritten only after that shard is in place).
+
+    ``meta``: the extraction's settings (a resume with other settings is refused); ``stats``: the running
+    statistics (:meth:`vlmsae.data.shards.RunningStats.state_dict`); ``state``: the caller's resume state
+    (e.g. the next image position), None before the first shard.
+    """
+
+    meta: dict[str, Any]
+    n_shards: int
+    n_rows: int
+    n_chunks: int
+    stats: dict[str, Any]
+    state: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = PROGRESS_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        _check_types(self, {"meta": (dict,), "n_shards": (int,), "n_rows": (int,), "n_chunks": (int,),
+                            "stats": (dict,), "state": (dict,)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_json_dict(self)
+
+
+def read_progress(path: str | Path) -> StoreProgress:
+    fpath = _file(path, PROGRESS_JSON)
+    return _from_json_dict(StoreProgress, _load_json(fpath, _EXTRACT_JOB), fpath, PROGRESS_VERSIONS, _EXTRACT_JOB)
+
+
+def write_progress(dpath: str | Path, progress: StoreProgress) -> Path:
+    return atomic_write_json(Path(dpath) / PROGRESS_JSON, progress.to_dict(), indent=None)
+
+
+# --------------------------------------------------------------------------------------------
+# SAE checkpoint: config.json (the weights, sae.safetensors, are vlmsae.sae.checkpoint's)
+# --------------------------------------------------------------------------------------------
+_TRAIN_JOB = "python -m vlmsae.train"
+
+
+@dataclass
+class SAECheckpointConfig:
+    """``config.json`` of an SAE checkpoint folder (:func:`vlmsae.sae.save_sae`): what the SAE is (``config``,
+    the full :class:`vlmsae.sae.SAEConfig`, plus arch, sizes, threshold and the folded input scale), its
+    precision policy (``precision``, :mod:`vlmsae.sae.precision`), what it was trained on (``source``: model,
+    pretrained, layer, tokens, data, ...) and by which code. ``format`` is always ``"vlmsae-sae"``.
+    """
+
+    format: str = SAE_FORMAT
+    arch: str | None = None
+    d_in: int | None = None
+    n_latents: int | None = None
+    k: int | None = None
+    group_sizes: list[int] | None = None
+    threshold: float | None = None  # None: no inference threshold
+    input_scale: dict[str, Any] | None = None  # {value, folded, convention}
+    n_steps: int | None = None
+    dtype: str | None = None
+    precision: dict[str, Any] | None = field(default=None, metadata=_OPT)  # absent in checkpoints before it
+    source: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # SAEConfig.to_dict(); the reader requires it
+    vlmsae_version: str | None = None
+    git_commit: str | None = None
+    created: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = SAE_CONFIG_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            self.source = {}
+        _check_types(self, {"config": (dict,), "format": (str,), "arch": (str,), "d_in": (int,),
+                            "n_latents": (int,), "k": (int,), "group_sizes": (list,), "threshold": _NUM,
+                            "input_scale": (dict,), "n_steps": (int,), "precision": (dict,), "source": (dict,)})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _to_json_dict(self)
+        return {"format": out.pop("format"), **out}  # "format" first, as save_sae always wrote it
+
+
+def read_sae_config(path: str | Path) -> SAECheckpointConfig:
+    """The ``config.json`` of an SAE checkpoint folder (or the file itself), no weights; clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"SAE checkpoint folder {str(path)!r} does not exist; expected a folder with sae.safetensors and "
+            f"{SAE_CONFIG_JSON} written by vlmsae.sae.save_sae (a training run keeps it in <run>/sae/)."
+        )
+    fpath = _file(path, SAE_CONFIG_JSON)
+    if not fpath.is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no {SAE_CONFIG_JSON}: not an SAE checkpoint written by save_sae.")
+    try:
+        obj = json.loads(fpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(fpath)!r} is not valid JSON ({err}); the checkpoint is corrupt.") from err
+    if not isinstance(obj, dict) or obj.get("format") != SAE_FORMAT or not isinstance(obj.get("config"), dict):
+        raise ValueError(
+            f"{str(fpath)!r} is not a vlmsae SAE config (expected \"format\": {SAE_FORMAT!r} and a \"config\" object)."
+        )
+    return _from_json_dict(SAECheckpointConfig, obj, fpath, SAE_CONFIG_VERSIONS, _TRAIN_JOB)
+
+
+def write_sae_config(dpath: str | Path, info: SAECheckpointConfig) -> Path:
+    return atomic_write_json(Path(dpath) / SAE_CONFIG_JSON, info.to_dict())
 
 
 # --------------------------------------------------------------------------------------------

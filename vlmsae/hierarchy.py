@@ -32,7 +32,7 @@ from vlmsae.metrics.codes import open_sae_source
 from vlmsae.models import ModelSpec
 from vlmsae.models.embedders import EmbedderSpec, load_embedder
 from vlmsae.report.plots import plot_depth
-from vlmsae.sae import load_sae, read_sae_config
+from vlmsae.sae import load_sae
 from vlmsae.utils.io import atomic_write_text
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -48,10 +48,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     out_dpath = run_dir(out_dpath)
     if OmegaConf.is_missing(cfg, "sae_path"):
         raise ValueError("sae_path is required: the checkpoint folder of a trained SAE (<run>/sae with config.json).")
-    sae_info, sae = read_sae_config(cfg.sae_path), load_sae(cfg.sae_path)
-    if sae_info.get("arch") != "matryoshka":
+    sae_info, sae = formats.read_sae_config(cfg.sae_path), load_sae(cfg.sae_path)
+    if sae_info.arch != "matryoshka":
         log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)",
-                    sae_info.get("arch"))
+                    sae_info.arch)
     data = study.taxonomy_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.ms_run)
     # The taxonomy first: a missing WordNet or a bad CSV fails before any image is encoded.
     taxonomy = study.open_taxonomy(OmegaConf.to_container(cfg.taxonomy, resolve=True), data)
@@ -62,7 +62,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         images = ImageSet.from_node(data, job="hierarchy",
                                     hint=" (or pass ms_run=<monosemanticity run dir> to reuse its top images)")
         classes = study.check_images_have_taxa(taxonomy, images)
-        src = open_sae_source(sae, sae_info.get("source") or {}, layer=cfg.layer, pool=cfg.pool, device=cfg.device,
+        src = open_sae_source(sae, sae_info.source, layer=cfg.layer, pool=cfg.pool, device=cfg.device,
                               model=ModelSpec.from_cfg(cfg.model) if cfg.model is not None else None,
                               sae_dpath=cfg.sae_path)
         embedder = load_embedder(EmbedderSpec.from_cfg(cfg.embedder)) if cfg.embedder is not None else None

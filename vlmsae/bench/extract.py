@@ -17,6 +17,10 @@ from typing import Any
 
 import torch
 
+from vlmsae.data.concepts import make_concept_images
+from vlmsae.models import ModelSpec, load_tap
+from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
+
 
 def _time_rounds(fns: dict[str, Any], rounds: int, warmup: int = 1) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -35,8 +39,6 @@ def _time_rounds(fns: dict[str, Any], rounds: int, warmup: int = 1) -> dict[str,
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Ratios ``extract_layer{L}_over_full_ratio`` next to ``extract_expected_ratio_layer{L}`` + images/s."""
-    from vlmsae.models import ModelSpec, load_tap
-
     spec = ModelSpec(name="vit_b32_random", backend="open_clip", arch="ViT-B-32", pretrained=None, image_size=224,
                      n_layers=12, width=768, embed_dim=512, dtype="float32", device="auto")
     tap = load_tap(spec)
@@ -69,9 +71,6 @@ def run(quick: bool = False) -> dict[str, Any]:
 
     # End to end through the extract job's library call on generated images (decode + preprocess + forward +
     # write), as vlmsae.extract.run makes it.
-    from vlmsae.data.concepts import make_concept_images
-    from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
-
     with tempfile.TemporaryDirectory(prefix="vlmsae-bench-extract-") as tmp:
         n_per_class = 2 if quick else 8
         root = make_concept_images(Path(tmp) / "images", n_per_class=n_per_class, size=224, seed=0)

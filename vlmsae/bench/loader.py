@@ -4,7 +4,7 @@ Issue 9 asks that the loader never be the bottleneck: shards must be read at lea
 the training step consumes rows. This module measures both sides on the same machine:
 
 * ``loader_rows_per_s`` (and ``_w0`` / ``_w2`` per DataLoader worker count): batches of 4096 rows
-  streamed through :class:`vlmsae.lit.stream.ShardRowStream` exactly as training reads them
+  streamed through :class:`vlmsae.data.stream.ShardRowStream` exactly as training reads them
   (shard shuffling, a 16k-row shuffle buffer, tar + safetensors decoding);
 * ``loader_train_step_rows_per_s``: a full BatchTopK training step (loss, backward, decoder-gradient
   projection, clip, Adam, renormalisation) at 8192 latents on fp32 CPU;
@@ -14,12 +14,19 @@ the training step consumes rows. This module measures both sides on the same mac
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
+
+from vlmsae.data.shards import list_shards
+from vlmsae.data.store import write_acts_store
+from vlmsae.data.stream import ShardRowStream
+from vlmsae.sae import SAEConfig, build_sae, constrain_decoder_grad_, normalize_decoder_
 
 D = 1024
 BATCH = 4096
@@ -28,18 +35,12 @@ BATCH = 4096
 def _rss_mb() -> float:
     try:
         pages = int(Path("/proc/self/statm").read_text().split()[1])
-        import os
-
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError):
         return float("nan")
 
 
 def _stream_rate(shard_fpaths: list[str], workers: int, n_batches: int) -> tuple[float, float]:
-    from torch.utils.data import DataLoader
-
-    from vlmsae.lit.stream import ShardRowStream
-
     stream = ShardRowStream(shard_fpaths, batch_size=BATCH, shuffle_buffer=16384, seed=0)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     it = iter(loader)
@@ -56,8 +57,6 @@ def _stream_rate(shard_fpaths: list[str], workers: int, n_batches: int) -> tuple
 
 
 def _train_step_rate(n_latents: int, batch: int, n_steps: int) -> float:
-    from vlmsae.sae import SAEConfig, build_sae, constrain_decoder_grad_, normalize_decoder_
-
     sae = build_sae(SAEConfig(arch="batchtopk", d_in=D, n_latents=n_latents, k=20), seed=0)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999))
     x = torch.randn(batch, D)
@@ -80,8 +79,6 @@ def _train_step_rate(n_latents: int, batch: int, n_steps: int) -> float:
 
 def run(quick: bool = False) -> dict:
     """Loader and training-step throughput; see the module docstring for the keys."""
-    from vlmsae.lit.stream import write_acts_store
-
     n_rows = 32_768 if quick else 262_144  # 64 MB / 512 MB of fp16 rows
     tmp = Path(tempfile.mkdtemp(prefix="vlmsae-loader-bench-"))
     try:
@@ -89,8 +86,6 @@ def run(quick: bool = False) -> dict:
         acts = torch.randn(n_rows, D, generator=gen).to(torch.float16)
         write_acts_store(tmp / "acts", acts, rows_per_chunk=4096, chunks_per_shard=4, meta={"model": "bench"})
         del acts
-        from vlmsae.data.shards import list_shards
-
         fpaths = [str(p) for p in list_shards(tmp / "acts")]
         n_batches = (8 if quick else 48)
         results: dict = {"loader_d": D, "loader_batch_size": BATCH, "loader_dtype": "float16",

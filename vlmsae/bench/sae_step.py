@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.sae import (
     SAE,
     SAEConfig,
@@ -219,8 +220,6 @@ def learning_curve(
 ) -> dict[str, float]:
     """Train the sparse path and the reference ``steps`` steps each, from the same init on the same
     planted-feature batches; return their FVE on held-out data from the same distribution."""
-    from vlmsae.data.synthetic import PlantedDictionary
-
     planted = PlantedDictionary.random(d_in=d_in, n_atoms=n_latents // 2, k=max(1, k // 2), noise_std=0.05,
                                        scale=3.0, offset_norm=2.0, seed=seed)
     x_eval_BD = planted.sample(4 * batch_size, seed=10_000_019).x

@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmsae.data.concepts import ensure_concept_images
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SOURCES = ("folder", "list", "wds", "synthetic")
@@ -438,7 +440,5 @@ def list_source(source: str, root: str | Path | None, synthetic: dict[str, Any] 
             raise ValueError("data=list needs data.root=<list file>.")
         return list_file(root)
     if source == "synthetic":
-        from vlmsae.data.concepts import ensure_concept_images
-
         return list_folder(ensure_concept_images(root=root, **(synthetic or {})))
     raise ValueError(f"Source {source!r} cannot be listed up front: use one of folder, list, synthetic.")

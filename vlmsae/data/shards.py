@@ -4,8 +4,10 @@ Layout of a store folder (docs/ARCHITECTURE.md, "Data"):
 - ``acts-%06d.tar``: samples with ``__key__ = "%06d" % chunk_index`` (global over the store), each
   with ``acts.safetensors`` (``acts`` [R, D] fp16|bf16, ``token_idx`` [R] int32, ``image_idx`` [R]
   int64, ``label`` [R] int64, -1 = none) and ``keys.json`` (the image key of every row). No pickles.
-- ``manifest.json``: what produced the store and its statistics (written last, when complete).
-- ``progress.json``: the writer's state after the last complete shard (resume point).
+- ``manifest.json``: what produced the store and its statistics (written last, when complete):
+  :class:`vlmsae.formats.StoreManifest`, read with :func:`vlmsae.formats.read_manifest`.
+- ``progress.json``: the writer's state after the last complete shard (resume point):
+  :class:`vlmsae.formats.StoreProgress`.
 
 Every file is written under a temporary name and renamed, and ``progress.json`` is rewritten only
 after its shard is in place. A killed run therefore leaves whole shards plus, at worst, one shard
@@ -25,10 +27,10 @@ from typing import Any
 
 import torch
 
-from vlmsae.utils.io import atomic_write, atomic_write_json
+from vlmsae.formats import PROGRESS_JSON, StoreManifest, StoreProgress, read_progress, write_manifest, write_progress
+from vlmsae.utils.io import atomic_write
+from vlmsae.utils.provenance import git_commit, versions
 
-MANIFEST = "manifest.json"
-PROGRESS = "progress.json"
 SHARD_PATTERN = "acts-%06d.tar"
 STORE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                 "float32": torch.float32, "fp32": torch.float32}
@@ -37,16 +39,6 @@ STORE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": tor
 def list_shards(dpath: str | Path) -> list[Path]:
     """The complete shards of a store, in order (temporary files are never listed)."""
     return sorted(Path(dpath).glob("acts-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
-
-
-def read_manifest(dpath: str | Path) -> dict[str, Any]:
-    """``manifest.json`` of a finished store; a clear error if the extraction is missing or unfinished."""
-    fpath = Path(dpath) / MANIFEST
-    if not fpath.exists():
-        hint = " (an extraction is in progress or was interrupted: rerun the same command to finish it)" if (
-            Path(dpath) / PROGRESS).exists() else ""
-        raise FileNotFoundError(f"No {MANIFEST} in {dpath}{hint}: run `python -m vlmsae.extract ... out={dpath}` first.")
-    return json.loads(fpath.read_text())
 
 
 class RunningStats:
@@ -198,23 +190,22 @@ class ShardWriter:
         self._resume()
 
     def _resume(self) -> None:
-        progress_fpath = self.dpath / PROGRESS
-        if progress_fpath.exists():
-            progress = json.loads(progress_fpath.read_text())
-            if progress["meta"] != self.meta:
-                changed = sorted(k for k in set(progress["meta"]) | set(self.meta)
-                                 if progress["meta"].get(k) != self.meta.get(k))
-                detail = "; ".join(f"{k}: was {_short(progress['meta'].get(k))}, now {_short(self.meta.get(k))}"
+        if (self.dpath / PROGRESS_JSON).exists():
+            progress = read_progress(self.dpath)
+            if progress.meta != self.meta:
+                changed = sorted(k for k in set(progress.meta) | set(self.meta)
+                                 if progress.meta.get(k) != self.meta.get(k))
+                detail = "; ".join(f"{k}: was {_short(progress.meta.get(k))}, now {_short(self.meta.get(k))}"
                                    for k in changed)
                 raise ValueError(
                     f"{self.dpath} holds a different extraction (settings differ in {changed}: {detail}): resume "
                     "only with the same command and the same images, or choose a new out=<dir>."
                 )
-            self.n_shards, self.n_rows, self.n_chunks = progress["n_shards"], progress["n_rows"], progress["n_chunks"]
-            self.stats = RunningStats.from_state(progress["stats"])
-            self.state = progress["state"]
+            self.n_shards, self.n_rows, self.n_chunks = progress.n_shards, progress.n_rows, progress.n_chunks
+            self.stats = RunningStats.from_state(progress.stats)
+            self.state = progress.state
         elif list_shards(self.dpath):
-            raise ValueError(f"{self.dpath} holds activation shards but no {PROGRESS}: choose a new out=<dir>.")
+            raise ValueError(f"{self.dpath} holds activation shards but no {PROGRESS_JSON}: choose a new out=<dir>.")
         # Shards newer than the progress record (killed between the rename and the progress write)
         # and stray temporary files are rewritten from the recorded state.
         for fpath in list_shards(self.dpath)[self.n_shards:]:
@@ -274,18 +265,15 @@ class ShardWriter:
         return shard_fpath
 
     def _write_progress(self) -> None:
-        atomic_write_json(self.dpath / PROGRESS, {
-            "meta": self.meta, "n_shards": self.n_shards, "n_rows": self.n_rows, "n_chunks": self.n_chunks,
-            "stats": self.stats.state_dict(), "state": self.state,
-        }, indent=None)
+        write_progress(self.dpath, StoreProgress(meta=self.meta, n_shards=self.n_shards, n_rows=self.n_rows,
+                                                 n_chunks=self.n_chunks, stats=self.stats.state_dict(),
+                                                 state=self.state))
 
-    def write_manifest(self, **fields: Any) -> dict[str, Any]:
+    def write_manifest(self, **fields: Any) -> StoreManifest:
         """Write ``manifest.json`` (statistics + ``meta`` + ``fields``); call after the last ``flush``."""
         if self._buf_rows:
             raise RuntimeError("write_manifest() with rows still buffered: call flush() first.")
-        from vlmsae.utils.provenance import git_commit, versions
-
-        manifest = {
+        manifest = StoreManifest.from_dict({
             **self.meta,
             "d": self.d,
             "dtype": self.dtype_name,
@@ -300,8 +288,8 @@ class ShardWriter:
             "mean_sq_norm": self.stats.mean_sq_norm,
             "versions": versions(),
             "git_commit": git_commit(),
-        }
-        atomic_write_json(self.dpath / MANIFEST, manifest, indent=1)
+        })
+        write_manifest(self.dpath, manifest)
         return manifest
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from vlmsae.data.concepts import concept_classes
+
 INAT_RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 
 # 00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax: an id, six ranks, the epithet.
@@ -409,8 +411,6 @@ def load_concepts(root: str | Path | None = None) -> Taxonomy:
 
     ``root``: a generated folder (its ``concepts.json`` lists the classes); None = every class.
     """
-    from vlmsae.data.concepts import concept_classes
-
     classes = None
     if root is not None and (Path(root) / "concepts.json").is_file():
         meta = json.loads((Path(root) / "concepts.json").read_text())

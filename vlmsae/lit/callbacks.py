@@ -15,6 +15,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from vlmsae.utils.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("layer", "n_latents", "k", "fve", "mse", "nmse", "l0", "dead_fraction", "dense_fraction", "step")
@@ -64,8 +66,6 @@ def _fmt(value: Any) -> str:
 
 def write_sweep_summary(sweep_dpath: str | Path) -> tuple[Path, Path] | None:
     """Write ``sweep_summary.csv`` and ``sweep_summary.md`` (the final metrics of every job)."""
-    from vlmsae.utils.io import atomic_write_text
-
     sweep_dpath = Path(sweep_dpath)
     if not sweep_dpath.is_dir():
         return None

@@ -1,7 +1,7 @@
 """LightningDataModules that feed activation rows to the SAE trainer.
 
 ``ActsDataModule`` streams an activation store (``acts-%06d.tar`` + ``manifest.json``, written by
-``python -m vlmsae.extract``) through :class:`vlmsae.lit.stream.ShardRowStream`: memory stays
+``python -m vlmsae.extract``) through :class:`vlmsae.data.stream.ShardRowStream`: memory stays
 flat whatever the store size (one shuffle window of ``data.shuffle_buffer`` rows plus a chunk per
 worker), ranks and workers read disjoint shards, and the training stream is infinite
 (``trainer.max_steps`` ends training) so every rank runs the same number of steps.
@@ -24,7 +24,7 @@ Small or odd stores (each case names the store, the numbers and the fix):
 * fail: a store path that does not exist, has no manifest or no shards; a manifest with
   ``complete: false`` or without ``n_rows`` (an unfinished extraction); a truncated or corrupt
   shard (checked on open from the tar and safetensors headers, and again in the reader, naming the
-  shard file); a store width ``d`` that differs from the SAE's (:func:`check_store_width`) or a
+  shard file); a store width ``d`` that differs from the SAE's (:func:`vlmsae.data.store.check_store_width`) or a
   chunk whose width differs from the manifest's; fewer training rows per rank than one batch;
   fewer training shards than ranks (every rank streams its own shards);
 * adapt with a warning: fewer shards than DataLoader workers (workers split the rank's chunks
@@ -43,90 +43,19 @@ count of an image is only known once it is decoded).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from vlmsae.data.shards import list_shards, read_manifest
-from vlmsae.lit.stream import RowShuffleBuffer, ShardRowStream, build_chunk_index, window_rows
+from vlmsae.data.store import check_store_width, open_store
+from vlmsae.data.stream import ImageRowsStream, ShardRowStream, StreamConfig, build_chunk_index, window_rows
+from vlmsae.models.image_rows import ImageChunkMaker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """How rows are batched and shuffled (mirrors the ``data`` config node)."""
-
-    batch_size: int = 4096  # rows per optimizer step (SPEC 2: 4096)
-    shuffle_buffer: int = 16384  # rows per shuffle window; memory = shuffle_buffer * d * 2 bytes per worker
-    num_workers: int = 2  # DataLoader workers per rank (each reads its own shards)
-    val_fraction: float = 0.01  # share of shards (or of images) held out for validation
-    val_batches: int = 20  # validation batches per check (per rank)
-    seed: int = 0  # with the epoch, fixes the shard and row order
-
-
-def list_shard_fpaths(acts_dpath: Path) -> list[str]:
-    """The store's shard files in order, as strings (what a ShardRowStream takes)."""
-    return [str(p) for p in list_shards(acts_dpath)]
-
-
-def open_store(acts: str | Path | None) -> tuple[Path, dict, list[str]]:
-    """Check an activation store exists, is complete and is readable; clear errors before any training."""
-    if acts in (None, "", "???"):
-        raise ValueError(
-            "data.acts is not set: pass the activation folder written by `python -m vlmsae.extract`, "
-            "e.g. data.acts=outputs/extract/<run> (or data=images to compute activations on the fly)"
-        )
-    acts_dpath = Path(str(acts)).expanduser()
-    if not acts_dpath.is_dir():
-        raise FileNotFoundError(
-            f"activation directory {str(acts_dpath)!r} does not exist: run `python -m vlmsae.extract` first "
-            "or fix data.acts (for a layer sweep: data.acts='/acts/layer${layer}')"
-        )
-    if not (acts_dpath / "manifest.json").is_file():
-        raise FileNotFoundError(
-            f"{str(acts_dpath)!r} has no manifest.json: it is not an activation store written by vlmsae.extract "
-            "(an interrupted extraction writes the manifest last; re-run it)"
-        )
-    manifest = read_manifest(acts_dpath)
-    if manifest.get("complete") is False or "n_rows" not in manifest or "d" not in manifest:
-        raise ValueError(
-            f"the manifest of {str(acts_dpath)!r} says the store is incomplete (complete={manifest.get('complete')}, "
-            f"n_rows={manifest.get('n_rows')}, d={manifest.get('d')}): finish it by re-running the same "
-            "`python -m vlmsae.extract ... out=<dir>` command (it resumes), then train"
-        )
-    shard_fpaths = list_shard_fpaths(acts_dpath)
-    if not shard_fpaths:
-        raise FileNotFoundError(f"{str(acts_dpath)!r} has a manifest but no acts-*.tar shards")
-    listed = manifest.get("n_shards")
-    if listed is not None and int(listed) != len(shard_fpaths):
-        raise ValueError(f"{str(acts_dpath)!r}: the manifest lists {listed} shards but {len(shard_fpaths)} are "
-                         "present: restore the missing shards or re-run the extraction into a fresh folder")
-    return acts_dpath, manifest, shard_fpaths
-
-
-def check_store_width(store: str | Path | dict, d_expected: int, acts_dpath: str | Path | None = None) -> int:
-    """The store's row width ``d``; a clear error when it is not ``d_expected`` (the SAE's ``d_in``).
-
-    ``store``: a store folder or its manifest (then pass ``acts_dpath`` for the message).
-    """
-    if isinstance(store, dict):
-        manifest, where = store, str(acts_dpath or "the activation store")
-    else:
-        where = str(store)
-        manifest = read_manifest(store)
-    d = int(manifest["d"])
-    if d != int(d_expected):
-        raise ValueError(
-            f"width mismatch: the activation store {where} has d={d} (model {manifest.get('model')!r}, layer "
-            f"{manifest.get('layer')}) but the SAE expects d_in={d_expected}: train on the store extracted with the "
-            "SAE's model and layer, or change model=/layer= to the store's"
-        )
-    return d
 
 
 def _world(trainer) -> tuple[int, int]:
@@ -142,20 +71,18 @@ class ActsDataModule(L.LightningDataModule):
         super().__init__()
         self.acts_dpath, self.manifest, self.shard_fpaths = open_store(acts_dpath)
         self.stream = stream
-        self.d = int(self.manifest["d"])
+        self.d = int(self.manifest.d)
         if d_expected is not None:
             check_store_width(self.manifest, d_expected, self.acts_dpath)
         if int(stream.batch_size) < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {stream.batch_size}")
-        self.n_rows = int(self.manifest["n_rows"])
+        self.n_rows = int(self.manifest.n_rows)
         self.batches_seen = 0  # restored from a checkpoint: the train stream seeks past these
         self._resume_state: dict | None = None
         self._workers: int | None = None
         self.rank, self.world_size = 0, 1
         self._plan_split()
         # per-chunk row counts (and held-out rows) from headers: the resume seek and the size checks use them
-        import time
-
         period = self.train_keep[1] if self.train_keep[0] != "all" else None
         t0 = time.perf_counter()
         self.chunk_rows = build_chunk_index(self.shard_fpaths, holdout_period=period, d=self.d)
@@ -283,7 +210,7 @@ class ActsDataModule(L.LightningDataModule):
     def _store_id(self) -> dict:
         m = self.manifest
         return {"n_rows": self.n_rows, "n_shards": len(self.shard_fpaths), "d": self.d,
-                "image_list_digest": m.get("image_list_digest"), "seed": m.get("seed")}
+                "image_list_digest": m.image_list_digest, "seed": m.seed}
 
     def _layout(self, workers: int | None) -> dict:
         return {"num_workers": workers, "world_size": self.world_size,
@@ -322,124 +249,6 @@ class ActsDataModule(L.LightningDataModule):
                         "from the uninterrupted run", diff, self.batches_seen)
 
 
-class _ImageRowsStream(IterableDataset):
-    """Rows computed on the fly: images -> tap -> select_tokens -> shuffle buffer -> batches."""
-
-    def __init__(self, make_chunks, batch_size: int, shuffle_buffer: int, seed: int, rank: int, world_size: int,
-                 n_epochs: int | None, skip_batches: int = 0):
-        super().__init__()
-        self.make_chunks = make_chunks
-        self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
-        self.rank, self.world_size, self.n_epochs, self.skip_batches = rank, world_size, n_epochs, skip_batches
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        import numpy as np
-
-        from torch.utils.data import get_worker_info
-
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        worker = (worker + self.skip_batches) % n_workers  # round-robin order after a skip (see ShardRowStream)
-        rng = np.random.default_rng([self.seed, self.rank, worker])
-        buffer = RowShuffleBuffer(self.shuffle_buffer, self.batch_size, rng)
-        to_skip = len(range(worker, self.skip_batches, n_workers))
-        epoch = 0
-        while self.n_epochs is None or epoch < self.n_epochs:
-            part, n_parts = self.rank * n_workers + worker, self.world_size * n_workers
-            got = False
-            for rows_RD in self.make_chunks(epoch, part, n_parts):
-                got = True
-                for batch in buffer.add(rows_RD):
-                    if to_skip:
-                        to_skip -= 1
-                        continue
-                    yield batch
-            if not got:
-                raise RuntimeError(f"no images for part {part} of {n_parts}: fewer images than ranks x workers")
-            epoch += 1
-        yield from buffer.flush(drop_last=False)
-
-
-def epoch_order_seed(seed: int, epoch: int) -> int:
-    """The ``order_seed`` of one training epoch of ``data=images``: a fresh permutation each epoch."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(seed), 4099, int(epoch)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def iter_epoch_images(image_kwargs: dict, order_seed: int | None, part: int, n_parts: int):
-    """The images of part ``part`` of ``n_parts``, visited in ``default_rng(order_seed).permutation`` of the
-    listing (file order when None); ``record.index`` is the listing position (the stable image id).
-
-    A ``wds`` source keeps its file order: permuting its tars would also move ``index`` (a stream
-    position there), and the held-out images must stay the same every epoch.
-    """
-    from vlmsae.data.images import iter_images
-
-    if image_kwargs.get("source") == "wds":
-        order_seed = None
-    yield from iter_images(worker=(part, n_parts), order_seed=order_seed, **image_kwargs)
-
-
-class ImageChunkMaker:
-    """Picklable callable: the images of one (rank, worker) part -> activation row chunks.
-
-    The encoder is loaded lazily in the process that iterates (a DataLoader worker or the main
-    process), at the layer and token selection the training config asks for.
-    """
-
-    def __init__(self, model_spec, image_kwargs: dict, layer, tokens: str, k_tokens: int, images_per_forward: int,
-                 seed: int, holdout_every: int, split: str):
-        self.model_spec, self.image_kwargs = model_spec, image_kwargs
-        self.layer, self.tokens, self.k_tokens = layer, tokens, k_tokens
-        self.images_per_forward, self.seed = images_per_forward, seed
-        self.holdout_every, self.split = holdout_every, split
-        self._tap = None
-
-    def _keep(self, index: int) -> bool:
-        is_val = index % self.holdout_every == 0
-        return is_val if self.split == "val" else not is_val
-
-    def __call__(self, epoch: int, part: int, n_parts: int) -> Iterator[torch.Tensor]:
-        from vlmsae.data.images import iter_images
-        from vlmsae.models import load_tap, select_tokens
-
-        if self._tap is None:
-            spec = self.model_spec
-            if spec.device == "auto" and torch.cuda.is_available():
-                # DDP: each rank's encoder on its own GPU (a spawned worker does not inherit the device)
-                import dataclasses
-                import os
-
-                spec = dataclasses.replace(spec, device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-            self._tap = load_tap(spec).eval()
-        tap = self._tap
-        device = next(tap.parameters()).device
-        generator = torch.Generator().manual_seed(self.seed * 1000003 + epoch * 7919 + part)
-        pixels: list[torch.Tensor] = []
-
-        def flush() -> torch.Tensor:
-            with torch.no_grad():
-                acts = tap.forward_to(torch.stack(pixels).to(device), layer=self.layer)
-                if acts.dim() == 2:  # layer="last": one embedding per image
-                    rows = acts
-                else:
-                    rows = select_tokens(acts.cpu(), tokens=self.tokens, k=self.k_tokens, generator=generator,
-                                         has_cls=tap.has_cls)[0]
-            pixels.clear()
-            return rows.detach().to("cpu", torch.float16)
-
-        order_seed = epoch_order_seed(self.seed, epoch) if self.split == "train" else None
-        for record in iter_epoch_images(self.image_kwargs, order_seed, part, n_parts):
-            if not self._keep(record.index):  # the listing index: a held-out image stays held out every epoch
-                continue
-            pixels.append(tap.preprocess(record.image))
-            if len(pixels) == self.images_per_forward:
-                yield flush()
-        if pixels:
-            yield flush()
-
-
 class ImageActsDataModule(L.LightningDataModule):
     """``data=images``: no cache on disk, activations are computed from images as training runs."""
 
@@ -460,16 +269,16 @@ class ImageActsDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=workers, multiprocessing_context=context)
 
     def train_dataloader(self) -> DataLoader:
-        ds = _ImageRowsStream(self.make_train, self.stream.batch_size, self.stream.shuffle_buffer, self.stream.seed,
+        ds = ImageRowsStream(self.make_train, self.stream.batch_size, self.stream.shuffle_buffer, self.stream.seed,
                               self.rank, self.world_size, None, skip_batches=self.batches_seen)
         return self._loader(ds, self.stream.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        ds = _ImageRowsStream(self.make_val, self.stream.batch_size, 0, self.stream.seed, self.rank, self.world_size, 1)
+        ds = ImageRowsStream(self.make_val, self.stream.batch_size, 0, self.stream.seed, self.rank, self.world_size, 1)
         return self._loader(ds, 0)
 
     def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
-        ds = _ImageRowsStream(self.make_train, self.stream.batch_size, self.stream.shuffle_buffer,
+        ds = ImageRowsStream(self.make_train, self.stream.batch_size, self.stream.shuffle_buffer,
                               self.stream.seed + 104729, 0, 1, None)
         for i, batch in enumerate(ds):
             if i >= n_batches:

@@ -27,7 +27,11 @@ from typing import Any
 
 from vlmsae.config.nodes import DataSchema, LoggerSchema, TrainerSchema
 from vlmsae.data.images import synthetic_options
-from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule, ImageChunkMaker, StreamConfig, open_store
+from vlmsae.data.store import open_store
+from vlmsae.data.stream import StreamConfig
+from vlmsae.formats import StoreManifest
+from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule
+from vlmsae.models.image_rows import ImageChunkMaker
 from vlmsae.lit.loggers import ResumableCSVLogger, RestoreLogHistory
 from vlmsae.lit.module import NonFiniteLossError, SAELitModule
 from vlmsae.lit.resume import history_dpath
@@ -83,8 +87,8 @@ def resolve_train_source(data: DataSchema, model: ModelSpec, layer: Any, tokens:
     """
     if data.source == "acts":
         acts_dpath, manifest, shard_fpaths = open_store(data.acts)
-        d = int(manifest["d"])
-        store_layer = manifest.get("layer")
+        d = int(manifest.d)
+        store_layer = manifest.layer
         if layer is not None:
             layer = resolve_layer(layer, model.n_layers, model.name)  # -2 -> 22
         if layer is not None and store_layer is not None and not _same_layer(layer, store_layer):
@@ -93,25 +97,27 @@ def resolve_train_source(data: DataSchema, model: ModelSpec, layer: Any, tokens:
                 "that layer's store (for a sweep over layers: data.acts='/acts/layer${layer}') or drop the layer "
                 "override"
             )
-        if tokens is not None and manifest.get("tokens") is not None and str(tokens) != str(manifest["tokens"]):
+        if tokens is not None and manifest.tokens is not None and str(tokens) != str(manifest.tokens):
             log.warning("tokens=%s but the store was extracted with tokens=%s: using the store's", tokens,
-                        manifest["tokens"])
+                        manifest.tokens)
         layer = store_layer if store_layer is not None else layer
         width_name = "embed_dim" if _same_layer(layer, "last") else "width"
         expected = getattr(model, width_name)
         if expected is not None and int(expected) != d:
             raise ValueError(
-                f"width mismatch: the activation store {acts_dpath} has d={d} (model {manifest.get('model')!r}, "
+                f"width mismatch: the activation store {acts_dpath} has d={d} (model {manifest.model!r}, "
                 f"layer {store_layer}) but model={model.name} has {width_name} {expected}: pass the model the store "
                 "was extracted with (model=...), or the matching store"
             )
-        if manifest.get("model") not in (None, model.name):
+        if manifest.model not in (None, model.name):
             log.warning("model=%s but the store was extracted from %s: the SAE records the store's model",
-                        model.name, manifest.get("model"))
+                        model.name, manifest.model)
         return TrainSource(
             source="acts", d=d, acts_dpath=str(acts_dpath), manifest=manifest, n_shards=len(shard_fpaths),
-            model=manifest.get("model", model.name), pretrained=manifest.get("pretrained", model.pretrained),
-            layer=layer, tokens=manifest.get("tokens", tokens), tokens_k=manifest.get("k"),
+            # a store that names its model also names its pretrained weights (None included)
+            model=manifest.model if manifest.model is not None else model.name,
+            pretrained=manifest.pretrained if manifest.model is not None else model.pretrained,
+            layer=layer, tokens=manifest.tokens if manifest.tokens is not None else tokens, tokens_k=manifest.k,
         )
     if data.source in IMAGE_SOURCES:
         layer = resolve_layer(layer if layer is not None else model.n_layers - 2, model.n_layers, model.name)
@@ -120,7 +126,7 @@ def resolve_train_source(data: DataSchema, model: ModelSpec, layer: Any, tokens:
         return TrainSource(
             source=data.source, d=d, model=model.name, pretrained=model.pretrained, layer=layer, tokens=selection,
             tokens_k=k if selection == "random_k" else None,
-            manifest={"model": model.name, "layer": layer, "d": d, "tokens": selection},
+            manifest=StoreManifest(model=model.name, layer=layer, d=d, tokens=selection),
         )
     raise ValueError(f"data.source={data.source!r} cannot feed training: use data=acts (a store) or data=images / "
                      "data=tiny")

@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator
+from vlmsae.sae.build import build_sae
 from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.fit import default_lr
 from vlmsae.sae.mechanics import (
     constrain_decoder_grad_,
     estimate_input_scale,
@@ -86,8 +88,6 @@ class SAELitModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        from vlmsae.sae import build_sae, default_lr
-
         cfg = SAEConfig(**{**sae_config, "group_fractions": _tuple_or_none(sae_config.get("group_fractions"))})
         self.sae = build_sae(cfg, seed=seed)
         self.lr = float(lr) if lr is not None else default_lr(cfg.n_latents)  # SPEC 2: 2e-4 / sqrt(F / 2^14)

@@ -25,7 +25,8 @@ from vlmsae.data.images import ImageRecord
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator
 from vlmsae.metrics.topimages import TopImages, top_images
 from vlmsae.models.spec import ModelSpec
-from vlmsae.sae import load_sae, read_sae_config
+from vlmsae.formats import read_sae_config
+from vlmsae.sae import load_sae
 
 POOLS = ("cls", "mean", "max")
 # SAE input rows encoded at once when pooling over tokens: bounds the dense [rows, F] code block.
@@ -101,7 +102,7 @@ def open_sae_checkpoint(sae_dpath: str | Path, model: ModelSpec | None = None, l
                         pool: str | None = None, device: str | None = None) -> SAESource:
     """Load the SAE saved at ``sae_dpath`` and open what its ``config.json`` ``source`` says it reads
     (overrides as :func:`open_sae_source`)."""
-    source = read_sae_config(sae_dpath).get("source") or {}
+    source = read_sae_config(sae_dpath).source
     return open_sae_source(load_sae(sae_dpath), source, model=model, layer=layer, pool=pool, device=device,
                            sae_dpath=sae_dpath)
 

@@ -28,6 +28,7 @@ from vlmsae.metrics.monosemanticity import column_min_max, monosemanticity_score
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator, zero_shot_fidelity
 from vlmsae.metrics.topimages import TopImages, top_set_jaccard
 from vlmsae.models.embedders import EmbedderSpec
+from vlmsae.models.open_clip_backend import create_open_clip, spec_source
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,6 @@ def zero_shot_check(src: SAESource, images: ImageSet, classes: list[str], *, tem
     ("_" read as " "); max_images: labelled images read (also capped by ``images.max_images``).
     Returns {"skipped": why} where the check does not apply.
     """
-    from vlmsae.models.open_clip_backend import create_open_clip, spec_source
 
     spec, sae = src.spec, src.sae
     if spec.backend != "open_clip":

@@ -12,6 +12,8 @@ Heavy libraries (open_clip, transformers) are imported by the backend that needs
 
 from __future__ import annotations
 
+from vlmsae.models.hf_backend import load_hf_clip_tap, load_hf_llava_tap
+from vlmsae.models.open_clip_backend import load_open_clip_tap
 from vlmsae.models.spec import BACKENDS, ModelSpec, get_model_spec, list_models
 from vlmsae.models.tap import TOKEN_CHOICES, Tap, resolve_layer, select_tokens, torch_dtype
 from vlmsae.models.tiny import build_tiny_hf_clip, build_tiny_open_clip, models_home, tiny_model_dpath, vlmsae_home
@@ -30,15 +32,9 @@ def load_tap(spec: ModelSpec | dict | str) -> Tap:
     elif not isinstance(spec, ModelSpec):
         spec = ModelSpec.from_cfg(spec)
     if spec.backend == "open_clip":
-        from vlmsae.models.open_clip_backend import load_open_clip_tap
-
         return load_open_clip_tap(spec)
     if spec.backend == "hf_clip":
-        from vlmsae.models.hf_backend import load_hf_clip_tap
-
         return load_hf_clip_tap(spec)
     if spec.backend == "hf_llava":
-        from vlmsae.models.hf_backend import load_hf_llava_tap
-
         return load_hf_llava_tap(spec)
     raise ValueError(f"Unknown backend {spec.backend!r} for model {spec.name!r}: use one of {list(BACKENDS)}.")

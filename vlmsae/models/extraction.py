@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from vlmsae.data.images import SkipLog, expand_urls, image_order, iter_images, list_source, order_digest
-from vlmsae.data.shards import MANIFEST, ImageListDigest, ShardWriter, image_list_digest, read_manifest
+from vlmsae.data.shards import ImageListDigest, ShardWriter, image_list_digest
+from vlmsae.formats import MANIFEST_JSON, StoreManifest, read_manifest
 from vlmsae.models import load_tap
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import TOKEN_CHOICES, Layer, select_tokens
@@ -113,12 +114,12 @@ def _batch_generator(seed: int, first_pos: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + first_pos) % (2**63))
 
 
-def extraction_summary(out_dpath: Path, manifest: dict[str, Any], seconds: float, n_new: int = 0) -> dict[str, Any]:
+def extraction_summary(out_dpath: Path, manifest: StoreManifest, seconds: float, n_new: int = 0) -> dict[str, Any]:
     """What the extract job returns: the store's size and what it holds, and this run's images/s."""
     return {
-        "out": str(out_dpath), "n_rows": manifest["n_rows"], "n_images": manifest["n_images"],
-        "n_shards": manifest["n_shards"], "n_skipped": manifest["n_skipped"], "d": manifest["d"],
-        "layer": manifest["layer"], "tokens": manifest["tokens"], "seconds": seconds,
+        "out": str(out_dpath), "n_rows": manifest.n_rows, "n_images": manifest.n_images,
+        "n_shards": manifest.n_shards, "n_skipped": manifest.n_skipped, "d": manifest.d,
+        "layer": manifest.layer, "tokens": manifest.tokens, "seconds": seconds,
         "images_per_s": n_new / seconds if seconds > 0 else 0.0,
     }
 
@@ -178,10 +179,10 @@ class StoreExtraction:
     def finished(self) -> dict[str, Any] | None:
         """The summary of an already complete store in ``out_dpath`` (a rerun), else None."""
         state = self.writer.state
-        if state is None or not state.get("done") or not (self.out_dpath / MANIFEST).exists():
+        if state is None or not state.get("done") or not (self.out_dpath / MANIFEST_JSON).exists():
             return None
         manifest = read_manifest(self.out_dpath)
-        log.info("extraction in %s is already complete (%d rows)", self.out_dpath, manifest["n_rows"])
+        log.info("extraction in %s is already complete (%d rows)", self.out_dpath, manifest.n_rows)
         return extraction_summary(self.out_dpath, manifest, seconds=0.0)
 
     def run(self) -> dict[str, Any]:
@@ -253,6 +254,6 @@ class StoreExtraction:
             embed_dim=tap.embed_dim, width=tap.width, n_layers=tap.n_layers, complete=True,
         )
         summary = extraction_summary(self.out_dpath, manifest, seconds=seconds, n_new=n_new)
-        log.info("wrote %d rows from %d images to %s (%.1f images/s)", manifest["n_rows"], n_images, self.out_dpath,
+        log.info("wrote %d rows from %d images to %s (%.1f images/s)", manifest.n_rows, n_images, self.out_dpath,
                  summary["images_per_s"])
         return summary

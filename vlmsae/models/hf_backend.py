@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmsae.models import llava
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import Tap, resolve_device, torch_dtype
 from vlmsae.models.tiny import build_tiny_hf_clip, tiny_model_dpath
@@ -133,8 +134,6 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
 
 def load_hf_llava_tap(spec: ModelSpec) -> HFVisionTap:
     """The CLIP vision tower of a ``LlavaForConditionalGeneration`` (real or tiny), via ``vlmsae.models.llava``."""
-    from vlmsae.models import llava
-
     if spec.tiny:
         dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
         llava.build_tiny_llava(dpath)

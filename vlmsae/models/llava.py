@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vlmsae.models.tap import resolve_device
+from vlmsae.models.tiny import tiny_model_dpath
 from vlmsae.utils.io import publish_dir
 
 LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
@@ -594,8 +595,6 @@ def load_llava_spec(spec: Any):
     if backend != "hf_llava":
         raise ValueError(f"model.backend={backend!r}: steering needs a LLaVA model (backend hf_llava, e.g. model=llava15_7b).")
     if get("tiny", False):
-        from vlmsae.models.tiny import tiny_model_dpath
-
         source: str | Path = get("local_path", None) or build_tiny_llava(
             tiny_model_dpath(str(get("name", "tiny_llava"))), seed=int(get("seed", 0))
         )

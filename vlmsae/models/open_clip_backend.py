@@ -292,12 +292,6 @@ def spec_source(spec: ModelSpec) -> OpenClipSource:
                                     open_clip_overrides(spec))
 
 
-def _resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
-    """``(model_name, pretrained)``; kept for callers that predate :func:`create_open_clip`, which they should use."""
-    src = spec_source(spec)
-    return src.model_name, src.pretrained
-
-
 def create_open_clip(source: OpenClipSource, cache_dir: Optional[str] = None,
                      on_missing: Optional[Callable[[BaseException], BaseException]] = None) -> tuple[Any, Any]:
     """``(model, preprocess)`` on CPU from open_clip, with ``source``'s activation and preprocessing.

@@ -338,7 +338,8 @@ def recompute_heatmaps(
     sae_path = ms_config.get("sae_path")
     if not sae_path or not Path(sae_path).is_dir():
         return {}, f"no SAE checkpoint at sae_path={sae_path!r} of the MS run"
-    source = (_read_json(Path(sae_path) / "config.json") or {}).get("source", {}) or {}
+    sae_config = _optional(formats.read_sae_config, Path(sae_path) / formats.SAE_CONFIG_JSON)
+    source = sae_config.source if sae_config is not None else {}
     tokens = str(source.get("tokens") or ms_config.get("tokens") or "")
     if tokens not in PATCH_TOKEN_SELECTIONS:
         return {}, f"the SAE was trained on tokens={tokens or 'unknown'!r}, not patch tokens"
@@ -575,15 +576,6 @@ def _optional(read: Any, fpath: Path) -> Any:
     return read(fpath) if fpath.is_file() else None
 
 
-def _read_json(fpath: Path) -> Any:
-    if not fpath.is_file():
-        return None
-    try:
-        return json.loads(fpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
-
-
 def _copy_plots(ms_dpath: Path, hierarchy_dpath: Path | None, out_dpath: Path) -> list[dict[str, str]]:
     """Copy the jobs' PNG plots next to the page (so the folder stays self-contained)."""
     plots = []
@@ -603,7 +595,8 @@ def _model_line(ms_config: dict[str, Any], top_meta: dict[str, Any]) -> str:
     """``model · layer L · tokens · SAE path`` from the MS run's config, its index meta and the SAE."""
     model = ms_config.get("model") if isinstance(ms_config.get("model"), dict) else {}
     sae_path = ms_config.get("sae_path") or top_meta.get("sae_path")
-    source = (_read_json(Path(sae_path) / "config.json") or {}).get("source", {}) if sae_path else {}
+    sae_config = _optional(formats.read_sae_config, Path(sae_path) / formats.SAE_CONFIG_JSON) if sae_path else None
+    source = sae_config.source if sae_config is not None else {}
     name = model.get("name") or top_meta.get("model") or source.get("model")
     layer = next((x for x in (ms_config.get("layer"), top_meta.get("layer"), source.get("layer")) if x is not None), None)
     parts = [str(name) if name else "", f"layer {layer}" if layer is not None else "",

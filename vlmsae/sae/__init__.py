@@ -8,14 +8,14 @@ No Lightning, no Hydra: the trainer (vlmsae.lit) and the entrypoints build on th
 
 from __future__ import annotations
 
-from vlmsae.sae.base import SAE, TrainCodes, recon_error
+from vlmsae.sae.base import SAE, TrainCodes, auxk_loss, recon_error
 from vlmsae.sae.batchtopk import BatchTopKSAE
-from vlmsae.sae.checkpoint import load_sae, read_sae_config, save_sae
+from vlmsae.sae.build import SAE_CLASSES, build_sae
+from vlmsae.sae.checkpoint import load_sae, save_sae
 from vlmsae.sae.config import ARCHS, DEFAULT_GROUP_FRACTIONS, SAEConfig
 from vlmsae.sae.fit import default_lr, train_steps
 from vlmsae.sae.matryoshka import MatryoshkaSAE
 from vlmsae.sae.mechanics import (
-    auxk_loss,
     constrain_decoder_grad_,
     estimate_input_scale,
     geometric_median,
@@ -25,24 +25,6 @@ from vlmsae.sae.mechanics import (
 )
 from vlmsae.sae.relu import ReluSAE
 from vlmsae.sae.topk import TopKSAE
-
-SAE_CLASSES: dict[str, type[SAE]] = {
-    "relu": ReluSAE,
-    "topk": TopKSAE,
-    "batchtopk": BatchTopKSAE,
-    "matryoshka": MatryoshkaSAE,
-}
-
-
-def build_sae(cfg: SAEConfig, seed: int | None = None, device: str | None = None) -> SAE:
-    """The SAE module for ``cfg.arch``, freshly initialised (``seed`` fixes the init; None = torch's RNG)."""
-    if not isinstance(cfg, SAEConfig):
-        raise TypeError(
-            f"build_sae needs an SAEConfig; got {type(cfg).__name__} (from a Hydra node use SAEConfig.from_schema)."
-        )
-    sae = SAE_CLASSES[cfg.arch](cfg, seed=seed)
-    return sae.to(device) if device is not None else sae
-
 
 load = load_sae  # issue 2 names it vlmsae.sae.load(path)
 
@@ -68,7 +50,6 @@ __all__ = [
     "load",
     "load_sae",
     "normalize_decoder_",
-    "read_sae_config",
     "recon_error",
     "save_sae",
     "set_input_scale_",

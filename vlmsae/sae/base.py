@@ -26,15 +26,14 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
-
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlmsae.sae.config import SAEConfig
-from vlmsae.sae.mechanics import auxk_loss, update_dead_latents_
 from vlmsae.sae.precision import fp32_region
+from vlmsae.sae.sparse import gather_preacts, sparse_decode
 
 
 def _fp32_compute(method):
@@ -47,6 +46,45 @@ def _fp32_compute(method):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+@torch.no_grad()
+def update_dead_latents_(samples_since_fired_F: torch.Tensor, fired_F: torch.Tensor, batch_size: int) -> None:
+    """Count samples since each latent last fired: +batch_size for all, then 0 where it fired."""
+    samples_since_fired_F.add_(batch_size)
+    samples_since_fired_F.masked_fill_(fired_F, 0)
+
+
+def auxk_loss(
+    residual_BD: torch.Tensor,
+    z_BF: torch.Tensor,
+    dead_F: torch.Tensor,
+    k_aux: int,
+    W_dec_FD: torch.Tensor,
+    preacts_of=None,
+) -> torch.Tensor:
+    """AuxK (Gao et al., SPEC 2): dead latents learn to explain what the live ones miss.
+
+    ``residual_BD`` is e = x - x_hat (detached here), ``z_BF`` the pre-activations, ``dead_F``
+    the dead mask. Each sample keeps its top-``k_aux`` dead pre-activations (through ReLU, as in
+    the reference implementations, so they are real codes), decodes them *without* bias into
+    e_hat, and the loss is ||e - e_hat||^2 / ||e - mean(e)||^2 over the batch. ``preacts_of``
+    (rows, cols) -> vals gives differentiable values when ``z_BF`` is detached (sparse path);
+    by default they are read from ``z_BF``.
+    """
+    e_BD = residual_BD.detach().float()
+    batch_size = z_BF.shape[0]
+    with torch.no_grad():
+        masked_BF = z_BF.detach().masked_fill(~dead_F, float("-inf"))
+        cols_BK = masked_BF.topk(k_aux, dim=1, sorted=False).indices
+    rows_N = torch.arange(batch_size, device=z_BF.device).repeat_interleave(k_aux)
+    cols_N = cols_BK.reshape(-1)
+    vals_N = z_BF[rows_N, cols_N] if preacts_of is None else preacts_of(rows_N, cols_N)
+    # Alive latents can only be picked when fewer than k_aux are dead in a row of z: mask them out.
+    vals_N = vals_N.relu() * dead_F[cols_N].to(vals_N.dtype)
+    e_hat_BD = sparse_decode(rows_N, cols_N, vals_N, W_dec_FD, batch_size).float()
+    denom = (e_BD - e_BD.mean(dim=0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
+    return (e_BD - e_hat_BD).pow(2).sum() / denom
 
 
 @dataclass
@@ -74,8 +112,6 @@ class TrainCodes:
         if not self.is_sparse:
             codes_BF = self.codes_BF if full else self.codes_BF[:, start:end]
             return codes_BF.to(W_dec_FD.dtype) @ (W_dec_FD if full else W_dec_FD[start:end])
-        from vlmsae.sae.sparse import sparse_decode
-
         vals_N = self.vals_N
         if not full:  # a mask, not boolean indexing: no host sync, and the entry count stays fixed
             vals_N = vals_N * ((self.cols_N >= start) & (self.cols_N < end)).to(vals_N.dtype)
@@ -92,8 +128,6 @@ class TrainCodes:
             return torch.stack(
                 [self.decode_range(W_dec_FD, start, start + size) for start, size in zip(starts, group_sizes)], dim=1
             )
-        from vlmsae.sae.sparse import sparse_decode
-
         n_groups, batch_size = len(group_sizes), self.z_BF.shape[0]
         bounds_G = torch.tensor(group_sizes, device=self.cols_N.device).cumsum(0)
         group_N = torch.bucketize(self.cols_N, bounds_G, right=True)
@@ -340,8 +374,6 @@ class SAE(nn.Module):
         k_aux = min(self.cfg.aux_k or max(1, self.d_in // 2), n_dead)
         preacts_of = None
         if codes.is_sparse:
-            from vlmsae.sae.sparse import gather_preacts
-
             def preacts_of(rows_N, cols_N):
                 return gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, preacts_BF=codes.z_BF)
 

@@ -4,27 +4,27 @@
 unchanged), so a saved SAE takes raw activations. ``config.json`` says what the SAE is (the full
 SAEConfig, group sizes, threshold, scale), its precision policy (``precision``, see
 :mod:`vlmsae.sae.precision`), what it was trained on (``source``) and by which code (vlmsae
-version, git commit). ``load_sae`` rebuilds the module from those two files only.
+version, git commit). ``load_sae`` rebuilds the module from those two files only. The ``config.json``
+format is :class:`vlmsae.formats.SAECheckpointConfig` (read it alone with :func:`vlmsae.formats.read_sae_config`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlmsae.formats import SAE_CONFIG_JSON, SAE_FORMAT, SAECheckpointConfig, read_sae_config, write_sae_config
 from vlmsae.sae.base import SAE
+from vlmsae.sae.build import build_sae
 from vlmsae.sae.config import SAEConfig
 from vlmsae.sae.precision import precision_record
-from vlmsae.utils.io import atomic_write, atomic_write_json
+from vlmsae.utils.io import atomic_write
+from vlmsae.utils.provenance import provenance
 
 WEIGHTS_FNAME = "sae.safetensors"
-CONFIG_FNAME = "config.json"
-FORMAT = "vlmsae-sae"
-FORMAT_VERSION = 1
 _TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
@@ -40,8 +40,6 @@ def save_sae(
     """
     from safetensors.torch import save_file
 
-    from vlmsae.utils.provenance import provenance
-
     if not isinstance(sae, SAE):
         raise TypeError(f"save_sae needs a vlmsae SAE module; got {type(sae).__name__}.")
     dpath = Path(dpath)
@@ -51,61 +49,32 @@ def save_sae(
     folded.fold_input_scale_()
     tensors = {name: getattr(folded, name).detach().contiguous() for name in _TENSORS}
     threshold = float(folded.threshold)
-    atomic_write(dpath / WEIGHTS_FNAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(dpath / WEIGHTS_FNAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": SAE_FORMAT}))
     prov = provenance()
-    info = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "arch": sae.arch,
-        "d_in": sae.d_in,
-        "n_latents": sae.n_latents,
-        "k": sae.cfg.k,
-        "group_sizes": sae.group_sizes,
-        "threshold": threshold if threshold >= 0 else None,
-        "input_scale": {
+    info = SAECheckpointConfig(
+        arch=sae.arch,
+        d_in=sae.d_in,
+        n_latents=sae.n_latents,
+        k=sae.cfg.k,
+        group_sizes=sae.group_sizes,
+        threshold=threshold if threshold >= 0 else None,
+        input_scale={
             "value": scale,
             "folded": True,
             "convention": "s = sqrt(d_in / E||x||^2) over the training activations; folded into b_enc, b_dec "
             "and threshold (divided by s), so the saved SAE takes raw activations and codes are in raw units",
         },
-        "n_steps": int(sae.n_steps),
-        "dtype": str(sae.W_dec.dtype).removeprefix("torch."),
-        "precision": precision_record(sae, sae.trainer_precision if trainer_precision is None else trainer_precision),
-        "source": dict(source if source is not None else sae.source),
-        "config": sae.cfg.to_dict(),
-        "vlmsae_version": prov["vlmsae_version"],
-        "git_commit": prov["git_commit"],
-        "created": prov["created"],
-    }
-    atomic_write_json(dpath / CONFIG_FNAME, info)
+        n_steps=int(sae.n_steps),
+        dtype=str(sae.W_dec.dtype).removeprefix("torch."),
+        precision=precision_record(sae, sae.trainer_precision if trainer_precision is None else trainer_precision),
+        source=dict(source if source is not None else sae.source),
+        config=sae.cfg.to_dict(),
+        vlmsae_version=prov["vlmsae_version"],
+        git_commit=prov["git_commit"],
+        created=prov["created"],
+    )
+    write_sae_config(dpath, info)
     return dpath
-
-
-def read_sae_config(dpath: str | Path) -> dict[str, Any]:
-    """The parsed ``config.json`` of a checkpoint folder (no weights), with clear errors."""
-    dpath = Path(dpath)
-    if not dpath.is_dir():
-        raise FileNotFoundError(
-            f"SAE checkpoint folder {str(dpath)!r} does not exist; expected a folder with {WEIGHTS_FNAME} and "
-            f"{CONFIG_FNAME} written by vlmsae.sae.save_sae (a training run keeps it in <run>/sae/)."
-        )
-    config_fpath = dpath / CONFIG_FNAME
-    if not config_fpath.is_file():
-        raise FileNotFoundError(f"{str(dpath)!r} has no {CONFIG_FNAME}: not an SAE checkpoint written by save_sae.")
-    try:
-        info = json.loads(config_fpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(config_fpath)!r} is not valid JSON ({err}); the checkpoint is corrupt.") from err
-    if not isinstance(info, dict) or info.get("format") != FORMAT or not isinstance(info.get("config"), dict):
-        raise ValueError(
-            f"{str(config_fpath)!r} is not a vlmsae SAE config (expected \"format\": {FORMAT!r} and a \"config\" object)."
-        )
-    if int(info.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(
-            f"{str(config_fpath)!r} has format_version {info['format_version']}, newer than this vlmsae reads "
-            f"({FORMAT_VERSION}); upgrade vlmsae."
-        )
-    return info
 
 
 def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
@@ -113,20 +82,19 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from vlmsae.sae import build_sae
-
     dpath = Path(dpath)
     info = read_sae_config(dpath)
     weights_fpath = dpath / WEIGHTS_FNAME
     if not weights_fpath.is_file():
-        raise FileNotFoundError(f"{str(dpath)!r} has {CONFIG_FNAME} but no {WEIGHTS_FNAME}: the checkpoint is incomplete.")
-    cfg_dict = dict(info["config"])
+        raise FileNotFoundError(f"{str(dpath)!r} has {SAE_CONFIG_JSON} but no {WEIGHTS_FNAME}: the checkpoint is "
+                                "incomplete.")
+    cfg_dict = dict(info.config)
     if cfg_dict.get("group_fractions") is not None:
         cfg_dict["group_fractions"] = tuple(cfg_dict["group_fractions"])
     try:
         cfg = SAEConfig(**cfg_dict)
     except TypeError as err:
-        raise ValueError(f"{str(dpath / CONFIG_FNAME)!r}: its \"config\" does not match SAEConfig ({err}).") from err
+        raise ValueError(f"{str(dpath / SAE_CONFIG_JSON)!r}: its \"config\" does not match SAEConfig ({err}).") from err
     try:
         tensors = load_file(str(weights_fpath), device="cpu")
     except (SafetensorError, OSError) as err:
@@ -144,7 +112,6 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
                     f"implies {tuple(target.shape)}."
                 )
             target.copy_(tensors[name])
-    sae.source = dict(info.get("source") or {})
-    precision = info.get("precision")
-    sae.trainer_precision = precision.get("trainer_precision") if isinstance(precision, dict) else None
+    sae.source = dict(info.source)
+    sae.trainer_precision = (info.precision or {}).get("trainer_precision")
     return sae.to(device).eval()

@@ -8,17 +8,17 @@ A training step with these (what :func:`vlmsae.sae.fit.train_steps` and the Ligh
     constrain_decoder_grad_(sae)      # drop the part of each W_dec row's gradient along the row
     clip_grad_norm_(...); optimizer.step()
     normalize_decoder_(sae)           # rows back to unit norm
+
+The loss terms themselves (reconstruction, AuxK, the dead-latent count) are in :mod:`vlmsae.sae.base`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from vlmsae.sae.base import SAE
+from vlmsae.sae.base import SAE
 
 
 @torch.no_grad()
@@ -113,44 +113,3 @@ def set_input_scale_(sae: SAE, scale: float) -> None:
     if not scale > 0 or scale == float("inf"):
         raise ValueError(f"input scale must be a finite number > 0; got {scale!r}.")
     sae.input_scale.fill_(scale)
-
-
-@torch.no_grad()
-def update_dead_latents_(samples_since_fired_F: torch.Tensor, fired_F: torch.Tensor, batch_size: int) -> None:
-    """Count samples since each latent last fired: +batch_size for all, then 0 where it fired."""
-    samples_since_fired_F.add_(batch_size)
-    samples_since_fired_F.masked_fill_(fired_F, 0)
-
-
-def auxk_loss(
-    residual_BD: torch.Tensor,
-    z_BF: torch.Tensor,
-    dead_F: torch.Tensor,
-    k_aux: int,
-    W_dec_FD: torch.Tensor,
-    preacts_of=None,
-) -> torch.Tensor:
-    """AuxK (Gao et al., SPEC 2): dead latents learn to explain what the live ones miss.
-
-    ``residual_BD`` is e = x - x_hat (detached here), ``z_BF`` the pre-activations, ``dead_F``
-    the dead mask. Each sample keeps its top-``k_aux`` dead pre-activations (through ReLU, as in
-    the reference implementations, so they are real codes), decodes them *without* bias into
-    e_hat, and the loss is ||e - e_hat||^2 / ||e - mean(e)||^2 over the batch. ``preacts_of``
-    (rows, cols) -> vals gives differentiable values when ``z_BF`` is detached (sparse path);
-    by default they are read from ``z_BF``.
-    """
-    from vlmsae.sae.sparse import sparse_decode
-
-    e_BD = residual_BD.detach().float()
-    batch_size = z_BF.shape[0]
-    with torch.no_grad():
-        masked_BF = z_BF.detach().masked_fill(~dead_F, float("-inf"))
-        cols_BK = masked_BF.topk(k_aux, dim=1, sorted=False).indices
-    rows_N = torch.arange(batch_size, device=z_BF.device).repeat_interleave(k_aux)
-    cols_N = cols_BK.reshape(-1)
-    vals_N = z_BF[rows_N, cols_N] if preacts_of is None else preacts_of(rows_N, cols_N)
-    # Alive latents can only be picked when fewer than k_aux are dead in a row of z: mask them out.
-    vals_N = vals_N.relu() * dead_F[cols_N].to(vals_N.dtype)
-    e_hat_BD = sparse_decode(rows_N, cols_N, vals_N, W_dec_FD, batch_size).float()
-    denom = (e_BD - e_BD.mean(dim=0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
-    return (e_BD - e_hat_BD).pow(2).sum() / denom

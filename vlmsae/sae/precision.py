@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from vlmsae.sae.base import SAE
+from torch import nn
 
 MASTER_DTYPE = torch.float32
 """The dtype of the SAE parameters (and so of Adam's state) during training."""
@@ -58,8 +56,9 @@ def fp32_region(device: torch.device | str) -> Iterator[None]:
             torch.set_float32_matmul_precision(previous)
 
 
-def precision_record(sae: SAE, trainer_precision: str | None = None) -> dict[str, Any]:
-    """What ``config.json`` says about the SAE's precision (see the module docstring)."""
+def precision_record(sae: nn.Module, trainer_precision: str | None = None) -> dict[str, Any]:
+    """What ``config.json`` says about the SAE's precision (see the module docstring). ``sae``: a
+    :class:`vlmsae.sae.base.SAE` (typed as a module: base.py uses this module's :func:`fp32_region`)."""
     dtype = str(sae.W_dec.dtype).removeprefix("torch.")
     return {
         "master": dtype,
@@ -88,7 +87,7 @@ def check_trainer_precision(precision: Any) -> str:
     return value
 
 
-def check_master_weights(sae: SAE, trainer_precision: Any = None) -> None:
+def check_master_weights(sae: nn.Module, trainer_precision: Any = None) -> None:
     """Refuse training when the SAE's parameters are not float32 (e.g. ``trainer.precision=bf16-true``)."""
     bad = {name: p.dtype for name, p in sae.named_parameters() if p.dtype != MASTER_DTYPE}
     if bad:

@@ -38,10 +38,6 @@ def _umask() -> int:
     return umask
 
 
-def atomic_write_bytes(fpath: str | Path, data: bytes) -> Path:
-    return atomic_write(fpath, lambda tmp: tmp.write_bytes(data))
-
-
 def atomic_write_text(fpath: str | Path, text: str) -> Path:
     return atomic_write(fpath, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

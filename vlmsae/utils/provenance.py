@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlmsae import __version__
+from vlmsae import __version__, formats
 
 _PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "lightning", "hydra-core", "webdataset")
 
@@ -60,7 +60,5 @@ def write_run_info(out_dpath: str | Path, config: dict[str, Any] | None = None, 
 
     The format is :class:`vlmsae.formats.RunInfo`; read it back with :func:`vlmsae.formats.read_run_info`.
     """
-    from vlmsae import formats
-
     info = formats.RunInfo(config=config or {}, **provenance(), extra=extra)
     return formats.write_run_info(out_dpath, info)

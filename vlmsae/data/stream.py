@@ -27,22 +27,40 @@ the trainer relies on:
 ``holdout=("train"|"val", p)`` keeps only the rows whose image is (val) or is not (train) held out
 (:func:`vlmsae.data.shards.image_holdout`: ``image_idx % p == 0``): the validation split is by
 image, never by row. Module-level functions and classes only (no lambdas): workers pickle the dataset.
+
+:class:`ImageRowsStream` is the same batching for rows computed from images on the fly (``data=images``):
+:class:`vlmsae.models.image_rows.ImageChunkMaker` makes the row chunks; every epoch visits the images in
+a fresh seeded permutation of the listing (:func:`epoch_order_seed`, :func:`iter_epoch_images`).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from vlmsae.data.shards import ShardWriter, chunk_row_counts, image_holdout, iter_chunks
+from vlmsae.data.images import ImageRecord, iter_images
+from vlmsae.data.shards import chunk_row_counts, image_holdout, iter_chunks
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How rows are batched and shuffled (mirrors the ``data`` config node)."""
+
+    batch_size: int = 4096  # rows per optimizer step (SPEC 2: 4096)
+    shuffle_buffer: int = 16384  # rows per shuffle window; memory = shuffle_buffer * d * 2 bytes per worker
+    num_workers: int = 2  # DataLoader workers per rank (each reads its own shards)
+    val_fraction: float = 0.01  # share of shards (or of images) held out for validation
+    val_batches: int = 20  # validation batches per check (per rank)
+    seed: int = 0  # with the epoch, fixes the shard and row order
 
 
 # ---------------------------------------------------------------------------- shuffle buffer
@@ -369,28 +387,55 @@ class ShardRowStream(IterableDataset):
             epoch, first_batch = epoch + 1, 0
 
 
-def write_acts_store(dpath, acts_ND: torch.Tensor, rows_per_chunk: int, chunks_per_shard: int,
-                     meta: dict | None = None, dtype: str = "float16", rows_per_image: int = 1) -> Path:
-    """Write rows as an activation store with ``vlmsae.data.shards.ShardWriter`` (tests, benchmarks).
+# ------------------------------------------------------------------- rows from images
+class ImageRowsStream(IterableDataset):
+    """Rows computed on the fly: ``make_chunks(epoch, part, n_parts)`` (images -> tap -> select_tokens, e.g.
+    :class:`vlmsae.models.image_rows.ImageChunkMaker`) -> shuffle buffer -> batches."""
 
-    ``meta`` goes into the manifest (model, layer, tokens, ...); defaults describe synthetic rows.
-    Row ``i`` belongs to image ``i // rows_per_image`` (e.g. 2 for a ``random_k`` store); like
-    extraction, a shard always holds whole images.
+    def __init__(self, make_chunks: Callable[[int, int, int], Iterator[torch.Tensor]], batch_size: int,
+                 shuffle_buffer: int, seed: int, rank: int, world_size: int, n_epochs: int | None,
+                 skip_batches: int = 0):
+        super().__init__()
+        self.make_chunks = make_chunks
+        self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
+        self.rank, self.world_size, self.n_epochs, self.skip_batches = rank, world_size, n_epochs, skip_batches
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (worker + self.skip_batches) % n_workers  # round-robin order after a skip (see ShardRowStream)
+        rng = np.random.default_rng([self.seed, self.rank, worker])
+        buffer = RowShuffleBuffer(self.shuffle_buffer, self.batch_size, rng)
+        to_skip = len(range(worker, self.skip_batches, n_workers))
+        epoch = 0
+        while self.n_epochs is None or epoch < self.n_epochs:
+            part, n_parts = self.rank * n_workers + worker, self.world_size * n_workers
+            got = False
+            for rows_RD in self.make_chunks(epoch, part, n_parts):
+                got = True
+                for batch in buffer.add(rows_RD):
+                    if to_skip:
+                        to_skip -= 1
+                        continue
+                    yield batch
+            if not got:
+                raise RuntimeError(f"no images for part {part} of {n_parts}: fewer images than ranks x workers")
+            epoch += 1
+        yield from buffer.flush(drop_last=False)
+
+
+def epoch_order_seed(seed: int, epoch: int) -> int:
+    """The ``order_seed`` of one training epoch of ``data=images``: a fresh permutation each epoch."""
+    return int(np.random.SeedSequence([int(seed), 4099, int(epoch)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def iter_epoch_images(image_kwargs: dict, order_seed: int | None, part: int, n_parts: int) -> Iterator[ImageRecord]:
+    """The images of part ``part`` of ``n_parts``, visited in ``default_rng(order_seed).permutation`` of the
+    listing (file order when None); ``record.index`` is the listing position (the stable image id).
+
+    A ``wds`` source keeps its file order: permuting its tars would also move ``index`` (a stream
+    position there), and the held-out images must stay the same every epoch.
     """
-    N, D = acts_ND.shape
-    meta = {"model": "synthetic", "pretrained": None, "layer": 0, "tokens": "cls", **(meta or {})}
-    rows_per_shard = rows_per_chunk * chunks_per_shard
-    if rows_per_shard % rows_per_image:
-        raise ValueError(f"rows_per_chunk * chunks_per_shard = {rows_per_shard} must be a multiple of "
-                         f"rows_per_image={rows_per_image}: a shard holds whole images")
-    writer = ShardWriter(dpath, d=D, dtype=dtype, rows_per_chunk=rows_per_chunk, rows_per_shard=rows_per_shard,
-                         meta=meta)
-    for start in range(0, N, rows_per_shard):
-        rows = acts_ND[start : start + rows_per_shard]
-        n = rows.shape[0]
-        row_R = torch.arange(start, start + n, dtype=torch.int64)
-        writer.add(rows, (row_R % rows_per_image).to(torch.int32), row_R // rows_per_image,
-                   torch.full((n,), -1, dtype=torch.int64), [f"img{i}" for i in (row_R // rows_per_image).tolist()])
-        writer.flush()
-    writer.write_manifest(n_images=-(-N // rows_per_image), image_list_digest=None, skipped=[])
-    return Path(dpath)
+    if image_kwargs.get("source") == "wds":
+        order_seed = None
+    yield from iter_images(worker=(part, n_parts), order_seed=order_seed, **image_kwargs)
