@@ -25,6 +25,14 @@ $(STAMP): pyproject.toml constraints.txt
 test: install ## Run the whole test suite (offline, CPU, W&B disabled)
 	WANDB_MODE=disabled $(PY) -m pytest -q
 
+lint: install ## ruff: lint and format check (CI fails on any finding; `make format` fixes what it can)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install ## ruff: apply the formatter and the safe lint fixes
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
 test-fast: install ## Run the tests without the slow end-to-end ones
 	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
 
@@ -48,4 +56,4 @@ distclean: clean ## Also remove .venv/ and everything under outputs/
 	rm -rf $(VENV)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
-.PHONY: help install test test-fast demo bench bench-quick wheel clean distclean
+.PHONY: help install lint format test test-fast demo bench bench-quick wheel clean distclean

@@ -1,6 +1,6 @@
 """``python -m vlmsae.extract model=<name> data=folder data.root=<dir> layer=<L|last> tokens=<sel> out=<dir>``
 
-Runs images through a vision encoder up to block ``layer`` (SPEC 1; later blocks never run), keeps
+Runs images through a vision encoder up to block ``layer`` (METHOD §1; later blocks never run), keeps
 the rows ``tokens`` selects (cls | patches | all | random_k | mean), and writes them as an activation
 store (``acts-%06d.tar`` + ``manifest.json``, see :mod:`vlmsae.data.shards`) with ``run_info.json``.
 

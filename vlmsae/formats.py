@@ -281,7 +281,7 @@ def write_steer(dpath: str | Path, result: SteerResult) -> Path:
 
 @dataclass
 class SteerEvalResult:
-    """``steer_eval.json`` of ``python -m vlmsae.steer_eval``: the steering score (SPEC 5).
+    """``steer_eval.json`` of ``python -m vlmsae.steer_eval``: the steering score (METHOD §5).
 
     ``summary``: per condition ("steered", "not steered", bounds) the score statistics; ``per_latent``: one
     object per latent (latent, n_top_images, steered, not_steered, steered_words); ``paper``: the paper's

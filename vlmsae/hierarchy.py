@@ -1,4 +1,4 @@
-"""Taxonomy alignment of Matryoshka levels (SPEC 4): does a deeper group hold finer taxa?
+"""Taxonomy alignment of Matryoshka levels (METHOD §4): does a deeper group hold finer taxa?
 
     python -m vlmsae.hierarchy sae_path=<checkpoint dir> data=folder data.root=<images> \
         taxonomy=<inat_dirnames|inat_json|wordnet|csv>

@@ -1,4 +1,4 @@
-"""Monosemanticity of an SAE's latents vs the raw neurons of the layer it reads (SPEC 3).
+"""Monosemanticity of an SAE's latents vs the raw neurons of the layer it reads (METHOD §3).
 
     python -m vlmsae.monosemanticity sae_path=<checkpoint dir> data=folder data.root=<images> embedder=clip_b32
 

@@ -1,4 +1,4 @@
-"""Steer LLaVA through SAE latents: answers with and without the intervention, side by side (SPEC 5).
+"""Steer LLaVA through SAE latents: answers with and without the intervention, side by side (METHOD §5).
 
     python -m vlmsae.steer model=llava15_7b sae_path=<sae dir> latent=123 alpha=100 \
         prompt="Write me a short love poem" image=white

@@ -1,4 +1,4 @@
-"""The steering score of SPEC 5: clamp latent j, ask LLaVA for one word, compare it with j's concept.
+"""The steering score of METHOD §5: clamp latent j, ask LLaVA for one word, compare it with j's concept.
 
     python -m vlmsae.steer_eval model=llava15_7b sae_path=<sae dir> top_images=<ms run>/top_images \
         images=white latents=1000 alpha=100 embedder=clip_b32

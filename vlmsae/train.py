@@ -1,4 +1,4 @@
-"""Train an SAE on vision-encoder activations (SPEC section 2) with Lightning.
+"""Train an SAE on vision-encoder activations (METHOD §2) with Lightning.
 
     python -m vlmsae.train model=clip_l14 sae=batchtopk sae.k=64 sae.expansion=16 \\
         data=acts data.acts=/acts/layer22 trainer=gpu trainer.max_steps=110000 logger=wandb

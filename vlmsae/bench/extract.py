@@ -1,4 +1,4 @@
-"""Extraction benchmark: stopping the forward after block L vs the full forward (SPEC 1).
+"""Extraction benchmark: stopping the forward after block L vs the full forward (METHOD §1).
 
 On a random ViT-B/32-sized open_clip model (12 blocks, width 768, built without weights), the tap's
 ``forward_to(x, L)`` should cost about ``(L+1)/n_layers`` of the full image forward (all blocks +

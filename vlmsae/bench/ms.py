@@ -1,7 +1,7 @@
 """Benchmark of the monosemanticity score: the linear-time identity against the pairwise loop.
 
 Two measurements, both in one ``run``:
-- the target size of the MS study (SPEC 3): N = 50,000 images, K = 65,536 latents, k = 20 sparse
+- the target size of the MS study (METHOD §3): N = 50,000 images, K = 65,536 latents, k = 20 sparse
   codes per image, 768-d embeddings; wall time of ``monosemanticity_scores`` and the peak resident
   memory of a fresh subprocess that builds the inputs and scores them (VmHWM, so the number
   is the whole process: Python, torch, inputs and the scorer's temporaries);

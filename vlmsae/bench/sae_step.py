@@ -63,7 +63,7 @@ QUICK = dict(d_in=64, k=8, batch_size=128)
 
 
 def paper_lr(n_latents: int) -> float:
-    """SPEC 2: lr = 2e-4 / sqrt(F / 2^14)."""
+    """METHOD §2: lr = 2e-4 / sqrt(F / 2^14)."""
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
 

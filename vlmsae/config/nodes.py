@@ -76,7 +76,7 @@ BACKENDS = ("open_clip", "hf_clip", "hf_llava")
 
 @dataclass
 class ModelSpec:
-    """A vision encoder to tap (SPEC 1): the ``model`` node (``conf/model/*.yaml``, ``model_schema``)."""
+    """A vision encoder to tap (METHOD §1): the ``model`` node (``conf/model/*.yaml``, ``model_schema``)."""
 
     name: str = MISSING  # short name used in outputs, e.g. clip_l14_336
     backend: str = MISSING  # open_clip | hf_clip | hf_llava
@@ -137,7 +137,7 @@ EMBEDDER_BACKENDS = ("open_clip", "hf", "pixels")
 
 @dataclass
 class EmbedderSpec:
-    """The image embedder E of the monosemanticity and steering scores (SPEC 3, 5): the ``embedder`` node
+    """The image embedder E of the monosemanticity and steering scores (METHOD §3, 5): the ``embedder`` node
     (``conf/embedder/*.yaml``, ``embedder_schema``; loaded by ``vlmsae.models.embedders.load_embedder``)."""
 
     name: str = "clip_b32"  # short name used in cache keys and outputs
@@ -198,14 +198,14 @@ K_ARCHS = ("topk", "batchtopk", "matryoshka")
 SPARSE_KERNELS = ("auto", "sparse", "dense")
 
 DEFAULT_GROUP_FRACTIONS = (0.0625, 0.125, 0.25, 0.5625)
-"""The paper's Matryoshka groups (SPEC 2); used when ``arch="matryoshka"`` and none are given."""
+"""The paper's Matryoshka groups (METHOD §2); used when ``arch="matryoshka"`` and none are given."""
 
 _FRACTION_SUM_TOL = 1e-3  # user-typed fractions like 0.333/0.333/0.334 should pass
 
 
 @dataclass(frozen=True)
 class SAEConfig:
-    """One sparse autoencoder (SPEC 2): architecture, size, sparsity and the training mechanics it owns.
+    """One sparse autoencoder (METHOD §2): architecture, size, sparsity and the training mechanics it owns.
 
     The ``sae`` node (``conf/sae/*.yaml``, ``sae_schema``) and the argument of ``vlmsae.sae.build_sae``.
     Frozen, so a built SAE's settings cannot drift during training, and so that the checkpoint's
@@ -227,17 +227,17 @@ class SAEConfig:
     l1_coeff: float = 5.0e-3
     """ReLU-L1 only: weight of sum_j f_j ||W_dec[j]||, in the scaled input space (E||x||^2 = d_in)."""
     group_fractions: Optional[tuple[float, ...]] = None
-    """Matryoshka only: nested group sizes as fractions of n_latents, summing to 1 (None = SPEC's four)."""
+    """Matryoshka only: nested group sizes as fractions of n_latents, summing to 1 (None = the paper's four)."""
     aux_k_coeff: float = 1.0 / 32.0
-    """Weight of the AuxK dead-latent loss (SPEC: 1/32). 0 turns AuxK off."""
+    """Weight of the AuxK dead-latent loss (paper: 1/32). 0 turns AuxK off."""
     aux_k: Optional[int] = None
     """At most this many dead latents reconstruct the residual in AuxK; None = d_in // 2."""
     dead_after_samples: int = 10_000_000
-    """A latent that has not fired for this many training samples counts as dead (SPEC: 10M)."""
+    """A latent that has not fired for this many training samples counts as dead (paper: 10M)."""
     threshold_beta: float = 0.999
     """BatchTopK/Matryoshka: EMA decay of the inference threshold."""
     threshold_start_step: int = 1000
-    """BatchTopK/Matryoshka: the threshold EMA is updated from this training step on (SPEC: 1000)."""
+    """BatchTopK/Matryoshka: the threshold EMA is updated from this training step on (paper: 1000)."""
     sparse_kernel: str = "auto"
     """TopK-family training compute: dense autograd, the sparse kernels of vlmsae.sae.sparse, or auto."""
 
@@ -268,7 +268,7 @@ class SAEConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or math.isinf(value):
                 raise ValueError(f"SAEConfig.{name} must be a finite number >= 0; got {value!r}.")
         if not isinstance(self.threshold_beta, (int, float)) or not 0.0 <= self.threshold_beta < 1.0:
-            raise ValueError(f"SAEConfig.threshold_beta must be in [0, 1) (SPEC: 0.999); got {self.threshold_beta!r}.")
+            raise ValueError(f"SAEConfig.threshold_beta must be in [0, 1) (paper: 0.999); got {self.threshold_beta!r}.")
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(
                 f"SAEConfig.sparse_kernel must be one of {', '.join(SPARSE_KERNELS)}; got {self.sparse_kernel!r}."
@@ -414,13 +414,13 @@ class TrainerSchema:
     strategy: str = "auto"  # auto | ddp (each rank streams its own shards)
     num_nodes: int = 1  # machines; launch one process per node (torchrun / SLURM)
     precision: str = "32-true"  # the only one accepted: the SAE computes in float32 (vlmsae.sae.precision)
-    max_steps: int = 110_000  # optimizer steps (SPEC 2: 110k)
+    max_steps: int = 110_000  # optimizer steps (METHOD §2: 110k)
     val_check_interval: int = 1000  # validate every this many steps
     limit_val_batches: int = 20  # validation batches per check
     log_every_n_steps: int = 50  # scalars logged every this many steps
     checkpoint_every_n_steps: int = 1000  # step*.ckpt (and last.ckpt) every this many steps, for resume
     gradient_clip_val: float = 1.0  # gradient norm clip; 0 = off
-    lr: Optional[float] = None  # None = 2e-4 / sqrt(n_latents / 2^14) (SPEC 2)
+    lr: Optional[float] = None  # None = 2e-4 / sqrt(n_latents / 2^14) (METHOD §2)
     warmup_steps: int = 1000  # linear learning-rate warmup
     scale_batches: int = 100  # batches used to estimate the input scale (and the b_dec init)
     enable_progress_bar: bool = True  # tqdm bars (not part of what resume=true matches)
@@ -446,7 +446,7 @@ class LoggerSchema:
 
 @dataclass
 class TaxonomySchema:
-    """Where the taxon path of each image comes from (SPEC 4; vlmsae.data.taxonomy): the ``taxonomy`` node
+    """Where the taxon path of each image comes from (METHOD §4; vlmsae.data.taxonomy): the ``taxonomy`` node
     (``conf/taxonomy/*.yaml``, ``taxonomy_schema``)."""
 
     kind: str = MISSING  # inat_dirnames | inat_json | wordnet | csv | concepts

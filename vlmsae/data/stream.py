@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 class StreamConfig:
     """How rows are batched and shuffled (mirrors the ``data`` config node)."""
 
-    batch_size: int = 4096  # rows per optimizer step (SPEC 2: 4096)
+    batch_size: int = 4096  # rows per optimizer step (METHOD §2: 4096)
     shuffle_buffer: int = 16384  # rows per shuffle window; memory = shuffle_buffer * d * 2 bytes per worker
     num_workers: int = 2  # DataLoader workers per rank (each reads its own shards)
     val_fraction: float = 0.01  # share of shards (or of images) held out for validation

@@ -1,6 +1,6 @@
 """Taxonomies: map an image (or its class) to a path of ranks, root first.
 
-SPEC section 4 scores a latent by how deep in a taxonomy its top images agree. Every loader here
+METHOD §4 scores a latent by how deep in a taxonomy its top images agree. Every loader here
 returns a :class:`Taxonomy`: the rank names plus a dict from a *taxon key* (an iNat directory name,
 an ImageNet wnid, a class name, an image key) to the path of taxa from the root down, e.g.
 ``("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")``.

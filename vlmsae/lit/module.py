@@ -1,4 +1,4 @@
-"""The LightningModule that trains one pure-torch SAE from :mod:`vlmsae.sae` (SPEC section 2).
+"""The LightningModule that trains one pure-torch SAE from :mod:`vlmsae.sae` (METHOD §2).
 
 Manual optimisation, because the SAE step has its own order that Lightning's automatic loop
 would hide: loss -> backward -> remove the decoder-parallel gradient -> clip the gradient norm
@@ -90,7 +90,7 @@ class SAELitModule(L.LightningModule):
         self.save_hyperparameters()
         cfg = SAEConfig(**{**sae_config, "group_fractions": _tuple_or_none(sae_config.get("group_fractions"))})
         self.sae = build_sae(cfg, seed=seed)
-        self.lr = float(lr) if lr is not None else default_lr(cfg.n_latents)  # SPEC 2: 2e-4 / sqrt(F / 2^14)
+        self.lr = float(lr) if lr is not None else default_lr(cfg.n_latents)  # METHOD §2: 2e-4 / sqrt(F / 2^14)
         self.automatic_optimization = False
         self.val_metrics: dict[str, Any] = {}
         self._val = ReconstructionAccumulator(dense_threshold=DENSE_FREQ)  # renewed per validation epoch
@@ -98,7 +98,7 @@ class SAELitModule(L.LightningModule):
     # ------------------------------------------------------------------ init from data
     @torch.no_grad()
     def init_from_batches(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-        """Input scale from the given batches (SPEC: ~100), then b_dec = geometric median of the first.
+        """Input scale from the given batches (paper: ~100), then b_dec = geometric median of the first.
 
         Called once before step 0 (never on resume: both live in the checkpoint).
         """

@@ -1,4 +1,4 @@
-"""Taxonomy alignment of SAE latents (SPEC section 4): how deep do a latent's top images agree?
+"""Taxonomy alignment of SAE latents (METHOD §4): how deep do a latent's top images agree?
 
 Per latent: its top-16 images, each image's taxon path (root first), for each of the 120 pairs the
 depth of their lowest common ancestor = the length of the shared path prefix (0 .. n_ranks); the
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-N_TOP = 16  # SPEC 4: the top-16 images of each latent, 120 pairs
+N_TOP = 16  # METHOD §4: the top-16 images of each latent, 120 pairs
 
 
 @dataclass
@@ -47,7 +47,7 @@ def _top_n(top_idx_KT: torch.Tensor, top_acts_KT: torch.Tensor, n_top: int) -> t
     if top_idx_KT.shape[1] < n_top:
         raise ValueError(
             f"The top-images index keeps {top_idx_KT.shape[1]} images per latent but the hierarchy metric needs "
-            f"{n_top} (SPEC 4); recompute it with top_k >= {n_top}."
+            f"{n_top} (METHOD §4); recompute it with top_k >= {n_top}."
         )
     acts = top_acts_KT.float()
     firing = (top_idx_KT >= 0) & (acts > 0)

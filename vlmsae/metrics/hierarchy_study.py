@@ -1,4 +1,4 @@
-"""The taxonomy-alignment study of one SAE (SPEC 4): what ``vlmsae.hierarchy`` runs.
+"""The taxonomy-alignment study of one SAE (METHOD §4): what ``vlmsae.hierarchy`` runs.
 
 Inputs: each latent's top images, either computed here (:func:`compute_top_images`: the SAE's
 source model and the SAE over the images, as the monosemanticity study encodes them) or read from a
@@ -33,7 +33,7 @@ from vlmsae.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-# SPEC 4, the paper's Table 2 (Matryoshka x2 on CLIP ViT-L/14 embeddings, iNat 2021, groups 0..4)
+# METHOD §4, the paper's Table 2 (Matryoshka x2 on CLIP ViT-L/14 embeddings, iNat 2021, groups 0..4)
 PAPER_TABLE2 = {"depth": [3.33, 2.92, 3.85, 3.86, 4.06], "ms_mean": [0.67, 0.68, 0.70, 0.73, 0.74]}
 
 

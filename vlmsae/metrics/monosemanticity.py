@@ -1,4 +1,4 @@
-"""Monosemanticity score (MS, SPEC section 3), exact and in linear time.
+"""Monosemanticity score (MS, METHOD §3), exact and in linear time.
 
 Definition, for latent k with per-image activations a_n (n = 1..N) and image embeddings E(x_n):
 

@@ -1,4 +1,4 @@
-"""The monosemanticity study of one SAE over a set of images (SPEC 3): what ``vlmsae.monosemanticity`` runs.
+"""The monosemanticity study of one SAE over a set of images (METHOD §3): what ``vlmsae.monosemanticity`` runs.
 
 :func:`score_sae` encodes the images with the SAE's source model and the SAE (codes stay sparse),
 embeds them with the embedder E (through the on-disk cache of :mod:`vlmsae.metrics.embedding_cache`),

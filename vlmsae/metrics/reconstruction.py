@@ -3,7 +3,7 @@
 Plain functions on tensors:
 - ``fve(x, x_hat)``: fraction of variance explained, 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2;
 - ``mse(x, x_hat)``: mean squared error per element; ``sq_err(x, x_hat)``: squared error summed
-  over dims, mean over samples (the training loss's "recon", SPEC 2);
+  over dims, mean over samples (the training loss's "recon", METHOD §2);
 - ``normalized_mse(x, x_hat)``: sum ||x - x_hat||^2 / sum ||x||^2 (error relative to predicting 0);
 - ``l0(codes)``: mean number of active latents per sample (dense or sparse codes).
 ``ReconstructionAccumulator`` gives the same numbers over a stream of batches exactly (the
@@ -56,7 +56,7 @@ def mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
 
 
 def sq_err(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
-    """Squared error summed over dims, mean over samples (SPEC 2's reconstruction loss)."""
+    """Squared error summed over dims, mean over samples (METHOD §2's reconstruction loss)."""
     x, x_hat = _check_pair(x_BD, x_hat_BD)
     return float((x - x_hat).pow(2).sum(1).mean())
 

@@ -1,4 +1,4 @@
-"""Image embedders E for the monosemanticity score (SPEC 3) and the steering score (SPEC 5).
+"""Image embedders E for the monosemanticity score (METHOD §3) and the steering score (METHOD §5).
 
 ``load_embedder(spec)`` -> an object with ``embed(pil_images) -> [N, E]`` float32 on CPU, and, for
 CLIP, ``embed_text(strings) -> [N, E]`` in the same space. Backends:

@@ -1,4 +1,4 @@
-"""Write an activation store: images -> vision encoder up to a layer -> selected tokens -> shards (SPEC 1).
+"""Write an activation store: images -> vision encoder up to a layer -> selected tokens -> shards (METHOD §1).
 
 ```python
 plan = ExtractionPlan(source="folder", root="/imgs", layer=22, tokens="cls", ...)

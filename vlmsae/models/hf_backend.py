@@ -1,6 +1,6 @@
 """transformers backend: ``CLIPVisionModel(WithProjection)`` and the vision tower inside LLaVA.
 
-Index convention as everywhere (SPEC 1): block L's output is ``hidden_states[L+1]``. Rather than ask
+Index convention as everywhere (METHOD §1): block L's output is ``hidden_states[L+1]``. Rather than ask
 for all hidden states (which runs every block), the tap runs embeddings -> ``pre_layrnorm`` [sic,
 transformers' name] -> ``encoder.layers[:L+1]`` itself and stops. ``layer="last"`` is
 ``image_embeds`` (post_layernorm(CLS) @ visual_projection) for CLIP; LLaVA's tower has no

@@ -1,6 +1,6 @@
 """LLaVA: load real weights, build a tiny random one offline, and find the vision-tower blocks.
 
-SPEC 5 steers ``llava-hf/llava-1.5-7b-hf`` through an SAE trained on block 22 of its CLIP
+METHOD §5 steers ``llava-hf/llava-1.5-7b-hf`` through an SAE trained on block 22 of its CLIP
 ViT-L/14-336 vision tower (``vision_feature_layer=-2``). This module is the only place that knows
 how transformers lays LLaVA out, so the steering hooks (``vlmsae.steering``) and the extraction
 backend (``vlmsae.extract``, backend ``hf_llava``) work across transformers 4.4x (``model.vision_tower
@@ -558,7 +558,7 @@ def vision_blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def tapped_block_index(model: nn.Module) -> int:
-    """The 0-indexed vision block whose output LLaVA projects (SPEC 1, 5).
+    """The 0-indexed vision block whose output LLaVA projects (METHOD §1, 5).
 
     ``hidden_states[0]`` is the embedding output and ``hidden_states[L+1]`` the output of block L,
     so ``vision_feature_layer=-2`` on 24 blocks is ``hidden_states[23]`` = block 22.

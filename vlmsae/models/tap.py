@@ -1,6 +1,6 @@
 """The tap: a vision encoder that returns the residual stream after block L and stops there.
 
-One index convention for every backend (SPEC 1): ``layer=L`` is the output of transformer block L
+One index convention for every backend (METHOD §1): ``layer=L`` is the output of transformer block L
 (0-indexed), i.e. open_clip ``visual.transformer.resblocks[L]`` output == transformers
 ``hidden_states[L+1]``. Negative L counts blocks from the end (-1 = the last block, -2 = the block
 LLaVA-1.5 feeds its projector, ``vision_feature_layer=-2``). ``layer="last"`` is the projected
@@ -122,9 +122,9 @@ def select_tokens(
 
     Returns ``rows_ND``, ``token_idx_N`` (position in the T axis; -1 for a mean or an embedding) and
     ``image_idx_N`` (row of the batch), rows grouped by image in batch order.
-    - ``cls``: token 0 (SPEC 1: the monosemanticity study); refused when the model has no CLS token.
+    - ``cls``: token 0 (METHOD §1: the monosemanticity study); refused when the model has no CLS token.
     - ``patches``: every token but CLS; ``all``: every token; ``mean``: the mean over patch tokens.
-    - ``random_k``: k distinct tokens per image drawn with ``generator`` (SPEC 1: the steering SAE
+    - ``random_k``: k distinct tokens per image drawn with ``generator`` (METHOD §1: the steering SAE
       trains on 2 random tokens per image, any token including CLS, since steering edits them all).
     A 2-D input (``layer="last"``: one embedding per image) gives one row per image, token_idx -1.
     """

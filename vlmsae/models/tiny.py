@@ -128,7 +128,7 @@ def open_clip_visual_to_hf(visual: Any, projection_dim: int | None = None):
     each block's packed ``in_proj`` qkv -> q/k/v_proj, out_proj, ln_1/ln_2 -> layer_norm1/2,
     mlp.c_fc/c_proj -> fc1/fc2, ln_post -> post_layernorm, proj ([width, E], applied as x @ proj)
     -> visual_projection ([E, width]). The activation (quick_gelu for OpenAI weights) is read from
-    the blocks. Used to prove the two backends tap the same residual stream (SPEC 1 index fact).
+    the blocks. Used to prove the two backends tap the same residual stream (METHOD §1 index fact).
     """
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 

@@ -53,6 +53,6 @@ def write_score_report(out_dpath: str | Path, scores: SteeringScores, images: st
     atomic_write_text(out_dpath / ANSWERS_CSV, answers_csv(scores))
     title = (f"# Steering score: {len(r.latents)} latents x {len(scores.image_names)} images ({images}), "
              f"alpha={r.alpha}, {r.mode}\n\n")
-    note = f"The paper column is SPEC 5's {'white-image' if setting == 'white' else 'ImageNet-image'} setting.\n"
+    note = f"The paper column is METHOD §5's {'white-image' if setting == 'white' else 'ImageNet-image'} setting.\n"
     atomic_write_text(out_dpath / STEER_EVAL_MD, title + table + "\n" + note)
     return table

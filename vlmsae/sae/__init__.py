@@ -1,4 +1,4 @@
-"""Pure-torch sparse autoencoders behind one interface (SPEC 2, docs/ARCHITECTURE.md "SAE core").
+"""Sparse autoencoders in pure torch (METHOD §2; interface and units in vlmsae/sae/base.py).
 
     from vlmsae.sae import SAEConfig, build_sae, save_sae, load_sae
     sae = build_sae(SAEConfig(arch="batchtopk", d_in=1024, n_latents=16384, k=20))

@@ -1,6 +1,6 @@
 """The SAE base class: parameters, input checks, input scaling, encode/decode, and the shared loss.
 
-z = (x - b_dec) @ W_enc.T + b_enc,   f = activation(z),   x_hat = f @ W_dec + b_dec      (SPEC 2)
+z = (x - b_dec) @ W_enc.T + b_enc,   f = activation(z),   x_hat = f @ W_dec + b_dec      (METHOD §2)
 
 Each architecture (relu.py, topk.py, batchtopk.py, matryoshka.py) only says how pre-activations
 become codes, at inference (:meth:`SAE._activate`) and in training (:meth:`SAE._train_codes`);
@@ -63,7 +63,7 @@ def auxk_loss(
     W_dec_FD: torch.Tensor,
     preacts_of=None,
 ) -> torch.Tensor:
-    """AuxK (Gao et al., SPEC 2): dead latents learn to explain what the live ones miss.
+    """AuxK (Gao et al., METHOD §2): dead latents learn to explain what the live ones miss.
 
     ``residual_BD`` is e = x - x_hat (detached here), ``z_BF`` the pre-activations, ``dead_F``
     the dead mask. Each sample keeps its top-``k_aux`` dead pre-activations (through ReLU, as in
@@ -178,7 +178,7 @@ class SAE(nn.Module):
         W_FD = torch.randn(n_latents, d_in, generator=generator)
         W_FD /= W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
         self.W_dec = nn.Parameter(W_FD.clone())
-        self.W_enc = nn.Parameter(W_FD.clone())  # W_enc = W_dec^T in SPEC's column convention
+        self.W_enc = nn.Parameter(W_FD.clone())  # W_enc = W_dec^T in the paper's column convention
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         self.register_buffer("input_scale", torch.tensor(1.0))
@@ -368,7 +368,7 @@ class SAE(nn.Module):
 
     def _auxk(self, x_s_BD, x_hat_s_BD, x_cent_BD, codes: TrainCodes) -> torch.Tensor:
         dead_F = self.dead_latents
-        n_dead = int(dead_F.sum())  # one host sync: AuxK's k depends on it (SPEC: min(d/2, #dead))
+        n_dead = int(dead_F.sum())  # one host sync: AuxK's k depends on it (paper: min(d/2, #dead))
         if n_dead == 0:
             return torch.zeros((), device=x_s_BD.device)
         k_aux = min(self.cfg.aux_k or max(1, self.d_in // 2), n_dead)
@@ -402,6 +402,6 @@ class SAE(nn.Module):
 
 
 def recon_error(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over dims, mean over the batch (SPEC 2), computed in float32 or wider."""
+    """Squared error summed over dims, mean over the batch (METHOD §2), computed in float32 or wider."""
     diff_BD = x_hat_BD.float() - x_BD.float()
     return diff_BD.pow(2).sum(dim=-1).mean()

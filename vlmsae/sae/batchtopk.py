@@ -1,4 +1,4 @@
-"""BatchTopK SAE (Bussmann et al., the paper's SAE, SPEC 2).
+"""BatchTopK SAE (Bussmann et al., the paper's SAE, METHOD §2).
 
 Training keeps the k*B largest entries of the flattened B x F batch, so samples share a budget
 of k active latents on average. Inference cannot depend on the batch, so it uses one threshold:

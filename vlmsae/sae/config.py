@@ -1,4 +1,4 @@
-"""SAEConfig: everything that defines one sparse autoencoder (SPEC section 2), validated on creation.
+"""SAEConfig: everything that defines one sparse autoencoder (METHOD §2), validated on creation.
 
 The class is the ``sae`` config node, defined once in :mod:`vlmsae.config.nodes` (the bottom layer, no
 torch) and re-exported here, so ``conf/sae/*.yaml`` and :func:`vlmsae.sae.build_sae` share one dataclass.

@@ -1,7 +1,7 @@
 """A plain Adam loop for SAEs: quick fits on synthetic or cached activations (tests, demo, notebooks).
 
 The real trainer is the Lightning module in ``vlmsae.lit`` (warmup schedule, checkpoints, DDP,
-logging); this loop applies the same per-step mechanics (SPEC 2) in the same order, so an SAE
+logging); this loop applies the same per-step mechanics (METHOD §2) in the same order, so an SAE
 trained here behaves like one trained there.
 """
 
@@ -24,7 +24,7 @@ from vlmsae.sae.precision import fp32_region
 
 
 def default_lr(n_latents: int) -> float:
-    """SPEC 2: lr = 2e-4 / sqrt(F / 2^14)."""
+    """METHOD §2: lr = 2e-4 / sqrt(F / 2^14)."""
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
 

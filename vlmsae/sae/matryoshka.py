@@ -1,4 +1,4 @@
-"""Matryoshka BatchTopK SAE (Bussmann et al. / Nabeshima, SPEC 2).
+"""Matryoshka BatchTopK SAE (Bussmann et al. / Nabeshima, METHOD §2).
 
 Latents form nested groups (sizes from ``cfg.group_fractions``); prefix i = groups 0..i must
 reconstruct x on its own, so early latents learn general features and later ones refine them.

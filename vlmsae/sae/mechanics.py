@@ -1,4 +1,4 @@
-"""Training mechanics shared by every SAE architecture (SPEC section 2), one named function each.
+"""Training mechanics shared by every SAE architecture (METHOD §2), one named function each.
 
 A training step with these (what :func:`vlmsae.sae.fit.train_steps` and the Lightning module do)::
 
@@ -70,7 +70,7 @@ def geometric_median(x_ND: torch.Tensor, n_iter: int = 100, tol: float = 1e-6, e
 
 @torch.no_grad()
 def init_b_dec_geometric_median_(sae: SAE, x_BD: torch.Tensor) -> torch.Tensor:
-    """Set ``b_dec`` to the geometric median of a raw batch (SPEC 2 init). Returns the new b_dec.
+    """Set ``b_dec`` to the geometric median of a raw batch (METHOD §2 init). Returns the new b_dec.
 
     Call after :func:`set_input_scale_`: b_dec lives in the scaled space, so the batch is scaled first.
     """
@@ -82,7 +82,7 @@ def init_b_dec_geometric_median_(sae: SAE, x_BD: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def estimate_input_scale(batches: Iterable[torch.Tensor], d_in: int) -> float:
-    """The scalar s with E||s x||^2 = d_in over ``batches`` (SPEC: ~100 batches).
+    """The scalar s with E||s x||^2 = d_in over ``batches`` (paper: ~100 batches).
 
     Convention: after scaling, a typical activation has per-dimension second moment 1, so loss
     magnitudes, the learning rate and l1_coeff transfer between layers and models whose raw

@@ -1,4 +1,4 @@
-"""ReLU-L1 SAE (the baseline, SPEC 2): f = ReLU(z), loss = recon + l1_coeff * sum_j f_j ||W_dec[j]||."""
+"""ReLU-L1 SAE (the baseline, METHOD §2): f = ReLU(z), loss = recon + l1_coeff * sum_j f_j ||W_dec[j]||."""
 
 from __future__ import annotations
 

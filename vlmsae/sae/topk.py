@@ -1,4 +1,4 @@
-"""TopK SAE (Gao et al., SPEC 2): keep the k largest pre-activations of each sample, through ReLU.
+"""TopK SAE (Gao et al., METHOD §2): keep the k largest pre-activations of each sample, through ReLU.
 
 Training can run on two compute paths with identical losses and gradients (up to float
 rounding): dense autograd over the full [B, F] codes, or the sparse kernels of

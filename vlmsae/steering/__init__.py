@@ -1,4 +1,4 @@
-"""Steer LLaVA through SAE latents in its vision tower (SPEC 5): hooks, generation helpers, the steering score.
+"""Steer LLaVA through SAE latents in its vision tower (METHOD §5): hooks, generation helpers, the steering score.
 
 :mod:`~vlmsae.steering.setup` loads the LLaVA and the SAE, :mod:`~vlmsae.steering.compare` is the ``steer`` job's
 side-by-side answers, :mod:`~vlmsae.steering.evaluate` the ``steer_eval`` job's score run.

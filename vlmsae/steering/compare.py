@@ -1,4 +1,4 @@
-"""Answers with and without steering, side by side (the ``steer`` job, SPEC 5's qualitative examples)."""
+"""Answers with and without steering, side by side (the ``steer`` job, METHOD §5's qualitative examples)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The steering score run of SPEC 5 (the ``steer_eval`` job): inputs, the batched steered generation, the bounds.
+"""The steering score run of METHOD §5 (the ``steer_eval`` job): inputs, the batched steered generation, the bounds.
 
 For each steered latent j: concept = mean image embedding of its top images (the top-images index of a
 monosemanticity run); for each evaluation image LLaVA answers the one-word prompt with and without j
@@ -25,7 +25,7 @@ from vlmsae.steering.hooks import steer
 from vlmsae.steering.score import ScoreSummary, shuffled, streamed_concept_embeddings, word_scores
 from vlmsae.steering.setup import SteeringSetup
 
-PAPER = {  # SPEC 5, alpha = 100 (ImageNet images / white image)
+PAPER = {  # METHOD §5, alpha = 100 (ImageNet images / white image)
     "imagenet": {"steered": 0.263, "not steered": 0.211, "upper bound (true class names)": 0.283,
                  "lower bound (shuffled names)": 0.185},
     "white": {"steered": 0.259, "not steered": 0.212, "upper bound (true class names)": 0.283,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-ONE_WORD_PROMPT = "What is shown in this image? Use exactly one word!"  # SPEC 5
+ONE_WORD_PROMPT = "What is shown in this image? Use exactly one word!"  # METHOD §5
 
 
 def chat_prompt(processor: Any, question: str) -> str:
@@ -21,7 +21,7 @@ def chat_prompt(processor: Any, question: str) -> str:
 
 
 def white_image(size: int = 336):
-    """The plain white image of SPEC 5's second steering setting."""
+    """The plain white image of METHOD §5's second steering setting."""
     from PIL import Image
 
     return Image.new("RGB", (size, size), (255, 255, 255))

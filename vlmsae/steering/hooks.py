@@ -1,4 +1,4 @@
-"""Steer LLaVA by editing one vision-tower block's output through SAE latents (SPEC 5).
+"""Steer LLaVA by editing one vision-tower block's output through SAE latents (METHOD §5).
 
 The edit is a forward hook on the block that matches the SAE's layer. Why a hook and why
 ``prepend=True``: transformers 5.x does not return hidden states from the encoder loop; it records

@@ -1,4 +1,4 @@
-"""The steering score of SPEC 5: does clamping latent j make LLaVA name latent j's concept?
+"""The steering score of METHOD §5: does clamping latent j make LLaVA name latent j's concept?
 
 - concept of latent j: the mean CLIP image embedding (each unit-normalised) of its top-16 images;
 - LLaVA answers "What is shown in this image? Use exactly one word!" (5 new tokens) about an image,

@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 @dataclass
 class HierarchyJob:
-    """Taxonomy alignment of Matryoshka levels (SPEC 4): LCA depth of each latent's top images, per group."""
+    """Taxonomy alignment of Matryoshka levels (METHOD §4): LCA depth of each latent's top images, per group."""
 
     # config groups (typed by their own schemas in vlmsae.config.schemas)
     data: Any = MISSING  # the images (unused with ms_run, except to find the taxonomy's data root)
@@ -29,7 +29,7 @@ class HierarchyJob:
     # (as vlmsae.monosemanticity, so both jobs rank the same top images)
     pool: Optional[str] = None
     top_k: int = 16  # images kept per latent in top_images/ (>= n_top)
-    n_top: int = 16  # SPEC 4: top-16 images, 120 pairs; a latent with fewer firing images is excluded
+    n_top: int = 16  # METHOD §4: top-16 images, 120 pairs; a latent with fewer firing images is excluded
     min_majority: float = 0.5  # latent_taxa.csv label: deepest rank whose majority taxon holds more than this share
     batch_size: Optional[int] = None  # images per forward; null = data.batch_size
     device: str = "auto"  # auto | cpu | cuda | cuda:N

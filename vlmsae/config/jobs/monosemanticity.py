@@ -14,7 +14,7 @@ from omegaconf import MISSING
 
 @dataclass
 class MonosemanticityJob:
-    """MS of every SAE latent and every raw neuron of the layer it reads (SPEC 3), top images, plots."""
+    """MS of every SAE latent and every raw neuron of the layer it reads (METHOD §3), top images, plots."""
 
     # config groups (typed by their own schemas in vlmsae.config.schemas)
     model: Any = None  # null = the model the SAE was trained on (its config.json source.model)

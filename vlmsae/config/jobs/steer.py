@@ -10,7 +10,7 @@ from omegaconf import MISSING
 
 @dataclass
 class SteerJob:
-    """Steer LLaVA through SAE latents in its vision tower (SPEC 5) and compare with the unsteered answer."""
+    """Steer LLaVA through SAE latents in its vision tower (METHOD §5) and compare with the unsteered answer."""
 
     model: Any = MISSING  # the LLaVA to steer: a conf/model/ choice with backend hf_llava (its own model_schema)
     sae_path: str = MISSING  # SAE checkpoint folder (save_sae output); its config.json source.layer picks the block

@@ -10,7 +10,7 @@ from omegaconf import MISSING
 
 @dataclass
 class SteerEvalJob:
-    """The steering score of SPEC 5: clamp latent j to alpha, ask LLaVA for one word, compare (CLIP text
+    """The steering score of METHOD §5: clamp latent j to alpha, ask LLaVA for one word, compare (CLIP text
     embedding cosine) with j's concept = the mean image embedding of its top images."""
 
     model: Any = MISSING  # the LLaVA to steer: a conf/model/ choice with backend hf_llava (its own model_schema)
