@@ -360,7 +360,7 @@ def _opt(default: Any = None) -> Any:
 @dataclass
 class StoreManifest:
     """``manifest.json`` of an activation store, written last (by :meth:`vlmsae.data.shards.ShardWriter.write_manifest`)
-    when the store is complete. Layout and meaning: docs/ARCHITECTURE.md, "Data".
+    when the store is complete. Layout of the store: :mod:`vlmsae.data.shards`.
 
     The shard writer's own keys (shapes, counts, the per-dimension statistics, provenance) are always there;
     the extraction's (model, layer, tokens, images, order, skipped images, ...) when ``python -m vlmsae.extract``

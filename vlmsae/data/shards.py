@@ -1,6 +1,6 @@
 """Activation store: WebDataset tar shards of safetensors chunks, a manifest, and resumable writing.
 
-Layout of a store folder (docs/ARCHITECTURE.md, "Data"):
+Layout of a store folder:
 - ``acts-%06d.tar``: samples with ``__key__ = "%06d" % chunk_index`` (global over the store), each
   with ``acts.safetensors`` (``acts`` [R, D] fp16|bf16, ``token_idx`` [R] int32, ``image_idx`` [R]
   int64, ``label`` [R] int64, -1 = none) and ``keys.json`` (the image key of every row). No pickles.

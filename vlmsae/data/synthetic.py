@@ -4,7 +4,9 @@ x = offset + scale * (sum over k random atoms of c_j * atom_j + noise), with a r
 dictionary of ``n_atoms`` atoms in ``d_in`` dims and coefficients c_j ~ U[min_coef, max_coef].
 An SAE that learns well recovers the atoms as decoder rows (:func:`atom_recovery`).
 ``scale`` and ``offset_norm`` mimic real activations (large norms, a big shared mean) so input
-scaling and the geometric-median b_dec init get exercised.
+scaling and the geometric-median b_dec init get exercised. Known answer (``tests/test_sae.py``): every
+architecture at 4x (``d_in=32``, 64 atoms, ``k=3``) recovers the atoms (mean best cosine >= 0.9) in
+150 Adam steps of batch 256, a few seconds on a CPU.
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ metrics = fit_sae(plan, out_dpath)
 ```
 
 :func:`fit_sae` writes the run dir: ``sae/`` (vlmsae.sae checkpoint: takes raw activations, ``source``
-says model/layer/tokens), ``metrics.json``, ``latent_density.json``, ``run_info.json`` (status
-running -> done | failed), ``checkpoints/last.ckpt`` (for resume), ``csv/`` and ``wandb/`` (loggers).
+says model, pretrained, layer, tokens, tokens_k, data), ``metrics.json`` (the final validation metrics:
+fve, mse, nmse, l0, dead and dense fractions; plus step, optimizer_steps, lr, the SAE's size and layer),
+``latent_density.json``, ``run_info.json`` (status running -> done | failed), ``checkpoints/last.ckpt``
+(for resume), ``csv/`` and ``wandb/`` + ``wandb_id.txt`` (loggers; the id lets ``resume`` continue the W&B run).
 On resume the logger history is the checkpointed run's up to the checkpoint's step, then this run's
 (:mod:`vlmsae.lit.loggers`).
 """

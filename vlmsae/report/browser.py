@@ -1,10 +1,16 @@
 """A static HTML feature browser: one card per SAE latent, readable from ``file://`` with no server.
 
-The browser only *reads* what the other jobs wrote (docs/ARCHITECTURE.md, "Shared on-disk
-outputs"): a monosemanticity run (``latents.csv``, ``ms_summary.json``, ``top_images/``), an
-optional hierarchy run (``latent_taxa.csv``, ``hierarchy.json``) and optional steering runs
-(``steer.json``). It copies square thumbnails of the top images next to ``index.html`` and inlines
-every number and label as JSON, so the folder can be zipped, mailed or opened from disk.
+The browser only *reads* what the other jobs wrote (through :mod:`vlmsae.formats`): a monosemanticity
+run (``latents.csv``, ``ms_summary.json``, ``top_images/``), an optional hierarchy run (``latent_taxa.csv``,
+``hierarchy.json``) and optional steering runs (``steer.json``). It copies square thumbnails of the top
+images next to ``index.html`` and inlines every number and label as JSON, so the folder can be zipped,
+mailed or opened from disk.
+
+Patch heatmaps come from an optional ``patch_acts`` [K, T, P] tensor in ``top.safetensors`` (P a square
+grid) when a writer recorded it; otherwise they are recomputed from the MS run's ``run_info.json``
+(``sae_path``, model) when the SAE's ``source.tokens`` is patches | all | random_k. Latent ids mean
+something within one SAE only, so a steering run attaches to the cards only when its
+``settings.sae_path`` is the MS run's SAE.
 
 Safety: labels come from folder names and CSVs we do not control. They reach the page only as
 JSON inside a ``<script type="application/json">`` block with ``<``, ``>`` and ``&`` escaped, and

@@ -19,6 +19,11 @@ Loss terms (``loss()``) are in the scaled space, so ``recon / d_in`` is about 1 
 
 Precision: ``loss``, ``encode``, ``encode_pre`` and ``decode`` run with autocast off and float32
 matmuls at full precision, on the dense and the sparse path alike (:mod:`vlmsae.sae.precision`).
+
+Inputs (:meth:`SAE.check_input`): ``encode``, ``encode_pre``, ``decode`` and ``forward`` take any leading
+dims ``[..., D]`` (steering passes ``[B, T, D]``); ``encode(x, sparse=True)`` and ``loss(x)`` need
+``[B, D]``. Wrong width or device -> ValueError, non-float dtype -> TypeError, NaN/inf -> ValueError
+(``sae.check_finite = False`` skips that reduction); float16/bfloat16/float64 are cast to the SAE's dtype.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def train_steps(
     unit-norm decoder rows. ``init=True`` first sets the input scale and the geometric-median
     b_dec from the first batch (the Lightning trainer estimates the scale from more batches).
     ``lr`` None = :func:`default_lr`; ``warmup_steps`` ramps it linearly from 0.
-    The returned dict has one float per step for "loss", "recon", "aux", "l0".
+    The returned dict has one float per step for "loss", "recon", "aux", "l0". The SAE is left in eval mode.
     """
     from tqdm.auto import tqdm
 
