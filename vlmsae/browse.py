@@ -28,12 +28,22 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     job: BrowseJob = OmegaConf.to_object(cfg)
     out_dpath = run_dir(out_dpath if out_dpath is not None else job.out or None)
     sources = find_runs(job.run, ms_run=job.ms_run, hierarchy_run=job.hierarchy_run, steer_runs=job.steer_runs)
-    data = build_browser(sources, out_dpath, max_cards=job.max_cards, images_per_card=job.images_per_card,
-                         thumb_px=job.thumb_px, heatmaps=job.heatmaps, title=job.title)
-    result = {**cards_summary(data), "index_html": str(Path(out_dpath) / "index.html"),
-              "ms_run": str(sources.ms_dpath),
-              "hierarchy_run": str(sources.hierarchy_dpath) if sources.hierarchy_dpath else None,
-              "steer_files": [str(p) for p in sources.steer_fpaths]}
+    data = build_browser(
+        sources,
+        out_dpath,
+        max_cards=job.max_cards,
+        images_per_card=job.images_per_card,
+        thumb_px=job.thumb_px,
+        heatmaps=job.heatmaps,
+        title=job.title,
+    )
+    result = {
+        **cards_summary(data),
+        "index_html": str(Path(out_dpath) / "index.html"),
+        "ms_run": str(sources.ms_dpath),
+        "hierarchy_run": str(sources.hierarchy_dpath) if sources.hierarchy_dpath else None,
+        "steer_files": [str(p) for p in sources.steer_fpaths],
+    }
     config = OmegaConf.to_container(cfg, resolve=True)
     if job.logger.kind == "wandb":
         result["wandb_dir"] = log_to_wandb(data, out_dpath, job.logger, config)
@@ -43,8 +53,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
 def _main(cfg: DictConfig) -> None:
     result = run(cfg)
-    print(f"feature browser: {result['n_cards']} cards of {result['n_latents']} latents, "
-          f"{result['n_heatmaps']} patch heatmaps ({result['heatmap_note']})")
+    print(
+        f"feature browser: {result['n_cards']} cards of {result['n_latents']} latents, "
+        f"{result['n_heatmaps']} patch heatmaps ({result['heatmap_note']})"
+    )
     print(f"open file://{Path(result['index_html']).resolve()}")
 
 

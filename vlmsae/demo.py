@@ -27,6 +27,7 @@ not finish.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -106,8 +107,11 @@ def best_latents(ms_dpath: Path, n: int = 1) -> list[dict[str, Any]]:
     fpath = ms_dpath / formats.LATENTS_CSV
     if not fpath.is_file():
         return []
-    rows = [{"latent": r.latent, "ms": r.ms, "max_act": r.max_act, "freq": r.freq}
-            for r in formats.read_latents_csv(fpath).rows if not math.isnan(r.ms)]
+    rows = [
+        {"latent": r.latent, "ms": r.ms, "max_act": r.max_act, "freq": r.freq}
+        for r in formats.read_latents_csv(fpath).rows
+        if not math.isnan(r.ms)
+    ]
     return sorted(rows, key=lambda r: -r["ms"])[:n]
 
 
@@ -142,22 +146,36 @@ class Demo:
     def data(self) -> list[str]:
         from vlmsae.data.concepts import make_concept_images
 
-        root = make_concept_images(self.d("data") / "concepts", n_per_class=IMAGES_PER_CLASS, size=IMAGE_PX,
-                                   seed=self.seed)
+        root = make_concept_images(
+            self.d("data") / "concepts", n_per_class=IMAGES_PER_CLASS, size=IMAGE_PX, seed=self.seed
+        )
         meta = _read_json(root / "concepts.json") or {}
         classes = [c["name"] for c in meta.get("classes", [])]
-        return [f"{len(classes) * IMAGES_PER_CLASS} images ({IMAGE_PX} px) in {len(classes)} classes "
-                f"<shape>_<colour>: {', '.join(classes[:4])}, ...",
-                "each class shares one shape and one colour and nothing else: the answer key for MS and hierarchy"]
+        return [
+            f"{len(classes) * IMAGES_PER_CLASS} images ({IMAGE_PX} px) in {len(classes)} classes "
+            f"<shape>_<colour>: {', '.join(classes[:4])}, ...",
+            "each class shares one shape and one colour and nothing else: the answer key for MS and hierarchy",
+        ]
 
     # -- 1 ------------------------------------------------------------------------------------
     def extract(self) -> list[str]:
         self.require("data")
         # Small shards, so there are several: training holds out whole shards for validation.
-        call_job("extract", [
-            f"model={MODEL}", *self.data_overrides, f"tokens={TOKENS}", "k=2", "dtype=float32",
-            "rows_per_shard=64", "rows_per_chunk=32", "progress=false", f"seed={self.seed}",
-        ], self.d("extract"))
+        call_job(
+            "extract",
+            [
+                f"model={MODEL}",
+                *self.data_overrides,
+                f"tokens={TOKENS}",
+                "k=2",
+                "dtype=float32",
+                "rows_per_shard=64",
+                "rows_per_chunk=32",
+                "progress=false",
+                f"seed={self.seed}",
+            ],
+            self.d("extract"),
+        )
         m = formats.read_manifest(self.d("extract"))
         return [
             f"{m.n_rows} activation rows (d={m.d}) from "
@@ -170,11 +188,24 @@ class Demo:
     # -- 2 ------------------------------------------------------------------------------------
     def train(self) -> list[str]:
         self.require("extract")
-        call_job("train", [
-            f"model={MODEL}", "sae=tiny", "sae.arch=matryoshka", "sae.group_fractions=[0.0625,0.125,0.25,0.5625]",
-            "trainer=tiny", "trainer.max_steps=1000", "data=acts", f"data.acts={self.d('extract')}",
-            "data.batch_size=64", "data.num_workers=0", "logger=none", f"seed={self.seed}",
-        ], self.d("train"))
+        call_job(
+            "train",
+            [
+                f"model={MODEL}",
+                "sae=tiny",
+                "sae.arch=matryoshka",
+                "sae.group_fractions=[0.0625,0.125,0.25,0.5625]",
+                "trainer=tiny",
+                "trainer.max_steps=1000",
+                "data=acts",
+                f"data.acts={self.d('extract')}",
+                "data.batch_size=64",
+                "data.num_workers=0",
+                "logger=none",
+                f"seed={self.seed}",
+            ],
+            self.d("train"),
+        )
         m = _read_json(self.d("train") / "metrics.json") or {}
         cfg = formats.read_sae_config(self.d("train") / "sae")
         return [
@@ -188,10 +219,17 @@ class Demo:
     # -- 3 ------------------------------------------------------------------------------------
     def monosemanticity(self) -> list[str]:
         self.require("train")
-        call_job("monosemanticity", [
-            f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}", *self.data_overrides, "embedder=tiny",
-            "progress=false",
-        ], self.d("monosemanticity"))
+        call_job(
+            "monosemanticity",
+            [
+                f"sae_path={self.d('train') / 'sae'}",
+                f"model={MODEL}",
+                *self.data_overrides,
+                "embedder=tiny",
+                "progress=false",
+            ],
+            self.d("monosemanticity"),
+        )
         s = _read_format(formats.read_ms_summary, self.d("monosemanticity") / formats.MS_SUMMARY_JSON)
         b = s.get("baseline") or {}
         best = best_latents(self.d("monosemanticity"), 3)
@@ -208,19 +246,34 @@ class Demo:
         self.require("train")
         # Reuse the MS run's top images (and its MS per latent) when it finished.
         ms_run = [f"ms_run={self.d('monosemanticity')}"] if self.ok("monosemanticity") else []
-        call_job("hierarchy", [
-            f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}", *self.data_overrides, "taxonomy=tiny", *ms_run,
-        ], self.d("hierarchy"))
+        call_job(
+            "hierarchy",
+            [
+                f"sae_path={self.d('train') / 'sae'}",
+                f"model={MODEL}",
+                *self.data_overrides,
+                "taxonomy=tiny",
+                *ms_run,
+            ],
+            self.d("hierarchy"),
+        )
         h = _read_format(formats.read_hierarchy, self.d("hierarchy") / formats.HIERARCHY_JSON)
         groups = h.get("groups") or []
-        lines = ["LCA depth of each latent's top images (0 = nothing shared, 1 = same shape, 2 = same shape and "
-                 "colour), by Matryoshka group:"]
-        lines += [f"  group {g.get('group')}: {g.get('n_latents')} latents, depth {_fmt(g.get('depth_mean'), 2)}, "
-                  f"MS {_fmt(g.get('ms_mean'))}" for g in groups]
+        lines = [
+            "LCA depth of each latent's top images (0 = nothing shared, 1 = same shape, 2 = same shape and "
+            "colour), by Matryoshka group:"
+        ]
+        lines += [
+            f"  group {g.get('group')}: {g.get('n_latents')} latents, depth {_fmt(g.get('depth_mean'), 2)}, "
+            f"MS {_fmt(g.get('ms_mean'))}"
+            for g in groups
+        ]
         chance = self._chance_depth()
         if chance is not None:
-            lines.append(f"  chance (16 random images): depth {chance:.2f}; a random tiny encoder barely sees shapes, so "
-                         f"expect little above it here (the paper's Table 2 needs CLIP on iNaturalist)")
+            lines.append(
+                f"  chance (16 random images): depth {chance:.2f}; a random tiny encoder barely sees shapes, so "
+                f"expect little above it here (the paper's Table 2 needs CLIP on iNaturalist)"
+            )
         lines.append("hierarchy.json, hierarchy.md, hierarchy.png, latent_taxa.csv (labels in the browser)")
         return lines
 
@@ -248,21 +301,36 @@ class Demo:
         # so clamp to a large multiple of the latent's own maximum instead.
         max_act = best[0]["max_act"] if best and math.isfinite(best[0]["max_act"]) else 1.0
         alpha = round(max(10.0, 20.0 * max_act), 2)
-        res = call_job("steer", [
-            f"model={MODEL}", f"sae_path={self.d('train') / 'sae'}", f"latent={latent}", f"alpha={alpha}",
-            "image=[white,skimage:astronaut]", "max_new_tokens=6", f"seed={self.seed}",
-            f"sweep=[0,{round(alpha / 4, 2)},{round(alpha / 2, 2)},{alpha}]",
-        ], self.d("steer"))
+        res = call_job(
+            "steer",
+            [
+                f"model={MODEL}",
+                f"sae_path={self.d('train') / 'sae'}",
+                f"latent={latent}",
+                f"alpha={alpha}",
+                "image=[white,skimage:astronaut]",
+                "max_new_tokens=6",
+                f"seed={self.seed}",
+                f"sweep=[0,{round(alpha / 4, 2)},{round(alpha / 2, 2)},{alpha}]",
+            ],
+            self.d("steer"),
+        )
         s = _read_format(formats.read_steer, self.d("steer") / formats.STEER_JSON) or res
-        lines = [f"latent #{latent} clamped to alpha={alpha} in every token of the tapped vision block "
-                 f"(prompt {s.get('settings', {}).get('prompt', '')!r})"]
-        for img, b, st in zip(s.get("settings", {}).get("images", ["?"] * 9), s.get("baseline", []), s.get("steered", [])):
+        lines = [
+            f"latent #{latent} clamped to alpha={alpha} in every token of the tapped vision block "
+            f"(prompt {s.get('settings', {}).get('prompt', '')!r})"
+        ]
+        for img, b, st in zip(
+            s.get("settings", {}).get("images", ["?"] * 9), s.get("baseline", []), s.get("steered", [])
+        ):
             lines.append(f"  {img}: baseline {b!r} -> steered {st!r}")
         for a, answers in (s.get("sweep") or {}).items():
             lines.append(f"  alpha sweep {a}: {answers!r}")
         changed = sum(b != st for b, st in zip(s.get("baseline", []), s.get("steered", [])))
-        lines.append(f"{changed} of {len(s.get('steered', []))} answers changed (a random tiny LM: the words mean "
-                     f"nothing, the change shows the hook reaches the language model)")
+        lines.append(
+            f"{changed} of {len(s.get('steered', []))} answers changed (a random tiny LM: the words mean "
+            f"nothing, the change shows the hook reaches the language model)"
+        )
         return lines
 
     # -- 6 ------------------------------------------------------------------------------------
@@ -318,7 +386,7 @@ class Demo:
                     traceback.print_exc()
                 else:
                     res.status, res.error = "missing", str(e)
-            except Exception as e:  # noqa: BLE001 - report and go on with the independent steps
+            except Exception as e:
                 res.status, res.error = "failed", f"{type(e).__name__}: {e}"
                 traceback.print_exc()
             res.seconds = time.perf_counter() - t0
@@ -331,9 +399,18 @@ class Demo:
                 print(f"   {res.status.upper()}: {res.error}  ({res.seconds:.1f} s)")
         wall = time.perf_counter() - t_start
         summary = {
-            "out": str(self.out), "wall_seconds": round(wall, 1),
-            "steps": {n: {"status": r.status, "seconds": round(r.seconds, 1), "out": r.out, "shows": r.lines,
-                          "error": r.error} for n, r in self.results.items()},
+            "out": str(self.out),
+            "wall_seconds": round(wall, 1),
+            "steps": {
+                n: {
+                    "status": r.status,
+                    "seconds": round(r.seconds, 1),
+                    "out": r.out,
+                    "shows": r.lines,
+                    "error": r.error,
+                }
+                for n, r in self.results.items()
+            },
         }
         from vlmsae.utils.io import atomic_write_json, atomic_write_text
 
@@ -375,16 +452,25 @@ def run(cfg: Any = None, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError(f"Unknown demo step(s) {unknown}: choose from {list(STEPS)}.")
     if out.exists():
         if not (out / "demo_summary.json").exists() and any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and is not a demo folder (no demo_summary.json): "
-                                  f"pass another --out or remove it.")
+            raise FileExistsError(
+                f"{out} exists and is not a demo folder (no demo_summary.json): pass another --out or remove it."
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True)
     # A marker first, so an interrupted demo folder is still recognised (and replaced) next time.
     (out / "demo_summary.json").write_text("{}\n")
     from vlmsae.utils.provenance import write_run_info
 
-    write_run_info(out, {"steps": list(steps), "seed": int(cfg.get("seed", 0)), "model": MODEL, "tokens": TOKENS,
-                         "images_per_class": IMAGES_PER_CLASS})
+    write_run_info(
+        out,
+        {
+            "steps": list(steps),
+            "seed": int(cfg.get("seed", 0)),
+            "model": MODEL,
+            "tokens": TOKENS,
+            "images_per_class": IMAGES_PER_CLASS,
+        },
+    )
     return Demo(out, steps, seed=int(cfg.get("seed", 0))).run()
 
 
@@ -395,13 +481,15 @@ def _quiet() -> None:
 
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
-    for pattern in (".*inference threshold is not estimated.*", ".*Sparse CSR tensor support is in beta.*",
-                    ".*LeafSpec.*", ".*litlogger.*"):
+    for pattern in (
+        ".*inference threshold is not estimated.*",
+        ".*Sparse CSR tensor support is in beta.*",
+        ".*LeafSpec.*",
+        ".*litlogger.*",
+    ):
         warnings.filterwarnings("ignore", message=pattern)
-    try:  # Lightning sets its loggers to INFO when imported: import first, then turn them down
+    with contextlib.suppress(ImportError):  # Lightning sets its loggers to INFO on import: import, then turn down
         import lightning.pytorch  # noqa: F401
-    except ImportError:
-        pass
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

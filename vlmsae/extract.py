@@ -44,12 +44,22 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     out_dpath = run_dir(out_dpath if out_dpath is not None else cfg.out)
     data = cfg.data
     plan = ExtractionPlan(
-        source=str(data.source), root=None if data.root is None else str(data.root), layer=cfg.layer,
-        tokens=str(cfg.tokens), k=int(cfg.k), seed=int(cfg.seed), dtype=str(cfg.dtype),
-        rows_per_shard=int(cfg.rows_per_shard), rows_per_chunk=int(cfg.rows_per_chunk), order_seed=cfg.order_seed,
-        max_images=None if data.max_images is None else int(data.max_images), batch_size=int(data.batch_size),
-        num_workers=int(data.num_workers), exif_transpose=bool(data.exif_transpose),
-        synthetic=synthetic_options_of(data), progress=bool(cfg.progress),
+        source=str(data.source),
+        root=None if data.root is None else str(data.root),
+        layer=cfg.layer,
+        tokens=str(cfg.tokens),
+        k=int(cfg.k),
+        seed=int(cfg.seed),
+        dtype=str(cfg.dtype),
+        rows_per_shard=int(cfg.rows_per_shard),
+        rows_per_chunk=int(cfg.rows_per_chunk),
+        order_seed=cfg.order_seed,
+        max_images=None if data.max_images is None else int(data.max_images),
+        batch_size=int(data.batch_size),
+        num_workers=int(data.num_workers),
+        exif_transpose=bool(data.exif_transpose),
+        synthetic=synthetic_options_of(data),
+        progress=bool(cfg.progress),
     )
     extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath)
     if (finished := extraction.finished) is not None:  # rerunning a complete extraction changes nothing

@@ -76,12 +76,39 @@ PROGRESS_VERSIONS = (1,)
 SAE_CONFIG_VERSIONS = (1,)
 
 __all__ = [
-    "FormatVersionError", "HierarchySummary", "LatentRow", "LatentsTable", "MsSummary", "RunInfo",
-    "SAECheckpointConfig", "SteerEvalResult", "SteerResult", "StoreManifest", "StoreProgress", "TopImagesIndex", "check_version",
-    "read_hierarchy", "read_latents_csv", "read_manifest", "read_ms_summary", "read_progress",
-    "read_run_info", "read_sae_config", "read_steer", "read_steer_eval", "read_top_images", "write_hierarchy",
-    "write_latents_csv", "write_manifest", "write_ms_summary", "write_progress", "write_run_info", "write_sae_config",
-    "write_steer", "write_steer_eval", "write_top_images",
+    "FormatVersionError",
+    "HierarchySummary",
+    "LatentRow",
+    "LatentsTable",
+    "MsSummary",
+    "RunInfo",
+    "SAECheckpointConfig",
+    "SteerEvalResult",
+    "SteerResult",
+    "StoreManifest",
+    "StoreProgress",
+    "TopImagesIndex",
+    "check_version",
+    "read_hierarchy",
+    "read_latents_csv",
+    "read_manifest",
+    "read_ms_summary",
+    "read_progress",
+    "read_run_info",
+    "read_sae_config",
+    "read_steer",
+    "read_steer_eval",
+    "read_top_images",
+    "write_hierarchy",
+    "write_latents_csv",
+    "write_manifest",
+    "write_ms_summary",
+    "write_progress",
+    "write_run_info",
+    "write_sae_config",
+    "write_steer",
+    "write_steer_eval",
+    "write_top_images",
 ]
 
 
@@ -144,8 +171,9 @@ def _from_json_dict(cls: type, obj: dict[str, Any], fpath: Path, known: tuple[in
 def _build(cls: type, obj: dict[str, Any], fpath: Path | str, job: str, version: int) -> Any:
     """``cls`` from a flat dict: its named fields typed, every other key in ``extra``."""
     names = [f.name for f in fields(cls) if f.name not in _SKIP]
-    required = [f.name for f in fields(cls)
-                if f.name not in _SKIP and f.default is MISSING and f.default_factory is MISSING]
+    required = [
+        f.name for f in fields(cls) if f.name not in _SKIP and f.default is MISSING and f.default_factory is MISSING
+    ]
     missing = [n for n in required if n not in obj]
     if missing:
         raise ValueError(f"{fpath} lacks the key(s) {missing} (it has {sorted(obj)}); re-run `{job}` to rewrite it.")
@@ -160,8 +188,9 @@ def _check_types(obj: Any, spec: dict[str, tuple[type, ...]]) -> None:
     for name, types in spec.items():
         value = getattr(obj, name)
         if value is not None and not isinstance(value, types):
-            raise ValueError(f"{name} must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__} "
-                             f"{value!r:.60}")
+            raise ValueError(
+                f"{name} must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__} {value!r:.60}"
+            )
 
 
 _NUM = (int, float)
@@ -187,8 +216,19 @@ class MsSummary:
     format_version: int = MS_SUMMARY_VERSIONS[-1]
 
     def __post_init__(self) -> None:
-        _check_types(self, {"mean": _NUM, "std": _NUM, "min": _NUM, "max": _NUM, "dead": (int,),
-                            "n_latents": (int,), "n_images": (int,), "baseline": (dict,)})
+        _check_types(
+            self,
+            {
+                "mean": _NUM,
+                "std": _NUM,
+                "min": _NUM,
+                "max": _NUM,
+                "dead": (int,),
+                "n_latents": (int,),
+                "n_images": (int,),
+                "baseline": (dict,),
+            },
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_json_dict(self)
@@ -224,8 +264,19 @@ class HierarchySummary:
     format_version: int = HIERARCHY_VERSIONS[-1]
 
     def __post_init__(self) -> None:
-        _check_types(self, {"groups": (list,), "group_sizes": (list,), "n_latents": (int,), "n_scored": (int,),
-                            "n_images": (int,), "n_top": (int,), "ranks": (list,), "paper_table2": (dict,)})
+        _check_types(
+            self,
+            {
+                "groups": (list,),
+                "group_sizes": (list,),
+                "n_latents": (int,),
+                "n_scored": (int,),
+                "n_images": (int,),
+                "n_top": (int,),
+                "ranks": (list,),
+                "paper_table2": (dict,),
+            },
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_json_dict(self)
@@ -262,8 +313,16 @@ class SteerResult:
     def __post_init__(self) -> None:
         if self.settings is None:
             self.settings = {}
-        _check_types(self, {"steered": (list,), "baseline": (list,), "activation_steering": (list,),
-                            "sweep": (dict,), "settings": (dict,)})
+        _check_types(
+            self,
+            {
+                "steered": (list,),
+                "baseline": (list,),
+                "activation_steering": (list,),
+                "sweep": (dict,),
+                "settings": (dict,),
+            },
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_json_dict(self)
@@ -422,12 +481,32 @@ class StoreManifest:
     format_version: int = MANIFEST_VERSIONS[-1]
 
     def __post_init__(self) -> None:
-        _check_types(self, {
-            "d": (int,), "n_rows": (int,), "dtype": (str,), "n_shards": (int,), "n_chunks": (int,),
-            "rows_per_chunk": (int,), "shards": (list,), "mean": (list,), "var": (list,), "mean_sq_norm": _NUM,
-            "versions": (dict,), "complete": (bool,), "layer": (int, str), "tokens": (str,), "k": (int,),
-            "n_images": (int,), "n_skipped": (int,), "skipped": (list,), "skipped_by_reason": (dict,),
-            "classes": (list,), "synthetic": (dict,)})
+        _check_types(
+            self,
+            {
+                "d": (int,),
+                "n_rows": (int,),
+                "dtype": (str,),
+                "n_shards": (int,),
+                "n_chunks": (int,),
+                "rows_per_chunk": (int,),
+                "shards": (list,),
+                "mean": (list,),
+                "var": (list,),
+                "mean_sq_norm": _NUM,
+                "versions": (dict,),
+                "complete": (bool,),
+                "layer": (int, str),
+                "tokens": (str,),
+                "k": (int,),
+                "n_images": (int,),
+                "n_skipped": (int,),
+                "skipped": (list,),
+                "skipped_by_reason": (dict,),
+                "classes": (list,),
+                "synthetic": (dict,),
+            },
+        )
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> StoreManifest:
@@ -443,10 +522,14 @@ def read_manifest(path: str | Path) -> StoreManifest:
     missing or unfinished."""
     fpath = _file(path, MANIFEST_JSON)
     if not fpath.is_file():
-        hint = " (an extraction is in progress or was interrupted: rerun the same command to finish it)" if (
-            fpath.parent / PROGRESS_JSON).exists() else ""
-        raise FileNotFoundError(f"No {MANIFEST_JSON} in {fpath.parent}{hint}: run `{_EXTRACT_JOB} ... "
-                                f"out={fpath.parent}` first.")
+        hint = (
+            " (an extraction is in progress or was interrupted: rerun the same command to finish it)"
+            if (fpath.parent / PROGRESS_JSON).exists()
+            else ""
+        )
+        raise FileNotFoundError(
+            f"No {MANIFEST_JSON} in {fpath.parent}{hint}: run `{_EXTRACT_JOB} ... out={fpath.parent}` first."
+        )
     return _from_json_dict(StoreManifest, _load_json(fpath, _EXTRACT_JOB), fpath, MANIFEST_VERSIONS, _EXTRACT_JOB)
 
 
@@ -474,8 +557,17 @@ class StoreProgress:
     format_version: int = PROGRESS_VERSIONS[-1]
 
     def __post_init__(self) -> None:
-        _check_types(self, {"meta": (dict,), "n_shards": (int,), "n_rows": (int,), "n_chunks": (int,),
-                            "stats": (dict,), "state": (dict,)})
+        _check_types(
+            self,
+            {
+                "meta": (dict,),
+                "n_shards": (int,),
+                "n_rows": (int,),
+                "n_chunks": (int,),
+                "stats": (dict,),
+                "state": (dict,),
+            },
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return _to_json_dict(self)
@@ -526,9 +618,23 @@ class SAECheckpointConfig:
     def __post_init__(self) -> None:
         if self.source is None:
             self.source = {}
-        _check_types(self, {"config": (dict,), "format": (str,), "arch": (str,), "d_in": (int,),
-                            "n_latents": (int,), "k": (int,), "group_sizes": (list,), "threshold": _NUM,
-                            "input_scale": (dict,), "n_steps": (int,), "precision": (dict,), "source": (dict,)})
+        _check_types(
+            self,
+            {
+                "config": (dict,),
+                "format": (str,),
+                "arch": (str,),
+                "d_in": (int,),
+                "n_latents": (int,),
+                "k": (int,),
+                "group_sizes": (list,),
+                "threshold": _NUM,
+                "input_scale": (dict,),
+                "n_steps": (int,),
+                "precision": (dict,),
+                "source": (dict,),
+            },
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = _to_json_dict(self)
@@ -552,7 +658,7 @@ def read_sae_config(path: str | Path) -> SAECheckpointConfig:
         raise ValueError(f"{str(fpath)!r} is not valid JSON ({err}); the checkpoint is corrupt.") from err
     if not isinstance(obj, dict) or obj.get("format") != SAE_FORMAT or not isinstance(obj.get("config"), dict):
         raise ValueError(
-            f"{str(fpath)!r} is not a vlmsae SAE config (expected \"format\": {SAE_FORMAT!r} and a \"config\" object)."
+            f'{str(fpath)!r} is not a vlmsae SAE config (expected "format": {SAE_FORMAT!r} and a "config" object).'
         )
     return _from_json_dict(SAECheckpointConfig, obj, fpath, SAE_CONFIG_VERSIONS, _TRAIN_JOB)
 
@@ -605,8 +711,10 @@ def _cell_float(value: str | None, fpath: Path, line: int, column: str) -> float
     try:
         return float(value)
     except ValueError:
-        raise ValueError(f"{fpath} line {line}: {column}={value!r} is not a number (write nan or leave it "
-                         f"empty for a dead latent); re-run `{_MS_JOB}` to rewrite the file.") from None
+        raise ValueError(
+            f"{fpath} line {line}: {column}={value!r} is not a number (write nan or leave it "
+            f"empty for a dead latent); re-run `{_MS_JOB}` to rewrite the file."
+        ) from None
 
 
 def _cell_int(value: str | None, fpath: Path, line: int, column: str) -> int | None:
@@ -628,8 +736,10 @@ def read_latents_csv(path: str | Path) -> LatentsTable:
         if first.startswith("#"):
             match = _VERSION_LINE.match(first.rstrip("\r\n"))
             if match is None:
-                raise ValueError(f"{fpath} starts with {first.strip()!r}, expected '# vlmsae latents.csv "
-                                 f"format_version=<n>' or the header line; re-run `{_MS_JOB}` to rewrite it.")
+                raise ValueError(
+                    f"{fpath} starts with {first.strip()!r}, expected '# vlmsae latents.csv "
+                    f"format_version=<n>' or the header line; re-run `{_MS_JOB}` to rewrite it."
+                )
             found: Any = int(match.group(1)) if match.group(1).isdigit() else match.group(1)
             version, offset = check_version(fpath, found, LATENTS_CSV_VERSIONS, _MS_JOB), 1
         else:
@@ -639,8 +749,10 @@ def read_latents_csv(path: str | Path) -> LatentsTable:
         columns = reader.fieldnames or []
         missing = [c for c in ("latent", "ms") if c not in columns]
         if missing:
-            raise ValueError(f"{fpath} lacks the column(s) {missing}; it has {columns}. Expected the monosemanticity "
-                             f"format: {', '.join(LATENTS_COLUMNS)}.")
+            raise ValueError(
+                f"{fpath} lacks the column(s) {missing}; it has {columns}. Expected the monosemanticity "
+                f"format: {', '.join(LATENTS_COLUMNS)}."
+            )
         rows = []
         for r in reader:
             line = reader.line_num + offset
@@ -648,11 +760,16 @@ def read_latents_csv(path: str | Path) -> LatentsTable:
             if latent is None:
                 raise ValueError(f"{fpath} line {line}: the latent id is empty.")
             keys = r.get("top_keys") or ""
-            rows.append(LatentRow(latent=latent, ms=_cell_float(r["ms"], fpath, line, "ms"),
-                                  freq=_cell_float(r.get("freq"), fpath, line, "freq"),
-                                  max_act=_cell_float(r.get("max_act"), fpath, line, "max_act"),
-                                  group=_cell_int(r.get("group"), fpath, line, "group"),
-                                  top_keys=tuple(keys.split("|")) if keys else ()))
+            rows.append(
+                LatentRow(
+                    latent=latent,
+                    ms=_cell_float(r["ms"], fpath, line, "ms"),
+                    freq=_cell_float(r.get("freq"), fpath, line, "freq"),
+                    max_act=_cell_float(r.get("max_act"), fpath, line, "max_act"),
+                    group=_cell_int(r.get("group"), fpath, line, "group"),
+                    top_keys=tuple(keys.split("|")) if keys else (),
+                )
+            )
     return LatentsTable(rows, format_version=version)
 
 
@@ -663,8 +780,16 @@ def write_latents_csv(dpath: str | Path, table: LatentsTable) -> Path:
     writer = csv.writer(buf)
     writer.writerow(LATENTS_COLUMNS)
     for r in table.rows:
-        writer.writerow([r.latent, "nan" if math.isnan(r.ms) else f"{r.ms:.6f}", f"{r.freq:.6g}", f"{r.max_act:.6g}",
-                         "" if r.group is None else r.group, "|".join(r.top_keys)])
+        writer.writerow(
+            [
+                r.latent,
+                "nan" if math.isnan(r.ms) else f"{r.ms:.6f}",
+                f"{r.freq:.6g}",
+                f"{r.max_act:.6g}",
+                "" if r.group is None else r.group,
+                "|".join(r.top_keys),
+            ]
+        )
     return atomic_write_text(Path(dpath) / LATENTS_CSV, buf.getvalue())
 
 
@@ -701,8 +826,9 @@ def read_top_images(dpath: str | Path) -> TopImagesIndex:
         raise FileNotFoundError(f"{fpath} not found: point at a top_images/ folder written by `{job}`.")
     images_fpath = dpath / TOP_IMAGES_JSON
     if not images_fpath.is_file():
-        raise FileNotFoundError(f"{images_fpath} is missing: the top_images index needs {TOP_TENSORS} and "
-                                f"{TOP_IMAGES_JSON}.")
+        raise FileNotFoundError(
+            f"{images_fpath} is missing: the top_images index needs {TOP_TENSORS} and {TOP_IMAGES_JSON}."
+        )
     meta_fpath = dpath / TOP_META_JSON
     meta = _load_json(meta_fpath, job) if meta_fpath.exists() else {}
     # An index written before format_version existed (or without meta.json) is version 1.
@@ -712,8 +838,16 @@ def read_top_images(dpath: str | Path) -> TopImagesIndex:
         raise ValueError(f"{fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
     images = _load_json(images_fpath, job)
     image_idx, acts = tensors.pop("image_idx"), tensors.pop("acts")
-    return TopImagesIndex(image_idx, acts, list(images.get("keys") or []), images.get("paths"), images.get("labels"),
-                          meta, extra=tensors, format_version=version)
+    return TopImagesIndex(
+        image_idx,
+        acts,
+        list(images.get("keys") or []),
+        images.get("paths"),
+        images.get("labels"),
+        meta,
+        extra=tensors,
+        format_version=version,
+    )
 
 
 def write_top_images(dpath: str | Path, index: TopImagesIndex) -> Path:
@@ -727,11 +861,15 @@ def write_top_images(dpath: str | Path, index: TopImagesIndex) -> Path:
     tensors = {name: t.contiguous() for name, t in index.extra.items()}
     tensors.update(image_idx=index.image_idx.to(torch.long).contiguous(), acts=index.acts.float().contiguous())
     atomic_write(dpath / TOP_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_json(dpath / TOP_IMAGES_JSON, {"keys": index.keys, "paths": index.paths, "labels": index.labels},
-                      indent=None)
-    meta = {"format_version": TOP_IMAGES_VERSIONS[-1],
-            **{k: v for k, v in index.meta.items() if k != "format_version"},
-            "n_latents": int(index.image_idx.shape[0]), "top_k": int(index.image_idx.shape[1]),
-            "n_images": len(index.keys)}
+    atomic_write_json(
+        dpath / TOP_IMAGES_JSON, {"keys": index.keys, "paths": index.paths, "labels": index.labels}, indent=None
+    )
+    meta = {
+        "format_version": TOP_IMAGES_VERSIONS[-1],
+        **{k: v for k, v in index.meta.items() if k != "format_version"},
+        "n_latents": int(index.image_idx.shape[0]),
+        "top_k": int(index.image_idx.shape[1]),
+        "n_images": len(index.keys),
+    }
     atomic_write_json(dpath / TOP_META_JSON, meta)
     return dpath

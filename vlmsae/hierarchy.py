@@ -26,14 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae import formats
 from vlmsae.config import conf_dir, register_configs
+from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics import hierarchy_study as study
-from vlmsae.metrics.codes import open_sae_source
-from vlmsae.models import ModelSpec
-from vlmsae.models.embedders import EmbedderSpec, load_embedder
-from vlmsae.report.plots import plot_depth
+from vlmsae.report.studies import write_hierarchy_outputs
 from vlmsae.sae import load_sae
-from vlmsae.utils.io import atomic_write_text
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -48,37 +45,27 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     out_dpath = run_dir(out_dpath)
     if OmegaConf.is_missing(cfg, "sae_path"):
         raise ValueError("sae_path is required: the checkpoint folder of a trained SAE (<run>/sae with config.json).")
+    job: HierarchyJob = OmegaConf.to_object(cfg)
     sae_info, sae = formats.read_sae_config(cfg.sae_path), load_sae(cfg.sae_path)
     if sae_info.arch != "matryoshka":
-        log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)",
-                    sae_info.arch)
+        log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)", sae_info.arch)
     data = study.taxonomy_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.ms_run)
     # The taxonomy first: a missing WordNet or a bad CSV fails before any image is encoded.
     taxonomy = study.open_taxonomy(OmegaConf.to_container(cfg.taxonomy, resolve=True), data)
     classes: list[str] = []
-    if cfg.ms_run:
-        top, ms_K = study.load_ms_run(cfg.ms_run, sae.n_latents)
+    if job.ms_run:
+        top, ms_K = study.load_ms_run(job.ms_run, sae.n_latents)
     else:
-        images = ImageSet.from_node(data, job="hierarchy",
-                                    hint=" (or pass ms_run=<monosemanticity run dir> to reuse its top images)")
+        images = ImageSet.from_node(
+            data, job="hierarchy", hint=" (or pass ms_run=<monosemanticity run dir> to reuse its top images)"
+        )
         classes = study.check_images_have_taxa(taxonomy, images)
-        src = open_sae_source(sae, sae_info.source, layer=cfg.layer, pool=cfg.pool, device=cfg.device,
-                              model=ModelSpec.from_cfg(cfg.model) if cfg.model is not None else None,
-                              sae_dpath=cfg.sae_path)
-        embedder = load_embedder(EmbedderSpec.from_cfg(cfg.embedder)) if cfg.embedder is not None else None
-        top, ms_K = study.compute_top_images(src, images, embedder, top_k=cfg.top_k,
-                                             batch_size=cfg.batch_size or images.batch_size, sae_path=cfg.sae_path)
+        top, ms_K = study.top_images_of_sae(sae, sae_info.source, images, job)
         top.save(out_dpath / formats.TOP_IMAGES_DIR)
 
-    result = study.score_hierarchy(top, ms_K, taxonomy, classes, sae, n_top=cfg.n_top, min_majority=cfg.min_majority,
-                                   sae_path=cfg.sae_path, ms_run=cfg.ms_run)
-    study.write_latent_taxa_csv(out_dpath / "latent_taxa.csv", result.latent_rows, result.summary.ranks)
-    formats.write_hierarchy(out_dpath, result.summary)
-    atomic_write_text(out_dpath / "hierarchy.md", study.hierarchy_markdown(result.summary))
-    plot_depth(out_dpath / "hierarchy.png", result.summary.groups,
-               f"{Path(str(cfg.sae_path)).name}: {result.taxonomy_source}"[:90], study.PAPER_TABLE2["depth"])
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=[
-        formats.HIERARCHY_JSON, "hierarchy.md", "hierarchy.png", "latent_taxa.csv"])
+    result = study.score_hierarchy(top, ms_K, taxonomy, classes, sae, job)
+    outputs = write_hierarchy_outputs(out_dpath, result, Path(str(cfg.sae_path)).name)
+    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=outputs)
     study.log_groups(result.summary)
     log.info("hierarchy outputs in %s", out_dpath)
     return {**result.summary.to_dict(), "out_dpath": str(out_dpath)}

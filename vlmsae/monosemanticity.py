@@ -31,7 +31,6 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae import formats
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics.codes import open_sae_checkpoint
@@ -39,7 +38,7 @@ from vlmsae.metrics.embedding_cache import default_cache_dpath
 from vlmsae.metrics.ms_study import score_sae, zero_shot_check
 from vlmsae.models import ModelSpec
 from vlmsae.models.embedders import EmbedderSpec
-from vlmsae.report.plots import plot_ms_hist, plot_ms_vs_freq
+from vlmsae.report.studies import write_ms_outputs
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -59,21 +58,33 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     src = open_sae_checkpoint(sae_dpath, model=model, layer=cfg.layer, pool=cfg.pool, device=cfg.device)
     images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
     cache_dpath = Path(cfg.embed_cache).expanduser() if cfg.embed_cache else default_cache_dpath()
-    study = score_sae(src, images, EmbedderSpec.from_cfg(cfg.embedder), cache_dpath, top_k=cfg.top_k,
-                      baseline=cfg.baseline, chunk_size=cfg.chunk_size, dense_threshold=cfg.dense_threshold,
-                      progress=cfg.progress, sae_path=sae_dpath)
+    study = score_sae(
+        src,
+        images,
+        EmbedderSpec.from_cfg(cfg.embedder),
+        cache_dpath,
+        top_k=cfg.top_k,
+        baseline=cfg.baseline,
+        chunk_size=cfg.chunk_size,
+        dense_threshold=cfg.dense_threshold,
+        progress=cfg.progress,
+        sae_path=sae_dpath,
+    )
     if cfg.zero_shot:
-        study.summary["zero_shot"] = zero_shot_check(src, images, study.classes, template=cfg.zero_shot_template,
-                                                     max_images=cfg.zero_shot_max_images)
+        study.summary["zero_shot"] = zero_shot_check(
+            src, images, study.classes, template=cfg.zero_shot_template, max_images=cfg.zero_shot_max_images
+        )
 
-    study.top.save(out_dpath / formats.TOP_IMAGES_DIR)
-    formats.write_latents_csv(out_dpath, study.latents_table())
-    formats.write_ms_summary(out_dpath, study.summary_format())
-    plot_ms_hist(out_dpath / "ms_hist.png", study.ms_K, study.ms_raw_D)
-    plot_ms_vs_freq(out_dpath / "ms_vs_freq.png", study.ms_K, study.freq_K)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), sae_path=str(sae_dpath),
-                   data_root=str(images.root), skipped=study.skip_log.to_list(),
-                   image_list_digest=study.image_list_digest)
+    outputs = write_ms_outputs(out_dpath, study)
+    write_run_info(
+        out_dpath,
+        OmegaConf.to_container(cfg, resolve=True),
+        outputs=outputs,
+        sae_path=str(sae_dpath),
+        data_root=str(images.root),
+        skipped=study.skip_log.to_list(),
+        image_list_digest=study.image_list_digest,
+    )
     summary = study.summary
     log.info("mean MS: SAE %.4f, raw neurons %s", summary["mean"], summary.get("baseline", {}).get("mean"))
     return {"out_dpath": str(out_dpath), **summary}

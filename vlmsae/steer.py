@@ -34,14 +34,27 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     job: SteerJob = OmegaConf.to_object(cfg)
     out_dpath = run_dir(out_dpath)
     spec = ModelSpec.from_cfg(cfg.model)
-    request = SteerRequest(latent_alphas(job.latent, job.alpha), job.mode, job.patches, job.prompt,
-                           job.max_new_tokens, job.batch_size, job.compare_add, job.sweep)
+    request = SteerRequest(
+        latent_alphas(job.latent, job.alpha),
+        job.mode,
+        job.patches,
+        job.prompt,
+        job.max_new_tokens,
+        job.batch_size,
+        job.compare_add,
+        job.sweep,
+    )
     torch.manual_seed(job.seed)
     setup = load_steering(spec, job.sae_path, job.layer, job.device_map)
     images, names = load_images(job.image, setup.image_size)
     result, rows = compare_answers(setup, images, names, request)
-    result.settings = {"model": spec.name, "dtype": spec.dtype, "device_map": job.device_map,
-                       "sae_path": job.sae_path, **result.settings}
+    result.settings = {
+        "model": spec.name,
+        "dtype": spec.dtype,
+        "device_map": job.device_map,
+        "sae_path": job.sae_path,
+        **result.settings,
+    }
     print(side_by_side(names, rows, result.sweep))
     write_steer(out_dpath, result)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))

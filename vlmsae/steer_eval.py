@@ -19,44 +19,46 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.formats import write_steer_eval
+from vlmsae.metrics.topimages import TopImages
+from vlmsae.models.embedders import EmbedderSpec, load_embedder
+from vlmsae.models.spec import ModelSpec
+from vlmsae.report.steering import write_score_report
+from vlmsae.steering import evaluate
+from vlmsae.steering.setup import load_steering, require_folder
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
-    import torch
-
-    from vlmsae.metrics.topimages import TopImages
-    from vlmsae.models.embedders import EmbedderSpec, load_embedder
-    from vlmsae.models.spec import ModelSpec
-    from vlmsae.report.steering import write_score_report
-    from vlmsae.steering import evaluate
-    from vlmsae.steering.setup import load_steering, require_folder
-
+    """Score steering as ``cfg`` says (keys: :class:`SteerEvalJob`); outputs in ``out_dpath``."""
     job: SteerEvalJob = OmegaConf.to_object(cfg)
     out_dpath = run_dir(out_dpath)
     require_folder("sae_path", job.sae_path)
     require_folder("top_images", job.top_images)
     torch.manual_seed(job.seed)
-    request = evaluate.ScoreRequest(
-        evaluate.latent_list(job.latents), job.alpha, job.mode, job.prompt, job.max_new_tokens, job.batch_size,
-        job.top_n, job.compare_add, evaluate.load_class_names(job.class_names), job.seed,
-    )
+    request = evaluate.ScoreRequest.from_job(job)
     spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
     setup = load_steering(spec, job.sae_path, job.layer, job.device_map)
     embedder = load_embedder(embedder_spec)
     top = TopImages.load(job.top_images)
     images, image_names = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
     scores = evaluate.score_steering(setup, embedder, top, images, image_names, request)
-    result = scores.result(evaluate.paper_setting(job.images), {
-        "model": spec.name, "sae_path": job.sae_path, "top_images": job.top_images, "images": job.images,
-        "embedder": OmegaConf.to_container(cfg.embedder, resolve=True),
-    })
+    result = scores.result(
+        evaluate.paper_setting(job.images),
+        {
+            "model": spec.name,
+            "sae_path": job.sae_path,
+            "top_images": job.top_images,
+            "images": job.images,
+            "embedder": OmegaConf.to_container(cfg.embedder, resolve=True),
+        },
+    )
     table = write_score_report(out_dpath, scores, job.images)
     write_steer_eval(out_dpath, result)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))

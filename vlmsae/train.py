@@ -50,9 +50,17 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     model = ModelSpec.from_cfg(cfg.model)
     source = resolve_train_source(data, model, cfg.layer, cfg.tokens, int(cfg.tokens_k))
     sae_config = SAEConfig.from_schema(node_dict(cfg, "sae"), d_in=source.d).to_dict()
-    plan = FitPlan(model=model, source=source, sae_config=sae_config, data=data, trainer=trainer,
-                   logger=OmegaConf.to_object(cfg.logger), seed=int(cfg.seed),
-                   resume_ckpt=find_resume_checkpoint(cfg.resume, out_dpath, config), config=config)
+    plan = FitPlan(
+        model=model,
+        source=source,
+        sae_config=sae_config,
+        data=data,
+        trainer=trainer,
+        logger=OmegaConf.to_object(cfg.logger),
+        seed=int(cfg.seed),
+        resume_ckpt=find_resume_checkpoint(cfg.resume, out_dpath, config),
+        config=config,
+    )
     return fit_sae(plan, out_dpath, callbacks)
 
 

@@ -10,4 +10,4 @@ from __future__ import annotations
 
 from vlmsae.bench.harness import MODULES, render_markdown, run_all
 
-__all__ = ["MODULES", "run_all", "render_markdown"]
+__all__ = ["MODULES", "render_markdown", "run_all"]

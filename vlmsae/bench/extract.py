@@ -4,8 +4,9 @@ On a random ViT-B/32-sized open_clip model (12 blocks, width 768, built without 
 ``forward_to(x, L)`` should cost about ``(L+1)/n_layers`` of the full image forward (all blocks +
 ln_post + projection): the patch embedding and the tail are small next to the blocks. Forwards
 are timed interleaved (one of each per round) so background load hits all alike, and the best
-(minimum) time of each is used: load from other processes only ever adds time. ``extract_images_per_s`` is the end-to-end ``vlmsae.extract.run`` rate (decode, preprocess,
-forward, token selection, shard writing) at the middle layer on generated 224 px images.
+(minimum) time of each is used: load from other processes only ever adds time.
+``extract_images_per_s`` is the end-to-end ``vlmsae.extract.run`` rate (decode, preprocess, forward, token
+selection, shard writing) at the middle layer on generated 224 px images.
 """
 
 from __future__ import annotations
@@ -39,8 +40,18 @@ def _time_rounds(fns: dict[str, Any], rounds: int, warmup: int = 1) -> dict[str,
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Ratios ``extract_layer{L}_over_full_ratio`` next to ``extract_expected_ratio_layer{L}`` + images/s."""
-    spec = ModelSpec(name="vit_b32_random", backend="open_clip", arch="ViT-B-32", pretrained=None, image_size=224,
-                     n_layers=12, width=768, embed_dim=512, dtype="float32", device="auto")
+    spec = ModelSpec(
+        name="vit_b32_random",
+        backend="open_clip",
+        arch="ViT-B-32",
+        pretrained=None,
+        image_size=224,
+        n_layers=12,
+        width=768,
+        embed_dim=512,
+        dtype="float32",
+        device="auto",
+    )
     tap = load_tap(spec)
     batch = 4 if quick else 16
     rounds = 3 if quick else 7
@@ -74,9 +85,23 @@ def run(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vlmsae-bench-extract-") as tmp:
         n_per_class = 2 if quick else 8
         root = make_concept_images(Path(tmp) / "images", n_per_class=n_per_class, size=224, seed=0)
-        plan = ExtractionPlan(source="folder", root=str(root), layer=mid, tokens="cls", k=2, seed=0, dtype="float16",
-                              rows_per_shard=65536, rows_per_chunk=4096, order_seed=0, max_images=None,
-                              batch_size=batch, num_workers=0, exif_transpose=True, progress=False)
+        plan = ExtractionPlan(
+            source="folder",
+            root=str(root),
+            layer=mid,
+            tokens="cls",
+            k=2,
+            seed=0,
+            dtype="float16",
+            rows_per_shard=65536,
+            rows_per_chunk=4096,
+            order_seed=0,
+            max_images=None,
+            batch_size=batch,
+            num_workers=0,
+            exif_transpose=True,
+            progress=False,
+        )
         summary = StoreExtraction(spec, plan, Path(tmp) / "acts").run()
     out["extract_images_per_s"] = summary["images_per_s"]
     out["extract_end_to_end_images"] = summary["n_images"]

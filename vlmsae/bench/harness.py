@@ -78,13 +78,13 @@ def run_module(name: str, quick: bool) -> dict[str, Any]:
         if err.name != f"vlmsae.bench.{name}":
             return {f"{name}_error": f"import failed: {err!r}"}
         return {f"{name}_error": f"missing: vlmsae/bench/{name}.py does not exist yet"}
-    except Exception as err:  # noqa: BLE001  a broken module must not stop the other benchmarks
+    except Exception as err:
         return {f"{name}_error": f"import failed: {err!r}"}
     try:
         results = module.run(quick=quick)
         if not isinstance(results, dict):
             raise TypeError(f"vlmsae.bench.{name}.run returned {type(results).__name__}, expected a dict")
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         traceback.print_exc()
         return {f"{name}_error": f"{type(err).__name__}: {err}"}
     out = _flatten(results)
@@ -125,19 +125,26 @@ def _step_table(results: dict, prefix: str, title: str) -> list[str]:
     sizes = sorted({int(k.rsplit("_", 1)[1]) for k in results if k.startswith(f"{prefix}_sparse_tokens_per_s_")})
     if not sizes:
         return []
-    rows = [("sparse (vlmsae)", "sparse_tokens_per_s"),
-            ("dense (vlmsae fallback)", "dense_tokens_per_s"),
-            ("dense reference", "reference_tokens_per_s"),
-            ("BatchTopK, sparse (vlmsae)", "sparse_batchtopk_tokens_per_s"),
-            ("encoder matmul alone (bound)", "encoder_bound_tokens_per_s"),
-            ("sparse, best round", "sparse_tokens_per_s_best"),
-            ("dense reference, best round", "reference_tokens_per_s_best"),
-            ("speedup sparse / reference", "speedup_vs_reference"),
-            ("speedup sparse / dense", "speedup_vs_dense"),
-            ("speedup BatchTopK sparse / reference", "batchtopk_speedup_vs_reference"),
-            ("sparse / encoder bound", "fraction_of_encoder_bound")]
-    lines = ["", f"## {title}", "", "| | " + " | ".join(f"F = {n:,}" for n in sizes) + " |",
-             "|---|" + "---:|" * len(sizes)]
+    rows = [
+        ("sparse (vlmsae)", "sparse_tokens_per_s"),
+        ("dense (vlmsae fallback)", "dense_tokens_per_s"),
+        ("dense reference", "reference_tokens_per_s"),
+        ("BatchTopK, sparse (vlmsae)", "sparse_batchtopk_tokens_per_s"),
+        ("encoder matmul alone (bound)", "encoder_bound_tokens_per_s"),
+        ("sparse, best round", "sparse_tokens_per_s_best"),
+        ("dense reference, best round", "reference_tokens_per_s_best"),
+        ("speedup sparse / reference", "speedup_vs_reference"),
+        ("speedup sparse / dense", "speedup_vs_dense"),
+        ("speedup BatchTopK sparse / reference", "batchtopk_speedup_vs_reference"),
+        ("sparse / encoder bound", "fraction_of_encoder_bound"),
+    ]
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        "| | " + " | ".join(f"F = {n:,}" for n in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
     for label, key in rows:
         lines.append(f"| {label} | " + " | ".join(_fmt(results.get(f"{prefix}_{key}_{n}")) for n in sizes) + " |")
     return lines
@@ -145,28 +152,37 @@ def _step_table(results: dict, prefix: str, title: str) -> list[str]:
 
 def render_markdown(results: dict) -> str:
     """A readable summary (the SAE step table first), then every key."""
-    lines = ["# vlmsae benchmarks", "",
-             f"Machine: {results.get('machine_cpu')}, {results.get('machine_cpu_count')} cores, "
-             f"{results.get('machine_torch_threads')} torch threads, GPU: {results.get('machine_gpu')}; "
-             f"1-min load average {_fmt(results.get('machine_loadavg_1min_start'))} at start, "
-             f"{_fmt(results.get('machine_loadavg_1min_end'))} at end (other processes share the cores: "
-             f"compare paths within one run). Quick run: {results.get('quick')}. "
-             f"Commit {results.get('provenance_git_commit')}, {results.get('provenance_created')}."]
+    lines = [
+        "# vlmsae benchmarks",
+        "",
+        f"Machine: {results.get('machine_cpu')}, {results.get('machine_cpu_count')} cores, "
+        f"{results.get('machine_torch_threads')} torch threads, GPU: {results.get('machine_gpu')}; "
+        f"1-min load average {_fmt(results.get('machine_loadavg_1min_start'))} at start, "
+        f"{_fmt(results.get('machine_loadavg_1min_end'))} at end (other processes share the cores: "
+        f"compare paths within one run). Quick run: {results.get('quick')}. "
+        f"Commit {results.get('provenance_git_commit')}, {results.get('provenance_created')}.",
+    ]
     if "sae_step_batch_size" in results:
-        shape = (f"d = {results['sae_step_d_in']}, k = {results['sae_step_k']}, batch {results['sae_step_batch_size']:,}")
+        shape = f"d = {results['sae_step_d_in']}, k = {results['sae_step_k']}, batch {results['sae_step_batch_size']:,}"
         lines += _step_table(results, "sae_step", f"SAE training step, tokens/s (CPU fp32, {shape})")
         lines += _step_table(results, "sae_step_gpu_bf16", f"SAE training step, tokens/s (GPU bf16 autocast, {shape})")
-        lines += ["", "Each step: loss, backward, decoder-gradient projection, grad-norm clip, Adam (fused, the "
-                  "same for every path), unit-norm decoder rows. The paths share one set of weights and are "
-                  "timed interleaved (one step of each per round) after warmup; tokens/s from the median step "
-                  "time, speedups = median over rounds of the per-round time ratio (robust to load bursts). "
-                  "`dense reference` = top-k scattered into a dense B x F code and a dense decoder matmul "
-                  "(vlmsae/bench/sae_step.py); `encoder matmul alone` = the selecting B x F x D matmul, the bound "
-                  "for any exact TopK step."]
+        lines += [
+            "",
+            "Each step: loss, backward, decoder-gradient projection, grad-norm clip, Adam (fused, the "
+            "same for every path), unit-norm decoder rows. The paths share one set of weights and are "
+            "timed interleaved (one step of each per round) after warmup; tokens/s from the median step "
+            "time, speedups = median over rounds of the per-round time ratio (robust to load bursts). "
+            "`dense reference` = top-k scattered into a dense B x F code and a dense decoder matmul "
+            "(vlmsae/bench/sae_step.py); `encoder matmul alone` = the selecting B x F x D matmul, the bound "
+            "for any exact TopK step.",
+        ]
     if "sae_fve_sparse" in results:
-        lines += ["", f"Learning curve ({results['sae_fve_steps']} steps, same data and seed): FVE sparse "
-                  f"{results['sae_fve_sparse']:.4f}, reference {results['sae_fve_reference']:.4f}, relative "
-                  f"difference {100 * results['sae_fve_rel_diff']:.3f}% (within 1%: {results['sae_fve_within_1pct']})."]
+        lines += [
+            "",
+            f"Learning curve ({results['sae_fve_steps']} steps, same data and seed): FVE sparse "
+            f"{results['sae_fve_sparse']:.4f}, reference {results['sae_fve_reference']:.4f}, relative "
+            f"difference {100 * results['sae_fve_rel_diff']:.3f}% (within 1%: {results['sae_fve_within_1pct']}).",
+        ]
     if "gemm_gflops" in results:
         lines += ["", f"fp32 GEMM ceiling: {results['gemm_gflops']:.1f} GFLOP/s ({results.get('gemm_shape')})."]
     lines += ["", "## All results", "", "| key | value |", "|---|---|"]

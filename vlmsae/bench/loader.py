@@ -87,9 +87,14 @@ def run(quick: bool = False) -> dict:
         write_acts_store(tmp / "acts", acts, rows_per_chunk=4096, chunks_per_shard=4, meta={"model": "bench"})
         del acts
         fpaths = [str(p) for p in list_shards(tmp / "acts")]
-        n_batches = (8 if quick else 48)
-        results: dict = {"loader_d": D, "loader_batch_size": BATCH, "loader_dtype": "float16",
-                         "loader_store_rows": n_rows, "loader_shards": len(fpaths)}
+        n_batches = 8 if quick else 48
+        results: dict = {
+            "loader_d": D,
+            "loader_batch_size": BATCH,
+            "loader_dtype": "float16",
+            "loader_store_rows": n_rows,
+            "loader_shards": len(fpaths),
+        }
         for workers in (0, 2):
             rate, growth = _stream_rate(fpaths, workers, n_batches)
             results[f"loader_rows_per_s_w{workers}"] = rate

@@ -30,7 +30,7 @@ def random_sparse_codes(n_images: int, n_latents: int, k: int, seed: int = 0) ->
     g = torch.Generator().manual_seed(seed)
     # Zipf-ish latent popularity without building an [N, K] matrix: draw ranks from a log-uniform law.
     u_NK = torch.rand(n_images, k, generator=g)
-    cols = (n_latents ** u_NK).long().clamp_(1, n_latents) - 1
+    cols = (n_latents**u_NK).long().clamp_(1, n_latents) - 1
     cols = torch.randperm(n_latents, generator=g)[cols]  # popular latents spread over the index range
     rows = torch.arange(n_images).repeat_interleave(k)
     vals = torch.rand(n_images * k, generator=g) * 4.0 + 0.05

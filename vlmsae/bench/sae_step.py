@@ -83,10 +83,20 @@ class SharedSAEs:
     stays at one model + one optimiser (2.5 GB at 65,536 latents instead of 10 GB).
     """
 
-    def __init__(self, shape: StepShape, x_init_BD: torch.Tensor, seed: int, device: torch.device,
-                 archs: dict[str, tuple[str, str]] | None = None) -> None:
-        archs = archs or {"sparse": ("topk", "sparse"), "dense": ("topk", "dense"), "reference": ("topk", "dense"),
-                          "sparse_batchtopk": ("batchtopk", "sparse")}
+    def __init__(
+        self,
+        shape: StepShape,
+        x_init_BD: torch.Tensor,
+        seed: int,
+        device: torch.device,
+        archs: dict[str, tuple[str, str]] | None = None,
+    ) -> None:
+        archs = archs or {
+            "sparse": ("topk", "sparse"),
+            "dense": ("topk", "dense"),
+            "reference": ("topk", "dense"),
+            "sparse_batchtopk": ("batchtopk", "sparse"),
+        }
         self.shape = shape
         self.saes: dict[str, SAE] = {}
         owner = None
@@ -118,8 +128,13 @@ def reference_loss(sae: SAE, x_BD: torch.Tensor, k: int) -> torch.Tensor:
     return (x_hat_BD.float() - x_s_BD.float()).pow(2).sum(-1).mean()
 
 
-def train_step(sae: SAE, opt: torch.optim.Optimizer, x_BD: torch.Tensor, reference: bool = False,
-               amp_dtype: torch.dtype | None = None) -> float:
+def train_step(
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    x_BD: torch.Tensor,
+    reference: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> float:
     """One full training step (vlmsae.sae.fit's order); ``reference`` swaps in the dense reference loss."""
     with torch.autocast(device_type=x_BD.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = reference_loss(sae, x_BD, sae.cfg.k) if reference else sae.loss(x_BD)["loss"]
@@ -183,8 +198,15 @@ def measure_step_seconds(
     return seconds
 
 
-def measure_throughput(shape: StepShape, device: str | torch.device = "cpu", amp_dtype: torch.dtype | None = None,
-                       warmup: int = 1, rounds: int = 5, paths: tuple[str, ...] = PATHS, seed: int = 0) -> dict:
+def measure_throughput(
+    shape: StepShape,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    warmup: int = 1,
+    rounds: int = 5,
+    paths: tuple[str, ...] = PATHS,
+    seed: int = 0,
+) -> dict:
     """Median tokens/s of each path at ``shape`` (see :func:`measure_step_seconds`)."""
     seconds = measure_step_seconds(shape, device, amp_dtype, warmup, rounds, paths, seed)
     return {p: shape.batch_size / statistics.median(ts) for p, ts in seconds.items()}
@@ -215,13 +237,19 @@ def fve(sae: SAE, x_BD: torch.Tensor) -> float:
 
 
 def learning_curve(
-    steps: int = 1000, d_in: int = 256, n_latents: int = 2048, k: int = 20, batch_size: int = 512, seed: int = 0,
+    steps: int = 1000,
+    d_in: int = 256,
+    n_latents: int = 2048,
+    k: int = 20,
+    batch_size: int = 512,
+    seed: int = 0,
     lr: float = 1e-3,
 ) -> dict[str, float]:
     """Train the sparse path and the reference ``steps`` steps each, from the same init on the same
     planted-feature batches; return their FVE on held-out data from the same distribution."""
-    planted = PlantedDictionary.random(d_in=d_in, n_atoms=n_latents // 2, k=max(1, k // 2), noise_std=0.05,
-                                       scale=3.0, offset_norm=2.0, seed=seed)
+    planted = PlantedDictionary.random(
+        d_in=d_in, n_atoms=n_latents // 2, k=max(1, k // 2), noise_std=0.05, scale=3.0, offset_norm=2.0, seed=seed
+    )
     x_eval_BD = planted.sample(4 * batch_size, seed=10_000_019).x
     x_first_BD = planted.sample(batch_size, seed=seed * 1_000_003).x
     shape = StepShape(d_in, n_latents, k, batch_size)
@@ -231,8 +259,9 @@ def learning_curve(
         for group in shared.opt.param_groups:
             group["lr"] = lr  # a short run: a larger constant lr than the 110k-step recipe's
         sae = shared.saes[path]
-        for x_BD in tqdm(planted.batches(batch_size, steps, seed=seed), total=steps, desc=f"learning curve ({path})",
-                         leave=False):
+        for x_BD in tqdm(
+            planted.batches(batch_size, steps, seed=seed), total=steps, desc=f"learning curve ({path})", leave=False
+        ):
             train_step(sae, shared.opt, x_BD, reference=path == "reference")
         out[path] = fve(sae, x_eval_BD)
     return out
@@ -242,8 +271,9 @@ def learning_curve(
 # The benchmark module's entry
 
 
-def _throughput_keys(prefix: str, shape_kw: dict, sizes: tuple[int, ...], device: str, amp_dtype, warmup: int,
-                     rounds: dict[int, int]) -> dict:
+def _throughput_keys(
+    prefix: str, shape_kw: dict, sizes: tuple[int, ...], device: str, amp_dtype, warmup: int, rounds: dict[int, int]
+) -> dict:
     """Flat keys: tokens/s (median step time) of every path, best-round tokens/s of the sparse and
     reference paths, and speedups as the median of per-round ratios, for each size; the headline
     keys (no size suffix) are those of the first size."""
@@ -260,7 +290,8 @@ def _throughput_keys(prefix: str, shape_kw: dict, sizes: tuple[int, ...], device
         out[f"{prefix}_speedup_vs_dense_{n_latents}"] = round_ratio(seconds, "dense", "sparse")
         out[f"{prefix}_fraction_of_encoder_bound_{n_latents}"] = round_ratio(seconds, "encoder", "sparse")
         out[f"{prefix}_batchtopk_speedup_vs_reference_{n_latents}"] = round_ratio(
-            seconds, "reference", "sparse_batchtopk")
+            seconds, "reference", "sparse_batchtopk"
+        )
         out[f"{prefix}_rounds_{n_latents}"] = rounds[n_latents]
     head = sizes[0]
     for name in ("sparse", "dense", "reference"):
@@ -277,23 +308,31 @@ def run(quick: bool = False) -> dict:
     rounds = {n: 2 for n in sizes} if quick else {8192: 9, 65536: 3}
     load_start = os.getloadavg()[0]
     out: dict = {
-        "sae_step_d_in": shape_kw["d_in"], "sae_step_k": shape_kw["k"], "sae_step_batch_size": shape_kw["batch_size"],
-        "sae_step_threads": torch.get_num_threads(), "sae_step_arch": "topk (+ batchtopk sparse)",
+        "sae_step_d_in": shape_kw["d_in"],
+        "sae_step_k": shape_kw["k"],
+        "sae_step_batch_size": shape_kw["batch_size"],
+        "sae_step_threads": torch.get_num_threads(),
+        "sae_step_arch": "topk (+ batchtopk sparse)",
     }
     out.update(_throughput_keys("sae_step", shape_kw, sizes, "cpu", None, warmup=1, rounds=rounds))
     out["sae_step_loadavg_1min"] = max(load_start, os.getloadavg()[0])
 
     curve_kw = dict(steps=100, d_in=32, n_latents=256, k=4, batch_size=128) if quick else dict(steps=1000)
     curve = learning_curve(**curve_kw)
-    out.update({
-        "sae_fve_steps": curve_kw["steps"], "sae_fve_sparse": curve["sparse"], "sae_fve_reference": curve["reference"],
-        "sae_fve_rel_diff": abs(curve["sparse"] - curve["reference"]) / abs(curve["reference"]),
-    })
+    out.update(
+        {
+            "sae_fve_steps": curve_kw["steps"],
+            "sae_fve_sparse": curve["sparse"],
+            "sae_fve_reference": curve["reference"],
+            "sae_fve_rel_diff": abs(curve["sparse"] - curve["reference"]) / abs(curve["reference"]),
+        }
+    )
     out["sae_fve_within_1pct"] = out["sae_fve_rel_diff"] <= 0.01
 
     if torch.cuda.is_available():
         gpu_rounds = {n: 3 if quick else 20 for n in sizes}
-        out.update(_throughput_keys("sae_step_gpu_bf16", shape_kw, sizes, "cuda", torch.bfloat16, warmup=3,
-                                    rounds=gpu_rounds))
+        out.update(
+            _throughput_keys("sae_step_gpu_bf16", shape_kw, sizes, "cuda", torch.bfloat16, warmup=3, rounds=gpu_rounds)
+        )
         out["sae_step_gpu_name"] = torch.cuda.get_device_name()
     return out

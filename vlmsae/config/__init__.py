@@ -50,7 +50,15 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for group, name, node in SCHEMAS:
         cs.store(group=group, name=name, node=store_node(node))
-    for job in (extract, train, monosemanticity, hierarchy, steer, steer_eval, browse):  # one schema per job: <job>_schema
+    for job in (
+        extract,
+        train,
+        monosemanticity,
+        hierarchy,
+        steer,
+        steer_eval,
+        browse,
+    ):  # one schema per job: <job>_schema
         job.register()
     _REGISTERED = True
 

@@ -42,8 +42,10 @@ def _check_known(cls: type, values: Mapping[str, Any], what: str, also: tuple[st
     if unknown:
         hint = ""
         if "extra" in unknown:
-            hint = (f" The untyped `extra:` dict is gone: its keys are {what} fields now (write {what}.seed=1, "
-                    f"not {what}.extra.seed=1).")
+            hint = (
+                f" The untyped `extra:` dict is gone: its keys are {what} fields now (write {what}.seed=1, "
+                f"not {what}.extra.seed=1)."
+            )
         raise ValueError(f"Unknown {what} field(s) {unknown}: valid fields are {sorted(names)}.{hint}")
 
 
@@ -373,7 +375,7 @@ class SAEConfig:
 
 def _fractions_to_sizes(fractions: tuple[float, ...], n_latents: int) -> list[int]:
     # The 1e-6 guards float products like 0.29 * 100 = 28.999999999999996.
-    sizes = [int(math.floor(f * n_latents + 1e-6)) for f in fractions[:-1]]
+    sizes = [math.floor(f * n_latents + 1e-6) for f in fractions[:-1]]
     sizes.append(n_latents - sum(sizes))
     return sizes
 

@@ -36,16 +36,22 @@ def _draw_one(shape: str, rgb: tuple[int, int, int], size: int, rng: np.random.G
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
     elif shape in ("square", "triangle"):
         n = 4 if shape == "square" else 3
-        pts = [(cx + radius * np.cos(angle + 2 * np.pi * i / n), cy + radius * np.sin(angle + 2 * np.pi * i / n))
-               for i in range(n)]
+        pts = [
+            (cx + radius * np.cos(angle + 2 * np.pi * i / n), cy + radius * np.sin(angle + 2 * np.pi * i / n))
+            for i in range(n)
+        ]
         draw.polygon(pts, fill=fill)
     elif shape == "cross":
         w = radius * 0.35
         for a in (angle, angle + np.pi / 2):
             dx, dy = np.cos(a), np.sin(a)
             px, py = -dy * w, dx * w
-            pts = [(cx - dx * radius + px, cy - dy * radius + py), (cx + dx * radius + px, cy + dy * radius + py),
-                   (cx + dx * radius - px, cy + dy * radius - py), (cx - dx * radius - px, cy - dy * radius - py)]
+            pts = [
+                (cx - dx * radius + px, cy - dy * radius + py),
+                (cx + dx * radius + px, cy + dy * radius + py),
+                (cx + dx * radius - px, cy + dy * radius - py),
+                (cx - dx * radius - px, cy - dy * radius - py),
+            ]
             draw.polygon(pts, fill=fill)
     else:
         raise ValueError(f"Unknown shape {shape!r}: use one of {list(SHAPES)}.")

@@ -35,7 +35,8 @@ class ImageSet:
         source = data["source"]
         if source not in IMAGE_SOURCES:
             raise ValueError(
-                f"{job} reads images: data.source={source!r} must be folder, list, wds or synthetic{hint}.")
+                f"{job} reads images: data.source={source!r} must be folder, list, wds or synthetic{hint}."
+            )
         return cls(
             source=str(source),
             root=None if data["root"] is None else str(data["root"]),

@@ -61,14 +61,14 @@ SOURCES = ("folder", "list", "wds", "synthetic")
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over opaque white (module docstring)
 # Why an image was skipped: stable names, counted in a store's manifest (``skipped_by_reason``).
 SKIP_REASONS = (
-    "missing file",       # the listed path does not exist
-    "unreadable file",    # it exists but cannot be read (permissions, a folder, an I/O error)
-    "not an image",       # no image format recognises the bytes (e.g. a text file named .jpg)
-    "truncated",          # the file ends before the image data does
-    "corrupt",            # the decoder failed on the data (broken stream, bad header)
-    "too large",          # over Pillow's decompression-bomb limit
-    "unsupported mode",   # decoded, but its pixel mode has no conversion to RGB
-    "no image member",    # a WebDataset sample without a jpg/jpeg/png/webp member
+    "missing file",  # the listed path does not exist
+    "unreadable file",  # it exists but cannot be read (permissions, a folder, an I/O error)
+    "not an image",  # no image format recognises the bytes (e.g. a text file named .jpg)
+    "truncated",  # the file ends before the image data does
+    "corrupt",  # the decoder failed on the data (broken stream, bad header)
+    "too large",  # over Pillow's decompression-bomb limit
+    "unsupported mode",  # decoded, but its pixel mode has no conversion to RGB
+    "no image member",  # a WebDataset sample without a jpg/jpeg/png/webp member
     "preprocess failed",  # decoded, but the model's preprocessing refused it (e.g. zero-sized)
     "other",
 )
@@ -211,7 +211,9 @@ def list_file(list_fpath: str | Path) -> ImageList:
         rows.append((path_text.strip(), str(path), label_text.strip()))
     names = sorted({lab for _, _, lab in rows if lab and not lab.lstrip("-").isdigit()})
     index = {name: i for i, name in enumerate(names)}
-    items = [(key, path, int(lab) if lab.lstrip("-").isdigit() else index[lab] if lab else -1) for key, path, lab in rows]
+    items = [
+        (key, path, int(lab) if lab.lstrip("-").isdigit() else index[lab] if lab else -1) for key, path, lab in rows
+    ]
     return ImageList(items, names)
 
 
@@ -289,10 +291,9 @@ def load_image(data_or_path: Any, exif_transpose: bool = True) -> Any:
         if exif_transpose:
             try:
                 out = ImageOps.exif_transpose(img)
-            except Exception:  # noqa: BLE001  a malformed EXIF block: keep the stored pixels rather than drop the image
+            except Exception:
                 out = img
         return to_rgb(out)
-
 
 
 def _wds_label(sample: dict[str, bytes]) -> int:
@@ -370,8 +371,11 @@ def iter_images(
             message, reason = f"{type(err).__name__}: {err}", skip_reason(err)
             if skip_log is not None:
                 skip_log.add(key, path, message, reason)
-            return ImageRecord(key, path, label, None, pos, error=message, index=index,
-                               reason=reason) if yield_skipped else None
+            return (
+                ImageRecord(key, path, label, None, pos, error=message, index=index, reason=reason)
+                if yield_skipped
+                else None
+            )
 
     if source == "wds":
         if root is None:

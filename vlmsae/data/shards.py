@@ -32,8 +32,14 @@ from vlmsae.utils.io import atomic_write
 from vlmsae.utils.provenance import git_commit, versions
 
 SHARD_PATTERN = "acts-%06d.tar"
-STORE_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float32": torch.float32, "fp32": torch.float32}
+STORE_DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 def list_shards(dpath: str | Path) -> list[Path]:
@@ -80,7 +86,7 @@ class RunningStats:
         return {"n": self.n, "mean": self.mean.tolist(), "m2": self.m2.tolist(), "sq_norm_sum": self.sq_norm_sum}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "RunningStats":
+    def from_state(cls, state: dict[str, Any]) -> RunningStats:
         stats = cls(len(state["mean"]))
         stats.n = int(state["n"])
         stats.mean = torch.tensor(state["mean"], dtype=torch.float64)
@@ -122,7 +128,7 @@ class ImageListDigest:
         return {"chain": self.chain, "pending": list(self.pending)}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> "ImageListDigest":
+    def from_state(cls, state: dict[str, Any]) -> ImageListDigest:
         digest = cls()
         digest.chain, digest.pending = state["chain"], list(state["pending"])
         return digest
@@ -136,8 +142,9 @@ def image_list_digest(keys: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def encode_chunk(acts_RD: torch.Tensor, token_idx_R: torch.Tensor, image_idx_R: torch.Tensor,
-                 label_R: torch.Tensor, keys: list[str]) -> tuple[bytes, bytes]:
+def encode_chunk(
+    acts_RD: torch.Tensor, token_idx_R: torch.Tensor, image_idx_R: torch.Tensor, label_R: torch.Tensor, keys: list[str]
+) -> tuple[bytes, bytes]:
     """The two tar members of one chunk: safetensors bytes and the keys JSON."""
     from safetensors.torch import save
 
@@ -170,8 +177,15 @@ class ShardWriter:
     state saved with the last complete shard (e.g. the next image position), or ``None`` if fresh.
     """
 
-    def __init__(self, dpath: str | Path, d: int, dtype: str = "float16", rows_per_chunk: int = 4096,
-                 rows_per_shard: int = 65536, meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        dpath: str | Path,
+        d: int,
+        dtype: str = "float16",
+        rows_per_chunk: int = 4096,
+        rows_per_shard: int = 65536,
+        meta: dict[str, Any] | None = None,
+    ):
         if dtype not in STORE_DTYPES:
             raise ValueError(f"Unknown store dtype {dtype!r}: use one of {sorted(STORE_DTYPES)}.")
         if rows_per_chunk < 1 or rows_per_shard < 1:
@@ -193,10 +207,12 @@ class ShardWriter:
         if (self.dpath / PROGRESS_JSON).exists():
             progress = read_progress(self.dpath)
             if progress.meta != self.meta:
-                changed = sorted(k for k in set(progress.meta) | set(self.meta)
-                                 if progress.meta.get(k) != self.meta.get(k))
-                detail = "; ".join(f"{k}: was {_short(progress.meta.get(k))}, now {_short(self.meta.get(k))}"
-                                   for k in changed)
+                changed = sorted(
+                    k for k in set(progress.meta) | set(self.meta) if progress.meta.get(k) != self.meta.get(k)
+                )
+                detail = "; ".join(
+                    f"{k}: was {_short(progress.meta.get(k))}, now {_short(self.meta.get(k))}" for k in changed
+                )
                 raise ValueError(
                     f"{self.dpath} holds a different extraction (settings differ in {changed}: {detail}): resume "
                     "only with the same command and the same images, or choose a new out=<dir>."
@@ -208,7 +224,7 @@ class ShardWriter:
             raise ValueError(f"{self.dpath} holds activation shards but no {PROGRESS_JSON}: choose a new out=<dir>.")
         # Shards newer than the progress record (killed between the rename and the progress write)
         # and stray temporary files are rewritten from the recorded state.
-        for fpath in list_shards(self.dpath)[self.n_shards:]:
+        for fpath in list_shards(self.dpath)[self.n_shards :]:
             fpath.unlink()
         for fpath in self.dpath.glob(".acts-*.tmp"):
             fpath.unlink()
@@ -217,8 +233,14 @@ class ShardWriter:
     def buffered_rows(self) -> int:
         return self._buf_rows
 
-    def add(self, acts_ND: torch.Tensor, token_idx_N: torch.Tensor, image_idx_N: torch.Tensor,
-            label_N: torch.Tensor, keys: list[str]) -> None:
+    def add(
+        self,
+        acts_ND: torch.Tensor,
+        token_idx_N: torch.Tensor,
+        image_idx_N: torch.Tensor,
+        label_N: torch.Tensor,
+        keys: list[str],
+    ) -> None:
         """Buffer rows (cast to the store dtype); statistics are taken on the stored values."""
         if acts_ND.ndim != 2 or acts_ND.shape[1] != self.d:
             raise ValueError(f"Expected rows [N, {self.d}], got {tuple(acts_ND.shape)}.")
@@ -248,9 +270,10 @@ class ShardWriter:
             with tarfile.open(tmp_fpath, "w") as tar:
                 for start in range(0, len(keys), self.rows_per_chunk):
                     end = start + self.rows_per_chunk
-                    blob, keys_json = encode_chunk(acts[start:end], token_idx[start:end], image_idx[start:end],
-                                                   label[start:end], keys[start:end])
-                    key = "%06d" % (self.n_chunks + n_chunks)
+                    blob, keys_json = encode_chunk(
+                        acts[start:end], token_idx[start:end], image_idx[start:end], label[start:end], keys[start:end]
+                    )
+                    key = f"{self.n_chunks + n_chunks:06d}"
                     _add_member(tar, f"{key}.acts.safetensors", blob)
                     _add_member(tar, f"{key}.keys.json", keys_json)
                     n_chunks += 1
@@ -265,30 +288,40 @@ class ShardWriter:
         return shard_fpath
 
     def _write_progress(self) -> None:
-        write_progress(self.dpath, StoreProgress(meta=self.meta, n_shards=self.n_shards, n_rows=self.n_rows,
-                                                 n_chunks=self.n_chunks, stats=self.stats.state_dict(),
-                                                 state=self.state))
+        write_progress(
+            self.dpath,
+            StoreProgress(
+                meta=self.meta,
+                n_shards=self.n_shards,
+                n_rows=self.n_rows,
+                n_chunks=self.n_chunks,
+                stats=self.stats.state_dict(),
+                state=self.state,
+            ),
+        )
 
     def write_manifest(self, **fields: Any) -> StoreManifest:
         """Write ``manifest.json`` (statistics + ``meta`` + ``fields``); call after the last ``flush``."""
         if self._buf_rows:
             raise RuntimeError("write_manifest() with rows still buffered: call flush() first.")
-        manifest = StoreManifest.from_dict({
-            **self.meta,
-            "d": self.d,
-            "dtype": self.dtype_name,
-            "n_rows": self.n_rows,
-            "n_shards": self.n_shards,
-            "n_chunks": self.n_chunks,
-            "rows_per_chunk": self.rows_per_chunk,
-            "shards": [p.name for p in list_shards(self.dpath)],
-            **fields,
-            "mean": self.stats.mean.tolist(),
-            "var": self.stats.var.tolist(),
-            "mean_sq_norm": self.stats.mean_sq_norm,
-            "versions": versions(),
-            "git_commit": git_commit(),
-        })
+        manifest = StoreManifest.from_dict(
+            {
+                **self.meta,
+                "d": self.d,
+                "dtype": self.dtype_name,
+                "n_rows": self.n_rows,
+                "n_shards": self.n_shards,
+                "n_chunks": self.n_chunks,
+                "rows_per_chunk": self.rows_per_chunk,
+                "shards": [p.name for p in list_shards(self.dpath)],
+                **fields,
+                "mean": self.stats.mean.tolist(),
+                "var": self.stats.var.tolist(),
+                "mean_sq_norm": self.stats.mean_sq_norm,
+                "versions": versions(),
+                "git_commit": git_commit(),
+            }
+        )
         write_manifest(self.dpath, manifest)
         return manifest
 
@@ -297,8 +330,9 @@ def _want_all(chunk_index: int) -> bool:
     return True
 
 
-def iter_chunks(shard_fpaths: Iterable[str | Path], want: Callable[[int], bool] | None = None,
-                with_keys: bool = True) -> Iterator[dict[str, Any]]:
+def iter_chunks(
+    shard_fpaths: Iterable[str | Path], want: Callable[[int], bool] | None = None, with_keys: bool = True
+) -> Iterator[dict[str, Any]]:
     """The chunks of the given shards in order: dicts with ``acts`` [R, D], ``token_idx``, ``image_idx``,
     ``label``, ``keys`` (list of str; left out when ``with_keys=False``) and ``chunk`` (its index).
 
@@ -324,8 +358,10 @@ def _decode_chunk(key: str, blob: bytes, keys_json: bytes | None, where: str = "
         if keys_json is not None:
             chunk["keys"] = json.loads(keys_json)
     except Exception as err:  # safetensors raises its own error types; name the shard so it can be re-extracted
-        raise ValueError(f"{where}: chunk {key} is corrupt ({type(err).__name__}: {err}); the shard is damaged: "
-                         "delete the store and re-run `python -m vlmsae.extract` (or restore the file)") from err
+        raise ValueError(
+            f"{where}: chunk {key} is corrupt ({type(err).__name__}: {err}); the shard is damaged: "
+            "delete the store and re-run `python -m vlmsae.extract` (or restore the file)"
+        ) from err
     chunk["chunk"] = int(key)
     return chunk
 
@@ -347,8 +383,10 @@ def _shard_members(fpath: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
         if not member.isfile():
             continue
         if member.offset_data + member.size > size:
-            raise ValueError(f"{fpath}: truncated shard: member {member.name} ends at byte "
-                             f"{member.offset_data + member.size} but the file has {size} bytes; {fix}")
+            raise ValueError(
+                f"{fpath}: truncated shard: member {member.name} ends at byte "
+                f"{member.offset_data + member.size} but the file has {size} bytes; {fix}"
+            )
         key, _, ext = Path(member.name).name.partition(".")
         members.setdefault(key, {})[ext] = member
     if not members:
@@ -382,8 +420,9 @@ def image_holdout(image_idx_R: torch.Tensor, period: int) -> torch.Tensor:
     return image_idx_R % int(period) == 0
 
 
-def chunk_row_counts(fpath: str | Path, d: int | None = None,
-                     holdout_period: int | None = None) -> list[tuple[int, int, int]]:
+def chunk_row_counts(
+    fpath: str | Path, d: int | None = None, holdout_period: int | None = None
+) -> list[tuple[int, int, int]]:
     """``(chunk_index, n_rows, n_held_out)`` of every chunk of a local shard, in file order, from headers.
 
     Reads the tar headers and each chunk's safetensors header (the tensor shapes); with
@@ -407,11 +446,15 @@ def chunk_row_counts(fpath: str | Path, d: int | None = None,
                 header = json.loads(fh.read(n_header))
                 shape = header["acts"]["shape"]
             except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"{fpath}: chunk {int(key)} is corrupt (unreadable safetensors header: {err}); "
-                                 "re-copy the shard or re-run `python -m vlmsae.extract`") from err
+                raise ValueError(
+                    f"{fpath}: chunk {int(key)} is corrupt (unreadable safetensors header: {err}); "
+                    "re-copy the shard or re-run `python -m vlmsae.extract`"
+                ) from err
             if d is not None and (len(shape) != 2 or int(shape[1]) != int(d)):
-                raise ValueError(f"{fpath}: chunk {int(key)} has rows of shape {shape} but the store's manifest says "
-                                 f"d={d}: the store mixes extractions; re-extract it into a fresh folder")
+                raise ValueError(
+                    f"{fpath}: chunk {int(key)} has rows of shape {shape} but the store's manifest says "
+                    f"d={d}: the store mixes extractions; re-extract it into a fresh folder"
+                )
             n_rows, n_held = int(shape[0]), 0
             if holdout_period is not None:
                 start, end = header["image_idx"]["data_offsets"]

@@ -52,8 +52,10 @@ def open_store(acts: str | Path | None) -> tuple[Path, StoreManifest, list[str]]
         raise FileNotFoundError(f"{str(acts_dpath)!r} has a manifest but no acts-*.tar shards")
     listed = manifest.n_shards
     if listed is not None and int(listed) != len(shard_fpaths):
-        raise ValueError(f"{str(acts_dpath)!r}: the manifest lists {listed} shards but {len(shard_fpaths)} are "
-                         "present: restore the missing shards or re-run the extraction into a fresh folder")
+        raise ValueError(
+            f"{str(acts_dpath)!r}: the manifest lists {listed} shards but {len(shard_fpaths)} are "
+            "present: restore the missing shards or re-run the extraction into a fresh folder"
+        )
     return acts_dpath, manifest, shard_fpaths
 
 
@@ -77,8 +79,15 @@ def check_store_width(store: str | Path | StoreManifest, d_expected: int, acts_d
     return d
 
 
-def write_acts_store(dpath: str | Path, acts_ND: torch.Tensor, rows_per_chunk: int, chunks_per_shard: int,
-                     meta: dict | None = None, dtype: str = "float16", rows_per_image: int = 1) -> Path:
+def write_acts_store(
+    dpath: str | Path,
+    acts_ND: torch.Tensor,
+    rows_per_chunk: int,
+    chunks_per_shard: int,
+    meta: dict | None = None,
+    dtype: str = "float16",
+    rows_per_image: int = 1,
+) -> Path:
     """Write rows as an activation store with ``vlmsae.data.shards.ShardWriter`` (tests, benchmarks).
 
     ``meta`` goes into the manifest (model, layer, tokens, ...); defaults describe synthetic rows.
@@ -89,16 +98,24 @@ def write_acts_store(dpath: str | Path, acts_ND: torch.Tensor, rows_per_chunk: i
     meta = {"model": "synthetic", "pretrained": None, "layer": 0, "tokens": "cls", **(meta or {})}
     rows_per_shard = rows_per_chunk * chunks_per_shard
     if rows_per_shard % rows_per_image:
-        raise ValueError(f"rows_per_chunk * chunks_per_shard = {rows_per_shard} must be a multiple of "
-                         f"rows_per_image={rows_per_image}: a shard holds whole images")
-    writer = ShardWriter(dpath, d=D, dtype=dtype, rows_per_chunk=rows_per_chunk, rows_per_shard=rows_per_shard,
-                         meta=meta)
+        raise ValueError(
+            f"rows_per_chunk * chunks_per_shard = {rows_per_shard} must be a multiple of "
+            f"rows_per_image={rows_per_image}: a shard holds whole images"
+        )
+    writer = ShardWriter(
+        dpath, d=D, dtype=dtype, rows_per_chunk=rows_per_chunk, rows_per_shard=rows_per_shard, meta=meta
+    )
     for start in range(0, N, rows_per_shard):
         rows = acts_ND[start : start + rows_per_shard]
         n = rows.shape[0]
         row_R = torch.arange(start, start + n, dtype=torch.int64)
-        writer.add(rows, (row_R % rows_per_image).to(torch.int32), row_R // rows_per_image,
-                   torch.full((n,), -1, dtype=torch.int64), [f"img{i}" for i in (row_R // rows_per_image).tolist()])
+        writer.add(
+            rows,
+            (row_R % rows_per_image).to(torch.int32),
+            row_R // rows_per_image,
+            torch.full((n,), -1, dtype=torch.int64),
+            [f"img{i}" for i in (row_R // rows_per_image).tolist()],
+        )
         writer.flush()
     writer.write_manifest(n_images=-(-N // rows_per_image), image_list_digest=None, skipped=[])
     return Path(dpath)

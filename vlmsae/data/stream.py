@@ -154,8 +154,9 @@ def window_rows(shuffle_buffer: int, batch_size: int) -> int:
     return max(1, int(shuffle_buffer) // int(batch_size)) * int(batch_size)
 
 
-def build_chunk_index(shard_fpaths: list[str], holdout_period: int | None = None,
-                      d: int | None = None) -> dict[str, list[tuple[int, int, int]]]:
+def build_chunk_index(
+    shard_fpaths: list[str], holdout_period: int | None = None, d: int | None = None
+) -> dict[str, list[tuple[int, int, int]]]:
     """``{shard: [(chunk_index, n_rows, n_held_out), ...]}`` for every shard (headers only for local ones).
 
     A shard that is not a local file (a URL, ``pipe:...``) cannot be seeked: it is read once to count.
@@ -167,8 +168,11 @@ def build_chunk_index(shard_fpaths: list[str], holdout_period: int | None = None
             continue
         log.warning("shard %s is not a local file: reading it once to count its rows", fpath)
         index[fpath] = [
-            (c["chunk"], int(c["acts"].shape[0]),
-             int(image_holdout(c["image_idx"], holdout_period).sum()) if holdout_period else 0)
+            (
+                c["chunk"],
+                int(c["acts"].shape[0]),
+                int(image_holdout(c["image_idx"], holdout_period).sum()) if holdout_period else 0,
+            )
             for c in iter_chunks([fpath], with_keys=False)
         ]
     return index
@@ -186,8 +190,10 @@ class _RowReader:
         while self.n_rest < n:
             block = next(self.blocks, None)
             if block is None:
-                raise RuntimeError(f"{self.where}: fewer rows than the chunk index says: a shard changed while "
-                                   "training; restart the run (the index is rebuilt on start)")
+                raise RuntimeError(
+                    f"{self.where}: fewer rows than the chunk index says: a shard changed while "
+                    "training; restart the run (the index is rebuilt on start)"
+                )
             self.rest.append(block)
             self.n_rest += block.shape[0]
         rows = self.rest[0] if len(self.rest) == 1 else torch.cat(self.rest)
@@ -303,9 +309,11 @@ class ShardRowStream(IterableDataset):
 
     def _starved(self, epoch: int, worker: int, n_workers: int) -> str:
         n_rows = sum(n for _, _, n in self.plan(epoch, worker, n_workers))
-        return (f"worker {worker} of {n_workers} on rank {self.rank} gets {n_rows} rows per epoch, fewer than one "
-                f"batch of {self.batch_size}, epoch after epoch: use fewer data.num_workers, a smaller "
-                "data.batch_size, or a larger store")
+        return (
+            f"worker {worker} of {n_workers} on rank {self.rank} gets {n_rows} rows per epoch, fewer than one "
+            f"batch of {self.batch_size}, epoch after epoch: use fewer data.num_workers, a smaller "
+            "data.batch_size, or a larger store"
+        )
 
     # ------------------------------------------------------------------------- reading
     def _filter(self, chunk: dict) -> torch.Tensor:
@@ -330,8 +338,10 @@ class ShardRowStream(IterableDataset):
             for chunk in iter_chunks([fpath], expected.__contains__, with_keys=False):
                 rows_RD = self._filter(chunk)
                 if rows_RD.shape[0] != expected[chunk["chunk"]]:
-                    raise RuntimeError(f"{fpath}: chunk {chunk['chunk']} has {rows_RD.shape[0]} rows, the index "
-                                       f"says {expected[chunk['chunk']]}: the shard changed; restart the run")
+                    raise RuntimeError(
+                        f"{fpath}: chunk {chunk['chunk']} has {rows_RD.shape[0]} rows, the index "
+                        f"says {expected[chunk['chunk']]}: the shard changed; restart the run"
+                    )
                 if skip:
                     rows_RD, skip = rows_RD[skip:], 0
                 if rows_RD.shape[0]:
@@ -355,7 +365,8 @@ class ShardRowStream(IterableDataset):
             rows_WD = reader.take(size)
             if self.shuffle:
                 perm_W = torch.from_numpy(
-                    np.random.default_rng([self.seed, epoch, self.rank, worker, window]).permutation(size))
+                    np.random.default_rng([self.seed, epoch, self.rank, worker, window]).permutation(size)
+                )
             else:
                 perm_W = torch.arange(size)
             n_out = size // B + int(size % B > 0 and not self.drop_last)
@@ -392,9 +403,17 @@ class ImageRowsStream(IterableDataset):
     """Rows computed on the fly: ``make_chunks(epoch, part, n_parts)`` (images -> tap -> select_tokens, e.g.
     :class:`vlmsae.models.image_rows.ImageChunkMaker`) -> shuffle buffer -> batches."""
 
-    def __init__(self, make_chunks: Callable[[int, int, int], Iterator[torch.Tensor]], batch_size: int,
-                 shuffle_buffer: int, seed: int, rank: int, world_size: int, n_epochs: int | None,
-                 skip_batches: int = 0):
+    def __init__(
+        self,
+        make_chunks: Callable[[int, int, int], Iterator[torch.Tensor]],
+        batch_size: int,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        n_epochs: int | None,
+        skip_batches: int = 0,
+    ):
         super().__init__()
         self.make_chunks = make_chunks
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed

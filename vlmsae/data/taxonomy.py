@@ -213,7 +213,7 @@ def load_inat_json(fpath: str | Path) -> Taxonomy:
         missing = [f for f in fields if f not in cat]
         if missing:
             raise TaxonomyError(f"{fpath}: category #{i} ({cat.get('name', '?')}) lacks the fields {missing}.")
-        path = tuple(str(cat[f]) for f in fields[:-1]) + (f"{cat['genus']} {cat['specific_epithet']}",)
+        path = (*tuple(str(cat[f]) for f in fields[:-1]), f"{cat['genus']} {cat['specific_epithet']}")
         for key in (cat.get("image_dir_name"), cat.get("name")):
             if key is not None:
                 paths[str(key)] = path
@@ -278,9 +278,16 @@ def _nltk_data_dirs() -> list[Path]:
 
         dirs = list(nltk.data.path)
     except ImportError:
-        dirs = [os.path.expanduser("~/nltk_data"), os.path.join(sys.prefix, "nltk_data"),
-                os.path.join(sys.prefix, "share", "nltk_data"), os.path.join(sys.prefix, "lib", "nltk_data"),
-                "/usr/share/nltk_data", "/usr/local/share/nltk_data", "/usr/lib/nltk_data", "/usr/local/lib/nltk_data"]
+        dirs = [
+            os.path.expanduser("~/nltk_data"),
+            os.path.join(sys.prefix, "nltk_data"),
+            os.path.join(sys.prefix, "share", "nltk_data"),
+            os.path.join(sys.prefix, "lib", "nltk_data"),
+            "/usr/share/nltk_data",
+            "/usr/local/share/nltk_data",
+            "/usr/lib/nltk_data",
+            "/usr/local/lib/nltk_data",
+        ]
         dirs = os.environ.get("NLTK_DATA", "").split(os.pathsep) + dirs
     return [Path(d) for d in dirs if d]
 
@@ -339,7 +346,7 @@ def parse_wordnet_data(lines: Iterable[str]) -> dict[int, tuple[str, list[int]]]
             p_cnt = int(fields[p_at])
             hyper, inst = [], []
             for j in range(p_cnt):
-                symbol, target, pos = fields[p_at + 1 + 4 * j: p_at + 4 + 4 * j]
+                symbol, target, pos = fields[p_at + 1 + 4 * j : p_at + 4 + 4 * j]
                 if pos == "n" and symbol == "@":
                     hyper.append(int(target))
                 elif pos == "n" and symbol == "@i":
@@ -366,8 +373,9 @@ def wordnet_path(synsets: dict[int, tuple[str, list[int]]], offset: int) -> tupl
         offset = hypers[0]
 
 
-def load_wordnet(wnids: Iterable[str] | None = None, wordnet_dpath: str | Path | None = None,
-                 noun_fpath: str | Path | None = None) -> Taxonomy:
+def load_wordnet(
+    wnids: Iterable[str] | None = None, wordnet_dpath: str | Path | None = None, noun_fpath: str | Path | None = None
+) -> Taxonomy:
     """Taxonomy of ImageNet wnids (``n01440764``) from their WordNet hypernym paths.
 
     ``wnids``: the classes to include (None = every noun synset). Ranks are ``depth_1 ... depth_D``,
@@ -391,8 +399,9 @@ def load_wordnet(wnids: Iterable[str] | None = None, wordnet_dpath: str | Path |
             raise TaxonomyError(f"{wnid!r} is not a WordNet noun id (expected n + 8 digits, e.g. n01440764).")
         paths[wnid] = wordnet_path(synsets, int(wnid[1:]))
     depth = max(len(p) for p in paths.values())
-    return Taxonomy(tuple(f"depth_{i + 1}" for i in range(depth)), paths,
-                    source=f"wordnet:{fpath}{'!' + member if member else ''}")
+    return Taxonomy(
+        tuple(f"depth_{i + 1}" for i in range(depth)), paths, source=f"wordnet:{fpath}{'!' + member if member else ''}"
+    )
 
 
 def wnids_in(root: str | Path) -> list[str]:
@@ -421,9 +430,15 @@ def load_concepts(root: str | Path | None = None) -> Taxonomy:
     return Taxonomy(("shape", "shape_colour"), paths, source=f"concepts:{root or 'all classes'}")
 
 
-def load_taxonomy(kind: str, path: str | Path | None = None, *, key_column: str | None = None,
-                  ranks: Sequence[str] | None = None, wordnet_dpath: str | Path | None = None,
-                  data_root: str | Path | None = None) -> Taxonomy:
+def load_taxonomy(
+    kind: str,
+    path: str | Path | None = None,
+    *,
+    key_column: str | None = None,
+    ranks: Sequence[str] | None = None,
+    wordnet_dpath: str | Path | None = None,
+    data_root: str | Path | None = None,
+) -> Taxonomy:
     """Dispatch on ``kind`` (inat_dirnames | inat_json | wordnet | csv | concepts).
 
     ``path`` (a file or folder) defaults to ``data_root`` where the kind reads folders.

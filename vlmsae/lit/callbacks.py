@@ -78,18 +78,22 @@ def write_sweep_summary(sweep_dpath: str | Path) -> tuple[Path, Path] | None:
         columns += [c for c in row if c not in columns]
     # The markdown shows what varies between jobs; overrides shared by all go in one line above it.
     metric_cols = {"job", "status", *SUMMARY_METRICS}
-    shared = {c: rows[0].get(c) for c in columns
-              if c not in metric_cols and len({str(r.get(c)) for r in rows}) == 1}
+    shared = {c: rows[0].get(c) for c in columns if c not in metric_cols and len({str(r.get(c)) for r in rows}) == 1}
     md_columns = [c for c in columns if c not in shared]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     csv_fpath = atomic_write_text(sweep_dpath / "sweep_summary.csv", buf.getvalue())
-    lines = [f"# Sweep summary: {sweep_dpath.name}", "",
-             f"{len(rows)} jobs; final validation metrics. Shared overrides: "
-             + (", ".join(f"`{k}={v}`" for k, v in shared.items()) or "none"), "",
-             "| " + " | ".join(md_columns) + " |", "|" + "|".join("---" for _ in md_columns) + "|"]
+    lines = [
+        f"# Sweep summary: {sweep_dpath.name}",
+        "",
+        f"{len(rows)} jobs; final validation metrics. Shared overrides: "
+        + (", ".join(f"`{k}={v}`" for k, v in shared.items()) or "none"),
+        "",
+        "| " + " | ".join(md_columns) + " |",
+        "|" + "|".join("---" for _ in md_columns) + "|",
+    ]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in md_columns) + " |" for row in rows]
     md_fpath = atomic_write_text(sweep_dpath / "sweep_summary.md", "\n".join(lines) + "\n")
     log.info("sweep summary: %s", md_fpath)

@@ -86,8 +86,12 @@ class ActsDataModule(L.LightningDataModule):
         period = self.train_keep[1] if self.train_keep[0] != "all" else None
         t0 = time.perf_counter()
         self.chunk_rows = build_chunk_index(self.shard_fpaths, holdout_period=period, d=self.d)
-        log.info("indexed %d shards of %s in %.1f s (headers only)", len(self.shard_fpaths), self.acts_dpath,
-                 time.perf_counter() - t0)
+        log.info(
+            "indexed %d shards of %s in %.1f s (headers only)",
+            len(self.shard_fpaths),
+            self.acts_dpath,
+            time.perf_counter() - t0,
+        )
 
     def _plan_split(self) -> None:
         n_shards = len(self.shard_fpaths)
@@ -130,8 +134,11 @@ class ActsDataModule(L.LightningDataModule):
         per_rank = self._min_worker_rows(1)
         if per_rank < B:
             n_train = self._rows_in(self.train_fpaths, self.train_keep)
-            n_val = self._rows_in(self.val_fpaths, self.val_keep) if self.val_fpaths != self.train_fpaths or \
-                self.val_keep[0] != "all" else 0
+            n_val = (
+                self._rows_in(self.val_fpaths, self.val_keep)
+                if self.val_fpaths != self.train_fpaths or self.val_keep[0] != "all"
+                else 0
+            )
             raise ValueError(
                 f"the activation store {self.acts_dpath} has {n_train} training rows ({n_val} held out for "
                 f"validation; {self.world_size} rank(s), at least {per_rank} rows per rank) but data.batch_size={B}: "
@@ -141,10 +148,19 @@ class ActsDataModule(L.LightningDataModule):
 
     def _stream(self, seed_offset: int = 0, skip_batches: int = 0, rank: int | None = None) -> ShardRowStream:
         return ShardRowStream(
-            self.train_fpaths, self.stream.batch_size, self.stream.shuffle_buffer,
-            seed=self.stream.seed + seed_offset, rank=self.rank if rank is None else rank,
-            world_size=self.world_size, n_epochs=None, shuffle=True, drop_last=True, holdout=self.train_keep,
-            skip_batches=skip_batches, chunk_rows=self.chunk_rows, d=self.d,
+            self.train_fpaths,
+            self.stream.batch_size,
+            self.stream.shuffle_buffer,
+            seed=self.stream.seed + seed_offset,
+            rank=self.rank if rank is None else rank,
+            world_size=self.world_size,
+            n_epochs=None,
+            shuffle=True,
+            drop_last=True,
+            holdout=self.train_keep,
+            skip_batches=skip_batches,
+            chunk_rows=self.chunk_rows,
+            d=self.d,
         )
 
     def _min_worker_rows(self, workers: int, n_epochs: int = 4) -> int:
@@ -165,14 +181,28 @@ class ActsDataModule(L.LightningDataModule):
         world = self.world_size if len(self.val_fpaths) >= self.world_size else 1
         rank = self.rank if world > 1 else 0
         return ShardRowStream(
-            self.val_fpaths, self.stream.batch_size, 0, seed=self.stream.seed, rank=rank, world_size=world,
-            n_epochs=1, shuffle=False, drop_last=False, holdout=self.val_keep, chunk_rows=self.chunk_rows, d=self.d,
+            self.val_fpaths,
+            self.stream.batch_size,
+            0,
+            seed=self.stream.seed,
+            rank=rank,
+            world_size=world,
+            n_epochs=1,
+            shuffle=False,
+            drop_last=False,
+            holdout=self.val_keep,
+            chunk_rows=self.chunk_rows,
+            d=self.d,
         )
 
     def _loader(self, dataset: IterableDataset, workers: int) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
         )
 
     def train_workers(self) -> int:
@@ -186,8 +216,13 @@ class ActsDataModule(L.LightningDataModule):
         if workers < requested:
             log.warning(
                 "data.num_workers=%d lowered to %d: the store %s has too few training rows (or chunks) for every "
-                "worker of %d rank(s) to fill a batch of %d each epoch", requested, workers, self.acts_dpath,
-                self.world_size, self.stream.batch_size)
+                "worker of %d rank(s) to fill a batch of %d each epoch",
+                requested,
+                workers,
+                self.acts_dpath,
+                self.world_size,
+                self.stream.batch_size,
+            )
         self._workers = 0 if workers == 1 and requested != 1 else workers
         return self._workers
 
@@ -209,19 +244,34 @@ class ActsDataModule(L.LightningDataModule):
     # ------------------------------------------------------- resume: the stream's position
     def _store_id(self) -> dict:
         m = self.manifest
-        return {"n_rows": self.n_rows, "n_shards": len(self.shard_fpaths), "d": self.d,
-                "image_list_digest": m.image_list_digest, "seed": m.seed}
+        return {
+            "n_rows": self.n_rows,
+            "n_shards": len(self.shard_fpaths),
+            "d": self.d,
+            "image_list_digest": m.image_list_digest,
+            "seed": m.seed,
+        }
 
     def _layout(self, workers: int | None) -> dict:
-        return {"num_workers": workers, "world_size": self.world_size,
-                "window": window_rows(self.stream.shuffle_buffer, self.stream.batch_size),
-                "holdout": list(self.train_keep), "n_train_shards": len(self.train_fpaths)}
+        return {
+            "num_workers": workers,
+            "world_size": self.world_size,
+            "window": window_rows(self.stream.shuffle_buffer, self.stream.batch_size),
+            "holdout": list(self.train_keep),
+            "n_train_shards": len(self.train_fpaths),
+        }
 
     def state_dict(self) -> dict:
         trainer = self.trainer
         step = int(trainer.global_step) if trainer is not None else self.batches_seen
-        return {"batches_seen": step, "seed": self.stream.seed, "batch_size": self.stream.batch_size,
-                "store": self._store_id(), "layout": self._layout(self._workers), "version": 2}
+        return {
+            "batches_seen": step,
+            "seed": self.stream.seed,
+            "batch_size": self.stream.batch_size,
+            "store": self._store_id(),
+            "layout": self._layout(self._workers),
+            "version": 2,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_seen = int(state.get("batches_seen", 0))
@@ -234,8 +284,12 @@ class ActsDataModule(L.LightningDataModule):
         if "store" in state and state["store"] != self._store_id():
             changed.append(f"store {state['store']} -> {self._store_id()} ({self.acts_dpath})")
         if changed:
-            log.warning("resuming with a different data stream (%s): the stream restarts from its beginning instead "
-                        "of seeking to batch %d", "; ".join(changed), self.batches_seen)
+            log.warning(
+                "resuming with a different data stream (%s): the stream restarts from its beginning instead "
+                "of seeking to batch %d",
+                "; ".join(changed),
+                self.batches_seen,
+            )
             self.batches_seen = 0
 
     def _check_resume(self, workers: int) -> None:
@@ -245,15 +299,20 @@ class ActsDataModule(L.LightningDataModule):
         now = self._layout(workers)
         diff = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
         if diff:
-            log.warning("resuming with a different stream layout %s: seeking to batch %d, but the row order differs "
-                        "from the uninterrupted run", diff, self.batches_seen)
+            log.warning(
+                "resuming with a different stream layout %s: seeking to batch %d, but the row order differs "
+                "from the uninterrupted run",
+                diff,
+                self.batches_seen,
+            )
 
 
 class ImageActsDataModule(L.LightningDataModule):
     """``data=images``: no cache on disk, activations are computed from images as training runs."""
 
-    def __init__(self, make_train: ImageChunkMaker, make_val: ImageChunkMaker, d: int, stream: StreamConfig,
-                 manifest: dict):
+    def __init__(
+        self, make_train: ImageChunkMaker, make_val: ImageChunkMaker, d: int, stream: StreamConfig, manifest: dict
+    ):
         super().__init__()
         self.make_train, self.make_val, self.d, self.stream = make_train, make_val, d, stream
         self.manifest = manifest
@@ -269,8 +328,16 @@ class ImageActsDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, num_workers=workers, multiprocessing_context=context)
 
     def train_dataloader(self) -> DataLoader:
-        ds = ImageRowsStream(self.make_train, self.stream.batch_size, self.stream.shuffle_buffer, self.stream.seed,
-                              self.rank, self.world_size, None, skip_batches=self.batches_seen)
+        ds = ImageRowsStream(
+            self.make_train,
+            self.stream.batch_size,
+            self.stream.shuffle_buffer,
+            self.stream.seed,
+            self.rank,
+            self.world_size,
+            None,
+            skip_batches=self.batches_seen,
+        )
         return self._loader(ds, self.stream.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -278,8 +345,9 @@ class ImageActsDataModule(L.LightningDataModule):
         return self._loader(ds, 0)
 
     def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
-        ds = ImageRowsStream(self.make_train, self.stream.batch_size, self.stream.shuffle_buffer,
-                              self.stream.seed + 104729, 0, 1, None)
+        ds = ImageRowsStream(
+            self.make_train, self.stream.batch_size, self.stream.shuffle_buffer, self.stream.seed + 104729, 0, 1, None
+        )
         for i, batch in enumerate(ds):
             if i >= n_batches:
                 return

@@ -33,10 +33,10 @@ from vlmsae.data.store import open_store
 from vlmsae.data.stream import StreamConfig
 from vlmsae.formats import StoreManifest
 from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule
-from vlmsae.models.image_rows import ImageChunkMaker
-from vlmsae.lit.loggers import ResumableCSVLogger, RestoreLogHistory
+from vlmsae.lit.loggers import RestoreLogHistory, ResumableCSVLogger
 from vlmsae.lit.module import NonFiniteLossError, SAELitModule
 from vlmsae.lit.resume import history_dpath
+from vlmsae.models.image_rows import ImageChunkMaker
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import resolve_layer
 from vlmsae.sae import default_lr, save_sae
@@ -79,8 +79,9 @@ class TrainSource:
     n_shards: int | None = None
 
 
-def resolve_train_source(data: DataSchema, model: ModelSpec, layer: Any, tokens: str | None,
-                         tokens_k: int) -> TrainSource:
+def resolve_train_source(
+    data: DataSchema, model: ModelSpec, layer: Any, tokens: str | None, tokens_k: int
+) -> TrainSource:
     """The store (or image source) ``data`` names, checked against ``model``, ``layer`` and ``tokens``.
 
     With a store, ``layer``/``tokens`` default to its manifest and a set ``layer`` must match it (so a
@@ -100,8 +101,9 @@ def resolve_train_source(data: DataSchema, model: ModelSpec, layer: Any, tokens:
                 "override"
             )
         if tokens is not None and manifest.tokens is not None and str(tokens) != str(manifest.tokens):
-            log.warning("tokens=%s but the store was extracted with tokens=%s: using the store's", tokens,
-                        manifest.tokens)
+            log.warning(
+                "tokens=%s but the store was extracted with tokens=%s: using the store's", tokens, manifest.tokens
+            )
         layer = store_layer if store_layer is not None else layer
         width_name = "embed_dim" if _same_layer(layer, "last") else "width"
         expected = getattr(model, width_name)
@@ -112,33 +114,52 @@ def resolve_train_source(data: DataSchema, model: ModelSpec, layer: Any, tokens:
                 "was extracted with (model=...), or the matching store"
             )
         if manifest.model not in (None, model.name):
-            log.warning("model=%s but the store was extracted from %s: the SAE records the store's model",
-                        model.name, manifest.model)
+            log.warning(
+                "model=%s but the store was extracted from %s: the SAE records the store's model",
+                model.name,
+                manifest.model,
+            )
         return TrainSource(
-            source="acts", d=d, acts_dpath=str(acts_dpath), manifest=manifest, n_shards=len(shard_fpaths),
+            source="acts",
+            d=d,
+            acts_dpath=str(acts_dpath),
+            manifest=manifest,
+            n_shards=len(shard_fpaths),
             # a store that names its model also names its pretrained weights (None included)
             model=manifest.model if manifest.model is not None else model.name,
             pretrained=manifest.pretrained if manifest.model is not None else model.pretrained,
-            layer=layer, tokens=manifest.tokens if manifest.tokens is not None else tokens, tokens_k=manifest.k,
+            layer=layer,
+            tokens=manifest.tokens if manifest.tokens is not None else tokens,
+            tokens_k=manifest.k,
         )
     if data.source in IMAGE_SOURCES:
         layer = resolve_layer(layer if layer is not None else model.n_layers - 2, model.n_layers, model.name)
         d = int(model.embed_dim if layer == "last" else model.width)
         selection, k = parse_tokens(tokens, tokens_k)
         return TrainSource(
-            source=data.source, d=d, model=model.name, pretrained=model.pretrained, layer=layer, tokens=selection,
+            source=data.source,
+            d=d,
+            model=model.name,
+            pretrained=model.pretrained,
+            layer=layer,
+            tokens=selection,
             tokens_k=k if selection == "random_k" else None,
             manifest=StoreManifest(model=model.name, layer=layer, d=d, tokens=selection),
         )
-    raise ValueError(f"data.source={data.source!r} cannot feed training: use data=acts (a store) or data=images / "
-                     "data=tiny")
+    raise ValueError(
+        f"data.source={data.source!r} cannot feed training: use data=acts (a store) or data=images / data=tiny"
+    )
 
 
 def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, val_batches: int, seed: int):
     """The Lightning datamodule: rows streamed from the store, or computed from images on the fly."""
     stream = StreamConfig(
-        batch_size=int(data.batch_size), shuffle_buffer=int(data.shuffle_buffer), num_workers=int(data.num_workers),
-        val_fraction=float(data.val_fraction), val_batches=int(val_batches), seed=int(seed) + int(data.seed),
+        batch_size=int(data.batch_size),
+        shuffle_buffer=int(data.shuffle_buffer),
+        num_workers=int(data.num_workers),
+        val_fraction=float(data.val_fraction),
+        val_batches=int(val_batches),
+        seed=int(seed) + int(data.seed),
     )
     if source.source == "acts":
         return ActsDataModule(source.acts_dpath, stream)
@@ -151,10 +172,23 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
     tokens, k_tokens = parse_tokens(source.tokens, source.tokens_k or 2)
     period = max(2, round(1.0 / stream.val_fraction)) if stream.val_fraction > 0 else 10**9
     per_forward = int(data.images_per_forward)  # images per encoder forward
-    common = dict(model_spec=model, image_kwargs=image_kwargs, layer=source.layer, tokens=tokens, k_tokens=k_tokens,
-                  images_per_forward=per_forward, seed=stream.seed, holdout_every=period)
-    return ImageActsDataModule(ImageChunkMaker(split="train", **common), ImageChunkMaker(split="val", **common),
-                               source.d, stream, source.manifest)
+    common = dict(
+        model_spec=model,
+        image_kwargs=image_kwargs,
+        layer=source.layer,
+        tokens=tokens,
+        k_tokens=k_tokens,
+        images_per_forward=per_forward,
+        seed=stream.seed,
+        holdout_every=period,
+    )
+    return ImageActsDataModule(
+        ImageChunkMaker(split="train", **common),
+        ImageChunkMaker(split="val", **common),
+        source.d,
+        stream,
+        source.manifest,
+    )
 
 
 def build_logger(lg: LoggerSchema, out_dpath: Path, resume_ckpt: Path | None, config: dict):
@@ -180,8 +214,16 @@ def build_logger(lg: LoggerSchema, out_dpath: Path, resume_ckpt: Path | None, co
         mode = os.environ.get("WANDB_MODE") or lg.mode
         name = out_dpath.name if not out_dpath.name.startswith("job_") else f"{out_dpath.parent.name}/{out_dpath.name}"
         logger = WandbLogger(
-            project=lg.project, entity=lg.entity, group=lg.group, tags=list(lg.tags or []), save_dir=str(out_dpath),
-            name=name, id=run_id, resume="allow", mode=mode, config=config,
+            project=lg.project,
+            entity=lg.entity,
+            group=lg.group,
+            tags=list(lg.tags or []),
+            save_dir=str(out_dpath),
+            name=name,
+            id=run_id,
+            resume="allow",
+            mode=mode,
+            config=config,
         )
         # csv/metrics.csv mirrors the scalars: written at every log, it survives kill -9 (W&B's offline
         # log is flushed every 15 s), and a resumed offline run replays it (vlmsae.lit.loggers).
@@ -226,8 +268,14 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
 
     L.seed_everything(plan.seed, workers=True, verbose=False)
     datamodule = build_datamodule(plan.source, plan.data, plan.model, t.limit_val_batches, plan.seed)
-    module = SAELitModule(sae_config, lr=lr, warmup_steps=int(t.warmup_steps), grad_clip=float(t.gradient_clip_val),
-                          log_every_n_steps=int(t.log_every_n_steps), seed=plan.seed)
+    module = SAELitModule(
+        sae_config,
+        lr=lr,
+        warmup_steps=int(t.warmup_steps),
+        grad_clip=float(t.gradient_clip_val),
+        log_every_n_steps=int(t.log_every_n_steps),
+        seed=plan.seed,
+    )
     logger, wandb_id = build_logger(plan.logger, out_dpath, resume_ckpt, config)
     if wandb_id and is_rank_zero:
         atomic_write_text(out_dpath / "wandb_id.txt", wandb_id)  # resume=true continues this W&B run
@@ -238,16 +286,34 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
         callbacks.append(RestoreLogHistory(history_dpath(resume_ckpt), wandb_id=wandb_id))
 
     ckpt_dpath = out_dpath / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dpath), filename="step{step:07d}", auto_insert_metric_name=False,
-                                 every_n_train_steps=int(t.checkpoint_every_n_steps), save_top_k=1, monitor=None,
-                                 save_last="link", save_on_train_epoch_end=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=str(ckpt_dpath),
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=int(t.checkpoint_every_n_steps),
+        save_top_k=1,
+        monitor=None,
+        save_last="link",
+        save_on_train_epoch_end=False,
+    )
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=int(t.num_nodes),
-        precision=t.precision, max_steps=int(t.max_steps), max_epochs=-1,
-        val_check_interval=int(t.val_check_interval), check_val_every_n_epoch=None,
-        limit_val_batches=int(t.limit_val_batches), log_every_n_steps=int(t.log_every_n_steps),
-        enable_progress_bar=bool(t.enable_progress_bar), enable_model_summary=False, num_sanity_val_steps=0,
-        logger=logger, callbacks=[checkpoint, *callbacks], default_root_dir=str(out_dpath),
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=int(t.num_nodes),
+        precision=t.precision,
+        max_steps=int(t.max_steps),
+        max_epochs=-1,
+        val_check_interval=int(t.val_check_interval),
+        check_val_every_n_epoch=None,
+        limit_val_batches=int(t.limit_val_batches),
+        log_every_n_steps=int(t.log_every_n_steps),
+        enable_progress_bar=bool(t.enable_progress_bar),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=[checkpoint, *callbacks],
+        default_root_dir=str(out_dpath),
         use_distributed_sampler=False,
     )
     init = {}
@@ -257,8 +323,13 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
             n_init = max(1, int(t.scale_batches))
             from tqdm import tqdm
 
-            batches = tqdm(datamodule.first_batches(n_init), total=n_init, desc="input scale + b_dec init",
-                           unit="batch", disable=not (is_rank_zero and bool(t.enable_progress_bar)))
+            batches = tqdm(
+                datamodule.first_batches(n_init),
+                total=n_init,
+                desc="input scale + b_dec init",
+                unit="batch",
+                disable=not (is_rank_zero and bool(t.enable_progress_bar)),
+            )
             init = module.init_from_batches(batches)
             log.info("input scale %.4g from %d rows", init["input_scale"], init["init_rows"])
         else:
@@ -279,24 +350,53 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
             wandb.finish()  # one W&B run per job: a multirun starts the next job with a fresh run
 
     metrics = {k: v for k, v in module.val_metrics.items() if k != "density_hist"}
-    metrics.update({"step": int(trainer.global_step), "optimizer_steps": _adam_steps(trainer), "lr": lr,
-                    "n_latents": sae_config["n_latents"], "k": sae_config["k"], "arch": sae_config["arch"],
-                    "layer": plan.source.layer, "input_scale": float(module.sae.input_scale)})
+    metrics.update(
+        {
+            "step": int(trainer.global_step),
+            "optimizer_steps": _adam_steps(trainer),
+            "lr": lr,
+            "n_latents": sae_config["n_latents"],
+            "k": sae_config["k"],
+            "arch": sae_config["arch"],
+            "layer": plan.source.layer,
+            "input_scale": float(module.sae.input_scale),
+        }
+    )
     if trainer.is_global_zero:
         src = plan.source
-        source = {"model": src.model, "pretrained": src.pretrained, "layer": src.layer, "tokens": src.tokens,
-                  "tokens_k": src.tokens_k, "data": src.acts_dpath or plan.data.root, "data_source": src.source,
-                  "train_steps": int(trainer.global_step),
-                  "train_rows": int(trainer.global_step) * int(plan.data.batch_size)}
+        source = {
+            "model": src.model,
+            "pretrained": src.pretrained,
+            "layer": src.layer,
+            "tokens": src.tokens,
+            "tokens_k": src.tokens_k,
+            "data": src.acts_dpath or plan.data.root,
+            "data_source": src.source,
+            "train_steps": int(trainer.global_step),
+            "train_rows": int(trainer.global_step) * int(plan.data.batch_size),
+        }
         module.sae.cpu()
         save_sae(module.sae, out_dpath / "sae", source=source)
         atomic_write_json(out_dpath / "metrics.json", metrics)
         atomic_write_json(out_dpath / "latent_density.json", module.val_metrics.get("density_hist", {}))
-        write_run_info(out_dpath, config, status="done", resumed_from=resumed_from, sae_config=sae_config, lr=lr,
-                       metrics=metrics, init=init)
+        write_run_info(
+            out_dpath,
+            config,
+            status="done",
+            resumed_from=resumed_from,
+            sae_config=sae_config,
+            lr=lr,
+            metrics=metrics,
+            init=init,
+        )
         write_run_info(out_dpath / "sae", config, metrics=metrics)
-        log.info("SAE saved to %s (fve %.3f, l0 %.1f, step %d)", out_dpath / "sae", metrics.get("fve", math.nan),
-                 metrics.get("l0", math.nan), metrics["step"])
+        log.info(
+            "SAE saved to %s (fve %.3f, l0 %.1f, step %d)",
+            out_dpath / "sae",
+            metrics.get("fve", math.nan),
+            metrics.get("l0", math.nan),
+            metrics["step"],
+        )
     return metrics
 
 

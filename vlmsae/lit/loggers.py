@@ -189,7 +189,7 @@ def iter_wandb_records(fpath: str | Path):
         record = pb.Record()
         try:
             record.ParseFromString(payload)
-        except Exception:  # noqa: BLE001 - a torn record ends the readable log
+        except Exception:
             return
         yield record
 
@@ -324,8 +324,13 @@ class RestoreLogHistory(L.Callback):
             rows = wandb_rows
         n = replay_wandb_history(run, rows)
         supersede(files)
-        log.info("resume: replayed %d history rows (steps < %d) into the offline W&B run %s; superseded %s",
-                 n, self._step, self.wandb_id, [str(p) for p in files])
+        log.info(
+            "resume: replayed %d history rows (steps < %d) into the offline W&B run %s; superseded %s",
+            n,
+            self._step,
+            self.wandb_id,
+            [str(p) for p in files],
+        )
 
 
 def _is_histogram(value: Any) -> bool:
@@ -346,5 +351,12 @@ def _csv_row_to_wandb(row: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ResumableCSVLogger", "RestoreLogHistory", "read_metrics_csv", "read_wandb_history",
-           "iter_wandb_records", "merged_wandb_history", "wandb_run_files"]
+__all__ = [
+    "RestoreLogHistory",
+    "ResumableCSVLogger",
+    "iter_wandb_records",
+    "merged_wandb_history",
+    "read_metrics_csv",
+    "read_wandb_history",
+    "wandb_run_files",
+]

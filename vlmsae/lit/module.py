@@ -148,7 +148,8 @@ class SAELitModule(L.LightningModule):
         loss = out["loss"]
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError(
-                f"loss is {float(loss.detach())} at step {step} (recon {float(out['recon']):.4g}, aux {float(out['aux']):.4g}, "
+                f"loss is {float(loss.detach())} at step {step} (recon {float(out['recon']):.4g}, "
+                f"aux {float(out['aux']):.4g}, "
                 f"l0 {float(out['l0']):.4g}, lr {self._current_lr():.3g}): batch {batch_stats(x_BD)}; "
                 f"training stopped before the optimizer step, {self._checkpoint_note()}. "
                 "Lower trainer.lr or check the activations."
@@ -268,15 +269,19 @@ class SAELitModule(L.LightningModule):
             "dense_fraction": rec["dense_fraction"],
             "never_fired_val_fraction": rec["dead_fraction"],  # no validation row fired it
         }
-        self.log_dict({f"val/{k}": float(x) for k, x in metrics.items()}, on_step=False, on_epoch=True,
-                      rank_zero_only=True)  # already merged over ranks above
+        self.log_dict(
+            {f"val/{k}": float(x) for k, x in metrics.items()}, on_step=False, on_epoch=True, rank_zero_only=True
+        )  # already merged over ranks above
         hist_counts, _ = np.histogram(np.log10(freq_F[freq_F > 0]), bins=DENSITY_EDGES)
         self.val_metrics = {
             **metrics,
             "step": int(self.global_step),
             "n_val_rows": int(val.n),
-            "density_hist": {"log10_freq_edges": DENSITY_EDGES.tolist(), "counts": hist_counts.tolist(),
-                             "never_fired": int((freq_F == 0).sum())},
+            "density_hist": {
+                "log10_freq_edges": DENSITY_EDGES.tolist(),
+                "counts": hist_counts.tolist(),
+                "never_fired": int((freq_F == 0).sum()),
+            },
         }
         self._log_histogram(freq_F)
 
@@ -288,7 +293,9 @@ class SAELitModule(L.LightningModule):
             import wandb
 
             log10 = np.log10(np.clip(freq_F, 1e-8, None))
-            logger.experiment.log({"val/latent_density_log10": wandb.Histogram(log10), "trainer/global_step": self.global_step})
+            logger.experiment.log(
+                {"val/latent_density_log10": wandb.Histogram(log10), "trainer/global_step": self.global_step}
+            )
 
 
 def _tuple_or_none(value):

@@ -65,8 +65,10 @@ def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path |
         ckpt = run_checkpoint(path) if path.is_dir() else path
         if ckpt is None or not ckpt.is_file():
             where = path / "checkpoints" if path.is_dir() else path
-            raise FileNotFoundError(f"resume={resume!r}: no checkpoint at {where} "
-                                    "(give a train run dir with checkpoints/last.ckpt or a .ckpt file)")
+            raise FileNotFoundError(
+                f"resume={resume!r}: no checkpoint at {where} "
+                "(give a train run dir with checkpoints/last.ckpt or a .ckpt file)"
+            )
         return ckpt
     own = run_checkpoint(out_dpath)
     if own is not None:
@@ -90,7 +92,9 @@ def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path |
             if config_fingerprint(previous) == want:
                 candidates.append(ckpt)
     if not candidates:
-        log.warning("resume=true but no earlier run with this config has a checkpoint under %s: starting fresh",
-                    [str(r) for r in roots])
+        log.warning(
+            "resume=true but no earlier run with this config has a checkpoint under %s: starting fresh",
+            [str(r) for r in roots],
+        )
         return None
     return max(candidates, key=lambda p: p.stat().st_mtime)

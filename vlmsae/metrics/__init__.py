@@ -8,7 +8,17 @@ from vlmsae.metrics.reconstruction import fve, l0, mse, normalized_mse, reconstr
 from vlmsae.metrics.topimages import TopImages, TopImagesAccumulator, top_images, top_set_jaccard
 
 __all__ = [
-    "MSAccumulator", "monosemanticity_scores", "ms_summary",
-    "fve", "l0", "mse", "normalized_mse", "reconstruction_metrics", "zero_shot_fidelity",
-    "TopImages", "TopImagesAccumulator", "top_images", "top_set_jaccard",
+    "MSAccumulator",
+    "TopImages",
+    "TopImagesAccumulator",
+    "fve",
+    "l0",
+    "monosemanticity_scores",
+    "ms_summary",
+    "mse",
+    "normalized_mse",
+    "reconstruction_metrics",
+    "top_images",
+    "top_set_jaccard",
+    "zero_shot_fidelity",
 ]

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from vlmsae.data.images import ImageRecord
+from vlmsae.formats import read_sae_config
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator
 from vlmsae.metrics.topimages import TopImages, top_images
 from vlmsae.models.spec import ModelSpec
-from vlmsae.formats import read_sae_config
 from vlmsae.sae import load_sae
 
 POOLS = ("cls", "mean", "max")
@@ -33,8 +33,9 @@ POOLS = ("cls", "mean", "max")
 TOKEN_ROWS = 1024
 
 
-def source_model_spec(source: dict[str, Any], model: ModelSpec | None = None,
-                      sae_dpath: str | Path | None = None) -> ModelSpec:
+def source_model_spec(
+    source: dict[str, Any], model: ModelSpec | None = None, sae_dpath: str | Path | None = None
+) -> ModelSpec:
     """The model an SAE reads: ``model`` if given, else the registered model its ``source`` names."""
     from vlmsae.models import get_model_spec
 
@@ -71,9 +72,15 @@ class SAESource:
     source: dict[str, Any] = field(default_factory=dict)  # what the SAE's config.json records it reads
 
 
-def open_sae_source(sae, source: dict[str, Any], model: ModelSpec | None = None, layer: int | str | None = None,
-                    pool: str | None = None, device: str | None = None,
-                    sae_dpath: str | Path | None = None) -> SAESource:
+def open_sae_source(
+    sae,
+    source: dict[str, Any],
+    model: ModelSpec | None = None,
+    layer: int | str | None = None,
+    pool: str | None = None,
+    device: str | None = None,
+    sae_dpath: str | Path | None = None,
+) -> SAESource:
     """Load the tap the SAE reads (``model`` / ``layer`` / ``pool`` override its ``source``; ``device``
     overrides the model's unless None or "auto") and move the SAE to it. Errors name the fix."""
     from vlmsae.models import load_tap
@@ -98,13 +105,19 @@ def open_sae_source(sae, source: dict[str, Any], model: ModelSpec | None = None,
     return SAESource(sae=sae.to(tap.device).eval(), tap=tap, spec=spec, layer=layer, pool=pool, source=dict(source))
 
 
-def open_sae_checkpoint(sae_dpath: str | Path, model: ModelSpec | None = None, layer: int | str | None = None,
-                        pool: str | None = None, device: str | None = None) -> SAESource:
+def open_sae_checkpoint(
+    sae_dpath: str | Path,
+    model: ModelSpec | None = None,
+    layer: int | str | None = None,
+    pool: str | None = None,
+    device: str | None = None,
+) -> SAESource:
     """Load the SAE saved at ``sae_dpath`` and open what its ``config.json`` ``source`` says it reads
     (overrides as :func:`open_sae_source`)."""
     source = read_sae_config(sae_dpath).source
-    return open_sae_source(load_sae(sae_dpath), source, model=model, layer=layer, pool=pool, device=device,
-                           sae_dpath=sae_dpath)
+    return open_sae_source(
+        load_sae(sae_dpath), source, model=model, layer=layer, pool=pool, device=device, sae_dpath=sae_dpath
+    )
 
 
 def pool_rows(acts_BTD: torch.Tensor, pool: str, has_cls: bool) -> tuple[torch.Tensor, int]:
@@ -172,8 +185,9 @@ class ImageCodes:
 
 
 @torch.no_grad()
-def _encode_batch(src: SAESource, batch: list[ImageRecord], recon: ReconstructionAccumulator | None,
-                  keep_raw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _encode_batch(
+    src: SAESource, batch: list[ImageRecord], recon: ReconstructionAccumulator | None, keep_raw: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(per-image sparse codes [B, F], pooled raw activations [B, D] or None) of one batch of images."""
     sae, tap = src.sae, src.tap
     acts = tap.forward_to(torch.stack([tap.preprocess(r.image) for r in batch]), src.layer)
@@ -196,10 +210,17 @@ def _encode_batch(src: SAESource, batch: list[ImageRecord], recon: Reconstructio
     return pooled, raw
 
 
-def encode_images(src: SAESource, records: Iterable[ImageRecord], batch_size: int,
-                  recon: ReconstructionAccumulator | None = None, keep_raw: bool = False,
-                  on_batch: Callable[[list[ImageRecord]], None] | None = None, progress: bool = True,
-                  total: int | None = None, desc: str = "images") -> ImageCodes:
+def encode_images(
+    src: SAESource,
+    records: Iterable[ImageRecord],
+    batch_size: int,
+    recon: ReconstructionAccumulator | None = None,
+    keep_raw: bool = False,
+    on_batch: Callable[[list[ImageRecord]], None] | None = None,
+    progress: bool = True,
+    total: int | None = None,
+    desc: str = "images",
+) -> ImageCodes:
     """Run ``records`` (readable images) through ``src``'s tap and SAE, ``batch_size`` at a time.
 
     recon: also fed every encoded token row (reconstruction metrics of the same pass).

@@ -48,7 +48,7 @@ def load_cache(fpath: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(fpath), framework="pt") as f:
             keys = json.loads(f.metadata()["keys"])
             emb = f.get_tensor("embeddings")
-    except Exception as err:  # noqa: BLE001  a damaged cache is recomputed, never fatal
+    except Exception as err:
         log.warning("ignoring unreadable embedding cache %s (%s); recomputing", fpath, err)
         return {}
     return {k: emb[i] for i, k in enumerate(keys)}

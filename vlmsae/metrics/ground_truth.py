@@ -20,7 +20,7 @@ import torch
 
 from vlmsae.metrics.monosemanticity import monosemanticity_scores, ms_summary
 
-__all__ = ["PlantedConcepts", "planted_concepts", "oracle_sae", "ground_truth_check"]
+__all__ = ["PlantedConcepts", "ground_truth_check", "oracle_sae", "planted_concepts"]
 
 
 @dataclass
@@ -87,7 +87,8 @@ def ground_truth_check(
     out["neurons"] = ms_summary(monosemanticity_scores(data.acts_ND, data.embeddings_NE), n_images)
     out["true_codes"] = ms_summary(monosemanticity_scores(data.codes_NC, data.embeddings_NE), n_images)
     if train_steps > 0:
-        from vlmsae.sae import SAEConfig, build_sae, train_steps as fit
+        from vlmsae.sae import SAEConfig, build_sae
+        from vlmsae.sae import train_steps as fit
 
         n_concepts, d_in = data.atoms_CD.shape
         trained = build_sae(SAEConfig(arch="topk", d_in=d_in, n_latents=2 * n_concepts, k=k), seed=seed)
@@ -95,6 +96,8 @@ def ground_truth_check(
         batches = (data.acts_ND[torch.randint(0, n_images, (batch_size,), generator=g)] for _ in range(train_steps))
         fit(trained, batches, lr=3e-3)
         trained.eval()
-        out["trained_sae"] = ms_summary(monosemanticity_scores(_sae_codes(trained, data.acts_ND), data.embeddings_NE), n_images)
+        out["trained_sae"] = ms_summary(
+            monosemanticity_scores(_sae_codes(trained, data.acts_ND), data.embeddings_NE), n_images
+        )
     out["margin"] = out["sae"]["mean"] - out["neurons"]["mean"]
     return out

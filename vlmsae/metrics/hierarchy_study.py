@@ -20,15 +20,17 @@ from typing import Any
 
 import torch
 
+from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.data.concepts import ensure_concept_images
 from vlmsae.data.image_set import ImageSet
 from vlmsae.data.images import SkipLog, synthetic_options_of
 from vlmsae.data.taxonomy import Taxonomy, encode_paths, load_taxonomy
 from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, HierarchySummary, read_latents_csv, read_run_info
 from vlmsae.metrics import hierarchy as H
-from vlmsae.metrics.codes import SAESource, encode_images
+from vlmsae.metrics.codes import SAESource, encode_images, open_sae_source
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.metrics.topimages import TopImages
+from vlmsae.models.embedders import load_embedder
 from vlmsae.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,11 @@ def open_taxonomy(taxonomy: Mapping[str, Any], data: Mapping[str, Any]) -> Taxon
     read ``data``'s root (or the generated concept images) when ``taxonomy.path`` is not set."""
     ranks = taxonomy.get("ranks")
     return load_taxonomy(
-        taxonomy["kind"], taxonomy.get("path"), key_column=taxonomy.get("key_column"),
-        ranks=list(ranks) if ranks is not None else None, wordnet_dpath=taxonomy.get("wordnet_dpath"),
+        taxonomy["kind"],
+        taxonomy.get("path"),
+        key_column=taxonomy.get("key_column"),
+        ranks=list(ranks) if ranks is not None else None,
+        wordnet_dpath=taxonomy.get("wordnet_dpath"),
         data_root=data.get("root") or concept_root(data),
     )
 
@@ -111,8 +116,9 @@ def load_ms_run(ms_run: str | Path, n_latents: int) -> tuple[TopImages, torch.Te
     return top, ms_K
 
 
-def compute_top_images(src: SAESource, images: ImageSet, embedder: Any | None, *, top_k: int, batch_size: int,
-                       sae_path: str | Path) -> tuple[TopImages, torch.Tensor | None]:
+def compute_top_images(
+    src: SAESource, images: ImageSet, embedder: Any | None, *, top_k: int, batch_size: int, sae_path: str | Path
+) -> tuple[TopImages, torch.Tensor | None]:
     """Run the SAE's source model and the SAE over the images, in one pass.
 
     ``src`` comes from :func:`vlmsae.metrics.codes.open_sae_source` and the images are encoded by
@@ -126,16 +132,31 @@ def compute_top_images(src: SAESource, images: ImageSet, embedder: Any | None, *
     def embed(batch: list) -> None:
         emb_chunks.append(embedder.embed([r.image for r in batch]).float().cpu())
 
-    encoded = encode_images(src, images.records(skip_log), batch_size, on_batch=embed if embedder is not None else None,
-                            desc="hierarchy: encode images")
+    encoded = encode_images(
+        src,
+        images.records(skip_log),
+        batch_size,
+        on_batch=embed if embedder is not None else None,
+        desc="hierarchy: encode images",
+    )
     if not encoded.keys:
-        raise ValueError(f"No readable image in data.source={images.source} data.root={images.root} "
-                         f"({len(skip_log)} skipped).")
-    top = encoded.top_images(top_k, meta={
-        "what": "top-activating images of SAE latents", "sae_path": str(sae_path), "model": src.spec.name,
-        "layer": src.layer, "pool": src.pool, "data_source": images.source, "data_root": str(images.root),
-        "skipped": skip_log.to_list(), "written_by": "vlmsae.hierarchy",
-    })
+        raise ValueError(
+            f"No readable image in data.source={images.source} data.root={images.root} ({len(skip_log)} skipped)."
+        )
+    top = encoded.top_images(
+        top_k,
+        meta={
+            "what": "top-activating images of SAE latents",
+            "sae_path": str(sae_path),
+            "model": src.spec.name,
+            "layer": src.layer,
+            "pool": src.pool,
+            "data_source": images.source,
+            "data_root": str(images.root),
+            "skipped": skip_log.to_list(),
+            "written_by": "vlmsae.hierarchy",
+        },
+    )
     ms_K = monosemanticity_scores(encoded.codes_NF, torch.cat(emb_chunks)).double() if emb_chunks else None
     return top, ms_K
 
@@ -143,6 +164,19 @@ def compute_top_images(src: SAESource, images: ImageSet, embedder: Any | None, *
 # ----------------------------------------------------------------------------------------------
 # Scores and outputs
 # ----------------------------------------------------------------------------------------------
+
+
+def top_images_of_sae(
+    sae: Any, sae_source: dict[str, Any], images: ImageSet, job: HierarchyJob
+) -> tuple[TopImages, torch.Tensor | None]:
+    """Open the model ``sae_source`` names (``job.model``/``layer``/``pool``/``device`` override it) and rank
+    ``images`` for every latent: :func:`compute_top_images`, with MS when ``job.embedder`` is set."""
+    src = open_sae_source(
+        sae, sae_source, layer=job.layer, pool=job.pool, device=job.device, model=job.model, sae_dpath=job.sae_path
+    )
+    embedder = load_embedder(job.embedder) if job.embedder is not None else None
+    batch_size = job.batch_size or images.batch_size
+    return compute_top_images(src, images, embedder, top_k=job.top_k, batch_size=batch_size, sae_path=job.sae_path)
 
 
 @dataclass
@@ -154,26 +188,41 @@ class HierarchyStudy:
     taxonomy_source: str  # where the taxonomy came from (Taxonomy.source)
 
 
-def score_hierarchy(top: TopImages, ms_K: torch.Tensor | None, taxonomy: Taxonomy, classes: list[str], sae, *,
-                    n_top: int, min_majority: float, sae_path: str | Path,
-                    ms_run: str | Path | None) -> HierarchyStudy:
+def score_hierarchy(
+    top: TopImages,
+    ms_K: torch.Tensor | None,
+    taxonomy: Taxonomy,
+    classes: list[str],
+    sae,
+    job: HierarchyJob,
+) -> HierarchyStudy:
     """LCA depths of every latent's top-``n_top`` images in ``taxonomy``, per Matryoshka group of ``sae``.
 
     classes: names of integer image labels (a listed folder's classes), so the taxonomy can match a
-    label by name; min_majority: see :func:`latent_taxa_rows`; sae_path, ms_run: recorded.
+    label by name; ``job.min_majority``: see :func:`latent_taxa_rows`; ``job.sae_path``, ``job.ms_run``: recorded.
     """
     group_K = sae.group_of_latent.cpu()
-    labels = [classes[lab] if classes and isinstance(lab, int) and 0 <= lab < len(classes) else lab
-              for lab in (top.labels or [None] * len(top.keys))]
+    labels = [
+        classes[lab] if classes and isinstance(lab, int) and 0 <= lab < len(classes) else lab
+        for lab in (top.labels or [None] * len(top.keys))
+    ]
     codes_NR, names = encode_paths(taxonomy.match(top.keys, top.paths, labels), taxonomy.n_ranks)
-    depths = H.lca_depths(top.image_idx, top.acts, codes_NR, n_top=n_top)
+    depths = H.lca_depths(top.image_idx, top.acts, codes_NR, n_top=job.n_top)
     groups = H.group_table(depths, group_K, ms_K, n_groups=len(sae.group_sizes))
-    code_KR, frac_KR, _ = H.majority_taxa(top.image_idx, top.acts, codes_NR, n_top=n_top)
-    rows = latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, taxonomy.ranks, min_majority)
+    code_KR, frac_KR, _ = H.majority_taxa(top.image_idx, top.acts, codes_NR, n_top=job.n_top)
+    rows = latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, taxonomy.ranks, job.min_majority)
     summary = HierarchySummary(
-        groups=groups, group_sizes=list(sae.group_sizes), n_latents=sae.n_latents, n_scored=int(depths.valid_K.sum()),
-        n_images=len(top.keys), n_top=n_top, ranks=list(taxonomy.ranks), taxonomy=taxonomy.source,
-        sae_path=str(sae_path), ms_run=None if ms_run is None else str(ms_run), paper_table2=PAPER_TABLE2,
+        groups=groups,
+        group_sizes=list(sae.group_sizes),
+        n_latents=sae.n_latents,
+        n_scored=int(depths.valid_K.sum()),
+        n_images=len(top.keys),
+        n_top=job.n_top,
+        ranks=list(taxonomy.ranks),
+        taxonomy=taxonomy.source,
+        sae_path=str(job.sae_path),
+        ms_run=None if job.ms_run is None else str(job.ms_run),
+        paper_table2=PAPER_TABLE2,
     )
     return HierarchyStudy(summary=summary, latent_rows=rows, taxonomy_source=taxonomy.source)
 
@@ -199,8 +248,9 @@ def latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, ranks, min_majori
 def write_latent_taxa_csv(fpath: Path, rows: list[dict], ranks: list[str]) -> None:
     """latent_taxa.csv: latent, group, depth_mean, depth_mode, one column per rank, label."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["latent", "group", "depth_mean", "depth_mode", *ranks, "label"],
-                            lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=["latent", "group", "depth_mean", "depth_mode", *ranks, "label"], lineterminator="\n"
+    )
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(fpath, buf.getvalue())
@@ -209,19 +259,30 @@ def write_latent_taxa_csv(fpath: Path, rows: list[dict], ranks: list[str]) -> No
 def hierarchy_markdown(summary: HierarchySummary) -> str:
     """hierarchy.md: the paper's Table 2 layout for this SAE, with the paper's rows when the group count matches."""
     groups, ranks, n_top = summary.groups, summary.ranks, summary.n_top
-    reference = ({"paper depth": PAPER_TABLE2["depth"], "paper MS mean": PAPER_TABLE2["ms_mean"]}
-                 if len(groups) == len(PAPER_TABLE2["depth"]) else None)
-    return (f"# Taxonomy alignment of Matryoshka levels\n\nSAE: `{summary.sae_path}`  \nTaxonomy: {summary.taxonomy} "
-            f"(ranks: {', '.join(ranks)})  \nImages: {summary.n_images}; top-{n_top} per latent; "
-            f"{summary.n_scored} of {summary.n_latents} latents have {n_top} firing images and are scored.\n\n"
-            + H.table_markdown(groups, reference)
-            + "\nLCA depth = length of the shared taxon path of a pair of top images (0 = different "
-              f"{ranks[0]}, {len(ranks)} = same {ranks[-1]}), mean over the "
-              f"{n_top * (n_top - 1) // 2} pairs of a latent, then over the latents of a group.\n")
+    reference = (
+        {"paper depth": PAPER_TABLE2["depth"], "paper MS mean": PAPER_TABLE2["ms_mean"]}
+        if len(groups) == len(PAPER_TABLE2["depth"])
+        else None
+    )
+    return (
+        f"# Taxonomy alignment of Matryoshka levels\n\nSAE: `{summary.sae_path}`  \nTaxonomy: {summary.taxonomy} "
+        f"(ranks: {', '.join(ranks)})  \nImages: {summary.n_images}; top-{n_top} per latent; "
+        f"{summary.n_scored} of {summary.n_latents} latents have {n_top} firing images and are scored.\n\n"
+        + H.table_markdown(groups, reference)
+        + "\nLCA depth = length of the shared taxon path of a pair of top images (0 = different "
+        f"{ranks[0]}, {len(ranks)} = same {ranks[-1]}), mean over the "
+        f"{n_top * (n_top - 1) // 2} pairs of a latent, then over the latents of a group.\n"
+    )
 
 
 def log_groups(summary: HierarchySummary) -> None:
     """One log line per group: scored latents, depth and MS."""
     for r in summary.groups:
-        log.info("group %d: %d/%d latents scored, depth %s, MS %s", r["group"], r["n_scored"], r["n_latents"],
-                 r["depth_mean"], r["ms_mean"])
+        log.info(
+            "group %d: %d/%d latents scored, depth %s, MS %s",
+            r["group"],
+            r["n_scored"],
+            r["n_latents"],
+            r["depth_mean"],
+            r["ms_mean"],
+        )

@@ -40,7 +40,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["monosemanticity_scores", "MSAccumulator", "ms_summary", "column_min_max", "unit_embeddings"]
+__all__ = ["MSAccumulator", "column_min_max", "monosemanticity_scores", "ms_summary", "unit_embeddings"]
 
 # Latents per block.  A block holds [block, d] float64 sums (4096 x 768 x 8 B = 25 MB) and, on the
 # dense path, one [images_chunk, block] float64 slice of the activations.
@@ -90,7 +90,7 @@ def column_min_max(acts_NK: torch.Tensor, chunk_size: int = 4096) -> tuple[torch
     """Per-latent (min, max) over the N images, float64 [K] each; sparse inputs count implicit zeros."""
     n_images, n_latents = acts_NK.shape
     if _is_sparse(acts_NK):
-        rows_E, cols_E, vals_E = _coo_entries(acts_NK)
+        _rows_E, cols_E, vals_E = _coo_entries(acts_NK)
         return _sparse_min_max(cols_E, vals_E, n_images, n_latents)
     lo_K = torch.full((n_latents,), math.inf, dtype=torch.float64)
     hi_K = torch.full((n_latents,), -math.inf, dtype=torch.float64)
@@ -143,7 +143,7 @@ def monosemanticity_scores(
     """
     if acts.dim() != 2:
         raise ValueError(f"acts must be [N images, K latents], got shape {tuple(acts.shape)}.")
-    n_images, n_latents = acts.shape
+    n_images, _n_latents = acts.shape
     if embeddings.shape[0] != n_images:
         raise ValueError(
             f"acts has {n_images} images (rows) but embeddings has {embeddings.shape[0]}; both must list the same "
@@ -247,7 +247,9 @@ def _ms_sparse(acts_NK: torch.Tensor, emb_ND: torch.Tensor, latent_block: int, p
     return _ratio(sq_norm_K, sum_K, sum_sq_K, dead_K)
 
 
-def _row_sums(crow_B1: torch.Tensor, rows_E: torch.Tensor, weights_E: torch.Tensor, emb_ND: torch.Tensor) -> torch.Tensor:
+def _row_sums(
+    crow_B1: torch.Tensor, rows_E: torch.Tensor, weights_E: torch.Tensor, emb_ND: torch.Tensor
+) -> torch.Tensor:
     """[B, d]: row b = sum of weights_E[e] * emb_ND[rows_E[e]] over its entries crow_B1[b]:crow_B1[b+1].
 
     A CSR [B, N] times dense [N, d] product: in float64 on the CPU it runs ~2x faster than
@@ -292,7 +294,11 @@ class MSAccumulator:
         self.layout: str | None = None
 
     def update(self, acts_BK: torch.Tensor, embeddings_BD: torch.Tensor) -> None:
-        if acts_BK.dim() != 2 or acts_BK.shape[1] != self.n_latents or embeddings_BD.shape != (acts_BK.shape[0], self.dim):
+        if (
+            acts_BK.dim() != 2
+            or acts_BK.shape[1] != self.n_latents
+            or embeddings_BD.shape != (acts_BK.shape[0], self.dim)
+        ):
             raise ValueError(
                 f"expected acts [B, {self.n_latents}] and embeddings [B, {self.dim}] for the same B images, got "
                 f"{tuple(acts_BK.shape)} and {tuple(embeddings_BD.shape)}."

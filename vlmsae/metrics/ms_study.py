@@ -53,21 +53,41 @@ class MSStudy:
 
     def latents_table(self) -> LatentsTable:
         """The rows of ``latents.csv``, one per latent."""
-        return LatentsTable([
-            LatentRow(latent=k, ms=float(self.ms_K[k]), freq=float(self.freq_K[k]), max_act=float(self.max_K[k]),
-                      group=int(self.group_K[k]), top_keys=tuple(self.top.keys_of(k)))
-            for k in range(self.ms_K.numel())
-        ])
+        return LatentsTable(
+            [
+                LatentRow(
+                    latent=k,
+                    ms=float(self.ms_K[k]),
+                    freq=float(self.freq_K[k]),
+                    max_act=float(self.max_K[k]),
+                    group=int(self.group_K[k]),
+                    top_keys=tuple(self.top.keys_of(k)),
+                )
+                for k in range(self.ms_K.numel())
+            ]
+        )
 
     def summary_format(self) -> MsSummary:
         """``summary`` as the ``ms_summary.json`` format (the headline statistics typed, the rest in ``extra``)."""
-        return MsSummary(**{k: self.summary[k] for k in _SUMMARY_FIELDS if k in self.summary},
-                         extra={k: v for k, v in self.summary.items() if k not in _SUMMARY_FIELDS})
+        return MsSummary(
+            **{k: self.summary[k] for k in _SUMMARY_FIELDS if k in self.summary},
+            extra={k: v for k, v in self.summary.items() if k not in _SUMMARY_FIELDS},
+        )
 
 
-def score_sae(src: SAESource, images: ImageSet, embedder_spec: EmbedderSpec, cache_dpath: Path, *, top_k: int,
-              baseline: bool, chunk_size: int, dense_threshold: float, progress: bool,
-              sae_path: str | Path) -> MSStudy:
+def score_sae(
+    src: SAESource,
+    images: ImageSet,
+    embedder_spec: EmbedderSpec,
+    cache_dpath: Path,
+    *,
+    top_k: int,
+    baseline: bool,
+    chunk_size: int,
+    dense_threshold: float,
+    progress: bool,
+    sae_path: str | Path,
+) -> MSStudy:
     """MS of every latent of ``src.sae`` (and of every raw neuron when ``baseline``) over ``images``.
 
     top_k: top images kept per latent; chunk_size: images per block of the dense MS path;
@@ -84,12 +104,22 @@ def score_sae(src: SAESource, images: ImageSet, embedder_spec: EmbedderSpec, cac
 
     skip_log = SkipLog()
     recon = ReconstructionAccumulator(sae.n_latents, dense_threshold=dense_threshold)
-    encoded = encode_images(src, images.records(skip_log), images.batch_size, recon=recon, keep_raw=True,
-                            on_batch=embed, progress=progress, total=n_total)
+    encoded = encode_images(
+        src,
+        images.records(skip_log),
+        images.batch_size,
+        recon=recon,
+        keep_raw=True,
+        on_batch=embed,
+        progress=progress,
+        total=n_total,
+    )
     codes_NF, raw_ND, n_images = encoded.codes_NF, encoded.raw_ND, encoded.n_images
     if n_images < 2:
-        raise ValueError(f"Only {n_images} readable image(s) in data.source={images.source} root={images.root} "
-                         f"({len(skip_log)} skipped): MS needs at least 2.")
+        raise ValueError(
+            f"Only {n_images} readable image(s) in data.source={images.source} root={images.root} "
+            f"({len(skip_log)} skipped): MS needs at least 2."
+        )
     emb_NE, digest = embed.finish(encoded.keys)
 
     log.info("scoring %d SAE latents and %d raw neurons on %d images", sae.n_latents, raw_ND.shape[1], n_images)
@@ -102,31 +132,60 @@ def score_sae(src: SAESource, images: ImageSet, embedder_spec: EmbedderSpec, cac
         lo_D, hi_D = column_min_max(raw_ND)
         summary["baseline"] = ms_summary(ms_raw_D, n_images, dead_K=hi_D == lo_D)
 
-    top = encoded.top_images(top_k, meta={
-        "what": "top-activating images of SAE latents", "sae_path": str(sae_path), "model": src.spec.name,
-        "layer": src.layer, "pool": src.pool, "data_source": images.source, "data_root": str(images.root),
-        "image_list_digest": digest})
+    top = encoded.top_images(
+        top_k,
+        meta={
+            "what": "top-activating images of SAE latents",
+            "sae_path": str(sae_path),
+            "model": src.spec.name,
+            "layer": src.layer,
+            "pool": src.pool,
+            "data_source": images.source,
+            "data_root": str(images.root),
+            "image_list_digest": digest,
+        },
+    )
     uniq = top_set_jaccard(top.image_idx)
     summary["uniqueness"] = {
-        "mean_jaccard": uniq["mean"], "max_jaccard": uniq["max"], "mean_nearest_jaccard": uniq["mean_nearest"],
-        "n_duplicate_sets": uniq["n_duplicates"], "top_k": top_k,
+        "mean_jaccard": uniq["mean"],
+        "max_jaccard": uniq["max"],
+        "mean_nearest_jaccard": uniq["mean_nearest"],
+        "n_duplicate_sets": uniq["n_duplicates"],
+        "top_k": top_k,
     }
     latent_N = codes_NF.indices()[1]
     freq_K = torch.bincount(latent_N, minlength=sae.n_latents).double() / n_images
     max_K = torch.zeros(sae.n_latents).scatter_reduce(0, latent_N, codes_NF.values().float(), "amax")
     summary["reconstruction"] = {k: v for k, v in recon.result().items() if k != "freq_F"}
-    summary.update({
-        "embedder": embedder_spec.name, "model": src.spec.name, "layer": src.layer, "pool": src.pool,
-        "sae_path": str(sae_path), "n_latents_sae": sae.n_latents, "skipped_images": len(skip_log),
-        "embeddings_cached": embed.n_embedded == 0,
-    })
-    return MSStudy(summary=summary, ms_K=ms_K, ms_raw_D=ms_raw_D, freq_K=freq_K, max_K=max_K,
-                   group_K=sae.group_of_latent.cpu(), top=top, image_list_digest=digest, classes=classes,
-                   skip_log=skip_log)
+    summary.update(
+        {
+            "embedder": embedder_spec.name,
+            "model": src.spec.name,
+            "layer": src.layer,
+            "pool": src.pool,
+            "sae_path": str(sae_path),
+            "n_latents_sae": sae.n_latents,
+            "skipped_images": len(skip_log),
+            "embeddings_cached": embed.n_embedded == 0,
+        }
+    )
+    return MSStudy(
+        summary=summary,
+        ms_K=ms_K,
+        ms_raw_D=ms_raw_D,
+        freq_K=freq_K,
+        max_K=max_K,
+        group_K=sae.group_of_latent.cpu(),
+        top=top,
+        image_list_digest=digest,
+        classes=classes,
+        skip_log=skip_log,
+    )
 
 
-def zero_shot_check(src: SAESource, images: ImageSet, classes: list[str], *, template: str,
-                    max_images: int) -> dict[str, Any]:
+def zero_shot_check(
+    src: SAESource, images: ImageSet, classes: list[str], *, template: str, max_images: int
+) -> dict[str, Any]:
     """Zero-shot fidelity with the SAE spliced into the source CLIP (open_clip models with a text tower).
 
     classes: the class names of the images' labels; template: the prompt, ``{}`` = a class name
@@ -149,7 +208,7 @@ def zero_shot_check(src: SAESource, images: ImageSet, classes: list[str], *, tem
     prompts = [template.format(c.replace("_", " ")) for c in classes]
     try:
         text = open_clip.get_tokenizer(weights.model_name)(prompts)
-    except Exception:  # noqa: BLE001  local-dir models: CLIP's BPE tokenizer at the model's context length
+    except Exception:
         text = open_clip.tokenize(prompts, context_length=getattr(model, "context_length", 77))
     records = [r for r in images.records(max_images=max_images) if r.label >= 0]
     if not records:
@@ -158,6 +217,7 @@ def zero_shot_check(src: SAESource, images: ImageSet, classes: list[str], *, tem
     batches = [torch.stack([preprocess(r.image) for r in records[i : i + bs]]) for i in range(0, len(records), bs)]
     tokens = "cls" if src.source.get("tokens", "cls") == "cls" else "all"
     with torch.no_grad():
-        out = zero_shot_fidelity(model, sae, src.layer, batches, text.to(sae.W_dec.device),
-                                 labels=[r.label for r in records], tokens=tokens)
+        out = zero_shot_fidelity(
+            model, sae, src.layer, batches, text.to(sae.W_dec.device), labels=[r.label for r in records], tokens=tokens
+        )
     return {**out, "spliced_tokens": tokens, "n_classes": len(classes), "template": template}

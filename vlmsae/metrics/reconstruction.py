@@ -25,13 +25,13 @@ from typing import Any
 import torch
 
 __all__ = [
-    "fve",
-    "mse",
-    "sq_err",
-    "normalized_mse",
-    "l0",
     "ReconstructionAccumulator",
+    "fve",
+    "l0",
+    "mse",
+    "normalized_mse",
     "reconstruction_metrics",
+    "sq_err",
     "zero_shot_fidelity",
 ]
 
@@ -93,8 +93,13 @@ class ReconstructionAccumulator:
     are same-shaped tensors to all-gather when ``d_in`` and ``n_latents`` are given).
     """
 
-    def __init__(self, n_latents: int | None = None, dense_threshold: float = 0.1, d_in: int | None = None,
-                 device: str | torch.device | None = None) -> None:
+    def __init__(
+        self,
+        n_latents: int | None = None,
+        dense_threshold: float = 0.1,
+        d_in: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
         self.dense_threshold = dense_threshold
         self.n = 0
         self.n_codes = 0
@@ -137,7 +142,7 @@ class ReconstructionAccumulator:
         if codes_BF is not None:
             self._add_fired(*_active_per_latent(codes_BF))
 
-    def merge(self, other: "ReconstructionAccumulator") -> "ReconstructionAccumulator":
+    def merge(self, other: ReconstructionAccumulator) -> ReconstructionAccumulator:
         """Add the batches ``other`` has seen (a disjoint stream, e.g. another rank's); returns self."""
         if other.n:
             if self.mean_D is None:
@@ -155,11 +160,18 @@ class ReconstructionAccumulator:
         if self.mean_D is None or self.fired_F is None:
             raise ValueError("state_dict() needs the shapes: build the accumulator with d_in and n_latents.")
         dev = self.mean_D.device
-        return {"n": torch.tensor(self.n, device=dev), "n_codes": torch.tensor(self.n_codes, device=dev),
-                "mean_D": self.mean_D, "m2": self.m2, "sse": self.sse, "sum_sq": self.sum_sq, "fired_F": self.fired_F}
+        return {
+            "n": torch.tensor(self.n, device=dev),
+            "n_codes": torch.tensor(self.n_codes, device=dev),
+            "mean_D": self.mean_D,
+            "m2": self.m2,
+            "sse": self.sse,
+            "sum_sq": self.sum_sq,
+            "fired_F": self.fired_F,
+        }
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], dense_threshold: float = 0.1) -> "ReconstructionAccumulator":
+    def from_state(cls, state: dict[str, torch.Tensor], dense_threshold: float = 0.1) -> ReconstructionAccumulator:
         acc = cls(dense_threshold=dense_threshold)
         acc.n, acc.n_codes = int(state["n"]), int(state["n_codes"])
         acc.mean_D, acc.m2, acc.sse, acc.sum_sq = state["mean_D"], state["m2"], state["sse"], state["sum_sq"]

@@ -150,14 +150,15 @@ class TopImages:
         from vlmsae.formats import TopImagesIndex, write_top_images
         from vlmsae.utils.provenance import write_run_info
 
-        dpath = write_top_images(dpath, TopImagesIndex(self.image_idx, self.acts, self.keys, self.paths, self.labels,
-                                                       self.meta, self.extra))
+        dpath = write_top_images(
+            dpath, TopImagesIndex(self.image_idx, self.acts, self.keys, self.paths, self.labels, self.meta, self.extra)
+        )
         meta = {**self.meta, "n_latents": self.n_latents, "top_k": self.top_k, "n_images": len(self.keys)}
         write_run_info(dpath, meta)
         return dpath
 
     @classmethod
-    def load(cls, dpath: str | Path) -> "TopImages":
+    def load(cls, dpath: str | Path) -> TopImages:
         """Read an index (:func:`vlmsae.formats.read_top_images`); ``meta`` leaves out its format_version."""
         from vlmsae.formats import read_top_images
 

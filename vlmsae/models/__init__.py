@@ -19,8 +19,20 @@ from vlmsae.models.tap import TOKEN_CHOICES, Tap, resolve_layer, select_tokens, 
 from vlmsae.models.tiny import build_tiny_hf_clip, build_tiny_open_clip, models_home, tiny_model_dpath, vlmsae_home
 
 __all__ = [
-    "BACKENDS", "ModelSpec", "Tap", "TOKEN_CHOICES", "build_tiny_hf_clip", "build_tiny_open_clip", "get_model_spec",
-    "list_models", "load_tap", "models_home", "resolve_layer", "select_tokens", "tiny_model_dpath", "torch_dtype",
+    "BACKENDS",
+    "TOKEN_CHOICES",
+    "ModelSpec",
+    "Tap",
+    "build_tiny_hf_clip",
+    "build_tiny_open_clip",
+    "get_model_spec",
+    "list_models",
+    "load_tap",
+    "models_home",
+    "resolve_layer",
+    "select_tokens",
+    "tiny_model_dpath",
+    "torch_dtype",
     "vlmsae_home",
 ]
 

@@ -23,17 +23,21 @@ import torch
 from vlmsae.config.nodes import EMBEDDER_BACKENDS, EmbedderSpec, open_clip_overrides
 from vlmsae.models.tap import resolve_device
 
-__all__ = ["EmbedderSpec", "Embedder", "load_embedder", "EMBEDDER_BACKENDS"]
+__all__ = ["EMBEDDER_BACKENDS", "Embedder", "EmbedderSpec", "load_embedder"]
 
 
 def _offline_error(spec: EmbedderSpec, err: BaseException) -> RuntimeError:
     if spec.backend == "hf":
-        how = (f"`huggingface-cli download {spec.arch} --local-dir <dir>` and pass embedder.local_path=<dir> "
-               "(or set HF_HOME / embedder.cache_dir to a cache that holds it)")
+        how = (
+            f"`huggingface-cli download {spec.arch} --local-dir <dir>` and pass embedder.local_path=<dir> "
+            "(or set HF_HOME / embedder.cache_dir to a cache that holds it)"
+        )
     else:
-        how = (f"`python -c \"import open_clip; open_clip.create_model('{spec.arch}', pretrained='{spec.pretrained}', "
-               "cache_dir='<dir>')\"` and pass embedder.cache_dir=<dir>, or embedder.local_path=<checkpoint file> "
-               "(keep embedder.pretrained=<tag>: it decides the preprocessing and activation)")
+        how = (
+            f"`python -c \"import open_clip; open_clip.create_model('{spec.arch}', pretrained='{spec.pretrained}', "
+            "cache_dir='<dir>')\"` and pass embedder.cache_dir=<dir>, or embedder.local_path=<checkpoint file> "
+            "(keep embedder.pretrained=<tag>: it decides the preprocessing and activation)"
+        )
     return RuntimeError(
         f"Could not load the weights of embedder {spec.name!r} ({spec.backend} {spec.arch!r}, pretrained="
         f"{spec.pretrained!r}, local_path={spec.local_path!r}): {err}\nThis machine may be offline and the weights "
@@ -43,8 +47,20 @@ def _offline_error(spec: EmbedderSpec, err: BaseException) -> RuntimeError:
 
 def _looks_offline(err: BaseException) -> bool:
     text = f"{type(err).__name__} {err}".lower()
-    words = ("download", "connect", "offline", "resolve", "hub", "not found", "404", "internet", "local_files_only",
-             "couldn't", "max retries", "no such file")
+    words = (
+        "download",
+        "connect",
+        "offline",
+        "resolve",
+        "hub",
+        "not found",
+        "404",
+        "internet",
+        "local_files_only",
+        "couldn't",
+        "max retries",
+        "no such file",
+    )
     return any(w in text for w in words)
 
 
@@ -90,8 +106,15 @@ class OpenClipEmbedder(Embedder):
             dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(f"embedder_{spec.name}")
             local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
         # The same resolution as the taps': a checkpoint file gets its registered tag's preprocessing/activation.
-        source = resolve_open_clip_source(spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag,
-                                          open_clip_overrides(spec), where="embedder")
+        source = resolve_open_clip_source(
+            spec.name,
+            spec.arch,
+            spec.pretrained,
+            local_path,
+            spec.pretrained_tag,
+            open_clip_overrides(spec),
+            where="embedder",
+        )
         model_name = source.model_name
         model, preprocess = create_open_clip(source, spec.cache_dir, on_missing=lambda err: _offline_error(spec, err))
         self.device = resolve_device(spec.device)
@@ -99,7 +122,7 @@ class OpenClipEmbedder(Embedder):
         self.preprocess = preprocess
         try:
             self.tokenizer = open_clip.get_tokenizer(model_name)
-        except Exception:  # noqa: BLE001  local-dir configs without a tokenizer entry: CLIP's BPE tokenizer
+        except Exception:
             context = getattr(model, "context_length", 77)
             self.tokenizer = lambda texts: open_clip.tokenize(texts, context_length=context)
         self.dim = int(getattr(model.visual, "output_dim", 0) or self._probe_dim())

@@ -67,12 +67,14 @@ class ExtractionPlan:
         if self.tokens not in TOKEN_CHOICES:
             raise ValueError(f"Unknown tokens={self.tokens!r}: use one of {list(TOKEN_CHOICES)}.")
         if self.source not in IMAGE_SOURCES:
-            raise ValueError(f"extract reads images: data.source={self.source!r} must be folder, list, wds or "
-                             "synthetic.")
+            raise ValueError(
+                f"extract reads images: data.source={self.source!r} must be folder, list, wds or synthetic."
+            )
         seed = self.order_seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"order_seed={seed!r} must be an integer (the image-order permutation's seed) or "
-                             "null (listing order).")
+            raise ValueError(
+                f"order_seed={seed!r} must be an integer (the image-order permutation's seed) or null (listing order)."
+            )
 
 
 class _ImageStream(torch.utils.data.IterableDataset):
@@ -82,8 +84,17 @@ class _ImageStream(torch.utils.data.IterableDataset):
     DataLoader takes one item from each worker in turn, so items come out in position order.
     """
 
-    def __init__(self, source: str, root: Any, start: int, max_images: int | None, preprocess: Any,
-                 synthetic: dict[str, Any] | None, order_seed: int | None = None, exif_transpose: bool = True):
+    def __init__(
+        self,
+        source: str,
+        root: Any,
+        start: int,
+        max_images: int | None,
+        preprocess: Any,
+        synthetic: dict[str, Any] | None,
+        order_seed: int | None = None,
+        exif_transpose: bool = True,
+    ):
         super().__init__()
         self.source, self.root, self.start, self.max_images = source, root, start, max_images
         self.preprocess, self.synthetic = preprocess, synthetic
@@ -92,17 +103,33 @@ class _ImageStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
-        for record in iter_images(self.source, self.root, start=self.start, max_images=self.max_images,
-                                  yield_skipped=True, worker=worker, synthetic=self.synthetic,
-                                  order_seed=self.order_seed, exif_transpose=self.exif_transpose):
+        for record in iter_images(
+            self.source,
+            self.root,
+            start=self.start,
+            max_images=self.max_images,
+            yield_skipped=True,
+            worker=worker,
+            synthetic=self.synthetic,
+            order_seed=self.order_seed,
+            exif_transpose=self.exif_transpose,
+        ):
             pixels, error, reason = None, record.error, record.reason
             if record.image is not None:
                 try:
                     pixels = self.preprocess(record.image)
                 except Exception as err:  # a decodable but unusable image (e.g. zero-sized) is skipped too
                     error, reason = f"{type(err).__name__}: {err}", "preprocess failed"
-            yield {"pos": record.pos, "index": record.index, "key": record.key, "path": record.path,
-                   "label": record.label, "pixels": pixels, "error": error, "reason": reason}
+            yield {
+                "pos": record.pos,
+                "index": record.index,
+                "key": record.key,
+                "path": record.path,
+                "label": record.label,
+                "pixels": pixels,
+                "error": error,
+                "reason": reason,
+            }
 
 
 def _identity(item: Any) -> Any:
@@ -117,9 +144,15 @@ def _batch_generator(seed: int, first_pos: int) -> torch.Generator:
 def extraction_summary(out_dpath: Path, manifest: StoreManifest, seconds: float, n_new: int = 0) -> dict[str, Any]:
     """What the extract job returns: the store's size and what it holds, and this run's images/s."""
     return {
-        "out": str(out_dpath), "n_rows": manifest.n_rows, "n_images": manifest.n_images,
-        "n_shards": manifest.n_shards, "n_skipped": manifest.n_skipped, "d": manifest.d,
-        "layer": manifest.layer, "tokens": manifest.tokens, "seconds": seconds,
+        "out": str(out_dpath),
+        "n_rows": manifest.n_rows,
+        "n_images": manifest.n_images,
+        "n_shards": manifest.n_shards,
+        "n_skipped": manifest.n_skipped,
+        "d": manifest.d,
+        "layer": manifest.layer,
+        "tokens": manifest.tokens,
+        "seconds": seconds,
         "images_per_s": n_new / seconds if seconds > 0 else 0.0,
     }
 
@@ -144,36 +177,60 @@ class StoreExtraction:
         listing_digest = None
         if plan.source != "wds":  # wds streams; the other sources are listed up front (cheap, no decoding)
             listing = list_source(plan.source, plan.root, synthetic=plan.synthetic)
-            order = image_order(len(listing.items), plan.order_seed)[:plan.max_images]  # max_images: a random subset
+            order = image_order(len(listing.items), plan.order_seed)[: plan.max_images]  # max_images: a random subset
             self.classes, self.total = listing.classes, len(order)
             listing_digest = image_list_digest(key for key, _, _ in listing.items)
-            image_idx_meaning = ("the image's index in the sorted listing of data.source (0-based; keys.json has its "
-                                 "key), not its position in the visiting order")
+            image_idx_meaning = (
+                "the image's index in the sorted listing of data.source (0-based; keys.json has its "
+                "key), not its position in the visiting order"
+            )
         else:  # only the tars' order can be permuted
             order = image_order(len(expand_urls(str(plan.root))), plan.order_seed) if plan.root is not None else []
-            image_idx_meaning = ("the image's position in the streamed order (tars in the order_seed permutation, "
-                                 "samples in tar order); keys.json has its __key__")
+            image_idx_meaning = (
+                "the image's position in the streamed order (tars in the order_seed permutation, "
+                "samples in tar order); keys.json has its __key__"
+            )
 
         self.tap = tap = load_tap(spec)
         self.layer = layer = tap.resolve_layer(plan.layer)
         if plan.tokens == "cls" and layer != "last" and not tap.has_cls:
             raise ValueError(f"tokens=cls: model {spec.name} has no CLS token. Use tokens=mean or tokens=patches.")
         meta = {
-            "model": spec.name, "backend": spec.backend, "arch": spec.arch, "pretrained": spec.pretrained,
-            "local_path": spec.local_path, "layer": layer, "tokens": plan.tokens,
-            "k": plan.k if plan.tokens == "random_k" else None, "seed": plan.seed,
-            "source": plan.source, "root": None if plan.root is None else str(plan.root),
-            "synthetic": plan.synthetic, "max_images": plan.max_images, "batch_size": plan.batch_size,
-            "image_size": tap.image_size, "has_cls": tap.has_cls, "model_dtype": spec.dtype,
+            "model": spec.name,
+            "backend": spec.backend,
+            "arch": spec.arch,
+            "pretrained": spec.pretrained,
+            "local_path": spec.local_path,
+            "layer": layer,
+            "tokens": plan.tokens,
+            "k": plan.k if plan.tokens == "random_k" else None,
+            "seed": plan.seed,
+            "source": plan.source,
+            "root": None if plan.root is None else str(plan.root),
+            "synthetic": plan.synthetic,
+            "max_images": plan.max_images,
+            "batch_size": plan.batch_size,
+            "image_size": tap.image_size,
+            "has_cls": tap.has_cls,
+            "model_dtype": spec.dtype,
             "rows_per_shard": plan.rows_per_shard,
             "listing_digest": listing_digest,  # a changed image folder is refused on resume, not silently mixed
             # the visiting order: a changed seed or order is refused on resume too (positions would mean other images)
-            "order_seed": plan.order_seed, "order_unit": "shard" if plan.source == "wds" else "image",
-            "order_digest": order_digest(order), "image_idx_meaning": image_idx_meaning,
-            "exif_transpose": plan.exif_transpose, "alpha_background": "white",
+            "order_seed": plan.order_seed,
+            "order_unit": "shard" if plan.source == "wds" else "image",
+            "order_digest": order_digest(order),
+            "image_idx_meaning": image_idx_meaning,
+            "exif_transpose": plan.exif_transpose,
+            "alpha_background": "white",
         }
-        self.writer = ShardWriter(self.out_dpath, d=tap.embed_dim if layer == "last" else tap.width, dtype=plan.dtype,
-                                  rows_per_chunk=plan.rows_per_chunk, rows_per_shard=plan.rows_per_shard, meta=meta)
+        self.writer = ShardWriter(
+            self.out_dpath,
+            d=tap.embed_dim if layer == "last" else tap.width,
+            dtype=plan.dtype,
+            rows_per_chunk=plan.rows_per_chunk,
+            rows_per_shard=plan.rows_per_shard,
+            meta=meta,
+        )
 
     @property
     def finished(self) -> dict[str, Any] | None:
@@ -192,38 +249,69 @@ class StoreExtraction:
         plan, tap, writer, layer = self.plan, self.tap, self.writer, self.layer
         state = writer.state or {"next_pos": 0, "n_images": 0, "skipped": [], "digest": ImageListDigest().state_dict()}
         if state["next_pos"]:
-            log.info("resuming %s after %d shards (%d rows, image position %d)", self.out_dpath, writer.n_shards,
-                     writer.n_rows, state["next_pos"])
+            log.info(
+                "resuming %s after %d shards (%d rows, image position %d)",
+                self.out_dpath,
+                writer.n_shards,
+                writer.n_rows,
+                state["next_pos"],
+            )
         digest = ImageListDigest.from_state(state["digest"])
         skipped = SkipLog(list(state["skipped"]))
         n_images = int(state["n_images"])
-        stream = _ImageStream(plan.source, plan.root, state["next_pos"], plan.max_images, tap.preprocess,
-                              plan.synthetic, order_seed=plan.order_seed, exif_transpose=plan.exif_transpose)
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=plan.num_workers,
-                                             collate_fn=_identity, prefetch_factor=4 if plan.num_workers else None)
+        stream = _ImageStream(
+            plan.source,
+            plan.root,
+            state["next_pos"],
+            plan.max_images,
+            tap.preprocess,
+            plan.synthetic,
+            order_seed=plan.order_seed,
+            exif_transpose=plan.exif_transpose,
+        )
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=plan.num_workers,
+            collate_fn=_identity,
+            prefetch_factor=4 if plan.num_workers else None,
+        )
         batch: list[dict[str, Any]] = []
         next_pos = state["next_pos"]
         t0 = time.perf_counter()
         n_new = 0
 
         def current_state(done: bool = False) -> dict[str, Any]:
-            return {"next_pos": next_pos, "n_images": n_images, "skipped": skipped.to_list(),
-                    "digest": digest.state_dict(), "done": done}
+            return {
+                "next_pos": next_pos,
+                "n_images": n_images,
+                "skipped": skipped.to_list(),
+                "digest": digest.state_dict(),
+                "done": done,
+            }
 
         def process(batch: list[dict[str, Any]]) -> None:
             x_BCHW = torch.stack([item["pixels"] for item in batch])
             acts = tap.forward_to(x_BCHW, layer)
             generator = _batch_generator(plan.seed, batch[0]["pos"]) if plan.tokens == "random_k" else None
-            rows_ND, token_idx_N, in_batch_N = select_tokens(acts, plan.tokens, k=plan.k, generator=generator,
-                                                             has_cls=tap.has_cls)
+            rows_ND, token_idx_N, in_batch_N = select_tokens(
+                acts, plan.tokens, k=plan.k, generator=generator, has_cls=tap.has_cls
+            )
             index_B = torch.tensor([item["index"] for item in batch], dtype=torch.long)  # image_idx: the listing index
             label_B = torch.tensor([item["label"] for item in batch], dtype=torch.long)
             keys = [batch[i]["key"] for i in in_batch_N.tolist()]
             writer.add(rows_ND, token_idx_N, index_B[in_batch_N], label_B[in_batch_N], keys)
 
         desc = f"extract {self.spec.name} L{layer} {plan.tokens}"
-        with tqdm(total=self.total, initial=next_pos, unit="img", desc=desc, disable=not plan.progress,
-                  dynamic_ncols=True, mininterval=1.0) as bar:
+        with tqdm(
+            total=self.total,
+            initial=next_pos,
+            unit="img",
+            desc=desc,
+            disable=not plan.progress,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        ) as bar:
             for item in loader:
                 next_pos = item["pos"] + 1
                 digest.update(item["key"])
@@ -245,15 +333,29 @@ class StoreExtraction:
             writer.flush(current_state(done=True))
         seconds = time.perf_counter() - t0
         if n_images == 0:
-            raise ValueError(f"No readable images in data.source={plan.source} data.root={plan.root} "
-                             f"({len(skipped)} skipped).")
+            raise ValueError(
+                f"No readable images in data.source={plan.source} data.root={plan.root} ({len(skipped)} skipped)."
+            )
         manifest = writer.write_manifest(
-            n_images=n_images, n_listed=next_pos, n_skipped=len(skipped), skipped_by_reason=skipped.by_reason(),
+            n_images=n_images,
+            n_listed=next_pos,
+            n_skipped=len(skipped),
+            skipped_by_reason=skipped.by_reason(),
             skipped=skipped.to_list(),
-            image_list_digest=digest.hexdigest(), classes=self.classes, n_tokens_per_image=tap.n_tokens,
-            embed_dim=tap.embed_dim, width=tap.width, n_layers=tap.n_layers, complete=True,
+            image_list_digest=digest.hexdigest(),
+            classes=self.classes,
+            n_tokens_per_image=tap.n_tokens,
+            embed_dim=tap.embed_dim,
+            width=tap.width,
+            n_layers=tap.n_layers,
+            complete=True,
         )
         summary = extraction_summary(self.out_dpath, manifest, seconds=seconds, n_new=n_new)
-        log.info("wrote %d rows from %d images to %s (%.1f images/s)", manifest.n_rows, n_images, self.out_dpath,
-                 summary["images_per_s"])
+        log.info(
+            "wrote %d rows from %d images to %s (%.1f images/s)",
+            manifest.n_rows,
+            n_images,
+            self.out_dpath,
+            summary["images_per_s"],
+        )
         return summary

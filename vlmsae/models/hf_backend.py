@@ -38,8 +38,14 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
 class HFVisionTap(Tap):
     """A transformers CLIP-style vision tower: ``embeddings``, ``pre_layrnorm``, ``encoder.layers``."""
 
-    def __init__(self, spec: ModelSpec, tower: nn.Module, blocks: nn.ModuleList, image_processor: Any,
-                 projection: nn.Module | None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tower: nn.Module,
+        blocks: nn.ModuleList,
+        image_processor: Any,
+        projection: nn.Module | None,
+    ):
         super().__init__()
         self.spec = spec
         self.name = spec.name
@@ -99,7 +105,9 @@ def _hf_source(spec: ModelSpec) -> tuple[str, bool]:
             )
         return str(path), True
     if not spec.pretrained:
-        raise ValueError(f"Model {spec.name!r} (backend {spec.backend}) needs model.pretrained=<HF id> or model.local_path.")
+        raise ValueError(
+            f"Model {spec.name!r} (backend {spec.backend}) needs model.pretrained=<HF id> or model.local_path."
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     return spec.pretrained, offline
 
@@ -110,9 +118,15 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
 
     if spec.tiny:
         dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
-        build_tiny_hf_clip(dpath, seed=spec.seed, image_size=spec.image_size,
-                           width=spec.width, layers=spec.n_layers, embed_dim=spec.embed_dim or spec.width,
-                           patch_size=spec.patch_size)
+        build_tiny_hf_clip(
+            dpath,
+            seed=spec.seed,
+            image_size=spec.image_size,
+            width=spec.width,
+            layers=spec.n_layers,
+            embed_dim=spec.embed_dim or spec.width,
+            patch_size=spec.patch_size,
+        )
         source, local_only = str(dpath), True
     else:
         source, local_only = _hf_source(spec)

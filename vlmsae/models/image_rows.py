@@ -25,8 +25,18 @@ class ImageChunkMaker:
     process), at the layer and token selection the training config asks for.
     """
 
-    def __init__(self, model_spec: ModelSpec, image_kwargs: dict, layer, tokens: str, k_tokens: int,
-                 images_per_forward: int, seed: int, holdout_every: int, split: str):
+    def __init__(
+        self,
+        model_spec: ModelSpec,
+        image_kwargs: dict,
+        layer,
+        tokens: str,
+        k_tokens: int,
+        images_per_forward: int,
+        seed: int,
+        holdout_every: int,
+        split: str,
+    ):
         self.model_spec, self.image_kwargs = model_spec, image_kwargs
         self.layer, self.tokens, self.k_tokens = layer, tokens, k_tokens
         self.images_per_forward, self.seed = images_per_forward, seed
@@ -55,8 +65,9 @@ class ImageChunkMaker:
                 if acts.dim() == 2:  # layer="last": one embedding per image
                     rows = acts
                 else:
-                    rows = select_tokens(acts.cpu(), tokens=self.tokens, k=self.k_tokens, generator=generator,
-                                         has_cls=tap.has_cls)[0]
+                    rows = select_tokens(
+                        acts.cpu(), tokens=self.tokens, k=self.k_tokens, generator=generator, has_cls=tap.has_cls
+                    )[0]
             pixels.clear()
             return rows.detach().to("cpu", torch.float16)
 

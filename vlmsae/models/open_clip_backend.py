@@ -44,7 +44,7 @@ def _missing_weights_error(spec: ModelSpec, err: BaseException) -> RuntimeError:
     if spec.pretrained and not spec.arch.startswith("hf-hub:"):
         repo = (open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}).get("hf_hub", repo).rstrip("/") or repo
     elif spec.arch.startswith("hf-hub:"):
-        repo = spec.arch[len("hf-hub:"):]
+        repo = spec.arch[len("hf-hub:") :]
     return RuntimeError(
         f"Could not load the weights of model {spec.name!r} (open_clip arch={spec.arch!r}, "
         f"pretrained={spec.pretrained!r}, cache_dir={spec.cache_dir!r}): {err}\n"
@@ -59,8 +59,13 @@ def _missing_weights_error(spec: ModelSpec, err: BaseException) -> RuntimeError:
 # Model/embedder fields (vlmsae.config.nodes.OPEN_CLIP_OVERRIDES) that override what the registered pretrained
 # config (or a folder's config) says, for weights that no open_clip tag describes; value -> open_clip's
 # preprocess key (None: the activation).
-OVERRIDE_TARGETS = {"quick_gelu": None, "image_mean": "mean", "image_std": "std",
-                   "image_interpolation": "interpolation", "image_resize_mode": "resize_mode"}
+OVERRIDE_TARGETS = {
+    "quick_gelu": None,
+    "image_mean": "mean",
+    "image_std": "std",
+    "image_interpolation": "interpolation",
+    "image_resize_mode": "resize_mode",
+}
 _RESIZE_MODES = ("shortest", "longest", "squash")
 _INTERPOLATIONS = ("bicubic", "bilinear")
 
@@ -119,14 +124,16 @@ def _explicit_overrides(overrides: dict[str, Any], where: str) -> tuple[Optional
             ok = isinstance(value, (list, tuple)) and len(value) == 3
             ok = ok and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
             if not ok or (target == "std" and min(value) <= 0):
-                raise ValueError(f"{where}.{key}={value!r} must be three per-channel (R, G, B) numbers"
-                                 + (", all > 0." if target == "std" else "."))
+                raise ValueError(
+                    f"{where}.{key}={value!r} must be three per-channel (R, G, B) numbers"
+                    + (", all > 0." if target == "std" else ".")
+                )
         elif target == "resize_mode" and value not in _RESIZE_MODES:
-            raise ValueError(f"{where}.{key}={value!r} is not an open_clip resize mode: use one of "
-                             f"{_RESIZE_MODES}.")
+            raise ValueError(f"{where}.{key}={value!r} is not an open_clip resize mode: use one of {_RESIZE_MODES}.")
         elif target == "interpolation" and value not in _INTERPOLATIONS:
-            raise ValueError(f"{where}.{key}={value!r} is not an open_clip interpolation: use one of "
-                             f"{_INTERPOLATIONS}.")
+            raise ValueError(
+                f"{where}.{key}={value!r} is not an open_clip interpolation: use one of {_INTERPOLATIONS}."
+            )
         preprocess[target] = value
     return quick_gelu, preprocess
 
@@ -166,8 +173,15 @@ def _is_tag(arch: str, value: Optional[str]) -> bool:
     return bool(value) and bool(open_clip.get_pretrained_cfg(arch, value))
 
 
-def _tag_for_file(name: str, arch: str, pretrained: Optional[str], pretrained_tag: Optional[str],
-                  overrides: dict[str, Any], where: str, fpath: Path) -> Optional[str]:
+def _tag_for_file(
+    name: str,
+    arch: str,
+    pretrained: Optional[str],
+    pretrained_tag: Optional[str],
+    overrides: dict[str, Any],
+    where: str,
+    fpath: Path,
+) -> Optional[str]:
     """The registered tag whose config a checkpoint file is loaded with; errors say how to name one."""
     import open_clip
 
@@ -191,15 +205,27 @@ def _tag_for_file(name: str, arch: str, pretrained: Optional[str], pretrained_ta
             f"that match no tag set all of {where}.{{{','.join(OVERRIDE_TARGETS)}}}."
         )
     if not tags:
-        log.warning("%s %s: open_clip has no registered pretrained config for %s; weights from %s use open_clip's "
-                    "default preprocessing unless %s sets %s", where, name, arch, fpath, where,
-                    list(OVERRIDE_TARGETS))
+        log.warning(
+            "%s %s: open_clip has no registered pretrained config for %s; weights from %s use open_clip's "
+            "default preprocessing unless %s sets %s",
+            where,
+            name,
+            arch,
+            fpath,
+            where,
+            list(OVERRIDE_TARGETS),
+        )
     return None
 
 
 def resolve_open_clip_source(
-    name: str, arch: str, pretrained: Optional[str] = None, local_path: Optional[str] = None,
-    pretrained_tag: Optional[str] = None, overrides: Optional[dict[str, Any]] = None, where: str = "model",
+    name: str,
+    arch: str,
+    pretrained: Optional[str] = None,
+    local_path: Optional[str] = None,
+    pretrained_tag: Optional[str] = None,
+    overrides: Optional[dict[str, Any]] = None,
+    where: str = "model",
 ) -> OpenClipSource:
     """Which weights to load and with which activation and preprocessing; nothing is loaded or downloaded.
 
@@ -212,11 +238,14 @@ def resolve_open_clip_source(
     overrides = dict(overrides or {})
     quick_gelu_override, preprocess_override = _explicit_overrides(overrides, where)
     if not local_path and pretrained_tag and _is_tag(arch, pretrained) and pretrained_tag != pretrained:
-        raise ValueError(f"{where}.pretrained={pretrained!r} and {where}.pretrained_tag={pretrained_tag!r} name "
-                         f"different registered configs ({where} {name!r}): drop one of them.")
+        raise ValueError(
+            f"{where}.pretrained={pretrained!r} and {where}.pretrained_tag={pretrained_tag!r} name "
+            f"different registered configs ({where} {name!r}): drop one of them."
+        )
 
-    def source(model_name: str, weights: Optional[str], tag: Optional[str], base: tuple[bool, dict[str, Any]],
-               decided_by: str) -> OpenClipSource:
+    def source(
+        model_name: str, weights: Optional[str], tag: Optional[str], base: tuple[bool, dict[str, Any]], decided_by: str
+    ) -> OpenClipSource:
         quick_gelu = base[0] if quick_gelu_override is None else quick_gelu_override
         preprocess = _merge_preprocess(base[1], preprocess_override)
         if quick_gelu_override is not None or preprocess_override:
@@ -232,9 +261,17 @@ def resolve_open_clip_source(
                 tag = pretrained_tag or (pretrained if _is_tag(arch, pretrained) else None)
                 registered = registered_preprocess(arch, tag) if tag else folder
                 if registered != folder:  # e.g. conf/model's default tag, but other weights in the folder
-                    log.warning("%s %s: %s/%s says quick_gelu/preprocess %s, the registered %s/%s says %s; "
-                                "using the folder's", where, name, path, OPEN_CLIP_CONFIG, folder, arch, tag,
-                                registered)
+                    log.warning(
+                        "%s %s: %s/%s says quick_gelu/preprocess %s, the registered %s/%s says %s; using the folder's",
+                        where,
+                        name,
+                        path,
+                        OPEN_CLIP_CONFIG,
+                        folder,
+                        arch,
+                        tag,
+                        registered,
+                    )
                 return source(f"local-dir:{path}", None, None, folder, f"{path / OPEN_CLIP_CONFIG}")
             fpath = _checkpoint_in_dir(path)
             if fpath is None:
@@ -247,10 +284,11 @@ def resolve_open_clip_source(
         else:
             raise FileNotFoundError(f"{where}.local_path={path} does not exist ({where} {name!r}).")
     elif arch.startswith("local-dir:"):
-        dpath = Path(arch[len("local-dir:"):]).expanduser()
+        dpath = Path(arch[len("local-dir:") :]).expanduser()
         if not (dpath / OPEN_CLIP_CONFIG).exists():
-            raise FileNotFoundError(f"{where}.arch={arch!r}: {dpath / OPEN_CLIP_CONFIG} does not exist "
-                                    f"({where} {name!r}).")
+            raise FileNotFoundError(
+                f"{where}.arch={arch!r}: {dpath / OPEN_CLIP_CONFIG} does not exist ({where} {name!r})."
+            )
         return source(f"local-dir:{dpath}", None, None, _folder_preprocess(dpath), f"{dpath / OPEN_CLIP_CONFIG}")
     elif arch.startswith("hf-hub:"):
         # The hub's open_clip_config.json decides; only explicit overrides are passed.
@@ -269,17 +307,29 @@ def resolve_open_clip_source(
             )
     if fpath is not None:
         tag = _tag_for_file(name, arch, pretrained, pretrained_tag, overrides, where, fpath)
-        return source(arch, str(fpath), tag, registered_preprocess(arch, tag),
-                      f"registered config {arch}/{tag}" if tag else "open_clip defaults")
+        return source(
+            arch,
+            str(fpath),
+            tag,
+            registered_preprocess(arch, tag),
+            f"registered config {arch}/{tag}" if tag else "open_clip defaults",
+        )
     if pretrained is None:
-        log.warning("%s %s: no pretrained weights given, using a RANDOM %s (fine for benchmarks only)",
-                    where, name, arch)
+        log.warning(
+            "%s %s: no pretrained weights given, using a RANDOM %s (fine for benchmarks only)", where, name, arch
+        )
         if pretrained_tag and not _is_tag(arch, pretrained_tag):
             _tag_for_file(name, arch, None, pretrained_tag, overrides, where, Path("<none>"))  # raises the tag error
-        return source(arch, None, pretrained_tag, registered_preprocess(arch, pretrained_tag),
-                      f"registered config {arch}/{pretrained_tag}" if pretrained_tag else "open_clip defaults")
-    return source(arch, pretrained, pretrained, registered_preprocess(arch, pretrained),
-                  f"registered config {arch}/{pretrained}")
+        return source(
+            arch,
+            None,
+            pretrained_tag,
+            registered_preprocess(arch, pretrained_tag),
+            f"registered config {arch}/{pretrained_tag}" if pretrained_tag else "open_clip defaults",
+        )
+    return source(
+        arch, pretrained, pretrained, registered_preprocess(arch, pretrained), f"registered config {arch}/{pretrained}"
+    )
 
 
 def spec_source(spec: ModelSpec) -> OpenClipSource:
@@ -288,28 +338,50 @@ def spec_source(spec: ModelSpec) -> OpenClipSource:
     if spec.tiny:
         dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
         local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
-    return resolve_open_clip_source(spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag,
-                                    open_clip_overrides(spec))
+    return resolve_open_clip_source(
+        spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag, open_clip_overrides(spec)
+    )
 
 
-def create_open_clip(source: OpenClipSource, cache_dir: Optional[str] = None,
-                     on_missing: Optional[Callable[[BaseException], BaseException]] = None) -> tuple[Any, Any]:
+def create_open_clip(
+    source: OpenClipSource,
+    cache_dir: Optional[str] = None,
+    on_missing: Optional[Callable[[BaseException], BaseException]] = None,
+) -> tuple[Any, Any]:
     """``(model, preprocess)`` on CPU from open_clip, with ``source``'s activation and preprocessing.
 
     ``on_missing(err)`` turns a failed download into the caller's offline error.
     """
     import open_clip
 
-    log.info("open_clip %s (weights %s): quick_gelu=%s, preprocess=%s, decided by %s", source.model_name,
-             source.pretrained, source.quick_gelu, source.preprocess, source.decided_by)
+    log.info(
+        "open_clip %s (weights %s): quick_gelu=%s, preprocess=%s, decided by %s",
+        source.model_name,
+        source.pretrained,
+        source.quick_gelu,
+        source.preprocess,
+        source.decided_by,
+    )
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             source.model_name, cache_dir=cache_dir, device="cpu", **source.create_kwargs()
         )
     except (RuntimeError, OSError, ValueError) as err:
         text = f"{type(err).__name__} {err}".lower()
-        words = ("download", "connect", "offline", "resolve", "hub", "not found", "404", "internet",
-                 "local_files_only", "couldn't", "max retries", "no such file")
+        words = (
+            "download",
+            "connect",
+            "offline",
+            "resolve",
+            "hub",
+            "not found",
+            "404",
+            "internet",
+            "local_files_only",
+            "couldn't",
+            "max retries",
+            "no such file",
+        )
         if on_missing is not None and any(word in text for word in words):
             raise on_missing(err) from err
         raise
@@ -323,7 +395,8 @@ def _check_arch(arch: str) -> None:
     if arch not in choices:
         close = difflib.get_close_matches(arch, choices, n=3)
         raise ValueError(
-            f"Unknown open_clip architecture {arch!r}" + (f" (did you mean {close}?)" if close else "")
+            f"Unknown open_clip architecture {arch!r}"
+            + (f" (did you mean {close}?)" if close else "")
             + f": valid choices are {choices}, or 'hf-hub:<org>/<repo>'."
         )
 
@@ -359,8 +432,13 @@ class OpenClipTap(Tap):
         self.embed_dim = getattr(visual, "output_dim", None) or spec.embed_dim
         for field_name in ("n_layers", "width", "has_cls"):
             if getattr(spec, field_name) != getattr(self, field_name):
-                log.warning("model %s: config says %s=%s but the loaded model has %s; using the model's value",
-                            spec.name, field_name, getattr(spec, field_name), getattr(self, field_name))
+                log.warning(
+                    "model %s: config says %s=%s but the loaded model has %s; using the model's value",
+                    spec.name,
+                    field_name,
+                    getattr(spec, field_name),
+                    getattr(self, field_name),
+                )
 
     @property
     def n_tokens(self) -> int:
@@ -397,8 +475,9 @@ class OpenClipTap(Tap):
 
 def load_open_clip_tap(spec: ModelSpec) -> OpenClipTap:
     """Load ``spec`` through :func:`create_open_clip` and wrap its vision tower."""
-    model, preprocess = create_open_clip(spec_source(spec), spec.cache_dir,
-                                         on_missing=lambda err: _missing_weights_error(spec, err))
+    model, preprocess = create_open_clip(
+        spec_source(spec), spec.cache_dir, on_missing=lambda err: _missing_weights_error(spec, err)
+    )
     visual = model.visual.to(device=resolve_device(spec.device), dtype=torch_dtype(spec.dtype))
     del model
     return OpenClipTap(spec, visual, preprocess)

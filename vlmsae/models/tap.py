@@ -19,9 +19,12 @@ Layer = Union[int, str]
 TOKEN_CHOICES = ("cls", "patches", "all", "random_k", "mean")
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -135,7 +138,7 @@ def select_tokens(
         return acts_BTD, torch.full((B,), -1, dtype=torch.long), torch.arange(B)
     if acts_BTD.ndim != 3:
         raise ValueError(f"select_tokens expects [B, T, D] (or [B, E]) activations, got shape {tuple(acts_BTD.shape)}.")
-    B, T, D = acts_BTD.shape
+    B, T, _D = acts_BTD.shape
     first_patch = 1 if has_cls else 0
     device = acts_BTD.device
     if tokens == "cls":

@@ -80,8 +80,13 @@ def build_tiny_open_clip(dpath: str | Path, seed: int = 0, **cfg_kwargs: Any) ->
     tmp_dpath.mkdir(parents=True, exist_ok=True)
     config = {
         "model_cfg": model_cfg,
-        "preprocess_cfg": {"size": model_cfg["vision_cfg"]["image_size"], "mean": CLIP_MEAN, "std": CLIP_STD,
-                           "interpolation": "bicubic", "resize_mode": "shortest"},
+        "preprocess_cfg": {
+            "size": model_cfg["vision_cfg"]["image_size"],
+            "mean": CLIP_MEAN,
+            "std": CLIP_STD,
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
         "vlmsae": {"seed": seed, "what": "random tiny open_clip CLIP for tests"},
     }
     (tmp_dpath / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
@@ -90,8 +95,14 @@ def build_tiny_open_clip(dpath: str | Path, seed: int = 0, **cfg_kwargs: Any) ->
 
 
 def build_tiny_hf_clip(
-    dpath: str | Path, seed: int = 0, image_size: int = 32, patch_size: int = 8, width: int = 64, layers: int = 4,
-    heads: int = 4, embed_dim: int = 32,
+    dpath: str | Path,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    width: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    embed_dim: int = 32,
 ) -> Path:
     """Build a random tiny ``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor`` and ``save_pretrained`` them."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -100,14 +111,22 @@ def build_tiny_hf_clip(
     if (dpath / "config.json").exists() and any(dpath.glob("*.safetensors")):
         return dpath
     config = CLIPVisionConfig(
-        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
-        image_size=image_size, patch_size=patch_size, projection_dim=embed_dim, hidden_act="quick_gelu",
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=embed_dim,
+        hidden_act="quick_gelu",
     )
     torch.manual_seed(seed)
     model = CLIPVisionModelWithProjection(config).eval()
     processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
     )
     dpath.parent.mkdir(parents=True, exist_ok=True)
     tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
@@ -141,9 +160,15 @@ def open_clip_visual_to_hf(visual: Any, projection_dim: int | None = None):
     act_name = "quick_gelu" if type(act).__name__ == "QuickGELU" else "gelu"
     proj = visual.proj
     config = CLIPVisionConfig(
-        hidden_size=width, intermediate_size=mlp_width, num_hidden_layers=len(blocks), num_attention_heads=heads,
-        image_size=visual.image_size[0], patch_size=patch, projection_dim=projection_dim or proj.shape[1],
-        hidden_act=act_name, layer_norm_eps=visual.ln_pre.eps,
+        hidden_size=width,
+        intermediate_size=mlp_width,
+        num_hidden_layers=len(blocks),
+        num_attention_heads=heads,
+        image_size=visual.image_size[0],
+        patch_size=patch,
+        projection_dim=projection_dim or proj.shape[1],
+        hidden_act=act_name,
+        layer_norm_eps=visual.ln_pre.eps,
     )
     hf = CLIPVisionModelWithProjection(config).eval()
     vm = hf.vision_model
@@ -155,8 +180,11 @@ def open_clip_visual_to_hf(visual: Any, projection_dim: int | None = None):
         for blk, layer in zip(blocks, vm.encoder.layers):
             q_w, k_w, v_w = blk.attn.in_proj_weight.chunk(3, dim=0)
             q_b, k_b, v_b = blk.attn.in_proj_bias.chunk(3, dim=0)
-            for lin, w, b in ((layer.self_attn.q_proj, q_w, q_b), (layer.self_attn.k_proj, k_w, k_b),
-                              (layer.self_attn.v_proj, v_w, v_b)):
+            for lin, w, b in (
+                (layer.self_attn.q_proj, q_w, q_b),
+                (layer.self_attn.k_proj, k_w, k_b),
+                (layer.self_attn.v_proj, v_w, v_b),
+            ):
                 lin.weight.copy_(w)
                 lin.bias.copy_(b)
             layer.self_attn.out_proj.load_state_dict(blk.attn.out_proj.state_dict())

@@ -73,8 +73,10 @@ def find_runs(
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"run={root} is not a folder. Pass the output folder of a monosemanticity run "
-                                f"(it holds latents.csv and top_images/), or a parent of several runs.")
+        raise FileNotFoundError(
+            f"run={root} is not a folder. Pass the output folder of a monosemanticity run "
+            f"(it holds latents.csv and top_images/), or a parent of several runs."
+        )
     skip = {"browser", ".hydra", "wandb", "checkpoints"}
 
     def scan(pattern: str) -> list[Path]:
@@ -83,18 +85,23 @@ def find_runs(
     if ms_run is not None:
         ms_dpath = Path(ms_run)
         if not _is_ms_run(ms_dpath):
-            raise FileNotFoundError(f"ms_run={ms_dpath} holds no latents.csv + top_images/; "
-                                    f"run `python -m vlmsae.monosemanticity` first or fix the path.")
+            raise FileNotFoundError(
+                f"ms_run={ms_dpath} holds no latents.csv + top_images/; "
+                f"run `python -m vlmsae.monosemanticity` first or fix the path."
+            )
     else:
         cands = [p.parent for p in scan(formats.LATENTS_CSV) if _is_ms_run(p.parent)]
         if not cands:
             raise FileNotFoundError(
                 f"No monosemanticity run under run={root}: found no folder with latents.csv and top_images/. "
-                f"Run `python -m vlmsae.monosemanticity sae_path=...` and point run= at its output folder.")
+                f"Run `python -m vlmsae.monosemanticity sae_path=...` and point run= at its output folder."
+            )
         if len(cands) > 1:
             listing = "\n  ".join(str(c) for c in cands)
-            raise ValueError(f"Several monosemanticity runs under run={root}:\n  {listing}\n"
-                             f"Pick one with ms_run=<dir> (or point run= at one of them).")
+            raise ValueError(
+                f"Several monosemanticity runs under run={root}:\n  {listing}\n"
+                f"Pick one with ms_run=<dir> (or point run= at one of them)."
+            )
         ms_dpath = cands[0]
 
     if hierarchy_run is not None:
@@ -105,7 +112,9 @@ def find_runs(
         cands = [p.parent for p in scan("latent_taxa.csv")]
         if len(cands) > 1:
             listing = "\n  ".join(str(c) for c in cands)
-            raise ValueError(f"Several hierarchy runs under run={root}:\n  {listing}\nPick one with hierarchy_run=<dir>.")
+            raise ValueError(
+                f"Several hierarchy runs under run={root}:\n  {listing}\nPick one with hierarchy_run=<dir>."
+            )
         hierarchy_dpath = cands[0] if cands else None
 
     if steer_runs is not None:
@@ -143,8 +152,17 @@ def _int(value: Any) -> int | None:
 def latent_rows(table: formats.LatentsTable) -> list[dict[str, Any]]:
     """``latents.csv`` rows (:func:`vlmsae.formats.read_latents_csv`) as the page's dicts: NaN -> None
     (JSON has no NaN), ``top_keys`` joined by "|" as written."""
-    return [{"latent": r.latent, "ms": _float(r.ms), "freq": _float(r.freq), "max_act": _float(r.max_act),
-             "group": r.group, "top_keys": "|".join(r.top_keys)} for r in table.rows]
+    return [
+        {
+            "latent": r.latent,
+            "ms": _float(r.ms),
+            "freq": _float(r.freq),
+            "max_act": _float(r.max_act),
+            "group": r.group,
+            "top_keys": "|".join(r.top_keys),
+        }
+        for r in table.rows
+    ]
 
 
 def read_taxa_csv(fpath: Path) -> dict[int, dict[str, Any]]:
@@ -198,8 +216,16 @@ def read_top_index(dpath: Path) -> TopIndex:
     else:
         row_latents = list(range(top.n_latents))
     patch = next((top.extra[k] for k in ("patch_acts", "patch_acts_KTP") if k in top.extra), None)
-    return TopIndex(image_idx_KT=top.image_idx, acts_KT=top.acts, keys=top.keys, paths=top.paths,
-                    labels=top.labels, row_latents=row_latents, patch_acts_KTP=patch, meta=top.meta)
+    return TopIndex(
+        image_idx_KT=top.image_idx,
+        acts_KT=top.acts,
+        keys=top.keys,
+        paths=top.paths,
+        labels=top.labels,
+        row_latents=row_latents,
+        patch_acts_KTP=patch,
+        meta=top.meta,
+    )
 
 
 def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
@@ -223,23 +249,27 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
         images = _as_list(settings.get("images", settings.get("image")))
         rows = []
         for i in range(max(len(steered), len(baseline))):
-            rows.append({
-                "image": str(images[i]) if i < len(images) else (str(images[0]) if len(images) == 1 else ""),
-                "baseline": _answer_text(baseline[i]) if i < len(baseline) else "",
-                "steered": _answer_text(steered[i]) if i < len(steered) else "",
-                "activation_steering": _answer_text(added[i]) if i < len(added) else None,
-            })
+            rows.append(
+                {
+                    "image": str(images[i]) if i < len(images) else (str(images[0]) if len(images) == 1 else ""),
+                    "baseline": _answer_text(baseline[i]) if i < len(baseline) else "",
+                    "steered": _answer_text(steered[i]) if i < len(steered) else "",
+                    "activation_steering": _answer_text(added[i]) if i < len(added) else None,
+                }
+            )
         sweep = obj.sweep
-        examples.append({
-            "source": str(fpath.parent.name),
-            "sae_path": settings.get("sae_path"),
-            "latents": latents,
-            "alpha": alpha,
-            "mode": settings.get("mode"),
-            "prompt": settings.get("prompt"),
-            "rows": rows,
-            "sweep": {str(a): [_answer_text(x) for x in _as_list(v)] for a, v in sweep.items()} if sweep else None,
-        })
+        examples.append(
+            {
+                "source": str(fpath.parent.name),
+                "sae_path": settings.get("sae_path"),
+                "latents": latents,
+                "alpha": alpha,
+                "mode": settings.get("mode"),
+                "prompt": settings.get("prompt"),
+                "rows": rows,
+                "sweep": {str(a): [_answer_text(x) for x in _as_list(v)] for a, v in sweep.items()} if sweep else None,
+            }
+        )
     return examples
 
 
@@ -364,7 +394,7 @@ def recompute_heatmaps(
 
         tap = load_tap(model)
         sae = load_sae(sae_path, device=tap.device).eval()
-    except Exception as e:  # noqa: BLE001 - any failure to load means: no heatmaps, say why
+    except Exception as e:
         return {}, f"could not load the model or SAE ({type(e).__name__}: {e})"
 
     from tqdm import tqdm
@@ -428,8 +458,11 @@ def build_browser(
     run_info = _optional(formats.read_run_info, ms_dpath / formats.RUN_INFO_JSON)
     ms_config = run_info.config if run_info is not None else {}
     taxa = read_taxa_csv(sources.hierarchy_dpath / "latent_taxa.csv") if sources.hierarchy_dpath else {}
-    hierarchy = (_optional(formats.read_hierarchy, sources.hierarchy_dpath / formats.HIERARCHY_JSON)
-                 if sources.hierarchy_dpath else None)
+    hierarchy = (
+        _optional(formats.read_hierarchy, sources.hierarchy_dpath / formats.HIERARCHY_JSON)
+        if sources.hierarchy_dpath
+        else None
+    )
     steering = read_steering(sources.steer_fpaths)
 
     # Choose the cards: highest MS first (None = dead, last), then the steered latents.
@@ -476,35 +509,41 @@ def build_browser(
             for slot, (image_idx, act) in enumerate(zip(idx_T[:images_per_card], act_T[:images_per_card])):
                 if image_idx < 0:
                     continue  # -1 pads latents with fewer than T firing images
-                top.append({
-                    "slot": slot,
-                    "image": int(image_idx),
-                    "key": index.keys[image_idx] if image_idx < len(index.keys) else str(image_idx),
-                    "label": _caption(index.keys[image_idx] if image_idx < len(index.keys) else "",
-                                      index.labels[image_idx] if index.labels and image_idx < len(index.labels) else None),
-                    "act": _float(act),
-                    "src": thumb(int(image_idx)),
-                    "heat": None,
-                })
+                top.append(
+                    {
+                        "slot": slot,
+                        "image": int(image_idx),
+                        "key": index.keys[image_idx] if image_idx < len(index.keys) else str(image_idx),
+                        "label": _caption(
+                            index.keys[image_idx] if image_idx < len(index.keys) else "",
+                            index.labels[image_idx] if index.labels and image_idx < len(index.labels) else None,
+                        ),
+                        "act": _float(act),
+                        "src": thumb(int(image_idx)),
+                        "heat": None,
+                    }
+                )
             if heatmaps != "off":
                 recorded = recorded_heatmaps(index, row, images_per_card)
                 if recorded is not None:
                     for t in top:
                         t["heat"] = recorded[t["slot"]] if t["slot"] < len(recorded) else None
         group = r["group"] if r["group"] is not None else tx.get("group")
-        cards.append({
-            "latent": latent,
-            "ms": r["ms"],
-            "freq": r["freq"],
-            "max_act": r["max_act"],
-            "group": group,
-            "label": tx.get("label", ""),
-            "ranks": tx.get("ranks", {}),
-            "depth_mean": tx.get("depth_mean"),
-            "top_keys": r["top_keys"] if row is None else "",
-            "top": top,
-            "steering": steer_by_latent.get(latent, []),
-        })
+        cards.append(
+            {
+                "latent": latent,
+                "ms": r["ms"],
+                "freq": r["freq"],
+                "max_act": r["max_act"],
+                "group": group,
+                "label": tx.get("label", ""),
+                "ranks": tx.get("ranks", {}),
+                "depth_mean": tx.get("depth_mean"),
+                "top_keys": r["top_keys"] if row is None else "",
+                "top": top,
+                "steering": steer_by_latent.get(latent, []),
+            }
+        )
 
     heatmap_note = _fill_heatmaps(cards, index, ms_config, heatmaps)
     plots = _copy_plots(ms_dpath, sources.hierarchy_dpath, out_dpath)
@@ -514,8 +553,11 @@ def build_browser(
         "n_cards": len(cards),
         "max_cards": max_cards,
         "heatmap_note": heatmap_note,
-        "sources": {"ms": str(ms_dpath), "hierarchy": str(sources.hierarchy_dpath or ""),
-                    "steer": [str(p) for p in sources.steer_fpaths]},
+        "sources": {
+            "ms": str(ms_dpath),
+            "hierarchy": str(sources.hierarchy_dpath or ""),
+            "steer": [str(p) for p in sources.steer_fpaths],
+        },
         "summary": summary.to_dict() if summary is not None else None,
         "hierarchy": hierarchy.to_dict() if hierarchy is not None else None,
         "model": _model_line(ms_config, index.meta),
@@ -585,8 +627,10 @@ def _optional(read: Any, fpath: Path) -> Any:
 def _copy_plots(ms_dpath: Path, hierarchy_dpath: Path | None, out_dpath: Path) -> list[dict[str, str]]:
     """Copy the jobs' PNG plots next to the page (so the folder stays self-contained)."""
     plots = []
-    named = [(ms_dpath, "ms_hist.png", "MS of SAE latents vs raw neurons"),
-             (ms_dpath, "ms_vs_freq.png", "MS against firing frequency")]
+    named = [
+        (ms_dpath, "ms_hist.png", "MS of SAE latents vs raw neurons"),
+        (ms_dpath, "ms_vs_freq.png", "MS against firing frequency"),
+    ]
     if hierarchy_dpath:
         named.append((hierarchy_dpath, "hierarchy.png", "LCA depth per Matryoshka group"))
     (out_dpath / "plots").mkdir(exist_ok=True)
@@ -604,9 +648,15 @@ def _model_line(ms_config: dict[str, Any], top_meta: dict[str, Any]) -> str:
     sae_config = _optional(formats.read_sae_config, Path(sae_path) / formats.SAE_CONFIG_JSON) if sae_path else None
     source = sae_config.source if sae_config is not None else {}
     name = model.get("name") or top_meta.get("model") or source.get("model")
-    layer = next((x for x in (ms_config.get("layer"), top_meta.get("layer"), source.get("layer")) if x is not None), None)
-    parts = [str(name) if name else "", f"layer {layer}" if layer is not None else "",
-             f"tokens {source['tokens']}" if source.get("tokens") else "", f"SAE {sae_path}" if sae_path else ""]
+    layer = next(
+        (x for x in (ms_config.get("layer"), top_meta.get("layer"), source.get("layer")) if x is not None), None
+    )
+    parts = [
+        str(name) if name else "",
+        f"layer {layer}" if layer is not None else "",
+        f"tokens {source['tokens']}" if source.get("tokens") else "",
+        f"SAE {sae_path}" if sae_path else "",
+    ]
     return " · ".join(p for p in parts if p)
 
 
@@ -660,8 +710,9 @@ def card_overlay_image(thumb_fpath: Path, heat: list[int] | None) -> Any:
     alpha = Image.new("L", (side, side))
     alpha.putdata([round(190 * math.sqrt(v / 255)) for v in heat])
     size = img.size
-    return Image.composite(colours.resize(size, Image.Resampling.BILINEAR), img,
-                           alpha.resize(size, Image.Resampling.BILINEAR))
+    return Image.composite(
+        colours.resize(size, Image.Resampling.BILINEAR), img, alpha.resize(size, Image.Resampling.BILINEAR)
+    )
 
 
 def wandb_table(data: dict[str, Any], out_dpath: str | Path, images_per_row: int = 8) -> Any:
@@ -669,12 +720,14 @@ def wandb_table(data: dict[str, Any], out_dpath: str | Path, images_per_row: int
     import wandb
 
     out_dpath = Path(out_dpath)
-    columns = ["latent", "ms", "freq", "group", "label", "depth_mean", "steering"] + \
-              [f"top_{i}" for i in range(images_per_row)]
+    columns = ["latent", "ms", "freq", "group", "label", "depth_mean", "steering"] + [
+        f"top_{i}" for i in range(images_per_row)
+    ]
     table = wandb.Table(columns=columns)
     for card in data["cards"]:
         steer_text = " | ".join(
-            f"{r['baseline']} -> {r['steered']}" for i in card["steering"] for r in data["steering"][i]["rows"][:2])
+            f"{r['baseline']} -> {r['steered']}" for i in card["steering"] for r in data["steering"][i]["rows"][:2]
+        )
         images = []
         for t in card["top"][:images_per_row]:
             if t["src"]:
@@ -683,13 +736,22 @@ def wandb_table(data: dict[str, Any], out_dpath: str | Path, images_per_row: int
             else:
                 images.append(None)
         images += [None] * (images_per_row - len(images))
-        table.add_data(card["latent"], card["ms"], card["freq"], card["group"], card["label"],
-                       card["depth_mean"], steer_text, *images)
+        table.add_data(
+            card["latent"],
+            card["ms"],
+            card["freq"],
+            card["group"],
+            card["label"],
+            card["depth_mean"],
+            steer_text,
+            *images,
+        )
     return table
 
 
-def log_to_wandb(data: dict[str, Any], out_dpath: str | Path, logger: LoggerSchema | Mapping[str, Any],
-                 config: dict[str, Any]) -> str:
+def log_to_wandb(
+    data: dict[str, Any], out_dpath: str | Path, logger: LoggerSchema | Mapping[str, Any], config: dict[str, Any]
+) -> str:
     """Log the cards table to W&B; returns the run dir. ``logger``: the job's logger node (a mapping takes
     :class:`~vlmsae.config.schemas.LoggerSchema`'s defaults for the keys it lacks). The mode is ``$WANDB_MODE``
     if set (as for training: ``WANDB_MODE=disabled`` always wins), else ``logger.mode`` (online | offline |
@@ -701,8 +763,16 @@ def log_to_wandb(data: dict[str, Any], out_dpath: str | Path, logger: LoggerSche
     if not isinstance(logger, LoggerSchema):
         logger = LoggerSchema(**logger)
     mode = os.environ.get("WANDB_MODE") or logger.mode
-    run = wandb.init(project=logger.project, entity=logger.entity, mode=mode, tags=list(logger.tags),
-                     group=logger.group, job_type="browse", dir=str(out_dpath), config=config)
+    run = wandb.init(
+        project=logger.project,
+        entity=logger.entity,
+        mode=mode,
+        tags=list(logger.tags),
+        group=logger.group,
+        job_type="browse",
+        dir=str(out_dpath),
+        config=config,
+    )
     try:
         run.log({"feature_browser": wandb_table(data, out_dpath)})
         return str(getattr(run, "dir", "") or "")
@@ -724,6 +794,18 @@ def cards_summary(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-__all__ = ["RunSources", "TopIndex", "build_browser", "cards_summary", "find_runs", "json_for_script",
-           "latent_rows", "log_to_wandb", "read_steering", "read_taxa_csv", "read_top_index",
-           "render_html", "wandb_table"]
+__all__ = [
+    "RunSources",
+    "TopIndex",
+    "build_browser",
+    "cards_summary",
+    "find_runs",
+    "json_for_script",
+    "latent_rows",
+    "log_to_wandb",
+    "read_steering",
+    "read_taxa_csv",
+    "read_top_index",
+    "render_html",
+    "wandb_table",
+]

@@ -175,8 +175,10 @@ class SAE(nn.Module):
         if not isinstance(cfg, SAEConfig):
             raise TypeError(f"SAE needs an SAEConfig; got {type(cfg).__name__}.")
         if not cfg.is_resolved:  # a config node straight from conf/sae/*.yaml: its size is not known yet
-            raise ValueError(f"SAE needs d_in and n_latents; got d_in={cfg.d_in}, n_latents={cfg.n_latents}: "
-                             "use cfg.resolved(d_in) or SAEConfig.from_schema(node, d_in).")
+            raise ValueError(
+                f"SAE needs d_in and n_latents; got d_in={cfg.d_in}, n_latents={cfg.n_latents}: "
+                "use cfg.resolved(d_in) or SAEConfig.from_schema(node, d_in)."
+            )
         self.cfg = cfg
         n_latents, d_in = cfg.n_latents, cfg.d_in
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -379,6 +381,7 @@ class SAE(nn.Module):
         k_aux = min(self.cfg.aux_k or max(1, self.d_in // 2), n_dead)
         preacts_of = None
         if codes.is_sparse:
+
             def preacts_of(rows_N, cols_N):
                 return gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, preacts_BF=codes.z_BF)
 

@@ -86,15 +86,16 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
     info = read_sae_config(dpath)
     weights_fpath = dpath / WEIGHTS_FNAME
     if not weights_fpath.is_file():
-        raise FileNotFoundError(f"{str(dpath)!r} has {SAE_CONFIG_JSON} but no {WEIGHTS_FNAME}: the checkpoint is "
-                                "incomplete.")
+        raise FileNotFoundError(
+            f"{str(dpath)!r} has {SAE_CONFIG_JSON} but no {WEIGHTS_FNAME}: the checkpoint is incomplete."
+        )
     cfg_dict = dict(info.config)
     if cfg_dict.get("group_fractions") is not None:
         cfg_dict["group_fractions"] = tuple(cfg_dict["group_fractions"])
     try:
         cfg = SAEConfig(**cfg_dict)
     except TypeError as err:
-        raise ValueError(f"{str(dpath / SAE_CONFIG_JSON)!r}: its \"config\" does not match SAEConfig ({err}).") from err
+        raise ValueError(f'{str(dpath / SAE_CONFIG_JSON)!r}: its "config" does not match SAEConfig ({err}).') from err
     try:
         tensors = load_file(str(weights_fpath), device="cpu")
     except (SafetensorError, OSError) as err:

@@ -92,7 +92,9 @@ def estimate_input_scale(batches: Iterable[torch.Tensor], d_in: int) -> float:
     for x_BD in batches:
         x_BD = torch.as_tensor(x_BD)
         if x_BD.shape[-1] != d_in:
-            raise ValueError(f"estimate_input_scale: expected batches of width d_in={d_in}, got shape {tuple(x_BD.shape)}.")
+            raise ValueError(
+                f"estimate_input_scale: expected batches of width d_in={d_in}, got shape {tuple(x_BD.shape)}."
+            )
         x_BD = x_BD.reshape(-1, d_in).double()
         if not torch.isfinite(x_BD).all():
             raise ValueError("estimate_input_scale: a batch contains NaN or inf; clean the activations first.")

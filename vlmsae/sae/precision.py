@@ -42,8 +42,11 @@ def fp32_region(device: torch.device | str) -> Iterator[None]:
     suggests "high" = TF32 on tensor-core GPUs); it is restored on exit.
     """
     device_type = torch.device(device).type
-    autocast = (torch.autocast(device_type=device_type, enabled=False)
-                if torch.amp.is_autocast_available(device_type) else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=device_type, enabled=False)
+        if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
     previous = torch.get_float32_matmul_precision()
     with autocast:
         if previous == "highest":

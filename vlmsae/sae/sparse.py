@@ -45,14 +45,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "gather_preacts",
-    "sparse_decode",
-    "prefer_sparse",
-    "use_sparse_kernel",
-    "topk_select",
     "batch_topk_select",
-    "selection_preacts",
+    "gather_preacts",
+    "prefer_sparse",
     "release_selection_buffers",
+    "selection_preacts",
+    "sparse_decode",
+    "topk_select",
+    "use_sparse_kernel",
 ]
 
 # Entries per chunk when gathering both operands of a dot product (non-CPU devices only):
@@ -153,9 +153,7 @@ class _Plan:
             rows_N, cols_N = rows_N[order_N], cols_N[order_N]
         counts = torch.bincount(rows_N, minlength=self.n_rows)
         if counts.numel() > self.n_rows:
-            raise ValueError(
-                f"a row index is >= {self.n_rows} (the batch size / number of bags); check rows_N."
-            )
+            raise ValueError(f"a row index is >= {self.n_rows} (the batch size / number of bags); check rows_N.")
         crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=rows_N.device)
         torch.cumsum(counts, 0, out=crow[1:])
         return order_N, cols_N, crow[:-1], crow
@@ -197,8 +195,12 @@ def _bag_by_row(plan: _Plan, weight_N: torch.Tensor, table_FD: torch.Tensor) -> 
         return table_FD.new_zeros(plan.n_rows, table_FD.shape[1])
     weight_N = weight_N.to(table_FD.dtype)
     if plan.k:  # TopK: a [B, k] bag matrix, no offsets
-        return F.embedding_bag(plan.cols_N.reshape(plan.n_rows, plan.k), table_FD, mode="sum",
-                               per_sample_weights=weight_N.reshape(plan.n_rows, plan.k))
+        return F.embedding_bag(
+            plan.cols_N.reshape(plan.n_rows, plan.k),
+            table_FD,
+            mode="sum",
+            per_sample_weights=weight_N.reshape(plan.n_rows, plan.k),
+        )
     order_N, cols_by_row_N, offsets, _ = plan.by_row()
     if order_N is not None:
         with _single_threaded(weight_N.device):
@@ -231,8 +233,13 @@ def _sampled_dots(plan: _Plan, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.
         order_N, cols_by_row_N, _, crow = plan.by_row()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            pattern = torch.sparse_csr_tensor(crow, cols_by_row_N, torch.zeros(plan.n_entries, dtype=dtype),
-                                              size=(plan.n_rows, b_FD.shape[0]), check_invariants=False)
+            pattern = torch.sparse_csr_tensor(
+                crow,
+                cols_by_row_N,
+                torch.zeros(plan.n_entries, dtype=dtype),
+                size=(plan.n_rows, b_FD.shape[0]),
+                check_invariants=False,
+            )
             vals_N = torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
         if order_N is None:
             return vals_N
@@ -293,7 +300,7 @@ class _GatherPreacts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dvals_N):
-        x_cent_BD, W_enc_FD, rows_N, cols_N = ctx.saved_tensors
+        x_cent_BD, W_enc_FD, _rows_N, cols_N = ctx.saved_tensors
         plan = ctx.plan
         dx_BD = dW_FD = db_F = None
         with _no_autocast(dvals_N.device):
@@ -329,7 +336,7 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dx_hat_BD):
-        rows_N, cols_N, vals_N, W_dec_FD = ctx.saved_tensors
+        _rows_N, _cols_N, vals_N, W_dec_FD = ctx.saved_tensors
         plan = ctx.plan
         dvals_N = dW_FD = None
         with _no_autocast(dx_hat_BD.device):

@@ -17,6 +17,17 @@ from vlmsae.steering.hooks import (
 )
 
 __all__ = [
-    "MODES", "ONE_WORD_PROMPT", "SteeringHandle", "alpha_sweep", "chat_prompt", "edit_activations",
-    "first_word", "generate_answers", "grid_patches", "sae_layer", "steer", "token_mask", "white_image",
+    "MODES",
+    "ONE_WORD_PROMPT",
+    "SteeringHandle",
+    "alpha_sweep",
+    "chat_prompt",
+    "edit_activations",
+    "first_word",
+    "generate_answers",
+    "grid_patches",
+    "sae_layer",
+    "steer",
+    "token_mask",
+    "white_image",
 ]

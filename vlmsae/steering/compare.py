@@ -70,8 +70,9 @@ class SteerRequest:
     sweep: Sequence[float] | None = None  # alphas for a single latent
 
 
-def compare_answers(setup: SteeringSetup, images: Sequence[Any], names: Sequence[str],
-                    request: SteerRequest) -> tuple[SteerResult, dict[str, list[str]]]:
+def compare_answers(
+    setup: SteeringSetup, images: Sequence[Any], names: Sequence[str], request: SteerRequest
+) -> tuple[SteerResult, dict[str, list[str]]]:
     """``(steer.json's content, rows)``: the answers about ``images`` (called ``names``), not steered,
     steered, and the optional add baseline and alpha sweep; ``rows`` = {condition: answers}, to print.
 
@@ -98,8 +99,13 @@ def compare_answers(setup: SteeringSetup, images: Sequence[Any], names: Sequence
         sweep = alpha_sweep(answers, setup.model, setup.sae, j, [float(a) for a in r.sweep], **hook)
         result.sweep = {str(a): v for a, v in sweep.items()}
     result.settings = {
-        "layer": handle.layer, "latents": {str(j): a for j, a in r.latents.items()}, "mode": r.mode,
-        "patches": r.patches, "prompt": r.prompt, "images": list(names), "max_new_tokens": r.max_new_tokens,
+        "layer": handle.layer,
+        "latents": {str(j): a for j, a in r.latents.items()},
+        "mode": r.mode,
+        "patches": r.patches,
+        "prompt": r.prompt,
+        "images": list(names),
+        "max_new_tokens": r.max_new_tokens,
         "greedy": True,
     }
     return result, rows

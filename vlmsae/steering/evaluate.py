@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.data.images import load_image
 from vlmsae.formats import SteerEvalResult
 from vlmsae.steering.generate import first_word, generate_answers, white_image
@@ -26,10 +27,18 @@ from vlmsae.steering.score import ScoreSummary, shuffled, streamed_concept_embed
 from vlmsae.steering.setup import SteeringSetup
 
 PAPER = {  # METHOD §5, alpha = 100 (ImageNet images / white image)
-    "imagenet": {"steered": 0.263, "not steered": 0.211, "upper bound (true class names)": 0.283,
-                 "lower bound (shuffled names)": 0.185},
-    "white": {"steered": 0.259, "not steered": 0.212, "upper bound (true class names)": 0.283,
-              "lower bound (shuffled names)": 0.185},
+    "imagenet": {
+        "steered": 0.263,
+        "not steered": 0.211,
+        "upper bound (true class names)": 0.283,
+        "lower bound (shuffled names)": 0.185,
+    },
+    "white": {
+        "steered": 0.259,
+        "not steered": 0.212,
+        "upper bound (true class names)": 0.283,
+        "lower bound (shuffled names)": 0.185,
+    },
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 BOUNDS_NOTE = "class names of top images (upper), shuffled across latents (lower)"
@@ -145,6 +154,22 @@ class ScoreRequest:
     class_names: dict[int, str] | None = None  # label id -> name, for the bounds (None: no bounds)
     seed: int = 0  # the shuffled lower bound
 
+    @classmethod
+    def from_job(cls, job: SteerEvalJob) -> ScoreRequest:
+        """The request a ``steer_eval`` job config makes (latent list parsed, class-names file read)."""
+        return cls(
+            latent_list(job.latents),
+            job.alpha,
+            job.mode,
+            job.prompt,
+            job.max_new_tokens,
+            job.batch_size,
+            job.top_n,
+            job.compare_add,
+            load_class_names(job.class_names),
+            job.seed,
+        )
+
 
 @dataclass
 class SteeringScores:
@@ -171,34 +196,49 @@ class SteeringScores:
         rows = []
         for li, j in enumerate(self.request.latents):
             sl = slice(li * n_img, (li + 1) * n_img)
-            rows.append({
-                "latent": j, "n_top_images": len(self.top_paths[li]),
-                "steered": ScoreSummary.of(self.scores["steered"][sl]).mean,
-                "not_steered": ScoreSummary.of(self.scores["not steered"][sl]).mean,
-                "steered_words": sorted(set(self.steered_words[sl])),
-            })
+            rows.append(
+                {
+                    "latent": j,
+                    "n_top_images": len(self.top_paths[li]),
+                    "steered": ScoreSummary.of(self.scores["steered"][sl]).mean,
+                    "not_steered": ScoreSummary.of(self.scores["not steered"][sl]).mean,
+                    "steered_words": sorted(set(self.steered_words[sl])),
+                }
+            )
         return rows
 
     def result(self, setting: str, settings: dict[str, Any]) -> SteerEvalResult:
         """``steer_eval.json``'s content; ``settings`` (what the job knows: model, paths, ...) come first."""
         r = self.request
         return SteerEvalResult(
-            summary={k: vars(v) for k, v in self.summary.items()}, paper=PAPER[setting], per_latent=self.per_latent(),
-            settings={**settings, "layer": self.layer, "latents": r.latents, "alpha": float(r.alpha), "mode": r.mode,
-                      "n_images": len(self.image_names), "top_n": r.top_n, "prompt": r.prompt,
-                      "max_new_tokens": r.max_new_tokens, "bounds": self.bound_note or BOUNDS_NOTE},
+            summary={k: vars(v) for k, v in self.summary.items()},
+            paper=PAPER[setting],
+            per_latent=self.per_latent(),
+            settings={
+                **settings,
+                "layer": self.layer,
+                "latents": r.latents,
+                "alpha": float(r.alpha),
+                "mode": r.mode,
+                "n_images": len(self.image_names),
+                "top_n": r.top_n,
+                "prompt": r.prompt,
+                "max_new_tokens": r.max_new_tokens,
+                "bounds": self.bound_note or BOUNDS_NOTE,
+            },
         )
 
 
-def steered_answers(setup: SteeringSetup, images: Sequence[Any], pairs: Sequence[tuple[int, int]],
-                    request: ScoreRequest, mode: str) -> list[str]:
+def steered_answers(
+    setup: SteeringSetup, images: Sequence[Any], pairs: Sequence[tuple[int, int]], request: ScoreRequest, mode: str
+) -> list[str]:
     """One answer per (latent row, image row) pair, ``request.batch_size`` pairs per generate call."""
     from tqdm import tqdm
 
     r, bs = request, request.batch_size
     answers: list[str] = []
     for s in tqdm(range(0, len(pairs), bs), desc=f"steered ({mode})"):
-        batch = pairs[s:s + bs]
+        batch = pairs[s : s + bs]
         # One generate call steers a different latent per sample: NaN alpha = leave that latent as encoded.
         alphas = {}
         for li in sorted({li for li, _ in batch}):
@@ -207,8 +247,9 @@ def steered_answers(setup: SteeringSetup, images: Sequence[Any], pairs: Sequence
             alphas[r.latents[li]] = a_B1
         with steer(setup.model, setup.sae, alphas, mode=mode, layer=setup.layer):
             batch_images = [images[ii] for _, ii in batch]
-            answers += generate_answers(setup.model, setup.processor, batch_images, r.prompt, r.max_new_tokens,
-                                        len(batch_images))
+            answers += generate_answers(
+                setup.model, setup.processor, batch_images, r.prompt, r.max_new_tokens, len(batch_images)
+            )
     return answers
 
 
@@ -218,13 +259,14 @@ def plain_answers(setup: SteeringSetup, images: Sequence[Any], request: ScoreReq
 
     r, bs, answers = request, request.batch_size, []
     for s in tqdm(range(0, len(images), bs), desc="not steered"):
-        batch = list(images[s:s + bs])
+        batch = list(images[s : s + bs])
         answers += generate_answers(setup.model, setup.processor, batch, r.prompt, r.max_new_tokens, len(batch))
     return answers
 
 
-def score_steering(setup: SteeringSetup, embedder: Any, top: Any, images: Sequence[Any], image_names: list[str],
-                   request: ScoreRequest) -> SteeringScores:
+def score_steering(
+    setup: SteeringSetup, embedder: Any, top: Any, images: Sequence[Any], image_names: list[str], request: ScoreRequest
+) -> SteeringScores:
     """The steering score of ``request.latents`` on ``images`` (see the module docstring).
 
     ``embedder``: an image embedder with a text tower (``embed``, ``embed_text``); ``top``: the
@@ -253,12 +295,24 @@ def score_steering(setup: SteeringSetup, embedder: Any, top: Any, images: Sequen
         scores.update(bound_scores(top_labels, r.class_names, concepts_LE, embed_texts, r.seed))
     else:
         bound_note = "bounds need labels in the top-images index and class_names=<file>; skipped"
-    return SteeringScores(r, list(image_names), pairs, plain, steered, steered_words, plain_words, scores, top_paths,
-                          setup.layer, bound_note)
+    return SteeringScores(
+        r,
+        list(image_names),
+        pairs,
+        plain,
+        steered,
+        steered_words,
+        plain_words,
+        scores,
+        top_paths,
+        setup.layer,
+        bound_note,
+    )
 
 
-def bound_scores(top_labels: list[list[int]], class_names: dict[int, str], concepts_LE: torch.Tensor,
-                 embed_texts: Any, seed: int) -> dict[str, torch.Tensor]:
+def bound_scores(
+    top_labels: list[list[int]], class_names: dict[int, str], concepts_LE: torch.Tensor, embed_texts: Any, seed: int
+) -> dict[str, torch.Tensor]:
     """The bounds: the class names of each latent's top images (upper), the same names shuffled across latents."""
     pairs = [(li, class_names.get(lbl, "")) for li, lbls in enumerate(top_labels) for lbl in lbls if lbl >= 0]
     true_words = [w.lower() for _, w in pairs]

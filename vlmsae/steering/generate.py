@@ -46,13 +46,13 @@ def generate_answers(
     answers: list[str] = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress):
-        batch = list(images[start:start + batch_size])
+        batch = list(images[start : start + batch_size])
         inputs = processor(images=batch, text=[prompt] * len(batch), return_tensors="pt", padding=True)
         inputs = {k: v.to(device) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(vision_dtype)
         out_ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new_ids = out_ids[:, inputs["input_ids"].shape[1]:]
+        new_ids = out_ids[:, inputs["input_ids"].shape[1] :]
         answers += [a.strip() for a in processor.batch_decode(new_ids, skip_special_tokens=True)]
     return answers
 

@@ -83,7 +83,9 @@ def token_mask(
     idx = torch.as_tensor(list(patches) if not isinstance(patches, torch.Tensor) else patches, dtype=torch.long)
     n_patches = n_tokens - offset
     if idx.numel() and (idx.min() < 0 or idx.max() >= n_patches):
-        raise ValueError(f"Patch indices must lie in [0, {n_patches}) (the grid has {n_patches} patches), got {idx.tolist()}.")
+        raise ValueError(
+            f"Patch indices must lie in [0, {n_patches}) (the grid has {n_patches} patches), got {idx.tolist()}."
+        )
     mask[:, idx.to(mask.device) + offset] = True
     return mask
 
@@ -91,7 +93,8 @@ def token_mask(
 def grid_patches(grid_size: int, rows: Sequence[int] | range, cols: Sequence[int] | range) -> list[int]:
     """Patch indices of a rectangle of the ``grid_size x grid_size`` patch grid (row-major), for ``patches=``.
 
-    LLaVA-1.5: 336 px / 14 px = a 24 x 24 grid; ``grid_patches(24, range(0, 12), range(0, 12))`` is the top-left quarter.
+    LLaVA-1.5: 336 px / 14 px = a 24 x 24 grid; ``grid_patches(24, range(0, 12), range(0, 12))`` is the top-left
+    quarter.
     """
     return [r * grid_size + c for r in rows for c in cols]
 
@@ -219,7 +222,8 @@ def steer(
     if tapped is not None and layer > tapped:
         raise ValueError(
             f"The SAE's layer {layer} comes after block {tapped}, whose output LLaVA projects "
-            f"(vision_feature_layer={model.config.vision_feature_layer}): the edit would never reach the language model."
+            f"(vision_feature_layer={model.config.vision_feature_layer}): "
+            "the edit would never reach the language model."
         )
     width = getattr(getattr(getattr(model, "config", None), "vision_config", None), "hidden_size", None)
     if width is not None and sae.W_dec.shape[1] != width:

@@ -38,8 +38,9 @@ def concept_embeddings(top_images_per_latent: Sequence[Sequence[Any]], embed_ima
     A latent with no top images gets a NaN row (its scores are NaN and left out of means). Takes
     images already in memory; :func:`streamed_concept_embeddings` decodes them latent by latent.
     """
-    return _stack_concepts([_concept(embed_images(list(images))) if len(images) else None
-                            for images in top_images_per_latent])
+    return _stack_concepts(
+        [_concept(embed_images(list(images))) if len(images) else None for images in top_images_per_latent]
+    )
 
 
 def streamed_concept_embeddings(
@@ -71,7 +72,9 @@ def _stack_concepts(rows: list[torch.Tensor | None]) -> torch.Tensor:
     return torch.stack([r if r is not None else torch.full((dim,), float("nan")) for r in rows])
 
 
-def word_scores(words: Sequence[str], concept_idx: Sequence[int], concepts_LE: torch.Tensor, embed_texts: EmbedFn) -> torch.Tensor:
+def word_scores(
+    words: Sequence[str], concept_idx: Sequence[int], concepts_LE: torch.Tensor, embed_texts: EmbedFn
+) -> torch.Tensor:
     """cos(text embedding of ``words[i]``, ``concepts_LE[concept_idx[i]]``) for every i; empty word -> NaN."""
     out = torch.full((len(words),), float("nan"))
     keep = [i for i, w in enumerate(words) if w]

@@ -41,8 +41,9 @@ def require_folder(key: str, value: str | Path | None, what: str = "") -> Path:
     return Path(str(value))
 
 
-def load_steering(spec: ModelSpec, sae_path: str | Path, layer: int | None = None,
-                  device_map: str | None = None) -> SteeringSetup:
+def load_steering(
+    spec: ModelSpec, sae_path: str | Path, layer: int | None = None, device_map: str | None = None
+) -> SteeringSetup:
     """Load the LLaVA of ``spec`` and the SAE of ``sae_path`` onto its vision tower's device.
 
     ``layer`` overrides the block the SAE was trained on (its ``config.json`` ``source.layer``).

@@ -5,6 +5,7 @@ Every output folder gets a ``run_info.json`` (:class:`vlmsae.formats.RunInfo`) w
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import platform
@@ -27,7 +28,9 @@ def git_commit() -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(repo_dpath), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -37,10 +40,8 @@ def git_commit() -> str:
 def versions() -> dict[str, str]:
     out = {"vlmsae": __version__, "python": platform.python_version()}
     for name in _PACKAGES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return out
 
 
@@ -51,7 +52,7 @@ def provenance() -> dict[str, Any]:
         "git_commit": git_commit(),
         "versions": versions(),
         "command": " ".join(sys.argv),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 

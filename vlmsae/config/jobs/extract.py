@@ -1,7 +1,8 @@
 """The ``extract`` job's schema: every top-level key of ``conf/extract.yaml`` (``python -m vlmsae.extract``).
 
 ``conf/extract.yaml`` lists ``extract_schema`` first in its defaults, so a misspelt key (``layr=3``) or a
-wrong type (``k=abc``) fails at compose time naming the key. Defaults live here only (the YAML holds the group choices).
+wrong type (``k=abc``) fails at compose time naming the key. Defaults live here only (the YAML holds the
+group choices).
 """
 
 from __future__ import annotations

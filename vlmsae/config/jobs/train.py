@@ -1,7 +1,8 @@
 """The ``train`` job's schema: every top-level key of ``conf/train.yaml`` (``python -m vlmsae.train``).
 
 ``conf/train.yaml`` lists ``train_schema`` first in its defaults, so a misspelt key (``layr=3``) or a
-wrong type (``seed=abc``) fails at compose time naming the key. Defaults live here only (the YAML holds the group choices).
+wrong type (``seed=abc``) fails at compose time naming the key. Defaults live here only (the YAML holds the
+group choices).
 """
 
 from __future__ import annotations
