@@ -604,7 +604,7 @@ def vision_tensor_files(
         import safetensors
 
         with safetensors.safe_open(str(fpath), framework="pt") as handle:
-            files[fpath] = [key for key in handle if vision_key(key) is not None]
+            files[fpath] = [key for key in handle.keys() if vision_key(key) is not None]  # noqa: SIM118 (not iterable)
     if not any(files.values()):
         raise ValueError(
             f"{source!r} holds no vision-tower tensors (keys starting with {' or '.join(VISION_KEY_PREFIXES)}): "
