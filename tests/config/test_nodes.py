@@ -1,11 +1,11 @@
-"""Bad configs and bad inputs are refused with errors that name the value and what is expected."""
+"""The config nodes (vlmsae.config.nodes): a bad SAEConfig is refused naming the value and what is expected; the
+model and embedder nodes refuse unknown and missing fields, naming them."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from vlmsae.sae import SAEConfig, build_sae, estimate_input_scale, load_sae, save_sae
+from vlmsae.sae import SAEConfig, build_sae
 
 
 def _cfg(**kw) -> SAEConfig:
@@ -62,74 +62,34 @@ def test_group_sizes_follow_the_paper():
     assert sae.group_of_latent.tolist() == [0] * 4 + [1] * 4 + [2] * 8
 
 
-@pytest.fixture(scope="module")
-def sae():
-    sae = build_sae(_cfg(), seed=0)
-    sae.threshold.fill_(0.05)
-    return sae
+# ------------------------------------------------------------------------------ model and embedder nodes
+def test_library_nodes_refuse_unknown_and_missing_fields_naming_them():
+    from vlmsae.models import ModelSpec
+    from vlmsae.models.embedders import EmbedderSpec
+    from vlmsae.sae import SAEConfig, build_sae
+
+    with pytest.raises(ValueError, match=r"Unknown model field\(s\) \['extra'\].*model.seed=1, not model.extra.seed"):
+        ModelSpec.from_cfg({"name": "x", "backend": "open_clip", "arch": "a", "extra": {"seed": 1}})
+    with pytest.raises(ValueError, match=r"Unknown embedder field\(s\) \['extra'\]"):
+        EmbedderSpec.from_cfg({"name": "x", "extra": {}})
+    with pytest.raises(ValueError, match=r"model needs \['arch'\].*model.arch"):
+        ModelSpec(name="x", backend="open_clip")
+    with pytest.raises(ValueError, match=r"SAE needs d_in and n_latents.*resolved\(d_in\)"):
+        build_sae(SAEConfig(arch="topk"))
+    with pytest.raises(ValueError, match=r"sae.d_in=8 but the activations are 16 wide"):
+        SAEConfig(arch="topk", d_in=8).resolved(16)
+    with pytest.raises(ValueError, match=r"sae.expansion must be a positive integer when sae.n_latents is unset"):
+        SAEConfig(arch="topk", expansion=None).resolved(16)
+    with pytest.raises(ValueError, match=r"expansion must be a positive integer; got 0"):
+        SAEConfig(arch="topk", expansion=0)
+    # An explicit n_latents decides the size; expansion then records the ratio (None when not whole).
+    assert SAEConfig(arch="topk", n_latents=40, expansion=16).resolved(8).expansion == 5
+    assert SAEConfig(arch="topk", d_in=8, n_latents=44).expansion is None
 
 
-def test_unestimated_threshold_falls_back_to_topk_with_a_warning():
-    fresh = build_sae(_cfg(), seed=0)
-    with pytest.warns(UserWarning, match="threshold is not estimated yet"):
-        codes = fresh.encode(torch.randn(20, 8))
-    assert torch.all((codes > 0).sum(1) <= 4) and int((codes > 0).sum()) > 20
+def test_embedder_cache_id_changes_with_preprocessing_overrides():
+    from vlmsae.models.embedders import EmbedderSpec
 
-
-@pytest.mark.parametrize("method", ["encode", "encode_pre", "forward", "loss"])
-def test_wrong_width_names_expected_and_got(sae, method):
-    with pytest.raises(ValueError, match=r"d_in=8; got shape \(5, 7\)"):
-        getattr(sae, method)(torch.randn(5, 7))
-
-
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("method", ["encode", "loss"])
-def test_non_finite_batch_is_refused(sae, method, bad):
-    x = torch.randn(6, 8)
-    x[3, 2] = bad
-    with pytest.raises(ValueError, match=r"NaN .* inf values \(first bad row 3\)"):
-        getattr(sae, method)(x)
-
-
-def test_dtypes_are_cast_or_refused(sae):
-    x = torch.randn(5, 8)
-    torch.testing.assert_close(sae.encode(x.half()), sae.encode(x.half().float()))  # fp16 shards: cast
-    assert sae.encode(x.double()).dtype == torch.float32
-    with pytest.raises(TypeError, match=r"floating-point activations, got dtype torch.int64"):
-        sae.encode(torch.ones(5, 8, dtype=torch.long))
-    with pytest.raises(TypeError, match=r"expected a torch.Tensor"):
-        sae.encode([[0.0] * 8])
-    with pytest.raises(ValueError, match=r"shape \[B, d_in\]"):
-        sae.loss(torch.randn(2, 3, 8))  # loss needs a flat batch
-    with pytest.raises(ValueError, match=r"n_latents=32; got shape \(5, 31\)"):
-        sae.decode(torch.rand(5, 31))
-
-
-def test_bad_checkpoint_folders(tmp_path, sae):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_sae(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        load_sae(tmp_path)
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        load_sae(tmp_path)
-    (tmp_path / "config.json").write_text('{"a": 1}')
-    with pytest.raises(ValueError, match="not a vlmsae SAE config"):
-        load_sae(tmp_path)
-    good = save_sae(sae, tmp_path / "good")
-    (good / "sae.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
-        load_sae(good)
-    (good / "sae.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no sae.safetensors"):
-        load_sae(good)
-
-
-def test_input_scale_estimate_refuses_bad_batches():
-    assert estimate_input_scale([torch.full((4, 9), 3.0)], d_in=9) == pytest.approx(1 / 3)
-    with pytest.raises(ValueError, match="width d_in=9"):
-        estimate_input_scale([torch.ones(4, 8)], d_in=9)
-    with pytest.raises(ValueError, match="no rows"):
-        estimate_input_scale([], d_in=9)
-    with pytest.raises(ValueError, match="NaN or inf"):
-        estimate_input_scale([torch.tensor([[float("nan")] * 9])], d_in=9)
+    base = EmbedderSpec(pretrained="openai")
+    assert base.cache_id() == "clip_b32|open_clip|ViT-B-32|openai|"  # unchanged for every existing cache
+    assert EmbedderSpec(pretrained="openai", quick_gelu=False).cache_id() != base.cache_id()
