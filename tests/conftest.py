@@ -1,4 +1,14 @@
-"""Shared fixtures: the repo root and a composer for the real Hydra configs."""
+"""Shared fixtures: the repo root and a composer for the real Hydra configs.
+
+Where a test goes: tests/ mirrors vlmsae/. The tests of ``vlmsae/<sub>/<module>.py`` are in
+``tests/<sub>/test_<module>.py`` (vlmsae/sae/sparse.py -> tests/sae/test_sparse.py), and the tests of a top-level
+module, a job entrypoint (train.py, extract.py, ...) or formats.py / demo.py, are in ``tests/test_<module>.py``.
+One file per module: a test that exercises several modules goes with the one it is about (a job's end-to-end and
+CLI tests, slow ones included, go in the job's file; the library it calls has its own file). Two files check the
+repository as a whole and match no module: test_layers.py (import layers) and test_packaging.py (wheel, pins).
+Fixture files stay in tests/fixtures/. Test files are imported with ``--import-mode=importlib`` (pyproject), so
+equal basenames in different folders coexist and test files never import each other: shared fixtures live here.
+"""
 
 from __future__ import annotations
 

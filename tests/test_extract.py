@@ -1,14 +1,23 @@
 """``vlmsae.extract``: stored rows equal a direct forward pass, metadata is right, an interrupted run
-resumes to exactly the rows of an uninterrupted one, corrupt images are skipped and reported."""
+resumes to exactly the rows of an uninterrupted one, corrupt images are skipped and reported; the row order mixes
+classes; the CLI killed with SIGKILL then rerun gives the uninterrupted rows (slow)."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vlmsae.data.concepts import make_concept_images
 from vlmsae.data.shards import ShardWriter, list_shards, read_rows
@@ -228,3 +237,157 @@ def test_run_is_thin():
     import vlmsae.extract
 
     assert len(inspect.getsource(vlmsae.extract.run).splitlines()) <= 45
+
+
+# ------------------------------------------------------------------------------ row order
+# Extraction's row order: a class-sorted folder extracted with default settings and streamed by the
+# default training stream gives batches as class-diverse as uniform sampling (the seeded visiting
+# order); a changed order on resume is refused; skipped files are counted by reason in the manifest.
+torch.set_num_threads(1)
+N_CLASSES, PER_CLASS, BATCH = 40, 30, 256
+
+
+def expected_distinct_classes(class_sizes: list[int], n: int) -> float:
+    """E[#distinct classes] in ``n`` rows drawn uniformly without replacement: sum_c 1 - C(N - n_c, n) / C(N, n)."""
+    total = sum(class_sizes)
+    return sum(1 - math.comb(total - n_c, n) / math.comb(total, n) for n_c in class_sizes)
+
+
+@pytest.fixture(scope="module")
+def sorted_folder(tmp_path_factory):
+    """40 class folders x 30 tiny noise images (every image distinct, so every row maps back to its class)."""
+    root = tmp_path_factory.mktemp("order") / "imgs"
+    rng = np.random.default_rng(0)
+    for c in range(N_CLASSES):
+        (root / f"class{c:02d}").mkdir(parents=True)
+        for i in range(PER_CLASS):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{c:02d}" / f"{i:02d}.png")
+    return root
+
+
+def _distinct_classes_per_batch(store, n_batches: int = 30, shuffle_buffer: int | None = None) -> list[int]:
+    from vlmsae.data.stream import StreamConfig
+    from vlmsae.lit.datamodule import ActsDataModule
+
+    rows = read_rows(store)
+    label_of = {row.numpy().tobytes(): label for row, label in zip(rows["acts"], rows["label"].tolist())}
+    assert len(label_of) == N_CLASSES * PER_CLASS  # distinct rows: each one names its image's class
+    stream = StreamConfig(batch_size=BATCH) if shuffle_buffer is None else StreamConfig(batch_size=BATCH,
+                                                                                          shuffle_buffer=shuffle_buffer)
+    dm = ActsDataModule(store, stream)  # default: the trainer's default shuffle settings
+    distinct = []
+    for batch in dm.train_stream():
+        distinct.append(len({label_of[row.numpy().tobytes()] for row in batch}))
+        if len(distinct) == n_batches:
+            return distinct
+    raise AssertionError("the training stream ended")
+
+
+def test_default_extraction_gives_uniformly_mixed_training_batches(compose_cfg, sorted_folder, tmp_path):
+    # default settings (order_seed=0); worker processes only cost start-up time here and never change rows
+    cfg = compose_cfg("extract", ["model=tiny", "data=folder", f"data.root={sorted_folder}", "progress=false",
+                                  "data.num_workers=0"])
+    run(cfg, out_dpath=tmp_path / "store")
+    manifest = read_manifest(tmp_path / "store")
+    assert manifest.order_seed == 0 and manifest.n_rows == N_CLASSES * PER_CLASS
+    want = expected_distinct_classes([PER_CLASS] * N_CLASSES, BATCH)
+    got = float(np.mean(_distinct_classes_per_batch(tmp_path / "store")))
+    assert abs(got - want) <= 0.1 * want, (got, want)
+    # the order itself is uniform: even a shuffle window of one batch (a real store is ~100x its window) mixes
+    got_one_window = float(np.mean(_distinct_classes_per_batch(tmp_path / "store", shuffle_buffer=BATCH)))
+    assert abs(got_one_window - want) <= 0.1 * want, (got_one_window, want)
+
+
+def test_listing_order_is_still_available_and_is_class_sorted(compose_cfg, sorted_folder, tmp_path):
+    """order_seed=null keeps the folder order: the stream's batches then hold far fewer classes.
+
+    This 1,200-row store fits in one default shuffle window, which hides any order; a window of one batch
+    (what a real store is, relative to the 16,384-row window: ~1% of ImageNet) shows it."""
+    cfg = compose_cfg("extract", ["model=tiny", "data=folder", f"data.root={sorted_folder}", "progress=false",
+                                  "order_seed=null", "data.num_workers=0"])
+    run(cfg, out_dpath=tmp_path / "store")
+    rows = read_rows(tmp_path / "store")
+    assert rows["image_idx"].tolist() == list(range(N_CLASSES * PER_CLASS)) and read_manifest(
+        tmp_path / "store").order_seed is None
+    want = expected_distinct_classes([PER_CLASS] * N_CLASSES, BATCH)
+    assert float(np.mean(_distinct_classes_per_batch(tmp_path / "store", n_batches=4, shuffle_buffer=BATCH))) < 0.5 * want
+
+
+def test_max_images_is_a_random_subset(compose_cfg, sorted_folder, tmp_path):
+    from vlmsae.data.images import image_order
+
+    cfg = compose_cfg("extract", ["model=tiny", "data=folder", f"data.root={sorted_folder}", "progress=false",
+                                  "data.max_images=100", "data.num_workers=0", "tokens=cls"])
+    run(cfg, out_dpath=tmp_path / "sub")
+    rows = read_rows(tmp_path / "sub")
+    assert rows["image_idx"].tolist() == image_order(N_CLASSES * PER_CLASS, 0)[:100].tolist()
+    assert len(set(rows["label"].tolist())) > 30  # the first 100 in folder order would be 4 classes
+
+
+def test_resume_refuses_a_changed_order(compose_cfg, sorted_folder, tmp_path):
+    base = ["model=tiny", "data=folder", f"data.root={sorted_folder}", "progress=false", "data.num_workers=0",
+            "data.max_images=40", "rows_per_shard=8"]
+    run(compose_cfg("extract", base), out_dpath=tmp_path / "out")
+    (tmp_path / "out" / "manifest.json").unlink()  # as if killed before the end
+    with pytest.raises(ValueError, match=r"different extraction.*order_digest.*order_seed: was 0, now 1"):
+        run(compose_cfg("extract", [*base, "order_seed=1"]), out_dpath=tmp_path / "out")
+    with pytest.raises(ValueError, match=r"order_seed='x' must be an integer"):
+        run(compose_cfg("extract", [*base, "order_seed=x"]), out_dpath=tmp_path / "other")
+
+
+def test_manifest_counts_skips_by_reason(compose_cfg, tmp_path):
+    root = tmp_path / "imgs" / "only"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"ok{i}.png")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    (root / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "notes.jpg").write_text("a text file named .jpg")
+    Image.fromarray((np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)).save(root / "deep.png")  # 16-bit: kept
+    cfg = compose_cfg("extract", ["model=tiny", "data=folder", f"data.root={tmp_path / 'imgs'}", "progress=false",
+                                  "data.num_workers=0", "tokens=cls"])
+    run(cfg, out_dpath=tmp_path / "out")
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest.n_images == 5 and manifest.n_skipped == 2
+    assert manifest.skipped_by_reason == {"not an image": 1, "truncated": 1}
+    assert {e["key"]: e["reason"] for e in manifest.skipped} == {"only/cut.jpg": "truncated",
+                                                                   "only/notes.jpg": "not an image"}
+
+
+# ------------------------------------------------------------------------------ CLI: SIGKILL then resume
+# The CLI end to end: ``python -m vlmsae.extract`` killed with SIGKILL mid-run, then the same command
+# again, gives exactly the rows of an uninterrupted run.
+@pytest.mark.slow
+def test_cli_sigkill_then_resume_equals_uninterrupted(tmp_path, repo_root):
+    root = make_concept_images(tmp_path / "imgs", n_per_class=25, size=32, seed=2)
+    (root / "cross_red" / "00000_bad.jpg").write_bytes(b"garbage")
+
+    def command(out):
+        return [sys.executable, "-m", "vlmsae.extract", "model=tiny", "data=folder", f"data.root={root}",
+                "data.batch_size=2", "data.num_workers=1", "layer=1", "tokens=random_k", "rows_per_shard=8",
+                "progress=false", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    subprocess.run(command(tmp_path / "full"), cwd=repo_root, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(command(tmp_path / "killed"), cwd=repo_root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = tmp_path / "killed" / "progress.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and json.loads(progress.read_text())["n_shards"] >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "manifest.json").exists(), "the run finished before it could be killed"
+    subprocess.run(command(tmp_path / "killed"), cwd=repo_root, env=env, check=True, capture_output=True)
+    full, resumed = read_rows(tmp_path / "full"), read_rows(tmp_path / "killed")
+    assert torch.equal(full["acts"], resumed["acts"]) and full["keys"] == resumed["keys"]
+    assert torch.equal(full["token_idx"], resumed["token_idx"]) and torch.equal(full["image_idx"], resumed["image_idx"])
+    m_full, m_res = read_manifest(tmp_path / "full"), read_manifest(tmp_path / "killed")
+    assert m_full.n_rows == m_res.n_rows == 400 * 2 and m_res.n_skipped == 1
+    assert m_full.image_list_digest == m_res.image_list_digest and m_full.mean == m_res.mean
+    assert (tmp_path / "killed" / "run_info.json").exists()

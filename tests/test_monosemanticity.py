@@ -1,149 +1,181 @@
-"""The fast MS (linear-time identity, dense and sparse paths) against the plain pairwise definition."""
+"""End to end: tiny CLIP + tiny SAE checkpoint + generated concept images -> MS run dir."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import os
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 import torch
 
-from vlmsae.metrics import monosemanticity_scores, ms_summary
+
+@pytest.fixture
+def tiny_sae_dpath(tmp_path, monkeypatch):
+    """A TopK SAE on the tiny open_clip's block 2 (64-d), saved with its source like a training run."""
+    monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))
+    from vlmsae.sae import SAEConfig, build_sae, save_sae
+
+    sae = build_sae(SAEConfig(arch="topk", d_in=64, n_latents=128, k=6), seed=0)
+    return save_sae(sae, tmp_path / "sae", source={"model": "tiny", "pretrained": None, "layer": 2, "tokens": "cls"})
 
 
-def pairwise_ms(acts_NK: np.ndarray, emb_ND: np.ndarray) -> np.ndarray:
-    """SPEC 3 written out: min-max normalise, then sum over pairs n < m of r_nm s_nm / sum of r_nm."""
-    n_images, n_latents = acts_NK.shape
-    out = np.full(n_latents, np.nan)
-    for k in range(n_latents):
-        a = acts_NK[:, k].astype(np.float64)
-        lo, hi = a.min(), a.max()
-        if hi == lo:
-            continue
-        a_norm = (a - lo) / (hi - lo)
-        num = den = 0.0
-        for n in range(n_images):
-            for m in range(n + 1, n_images):
-                s = emb_ND[n] @ emb_ND[m] / (np.linalg.norm(emb_ND[n]) * np.linalg.norm(emb_ND[m]))
-                r = a_norm[n] * a_norm[m]
-                num += r * s
-                den += r
-        out[k] = num / den if den > 0 else np.nan
-    return out
-
-
-def make_acts(n_images: int, seed: int) -> torch.Tensor:
-    """Columns of every kind: sparse ReLU-like, dense, dead (all zero), constant, positive minimum,
-    negative values, a latent on one image only, a latent on two images."""
-    g = torch.Generator().manual_seed(seed)
-    cols = [
-        torch.relu(torch.randn(n_images, generator=g) - 1.0),  # sparse, nonnegative
-        torch.relu(torch.randn(n_images, generator=g) - 1.5) * 7.0,
-        torch.rand(n_images, generator=g),  # dense
-        torch.zeros(n_images),  # dead
-        torch.full((n_images,), 3.25),  # constant > 0: dead too
-        1.0 + torch.rand(n_images, generator=g),  # positive minimum: a~ dense
-        torch.randn(n_images, generator=g),  # signed (raw neuron)
-        torch.where(torch.rand(n_images, generator=g) < 0.3, -torch.rand(n_images, generator=g), torch.zeros(n_images)),
-        torch.zeros(n_images).index_fill_(0, torch.tensor([4]), 2.0),  # one image: 0/0 -> NaN
-        torch.zeros(n_images).index_fill_(0, torch.tensor([1]), 2.0).index_fill_(0, torch.tensor([7]), 0.5),
-    ]
-    return torch.stack(cols, 1)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_dense_matches_pairwise(seed: int) -> None:
-    acts = make_acts(23, seed)
-    emb = torch.randn(23, 6, generator=torch.Generator().manual_seed(100 + seed)) + 0.5
-    ref = pairwise_ms(acts.numpy(), emb.numpy())
-    fast = monosemanticity_scores(acts, emb, chunk_size=5, latent_block=3).numpy()
-    assert np.array_equal(np.isnan(ref), np.isnan(fast)), (ref, fast)
-    np.testing.assert_allclose(fast[~np.isnan(ref)], ref[~np.isnan(ref)], atol=1e-6, rtol=0)
-    assert np.isnan(fast[3]) and np.isnan(fast[4]) and np.isnan(fast[8])
-    # the two-image latent's MS is exactly the cosine of those two images
-    cos = torch.nn.functional.cosine_similarity(emb[1].double(), emb[7].double(), dim=0).item()
-    assert fast[9] == pytest.approx(cos, abs=1e-9)
-
-
-@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
-@pytest.mark.parametrize("layout", [torch.sparse_coo, torch.sparse_csr])
-def test_sparse_matches_pairwise_and_dense(layout) -> None:
-    acts = make_acts(29, seed=3)
-    emb = torch.randn(29, 5, generator=torch.Generator().manual_seed(7))
-    ref = pairwise_ms(acts.numpy(), emb.numpy())
-    sparse = acts.to_sparse_coo() if layout == torch.sparse_coo else acts.to_sparse_csr()
-    fast = monosemanticity_scores(sparse, emb, latent_block=4).numpy()
-    assert np.array_equal(np.isnan(ref), np.isnan(fast)), (ref, fast)
-    np.testing.assert_allclose(fast[~np.isnan(ref)], ref[~np.isnan(ref)], atol=1e-6, rtol=0)
-    dense = monosemanticity_scores(acts, emb).numpy()
-    np.testing.assert_allclose(fast, dense, atol=1e-9, rtol=0, equal_nan=True)
-
-
-def test_random_sparse_codes_many_latents() -> None:
-    """TopK-like codes (k of K per image) with uncoalesced, unsorted COO input and explicit zeros."""
-    g = torch.Generator().manual_seed(11)
-    n_images, n_latents, k = 40, 64, 5
-    idx = torch.stack([torch.randperm(n_latents, generator=g)[:k] for _ in range(n_images)])
-    vals = torch.rand(n_images, k, generator=g) + 0.1
-    vals[0, 0] = 0.0  # an explicitly stored zero is still a zero
-    dense = torch.zeros(n_images, n_latents).scatter_(1, idx, vals)
-    rows = torch.arange(n_images).repeat_interleave(k)
-    perm = torch.randperm(rows.numel(), generator=g)
-    coo = torch.sparse_coo_tensor(
-        torch.stack([rows, idx.flatten()])[:, perm], vals.flatten()[perm], (n_images, n_latents), check_invariants=True
+def _compose(compose_cfg, sae_dpath, tmp_path, *extra):
+    return compose_cfg(
+        "monosemanticity",
+        [f"sae_path={sae_dpath}", "data=tiny", "data.n_per_class=4", "embedder=pixels",
+         f"embed_cache={tmp_path / 'emb_cache'}", "progress=false", "top_k=5", *extra],
     )
-    emb = torch.randn(n_images, 8, generator=g)
-    ref = pairwise_ms(dense.numpy(), emb.numpy())
-    fast = monosemanticity_scores(coo, emb, latent_block=16).numpy()
-    assert np.array_equal(np.isnan(ref), np.isnan(fast))
-    np.testing.assert_allclose(fast[~np.isnan(ref)], ref[~np.isnan(ref)], atol=1e-6, rtol=0)
 
 
-def test_known_values() -> None:
-    """Identical embeddings give MS = 1 for every live latent; orthogonal ones give 0."""
-    acts = torch.tensor([[1.0, 0.0], [2.0, 3.0], [0.5, 1.0]])
-    same = torch.ones(3, 4)
-    assert torch.allclose(monosemanticity_scores(acts, same), torch.ones(2, dtype=torch.float64))
-    ortho = torch.eye(3)
-    assert torch.allclose(monosemanticity_scores(acts, ortho), torch.zeros(2, dtype=torch.float64), atol=1e-12)
-    # scaling embeddings or activations (positively) changes nothing
-    emb = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
-    base = monosemanticity_scores(acts, emb)
-    assert torch.allclose(monosemanticity_scores(acts * 5 + 2, emb * torch.tensor([[1.0], [3.0], [0.1]])), base)
+def test_run_writes_everything(compose_cfg, tiny_sae_dpath, tmp_path, monkeypatch) -> None:
+    from vlmsae.metrics import monosemanticity_scores
+    from vlmsae.metrics.topimages import TopImages
+    from vlmsae.monosemanticity import run
+
+    out = tmp_path / "out"
+    summary = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path), out_dpath=out)
+    for name in ("latents.csv", "ms_summary.json", "ms_hist.png", "ms_vs_freq.png", "run_info.json",
+                 "top_images/top.safetensors", "top_images/images.json", "top_images/meta.json"):
+        assert (out / name).exists(), name
+    saved = json.loads((out / "ms_summary.json").read_text())
+    for key in ("mean", "std", "min", "max", "dead", "n_latents", "n_images"):
+        assert key in saved and key in saved["baseline"], key
+    assert saved["n_images"] == 64 and saved["n_latents"] == 128 and saved["baseline"]["n_latents"] == 64
+    assert -1.0 <= saved["min"] <= saved["mean"] <= saved["max"] <= 1.0
+    assert 0 < saved["reconstruction"]["l0"] <= 6
+
+    lines = (out / "latents.csv").read_text().splitlines()
+    assert lines[0] == "# vlmsae latents.csv format_version=2"  # the version line, then a plain CSV
+    rows = list(csv.DictReader(lines[1:]))
+    assert [r["latent"] for r in rows] == [str(i) for i in range(128)]
+    ms_csv = torch.tensor([float(r["ms"]) for r in rows], dtype=torch.float64)
+    assert math.isclose(float(ms_csv.nanmean()), saved["mean"], rel_tol=1e-5)
+    assert int(torch.isnan(ms_csv).sum()) == saved["dead"] + saved["undefined"]
+    top = TopImages.load(out / "top_images")
+    assert top.n_latents == 128 and top.top_k == 5 and len(top.keys) == 64
+    fired = [r for r in rows if float(r["freq"]) > 0]
+    assert fired and all(r["top_keys"].split("|")[0] in top.keys for r in fired)
+    assert all(r["top_keys"] == "" for r in rows if float(r["freq"]) == 0)
+
+    # Recompute one latent's MS from scratch: the SAE on the CLS tokens, the embedder on the images.
+    from PIL import Image
+
+    from vlmsae.models import load_tap
+    from vlmsae.models.embedders import load_embedder
+    from vlmsae.sae import load_sae
+
+    tap, sae = load_tap("tiny"), load_sae(tiny_sae_dpath)
+    images = [Image.open(p).convert("RGB") for p in top.paths]
+    cls = tap.forward_to(torch.stack([tap.preprocess(im) for im in images]), 2)[:, 0]
+    emb = load_embedder({"name": "pixels", "backend": "pixels", "arch": "pixels"}).embed(images)
+    with torch.no_grad():
+        ms_ref = monosemanticity_scores(sae.encode(cls), emb)
+    torch.testing.assert_close(ms_csv, ms_ref, atol=1e-5, rtol=0, equal_nan=True)
+
+    # Second run: embeddings come from the cache (the embedder is never even loaded), same numbers.
+    def no_embedder(_spec):
+        raise AssertionError("the embedder was loaded although every embedding is cached")
+
+    with monkeypatch.context() as m:
+        m.setattr("vlmsae.models.embedders.load_embedder", no_embedder)
+        again = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path), out_dpath=tmp_path / "out2")
+    assert again["embeddings_cached"] and not summary["embeddings_cached"]
+    assert again["mean"] == pytest.approx(summary["mean"], abs=1e-9)
+    # Same keys, other images (a different image size): the cache must not be reused.
+    other = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "data.size=48"), out_dpath=tmp_path / "out3")
+    assert not other["embeddings_cached"]
 
 
-def test_bad_inputs_raise_clear_errors() -> None:
-    with pytest.raises(ValueError, match="same images"):
-        monosemanticity_scores(torch.rand(4, 3), torch.rand(5, 2))
-    with pytest.raises(ValueError, match="all-zero"):
-        monosemanticity_scores(torch.rand(3, 3), torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]))
-    with pytest.raises(ValueError, match="at least 2"):
-        monosemanticity_scores(torch.rand(1, 3), torch.rand(1, 2))
-    with pytest.raises(ValueError, match="NaN"):
-        monosemanticity_scores(torch.tensor([[math.nan], [1.0]]), torch.rand(2, 2))
+def test_pooling_over_tokens(compose_cfg, tiny_sae_dpath, tmp_path) -> None:
+    from vlmsae.monosemanticity import run
+
+    mean_run = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "pool=mean", "zero_shot=true"),
+                   out_dpath=tmp_path / "mean")
+    zs = mean_run["zero_shot"]
+    assert zs["n_images"] == 64 and zs["n_classes"] == 16 and zs["spliced_tokens"] == "cls"
+    assert zs["kl"] > 0 and 0.0 <= zs["top1_agreement"] <= 1.0 and "accuracy_spliced" in zs
+    max_run = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "pool=max"), out_dpath=tmp_path / "max")
+    assert mean_run["pool"] == "mean" and max_run["pool"] == "max"
+    # mean over 16 patches fires whenever any patch fires: denser than the CLS token's codes
+    assert mean_run["n_scored"] > 0 and max_run["n_scored"] == mean_run["n_scored"]
+    assert mean_run["reconstruction"]["n_samples"] == 64 * 16
+    with pytest.raises(ValueError, match="pool"):
+        run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "pool=median"), out_dpath=tmp_path / "bad")
 
 
-def test_summary_excludes_nan() -> None:
-    ms = torch.tensor([0.5, math.nan, 0.7, math.nan], dtype=torch.float64)
-    s = ms_summary(ms, n_images=10, dead_K=torch.tensor([False, True, False, False]))
-    assert s["mean"] == pytest.approx(0.6) and s["dead"] == 1 and s["undefined"] == 1
-    assert s["n_latents"] == 4 and s["n_images"] == 10 and s["min"] == 0.5 and s["max"] == 0.7
+def test_bad_sae_path_is_clear(compose_cfg, tmp_path) -> None:
+    from vlmsae.monosemanticity import run
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(_compose(compose_cfg, tmp_path / "nope", tmp_path), out_dpath=tmp_path / "o")
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_streaming_accumulator_matches_two_pass(sparse: bool) -> None:
-    from vlmsae.metrics.monosemanticity import MSAccumulator
+@pytest.mark.slow
+def test_cli(tiny_sae_dpath, tmp_path, repo_root) -> None:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vlmsae.monosemanticity", f"sae_path={tiny_sae_dpath}", "model=tiny", "data=tiny",
+           "data.n_per_class=2", "embedder=tiny", f"embed_cache={tmp_path / 'c'}", "progress=false",
+           f"hydra.run.dir={tmp_path / 'cli'}"]
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "cli" / "ms_summary.json").read_text())
+    assert summary["n_images"] == 32 and summary["embedder"] == "tiny" and "baseline" in summary
 
-    acts = make_acts(41, seed=5)
-    acts[:, 6] += 1000.0  # a raw neuron with a large offset: the shifted sums must not cancel
-    emb = torch.randn(41, 7, generator=torch.Generator().manual_seed(9))
-    acc = MSAccumulator(acts.shape[1], 7)
-    for i0 in range(0, 41, 6):
-        block = acts[i0 : i0 + 6]
-        acc.update(block.to_sparse() if sparse else block, emb[i0 : i0 + 6])
-    streamed = acc.result().numpy()
-    ref = pairwise_ms(acts.numpy(), emb.numpy())
-    assert np.array_equal(np.isnan(ref), np.isnan(streamed)), (ref, streamed)
-    np.testing.assert_allclose(streamed[~np.isnan(ref)], ref[~np.isnan(ref)], atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="chunks"):
-        acc.update(acts[:2] if sparse else acts[:2].to_sparse(), emb[:2])
+
+def _compose_user_yaml(tmp_path, text: str):
+    """Compose a user's YAML that extends conf/monosemanticity.yaml (as a recipe or a lab config would)."""
+    from hydra import compose, initialize_config_dir
+
+    from vlmsae.config import conf_dir, register_configs
+
+    register_configs()
+    (tmp_path / "mine.yaml").write_text(
+        f"defaults:\n  - monosemanticity\n  - _self_\nhydra:\n  searchpath: [file://{conf_dir()}]\n{text}")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        return compose(config_name="mine", overrides=["sae_path=x"])
+
+
+def test_misspelt_key_fails_at_compose_time_naming_it(compose_cfg, tmp_path) -> None:
+    """The job schema (vlmsae.config.jobs.monosemanticity) types every top-level key: a typo in a YAML
+    that extends the job config, or a wrong type, fails at compose time and names the key."""
+    assert _compose_user_yaml(tmp_path, "top_k: 3\n").top_k == 3
+    with pytest.raises(Exception, match="Key 'topk' not in 'MonosemanticityJob'"):
+        _compose_user_yaml(tmp_path, "topk: 3\n")
+    with pytest.raises(Exception) as info:
+        compose_cfg("monosemanticity", ["sae_path=x", "top_k=abc"])
+    assert "full_key: top_k" in str(info.value.__cause__)
+    with pytest.raises(Exception, match="topk"):
+        compose_cfg("monosemanticity", ["sae_path=x", "topk=3"])
+    # the defaults live in the schema: the composed job config holds every key with its default
+    from vlmsae.config.jobs.monosemanticity import MonosemanticityJob
+
+    cfg = compose_cfg("monosemanticity", ["sae_path=x"])
+    assert cfg.top_k == MonosemanticityJob.top_k == 16 and cfg.zero_shot_template == "a photo of a {}."
+
+
+def test_missing_sae_path_says_what_to_pass(compose_cfg, tmp_path) -> None:
+    from vlmsae.monosemanticity import run
+
+    with pytest.raises(ValueError, match="Pass sae_path="):
+        run(compose_cfg("monosemanticity", ["data=tiny"]), out_dpath=tmp_path / "o")
+
+
+def test_run_is_thin() -> None:
+    """run() only wires the config to library calls: about 40 lines, and no other job or private name imported."""
+    import ast
+    import inspect
+
+    from vlmsae import monosemanticity
+
+    assert len(inspect.getsource(monosemanticity.run).splitlines()) <= 45
+    tree = ast.parse(inspect.getsource(monosemanticity))
+    jobs = {"extract", "train", "monosemanticity", "hierarchy", "steer", "steer_eval", "browse", "demo"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vlmsae"):
+            names = [a.name for a in node.names]
+            assert node.module not in {f"vlmsae.{job}" for job in jobs}, node.module
+            assert not any(n in jobs or n.startswith("_") for n in names), (node.module, names)

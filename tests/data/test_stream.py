@@ -1,4 +1,4 @@
-"""The streaming activation datamodule: disjoint equal rank/worker streams, reshuffled epochs,
+"""The activation row stream (vlmsae.data.stream): disjoint equal rank/worker streams, reshuffled epochs,
 bounded memory, exact fast-forward on resume, and clear errors for bad stores."""
 
 from __future__ import annotations

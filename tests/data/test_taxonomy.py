@@ -10,7 +10,7 @@ import torch
 
 from vlmsae.data import taxonomy as tx
 
-FIX = Path(__file__).parent / "fixtures" / "taxonomy"
+FIX = Path(__file__).resolve().parents[1] / "fixtures" / "taxonomy"
 RAVEN = ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", "Corvus corax")
 
 

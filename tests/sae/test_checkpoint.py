@@ -1,4 +1,5 @@
-"""Checkpoints: save -> load gives identical outputs; the input scale is folded so raw inputs just work."""
+"""Checkpoints: save -> load gives identical outputs; the input scale is folded so raw inputs just work; bad
+checkpoint folders are refused naming the problem."""
 
 from __future__ import annotations
 
@@ -121,3 +122,31 @@ def test_checkpoints_written_before_the_config_node_merge_still_load(repo_root, 
     assert again.cfg == sae.cfg
     with torch.no_grad():
         assert torch.equal(again.encode(x), sae.encode(x))
+
+
+# ------------------------------------------------------------------------------ bad checkpoint folders
+@pytest.fixture(scope="module")
+def sae():
+    sae = build_sae(SAEConfig(arch="batchtopk", d_in=8, n_latents=32, k=4), seed=0)
+    sae.threshold.fill_(0.05)
+    return sae
+
+
+def test_bad_checkpoint_folders(tmp_path, sae):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_sae(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_sae(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_sae(tmp_path)
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="not a vlmsae SAE config"):
+        load_sae(tmp_path)
+    good = save_sae(sae, tmp_path / "good")
+    (good / "sae.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_sae(good)
+    (good / "sae.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no sae.safetensors"):
+        load_sae(good)

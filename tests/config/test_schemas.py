@@ -262,35 +262,3 @@ def test_former_data_and_embedder_extra_keys_are_typed_fields(compose_any):
         with pytest.raises(Exception) as info:
             compose_any(primary, [gone] + (["sae_path=/x"] if primary == "monosemanticity" else []))
         assert named in _message_chain(info.value), gone
-
-
-def test_library_nodes_refuse_unknown_and_missing_fields_naming_them():
-    from vlmsae.models import ModelSpec
-    from vlmsae.models.embedders import EmbedderSpec
-    from vlmsae.sae import SAEConfig, build_sae
-
-    with pytest.raises(ValueError, match=r"Unknown model field\(s\) \['extra'\].*model.seed=1, not model.extra.seed"):
-        ModelSpec.from_cfg({"name": "x", "backend": "open_clip", "arch": "a", "extra": {"seed": 1}})
-    with pytest.raises(ValueError, match=r"Unknown embedder field\(s\) \['extra'\]"):
-        EmbedderSpec.from_cfg({"name": "x", "extra": {}})
-    with pytest.raises(ValueError, match=r"model needs \['arch'\].*model.arch"):
-        ModelSpec(name="x", backend="open_clip")
-    with pytest.raises(ValueError, match=r"SAE needs d_in and n_latents.*resolved\(d_in\)"):
-        build_sae(SAEConfig(arch="topk"))
-    with pytest.raises(ValueError, match=r"sae.d_in=8 but the activations are 16 wide"):
-        SAEConfig(arch="topk", d_in=8).resolved(16)
-    with pytest.raises(ValueError, match=r"sae.expansion must be a positive integer when sae.n_latents is unset"):
-        SAEConfig(arch="topk", expansion=None).resolved(16)
-    with pytest.raises(ValueError, match=r"expansion must be a positive integer; got 0"):
-        SAEConfig(arch="topk", expansion=0)
-    # An explicit n_latents decides the size; expansion then records the ratio (None when not whole).
-    assert SAEConfig(arch="topk", n_latents=40, expansion=16).resolved(8).expansion == 5
-    assert SAEConfig(arch="topk", d_in=8, n_latents=44).expansion is None
-
-
-def test_embedder_cache_id_changes_with_preprocessing_overrides():
-    from vlmsae.models.embedders import EmbedderSpec
-
-    base = EmbedderSpec(pretrained="openai")
-    assert base.cache_id() == "clip_b32|open_clip|ViT-B-32|openai|"  # unchanged for every existing cache
-    assert EmbedderSpec(pretrained="openai", quick_gelu=False).cache_id() != base.cache_id()

@@ -1,6 +1,6 @@
-"""The training stream at scale: O(1) resume seek (rows read do not grow with the step), exact resumed
-batches, validation held out by image, clear answers for small or odd stores, and data=images epochs
-that visit the images in a fresh order."""
+"""The training datamodules (vlmsae.lit.datamodule) at scale: O(1) resume seek (rows read do not grow with
+the step), exact resumed batches, validation held out by image, clear answers for small or odd stores, and
+data=images epochs that visit the images in a fresh order."""
 
 from __future__ import annotations
 

