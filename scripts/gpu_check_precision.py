@@ -37,8 +37,16 @@ def report(ok: bool, what: str) -> None:
 
 
 def make_sae(arch: str, d: int, f: int, k: int, kernel: str, device: str):
-    cfg = SAEConfig(arch=arch, d_in=d, n_latents=f, k=k, sparse_kernel=kernel, threshold_start_step=5,
-                    threshold_beta=0.9, dead_after_samples=10**9)
+    cfg = SAEConfig(
+        arch=arch,
+        d_in=d,
+        n_latents=f,
+        k=k,
+        sparse_kernel=kernel,
+        threshold_start_step=5,
+        threshold_beta=0.9,
+        dead_after_samples=10**9,
+    )
     sae = build_sae(cfg, seed=0).to(device)
     set_input_scale_(sae, 1.0)
     return sae.train()
@@ -88,7 +96,7 @@ def check_selection(device: str, shape, batch: int, n_steps: int) -> None:
     d, f, k = shape
     g = torch.Generator(device=device).manual_seed(1)
     batches = [(torch.randn(batch, d, generator=g, device=device) * 2).to(torch.bfloat16) for _ in range(n_steps)]
-    ref_sae, ref_sel, ref_thr = run_recorded("dense", False, batches, shape, device)
+    _ref_sae, ref_sel, ref_thr = run_recorded("dense", False, batches, shape, device)
     for kernel in ("dense", "sparse"):
         t0 = time.perf_counter()
         _, sel, thr = run_recorded(kernel, True, batches, shape, device)
@@ -96,11 +104,16 @@ def check_selection(device: str, shape, batch: int, n_steps: int) -> None:
         tag = f"{kernel} path under bf16 autocast + TF32 vs plain float32 dense"
         report(torch.equal(sel[0], ref_sel[0]), f"{tag}: step-0 selection identical ({sel[0].numel()} entries)")
         differing = [1.0 - torch.isin(a, b).float().mean().item() for a, b in zip(sel, ref_sel)]
-        report(max(differing) < 1e-3, f"{tag}: selections agree at every step (max fraction of differing entries "
-               f"{max(differing):.2e} over {n_steps} steps; {seconds:.1f} s)")
+        report(
+            max(differing) < 1e-3,
+            f"{tag}: selections agree at every step (max fraction of differing entries "
+            f"{max(differing):.2e} over {n_steps} steps; {seconds:.1f} s)",
+        )
         rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(thr, ref_thr) if b >= 0)
-        report(ref_thr[-1] > 0 and rel < 1e-3, f"{tag}: threshold {thr[-1]:.6g} vs {ref_thr[-1]:.6g} "
-               f"(max relative difference {rel:.2e})")
+        report(
+            ref_thr[-1] > 0 and rel < 1e-3,
+            f"{tag}: threshold {thr[-1]:.6g} vs {ref_thr[-1]:.6g} (max relative difference {rel:.2e})",
+        )
     # The old behaviour, for scale: the step-0 encoder in bf16 under autocast selects other latents.
     sae = make_sae("batchtopk", d, f, k, "dense", device)
     x_BD = batches[0].float()
@@ -115,8 +128,9 @@ def check_selection(device: str, shape, batch: int, n_steps: int) -> None:
     print(f"INFO a bf16 encoder (old behaviour) would select {frac:.2%} of the step-0 entries differently", flush=True)
 
 
-def time_steps(kernel: str, f: int, d: int, k: int, batch: int, device: str, bf16_weights: bool = False,
-               rounds: int = 10) -> float:
+def time_steps(
+    kernel: str, f: int, d: int, k: int, batch: int, device: str, bf16_weights: bool = False, rounds: int = 10
+) -> float:
     sae = make_sae("topk", d, f, k, kernel, device)
     if bf16_weights:
         sae = sae.to(torch.bfloat16)
@@ -156,12 +170,17 @@ def main() -> None:
         dense = time_steps("dense", f, d, k, batch, device)
         sparse = time_steps("sparse", f, d, k, batch, device)
         dense16 = time_steps("dense", f, d, k, batch, device, bf16_weights=True)
-        print(f"TIME F={f:>6} d={d} k={k} B={batch}: dense fp32 {dense * 1e3:8.2f} ms/step "
-              f"({batch / dense:,.0f} tok/s) | sparse fp32 {sparse * 1e3:8.2f} ms/step ({batch / sparse:,.0f} tok/s, "
-              f"{dense / sparse:.2f}x dense) | dense all-bf16 (not the policy) {dense16 * 1e3:8.2f} ms/step",
-              flush=True)
-    print(f"{'PASS' if all(results) else 'FAIL'} overall ({sum(results)}/{len(results)} checks, "
-          f"{time.perf_counter() - t0:.1f} s)", flush=True)
+        print(
+            f"TIME F={f:>6} d={d} k={k} B={batch}: dense fp32 {dense * 1e3:8.2f} ms/step "
+            f"({batch / dense:,.0f} tok/s) | sparse fp32 {sparse * 1e3:8.2f} ms/step ({batch / sparse:,.0f} tok/s, "
+            f"{dense / sparse:.2f}x dense) | dense all-bf16 (not the policy) {dense16 * 1e3:8.2f} ms/step",
+            flush=True,
+        )
+    print(
+        f"{'PASS' if all(results) else 'FAIL'} overall ({sum(results)}/{len(results)} checks, "
+        f"{time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
     raise SystemExit(0 if all(results) else 1)
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +22,8 @@ from PIL import Image
 
 from vlmsae.data.concepts import make_concept_images
 from vlmsae.data.shards import ShardWriter, list_shards, read_rows
-from vlmsae.formats import read_manifest
 from vlmsae.extract import run
+from vlmsae.formats import read_manifest
 
 torch.set_num_threads(1)
 
@@ -35,10 +36,18 @@ def image_root(tmp_path_factory):
 
 
 def _cfg(compose_cfg, root, *extra):
-    return compose_cfg("extract", [
-        "model=tiny", "data=folder", f"data.root={root}", "data.batch_size=5", "data.num_workers=0",
-        "progress=false", *extra,
-    ])
+    return compose_cfg(
+        "extract",
+        [
+            "model=tiny",
+            "data=folder",
+            f"data.root={root}",
+            "data.batch_size=5",
+            "data.num_workers=0",
+            "progress=false",
+            *extra,
+        ],
+    )
 
 
 def test_rows_equal_direct_forward_and_metadata(compose_cfg, image_root, tmp_path):
@@ -47,8 +56,9 @@ def test_rows_equal_direct_forward_and_metadata(compose_cfg, image_root, tmp_pat
     from vlmsae.data.images import image_order, list_folder, order_digest
     from vlmsae.models import ModelSpec, load_tap
 
-    cfg = _cfg(compose_cfg, image_root, "layer=1", "tokens=patches", "dtype=float32", "rows_per_shard=100",
-               "rows_per_chunk=64")
+    cfg = _cfg(
+        compose_cfg, image_root, "layer=1", "tokens=patches", "dtype=float32", "rows_per_shard=100", "rows_per_chunk=64"
+    )
     summary = run(cfg, out_dpath=tmp_path / "out")
     got = read_rows(tmp_path / "out")
     manifest = read_manifest(tmp_path / "out")
@@ -149,16 +159,25 @@ def test_list_and_wds_sources(compose_cfg, image_root, tmp_path):
     tar_fpath = tmp_path / "shard-000000.tar"
     with tarfile.open(tar_fpath, "w") as tar:
         for i, (_, path, label) in enumerate(items):
-            for ext, data in (("png", open(path, "rb").read()), ("cls", str(label).encode())):
+            for ext, data in (("png", Path(path).read_bytes()), ("cls", str(label).encode())):
                 info = tarfile.TarInfo(f"sample{i:03d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    common = ("model=tiny", "data.batch_size=4", "data.num_workers=0", "progress=false", "tokens=mean", "layer=0",
-              "dtype=float32")
+    common = (
+        "model=tiny",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "progress=false",
+        "tokens=mean",
+        "layer=0",
+        "dtype=float32",
+    )
     run(compose_cfg("extract", ["data=list", f"data.root={list_fpath}", *common]), out_dpath=tmp_path / "list")
     # two workers each decode every other sample of the tar; the round-robin keeps the order
-    run(compose_cfg("extract", ["data=wds", f"data.root={tar_fpath}", *common, "data.num_workers=2"]),
-        out_dpath=tmp_path / "wds")
+    run(
+        compose_cfg("extract", ["data=wds", f"data.root={tar_fpath}", *common, "data.num_workers=2"]),
+        out_dpath=tmp_path / "wds",
+    )
     from_list, from_wds = read_rows(tmp_path / "list"), read_rows(tmp_path / "wds")
     assert from_wds["keys"] == [f"sample{i:03d}" for i in range(6)]  # one tar: nothing to permute
     assert from_wds["image_idx"].tolist() == list(range(6))
@@ -273,8 +292,11 @@ def _distinct_classes_per_batch(store, n_batches: int = 30, shuffle_buffer: int 
     rows = read_rows(store)
     label_of = {row.numpy().tobytes(): label for row, label in zip(rows["acts"], rows["label"].tolist())}
     assert len(label_of) == N_CLASSES * PER_CLASS  # distinct rows: each one names its image's class
-    stream = StreamConfig(batch_size=BATCH) if shuffle_buffer is None else StreamConfig(batch_size=BATCH,
-                                                                                          shuffle_buffer=shuffle_buffer)
+    stream = (
+        StreamConfig(batch_size=BATCH)
+        if shuffle_buffer is None
+        else StreamConfig(batch_size=BATCH, shuffle_buffer=shuffle_buffer)
+    )
     dm = ActsDataModule(store, stream)  # default: the trainer's default shuffle settings
     distinct = []
     for batch in dm.train_stream():
@@ -286,8 +308,9 @@ def _distinct_classes_per_batch(store, n_batches: int = 30, shuffle_buffer: int 
 
 def test_default_extraction_gives_uniformly_mixed_training_batches(compose_cfg, sorted_folder, tmp_path):
     # default settings (order_seed=0); worker processes only cost start-up time here and never change rows
-    cfg = compose_cfg("extract", ["model=tiny", "data=folder", f"data.root={sorted_folder}", "progress=false",
-                                  "data.num_workers=0"])
+    cfg = compose_cfg(
+        "extract", ["model=tiny", "data=folder", f"data.root={sorted_folder}", "progress=false", "data.num_workers=0"]
+    )
     run(cfg, out_dpath=tmp_path / "store")
     manifest = read_manifest(tmp_path / "store")
     assert manifest.order_seed == 0 and manifest.n_rows == N_CLASSES * PER_CLASS
@@ -304,21 +327,44 @@ def test_listing_order_is_still_available_and_is_class_sorted(compose_cfg, sorte
 
     This 1,200-row store fits in one default shuffle window, which hides any order; a window of one batch
     (what a real store is, relative to the 16,384-row window: ~1% of ImageNet) shows it."""
-    cfg = compose_cfg("extract", ["model=tiny", "data=folder", f"data.root={sorted_folder}", "progress=false",
-                                  "order_seed=null", "data.num_workers=0"])
+    cfg = compose_cfg(
+        "extract",
+        [
+            "model=tiny",
+            "data=folder",
+            f"data.root={sorted_folder}",
+            "progress=false",
+            "order_seed=null",
+            "data.num_workers=0",
+        ],
+    )
     run(cfg, out_dpath=tmp_path / "store")
     rows = read_rows(tmp_path / "store")
-    assert rows["image_idx"].tolist() == list(range(N_CLASSES * PER_CLASS)) and read_manifest(
-        tmp_path / "store").order_seed is None
+    assert (
+        rows["image_idx"].tolist() == list(range(N_CLASSES * PER_CLASS))
+        and read_manifest(tmp_path / "store").order_seed is None
+    )
     want = expected_distinct_classes([PER_CLASS] * N_CLASSES, BATCH)
-    assert float(np.mean(_distinct_classes_per_batch(tmp_path / "store", n_batches=4, shuffle_buffer=BATCH))) < 0.5 * want
+    assert (
+        float(np.mean(_distinct_classes_per_batch(tmp_path / "store", n_batches=4, shuffle_buffer=BATCH))) < 0.5 * want
+    )
 
 
 def test_max_images_is_a_random_subset(compose_cfg, sorted_folder, tmp_path):
     from vlmsae.data.images import image_order
 
-    cfg = compose_cfg("extract", ["model=tiny", "data=folder", f"data.root={sorted_folder}", "progress=false",
-                                  "data.max_images=100", "data.num_workers=0", "tokens=cls"])
+    cfg = compose_cfg(
+        "extract",
+        [
+            "model=tiny",
+            "data=folder",
+            f"data.root={sorted_folder}",
+            "progress=false",
+            "data.max_images=100",
+            "data.num_workers=0",
+            "tokens=cls",
+        ],
+    )
     run(cfg, out_dpath=tmp_path / "sub")
     rows = read_rows(tmp_path / "sub")
     assert rows["image_idx"].tolist() == image_order(N_CLASSES * PER_CLASS, 0)[:100].tolist()
@@ -326,8 +372,15 @@ def test_max_images_is_a_random_subset(compose_cfg, sorted_folder, tmp_path):
 
 
 def test_resume_refuses_a_changed_order(compose_cfg, sorted_folder, tmp_path):
-    base = ["model=tiny", "data=folder", f"data.root={sorted_folder}", "progress=false", "data.num_workers=0",
-            "data.max_images=40", "rows_per_shard=8"]
+    base = [
+        "model=tiny",
+        "data=folder",
+        f"data.root={sorted_folder}",
+        "progress=false",
+        "data.num_workers=0",
+        "data.max_images=40",
+        "rows_per_shard=8",
+    ]
     run(compose_cfg("extract", base), out_dpath=tmp_path / "out")
     (tmp_path / "out" / "manifest.json").unlink()  # as if killed before the end
     with pytest.raises(ValueError, match=r"different extraction.*order_digest.*order_seed: was 0, now 1"):
@@ -347,14 +400,25 @@ def test_manifest_counts_skips_by_reason(compose_cfg, tmp_path):
     (root / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     (root / "notes.jpg").write_text("a text file named .jpg")
     Image.fromarray((np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)).save(root / "deep.png")  # 16-bit: kept
-    cfg = compose_cfg("extract", ["model=tiny", "data=folder", f"data.root={tmp_path / 'imgs'}", "progress=false",
-                                  "data.num_workers=0", "tokens=cls"])
+    cfg = compose_cfg(
+        "extract",
+        [
+            "model=tiny",
+            "data=folder",
+            f"data.root={tmp_path / 'imgs'}",
+            "progress=false",
+            "data.num_workers=0",
+            "tokens=cls",
+        ],
+    )
     run(cfg, out_dpath=tmp_path / "out")
     manifest = read_manifest(tmp_path / "out")
     assert manifest.n_images == 5 and manifest.n_skipped == 2
     assert manifest.skipped_by_reason == {"not an image": 1, "truncated": 1}
-    assert {e["key"]: e["reason"] for e in manifest.skipped} == {"only/cut.jpg": "truncated",
-                                                                   "only/notes.jpg": "not an image"}
+    assert {e["key"]: e["reason"] for e in manifest.skipped} == {
+        "only/cut.jpg": "truncated",
+        "only/notes.jpg": "not an image",
+    }
 
 
 # ------------------------------------------------------------------------------ CLI: SIGKILL then resume
@@ -366,14 +430,28 @@ def test_cli_sigkill_then_resume_equals_uninterrupted(tmp_path, repo_root):
     (root / "cross_red" / "00000_bad.jpg").write_bytes(b"garbage")
 
     def command(out):
-        return [sys.executable, "-m", "vlmsae.extract", "model=tiny", "data=folder", f"data.root={root}",
-                "data.batch_size=2", "data.num_workers=1", "layer=1", "tokens=random_k", "rows_per_shard=8",
-                "progress=false", f"out={out}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+        return [
+            sys.executable,
+            "-m",
+            "vlmsae.extract",
+            "model=tiny",
+            "data=folder",
+            f"data.root={root}",
+            "data.batch_size=2",
+            "data.num_workers=1",
+            "layer=1",
+            "tokens=random_k",
+            "rows_per_shard=8",
+            "progress=false",
+            f"out={out}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     subprocess.run(command(tmp_path / "full"), cwd=repo_root, env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(command(tmp_path / "killed"), cwd=repo_root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(tmp_path / "killed"), cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     progress = tmp_path / "killed" / "progress.json"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

@@ -13,16 +13,27 @@ import torch
 
 from vlmsae import formats
 from vlmsae.formats import (
-    FormatVersionError, HierarchySummary, LatentRow, LatentsTable, MsSummary, RunInfo, SteerResult, TopImagesIndex,
+    FormatVersionError,
+    HierarchySummary,
+    LatentRow,
+    LatentsTable,
+    MsSummary,
+    RunInfo,
+    SteerResult,
+    TopImagesIndex,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _table() -> LatentsTable:
-    return LatentsTable([LatentRow(0, 0.5, 0.25, 3.0, 1, ("cls_a/0.png", "cls_b/1.png")),
-                         LatentRow(1, math.nan, 0.0, 0.0, 0, ()),
-                         LatentRow(2, 0.1234567, 1e-7, 12345678.0, None, ("x#y",))])
+    return LatentsTable(
+        [
+            LatentRow(0, 0.5, 0.25, 3.0, 1, ("cls_a/0.png", "cls_b/1.png")),
+            LatentRow(1, math.nan, 0.0, 0.0, 0, ()),
+            LatentRow(2, 0.1234567, 1e-7, 12345678.0, None, ("x#y",)),
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -37,7 +48,8 @@ def test_latents_csv_round_trip_and_exact_text(tmp_path: Path):
         "latent,ms,freq,max_act,group,top_keys\r\n"
         "0,0.500000,0.25,3,1,cls_a/0.png|cls_b/1.png\r\n"
         "1,nan,0,0,0,\r\n"
-        "2,0.123457,1e-07,1.23457e+07,,x#y\r\n")
+        "2,0.123457,1e-07,1.23457e+07,,x#y\r\n"
+    )
     back = formats.read_latents_csv(tmp_path)  # the run folder or the file itself
     assert back.format_version == 2 and formats.read_latents_csv(fpath).rows[0] == back.rows[0]
     assert [r.latent for r in back.rows] == [0, 1, 2]
@@ -58,8 +70,9 @@ def test_latents_csv_stays_readable_by_pandas(tmp_path: Path):
 
 def test_latents_csv_without_version_line_reads_as_version_1(tmp_path: Path):
     # As the monosemanticity job wrote it before formats.py (and as people write it by hand).
-    (tmp_path / "latents.csv").write_text("latent,ms,freq,max_act,group,top_keys\r\n0,0.500000,0.25,3,1,a|b\r\n"
-                                          "1,nan,0,0,0,\r\n2,,0.1,1,0,\r\n")
+    (tmp_path / "latents.csv").write_text(
+        "latent,ms,freq,max_act,group,top_keys\r\n0,0.500000,0.25,3,1,a|b\r\n1,nan,0,0,0,\r\n2,,0.1,1,0,\r\n"
+    )
     table = formats.read_latents_csv(tmp_path / "latents.csv")
     assert table.format_version == 1
     assert table.rows[0] == LatentRow(0, 0.5, 0.25, 3.0, 1, ("a", "b"))
@@ -70,8 +83,10 @@ def test_latents_csv_without_version_line_reads_as_version_1(tmp_path: Path):
     assert row.latent == 3 and row.ms == 0.7 and math.isnan(row.freq) and row.group is None and row.top_keys == ()
 
 
-@pytest.mark.parametrize(("line", "found"), [("# vlmsae latents.csv format_version=3", "3"),
-                                             ("# vlmsae latents.csv format_version=x", "'x'")])
+@pytest.mark.parametrize(
+    ("line", "found"),
+    [("# vlmsae latents.csv format_version=3", "3"), ("# vlmsae latents.csv format_version=x", "'x'")],
+)
 def test_latents_csv_refuses_an_unknown_version(tmp_path: Path, line: str, found: str):
     fpath = tmp_path / "latents.csv"
     fpath.write_text(f"{line}\nlatent,ms\n0,0.5\n")
@@ -99,32 +114,112 @@ def test_latents_csv_bad_content_names_the_problem(tmp_path: Path):
 # JSON formats
 # ------------------------------------------------------------------------------------------
 JSON_CASES = {
-    "ms_summary.json": (formats.write_ms_summary, formats.read_ms_summary, MsSummary(
-        mean=0.6, std=0.1, min=0.2, max=0.9, dead=1, n_latents=8, n_images=10,
-        baseline={"mean": 0.4, "dead": 0}, extra={"uniqueness": {"mean_jaccard": 0.0}, "undefined": 0})),
-    "hierarchy.json": (formats.write_hierarchy, formats.read_hierarchy, HierarchySummary(
-        groups=[{"group": 0, "n_latents": 2, "depth_mean": 1.5}], group_sizes=[2], n_latents=2, n_scored=2,
-        n_images=16, n_top=16, ranks=["kingdom", "family"], taxonomy="csv", sae_path="/sae", ms_run=None,
-        paper_table2={"depth": [3.33]})),
-    "steer.json": (formats.write_steer, formats.read_steer, SteerResult(
-        steered=["pencil"], baseline=["cat"], sweep={"0.0": ["cat"], "10.0": ["pencil"]},
-        settings={"latents": {"4": 10.0}, "mode": "replace", "images": ["white"]})),
-    "steer_eval.json": (formats.write_steer_eval, formats.read_steer_eval, formats.SteerEvalResult(
-        summary={"steered": {"mean": 0.3}}, per_latent=[{"latent": 4, "steered": 0.3}], paper={"steered": 0.2},
-        settings={"alpha": 30.0})),
-    "run_info.json": (formats.write_run_info, formats.read_run_info, RunInfo(
-        config={"data": {"source": "folder"}}, vlmsae_version="0.1.0", git_commit="abc", versions={"torch": "2"},
-        command="python -m x", created="2024-01-01T00:00:00+00:00", extra={"status": "done"})),
-    "manifest.json": (formats.write_manifest, formats.read_manifest, formats.StoreManifest(
-        d=4, n_rows=6, dtype="float16", n_shards=1, n_chunks=2, rows_per_chunk=4, shards=["acts-000000.tar"],
-        mean=[0.0, 1.0, 2.0, 3.0], var=[1.0, 1.0, 1.0, 1.0], mean_sq_norm=18.0, versions={"torch": "2"},
-        git_commit="abc", complete=True, model="tiny", layer="last", tokens="random_k", k=2, n_images=3,
-        skipped=[{"key": "a.png", "reason": "truncated"}], skipped_by_reason={"truncated": 1}, classes=["a", "b"],
-        extra={"future_key": [1, 2]})),
-    "progress.json": (formats.write_progress, formats.read_progress, formats.StoreProgress(
-        meta={"model": "tiny", "layer": 1}, n_shards=2, n_rows=10, n_chunks=3,
-        stats={"n": 10, "mean": [0.0], "m2": [1.0], "sq_norm_sum": 5.0}, state={"next_pos": 5, "done": False},
-        extra={"note": "x"})),
+    "ms_summary.json": (
+        formats.write_ms_summary,
+        formats.read_ms_summary,
+        MsSummary(
+            mean=0.6,
+            std=0.1,
+            min=0.2,
+            max=0.9,
+            dead=1,
+            n_latents=8,
+            n_images=10,
+            baseline={"mean": 0.4, "dead": 0},
+            extra={"uniqueness": {"mean_jaccard": 0.0}, "undefined": 0},
+        ),
+    ),
+    "hierarchy.json": (
+        formats.write_hierarchy,
+        formats.read_hierarchy,
+        HierarchySummary(
+            groups=[{"group": 0, "n_latents": 2, "depth_mean": 1.5}],
+            group_sizes=[2],
+            n_latents=2,
+            n_scored=2,
+            n_images=16,
+            n_top=16,
+            ranks=["kingdom", "family"],
+            taxonomy="csv",
+            sae_path="/sae",
+            ms_run=None,
+            paper_table2={"depth": [3.33]},
+        ),
+    ),
+    "steer.json": (
+        formats.write_steer,
+        formats.read_steer,
+        SteerResult(
+            steered=["pencil"],
+            baseline=["cat"],
+            sweep={"0.0": ["cat"], "10.0": ["pencil"]},
+            settings={"latents": {"4": 10.0}, "mode": "replace", "images": ["white"]},
+        ),
+    ),
+    "steer_eval.json": (
+        formats.write_steer_eval,
+        formats.read_steer_eval,
+        formats.SteerEvalResult(
+            summary={"steered": {"mean": 0.3}},
+            per_latent=[{"latent": 4, "steered": 0.3}],
+            paper={"steered": 0.2},
+            settings={"alpha": 30.0},
+        ),
+    ),
+    "run_info.json": (
+        formats.write_run_info,
+        formats.read_run_info,
+        RunInfo(
+            config={"data": {"source": "folder"}},
+            vlmsae_version="0.1.0",
+            git_commit="abc",
+            versions={"torch": "2"},
+            command="python -m x",
+            created="2024-01-01T00:00:00+00:00",
+            extra={"status": "done"},
+        ),
+    ),
+    "manifest.json": (
+        formats.write_manifest,
+        formats.read_manifest,
+        formats.StoreManifest(
+            d=4,
+            n_rows=6,
+            dtype="float16",
+            n_shards=1,
+            n_chunks=2,
+            rows_per_chunk=4,
+            shards=["acts-000000.tar"],
+            mean=[0.0, 1.0, 2.0, 3.0],
+            var=[1.0, 1.0, 1.0, 1.0],
+            mean_sq_norm=18.0,
+            versions={"torch": "2"},
+            git_commit="abc",
+            complete=True,
+            model="tiny",
+            layer="last",
+            tokens="random_k",
+            k=2,
+            n_images=3,
+            skipped=[{"key": "a.png", "reason": "truncated"}],
+            skipped_by_reason={"truncated": 1},
+            classes=["a", "b"],
+            extra={"future_key": [1, 2]},
+        ),
+    ),
+    "progress.json": (
+        formats.write_progress,
+        formats.read_progress,
+        formats.StoreProgress(
+            meta={"model": "tiny", "layer": 1},
+            n_shards=2,
+            n_rows=10,
+            n_chunks=3,
+            stats={"n": 10, "mean": [0.0], "m2": [1.0], "sq_norm_sum": 5.0},
+            state={"next_pos": 5, "done": False},
+            extra={"note": "x"},
+        ),
+    ),
 }
 
 
@@ -134,7 +229,7 @@ def test_json_formats_round_trip(tmp_path: Path, name: str):
     fpath = write(tmp_path, obj)
     assert fpath == tmp_path / name
     raw = json.loads(fpath.read_text())
-    assert raw["format_version"] == 1 and list(raw)[0] == "format_version"
+    assert raw["format_version"] == 1 and next(iter(raw)) == "format_version"
     assert read(tmp_path) == obj and read(fpath) == obj
     # The extras sit at the top level beside the typed fields, as the jobs wrote them before formats.py.
     assert all(raw[k] == v for k, v in obj.extra.items()) and "extra" not in raw
@@ -142,9 +237,19 @@ def test_json_formats_round_trip(tmp_path: Path, name: str):
 
 def test_json_formats_keep_the_flat_layout(tmp_path: Path):
     raw = json.loads(formats.write_ms_summary(tmp_path, JSON_CASES["ms_summary.json"][2]).read_text())
-    assert raw == {"format_version": 1, "mean": 0.6, "std": 0.1, "min": 0.2, "max": 0.9, "dead": 1, "n_latents": 8,
-                   "n_images": 10, "baseline": {"mean": 0.4, "dead": 0}, "uniqueness": {"mean_jaccard": 0.0},
-                   "undefined": 0}
+    assert raw == {
+        "format_version": 1,
+        "mean": 0.6,
+        "std": 0.1,
+        "min": 0.2,
+        "max": 0.9,
+        "dead": 1,
+        "n_latents": 8,
+        "n_images": 10,
+        "baseline": {"mean": 0.4, "dead": 0},
+        "uniqueness": {"mean_jaccard": 0.0},
+        "undefined": 0,
+    }
     raw = json.loads(formats.write_steer(tmp_path, JSON_CASES["steer.json"][2]).read_text())
     assert "activation_steering" not in raw  # absent unless asked for, as vlmsae.steer always wrote it
     assert raw["steered"] == ["pencil"] and raw["sweep"]["10.0"] == ["pencil"]
@@ -203,11 +308,23 @@ def test_manifest_types_the_writers_keys_and_keeps_the_rest(tmp_path: Path):
 
 def _sae_config() -> formats.SAECheckpointConfig:
     return formats.SAECheckpointConfig(
-        arch="topk", d_in=8, n_latents=16, k=2, group_sizes=[16], threshold=None,
-        input_scale={"value": 1.5, "folded": True}, n_steps=3, dtype="float32",
-        precision={"master": "float32", "trainer_precision": None}, source={"model": "tiny", "layer": 1},
-        config={"arch": "topk", "d_in": 8, "n_latents": 16, "k": 2}, vlmsae_version="0.1.0", git_commit="abc",
-        created="2024-01-01T00:00:00+00:00", extra={"future": True})
+        arch="topk",
+        d_in=8,
+        n_latents=16,
+        k=2,
+        group_sizes=[16],
+        threshold=None,
+        input_scale={"value": 1.5, "folded": True},
+        n_steps=3,
+        dtype="float32",
+        precision={"master": "float32", "trainer_precision": None},
+        source={"model": "tiny", "layer": 1},
+        config={"arch": "topk", "d_in": 8, "n_latents": 16, "k": 2},
+        vlmsae_version="0.1.0",
+        git_commit="abc",
+        created="2024-01-01T00:00:00+00:00",
+        extra={"future": True},
+    )
 
 
 def test_sae_config_round_trip_legacy_and_newer(tmp_path: Path):
@@ -259,9 +376,15 @@ def test_provenance_writes_run_info_in_the_format(tmp_path: Path):
 # ------------------------------------------------------------------------------------------
 def _index() -> TopImagesIndex:
     idx = torch.tensor([[0, 2], [1, -1]])
-    return TopImagesIndex(idx, torch.tensor([[2.0, 1.0], [0.5, 0.0]]), ["a", "b", "c"], paths=["/a", "/b", "/c"],
-                          labels=[0, 1, 0], meta={"model": "tiny", "format_version": 7},
-                          extra={"patch_acts": torch.ones(2, 2, 4)})
+    return TopImagesIndex(
+        idx,
+        torch.tensor([[2.0, 1.0], [0.5, 0.0]]),
+        ["a", "b", "c"],
+        paths=["/a", "/b", "/c"],
+        labels=[0, 1, 0],
+        meta={"model": "tiny", "format_version": 7},
+        extra={"patch_acts": torch.ones(2, 2, 4)},
+    )
 
 
 def test_top_images_round_trip(tmp_path: Path):
@@ -284,8 +407,11 @@ def test_top_images_class_goes_through_formats(tmp_path: Path, monkeypatch):
     assert json.loads((tmp_path / "t" / "meta.json").read_text())["format_version"] == 1
     assert "format_version" not in TopImages.load(tmp_path / "t").meta  # not carried into a later save
     calls = []
-    monkeypatch.setattr(formats, "read_top_images", lambda d: calls.append(d) or formats.TopImagesIndex(
-        top.image_idx, top.acts, top.keys))
+    monkeypatch.setattr(
+        formats,
+        "read_top_images",
+        lambda d: calls.append(d) or formats.TopImagesIndex(top.image_idx, top.acts, top.keys),
+    )
     TopImages.load(tmp_path / "t")
     assert calls == [tmp_path / "t"]
 
@@ -314,15 +440,37 @@ def _assert_version_message(msg: str, fpath: Path, found: str, known: str) -> No
 # ------------------------------------------------------------------------------------------
 # Only formats.py reads these files
 # ------------------------------------------------------------------------------------------
-NAME_CONSTANTS = ("LATENTS_CSV", "MS_SUMMARY_JSON", "HIERARCHY_JSON", "STEER_JSON", "STEER_EVAL_JSON", "RUN_INFO_JSON",
-                  "TOP_TENSORS", "TOP_IMAGES_JSON", "TOP_META_JSON", "MANIFEST_JSON", "PROGRESS_JSON",
-                  "SAE_CONFIG_JSON")
+NAME_CONSTANTS = (
+    "LATENTS_CSV",
+    "MS_SUMMARY_JSON",
+    "HIERARCHY_JSON",
+    "STEER_JSON",
+    "STEER_EVAL_JSON",
+    "RUN_INFO_JSON",
+    "TOP_TENSORS",
+    "TOP_IMAGES_JSON",
+    "TOP_META_JSON",
+    "MANIFEST_JSON",
+    "PROGRESS_JSON",
+    "SAE_CONFIG_JSON",
+)
 FILE_NAMES = tuple(getattr(formats, name) for name in NAME_CONSTANTS)
 # config.json is also the name of Hugging Face and LLaVA model files: vlmsae/models/ reads and writes those
 # (never an SAE checkpoint), so the SAE config.json check skips it.
 NOT_SAE_CONFIG = ("vlmsae/models/",)
-READ_CALLS = {"open", "load", "loads", "read_text", "read_bytes", "DictReader", "reader", "load_file", "safe_open",
-              "read_csv", "read_json"}
+READ_CALLS = {
+    "open",
+    "load",
+    "loads",
+    "read_text",
+    "read_bytes",
+    "DictReader",
+    "reader",
+    "load_file",
+    "safe_open",
+    "read_csv",
+    "read_json",
+}
 # Modules outside this change's reach that still spell a format's file themselves; vlmsae.formats.read_run_info
 # and write_steer_eval replace them. The test below fails once they no longer do, so the entry gets removed.
 PENDING = {"vlmsae/lit/callbacks.py": {"run_info.json"}}
@@ -342,8 +490,7 @@ def format_file_uses(source: str, rel: str = "") -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and not any(c.isspace() for c in node.value):
             # A path-like string (messages and docstrings have spaces; they may mention the files).
-            found += [(node.lineno, name) for name in names
-                      if node.value == name or node.value.endswith("/" + name)]
+            found += [(node.lineno, name) for name in names if node.value == name or node.value.endswith("/" + name)]
         if isinstance(node, ast.Call) and _call_name(node.func) in READ_CALLS:
             for sub in ast.walk(node):
                 name = sub.attr if isinstance(sub, ast.Attribute) else sub.id if isinstance(sub, ast.Name) else ""

@@ -20,8 +20,9 @@ FIX = Path(__file__).parent / "fixtures" / "taxonomy"
 
 
 def _matryoshka(dpath: Path, d_in: int, n_latents: int, fractions, source=None, train_x=None) -> Path:
-    cfg = SAEConfig(arch="matryoshka", d_in=d_in, n_latents=n_latents, k=4, group_fractions=fractions,
-                    threshold_start_step=20)
+    cfg = SAEConfig(
+        arch="matryoshka", d_in=d_in, n_latents=n_latents, k=4, group_fractions=fractions, threshold_start_step=20
+    )
     sae = build_sae(cfg, seed=0)
     if train_x is not None:
         g = torch.Generator().manual_seed(0)
@@ -63,7 +64,7 @@ def hand_case(tmp_path):
     rows[0] = (raven[:8] + crow[:8], [9.0] * 16)  # 56 pairs share 7 ranks, 64 pairs share 6 (genus Corvus)
     rows[1] = (raven[:8] + wolf[:8], [9.0] * 16)  # 56 at 7, 64 at 2 (Animalia, Chordata)
     rows[4] = (raven[:10] + tit[:6], [5.0] * 16)  # 45+15 = 60 at 7, 60 at 4 (Passeriformes)
-    rows[5] = (raven[:15] + [-1], [5.0] * 15 + [0.0])  # 15 firing images: excluded
+    rows[5] = ([*raven[:15], -1], [5.0] * 15 + [0.0])  # 15 firing images: excluded
     ms = [0.9, 0.7, None, None, 0.4, 0.6, None, None]
     sae_dpath = _matryoshka(tmp_path / "sae", d_in=8, n_latents=8, fractions=(0.25, 0.75))
     return sae_dpath, _ms_run(tmp_path / "ms", rows, keys, ms)
@@ -73,8 +74,17 @@ def test_ms_run_hand_computed(hand_case, tmp_path, compose_cfg):
     from vlmsae.hierarchy import run
 
     sae_dpath, ms_dpath = hand_case
-    cfg = compose_cfg("hierarchy", [f"sae_path={sae_dpath}", f"ms_run={ms_dpath}", "taxonomy=csv",
-                                    f"taxonomy.path={FIX / 'taxonomy.csv'}", "data=folder", "data.root=/nonexistent"])
+    cfg = compose_cfg(
+        "hierarchy",
+        [
+            f"sae_path={sae_dpath}",
+            f"ms_run={ms_dpath}",
+            "taxonomy=csv",
+            f"taxonomy.path={FIX / 'taxonomy.csv'}",
+            "data=folder",
+            "data.root=/nonexistent",
+        ],
+    )
     out = run(cfg, out_dpath=tmp_path / "out")
     res = json.loads((tmp_path / "out" / "hierarchy.json").read_text())
     g0, g1 = res["groups"]
@@ -88,8 +98,20 @@ def test_ms_run_hand_computed(hand_case, tmp_path, compose_cfg):
 
     with open(tmp_path / "out" / "latent_taxa.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["latent", "group", "depth_mean", "depth_mode",
-                             "kingdom", "phylum", "class", "order", "family", "genus", "species", "label"]
+    assert list(rows[0]) == [
+        "latent",
+        "group",
+        "depth_mean",
+        "depth_mode",
+        "kingdom",
+        "phylum",
+        "class",
+        "order",
+        "family",
+        "genus",
+        "species",
+        "label",
+    ]
     assert rows[0]["depth_mode"] == "6" and rows[0]["label"] == "Corvus (genus)"  # 8/8 split at species
     assert rows[1]["depth_mode"] == "2" and rows[1]["label"] == "Chordata (phylum)"
     assert rows[4]["depth_mode"] == "4" and rows[4]["label"] == "Corvus corax (species)"  # 10/16, tie -> 4
@@ -111,8 +133,10 @@ def test_unmatched_images_name_examples(hand_case, tmp_path, compose_cfg):
     index.keys[40:43] = ["zebra/a.jpg", "zebra/b.jpg", "okapi/c.jpg"]
     index.paths = None
     index.save(ms_dpath / "top_images")
-    cfg = compose_cfg("hierarchy", [f"sae_path={sae_dpath}", f"ms_run={ms_dpath}", "taxonomy=csv",
-                                    f"taxonomy.path={FIX / 'taxonomy.csv'}"])
+    cfg = compose_cfg(
+        "hierarchy",
+        [f"sae_path={sae_dpath}", f"ms_run={ms_dpath}", "taxonomy=csv", f"taxonomy.path={FIX / 'taxonomy.csv'}"],
+    )
     with pytest.raises(TaxonomyError) as e:
         run(cfg, out_dpath=tmp_path / "out")
     assert "3 of 64 images match no taxon" in str(e.value)
@@ -124,8 +148,10 @@ def test_wrong_width_index_is_refused(hand_case, tmp_path, compose_cfg):
 
     _, ms_dpath = hand_case
     other = _matryoshka(tmp_path / "sae16", d_in=8, n_latents=16, fractions=(0.25, 0.75))
-    cfg = compose_cfg("hierarchy", [f"sae_path={other}", f"ms_run={ms_dpath}", "taxonomy=csv",
-                                    f"taxonomy.path={FIX / 'taxonomy.csv'}"])
+    cfg = compose_cfg(
+        "hierarchy",
+        [f"sae_path={other}", f"ms_run={ms_dpath}", "taxonomy=csv", f"taxonomy.path={FIX / 'taxonomy.csv'}"],
+    )
     with pytest.raises(ValueError, match="ranks 8 latents but the SAE at sae_path has 16"):
         run(cfg, out_dpath=tmp_path / "out")
 
@@ -135,13 +161,25 @@ def test_tiny_model_end_to_end(tmp_path, compose_cfg):
     with MS from the weight-free pixel embedder."""
     from vlmsae.hierarchy import run
 
-    sae_dpath = _matryoshka(tmp_path / "sae", d_in=32, n_latents=32, fractions=(0.125, 0.875),
-                            source={"model": "tiny", "layer": "last", "tokens": "cls"}, train_x=_tiny_embeddings())
+    sae_dpath = _matryoshka(
+        tmp_path / "sae",
+        d_in=32,
+        n_latents=32,
+        fractions=(0.125, 0.875),
+        source={"model": "tiny", "layer": "last", "tokens": "cls"},
+        train_x=_tiny_embeddings(),
+    )
     cfg = compose_cfg("hierarchy", [f"sae_path={sae_dpath}", "embedder=pixels"])
     out = run(cfg, out_dpath=tmp_path / "out")
     out_dpath = tmp_path / "out"
-    for name in ("hierarchy.json", "hierarchy.md", "hierarchy.png", "latent_taxa.csv", "run_info.json",
-                 "top_images/top.safetensors"):
+    for name in (
+        "hierarchy.json",
+        "hierarchy.md",
+        "hierarchy.png",
+        "latent_taxa.csv",
+        "run_info.json",
+        "top_images/top.safetensors",
+    ):
         assert (out_dpath / name).is_file(), name
     res = json.loads((out_dpath / "hierarchy.json").read_text())
     assert out["n_images"] == 128 and res["ranks"] == ["shape", "shape_colour"]
@@ -166,9 +204,21 @@ def test_cli(hand_case, tmp_path, repo_root):
     sae_dpath, ms_dpath = hand_case
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "vlmsae.hierarchy", f"sae_path={sae_dpath}", f"ms_run={ms_dpath}", "taxonomy=csv",
-         f"taxonomy.path={FIX / 'taxonomy.csv'}", f"hydra.run.dir={tmp_path / 'cli'}"],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "vlmsae.hierarchy",
+            f"sae_path={sae_dpath}",
+            f"ms_run={ms_dpath}",
+            "taxonomy=csv",
+            f"taxonomy.path={FIX / 'taxonomy.csv'}",
+            f"hydra.run.dir={tmp_path / 'cli'}",
+        ],
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "cli" / "hierarchy.json").read_text())
@@ -193,13 +243,29 @@ def test_same_result_from_an_ms_run(tmp_path, compose_cfg):
     from vlmsae import monosemanticity
     from vlmsae.hierarchy import run
 
-    sae_dpath = _matryoshka(tmp_path / "sae", d_in=32, n_latents=32, fractions=(0.125, 0.875),
-                            source={"model": "tiny", "layer": "last", "tokens": "cls"}, train_x=_tiny_embeddings())
-    ms_cfg = compose_cfg("monosemanticity", [f"sae_path={sae_dpath}", "data=tiny", "embedder=pixels",
-                                             "baseline=false", "progress=false", f"embed_cache={tmp_path / 'emb'}"])
+    sae_dpath = _matryoshka(
+        tmp_path / "sae",
+        d_in=32,
+        n_latents=32,
+        fractions=(0.125, 0.875),
+        source={"model": "tiny", "layer": "last", "tokens": "cls"},
+        train_x=_tiny_embeddings(),
+    )
+    ms_cfg = compose_cfg(
+        "monosemanticity",
+        [
+            f"sae_path={sae_dpath}",
+            "data=tiny",
+            "embedder=pixels",
+            "baseline=false",
+            "progress=false",
+            f"embed_cache={tmp_path / 'emb'}",
+        ],
+    )
     monosemanticity.run(ms_cfg, out_dpath=tmp_path / "ms")
-    via_ms = run(compose_cfg("hierarchy", [f"sae_path={sae_dpath}", f"ms_run={tmp_path / 'ms'}"]),
-                 out_dpath=tmp_path / "h1")
+    via_ms = run(
+        compose_cfg("hierarchy", [f"sae_path={sae_dpath}", f"ms_run={tmp_path / 'ms'}"]), out_dpath=tmp_path / "h1"
+    )
     direct = run(compose_cfg("hierarchy", [f"sae_path={sae_dpath}", "embedder=pixels"]), out_dpath=tmp_path / "h2")
     a, b = TopImages.load(tmp_path / "ms" / "top_images"), TopImages.load(tmp_path / "h2" / "top_images")
     assert torch.equal(a.image_idx, b.image_idx) and a.keys == b.keys
@@ -219,10 +285,23 @@ def test_unmatched_images_fail_before_encoding(tmp_path, compose_cfg):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (8, 8), (i * 90, 0, 0)).save(tmp_path / "imgs" / cls / f"{i}.png")
-    sae_dpath = _matryoshka(tmp_path / "sae", d_in=32, n_latents=32, fractions=(0.125, 0.875),
-                            source={"model": "tiny", "layer": "last", "tokens": "cls"})
-    cfg = compose_cfg("hierarchy", [f"sae_path={sae_dpath}", "data=folder", f"data.root={tmp_path / 'imgs'}",
-                                    "taxonomy=csv", f"taxonomy.path={FIX / 'taxonomy.csv'}"])
+    sae_dpath = _matryoshka(
+        tmp_path / "sae",
+        d_in=32,
+        n_latents=32,
+        fractions=(0.125, 0.875),
+        source={"model": "tiny", "layer": "last", "tokens": "cls"},
+    )
+    cfg = compose_cfg(
+        "hierarchy",
+        [
+            f"sae_path={sae_dpath}",
+            "data=folder",
+            f"data.root={tmp_path / 'imgs'}",
+            "taxonomy=csv",
+            f"taxonomy.path={FIX / 'taxonomy.csv'}",
+        ],
+    )
     with pytest.raises(TaxonomyError, match=r"2 of 4 images match no taxon.*zebra/0.png"):
         run(cfg, out_dpath=tmp_path / "out")
     assert not (tmp_path / "out" / "top_images").exists()
@@ -236,7 +315,8 @@ def _compose_user_yaml(tmp_path, text: str):
 
     register_configs()
     (tmp_path / "mine.yaml").write_text(
-        f"defaults:\n  - hierarchy\n  - _self_\nhydra:\n  searchpath: [file://{conf_dir()}]\n{text}")
+        f"defaults:\n  - hierarchy\n  - _self_\nhydra:\n  searchpath: [file://{conf_dir()}]\n{text}"
+    )
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         return compose(config_name="mine", overrides=["sae_path=x"])
 

@@ -26,8 +26,16 @@ def tiny_sae_dpath(tmp_path, monkeypatch):
 def _compose(compose_cfg, sae_dpath, tmp_path, *extra):
     return compose_cfg(
         "monosemanticity",
-        [f"sae_path={sae_dpath}", "data=tiny", "data.n_per_class=4", "embedder=pixels",
-         f"embed_cache={tmp_path / 'emb_cache'}", "progress=false", "top_k=5", *extra],
+        [
+            f"sae_path={sae_dpath}",
+            "data=tiny",
+            "data.n_per_class=4",
+            "embedder=pixels",
+            f"embed_cache={tmp_path / 'emb_cache'}",
+            "progress=false",
+            "top_k=5",
+            *extra,
+        ],
     )
 
 
@@ -38,8 +46,16 @@ def test_run_writes_everything(compose_cfg, tiny_sae_dpath, tmp_path, monkeypatc
 
     out = tmp_path / "out"
     summary = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path), out_dpath=out)
-    for name in ("latents.csv", "ms_summary.json", "ms_hist.png", "ms_vs_freq.png", "run_info.json",
-                 "top_images/top.safetensors", "top_images/images.json", "top_images/meta.json"):
+    for name in (
+        "latents.csv",
+        "ms_summary.json",
+        "ms_hist.png",
+        "ms_vs_freq.png",
+        "run_info.json",
+        "top_images/top.safetensors",
+        "top_images/images.json",
+        "top_images/meta.json",
+    ):
         assert (out / name).exists(), name
     saved = json.loads((out / "ms_summary.json").read_text())
     for key in ("mean", "std", "min", "max", "dead", "n_latents", "n_images"):
@@ -93,8 +109,9 @@ def test_run_writes_everything(compose_cfg, tiny_sae_dpath, tmp_path, monkeypatc
 def test_pooling_over_tokens(compose_cfg, tiny_sae_dpath, tmp_path) -> None:
     from vlmsae.monosemanticity import run
 
-    mean_run = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "pool=mean", "zero_shot=true"),
-                   out_dpath=tmp_path / "mean")
+    mean_run = run(
+        _compose(compose_cfg, tiny_sae_dpath, tmp_path, "pool=mean", "zero_shot=true"), out_dpath=tmp_path / "mean"
+    )
     zs = mean_run["zero_shot"]
     assert zs["n_images"] == 64 and zs["n_classes"] == 16 and zs["spliced_tokens"] == "cls"
     assert zs["kl"] > 0 and 0.0 <= zs["top1_agreement"] <= 1.0 and "accuracy_spliced" in zs
@@ -117,9 +134,19 @@ def test_bad_sae_path_is_clear(compose_cfg, tmp_path) -> None:
 @pytest.mark.slow
 def test_cli(tiny_sae_dpath, tmp_path, repo_root) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vlmsae.monosemanticity", f"sae_path={tiny_sae_dpath}", "model=tiny", "data=tiny",
-           "data.n_per_class=2", "embedder=tiny", f"embed_cache={tmp_path / 'c'}", "progress=false",
-           f"hydra.run.dir={tmp_path / 'cli'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmsae.monosemanticity",
+        f"sae_path={tiny_sae_dpath}",
+        "model=tiny",
+        "data=tiny",
+        "data.n_per_class=2",
+        "embedder=tiny",
+        f"embed_cache={tmp_path / 'c'}",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'cli'}",
+    ]
     proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "cli" / "ms_summary.json").read_text())
@@ -134,7 +161,8 @@ def _compose_user_yaml(tmp_path, text: str):
 
     register_configs()
     (tmp_path / "mine.yaml").write_text(
-        f"defaults:\n  - monosemanticity\n  - _self_\nhydra:\n  searchpath: [file://{conf_dir()}]\n{text}")
+        f"defaults:\n  - monosemanticity\n  - _self_\nhydra:\n  searchpath: [file://{conf_dir()}]\n{text}"
+    )
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         return compose(config_name="mine", overrides=["sae_path=x"])
 

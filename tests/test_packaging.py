@@ -207,12 +207,27 @@ def _fresh_venv(tmp_path: Path, wheel: Path) -> tuple[Path, Path]:
     venv_dpath = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv_dpath], cwd=tmp_path)
     python = venv_dpath / "bin" / "python"
-    site_dpath = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path)
-                      .stdout.strip())
+    site_dpath = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path).stdout.strip()
+    )
     deps = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     (site_dpath / "zz_vlmsae_test_deps.pth").write_text("\n".join(deps) + "\n")
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--disable-pip-version-check", "-q",
-          "--target", site_dpath, wheel], cwd=tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            "--target",
+            site_dpath,
+            wheel,
+        ],
+        cwd=tmp_path,
+    )
     return python, site_dpath
 
 
@@ -229,8 +244,23 @@ def test_wheel_ships_conf_and_jobs_run_from_anywhere(tmp_path, compose_cfg):
 
     src = _source_copy(tmp_path)
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-          "--disable-pip-version-check", "-q", "-w", dist, src], cwd=tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            dist,
+            src,
+        ],
+        cwd=tmp_path,
+    )
     (wheel,) = dist.glob("vlmsae-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {n.removeprefix("vlmsae/conf/") for n in names if n.startswith("vlmsae/conf/")}
@@ -251,8 +281,9 @@ def test_wheel_ships_conf_and_jobs_run_from_anywhere(tmp_path, compose_cfg):
     assert _job_cfg(python, elsewhere, "monosemanticity") == expected("monosemanticity")
     help_text = _run([python, "-m", "vlmsae.extract", "--help"], elsewhere).stdout
     assert "== Configuration groups ==" in help_text and re.search(r"^model: .*\btiny_llava\b", help_text, re.M)
-    spec = _run([python, "-c", "from vlmsae.models.spec import get_model_spec as g; print(g('tiny_llava').backend)"],
-                elsewhere).stdout
+    spec = _run(
+        [python, "-c", "from vlmsae.models.spec import get_model_spec as g; print(g('tiny_llava').backend)"], elsewhere
+    ).stdout
     assert spec.strip() == "hf_llava"
 
     # README "Without a network": a user's own option next to the shipped ones, via --config-dir

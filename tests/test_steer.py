@@ -27,10 +27,18 @@ def sae_dpath(tmp_path):
 def test_steer_run_writes_answers_side_by_side(compose_cfg, home, sae_dpath, tmp_path, capsys):
     from vlmsae.steer import run
 
-    cfg = compose_cfg("steer", [
-        f"sae_path={sae_dpath}", "latent=[5,9]", "alpha=60", "image=[white,skimage:astronaut]",
-        "max_new_tokens=4", "sweep=[0,60]", "prompt=Write me a short love poem",
-    ])
+    cfg = compose_cfg(
+        "steer",
+        [
+            f"sae_path={sae_dpath}",
+            "latent=[5,9]",
+            "alpha=60",
+            "image=[white,skimage:astronaut]",
+            "max_new_tokens=4",
+            "sweep=[0,60]",
+            "prompt=Write me a short love poem",
+        ],
+    )
     assert cfg.model.name == "tiny_llava" and cfg.mode == "replace"
     with pytest.raises(ValueError, match="single latent"):
         run(cfg, out_dpath=tmp_path / "bad")
@@ -60,8 +68,18 @@ def test_steer_run_writes_answers_side_by_side(compose_cfg, home, sae_dpath, tmp
 def test_steer_sweep_and_errors(compose_cfg, home, sae_dpath, tmp_path):
     from vlmsae.steer import run
 
-    cfg = compose_cfg("steer", [f"sae_path={sae_dpath}", "latent=5", "sweep=[0,30,60]", "max_new_tokens=3",
-                                "compare_add=false", "mode=error_preserving", "patches=[0,1,2,3]"])
+    cfg = compose_cfg(
+        "steer",
+        [
+            f"sae_path={sae_dpath}",
+            "latent=5",
+            "sweep=[0,30,60]",
+            "max_new_tokens=3",
+            "compare_add=false",
+            "mode=error_preserving",
+            "patches=[0,1,2,3]",
+        ],
+    )
     out = run(cfg, out_dpath=tmp_path / "sweep")
     assert list(out["sweep"]) == ["0.0", "30.0", "60.0"] and "activation_steering" not in out
     cfg.image = "/no/such.png"
@@ -76,8 +94,16 @@ def test_steer_sweep_and_errors(compose_cfg, home, sae_dpath, tmp_path):
 @pytest.mark.slow
 def test_steer_cli_subprocess(repo_root, home, sae_dpath, tmp_path):
     env = {**os.environ, "VLMSAE_HOME": str(home), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "vlmsae.steer", f"sae_path={sae_dpath}", "latent=5", "alpha=50",
-           "max_new_tokens=3", f"hydra.run.dir={tmp_path / 'cli'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmsae.steer",
+        f"sae_path={sae_dpath}",
+        "latent=5",
+        "alpha=50",
+        "max_new_tokens=3",
+        f"hydra.run.dir={tmp_path / 'cli'}",
+    ]
     proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads((tmp_path / "cli" / "steer.json").read_text())

@@ -21,8 +21,11 @@ def eval_setup(tmp_path, monkeypatch):
     from vlmsae.sae import SAEConfig, build_sae, save_sae
 
     monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))
-    sae_dpath = save_sae(build_sae(SAEConfig(arch="topk", d_in=32, n_latents=64, k=8), seed=0), tmp_path / "sae",
-                         source={"model": "tiny_llava", "layer": 2})
+    sae_dpath = save_sae(
+        build_sae(SAEConfig(arch="topk", d_in=32, n_latents=64, k=8), seed=0),
+        tmp_path / "sae",
+        source={"model": "tiny_llava", "layer": 2},
+    )
     colours = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple", "cyan", "pink", "gray", "brown"]
     img_dpath = tmp_path / "images"
     img_dpath.mkdir()
@@ -47,21 +50,38 @@ def eval_setup(tmp_path, monkeypatch):
 def test_steer_eval_run(compose_cfg, eval_setup, tmp_path):
     from vlmsae.models.embedders import load_embedder
     from vlmsae.models.llava import load_llava_spec
-    from vlmsae.steer_eval import run
     from vlmsae.sae import load_sae
+    from vlmsae.steer_eval import run
     from vlmsae.steering import generate_answers, steer
 
     sae_dpath, top_dpath, img_dpath, names_fpath = eval_setup
-    cfg = compose_cfg("steer_eval", [
-        f"sae_path={sae_dpath}", f"top_images={top_dpath}", f"images={img_dpath}", "n_images=3",
-        "latents=[0,1,2]", "alpha=60", "embedder=tiny", f"class_names={names_fpath}", "batch_size=4",
-        "max_new_tokens=3", "top_n=16", "compare_add=true",
-    ])
+    cfg = compose_cfg(
+        "steer_eval",
+        [
+            f"sae_path={sae_dpath}",
+            f"top_images={top_dpath}",
+            f"images={img_dpath}",
+            "n_images=3",
+            "latents=[0,1,2]",
+            "alpha=60",
+            "embedder=tiny",
+            f"class_names={names_fpath}",
+            "batch_size=4",
+            "max_new_tokens=3",
+            "top_n=16",
+            "compare_add=true",
+        ],
+    )
     out = run(cfg, out_dpath=tmp_path / "run")
     run_dpath = tmp_path / "run"
     saved = json.loads((run_dpath / "steer_eval.json").read_text())
-    assert set(saved["summary"]) == {"steered", "not steered", "activation steering (add)",
-                                     "upper bound (true class names)", "lower bound (shuffled names)"}
+    assert set(saved["summary"]) == {
+        "steered",
+        "not steered",
+        "activation steering (add)",
+        "upper bound (true class names)",
+        "lower bound (shuffled names)",
+    }
     assert saved["summary"]["steered"]["n"] == saved["summary"]["not steered"]["n"] == 9  # 3 latents x 3 images
     assert saved["settings"]["n_images"] == 3
     assert saved["summary"]["upper bound (true class names)"]["n"] == 11  # 4 + 4 + 3 nonzero top images
@@ -85,8 +105,9 @@ def test_steer_eval_run(compose_cfg, eval_setup, tmp_path):
         alone = generate_answers(model, processor, [Image.open(row["image"]).convert("RGB")], cfg.prompt, 3)[0]
     assert alone == row["steered_answer"]
     embedder = load_embedder(cfg.embedder)
-    concept = concept_embeddings([[Image.open(f"{img_dpath}/{n}") for n in ("08_cyan.png", "09_pink.png", "10_gray.png")]],
-                                 embedder.embed)[0]
+    concept = concept_embeddings(
+        [[Image.open(f"{img_dpath}/{n}") for n in ("08_cyan.png", "09_pink.png", "10_gray.png")]], embedder.embed
+    )[0]
     if row["steered_word"]:
         text = embedder.embed_text([row["steered_word"]])[0]
         expected = torch.nn.functional.cosine_similarity(text, concept, dim=0).item()

@@ -15,8 +15,8 @@ import lightning as L
 import pytest
 import torch
 
-from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.data.store import write_acts_store
+from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.train import run
 
 D = 64  # = conf/model/tiny.yaml width
@@ -33,8 +33,17 @@ def planted_store(tmp_path_factory):
 
 
 def _overrides(store, steps, *extra):
-    return ["data=acts", f"data.acts={store}", "data.batch_size=256", "data.num_workers=0", "data.shuffle_buffer=2048",
-            "data.val_fraction=0.1", f"trainer.max_steps={steps}", "logger=csv", *extra]
+    return [
+        "data=acts",
+        f"data.acts={store}",
+        "data.batch_size=256",
+        "data.num_workers=0",
+        "data.shuffle_buffer=2048",
+        "data.val_fraction=0.1",
+        f"trainer.max_steps={steps}",
+        "logger=csv",
+        *extra,
+    ]
 
 
 def test_train_learns_planted_features_and_writes_outputs(compose_cfg, planted_store, tmp_path):
@@ -58,8 +67,18 @@ def test_train_learns_planted_features_and_writes_outputs(compose_cfg, planted_s
     fve = 1 - (x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert fve > 0.5
     header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
-    for name in ("train/mse", "train/nmse", "train/fve", "train/l0", "train/dead_fraction", "train/dense_fraction",
-                 "train/aux_loss", "train/lr", "val/fve", "val/mse"):
+    for name in (
+        "train/mse",
+        "train/nmse",
+        "train/fve",
+        "train/l0",
+        "train/dead_fraction",
+        "train/dense_fraction",
+        "train/aux_loss",
+        "train/lr",
+        "val/fve",
+        "val/mse",
+    ):
         assert name in header
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
@@ -100,7 +119,9 @@ def test_resume_continues_without_repeating_steps(compose_cfg, planted_store, tm
     assert [s for s, _ in first.seen] == list(range(25))
     # The same command with resume=true: a new run dir, continued from the killed run's last checkpoint (step 20).
     second = _Record()
-    metrics = run(compose_cfg("train", [*over, "resume=true"]), out_dpath=tmp_path / "runs" / "resumed", callbacks=[second])
+    metrics = run(
+        compose_cfg("train", [*over, "resume=true"]), out_dpath=tmp_path / "runs" / "resumed", callbacks=[second]
+    )
     steps = [s for s, _ in second.seen]
     assert steps == list(range(20, 40)), steps
     assert metrics["step"] == 40 and metrics["optimizer_steps"] == 40  # Adam saw exactly 40 updates
@@ -174,14 +195,32 @@ def test_default_config_trains_on_the_fly_from_images(compose_cfg, tmp_path):
     assert source["layer"] == 2 and source["tokens"] == "cls" and source["data_source"] == "synthetic"
 
 
-@pytest.mark.parametrize("name, expect", [
-    ("ms_layer_sweep", {"sae.arch": "batchtopk", "sae.k": 20, "layer": 22, "model.name": "clip_l14", "data.batch_size": 4096}),
-    ("matryoshka_last", {"sae.arch": "matryoshka", "layer": "last", "sae.group_fractions": [0.0625, 0.125, 0.25, 0.5625]}),
-    ("llava_steering_sae", {"sae.arch": "matryoshka", "sae.expansion": 64, "layer": 22, "model.name": "clip_l14_336",
-                            "tokens": "random_k", "tokens_k": 2}),
-    ("tiny", {"sae.arch": "batchtopk", "model.name": "tiny"}),
-    ("inat_hierarchy", {"sae.arch": "matryoshka", "sae.expansion": 2, "layer": "last"}),
-])
+@pytest.mark.parametrize(
+    "name, expect",
+    [
+        (
+            "ms_layer_sweep",
+            {"sae.arch": "batchtopk", "sae.k": 20, "layer": 22, "model.name": "clip_l14", "data.batch_size": 4096},
+        ),
+        (
+            "matryoshka_last",
+            {"sae.arch": "matryoshka", "layer": "last", "sae.group_fractions": [0.0625, 0.125, 0.25, 0.5625]},
+        ),
+        (
+            "llava_steering_sae",
+            {
+                "sae.arch": "matryoshka",
+                "sae.expansion": 64,
+                "layer": 22,
+                "model.name": "clip_l14_336",
+                "tokens": "random_k",
+                "tokens_k": 2,
+            },
+        ),
+        ("tiny", {"sae.arch": "batchtopk", "model.name": "tiny"}),
+        ("inat_hierarchy", {"sae.arch": "matryoshka", "sae.expansion": 2, "layer": "last"}),
+    ],
+)
 def test_experiment_recipes_compose(compose_cfg, name, expect):
     from omegaconf import OmegaConf
 
@@ -193,7 +232,9 @@ def test_experiment_recipes_compose(compose_cfg, name, expect):
 
 
 def test_negative_layer_counts_from_the_end(compose_cfg, planted_store, tmp_path):
-    metrics = run(compose_cfg("train", _overrides(planted_store, 2, "layer=-2", "logger=none")), out_dpath=tmp_path / "r")
+    metrics = run(
+        compose_cfg("train", _overrides(planted_store, 2, "layer=-2", "logger=none")), out_dpath=tmp_path / "r"
+    )
     assert metrics["layer"] == 2 and metrics["step"] == 2
 
 
@@ -206,10 +247,21 @@ def test_data_images_computes_activations_from_an_image_folder(compose_cfg, tmp_
     for cls in ("a", "b"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(20):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
-    over = ["data=images", f"data.root={tmp_path / 'imgs'}", "data.batch_size=16", "data.num_workers=0",
-            "data.shuffle_buffer=32", "data.val_fraction=0.1", "tokens=all", "layer=1", "trainer.max_steps=8",
-            "logger=none"]
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / cls / f"{i}.png"
+            )
+    over = [
+        "data=images",
+        f"data.root={tmp_path / 'imgs'}",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "data.shuffle_buffer=32",
+        "data.val_fraction=0.1",
+        "tokens=all",
+        "layer=1",
+        "trainer.max_steps=8",
+        "logger=none",
+    ]
     metrics = run(compose_cfg("train", over), out_dpath=tmp_path / "run")
     assert metrics["step"] == 8 and metrics["n_val_rows"] > 0 and metrics["layer"] == 1
     source = json.loads((tmp_path / "run" / "sae" / "config.json").read_text())["source"]
@@ -223,7 +275,9 @@ def test_sweep_summary_tables_the_final_metrics_of_every_job(tmp_path):
         job = tmp_path / f"job_{i}"
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- sae.expansion={expansion}\n- logger=none\n")
-        (job / "metrics.json").write_text(json.dumps({"fve": fve, "mse": 0.1, "l0": 20.0, "dead_fraction": 0.0, "step": 10}))
+        (job / "metrics.json").write_text(
+            json.dumps({"fve": fve, "mse": 0.1, "l0": 20.0, "dead_fraction": 0.0, "step": 10})
+        )
     (tmp_path / "job_2" / ".hydra").mkdir(parents=True)
     (tmp_path / "job_2" / ".hydra" / "overrides.yaml").write_text("- sae.expansion=8\n- logger=none\n")
     (tmp_path / "job_2" / "run_info.json").write_text(json.dumps({"status": "failed"}))
@@ -240,9 +294,20 @@ def test_tiny_extraction_then_training(compose_cfg, tmp_path):
     from vlmsae.extract import run as extract
 
     extract(compose_cfg("extract", ["tokens=all", "rows_per_chunk=256", "progress=false"]), out_dpath=tmp_path / "acts")
-    metrics = run(compose_cfg("train", ["data=acts", f"data.acts={tmp_path / 'acts'}", "data.batch_size=64",
-                                        "data.val_fraction=0.1", "trainer.max_steps=60", "logger=none"]),
-                  out_dpath=tmp_path / "train")
+    metrics = run(
+        compose_cfg(
+            "train",
+            [
+                "data=acts",
+                f"data.acts={tmp_path / 'acts'}",
+                "data.batch_size=64",
+                "data.val_fraction=0.1",
+                "trainer.max_steps=60",
+                "logger=none",
+            ],
+        ),
+        out_dpath=tmp_path / "train",
+    )
     assert metrics["step"] == 60 and metrics["n_val_rows"] > 0 and metrics["fve"] > 0
     source = json.loads((tmp_path / "train" / "sae" / "config.json").read_text())["source"]
     assert source["model"] == "tiny" and source["layer"] == 2 and source["tokens"] == "all"
@@ -295,12 +360,28 @@ def test_run_is_thin():
 def test_multirun_two_jobs_writes_job_dirs_and_sweep_summary(tmp_path, repo_root):
     planted = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0)
     for layer in (1, 2):  # one store per layer, selected through ${layer} interpolation
-        write_acts_store(tmp_path / f"layer{layer}", planted.sample(4000, seed=layer).x.half(), 500, 2,
-                         meta={"model": "tiny", "layer": layer})
+        write_acts_store(
+            tmp_path / f"layer{layer}",
+            planted.sample(4000, seed=layer).x.half(),
+            500,
+            2,
+            meta={"model": "tiny", "layer": layer},
+        )
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "vlmsae.train", "-m", "layer=1,2", "data=acts",
-           f"data.acts={tmp_path}/layer${{layer}}", "data.batch_size=128", "data.num_workers=0",
-           "trainer.max_steps=30", "logger=wandb", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmsae.train",
+        "-m",
+        "layer=1,2",
+        "data=acts",
+        f"data.acts={tmp_path}/layer${{layer}}",
+        "data.batch_size=128",
+        "data.num_workers=0",
+        "trainer.max_steps=30",
+        "logger=wandb",
+        f"hydra.sweep.dir={sweep}",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -321,12 +402,30 @@ def test_multirun_two_jobs_writes_job_dirs_and_sweep_summary(tmp_path, repo_root
 def test_ddp_two_cpu_ranks_train_to_the_same_step(tmp_path):
     """trainer=ddp semantics on CPU (gloo): two ranks, disjoint shards, one set of outputs from rank 0."""
     planted = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0)
-    write_acts_store(tmp_path / "acts", planted.sample(6000, seed=1).x.half(), 500, 2, meta={"model": "tiny", "layer": 2})
+    write_acts_store(
+        tmp_path / "acts", planted.sample(6000, seed=1).x.half(), 500, 2, meta={"model": "tiny", "layer": 2}
+    )
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vlmsae.train", "data=acts", f"data.acts={tmp_path / 'acts'}", "data.batch_size=128",
-           "data.num_workers=1", "trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=30",
-           "trainer.val_check_interval=15", "trainer.limit_val_batches=2", "trainer.warmup_steps=5",
-           "trainer.scale_batches=2", "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmsae.train",
+        "data=acts",
+        f"data.acts={tmp_path / 'acts'}",
+        "data.batch_size=128",
+        "data.num_workers=1",
+        "trainer=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=15",
+        "trainer.limit_val_batches=2",
+        "trainer.warmup_steps=5",
+        "trainer.scale_batches=2",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        f"hydra.run.dir={out}",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

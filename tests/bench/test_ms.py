@@ -28,7 +28,7 @@ def test_large_case_peak_memory_is_the_subprocess_own():
     from vlmsae.bench.ms import _run_large_in_subprocess
 
     hog = torch.ones(3 * 1024**3 // 4)  # 3 GB resident in this (parent) process
-    hog[:: 1024].fill_(2.0)  # touch it so the pages are resident
+    hog[::1024].fill_(2.0)  # touch it so the pages are resident
     result = _run_large_in_subprocess(2000, 1024, 20, 64)
     assert 0 < result["peak_rss_gb"] < 2.0, result
     del hog

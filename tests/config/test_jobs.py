@@ -57,10 +57,10 @@ def test_a_misspelt_key_on_the_command_line_fails_naming_it(job):
     _, fill, key = JOBS[job]
     typo = key[:-1]  # max_new_token, top_, thumb_p
     with pytest.raises(Exception) as info:
-        _compose(conf_dir(), job, fill + [f"{typo}=3"])
+        _compose(conf_dir(), job, [*fill, f"{typo}=3"])
     assert f"'{typo}'" in _message_chain(info.value)
     with pytest.raises(Exception) as info:  # a wrong type names the key too
-        _compose(conf_dir(), job, fill + [f"{key}=abc"])
+        _compose(conf_dir(), job, [*fill, f"{key}=abc"])
     assert key in _message_chain(info.value) and "abc" in _message_chain(info.value)
 
 

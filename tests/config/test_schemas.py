@@ -91,7 +91,7 @@ def healthy_primaries(compose_any) -> set[str]:
         try:
             compose_any(name, [], hydra=True)
             ok.add(name)
-        except Exception:  # noqa: BLE001 - reported by test_primary_composes_with_its_defaults
+        except Exception:
             pass
     return ok
 
@@ -113,7 +113,7 @@ def test_every_group_option_composes(compose_any, healthy_primaries, group, opti
             try:
                 compose_any(name, [f"{'' if name in users else '+'}experiment={option}"])
                 return
-            except Exception as err:  # noqa: BLE001 - collected and reported below
+            except Exception as err:
                 errors[name] = _message_chain(err)
         pytest.fail(f"experiment={option} composes through no primary config: {errors}")
     if group == "hydra":
@@ -149,14 +149,14 @@ def _sae_primary() -> tuple[str | None, list[str]]:
 def test_unknown_key_fails_naming_it(compose_any):
     primary, base = _sae_primary()
     with pytest.raises(Exception) as info:
-        compose_any(primary, base + ["sae.kk=3"])
+        compose_any(primary, [*base, "sae.kk=3"])
     assert "sae.kk" in _message_chain(info.value)
 
 
 def test_wrong_type_fails_naming_key_and_value(compose_any):
     primary, base = _sae_primary()
     with pytest.raises(Exception) as info:
-        compose_any(primary, base + ["sae.k=abc"])
+        compose_any(primary, [*base, "sae.k=abc"])
     message = _message_chain(info.value)
     assert "sae.k" in message and "abc" in message and "Integer" in message
 
@@ -169,18 +169,18 @@ def test_every_schema_group_refuses_typos_and_wrong_types(compose_any, group):
         pytest.skip(f"conf/{group}/ has no options yet")
     base = [f"+{group}={'tiny' if 'tiny' in options else options[0]}"]
     with pytest.raises(Exception) as info:
-        compose_any(None, base + [f"{group}.no_such_key=1"])
+        compose_any(None, [*base, f"{group}.no_such_key=1"])
     assert f"{group}.no_such_key" in _message_chain(info.value)
     schema = SCHEMA_OF_GROUP[group]
     int_fields = [name for name, typ in schema.__annotations__.items() if typ in ("int", int)]
     if int_fields:
         with pytest.raises(Exception) as info:
-            compose_any(None, base + [f"{group}.{int_fields[0]}=abc"])
+            compose_any(None, [*base, f"{group}.{int_fields[0]}=abc"])
         assert f"{group}.{int_fields[0]}" in _message_chain(info.value)
 
 
 def test_unknown_option_lists_the_available_ones(compose_any):
-    primary, base = _sae_primary()
+    primary, _base = _sae_primary()
     override = "sae=topkk" if primary else "+sae=topkk"
     with pytest.raises(Exception) as info:
         compose_any(primary, [override])
@@ -229,12 +229,19 @@ def test_composed_nodes_become_the_library_dataclasses(compose_any):
     assert resolved.group_sizes == [2, 4, 8, 18]
 
 
-@pytest.mark.parametrize("override, value", [
-    ("model.seed=3", 3), ("model.patch_size=4", 4), ("model.quick_gelu=false", False),
-    ("model.image_mean=[0.5,0.5,0.5]", [0.5, 0.5, 0.5]), ("model.image_interpolation=bilinear", "bilinear"),
-    ("model.image_resize_mode=squash", "squash"), ("model.device_map=auto", "auto"),
-    ("model.local_files_only=true", True),
-])
+@pytest.mark.parametrize(
+    "override, value",
+    [
+        ("model.seed=3", 3),
+        ("model.patch_size=4", 4),
+        ("model.quick_gelu=false", False),
+        ("model.image_mean=[0.5,0.5,0.5]", [0.5, 0.5, 0.5]),
+        ("model.image_interpolation=bilinear", "bilinear"),
+        ("model.image_resize_mode=squash", "squash"),
+        ("model.device_map=auto", "auto"),
+        ("model.local_files_only=true", True),
+    ],
+)
 def test_former_model_extra_keys_are_typed_fields(compose_any, override, value):
     from vlmsae.models import ModelSpec
 
@@ -247,18 +254,32 @@ def test_former_model_extra_keys_are_typed_fields(compose_any, override, value):
 
 
 def test_former_data_and_embedder_extra_keys_are_typed_fields(compose_any):
-    cfg = compose_any("monosemanticity", ["sae_path=/x", "data=tiny", "data.n_per_class=2", "data.size=32",
-                                          "embedder=tiny", "embedder.quick_gelu=true", "embedder.image_std=[1,1,1]"])
+    cfg = compose_any(
+        "monosemanticity",
+        [
+            "sae_path=/x",
+            "data=tiny",
+            "data.n_per_class=2",
+            "data.size=32",
+            "embedder=tiny",
+            "embedder.quick_gelu=true",
+            "embedder.image_std=[1,1,1]",
+        ],
+    )
     assert (cfg.data.n_per_class, cfg.data.size, cfg.embedder.quick_gelu) == (2, 32, True)
-    assert compose_any("train", ["data=images", "data.root=/x", "data.images_per_forward=8"]).data.images_per_forward == 8
+    assert (
+        compose_any("train", ["data=images", "data.root=/x", "data.images_per_forward=8"]).data.images_per_forward == 8
+    )
     for bad in ("data.n_per_class=abc", "data.images_per_forward=x", "embedder.quick_gelu=maybe"):
         with pytest.raises(Exception) as info:
             compose_any("monosemanticity", ["sae_path=/x", bad])
         assert bad.split("=")[0] in _message_chain(info.value), bad
     # The untyped dicts and the dead trainer.seed are gone: naming them is a typo.
-    for primary, gone, named in (("monosemanticity", "data.extra.n_per_class=2", "data.extra"),
-                                 ("monosemanticity", "embedder.extra.quick_gelu=true", "embedder.extra"),
-                                 ("train", "trainer.seed=1", "trainer.seed")):
+    for primary, gone, named in (
+        ("monosemanticity", "data.extra.n_per_class=2", "data.extra"),
+        ("monosemanticity", "embedder.extra.quick_gelu=true", "embedder.extra"),
+        ("train", "trainer.seed=1", "trainer.seed"),
+    ):
         with pytest.raises(Exception) as info:
             compose_any(primary, [gone] + (["sae_path=/x"] if primary == "monosemanticity" else []))
         assert named in _message_chain(info.value), gone

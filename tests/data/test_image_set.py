@@ -24,8 +24,11 @@ def folder(tmp_path):
 
 
 def test_from_node_refuses_non_image_sources_naming_job_and_fix():
-    with pytest.raises(ValueError, match=r"hierarchy reads images: data.source='acts' must be folder, list, wds or "
-                                         r"synthetic \(or pass ms_run"):
+    with pytest.raises(
+        ValueError,
+        match=r"hierarchy reads images: data.source='acts' must be folder, list, wds or "
+        r"synthetic \(or pass ms_run",
+    ):
         ImageSet.from_node(_node(source="acts"), job="hierarchy", hint=" (or pass ms_run=<dir>)")
 
 

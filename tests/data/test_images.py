@@ -25,8 +25,10 @@ from vlmsae.data.images import (
     to_rgb,
 )
 
-INAT = ["00000_Animalia_Annelida_Clitellata_Crassiclitellata_Lumbricidae_Lumbricus_terrestris",
-        "00001_Plantae_Tracheophyta_Magnoliopsida_Rosales_Rosaceae_Rosa_canina"]
+INAT = [
+    "00000_Animalia_Annelida_Clitellata_Crassiclitellata_Lumbricidae_Lumbricus_terrestris",
+    "00001_Plantae_Tracheophyta_Magnoliopsida_Rosales_Rosaceae_Rosa_canina",
+]
 
 
 def _png(fpath, value: int, size=(20, 16)):
@@ -111,15 +113,21 @@ def _png_bytes(value: int) -> bytes:
 
 
 def test_webdataset_shards_with_cls_and_json(tmp_path):
-    _write_wds(tmp_path / "train-000000.tar", [
-        ("s000", {"png": _png_bytes(1), "cls": b"3"}),
-        ("s001", {"jpg": b"garbage", "cls": b"4"}),
-    ])
-    _write_wds(tmp_path / "train-000001.tar", [
-        ("s002", {"png": _png_bytes(2), "json": json.dumps({"label": 9}).encode()}),
-        ("s003", {"txt": b"no image"}),
-        ("s004", {"png": _png_bytes(3)}),
-    ])
+    _write_wds(
+        tmp_path / "train-000000.tar",
+        [
+            ("s000", {"png": _png_bytes(1), "cls": b"3"}),
+            ("s001", {"jpg": b"garbage", "cls": b"4"}),
+        ],
+    )
+    _write_wds(
+        tmp_path / "train-000001.tar",
+        [
+            ("s002", {"png": _png_bytes(2), "json": json.dumps({"label": 9}).encode()}),
+            ("s003", {"txt": b"no image"}),
+            ("s004", {"png": _png_bytes(3)}),
+        ],
+    )
     skip = SkipLog()
     records = list(iter_images("wds", str(tmp_path / "train-{000000..000001}.tar"), skip_log=skip))
     assert [(r.key, r.label, r.pos) for r in records] == [("s000", 3, 0), ("s002", 9, 2), ("s004", -1, 4)]
@@ -309,8 +317,9 @@ def test_unreadable_files_are_skipped_by_reason(tmp_path):
     (tmp_path / "a_good.jpg").write_bytes(buf.getvalue())
     (tmp_path / "b_truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 6 // 10])
     (tmp_path / "c_text.jpg").write_text("this is not a jpeg\n")
-    (tmp_path / "d_truncated.png").write_bytes(_encode_png(Image.fromarray(
-        rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))[:3000])
+    (tmp_path / "d_truncated.png").write_bytes(
+        _encode_png(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)))[:3000]
+    )
     skip = SkipLog()
     records = list(iter_images("folder", tmp_path, skip_log=skip, yield_skipped=True))
     assert [r.reason for r in records] == [None, "truncated", "not an image", "truncated"]

@@ -44,8 +44,14 @@ def test_layout_round_trip_and_manifest(tmp_path):
     assert [p.name for p in list_shards(tmp_path)] == ["acts-000000.tar", "acts-000001.tar", "acts-000002.tar"]
     with tarfile.open(tmp_path / "acts-000000.tar") as tar:
         names = tar.getnames()
-    assert names == ["000000.acts.safetensors", "000000.keys.json", "000001.acts.safetensors", "000001.keys.json",
-                     "000002.acts.safetensors", "000002.keys.json"]  # 10 rows in chunks of 4, 4, 2
+    assert names == [
+        "000000.acts.safetensors",
+        "000000.keys.json",
+        "000001.acts.safetensors",
+        "000001.keys.json",
+        "000002.acts.safetensors",
+        "000002.keys.json",
+    ]  # 10 rows in chunks of 4, 4, 2
     chunks = list(iter_chunks(list_shards(tmp_path)))
     assert [c["chunk"] for c in chunks] == list(range(len(chunks)))  # global chunk index across shards
     assert chunks[0]["acts"].dtype == torch.float16 and chunks[0]["token_idx"].dtype == torch.int32

@@ -82,8 +82,17 @@ def test_wordnet_parser_on_fixture():
     assert syn[2084071] == ("dog", [2083346, 1317541])  # two hypernyms, file order kept
     assert syn[9246464] == ("Sirius", [2512053])  # instance hypernym
     assert tx.wordnet_path(syn, 1440764) == (
-        "entity", "physical entity", "object", "whole", "living thing", "organism", "animal", "vertebrate",
-        "fish", "cyprinid", "tench",
+        "entity",
+        "physical entity",
+        "object",
+        "whole",
+        "living thing",
+        "organism",
+        "animal",
+        "vertebrate",
+        "fish",
+        "cyprinid",
+        "tench",
     )
     # the first hypernym wins (nltk's hypernym_paths()[0]): dog -> canine, not domestic animal
     assert tx.wordnet_path(syn, 2085620)[-3:] == ("canine", "dog", "Chihuahua")
@@ -124,9 +133,23 @@ def test_real_wordnet_if_installed():
         pytest.skip("no WordNet on this machine (apt-get install wordnet-base, or nltk's wordnet corpus)")
     t = tx.load_wordnet(["n01440764", "n02085620"])
     assert t.paths["n01440764"] == (
-        "entity", "physical entity", "object", "whole", "living thing", "organism", "animal", "chordate",
-        "vertebrate", "aquatic vertebrate", "fish", "bony fish", "teleost fish", "soft-finned fish",
-        "cypriniform fish", "cyprinid", "tench",
+        "entity",
+        "physical entity",
+        "object",
+        "whole",
+        "living thing",
+        "organism",
+        "animal",
+        "chordate",
+        "vertebrate",
+        "aquatic vertebrate",
+        "fish",
+        "bony fish",
+        "teleost fish",
+        "soft-finned fish",
+        "cypriniform fish",
+        "cyprinid",
+        "tench",
     )
     assert t.paths["n02085620"][-4:] == ("canine", "dog", "toy dog", "Chihuahua")
 
@@ -142,11 +165,19 @@ def test_unmatched_keys_error_lists_examples():
 
 def test_match_by_label_and_folder():
     t = tx.load_csv(FIX / "taxonomy.csv")
-    got = t.match(["000001", "images/tit/1.png", "x.png", "crow/raven.jpg", "flat/raven.jpg"],
-                  paths=[None, None, "/data/wolf/x.png", None, None], labels=["raven", None, None, None, None])
+    got = t.match(
+        ["000001", "images/tit/1.png", "x.png", "crow/raven.jpg", "flat/raven.jpg"],
+        paths=[None, None, "/data/wolf/x.png", None, None],
+        labels=["raven", None, None, None, None],
+    )
     # the folder wins over the file name; the file-name stem is the last resort
-    assert [p[-1] for p in got] == ["Corvus corax", "Parus major", "Canis lupus", "Corvus brachyrhynchos",
-                                    "Corvus corax"]
+    assert [p[-1] for p in got] == [
+        "Corvus corax",
+        "Parus major",
+        "Canis lupus",
+        "Corvus brachyrhynchos",
+        "Corvus corax",
+    ]
 
 
 def test_encode_paths_uses_whole_prefix():

@@ -4,18 +4,19 @@ data=images epochs that visit the images in a fresh order."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import operator
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 import vlmsae.data.stream as stream_mod
 from vlmsae.data.shards import iter_chunks, list_shards
 from vlmsae.data.store import check_store_width, open_store, write_acts_store
-from vlmsae.data.stream import ShardRowStream, StreamConfig
+from vlmsae.data.stream import StreamConfig
 from vlmsae.lit.datamodule import ActsDataModule
 
 D = 8
@@ -26,8 +27,14 @@ def _store(tmp_path, n_rows=960, rows_per_chunk=40, chunks_per_shard=3, rows_per
     acts = torch.randn(n_rows, D)
     acts[:, 0] = torch.arange(n_rows) // rows_per_image
     acts[:, 1] = torch.arange(n_rows)
-    return write_acts_store(tmp_path / name, acts.to(torch.float32), rows_per_chunk, chunks_per_shard,
-                            dtype="float32", rows_per_image=rows_per_image)
+    return write_acts_store(
+        tmp_path / name,
+        acts.to(torch.float32),
+        rows_per_chunk,
+        chunks_per_shard,
+        dtype="float32",
+        rows_per_image=rows_per_image,
+    )
 
 
 def _col(batches, c: int) -> list[int]:
@@ -122,8 +129,11 @@ def test_validation_images_never_train(tmp_path, kind):
     if kind == "random_k":  # 2 rows per image, 5 shards: too few for whole-shard holdout at 10%
         store, n_images, frac = _store(tmp_path, n_rows=600, rows_per_image=2), 300, 0.1
     elif kind == "single_chunk":  # one chunk of 4 rows per image
-        store, n_images, frac = _store(tmp_path, n_rows=400, rows_per_chunk=400, chunks_per_shard=1,
-                                       rows_per_image=4), 100, 0.1
+        store, n_images, frac = (
+            _store(tmp_path, n_rows=400, rows_per_chunk=400, chunks_per_shard=1, rows_per_image=4),
+            100,
+            0.1,
+        )
     else:  # 8 shards: 2 held out whole; extraction keeps each image inside one shard
         store, n_images, frac = _store(tmp_path, n_rows=960, rows_per_image=4), 240, 0.25
     dm = _dm(store, val_fraction=frac)
@@ -145,8 +155,11 @@ def test_holdout_is_by_image_not_row_position(tmp_path):
 # ------------------------------------------------------------------ small or odd stores
 def test_store_smaller_than_one_batch_names_the_numbers(tmp_path):
     store = _store(tmp_path, n_rows=1000, rows_per_chunk=500, chunks_per_shard=2)  # 1,000 CLS rows, one shard
-    with pytest.raises(ValueError, match=r"acts has 900 training rows \(100 held out.*data.batch_size=4096.*"
-                                         r"Lower data.batch_size \(<= 900\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"acts has 900 training rows \(100 held out.*data.batch_size=4096.*"
+        r"Lower data.batch_size \(<= 900\)",
+    ):
         _dm(store, batch_size=4096, shuffle_buffer=16384, val_fraction=0.1)
 
 
@@ -170,10 +183,13 @@ def test_shuffle_buffer_smaller_than_a_batch_works(tmp_path):
     assert len(set(_col(batches, 1))) == 19 * 50  # one epoch: no row twice
 
 
-@pytest.mark.parametrize("edit, match", [
-    ({"complete": False}, r"incomplete \(complete=False"),
-    ({"n_rows": None}, r"incomplete .*n_rows=None"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"complete": False}, r"incomplete \(complete=False"),
+        ({"n_rows": None}, r"incomplete .*n_rows=None"),
+    ],
+)
 def test_incomplete_manifest_fails(tmp_path, edit, match):
     store = _store(tmp_path)
     manifest = json.loads((store / "manifest.json").read_text())
@@ -250,8 +266,16 @@ def test_images_epochs_visit_a_fresh_permutation_and_hold_out_by_listing_index(t
     for i in range(40):
         Image.new("RGB", (4, 4), (i, 0, 0)).save(root / f"im{i:03d}.png")
     monkeypatch.setattr(image_rows, "load_tap", lambda spec: _PixelTap())
-    common = dict(model_spec=SimpleNamespace(device="cpu"), image_kwargs={"source": "folder", "root": str(root)},
-                  layer="last", tokens="cls", k_tokens=1, images_per_forward=3, seed=0, holdout_every=5)
+    common = dict(
+        model_spec=SimpleNamespace(device="cpu"),
+        image_kwargs={"source": "folder", "root": str(root)},
+        layer="last",
+        tokens="cls",
+        k_tokens=1,
+        images_per_forward=3,
+        seed=0,
+        holdout_every=5,
+    )
     train, val = ImageChunkMaker(split="train", **common), ImageChunkMaker(split="val", **common)
 
     def ids(maker, epoch, part=0, n_parts=1):
@@ -264,4 +288,4 @@ def test_images_epochs_visit_a_fresh_permutation_and_hold_out_by_listing_index(t
     assert e0 == ids(train, 0)  # seeded
     assert ids(val, 0) == ids(val, 3) == list(range(0, 40, 5))  # validation: stable images, file order
     parts = [ids(train, 2, p, 3) for p in range(3)]  # ranks x workers split one epoch's permutation
-    assert sorted(sum(parts, [])) == train_images
+    assert sorted(functools.reduce(operator.iadd, parts, [])) == train_images

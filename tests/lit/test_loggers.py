@@ -36,8 +36,8 @@ VAL_STEPS = [*range(CKPT_EVERY - 1, MAX_STEPS, CKPT_EVERY), MAX_STEPS]  # in-fit
 # ------------------------------------------------------------------------------ CLI: kill -9, resume
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from vlmsae.data.synthetic import PlantedDictionary
     from vlmsae.data.store import write_acts_store
+    from vlmsae.data.synthetic import PlantedDictionary
 
     planted = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0)
     dpath = tmp_path_factory.mktemp("acts") / "layer2"
@@ -46,11 +46,24 @@ def store(tmp_path_factory):
 
 
 def _cmd(store, run_dpath, logger, *extra):
-    return [sys.executable, "-m", "vlmsae.train", "data=acts", f"data.acts={store}", "data.batch_size=64",
-            "data.num_workers=0", f"trainer.max_steps={MAX_STEPS}", f"trainer.log_every_n_steps={LOG_EVERY}",
-            f"trainer.checkpoint_every_n_steps={CKPT_EVERY}", f"trainer.val_check_interval={CKPT_EVERY}",
-            "trainer.limit_val_batches=2", "trainer.scale_batches=2", f"logger={logger}", f"hydra.run.dir={run_dpath}",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "vlmsae.train",
+        "data=acts",
+        f"data.acts={store}",
+        "data.batch_size=64",
+        "data.num_workers=0",
+        f"trainer.max_steps={MAX_STEPS}",
+        f"trainer.log_every_n_steps={LOG_EVERY}",
+        f"trainer.checkpoint_every_n_steps={CKPT_EVERY}",
+        f"trainer.val_check_interval={CKPT_EVERY}",
+        "trainer.limit_val_batches=2",
+        "trainer.scale_batches=2",
+        f"logger={logger}",
+        f"hydra.run.dir={run_dpath}",
+        *extra,
+    ]
 
 
 def _env(tmp_path, wandb_mode="disabled"):
@@ -59,9 +72,16 @@ def _env(tmp_path, wandb_mode="disabled"):
     # would then attach to that shared service, which still holds the killed run's id ("run ID ... is in use").
     # Each run here starts its own service, as it does from a shell.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
-    return {**inherited, "OMP_NUM_THREADS": "1", "WANDB_MODE": wandb_mode, "WANDB_SILENT": "true",
-            "WANDB_DIR": str(wandb_home), "WANDB_CACHE_DIR": str(wandb_home / "cache"),
-            "WANDB_CONFIG_DIR": str(wandb_home / "config"), "WANDB_DATA_DIR": str(wandb_home / "data")}
+    return {
+        **inherited,
+        "OMP_NUM_THREADS": "1",
+        "WANDB_MODE": wandb_mode,
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(wandb_home),
+        "WANDB_CACHE_DIR": str(wandb_home / "cache"),
+        "WANDB_CONFIG_DIR": str(wandb_home / "config"),
+        "WANDB_DATA_DIR": str(wandb_home / "data"),
+    }
 
 
 def _ckpt_steps(run_dpath: Path) -> list[int]:
@@ -147,8 +167,9 @@ def test_wandb_offline_logger_survives_kill_and_resume(store, tmp_path):
     _assert_finished(resumed)
     assert (resumed / "wandb_id.txt").read_text().strip() == run_id  # the same W&B run continues
     # What `wandb sync` would upload for this run: one transaction log holding the whole history.
-    live = wandb_run_files(killed / "wandb", run_id, superseded=False) + wandb_run_files(resumed / "wandb", run_id,
-                                                                                            superseded=False)
+    live = wandb_run_files(killed / "wandb", run_id, superseded=False) + wandb_run_files(
+        resumed / "wandb", run_id, superseded=False
+    )
     assert len(live) == 1 and live[0].is_relative_to(resumed), live
     assert list((killed / "wandb").glob(f"*/run-{run_id}.wandb.superseded"))
     _assert_each_step_once(read_wandb_history(live[0]), "trainer/global_step")
@@ -185,7 +206,12 @@ def test_restore_history_keeps_steps_before_the_checkpoint_with_all_columns(tmp_
     columns, rows = read_metrics_csv(tmp_path / "new" / "csv" / "metrics.csv")
     assert columns == ["epoch", "step", "train/l0", "train/loss", "val/fve", "val/l0"]
     assert [(r["step"], r["train/loss"], r["val/fve"]) for r in rows] == [
-        ("4", "1.0", ""), ("9", "0.9", ""), ("9", "", "0.5"), ("14", "0.7", ""), ("19", "0.6", "")]
+        ("4", "1.0", ""),
+        ("9", "0.9", ""),
+        ("9", "", "0.5"),
+        ("14", "0.7", ""),
+        ("19", "0.6", ""),
+    ]
 
 
 def test_fresh_csv_logger_replaces_a_stale_file(tmp_path):
@@ -208,7 +234,7 @@ def _wandb_log(records: list[bytes]) -> bytes:
             if room < 7:
                 out += b"\x00" * room
                 continue
-            piece, payload = payload[: room - 7], payload[room - 7:]
+            piece, payload = payload[: room - 7], payload[room - 7 :]
             kind = (1 if not payload else 2) if first else (4 if not payload else 3)
             out += struct.pack("<IHB", zlib.crc32(bytes([kind]) + piece) & 0xFFFFFFFF, len(piece), kind) + piece
             first = False

@@ -16,8 +16,17 @@ def test_file_name_depends_on_embedder_list_and_origin(tmp_path):
     assert base.parent == tmp_path and base.name.startswith("pixels-") and base.suffix == ".safetensors"
     assert base == ec.cache_fpath(tmp_path, PIXELS, "d1", "w1")
     other_seed = EmbedderSpec(name="pixels", backend="pixels", arch="pixels", seed=1)
-    assert len({base, ec.cache_fpath(tmp_path, PIXELS, "d2", "w1"), ec.cache_fpath(tmp_path, PIXELS, "d1", "w2"),
-                ec.cache_fpath(tmp_path, other_seed, "d1", "w1")}) == 4
+    assert (
+        len(
+            {
+                base,
+                ec.cache_fpath(tmp_path, PIXELS, "d2", "w1"),
+                ec.cache_fpath(tmp_path, PIXELS, "d1", "w2"),
+                ec.cache_fpath(tmp_path, other_seed, "d1", "w1"),
+            }
+        )
+        == 4
+    )
 
 
 def test_roundtrip_and_a_damaged_file_is_recomputed(tmp_path):
@@ -34,8 +43,9 @@ def test_roundtrip_and_a_damaged_file_is_recomputed(tmp_path):
 def test_cached_embedder_embeds_once_then_reads_the_cache(tmp_path, monkeypatch):
     from PIL import Image
 
-    batch = [ImageRecord(key=f"k{i}", path=None, label=0, image=Image.new("RGB", (8, 8), (30 * i, 0, 0)))
-             for i in range(3)]
+    batch = [
+        ImageRecord(key=f"k{i}", path=None, label=0, image=Image.new("RGB", (8, 8), (30 * i, 0, 0))) for i in range(3)
+    ]
     first = ec.CachedEmbedder(PIXELS, tmp_path, where="w", listing_digest="d")
     first(batch)
     emb, digest = first.finish([r.key for r in batch])

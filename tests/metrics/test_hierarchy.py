@@ -54,8 +54,15 @@ def test_hand_computed_depths(case):
     idx, acts, codes, _ = case
     d = H.lca_depths(idx, acts, codes)
     assert d.valid_K.tolist() == [True, True, False, True, True, True, False]
-    expected_mean = [3.0, (56 * 3 + 64 * 2) / 120, math.nan, 56 * 3 / 120, (60 * 3 + 60 * 2) / 120, (56 * 3 + 64) / 120,
-                     math.nan]
+    expected_mean = [
+        3.0,
+        (56 * 3 + 64 * 2) / 120,
+        math.nan,
+        56 * 3 / 120,
+        (60 * 3 + 60 * 2) / 120,
+        (56 * 3 + 64) / 120,
+        math.nan,
+    ]
     for got, want in zip(d.depth_mean_K.tolist(), expected_mean):
         assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, abs=1e-12)
     assert d.depth_mode_K.tolist() == [3, 2, -1, 0, 2, 1, -1]
@@ -141,7 +148,7 @@ def test_vectorised_at_scale():
     t0 = time.perf_counter()
     d = H.lca_depths(idx, acts, codes)
     assert time.perf_counter() - t0 < 20
-    assert d.valid_K.all() and 0 <= float(d.depth_mean_K.min()) and float(d.depth_mean_K.max()) <= 7
+    assert d.valid_K.all() and float(d.depth_mean_K.min()) >= 0 and float(d.depth_mean_K.max()) <= 7
 
 
 # ------------------------------------------------------------------------------ planted hierarchy
@@ -182,8 +189,16 @@ def test_matryoshka_depth_rises_with_group():
     x_train, _ = planted_world(n_per_leaf=150, seed=1)
     x_eval, paths = planted_world(n_per_leaf=40, seed=2)
     # groups of 3 / 9 / 36 latents: room for the coarse, middle and leaf concepts
-    cfg = SAEConfig(arch="matryoshka", d_in=D, n_latents=48, k=3, group_fractions=(3 / 48, 9 / 48, 36 / 48),
-                    threshold_start_step=100, dead_after_samples=20_000, aux_k_coeff=1 / 32)
+    cfg = SAEConfig(
+        arch="matryoshka",
+        d_in=D,
+        n_latents=48,
+        k=3,
+        group_fractions=(3 / 48, 9 / 48, 36 / 48),
+        threshold_start_step=100,
+        dead_after_samples=20_000,
+        aux_k_coeff=1 / 32,
+    )
     sae = build_sae(cfg, seed=0)
     g = torch.Generator().manual_seed(3)
     batches = (x_train[torch.randint(0, len(x_train), (256,), generator=g)] for _ in range(600))

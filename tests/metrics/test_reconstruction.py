@@ -43,7 +43,9 @@ def test_streaming_matches_whole_batch_with_large_mean() -> None:
     codes[:, 3] = 1.0  # dense
     acc = ReconstructionAccumulator(5, dense_threshold=0.6)
     for i0 in range(0, 300, 37):
-        acc.update(x[i0 : i0 + 37], x_hat[i0 : i0 + 37], codes[i0 : i0 + 37].to_sparse() if i0 % 2 else codes[i0 : i0 + 37])
+        acc.update(
+            x[i0 : i0 + 37], x_hat[i0 : i0 + 37], codes[i0 : i0 + 37].to_sparse() if i0 % 2 else codes[i0 : i0 + 37]
+        )
     out = acc.result()
     assert out["fve"] == pytest.approx(fve(x, x_hat), rel=1e-9)
     assert 0.85 < out["fve"] < 0.95
@@ -123,7 +125,9 @@ def test_zero_shot_fidelity_identity_and_sae(tmp_path) -> None:
     assert spliced["kl"] > 1e-4 and not math.isnan(spliced["kl"])
     cls_only = zero_shot_fidelity(model, sae, 1, images, text, tokens="cls")
     assert cls_only["kl"] != pytest.approx(spliced["kl"])
-    last = zero_shot_fidelity(model, build_sae(SAEConfig(arch="topk", d_in=32, n_latents=64, k=2), seed=0), "last", images, text)
+    last = zero_shot_fidelity(
+        model, build_sae(SAEConfig(arch="topk", d_in=32, n_latents=64, k=2), seed=0), "last", images, text
+    )
     assert last["kl"] > 0
     with torch.no_grad():  # hooks are removed afterwards
         assert torch.equal(model.encode_image(images[0]), before)

@@ -60,7 +60,9 @@ def test_index_save_load_roundtrip(tmp_path) -> None:
     acts = make_acts(1)
     idx, vals = top_images(acts, top_k=4)
     keys = [f"img{i:03d}" for i in range(acts.shape[0])]
-    top = TopImages(idx, vals, keys, paths=[f"/x/{k}.png" for k in keys], labels=list(range(len(keys))), meta={"what": "test"})
+    top = TopImages(
+        idx, vals, keys, paths=[f"/x/{k}.png" for k in keys], labels=list(range(len(keys))), meta={"what": "test"}
+    )
     top.save(tmp_path / "top_images")
     assert (tmp_path / "top_images" / "run_info.json").exists()
     back = TopImages.load(tmp_path / "top_images")
@@ -100,8 +102,12 @@ def test_extra_tensors_round_trip(tmp_path):
     from vlmsae.metrics.topimages import TopImages
 
     patch_KTP = torch.rand(2, 3, 4)
-    top = TopImages(torch.tensor([[0, 1, -1], [1, -1, -1]]), torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, 0.0]]),
-                    ["a", "b"], extra={"patch_acts": patch_KTP})
+    top = TopImages(
+        torch.tensor([[0, 1, -1], [1, -1, -1]]),
+        torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, 0.0]]),
+        ["a", "b"],
+        extra={"patch_acts": patch_KTP},
+    )
     back = TopImages.load(top.save(tmp_path / "top_images"))
     assert torch.equal(back.extra["patch_acts"], patch_KTP) and back.keys == ["a", "b"]
     assert torch.equal(back.image_idx, top.image_idx)

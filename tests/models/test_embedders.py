@@ -48,16 +48,29 @@ def test_tiny_open_clip_embedder(tmp_path, monkeypatch, compose_cfg) -> None:
 def test_hf_dinov2_embedder_from_local_folder(tmp_path) -> None:
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          image_size=32, patch_size=8)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    )
     torch.manual_seed(0)
     model = Dinov2Model(config).eval()
-    processor = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                  do_center_crop=True, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    processor = BitImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        do_center_crop=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
     model.save_pretrained(tmp_path / "dino")
     processor.save_pretrained(tmp_path / "dino")
-    emb = load_embedder({"name": "dino_tiny", "backend": "hf", "arch": "facebook/dinov2-base",
-                         "local_path": str(tmp_path / "dino"), "batch_size": 2})
+    emb = load_embedder(
+        {
+            "name": "dino_tiny",
+            "backend": "hf",
+            "arch": "facebook/dinov2-base",
+            "local_path": str(tmp_path / "dino"),
+            "batch_size": 2,
+        }
+    )
     images = _images(3)
     out = emb.embed(images)
     with torch.no_grad():
@@ -77,8 +90,11 @@ def test_bad_specs_are_clear(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_offline_error_names_the_fix(tmp_path) -> None:
-    code = ("from vlmsae.models.embedders import load_embedder\n"
-            f"load_embedder(dict(name='clip_b32', backend='open_clip', arch='ViT-B-32', pretrained='openai', cache_dir='{tmp_path}'))")
+    code = (
+        "from vlmsae.models.embedders import load_embedder\n"
+        "load_embedder(dict(name='clip_b32', backend='open_clip', arch='ViT-B-32', pretrained='openai', "
+        f"cache_dir='{tmp_path}'))"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

@@ -13,6 +13,7 @@ from torch import nn
 from vlmsae.models import get_model_spec, load_tap
 from vlmsae.models.llava import build_tiny_llava, load_llava, tapped_block_index, vision_blocks, vision_tower
 
+
 @pytest.fixture(scope="module")
 def tiny_dpath(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny_llava", seed=0)
@@ -69,7 +70,7 @@ def test_processor_expands_image_token_and_model_generates(tiny):
 
 
 def test_vision_blocks_and_tapped_index_match_hidden_states(tiny):
-    model, processor = tiny
+    model, _processor = tiny
     blocks = vision_blocks(model)
     assert isinstance(blocks, nn.ModuleList) and len(blocks) == model.config.vision_config.num_hidden_layers == 4
     assert tapped_block_index(model) == 2  # vision_feature_layer=-2 on 4 blocks
@@ -89,8 +90,9 @@ def test_tapped_index_llava15_shape():
     """24 blocks with vision_feature_layer=-2 -> block 22, as LLaVA-1.5 (SPEC 5)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=24, num_attention_heads=2,
-                              image_size=8, patch_size=4)
+    vision = CLIPVisionConfig(
+        hidden_size=8, intermediate_size=8, num_hidden_layers=24, num_attention_heads=2, image_size=8, patch_size=4
+    )
     text = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=3))
     assert len(vision_blocks(model)) == 24
@@ -192,7 +194,11 @@ def _to_transformers4_layout(src, dst):
             continue
         renamed = {}
         for key, value in load_file(str(fpath)).items():
-            new = key.replace("vision_tower.", "vision_tower.vision_model.", 1) if key.startswith("vision_tower.") else key
+            new = (
+                key.replace("vision_tower.", "vision_tower.vision_model.", 1)
+                if key.startswith("vision_tower.")
+                else key
+            )
             renamed[new] = value
             if new.endswith("embeddings.position_embedding.weight"):
                 renamed["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(value.shape[0])[None]

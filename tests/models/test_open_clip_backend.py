@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlmsae.config import conf_dir
 from vlmsae.models import ModelSpec, get_model_spec, load_tap
 from vlmsae.models.embedders import EmbedderSpec, load_embedder
 from vlmsae.models.open_clip_backend import registered_preprocess, resolve_open_clip_source
-from vlmsae.config import conf_dir
 
 torch.set_num_threads(1)
 CONF_MODEL_DPATH = conf_dir() / "model"
@@ -40,8 +40,13 @@ CONFS = _registered_confs()
 
 def test_the_registered_confs_are_all_covered():
     names = {name for name, _ in CONFS}
-    assert {"model/clip_b32", "model/clip_l14", "model/clip_l14_336", "model/siglip_so400m",
-            "embedder/clip_b32"} <= names
+    assert {
+        "model/clip_b32",
+        "model/clip_l14",
+        "model/clip_l14_336",
+        "model/siglip_so400m",
+        "embedder/clip_b32",
+    } <= names
 
 
 def _expected(arch: str, tag: str) -> tuple[bool, dict]:
@@ -88,8 +93,14 @@ def test_file_weights_resolve_like_their_tag(name, conf, tmp_path):
 
     def resolve(**kw):
         fields = {"pretrained": tag, **kw}
-        return resolve_open_clip_source(conf["name"], arch, fields["pretrained"], fields.get("local_path"),
-                                        fields.get("pretrained_tag"), where=group)
+        return resolve_open_clip_source(
+            conf["name"],
+            arch,
+            fields["pretrained"],
+            fields.get("local_path"),
+            fields.get("pretrained_tag"),
+            where=group,
+        )
 
     by_tag = resolve()
     assert (by_tag.pretrained, by_tag.tag) == (tag, tag)
@@ -99,8 +110,9 @@ def test_file_weights_resolve_like_their_tag(name, conf, tmp_path):
         "pretrained=file+pretrained_tag": resolve(pretrained=str(fpath), pretrained_tag=tag),
     }
     for how, src in sources.items():
-        assert src.model_name == arch and src.pretrained.endswith("open_clip_model.safetensors" if "folder" in how
-                                                                   else "weights.safetensors"), how
+        assert src.model_name == arch and src.pretrained.endswith(
+            "open_clip_model.safetensors" if "folder" in how else "weights.safetensors"
+        ), how
         assert src.tag == tag, how
         assert src.quick_gelu == by_tag.quick_gelu == expected_gelu, how
         assert src.preprocess == by_tag.preprocess == expected_pre, how
@@ -137,20 +149,30 @@ def test_file_without_a_tag_is_an_error_listing_the_tags(tmp_path):
     with pytest.raises(ValueError, match=r"pretrained='openai' and model.pretrained_tag='laion2b_s34b_b79k'.*drop one"):
         resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", pretrained_tag="laion2b_s34b_b79k")
     # With local_path, pretrained_tag names the file's config over the conf's pretrained tag.
-    src = resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", local_path=str(fpath),
-                                   pretrained_tag="laion2b_s34b_b79k")
+    src = resolve_open_clip_source(
+        "m", "ViT-B-32", pretrained="openai", local_path=str(fpath), pretrained_tag="laion2b_s34b_b79k"
+    )
     assert (src.tag, src.quick_gelu) == ("laion2b_s34b_b79k", False)
 
 
 def test_overrides_are_validated_and_win(tmp_path):
     fpath = tmp_path / "w.safetensors"
     fpath.write_bytes(b"")
-    custom = {"quick_gelu": False, "image_mean": [0.1, 0.2, 0.3], "image_std": [1, 1, 1],
-              "image_interpolation": "bilinear", "image_resize_mode": "longest"}
+    custom = {
+        "quick_gelu": False,
+        "image_mean": [0.1, 0.2, 0.3],
+        "image_std": [1, 1, 1],
+        "image_interpolation": "bilinear",
+        "image_resize_mode": "longest",
+    }
     src = resolve_open_clip_source("m", "ViT-B-32", pretrained=str(fpath), overrides=custom)  # no tag needed
     assert src.quick_gelu is False and src.tag is None
-    assert src.preprocess == {"mean": (0.1, 0.2, 0.3), "std": (1.0, 1.0, 1.0), "interpolation": "bilinear",
-                              "resize_mode": "longest"}
+    assert src.preprocess == {
+        "mean": (0.1, 0.2, 0.3),
+        "std": (1.0, 1.0, 1.0),
+        "interpolation": "bilinear",
+        "resize_mode": "longest",
+    }
     assert src.create_kwargs()["quick_gelu"] is False  # turns QuickGELU off even for a -quickgelu arch
     src = resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", overrides={"quick_gelu": False})
     assert src.quick_gelu is False and src.preprocess == _expected("ViT-B-32", "openai")[1]
@@ -203,8 +225,14 @@ def registered_tiny(tmp_path_factory):
     model = open_clip.CLIP(**model_cfg, quick_gelu=True).eval()
     fpath = tmp_path_factory.mktemp("registered") / "weights.safetensors"
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(fpath))
-    tag_cfg = {"file": str(fpath), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear",
-               "resize_mode": "squash", "quick_gelu": True}
+    tag_cfg = {
+        "file": str(fpath),
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "interpolation": "bilinear",
+        "resize_mode": "squash",
+        "quick_gelu": True,
+    }
     mp = pytest.MonkeyPatch()
     mp.setitem(open_clip.factory._MODEL_CONFIGS, ARCH, model_cfg)
     mp.setitem(open_clip.pretrained._PRETRAINED, ARCH, {TAG: tag_cfg})
@@ -213,8 +241,9 @@ def registered_tiny(tmp_path_factory):
 
 
 def _spec(**kw) -> ModelSpec:
-    return ModelSpec(name="reg", backend="open_clip", arch=ARCH, image_size=32, n_layers=4, width=64, embed_dim=32,
-                     **kw)
+    return ModelSpec(
+        name="reg", backend="open_clip", arch=ARCH, image_size=32, n_layers=4, width=64, embed_dim=32, **kw
+    )
 
 
 def test_file_weights_end_to_end_equal_the_tag_path(registered_tiny):
@@ -250,10 +279,12 @@ def test_embedder_file_weights_equal_the_tag_path(registered_tiny):
     fpath = registered_tiny
     images = [_wide_image(2), _wide_image(3, size=(30, 70))]
     by_tag = load_embedder(EmbedderSpec(name="reg", arch=ARCH, pretrained=TAG, device="cpu")).embed(images)
-    by_file = load_embedder(EmbedderSpec(name="reg", arch=ARCH, pretrained=str(fpath), pretrained_tag=TAG,
-                                         device="cpu")).embed(images)
-    by_local = load_embedder(EmbedderSpec(name="reg", arch=ARCH, pretrained=TAG, local_path=str(fpath),
-                                          device="cpu")).embed(images)
+    by_file = load_embedder(
+        EmbedderSpec(name="reg", arch=ARCH, pretrained=str(fpath), pretrained_tag=TAG, device="cpu")
+    ).embed(images)
+    by_local = load_embedder(
+        EmbedderSpec(name="reg", arch=ARCH, pretrained=TAG, local_path=str(fpath), device="cpu")
+    ).embed(images)
     torch.testing.assert_close(by_file, by_tag, rtol=0, atol=1e-6)
     torch.testing.assert_close(by_local, by_tag, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"embedder\.pretrained_tag=<tag>.*'squashed'"):

@@ -52,8 +52,10 @@ def test_forward_to_equals_full_forward_and_stops_early(tap):
     x = _images(2)
     outputs, calls = {}, []
     blocks = tap.visual.transformer.resblocks
-    hooks = [b.register_forward_hook(lambda m, i, o, idx=idx: outputs.__setitem__(idx, o.detach().clone()))
-             for idx, b in enumerate(blocks)]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o, idx=idx: outputs.__setitem__(idx, o.detach().clone()))
+        for idx, b in enumerate(blocks)
+    ]
     try:
         with torch.no_grad():
             tap.visual(x)  # the full forward of open_clip records every block's output
@@ -130,7 +132,7 @@ def test_select_tokens_variants():
     assert tok.tolist() == list(range(5)) * 2
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     rows, tok, img = select_tokens(acts, "random_k", k=2, generator=g1)
-    rows2, tok2, _ = select_tokens(acts, "random_k", k=2, generator=g2)
+    _rows2, tok2, _ = select_tokens(acts, "random_k", k=2, generator=g2)
     assert torch.equal(tok, tok2) and img.tolist() == [0, 0, 1, 1]
     assert len(set(tok[:2].tolist())) == 2  # distinct tokens per image
     for i in range(4):
@@ -193,9 +195,17 @@ def test_local_checkpoint_file_loads_like_a_tag(tiny_dpath, tap):
     folder = tiny_dpath / "tiny"
     cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
     open_clip.add_model_config(_write_arch(tiny_dpath, cfg))
-    spec = ModelSpec(name="tiny_file", backend="open_clip", arch="vlmsae-test-arch", image_size=32, n_layers=4,
-                     width=64, embed_dim=32, local_path=str(folder / "open_clip_model.safetensors"),
-                     quick_gelu=True)
+    spec = ModelSpec(
+        name="tiny_file",
+        backend="open_clip",
+        arch="vlmsae-test-arch",
+        image_size=32,
+        n_layers=4,
+        width=64,
+        embed_dim=32,
+        local_path=str(folder / "open_clip_model.safetensors"),
+        quick_gelu=True,
+    )
     file_tap = load_tap(spec)
     x = _images(2)
     torch.testing.assert_close(file_tap.forward_to(x, 1), tap.forward_to(x, 1), rtol=0, atol=0)
@@ -220,8 +230,16 @@ def test_timm_trunk_without_cls_siglip_style():
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.trunk = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, depth=3, embed_dim=32,
-                                           num_heads=2, img_size=32, num_classes=0, global_pool="map")
+            self.trunk = timm.create_model(
+                "vit_base_patch16_siglip_224",
+                pretrained=False,
+                depth=3,
+                embed_dim=32,
+                num_heads=2,
+                img_size=32,
+                num_classes=0,
+                global_pool="map",
+            )
             self.output_dim = 32
 
         def forward(self, x):
@@ -233,8 +251,10 @@ def test_timm_trunk_without_cls_siglip_style():
     assert (siglip_tap.has_cls, siglip_tap.n_layers, siglip_tap.width, siglip_tap.n_tokens) == (False, 3, 32, 4)
     x = _images(2)
     outputs = {}
-    hooks = [b.register_forward_hook(lambda m, i, o, idx=idx: outputs.__setitem__(idx, o.detach().clone()))
-             for idx, b in enumerate(visual.trunk.blocks)]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o, idx=idx: outputs.__setitem__(idx, o.detach().clone()))
+        for idx, b in enumerate(visual.trunk.blocks)
+    ]
     with torch.no_grad():
         emb = visual(x)
     for h in hooks:
@@ -263,5 +283,9 @@ def test_registered_open_clip_configs_match_the_architectures(name):
     cfg = open_clip.get_model_config(spec.arch)
     vision = cfg["vision_cfg"]
     assert (vision["layers"], vision["width"], cfg["embed_dim"], vision["image_size"]) == (
-        spec.n_layers, spec.width, spec.embed_dim, spec.image_size)
+        spec.n_layers,
+        spec.width,
+        spec.embed_dim,
+        spec.image_size,
+    )
     assert spec.pretrained in open_clip.list_pretrained_tags_by_model(spec.arch)

@@ -11,6 +11,7 @@ heatmaps, and a screenshot.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import fcntl
 import json
@@ -29,8 +30,14 @@ from vlmsae.report.browser import build_browser, find_runs, json_for_script
 EVIL = "<script>alert(1)</script>"
 EVIL_IMG = '<img src=x onerror="window.__pwned=1">'
 # latent: (ms, freq, group); latent 5 is dead (no MS), latent 4 has the lowest live MS.
-LATENTS = {0: (0.91, 0.02, 2), 1: (0.55, 0.40, 0), 2: (0.78, 0.10, 1), 3: (0.62, 0.05, 0), 4: (0.30, 0.25, 1),
-           5: (None, 0.0, 3)}
+LATENTS = {
+    0: (0.91, 0.02, 2),
+    1: (0.55, 0.40, 0),
+    2: (0.78, 0.10, 1),
+    3: (0.62, 0.05, 0),
+    4: (0.30, 0.25, 1),
+    5: (None, 0.0, 3),
+}
 LABELS = {0: "Felidae", 1: EVIL, 2: "Canidae", 3: EVIL_IMG, 4: "Felidae </script> & co"}
 N_IMAGES, T, GRID = 10, 4, 4
 
@@ -67,11 +74,37 @@ def _write_fixture(root: Path, with_patch_acts: bool = True) -> Path:
         patch[:, :, 5] = 3.0  # one hot patch per image: the heatmap must show a single blob
         tensors["patch_acts"] = patch
     save_file(tensors, str(ms_dpath / "top_images" / "top.safetensors"))
-    (ms_dpath / "top_images" / "images.json").write_text(json.dumps(
-        {"keys": [f"img{i}" for i in range(N_IMAGES)], "paths": paths, "labels": [f"a_rather_long_class_name_{i % 3}" for i in range(N_IMAGES)]}))
-    (ms_dpath / "ms_summary.json").write_text(json.dumps(
-        {"mean": 0.63, "std": 0.2, "min": 0.3, "max": 0.91, "dead": 1, "n_latents": 6, "n_images": N_IMAGES,
-         "baseline": {"mean": 0.48, "std": 0.1, "min": 0.2, "max": 0.7, "dead": 0, "n_latents": 4, "n_images": N_IMAGES}}))
+    (ms_dpath / "top_images" / "images.json").write_text(
+        json.dumps(
+            {
+                "keys": [f"img{i}" for i in range(N_IMAGES)],
+                "paths": paths,
+                "labels": [f"a_rather_long_class_name_{i % 3}" for i in range(N_IMAGES)],
+            }
+        )
+    )
+    (ms_dpath / "ms_summary.json").write_text(
+        json.dumps(
+            {
+                "mean": 0.63,
+                "std": 0.2,
+                "min": 0.3,
+                "max": 0.91,
+                "dead": 1,
+                "n_latents": 6,
+                "n_images": N_IMAGES,
+                "baseline": {
+                    "mean": 0.48,
+                    "std": 0.1,
+                    "min": 0.2,
+                    "max": 0.7,
+                    "dead": 0,
+                    "n_latents": 4,
+                    "n_images": N_IMAGES,
+                },
+            }
+        )
+    )
 
     hier_dpath = root / "hierarchy"
     hier_dpath.mkdir()
@@ -80,15 +113,34 @@ def _write_fixture(root: Path, with_patch_acts: bool = True) -> Path:
         w.writerow(["latent", "group", "depth_mean", "depth_mode", "kingdom", "family", "label"])
         for k, label in LABELS.items():
             w.writerow([k, LATENTS[k][2], 2.5 + 0.1 * k, 3, "Animalia", label, label])
-    (hier_dpath / "hierarchy.json").write_text(json.dumps({"groups": [
-        {"group": g, "n_latents": 2, "depth_mean": 2.0 + g, "ms_mean": 0.6, "ms_max": 0.9, "ms_min": 0.3} for g in range(3)]}))
+    (hier_dpath / "hierarchy.json").write_text(
+        json.dumps(
+            {
+                "groups": [
+                    {"group": g, "n_latents": 2, "depth_mean": 2.0 + g, "ms_mean": 0.6, "ms_max": 0.9, "ms_min": 0.3}
+                    for g in range(3)
+                ]
+            }
+        )
+    )
 
     steer_dpath = root / "steer"
     steer_dpath.mkdir()
-    (steer_dpath / "steer.json").write_text(json.dumps({  # vlmsae.steer's format
-        "steered": ["pencil", EVIL], "baseline": ["cat", "dog"], "activation_steering": ["pen", "dog"],
-        "settings": {"latents": {"4": 100.0}, "prompt": "What is shown in this image?", "mode": "replace",
-                     "images": ["white", "skimage:astronaut"]}}))
+    (steer_dpath / "steer.json").write_text(
+        json.dumps(
+            {  # vlmsae.steer's format
+                "steered": ["pencil", EVIL],
+                "baseline": ["cat", "dog"],
+                "activation_steering": ["pen", "dog"],
+                "settings": {
+                    "latents": {"4": 100.0},
+                    "prompt": "What is shown in this image?",
+                    "mode": "replace",
+                    "images": ["white", "skimage:astronaut"],
+                },
+            }
+        )
+    )
     return root
 
 
@@ -127,8 +179,12 @@ def test_build_browser_caps_cards_and_keeps_steered_latents(fixture_root: Path, 
     card4 = data["cards"][3]
     assert [t["image"] for t in card4["top"]] == [4, 5]  # the -1 pads are dropped
     assert card4["steering"] == [0]
-    assert data["steering"][0]["rows"][0] == {"image": "white", "baseline": "cat", "steered": "pencil",
-                                              "activation_steering": "pen"}
+    assert data["steering"][0]["rows"][0] == {
+        "image": "white",
+        "baseline": "cat",
+        "steered": "pencil",
+        "activation_steering": "pen",
+    }
     assert data["steering"][0]["alpha"] == {"4": 100.0}
     assert card4["label"] == LABELS[4] and card4["ranks"]["kingdom"] == "Animalia"
     for c in data["cards"]:
@@ -160,12 +216,22 @@ def test_browse_hands_the_logger_node_to_wandb(fixture_root: Path, compose_cfg, 
     from vlmsae.report import browser
 
     calls = []
-    monkeypatch.setattr(browser, "log_to_wandb",
-                        lambda data, out, logger, config: calls.append((logger, config)) or "w")
-    cfg = compose_cfg("browse", [f"run={fixture_root}", "heatmaps=off", "max_cards=2", "logger=wandb",
-                                 "logger.mode=offline", "logger.project=p13"])
+    monkeypatch.setattr(
+        browser, "log_to_wandb", lambda data, out, logger, config: calls.append((logger, config)) or "w"
+    )
+    cfg = compose_cfg(
+        "browse",
+        [
+            f"run={fixture_root}",
+            "heatmaps=off",
+            "max_cards=2",
+            "logger=wandb",
+            "logger.mode=offline",
+            "logger.project=p13",
+        ],
+    )
     assert browse.run(cfg)["wandb_dir"] == "w"
-    (logger, config), = calls
+    ((logger, config),) = calls
     assert (logger.kind, logger.mode, logger.project) == ("wandb", "offline", "p13")
     assert config["max_cards"] == 2 and config["logger"]["mode"] == "offline"
     assert "wandb_dir" not in browse.run(compose_cfg("browse", [f"run={fixture_root}", "heatmaps=off"]))
@@ -226,12 +292,29 @@ class Chrome:
             os.dup2(self._child_in, 3)
             os.dup2(self._child_out, 4)
 
-        args = [binary, "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-                "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check",
-                "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile_dpath}",
-                f"--window-size={width},{height}", "about:blank"]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, pass_fds=(3, 4), preexec_fn=setup_fds)
+        args = [
+            binary,
+            "--headless",
+            "--remote-debugging-pipe",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-extensions",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile_dpath}",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ]
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(3, 4),
+            preexec_fn=setup_fds,
+        )
         os.close(self._child_in), os.close(self._child_out)
         self._w, self._r = cmd_w, res_r
         self._buf = b""
@@ -242,8 +325,10 @@ class Chrome:
         self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         self.call("Page.enable")
         self.call("Runtime.enable")
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     def _read_message(self, deadline: float) -> dict:
         while b"\0" not in self._buf:
@@ -300,10 +385,8 @@ class Chrome:
         fpath.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", params)["data"]))
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.call("Browser.close", timeout=5)
-        except Exception:  # noqa: BLE001 - it may already be gone
-            pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -316,8 +399,10 @@ class Chrome:
 def chrome(tmp_path: Path):
     binary = _find_chromium()
     if binary is None:
-        pytest.skip("no chromium on PATH: install Debian's browser with `apt-get install -y chromium` "
-                    "(.ci/run does this) to run the browser tests")
+        pytest.skip(
+            "no chromium on PATH: install Debian's browser with `apt-get install -y chromium` "
+            "(.ci/run does this) to run the browser tests"
+        )
     c = Chrome(binary, tmp_path / "chrome-profile")
     yield c
     c.close()
@@ -332,8 +417,11 @@ def _click(chrome: Chrome, element_id: str):
 
 
 def _search(chrome: Chrome, text: str):
-    chrome.eval("(() => { const s = document.getElementById('search'); s.value = " + json.dumps(text) +
-                "; s.dispatchEvent(new Event('input')); })()")
+    chrome.eval(
+        "(() => { const s = document.getElementById('search'); s.value = "
+        + json.dumps(text)
+        + "; s.dispatchEvent(new Event('input')); })()"
+    )
     return chrome.eval(ORDER_JS)
 
 
@@ -379,13 +467,20 @@ def test_page_in_headless_chromium(fixture_root: Path, tmp_path: Path, chrome: C
     assert chrome.eval("document.querySelectorAll('#cards figure img').length") == n_top
     assert chrome.eval("document.querySelectorAll('#cards canvas.heat').length") == n_top
     chrome.eval("document.querySelectorAll('#cards img').forEach(i => i.loading = 'eager')")
-    chrome.eval("Promise.all(Array.from(document.images).map(i => i.complete ? 1 : "
-                "new Promise(r => { i.onload = i.onerror = r; })))")
+    chrome.eval(
+        "Promise.all(Array.from(document.images).map(i => i.complete ? 1 : "
+        "new Promise(r => { i.onload = i.onerror = r; })))"
+    )
     assert chrome.eval("Array.from(document.querySelectorAll('#cards img')).every(i => i.naturalWidth === 64)") is True
     # Layout: long captions never push thumbnails out of their card.
-    assert chrome.eval("Array.from(document.querySelectorAll('.card')).every(c => { const r = c.getBoundingClientRect();"
-                       " return Array.from(c.querySelectorAll('figure')).every(f => f.getBoundingClientRect().right"
-                       " <= r.right + 0.5); })") is True
+    assert (
+        chrome.eval(
+            "Array.from(document.querySelectorAll('.card')).every(c => { const r = c.getBoundingClientRect();"
+            " return Array.from(c.querySelectorAll('figure')).every(f => f.getBoundingClientRect().right"
+            " <= r.right + 0.5); })"
+        )
+        is True
+    )
     chrome.eval("document.getElementById('toggle-heat').click()")
     assert chrome.eval("document.body.classList.contains('noheat')") is True
     chrome.eval("document.getElementById('toggle-heat').click()")
@@ -442,8 +537,9 @@ def _tiny_sae_run(fixture_root: Path, compose_cfg, tokens: str) -> tuple[dict, P
     model_cfg.pop("defaults", None)
     sae = build_sae(SAEConfig(arch="topk", d_in=model_cfg["width"], n_latents=len(LATENTS), k=3), seed=0)
     sae_dpath = save_sae(sae, fixture_root / f"sae_{tokens}", source={"model": "tiny", "layer": 1, "tokens": tokens})
-    (fixture_root / "ms" / "run_info.json").write_text(json.dumps(
-        {"config": {"sae_path": str(sae_dpath), "model": model_cfg, "layer": None}}))
+    (fixture_root / "ms" / "run_info.json").write_text(
+        json.dumps({"config": {"sae_path": str(sae_dpath), "model": model_cfg, "layer": None}})
+    )
     return model_cfg, Path(sae_dpath)
 
 

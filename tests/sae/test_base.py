@@ -55,7 +55,9 @@ def trained(planted):
         sae = build_sae(cfg, seed=0)
         norms = []
         history = train_steps(
-            sae, planted.batches(BATCH, STEPS, seed=1), lr=3e-3,
+            sae,
+            planted.batches(BATCH, STEPS, seed=1),
+            lr=3e-3,
             on_step=lambda step, _out, sae=sae, norms=norms: norms.append(sae.W_dec.detach().norm(dim=1)),
         )
         out[arch] = (sae, history, torch.stack(norms))
@@ -215,7 +217,7 @@ def test_encode_decode_api(trained, held_out):
     torch.testing.assert_close(out["x_hat"], sae(x))  # eval-mode loss uses the inference encoder
 
 
-# ------------------------------------------------------------------------------ bad inputs are refused, naming the value and what is expected
+# ---------------------------------------------------- bad inputs are refused, naming the value and what is expected
 def _cfg(**kw) -> SAEConfig:
     base = dict(arch="batchtopk", d_in=8, n_latents=32, k=4)
     return SAEConfig(**{**base, **kw})

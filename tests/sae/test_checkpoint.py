@@ -115,8 +115,9 @@ def test_checkpoints_written_before_the_config_node_merge_still_load(repo_root, 
     sae = load_sae(dpath)
     assert (sae.arch, sae.d_in, sae.n_latents, sae.cfg.k) == (arch, 4, 8, 2)
     assert sae.cfg.expansion == 2 and sae.cfg.group_sizes == ([2, 6] if arch == "matryoshka" else [8])
-    assert sae.cfg == SAEConfig(arch=arch, d_in=4, n_latents=8, k=2,
-                                group_fractions=(0.25, 0.75) if arch == "matryoshka" else None)
+    assert sae.cfg == SAEConfig(
+        arch=arch, d_in=4, n_latents=8, k=2, group_fractions=(0.25, 0.75) if arch == "matryoshka" else None
+    )
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     again = load_sae(save_sae(sae, tmp_path / "again"))
     assert again.cfg == sae.cfg

@@ -16,8 +16,17 @@ KERNELS = ("dense", "sparse")
 
 def _sae(arch: str, kernel: str):
     extra = {"group_fractions": (0.25, 0.25, 0.5)} if arch == "matryoshka" else {}
-    cfg = SAEConfig(arch=arch, d_in=D_IN, n_latents=N_LATENTS, k=K, sparse_kernel=kernel, dead_after_samples=2 * BATCH,
-                    threshold_start_step=2, threshold_beta=0.5, **extra)
+    cfg = SAEConfig(
+        arch=arch,
+        d_in=D_IN,
+        n_latents=N_LATENTS,
+        k=K,
+        sparse_kernel=kernel,
+        dead_after_samples=2 * BATCH,
+        threshold_start_step=2,
+        threshold_beta=0.5,
+        **extra,
+    )
     sae = build_sae(cfg, seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -48,8 +57,9 @@ def _train(arch: str, kernel: str, autocast: bool):
 
     sae._select = recording_select
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        train_steps(sae, _batches(), lr=1e-2, init=False, on_step=lambda step, out: thresholds.append(
-            float(sae.threshold)))
+        train_steps(
+            sae, _batches(), lr=1e-2, init=False, on_step=lambda step, out: thresholds.append(float(sae.threshold))
+        )
     return sae, selections, thresholds
 
 
@@ -70,7 +80,7 @@ def test_selection_and_threshold_ignore_autocast_and_kernel(arch):
             assert p.dtype == torch.float32, f"{tag}: {name} master weights are {p.dtype}"
             torch.testing.assert_close(p, dict(ref_sae.named_parameters())[name], rtol=1e-4, atol=1e-5, msg=tag)
         # Autocast changes nothing at all inside the SAE: same kernel, bit-identical run.
-        no_amp_sae, no_amp_sel, no_amp_thr = runs[(kernel, False)]
+        no_amp_sae, _no_amp_sel, no_amp_thr = runs[(kernel, False)]
         assert thr == no_amp_thr, tag
         for name, p in sae.named_parameters():
             assert torch.equal(p, dict(no_amp_sae.named_parameters())[name]), f"{tag}: {name}"
@@ -135,8 +145,13 @@ def test_checkpoint_records_the_precision_policy(tmp_path):
     from vlmsae.formats import read_sae_config
 
     sae = _sae("batchtopk", "auto")
-    want = {"master": "float32", "selection": "float32", "matmul": "float32", "autocast": "off inside the SAE",
-            "float32_matmul_precision": "highest"}
+    want = {
+        "master": "float32",
+        "selection": "float32",
+        "matmul": "float32",
+        "autocast": "off inside the SAE",
+        "float32_matmul_precision": "highest",
+    }
     save_sae(sae, tmp_path / "plain")
     assert read_sae_config(tmp_path / "plain").precision == {**want, "trainer_precision": None}
     save_sae(sae, tmp_path / "given", trainer_precision="bf16-mixed")
@@ -166,8 +181,8 @@ def test_non_float32_master_weights_and_other_trainer_precisions_are_refused():
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
-    from vlmsae.data.synthetic import PlantedDictionary
     from vlmsae.data.store import write_acts_store
+    from vlmsae.data.synthetic import PlantedDictionary
 
     x = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0).sample(4_000, seed=1).x
     dpath = tmp_path_factory.mktemp("acts") / "layer2"
@@ -176,9 +191,21 @@ def small_store(tmp_path_factory):
 
 
 def _train_overrides(store, *extra):
-    return ["data=acts", f"data.acts={store}", "data.batch_size=128", "data.num_workers=0", "data.shuffle_buffer=512",
-            "data.val_fraction=0.25", "trainer.max_steps=3", "trainer.val_check_interval=1000",
-            "trainer.limit_val_batches=1", "trainer.scale_batches=1", "logger=none", "sae=batchtopk", *extra]
+    return [
+        "data=acts",
+        f"data.acts={store}",
+        "data.batch_size=128",
+        "data.num_workers=0",
+        "data.shuffle_buffer=512",
+        "data.val_fraction=0.25",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=1000",
+        "trainer.limit_val_batches=1",
+        "trainer.scale_batches=1",
+        "logger=none",
+        "sae=batchtopk",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -196,18 +223,26 @@ def test_training_run_records_the_policy_and_refuses_other_precisions(compose_cf
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")  # TF32, as Lightning suggests on tensor-core GPUs
-        run(compose_cfg("train", _train_overrides(small_store)), out_dpath=tmp_path / "fp32",
-            callbacks=[_SpyBackward()])
+        run(
+            compose_cfg("train", _train_overrides(small_store)), out_dpath=tmp_path / "fp32", callbacks=[_SpyBackward()]
+        )
     finally:
         torch.set_float32_matmul_precision(previous)
     assert seen == ["highest"] * 3  # the backward of every step ran at full float32 precision
     info = json.loads((tmp_path / "fp32" / "sae" / "config.json").read_text())
-    assert info["precision"] == {"master": "float32", "selection": "float32", "matmul": "float32",
-                                 "autocast": "off inside the SAE", "float32_matmul_precision": "highest",
-                                 "trainer_precision": "32-true"}
+    assert info["precision"] == {
+        "master": "float32",
+        "selection": "float32",
+        "matmul": "float32",
+        "autocast": "off inside the SAE",
+        "float32_matmul_precision": "highest",
+        "trainer_precision": "32-true",
+    }
     with pytest.raises(ValueError, match="trainer.precision='bf16-mixed' is not supported"):
-        run(compose_cfg("train", _train_overrides(small_store, "trainer.precision=bf16-mixed")),
-            out_dpath=tmp_path / "mixed")
+        run(
+            compose_cfg("train", _train_overrides(small_store, "trainer.precision=bf16-mixed")),
+            out_dpath=tmp_path / "mixed",
+        )
     assert not (tmp_path / "mixed" / "sae").exists()  # refused before any training
 
 

@@ -235,10 +235,9 @@ def test_single_threaded_section_restores_the_thread_count():
     from vlmsae.sae.sparse import _single_threaded
 
     before = torch.get_num_threads()
-    with pytest.raises(RuntimeError):
-        with _single_threaded(torch.device("cpu")):
-            assert torch.get_num_threads() == 1
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError), _single_threaded(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("inside")
     assert torch.get_num_threads() == before
 
 
@@ -251,8 +250,16 @@ def _pair(arch: str, with_dead: bool):
     extra = {"group_fractions": (0.25, 0.25, 0.5)} if arch == "matryoshka" else {}
     saes = {}
     for kernel in ("dense", "sparse"):
-        cfg = SAEConfig(arch=arch, d_in=D_IN, n_latents=N_LATENTS, k=K, sparse_kernel=kernel,
-                        dead_after_samples=1000, threshold_start_step=0, **extra)
+        cfg = SAEConfig(
+            arch=arch,
+            d_in=D_IN,
+            n_latents=N_LATENTS,
+            k=K,
+            sparse_kernel=kernel,
+            dead_after_samples=1000,
+            threshold_start_step=0,
+            **extra,
+        )
         sae = build_sae(cfg, seed=0).double()
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():

@@ -42,7 +42,9 @@ def inputs(llava):
 
     _, processor = llava
     images = [Image.new("RGB", (32, 32), "white"), Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy())]
-    return processor(images=images, text=[chat_prompt(processor, ONE_WORD_PROMPT)] * 2, return_tensors="pt", padding=True)
+    return processor(
+        images=images, text=[chat_prompt(processor, ONE_WORD_PROMPT)] * 2, return_tensors="pt", padding=True
+    )
 
 
 class Capture:
@@ -187,9 +189,8 @@ def test_hook_removed_after_block_and_after_error(llava, sae, inputs):
         assert len(block._forward_hooks) == n_hooks + 1
     assert len(block._forward_hooks) == n_hooks
     assert torch.equal(projector_input(model, inputs), base)
-    with pytest.raises(RuntimeError, match="boom"):
-        with steer(model, sae, {5: 7.5}, layer=LAYER):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), steer(model, sae, {5: 7.5}, layer=LAYER):
+        raise RuntimeError("boom")
     assert len(block._forward_hooks) == n_hooks
     assert torch.equal(projector_input(model, inputs), base)
 
@@ -211,7 +212,9 @@ def test_batched_generation_matches_single(llava, sae):
 def test_per_sample_alpha_nan_keeps_the_latent(llava, sae, inputs):
     """NaN alpha leaves a sample's latent as encoded: one batch can steer a different latent per sample."""
     model, _ = llava
-    with steer(model, sae, {5: torch.tensor([[7.5], [float("nan")]]), 9: torch.tensor([[float("nan")], [4.0]])}, layer=LAYER):
+    with steer(
+        model, sae, {5: torch.tensor([[7.5], [float("nan")]]), 9: torch.tensor([[float("nan")], [4.0]])}, layer=LAYER
+    ):
         mixed = projector_input(model, inputs)
     with steer(model, sae, {5: 7.5}, layer=LAYER):
         first = projector_input(model, inputs)
@@ -225,21 +228,20 @@ def test_bad_arguments_fail_clearly(llava, sae, inputs):
     model, _ = llava
     with pytest.raises(ValueError, match="out of range"):
         edit_activations(torch.zeros(1, 2, 32), sae, {64: 1.0})
-    with pytest.raises(ValueError, match="Unknown steering mode"):
-        with steer(model, sae, {1: 1.0}, mode="clamp", layer=LAYER):
-            pass
-    with pytest.raises(ValueError, match="comes after block 2"):
-        with steer(model, sae, {1: 1.0}, layer=3):
-            pass
+    with (
+        pytest.raises(ValueError, match="Unknown steering mode"),
+        steer(model, sae, {1: 1.0}, mode="clamp", layer=LAYER),
+    ):
+        pass
+    with pytest.raises(ValueError, match="comes after block 2"), steer(model, sae, {1: 1.0}, layer=3):
+        pass
     wide = build_sae(SAEConfig(arch="topk", d_in=64, n_latents=64, k=8), seed=0)
-    with pytest.raises(ValueError, match="64-d activations"):
-        with steer(model, wide, {1: 1.0}, layer=LAYER):
-            pass
+    with pytest.raises(ValueError, match="64-d activations"), steer(model, wide, {1: 1.0}, layer=LAYER):
+        pass
     with pytest.raises(ValueError, match="64-d activations"):
         edit_activations(torch.zeros(1, 2, 32), wide, {1: 1.0})
-    with pytest.raises(ValueError, match="source.layer"):
-        with steer(model, sae, {1: 1.0}):
-            pass
+    with pytest.raises(ValueError, match="source.layer"), steer(model, sae, {1: 1.0}):
+        pass
 
 
 def test_half_precision_model_with_float32_sae(llava, sae, inputs, tmp_path):
