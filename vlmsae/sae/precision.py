@@ -17,7 +17,7 @@ Why nothing in bf16: selection needs the one full encoder matmul ``z = x @ W_enc
 anyway, and on the sparse path everything after it is memory-bound gathers that gain little from
 bf16. Only the dense path's other matmuls (decoder forward, four in backward) could go faster in
 bf16, and running them so would make the two paths train different models. One rule, one result
-per config; the price is float32 matmul speed on GPUs for dense SAEs (scripts/gpu_check_precision.py
+per config; the price is float32 matmul speed on GPUs for dense SAEs (vlmsae/bench/gpu_precision.py
 measures it). The activations themselves may be stored in fp16/bf16: they are cast to float32 on entry.
 """
 

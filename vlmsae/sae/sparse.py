@@ -486,7 +486,7 @@ _CPU_MIN_LATENTS_PER_K = 8
 # B = 4096, D = 1024 take ~1.5 ms, about what the sparse step's fixed costs do), NOT measured:
 # there is no GPU on the build machine; re-measure with `python -m vlmsae.bench` on one.  Since the
 # precision policy (vlmsae.sae.precision) the dense matmuls run in float32, not bf16, which moves the
-# crossover lower still; scripts/gpu_check_precision.py prints both paths' step times on a GPU.
+# crossover lower still; vlmsae/bench/gpu_precision.py prints both paths' step times on a GPU.
 _GPU_MIN_LATENTS_PER_K = 512
 
 

@@ -2,8 +2,8 @@
 
 Run from the repository root on a GPU machine (about 30 s on one H100/H200):
 
-    PYTHONPATH=. python scripts/gpu_check_precision.py            # CUDA
-    PYTHONPATH=. python scripts/gpu_check_precision.py --smoke    # tiny shapes on CPU (tests the script)
+    python -m vlmsae.bench.gpu_precision            # CUDA
+    python -m vlmsae.bench.gpu_precision --smoke    # tiny shapes on CPU (tests the script)
 
 Checks, on the same batches (BatchTopK, d = 1024, F = 16,384, k = 20, B = 4,096, threshold from step 5):
   1. dense vs sparse kernel, both under bf16 autocast and with TF32 allowed globally (what Lightning's
@@ -27,6 +27,7 @@ import torch
 from vlmsae.sae import SAEConfig, build_sae, set_input_scale_
 from vlmsae.sae.mechanics import constrain_decoder_grad_, normalize_decoder_
 from vlmsae.sae.precision import fp32_region
+from vlmsae.sae.sparse import batch_topk_select
 
 results: list[bool] = []
 
@@ -117,8 +118,6 @@ def check_selection(device: str, shape, batch: int, n_steps: int) -> None:
     # The old behaviour, for scale: the step-0 encoder in bf16 under autocast selects other latents.
     sae = make_sae("batchtopk", d, f, k, "dense", device)
     x_BD = batches[0].float()
-    from vlmsae.sae.sparse import batch_topk_select
-
     with torch.no_grad():
         z32 = torch.addmm(sae.b_enc, x_BD - sae.b_dec, sae.W_enc.T)
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
