@@ -11,6 +11,7 @@ reconstructors (``allow_numpy_scalars=True``: MSAE stores ``target_norm`` as an 
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,13 @@ def read_torch_file(fpath: str | Path, allow_numpy_scalars: bool = False) -> Any
                 return torch.load(fpath, map_location="cpu", weights_only=True)
         return torch.load(fpath, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not zipfile.is_zipfile(fpath):  # torch.save writes zip archives (since torch 1.6): this is something else
+            raise ValueError(
+                f"{str(fpath)!r} is not a readable torch.save file (not a zip archive; nothing in it was executed)."
+            ) from err
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines() if line.strip()]
+        named = [line for line in lines if "global" in line.lower() and "GLOBAL" in line] or lines[:1]
+        first = named[0].split(". Please use")[0] if named else type(err).__name__
         raise ValueError(
             f"{str(fpath)!r} needs code to unpickle (torch's weights_only reader refused it: {first}); vlmsae never "
             f"unpickles checkpoints, so it was not loaded and {REFUSED_NOTE}. Re-save its tensors as a plain "
