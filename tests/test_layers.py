@@ -15,7 +15,7 @@ from pathlib import Path
 import vlmsae
 
 PKG_DPATH = Path(vlmsae.__file__).parent
-JOBS = ("extract", "train", "monosemanticity", "hierarchy", "steer", "steer_eval", "browse")
+JOBS = ("extract", "train", "monosemanticity", "hierarchy", "steer", "steer_eval", "browse", "export")
 LAYERS = {"config": 0, "utils": 0, "formats": 0, "sae": 1, "data": 2, "models": 3, "metrics": 4, "steering": 4,
           "lit": 5, "report": 6, **{job: 7 for job in JOBS}, "bench": 8, "demo": 8}
 HEAVY = ("open_clip", "transformers", "lightning", "wandb", "matplotlib")

@@ -102,8 +102,11 @@ def load_any(path: str | Path, sae_format: str | None = None, device: str = "cpu
     return sae.eval()
 
 
-def export_sae(sae: SAE, sae_format: str, out_dpath: str | Path) -> Path:
-    """Write ``sae`` in ``sae_format``'s layout (one of ``EXPORT_FORMATS``) under ``out_dpath``; returns the folder."""
+def export_sae(sae: SAE, sae_format: str, out_dpath: str | Path, overwrite: bool = False) -> Path:
+    """Write ``sae`` in ``sae_format``'s layout (one of ``EXPORT_FORMATS``) under ``out_dpath``; returns the folder.
+
+    A non-empty ``out_dpath`` is refused unless ``overwrite`` (files of the same names are then replaced).
+    """
     if sae_format not in EXPORT_FORMATS:
         raise ValueError(f"format={sae_format!r} cannot be exported; export targets: {', '.join(EXPORT_FORMATS)}.")
     module = format_module(sae_format)
@@ -113,7 +116,14 @@ def export_sae(sae: SAE, sae_format: str, out_dpath: str | Path) -> Path:
             f"format={sae_format!r}: this install has no writer for it (vlmsae.sae.interop.{sae_format}.save is "
             f"missing); writers available: {', '.join(writers)}."
         )
-    return Path(module.save(sae, Path(out_dpath)))
+    out_dpath = Path(out_dpath)
+    if out_dpath.exists() and not out_dpath.is_dir():
+        raise FileExistsError(f"Export folder {str(out_dpath)!r} is a file; out= must be a folder.")
+    if out_dpath.is_dir() and any(out_dpath.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"Export folder {str(out_dpath)!r} is not empty; choose a new out= folder or pass overwrite=true."
+        )
+    return Path(module.save(sae, out_dpath))
 
 
 __all__ = [
