@@ -10,7 +10,7 @@ import torch
 
 from vlmsae import __version__
 from vlmsae.data.synthetic import PlantedDictionary
-from vlmsae.sae import ARCHS, SAEConfig, build_sae, load, load_sae, save_sae, set_input_scale_, train_steps
+from vlmsae.sae import ARCHS, SAEConfig, build_sae, load, load_any, load_sae, save_sae, set_input_scale_, train_steps
 
 D_IN = 16
 
@@ -48,7 +48,7 @@ def test_save_load_identical_outputs(tmp_path, arch):
     assert info["source"] == {"model": "tiny", "layer": 2, "tokens": "cls"}
     assert info["vlmsae_version"] == __version__ and info["git_commit"]
     assert info["input_scale"]["folded"] is True
-    assert load is load_sae
+    assert load is load_any
 
 
 def test_checkpoint_holds_no_pickle(tmp_path):

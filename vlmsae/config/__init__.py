@@ -44,7 +44,7 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
-    from vlmsae.config.jobs import browse, extract, hierarchy, monosemanticity, steer, steer_eval, train
+    from vlmsae.config.jobs import browse, export, extract, hierarchy, monosemanticity, steer, steer_eval, train
     from vlmsae.config.schemas import SCHEMAS, store_node
 
     cs = ConfigStore.instance()
@@ -58,6 +58,7 @@ def register_configs() -> None:
         steer,
         steer_eval,
         browse,
+        export,
     ):  # one schema per job: <job>_schema
         job.register()
     _REGISTERED = True

@@ -1,6 +1,7 @@
 """Sparse autoencoders in pure torch (METHOD §2; interface and units in vlmsae/sae/base.py).
 
     from vlmsae.sae import SAEConfig, build_sae, save_sae, load_sae
+    sae = load("hf://org/repo/folder")       # any supported format (vlmsae.sae.interop)
     sae = build_sae(SAEConfig(arch="batchtopk", d_in=1024, n_latents=16384, k=20))
 
 No Lightning, no Hydra: the trainer (vlmsae.lit) and the entrypoints build on this.
@@ -14,6 +15,7 @@ from vlmsae.sae.build import SAE_CLASSES, build_sae
 from vlmsae.sae.checkpoint import load_sae, save_sae
 from vlmsae.sae.config import ARCHS, DEFAULT_GROUP_FRACTIONS, SAEConfig
 from vlmsae.sae.fit import default_lr, train_steps
+from vlmsae.sae.interop import FORMAT_NAMES, detect_format, load_any
 from vlmsae.sae.matryoshka import MatryoshkaSAE
 from vlmsae.sae.mechanics import (
     constrain_decoder_grad_,
@@ -26,12 +28,13 @@ from vlmsae.sae.mechanics import (
 from vlmsae.sae.relu import ReluSAE
 from vlmsae.sae.topk import TopKSAE
 
-load = load_sae  # issue 2 names it vlmsae.sae.load(path)
+load = load_any  # vlmsae.sae.load(path, sae_format=None): any supported format or hf:// path; load_sae = vlmsae's own
 
 
 __all__ = [
     "ARCHS",
     "DEFAULT_GROUP_FRACTIONS",
+    "FORMAT_NAMES",
     "SAE",
     "SAE_CLASSES",
     "BatchTopKSAE",
@@ -44,10 +47,12 @@ __all__ = [
     "build_sae",
     "constrain_decoder_grad_",
     "default_lr",
+    "detect_format",
     "estimate_input_scale",
     "geometric_median",
     "init_b_dec_geometric_median_",
     "load",
+    "load_any",
     "load_sae",
     "normalize_decoder_",
     "recon_error",

@@ -1,0 +1,61 @@
+"""Entry point: write an SAE of any supported format in another library's layout.
+
+    python -m vlmsae.export sae_path=outputs/train/<run>/sae format=dictionary_learning out=exports/dl
+    python -m vlmsae.export sae_path=hf://<org>/<repo>/<folder> format=saelens out=exports/sl
+    python -m vlmsae.export sae_path=<dictionary_learning trainer_0> format=vlmsae out=exports/v
+
+The written folder loads with that library's own loader (dictionary_learning: ``utils.load_dictionary``;
+SAELens: ``SAE.load_from_disk``) and back into vlmsae with ``vlmsae.sae.load``. Keys: ``ExportJob``
+(:mod:`vlmsae.config.jobs.export`); library code lives in :mod:`vlmsae.sae.interop`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlmsae.config import conf_dir, register_configs
+from vlmsae.config.jobs.export import ExportJob
+
+
+def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
+    """Load ``cfg.sae_path``, write it as ``cfg.format`` into ``cfg.out``; run_info.json goes to ``out_dpath``."""
+    from vlmsae.sae.interop import export_sae, load_any
+    from vlmsae.utils.paths import run_dir
+    from vlmsae.utils.provenance import write_run_info
+
+    job: ExportJob = OmegaConf.to_object(cfg)
+    sae = load_any(job.sae_path, sae_format=job.sae_format)
+    written = export_sae(sae, job.format, job.out, overwrite=job.overwrite)
+    result = {
+        "out": str(written),
+        "format": job.format,
+        "files": sorted(p.name for p in Path(written).iterdir()),
+        "sae_path": job.sae_path,
+        "source_format": sae.source["format"],
+        "arch": sae.arch,
+        "d_in": sae.d_in,
+        "n_latents": sae.n_latents,
+    }
+    write_run_info(run_dir(out_dpath), OmegaConf.to_container(cfg, resolve=True), result=result)
+    return result
+
+
+def _main(cfg: DictConfig) -> None:
+    result = run(cfg)
+    print(
+        f"exported {result['arch']} SAE ({result['d_in']} -> {result['n_latents']}) from {result['source_format']} "
+        f"to {result['format']}: {result['out']} ({', '.join(result['files'])})"
+    )
+
+
+def main() -> None:
+    import hydra
+
+    register_configs()
+    hydra.main(config_path=str(conf_dir()), config_name="export", version_base="1.3")(_main)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""dictionary_learning (saprmarks/dictionary_learning) and the paper's code (ExplainableML/sae-for-vlm, which
+vendors an older copy): ``ae.pt`` + ``config.json``, loaded and written.
+
+Layout (what ``dictionary_learning.utils.load_dictionary`` reads): a folder ``trainer_<i>/`` with ``config.json``
+= ``{"trainer": {..., "dict_class": ..., "k": ...}, "buffer": {...}}`` and ``ae.pt``, a bare state dict; training
+also leaves ``checkpoints/ae_<step>.pt`` (same format). A folder without ``ae.pt`` loads its latest checkpoint,
+and ``sae_path`` may name one checkpoint file (the paper's scripts use ``checkpoints/ae_100000.pt``). ``ae.pt``
+is read with torch's ``weights_only`` reader; a mid-training backup (``{step, ae, optimizer, ...}``) is refused.
+
+Classes (``trainer.dict_class``) -> vlmsae arch, with the library's keys and forward (x raw activations):
+
+- ``AutoEncoder`` -> relu. ``encoder.weight`` [F,d], ``encoder.bias`` [F], ``decoder.weight`` [d,F] (transposed),
+  ``bias`` [d] (b_dec): f = relu((x - bias) W_e^T + b_e). Like ``AutoEncoder.from_pretrained`` (its default
+  ``normalize_decoder``), decoder columns are rescaled to unit norm and the encoder rows and bias by the same
+  norms (x_hat unchanged, codes in unit-direction units), unless they already are unit norm (torch.allclose).
+- ``AutoEncoderTopK`` -> topk. ``encoder.*``, ``decoder.weight``, ``b_dec``, ``k`` (int scalar), ``threshold``
+  (scalar, unused: the library's default ``use_threshold=False`` keeps each row's top k of relu(z)).
+- ``BatchTopKSAE`` -> batchtopk. Same keys; inference ``use_threshold=True``: f = p * (p > threshold), p = relu(z).
+  A threshold still at -1 (never estimated) makes that a plain ReLU; vlmsae loads it as threshold 0, which gives
+  the same codes (p * (p > 0) = p), and warns: such an SAE is dense.
+- ``MatryoshkaBatchTopKSAE`` / ``MatroyshkaBatchTopKSAE`` (the paper's spelling) -> matryoshka. ``W_enc`` [d,F]
+  (transposed), ``b_enc``, ``W_dec`` [F,d], ``b_dec``, ``k``, ``threshold`` (as BatchTopK), ``group_sizes`` [G]
+  (must sum to F; kept as vlmsae group fractions). All groups are active at inference.
+- ``JumpReluAutoEncoder`` -> jumprelu (vlmsae.sae.jumprelu). ``W_enc`` [d,F], ``b_enc``, ``W_dec``, ``b_dec``,
+  ``threshold`` [F]: pre = x W_enc + b_enc (b_dec NOT subtracted), f = relu(pre * (pre > threshold)). vlmsae
+  subtracts b_dec, so b_enc' = b_enc + b_dec W_enc.
+
+Units: with ``normalize_activations`` the trainer multiplies the biases (and a set threshold) by its norm factor
+before every save, so the file takes raw activations: no input normalisation is left to apply.
+
+``sae.source``: ``trainer.layer`` is the residual output of block L (``model.layers[L]``; HF hidden_states[L+1]),
+which is vlmsae's block index. The paper's code saves ``layer=""`` and ``lm_name=""``; its folder name
+``<dataset>_<split>_activations_<model>_<layer>_<point>_<sae>_<k>_x<expansion>`` carries them instead:
+``post_mlp_residual`` layer L = block L (``vision_model.encoder.layers[L]``), ``post_projection`` (layer -1) =
+vlmsae ``"last"`` (the projected image embedding). Tokens: a ``random_k_<n>`` folder above means random_k (the
+steering SAE); the projected embedding is one vector per image ("cls"); otherwise unknown (None).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmsae.sae.base import SAE
+from vlmsae.sae.build import build_sae
+from vlmsae.sae.config import ARCHS, SAEConfig
+from vlmsae.sae.interop.torchfile import read_torch_file
+from vlmsae.utils.io import atomic_write, atomic_write_json
+from vlmsae.utils.provenance import provenance
+
+NAME = "dictionary_learning"
+AE_FNAME = "ae.pt"
+CONFIG_FNAME = "config.json"
+EXPECTS = (
+    'ae.pt (a torch state dict) + config.json with {"trainer": {"dict_class": ...}} (dictionary_learning, '
+    "sae-for-vlm), or trainer_<i>/checkpoints/ae_<step>.pt beside trainer_<i>/config.json"
+)
+DICT_CLASSES = {
+    "AutoEncoder": "relu",
+    "AutoEncoderTopK": "topk",
+    "BatchTopKSAE": "batchtopk",
+    "MatryoshkaBatchTopKSAE": "matryoshka",
+    "MatroyshkaBatchTopKSAE": "matryoshka",
+    "JumpReluAutoEncoder": "jumprelu",
+}
+_KEYS = {
+    "relu": ("bias", "encoder.weight", "encoder.bias", "decoder.weight"),
+    "topk": ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k"),
+    "batchtopk": ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec", "k", "threshold"),
+    "matryoshka": ("W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"),
+    "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+}
+_TRAINER_CLASSES = {
+    "AutoEncoder": "StandardTrainer",
+    "AutoEncoderTopK": "TopKTrainer",
+    "BatchTopKSAE": "BatchTopKTrainer",
+    "MatryoshkaBatchTopKSAE": "MatryoshkaBatchTopKTrainer",
+    "MatroyshkaBatchTopKSAE": "MatroyshkaBatchTopKTrainer",
+}
+# The paper's (HF transformers) model names -> vlmsae conf/model names and their pretrained tags.
+HF_MODELS = {
+    "clip-vit-large-patch14-336": ("clip_l14_336", "openai"),
+    "clip-vit-large-patch14": ("clip_l14", "openai"),
+    "clip-vit-base-patch32": ("clip_b32", "openai"),
+    "siglip-so400m-patch14-384": ("siglip_so400m", "webli"),
+}
+_HF_ORG = {"siglip_so400m": "google"}
+_CHECKPOINT = re.compile(r"^ae_(\d+)\.pt$")
+_VLM_FOLDER = re.compile(
+    r"^(?P<dataset>.+?)_(?P<split>train|val)_activations_(?P<model>.+?)_(?P<layer>-?\d+)_"
+    r"(?P<point>post_mlp_residual|post_projection)(?:_(?P<sae>.+)_(?P<k>\d+)_x(?P<expansion>\d+))?$"
+)
+_RANDOM_K = re.compile(r"^random_k_(\d+)$")
+_NORMALISATION = "none: dictionary_learning folds its training norm factor into the biases, so the file takes raw "
+_NORMALISATION += "activations"
+
+
+# ---------------------------------------------------------------------------------------------- locating files
+def _read_json(fpath: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(fpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _checkpoints(dpath: Path) -> list[Path]:
+    """``dpath/checkpoints/ae_<step>.pt``, by step."""
+    ckpt_dpath = dpath / "checkpoints"
+    found = [p for p in ckpt_dpath.iterdir() if _CHECKPOINT.match(p.name)] if ckpt_dpath.is_dir() else []
+    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+
+
+def _locate(path: Path) -> tuple[Path, Path] | None:
+    """(weights file, config.json) for a trainer folder, an ae.pt, or a checkpoints/ae_<step>.pt; None if absent."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".pt":
+            return None
+        folders = [path.parent] + ([path.parent.parent] if path.parent.name == "checkpoints" else [])
+        configs = [d / CONFIG_FNAME for d in folders if (d / CONFIG_FNAME).is_file()]
+        return (path, configs[0]) if configs else None
+    config_fpath = path / CONFIG_FNAME
+    if not config_fpath.is_file():
+        return None
+    if (path / AE_FNAME).is_file():
+        return path / AE_FNAME, config_fpath
+    ckpts = _checkpoints(path)
+    return (ckpts[-1], config_fpath) if ckpts else None
+
+
+def detect(dpath: Path) -> bool:
+    found = _locate(Path(dpath))
+    if found is None:
+        return False
+    trainer = (_read_json(found[1]) or {}).get("trainer")
+    return isinstance(trainer, dict) and "dict_class" in trainer
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _read_weights(fpath: Path) -> dict[str, torch.Tensor]:
+    obj = read_torch_file(fpath)
+    if isinstance(obj, dict) and {"ae", "optimizer"} <= set(obj):
+        raise ValueError(
+            f"{str(fpath)!r} is a dictionary_learning mid-training backup ({{step, ae, optimizer, ...}}; its weights "
+            "are in the trainer's normalised units), not a saved SAE: load the final ae.pt or a "
+            "checkpoints/ae_<step>.pt instead."
+        )
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{str(fpath)!r} is not a state dict {{name: tensor}} as dictionary_learning saves ae.pt.")
+    return obj
+
+
+def _scalar(tensors: dict[str, torch.Tensor], key: str, fpath: Path, what: str) -> torch.Tensor:
+    value = tensors[key]
+    if value.numel() != 1:
+        raise ValueError(
+            f"{str(fpath)!r}: {key} has shape {tuple(value.shape)}, but {what} stores a single scalar {key}; the file "
+            f"contradicts its class: re-save it from dictionary_learning, or fix config.json trainer.dict_class."
+        )
+    return value.reshape(())
+
+
+def _group_fractions(sizes: list[int], n_latents: int, fpath: Path) -> tuple[float, ...]:
+    if any(size < 1 for size in sizes) or sum(sizes) != n_latents:
+        raise ValueError(
+            f"{str(fpath)!r}: group_sizes={sizes} sum to {sum(sizes)}, but the weights have F={n_latents} latents; "
+            "group sizes must be positive and sum to F (the dict_size). The file is inconsistent: fix group_sizes "
+            "in ae.pt (and trainer.group_sizes in config.json) or use the matching weights."
+        )
+    fractions = tuple(size / n_latents for size in sizes)
+    if SAEConfig(arch="matryoshka", d_in=1, n_latents=n_latents, group_fractions=fractions).group_sizes != sizes:
+        raise ValueError(f"{str(fpath)!r}: group_sizes={sizes} cannot be expressed as vlmsae group fractions.")
+    return fractions
+
+
+def _convert(arch: str, dict_class: str, tensors: dict[str, torch.Tensor], fpath: Path, trainer: dict) -> tuple:
+    """(SAEConfig kwargs, vlmsae tensors {W_enc [F,d], b_enc, W_dec [F,d], b_dec, threshold}) of one file."""
+    missing = [key for key in _KEYS[arch] if key not in tensors]
+    if missing:
+        raise ValueError(
+            f"{str(fpath)!r} lacks {missing} for dict_class {dict_class!r}; expected keys {list(_KEYS[arch])} "
+            f"(found {sorted(tensors)}). Is config.json trainer.dict_class right for this file?"
+        )
+    t = {key: value.detach().to(torch.float32) for key, value in tensors.items() if key not in ("k", "group_sizes")}
+    if arch in ("relu", "topk", "batchtopk"):
+        W_enc_FD, b_enc_F, W_dec_FD = t["encoder.weight"], t["encoder.bias"], t["decoder.weight"].T
+        b_dec_D = t["bias"] if arch == "relu" else t["b_dec"]
+    else:
+        W_enc_FD, b_enc_F, W_dec_FD, b_dec_D = t["W_enc"].T, t["b_enc"], t["W_dec"], t["b_dec"]
+    n_latents, d_in = W_enc_FD.shape
+    shapes = {"W_dec": (tuple(W_dec_FD.shape), (n_latents, d_in)), "b_enc": (tuple(b_enc_F.shape), (n_latents,))}
+    shapes["b_dec"] = (tuple(b_dec_D.shape), (d_in,))
+    for name, (got, want) in shapes.items():
+        if got != want:
+            raise ValueError(f"{str(fpath)!r}: {name} has shape {got} but the encoder implies {want} (d={d_in}).")
+    kwargs: dict[str, Any] = {"arch": arch, "d_in": d_in, "n_latents": n_latents}
+    if "k" in tensors:
+        k = int(_scalar(tensors, "k", fpath, dict_class))
+        if trainer.get("k") is not None and int(trainer["k"]) != k:
+            raise ValueError(
+                f"{str(fpath)!r}: k={k} in the weights but trainer.k={trainer['k']} in config.json "
+                "(dictionary_learning refuses this too): make them agree."
+            )
+        kwargs["k"] = k
+    threshold = torch.tensor(-1.0)
+    if arch == "jumprelu":
+        threshold = t["threshold"]
+        if tuple(threshold.shape) != (n_latents,):
+            raise ValueError(
+                f"{str(fpath)!r}: threshold has shape {tuple(threshold.shape)}, but JumpReluAutoEncoder needs one "
+                f"threshold per latent, shape ({n_latents},): the file contradicts its weights; re-save it."
+            )
+        b_enc_F = b_enc_F + W_enc_FD @ b_dec_D  # the library does not subtract b_dec before encoding
+    elif "threshold" in t:
+        threshold = _scalar(t, "threshold", fpath, dict_class)
+    if arch == "relu":
+        norms_F = W_dec_FD.norm(dim=1)
+        if not torch.allclose(norms_F, torch.ones_like(norms_F)):  # AutoEncoder.from_pretrained(normalize_decoder)
+            W_dec_FD, W_enc_FD, b_enc_F = W_dec_FD / norms_F[:, None], W_enc_FD * norms_F[:, None], b_enc_F * norms_F
+    if arch in ("batchtopk", "matryoshka") and float(threshold) < 0:
+        warnings.warn(
+            f"{str(fpath)!r}: threshold={float(threshold)} was never estimated, so dictionary_learning encodes this "
+            f"{dict_class} with a plain ReLU (every positive latent active); loaded with threshold 0, which gives "
+            "the same codes. Expect dense codes.",
+            stacklevel=3,
+        )
+        threshold = torch.tensor(0.0)
+    if arch == "matryoshka":
+        sizes = [int(s) for s in tensors["group_sizes"].reshape(-1)]
+        if trainer.get("group_sizes") is not None and [int(s) for s in trainer["group_sizes"]] != sizes:
+            raise ValueError(
+                f"{str(fpath)!r}: group_sizes={sizes} in the weights but trainer.group_sizes={trainer['group_sizes']} "
+                "in config.json: make them agree (the weights' buffer is what the library uses)."
+            )
+        kwargs["group_fractions"] = _group_fractions(sizes, n_latents, fpath)
+    weights = {"W_enc": W_enc_FD, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_dec": b_dec_D, "threshold": threshold}
+    return kwargs, weights
+
+
+def _model(name: Any) -> tuple[str | None, str | None, str | None]:
+    """(vlmsae model, pretrained tag, the library's model name) from an HF-style name; Nones when unknown."""
+    if not isinstance(name, str) or not name:
+        return None, None, None
+    model, pretrained = HF_MODELS.get(name.split("/")[-1], (None, None))
+    return model, pretrained, name
+
+
+def _source(trainer: dict, config: dict, config_fpath: Path) -> dict[str, Any]:
+    if isinstance(config.get("vlmsae"), dict) and isinstance(config["vlmsae"].get("source"), dict):
+        return dict(config["vlmsae"]["source"])  # written by vlmsae's own export: the exact source
+    model, pretrained, hf_model = _model(trainer.get("lm_name"))
+    layer = trainer.get("layer")
+    layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else None
+    source: dict[str, Any] = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
+    for dpath in list(config_fpath.parents)[:4]:
+        match = _VLM_FOLDER.match(dpath.name)
+        if match and model is None and layer is None:
+            model, pretrained, hf_model = _model(match["model"])
+            point, raw_layer = match["point"], int(match["layer"])
+            layer = "last" if point == "post_projection" else raw_layer
+            source.update(model=model, pretrained=pretrained, layer=layer, library_layer=raw_layer)
+            source.update(attachment_point=point, dataset=match["dataset"])
+            if point == "post_projection":
+                source["tokens"] = "cls"  # one projected embedding per image
+        random_k = _RANDOM_K.match(dpath.name)
+        if random_k:
+            source.update(tokens="random_k", tokens_k=int(random_k.group(1)))
+    source["hf_model"] = hf_model
+    return source
+
+
+def load(dpath: Path, device: str = "cpu") -> SAE:
+    found = _locate(Path(dpath))
+    if found is None:
+        raise FileNotFoundError(f"{str(dpath)!r} is not a dictionary_learning SAE; expected {EXPECTS}.")
+    weights_fpath, config_fpath = found
+    config = _read_json(config_fpath)
+    trainer = (config or {}).get("trainer")
+    if not isinstance(trainer, dict) or "dict_class" not in trainer:
+        raise ValueError(f'{str(config_fpath)!r} has no "trainer": {{"dict_class": ...}}; expected {EXPECTS}.')
+    dict_class = trainer["dict_class"]
+    if dict_class not in DICT_CLASSES:
+        raise ValueError(
+            f"{str(config_fpath)!r}: dict_class {dict_class!r} is not supported; supported: {', '.join(DICT_CLASSES)}."
+        )
+    arch = DICT_CLASSES[dict_class]
+    if arch not in ARCHS:
+        raise NotImplementedError(
+            f"{str(config_fpath)!r}: {dict_class} needs vlmsae's JumpReLU SAE (vlmsae.sae.jumprelu.JumpReLUSAE, "
+            f'SAEConfig(arch="{arch}")), which this install does not have; supported archs: {", ".join(ARCHS)}.'
+        )
+    kwargs, weights = _convert(arch, dict_class, _read_weights(weights_fpath), weights_fpath, trainer)
+    sae = build_sae(SAEConfig(**kwargs))
+    with torch.no_grad():
+        for name, value in weights.items():
+            target = getattr(sae, name)
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(f"{str(weights_fpath)!r}: {name} shape {tuple(value.shape)} != {tuple(target.shape)}.")
+            target.copy_(value)
+    source = _source(trainer, config, config_fpath)
+    source.setdefault("input_normalisation", _NORMALISATION)
+    sae.source = {**source, "format": NAME, "original_path": str(dpath), "dict_class": dict_class}
+    sae.source["checkpoint"] = (
+        weights_fpath.name if weights_fpath.parent.name != "checkpoints" else (f"checkpoints/{weights_fpath.name}")
+    )
+    return sae.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _hf_name(model: Any) -> str:
+    for hf_name, (name, _pretrained) in HF_MODELS.items():
+        if model in (name, f"{name}_hf"):
+            return f"{_HF_ORG.get(name, 'openai')}/{hf_name}"
+    return model if isinstance(model, str) else ""
+
+
+def save(sae: SAE, out_dpath: Path, legacy_spelling: bool = False) -> Path:
+    """Write ``out_dpath/ae.pt`` + ``config.json`` that ``dictionary_learning.utils.load_dictionary`` loads.
+
+    relu -> AutoEncoder, topk -> AutoEncoderTopK, batchtopk -> BatchTopKSAE, matryoshka -> MatryoshkaBatchTopKSAE
+    (``legacy_spelling=True``: MatroyshkaBatchTopKSAE, what sae-for-vlm's vendored copy reads). A BatchTopK or
+    Matryoshka SAE whose threshold is not estimated encodes with per-sample top-k in vlmsae, which those classes
+    cannot express (at -1 they encode densely): it is written as AutoEncoderTopK, with a warning.
+    """
+    if sae.arch not in ("relu", "topk", "batchtopk", "matryoshka"):
+        raise ValueError(
+            f"dictionary_learning export supports arch relu, topk, batchtopk and matryoshka; got {sae.arch!r}."
+        )
+    folded = copy.deepcopy(sae).cpu().float()
+    folded.fold_input_scale_()
+    W_enc_FD, b_enc_F, W_dec_FD, b_dec_D = (
+        getattr(folded, n).detach().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")
+    )
+    threshold = folded.threshold.detach().clone().reshape(())
+    arch = sae.arch
+    if arch in ("batchtopk", "matryoshka") and float(threshold) < 0:
+        warnings.warn(
+            f"{arch} SAE without an estimated threshold: vlmsae encodes it with per-sample top-k, which "
+            "dictionary_learning's batch top-k classes cannot express; written as AutoEncoderTopK (same codes).",
+            stacklevel=2,
+        )
+        arch = "topk"
+    k = torch.tensor(sae.cfg.k, dtype=torch.int32)
+    if arch == "relu":
+        dict_class = "AutoEncoder"
+        state = {"bias": b_dec_D, "encoder.weight": W_enc_FD, "encoder.bias": b_enc_F, "decoder.weight": W_dec_FD.T}
+    elif arch in ("topk", "batchtopk"):
+        dict_class = "AutoEncoderTopK" if arch == "topk" else "BatchTopKSAE"
+        state = {"encoder.weight": W_enc_FD, "encoder.bias": b_enc_F, "decoder.weight": W_dec_FD.T, "b_dec": b_dec_D}
+        state.update(k=k, threshold=threshold)
+    else:
+        dict_class = "MatroyshkaBatchTopKSAE" if legacy_spelling else "MatryoshkaBatchTopKSAE"
+        state = {"W_enc": W_enc_FD.T, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_dec": b_dec_D, "k": k}
+        state.update(threshold=threshold, group_sizes=torch.tensor(sae.group_sizes, dtype=torch.int64))
+    state = {name: value.contiguous() for name, value in state.items()}
+    source = dict(sae.source)
+    layer = source.get("layer")
+    trainer = {
+        "dict_class": dict_class,
+        "trainer_class": _TRAINER_CLASSES[dict_class],
+        "activation_dim": sae.d_in,
+        "dict_size": sae.n_latents,
+        "layer": layer if isinstance(layer, int) and not isinstance(layer, bool) else "",
+        "lm_name": _hf_name(source.get("model")),
+        "submodule_name": "",
+    }
+    if arch != "relu":
+        trainer["k"] = sae.cfg.k
+    if arch == "matryoshka":
+        trainer.update(group_sizes=sae.group_sizes, group_fractions=list(sae.cfg.group_fractions))
+    prov = provenance()
+    extra = {"source": source, "arch": sae.arch, "vlmsae_version": prov["vlmsae_version"], "created": prov["created"]}
+    out_dpath = Path(out_dpath)
+    out_dpath.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dpath / AE_FNAME, lambda tmp: torch.save(state, tmp))
+    atomic_write_json(out_dpath / CONFIG_FNAME, {"trainer": trainer, "buffer": {}, "vlmsae": extra})
+    return out_dpath
+
+
+__all__ = ["DICT_CLASSES", "EXPECTS", "HF_MODELS", "NAME", "detect", "load", "save"]

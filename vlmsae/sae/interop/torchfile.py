@@ -1,0 +1,80 @@
+"""Read ``torch.save`` files without running any code from them.
+
+Published SAEs often ship as ``.pt``/``.pth`` files (dictionary_learning's ``ae.pt``, saev, MSAE). A plain
+``torch.load`` unpickles, and unpickling can run arbitrary code, so vlmsae reads them only with
+``weights_only=True``: torch's restricted unpickler, which builds tensors, containers and primitive values and
+refuses every other global. A file that needs more (a pickled config class, a custom module) is refused with a
+message saying so; nothing in it is executed. The only extra globals ever allowed are numpy's scalar and dtype
+reconstructors (``allow_numpy_scalars=True``: MSAE stores ``target_norm`` as an ``np.float64``), never a class.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+REFUSED_NOTE = "nothing in it was executed"
+
+
+def _numpy_scalar_globals() -> list[Any]:
+    """numpy's scalar reconstructor and dtype classes: what ``np.float64(x)`` pickles to, nothing else."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtype_classes = [type(np.dtype(name)) for name in ("float16", "float32", "float64", "int32", "int64", "bool")]
+    return [scalar, np.dtype, *dtype_classes]
+
+
+def read_torch_file(fpath: str | Path, allow_numpy_scalars: bool = False) -> Any:
+    """The object in a ``torch.save`` file, read with ``weights_only=True`` on the CPU.
+
+    A file that needs unpickling code is refused (ValueError naming the file and the global it asked for);
+    a missing file raises FileNotFoundError; a file that is not a torch archive raises ValueError.
+    """
+    import torch
+
+    fpath = Path(fpath)
+    if not fpath.is_file():
+        raise FileNotFoundError(f"{str(fpath)!r} does not exist (expected a torch.save file).")
+    try:
+        if allow_numpy_scalars:
+            with torch.serialization.safe_globals(_numpy_scalar_globals()):
+                return torch.load(fpath, map_location="cpu", weights_only=True)
+        return torch.load(fpath, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not zipfile.is_zipfile(fpath):  # torch.save writes zip archives (since torch 1.6): this is something else
+            raise ValueError(
+                f"{str(fpath)!r} is not a readable torch.save file (not a zip archive; nothing in it was executed)."
+            ) from err
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines() if line.strip()]
+        named = [line for line in lines if "global" in line.lower() and "GLOBAL" in line] or lines[:1]
+        first = named[0].split(". Please use")[0] if named else type(err).__name__
+        raise ValueError(
+            f"{str(fpath)!r} needs code to unpickle (torch's weights_only reader refused it: {first}); vlmsae never "
+            f"unpickles checkpoints, so it was not loaded and {REFUSED_NOTE}. Re-save its tensors as a plain "
+            "state_dict (torch.save({name: tensor})) or as safetensors, in an environment you trust."
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise ValueError(f"{str(fpath)!r} is not a readable torch.save file ({type(err).__name__}: {err}).") from err
+
+
+def read_state_dict(fpath: str | Path) -> dict[str, Any]:
+    """A flat ``{name: tensor}`` state dict from a ``torch.save`` file (see :func:`read_torch_file`).
+
+    Values are tensors; anything else (a nested dict such as a training backup) is refused naming the key.
+    """
+    import torch
+
+    obj = read_torch_file(fpath)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(fpath)!r} holds a {type(obj).__name__}, not a state dict {{name: tensor}}.")
+    bad = {key: type(value).__name__ for key, value in obj.items() if not isinstance(value, torch.Tensor)}
+    if bad:
+        raise ValueError(
+            f"{str(fpath)!r} is not a plain state dict: keys {sorted(bad)} hold {sorted(set(bad.values()))}, not "
+            "tensors (expected {name: tensor}, e.g. the final ae.pt of a dictionary_learning run)."
+        )
+    return obj

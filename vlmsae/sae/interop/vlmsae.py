@@ -1,0 +1,48 @@
+"""vlmsae's own SAE folder as an interop format: ``sae.safetensors`` + ``config.json`` ("format": "vlmsae-sae").
+
+Written by :func:`vlmsae.sae.save_sae` (a training run keeps it in ``<run>/sae/``) and read by
+:func:`vlmsae.sae.load_sae`; the ``source`` recorded at training time is kept (layer = vlmsae's block index).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlmsae.formats import SAE_CONFIG_JSON, SAE_FORMAT
+from vlmsae.sae.base import SAE
+from vlmsae.sae.checkpoint import WEIGHTS_FNAME, load_sae, save_sae
+
+NAME = "vlmsae"
+EXPECTS = f'{WEIGHTS_FNAME} + {SAE_CONFIG_JSON} with "format": "{SAE_FORMAT}" (written by vlmsae.sae.save_sae)'
+INPUT_NORMALISATION = "none: the training input scale is folded into b_enc, b_dec and threshold (raw activations in)"
+
+
+def _folder(dpath: Path) -> Path:
+    return dpath.parent if dpath.is_file() and dpath.name in (WEIGHTS_FNAME, SAE_CONFIG_JSON) else dpath
+
+
+def detect(dpath: Path) -> bool:
+    dpath = _folder(Path(dpath))
+    config_fpath = dpath / SAE_CONFIG_JSON
+    if not (config_fpath.is_file() and (dpath / WEIGHTS_FNAME).is_file()):
+        return False
+    try:
+        obj = json.loads(config_fpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(obj, dict) and obj.get("format") == SAE_FORMAT
+
+
+def load(dpath: Path, device: str = "cpu") -> SAE:
+    dpath = _folder(Path(dpath))
+    sae = load_sae(dpath, device=device)
+    source = {"model": None, "pretrained": None, "layer": None, "tokens": None, **sae.source}
+    source.setdefault("input_normalisation", INPUT_NORMALISATION)
+    sae.source = {**source, "format": NAME, "original_path": str(dpath)}
+    return sae
+
+
+def save(sae: SAE, out_dpath: Path) -> Path:
+    """vlmsae's own folder (any SAE vlmsae can hold, including one loaded from another library)."""
+    return save_sae(sae, out_dpath)
