@@ -14,6 +14,7 @@ from vlmsae.sae.build import SAE_CLASSES, build_sae
 from vlmsae.sae.checkpoint import load_sae, save_sae
 from vlmsae.sae.config import ARCHS, DEFAULT_GROUP_FRACTIONS, SAEConfig
 from vlmsae.sae.fit import default_lr, train_steps
+from vlmsae.sae.jumprelu import JumpReLUSAE
 from vlmsae.sae.matryoshka import MatryoshkaSAE
 from vlmsae.sae.mechanics import (
     constrain_decoder_grad_,
@@ -35,6 +36,7 @@ __all__ = [
     "SAE",
     "SAE_CLASSES",
     "BatchTopKSAE",
+    "JumpReLUSAE",
     "MatryoshkaSAE",
     "ReluSAE",
     "SAEConfig",
