@@ -320,7 +320,7 @@ NAME_CONSTANTS = ("LATENTS_CSV", "MS_SUMMARY_JSON", "HIERARCHY_JSON", "STEER_JSO
 FILE_NAMES = tuple(getattr(formats, name) for name in NAME_CONSTANTS)
 # config.json is also the name of Hugging Face and LLaVA model files: vlmsae/models/ reads and writes those
 # (never an SAE checkpoint), so the SAE config.json check skips it.
-NOT_SAE_CONFIG = ("vlmsae/models/",)
+NOT_SAE_CONFIG = ("vlmsae/models/", "vlmsae/sae/interop/")  # HF / foreign SAE libraries name files config.json
 READ_CALLS = {"open", "load", "loads", "read_text", "read_bytes", "DictReader", "reader", "load_file", "safe_open",
               "read_csv", "read_json"}
 # Modules outside this change's reach that still spell a format's file themselves; vlmsae.formats.read_run_info
