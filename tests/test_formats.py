@@ -457,7 +457,7 @@ NAME_CONSTANTS = (
 FILE_NAMES = tuple(getattr(formats, name) for name in NAME_CONSTANTS)
 # config.json is also the name of Hugging Face and LLaVA model files: vlmsae/models/ reads and writes those
 # (never an SAE checkpoint), so the SAE config.json check skips it.
-NOT_SAE_CONFIG = ("vlmsae/models/",)
+NOT_SAE_CONFIG = ("vlmsae/models/", "vlmsae/sae/interop/")  # HF / foreign SAE libraries name files config.json
 READ_CALLS = {
     "open",
     "load",

@@ -602,7 +602,7 @@ class SAECheckpointConfig:
     n_latents: int | None = None
     k: int | None = None
     group_sizes: list[int] | None = None
-    threshold: float | None = None  # None: no inference threshold
+    threshold: float | None = None  # None: no scalar threshold (jumprelu: per-latent [F] in sae.safetensors)
     input_scale: dict[str, Any] | None = None  # {value, folded, convention}
     n_steps: int | None = None
     dtype: str | None = None

@@ -191,11 +191,11 @@ class EmbedderSpec:
 
 # ---------------------------------------------------------------------------------------------- sae
 
-ARCHS = ("relu", "topk", "batchtopk", "matryoshka")
+ARCHS = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu")
 """Architectures :func:`vlmsae.sae.build_sae` knows."""
 
 K_ARCHS = ("topk", "batchtopk", "matryoshka")
-"""Architectures whose sparsity is set by ``k`` (ReLU-L1 uses ``l1_coeff`` instead)."""
+"""Architectures whose sparsity is set by ``k`` (ReLU-L1 and JumpReLU use ``l1_coeff`` instead)."""
 
 SPARSE_KERNELS = ("auto", "sparse", "dense")
 
@@ -217,7 +217,7 @@ class SAEConfig:
     """
 
     arch: str = MISSING
-    """relu | topk | batchtopk | matryoshka (Matryoshka BatchTopK)."""
+    """relu | topk | batchtopk | matryoshka (Matryoshka BatchTopK) | jumprelu (per-latent thresholds, L0 penalty)."""
     d_in: Optional[int] = None
     """Width of the activations the SAE reads (1024 for ViT-L residual streams); None until resolved."""
     n_latents: Optional[int] = None
@@ -227,7 +227,8 @@ class SAEConfig:
     k: int = 20
     """Active latents per sample (TopK) or on average per sample (BatchTopK, Matryoshka). Unused by relu."""
     l1_coeff: float = 5.0e-3
-    """ReLU-L1 only: weight of sum_j f_j ||W_dec[j]||, in the scaled input space (E||x||^2 = d_in)."""
+    """ReLU-L1: weight of sum_j f_j ||W_dec[j]||; JumpReLU: weight of the L0 penalty (latents firing per sample).
+    Both in the scaled input space (E||x||^2 = d_in)."""
     group_fractions: Optional[tuple[float, ...]] = None
     """Matryoshka only: nested group sizes as fractions of n_latents, summing to 1 (None = the paper's four)."""
     aux_k_coeff: float = 1.0 / 32.0

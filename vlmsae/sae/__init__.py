@@ -16,6 +16,7 @@ from vlmsae.sae.checkpoint import load_sae, save_sae
 from vlmsae.sae.config import ARCHS, DEFAULT_GROUP_FRACTIONS, SAEConfig
 from vlmsae.sae.fit import default_lr, train_steps
 from vlmsae.sae.interop import FORMAT_NAMES, detect_format, load_any
+from vlmsae.sae.jumprelu import JumpReLUSAE
 from vlmsae.sae.matryoshka import MatryoshkaSAE
 from vlmsae.sae.mechanics import (
     constrain_decoder_grad_,
@@ -38,6 +39,7 @@ __all__ = [
     "SAE",
     "SAE_CLASSES",
     "BatchTopKSAE",
+    "JumpReLUSAE",
     "MatryoshkaSAE",
     "ReluSAE",
     "SAEConfig",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from vlmsae.sae.base import SAE
 from vlmsae.sae.batchtopk import BatchTopKSAE
 from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.jumprelu import JumpReLUSAE
 from vlmsae.sae.matryoshka import MatryoshkaSAE
 from vlmsae.sae.relu import ReluSAE
 from vlmsae.sae.topk import TopKSAE
@@ -14,6 +15,7 @@ SAE_CLASSES: dict[str, type[SAE]] = {
     "topk": TopKSAE,
     "batchtopk": BatchTopKSAE,
     "matryoshka": MatryoshkaSAE,
+    "jumprelu": JumpReLUSAE,
 }
 
 

@@ -48,7 +48,14 @@ def save_sae(
     folded = copy.deepcopy(sae).cpu()
     folded.fold_input_scale_()
     tensors = {name: getattr(folded, name).detach().contiguous() for name in _TENSORS}
-    threshold = float(folded.threshold)
+    # config.json "threshold": the scalar inference threshold (< 0 = not estimated -> null). A per-latent one
+    # (jumprelu, [F] in sae.safetensors, which load_sae reads) is written as a number only when all latents
+    # share it (e.g. a BatchTopK SAE saved as JumpReLU by SAELens), else null: the tensor file is authoritative.
+    threshold_F = folded.threshold.detach().reshape(-1)
+    uniform = threshold_F.numel() > 0 and bool((threshold_F == threshold_F[0]).all())
+    threshold = float(threshold_F[0]) if uniform else None
+    if threshold is not None and folded.threshold.dim() == 0 and threshold < 0:
+        threshold = None
     atomic_write(dpath / WEIGHTS_FNAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": SAE_FORMAT}))
     prov = provenance()
     info = SAECheckpointConfig(
@@ -57,7 +64,7 @@ def save_sae(
         n_latents=sae.n_latents,
         k=sae.cfg.k,
         group_sizes=sae.group_sizes,
-        threshold=threshold if threshold >= 0 else None,
+        threshold=threshold,
         input_scale={
             "value": scale,
             "folded": True,

@@ -140,20 +140,12 @@ def test_unset_threshold_encodes_like_the_library_a_plain_relu(tmp_path, dict_cl
     torch.testing.assert_close(sae(x), x_hat_ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="vlmsae.sae.jumprelu (SAELENS branch) not merged yet; flip after the merge")
 def test_jumprelu_autoencoder_matches_the_library(tmp_path):
     state = _library_state("JumpReluAutoEncoder")
     sae = load(_write(tmp_path / "t", "JumpReluAutoEncoder", state))
     f_ref, x_hat_ref = _library_forward("JumpReluAutoEncoder", state, _x())
     torch.testing.assert_close(sae.encode(_x()), f_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sae(_x()), x_hat_ref, atol=1e-5, rtol=1e-5)
-
-
-def test_jumprelu_without_vlmsae_jumprelu_is_a_clear_not_implemented(tmp_path):
-    if "jumprelu" in __import__("vlmsae.sae", fromlist=["ARCHS"]).ARCHS:
-        pytest.skip("vlmsae has its JumpReLU SAE: the xfail test above covers loading")
-    with pytest.raises(NotImplementedError, match=r"JumpReluAutoEncoder.*vlmsae\.sae\.jumprelu\.JumpReLUSAE"):
-        load(_write(tmp_path / "t", "JumpReluAutoEncoder", _library_state("JumpReluAutoEncoder")))
 
 
 def test_paper_folder_gives_model_layer_and_tokens(tmp_path):

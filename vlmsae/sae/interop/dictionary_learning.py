@@ -49,7 +49,8 @@ import torch
 
 from vlmsae.sae.base import SAE
 from vlmsae.sae.build import build_sae
-from vlmsae.sae.config import ARCHS, SAEConfig
+from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.interop.names import hf_id, model_from_name
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.utils.io import atomic_write, atomic_write_json
 from vlmsae.utils.provenance import provenance
@@ -83,14 +84,6 @@ _TRAINER_CLASSES = {
     "MatryoshkaBatchTopKSAE": "MatryoshkaBatchTopKTrainer",
     "MatroyshkaBatchTopKSAE": "MatroyshkaBatchTopKTrainer",
 }
-# The paper's (HF transformers) model names -> vlmsae conf/model names and their pretrained tags.
-HF_MODELS = {
-    "clip-vit-large-patch14-336": ("clip_l14_336", "openai"),
-    "clip-vit-large-patch14": ("clip_l14", "openai"),
-    "clip-vit-base-patch32": ("clip_b32", "openai"),
-    "siglip-so400m-patch14-384": ("siglip_so400m", "webli"),
-}
-_HF_ORG = {"siglip_so400m": "google"}
 _CHECKPOINT = re.compile(r"^ae_(\d+)\.pt$")
 _VLM_FOLDER = re.compile(
     r"^(?P<dataset>.+?)_(?P<split>train|val)_activations_(?P<model>.+?)_(?P<layer>-?\d+)_"
@@ -248,7 +241,7 @@ def _model(name: Any) -> tuple[str | None, str | None, str | None]:
     """(vlmsae model, pretrained tag, the library's model name) from an HF-style name; Nones when unknown."""
     if not isinstance(name, str) or not name:
         return None, None, None
-    model, pretrained = HF_MODELS.get(name.split("/")[-1], (None, None))
+    model, pretrained = model_from_name(name)
     return model, pretrained, name
 
 
@@ -291,11 +284,6 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
             f"{str(config_fpath)!r}: dict_class {dict_class!r} is not supported; supported: {', '.join(DICT_CLASSES)}."
         )
     arch = DICT_CLASSES[dict_class]
-    if arch not in ARCHS:
-        raise NotImplementedError(
-            f"{str(config_fpath)!r}: {dict_class} needs vlmsae's JumpReLU SAE (vlmsae.sae.jumprelu.JumpReLUSAE, "
-            f'SAEConfig(arch="{arch}")), which this install does not have; supported archs: {", ".join(ARCHS)}.'
-        )
     kwargs, weights = _convert(arch, dict_class, _read_weights(weights_fpath), weights_fpath, trainer)
     sae = build_sae(SAEConfig(**kwargs))
     with torch.no_grad():
@@ -314,13 +302,6 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
 
 
 # ---------------------------------------------------------------------------------------------- export
-def _hf_name(model: Any) -> str:
-    for hf_name, (name, _pretrained) in HF_MODELS.items():
-        if model in (name, f"{name}_hf"):
-            return f"{_HF_ORG.get(name, 'openai')}/{hf_name}"
-    return model if isinstance(model, str) else ""
-
-
 def save(sae: SAE, out_dpath: Path, legacy_spelling: bool = False) -> Path:
     """Write ``out_dpath/ae.pt`` + ``config.json`` that ``dictionary_learning.utils.load_dictionary`` loads.
 
@@ -368,7 +349,7 @@ def save(sae: SAE, out_dpath: Path, legacy_spelling: bool = False) -> Path:
         "activation_dim": sae.d_in,
         "dict_size": sae.n_latents,
         "layer": layer if isinstance(layer, int) and not isinstance(layer, bool) else "",
-        "lm_name": _hf_name(source.get("model")),
+        "lm_name": hf_id(source.get("model")),
         "submodule_name": "",
     }
     if arch != "relu":
@@ -384,4 +365,4 @@ def save(sae: SAE, out_dpath: Path, legacy_spelling: bool = False) -> Path:
     return out_dpath
 
 
-__all__ = ["DICT_CLASSES", "EXPECTS", "HF_MODELS", "NAME", "detect", "load", "save"]
+__all__ = ["DICT_CLASSES", "EXPECTS", "NAME", "detect", "load", "save"]
