@@ -183,3 +183,10 @@ def test_payload_needing_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(ValueError, match="executed nothing"):
         saev.load(tmp_path)
     assert not marker.exists()
+
+
+def test_non_native_forward_is_marked(tmp_path):
+    _dump(tmp_path / "sae.pt", _header5("TopK"), _weights(17))
+    assert "negative" in saev.load(tmp_path).interop_only
+    _dump(tmp_path / "sae.pt", _header5("Relu"), _weights(17))
+    assert getattr(saev.load(tmp_path), "interop_only", None) is None

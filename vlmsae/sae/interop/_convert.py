@@ -4,6 +4,8 @@ vlmsae encodes ``z = (x - b_dec) @ W_enc.T + b_enc`` and decodes ``x_hat = f @ W
 [F, D]); each format module rewrites its library's forward into that form before calling ``sae_from_weights``.
 Loaded SAEs are for inference: decoder rows need not be unit norm, and ``input_scale`` stays 1 (any input
 scaling is already folded into the weights).
+A loaded class whose forward no vlmsae arch reproduces carries ``interop_only`` (a reason string): a writer
+(save_sae, export) should refuse such a module instead of saving it as its base arch.
 """
 
 from __future__ import annotations

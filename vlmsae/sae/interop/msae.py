@@ -57,6 +57,8 @@ _DATASET_RE = re.compile(r"^(?P<data>.+?)_(?P<clip>(?:ViT|RN)[^_]*)_(?P<split>[^
 class SoftCapReluSAE(ReluSAE):
     """MSAE with ``latent_soft_cap`` c > 0: codes c * tanh(ReLU(z) / c). Inference only."""
 
+    interop_only = "MSAE soft-capped codes c * tanh(ReLU(z) / c); no vlmsae arch has them"
+
     soft_cap: float = 0.0
 
     def _activate(self, z_BF: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

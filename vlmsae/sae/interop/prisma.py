@@ -88,6 +88,7 @@ class NormalisedInputSAE:
     ``decode`` (which also takes ``x=`` to recompute them).
     """
 
+    interop_only = "per-sample input normalisation applied by the module; not stored by save_sae"
     input_transform: str = "layer_norm"
 
     def _normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

@@ -79,6 +79,8 @@ _ACTIVATIONS = ("Relu", "TopK", "BatchTopK")
 class SignedTopKSAE(TopKSAE):
     """saev's TopK: keep the per-row top-k pre-activations with their sign (no ReLU). Inference only."""
 
+    interop_only = "saev TopK keeps negative values (no ReLU); vlmsae's topk would add one"
+
     def _activate(self, z_BF: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         top = z_BF.topk(min(self.cfg.k, z_BF.shape[-1]), dim=-1, sorted=False)
         return torch.zeros_like(z_BF).scatter_(-1, top.indices, top.values)
