@@ -10,6 +10,7 @@ reconstructors (``allow_numpy_scalars=True``: MSAE stores ``target_norm`` as an 
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import zipfile
@@ -28,37 +29,46 @@ def _numpy_scalar_globals() -> list[Any]:
     return [scalar, np.dtype, *dtype_classes]
 
 
-def read_torch_file(fpath: str | Path, allow_numpy_scalars: bool = False) -> Any:
+def _is_zip(fpath: Path | io.BytesIO) -> bool:
+    if isinstance(fpath, io.BytesIO):
+        fpath.seek(0)
+    return zipfile.is_zipfile(fpath)
+
+
+def read_torch_file(fpath: str | Path | io.BytesIO, allow_numpy_scalars: bool = False, name: str | None = None) -> Any:
     """The object in a ``torch.save`` file, read with ``weights_only=True`` on the CPU.
 
+    ``fpath`` may be an in-memory buffer (then ``name`` says what it came from, for messages).
     A file that needs unpickling code is refused (ValueError naming the file and the global it asked for);
     a missing file raises FileNotFoundError; a file that is not a torch archive raises ValueError.
     """
     import torch
 
-    fpath = Path(fpath)
-    if not fpath.is_file():
-        raise FileNotFoundError(f"{str(fpath)!r} does not exist (expected a torch.save file).")
+    if not isinstance(fpath, io.BytesIO):  # a payload cut out of a larger file (saev) comes as bytes
+        fpath = Path(fpath)
+        if not fpath.is_file():
+            raise FileNotFoundError(f"{str(fpath)!r} does not exist (expected a torch.save file).")
+    label = name or str(fpath)
     try:
         if allow_numpy_scalars:
             with torch.serialization.safe_globals(_numpy_scalar_globals()):
                 return torch.load(fpath, map_location="cpu", weights_only=True)
         return torch.load(fpath, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if not zipfile.is_zipfile(fpath):  # torch.save writes zip archives (since torch 1.6): this is something else
+        if not _is_zip(fpath):  # torch.save writes zip archives (since torch 1.6): this is something else
             raise ValueError(
-                f"{str(fpath)!r} is not a readable torch.save file (not a zip archive; nothing in it was executed)."
+                f"{label!r} is not a readable torch.save file (not a zip archive; nothing in it was executed)."
             ) from err
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines() if line.strip()]
         named = [line for line in lines if "global" in line.lower() and "GLOBAL" in line] or lines[:1]
         first = named[0].split(". Please use")[0] if named else type(err).__name__
         raise ValueError(
-            f"{str(fpath)!r} needs code to unpickle (torch's weights_only reader refused it: {first}); vlmsae never "
+            f"{label!r} needs code to unpickle (torch's weights_only reader refused it: {first}); vlmsae never "
             f"unpickles checkpoints, so it was not loaded and {REFUSED_NOTE}. Re-save its tensors as a plain "
             "state_dict (torch.save({name: tensor})) or as safetensors, in an environment you trust."
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"{str(fpath)!r} is not a readable torch.save file ({type(err).__name__}: {err}).") from err
+        raise ValueError(f"{label!r} is not a readable torch.save file ({type(err).__name__}: {err}).") from err
 
 
 def read_state_dict(fpath: str | Path) -> dict[str, Any]:
