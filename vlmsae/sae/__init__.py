@@ -26,7 +26,12 @@ from vlmsae.sae.mechanics import (
 from vlmsae.sae.relu import ReluSAE
 from vlmsae.sae.topk import TopKSAE
 
-load = load_sae  # issue 2 names it vlmsae.sae.load(path)
+
+def load(path, sae_format: str | None = None, device="cpu") -> SAE:
+    """The SAE at ``path`` (issue 2's ``vlmsae.sae.load``); ``sae_format`` None or "vlmsae" (a save_sae folder)."""
+    if sae_format not in (None, "vlmsae"):
+        raise ValueError(f"sae_format={sae_format!r}: format {sae_format} needs vlmsae.sae.interop (not installed).")
+    return load_sae(path, device=device)
 
 
 __all__ = [
