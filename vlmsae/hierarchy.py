@@ -29,8 +29,8 @@ from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics import hierarchy_study as study
+from vlmsae.metrics.codes import load_job_sae
 from vlmsae.report.studies import write_hierarchy_outputs
-from vlmsae.sae import load
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -46,7 +46,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     if OmegaConf.is_missing(cfg, "sae_path"):
         raise ValueError("sae_path is required: an SAE folder (<run>/sae, a published SAE's folder or hf://org/repo).")
     job: HierarchyJob = OmegaConf.to_object(cfg)
-    sae = load(job.sae_path, sae_format=job.sae_format)
+    sae = load_job_sae(job.sae_path, job.sae_format)
     if sae.arch != "matryoshka":
         log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)", sae.arch)
     data = study.taxonomy_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.ms_run)

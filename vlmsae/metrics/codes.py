@@ -177,6 +177,19 @@ def open_sae_source(
     return SAESource(sae=sae.to(tap.device).eval(), tap=tap, spec=spec, layer=layer, pool=pool, source=source)
 
 
+def load_job_sae(sae_path: str | Path, sae_format: str | None = None, device: str = "cpu"):
+    """The SAE a job's ``sae_path=`` names, loaded by :func:`vlmsae.sae.load` (every job loads its SAE here);
+    a missing or unreadable SAE is refused with the job key named."""
+    from vlmsae import sae as sae_lib
+
+    try:
+        return sae_lib.load(sae_path, sae_format=sae_format, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        if type(err) not in (FileNotFoundError, ValueError):  # e.g. JSONDecodeError: its own constructor
+            raise
+        raise type(err)(f"sae_path={str(sae_path)!r} (sae_format={sae_format}): {err}") from err
+
+
 def open_sae_checkpoint(
     sae_path: str | Path,
     model: ModelSpec | None = None,
@@ -187,9 +200,7 @@ def open_sae_checkpoint(
 ) -> SAESource:
     """Load the SAE at ``sae_path`` (any format :func:`vlmsae.sae.load` reads; ``sae_format`` None =
     detect) and open what its ``source`` says it reads (overrides as :func:`open_sae_source`)."""
-    from vlmsae import sae as sae_lib
-
-    sae = sae_lib.load(sae_path, sae_format=sae_format, device="cpu")
+    sae = load_job_sae(sae_path, sae_format)
     return open_sae_source(sae, sae.source, model=model, layer=layer, pool=pool, device=device, sae_dpath=sae_path)
 
 

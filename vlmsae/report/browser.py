@@ -393,11 +393,11 @@ def recompute_heatmaps(
     try:
         import torch
 
+        from vlmsae.metrics.codes import load_job_sae
         from vlmsae.models import load_tap
-        from vlmsae.sae import load
 
         tap = load_tap(model)
-        sae = load(sae_path, sae_format=sae_format or ms_config.get("sae_format"), device=tap.device).eval()
+        sae = load_job_sae(sae_path, sae_format or ms_config.get("sae_format"), device=tap.device).eval()
     except Exception as e:
         return {}, f"could not load the model or SAE ({type(e).__name__}: {e})"
     if sae.d_in != tap.width:

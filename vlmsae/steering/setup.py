@@ -9,9 +9,9 @@ from typing import Any
 
 from torch import nn
 
+from vlmsae.metrics.codes import load_job_sae
 from vlmsae.models.llava import load_llava_spec, vision_tower
 from vlmsae.models.spec import ModelSpec
-from vlmsae.sae import load
 from vlmsae.steering.hooks import steer_block
 
 
@@ -48,14 +48,15 @@ def load_steering(
     device_map: str | None = None,
     sae_format: str | None = None,
 ) -> SteeringSetup:
-    """Load the SAE of ``sae_path`` (any format :func:`vlmsae.sae.load` reads; ``sae_format`` None = detect),
+    """Load the SAE of ``sae_path`` (any format :func:`vlmsae.sae.load` reads, via
+    :func:`vlmsae.metrics.codes.load_job_sae`; ``sae_format`` None = detect),
     then the LLaVA of ``spec``, and move the SAE onto its vision tower's device.
 
     ``layer`` overrides the block the SAE was trained on (its ``source.layer``). The SAE loads first, so a
     bad path fails before the (large) model loads; its block and width are checked against the tower
     (:func:`vlmsae.steering.hooks.steer_block`) before any image is read.
     """
-    sae = load(str(sae_path), sae_format=sae_format, device="cpu")
+    sae = load_job_sae(str(sae_path), sae_format)
     model, processor = load_llava_spec(llava_spec(spec, device_map))
     device = next(vision_tower(model).parameters()).device  # with device_map=auto the tower may not be on cuda:0
     layer = steer_block(model, sae, layer)
