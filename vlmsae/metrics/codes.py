@@ -14,6 +14,7 @@ Pooling (``POOLS``): ``cls`` reads the CLS token (or the projected embedding at 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -165,7 +166,8 @@ def open_sae_source(
     Bad combinations are refused by :func:`resolve_sae_inputs` before the model loads; errors name the fix."""
     from vlmsae.models import load_tap
 
-    source = dict(sae.source if source is None else source)
+    # JSON-safe (a loader may record a Path): jobs write it to run_info.json for the browser
+    source = json.loads(json.dumps(dict(sae.source if source is None else source), default=str))
     spec, layer, pool = resolve_sae_inputs(sae, source, model, layer, pool, sae_dpath)
     if device not in (None, "auto"):
         spec.device = str(device)
