@@ -36,6 +36,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         thumb_px=job.thumb_px,
         heatmaps=job.heatmaps,
         title=job.title,
+        sae_format=job.sae_format,
     )
     result = {
         **cards_summary(data),

@@ -29,8 +29,8 @@ from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics import hierarchy_study as study
+from vlmsae.metrics.codes import load_job_sae
 from vlmsae.report.studies import write_hierarchy_outputs
-from vlmsae.sae import load_sae
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -44,11 +44,11 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     """
     out_dpath = run_dir(out_dpath)
     if OmegaConf.is_missing(cfg, "sae_path"):
-        raise ValueError("sae_path is required: the checkpoint folder of a trained SAE (<run>/sae with config.json).")
+        raise ValueError("sae_path is required: an SAE folder (<run>/sae, a published SAE's folder or hf://org/repo).")
     job: HierarchyJob = OmegaConf.to_object(cfg)
-    sae_info, sae = formats.read_sae_config(cfg.sae_path), load_sae(cfg.sae_path)
-    if sae_info.arch != "matryoshka":
-        log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)", sae_info.arch)
+    sae = load_job_sae(job.sae_path, job.sae_format)
+    if sae.arch != "matryoshka":
+        log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)", sae.arch)
     data = study.taxonomy_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.ms_run)
     # The taxonomy first: a missing WordNet or a bad CSV fails before any image is encoded.
     taxonomy = study.open_taxonomy(OmegaConf.to_container(cfg.taxonomy, resolve=True), data)
@@ -60,7 +60,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
             data, job="hierarchy", hint=" (or pass ms_run=<monosemanticity run dir> to reuse its top images)"
         )
         classes = study.check_images_have_taxa(taxonomy, images)
-        top, ms_K = study.top_images_of_sae(sae, sae_info.source, images, job)
+        top, ms_K = study.top_images_of_sae(sae, sae.source, images, job)
         top.save(out_dpath / formats.TOP_IMAGES_DIR)
 
     result = study.score_hierarchy(top, ms_K, taxonomy, classes, sae, job)

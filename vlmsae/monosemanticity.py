@@ -3,8 +3,9 @@
     python -m vlmsae.monosemanticity sae_path=<checkpoint dir> data=folder data.root=<images> embedder=clip_b32
 
 1. Embeds the images with the embedder E (cached under ``embed_cache``, keyed by the image list's
-   digest and the embedder), and runs the source model (the SAE's ``config.json`` ``source`` says
-   model, layer, tokens; ``model=<name>`` / ``layer=<L>`` override) and the SAE (inference
+   digest and the embedder), and runs the source model (the loaded SAE's ``source`` says model,
+   layer, tokens; ``model=<name>`` / ``layer=<L>`` override; any format ``vlmsae.sae.load`` reads,
+   ``sae_format=`` names one) and the SAE (inference
    encoder, thresholded) on the same images; codes stay sparse. One vector per image: the CLS
    token (``pool=cls``), or the SAE codes / raw activations pooled over the patch tokens
    (``pool=mean`` or ``pool=max``).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,6 @@ from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics.codes import open_sae_checkpoint
 from vlmsae.metrics.embedding_cache import default_cache_dpath
 from vlmsae.metrics.ms_study import score_sae, zero_shot_check
-from vlmsae.models import ModelSpec
 from vlmsae.models.embedders import EmbedderSpec
 from vlmsae.report.studies import write_ms_outputs
 from vlmsae.utils.paths import run_dir
@@ -51,11 +52,11 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     ``cfg``: conf/monosemanticity.yaml (keys: :class:`vlmsae.config.jobs.monosemanticity.MonosemanticityJob`).
     """
     if OmegaConf.is_missing(cfg, "sae_path"):
-        raise ValueError("Pass sae_path=<SAE checkpoint folder> (a training run keeps it in <run>/sae/).")
+        raise ValueError("Pass sae_path=<SAE folder or hf://org/repo[/sub]> (a training run keeps it in <run>/sae/).")
     out_dpath = run_dir(out_dpath)
-    sae_dpath = Path(str(cfg.sae_path)).expanduser()
-    model = ModelSpec.from_cfg(cfg.model) if cfg.model is not None else None
-    src = open_sae_checkpoint(sae_dpath, model=model, layer=cfg.layer, pool=cfg.pool, device=cfg.device)
+    sae_dpath = os.path.expanduser(str(cfg.sae_path))  # a str, not a Path: Path("hf://a/b") drops a slash
+    # model: null = the SAE's source.model (a model node converts in source_model_spec)
+    src = open_sae_checkpoint(sae_dpath, cfg.model, cfg.layer, cfg.pool, cfg.device, sae_format=cfg.sae_format)
     images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
     cache_dpath = Path(cfg.embed_cache).expanduser() if cfg.embed_cache else default_cache_dpath()
     study = score_sae(
@@ -84,6 +85,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         data_root=str(images.root),
         skipped=study.skip_log.to_list(),
         image_list_digest=study.image_list_digest,
+        sae_source=src.source,
     )
     summary = study.summary
     log.info("mean MS: SAE %.4f, raw neurons %s", summary["mean"], summary.get("baseline", {}).get("mean"))

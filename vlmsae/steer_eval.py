@@ -39,12 +39,11 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     """Score steering as ``cfg`` says (keys: :class:`SteerEvalJob`); outputs in ``out_dpath``."""
     job: SteerEvalJob = OmegaConf.to_object(cfg)
     out_dpath = run_dir(out_dpath)
-    require_folder("sae_path", job.sae_path)
     require_folder("top_images", job.top_images)
     torch.manual_seed(job.seed)
     request = evaluate.ScoreRequest.from_job(job)
     spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
-    setup = load_steering(spec, job.sae_path, job.layer, job.device_map)
+    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format)
     embedder = load_embedder(embedder_spec)
     top = TopImages.load(job.top_images)
     images, image_names = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)

@@ -16,7 +16,7 @@ def _cfg(**kw) -> SAEConfig:
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        (dict(arch="topkk"), r"arch must be one of relu, topk, batchtopk, matryoshka; got 'topkk'"),
+        (dict(arch="topkk"), r"arch must be one of relu, topk, batchtopk, matryoshka, jumprelu; got 'topkk'"),
         (dict(k=33), r"k=33 is larger than n_latents=32"),
         (dict(arch="topk", k=0), r"k must be a positive integer; got 0"),
         (dict(d_in=0), r"d_in must be a positive integer; got 0"),

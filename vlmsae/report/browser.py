@@ -8,9 +8,9 @@ mailed or opened from disk.
 
 Patch heatmaps come from an optional ``patch_acts`` [K, T, P] tensor in ``top.safetensors`` (P a square
 grid) when a writer recorded it; otherwise they are recomputed from the MS run's ``run_info.json``
-(``sae_path``, model) when the SAE's ``source.tokens`` is patches | all | random_k. Latent ids mean
-something within one SAE only, so a steering run attaches to the cards only when its
-``settings.sae_path`` is the MS run's SAE.
+(``sae_path``, ``sae_format``, model; the SAE's ``source`` as the run recorded it) when the SAE's
+``source.tokens`` is patches | all | random_k. Latent ids mean something within one SAE only, so a
+steering run attaches to the cards only when its ``settings.sae_path`` is the MS run's SAE.
 
 Safety: labels come from folder names and CSVs we do not control. They reach the page only as
 JSON inside a ``<script type="application/json">`` block with ``<``, ``>`` and ``&`` escaped, and
@@ -363,6 +363,8 @@ def recompute_heatmaps(
     requests: dict[int, list[tuple[int, int, int]]],
     image_paths: list[str],
     batch_size: int = 32,
+    sae_source: dict[str, Any] | None = None,
+    sae_format: str | None = None,
 ) -> tuple[dict[tuple[int, int], list[float]], str]:
     """Per-patch activations of the requested latents, recomputed with the model and the SAE.
 
@@ -370,18 +372,20 @@ def recompute_heatmaps(
     model once (in batches), all its patch tokens through the SAE (thresholded inference), and the
     columns of the latents that list it are kept. Returns ({(card, slot): values_P}, reason); the
     reason is non-empty when nothing could be recomputed (no SAE, CLS-only SAE, model unavailable).
+    ``sae_source``: what the SAE reads (default: :func:`run_sae_source` of ``ms_config`` alone);
+    ``sae_format``: the SAE's format for :func:`vlmsae.sae.load` (default: the MS run's, else detect).
     """
     sae_path = ms_config.get("sae_path")
-    if not sae_path or not Path(sae_path).is_dir():
+    if not sae_path or ("://" not in str(sae_path) and not Path(sae_path).is_dir()):
         return {}, f"no SAE checkpoint at sae_path={sae_path!r} of the MS run"
-    sae_config = _optional(formats.read_sae_config, Path(sae_path) / formats.SAE_CONFIG_JSON)
-    source = sae_config.source if sae_config is not None else {}
+    source = sae_source if sae_source is not None else run_sae_source(ms_config, {})
     tokens = str(source.get("tokens") or ms_config.get("tokens") or "")
     if tokens not in PATCH_TOKEN_SELECTIONS:
         return {}, f"the SAE was trained on tokens={tokens or 'unknown'!r}, not patch tokens"
     # The MS run's model node, else the model the SAE names (a registered name, conf/model/<name>.yaml).
     model = ms_config.get("model") if isinstance(ms_config.get("model"), dict) else source.get("model")
-    layer = source.get("layer", ms_config.get("layer"))
+    # The layer the MS run was told (layer=), else the SAE's own: the codes the cards rank came from there.
+    layer = ms_config.get("layer") if ms_config.get("layer") is not None else source.get("layer")
     if not model or layer is None:
         return {}, "neither the MS run nor the SAE names the model and layer"
     if str(layer) == "last":
@@ -389,13 +393,15 @@ def recompute_heatmaps(
     try:
         import torch
 
+        from vlmsae.metrics.codes import load_job_sae
         from vlmsae.models import load_tap
-        from vlmsae.sae import load_sae
 
         tap = load_tap(model)
-        sae = load_sae(sae_path, device=tap.device).eval()
+        sae = load_job_sae(sae_path, sae_format or ms_config.get("sae_format"), device=tap.device).eval()
     except Exception as e:
         return {}, f"could not load the model or SAE ({type(e).__name__}: {e})"
+    if sae.d_in != tap.width:
+        return {}, f"the SAE reads {sae.d_in}-d activations but {tap.name}'s layer {layer} is {tap.width}-d"
 
     from tqdm import tqdm
 
@@ -435,12 +441,14 @@ def build_browser(
     thumb_px: int = 96,
     heatmaps: str = "auto",
     title: str | None = None,
+    sae_format: str | None = None,
 ) -> dict[str, Any]:
     """Write ``out_dpath/index.html`` (+ ``img/`` thumbnails, plots) and return the page's data.
 
     Cards: the ``max_cards`` latents with the highest MS (dead latents last), plus every latent a
     steering run used. ``heatmaps``: ``auto`` (recorded, else recomputed when the SAE saw patch
-    tokens), ``recorded`` (only what the MS run stored) or ``off``.
+    tokens), ``recorded`` (only what the MS run stored) or ``off``. ``sae_format``: the SAE's format
+    when heatmaps are recomputed (default: the MS run's ``sae_format``, else detect).
     """
     if heatmaps not in ("auto", "recorded", "off"):
         raise ValueError(f"heatmaps={heatmaps!r}: use auto, recorded or off.")
@@ -457,6 +465,7 @@ def build_browser(
     summary = _optional(formats.read_ms_summary, ms_dpath / formats.MS_SUMMARY_JSON)
     run_info = _optional(formats.read_run_info, ms_dpath / formats.RUN_INFO_JSON)
     ms_config = run_info.config if run_info is not None else {}
+    sae_source = run_sae_source(ms_config, run_info.extra if run_info is not None else {})
     taxa = read_taxa_csv(sources.hierarchy_dpath / "latent_taxa.csv") if sources.hierarchy_dpath else {}
     hierarchy = (
         _optional(formats.read_hierarchy, sources.hierarchy_dpath / formats.HIERARCHY_JSON)
@@ -545,7 +554,7 @@ def build_browser(
             }
         )
 
-    heatmap_note = _fill_heatmaps(cards, index, ms_config, heatmaps)
+    heatmap_note = _fill_heatmaps(cards, index, ms_config, heatmaps, sae_source, sae_format)
     plots = _copy_plots(ms_dpath, sources.hierarchy_dpath, out_dpath)
     data = {
         "title": title or f"vlmsae feature browser: {ms_dpath.name}",
@@ -560,7 +569,7 @@ def build_browser(
         },
         "summary": summary.to_dict() if summary is not None else None,
         "hierarchy": hierarchy.to_dict() if hierarchy is not None else None,
-        "model": _model_line(ms_config, index.meta),
+        "model": _model_line(ms_config, index.meta, sae_source),
         "plots": plots,
         "steering": steering,
         "cards": cards,
@@ -589,7 +598,14 @@ def _caption(key: str, label: Any) -> str:
     return "" if label is None or (isinstance(label, int) and label < 0) else str(label)
 
 
-def _fill_heatmaps(cards: list[dict[str, Any]], index: TopIndex, ms_config: dict[str, Any], mode: str) -> str:
+def _fill_heatmaps(
+    cards: list[dict[str, Any]],
+    index: TopIndex,
+    ms_config: dict[str, Any],
+    mode: str,
+    sae_source: dict[str, Any],
+    sae_format: str | None,
+) -> str:
     """Quantize recorded heatmaps, or recompute them; returns a note for the page header."""
     if mode == "off":
         return "heatmaps off"
@@ -600,7 +616,9 @@ def _fill_heatmaps(cards: list[dict[str, Any]], index: TopIndex, ms_config: dict
         for c, card in enumerate(cards):
             for s, t in enumerate(card["top"]):
                 requests[t["image"]].append((c, s, card["latent"]))
-        values, reason = recompute_heatmaps(ms_config, requests, index.paths or [])
+        values, reason = recompute_heatmaps(
+            ms_config, requests, index.paths or [], sae_source=sae_source, sae_format=sae_format
+        )
         if not values:
             return f"no patch heatmaps: {reason}"
         for (c, s), vals in values.items():
@@ -617,6 +635,18 @@ def _fill_heatmaps(cards: list[dict[str, Any]], index: TopIndex, ms_config: dict
             else:
                 t["heat"] = None
     return note
+
+
+def run_sae_source(ms_config: dict[str, Any], run_extra: dict[str, Any]) -> dict[str, Any]:
+    """What the MS run's SAE reads: the ``sae_source`` the run recorded (any SAE format), else, for runs
+    made before it did, the ``source`` in a vlmsae SAE folder's ``config.json``; {} when neither is there."""
+    if isinstance(run_extra.get("sae_source"), dict):
+        return dict(run_extra["sae_source"])
+    sae_path = ms_config.get("sae_path")
+    if not sae_path or "://" in str(sae_path):
+        return {}
+    sae_config = _optional(formats.read_sae_config, Path(sae_path) / formats.SAE_CONFIG_JSON)
+    return dict(sae_config.source) if sae_config is not None else {}
 
 
 def _optional(read: Any, fpath: Path) -> Any:
@@ -641,12 +671,10 @@ def _copy_plots(ms_dpath: Path, hierarchy_dpath: Path | None, out_dpath: Path) -
     return plots
 
 
-def _model_line(ms_config: dict[str, Any], top_meta: dict[str, Any]) -> str:
-    """``model · layer L · tokens · SAE path`` from the MS run's config, its index meta and the SAE."""
+def _model_line(ms_config: dict[str, Any], top_meta: dict[str, Any], source: dict[str, Any]) -> str:
+    """``model · layer L · tokens · SAE path`` from the MS run's config, its index meta and the SAE's source."""
     model = ms_config.get("model") if isinstance(ms_config.get("model"), dict) else {}
     sae_path = ms_config.get("sae_path") or top_meta.get("sae_path")
-    sae_config = _optional(formats.read_sae_config, Path(sae_path) / formats.SAE_CONFIG_JSON) if sae_path else None
-    source = sae_config.source if sae_config is not None else {}
     name = model.get("name") or top_meta.get("model") or source.get("model")
     layer = next(
         (x for x in (ms_config.get("layer"), top_meta.get("layer"), source.get("layer")) if x is not None), None

@@ -180,6 +180,43 @@ class SteeringHandle:
     shapes: list[tuple[int, ...]] = field(default_factory=list)
 
 
+def steer_block(model: nn.Module, sae: nn.Module, layer: int | None = None) -> int:
+    """The vision block of ``model`` to edit with ``sae`` (``layer``, else the SAE's ``source.layer``), checked:
+    in range, not after the block LLaVA projects, and as wide as the SAE. Cheap: no forward pass."""
+    if layer is None:
+        layer = sae_layer(sae)
+    if layer is None:
+        raise ValueError(
+            "The SAE does not say which vision block it was trained on (source.layer is None): pass layer=<block>."
+        )
+    blocks = vision_blocks(model)
+    if -len(blocks) <= layer < 0:  # counted from the end, as train's layer=-2
+        layer += len(blocks)
+    if not 0 <= layer < len(blocks):
+        raise ValueError(
+            f"layer={layer} is out of range: the vision tower has {len(blocks)} blocks (0..{len(blocks) - 1}, or "
+            f"-1..-{len(blocks)} from the end): pass layer=<block> or the SAE trained on this model's tower."
+        )
+    try:
+        tapped = tapped_block_index(model)
+    except ValueError:
+        tapped = None  # a bare vision tower: no projector to reach
+    if tapped is not None and layer > tapped:
+        raise ValueError(
+            f"The SAE's layer {layer} comes after block {tapped}, whose output LLaVA projects "
+            f"(vision_feature_layer={model.config.vision_feature_layer}): "
+            "the edit would never reach the language model: pass layer=<block> <= "
+            f"{tapped} or an SAE trained on an earlier block."
+        )
+    width = getattr(getattr(getattr(model, "config", None), "vision_config", None), "hidden_size", None)
+    if width is not None and sae.W_dec.shape[1] != width:
+        raise ValueError(
+            f"The SAE reads {sae.W_dec.shape[1]}-d activations but {type(model).__name__}'s vision tower is "
+            f"{width}-d: use an SAE trained on this model's vision tower (source: {getattr(sae, 'source', 'unknown')})."
+        )
+    return layer
+
+
 @contextlib.contextmanager
 def steer(
     model: nn.Module,
@@ -204,33 +241,8 @@ def steer(
         raise ValueError(f"Unknown steering mode {mode!r}: use one of {', '.join(MODES)}.")
     if not latents:
         raise ValueError("No latents to steer: pass {latent index: alpha, ...}.")
-    if layer is None:
-        layer = sae_layer(sae)
-    if layer is None:
-        raise ValueError(
-            "The SAE does not say which vision block it was trained on (config.json source.layer): pass layer=<block>."
-        )
+    layer = steer_block(model, sae, layer)
     blocks = vision_blocks(model)
-    if -len(blocks) <= layer < 0:  # counted from the end, as train's layer=-2
-        layer += len(blocks)
-    if not 0 <= layer < len(blocks):
-        raise ValueError(f"layer={layer} is out of range: the vision tower has {len(blocks)} blocks.")
-    try:
-        tapped = tapped_block_index(model)
-    except ValueError:
-        tapped = None  # a bare vision tower: no projector to reach
-    if tapped is not None and layer > tapped:
-        raise ValueError(
-            f"The SAE's layer {layer} comes after block {tapped}, whose output LLaVA projects "
-            f"(vision_feature_layer={model.config.vision_feature_layer}): "
-            "the edit would never reach the language model."
-        )
-    width = getattr(getattr(getattr(model, "config", None), "vision_config", None), "hidden_size", None)
-    if width is not None and sae.W_dec.shape[1] != width:
-        raise ValueError(
-            f"The SAE reads {sae.W_dec.shape[1]}-d activations but {type(model).__name__}'s vision tower is "
-            f"{width}-d: use an SAE trained on this model's vision tower (source: {getattr(sae, 'source', 'unknown')})."
-        )
     if has_cls is None:
         has_cls = "siglip" not in type(blocks[0]).__name__.lower()
     handle = SteeringHandle(layer=layer, mode=mode, latents=dict(latents), patches=patches)

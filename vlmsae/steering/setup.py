@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import nn
 
+from vlmsae.metrics.codes import load_job_sae
 from vlmsae.models.llava import load_llava_spec, vision_tower
 from vlmsae.models.spec import ModelSpec
-from vlmsae.sae import load_sae
-from vlmsae.steering.hooks import sae_layer
+from vlmsae.steering.hooks import steer_block
 
 
 @dataclass
@@ -22,7 +22,7 @@ class SteeringSetup:
     model: nn.Module
     processor: Any
     sae: nn.Module
-    layer: int | None  # the vision block to hook; None only when neither the job nor the SAE names one
+    layer: int  # the vision block to hook (the job's layer, else the SAE's source.layer), checked against the tower
     image_size: int  # the vision tower's input side (the white image is made this size)
 
 
@@ -42,15 +42,22 @@ def require_folder(key: str, value: str | Path | None, what: str = "") -> Path:
 
 
 def load_steering(
-    spec: ModelSpec, sae_path: str | Path, layer: int | None = None, device_map: str | None = None
+    spec: ModelSpec,
+    sae_path: str | Path,
+    layer: int | None = None,
+    device_map: str | None = None,
+    sae_format: str | None = None,
 ) -> SteeringSetup:
-    """Load the LLaVA of ``spec`` and the SAE of ``sae_path`` onto its vision tower's device.
+    """Load the SAE of ``sae_path`` (any format :func:`vlmsae.sae.load` reads, via
+    :func:`vlmsae.metrics.codes.load_job_sae`; ``sae_format`` None = detect),
+    then the LLaVA of ``spec``, and move the SAE onto its vision tower's device.
 
-    ``layer`` overrides the block the SAE was trained on (its ``config.json`` ``source.layer``).
+    ``layer`` overrides the block the SAE was trained on (its ``source.layer``). The SAE loads first, so a
+    bad path fails before the (large) model loads; its block and width are checked against the tower
+    (:func:`vlmsae.steering.hooks.steer_block`) before any image is read.
     """
-    sae_dpath = require_folder("sae_path", sae_path, ": pass an SAE checkpoint dir (save_sae output)")
+    sae = load_job_sae(str(sae_path), sae_format)
     model, processor = load_llava_spec(llava_spec(spec, device_map))
     device = next(vision_tower(model).parameters()).device  # with device_map=auto the tower may not be on cuda:0
-    sae = load_sae(str(sae_dpath), device=str(device))
-    layer = layer if layer is not None else sae_layer(sae)
-    return SteeringSetup(model, processor, sae, layer, int(model.config.vision_config.image_size))
+    layer = steer_block(model, sae, layer)
+    return SteeringSetup(model, processor, sae.to(device).eval(), layer, int(model.config.vision_config.image_size))

@@ -23,6 +23,7 @@ class BrowseJob:
     thumb_px: int = 96  # thumbnail side in pixels (square centre crops, as the model saw them)
     heatmaps: str = "auto"  # auto: recorded per-patch activations, else recompute with model + SAE | recorded | off
     title: Optional[str] = None  # page title; default names the MS run
+    sae_format: Optional[str] = None  # the MS run's SAE format for recomputed heatmaps; null = the run's, else detect
 
 
 def register() -> None:

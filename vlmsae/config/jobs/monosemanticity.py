@@ -17,11 +17,12 @@ class MonosemanticityJob:
     """MS of every SAE latent and every raw neuron of the layer it reads (METHOD §3), top images, plots."""
 
     # config groups (typed by their own schemas in vlmsae.config.schemas)
-    model: Any = None  # null = the model the SAE was trained on (its config.json source.model)
+    model: Any = None  # null = the model the SAE was trained on (its source.model)
     data: Any = MISSING  # the images: folder | list | wds | synthetic
     embedder: Any = MISSING  # the image embedder E of the score
 
-    sae_path: str = MISSING  # SAE checkpoint folder (save_sae output; a training run keeps it in <run>/sae/)
+    sae_path: str = MISSING  # SAE folder (save_sae output, <run>/sae/; or a published SAE's folder / hf://org/repo)
+    sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
     layer: Any = None  # null = the SAE's source layer; or a block index / "last"
     pool: Optional[str] = None  # cls | mean | max over patch tokens; null = cls if the SAE read CLS tokens, else mean
     top_k: int = 16  # top-activating images kept per latent (images where it is 0 never count)

@@ -13,7 +13,9 @@ class SteerJob:
     """Steer LLaVA through SAE latents in its vision tower (METHOD §5) and compare with the unsteered answer."""
 
     model: Any = MISSING  # the LLaVA to steer: a conf/model/ choice with backend hf_llava (its own model_schema)
-    sae_path: str = MISSING  # SAE checkpoint folder (save_sae output); its config.json source.layer picks the block
+    sae_path: str = MISSING  # SAE folder (save_sae output, a published SAE's folder or hf://org/repo); its source.layer
+    # picks the block
+    sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
     layer: Optional[int] = None  # override the vision block to hook (default: the SAE's source.layer)
     latent: Any = 0  # latent index, or a list [j1, j2] to clamp several at once
     alpha: Any = 100.0  # new value of the latent(s); a list matches `latent` one to one (paper: 100)

@@ -15,7 +15,10 @@ class SteerEvalJob:
 
     model: Any = MISSING  # the LLaVA to steer: a conf/model/ choice with backend hf_llava (its own model_schema)
     embedder: Any = MISSING  # a conf/embedder/ choice with a text tower (CLIP: clip_b32 in the paper, tiny in tests)
-    sae_path: str = MISSING  # SAE checkpoint folder (the paper: Matryoshka x64 at block 22, 2 random tokens/image)
+    sae_path: str = (
+        MISSING  # SAE folder or hf://org/repo (the paper: Matryoshka x64 at block 22, 2 random tokens/image)
+    )
+    sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
     top_images: str = MISSING  # top_images/ folder of a monosemanticity run with that SAE (image paths and labels)
     layer: Optional[int] = None  # vision block to hook (default: the SAE's source.layer)
     # a count (10 = latents 0..9; the paper: 10 with ImageNet images, 1000 with the white image) or a list
