@@ -28,6 +28,17 @@ WEIGHTS_FNAME = "sae.safetensors"
 _TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
+def refuse_interop_only(sae: SAE, action: str) -> None:
+    """A loaded foreign SAE whose forward no vlmsae arch reproduces (``interop_only``: why) cannot be written as
+    its base arch: that would silently change its codes. Use it in memory, or keep the original files."""
+    reason = getattr(sae, "interop_only", None)
+    if reason:
+        raise ValueError(
+            f"{action}: this {type(sae).__name__} (loaded from {sae.source.get('format')}) cannot be written: "
+            f"{reason}. Written as its base architecture it would give other codes; keep using the original files."
+        )
+
+
 def save_sae(
     sae: SAE, dpath: str | Path, source: dict[str, Any] | None = None, trainer_precision: str | None = None
 ) -> Path:
@@ -42,6 +53,7 @@ def save_sae(
 
     if not isinstance(sae, SAE):
         raise TypeError(f"save_sae needs a vlmsae SAE module; got {type(sae).__name__}.")
+    refuse_interop_only(sae, "save_sae")
     dpath = Path(dpath)
     dpath.mkdir(parents=True, exist_ok=True)
     scale = float(sae.input_scale)

@@ -132,3 +132,22 @@ def test_detect(tmp_path):
     assert not msae.detect(tmp_path)
     _save(tmp_path, f"{F}_{D}_TopKReLU_8_False_False_0.0_{DATASET}.pth")
     assert msae.detect(tmp_path)
+
+
+def test_a_soft_capped_sae_is_not_written_as_its_base_arch(tmp_path):
+    """save_sae and export would write the soft-capped module as plain ReLU and change its codes: refused."""
+    from vlmsae.sae import save_sae
+    from vlmsae.sae.interop import export_sae
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "plain").mkdir()
+    _save(tmp_path / "in", f"{F}_{D}_ReLU_003_False_False_30.0_{DATASET}.pth", tied=False)
+    sae = msae.load(tmp_path / "in")
+    with pytest.raises(ValueError, match=r"save_sae: .*cannot be written: MSAE soft-capped codes"):
+        save_sae(sae, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"export to saelens: .*cannot be written"):
+        export_sae(sae, "saelens", tmp_path / "out2")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+    _save(tmp_path / "plain", f"{F}_{D}_TopKReLU_8_False_False_0.0_{DATASET}.pth", tied=False)
+    save_sae(msae.load(tmp_path / "plain"), tmp_path / "plain_out")  # no soft cap: a plain ReLU SAE, written
+    assert (tmp_path / "plain_out" / "sae.safetensors").is_file()

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 from vlmsae.sae.base import SAE
+from vlmsae.sae.checkpoint import refuse_interop_only
 from vlmsae.sae.interop.hub import is_hf_uri, resolve_hf
 
 FORMAT_NAMES = ("vlmsae", "dictionary_learning", "saelens", "sparsify", "saev", "prisma", "msae")
@@ -109,6 +110,7 @@ def export_sae(sae: SAE, sae_format: str, out_dpath: str | Path, overwrite: bool
     """
     if sae_format not in EXPORT_FORMATS:
         raise ValueError(f"format={sae_format!r} cannot be exported; export targets: {', '.join(EXPORT_FORMATS)}.")
+    refuse_interop_only(sae, f"export to {sae_format}")
     module = format_module(sae_format)
     if module is None or not hasattr(module, "save"):
         writers = [name for name, mod in available_formats().items() if hasattr(mod, "save")]
