@@ -147,20 +147,20 @@ def select_tokens(
                 "tokens=cls: this model has no CLS token (e.g. SigLIP). Use tokens=mean (mean-pooled patches) "
                 "or tokens=patches instead."
             )
-        token_idx_BK = torch.zeros(B, 1, dtype=torch.long)
+        token_idx_BT = torch.zeros(B, 1, dtype=torch.long)
     elif tokens == "mean":
         rows_ND = acts_BTD[:, first_patch:].mean(dim=1)
         return rows_ND, torch.full((B,), -1, dtype=torch.long), torch.arange(B)
     elif tokens == "patches":
-        token_idx_BK = torch.arange(first_patch, T).expand(B, -1)
+        token_idx_BT = torch.arange(first_patch, T).expand(B, -1)
     elif tokens == "all":
-        token_idx_BK = torch.arange(T).expand(B, -1)
+        token_idx_BT = torch.arange(T).expand(B, -1)
     else:  # random_k
         if not 1 <= k <= T:
             raise ValueError(f"tokens=random_k with k={k}: k must be in 1..{T} (tokens per image).")
         scores_BT = torch.rand(B, T, generator=generator)
-        token_idx_BK = scores_BT.argsort(dim=1)[:, :k].sort(dim=1).values
-    K = token_idx_BK.shape[1]
-    image_idx_BK = torch.arange(B).unsqueeze(1).expand(B, K)
-    rows_ND = acts_BTD[image_idx_BK.reshape(-1).to(device), token_idx_BK.reshape(-1).to(device)]
-    return rows_ND, token_idx_BK.reshape(-1).clone(), image_idx_BK.reshape(-1).clone()
+        token_idx_BT = scores_BT.argsort(dim=1)[:, :k].sort(dim=1).values
+    # T here counts the kept tokens of each image (all, the patches, one CLS or k random ones)
+    image_idx_BT = torch.arange(B).unsqueeze(1).expand(B, token_idx_BT.shape[1])
+    rows_ND = acts_BTD[image_idx_BT.reshape(-1).to(device), token_idx_BT.reshape(-1).to(device)]
+    return rows_ND, token_idx_BT.reshape(-1).clone(), image_idx_BT.reshape(-1).clone()
