@@ -264,10 +264,25 @@ class ImageCodes:
         return len(self.keys)
 
     def top_images(self, top_k: int, meta: dict[str, Any]) -> TopImages:
-        """The top-``top_k`` images of every latent as a :class:`TopImages` index (paths kept if all known)."""
+        """The top-``top_k`` images of every latent as a :class:`TopImages` index (paths kept if all known).
+        ``meta`` (see :func:`top_images_meta`) says what was ranked."""
         idx_KT, acts_KT = top_images(self.codes_NF, top_k=top_k)
         paths = self.paths if all(p is not None for p in self.paths) else None
         return TopImages(idx_KT, acts_KT, self.keys, paths=paths, labels=self.labels, meta=meta)
+
+
+def top_images_meta(src: SAESource, images: Any, sae_path: str | Path, **extra: Any) -> dict[str, Any]:
+    """What a top-images index ranked: the SAE, its model and tap, and the images (``meta.json``)."""
+    return {
+        "what": "top-activating images of SAE latents",
+        "sae_path": str(sae_path),
+        "model": src.spec.name,
+        "layer": src.layer,
+        "pool": src.pool,
+        "data_source": images.source,
+        "data_root": str(images.root),
+        **extra,
+    }
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from vlmsae.data.images import SkipLog, synthetic_options_of
 from vlmsae.data.taxonomy import Taxonomy, encode_paths, load_taxonomy
 from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, HierarchySummary, read_latents_csv, read_run_info
 from vlmsae.metrics import hierarchy as H
-from vlmsae.metrics.codes import SAESource, encode_images, open_sae_source
+from vlmsae.metrics.codes import SAESource, encode_images, open_sae_source, top_images_meta
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models.embedders import load_embedder
@@ -144,18 +144,7 @@ def compute_top_images(
             f"No readable image in data.source={images.source} data.root={images.root} ({len(skip_log)} skipped)."
         )
     top = encoded.top_images(
-        top_k,
-        meta={
-            "what": "top-activating images of SAE latents",
-            "sae_path": str(sae_path),
-            "model": src.spec.name,
-            "layer": src.layer,
-            "pool": src.pool,
-            "data_source": images.source,
-            "data_root": str(images.root),
-            "skipped": skip_log.to_list(),
-            "written_by": "vlmsae.hierarchy",
-        },
+        top_k, top_images_meta(src, images, sae_path, skipped=skip_log.to_list(), written_by="vlmsae.hierarchy")
     )
     ms_K = monosemanticity_scores(encoded.codes_NF, torch.cat(emb_chunks)).double() if emb_chunks else None
     return top, ms_K

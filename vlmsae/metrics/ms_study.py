@@ -22,7 +22,7 @@ from vlmsae.data.image_set import ImageSet
 from vlmsae.data.images import SkipLog
 from vlmsae.data.shards import image_list_digest
 from vlmsae.formats import LatentRow, LatentsTable, MsSummary
-from vlmsae.metrics.codes import SAESource, encode_images
+from vlmsae.metrics.codes import SAESource, encode_images, top_images_meta
 from vlmsae.metrics.embedding_cache import CachedEmbedder
 from vlmsae.metrics.monosemanticity import column_min_max, monosemanticity_scores, ms_summary
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator, zero_shot_fidelity
@@ -132,19 +132,7 @@ def score_sae(
         lo_D, hi_D = column_min_max(raw_ND)
         summary["baseline"] = ms_summary(ms_raw_D, n_images, dead_K=hi_D == lo_D)
 
-    top = encoded.top_images(
-        top_k,
-        meta={
-            "what": "top-activating images of SAE latents",
-            "sae_path": str(sae_path),
-            "model": src.spec.name,
-            "layer": src.layer,
-            "pool": src.pool,
-            "data_source": images.source,
-            "data_root": str(images.root),
-            "image_list_digest": digest,
-        },
-    )
+    top = encoded.top_images(top_k, top_images_meta(src, images, sae_path, image_list_digest=digest))
     uniq = top_set_jaccard(top.image_idx)
     summary["uniqueness"] = {
         "mean_jaccard": uniq["mean"],

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from vlmsae.config.nodes import EMBEDDER_BACKENDS, EmbedderSpec, open_clip_overrides
-from vlmsae.models.tap import resolve_device
+from vlmsae.models.tap import looks_offline, resolve_device
 
 __all__ = ["EMBEDDER_BACKENDS", "Embedder", "EmbedderSpec", "load_embedder"]
 
@@ -43,25 +43,6 @@ def _offline_error(spec: EmbedderSpec, err: BaseException) -> RuntimeError:
         f"{spec.pretrained!r}, local_path={spec.local_path!r}): {err}\nThis machine may be offline and the weights "
         f"not cached. On a machine with internet run {how}. For tests use embedder=tiny (no download)."
     )
-
-
-def _looks_offline(err: BaseException) -> bool:
-    text = f"{type(err).__name__} {err}".lower()
-    words = (
-        "download",
-        "connect",
-        "offline",
-        "resolve",
-        "hub",
-        "not found",
-        "404",
-        "internet",
-        "local_files_only",
-        "couldn't",
-        "max retries",
-        "no such file",
-    )
-    return any(w in text for w in words)
 
 
 class Embedder:
@@ -157,7 +138,7 @@ class HFEmbedder(Embedder):
             self.processor = AutoImageProcessor.from_pretrained(source, cache_dir=spec.cache_dir)
             model = AutoModel.from_pretrained(source, cache_dir=spec.cache_dir)
         except (OSError, ValueError, RuntimeError) as err:
-            if _looks_offline(err) or isinstance(err, OSError):
+            if looks_offline(err) or isinstance(err, OSError):
                 raise _offline_error(spec, err) from err
             raise
         self.device = resolve_device(spec.device)

@@ -30,7 +30,7 @@ import torch
 
 from vlmsae.config.nodes import open_clip_overrides
 from vlmsae.models.spec import ModelSpec
-from vlmsae.models.tap import Tap, resolve_device, torch_dtype
+from vlmsae.models.tap import Tap, looks_offline, resolve_device, torch_dtype
 from vlmsae.models.tiny import OPEN_CLIP_CONFIG, build_tiny_open_clip, tiny_model_dpath
 
 log = logging.getLogger(__name__)
@@ -367,22 +367,7 @@ def create_open_clip(
             source.model_name, cache_dir=cache_dir, device="cpu", **source.create_kwargs()
         )
     except (RuntimeError, OSError, ValueError) as err:
-        text = f"{type(err).__name__} {err}".lower()
-        words = (
-            "download",
-            "connect",
-            "offline",
-            "resolve",
-            "hub",
-            "not found",
-            "404",
-            "internet",
-            "local_files_only",
-            "couldn't",
-            "max retries",
-            "no such file",
-        )
-        if on_missing is not None and any(word in text for word in words):
+        if on_missing is not None and looks_offline(err):
             raise on_missing(err) from err
         raise
     return model, preprocess

@@ -164,3 +164,23 @@ def select_tokens(
     image_idx_BT = torch.arange(B).unsqueeze(1).expand(B, token_idx_BT.shape[1])
     rows_ND = acts_BTD[image_idx_BT.reshape(-1).to(device), token_idx_BT.reshape(-1).to(device)]
     return rows_ND, token_idx_BT.reshape(-1).clone(), image_idx_BT.reshape(-1).clone()
+
+
+def looks_offline(err: BaseException) -> bool:
+    """Whether a loading error reads like missing network access or an uncached download (not a bad file)."""
+    text = f"{type(err).__name__} {err}".lower()
+    words = (
+        "download",
+        "connect",
+        "offline",
+        "resolve",
+        "hub",
+        "not found",
+        "404",
+        "internet",
+        "local_files_only",
+        "couldn't",
+        "max retries",
+        "no such file",
+    )
+    return any(w in text for w in words)
