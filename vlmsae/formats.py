@@ -433,6 +433,7 @@ class StoreManifest:
     n_chunks: int | None = None
     rows_per_chunk: int | None = None
     shards: list[str] | None = None  # shard file names, in order
+    shard_rows: list[int] | None = _opt()  # rows per shard (with rows_per_chunk: the chunk index of a remote store)
     mean: list[float] | None = None  # per dimension, over the stored rows
     var: list[float] | None = None  # population variance per dimension
     mean_sq_norm: float | None = None  # E||x||^2
@@ -531,6 +532,18 @@ def read_manifest(path: str | Path) -> StoreManifest:
             f"No {MANIFEST_JSON} in {fpath.parent}{hint}: run `{_EXTRACT_JOB} ... out={fpath.parent}` first."
         )
     return _from_json_dict(StoreManifest, _load_json(fpath, _EXTRACT_JOB), fpath, MANIFEST_VERSIONS, _EXTRACT_JOB)
+
+
+def manifest_from_json(text: str | bytes, where: str) -> StoreManifest:
+    """A ``manifest.json`` read from elsewhere than a local file (a URL): ``where`` names it in errors."""
+    try:
+        obj = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{where} is not valid JSON ({err}): the store is damaged or not a vlmsae store.") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} holds a JSON {type(obj).__name__}, expected an object; re-run `{_EXTRACT_JOB}`.")
+    version = check_version(where, obj.get("format_version", 1), MANIFEST_VERSIONS, _EXTRACT_JOB)
+    return _build(StoreManifest, obj, where, _EXTRACT_JOB, version)
 
 
 def write_manifest(dpath: str | Path, manifest: StoreManifest) -> Path:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.data.remote import open_stream
 from vlmsae.formats import PROGRESS_JSON, StoreManifest, StoreProgress, read_progress, write_manifest, write_progress
 from vlmsae.utils.io import atomic_write
 from vlmsae.utils.provenance import git_commit, versions
@@ -314,6 +315,8 @@ class ShardWriter:
                 "n_chunks": self.n_chunks,
                 "rows_per_chunk": self.rows_per_chunk,
                 "shards": [p.name for p in list_shards(self.dpath)],
+                # rows per shard: with rows_per_chunk, a remote store's chunk index without reading its shards
+                "shard_rows": [sum(n for _, n, _ in chunk_row_counts(p)) for p in list_shards(self.dpath)],
                 **fields,
                 "mean": self.stats.mean.tolist(),
                 "var": self.stats.var.tolist(),
@@ -420,6 +423,21 @@ def image_holdout(image_idx_R: torch.Tensor, period: int) -> torch.Tensor:
     return image_idx_R % int(period) == 0
 
 
+def manifest_chunk_rows(shard_rows: list[int], rows_per_chunk: int) -> list[list[tuple[int, int, int]]]:
+    """``(chunk_index, n_rows, 0)`` of every chunk of every shard, from the manifest's rows per shard.
+
+    :class:`ShardWriter` cuts each shard into chunks of ``rows_per_chunk`` rows (the last one shorter) and
+    numbers chunks across the store, so the rows per shard fix the whole index; the reader checks every
+    chunk's size against it.
+    """
+    out, chunk = [], 0
+    for n_rows in shard_rows:
+        sizes = [min(rows_per_chunk, n_rows - start) for start in range(0, int(n_rows), rows_per_chunk)]
+        out.append([(chunk + i, n, 0) for i, n in enumerate(sizes)])
+        chunk += len(sizes)
+    return out
+
+
 def chunk_row_counts(
     fpath: str | Path, d: int | None = None, holdout_period: int | None = None
 ) -> list[tuple[int, int, int]]:
@@ -467,10 +485,8 @@ def chunk_row_counts(
 
 def _iter_streamed_chunks(url: str, want: Callable[[int], bool], with_keys: bool) -> Iterator[dict[str, Any]]:
     """One pass through a shard that cannot be seeked (a URL or a pipe): every member is read."""
-    from webdataset import gopen
-
     pending: dict[str, dict[str, bytes]] = {}
-    with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    with open_stream(url, "activation shard") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from vlmsae.data.remote import is_remote, join_url, missing_files, read_bytes
 from vlmsae.data.shards import ShardWriter, list_shards
-from vlmsae.formats import MANIFEST_JSON, StoreManifest, read_manifest
+from vlmsae.formats import MANIFEST_JSON, StoreManifest, manifest_from_json, read_manifest
 
 
 def list_shard_fpaths(acts_dpath: Path) -> list[str]:
@@ -22,13 +23,18 @@ def list_shard_fpaths(acts_dpath: Path) -> list[str]:
     return [str(p) for p in list_shards(acts_dpath)]
 
 
-def open_store(acts: str | Path | None) -> tuple[Path, StoreManifest, list[str]]:
-    """Check an activation store exists, is complete and is readable; clear errors before any training."""
+def open_store(acts: str | Path | None) -> tuple[Path | str, StoreManifest, list[str]]:
+    """Check an activation store exists, is complete and is readable; clear errors before any training.
+
+    ``acts``: a folder, or a remote store (:func:`open_remote_store`; returned as the URL string).
+    """
     if acts in (None, "", "???"):
         raise ValueError(
             "data.acts is not set: pass the activation folder written by `python -m vlmsae.extract`, "
             "e.g. data.acts=outputs/extract/<run> (or data=images to compute activations on the fly)"
         )
+    if is_remote(acts):
+        return open_remote_store(str(acts))
     acts_dpath = Path(str(acts)).expanduser()
     if not acts_dpath.is_dir():
         raise FileNotFoundError(
@@ -41,12 +47,7 @@ def open_store(acts: str | Path | None) -> tuple[Path, StoreManifest, list[str]]
             "(an interrupted extraction writes the manifest last; re-run it)"
         )
     manifest = read_manifest(acts_dpath)
-    if manifest.complete is False or manifest.n_rows is None or manifest.d is None:
-        raise ValueError(
-            f"the manifest of {str(acts_dpath)!r} says the store is incomplete (complete={manifest.complete}, "
-            f"n_rows={manifest.n_rows}, d={manifest.d}): finish it by re-running the same "
-            "`python -m vlmsae.extract ... out=<dir>` command (it resumes), then train"
-        )
+    _check_complete(manifest, str(acts_dpath))
     shard_fpaths = list_shard_fpaths(acts_dpath)
     if not shard_fpaths:
         raise FileNotFoundError(f"{str(acts_dpath)!r} has a manifest but no acts-*.tar shards")
@@ -57,6 +58,54 @@ def open_store(acts: str | Path | None) -> tuple[Path, StoreManifest, list[str]]
             "present: restore the missing shards or re-run the extraction into a fresh folder"
         )
     return acts_dpath, manifest, shard_fpaths
+
+
+def _check_complete(manifest: StoreManifest, where: str) -> None:
+    if manifest.complete is False or manifest.n_rows is None or manifest.d is None:
+        raise ValueError(
+            f"the manifest of {where!r} says the store is incomplete (complete={manifest.complete}, "
+            f"n_rows={manifest.n_rows}, d={manifest.d}): finish it by re-running the same "
+            "`python -m vlmsae.extract ... out=<dir>` command (it resumes), then train"
+        )
+
+
+def open_remote_store(url: str) -> tuple[str, StoreManifest, list[str]]:
+    """A store behind a URL (``https://``, ``s3://``, any fsspec protocol) or a ``pipe:`` command with ``{name}``.
+
+    The manifest is read from beside the shards and lists them (no globbing a remote folder); every listed
+    shard must be there (a half-uploaded store fails here, naming the missing files), except behind a
+    ``pipe:`` command, which cannot be listed (a missing shard then fails when it is read).
+    """
+    url = url if url.startswith("pipe:") else url.rstrip("/")
+    manifest_url = join_url(url, MANIFEST_JSON)
+    try:
+        text = read_bytes(manifest_url, f"manifest of the activation store data.acts={url}")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}: {url} is not a finished activation store (extraction writes {MANIFEST_JSON} last, so an "
+            "unfinished upload has none): upload the whole store folder, manifest last, or fix data.acts"
+        ) from err
+    manifest = manifest_from_json(text, manifest_url)
+    _check_complete(manifest, url)
+    if not manifest.shards:
+        raise ValueError(
+            f"{manifest_url} lists no shards (a store written before vlmsae recorded them, or an empty one): "
+            "remote stores are read from the manifest's shard list; re-run the extraction and upload its output"
+        )
+    if manifest.n_shards is not None and int(manifest.n_shards) != len(manifest.shards):
+        raise ValueError(
+            f"{manifest_url} says n_shards={manifest.n_shards} but lists {len(manifest.shards)} shard names: "
+            "the manifest is damaged; re-upload it"
+        )
+    missing = missing_files(url, list(manifest.shards))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(
+            f"the activation store {url} is half-written: its manifest lists {len(manifest.shards)} shards but "
+            f"{len(missing)} are missing there ({shown}): finish the upload (shards first, manifest last) "
+            "or point data.acts at a complete copy"
+        )
+    return url, manifest, [join_url(url, name) for name in manifest.shards]
 
 
 def check_store_width(store: str | Path | StoreManifest, d_expected: int, acts_dpath: str | Path | None = None) -> int:

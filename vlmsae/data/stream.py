@@ -46,7 +46,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlmsae.data.images import ImageRecord, iter_images
-from vlmsae.data.shards import chunk_row_counts, image_holdout, iter_chunks
+from vlmsae.data.remote import is_remote
+from vlmsae.data.shards import chunk_row_counts, image_holdout, iter_chunks, manifest_chunk_rows
+from vlmsae.formats import StoreManifest
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +157,33 @@ def window_rows(shuffle_buffer: int, batch_size: int) -> int:
 
 
 def build_chunk_index(
-    shard_fpaths: list[str], holdout_period: int | None = None, d: int | None = None
+    shard_fpaths: list[str],
+    holdout_period: int | None = None,
+    d: int | None = None,
+    manifest: StoreManifest | None = None,
 ) -> dict[str, list[tuple[int, int, int]]]:
     """``{shard: [(chunk_index, n_rows, n_held_out), ...]}`` for every shard (headers only for local ones).
 
-    A shard that is not a local file (a URL, ``pipe:...``) cannot be seeked: it is read once to count.
+    A remote store (URLs, ``pipe:...``; ``shard_fpaths`` = every shard of ``manifest``, in its order) takes the
+    index from the manifest's ``shard_rows``, reading nothing. Without them (a store written before they
+    were recorded) or with a held-out period (which needs each row's image), a shard that is not a local
+    file cannot be seeked: it is read once to count.
     """
     index: dict[str, list[tuple[int, int, int]]] = {}
+    remote = [f for f in shard_fpaths if is_remote(f)]
+    if (
+        remote
+        and holdout_period is None
+        and manifest is not None
+        and manifest.shard_rows is not None
+        and manifest.rows_per_chunk
+        and len(manifest.shard_rows) == len(shard_fpaths)
+    ):
+        return dict(
+            zip(shard_fpaths, manifest_chunk_rows(manifest.shard_rows, int(manifest.rows_per_chunk)), strict=True)
+        )
     for fpath in shard_fpaths:
-        if Path(fpath).is_file():
+        if not is_remote(fpath) and Path(fpath).is_file():
             index[fpath] = chunk_row_counts(fpath, d=d, holdout_period=holdout_period)
             continue
         log.warning("shard %s is not a local file: reading it once to count its rows", fpath)

@@ -85,7 +85,7 @@ class ActsDataModule(L.LightningDataModule):
         # per-chunk row counts (and held-out rows) from headers: the resume seek and the size checks use them
         period = self.train_keep[1] if self.train_keep[0] != "all" else None
         t0 = time.perf_counter()
-        self.chunk_rows = build_chunk_index(self.shard_fpaths, holdout_period=period, d=self.d)
+        self.chunk_rows = build_chunk_index(self.shard_fpaths, holdout_period=period, d=self.d, manifest=self.manifest)
         log.info(
             "indexed %d shards of %s in %.1f s (headers only)",
             len(self.shard_fpaths),
