@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import shutil
 import socket
+import tarfile
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,3 +147,40 @@ def test_manifest_records_rows_per_shard(tmp_path):
     store = write_acts_store(tmp_path / "s", torch.randn(700, 4).half(), rows_per_chunk=100, chunks_per_shard=3)
     manifest = read_manifest(store)
     assert manifest.shard_rows == [300, 300, 100] and manifest.rows_per_chunk == 100
+
+
+def _write_wds(fpath, samples):
+    with tarfile.open(fpath, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_wds_images_from_url_and_pipe_equal_local(served):
+    from PIL import Image
+
+    from vlmsae.data.images import iter_images
+
+    _, url, root = served
+    (root / "wds").mkdir(exist_ok=True)
+    for t in range(2):
+        samples = []
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), 10 * t + i, np.uint8)).save(buf, format="PNG")
+            samples.append((f"s{t}{i}", {"png": buf.getvalue(), "cls": str(i).encode()}))
+        _write_wds(root / "wds" / f"train-{t:06d}.tar", samples)
+    pattern = "train-{000000..000001}.tar"
+    base = url.replace("/store", "/wds")
+
+    def seen(root_pattern):
+        return [(r.key, r.label, np.asarray(r.image)[0, 0, 0]) for r in iter_images("wds", root_pattern)]
+
+    local = seen(str(root / "wds" / pattern))
+    assert len(local) == 6
+    assert seen(f"{base}/{pattern}") == local
+    assert seen(f"pipe:cat {root}/wds/{pattern}") == local
+    with pytest.raises(FileNotFoundError, match=r"/wds/train-000009\.tar not found: the WebDataset shard"):
+        seen(f"{base}/train-000009.tar")

@@ -49,11 +49,13 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmsae.data.concepts import ensure_concept_images
+from vlmsae.data.remote import is_remote, open_stream
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -307,13 +309,27 @@ def _wds_label(sample: dict[str, bytes]) -> int:
     return -1
 
 
+@contextmanager
+def _open_tar(url: str, root: str) -> Iterator[tarfile.TarFile]:
+    if not is_remote(url):
+        with tarfile.open(url, "r|*") as tar:
+            yield tar
+        return
+    with (
+        open_stream(url, f"WebDataset shard of data.root={root}") as stream,
+        tarfile.open(fileobj=stream, mode="r|*") as tar,
+    ):
+        yield tar
+
+
 def _iter_wds_samples(root: str, urls: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes], str]]:
     """``(key, {ext: bytes}, tar path)`` for each sample of the tars (``urls``, default all of ``root``), in order."""
     for url in expand_urls(root) if urls is None else urls:
-        if not Path(url).exists():
+        if not is_remote(url) and not Path(url).exists():
             raise FileNotFoundError(f"WebDataset shard {url} not found (data.root={root}).")
         current_key, sample = None, {}
-        with tarfile.open(url, "r|*") as tar:
+        # a URL or pipe: command streams (fsspec / gopen); its errors name it
+        with _open_tar(url, root) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
