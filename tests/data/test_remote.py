@@ -184,3 +184,12 @@ def test_wds_images_from_url_and_pipe_equal_local(served):
     assert seen(f"pipe:cat {root}/wds/{pattern}") == local
     with pytest.raises(FileNotFoundError, match=r"/wds/train-000009\.tar not found: the WebDataset shard"):
         seen(f"{base}/train-000009.tar")
+
+
+def test_s3_without_s3fs_says_pip_install_s3fs():
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed")
+    with pytest.raises(ImportError, match=r"s3://bucket/store/manifest\.json needs s3fs: pip install s3fs"):
+        open_store("s3://bucket/store")
