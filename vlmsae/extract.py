@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.data.images import synthetic_options_of
-from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
+from vlmsae.models.extraction import ExtractionPlan, Ranks, StoreExtraction
 from vlmsae.models.spec import ModelSpec
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -61,7 +61,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         synthetic=synthetic_options_of(data),
         progress=bool(cfg.progress),
     )
-    extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath)
+    extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath, Ranks.from_env())  # torchrun: a share
     if (finished := extraction.finished) is not None:  # rerunning a complete extraction changes nothing
         return finished
     config = OmegaConf.to_container(cfg, resolve=True)
