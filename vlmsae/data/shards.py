@@ -8,6 +8,9 @@ Layout of a store folder:
   :class:`vlmsae.formats.StoreManifest`, read with :func:`vlmsae.formats.read_manifest`.
 - ``progress.json``: the writer's state after the last complete shard (resume point):
   :class:`vlmsae.formats.StoreProgress`.
+- a store extracted by W torchrun processes holds no shards of its own but ``rank-RRRRR-of-WWWWW/`` folders,
+  each a writer's folder (shards, chunk indices and ``progress.json`` of that rank); :func:`list_shards` lists
+  them rank by rank, and the one ``manifest.json`` (:func:`write_merged_manifest`) names them by relative path.
 
 Every file is written under a temporary name and renamed, and ``progress.json`` is rewritten only
 after its shard is in place. A killed run therefore leaves whole shards plus, at worst, one shard

@@ -38,7 +38,7 @@ from vlmsae.data.shards import (
     rank_dpaths,
     write_merged_manifest,
 )
-from vlmsae.formats import MANIFEST_JSON, PROGRESS_JSON, StoreManifest, read_manifest
+from vlmsae.formats import MANIFEST_JSON, PROGRESS_JSON, StoreManifest, read_manifest, read_progress
 from vlmsae.models import load_tap
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import TOKEN_CHOICES, Layer, select_tokens
@@ -474,8 +474,6 @@ class StoreExtraction:
         return extraction_summary(self.out_dpath, manifest, seconds=seconds, n_new=n_new)
 
     def _write_merged_manifest(self) -> None:
-        from vlmsae.formats import read_progress
-
         parts = rank_dpaths(self.out_dpath)
         states = [read_progress(p).state for p in parts]
         if len(parts) != self.ranks.world or not all(s and s.get("done") for s in states):
