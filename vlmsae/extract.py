@@ -21,6 +21,14 @@ and ``random_k`` draws from a generator seeded by ``seed`` and the batch's first
 A changed listing, ``order_seed`` or order is refused on resume. Unreadable images are skipped,
 counted by reason (``skipped_by_reason``) and listed in the manifest; decoding follows
 :mod:`vlmsae.data.images` (EXIF orientation, 16-bit, alpha over white, CMYK).
+
+Several processes: ``torchrun --nproc_per_node=N [--nnodes=M ...] -m vlmsae.extract ...`` (``WORLD_SIZE`` > 1)
+splits the visiting order into W contiguous blocks (each a uniform sample); rank r writes its shards and
+``progress.json`` in ``out/rank-RRRRR-of-WWWWW/`` on ``cuda:LOCAL_RANK``, and rank 0 writes the one
+``manifest.json`` once every rank is done (a gloo barrier). The rows are those of one process (``random_k``
+draws depend on batch boundaries, so they differ). Ranks first compare the listing and order digests and all
+fail, before any shard, if they differ (e.g. another ``data.root`` on one node). Rerunning resumes each rank;
+a store begun with another world size is refused. ``data=wds`` (streamed) runs in one process only.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.data.images import synthetic_options_of
-from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
+from vlmsae.models.extraction import ExtractionPlan, Ranks, StoreExtraction
 from vlmsae.models.spec import ModelSpec
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -61,7 +69,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         synthetic=synthetic_options_of(data),
         progress=bool(cfg.progress),
     )
-    extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath)
+    extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath, Ranks.from_env())  # torchrun: a share
     if (finished := extraction.finished) is not None:  # rerunning a complete extraction changes nothing
         return finished
     config = OmegaConf.to_container(cfg, resolve=True)

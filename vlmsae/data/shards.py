@@ -8,6 +8,9 @@ Layout of a store folder:
   :class:`vlmsae.formats.StoreManifest`, read with :func:`vlmsae.formats.read_manifest`.
 - ``progress.json``: the writer's state after the last complete shard (resume point):
   :class:`vlmsae.formats.StoreProgress`.
+- a store extracted by W torchrun processes holds no shards of its own but ``rank-RRRRR-of-WWWWW/`` folders,
+  each a writer's folder (shards, chunk indices and ``progress.json`` of that rank); :func:`list_shards` lists
+  them rank by rank, and the one ``manifest.json`` (:func:`write_merged_manifest`) names them by relative path.
 
 Every file is written under a temporary name and renamed, and ``progress.json`` is rewritten only
 after its shard is in place. A killed run therefore leaves whole shards plus, at worst, one shard
@@ -43,9 +46,20 @@ STORE_DTYPES = {
 }
 
 
+RANK_DIR_PATTERN = "rank-%05d-of-%05d"  # one rank's part of a store written by torchrun (vlmsae.extract)
+_SHARD_GLOB = "acts-[0-9][0-9][0-9][0-9][0-9][0-9].tar"
+
+
+def rank_dpaths(dpath: str | Path) -> list[Path]:
+    """The rank folders of a store written by several processes (``rank-RRRRR-of-WWWWW``), in rank order."""
+    return sorted(p for p in Path(dpath).glob("rank-[0-9][0-9][0-9][0-9][0-9]-of-[0-9]*") if p.is_dir())
+
+
 def list_shards(dpath: str | Path) -> list[Path]:
-    """The complete shards of a store, in order (temporary files are never listed)."""
-    return sorted(Path(dpath).glob("acts-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    """The complete shards of a store, in order (temporary files are never listed): its own, then those of
+    its rank folders (a store extracted by several processes), rank by rank."""
+    own = sorted(Path(dpath).glob(_SHARD_GLOB))
+    return own + [fpath for rank_dpath in rank_dpaths(dpath) for fpath in sorted(rank_dpath.glob(_SHARD_GLOB))]
 
 
 class RunningStats:
@@ -74,6 +88,17 @@ class RunningStats:
         self.m2 = self.m2 + m2_b + delta**2 * (self.n * n_b / n)
         self.n = n
         self.sq_norm_sum += float((x**2).sum())
+
+    def merge(self, other: RunningStats) -> None:
+        """Add another part's statistics (Chan et al.'s pairwise combination)."""
+        if other.n == 0:
+            return
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.n / n)
+        self.m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
+        self.n = n
+        self.sq_norm_sum += other.sq_norm_sum
 
     @property
     def var(self) -> torch.Tensor:
@@ -224,8 +249,8 @@ class ShardWriter:
         elif list_shards(self.dpath):
             raise ValueError(f"{self.dpath} holds activation shards but no {PROGRESS_JSON}: choose a new out=<dir>.")
         # Shards newer than the progress record (killed between the rename and the progress write)
-        # and stray temporary files are rewritten from the recorded state.
-        for fpath in list_shards(self.dpath)[self.n_shards :]:
+        # and stray temporary files are rewritten from the recorded state (this folder's own shards only).
+        for fpath in sorted(self.dpath.glob(_SHARD_GLOB))[self.n_shards :]:
             fpath.unlink()
         for fpath in self.dpath.glob(".acts-*.tmp"):
             fpath.unlink()
@@ -327,6 +352,38 @@ class ShardWriter:
         )
         write_manifest(self.dpath, manifest)
         return manifest
+
+
+def write_merged_manifest(dpath: str | Path, part_dpaths: list[Path], **fields: Any) -> StoreManifest:
+    """The manifest of a store written in parts (one :class:`ShardWriter` per rank folder): counts summed,
+    statistics merged, the parts' ``meta`` less its per-rank keys (``rank``, ``positions``)."""
+    dpath = Path(dpath)
+    parts = [read_progress(p) for p in part_dpaths]
+    stats = RunningStats.from_state(parts[0].stats)
+    for part in parts[1:]:
+        stats.merge(RunningStats.from_state(part.stats))
+    meta = {k: v for k, v in parts[0].meta.items() if k not in ("rank", "positions")}
+    d = len(parts[0].stats["mean"])
+    manifest = StoreManifest.from_dict(
+        {
+            **meta,
+            "d": d,
+            "dtype": meta["dtype"],
+            "n_rows": sum(p.n_rows for p in parts),
+            "n_shards": sum(p.n_shards for p in parts),
+            "n_chunks": sum(p.n_chunks for p in parts),
+            "rows_per_chunk": meta["rows_per_chunk"],
+            "shards": [fpath.relative_to(dpath).as_posix() for fpath in list_shards(dpath)],
+            **fields,
+            "mean": stats.mean.tolist(),
+            "var": stats.var.tolist(),
+            "mean_sq_norm": stats.mean_sq_norm,
+            "versions": versions(),
+            "git_commit": git_commit(),
+        }
+    )
+    write_manifest(dpath, manifest)
+    return manifest
 
 
 def _want_all(chunk_index: int) -> bool:

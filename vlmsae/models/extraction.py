@@ -30,8 +30,15 @@ from typing import Any
 import torch
 
 from vlmsae.data.images import SkipLog, expand_urls, image_order, iter_images, list_source, order_digest
-from vlmsae.data.shards import ImageListDigest, ShardWriter, image_list_digest
-from vlmsae.formats import MANIFEST_JSON, StoreManifest, read_manifest
+from vlmsae.data.shards import (
+    RANK_DIR_PATTERN,
+    ImageListDigest,
+    ShardWriter,
+    image_list_digest,
+    rank_dpaths,
+    write_merged_manifest,
+)
+from vlmsae.formats import MANIFEST_JSON, PROGRESS_JSON, StoreManifest, read_manifest, read_progress
 from vlmsae.models import load_tap
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import TOKEN_CHOICES, Layer, select_tokens
@@ -132,6 +139,69 @@ class _ImageStream(torch.utils.data.IterableDataset):
             }
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the ``torchrun`` processes of one extraction (``WORLD_SIZE`` > 1).
+
+    Ranks only exchange small control messages (the image-list check, two barriers), so the process
+    group is always ``gloo``, also on GPUs; each rank runs its encoder on ``cuda:LOCAL_RANK``.
+    """
+
+    rank: int
+    world: int
+
+    @classmethod
+    def from_env(cls) -> Ranks | None:
+        """The torchrun ranks from the environment (joining the process group), or None without torchrun."""
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return None
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        if torch.cuda.is_available():  # "auto"/"cuda" devices then mean this rank's own GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(hours=48))  # ranks wait for the slowest one
+        return cls(rank=dist.get_rank(), world=dist.get_world_size())
+
+    def gather(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def agree(self, **values: Any) -> None:
+        """Fail on every rank, before anything is written, when the ranks see different image lists."""
+        seen = self.gather(values)
+        if any(other != seen[0] for other in seen):
+            detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(seen))
+            raise ValueError(
+                f"the {self.world} torchrun ranks disagree on the image list ({detail}): every rank must see the "
+                "same data.root (a shared filesystem), data.max_images and order_seed; fix the per-node paths"
+            )
+
+
+def check_world_size(out_dpath: Path, world: int) -> None:
+    """Refuse to continue a store begun with another number of processes (its rank folders say how many)."""
+    parts = rank_dpaths(out_dpath)
+    had = {int(p.name.rsplit("-", 1)[1]) for p in parts}
+    if parts and had != {world}:
+        raise ValueError(
+            f"{out_dpath} was extracted by {sorted(had)} torchrun processes ({parts[0].name}, ...) but this run has "
+            f"world size {world}: resume with the same --nnodes x --nproc_per_node, or choose a new out=<dir>"
+        )
+    if world > 1 and (out_dpath / PROGRESS_JSON).exists():
+        raise ValueError(
+            f"{out_dpath} holds a single-process extraction but this run has world size {world}: resume it "
+            "without torchrun, or choose a new out=<dir>"
+        )
+
+
 def _identity(item: Any) -> Any:
     return item
 
@@ -165,21 +235,31 @@ class StoreExtraction:
     ``finished`` is the summary when the store is already complete, else None; :meth:`run` writes it.
     """
 
-    def __init__(self, spec: ModelSpec, plan: ExtractionPlan, out_dpath: Path):
+    def __init__(self, spec: ModelSpec, plan: ExtractionPlan, out_dpath: Path, ranks: Ranks | None = None):
         if plan.tokens == "cls" and not spec.has_cls and str(plan.layer) != "last":
             raise ValueError(
                 f"tokens=cls: model {spec.name} has no CLS token (e.g. SigLIP). Use tokens=mean (mean-pooled "
                 "patches) or tokens=patches."
             )
-        self.spec, self.plan, self.out_dpath = spec, plan, Path(out_dpath)
+        self.spec, self.plan, self.out_dpath, self.ranks = spec, plan, Path(out_dpath), ranks
         self.classes: list[str] = []
         self.total: int | None = None
-        listing_digest = None
+        self.positions = (0, plan.max_images)  # this process's share of the visiting order: [start, stop)
+        listing_digest = full_digest = None
+        if ranks is not None and plan.source == "wds":
+            raise ValueError(
+                "data.source=wds streams and cannot be split across torchrun ranks: extract it with one process, "
+                "or list the images (data=folder / data=list)"
+            )
+        check_world_size(self.out_dpath, 1 if ranks is None else ranks.world)
         if plan.source != "wds":  # wds streams; the other sources are listed up front (cheap, no decoding)
             listing = list_source(plan.source, plan.root, synthetic=plan.synthetic)
             order = image_order(len(listing.items), plan.order_seed)[: plan.max_images]  # max_images: a random subset
             self.classes, self.total = listing.classes, len(order)
             listing_digest = image_list_digest(key for key, _, _ in listing.items)
+            if ranks is not None:  # contiguous blocks of the (permuted) visiting order: each a uniform sample
+                self.positions = (self.total * ranks.rank // ranks.world, self.total * (ranks.rank + 1) // ranks.world)
+                full_digest = image_list_digest(listing.items[i][0] for i in order)
             image_idx_meaning = (
                 "the image's index in the sorted listing of data.source (0-based; keys.json has its "
                 "key), not its position in the visiting order"
@@ -191,6 +271,9 @@ class StoreExtraction:
                 "samples in tar order); keys.json has its __key__"
             )
 
+        self.image_list_digest = full_digest
+        if ranks is not None:  # before any shard: all ranks must visit the same images in the same order
+            ranks.agree(listing_digest=listing_digest, order_seed=plan.order_seed, order_digest=order_digest(order))
         self.tap = tap = load_tap(spec)
         self.layer = layer = tap.resolve_layer(plan.layer)
         if plan.tokens == "cls" and layer != "last" and not tap.has_cls:
@@ -223,8 +306,13 @@ class StoreExtraction:
             "exif_transpose": plan.exif_transpose,
             "alpha_background": "white",
         }
+        writer_dpath = self.out_dpath
+        if ranks is not None:  # per-rank folder, shards and progress.json: ranks never touch each other's files
+            writer_dpath = self.out_dpath / (RANK_DIR_PATTERN % (ranks.rank, ranks.world))
+            meta.update(world_size=ranks.world, rank=ranks.rank, positions=list(self.positions))
+            meta.update(dtype=plan.dtype, rows_per_chunk=plan.rows_per_chunk)
         self.writer = ShardWriter(
-            self.out_dpath,
+            writer_dpath,
             d=tap.embed_dim if layer == "last" else tap.width,
             dtype=plan.dtype,
             rows_per_chunk=plan.rows_per_chunk,
@@ -236,7 +324,8 @@ class StoreExtraction:
     def finished(self) -> dict[str, Any] | None:
         """The summary of an already complete store in ``out_dpath`` (a rerun), else None."""
         state = self.writer.state
-        if state is None or not state.get("done") or not (self.out_dpath / MANIFEST_JSON).exists():
+        done = self.ranks is not None or (state is not None and state.get("done"))  # ranks: the merged manifest
+        if not done or not (self.out_dpath / MANIFEST_JSON).exists():
             return None
         manifest = read_manifest(self.out_dpath)
         log.info("extraction in %s is already complete (%d rows)", self.out_dpath, manifest.n_rows)
@@ -247,8 +336,13 @@ class StoreExtraction:
         from tqdm.auto import tqdm
 
         plan, tap, writer, layer = self.plan, self.tap, self.writer, self.layer
-        state = writer.state or {"next_pos": 0, "n_images": 0, "skipped": [], "digest": ImageListDigest().state_dict()}
-        if state["next_pos"]:
+        state = writer.state or {
+            "next_pos": self.positions[0],
+            "n_images": 0,
+            "skipped": [],
+            "digest": ImageListDigest().state_dict(),
+        }
+        if state["next_pos"] > self.positions[0]:
             log.info(
                 "resuming %s after %d shards (%d rows, image position %d)",
                 self.out_dpath,
@@ -263,7 +357,7 @@ class StoreExtraction:
             plan.source,
             plan.root,
             state["next_pos"],
-            plan.max_images,
+            self.positions[1],
             tap.preprocess,
             plan.synthetic,
             order_seed=plan.order_seed,
@@ -304,8 +398,8 @@ class StoreExtraction:
 
         desc = f"extract {self.spec.name} L{layer} {plan.tokens}"
         with tqdm(
-            total=self.total,
-            initial=next_pos,
+            total=None if self.total is None else (self.positions[1] or self.total) - self.positions[0],
+            initial=next_pos - self.positions[0],
             unit="img",
             desc=desc,
             disable=not plan.progress,
@@ -332,6 +426,8 @@ class StoreExtraction:
                 process(batch)
             writer.flush(current_state(done=True))
         seconds = time.perf_counter() - t0
+        if self.ranks is not None:
+            return self._merge(seconds, n_new)
         if n_images == 0:
             raise ValueError(
                 f"No readable images in data.source={plan.source} data.root={plan.root} ({len(skipped)} skipped)."
@@ -359,3 +455,50 @@ class StoreExtraction:
             summary["images_per_s"],
         )
         return summary
+
+    def _merge(self, seconds: float, n_new: int) -> dict[str, Any]:
+        """After every rank's last shard: rank 0 writes the store's manifest from the rank folders' progress."""
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's progress.json says done
+        error = None
+        if self.ranks.rank == 0:
+            try:
+                self._write_merged_manifest()
+            except Exception as err:  # reported on every rank below, so that none waits forever
+                error = f"{type(err).__name__}: {err}"
+        errors = [e for e in self.ranks.gather(error) if e]
+        if errors:
+            raise ValueError(f"merging the ranks' parts of {self.out_dpath} failed: {errors[0]}")
+        manifest = read_manifest(self.out_dpath)
+        return extraction_summary(self.out_dpath, manifest, seconds=seconds, n_new=n_new)
+
+    def _write_merged_manifest(self) -> None:
+        parts = rank_dpaths(self.out_dpath)
+        states = [read_progress(p).state for p in parts]
+        if len(parts) != self.ranks.world or not all(s and s.get("done") for s in states):
+            raise RuntimeError(f"{self.out_dpath}: not every rank folder is complete ({[p.name for p in parts]})")
+        skipped = SkipLog([entry for s in states for entry in s["skipped"]])
+        n_images = sum(int(s["n_images"]) for s in states)
+        if n_images == 0:
+            raise ValueError(
+                f"No readable images in data.source={self.plan.source} data.root={self.plan.root} "
+                f"({len(skipped)} skipped)."
+            )
+        tap = self.tap
+        write_merged_manifest(
+            self.out_dpath,
+            parts,
+            n_images=n_images,
+            n_listed=self.total,
+            n_skipped=len(skipped),
+            skipped_by_reason=skipped.by_reason(),
+            skipped=skipped.to_list(),
+            image_list_digest=self.image_list_digest,
+            classes=self.classes,
+            n_tokens_per_image=tap.n_tokens,
+            embed_dim=tap.embed_dim,
+            width=tap.width,
+            n_layers=tap.n_layers,
+            complete=True,
+        )
