@@ -57,10 +57,17 @@ def _assert_same(a_dpath, b_dpath):
 
 
 @pytest.fixture(scope="module")
-def many_run(compose_cfg, store, tmp_path_factory):
+def many_run(store, tmp_path_factory):
     """The grid trained for 20 steps in one pass: (run dir, returned metrics)."""
+    from hydra import compose, initialize_config_dir
+
+    from vlmsae.config import conf_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=_over(store, 20, f"sae_grid={GRID}"))
     out = tmp_path_factory.mktemp("many")
-    return out, run(compose_cfg("train", _over(store, 20, f"sae_grid={GRID}")), out_dpath=out)
+    return out, run(cfg, out_dpath=out)
 
 
 def test_each_grid_sae_equals_its_separate_run(compose_cfg, store, many_run, tmp_path):
