@@ -5,7 +5,7 @@
     python -m vlmsae.train -m layer=11,17,22,23 sae.expansion=1,2,4,8,16,64 sae.k=20 \\
         data=acts 'data.acts=/acts/layer${layer}'          # a sweep; summary in the sweep dir
     python -m vlmsae.train <same overrides> resume=true    # continue a killed run
-    python -m vlmsae.train data=acts data.acts=/acts/layer22 \
+    python -m vlmsae.train data=acts data.acts=/acts/layer22 \\
         'sae_grid=[{expansion:8,k:32},{expansion:16,k:64,arch:topk,lr:1e-4}]'   # many SAEs, one pass
 
 Outputs (the Hydra run dir): ``sae/`` (vlmsae.sae checkpoint: takes raw activations, ``source``
