@@ -5,6 +5,8 @@
     python -m vlmsae.train -m layer=11,17,22,23 sae.expansion=1,2,4,8,16,64 sae.k=20 \\
         data=acts 'data.acts=/acts/layer${layer}'          # a sweep; summary in the sweep dir
     python -m vlmsae.train <same overrides> resume=true    # continue a killed run
+    python -m vlmsae.train data=acts data.acts=/acts/layer22 \\
+        'sae_grid=[{expansion:8,k:32},{expansion:16,k:64,arch:topk,lr:1e-4}]'   # many SAEs, one pass
 
 Outputs (the Hydra run dir): ``sae/`` (vlmsae.sae checkpoint: takes raw activations, ``source``
 says model/layer/tokens), ``metrics.json`` (final validation metrics), ``run_info.json``
@@ -30,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, node_dict, register_configs
 from vlmsae.lit.fit import FitPlan, fit_sae, resolve_train_source
+from vlmsae.lit.many import fit_many, resolve_grid
 from vlmsae.lit.resume import find_resume_checkpoint
 from vlmsae.models.spec import ModelSpec
 from vlmsae.sae import SAEConfig
@@ -61,6 +64,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
         resume_ckpt=find_resume_checkpoint(cfg.resume, out_dpath, config),
         config=config,
     )
+    if cfg.sae_grid:  # many SAEs per pass, each reading the same batches (vlmsae.lit.many)
+        grid = resolve_grid(config["sae_grid"], node_dict(cfg, "sae"), source.d, trainer.lr)
+        return fit_many(plan, grid, out_dpath, callbacks)
     return fit_sae(plan, out_dpath, callbacks)
 
 

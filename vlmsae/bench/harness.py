@@ -17,7 +17,7 @@ from vlmsae.utils.provenance import provenance, write_run_info
 # Fixed order: cheap ceilings first, then the SAE step, then the other issues' benchmarks
 # (ms: monosemanticity at 50k images x 65k latents; extract: activation extraction; loader:
 # shard reading vs the training step's consumption).
-MODULES = ("gemm", "sae_step", "ms", "extract", "loader")
+MODULES = ("gemm", "sae_step", "ms", "extract", "loader", "train_many")
 DEFAULT_OUT_DPATH = Path("outputs") / "bench"
 
 

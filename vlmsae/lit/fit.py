@@ -252,7 +252,6 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
     ``callbacks``: extra Lightning callbacks (tests use them to interrupt a run or record steps).
     """
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_only
 
     # Manual optimisation checkpoints hold the state after the step: exactly what resume needs.
@@ -285,37 +284,7 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
         # The killed run logged steps past its checkpoint: keep its history up to there, then continue it.
         callbacks.append(RestoreLogHistory(history_dpath(resume_ckpt), wandb_id=wandb_id))
 
-    ckpt_dpath = out_dpath / "checkpoints"
-    checkpoint = ModelCheckpoint(
-        dirpath=str(ckpt_dpath),
-        filename="step{step:07d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=int(t.checkpoint_every_n_steps),
-        save_top_k=1,
-        monitor=None,
-        save_last="link",
-        save_on_train_epoch_end=False,
-    )
-    trainer = L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=int(t.num_nodes),
-        precision=t.precision,
-        max_steps=int(t.max_steps),
-        max_epochs=-1,
-        val_check_interval=int(t.val_check_interval),
-        check_val_every_n_epoch=None,
-        limit_val_batches=int(t.limit_val_batches),
-        log_every_n_steps=int(t.log_every_n_steps),
-        enable_progress_bar=bool(t.enable_progress_bar),
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        logger=logger,
-        callbacks=[checkpoint, *callbacks],
-        default_root_dir=str(out_dpath),
-        use_distributed_sampler=False,
-    )
+    trainer, checkpoint, ckpt_dpath = build_trainer(t, logger, callbacks, out_dpath)
     init = {}
     try:
         if resume_ckpt is None:
@@ -398,6 +367,45 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
             metrics["step"],
         )
     return metrics
+
+
+def build_trainer(t: TrainerSchema, logger, callbacks: list, out_dpath: Path):
+    """The Lightning trainer of a training run, its checkpoint callback and checkpoint folder."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_dpath = out_dpath / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=str(ckpt_dpath),
+        filename="step{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=int(t.checkpoint_every_n_steps),
+        save_top_k=1,
+        monitor=None,
+        save_last="link",
+        save_on_train_epoch_end=False,
+    )
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=int(t.num_nodes),
+        precision=t.precision,
+        max_steps=int(t.max_steps),
+        max_epochs=-1,
+        val_check_interval=int(t.val_check_interval),
+        check_val_every_n_epoch=None,
+        limit_val_batches=int(t.limit_val_batches),
+        log_every_n_steps=int(t.log_every_n_steps),
+        enable_progress_bar=bool(t.enable_progress_bar),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=[checkpoint, *callbacks],
+        default_root_dir=str(out_dpath),
+        use_distributed_sampler=False,
+    )
+    return trainer, checkpoint, ckpt_dpath
 
 
 def _final_checkpoint(trainer, checkpoint, ckpt_dpath: Path) -> None:

@@ -102,19 +102,7 @@ class SAELitModule(L.LightningModule):
 
         Called once before step 0 (never on resume: both live in the checkpoint).
         """
-        kept: dict[str, Any] = {"first": None, "rows": 0}
-
-        def stream():  # one batch in memory at a time (100 x 4096 x 1024 floats would be 1.6 GB)
-            for batch in batches:
-                if kept["first"] is None:
-                    kept["first"] = batch.float()
-                kept["rows"] += batch.shape[0]
-                yield batch
-
-        scale = estimate_input_scale(stream(), self.sae.cfg.d_in)  # raises on an empty stream
-        set_input_scale_(self.sae, scale)
-        init_b_dec_geometric_median_(self.sae, kept["first"].to(self.sae.b_dec.device))
-        return {"input_scale": scale, "init_rows": kept["rows"]}
+        return init_sae_from_batches(self.sae, batches)
 
     # ------------------------------------------------------------------ optimisation
     def on_fit_start(self) -> None:
@@ -131,66 +119,21 @@ class SAELitModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _checkpoint_note(self) -> str:
-        callback = getattr(self.trainer, "checkpoint_callback", None) if self._trainer is not None else None
-        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-        return f"the last good checkpoint is {path}" if path else "no checkpoint was saved yet"
+        return checkpoint_note(self)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x_BD = batch.float()
         step = int(self.global_step)
-        if not bool(torch.isfinite(x_BD).all()):
-            raise NonFiniteLossError(
-                f"non-finite input at step {step} (the batch itself holds NaN/inf; check the activation store): "
-                f"batch {batch_stats(x_BD)}; training stopped, {self._checkpoint_note()}"
-            )
-        out = self.sae.loss(x_BD)
-        self._sync_dead_tracking(out["fired_F"], x_BD.shape[0])
-        loss = out["loss"]
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteLossError(
-                f"loss is {float(loss.detach())} at step {step} (recon {float(out['recon']):.4g}, "
-                f"aux {float(out['aux']):.4g}, "
-                f"l0 {float(out['l0']):.4g}, lr {self._current_lr():.3g}): batch {batch_stats(x_BD)}; "
-                f"training stopped before the optimizer step, {self._checkpoint_note()}. "
-                "Lower trainer.lr or check the activations."
-            )
+        check_input(self, x_BD, step)
         optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
-        with fp32_region(x_BD.device):  # the SAE's precision policy covers backward too (vlmsae.sae.precision)
-            self.manual_backward(loss)
-        constrain_decoder_grad_(self.sae)
-        if self.hparams.grad_clip and self.hparams.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
-        normalize_decoder_(self.sae)
-        self.lr_schedulers().step()
-        if not self._weights_finite():
-            raise NonFiniteLossError(
-                f"weights became non-finite in the optimizer step of step {step} (loss {float(loss):.4g}): "
-                f"batch {batch_stats(x_BD)}; {self._checkpoint_note()}. Lower trainer.lr."
-            )
+        out = sae_update(self, self.sae, x_BD, optimizer, self.lr_schedulers(), self.hparams.grad_clip, step)
         every = max(1, int(self.hparams.log_every_n_steps))
         if step % every == 0:
             self._log_train(x_BD, out)
-        return loss.detach()
+        return out["loss"].detach()
 
-    @torch.no_grad()
     def _sync_dead_tracking(self, fired_F: torch.Tensor, batch_size: int) -> None:
-        """DDP: a latent is alive if it fired on any rank, and every rank's rows count as samples.
-
-        ``sae.loss`` updated ``samples_since_fired`` from this rank's batch only; this adds the
-        other ranks' rows and zeroes the latents that fired elsewhere, so the dead mask (and AuxK)
-        follows the global stream and the buffers stay identical on every rank.
-        """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        fired_any_F = fired_F.to(torch.int32)
-        dist.all_reduce(fired_any_F, op=dist.ReduceOp.MAX)
-        counts_F = self.sae.samples_since_fired
-        counts_F.add_(batch_size * (dist.get_world_size() - 1))
-        counts_F.masked_fill_(fired_any_F.bool(), 0)
+        sync_dead_tracking(self.sae, fired_F, batch_size)
 
     def _current_lr(self) -> float:
         try:
@@ -199,31 +142,13 @@ class SAELitModule(L.LightningModule):
             return self.lr
 
     def _weights_finite(self) -> bool:
-        sums = torch.stack([p.detach().float().sum() for p in self.sae.parameters()])
-        return bool(torch.isfinite(sums).all())
+        return weights_finite(self.sae)
 
     @torch.no_grad()
     def _log_train(self, x_BD: torch.Tensor, out: dict) -> None:
-        with warnings.catch_warnings():  # before the threshold exists encode() uses top-k: expected here
-            warnings.simplefilter("ignore", UserWarning)
-            codes_BF = self.sae.encode(x_BD)  # inference codes, for firing frequencies
-        batch = ReconstructionAccumulator(self.sae.n_latents, DENSE_FREQ, device=x_BD.device)
-        batch.update(x_BD, out["x_hat"].float(), codes_BF)
-        rec = batch.result()
-        metrics = {
-            "train/loss": out["loss"].detach(),
-            "train/recon": out["recon"],
-            "train/mse": rec["mse"],
-            "train/nmse": rec["normalized_mse"],
-            "train/fve": rec["fve"],
-            "train/l0": out["l0"],
-            "train/aux_loss": out["aux"],
-            "train/dead_fraction": self.sae.dead_latents.float().mean(),
-            "train/dense_fraction": rec["dense_fraction"],
-            "train/lr": self._current_lr(),
-        }
-        self.log_dict({k: float(v) for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=False)
-        self.log("train/fve_bar", float(rec["fve"]), prog_bar=True, logger=False)
+        metrics = train_metrics(self.sae, x_BD, out, self._current_lr())
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
+        self.log("train/fve_bar", metrics["train/fve"], prog_bar=True, logger=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if not self._weights_finite():
@@ -238,11 +163,7 @@ class SAELitModule(L.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        x_BD = batch.float()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            codes_BF = self.sae.encode(x_BD)
-        self._val.update(x_BD, self.sae.decode(codes_BF).float(), codes_BF)
+        val_update(self._val, self.sae, batch.float())
 
     def _val_over_ranks(self) -> ReconstructionAccumulator:
         """This rank's validation sums, merged with every other rank's (DDP)."""
@@ -258,31 +179,10 @@ class SAELitModule(L.LightningModule):
         val = self._val_over_ranks()
         if val.n == 0:
             return
-        rec = val.result()
-        freq_F = rec["freq_F"].numpy()
-        metrics = {
-            "mse": rec["mse"],
-            "nmse": rec["normalized_mse"],
-            "fve": rec["fve"],
-            "l0": rec["l0"],
-            "dead_fraction": float(self.sae.dead_latents.float().mean()),  # the trainer's dead mask (AuxK)
-            "dense_fraction": rec["dense_fraction"],
-            "never_fired_val_fraction": rec["dead_fraction"],  # no validation row fired it
-        }
+        metrics, self.val_metrics, freq_F = val_summary(val, self.sae, int(self.global_step))
         self.log_dict(
             {f"val/{k}": float(x) for k, x in metrics.items()}, on_step=False, on_epoch=True, rank_zero_only=True
         )  # already merged over ranks above
-        hist_counts, _ = np.histogram(np.log10(freq_F[freq_F > 0]), bins=DENSITY_EDGES)
-        self.val_metrics = {
-            **metrics,
-            "step": int(self.global_step),
-            "n_val_rows": int(val.n),
-            "density_hist": {
-                "log10_freq_edges": DENSITY_EDGES.tolist(),
-                "counts": hist_counts.tolist(),
-                "never_fired": int((freq_F == 0).sum()),
-            },
-        }
         self._log_histogram(freq_F)
 
     def _log_histogram(self, freq_F: np.ndarray) -> None:
@@ -300,3 +200,166 @@ class SAELitModule(L.LightningModule):
 
 def _tuple_or_none(value):
     return None if value is None else tuple(float(f) for f in value)
+
+
+# ---------------------------------------------------------------------- the per-SAE pieces
+# Module-level so that SAELitModule (one SAE) and vlmsae.lit.many.ManySAELitModule (several SAEs on one
+# batch) step, log and validate each SAE the same way: a many-SAE pass equals separate runs exactly.
+
+
+@torch.no_grad()
+def init_sae_from_batches(sae, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Input scale from ``batches`` (paper: ~100), then b_dec = geometric median of the first batch."""
+    kept: dict[str, Any] = {"first": None, "rows": 0}
+
+    def stream():  # one batch in memory at a time (100 x 4096 x 1024 floats would be 1.6 GB)
+        for batch in batches:
+            if kept["first"] is None:
+                kept["first"] = batch.float()
+            kept["rows"] += batch.shape[0]
+            yield batch
+
+    scale = estimate_input_scale(stream(), sae.cfg.d_in)  # raises on an empty stream
+    set_input_scale_(sae, scale)
+    init_b_dec_geometric_median_(sae, kept["first"].to(sae.b_dec.device))
+    return {"input_scale": scale, "init_rows": kept["rows"]}
+
+
+def checkpoint_note(lm: L.LightningModule) -> str:
+    """Where the last good checkpoint is (for error messages)."""
+    callback = getattr(lm.trainer, "checkpoint_callback", None) if lm._trainer is not None else None
+    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    return f"the last good checkpoint is {path}" if path else "no checkpoint was saved yet"
+
+
+def check_input(lm: L.LightningModule, x_BD: torch.Tensor, step: int) -> None:
+    if not bool(torch.isfinite(x_BD).all()):
+        raise NonFiniteLossError(
+            f"non-finite input at step {step} (the batch itself holds NaN/inf; check the activation store): "
+            f"batch {batch_stats(x_BD)}; training stopped, {checkpoint_note(lm)}"
+        )
+
+
+def weights_finite(sae) -> bool:
+    sums = torch.stack([p.detach().float().sum() for p in sae.parameters()])
+    return bool(torch.isfinite(sums).all())
+
+
+def optimizer_lr(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def sae_update(lm, sae, x_BD, optimizer, scheduler, grad_clip, step: int, lightning_step: bool = True) -> dict:
+    """One training step of ``sae`` on ``x_BD`` (METHOD §2): loss -> backward -> decoder-parallel gradient
+    removed -> clip -> Adam -> decoder rows renormalised -> scheduler. Returns ``sae.loss``'s outputs.
+
+    ``lightning_step=False`` steps the raw optimizer: with several optimizers Lightning counts every
+    wrapped ``step()`` as a global step, so a many-SAE pass wraps only its last one (the maths is the same).
+    """
+    out = sae.loss(x_BD)
+    sync_dead_tracking(sae, out["fired_F"], x_BD.shape[0])
+    loss = out["loss"]
+    if not bool(torch.isfinite(loss)):
+        raise NonFiniteLossError(
+            f"loss is {float(loss.detach())} at step {step} (recon {float(out['recon']):.4g}, "
+            f"aux {float(out['aux']):.4g}, "
+            f"l0 {float(out['l0']):.4g}, lr {optimizer_lr(optimizer):.3g}): batch {batch_stats(x_BD)}; "
+            f"training stopped before the optimizer step, {checkpoint_note(lm)}. "
+            "Lower trainer.lr or check the activations."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    with fp32_region(x_BD.device):  # the SAE's precision policy covers backward too (vlmsae.sae.precision)
+        lm.manual_backward(loss)
+    constrain_decoder_grad_(sae)
+    if grad_clip and grad_clip > 0:
+        lm.clip_gradients(optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+    if lightning_step:
+        optimizer.step()
+    else:
+        getattr(optimizer, "optimizer", optimizer).step()
+    normalize_decoder_(sae)
+    scheduler.step()
+    if not weights_finite(sae):
+        raise NonFiniteLossError(
+            f"weights became non-finite in the optimizer step of step {step} (loss {float(loss):.4g}): "
+            f"batch {batch_stats(x_BD)}; {checkpoint_note(lm)}. Lower trainer.lr."
+        )
+    return out
+
+
+@torch.no_grad()
+def sync_dead_tracking(sae, fired_F: torch.Tensor, batch_size: int) -> None:
+    """DDP: a latent is alive if it fired on any rank, and every rank's rows count as samples.
+
+    ``sae.loss`` updated ``samples_since_fired`` from this rank's batch only; this adds the
+    other ranks' rows and zeroes the latents that fired elsewhere, so the dead mask (and AuxK)
+    follows the global stream and the buffers stay identical on every rank.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    fired_any_F = fired_F.to(torch.int32)
+    dist.all_reduce(fired_any_F, op=dist.ReduceOp.MAX)
+    counts_F = sae.samples_since_fired
+    counts_F.add_(batch_size * (dist.get_world_size() - 1))
+    counts_F.masked_fill_(fired_any_F.bool(), 0)
+
+
+@torch.no_grad()
+def train_metrics(sae, x_BD: torch.Tensor, out: dict, lr: float) -> dict[str, float]:
+    """The ``train/*`` scalars of one step (see the module docstring for the units)."""
+    with warnings.catch_warnings():  # before the threshold exists encode() uses top-k: expected here
+        warnings.simplefilter("ignore", UserWarning)
+        codes_BF = sae.encode(x_BD)  # inference codes, for firing frequencies
+    batch = ReconstructionAccumulator(sae.n_latents, DENSE_FREQ, device=x_BD.device)
+    batch.update(x_BD, out["x_hat"].float(), codes_BF)
+    rec = batch.result()
+    metrics = {
+        "train/loss": out["loss"].detach(),
+        "train/recon": out["recon"],
+        "train/mse": rec["mse"],
+        "train/nmse": rec["normalized_mse"],
+        "train/fve": rec["fve"],
+        "train/l0": out["l0"],
+        "train/aux_loss": out["aux"],
+        "train/dead_fraction": sae.dead_latents.float().mean(),
+        "train/dense_fraction": rec["dense_fraction"],
+        "train/lr": lr,
+    }
+    return {k: float(v) for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def val_update(val: ReconstructionAccumulator, sae, x_BD: torch.Tensor) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        codes_BF = sae.encode(x_BD)
+    val.update(x_BD, sae.decode(codes_BF).float(), codes_BF)
+
+
+def val_summary(val: ReconstructionAccumulator, sae, step: int) -> tuple[dict, dict, np.ndarray]:
+    """(scalar metrics, metrics.json's record with the density histogram, firing frequencies) of a validation."""
+    rec = val.result()
+    freq_F = rec["freq_F"].numpy()
+    metrics = {
+        "mse": rec["mse"],
+        "nmse": rec["normalized_mse"],
+        "fve": rec["fve"],
+        "l0": rec["l0"],
+        "dead_fraction": float(sae.dead_latents.float().mean()),  # the trainer's dead mask (AuxK)
+        "dense_fraction": rec["dense_fraction"],
+        "never_fired_val_fraction": rec["dead_fraction"],  # no validation row fired it
+    }
+    hist_counts, _ = np.histogram(np.log10(freq_F[freq_F > 0]), bins=DENSITY_EDGES)
+    record = {
+        **metrics,
+        "step": int(step),
+        "n_val_rows": int(val.n),
+        "density_hist": {
+            "log10_freq_edges": DENSITY_EDGES.tolist(),
+            "counts": hist_counts.tolist(),
+            "never_fired": int((freq_F == 0).sum()),
+        },
+    }
+    return metrics, record, freq_F

@@ -28,6 +28,9 @@ class TrainJob:
     tokens: Optional[str] = None  # cls | patches | all | mean | random_k (data=acts: the store's; images: null = cls)
     tokens_k: int = 2  # tokens per image for tokens=random_k (image sources; a store records its own k)
     resume: Any = False  # true: continue the newest run with this config; or a run dir / .ckpt path
+    # many SAEs per pass (vlmsae.lit.many): a list of overrides of the sae node, each with an optional lr, e.g.
+    # '[{expansion:4,k:8},{expansion:8,k:8,arch:topk,lr:1e-4}]'; null = one SAE from the sae node
+    sae_grid: Any = None
     seed: int = 0  # SAE init, data order (with data.seed) and on-the-fly token sampling
 
 

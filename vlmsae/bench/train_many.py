@@ -1,0 +1,68 @@
+"""Many SAEs per pass benchmark (``sae_grid=``, :mod:`vlmsae.lit.many`): N = 4 SAEs trained in one pass
+over an activation store against 4 separate ``vlmsae.train`` runs over the same store.
+
+``train_many_speedup`` = (time of the 4 separate runs) / (time of the one 4-SAE pass): what reading and
+shuffling each batch once, and starting Lightning once, saves. Both sides go through ``vlmsae.train.run``
+on CPU (fp32), the same steps and batch size; the grid is 2 expansions x 2 k of BatchTopK.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vlmsae.config import conf_dir, register_configs
+from vlmsae.data.store import write_acts_store
+from vlmsae.train import run as train_run
+
+GRID = [(4, 8), (4, 16), (8, 8), (8, 16)]  # (expansion, k)
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run(quick: bool = False) -> dict:
+    d, rows, steps, batch = (64, 4000, 20, 128) if quick else (256, 60_000, 200, 1024)
+    tmp = Path(tempfile.mkdtemp(prefix="vlmsae-bench-many-"))
+    try:
+        x = torch.randn(rows, d, generator=torch.Generator().manual_seed(0))
+        store = write_acts_store(tmp / "acts", x.half(), rows_per_chunk=1000, chunks_per_shard=4, meta={"layer": 2})
+        common = [
+            "data=acts",
+            f"data.acts={store}",
+            f"data.batch_size={batch}",
+            "data.num_workers=0",
+            f"trainer.max_steps={steps}",
+            f"trainer.val_check_interval={steps}",
+            f"trainer.checkpoint_every_n_steps={steps}",
+            "logger=none",
+            f"model.width={d}",
+        ]
+        start = time.perf_counter()
+        for i, (expansion, k) in enumerate(GRID):
+            train_run(_compose([*common, f"sae.expansion={expansion}", f"sae.k={k}"]), out_dpath=tmp / f"single{i}")
+        separate_s = time.perf_counter() - start
+        grid = "[" + ",".join(f"{{expansion:{e},k:{k}}}" for e, k in GRID) + "]"
+        start = time.perf_counter()
+        train_run(_compose([*common, f"sae_grid={grid}"]), out_dpath=tmp / "many")
+        pass_s = time.perf_counter() - start
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "train_many_n_saes": len(GRID),
+        "train_many_d_in": d,
+        "train_many_steps": steps,
+        "train_many_batch_size": batch,
+        "train_many_separate_s": separate_s,
+        "train_many_pass_s": pass_s,
+        "train_many_speedup": separate_s / pass_s,
+    }
