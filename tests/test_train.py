@@ -546,8 +546,8 @@ def test_submitit_requeue_after_preemption_continues_to_the_same_sae(compose_cfg
     import signal
     import time
 
-    over = _overrides(planted_store, 200, "trainer.checkpoint_every_n_steps=10", "trainer.val_check_interval=1000")
-    over += ["sae.expansion=32", "data.batch_size=1024"]  # slow enough steps to signal mid-run
+    over = _overrides(planted_store, 80, "trainer.checkpoint_every_n_steps=10", "trainer.val_check_interval=1000")
+    over += ["sae.expansion=16", "data.batch_size=1024"]  # slow enough steps to signal mid-run
     sweep = tmp_path / "sweep"
     cmd = _train_cli("-m", "hydra/launcher=submitit_local", "seed=3", *over, f"hydra.sweep.dir={sweep}")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -567,6 +567,6 @@ def test_submitit_requeue_after_preemption_continues_to_the_same_sae(compose_cfg
     assert "this job is preempted" in logs and "Restored all states from the checkpoint" in logs, logs[-2000:]
     info = json.loads((job / "run_info.json").read_text())
     assert info["status"] == "done" and info["resumed_from"].startswith(str(job)), info["resumed_from"]
-    assert json.loads((job / "metrics.json").read_text())["optimizer_steps"] == 200
+    assert json.loads((job / "metrics.json").read_text())["optimizer_steps"] == 80
     run(compose_cfg("train", [*over, "seed=3"]), out_dpath=tmp_path / "ref")
     _assert_same_sae(tmp_path / "ref", job)
