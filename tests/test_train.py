@@ -400,7 +400,8 @@ def test_multirun_two_jobs_writes_job_dirs_and_sweep_summary(tmp_path, repo_root
 
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks_train_to_the_same_step(tmp_path):
-    """trainer=ddp semantics on CPU (gloo): two ranks, disjoint shards, one set of outputs from rank 0."""
+    """trainer=ddp on CPU (gloo): two ranks, disjoint shards, one set of outputs from rank 0. The same
+    conf/trainer/ddp.yaml a SLURM job uses (there trainer.num_nodes=N and Lightning reads the ranks from SLURM)."""
     planted = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0)
     write_acts_store(
         tmp_path / "acts", planted.sample(6000, seed=1).x.half(), 500, 2, meta={"model": "tiny", "layer": 2}
@@ -414,9 +415,10 @@ def test_ddp_two_cpu_ranks_train_to_the_same_step(tmp_path):
         f"data.acts={tmp_path / 'acts'}",
         "data.batch_size=128",
         "data.num_workers=1",
-        "trainer=cpu",
+        "trainer=ddp",  # the config path a SLURM job takes, on CPU: gloo, two ranks on one node
+        "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "trainer.strategy=ddp",
+        "trainer.num_nodes=1",
         "trainer.max_steps=30",
         "trainer.val_check_interval=15",
         "trainer.limit_val_batches=2",
