@@ -400,7 +400,8 @@ def test_multirun_two_jobs_writes_job_dirs_and_sweep_summary(tmp_path, repo_root
 
 @pytest.mark.slow
 def test_ddp_two_cpu_ranks_train_to_the_same_step(tmp_path):
-    """trainer=ddp semantics on CPU (gloo): two ranks, disjoint shards, one set of outputs from rank 0."""
+    """trainer=ddp on CPU (gloo): two ranks, disjoint shards, one set of outputs from rank 0. The same
+    conf/trainer/ddp.yaml a SLURM job uses (there trainer.num_nodes=N and Lightning reads the ranks from SLURM)."""
     planted = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0)
     write_acts_store(
         tmp_path / "acts", planted.sample(6000, seed=1).x.half(), 500, 2, meta={"model": "tiny", "layer": 2}
@@ -414,9 +415,10 @@ def test_ddp_two_cpu_ranks_train_to_the_same_step(tmp_path):
         f"data.acts={tmp_path / 'acts'}",
         "data.batch_size=128",
         "data.num_workers=1",
-        "trainer=cpu",
+        "trainer=ddp",  # the config path a SLURM job takes, on CPU: gloo, two ranks on one node
+        "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "trainer.strategy=ddp",
+        "trainer.num_nodes=1",
         "trainer.max_steps=30",
         "trainer.val_check_interval=15",
         "trainer.limit_val_batches=2",
@@ -432,3 +434,141 @@ def test_ddp_two_cpu_ranks_train_to_the_same_step(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 30 and metrics["optimizer_steps"] == 30 and metrics["fve"] > 0
     assert json.loads((out / "run_info.json").read_text())["status"] == "done"
+
+
+# ------------------------------------------------------------------- SLURM / submitit launcher and requeue
+def _sae_state(run_dpath):
+    from vlmsae.sae import load_sae
+
+    return {k: v.clone() for k, v in load_sae(run_dpath / "sae").state_dict().items()}
+
+
+def _assert_same_sae(a_dpath, b_dpath):
+    a, b = _sae_state(a_dpath), _sae_state(b_dpath)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_rerun_in_the_same_dir_continues_its_checkpoint_to_the_same_sae(compose_cfg, planted_store, tmp_path):
+    """What a requeued job does: the same config (resume left at its default, auto) in the same job dir
+    continues from that dir's last checkpoint and ends with the SAE an uninterrupted run ends with."""
+    over = _overrides(planted_store, 40, "trainer.checkpoint_every_n_steps=10", "trainer.val_check_interval=1000")
+    run(compose_cfg("train", over), out_dpath=tmp_path / "ref")
+    with pytest.raises(_Kill):
+        run(compose_cfg("train", over), out_dpath=tmp_path / "job_0", callbacks=[_StopAt(25)])
+    rerun = _Record()
+    metrics = run(compose_cfg("train", over), out_dpath=tmp_path / "job_0", callbacks=[rerun])
+    assert [s for s, _ in rerun.seen] == list(range(20, 40)) and metrics["optimizer_steps"] == 40
+    assert json.loads((tmp_path / "job_0" / "run_info.json").read_text())["resumed_from"].endswith("last.ckpt")
+    _assert_same_sae(tmp_path / "ref", tmp_path / "job_0")
+    # resume=false in the same dir starts over (step 0) instead.
+    fresh = _Record()
+    run(compose_cfg("train", [*over, "resume=false"]), out_dpath=tmp_path / "job_0", callbacks=[fresh])
+    assert fresh.seen[0][0] == 0
+
+
+def test_slurm_launcher_carries_resources_and_requires_partition_and_account(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from vlmsae.config import conf_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", ["hydra/launcher=slurm"], return_hydra_config=True)
+        launcher = cfg.hydra.launcher
+        assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+        assert OmegaConf.missing_keys(launcher) == {"hydra.launcher.partition", "hydra.launcher.account"}
+        assert launcher.gpus_per_node == 1 and launcher.cpus_per_task > 0 and launcher.mem_gb > 0
+        assert launcher.timeout_min > 0 and launcher.signal_delay_s > 0
+        cfg = compose(
+            "train",
+            ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.account=lab"],
+            return_hydra_config=True,
+        )
+        assert OmegaConf.missing_keys(cfg.hydra.launcher) == set()
+        # Every key is one the plugin's SlurmQueueConf knows (an unknown one would fail at submission).
+        from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+        assert set(cfg.hydra.launcher) <= set(OmegaConf.structured(SlurmQueueConf)) | {"_target_"}
+
+
+def _train_cli(*args):
+    return [sys.executable, "-m", "vlmsae.train", *args]
+
+
+_CLI_ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_slurm_sweep_without_partition_stops_before_submitting_naming_the_key(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = _train_cli("-m", "hydra/launcher=slurm", "hydra.launcher.account=lab", "seed=1,2", f"hydra.sweep.dir={sweep}")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLI_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Missing mandatory value: hydra.launcher.partition" in proc.stderr, proc.stderr[-2000:]
+    assert not sweep.exists()  # nothing was submitted
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_runs_two_jobs_and_writes_sweep_summary(planted_store, tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = _train_cli(
+        "-m", "hydra/launcher=submitit_local", "seed=1,2", *_overrides(planted_store, 20), f"hydra.sweep.dir={sweep}"
+    )
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLI_ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("job_0", "job_1"):
+        assert json.loads((sweep / job / "metrics.json").read_text())["step"] == 20
+    rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
+    assert [r["seed"] for r in rows] == ["1", "2"] and all(float(r["fve"]) > 0 for r in rows)
+    assert (sweep / ".submitit").is_dir()  # the jobs went through submitit's local executor
+
+
+def _submitit_task_pid(folder):
+    """The pid of the python task submitit's local executor started for jobs under ``folder``."""
+    from pathlib import Path
+
+    for environ_fpath in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            environ = environ_fpath.read_bytes()
+        except OSError:
+            continue
+        if b"SUBMITIT_LOCAL_GLOBALID=0" in environ and str(folder).encode() in environ:
+            return int(environ_fpath.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_submitit_requeue_after_preemption_continues_to_the_same_sae(compose_cfg, planted_store, tmp_path):
+    """The real submitit path on the local executor: SIGUSR2 (submitit's preemption signal) once the job has
+    a checkpoint -> the launcher's checkpoint() resubmits the same call -> the job reruns in the same job dir
+    and resume=auto continues there. The SAE equals an uninterrupted run's."""
+    import signal
+    import time
+
+    over = _overrides(planted_store, 80, "trainer.checkpoint_every_n_steps=10", "trainer.val_check_interval=1000")
+    over += ["sae.expansion=16", "data.batch_size=1024"]  # slow enough steps to signal mid-run
+    sweep = tmp_path / "sweep"
+    cmd = _train_cli("-m", "hydra/launcher=submitit_local", "seed=3", *over, f"hydra.sweep.dir={sweep}")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    signalled, deadline = False, time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline and not signalled:
+        if list((sweep / "job_0" / "checkpoints").glob("step*.ckpt")):
+            pid = _submitit_task_pid(sweep / ".submitit")
+            if pid is not None:
+                os.kill(pid, signal.SIGUSR2)
+                signalled = True
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert signalled, "the job finished before it could be preempted: make its steps slower"
+    assert proc.returncode == 0, err[-3000:]
+    job = sweep / "job_0"
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*.err"))
+    assert "this job is preempted" in logs and "Restored all states from the checkpoint" in logs, logs[-2000:]
+    info = json.loads((job / "run_info.json").read_text())
+    assert info["status"] == "done" and info["resumed_from"].startswith(str(job)), info["resumed_from"]
+    assert json.loads((job / "metrics.json").read_text())["optimizer_steps"] == 80
+    run(compose_cfg("train", [*over, "seed=3"]), out_dpath=tmp_path / "ref")
+    _assert_same_sae(tmp_path / "ref", job)

@@ -3,6 +3,10 @@
 Hydra gives a repeated command a new timestamped run dir, so ``resume=true`` looks for the checkpoint
 of an earlier run whose saved config (``run_info.json``, read through :mod:`vlmsae.formats`) matches
 this one: :func:`config_fingerprint` says which parts must match.
+
+``resume=auto`` (the default) continues only this run dir's own checkpoint: a fresh timestamped run dir
+has none, so it starts fresh, while a job that SLURM (through Hydra's submitit launcher) requeues after
+a preemption or its time limit runs again in the same job dir and continues where it stopped.
 """
 
 from __future__ import annotations
@@ -56,10 +60,16 @@ def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path |
     ``resume=true``: this run dir's own ``checkpoints/last.ckpt`` if any, else the newest one among
     sibling runs (and sibling multirun jobs) whose saved config matches this one except for
     ``resume``: Hydra gives the repeated command a new timestamped dir, the checkpoint lives in the
-    old one. ``resume=<path>``: a run dir or a ``.ckpt`` file.
+    old one. ``resume=auto``: this run dir's own checkpoint only, else None (a requeued submitit job
+    reruns in the same dir). ``resume=<path>``: a run dir or a ``.ckpt`` file.
     """
     if resume in (None, False) or str(resume).lower() in ("false", "no", "0", "none", ""):
         return None
+    if str(resume).lower() == "auto":
+        own = run_checkpoint(out_dpath)
+        if own is not None:
+            log.info("resume=auto: %s already holds a checkpoint (a requeued job?): continuing from %s", out_dpath, own)
+        return own
     if str(resume).lower() not in ("true", "yes", "1"):
         path = Path(str(resume)).expanduser()
         ckpt = run_checkpoint(path) if path.is_dir() else path

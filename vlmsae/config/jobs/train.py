@@ -27,7 +27,9 @@ class TrainJob:
     layer: Any = None
     tokens: Optional[str] = None  # cls | patches | all | mean | random_k (data=acts: the store's; images: null = cls)
     tokens_k: int = 2  # tokens per image for tokens=random_k (image sources; a store records its own k)
-    resume: Any = False  # true: continue the newest run with this config; or a run dir / .ckpt path
+    # auto: continue this run dir's own checkpoint if any (a requeued SLURM job), else start fresh; true: also the
+    # newest sibling run with this config; false: always fresh; or a run dir / .ckpt path
+    resume: Any = "auto"
     # many SAEs per pass (vlmsae.lit.many): a list of overrides of the sae node, each with an optional lr, e.g.
     # '[{expansion:4,k:8},{expansion:8,k:8,arch:topk,lr:1e-4}]'; null = one SAE from the sae node
     sae_grid: Any = None
