@@ -41,3 +41,28 @@ def compose_cfg() -> Callable:
             return compose(config_name=config_name, overrides=overrides or [])
 
     return _compose
+
+
+@pytest.fixture
+def compose_error() -> Callable:
+    """compose_error(config_dpath, "train", ["layr=3"]) -> the message chain of the error that composing raises
+    ('' if none): Hydra wraps the OmegaConf error, and the misspelt key is named somewhere in the chain."""
+    from hydra import compose, initialize_config_dir
+
+    from vlmsae.config import register_configs
+
+    register_configs()
+
+    def _compose_error(config_dpath, config_name: str, overrides: list[str]) -> str:
+        try:
+            with initialize_config_dir(config_dir=str(config_dpath), version_base="1.3"):
+                compose(config_name=config_name, overrides=overrides)
+        except Exception as err:
+            parts = []
+            while err is not None:
+                parts.append(str(err))
+                err = err.__cause__ or err.__context__
+            return "\n".join(parts)
+        return ""
+
+    return _compose_error

@@ -216,37 +216,18 @@ def test_resume_refuses_a_changed_image_folder(compose_cfg, tmp_path):
         run(cfg, out_dpath=tmp_path / "out")
 
 
-def _compose_error(config_dpath, config_name: str, overrides: list[str]) -> str:
-    """The message chain of the error composing ``config_name`` from ``config_dpath`` raises ('' if none)."""
-    from hydra import compose, initialize_config_dir
-
-    from vlmsae.config import register_configs
-
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(config_dpath), version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
-    except Exception as err:  # Hydra wraps the OmegaConf error; the key is named somewhere in the chain
-        parts = []
-        while err is not None:
-            parts.append(str(err))
-            err = err.__cause__ or err.__context__
-        return "\n".join(parts)
-    return ""
-
-
-def test_a_misspelt_or_mistyped_key_fails_at_compose_time_naming_it(tmp_path):
+def test_a_misspelt_or_mistyped_key_fails_at_compose_time_naming_it(tmp_path, compose_error):
     import shutil
 
     from vlmsae.config import conf_dir
 
-    assert "Key 'layr' not in 'ExtractJob'" in _compose_error(conf_dir(), "extract", ["layr=3"])
-    assert "full_key: k" in _compose_error(conf_dir(), "extract", ["k=abc"])  # the schema types the keys
+    assert "Key 'layr' not in 'ExtractJob'" in compose_error(conf_dir(), "extract", ["layr=3"])
+    assert "full_key: k" in compose_error(conf_dir(), "extract", ["k=abc"])  # the schema types the keys
     # A typo written in the YAML itself (no override involved) is caught too: the schema closes the top level.
     conf_copy = shutil.copytree(conf_dir(), tmp_path / "user_conf")
     with open(conf_copy / "extract.yaml", "a", encoding="utf-8") as fh:
         fh.write("\nrows_per_shrad: 10\n")
-    assert "Key 'rows_per_shrad' not in 'ExtractJob'" in _compose_error(conf_copy, "extract", [])
+    assert "Key 'rows_per_shrad' not in 'ExtractJob'" in compose_error(conf_copy, "extract", [])
 
 
 def test_run_is_thin():

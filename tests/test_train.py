@@ -313,36 +313,17 @@ def test_tiny_extraction_then_training(compose_cfg, tmp_path):
     assert source["model"] == "tiny" and source["layer"] == 2 and source["tokens"] == "all"
 
 
-def _compose_error(config_dpath, config_name: str, overrides: list[str]) -> str:
-    """The message chain of the error composing ``config_name`` from ``config_dpath`` raises ('' if none)."""
-    from hydra import compose, initialize_config_dir
-
-    from vlmsae.config import register_configs
-
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(config_dpath), version_base="1.3"):
-            compose(config_name=config_name, overrides=overrides)
-    except Exception as err:  # Hydra wraps the OmegaConf error; the key is named somewhere in the chain
-        parts = []
-        while err is not None:
-            parts.append(str(err))
-            err = err.__cause__ or err.__context__
-        return "\n".join(parts)
-    return ""
-
-
-def test_a_misspelt_or_mistyped_key_fails_at_compose_time_naming_it(tmp_path):
+def test_a_misspelt_or_mistyped_key_fails_at_compose_time_naming_it(tmp_path, compose_error):
     import shutil
 
     from vlmsae.config import conf_dir
 
-    assert "Key 'layr' not in 'TrainJob'" in _compose_error(conf_dir(), "train", ["layr=3"])
-    assert "full_key: seed" in _compose_error(conf_dir(), "train", ["seed=abc"])  # the schema types the keys
+    assert "Key 'layr' not in 'TrainJob'" in compose_error(conf_dir(), "train", ["layr=3"])
+    assert "full_key: seed" in compose_error(conf_dir(), "train", ["seed=abc"])  # the schema types the keys
     # A typo in a recipe (no override involved) is caught too: the schema closes the top level.
     conf_copy = shutil.copytree(conf_dir(), tmp_path / "user_conf")
     (conf_copy / "experiment" / "typo.yaml").write_text("# @package _global_\ntokns: cls\n", encoding="utf-8")
-    assert "Key 'tokns' not in 'TrainJob'" in _compose_error(conf_copy, "train", ["experiment=typo"])
+    assert "Key 'tokns' not in 'TrainJob'" in compose_error(conf_copy, "train", ["experiment=typo"])
 
 
 def test_run_is_thin():

@@ -306,7 +306,7 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
         trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
         if trainer.interrupted:
             raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; resume with resume=true")
-        _final_checkpoint(trainer, checkpoint, ckpt_dpath)
+        final_checkpoint(trainer, checkpoint, ckpt_dpath)
         trainer.validate(module, datamodule=datamodule, verbose=False)
     except NonFiniteLossError as err:
         if trainer.is_global_zero:
@@ -322,7 +322,7 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
     metrics.update(
         {
             "step": int(trainer.global_step),
-            "optimizer_steps": _adam_steps(trainer),
+            "optimizer_steps": adam_steps(trainer.optimizers[0]) if trainer.optimizers else -1,
             "lr": lr,
             "n_latents": sae_config["n_latents"],
             "k": sae_config["k"],
@@ -332,18 +332,7 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
         }
     )
     if trainer.is_global_zero:
-        src = plan.source
-        source = {
-            "model": src.model,
-            "pretrained": src.pretrained,
-            "layer": src.layer,
-            "tokens": src.tokens,
-            "tokens_k": src.tokens_k,
-            "data": src.acts_dpath or plan.data.root,
-            "data_source": src.source,
-            "train_steps": int(trainer.global_step),
-            "train_rows": int(trainer.global_step) * int(plan.data.batch_size),
-        }
+        source = training_source(plan, int(trainer.global_step))
         module.sae.cpu()
         save_sae(module.sae, out_dpath / "sae", source=source)
         atomic_write_json(out_dpath / "metrics.json", metrics)
@@ -408,7 +397,7 @@ def build_trainer(t: TrainerSchema, logger, callbacks: list, out_dpath: Path):
     return trainer, checkpoint, ckpt_dpath
 
 
-def _final_checkpoint(trainer, checkpoint, ckpt_dpath: Path) -> None:
+def final_checkpoint(trainer, checkpoint, ckpt_dpath: Path) -> None:
     """Save the end state (so resume=true on a finished run is a no-op) and point last.ckpt at it.
 
     Whether to save is decided from the callback's state, the same on every rank: saving is a
@@ -427,11 +416,26 @@ def _final_checkpoint(trainer, checkpoint, ckpt_dpath: Path) -> None:
                 old.unlink()
 
 
-def _adam_steps(trainer) -> int:
+def adam_steps(optimizer) -> int:
     """Optimizer steps recorded in Adam's state: equals the run's steps iff no step was repeated or lost."""
     try:
-        state = trainer.optimizers[0].state
-        steps = [int(s["step"]) for s in state.values() if "step" in s]
-        return max(steps) if steps else 0
-    except (AttributeError, IndexError):
+        steps = [int(s["step"]) for s in optimizer.state.values() if "step" in s]
+    except AttributeError:
         return -1
+    return max(steps) if steps else 0
+
+
+def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
+    """What an SAE trained by ``plan`` read, for its checkpoint's ``source``: model, tap, data and how much."""
+    src = plan.source
+    return {
+        "model": src.model,
+        "pretrained": src.pretrained,
+        "layer": src.layer,
+        "tokens": src.tokens,
+        "tokens_k": src.tokens_k,
+        "data": src.acts_dpath or plan.data.root,
+        "data_source": src.source,
+        "train_steps": step,
+        "train_rows": step * int(plan.data.batch_size),
+    }

@@ -24,7 +24,15 @@ from typing import Any
 import lightning as L
 import torch
 
-from vlmsae.lit.fit import FitPlan, _final_checkpoint, build_datamodule, build_logger, build_trainer
+from vlmsae.lit.fit import (
+    FitPlan,
+    adam_steps,
+    build_datamodule,
+    build_logger,
+    build_trainer,
+    final_checkpoint,
+    training_source,
+)
 from vlmsae.lit.loggers import RestoreLogHistory
 from vlmsae.lit.module import (
     DENSE_FREQ,
@@ -210,7 +218,7 @@ def fit_many(plan: FitPlan, grid: list[GridSAE], out_dpath: Path, callbacks: lis
         trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
         if trainer.interrupted:
             raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; resume with resume=true")
-        _final_checkpoint(trainer, checkpoint, ckpt_dpath)
+        final_checkpoint(trainer, checkpoint, ckpt_dpath)
         trainer.validate(module, datamodule=datamodule, verbose=False)
     except NonFiniteLossError as err:
         write_run_info(out_dpath, config, status="failed", error=str(err))
@@ -225,25 +233,14 @@ def fit_many(plan: FitPlan, grid: list[GridSAE], out_dpath: Path, callbacks: lis
 
 def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from) -> dict[str, Any]:
     step, src = int(trainer.global_step), plan.source
-    source = {
-        "model": src.model,
-        "pretrained": src.pretrained,
-        "layer": src.layer,
-        "tokens": src.tokens,
-        "tokens_k": src.tokens_k,
-        "data": src.acts_dpath or plan.data.root,
-        "data_source": src.source,
-        "train_steps": step,
-        "train_rows": step * int(plan.data.batch_size),
-    }
+    source = training_source(plan, step)
     all_metrics = {}
     for g, sae, record, optimizer in zip(grid, module.saes, module.val_metrics, trainer.optimizers):
-        adam_steps = [int(s["step"]) for s in optimizer.state.values() if "step" in s]
         metrics = {k: v for k, v in record.items() if k != "density_hist"}
         metrics.update(
             {
                 "step": step,
-                "optimizer_steps": max(adam_steps) if adam_steps else 0,
+                "optimizer_steps": adam_steps(optimizer),
                 "lr": g.lr,
                 "n_latents": g.sae_config["n_latents"],
                 "k": g.sae_config["k"],

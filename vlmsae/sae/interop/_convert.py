@@ -10,6 +10,7 @@ A loaded class whose forward no vlmsae arch reproduces carries ``interop_only`` 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,3 +59,13 @@ def sae_from_weights(
             sae.threshold.fill_(float(threshold))
     sae.source = dict(source or {})
     return sae.to(device).eval()
+
+
+def single_checkpoint(dpath: Path, found: list[Path], library: str, expects: str) -> Path:
+    """The one checkpoint file ``found`` under ``dpath``; none or several is an error naming them."""
+    if not found:
+        raise FileNotFoundError(f"{str(dpath)!r} holds no {library} checkpoint; expected {expects}.")
+    if len(found) > 1:
+        names = ", ".join(repr(f.name) for f in found)
+        raise ValueError(f"{str(dpath)!r} holds several {library} files ({names}); pass the path of one of them.")
+    return found[0]

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.interop._convert import check_shape, sae_from_weights
+from vlmsae.sae.interop._convert import check_shape, sae_from_weights, single_checkpoint
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.sae.relu import ReluSAE
 
@@ -99,13 +99,7 @@ def detect(dpath: Path) -> bool:
 def load(dpath: Path, device: str = "cpu") -> SAE:
     """An MSAE file (or a folder with exactly one) as an eval-mode vlmsae SAE on raw CLIP embeddings."""
     dpath = Path(dpath)
-    found = _candidates(dpath)
-    if not found:
-        raise FileNotFoundError(f"{str(dpath)!r} holds no MSAE checkpoint; expected {EXPECTS}.")
-    if len(found) > 1:
-        names = ", ".join(repr(f.name) for f in found)
-        raise ValueError(f"{str(dpath)!r} holds several MSAE files ({names}); pass the path of one of them.")
-    fpath = found[0]
+    fpath = single_checkpoint(dpath, _candidates(dpath), "MSAE", EXPECTS)
     where = repr(str(fpath))
     info = parse_name(fpath.name)
     act = info["act"]

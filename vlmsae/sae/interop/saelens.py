@@ -73,7 +73,6 @@ SCALER_FNAME = "activation_scaler.json"
 EXPORT_SAE_LENS_VERSION = "6.0.0"
 """Written as metadata.sae_lens_version: SAELens reads configs older than 6.0.0-rc.0 through its v5 path."""
 
-# HF / open_clip ids of the models vlmsae has configs for (conf/model/*.yaml), for metadata.model_name.
 _RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
 

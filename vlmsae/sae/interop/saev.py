@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.interop._convert import check_shape, sae_from_weights
+from vlmsae.sae.interop._convert import check_shape, sae_from_weights, single_checkpoint
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.sae.topk import TopKSAE
 
@@ -198,13 +198,7 @@ def load(
     ``layer``/``model``/``tokens``: recorded in ``sae.source`` (saev files do not store them).
     """
     dpath = Path(dpath)
-    found = _find_file(dpath)
-    if not found:
-        raise FileNotFoundError(f"{str(dpath)!r} holds no saev checkpoint; expected {EXPECTS}.")
-    if len(found) > 1:
-        names = ", ".join(repr(f.name) for f in found)
-        raise ValueError(f"{str(dpath)!r} holds several saev files ({names}); pass the path of one of them.")
-    fpath = found[0]
+    fpath = single_checkpoint(dpath, _find_file(dpath), "saev", EXPECTS)
     where = repr(str(fpath))
     header, state = read_file(fpath)
     act, top_k = _activation(header, where)
