@@ -42,6 +42,9 @@ demo: install ## Run extract -> train -> monosemanticity -> hierarchy -> steer -
 bench: install ## Benchmarks: SAE step throughput, MS at 50k x 65k, extraction, data loader -> outputs/bench/
 	WANDB_MODE=disabled $(PY) -m vlmsae.bench
 
+bench-gpu: install ## GPU benchmarks (gpu_ keys: SAE step, ViT-L/14-336 extraction, MS 50k x 65k) merged into outputs/bench/; skips without CUDA
+	WANDB_MODE=disabled $(PY) -m vlmsae.bench --only gpu --merge
+
 bench-quick: install ## Smoke-run every benchmark at small sizes (seconds) -> outputs/bench-quick/
 	WANDB_MODE=disabled $(PY) -m vlmsae.bench --quick --out outputs/bench-quick
 
@@ -56,4 +59,4 @@ distclean: clean ## Also remove .venv/ and everything under outputs/
 	rm -rf $(VENV)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
-.PHONY: help install lint format test test-fast demo bench bench-quick wheel clean distclean
+.PHONY: help install lint format test test-fast demo bench bench-gpu bench-quick wheel clean distclean

@@ -13,8 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats: a smoke run (seconds)")
     parser.add_argument("--out", default=str(DEFAULT_OUT_DPATH), help=f"output folder (default {DEFAULT_OUT_DPATH})")
     parser.add_argument("--only", nargs="+", choices=MODULES, help="run only these benchmark modules")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other keys of an existing results.json (make bench-gpu)"
+    )
     args = parser.parse_args(argv)
-    results = run_all(quick=args.quick, out_dpath=args.out, only=args.only)
+    results = run_all(quick=args.quick, out_dpath=args.out, only=args.only, merge=args.merge)
     errors = [key for key in results if key.endswith("_error")]
     print(f"wrote {args.out}/results.json and results.md ({len(results)} keys, {len(errors)} module errors)")
     return 0

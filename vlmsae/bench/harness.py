@@ -16,8 +16,8 @@ from vlmsae.utils.provenance import provenance, write_run_info
 
 # Fixed order: cheap ceilings first, then the SAE step, then the other issues' benchmarks
 # (ms: monosemanticity at 50k images x 65k latents; extract: activation extraction; loader:
-# shard reading vs the training step's consumption).
-MODULES = ("gemm", "sae_step", "ms", "extract", "loader", "train_many")
+# shard reading vs the training step's consumption; gpu: the gpu_ keys, skipped without CUDA).
+MODULES = ("gemm", "sae_step", "ms", "extract", "loader", "train_many", "gpu")
 DEFAULT_OUT_DPATH = Path("outputs") / "bench"
 
 
@@ -92,11 +92,42 @@ def run_module(name: str, quick: bool) -> dict[str, Any]:
     return out
 
 
-def run_all(quick: bool = False, out_dpath: str | Path = DEFAULT_OUT_DPATH, only: list[str] | None = None) -> dict:
-    """Run the benchmarks (all of ``MODULES`` or ``only``), write results.json/.md + run_info.json."""
+def _previous_results(out_dpath: Path) -> dict[str, Any]:
+    """The keys of an earlier ``results.json`` in ``out_dpath`` (``--merge``), or {} if there is none."""
+    import json
+
+    fpath = out_dpath / "results.json"
+    if not fpath.exists():
+        return {}
+    try:
+        previous = json.loads(fpath.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--merge: cannot read {fpath} ({err}); move it away or run without --merge.") from err
+    if not isinstance(previous, dict):
+        raise ValueError(f"--merge: {fpath} holds a {type(previous).__name__}, expected a JSON object of results.")
+    return previous
+
+
+def run_all(
+    quick: bool = False,
+    out_dpath: str | Path = DEFAULT_OUT_DPATH,
+    only: list[str] | None = None,
+    merge: bool = False,
+) -> dict:
+    """Run the benchmarks (all of ``MODULES`` or ``only``), write results.json/.md + run_info.json.
+
+    ``merge``: keep the keys of an existing results.json and overwrite only the ones measured now (so
+    ``make bench-gpu`` on a GPU machine adds its ``gpu_`` keys next to a CPU run's); the machine keys
+    of this run are stored under ``<module>_machine_*`` as well, so each figure keeps its machine.
+    """
     out_dpath = Path(out_dpath)
     names = [n for n in MODULES if only is None or n in only]
-    results: dict[str, Any] = {"quick": quick, **machine_info()}
+    results: dict[str, Any] = _previous_results(out_dpath) if merge else {}
+    machine = machine_info()
+    results.update({"quick": quick, **machine})
+    if merge:
+        for name in names:
+            results.update({f"{name}_{key}": value for key, value in machine.items()})
     for name in names:
         print(f"[bench] {name} ...", flush=True)
         module_results = run_module(name, quick)
@@ -107,7 +138,7 @@ def run_all(quick: bool = False, out_dpath: str | Path = DEFAULT_OUT_DPATH, only
     results.update(_flatten(provenance(), prefix="provenance_"))
     atomic_write_json(out_dpath / "results.json", results)
     atomic_write_text(out_dpath / "results.md", render_markdown(results))
-    write_run_info(out_dpath, {"quick": quick, "modules": names})
+    write_run_info(out_dpath, {"quick": quick, "modules": names, "merge": merge})
     return results
 
 

@@ -4,6 +4,7 @@ over an activation store against 4 separate ``vlmsae.train`` runs over the same 
 ``train_many_speedup`` = (time of the 4 separate runs) / (time of the one 4-SAE pass): what reading and
 shuffling each batch once, and starting Lightning once, saves. Both sides go through ``vlmsae.train.run``
 on CPU (fp32), the same steps and batch size; the grid is 2 expansions x 2 k of BatchTopK.
+``make bench-gpu`` runs the same comparison with ``trainer=gpu`` (:func:`measure`, keys ``gpu_train_many_*``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def _compose(overrides: list[str]):
 
 
 def run(quick: bool = False) -> dict:
+    """The CPU comparison (keys ``train_many_*``)."""
+    return measure(quick)
+
+
+def measure(quick: bool = False, trainer: str = "cpu", prefix: str = "train_many") -> dict:
+    """N = 4 separate runs vs one 4-SAE pass on ``trainer`` (a conf/trainer choice: cpu | gpu)."""
     d, rows, steps, batch = (64, 4000, 20, 128) if quick else (256, 60_000, 200, 1024)
     tmp = Path(tempfile.mkdtemp(prefix="vlmsae-bench-many-"))
     try:
@@ -45,6 +52,7 @@ def run(quick: bool = False) -> dict:
             f"trainer.val_check_interval={steps}",
             f"trainer.checkpoint_every_n_steps={steps}",
             "logger=none",
+            f"trainer={trainer}",
             f"model.width={d}",
         ]
         start = time.perf_counter()
@@ -58,11 +66,12 @@ def run(quick: bool = False) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
-        "train_many_n_saes": len(GRID),
-        "train_many_d_in": d,
-        "train_many_steps": steps,
-        "train_many_batch_size": batch,
-        "train_many_separate_s": separate_s,
-        "train_many_pass_s": pass_s,
-        "train_many_speedup": separate_s / pass_s,
+        f"{prefix}_n_saes": len(GRID),
+        f"{prefix}_d_in": d,
+        f"{prefix}_steps": steps,
+        f"{prefix}_batch_size": batch,
+        f"{prefix}_trainer": trainer,
+        f"{prefix}_separate_s": separate_s,
+        f"{prefix}_pass_s": pass_s,
+        f"{prefix}_speedup": separate_s / pass_s,
     }

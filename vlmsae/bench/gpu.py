@@ -1,0 +1,201 @@
+"""GPU benchmarks (``make bench-gpu``): every key starts with ``gpu_``; without CUDA the module skips cleanly.
+
+Measured on the first visible CUDA device, each case with its own peak memory
+(``torch.cuda.max_memory_allocated`` after a reset, so it is this case's own tensors and temporaries):
+
+- **SAE step** at d = 1024, k = 20, batch 4,096 and F = 16,384 and 65,536: tokens/s of the sparse
+  path (vlmsae's TopK step) and of the dense reference (top-k scattered into a dense B x F code), under
+  the SAE precision policy training uses (:mod:`vlmsae.sae.precision`: float32, autocast off, no TF32),
+  timed interleaved as in :mod:`vlmsae.bench.sae_step`;
+- **extraction** through a random-weight ViT-L/14-336 (the LLaVA-1.5 tower's shape) at batch 256: the
+  tap's forward to the paper's layer (22) in float16 and float32 alone (``gpu_extract_forward_*``), and end to end
+  through :class:`vlmsae.models.extraction.StoreExtraction` on generated 336 px images with DataLoader
+  workers (decode + preprocess + forward + shard writing, ``gpu_extract_images_per_s``);
+- **MS** at N = 50,000 images x K = 65,536 latents (k = 20 codes per image, 768-d embeddings) with the
+  codes and embeddings on the GPU;
+- **many SAEs per pass**: :func:`vlmsae.bench.train_many.measure` with ``trainer=gpu``.
+
+``python -m vlmsae.bench --only gpu --merge`` (what ``make bench-gpu`` runs) adds these keys to an
+existing ``outputs/bench/results.json`` instead of replacing it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmsae.bench import sae_step, train_many
+from vlmsae.bench.ms import random_sparse_codes
+from vlmsae.data.concepts import make_concept_images
+from vlmsae.metrics.monosemanticity import monosemanticity_scores
+from vlmsae.models import ModelSpec, load_tap
+from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
+from vlmsae.sae.precision import fp32_region
+
+STEP_SIZES = (16_384, 65_536)
+STEP_SHAPE = dict(d_in=1024, k=20, batch_size=4096)
+QUICK_STEP_SIZES = (512, 2048)
+QUICK_STEP_SHAPE = dict(d_in=64, k=8, batch_size=256)
+
+
+def _gib(n_bytes: int) -> float:
+    return n_bytes / 2**30
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as peak: ...``; then ``peak.gib`` is its peak allocated memory (CUDA) or None."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.gib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.gib = _gib(torch.cuda.max_memory_allocated(self.device))
+
+
+def sae_step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Sparse vs dense-reference step tokens/s and peak memory per F, under the SAE precision policy."""
+    shape_kw, sizes = (QUICK_STEP_SHAPE, QUICK_STEP_SIZES) if quick else (STEP_SHAPE, STEP_SIZES)
+    rounds = 2 if quick else 10
+    out: dict[str, Any] = {f"gpu_sae_step_{k}": v for k, v in shape_kw.items()}
+    out["gpu_sae_step_precision"] = "float32, autocast off, matmul precision highest (vlmsae.sae.precision)"
+    for n_latents in sizes:
+        shape = sae_step.StepShape(n_latents=n_latents, **shape_kw)
+        peaks = {}
+        for path in ("sparse", "reference"):  # one path at a time so each peak is its own
+            with PeakMemory(device) as peak, fp32_region(device):
+                seconds = sae_step.measure_step_seconds(shape, device, None, warmup=2, rounds=rounds, paths=(path,))
+            peaks[path] = peak.gib
+            out[f"gpu_sae_step_{path}_tokens_per_s_{n_latents}"] = shape.batch_size / statistics.median(seconds[path])
+            out[f"gpu_sae_step_{path}_peak_gib_{n_latents}"] = peaks[path]
+        out[f"gpu_sae_step_speedup_vs_reference_{n_latents}"] = (
+            out[f"gpu_sae_step_sparse_tokens_per_s_{n_latents}"]
+            / out[f"gpu_sae_step_reference_tokens_per_s_{n_latents}"]
+        )
+    return out
+
+
+def _vit_l14_336(device: torch.device, dtype: str, quick: bool) -> ModelSpec:
+    """ViT-L/14-336 with random weights (nothing downloaded); ``quick``: ViT-B/32 at 224 px."""
+    if quick:
+        arch, size, n_layers, width, embed = "ViT-B-32", 224, 12, 768, 512
+    else:
+        arch, size, n_layers, width, embed = "ViT-L-14-336", 336, 24, 1024, 768
+    return ModelSpec(
+        name=f"{arch}_random",
+        backend="open_clip",
+        arch=arch,
+        pretrained=None,
+        image_size=size,
+        n_layers=n_layers,
+        width=width,
+        embed_dim=embed,
+        dtype=dtype,
+        device=str(device),
+    )
+
+
+def extraction_keys(device: torch.device, quick: bool) -> dict[str, Any]:
+    """Forward-only images/s at batch 256 per dtype, then the end-to-end extraction rate."""
+    batch = 8 if quick else 256
+    layer = 5 if quick else 22  # LLaVA-1.5 reads the second-to-last block (METHOD §1)
+    out: dict[str, Any] = {"gpu_extract_batch_size": batch, "gpu_extract_layer": layer}
+    for dtype in ("float16", "float32"):
+        spec = _vit_l14_336(device, dtype, quick)
+        tap = load_tap(spec)
+        x = torch.randn(batch, 3, spec.image_size, spec.image_size, device=tap.device, dtype=getattr(torch, dtype))
+        seconds = []
+        with PeakMemory(tap.device) as peak:
+            for i in range(2 + (2 if quick else 8)):
+                if tap.device.type == "cuda":
+                    torch.cuda.synchronize(tap.device)
+                start = time.perf_counter()
+                tap.forward_to(x, layer)
+                if tap.device.type == "cuda":
+                    torch.cuda.synchronize(tap.device)
+                if i >= 2:
+                    seconds.append(time.perf_counter() - start)
+        out["gpu_extract_model"] = f"{spec.arch} random weights ({spec.n_layers} blocks, width {spec.width})"
+        out[f"gpu_extract_forward_{dtype}_images_per_s"] = batch / statistics.median(seconds)
+        out[f"gpu_extract_forward_{dtype}_peak_gib"] = peak.gib
+        del tap, x
+
+    spec = _vit_l14_336(device, "float16", quick)
+    workers = 0 if quick else min(8, max(1, (os.cpu_count() or 1) - 2))
+    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-gpu-extract-") as tmp:
+        root = make_concept_images(Path(tmp) / "images", n_per_class=2 if quick else 100, size=spec.image_size, seed=0)
+        plan = ExtractionPlan(
+            source="folder",
+            root=str(root),
+            layer=layer,
+            tokens="random_k",  # a few patch tokens per image, as a token-level store for the paper's SAEs
+            k=16,
+            seed=0,
+            dtype="float16",
+            rows_per_shard=1 << 20,
+            rows_per_chunk=1 << 16,
+            order_seed=0,
+            max_images=None,
+            batch_size=batch,
+            num_workers=workers,
+            exif_transpose=True,
+            progress=False,
+        )
+        with PeakMemory(device) as peak:
+            summary = StoreExtraction(spec, plan, Path(tmp) / "acts").run()
+    out["gpu_extract_images_per_s"] = summary["images_per_s"]
+    out["gpu_extract_end_to_end_images"] = summary["n_images"]
+    out["gpu_extract_num_workers"] = workers
+    out["gpu_extract_peak_gib"] = peak.gib
+    return out
+
+
+def ms_keys(device: torch.device, quick: bool) -> dict[str, Any]:
+    """The MS study's scorer at 50k images x 65k latents, inputs on ``device``."""
+    n_images, n_latents, k, dim = (5_000, 8_192, 20, 768) if quick else (50_000, 65_536, 20, 768)
+    codes = random_sparse_codes(n_images, n_latents, k, seed=1).to(device)
+    emb = torch.randn(n_images, dim, generator=torch.Generator().manual_seed(2)).to(device)
+    warm = random_sparse_codes(256, 512, k, seed=3).to(device)  # first CUDA calls load kernels: not the scorer's cost
+    monosemanticity_scores(warm, emb[:256])
+    with PeakMemory(device) as peak:
+        start = time.perf_counter()
+        ms = monosemanticity_scores(codes, emb)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return {
+        "gpu_ms_shape": f"N={n_images} K={n_latents} k={k} d={dim}",
+        "gpu_ms_seconds": seconds,
+        "gpu_ms_peak_gib": peak.gib,
+        "gpu_ms_scored": int((~torch.isnan(ms)).sum()),
+    }
+
+
+def run(quick: bool = False, device: str | None = None) -> dict[str, Any]:
+    """Every GPU case on ``device`` (default: cuda, or a skip note without CUDA)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return {"gpu_skipped": "no CUDA device visible (torch.cuda.is_available() is False): nothing measured"}
+        device = "cuda"
+    dev = torch.device(device)
+    out: dict[str, Any] = {"gpu_device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)}
+    out.update(sae_step_keys(dev, quick))
+    out.update(extraction_keys(dev, quick))
+    out.update(ms_keys(dev, quick))
+    out.update(train_many.measure(quick, trainer="gpu" if dev.type == "cuda" else "cpu", prefix="gpu_train_many"))
+    return out
