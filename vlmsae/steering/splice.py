@@ -29,7 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmsae.data.image_set import ImageSet
 from vlmsae.formats import SpliceResult
+from vlmsae.metrics.codes import open_sae_source, source_model_spec
+from vlmsae.metrics.ms_study import zero_shot_check
 from vlmsae.models.llava import vision_blocks, vision_tower
 from vlmsae.steering.compare import load_images
 from vlmsae.steering.evaluate import IMAGE_SUFFIXES
@@ -425,10 +428,6 @@ def clip_zero_shot(
 ) -> dict[str, Any]:
     """:func:`vlmsae.metrics.ms_study.zero_shot_check` for ``sae`` (its own source CLIP) on a class-folder tree,
     or ``{"skipped": why}``: the source is not an open_clip model, or no class folders were given."""
-    from vlmsae.data.image_set import ImageSet
-    from vlmsae.metrics.codes import open_sae_source, source_model_spec
-    from vlmsae.metrics.ms_study import zero_shot_check
-
     try:
         spec = source_model_spec(dict(getattr(sae, "source", {}) or {}), None, None)
     except (ValueError, KeyError, FileNotFoundError) as err:
