@@ -166,6 +166,17 @@ JSON_CASES = {
             settings={"alpha": 30.0},
         ),
     ),
+    "splice.json": (
+        formats.write_splice,
+        formats.read_splice,
+        formats.SpliceResult(
+            summary={"kl": 0.1, "nll_clean": 1.0, "frac_recovered_zero": 0.9},
+            rows=[{"condition": "clean", "nll": 1.0, "kl": 0.0}],
+            per_answer=[{"image": "white", "answer": "a cat", "n_tokens": 2}],
+            notes=["a note"],
+            settings={"layer": 2},
+        ),
+    ),
     "run_info.json": (
         formats.write_run_info,
         formats.read_run_info,
@@ -446,6 +457,7 @@ NAME_CONSTANTS = (
     "HIERARCHY_JSON",
     "STEER_JSON",
     "STEER_EVAL_JSON",
+    "SPLICE_JSON",
     "RUN_INFO_JSON",
     "TOP_TENSORS",
     "TOP_IMAGES_JSON",

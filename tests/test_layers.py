@@ -15,7 +15,17 @@ from pathlib import Path
 import vlmsae
 
 PKG_DPATH = Path(vlmsae.__file__).parent
-JOBS = ("extract", "train", "monosemanticity", "hierarchy", "steer", "steer_eval", "browse", "export")
+JOBS = (
+    "extract",
+    "train",
+    "monosemanticity",
+    "hierarchy",
+    "steer",
+    "steer_eval",
+    "splice_eval",
+    "browse",
+    "export",
+)
 LAYERS = {
     "config": 0,
     "utils": 0,

@@ -18,6 +18,7 @@ file                 dataclass                           read / write
 ``hierarchy.json``   :class:`HierarchySummary`           :func:`read_hierarchy` / :func:`write_hierarchy`
 ``steer.json``       :class:`SteerResult`                :func:`read_steer` / :func:`write_steer`
 ``steer_eval.json``  :class:`SteerEvalResult`            :func:`read_steer_eval` / :func:`write_steer_eval`
+``splice.json``      :class:`SpliceResult`               :func:`read_splice` / :func:`write_splice`
 ``run_info.json``    :class:`RunInfo`                    :func:`read_run_info` / :func:`write_run_info`
 ``manifest.json``    :class:`StoreManifest` (activation      :func:`read_manifest` / :func:`write_manifest`
                      store)
@@ -53,6 +54,7 @@ MS_SUMMARY_JSON = "ms_summary.json"
 HIERARCHY_JSON = "hierarchy.json"
 STEER_JSON = "steer.json"
 STEER_EVAL_JSON = "steer_eval.json"
+SPLICE_JSON = "splice.json"
 RUN_INFO_JSON = "run_info.json"
 TOP_IMAGES_DIR = "top_images"
 TOP_TENSORS = "top.safetensors"
@@ -70,6 +72,7 @@ TOP_IMAGES_VERSIONS = (1,)
 HIERARCHY_VERSIONS = (1,)
 STEER_VERSIONS = (1,)
 STEER_EVAL_VERSIONS = (1,)
+SPLICE_VERSIONS = (1,)
 RUN_INFO_VERSIONS = (1,)
 MANIFEST_VERSIONS = (1,)
 PROGRESS_VERSIONS = (1,)
@@ -83,6 +86,7 @@ __all__ = [
     "MsSummary",
     "RunInfo",
     "SAECheckpointConfig",
+    "SpliceResult",
     "SteerEvalResult",
     "SteerResult",
     "StoreManifest",
@@ -96,6 +100,7 @@ __all__ = [
     "read_progress",
     "read_run_info",
     "read_sae_config",
+    "read_splice",
     "read_steer",
     "read_steer_eval",
     "read_top_images",
@@ -106,6 +111,7 @@ __all__ = [
     "write_progress",
     "write_run_info",
     "write_sae_config",
+    "write_splice",
     "write_steer",
     "write_steer_eval",
     "write_top_images",
@@ -369,6 +375,55 @@ def read_steer_eval(path: str | Path) -> SteerEvalResult:
 
 def write_steer_eval(dpath: str | Path, result: SteerEvalResult) -> Path:
     return atomic_write_json(Path(dpath) / STEER_EVAL_JSON, result.to_dict())
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """NaN / inf -> None, recursively: strict JSON has no NaN (a fraction recovered over a 0 denominator)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+@dataclass
+class SpliceResult:
+    """``splice.json`` of ``python -m vlmsae.splice_eval``: LLaVA's answer loss with the SAE spliced in.
+
+    ``summary``: the headline figures, flat (kl, nll_clean, nll_spliced, nll_zero, nll_mean, frac_recovered_zero,
+    frac_recovered_mean, ...; per answer token); ``rows``: the table, one object per condition (condition, nll, kl,
+    top1_agreement, frac_recovered_zero/mean); ``per_answer``: per sample (image, prompt, answer, n_tokens, nll and kl
+    per condition); ``notes``: why a figure is null (NaN) or a row is missing; ``settings``: what was run.
+    Non-finite numbers are written as null.
+    """
+
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    per_answer: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = SPLICE_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        _check_types(
+            self, {"summary": (dict,), "rows": (list,), "per_answer": (list,), "notes": (list,), "settings": (dict,)}
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite_or_none(_to_json_dict(self))
+
+
+def read_splice(path: str | Path) -> SpliceResult:
+    fpath = _file(path, SPLICE_JSON)
+    job = "python -m vlmsae.splice_eval"
+    return _from_json_dict(SpliceResult, _load_json(fpath, job), fpath, SPLICE_VERSIONS, job)
+
+
+def write_splice(dpath: str | Path, result: SpliceResult) -> Path:
+    return atomic_write_json(Path(dpath) / SPLICE_JSON, result.to_dict())
 
 
 @dataclass

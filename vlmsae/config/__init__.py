@@ -44,7 +44,17 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
-    from vlmsae.config.jobs import browse, export, extract, hierarchy, monosemanticity, steer, steer_eval, train
+    from vlmsae.config.jobs import (
+        browse,
+        export,
+        extract,
+        hierarchy,
+        monosemanticity,
+        splice_eval,
+        steer,
+        steer_eval,
+        train,
+    )
     from vlmsae.config.schemas import SCHEMAS, store_node
 
     cs = ConfigStore.instance()
@@ -57,6 +67,7 @@ def register_configs() -> None:
         hierarchy,
         steer,
         steer_eval,
+        splice_eval,
         browse,
         export,
     ):  # one schema per job: <job>_schema
