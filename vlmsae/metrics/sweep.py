@@ -212,3 +212,31 @@ def grouped(members: list[SweepMember]) -> Iterator[SweepMember]:
     activations are dropped when the next group starts)."""
     key = {id(m): (m.source_model, str(m.source_layer), str((m.sae.source or {}).get("tokens"))) for m in members}
     yield from sorted(members, key=lambda m: key[id(m)])
+
+
+def _image_digest(image: Any) -> str:
+    """A PIL image's content digest (mode, size, pixels): the same image read again for the next SAE."""
+    h = hashlib.sha1(f"{image.mode}|{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+class SharedEmbedder:
+    """An embedder E whose image embeddings are kept (keyed by the image's content), so the SAEs of a sweep
+    that embed the same images embed them once; the images embedded are counted in ``cache.n_embedded``."""
+
+    def __init__(self, embedder: Any, cache: SweepCache):
+        self.embedder, self.cache = embedder, cache
+        self.kept: dict[str, torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.embedder, name)
+
+    def embed(self, images: list[Any]) -> torch.Tensor:
+        keys = [_image_digest(im) for im in images]
+        todo = [i for i, k in enumerate(keys) if k not in self.kept]
+        if todo:
+            emb_BE = self.embedder.embed([images[i] for i in todo])
+            self.kept.update((keys[i], emb_BE[j]) for j, i in enumerate(todo))
+            self.cache.n_embedded += len(todo)
+        return torch.stack([self.kept[k] for k in keys])
