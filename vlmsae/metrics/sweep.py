@@ -23,6 +23,7 @@ import torch
 
 from vlmsae.formats import SAE_CONFIG_JSON
 from vlmsae.metrics.codes import SAESource, _width_error, load_job_sae, resolve_sae_inputs
+from vlmsae.models import load_tap
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +182,6 @@ class SweepCache:
     def open(self, member: SweepMember, model: Any = None, layer: Any = None, pool: Any = None, device: Any = None):
         """The member's :class:`SAESource` on a tap shared with every SAE of the same model (loaded once), whose
         activations are shared with every SAE of the same model, layer and pooling."""
-        from vlmsae.models import load_tap
-
         source = dict(member.sae.source or {})
         spec, layer, pool = resolve_sae_inputs(member.sae, source, model, layer, pool, member.sae_path)
         if device not in (None, "auto"):
