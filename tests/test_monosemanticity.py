@@ -287,3 +287,28 @@ def test_sweep_as_a_comma_list_and_its_bad_inputs(compose_cfg, tmp_path, monkeyp
     both = f"{root / '0' / 'sae'},{mixed / '2026-01-01' / '12-00-00' / '0' / 'sae'}"
     with pytest.raises(ValueError, match=r"mixes SAEs of 2 source models \(tiny: .*; tiny_llava: .*Split the sweep"):
         run(_compose(compose_cfg, both, tmp_path), out_dpath=tmp_path / "m")
+
+
+@pytest.mark.slow  # a 2 x 2 training multirun on the tiny model, then one MS command over it: ~60 s
+def test_cli_scores_a_training_multirun_in_one_command(tmp_path) -> None:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "VLMSAE_HOME": str(tmp_path / "home")}
+    train = [sys.executable, "-m", "vlmsae.train", "-m", "sae=topk,relu", "sae.expansion=2,4", "sae.k=8"]
+    train += ["trainer.max_steps=20", "trainer.val_check_interval=20", "trainer.checkpoint_every_n_steps=20"]
+    train += ["trainer.scale_batches=2", "data.n_per_class=2", "logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    score = [sys.executable, "-m", "vlmsae.monosemanticity", f"sae_path={tmp_path / 'sweep'}", "data=tiny"]
+    score += ["data.n_per_class=2", "embedder=tiny", f"embed_cache={tmp_path / 'c'}", "progress=false"]
+    proc = subprocess.run(
+        [*score, f"hydra.run.dir={tmp_path / 'ms'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "ms" / "ms_table.csv").open()))
+    assert [r["architecture"] for r in rows] == ["relu", "topk", "raw neurons"]
+    for arch in ("relu", "topk"):
+        for e in (2, 4):
+            one = json.loads((tmp_path / "ms" / f"{arch}_x{e}_L2" / "ms_summary.json").read_text())
+            assert one["n_images"] == 32
+            cell = next(r for r in rows if r["architecture"] == arch)[f"x{e}_mean"]
+            assert float(cell) == pytest.approx(one["mean"], abs=1e-4)
+    assert "| raw neurons | 2 |" in proc.stdout  # the table is printed
