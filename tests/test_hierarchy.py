@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -365,3 +366,53 @@ def test_synthetic_options_of_ms_runs_recorded_before_the_typed_data_fields():
     new = {"source": "synthetic", "seed": 2, "n_per_class": 4, "size": 48}
     assert _synthetic_opts(new) == {"n_per_class": 4, "size": 48, "seed": 2}
     assert _synthetic_opts({"source": "folder", "root": "/x"}) is None
+
+
+@pytest.mark.slow  # three hierarchy runs (the sweep, then each SAE alone): ~15 s
+def test_sweep_tables_every_sae_once(tmp_path, compose_cfg, monkeypatch):
+    """Two Matryoshka SAEs (x1, x2) in one run: hierarchy_table.csv holds each SAE's Table 2 rows as a single run
+    writes them, and the images are embedded once and run through the model once for both."""
+    from vlmsae.hierarchy import run
+    from vlmsae.models import embedders
+
+    source = {"model": "tiny", "layer": "last", "tokens": "cls"}
+    for n, width in ((0, 32), (1, 64)):
+        _matryoshka(
+            tmp_path / "sweep" / str(n) / "sae", d_in=32, n_latents=width, fractions=(0.25, 0.75), source=source
+        )
+    embedded, real_load = [], embedders.load_embedder
+
+    def counting_load(spec):
+        emb = real_load(spec)
+        real_embed = emb.embed
+        emb.embed = lambda images: (embedded.append(len(images)), real_embed(images))[1]
+        return emb
+
+    monkeypatch.setattr("vlmsae.hierarchy.load_embedder", counting_load)
+    out = run(compose_cfg("hierarchy", [f"sae_path={tmp_path / 'sweep'}", "embedder=pixels"]), out_dpath=tmp_path / "o")
+    assert out["sweep"] == ["matryoshka_x1_Llast", "matryoshka_x2_Llast"]
+    assert sum(embedded) == out["images_embedded"] == 128 and out["source_batches"] == math.ceil(128 / 16)
+    rows = list(csv.DictReader((tmp_path / "o" / "hierarchy_table.csv").open()))
+    assert [(r["sae"], r["measure"]) for r in rows][:2] == [
+        ("matryoshka_x1_Llast", "depth"),
+        ("matryoshka_x1_Llast", "ms"),
+    ]
+    for n, name in enumerate(out["sweep"]):
+        single = run(
+            compose_cfg("hierarchy", [f"sae_path={tmp_path / 'sweep' / str(n) / 'sae'}", "embedder=pixels"]),
+            out_dpath=tmp_path / f"single{n}",
+        )
+        assert (tmp_path / "o" / name / "hierarchy.json").is_file() and (
+            tmp_path / "o" / name / "hierarchy.md"
+        ).is_file()
+        depth, ms = (r for r in rows if r["sae"] == name)
+        for g, group in enumerate(single["groups"]):  # "" = no scored latent in the group (null in the json)
+            assert float(depth[f"group_{g}"] or "nan") == pytest.approx(
+                group["depth_mean"] or math.nan, abs=1e-4, nan_ok=True
+            )
+            assert float(ms[f"group_{g}"]) == pytest.approx(group["ms_mean"], abs=1e-4)
+        assert any(depth.values()) and all(ms[f"group_{g}"] for g in range(2))
+    assert (
+        "| sae | architecture | expansion | layer | measure | group_0 | group_1 |"
+        in (tmp_path / "o" / "hierarchy_table.md").read_text()
+    )

@@ -27,7 +27,7 @@ def _compose(compose_cfg, sae_dpath, tmp_path, *extra):
     return compose_cfg(
         "monosemanticity",
         [
-            f"sae_path={sae_dpath}",
+            f"sae_path='{sae_dpath}'",  # quoted: a comma list of SAEs is one string, not a Hydra sweep
             "data=tiny",
             "data.n_per_class=4",
             "embedder=pixels",
@@ -207,3 +207,108 @@ def test_run_is_thin() -> None:
             names = [a.name for a in node.names]
             assert node.module not in {f"vlmsae.{job}" for job in jobs}, node.module
             assert not any(n in jobs or n.startswith("_") for n in names), (node.module, names)
+
+
+# ------------------------------------------------------------------------------ sweeps (issue 17 item 2)
+def _sweep_dpath(tmp_path, archs=("topk", "relu"), expansions=(2, 4), model="tiny") -> object:
+    """A multirun-shaped folder <sweep>/<n>/sae/ of tiny-CLIP SAEs (block 2, 64-d), one per arch x expansion."""
+    from vlmsae.sae import SAEConfig, build_sae, save_sae
+
+    root = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    n = 0
+    for arch in archs:
+        for e in expansions:
+            cfg = SAEConfig(arch=arch, d_in=64, n_latents=64 * e, k=6)
+            source = {"model": model, "pretrained": None, "layer": 2, "tokens": "cls"}
+            save_sae(build_sae(cfg, seed=n), root / str(n) / "sae", source=source)
+            n += 1
+    (root / "multirun.yaml").write_text("hydra: {}\n")  # a multirun dir has files of its own
+    return tmp_path / "multirun"
+
+
+@pytest.mark.slow  # five MS runs (the sweep, then each SAE alone to compare): ~20 s
+def test_sweep_scores_every_sae_once_and_tables_them(compose_cfg, tmp_path, monkeypatch) -> None:
+    """A 2 x 2 sweep in one run: each SAE's outputs equal a single run's, ms_table.csv holds their means, and the
+    images are embedded once and run through the model once for all four SAEs."""
+    from vlmsae.models import embedders
+    from vlmsae.monosemanticity import run
+
+    monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))
+    sweep = _sweep_dpath(tmp_path)
+    embedded, real_load = [], embedders.load_embedder
+
+    def counting_load(spec):
+        emb = real_load(spec)
+        real_embed = emb.embed
+        emb.embed = lambda images: (embedded.append(len(images)), real_embed(images))[1]
+        return emb
+
+    monkeypatch.setattr(embedders, "load_embedder", counting_load)
+    out = run(_compose(compose_cfg, sweep, tmp_path / "a"), out_dpath=tmp_path / "sweep_out")
+    assert sum(embedded) == 64 and out["images_embedded"] == 64  # 64 images, embedded once for 4 SAEs
+    assert out["source_batches"] == math.ceil(64 / 16)  # one model pass over the images (data.batch_size=16)
+    names = ["relu_x2_L2", "relu_x4_L2", "topk_x2_L2", "topk_x4_L2"]
+    assert sorted(out["sweep"]) == names
+    for name in names:
+        for f in ("latents.csv", "ms_summary.json", "ms_hist.png", "run_info.json", "top_images/top.safetensors"):
+            assert (tmp_path / "sweep_out" / name / f).exists(), (name, f)
+    rows = list(csv.DictReader((tmp_path / "sweep_out" / "ms_table.csv").open()))
+    assert [(r["architecture"], r["layer"]) for r in rows] == [("relu", "2"), ("topk", "2"), ("raw neurons", "2")]
+    by_arch = {r["architecture"]: r for r in rows}
+    assert out["tables"]["ms_table"]["rows"][0][:2] == ["relu", 2]
+    for i, (arch, e) in enumerate((a, e) for a in ("topk", "relu") for e in (2, 4)):
+        single = run(_compose(compose_cfg, sweep / "2026-01-01" / "12-00-00" / str(i) / "sae", tmp_path / "b"),
+                     out_dpath=tmp_path / f"single{i}")  # fmt: skip
+        assert float(by_arch[arch][f"x{e}_mean"]) == pytest.approx(single["mean"], abs=1e-4)
+        assert float(by_arch[arch][f"x{e}_std"]) == pytest.approx(single["std"], abs=1e-4)
+        assert float(by_arch["raw neurons"][f"x{e}_mean"]) == pytest.approx(single["baseline"]["mean"], abs=1e-4)
+        assert json.loads((tmp_path / "sweep_out" / f"{arch}_x{e}_L2" / "ms_summary.json").read_text())[
+            "mean"
+        ] == pytest.approx(single["mean"], abs=1e-9)
+    md = (tmp_path / "sweep_out" / "ms_table.md").read_text()
+    assert (
+        "| architecture | layer | x2 | x4 |" in md and f"| topk | 2 | {float(by_arch['topk']['x2_mean']):.3f} ±" in md
+    )
+
+
+def test_sweep_as_a_comma_list_and_its_bad_inputs(compose_cfg, tmp_path, monkeypatch) -> None:
+    from vlmsae.monosemanticity import run
+
+    monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))
+    root = _sweep_dpath(tmp_path, archs=("topk",)) / "2026-01-01" / "12-00-00"
+    out = run(_compose(compose_cfg, f"{root / '0' / 'sae'},{root / '1' / 'sae'}", tmp_path), out_dpath=tmp_path / "c")
+    assert out["sweep"] == ["topk_x2_L2", "topk_x4_L2"] and (tmp_path / "c" / "ms_table.md").is_file()
+    with pytest.raises(FileNotFoundError, match=r"nope/sae does not exist: fix or drop that entry"):
+        run(_compose(compose_cfg, f"{root / '0' / 'sae'},{tmp_path / 'nope' / 'sae'}", tmp_path), out_dpath=tmp_path)
+    (tmp_path / "empty" / "job_0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"empty is a folder with no SAE in it: looked for sae/ folders"):
+        run(_compose(compose_cfg, tmp_path / "empty", tmp_path), out_dpath=tmp_path / "e")
+    mixed = _sweep_dpath(tmp_path / "m2", archs=("relu",), expansions=(2,), model="tiny_llava")
+    both = f"{root / '0' / 'sae'},{mixed / '2026-01-01' / '12-00-00' / '0' / 'sae'}"
+    with pytest.raises(ValueError, match=r"mixes SAEs of 2 source models \(tiny: .*; tiny_llava: .*Split the sweep"):
+        run(_compose(compose_cfg, both, tmp_path), out_dpath=tmp_path / "m")
+
+
+@pytest.mark.slow  # a 2 x 2 training multirun on the tiny model, then one MS command over it: ~60 s
+def test_cli_scores_a_training_multirun_in_one_command(tmp_path) -> None:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "VLMSAE_HOME": str(tmp_path / "home")}
+    train = [sys.executable, "-m", "vlmsae.train", "-m", "sae=topk,relu", "sae.expansion=2,4", "sae.k=8"]
+    train += ["trainer.max_steps=20", "trainer.val_check_interval=20", "trainer.checkpoint_every_n_steps=20"]
+    train += ["trainer.scale_batches=2", "data.n_per_class=2", "logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    score = [sys.executable, "-m", "vlmsae.monosemanticity", f"sae_path={tmp_path / 'sweep'}", "data=tiny"]
+    score += ["data.n_per_class=2", "embedder=tiny", f"embed_cache={tmp_path / 'c'}", "progress=false"]
+    proc = subprocess.run(
+        [*score, f"hydra.run.dir={tmp_path / 'ms'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "ms" / "ms_table.csv").open()))
+    assert [r["architecture"] for r in rows] == ["relu", "topk", "raw neurons"]
+    for arch in ("relu", "topk"):
+        for e in (2, 4):
+            one = json.loads((tmp_path / "ms" / f"{arch}_x{e}_L2" / "ms_summary.json").read_text())
+            assert one["n_images"] == 32
+            cell = next(r for r in rows if r["architecture"] == arch)[f"x{e}_mean"]
+            assert float(cell) == pytest.approx(one["mean"], abs=1e-4)
+    assert "| raw neurons | 2 |" in proc.stdout  # the table is printed

@@ -130,3 +130,45 @@ def test_steer_eval_bad_inputs(compose_cfg, eval_setup, tmp_path):
 
 
 # --- Concept images are decoded latent by latent (issue #12 item 9) -------------------------------------------
+
+
+# --- A sweep in one run (issue 17 item 2) --------------------------------------------------------------------------
+@pytest.mark.slow  # three steering runs on the tiny LLaVA: ~20 s
+def test_steer_eval_sweep_tables_every_sae(compose_cfg, eval_setup, tmp_path, monkeypatch):
+    """Two SAEs (topk, relu) with their indexes in an MS sweep's layout: steer_table.csv holds each SAE's scores as
+    a single run computes them; LLaVA and the embedder load once; a missing index fails before LLaVA loads."""
+    import shutil
+
+    from vlmsae.models import llava
+    from vlmsae.sae import SAEConfig, build_sae, save_sae
+    from vlmsae.steer_eval import run
+
+    sae_dpath, top_dpath, img_dpath, _ = eval_setup
+    relu = build_sae(SAEConfig(arch="relu", d_in=32, n_latents=64), seed=1)
+    relu_dpath = save_sae(relu, tmp_path / "sweep" / "1" / "sae", source={"model": "tiny_llava", "layer": 2})
+    shutil.copytree(sae_dpath, tmp_path / "sweep" / "0" / "sae")
+    for name in ("topk_x2_L2", "relu_x2_L2"):
+        shutil.copytree(top_dpath, tmp_path / "ms_sweep" / name / "top_images")
+    over = [f"images={img_dpath}", "n_images=2", "latents=[0,1]", "alpha=60", "embedder=tiny", "max_new_tokens=3"]
+    loads, real = [], llava.load_llava_spec
+    monkeypatch.setattr("vlmsae.steering.setup.load_llava_spec", lambda *a: (loads.append(1), real(*a))[1])
+    cfg = compose_cfg("steer_eval", [f"sae_path={tmp_path / 'sweep'}", f"top_images={tmp_path / 'ms_sweep'}", *over])
+    out = run(cfg, out_dpath=tmp_path / "o")
+    assert out["sweep"] == ["topk_x2_L2", "relu_x2_L2"] and len(loads) == 1
+    rows = {r["sae"]: r for r in csv.DictReader((tmp_path / "o" / "steer_table.csv").open())}
+    for name, dpath in (("topk_x2_L2", sae_dpath), ("relu_x2_L2", relu_dpath)):
+        single = run(
+            compose_cfg("steer_eval", [f"sae_path={dpath}", f"top_images={top_dpath}", *over]),
+            out_dpath=tmp_path / name,
+        )
+        assert (tmp_path / "o" / name / "steer_eval.json").is_file()
+        for cond, stats in single["summary"].items():
+            assert float(rows[name][cond]) == pytest.approx(stats["mean"], abs=1e-4), (name, cond)
+    assert (
+        "| sae | architecture | expansion | layer | steered | not steered |"
+        in (tmp_path / "o" / "steer_table.md").read_text()
+    )
+    shutil.rmtree(tmp_path / "ms_sweep" / "relu_x2_L2")
+    with pytest.raises(FileNotFoundError, match="relu_x2_L2/top_images' is not a folder"):
+        run(cfg, out_dpath=tmp_path / "bad")
+    assert len(loads) == 3  # the sweep once, each single run once, the bad sweep never

@@ -29,8 +29,12 @@ from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics import hierarchy_study as study
+from vlmsae.metrics import sweep
 from vlmsae.metrics.codes import load_job_sae
+from vlmsae.metrics.sweep import sweep_paths
+from vlmsae.models.embedders import load_embedder
 from vlmsae.report.studies import write_hierarchy_outputs
+from vlmsae.report.tables import SweepRow, hierarchy_table
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -45,6 +49,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     out_dpath = run_dir(out_dpath)
     if OmegaConf.is_missing(cfg, "sae_path"):
         raise ValueError("sae_path is required: an SAE folder (<run>/sae, a published SAE's folder or hf://org/repo).")
+    if (paths := sweep_paths(str(cfg.sae_path))) is not None:  # a sweep folder or a comma list
+        return _run_sweep(cfg, out_dpath, paths)
     job: HierarchyJob = OmegaConf.to_object(cfg)
     sae = load_job_sae(job.sae_path, job.sae_format)
     if sae.arch != "matryoshka":
@@ -71,8 +77,51 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     return {**result.summary.to_dict(), "out_dpath": str(out_dpath)}
 
 
+def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str]) -> dict:
+    """Every SAE of a sweep on the same images (embedded once; source activations shared per model and layer),
+    or on ``ms_run``'s per-SAE folders of an MS sweep: outputs in ``out_dpath/<name>/``, and hierarchy_table."""
+    members = sweep.load_sweep(paths, cfg.sae_format)
+    sweep.require_one_model(members, "hierarchy table", cfg.model)
+    data = study.taxonomy_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.ms_run)
+    taxonomy = study.open_taxonomy(OmegaConf.to_container(cfg.taxonomy, resolve=True), data)
+    images = None if cfg.ms_run else ImageSet.from_node(data, job="hierarchy")
+    classes = study.check_images_have_taxa(taxonomy, images) if images is not None else []
+    shared, rows, config = sweep.SweepCache(), [], OmegaConf.to_container(cfg, resolve=True)
+    embedder = sweep.SharedEmbedder(load_embedder(cfg.embedder), shared) if cfg.embedder and images else None
+    for m in sweep.grouped(members):
+        job: HierarchyJob = OmegaConf.to_object(cfg)
+        job.sae_path, sub_dpath = m.sae_path, out_dpath / m.name
+        if job.ms_run:  # an MS sweep's run dir: this SAE's folder in it
+            top, ms_K = study.load_ms_run(Path(job.ms_run) / m.name, m.sae.n_latents)
+        else:
+            src = shared.open(m, cfg.model, job.layer, job.pool, job.device)
+            batch_size = job.batch_size or images.batch_size
+            top, ms_K = study.compute_top_images(src, images, embedder, top_k=job.top_k, batch_size=batch_size,
+                                                 sae_path=m.sae_path)  # fmt: skip
+            top.save(sub_dpath / formats.TOP_IMAGES_DIR)
+        result = study.score_hierarchy(top, ms_K, taxonomy, classes, m.sae, job)
+        outputs = write_hierarchy_outputs(sub_dpath, result, m.name)
+        write_run_info(sub_dpath, {**config, "sae_path": m.sae_path}, outputs=outputs)
+        rows.append(SweepRow(m.name, m.arch, m.expansion, m.source_layer, result.summary.to_dict()))
+        m.sae.cpu()
+    table = hierarchy_table(out_dpath, rows, study.PAPER_TABLE2)
+    write_run_info(
+        out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["hierarchy_table.md", "hierarchy_table.csv"]
+    )
+    log.info("sweep of %d SAEs: %s; %s", len(rows), table["md"], shared.counts())
+    return {
+        "out_dpath": str(out_dpath),
+        "sweep": [r.name for r in rows],
+        "tables": {"hierarchy_table": table},
+        **shared.counts(),
+    }
+
+
 def _main(cfg: DictConfig) -> None:
     out = run(cfg)
+    if "tables" in out:  # a sweep
+        print(Path(out["tables"]["hierarchy_table"]["md"]).read_text())
+        return
     print((Path(out["out_dpath"]) / "hierarchy.md").read_text())
     print(f"outputs: {out['out_dpath']} (hierarchy.json, hierarchy.md, hierarchy.png, latent_taxa.csv)")
 

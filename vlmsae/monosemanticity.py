@@ -35,11 +35,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.data.image_set import ImageSet
+from vlmsae.metrics import sweep
 from vlmsae.metrics.codes import open_sae_checkpoint
 from vlmsae.metrics.embedding_cache import default_cache_dpath
 from vlmsae.metrics.ms_study import score_sae, zero_shot_check
+from vlmsae.metrics.sweep import sweep_paths
 from vlmsae.models.embedders import EmbedderSpec
 from vlmsae.report.studies import write_ms_outputs
+from vlmsae.report.tables import SweepRow, ms_table
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -55,6 +58,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError("Pass sae_path=<SAE folder or hf://org/repo[/sub]> (a training run keeps it in <run>/sae/).")
     out_dpath = run_dir(out_dpath)
     sae_dpath = os.path.expanduser(str(cfg.sae_path))  # a str, not a Path: Path("hf://a/b") drops a slash
+    if (paths := sweep_paths(sae_dpath)) is not None:  # a sweep folder or a comma list
+        return _run_sweep(cfg, out_dpath, paths)
     # model: null = the SAE's source.model (a model node converts in source_model_spec)
     src = open_sae_checkpoint(sae_dpath, cfg.model, cfg.layer, cfg.pool, cfg.device, sae_format=cfg.sae_format)
     images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
@@ -92,8 +97,47 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     return {"out_dpath": str(out_dpath), **summary}
 
 
+def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str]) -> dict[str, Any]:
+    """Every SAE of a sweep on the same images (embedded once; source activations shared per model and layer):
+    each SAE's outputs in ``out_dpath/<name>/``, and ``ms_table.md/.csv`` over all of them."""
+    members = sweep.load_sweep(paths, cfg.sae_format)
+    sweep.require_one_model(members, "MS table", cfg.model)
+    images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
+    cache_dpath = Path(cfg.embed_cache).expanduser() if cfg.embed_cache else default_cache_dpath()
+    shared, rows = sweep.SweepCache(), []
+    for m in sweep.grouped(members):
+        src = shared.open(m, cfg.model, cfg.layer, cfg.pool, cfg.device)
+        keys = ("top_k", "baseline", "chunk_size", "dense_threshold", "progress")
+        study = score_sae(
+            src, images, EmbedderSpec.from_cfg(cfg.embedder), cache_dpath, **{k: cfg[k] for k in keys},
+            sae_path=m.sae_path, embed_memo=shared.embeddings,
+        )  # fmt: skip
+        shared.n_embedded += study.n_embedded
+        if cfg.zero_shot:
+            study.summary["zero_shot"] = zero_shot_check(
+                src, images, study.classes, template=cfg.zero_shot_template, max_images=cfg.zero_shot_max_images
+            )
+        outputs = write_ms_outputs(out_dpath / m.name, study)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        write_run_info(out_dpath / m.name, {**config, "sae_path": m.sae_path}, outputs=outputs, sae_source=src.source)
+        rows.append(SweepRow(m.name, m.arch, m.expansion, src.layer, study.summary))
+        m.sae.cpu()
+    table = ms_table(out_dpath, rows, source=rows[0].result.get("model", ""))
+    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["ms_table.md", "ms_table.csv"])
+    log.info("sweep of %d SAEs: %s; %s", len(rows), table["md"], shared.counts())
+    return {
+        "out_dpath": str(out_dpath),
+        "sweep": [r.name for r in rows],
+        "tables": {"ms_table": table},
+        **shared.counts(),
+    }
+
+
 def _main(cfg: DictConfig) -> None:
     summary = run(cfg)
+    if "tables" in summary:  # a sweep: the table says it all
+        print(Path(summary["tables"]["ms_table"]["md"]).read_text())
+        return
     brief = {k: summary[k] for k in ("mean", "std", "min", "max", "dead", "n_latents", "n_images", "out_dpath")}
     if "baseline" in summary:
         brief["baseline_mean"] = summary["baseline"]["mean"]

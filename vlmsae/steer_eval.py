@@ -16,6 +16,7 @@ Keys: ``SteerEvalJob`` (:mod:`vlmsae.config.jobs.steer_eval`); library: :mod:`vl
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import hydra
@@ -24,12 +25,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
-from vlmsae.formats import write_steer_eval
+from vlmsae.formats import TOP_IMAGES_DIR, write_steer_eval
+from vlmsae.metrics import sweep
+from vlmsae.metrics.sweep import sweep_paths
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models.embedders import EmbedderSpec, load_embedder
 from vlmsae.models.spec import ModelSpec
 from vlmsae.report.steering import write_score_report
+from vlmsae.report.tables import SweepRow, steer_table
 from vlmsae.steering import evaluate
+from vlmsae.steering.hooks import steer_block
 from vlmsae.steering.setup import load_steering, require_folder
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -39,6 +44,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     """Score steering as ``cfg`` says (keys: :class:`SteerEvalJob`); outputs in ``out_dpath``."""
     job: SteerEvalJob = OmegaConf.to_object(cfg)
     out_dpath = run_dir(out_dpath)
+    if (paths := sweep_paths(str(job.sae_path))) is not None:  # a sweep folder or a comma list
+        return _run_sweep(cfg, job, out_dpath, paths)
     require_folder("top_images", job.top_images)
     torch.manual_seed(job.seed)
     request = evaluate.ScoreRequest.from_job(job)
@@ -63,6 +70,36 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
     print(table)
     return {**result.to_dict(), "table": table, "out_dpath": str(out_dpath)}
+
+
+def _run_sweep(cfg: DictConfig, job: SteerEvalJob, out_dpath: Path, paths: list[str]) -> dict:
+    """Every SAE of a sweep, each with ``top_images=<MS sweep run>/<its name>/top_images``: LLaVA, the embedder
+    and the evaluation images loaded once; outputs in ``out_dpath/<name>/``, and ``steer_table.md/.csv``."""
+    members = sweep.load_sweep(paths, job.sae_format)
+    tops = {m.name: Path(job.top_images) / m.name / TOP_IMAGES_DIR for m in members}
+    for m in members:  # every index first: a missing one fails before LLaVA loads
+        require_folder("top_images", str(tops[m.name]), " (for a sweep, top_images= is the MS sweep's run dir)")
+    request = evaluate.ScoreRequest.from_job(job)
+    spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
+    setup = load_steering(spec, members[0].sae_path, job.layer, job.device_map, job.sae_format)
+    embedder, rows = load_embedder(embedder_spec), []
+    images, image_names = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
+    for m in members:
+        torch.manual_seed(job.seed)
+        sae = m.sae.to(setup.sae.W_dec.device).eval()  # the same model and device: only the SAE changes
+        setup = dataclasses.replace(setup, sae=sae, layer=steer_block(setup.model, sae, job.layer))
+        scores = evaluate.score_steering(setup, embedder, TopImages.load(tops[m.name]), images, image_names, request)
+        settings = {"model": spec.name, "sae_path": m.sae_path, "top_images": str(tops[m.name]), "images": job.images}
+        result = scores.result(evaluate.paper_setting(job.images), settings)
+        (out_dpath / m.name).mkdir(parents=True, exist_ok=True)
+        write_score_report(out_dpath / m.name, scores, job.images)
+        write_steer_eval(out_dpath / m.name, result)
+        write_run_info(out_dpath / m.name, {**OmegaConf.to_container(cfg, resolve=True), "sae_path": m.sae_path})
+        rows.append(SweepRow(m.name, m.arch, m.expansion, setup.layer, result.summary))
+    table = steer_table(out_dpath, rows)
+    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["steer_table.md", "steer_table.csv"])
+    print(Path(table["md"]).read_text())
+    return {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"steer_table": table}}
 
 
 def _main(cfg: DictConfig) -> None:

@@ -67,11 +67,23 @@ class CachedEmbedder:
 
     ``listing_digest``: the digest of the image list when it is known before reading (a listed
     source), so the cache is read up front; None for a stream, whose list is known only at the end.
+    ``memo``: an in-memory {image key: embedding} of the same images shared by several runs (the SAEs of a
+    sweep): its rows are used like cached ones and every row embedded here is added to it.
     """
 
-    def __init__(self, spec: EmbedderSpec, cache_dpath: Path, where: str, listing_digest: str | None = None):
+    def __init__(
+        self,
+        spec: EmbedderSpec,
+        cache_dpath: Path,
+        where: str,
+        listing_digest: str | None = None,
+        memo: dict[str, torch.Tensor] | None = None,
+    ):
         self.spec, self.cache_dpath, self.where, self.listing_digest = spec, cache_dpath, where, listing_digest
         self.cached = load_cache(cache_fpath(cache_dpath, spec, listing_digest, where)) if listing_digest else {}
+        self.memo = memo
+        if memo:
+            self.cached = {**self.cached, **memo}
         self.rows: list[torch.Tensor] = []
         self.n_embedded = 0  # images the embedder ran on (0: every row came from the cache)
         self._embedder = None  # loaded on first use: a fully cached run needs no embedder weights
@@ -83,8 +95,11 @@ class CachedEmbedder:
             return
         if self._embedder is None:
             self._embedder = embedders.load_embedder(self.spec)  # looked up at call time (tests replace it)
-        self.rows.append(self._embedder.embed([r.image for r in batch]))
+        emb_BE = self._embedder.embed([r.image for r in batch])
+        self.rows.append(emb_BE)
         self.n_embedded += len(batch)
+        if self.memo is not None:
+            self.memo.update(zip(keys, emb_BE.float().cpu()))
 
     def finish(self, keys: list[str]) -> tuple[torch.Tensor, str]:
         """(embeddings [N, E] of every batch so far, the image-list digest); saves the cache if anything was

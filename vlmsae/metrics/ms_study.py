@@ -50,6 +50,7 @@ class MSStudy:
     image_list_digest: str
     classes: list[str]  # class names of a listed source (zero-shot classes); [] for a stream
     skip_log: SkipLog = field(default_factory=SkipLog)
+    n_embedded: int = 0  # images the embedder ran on (0: every embedding came from the cache or the memo)
 
     def latents_table(self) -> LatentsTable:
         """The rows of ``latents.csv``, one per latent."""
@@ -87,11 +88,13 @@ def score_sae(
     dense_threshold: float,
     progress: bool,
     sae_path: str | Path,
+    embed_memo: dict[str, torch.Tensor] | None = None,
 ) -> MSStudy:
     """MS of every latent of ``src.sae`` (and of every raw neuron when ``baseline``) over ``images``.
 
     top_k: top images kept per latent; chunk_size: images per block of the dense MS path;
-    dense_threshold: reconstruction's "dense latent" firing fraction; sae_path: recorded in the index.
+    dense_threshold: reconstruction's "dense latent" firing fraction; sae_path: recorded in the index;
+    embed_memo: image embeddings shared by the SAEs of a sweep (see :class:`CachedEmbedder`).
     """
     sae = src.sae
     classes: list[str] = []
@@ -100,7 +103,7 @@ def score_sae(
         listing = images.listing()
         items = images.items(listing)
         classes, n_total, listing_digest = list(listing.classes), len(items), image_list_digest(k for k, _, _ in items)
-    embed = CachedEmbedder(embedder_spec, cache_dpath, images.where(), listing_digest)
+    embed = CachedEmbedder(embedder_spec, cache_dpath, images.where(), listing_digest, memo=embed_memo)
 
     skip_log = SkipLog()
     recon = ReconstructionAccumulator(sae.n_latents, dense_threshold=dense_threshold)
@@ -168,6 +171,7 @@ def score_sae(
         image_list_digest=digest,
         classes=classes,
         skip_log=skip_log,
+        n_embedded=embed.n_embedded,
     )
 
 

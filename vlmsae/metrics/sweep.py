@@ -1,0 +1,241 @@
+"""Evaluating a sweep of SAEs in one job: find them, name them, open their source models once.
+
+``sae_path=`` of the evaluation jobs also takes a sweep folder (every ``sae/`` folder under it, found
+recursively: a Hydra multirun dir ``multirun/<date>/<time>/<n>/sae/``) or a comma-separated list of SAE
+paths; :func:`find_sweep` says which SAEs that is (None: one SAE, the jobs' usual path).
+:class:`SweepCache` holds what the SAEs of a sweep share, so it is computed once: the loaded source models
+(one tap per model), the source activations of each batch of images (:class:`SharedTap`, per model, layer
+and pooling) and the embedder E's image embeddings (``embeddings``, keyed by image key); it counts the
+model passes and embedded images so a run can show that nothing was computed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmsae.formats import SAE_CONFIG_JSON
+from vlmsae.metrics.codes import SAESource, _width_error, load_job_sae, resolve_sae_inputs
+from vlmsae.models import load_tap
+
+log = logging.getLogger(__name__)
+
+SAE_DIRNAME = "sae"  # a training run keeps its SAE in <run>/sae/
+
+
+@dataclass
+class SweepMember:
+    """One SAE of a sweep: its loaded SAE, where it was found and the name of its output subfolder."""
+
+    sae_path: str
+    sae: Any  # vlmsae.sae.base.SAE (on the CPU until opened)
+    name: str = ""
+
+    @property
+    def arch(self) -> str:
+        return str(self.sae.arch)
+
+    @property
+    def expansion(self) -> float:
+        return self.sae.n_latents / self.sae.d_in
+
+    @property
+    def source_model(self) -> str:
+        source = self.sae.source or {}
+        return str(source.get("model") or source.get("pretrained") or "unknown")
+
+    @property
+    def source_layer(self) -> Any:
+        return (self.sae.source or {}).get("layer")
+
+
+# Files that make a folder an SAE checkpoint of some format (vlmsae's config.json, foreign weights).
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz", ".npy", ".pkl", ".gz")
+
+
+def _is_sweep_folder(dpath: Path) -> bool:
+    """A folder that is no SAE checkpoint itself (no config.json, no weights file): a run or multirun dir."""
+    if not dpath.is_dir() or (dpath / SAE_CONFIG_JSON).is_file():
+        return False
+    return not any(p.is_file() and (p.suffix in _CHECKPOINT_SUFFIXES or p.name == "cfg.json") for p in dpath.iterdir())
+
+
+def sae_folders(root: Path) -> list[Path]:
+    """Every ``sae/`` folder under ``root`` (recursively) that holds an SAE checkpoint, sorted by path."""
+    found = [p for p in root.rglob(SAE_DIRNAME) if p.is_dir() and (p / SAE_CONFIG_JSON).is_file()]
+    return sorted(found, key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(root).parts])
+
+
+def sweep_paths(sae_path: str) -> list[str] | None:
+    """The SAE paths ``sae_path`` names when it is a sweep (a comma list, or a folder with ``sae/`` folders
+    under it and no checkpoint of its own); None when it is one SAE. Missing entries are refused, naming them."""
+    if "," in sae_path:
+        paths = [os.path.expanduser(p.strip()) for p in sae_path.split(",") if p.strip()]
+        missing = [p for p in paths if "://" not in p and not Path(p).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"sae_path lists {len(paths)} SAEs but {', '.join(missing)} does not exist: fix or drop "
+                "that entry (a comma list names SAE folders, e.g. sae_path=runs/a/sae,runs/b/sae)."
+            )
+        return paths
+    root = Path(os.path.expanduser(sae_path))
+    if "://" in sae_path or not _is_sweep_folder(root):
+        return None
+    found = sae_folders(root)
+    if not found:
+        raise FileNotFoundError(
+            f"sae_path={sae_path} is a folder with no SAE in it: looked for {SAE_DIRNAME}/ folders holding "
+            f"{SAE_CONFIG_JSON} (a training run's <run>/{SAE_DIRNAME}, e.g. multirun/<date>/<time>/<n>/"
+            f"{SAE_DIRNAME}) anywhere under it and found none. Pass a training run or multirun dir, or one SAE folder."
+        )
+    return [str(p) for p in found]
+
+
+def member_name(member: SweepMember) -> str:
+    """``{arch}_x{expansion}_L{layer}`` from the SAE's config (a folder name, '/' and spaces replaced)."""
+    return f"{member.arch}_x{member.expansion:g}_L{member.source_layer}".replace("/", "-").replace(" ", "")
+
+
+def load_sweep(paths: list[str], sae_format: str | None = None) -> list[SweepMember]:
+    """Load every SAE of ``paths`` (CPU) and give each a unique output-folder name; a name two SAEs share
+    gets the SAE's run folder appended (e.g. the multirun job number) so no output is overwritten."""
+    members = [SweepMember(p, load_job_sae(p, sae_format)) for p in paths]
+    for m in members:
+        m.name = member_name(m)
+    counts: dict[str, int] = {}
+    for m in members:
+        counts[m.name] = counts.get(m.name, 0) + 1
+    for m in members:
+        if counts[m.name] > 1:
+            run = Path(m.sae_path).parent.name if Path(m.sae_path).name == SAE_DIRNAME else Path(m.sae_path).name
+            m.name = f"{m.name}_{run}"
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):  # same config and same run folder name: fall back to the position
+        for i, m in enumerate(members):
+            m.name = f"{m.name}_{i}"
+    log.info("sweep of %d SAEs: %s", len(members), ", ".join(names))
+    return members
+
+
+def require_one_model(members: list[SweepMember], what: str, model_override: Any = None) -> None:
+    """Refuse a table over SAEs of different source models (a table compares SAEs of one model)."""
+    if model_override is not None:
+        return
+    models: dict[str, list[str]] = {}
+    for m in members:
+        models.setdefault(m.source_model, []).append(m.sae_path)
+    if len(models) > 1:
+        listing = "; ".join(f"{model}: {', '.join(paths)}" for model, paths in models.items())
+        raise ValueError(
+            f"The sweep mixes SAEs of {len(models)} source models ({listing}): one {what} compares SAEs of "
+            "one model. Split the sweep: run the job once per model with sae_path=<that model's SAEs>."
+        )
+
+
+def _pixels_digest(images_BCHW: torch.Tensor) -> str:
+    return hashlib.sha1(images_BCHW.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+class SharedTap:
+    """A tap that keeps ``forward_to``'s activations of each batch (keyed by the pixels and layer), so the next
+    SAE of the sweep on the same images and layer reuses them instead of running the model again.
+
+    With ``cls_only`` only the CLS token is kept (all that ``pool=cls`` reads). ``n_forward`` counts the
+    batches the model actually ran on."""
+
+    def __init__(self, tap: Any, cls_only: bool = False, counter: SweepCache | None = None):
+        self.tap, self.cls_only, self.counter = tap, cls_only, counter
+        self.kept: dict[tuple[str, str], torch.Tensor] = {}
+        self.n_forward = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tap, name)
+
+    def forward_to(self, images_BCHW: torch.Tensor, layer: Any) -> torch.Tensor:
+        key = (str(layer), _pixels_digest(images_BCHW))
+        if key not in self.kept:
+            acts = self.tap.forward_to(images_BCHW, layer)
+            self.kept[key] = acts[:, :1] if self.cls_only and acts.dim() == 3 else acts
+            self.n_forward += 1
+            if self.counter is not None:
+                self.counter.n_source_batches += 1
+        return self.kept[key]
+
+
+@dataclass
+class SweepCache:
+    """What the SAEs of one sweep share: loaded taps, kept activations, embeddings; and the counts."""
+
+    taps: dict[str, Any] = field(default_factory=dict)  # model spec -> loaded tap
+    shared: dict[tuple, SharedTap] = field(default_factory=dict)  # (model, layer, pool) -> its kept activations
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # image key -> E(x)
+    n_embedded: int = 0  # images the embedder ran on over the whole sweep
+    n_source_batches: int = 0  # batches of images the source models ran on over the whole sweep
+
+    def open(self, member: SweepMember, model: Any = None, layer: Any = None, pool: Any = None, device: Any = None):
+        """The member's :class:`SAESource` on a tap shared with every SAE of the same model (loaded once), whose
+        activations are shared with every SAE of the same model, layer and pooling."""
+        source = dict(member.sae.source or {})
+        spec, layer, pool = resolve_sae_inputs(member.sae, source, model, layer, pool, member.sae_path)
+        if device not in (None, "auto"):
+            spec.device = str(device)
+        model_key = repr((spec.name, spec.pretrained, spec.device))
+        if model_key not in self.taps:
+            self.taps[model_key] = load_tap(spec)
+        tap = self.taps[model_key]
+        layer = tap.resolve_layer(layer)
+        width = tap.embed_dim if layer == "last" else tap.width
+        if member.sae.d_in != width:
+            raise _width_error(member.sae, spec.name, layer, width, source)
+        group = (model_key, str(layer), pool)
+        if group not in self.shared:
+            self.shared = {k: v for k, v in self.shared.items() if k[0] != model_key or k[1] != str(layer)}
+            self.shared[group] = SharedTap(tap, pool == "cls" and tap.has_cls, self)
+        sae = member.sae.to(tap.device).eval()
+        return SAESource(sae=sae, tap=self.shared[group], spec=spec, layer=layer, pool=pool, source=source)
+
+    def counts(self) -> dict[str, int]:
+        """What the sweep computed: images embedded by E and batches run through a source model."""
+        return {"images_embedded": self.n_embedded, "source_batches": self.n_source_batches}
+
+
+def grouped(members: list[SweepMember]) -> Iterator[SweepMember]:
+    """The members ordered so SAEs of the same model, layer and tokens are next to each other (their kept
+    activations are dropped when the next group starts)."""
+    key = {id(m): (m.source_model, str(m.source_layer), str((m.sae.source or {}).get("tokens"))) for m in members}
+    yield from sorted(members, key=lambda m: key[id(m)])
+
+
+def _image_digest(image: Any) -> str:
+    """A PIL image's content digest (mode, size, pixels): the same image read again for the next SAE."""
+    h = hashlib.sha1(f"{image.mode}|{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+class SharedEmbedder:
+    """An embedder E whose image embeddings are kept (keyed by the image's content), so the SAEs of a sweep
+    that embed the same images embed them once; the images embedded are counted in ``cache.n_embedded``."""
+
+    def __init__(self, embedder: Any, cache: SweepCache):
+        self.embedder, self.cache = embedder, cache
+        self.kept: dict[str, torch.Tensor] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.embedder, name)
+
+    def embed(self, images: list[Any]) -> torch.Tensor:
+        keys = [_image_digest(im) for im in images]
+        todo = [i for i, k in enumerate(keys) if k not in self.kept]
+        if todo:
+            emb_BE = self.embedder.embed([images[i] for i in todo])
+            self.kept.update((keys[i], emb_BE[j]) for j, i in enumerate(todo))
+            self.cache.n_embedded += len(todo)
+        return torch.stack([self.kept[k] for k in keys])
