@@ -83,8 +83,10 @@ def test_each_grid_sae_equals_its_separate_run(compose_cfg, store, many_run, tmp
         single = json.loads((tmp_path / f"single{i}" / "metrics.json").read_text())
         assert json.loads((many / f"sae_{i}" / "metrics.json").read_text())["fve"] == single["fve"]
     assert json.loads((many / "metrics.json").read_text()).keys() == metrics.keys()
-    header = (many / "csv" / "metrics.csv").read_text().splitlines()[0]
-    assert "sae_0/train/loss" in header and "sae_2/train/fve" in header
+    for i in range(3):  # each SAE's own logger run, under a single run's metric names
+        header = (many / f"sae_{i}" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert "train/loss" in header and "val/fve" in header and not any(h.startswith("sae_") for h in header)
+    assert not (many / "csv").exists()
 
 
 class _Kill(Exception):
