@@ -215,3 +215,27 @@ def test_wandb_offline_resume_continues_each_sae_run(compose_cfg, store, monkeyp
         _, _, rows = _wandb_run(resumed / f"sae_{i}")
         assert [r["trainer/global_step"] for r in rows if "train/loss" in r] == want  # replayed, then continued
         assert list((killed / f"sae_{i}" / "wandb").glob(f"*/run-{sae_id}.wandb.superseded"))
+
+
+# ------------------------------------------------------------------------------ sae_devices
+def test_place_saes_round_robins_over_visible_gpus_and_names_a_missing_device():
+    from vlmsae.lit.many import place_saes
+
+    assert place_saes(3, "auto", 2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert place_saes(5, "auto", 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]
+    assert place_saes(2, "auto", 0) == ["cpu", "cpu"]
+    assert place_saes(3, [1, "cuda:0", "CPU"], 2) == ["cuda:1", "cuda:0", "cpu"]
+    with pytest.raises(ValueError, match=r"sae_devices\[1\]=2: there is no CUDA device 2 \(2 visible.*below 2"):
+        place_saes(2, [0, 2], 2)
+    with pytest.raises(ValueError, match=r"sae_devices=\['cpu'\]: expected auto or a list of 2 devices"):
+        place_saes(2, ["cpu"], 2)
+    with pytest.raises(ValueError, match=r"sae_devices\[0\]='tpu'"):
+        place_saes(1, ["tpu"], 0)
+
+
+def test_a_missing_sae_device_fails_before_training(compose_cfg, store, tmp_path):
+    n = torch.cuda.device_count()
+    over = _over(store, 5, f"sae_grid={GRID2}", f"sae_devices=[cpu,cuda:{n}]")
+    with pytest.raises(ValueError, match=rf"sae_devices\[1\]='cuda:{n}': there is no CUDA device {n}"):
+        run(compose_cfg("train", over), out_dpath=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
