@@ -66,7 +66,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     )
     if cfg.sae_grid:  # many SAEs per pass, each reading the same batches (vlmsae.lit.many)
         grid = resolve_grid(config["sae_grid"], node_dict(cfg, "sae"), source.d, trainer.lr)
-        return fit_many(plan, grid, out_dpath, callbacks)
+        return fit_many(plan, grid, out_dpath, callbacks, sae_devices=config["sae_devices"])
     return fit_sae(plan, out_dpath, callbacks)
 
 

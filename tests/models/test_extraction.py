@@ -19,7 +19,7 @@ from vlmsae.data.store import open_store
 from vlmsae.data.stream import ShardRowStream
 from vlmsae.extract import run
 from vlmsae.formats import read_manifest
-from vlmsae.models.extraction import check_world_size
+from vlmsae.models.extraction import Ranks, StoreExtraction, check_world_size
 
 ARGS = ["model=tiny", "data=folder", "data.batch_size=3", "data.num_workers=0", "layer=1", "tokens=patches"]
 ARGS += ["rows_per_shard=40", "rows_per_chunk=16", "progress=false"]
@@ -109,3 +109,56 @@ def test_a_store_is_not_continued_with_another_world_size(tmp_path):
     with pytest.raises(ValueError, match="holds a single-process extraction but this run has world size 2"):
         check_world_size(single, 2)
     check_world_size(single, 1)
+
+
+class _RankOf(Ranks):
+    """Rank ``rank`` of ``world`` in this process, without a process group: the other ranks are simulated by
+    running them one after another (every rank sees the same images, so gathering repeats this rank's value)."""
+
+    def gather(self, obj):
+        return [obj] * self.world
+
+
+def test_one_rank_killed_midway_then_rerun_ends_with_the_rows_of_an_uninterrupted_run(
+    tmp_path, compose_cfg, monkeypatch
+):
+    from vlmsae.data.shards import ShardWriter
+
+    root = make_concept_images(tmp_path / "imgs", n_per_class=2, size=32, seed=3)
+    cfg = compose_cfg("extract", [*ARGS, f"data.root={root}", "rows_per_shard=16"])
+    run(cfg, tmp_path / "one")  # one uninterrupted process
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)  # the ranks run one after another here
+    out, flush = tmp_path / "two", ShardWriter.flush
+
+    def run_rank(rank: int, kill_at_flush: int | None = None):
+        calls = {"n": 0}
+
+        def flush_or_die(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == kill_at_flush:
+                raise KeyboardInterrupt(f"rank {rank} killed at its shard {calls['n']}")
+            return flush(self, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ShardWriter, "flush", flush_or_die)
+            patch.setattr(Ranks, "from_env", classmethod(lambda cls: _RankOf(rank=rank, world=2)))
+            if rank != 0:  # under torchrun it waits in the barrier for rank 0's merged manifest; here it stops
+                patch.setattr(StoreExtraction, "_merge", lambda self, seconds, n_new: {"n_new": n_new})
+            return run(cfg, out)
+
+    part1 = out / (RANK_DIR_PATTERN % (1, 2))
+    with pytest.raises(KeyboardInterrupt, match="rank 1 killed"):
+        run_rank(1, kill_at_flush=3)
+    n_before = len(list_shards(part1))
+    assert n_before == 2 and not (out / "manifest.json").exists()
+    resumed1 = run_rank(1)  # rank 1 rerun: continues after its 2 shards
+    with pytest.raises(KeyboardInterrupt, match="rank 0 killed"):
+        run_rank(0, kill_at_flush=2)
+    summary = run_rank(0)  # rank 0 rerun: finishes its part, then merges both
+    rows_one, rows_two = _rows(tmp_path / "one"), _rows(out)
+    assert rows_one.keys() == rows_two.keys() and len(rows_one) == summary["n_rows"] > 0
+    assert all(torch.equal(rows_one[k], rows_two[k]) for k in rows_one)
+    m_one, m_two = read_manifest(tmp_path / "one"), read_manifest(out)
+    assert (m_two.n_rows, m_two.n_images) == (m_one.n_rows, m_one.n_images) and m_two.extra["world_size"] == 2
+    assert len(list_shards(part1)) > n_before
+    assert 0 < resumed1["n_new"] < m_one.n_listed - m_one.n_listed // 2  # fewer images than rank 1's block

@@ -191,12 +191,27 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
     )
 
 
-def build_logger(lg: LoggerSchema, out_dpath: Path, resume_ckpt: Path | None, config: dict):
-    """Lightning logger(s) for ``lg.kind`` (none | csv | wandb: W&B plus a CSV mirror) and the W&B run id."""
+def build_logger(
+    lg: LoggerSchema,
+    out_dpath: Path,
+    resume_ckpt: Path | None,
+    config: dict,
+    *,
+    history: Path | None = None,
+    name: str | None = None,
+    **wandb_kwargs,
+):
+    """Lightning logger(s) for ``lg.kind`` (none | csv | wandb: W&B plus a CSV mirror) and the W&B run id.
+
+    ``history``: the folder with the resumed run's ``csv/`` and ``wandb_id.txt`` (default: the checkpoint's run dir);
+    ``name`` and ``wandb_kwargs`` (e.g. ``group``, ``reinit``) go to the W&B run (vlmsae.lit.many: one run per SAE).
+    """
     if lg.kind == "none":
         return False, None
+    if history is None and resume_ckpt is not None:
+        history = history_dpath(resume_ckpt)
     # On resume metrics.csv continues the checkpoint's run's history (RestoreLogHistory trims it).
-    history_fpath = history_dpath(resume_ckpt) / "csv" / "metrics.csv" if resume_ckpt is not None else None
+    history_fpath = history / "csv" / "metrics.csv" if history is not None else None
     csv_logger = ResumableCSVLogger(save_dir=str(out_dpath), name="csv", version="", history_fpath=history_fpath)
     if lg.kind == "csv":
         return csv_logger, None
@@ -206,17 +221,20 @@ def build_logger(lg: LoggerSchema, out_dpath: Path, resume_ckpt: Path | None, co
         from lightning.pytorch.loggers import WandbLogger
 
         run_id = None
-        if resume_ckpt is not None:
-            id_fpath = history_dpath(resume_ckpt) / "wandb_id.txt"
+        if history is not None:
+            id_fpath = history / "wandb_id.txt"
             if id_fpath.is_file():
                 run_id = id_fpath.read_text().strip()
         run_id = run_id or uuid.uuid4().hex[:8]  # W&B run ids: 8 lowercase alphanumerics
         mode = os.environ.get("WANDB_MODE") or lg.mode
-        name = out_dpath.name if not out_dpath.name.startswith("job_") else f"{out_dpath.parent.name}/{out_dpath.name}"
+        if name is None:
+            name = (
+                out_dpath.name if not out_dpath.name.startswith("job_") else f"{out_dpath.parent.name}/{out_dpath.name}"
+            )
+        wandb_kwargs.setdefault("group", lg.group)
         logger = WandbLogger(
             project=lg.project,
             entity=lg.entity,
-            group=lg.group,
             tags=list(lg.tags or []),
             save_dir=str(out_dpath),
             name=name,
@@ -224,6 +242,7 @@ def build_logger(lg: LoggerSchema, out_dpath: Path, resume_ckpt: Path | None, co
             resume="allow",
             mode=mode,
             config=config,
+            **wandb_kwargs,
         )
         # csv/metrics.csv mirrors the scalars: written at every log, it survives kill -9 (W&B's offline
         # log is flushed every 15 s), and a resumed offline run replays it (vlmsae.lit.loggers).

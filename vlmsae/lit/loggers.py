@@ -274,12 +274,14 @@ class RestoreLogHistory(L.Callback):
     ``history_dpath``: the run dir of the checkpoint (it holds ``csv/`` or ``wandb/``). The
     checkpoint's global step arrives through ``on_load_checkpoint`` (called before ``on_fit_start``
     for single-device and DDP strategies); ``on_train_start`` is the fallback for strategies that
-    restore later.
+    restore later. ``loggers``: the loggers to restore (default: the trainer's; a ``sae_grid`` pass has one
+    set per SAE, each with its own history folder).
     """
 
-    def __init__(self, history_dpath: str | Path, wandb_id: str | None = None):
+    def __init__(self, history_dpath: str | Path, wandb_id: str | None = None, loggers: list | None = None):
         self.history_dpath = Path(history_dpath)
         self.wandb_id = wandb_id
+        self.loggers = loggers
         self._step: int | None = None
         self._done = False
 
@@ -299,10 +301,11 @@ class RestoreLogHistory(L.Callback):
         if self._done or not trainer.is_global_zero:
             return
         self._done = True
-        csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, ResumableCSVLogger)]
+        loggers = self.loggers if self.loggers is not None else trainer.loggers
+        csv_loggers = [lg for lg in loggers if isinstance(lg, ResumableCSVLogger)]
         for logger in csv_loggers:  # first: the W&B replay reads the restored CSV
             logger.restore_history(self._step)
-        for logger in trainer.loggers:
+        for logger in loggers:
             if type(logger).__name__ == "WandbLogger" and self.wandb_id:
                 self._restore_wandb(logger, csv_loggers[0] if csv_loggers else None)
 

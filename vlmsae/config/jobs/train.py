@@ -33,6 +33,9 @@ class TrainJob:
     # many SAEs per pass (vlmsae.lit.many): a list of overrides of the sae node, each with an optional lr, e.g.
     # '[{expansion:4,k:8},{expansion:8,k:8,arch:topk,lr:1e-4}]'; null = one SAE from the sae node
     sae_grid: Any = None
+    # sae_grid only: where each SAE trains. auto = round-robin over the visible CUDA devices when the trainer runs
+    # on a GPU (else CPU); or one device per grid entry, e.g. '[0,1,cuda:1,cpu]'. Each batch is copied once per device
+    sae_devices: Any = "auto"
     seed: int = 0  # SAE init, data order (with data.seed) and on-the-fly token sampling
 
 
