@@ -65,7 +65,7 @@ def test_run_writes_everything(compose_cfg, tiny_sae_dpath, tmp_path, monkeypatc
     assert 0 < saved["reconstruction"]["l0"] <= 6
 
     lines = (out / "latents.csv").read_text().splitlines()
-    assert lines[0] == "# vlmsae latents.csv format_version=2"  # the version line, then a plain CSV
+    assert lines[0] == "# vlmsae latents.csv format_version=3"  # the version line, then a plain CSV
     rows = list(csv.DictReader(lines[1:]))
     assert [r["latent"] for r in rows] == [str(i) for i in range(128)]
     ms_csv = torch.tensor([float(r["ms"]) for r in rows], dtype=torch.float64)
