@@ -82,7 +82,10 @@ def test_latents_csv_name_columns_round_trip_exactly(tmp_path: Path):
     # autointerp columns come after the name columns, only when asked for
     rows = [LatentRow(0, 0.5, name="red", name_score=0.5, names=("red",), autointerp="dog", autointerp_score=0.25)]
     text = formats.write_latents_csv(tmp_path, LatentsTable(rows)).read_text()
-    assert text.splitlines()[1] == "latent,ms,freq,max_act,group,top_keys,name,name_score,names,autointerp,autointerp_score"
+    assert (
+        text.splitlines()[1]
+        == "latent,ms,freq,max_act,group,top_keys,name,name_score,names,autointerp,autointerp_score"
+    )
     (row,) = formats.read_latents_csv(tmp_path).rows
     assert row.autointerp == "dog" and row.autointerp_score == 0.25 and row.names == ("red",)
     # A version-2 file (no name columns) reads with the names absent.

@@ -38,6 +38,7 @@ from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics.codes import open_sae_checkpoint
 from vlmsae.metrics.embedding_cache import default_cache_dpath
 from vlmsae.metrics.ms_study import score_sae, zero_shot_check
+from vlmsae.metrics.names import build_namer
 from vlmsae.models.embedders import EmbedderSpec
 from vlmsae.report.studies import write_ms_outputs
 from vlmsae.utils.paths import run_dir
@@ -70,6 +71,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         dense_threshold=cfg.dense_threshold,
         progress=cfg.progress,
         sae_path=sae_dpath,
+        namer=build_namer(cfg.names, cfg.names_templates, cfg.names_top, cfg.embedder),  # before any image is read
     )
     if cfg.zero_shot:
         study.summary["zero_shot"] = zero_shot_check(
