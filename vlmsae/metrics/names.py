@@ -33,7 +33,9 @@ __all__ = [
     "build_namer",
     "concepts_from_embeddings",
     "load_vocabulary",
+    "ms_run_embedder",
     "name_embeddings",
+    "name_ms_run",
     "top_names",
     "with_names",
     "wordnet_nouns",
@@ -221,6 +223,7 @@ class LatentNamer:
     names_VE: torch.Tensor
     top: int
     source: str  # imagenet | wordnet | the file
+    embedder: Any = None  # the embedder whose text side embedded the vocabulary (its image side names a run)
 
     @classmethod
     def build(
@@ -237,7 +240,7 @@ class LatentNamer:
         if top < 1:
             raise ValueError(f"names_top={top}: keep at least 1 name per latent.")
         vocab = load_vocabulary(str(names), wordnet_dpath)
-        return cls(vocab, name_embeddings(vocab, list(templates), embed_text), top, str(names))
+        return cls(vocab, name_embeddings(vocab, list(templates), embed_text), top, str(names), embedder)
 
     def name(self, concepts_KE: torch.Tensor) -> LatentNames:
         return top_names(concepts_KE, self.names_VE, self.vocab, self.top)
@@ -265,3 +268,38 @@ def build_namer(
         raise ValueError(f"names={names!r} is empty; {_VOCAB_FIX}, or names=null for no names.")
     embedder = embedders.load_embedder(spec)  # looked up at call time (tests replace it)
     return LatentNamer.build(str(names), list(templates), top, embedder, spec.name, wordnet_dpath)
+
+
+def ms_run_embedder(ms_dpath: str | Path, embedder_cfg: Any = None) -> Any:
+    """The embedder node to name a finished MS run with: ``embedder_cfg`` when given, else the run's own
+    (``run_info.json``'s config), so names live in the space the run's MS was measured in."""
+    if embedder_cfg:
+        return embedder_cfg
+    from vlmsae.formats import read_run_info
+
+    node = (read_run_info(Path(ms_dpath)).config or {}).get("embedder")
+    if not node:
+        raise ValueError(f"{ms_dpath}/run_info.json records no embedder: pass embedder=clip_b32 (or another CLIP).")
+    return node
+
+
+def name_ms_run(ms_dpath: str | Path, namer: LatentNamer) -> tuple[LatentsTable, LatentNames]:
+    """Name the latents of a finished monosemanticity run: its ``top_images/`` images embedded again with the
+    namer's embedder (latent by latent, as the steering score does) into concepts; returns ``latents.csv`` with
+    the name columns filled in, and the names. Nothing is written here."""
+    from vlmsae.data.images import load_image
+    from vlmsae.formats import TOP_IMAGES_DIR, read_latents_csv
+    from vlmsae.metrics.topimages import TopImages
+    from vlmsae.steering.score import streamed_concept_embeddings
+
+    ms_dpath = Path(ms_dpath)
+    table = read_latents_csv(ms_dpath)
+    top = TopImages.load(ms_dpath / TOP_IMAGES_DIR)
+    if top.paths is None:
+        raise ValueError(
+            f"{ms_dpath / TOP_IMAGES_DIR} has no image paths (images.json paths is null), so its images cannot be "
+            "embedded again: rerun the monosemanticity job with names=... instead."
+        )
+    paths = [[top.paths[i] for i in row if i >= 0] for row in top.image_idx.tolist()]
+    names = namer.name(streamed_concept_embeddings(paths, load_image, namer.embedder.embed))
+    return with_names(table, names), names
