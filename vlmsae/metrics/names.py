@@ -24,7 +24,12 @@ from typing import Any
 
 import torch
 
-from vlmsae.formats import LatentsTable
+from vlmsae.data.images import load_image
+from vlmsae.data.taxonomy import find_wordnet_noun_file, load_wordnet_synsets
+from vlmsae.formats import TOP_IMAGES_DIR, LatentsTable, read_latents_csv, read_run_info
+from vlmsae.metrics.topimages import TopImages
+from vlmsae.models import embedders
+from vlmsae.steering.score import streamed_concept_embeddings
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -58,8 +63,6 @@ def wordnet_nouns(wordnet_dpath: str | Path | None = None) -> list[str]:
     """Concrete WordNet nouns: the first lemma of every noun synset below "physical entity", kept when it is
     lowercase and one or two words (no proper nouns, no long phrases), de-duplicated, sorted (29,401 names
     on WordNet 3.0). WordNet is found as the hierarchy taxonomy finds it (:mod:`vlmsae.data.taxonomy`)."""
-    from vlmsae.data.taxonomy import find_wordnet_noun_file, load_wordnet_synsets
-
     synsets = load_wordnet_synsets(*find_wordnet_noun_file(wordnet_dpath))
     concrete: dict[int, bool] = {_PHYSICAL_ENTITY: True}
 
@@ -261,8 +264,6 @@ def build_namer(
     with the embedder of ``embedder_cfg`` (an :class:`~vlmsae.models.embedders.EmbedderSpec` or its node)."""
     if names is None:
         return None
-    from vlmsae.models import embedders
-
     spec = embedders.EmbedderSpec.from_cfg(embedder_cfg)
     if not str(names).strip():
         raise ValueError(f"names={names!r} is empty; {_VOCAB_FIX}, or names=null for no names.")
@@ -275,8 +276,6 @@ def ms_run_embedder(ms_dpath: str | Path, embedder_cfg: Any = None) -> Any:
     (``run_info.json``'s config), so names live in the space the run's MS was measured in."""
     if embedder_cfg:
         return embedder_cfg
-    from vlmsae.formats import read_run_info
-
     node = (read_run_info(Path(ms_dpath)).config or {}).get("embedder")
     if not node:
         raise ValueError(f"{ms_dpath}/run_info.json records no embedder: pass embedder=clip_b32 (or another CLIP).")
@@ -287,11 +286,6 @@ def name_ms_run(ms_dpath: str | Path, namer: LatentNamer) -> tuple[LatentsTable,
     """Name the latents of a finished monosemanticity run: its ``top_images/`` images embedded again with the
     namer's embedder (latent by latent, as the steering score does) into concepts; returns ``latents.csv`` with
     the name columns filled in, and the names. Nothing is written here."""
-    from vlmsae.data.images import load_image
-    from vlmsae.formats import TOP_IMAGES_DIR, read_latents_csv
-    from vlmsae.metrics.topimages import TopImages
-    from vlmsae.steering.score import streamed_concept_embeddings
-
     ms_dpath = Path(ms_dpath)
     table = read_latents_csv(ms_dpath)
     top = TopImages.load(ms_dpath / TOP_IMAGES_DIR)
