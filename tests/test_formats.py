@@ -44,14 +44,14 @@ def test_latents_csv_round_trip_and_exact_text(tmp_path: Path):
     assert fpath == tmp_path / "latents.csv"
     # The version line, then the CSV the monosemanticity job always wrote (6 decimals for ms, "nan" = dead).
     assert fpath.read_bytes().decode() == (
-        "# vlmsae latents.csv format_version=2\r\n"
+        "# vlmsae latents.csv format_version=3\r\n"
         "latent,ms,freq,max_act,group,top_keys\r\n"
         "0,0.500000,0.25,3,1,cls_a/0.png|cls_b/1.png\r\n"
         "1,nan,0,0,0,\r\n"
         "2,0.123457,1e-07,1.23457e+07,,x#y\r\n"
     )
     back = formats.read_latents_csv(tmp_path)  # the run folder or the file itself
-    assert back.format_version == 2 and formats.read_latents_csv(fpath).rows[0] == back.rows[0]
+    assert back.format_version == 3 and formats.read_latents_csv(fpath).rows[0] == back.rows[0]
     assert [r.latent for r in back.rows] == [0, 1, 2]
     assert back.rows[0] == LatentRow(0, 0.5, 0.25, 3.0, 1, ("cls_a/0.png", "cls_b/1.png"))
     assert math.isnan(back.rows[1].ms) and back.rows[1].top_keys == () and back.rows[2].group is None
@@ -59,6 +59,40 @@ def test_latents_csv_round_trip_and_exact_text(tmp_path: Path):
     ms_K = back.ms_K(4)
     assert ms_K.dtype == torch.float64 and ms_K[0] == 0.5 and ms_K[2] == pytest.approx(0.123457)
     assert math.isnan(ms_K[1]) and math.isnan(ms_K[3])  # dead, and absent from the file
+
+
+def test_latents_csv_name_columns_round_trip_exactly(tmp_path: Path):
+    # Version 3: the name columns appear when any row has a name; "" = named run, latent without images.
+    table = LatentsTable(
+        [
+            LatentRow(0, 0.5, 0.25, 3.0, 1, ("a",), name="red", name_score=0.8125, names=("red", "blue", "car")),
+            LatentRow(1, math.nan, 0.0, 0.0, 0, (), name=""),
+        ]
+    )
+    fpath = formats.write_latents_csv(tmp_path, table)
+    assert fpath.read_bytes().decode() == (
+        "# vlmsae latents.csv format_version=3\r\n"
+        "latent,ms,freq,max_act,group,top_keys,name,name_score,names\r\n"
+        "0,0.500000,0.25,3,1,a,red,0.812500,red|blue|car\r\n"
+        "1,nan,0,0,0,,,,\r\n"
+    )
+    back = formats.read_latents_csv(fpath)
+    assert back.rows[0] == table.rows[0] and back.rows[1].name == "" and back.rows[1].names == ()
+    assert math.isnan(back.rows[1].name_score) and back.rows[0].autointerp is None
+    # autointerp columns come after the name columns, only when asked for
+    rows = [LatentRow(0, 0.5, name="red", name_score=0.5, names=("red",), autointerp="dog", autointerp_score=0.25)]
+    text = formats.write_latents_csv(tmp_path, LatentsTable(rows)).read_text()
+    assert (
+        text.splitlines()[1]
+        == "latent,ms,freq,max_act,group,top_keys,name,name_score,names,autointerp,autointerp_score"
+    )
+    (row,) = formats.read_latents_csv(tmp_path).rows
+    assert row.autointerp == "dog" and row.autointerp_score == 0.25 and row.names == ("red",)
+    # A version-2 file (no name columns) reads with the names absent.
+    fpath.write_text("# vlmsae latents.csv format_version=2\nlatent,ms,freq,max_act,group,top_keys\n0,0.5,0.1,1,0,a\n")
+    (row,) = formats.read_latents_csv(fpath).rows
+    assert formats.read_latents_csv(fpath).format_version == 2
+    assert row.name is None and row.names == () and math.isnan(row.name_score) and row.autointerp is None
 
 
 def test_latents_csv_stays_readable_by_pandas(tmp_path: Path):
@@ -85,14 +119,14 @@ def test_latents_csv_without_version_line_reads_as_version_1(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("line", "found"),
-    [("# vlmsae latents.csv format_version=3", "3"), ("# vlmsae latents.csv format_version=x", "'x'")],
+    [("# vlmsae latents.csv format_version=4", "4"), ("# vlmsae latents.csv format_version=x", "'x'")],
 )
 def test_latents_csv_refuses_an_unknown_version(tmp_path: Path, line: str, found: str):
     fpath = tmp_path / "latents.csv"
     fpath.write_text(f"{line}\nlatent,ms\n0,0.5\n")
     with pytest.raises(FormatVersionError) as err:
         formats.read_latents_csv(fpath)
-    _assert_version_message(str(err.value), fpath, found, "1, 2")
+    _assert_version_message(str(err.value), fpath, found, "1, 2, 3")
 
 
 def test_latents_csv_bad_content_names_the_problem(tmp_path: Path):

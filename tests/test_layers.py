@@ -25,6 +25,7 @@ JOBS = (
     "splice_eval",
     "browse",
     "export",
+    "names",
 )
 LAYERS = {
     "config": 0,

@@ -65,7 +65,7 @@ def test_run_writes_everything(compose_cfg, tiny_sae_dpath, tmp_path, monkeypatc
     assert 0 < saved["reconstruction"]["l0"] <= 6
 
     lines = (out / "latents.csv").read_text().splitlines()
-    assert lines[0] == "# vlmsae latents.csv format_version=2"  # the version line, then a plain CSV
+    assert lines[0] == "# vlmsae latents.csv format_version=3"  # the version line, then a plain CSV
     rows = list(csv.DictReader(lines[1:]))
     assert [r["latent"] for r in rows] == [str(i) for i in range(128)]
     ms_csv = torch.tensor([float(r["ms"]) for r in rows], dtype=torch.float64)
@@ -312,3 +312,105 @@ def test_cli_scores_a_training_multirun_in_one_command(tmp_path) -> None:
             cell = next(r for r in rows if r["architecture"] == arch)[f"x{e}_mean"]
             assert float(cell) == pytest.approx(one["mean"], abs=1e-4)
     assert "| raw neurons | 2 |" in proc.stdout  # the table is printed
+
+
+class _ColourCLIP:
+    """A test CLIP whose image and text sides agree on the planted colours: an image embeds as the share of its
+    pixels near each planted colour, the prompt naming a colour as that colour's axis (other names: one more)."""
+
+    def __init__(self, spec) -> None:
+        from vlmsae.data.concepts import COLOURS
+
+        self.spec, self.colours = spec, list(COLOURS)
+        self.rgb_C3 = torch.tensor([COLOURS[c] for c in self.colours], dtype=torch.float32)
+        self.dim = len(self.colours) + 1
+
+    def embed(self, images, progress=False):
+        import numpy as np
+
+        rows = []
+        for im in images:
+            px = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32).reshape(-1, 3))
+            near_PC = torch.cdist(px, self.rgb_C3) < 60
+            rows.append(torch.cat([near_PC.float().mean(0), torch.zeros(1)]))
+        return torch.stack(rows)
+
+    def embed_text(self, prompts):
+        out = torch.zeros(len(prompts), self.dim)
+        for i, p in enumerate(prompts):
+            hits = [c for c, name in enumerate(self.colours) if f" {name}." in p]
+            out[i, hits[0] if hits else -1] = 1.0
+        return out
+
+
+def test_names_name_each_latent_by_its_top_images_colour(compose_cfg, tiny_sae_dpath, tmp_path, monkeypatch) -> None:
+    from vlmsae.formats import read_latents_csv
+    from vlmsae.models import embedders
+    from vlmsae.monosemanticity import run
+
+    monkeypatch.setattr(embedders, "load_embedder", _ColourCLIP)  # images and names through the same test CLIP
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("dog\nred\ngreen\nblue\nyellow\ncar\n")
+    out = tmp_path / "out"
+    summary = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, f"names={vocab}", "names_top=2"), out_dpath=out)
+    rows = read_latents_csv(out).rows
+    assert (out / "latents.csv").read_text().splitlines()[1].endswith(",top_keys,name,name_score,names")
+    _assert_named_by_majority_colour(rows)
+    names = summary["names"]
+    assert names["vocabulary"] == str(vocab) and names["n_names"] == 6
+    assert names["n_named"] == sum(1 for r in rows if r.top_keys)
+    best_ms = max((r for r in rows if not math.isnan(r.ms)), key=lambda r: r.ms)
+    assert names["top_latents"][0]["latent"] == best_ms.latent and names["top_latents"][0]["name"] == best_ms.name
+
+
+def test_names_need_a_text_side_and_a_vocabulary(compose_cfg, tiny_sae_dpath, tmp_path) -> None:
+    from vlmsae.monosemanticity import run
+
+    with pytest.raises(ValueError, match="embedder=pixels has no text side"):
+        run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "names=imagenet"), out_dpath=tmp_path / "a")
+    cfg = _compose(compose_cfg, tiny_sae_dpath, tmp_path, f"names={tmp_path / 'none.txt'}", "embedder=tiny")
+    with pytest.raises(FileNotFoundError, match=r"none\.txt is not a file"):
+        run(cfg, out_dpath=tmp_path / "b")
+
+
+def _assert_named_by_majority_colour(rows) -> None:
+    """Every live latent is named by the most common colour of its top images (cosine checked by hand)."""
+    checked = 0
+    for r in rows:
+        if not r.top_keys:
+            assert r.name == "" and r.names == () and math.isnan(r.name_score)
+            continue
+        share = {
+            c: sum(k.split("/")[0].endswith("_" + c) for k in r.top_keys) for c in ("red", "green", "blue", "yellow")
+        }
+        best = max(share.values())
+        assert len(r.names) == 2 and r.names[0] == r.name and share[r.name] == best
+        if sorted(share.values())[-2] < best:  # a strict majority colour: the name and its cosine, by hand
+            checked += 1
+            assert r.name_score == pytest.approx(best / math.sqrt(sum(v * v for v in share.values())), abs=0.05)
+    assert checked > 5
+
+
+def test_names_job_names_a_finished_run(compose_cfg, tiny_sae_dpath, tmp_path, monkeypatch) -> None:
+    from vlmsae import names as names_job
+    from vlmsae.formats import read_latents_csv, read_ms_summary, read_run_info
+    from vlmsae.models import embedders
+    from vlmsae.monosemanticity import run
+
+    ms_dpath = tmp_path / "ms"
+    run(_compose(compose_cfg, tiny_sae_dpath, tmp_path), out_dpath=ms_dpath)  # no names
+    before = read_latents_csv(ms_dpath).rows
+    assert all(r.name is None for r in before)
+    monkeypatch.setattr(embedders, "load_embedder", _ColourCLIP)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("dog\nred\ngreen\nblue\nyellow\ncar\n")
+    cfg = compose_cfg("names", [f"ms_run={ms_dpath}", f"names={vocab}", "names_top=2"])
+    summary = names_job.run(cfg, out_dpath=tmp_path / "names_run")
+    after = read_latents_csv(ms_dpath).rows
+    assert [(r.latent, repr(r.ms), r.top_keys) for r in after] == [(r.latent, repr(r.ms), r.top_keys) for r in before]
+    _assert_named_by_majority_colour(after)  # the same names the MS job gives (previous test)
+    assert read_ms_summary(ms_dpath).extra["names"]["n_named"] == summary["n_named"] > 0
+    info = read_run_info(tmp_path / "names_run")
+    assert info.extra["ms_run"] == str(ms_dpath) and info.config["embedder"] is None  # the run's own embedder
+    with pytest.raises(ValueError, match="Pass ms_run="):
+        names_job.run(compose_cfg("names", [f"names={vocab}"]), out_dpath=tmp_path / "x")

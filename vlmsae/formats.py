@@ -29,10 +29,12 @@ file                 dataclass                           read / write
 ===================  ==================================  ===========================================
 
 ``latents.csv`` has no header object, so its version rides in a first comment line,
-``# vlmsae latents.csv format_version=2``, then the usual header and rows. Version 1 is the same table
-without that line. Outside vlmsae, skip the line: ``pandas.read_csv(fpath, skiprows=1)`` (not
-``comment="#"``, which would also cut an image key containing ``#`` in ``top_keys``); spreadsheets
-show it as a first row.
+``# vlmsae latents.csv format_version=3``, then the usual header and rows. Version 1 is the same table
+without that line; version 2 has the line but never the feature-name columns. Version 3 adds optional
+columns, written only when the run computed them: ``name``, ``name_score``, ``names`` (automatic feature
+names, :mod:`vlmsae.metrics.names`) and ``autointerp``, ``autointerp_score``. Outside vlmsae, skip the
+line: ``pandas.read_csv(fpath, skiprows=1)`` (not ``comment="#"``, which would also cut an image key
+containing ``#`` in ``top_keys``); spreadsheets show it as a first row.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ SAE_CONFIG_JSON = "config.json"
 SAE_FORMAT = "vlmsae-sae"  # the "format" key of an SAE checkpoint's config.json
 
 # The versions each reader understands; the last one is what the writer writes.
-LATENTS_CSV_VERSIONS = (1, 2)  # 1: no version line (before formats.py); 2: "# vlmsae latents.csv format_version=2"
+LATENTS_CSV_VERSIONS = (1, 2, 3)  # 1: no version line; 2: the version line; 3: optional name columns
 MS_SUMMARY_VERSIONS = (1,)
 TOP_IMAGES_VERSIONS = (1,)
 HIERARCHY_VERSIONS = (1,)
@@ -738,7 +740,9 @@ def write_sae_config(dpath: str | Path, info: SAECheckpointConfig) -> Path:
 # --------------------------------------------------------------------------------------------
 # latents.csv
 # --------------------------------------------------------------------------------------------
-LATENTS_COLUMNS = ("latent", "ms", "freq", "max_act", "group", "top_keys")
+LATENTS_COLUMNS = ("latent", "ms", "freq", "max_act", "group", "top_keys")  # always written
+LATENTS_NAME_COLUMNS = ("name", "name_score", "names")  # written when the run named its latents
+LATENTS_AUTOINTERP_COLUMNS = ("autointerp", "autointerp_score")  # written when the run asked LLaVA
 _VERSION_LINE = re.compile(r"^# vlmsae latents\.csv format_version=(\S+)\s*$")
 _MS_JOB = "python -m vlmsae.monosemanticity"
 
@@ -753,6 +757,12 @@ class LatentRow:
     max_act: float = math.nan
     group: int | None = None  # Matryoshka group
     top_keys: tuple[str, ...] = ()  # its top images' keys, strongest first (written joined by "|")
+    # Automatic feature name (version 3): None = not computed (no column); "" = computed, none (no top images)
+    name: str | None = None
+    name_score: float = math.nan  # cosine of the name's text embedding with the latent's concept embedding
+    names: tuple[str, ...] = ()  # the best names, best first (written joined by "|")
+    autointerp: str | None = None  # LLaVA's one word for a grid of the top images; None = not asked
+    autointerp_score: float = math.nan  # cosine of that word's text embedding with the concept
 
 
 @dataclass
@@ -827,7 +837,7 @@ def read_latents_csv(path: str | Path) -> LatentsTable:
             latent = _cell_int(r["latent"], fpath, line, "latent")
             if latent is None:
                 raise ValueError(f"{fpath} line {line}: the latent id is empty.")
-            keys = r.get("top_keys") or ""
+            keys, names = r.get("top_keys") or "", r.get("names") or ""
             rows.append(
                 LatentRow(
                     latent=latent,
@@ -836,28 +846,50 @@ def read_latents_csv(path: str | Path) -> LatentsTable:
                     max_act=_cell_float(r.get("max_act"), fpath, line, "max_act"),
                     group=_cell_int(r.get("group"), fpath, line, "group"),
                     top_keys=tuple(keys.split("|")) if keys else (),
+                    name=r.get("name"),  # None when the column is absent; "" for an empty cell
+                    name_score=_cell_float(r.get("name_score"), fpath, line, "name_score"),
+                    names=tuple(names.split("|")) if names else (),
+                    autointerp=r.get("autointerp"),
+                    autointerp_score=_cell_float(r.get("autointerp_score"), fpath, line, "autointerp_score"),
                 )
             )
     return LatentsTable(rows, format_version=version)
 
 
+def _score_cell(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.6f}"
+
+
 def write_latents_csv(dpath: str | Path, table: LatentsTable) -> Path:
-    """Write ``dpath/latents.csv`` at the current version (the version line, the header, one row per latent)."""
+    """Write ``dpath/latents.csv`` at the current version (the version line, the header, one row per latent).
+
+    The name columns are written when any row has a ``name`` (not None), the autointerp ones when any row
+    has an ``autointerp``; a run without them keeps the six columns of version 2.
+    """
+    with_names = any(r.name is not None for r in table.rows)
+    with_autointerp = any(r.autointerp is not None for r in table.rows)
     buf = io.StringIO()
     buf.write(f"# vlmsae latents.csv format_version={LATENTS_CSV_VERSIONS[-1]}\r\n")  # csv.writer ends lines \r\n
     writer = csv.writer(buf)
-    writer.writerow(LATENTS_COLUMNS)
+    writer.writerow(
+        LATENTS_COLUMNS
+        + (LATENTS_NAME_COLUMNS if with_names else ())
+        + (LATENTS_AUTOINTERP_COLUMNS if with_autointerp else ())
+    )
     for r in table.rows:
-        writer.writerow(
-            [
-                r.latent,
-                "nan" if math.isnan(r.ms) else f"{r.ms:.6f}",
-                f"{r.freq:.6g}",
-                f"{r.max_act:.6g}",
-                "" if r.group is None else r.group,
-                "|".join(r.top_keys),
-            ]
-        )
+        cells = [
+            r.latent,
+            "nan" if math.isnan(r.ms) else f"{r.ms:.6f}",
+            f"{r.freq:.6g}",
+            f"{r.max_act:.6g}",
+            "" if r.group is None else r.group,
+            "|".join(r.top_keys),
+        ]
+        if with_names:
+            cells += [r.name or "", _score_cell(r.name_score), "|".join(r.names)]
+        if with_autointerp:
+            cells += [r.autointerp or "", _score_cell(r.autointerp_score)]
+        writer.writerow(cells)
     return atomic_write_text(Path(dpath) / LATENTS_CSV, buf.getvalue())
 
 

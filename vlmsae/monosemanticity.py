@@ -39,6 +39,7 @@ from vlmsae.metrics import sweep
 from vlmsae.metrics.codes import open_sae_checkpoint
 from vlmsae.metrics.embedding_cache import default_cache_dpath
 from vlmsae.metrics.ms_study import score_sae, zero_shot_check
+from vlmsae.metrics.names import build_namer
 from vlmsae.metrics.sweep import sweep_paths
 from vlmsae.models.embedders import EmbedderSpec
 from vlmsae.report.studies import write_ms_outputs
@@ -58,68 +59,63 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError("Pass sae_path=<SAE folder or hf://org/repo[/sub]> (a training run keeps it in <run>/sae/).")
     out_dpath = run_dir(out_dpath)
     sae_dpath = os.path.expanduser(str(cfg.sae_path))  # a str, not a Path: Path("hf://a/b") drops a slash
+    namer = build_namer(cfg.names, cfg.names_templates, cfg.names_top, cfg.embedder)  # before any image is read
     if (paths := sweep_paths(sae_dpath)) is not None:  # a sweep folder or a comma list
-        return _run_sweep(cfg, out_dpath, paths)
+        return _run_sweep(cfg, out_dpath, paths, namer)
     # model: null = the SAE's source.model (a model node converts in source_model_spec)
     src = open_sae_checkpoint(sae_dpath, cfg.model, cfg.layer, cfg.pool, cfg.device, sae_format=cfg.sae_format)
     images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
-    cache_dpath = Path(cfg.embed_cache).expanduser() if cfg.embed_cache else default_cache_dpath()
     study = score_sae(
-        src,
-        images,
-        EmbedderSpec.from_cfg(cfg.embedder),
-        cache_dpath,
-        top_k=cfg.top_k,
-        baseline=cfg.baseline,
-        chunk_size=cfg.chunk_size,
-        dense_threshold=cfg.dense_threshold,
-        progress=cfg.progress,
-        sae_path=sae_dpath,
-    )
-    if cfg.zero_shot:
-        study.summary["zero_shot"] = zero_shot_check(
-            src, images, study.classes, template=cfg.zero_shot_template, max_images=cfg.zero_shot_max_images
-        )
-
-    outputs = write_ms_outputs(out_dpath, study)
-    write_run_info(
-        out_dpath,
-        OmegaConf.to_container(cfg, resolve=True),
-        outputs=outputs,
-        sae_path=str(sae_dpath),
-        data_root=str(images.root),
-        skipped=study.skip_log.to_list(),
-        image_list_digest=study.image_list_digest,
-        sae_source=src.source,
-    )
+        src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
+        sae_path=sae_dpath, namer=namer,
+    )  # fmt: skip
+    _finish(cfg, out_dpath, study, src, images, sae_dpath)
     summary = study.summary
     log.info("mean MS: SAE %.4f, raw neurons %s", summary["mean"], summary.get("baseline", {}).get("mean"))
     return {"out_dpath": str(out_dpath), **summary}
 
 
-def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str]) -> dict[str, Any]:
+_STUDY_KEYS = ("top_k", "baseline", "chunk_size", "dense_threshold", "progress")
+
+
+def _cache_dpath(cfg: DictConfig) -> Path:
+    return Path(cfg.embed_cache).expanduser() if cfg.embed_cache else default_cache_dpath()
+
+
+def _finish(cfg: DictConfig, out_dpath: Path, study: Any, src: Any, images: ImageSet, sae_path: str) -> None:
+    """The optional zero-shot check, then the study's files and run_info.json in ``out_dpath``."""
+    if cfg.zero_shot:
+        study.summary["zero_shot"] = zero_shot_check(
+            src, images, study.classes, template=cfg.zero_shot_template, max_images=cfg.zero_shot_max_images
+        )
+    outputs = write_ms_outputs(out_dpath, study)
+    write_run_info(
+        out_dpath,
+        {**OmegaConf.to_container(cfg, resolve=True), "sae_path": str(sae_path)},
+        outputs=outputs,
+        sae_path=str(sae_path),
+        data_root=str(images.root),
+        skipped=study.skip_log.to_list(),
+        image_list_digest=study.image_list_digest,
+        sae_source=src.source,
+    )
+
+
+def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str], namer: Any) -> dict[str, Any]:
     """Every SAE of a sweep on the same images (embedded once; source activations shared per model and layer):
     each SAE's outputs in ``out_dpath/<name>/``, and ``ms_table.md/.csv`` over all of them."""
     members = sweep.load_sweep(paths, cfg.sae_format)
     sweep.require_one_model(members, "MS table", cfg.model)
     images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
-    cache_dpath = Path(cfg.embed_cache).expanduser() if cfg.embed_cache else default_cache_dpath()
     shared, rows = sweep.SweepCache(), []
     for m in sweep.grouped(members):
         src = shared.open(m, cfg.model, cfg.layer, cfg.pool, cfg.device)
-        keys = ("top_k", "baseline", "chunk_size", "dense_threshold", "progress")
         study = score_sae(
-            src, images, EmbedderSpec.from_cfg(cfg.embedder), cache_dpath, **{k: cfg[k] for k in keys},
-            sae_path=m.sae_path, embed_memo=shared.embeddings,
+            src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
+            sae_path=m.sae_path, embed_memo=shared.embeddings, namer=namer,
         )  # fmt: skip
         shared.n_embedded += study.n_embedded
-        if cfg.zero_shot:
-            study.summary["zero_shot"] = zero_shot_check(
-                src, images, study.classes, template=cfg.zero_shot_template, max_images=cfg.zero_shot_max_images
-            )
-        outputs = write_ms_outputs(out_dpath / m.name, study)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        write_run_info(out_dpath / m.name, {**config, "sae_path": m.sae_path}, outputs=outputs, sae_source=src.source)
+        _finish(cfg, out_dpath / m.name, study, src, images, m.sae_path)
         rows.append(SweepRow(m.name, m.arch, m.expansion, src.layer, study.summary))
         m.sae.cpu()
     table = ms_table(out_dpath, rows, source=rows[0].result.get("model", ""))

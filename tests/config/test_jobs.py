@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.browse import BrowseJob
 from vlmsae.config.jobs.export import ExportJob
+from vlmsae.config.jobs.names import NamesJob
 from vlmsae.config.jobs.steer import SteerJob
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 
@@ -23,6 +24,7 @@ JOBS = {
     "steer_eval": (SteerEvalJob, ["sae_path=/sae", "top_images=/top"], "top_n"),
     "browse": (BrowseJob, ["run=/runs"], "thumb_px"),
     "export": (ExportJob, ["sae_path=/sae", "format=dictionary_learning", "out=/o"], "overwrite"),
+    "names": (NamesJob, ["ms_run=/ms"], "names_top"),
 }
 
 

@@ -50,6 +50,7 @@ def register_configs() -> None:
         extract,
         hierarchy,
         monosemanticity,
+        names,
         splice_eval,
         steer,
         steer_eval,
@@ -70,6 +71,7 @@ def register_configs() -> None:
         splice_eval,
         browse,
         export,
+        names,
     ):  # one schema per job: <job>_schema
         job.register()
     _REGISTERED = True

@@ -373,6 +373,15 @@ def wordnet_path(synsets: dict[int, tuple[str, list[int]]], offset: int) -> tupl
         offset = hypers[0]
 
 
+def load_wordnet_synsets(fpath: str | Path, member: str | None = None) -> dict[int, tuple[str, list[int]]]:
+    """:func:`parse_wordnet_data` of a ``data.noun`` file, or of ``member`` inside a zip (as nltk ships it)."""
+    if member is None:
+        with open(fpath, encoding="utf-8", errors="replace") as f:
+            return parse_wordnet_data(f)
+    with zipfile.ZipFile(fpath) as zf:
+        return parse_wordnet_data(zf.read(member).decode("utf-8", errors="replace").splitlines())
+
+
 def load_wordnet(
     wnids: Iterable[str] | None = None, wordnet_dpath: str | Path | None = None, noun_fpath: str | Path | None = None
 ) -> Taxonomy:
@@ -385,12 +394,7 @@ def load_wordnet(
         fpath, member = Path(noun_fpath), None
     else:
         fpath, member = find_wordnet_noun_file(wordnet_dpath)
-    if member is None:
-        with open(fpath, encoding="utf-8", errors="replace") as f:
-            synsets = parse_wordnet_data(f)
-    else:
-        with zipfile.ZipFile(fpath) as zf:
-            synsets = parse_wordnet_data(zf.read(member).decode("utf-8", errors="replace").splitlines())
+    synsets = load_wordnet_synsets(fpath, member)
     if wnids is None:
         wnids = [f"n{o:08d}" for o in synsets]
     paths = {}

@@ -25,6 +25,7 @@ from vlmsae.formats import LatentRow, LatentsTable, MsSummary
 from vlmsae.metrics.codes import SAESource, encode_images, top_images_meta
 from vlmsae.metrics.embedding_cache import CachedEmbedder
 from vlmsae.metrics.monosemanticity import column_min_max, monosemanticity_scores, ms_summary
+from vlmsae.metrics.names import LatentNamer, LatentNames, with_names
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator, zero_shot_fidelity
 from vlmsae.metrics.topimages import TopImages, top_set_jaccard
 from vlmsae.models.embedders import EmbedderSpec
@@ -51,10 +52,11 @@ class MSStudy:
     classes: list[str]  # class names of a listed source (zero-shot classes); [] for a stream
     skip_log: SkipLog = field(default_factory=SkipLog)
     n_embedded: int = 0  # images the embedder ran on (0: every embedding came from the cache or the memo)
+    names: LatentNames | None = None  # automatic feature names (names=...); None = not computed
 
     def latents_table(self) -> LatentsTable:
-        """The rows of ``latents.csv``, one per latent."""
-        return LatentsTable(
+        """The rows of ``latents.csv``, one per latent (with the name columns when the latents were named)."""
+        table = LatentsTable(
             [
                 LatentRow(
                     latent=k,
@@ -67,6 +69,7 @@ class MSStudy:
                 for k in range(self.ms_K.numel())
             ]
         )
+        return table if self.names is None else with_names(table, self.names)
 
     def summary_format(self) -> MsSummary:
         """``summary`` as the ``ms_summary.json`` format (the headline statistics typed, the rest in ``extra``)."""
@@ -89,12 +92,14 @@ def score_sae(
     progress: bool,
     sae_path: str | Path,
     embed_memo: dict[str, torch.Tensor] | None = None,
+    namer: LatentNamer | None = None,
 ) -> MSStudy:
     """MS of every latent of ``src.sae`` (and of every raw neuron when ``baseline``) over ``images``.
 
     top_k: top images kept per latent; chunk_size: images per block of the dense MS path;
     dense_threshold: reconstruction's "dense latent" firing fraction; sae_path: recorded in the index;
     embed_memo: image embeddings shared by the SAEs of a sweep (see :class:`CachedEmbedder`).
+    namer: names every latent from its top images' embeddings (:mod:`vlmsae.metrics.names`) when given.
     """
     sae = src.sae
     classes: list[str] = []
@@ -144,6 +149,10 @@ def score_sae(
         "n_duplicate_sets": uniq["n_duplicates"],
         "top_k": top_k,
     }
+    names = None
+    if namer is not None:  # the top images' rows of emb_NE: the concept of the steering score, nothing re-embedded
+        names = namer.name_from_embeddings(emb_NE, top.image_idx)
+        summary["names"] = namer.study_summary(names, ms_K)
     latent_N = codes_NF.indices()[1]
     freq_K = torch.bincount(latent_N, minlength=sae.n_latents).double() / n_images
     max_K = torch.zeros(sae.n_latents).scatter_reduce(0, latent_N, codes_NF.values().float(), "amax")
@@ -172,6 +181,7 @@ def score_sae(
         classes=classes,
         skip_log=skip_log,
         n_embedded=embed.n_embedded,
+        names=names,
     )
 
 

@@ -6,7 +6,7 @@ The defaults live here, once; the YAML lists only the config groups. An unknown 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import MISSING
@@ -37,6 +37,19 @@ class MonosemanticityJob:
     zero_shot_template: str = "a photo of a {}."  # prompt per class name ("_" read as " ")
     zero_shot_max_images: int = 1000  # labelled images the zero-shot check reads (also capped by data.max_images)
     progress: bool = True  # progress bars
+    # automatic feature names (vlmsae.metrics.names): each latent's concept (unit mean of its top images' unit
+    # embeddings) vs the CLIP text embeddings of a vocabulary; latents.csv gains name, name_score, names.
+    # null = off | imagenet (open_clip's 1000 class names) | wordnet (concrete nouns) | <file, one name per line>
+    names: Optional[str] = None
+    names_templates: list[str] = field(  # prompts, {} = the name; embeddings averaged over them (CLIP zero-shot)
+        default_factory=lambda: [
+            "a photo of a {}.",
+            "a blurry photo of a {}.",
+            "a close-up photo of a {}.",
+            "a photo of many {}.",
+        ]
+    )
+    names_top: int = 3  # names kept per latent in the `names` column, best first
 
 
 def register() -> None:

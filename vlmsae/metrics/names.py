@@ -1,0 +1,299 @@
+"""Automatic feature names: each latent's concept embedding against CLIP text embeddings of a vocabulary.
+
+- concept of latent k: the unit mean of the unit image embeddings of its top images, exactly the concept
+  of the steering score (:func:`vlmsae.steering.score.concept_embeddings`), from the embeddings the MS run
+  already holds (no image is embedded twice);
+- a name's text embedding: CLIP zero-shot style, every prompt template ("a photo of a {}.") embedded with
+  the name, each unit-normalised, averaged over templates and normalised again;
+- a latent's names: the vocabulary entries with the highest cosine to its concept, best first; ``name`` and
+  ``name_score`` are the best one and its cosine. A latent without top images gets "" and NaN.
+
+Vocabularies (:func:`load_vocabulary`): ``imagenet`` (open_clip's 1000 ImageNet class names, read at
+runtime), ``wordnet`` (:func:`wordnet_nouns`: concrete WordNet nouns) or a text file, one name per line.
+The embedder must have a text side (``embed_text``: the open_clip embedders, ``clip_b32`` and ``tiny``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmsae.data.images import load_image
+from vlmsae.data.taxonomy import find_wordnet_noun_file, load_wordnet_synsets
+from vlmsae.formats import TOP_IMAGES_DIR, LatentsTable, read_latents_csv, read_run_info
+from vlmsae.metrics.topimages import TopImages
+from vlmsae.models import embedders
+from vlmsae.steering.score import streamed_concept_embeddings
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "LatentNamer",
+    "LatentNames",
+    "build_namer",
+    "concepts_from_embeddings",
+    "load_vocabulary",
+    "ms_run_embedder",
+    "name_embeddings",
+    "name_ms_run",
+    "top_names",
+    "with_names",
+    "wordnet_nouns",
+]
+
+# A few of CLIP's ImageNet prompt templates: enough to smooth one prompt's quirks, cheap for 29k names.
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.", "a photo of many {}.")
+VOCABULARIES = ("imagenet", "wordnet")
+_PHYSICAL_ENTITY = 1930  # WordNet 3.0 synset n00001930 "physical entity": the root of concrete nouns
+_WORDNET_LEMMA_RE = re.compile(r"[a-z]+(?:[ -][a-z]+)?")  # lowercase, one or two words: no proper nouns
+_VOCAB_FIX = "pass names=imagenet, names=wordnet, or names=<text file with one name per line>"
+
+
+def _unit(x_NE: torch.Tensor) -> torch.Tensor:
+    x_NE = x_NE.float()
+    return x_NE / x_NE.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def wordnet_nouns(wordnet_dpath: str | Path | None = None) -> list[str]:
+    """Concrete WordNet nouns: the first lemma of every noun synset below "physical entity", kept when it is
+    lowercase and one or two words (no proper nouns, no long phrases), de-duplicated, sorted (29,401 names
+    on WordNet 3.0). WordNet is found as the hierarchy taxonomy finds it (:mod:`vlmsae.data.taxonomy`)."""
+    synsets = load_wordnet_synsets(*find_wordnet_noun_file(wordnet_dpath))
+    concrete: dict[int, bool] = {_PHYSICAL_ENTITY: True}
+
+    def below(offset: int) -> bool:  # walk up the first hypernyms (as wordnet_path does), memoised
+        path = []
+        while offset not in concrete:
+            path.append(offset)
+            hypers = synsets.get(offset, ("", []))[1]
+            if not hypers or hypers[0] in path:  # another root, or a cycle: not concrete
+                concrete[offset] = False
+                break
+            offset = hypers[0]
+        for o in path:
+            concrete[o] = concrete[offset]
+        return concrete[offset]
+
+    return sorted({lemma for o, (lemma, _) in synsets.items() if _WORDNET_LEMMA_RE.fullmatch(lemma) and below(o)})
+
+
+def load_vocabulary(spec: str, wordnet_dpath: str | Path | None = None) -> list[str]:
+    """The names to choose from: ``imagenet``, ``wordnet`` or a file (one name per line, ``#`` lines and blank
+    lines skipped, duplicates dropped, "_" read as " "). An empty or missing file is refused."""
+    if spec == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return list(IMAGENET_CLASSNAMES)
+    if spec == "wordnet":
+        return wordnet_nouns(wordnet_dpath)
+    fpath = Path(spec).expanduser()
+    if not fpath.is_file():
+        raise FileNotFoundError(f"names={spec!r}: {fpath} is not a file (and not a built-in vocabulary); {_VOCAB_FIX}.")
+    lines = [line.strip().replace("_", " ") for line in fpath.read_text(encoding="utf-8").splitlines()]
+    names = list(dict.fromkeys(line for line in lines if line and not line.startswith("#")))
+    if not names:
+        raise ValueError(f"names={spec!r}: {fpath} holds no names (only blank or # lines); write one name per line.")
+    bad = [n for n in names if "|" in n]
+    if bad:
+        raise ValueError(
+            f"names={spec!r}: {fpath} has names containing '|' ({bad[0]!r}); latents.csv joins names "
+            "with '|', so remove it from the name."
+        )
+    return names
+
+
+def name_embeddings(
+    names: Sequence[str],
+    templates: Sequence[str],
+    embed_text: Callable[[list[str]], torch.Tensor],
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """[V, E] unit text embeddings: per name, the unit embeddings of every template averaged, then renormalised."""
+    if not templates:
+        raise ValueError(
+            "names_templates is empty: give at least one prompt with {} for the name, e.g. ['a photo of a {}.']."
+        )
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"names_templates entry {bad[0]!r} must contain exactly one {{}} (where the name goes).")
+    total = None
+    for template in templates:
+        prompts = [template.format(n) for n in names]
+        emb = torch.cat([_unit(embed_text(prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)])
+        total = emb if total is None else total + emb
+    return _unit(total / len(templates))
+
+
+def concepts_from_embeddings(emb_NE: torch.Tensor, image_idx_KT: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """[K, E] concepts: the unit mean of the unit embeddings of each latent's top images (``image_idx_KT`` rows,
+    -1 = padding); NaN rows for latents without images. In chunks of latents, so K x T x E never materialises."""
+    unit_NE = _unit(emb_NE)
+    out = torch.full((image_idx_KT.shape[0], unit_NE.shape[1]), float("nan"))
+    for k0 in range(0, image_idx_KT.shape[0], chunk):
+        idx = image_idx_KT[k0 : k0 + chunk].long()
+        valid = (idx >= 0).float()
+        summed = (unit_NE[idx.clamp_min(0)] * valid[..., None]).sum(1)
+        count = valid.sum(1, keepdim=True)
+        out[k0 : k0 + chunk] = torch.where(count > 0, _unit(summed / count.clamp_min(1)), out[k0 : k0 + chunk])
+    return out
+
+
+@dataclass
+class LatentNames:
+    """Per latent: the best name, its cosine, the top names (best first); optionally LLaVA's word and its cosine."""
+
+    name: list[str]
+    score: list[float]
+    names: list[tuple[str, ...]]
+    autointerp: list[str] | None = None
+    autointerp_score: list[float] | None = None
+
+    def summary(self, ms_K: torch.Tensor | None = None, n: int = 10) -> dict[str, Any]:
+        """For the job's summary: how many latents got a name, the mean cosine, and the names of the ``n`` latents
+        with the highest MS (or the first ``n``)."""
+        named = [k for k, s in enumerate(self.score) if s == s]
+        order = named
+        if ms_K is not None:
+            order = sorted(named, key=lambda k: -float(ms_K[k]) if ms_K[k] == ms_K[k] else float("inf"))
+        return {
+            "n_named": len(named),
+            "mean_name_score": sum(self.score[k] for k in named) / len(named) if named else float("nan"),
+            "top_latents": [
+                {"latent": k, "name": self.name[k], "name_score": self.score[k], "names": "|".join(self.names[k])}
+                for k in order[:n]
+            ],
+        }
+
+
+def top_names(concepts_KE: torch.Tensor, names_VE: torch.Tensor, vocab: Sequence[str], top: int = 3) -> LatentNames:
+    """The ``top`` vocabulary entries with the highest cosine to each concept, best first (ties: earlier entry)."""
+    if len(vocab) != names_VE.shape[0]:
+        raise ValueError(f"{len(vocab)} names but {names_VE.shape[0]} text embeddings: they must align.")
+    if top < 1:
+        raise ValueError(f"names_top={top}: keep at least 1 name per latent.")
+    sims_KV = concepts_KE.float() @ _unit(names_VE).T
+    t = min(top, len(vocab))
+    # a stable descending sort keeps the earlier vocabulary entry first on a tie (topk does not promise it)
+    order_KV = torch.sort(sims_KV.nan_to_num(-2.0), dim=1, descending=True, stable=True).indices[:, :t]
+    out = LatentNames([], [], [])
+    for k in range(concepts_KE.shape[0]):
+        if torch.isnan(concepts_KE[k]).any():
+            out.name.append("")
+            out.score.append(float("nan"))
+            out.names.append(())
+            continue
+        picked = order_KV[k].tolist()
+        out.name.append(vocab[picked[0]])
+        out.score.append(float(sims_KV[k, picked[0]]))
+        out.names.append(tuple(vocab[v] for v in picked))
+    return out
+
+
+def with_names(table: LatentsTable, names: LatentNames) -> LatentsTable:
+    """``table`` with the name (and autointerp) columns of ``names`` filled in, row by latent id."""
+    rows = []
+    for r in table.rows:
+        k = r.latent
+        extra: dict[str, Any] = {"name": names.name[k], "name_score": names.score[k], "names": names.names[k]}
+        if names.autointerp is not None:
+            extra.update(autointerp=names.autointerp[k], autointerp_score=names.autointerp_score[k])
+        rows.append(dataclasses.replace(r, **extra))
+    return LatentsTable(rows)
+
+
+def text_side(embedder: Any, embedder_name: str) -> Callable[[list[str]], torch.Tensor]:
+    """The embedder's ``embed_text``, or an error saying which embedders have one."""
+    fn = getattr(embedder, "embed_text", None)
+    if not callable(fn):
+        raise ValueError(
+            f"embedder={embedder_name} has no text side ({type(embedder).__name__} embeds images only), so it cannot "
+            "name features: names= needs a CLIP embedder (embedder=clip_b32, or embedder=tiny offline). Use one, "
+            "or drop names= (names=null)."
+        )
+    return fn
+
+
+@dataclass
+class LatentNamer:
+    """A vocabulary embedded once with the embedder's text side; :meth:`name` names concept vectors."""
+
+    vocab: list[str]
+    names_VE: torch.Tensor
+    top: int
+    source: str  # imagenet | wordnet | the file
+    embedder: Any = None  # the embedder whose text side embedded the vocabulary (its image side names a run)
+
+    @classmethod
+    def build(
+        cls,
+        names: str,
+        templates: Sequence[str],
+        top: int,
+        embedder: Any,
+        embedder_name: str,
+        wordnet_dpath: str | Path | None = None,
+    ) -> LatentNamer:
+        """Load the vocabulary and embed it (the embedder checked for a text side first: the cheap errors first)."""
+        embed_text = text_side(embedder, embedder_name)
+        if top < 1:
+            raise ValueError(f"names_top={top}: keep at least 1 name per latent.")
+        vocab = load_vocabulary(str(names), wordnet_dpath)
+        return cls(vocab, name_embeddings(vocab, list(templates), embed_text), top, str(names), embedder)
+
+    def name(self, concepts_KE: torch.Tensor) -> LatentNames:
+        return top_names(concepts_KE, self.names_VE, self.vocab, self.top)
+
+    def study_summary(self, names: LatentNames, ms_K: torch.Tensor | None = None) -> dict[str, Any]:
+        """The ``names`` entry of ``ms_summary.json``: the vocabulary, its size, and :meth:`LatentNames.summary`."""
+        return {"vocabulary": self.source, "n_names": len(self.vocab), "top": self.top, **names.summary(ms_K)}
+
+    def name_from_embeddings(self, emb_NE: torch.Tensor, image_idx_KT: torch.Tensor) -> LatentNames:
+        """Names of every latent of a top-images index whose rows index ``emb_NE``."""
+        return self.name(concepts_from_embeddings(emb_NE, image_idx_KT))
+
+
+def build_namer(
+    names: str | None, templates: Sequence[str], top: int, embedder_cfg: Any, wordnet_dpath: str | None = None
+) -> LatentNamer | None:
+    """The namer of a job's ``names`` / ``names_templates`` / ``names_top`` keys (None when ``names`` is null),
+    with the embedder of ``embedder_cfg`` (an :class:`~vlmsae.models.embedders.EmbedderSpec` or its node)."""
+    if names is None:
+        return None
+    spec = embedders.EmbedderSpec.from_cfg(embedder_cfg)
+    if not str(names).strip():
+        raise ValueError(f"names={names!r} is empty; {_VOCAB_FIX}, or names=null for no names.")
+    embedder = embedders.load_embedder(spec)  # looked up at call time (tests replace it)
+    return LatentNamer.build(str(names), list(templates), top, embedder, spec.name, wordnet_dpath)
+
+
+def ms_run_embedder(ms_dpath: str | Path, embedder_cfg: Any = None) -> Any:
+    """The embedder node to name a finished MS run with: ``embedder_cfg`` when given, else the run's own
+    (``run_info.json``'s config), so names live in the space the run's MS was measured in."""
+    if embedder_cfg:
+        return embedder_cfg
+    node = (read_run_info(Path(ms_dpath)).config or {}).get("embedder")
+    if not node:
+        raise ValueError(f"{ms_dpath}/run_info.json records no embedder: pass embedder=clip_b32 (or another CLIP).")
+    return node
+
+
+def name_ms_run(ms_dpath: str | Path, namer: LatentNamer) -> tuple[LatentsTable, LatentNames]:
+    """Name the latents of a finished monosemanticity run: its ``top_images/`` images embedded again with the
+    namer's embedder (latent by latent, as the steering score does) into concepts; returns ``latents.csv`` with
+    the name columns filled in, and the names. Nothing is written here."""
+    ms_dpath = Path(ms_dpath)
+    table = read_latents_csv(ms_dpath)
+    top = TopImages.load(ms_dpath / TOP_IMAGES_DIR)
+    if top.paths is None:
+        raise ValueError(
+            f"{ms_dpath / TOP_IMAGES_DIR} has no image paths (images.json paths is null), so its images cannot be "
+            "embedded again: rerun the monosemanticity job with names=... instead."
+        )
+    paths = [[top.paths[i] for i in row if i >= 0] for row in top.image_idx.tolist()]
+    names = namer.name(streamed_concept_embeddings(paths, load_image, namer.embedder.embed))
+    return with_names(table, names), names

@@ -1,0 +1,64 @@
+"""Entry point: automatic feature names for a finished monosemanticity run.
+
+    python -m vlmsae.names ms_run=outputs/monosemanticity/<run> names=imagenet
+    python -m vlmsae.names ms_run=<run> names=wordnet embedder=clip_b32
+    python -m vlmsae.names ms_run=<run> names=my_names.txt names_top=5
+
+Embeds the run's top images again (``top_images/``, latent by latent) with a CLIP embedder (default: the
+run's own), names each latent by the vocabulary entry whose prompt-averaged text embedding is closest to
+its concept (:mod:`vlmsae.metrics.names`), and rewrites ``<ms_run>/latents.csv`` atomically with the
+``name``, ``name_score`` and ``names`` columns, plus the ``names`` entry of ``ms_summary.json``. The same
+names come out of ``python -m vlmsae.monosemanticity ... names=imagenet`` directly. Keys: ``NamesJob``
+(:mod:`vlmsae.config.jobs.names`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlmsae.config import conf_dir, node_dict, register_configs
+from vlmsae.formats import LATENTS_CSV, MS_SUMMARY_JSON, read_ms_summary, write_latents_csv, write_ms_summary
+from vlmsae.metrics.names import build_namer, ms_run_embedder, name_ms_run
+from vlmsae.utils.paths import run_dir
+from vlmsae.utils.provenance import write_run_info
+
+
+def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
+    """Name ``cfg.ms_run``'s latents with ``cfg.names``; rewrites its latents.csv; run_info.json in ``out_dpath``."""
+    if OmegaConf.is_missing(cfg, "ms_run"):
+        raise ValueError("Pass ms_run=<monosemanticity run folder> (it holds latents.csv and top_images/).")
+    ms_dpath = Path(cfg.ms_run).expanduser()
+    embedder_cfg = ms_run_embedder(ms_dpath, node_dict(cfg, "embedder"))
+    namer = build_namer(cfg.names, cfg.names_templates, cfg.names_top, embedder_cfg)
+    table, names = name_ms_run(ms_dpath, namer)
+    written = [str(write_latents_csv(ms_dpath, table))]
+    summary = namer.study_summary(names, table.ms_K(len(table.rows)))  # latents are 0..K-1
+    if (ms_dpath / MS_SUMMARY_JSON).is_file():
+        ms_summary = read_ms_summary(ms_dpath)
+        ms_summary.extra["names"] = summary
+        written.append(str(write_ms_summary(ms_dpath, ms_summary)))
+    out_dpath = run_dir(out_dpath)
+    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=written, ms_run=str(ms_dpath))
+    return {"out_dpath": str(out_dpath), "latents_csv": str(ms_dpath / LATENTS_CSV), **summary}
+
+
+def _main(cfg: DictConfig) -> None:
+    summary = run(cfg)
+    print(json.dumps({k: summary[k] for k in ("n_named", "mean_name_score", "latents_csv", "out_dpath")}, indent=2))
+    for row in summary["top_latents"]:
+        print(f"latent {row['latent']}: {row['name']} ({row['name_score']:.3f}); {row['names']}")
+
+
+def main() -> None:
+    import hydra
+
+    register_configs()
+    hydra.main(config_path=str(conf_dir()), config_name="names", version_base="1.3")(_main)()
+
+
+if __name__ == "__main__":
+    main()
