@@ -15,7 +15,7 @@ from pathlib import Path
 import vlmsae
 
 PKG_DPATH = Path(vlmsae.__file__).parent
-JOBS = ("extract", "train", "monosemanticity", "hierarchy", "steer", "steer_eval", "browse", "export")
+JOBS = ("extract", "train", "monosemanticity", "hierarchy", "steer", "steer_eval", "browse", "export", "stability")
 LAYERS = {
     "config": 0,
     "utils": 0,

@@ -44,7 +44,17 @@ def register_configs() -> None:
         return
     from hydra.core.config_store import ConfigStore
 
-    from vlmsae.config.jobs import browse, export, extract, hierarchy, monosemanticity, steer, steer_eval, train
+    from vlmsae.config.jobs import (
+        browse,
+        export,
+        extract,
+        hierarchy,
+        monosemanticity,
+        stability,
+        steer,
+        steer_eval,
+        train,
+    )
     from vlmsae.config.schemas import SCHEMAS, store_node
 
     cs = ConfigStore.instance()
@@ -59,6 +69,7 @@ def register_configs() -> None:
         steer_eval,
         browse,
         export,
+        stability,
     ):  # one schema per job: <job>_schema
         job.register()
     _REGISTERED = True
