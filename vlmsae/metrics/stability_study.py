@@ -17,6 +17,7 @@ import torch
 
 from vlmsae import formats
 from vlmsae.metrics.stability import StabilityResult, mean_ci, seed_stability, summaries_mean_ci
+from vlmsae.sae import load_sae
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ def _train_metrics(sae_dpath: Path) -> dict[str, Any]:
 
 def open_runs(paths: list[str]) -> list[SeedRun]:
     """Every seed's SAE, refusing fewer than two or SAEs of different sizes (naming each)."""
-    from vlmsae.sae import load_sae
-
     paths = list(paths or [])
     if len(paths) < 2:
         raise ValueError(
