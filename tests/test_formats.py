@@ -499,6 +499,8 @@ NAME_CONSTANTS = (
     "MANIFEST_JSON",
     "PROGRESS_JSON",
     "SAE_CONFIG_JSON",
+    "STABILITY_JSON",
+    "STABILITY_LATENTS_CSV",
 )
 FILE_NAMES = tuple(getattr(formats, name) for name in NAME_CONSTANTS)
 # config.json is also the name of Hugging Face and LLaVA model files: vlmsae/models/ reads and writes those

@@ -26,6 +26,7 @@ JOBS = (
     "browse",
     "export",
     "names",
+    "stability",
 )
 LAYERS = {
     "config": 0,

@@ -26,7 +26,11 @@ file                 dataclass                           read / write
                      resume point)
 ``config.json``      :class:`SAECheckpointConfig` (SAE       :func:`read_sae_config` / :func:`write_sae_config`
                      checkpoint, next to sae.safetensors)
+``stability.json``   :class:`StabilitySummary`           :func:`read_stability` / :func:`write_stability`
 ===================  ==================================  ===========================================
+
+``stability_latents.csv`` (:class:`StabilityLatents`, :func:`read_stability_latents` /
+:func:`write_stability_latents`) is the per-latent table beside ``stability.json``.
 
 ``latents.csv`` has no header object, so its version rides in a first comment line,
 ``# vlmsae latents.csv format_version=3``, then the usual header and rows. Version 1 is the same table
@@ -65,6 +69,8 @@ TOP_META_JSON = "meta.json"
 MANIFEST_JSON = "manifest.json"
 PROGRESS_JSON = "progress.json"
 SAE_CONFIG_JSON = "config.json"
+STABILITY_JSON = "stability.json"
+STABILITY_LATENTS_CSV = "stability_latents.csv"
 SAE_FORMAT = "vlmsae-sae"  # the "format" key of an SAE checkpoint's config.json
 
 # The versions each reader understands; the last one is what the writer writes.
@@ -79,6 +85,8 @@ RUN_INFO_VERSIONS = (1,)
 MANIFEST_VERSIONS = (1,)
 PROGRESS_VERSIONS = (1,)
 SAE_CONFIG_VERSIONS = (1,)
+STABILITY_VERSIONS = (1,)
+STABILITY_LATENTS_VERSIONS = (1,)  # "# vlmsae stability_latents.csv format_version=1", then header and rows
 
 __all__ = [
     "FormatVersionError",
@@ -89,6 +97,8 @@ __all__ = [
     "RunInfo",
     "SAECheckpointConfig",
     "SpliceResult",
+    "StabilityLatents",
+    "StabilitySummary",
     "SteerEvalResult",
     "SteerResult",
     "StoreManifest",
@@ -103,6 +113,8 @@ __all__ = [
     "read_run_info",
     "read_sae_config",
     "read_splice",
+    "read_stability",
+    "read_stability_latents",
     "read_steer",
     "read_steer_eval",
     "read_top_images",
@@ -114,6 +126,8 @@ __all__ = [
     "write_run_info",
     "write_sae_config",
     "write_splice",
+    "write_stability",
+    "write_stability_latents",
     "write_steer",
     "write_steer_eval",
     "write_top_images",
@@ -783,7 +797,7 @@ class LatentsTable:
         return ms_K
 
 
-def _cell_float(value: str | None, fpath: Path, line: int, column: str) -> float:
+def _cell_float(value: str | None, fpath: Path, line: int, column: str, job: str = _MS_JOB) -> float:
     if value is None or value.strip() == "":
         return math.nan
     try:
@@ -791,12 +805,12 @@ def _cell_float(value: str | None, fpath: Path, line: int, column: str) -> float
     except ValueError:
         raise ValueError(
             f"{fpath} line {line}: {column}={value!r} is not a number (write nan or leave it "
-            f"empty for a dead latent); re-run `{_MS_JOB}` to rewrite the file."
+            f"empty for a dead latent); re-run `{job}` to rewrite the file."
         ) from None
 
 
-def _cell_int(value: str | None, fpath: Path, line: int, column: str) -> int | None:
-    x = _cell_float(value, fpath, line, column)
+def _cell_int(value: str | None, fpath: Path, line: int, column: str, job: str = _MS_JOB) -> int | None:
+    x = _cell_float(value, fpath, line, column, job)
     if math.isnan(x):
         return None
     if x != int(x):
@@ -973,3 +987,142 @@ def write_top_images(dpath: str | Path, index: TopImagesIndex) -> Path:
     }
     atomic_write_json(dpath / TOP_META_JSON, meta)
     return dpath
+
+
+# --------------------------------------------------------------------------------------------
+# Seed stability (python -m vlmsae.stability): stability.json + stability_latents.csv
+# --------------------------------------------------------------------------------------------
+_STABILITY_JOB = "python -m vlmsae.stability"
+
+
+@dataclass
+class StabilitySummary:
+    """``stability.json`` of ``python -m vlmsae.stability``: how alike SAEs trained with different seeds are.
+
+    ``runs``: the SAE folders (the first is the reference); ``matching``: the latent matching against the
+    reference (threshold, mean_matched_cos, frac_found_in_all, found_in_counts {m: latents found in m seeds},
+    ``pairs``: one object per compared pair); ``metrics``: per training metric (fve, l0, dead_fraction, ...)
+    {mean, ci95, std, n} over seeds (ci95 = half-width of the 95% t-interval) and the per-seed values;
+    ``ms`` / ``hierarchy``: the same for every numeric field of the seeds' ms_summary.json / hierarchy.json
+    (present when those runs were given).
+    """
+
+    runs: list[str]
+    n_latents: int
+    d_in: int
+    matching: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    ms: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
+    hierarchy: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = STABILITY_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        _check_types(
+            self,
+            {
+                "runs": (list,),
+                "n_latents": (int,),
+                "d_in": (int,),
+                "matching": (dict,),
+                "metrics": (dict,),
+                "ms": (dict,),
+                "hierarchy": (dict,),
+            },
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_json_dict(self)
+
+
+def read_stability(path: str | Path) -> StabilitySummary:
+    fpath = _file(path, STABILITY_JSON)
+    obj = _load_json(fpath, _STABILITY_JOB)
+    return _from_json_dict(StabilitySummary, obj, fpath, STABILITY_VERSIONS, _STABILITY_JOB)
+
+
+def write_stability(dpath: str | Path, summary: StabilitySummary) -> Path:
+    return atomic_write_json(Path(dpath) / STABILITY_JSON, _finite_or_none(summary.to_dict()))
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """NaN / inf -> None, so the file is strict JSON (a single seed has no interval)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+STABILITY_LATENTS_COLUMNS = ("latent", "found_in", "mean_cos")  # then match_<seed> per seed after the reference
+_STABILITY_VERSION_LINE = re.compile(r"^# vlmsae stability_latents\.csv format_version=(\S+)\s*$")
+
+
+@dataclass
+class StabilityLatents:
+    """``stability_latents.csv``: per latent of the reference SAE, in how many seeds it is found (``found_in``,
+    the reference included), its mean matched cosine over the other seeds (``mean_cos``, NaN: no partner) and
+    its one-to-one partner in each other seed (``matches``, -1: none; the columns are ``match_1`` ...)."""
+
+    latent: list[int]
+    found_in: list[int]
+    mean_cos: list[float]
+    matches: list[list[int]]  # [seed][latent], seeds 1 .. n-1
+    format_version: int = STABILITY_LATENTS_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        n = len(self.latent)
+        lengths = [len(self.found_in), len(self.mean_cos), *(len(m) for m in self.matches)]
+        if any(length != n for length in lengths):
+            raise ValueError(f"stability_latents columns differ in length: {n} latents, columns {lengths}.")
+
+
+def write_stability_latents(dpath: str | Path, table: StabilityLatents) -> Path:
+    """Write ``dpath/stability_latents.csv``: the version line, the header, one row per latent."""
+    buf = io.StringIO()
+    buf.write(f"# vlmsae stability_latents.csv format_version={STABILITY_LATENTS_VERSIONS[-1]}\r\n")
+    writer = csv.writer(buf)
+    writer.writerow([*STABILITY_LATENTS_COLUMNS, *(f"match_{s}" for s in range(1, len(table.matches) + 1))])
+    for i, latent in enumerate(table.latent):
+        cos = table.mean_cos[i]
+        row = [latent, table.found_in[i], "nan" if math.isnan(cos) else f"{cos:.6f}"]
+        writer.writerow(row + [m[i] for m in table.matches])
+    return atomic_write_text(Path(dpath) / STABILITY_LATENTS_CSV, buf.getvalue())
+
+
+def read_stability_latents(path: str | Path) -> StabilityLatents:
+    fpath = _file(path, STABILITY_LATENTS_CSV)
+    if not fpath.is_file():
+        raise FileNotFoundError(f"{fpath} not found: run `{_STABILITY_JOB}` first, or point at its output folder.")
+    with open(fpath, newline="", encoding="utf-8") as f:
+        first = f.readline().rstrip("\r\n")
+        match = _STABILITY_VERSION_LINE.match(first)
+        if match is None:
+            raise ValueError(
+                f"{fpath} starts with {first!r}, expected '# vlmsae stability_latents.csv format_version=<n>'; "
+                f"re-run `{_STABILITY_JOB}` to rewrite it."
+            )
+        found: Any = int(match.group(1)) if match.group(1).isdigit() else match.group(1)
+        version = check_version(fpath, found, STABILITY_LATENTS_VERSIONS, _STABILITY_JOB)
+        reader = csv.reader(f)
+        header = next(reader, [])
+        seeds = [c for c in header[3:] if c.startswith("match_")]
+        if tuple(header[:3]) != STABILITY_LATENTS_COLUMNS or len(seeds) != len(header) - 3:
+            raise ValueError(
+                f"{fpath} has the columns {header}; expected {', '.join(STABILITY_LATENTS_COLUMNS)}, match_1, ... "
+                f"Re-run `{_STABILITY_JOB}` to rewrite it."
+            )
+        table = StabilityLatents([], [], [], [[] for _ in seeds], format_version=version)
+        for r in reader:
+            line = reader.line_num + 1
+            ints = [_cell_int(v, fpath, line, c, _STABILITY_JOB) for v, c in zip(r, header) if c != "mean_cos"]
+            if len(r) != len(header) or any(v is None for v in ints):
+                raise ValueError(f"{fpath} line {line}: expected {len(header)} filled cells, got {r}.")
+            table.latent.append(ints[0])
+            table.found_in.append(ints[1])
+            table.mean_cos.append(_cell_float(r[2], fpath, line, "mean_cos", _STABILITY_JOB))
+            for s, m in enumerate(ints[2:]):
+                table.matches[s].append(m)
+    return table

@@ -34,6 +34,7 @@ from vlmsae.config import conf_dir, node_dict, register_configs
 from vlmsae.lit.fit import FitPlan, fit_sae, resolve_train_source
 from vlmsae.lit.many import fit_many, resolve_grid
 from vlmsae.lit.resume import find_resume_checkpoint
+from vlmsae.lit.val_ms import val_ms_callbacks
 from vlmsae.models.spec import ModelSpec
 from vlmsae.sae import SAEConfig
 from vlmsae.sae.precision import check_trainer_precision
@@ -53,6 +54,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     model = ModelSpec.from_cfg(cfg.model)
     source = resolve_train_source(data, model, cfg.layer, cfg.tokens, int(cfg.tokens_k))
     sae_config = SAEConfig.from_schema(node_dict(cfg, "sae"), d_in=source.d).to_dict()
+    callbacks = [*(callbacks or []), *val_ms_callbacks(config.get("val_ms"), model, source, bool(cfg.sae_grid))]
     plan = FitPlan(
         model=model,
         source=source,

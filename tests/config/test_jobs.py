@@ -15,6 +15,8 @@ from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.browse import BrowseJob
 from vlmsae.config.jobs.export import ExportJob
 from vlmsae.config.jobs.names import NamesJob
+from vlmsae.config.jobs.splice_eval import SpliceEvalJob
+from vlmsae.config.jobs.stability import StabilityJob
 from vlmsae.config.jobs.steer import SteerJob
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 
@@ -25,6 +27,8 @@ JOBS = {
     "browse": (BrowseJob, ["run=/runs"], "thumb_px"),
     "export": (ExportJob, ["sae_path=/sae", "format=dictionary_learning", "out=/o"], "overwrite"),
     "names": (NamesJob, ["ms_run=/ms"], "names_top"),
+    "splice_eval": (SpliceEvalJob, ["sae_path=/sae"], "max_new_tokens"),
+    "stability": (StabilityJob, ["runs=[/a,/b]"], "threshold"),
 }
 
 

@@ -52,6 +52,7 @@ def register_configs() -> None:
         monosemanticity,
         names,
         splice_eval,
+        stability,
         steer,
         steer_eval,
         train,
@@ -72,6 +73,7 @@ def register_configs() -> None:
         browse,
         export,
         names,
+        stability,
     ):  # one schema per job: <job>_schema
         job.register()
     _REGISTERED = True

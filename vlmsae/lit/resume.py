@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def config_fingerprint(config: dict) -> dict:
     """The parts of a resolved config that define a run (what resume=true matches on)."""
     config = dict(config)
-    for key in ("resume", "hydra"):
+    for key in ("resume", "hydra", "val_ms"):  # val_ms only monitors: it never changes the SAE
         config.pop(key, None)
     logger = dict(config.get("logger") or {})
     config["logger"] = {k: v for k, v in logger.items() if k == "kind"}

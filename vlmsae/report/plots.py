@@ -84,3 +84,22 @@ def plot_depth(fpath: Path, groups: Sequence[dict], title: str, reference_depth:
     fig.tight_layout()
     _save(fig, fpath)
     plt.close(fig)
+
+
+def plot_matched_cos_hist(fpath: Path, cos_by_pair: dict[str, torch.Tensor], threshold: float) -> None:
+    """Histogram of the one-to-one matched cosines of each compared pair of seeds (NaN: unmatched, left out),
+    with the "found" threshold marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = torch.linspace(-1.0, 1.0, 81).numpy()
+    for label, cos in cos_by_pair.items():
+        vals = cos[~torch.isnan(cos)].numpy()
+        if len(vals):
+            ax.hist(vals, bins=bins, alpha=0.5, label=f"{label} (mean {vals.mean():.3f})")
+    ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set_xlabel("matched decoder cosine")
+    ax.set_ylabel("latents")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save(fig, fpath)
+    plt.close(fig)

@@ -7,10 +7,20 @@ group choices).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import MISSING
+
+
+@dataclass
+class ValMsConfig:
+    """MS while training (vlmsae.lit.val_ms): off unless ``images`` is set."""
+
+    images: Any = None  # null = off; an image folder, or a data node e.g. {source: synthetic, n_per_class: 2}
+    embedder: Any = "clip_b32"  # the image embedder E: a conf/embedder/ name (clip_b32, pixels, ...) or a node
+    every_n_steps: Optional[int] = None  # null = at every validation (trainer.val_check_interval)
+    max_images: int = 256  # the first N images of ``images``
 
 
 @dataclass
@@ -37,6 +47,7 @@ class TrainJob:
     # on a GPU (else CPU); or one device per grid entry, e.g. '[0,1,cuda:1,cpu]'. Each batch is copied once per device
     sae_devices: Any = "auto"
     seed: int = 0  # SAE init, data order (with data.seed) and on-the-fly token sampling
+    val_ms: ValMsConfig = field(default_factory=ValMsConfig)  # log val/ms_mean while training (default off)
 
 
 def register() -> None:

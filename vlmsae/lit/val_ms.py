@@ -1,0 +1,149 @@
+"""MS while training (optional, ``val_ms.images=...``): the mean monosemanticity of the SAE's latents, logged
+as ``val/ms_mean`` at every validation (or every ``val_ms.every_n_steps`` steps).
+
+At fit start the callback reads a fixed set of images once: their embeddings by the embedder E and the rows
+the SAE reads at the training layer (the CLS token, or the patch tokens pooled like the monosemanticity job's
+``pool=mean``). Each evaluation then only encodes those rows with the current SAE and scores every latent
+with the exact linear-time MS (:func:`vlmsae.metrics.monosemanticity_scores`).
+
+Cost per evaluation, N images, T rows per image (1 for CLS), D inputs, F latents, k active latents per image,
+E embedding width: the encoder's N*T*D*F multiply-adds plus the MS's O(N*k*E + F*E) (sparse sums of
+embeddings), memory N*T*D floats for the kept rows. The one-off preparation is one forward of the source
+model and the embedder over the N images. It runs in eval mode under no_grad: training is untouched.
+Lives apart from :mod:`vlmsae.lit.callbacks`, which must stay importable without Lightning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+
+from vlmsae.config import conf_dir
+from vlmsae.config.nodes import DataSchema, EmbedderSpec
+from vlmsae.data.image_set import ImageSet
+from vlmsae.metrics.codes import pool_rows, pool_sparse
+from vlmsae.metrics.monosemanticity import monosemanticity_scores
+
+log = logging.getLogger(__name__)
+
+_ROWS = 4096  # rows per encoder call
+
+
+def val_ms_images(images: Any, max_images: int, batch_size: int) -> ImageSet:
+    """``val_ms.images``: a folder of images, or a data node (source folder | list | wds | synthetic, root, ...)."""
+    node = {**asdict(DataSchema(source="folder")), "max_images": max_images, "batch_size": batch_size}
+    if isinstance(images, str):
+        node["root"] = images
+    elif isinstance(images, dict):
+        node.update(images)
+    else:
+        raise ValueError(f"val_ms.images={images!r}: give an image folder or a data node such as {{source: folder}}.")
+    return ImageSet.from_node(node, job="train val_ms", hint=" (val_ms.images)")
+
+
+def val_ms_embedder(embedder: Any) -> EmbedderSpec:
+    """``val_ms.embedder``: a name of ``conf/embedder/<name>.yaml`` (clip_b32, pixels, ...) or an embedder node."""
+    if isinstance(embedder, str):
+        from omegaconf import OmegaConf
+
+        fpath = conf_dir() / "embedder" / f"{embedder}.yaml"
+        if not fpath.is_file():
+            known = sorted(p.stem for p in fpath.parent.glob("*.yaml"))
+            raise ValueError(f"val_ms.embedder={embedder!r} is not one of {known}; or give an embedder node.")
+        embedder = OmegaConf.to_container(OmegaConf.load(fpath), resolve=True)
+        embedder.pop("defaults", None)
+    return EmbedderSpec.from_cfg(embedder)
+
+
+class ValMS(L.Callback):
+    """Logs ``val/ms_mean`` (mean MS over the live latents, in [0, 1]; NaN if none scores) and keeps the seconds
+    each evaluation took in ``seconds``."""
+
+    def __init__(self, model_spec, layer, tokens: str | None, images: ImageSet, embedder: EmbedderSpec, every=None):
+        self.model_spec, self.layer, self.images, self.embedder = model_spec, layer, images, embedder
+        self.pool = "cls" if tokens in (None, "cls") else "mean"
+        self.every = int(every) if every else None
+        self.rows_RD: torch.Tensor | None = None
+        self.emb_NE: torch.Tensor | None = None
+        self.per_image = 1
+        self.seconds: list[float] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.rows_RD is None:
+            self._prepare()
+
+    @torch.no_grad()
+    def _prepare(self) -> None:
+        from vlmsae.models import load_tap
+        from vlmsae.models.embedders import load_embedder
+
+        t0 = time.perf_counter()
+        tap, embed = load_tap(self.model_spec), load_embedder(self.embedder)
+        layer = tap.resolve_layer(self.layer)
+        records = list(self.images.records())
+        if len(records) < 2:
+            raise ValueError(f"val_ms.images holds {len(records)} readable image(s) ({self.images.root}); MS needs 2+.")
+        rows, embs = [], []
+        for i in range(0, len(records), self.images.batch_size):
+            batch = records[i : i + self.images.batch_size]
+            acts = tap.forward_to(torch.stack([tap.preprocess(r.image) for r in batch]), layer)
+            rows_rd, self.per_image = pool_rows(acts, self.pool, tap.has_cls)
+            rows.append(rows_rd.float().cpu())
+            embs.append(embed.embed([r.image for r in batch]))
+        self.rows_RD, self.emb_NE = torch.cat(rows), torch.cat(embs)
+        log.info("val_ms: %d images ready in %.1f s", len(records), time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def score(self, sae) -> float:
+        """Mean MS of ``sae``'s latents on the prepared images (eval mode, restored after)."""
+        was_training = sae.training
+        sae.eval()
+        try:
+            device = sae.W_dec.device
+            parts = []
+            for r0 in range(0, self.rows_RD.shape[0], _ROWS):
+                c = sae.encode(self.rows_RD[r0 : r0 + _ROWS].to(device), sparse=True).cpu().coalesce()
+                parts.append((c.indices()[0] + r0, c.indices()[1], c.values().float()))
+        finally:
+            sae.train(was_training)
+        rows, cols, vals = (torch.cat([p[i] for p in parts]) for i in range(3))
+        codes_RF = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), vals, (self.rows_RD.shape[0], sae.n_latents), check_invariants=False
+        )
+        codes_NF = pool_sparse(codes_RF, self.per_image, self.pool, self.emb_NE.shape[0])
+        ms_K = monosemanticity_scores(codes_NF, self.emb_NE)
+        live = ms_K[~torch.isnan(ms_K)]
+        return float(live.mean()) if live.numel() else math.nan
+
+    def _log(self, trainer, pl_module) -> None:
+        t0 = time.perf_counter()
+        value = self.score(pl_module.sae)
+        self.seconds.append(time.perf_counter() - t0)
+        for logger in trainer.loggers:  # straight to the loggers: this hook may run outside a logging context
+            logger.log_metrics({"val/ms_mean": value}, step=trainer.global_step)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.every is None and not trainer.sanity_checking:
+            self._log(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every is not None and trainer.global_step % self.every == 0:
+            self._log(trainer, pl_module)
+
+
+def val_ms_callbacks(val_ms: Any, model_spec, source, many: bool = False, batch_size: int = 32) -> list:
+    """``[ValMS]`` when ``val_ms.images`` is set, else ``[]`` (the default: nothing extra is computed or logged).
+    ``source``: the training source (its layer and tokens); ``many``: a sae_grid run (not supported)."""
+    if val_ms is None or val_ms.get("images") is None:
+        return []
+    if many:
+        raise ValueError("val_ms.images is set with sae_grid: MS while training scores one SAE; drop one of the two.")
+    layer, tokens = source.layer, source.tokens
+    images = val_ms_images(val_ms["images"], int(val_ms.get("max_images") or 256), batch_size)
+    return [ValMS(model_spec, layer, tokens, images, val_ms_embedder(val_ms["embedder"]), val_ms.get("every_n_steps"))]

@@ -1,0 +1,77 @@
+"""Seed stability of SAEs (issue 16): are the latents of SAEs trained with different seeds the same features?
+
+    python -m vlmsae.train -m seed=0,1,2 <the same overrides>          # one SAE per seed, in job_0 .. job_2
+    python -m vlmsae.stability 'runs=[<sweep>/job_0,<sweep>/job_1,<sweep>/job_2]' \
+        ['ms_runs=[<ms run 0>,<ms run 1>,<ms run 2>]'] ['hierarchy_runs=[...]'] [threshold=0.7] [pairs=all]
+
+Decoder rows are L2-normalised; each seed's latents are matched one-to-one to the first seed's (the Hungarian
+method on the cosines; greedy above ``exact_max`` latents), and with ``pairs=all`` every pair is matched too.
+A latent of the reference is "found" in a seed when its partner's cosine is >= ``threshold``.
+
+Outputs in the run dir: ``stability.json`` (matching summary, per-pair figures, mean ± 95% t-interval over
+seeds of FVE, L0, dead fraction, ..., and of every numeric field of the seeds' ms_summary.json /
+hierarchy.json as ``ms`` / ``hierarchy``), ``stability_latents.csv`` (latent, found_in, mean_cos, match_1 ...),
+``stability.md`` (the tables), ``stability_cos.png`` (matched cosines per pair) and ``run_info.json``.
+
+The study is :mod:`vlmsae.metrics.stability_study` (matching: :mod:`vlmsae.metrics.stability`); the keys and
+their defaults are :class:`vlmsae.config.jobs.stability.StabilityJob`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from vlmsae.config import conf_dir, register_configs
+from vlmsae.metrics import stability_study as study
+from vlmsae.report.stability import write_stability_outputs
+from vlmsae.utils.paths import run_dir
+from vlmsae.utils.provenance import write_run_info
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
+    """Match the seeds' latents and aggregate their metrics; returns the flat headline figures (+ out_dpath).
+
+    ``cfg``: conf/stability.yaml (keys: :class:`vlmsae.config.jobs.stability.StabilityJob`).
+    """
+    if OmegaConf.is_missing(cfg, "runs"):
+        raise ValueError("Pass runs=[<run0>/sae,<run1>/sae,...]: two or more SAEs trained with different seeds.")
+    if cfg.pairs not in ("reference", "all"):
+        raise ValueError(f"pairs={cfg.pairs!r}: expected reference (every seed vs the first) or all (every pair).")
+    if not 0.0 < float(cfg.threshold) <= 1.0:
+        raise ValueError(f"threshold={cfg.threshold}: a cosine in (0, 1], e.g. threshold=0.7.")
+    runs = study.open_runs(list(cfg.runs))  # refuses < 2 runs and SAEs of different sizes before any output
+    out_dpath = run_dir(out_dpath)
+    result = study.stability_study(
+        runs,
+        threshold=float(cfg.threshold),
+        all_pairs=cfg.pairs == "all",
+        exact_max=int(cfg.exact_max),
+        ms_runs=list(cfg.ms_runs) if cfg.ms_runs else None,
+        hierarchy_runs=list(cfg.hierarchy_runs) if cfg.hierarchy_runs else None,
+    )
+    outputs = write_stability_outputs(out_dpath, result)
+    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=outputs)
+    headline = study.headline(result.summary)
+    log.info("seed stability: %s", headline)
+    return {**headline, "out_dpath": str(out_dpath)}
+
+
+def _main(cfg: DictConfig) -> None:
+    print(json.dumps(run(cfg), indent=2))
+
+
+def main() -> None:
+    register_configs()
+    hydra.main(config_path=str(conf_dir()), config_name="stability", version_base="1.3")(_main)()
+
+
+if __name__ == "__main__":
+    main()
