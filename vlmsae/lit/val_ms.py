@@ -29,6 +29,7 @@ from vlmsae.config.nodes import DataSchema, EmbedderSpec
 from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics.codes import pool_rows, pool_sparse
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
+from vlmsae.models import embedders, load_tap
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,8 @@ class ValMS(L.Callback):
 
     @torch.no_grad()
     def _prepare(self) -> None:
-        from vlmsae.models import load_tap
-        from vlmsae.models.embedders import load_embedder
-
         t0 = time.perf_counter()
-        tap, embed = load_tap(self.model_spec), load_embedder(self.embedder)
+        tap, embed = load_tap(self.model_spec), embedders.load_embedder(self.embedder)  # patchable in tests
         layer = tap.resolve_layer(self.layer)
         records = list(self.images.records())
         if len(records) < 2:
