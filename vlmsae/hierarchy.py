@@ -30,6 +30,7 @@ from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics import hierarchy_study as study
 from vlmsae.metrics.codes import load_job_sae
+from vlmsae.report.job_log import log_job
 from vlmsae.report.studies import write_hierarchy_outputs
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -68,6 +69,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=outputs)
     study.log_groups(result.summary)
     log.info("hierarchy outputs in %s", out_dpath)
+    log_job(cfg, "hierarchy", out_dpath, result.summary.to_dict(), sae_path=job.sae_path)  # after the files
     return {**result.summary.to_dict(), "out_dpath": str(out_dpath)}
 
 

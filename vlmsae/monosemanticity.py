@@ -39,6 +39,7 @@ from vlmsae.metrics.codes import open_sae_checkpoint
 from vlmsae.metrics.embedding_cache import default_cache_dpath
 from vlmsae.metrics.ms_study import score_sae, zero_shot_check
 from vlmsae.models.embedders import EmbedderSpec
+from vlmsae.report.job_log import log_job
 from vlmsae.report.studies import write_ms_outputs
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -89,6 +90,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     )
     summary = study.summary
     log.info("mean MS: SAE %.4f, raw neurons %s", summary["mean"], summary.get("baseline", {}).get("mean"))
+    log_job(cfg, "monosemanticity", out_dpath, summary, sae_path=sae_dpath)  # after the files: W&B may fail
     return {"out_dpath": str(out_dpath), **summary}
 
 

@@ -28,6 +28,7 @@ from vlmsae.formats import write_steer_eval
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models.embedders import EmbedderSpec, load_embedder
 from vlmsae.models.spec import ModelSpec
+from vlmsae.report.job_log import log_job
 from vlmsae.report.steering import write_score_report
 from vlmsae.steering import evaluate
 from vlmsae.steering.setup import load_steering, require_folder
@@ -62,6 +63,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     write_steer_eval(out_dpath, result)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
     print(table)
+    log_job(cfg, "steer_eval", out_dpath, result.to_dict(), sae_path=job.sae_path)  # after the files
     return {**result.to_dict(), "table": table, "out_dpath": str(out_dpath)}
 
 
