@@ -393,10 +393,16 @@ def log_job(cfg: Any, job: str, out_dpath: str | Path, result: Mapping[str, Any]
     ``out_dpath`` and its tables (monosemanticity: ``latents``, with top-image thumbnails; steer: ``answers``).
     Call it after the job wrote its files."""
     out_dpath = Path(out_dpath)
-    with JobLog.open(cfg.logger, job=job, out_dpath=out_dpath, config=cfg, sae_path=sae_path) as jl:
+    figures = FIGURES[job](result) if job in FIGURES else {}
+    try:
+        jl = JobLog.open(cfg.logger, job=job, out_dpath=out_dpath, config=cfg, sae_path=sae_path)
+    except JobLogError:
+        JobLog(LoggerSchema(kind="csv"), job, out_dpath).summary(figures)  # W&B failed: the csv mirror still
+        raise
+    with jl:
         if jl.logger.kind == "none":
             return
-        jl.summary(FIGURES[job](result) if job in FIGURES else {})
+        jl.summary(figures)
         for png_fpath in sorted(out_dpath.glob("*.png")):
             jl.image(png_fpath.stem, png_fpath)
         if job == "monosemanticity" and jl.run is not None:
