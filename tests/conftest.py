@@ -66,3 +66,21 @@ def compose_error() -> Callable:
         return ""
 
     return _compose_error
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch) -> Callable:
+    """WANDB_MODE=offline with W&B's own folders under tmp_path (and a fresh service, as from a shell); returns
+    vlmsae.report.job_log.read_offline_run, which reads a job's offline run back from its run dir."""
+    pytest.importorskip("wandb")
+    from vlmsae.report.job_log import read_offline_run
+
+    for key in [k for k in os.environ if k.startswith("WANDB_SERVICE")]:
+        monkeypatch.delenv(key)
+    home = tmp_path / "wandb_home"
+    for key, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+        monkeypatch.setenv(key, str(home / sub))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "data"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return read_offline_run

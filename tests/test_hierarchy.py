@@ -365,3 +365,24 @@ def test_synthetic_options_of_ms_runs_recorded_before_the_typed_data_fields():
     new = {"source": "synthetic", "seed": 2, "n_per_class": 4, "size": 48}
     assert _synthetic_opts(new) == {"n_per_class": 4, "size": 48, "seed": 2}
     assert _synthetic_opts({"source": "folder", "root": "/x"}) is None
+
+
+@pytest.mark.slow
+def test_logger_wandb_offline_run_holds_the_depth_per_group(tmp_path, compose_cfg, wandb_offline):
+    from vlmsae.hierarchy import run
+
+    sae_dpath = _matryoshka(
+        tmp_path / "sae",
+        d_in=32,
+        n_latents=32,
+        fractions=(0.125, 0.875),
+        source={"model": "tiny", "layer": "last", "tokens": "cls"},
+        train_x=_tiny_embeddings(),
+    )
+    out = run(compose_cfg("hierarchy", [f"sae_path={sae_dpath}", "logger=wandb"]), out_dpath=tmp_path / "out")
+    logged = wandb_offline(tmp_path / "out")
+    scored = [g for g in out["groups"] if isinstance(g["depth_mean"], float)]
+    assert scored, out["groups"]
+    for g in scored:
+        assert logged["summary"][f"group_{g['group']}/depth_mean"] == pytest.approx(g["depth_mean"])
+    assert "plots/hierarchy" in logged["logged"] and logged["job_type"] == "hierarchy"

@@ -130,3 +130,21 @@ def test_steer_eval_bad_inputs(compose_cfg, eval_setup, tmp_path):
 
 
 # --- Concept images are decoded latent by latent (issue #12 item 9) -------------------------------------------
+
+
+@pytest.mark.slow
+def test_logger_wandb_offline_run_holds_the_score_and_its_bounds(compose_cfg, eval_setup, tmp_path, wandb_offline):
+    from vlmsae.steer_eval import run
+
+    sae_dpath, top_dpath, img_dpath, names_fpath = eval_setup
+    overrides = [f"sae_path={sae_dpath}", f"top_images={top_dpath}", f"images={img_dpath}", "n_images=1"]
+    overrides += ["latents=[0]", "embedder=tiny", f"class_names={names_fpath}", "max_new_tokens=2", "logger=wandb"]
+    out = run(compose_cfg("steer_eval", overrides), out_dpath=tmp_path / "run")
+    s = wandb_offline(tmp_path / "run")["summary"]
+    for key, condition in (
+        ("steered", "steered"),
+        ("upper_bound", "upper bound (true class names)"),
+        ("lower_bound", "lower bound (shuffled names)"),
+    ):
+        expected = out["summary"][condition]["mean"]
+        assert s[f"score/{key}"] == pytest.approx(expected, nan_ok=True), key

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,18 +11,8 @@ from vlmsae.report.job_log import JobLog, JobLogError, log_job, read_offline_run
 
 
 @pytest.fixture
-def wandb_env(tmp_path, monkeypatch):
-    """W&B offline with everything of its own under tmp_path (and a fresh service, as from a shell)."""
-    pytest.importorskip("wandb")
-    for key in [k for k in os.environ if k.startswith("WANDB_SERVICE")]:
-        monkeypatch.delenv(key)
-    home = tmp_path / "wandb_home"
-    for key, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
-        monkeypatch.setenv(key, str(home / sub))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "data"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    return home
+def wandb_env(wandb_offline):
+    return wandb_offline
 
 
 def _training_run(tmp_path: Path) -> Path:
