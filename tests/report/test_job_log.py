@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmsae.report.job_log import JobLog, JobLogError, log_job, read_offline_run, training_run
+from vlmsae.report.job_log import JobLog, JobLogError, log_job, training_run
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_wandb_offline_run_holds_summary_plots_table_and_training_link(tmp_path,
         jl.summary({"ms": {"mean": 0.25}})
         jl.image("hist", thumb)
         jl.table("latents", [{"latent": i, "top_0": str(thumb) if i == 0 else None} for i in range(5)], ["top_0"], 3)
-    run = read_offline_run(out)
+    run = wandb_env(out)
     assert run["summary"]["ms/mean"] == 0.25
     assert {"plots/hist", "latents"} <= run["logged"]
     assert (run["project"], run["group"], run["job_type"]) == ("p17", "train_run", "monosemanticity")
@@ -114,7 +114,7 @@ def test_an_explicit_project_and_group_win_over_the_training_runs(tmp_path, wand
     node = {"kind": "wandb", "project": "mine", "group": "g"}
     with JobLog.open(node, job="hierarchy", out_dpath=tmp_path / "h", sae_path=sae_dpath) as jl:
         jl.summary({"a": 1})
-    run = read_offline_run(tmp_path / "h")
+    run = wandb_env(tmp_path / "h")
     assert (run["project"], run["group"]) == ("mine", "g")
 
 

@@ -414,33 +414,6 @@ def log_job(cfg: Any, job: str, out_dpath: str | Path, result: Mapping[str, Any]
             jl.table("answers", [{"image": str(n), "baseline": b, "steered": s} for n, (b, s) in zip(names, answers)])
 
 
-def read_offline_run(out_dpath: str | Path) -> dict[str, Any]:
-    """Read back the newest offline W&B run of a job's run dir (offline runs have no ``wandb-summary.json``):
-    ``{"project", "group", "job_type", "name", "run_id", "config", "summary", "logged"}``; ``summary`` holds
-    the last value of each summary key, ``logged`` the keys logged as history (plots, tables)."""
-    import json
-
-    from vlmsae.lit.loggers import iter_wandb_records
-
-    files = sorted(Path(out_dpath).glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
-    if not files:
-        raise FileNotFoundError(f"no offline W&B run under {Path(out_dpath) / 'wandb'} (logger=wandb, mode offline?)")
-    out: dict[str, Any] = {"config": {}, "summary": {}, "logged": set()}
-    for record in iter_wandb_records(files[-1]):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            r = record.run
-            out.update(project=r.project, group=r.run_group, job_type=r.job_type, name=r.display_name, run_id=r.run_id)
-            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update if i.key})
-        elif kind == "config":
-            out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update if i.key})
-        elif kind == "summary":
-            out["summary"].update({i.key: json.loads(i.value_json) for i in record.summary.update if i.key})
-        elif kind == "history":
-            out["logged"].update(i.nested_key[0] for i in record.history.item if i.nested_key)
-    return out
-
-
 __all__ = [
     "FIGURES",
     "JobLog",
@@ -448,6 +421,5 @@ __all__ = [
     "flatten",
     "latents_table_rows",
     "log_job",
-    "read_offline_run",
     "training_run",
 ]
