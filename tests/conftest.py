@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +67,51 @@ def compose_error() -> Callable:
         return ""
 
     return _compose_error
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch) -> Callable:
+    """WANDB_MODE=offline with W&B's own folders under tmp_path (and a fresh service, as from a shell); returns
+    :func:`read_offline_run`, which reads a job's offline run back from its run dir."""
+    pytest.importorskip("wandb")
+
+    for key in [k for k in os.environ if k.startswith("WANDB_SERVICE")]:
+        monkeypatch.delenv(key)
+    home = tmp_path / "wandb_home"
+    for key, sub in (("WANDB_DIR", ""), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+        monkeypatch.setenv(key, str(home / sub))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(home / "data"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return read_offline_run
+
+
+def read_offline_run(out_dpath: str | Path) -> dict[str, Any]:
+    """Read back the newest offline W&B run of a job's run dir (offline runs have no ``wandb-summary.json``):
+    ``{"project", "group", "job_type", "name", "run_id", "config", "summary", "logged"}``; ``summary`` holds
+    the last value of each summary key, ``logged`` the keys logged as history (plots, tables)."""
+    import json
+
+    import wandb
+
+    from vlmsae.lit.loggers import iter_wandb_records
+
+    wandb.teardown()  # the in-process W&B service writes the transaction log lazily: flush it before reading
+
+    files = sorted(Path(out_dpath).glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+    if not files:
+        raise FileNotFoundError(f"no offline W&B run under {Path(out_dpath) / 'wandb'} (logger=wandb, mode offline?)")
+    out: dict[str, Any] = {"config": {}, "summary": {}, "logged": set()}
+    for record in iter_wandb_records(files[-1]):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            out.update(project=r.project, group=r.run_group, job_type=r.job_type, name=r.display_name, run_id=r.run_id)
+            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update if i.key})
+        elif kind == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update if i.key})
+        elif kind == "summary":
+            out["summary"].update({i.key: json.loads(i.value_json) for i in record.summary.update if i.key})
+        elif kind == "history":
+            out["logged"].update(i.nested_key[0] for i in record.history.item if i.nested_key)
+    return out

@@ -450,3 +450,13 @@ def test_cli_sigkill_then_resume_equals_uninterrupted(tmp_path, repo_root):
     assert m_full.n_rows == m_res.n_rows == 400 * 2 and m_res.n_skipped == 1
     assert m_full.image_list_digest == m_res.image_list_digest and m_full.mean == m_res.mean
     assert (tmp_path / "killed" / "run_info.json").exists()
+
+
+@pytest.mark.slow
+def test_logger_wandb_offline_run_holds_rows_shards_and_speed(compose_cfg, image_root, tmp_path, wandb_offline):
+    from vlmsae.extract import run
+
+    summary = run(_cfg(compose_cfg, image_root, "layer=1", "logger=wandb"), out_dpath=tmp_path / "acts")
+    s = wandb_offline(tmp_path / "acts")["summary"]
+    assert s["extract/n_rows"] == summary["n_rows"] > 0 and s["extract/n_shards"] == summary["n_shards"]
+    assert s["extract/images_per_s"] == pytest.approx(summary["images_per_s"]) and s["extract/images_per_s"] > 0

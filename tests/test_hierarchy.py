@@ -416,3 +416,24 @@ def test_sweep_tables_every_sae_once(tmp_path, compose_cfg, monkeypatch):
         "| sae | architecture | expansion | layer | measure | group_0 | group_1 |"
         in (tmp_path / "o" / "hierarchy_table.md").read_text()
     )
+
+
+@pytest.mark.slow
+def test_logger_wandb_offline_run_holds_the_depth_per_group(tmp_path, compose_cfg, wandb_offline):
+    from vlmsae.hierarchy import run
+
+    sae_dpath = _matryoshka(
+        tmp_path / "sae",
+        d_in=32,
+        n_latents=32,
+        fractions=(0.125, 0.875),
+        source={"model": "tiny", "layer": "last", "tokens": "cls"},
+        train_x=_tiny_embeddings(),
+    )
+    out = run(compose_cfg("hierarchy", [f"sae_path={sae_dpath}", "logger=wandb"]), out_dpath=tmp_path / "out")
+    logged = wandb_offline(tmp_path / "out")
+    scored = [g for g in out["groups"] if isinstance(g["depth_mean"], float)]
+    assert scored, out["groups"]
+    for g in scored:
+        assert logged["summary"][f"group_{g['group']}/depth_mean"] == pytest.approx(g["depth_mean"])
+    assert "plots/hierarchy" in logged["logged"] and logged["job_type"] == "hierarchy"

@@ -414,3 +414,18 @@ def test_names_job_names_a_finished_run(compose_cfg, tiny_sae_dpath, tmp_path, m
     assert info.extra["ms_run"] == str(ms_dpath) and info.config["embedder"] is None  # the run's own embedder
     with pytest.raises(ValueError, match="Pass ms_run="):
         names_job.run(compose_cfg("names", [f"names={vocab}"]), out_dpath=tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_logger_wandb_offline_run_holds_the_headline_figures(compose_cfg, tiny_sae_dpath, tmp_path, wandb_offline):
+    from vlmsae.monosemanticity import run
+
+    out = tmp_path / "out"
+    summary = run(_compose(compose_cfg, tiny_sae_dpath, tmp_path, "logger=wandb", "data.n_per_class=2"), out_dpath=out)
+    logged = wandb_offline(out)
+    s = logged["summary"]
+    assert s["ms/mean"] == pytest.approx(summary["mean"]) and s["ms/std"] == pytest.approx(summary["std"])
+    assert s["ms/dead"] == summary["dead"] and s["neurons/mean"] == pytest.approx(summary["baseline"]["mean"])
+    assert s["recon/fve"] == pytest.approx(summary["reconstruction"]["fve"]) and s["recon/l0"] == 6.0
+    assert {"plots/ms_hist", "plots/ms_vs_freq", "latents"} <= logged["logged"]
+    assert logged["job_type"] == "monosemanticity" and logged["config"]["sae"]["n_latents"] == 128

@@ -109,3 +109,15 @@ def test_steer_cli_subprocess(repo_root, home, sae_dpath, tmp_path):
     saved = json.loads((tmp_path / "cli" / "steer.json").read_text())
     assert saved["settings"]["latents"] == {"5": 50.0}
     assert len(saved["steered"]) == len(saved["baseline"]) == 1
+
+
+@pytest.mark.slow
+def test_logger_wandb_offline_run_holds_changed_answers(compose_cfg, home, sae_dpath, tmp_path, wandb_offline):
+    from vlmsae.steer import run
+
+    overrides = [f"sae_path={sae_dpath}", "latent=5", "alpha=60", "image=[white]", "max_new_tokens=3"]
+    out = run(compose_cfg("steer", [*overrides, "logger=wandb"]), out_dpath=tmp_path / "run")
+    logged = wandb_offline(tmp_path / "run")
+    changed = sum(s != b for s, b in zip(out["steered"], out["baseline"]))
+    assert logged["summary"]["steer/n_images"] == 1 and logged["summary"]["steer/changed"] == changed
+    assert "answers" in logged["logged"] and logged["job_type"] == "steer"

@@ -172,3 +172,21 @@ def test_steer_eval_sweep_tables_every_sae(compose_cfg, eval_setup, tmp_path, mo
     with pytest.raises(FileNotFoundError, match="relu_x2_L2/top_images' is not a folder"):
         run(cfg, out_dpath=tmp_path / "bad")
     assert len(loads) == 3  # the sweep once, each single run once, the bad sweep never
+
+
+@pytest.mark.slow
+def test_logger_wandb_offline_run_holds_the_score_and_its_bounds(compose_cfg, eval_setup, tmp_path, wandb_offline):
+    from vlmsae.steer_eval import run
+
+    sae_dpath, top_dpath, img_dpath, names_fpath = eval_setup
+    overrides = [f"sae_path={sae_dpath}", f"top_images={top_dpath}", f"images={img_dpath}", "n_images=1"]
+    overrides += ["latents=[0]", "embedder=tiny", f"class_names={names_fpath}", "max_new_tokens=2", "logger=wandb"]
+    out = run(compose_cfg("steer_eval", overrides), out_dpath=tmp_path / "run")
+    s = wandb_offline(tmp_path / "run")["summary"]
+    for key, condition in (
+        ("steered", "steered"),
+        ("upper_bound", "upper bound (true class names)"),
+        ("lower_bound", "lower bound (shuffled names)"),
+    ):
+        expected = out["summary"][condition]["mean"]
+        assert s[f"score/{key}"] == pytest.approx(expected, nan_ok=True), key

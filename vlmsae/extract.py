@@ -43,6 +43,7 @@ from vlmsae.config import conf_dir, register_configs
 from vlmsae.data.images import synthetic_options_of
 from vlmsae.models.extraction import ExtractionPlan, Ranks, StoreExtraction
 from vlmsae.models.spec import ModelSpec
+from vlmsae.report.job_log import log_job
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -76,6 +77,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     write_run_info(out_dpath, config, result=None)  # says what is being made, even if the run is killed
     summary = extraction.run()
     write_run_info(out_dpath, config, result=summary)
+    log_job(cfg, "extract", out_dpath, summary)  # after the files: a W&B failure costs no output
     return summary
 
 

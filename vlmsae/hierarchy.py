@@ -33,6 +33,7 @@ from vlmsae.metrics import sweep
 from vlmsae.metrics.codes import load_job_sae
 from vlmsae.metrics.sweep import sweep_paths
 from vlmsae.models.embedders import load_embedder
+from vlmsae.report.job_log import log_job
 from vlmsae.report.studies import write_hierarchy_outputs
 from vlmsae.report.tables import SweepRow, hierarchy_table
 from vlmsae.utils.paths import run_dir
@@ -74,6 +75,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=outputs)
     study.log_groups(result.summary)
     log.info("hierarchy outputs in %s", out_dpath)
+    log_job(cfg, "hierarchy", out_dpath, result.summary.to_dict(), sae_path=job.sae_path)  # after the files
     return {**result.summary.to_dict(), "out_dpath": str(out_dpath)}
 
 
@@ -109,12 +111,9 @@ def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str]) -> dict:
         out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["hierarchy_table.md", "hierarchy_table.csv"]
     )
     log.info("sweep of %d SAEs: %s; %s", len(rows), table["md"], shared.counts())
-    return {
-        "out_dpath": str(out_dpath),
-        "sweep": [r.name for r in rows],
-        "tables": {"hierarchy_table": table},
-        **shared.counts(),
-    }
+    result = {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"hierarchy_table": table}}
+    log_job(cfg, "hierarchy", out_dpath, result)  # one sweep-level run holding the table
+    return {**result, **shared.counts()}
 
 
 def _main(cfg: DictConfig) -> None:

@@ -42,6 +42,7 @@ from vlmsae.metrics.ms_study import score_sae, zero_shot_check
 from vlmsae.metrics.names import build_namer
 from vlmsae.metrics.sweep import sweep_paths
 from vlmsae.models.embedders import EmbedderSpec
+from vlmsae.report.job_log import log_job
 from vlmsae.report.studies import write_ms_outputs
 from vlmsae.report.tables import SweepRow, ms_table
 from vlmsae.utils.paths import run_dir
@@ -72,6 +73,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     _finish(cfg, out_dpath, study, src, images, sae_dpath)
     summary = study.summary
     log.info("mean MS: SAE %.4f, raw neurons %s", summary["mean"], summary.get("baseline", {}).get("mean"))
+    log_job(cfg, "monosemanticity", out_dpath, summary, sae_path=sae_dpath)  # after the files: W&B may fail
     return {"out_dpath": str(out_dpath), **summary}
 
 
@@ -121,12 +123,9 @@ def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str], namer: Any) -
     table = ms_table(out_dpath, rows, source=rows[0].result.get("model", ""))
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["ms_table.md", "ms_table.csv"])
     log.info("sweep of %d SAEs: %s; %s", len(rows), table["md"], shared.counts())
-    return {
-        "out_dpath": str(out_dpath),
-        "sweep": [r.name for r in rows],
-        "tables": {"ms_table": table},
-        **shared.counts(),
-    }
+    result = {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"ms_table": table}}
+    log_job(cfg, "monosemanticity", out_dpath, result)  # one sweep-level run holding the table
+    return {**result, **shared.counts()}
 
 
 def _main(cfg: DictConfig) -> None:

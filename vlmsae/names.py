@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlmsae.config import conf_dir, node_dict, register_configs
 from vlmsae.formats import LATENTS_CSV, MS_SUMMARY_JSON, read_ms_summary, write_latents_csv, write_ms_summary
 from vlmsae.metrics.names import build_namer, ms_run_embedder, name_ms_run
+from vlmsae.report.job_log import log_job
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -43,7 +44,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         written.append(str(write_ms_summary(ms_dpath, ms_summary)))
     out_dpath = run_dir(out_dpath)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=written, ms_run=str(ms_dpath))
-    return {"out_dpath": str(out_dpath), "latents_csv": str(ms_dpath / LATENTS_CSV), **summary}
+    result = {"out_dpath": str(out_dpath), "latents_csv": str(ms_dpath / LATENTS_CSV), **summary}
+    log_job(cfg, "names", out_dpath, result)  # after the files
+    return result
 
 
 def _main(cfg: DictConfig) -> None:

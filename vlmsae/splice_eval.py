@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.splice_eval import SpliceEvalJob
 from vlmsae.formats import write_splice
+from vlmsae.report.job_log import log_job
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -63,6 +64,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     write_splice(out_dpath, result)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
     print(table)
+    log_job(cfg, "splice_eval", out_dpath, scores.summary(), sae_path=job.sae_path)  # after the files
     return {**scores.summary(), "table": table, "out_dpath": str(out_dpath)}
 
 

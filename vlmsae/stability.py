@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.metrics import stability_study as study
+from vlmsae.report.job_log import log_job
 from vlmsae.report.stability import write_stability_outputs
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -61,6 +62,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=outputs)
     headline = study.headline(result.summary)
     log.info("seed stability: %s", headline)
+    log_job(cfg, "stability", out_dpath, headline)  # after the files
     return {**headline, "out_dpath": str(out_dpath)}
 
 

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.steer import SteerJob
 from vlmsae.formats import write_steer
+from vlmsae.report.job_log import log_job
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -58,6 +59,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     print(side_by_side(names, rows, result.sweep))
     write_steer(out_dpath, result)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
+    log_job(cfg, "steer", out_dpath, result.to_dict(), sae_path=job.sae_path)  # after the files
     return {**result.to_dict(), "out_dpath": str(out_dpath)}
 
 

@@ -31,6 +31,7 @@ from vlmsae.metrics.sweep import sweep_paths
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models.embedders import EmbedderSpec, load_embedder
 from vlmsae.models.spec import ModelSpec
+from vlmsae.report.job_log import log_job
 from vlmsae.report.steering import write_score_report
 from vlmsae.report.tables import SweepRow, steer_table
 from vlmsae.steering import evaluate
@@ -69,6 +70,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     write_steer_eval(out_dpath, result)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
     print(table)
+    log_job(cfg, "steer_eval", out_dpath, result.to_dict(), sae_path=job.sae_path)  # after the files
     return {**result.to_dict(), "table": table, "out_dpath": str(out_dpath)}
 
 
@@ -99,7 +101,9 @@ def _run_sweep(cfg: DictConfig, job: SteerEvalJob, out_dpath: Path, paths: list[
     table = steer_table(out_dpath, rows)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["steer_table.md", "steer_table.csv"])
     print(Path(table["md"]).read_text())
-    return {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"steer_table": table}}
+    result = {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"steer_table": table}}
+    log_job(cfg, "steer_eval", out_dpath, result)  # one sweep-level run holding the table
+    return result
 
 
 def _main(cfg: DictConfig) -> None:

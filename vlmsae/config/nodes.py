@@ -442,6 +442,9 @@ class LoggerSchema:
     mode: str = "online"  # wandb: online | offline | disabled (WANDB_MODE wins when set)
     tags: list[str] = field(default_factory=list)  # wandb: run tags
     group: Optional[str] = None  # wandb: run group (e.g. a sweep's name)
+    # wandb, jobs other than train (vlmsae.report.job_log): rows per logged table (monosemanticity's latents
+    # table keeps the latents of highest MS, each with thumbnails of its first top images)
+    table_rows: int = 2000
 
 
 # ---------------------------------------------------------------------------------------------- taxonomy

@@ -17,6 +17,7 @@ from omegaconf import MISSING
 class ExtractJob:
     """Run images through a vision encoder up to ``layer`` and write the selected tokens as an activation store."""
 
+    logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     model: Any = MISSING  # the model group (conf/model/*.yaml, model_schema)
     data: Any = MISSING  # the image source group (conf/data/*.yaml, data_schema): folder | list | wds | synthetic
     layer: Any = -2  # block index (0-based; negative from the end) or "last" (the projected embedding)

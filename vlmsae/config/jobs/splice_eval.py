@@ -14,6 +14,7 @@ class SpliceEvalJob:
     teacher-forced on reference answers; KL(clean || spliced), NLL and the fraction of loss recovered against
     zero- and mean-ablating the block."""
 
+    logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     model: Any = MISSING  # the LLaVA: a conf/model/ choice with backend hf_llava (tiny_llava by default)
     sae_path: str = MISSING  # SAE folder or hf://org/repo, trained on that LLaVA's vision tower
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...

@@ -7,7 +7,7 @@ or a wrong type (``threshold=abc``) fails at compose time with the key named.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
@@ -16,6 +16,7 @@ from omegaconf import MISSING
 class StabilityJob:
     """Seed stability (issue 16): match the latents of SAEs trained with different seeds; mean ± 95% CI of metrics."""
 
+    logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     # SAE folders (<run>/sae, as `python -m vlmsae.train` writes them) or training run folders holding sae/;
     # the first is the reference; at least two, all of one size
     runs: list[str] = MISSING

@@ -12,6 +12,7 @@ from omegaconf import MISSING
 class SteerJob:
     """Steer LLaVA through SAE latents in its vision tower (METHOD §5) and compare with the unsteered answer."""
 
+    logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     model: Any = MISSING  # the LLaVA to steer: a conf/model/ choice with backend hf_llava (its own model_schema)
     sae_path: str = MISSING  # SAE folder (save_sae output, a published SAE's folder or hf://org/repo); its source.layer
     # picks the block

@@ -13,6 +13,7 @@ class SteerEvalJob:
     """The steering score of METHOD §5: clamp latent j to alpha, ask LLaVA for one word, compare (CLIP text
     embedding cosine) with j's concept = the mean image embedding of its top images."""
 
+    logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     model: Any = MISSING  # the LLaVA to steer: a conf/model/ choice with backend hf_llava (its own model_schema)
     embedder: Any = MISSING  # a conf/embedder/ choice with a text tower (CLIP: clip_b32 in the paper, tiny in tests)
     sae_path: str = (
