@@ -23,6 +23,10 @@ from typing import Any
 
 import torch
 
+from vlmsae.data.images import load_image
+from vlmsae.models import get_model_spec, load_tap
+from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
+
 
 def make_photo_jpegs(dpath: Path, n: int, seed: int = 0) -> Path:
     """``n`` JPEGs of 400..640 x 300..480 px (median ~500 x 375), gradients + noise, quality 90."""
@@ -68,8 +72,6 @@ def decode_images_per_s(files: list[str], preprocess: Any, workers: int, batch: 
 
 
 def extract_images_per_s(spec: Any, root: Path, workers: int, batch: int, fast_decode: bool = False) -> float:
-    from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
-
     plan = ExtractionPlan(
         source="folder",
         root=str(root),
@@ -94,7 +96,6 @@ def extract_images_per_s(spec: Any, root: Path, workers: int, batch: int, fast_d
 
 def activation_difference(tap: Any, files: list[str], layer: int) -> tuple[float, float]:
     """Mean cosine and mean relative error of the CLS rows at ``layer``: fast vs exact decoding."""
-    from vlmsae.data.images import load_image
 
     def rows(draft: int | None) -> torch.Tensor:
         x = torch.stack([tap.preprocess(load_image(f, draft_size=draft)) for f in files]).to(tap.device)
@@ -117,8 +118,6 @@ def _best_rounds(fns: dict[str, Any], rounds: int) -> dict[str, float]:
 def run(vit_tap: Any, quick: bool = False) -> dict[str, Any]:
     """The issue-18 rows (module docstring); ``vit_tap``: the random ViT-B/32 the extract bench built."""
     import os
-
-    from vlmsae.models import get_model_spec, load_tap
 
     n_images, rounds, batch = (96, 1, 32) if quick else (1000, 3, 64)
     workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.bench.decode import run as run_decode
 from vlmsae.data.concepts import make_concept_images
 from vlmsae.models import ModelSpec, load_tap
 from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
@@ -107,7 +108,5 @@ def run(quick: bool = False) -> dict[str, Any]:
     out["extract_images_per_s"] = summary["images_per_s"]
     out["extract_end_to_end_images"] = summary["n_images"]
     # Issue 18: extraction vs the decode + preprocess limit on real-sized JPEGs, and data.fast_decode.
-    from vlmsae.bench.decode import run as run_decode
-
     out.update(run_decode(tap, quick=quick))
     return out
