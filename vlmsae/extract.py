@@ -69,6 +69,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         exif_transpose=bool(data.exif_transpose),
         synthetic=synthetic_options_of(data),
         progress=bool(cfg.progress),
+        fast_decode=bool(data.fast_decode),
     )
     extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath, Ranks.from_env())  # torchrun: a share
     if (finished := extraction.finished) is not None:  # rerunning a complete extraction changes nothing

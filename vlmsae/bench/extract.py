@@ -6,7 +6,8 @@ ln_post + projection): the patch embedding and the tail are small next to the bl
 are timed interleaved (one of each per round) so background load hits all alike, and the best
 (minimum) time of each is used: load from other processes only ever adds time.
 ``extract_images_per_s`` is the end-to-end ``vlmsae.extract.run`` rate (decode, preprocess, forward, token
-selection, shard writing) at the middle layer on generated 224 px images.
+selection, shard writing) at the middle layer on generated 224 px images. The ``decode_*``,
+``extract_vs_decode_limit`` and ``fast_decode_*`` rows come from :mod:`vlmsae.bench.decode`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.bench.decode import run as run_decode
 from vlmsae.data.concepts import make_concept_images
 from vlmsae.models import ModelSpec, load_tap
 from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
@@ -105,4 +107,6 @@ def run(quick: bool = False) -> dict[str, Any]:
         summary = StoreExtraction(spec, plan, Path(tmp) / "acts").run()
     out["extract_images_per_s"] = summary["images_per_s"]
     out["extract_end_to_end_images"] = summary["n_images"]
+    # Issue 18: extraction vs the decode + preprocess limit on real-sized JPEGs, and data.fast_decode.
+    out.update(run_decode(tap, quick=quick))
     return out

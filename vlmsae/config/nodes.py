@@ -398,6 +398,7 @@ class DataSchema:
     val_fraction: float = 0.01  # held-out shards/rows for validation
     max_images: Optional[int] = None  # cap, for quick looks (extract: a random subset, see order_seed)
     exif_transpose: bool = True  # decode images in their EXIF orientation (vlmsae.data.images)
+    fast_decode: bool = False  # extract: JPEG draft decoding + reduce, approximate (vlmsae.data.images.load_image)
     seed: int = 0  # train: added to the job's seed for the data order; synthetic: seed of the generated images
     n_per_class: int = 8  # synthetic: generated images per shape x colour class (16 classes, vlmsae.data.concepts)
     size: int = 64  # synthetic: side of the generated images in pixels

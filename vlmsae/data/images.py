@@ -279,15 +279,23 @@ def to_rgb(img: Any, background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Any
     return img.convert("RGB")
 
 
-def load_image(data_or_path: Any, exif_transpose: bool = True) -> Any:
+def load_image(data_or_path: Any, exif_transpose: bool = True, draft_size: int | None = None) -> Any:
     """Decode a file path or encoded bytes to 8-bit RGB (module docstring: EXIF, 16-bit, alpha, CMYK).
 
     Raises on an unreadable file (:func:`skip_reason` names why). Use it wherever an image is decoded
     for a model, so every tool sees the same pixels as extraction.
+
+    ``draft_size=S`` (``data.fast_decode``, S = the model's input side) trades exactness for speed: a JPEG
+    is decoded by libjpeg at the smallest of 1/8, 1/4, 1/2 scale whose sides stay >= S (``Image.draft``),
+    and an image still >= 2 S on its short side is box-reduced by an integer factor that keeps it >= 2 S
+    (``Image.reduce``; what Pillow's ``reducing_gap=2`` does), so the model's own resize still starts
+    from >= S (JPEG) / >= 2 S pixels. None (the default) decodes every pixel, exactly as before.
     """
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path) as img:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", (int(draft_size), int(draft_size)))  # before load(): libjpeg scales while decoding
         img.load()
         out = img
         if exif_transpose:
@@ -295,7 +303,12 @@ def load_image(data_or_path: Any, exif_transpose: bool = True) -> Any:
                 out = ImageOps.exif_transpose(img)
             except Exception:
                 out = img
-        return to_rgb(out)
+        rgb = to_rgb(out)
+    if draft_size is not None:
+        factor = min(rgb.size) // (2 * int(draft_size))
+        if factor >= 2:
+            rgb = rgb.reduce(factor)
+    return rgb
 
 
 def _wds_label(sample: dict[str, bytes]) -> int:
@@ -358,6 +371,8 @@ def iter_images(
     synthetic: dict[str, Any] | None = None,
     order_seed: int | None = None,
     exif_transpose: bool = True,
+    worker_block: int = 1,
+    draft_size: int | None = None,
 ) -> Iterator[ImageRecord]:
     """Yield the images of a source in visiting order (see the module docstring for sources and order).
 
@@ -365,24 +380,28 @@ def iter_images(
     :func:`image_order` gives (a wds source: its tars in that order); None = listing order.
     ``start``: skip the first ``start`` records of the visiting order without decoding (resume).
     ``max_images``: stop at position ``max_images`` (with ``order_seed``: a uniform random subset).
-    ``worker=(i, n)``: decode only positions ``(pos - start) % n == i`` (DataLoader workers; taking
-    one record from each worker in turn restores the order). Unreadable images go to ``skip_log`` and
-    are yielded with ``image=None`` only if ``yield_skipped``. ``exif_transpose``: see :func:`load_image`.
+    ``worker=(i, n)``: decode only positions ``(pos - start) // worker_block % n == i`` (DataLoader
+    workers; taking ``worker_block`` records from each worker in turn restores the order). Unreadable
+    images go to ``skip_log`` and are yielded with ``image=None`` only if ``yield_skipped``.
+    ``exif_transpose``, ``draft_size``: see :func:`load_image`.
     ``synthetic``: options of :func:`vlmsae.data.concepts.ensure_concept_images`.
     """
     if source not in SOURCES:
         raise ValueError(f"Unknown image source {source!r}: use one of {list(SOURCES)}.")
     wid, n_workers = worker
+    if worker_block < 1:
+        raise ValueError(f"worker_block={worker_block} must be >= 1 (consecutive positions per worker turn).")
 
     def wanted(pos: int) -> bool:
         # offsets from ``start`` so that worker 0 always holds the first record: round-robin keeps order
-        return pos >= start and (pos - start) % n_workers == wid
+        return pos >= start and (pos - start) // worker_block % n_workers == wid
 
     def finish(key: str, path: str | None, label: int, payload: Any, pos: int, index: int) -> ImageRecord | None:
         if not decode:
             return ImageRecord(key, path, label, None, pos, index=index)
         try:
-            return ImageRecord(key, path, label, load_image(payload, exif_transpose), pos, index=index)
+            image = load_image(payload, exif_transpose, draft_size=draft_size)
+            return ImageRecord(key, path, label, image, pos, index=index)
         except Exception as err:  # any unreadable file is skipped, never fatal
             message, reason = f"{type(err).__name__}: {err}", skip_reason(err)
             if skip_log is not None:

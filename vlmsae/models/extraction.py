@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,7 @@ class ExtractionPlan:
     exif_transpose: bool
     synthetic: dict[str, Any] | None = field(default=None)  # source=synthetic: vlmsae.data.images.synthetic_options
     progress: bool = True  # a tqdm bar with images/s
+    fast_decode: bool = False  # data.fast_decode: JPEG draft decoding + reduce (vlmsae.data.images.load_image)
 
     def __post_init__(self) -> None:
         if self.tokens not in TOKEN_CHOICES:
@@ -85,10 +88,13 @@ class ExtractionPlan:
 
 
 class _ImageStream(torch.utils.data.IterableDataset):
-    """Decoded + preprocessed images in visiting order, one item per record (unreadable ones included).
+    """Decoded + preprocessed images in visiting order, in blocks of ``block`` consecutive positions.
 
-    With W DataLoader workers, worker i handles positions ``start + i, start + i + W, ...``; the
-    DataLoader takes one item from each worker in turn, so items come out in position order.
+    Worker i handles the blocks ``i, i + W, ...`` (``iter_images(worker_block=block)``); the DataLoader
+    takes one block from each worker in turn, so blocks come out in position order. A block is one
+    message: its readable images stacked in one tensor, and per record its position, index, key, path,
+    label, and error/reason (unreadable ones included). One tensor per block instead of one per image
+    spares the main process a shared-memory segment, a file descriptor and an unpickle per image.
     """
 
     def __init__(
@@ -101,15 +107,24 @@ class _ImageStream(torch.utils.data.IterableDataset):
         synthetic: dict[str, Any] | None,
         order_seed: int | None = None,
         exif_transpose: bool = True,
+        block: int = 1,
+        draft_size: int | None = None,
     ):
         super().__init__()
         self.source, self.root, self.start, self.max_images = source, root, start, max_images
         self.preprocess, self.synthetic = preprocess, synthetic
         self.order_seed, self.exif_transpose = order_seed, exif_transpose
+        self.block, self.draft_size = block, draft_size
+
+    def _block(self, records: list[dict[str, Any]], pixels: list[torch.Tensor]) -> dict[str, Any]:
+        return {"records": records, "pixels": torch.stack(pixels) if pixels else None}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
+        records: list[dict[str, Any]] = []
+        pixels: list[torch.Tensor] = []
+        block_id = None
         for record in iter_images(
             self.source,
             self.root,
@@ -120,23 +135,44 @@ class _ImageStream(torch.utils.data.IterableDataset):
             synthetic=self.synthetic,
             order_seed=self.order_seed,
             exif_transpose=self.exif_transpose,
+            worker_block=self.block,
+            draft_size=self.draft_size,
         ):
-            pixels, error, reason = None, record.error, record.reason
+            this_block = (record.pos - self.start) // self.block
+            if records and this_block != block_id:
+                yield self._block(records, pixels)
+                records, pixels = [], []
+            block_id = this_block
+            error, reason, ok = record.error, record.reason, False
             if record.image is not None:
                 try:
-                    pixels = self.preprocess(record.image)
+                    pixels.append(self.preprocess(record.image))
+                    ok = True
                 except Exception as err:  # a decodable but unusable image (e.g. zero-sized) is skipped too
                     error, reason = f"{type(err).__name__}: {err}", "preprocess failed"
-            yield {
-                "pos": record.pos,
-                "index": record.index,
-                "key": record.key,
-                "path": record.path,
-                "label": record.label,
-                "pixels": pixels,
-                "error": error,
-                "reason": reason,
-            }
+            records.append(
+                {
+                    "pos": record.pos,
+                    "index": record.index,
+                    "key": record.key,
+                    "path": record.path,
+                    "label": record.label,
+                    "ok": ok,
+                    "error": error,
+                    "reason": reason,
+                }
+            )
+        if records:
+            yield self._block(records, pixels)
+
+
+def _stack_rows(rows: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """``[B, C, H, W]`` from (block tensor, row) pairs: a view when they are consecutive rows of one block
+    (the usual case: batches and blocks are the same size), else one copy."""
+    first, row0 = rows[0]
+    if all(t is first and r == row0 + i for i, (t, r) in enumerate(rows)):
+        return first[row0 : row0 + len(rows)]
+    return torch.stack([t[r] for t, r in rows])
 
 
 @dataclass(frozen=True)
@@ -204,6 +240,35 @@ def check_world_size(out_dpath: Path, world: int) -> None:
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def main_threads(device: torch.device, num_workers: int, n_cores: int | None = None) -> int | None:
+    """torch threads for the main process's forward while ``num_workers`` workers decode, or None (keep).
+
+    On a CPU device the workers (1 thread each: the DataLoader sets it) and the main process share the
+    cores; a main process keeping all of torch's threads spins them waiting for cores the decoders hold
+    (measured on 2 cores with 2 workers: the tiny model's forward used ~20x the CPU time). So it takes the
+    cores the workers leave, at least 1. A GPU forward, or ``num_workers=0``, keeps the setting.
+    """
+    import os
+
+    if device.type != "cpu" or num_workers <= 0:
+        return None
+    if n_cores is None:
+        n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch.get_num_threads(), n_cores - num_workers))
+
+
+@contextmanager
+def _main_threads(device: torch.device, num_workers: int) -> Iterator[None]:
+    """:func:`main_threads` torch threads inside the block, the previous setting after it."""
+    before, threads = torch.get_num_threads(), main_threads(device, num_workers)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _batch_generator(seed: int, first_pos: int) -> torch.Generator:
@@ -306,6 +371,8 @@ class StoreExtraction:
             "exif_transpose": plan.exif_transpose,
             "alpha_background": "white",
         }
+        if plan.fast_decode:  # only when on: a store begun before the option existed still resumes
+            meta["fast_decode"] = True
         writer_dpath = self.out_dpath
         if ranks is not None:  # per-rank folder, shards and progress.json: ranks never touch each other's files
             writer_dpath = self.out_dpath / (RANK_DIR_PATTERN % (ranks.rank, ranks.world))
@@ -362,15 +429,18 @@ class StoreExtraction:
             plan.synthetic,
             order_seed=plan.order_seed,
             exif_transpose=plan.exif_transpose,
+            block=plan.batch_size,
+            draft_size=tap.image_size if plan.fast_decode else None,
         )
         loader = torch.utils.data.DataLoader(
             stream,
             batch_size=None,
             num_workers=plan.num_workers,
             collate_fn=_identity,
-            prefetch_factor=4 if plan.num_workers else None,
+            prefetch_factor=2 if plan.num_workers else None,  # blocks of batch_size images: 2 per worker suffice
         )
         batch: list[dict[str, Any]] = []
+        rows: list[tuple[torch.Tensor, int]] = []  # (block tensor, row) of each image in ``batch``
         next_pos = state["next_pos"]
         t0 = time.perf_counter()
         n_new = 0
@@ -385,7 +455,7 @@ class StoreExtraction:
             }
 
         def process(batch: list[dict[str, Any]]) -> None:
-            x_BCHW = torch.stack([item["pixels"] for item in batch])
+            x_BCHW = _stack_rows(rows)
             acts = tap.forward_to(x_BCHW, layer)
             generator = _batch_generator(plan.seed, batch[0]["pos"]) if plan.tokens == "random_k" else None
             rows_ND, token_idx_N, in_batch_N = select_tokens(
@@ -397,31 +467,38 @@ class StoreExtraction:
             writer.add(rows_ND, token_idx_N, index_B[in_batch_N], label_B[in_batch_N], keys)
 
         desc = f"extract {self.spec.name} L{layer} {plan.tokens}"
-        with tqdm(
-            total=None if self.total is None else (self.positions[1] or self.total) - self.positions[0],
-            initial=next_pos - self.positions[0],
-            unit="img",
-            desc=desc,
-            disable=not plan.progress,
-            dynamic_ncols=True,
-            mininterval=1.0,
-        ) as bar:
-            for item in loader:
-                next_pos = item["pos"] + 1
-                digest.update(item["key"])
-                bar.update(1)
-                if item["pixels"] is None:
-                    skipped.add(item["key"], item["path"], item["error"] or "unreadable", item["reason"] or "other")
-                    log.warning("skipped unreadable image %s: %s", item["key"], item["error"])
-                    continue
-                batch.append(item)
-                n_images += 1
-                n_new += 1
-                if len(batch) == plan.batch_size:
-                    process(batch)
-                    batch = []
-                    if writer.buffered_rows >= writer.rows_per_shard:
-                        writer.flush(current_state())
+        with (
+            _main_threads(tap.device, plan.num_workers),
+            tqdm(
+                total=None if self.total is None else (self.positions[1] or self.total) - self.positions[0],
+                initial=next_pos - self.positions[0],
+                unit="img",
+                desc=desc,
+                disable=not plan.progress,
+                dynamic_ncols=True,
+                mininterval=1.0,
+            ) as bar,
+        ):
+            for block in loader:
+                bar.update(len(block["records"]))
+                row = 0
+                for item in block["records"]:
+                    next_pos = item["pos"] + 1
+                    digest.update(item["key"])
+                    if not item["ok"]:
+                        skipped.add(item["key"], item["path"], item["error"] or "unreadable", item["reason"] or "other")
+                        log.warning("skipped unreadable image %s: %s", item["key"], item["error"])
+                        continue
+                    batch.append(item)
+                    rows.append((block["pixels"], row))
+                    row += 1
+                    n_images += 1
+                    n_new += 1
+                    if len(batch) == plan.batch_size:
+                        process(batch)
+                        batch, rows = [], []
+                        if writer.buffered_rows >= writer.rows_per_shard:
+                            writer.flush(current_state())
             if batch:
                 process(batch)
             writer.flush(current_state(done=True))

@@ -1,0 +1,161 @@
+"""Extraction against the image-decode limit, and ``data.fast_decode`` (issue 18), for ``vlmsae.bench.extract``.
+
+On generated photo-like JPEGs (smooth gradients + noise, ~500 x 375, quality 90: real JPEG sizes):
+
+- ``extract_vs_decode_limit``: images/s of the real extraction (:class:`StoreExtraction`, tiny model, a
+  store written) / images/s of a plain DataLoader doing only PIL open + the model's preprocess of the same
+  files with the same workers and batch size (the most any extraction on these cores can reach).
+- ``fast_decode_speedup``: extraction images/s with ``fast_decode`` / without; ``fast_decode_speedup_224``
+  the same for the plain decode + ViT-B/32 (224 px) preprocessing (draft mode gains less at 224 px).
+- ``fast_decode_act_cosine_<model>`` / ``fast_decode_act_rel_err_<model>``: the tapped layer's CLS rows
+  from fast vs exact decoding of the same images (mean cosine; ||fast - exact|| / ||exact||, mean).
+
+Paths are timed interleaved (one of each per round) and the best round of each is kept: load from
+other processes only ever adds time.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmsae.data.images import load_image
+from vlmsae.models import get_model_spec, load_tap
+from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
+
+
+def make_photo_jpegs(dpath: Path, n: int, seed: int = 0) -> Path:
+    """``n`` JPEGs of 400..640 x 300..480 px (median ~500 x 375), gradients + noise, quality 90."""
+    import numpy as np
+    from PIL import Image
+
+    dpath.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = int(rng.integers(400, 641)), int(rng.integers(300, 481))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        gains = rng.uniform(60, 255, size=3)
+        pixels = np.stack([xx / w * gains[0], yy / h * gains[1], (xx + yy) / (w + h) * gains[2]], axis=-1)
+        pixels += rng.normal(0, 12, size=(h, w, 3))  # sensor-like noise: realistic JPEG sizes (~70 kB)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(dpath / f"{i:05d}.jpg", quality=90)
+    return dpath
+
+
+class _DecodeOnly(torch.utils.data.Dataset):
+    """PIL open + the model's preprocess, nothing else: the decode limit's dataset."""
+
+    def __init__(self, files: list[str], preprocess: Any, draft_size: int | None):
+        self.files, self.preprocess, self.draft_size = files, preprocess, draft_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as img:
+            if self.draft_size is not None:
+                img.draft("RGB", (self.draft_size, self.draft_size))
+            return self.preprocess(img.convert("RGB"))
+
+
+def decode_images_per_s(files: list[str], preprocess: Any, workers: int, batch: int, draft: int | None = None) -> float:
+    loader = torch.utils.data.DataLoader(_DecodeOnly(files, preprocess, draft), batch_size=batch, num_workers=workers)
+    t0, n = time.perf_counter(), 0
+    for x in loader:
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def extract_images_per_s(spec: Any, root: Path, workers: int, batch: int, fast_decode: bool = False) -> float:
+    plan = ExtractionPlan(
+        source="folder",
+        root=str(root),
+        layer=-1,
+        tokens="cls",
+        k=1,
+        seed=0,
+        dtype="float16",
+        rows_per_shard=65536,
+        rows_per_chunk=4096,
+        order_seed=0,
+        max_images=None,
+        batch_size=batch,
+        num_workers=workers,
+        exif_transpose=True,
+        progress=False,
+        fast_decode=fast_decode,
+    )
+    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-decode-") as tmp:
+        return StoreExtraction(spec, plan, Path(tmp) / "acts").run()["images_per_s"]
+
+
+def activation_difference(tap: Any, files: list[str], layer: int) -> tuple[float, float]:
+    """Mean cosine and mean relative error of the CLS rows at ``layer``: fast vs exact decoding."""
+
+    def rows(draft: int | None) -> torch.Tensor:
+        x = torch.stack([tap.preprocess(load_image(f, draft_size=draft)) for f in files]).to(tap.device)
+        return tap.forward_to(x, layer)[:, 0].float().cpu()
+
+    exact, fast = rows(None), rows(tap.image_size)
+    cosine = torch.nn.functional.cosine_similarity(exact, fast, dim=-1).mean().item()
+    rel_err = ((fast - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-12)).mean().item()
+    return cosine, rel_err
+
+
+def _best_rounds(fns: dict[str, Any], rounds: int) -> dict[str, float]:
+    best = {name: 0.0 for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = max(best[name], fn())
+    return best
+
+
+def run(vit_tap: Any, quick: bool = False) -> dict[str, Any]:
+    """The issue-18 rows (module docstring); ``vit_tap``: the random ViT-B/32 the extract bench built."""
+    import os
+
+    n_images, rounds, batch = (96, 1, 32) if quick else (1000, 3, 64)
+    workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+    spec = get_model_spec("tiny")
+    tiny = load_tap(spec)
+    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-jpegs-") as tmp:
+        root = make_photo_jpegs(Path(tmp) / "jpegs", n_images)
+        files = sorted(str(p) for p in root.iterdir())
+        best = _best_rounds(
+            {
+                "decode_limit": lambda: decode_images_per_s(files, tiny.preprocess, workers, batch),
+                "extract": lambda: extract_images_per_s(spec, root, workers, batch),
+                "extract_fast": lambda: extract_images_per_s(spec, root, workers, batch, fast_decode=True),
+                "decode_224": lambda: decode_images_per_s(files, vit_tap.preprocess, workers, batch),
+                "decode_224_fast": lambda: decode_images_per_s(files, vit_tap.preprocess, workers, batch, 224),
+            },
+            rounds,
+        )
+        n_act = 8 if quick else 64
+        acts = {
+            "tiny": activation_difference(tiny, files[:n_act], tiny.n_layers // 2),
+            "vit_b32": activation_difference(vit_tap, files[:n_act], vit_tap.n_layers // 2),
+        }
+    out: dict[str, Any] = {
+        "decode_jpegs": n_images,
+        "decode_workers": workers,
+        "decode_batch_size": batch,
+        "decode_limit_images_per_s": best["decode_limit"],
+        "extract_real_jpeg_images_per_s": best["extract"],
+        "extract_vs_decode_limit": best["extract"] / best["decode_limit"],
+        "fast_decode_extract_images_per_s": best["extract_fast"],
+        "fast_decode_speedup": best["extract_fast"] / best["extract"],
+        "decode_limit_224_images_per_s": best["decode_224"],
+        "fast_decode_speedup_224": best["decode_224_fast"] / best["decode_224"],
+    }
+    for name, (cosine, rel_err) in acts.items():
+        out[f"fast_decode_act_cosine_{name}"] = cosine
+        out[f"fast_decode_act_rel_err_{name}"] = rel_err
+    out["fast_decode_act_cosine"] = min(cos for cos, _ in acts.values())  # the worse model
+    out["fast_decode_act_rel_err"] = max(err for _, err in acts.values())
+    return out
