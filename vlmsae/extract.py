@@ -41,6 +41,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.data.images import synthetic_options_of
+from vlmsae.data.sink import StoreSink, sink_of
+from vlmsae.formats import RUN_INFO_JSON
 from vlmsae.models.extraction import ExtractionPlan, Ranks, StoreExtraction
 from vlmsae.models.spec import ModelSpec
 from vlmsae.utils.paths import run_dir
@@ -48,8 +50,10 @@ from vlmsae.utils.provenance import write_run_info
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
-    """Extract activations as ``cfg`` says into ``out_dpath`` (or ``cfg.out``, or Hydra's run dir)."""
-    out_dpath = run_dir(out_dpath if out_dpath is not None else cfg.out)
+    """Extract activations as ``cfg`` says into ``out_dpath`` (or ``cfg.out``, or Hydra's run dir; or a URL)."""
+    out = out_dpath if out_dpath is not None else cfg.out
+    sink = sink_of(out, cfg.staging_dir)  # out=<url>: its protocol and package are checked before any image
+    out_dpath = sink.staging_dpath if sink is not None else run_dir(out)
     data = cfg.data
     plan = ExtractionPlan(
         source=str(data.source),
@@ -69,14 +73,28 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         synthetic=synthetic_options_of(data),
         progress=bool(cfg.progress),
     )
-    extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath, Ranks.from_env())  # torchrun: a share
+    extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath, Ranks.from_env(), sink=sink)
     if (finished := extraction.finished) is not None:  # rerunning a complete extraction changes nothing
-        return finished
+        return _published(sink, finished)
     config = OmegaConf.to_container(cfg, resolve=True)
-    write_run_info(out_dpath, config, result=None)  # says what is being made, even if the run is killed
+    _write_run_info(sink, out_dpath, config, result=None)  # says what is being made, even if the run is killed
     summary = extraction.run()
-    write_run_info(out_dpath, config, result=summary)
-    return summary
+    _write_run_info(sink, out_dpath, config, result=summary)
+    return _published(sink, summary)
+
+
+def _write_run_info(sink: StoreSink | None, out_dpath: Path, config: Any, result: Any) -> None:
+    write_run_info(out_dpath, config, result=result)
+    if sink is not None:
+        sink.put(out_dpath / RUN_INFO_JSON)
+
+
+def _published(sink: StoreSink | None, summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary naming the URL the store was written to (the staging folder, if temporary, is removed)."""
+    if sink is None:
+        return summary
+    sink.close()
+    return {**summary, "out": sink.url}
 
 
 def _main(cfg: DictConfig) -> None:
