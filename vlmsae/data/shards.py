@@ -26,11 +26,12 @@ import json
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from vlmsae.data.remote import open_stream
+from vlmsae.data.sink import StoreSink
 from vlmsae.formats import (
     MANIFEST_JSON,
     PROGRESS_JSON,
@@ -42,9 +43,6 @@ from vlmsae.formats import (
 )
 from vlmsae.utils.io import atomic_write
 from vlmsae.utils.provenance import git_commit, versions
-
-if TYPE_CHECKING:
-    from vlmsae.data.sink import StoreSink
 
 SHARD_PATTERN = "acts-%06d.tar"
 STORE_DTYPES = {

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vlmsae.data.remote import _PROTOCOL_PACKAGES, filesystem
+from vlmsae.data.remote import _PROTOCOL_PACKAGES, filesystem, is_remote
 from vlmsae.formats import MANIFEST_JSON, PROGRESS_JSON
 from vlmsae.utils.io import atomic_write
 
@@ -144,6 +144,4 @@ class StoreSink:
 
 def sink_of(out: Any, staging_dir: str | Path | None = None) -> StoreSink | None:
     """The sink of an ``out=`` value that is a URL (checked before any work), or None for a local folder."""
-    from vlmsae.data.remote import is_remote
-
     return StoreSink.open(str(out), staging_dir) if out is not None and is_remote(out) else None
