@@ -228,3 +228,33 @@ def test_training_from_a_file_url_store_equals_training_from_the_local_store(
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_writer_resumes_from_the_remote_progress_and_prunes_what_is_newer(tmp_path):
+    from vlmsae.data.shards import ShardWriter
+
+    url = _memory_url()
+    fs, root = fsspec.core.url_to_fs(url)
+
+    def writer(staging):
+        return ShardWriter(staging, d=3, rows_per_shard=4, meta={"model": "m"}, sink=StoreSink.open(url, staging))
+
+    first = writer(tmp_path / "a")
+    for i in range(2):
+        first.add(torch.ones(4, 3) * i, torch.zeros(4), torch.arange(4), torch.zeros(4), ["k"] * 4)
+        first.flush({"next": i + 1})
+    assert not list((tmp_path / "a").glob("*.tar"))  # uploaded, then dropped from the staging folder
+    fs.pipe_file(f"{root}/acts-000002.tar", b"a shard newer than progress.json")  # killed before its progress
+    fs.pipe_file(f"{root}/.acts-000003.tar.0123.tmp", b"half an upload")
+    resumed = writer(tmp_path / "b")  # a fresh staging folder: the resume point comes from the URL
+    assert (resumed.n_shards, resumed.n_rows, resumed.state, resumed.shard_rows) == (2, 8, {"next": 2}, [4, 4])
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == [
+        "acts-000000.tar",
+        "acts-000001.tar",
+        "progress.json",
+    ]
+    with pytest.raises(ValueError, match="different extraction"):
+        ShardWriter(tmp_path / "c", d=3, meta={"model": "other"}, sink=StoreSink.open(url, tmp_path / "c"))
+    fs.rm(f"{root}/progress.json")
+    with pytest.raises(ValueError, match=r"memory://.* holds activation shards but no progress.json"):
+        writer(tmp_path / "d")
