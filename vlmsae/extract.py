@@ -22,6 +22,13 @@ A changed listing, ``order_seed`` or order is refused on resume. Unreadable imag
 counted by reason (``skipped_by_reason``) and listed in the manifest; decoding follows
 :mod:`vlmsae.data.images` (EXIF orientation, 16-bit, alpha over white, CMYK).
 
+Object storage: ``out=s3://bucket/store`` (any writable fsspec URL: gs://, az://, file://, memory://; s3 needs
+``pip install s3fs``, gs ``gcsfs``, az ``adlfs``) stages each shard in ``staging_dir`` (default: a temporary
+folder), uploads it under a temporary name and moves it onto ``acts-%06d.tar`` (readers never see half a shard),
+then uploads ``progress.json``; ``manifest.json`` comes last (:mod:`vlmsae.data.sink`). Rerunning resumes from the
+remote ``progress.json``. A URL with an unknown protocol or a missing package is refused before any image; torchrun
+ranks cannot write to a URL (extract to a shared folder, or with one process).
+
 Several processes: ``torchrun --nproc_per_node=N [--nnodes=M ...] -m vlmsae.extract ...`` (``WORLD_SIZE`` > 1)
 splits the visiting order into W contiguous blocks (each a uniform sample); rank r writes its shards and
 ``progress.json`` in ``out/rank-RRRRR-of-WWWWW/`` on ``cuda:LOCAL_RANK``, and rank 0 writes the one
