@@ -22,6 +22,13 @@ A changed listing, ``order_seed`` or order is refused on resume. Unreadable imag
 counted by reason (``skipped_by_reason``) and listed in the manifest; decoding follows
 :mod:`vlmsae.data.images` (EXIF orientation, 16-bit, alpha over white, CMYK).
 
+Object storage: ``out=s3://bucket/store`` (any writable fsspec URL: gs://, az://, file://, memory://; s3 needs
+``pip install s3fs``, gs ``gcsfs``, az ``adlfs``) stages each shard in ``staging_dir`` (default: a temporary
+folder), uploads it under a temporary name and moves it onto ``acts-%06d.tar`` (readers never see half a shard),
+then uploads ``progress.json``; ``manifest.json`` comes last (:mod:`vlmsae.data.sink`). Rerunning resumes from the
+remote ``progress.json``. A URL with an unknown protocol or a missing package is refused before any image; torchrun
+ranks cannot write to a URL (extract to a shared folder, or with one process).
+
 Several processes: ``torchrun --nproc_per_node=N [--nnodes=M ...] -m vlmsae.extract ...`` (``WORLD_SIZE`` > 1)
 splits the visiting order into W contiguous blocks (each a uniform sample); rank r writes its shards and
 ``progress.json`` in ``out/rank-RRRRR-of-WWWWW/`` on ``cuda:LOCAL_RANK``, and rank 0 writes the one
@@ -41,6 +48,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.data.images import synthetic_options_of
+from vlmsae.data.sink import StoreSink, sink_of
+from vlmsae.formats import RUN_INFO_JSON
 from vlmsae.models.extraction import ExtractionPlan, Ranks, StoreExtraction
 from vlmsae.models.spec import ModelSpec
 from vlmsae.report.job_log import log_job
@@ -49,8 +58,10 @@ from vlmsae.utils.provenance import write_run_info
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
-    """Extract activations as ``cfg`` says into ``out_dpath`` (or ``cfg.out``, or Hydra's run dir)."""
-    out_dpath = run_dir(out_dpath if out_dpath is not None else cfg.out)
+    """Extract activations as ``cfg`` says into ``out_dpath`` (or ``cfg.out``, or Hydra's run dir; or a URL)."""
+    out = out_dpath if out_dpath is not None else cfg.out
+    sink = sink_of(out, cfg.staging_dir)  # out=<url>: its protocol and package are checked before any image
+    out_dpath = sink.staging_dpath if sink is not None else run_dir(out)
     data = cfg.data
     plan = ExtractionPlan(
         source=str(data.source),
@@ -71,15 +82,29 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         progress=bool(cfg.progress),
         fast_decode=bool(data.fast_decode),
     )
-    extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath, Ranks.from_env())  # torchrun: a share
+    extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath, Ranks.from_env(), sink=sink)
     if (finished := extraction.finished) is not None:  # rerunning a complete extraction changes nothing
-        return finished
+        return _published(sink, finished)
     config = OmegaConf.to_container(cfg, resolve=True)
-    write_run_info(out_dpath, config, result=None)  # says what is being made, even if the run is killed
+    _write_run_info(sink, out_dpath, config, result=None)  # says what is being made, even if the run is killed
     summary = extraction.run()
-    write_run_info(out_dpath, config, result=summary)
+    _write_run_info(sink, out_dpath, config, result=summary)
     log_job(cfg, "extract", out_dpath, summary)  # after the files: a W&B failure costs no output
-    return summary
+    return _published(sink, summary)
+
+
+def _write_run_info(sink: StoreSink | None, out_dpath: Path, config: Any, result: Any) -> None:
+    write_run_info(out_dpath, config, result=result)
+    if sink is not None:
+        sink.put(out_dpath / RUN_INFO_JSON)
+
+
+def _published(sink: StoreSink | None, summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary naming the URL the store was written to (the staging folder, if temporary, is removed)."""
+    if sink is None:
+        return summary
+    sink.close()
+    return {**summary, "out": sink.url}
 
 
 def _main(cfg: DictConfig) -> None:

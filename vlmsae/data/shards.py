@@ -31,7 +31,16 @@ from typing import Any
 import torch
 
 from vlmsae.data.remote import open_stream
-from vlmsae.formats import PROGRESS_JSON, StoreManifest, StoreProgress, read_progress, write_manifest, write_progress
+from vlmsae.data.sink import StoreSink
+from vlmsae.formats import (
+    MANIFEST_JSON,
+    PROGRESS_JSON,
+    StoreManifest,
+    StoreProgress,
+    read_progress,
+    write_manifest,
+    write_progress,
+)
 from vlmsae.utils.io import atomic_write
 from vlmsae.utils.provenance import git_commit, versions
 
@@ -211,6 +220,7 @@ class ShardWriter:
         rows_per_chunk: int = 4096,
         rows_per_shard: int = 65536,
         meta: dict[str, Any] | None = None,
+        sink: StoreSink | None = None,
     ):
         if dtype not in STORE_DTYPES:
             raise ValueError(f"Unknown store dtype {dtype!r}: use one of {sorted(STORE_DTYPES)}.")
@@ -224,10 +234,16 @@ class ShardWriter:
         self.n_shards = self.n_rows = self.n_chunks = 0
         self.stats = RunningStats(d)
         self.state: dict[str, Any] | None = None
+        self.shard_rows: list[int] = []  # rows of each shard (in progress.json: the manifest needs no shard read)
+        self.sink = sink  # out=<url>: dpath stages, the sink publishes every finished file (vlmsae.data.sink)
         self._buf: list[tuple[torch.Tensor, ...]] = []
         self._buf_keys: list[str] = []
         self._buf_rows = 0
+        if sink is not None:
+            sink.pull(self.dpath)  # the remote progress.json is the resume point
         self._resume()
+        if sink is not None:
+            sink.prune(self.n_shards)
 
     def _resume(self) -> None:
         if (self.dpath / PROGRESS_JSON).exists():
@@ -246,6 +262,7 @@ class ShardWriter:
             self.n_shards, self.n_rows, self.n_chunks = progress.n_shards, progress.n_rows, progress.n_chunks
             self.stats = RunningStats.from_state(progress.stats)
             self.state = progress.state
+            self.shard_rows = [int(n) for n in progress.extra.get("shard_rows", [])]
         elif list_shards(self.dpath):
             raise ValueError(f"{self.dpath} holds activation shards but no {PROGRESS_JSON}: choose a new out=<dir>.")
         # Shards newer than the progress record (killed between the rename and the progress write)
@@ -305,6 +322,9 @@ class ShardWriter:
                     n_chunks += 1
 
         atomic_write(shard_fpath, write)  # .acts-*.tmp until renamed
+        if self.sink is not None:
+            self.sink.put_shard(shard_fpath)  # a temporary name, then moved: readers see whole shards only
+        self.shard_rows.append(len(keys))
         self.n_shards += 1
         self.n_rows += len(keys)
         self.n_chunks += n_chunks
@@ -323,13 +343,26 @@ class ShardWriter:
                 n_chunks=self.n_chunks,
                 stats=self.stats.state_dict(),
                 state=self.state,
+                extra={"shard_rows": self.shard_rows},
             ),
         )
+        if self.sink is not None:
+            self.sink.put(self.dpath / PROGRESS_JSON)
 
     def write_manifest(self, **fields: Any) -> StoreManifest:
         """Write ``manifest.json`` (statistics + ``meta`` + ``fields``); call after the last ``flush``."""
         if self._buf_rows:
             raise RuntimeError("write_manifest() with rows still buffered: call flush() first.")
+        if self.sink is not None:  # the shards are uploaded, not here: their rows were recorded in progress.json
+            if len(self.shard_rows) != self.n_shards:
+                raise ValueError(
+                    f"{self.sink.url}/{PROGRESS_JSON} records the rows of {len(self.shard_rows)} of its "
+                    f"{self.n_shards} shards (written by an older vlmsae): re-extract into a new out=<url>"
+                )
+            shards, shard_rows = [SHARD_PATTERN % i for i in range(self.n_shards)], list(self.shard_rows)
+        else:
+            shards = [p.name for p in list_shards(self.dpath)]
+            shard_rows = [sum(n for _, n, _ in chunk_row_counts(p)) for p in list_shards(self.dpath)]
         manifest = StoreManifest.from_dict(
             {
                 **self.meta,
@@ -339,9 +372,9 @@ class ShardWriter:
                 "n_shards": self.n_shards,
                 "n_chunks": self.n_chunks,
                 "rows_per_chunk": self.rows_per_chunk,
-                "shards": [p.name for p in list_shards(self.dpath)],
+                "shards": shards,
                 # rows per shard: with rows_per_chunk, a remote store's chunk index without reading its shards
-                "shard_rows": [sum(n for _, n, _ in chunk_row_counts(p)) for p in list_shards(self.dpath)],
+                "shard_rows": shard_rows,
                 **fields,
                 "mean": self.stats.mean.tolist(),
                 "var": self.stats.var.tolist(),
@@ -351,6 +384,8 @@ class ShardWriter:
             }
         )
         write_manifest(self.dpath, manifest)
+        if self.sink is not None:
+            self.sink.put(self.dpath / MANIFEST_JSON)  # last: a store with a manifest is complete
         return manifest
 
 

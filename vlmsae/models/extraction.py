@@ -300,7 +300,14 @@ class StoreExtraction:
     ``finished`` is the summary when the store is already complete, else None; :meth:`run` writes it.
     """
 
-    def __init__(self, spec: ModelSpec, plan: ExtractionPlan, out_dpath: Path, ranks: Ranks | None = None):
+    def __init__(
+        self, spec: ModelSpec, plan: ExtractionPlan, out_dpath: Path, ranks: Ranks | None = None, sink: Any = None
+    ):
+        if sink is not None and ranks is not None:  # sink: out=<url>, out_dpath stages (vlmsae.data.sink.StoreSink)
+            raise ValueError(
+                f"out={sink.url}: torchrun ranks (world size {ranks.world}) cannot write to a URL yet: extract with "
+                "one process, or extract to a shared folder and upload it (shards first, manifest.json last)"
+            )
         if plan.tokens == "cls" and not spec.has_cls and str(plan.layer) != "last":
             raise ValueError(
                 f"tokens=cls: model {spec.name} has no CLS token (e.g. SigLIP). Use tokens=mean (mean-pooled "
@@ -385,6 +392,7 @@ class StoreExtraction:
             rows_per_chunk=plan.rows_per_chunk,
             rows_per_shard=plan.rows_per_shard,
             meta=meta,
+            sink=sink,
         )
 
     @property

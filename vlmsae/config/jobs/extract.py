@@ -24,7 +24,8 @@ class ExtractJob:
     tokens: str = "cls"  # cls | patches | all | random_k | mean
     k: int = 2  # tokens per image for tokens=random_k
     dtype: str = "float16"  # stored activations: float16 | bfloat16 | float32
-    out: Optional[str] = None  # output folder; null = Hydra's run dir
+    out: Optional[str] = None  # output folder or fsspec URL (s3://bucket/store, ...); null = Hydra's run dir
+    staging_dir: Optional[str] = None  # out=<url>: local folder a shard is written in before upload; null = a temp dir
     rows_per_shard: int = 65536  # rows per acts-%06d.tar (a shard ends on a batch boundary)
     rows_per_chunk: int = 4096  # rows per safetensors sample inside a tar
     seed: int = 0  # random_k token draws
