@@ -70,7 +70,8 @@ def _assert_same_store(url: str, local) -> None:
     """The URL holds the local store's files (byte-equal shards, the same manifest and progress) and rows."""
     fs, root = fsspec.core.url_to_fs(url)
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    assert names == sorted(p.name for p in local.iterdir())  # shards, progress, manifest, run_info; no temporary
+    # shards, progress, manifest, run_info; no temporary (csv/ is the job's logger summary, not part of the store)
+    assert names == sorted(p.name for p in local.iterdir() if p.name != "csv")
     for fpath in list_shards(local):
         assert fs.cat_file(f"{root}/{fpath.name}") == fpath.read_bytes(), fpath.name
     remote_manifest, local_manifest = read_manifest_at(url), read_manifest(local)
