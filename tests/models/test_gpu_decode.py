@@ -100,9 +100,9 @@ def test_gpu_preprocess_matches_the_pil_path_of_open_clip(tap, jpeg_root):
     ):
         cos, err = _compare(preprocess, files)
         # PIL and torch resample differently (fixed-point vs float kernels) and libjpeg-turbo's IDCT in
-        # torchvision is not always Pillow's build: a level or two off, rarely more near edges
+        # torchvision is not always Pillow's build: measured: max 1 level (0.015 normalised), mean ~0.002
         assert cos.mean() >= 0.99 and cos.min() >= 0.98, cos
-        assert err.mean() < 0.02 and err.max() < 0.5, (err.mean(), err.max())
+        assert err.mean() < 0.01 and err.max() < 0.1, (err.mean(), err.max())
 
 
 def test_gpu_preprocess_matches_the_hf_clip_processor(jpeg_root):
@@ -115,7 +115,7 @@ def test_gpu_preprocess_matches_the_hf_clip_processor(jpeg_root):
     exact = torch.stack([proc(images=load_image(str(f)), return_tensors="pt")["pixel_values"][0] for f in files])
     device = gpu([_decode_cpu(f) for f in files])
     cos = _cosines(device, exact)
-    assert cos.mean() >= 0.99 and (device - exact).abs().max() < 0.5
+    assert cos.mean() >= 0.99 and (device - exact).abs().max() < 0.1
 
 
 def test_unsupported_preprocess_is_refused_naming_the_step():
@@ -210,3 +210,11 @@ def test_block_decoder_falls_back_to_pillow_per_image(tap, jpeg_root):
     assert out["records"][2]["reason"] == "corrupt"
     assert out["pixels"].shape == (3, 3, tap.image_size, tap.image_size)
     assert torch.equal(out["pixels"][1], cpu_pixels[0]) and torch.equal(out["pixels"][0], out["pixels"][2])
+
+
+def test_gpu_decode_bench_skips_without_cuda(capsys, monkeypatch):
+    from vlmsae.bench import gpu_decode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_decode.main(["--smoke"]) == 0
+    assert "skipped (no CUDA device)" in capsys.readouterr().out
