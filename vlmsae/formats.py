@@ -546,6 +546,7 @@ class StoreManifest:
     image_idx_meaning: str | None = _opt()
     exif_transpose: bool | None = _opt()
     alpha_background: str | None = _opt()
+    decode: str | None = _opt()  # cpu | cpu_draft | cuda_nvjpeg: how images were decoded (vlmsae.models.gpu_decode)
     n_skipped: int | None = _opt()
     skipped: list[dict[str, Any]] | None = _opt()  # {key, path, error, reason} per unreadable image
     skipped_by_reason: dict[str, int] | None = _opt()

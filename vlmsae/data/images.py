@@ -92,6 +92,7 @@ class ImageRecord:
     error: str | None = None
     index: int = 0
     reason: str | None = None  # one of SKIP_REASONS when image is None because it could not be read
+    jpeg: bytes | None = None  # iter_images(raw_jpeg=True): the undecoded JPEG for the device decoder (image None)
 
 
 @dataclass
@@ -311,6 +312,24 @@ def load_image(data_or_path: Any, exif_transpose: bool = True, draft_size: int |
     return rgb
 
 
+def jpeg_for_device(data: bytes, exif_transpose: bool) -> bool:
+    """Whether a file's bytes can go to the GPU JPEG decoder (:mod:`vlmsae.models.gpu_decode`) undecoded: a
+    JPEG in RGB or L (not CMYK) with its end-of-image marker (a truncated file stays with Pillow, which
+    names it), and, while EXIF orientation is applied, orientation 1 (nvjpeg does not apply it). Reads
+    the header only."""
+    if data[:3] != b"\xff\xd8\xff" or b"\xff\xd9" not in data[-64:]:
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # lazy: parses the header, decodes nothing
+            if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                return False
+            return not exif_transpose or img.getexif().get(0x0112, 1) == 1
+    except Exception:  # Pillow says why when it decodes the file on the CPU path
+        return False
+
+
 def _wds_label(sample: dict[str, bytes]) -> int:
     if "cls" in sample:
         return int(sample["cls"].decode().strip())
@@ -373,6 +392,7 @@ def iter_images(
     exif_transpose: bool = True,
     worker_block: int = 1,
     draft_size: int | None = None,
+    raw_jpeg: bool = False,
 ) -> Iterator[ImageRecord]:
     """Yield the images of a source in visiting order (see the module docstring for sources and order).
 
@@ -384,6 +404,8 @@ def iter_images(
     workers; taking ``worker_block`` records from each worker in turn restores the order). Unreadable
     images go to ``skip_log`` and are yielded with ``image=None`` only if ``yield_skipped``.
     ``exif_transpose``, ``draft_size``: see :func:`load_image`.
+    ``raw_jpeg``: a file :func:`jpeg_for_device` accepts is not decoded: its record has ``jpeg`` (the
+    bytes) and ``image=None``; every other file is decoded (or skipped) as without it.
     ``synthetic``: options of :func:`vlmsae.data.concepts.ensure_concept_images`.
     """
     if source not in SOURCES:
@@ -399,6 +421,14 @@ def iter_images(
     def finish(key: str, path: str | None, label: int, payload: Any, pos: int, index: int) -> ImageRecord | None:
         if not decode:
             return ImageRecord(key, path, label, None, pos, index=index)
+        if raw_jpeg:
+            try:
+                data = payload if isinstance(payload, bytes) else Path(payload).read_bytes()
+            except Exception:  # load_image below fails the same way and names the reason
+                data = None
+            if data is not None and jpeg_for_device(data, exif_transpose):
+                return ImageRecord(key, path, label, None, pos, index=index, jpeg=data)
+            payload = payload if data is None else data  # read once: Pillow decodes the bytes
         try:
             image = load_image(payload, exif_transpose, draft_size=draft_size)
             return ImageRecord(key, path, label, image, pos, index=index)

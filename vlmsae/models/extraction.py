@@ -42,6 +42,7 @@ from vlmsae.data.shards import (
 )
 from vlmsae.formats import MANIFEST_JSON, PROGRESS_JSON, StoreManifest, read_manifest, read_progress
 from vlmsae.models import load_tap
+from vlmsae.models.gpu_decode import BlockDecoder, choose_decode
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import TOKEN_CHOICES, Layer, select_tokens
 
@@ -72,6 +73,8 @@ class ExtractionPlan:
     synthetic: dict[str, Any] | None = field(default=None)  # source=synthetic: vlmsae.data.images.synthetic_options
     progress: bool = True  # a tqdm bar with images/s
     fast_decode: bool = False  # data.fast_decode: JPEG draft decoding + reduce (vlmsae.data.images.load_image)
+    # with fast_decode on a CUDA model: decode JPEGs there (nvjpeg, vlmsae.models.gpu_decode); False keeps cpu_draft
+    gpu_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.tokens not in TOKEN_CHOICES:
@@ -109,21 +112,28 @@ class _ImageStream(torch.utils.data.IterableDataset):
         exif_transpose: bool = True,
         block: int = 1,
         draft_size: int | None = None,
+        raw_jpeg: bool = False,
     ):
         super().__init__()
         self.source, self.root, self.start, self.max_images = source, root, start, max_images
         self.preprocess, self.synthetic = preprocess, synthetic
         self.order_seed, self.exif_transpose = order_seed, exif_transpose
-        self.block, self.draft_size = block, draft_size
+        self.block, self.draft_size, self.raw_jpeg = block, draft_size, raw_jpeg
 
-    def _block(self, records: list[dict[str, Any]], pixels: list[torch.Tensor]) -> dict[str, Any]:
-        return {"records": records, "pixels": torch.stack(pixels) if pixels else None}
+    def _block(self, records: list[dict[str, Any]], pixels: list[torch.Tensor], jpegs: list[bytes]) -> dict[str, Any]:
+        out = {"records": records, "pixels": torch.stack(pixels) if pixels else None}
+        if jpegs:  # raw JPEGs for the device decoder: one byte tensor + offsets, not one tensor per image
+            ends = torch.tensor([len(j) for j in jpegs]).cumsum(0).tolist()
+            out["jpeg_bytes"] = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
+            out["jpeg_offsets"] = list(zip([0, *ends[:-1]], ends))
+        return out
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = (info.id, info.num_workers) if info is not None else (0, 1)
         records: list[dict[str, Any]] = []
         pixels: list[torch.Tensor] = []
+        jpegs: list[bytes] = []
         block_id = None
         for record in iter_images(
             self.source,
@@ -137,14 +147,17 @@ class _ImageStream(torch.utils.data.IterableDataset):
             exif_transpose=self.exif_transpose,
             worker_block=self.block,
             draft_size=self.draft_size,
+            raw_jpeg=self.raw_jpeg,
         ):
             this_block = (record.pos - self.start) // self.block
             if records and this_block != block_id:
-                yield self._block(records, pixels)
-                records, pixels = [], []
+                yield self._block(records, pixels, jpegs)
+                records, pixels, jpegs = [], [], []
             block_id = this_block
             error, reason, ok = record.error, record.reason, False
-            if record.image is not None:
+            if record.jpeg is not None:  # decoded by the main process on the device (BlockDecoder)
+                jpegs.append(record.jpeg)
+            elif record.image is not None:
                 try:
                     pixels.append(self.preprocess(record.image))
                     ok = True
@@ -160,10 +173,11 @@ class _ImageStream(torch.utils.data.IterableDataset):
                     "ok": ok,
                     "error": error,
                     "reason": reason,
+                    "jpeg": record.jpeg is not None,
                 }
             )
         if records:
-            yield self._block(records, pixels)
+            yield self._block(records, pixels, jpegs)
 
 
 def _stack_rows(rows: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
@@ -380,6 +394,11 @@ class StoreExtraction:
         }
         if plan.fast_decode:  # only when on: a store begun before the option existed still resumes
             meta["fast_decode"] = True
+        # cpu | cpu_draft | cuda_nvjpeg (vlmsae.models.gpu_decode); every manifest says it, and progress.json
+        # pins cuda_nvjpeg so that a store is not continued with other pixels
+        self.decode, self.gpu_preprocess = choose_decode(tap, plan.fast_decode, plan.gpu_decode)
+        if self.decode == "cuda_nvjpeg":
+            meta["decode"] = self.decode
         writer_dpath = self.out_dpath
         if ranks is not None:  # per-rank folder, shards and progress.json: ranks never touch each other's files
             writer_dpath = self.out_dpath / (RANK_DIR_PATTERN % (ranks.rank, ranks.world))
@@ -439,7 +458,17 @@ class StoreExtraction:
             exif_transpose=plan.exif_transpose,
             block=plan.batch_size,
             draft_size=tap.image_size if plan.fast_decode else None,
+            raw_jpeg=self.gpu_preprocess is not None,
         )
+        finish = _identity
+        if self.gpu_preprocess is not None:
+            finish = BlockDecoder(
+                self.gpu_preprocess,
+                tap.device,
+                tap.preprocess,
+                plan.exif_transpose,
+                tap.image_size if plan.fast_decode else None,
+            )
         loader = torch.utils.data.DataLoader(
             stream,
             batch_size=None,
@@ -488,6 +517,7 @@ class StoreExtraction:
             ) as bar,
         ):
             for block in loader:
+                block = finish(block)  # cuda_nvjpeg: decode + preprocess the block's raw JPEGs on the device
                 bar.update(len(block["records"]))
                 row = 0
                 for item in block["records"]:
@@ -529,6 +559,7 @@ class StoreExtraction:
             embed_dim=tap.embed_dim,
             width=tap.width,
             n_layers=tap.n_layers,
+            decode=self.decode,
             complete=True,
         )
         summary = extraction_summary(self.out_dpath, manifest, seconds=seconds, n_new=n_new)
@@ -585,5 +616,6 @@ class StoreExtraction:
             embed_dim=tap.embed_dim,
             width=tap.width,
             n_layers=tap.n_layers,
+            decode=self.decode,
             complete=True,
         )
