@@ -9,8 +9,10 @@ Measured on the first visible CUDA device, each case with its own peak memory
   timed interleaved as in :mod:`vlmsae.bench.sae_step`;
 - **extraction** through a random-weight ViT-L/14-336 (the LLaVA-1.5 tower's shape) at batch 256: the
   tap's forward to the paper's layer (22) in float16 and float32 alone (``gpu_extract_forward_*``), and end to end
-  through :class:`vlmsae.models.extraction.StoreExtraction` on generated 336 px images with DataLoader
-  workers (decode + preprocess + forward + shard writing, ``gpu_extract_images_per_s``);
+  through :class:`vlmsae.models.extraction.StoreExtraction` on 1,024 generated ~500 x 375 JPEGs with DataLoader
+  workers (decode + preprocess + forward + shard writing): exact Pillow decoding (``gpu_extract_images_per_s``),
+  ``data.fast_decode`` with Pillow's draft mode (``gpu_extract_fast_decode_cpu_*``) and with batched nvjpeg
+  decoding and preprocessing on the GPU (``gpu_extract_fast_decode_gpu_*``; its ``_decode`` key says which path ran);
 - **MS** at N = 50,000 images x K = 65,536 latents (k = 20 codes per image, 768-d embeddings) with the
   codes and embeddings on the GPU;
 - **many SAEs per pass**: :func:`vlmsae.bench.train_many.measure` with ``trainer=gpu``.
@@ -31,8 +33,8 @@ from typing import Any
 import torch
 
 from vlmsae.bench import sae_step, train_many
+from vlmsae.bench.decode import make_photo_jpegs
 from vlmsae.bench.ms import random_sparse_codes
-from vlmsae.data.concepts import make_concept_images
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.models import ModelSpec, load_tap
 from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
@@ -136,32 +138,29 @@ def extraction_keys(device: torch.device, quick: bool) -> dict[str, Any]:
         del tap, x
 
     spec = _vit_l14_336(device, "float16", quick)
-    workers = 0 if quick else min(8, max(1, (os.cpu_count() or 1) - 2))
-    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-gpu-extract-") as tmp:
-        root = make_concept_images(Path(tmp) / "images", n_per_class=2 if quick else 100, size=spec.image_size, seed=0)
-        plan = ExtractionPlan(
-            source="folder",
-            root=str(root),
-            layer=layer,
-            tokens="random_k",  # a few patch tokens per image, as a token-level store for the paper's SAEs
-            k=16,
-            seed=0,
-            dtype="float16",
-            rows_per_shard=1 << 20,
-            rows_per_chunk=1 << 16,
-            order_seed=0,
-            max_images=None,
-            batch_size=batch,
-            num_workers=workers,
-            exif_transpose=True,
-            progress=False,
-        )
-        with PeakMemory(device) as peak:
-            summary = StoreExtraction(spec, plan, Path(tmp) / "acts").run()
-    out["gpu_extract_images_per_s"] = summary["images_per_s"]
-    out["gpu_extract_end_to_end_images"] = summary["n_images"]
+    workers = 0 if quick else min(14, max(1, (os.cpu_count() or 1) - 2))
+    n_images = 16 if quick else 1024
     out["gpu_extract_num_workers"] = workers
-    out["gpu_extract_peak_gib"] = peak.gib
+    out["gpu_extract_end_to_end_images"] = n_images
+    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-gpu-extract-") as tmp:
+        root = make_photo_jpegs(Path(tmp) / "jpegs", n_images, seed=0)  # ~500 x 375 photo-like JPEGs
+        # exact Pillow decoding; fast_decode with Pillow's draft mode; fast_decode with nvjpeg on the GPU
+        for name, fast, gpu_decode in (
+            ("", False, False),
+            ("fast_decode_cpu_", True, False),
+            ("fast_decode_gpu_", True, True),
+        ):
+            plan = ExtractionPlan(
+                source="folder", root=str(root), layer=layer, tokens="random_k", k=16, seed=0, dtype="float16",
+                rows_per_shard=1 << 20, rows_per_chunk=1 << 16, order_seed=0, max_images=None, batch_size=batch,
+                num_workers=workers, exif_transpose=True, progress=False, fast_decode=fast, gpu_decode=gpu_decode,
+            )  # fmt: skip
+            with PeakMemory(device) as peak:
+                extraction = StoreExtraction(spec, plan, Path(tmp) / f"acts_{name or 'exact'}")
+                summary = extraction.run()
+            out[f"gpu_extract_{name}images_per_s"] = summary["images_per_s"]
+            out[f"gpu_extract_{name}decode"] = extraction.decode
+            out[f"gpu_extract_{name}peak_gib"] = peak.gib
     return out
 
 
