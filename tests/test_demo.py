@@ -31,6 +31,7 @@ def test_demo_runs_every_step(tmp_path: Path, capsys):
     for name in STEPS:
         assert f"] {name} ==" in printed
     assert "FVE" in printed and "raw neurons" in printed and "steered" in printed and "file://" in printed
+    assert "feature names" in printed and "fraction of loss recovered" in printed
 
     # The documented files, with plausible contents.
     manifest = json.loads((out / "extract" / "manifest.json").read_text())
@@ -41,7 +42,27 @@ def test_demo_runs_every_step(tmp_path: Path, capsys):
     assert 0 < ms["mean"] <= 1 and "baseline" in ms
     with open(out / "monosemanticity" / "latents.csv") as f:
         assert f.readline().startswith("# vlmsae latents.csv format_version=")
-        n_latents = sum(1 for _ in csv.DictReader(f))
+        rows = list(csv.DictReader(f))
+        n_latents = len(rows)
+    # Feature names from the planted vocabulary: every latent with top images is named from it.
+    vocab = (out / "concept_names.txt").read_text().splitlines()
+    assert {"circle", "red", "red circle", "yellow cross"} <= set(vocab) and len(vocab) == 4 + 4 + 16
+    named = [r for r in rows if r["top_keys"]]
+    assert named and all(r["name"] in vocab and -1 <= float(r["name_score"]) <= 1 for r in named)
+    assert ms["names"]["n_names"] == 24 and ms["names"]["n_named"] == len(named)
+    shows = json.loads((out / "demo_summary.json").read_text())["steps"]
+    names_line = next(line for line in shows["monosemanticity"]["shows"] if line.startswith("feature names"))
+    top3 = sorted((r for r in rows if r["ms"] != "nan"), key=lambda r: -float(r["ms"]))[:3]
+    assert all(f"#{r['latent']} {r['name']!r}" in names_line for r in top3)
+    # Splice fidelity of the same SAE inside the tiny LLaVA: 2 answers, the headline figures in the summary.
+    splice = json.loads((out / "splice_eval" / "splice.json").read_text())
+    assert splice["summary"]["n_answers"] == 2 and splice["summary"]["kl"] >= 0
+    splice_shows = " ".join(shows["splice_eval"]["shows"])
+    assert f"per answer token {splice['summary']['kl']:.2e};" in splice_shows
+    assert f"{splice['summary']['frac_recovered_zero']:.3f} vs zero ablation" in splice_shows
+    assert f"{splice['summary']['frac_recovered_mean']:.3f} vs mean" in splice_shows
+    md = (out / "demo_summary.md").read_text()
+    assert "## splice_eval: ok" in md and "feature names" in md
     hierarchy = json.loads((out / "hierarchy" / "hierarchy.json").read_text())
     assert len(hierarchy["groups"]) == 4  # the Matryoshka groups of the demo SAE
     steer = json.loads((out / "steer" / "steer.json").read_text())

@@ -11,12 +11,15 @@ as the CLI would compose it, only with tiny choices:
 1. extract          tiny random LLaVA vision tower (``model=tiny_llava``) on those images,
                     2 random tokens per image (the paper's steering-SAE recipe)       -> extract/
 2. train            a small Matryoshka BatchTopK SAE on those activations             -> train/
-3. monosemanticity  MS of every latent and of the raw neurons (``embedder=tiny``)     -> monosemanticity/
+3. monosemanticity  MS of every latent and of the raw neurons (``embedder=tiny``), each latent
+                    named from a vocabulary of the planted concept names (``names=``) -> monosemanticity/
 4. hierarchy        LCA depth of each latent's top images in the shape > shape+colour
                     taxonomy, per Matryoshka group (``taxonomy=tiny``)                -> hierarchy/
 5. steer            clamp the best latent in the tiny LLaVA, answers with and without  -> steer/
-6. ground_truth     planted-concept check: SAE mean MS vs raw neurons on data with a known answer
-7. browse           the static feature browser of all of the above                     -> browser/index.html
+6. splice_eval      the SAE spliced into the tiny LLaVA's vision block: KL per answer token,
+                    fraction of loss recovered vs zero and mean ablation (2 images)    -> splice_eval/
+7. ground_truth     planted-concept check: SAE mean MS vs raw neurons on data with a known answer
+8. browse           the static feature browser of all of the above                     -> browser/index.html
 
 The tiny models are random, so the numbers show the pipeline works, not what CLIP has learned;
 the README lists the real-model commands. A step whose job module is missing or fails is reported
@@ -51,7 +54,10 @@ TOKENS = "random_k"  # 2 random tokens per image, as the paper's steering SAE; p
 IMAGES_PER_CLASS = 32  # 16 shape x colour classes -> 512 generated images
 IMAGE_PX = 64
 
-STEPS = ("data", "extract", "train", "monosemanticity", "hierarchy", "steer", "ground_truth", "browse")
+STEPS = (
+    "data", "extract", "train", "monosemanticity", "hierarchy", "steer", "splice_eval", "ground_truth", "browse",
+)  # fmt: skip
+VOCAB_FILE = "concept_names.txt"  # the names= vocabulary of the monosemanticity step, in the demo folder
 
 
 def compose(config_name: str, overrides: list[str]):
@@ -102,13 +108,19 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return "n/a" if math.isnan(xf) else f"{xf:.{digits}f}"
 
 
+def _sci(x: Any) -> str:
+    """``x`` as 1.23e-05: the tiny LLaVA's KLs are far below what 3 decimals show."""
+    text = _fmt(x)
+    return text if text == "n/a" else f"{float(x):.2e}"
+
+
 def best_latents(ms_dpath: Path, n: int = 1) -> list[dict[str, Any]]:
     """The ``n`` live latents with the highest MS (``latents.csv``)."""
     fpath = ms_dpath / formats.LATENTS_CSV
     if not fpath.is_file():
         return []
     rows = [
-        {"latent": r.latent, "ms": r.ms, "max_act": r.max_act, "freq": r.freq}
+        {"latent": r.latent, "ms": r.ms, "max_act": r.max_act, "freq": r.freq, "name": r.name, "score": r.name_score}
         for r in formats.read_latents_csv(fpath).rows
         if not math.isnan(r.ms)
     ]
@@ -219,13 +231,15 @@ class Demo:
     # -- 3 ------------------------------------------------------------------------------------
     def monosemanticity(self) -> list[str]:
         self.require("train")
+        vocab_fpath = self._write_vocabulary()
         call_job(
             "monosemanticity",
             [
                 f"sae_path={self.d('train') / 'sae'}",
                 f"model={MODEL}",
                 *self.data_overrides,
-                "embedder=tiny",
+                "embedder=tiny",  # it has a text side, so it can name the latents
+                f"names={vocab_fpath}",
                 "progress=false",
             ],
             self.d("monosemanticity"),
@@ -238,8 +252,19 @@ class Demo:
             f"{_fmt(b.get('mean'))} +- {_fmt(b.get('std'))} ({s.get('n_images')} images, "
             f"{s.get('dead')} of {s.get('n_latents')} latents dead)",
             "best latents: " + ", ".join(f"#{r['latent']} MS {r['ms']:.3f}" for r in best),
-            "latents.csv, ms_summary.json, top_images/ (the index the browser reads), ms_hist.png, ms_vs_freq.png",
+            f"feature names ({VOCAB_FILE}: the planted shapes, colours and classes, embedder=tiny's text side): "
+            + ", ".join(f"#{r['latent']} {r['name']!r} (cos {_fmt(r['score'])})" for r in best),
+            "latents.csv (with name, name_score, names), ms_summary.json, top_images/ (the index the browser reads), "
+            "ms_hist.png, ms_vs_freq.png",
         ]
+
+    def _write_vocabulary(self) -> Path:
+        """The planted concept names, one per line: every shape, every colour, every "<colour> <shape>" class."""
+        from vlmsae.data.concepts import COLOURS, SHAPES, concept_classes
+        from vlmsae.utils.io import atomic_write_text
+
+        classes = [" ".join(reversed(c.split("_", 1))) for c in concept_classes()]  # circle_red -> red circle
+        return atomic_write_text(self.out / VOCAB_FILE, "\n".join([*SHAPES, *COLOURS, *classes]) + "\n")
 
     # -- 4 ------------------------------------------------------------------------------------
     def hierarchy(self) -> list[str]:
@@ -334,6 +359,30 @@ class Demo:
         return lines
 
     # -- 6 ------------------------------------------------------------------------------------
+    def splice_eval(self) -> list[str]:
+        self.require("train")
+        call_job(
+            "splice_eval",
+            [
+                f"model={MODEL}",
+                f"sae_path={self.d('train') / 'sae'}",
+                "n_images=2",
+                "max_new_tokens=6",
+                f"seed={self.seed}",
+            ],
+            self.d("splice_eval"),
+        )
+        s = _read_format(formats.read_splice, self.d("splice_eval") / formats.SPLICE_JSON).get("summary") or {}
+        return [
+            f"the SAE's reconstruction in place of its vision block's output, LLaVA teacher-forced on its own clean "
+            f"answers ({s.get('n_answers')} answers, {s.get('n_tokens')} tokens):",
+            f"  KL(clean || spliced) per answer token {_sci(s.get('kl'))}; fraction of loss recovered "
+            f"{_fmt(s.get('frac_recovered_zero'))} vs zero ablation, {_fmt(s.get('frac_recovered_mean'))} vs mean "
+            "ablation (1 = as good as the clean model)",
+            "splice.json, splice.md",
+        ]
+
+    # -- 7 ------------------------------------------------------------------------------------
     def ground_truth(self) -> list[str]:
         from vlmsae.metrics.ground_truth import ground_truth_check
         from vlmsae.utils.io import atomic_write_json
@@ -354,7 +403,7 @@ class Demo:
             raise RuntimeError("planted-concept check failed: " + " ".join(x.strip() for x in lines[1:3]))
         return lines
 
-    # -- 7 ------------------------------------------------------------------------------------
+    # -- 8 ------------------------------------------------------------------------------------
     def browse(self) -> list[str]:
         self.require("monosemanticity")
         res = call_job("browse", [f"run={self.out}", f"out={self.d('browser')}"], self.d("browser"))

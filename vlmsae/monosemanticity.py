@@ -39,7 +39,7 @@ from vlmsae.metrics import sweep
 from vlmsae.metrics.codes import open_sae_checkpoint
 from vlmsae.metrics.embedding_cache import default_cache_dpath
 from vlmsae.metrics.ms_study import score_sae, zero_shot_check
-from vlmsae.metrics.names import build_namer
+from vlmsae.metrics.names import namer_from_cfg
 from vlmsae.metrics.sweep import sweep_paths
 from vlmsae.models.embedders import EmbedderSpec
 from vlmsae.report.job_log import log_job
@@ -60,7 +60,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError("Pass sae_path=<SAE folder or hf://org/repo[/sub]> (a training run keeps it in <run>/sae/).")
     out_dpath = run_dir(out_dpath)
     sae_dpath = os.path.expanduser(str(cfg.sae_path))  # a str, not a Path: Path("hf://a/b") drops a slash
-    namer = build_namer(cfg.names, cfg.names_templates, cfg.names_top, cfg.embedder)  # before any image is read
+    namer = namer_from_cfg(cfg, cfg.embedder)  # before any image is read
     if (paths := sweep_paths(sae_dpath)) is not None:  # a sweep folder or a comma list
         return _run_sweep(cfg, out_dpath, paths, namer)
     # model: null = the SAE's source.model (a model node converts in source_model_spec)

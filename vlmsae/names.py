@@ -3,11 +3,14 @@
     python -m vlmsae.names ms_run=outputs/monosemanticity/<run> names=imagenet
     python -m vlmsae.names ms_run=<run> names=wordnet embedder=clip_b32
     python -m vlmsae.names ms_run=<run> names=my_names.txt names_top=5
+    python -m vlmsae.names ms_run=<run> names=imagenet autointerp=llava autointerp_model=llava15_7b
 
 Embeds the run's top images again (``top_images/``, latent by latent) with a CLIP embedder (default: the
 run's own), names each latent by the vocabulary entry whose prompt-averaged text embedding is closest to
 its concept (:mod:`vlmsae.metrics.names`), and rewrites ``<ms_run>/latents.csv`` atomically with the
-``name``, ``name_score`` and ``names`` columns, plus the ``names`` entry of ``ms_summary.json``. The same
+``name``, ``name_score`` and ``names`` columns, plus the ``names`` entry of ``ms_summary.json``.
+``autointerp=llava`` adds LLaVA's one word for a grid of each latent's top images and its cosine with the
+concept (``autointerp``, ``autointerp_score``; :mod:`vlmsae.metrics.autointerp`). The same
 names come out of ``python -m vlmsae.monosemanticity ... names=imagenet`` directly. Keys: ``NamesJob``
 (:mod:`vlmsae.config.jobs.names`).
 """
@@ -22,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, node_dict, register_configs
 from vlmsae.formats import LATENTS_CSV, MS_SUMMARY_JSON, read_ms_summary, write_latents_csv, write_ms_summary
-from vlmsae.metrics.names import build_namer, ms_run_embedder, name_ms_run
+from vlmsae.metrics.names import ms_run_embedder, name_ms_run, namer_from_cfg
 from vlmsae.report.job_log import log_job
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -34,7 +37,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError("Pass ms_run=<monosemanticity run folder> (it holds latents.csv and top_images/).")
     ms_dpath = Path(cfg.ms_run).expanduser()
     embedder_cfg = ms_run_embedder(ms_dpath, node_dict(cfg, "embedder"))
-    namer = build_namer(cfg.names, cfg.names_templates, cfg.names_top, embedder_cfg)
+    namer = namer_from_cfg(cfg, embedder_cfg)
     table, names = name_ms_run(ms_dpath, namer)
     written = [str(write_latents_csv(ms_dpath, table))]
     summary = namer.study_summary(names, table.ms_K(len(table.rows)))  # latents are 0..K-1
@@ -53,7 +56,8 @@ def _main(cfg: DictConfig) -> None:
     summary = run(cfg)
     print(json.dumps({k: summary[k] for k in ("n_named", "mean_name_score", "latents_csv", "out_dpath")}, indent=2))
     for row in summary["top_latents"]:
-        print(f"latent {row['latent']}: {row['name']} ({row['name_score']:.3f}); {row['names']}")
+        said = f"; LLaVA: {row['autointerp']} ({row['autointerp_score']:.3f})" if "autointerp" in row else ""
+        print(f"latent {row['latent']}: {row['name']} ({row['name_score']:.3f}); {row['names']}{said}")
 
 
 def main() -> None:

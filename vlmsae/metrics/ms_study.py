@@ -151,7 +151,7 @@ def score_sae(
     }
     names = None
     if namer is not None:  # the top images' rows of emb_NE: the concept of the steering score, nothing re-embedded
-        names = namer.name_from_embeddings(emb_NE, top.image_idx)
+        names = namer.name_from_embeddings(emb_NE, top.image_idx, top.paths, ms_K)
         summary["names"] = namer.study_summary(names, ms_K)
     latent_N = codes_NF.indices()[1]
     freq_K = torch.bincount(latent_N, minlength=sae.n_latents).double() / n_images

@@ -11,6 +11,10 @@
 Vocabularies (:func:`load_vocabulary`): ``imagenet`` (open_clip's 1000 ImageNet class names, read at
 runtime), ``wordnet`` (:func:`wordnet_nouns`: concrete WordNet nouns) or a text file, one name per line.
 The embedder must have a text side (``embed_text``: the open_clip embedders, ``clip_b32`` and ``tiny``).
+
+``autointerp=llava`` adds a second pass (:mod:`vlmsae.metrics.autointerp`): LLaVA's one word for a grid of
+each latent's top images, scored against the same concept with the same templates (``autointerp`` and
+``autointerp_score``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from vlmsae.data.images import load_image
 from vlmsae.data.taxonomy import find_wordnet_noun_file, load_wordnet_synsets
 from vlmsae.formats import TOP_IMAGES_DIR, LatentsTable, read_latents_csv, read_run_info
+from vlmsae.metrics.autointerp import AutoInterp, build_autointerp
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models import embedders
 from vlmsae.steering.score import streamed_concept_embeddings
@@ -41,6 +46,7 @@ __all__ = [
     "ms_run_embedder",
     "name_embeddings",
     "name_ms_run",
+    "namer_from_cfg",
     "top_names",
     "with_names",
     "wordnet_nouns",
@@ -160,7 +166,7 @@ class LatentNames:
         order = named
         if ms_K is not None:
             order = sorted(named, key=lambda k: -float(ms_K[k]) if ms_K[k] == ms_K[k] else float("inf"))
-        return {
+        out = {
             "n_named": len(named),
             "mean_name_score": sum(self.score[k] for k in named) / len(named) if named else float("nan"),
             "top_latents": [
@@ -168,6 +174,16 @@ class LatentNames:
                 for k in order[:n]
             ],
         }
+        if self.autointerp is not None and self.autointerp_score is not None:
+            asked = [k for k, w in enumerate(self.autointerp) if w]
+            scored = [self.autointerp_score[k] for k in asked if self.autointerp_score[k] == self.autointerp_score[k]]
+            out["n_autointerp"] = len(asked)
+            out["mean_autointerp_score"] = sum(scored) / len(scored) if scored else float("nan")
+            for row in out["top_latents"]:
+                row.update(
+                    autointerp=self.autointerp[row["latent"]], autointerp_score=self.autointerp_score[row["latent"]]
+                )
+        return out
 
 
 def top_names(concepts_KE: torch.Tensor, names_VE: torch.Tensor, vocab: Sequence[str], top: int = 3) -> LatentNames:
@@ -227,6 +243,8 @@ class LatentNamer:
     top: int
     source: str  # imagenet | wordnet | the file
     embedder: Any = None  # the embedder whose text side embedded the vocabulary (its image side names a run)
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES  # the prompts the vocabulary was embedded with
+    autointerp: AutoInterp | None = None  # the optional LLaVA pass (autointerp=llava)
 
     @classmethod
     def build(
@@ -237,38 +255,80 @@ class LatentNamer:
         embedder: Any,
         embedder_name: str,
         wordnet_dpath: str | Path | None = None,
+        autointerp: AutoInterp | None = None,
     ) -> LatentNamer:
         """Load the vocabulary and embed it (the embedder checked for a text side first: the cheap errors first)."""
         embed_text = text_side(embedder, embedder_name)
         if top < 1:
             raise ValueError(f"names_top={top}: keep at least 1 name per latent.")
         vocab = load_vocabulary(str(names), wordnet_dpath)
-        return cls(vocab, name_embeddings(vocab, list(templates), embed_text), top, str(names), embedder)
+        names_VE = name_embeddings(vocab, list(templates), embed_text)
+        return cls(vocab, names_VE, top, str(names), embedder, tuple(templates), autointerp)
 
-    def name(self, concepts_KE: torch.Tensor) -> LatentNames:
-        return top_names(concepts_KE, self.names_VE, self.vocab, self.top)
+    def name(
+        self,
+        concepts_KE: torch.Tensor,
+        paths_K: Sequence[Sequence[Any]] | None = None,
+        ms_K: torch.Tensor | None = None,
+    ) -> LatentNames:
+        """Names of the concepts; with the LLaVA pass also its word and score per latent (``paths_K[k]``: latent
+        k's top images, best first; ``ms_K``: which latents go first under the cap)."""
+        names = top_names(concepts_KE, self.names_VE, self.vocab, self.top)
+        if self.autointerp is not None:
+            if paths_K is None:
+                raise ValueError(
+                    "autointerp=llava needs the top images' files, but this image source records no paths "
+                    "(a stream): use data=folder or data=list, or autointerp=null."
+                )
+            embed_text = text_side(self.embedder, "the names embedder")
+            words, scores = self.autointerp.interpret(
+                paths_K, concepts_KE, ms_K, lambda w: name_embeddings(w, self.templates, embed_text)
+            )
+            names.autointerp, names.autointerp_score = words, scores
+        return names
 
     def study_summary(self, names: LatentNames, ms_K: torch.Tensor | None = None) -> dict[str, Any]:
         """The ``names`` entry of ``ms_summary.json``: the vocabulary, its size, and :meth:`LatentNames.summary`."""
         return {"vocabulary": self.source, "n_names": len(self.vocab), "top": self.top, **names.summary(ms_K)}
 
-    def name_from_embeddings(self, emb_NE: torch.Tensor, image_idx_KT: torch.Tensor) -> LatentNames:
-        """Names of every latent of a top-images index whose rows index ``emb_NE``."""
-        return self.name(concepts_from_embeddings(emb_NE, image_idx_KT))
+    def name_from_embeddings(
+        self,
+        emb_NE: torch.Tensor,
+        image_idx_KT: torch.Tensor,
+        paths: Sequence[Any] | None = None,
+        ms_K: torch.Tensor | None = None,
+    ) -> LatentNames:
+        """Names of every latent of a top-images index whose rows index ``emb_NE`` (and ``paths``, the images'
+        files, which the LLaVA pass opens)."""
+        paths_K = None if paths is None else [[paths[i] for i in row if i >= 0] for row in image_idx_KT.tolist()]
+        return self.name(concepts_from_embeddings(emb_NE, image_idx_KT), paths_K, ms_K)
 
 
 def build_namer(
-    names: str | None, templates: Sequence[str], top: int, embedder_cfg: Any, wordnet_dpath: str | None = None
+    names: str | None,
+    templates: Sequence[str],
+    top: int,
+    embedder_cfg: Any,
+    wordnet_dpath: str | None = None,
+    autointerp: AutoInterp | None = None,
 ) -> LatentNamer | None:
     """The namer of a job's ``names`` / ``names_templates`` / ``names_top`` keys (None when ``names`` is null),
-    with the embedder of ``embedder_cfg`` (an :class:`~vlmsae.models.embedders.EmbedderSpec` or its node)."""
+    with the embedder of ``embedder_cfg`` (an :class:`~vlmsae.models.embedders.EmbedderSpec` or its node) and
+    the optional LLaVA pass."""
     if names is None:
         return None
     spec = embedders.EmbedderSpec.from_cfg(embedder_cfg)
     if not str(names).strip():
         raise ValueError(f"names={names!r} is empty; {_VOCAB_FIX}, or names=null for no names.")
     embedder = embedders.load_embedder(spec)  # looked up at call time (tests replace it)
-    return LatentNamer.build(str(names), list(templates), top, embedder, spec.name, wordnet_dpath)
+    return LatentNamer.build(str(names), list(templates), top, embedder, spec.name, wordnet_dpath, autointerp)
+
+
+def namer_from_cfg(cfg: Any, embedder_cfg: Any) -> LatentNamer | None:
+    """:func:`build_namer` from a job config's ``names*`` and ``autointerp*`` keys; the LLaVA pass is checked
+    first (choice, model, cap: nothing loads), then the vocabulary is embedded."""
+    autointerp = build_autointerp(cfg.autointerp, cfg.autointerp_model, cfg.autointerp_max_latents, cfg.names)
+    return build_namer(cfg.names, cfg.names_templates, cfg.names_top, embedder_cfg, autointerp=autointerp)
 
 
 def ms_run_embedder(ms_dpath: str | Path, embedder_cfg: Any = None) -> Any:
@@ -295,5 +355,6 @@ def name_ms_run(ms_dpath: str | Path, namer: LatentNamer) -> tuple[LatentsTable,
             "embedded again: rerun the monosemanticity job with names=... instead."
         )
     paths = [[top.paths[i] for i in row if i >= 0] for row in top.image_idx.tolist()]
-    names = namer.name(streamed_concept_embeddings(paths, load_image, namer.embedder.embed))
+    concepts_KE = streamed_concept_embeddings(paths, load_image, namer.embedder.embed)
+    names = namer.name(concepts_KE, paths, table.ms_K(len(paths)))
     return with_names(table, names), names

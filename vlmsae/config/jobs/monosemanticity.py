@@ -51,6 +51,12 @@ class MonosemanticityJob:
         ]
     )
     names_top: int = 3  # names kept per latent in the `names` column, best first
+    # the optional LLaVA naming pass (vlmsae.metrics.autointerp): LLaVA's one word for a 3x3 grid of each latent's top
+    # images, scored by the cosine of its text embedding with the latent's concept; latents.csv gains autointerp,
+    # autointerp_score. null = off | llava (needs names=...: it scores in the names pass's space)
+    autointerp: Optional[str] = None
+    autointerp_model: str = "llava15_7b"  # a conf/model/ LLaVA (backend hf_llava); tiny_llava: random, offline
+    autointerp_max_latents: int = 200  # latents asked, highest MS first; the others keep empty cells
 
 
 def register() -> None:
