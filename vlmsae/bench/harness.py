@@ -16,8 +16,8 @@ from vlmsae.utils.provenance import provenance, write_run_info
 
 # Fixed order: cheap ceilings first, then the SAE step, then the other issues' benchmarks
 # (ms: monosemanticity at 50k images x 65k latents; extract: activation extraction; loader:
-# shard reading vs the training step's consumption).
-MODULES = ("gemm", "sae_step", "ms", "extract", "loader", "train_many")
+# shard reading vs the training step's consumption; browser: the feature browser at 65,536 latents).
+MODULES = ("gemm", "sae_step", "ms", "extract", "loader", "train_many", "browser")
 DEFAULT_OUT_DPATH = Path("outputs") / "bench"
 
 
