@@ -140,7 +140,7 @@ def measure_page(index_fpath: Path, last_latent: int, profile_dpath: Path) -> di
 def run(quick: bool = False) -> dict[str, Any]:
     """Build and time the browser of a synthetic run (``quick``: 3,000 latents over 2,000 images)."""
     size = QUICK if quick else FULL
-    prefix = f"browser_{round(size['n_latents'] / 1000)}k"
+    prefix = f"browser_{size['n_latents'] // 1000}k"  # browser_65k, browser_3k
     tmp_dpath = Path(tempfile.mkdtemp(prefix="vlmsae-bench-browser-"))
     try:
         t0 = time.perf_counter()
