@@ -3,9 +3,9 @@
 The fixture follows docs/ARCHITECTURE.md "Shared on-disk outputs" by hand (latents.csv, a
 top_images/ index, latent_taxa.csv, steer.json), so these tests pin the documented formats rather
 than whatever the other jobs happen to write today. The page is checked in a real browser through a
-small Chrome DevTools Protocol driver over ``--remote-debugging-pipe`` (stdlib only, the system
-``chromium``): card count, sort order after clicks, search, escaping of a hostile label, images and
-heatmaps, and a screenshot.
+small Chrome DevTools Protocol driver over ``--remote-debugging-pipe`` (:mod:`vlmsae.report.cdp`,
+stdlib only, the system ``chromium``): card count, sort order after clicks, search, escaping of a
+hostile label, images and heatmaps, and a screenshot.
 """
 
 from __future__ import annotations

@@ -2,9 +2,14 @@
 
 The browser only *reads* what the other jobs wrote (through :mod:`vlmsae.formats`): a monosemanticity
 run (``latents.csv``, ``ms_summary.json``, ``top_images/``), an optional hierarchy run (``latent_taxa.csv``,
-``hierarchy.json``) and optional steering runs (``steer.json``). It copies square thumbnails of the top
-images next to ``index.html`` and inlines every number and label as JSON, so the folder can be zipped,
-mailed or opened from disk.
+``hierarchy.json``) and optional steering runs (``steer.json``). It writes one square thumbnail per top
+image under ``img/`` (shared by every card that shows the image, named by its index), so the folder can be
+zipped, mailed or opened from disk. Every latent gets a card (65,536 for the paper's SAEs): ``index.html``
+inlines the page data and a search index of all cards (id, name, label, MS, frequency, group); the
+cards' images and numbers are inline too up to ``max_inline`` cards, else in ``chunks/cNNNNN.js`` script
+files of ``chunk_size`` cards that the page loads as they scroll into view (a ``file://`` page may load
+sibling scripts, not fetch them), and only the cards near the viewport are in the DOM. Names come from
+``latents.csv``'s optional ``name`` / ``names`` columns.
 
 Patch heatmaps come from an optional ``patch_acts`` [K, T, P] tensor in ``top.safetensors`` (P a square
 grid) when a writer recorded it; otherwise they are recomputed from the MS run's ``run_info.json``
@@ -13,9 +18,9 @@ grid) when a writer recorded it; otherwise they are recomputed from the MS run's
 steering run attaches to the cards only when its ``settings.sae_path`` is the MS run's SAE.
 
 Safety: labels come from folder names and CSVs we do not control. They reach the page only as
-JSON inside a ``<script type="application/json">`` block with ``<``, ``>`` and ``&`` escaped, and
-the page's script puts them into the DOM with ``textContent``, never ``innerHTML``; a label like
-``<script>alert(1)</script>`` shows up as text.
+JSON inside a ``<script type="application/json">`` block or a chunk file's ``vlmsaeChunk(<json>)`` call with
+``<``, ``>`` and ``&`` escaped, and the page's script puts them into the DOM with ``textContent``, never
+``innerHTML``; a label like ``<script>alert(1)</script>`` shows up as text.
 """
 
 from __future__ import annotations
