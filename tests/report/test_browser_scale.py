@@ -107,6 +107,19 @@ def test_a_small_browser_stays_one_inline_file(big, tmp_path: Path):
         build_browser(sources, tmp_path / "c", max_cards=0)
 
 
+def test_thumbnails_through_the_process_pool_match_in_process(big, tmp_path: Path, monkeypatch):
+    _, data = big
+    run_dpath = Path(data["sources"]["ms"]).parent
+    sources = [(i, str(run_dpath / "images" / f"{i:06d}.jpg")) for i in range(20)] + [(99, str(tmp_path / "none.jpg"))]
+    (tmp_path / "serial").mkdir(), (tmp_path / "pool").mkdir()
+    serial = browser.write_thumbnails(sources, tmp_path / "serial", 16, workers=1)
+    monkeypatch.setattr(browser, "POOL_MIN_IMAGES", 1)
+    pooled = browser.write_thumbnails(sources, tmp_path / "pool", 16, workers=2)
+    assert serial == pooled == set(range(20))  # the unreadable image is left out, not an error
+    assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == [f"{i:07d}.jpg" for i in range(20)]
+    assert all((tmp_path / "pool" / n).read_bytes() == (tmp_path / "serial" / n).read_bytes() for n in ["0000003.jpg"])
+
+
 def test_latent_rows_read_names_when_present():
     base = {"latent": 1, "ms": 0.5, "freq": 0.1, "max_act": 2.0, "group": 0, "top_keys": ("a",)}
     without, with_tuple, with_text = (

@@ -50,6 +50,8 @@ DEFAULT_IMAGES_PER_CARD = 16
 # W&B's html panel needs); above it the cards are loaded from chunks/ as they scroll into view.
 DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_MAX_INLINE = 1000
+# Fewer thumbnails than this are written in-process (a pool's start-up costs more than it saves).
+POOL_MIN_IMAGES = 2000
 
 
 # --------------------------------------------------------------------------------------------
@@ -382,7 +384,7 @@ def write_thumbnails(
 
     jobs = [(i, src, str(img_dpath / _thumb_rel(i).split("/", 1)[1]), size_px) for i, src in sources]
     workers = workers or os.cpu_count() or 1
-    if workers < 2 or len(jobs) < 2000:
+    if workers < 2 or len(jobs) < POOL_MIN_IMAGES:
         return {i for i in map(_thumbnail_job, jobs) if i is not None}
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
