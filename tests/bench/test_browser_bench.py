@@ -25,6 +25,7 @@ def test_browser_bench_measures_build_size_and_page(monkeypatch):
     r = out["browser_1k"]
     assert r["n_latents"] == 1200 and r["n_chunks"] == 2
     assert r["build_s"] > 0 and r["bytes"] > r["index_html_bytes"] > 0
+    assert r["bytes"] > r["chunks_bytes"] + r["img_bytes"] and r["chunks_bytes"] > 0 and r["img_bytes"] > 0
     assert r["files"] >= TINY["n_images"] // 2  # thumbnails, shared: at most one per image
     if bench.find_chromium() is None:
         assert r["first_paint_s"] is None and r["search_ms"] is None and "chromium" in r["chromium"]

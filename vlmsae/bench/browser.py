@@ -160,6 +160,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "bytes": n_bytes,
                 "files": n_files,
                 "index_html_bytes": (out_dpath / "index.html").stat().st_size,
+                "chunks_bytes": folder_bytes(out_dpath / "chunks")[0],
+                "img_bytes": folder_bytes(out_dpath / "img")[0],
                 "n_chunks": data["n_chunks"],
                 "cpu_count": os.cpu_count(),
                 **page,
