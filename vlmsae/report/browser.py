@@ -785,17 +785,19 @@ def search_index(cards: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """What the page needs of every card up front, column by column: id, MS, frequency, group, name
     and the lower-case text a search matches (name, names, taxonomy label and ranks)."""
 
-    def rounded(x: float | None) -> float | None:
-        return None if x is None else float(f"{x:.5g}")
-
     return {
         "latent": [c["latent"] for c in cards],
-        "ms": [rounded(c["ms"]) for c in cards],
-        "freq": [rounded(c["freq"]) for c in cards],
+        "ms": [_round_sig(c["ms"], 5) for c in cards],
+        "freq": [_round_sig(c["freq"], 5) for c in cards],
         "group": [c["group"] for c in cards],
         "name": [c["name"] for c in cards],
         "text": [" ".join([c["name"], *c["names"], c["label"], *c["ranks"].values()]).strip().lower() for c in cards],
     }
+
+
+def _round_sig(x: float | None, digits: int) -> float | None:
+    """``x`` to ``digits`` significant digits: the page shows 3, and the JSON shrinks by a third."""
+    return None if x is None else float(f"{x:.{digits}g}")
 
 
 def _b64_grid(heat: list[int] | None) -> str | None:
@@ -819,16 +821,16 @@ def chunk_payload(data: dict[str, Any], chunk: int) -> dict[str, Any]:
         cards.append(
             {
                 **{k: card[k] for k in CARD_FIELDS},
-                "top": [[t["image"], t["act"]] for t in card["top"]],
+                "top": [[t["image"], _round_sig(t["act"], 4)] for t in card["top"]],
                 **({"heat": heats} if any(heats) else {}),
             }
         )
     return {"chunk": chunk, "images": images, "cards": cards}
 
 
-# Card fields a chunk carries as they are (the top images are packed by chunk_payload).
-CARD_FIELDS = ("latent", "ms", "freq", "max_act", "group", "name", "names", "label", "ranks", "depth_mean")
-CARD_FIELDS += ("top_keys", "steering")
+# Card fields a chunk carries as they are (the top images are packed by chunk_payload; MS, frequency and
+# group are in the search index only).
+CARD_FIELDS = ("latent", "max_act", "name", "names", "label", "ranks", "depth_mean", "top_keys", "steering")
 PAGE_FIELDS = ("title", "n_latents", "n_cards", "max_cards", "heatmap_note", "sources", "summary", "hierarchy")
 PAGE_FIELDS += ("model", "plots", "steering", "inline", "chunk_size", "n_chunks")
 

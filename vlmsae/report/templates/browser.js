@@ -144,7 +144,7 @@
     card.dataset.loaded = "1";
     cardHead(pos, card);
     card.appendChild(el("div", "label", c.label || ""));
-    var meta = ["freq " + pct(c.freq), "max act " + fmt(c.max_act, 2)];
+    var meta = ["freq " + pct(IDX.freq[pos]), "max act " + fmt(c.max_act, 2)];
     if (c.depth_mean !== null && c.depth_mean !== undefined) meta.push("LCA depth " + fmt(c.depth_mean, 2));
     card.appendChild(el("div", "meta", meta.join(" · ")));
     if (c.names && c.names.length > 1) card.appendChild(el("div", "meta", "also: " + c.names.slice(1).join(", ")));
