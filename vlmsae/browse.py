@@ -1,11 +1,12 @@
 """Entry point: build the static feature browser of a monosemanticity run.
 
     python -m vlmsae.browse run=outputs/demo            # -> outputs/demo/browser/index.html
-    python -m vlmsae.browse run=<ms run> max_cards=2000 heatmaps=off
+    python -m vlmsae.browse run=<ms run> max_cards=2000 heatmaps=off   # default: every latent
     python -m vlmsae.browse run=<dir> logger=wandb logger.mode=offline   # also a W&B Table
 
-The page is one self-contained folder (index.html with inline data, img/ thumbnails, plots/): open it
-from disk, no server needed. Keys: ``BrowseJob`` (:mod:`vlmsae.config.jobs.browse`); library code lives in
+The page is one self-contained folder (index.html, img/ thumbnails shared by the cards, plots/, and for
+more than ``max_inline`` cards chunks/ of card data loaded as they scroll into view): open it from disk, no
+server needed. Keys: ``BrowseJob`` (:mod:`vlmsae.config.jobs.browse`); library code lives in
 :mod:`vlmsae.report.browser`.
 """
 
@@ -32,6 +33,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         sources,
         out_dpath,
         max_cards=job.max_cards,
+        max_inline=job.max_inline,
+        chunk_size=job.chunk_size,
         images_per_card=job.images_per_card,
         thumb_px=job.thumb_px,
         heatmaps=job.heatmaps,
@@ -55,7 +58,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 def _main(cfg: DictConfig) -> None:
     result = run(cfg)
     print(
-        f"feature browser: {result['n_cards']} cards of {result['n_latents']} latents, "
+        f"feature browser: {result['n_cards']} cards of {result['n_latents']} latents "
+        f"({result['n_chunks']} chunk files), {result['n_thumbnails']} thumbnails, "
         f"{result['n_heatmaps']} patch heatmaps ({result['heatmap_note']})"
     )
     print(f"open file://{Path(result['index_html']).resolve()}")

@@ -2,9 +2,14 @@
 
 The browser only *reads* what the other jobs wrote (through :mod:`vlmsae.formats`): a monosemanticity
 run (``latents.csv``, ``ms_summary.json``, ``top_images/``), an optional hierarchy run (``latent_taxa.csv``,
-``hierarchy.json``) and optional steering runs (``steer.json``). It copies square thumbnails of the top
-images next to ``index.html`` and inlines every number and label as JSON, so the folder can be zipped,
-mailed or opened from disk.
+``hierarchy.json``) and optional steering runs (``steer.json``). It writes one square thumbnail per top
+image under ``img/`` (shared by every card that shows the image, named by its index), so the folder can be
+zipped, mailed or opened from disk. Every latent gets a card (65,536 for the paper's SAEs): ``index.html``
+inlines the page data and a search index of all cards (id, name, label, MS, frequency, group); the
+cards' images and numbers are inline too up to ``max_inline`` cards, else in ``chunks/cNNNNN.js`` script
+files of ``chunk_size`` cards that the page loads as they scroll into view (a ``file://`` page may load
+sibling scripts, not fetch them), and only the cards near the viewport are in the DOM. Names come from
+``latents.csv``'s optional ``name`` / ``names`` columns.
 
 Patch heatmaps come from an optional ``patch_acts`` [K, T, P] tensor in ``top.safetensors`` (P a square
 grid) when a writer recorded it; otherwise they are recomputed from the MS run's ``run_info.json``
@@ -13,9 +18,9 @@ grid) when a writer recorded it; otherwise they are recomputed from the MS run's
 steering run attaches to the cards only when its ``settings.sae_path`` is the MS run's SAE.
 
 Safety: labels come from folder names and CSVs we do not control. They reach the page only as
-JSON inside a ``<script type="application/json">`` block with ``<``, ``>`` and ``&`` escaped, and
-the page's script puts them into the DOM with ``textContent``, never ``innerHTML``; a label like
-``<script>alert(1)</script>`` shows up as text.
+JSON inside a ``<script type="application/json">`` block or a chunk file's ``vlmsaeChunk(<json>)`` call with
+``<``, ``>`` and ``&`` escaped, and the page's script puts them into the DOM with ``textContent``, never
+``innerHTML``; a label like ``<script>alert(1)</script>`` shows up as text.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ TEMPLATE_DPATH = Path(__file__).resolve().parent / "templates"
 PATCH_TOKEN_SELECTIONS = ("patches", "all", "random_k")
 # Images a card shows; the index usually holds 16 per latent.
 DEFAULT_IMAGES_PER_CARD = 16
+# Cards per chunk file of a large browser, and the most cards inlined into index.html (one file, as
+# W&B's html panel needs); above it the cards are loaded from chunks/ as they scroll into view.
+DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_MAX_INLINE = 1000
+# Fewer thumbnails than this are written in-process (a pool's start-up costs more than it saves).
+POOL_MIN_IMAGES = 2000
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,9 +171,26 @@ def latent_rows(table: formats.LatentsTable) -> list[dict[str, Any]]:
             "max_act": _float(r.max_act),
             "group": r.group,
             "top_keys": "|".join(r.top_keys),
+            "name": _name(getattr(r, "name", None)),
+            "names": _names(getattr(r, "names", None)),
         }
         for r in table.rows
     ]
+
+
+def _name(value: Any) -> str:
+    """The latent's automatic name (``latents.csv``'s optional ``name`` column), "" when absent or empty."""
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _names(value: Any) -> list[str]:
+    """The optional ``names`` column (best names first) as a list, whether the reader gives a tuple or a
+    "|"-joined string."""
+    if isinstance(value, str):
+        value = value.split("|")
+    if not isinstance(value, (list, tuple)):
+        return []
+    return [str(v).strip() for v in value if str(v).strip()]
 
 
 def read_taxa_csv(fpath: Path) -> dict[int, dict[str, Any]]:
@@ -335,6 +363,37 @@ def write_thumbnail(src_fpath: str | Path, dst_fpath: Path, size_px: int) -> boo
     return True
 
 
+def _thumb_rel(image_idx: int) -> str:
+    """Where image ``image_idx``'s thumbnail lives, relative to index.html (browser.js builds the same path)."""
+    return f"img/{image_idx:07d}.jpg"
+
+
+def _thumbnail_job(job: tuple[int, str, str, int]) -> int | None:
+    image_idx, src, dst, size_px = job
+    return image_idx if write_thumbnail(src, Path(dst), size_px) else None
+
+
+def write_thumbnails(
+    sources: list[tuple[int, str]], img_dpath: Path, size_px: int, workers: int | None = None
+) -> set[int]:
+    """Write one thumbnail per (image index, source path) into ``img_dpath``; returns the indices written.
+
+    Tens of thousands of images (every latent's top images) take a minute on one core, so large sets
+    go through a process pool of ``workers`` (default: the CPU count); a small set stays in-process."""
+    import os
+
+    jobs = [(i, src, str(img_dpath / _thumb_rel(i).split("/", 1)[1]), size_px) for i, src in sources]
+    workers = workers or os.cpu_count() or 1
+    if workers < 2 or len(jobs) < POOL_MIN_IMAGES:
+        return {i for i in map(_thumbnail_job, jobs) if i is not None}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: the workers need nothing but PIL and this module, which the parent has already imported.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return {i for i in pool.map(_thumbnail_job, jobs, chunksize=256) if i is not None}
+
+
 def quantize_grid(values_P: list[float], scale: float) -> list[int]:
     """Per-patch activations -> ints 0..255 relative to ``scale`` (the latent's largest patch value),
     so the same colour means the same activation across one latent's images."""
@@ -436,24 +495,35 @@ def recompute_heatmaps(
 def build_browser(
     sources: RunSources,
     out_dpath: str | Path,
-    max_cards: int = 500,
+    max_cards: int | None = None,
     images_per_card: int = DEFAULT_IMAGES_PER_CARD,
     thumb_px: int = 96,
     heatmaps: str = "auto",
     title: str | None = None,
     sae_format: str | None = None,
+    max_inline: int = DEFAULT_MAX_INLINE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    workers: int | None = None,
 ) -> dict[str, Any]:
-    """Write ``out_dpath/index.html`` (+ ``img/`` thumbnails, plots) and return the page's data.
+    """Write ``out_dpath/index.html`` (+ ``img/`` thumbnails, ``chunks/``, plots) and return the page's data.
 
-    Cards: the ``max_cards`` latents with the highest MS (dead latents last), plus every latent a
-    steering run used. ``heatmaps``: ``auto`` (recorded, else recomputed when the SAE saw patch
-    tokens), ``recorded`` (only what the MS run stored) or ``off``. ``sae_format``: the SAE's format
-    when heatmaps are recomputed (default: the MS run's ``sae_format``, else detect).
+    Cards: every latent (``max_cards=None``) or the ``max_cards`` with the highest MS (dead latents last),
+    plus every latent a steering run used. Up to ``max_inline`` cards, all card data is inlined in
+    ``index.html`` (one file, as W&B's html panel needs); above, the page inlines a search index (ids,
+    names, labels, MS, frequency, group of every card) and loads the cards' images and numbers from
+    ``chunks/cNNNNN.js`` (``chunk_size`` cards each) as they scroll into view. ``heatmaps``: ``auto``
+    (recorded, else recomputed when the SAE saw patch tokens), ``recorded`` (only what the MS run stored)
+    or ``off``. ``sae_format``: the SAE's format when heatmaps are recomputed (default: the MS run's
+    ``sae_format``, else detect). ``workers``: processes writing thumbnails (default: the CPU count).
     """
     if heatmaps not in ("auto", "recorded", "off"):
         raise ValueError(f"heatmaps={heatmaps!r}: use auto, recorded or off.")
-    if max_cards < 1:
-        raise ValueError(f"max_cards={max_cards} must be >= 1.")
+    if max_cards is not None and max_cards < 1:
+        raise ValueError(f"max_cards={max_cards} must be >= 1, or null for every latent.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (cards per chunk file, e.g. 1024).")
+    if max_inline < 0:
+        raise ValueError(f"max_inline={max_inline} must be >= 0 (0 always writes chunk files).")
     out_dpath = Path(out_dpath)
     img_dpath = out_dpath / "img"
     img_dpath.mkdir(parents=True, exist_ok=True)
@@ -477,7 +547,8 @@ def build_browser(
     # Choose the cards: highest MS first (None = dead, last), then the steered latents.
     by_latent = {r["latent"]: r for r in rows}
     ranked = sorted(rows, key=lambda r: (r["ms"] is None, -(r["ms"] or 0.0), r["latent"]))
-    chosen = [r["latent"] for r in ranked[:max_cards]]
+    chosen = [r["latent"] for r in (ranked if max_cards is None else ranked[:max_cards])]
+    chosen_set = set(chosen)
     steer_by_latent: dict[int, list[int]] = defaultdict(list)
     for i, ex in enumerate(steering):
         # Latent ids only mean something within one SAE: attach a steering run to the cards only
@@ -487,56 +558,61 @@ def build_browser(
             continue
         for latent in ex["latents"]:
             steer_by_latent[latent].append(i)
-            if latent not in chosen and latent in by_latent:
+            if latent not in chosen_set and latent in by_latent:
                 chosen.append(latent)
+                chosen_set.add(latent)
     row_of_latent = {latent: row for row, latent in enumerate(index.row_latents)}
 
-    # Thumbnails, one per image (shared by the cards that show it).
-    paths = index.paths or []
-    thumb_of_image: dict[int, str | None] = {}
+    # The top images of every card as [C, T] tensors (one gather, not 16 Python lookups per card).
+    import torch
 
-    def thumb(image_idx: int) -> str | None:
-        if image_idx not in thumb_of_image:
-            rel = None
-            src = paths[image_idx] if image_idx < len(paths) else None
-            if src and write_thumbnail(src, img_dpath / f"{image_idx:07d}.jpg", thumb_px):
-                rel = f"img/{image_idx:07d}.jpg"
-            thumb_of_image[image_idx] = rel
-        return thumb_of_image[image_idx]
+    n_show = min(images_per_card, int(index.image_idx_KT.shape[1])) if index.image_idx_KT.ndim == 2 else 0
+    card_rows = [row_of_latent.get(latent) for latent in chosen]
+    gather = torch.tensor([r if r is not None else 0 for r in card_rows], dtype=torch.long)
+    image_idx_CT = index.image_idx_KT[gather, :n_show].clone()
+    image_idx_CT[torch.tensor([r is None for r in card_rows], dtype=torch.bool)] = -1
+    acts_CT = index.acts_KT[gather, :n_show].float()
+
+    # Thumbnails, one per image: each written once and shared by every card that shows it.
+    paths = index.paths or []
+    used = sorted(int(i) for i in torch.unique(image_idx_CT[image_idx_CT >= 0]).tolist())
+    written = write_thumbnails(
+        [(i, paths[i]) for i in used if i < len(paths) and paths[i]], img_dpath, thumb_px, workers=workers
+    )
+    n_keys, labels = len(index.keys), index.labels
+    caption_of: dict[int, str] = {}
+
+    def caption(image_idx: int) -> str:
+        if image_idx not in caption_of:
+            key = index.keys[image_idx] if image_idx < n_keys else ""
+            caption_of[image_idx] = _caption(key, labels[image_idx] if labels and image_idx < len(labels) else None)
+        return caption_of[image_idx]
 
     cards: list[dict[str, Any]] = []
-    from tqdm import tqdm
-
-    for latent in tqdm(chosen, desc="cards", unit="latent", leave=False, disable=None):
+    idx_rows, act_rows = image_idx_CT.tolist(), acts_CT.tolist()
+    for c, latent in enumerate(chosen):
         r = by_latent[latent]
         tx = taxa.get(latent, {})
         top = []
-        row = row_of_latent.get(latent)
-        if row is not None:
-            idx_T = index.image_idx_KT[row].tolist()
-            act_T = index.acts_KT[row].tolist()
-            for slot, (image_idx, act) in enumerate(zip(idx_T[:images_per_card], act_T[:images_per_card])):
-                if image_idx < 0:
-                    continue  # -1 pads latents with fewer than T firing images
-                top.append(
-                    {
-                        "slot": slot,
-                        "image": int(image_idx),
-                        "key": index.keys[image_idx] if image_idx < len(index.keys) else str(image_idx),
-                        "label": _caption(
-                            index.keys[image_idx] if image_idx < len(index.keys) else "",
-                            index.labels[image_idx] if index.labels and image_idx < len(index.labels) else None,
-                        ),
-                        "act": _float(act),
-                        "src": thumb(int(image_idx)),
-                        "heat": None,
-                    }
-                )
-            if heatmaps != "off":
-                recorded = recorded_heatmaps(index, row, images_per_card)
-                if recorded is not None:
-                    for t in top:
-                        t["heat"] = recorded[t["slot"]] if t["slot"] < len(recorded) else None
+        for slot, (image_idx, act) in enumerate(zip(idx_rows[c], act_rows[c])):
+            if image_idx < 0:
+                continue  # -1 pads latents with fewer than T firing images
+            top.append(
+                {
+                    "slot": slot,
+                    "image": image_idx,
+                    "key": index.keys[image_idx] if image_idx < n_keys else str(image_idx),
+                    "label": caption(image_idx),
+                    "act": _float(act),
+                    "src": _thumb_rel(image_idx) if image_idx in written else None,
+                    "heat": None,
+                }
+            )
+        if heatmaps != "off" and card_rows[c] is not None:
+            recorded = recorded_heatmaps(index, card_rows[c], images_per_card)
+            if recorded is not None:
+                for t in top:
+                    t["heat"] = recorded[t["slot"]] if t["slot"] < len(recorded) else None
         group = r["group"] if r["group"] is not None else tx.get("group")
         cards.append(
             {
@@ -545,10 +621,12 @@ def build_browser(
                 "freq": r["freq"],
                 "max_act": r["max_act"],
                 "group": group,
+                "name": r["name"],
+                "names": r["names"],
                 "label": tx.get("label", ""),
                 "ranks": tx.get("ranks", {}),
                 "depth_mean": tx.get("depth_mean"),
-                "top_keys": r["top_keys"] if row is None else "",
+                "top_keys": r["top_keys"] if card_rows[c] is None else "",
                 "top": top,
                 "steering": steer_by_latent.get(latent, []),
             }
@@ -573,8 +651,11 @@ def build_browser(
         "plots": plots,
         "steering": steering,
         "cards": cards,
+        "inline": len(cards) <= max_inline,
+        "chunk_size": chunk_size,
+        "n_chunks": math.ceil(len(cards) / chunk_size),
     }
-    atomic_write_text(out_dpath / "index.html", render_html(data))
+    write_page(data, out_dpath)
     return data
 
 
@@ -700,8 +781,86 @@ def json_for_script(obj: Any) -> str:
     return text
 
 
+def search_index(cards: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """What the page needs of every card up front, column by column: id, MS, frequency, group, name
+    and the lower-case text a search matches (name, names, taxonomy label and ranks)."""
+
+    return {
+        "latent": [c["latent"] for c in cards],
+        "ms": [_round_sig(c["ms"], 5) for c in cards],
+        "freq": [_round_sig(c["freq"], 5) for c in cards],
+        "group": [c["group"] for c in cards],
+        "name": [c["name"] for c in cards],
+        "text": [" ".join([c["name"], *c["names"], c["label"], *c["ranks"].values()]).strip().lower() for c in cards],
+    }
+
+
+def _round_sig(x: float | None, digits: int) -> float | None:
+    """``x`` to ``digits`` significant digits: the page shows 3, and the JSON shrinks by a third."""
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
+def _b64_grid(heat: list[int] | None) -> str | None:
+    """A quantized heatmap (ints 0..255) as base64 bytes: a third of its JSON list's size."""
+    import base64
+
+    return base64.b64encode(bytes(heat)).decode("ascii") if heat else None
+
+
+def chunk_payload(data: dict[str, Any], chunk: int) -> dict[str, Any]:
+    """Cards ``chunk * chunk_size`` onwards as the page reads them: each card's top images as
+    ``[image, act]`` pairs and base64 heatmaps, and the key, caption and thumbnail flag of each image
+    the chunk shows once (a thumbnail's path is ``img/<image:07d>.jpg``)."""
+    size = data["chunk_size"]
+    images: dict[str, list[Any]] = {}
+    cards = []
+    for card in data["cards"][chunk * size : (chunk + 1) * size]:
+        for t in card["top"]:
+            images.setdefault(str(t["image"]), [t["key"], t["label"], 1 if t["src"] else 0])
+        heats = [_b64_grid(t["heat"]) for t in card["top"]]
+        cards.append(
+            {
+                **{k: card[k] for k in CARD_FIELDS},
+                "top": [[t["image"], _round_sig(t["act"], 4)] for t in card["top"]],
+                **({"heat": heats} if any(heats) else {}),
+            }
+        )
+    return {"chunk": chunk, "images": images, "cards": cards}
+
+
+# Card fields a chunk carries as they are (the top images are packed by chunk_payload; MS, frequency and
+# group are in the search index only).
+CARD_FIELDS = ("latent", "max_act", "name", "names", "label", "ranks", "depth_mean", "top_keys", "steering")
+PAGE_FIELDS = ("title", "n_latents", "n_cards", "max_cards", "heatmap_note", "sources", "summary", "hierarchy")
+PAGE_FIELDS += ("model", "plots", "steering", "inline", "chunk_size", "n_chunks")
+
+
+def chunk_fname(chunk: int) -> str:
+    """``chunks/c00012.js``: the file that registers chunk 12 (browser.js builds the same name)."""
+    return f"chunks/c{chunk:05d}.js"
+
+
+def write_page(data: dict[str, Any], out_dpath: Path) -> None:
+    """``index.html`` with the page data and search index inline, plus (unless ``data["inline"]``) one
+    ``chunks/cNNNNN.js`` per chunk: ``vlmsaeChunk(<json>);``, a script file because a page opened from
+    ``file://`` may load sibling scripts but not ``fetch()`` them."""
+    page = {k: data[k] for k in PAGE_FIELDS}
+    page["index"] = search_index(data["cards"])
+    chunks_dpath = out_dpath / "chunks"
+    if chunks_dpath.is_dir():
+        shutil.rmtree(chunks_dpath)  # a previous, larger build's chunks must not linger
+    if data["inline"]:
+        page["chunks"] = [chunk_payload(data, c) for c in range(data["n_chunks"])]
+    else:
+        chunks_dpath.mkdir()
+        for c in range(data["n_chunks"]):
+            text = f"vlmsaeChunk({json_for_script(chunk_payload(data, c))});\n"
+            atomic_write_text(out_dpath / chunk_fname(c), text)
+    atomic_write_text(out_dpath / "index.html", render_html(page))
+
+
 def render_html(data: dict[str, Any]) -> str:
-    """Fill the template with inline CSS, JS and the JSON data (no external requests at all)."""
+    """Fill the template with inline CSS, JS and the JSON data (no request beyond the chunk scripts)."""
     page = (TEMPLATE_DPATH / "browser.html").read_text(encoding="utf-8")
     css = (TEMPLATE_DPATH / "browser.css").read_text(encoding="utf-8")
     js = (TEMPLATE_DPATH / "browser.js").read_text(encoding="utf-8")
@@ -714,6 +873,8 @@ def render_html(data: dict[str, Any]) -> str:
 # W&B
 # --------------------------------------------------------------------------------------------
 # The page's heatmap ramp (browser.js RAMP): violet -> orange -> yellow.
+# Rows of the W&B table (the highest-MS cards; steered latents always).
+WANDB_MAX_ROWS = 500
 HEAT_RAMP = ((13, 8, 135), (156, 23, 158), (237, 121, 83), (240, 249, 33))
 
 
@@ -743,16 +904,21 @@ def card_overlay_image(thumb_fpath: Path, heat: list[int] | None) -> Any:
     )
 
 
-def wandb_table(data: dict[str, Any], out_dpath: str | Path, images_per_row: int = 8) -> Any:
-    """The browser's cards as a ``wandb.Table``: one row per latent, ``images_per_row`` image columns."""
+def wandb_table(
+    data: dict[str, Any], out_dpath: str | Path, images_per_row: int = 8, max_rows: int = WANDB_MAX_ROWS
+) -> Any:
+    """The browser's cards as a ``wandb.Table``: one row per latent, ``images_per_row`` image columns.
+
+    At most the first ``max_rows`` cards (highest MS), plus the steered ones: a table of all 65,536 latents
+    of a paper-size SAE would upload a million images; the page in the run folder has them all."""
     import wandb
 
     out_dpath = Path(out_dpath)
-    columns = ["latent", "ms", "freq", "group", "label", "depth_mean", "steering"] + [
+    columns = ["latent", "ms", "freq", "group", "label", "depth_mean", "name", "steering"] + [
         f"top_{i}" for i in range(images_per_row)
     ]
     table = wandb.Table(columns=columns)
-    for card in data["cards"]:
+    for card in (c for i, c in enumerate(data["cards"]) if i < max_rows or c["steering"]):
         steer_text = " | ".join(
             f"{r['baseline']} -> {r['steered']}" for i in card["steering"] for r in data["steering"][i]["rows"][:2]
         )
@@ -771,6 +937,7 @@ def wandb_table(data: dict[str, Any], out_dpath: str | Path, images_per_row: int
             card["group"],
             card["label"],
             card["depth_mean"],
+            card["name"],
             steer_text,
             *images,
         )
@@ -815,6 +982,8 @@ def cards_summary(data: dict[str, Any]) -> dict[str, Any]:
         "n_cards": len(cards),
         "n_latents": data["n_latents"],
         "n_images": sum(len(c["top"]) for c in cards),
+        "n_thumbnails": len({t["image"] for c in cards for t in c["top"] if t["src"]}),
+        "n_chunks": 0 if data["inline"] else data["n_chunks"],
         "n_heatmaps": sum(1 for c in cards for t in c["top"] if t["heat"]),
         "n_labelled": sum(1 for c in cards if c["label"]),
         "n_steering": len(data["steering"]),
@@ -827,6 +996,8 @@ __all__ = [
     "TopIndex",
     "build_browser",
     "cards_summary",
+    "chunk_fname",
+    "chunk_payload",
     "find_runs",
     "json_for_script",
     "latent_rows",
@@ -835,5 +1006,7 @@ __all__ = [
     "read_taxa_csv",
     "read_top_index",
     "render_html",
+    "search_index",
     "wandb_table",
+    "write_page",
 ]

@@ -1,10 +1,18 @@
-// vlmsae feature browser. All data is inline (no fetch, works from file://). Every string from the
-// data reaches the DOM through textContent or a property, never through innerHTML.
+// vlmsae feature browser. Works from file:// with no server: the page data and a search index of every
+// card are inline; the cards' numbers and images are inline too for a small browser, else they come from
+// chunks/cNNNNN.js script files (a file:// page may load sibling scripts but not request them with the
+// fetch API), each calling window.vlmsaeChunk(payload), loaded when a card of theirs scrolls into view.
+// Only the cards on screen (plus a margin) are in the DOM. Every string from the data reaches the DOM
+// through textContent or a property, never through innerHTML.
 (function () {
   "use strict";
   var DATA = JSON.parse(document.getElementById("browser-data").textContent);
+  var IDX = DATA.index, N = IDX.latent.length, CHUNK = DATA.chunk_size;
   var cardsEl = document.getElementById("cards");
   var state = { key: "ms", dir: -1, query: "" };
+  var chunks = {}, requested = {}, cardCache = {}, cacheSize = 0;
+  var order = [], sortedCache = {};
+  var MIN_CARD_W = 400, ROW_H = 380, GAP = 12, MARGIN_ROWS = 2;
 
   function el(tag, cls, text) {
     var e = document.createElement(tag);
@@ -77,54 +85,109 @@
     return d;
   }
 
-  function buildCard(c) {
-    var card = el("article", "card");
-    card.dataset.latent = c.latent;
+  function pad(n, width) {
+    var s = String(n);
+    while (s.length < width) s = "0" + s;
+    return s;
+  }
+  function decodeHeat(b64) {
+    var bin = atob(b64), out = new Array(bin.length);
+    for (var i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out;
+  }
+
+  // Chunks: registered by inline data or by chunks/cNNNNN.js; a card is (chunk payload, offset).
+  window.vlmsaeChunk = function (payload) {
+    chunks[payload.chunk] = payload;
+    renderWindow();
+  };
+  function requestChunk(c) {
+    if (chunks[c] || requested[c]) return;
+    requested[c] = true;
+    var s = document.createElement("script");
+    s.src = "chunks/c" + pad(c, 5) + ".js";
+    s.onerror = function () {
+      document.getElementById("count").textContent = "could not load " + s.src + " (was the browser folder copied whole?)";
+    };
+    document.body.appendChild(s);
+  }
+
+  function cardHead(pos, card) {
+    var group = IDX.group[pos], ms = IDX.ms[pos];
     var head = el("div", "card-head");
-    head.appendChild(el("span", "lid", "#" + c.latent));
-    var badge = el("span", "badge", c.group === null || c.group === undefined ? "no group" : "group " + c.group);
-    badge.style.background = groupColor(c.group);
+    head.appendChild(el("span", "lid", "#" + IDX.latent[pos]));
+    var badge = el("span", "badge", group === null || group === undefined ? "no group" : "group " + group);
+    badge.style.background = groupColor(group);
     head.appendChild(badge);
-    head.appendChild(el("span", "ms", c.ms === null ? "MS dead" : "MS " + fmt(c.ms)));
+    head.appendChild(el("span", "ms", ms === null ? "MS dead" : "MS " + fmt(ms)));
     card.appendChild(head);
     var bar = el("div", "msbar"), fill = el("div");
-    fill.style.width = (c.ms === null ? 0 : Math.max(0, Math.min(1, c.ms)) * 100) + "%";
+    fill.style.width = (ms === null ? 0 : Math.max(0, Math.min(1, ms)) * 100) + "%";
     bar.appendChild(fill);
     card.appendChild(bar);
+    if (IDX.name[pos]) card.appendChild(el("div", "name", IDX.name[pos]));
+  }
+
+  function placeholderCard(pos) {
+    var card = el("article", "card loading");
+    card.dataset.latent = IDX.latent[pos];
+    cardHead(pos, card);
+    card.appendChild(el("div", "label", "loading\u2026"));
+    return card;
+  }
+
+  function buildCard(pos) {
+    var payload = chunks[Math.floor(pos / CHUNK)];
+    var c = payload.cards[pos % CHUNK], images = payload.images;
+    var card = el("article", "card");
+    card.dataset.latent = c.latent;
+    card.dataset.loaded = "1";
+    cardHead(pos, card);
     card.appendChild(el("div", "label", c.label || ""));
-    var meta = ["freq " + pct(c.freq), "max act " + fmt(c.max_act, 2)];
+    var meta = ["freq " + pct(IDX.freq[pos]), "max act " + fmt(c.max_act, 2)];
     if (c.depth_mean !== null && c.depth_mean !== undefined) meta.push("LCA depth " + fmt(c.depth_mean, 2));
     card.appendChild(el("div", "meta", meta.join(" · ")));
+    if (c.names && c.names.length > 1) card.appendChild(el("div", "meta", "also: " + c.names.slice(1).join(", ")));
     var ranks = Object.keys(c.ranks || {});
     if (ranks.length) {
       card.appendChild(el("div", "ranks", ranks.map(function (r) { return r + ": " + c.ranks[r]; }).join(" › ")));
     }
     var thumbs = el("div", "thumbs");
-    c.top.forEach(function (t) {
+    c.top.forEach(function (t, s) {
+      var image = t[0], act = t[1], info = images[String(image)] || [String(image), "", 0];
+      var key = info[0], label = info[1];
       var fig = el("figure");
-      var tip = t.key + (t.label ? " [" + t.label + "]" : "") + " act=" + fmt(t.act, 3);
-      if (t.src) {
+      var tip = key + (label ? " [" + label + "]" : "") + " act=" + fmt(act, 3);
+      if (info[2]) {
         var img = el("img");
         img.loading = "lazy";
         img.alt = tip;
-        img.src = t.src;
+        img.src = "img/" + pad(image, 7) + ".jpg";
         fig.appendChild(img);
       } else {
-        fig.appendChild(el("div", "noimg", t.key));
+        fig.appendChild(el("div", "noimg", key));
       }
-      if (t.heat) fig.appendChild(heatCanvas(t.heat));
+      if (c.heat && c.heat[s]) fig.appendChild(heatCanvas(decodeHeat(c.heat[s])));
       fig.title = tip;
-      fig.appendChild(el("figcaption", null, t.label || t.key));
+      fig.appendChild(el("figcaption", null, label || key));
       thumbs.appendChild(fig);
     });
     if (!c.top.length && c.top_keys) card.appendChild(el("div", "meta", "top images: " + c.top_keys));
     card.appendChild(thumbs);
     if (c.steering && c.steering.length) card.appendChild(steeringBlock(c.steering));
-    // What search matches: latent id, taxonomy label, taxa, top-image labels.
-    c._text = [c.label || "", ranks.map(function (r) { return c.ranks[r]; }).join(" "),
-               c.top.map(function (t) { return t.label; }).join(" ")].join(" ").toLowerCase();
-    c._el = card;
     return card;
+  }
+  function cardAt(pos) {
+    if (!chunks[Math.floor(pos / CHUNK)]) {
+      requestChunk(Math.floor(pos / CHUNK));
+      return placeholderCard(pos);
+    }
+    if (!cardCache[pos]) {
+      if (cacheSize > 3000) { cardCache = {}; cacheSize = 0; }  // bound the memory of long scrolls
+      cardCache[pos] = buildCard(pos);
+      cacheSize++;
+    }
+    return cardCache[pos];
   }
 
   function summaryPanels() {
@@ -174,7 +237,9 @@
     });
     var info = el("div", "panel");
     info.appendChild(el("h2", null, "About"));
-    info.appendChild(el("div", null, DATA.n_cards + " cards of " + DATA.n_latents + " latents (top " + DATA.max_cards + " by MS, plus steered latents)"));
+    var which = DATA.max_cards === null ? "every latent" : "top " + DATA.max_cards + " by MS, plus steered latents";
+    info.appendChild(el("div", null, DATA.n_cards + " cards of " + DATA.n_latents + " latents (" + which + ")"));
+    if (!DATA.inline) info.appendChild(el("div", "muted", DATA.n_chunks + " chunks of " + CHUNK + " cards, loaded on demand"));
     info.appendChild(el("div", "muted", DATA.heatmap_note));
     info.appendChild(el("div", "muted", "MS run: " + DATA.sources.ms));
     if (DATA.sources.hierarchy) info.appendChild(el("div", "muted", "hierarchy run: " + DATA.sources.hierarchy));
@@ -186,44 +251,80 @@
     box.appendChild(info);
   }
 
-  function sortValue(c, key) {
-    var v = c[key];
-    return (v === null || v === undefined) ? null : v;
+  // Sorting and search work on the inline index (every card), never on the DOM.
+  function sortedPositions() {
+    var cacheKey = state.key + ":" + state.dir;
+    if (sortedCache[cacheKey]) return sortedCache[cacheKey];
+    var col = state.key === "latent" ? IDX.latent : IDX[state.key], dir = state.dir;
+    var pos = new Array(N);
+    for (var i = 0; i < N; i++) pos[i] = i;
+    pos.sort(function (a, b) {
+      var va = col[a], vb = col[b];
+      var na = va === null || va === undefined, nb = vb === null || vb === undefined;
+      if (na !== nb) return na ? 1 : -1;  // missing values always last
+      if (!na && va !== vb) return dir * (va < vb ? -1 : 1);
+      return IDX.latent[a] - IDX.latent[b];
+    });
+    sortedCache[cacheKey] = pos;
+    return pos;
   }
-  function compare(a, b) {
-    var va = sortValue(a, state.key), vb = sortValue(b, state.key);
-    if (va === null && vb !== null) return 1;   // missing values always last
-    if (vb === null && va !== null) return -1;
-    if (va !== vb && va !== null) return state.dir * (va < vb ? -1 : 1);
-    return a.latent - b.latent;
+  function filter(positions, q) {
+    if (!q) return positions;
+    var id = q.replace(/^#/, ""), num = /^\d+$/.test(id) ? Number(id) : -1, text = IDX.text, lat = IDX.latent;
+    var out = [];
+    for (var i = 0; i < positions.length; i++) {
+      var p = positions[i];
+      if (lat[p] === num || text[p].indexOf(q) >= 0) out.push(p);
+    }
+    return out;
   }
-  function matches(c, q) {
-    if (!q) return true;
-    var id = q.replace(/^#/, "");
-    if (/^\d+$/.test(id)) return String(c.latent) === id || c._text.indexOf(q) >= 0;
-    return c._text.indexOf(q) >= 0;
+
+  // Virtual list: rows of `cols` cards, ROW_H tall; only rows near the viewport are rendered, the
+  // container's padding stands in for the rows above and its height for the whole list.
+  var cols = 1, lastWindow = "";
+  function layout() {
+    var width = cardsEl.clientWidth || window.innerWidth;
+    cols = Math.max(1, Math.floor((width + GAP) / (MIN_CARD_W + GAP)));
+    cardsEl.style.gridTemplateColumns = "repeat(" + cols + ", minmax(0, 1fr))";
+    cardsEl.style.gridAutoRows = ROW_H + "px";
+    var rows = Math.ceil(order.length / cols);
+    cardsEl.style.height = Math.max(0, rows * (ROW_H + GAP) - GAP) + "px";
+  }
+  function renderWindow(force) {
+    var rows = Math.ceil(order.length / cols), step = ROW_H + GAP;
+    var top = cardsEl.getBoundingClientRect().top;  // < 0 once the list has scrolled up
+    var first = Math.max(0, Math.floor(-top / step) - MARGIN_ROWS);
+    var last = Math.min(rows - 1, Math.floor((window.innerHeight - top) / step) + MARGIN_ROWS);
+    var loaded = Object.keys(chunks).length;
+    var key = first + ":" + last + ":" + loaded;
+    if (!force && key === lastWindow) return;
+    lastWindow = key;
+    cardsEl.style.paddingTop = first * step + "px";
+    var els = [];
+    for (var r = first; r <= last; r++) {
+      for (var i = r * cols; i < Math.min(order.length, (r + 1) * cols); i++) els.push(cardAt(order[i]));
+    }
+    cardsEl.replaceChildren.apply(cardsEl, els);
+    if (window.__vlmsaeFirstCards === undefined && cardsEl.querySelector(".card[data-loaded]")) {
+      window.__vlmsaeFirstCards = performance.now();  // the bench's first-paint mark
+    }
   }
   function render() {
-    var sorted = DATA.cards.slice().sort(compare);
-    var shown = 0;
-    sorted.forEach(function (c) {
-      var ok = matches(c, state.query);
-      c._el.hidden = !ok;
-      if (ok) shown++;
-      cardsEl.appendChild(c._el);  // re-appending moves the node: DOM order = sort order
-    });
-    document.getElementById("count").textContent = shown + " / " + DATA.cards.length + " cards";
-    document.getElementById("empty").hidden = shown > 0;
+    order = filter(sortedPositions(), state.query);
+    document.getElementById("count").textContent = order.length + " / " + N + " cards";
+    document.getElementById("empty").hidden = order.length > 0;
     Array.prototype.forEach.call(document.querySelectorAll("button.sort"), function (b) {
       var on = b.dataset.key === state.key;
       b.classList.toggle("active", on);
       b.textContent = b.dataset.label + (on ? (state.dir < 0 ? " \u2193" : " \u2191") : "");
     });
+    layout();
+    renderWindow(true);
   }
 
   document.getElementById("model-line").textContent = DATA.model || "";
   summaryPanels();
-  DATA.cards.forEach(buildCard);
+  (DATA.chunks || []).forEach(function (p) { chunks[p.chunk] = p; });
   Array.prototype.forEach.call(document.querySelectorAll("button.sort"), function (b) {
     b.dataset.label = b.textContent;
     b.addEventListener("click", function () {
@@ -239,6 +340,8 @@
   document.getElementById("toggle-heat").addEventListener("change", function (e) {
     document.body.classList.toggle("noheat", !e.target.checked);
   });
+  window.addEventListener("scroll", function () { renderWindow(false); }, { passive: true });
+  window.addEventListener("resize", function () { layout(); renderWindow(true); });
   render();
   document.body.dataset.ready = "1";
 })();
