@@ -394,7 +394,8 @@ def write_steer_eval(dpath: str | Path, result: SteerEvalResult) -> Path:
 
 
 def _finite_or_none(obj: Any) -> Any:
-    """NaN / inf -> None, recursively: strict JSON has no NaN (a fraction recovered over a 0 denominator)."""
+    """NaN / inf -> None, recursively: strict JSON has no NaN (a fraction recovered over a 0 denominator, the
+    interval of a single seed)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
@@ -1044,17 +1045,6 @@ def read_stability(path: str | Path) -> StabilitySummary:
 
 def write_stability(dpath: str | Path, summary: StabilitySummary) -> Path:
     return atomic_write_json(Path(dpath) / STABILITY_JSON, _finite_or_none(summary.to_dict()))
-
-
-def _finite_or_none(obj: Any) -> Any:
-    """NaN / inf -> None, so the file is strict JSON (a single seed has no interval)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
-    return obj
 
 
 STABILITY_LATENTS_COLUMNS = ("latent", "found_in", "mean_cos")  # then match_<seed> per seed after the reference

@@ -71,25 +71,19 @@ def decode_images_per_s(files: list[str], preprocess: Any, workers: int, batch: 
     return n / (time.perf_counter() - t0)
 
 
-def extract_images_per_s(spec: Any, root: Path, workers: int, batch: int, fast_decode: bool = False) -> float:
-    plan = ExtractionPlan(
-        source="folder",
-        root=str(root),
-        layer=-1,
-        tokens="cls",
-        k=1,
-        seed=0,
-        dtype="float16",
-        rows_per_shard=65536,
-        rows_per_chunk=4096,
-        order_seed=0,
-        max_images=None,
-        batch_size=batch,
-        num_workers=workers,
-        exif_transpose=True,
+def folder_plan(root: str | Path, **overrides: Any) -> ExtractionPlan:
+    """An extraction plan over an image folder with the benchmarks' defaults (CLS of the last block, float16,
+    seeded order, no progress bar); ``overrides`` replace any :class:`ExtractionPlan` field."""
+    fields: dict[str, Any] = dict(
+        source="folder", root=str(root), layer=-1, tokens="cls", k=1, seed=0, dtype="float16", rows_per_shard=65536,
+        rows_per_chunk=4096, order_seed=0, max_images=None, batch_size=32, num_workers=0, exif_transpose=True,
         progress=False,
-        fast_decode=fast_decode,
-    )
+    )  # fmt: skip
+    return ExtractionPlan(**{**fields, **overrides})
+
+
+def extract_images_per_s(spec: Any, root: Path, workers: int, batch: int, fast_decode: bool = False) -> float:
+    plan = folder_plan(root, batch_size=batch, num_workers=workers, fast_decode=fast_decode)
     with tempfile.TemporaryDirectory(prefix="vlmsae-bench-decode-") as tmp:
         return StoreExtraction(spec, plan, Path(tmp) / "acts").run()["images_per_s"]
 

@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
+from vlmsae.bench.decode import folder_plan
 from vlmsae.bench.decode import run as run_decode
 from vlmsae.data.concepts import make_concept_images
 from vlmsae.models import ModelSpec, load_tap
-from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
+from vlmsae.models.extraction import StoreExtraction
 
 
 def _time_rounds(fns: dict[str, Any], rounds: int, warmup: int = 1) -> dict[str, float]:
@@ -87,23 +88,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vlmsae-bench-extract-") as tmp:
         n_per_class = 2 if quick else 8
         root = make_concept_images(Path(tmp) / "images", n_per_class=n_per_class, size=224, seed=0)
-        plan = ExtractionPlan(
-            source="folder",
-            root=str(root),
-            layer=mid,
-            tokens="cls",
-            k=2,
-            seed=0,
-            dtype="float16",
-            rows_per_shard=65536,
-            rows_per_chunk=4096,
-            order_seed=0,
-            max_images=None,
-            batch_size=batch,
-            num_workers=0,
-            exif_transpose=True,
-            progress=False,
-        )
+        plan = folder_plan(root, layer=mid, k=2, batch_size=batch)
         summary = StoreExtraction(spec, plan, Path(tmp) / "acts").run()
     out["extract_images_per_s"] = summary["images_per_s"]
     out["extract_end_to_end_images"] = summary["n_images"]

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 
 from vlmsae.bench import sae_step, train_many
-from vlmsae.bench.decode import make_photo_jpegs
+from vlmsae.bench.decode import folder_plan, make_photo_jpegs
 from vlmsae.bench.ms import random_sparse_codes
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.models import ModelSpec, load_tap
-from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
+from vlmsae.models.extraction import StoreExtraction
 from vlmsae.sae.precision import fp32_region
 
 STEP_SIZES = (16_384, 65_536)
@@ -150,10 +150,9 @@ def extraction_keys(device: torch.device, quick: bool) -> dict[str, Any]:
             ("fast_decode_cpu_", True, False),
             ("fast_decode_gpu_", True, True),
         ):
-            plan = ExtractionPlan(
-                source="folder", root=str(root), layer=layer, tokens="random_k", k=16, seed=0, dtype="float16",
-                rows_per_shard=1 << 20, rows_per_chunk=1 << 16, order_seed=0, max_images=None, batch_size=batch,
-                num_workers=workers, exif_transpose=True, progress=False, fast_decode=fast, gpu_decode=gpu_decode,
+            plan = folder_plan(
+                root, layer=layer, tokens="random_k", k=16, rows_per_shard=1 << 20, rows_per_chunk=1 << 16,
+                batch_size=batch, num_workers=workers, fast_decode=fast, gpu_decode=gpu_decode,
             )  # fmt: skip
             with PeakMemory(device) as peak:
                 extraction = StoreExtraction(spec, plan, Path(tmp) / f"acts_{name or 'exact'}")

@@ -14,10 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from vlmsae.bench.decode import make_photo_jpegs
+from vlmsae.bench.decode import folder_plan, make_photo_jpegs
 from vlmsae.data.shards import read_rows
 from vlmsae.models import get_model_spec
-from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
+from vlmsae.models.extraction import StoreExtraction
 
 
 def run(n_images: int, model: str, workers: int, batch: int) -> dict[str, float | str]:
@@ -30,10 +30,9 @@ def run(n_images: int, model: str, workers: int, batch: int) -> dict[str, float 
         root = make_photo_jpegs(Path(tmp) / "jpegs", n_images, seed=0)
         rows = {}
         for gpu in (True, False):
-            plan = ExtractionPlan(
-                source="folder", root=str(root), layer=-1, tokens="cls", k=1, seed=0, dtype="float32",
-                rows_per_shard=4096, rows_per_chunk=256, order_seed=None, max_images=None, batch_size=batch,
-                num_workers=workers, exif_transpose=True, progress=False, fast_decode=True, gpu_decode=gpu,
+            plan = folder_plan(
+                root, dtype="float32", rows_per_shard=4096, rows_per_chunk=256, order_seed=None, batch_size=batch,
+                num_workers=workers, fast_decode=True, gpu_decode=gpu,
             )  # fmt: skip
             dpath = Path(tmp) / ("gpu" if gpu else "cpu")
             extraction = StoreExtraction(spec, plan, dpath)

@@ -461,3 +461,25 @@ class TaxonomySchema:
     key_column: Optional[str] = None  # csv: column holding the image key / class name (null = the first)
     ranks: Optional[list[str]] = None  # csv: rank columns, root first (null = every other column)
     wordnet_dpath: Optional[str] = None  # wordnet: folder with data.noun (null = Debian's or nltk's WordNet)
+
+
+@dataclass
+class NamingOptions:
+    """The keys of automatic feature names (vlmsae.metrics.names) shared by ``monosemanticity`` and ``names``
+    (each job declares its own ``names`` key: off by default in monosemanticity, imagenet in names)."""
+
+    names_templates: list[str] = field(  # prompts, {} = the name; embeddings averaged over them (CLIP zero-shot)
+        default_factory=lambda: [
+            "a photo of a {}.",
+            "a blurry photo of a {}.",
+            "a close-up photo of a {}.",
+            "a photo of many {}.",
+        ]
+    )
+    names_top: int = 3  # names kept per latent in the `names` column, best first
+    # the optional LLaVA naming pass (vlmsae.metrics.autointerp): LLaVA's one word for a 3x3 grid of each latent's top
+    # images, scored by the cosine of its text embedding with the latent's concept; latents.csv gains autointerp,
+    # autointerp_score. null = off | llava (needs names=...: it scores in the names pass's space)
+    autointerp: Optional[str] = None
+    autointerp_model: str = "llava15_7b"  # a conf/model/ LLaVA (backend hf_llava); tiny_llava: random, offline
+    autointerp_max_latents: int = 200  # latents asked, highest MS first; the others keep empty cells

@@ -6,14 +6,16 @@ The defaults live here, once; the YAML lists only the config groups. An unknown 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from vlmsae.config.nodes import NamingOptions
+
 
 @dataclass
-class MonosemanticityJob:
+class MonosemanticityJob(NamingOptions):
     """MS of every SAE latent and every raw neuron of the layer it reads (METHOD §3), top images, plots."""
 
     # config groups (typed by their own schemas in vlmsae.config.schemas)
@@ -42,21 +44,6 @@ class MonosemanticityJob:
     # embeddings) vs the CLIP text embeddings of a vocabulary; latents.csv gains name, name_score, names.
     # null = off | imagenet (open_clip's 1000 class names) | wordnet (concrete nouns) | <file, one name per line>
     names: Optional[str] = None
-    names_templates: list[str] = field(  # prompts, {} = the name; embeddings averaged over them (CLIP zero-shot)
-        default_factory=lambda: [
-            "a photo of a {}.",
-            "a blurry photo of a {}.",
-            "a close-up photo of a {}.",
-            "a photo of many {}.",
-        ]
-    )
-    names_top: int = 3  # names kept per latent in the `names` column, best first
-    # the optional LLaVA naming pass (vlmsae.metrics.autointerp): LLaVA's one word for a 3x3 grid of each latent's top
-    # images, scored by the cosine of its text embedding with the latent's concept; latents.csv gains autointerp,
-    # autointerp_score. null = off | llava (needs names=...: it scores in the names pass's space)
-    autointerp: Optional[str] = None
-    autointerp_model: str = "llava15_7b"  # a conf/model/ LLaVA (backend hf_llava); tiny_llava: random, offline
-    autointerp_max_latents: int = 200  # latents asked, highest MS first; the others keep empty cells
 
 
 def register() -> None:
