@@ -39,7 +39,7 @@ test-fast: install ## Run the tests without the slow end-to-end ones
 demo: install ## Run extract -> train -> monosemanticity -> hierarchy -> steer -> browse on the tiny default
 	WANDB_MODE=disabled $(PY) -m vlmsae.demo
 
-bench: install ## Benchmarks: SAE step throughput, MS at 50k x 65k, extraction, data loader -> outputs/bench/
+bench: install ## Benchmarks: SAE step, MS at 50k x 65k, extraction vs the decode limit, fast_decode, loader, many SAEs per pass, browser at 65k -> outputs/bench/
 	WANDB_MODE=disabled $(PY) -m vlmsae.bench
 
 bench-gpu: install ## GPU benchmarks (gpu_ keys: SAE step, ViT-L/14-336 extraction, MS 50k x 65k) merged into outputs/bench/; skips without CUDA
