@@ -280,6 +280,9 @@ def to_rgb(img: Any, background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Any
     return img.convert("RGB")
 
 
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag of the camera's rotation / mirror (1 = upright)
+
+
 def load_image(data_or_path: Any, exif_transpose: bool = True, draft_size: int | None = None) -> Any:
     """Decode a file path or encoded bytes to 8-bit RGB (module docstring: EXIF, 16-bit, alpha, CMYK).
 
@@ -294,17 +297,26 @@ def load_image(data_or_path: Any, exif_transpose: bool = True, draft_size: int |
     """
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path) as img:
+    img = Image.open(io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path)
+    rgb = None
+    try:
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (int(draft_size), int(draft_size)))  # before load(): libjpeg scales while decoding
         img.load()
         out = img
         if exif_transpose:
             try:
-                out = ImageOps.exif_transpose(img)
+                if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+                    out = ImageOps.exif_transpose(img)
             except Exception:
                 out = img
-        rgb = to_rgb(out)
+        # An upright RGB image whose file load() already closed (single-frame JPEG, PNG) is returned as it is:
+        # close() would free its pixels, and a copy costs ~4% of the decode (the decode limit's hot path).
+        keep = out is img and img.mode == "RGB" and getattr(img, "fp", None) is None
+        rgb = img if keep else to_rgb(out)
+    finally:
+        if rgb is not img:
+            img.close()
     if draft_size is not None:
         factor = min(rgb.size) // (2 * int(draft_size))
         if factor >= 2:
