@@ -38,11 +38,13 @@ def test_extraction_case_runs_end_to_end_on_cpu():
 
 
 def test_merge_keeps_earlier_keys_and_records_the_machine(tmp_path, monkeypatch):
-    (tmp_path / "results.json").write_text(json.dumps({"sae_step_speedup_vs_reference": 3.5, "gpu_old": 1}))
+    earlier = {"sae_step_speedup_vs_reference": 3.5, "gpu_old": 1, "gpu_error": "an earlier failure"}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     results = run_all(quick=True, out_dpath=tmp_path, only=["gpu"], merge=True)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["sae_step_speedup_vs_reference"] == 3.5 and on_disk["gpu_old"] == 1
+    assert "gpu_error" not in on_disk  # this run's module succeeded: the earlier failure is gone
     assert on_disk["gpu_skipped"] == results["gpu_skipped"] and on_disk["gpu_machine_cpu_count"] >= 1
     replaced = run_all(quick=True, out_dpath=tmp_path, only=["gpu"])
     assert "sae_step_speedup_vs_reference" not in replaced  # without --merge the file is this run's alone

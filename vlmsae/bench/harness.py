@@ -132,6 +132,7 @@ def run_all(
     for name in names:
         print(f"[bench] {name} ...", flush=True)
         module_results = run_module(name, quick)
+        results.pop(f"{name}_error", None)  # --merge: an earlier run's failure of this module is stale now
         if f"{name}_error" in module_results:
             print(f"[bench] {name} skipped: {module_results[f'{name}_error']}", flush=True)
         results.update(module_results)
