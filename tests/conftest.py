@@ -115,3 +115,27 @@ def read_offline_run(out_dpath: str | Path) -> dict[str, Any]:
         elif kind == "history":
             out["logged"].update(i.nested_key[0] for i in record.history.item if i.nested_key)
     return out
+
+
+@pytest.fixture
+def count_embeddings(monkeypatch):
+    """``embedded = count_embeddings("vlmsae.hierarchy.load_embedder")``: replaces that loader so every embedder
+    it returns appends the size of each batch of images it embeds to ``embedded`` (a sweep embeds once)."""
+    from vlmsae.models import embedders
+
+    embedded: list[int] = []
+    real_load = embedders.load_embedder
+
+    def counting_load(spec):
+        emb = real_load(spec)
+        real_embed = emb.embed
+        emb.embed = lambda images, *args, **kwargs: (embedded.append(len(images)), real_embed(images, *args, **kwargs))[
+            1
+        ]
+        return emb
+
+    def patch(target: str) -> list[int]:
+        monkeypatch.setattr(target, counting_load)
+        return embedded
+
+    return patch

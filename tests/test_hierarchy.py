@@ -369,26 +369,17 @@ def test_synthetic_options_of_ms_runs_recorded_before_the_typed_data_fields():
 
 
 @pytest.mark.slow  # three hierarchy runs (the sweep, then each SAE alone): ~15 s
-def test_sweep_tables_every_sae_once(tmp_path, compose_cfg, monkeypatch):
+def test_sweep_tables_every_sae_once(tmp_path, compose_cfg, monkeypatch, count_embeddings):
     """Two Matryoshka SAEs (x1, x2) in one run: hierarchy_table.csv holds each SAE's Table 2 rows as a single run
     writes them, and the images are embedded once and run through the model once for both."""
     from vlmsae.hierarchy import run
-    from vlmsae.models import embedders
 
     source = {"model": "tiny", "layer": "last", "tokens": "cls"}
     for n, width in ((0, 32), (1, 64)):
         _matryoshka(
             tmp_path / "sweep" / str(n) / "sae", d_in=32, n_latents=width, fractions=(0.25, 0.75), source=source
         )
-    embedded, real_load = [], embedders.load_embedder
-
-    def counting_load(spec):
-        emb = real_load(spec)
-        real_embed = emb.embed
-        emb.embed = lambda images: (embedded.append(len(images)), real_embed(images))[1]
-        return emb
-
-    monkeypatch.setattr("vlmsae.hierarchy.load_embedder", counting_load)
+    embedded = count_embeddings("vlmsae.hierarchy.load_embedder")
     out = run(compose_cfg("hierarchy", [f"sae_path={tmp_path / 'sweep'}", "embedder=pixels"]), out_dpath=tmp_path / "o")
     assert out["sweep"] == ["matryoshka_x1_Llast", "matryoshka_x2_Llast"]
     assert sum(embedded) == out["images_embedded"] == 128 and out["source_batches"] == math.ceil(128 / 16)

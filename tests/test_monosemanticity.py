@@ -227,23 +227,14 @@ def _sweep_dpath(tmp_path, archs=("topk", "relu"), expansions=(2, 4), model="tin
 
 
 @pytest.mark.slow  # five MS runs (the sweep, then each SAE alone to compare): ~20 s
-def test_sweep_scores_every_sae_once_and_tables_them(compose_cfg, tmp_path, monkeypatch) -> None:
+def test_sweep_scores_every_sae_once_and_tables_them(compose_cfg, tmp_path, monkeypatch, count_embeddings) -> None:
     """A 2 x 2 sweep in one run: each SAE's outputs equal a single run's, ms_table.csv holds their means, and the
     images are embedded once and run through the model once for all four SAEs."""
-    from vlmsae.models import embedders
     from vlmsae.monosemanticity import run
 
     monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))
     sweep = _sweep_dpath(tmp_path)
-    embedded, real_load = [], embedders.load_embedder
-
-    def counting_load(spec):
-        emb = real_load(spec)
-        real_embed = emb.embed
-        emb.embed = lambda images: (embedded.append(len(images)), real_embed(images))[1]
-        return emb
-
-    monkeypatch.setattr(embedders, "load_embedder", counting_load)
+    embedded = count_embeddings("vlmsae.models.embedders.load_embedder")
     out = run(_compose(compose_cfg, sweep, tmp_path / "a"), out_dpath=tmp_path / "sweep_out")
     assert sum(embedded) == 64 and out["images_embedded"] == 64  # 64 images, embedded once for 4 SAEs
     assert out["source_batches"] == math.ceil(64 / 16)  # one model pass over the images (data.batch_size=16)
