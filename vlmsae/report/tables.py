@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmsae.metrics.stability import mean_ci
 from vlmsae.utils.io import atomic_write_text
 
 RAW_ROW = "raw neurons"
@@ -101,8 +102,6 @@ def _seeds(rows: Sequence[SweepRow]) -> str:
 
 
 def _over_seeds(values: Sequence[Any]) -> dict[str, Any]:
-    from vlmsae.metrics.stability import mean_ci
-
     return mean_ci([v for v in values if v is not None])
 
 
