@@ -280,6 +280,38 @@ def test_sweep_as_a_comma_list_and_its_bad_inputs(compose_cfg, tmp_path, monkeyp
         run(_compose(compose_cfg, both, tmp_path), out_dpath=tmp_path / "m")
 
 
+@pytest.mark.slow  # two MS runs on the tiny model: ~8 s on a shared machine
+def test_sweep_of_seeds_aggregates_them_and_keeps_each_saes_outputs(compose_cfg, tmp_path, monkeypatch) -> None:
+    """Two SAEs of one config trained with seeds 0 and 1 (the seed recorded in sae/run_info.json as training
+    does): one ms_table cell, the mean of the two SAEs' means ± their 95% interval, the seeds listed; each SAE's
+    outputs in its own folder (the run folder appended to the clashing name)."""
+    from vlmsae.metrics.stability import mean_ci
+    from vlmsae.metrics.sweep import training_seed
+    from vlmsae.monosemanticity import run
+    from vlmsae.sae import SAEConfig, build_sae, save_sae
+    from vlmsae.utils.provenance import write_run_info
+
+    monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))
+    root = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
+    for seed in (0, 1):
+        sae_dpath = root / str(seed) / "sae"
+        source = {"model": "tiny", "pretrained": None, "layer": 2, "tokens": "cls"}
+        save_sae(build_sae(SAEConfig(arch="topk", d_in=64, n_latents=128, k=6), seed=seed), sae_dpath, source=source)
+        write_run_info(sae_dpath, {"seed": seed, "sae": {"arch": "topk"}})
+    assert training_seed(str(root / "1" / "sae")) == 1 and training_seed(str(tmp_path)) is None
+    out = run(_compose(compose_cfg, tmp_path / "multirun", tmp_path), out_dpath=tmp_path / "o")
+    assert out["sweep"] == ["topk_x2_L2_0", "topk_x2_L2_1"]
+    means = [json.loads((tmp_path / "o" / n / "ms_summary.json").read_text())["mean"] for n in out["sweep"]]
+    assert means[0] != means[1]  # different seeds, different SAEs: both scored, neither overwritten
+    rows = list(csv.DictReader((tmp_path / "o" / "ms_table.csv").open()))
+    assert [r["architecture"] for r in rows] == ["topk", "raw neurons"]
+    expected = mean_ci(means)
+    assert float(rows[0]["x2_mean"]) == pytest.approx(expected["mean"], abs=1e-4)
+    assert float(rows[0]["x2_ci95"]) == pytest.approx(expected["ci95"], abs=1e-4)
+    assert (rows[0]["x2_n_seeds"], rows[0]["x2_seeds"]) == ("2", "0;1")
+    assert "(2 seeds)" in (tmp_path / "o" / "ms_table.md").read_text()
+
+
 @pytest.mark.slow  # a 2 x 2 training multirun on the tiny model, then one MS command over it: ~60 s
 def test_cli_scores_a_training_multirun_in_one_command(tmp_path) -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "VLMSAE_HOME": str(tmp_path / "home")}

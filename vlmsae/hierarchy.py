@@ -104,7 +104,7 @@ def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str]) -> dict:
         result = study.score_hierarchy(top, ms_K, taxonomy, classes, m.sae, job)
         outputs = write_hierarchy_outputs(sub_dpath, result, m.name)
         write_run_info(sub_dpath, {**config, "sae_path": m.sae_path}, outputs=outputs)
-        rows.append(SweepRow(m.name, m.arch, m.expansion, m.source_layer, result.summary.to_dict()))
+        rows.append(SweepRow(m.name, m.arch, m.expansion, m.source_layer, result.summary.to_dict(), m.seed))
         m.sae.cpu()
     table = hierarchy_table(out_dpath, rows, study.PAPER_TABLE2)
     write_run_info(

@@ -118,7 +118,7 @@ def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str], namer: Any) -
         )  # fmt: skip
         shared.n_embedded += study.n_embedded
         _finish(cfg, out_dpath / m.name, study, src, images, m.sae_path)
-        rows.append(SweepRow(m.name, m.arch, m.expansion, src.layer, study.summary))
+        rows.append(SweepRow(m.name, m.arch, m.expansion, src.layer, study.summary, m.seed))
         m.sae.cpu()
     table = ms_table(out_dpath, rows, source=rows[0].result.get("model", ""))
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["ms_table.md", "ms_table.csv"])

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from vlmsae.formats import SAE_CONFIG_JSON
+from vlmsae.formats import RUN_INFO_JSON, SAE_CONFIG_JSON, read_run_info
 from vlmsae.metrics.codes import SAESource, _width_error, load_job_sae, resolve_sae_inputs
 from vlmsae.models import load_tap
 from vlmsae.sae.interop import available_formats
@@ -55,6 +55,23 @@ class SweepMember:
     @property
     def source_layer(self) -> Any:
         return (self.sae.source or {}).get("layer")
+
+    @property
+    def seed(self) -> int | None:
+        return training_seed(self.sae_path)
+
+
+def training_seed(sae_path: str) -> int | None:
+    """The seed the SAE was trained with: ``seed`` of the training config that ``python -m vlmsae.train``
+    records in ``<run>/sae/run_info.json`` (else the run folder's run_info.json, for a folder named ``sae``);
+    None when no such record exists (e.g. a published or hand-saved SAE). config.json holds no seed."""
+    dpath = Path(os.path.expanduser(sae_path))
+    for cand in (dpath, dpath.parent) if dpath.name == SAE_DIRNAME else (dpath,):
+        if (cand / RUN_INFO_JSON).is_file():
+            seed = read_run_info(cand).config.get("seed")
+            if isinstance(seed, int) and not isinstance(seed, bool):
+                return seed
+    return None
 
 
 # Files that make a folder an SAE checkpoint of some format (vlmsae's config.json, foreign weights).

@@ -5,6 +5,15 @@
   expansion). The csv has one ``x{e}_mean`` and one ``x{e}_std`` column per expansion.
 - ``hierarchy_table``: the paper's Table 2 per SAE: rows (SAE, depth) and (SAE, MS), one column per
   Matryoshka group.
+
+Seeds (issue 16): when some (architecture, layer, expansion) has several SAEs (a training multirun over
+``seed=0,1,2``), both tables aggregate over them instead of listing duplicates ("seeded" tables). A cell is
+then the mean over the seeds of each SAE's value ± the half-width of its 95% t-interval over the seeds
+(:func:`vlmsae.metrics.stability.mean_ci`; one seed: no interval), and the csv gains, per cell, the
+interval (``x{e}_ci95`` / ``group_{g}_ci95``), the number of SAEs (``x{e}_n_seeds`` / ``n_seeds``) and the
+training seeds (``x{e}_seeds`` / ``seeds``, ";"-joined, empty unless every SAE's seed is recorded). In a
+seeded ms_table ``x{e}_std`` is the mean over the seeds of each SAE's std over its latents. Tables with one
+SAE per cell are written exactly as before (no extra columns).
 - ``steer_table``: one row per SAE, the mean steering score of every condition (steered, not steered, the
   bounds).
 
@@ -22,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmsae.metrics.stability import mean_ci
 from vlmsae.utils.io import atomic_write_text
 
 RAW_ROW = "raw neurons"
@@ -37,6 +47,7 @@ class SweepRow:
     expansion: float
     layer: Any
     result: dict[str, Any]
+    seed: int | None = None  # the training seed, when the SAE's run records it (vlmsae.metrics.sweep.training_seed)
 
 
 def _num(v: Any, nd: int = 4) -> str:
@@ -76,52 +87,147 @@ def _layer_key(layer: Any) -> tuple[int, Any]:
     return (0, layer) if isinstance(layer, int) else (1, str(layer))
 
 
+def _by_config(sweep: Sequence[SweepRow]) -> dict[tuple[Any, Any, float], list[SweepRow]]:
+    """The sweep's SAEs grouped by (architecture, layer, expansion), in sweep order."""
+    groups: dict[tuple[Any, Any, float], list[SweepRow]] = {}
+    for r in sweep:
+        groups.setdefault((r.arch, r.layer, r.expansion), []).append(r)
+    return groups
+
+
+def _seeds(rows: Sequence[SweepRow]) -> str:
+    """The rows' training seeds, ";"-joined (sorted); empty unless every row records its seed."""
+    seeds = [r.seed for r in rows]
+    return "" if any(s is None for s in seeds) else ";".join(str(s) for s in sorted(seeds))
+
+
+def _over_seeds(values: Sequence[Any]) -> dict[str, Any]:
+    return mean_ci([v for v in values if v is not None])
+
+
+def _pm_seeds(stat: dict[str, Any]) -> str:
+    """``mean ± ci95 (n seeds)``; one seed has no interval: ``mean (1 seed)``."""
+    if not stat["n"]:
+        return "-"
+    if stat["n"] == 1:
+        return f"{stat['mean']:.3f} (1 seed)"
+    return f"{stat['mean']:.3f} ± {stat['ci95']:.3f} ({stat['n']} seeds)"
+
+
+def _ms_cells(found: list[list[dict[str, Any]]], seeds: list[str]) -> tuple[list[str], list[str]]:
+    """A seeded ms_table row's md cells and csv values from each expansion's results (one per seed)."""
+    md, csv_vals = [], []
+    for results, seed_list in zip(found, seeds):
+        stat = _over_seeds([r["mean"] for r in results])
+        std = _over_seeds([r.get("std") for r in results])["mean"] if results else None
+        md.append(_pm_seeds(stat) if results else "-")
+        csv_vals += [_num(stat["mean"]), _num(std), _num(stat["ci95"]), str(len(results)) if results else "", seed_list]
+    return md, csv_vals
+
+
 def ms_table(out_dpath: Path, sweep: Sequence[SweepRow], source: str = "") -> dict[str, Any]:
-    """``ms_table.md`` / ``ms_table.csv``: mean MS ± std per (architecture, layer) and expansion factor."""
+    """``ms_table.md`` / ``ms_table.csv``: mean MS ± std per (architecture, layer) and expansion factor; with
+    several SAEs per cell (seeds), their mean ± 95% interval over the seeds (module docstring)."""
     expansions = sorted({r.expansion for r in sweep})
     layers = sorted({r.layer for r in sweep}, key=_layer_key)
     archs = sorted({r.arch for r in sweep})
-    cell = {(r.arch, r.layer, r.expansion): r.result for r in sweep}
-    header = ["architecture", "layer"] + [f"{_x(e)}_{s}" for e in expansions for s in ("mean", "std")]
+    groups = _by_config(sweep)
+    seeded = any(len(g) > 1 for g in groups.values())
+    stats = ("mean", "std", "ci95", "n_seeds", "seeds") if seeded else ("mean", "std")
+    header = ["architecture", "layer"] + [f"{_x(e)}_{s}" for e in expansions for s in stats]
     md_rows, csv_rows = [], []
     for layer in layers:
         for arch in archs:
-            found = [cell.get((arch, layer, e)) for e in expansions]
-            if not any(found):
+            members = [groups.get((arch, layer, e), []) for e in expansions]
+            if not any(members):
                 continue
+            if seeded:
+                md, vals = _ms_cells([[r.result for r in g] for g in members], [_seeds(g) for g in members])
+                md_rows.append([arch, layer, *md])
+                csv_rows.append([arch, layer, *vals])
+                continue
+            found = [g[0].result if g else None for g in members]
             md_rows.append([arch, layer] + [_pm(c["mean"], c["std"]) if c else "-" for c in found])
             csv_rows.append([arch, layer] + [_num(c[k]) if c else "" for c in found for k in ("mean", "std")])
-        base = next((r.result["baseline"] for r in sweep if r.layer == layer and "baseline" in r.result), None)
-        if base is not None:  # the raw neurons have no expansion factor: the same baseline in every column
-            md_rows.append([RAW_ROW, layer] + [_pm(base["mean"], base["std"])] * len(expansions))
-            csv_rows.append([RAW_ROW, layer] + [_num(base[k]) for _ in expansions for k in ("mean", "std")])
+        with_base = [r for r in sweep if r.layer == layer and "baseline" in r.result]
+        if not with_base:
+            continue
+        # the raw neurons have no expansion factor: the same baseline in every column
+        if seeded:  # over every SAE of the layer (the same images give the same baseline: interval 0)
+            md, vals = _ms_cells([[r.result["baseline"] for r in with_base]], [_seeds(with_base)])
+            md_rows.append([RAW_ROW, layer] + md * len(expansions))
+            csv_rows.append([RAW_ROW, layer] + vals * len(expansions))
+            continue
+        base = with_base[0].result["baseline"]
+        md_rows.append([RAW_ROW, layer] + [_pm(base["mean"], base["std"])] * len(expansions))
+        csv_rows.append([RAW_ROW, layer] + [_num(base[k]) for _ in expansions for k in ("mean", "std")])
+    what = (
+        "Mean over the seeds of each SAE's mean MS ± the half-width of its 95% t-interval over the seeds (n seeds)"
+        if seeded
+        else "Mean MS ± std over the live latents of each SAE"
+    )
     md = (
         f"# Monosemanticity of the sweep{f' ({source})' if source else ''}\n\n"
-        "Mean MS ± std over the live latents of each SAE (rows: architecture and layer, columns: expansion "
+        f"{what} (rows: architecture and layer, columns: expansion "
         f"factor); `{RAW_ROW}`: the layer's raw neurons (the baseline).\n\n"
         + _markdown(["architecture", "layer"] + [_x(e) for e in expansions], md_rows)
     )
     return _write(out_dpath, "ms_table", md, header, csv_rows)
 
 
-def hierarchy_table(out_dpath: Path, sweep: Sequence[SweepRow], paper: dict[str, list[float]] | None = None):
-    """``hierarchy_table.md`` / ``.csv``: the paper's Table 2 per SAE, rows depth and MS, one column per group."""
-    n_groups = max((len(r.result["groups"]) for r in sweep), default=0)
-    header = ["sae", "architecture", "expansion", "layer", "measure"] + [f"group_{g}" for g in range(n_groups)]
-    rows = []
-    for r in sweep:
-        groups = r.result["groups"]
+def _hierarchy_seeded(groups: dict[tuple[Any, Any, float], list[SweepRow]], n_groups: int):
+    """Rows per (architecture, layer, expansion) config: depth and MS per group as mean ± ci95 over its seeds."""
+    header = ["sae", "architecture", "expansion", "layer", "measure", "n_seeds", "seeds"]
+    header += [f"group_{g}{s}" for g in range(n_groups) for s in ("", "_ci95")]
+    rows, md_rows = [], []
+    for (arch, layer, e), members in groups.items():
+        name = f"{arch}_x{e:g}_L{layer}"
         for measure, key in (("depth", "depth_mean"), ("ms", "ms_mean")):
-            vals = [_num(g.get(key)) for g in groups] + [""] * (n_groups - len(groups))
-            rows.append([r.name, r.arch, f"{r.expansion:g}", r.layer, measure, *vals])
-    md_rows = [[c or "-" for c in row] for row in rows]
+            cells = []
+            for g in range(n_groups):
+                cells.append(
+                    _over_seeds([r.result["groups"][g].get(key) for r in members if g < len(r.result["groups"])])
+                )
+            seeds = _seeds(members)
+            rows.append([name, arch, f"{e:g}", layer, measure, len(members), seeds])
+            rows[-1] += [_num(c[k]) for c in cells for k in ("mean", "ci95")]
+            md_rows.append([name, arch, f"{e:g}", layer, measure, seeds or f"{len(members)} SAEs"])
+            md_rows[-1] += [_pm_seeds(c) for c in cells]
+    md_header = ["sae", "architecture", "expansion", "layer", "measure", "seeds"] + [
+        f"group_{g}" for g in range(n_groups)
+    ]
+    return header, rows, md_header, md_rows
+
+
+def hierarchy_table(out_dpath: Path, sweep: Sequence[SweepRow], paper: dict[str, list[float]] | None = None):
+    """``hierarchy_table.md`` / ``.csv``: the paper's Table 2 per SAE, rows depth and MS, one column per group;
+    with several SAEs of one config (seeds), per config: mean ± 95% interval over the seeds (module docstring)."""
+    n_groups = max((len(r.result["groups"]) for r in sweep), default=0)
+    groups = _by_config(sweep)
+    if any(len(g) > 1 for g in groups.values()):
+        header, rows, md_header, md_rows = _hierarchy_seeded(groups, n_groups)
+        what = "per configuration, mean over the seeds ± the half-width of the 95% t-interval over the seeds"
+    else:
+        header = ["sae", "architecture", "expansion", "layer", "measure"] + [f"group_{g}" for g in range(n_groups)]
+        rows = []
+        for r in sweep:
+            groups_r = r.result["groups"]
+            for measure, key in (("depth", "depth_mean"), ("ms", "ms_mean")):
+                vals = [_num(g.get(key)) for g in groups_r] + [""] * (n_groups - len(groups_r))
+                rows.append([r.name, r.arch, f"{r.expansion:g}", r.layer, measure, *vals])
+        md_header, md_rows, what = header, [[c or "-" for c in row] for row in rows], ""
     if paper and n_groups == len(paper["depth"]):
-        md_rows.append(["paper (Table 2)", "matryoshka", "2", "last", "depth", *[f"{v:.2f}" for v in paper["depth"]]])
-        md_rows.append(["paper (Table 2)", "matryoshka", "2", "last", "ms", *[f"{v:.2f}" for v in paper["ms_mean"]]])
+        pad = [""] * (len(md_header) - 5 - n_groups)  # a seeded table's seeds column
+        md_rows.append(
+            ["paper (Table 2)", "matryoshka", "2", "last", "depth", *pad, *[f"{v:.2f}" for v in paper["depth"]]]
+        )
+        md_rows.append(
+            ["paper (Table 2)", "matryoshka", "2", "last", "ms", *pad, *[f"{v:.2f}" for v in paper["ms_mean"]]]
+        )
     md = (
         "# Taxonomy alignment of the sweep (Table 2 per SAE)\n\n"
         "depth: mean LCA depth of the top images' taxon paths over a group's scored latents; ms: the group's "
-        "mean MS.\n\n" + _markdown(header, md_rows)
+        f"mean MS{f'; {what}' if what else ''}.\n\n" + _markdown(md_header, md_rows)
     )
     return _write(out_dpath, "hierarchy_table", md, header, rows)
 
