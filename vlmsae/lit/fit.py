@@ -322,11 +322,7 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
             log.info("input scale %.4g from %d rows", init["input_scale"], init["init_rows"])
         else:
             log.info("resuming from %s", resume_ckpt)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
-        if trainer.interrupted:
-            raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; resume with resume=true")
-        final_checkpoint(trainer, checkpoint, ckpt_dpath)
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        fit_to_end(trainer, module, datamodule, resumed_from, checkpoint, ckpt_dpath)
     except NonFiniteLossError as err:
         if trainer.is_global_zero:
             write_run_info(out_dpath, config, status="failed", error=str(err), sae_config=sae_config, lr=lr)
@@ -414,6 +410,16 @@ def build_trainer(t: TrainerSchema, logger, callbacks: list, out_dpath: Path):
         use_distributed_sampler=False,
     )
     return trainer, checkpoint, ckpt_dpath
+
+
+def fit_to_end(trainer, module, datamodule, resumed_from: Any, checkpoint, ckpt_dpath: Path) -> None:
+    """``trainer.fit`` (from ``resumed_from``, or fresh when None), then the end checkpoint and a last
+    validation; an interrupted fit raises instead, so no half-trained SAE is saved as final."""
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
+    if trainer.interrupted:
+        raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; resume with resume=true")
+    final_checkpoint(trainer, checkpoint, ckpt_dpath)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
 
 
 def final_checkpoint(trainer, checkpoint, ckpt_dpath: Path) -> None:

@@ -40,7 +40,7 @@ from vlmsae.lit.fit import (
     build_datamodule,
     build_logger,
     build_trainer,
-    final_checkpoint,
+    fit_to_end,
     training_source,
 )
 from vlmsae.lit.loggers import RestoreLogHistory
@@ -350,11 +350,7 @@ def fit_many(
         if resume_ckpt is None:  # each SAE's init reads the same first batches a separate run would
             for sae in module.saes:
                 init_sae_from_batches(sae, datamodule.first_batches(max(1, int(t.scale_batches))))
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resumed_from)
-        if trainer.interrupted:
-            raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; resume with resume=true")
-        final_checkpoint(trainer, checkpoint, ckpt_dpath)
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+        fit_to_end(trainer, module, datamodule, resumed_from, checkpoint, ckpt_dpath)
     except NonFiniteLossError as err:
         write_run_info(out_dpath, config, status="failed", error=str(err))
         raise

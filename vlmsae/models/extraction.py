@@ -543,25 +543,7 @@ class StoreExtraction:
         seconds = time.perf_counter() - t0
         if self.ranks is not None:
             return self._merge(seconds, n_new)
-        if n_images == 0:
-            raise ValueError(
-                f"No readable images in data.source={plan.source} data.root={plan.root} ({len(skipped)} skipped)."
-            )
-        manifest = writer.write_manifest(
-            n_images=n_images,
-            n_listed=next_pos,
-            n_skipped=len(skipped),
-            skipped_by_reason=skipped.by_reason(),
-            skipped=skipped.to_list(),
-            image_list_digest=digest.hexdigest(),
-            classes=self.classes,
-            n_tokens_per_image=tap.n_tokens,
-            embed_dim=tap.embed_dim,
-            width=tap.width,
-            n_layers=tap.n_layers,
-            decode=self.decode,
-            complete=True,
-        )
+        manifest = writer.write_manifest(**self._manifest_fields(n_images, next_pos, skipped, digest.hexdigest()))
         summary = extraction_summary(self.out_dpath, manifest, seconds=seconds, n_new=n_new)
         log.info(
             "wrote %d rows from %d images to %s (%.1f images/s)",
@@ -596,21 +578,25 @@ class StoreExtraction:
             raise RuntimeError(f"{self.out_dpath}: not every rank folder is complete ({[p.name for p in parts]})")
         skipped = SkipLog([entry for s in states for entry in s["skipped"]])
         n_images = sum(int(s["n_images"]) for s in states)
+        fields = self._manifest_fields(n_images, self.total, skipped, self.image_list_digest)
+        write_merged_manifest(self.out_dpath, parts, **fields)
+
+    def _manifest_fields(self, n_images: int, n_listed: int, skipped: SkipLog, digest: str) -> dict[str, Any]:
+        """The manifest's fields of a finished extraction (one process, or the ranks merged); refuses a store
+        without a single readable image."""
         if n_images == 0:
             raise ValueError(
                 f"No readable images in data.source={self.plan.source} data.root={self.plan.root} "
                 f"({len(skipped)} skipped)."
             )
         tap = self.tap
-        write_merged_manifest(
-            self.out_dpath,
-            parts,
+        return dict(
             n_images=n_images,
-            n_listed=self.total,
+            n_listed=n_listed,
             n_skipped=len(skipped),
             skipped_by_reason=skipped.by_reason(),
             skipped=skipped.to_list(),
-            image_list_digest=self.image_list_digest,
+            image_list_digest=digest,
             classes=self.classes,
             n_tokens_per_image=tap.n_tokens,
             embed_dim=tap.embed_dim,
