@@ -3,6 +3,8 @@
     python -m vlmsae.export sae_path=outputs/train/<run>/sae format=dictionary_learning out=exports/dl
     python -m vlmsae.export sae_path=hf://<org>/<repo>/<folder> format=saelens out=exports/sl
     python -m vlmsae.export sae_path=<dictionary_learning trainer_0> format=vlmsae out=exports/v
+    python -m vlmsae.export sae_path=<matryoshka sae> format=dictionary_learning out=exports/paper \
+        matryoshka_class=MatroyshkaBatchTopKSAE      # the class name (sic) the paper's code loads
 
 The written folder loads with that library's own loader (dictionary_learning: ``utils.load_dictionary``;
 SAELens: ``SAE.load_from_disk``) and back into vlmsae with ``vlmsae.sae.load``. Keys: ``ExportJob``
@@ -27,7 +29,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
     job: ExportJob = OmegaConf.to_object(cfg)
     sae = load_any(job.sae_path, sae_format=job.sae_format)
-    written = export_sae(sae, job.format, job.out, overwrite=job.overwrite)
+    written = export_sae(sae, job.format, job.out, overwrite=job.overwrite, matryoshka_class=job.matryoshka_class)
     result = {
         "out": str(written),
         "format": job.format,
