@@ -174,6 +174,31 @@ def test_paper_folder_gives_model_layer_and_tokens(tmp_path):
     assert plain["model"] is None and plain["layer"] is None and plain["tokens"] is None
 
 
+def test_run_folder_one_level_above_its_trainer_is_searched(tmp_path):
+    """A training run (the paper's Hub folders) holds trainer_0/: sae_path=<run> loads it, as the job loader and
+    the sweep finder see it; a run with several trainers is refused, naming them."""
+    from vlmsae.metrics.codes import load_job_sae
+    from vlmsae.metrics.sweep import sweep_paths
+
+    run = tmp_path / VLM_NAME
+    state = _library_state("MatroyshkaBatchTopKSAE")
+    trainer = _write(run / "trainer_0", "MatroyshkaBatchTopKSAE", state, layer="", lm_name="")
+    (trainer / "ae.pt").unlink()
+    (trainer / "checkpoints").mkdir()
+    torch.save(state, trainer / "checkpoints" / "ae_100000.pt")
+    assert dl.detect(run) and detect_format(run) == "dictionary_learning"
+    assert sweep_paths(str(run)) is None  # one SAE, not a sweep folder without SAEs
+    x = _x()
+    sae = load_job_sae(run)
+    torch.testing.assert_close(sae.encode(x), _library_forward("MatroyshkaBatchTopKSAE", state, x)[0])
+    assert sae.source["layer"] == 22 and sae.source["checkpoint"] == "checkpoints/ae_100000.pt"
+    for i in (1, 10, 2):
+        _write(run / f"trainer_{i}", "BatchTopKSAE", _library_state("BatchTopKSAE", seed=i))
+    with pytest.raises(ValueError, match=r"holds 4 dictionary_learning trainers \(trainer_0, trainer_1, trainer_2, "):
+        load(run)
+    assert not dl.detect(tmp_path / "nothing_here")
+
+
 EXPORTS = [("relu", False), ("topk", False), ("batchtopk", False), ("matryoshka", False), ("matryoshka", True)]
 
 

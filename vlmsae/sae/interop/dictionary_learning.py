@@ -4,7 +4,8 @@ vendors an older copy): ``ae.pt`` + ``config.json``, loaded and written.
 Layout (what ``dictionary_learning.utils.load_dictionary`` reads): a folder ``trainer_<i>/`` with ``config.json``
 = ``{"trainer": {..., "dict_class": ..., "k": ...}, "buffer": {...}}`` and ``ae.pt``, a bare state dict; training
 also leaves ``checkpoints/ae_<step>.pt`` (same format). A folder without ``ae.pt`` loads its latest checkpoint,
-and ``sae_path`` may name one checkpoint file (the paper's scripts use ``checkpoints/ae_100000.pt``). ``ae.pt``
+and ``sae_path`` may name one checkpoint file (the paper's scripts use ``checkpoints/ae_100000.pt``) or the run
+folder one level above a single ``trainer_<i>/`` (several there are refused, naming them). ``ae.pt``
 is read with torch's ``weights_only`` reader; a mid-training backup (``{step, ae, optimizer, ...}``) is refused.
 
 Classes (``trainer.dict_class``) -> vlmsae arch, with the library's keys and forward (x raw activations):
@@ -112,7 +113,7 @@ def _checkpoints(dpath: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
 
 
-def _locate(path: Path) -> tuple[Path, Path] | None:
+def _locate_trainer(path: Path) -> tuple[Path, Path] | None:
     """(weights file, config.json) for a trainer folder, an ae.pt, or a checkpoints/ae_<step>.pt; None if absent."""
     path = Path(path)
     if path.is_file():
@@ -130,12 +131,39 @@ def _locate(path: Path) -> tuple[Path, Path] | None:
     return (ckpts[-1], config_fpath) if ckpts else None
 
 
-def detect(dpath: Path) -> bool:
-    found = _locate(Path(dpath))
-    if found is None:
-        return False
-    trainer = (_read_json(found[1]) or {}).get("trainer")
+def _is_trainer(found: tuple[Path, Path] | None) -> bool:
+    trainer = (_read_json(found[1]) or {}).get("trainer") if found is not None else None
     return isinstance(trainer, dict) and "dict_class" in trainer
+
+
+def _trainer_folders(dpath: Path) -> list[Path]:
+    """The trainer folders right under ``dpath`` (a training run's ``trainer_<i>/``), by name; [] for a file."""
+    if not dpath.is_dir() or (dpath / CONFIG_FNAME).is_file():
+        return []
+    found = [d for d in dpath.iterdir() if d.is_dir() and _is_trainer(_locate_trainer(d))]
+    return sorted(found, key=lambda d: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", d.name)])
+
+
+def _locate(path: Path) -> tuple[Path, Path] | None:
+    """(weights file, config.json) for ``path``: a trainer folder or file (:func:`_locate_trainer`), or a run folder
+    one level above exactly one trainer folder. Several trainers there are refused, naming them."""
+    path = Path(path)
+    found = _locate_trainer(path)
+    if found is not None:
+        return found
+    trainers = _trainer_folders(path)
+    if len(trainers) > 1:
+        names = ", ".join(d.name for d in trainers[:8]) + (", ..." if len(trainers) > 8 else "")
+        raise ValueError(
+            f"{str(path)!r} holds {len(trainers)} dictionary_learning trainers ({names}): pass one of them, e.g. "
+            f"sae_path={path / trainers[0].name}, or a comma-separated list of them to evaluate each."
+        )
+    return _locate_trainer(trainers[0]) if trainers else None
+
+
+def detect(dpath: Path) -> bool:
+    dpath = Path(dpath)
+    return _is_trainer(_locate_trainer(dpath)) or bool(_trainer_folders(dpath))
 
 
 # ---------------------------------------------------------------------------------------------- loading
