@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.export import ExportJob
 
 
@@ -56,6 +56,7 @@ def main() -> None:
     import hydra
 
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="export", version_base="1.3")(_main)()
 
 
