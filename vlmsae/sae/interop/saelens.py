@@ -322,8 +322,8 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         W_dec_FD = W_dec_FD * finetuning_F[:, None]
     # Training-time TopK/BatchTopK rescale pre-activations by the decoder row norms (SAELens' _fold_norm_topk).
     rescale_default = arch in ("batchtopk", "matryoshka_batchtopk")  # the training config's default
-    rescale = arch in ("topk", "batchtopk", "matryoshka_batchtopk") and cfg.get(
-        "rescale_acts_by_decoder_norm", rescale_default
+    rescale = arch in ("topk", "batchtopk", "matryoshka_batchtopk") and bool(
+        cfg.get("rescale_acts_by_decoder_norm", rescale_default)
     )
     if sf is not None:  # SAELens' fold_activation_norm_scaling_factor, before the decoder norms (as SAELens does)
         W_enc_DF, W_dec_FD, b_dec_D = W_enc_DF * sf, W_dec_FD / sf, b_dec_D / sf
@@ -346,11 +346,11 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         sae.b_dec.copy_(b_dec_D)
         if threshold_F is not None:
             sae.threshold.copy_(threshold_F)
-    sae.source = _source(cfg, dpath, norm, sf)
+    sae.source = _source(cfg, dpath, norm, sf, rescale)
     return sae.to(device).eval()
 
 
-def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None) -> dict[str, Any]:
+def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None, rescale: bool) -> dict[str, Any]:
     metadata = cfg.get("metadata") or {}
     original = metadata.get("vlmsae_source")
     if isinstance(original, dict):  # written by vlmsae: the exact record
@@ -364,6 +364,8 @@ def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None) -> di
         source = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
     if norm == "expected_average_only_in":
         normalisation = f"expected_average_only_in, sf={sf} folded" if sf is not None else "none (scaler unset)"
+        if sf is not None and rescale:
+            normalisation += " before the decoder norms (codes = training codes / sf)"
     else:
         normalisation = "none"
     source.update(
