@@ -112,15 +112,17 @@ def readable_overrides(argv: list[str]) -> list[str]:
     unreadable override stops the job with :class:`SystemExit`, naming the argument and the quoted form that
     Hydra reads, e.g. ``'sae_path="/data/run(1)/sae"'``. Flags (``-m``, ``--cfg job``) pass through unchanged.
     """
+    overrides = [
+        i
+        for i, arg in enumerate(argv)
+        if "=" in arg and not arg.startswith("-") and not (i > 0 and argv[i - 1] in _FLAGS_WITH_VALUE)
+    ]
+    if not overrides:  # e.g. --help: no parser needed
+        return list(argv)
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    out: list[str] = []
-    for i, arg in enumerate(argv):
-        after_flag = i > 0 and argv[i - 1] in _FLAGS_WITH_VALUE
-        is_override = not after_flag and not arg.startswith("-") and "=" in arg
-        out.append(_readable_override(arg, parser) if is_override else arg)
-    return out
+    return [_readable_override(arg, parser) if i in overrides else arg for i, arg in enumerate(argv)]
 
 
 def prepare_command_line() -> None:
