@@ -14,7 +14,7 @@ from vlmsae.sae import JumpReLUSAE, ReluSAE, SAEConfig, TopKSAE, build_sae, set_
 from vlmsae.sae.interop import saelens
 
 D_IN, D_SAE = 12, 40
-ATOL = 1e-5
+ATOL = 5e-6  # issue 23: every published SAE loads with codes within 5e-6
 
 
 def _randn(*shape, seed):
