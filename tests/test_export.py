@@ -57,6 +57,28 @@ def test_export_refuses_a_non_empty_out_and_unknown_formats(compose_cfg, sae_dpa
         run(cfg, out_dpath=tmp_path / "run")
 
 
+def test_export_for_the_papers_code_spells_the_matryoshka_class_its_way(compose_cfg, sae_dpath, tmp_path):
+    """sae-for-vlm's load_dictionary knows only MatroyshkaBatchTopKSAE (sic): matryoshka_class= writes that name."""
+    out = tmp_path / "paper"
+    overrides = [f"sae_path={sae_dpath}", "format=dictionary_learning", f"out={out}"]
+    cfg = compose_cfg("export", [*overrides, "matryoshka_class=MatroyshkaBatchTopKSAE"])
+    run(cfg, out_dpath=tmp_path / "run")
+    assert json.loads((out / "config.json").read_text())["trainer"]["dict_class"] == "MatroyshkaBatchTopKSAE"
+    x = torch.randn(16, 8)
+    torch.testing.assert_close(load(out).encode(x), load(sae_dpath).encode(x), atol=1e-6, rtol=1e-6)
+    cfg = compose_cfg("export", [f"sae_path={sae_dpath}", "format=saelens", f"out={tmp_path / 'sl'}"])
+    cfg.matryoshka_class = "MatroyshkaBatchTopKSAE"  # an option for another format is refused, not dropped
+    with pytest.raises(ValueError, match="drop matryoshka_class"):
+        run(cfg, out_dpath=tmp_path / "run2")
+
+
+def test_export_out_expands_the_home_folder(compose_cfg, sae_dpath, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = compose_cfg("export", [f"sae_path={sae_dpath}", "format=vlmsae", 'out="~/exports/v"'])
+    result = run(cfg, out_dpath=tmp_path / "run")
+    assert result["out"] == str(tmp_path / "home" / "exports" / "v") and (tmp_path / "home" / "exports" / "v").is_dir()
+
+
 def test_export_schema_refuses_unknown_keys(compose_cfg):
     with pytest.raises(Exception, match="formt"):
         compose_cfg("export", ["sae_path=x", "formt=saelens", "out=y"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.browse import BrowseJob
 
 
@@ -69,6 +69,7 @@ def main() -> None:
     import hydra
 
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="browse", version_base="1.3")(_main)()
 
 

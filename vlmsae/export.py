@@ -3,6 +3,8 @@
     python -m vlmsae.export sae_path=outputs/train/<run>/sae format=dictionary_learning out=exports/dl
     python -m vlmsae.export sae_path=hf://<org>/<repo>/<folder> format=saelens out=exports/sl
     python -m vlmsae.export sae_path=<dictionary_learning trainer_0> format=vlmsae out=exports/v
+    python -m vlmsae.export sae_path=<matryoshka sae> format=dictionary_learning out=exports/paper \
+        matryoshka_class=MatroyshkaBatchTopKSAE      # the class name (sic) the paper's code loads
 
 The written folder loads with that library's own loader (dictionary_learning: ``utils.load_dictionary``;
 SAELens: ``SAE.load_from_disk``) and back into vlmsae with ``vlmsae.sae.load``. Keys: ``ExportJob``
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.export import ExportJob
 
 
@@ -27,7 +29,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
     job: ExportJob = OmegaConf.to_object(cfg)
     sae = load_any(job.sae_path, sae_format=job.sae_format)
-    written = export_sae(sae, job.format, job.out, overwrite=job.overwrite)
+    written = export_sae(sae, job.format, job.out, overwrite=job.overwrite, matryoshka_class=job.matryoshka_class)
     result = {
         "out": str(written),
         "format": job.format,
@@ -54,6 +56,7 @@ def main() -> None:
     import hydra
 
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="export", version_base="1.3")(_main)()
 
 

@@ -46,7 +46,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.data.images import synthetic_options_of
 from vlmsae.data.sink import StoreSink, sink_of
 from vlmsae.formats import RUN_INFO_JSON
@@ -114,6 +114,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="extract", version_base="1.3")(_main)()
 
 

@@ -25,7 +25,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae import formats
-from vlmsae.config import conf_dir, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics import hierarchy_study as study
@@ -127,6 +127,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="hierarchy", version_base="1.3")(_main)()
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics import sweep
 from vlmsae.metrics.codes import open_sae_checkpoint
@@ -141,6 +141,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="monosemanticity", version_base="1.3")(_main)()
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, node_dict, register_configs
+from vlmsae.config import conf_dir, node_dict, prepare_command_line, register_configs
 from vlmsae.formats import LATENTS_CSV, MS_SUMMARY_JSON, read_ms_summary, write_latents_csv, write_ms_summary
 from vlmsae.metrics.names import ms_run_embedder, name_ms_run, namer_from_cfg
 from vlmsae.report.job_log import log_job
@@ -64,6 +64,7 @@ def main() -> None:
     import hydra
 
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="names", version_base="1.3")(_main)()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.splice_eval import SpliceEvalJob
 from vlmsae.formats import write_splice
 from vlmsae.report.job_log import log_job
@@ -75,6 +75,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="splice_eval", version_base="1.3")(_main)()
 
 

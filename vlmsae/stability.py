@@ -27,7 +27,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.metrics import stability_study as study
 from vlmsae.report.job_log import log_job
 from vlmsae.report.stability import write_stability_outputs
@@ -72,6 +72,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="stability", version_base="1.3")(_main)()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.steer import SteerJob
 from vlmsae.formats import write_steer
 from vlmsae.report.job_log import log_job
@@ -70,6 +70,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="steer", version_base="1.3")(_main)()
 
 

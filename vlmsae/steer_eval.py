@@ -23,7 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.formats import TOP_IMAGES_DIR, write_steer_eval
 from vlmsae.metrics import sweep
@@ -112,6 +112,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="steer_eval", version_base="1.3")(_main)()
 
 

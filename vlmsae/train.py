@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, node_dict, register_configs
+from vlmsae.config import conf_dir, node_dict, prepare_command_line, register_configs
 from vlmsae.lit.fit import FitPlan, fit_sae, resolve_train_source
 from vlmsae.lit.many import fit_many, resolve_grid
 from vlmsae.lit.resume import find_resume_checkpoint
@@ -80,6 +80,7 @@ def main() -> None:
     import hydra
 
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_main)()
 
 

@@ -5,7 +5,9 @@ Each core node is one dataclass in :mod:`vlmsae.config.nodes` (also the library'
 :func:`register_configs` stores them all. Entry points call it before ``@hydra.main`` runs, and YAML
 files in ``conf/<group>/`` list the schema first in their ``defaults`` so that an unknown key
 (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with the key named.
-:func:`conf_dir` says where that YAML tree is, for Hydra and every reader.
+:func:`conf_dir` says where that YAML tree is, for Hydra and every reader. :func:`prepare_command_line`
+(also called by every entry point) expands ``~`` in ``key=~/path`` and explains how to quote any other value
+Hydra's override grammar cannot read (``'sae_path="/data/run(1)/sae"'``) instead of a lexer error.
 """
 
 from __future__ import annotations
@@ -93,3 +95,76 @@ def node_dict(cfg: Any, key: str) -> dict[str, Any]:
     value = dict(value or {})
     value.pop("defaults", None)
     return value
+
+
+# Hydra flags whose value is the next argument (hydra/_internal/utils.py get_args_parser): not overrides.
+_FLAGS_WITH_VALUE = frozenset({
+    "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c", "--cfg", "-p", "--package",
+    "-i", "--info", "-sc", "--shell-completion", "--experimental-rerun",
+})  # fmt: skip
+
+
+def readable_overrides(argv: list[str]) -> list[str]:
+    """The command-line arguments ``argv`` with every ``key=value`` override made readable by Hydra's grammar.
+
+    An override Hydra cannot parse whose value starts with ``~`` (or has a comma-separated part that does) gets
+    that home folder expanded, as a shell expands ``key=~/x`` (Hydra's grammar reserves ``~``). Any other
+    unreadable override stops the job with :class:`SystemExit`, naming the argument and the quoted form that
+    Hydra reads, e.g. ``'sae_path="/data/run(1)/sae"'``. Flags (``-m``, ``--cfg job``) pass through unchanged.
+    """
+    overrides = [
+        i
+        for i, arg in enumerate(argv)
+        if "=" in arg and not arg.startswith("-") and not (i > 0 and argv[i - 1] in _FLAGS_WITH_VALUE)
+    ]
+    if not overrides:  # e.g. --help: no parser needed
+        return list(argv)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    return [_readable_override(arg, parser) if i in overrides else arg for i, arg in enumerate(argv)]
+
+
+def prepare_command_line() -> None:
+    """Rewrite ``sys.argv`` with :func:`readable_overrides`; every entry point calls it before ``@hydra.main``."""
+    import sys
+
+    sys.argv[1:] = readable_overrides(sys.argv[1:])
+
+
+def _parse_error(parser: Any, override: str) -> str | None:
+    """Hydra's reason (first line) for refusing ``override``; None when it parses."""
+    from hydra.errors import HydraException
+
+    try:
+        parser.parse_override(override)
+    except HydraException as err:
+        return str(err).strip().splitlines()[0]
+    return None
+
+
+def _readable_override(arg: str, parser: Any) -> str:
+    import os
+    import shlex
+
+    reason = _parse_error(parser, arg)
+    if reason is None:
+        return arg
+    key, _, value = arg.partition("=")
+    if "~" in value:
+        expanded = ",".join(os.path.expanduser(part) if part.startswith("~") else part for part in value.split(","))
+        if expanded != value:
+            if _parse_error(parser, f"{key}={expanded}") is None:
+                return f"{key}={expanded}"
+            value = expanded
+    suggestion = ""
+    for quoted in (f'"{value}"', f"'{value}'", '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'):
+        candidate = f"{key}={quoted}"
+        if _parse_error(parser, candidate) is None and parser.parse_override(candidate).value() == value:
+            shell_arg = shlex.quote(candidate)
+            suggestion = f" Quote the value for Hydra, and the whole argument for the shell:\n    {shell_arg}"
+            break
+    raise SystemExit(
+        f"Hydra cannot read the command-line argument {arg!r}: its override grammar reserves characters such as "
+        f"( ) [ ] {{ }} = ' # ~ and non-ASCII letters in an unquoted value (Hydra: {reason}).{suggestion}"
+    )

@@ -174,11 +174,36 @@ def test_paper_folder_gives_model_layer_and_tokens(tmp_path):
     assert plain["model"] is None and plain["layer"] is None and plain["tokens"] is None
 
 
+def test_run_folder_one_level_above_its_trainer_is_searched(tmp_path):
+    """A training run (the paper's Hub folders) holds trainer_0/: sae_path=<run> loads it, as the job loader and
+    the sweep finder see it; a run with several trainers is refused, naming them."""
+    from vlmsae.metrics.codes import load_job_sae
+    from vlmsae.metrics.sweep import sweep_paths
+
+    run = tmp_path / VLM_NAME
+    state = _library_state("MatroyshkaBatchTopKSAE")
+    trainer = _write(run / "trainer_0", "MatroyshkaBatchTopKSAE", state, layer="", lm_name="")
+    (trainer / "ae.pt").unlink()
+    (trainer / "checkpoints").mkdir()
+    torch.save(state, trainer / "checkpoints" / "ae_100000.pt")
+    assert dl.detect(run) and detect_format(run) == "dictionary_learning"
+    assert sweep_paths(str(run)) is None  # one SAE, not a sweep folder without SAEs
+    x = _x()
+    sae = load_job_sae(run)
+    torch.testing.assert_close(sae.encode(x), _library_forward("MatroyshkaBatchTopKSAE", state, x)[0])
+    assert sae.source["layer"] == 22 and sae.source["checkpoint"] == "checkpoints/ae_100000.pt"
+    for i in (1, 10, 2):
+        _write(run / f"trainer_{i}", "BatchTopKSAE", _library_state("BatchTopKSAE", seed=i))
+    with pytest.raises(ValueError, match=r"holds 4 dictionary_learning trainers \(trainer_0, trainer_1, trainer_2, "):
+        load(run)
+    assert not dl.detect(tmp_path / "nothing_here")
+
+
 EXPORTS = [("relu", False), ("topk", False), ("batchtopk", False), ("matryoshka", False), ("matryoshka", True)]
 
 
-@pytest.mark.parametrize("arch, legacy", EXPORTS)
-def test_export_then_import_is_exact_and_the_library_forward_agrees(tmp_path, arch, legacy):
+@pytest.mark.parametrize("arch, paper", EXPORTS)
+def test_export_then_import_is_exact_and_the_library_forward_agrees(tmp_path, arch, paper):
     cfg = SAEConfig(arch=arch, d_in=D, n_latents=F, k=K, group_fractions=(0.25, 0.75) if arch == "matryoshka" else None)
     sae = build_sae(cfg, seed=0)
     with torch.no_grad():
@@ -187,7 +212,7 @@ def test_export_then_import_is_exact_and_the_library_forward_agrees(tmp_path, ar
         sae.threshold.fill_(0.2)
         sae.input_scale.fill_(1.7)  # folded on export
     sae.source = {"model": "clip_l14_336", "pretrained": "openai", "layer": 22, "tokens": "cls"}
-    out = dl.save(sae, tmp_path / "export", legacy_spelling=legacy)
+    out = dl.save(sae, tmp_path / "export", **({"matryoshka_class": "MatroyshkaBatchTopKSAE"} if paper else {}))
     raw = torch.load(out / "ae.pt", weights_only=True)
     trainer = json.loads((out / "config.json").read_text())["trainer"]
     dict_class = trainer["dict_class"]
@@ -197,7 +222,7 @@ def test_export_then_import_is_exact_and_the_library_forward_agrees(tmp_path, ar
             "relu": "AutoEncoder",
             "topk": "AutoEncoderTopK",
             "batchtopk": "BatchTopKSAE",
-            "matryoshka": "MatroyshkaBatchTopKSAE" if legacy else "MatryoshkaBatchTopKSAE",
+            "matryoshka": "MatroyshkaBatchTopKSAE" if paper else "MatryoshkaBatchTopKSAE",
         }[arch]
     )
     assert set(raw) == set(dl._KEYS[arch]) | ({"threshold"} if arch == "topk" else set())
@@ -217,6 +242,39 @@ def test_export_then_import_is_exact_and_the_library_forward_agrees(tmp_path, ar
     f_ref, x_hat_ref = _library_forward(dict_class, raw, x)
     torch.testing.assert_close(f_ref, sae.encode(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x_hat_ref, sae(x), atol=1e-5, rtol=1e-5)
+
+
+def test_relu_export_with_non_unit_decoder_rows_loads_unchanged_in_the_library(tmp_path):
+    """A ReLU SAE whose decoder rows are not unit norm (every SAELens standard SAE): AutoEncoder.from_pretrained
+    would renormalise them on load, so the export folds the norms; the file is then what the library encodes."""
+    sae = build_sae(SAEConfig(arch="relu", d_in=D, n_latents=F), seed=0)
+    norms_F = torch.rand(F, generator=_g(4)) * 3 + 0.2
+    with torch.no_grad():
+        sae.W_dec.mul_(norms_F[:, None])
+        sae.b_enc.normal_(0, 0.1, generator=_g(2))
+        sae.b_dec.normal_(0, 1.0, generator=_g(3))
+    with pytest.warns(UserWarning, match="renormalises them on load"):
+        out = dl.save(sae, tmp_path / "export")
+    raw = torch.load(out / "ae.pt", weights_only=True)
+    columns = raw["decoder.weight"].norm(dim=0)
+    assert torch.allclose(columns, torch.ones_like(columns))  # AutoEncoder.normalize_decoder leaves it as is
+    x = _x()
+    f_lib = torch.relu((x - raw["bias"]) @ raw["encoder.weight"].T + raw["encoder.bias"])  # the file as written
+    x_hat_lib = f_lib @ raw["decoder.weight"].T + raw["bias"]
+    back = load(out)
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode(x), f_lib, atol=5e-6, rtol=5e-6)
+        torch.testing.assert_close(back(x), x_hat_lib, atol=5e-6, rtol=5e-6)
+        torch.testing.assert_close(back(x), sae(x), atol=1e-5, rtol=1e-5)  # reconstructions unchanged
+        torch.testing.assert_close(back.encode(x), sae.encode(x) * norms_F, atol=1e-5, rtol=1e-5)
+    again = dl.save(back, tmp_path / "again")  # already unit norm: no warning, the same file
+    assert all(torch.equal(v, torch.load(again / "ae.pt", weights_only=True)[k]) for k, v in raw.items())
+
+
+def test_matryoshka_class_is_checked(tmp_path):
+    sae = build_sae(SAEConfig(arch="matryoshka", d_in=D, n_latents=F, k=K, group_fractions=(0.25, 0.75)), seed=0)
+    with pytest.raises(ValueError, match="MatryoshkaBatchTopKSAE.*MatroyshkaBatchTopKSAE"):
+        dl.save(sae, tmp_path / "e", matryoshka_class="MatryoshkaSAE")
 
 
 def test_batchtopk_without_threshold_exports_as_topk(tmp_path):

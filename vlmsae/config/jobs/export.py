@@ -17,6 +17,9 @@ class ExportJob:
     format: str = MISSING  # the layout to write: saelens | dictionary_learning | vlmsae
     out: str = MISSING  # folder to write the exported SAE into
     overwrite: bool = False  # replace the files of an existing export in out (otherwise a non-empty out is refused)
+    # format=dictionary_learning of a Matryoshka SAE: the class name config.json gives it. null = the library's
+    # MatryoshkaBatchTopKSAE; MatroyshkaBatchTopKSAE (sic) is the only one the paper's code (sae-for-vlm) loads.
+    matryoshka_class: Optional[str] = None
 
 
 def register() -> None:

@@ -103,10 +103,18 @@ def load_any(path: str | Path, sae_format: str | None = None, device: str = "cpu
     return sae.eval()
 
 
-def export_sae(sae: SAE, sae_format: str, out_dpath: str | Path, overwrite: bool = False) -> Path:
+def export_sae(
+    sae: SAE,
+    sae_format: str,
+    out_dpath: str | Path,
+    overwrite: bool = False,
+    matryoshka_class: str | None = None,
+) -> Path:
     """Write ``sae`` in ``sae_format``'s layout (one of ``EXPORT_FORMATS``) under ``out_dpath``; returns the folder.
 
     A non-empty ``out_dpath`` is refused unless ``overwrite`` (files of the same names are then replaced).
+    ``matryoshka_class`` (dictionary_learning, Matryoshka SAEs only; None = the library's spelling): the class name
+    written to config.json, e.g. ``MatroyshkaBatchTopKSAE`` (sic) for the paper's code.
     """
     if sae_format not in EXPORT_FORMATS:
         raise ValueError(f"format={sae_format!r} cannot be exported; export targets: {', '.join(EXPORT_FORMATS)}.")
@@ -118,14 +126,22 @@ def export_sae(sae: SAE, sae_format: str, out_dpath: str | Path, overwrite: bool
             f"format={sae_format!r}: this install has no writer for it (vlmsae.sae.interop.{sae_format}.save is "
             f"missing); writers available: {', '.join(writers)}."
         )
-    out_dpath = Path(out_dpath)
+    options = {}
+    if matryoshka_class is not None:
+        if sae_format != "dictionary_learning" or sae.arch != "matryoshka":
+            raise ValueError(
+                f"matryoshka_class={matryoshka_class!r} names the class of a Matryoshka SAE written as "
+                f"dictionary_learning; this is a {sae.arch} SAE exported as {sae_format}: drop matryoshka_class."
+            )
+        options["matryoshka_class"] = matryoshka_class
+    out_dpath = Path(out_dpath).expanduser()
     if out_dpath.exists() and not out_dpath.is_dir():
         raise FileExistsError(f"Export folder {str(out_dpath)!r} is a file; out= must be a folder.")
     if out_dpath.is_dir() and any(out_dpath.iterdir()) and not overwrite:
         raise FileExistsError(
             f"Export folder {str(out_dpath)!r} is not empty; choose a new out= folder or pass overwrite=true."
         )
-    return Path(module.save(sae, out_dpath))
+    return Path(module.save(sae, out_dpath, **options))
 
 
 __all__ = [

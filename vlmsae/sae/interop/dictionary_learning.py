@@ -4,7 +4,8 @@ vendors an older copy): ``ae.pt`` + ``config.json``, loaded and written.
 Layout (what ``dictionary_learning.utils.load_dictionary`` reads): a folder ``trainer_<i>/`` with ``config.json``
 = ``{"trainer": {..., "dict_class": ..., "k": ...}, "buffer": {...}}`` and ``ae.pt``, a bare state dict; training
 also leaves ``checkpoints/ae_<step>.pt`` (same format). A folder without ``ae.pt`` loads its latest checkpoint,
-and ``sae_path`` may name one checkpoint file (the paper's scripts use ``checkpoints/ae_100000.pt``). ``ae.pt``
+and ``sae_path`` may name one checkpoint file (the paper's scripts use ``checkpoints/ae_100000.pt``) or the run
+folder one level above a single ``trainer_<i>/`` (several there are refused, naming them). ``ae.pt``
 is read with torch's ``weights_only`` reader; a mid-training backup (``{step, ae, optimizer, ...}``) is refused.
 
 Classes (``trainer.dict_class``) -> vlmsae arch, with the library's keys and forward (x raw activations):
@@ -84,6 +85,8 @@ _TRAINER_CLASSES = {
     "MatryoshkaBatchTopKSAE": "MatryoshkaBatchTopKTrainer",
     "MatroyshkaBatchTopKSAE": "MatroyshkaBatchTopKTrainer",
 }
+MATRYOSHKA_CLASSES = ("MatryoshkaBatchTopKSAE", "MatroyshkaBatchTopKSAE")
+"""dictionary_learning's Matryoshka class name, then the paper's vendored copy's (sic): ``save(matryoshka_class=)``."""
 _CHECKPOINT = re.compile(r"^ae_(\d+)\.pt$")
 _VLM_FOLDER = re.compile(
     r"^(?P<dataset>.+?)_(?P<split>train|val)_activations_(?P<model>.+?)_(?P<layer>-?\d+)_"
@@ -110,7 +113,7 @@ def _checkpoints(dpath: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
 
 
-def _locate(path: Path) -> tuple[Path, Path] | None:
+def _locate_trainer(path: Path) -> tuple[Path, Path] | None:
     """(weights file, config.json) for a trainer folder, an ae.pt, or a checkpoints/ae_<step>.pt; None if absent."""
     path = Path(path)
     if path.is_file():
@@ -128,12 +131,39 @@ def _locate(path: Path) -> tuple[Path, Path] | None:
     return (ckpts[-1], config_fpath) if ckpts else None
 
 
-def detect(dpath: Path) -> bool:
-    found = _locate(Path(dpath))
-    if found is None:
-        return False
-    trainer = (_read_json(found[1]) or {}).get("trainer")
+def _is_trainer(found: tuple[Path, Path] | None) -> bool:
+    trainer = (_read_json(found[1]) or {}).get("trainer") if found is not None else None
     return isinstance(trainer, dict) and "dict_class" in trainer
+
+
+def _trainer_folders(dpath: Path) -> list[Path]:
+    """The trainer folders right under ``dpath`` (a training run's ``trainer_<i>/``), by name; [] for a file."""
+    if not dpath.is_dir() or (dpath / CONFIG_FNAME).is_file():
+        return []
+    found = [d for d in dpath.iterdir() if d.is_dir() and _is_trainer(_locate_trainer(d))]
+    return sorted(found, key=lambda d: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", d.name)])
+
+
+def _locate(path: Path) -> tuple[Path, Path] | None:
+    """(weights file, config.json) for ``path``: a trainer folder or file (:func:`_locate_trainer`), or a run folder
+    one level above exactly one trainer folder. Several trainers there are refused, naming them."""
+    path = Path(path)
+    found = _locate_trainer(path)
+    if found is not None:
+        return found
+    trainers = _trainer_folders(path)
+    if len(trainers) > 1:
+        names = ", ".join(d.name for d in trainers[:8]) + (", ..." if len(trainers) > 8 else "")
+        raise ValueError(
+            f"{str(path)!r} holds {len(trainers)} dictionary_learning trainers ({names}): pass one of them, e.g. "
+            f"sae_path={path / trainers[0].name}, or a comma-separated list of them to evaluate each."
+        )
+    return _locate_trainer(trainers[0]) if trainers else None
+
+
+def detect(dpath: Path) -> bool:
+    dpath = Path(dpath)
+    return _is_trainer(_locate_trainer(dpath)) or bool(_trainer_folders(dpath))
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -302,17 +332,53 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
 
 
 # ---------------------------------------------------------------------------------------------- export
-def save(sae: SAE, out_dpath: Path, legacy_spelling: bool = False) -> Path:
+def _unit_decoder(W_enc_FD: torch.Tensor, b_enc_F: torch.Tensor, W_dec_FD: torch.Tensor) -> tuple:
+    """(W_enc * n, b_enc * n, W_dec / n) for decoder row norms n, unless they pass the library's own unit-norm check
+    (``AutoEncoder.normalize_decoder``: torch.allclose to ones); then the tensors unchanged."""
+    norms_F = W_dec_FD.norm(dim=1)
+    if torch.allclose(norms_F, torch.ones_like(norms_F)):
+        return W_enc_FD, b_enc_F, W_dec_FD
+    if not bool((norms_F > 0).all()):
+        raise ValueError(
+            "dictionary_learning export: the SAE has all-zero decoder rows, which AutoEncoder.from_pretrained cannot "
+            "normalise; drop those latents or export to saelens / vlmsae instead."
+        )
+    warnings.warn(
+        f"relu SAE with decoder rows of norm {float(norms_F.min()):.4g}..{float(norms_F.max()):.4g}: written with unit "
+        "rows (norms folded into the encoder), because dictionary_learning's AutoEncoder renormalises them on load. "
+        "Reconstructions are unchanged; each latent's codes are multiplied by its row norm.",
+        stacklevel=3,
+    )
+    n64_F = norms_F.double()
+    return (
+        (W_enc_FD.double() * n64_F[:, None]).float(),
+        (b_enc_F.double() * n64_F).float(),
+        (W_dec_FD.double() / n64_F[:, None]).float(),
+    )
+
+
+def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0]) -> Path:
     """Write ``out_dpath/ae.pt`` + ``config.json`` that ``dictionary_learning.utils.load_dictionary`` loads.
 
-    relu -> AutoEncoder, topk -> AutoEncoderTopK, batchtopk -> BatchTopKSAE, matryoshka -> MatryoshkaBatchTopKSAE
-    (``legacy_spelling=True``: MatroyshkaBatchTopKSAE, what sae-for-vlm's vendored copy reads). A BatchTopK or
-    Matryoshka SAE whose threshold is not estimated encodes with per-sample top-k in vlmsae, which those classes
-    cannot express (at -1 they encode densely): it is written as AutoEncoderTopK, with a warning.
+    relu -> AutoEncoder, topk -> AutoEncoderTopK, batchtopk -> BatchTopKSAE, matryoshka -> ``matryoshka_class``
+    (MatryoshkaBatchTopKSAE, dictionary_learning's name; MatroyshkaBatchTopKSAE (sic) for sae-for-vlm's vendored
+    copy, whose ``load_dictionary`` knows only that spelling). A BatchTopK or Matryoshka SAE whose threshold is not
+    estimated encodes with per-sample top-k in vlmsae, which those classes cannot express (at -1 they encode
+    densely): it is written as AutoEncoderTopK, with a warning.
+
+    An AutoEncoder's decoder columns are written unit norm: ``AutoEncoder.from_pretrained`` rescales any others to
+    unit norm (and the encoder by the same norms) when it loads, so the file would not encode as written. The row
+    norms n of a relu SAE are folded first (W_dec / n, W_enc * n, b_enc * n; x_hat unchanged, latent i's codes
+    times n_i), with a warning; the file then loads unchanged in dictionary_learning and in vlmsae.
     """
     if sae.arch not in ("relu", "topk", "batchtopk", "matryoshka"):
         raise ValueError(
             f"dictionary_learning export supports arch relu, topk, batchtopk and matryoshka; got {sae.arch!r}."
+        )
+    if matryoshka_class not in MATRYOSHKA_CLASSES:
+        raise ValueError(
+            f"matryoshka_class={matryoshka_class!r} is not a dictionary_learning class name; use "
+            f"{MATRYOSHKA_CLASSES[0]} (dictionary_learning) or {MATRYOSHKA_CLASSES[1]} (sic; the paper's code)."
         )
     folded = copy.deepcopy(sae).cpu().float()
     folded.fold_input_scale_()
@@ -321,10 +387,13 @@ def save(sae: SAE, out_dpath: Path, legacy_spelling: bool = False) -> Path:
     )
     threshold = folded.threshold.detach().clone().reshape(())
     arch = sae.arch
+    if arch == "relu":
+        W_enc_FD, b_enc_F, W_dec_FD = _unit_decoder(W_enc_FD, b_enc_F, W_dec_FD)
     if arch in ("batchtopk", "matryoshka") and float(threshold) < 0:
         warnings.warn(
             f"{arch} SAE without an estimated threshold: vlmsae encodes it with per-sample top-k, which "
-            "dictionary_learning's batch top-k classes cannot express; written as AutoEncoderTopK (same codes).",
+            "dictionary_learning's batch top-k classes cannot express; written as AutoEncoderTopK (same codes"
+            + (f"; matryoshka_class={matryoshka_class} does not apply)." if arch == "matryoshka" else ")."),
             stacklevel=2,
         )
         arch = "topk"
@@ -337,7 +406,7 @@ def save(sae: SAE, out_dpath: Path, legacy_spelling: bool = False) -> Path:
         state = {"encoder.weight": W_enc_FD, "encoder.bias": b_enc_F, "decoder.weight": W_dec_FD.T, "b_dec": b_dec_D}
         state.update(k=k, threshold=threshold)
     else:
-        dict_class = "MatroyshkaBatchTopKSAE" if legacy_spelling else "MatryoshkaBatchTopKSAE"
+        dict_class = matryoshka_class
         state = {"W_enc": W_enc_FD.T, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_dec": b_dec_D, "k": k}
         state.update(threshold=threshold, group_sizes=torch.tensor(sae.group_sizes, dtype=torch.int64))
     state = {name: value.contiguous() for name, value in state.items()}
@@ -365,4 +434,4 @@ def save(sae: SAE, out_dpath: Path, legacy_spelling: bool = False) -> Path:
     return out_dpath
 
 
-__all__ = ["DICT_CLASSES", "EXPECTS", "NAME", "detect", "load", "save"]
+__all__ = ["DICT_CLASSES", "EXPECTS", "MATRYOSHKA_CLASSES", "NAME", "detect", "load", "save"]

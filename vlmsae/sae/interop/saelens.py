@@ -16,8 +16,11 @@ Layout (SAELens v6 ``SAE.save_model`` / ``load_from_disk``; v5 configs are read 
 - ``gated``: f = 1[x~ W_enc + b_gate > 0] * relu(x~ (W_enc e^r_mag) + b_mag). With m = the magnitude
   pre-activation, the gate is m > b_mag - e^r_mag * b_gate, so it is exactly a JumpReLU with that threshold
   -> ``jumprelu`` (W_enc scaled by e^r_mag, b_enc = b_mag).
-- decode: x^ = f W_dec + b_dec, then norm_out. v5's ``finetuning_scaling_factor`` (weight ``scaling_factor``, decode
-  (f * s) W_dec) is folded into W_dec.
+- decode: x^ = f W_dec + b_dec, then norm_out. v5's ``finetuning_scaling_factor: true`` (weight
+  ``finetuning_scaling_factor`` [d_sae] as SAELens 5's ``save_model`` writes it, or ``scaling_factor`` in older
+  files; v5 decodes (f * s) W_dec + b_dec, codes unchanged) is folded into the W_dec rows. Both SAELens versions
+  refuse the first kind of file (their loaders drop the flag, then find an unexpected weight); a factor whose
+  cfg.json flag is not true is refused here too.
 
 When ``apply_b_dec_to_input`` is false, b_enc becomes b_enc + W_enc b_dec (vlmsae always subtracts b_dec).
 
@@ -28,7 +31,12 @@ When ``apply_b_dec_to_input`` is false, b_enc becomes b_enc + W_enc b_dec (vlmsa
   read from ``activation_scaler.json`` ({"scaling_factor": sf}, what SAELens writes next to training checkpoints;
   null = no scaling) or passed as ``load(..., norm_scaling_factor=sf)`` (for Hub SAEs SAELens keeps it in its
   ``pretrained_saes.yaml`` as ``norm_scaling_factor``), and folded the way SAELens folds it (W_enc*sf, W_dec/sf,
-  b_dec/sf). Without it the load is refused: the codes would be off by sf.
+  b_dec/sf). Without it the load is refused: the codes would be off by sf. With ``rescale_acts_by_decoder_norm``
+  (topk, and the batchtopk / matryoshka_batchtopk training checkpoints) sf is folded first and the decoder norms
+  after, the order of SAELens' end of training (the trainer folds sf, then ``save_inference_model`` folds the norms)
+  and of its ``from_pretrained``: the codes are the training codes / sf, as in the SAE SAELens writes when training
+  ends, and the ``topk_threshold`` is divided by sf with them, so the latents that fired in training fire (SAELens
+  itself leaves that threshold in training units).
 - ``constant_norm_rescale`` and ``layer_norm`` normalise each input by its own norm (mean, std) and undo it on the
   output: not an affine map, so not representable by a vlmsae SAE; refused with a message (never dropped).
 ``reshape_activations="hook_z"`` (attention heads) is refused too.
@@ -181,6 +189,39 @@ def _scaling_factor(dpath: Path, norm_scaling_factor: float | None) -> float | N
     return float(value)
 
 
+def _finetuning_scaling_factor(
+    tensors: dict[str, torch.Tensor], cfg: dict[str, Any], fpath: Path, d_sae: int
+) -> torch.Tensor | None:
+    """SAELens 5's per-latent decoder factor s [d_sae] (decode (f * s) W_dec + b_dec), or None.
+
+    SAELens 5 saves it as ``finetuning_scaling_factor`` (its parameter's name); older files call it
+    ``scaling_factor``, which SAELens 5 drops when all ones and renames when cfg.json says
+    ``finetuning_scaling_factor: true`` (a factor with the flag false is refused, as SAELens refuses it).
+    """
+    found = [key for key in ("finetuning_scaling_factor", "scaling_factor") if key in tensors]
+    if not found:
+        return None
+    if len(found) == 2:
+        raise ValueError(
+            f"{str(fpath)!r} holds both finetuning_scaling_factor and scaling_factor: SAELens 5 reads one decoder "
+            "factor; keep the one that was trained and delete the other."
+        )
+    key = found[0]
+    factor = tensors[key]
+    if key == "scaling_factor" and torch.allclose(factor, torch.ones_like(factor)):
+        return None  # SAELens 5 wrote a constant 1 for a while; it drops it
+    flag = cfg.get("finetuning_scaling_factor")
+    if flag is not True:
+        raise ValueError(
+            f"{str(fpath)!r} holds a decoder factor {key} [d_sae] but cfg.json has finetuning_scaling_factor="
+            f"{json.dumps(flag)}, so it is unclear whether it applies (SAELens refuses this file too). If the SAE "
+            'was fine-tuned with it, set "finetuning_scaling_factor": true in cfg.json (vlmsae then decodes '
+            "(f * s) W_dec + b_dec, as SAELens 5 does); otherwise delete the tensor."
+        )
+    _check_shape(factor, (d_sae,), key, fpath)
+    return factor.reshape(-1)
+
+
 def _need(tensors: dict[str, torch.Tensor], names: tuple[str, ...], fpath: Path, arch: str) -> None:
     missing = [name for name in names if name not in tensors]
     if missing:
@@ -276,22 +317,22 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
     for name, tensor in (("b_enc", b_enc_F), ("threshold", threshold_F)):
         if tensor is not None:
             _check_shape(tensor, (d_sae,), name, weights_fpath)
+    finetuning_F = _finetuning_scaling_factor(tensors, cfg, weights_fpath, d_sae)
+    if finetuning_F is not None:  # SAELens 5 decodes (f * s) W_dec: s scales the decoder rows
+        W_dec_FD = W_dec_FD * finetuning_F[:, None]
     # Training-time TopK/BatchTopK rescale pre-activations by the decoder row norms (SAELens' _fold_norm_topk).
     rescale_default = arch in ("batchtopk", "matryoshka_batchtopk")  # the training config's default
-    if arch in ("topk", "batchtopk", "matryoshka_batchtopk") and cfg.get(
-        "rescale_acts_by_decoder_norm", rescale_default
-    ):
+    rescale = arch in ("topk", "batchtopk", "matryoshka_batchtopk") and bool(
+        cfg.get("rescale_acts_by_decoder_norm", rescale_default)
+    )
+    if sf is not None:  # SAELens' fold_activation_norm_scaling_factor, before the decoder norms (as SAELens does)
+        W_enc_DF, W_dec_FD, b_dec_D = W_enc_DF * sf, W_dec_FD / sf, b_dec_D / sf
+        if rescale and threshold_F is not None:
+            # The rescaled pre-activation h * ||W_dec|| is now h * ||W_dec|| / sf: the training threshold too.
+            threshold_F = threshold_F / sf
+    if rescale:
         norms_F = W_dec_FD.norm(dim=-1)
         W_enc_DF, b_enc_F, W_dec_FD = W_enc_DF * norms_F, b_enc_F * norms_F, W_dec_FD / norms_F[:, None]
-    if "scaling_factor" in tensors and not torch.allclose(tensors["scaling_factor"], torch.ones(1)):
-        if not cfg.get("finetuning_scaling_factor"):
-            raise ValueError(
-                f"{str(weights_fpath)!r} holds scaling_factor but cfg.json has finetuning_scaling_factor false "
-                "(SAELens refuses this too)."
-            )
-        W_dec_FD = W_dec_FD * tensors["scaling_factor"].reshape(-1, 1)
-    if sf is not None:  # SAELens' fold_activation_norm_scaling_factor
-        W_enc_DF, W_dec_FD, b_dec_D = W_enc_DF * sf, W_dec_FD / sf, b_dec_D / sf
     if not cfg.get("apply_b_dec_to_input", True):
         # SAELens encodes x W_enc + b_enc; vlmsae (x - b_dec) W_enc + b_enc'. Pre-activations (and so the
         # threshold comparison) are unchanged.
@@ -305,11 +346,11 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         sae.b_dec.copy_(b_dec_D)
         if threshold_F is not None:
             sae.threshold.copy_(threshold_F)
-    sae.source = _source(cfg, dpath, norm, sf)
+    sae.source = _source(cfg, dpath, norm, sf, rescale)
     return sae.to(device).eval()
 
 
-def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None) -> dict[str, Any]:
+def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None, rescale: bool) -> dict[str, Any]:
     metadata = cfg.get("metadata") or {}
     original = metadata.get("vlmsae_source")
     if isinstance(original, dict):  # written by vlmsae: the exact record
@@ -323,6 +364,8 @@ def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None) -> di
         source = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
     if norm == "expected_average_only_in":
         normalisation = f"expected_average_only_in, sf={sf} folded" if sf is not None else "none (scaler unset)"
+        if sf is not None and rescale:
+            normalisation += " before the decoder norms (codes = training codes / sf)"
     else:
         normalisation = "none"
     source.update(
