@@ -255,25 +255,48 @@ def test_pages_hold_the_recipe_commands():
     assert {"vlmsae.stability", "vlmsae.export", "vlmsae.splice_eval", "vlmsae.demo"} <= jobs
 
 
-@pytest.mark.parametrize("fpath", PAGES, ids=_page_id)
-def test_every_link_path_and_dotted_name_exists(fpath):
-    text = fpath.read_text(encoding="utf-8")
+def _reference_problems(text: str, page_dpath: Path) -> list[str]:
     problems = []
     for target in _LINK_RE.findall(text):
         if re.match(r"^(?:[a-z]+:|#)", target):
             continue
-        if not (fpath.parent / target.split("#", 1)[0]).exists():
+        if not (page_dpath / target.split("#", 1)[0]).exists():
             problems.append(f"link {target!r} resolves to nothing")
     spans = _inline_spans(text)
-    layout_lines = [block for lang, block in _FENCE_RE.findall(text) if not lang]
-    words = [*spans, *(line.split()[0] for block in layout_lines for line in block.splitlines() if line.split())]
+    plain_blocks = [block for lang, block in _FENCE_RE.findall(text) if not lang]  # e.g. the layout tree
+    words = [*spans, *(line.split()[0] for block in plain_blocks for line in block.splitlines() if line.split())]
     for word in words:
         if _REPO_PATH_RE.match(word) and not (REPO_ROOT / word).exists():
             problems.append(f"path {word!r} does not exist")
     for span in spans:
         if (m := _DOTTED_RE.match(span)) and not _resolves(m.group(0)):
             problems.append(f"{m.group(0)!r} does not import")
+    return problems
+
+
+@pytest.mark.parametrize("fpath", PAGES, ids=_page_id)
+def test_every_link_path_and_dotted_name_exists(fpath):
+    problems = _reference_problems(fpath.read_text(encoding="utf-8"), fpath.parent)
     assert not problems, f"{_page_id(fpath)}:\n" + "\n".join(problems)
+
+
+def test_the_reference_check_fails_on_a_dead_link_path_and_name():
+    page = """See [training](training.md), [gone](gone.md), ![img](img/browser.png) and [web](https://x.org).
+`vlmsae/sae/checkpoint.py` and `vlmsae/sae/nothing_here.py`; `vlmsae.formats` but `vlmsae.formats.no_such_reader`
+and `vlmsae.no_such_module.read(path)`.
+```
+vlmsae/config/     real
+vlmsae/gone/       not
+```
+"""
+    problems = _reference_problems(page, REPO_ROOT / "docs")
+    assert problems == [
+        "link 'gone.md' resolves to nothing",
+        "path 'vlmsae/sae/nothing_here.py' does not exist",
+        "path 'vlmsae/gone/' does not exist",
+        "'vlmsae.formats.no_such_reader' does not import",
+        "'vlmsae.no_such_module.read' does not import",
+    ], problems
 
 
 def _resolves(dotted: str) -> bool:
