@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from vlmsae.config import conf_dir
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 200
@@ -100,7 +102,7 @@ def _vlmsae_invocation(tokens: list[str]) -> tuple[str, list[str]] | None:
 
 
 def _hydra_jobs() -> set[str]:
-    return {p.stem for p in (REPO_ROOT / "conf").glob("*.yaml")}
+    return {p.stem for p in conf_dir().glob("*.yaml")}
 
 
 def _first_of_each_sweep(overrides: list[str]) -> list[str]:
@@ -131,7 +133,7 @@ def _check_hydra_job(job: str, args: list[str], compose) -> str | None:
             continue
         elif "=" in arg:
             key, _, value = arg.partition("=")
-            if value == _PLACEHOLDER and (REPO_ROOT / "conf" / key).is_dir():
+            if value == _PLACEHOLDER and (conf_dir() / key).is_dir():
                 continue  # `model=<name>`: the reader's choice of a group that exists
             overrides.append(arg)
         else:
@@ -177,7 +179,7 @@ def compose():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from vlmsae.config import conf_dir, register_configs
+    from vlmsae.config import register_configs
 
     register_configs()
 
