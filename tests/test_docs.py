@@ -1,4 +1,5 @@
-"""The documentation stays in step with the code: README.md and every docs/*.md page, and the site they build.
+"""The documentation stays in step with the code: README.md, every docs/*.md page (and the site they build) and
+every experiments/<name>/README.md.
 
 Issue #23 item 8. Each command a page shows (a ```bash block, or an inline code span that starts with
 ``python -m vlmsae.``, ``torchrun`` or ``make``) is checked without running it:
@@ -30,7 +31,8 @@ import pytest
 from vlmsae.config import conf_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+DOCS_PAGES = sorted((REPO_ROOT / "docs").glob("*.md"))  # the site's pages (mkdocs.yml's nav)
+PAGES = [REPO_ROOT / "README.md", *DOCS_PAGES, *sorted((REPO_ROOT / "experiments").glob("*/README.md"))]
 README_MAX_LINES = 200
 
 _FENCE_RE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
@@ -331,7 +333,7 @@ def test_readme_is_a_front_door_and_every_page_is_in_the_site():
         children = node.values() if isinstance(node, dict) else node
         return [p for child in children for p in pages(child)]
 
-    assert sorted(pages(nav)) == sorted(p.name for p in PAGES[1:])
+    assert sorted(pages(nav)) == sorted(p.name for p in DOCS_PAGES)
 
 
 def test_mkdocs_builds_the_site_strictly(tmp_path):
