@@ -8,6 +8,7 @@ Issue #23 item 8. Each command a page shows (a ```bash block, or an inline code 
   ``conf/`` tree, so an unknown key, group option or experiment fails; a multirun composes at each sweep's first
   value. Any other module must exist and take every ``--flag`` the page passes it.
 - ``make <target>``: the Makefile has the target.
+- ``<group>.<key>=<value>`` in the prose (``data.fast_decode=true``): some job's config has the key.
 
 Placeholders are allowed where the reader fills in a value: ``<run>`` (a string in a value, skipped as a bare word)
 and ``...`` (the rest of a command shown elsewhere). Shell variables defined in the same block (``SAE=...``,
@@ -316,6 +317,59 @@ def _resolves(dotted: str) -> bool:
             obj = getattr(obj, name)
         return True
     return False
+
+
+_GROUP_KEY_RE = re.compile(r"^([a-z_]+(?:\.[a-z_0-9]+)+)=")  # `data.fast_decode=true` in the prose
+_DELIBERATE_TYPOS = {"sae.kk"}  # config.md shows it failing at compose time
+
+
+@pytest.fixture(scope="module")
+def config_keys() -> set[str]:
+    """Every dotted key of every job's composed config (group nodes are dataclasses: every field is there)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import DictConfig
+
+    from vlmsae.config import register_configs
+
+    register_configs()
+    keys: set[str] = set()
+
+    def walk(node, prefix: str) -> None:
+        for key in node:
+            keys.add(f"{prefix}{key}")
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                walk(child, f"{prefix}{key}.")
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        for job in sorted(_hydra_jobs()):
+            walk(hydra_compose(config_name=job, overrides=["hydra/launcher=slurm"], return_hydra_config=True), "")
+    return keys
+
+
+def _prose_key_problems(text: str, config_keys: set[str]) -> list[str]:
+    groups = {key.split(".", 1)[0] for key in config_keys if "." in key}
+    problems = []
+    for span in _inline_spans(text):
+        for word in span.split():
+            m = _GROUP_KEY_RE.match(word)
+            if m and m.group(1).split(".", 1)[0] in groups and m.group(1) not in config_keys | _DELIBERATE_TYPOS:
+                problems.append(f"`{word}`: no job has the key {m.group(1)!r}")
+    return problems
+
+
+@pytest.mark.parametrize("fpath", PAGES, ids=_page_id)
+def test_every_config_key_set_in_the_prose_exists(fpath, config_keys):
+    problems = _prose_key_problems(fpath.read_text(encoding="utf-8"), config_keys)
+    assert not problems, f"{_page_id(fpath)}:\n" + "\n".join(problems)
+
+
+def test_the_prose_key_check_fails_on_a_renamed_key(config_keys):
+    assert {"data.fast_decode", "sae.sparse_kernel", "hydra.launcher.partition", "val_ms.every_n_steps"} <= config_keys
+    text = "Set `data.fast_decode=true`, or `data.fast_decodes=true`, and `trainer.precision=32-true` `x.y=1`."
+    expected = ["`data.fast_decodes=true`: no job has the key 'data.fast_decodes'"]
+    assert _prose_key_problems(text, config_keys) == expected
 
 
 def test_readme_is_a_front_door_and_every_page_is_in_the_site():
