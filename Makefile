@@ -48,15 +48,18 @@ bench-gpu: install ## GPU benchmarks (gpu_ keys: SAE step, ViT-L/14-336 extracti
 bench-quick: install ## Smoke-run every benchmark at small sizes (seconds) -> outputs/bench-quick/
 	WANDB_MODE=disabled $(PY) -m vlmsae.bench --quick --out outputs/bench-quick
 
+docs: install ## Build the documentation site into site/ offline (mkdocs, strict: a broken link or missing page fails)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 wheel: install ## Build dist/vlmsae-*.whl offline (conf/ ships inside it as vlmsae/conf; `pip install dist/*.whl`)
 	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
 
 clean: ## Remove caches (keeps .venv/ and outputs/)
-	rm -rf .pytest_cache build dist *.egg-info
+	rm -rf .pytest_cache build dist site *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean ## Also remove .venv/ and everything under outputs/
 	rm -rf $(VENV)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
-.PHONY: help install lint format test test-fast demo bench bench-gpu bench-quick wheel clean distclean
+.PHONY: help install lint format test test-fast demo bench bench-gpu bench-quick docs wheel clean distclean
