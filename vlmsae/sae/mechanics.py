@@ -1,6 +1,6 @@
 """Training mechanics shared by every SAE architecture (METHOD §2), one named function each.
 
-A training step with these (what :func:`vlmsae.sae.fit.train_steps` and the Lightning module do)::
+A training step with these (:func:`vlmsae.sae.step.sae_step`, which every trainer calls)::
 
     set_input_scale_(sae, estimate_input_scale(first_batches, sae.cfg.d_in))   # once, before step 0
     init_b_dec_geometric_median_(sae, first_batch_BD)                          # once, after the scale
