@@ -11,7 +11,7 @@ Names: a single run's SAE has the name ``""`` and logs ``train/loss``; a grid's 
 ``sae_<i>/train/loss`` (:class:`vlmsae.lit.fit.OneSAELogger` gives each SAE's logger run its own names).
 
 Units: the SAE takes raw activations and keeps a scalar input scale inside (set once from the
-first batches, see :meth:`SAELitModule.init_from_batches`). Logged ``mse`` is the mean squared
+first batches, see :func:`init_sae_from_batches`). Logged ``mse`` is the mean squared
 error per element in raw activation units; ``nmse`` is ||x - x_hat||^2 / ||x||^2; ``fve`` is
 1 - ||x - x_hat||^2 / ||x - mean(x)||^2 (summed over the rows seen); ``l0`` active latents per row.
 These, the dense fractions and the validation ``l0`` come from
