@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from vlmsae.data.store import write_acts_store
-from vlmsae.lit.loggers import read_metrics_csv
 from vlmsae.lit.fit import resolve_grid
+from vlmsae.lit.loggers import read_metrics_csv
 from vlmsae.sae import load_sae
 from vlmsae.train import run
 

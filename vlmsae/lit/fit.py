@@ -304,10 +304,13 @@ def resolve_grid(grid: Any, sae_node: dict[str, Any], d_in: int, lr: float | Non
             cfg = SAEConfig.from_schema(node, d_in=d_in).to_dict()
         except (ValueError, TypeError) as err:
             raise ValueError(f"sae_grid entry {i} {dict(entry)}: {err}") from err
-        lr_i = float(entry_lr) if entry_lr is not None else (float(lr) if lr is not None else None)
-        lr_i = lr_i if lr_i is not None else default_lr(cfg["n_latents"])
-        out.append(GridSAE(f"sae_{i}", dict(entry), cfg, lr_i, node))
+        lr_i = entry_lr if entry_lr is not None else lr
+        out.append(GridSAE(f"sae_{i}", dict(entry), cfg, _lr(lr_i, cfg["n_latents"]), node))
     return out
+
+
+def _lr(lr: float | None, n_latents: int) -> float:
+    return float(lr) if lr is not None else default_lr(n_latents)  # METHOD §2: 2e-4 / sqrt(F / 2^14)
 
 
 def place_saes(n_saes: int, sae_devices: Any, n_cuda: int) -> list[str]:
@@ -334,19 +337,14 @@ def place_saes(n_saes: int, sae_devices: Any, n_cuda: int) -> list[str]:
         if not index.isdigit():
             raise ValueError(f"sae_devices[{i}]={dev!r}: expected cpu, a CUDA index (0) or cuda:<index>")
         if int(index) >= n_cuda:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             raise ValueError(
                 f"sae_devices[{i}]={dev!r}: there is no CUDA device {index} ({n_cuda} visible"
-                f"{', CUDA_VISIBLE_DEVICES=' + repr(_visible()) if _visible() is not None else ''}); "
+                f"{', CUDA_VISIBLE_DEVICES=' + repr(visible) if visible is not None else ''}); "
                 f"use an index below {n_cuda}, cpu, or sae_devices=auto"
             )
         out.append(f"cuda:{int(index)}")
     return out
-
-
-def _visible() -> str | None:
-    import os
-
-    return os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
 class OneSAELogger(Logger):
@@ -419,9 +417,8 @@ def fit_sae(
     warnings.filterwarnings("ignore", message=".*dirpath has changed from.*")  # resume writes to the new run dir
     t, config, resume_ckpt = plan.trainer, plan.config, plan.resume_ckpt
     single = grid is None
-    if single:
-        lr = float(t.lr) if t.lr is not None else default_lr(plan.sae_config["n_latents"])
-        grid = [GridSAE("", {}, plan.sae_config, lr, {})]
+    if single:  # a grid of one, in the run dir itself
+        grid = [GridSAE("", {}, plan.sae_config, _lr(t.lr, plan.sae_config["n_latents"]), {})]
     devices = None if single else _grid_devices(t, len(grid), sae_devices)
     run_extra = {"sae_config": plan.sae_config, "lr": grid[0].lr} if single else {}  # run_info.json of one SAE
     resumed_from = str(resume_ckpt) if resume_ckpt else None
