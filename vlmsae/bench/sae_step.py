@@ -36,11 +36,9 @@ from vlmsae.sae import (
     SAEConfig,
     build_sae,
     default_lr,
-    estimate_input_scale,
-    init_b_dec_geometric_median_,
+    init_from_batches_,
     make_optimizer,
     sae_step,
-    set_input_scale_,
 )
 
 PATHS = ("sparse", "dense", "reference", "sparse_batchtopk", "encoder")
@@ -92,8 +90,7 @@ class SharedSAEs:
             sae = build_sae(cfg, seed=seed, device=device).train()
             if owner is None:
                 owner = sae
-                set_input_scale_(sae, estimate_input_scale([x_init_BD], shape.d_in))
-                init_b_dec_geometric_median_(sae, x_init_BD)
+                init_from_batches_(sae, [x_init_BD])
             else:
                 for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                     setattr(sae, name, getattr(owner, name))

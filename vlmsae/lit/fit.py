@@ -48,12 +48,13 @@ from vlmsae.data.stream import StreamConfig
 from vlmsae.formats import StoreManifest
 from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule
 from vlmsae.lit.loggers import RestoreLogHistory, ResumableCSVLogger
-from vlmsae.lit.module import NonFiniteLossError, SAELitModule, init_sae_from_batches
+from vlmsae.lit.module import NonFiniteLossError, SAELitModule
 from vlmsae.lit.resume import history_dpath
 from vlmsae.models.image_rows import ImageChunkMaker
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import resolve_layer
 from vlmsae.sae import SAEConfig, default_lr, save_sae
+from vlmsae.sae.mechanics import init_from_batches_
 from vlmsae.utils.io import atomic_write_json, atomic_write_text
 from vlmsae.utils.provenance import write_run_info
 
@@ -454,7 +455,7 @@ def fit_sae(
                     unit="batch",
                     disable=not (is_rank_zero and bool(t.enable_progress_bar)),
                 )
-                inits.append(init_sae_from_batches(sae, batches))
+                inits.append(init_from_batches_(sae, batches))
                 log.info("%s input scale %.4g from %d rows", g.name or "SAE", *inits[-1].values())
         else:
             log.info("resuming from %s", resume_ckpt)

@@ -11,7 +11,7 @@ Names: a single run's SAE has the name ``""`` and logs ``train/loss``; a grid's 
 ``sae_<i>/train/loss`` (:class:`vlmsae.lit.fit.OneSAELogger` gives each SAE's logger run its own names).
 
 Units: the SAE takes raw activations and keeps a scalar input scale inside (set once from the
-first batches, see :func:`init_sae_from_batches`). Logged ``mse`` is the mean squared
+first batches, see :func:`vlmsae.sae.mechanics.init_from_batches_`). Logged ``mse`` is the mean squared
 error per element in raw activation units; ``nmse`` is ||x - x_hat||^2 / ||x||^2; ``fve`` is
 1 - ||x - x_hat||^2 / ||x - mean(x)||^2 (summed over the rows seen); ``l0`` active latents per row.
 These, the dense fractions and the validation ``l0`` come from
@@ -26,7 +26,6 @@ and the setting is recorded in the checkpoint's config.json.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -36,7 +35,6 @@ import torch
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator
 from vlmsae.sae.build import build_sae
 from vlmsae.sae.config import SAEConfig
-from vlmsae.sae.mechanics import estimate_input_scale, init_b_dec_geometric_median_, set_input_scale_
 from vlmsae.sae.precision import check_master_weights, check_trainer_precision
 from vlmsae.sae.step import default_lr, make_optimizer, sae_step
 
@@ -258,27 +256,6 @@ def _tuple_or_none(value):
 
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-@torch.no_grad()
-def init_sae_from_batches(sae, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Input scale from ``batches`` (paper: ~100), then b_dec = geometric median of the first batch.
-
-    Called once before step 0 (never on resume: both live in the checkpoint).
-    """
-    kept: dict[str, Any] = {"first": None, "rows": 0}
-
-    def stream():  # one batch in memory at a time (100 x 4096 x 1024 floats would be 1.6 GB)
-        for batch in batches:
-            if kept["first"] is None:
-                kept["first"] = batch.float()
-            kept["rows"] += batch.shape[0]
-            yield batch
-
-    scale = estimate_input_scale(stream(), sae.cfg.d_in)  # raises on an empty stream
-    set_input_scale_(sae, scale)
-    init_b_dec_geometric_median_(sae, kept["first"].to(sae.b_dec.device))
-    return {"input_scale": scale, "init_rows": kept["rows"]}
 
 
 def checkpoint_note(lm: L.LightningModule) -> str:

@@ -23,6 +23,7 @@ from vlmsae.sae.mechanics import (
     estimate_input_scale,
     geometric_median,
     init_b_dec_geometric_median_,
+    init_from_batches_,
     normalize_decoder_,
     set_input_scale_,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "estimate_input_scale",
     "geometric_median",
     "init_b_dec_geometric_median_",
+    "init_from_batches_",
     "load",
     "load_any",
     "load_sae",

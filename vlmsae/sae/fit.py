@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.mechanics import estimate_input_scale, init_b_dec_geometric_median_, set_input_scale_
+from vlmsae.sae.mechanics import init_from_batches_
 from vlmsae.sae.step import default_lr, make_optimizer, sae_step
 
 
@@ -42,8 +42,7 @@ def train_steps(
     sae.train()
     for step, x_BD in enumerate(tqdm(iter(batches), desc=f"fit {sae.arch} SAE", disable=not progress)):
         if step == 0 and init:
-            set_input_scale_(sae, estimate_input_scale([x_BD], sae.d_in))
-            init_b_dec_geometric_median_(sae, x_BD)
+            init_from_batches_(sae, [x_BD])
         out = sae_step(sae, x_BD, optimizer, scheduler, grad_clip=grad_clip)
         for key in history:
             history[key].append(float(out[key].detach()))
