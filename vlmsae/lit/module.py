@@ -92,9 +92,9 @@ class SAELitModule(L.LightningModule):
 
     @property
     def sae(self):
-        """The SAE of a single-SAE run."""
+        """The SAE of a single-SAE run (a grid has none: use ``saes``)."""
         if len(self.saes) != 1:
-            raise AttributeError(f"this module trains {len(self.saes)} SAEs (sae_grid): use .saes")
+            raise AttributeError("sae")  # nn.Module.__getattr__ then names the missing attribute
         return self.saes[0]
 
     def _key(self, i: int, metric: str) -> str:
