@@ -83,6 +83,31 @@ def test_train_learns_planted_features_and_writes_outputs(compose_cfg, planted_s
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
+# Recorded at 07e0b22, before the training step was shared by every trainer (tests/fixtures/engine_reference).
+REFERENCE_OVERRIDES = [
+    "trainer.max_steps=12",
+    "trainer.warmup_steps=5",  # past the warmup ...
+    "sae.threshold_start_step=8",  # ... and into the threshold EMA
+    "sae.expansion=1",
+    "trainer.val_check_interval=1000",
+    "logger=none",
+]
+
+
+def test_single_sae_run_ends_with_the_recorded_sae(compose_cfg, repo_root, tmp_path):
+    """The tiny default (tiny CLIP on generated images) ends with the same SAE as before issue 22's one engine."""
+    from safetensors.torch import load_file
+
+    from vlmsae.sae import load_sae
+
+    run(compose_cfg("train", REFERENCE_OVERRIDES), out_dpath=tmp_path / "run")
+    got = load_sae(tmp_path / "run" / "sae").state_dict()
+    want = load_file(str(repo_root / "tests" / "fixtures" / "engine_reference" / "train_tiny.safetensors"))
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=f"{key} differs from the recording")
+
+
 class _Kill(Exception):
     pass
 

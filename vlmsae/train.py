@@ -31,8 +31,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, node_dict, prepare_command_line, register_configs
-from vlmsae.lit.fit import FitPlan, fit_sae, resolve_train_source
-from vlmsae.lit.many import fit_many, resolve_grid
+from vlmsae.lit.fit import FitPlan, fit_sae, resolve_grid, resolve_train_source
 from vlmsae.lit.resume import find_resume_checkpoint
 from vlmsae.lit.val_ms import val_ms_callbacks
 from vlmsae.models.spec import ModelSpec
@@ -66,10 +65,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
         resume_ckpt=find_resume_checkpoint(cfg.resume, out_dpath, config),
         config=config,
     )
-    if cfg.sae_grid:  # many SAEs per pass, each reading the same batches (vlmsae.lit.many)
-        grid = resolve_grid(config["sae_grid"], node_dict(cfg, "sae"), source.d, trainer.lr)
-        return fit_many(plan, grid, out_dpath, callbacks, sae_devices=config["sae_devices"])
-    return fit_sae(plan, out_dpath, callbacks)
+    # many SAEs per pass, each reading the same batches
+    grid = resolve_grid(config["sae_grid"], node_dict(cfg, "sae"), source.d, trainer.lr) if cfg.sae_grid else None
+    return fit_sae(plan, out_dpath, callbacks, grid=grid, sae_devices=config["sae_devices"])
 
 
 def _main(cfg: DictConfig) -> dict:

@@ -1,4 +1,4 @@
-"""Many SAEs per pass (vlmsae.lit.many, ``sae_grid=``): each SAE ends exactly where a separate single-SAE run
+"""Many SAEs per pass (vlmsae.lit.fit, ``sae_grid=``): each SAE ends exactly where a separate single-SAE run
 with the same seed and data order ends; resume restores every SAE; bad grids fail naming the entry."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from vlmsae.data.store import write_acts_store
+from vlmsae.lit.fit import resolve_grid
 from vlmsae.lit.loggers import read_metrics_csv
-from vlmsae.lit.many import resolve_grid
 from vlmsae.sae import load_sae
 from vlmsae.train import run
 
@@ -219,7 +219,7 @@ def test_wandb_offline_resume_continues_each_sae_run(compose_cfg, store, monkeyp
 
 # ------------------------------------------------------------------------------ sae_devices
 def test_place_saes_round_robins_over_visible_gpus_and_names_a_missing_device():
-    from vlmsae.lit.many import place_saes
+    from vlmsae.lit.fit import place_saes
 
     assert place_saes(3, "auto", 2) == ["cuda:0", "cuda:1", "cuda:0"]
     assert place_saes(5, "auto", 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0"]

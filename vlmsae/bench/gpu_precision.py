@@ -24,9 +24,7 @@ import time
 
 import torch
 
-from vlmsae.sae import SAEConfig, build_sae, set_input_scale_
-from vlmsae.sae.mechanics import constrain_decoder_grad_, normalize_decoder_
-from vlmsae.sae.precision import fp32_region
+from vlmsae.sae import SAEConfig, build_sae, sae_step, set_input_scale_
 from vlmsae.sae.sparse import batch_topk_select
 
 results: list[bool] = []
@@ -53,19 +51,6 @@ def make_sae(arch: str, d: int, f: int, k: int, kernel: str, device: str):
     return sae.train()
 
 
-def step(sae, opt, x_BD) -> None:
-    """One step in SAELitModule.training_step's order (backward in the policy's float32 region, as there:
-    autograd runs backward ops under the caller's autocast, which would put them in bf16)."""
-    out = sae.loss(x_BD)
-    opt.zero_grad(set_to_none=True)
-    with fp32_region(x_BD.device):
-        out["loss"].backward()
-    constrain_decoder_grad_(sae)
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-    opt.step()
-    normalize_decoder_(sae)
-
-
 def run_recorded(kernel: str, amp: bool, batches, shape, device: str):
     """Train on ``batches``; returns the sorted flat selection and the threshold after each step."""
     d, f, k = shape
@@ -86,7 +71,7 @@ def run_recorded(kernel: str, amp: bool, batches, shape, device: str):
     try:
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
             for x_BD in batches:
-                step(sae, opt, x_BD)
+                sae_step(sae, x_BD, opt)  # backward in the policy's float32 region, as every trainer
                 thresholds.append(float(sae.threshold))
     finally:
         torch.set_float32_matmul_precision(previous)
@@ -136,12 +121,12 @@ def time_steps(
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=device == "cuda")
     x_BD = torch.randn(batch, d, device=device).to(sae.W_enc.dtype)
     for _ in range(3):
-        step(sae, opt, x_BD)
+        sae_step(sae, x_BD, opt)
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(rounds):
-        step(sae, opt, x_BD)
+        sae_step(sae, x_BD, opt)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / rounds

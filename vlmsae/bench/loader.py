@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from vlmsae.data.shards import list_shards
 from vlmsae.data.store import write_acts_store
 from vlmsae.data.stream import ShardRowStream
-from vlmsae.sae import SAEConfig, build_sae, constrain_decoder_grad_, normalize_decoder_
+from vlmsae.sae import SAEConfig, build_sae, make_optimizer, sae_step
 
 D = 1024
 BATCH = 4096
@@ -58,22 +58,12 @@ def _stream_rate(shard_fpaths: list[str], workers: int, n_batches: int) -> tuple
 
 def _train_step_rate(n_latents: int, batch: int, n_steps: int) -> float:
     sae = build_sae(SAEConfig(arch="batchtopk", d_in=D, n_latents=n_latents, k=20), seed=0)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999))
+    optimizer, _ = make_optimizer(sae.parameters(), lr=1e-4)
     x = torch.randn(batch, D)
-
-    def step() -> None:
-        out = sae.loss(x)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        constrain_decoder_grad_(sae)
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-        optimizer.step()
-        normalize_decoder_(sae)
-
-    step()  # warm-up
+    sae_step(sae, x, optimizer)  # warm-up
     start = time.perf_counter()
     for _ in range(n_steps):
-        step()
+        sae_step(sae, x, optimizer)
     return batch * n_steps / (time.perf_counter() - start)
 
 

@@ -12,16 +12,16 @@ grad-norm clip 1.0, Adam, unit-norm decoder rows) on the same weights and batch:
 ``encoder``    (not a trainer) the selecting encoder matmul alone: the bound for any exact
                TopK step, since every pre-activation must be computed once to pick the top k.
 
-All paths share one set of parameters and one Adam (fused where available, for every path, so
-the ratio measures the compute path, not the optimiser) and are timed interleaved, one step of
-each per round, so background load from other processes hits them alike; the median over rounds
-after warmup is reported.  ``learning_curve`` trains the sparse path and the reference from the
-same seed on the same planted-feature data (vlmsae.data.synthetic) and compares their FVE.
+Every path takes the trainers' step (:func:`vlmsae.sae.step.sae_step`) with its own loss; all share
+one set of parameters and one fused Adam (so the ratio measures the compute path, not the optimiser)
+and are timed interleaved, one step of each per round, so background load from other processes hits
+them alike; the median over rounds after warmup is reported. ``learning_curve`` trains the sparse path
+and the reference from the same seed on the same planted-feature data (vlmsae.data.synthetic) and
+compares their FVE.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
@@ -35,11 +35,10 @@ from vlmsae.sae import (
     SAE,
     SAEConfig,
     build_sae,
-    constrain_decoder_grad_,
-    estimate_input_scale,
-    init_b_dec_geometric_median_,
-    normalize_decoder_,
-    set_input_scale_,
+    default_lr,
+    init_from_batches_,
+    make_optimizer,
+    sae_step,
 )
 
 PATHS = ("sparse", "dense", "reference", "sparse_batchtopk", "encoder")
@@ -60,20 +59,6 @@ FULL_SIZES = (8192, 65536)
 FULL = dict(d_in=1024, k=20, batch_size=4096)
 QUICK_SIZES = (512, 2048)
 QUICK = dict(d_in=64, k=8, batch_size=128)
-
-
-def paper_lr(n_latents: int) -> float:
-    """METHOD §2: lr = 2e-4 / sqrt(F / 2^14)."""
-    return 2e-4 / math.sqrt(n_latents / 2**14)
-
-
-def make_optimizer(params: list, lr: float) -> torch.optim.Optimizer:
-    """Adam (0.9, 0.999); fused: on the build CPU it is ~20x faster than the default foreach
-    Adam for 16M parameters (about 10 ms vs 240 ms), which would otherwise hide the step's compute."""
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
 
 class SharedSAEs:
@@ -105,8 +90,7 @@ class SharedSAEs:
             sae = build_sae(cfg, seed=seed, device=device).train()
             if owner is None:
                 owner = sae
-                set_input_scale_(sae, estimate_input_scale([x_init_BD], shape.d_in))
-                init_b_dec_geometric_median_(sae, x_init_BD)
+                init_from_batches_(sae, [x_init_BD])
             else:
                 for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                     setattr(sae, name, getattr(owner, name))
@@ -114,7 +98,7 @@ class SharedSAEs:
             self.saes[path] = sae
         self.owner = owner
         self.params = list(owner.parameters())
-        self.opt = make_optimizer(self.params, paper_lr(shape.n_latents))
+        self.opt, _ = make_optimizer(self.params, default_lr(shape.n_latents))  # fused Adam, as every trainer
 
 
 def reference_loss(sae: SAE, x_BD: torch.Tensor, k: int) -> torch.Tensor:
@@ -135,16 +119,13 @@ def train_step(
     reference: bool = False,
     amp_dtype: torch.dtype | None = None,
 ) -> float:
-    """One full training step (vlmsae.sae.fit's order); ``reference`` swaps in the dense reference loss."""
-    with torch.autocast(device_type=x_BD.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = reference_loss(sae, x_BD, sae.cfg.k) if reference else sae.loss(x_BD)["loss"]
-    loss.backward()
-    constrain_decoder_grad_(sae)
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
-    opt.step()
-    normalize_decoder_(sae)
-    opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    """One full training step (:func:`vlmsae.sae.step.sae_step`); ``reference`` swaps in the dense reference loss."""
+
+    def loss_fn(sae: SAE, x_BD: torch.Tensor) -> dict:
+        with torch.autocast(device_type=x_BD.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return {"loss": reference_loss(sae, x_BD, sae.cfg.k)} if reference else sae.loss(x_BD)
+
+    return float(sae_step(sae, x_BD, opt, loss_fn=loss_fn)["loss"].detach())
 
 
 def _encoder_only(sae: SAE, x_BD: torch.Tensor, amp_dtype: torch.dtype | None = None) -> None:

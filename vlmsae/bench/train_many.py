@@ -1,4 +1,4 @@
-"""Many SAEs per pass benchmark (``sae_grid=``, :mod:`vlmsae.lit.many`): N = 4 SAEs trained in one pass
+"""Many SAEs per pass benchmark (``sae_grid=``, :mod:`vlmsae.lit.fit`): N = 4 SAEs trained in one pass
 over an activation store against 4 separate ``vlmsae.train`` runs over the same store.
 
 ``train_many_speedup`` = (time of the 4 separate runs) / (time of the one 4-SAE pass): what reading and

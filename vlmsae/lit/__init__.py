@@ -1,7 +1,8 @@
 """Lightning training of the pure-torch SAEs (vlmsae.sae): the layer that owns Lightning.
 
-- ``module.SAELitModule``: one SAE, the METHOD §2 step (decoder-gradient projection, clip, Adam,
-  renormalisation, warmup), train/val metrics, NaN guards.
+- ``module.SAELitModule``: one SAE or a grid of them on each batch (``sae_grid``), each taking the METHOD §2
+  step of :func:`vlmsae.sae.step.sae_step`; train/val metrics, NaN guards.
+- ``fit.fit_sae``: one training run (one SAE or a grid), its loggers, checkpoints, resume and outputs.
 - ``datamodule.ActsDataModule`` / ``ImageActsDataModule``: rows streamed from activation shards or
   computed from images on the fly; :class:`vlmsae.data.stream.ShardRowStream` (no Lightning) does the
   rank/worker split and shuffling.

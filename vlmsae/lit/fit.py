@@ -1,24 +1,35 @@
-"""One SAE training run with Lightning, from typed inputs (the ``train`` job composes these).
+"""SAE training with Lightning, from typed inputs (the ``train`` job composes these): one SAE, or a grid of
+SAEs trained in one pass over the data (``sae_grid=``); one SAE is a grid of one.
 
 ```python
 source = resolve_train_source(data, model_spec, layer=None, tokens=None, tokens_k=2)    # checked early
 sae_config = SAEConfig.from_schema(sae_node, d_in=source.d).to_dict()
 plan = FitPlan(model_spec, source, sae_config, data, trainer, logger, seed=0,
                resume_ckpt=find_resume_checkpoint(resume, out_dpath, config), config=config)
-metrics = fit_sae(plan, out_dpath)
+metrics = fit_sae(plan, out_dpath)                                                        # one SAE
+metrics = fit_sae(plan, out_dpath, grid=resolve_grid(sae_grid, sae_node, source.d, lr))   # a grid: {name: metrics}
 ```
 
-:func:`fit_sae` writes the run dir: ``sae/`` (vlmsae.sae checkpoint: takes raw activations, ``source``
-says model, pretrained, layer, tokens, tokens_k, data), ``metrics.json`` (the final validation metrics:
-fve, mse, nmse, l0, dead and dense fractions; plus step, optimizer_steps, lr, the SAE's size and layer),
-``latent_density.json``, ``run_info.json`` (status running -> done | failed), ``checkpoints/last.ckpt``
-(for resume), ``csv/`` and ``wandb/`` + ``wandb_id.txt`` (loggers; the id lets ``resume`` continue the W&B run).
-On resume the logger history is the checkpointed run's up to the checkpoint's step, then this run's
-(:mod:`vlmsae.lit.loggers`).
+Each SAE gets its folder: the run dir for one SAE, ``sae_<i>/`` for a grid's. It holds ``sae/`` (vlmsae.sae
+checkpoint: takes raw activations, ``source`` says model, pretrained, layer, tokens, tokens_k, data),
+``metrics.json`` (the final validation metrics: fve, mse, nmse, l0, dead and dense fractions; plus step,
+optimizer_steps, lr, the SAE's size and layer), ``latent_density.json``, and its logger run: ``csv/``, and
+``wandb/`` + ``wandb_id.txt`` (the id lets ``resume`` continue the W&B run). The run dir also holds
+``run_info.json`` (status running -> done | failed), ``checkpoints/last.ckpt`` (every SAE and optimizer, for
+resume) and, for a grid, ``metrics.json`` with every SAE's metrics by name. On resume each logger history is
+the checkpointed run's up to the checkpoint's step, then this run's (:mod:`vlmsae.lit.loggers`).
+
+A grid entry overrides the ``sae`` node (any of its keys) and may set ``lr``; with the same seed and data
+order each grid SAE ends with exactly the weights a separate run would. A grid SAE's logger run has the
+metric names of a single run (``train/loss``, :class:`OneSAELogger`), and with logger=wandb lives in the W&B
+group ``logger.group`` or, when unset, the pass's run dir name; its config is the job's with ``sae`` and
+``trainer.lr`` as that SAE's, plus ``grid`` (its name, index and overrides). ``sae_devices`` places each grid
+SAE on a device (:func:`place_saes`); each batch is copied once to every device in use.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -26,6 +37,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from lightning.pytorch.loggers.logger import Logger
 
 from vlmsae.config.nodes import DataSchema, LoggerSchema, TrainerSchema
 from vlmsae.data.images import synthetic_options
@@ -39,7 +53,8 @@ from vlmsae.lit.resume import history_dpath
 from vlmsae.models.image_rows import ImageChunkMaker
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import resolve_layer
-from vlmsae.sae import default_lr, save_sae
+from vlmsae.sae import SAEConfig, default_lr, save_sae
+from vlmsae.sae.mechanics import init_from_batches_
 from vlmsae.utils.io import atomic_write_json, atomic_write_text
 from vlmsae.utils.provenance import write_run_info
 
@@ -204,17 +219,17 @@ def build_logger(
     """Lightning logger(s) for ``lg.kind`` (none | csv | wandb: W&B plus a CSV mirror) and the W&B run id.
 
     ``history``: the folder with the resumed run's ``csv/`` and ``wandb_id.txt`` (default: the checkpoint's run dir);
-    ``name`` and ``wandb_kwargs`` (e.g. ``group``, ``reinit``) go to the W&B run (vlmsae.lit.many: one run per SAE).
+    ``name`` and ``wandb_kwargs`` (e.g. ``group``, ``reinit``) go to the W&B run (a grid: one run per SAE).
     """
     if lg.kind == "none":
-        return False, None
+        return [], None
     if history is None and resume_ckpt is not None:
         history = history_dpath(resume_ckpt)
     # On resume metrics.csv continues the checkpoint's run's history (RestoreLogHistory trims it).
     history_fpath = history / "csv" / "metrics.csv" if history is not None else None
     csv_logger = ResumableCSVLogger(save_dir=str(out_dpath), name="csv", version="", history_fpath=history_fpath)
     if lg.kind == "csv":
-        return csv_logger, None
+        return [csv_logger], None
     if lg.kind == "wandb":
         import uuid
 
@@ -227,17 +242,13 @@ def build_logger(
                 run_id = id_fpath.read_text().strip()
         run_id = run_id or uuid.uuid4().hex[:8]  # W&B run ids: 8 lowercase alphanumerics
         mode = os.environ.get("WANDB_MODE") or lg.mode
-        if name is None:
-            name = (
-                out_dpath.name if not out_dpath.name.startswith("job_") else f"{out_dpath.parent.name}/{out_dpath.name}"
-            )
         wandb_kwargs.setdefault("group", lg.group)
         logger = WandbLogger(
             project=lg.project,
             entity=lg.entity,
             tags=list(lg.tags or []),
             save_dir=str(out_dpath),
-            name=name,
+            name=name or run_name(out_dpath),
             id=run_id,
             resume="allow",
             mode=mode,
@@ -265,112 +276,300 @@ class FitPlan:
     config: dict[str, Any]
 
 
-def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> dict[str, Any]:
-    """Train the SAE ``plan`` describes into ``out_dpath``; returns the final validation metrics.
+@dataclass(frozen=True)
+class GridSAE:
+    """One SAE of a grid: its folder name, the overrides it came from, resolved config and learning rate."""
+
+    name: str
+    overrides: dict[str, Any]
+    sae_config: dict[str, Any]
+    lr: float
+    sae_node: dict[str, Any]  # the job's sae node with this entry's overrides (its logger run's config)
+
+
+def resolve_grid(grid: Any, sae_node: dict[str, Any], d_in: int, lr: float | None) -> list[GridSAE]:
+    """``sae_grid`` (a list of overrides of the ``sae`` node, each with an optional ``lr``) as resolved SAEs."""
+    if not isinstance(grid, (list, tuple)) or not grid or not all(isinstance(e, dict) for e in grid):
+        raise ValueError(
+            f"sae_grid={grid!r}: expected a non-empty list of overrides of the sae node, e.g. "
+            "sae_grid='[{expansion:4,k:8},{expansion:8,k:8,arch:topk,lr:1e-4}]'"
+        )
+    out = []
+    for i, entry in enumerate(grid):
+        overrides = dict(entry)
+        entry_lr = overrides.pop("lr", None)
+        node = {**sae_node, **overrides}
+        if "expansion" in overrides and "n_latents" not in overrides:
+            node["n_latents"] = None  # a grid expansion wins over the node's explicit width
+        try:
+            cfg = SAEConfig.from_schema(node, d_in=d_in).to_dict()
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"sae_grid entry {i} {dict(entry)}: {err}") from err
+        lr_i = entry_lr if entry_lr is not None else lr
+        out.append(GridSAE(f"sae_{i}", dict(entry), cfg, _lr(lr_i, cfg["n_latents"]), node))
+    return out
+
+
+def _lr(lr: float | None, n_latents: int) -> float:
+    return float(lr) if lr is not None else default_lr(n_latents)  # METHOD §2: 2e-4 / sqrt(F / 2^14)
+
+
+def place_saes(n_saes: int, sae_devices: Any, n_cuda: int) -> list[str]:
+    """The device of each of ``n_saes`` SAEs: ``auto`` = round-robin over ``n_cuda`` CUDA devices (CPU when 0),
+    or a list with one entry per SAE (an int or ``cuda:<i>`` = that CUDA device, ``cpu``).
+
+    ``n_cuda``: for ``auto``, the CUDA devices the trainer may use (0 when it runs on CPU); for a list, the
+    visible ones (an index past them fails, naming it).
+    """
+    if sae_devices in (None, "auto"):
+        return [f"cuda:{i % n_cuda}" if n_cuda else "cpu" for i in range(n_saes)]
+    if not isinstance(sae_devices, (list, tuple)) or len(sae_devices) != n_saes:
+        raise ValueError(
+            f"sae_devices={sae_devices!r}: expected auto or a list of {n_saes} devices (one per sae_grid entry), "
+            "e.g. sae_devices='[0,1]' or sae_devices='[cuda:0,cpu]'"
+        )
+    out = []
+    for i, dev in enumerate(sae_devices):
+        text = str(dev).strip().lower()
+        if text == "cpu":
+            out.append("cpu")
+            continue
+        index = text.removeprefix("cuda:").removeprefix("gpu:")
+        if not index.isdigit():
+            raise ValueError(f"sae_devices[{i}]={dev!r}: expected cpu, a CUDA index (0) or cuda:<index>")
+        if int(index) >= n_cuda:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ValueError(
+                f"sae_devices[{i}]={dev!r}: there is no CUDA device {index} ({n_cuda} visible"
+                f"{', CUDA_VISIBLE_DEVICES=' + repr(visible) if visible is not None else ''}); "
+                f"use an index below {n_cuda}, cpu, or sae_devices=auto"
+            )
+        out.append(f"cuda:{int(index)}")
+    return out
+
+
+class OneSAELogger(Logger):
+    """Forwards one grid SAE's metrics (``sae_<i>/...``, prefix stripped) and the shared ones (``epoch``) to
+    that SAE's own logger; the hyperparameters are not forwarded (the run's config was set at its creation)."""
+
+    def __init__(self, name: str, inner: Logger):
+        super().__init__()
+        self.sae_name, self.prefix, self.inner = name, f"{name}/", inner
+
+    @property
+    def name(self):
+        return self.inner.name
+
+    @property
+    def version(self):
+        return self.inner.version
+
+    @property
+    def save_dir(self):
+        return self.inner.save_dir
+
+    @property
+    def log_dir(self):
+        return getattr(self.inner, "log_dir", self.inner.save_dir)
+
+    @property
+    def experiment(self):
+        return self.inner.experiment
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        own = {k[len(self.prefix) :]: v for k, v in metrics.items() if k.startswith(self.prefix)}
+        if own:
+            own.update({k: v for k, v in metrics.items() if "/" not in k})
+            self.inner.log_metrics(own, step)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the module's hyperparameters list every SAE; each run's config is its own SAE's
+
+    def save(self) -> None:
+        self.inner.save()
+
+    def finalize(self, status: str) -> None:
+        self.inner.finalize(status)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self.inner.after_save_checkpoint(checkpoint_callback)
+
+
+def fit_sae(
+    plan: FitPlan,
+    out_dpath: Path,
+    callbacks: list | None = None,
+    grid: list[GridSAE] | None = None,
+    sae_devices: Any = "auto",
+) -> dict[str, Any]:
+    """Train the SAE ``plan`` describes, or every SAE of ``grid`` in one pass over ``plan``'s data, into
+    ``out_dpath``; returns the final validation metrics (a grid: {name: metrics}).
 
     ``callbacks``: extra Lightning callbacks (tests use them to interrupt a run or record steps).
+    ``sae_devices``: where each grid SAE trains (:func:`place_saes`).
     """
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
+    from tqdm import tqdm
 
     # Manual optimisation checkpoints hold the state after the step: exactly what resume needs.
     warnings.filterwarnings("ignore", message=".*pre-optimization state.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
     warnings.filterwarnings("ignore", message=".*dirpath has changed from.*")  # resume writes to the new run dir
-    t, config, sae_config, resume_ckpt = plan.trainer, plan.config, plan.sae_config, plan.resume_ckpt
-    lr = float(t.lr) if t.lr is not None else default_lr(sae_config["n_latents"])
+    t, config, resume_ckpt = plan.trainer, plan.config, plan.resume_ckpt
+    single = grid is None
+    if single:  # a grid of one, in the run dir itself
+        grid = [GridSAE("", {}, plan.sae_config, _lr(t.lr, plan.sae_config["n_latents"]), {})]
+    devices = None if single else _grid_devices(t, len(grid), sae_devices)
+    run_extra = {"sae_config": plan.sae_config, "lr": grid[0].lr} if single else {}  # run_info.json of one SAE
     resumed_from = str(resume_ckpt) if resume_ckpt else None
     is_rank_zero = rank_zero_only.rank == 0  # DDP: every rank runs this function; one writes the files
     if is_rank_zero:
-        write_run_info(out_dpath, config, status="running", resumed_from=resumed_from, sae_config=sae_config, lr=lr)
+        write_run_info(out_dpath, config, status="running", resumed_from=resumed_from, **run_extra)
 
     L.seed_everything(plan.seed, workers=True, verbose=False)
     datamodule = build_datamodule(plan.source, plan.data, plan.model, t.limit_val_batches, plan.seed)
     module = SAELitModule(
-        sae_config,
-        lr=lr,
+        [g.sae_config for g in grid],
+        [g.lr for g in grid],
+        [g.name for g in grid],
         warmup_steps=int(t.warmup_steps),
         grad_clip=float(t.gradient_clip_val),
         log_every_n_steps=int(t.log_every_n_steps),
         seed=plan.seed,
+        devices=devices,
     )
-    logger, wandb_id = build_logger(plan.logger, out_dpath, resume_ckpt, config)
-    if wandb_id and is_rank_zero:
-        atomic_write_text(out_dpath / "wandb_id.txt", wandb_id)  # resume=true continues this W&B run
-
-    callbacks = list(callbacks or [])
-    if resume_ckpt is not None and logger:
-        # The killed run logged steps past its checkpoint: keep its history up to there, then continue it.
-        callbacks.append(RestoreLogHistory(history_dpath(resume_ckpt), wandb_id=wandb_id))
-
-    trainer, checkpoint, ckpt_dpath = build_trainer(t, logger, callbacks, out_dpath)
-    init = {}
+    logger, restores, inner = _sae_loggers(plan, grid, out_dpath, is_rank_zero)
+    trainer, checkpoint, ckpt_dpath = build_trainer(t, logger, [*(callbacks or []), *restores], out_dpath)
+    inits = []
     try:
         if resume_ckpt is None:
-            # b_dec and the input scale come from the data before step 0 (they are in the checkpoint on resume).
+            # b_dec and the input scale come from the data before step 0 (they are in the checkpoint on resume);
+            # each SAE reads the same first batches a separate run would.
             n_init = max(1, int(t.scale_batches))
-            from tqdm import tqdm
-
-            batches = tqdm(
-                datamodule.first_batches(n_init),
-                total=n_init,
-                desc="input scale + b_dec init",
-                unit="batch",
-                disable=not (is_rank_zero and bool(t.enable_progress_bar)),
-            )
-            init = module.init_from_batches(batches)
-            log.info("input scale %.4g from %d rows", init["input_scale"], init["init_rows"])
+            for g, sae in zip(grid, module.saes):
+                batches = tqdm(
+                    datamodule.first_batches(n_init),
+                    total=n_init,
+                    desc=f"input scale + b_dec init {g.name}".strip(),
+                    unit="batch",
+                    disable=not (is_rank_zero and bool(t.enable_progress_bar)),
+                )
+                inits.append(init_from_batches_(sae, batches))
+                log.info("%s input scale %.4g from %d rows", g.name or "SAE", *inits[-1].values())
         else:
             log.info("resuming from %s", resume_ckpt)
         fit_to_end(trainer, module, datamodule, resumed_from, checkpoint, ckpt_dpath)
     except NonFiniteLossError as err:
         if trainer.is_global_zero:
-            write_run_info(out_dpath, config, status="failed", error=str(err), sae_config=sae_config, lr=lr)
+            write_run_info(out_dpath, config, status="failed", error=str(err), **run_extra)
         raise
     finally:
-        if any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
-            import wandb
+        for lg in inner:  # each W&B run: one per SAE (a grid's live at once), and a multirun's next job starts afresh
+            if type(lg).__name__ == "WandbLogger" and lg._experiment is not None:
+                lg._experiment.finish()
+    if single:
+        run_extra["init"] = inits[0] if inits else {}
+    return _write_outputs(plan, grid, module, trainer, out_dpath, resumed_from, run_extra)
 
-            wandb.finish()  # one W&B run per job: a multirun starts the next job with a fresh run
 
-    metrics = {k: v for k, v in module.val_metrics.items() if k != "density_hist"}
-    metrics.update(
-        {
-            "step": int(trainer.global_step),
-            "optimizer_steps": adam_steps(trainer.optimizers[0]) if trainer.optimizers else -1,
-            "lr": lr,
-            "n_latents": sae_config["n_latents"],
-            "k": sae_config["k"],
-            "arch": sae_config["arch"],
-            "layer": plan.source.layer,
-            "input_scale": float(module.sae.input_scale),
-        }
-    )
-    if trainer.is_global_zero:
-        source = training_source(plan, int(trainer.global_step))
-        module.sae.cpu()
-        save_sae(module.sae, out_dpath / "sae", source=source)
-        atomic_write_json(out_dpath / "metrics.json", metrics)
-        atomic_write_json(out_dpath / "latent_density.json", module.val_metrics.get("density_hist", {}))
-        write_run_info(
-            out_dpath,
-            config,
-            status="done",
-            resumed_from=resumed_from,
-            sae_config=sae_config,
-            lr=lr,
-            metrics=metrics,
-            init=init,
+def _grid_devices(t: TrainerSchema, n_saes: int, sae_devices: Any) -> list[str]:
+    """The device of each grid SAE; a grid trains in one process on one trainer device."""
+    if int(t.num_nodes) != 1 or str(t.devices) != "1":
+        raise ValueError(
+            f"sae_grid trains on one device; got trainer.devices={t.devices}, num_nodes={t.num_nodes}: "
+            "use trainer.devices=1 (or a multirun of single SAEs to spread over GPUs)"
         )
-        write_run_info(out_dpath / "sae", config, metrics=metrics)
+    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    n_cuda = torch.cuda.device_count() if on_gpu or sae_devices not in (None, "auto") else 0
+    devices = place_saes(n_saes, sae_devices, n_cuda)
+    log.info("sae_grid devices: %s", devices)
+    return devices
+
+
+def run_name(out_dpath: Path) -> str:
+    """A run's name for W&B: its run dir's name (a multirun job's: ``<sweep>/job_<i>``)."""
+    return out_dpath.name if not out_dpath.name.startswith("job_") else f"{out_dpath.parent.name}/{out_dpath.name}"
+
+
+def _sae_loggers(plan: FitPlan, grid: list[GridSAE], out_dpath: Path, is_rank_zero: bool = True):
+    """One logger run per SAE in its folder: (the trainer's loggers, the resume callbacks, the SAEs' own loggers)."""
+    if plan.logger.kind == "none":
+        return False, [], []
+    group = plan.logger.group or run_name(out_dpath)
+    wrapped, restores, inner = [], [], []
+    for i, g in enumerate(grid):
+        history = history_dpath(plan.resume_ckpt) / g.name if plan.resume_ckpt is not None else None
+        if g.name:  # a grid SAE: one W&B run each, several alive in this process at once
+            label = ",".join(f"{k}={v}" for k, v in g.overrides.items())
+            run = dict(name=f"{run_name(out_dpath)}/{g.name} ({label})", group=group, reinit="create_new")
+            run_config = sae_run_config(plan.config, g, i, group)
+        else:
+            run, run_config = {}, plan.config
+        loggers, wandb_id = build_logger(
+            plan.logger, out_dpath / g.name, plan.resume_ckpt, run_config, history=history, **run
+        )
+        if wandb_id and is_rank_zero:
+            atomic_write_text(out_dpath / g.name / "wandb_id.txt", wandb_id)  # resume continues this W&B run
+        if history is not None:  # the killed run logged steps past its checkpoint: keep them up to there
+            restores.append(RestoreLogHistory(history, wandb_id=wandb_id, loggers=loggers))
+        wrapped += [OneSAELogger(g.name, lg) for lg in loggers] if g.name else loggers
+        inner += loggers
+    return wrapped, restores, inner
+
+
+def sae_run_config(config: dict[str, Any], g: GridSAE, index: int, group: str) -> dict[str, Any]:
+    """The config of one grid SAE's logger run: the job's, with ``sae`` and ``trainer.lr`` as this SAE's."""
+    out = copy.deepcopy(config)
+    out["sae"] = dict(g.sae_node)
+    out["trainer"] = {**out.get("trainer", {}), "lr": g.lr}
+    out["grid"] = {"name": g.name, "index": index, "group": group, "overrides": dict(g.overrides)}
+    return out
+
+
+def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, run_extra: dict) -> dict[str, Any]:
+    """Each SAE's checkpoint, metrics and density into its folder, then the run's run_info.json (rank 0)."""
+    step = int(trainer.global_step)
+    results = {}
+    optimizers = trainer.optimizers or [None] * len(grid)
+    for g, sae, record, optimizer in zip(grid, module.saes, module.val_metrics, optimizers):
+        metrics = {k: v for k, v in record.items() if k != "density_hist"}
+        metrics.update(
+            {
+                "step": step,
+                "optimizer_steps": adam_steps(optimizer),
+                "lr": g.lr,
+                "n_latents": g.sae_config["n_latents"],
+                "k": g.sae_config["k"],
+                "arch": g.sae_config["arch"],
+                "layer": plan.source.layer,
+                "input_scale": float(sae.input_scale),
+                **({"overrides": g.overrides} if g.name else {}),
+            }
+        )
+        results[g.name] = metrics
+    summary = results.get("", results)  # one SAE: its metrics
+    if not trainer.is_global_zero:
+        return summary
+    source = training_source(plan, step)
+    for g, sae, record in zip(grid, module.saes, module.val_metrics):
+        sae_dpath, metrics = out_dpath / g.name, results[g.name]
+        sae.cpu()
+        save_sae(sae, sae_dpath / "sae", source=source)
+        atomic_write_json(sae_dpath / "metrics.json", metrics)
+        atomic_write_json(sae_dpath / "latent_density.json", record.get("density_hist", {}))
+        write_run_info(sae_dpath / "sae", plan.config, metrics=metrics, sae_config=g.sae_config, lr=g.lr)
         log.info(
             "SAE saved to %s (fve %.3f, l0 %.1f, step %d)",
-            out_dpath / "sae",
+            sae_dpath / "sae",
             metrics.get("fve", math.nan),
             metrics.get("l0", math.nan),
-            metrics["step"],
+            step,
         )
-    return metrics
+    if summary is results:
+        atomic_write_json(out_dpath / "metrics.json", results)
+    write_run_info(out_dpath, plan.config, status="done", resumed_from=resumed_from, metrics=summary, **run_extra)
+    return summary
 
 
 def build_trainer(t: TrainerSchema, logger, callbacks: list, out_dpath: Path):

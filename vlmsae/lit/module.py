@@ -1,12 +1,17 @@
-"""The LightningModule that trains one pure-torch SAE from :mod:`vlmsae.sae` (METHOD §2).
+"""The LightningModule that trains pure-torch SAEs from :mod:`vlmsae.sae` (METHOD §2): one SAE, or a grid of
+them reading each batch once (``sae_grid=``); one SAE is a grid of one.
 
-Manual optimisation, because the SAE step has its own order that Lightning's automatic loop
-would hide: loss -> backward -> remove the decoder-parallel gradient -> clip the gradient norm
-(1.0) -> Adam step -> renormalise the decoder rows -> warmup scheduler. Doing it by hand also lets
-a non-finite loss stop the run *before* the step, so the last saved checkpoint stays good.
+Manual optimisation, because the SAE step (:func:`vlmsae.sae.step.sae_step`: loss -> backward -> remove the
+decoder-parallel gradient -> clip -> Adam -> renormalise the decoder rows -> warmup scheduler) has its own
+order that Lightning's automatic loop would hide. Doing it by hand also lets a non-finite loss stop the run
+*before* the step, so the last saved checkpoint stays good. Each SAE has its own Adam and scheduler, so a
+grid SAE ends with exactly the weights a separate run with the same seed and data order ends with.
+
+Names: a single run's SAE has the name ``""`` and logs ``train/loss``; a grid's are ``sae_<i>`` and log
+``sae_<i>/train/loss`` (:class:`vlmsae.lit.fit.OneSAELogger` gives each SAE's logger run its own names).
 
 Units: the SAE takes raw activations and keeps a scalar input scale inside (set once from the
-first batches, see :meth:`SAELitModule.init_from_batches`). Logged ``mse`` is the mean squared
+first batches, see :func:`vlmsae.sae.mechanics.init_from_batches_`). Logged ``mse`` is the mean squared
 error per element in raw activation units; ``nmse`` is ||x - x_hat||^2 / ||x||^2; ``fve`` is
 1 - ||x - x_hat||^2 / ||x - mean(x)||^2 (summed over the rows seen); ``l0`` active latents per row.
 These, the dense fractions and the validation ``l0`` come from
@@ -21,7 +26,6 @@ and the setting is recorded in the checkpoint's config.json.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
 from typing import Any
 
 import lightning as L
@@ -31,15 +35,8 @@ import torch
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator
 from vlmsae.sae.build import build_sae
 from vlmsae.sae.config import SAEConfig
-from vlmsae.sae.fit import default_lr
-from vlmsae.sae.mechanics import (
-    constrain_decoder_grad_,
-    estimate_input_scale,
-    init_b_dec_geometric_median_,
-    normalize_decoder_,
-    set_input_scale_,
-)
-from vlmsae.sae.precision import check_master_weights, check_trainer_precision, fp32_region
+from vlmsae.sae.precision import check_master_weights, check_trainer_precision
+from vlmsae.sae.step import default_lr, make_optimizer, sae_step
 
 DENSE_FREQ = 0.1  # a latent firing on more than 10% of rows is "dense" (rarely interpretable)
 DENSITY_EDGES = np.arange(-7.0, 0.01, 0.25)  # log10 firing-frequency bins for the density histogram
@@ -47,18 +44,6 @@ DENSITY_EDGES = np.arange(-7.0, 0.01, 0.25)  # log10 firing-frequency bins for t
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or weights; the message holds the step and batch statistics."""
-
-
-class LinearWarmup:
-    """LR multiplier rising linearly to 1 over ``warmup_steps`` then constant (picklable, unlike a lambda)."""
-
-    def __init__(self, warmup_steps: int):
-        self.warmup_steps = max(0, int(warmup_steps))
-
-    def __call__(self, step: int) -> float:
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, (step + 1) / self.warmup_steps)
 
 
 def batch_stats(x_BD: torch.Tensor) -> str:
@@ -74,126 +59,193 @@ def batch_stats(x_BD: torch.Tensor) -> str:
 
 
 class SAELitModule(L.LightningModule):
-    """Trains ``vlmsae.sae.build_sae(SAEConfig(**sae_config))``; see the module docstring."""
+    """Trains ``build_sae(SAEConfig(**c))`` for each config ``c`` of ``sae_configs`` (one dict: a single SAE) on
+    every batch; ``lrs``: one per SAE (None: :func:`vlmsae.sae.default_lr`); ``names``: see the module docstring;
+    ``devices``: one per SAE (``sae_devices``; None: where Lightning puts the module)."""
 
     def __init__(
         self,
-        sae_config: dict[str, Any],
-        lr: float | None = None,
+        sae_configs: dict[str, Any] | list[dict[str, Any]],
+        lrs: list[float | None] | None = None,
+        names: list[str] | None = None,
         warmup_steps: int = 1000,
         grad_clip: float = 1.0,
         betas: tuple[float, float] = (0.9, 0.999),
         log_every_n_steps: int = 50,
         seed: int = 0,
+        devices: list[str] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        cfg = SAEConfig(**{**sae_config, "group_fractions": _tuple_or_none(sae_config.get("group_fractions"))})
-        self.sae = build_sae(cfg, seed=seed)
-        self.lr = float(lr) if lr is not None else default_lr(cfg.n_latents)  # METHOD §2: 2e-4 / sqrt(F / 2^14)
+        self.save_hyperparameters(ignore=["devices"])  # placement is not part of the checkpointed SAEs
+        configs = [sae_configs] if isinstance(sae_configs, dict) else list(sae_configs)
+        self.saes = torch.nn.ModuleList(
+            build_sae(SAEConfig(**{**c, "group_fractions": _tuple_or_none(c.get("group_fractions"))}), seed=seed)
+            for c in configs
+        )
+        lrs = list(lrs) if lrs is not None else [None] * len(configs)
+        self.lrs = [float(lr) if lr is not None else default_lr(s.n_latents) for lr, s in zip(lrs, self.saes)]
+        self.names = list(names) if names is not None else [""] * len(configs)
+        self.sae_devices = list(devices) if devices is not None else None
         self.automatic_optimization = False
-        self.val_metrics: dict[str, Any] = {}
-        self._val = ReconstructionAccumulator(dense_threshold=DENSE_FREQ)  # renewed per validation epoch
+        self.val_metrics: list[dict[str, Any]] = [{} for _ in configs]
+        self._vals: list[ReconstructionAccumulator] = []
 
-    # ------------------------------------------------------------------ init from data
-    @torch.no_grad()
-    def init_from_batches(self, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-        """Input scale from the given batches (paper: ~100), then b_dec = geometric median of the first.
+    @property
+    def sae(self):
+        """The SAE of a single-SAE run (a grid has none: use ``saes``)."""
+        if len(self.saes) != 1:
+            raise AttributeError("sae")  # nn.Module.__getattr__ then names the missing attribute
+        return self.saes[0]
 
-        Called once before step 0 (never on resume: both live in the checkpoint).
-        """
-        return init_sae_from_batches(self.sae, batches)
+    def _key(self, i: int, metric: str) -> str:
+        return f"{self.names[i]}/{metric}" if self.names[i] else metric
 
     # ------------------------------------------------------------------ optimisation
     def on_fit_start(self) -> None:
         """Enforce the precision policy (float32 master weights) and note the trainer's setting for config.json."""
         precision = check_trainer_precision(self.trainer.precision)
-        check_master_weights(self.sae, precision)
-        self.sae.trainer_precision = precision
+        for sae in self.saes:
+            check_master_weights(sae, precision)
+            sae.trainer_precision = precision
+
+    def on_train_start(self) -> None:
+        self._place()  # after Lightning moved the module (and a resumed optimizer state) to its root device
+
+    def on_validation_start(self) -> None:
+        self._place()
+
+    def _place(self) -> None:
+        """Each SAE and its Adam state on its own device (``sae_devices``)."""
+        if self.sae_devices is None:
+            return
+        optimizers = _as_list(self.optimizers()) if self.trainer.optimizers else []
+        for i, (sae, dev) in enumerate(zip(self.saes, self.sae_devices)):
+            sae.to(dev)
+            if i < len(optimizers):
+                for state in getattr(optimizers[i], "optimizer", optimizers[i]).state.values():
+                    for key, value in state.items():
+                        if isinstance(value, torch.Tensor):
+                            state[key] = value.to(dev)
+
+    def _on_devices(self, x_BD: torch.Tensor) -> list[torch.Tensor]:
+        """``x_BD`` for each SAE, copied once to each device in use."""
+        if self.sae_devices is None:
+            return [x_BD] * len(self.saes)
+        copies = {dev: x_BD.to(dev, non_blocking=True) for dev in dict.fromkeys(self.sae_devices)}
+        return [copies[dev] for dev in self.sae_devices]
 
     def configure_optimizers(self):
         betas = tuple(self.hparams.betas)
-        # fused=True: one kernel over all parameters, ~20x faster than the loop on CPU.
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=betas, fused=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(self.hparams.warmup_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _checkpoint_note(self) -> str:
-        return checkpoint_note(self)
+        warmup = self.hparams.warmup_steps
+        pairs = [make_optimizer(s.parameters(), lr, betas, warmup) for s, lr in zip(self.saes, self.lrs)]
+        return [o for o, _ in pairs], [{"scheduler": s, "interval": "step"} for _, s in pairs]
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         x_BD = batch.float()
         step = int(self.global_step)
         check_input(self, x_BD, step)
-        optimizer = self.optimizers()
-        out = sae_update(self, self.sae, x_BD, optimizer, self.lr_schedulers(), self.hparams.grad_clip, step)
-        every = max(1, int(self.hparams.log_every_n_steps))
-        if step % every == 0:
-            self._log_train(x_BD, out)
-        return out["loss"].detach()
+        optimizers, schedulers = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
+        log_now = step % max(1, int(self.hparams.log_every_n_steps)) == 0
+        losses = []
+        for i, (sae, x_i_BD) in enumerate(zip(self.saes, self._on_devices(x_BD))):
+            # Lightning counts every wrapped optimizer step as a global step: step the last SAE's wrapped
+            # optimizer and the others' raw ones (the maths is the same).
+            last = i == len(self.saes) - 1
+            optimizer = optimizers[i] if last else getattr(optimizers[i], "optimizer", optimizers[i])
+            out = self._step(sae, x_i_BD, optimizer, schedulers[i], step)
+            losses.append(out["loss"].detach().to(self.device))
+            if log_now:
+                metrics = train_metrics(sae, x_i_BD, out, optimizer_lr(optimizer))
+                self.log_dict({self._key(i, k): v for k, v in metrics.items()}, on_step=True, on_epoch=False)
+                self.log(self._key(i, "train/fve_bar"), metrics["train/fve"], prog_bar=True, logger=False)
+        return torch.stack(losses).sum()
 
-    def _sync_dead_tracking(self, fired_F: torch.Tensor, batch_size: int) -> None:
-        sync_dead_tracking(self.sae, fired_F, batch_size)
+    def _step(self, sae, x_BD: torch.Tensor, optimizer, scheduler, step: int) -> dict:
+        """:func:`vlmsae.sae.step.sae_step` with DDP's backward and dead-latent sync and the non-finite guards."""
 
-    def _current_lr(self) -> float:
-        try:
-            return float(self.optimizers().param_groups[0]["lr"])
-        except Exception:  # before configure_optimizers
-            return self.lr
+        def check(out: dict) -> None:  # before anything changes: the last checkpoint stays good
+            sync_dead_tracking(sae, out["fired_F"], x_BD.shape[0])
+            loss = out["loss"]
+            if not bool(torch.isfinite(loss)):
+                raise NonFiniteLossError(
+                    f"loss is {float(loss.detach())} at step {step} (recon {float(out['recon']):.4g}, "
+                    f"aux {float(out['aux']):.4g}, l0 {float(out['l0']):.4g}, lr {optimizer_lr(optimizer):.3g}): "
+                    f"batch {batch_stats(x_BD)}; training stopped before the optimizer step, "
+                    f"{checkpoint_note(self)}. Lower trainer.lr or check the activations."
+                )
 
-    def _weights_finite(self) -> bool:
-        return weights_finite(self.sae)
-
-    @torch.no_grad()
-    def _log_train(self, x_BD: torch.Tensor, out: dict) -> None:
-        metrics = train_metrics(self.sae, x_BD, out, self._current_lr())
-        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False)
-        self.log("train/fve_bar", metrics["train/fve"], prog_bar=True, logger=False)
+        clip = self.hparams.grad_clip
+        out = sae_step(sae, x_BD, optimizer, scheduler, grad_clip=clip, check=check, backward=self.manual_backward)
+        if not weights_finite(sae):
+            raise NonFiniteLossError(
+                f"weights became non-finite in the optimizer step of step {step} (loss {float(out['loss']):.4g}): "
+                f"batch {batch_stats(x_BD)}; {checkpoint_note(self)}. Lower trainer.lr."
+            )
+        return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if not self._weights_finite():
-            raise NonFiniteLossError(
-                f"refusing to save a checkpoint with non-finite weights at step {self.global_step}; "
-                f"{self._checkpoint_note()}"
-            )
+        for name, sae in zip(self.names, self.saes):
+            if not weights_finite(sae):
+                where = f" in {name}" if name else ""
+                raise NonFiniteLossError(
+                    f"refusing to save a checkpoint with non-finite weights{where} at step {self.global_step}; "
+                    f"{checkpoint_note(self)}"
+                )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A single-SAE checkpoint written before one SAE became a grid of one names its weights ``sae.*``."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("sae.")]:
+            state["saes.0." + key[len("sae.") :]] = state.pop(key)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._val = ReconstructionAccumulator(self.sae.n_latents, DENSE_FREQ, d_in=self.sae.d_in, device=self.device)
+        self._vals = [
+            ReconstructionAccumulator(s.n_latents, DENSE_FREQ, d_in=s.d_in, device=s.W_dec.device) for s in self.saes
+        ]
 
     @torch.no_grad()
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        val_update(self._val, self.sae, batch.float())
+        for val, sae, x_BD in zip(self._vals, self.saes, self._on_devices(batch.float())):
+            with warnings.catch_warnings():  # before the threshold exists encode() uses top-k: expected here
+                warnings.simplefilter("ignore", UserWarning)
+                codes_BF = sae.encode(x_BD)
+            val.update(x_BD, sae.decode(codes_BF).float(), codes_BF)
 
-    def _val_over_ranks(self) -> ReconstructionAccumulator:
+    def _val_over_ranks(self, val: ReconstructionAccumulator) -> ReconstructionAccumulator:
         """This rank's validation sums, merged with every other rank's (DDP)."""
         if self.trainer.world_size == 1:
-            return self._val
-        gathered = self.all_gather(self._val.state_dict())  # each tensor gains a leading [world] dim
+            return val
+        gathered = self.all_gather(val.state_dict())  # each tensor gains a leading [world] dim
         merged = ReconstructionAccumulator(dense_threshold=DENSE_FREQ)
         for r in range(self.trainer.world_size):
             merged.merge(ReconstructionAccumulator.from_state({k: t[r] for k, t in gathered.items()}))
         return merged
 
     def on_validation_epoch_end(self) -> None:
-        val = self._val_over_ranks()
-        if val.n == 0:
-            return
-        metrics, self.val_metrics, freq_F = val_summary(val, self.sae, int(self.global_step))
-        self.log_dict(
-            {f"val/{k}": float(x) for k, x in metrics.items()}, on_step=False, on_epoch=True, rank_zero_only=True
-        )  # already merged over ranks above
-        self._log_histogram(freq_F)
+        for i, (val, sae) in enumerate(zip(self._vals, self.saes)):
+            val = self._val_over_ranks(val)
+            if val.n == 0:
+                continue
+            metrics, self.val_metrics[i], freq_F = val_summary(val, sae, int(self.global_step))
+            self.log_dict(
+                {self._key(i, f"val/{k}"): float(x) for k, x in metrics.items()},
+                on_step=False,
+                on_epoch=True,
+                rank_zero_only=True,
+            )  # already merged over ranks above
+            self._log_histogram(i, freq_F)
 
-    def _log_histogram(self, freq_F: np.ndarray) -> None:
-        """Latent density histogram to W&B (other loggers get the scalar summaries only)."""
+    def _log_histogram(self, i: int, freq_F: np.ndarray) -> None:
+        """Latent density histogram to SAE ``i``'s W&B run (other loggers get the scalar summaries only)."""
         for logger in self.loggers:
-            if type(logger).__name__ != "WandbLogger":
+            inner = getattr(logger, "inner", logger)  # a grid SAE's own logger (vlmsae.lit.fit.OneSAELogger)
+            if type(inner).__name__ != "WandbLogger" or getattr(logger, "sae_name", self.names[i]) != self.names[i]:
                 continue
             import wandb
 
             log10 = np.log10(np.clip(freq_F, 1e-8, None))
-            logger.experiment.log(
+            inner.experiment.log(
                 {"val/latent_density_log10": wandb.Histogram(log10), "trainer/global_step": self.global_step}
             )
 
@@ -202,27 +254,8 @@ def _tuple_or_none(value):
     return None if value is None else tuple(float(f) for f in value)
 
 
-# ---------------------------------------------------------------------- the per-SAE pieces
-# Module-level so that SAELitModule (one SAE) and vlmsae.lit.many.ManySAELitModule (several SAEs on one
-# batch) step, log and validate each SAE the same way: a many-SAE pass equals separate runs exactly.
-
-
-@torch.no_grad()
-def init_sae_from_batches(sae, batches: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Input scale from ``batches`` (paper: ~100), then b_dec = geometric median of the first batch."""
-    kept: dict[str, Any] = {"first": None, "rows": 0}
-
-    def stream():  # one batch in memory at a time (100 x 4096 x 1024 floats would be 1.6 GB)
-        for batch in batches:
-            if kept["first"] is None:
-                kept["first"] = batch.float()
-            kept["rows"] += batch.shape[0]
-            yield batch
-
-    scale = estimate_input_scale(stream(), sae.cfg.d_in)  # raises on an empty stream
-    set_input_scale_(sae, scale)
-    init_b_dec_geometric_median_(sae, kept["first"].to(sae.b_dec.device))
-    return {"input_scale": scale, "init_rows": kept["rows"]}
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def checkpoint_note(lm: L.LightningModule) -> str:
@@ -247,44 +280,6 @@ def weights_finite(sae) -> bool:
 
 def optimizer_lr(optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
-
-
-def sae_update(lm, sae, x_BD, optimizer, scheduler, grad_clip, step: int, lightning_step: bool = True) -> dict:
-    """One training step of ``sae`` on ``x_BD`` (METHOD §2): loss -> backward -> decoder-parallel gradient
-    removed -> clip -> Adam -> decoder rows renormalised -> scheduler. Returns ``sae.loss``'s outputs.
-
-    ``lightning_step=False`` steps the raw optimizer: with several optimizers Lightning counts every
-    wrapped ``step()`` as a global step, so a many-SAE pass wraps only its last one (the maths is the same).
-    """
-    out = sae.loss(x_BD)
-    sync_dead_tracking(sae, out["fired_F"], x_BD.shape[0])
-    loss = out["loss"]
-    if not bool(torch.isfinite(loss)):
-        raise NonFiniteLossError(
-            f"loss is {float(loss.detach())} at step {step} (recon {float(out['recon']):.4g}, "
-            f"aux {float(out['aux']):.4g}, "
-            f"l0 {float(out['l0']):.4g}, lr {optimizer_lr(optimizer):.3g}): batch {batch_stats(x_BD)}; "
-            f"training stopped before the optimizer step, {checkpoint_note(lm)}. "
-            "Lower trainer.lr or check the activations."
-        )
-    optimizer.zero_grad(set_to_none=True)
-    with fp32_region(x_BD.device):  # the SAE's precision policy covers backward too (vlmsae.sae.precision)
-        lm.manual_backward(loss)
-    constrain_decoder_grad_(sae)
-    if grad_clip and grad_clip > 0:
-        lm.clip_gradients(optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
-    if lightning_step:
-        optimizer.step()
-    else:
-        getattr(optimizer, "optimizer", optimizer).step()
-    normalize_decoder_(sae)
-    scheduler.step()
-    if not weights_finite(sae):
-        raise NonFiniteLossError(
-            f"weights became non-finite in the optimizer step of step {step} (loss {float(loss):.4g}): "
-            f"batch {batch_stats(x_BD)}; {checkpoint_note(lm)}. Lower trainer.lr."
-        )
-    return out
 
 
 @torch.no_grad()
@@ -328,14 +323,6 @@ def train_metrics(sae, x_BD: torch.Tensor, out: dict, lr: float) -> dict[str, fl
         "train/lr": lr,
     }
     return {k: float(v) for k, v in metrics.items()}
-
-
-@torch.no_grad()
-def val_update(val: ReconstructionAccumulator, sae, x_BD: torch.Tensor) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        codes_BF = sae.encode(x_BD)
-    val.update(x_BD, sae.decode(codes_BF).float(), codes_BF)
 
 
 def val_summary(val: ReconstructionAccumulator, sae, step: int) -> tuple[dict, dict, np.ndarray]:

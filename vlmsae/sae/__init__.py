@@ -14,7 +14,7 @@ from vlmsae.sae.batchtopk import BatchTopKSAE
 from vlmsae.sae.build import SAE_CLASSES, build_sae
 from vlmsae.sae.checkpoint import load_sae, save_sae
 from vlmsae.sae.config import ARCHS, DEFAULT_GROUP_FRACTIONS, SAEConfig
-from vlmsae.sae.fit import default_lr, train_steps
+from vlmsae.sae.fit import train_steps
 from vlmsae.sae.interop import FORMAT_NAMES, detect_format, load_any
 from vlmsae.sae.jumprelu import JumpReLUSAE
 from vlmsae.sae.matryoshka import MatryoshkaSAE
@@ -23,10 +23,12 @@ from vlmsae.sae.mechanics import (
     estimate_input_scale,
     geometric_median,
     init_b_dec_geometric_median_,
+    init_from_batches_,
     normalize_decoder_,
     set_input_scale_,
 )
 from vlmsae.sae.relu import ReluSAE
+from vlmsae.sae.step import LinearWarmup, default_lr, make_optimizer, sae_step
 from vlmsae.sae.topk import TopKSAE
 
 load = load_any  # vlmsae.sae.load(path, sae_format=None): any supported format or hf:// path; load_sae = vlmsae's own
@@ -40,6 +42,7 @@ __all__ = [
     "SAE_CLASSES",
     "BatchTopKSAE",
     "JumpReLUSAE",
+    "LinearWarmup",
     "MatryoshkaSAE",
     "ReluSAE",
     "SAEConfig",
@@ -53,11 +56,14 @@ __all__ = [
     "estimate_input_scale",
     "geometric_median",
     "init_b_dec_geometric_median_",
+    "init_from_batches_",
     "load",
     "load_any",
     "load_sae",
+    "make_optimizer",
     "normalize_decoder_",
     "recon_error",
+    "sae_step",
     "save_sae",
     "set_input_scale_",
     "train_steps",

@@ -1,9 +1,8 @@
 """Training mechanics shared by every SAE architecture (METHOD §2), one named function each.
 
-A training step with these (what :func:`vlmsae.sae.fit.train_steps` and the Lightning module do)::
+A training step with these (:func:`vlmsae.sae.step.sae_step`, which every trainer calls)::
 
-    set_input_scale_(sae, estimate_input_scale(first_batches, sae.cfg.d_in))   # once, before step 0
-    init_b_dec_geometric_median_(sae, first_batch_BD)                          # once, after the scale
+    init_from_batches_(sae, first_batches)   # once, before step 0: the input scale, then b_dec (geometric median)
     out = sae.loss(x_BD); out["loss"].backward()
     constrain_decoder_grad_(sae)      # drop the part of each W_dec row's gradient along the row
     clip_grad_norm_(...); optimizer.step()
@@ -15,6 +14,7 @@ The loss terms themselves (reconstruction, AuxK, the dead-latent count) are in :
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -115,3 +115,24 @@ def set_input_scale_(sae: SAE, scale: float) -> None:
     if not scale > 0 or scale == float("inf"):
         raise ValueError(f"input scale must be a finite number > 0; got {scale!r}.")
     sae.input_scale.fill_(scale)
+
+
+@torch.no_grad()
+def init_from_batches_(sae: SAE, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Input scale from ``batches`` (paper: ~100), then b_dec = geometric median of the first batch.
+
+    Call once before step 0 (never on resume: both live in the checkpoint). Returns the scale and the rows read.
+    """
+    kept: dict[str, Any] = {"first": None, "rows": 0}
+
+    def stream():  # one batch in memory at a time (100 x 4096 x 1024 floats would be 1.6 GB)
+        for batch in batches:
+            if kept["first"] is None:
+                kept["first"] = batch.float()
+            kept["rows"] += batch.shape[0]
+            yield batch
+
+    scale = estimate_input_scale(stream(), sae.cfg.d_in)  # raises on an empty stream
+    set_input_scale_(sae, scale)
+    init_b_dec_geometric_median_(sae, kept["first"].to(sae.b_dec.device))
+    return {"input_scale": scale, "init_rows": kept["rows"]}

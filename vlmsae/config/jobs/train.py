@@ -40,7 +40,7 @@ class TrainJob:
     # auto: continue this run dir's own checkpoint if any (a requeued SLURM job), else start fresh; true: also the
     # newest sibling run with this config; false: always fresh; or a run dir / .ckpt path
     resume: Any = "auto"
-    # many SAEs per pass (vlmsae.lit.many): a list of overrides of the sae node, each with an optional lr, e.g.
+    # many SAEs per pass (vlmsae.lit.fit): a list of overrides of the sae node, each with an optional lr, e.g.
     # '[{expansion:4,k:8},{expansion:8,k:8,arch:topk,lr:1e-4}]'; null = one SAE from the sae node
     sae_grid: Any = None
     # sae_grid only: where each SAE trains. auto = round-robin over the visible CUDA devices when the trainer runs
