@@ -1,4 +1,6 @@
-"""``python -m vlmsae.extract model=<name> data=folder data.root=<dir> layer=<L|last> tokens=<sel> out=<dir>``
+"""Extract a vision encoder's activations at one layer into an activation store (METHOD §1).
+
+    python -m vlmsae.extract model=<name> data=folder data.root=<dir> layer=<L|last> tokens=<sel> out=<dir>
 
 Runs images through a vision encoder up to block ``layer`` (METHOD §1; later blocks never run), keeps
 the rows ``tokens`` selects (cls | patches | all | random_k | mean), and writes them as an activation
