@@ -119,7 +119,7 @@ def read_offline_run(out_dpath: str | Path) -> dict[str, Any]:
 
 @pytest.fixture
 def count_embeddings(monkeypatch):
-    """``embedded = count_embeddings("vlmsae.hierarchy.load_embedder")``: replaces that loader so every embedder
+    """``embedded = count_embeddings("vlmsae.models.embedders.load_embedder")``: replaces that loader so every embedder
     it returns appends the size of each batch of images it embeds to ``embedded`` (a sweep embeds once)."""
     from vlmsae.models import embedders
 

@@ -191,14 +191,14 @@ def list_shards_names(n: int) -> list[str]:
     ],
 )
 def test_unusable_url_is_refused_before_any_image(compose_cfg, image_root, monkeypatch, url, match, error):
-    import vlmsae.extract
+    import vlmsae.models.extraction
 
     monkeypatch.setitem(sys.modules, "s3fs", None)  # s3fs missing, even where it is installed
 
     def no_images(*args, **kwargs):
         raise AssertionError("an image was listed or processed before the URL was checked")
 
-    monkeypatch.setattr(vlmsae.extract, "StoreExtraction", no_images)
+    monkeypatch.setattr(vlmsae.models.extraction, "StoreExtraction", no_images)  # extract.run imports it there
     with pytest.raises(error, match=match):
         run(_cfg(compose_cfg, image_root), out_dpath=url)
 

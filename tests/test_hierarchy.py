@@ -379,7 +379,7 @@ def test_sweep_tables_every_sae_once(tmp_path, compose_cfg, monkeypatch, count_e
         _matryoshka(
             tmp_path / "sweep" / str(n) / "sae", d_in=32, n_latents=width, fractions=(0.25, 0.75), source=source
         )
-    embedded = count_embeddings("vlmsae.hierarchy.load_embedder")
+    embedded = count_embeddings("vlmsae.models.embedders.load_embedder")
     out = run(compose_cfg("hierarchy", [f"sae_path={tmp_path / 'sweep'}", "embedder=pixels"]), out_dpath=tmp_path / "o")
     assert out["sweep"] == ["matryoshka_x1_Llast", "matryoshka_x2_Llast"]
     assert sum(embedded) == out["images_embedded"] == 128 and out["source_batches"] == math.ceil(128 / 16)

@@ -1,33 +1,26 @@
 """The package's layers, read from the source with ast (nothing is imported).
 
 Layer order, lowest first (a module may import its own layer and the ones below, never above):
-config, utils, formats <- sae <- data <- models <- metrics, steering <- lit <- report <- jobs <- bench, demo.
+config, utils, formats <- sae <- data <- models <- metrics, steering <- lit <- report <- jobs <- bench, demo, cli.
 Jobs (``vlmsae/<job>.py``) never import each other. No import cycle between project modules, counting
 imports inside functions and under ``TYPE_CHECKING`` too (a cycle there is still a knot in the design).
 Heavy third-party libraries are imported inside functions only (lit/ may import Lightning: it is that layer).
+Library modules import project modules at module level. Jobs are the exception, so that ``--help`` and ``--cfg``
+answer without torch: at module level a job imports only the standard library, hydra, omegaconf and layer 0
+(``vlmsae.config``, ``vlmsae.utils``, ``vlmsae.formats``); everything else inside ``run()`` and its helpers
+(tests/test_cli.py checks that torch and the heavy libraries stay out of ``sys.modules``).
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import vlmsae
+from vlmsae.cli import JOBS  # the one list of jobs (import-light: no job is imported)
 
 PKG_DPATH = Path(vlmsae.__file__).parent
-JOBS = (
-    "extract",
-    "train",
-    "monosemanticity",
-    "hierarchy",
-    "steer",
-    "steer_eval",
-    "splice_eval",
-    "browse",
-    "export",
-    "names",
-    "stability",
-)
 LAYERS = {
     "config": 0,
     "utils": 0,
@@ -42,6 +35,8 @@ LAYERS = {
     **{job: 7 for job in JOBS},
     "bench": 8,
     "demo": 8,
+    "cli": 8,  # `vlmsae <job>`: imports the job it runs, by name, when it runs it
+    "__main__": 8,  # `python -m vlmsae`: the same
 }
 HEAVY = ("open_clip", "transformers", "lightning", "wandb", "matplotlib")
 
@@ -165,6 +160,34 @@ def test_heavy_libraries_are_imported_inside_functions():
             if top and root in HEAVY and not (root == "lightning" and name.startswith("vlmsae.lit.")):
                 bad.append(f"{name} line {node.lineno}: import {module}")
     assert not bad, "heavy imports at module level (move them into the function that needs them):\n" + "\n".join(bad)
+
+
+JOB_TOP_LEVEL = ("hydra", "omegaconf", "vlmsae.config", "vlmsae.utils", "vlmsae.formats")
+
+
+def _job_top_level_ok(module: str) -> bool:
+    return module.split(".")[0] in sys.stdlib_module_names or any(
+        module == allowed or module.startswith(f"{allowed}.") for allowed in JOB_TOP_LEVEL
+    )
+
+
+def test_jobs_import_only_config_utils_and_formats_at_module_level():
+    """A job module is imported for ``--help``; what it needs to work (torch and all) it imports inside run()."""
+    bad = sorted(
+        {
+            f"vlmsae.{job} line {node.lineno}: import {module}"
+            for job in JOBS
+            for module, node, top in _imports(f"vlmsae.{job}", MODULES[f"vlmsae.{job}"])
+            if top and not _job_top_level_ok(module)
+        }
+    )
+    assert not bad, "move these imports into run() (or the helper that needs them):\n" + "\n".join(bad)
+
+
+def test_job_import_rule_can_fail():
+    assert _job_top_level_ok("json") and _job_top_level_ok("vlmsae.utils.paths") and _job_top_level_ok("hydra")
+    assert not _job_top_level_ok("torch") and not _job_top_level_ok("vlmsae.metrics.sweep")
+    assert not _job_top_level_ok("vlmsae") and not _job_top_level_ok("vlmsae.configx")
 
 
 # Library modules whose function-level project imports belong to another engineer's files in issue 13

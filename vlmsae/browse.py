@@ -1,4 +1,4 @@
-"""Entry point: build the static feature browser of a monosemanticity run.
+"""Build the static feature browser of a monosemanticity run.
 
     python -m vlmsae.browse run=outputs/demo            # -> outputs/demo/browser/index.html
     python -m vlmsae.browse run=<ms run> max_cards=2000 heatmaps=off   # default: every latent

@@ -1,4 +1,4 @@
-"""Entry point: write an SAE of any supported format in another library's layout.
+"""Write an SAE of any supported format in another library's layout.
 
     python -m vlmsae.export sae_path=outputs/train/<run>/sae format=dictionary_learning out=exports/dl
     python -m vlmsae.export sae_path=hf://<org>/<repo>/<folder> format=saelens out=exports/sl

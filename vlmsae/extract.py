@@ -1,4 +1,6 @@
-"""``python -m vlmsae.extract model=<name> data=folder data.root=<dir> layer=<L|last> tokens=<sel> out=<dir>``
+"""Extract a vision encoder's activations at one layer into an activation store (METHOD §1).
+
+    python -m vlmsae.extract model=<name> data=folder data.root=<dir> layer=<L|last> tokens=<sel> out=<dir>
 
 Runs images through a vision encoder up to block ``layer`` (METHOD §1; later blocks never run), keeps
 the rows ``tokens`` selects (cls | patches | all | random_k | mean), and writes them as an activation
@@ -41,24 +43,28 @@ a store begun with another world size is refused. ``data=wds`` (streamed) runs i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, prepare_command_line, register_configs
-from vlmsae.data.images import synthetic_options_of
-from vlmsae.data.sink import StoreSink, sink_of
 from vlmsae.formats import RUN_INFO_JSON
-from vlmsae.models.extraction import ExtractionPlan, Ranks, StoreExtraction
-from vlmsae.models.spec import ModelSpec
-from vlmsae.report.job_log import log_job
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
+
+if TYPE_CHECKING:
+    from vlmsae.data.sink import StoreSink
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Extract activations as ``cfg`` says into ``out_dpath`` (or ``cfg.out``, or Hydra's run dir; or a URL)."""
+    from vlmsae.data.images import synthetic_options_of
+    from vlmsae.data.sink import sink_of
+    from vlmsae.models.extraction import ExtractionPlan, Ranks, StoreExtraction
+    from vlmsae.models.spec import ModelSpec
+    from vlmsae.report.job_log import log_job
+
     out = out_dpath if out_dpath is not None else cfg.out
     sink = sink_of(out, cfg.staging_dir)  # out=<url>: its protocol and package are checked before any image
     out_dpath = sink.staging_dpath if sink is not None else run_dir(out)

@@ -27,15 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from vlmsae import formats
 from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.hierarchy import HierarchyJob
-from vlmsae.data.image_set import ImageSet
-from vlmsae.metrics import hierarchy_study as study
-from vlmsae.metrics import sweep
-from vlmsae.metrics.codes import load_job_sae
-from vlmsae.metrics.sweep import sweep_paths
-from vlmsae.models.embedders import load_embedder
-from vlmsae.report.job_log import log_job
-from vlmsae.report.studies import write_hierarchy_outputs
-from vlmsae.report.tables import SweepRow, hierarchy_table
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -47,6 +38,13 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
     ``cfg``: conf/hierarchy.yaml (keys: :class:`vlmsae.config.jobs.hierarchy.HierarchyJob`).
     """
+    from vlmsae.data.image_set import ImageSet
+    from vlmsae.metrics import hierarchy_study as study
+    from vlmsae.metrics.codes import load_job_sae
+    from vlmsae.metrics.sweep import sweep_paths
+    from vlmsae.report.job_log import log_job
+    from vlmsae.report.studies import write_hierarchy_outputs
+
     out_dpath = run_dir(out_dpath)
     if OmegaConf.is_missing(cfg, "sae_path"):
         raise ValueError("sae_path is required: an SAE folder (<run>/sae, a published SAE's folder or hf://org/repo).")
@@ -82,6 +80,14 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str]) -> dict:
     """Every SAE of a sweep on the same images (embedded once; source activations shared per model and layer),
     or on ``ms_run``'s per-SAE folders of an MS sweep: outputs in ``out_dpath/<name>/``, and hierarchy_table."""
+    from vlmsae.data.image_set import ImageSet
+    from vlmsae.metrics import hierarchy_study as study
+    from vlmsae.metrics import sweep
+    from vlmsae.models.embedders import load_embedder
+    from vlmsae.report.job_log import log_job
+    from vlmsae.report.studies import write_hierarchy_outputs
+    from vlmsae.report.tables import SweepRow, hierarchy_table
+
     members = sweep.load_sweep(paths, cfg.sae_format)
     sweep.require_one_model(members, "hierarchy table", cfg.model)
     data = study.taxonomy_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.ms_run)

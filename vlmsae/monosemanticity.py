@@ -28,25 +28,17 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, prepare_command_line, register_configs
-from vlmsae.data.image_set import ImageSet
-from vlmsae.metrics import sweep
-from vlmsae.metrics.codes import open_sae_checkpoint
-from vlmsae.metrics.embedding_cache import default_cache_dpath
-from vlmsae.metrics.ms_study import score_sae, zero_shot_check
-from vlmsae.metrics.names import namer_from_cfg
-from vlmsae.metrics.sweep import sweep_paths
-from vlmsae.models.embedders import EmbedderSpec
-from vlmsae.report.job_log import log_job
-from vlmsae.report.studies import write_ms_outputs
-from vlmsae.report.tables import SweepRow, ms_table
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
+
+if TYPE_CHECKING:
+    from vlmsae.data.image_set import ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +48,14 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
     ``cfg``: conf/monosemanticity.yaml (keys: :class:`vlmsae.config.jobs.monosemanticity.MonosemanticityJob`).
     """
+    from vlmsae.data.image_set import ImageSet
+    from vlmsae.metrics.codes import open_sae_checkpoint
+    from vlmsae.metrics.ms_study import score_sae
+    from vlmsae.metrics.names import namer_from_cfg
+    from vlmsae.metrics.sweep import sweep_paths
+    from vlmsae.models.embedders import EmbedderSpec
+    from vlmsae.report.job_log import log_job
+
     if OmegaConf.is_missing(cfg, "sae_path"):
         raise ValueError("Pass sae_path=<SAE folder or hf://org/repo[/sub]> (a training run keeps it in <run>/sae/).")
     out_dpath = run_dir(out_dpath)
@@ -81,11 +81,16 @@ _STUDY_KEYS = ("top_k", "baseline", "chunk_size", "dense_threshold", "progress")
 
 
 def _cache_dpath(cfg: DictConfig) -> Path:
+    from vlmsae.metrics.embedding_cache import default_cache_dpath
+
     return Path(cfg.embed_cache).expanduser() if cfg.embed_cache else default_cache_dpath()
 
 
 def _finish(cfg: DictConfig, out_dpath: Path, study: Any, src: Any, images: ImageSet, sae_path: str) -> None:
     """The optional zero-shot check, then the study's files and run_info.json in ``out_dpath``."""
+    from vlmsae.metrics.ms_study import zero_shot_check
+    from vlmsae.report.studies import write_ms_outputs
+
     if cfg.zero_shot:
         study.summary["zero_shot"] = zero_shot_check(
             src, images, study.classes, template=cfg.zero_shot_template, max_images=cfg.zero_shot_max_images
@@ -106,6 +111,13 @@ def _finish(cfg: DictConfig, out_dpath: Path, study: Any, src: Any, images: Imag
 def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str], namer: Any) -> dict[str, Any]:
     """Every SAE of a sweep on the same images (embedded once; source activations shared per model and layer):
     each SAE's outputs in ``out_dpath/<name>/``, and ``ms_table.md/.csv`` over all of them."""
+    from vlmsae.data.image_set import ImageSet
+    from vlmsae.metrics import sweep
+    from vlmsae.metrics.ms_study import score_sae
+    from vlmsae.models.embedders import EmbedderSpec
+    from vlmsae.report.job_log import log_job
+    from vlmsae.report.tables import SweepRow, ms_table
+
     members = sweep.load_sweep(paths, cfg.sae_format)
     sweep.require_one_model(members, "MS table", cfg.model)
     images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")

@@ -1,4 +1,4 @@
-"""Entry point: automatic feature names for a finished monosemanticity run.
+"""Automatic feature names for a finished monosemanticity run.
 
     python -m vlmsae.names ms_run=outputs/monosemanticity/<run> names=imagenet
     python -m vlmsae.names ms_run=<run> names=wordnet embedder=clip_b32
@@ -25,14 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, node_dict, prepare_command_line, register_configs
 from vlmsae.formats import LATENTS_CSV, MS_SUMMARY_JSON, read_ms_summary, write_latents_csv, write_ms_summary
-from vlmsae.metrics.names import ms_run_embedder, name_ms_run, namer_from_cfg
-from vlmsae.report.job_log import log_job
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Name ``cfg.ms_run``'s latents with ``cfg.names``; rewrites its latents.csv; run_info.json in ``out_dpath``."""
+    from vlmsae.metrics.names import ms_run_embedder, name_ms_run, namer_from_cfg
+    from vlmsae.report.job_log import log_job
+
     if OmegaConf.is_missing(cfg, "ms_run"):
         raise ValueError("Pass ms_run=<monosemanticity run folder> (it holds latents.csv and top_images/).")
     ms_dpath = Path(cfg.ms_run).expanduser()

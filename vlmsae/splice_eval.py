@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.splice_eval import SpliceEvalJob
 from vlmsae.formats import write_splice
-from vlmsae.report.job_log import log_job
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -36,6 +35,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     import torch
 
     from vlmsae.models.spec import ModelSpec
+    from vlmsae.report.job_log import log_job
     from vlmsae.report.splice import write_splice_report
     from vlmsae.steering import splice
     from vlmsae.steering.setup import load_steering

@@ -28,9 +28,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, prepare_command_line, register_configs
-from vlmsae.metrics import stability_study as study
-from vlmsae.report.job_log import log_job
-from vlmsae.report.stability import write_stability_outputs
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -42,6 +39,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
     ``cfg``: conf/stability.yaml (keys: :class:`vlmsae.config.jobs.stability.StabilityJob`).
     """
+    from vlmsae.metrics import stability_study as study
+    from vlmsae.report.job_log import log_job
+    from vlmsae.report.stability import write_stability_outputs
+
     if OmegaConf.is_missing(cfg, "runs"):
         raise ValueError("Pass runs=[<run0>/sae,<run1>/sae,...]: two or more SAEs trained with different seeds.")
     if cfg.pairs not in ("reference", "all"):

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.steer import SteerJob
 from vlmsae.formats import write_steer
-from vlmsae.report.job_log import log_job
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -28,6 +27,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     import torch
 
     from vlmsae.models.spec import ModelSpec
+    from vlmsae.report.job_log import log_job
     from vlmsae.report.steering import side_by_side
     from vlmsae.steering.compare import SteerRequest, compare_answers, latent_alphas, load_images
     from vlmsae.steering.setup import load_steering

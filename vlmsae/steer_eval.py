@@ -20,29 +20,28 @@ import dataclasses
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.formats import TOP_IMAGES_DIR, write_steer_eval
-from vlmsae.metrics import sweep
-from vlmsae.metrics.sweep import sweep_paths
-from vlmsae.metrics.topimages import TopImages
-from vlmsae.models.embedders import EmbedderSpec, load_embedder
-from vlmsae.models.spec import ModelSpec
-from vlmsae.report.job_log import log_job
-from vlmsae.report.steering import write_score_report
-from vlmsae.report.tables import SweepRow, steer_table
-from vlmsae.steering import evaluate
-from vlmsae.steering.hooks import steer_block
-from vlmsae.steering.setup import load_steering, require_folder
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     """Score steering as ``cfg`` says (keys: :class:`SteerEvalJob`); outputs in ``out_dpath``."""
+    import torch
+
+    from vlmsae.metrics.sweep import sweep_paths
+    from vlmsae.metrics.topimages import TopImages
+    from vlmsae.models.embedders import EmbedderSpec, load_embedder
+    from vlmsae.models.spec import ModelSpec
+    from vlmsae.report.job_log import log_job
+    from vlmsae.report.steering import write_score_report
+    from vlmsae.steering import evaluate
+    from vlmsae.steering.setup import load_steering, require_folder
+
     job: SteerEvalJob = OmegaConf.to_object(cfg)
     out_dpath = run_dir(out_dpath)
     if (paths := sweep_paths(str(job.sae_path))) is not None:  # a sweep folder or a comma list
@@ -77,6 +76,19 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 def _run_sweep(cfg: DictConfig, job: SteerEvalJob, out_dpath: Path, paths: list[str]) -> dict:
     """Every SAE of a sweep, each with ``top_images=<MS sweep run>/<its name>/top_images``: LLaVA, the embedder
     and the evaluation images loaded once; outputs in ``out_dpath/<name>/``, and ``steer_table.md/.csv``."""
+    import torch
+
+    from vlmsae.metrics import sweep
+    from vlmsae.metrics.topimages import TopImages
+    from vlmsae.models.embedders import EmbedderSpec, load_embedder
+    from vlmsae.models.spec import ModelSpec
+    from vlmsae.report.job_log import log_job
+    from vlmsae.report.steering import write_score_report
+    from vlmsae.report.tables import SweepRow, steer_table
+    from vlmsae.steering import evaluate
+    from vlmsae.steering.hooks import steer_block
+    from vlmsae.steering.setup import load_steering, require_folder
+
     members = sweep.load_sweep(paths, job.sae_format)
     tops = {m.name: Path(job.top_images) / m.name / TOP_IMAGES_DIR for m in members}
     for m in members:  # every index first: a missing one fails before LLaVA loads

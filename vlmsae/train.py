@@ -31,12 +31,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, node_dict, prepare_command_line, register_configs
-from vlmsae.lit.fit import FitPlan, fit_sae, resolve_grid, resolve_train_source
-from vlmsae.lit.resume import find_resume_checkpoint
-from vlmsae.lit.val_ms import val_ms_callbacks
-from vlmsae.models.spec import ModelSpec
-from vlmsae.sae import SAEConfig
-from vlmsae.sae.precision import check_trainer_precision
 from vlmsae.utils.paths import run_dir
 
 
@@ -45,6 +39,13 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
 
     ``callbacks``: extra Lightning callbacks (tests use them to interrupt a run or record steps).
     """
+    from vlmsae.lit.fit import FitPlan, fit_sae, resolve_grid, resolve_train_source
+    from vlmsae.lit.resume import find_resume_checkpoint
+    from vlmsae.lit.val_ms import val_ms_callbacks
+    from vlmsae.models.spec import ModelSpec
+    from vlmsae.sae import SAEConfig
+    from vlmsae.sae.precision import check_trainer_precision
+
     out_dpath = run_dir(out_dpath)
     config = OmegaConf.to_container(cfg, resolve=True)
     trainer, data = OmegaConf.to_object(cfg.trainer), OmegaConf.to_object(cfg.data)  # the node dataclasses

@@ -16,9 +16,9 @@ from vlmsae.utils.provenance import provenance, write_run_info
 
 # Fixed order: cheap ceilings first, then the SAE step, then the other issues' benchmarks
 # (ms: monosemanticity at 50k images x 65k latents; extract: activation extraction; loader:
-# shard reading vs the training step's consumption; browser: the feature browser at 65,536 latents;
-# gpu: the gpu_ keys, skipped without CUDA).
-MODULES = ("gemm", "sae_step", "ms", "extract", "loader", "train_many", "browser", "gpu")
+# shard reading vs the training step's consumption; browser: the feature browser at 65,536 latents; cli: seconds
+# until a job's --help answers; gpu: the gpu_ keys, skipped without CUDA).
+MODULES = ("gemm", "sae_step", "ms", "extract", "loader", "train_many", "browser", "cli", "gpu")
 DEFAULT_OUT_DPATH = Path("outputs") / "bench"
 
 
