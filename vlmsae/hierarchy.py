@@ -28,14 +28,14 @@ from vlmsae import formats
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.data.image_set import ImageSet
-from vlmsae.metrics import hierarchy_study as study
-from vlmsae.metrics import sweep
-from vlmsae.metrics.codes import load_job_sae
-from vlmsae.metrics.sweep import sweep_paths
 from vlmsae.models.embedders import load_embedder
+from vlmsae.models.open_sae import load_job_sae
 from vlmsae.report.job_log import log_job
 from vlmsae.report.studies import write_hierarchy_outputs
 from vlmsae.report.tables import SweepRow, hierarchy_table
+from vlmsae.studies import hierarchy_study as study
+from vlmsae.studies import sweep
+from vlmsae.studies.sweep import sweep_paths
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 

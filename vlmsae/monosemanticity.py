@@ -17,8 +17,8 @@
    hierarchy study, steering and the browser reuse), ``ms_hist.png``, ``ms_vs_freq.png`` and
    ``run_info.json`` into the Hydra run dir.
 
-The study itself is :func:`vlmsae.metrics.ms_study.score_sae` (embedding cache:
-:mod:`vlmsae.metrics.embedding_cache`, plots: :mod:`vlmsae.report.plots`); the keys and their
+The study itself is :func:`vlmsae.studies.ms_study.score_sae` (embedding cache:
+:mod:`vlmsae.studies.embedding_cache`, plots: :mod:`vlmsae.report.plots`); the keys and their
 defaults are :class:`vlmsae.config.jobs.monosemanticity.MonosemanticityJob`.
 """
 
@@ -35,16 +35,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.data.image_set import ImageSet
-from vlmsae.metrics import sweep
-from vlmsae.metrics.codes import open_sae_checkpoint
-from vlmsae.metrics.embedding_cache import default_cache_dpath
-from vlmsae.metrics.ms_study import score_sae, zero_shot_check
-from vlmsae.metrics.names import namer_from_cfg
-from vlmsae.metrics.sweep import sweep_paths
 from vlmsae.models.embedders import EmbedderSpec
+from vlmsae.models.open_sae import open_sae_checkpoint
 from vlmsae.report.job_log import log_job
 from vlmsae.report.studies import write_ms_outputs
 from vlmsae.report.tables import SweepRow, ms_table
+from vlmsae.studies import sweep
+from vlmsae.studies.embedding_cache import default_cache_dpath
+from vlmsae.studies.ms_study import score_sae, zero_shot_check
+from vlmsae.studies.naming import namer_from_cfg
+from vlmsae.studies.sweep import sweep_paths
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 

@@ -7,10 +7,10 @@
 
 Embeds the run's top images again (``top_images/``, latent by latent) with a CLIP embedder (default: the
 run's own), names each latent by the vocabulary entry whose prompt-averaged text embedding is closest to
-its concept (:mod:`vlmsae.metrics.names`), and rewrites ``<ms_run>/latents.csv`` atomically with the
+its concept (:mod:`vlmsae.studies.naming`), and rewrites ``<ms_run>/latents.csv`` atomically with the
 ``name``, ``name_score`` and ``names`` columns, plus the ``names`` entry of ``ms_summary.json``.
 ``autointerp=llava`` adds LLaVA's one word for a grid of each latent's top images and its cosine with the
-concept (``autointerp``, ``autointerp_score``; :mod:`vlmsae.metrics.autointerp`). The same
+concept (``autointerp``, ``autointerp_score``; :mod:`vlmsae.studies.autointerp`). The same
 names come out of ``python -m vlmsae.monosemanticity ... names=imagenet`` directly. Keys: ``NamesJob``
 (:mod:`vlmsae.config.jobs.names`).
 """
@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, node_dict, register_configs
 from vlmsae.formats import LATENTS_CSV, MS_SUMMARY_JSON, read_ms_summary, write_latents_csv, write_ms_summary
-from vlmsae.metrics.names import ms_run_embedder, name_ms_run, namer_from_cfg
 from vlmsae.report.job_log import log_job
+from vlmsae.studies.naming import ms_run_embedder, name_ms_run, namer_from_cfg
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 

@@ -26,8 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.formats import TOP_IMAGES_DIR, write_steer_eval
-from vlmsae.metrics import sweep
-from vlmsae.metrics.sweep import sweep_paths
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models.embedders import EmbedderSpec, load_embedder
 from vlmsae.models.spec import ModelSpec
@@ -37,6 +35,8 @@ from vlmsae.report.tables import SweepRow, steer_table
 from vlmsae.steering import evaluate
 from vlmsae.steering.hooks import steer_block
 from vlmsae.steering.setup import load_steering, require_folder
+from vlmsae.studies import sweep
+from vlmsae.studies.sweep import sweep_paths
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 

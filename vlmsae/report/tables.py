@@ -9,7 +9,7 @@
 Seeds (issue 16): when some (architecture, layer, expansion) has several SAEs (a training multirun over
 ``seed=0,1,2``), both tables aggregate over them instead of listing duplicates ("seeded" tables). A cell is
 then the mean over the seeds of each SAE's value ± the half-width of its 95% t-interval over the seeds
-(:func:`vlmsae.metrics.stability.mean_ci`; one seed: no interval), and the csv gains, per cell, the
+(:func:`vlmsae.metrics.seed_matching.mean_ci`; one seed: no interval), and the csv gains, per cell, the
 interval (``x{e}_ci95`` / ``group_{g}_ci95``), the number of SAEs (``x{e}_n_seeds`` / ``n_seeds``) and the
 training seeds (``x{e}_seeds`` / ``seeds``, ";"-joined, empty unless every SAE's seed is recorded). In a
 seeded ms_table ``x{e}_std`` is the mean over the seeds of each SAE's std over its latents. Tables with one
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmsae.metrics.stability import mean_ci
+from vlmsae.metrics.seed_matching import mean_ci
 from vlmsae.utils.io import atomic_write_text
 
 RAW_ROW = "raw neurons"
@@ -47,7 +47,7 @@ class SweepRow:
     expansion: float
     layer: Any
     result: dict[str, Any]
-    seed: int | None = None  # the training seed, when the SAE's run records it (vlmsae.metrics.sweep.training_seed)
+    seed: int | None = None  # the training seed, when the SAE's run records it (vlmsae.studies.sweep.training_seed)
 
 
 def _num(v: Any, nd: int = 4) -> str:

@@ -11,6 +11,7 @@ model passes and embedded images so a run can show that nothing was computed twi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -22,8 +23,8 @@ from typing import Any
 import torch
 
 from vlmsae.formats import RUN_INFO_JSON, SAE_CONFIG_JSON, read_run_info
-from vlmsae.metrics.codes import SAESource, _width_error, load_job_sae, resolve_sae_inputs
 from vlmsae.models import load_tap
+from vlmsae.models.open_sae import load_job_sae, open_sae_source
 from vlmsae.sae.interop import available_formats
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,10 @@ def require_one_model(members: list[SweepMember], what: str, model_override: Any
         )
 
 
+def _model_key(spec: Any) -> str:
+    return repr((spec.name, spec.pretrained, spec.device))
+
+
 def _pixels_digest(images_BCHW: torch.Tensor) -> str:
     return hashlib.sha1(images_BCHW.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
@@ -204,27 +209,21 @@ class SweepCache:
     n_embedded: int = 0  # images the embedder ran on over the whole sweep
     n_source_batches: int = 0  # batches of images the source models ran on over the whole sweep
 
+    def _tap(self, spec: Any) -> Any:
+        """The loaded tap of ``spec``'s model (loaded once per model, weights and device)."""
+        if _model_key(spec) not in self.taps:
+            self.taps[_model_key(spec)] = load_tap(spec)
+        return self.taps[_model_key(spec)]
+
     def open(self, member: SweepMember, model: Any = None, layer: Any = None, pool: Any = None, device: Any = None):
         """The member's :class:`SAESource` on a tap shared with every SAE of the same model (loaded once), whose
         activations are shared with every SAE of the same model, layer and pooling."""
-        source = dict(member.sae.source or {})
-        spec, layer, pool = resolve_sae_inputs(member.sae, source, model, layer, pool, member.sae_path)
-        if device not in (None, "auto"):
-            spec.device = str(device)
-        model_key = repr((spec.name, spec.pretrained, spec.device))
-        if model_key not in self.taps:
-            self.taps[model_key] = load_tap(spec)
-        tap = self.taps[model_key]
-        layer = tap.resolve_layer(layer)
-        width = tap.embed_dim if layer == "last" else tap.width
-        if member.sae.d_in != width:
-            raise _width_error(member.sae, spec.name, layer, width, source)
-        group = (model_key, str(layer), pool)
+        src = open_sae_source(member.sae, None, model, layer, pool, device, member.sae_path, tap_of=self._tap)
+        group = (_model_key(src.spec), str(src.layer), src.pool)
         if group not in self.shared:
-            self.shared = {k: v for k, v in self.shared.items() if k[0] != model_key or k[1] != str(layer)}
-            self.shared[group] = SharedTap(tap, pool == "cls" and tap.has_cls, self)
-        sae = member.sae.to(tap.device).eval()
-        return SAESource(sae=sae, tap=self.shared[group], spec=spec, layer=layer, pool=pool, source=source)
+            self.shared = {k: v for k, v in self.shared.items() if k[:2] != group[:2]}
+            self.shared[group] = SharedTap(src.tap, src.pool == "cls" and src.tap.has_cls, self)
+        return dataclasses.replace(src, tap=self.shared[group])
 
     def counts(self) -> dict[str, int]:
         """What the sweep computed: images embedded by E and batches run through a source model."""

@@ -12,7 +12,7 @@ Vocabularies (:func:`load_vocabulary`): ``imagenet`` (open_clip's 1000 ImageNet 
 runtime), ``wordnet`` (:func:`wordnet_nouns`: concrete WordNet nouns) or a text file, one name per line.
 The embedder must have a text side (``embed_text``: the open_clip embedders, ``clip_b32`` and ``tiny``).
 
-``autointerp=llava`` adds a second pass (:mod:`vlmsae.metrics.autointerp`): LLaVA's one word for a grid of
+``autointerp=llava`` adds a second pass (:mod:`vlmsae.studies.autointerp`): LLaVA's one word for a grid of
 each latent's top images, scored against the same concept with the same templates (``autointerp`` and
 ``autointerp_score``).
 """
@@ -31,10 +31,10 @@ import torch
 from vlmsae.data.images import load_image
 from vlmsae.data.taxonomy import find_wordnet_noun_file, load_wordnet_synsets
 from vlmsae.formats import TOP_IMAGES_DIR, LatentsTable, read_latents_csv, read_run_info
-from vlmsae.metrics.autointerp import AutoInterp, build_autointerp
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models import embedders
 from vlmsae.steering.score import streamed_concept_embeddings
+from vlmsae.studies.autointerp import AutoInterp, build_autointerp
 
 __all__ = [
     "DEFAULT_TEMPLATES",

@@ -27,10 +27,11 @@ from vlmsae.data.images import SkipLog, synthetic_options_of
 from vlmsae.data.taxonomy import Taxonomy, encode_paths, load_taxonomy
 from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, HierarchySummary, read_latents_csv, read_run_info
 from vlmsae.metrics import hierarchy as H
-from vlmsae.metrics.codes import SAESource, encode_images, open_sae_source, top_images_meta
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models.embedders import load_embedder
+from vlmsae.models.open_sae import SAESource, open_sae_source
+from vlmsae.studies.codes import encode_images, top_images_meta
 from vlmsae.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,8 @@ def compute_top_images(
 ) -> tuple[TopImages, torch.Tensor | None]:
     """Run the SAE's source model and the SAE over the images, in one pass.
 
-    ``src`` comes from :func:`vlmsae.metrics.codes.open_sae_source` and the images are encoded by
-    :func:`vlmsae.metrics.codes.encode_images`, as the monosemanticity study does, so the top images
+    ``src`` comes from :func:`vlmsae.models.open_sae.open_sae_source` and the images are encoded by
+    :func:`vlmsae.studies.codes.encode_images`, as the monosemanticity study does, so the top images
     here equal those of an MS run on the same images. Returns the top-``top_k`` index and the MS per
     latent from ``embedder``'s image embeddings (None without an embedder).
     """
