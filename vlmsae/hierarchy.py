@@ -29,10 +29,10 @@ from vlmsae.config import conf_dir, register_configs
 from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.data.image_set import ImageSet
 from vlmsae.models.embedders import load_embedder
-from vlmsae.models.open_sae import load_job_sae
+from vlmsae.models.open_sae import load_job_sae, open_sae_source
 from vlmsae.report.job_log import log_job
 from vlmsae.report.studies import write_hierarchy_outputs
-from vlmsae.report.tables import SweepRow, hierarchy_table
+from vlmsae.report.tables import hierarchy_table
 from vlmsae.studies import hierarchy_study as study
 from vlmsae.studies import sweep
 from vlmsae.studies.sweep import sweep_paths
@@ -67,16 +67,32 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
             data, job="hierarchy", hint=" (or pass ms_run=<monosemanticity run dir> to reuse its top images)"
         )
         classes = study.check_images_have_taxa(taxonomy, images)
-        top, ms_K = study.top_images_of_sae(sae, sae.source, images, job)
-        top.save(out_dpath / formats.TOP_IMAGES_DIR)
-
-    result = study.score_hierarchy(top, ms_K, taxonomy, classes, sae, job)
-    outputs = write_hierarchy_outputs(out_dpath, result, Path(str(cfg.sae_path)).name)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=outputs)
-    study.log_groups(result.summary)
+        src = open_sae_source(sae, None, job.model, job.layer, job.pool, job.device, job.sae_path)
+        embedder = load_embedder(job.embedder) if job.embedder is not None else None
+        top, ms_K = _top_images(job, src, images, embedder, job.sae_path, out_dpath)
+    summary = _score(cfg, job, out_dpath, top, ms_K, taxonomy, classes, sae, Path(str(cfg.sae_path)).name)
+    study.log_groups(summary)
     log.info("hierarchy outputs in %s", out_dpath)
-    log_job(cfg, "hierarchy", out_dpath, result.summary.to_dict(), sae_path=job.sae_path)  # after the files
-    return {**result.summary.to_dict(), "out_dpath": str(out_dpath)}
+    log_job(cfg, "hierarchy", out_dpath, summary.to_dict(), sae_path=job.sae_path)  # after the files
+    return {**summary.to_dict(), "out_dpath": str(out_dpath)}
+
+
+def _top_images(job: HierarchyJob, src, images: ImageSet, embedder, sae_path: str, out_dpath: Path):
+    """Rank ``images`` for every latent of ``src``'s SAE (MS too with an embedder); saved as top_images/."""
+    batch_size = job.batch_size or images.batch_size
+    top, ms_K = study.compute_top_images(src, images, embedder, top_k=job.top_k, batch_size=batch_size,
+                                         sae_path=sae_path)  # fmt: skip
+    top.save(out_dpath / formats.TOP_IMAGES_DIR)
+    return top, ms_K
+
+
+def _score(cfg: DictConfig, job: HierarchyJob, out_dpath: Path, top, ms_K, taxonomy, classes, sae, name: str):
+    """The LCA depths of ``top`` (:func:`study.score_hierarchy`), written with run_info.json into ``out_dpath``."""
+    result = study.score_hierarchy(top, ms_K, taxonomy, classes, sae, n_top=job.n_top,
+                                   min_majority=job.min_majority, sae_path=job.sae_path, ms_run=job.ms_run)  # fmt: skip
+    outputs = write_hierarchy_outputs(out_dpath, result, name)
+    write_run_info(out_dpath, {**OmegaConf.to_container(cfg, resolve=True), "sae_path": job.sae_path}, outputs=outputs)
+    return result.summary
 
 
 def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str]) -> dict:
@@ -88,32 +104,25 @@ def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str]) -> dict:
     taxonomy = study.open_taxonomy(OmegaConf.to_container(cfg.taxonomy, resolve=True), data)
     images = None if cfg.ms_run else ImageSet.from_node(data, job="hierarchy")
     classes = study.check_images_have_taxa(taxonomy, images) if images is not None else []
-    shared, rows, config = sweep.SweepCache(), [], OmegaConf.to_container(cfg, resolve=True)
+    shared = sweep.SweepCache()
     embedder = sweep.SharedEmbedder(load_embedder(cfg.embedder), shared) if cfg.embedder and images else None
-    for m in sweep.grouped(members):
+
+    def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, object]:
         job: HierarchyJob = OmegaConf.to_object(cfg)
-        job.sae_path, sub_dpath = m.sae_path, out_dpath / m.name
+        job.sae_path = m.sae_path
         if job.ms_run:  # an MS sweep's run dir: this SAE's folder in it
             top, ms_K = study.load_ms_run(Path(job.ms_run) / m.name, m.sae.n_latents)
         else:
             src = shared.open(m, cfg.model, job.layer, job.pool, job.device)
-            batch_size = job.batch_size or images.batch_size
-            top, ms_K = study.compute_top_images(src, images, embedder, top_k=job.top_k, batch_size=batch_size,
-                                                 sae_path=m.sae_path)  # fmt: skip
-            top.save(sub_dpath / formats.TOP_IMAGES_DIR)
-        result = study.score_hierarchy(top, ms_K, taxonomy, classes, m.sae, job)
-        outputs = write_hierarchy_outputs(sub_dpath, result, m.name)
-        write_run_info(sub_dpath, {**config, "sae_path": m.sae_path}, outputs=outputs)
-        rows.append(SweepRow(m.name, m.arch, m.expansion, m.source_layer, result.summary.to_dict(), m.seed))
-        m.sae.cpu()
-    table = hierarchy_table(out_dpath, rows, study.PAPER_TABLE2)
-    write_run_info(
-        out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["hierarchy_table.md", "hierarchy_table.csv"]
-    )
-    log.info("sweep of %d SAEs: %s; %s", len(rows), table["md"], shared.counts())
-    result = {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"hierarchy_table": table}}
+            top, ms_K = _top_images(job, src, images, embedder, m.sae_path, sub_dpath)
+        return _score(cfg, job, sub_dpath, top, ms_K, taxonomy, classes, m.sae, m.name).to_dict(), m.source_layer
+
+    def table(dpath: Path, rows: list) -> dict:
+        return hierarchy_table(dpath, rows, study.PAPER_TABLE2)
+
+    result = sweep.run_sweep(members, out_dpath, score, table, OmegaConf.to_container(cfg, resolve=True), shared)
     log_job(cfg, "hierarchy", out_dpath, result)  # one sweep-level run holding the table
-    return {**result, **shared.counts()}
+    return result
 
 
 def _main(cfg: DictConfig) -> None:

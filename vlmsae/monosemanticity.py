@@ -39,7 +39,7 @@ from vlmsae.models.embedders import EmbedderSpec
 from vlmsae.models.open_sae import open_sae_checkpoint
 from vlmsae.report.job_log import log_job
 from vlmsae.report.studies import write_ms_outputs
-from vlmsae.report.tables import SweepRow, ms_table
+from vlmsae.report.tables import ms_table
 from vlmsae.studies import sweep
 from vlmsae.studies.embedding_cache import default_cache_dpath
 from vlmsae.studies.ms_study import score_sae, zero_shot_check
@@ -109,23 +109,20 @@ def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str], namer: Any) -
     members = sweep.load_sweep(paths, cfg.sae_format)
     sweep.require_one_model(members, "MS table", cfg.model)
     images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
-    shared, rows = sweep.SweepCache(), []
-    for m in sweep.grouped(members):
+
+    def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
         src = shared.open(m, cfg.model, cfg.layer, cfg.pool, cfg.device)
         study = score_sae(
             src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
             sae_path=m.sae_path, embed_memo=shared.embeddings, namer=namer,
         )  # fmt: skip
         shared.n_embedded += study.n_embedded
-        _finish(cfg, out_dpath / m.name, study, src, images, m.sae_path)
-        rows.append(SweepRow(m.name, m.arch, m.expansion, src.layer, study.summary, m.seed))
-        m.sae.cpu()
-    table = ms_table(out_dpath, rows, source=rows[0].result.get("model", ""))
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["ms_table.md", "ms_table.csv"])
-    log.info("sweep of %d SAEs: %s; %s", len(rows), table["md"], shared.counts())
-    result = {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"ms_table": table}}
+        _finish(cfg, sub_dpath, study, src, images, m.sae_path)
+        return study.summary, src.layer
+
+    result = sweep.run_sweep(members, out_dpath, score, ms_table, OmegaConf.to_container(cfg, resolve=True))
     log_job(cfg, "monosemanticity", out_dpath, result)  # one sweep-level run holding the table
-    return {**result, **shared.counts()}
+    return result
 
 
 def _main(cfg: DictConfig) -> None:

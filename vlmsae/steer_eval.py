@@ -31,7 +31,7 @@ from vlmsae.models.embedders import EmbedderSpec, load_embedder
 from vlmsae.models.spec import ModelSpec
 from vlmsae.report.job_log import log_job
 from vlmsae.report.steering import write_score_report
-from vlmsae.report.tables import SweepRow, steer_table
+from vlmsae.report.tables import steer_table
 from vlmsae.steering import evaluate
 from vlmsae.steering.hooks import steer_block
 from vlmsae.steering.setup import load_steering, require_folder
@@ -48,30 +48,30 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     if (paths := sweep_paths(str(job.sae_path))) is not None:  # a sweep folder or a comma list
         return _run_sweep(cfg, job, out_dpath, paths)
     require_folder("top_images", job.top_images)
-    torch.manual_seed(job.seed)
-    request = evaluate.ScoreRequest.from_job(job)
-    spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
-    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format)
-    embedder = load_embedder(embedder_spec)
-    top = TopImages.load(job.top_images)
-    images, image_names = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
-    scores = evaluate.score_steering(setup, embedder, top, images, image_names, request)
-    result = scores.result(
-        evaluate.paper_setting(job.images),
-        {
-            "model": spec.name,
-            "sae_path": job.sae_path,
-            "top_images": job.top_images,
-            "images": job.images,
-            "embedder": OmegaConf.to_container(cfg.embedder, resolve=True),
-        },
-    )
-    table = write_score_report(out_dpath, scores, job.images)
-    write_steer_eval(out_dpath, result)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
+    setup = load_steering(ModelSpec.from_cfg(cfg.model), job.sae_path, job.layer, job.device_map, job.sae_format)
+    embedder = load_embedder(EmbedderSpec.from_cfg(cfg.embedder))
+    images = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
+    result, table = _score(cfg, job, setup, embedder, images, job.sae_path, job.top_images, out_dpath)
     print(table)
     log_job(cfg, "steer_eval", out_dpath, result.to_dict(), sae_path=job.sae_path)  # after the files
     return {**result.to_dict(), "table": table, "out_dpath": str(out_dpath)}
+
+
+def _score(cfg: DictConfig, job: SteerEvalJob, setup, embedder, images, sae_path: str, top_images, out_dpath: Path):
+    """The steering score of ``setup``'s SAE (its concepts from ``top_images``), written into ``out_dpath``."""
+    torch.manual_seed(job.seed)
+    request = evaluate.ScoreRequest(
+        evaluate.latent_list(job.latents), job.alpha, job.mode, job.prompt, job.max_new_tokens, job.batch_size,
+        job.top_n, job.compare_add, evaluate.load_class_names(job.class_names), job.seed,
+    )  # fmt: skip
+    scores = evaluate.score_steering(setup, embedder, TopImages.load(top_images), *images, request)
+    embedder_node = OmegaConf.to_container(cfg.embedder, resolve=True)
+    settings = {"model": cfg.model.name, "sae_path": sae_path, "top_images": str(top_images), "images": job.images}
+    result = scores.result(evaluate.paper_setting(job.images), {**settings, "embedder": embedder_node})
+    table = write_score_report(out_dpath, scores, job.images)
+    write_steer_eval(out_dpath, result)
+    write_run_info(out_dpath, {**OmegaConf.to_container(cfg, resolve=True), "sae_path": sae_path})
+    return result, table
 
 
 def _run_sweep(cfg: DictConfig, job: SteerEvalJob, out_dpath: Path, paths: list[str]) -> dict:
@@ -81,27 +81,19 @@ def _run_sweep(cfg: DictConfig, job: SteerEvalJob, out_dpath: Path, paths: list[
     tops = {m.name: Path(job.top_images) / m.name / TOP_IMAGES_DIR for m in members}
     for m in members:  # every index first: a missing one fails before LLaVA loads
         require_folder("top_images", str(tops[m.name]), " (for a sweep, top_images= is the MS sweep's run dir)")
-    request = evaluate.ScoreRequest.from_job(job)
-    spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
-    setup = load_steering(spec, members[0].sae_path, job.layer, job.device_map, job.sae_format)
-    embedder, rows = load_embedder(embedder_spec), []
-    images, image_names = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
-    for m in members:
-        torch.manual_seed(job.seed)
+    setup = load_steering(ModelSpec.from_cfg(cfg.model), members[0].sae_path, job.layer, job.device_map,
+                          job.sae_format)  # fmt: skip
+    embedder = load_embedder(EmbedderSpec.from_cfg(cfg.embedder))
+    images = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
+
+    def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, int]:
         sae = m.sae.to(setup.sae.W_dec.device).eval()  # the same model and device: only the SAE changes
-        setup = dataclasses.replace(setup, sae=sae, layer=steer_block(setup.model, sae, job.layer))
-        scores = evaluate.score_steering(setup, embedder, TopImages.load(tops[m.name]), images, image_names, request)
-        settings = {"model": spec.name, "sae_path": m.sae_path, "top_images": str(tops[m.name]), "images": job.images}
-        result = scores.result(evaluate.paper_setting(job.images), settings)
-        (out_dpath / m.name).mkdir(parents=True, exist_ok=True)
-        write_score_report(out_dpath / m.name, scores, job.images)
-        write_steer_eval(out_dpath / m.name, result)
-        write_run_info(out_dpath / m.name, {**OmegaConf.to_container(cfg, resolve=True), "sae_path": m.sae_path})
-        rows.append(SweepRow(m.name, m.arch, m.expansion, setup.layer, result.summary))
-    table = steer_table(out_dpath, rows)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["steer_table.md", "steer_table.csv"])
-    print(Path(table["md"]).read_text())
-    result = {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"steer_table": table}}
+        one = dataclasses.replace(setup, sae=sae, layer=steer_block(setup.model, sae, job.layer))
+        result, _ = _score(cfg, job, one, embedder, images, m.sae_path, tops[m.name], sub_dpath)
+        return result.summary, one.layer
+
+    result = sweep.run_sweep(members, out_dpath, score, steer_table, OmegaConf.to_container(cfg, resolve=True))
+    print(Path(result["tables"]["steer_table"]["md"]).read_text())
     log_job(cfg, "steer_eval", out_dpath, result)  # one sweep-level run holding the table
     return result
 

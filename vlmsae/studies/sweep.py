@@ -1,4 +1,4 @@
-"""Evaluating a sweep of SAEs in one job: find them, name them, open their source models once.
+"""Evaluating a sweep of SAEs in one job: find them, name them, open their source models once, score each.
 
 ``sae_path=`` of the evaluation jobs also takes a sweep folder (every ``sae/`` folder under it, found
 recursively: a Hydra multirun dir ``multirun/<date>/<time>/<n>/sae/``) or a comma-separated list of SAE
@@ -7,6 +7,8 @@ paths; :func:`find_sweep` says which SAEs that is (None: one SAE, the jobs' usua
 (one tap per model), the source activations of each batch of images (:class:`SharedTap`, per model, layer
 and pooling) and the embedder E's image embeddings (``embeddings``, keyed by image key); it counts the
 model passes and embedded images so a run can show that nothing was computed twice.
+:func:`run_sweep` is the one loop every evaluation job runs over a sweep: score each SAE into its own
+folder, one :class:`SweepRow` per SAE, then the job's table (:mod:`vlmsae.report.tables`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from vlmsae.formats import RUN_INFO_JSON, SAE_CONFIG_JSON, read_run_info
 from vlmsae.models import load_tap
 from vlmsae.models.open_sae import load_job_sae, open_sae_source
 from vlmsae.sae.interop import available_formats
+from vlmsae.utils.provenance import write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -263,3 +266,48 @@ class SharedEmbedder:
             self.kept.update((keys[i], emb_BE[j]) for j, i in enumerate(todo))
             self.cache.n_embedded += len(todo)
         return torch.stack([self.kept[k] for k in keys])
+
+
+@dataclass
+class SweepRow:
+    """One SAE of a sweep and the result of a job on it (``ms_summary``, ``hierarchy.json`` or the steer
+    summary, as a dict)."""
+
+    name: str
+    arch: str
+    expansion: float
+    layer: Any
+    result: dict[str, Any]
+    seed: int | None = None  # the training seed, when the SAE's run records it (training_seed)
+
+
+# Scores one SAE of the sweep and writes its outputs into the folder given: (its result, the layer it read).
+ScoreOne = Callable[[SweepMember, SweepCache, Path], tuple[dict[str, Any], Any]]
+# Writes the sweep's table from its rows into the folder given: {"md": path, "csv": path, ...}.
+WriteTable = Callable[[Path, list[SweepRow]], dict[str, Any]]
+
+
+def run_sweep(
+    members: list[SweepMember],
+    out_dpath: Path,
+    score: ScoreOne,
+    write_table: WriteTable,
+    config: dict[str, Any],
+    cache: SweepCache | None = None,
+) -> dict[str, Any]:
+    """Score every SAE of a sweep (grouped by model, layer and tokens, so kept activations are reused) into
+    ``out_dpath/<name>/``, then the sweep's table and ``run_info.json`` (``config``: the resolved job config)
+    in ``out_dpath``. ``cache``: what the SAEs share (a new :class:`SweepCache` if None). Returns the run
+    folder, the SAE names, ``tables`` ({table stem: what ``write_table`` returned}) and the cache's counts."""
+    cache = SweepCache() if cache is None else cache
+    rows = []
+    for m in grouped(members):
+        (out_dpath / m.name).mkdir(parents=True, exist_ok=True)
+        result, layer = score(m, cache, out_dpath / m.name)
+        rows.append(SweepRow(m.name, m.arch, m.expansion, layer, result, m.seed))
+        m.sae.cpu()
+    table = write_table(out_dpath, rows)
+    stem = Path(table["md"]).stem
+    write_run_info(out_dpath, config, outputs=[f"{stem}.md", f"{stem}.csv"])
+    log.info("sweep of %d SAEs: %s; %s", len(rows), table["md"], cache.counts())
+    return {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {stem: table}, **cache.counts()}
