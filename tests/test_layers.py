@@ -215,3 +215,15 @@ def test_library_modules_import_project_modules_at_module_level():
     }
     assert lazy - PENDING_LAZY == set(), f"import these at module level: {sorted(lazy - PENDING_LAZY)}"
     assert lazy >= PENDING_LAZY, f"done: remove {sorted(PENDING_LAZY - lazy)} from PENDING_LAZY"
+
+
+def test_no_base_name_is_used_by_three_modules():
+    """A file name says what its module holds: at most two modules share one (e.g. a job and the one library
+    module it runs). A job's schema, ``config/jobs/<job>.py``, is the job's own name and is not counted."""
+    by_name: dict[str, list[str]] = {}
+    for name, fpath in MODULES.items():
+        if fpath.name == "__init__.py" or name.startswith("vlmsae.config.jobs."):
+            continue
+        by_name.setdefault(fpath.name, []).append(name)
+    crowded = {base: names for base, names in by_name.items() if len(names) > 2}
+    assert not crowded, f"base names used by three or more modules (rename all but two): {crowded}"

@@ -36,7 +36,6 @@ from omegaconf import DictConfig, OmegaConf
 from vlmsae.config import conf_dir, register_configs
 from vlmsae.data.image_set import ImageSet
 from vlmsae.models.embedders import EmbedderSpec
-from vlmsae.models.open_sae import open_sae_checkpoint
 from vlmsae.report.job_log import log_job
 from vlmsae.report.studies import write_ms_outputs
 from vlmsae.report.tables import ms_table
@@ -44,7 +43,6 @@ from vlmsae.studies import sweep
 from vlmsae.studies.embedding_cache import default_cache_dpath
 from vlmsae.studies.ms_study import score_sae, zero_shot_check
 from vlmsae.studies.naming import namer_from_cfg
-from vlmsae.studies.sweep import sweep_paths
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -52,7 +50,9 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
-    """Score ``cfg.sae_path``'s latents and the raw neurons on ``cfg.data``; outputs in ``out_dpath``.
+    """Score ``cfg.sae_path``'s latents and the raw neurons on ``cfg.data``; outputs in ``out_dpath``. A sweep
+    (a folder of SAEs or a comma list): each SAE's outputs in ``out_dpath/<name>/`` and ``ms_table.md/.csv``;
+    its SAEs share the images' embeddings and, per model and layer, the source activations.
 
     ``cfg``: conf/monosemanticity.yaml (keys: :class:`vlmsae.config.jobs.monosemanticity.MonosemanticityJob`).
     """
@@ -61,20 +61,25 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     out_dpath = run_dir(out_dpath)
     sae_dpath = os.path.expanduser(str(cfg.sae_path))  # a str, not a Path: Path("hf://a/b") drops a slash
     namer = namer_from_cfg(cfg, cfg.embedder)  # before any image is read
-    if (paths := sweep_paths(sae_dpath)) is not None:  # a sweep folder or a comma list
-        return _run_sweep(cfg, out_dpath, paths, namer)
-    # model: null = the SAE's source.model (a model node converts in source_model_spec)
-    src = open_sae_checkpoint(sae_dpath, cfg.model, cfg.layer, cfg.pool, cfg.device, sae_format=cfg.sae_format)
+    members, is_sweep = sweep.open_members(sae_dpath, cfg.sae_format, "MS table", cfg.model)
     images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
-    study = score_sae(
-        src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
-        sae_path=sae_dpath, namer=namer,
-    )  # fmt: skip
-    _finish(cfg, out_dpath, study, src, images, sae_dpath)
-    summary = study.summary
-    log.info("mean MS: SAE %.4f, raw neurons %s", summary["mean"], summary.get("baseline", {}).get("mean"))
-    log_job(cfg, "monosemanticity", out_dpath, summary, sae_path=sae_dpath)  # after the files: W&B may fail
-    return {"out_dpath": str(out_dpath), **summary}
+
+    def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
+        # model: null = the SAE's source.model (a model node converts in source_model_spec)
+        src = shared.open(m, cfg.model, cfg.layer, cfg.pool, cfg.device)
+        study = score_sae(
+            src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
+            sae_path=m.sae_path, embed_memo=shared.embeddings if shared.keep else None, namer=namer,
+        )  # fmt: skip
+        shared.n_embedded += study.n_embedded
+        _finish(cfg, sub_dpath, study, src, images, m.sae_path)
+        return study.summary, src.layer
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    result = sweep.run_study(members, is_sweep, out_dpath, score, ms_table, config)
+    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
+    log_job(cfg, "monosemanticity", out_dpath, result, sae_path=None if is_sweep else sae_dpath)
+    return result
 
 
 _STUDY_KEYS = ("top_k", "baseline", "chunk_size", "dense_threshold", "progress")
@@ -101,28 +106,7 @@ def _finish(cfg: DictConfig, out_dpath: Path, study: Any, src: Any, images: Imag
         image_list_digest=study.image_list_digest,
         sae_source=src.source,
     )
-
-
-def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str], namer: Any) -> dict[str, Any]:
-    """Every SAE of a sweep on the same images (embedded once; source activations shared per model and layer):
-    each SAE's outputs in ``out_dpath/<name>/``, and ``ms_table.md/.csv`` over all of them."""
-    members = sweep.load_sweep(paths, cfg.sae_format)
-    sweep.require_one_model(members, "MS table", cfg.model)
-    images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
-
-    def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
-        src = shared.open(m, cfg.model, cfg.layer, cfg.pool, cfg.device)
-        study = score_sae(
-            src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
-            sae_path=m.sae_path, embed_memo=shared.embeddings, namer=namer,
-        )  # fmt: skip
-        shared.n_embedded += study.n_embedded
-        _finish(cfg, sub_dpath, study, src, images, m.sae_path)
-        return study.summary, src.layer
-
-    result = sweep.run_sweep(members, out_dpath, score, ms_table, OmegaConf.to_container(cfg, resolve=True))
-    log_job(cfg, "monosemanticity", out_dpath, result)  # one sweep-level run holding the table
-    return result
+    log.info("mean MS: SAE %.4f, raw neurons %s", study.summary["mean"], study.summary.get("baseline", {}).get("mean"))
 
 
 def _main(cfg: DictConfig) -> None:

@@ -36,70 +36,56 @@ from vlmsae.steering import evaluate
 from vlmsae.steering.hooks import steer_block
 from vlmsae.steering.setup import load_steering, require_folder
 from vlmsae.studies import sweep
-from vlmsae.studies.sweep import sweep_paths
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
-    """Score steering as ``cfg`` says (keys: :class:`SteerEvalJob`); outputs in ``out_dpath``."""
+    """Score steering as ``cfg`` says (keys: :class:`SteerEvalJob`); outputs in ``out_dpath``. A sweep (a folder of
+    SAEs or a comma list), each SAE with ``top_images=<MS sweep run>/<its name>/top_images``: LLaVA, the embedder
+    and the evaluation images loaded once; outputs in ``out_dpath/<name>/``, and ``steer_table.md/.csv``."""
     job: SteerEvalJob = OmegaConf.to_object(cfg)
     out_dpath = run_dir(out_dpath)
-    if (paths := sweep_paths(str(job.sae_path))) is not None:  # a sweep folder or a comma list
-        return _run_sweep(cfg, job, out_dpath, paths)
-    require_folder("top_images", job.top_images)
-    setup = load_steering(ModelSpec.from_cfg(cfg.model), job.sae_path, job.layer, job.device_map, job.sae_format)
-    embedder = load_embedder(EmbedderSpec.from_cfg(cfg.embedder))
+    members, is_sweep = sweep.open_members(str(job.sae_path), job.sae_format)
+    top_dpath = Path(str(job.top_images))  # a sweep: the MS sweep's run dir, one folder per SAE
+    tops = {m.name: str(top_dpath / m.name / TOP_IMAGES_DIR) if is_sweep else job.top_images for m in members}
+    hint = " (for a sweep, top_images= is the MS sweep's run dir)" if is_sweep else ""
+    for m in members:  # every index first: a missing one fails before LLaVA loads
+        require_folder("top_images", tops[m.name], hint)
+    spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
+    setup = load_steering(spec, members[0].sae_path, job.layer, job.device_map, job.sae_format)
+    embedder = load_embedder(embedder_spec)
     images = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
-    result, table = _score(cfg, job, setup, embedder, images, job.sae_path, job.top_images, out_dpath)
-    print(table)
-    log_job(cfg, "steer_eval", out_dpath, result.to_dict(), sae_path=job.sae_path)  # after the files
-    return {**result.to_dict(), "table": table, "out_dpath": str(out_dpath)}
-
-
-def _score(cfg: DictConfig, job: SteerEvalJob, setup, embedder, images, sae_path: str, top_images, out_dpath: Path):
-    """The steering score of ``setup``'s SAE (its concepts from ``top_images``), written into ``out_dpath``."""
-    torch.manual_seed(job.seed)
+    config = OmegaConf.to_container(cfg, resolve=True)
     request = evaluate.ScoreRequest(
         evaluate.latent_list(job.latents), job.alpha, job.mode, job.prompt, job.max_new_tokens, job.batch_size,
         job.top_n, job.compare_add, evaluate.load_class_names(job.class_names), job.seed,
     )  # fmt: skip
-    scores = evaluate.score_steering(setup, embedder, TopImages.load(top_images), *images, request)
-    embedder_node = OmegaConf.to_container(cfg.embedder, resolve=True)
-    settings = {"model": cfg.model.name, "sae_path": sae_path, "top_images": str(top_images), "images": job.images}
-    result = scores.result(evaluate.paper_setting(job.images), {**settings, "embedder": embedder_node})
-    table = write_score_report(out_dpath, scores, job.images)
-    write_steer_eval(out_dpath, result)
-    write_run_info(out_dpath, {**OmegaConf.to_container(cfg, resolve=True), "sae_path": sae_path})
-    return result, table
-
-
-def _run_sweep(cfg: DictConfig, job: SteerEvalJob, out_dpath: Path, paths: list[str]) -> dict:
-    """Every SAE of a sweep, each with ``top_images=<MS sweep run>/<its name>/top_images``: LLaVA, the embedder
-    and the evaluation images loaded once; outputs in ``out_dpath/<name>/``, and ``steer_table.md/.csv``."""
-    members = sweep.load_sweep(paths, job.sae_format)
-    tops = {m.name: Path(job.top_images) / m.name / TOP_IMAGES_DIR for m in members}
-    for m in members:  # every index first: a missing one fails before LLaVA loads
-        require_folder("top_images", str(tops[m.name]), " (for a sweep, top_images= is the MS sweep's run dir)")
-    setup = load_steering(ModelSpec.from_cfg(cfg.model), members[0].sae_path, job.layer, job.device_map,
-                          job.sae_format)  # fmt: skip
-    embedder = load_embedder(EmbedderSpec.from_cfg(cfg.embedder))
-    images = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
+    settings = {"model": spec.name, "images": job.images, "embedder": config["embedder"]}
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, int]:
+        torch.manual_seed(job.seed)
         sae = m.sae.to(setup.sae.W_dec.device).eval()  # the same model and device: only the SAE changes
         one = dataclasses.replace(setup, sae=sae, layer=steer_block(setup.model, sae, job.layer))
-        result, _ = _score(cfg, job, one, embedder, images, m.sae_path, tops[m.name], sub_dpath)
-        return result.summary, one.layer
+        scores = evaluate.score_steering(one, embedder, TopImages.load(tops[m.name]), *images, request)
+        paths = {"sae_path": m.sae_path, "top_images": tops[m.name]}
+        result = scores.result(evaluate.paper_setting(job.images), {**settings, **paths})
+        table = write_score_report(sub_dpath, scores, job.images)
+        write_steer_eval(sub_dpath, result)
+        write_run_info(sub_dpath, {**config, "sae_path": m.sae_path})
+        print(table)
+        return {**result.to_dict(), "table": table}, one.layer
 
-    result = sweep.run_sweep(members, out_dpath, score, steer_table, OmegaConf.to_container(cfg, resolve=True))
-    print(Path(result["tables"]["steer_table"]["md"]).read_text())
-    log_job(cfg, "steer_eval", out_dpath, result)  # one sweep-level run holding the table
+    result = sweep.run_study(members, is_sweep, out_dpath, score, steer_table, config)
+    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
+    log_job(cfg, "steer_eval", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
     return result
 
 
 def _main(cfg: DictConfig) -> None:
-    run(cfg)
+    out = run(cfg)
+    if "tables" in out:  # a sweep: the table over its SAEs
+        print(Path(out["tables"]["steer_table"]["md"]).read_text())
 
 
 def main() -> None:

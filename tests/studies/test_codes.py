@@ -57,7 +57,10 @@ def _ms_cfg(compose_cfg, sae_dpath, tmp_path, *extra):
 
 # --------------------------------------------------------------------------------- the source picks
 def test_source_picks_model_layer_and_pool(home, tmp_path):
-    from vlmsae.models.open_sae import open_sae_checkpoint
+    from vlmsae.models.open_sae import load_job_sae, open_sae_source
+
+    def open_sae_checkpoint(sae_dpath):
+        return open_sae_source(load_job_sae(sae_dpath))
 
     src = open_sae_checkpoint(_sae(tmp_path / "cls", model="tiny", layer=-2, tokens="cls"))
     assert (src.spec.name, src.layer, src.pool, src.tap.width) == ("tiny", 2, "cls", 64)

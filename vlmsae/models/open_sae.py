@@ -174,17 +174,3 @@ def load_job_sae(sae_path: str | Path, sae_format: str | None = None, device: st
         if type(err) not in (FileNotFoundError, ValueError):  # e.g. JSONDecodeError: its own constructor
             raise
         raise type(err)(f"sae_path={str(sae_path)!r} (sae_format={sae_format}): {err}") from err
-
-
-def open_sae_checkpoint(
-    sae_path: str | Path,
-    model: ModelSpec | None = None,
-    layer: int | str | None = None,
-    pool: str | None = None,
-    device: str | None = None,
-    sae_format: str | None = None,
-) -> SAESource:
-    """Load the SAE at ``sae_path`` (any format :func:`vlmsae.sae.load` reads; ``sae_format`` None =
-    detect) and open what its ``source`` says it reads (overrides as :func:`open_sae_source`)."""
-    sae = load_job_sae(sae_path, sae_format)
-    return open_sae_source(sae, sae.source, model=model, layer=layer, pool=pool, device=device, sae_dpath=sae_path)

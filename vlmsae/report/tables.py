@@ -222,14 +222,15 @@ def hierarchy_table(out_dpath: Path, sweep: Sequence[SweepRow], paper: dict[str,
 
 
 def steer_table(out_dpath: Path, sweep: Sequence[SweepRow]) -> dict[str, Any]:
-    """``steer_table.md`` / ``.csv``: per SAE the mean steering score (± std in the md) of every condition."""
+    """``steer_table.md`` / ``.csv``: per SAE the mean steering score (± std in the md) of every condition
+    (``result``: a ``steer_eval.json`` as a dict)."""
     conditions: list[str] = []
     for r in sweep:
-        conditions += [c for c in r.result if c not in conditions]
+        conditions += [c for c in r.result["summary"] if c not in conditions]
     header = ["sae", "architecture", "expansion", "layer", *conditions]
     rows, md_rows = [], []
     for r in sweep:
-        stats = [r.result.get(c) for c in conditions]
+        stats = [r.result["summary"].get(c) for c in conditions]
         rows.append([r.name, r.arch, f"{r.expansion:g}", r.layer, *[_num(s["mean"]) if s else "" for s in stats]])
         md_rows.append(
             [r.name, r.arch, f"{r.expansion:g}", r.layer, *[_pm(s["mean"], s.get("std")) if s else "-" for s in stats]]

@@ -254,9 +254,9 @@ def hierarchy_markdown(summary: HierarchySummary) -> str:
     )
 
 
-def log_groups(summary: HierarchySummary) -> None:
-    """One log line per group: scored latents, depth and MS."""
-    for r in summary.groups:
+def log_groups(groups: list[dict]) -> None:
+    """One log line per group (``HierarchySummary.groups``): scored latents, depth and MS."""
+    for r in groups:
         log.info(
             "group %d: %d/%d latents scored, depth %s, MS %s",
             r["group"],

@@ -2,13 +2,15 @@
 
 ``sae_path=`` of the evaluation jobs also takes a sweep folder (every ``sae/`` folder under it, found
 recursively: a Hydra multirun dir ``multirun/<date>/<time>/<n>/sae/``) or a comma-separated list of SAE
-paths; :func:`find_sweep` says which SAEs that is (None: one SAE, the jobs' usual path).
+paths; :func:`sweep_paths` says which SAEs that is (None: one SAE, the jobs' usual path) and
+:func:`open_members` loads them (or the one SAE).
 :class:`SweepCache` holds what the SAEs of a sweep share, so it is computed once: the loaded source models
 (one tap per model), the source activations of each batch of images (:class:`SharedTap`, per model, layer
 and pooling) and the embedder E's image embeddings (``embeddings``, keyed by image key); it counts the
 model passes and embedded images so a run can show that nothing was computed twice.
-:func:`run_sweep` is the one loop every evaluation job runs over a sweep: score each SAE into its own
-folder, one :class:`SweepRow` per SAE, then the job's table (:mod:`vlmsae.report.tables`).
+:func:`run_study` is the one loop every evaluation job (monosemanticity, hierarchy, steer_eval) runs: the
+job's study of one SAE into the run folder, or of each SAE of a sweep into its own folder, one
+:class:`SweepRow` per SAE, then the job's table (:mod:`vlmsae.report.tables`).
 """
 
 from __future__ import annotations
@@ -211,6 +213,7 @@ class SweepCache:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # image key -> E(x)
     n_embedded: int = 0  # images the embedder ran on over the whole sweep
     n_source_batches: int = 0  # batches of images the source models ran on over the whole sweep
+    keep: bool = True  # False: one SAE alone (a job's usual run): nothing is kept for a next SAE
 
     def _tap(self, spec: Any) -> Any:
         """The loaded tap of ``spec``'s model (loaded once per model, weights and device)."""
@@ -222,6 +225,8 @@ class SweepCache:
         """The member's :class:`SAESource` on a tap shared with every SAE of the same model (loaded once), whose
         activations are shared with every SAE of the same model, layer and pooling."""
         src = open_sae_source(member.sae, None, model, layer, pool, device, member.sae_path, tap_of=self._tap)
+        if not self.keep:
+            return src
         group = (_model_key(src.spec), str(src.layer), src.pool)
         if group not in self.shared:
             self.shared = {k: v for k, v in self.shared.items() if k[:2] != group[:2]}
@@ -287,19 +292,39 @@ ScoreOne = Callable[[SweepMember, SweepCache, Path], tuple[dict[str, Any], Any]]
 WriteTable = Callable[[Path, list[SweepRow]], dict[str, Any]]
 
 
-def run_sweep(
+def open_members(
+    sae_path: str, sae_format: str | None, table: str | None = None, model_override: Any = None
+) -> tuple[list[SweepMember], bool]:
+    """The SAEs ``sae_path`` names, loaded on the CPU, and whether they are a sweep. A sweep folder or a comma list
+    (:func:`sweep_paths`) gives its SAEs, named (:func:`load_sweep`) and, when ``table`` names the sweep's table,
+    refused unless they read one model (:func:`require_one_model`); one SAE gives itself, named by its folder."""
+    paths = sweep_paths(sae_path)
+    if paths is None:
+        return [SweepMember(sae_path, load_job_sae(sae_path, sae_format), Path(sae_path).name)], False
+    members = load_sweep(paths, sae_format)
+    if table is not None:
+        require_one_model(members, table, model_override)
+    return members, True
+
+
+def run_study(
     members: list[SweepMember],
+    is_sweep: bool,
     out_dpath: Path,
     score: ScoreOne,
     write_table: WriteTable,
     config: dict[str, Any],
     cache: SweepCache | None = None,
 ) -> dict[str, Any]:
-    """Score every SAE of a sweep (grouped by model, layer and tokens, so kept activations are reused) into
-    ``out_dpath/<name>/``, then the sweep's table and ``run_info.json`` (``config``: the resolved job config)
-    in ``out_dpath``. ``cache``: what the SAEs share (a new :class:`SweepCache` if None). Returns the run
-    folder, the SAE names, ``tables`` ({table stem: what ``write_table`` returned}) and the cache's counts."""
-    cache = SweepCache() if cache is None else cache
+    """Run a study (``score``) on the SAEs of :func:`open_members`: the one SAE into ``out_dpath`` (returns its
+    result and ``out_dpath``), or every SAE of a sweep (grouped by model, layer and tokens, so kept activations are
+    reused) into ``out_dpath/<name>/``, then the sweep's table and ``run_info.json`` (``config``: the resolved job
+    config) in ``out_dpath``. ``cache``: what the SAEs share (a new :class:`SweepCache` if None; ``keep=False``
+    for one SAE). A sweep returns the run folder, the SAE names, ``tables`` ({table stem: what ``write_table``
+    returned}) and the cache's counts."""
+    cache = SweepCache(keep=is_sweep) if cache is None else cache
+    if not is_sweep:
+        return {**score(members[0], cache, out_dpath)[0], "out_dpath": str(out_dpath)}
     rows = []
     for m in grouped(members):
         (out_dpath / m.name).mkdir(parents=True, exist_ok=True)
