@@ -227,7 +227,7 @@ def test_cli(hand_case, tmp_path, repo_root):
 
 
 def test_inat_recipe_has_the_papers_settings(compose_cfg):
-    """experiment=inat_hierarchy composes with the train entrypoint into SPEC 4's SAE: x2 on the
+    """experiment=inat_hierarchy composes with the train entrypoint into METHOD §4's SAE: x2 on the
     768-d embedding, k=20, groups of 3/13/53/290/1177 latents."""
     from omegaconf import OmegaConf
 

@@ -285,10 +285,10 @@ def test_sweep_of_seeds_aggregates_them_and_keeps_each_saes_outputs(compose_cfg,
     """Two SAEs of one config trained with seeds 0 and 1 (the seed recorded in sae/run_info.json as training
     does): one ms_table cell, the mean of the two SAEs' means ± their 95% interval, the seeds listed; each SAE's
     outputs in its own folder (the run folder appended to the clashing name)."""
-    from vlmsae.metrics.stability import mean_ci
-    from vlmsae.metrics.sweep import training_seed
+    from vlmsae.metrics.seed_matching import mean_ci
     from vlmsae.monosemanticity import run
     from vlmsae.sae import SAEConfig, build_sae, save_sae
+    from vlmsae.studies.sweep import training_seed
     from vlmsae.utils.provenance import write_run_info
 
     monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))

@@ -1,4 +1,4 @@
-"""``vlmsae.steer_eval.run`` (SPEC 5) end to end on the tiny LLaVA, the tiny CLIP embedder and a top-images index
+"""``vlmsae.steer_eval.run`` (METHOD §5) end to end on the tiny LLaVA, the tiny CLIP embedder and a top-images index
 of generated images; bad inputs name the problem. The score's maths is in tests/steering/test_score.py."""
 
 from __future__ import annotations

@@ -384,7 +384,7 @@ class Demo:
 
     # -- 7 ------------------------------------------------------------------------------------
     def ground_truth(self) -> list[str]:
-        from vlmsae.metrics.ground_truth import ground_truth_check
+        from vlmsae.studies.ground_truth import ground_truth_check
         from vlmsae.utils.io import atomic_write_json
 
         res = ground_truth_check(seed=self.seed, train_steps=300)

@@ -36,7 +36,7 @@ file                 dataclass                           read / write
 ``# vlmsae latents.csv format_version=3``, then the usual header and rows. Version 1 is the same table
 without that line; version 2 has the line but never the feature-name columns. Version 3 adds optional
 columns, written only when the run computed them: ``name``, ``name_score``, ``names`` (automatic feature
-names, :mod:`vlmsae.metrics.names`) and ``autointerp``, ``autointerp_score``. Outside vlmsae, skip the
+names, :mod:`vlmsae.studies.naming`) and ``autointerp``, ``autointerp_score``. Outside vlmsae, skip the
 line: ``pandas.read_csv(fpath, skiprows=1)`` (not ``comment="#"``, which would also cut an image key
 containing ``#`` in ``top_keys``); spreadsheets show it as a first row.
 """

@@ -19,12 +19,12 @@ and ``label`` = the deepest rank with a clear majority, which the feature browse
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae import formats
 from vlmsae.config import conf_dir, prepare_command_line, register_configs
 from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.utils.paths import run_dir
@@ -34,92 +34,72 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
-    """Score every latent's top images against the taxonomy and write the per-group table.
+    """Score every latent's top images against the taxonomy and write the per-group table. A sweep (a folder of
+    SAEs or a comma list; with ``ms_run``, an MS sweep's run dir): each SAE in ``out_dpath/<name>/``, and
+    ``hierarchy_table.md/.csv``; its SAEs share the images' embeddings and, per model and layer, the activations.
 
     ``cfg``: conf/hierarchy.yaml (keys: :class:`vlmsae.config.jobs.hierarchy.HierarchyJob`).
     """
     from vlmsae.data.image_set import ImageSet
-    from vlmsae.metrics import hierarchy_study as study
-    from vlmsae.metrics.codes import load_job_sae
-    from vlmsae.metrics.sweep import sweep_paths
+    from vlmsae.models.embedders import load_embedder
     from vlmsae.report.job_log import log_job
-    from vlmsae.report.studies import write_hierarchy_outputs
+    from vlmsae.report.tables import hierarchy_table
+    from vlmsae.studies import hierarchy_study as study
+    from vlmsae.studies import sweep
 
     out_dpath = run_dir(out_dpath)
     if OmegaConf.is_missing(cfg, "sae_path"):
         raise ValueError("sae_path is required: an SAE folder (<run>/sae, a published SAE's folder or hf://org/repo).")
-    if (paths := sweep_paths(str(cfg.sae_path))) is not None:  # a sweep folder or a comma list
-        return _run_sweep(cfg, out_dpath, paths)
     job: HierarchyJob = OmegaConf.to_object(cfg)
-    sae = load_job_sae(job.sae_path, job.sae_format)
-    if sae.arch != "matryoshka":
-        log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)", sae.arch)
-    data = study.taxonomy_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.ms_run)
+    members, is_sweep = sweep.open_members(str(job.sae_path), job.sae_format, "hierarchy table", cfg.model)
+    if not is_sweep and members[0].arch != "matryoshka":
+        log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)", members[0].arch)
+    data = study.taxonomy_data(OmegaConf.to_container(cfg.data, resolve=True), job.ms_run)
     # The taxonomy first: a missing WordNet or a bad CSV fails before any image is encoded.
     taxonomy = study.open_taxonomy(OmegaConf.to_container(cfg.taxonomy, resolve=True), data)
-    classes: list[str] = []
-    if job.ms_run:
-        top, ms_K = study.load_ms_run(job.ms_run, sae.n_latents)
-    else:
-        images = ImageSet.from_node(
-            data, job="hierarchy", hint=" (or pass ms_run=<monosemanticity run dir> to reuse its top images)"
-        )
-        classes = study.check_images_have_taxa(taxonomy, images)
-        top, ms_K = study.top_images_of_sae(sae, sae.source, images, job)
-        top.save(out_dpath / formats.TOP_IMAGES_DIR)
-
-    result = study.score_hierarchy(top, ms_K, taxonomy, classes, sae, job)
-    outputs = write_hierarchy_outputs(out_dpath, result, Path(str(cfg.sae_path)).name)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=outputs)
-    study.log_groups(result.summary)
-    log.info("hierarchy outputs in %s", out_dpath)
-    log_job(cfg, "hierarchy", out_dpath, result.summary.to_dict(), sae_path=job.sae_path)  # after the files
-    return {**result.summary.to_dict(), "out_dpath": str(out_dpath)}
-
-
-def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str]) -> dict:
-    """Every SAE of a sweep on the same images (embedded once; source activations shared per model and layer),
-    or on ``ms_run``'s per-SAE folders of an MS sweep: outputs in ``out_dpath/<name>/``, and hierarchy_table."""
-    from vlmsae.data.image_set import ImageSet
-    from vlmsae.metrics import hierarchy_study as study
-    from vlmsae.metrics import sweep
-    from vlmsae.models.embedders import load_embedder
-    from vlmsae.report.job_log import log_job
-    from vlmsae.report.studies import write_hierarchy_outputs
-    from vlmsae.report.tables import SweepRow, hierarchy_table
-
-    members = sweep.load_sweep(paths, cfg.sae_format)
-    sweep.require_one_model(members, "hierarchy table", cfg.model)
-    data = study.taxonomy_data(OmegaConf.to_container(cfg.data, resolve=True), cfg.ms_run)
-    taxonomy = study.open_taxonomy(OmegaConf.to_container(cfg.taxonomy, resolve=True), data)
-    images = None if cfg.ms_run else ImageSet.from_node(data, job="hierarchy")
+    hint = " (or pass ms_run=<monosemanticity run dir> to reuse its top images)"
+    images = None if job.ms_run else ImageSet.from_node(data, job="hierarchy", hint=hint)
     classes = study.check_images_have_taxa(taxonomy, images) if images is not None else []
-    shared, rows, config = sweep.SweepCache(), [], OmegaConf.to_container(cfg, resolve=True)
-    embedder = sweep.SharedEmbedder(load_embedder(cfg.embedder), shared) if cfg.embedder and images else None
-    for m in sweep.grouped(members):
-        job: HierarchyJob = OmegaConf.to_object(cfg)
-        job.sae_path, sub_dpath = m.sae_path, out_dpath / m.name
-        if job.ms_run:  # an MS sweep's run dir: this SAE's folder in it
-            top, ms_K = study.load_ms_run(Path(job.ms_run) / m.name, m.sae.n_latents)
+    shared = sweep.SweepCache(keep=is_sweep)
+    embedder = load_embedder(cfg.embedder) if cfg.embedder and images is not None else None
+    if embedder is not None and is_sweep:
+        embedder = sweep.SharedEmbedder(embedder, shared)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    score = _scorer(job, config, taxonomy, classes, images, embedder, is_sweep)
+    table = partial(hierarchy_table, paper=study.PAPER_TABLE2)
+    result = sweep.run_study(members, is_sweep, out_dpath, score, table, config, shared)
+    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
+    log_job(cfg, "hierarchy", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
+    return result
+
+
+def _scorer(job: HierarchyJob, config: dict, taxonomy, classes: list[str], images, embedder, is_sweep: bool):
+    """The study of one SAE: its top images (computed, or read from ``ms_run``; for a sweep, the MS sweep's folder
+    of this SAE), their LCA depths, and the outputs with run_info.json in its folder."""
+    from vlmsae import formats
+    from vlmsae.report.studies import write_hierarchy_outputs
+    from vlmsae.studies import hierarchy_study as study
+    from vlmsae.studies import sweep
+
+    def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, object]:
+        if job.ms_run:
+            top, ms_K = study.load_ms_run(Path(job.ms_run) / m.name if is_sweep else job.ms_run, m.sae.n_latents)
         else:
-            src = shared.open(m, cfg.model, job.layer, job.pool, job.device)
+            src = shared.open(m, job.model, job.layer, job.pool, job.device)
             batch_size = job.batch_size or images.batch_size
             top, ms_K = study.compute_top_images(src, images, embedder, top_k=job.top_k, batch_size=batch_size,
                                                  sae_path=m.sae_path)  # fmt: skip
             top.save(sub_dpath / formats.TOP_IMAGES_DIR)
-        result = study.score_hierarchy(top, ms_K, taxonomy, classes, m.sae, job)
+        result = study.score_hierarchy(
+            top, ms_K, taxonomy, classes, m.sae, n_top=job.n_top, min_majority=job.min_majority,
+            sae_path=m.sae_path, ms_run=job.ms_run,
+        )  # fmt: skip
         outputs = write_hierarchy_outputs(sub_dpath, result, m.name)
         write_run_info(sub_dpath, {**config, "sae_path": m.sae_path}, outputs=outputs)
-        rows.append(SweepRow(m.name, m.arch, m.expansion, m.source_layer, result.summary.to_dict(), m.seed))
-        m.sae.cpu()
-    table = hierarchy_table(out_dpath, rows, study.PAPER_TABLE2)
-    write_run_info(
-        out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["hierarchy_table.md", "hierarchy_table.csv"]
-    )
-    log.info("sweep of %d SAEs: %s; %s", len(rows), table["md"], shared.counts())
-    result = {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"hierarchy_table": table}}
-    log_job(cfg, "hierarchy", out_dpath, result)  # one sweep-level run holding the table
-    return {**result, **shared.counts()}
+        study.log_groups(result.summary.groups)
+        return result.summary.to_dict(), m.source_layer
+
+    return score
 
 
 def _main(cfg: DictConfig) -> None:

@@ -17,8 +17,8 @@
    hierarchy study, steering and the browser reuse), ``ms_hist.png``, ``ms_vs_freq.png`` and
    ``run_info.json`` into the Hydra run dir.
 
-The study itself is :func:`vlmsae.metrics.ms_study.score_sae` (embedding cache:
-:mod:`vlmsae.metrics.embedding_cache`, plots: :mod:`vlmsae.report.plots`); the keys and their
+The study itself is :func:`vlmsae.studies.ms_study.score_sae` (embedding cache:
+:mod:`vlmsae.studies.embedding_cache`, plots: :mod:`vlmsae.report.plots`); the keys and their
 defaults are :class:`vlmsae.config.jobs.monosemanticity.MonosemanticityJob`.
 """
 
@@ -44,52 +44,59 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
-    """Score ``cfg.sae_path``'s latents and the raw neurons on ``cfg.data``; outputs in ``out_dpath``.
+    """Score ``cfg.sae_path``'s latents and the raw neurons on ``cfg.data``; outputs in ``out_dpath``. A sweep
+    (a folder of SAEs or a comma list): each SAE's outputs in ``out_dpath/<name>/`` and ``ms_table.md/.csv``;
+    its SAEs share the images' embeddings and, per model and layer, the source activations.
 
     ``cfg``: conf/monosemanticity.yaml (keys: :class:`vlmsae.config.jobs.monosemanticity.MonosemanticityJob`).
     """
     from vlmsae.data.image_set import ImageSet
-    from vlmsae.metrics.codes import open_sae_checkpoint
-    from vlmsae.metrics.ms_study import score_sae
-    from vlmsae.metrics.names import namer_from_cfg
-    from vlmsae.metrics.sweep import sweep_paths
     from vlmsae.models.embedders import EmbedderSpec
     from vlmsae.report.job_log import log_job
+    from vlmsae.report.tables import ms_table
+    from vlmsae.studies import sweep
+    from vlmsae.studies.ms_study import score_sae
+    from vlmsae.studies.naming import namer_from_cfg
 
     if OmegaConf.is_missing(cfg, "sae_path"):
         raise ValueError("Pass sae_path=<SAE folder or hf://org/repo[/sub]> (a training run keeps it in <run>/sae/).")
     out_dpath = run_dir(out_dpath)
     sae_dpath = os.path.expanduser(str(cfg.sae_path))  # a str, not a Path: Path("hf://a/b") drops a slash
     namer = namer_from_cfg(cfg, cfg.embedder)  # before any image is read
-    if (paths := sweep_paths(sae_dpath)) is not None:  # a sweep folder or a comma list
-        return _run_sweep(cfg, out_dpath, paths, namer)
-    # model: null = the SAE's source.model (a model node converts in source_model_spec)
-    src = open_sae_checkpoint(sae_dpath, cfg.model, cfg.layer, cfg.pool, cfg.device, sae_format=cfg.sae_format)
+    members, is_sweep = sweep.open_members(sae_dpath, cfg.sae_format, "MS table", cfg.model)
     images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
-    study = score_sae(
-        src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
-        sae_path=sae_dpath, namer=namer,
-    )  # fmt: skip
-    _finish(cfg, out_dpath, study, src, images, sae_dpath)
-    summary = study.summary
-    log.info("mean MS: SAE %.4f, raw neurons %s", summary["mean"], summary.get("baseline", {}).get("mean"))
-    log_job(cfg, "monosemanticity", out_dpath, summary, sae_path=sae_dpath)  # after the files: W&B may fail
-    return {"out_dpath": str(out_dpath), **summary}
+
+    def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
+        # model: null = the SAE's source.model (a model node converts in source_model_spec)
+        src = shared.open(m, cfg.model, cfg.layer, cfg.pool, cfg.device)
+        study = score_sae(
+            src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
+            sae_path=m.sae_path, embed_memo=shared.embeddings if shared.keep else None, namer=namer,
+        )  # fmt: skip
+        shared.n_embedded += study.n_embedded
+        _finish(cfg, sub_dpath, study, src, images, m.sae_path)
+        return study.summary, src.layer
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    result = sweep.run_study(members, is_sweep, out_dpath, score, ms_table, config)
+    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
+    log_job(cfg, "monosemanticity", out_dpath, result, sae_path=None if is_sweep else sae_dpath)
+    return result
 
 
 _STUDY_KEYS = ("top_k", "baseline", "chunk_size", "dense_threshold", "progress")
 
 
 def _cache_dpath(cfg: DictConfig) -> Path:
-    from vlmsae.metrics.embedding_cache import default_cache_dpath
+    from vlmsae.studies.embedding_cache import default_cache_dpath
 
     return Path(cfg.embed_cache).expanduser() if cfg.embed_cache else default_cache_dpath()
 
 
 def _finish(cfg: DictConfig, out_dpath: Path, study: Any, src: Any, images: ImageSet, sae_path: str) -> None:
     """The optional zero-shot check, then the study's files and run_info.json in ``out_dpath``."""
-    from vlmsae.metrics.ms_study import zero_shot_check
     from vlmsae.report.studies import write_ms_outputs
+    from vlmsae.studies.ms_study import zero_shot_check
 
     if cfg.zero_shot:
         study.summary["zero_shot"] = zero_shot_check(
@@ -106,38 +113,7 @@ def _finish(cfg: DictConfig, out_dpath: Path, study: Any, src: Any, images: Imag
         image_list_digest=study.image_list_digest,
         sae_source=src.source,
     )
-
-
-def _run_sweep(cfg: DictConfig, out_dpath: Path, paths: list[str], namer: Any) -> dict[str, Any]:
-    """Every SAE of a sweep on the same images (embedded once; source activations shared per model and layer):
-    each SAE's outputs in ``out_dpath/<name>/``, and ``ms_table.md/.csv`` over all of them."""
-    from vlmsae.data.image_set import ImageSet
-    from vlmsae.metrics import sweep
-    from vlmsae.metrics.ms_study import score_sae
-    from vlmsae.models.embedders import EmbedderSpec
-    from vlmsae.report.job_log import log_job
-    from vlmsae.report.tables import SweepRow, ms_table
-
-    members = sweep.load_sweep(paths, cfg.sae_format)
-    sweep.require_one_model(members, "MS table", cfg.model)
-    images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
-    shared, rows = sweep.SweepCache(), []
-    for m in sweep.grouped(members):
-        src = shared.open(m, cfg.model, cfg.layer, cfg.pool, cfg.device)
-        study = score_sae(
-            src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
-            sae_path=m.sae_path, embed_memo=shared.embeddings, namer=namer,
-        )  # fmt: skip
-        shared.n_embedded += study.n_embedded
-        _finish(cfg, out_dpath / m.name, study, src, images, m.sae_path)
-        rows.append(SweepRow(m.name, m.arch, m.expansion, src.layer, study.summary, m.seed))
-        m.sae.cpu()
-    table = ms_table(out_dpath, rows, source=rows[0].result.get("model", ""))
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["ms_table.md", "ms_table.csv"])
-    log.info("sweep of %d SAEs: %s; %s", len(rows), table["md"], shared.counts())
-    result = {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"ms_table": table}}
-    log_job(cfg, "monosemanticity", out_dpath, result)  # one sweep-level run holding the table
-    return {**result, **shared.counts()}
+    log.info("mean MS: SAE %.4f, raw neurons %s", study.summary["mean"], study.summary.get("baseline", {}).get("mean"))
 
 
 def _main(cfg: DictConfig) -> None:

@@ -1,4 +1,4 @@
-"""Automatic feature names for a finished monosemanticity run.
+"""Entry point: automatic feature names for a finished monosemanticity run.
 
     python -m vlmsae.names ms_run=outputs/monosemanticity/<run> names=imagenet
     python -m vlmsae.names ms_run=<run> names=wordnet embedder=clip_b32
@@ -7,10 +7,10 @@
 
 Embeds the run's top images again (``top_images/``, latent by latent) with a CLIP embedder (default: the
 run's own), names each latent by the vocabulary entry whose prompt-averaged text embedding is closest to
-its concept (:mod:`vlmsae.metrics.names`), and rewrites ``<ms_run>/latents.csv`` atomically with the
+its concept (:mod:`vlmsae.studies.naming`), and rewrites ``<ms_run>/latents.csv`` atomically with the
 ``name``, ``name_score`` and ``names`` columns, plus the ``names`` entry of ``ms_summary.json``.
 ``autointerp=llava`` adds LLaVA's one word for a grid of each latent's top images and its cosine with the
-concept (``autointerp``, ``autointerp_score``; :mod:`vlmsae.metrics.autointerp`). The same
+concept (``autointerp``, ``autointerp_score``; :mod:`vlmsae.studies.autointerp`). The same
 names come out of ``python -m vlmsae.monosemanticity ... names=imagenet`` directly. Keys: ``NamesJob``
 (:mod:`vlmsae.config.jobs.names`).
 """
@@ -31,8 +31,8 @@ from vlmsae.utils.provenance import write_run_info
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Name ``cfg.ms_run``'s latents with ``cfg.names``; rewrites its latents.csv; run_info.json in ``out_dpath``."""
-    from vlmsae.metrics.names import ms_run_embedder, name_ms_run, namer_from_cfg
     from vlmsae.report.job_log import log_job
+    from vlmsae.studies.naming import ms_run_embedder, name_ms_run, namer_from_cfg
 
     if OmegaConf.is_missing(cfg, "ms_run"):
         raise ValueError("Pass ms_run=<monosemanticity run folder> (it holds latents.csv and top_images/).")
@@ -65,6 +65,7 @@ def main() -> None:
     import hydra
 
     register_configs()
+
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="names", version_base="1.3")(_main)()
 

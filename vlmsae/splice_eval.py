@@ -39,6 +39,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.report.splice import write_splice_report
     from vlmsae.steering import splice
     from vlmsae.steering.setup import load_steering
+    from vlmsae.studies.ms_study import clip_zero_shot
 
     job: SpliceEvalJob = OmegaConf.to_object(cfg)
     out_dpath = run_dir(out_dpath)
@@ -54,7 +55,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     scores.notes.append(source_note)
     if job.zero_shot:
         args = (job.zero_shot_images, job.zero_shot_template, job.zero_shot_max_images, job.batch_size)
-        scores.zero_shot = splice.clip_zero_shot(setup.sae, *args)
+        scores.zero_shot = clip_zero_shot(setup.sae, *args)
     settings = {"model": spec.name, "sae_path": job.sae_path, "images": job.images, "prompts": job.prompts}
     result = scores.result(settings)
     title = (

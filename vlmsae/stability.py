@@ -13,7 +13,7 @@ seeds of FVE, L0, dead fraction, ..., and of every numeric field of the seeds' m
 hierarchy.json as ``ms`` / ``hierarchy``), ``stability_latents.csv`` (latent, found_in, mean_cos, match_1 ...),
 ``stability.md`` (the tables), ``stability_cos.png`` (matched cosines per pair) and ``run_info.json``.
 
-The study is :mod:`vlmsae.metrics.stability_study` (matching: :mod:`vlmsae.metrics.stability`); the keys and
+The study is :mod:`vlmsae.studies.stability_study` (matching: :mod:`vlmsae.metrics.seed_matching`); the keys and
 their defaults are :class:`vlmsae.config.jobs.stability.StabilityJob`.
 """
 
@@ -39,9 +39,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
     ``cfg``: conf/stability.yaml (keys: :class:`vlmsae.config.jobs.stability.StabilityJob`).
     """
-    from vlmsae.metrics import stability_study as study
     from vlmsae.report.job_log import log_job
     from vlmsae.report.stability import write_stability_outputs
+    from vlmsae.studies import stability_study as study
 
     if OmegaConf.is_missing(cfg, "runs"):
         raise ValueError("Pass runs=[<run0>/sae,<run1>/sae,...]: two or more SAEs trained with different seeds.")

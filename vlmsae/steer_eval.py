@@ -30,96 +30,64 @@ from vlmsae.utils.provenance import write_run_info
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
-    """Score steering as ``cfg`` says (keys: :class:`SteerEvalJob`); outputs in ``out_dpath``."""
-    import torch
-
-    from vlmsae.metrics.sweep import sweep_paths
-    from vlmsae.metrics.topimages import TopImages
-    from vlmsae.models.embedders import EmbedderSpec, load_embedder
-    from vlmsae.models.spec import ModelSpec
-    from vlmsae.report.job_log import log_job
-    from vlmsae.report.steering import write_score_report
-    from vlmsae.steering import evaluate
-    from vlmsae.steering.setup import load_steering, require_folder
-
-    job: SteerEvalJob = OmegaConf.to_object(cfg)
-    out_dpath = run_dir(out_dpath)
-    if (paths := sweep_paths(str(job.sae_path))) is not None:  # a sweep folder or a comma list
-        return _run_sweep(cfg, job, out_dpath, paths)
-    require_folder("top_images", job.top_images)
-    torch.manual_seed(job.seed)
-    request = evaluate.ScoreRequest.from_job(job)
-    spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
-    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format)
-    embedder = load_embedder(embedder_spec)
-    top = TopImages.load(job.top_images)
-    images, image_names = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
-    scores = evaluate.score_steering(setup, embedder, top, images, image_names, request)
-    result = scores.result(
-        evaluate.paper_setting(job.images),
-        {
-            "model": spec.name,
-            "sae_path": job.sae_path,
-            "top_images": job.top_images,
-            "images": job.images,
-            "embedder": OmegaConf.to_container(cfg.embedder, resolve=True),
-        },
-    )
-    table = write_score_report(out_dpath, scores, job.images)
-    write_steer_eval(out_dpath, result)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
-    print(table)
-    log_job(cfg, "steer_eval", out_dpath, result.to_dict(), sae_path=job.sae_path)  # after the files
-    return {**result.to_dict(), "table": table, "out_dpath": str(out_dpath)}
-
-
-def _run_sweep(cfg: DictConfig, job: SteerEvalJob, out_dpath: Path, paths: list[str]) -> dict:
-    """Every SAE of a sweep, each with ``top_images=<MS sweep run>/<its name>/top_images``: LLaVA, the embedder
+    """Score steering as ``cfg`` says (keys: :class:`SteerEvalJob`); outputs in ``out_dpath``. A sweep (a folder of
+    SAEs or a comma list), each SAE with ``top_images=<MS sweep run>/<its name>/top_images``: LLaVA, the embedder
     and the evaluation images loaded once; outputs in ``out_dpath/<name>/``, and ``steer_table.md/.csv``."""
     import torch
 
-    from vlmsae.metrics import sweep
     from vlmsae.metrics.topimages import TopImages
     from vlmsae.models.embedders import EmbedderSpec, load_embedder
     from vlmsae.models.spec import ModelSpec
     from vlmsae.report.job_log import log_job
     from vlmsae.report.steering import write_score_report
-    from vlmsae.report.tables import SweepRow, steer_table
+    from vlmsae.report.tables import steer_table
     from vlmsae.steering import evaluate
     from vlmsae.steering.hooks import steer_block
     from vlmsae.steering.setup import load_steering, require_folder
+    from vlmsae.studies import sweep
 
-    members = sweep.load_sweep(paths, job.sae_format)
-    tops = {m.name: Path(job.top_images) / m.name / TOP_IMAGES_DIR for m in members}
+    job: SteerEvalJob = OmegaConf.to_object(cfg)
+    out_dpath = run_dir(out_dpath)
+    members, is_sweep = sweep.open_members(str(job.sae_path), job.sae_format)
+    top_dpath = Path(str(job.top_images))  # a sweep: the MS sweep's run dir, one folder per SAE
+    tops = {m.name: str(top_dpath / m.name / TOP_IMAGES_DIR) if is_sweep else job.top_images for m in members}
+    hint = " (for a sweep, top_images= is the MS sweep's run dir)" if is_sweep else ""
     for m in members:  # every index first: a missing one fails before LLaVA loads
-        require_folder("top_images", str(tops[m.name]), " (for a sweep, top_images= is the MS sweep's run dir)")
-    request = evaluate.ScoreRequest.from_job(job)
+        require_folder("top_images", tops[m.name], hint)
     spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
     setup = load_steering(spec, members[0].sae_path, job.layer, job.device_map, job.sae_format)
-    embedder, rows = load_embedder(embedder_spec), []
-    images, image_names = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
-    for m in members:
+    embedder = load_embedder(embedder_spec)
+    images = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    request = evaluate.ScoreRequest(
+        evaluate.latent_list(job.latents), job.alpha, job.mode, job.prompt, job.max_new_tokens, job.batch_size,
+        job.top_n, job.compare_add, evaluate.load_class_names(job.class_names), job.seed,
+    )  # fmt: skip
+    settings = {"model": spec.name, "images": job.images, "embedder": config["embedder"]}
+
+    def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, int]:
         torch.manual_seed(job.seed)
         sae = m.sae.to(setup.sae.W_dec.device).eval()  # the same model and device: only the SAE changes
-        setup = dataclasses.replace(setup, sae=sae, layer=steer_block(setup.model, sae, job.layer))
-        scores = evaluate.score_steering(setup, embedder, TopImages.load(tops[m.name]), images, image_names, request)
-        settings = {"model": spec.name, "sae_path": m.sae_path, "top_images": str(tops[m.name]), "images": job.images}
-        result = scores.result(evaluate.paper_setting(job.images), settings)
-        (out_dpath / m.name).mkdir(parents=True, exist_ok=True)
-        write_score_report(out_dpath / m.name, scores, job.images)
-        write_steer_eval(out_dpath / m.name, result)
-        write_run_info(out_dpath / m.name, {**OmegaConf.to_container(cfg, resolve=True), "sae_path": m.sae_path})
-        rows.append(SweepRow(m.name, m.arch, m.expansion, setup.layer, result.summary))
-    table = steer_table(out_dpath, rows)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=["steer_table.md", "steer_table.csv"])
-    print(Path(table["md"]).read_text())
-    result = {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {"steer_table": table}}
-    log_job(cfg, "steer_eval", out_dpath, result)  # one sweep-level run holding the table
+        one = dataclasses.replace(setup, sae=sae, layer=steer_block(setup.model, sae, job.layer))
+        scores = evaluate.score_steering(one, embedder, TopImages.load(tops[m.name]), *images, request)
+        paths = {"sae_path": m.sae_path, "top_images": tops[m.name]}
+        result = scores.result(evaluate.paper_setting(job.images), {**settings, **paths})
+        table = write_score_report(sub_dpath, scores, job.images)
+        write_steer_eval(sub_dpath, result)
+        write_run_info(sub_dpath, {**config, "sae_path": m.sae_path})
+        print(table)
+        return {**result.to_dict(), "table": table}, one.layer
+
+    result = sweep.run_study(members, is_sweep, out_dpath, score, steer_table, config)
+    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
+    log_job(cfg, "steer_eval", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
     return result
 
 
 def _main(cfg: DictConfig) -> None:
-    run(cfg)
+    out = run(cfg)
+    if "tables" in out:  # a sweep: the table over its SAEs
+        print(Path(out["tables"]["steer_table"]["md"]).read_text())
 
 
 def main() -> None:

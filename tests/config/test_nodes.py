@@ -52,7 +52,7 @@ def test_from_schema_uses_expansion_and_rejects_unknown_keys():
 
 
 def test_group_sizes_follow_the_paper():
-    fractions = [0.002, 0.009, 0.035, 0.189, 0.765]  # SPEC 4: iNat ranks, 1536 latents
+    fractions = [0.002, 0.009, 0.035, 0.189, 0.765]  # METHOD §4: iNat ranks, 1536 latents
     cfg = SAEConfig(arch="matryoshka", d_in=768, n_latents=1536, k=20, group_fractions=fractions)
     assert cfg.group_sizes == [3, 13, 53, 290, 1177]
     default = SAEConfig(arch="matryoshka", d_in=1024, n_latents=65536, k=20)

@@ -1,4 +1,4 @@
-"""The SPEC 4 metric on hand-made cases whose answers are computed by hand (and by a plain loop), and on a
+"""The METHOD §4 metric on hand-made cases whose answers are computed by hand (and by a plain loop), and on a
 Matryoshka SAE trained on planted hierarchical features (LCA depth rises with the group index)."""
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def test_vectorised_at_scale():
 
 
 # ------------------------------------------------------------------------------ planted hierarchy
-# A Matryoshka SAE on planted hierarchical features: LCA depth rises with the group index (SPEC 4).
+# A Matryoshka SAE on planted hierarchical features: LCA depth rises with the group index (METHOD §4).
 #
 # The planted world: a 3-level tree (3 coarse nodes, 9 middle, 27 leaves). An image of leaf class c
 # has activation x = sum over c's ancestors (and c) of a_level * u_node * atom_node + noise, with

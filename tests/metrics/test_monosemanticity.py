@@ -12,7 +12,7 @@ from vlmsae.metrics import monosemanticity_scores, ms_summary
 
 
 def pairwise_ms(acts_NK: np.ndarray, emb_ND: np.ndarray) -> np.ndarray:
-    """SPEC 3 written out: min-max normalise, then sum over pairs n < m of r_nm s_nm / sum of r_nm."""
+    """METHOD §3 written out: min-max normalise, then sum over pairs n < m of r_nm s_nm / sum of r_nm."""
     n_images, n_latents = acts_NK.shape
     out = np.full(n_latents, np.nan)
     for k in range(n_latents):

@@ -1,6 +1,6 @@
 """The tiny LLaVA: built from configs with an offline processor, saved, loaded back like real weights;
 vision blocks found by name; the tapped block index matches LLaVA's vision_feature_layer; the hf_llava backend
-taps the vision tower at the same index as everything else, reading only the vision tensors (SPEC 1, 5)."""
+taps the vision tower at the same index as everything else, reading only the vision tensors (METHOD §1, 5)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_vision_blocks_and_tapped_index_match_hidden_states(tiny):
     blocks = vision_blocks(model)
     assert isinstance(blocks, nn.ModuleList) and len(blocks) == model.config.vision_config.num_hidden_layers == 4
     assert tapped_block_index(model) == 2  # vision_feature_layer=-2 on 4 blocks
-    # The index fact of SPEC 1: hidden_states[L + 1] is block L's output.
+    # The index fact of METHOD §1: hidden_states[L + 1] is block L's output.
     seen = {}
     handle = blocks[2].register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
     try:
@@ -87,7 +87,7 @@ def test_vision_blocks_and_tapped_index_match_hidden_states(tiny):
 
 
 def test_tapped_index_llava15_shape():
-    """24 blocks with vision_feature_layer=-2 -> block 22, as LLaVA-1.5 (SPEC 5)."""
+    """24 blocks with vision_feature_layer=-2 -> block 22, as LLaVA-1.5 (METHOD §5)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(
@@ -147,7 +147,7 @@ def test_offline_missing_model_error_names_model_and_fix(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------ the hf_llava tap
-# The hf_llava backend taps LLaVA's vision tower at the same index as everything else (SPEC 1, 5).
+# The hf_llava backend taps LLaVA's vision tower at the same index as everything else (METHOD §1, 5).
 torch.set_num_threads(1)
 
 

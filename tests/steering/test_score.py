@@ -1,4 +1,4 @@
-"""The steering score's maths (vlmsae.steering.score, SPEC 5) on known embeddings."""
+"""The steering score's maths (vlmsae.steering.score, METHOD §5) on known embeddings."""
 
 from __future__ import annotations
 

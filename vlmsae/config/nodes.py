@@ -465,7 +465,7 @@ class TaxonomySchema:
 
 @dataclass
 class NamingOptions:
-    """The keys of automatic feature names (vlmsae.metrics.names) shared by ``monosemanticity`` and ``names``
+    """The keys of automatic feature names (vlmsae.studies.naming) shared by ``monosemanticity`` and ``names``
     (each job declares its own ``names`` key: off by default in monosemanticity, imagenet in names)."""
 
     names_templates: list[str] = field(  # prompts, {} = the name; embeddings averaged over them (CLIP zero-shot)
@@ -477,7 +477,7 @@ class NamingOptions:
         ]
     )
     names_top: int = 3  # names kept per latent in the `names` column, best first
-    # the optional LLaVA naming pass (vlmsae.metrics.autointerp): LLaVA's one word for a 3x3 grid of each latent's top
+    # the optional LLaVA naming pass (vlmsae.studies.autointerp): LLaVA's one word for a 3x3 grid of each latent's top
     # images, scored by the cosine of its text embedding with the latent's concept; latents.csv gains autointerp,
     # autointerp_score. null = off | llava (needs names=...: it scores in the names pass's space)
     autointerp: Optional[str] = None

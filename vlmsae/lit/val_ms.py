@@ -27,8 +27,8 @@ import torch
 from vlmsae.config import conf_dir
 from vlmsae.config.nodes import DataSchema, EmbedderSpec
 from vlmsae.data.image_set import ImageSet
-from vlmsae.metrics.codes import pool_rows, pool_sparse
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
+from vlmsae.metrics.pooling import encode_rows, pool_rows, pool_sparse
 from vlmsae.models import embedders, load_tap
 
 log = logging.getLogger(__name__)
@@ -103,17 +103,9 @@ class ValMS(L.Callback):
         was_training = sae.training
         sae.eval()
         try:
-            device = sae.W_dec.device
-            parts = []
-            for r0 in range(0, self.rows_RD.shape[0], _ROWS):
-                c = sae.encode(self.rows_RD[r0 : r0 + _ROWS].to(device), sparse=True).cpu().coalesce()
-                parts.append((c.indices()[0] + r0, c.indices()[1], c.values().float()))
+            codes_RF = encode_rows(sae, self.rows_RD, _ROWS)
         finally:
             sae.train(was_training)
-        rows, cols, vals = (torch.cat([p[i] for p in parts]) for i in range(3))
-        codes_RF = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]), vals, (self.rows_RD.shape[0], sae.n_latents), check_invariants=False
-        )
         codes_NF = pool_sparse(codes_RF, self.per_image, self.pool, self.emb_NE.shape[0])
         ms_K = monosemanticity_scores(codes_NF, self.emb_NE)
         live = ms_K[~torch.isnan(ms_K)]

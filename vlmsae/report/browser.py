@@ -452,8 +452,8 @@ def recompute_heatmaps(
     try:
         import torch
 
-        from vlmsae.metrics.codes import load_job_sae
         from vlmsae.models import load_tap
+        from vlmsae.models.open_sae import load_job_sae
 
         tap = load_tap(model)
         sae = load_job_sae(sae_path, sae_format or ms_config.get("sae_format"), device=tap.device).eval()

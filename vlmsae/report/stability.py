@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from vlmsae import formats
-from vlmsae.metrics.stability_study import StabilityStudy
 from vlmsae.report.plots import plot_matched_cos_hist
+from vlmsae.studies.stability_study import StabilityStudy
 from vlmsae.utils.io import atomic_write_text
 
 STABILITY_OUTPUTS = [formats.STABILITY_JSON, formats.STABILITY_LATENTS_CSV, "stability.md", "stability_cos.png"]

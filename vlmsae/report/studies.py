@@ -1,7 +1,7 @@
 """The output folders of the monosemanticity and hierarchy studies: every file each job writes, in one call.
 
-Both take the study object their metrics module returns (:class:`vlmsae.metrics.ms_study.MSStudy`,
-:class:`vlmsae.metrics.hierarchy_study.HierarchyStudy`) and write through :mod:`vlmsae.formats` where a
+Both take the study object their metrics module returns (:class:`vlmsae.studies.ms_study.MSStudy`,
+:class:`vlmsae.studies.hierarchy_study.HierarchyStudy`) and write through :mod:`vlmsae.formats` where a
 format exists.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmsae import formats
-from vlmsae.metrics import hierarchy_study
-from vlmsae.metrics.hierarchy_study import HierarchyStudy
-from vlmsae.metrics.ms_study import MSStudy
 from vlmsae.report.plots import plot_depth, plot_ms_hist, plot_ms_vs_freq
+from vlmsae.studies import hierarchy_study
+from vlmsae.studies.hierarchy_study import HierarchyStudy
+from vlmsae.studies.ms_study import MSStudy
 from vlmsae.utils.io import atomic_write_text
 
 MS_OUTPUTS = [formats.TOP_IMAGES_DIR, formats.LATENTS_CSV, formats.MS_SUMMARY_JSON, "ms_hist.png", "ms_vs_freq.png"]

@@ -1,6 +1,6 @@
 """The sweep-level tables of the evaluation jobs, in the paper's layouts (``.md`` to read, ``.csv`` to load).
 
-- ``ms_table``: rows architecture x layer, columns expansion factor, cells mean MS ± std (SPEC §3's figure as
+- ``ms_table``: rows architecture x layer, columns expansion factor, cells mean MS ± std (METHOD §3, as
   a table), plus one ``raw neurons`` row per layer (the baseline, the same in every column: it has no
   expansion). The csv has one ``x{e}_mean`` and one ``x{e}_std`` column per expansion.
 - ``hierarchy_table``: the paper's Table 2 per SAE: rows (SAE, depth) and (SAE, MS), one column per
@@ -9,7 +9,7 @@
 Seeds (issue 16): when some (architecture, layer, expansion) has several SAEs (a training multirun over
 ``seed=0,1,2``), both tables aggregate over them instead of listing duplicates ("seeded" tables). A cell is
 then the mean over the seeds of each SAE's value ± the half-width of its 95% t-interval over the seeds
-(:func:`vlmsae.metrics.stability.mean_ci`; one seed: no interval), and the csv gains, per cell, the
+(:func:`vlmsae.metrics.seed_matching.mean_ci`; one seed: no interval), and the csv gains, per cell, the
 interval (``x{e}_ci95`` / ``group_{g}_ci95``), the number of SAEs (``x{e}_n_seeds`` / ``n_seeds``) and the
 training seeds (``x{e}_seeds`` / ``seeds``, ";"-joined, empty unless every SAE's seed is recorded). In a
 seeded ms_table ``x{e}_std`` is the mean over the seeds of each SAE's std over its latents. Tables with one
@@ -27,27 +27,14 @@ import csv
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmsae.metrics.stability import mean_ci
+from vlmsae.metrics.seed_matching import mean_ci
+from vlmsae.studies.sweep import SweepRow
 from vlmsae.utils.io import atomic_write_text
 
 RAW_ROW = "raw neurons"
-
-
-@dataclass
-class SweepRow:
-    """One SAE of a sweep and the result of a job on it (``ms_summary``, ``hierarchy.json`` or the steer
-    summary, as a dict)."""
-
-    name: str
-    arch: str
-    expansion: float
-    layer: Any
-    result: dict[str, Any]
-    seed: int | None = None  # the training seed, when the SAE's run records it (vlmsae.metrics.sweep.training_seed)
 
 
 def _num(v: Any, nd: int = 4) -> str:
@@ -125,9 +112,11 @@ def _ms_cells(found: list[list[dict[str, Any]]], seeds: list[str]) -> tuple[list
     return md, csv_vals
 
 
-def ms_table(out_dpath: Path, sweep: Sequence[SweepRow], source: str = "") -> dict[str, Any]:
+def ms_table(out_dpath: Path, sweep: Sequence[SweepRow], source: str | None = None) -> dict[str, Any]:
     """``ms_table.md`` / ``ms_table.csv``: mean MS ± std per (architecture, layer) and expansion factor; with
-    several SAEs per cell (seeds), their mean ± 95% interval over the seeds (module docstring)."""
+    several SAEs per cell (seeds), their mean ± 95% interval over the seeds (module docstring). ``source``:
+    the model named in the title (None: the first row's ``model``)."""
+    source = (sweep[0].result.get("model", "") if sweep else "") if source is None else source
     expansions = sorted({r.expansion for r in sweep})
     layers = sorted({r.layer for r in sweep}, key=_layer_key)
     archs = sorted({r.arch for r in sweep})
@@ -233,14 +222,15 @@ def hierarchy_table(out_dpath: Path, sweep: Sequence[SweepRow], paper: dict[str,
 
 
 def steer_table(out_dpath: Path, sweep: Sequence[SweepRow]) -> dict[str, Any]:
-    """``steer_table.md`` / ``.csv``: per SAE the mean steering score (± std in the md) of every condition."""
+    """``steer_table.md`` / ``.csv``: per SAE the mean steering score (± std in the md) of every condition
+    (``result``: a ``steer_eval.json`` as a dict)."""
     conditions: list[str] = []
     for r in sweep:
-        conditions += [c for c in r.result if c not in conditions]
+        conditions += [c for c in r.result["summary"] if c not in conditions]
     header = ["sae", "architecture", "expansion", "layer", *conditions]
     rows, md_rows = [], []
     for r in sweep:
-        stats = [r.result.get(c) for c in conditions]
+        stats = [r.result["summary"].get(c) for c in conditions]
         rows.append([r.name, r.arch, f"{r.expansion:g}", r.layer, *[_num(s["mean"]) if s else "" for s in stats]])
         md_rows.append(
             [r.name, r.arch, f"{r.expansion:g}", r.layer, *[_pm(s["mean"], s.get("std")) if s else "-" for s in stats]]

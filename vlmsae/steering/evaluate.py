@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.data.images import load_image
 from vlmsae.formats import SteerEvalResult
 from vlmsae.steering.generate import first_word, generate_answers, white_image
@@ -153,22 +152,6 @@ class ScoreRequest:
     compare_add: bool = False  # also score plain activation steering at the same alpha
     class_names: dict[int, str] | None = None  # label id -> name, for the bounds (None: no bounds)
     seed: int = 0  # the shuffled lower bound
-
-    @classmethod
-    def from_job(cls, job: SteerEvalJob) -> ScoreRequest:
-        """The request a ``steer_eval`` job config makes (latent list parsed, class-names file read)."""
-        return cls(
-            latent_list(job.latents),
-            job.alpha,
-            job.mode,
-            job.prompt,
-            job.max_new_tokens,
-            job.batch_size,
-            job.top_n,
-            job.compare_add,
-            load_class_names(job.class_names),
-            job.seed,
-        )
 
 
 @dataclass

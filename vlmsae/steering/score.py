@@ -22,14 +22,15 @@ import torch
 EmbedFn = Callable[[list[Any]], torch.Tensor]
 
 
-def _unit(x_NE: torch.Tensor) -> torch.Tensor:
+def unit(x_NE: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (float32; a zero row stays zero)."""
     x_NE = torch.as_tensor(x_NE).float()
     return x_NE / x_NE.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def _concept(emb_NE: torch.Tensor) -> torch.Tensor:
     """[E]: the unit mean of unit image embeddings."""
-    return _unit(_unit(emb_NE).mean(dim=0, keepdim=True))[0]
+    return unit(unit(emb_NE).mean(dim=0, keepdim=True))[0]
 
 
 def concept_embeddings(top_images_per_latent: Sequence[Sequence[Any]], embed_images: EmbedFn) -> torch.Tensor:
@@ -81,7 +82,7 @@ def word_scores(
     if not keep:
         return out
     unique = sorted({words[i] for i in keep})
-    emb_UE = _unit(embed_texts(unique))
+    emb_UE = unit(embed_texts(unique))
     row_of = {w: r for r, w in enumerate(unique)}
     text_KE = emb_UE[[row_of[words[i]] for i in keep]]
     conc_KE = concepts_LE[[concept_idx[i] for i in keep]].to(text_KE)

@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import nn
 
-from vlmsae.metrics.codes import load_job_sae
 from vlmsae.models.llava import load_llava_spec, vision_tower
+from vlmsae.models.open_sae import load_job_sae
 from vlmsae.models.spec import ModelSpec
 from vlmsae.steering.hooks import steer_block
 
@@ -49,7 +49,7 @@ def load_steering(
     sae_format: str | None = None,
 ) -> SteeringSetup:
     """Load the SAE of ``sae_path`` (any format :func:`vlmsae.sae.load` reads, via
-    :func:`vlmsae.metrics.codes.load_job_sae`; ``sae_format`` None = detect),
+    :func:`vlmsae.models.open_sae.load_job_sae`; ``sae_format`` None = detect),
     then the LLaVA of ``spec``, and move the SAE onto its vision tower's device.
 
     ``layer`` overrides the block the SAE was trained on (its ``source.layer``). The SAE loads first, so a

@@ -29,10 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmsae.data.image_set import ImageSet
 from vlmsae.formats import SpliceResult
-from vlmsae.metrics.codes import open_sae_source, source_model_spec
-from vlmsae.metrics.ms_study import zero_shot_check
 from vlmsae.models.llava import vision_blocks, vision_tower
 from vlmsae.steering.compare import load_images
 from vlmsae.steering.evaluate import IMAGE_SUFFIXES
@@ -421,22 +418,3 @@ def evaluate_splice(setup: SteeringSetup, items: Sequence[PromptItem], batch_siz
             agree[cond].append((logp.argmax(-1) == logp_clean.argmax(-1)).float().cpu())
     cat = lambda d: {k: torch.cat(v) for k, v in d.items()}  # noqa: E731
     return SpliceScores(list(items), torch.cat(owner), cat(nll), cat(kl), cat(agree), setup.layer)
-
-
-def clip_zero_shot(
-    sae: nn.Module, images: str | None, template: str, max_images: int, batch_size: int
-) -> dict[str, Any]:
-    """:func:`vlmsae.metrics.ms_study.zero_shot_check` for ``sae`` (its own source CLIP) on a class-folder tree,
-    or ``{"skipped": why}``: the source is not an open_clip model, or no class folders were given."""
-    try:
-        spec = source_model_spec(dict(getattr(sae, "source", {}) or {}), None, None)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        return {"skipped": f"the SAE's source model is unknown ({err})"}
-    if spec.backend != "open_clip":
-        return {"skipped": f"the SAE's source {spec.name} is a {spec.backend} model; zero-shot needs an open_clip CLIP"}
-    if images is None:
-        return {"skipped": "no class folders: pass zero_shot_images=<ImageFolder tree>"}
-    image_set = ImageSet(source="folder", root=str(images), max_images=max_images, batch_size=batch_size)
-    classes = image_set.listing().classes
-    src = open_sae_source(sae)
-    return zero_shot_check(src, image_set, classes, template=template, max_images=max_images)

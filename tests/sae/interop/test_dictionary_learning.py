@@ -177,8 +177,8 @@ def test_paper_folder_gives_model_layer_and_tokens(tmp_path):
 def test_run_folder_one_level_above_its_trainer_is_searched(tmp_path):
     """A training run (the paper's Hub folders) holds trainer_0/: sae_path=<run> loads it, as the job loader and
     the sweep finder see it; a run with several trainers is refused, naming them."""
-    from vlmsae.metrics.codes import load_job_sae
-    from vlmsae.metrics.sweep import sweep_paths
+    from vlmsae.models.open_sae import load_job_sae
+    from vlmsae.studies.sweep import sweep_paths
 
     run = tmp_path / VLM_NAME
     state = _library_state("MatroyshkaBatchTopKSAE")

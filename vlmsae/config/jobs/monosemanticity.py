@@ -40,7 +40,7 @@ class MonosemanticityJob(NamingOptions):
     zero_shot_template: str = "a photo of a {}."  # prompt per class name ("_" read as " ")
     zero_shot_max_images: int = 1000  # labelled images the zero-shot check reads (also capped by data.max_images)
     progress: bool = True  # progress bars
-    # automatic feature names (vlmsae.metrics.names): each latent's concept (unit mean of its top images' unit
+    # automatic feature names (vlmsae.studies.naming): each latent's concept (unit mean of its top images' unit
     # embeddings) vs the CLIP text embeddings of a vocabulary; latents.csv gains name, name_score, names.
     # null = off | imagenet (open_clip's 1000 class names) | wordnet (concrete nouns) | <file, one name per line>
     names: Optional[str] = None

@@ -12,7 +12,7 @@ from vlmsae.config.nodes import NamingOptions
 
 @dataclass
 class NamesJob(NamingOptions):
-    """Name the latents of a finished monosemanticity run (vlmsae.metrics.names); rewrites its latents.csv."""
+    """Name the latents of a finished monosemanticity run (vlmsae.studies.naming); rewrites its latents.csv."""
 
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     embedder: Any = None  # null = the MS run's own embedder (its run_info.json); it must be a CLIP (text side)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from vlmsae.metrics import monosemanticity_scores
-from vlmsae.metrics.ground_truth import ground_truth_check, planted_concepts
+from vlmsae.studies.ground_truth import ground_truth_check, planted_concepts
 
 
 def test_sae_beats_neurons_with_margin() -> None:

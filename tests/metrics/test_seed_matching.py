@@ -1,4 +1,4 @@
-"""Seed stability (vlmsae.metrics.stability): matching decoders of SAEs trained with different seeds on planted
+"""Seed stability (vlmsae.metrics.seed_matching): matching decoders of SAEs trained with different seeds on planted
 atoms, the chance level of unrelated decoders, the Hungarian matching, the t-interval and the summary aggregation."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlmsae.data.synthetic import PlantedDictionary, atom_recovery
-from vlmsae.metrics.stability import (
+from vlmsae.metrics.seed_matching import (
     chance_max_cosine,
     match_latents,
     max_cosine,

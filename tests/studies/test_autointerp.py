@@ -1,4 +1,4 @@
-"""The LLaVA naming pass (vlmsae.metrics.autointerp): the grid, which latents are asked, the score by hand, the
+"""The LLaVA naming pass (vlmsae.studies.autointerp): the grid, which latents are asked, the score by hand, the
 plumbing on the tiny random LLaVA (its words are gibberish), the refusals, and both jobs' ``autointerp=llava``."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from vlmsae.formats import LatentRow, LatentsTable, read_latents_csv, write_latents_csv
-from vlmsae.metrics import autointerp as ai
-from vlmsae.metrics import names as nm
 from vlmsae.models.spec import get_model_spec
+from vlmsae.studies import autointerp as ai
+from vlmsae.studies import naming as nm
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

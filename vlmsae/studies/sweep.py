@@ -1,20 +1,25 @@
-"""Evaluating a sweep of SAEs in one job: find them, name them, open their source models once.
+"""Evaluating a sweep of SAEs in one job: find them, name them, open their source models once, score each.
 
 ``sae_path=`` of the evaluation jobs also takes a sweep folder (every ``sae/`` folder under it, found
 recursively: a Hydra multirun dir ``multirun/<date>/<time>/<n>/sae/``) or a comma-separated list of SAE
-paths; :func:`find_sweep` says which SAEs that is (None: one SAE, the jobs' usual path).
+paths; :func:`sweep_paths` says which SAEs that is (None: one SAE, the jobs' usual path) and
+:func:`open_members` loads them (or the one SAE).
 :class:`SweepCache` holds what the SAEs of a sweep share, so it is computed once: the loaded source models
 (one tap per model), the source activations of each batch of images (:class:`SharedTap`, per model, layer
 and pooling) and the embedder E's image embeddings (``embeddings``, keyed by image key); it counts the
 model passes and embedded images so a run can show that nothing was computed twice.
+:func:`run_study` is the one loop every evaluation job (monosemanticity, hierarchy, steer_eval) runs: the
+job's study of one SAE into the run folder, or of each SAE of a sweep into its own folder, one
+:class:`SweepRow` per SAE, then the job's table (:mod:`vlmsae.report.tables`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +27,10 @@ from typing import Any
 import torch
 
 from vlmsae.formats import RUN_INFO_JSON, SAE_CONFIG_JSON, read_run_info
-from vlmsae.metrics.codes import SAESource, _width_error, load_job_sae, resolve_sae_inputs
 from vlmsae.models import load_tap
+from vlmsae.models.open_sae import load_job_sae, open_sae_source
 from vlmsae.sae.interop import available_formats
+from vlmsae.utils.provenance import write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +170,10 @@ def require_one_model(members: list[SweepMember], what: str, model_override: Any
         )
 
 
+def _model_key(spec: Any) -> str:
+    return repr((spec.name, spec.pretrained, spec.device))
+
+
 def _pixels_digest(images_BCHW: torch.Tensor) -> str:
     return hashlib.sha1(images_BCHW.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
@@ -203,28 +213,25 @@ class SweepCache:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # image key -> E(x)
     n_embedded: int = 0  # images the embedder ran on over the whole sweep
     n_source_batches: int = 0  # batches of images the source models ran on over the whole sweep
+    keep: bool = True  # False: one SAE alone (a job's usual run): nothing is kept for a next SAE
+
+    def _tap(self, spec: Any) -> Any:
+        """The loaded tap of ``spec``'s model (loaded once per model, weights and device)."""
+        if _model_key(spec) not in self.taps:
+            self.taps[_model_key(spec)] = load_tap(spec)
+        return self.taps[_model_key(spec)]
 
     def open(self, member: SweepMember, model: Any = None, layer: Any = None, pool: Any = None, device: Any = None):
         """The member's :class:`SAESource` on a tap shared with every SAE of the same model (loaded once), whose
         activations are shared with every SAE of the same model, layer and pooling."""
-        source = dict(member.sae.source or {})
-        spec, layer, pool = resolve_sae_inputs(member.sae, source, model, layer, pool, member.sae_path)
-        if device not in (None, "auto"):
-            spec.device = str(device)
-        model_key = repr((spec.name, spec.pretrained, spec.device))
-        if model_key not in self.taps:
-            self.taps[model_key] = load_tap(spec)
-        tap = self.taps[model_key]
-        layer = tap.resolve_layer(layer)
-        width = tap.embed_dim if layer == "last" else tap.width
-        if member.sae.d_in != width:
-            raise _width_error(member.sae, spec.name, layer, width, source)
-        group = (model_key, str(layer), pool)
+        src = open_sae_source(member.sae, None, model, layer, pool, device, member.sae_path, tap_of=self._tap)
+        if not self.keep:
+            return src
+        group = (_model_key(src.spec), str(src.layer), src.pool)
         if group not in self.shared:
-            self.shared = {k: v for k, v in self.shared.items() if k[0] != model_key or k[1] != str(layer)}
-            self.shared[group] = SharedTap(tap, pool == "cls" and tap.has_cls, self)
-        sae = member.sae.to(tap.device).eval()
-        return SAESource(sae=sae, tap=self.shared[group], spec=spec, layer=layer, pool=pool, source=source)
+            self.shared = {k: v for k, v in self.shared.items() if k[:2] != group[:2]}
+            self.shared[group] = SharedTap(src.tap, src.pool == "cls" and src.tap.has_cls, self)
+        return dataclasses.replace(src, tap=self.shared[group])
 
     def counts(self) -> dict[str, int]:
         """What the sweep computed: images embedded by E and batches run through a source model."""
@@ -264,3 +271,68 @@ class SharedEmbedder:
             self.kept.update((keys[i], emb_BE[j]) for j, i in enumerate(todo))
             self.cache.n_embedded += len(todo)
         return torch.stack([self.kept[k] for k in keys])
+
+
+@dataclass
+class SweepRow:
+    """One SAE of a sweep and the result of a job on it (``ms_summary``, ``hierarchy.json`` or the steer
+    summary, as a dict)."""
+
+    name: str
+    arch: str
+    expansion: float
+    layer: Any
+    result: dict[str, Any]
+    seed: int | None = None  # the training seed, when the SAE's run records it (training_seed)
+
+
+# Scores one SAE of the sweep and writes its outputs into the folder given: (its result, the layer it read).
+ScoreOne = Callable[[SweepMember, SweepCache, Path], tuple[dict[str, Any], Any]]
+# Writes the sweep's table from its rows into the folder given: {"md": path, "csv": path, ...}.
+WriteTable = Callable[[Path, list[SweepRow]], dict[str, Any]]
+
+
+def open_members(
+    sae_path: str, sae_format: str | None, table: str | None = None, model_override: Any = None
+) -> tuple[list[SweepMember], bool]:
+    """The SAEs ``sae_path`` names, loaded on the CPU, and whether they are a sweep. A sweep folder or a comma list
+    (:func:`sweep_paths`) gives its SAEs, named (:func:`load_sweep`) and, when ``table`` names the sweep's table,
+    refused unless they read one model (:func:`require_one_model`); one SAE gives itself, named by its folder."""
+    paths = sweep_paths(sae_path)
+    if paths is None:
+        return [SweepMember(sae_path, load_job_sae(sae_path, sae_format), Path(sae_path).name)], False
+    members = load_sweep(paths, sae_format)
+    if table is not None:
+        require_one_model(members, table, model_override)
+    return members, True
+
+
+def run_study(
+    members: list[SweepMember],
+    is_sweep: bool,
+    out_dpath: Path,
+    score: ScoreOne,
+    write_table: WriteTable,
+    config: dict[str, Any],
+    cache: SweepCache | None = None,
+) -> dict[str, Any]:
+    """Run a study (``score``) on the SAEs of :func:`open_members`: the one SAE into ``out_dpath`` (returns its
+    result and ``out_dpath``), or every SAE of a sweep (grouped by model, layer and tokens, so kept activations are
+    reused) into ``out_dpath/<name>/``, then the sweep's table and ``run_info.json`` (``config``: the resolved job
+    config) in ``out_dpath``. ``cache``: what the SAEs share (a new :class:`SweepCache` if None; ``keep=False``
+    for one SAE). A sweep returns the run folder, the SAE names, ``tables`` ({table stem: what ``write_table``
+    returned}) and the cache's counts."""
+    cache = SweepCache(keep=is_sweep) if cache is None else cache
+    if not is_sweep:
+        return {**score(members[0], cache, out_dpath)[0], "out_dpath": str(out_dpath)}
+    rows = []
+    for m in grouped(members):
+        (out_dpath / m.name).mkdir(parents=True, exist_ok=True)
+        result, layer = score(m, cache, out_dpath / m.name)
+        rows.append(SweepRow(m.name, m.arch, m.expansion, layer, result, m.seed))
+        m.sae.cpu()
+    table = write_table(out_dpath, rows)
+    stem = Path(table["md"]).stem
+    write_run_info(out_dpath, config, outputs=[f"{stem}.md", f"{stem}.csv"])
+    log.info("sweep of %d SAEs: %s; %s", len(rows), table["md"], cache.counts())
+    return {"out_dpath": str(out_dpath), "sweep": [r.name for r in rows], "tables": {stem: table}, **cache.counts()}

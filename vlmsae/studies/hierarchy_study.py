@@ -20,17 +20,16 @@ from typing import Any
 
 import torch
 
-from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.data.concepts import ensure_concept_images
 from vlmsae.data.image_set import ImageSet
 from vlmsae.data.images import SkipLog, synthetic_options_of
 from vlmsae.data.taxonomy import Taxonomy, encode_paths, load_taxonomy
 from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, HierarchySummary, read_latents_csv, read_run_info
 from vlmsae.metrics import hierarchy as H
-from vlmsae.metrics.codes import SAESource, encode_images, open_sae_source, top_images_meta
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.metrics.topimages import TopImages
-from vlmsae.models.embedders import load_embedder
+from vlmsae.models.open_sae import SAESource
+from vlmsae.studies.codes import encode_images, top_images_meta
 from vlmsae.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -121,8 +120,8 @@ def compute_top_images(
 ) -> tuple[TopImages, torch.Tensor | None]:
     """Run the SAE's source model and the SAE over the images, in one pass.
 
-    ``src`` comes from :func:`vlmsae.metrics.codes.open_sae_source` and the images are encoded by
-    :func:`vlmsae.metrics.codes.encode_images`, as the monosemanticity study does, so the top images
+    ``src`` comes from :func:`vlmsae.models.open_sae.open_sae_source` and the images are encoded by
+    :func:`vlmsae.studies.codes.encode_images`, as the monosemanticity study does, so the top images
     here equal those of an MS run on the same images. Returns the top-``top_k`` index and the MS per
     latent from ``embedder``'s image embeddings (None without an embedder).
     """
@@ -155,19 +154,6 @@ def compute_top_images(
 # ----------------------------------------------------------------------------------------------
 
 
-def top_images_of_sae(
-    sae: Any, sae_source: dict[str, Any], images: ImageSet, job: HierarchyJob
-) -> tuple[TopImages, torch.Tensor | None]:
-    """Open the model ``sae_source`` names (``job.model``/``layer``/``pool``/``device`` override it) and rank
-    ``images`` for every latent: :func:`compute_top_images`, with MS when ``job.embedder`` is set."""
-    src = open_sae_source(
-        sae, sae_source, layer=job.layer, pool=job.pool, device=job.device, model=job.model, sae_dpath=job.sae_path
-    )
-    embedder = load_embedder(job.embedder) if job.embedder is not None else None
-    batch_size = job.batch_size or images.batch_size
-    return compute_top_images(src, images, embedder, top_k=job.top_k, batch_size=batch_size, sae_path=job.sae_path)
-
-
 @dataclass
 class HierarchyStudy:
     """The per-group table (hierarchy.json) and the per-latent rows (latent_taxa.csv) of one run."""
@@ -183,12 +169,16 @@ def score_hierarchy(
     taxonomy: Taxonomy,
     classes: list[str],
     sae,
-    job: HierarchyJob,
+    *,
+    n_top: int,
+    min_majority: float,
+    sae_path: str | Path,
+    ms_run: str | Path | None = None,
 ) -> HierarchyStudy:
     """LCA depths of every latent's top-``n_top`` images in ``taxonomy``, per Matryoshka group of ``sae``.
 
     classes: names of integer image labels (a listed folder's classes), so the taxonomy can match a
-    label by name; ``job.min_majority``: see :func:`latent_taxa_rows`; ``job.sae_path``, ``job.ms_run``: recorded.
+    label by name; ``min_majority``: see :func:`latent_taxa_rows`; ``sae_path``, ``ms_run``: recorded.
     """
     group_K = sae.group_of_latent.cpu()
     labels = [
@@ -196,21 +186,21 @@ def score_hierarchy(
         for lab in (top.labels or [None] * len(top.keys))
     ]
     codes_NR, names = encode_paths(taxonomy.match(top.keys, top.paths, labels), taxonomy.n_ranks)
-    depths = H.lca_depths(top.image_idx, top.acts, codes_NR, n_top=job.n_top)
+    depths = H.lca_depths(top.image_idx, top.acts, codes_NR, n_top=n_top)
     groups = H.group_table(depths, group_K, ms_K, n_groups=len(sae.group_sizes))
-    code_KR, frac_KR, _ = H.majority_taxa(top.image_idx, top.acts, codes_NR, n_top=job.n_top)
-    rows = latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, taxonomy.ranks, job.min_majority)
+    code_KR, frac_KR, _ = H.majority_taxa(top.image_idx, top.acts, codes_NR, n_top=n_top)
+    rows = latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, taxonomy.ranks, min_majority)
     summary = HierarchySummary(
         groups=groups,
         group_sizes=list(sae.group_sizes),
         n_latents=sae.n_latents,
         n_scored=int(depths.valid_K.sum()),
         n_images=len(top.keys),
-        n_top=job.n_top,
+        n_top=n_top,
         ranks=list(taxonomy.ranks),
         taxonomy=taxonomy.source,
-        sae_path=str(job.sae_path),
-        ms_run=None if job.ms_run is None else str(job.ms_run),
+        sae_path=str(sae_path),
+        ms_run=None if ms_run is None else str(ms_run),
         paper_table2=PAPER_TABLE2,
     )
     return HierarchyStudy(summary=summary, latent_rows=rows, taxonomy_source=taxonomy.source)
@@ -264,9 +254,9 @@ def hierarchy_markdown(summary: HierarchySummary) -> str:
     )
 
 
-def log_groups(summary: HierarchySummary) -> None:
-    """One log line per group: scored latents, depth and MS."""
-    for r in summary.groups:
+def log_groups(groups: list[dict]) -> None:
+    """One log line per group (``HierarchySummary.groups``): scored latents, depth and MS."""
+    for r in groups:
         log.info(
             "group %d: %d/%d latents scored, depth %s, MS %s",
             r["group"],

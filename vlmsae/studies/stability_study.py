@@ -2,7 +2,7 @@
 
 :func:`open_runs` finds each run's SAE folder (``<run>/sae`` or the folder itself), checks that all SAEs have
 one size and reads their training metrics (the ``metrics`` that training records in ``sae/run_info.json``);
-:func:`stability_study` matches the decoders (:mod:`vlmsae.metrics.stability`) and puts the figures in the
+:func:`stability_study` matches the decoders (:mod:`vlmsae.metrics.seed_matching`) and puts the figures in the
 formats :class:`vlmsae.formats.StabilitySummary` and :class:`vlmsae.formats.StabilityLatents`.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from vlmsae import formats
-from vlmsae.metrics.stability import StabilityResult, mean_ci, seed_stability, summaries_mean_ci
+from vlmsae.metrics.seed_matching import StabilityResult, mean_ci, seed_stability, summaries_mean_ci
 from vlmsae.sae import load_sae
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,12 @@
-"""vlmsae.metrics.embedding_cache: cached image embeddings, keyed by embedder, image list and origin."""
+"""vlmsae.studies.embedding_cache: cached image embeddings, keyed by embedder, image list and origin."""
 
 from __future__ import annotations
 
 import torch
 
 from vlmsae.data.images import ImageRecord
-from vlmsae.metrics import embedding_cache as ec
 from vlmsae.models.embedders import EmbedderSpec
+from vlmsae.studies import embedding_cache as ec
 
 PIXELS = EmbedderSpec(name="pixels", backend="pixels", arch="pixels")
 

@@ -1,7 +1,7 @@
 """The monosemanticity study of one SAE over a set of images (METHOD §3): what ``vlmsae.monosemanticity`` runs.
 
 :func:`score_sae` encodes the images with the SAE's source model and the SAE (codes stay sparse),
-embeds them with the embedder E (through the on-disk cache of :mod:`vlmsae.metrics.embedding_cache`),
+embeds them with the embedder E (through the on-disk cache of :mod:`vlmsae.studies.embedding_cache`),
 and scores every SAE latent, and every raw neuron of the layer (the baseline), with the exact
 linear-time MS; it also collects reconstruction metrics of the same pass, each latent's top images
 and their uniqueness. :func:`zero_shot_check` splices the SAE into the source CLIP and compares
@@ -22,14 +22,15 @@ from vlmsae.data.image_set import ImageSet
 from vlmsae.data.images import SkipLog
 from vlmsae.data.shards import image_list_digest
 from vlmsae.formats import LatentRow, LatentsTable, MsSummary
-from vlmsae.metrics.codes import SAESource, encode_images, top_images_meta
-from vlmsae.metrics.embedding_cache import CachedEmbedder
 from vlmsae.metrics.monosemanticity import column_min_max, monosemanticity_scores, ms_summary
-from vlmsae.metrics.names import LatentNamer, LatentNames, with_names
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator, zero_shot_fidelity
 from vlmsae.metrics.topimages import TopImages, top_set_jaccard
 from vlmsae.models.embedders import EmbedderSpec
 from vlmsae.models.open_clip_backend import create_open_clip, spec_source
+from vlmsae.models.open_sae import SAESource, open_sae_source, source_model_spec
+from vlmsae.studies.codes import encode_images, top_images_meta
+from vlmsae.studies.embedding_cache import CachedEmbedder
+from vlmsae.studies.naming import LatentNamer, LatentNames, with_names
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def score_sae(
     top_k: top images kept per latent; chunk_size: images per block of the dense MS path;
     dense_threshold: reconstruction's "dense latent" firing fraction; sae_path: recorded in the index;
     embed_memo: image embeddings shared by the SAEs of a sweep (see :class:`CachedEmbedder`).
-    namer: names every latent from its top images' embeddings (:mod:`vlmsae.metrics.names`) when given.
+    namer: names every latent from its top images' embeddings (:mod:`vlmsae.studies.naming`) when given.
     """
     sae = src.sae
     classes: list[str] = []
@@ -223,3 +224,20 @@ def zero_shot_check(
             model, sae, src.layer, batches, text.to(sae.W_dec.device), labels=[r.label for r in records], tokens=tokens
         )
     return {**out, "spliced_tokens": tokens, "n_classes": len(classes), "template": template}
+
+
+def clip_zero_shot(sae: Any, images: str | None, template: str, max_images: int, batch_size: int) -> dict[str, Any]:
+    """:func:`zero_shot_check` for ``sae`` (its own source CLIP) on a class-folder tree,
+    or ``{"skipped": why}``: the source is not an open_clip model, or no class folders were given."""
+    try:
+        spec = source_model_spec(dict(getattr(sae, "source", {}) or {}), None, None)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        return {"skipped": f"the SAE's source model is unknown ({err})"}
+    if spec.backend != "open_clip":
+        return {"skipped": f"the SAE's source {spec.name} is a {spec.backend} model; zero-shot needs an open_clip CLIP"}
+    if images is None:
+        return {"skipped": "no class folders: pass zero_shot_images=<ImageFolder tree>"}
+    image_set = ImageSet(source="folder", root=str(images), max_images=max_images, batch_size=batch_size)
+    classes = image_set.listing().classes
+    src = open_sae_source(sae)
+    return zero_shot_check(src, image_set, classes, template=template, max_images=max_images)

@@ -1,4 +1,4 @@
-"""Automatic feature names (vlmsae.metrics.names): the scoring by hand, planted names on the concept images,
+"""Automatic feature names (vlmsae.studies.naming): the scoring by hand, planted names on the concept images,
 the vocabularies and the refusals."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vlmsae.formats import LatentRow, LatentsTable
-from vlmsae.metrics import names as nm
+from vlmsae.studies import naming as nm
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "taxonomy"
 

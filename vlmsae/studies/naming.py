@@ -12,7 +12,7 @@ Vocabularies (:func:`load_vocabulary`): ``imagenet`` (open_clip's 1000 ImageNet 
 runtime), ``wordnet`` (:func:`wordnet_nouns`: concrete WordNet nouns) or a text file, one name per line.
 The embedder must have a text side (``embed_text``: the open_clip embedders, ``clip_b32`` and ``tiny``).
 
-``autointerp=llava`` adds a second pass (:mod:`vlmsae.metrics.autointerp`): LLaVA's one word for a grid of
+``autointerp=llava`` adds a second pass (:mod:`vlmsae.studies.autointerp`): LLaVA's one word for a grid of
 each latent's top images, scored against the same concept with the same templates (``autointerp`` and
 ``autointerp_score``).
 """
@@ -31,10 +31,10 @@ import torch
 from vlmsae.data.images import load_image
 from vlmsae.data.taxonomy import find_wordnet_noun_file, load_wordnet_synsets
 from vlmsae.formats import TOP_IMAGES_DIR, LatentsTable, read_latents_csv, read_run_info
-from vlmsae.metrics.autointerp import AutoInterp, build_autointerp
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models import embedders
-from vlmsae.steering.score import streamed_concept_embeddings
+from vlmsae.steering.score import streamed_concept_embeddings, unit
+from vlmsae.studies.autointerp import AutoInterp, build_autointerp
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -58,11 +58,6 @@ VOCABULARIES = ("imagenet", "wordnet")
 _PHYSICAL_ENTITY = 1930  # WordNet 3.0 synset n00001930 "physical entity": the root of concrete nouns
 _WORDNET_LEMMA_RE = re.compile(r"[a-z]+(?:[ -][a-z]+)?")  # lowercase, one or two words: no proper nouns
 _VOCAB_FIX = "pass names=imagenet, names=wordnet, or names=<text file with one name per line>"
-
-
-def _unit(x_NE: torch.Tensor) -> torch.Tensor:
-    x_NE = x_NE.float()
-    return x_NE / x_NE.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def wordnet_nouns(wordnet_dpath: str | Path | None = None) -> list[str]:
@@ -130,22 +125,22 @@ def name_embeddings(
     total = None
     for template in templates:
         prompts = [template.format(n) for n in names]
-        emb = torch.cat([_unit(embed_text(prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)])
+        emb = torch.cat([unit(embed_text(prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)])
         total = emb if total is None else total + emb
-    return _unit(total / len(templates))
+    return unit(total / len(templates))
 
 
 def concepts_from_embeddings(emb_NE: torch.Tensor, image_idx_KT: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """[K, E] concepts: the unit mean of the unit embeddings of each latent's top images (``image_idx_KT`` rows,
     -1 = padding); NaN rows for latents without images. In chunks of latents, so K x T x E never materialises."""
-    unit_NE = _unit(emb_NE)
+    unit_NE = unit(emb_NE)
     out = torch.full((image_idx_KT.shape[0], unit_NE.shape[1]), float("nan"))
     for k0 in range(0, image_idx_KT.shape[0], chunk):
         idx = image_idx_KT[k0 : k0 + chunk].long()
         valid = (idx >= 0).float()
         summed = (unit_NE[idx.clamp_min(0)] * valid[..., None]).sum(1)
         count = valid.sum(1, keepdim=True)
-        out[k0 : k0 + chunk] = torch.where(count > 0, _unit(summed / count.clamp_min(1)), out[k0 : k0 + chunk])
+        out[k0 : k0 + chunk] = torch.where(count > 0, unit(summed / count.clamp_min(1)), out[k0 : k0 + chunk])
     return out
 
 
@@ -192,7 +187,7 @@ def top_names(concepts_KE: torch.Tensor, names_VE: torch.Tensor, vocab: Sequence
         raise ValueError(f"{len(vocab)} names but {names_VE.shape[0]} text embeddings: they must align.")
     if top < 1:
         raise ValueError(f"names_top={top}: keep at least 1 name per latent.")
-    sims_KV = concepts_KE.float() @ _unit(names_VE).T
+    sims_KV = concepts_KE.float() @ unit(names_VE).T
     t = min(top, len(vocab))
     # a stable descending sort keeps the earlier vocabulary entry first on a tie (topk does not promise it)
     order_KV = torch.sort(sims_KV.nan_to_num(-2.0), dim=1, descending=True, stable=True).indices[:, :t]

@@ -57,7 +57,10 @@ def _ms_cfg(compose_cfg, sae_dpath, tmp_path, *extra):
 
 # --------------------------------------------------------------------------------- the source picks
 def test_source_picks_model_layer_and_pool(home, tmp_path):
-    from vlmsae.metrics.codes import open_sae_checkpoint
+    from vlmsae.models.open_sae import load_job_sae, open_sae_source
+
+    def open_sae_checkpoint(sae_dpath):
+        return open_sae_source(load_job_sae(sae_dpath))
 
     src = open_sae_checkpoint(_sae(tmp_path / "cls", model="tiny", layer=-2, tokens="cls"))
     assert (src.spec.name, src.layer, src.pool, src.tap.width) == ("tiny", 2, "cls", 64)
@@ -68,7 +71,7 @@ def test_source_picks_model_layer_and_pool(home, tmp_path):
 
 
 def test_a_published_pretrained_id_picks_its_registered_model():
-    from vlmsae.metrics.codes import resolve_sae_inputs
+    from vlmsae.models.open_sae import resolve_sae_inputs
 
     sae = _fake_sae(1024, model=None, pretrained="openai/clip-vit-large-patch14-336", layer=22, tokens="random_k")
     spec, layer, pool = resolve_sae_inputs(sae, sae.source)
@@ -79,7 +82,7 @@ def test_a_published_pretrained_id_picks_its_registered_model():
 
 
 def test_a_foreign_pretrained_name_does_not_replace_the_registered_weights():
-    from vlmsae.metrics.codes import source_model_spec
+    from vlmsae.models.open_sae import source_model_spec
 
     native = source_model_spec({"model": "clip_l14", "pretrained": "laion2b_s32b_b82k"})
     assert native.pretrained == "laion2b_s32b_b82k"  # a vlmsae SAE trained on other weights of the same arch
@@ -88,13 +91,13 @@ def test_a_foreign_pretrained_name_does_not_replace_the_registered_weights():
 
 
 def test_unknown_tokens_default_to_cls_with_a_note(caplog):
-    from vlmsae.metrics.codes import resolve_sae_inputs
+    from vlmsae.models.open_sae import resolve_sae_inputs
 
-    with caplog.at_level(logging.WARNING, logger="vlmsae.metrics.codes"):
+    with caplog.at_level(logging.WARNING, logger="vlmsae.models.open_sae"):
         _, _, pool = resolve_sae_inputs(_fake_sae(64, model="tiny", layer=2), {"model": "tiny", "layer": 2})
     assert pool == "cls" and "source.tokens is None): using pool=cls" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="vlmsae.metrics.codes"):  # no CLS token: mean instead
+    with caplog.at_level(logging.WARNING, logger="vlmsae.models.open_sae"):  # no CLS token: mean instead
         src = {"model": "siglip_so400m", "layer": 20, "tokens": None}
         assert resolve_sae_inputs(_fake_sae(1152, **src), src)[2] == "mean"
     assert "using pool=mean" in caplog.text
@@ -172,8 +175,8 @@ def test_a_model_override_that_does_not_fit_is_refused(compose_cfg, home, tmp_pa
 
 def test_the_loaded_tap_is_checked_too(home, tmp_path, monkeypatch):
     """A spec that claims the wrong width (an overridden model node) is caught once the weights load."""
-    from vlmsae.metrics.codes import open_sae_source
     from vlmsae.models import get_model_spec
+    from vlmsae.models.open_sae import open_sae_source
     from vlmsae.sae import load_sae
 
     sae = load_sae(_sae(tmp_path / "sae", d_in=48, model="tiny", layer=2, tokens="cls"))

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.metrics.monosemanticity import monosemanticity_scores, ms_summary
+from vlmsae.sae import SAEConfig, build_sae
+from vlmsae.sae import train_steps as fit
 
 __all__ = ["PlantedConcepts", "ground_truth_check", "oracle_sae", "planted_concepts"]
 
@@ -43,8 +46,6 @@ def planted_concepts(
     seed: int = 0,
 ) -> PlantedConcepts:
     """Activations and embeddings of ``n_images`` images with ``k`` of ``n_concepts`` concepts each."""
-    from vlmsae.data.synthetic import PlantedDictionary
-
     planted = PlantedDictionary.random(
         d_in=d_in, n_atoms=n_concepts, k=k, noise_std=noise_std, offset_norm=2.0, seed=seed
     )
@@ -57,8 +58,6 @@ def planted_concepts(
 
 def oracle_sae(atoms_CD: torch.Tensor, offset_D: torch.Tensor, k: int):
     """A TopK SAE whose encoder and decoder are the planted atoms (b_dec = the shared offset)."""
-    from vlmsae.sae import SAEConfig, build_sae
-
     n_concepts, d_in = atoms_CD.shape
     sae = build_sae(SAEConfig(arch="topk", d_in=d_in, n_latents=n_concepts, k=k), seed=0)
     with torch.no_grad():
@@ -87,9 +86,6 @@ def ground_truth_check(
     out["neurons"] = ms_summary(monosemanticity_scores(data.acts_ND, data.embeddings_NE), n_images)
     out["true_codes"] = ms_summary(monosemanticity_scores(data.codes_NC, data.embeddings_NE), n_images)
     if train_steps > 0:
-        from vlmsae.sae import SAEConfig, build_sae
-        from vlmsae.sae import train_steps as fit
-
         n_concepts, d_in = data.atoms_CD.shape
         trained = build_sae(SAEConfig(arch="topk", d_in=d_in, n_latents=2 * n_concepts, k=k), seed=seed)
         g = torch.Generator().manual_seed(seed + 3)

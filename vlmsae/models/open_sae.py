@@ -1,0 +1,176 @@
+"""Opening an SAE for a job: load it from ``sae_path=``, then load the model and layer it reads.
+
+A loaded SAE records what it reads (``sae.source``: model, pretrained, layer, tokens; set by
+:func:`vlmsae.sae.load` from vlmsae's ``config.json`` or a foreign format's own files).
+:func:`load_job_sae` loads the SAE a job names (every job and the steering setup load it here);
+:func:`open_sae_source` resolves its source, plus the caller's overrides, to a loaded tap, a layer and a
+token pooling (:data:`vlmsae.metrics.pooling.POOLS`), and checks the SAE's width against them before any
+image is encoded. The studies (:mod:`vlmsae.studies`) and the steering jobs (:mod:`vlmsae.steering`) both
+sit above this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmsae import sae as sae_lib
+from vlmsae.metrics.pooling import POOLS
+from vlmsae.models import get_model_spec, list_models, load_tap
+from vlmsae.models.spec import ModelSpec
+from vlmsae.models.tap import Tap, resolve_layer
+
+log = logging.getLogger(__name__)
+
+
+def _model_for_pretrained(pretrained: Any) -> str | None:
+    """The one registered model whose ``pretrained`` is exactly ``pretrained`` (e.g. an HF id), else None."""
+    if not pretrained:
+        return None
+    names = [n for n in list_models() if get_model_spec(n).pretrained == pretrained]
+    return names[0] if len(names) == 1 else None  # a bare tag like "openai" fits several: no guess
+
+
+def source_model_spec(
+    source: dict[str, Any], model: ModelSpec | None = None, sae_dpath: str | Path | None = None
+) -> ModelSpec:
+    """The model an SAE reads: ``model`` if given, else the registered model its ``source`` names (or the one
+    registered model whose ``pretrained`` equals the source's); an error naming ``model=`` when neither."""
+    if model is not None:
+        return ModelSpec.from_cfg(model)
+    name = source.get("model") or _model_for_pretrained(source.get("pretrained"))
+    if not name:
+        known = f" (pretrained={source['pretrained']!r} matches no single model)" if source.get("pretrained") else ""
+        raise ValueError(
+            f"The SAE at {sae_dpath} does not say which model it reads (source.model is None{known}): "
+            f"pass model=<name> (one of: {', '.join(list_models())})."
+        )
+    if isinstance(name, dict):
+        return ModelSpec.from_cfg(name)
+    try:
+        spec = get_model_spec(str(name))
+    except ValueError as err:
+        raise ValueError(f"The SAE at {sae_dpath} says it reads model {name!r}. {err} Pass model=<name>.") from None
+    # A vlmsae SAE may have been trained with other weights of the same architecture (model.pretrained=...);
+    # a foreign format's `pretrained` is in that library's own naming, so the registered model's is kept.
+    native = source.get("format") in (None, "vlmsae")
+    if native and source.get("pretrained") and source["pretrained"] != spec.pretrained:
+        spec.pretrained = source["pretrained"]
+    return spec
+
+
+def default_pool(source: dict[str, Any], has_cls: bool = True) -> str:
+    """``cls`` for an SAE trained on CLS tokens, else ``mean`` over the patch tokens. Unknown tokens
+    (``source.tokens`` None): ``cls`` (``mean`` on a model without one), with a logged note."""
+    tokens = source.get("tokens")
+    if tokens is None:
+        pool = "cls" if has_cls else "mean"
+        log.warning(
+            "The SAE does not say which tokens it was trained on (source.tokens is None): using pool=%s; "
+            "pass pool=cls|mean|max to choose.",
+            pool,
+        )
+        return pool
+    return "cls" if tokens == "cls" else "mean"
+
+
+def _width_error(sae, spec_name: str, layer: int | str, width: int | None, source: dict[str, Any]) -> ValueError:
+    where = "the projected image embedding (layer=last)" if layer == "last" else f"layer {layer}'s residual stream"
+    said = {k: source.get(k) for k in ("model", "layer", "tokens")}
+    return ValueError(
+        f"The SAE reads {sae.d_in}-d activations (d_in={sae.d_in}) but {spec_name}'s {where} is {width}-d: "
+        f"this SAE was not trained on this model/layer. Pass the model and layer it reads (model=<name> "
+        f"layer=<L|last>); its source says {said}."
+    )
+
+
+def resolve_sae_inputs(
+    sae,
+    source: dict[str, Any],
+    model: ModelSpec | None = None,
+    layer: int | str | None = None,
+    pool: str | None = None,
+    sae_dpath: str | Path | None = None,
+) -> tuple[ModelSpec, int | str, str]:
+    """(model spec, layer, pool) an SAE is run on, checked against the model's registered shape (blocks,
+    width, embedding) before any weights or images are loaded. Overrides win over ``source``; what is
+    neither given nor recorded is an error naming the one option still needed."""
+    spec = source_model_spec(source, model, sae_dpath)
+    from_source = layer is None
+    layer = source.get("layer") if from_source else layer
+    if layer is None:
+        raise ValueError(
+            f"The SAE at {sae_dpath} does not say which layer it reads (source.layer is None): pass layer=<L> "
+            f"(a block index 0..{spec.n_layers - 1} of {spec.name}, or last for the projected embedding)."
+        )
+    try:
+        layer = resolve_layer(layer, spec.n_layers, spec.name)
+    except ValueError as err:
+        said = "the SAE's source.layer" if from_source else "layer="
+        raise ValueError(f"{err} (the layer came from {said}; pass layer=<L> or the SAE's model=<name>)") from None
+    width = spec.embed_dim if layer == "last" else spec.width
+    if width is None:
+        raise ValueError(f"{spec.name} has no projected image embedding (layer=last): pass layer=<L>, a block index.")
+    if sae.d_in != width:
+        raise _width_error(sae, spec.name, layer, width, source)
+    pool = pool or default_pool(source, spec.has_cls)
+    if pool not in POOLS:
+        raise ValueError(f"Unknown pool={pool!r}: use one of {list(POOLS)}.")
+    if pool == "cls" and layer != "last" and not spec.has_cls:
+        raise ValueError(f"pool=cls: {spec.name} has no CLS token (e.g. SigLIP); use pool=mean or pool=max.")
+    return spec, layer, pool
+
+
+@dataclass
+class SAESource:
+    """Where an SAE reads: the loaded tap, its spec, the resolved layer and the token pooling."""
+
+    sae: Any  # vlmsae.sae.base.SAE, on the tap's device, in eval mode
+    tap: Any  # a vlmsae.models Tap (or a sweep's SharedTap around one)
+    spec: ModelSpec
+    layer: int | str
+    pool: str
+    source: dict[str, Any] = field(default_factory=dict)  # what the loaded SAE records it reads (sae.source)
+
+
+def open_sae_source(
+    sae,
+    source: dict[str, Any] | None = None,
+    model: ModelSpec | None = None,
+    layer: int | str | None = None,
+    pool: str | None = None,
+    device: str | None = None,
+    sae_dpath: str | Path | None = None,
+    tap_of: Callable[[ModelSpec], Tap] | None = None,
+) -> SAESource:
+    """Load the tap the SAE reads (``source`` defaults to ``sae.source``; ``model`` / ``layer`` / ``pool``
+    override it; ``device`` overrides the model's unless None or "auto") and move the SAE to it.
+    Bad combinations are refused by :func:`resolve_sae_inputs` before the model loads; errors name the fix.
+    ``tap_of``: what loads the tap of a model spec (None: :func:`vlmsae.models.load_tap`; a sweep passes one
+    that loads each model once)."""
+    # JSON-safe (a loader may record a Path): jobs write it to run_info.json for the browser
+    source = json.loads(json.dumps(dict(sae.source if source is None else source), default=str))
+    spec, layer, pool = resolve_sae_inputs(sae, source, model, layer, pool, sae_dpath)
+    if device not in (None, "auto"):
+        spec.device = str(device)
+    tap = (tap_of or load_tap)(spec)
+    layer = tap.resolve_layer(layer)
+    width = tap.embed_dim if layer == "last" else tap.width
+    if sae.d_in != width:  # the loaded weights disagree with the registered shape (e.g. an overridden model)
+        raise _width_error(sae, spec.name, layer, width, source)
+    return SAESource(sae=sae.to(tap.device).eval(), tap=tap, spec=spec, layer=layer, pool=pool, source=source)
+
+
+def load_job_sae(sae_path: str | Path, sae_format: str | None = None, device: str = "cpu"):
+    """The SAE a job's ``sae_path=`` names, loaded by :func:`vlmsae.sae.load` (every job loads its SAE here);
+    a missing or unreadable SAE is refused with the job key named."""
+    try:
+        return sae_lib.load(sae_path, sae_format=sae_format, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        if type(err) not in (FileNotFoundError, ValueError):  # e.g. JSONDecodeError: its own constructor
+            raise
+        raise type(err)(f"sae_path={str(sae_path)!r} (sae_format={sae_format}): {err}") from err

@@ -1,0 +1,132 @@
+"""Images -> one sparse SAE code row per image: the pass the monosemanticity and hierarchy studies share.
+
+An SAE opened on the model it reads (:func:`vlmsae.models.open_sae.open_sae_source`, an ``SAESource``) runs
+batches of images through its tap and the SAE (inference encoder, sparse codes) in :func:`encode_images`,
+which pools the token codes to one row per image (:mod:`vlmsae.metrics.pooling`), so both studies rank the
+same top images for the same SAE and images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlmsae.data.images import ImageRecord
+from vlmsae.metrics.pooling import encode_rows, pool_rows, pool_sparse, sparse_rows
+from vlmsae.metrics.reconstruction import ReconstructionAccumulator
+from vlmsae.metrics.topimages import TopImages, top_images
+from vlmsae.models.open_sae import SAESource
+
+# SAE input rows encoded at once when pooling over tokens: bounds the dense [rows, F] code block.
+TOKEN_ROWS = 1024
+
+
+@dataclass
+class ImageCodes:
+    """Per-image SAE codes and the images they belong to (row i = ``keys[i]``)."""
+
+    codes_NF: torch.Tensor  # sparse COO [N, F] float32, coalesced
+    keys: list[str]
+    paths: list[str | None]
+    labels: list[int]
+    raw_ND: torch.Tensor | None = None  # the pooled raw activations (``keep_raw=True``), float32 CPU
+
+    @property
+    def n_images(self) -> int:
+        return len(self.keys)
+
+    def top_images(self, top_k: int, meta: dict[str, Any]) -> TopImages:
+        """The top-``top_k`` images of every latent as a :class:`TopImages` index (paths kept if all known).
+        ``meta`` (see :func:`top_images_meta`) says what was ranked."""
+        idx_KT, acts_KT = top_images(self.codes_NF, top_k=top_k)
+        paths = self.paths if all(p is not None for p in self.paths) else None
+        return TopImages(idx_KT, acts_KT, self.keys, paths=paths, labels=self.labels, meta=meta)
+
+
+def top_images_meta(src: SAESource, images: Any, sae_path: str | Path, **extra: Any) -> dict[str, Any]:
+    """What a top-images index ranked: the SAE, its model and tap, and the images (``meta.json``)."""
+    return {
+        "what": "top-activating images of SAE latents",
+        "sae_path": str(sae_path),
+        "model": src.spec.name,
+        "layer": src.layer,
+        "pool": src.pool,
+        "data_source": images.source,
+        "data_root": str(images.root),
+        **extra,
+    }
+
+
+@torch.no_grad()
+def _encode_batch(
+    src: SAESource, batch: list[ImageRecord], recon: ReconstructionAccumulator | None, keep_raw: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-image sparse codes [B, F], pooled raw activations [B, D] or None) of one batch of images."""
+    sae, tap = src.sae, src.tap
+    acts = tap.forward_to(torch.stack([tap.preprocess(r.image) for r in batch]), src.layer)
+    rows_RD, per_image = pool_rows(acts, src.pool, tap.has_cls)
+    on_codes = None if recon is None else (lambda x_rd, codes: recon.update(x_rd, sae.decode(codes), codes))
+    pooled = pool_sparse(encode_rows(sae, rows_RD, TOKEN_ROWS, on_codes), per_image, src.pool, len(batch))
+    if not keep_raw:
+        return pooled, None
+    raw = rows_RD.float().cpu()
+    if per_image > 1:
+        tok = raw.reshape(len(batch), per_image, -1)
+        raw = tok.mean(1) if src.pool == "mean" else tok.amax(1)
+    return pooled, raw
+
+
+def encode_images(
+    src: SAESource,
+    records: Iterable[ImageRecord],
+    batch_size: int,
+    recon: ReconstructionAccumulator | None = None,
+    keep_raw: bool = False,
+    on_batch: Callable[[list[ImageRecord]], None] | None = None,
+    progress: bool = True,
+    total: int | None = None,
+    desc: str = "images",
+) -> ImageCodes:
+    """Run ``records`` (readable images) through ``src``'s tap and SAE, ``batch_size`` at a time.
+
+    recon: also fed every encoded token row (reconstruction metrics of the same pass).
+    keep_raw: also return the layer's raw activations pooled like the codes (the MS baseline).
+    on_batch: called with each batch's records after it is encoded (e.g. to embed the images
+        while they are in memory). total: the expected number of images, for the progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    keys: list[str] = []
+    paths: list[str | None] = []
+    labels: list[int] = []
+    code_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    raw_rows: list[torch.Tensor] = []
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
+
+    def flush(batch: list[ImageRecord]) -> None:
+        pooled, raw = _encode_batch(src, batch, recon, keep_raw)
+        code_parts.append((pooled.indices()[0] + len(keys), pooled.indices()[1], pooled.values()))
+        if raw is not None:
+            raw_rows.append(raw)
+        if on_batch is not None:
+            on_batch(batch)
+        keys.extend(r.key for r in batch)
+        paths.extend(r.path for r in batch)
+        labels.extend(int(r.label) for r in batch)
+        bar.update(len(batch))
+
+    batch: list[ImageRecord] = []
+    for record in records:
+        batch.append(record)
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    bar.close()
+    codes_NF = sparse_rows(code_parts, (len(keys), src.sae.n_latents))
+    return ImageCodes(codes_NF, keys, paths, labels, torch.cat(raw_rows) if raw_rows else None)
