@@ -11,6 +11,7 @@ zero-shot predictions. :class:`MSStudy` turns the result into the ``latents.csv`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from vlmsae.formats import LatentRow, LatentsTable, MsSummary
 from vlmsae.metrics.codes import SAESource, encode_images, top_images_meta
 from vlmsae.metrics.embedding_cache import CachedEmbedder
 from vlmsae.metrics.monosemanticity import column_min_max, monosemanticity_scores, ms_summary
-from vlmsae.metrics.names import LatentNamer, LatentNames, with_names
+from vlmsae.metrics.names import LABELS, LatentNamer, LatentNames, label_namer, with_names
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator, zero_shot_fidelity
 from vlmsae.metrics.topimages import TopImages, top_set_jaccard
 from vlmsae.models.embedders import EmbedderSpec
@@ -150,6 +151,9 @@ def score_sae(
         "top_k": top_k,
     }
     names = None
+    if namer is not None and namer.source == LABELS:  # names=labels: the class means of these very images
+        labelled = label_namer(emb_NE, encoded.labels, classes, namer.top)
+        namer = dataclasses.replace(labelled, autointerp=namer.autointerp)
     if namer is not None:  # the top images' rows of emb_NE: the concept of the steering score, nothing re-embedded
         names = namer.name_from_embeddings(emb_NE, top.image_idx, top.paths, ms_K)
         summary["names"] = namer.study_summary(names, ms_K)
