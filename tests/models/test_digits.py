@@ -143,3 +143,10 @@ def test_missing_cache_is_built_and_another_seed_is_not_reused(tmp_path, caplog)
     assert digits.cache_problem(dpath, digits.CNN_WEIGHTS, 1) == "no trained.json"
     digits.ensure_digits_cnn(dpath, seed=1)
     assert digits.cache_problem(dpath, digits.CNN_WEIGHTS, 2) == "trained with seed 1, asked for seed 2"
+
+
+def test_embedder_refuses_another_recipe_version():
+    node = {**_embedder_node(), "pretrained": "digits-trained-v0"}
+    with pytest.raises(ValueError, match="embedder.pretrained=digits-trained-v1"):
+        load_embedder(node)
+    assert _embedder_node()["pretrained"] == digits.TRAINED_VERSION  # the YAML keys the cache by the version

@@ -47,7 +47,7 @@ DIGITS_VIT_ARCH = "vlmsae-digits-vit"  # conf/model/digits_vit.yaml's arch: the 
 DIGITS_VIT_RANDOM_ARCH = "vlmsae-digits-vit-random"  # conf/model/digits_vit_random.yaml: same shapes, untrained
 DIGITS_VIT_ARCHS = (DIGITS_VIT_ARCH, DIGITS_VIT_RANDOM_ARCH)
 DIGITS_CNN_ARCH = "vlmsae-digits-cnn"  # conf/embedder/digits_cnn.yaml's arch
-TRAINED_VERSION = "digits-trained-v1"  # bump when a recipe below changes: every cached copy is retrained
+TRAINED_VERSION = "digits-trained-v1"  # bump when a recipe changes (and conf/embedder/digits_cnn.yaml pretrained)
 TRAINED_META = "trained.json"
 CNN_WEIGHTS = "cnn.safetensors"
 VIT_IMAGE_PX = 24  # 24 px / patch 4 = 6 x 6 patches + CLS = 37 tokens

@@ -179,9 +179,14 @@ class DigitsCNNEmbedder(Embedder):
     """The digits CNN's penultimate features (no text side: name its latents with ``names=labels``)."""
 
     def __init__(self, spec: EmbedderSpec):
-        from vlmsae.models.digits import load_digits_cnn
+        from vlmsae.models.digits import TRAINED_VERSION, load_digits_cnn
         from vlmsae.models.tiny import tiny_model_dpath
 
+        if spec.pretrained not in (None, TRAINED_VERSION):
+            raise ValueError(
+                f"embedder {spec.name!r}: pretrained={spec.pretrained!r} but this vlmsae trains the digits CNN as "
+                f"{TRAINED_VERSION!r}: set embedder.pretrained={TRAINED_VERSION} (it keys the embedding cache)."
+            )
         self.spec = spec
         dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(f"embedder_{spec.name}")
         self.device = resolve_device(spec.device)
