@@ -143,6 +143,9 @@ def test_missing_cache_is_built_and_another_seed_is_not_reused(tmp_path, caplog)
     assert digits.cache_problem(dpath, digits.CNN_WEIGHTS, 1) == "no trained.json"
     digits.ensure_digits_cnn(dpath, seed=1)
     assert digits.cache_problem(dpath, digits.CNN_WEIGHTS, 2) == "trained with seed 1, asked for seed 2"
+    assert digits.cache_problem(dpath, digits.CNN_WEIGHTS, 1, digits.CNN_RECIPE) is None
+    other = digits.Recipe(epochs=1, lr=1e-3)
+    assert "trained with recipe" in digits.cache_problem(dpath, digits.CNN_WEIGHTS, 1, other)
 
 
 def test_embedder_refuses_another_recipe_version():

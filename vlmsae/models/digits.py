@@ -18,6 +18,7 @@ deleted and trained again, never loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -79,9 +80,10 @@ def file_sha256(fpath: Path) -> str:
     return h.hexdigest()
 
 
-def cache_problem(dpath: Path, weights_name: str, seed: int) -> str | None:
+def cache_problem(dpath: Path, weights_name: str, seed: int, recipe: Recipe | None = None) -> str | None:
     """Why the cached network in ``dpath`` cannot be trusted (None: it can): missing, unreadable metadata,
-    another version or seed, or weights whose digest differs from the recorded one (truncated, altered)."""
+    another version, seed or ``recipe``, or weights whose digest differs from the recorded one (truncated,
+    altered)."""
     meta_fpath, weights_fpath = dpath / TRAINED_META, dpath / weights_name
     if not meta_fpath.is_file():
         return f"no {TRAINED_META}"
@@ -94,6 +96,8 @@ def cache_problem(dpath: Path, weights_name: str, seed: int) -> str | None:
         return f"version {found!r}, this vlmsae trains {TRAINED_VERSION!r}"
     if meta.get("seed") != seed:
         return f"trained with seed {meta.get('seed')!r}, asked for seed {seed}"
+    if recipe is not None and meta.get("recipe") != dataclasses.asdict(recipe):
+        return f"trained with recipe {meta.get('recipe')!r}, this vlmsae uses {dataclasses.asdict(recipe)!r}"
     if not weights_fpath.is_file():
         return f"no {weights_name}"
     if file_sha256(weights_fpath) != meta.get("weights_sha256"):
@@ -106,9 +110,9 @@ def read_trained_meta(dpath: str | Path) -> dict[str, Any]:
     return json.loads((Path(dpath) / TRAINED_META).read_text())
 
 
-def _ensure(dpath: Path, weights_name: str, seed: int, build: Any) -> Path:
+def _ensure(dpath: Path, weights_name: str, seed: int, recipe: Recipe, build: Any) -> Path:
     ensure_digits()  # the image folder data=digits reads: the same pixels the networks train on
-    problem = cache_problem(dpath, weights_name, seed)
+    problem = cache_problem(dpath, weights_name, seed, recipe)
     if problem is None:
         return dpath
     if dpath.exists():
@@ -240,7 +244,7 @@ def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> N
         seed,
         network="digits_vit",
         random_init=random_init,
-        recipe=VIT_RECIPE.__dict__,
+        recipe=dataclasses.asdict(VIT_RECIPE),
         train_accuracy=acc["train"],
         heldout_accuracy=acc["heldout"],
         classes=sorted(CLASS_NAMES),
@@ -250,7 +254,11 @@ def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> N
 def ensure_digits_vit(dpath: str | Path, seed: int = 0, random_init: bool = False) -> Path:
     """The trained (or ``random_init``) digits ViT's open_clip folder, trained on first use, checked each time."""
     return _ensure(
-        Path(dpath), OPEN_CLIP_WEIGHTS, seed, lambda tmp: build_digits_vit(tmp, seed=seed, random_init=random_init)
+        Path(dpath),
+        OPEN_CLIP_WEIGHTS,
+        seed,
+        VIT_RECIPE,
+        lambda tmp: build_digits_vit(tmp, seed=seed, random_init=random_init),
     )
 
 
@@ -313,7 +321,7 @@ def build_digits_cnn(dpath: Path, seed: int = 1) -> None:
         CNN_WEIGHTS,
         seed,
         network="digits_cnn",
-        recipe=CNN_RECIPE.__dict__,
+        recipe=dataclasses.asdict(CNN_RECIPE),
         train_accuracy=acc["train"],
         heldout_accuracy=acc["heldout"],
         classes=sorted(CLASS_NAMES),
@@ -323,7 +331,7 @@ def build_digits_cnn(dpath: Path, seed: int = 1) -> None:
 
 def ensure_digits_cnn(dpath: str | Path, seed: int = 1) -> Path:
     """The trained digits CNN's folder, trained on first use, checked each time."""
-    return _ensure(Path(dpath), CNN_WEIGHTS, seed, lambda tmp: build_digits_cnn(tmp, seed=seed))
+    return _ensure(Path(dpath), CNN_WEIGHTS, seed, CNN_RECIPE, lambda tmp: build_digits_cnn(tmp, seed=seed))
 
 
 def load_digits_cnn(dpath: str | Path, seed: int = 1) -> DigitsCNN:
