@@ -82,6 +82,17 @@ def test_demo_runs_every_step(tmp_path: Path, capsys):
     assert sum(1 for c in cards for heat in c.get("heat", []) if heat) > 0  # patch tokens -> heatmaps
     assert json.loads((out / "demo_summary.json").read_text())["steps"]["browse"]["status"] == "ok"
 
+    # The trained digits ViT: latents named after digits (names=labels) in their own browser.
+    digit_ms = json.loads((out / "digits" / "monosemanticity" / "ms_summary.json").read_text())
+    assert digit_ms["embedder"] == "digits_cnn" and digit_ms["names"]["vocabulary"] == "labels"
+    assert digit_ms["mean"] > digit_ms["baseline"]["mean"]
+    digit_names = {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    assert {r["name"] for r in digit_ms["names"]["top_latents"]} <= digit_names
+    digits_line = " ".join(shows["digits"]["shows"])
+    assert "held-out accuracy" in digits_line and "digit latents" in digits_line
+    assert (out / "digits" / "browser" / "index.html").is_file()
+    assert "digits/browser/index.html" in printed
+
     # Running it again replaces the folder rather than resuming into stale outputs.
     (out / "stale.txt").write_text("x")
     assert run({"steps": ["data"]}, out)["steps"]["data"]["status"] == "ok"

@@ -19,12 +19,17 @@ as the CLI would compose it, only with tiny choices:
 6. splice_eval      the SAE spliced into the tiny LLaVA's vision block: KL per answer token,
                     fraction of loss recovered vs zero and mean ablation (2 images)    -> splice_eval/
 7. ground_truth     planted-concept check: SAE mean MS vs raw neurons on data with a known answer
-8. browse           the static feature browser of all of the above                     -> browser/index.html
+8. digits           a network that has learned something: the small ViT trained offline on
+                    scikit-learn's real 8x8 digits (``model=digits_vit``), an SAE on block 2 of its
+                    train-split activations, MS on the 360 held-out digits with the independent
+                    digits CNN as E (``embedder=digits_cnn``), latents named after the digit class
+                    they fire on (``names=labels``: "seven"), and their own browser   -> digits/browser/
+9. browse           the static feature browser of the planted-concept run (steps 1-7)  -> browser/index.html
 
-The tiny models are random, so the numbers show the pipeline works, not what CLIP has learned;
-the README lists the real-model commands. A step whose job module is missing or fails is reported
-and the steps that do not need its output still run; the exit status is non-zero if any step did
-not finish.
+The tiny LLaVA is random, so steps 1-7 show the pipeline works and where the answer key is; step 8
+shows what it finds on a trained encoder. The README lists the real-model commands. A step whose job
+module is missing or fails is reported and the steps that do not need its output still run; the exit
+status is non-zero if any step did not finish.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ IMAGES_PER_CLASS = 32  # 16 shape x colour classes -> 512 generated images
 IMAGE_PX = 64
 
 STEPS = (
-    "data", "extract", "train", "monosemanticity", "hierarchy", "steer", "splice_eval", "ground_truth", "browse",
+    "data", "extract", "train", "monosemanticity", "hierarchy", "steer", "splice_eval", "ground_truth", "digits",
+    "browse",
 )  # fmt: skip
+DIGITS_MODEL, DIGITS_EMBEDDER, DIGITS_LAYER = "digits_vit", "digits_cnn", 2  # step 8: a trained ViT, its middle
 VOCAB_FILE = "concept_names.txt"  # the names= vocabulary of the monosemanticity step, in the demo folder
 
 
@@ -404,9 +411,54 @@ class Demo:
         return lines
 
     # -- 8 ------------------------------------------------------------------------------------
+    def digits(self) -> list[str]:
+        from vlmsae.data.digits import ensure_digits
+        from vlmsae.models.digits import read_trained_meta
+        from vlmsae.models.tiny import tiny_model_dpath
+
+        root, out = ensure_digits(), self.d("digits")
+        data = ["data=folder", "data.num_workers=0"]
+        tokens = ["tokens=all", "dtype=float32", "progress=false"]  # every token and CLS, as the paper's MS SAEs
+        sae = ["data.batch_size=1024", "sae=batchtopk", "sae.expansion=8", "sae.k=8", "sae.threshold_start_step=50"]
+        sae += ["trainer=tiny", "logger=none"]
+        named = [f"embedder={DIGITS_EMBEDDER}", "names=labels", "progress=false"]
+        call_job(
+            "extract",
+            [f"model={DIGITS_MODEL}", *data, f"data.root={root / 'train'}", f"layer={DIGITS_LAYER}", *tokens],
+            out / "extract",
+        )
+        call_job(
+            "train",
+            [f"model={DIGITS_MODEL}", "data=acts", f"data.acts={out / 'extract'}", *sae, f"seed={self.seed}"],
+            out / "train",
+        )
+        ms_dpath = out / "monosemanticity"
+        call_job(
+            "monosemanticity",
+            [f"sae_path={out / 'train' / 'sae'}", *data, f"data.root={root / 'heldout'}", *named],
+            ms_dpath,
+        )
+        browser = call_job("browse", [f"run={out}", f"out={out / 'browser'}"], out / "browser")
+        vit = read_trained_meta(tiny_model_dpath(DIGITS_MODEL))
+        cnn = read_trained_meta(tiny_model_dpath(f"embedder_{DIGITS_EMBEDDER}"))
+        s = _read_format(formats.read_ms_summary, ms_dpath / formats.MS_SUMMARY_JSON)
+        b = s.get("baseline") or {}
+        best = best_latents(ms_dpath, 5)
+        return [
+            f"{DIGITS_MODEL}: open_clip ViT trained on 1,437 real digits, {100 * vit['heldout_accuracy']:.1f}% "
+            f"held-out accuracy; E = {DIGITS_EMBEDDER}, a CNN trained apart, {100 * cnn['heldout_accuracy']:.1f}%",
+            f"SAE on block {DIGITS_LAYER} (every token and CLS), scored on the 360 held-out digits: mean MS "
+            f"{_fmt(s.get('mean'))} vs raw neurons {_fmt(b.get('mean'))}",
+            "digit latents (names=labels: the class whose mean embedding is nearest each latent's top images): "
+            + ", ".join(f"#{r['latent']} {r['name']!r} (MS {r['ms']:.3f}, cos {_fmt(r['score'])})" for r in best),
+            f"open file://{Path(browser['index_html']).resolve()}",
+        ]
+
+    # -- 9 ------------------------------------------------------------------------------------
     def browse(self) -> list[str]:
         self.require("monosemanticity")
-        res = call_job("browse", [f"run={self.out}", f"out={self.d('browser')}"], self.d("browser"))
+        over = [f"run={self.out}", f"ms_run={self.d('monosemanticity')}", f"out={self.d('browser')}"]
+        res = call_job("browse", over, self.d("browser"))
         return [
             f"{res['n_cards']} latent cards ({res['n_labelled']} with taxonomy labels, {res['n_heatmaps']} patch "
             f"heatmaps, {res['n_steering']} steering run(s)); {res['heatmap_note']}",

@@ -133,7 +133,7 @@ class ModelSpec:
 
 # ---------------------------------------------------------------------------------------------- embedder
 
-EMBEDDER_BACKENDS = ("open_clip", "hf", "pixels")
+EMBEDDER_BACKENDS = ("open_clip", "hf", "pixels", "cnn")
 """Embedder backends :func:`vlmsae.models.embedders.load_embedder` knows."""
 
 
@@ -143,7 +143,7 @@ class EmbedderSpec:
     (``conf/embedder/*.yaml``, ``embedder_schema``; loaded by ``vlmsae.models.embedders.load_embedder``)."""
 
     name: str = "clip_b32"  # short name used in cache keys and outputs
-    backend: str = "open_clip"  # open_clip | hf | pixels
+    backend: str = "open_clip"  # open_clip | hf | pixels | cnn (the digits CNN, vlmsae.models.digits)
     arch: str = "ViT-B-32"  # open_clip model name, or the transformers model id (facebook/dinov2-base)
     pretrained: Optional[str] = None  # open_clip tag (openai) or checkpoint file; hf: unused
     local_path: Optional[str] = None  # local weights (open_clip checkpoint/folder, or a save_pretrained folder)
@@ -152,10 +152,10 @@ class EmbedderSpec:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | float16 | bfloat16
     batch_size: int = 64  # images per forward
-    tiny: bool = False  # open_clip: the random tiny CLIP built locally (tests)
+    tiny: bool = False  # open_clip: the random tiny CLIP built locally (tests); cnn: trained locally on first use
     embed_dim: int = 64  # pixels backend: output width
     image_size: int = 16  # pixels backend: images are resized to image_size^2 before the projection
-    seed: int = 0  # tiny / pixels: fixes the random weights
+    seed: int = 0  # tiny / pixels / cnn: fixes the random weights (cnn: and its training order)
     # open_clip, for weights no registered tag describes (as ModelSpec's): each overrides the tag's value
     quick_gelu: Optional[bool] = None  # QuickGELU (true) or GELU (false); null = the tag decides
     image_mean: Optional[list[float]] = None  # per-channel (R, G, B) normalisation mean; null = the tag's

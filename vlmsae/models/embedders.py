@@ -6,6 +6,8 @@ CLIP, ``embed_text(strings) -> [N, E]`` in the same space. Backends:
   ``tiny: true`` builds the tiny random open_clip CLIP once into ``$VLMSAE_HOME/models/<name>`` and
   loads it back through the same ``create_model_and_transforms`` call real weights take.
 - ``hf``: a transformers vision model's ``pooler_output`` (DINOv2-base: the layer-normed CLS token, 768-d).
+- ``cnn``: the small CNN trained offline on the real digits (:mod:`vlmsae.models.digits`, ``embedder=digits_cnn``):
+  its penultimate features (64-d). Trained once into ``$VLMSAE_HOME/models/embedder_<name>``, checked by digest.
 - ``pixels``: no weights; a fixed random projection of the downsampled, centred RGB pixels. Meaningful
   for the generated concept images (same colour -> similar embedding), instant, for tests and demos.
 Weights are never downloaded silently into odd places: ``cache_dir`` and ``local_path`` say where
@@ -173,6 +175,30 @@ class PixelEmbedder(Embedder):
         return (x - 0.5) @ self.proj
 
 
+class DigitsCNNEmbedder(Embedder):
+    """The digits CNN's penultimate features (no text side: name its latents with ``names=labels``)."""
+
+    def __init__(self, spec: EmbedderSpec):
+        from vlmsae.models.digits import TRAINED_VERSION, load_digits_cnn
+        from vlmsae.models.tiny import tiny_model_dpath
+
+        if spec.pretrained not in (None, TRAINED_VERSION):
+            raise ValueError(
+                f"embedder {spec.name!r}: pretrained={spec.pretrained!r} but this vlmsae trains the digits CNN as "
+                f"{TRAINED_VERSION!r}: set embedder.pretrained={TRAINED_VERSION} (it keys the embedding cache)."
+            )
+        self.spec = spec
+        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(f"embedder_{spec.name}")
+        self.device = resolve_device(spec.device)
+        self.model = load_digits_cnn(dpath, seed=spec.seed).to(self.device)
+        self.dim = self.model.embed_dim
+
+    def _embed_batch(self, images: list) -> torch.Tensor:
+        from vlmsae.models.digits import cnn_inputs
+
+        return self.model.embed(cnn_inputs(images).to(self.device))
+
+
 def load_embedder(spec: EmbedderSpec | dict | Any) -> Embedder:
     """An embedder for ``spec``: an :class:`EmbedderSpec`, a dict, or a composed ``cfg.embedder`` node."""
     spec = EmbedderSpec.from_cfg(spec)
@@ -180,4 +206,6 @@ def load_embedder(spec: EmbedderSpec | dict | Any) -> Embedder:
         return OpenClipEmbedder(spec)
     if spec.backend == "hf":
         return HFEmbedder(spec)
+    if spec.backend == "cnn":
+        return DigitsCNNEmbedder(spec)
     return PixelEmbedder(spec)

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 
 from vlmsae.config.nodes import open_clip_overrides
+from vlmsae.models.digits import DIGITS_VIT_ARCHS, DIGITS_VIT_RANDOM_ARCH, ensure_digits_vit
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import Tap, looks_offline, resolve_device, torch_dtype
 from vlmsae.models.tiny import OPEN_CLIP_CONFIG, build_tiny_open_clip, tiny_model_dpath
@@ -337,7 +338,10 @@ def spec_source(spec: ModelSpec) -> OpenClipSource:
     local_path = spec.local_path
     if spec.tiny:
         dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
-        local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
+        if spec.arch in DIGITS_VIT_ARCHS:  # trained on the real digits (checked, retrained when not trusted)
+            local_path = str(ensure_digits_vit(dpath, seed=spec.seed, random_init=spec.arch == DIGITS_VIT_RANDOM_ARCH))
+        else:
+            local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
     return resolve_open_clip_source(
         spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag, open_clip_overrides(spec)
     )

@@ -11,6 +11,7 @@ zero-shot predictions. :class:`MSStudy` turns the result into the ``latents.csv`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from vlmsae.models.open_clip_backend import create_open_clip, spec_source
 from vlmsae.models.open_sae import SAESource, open_sae_source, source_model_spec
 from vlmsae.studies.codes import encode_images, top_images_meta
 from vlmsae.studies.embedding_cache import CachedEmbedder
-from vlmsae.studies.naming import LatentNamer, LatentNames, with_names
+from vlmsae.studies.naming import LABELS, LatentNamer, LatentNames, label_namer, with_names
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,9 @@ def score_sae(
         "top_k": top_k,
     }
     names = None
+    if namer is not None and namer.source == LABELS:  # names=labels: the class means of these very images
+        labelled = label_namer(emb_NE, encoded.labels, classes, namer.top)
+        namer = dataclasses.replace(labelled, autointerp=namer.autointerp)
     if namer is not None:  # the top images' rows of emb_NE: the concept of the steering score, nothing re-embedded
         names = namer.name_from_embeddings(emb_NE, top.image_idx, top.paths, ms_K)
         summary["names"] = namer.study_summary(names, ms_K)

@@ -8,6 +8,11 @@
 - a latent's names: the vocabulary entries with the highest cosine to its concept, best first; ``name`` and
   ``name_score`` are the best one and its cosine. A latent without top images gets "" and NaN.
 
+``names=labels`` needs no text side (:func:`label_namer`): the vocabulary is the images' class names, and a
+class's "text" embedding is the unit mean of its labelled images' unit embeddings, so any labelled image set
+and any embedder (the digits CNN included) names latents: a latent is named after the class whose mean
+embedding is nearest its concept, with that cosine as its score.
+
 Vocabularies (:func:`load_vocabulary`): ``imagenet`` (open_clip's 1000 ImageNet class names, read at
 runtime), ``wordnet`` (:func:`wordnet_nouns`: concrete WordNet nouns) or a text file, one name per line.
 The embedder must have a text side (``embed_text``: the open_clip embedders, ``clip_b32`` and ``tiny``).
@@ -42,6 +47,7 @@ __all__ = [
     "LatentNames",
     "build_namer",
     "concepts_from_embeddings",
+    "label_namer",
     "load_vocabulary",
     "ms_run_embedder",
     "name_embeddings",
@@ -55,6 +61,7 @@ __all__ = [
 # A few of CLIP's ImageNet prompt templates: enough to smooth one prompt's quirks, cheap for 29k names.
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.", "a photo of many {}.")
 VOCABULARIES = ("imagenet", "wordnet")
+LABELS = "labels"  # names=labels: the class names of the scored images, embedded by their images (label_namer)
 _PHYSICAL_ENTITY = 1930  # WordNet 3.0 synset n00001930 "physical entity": the root of concrete nouns
 _WORDNET_LEMMA_RE = re.compile(r"[a-z]+(?:[ -][a-z]+)?")  # lowercase, one or two words: no proper nouns
 _VOCAB_FIX = "pass names=imagenet, names=wordnet, or names=<text file with one name per line>"
@@ -299,6 +306,23 @@ class LatentNamer:
         return self.name(concepts_from_embeddings(emb_NE, image_idx_KT), paths_K, ms_K)
 
 
+def label_namer(emb_NE: torch.Tensor, labels_N: Sequence[int], classes: Sequence[str], top: int = 3) -> LatentNamer:
+    """``names=labels``: a namer whose vocabulary is ``classes`` (those with at least one image) and whose name
+    embeddings are each class's unit mean of unit image embeddings (``labels_N[i]`` = class of row i, -1 = none)."""
+    labels = torch.as_tensor(list(labels_N), dtype=torch.long)
+    if labels.numel() != emb_NE.shape[0]:
+        raise ValueError(f"{labels.numel()} labels for {emb_NE.shape[0]} embeddings: they must align.")
+    unit_NE = _unit(emb_NE)
+    present = [c for c in range(len(classes)) if bool((labels == c).any())]
+    if not present:
+        raise ValueError(
+            "names=labels needs labelled images (class sub-folders, or labels in a list file / WebDataset), and "
+            "these have none: use a labelled image set or a vocabulary (names=imagenet, names=<file>)."
+        )
+    means_CE = torch.stack([_unit(unit_NE[labels == c].mean(0)) for c in present])
+    return LatentNamer([classes[c] for c in present], means_CE, top, LABELS)
+
+
 def build_namer(
     names: str | None,
     templates: Sequence[str],
@@ -312,6 +336,10 @@ def build_namer(
     the optional LLaVA pass."""
     if names is None:
         return None
+    if str(names) == LABELS:  # filled from the scored images' labels and embeddings (label_namer)
+        if top < 1:
+            raise ValueError(f"names_top={top}: keep at least 1 name per latent.")
+        return LatentNamer([], torch.zeros(0, 0), top, LABELS, autointerp=autointerp)
     spec = embedders.EmbedderSpec.from_cfg(embedder_cfg)
     if not str(names).strip():
         raise ValueError(f"names={names!r} is empty; {_VOCAB_FIX}, or names=null for no names.")
@@ -341,6 +369,11 @@ def name_ms_run(ms_dpath: str | Path, namer: LatentNamer) -> tuple[LatentsTable,
     """Name the latents of a finished monosemanticity run: its ``top_images/`` images embedded again with the
     namer's embedder (latent by latent, as the steering score does) into concepts; returns ``latents.csv`` with
     the name columns filled in, and the names. Nothing is written here."""
+    if namer.source == LABELS:
+        raise ValueError(
+            "names=labels names latents from the labelled images a monosemanticity run scores: rerun "
+            "monosemanticity with names=labels (or name this run with a vocabulary, names=imagenet)."
+        )
     ms_dpath = Path(ms_dpath)
     table = read_latents_csv(ms_dpath)
     top = TopImages.load(ms_dpath / TOP_IMAGES_DIR)

@@ -43,6 +43,7 @@ class MonosemanticityJob(NamingOptions):
     # automatic feature names (vlmsae.studies.naming): each latent's concept (unit mean of its top images' unit
     # embeddings) vs the CLIP text embeddings of a vocabulary; latents.csv gains name, name_score, names.
     # null = off | imagenet (open_clip's 1000 class names) | wordnet (concrete nouns) | <file, one name per line>
+    # | labels (the scored images' class names, each embedded as its images' mean: no text side needed)
     names: Optional[str] = None
 
 

@@ -1,0 +1,344 @@
+"""Two small networks trained offline on the real digits (:mod:`vlmsae.data.digits`): a ViT and a CNN.
+
+- ``model=digits_vit``: an open_clip ``CLIP`` whose vision tower (24 px input, patch 4: 36 patches + CLS =
+  37 tokens, width 48, 4 blocks) is trained as a 10-way digit classifier: its projected embedding
+  (``layer=last``, 10-d) is the logits. Saved as an open_clip ``local-dir`` folder and loaded back through
+  the code real CLIP weights take, so the taps and the extraction are the real ones. The text tower stays
+  random (nothing reads it).
+- ``embedder=digits_cnn``: a separate convolutional classifier (another architecture, another seed) whose
+  penultimate features (64-d, after ReLU) are the MS embedder E: two images are close when the CNN sees the
+  same digit in them, independently of the ViT.
+
+Each is trained once per machine on the train split only (held-out images are never seen), with a fixed
+seed, in seconds on one CPU thread, and cached under ``$VLMSAE_HOME/models/<name>/`` with ``trained.json``:
+the :data:`TRAINED_VERSION`, the seed, the sha256 of the weights file and the held-out accuracy. A cache is
+trusted only when all of these match; a missing, truncated, altered or older one is named in a warning,
+deleted and trained again, never loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlmsae.data.digits import CLASS_NAMES, digit_image, ensure_digits, load_digit_arrays, split_indices
+from vlmsae.models.tiny import (
+    CLIP_MEAN,
+    CLIP_STD,
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_WEIGHTS,
+    tiny_open_clip_cfg,
+)
+from vlmsae.utils.io import publish_dir
+
+log = logging.getLogger(__name__)
+
+DIGITS_VIT_ARCH = "vlmsae-digits-vit"  # conf/model/digits_vit.yaml's arch: the spec that trains this ViT
+DIGITS_VIT_RANDOM_ARCH = "vlmsae-digits-vit-random"  # conf/model/digits_vit_random.yaml: same shapes, untrained
+DIGITS_VIT_ARCHS = (DIGITS_VIT_ARCH, DIGITS_VIT_RANDOM_ARCH)
+DIGITS_CNN_ARCH = "vlmsae-digits-cnn"  # conf/embedder/digits_cnn.yaml's arch
+TRAINED_VERSION = "digits-trained-v1"  # bump when a recipe changes (and conf/embedder/digits_cnn.yaml pretrained)
+TRAINED_META = "trained.json"
+CNN_WEIGHTS = "cnn.safetensors"
+VIT_IMAGE_PX = 24  # 24 px / patch 4 = 6 x 6 patches + CLS = 37 tokens
+VIT_PATCH = 4
+VIT_WIDTH = 48  # residual stream width d (4 blocks, 4 heads)
+CNN_IMAGE_PX = 16
+MIN_ACCURACY = 0.9  # a training run below this on the held-out split is an error, not a cache
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one network is trained (AdamW, cosine decay, mini-batches in a seeded order)."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    weight_decay: float = 0.01
+
+
+VIT_RECIPE = Recipe(epochs=12, lr=4e-3, batch_size=128)  # ~19 s of one CPU thread, ~96% held out
+CNN_RECIPE = Recipe(epochs=15, lr=3e-3)  # ~3 s of one CPU thread, ~96% held out
+
+
+def file_sha256(fpath: Path) -> str:
+    h = hashlib.sha256()
+    with open(fpath, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_problem(dpath: Path, weights_name: str, seed: int, recipe: Recipe | None = None) -> str | None:
+    """Why the cached network in ``dpath`` cannot be trusted (None: it can): missing, unreadable metadata,
+    another version, seed or ``recipe``, or weights whose digest differs from the recorded one (truncated,
+    altered)."""
+    meta_fpath, weights_fpath = dpath / TRAINED_META, dpath / weights_name
+    if not meta_fpath.is_file():
+        return f"no {TRAINED_META}"
+    try:
+        meta = json.loads(meta_fpath.read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable {TRAINED_META} ({err})"
+    if not isinstance(meta, dict) or meta.get("version") != TRAINED_VERSION:
+        found = meta.get("version") if isinstance(meta, dict) else None
+        return f"version {found!r}, this vlmsae trains {TRAINED_VERSION!r}"
+    if meta.get("seed") != seed:
+        return f"trained with seed {meta.get('seed')!r}, asked for seed {seed}"
+    if recipe is not None and meta.get("recipe") != dataclasses.asdict(recipe):
+        return f"trained with recipe {meta.get('recipe')!r}, this vlmsae uses {dataclasses.asdict(recipe)!r}"
+    if not weights_fpath.is_file():
+        return f"no {weights_name}"
+    if file_sha256(weights_fpath) != meta.get("weights_sha256"):
+        return f"{weights_name} does not match its recorded sha256 (truncated or altered)"
+    return None
+
+
+def read_trained_meta(dpath: str | Path) -> dict[str, Any]:
+    """The ``trained.json`` of a cached network (version, seed, digest, accuracies)."""
+    return json.loads((Path(dpath) / TRAINED_META).read_text())
+
+
+def _ensure(dpath: Path, weights_name: str, seed: int, recipe: Recipe, build: Any) -> Path:
+    ensure_digits()  # the image folder data=digits reads: the same pixels the networks train on
+    problem = cache_problem(dpath, weights_name, seed, recipe)
+    if problem is None:
+        return dpath
+    if dpath.exists():
+        log.warning("Cached network %s is not trusted (%s): deleting it and training it again.", dpath, problem)
+        shutil.rmtree(dpath, ignore_errors=True)
+    dpath.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    return publish_dir(tmp, dpath)
+
+
+def _write_meta(tmp: Path, weights_name: str, seed: int, **fields: Any) -> None:
+    meta = {"version": TRAINED_VERSION, "seed": seed, "weights_sha256": file_sha256(tmp / weights_name), **fields}
+    (tmp / TRAINED_META).write_text(json.dumps(meta, indent=1))
+
+
+def _split_arrays() -> dict[str, tuple[list[Any], torch.Tensor]]:
+    """``{split: (PIL images, labels)}``: the pixels the image folder holds, labels = sorted class-folder order
+    (what ``data=folder`` gives), so a classifier's label ids match the folder's."""
+    images, digits = load_digit_arrays()
+    folder_label = {name: i for i, name in enumerate(sorted(CLASS_NAMES))}
+    out = {}
+    for split, idx in split_indices(digits).items():
+        pils = [digit_image(images[i]).convert("RGB") for i in idx.tolist()]
+        labels = torch.tensor([folder_label[CLASS_NAMES[digits[i]]] for i in idx.tolist()])
+        out[split] = (pils, labels)
+    return out
+
+
+def _fit(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int) -> None:
+    """Seeded mini-batch AdamW with cosine decay; ``forward(x_B) -> logits_B10``."""
+    gen = torch.Generator().manual_seed(seed)
+    n_batches = (len(x) + recipe.batch_size - 1) // recipe.batch_size
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs * n_batches)
+    model.train()
+    for _ in range(recipe.epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for b in range(n_batches):
+            idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
+            loss = nn.functional.cross_entropy(forward(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
+@torch.no_grad()
+def _accuracy(forward: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((forward(x).argmax(1) == y).float().mean())
+
+
+def _check_accuracy(what: str, acc: float) -> None:
+    if acc < MIN_ACCURACY:
+        raise RuntimeError(
+            f"{what} reached only {acc:.3f} held-out accuracy (< {MIN_ACCURACY}): its training recipe is broken "
+            "on this machine's torch; report it with `pip freeze`."
+        )
+
+
+# ---------------------------------------------------------------------------------------------- the ViT
+
+
+def digits_vit_cfg() -> dict[str, Any]:
+    """The open_clip ``model_cfg``: the tiny CLIP layout with a 24 px, patch-4 tower and a 10-d projection."""
+    return tiny_open_clip_cfg(
+        image_size=VIT_IMAGE_PX, patch_size=VIT_PATCH, width=VIT_WIDTH, layers=4, heads=4, embed_dim=len(CLASS_NAMES)
+    )
+
+
+def vit_preprocess_cfg() -> dict[str, Any]:
+    return {
+        "size": VIT_IMAGE_PX,
+        "mean": CLIP_MEAN,
+        "std": CLIP_STD,
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+
+
+def _vit_transform() -> Any:
+    """The eval transform open_clip builds from :func:`vit_preprocess_cfg` (what the tap's preprocess is)."""
+    import open_clip
+
+    cfg = vit_preprocess_cfg()
+    return open_clip.image_transform(
+        cfg["size"],
+        is_train=False,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        interpolation=cfg["interpolation"],
+        resize_mode=cfg["resize_mode"],
+    )
+
+
+def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> None:
+    """Train the ViT into ``dpath`` (an empty folder): open_clip config, safetensors weights, ``trained.json``.
+    ``random_init``: save the seeded initial weights untrained (the control of the paper's claims)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    data = _split_arrays()
+    transform = _vit_transform()
+    x = {s: torch.stack([transform(im) for im in pils]) for s, (pils, _) in data.items()}
+    y = {s: labels for s, (_, labels) in data.items()}
+    model_cfg = digits_vit_cfg()
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg).eval()
+    visual = model.visual
+    if not random_init:
+        _fit(visual, visual, x["train"], y["train"], VIT_RECIPE, seed)
+    acc = {s: _accuracy(visual, x[s], y[s]) for s in x}
+    if not random_init:
+        _check_accuracy("The digits ViT", acc["heldout"])
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": vit_preprocess_cfg(),
+        "vlmsae": {"seed": seed, "what": "open_clip ViT trained on the sklearn digits (vlmsae.models.digits)"},
+    }
+    (dpath / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
+    save_file(state, str(dpath / OPEN_CLIP_WEIGHTS))
+    _write_meta(
+        dpath,
+        OPEN_CLIP_WEIGHTS,
+        seed,
+        network="digits_vit",
+        random_init=random_init,
+        recipe=dataclasses.asdict(VIT_RECIPE),
+        train_accuracy=acc["train"],
+        heldout_accuracy=acc["heldout"],
+        classes=sorted(CLASS_NAMES),
+    )
+
+
+def ensure_digits_vit(dpath: str | Path, seed: int = 0, random_init: bool = False) -> Path:
+    """The trained (or ``random_init``) digits ViT's open_clip folder, trained on first use, checked each time."""
+    return _ensure(
+        Path(dpath),
+        OPEN_CLIP_WEIGHTS,
+        seed,
+        VIT_RECIPE,
+        lambda tmp: build_digits_vit(tmp, seed=seed, random_init=random_init),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the CNN
+
+
+class DigitsCNN(nn.Module):
+    """conv3x3(16) - pool - conv3x3(32) - pool - fc(64) [the embedding] - fc(10), on 16 px greyscale."""
+
+    embed_dim = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * (CNN_IMAGE_PX // 4) ** 2, self.embed_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(self.embed_dim, len(CLASS_NAMES))
+
+    def embed(self, x_B1HW: torch.Tensor) -> torch.Tensor:
+        return self.features(x_B1HW)
+
+    def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x_B1HW))
+
+
+def cnn_inputs(images: list[Any]) -> torch.Tensor:
+    """[B, 1, 16, 16] in [-1, 1] from PIL images (any mode): greyscale, bilinear resize, centred."""
+    from PIL import Image
+
+    size = (CNN_IMAGE_PX, CNN_IMAGE_PX)
+    arr = np.stack(
+        [np.asarray(im.convert("L").resize(size, Image.Resampling.BILINEAR), dtype=np.float32) for im in images]
+    )
+    return torch.from_numpy(arr / 127.5 - 1.0).unsqueeze(1)
+
+
+def build_digits_cnn(dpath: Path, seed: int = 1) -> None:
+    """Train the CNN into ``dpath`` (an empty folder): ``cnn.safetensors`` and ``trained.json``."""
+    from safetensors.torch import save_file
+
+    data = _split_arrays()
+    x = {s: cnn_inputs(pils) for s, (pils, _) in data.items()}
+    y = {s: labels for s, (_, labels) in data.items()}
+    torch.manual_seed(seed)
+    model = DigitsCNN()
+    _fit(model, model, x["train"], y["train"], CNN_RECIPE, seed)
+    acc = {s: _accuracy(model, x[s], y[s]) for s in x}
+    _check_accuracy("The digits CNN", acc["heldout"])
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(dpath / CNN_WEIGHTS))
+    _write_meta(
+        dpath,
+        CNN_WEIGHTS,
+        seed,
+        network="digits_cnn",
+        recipe=dataclasses.asdict(CNN_RECIPE),
+        train_accuracy=acc["train"],
+        heldout_accuracy=acc["heldout"],
+        classes=sorted(CLASS_NAMES),
+        embed_dim=DigitsCNN.embed_dim,
+    )
+
+
+def ensure_digits_cnn(dpath: str | Path, seed: int = 1) -> Path:
+    """The trained digits CNN's folder, trained on first use, checked each time."""
+    return _ensure(Path(dpath), CNN_WEIGHTS, seed, CNN_RECIPE, lambda tmp: build_digits_cnn(tmp, seed=seed))
+
+
+def load_digits_cnn(dpath: str | Path, seed: int = 1) -> DigitsCNN:
+    """The CNN from a checked folder (safetensors only)."""
+    from safetensors.torch import load_file
+
+    dpath = ensure_digits_cnn(dpath, seed)
+    model = DigitsCNN()
+    model.load_state_dict(load_file(str(dpath / CNN_WEIGHTS)))
+    return model.eval()
