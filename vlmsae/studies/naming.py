@@ -312,14 +312,14 @@ def label_namer(emb_NE: torch.Tensor, labels_N: Sequence[int], classes: Sequence
     labels = torch.as_tensor(list(labels_N), dtype=torch.long)
     if labels.numel() != emb_NE.shape[0]:
         raise ValueError(f"{labels.numel()} labels for {emb_NE.shape[0]} embeddings: they must align.")
-    unit_NE = _unit(emb_NE)
+    unit_NE = unit(emb_NE)
     present = [c for c in range(len(classes)) if bool((labels == c).any())]
     if not present:
         raise ValueError(
             "names=labels needs labelled images (class sub-folders, or labels in a list file / WebDataset), and "
             "these have none: use a labelled image set or a vocabulary (names=imagenet, names=<file>)."
         )
-    means_CE = torch.stack([_unit(unit_NE[labels == c].mean(0)) for c in present])
+    means_CE = torch.stack([unit(unit_NE[labels == c].mean(0)) for c in present])
     return LatentNamer([classes[c] for c in present], means_CE, top, LABELS)
 
 
