@@ -32,7 +32,7 @@ from vlmsae.data.images import synthetic_options
 from vlmsae.data.store import open_store
 from vlmsae.data.stream import StreamConfig
 from vlmsae.formats import StoreManifest
-from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule
+from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule, image_holdout_every
 from vlmsae.lit.loggers import RestoreLogHistory, ResumableCSVLogger
 from vlmsae.lit.module import NonFiniteLossError, SAELitModule
 from vlmsae.lit.resume import history_dpath
@@ -170,7 +170,7 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
     if image_source == "synthetic":  # the same generated images the extract job uses for these options
         image_kwargs["synthetic"] = synthetic_options(image_source, data.n_per_class, data.size, data.seed)
     tokens, k_tokens = parse_tokens(source.tokens, source.tokens_k or 2)
-    period = max(2, round(1.0 / stream.val_fraction)) if stream.val_fraction > 0 else 10**9
+    period = image_holdout_every(image_kwargs, tokens, k_tokens, model, stream)  # held-out images
     per_forward = int(data.images_per_forward)  # images per encoder forward
     common = dict(
         model_spec=model,
@@ -364,9 +364,10 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
         )
         write_run_info(out_dpath / "sae", config, metrics=metrics)
         log.info(
-            "SAE saved to %s (fve %.3f, l0 %.1f, step %d)",
+            "SAE saved to %s (held-out validation fve %.3f over %d rows, l0 %.1f, step %d)",
             out_dpath / "sae",
             metrics.get("fve", math.nan),
+            metrics.get("n_val_rows", 0),
             metrics.get("l0", math.nan),
             metrics["step"],
         )
