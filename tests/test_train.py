@@ -186,6 +186,17 @@ def test_layer_mismatch_with_store_fails(compose_cfg, planted_store, tmp_path):
         run(compose_cfg("train", _overrides(planted_store, 10, "layer=3")), out_dpath=tmp_path / "run")
 
 
+def test_trainer_gpu_without_a_gpu_names_trainer_cpu(compose_cfg, planted_store, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cfg = compose_cfg("train", _overrides(planted_store, 10, "trainer=gpu"))
+    with pytest.raises(ValueError, match=r"trainer.accelerator=gpu but no GPU is visible.*trainer=cpu"):
+        run(cfg, out_dpath=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_default_config_trains_on_the_fly_from_images(compose_cfg, tmp_path, caplog):
     """`python -m vlmsae.train` alone: tiny CLIP + generated images, activations computed as training runs."""
     cfg = compose_cfg("train", ["trainer.max_steps=30", "trainer.val_check_interval=1000", "logger=none"])

@@ -374,6 +374,21 @@ def fit_sae(plan: FitPlan, out_dpath: Path, callbacks: list | None = None) -> di
     return metrics
 
 
+def check_accelerator(accelerator: str) -> None:
+    """A ValueError naming the fix when ``trainer.accelerator`` asks for a GPU that this machine does not show."""
+    import torch
+
+    wants = str(accelerator).lower()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if (wants == "cuda" and not torch.cuda.is_available()) or (
+        wants == "gpu" and not (torch.cuda.is_available() or mps)
+    ):
+        raise ValueError(
+            f"trainer.accelerator={accelerator} but no GPU is visible to torch (torch.cuda.is_available() is False; "
+            "check the driver and CUDA_VISIBLE_DEVICES): train on the CPU with trainer=cpu"
+        )
+
+
 def build_trainer(t: TrainerSchema, logger, callbacks: list, out_dpath: Path):
     """The Lightning trainer of a training run, its checkpoint callback and checkpoint folder."""
     import lightning as L
