@@ -434,8 +434,7 @@ def test_cli_sigkill_then_resume_equals_uninterrupted(tmp_path, repo_root):
         command(tmp_path / "killed"), cwd=repo_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     progress = tmp_path / "killed" / "progress.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    while proc.poll() is None:  # no wall-clock limit: a slow machine only waits longer
         if progress.exists() and json.loads(progress.read_text())["n_shards"] >= 5:
             break
         time.sleep(0.02)

@@ -379,7 +379,7 @@ def test_multirun_two_jobs_writes_job_dirs_and_sweep_summary(tmp_path, repo_root
         f"hydra.sweep.dir={sweep}",
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, layer in (("job_0", 1), ("job_1", 2)):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
@@ -425,7 +425,7 @@ def test_ddp_two_cpu_ranks_train_to_the_same_step(tmp_path):
         f"hydra.run.dir={out}",
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 30 and metrics["optimizer_steps"] == 30 and metrics["fve"] > 0
@@ -501,7 +501,7 @@ _CLI_ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 def test_slurm_sweep_without_partition_stops_before_submitting_naming_the_key(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = _train_cli("-m", "hydra/launcher=slurm", "hydra.launcher.account=lab", "seed=1,2", f"hydra.sweep.dir={sweep}")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLI_ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLI_ENV, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "Missing mandatory value: hydra.launcher.partition" in proc.stderr, proc.stderr[-2000:]
     assert not sweep.exists()  # nothing was submitted
@@ -513,7 +513,7 @@ def test_submitit_local_sweep_runs_two_jobs_and_writes_sweep_summary(planted_sto
     cmd = _train_cli(
         "-m", "hydra/launcher=submitit_local", "seed=1,2", *_overrides(planted_store, 20), f"hydra.sweep.dir={sweep}"
     )
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLI_ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLI_ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("job_0", "job_1"):
         assert json.loads((sweep / job / "metrics.json").read_text())["step"] == 20
@@ -549,15 +549,15 @@ def test_submitit_requeue_after_preemption_continues_to_the_same_sae(compose_cfg
     sweep = tmp_path / "sweep"
     cmd = _train_cli("-m", "hydra/launcher=submitit_local", "seed=3", *over, f"hydra.sweep.dir={sweep}")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    signalled, deadline = False, time.monotonic() + 90
-    while proc.poll() is None and time.monotonic() < deadline and not signalled:
+    signalled = False  # no wall-clock limit: the job either gets preempted or ends first (which fails below)
+    while proc.poll() is None and not signalled:
         if list((sweep / "job_0" / "checkpoints").glob("step*.ckpt")):
             pid = _submitit_task_pid(sweep / ".submitit")
             if pid is not None:
                 os.kill(pid, signal.SIGUSR2)
                 signalled = True
         time.sleep(0.05)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate()
     assert signalled, "the job finished before it could be preempted: make its steps slower"
     assert proc.returncode == 0, err[-3000:]
     job = sweep / "job_0"

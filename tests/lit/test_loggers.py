@@ -92,32 +92,31 @@ def _csv_steps(run_dpath: Path) -> list[int]:
     return [int(r["step"]) for r in read_metrics_csv(run_dpath / "csv" / "metrics.csv")[1]]
 
 
-def _run_and_kill(cmd, env, cwd, run_dpath: Path, logged: bool, timeout=120.0) -> int:
+def _run_and_kill(cmd, env, cwd, run_dpath: Path, logged: bool) -> int:
     """Start ``cmd``; SIGKILL it once a checkpoint exists (and, if ``logged``, a step at or past it is in the
-    CSV); returns the step of the checkpoint the resume will start from."""
+    CSV); returns the step of the checkpoint the resume will start from. No wall-clock limit: a slow machine
+    only waits longer (a run that ends first fails the test)."""
     log_fpath = run_dpath.parent / f"{run_dpath.name}.log"
     with log_fpath.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and proc.poll() is None:
+            while proc.poll() is None:
                 ckpts = _ckpt_steps(run_dpath) if (run_dpath / "checkpoints").is_dir() else []
                 if ckpts and (not logged or max(_csv_steps(run_dpath), default=-1) >= ckpts[-1]):
                     break
                 time.sleep(0.02)
             assert proc.poll() is None, f"the run ended before it could be killed:\n{log_fpath.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no checkpoint after {timeout} s:\n{log_fpath.read_text()[-3000:]}"
             os.kill(proc.pid, signal.SIGKILL)
         finally:
             if proc.poll() is None:
                 proc.kill()
-            proc.wait(timeout=30)
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     return int((run_dpath / "checkpoints" / "last.ckpt").resolve().stem[4:])
 
 
 def _resume(cmd, env, cwd):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
