@@ -25,6 +25,7 @@ from vlmsae.lit.loggers import (
     merged_wandb_history,
     read_metrics_csv,
     read_wandb_history,
+    resumed_wandb_rows,
     wandb_run_files,
 )
 
@@ -286,3 +287,20 @@ def test_merged_wandb_history_keeps_one_row_per_step_and_keys_before_the_checkpo
     rows = merged_wandb_history(files, before_step=20)
     assert [(r["trainer/global_step"], r["train/loss"]) for r in rows] == [(0, 1.0), (5, 6.0), (10, 11.0), (15, 16.0)]
     assert wandb_run_files(tmp_path, "abc", superseded=False) == [new]
+
+
+def test_resumed_wandb_rows_keep_the_histogram_logged_at_the_checkpoint_step(tmp_path):
+    """Validation at step 10 runs right after the checkpoint at step 10 and logs its histogram at step 10 (its
+    scalars at 9): the resumed run does not validate there again, so it must replay that histogram."""
+    hist = {"_type": "histogram", "values": [1, 2], "bins": [0.0, 0.5, 1.0]}
+    killed = tmp_path / "offline-run-20260101_000000-abc" / "run-abc.wandb"
+    killed.parent.mkdir()
+    records = [_history_record(s, **{"train/loss": float(s)}) for s in range(13)]
+    records += [_history_record(s, **{"val/latent_density_log10": hist}) for s in (5, 10)]
+    killed.write_bytes(_wandb_log(records))
+    csv_rows = [{"step": str(s), "train/loss": str(float(s))} for s in range(12)]
+    for mirror in (csv_rows, None):  # with the CSV mirror (scalars from it) and without (from the .wandb)
+        rows = resumed_wandb_rows([killed], mirror, step=10)
+        hist_steps = [r["trainer/global_step"] for r in rows if "val/latent_density_log10" in r]
+        loss_steps = [r["trainer/global_step"] for r in rows if "train/loss" in r]
+        assert hist_steps == [5, 10] and loss_steps == list(range(10)), (mirror is None, hist_steps, loss_steps)
