@@ -413,6 +413,7 @@ class ImageActsDataModule(L.LightningDataModule):
             self.world_size,
             None,
             skip_batches=self.batches_seen,
+            progress=self.trainer is not None and getattr(self.trainer, "progress_bar_callback", None) is not None,
         )
         return self._loader(ds, self.stream.num_workers)
 
@@ -422,7 +423,14 @@ class ImageActsDataModule(L.LightningDataModule):
 
     def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
         ds = ImageRowsStream(
-            self.make_train, self.stream.batch_size, self.stream.shuffle_buffer, self.stream.seed + 104729, 0, 1, None
+            self.make_train,
+            self.stream.batch_size,
+            self.stream.shuffle_buffer,
+            self.stream.seed + 104729,
+            0,
+            1,
+            None,
+            progress=self.rank == 0,  # the first batch waits for a full shuffle window: show it filling
         )
         for i, batch in enumerate(ds):
             if i >= n_batches:
