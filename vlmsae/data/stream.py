@@ -182,7 +182,11 @@ def build_chunk_index(
         return dict(
             zip(shard_fpaths, manifest_chunk_rows(manifest.shard_rows, int(manifest.rows_per_chunk)), strict=True)
         )
-    for fpath in shard_fpaths:
+    from tqdm.auto import tqdm
+
+    # headers only, but a store of thousands of shards takes a while: a bar (hidden for small stores)
+    bar = tqdm(shard_fpaths, desc="index store shards", unit="shard", leave=False, disable=len(shard_fpaths) < 64)
+    for fpath in bar:
         if not is_remote(fpath) and Path(fpath).is_file():
             index[fpath] = chunk_row_counts(fpath, d=d, holdout_period=holdout_period)
             continue
