@@ -62,7 +62,7 @@ def test_readme_recipe_on_tiny_models_browses_the_hierarchy_and_steering_runs(re
     for job, *args in readme_steps((repo_root / "README.md").read_text()):
         cmd = [sys.executable, "-m", f"vlmsae.{job}", *tiny_args(args, tmp_path / "acts", runs)]
         if job == "train":
-            cmd.append("trainer.max_steps=50")
+            cmd += ["trainer.max_steps=50", "data.batch_size=16", "data.num_workers=0"]  # a 128-row store
         before = set(outputs.glob(f"{job}/*")) if outputs.is_dir() else set()
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, f"{shlex.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
