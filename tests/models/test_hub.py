@@ -25,9 +25,9 @@ def no_network(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
-    hub.hub_unreachable.cache_clear()
+    hub._probe.cache_clear()
     yield calls
-    hub.hub_unreachable.cache_clear()
+    hub._probe.cache_clear()
 
 
 def test_unreachable_hub_is_probed_once_with_a_short_timeout(no_network):

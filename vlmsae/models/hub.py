@@ -32,11 +32,16 @@ def _probe_address() -> tuple[str, int]:
     return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
 
 
-@functools.cache
 def hub_unreachable() -> str | None:
-    """None when the Hub looks reachable; else why not (one probe per process, cached)."""
+    """None when the Hub looks reachable; else why not (``HF_HUB_OFFLINE``, read at each call, or the one
+    network probe of this process)."""
     if _env_true("HF_HUB_OFFLINE"):
         return "HF_HUB_OFFLINE is set"
+    return _probe()
+
+
+@functools.cache
+def _probe() -> str | None:
     host, port = _probe_address()
     try:
         socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
@@ -58,8 +63,8 @@ def use_cache_only() -> None:
 
 
 def offline_reason() -> str | None:
-    """:func:`hub_unreachable`, switching to the cache when it is: what a loader calls before a download."""
+    """:func:`hub_unreachable`, switching to the cache when the probe failed: what a loader calls first."""
     reason = hub_unreachable()
-    if reason is not None:
+    if reason is not None and not _env_true("HF_HUB_OFFLINE"):
         use_cache_only()
     return reason
