@@ -25,6 +25,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setattr(hub, "_switched", False)
     hub._probe.cache_clear()
     yield calls
     hub._probe.cache_clear()

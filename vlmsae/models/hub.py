@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 3.0  # a reachable Hub answers a TCP connect in well under a second
+_switched = False  # True once use_cache_only set HF_HUB_OFFLINE itself (the probe's reason stays the answer)
 
 
 def _env_true(name: str) -> bool:
@@ -35,7 +36,7 @@ def _probe_address() -> tuple[str, int]:
 def hub_unreachable() -> str | None:
     """None when the Hub looks reachable; else why not (``HF_HUB_OFFLINE``, read at each call, or the one
     network probe of this process)."""
-    if _env_true("HF_HUB_OFFLINE"):
+    if _env_true("HF_HUB_OFFLINE") and not _switched:
         return "HF_HUB_OFFLINE is set"
     return _probe()
 
@@ -54,6 +55,8 @@ def _probe() -> str | None:
 
 def use_cache_only() -> None:
     """Make ``huggingface_hub`` (and open_clip, transformers through it) read its cache without retrying."""
+    global _switched
+    _switched = True
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         from huggingface_hub import constants
