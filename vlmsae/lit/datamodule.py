@@ -13,11 +13,14 @@ batches the uninterrupted run would have. If the batch size or the store changed
 restarts from its beginning with a warning; if the workers, ranks or window changed, it seeks to
 the same number of batches but the row order differs from the uninterrupted run (warning).
 
-Held-out validation, always by image (no image gives rows to both splits): whole shards when the
-store has enough of them (``round(val_fraction * n_shards) >= 1`` and one training shard remains;
-extraction flushes a shard only between images, so no image straddles two shards), else the
-images with ``image_idx % round(1 / val_fraction) == 0`` (every row of those images, wherever
-their chunks lie), so even a single-chunk store keeps a validation split that training never sees.
+Held-out validation, always by image (no image gives rows to both splits), of ``val_fraction`` of the
+rows and at least one batch (that floor capped at ``VAL_MAX_FRACTION`` of the store, with a warning
+naming the numbers when the store is too small: :func:`vlmsae.data.shards.holdout_target`): whole
+shards from the end when they come to less than twice that and one training shard remains (extraction
+flushes a shard only between images, so no image straddles two shards), else the images with
+``image_idx % period == 0`` (every row of those images, wherever their chunks lie;
+:func:`vlmsae.data.shards.holdout_period`), so even a single-chunk store keeps a validation split
+that training never sees.
 
 Small or odd stores (each case names the store, the numbers and the fix):
 
@@ -35,8 +38,8 @@ Small or odd stores (each case names the store, the numbers and the fix):
 ``ImageActsDataModule`` (``data=images``) computes the rows on the fly from images through the
 extraction model, for users without disk for a cache. Every epoch visits the images in a fresh
 seeded permutation of the listing (folder, list and synthetic sources; ``wds`` streams in file
-order); images with listing index ``% round(1 / val_fraction) == 0`` are validation (the same
-images a store made from that listing holds out). Its resume still replays the stream (the row
+order); images with listing index ``% period == 0`` are validation, the period chosen as for a
+store (:func:`image_holdout_every`). Its resume still replays the stream (the row
 count of an image is only known once it is decoded).
 """
 
