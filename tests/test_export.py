@@ -96,7 +96,7 @@ def test_export_cli_subprocess(repo_root, sae_dpath, tmp_path):
         f"out={tmp_path / 'dl'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "exported matryoshka SAE (8 -> 32) from vlmsae to dictionary_learning" in proc.stdout
     assert (tmp_path / "dl" / "ae.pt").is_file() and (tmp_path / "run" / "run_info.json").is_file()

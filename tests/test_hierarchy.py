@@ -219,7 +219,6 @@ def test_cli(hand_case, tmp_path, repo_root):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "cli" / "hierarchy.json").read_text())

@@ -147,7 +147,7 @@ def test_cli(tiny_sae_dpath, tmp_path, repo_root) -> None:
         "progress=false",
         f"hydra.run.dir={tmp_path / 'cli'}",
     ]
-    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "cli" / "ms_summary.json").read_text())
     assert summary["n_images"] == 32 and summary["embedder"] == "tiny" and "baseline" in summary
@@ -318,12 +318,12 @@ def test_cli_scores_a_training_multirun_in_one_command(tmp_path) -> None:
     train = [sys.executable, "-m", "vlmsae.train", "-m", "sae=topk,relu", "sae.expansion=2,4", "sae.k=8"]
     train += ["trainer.max_steps=20", "trainer.val_check_interval=20", "trainer.checkpoint_every_n_steps=20"]
     train += ["trainer.scale_batches=2", "data.n_per_class=2", "logger=none", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
-    proc = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     score = [sys.executable, "-m", "vlmsae.monosemanticity", f"sae_path={tmp_path / 'sweep'}", "data=tiny"]
     score += ["data.n_per_class=2", "embedder=tiny", f"embed_cache={tmp_path / 'c'}", "progress=false"]
     proc = subprocess.run(
-        [*score, f"hydra.run.dir={tmp_path / 'ms'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [*score, f"hydra.run.dir={tmp_path / 'ms'}"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "ms" / "ms_table.csv").open()))

@@ -175,10 +175,8 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _run(args: list, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=timeout
-    )
+def _run(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=_clean_env(), capture_output=True, text=True)
     assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 

@@ -99,7 +99,7 @@ def test_splice_eval_cli_subprocess(repo_root, home, sae_dpath, tmp_path):
         "max_new_tokens=3",
         f"hydra.run.dir={tmp_path / 'cli'}",
     ]
-    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads((tmp_path / "cli" / "splice.json").read_text())
     assert saved["summary"]["n_answers"] == 1 and saved["format_version"] == 1

@@ -177,11 +177,11 @@ def test_seed_sweep_then_stability_through_the_clis(tmp_path):
     train = [sys.executable, "-m", "vlmsae.train", "-m", "seed=0,1", "data=acts", f"data.acts={tmp_path / 'acts'}"]
     train += ["data.batch_size=128", "data.num_workers=0", "trainer.max_steps=20", "sae.expansion=1"]
     train += ["logger=csv", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stab = [sys.executable, "-m", "vlmsae.stability", f"runs=[{sweep}/job_0/sae,{sweep}/job_1]"]
     stab.append(f"hydra.run.dir={tmp_path / 'stab'}")
-    proc = subprocess.run(stab, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(stab, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = formats.read_stability(tmp_path / "stab")
     assert summary.matching["n_seeds"] == 2 and summary.n_latents == 64

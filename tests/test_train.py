@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import subprocess
@@ -210,12 +211,26 @@ def test_layer_mismatch_with_store_fails(compose_cfg, planted_store, tmp_path):
         run(compose_cfg("train", _overrides(planted_store, 10, "layer=3")), out_dpath=tmp_path / "run")
 
 
-def test_default_config_trains_on_the_fly_from_images(compose_cfg, tmp_path):
+def test_trainer_gpu_without_a_gpu_names_trainer_cpu(compose_cfg, planted_store, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cfg = compose_cfg("train", _overrides(planted_store, 10, "trainer=gpu"))
+    with pytest.raises(ValueError, match=r"trainer.accelerator=gpu but no GPU is visible.*trainer=cpu"):
+        run(cfg, out_dpath=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_default_config_trains_on_the_fly_from_images(compose_cfg, tmp_path, caplog):
     """`python -m vlmsae.train` alone: tiny CLIP + generated images, activations computed as training runs."""
     cfg = compose_cfg("train", ["trainer.max_steps=30", "trainer.val_check_interval=1000", "logger=none"])
     assert cfg.data.source == "synthetic" and cfg.model.name == "tiny"
-    metrics = run(cfg, out_dpath=tmp_path / "run")
-    assert metrics["step"] == 30 and metrics["n_val_rows"] > 0 and math.isfinite(metrics["fve"])
+    with caplog.at_level(logging.INFO):
+        metrics = run(cfg, out_dpath=tmp_path / "run")
+    # at least one batch of held-out images, not 1% of 128 (2 rows); the final line says what it measured
+    assert metrics["step"] == 30 and metrics["n_val_rows"] >= cfg.data.batch_size and math.isfinite(metrics["fve"])
+    assert f"held-out validation fve {metrics['fve']:.3f} over {metrics['n_val_rows']} rows" in caplog.text
     source = json.loads((tmp_path / "run" / "sae" / "config.json").read_text())["source"]
     assert source["layer"] == 2 and source["tokens"] == "cls" and source["data_source"] == "synthetic"
 
@@ -389,7 +404,7 @@ def test_multirun_two_jobs_writes_job_dirs_and_sweep_summary(tmp_path, repo_root
         f"hydra.sweep.dir={sweep}",
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, layer in (("job_0", 1), ("job_1", 2)):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
@@ -435,7 +450,7 @@ def test_ddp_two_cpu_ranks_train_to_the_same_step(tmp_path):
         f"hydra.run.dir={out}",
     ]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 30 and metrics["optimizer_steps"] == 30 and metrics["fve"] > 0
@@ -511,7 +526,7 @@ _CLI_ENV = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 def test_slurm_sweep_without_partition_stops_before_submitting_naming_the_key(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = _train_cli("-m", "hydra/launcher=slurm", "hydra.launcher.account=lab", "seed=1,2", f"hydra.sweep.dir={sweep}")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLI_ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLI_ENV, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "Missing mandatory value: hydra.launcher.partition" in proc.stderr, proc.stderr[-2000:]
     assert not sweep.exists()  # nothing was submitted
@@ -523,7 +538,7 @@ def test_submitit_local_sweep_runs_two_jobs_and_writes_sweep_summary(planted_sto
     cmd = _train_cli(
         "-m", "hydra/launcher=submitit_local", "seed=1,2", *_overrides(planted_store, 20), f"hydra.sweep.dir={sweep}"
     )
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLI_ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_CLI_ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("job_0", "job_1"):
         assert json.loads((sweep / job / "metrics.json").read_text())["step"] == 20
@@ -559,15 +574,15 @@ def test_submitit_requeue_after_preemption_continues_to_the_same_sae(compose_cfg
     sweep = tmp_path / "sweep"
     cmd = _train_cli("-m", "hydra/launcher=submitit_local", "seed=3", *over, f"hydra.sweep.dir={sweep}")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    signalled, deadline = False, time.monotonic() + 90
-    while proc.poll() is None and time.monotonic() < deadline and not signalled:
+    signalled = False  # no wall-clock limit: the job either gets preempted or ends first (which fails below)
+    while proc.poll() is None and not signalled:
         if list((sweep / "job_0" / "checkpoints").glob("step*.ckpt")):
             pid = _submitit_task_pid(sweep / ".submitit")
             if pid is not None:
                 os.kill(pid, signal.SIGUSR2)
                 signalled = True
         time.sleep(0.05)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate()
     assert signalled, "the job finished before it could be preempted: make its steps slower"
     assert proc.returncode == 0, err[-3000:]
     job = sweep / "job_0"

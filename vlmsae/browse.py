@@ -47,6 +47,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         "ms_run": str(sources.ms_dpath),
         "hierarchy_run": str(sources.hierarchy_dpath) if sources.hierarchy_dpath else None,
         "steer_files": [str(p) for p in sources.steer_fpaths],
+        "found": sources.found,
     }
     config = OmegaConf.to_container(cfg, resolve=True)
     if job.logger.kind == "wandb":
@@ -57,6 +58,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
 def _main(cfg: DictConfig) -> None:
     result = run(cfg)
+    print("\n".join(result["found"]))  # which runs the page shows, and how they were found
     print(
         f"feature browser: {result['n_cards']} cards of {result['n_latents']} latents "
         f"({result['n_chunks']} chunk files), {result['n_thumbnails']} thumbnails, "

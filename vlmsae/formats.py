@@ -551,6 +551,10 @@ class StoreManifest:
     n_skipped: int | None = _opt()
     skipped: list[dict[str, Any]] | None = _opt()  # {key, path, error, reason} per unreadable image
     skipped_by_reason: dict[str, int] | None = _opt()
+    # listed files that were not used, by reason: other files under data.root (``not an image extension: .txt``,
+    # ``hidden file``) and images left out by max_images (``not in the max_images subset``); skipped images
+    # are in ``skipped_by_reason``. None in a store written before it was recorded.
+    ignored_by_reason: dict[str, int] | None = _opt()
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = MANIFEST_VERSIONS[-1]
 
@@ -577,6 +581,7 @@ class StoreManifest:
                 "n_skipped": (int,),
                 "skipped": (list,),
                 "skipped_by_reason": (dict,),
+                "ignored_by_reason": (dict,),
                 "classes": (list,),
                 "synthetic": (dict,),
             },

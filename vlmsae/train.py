@@ -39,7 +39,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
 
     ``callbacks``: extra Lightning callbacks (tests use them to interrupt a run or record steps).
     """
-    from vlmsae.lit.fit import FitPlan, fit_sae, resolve_grid, resolve_train_source
+    from vlmsae.lit.fit import FitPlan, check_accelerator, fit_sae, resolve_grid, resolve_train_source
     from vlmsae.lit.resume import find_resume_checkpoint
     from vlmsae.lit.val_ms import val_ms_callbacks
     from vlmsae.models.spec import ModelSpec
@@ -51,6 +51,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     trainer, data = OmegaConf.to_object(cfg.trainer), OmegaConf.to_object(cfg.data)  # the node dataclasses
     # Everything that can be wrong with the input is checked before any training starts.
     check_trainer_precision(trainer.precision)  # the SAE trains in float32 only (vlmsae.sae.precision)
+    check_accelerator(trainer.accelerator)  # trainer=gpu on a machine without one: say so, name trainer=cpu
     model = ModelSpec.from_cfg(cfg.model)
     source = resolve_train_source(data, model, cfg.layer, cfg.tokens, int(cfg.tokens_k))
     sae_config = SAEConfig.from_schema(node_dict(cfg, "sae"), d_in=source.d).to_dict()

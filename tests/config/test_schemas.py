@@ -132,7 +132,7 @@ def test_every_group_option_composes(compose_any, healthy_primaries, group, opti
         if schema is not None:
             assert OmegaConf.get_type(node) is schema, (
                 f"conf/{group}/{option}.yaml is not typed by {schema.__name__}: start it with "
-                f"`defaults: [{group}_schema, _self_]`"
+                f"`defaults: [/{group}_schema@_here_, _self_]`"
             )
         if group == "sae":
             from vlmsae.sae import SAEConfig, build_sae
@@ -204,12 +204,12 @@ def test_each_node_schema_is_the_class_the_library_takes():
 
 
 def test_registered_nodes_carry_the_node_class(compose_any):
-    """What Hydra stores under <group>_schema is typed by the node class itself (not a copy of it)."""
+    """What Hydra stores as <group>_schema (at the root) is typed by the node class itself (not a copy of it)."""
     from hydra.core.config_store import ConfigStore
 
     compose_any(None, [])  # registers
-    for group, name, schema in SCHEMAS:
-        node = ConfigStore.instance().load(f"{group}/{name}.yaml").node
+    for _group, name, schema in SCHEMAS:
+        node = ConfigStore.instance().load(f"{name}.yaml").node
         assert OmegaConf.get_type(node) is schema, name
 
 
@@ -283,3 +283,18 @@ def test_former_data_and_embedder_extra_keys_are_typed_fields(compose_any):
         with pytest.raises(Exception) as info:
             compose_any(primary, [gone] + (["sae_path=/x"] if primary == "monosemanticity" else []))
         assert named in _message_chain(info.value), gone
+
+
+@pytest.mark.parametrize("group", sorted(SCHEMA_OF_GROUP))
+def test_schemas_are_not_offered_as_choices(compose_any, group):
+    """`--help` and Hydra's "Available options" list a group's choices: never its `<group>_schema`."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    with initialize_config_dir(config_dir=str(CONF_DPATH), version_base="1.3"):
+        options = GlobalHydra.instance().config_loader().get_group_options(group)
+    assert options and not [o for o in options if o.endswith("_schema")], options
+    with pytest.raises(MissingConfigException) as err:
+        compose_any(None, [f"+{group}=no_such_choice"])
+    assert "Available options" in str(err.value) and "_schema" not in str(err.value)

@@ -168,3 +168,22 @@ def test_single_chunk_store_holds_out_rows(tmp_path):
     val = set(_ids(dm.val_stream()))
     train = set(_ids(b for b, _ in zip(dm.train_stream(), range(60))))
     assert val == set(range(0, 300, 10)) and train == set(range(300)) - val
+
+
+def test_image_rows_stream_shows_the_shuffle_window_filling(capsys, compose_cfg):
+    from vlmsae.data.stream import ImageRowsStream
+
+    def make_chunks(epoch, part, n_parts):
+        for i in range(40):
+            yield torch.full((10, 4), float(i))
+
+    stream = ImageRowsStream(make_chunks, 20, 200, 0, 0, 1, 1, progress=True)
+    next(iter(stream))
+    err = capsys.readouterr().err
+    assert "filling the shuffle window" in err and "220" in err  # the window plus one batch, then the first batch
+    quiet = ImageRowsStream(make_chunks, 20, 200, 0, 0, 1, 1)
+    next(iter(quiet))
+    assert "shuffle window" not in capsys.readouterr().err
+    # data=images: the default window is one batch, so the first batch comes after two batches of rows
+    data = compose_cfg("train", ["data=images", "data.root=/x"]).data
+    assert data.shuffle_buffer == data.batch_size

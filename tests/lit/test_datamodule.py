@@ -155,12 +155,32 @@ def test_holdout_is_by_image_not_row_position(tmp_path):
 # ------------------------------------------------------------------ small or odd stores
 def test_store_smaller_than_one_batch_names_the_numbers(tmp_path):
     store = _store(tmp_path, n_rows=1000, rows_per_chunk=500, chunks_per_shard=2)  # 1,000 CLS rows, one shard
+    # validation holds out 20% (the cap of the one-batch floor), every 5th image
     with pytest.raises(
         ValueError,
-        match=r"acts has 900 training rows \(100 held out.*data.batch_size=4096.*"
-        r"Lower data.batch_size \(<= 900\)",
+        match=r"acts has 800 training rows \(200 held out.*data.batch_size=4096.*"
+        r"Lower data.batch_size \(<= 800\)",
     ):
         _dm(store, batch_size=4096, shuffle_buffer=16384, val_fraction=0.1)
+
+
+def test_validation_holds_out_one_batch_by_image_and_warns_when_the_store_is_too_small(tmp_path, caplog):
+    # 128 images of 1 row at val_fraction 0.01 held out 2 rows: now at least one batch, whole images
+    store = _store(tmp_path, n_rows=128, rows_per_chunk=32, chunks_per_shard=4)
+    with caplog.at_level(logging.WARNING):
+        dm = _dm(store, batch_size=16, shuffle_buffer=32, val_fraction=0.01)
+    val = _col(dm.val_stream(), 0)
+    assert dm.n_val_rows == len(val) >= 16 and not caplog.text
+    assert sorted(val) == [i for i in range(128) if i % dm.val_keep[1] == 0]
+    # 8 shards of 120 rows at 1% (10 rows) and a batch of 100: one whole shard (120 rows) instead of 0 shards
+    big = _store(tmp_path, n_rows=960, rows_per_image=4, name="big")
+    dm = _dm(big, batch_size=100, val_fraction=0.01)
+    assert dm.train_keep == ("all",) and len(dm.val_fpaths) == 1 and dm.n_val_rows == 120
+    # too small for one batch: at most 20% of the rows, and a warning with the numbers
+    with caplog.at_level(logging.WARNING):
+        dm = _dm(store, batch_size=100, shuffle_buffer=100, val_fraction=0.01)
+    assert dm.n_val_rows <= 0.2 * 128 + 1
+    assert f"holds out only {dm.n_val_rows} of its 128 rows" in caplog.text and "data.batch_size=100" in caplog.text
 
 
 def test_fewer_shards_than_workers_adapts_and_fewer_than_ranks_fails(tmp_path, caplog):

@@ -445,3 +445,37 @@ def test_overlay_image_colours_only_the_active_patches(tmp_path: Path):
     assert hot[0] > 180 and hot[1] > 180 and hot[2] < 100, hot  # blended towards the ramp's yellow
     assert HEAT_RAMP[-1] == (240, 249, 33)
     assert card_overlay_image(fpath, None).getpixel((62, 62)) == cold
+
+
+def test_find_runs_takes_the_runs_of_the_same_sae_from_sibling_folders(tmp_path, monkeypatch):
+    """Hydra puts each job in outputs/<job>/<time>/: browse run=<the MS run> still finds the hierarchy and
+    steering runs of its SAE (matched by the sae_path each recorded), and not those of another SAE."""
+    from vlmsae.utils.provenance import write_run_info
+
+    monkeypatch.chdir(tmp_path)  # the folder the jobs were started from: sae_path is relative to it
+    out = tmp_path / "outputs"
+    for name in ("a", "b"):
+        (out / "train" / name / "sae").mkdir(parents=True)
+    ms = out / "monosemanticity" / "t1"
+    (ms / "top_images").mkdir(parents=True)
+    (ms / "latents.csv").write_text("latent,ms\n")
+    write_run_info(ms, {"sae_path": "outputs/train/a/sae"})
+    runs = {}
+    for job, name, sae_path, fname in (
+        ("hierarchy", "t2", "outputs/train/a", "latent_taxa.csv"),  # the train folder stands for its sae/
+        ("hierarchy", "t3", "outputs/train/b/sae", "latent_taxa.csv"),  # another SAE
+        ("steer", "t4", str(out / "train" / "a" / "sae"), "steer.json"),  # an absolute path
+        ("steer", "t5", "outputs/train/b/sae", "steer.json"),
+    ):
+        runs[name] = out / job / name
+        runs[name].mkdir(parents=True)
+        (runs[name] / fname).write_text("{}")
+        write_run_info(runs[name], {"sae_path": sae_path})
+    sources = find_runs(ms)
+    assert sources.hierarchy_dpath.resolve() == runs["t2"].resolve()
+    assert [p.resolve() for p in sources.steer_fpaths] == [(runs["t4"] / "steer.json").resolve()]
+    said = "\n".join(sources.found)
+    assert "same sae_path" in said and "steering runs: 1" in said and str(runs["t4"]) in said
+    # explicit runs win, and say so
+    explicit = find_runs(ms, hierarchy_run=runs["t3"], steer_runs=[str(runs["t5"])])
+    assert explicit.hierarchy_dpath == runs["t3"] and "hierarchy_run=" in "\n".join(explicit.found)

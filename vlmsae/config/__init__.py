@@ -62,8 +62,8 @@ def register_configs() -> None:
     from vlmsae.config.schemas import SCHEMAS, store_node
 
     cs = ConfigStore.instance()
-    for group, name, node in SCHEMAS:
-        cs.store(group=group, name=name, node=store_node(node))
+    for _group, name, node in SCHEMAS:
+        cs.store(name=name, node=store_node(node))  # at the root: never offered as a choice of `group`
     for job in (
         extract,
         train,

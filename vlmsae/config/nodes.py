@@ -1,8 +1,9 @@
 """One dataclass per config node: the Hydra schema of ``conf/<group>/*.yaml`` and the library's typed argument.
 
 Each class below is registered in Hydra's ConfigStore (``vlmsae.config.schemas.SCHEMAS``: ``model_schema``,
-``sae_schema``, ...), so a group YAML that starts with ``defaults: [<group>_schema, _self_]`` is typed by it
-and a misspelt key (``model.widht=3``) or a wrong type (``sae.k=abc``) fails at compose time naming the key.
+``sae_schema``, ..., at the root), so a group YAML that starts with ``defaults: [/<group>_schema@_here_, _self_]``
+is typed by it and a misspelt key (``model.widht=3``) or a wrong type (``sae.k=abc``) fails at compose time
+naming the key.
 The library takes the same classes (``vlmsae.models.ModelSpec``, ``vlmsae.models.embedders.EmbedderSpec``,
 ``vlmsae.sae.SAEConfig`` are these), built from a composed node with ``from_cfg`` / ``from_schema``. A config
 key is therefore added in one dataclass here and one YAML file. Every field says what it is for.

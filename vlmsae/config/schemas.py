@@ -1,7 +1,9 @@
 """The ConfigStore entries of the core config nodes: ``(group, name, dataclass)``.
 
 The dataclasses live in :mod:`vlmsae.config.nodes` (one per node, shared by Hydra and the library).
-Group YAMLs start with ``defaults: [<name>, _self_]``; e.g. ``conf/sae/topk.yaml`` lists ``sae_schema``.
+They are stored at the root of the ConfigStore (not inside their group, where ``--help`` and Hydra's
+"Available options" would list them as choices), and group YAMLs start with
+``defaults: [/<name>@_here_, _self_]``; e.g. ``conf/sae/topk.yaml`` lists ``/sae_schema@_here_``.
 Add a field to the node's dataclass before using it in a YAML.
 """
 
@@ -19,6 +21,7 @@ from vlmsae.config.nodes import (
     TrainerSchema,
 )
 
+# (the group a schema types, its ConfigStore name at the root, the dataclass)
 SCHEMAS: list[tuple[str | None, str, type]] = [
     ("sae", "sae_schema", SAEConfig),
     ("model", "model_schema", ModelSpec),

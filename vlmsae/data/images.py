@@ -172,10 +172,31 @@ class ImageList:
 
     items: list[tuple[str, str, int]]
     classes: list[str]
+    # files under the root that the listing left out, by reason (``not an image extension: .txt``, ``hidden file``)
+    ignored: dict[str, int] = field(default_factory=dict)
 
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _ignored_reason(path: Path) -> str:
+    """Why the folder listing leaves out the file ``path``."""
+    if path.name.startswith("."):
+        return "hidden file"
+    return f"not an image extension: {path.suffix.lower() or '(none)'}"
+
+
+def _split_files(fpaths: list[Path], ignored: dict[str, int]) -> list[Path]:
+    """The image files of ``fpaths``, sorted; the others counted into ``ignored`` by reason."""
+    images = []
+    for fpath in sorted(fpaths):
+        if _is_image(fpath):
+            images.append(fpath)
+        else:
+            reason = _ignored_reason(fpath)
+            ignored[reason] = ignored.get(reason, 0) + 1
+    return images
 
 
 def list_folder(root: str | Path) -> ImageList:
@@ -186,16 +207,17 @@ def list_folder(root: str | Path) -> ImageList:
     class_dpaths = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     items: list[tuple[str, str, int]] = []
     classes: list[str] = []
+    ignored: dict[str, int] = {}
     if class_dpaths:
         classes = [p.name for p in class_dpaths]
         for label, dpath in enumerate(class_dpaths):
-            for fpath in sorted(p for p in dpath.rglob("*") if p.is_file() and _is_image(p)):
+            for fpath in _split_files([p for p in dpath.rglob("*") if p.is_file()], ignored):
                 items.append((fpath.relative_to(root).as_posix(), str(fpath), label))
-    flat = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
+    flat = _split_files([p for p in root.iterdir() if p.is_file()], ignored)
     items = [(p.name, str(p), -1) for p in flat] + items
     if not items:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under data.root={root}.")
-    return ImageList(items, classes)
+    return ImageList(items, classes, ignored)
 
 
 def list_file(list_fpath: str | Path) -> ImageList:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -506,6 +507,25 @@ def _iter_local_chunks(fpath: Path, want: Callable[[int], bool], with_keys: bool
             if want(int(key)):
                 keys_json = read(fh, parts["keys.json"]) if with_keys else None
                 yield _decode_chunk(key, read(fh, parts["acts.safetensors"]), keys_json, where=str(fpath))
+
+
+VAL_MAX_FRACTION = 0.2  # the validation floor never takes more than this share of the rows
+
+
+def holdout_target(n_rows: int, val_fraction: float, min_rows: int) -> int:
+    """Rows validation should hold out: ``val_fraction`` of them, and at least ``min_rows`` (one batch) so the
+    held-out FVE is measured on enough rows, but that floor never takes more than ``VAL_MAX_FRACTION`` of
+    the rows (0 when ``val_fraction`` is 0: no split)."""
+    if val_fraction <= 0 or n_rows <= 0:
+        return 0
+    floor = min(int(min_rows), int(VAL_MAX_FRACTION * n_rows))
+    return max(1, math.ceil(val_fraction * n_rows), floor)
+
+
+def holdout_period(n_images: int, target_images: int) -> int:
+    """The period of :func:`image_holdout` that holds out at least ``target_images`` of ``n_images`` images
+    (``image_idx % period == 0`` keeps ``ceil(n_images / period)`` of them); at least 2, so training keeps half."""
+    return max(2, int(n_images) // max(1, int(target_images)))
 
 
 def image_holdout(image_idx_R: torch.Tensor, period: int) -> torch.Tensor:

@@ -182,7 +182,11 @@ def build_chunk_index(
         return dict(
             zip(shard_fpaths, manifest_chunk_rows(manifest.shard_rows, int(manifest.rows_per_chunk)), strict=True)
         )
-    for fpath in shard_fpaths:
+    from tqdm.auto import tqdm
+
+    # headers only, but a store of thousands of shards takes a while: a bar (hidden for small stores)
+    bar = tqdm(shard_fpaths, desc="index store shards", unit="shard", leave=False, disable=len(shard_fpaths) < 64)
+    for fpath in bar:
         if not is_remote(fpath) and Path(fpath).is_file():
             index[fpath] = chunk_row_counts(fpath, d=d, holdout_period=holdout_period)
             continue
@@ -433,29 +437,49 @@ class ImageRowsStream(IterableDataset):
         world_size: int,
         n_epochs: int | None,
         skip_batches: int = 0,
+        progress: bool = False,
     ):
         super().__init__()
         self.make_chunks = make_chunks
         self.batch_size, self.shuffle_buffer, self.seed = batch_size, shuffle_buffer, seed
         self.rank, self.world_size, self.n_epochs, self.skip_batches = rank, world_size, n_epochs, skip_batches
+        self.progress = progress  # a bar while the shuffle window fills (rank 0, first worker): no silent wait
+
+    def _fill_bar(self, buffer: RowShuffleBuffer, to_skip: int, first_worker: bool):
+        """A tqdm bar over the rows computed before the first batch (the window, plus replayed batches on resume)."""
+        if not (self.progress and first_worker and self.rank == 0):
+            return None
+        from tqdm import tqdm
+
+        what = f"replaying {to_skip} batches" if to_skip else "filling the shuffle window"
+        total = buffer.capacity + self.batch_size * (to_skip + 1)
+        log.info("%s (data.shuffle_buffer=%d rows) before the first batch", what, buffer.capacity)
+        return tqdm(total=total, desc=f"{what} (rows)", unit="row", unit_scale=True, leave=False)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        first_worker = worker == 0
         worker = (worker + self.skip_batches) % n_workers  # round-robin order after a skip (see ShardRowStream)
         rng = np.random.default_rng([self.seed, self.rank, worker])
         buffer = RowShuffleBuffer(self.shuffle_buffer, self.batch_size, rng)
         to_skip = len(range(worker, self.skip_batches, n_workers))
+        bar = self._fill_bar(buffer, to_skip, first_worker)
         epoch = 0
         while self.n_epochs is None or epoch < self.n_epochs:
             part, n_parts = self.rank * n_workers + worker, self.world_size * n_workers
             got = False
             for rows_RD in self.make_chunks(epoch, part, n_parts):
                 got = True
+                if bar is not None:
+                    bar.update(rows_RD.shape[0])
                 for batch in buffer.add(rows_RD):
                     if to_skip:
                         to_skip -= 1
                         continue
+                    if bar is not None:
+                        bar.close()
+                        bar = None
                     yield batch
             if not got:
                 raise RuntimeError(f"no images for part {part} of {n_parts}: fewer images than ranks x workers")

@@ -13,11 +13,14 @@ batches the uninterrupted run would have. If the batch size or the store changed
 restarts from its beginning with a warning; if the workers, ranks or window changed, it seeks to
 the same number of batches but the row order differs from the uninterrupted run (warning).
 
-Held-out validation, always by image (no image gives rows to both splits): whole shards when the
-store has enough of them (``round(val_fraction * n_shards) >= 1`` and one training shard remains;
-extraction flushes a shard only between images, so no image straddles two shards), else the
-images with ``image_idx % round(1 / val_fraction) == 0`` (every row of those images, wherever
-their chunks lie), so even a single-chunk store keeps a validation split that training never sees.
+Held-out validation, always by image (no image gives rows to both splits), of ``val_fraction`` of the
+rows and at least one batch (that floor capped at ``VAL_MAX_FRACTION`` of the store, with a warning
+naming the numbers when the store is too small: :func:`vlmsae.data.shards.holdout_target`): whole
+shards from the end when they come to less than twice that and one training shard remains (extraction
+flushes a shard only between images, so no image straddles two shards), else the images with
+``image_idx % period == 0`` (every row of those images, wherever their chunks lie;
+:func:`vlmsae.data.shards.holdout_period`), so even a single-chunk store keeps a validation split
+that training never sees.
 
 Small or odd stores (each case names the store, the numbers and the fix):
 
@@ -35,14 +38,15 @@ Small or odd stores (each case names the store, the numbers and the fix):
 ``ImageActsDataModule`` (``data=images``) computes the rows on the fly from images through the
 extraction model, for users without disk for a cache. Every epoch visits the images in a fresh
 seeded permutation of the listing (folder, list and synthetic sources; ``wds`` streams in file
-order); images with listing index ``% round(1 / val_fraction) == 0`` are validation (the same
-images a store made from that listing holds out). Its resume still replays the stream (the row
+order); images with listing index ``% period == 0`` are validation, the period chosen as for a
+store (:func:`image_holdout_every`). Its resume still replays the stream (the row
 count of an image is only known once it is decoded).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,9 +55,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from vlmsae.data.images import list_source
+from vlmsae.data.shards import VAL_MAX_FRACTION, holdout_period, holdout_target
 from vlmsae.data.store import check_store_width, open_store
 from vlmsae.data.stream import ImageRowsStream, ShardRowStream, StreamConfig, build_chunk_index, window_rows
 from vlmsae.models.image_rows import ImageChunkMaker
+from vlmsae.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,7 @@ class ActsDataModule(L.LightningDataModule):
         self._resume_state: dict | None = None
         self._workers: int | None = None
         self.rank, self.world_size = 0, 1
+        self.n_val_rows = 0
         self._plan_split()
         # per-chunk row counts (and held-out rows) from headers: the resume seek and the size checks use them
         period = self.train_keep[1] if self.train_keep[0] != "all" else None
@@ -92,26 +100,58 @@ class ActsDataModule(L.LightningDataModule):
             self.acts_dpath,
             time.perf_counter() - t0,
         )
+        self._warn_small_holdout()
 
     def _plan_split(self) -> None:
         n_shards = len(self.shard_fpaths)
         frac = float(self.stream.val_fraction)
         if not 0.0 <= frac < 1.0:
             raise ValueError(f"data.val_fraction must be in [0, 1), got {frac}")
-        n_val_shards = round(frac * n_shards)
         self.train_keep, self.val_keep = ("all",), ("all",)
+        self.val_target = holdout_target(self.n_rows, frac, int(self.stream.batch_size))
         if frac == 0.0:
             # No held-out data: validation reads the training shards (in-sample, said in the log).
             self.train_fpaths, self.val_fpaths = self.shard_fpaths, self.shard_fpaths
             log.warning("data.val_fraction=0: validation metrics are measured on training rows")
-        elif n_val_shards >= 1 and n_shards - n_val_shards >= 1:
+            return
+        m = self.manifest
+        if m.shard_rows is not None and len(m.shard_rows) == n_shards:
+            shard_rows = [int(n) for n in m.shard_rows]
+        else:
+            shard_rows = [self.n_rows / max(1, n_shards)] * n_shards
+        n_val_shards, held = 0, 0
+        while held < self.val_target and n_val_shards < n_shards:
+            n_val_shards += 1
+            held += shard_rows[n_shards - n_val_shards]
+        if n_val_shards < n_shards and held < 2 * self.val_target:
             # whole shards: a shard holds whole images (extraction flushes between images)
             self.train_fpaths = self.shard_fpaths[: n_shards - n_val_shards]
             self.val_fpaths = self.shard_fpaths[n_shards - n_val_shards :]
-        else:  # too few shards: hold out every period-th image, wherever its rows are
-            period = max(2, round(1.0 / frac))
+        else:  # shards too coarse: hold out every period-th image, wherever its rows are
+            n_images = int(m.n_images or self.n_rows)
+            rows_per_image = max(1.0, self.n_rows / max(1, n_images))
+            period = holdout_period(n_images, math.ceil(self.val_target / rows_per_image))
             self.train_fpaths, self.val_fpaths = self.shard_fpaths, self.shard_fpaths
             self.train_keep, self.val_keep = ("train", period), ("val", period)
+
+    def _warn_small_holdout(self) -> None:
+        """Say so when the store is too small to hold out one batch for validation (the held-out FVE is noisy)."""
+        if self.val_fpaths == self.train_fpaths and self.val_keep[0] == "all":
+            return
+        n_val = self._rows_in(self.val_fpaths, self.val_keep)
+        self.n_val_rows = n_val
+        if n_val < int(self.stream.batch_size):
+            log.warning(
+                "the activation store %s holds out only %d of its %d rows for validation (data.val_fraction=%g, "
+                "capped at %d%% of the store): fewer than one batch (data.batch_size=%d), so the held-out FVE is "
+                "noisy. Extract more images for a trustworthy validation figure",
+                self.acts_dpath,
+                n_val,
+                self.n_rows,
+                self.stream.val_fraction,
+                round(100 * VAL_MAX_FRACTION),
+                self.stream.batch_size,
+            )
 
     def _rows_in(self, fpaths: list[str], keep: tuple) -> int:
         total = 0
@@ -307,6 +347,45 @@ class ActsDataModule(L.LightningDataModule):
             )
 
 
+def image_holdout_every(image_kwargs: dict, tokens: str, k_tokens: int, model: ModelSpec, stream: StreamConfig) -> int:
+    """``data=images``: the period of held-out images (listing index ``% period == 0``), as for a store: enough
+    images for one batch of validation rows when the listing allows (at most ``VAL_MAX_FRACTION`` of it),
+    warning with the numbers when it does not. A ``wds`` source cannot be counted: ``round(1 / val_fraction)``."""
+    frac = float(stream.val_fraction)
+    if frac <= 0:
+        return 10**9
+    source = image_kwargs["source"]
+    if source not in ("folder", "list", "synthetic"):
+        return max(2, round(1.0 / frac))
+    n_images = len(list_source(source, image_kwargs.get("root"), image_kwargs.get("synthetic")).items)
+    if image_kwargs.get("max_images") is not None:
+        n_images = min(n_images, int(image_kwargs["max_images"]))
+    if tokens in ("cls", "mean"):
+        rows_per_image = 1
+    elif tokens == "random_k":
+        rows_per_image = int(k_tokens)
+    else:  # patches | all: an estimate from the patch grid
+        rows_per_image = max(1, (int(model.image_size) // max(1, int(model.patch_size))) ** 2)
+    n_rows = n_images * rows_per_image
+    target = holdout_target(n_rows, frac, int(stream.batch_size))
+    period = holdout_period(n_images, math.ceil(target / rows_per_image))
+    n_val = math.ceil(n_images / period) * rows_per_image
+    if n_val < int(stream.batch_size):
+        log.warning(
+            "the %d images of data.root=%s give about %d rows, %d of them held out for validation "
+            "(data.val_fraction=%g, capped at %d%% of the images): fewer than one batch (data.batch_size=%d), so "
+            "the held-out FVE is noisy. Use more images for a trustworthy validation figure",
+            n_images,
+            image_kwargs.get("root") or source,
+            n_rows,
+            n_val,
+            frac,
+            round(100 * VAL_MAX_FRACTION),
+            stream.batch_size,
+        )
+    return period
+
+
 class ImageActsDataModule(L.LightningDataModule):
     """``data=images``: no cache on disk, activations are computed from images as training runs."""
 
@@ -337,6 +416,7 @@ class ImageActsDataModule(L.LightningDataModule):
             self.world_size,
             None,
             skip_batches=self.batches_seen,
+            progress=self.trainer is not None and getattr(self.trainer, "progress_bar_callback", None) is not None,
         )
         return self._loader(ds, self.stream.num_workers)
 
@@ -346,7 +426,14 @@ class ImageActsDataModule(L.LightningDataModule):
 
     def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
         ds = ImageRowsStream(
-            self.make_train, self.stream.batch_size, self.stream.shuffle_buffer, self.stream.seed + 104729, 0, 1, None
+            self.make_train,
+            self.stream.batch_size,
+            self.stream.shuffle_buffer,
+            self.stream.seed + 104729,
+            0,
+            1,
+            None,
+            progress=self.rank == 0,  # the first batch waits for a full shuffle window: show it filling
         )
         for i, batch in enumerate(ds):
             if i >= n_batches:

@@ -46,7 +46,7 @@ from vlmsae.data.images import synthetic_options
 from vlmsae.data.store import open_store
 from vlmsae.data.stream import StreamConfig
 from vlmsae.formats import StoreManifest
-from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule
+from vlmsae.lit.datamodule import ActsDataModule, ImageActsDataModule, image_holdout_every
 from vlmsae.lit.loggers import RestoreLogHistory, ResumableCSVLogger
 from vlmsae.lit.module import NonFiniteLossError, SAELitModule
 from vlmsae.lit.resume import history_dpath
@@ -185,7 +185,7 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
     if image_source == "synthetic":  # the same generated images the extract job uses for these options
         image_kwargs["synthetic"] = synthetic_options(image_source, data.n_per_class, data.size, data.seed)
     tokens, k_tokens = parse_tokens(source.tokens, source.tokens_k or 2)
-    period = max(2, round(1.0 / stream.val_fraction)) if stream.val_fraction > 0 else 10**9
+    period = image_holdout_every(image_kwargs, tokens, k_tokens, model, stream)  # held-out images
     per_forward = int(data.images_per_forward)  # images per encoder forward
     common = dict(
         model_spec=model,
@@ -560,9 +560,10 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
         atomic_write_json(sae_dpath / "latent_density.json", record.get("density_hist", {}))
         write_run_info(sae_dpath / "sae", plan.config, metrics=metrics, sae_config=g.sae_config, lr=g.lr)
         log.info(
-            "SAE saved to %s (fve %.3f, l0 %.1f, step %d)",
+            "SAE saved to %s (held-out validation fve %.3f over %d rows, l0 %.1f, step %d)",
             sae_dpath / "sae",
             metrics.get("fve", math.nan),
+            metrics.get("n_val_rows", 0),
             metrics.get("l0", math.nan),
             step,
         )
@@ -570,6 +571,21 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
         atomic_write_json(out_dpath / "metrics.json", results)
     write_run_info(out_dpath, plan.config, status="done", resumed_from=resumed_from, metrics=summary, **run_extra)
     return summary
+
+
+def check_accelerator(accelerator: str) -> None:
+    """A ValueError naming the fix when ``trainer.accelerator`` asks for a GPU that this machine does not show."""
+    import torch
+
+    wants = str(accelerator).lower()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if (wants == "cuda" and not torch.cuda.is_available()) or (
+        wants == "gpu" and not (torch.cuda.is_available() or mps)
+    ):
+        raise ValueError(
+            f"trainer.accelerator={accelerator} but no GPU is visible to torch (torch.cuda.is_available() is False; "
+            "check the driver and CUDA_VISIBLE_DEVICES): train on the CPU with trainer=cpu"
+        )
 
 
 def build_trainer(t: TrainerSchema, logger, callbacks: list, out_dpath: Path):

@@ -315,17 +315,8 @@ class RestoreLogHistory(L.Callback):
             return  # online: the server resumed the run; disabled: nothing is written
         own_dpath = Path(run.dir).parent  # <wandb dir>/offline-run-<time>-<id>/files
         files = [p for p in wandb_run_files(self.history_dpath / "wandb", self.wandb_id) if p.parent != own_dpath]
-        # Scalars come from the CSV mirror: W&B buffers its offline log (flushed every 15 s, and not at
-        # all when the process is killed), the CSV is written at every log. Histograms only exist in W&B.
-        wandb_rows = merged_wandb_history(files, self._step)
-        if csv_logger is not None:
-            _, csv_rows = read_metrics_csv(csv_logger.experiment.metrics_file_path)
-            rows = [_csv_row_to_wandb(r) for r in csv_rows if _int_step(r["step"]) < self._step]
-            rows += [r for r in wandb_rows if any(_is_histogram(v) for v in r.values())]
-            rows.sort(key=lambda r: _int_step(r[STEP_KEY]))
-        else:
-            rows = wandb_rows
-        n = replay_wandb_history(run, rows)
+        csv_rows = read_metrics_csv(csv_logger.experiment.metrics_file_path)[1] if csv_logger is not None else None
+        n = replay_wandb_history(run, resumed_wandb_rows(files, csv_rows, self._step))
         supersede(files)
         log.info(
             "resume: replayed %d history rows (steps < %d) into the offline W&B run %s; superseded %s",
@@ -334,6 +325,23 @@ class RestoreLogHistory(L.Callback):
             self.wandb_id,
             [str(p) for p in files],
         )
+
+
+def resumed_wandb_rows(files: list[Path], csv_rows: list[dict[str, str]] | None, step: int) -> list[dict[str, Any]]:
+    """What a resumed offline W&B run replays, sorted by step: what the uninterrupted run holds before it continues.
+
+    Scalars at steps < ``step`` (the checkpoint's global step) come from the CSV mirror when there is one: W&B
+    buffers its offline log (flushed every 15 s, and not at all when the process is killed), the CSV is written
+    at every log. Histograms only exist in W&B (``files``, the killed run's logs), and they are kept up to and
+    including ``step``: the validation right after the checkpoint at ``step`` logged its histogram at ``step``
+    (its scalars at ``step - 1``, as Lightning counts), and the resumed run does not run that validation again.
+    """
+    hist_rows = [r for r in merged_wandb_history(files, step + 1) if any(_is_histogram(v) for v in r.values())]
+    if csv_rows is None:
+        rows = [r for r in merged_wandb_history(files, step) if not any(_is_histogram(v) for v in r.values())]
+    else:
+        rows = [_csv_row_to_wandb(r) for r in csv_rows if _int_step(r["step"]) < step]
+    return sorted(rows + hist_rows, key=lambda r: _int_step(r[STEP_KEY]))
 
 
 def _is_histogram(value: Any) -> bool:
@@ -361,5 +369,6 @@ __all__ = [
     "merged_wandb_history",
     "read_metrics_csv",
     "read_wandb_history",
+    "resumed_wandb_rows",
     "wandb_run_files",
 ]

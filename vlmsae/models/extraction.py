@@ -331,6 +331,7 @@ class StoreExtraction:
         self.classes: list[str] = []
         self.total: int | None = None
         self.positions = (0, plan.max_images)  # this process's share of the visiting order: [start, stop)
+        self.ignored: dict[str, int] = {}
         listing_digest = full_digest = None
         if ranks is not None and plan.source == "wds":
             raise ValueError(
@@ -342,6 +343,9 @@ class StoreExtraction:
             listing = list_source(plan.source, plan.root, synthetic=plan.synthetic)
             order = image_order(len(listing.items), plan.order_seed)[: plan.max_images]  # max_images: a random subset
             self.classes, self.total = listing.classes, len(order)
+            self.ignored = dict(listing.ignored)  # every listed file not used, by reason (the manifest counts them)
+            if len(order) < len(listing.items):
+                self.ignored["not in the max_images subset"] = len(listing.items) - len(order)
             listing_digest = image_list_digest(key for key, _, _ in listing.items)
             if ranks is not None:  # contiguous blocks of the (permuted) visiting order: each a uniform sample
                 self.positions = (self.total * ranks.rank // ranks.world, self.total * (ranks.rank + 1) // ranks.world)
@@ -596,6 +600,7 @@ class StoreExtraction:
             n_skipped=len(skipped),
             skipped_by_reason=skipped.by_reason(),
             skipped=skipped.to_list(),
+            ignored_by_reason=dict(sorted(self.ignored.items())),
             image_list_digest=digest,
             classes=self.classes,
             n_tokens_per_image=tap.n_tokens,

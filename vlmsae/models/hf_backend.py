@@ -14,7 +14,6 @@ Weights: ``local_path`` (a ``save_pretrained`` folder) > ``pretrained`` (a HF id
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from vlmsae.models import llava
+from vlmsae.models.hub import hub_unreachable, offline_reason
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import Tap, resolve_device, torch_dtype
 from vlmsae.models.tiny import build_tiny_hf_clip, tiny_model_dpath
@@ -108,8 +108,7 @@ def _hf_source(spec: ModelSpec) -> tuple[str, bool]:
         raise ValueError(
             f"Model {spec.name!r} (backend {spec.backend}) needs model.pretrained=<HF id> or model.local_path."
         )
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    return spec.pretrained, offline
+    return spec.pretrained, offline_reason() is not None  # HF_HUB_OFFLINE, or no Hub within seconds: the cache
 
 
 def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
@@ -135,12 +134,14 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
         model = CLIPVisionModelWithProjection.from_pretrained(source, **_dtype_kwarg(torch_dtype(spec.dtype)), **kwargs)
         processor = CLIPImageProcessor.from_pretrained(source, **kwargs)
     except OSError as err:
+        offline = None if spec.tiny or spec.local_path else hub_unreachable()
+        why = err if offline is None else f"the Hugging Face Hub is unreachable ({offline}) and the model is not cached"
         raise OSError(
-            f"Could not load the weights of model {spec.name!r} ({source!r}, cache_dir={spec.cache_dir!r}): {err}\n"
+            f"Could not load the weights of model {spec.name!r} ({source!r}, cache_dir={spec.cache_dir!r}): {why}\n"
             "This machine may be offline and the model not cached. Download it where there is internet "
             f"(`huggingface-cli download {source} --local-dir <folder>`) and pass model.local_path=<folder>, "
             "or point model.cache_dir / HF_HOME at a cache that holds it."
-        ) from err
+        ) from (None if offline is not None else err)
     model = model.to(resolve_device(spec.device)).eval()
     core = getattr(model, "vision_model", model)
     return HFVisionTap(spec, model, core.encoder.layers, processor, model.visual_projection)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmsae.models.hub import offline_reason
 from vlmsae.models.tap import resolve_device
 from vlmsae.models.tiny import tiny_model_dpath
 from vlmsae.utils.io import publish_dir
@@ -468,13 +469,13 @@ def _source_kwargs(
     name_or_path: str | Path, cache_dir: str | Path | None, local_files_only: bool | None
 ) -> tuple[str, bool, dict[str, Any]]:
     """``(source, is_dir, from_pretrained kwargs)``: a folder is read offline; a HF id is offline only if
-    ``HF_HUB_OFFLINE`` is set (or ``local_files_only`` says so)."""
+    ``HF_HUB_OFFLINE`` is set, the Hub is unreachable (:mod:`vlmsae.models.hub`) or ``local_files_only`` says so."""
     source = str(name_or_path)
     is_dir = Path(source).expanduser().is_dir()
     if is_dir:
         source = str(Path(source).expanduser())
     if local_files_only is None:
-        local_files_only = is_dir or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        local_files_only = is_dir or offline_reason() is not None  # HF_HUB_OFFLINE, or no Hub within seconds
     kwargs: dict[str, Any] = {
         "cache_dir": None if cache_dir is None else str(cache_dir),
         "local_files_only": bool(local_files_only),

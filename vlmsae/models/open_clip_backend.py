@@ -30,6 +30,7 @@ import torch
 
 from vlmsae.config.nodes import open_clip_overrides
 from vlmsae.models.digits import DIGITS_VIT_ARCHS, DIGITS_VIT_RANDOM_ARCH, ensure_digits_vit
+from vlmsae.models.hub import offline_reason
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import Tap, looks_offline, resolve_device, torch_dtype
 from vlmsae.models.tiny import OPEN_CLIP_CONFIG, build_tiny_open_clip, tiny_model_dpath
@@ -85,6 +86,12 @@ class OpenClipSource:
     quick_gelu: Optional[bool]  # None only for hf-hub sources without an override: the hub config decides
     preprocess: dict[str, Any]  # mean, std, interpolation, resize_mode (hf-hub: only the overrides)
     decided_by: str  # what decided them, for logs and errors
+
+    def needs_hub(self) -> bool:
+        """Whether loading downloads (or reads the Hub's cache): an hf-hub arch or a registered tag, not a file."""
+        if self.model_name.startswith("hf-hub:"):
+            return True
+        return bool(self.pretrained) and not Path(self.pretrained).expanduser().exists()
 
     def create_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``open_clip.create_model_and_transforms(self.model_name, **kwargs)``."""
@@ -366,11 +373,16 @@ def create_open_clip(
         source.preprocess,
         source.decided_by,
     )
+    offline = offline_reason() if source.needs_hub() else None  # one quick probe, not a minute of retries
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             source.model_name, cache_dir=cache_dir, device="cpu", **source.create_kwargs()
         )
     except (RuntimeError, OSError, ValueError) as err:
+        if on_missing is not None and offline is not None:  # one message, not a chain of download tracebacks
+            raise on_missing(
+                OSError(f"the Hugging Face Hub is unreachable ({offline}) and the weights are not in the cache")
+            ) from None
         if on_missing is not None and looks_offline(err):
             raise on_missing(err) from err
         raise

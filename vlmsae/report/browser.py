@@ -64,10 +64,76 @@ class RunSources:
     ms_dpath: Path
     hierarchy_dpath: Path | None = None
     steer_fpaths: list[Path] = field(default_factory=list)
+    found: list[str] = field(default_factory=list)  # how each run was found, for the user
 
 
 def _is_ms_run(dpath: Path) -> bool:
     return (dpath / formats.LATENTS_CSV).is_file() and (dpath / formats.TOP_IMAGES_DIR).is_dir()
+
+
+_SKIP_DIRS = {"browser", ".hydra", "wandb", "checkpoints", "top_images", "csv"}
+
+
+def _recorded_sae_path(dpath: Path) -> str | None:
+    """The ``sae_path`` a job recorded in ``dpath/run_info.json`` (None without one, or for another kind of run)."""
+    try:
+        value = formats.read_run_info(dpath).config.get("sae_path")
+    except (OSError, ValueError):
+        return None
+    return str(value) if value else None
+
+
+def _sae_keys(sae_path: str, bases: list[Path]) -> set[Path]:
+    """Where ``sae_path`` may point, resolved against each launch folder in ``bases`` (a job records it as typed,
+    relative to the folder it was started from); a train run folder stands for its ``sae/``."""
+    keys = set()
+    for base in bases:
+        path = Path(sae_path).expanduser()
+        path = (path if path.is_absolute() else base / path).resolve()
+        keys.add(path / "sae" if (path / "sae").is_dir() else path)
+    return keys
+
+
+def _outputs_root(dpath: Path) -> Path:
+    """The ``outputs/`` folder above a run (Hydra's default run dirs), else the run's grandparent."""
+    dpath = dpath.resolve()
+    for parent in dpath.parents:
+        if parent.name == "outputs":
+            return parent
+    return dpath.parent.parent
+
+
+def runs_of_same_sae(ms_dpath: str | Path, search_dpath: str | Path | None = None) -> tuple[list[Path], list[Path]]:
+    """``(hierarchy run folders, steer.json files)`` of the SAE the MS run ``ms_dpath`` scored, wherever they are
+    under ``search_dpath`` (default: the ``outputs/`` folder above the MS run), matched through the ``sae_path``
+    each run recorded in its ``run_info.json``. Newest first."""
+    ms_dpath = Path(ms_dpath)
+    sae_path = _recorded_sae_path(ms_dpath)
+    if sae_path is None:
+        return [], []
+    root = Path(search_dpath) if search_dpath is not None else _outputs_root(ms_dpath)
+    bases = [Path.cwd(), root.resolve().parent]
+    want = _sae_keys(sae_path, bases)
+    hierarchy, steer = [], []
+    for info in root.rglob(formats.RUN_INFO_JSON):
+        dpath = info.parent
+        if _SKIP_DIRS & set(dpath.relative_to(root).parts):
+            continue
+        is_hierarchy, is_steer = (dpath / "latent_taxa.csv").is_file(), (dpath / formats.STEER_JSON).is_file()
+        if not (is_hierarchy or is_steer):
+            continue
+        other = _recorded_sae_path(dpath)
+        if other is None or not (_sae_keys(other, bases) & want):
+            continue
+        if is_hierarchy:
+            hierarchy.append(dpath)
+        if is_steer:
+            steer.append(dpath / formats.STEER_JSON)
+
+    def newest(p: Path) -> float:
+        return -(p if p.is_file() else p / formats.RUN_INFO_JSON).stat().st_mtime
+
+    return sorted(hierarchy, key=newest), sorted(steer, key=newest)
 
 
 def find_runs(
@@ -115,10 +181,22 @@ def find_runs(
             )
         ms_dpath = cands[0]
 
+    found = [f"monosemanticity run: {ms_dpath}" + (" (ms_run=)" if ms_run is not None else f" (under run={root})")]
+    # Hydra puts each job in its own folder (outputs/<job>/<time>/): runs of the same SAE elsewhere under
+    # outputs/ are found through the sae_path their run_info.json recorded.
+    same_sae: tuple[list[Path], list[Path]] | None = None
+
+    def of_same_sae() -> tuple[list[Path], list[Path]]:
+        nonlocal same_sae
+        if same_sae is None:
+            same_sae = runs_of_same_sae(ms_dpath)
+        return same_sae
+
     if hierarchy_run is not None:
         hierarchy_dpath: Path | None = Path(hierarchy_run)
         if not (hierarchy_dpath / "latent_taxa.csv").is_file():
             raise FileNotFoundError(f"hierarchy_run={hierarchy_dpath} holds no latent_taxa.csv.")
+        found.append(f"hierarchy run: {hierarchy_dpath} (hierarchy_run=)")
     else:
         cands = [p.parent for p in scan("latent_taxa.csv")]
         if len(cands) > 1:
@@ -127,6 +205,18 @@ def find_runs(
                 f"Several hierarchy runs under run={root}:\n  {listing}\nPick one with hierarchy_run=<dir>."
             )
         hierarchy_dpath = cands[0] if cands else None
+        if hierarchy_dpath is not None:
+            found.append(f"hierarchy run: {hierarchy_dpath} (under run={root})")
+        elif of_same_sae()[0]:
+            hierarchy_dpath, *older = of_same_sae()[0]
+            found.append(
+                f"hierarchy run: {hierarchy_dpath} (same sae_path"
+                + (f"; the newest of {len(older) + 1}, pick another with hierarchy_run=<dir>)" if older else ")")
+            )
+        else:
+            found.append(
+                "hierarchy run: none (run `python -m vlmsae.hierarchy` with the same sae_path, or pass hierarchy_run=)"
+            )
 
     if steer_runs is not None:
         steer_fpaths = []
@@ -136,9 +226,14 @@ def find_runs(
             if not p.is_file():
                 raise FileNotFoundError(f"steer_runs entry {s} holds no steer.json.")
             steer_fpaths.append(p)
+        found.append(f"steering runs: {len(steer_fpaths)} (steer_runs=)")
     else:
         steer_fpaths = scan(formats.STEER_JSON)
-    return RunSources(ms_dpath=ms_dpath, hierarchy_dpath=hierarchy_dpath, steer_fpaths=steer_fpaths)
+        how = f"under run={root}"
+        if not steer_fpaths and of_same_sae()[1]:
+            steer_fpaths, how = of_same_sae()[1], "same sae_path"
+        found.append(f"steering runs: {len(steer_fpaths)} ({how})" + "".join(f"\n  {p.parent}" for p in steer_fpaths))
+    return RunSources(ms_dpath=ms_dpath, hierarchy_dpath=hierarchy_dpath, steer_fpaths=steer_fpaths, found=found)
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,7 +84,9 @@ def compare_answers(
     hook = {"mode": r.mode, "patches": r.patches, "layer": setup.layer}
 
     def answers() -> list[str]:
-        return generate_answers(setup.model, setup.processor, images, r.prompt, r.max_new_tokens, r.batch_size)
+        return generate_answers(
+            setup.model, setup.processor, images, r.prompt, r.max_new_tokens, r.batch_size, progress=True
+        )  # generation is the slow part of steering: a bar, never a silent wait
 
     baseline = answers()
     with steer(setup.model, setup.sae, r.latents, **hook) as handle:

@@ -91,7 +91,10 @@ class AutoInterp:
         ``embed_words`` the unit text embedding of words. Latents not asked get ``""`` and NaN."""
         picked = pick_latents([len(p) > 0 for p in paths_K], ms_K, self.max_latents)
         words, scores = [""] * len(paths_K), [float("nan")] * len(paths_K)
-        for start in range(0, len(picked), self.batch_size):  # a batch of grids decoded at a time, not all
+        from tqdm.auto import tqdm
+
+        starts = tqdm(range(0, len(picked), self.batch_size), desc="autointerp: ask LLaVA", unit="batch")
+        for start in starts:  # a batch of grids decoded at a time, not all
             batch = picked[start : start + self.batch_size]
             grids = [grid_image([load_image(p) for p in paths_K[k][: GRID_SIDE * GRID_SIDE]]) for k in batch]
             for k, answer in zip(batch, self.ask(grids), strict=True):
