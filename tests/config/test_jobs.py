@@ -86,7 +86,9 @@ def test_a_misspelt_key_in_the_job_yaml_fails_naming_it(job, tmp_path):
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_the_job_is_thin(job):
     module = importlib.import_module(f"vlmsae.{job}")
-    n_lines = len(inspect.getsource(module.run).splitlines())
+    # imports inside run() are the lazy-import rule (test_layers), not logic: they do not count
+    body = [ln for ln in inspect.getsource(module.run).splitlines() if not ln.lstrip().startswith(("from ", "import "))]
+    n_lines = len(body)
     assert n_lines <= 45, f"vlmsae.{job}.run is {n_lines} lines: move loops and helpers into the library"
     source = inspect.getsource(module)
     assert "cfg.get(" not in source  # defaults live in the schema, not in the job
