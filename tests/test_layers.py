@@ -31,6 +31,7 @@ JOBS = (
     "export",
     "names",
     "stability",
+    "inspect",
 )
 LAYERS = {
     "config": 0,
