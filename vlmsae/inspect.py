@@ -64,7 +64,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     compare = ins.compare_images(found[0], found[1], cfg.top_n) if cfg.compare else None
     settings = {"sae_path": str(cfg.sae_path), "model": src.spec.name, "layer": src.layer, "pool": src.pool}
     settings.update(ms_run=str(ms.dpath) if ms else None, top_n=cfg.top_n, query=cfg.query, compare=cfg.compare)
-    result = ins.inspection_result(found, ms, query, compare, settings, cfg.strip)
+    result = ins.inspection_result(found, ms, query, compare, settings, cfg.strip, src.sae.group_of_latent.cpu())
     out_dpath = run_dir(out_dpath)
     inspect_page.draw_images(result, out_dpath, cfg.thumb_px)
     json_fpath = write_inspect(out_dpath, result)

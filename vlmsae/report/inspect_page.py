@@ -6,26 +6,25 @@ drawn over its image with the browser's colour ramp, one scale per latent so the
 activation on every image) and records their relative paths in the :class:`~vlmsae.formats.InspectResult`.
 :func:`write_page` renders ``inspect.html`` in the browser's style (``templates/browser.css``); everything it shows
 comes from that result, escaped, and the page loads nothing but those PNG/JPEG files. :func:`wandb_rows` gives the
-rows of the job logger's table (heatmaps as image cells). :func:`inspect_links` lets the feature browser link a
-card to the inspect page of an inspect run beside its MS run.
+rows of the job logger's table (heatmaps as image cells). The feature browser links its cards to this page
+(:func:`vlmsae.report.browser.inspect_links`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import html
-import os
 from pathlib import Path
 from typing import Any
 
-from vlmsae.formats import INSPECT_JSON, InspectResult, read_inspect
-from vlmsae.report.browser import TEMPLATE_DPATH, card_overlay_image, quantize_grid, write_thumbnail
+from vlmsae.formats import InspectResult
+from vlmsae.report.browser import INSPECT_PAGE, TEMPLATE_DPATH, card_overlay_image, quantize_grid, write_thumbnail
 from vlmsae.utils.io import atomic_write, atomic_write_text
 
-PAGE = "inspect.html"
+PAGE = INSPECT_PAGE
 TABLE_CSV = "inspect_latents.csv"
 
-__all__ = ["PAGE", "TABLE_CSV", "draw_images", "inspect_links", "table_rows", "write_page", "write_table"]
+__all__ = ["PAGE", "TABLE_CSV", "draw_images", "table_rows", "write_page", "write_table"]
 
 
 def _hits(result: InspectResult) -> list[dict[str, Any]]:
@@ -234,26 +233,3 @@ def write_table(result: InspectResult, out_dpath: str | Path) -> Path:
     writer.writeheader()
     writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
     return atomic_write_text(Path(out_dpath) / TABLE_CSV, buf.getvalue())
-
-
-def inspect_links(ms_dpath: str | Path, page_dpath: str | Path) -> dict[int, str]:
-    """For the feature browser at ``page_dpath``: ``{latent: href}`` into the inspect page of the inspect run(s)
-    beside the MS run ``ms_dpath`` (a sibling or child folder with inspect.json made with ``ms_run`` = that run),
-    for every latent the page shows. {} when there is none."""
-    ms_dpath = Path(ms_dpath).resolve()
-    links: dict[int, str] = {}
-    candidates = sorted({*ms_dpath.parent.glob(f"*/{INSPECT_JSON}"), *ms_dpath.glob(f"*/{INSPECT_JSON}")})
-    for fpath in candidates:
-        if not (fpath.parent / PAGE).is_file():
-            continue
-        try:
-            result = read_inspect(fpath)
-        except ValueError:
-            continue  # an unreadable or too-new run: no link rather than no browser
-        ms_run = result.settings.get("ms_run")
-        if not ms_run or Path(ms_run).resolve() != ms_dpath:
-            continue
-        href = os.path.relpath(fpath.parent / PAGE, Path(page_dpath).resolve())
-        for latent in result.latents:
-            links.setdefault(int(latent), f"{Path(href).as_posix()}#latent-{latent}")
-    return links

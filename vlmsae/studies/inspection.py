@@ -317,9 +317,11 @@ def inspection_result(
     compare: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
     strip: int = 8,
+    group_K: torch.Tensor | None = None,
 ) -> InspectResult:
     """The :class:`~vlmsae.formats.InspectResult` of the inspected images: their hits, what ``ms`` says of every
-    latent shown (``strip`` top images each), the query's latents with their hit on every image, the comparison."""
+    latent shown (``strip`` top images each) and its Matryoshka group (``group_K``, the SAE's
+    ``group_of_latent``), the query's latents with their hit on every image, the comparison."""
     images = [insp.to_dict() for insp in inspections]
     shown = {h["latent"] for im in images for h in (*im["top_pooled"], *im["top_peak"])}
     query_out = None
@@ -334,4 +336,7 @@ def inspection_result(
     if compare is not None:
         shown |= {r["latent"] for key in ("a_over_b", "b_over_a") for r in compare[key]}
     latents = {str(k): ms.latent(k, strip) if ms is not None else {} for k in sorted(shown)}
+    if group_K is not None:
+        for k in shown:
+            latents[str(k)]["group"] = int(group_K[k])
     return InspectResult(images, latents, query_out, compare, dict(settings or {}))
