@@ -19,7 +19,9 @@ as the CLI would compose it, only with tiny choices:
 6. splice_eval      the SAE spliced into the tiny LLaVA's vision block: KL per answer token,
                     fraction of loss recovered vs zero and mean ablation (2 images)    -> splice_eval/
 7. ground_truth     planted-concept check: SAE mean MS vs raw neurons on data with a known answer
-8. browse           the static feature browser of all of the above                     -> browser/index.html
+8. inspect          one of the images through the SAE: its top latents with names, MS and patch
+                    heatmaps, and the latents a text query matches                     -> inspect/inspect.html
+9. browse           the static feature browser of all of the above (cards link to inspect) -> browser/index.html
 
 The tiny models are random, so the numbers show the pipeline works, not what CLIP has learned;
 the README lists the real-model commands. A step whose job module is missing or fails is reported
@@ -55,7 +57,8 @@ IMAGES_PER_CLASS = 32  # 16 shape x colour classes -> 512 generated images
 IMAGE_PX = 64
 
 STEPS = (
-    "data", "extract", "train", "monosemanticity", "hierarchy", "steer", "splice_eval", "ground_truth", "browse",
+    "data", "extract", "train", "monosemanticity", "hierarchy", "steer", "splice_eval", "ground_truth", "inspect",
+    "browse",
 )  # fmt: skip
 VOCAB_FILE = "concept_names.txt"  # the names= vocabulary of the monosemanticity step, in the demo folder
 
@@ -404,6 +407,28 @@ class Demo:
         return lines
 
     # -- 8 ------------------------------------------------------------------------------------
+    def inspect(self) -> list[str]:
+        self.require("monosemanticity")
+        image = sorted((self.d("data") / "concepts" / "circle_red").glob("*.png"))[0]
+        over = [f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}", f"images={image}", "top_n=5"]
+        over += [f"ms_run={self.d('monosemanticity')}", "query='red circle'"]
+        call_job("inspect", over, self.d("inspect"))
+        result = formats.read_inspect(self.d("inspect"))
+        (im,) = result.images
+
+        def named(latent: int) -> str:
+            return f"#{latent} {result.latents[str(latent)].get('name')!r}"
+
+        hits = (result.query or {}).get("hits") or []
+        return [
+            f"{im['key']} (a red circle): FVE of its {im['n_rows']} patch tokens {_fmt(im['fve'])}; top latents "
+            + ", ".join(named(h["latent"]) for h in im["top_pooled"][:3])
+            + ", each with a patch heatmap",
+            f"query 'red circle' (the names' text side): {', '.join(named(h['latent']) for h in hits[:3])}",
+            "inspect.json, inspect.html (+ img/, heat/); the browser's cards link to it",
+        ]
+
+    # -- 9 ------------------------------------------------------------------------------------
     def browse(self) -> list[str]:
         self.require("monosemanticity")
         res = call_job("browse", [f"run={self.out}", f"out={self.d('browser')}"], self.d("browser"))
