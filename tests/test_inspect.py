@@ -145,6 +145,18 @@ def test_compare_two_images(planted_sae, planted_tap, compose_cfg, tmp_path):
         run(compose_cfg("inspect", [*over[:1], f"images={a}", "compare=true"]), out_dpath=tmp_path / "o2")
 
 
+def test_logger_wandb_logs_the_figures_and_the_heatmap_table(planted_sae, compose_cfg, tmp_path, wandb_offline):
+    from vlmsae.inspect import run
+
+    image = _draw(tmp_path / "a.png", {"red": (0, 0, 30, 30)})
+    out = tmp_path / "out"
+    summary = run(compose_cfg("inspect", [f"sae_path={planted_sae[0]}", f"images={image}", "logger=wandb"]), out)
+    logged = wandb_offline(out)
+    assert logged["job_type"] == "inspect" and "inspect" in logged["logged"]  # the table, heatmaps as images
+    assert logged["summary"]["inspect/n_images"] == 1
+    assert logged["summary"]["inspect/mean_fve"] == pytest.approx(summary["mean_fve"])
+
+
 def test_the_tiny_default_model(compose_cfg, tmp_path, monkeypatch):
     """The real tiny open_clip ViT (random weights) and a random SAE on its block 2: the whole job on one image."""
     monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))
