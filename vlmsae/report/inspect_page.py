@@ -93,8 +93,9 @@ def _latent_card(hit: dict[str, Any], info: dict[str, Any], extra: str = "", see
         seen.add(latent)
     group = info.get("group")
     strip = "".join(f"<figure>{_img(src, 'top image')}</figure>" for src in info.get("top", []))
+    fires = hit["peak"] is not None and hit["peak"] > 0
     meta = [
-        f"pooled {_fmt(hit['pooled'])}",
+        f"pooled {_fmt(hit['pooled'])}" if fires else "does not fire here",
         f"peak {_fmt(hit['peak'])}" + (f" at patch {hit['peak_patch']}" if hit["peak_patch"] >= 0 else ""),
         f"MS {_fmt(info.get('ms'))}",
         f"freq {_fmt(info.get('freq'), 4)}",
@@ -128,20 +129,18 @@ def _section(i: int, im: dict[str, Any], latents: dict[str, Any], seen: set[int]
 
 
 def _query_section(result: InspectResult, seen: set[int]) -> str:
+    """The query's latents, best match first: one card per (latent, image), the cosine and the image on top."""
     q = result.query
     if not q:
         return ""
-    rows = []
+    cards = []
     for hit in q["hits"]:
         info = result.latents.get(str(hit["latent"]), {})
-        cards = "".join(
-            _latent_card(h, info, result.images[i]["key"], seen) for i, h in enumerate(hit["per_image"]) if h
-        )
-        rows.append(
-            f"<h3>#{hit['latent']} {_e(info.get('name', ''))}: cosine {_fmt(hit['score'])}</h3>"
-            f'<div class="inspect-cards">{cards}</div>'
-        )
-    return f'<section class="panel"><h2>query: {_e(q["text"])}</h2>{"".join(rows)}</section>'
+        for i, h in enumerate(hit["per_image"]):
+            label = f"cos {_fmt(hit['score'])} · {result.images[i]['key']}"
+            cards.append(_latent_card(h, info, label, seen))
+    head = f"query: {q['text']} (latents whose concept is closest to the text, best first)"
+    return f'<section class="panel"><h2>{_e(head)}</h2><div class="inspect-cards">{"".join(cards)}</div></section>'
 
 
 def _compare_section(result: InspectResult) -> str:

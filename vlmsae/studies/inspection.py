@@ -98,7 +98,7 @@ class LatentHit:
     latent: int
     pooled: float
     peak: float
-    peak_patch: int  # row-major patch index of the peak; -1 without patch rows
+    peak_patch: int  # row-major patch index of the peak; -1 without patch rows or when it fires on none
     heat_P: torch.Tensor  # [P] activation on every patch (empty without patch rows)
 
     def to_dict(self, digits: int = 4) -> dict[str, Any]:
@@ -137,7 +137,8 @@ class ImageInspection:
         if self.grid is None:
             return LatentHit(latent, pooled, pooled, -1, torch.zeros(0))
         peak, where = column_R.max(0)
-        return LatentHit(latent, pooled, float(peak), int(where), column_R.clone())
+        where = int(where) if float(peak) > 0 else -1  # a latent silent on every patch peaks nowhere
+        return LatentHit(latent, pooled, float(peak), where, column_R.clone())
 
     def to_dict(self) -> dict[str, Any]:
         return {
