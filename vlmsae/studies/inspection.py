@@ -31,7 +31,15 @@ from typing import Any
 import torch
 
 from vlmsae.data.images import IMAGE_EXTENSIONS, list_file, list_folder, load_image
-from vlmsae.formats import TOP_IMAGES_DIR, InspectResult, LatentsTable, read_latents_csv, read_run_info
+from vlmsae.formats import (
+    LATENTS_CSV,
+    RUN_INFO_JSON,
+    TOP_IMAGES_DIR,
+    InspectResult,
+    LatentsTable,
+    read_latents_csv,
+    read_run_info,
+)
 from vlmsae.metrics.pooling import pool_rows, pool_sparse
 from vlmsae.metrics.reconstruction import fve, normalized_mse
 from vlmsae.metrics.topimages import TopImages
@@ -249,12 +257,12 @@ def open_ms_run(ms_run: str | Path, sae_path: str | Path, n_latents: int) -> MSR
     not an MS run, or the run of another SAE (its run_info.json names another sae_path, or its latent count
     differs), is refused with the path and the fix."""
     dpath = Path(ms_run).expanduser()
-    if not (dpath / "latents.csv").is_file() or not (dpath / TOP_IMAGES_DIR).is_dir():
+    if not (dpath / LATENTS_CSV).is_file() or not (dpath / TOP_IMAGES_DIR).is_dir():
         raise FileNotFoundError(
             f"ms_run={ms_run}: {dpath} holds no latents.csv + top_images/. Pass the output folder of "
             f"`python -m vlmsae.monosemanticity sae_path={sae_path} ...`, or drop ms_run=."
         )
-    config = read_run_info(dpath).config if (dpath / "run_info.json").is_file() else {}
+    config = read_run_info(dpath).config if (dpath / RUN_INFO_JSON).is_file() else {}
     run_sae = (config or {}).get("sae_path")
     top = TopImages.load(dpath / TOP_IMAGES_DIR)
     if (run_sae and not _same_sae(run_sae, sae_path)) or top.n_latents != n_latents:
