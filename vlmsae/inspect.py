@@ -31,12 +31,10 @@ from vlmsae.utils.provenance import write_run_info
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Inspect ``cfg.images`` with the SAE at ``cfg.sae_path``; writes the page and inspect.json to ``out_dpath``."""
-    from vlmsae.models import embedders
     from vlmsae.models.open_sae import load_job_sae, open_sae_source
     from vlmsae.report import inspect_page
     from vlmsae.report.job_log import log_job
     from vlmsae.studies import inspection as ins
-    from vlmsae.studies.naming import ms_run_embedder, text_side
 
     for key in ("sae_path", "images"):
         if OmegaConf.is_missing(cfg, key):
@@ -56,11 +54,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError(f"sae_path={cfg.sae_path}: {err}") from None
     found = [ins.inspect_image(src, img, cfg.top_n, key, path) for img, (key, path) in zip(pixels, images)]
     query = None
-    if cfg.query is not None:
-        spec = embedders.EmbedderSpec.from_cfg(ms_run_embedder(ms.dpath, node_dict(cfg, "embedder")))
-        embedder = embedders.load_embedder(spec)
-        text_E = ins.query_text_embedding(cfg.query, text_side(embedder, spec.name))
-        query = (cfg.query, ins.query_latents(ins.latent_concepts(ms.top, embedder.embed), text_E, cfg.top_n))
+    if cfg.query is not None:  # the embedder: embedder= or the MS run's own
+        query = (cfg.query, ins.query_ms_run(ms, cfg.query, node_dict(cfg, "embedder") or None, cfg.top_n))
     compare = ins.compare_images(found[0], found[1], cfg.top_n) if cfg.compare else None
     settings = {"sae_path": str(cfg.sae_path), "model": src.spec.name, "layer": src.layer, "pool": src.pool}
     settings.update(ms_run=str(ms.dpath) if ms else None, top_n=cfg.top_n, query=cfg.query, compare=cfg.compare)

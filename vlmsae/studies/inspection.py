@@ -43,8 +43,15 @@ from vlmsae.formats import (
 from vlmsae.metrics.pooling import pool_rows, pool_sparse
 from vlmsae.metrics.reconstruction import fve, normalized_mse
 from vlmsae.metrics.topimages import TopImages
+from vlmsae.models import embedders
 from vlmsae.models.open_sae import SAESource
-from vlmsae.studies.naming import DEFAULT_TEMPLATES, concepts_from_embeddings, name_embeddings
+from vlmsae.studies.naming import (
+    DEFAULT_TEMPLATES,
+    concepts_from_embeddings,
+    ms_run_embedder,
+    name_embeddings,
+    text_side,
+)
 
 __all__ = [
     "ImageInspection",
@@ -58,6 +65,7 @@ __all__ = [
     "open_image",
     "open_ms_run",
     "query_latents",
+    "query_ms_run",
     "query_text_embedding",
 ]
 
@@ -316,6 +324,15 @@ def query_latents(concepts_KE: torch.Tensor, text_E: torch.Tensor, top_n: int = 
     order = torch.sort(cos_K.nan_to_num(-3.0), descending=True, stable=True).indices
     picked = [int(k) for k in order.tolist() if valid[k]][:top_n]
     return [(k, float(cos_K[k])) for k in picked]
+
+
+def query_ms_run(ms: MSRunView, text: str, embedder_cfg: Any = None, top_n: int = 8) -> list[tuple[int, float]]:
+    """:func:`query_latents` of ``text`` against the concepts of ``ms``'s latents, embedded with ``embedder_cfg``
+    (an embedder node; None = the MS run's own, as the names job does), which must have a text side."""
+    spec = embedders.EmbedderSpec.from_cfg(ms_run_embedder(ms.dpath, embedder_cfg))
+    embedder = embedders.load_embedder(spec)  # looked up at call time (tests replace it)
+    text_E = query_text_embedding(text, text_side(embedder, spec.name))
+    return query_latents(latent_concepts(ms.top, embedder.embed), text_E, top_n)
 
 
 # ---------------------------------------------------------------------------------------------- the result
