@@ -44,7 +44,6 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     images = ins.list_images(OmegaConf.to_object(cfg.images) if OmegaConf.is_config(cfg.images) else cfg.images)
     if cfg.compare and len(images) != 2:
         raise ValueError(f"compare=true needs exactly two images; images={cfg.images} names {len(images)}.")
-    pixels = [ins.open_image(path) for _, path in images]  # a file that is not an image: refused before any model
     sae = load_job_sae(cfg.sae_path, cfg.sae_format)
     ms = ins.open_ms_run(cfg.ms_run, cfg.sae_path, sae.n_latents) if cfg.ms_run else None
     try:
@@ -52,7 +51,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         src = open_sae_source(sae, None, model, cfg.layer, cfg.pool, cfg.device, sae_dpath=cfg.sae_path)
     except ValueError as err:
         raise ValueError(f"sae_path={cfg.sae_path}: {err}") from None
-    found = [ins.inspect_image(src, img, cfg.top_n, key, path) for img, (key, path) in zip(pixels, images)]
+    # one image decoded at a time (a folder of photos never sits in memory); a file that is not an image is refused
+    found = [ins.inspect_image(src, ins.open_image(path), cfg.top_n, key, path) for key, path in images]
     query = None
     if cfg.query is not None:  # the embedder: embedder= or the MS run's own
         query = (cfg.query, ins.query_ms_run(ms, cfg.query, node_dict(cfg, "embedder") or None, cfg.top_n))
