@@ -220,3 +220,26 @@ def test_run_is_thin_and_imports_only_the_light_layers():
         ("vlmsae.config", "vlmsae.utils", "vlmsae.formats")) for m in modules), modules  # fmt: skip
     lines, _ = std_inspect.getsourcelines(job.run)
     assert len(lines) <= 60
+
+
+@pytest.mark.slow  # a fresh interpreter loads torch and open_clip: ~15 s on a shared machine
+def test_cli(tmp_path, repo_root):
+    import os
+    import subprocess
+    import sys
+
+    from vlmsae.sae import SAEConfig, build_sae, save_sae
+
+    sae = build_sae(SAEConfig(arch="topk", d_in=64, n_latents=32, k=4), seed=0)
+    sae_dpath = save_sae(sae, tmp_path / "sae", source={"model": "tiny", "layer": 2, "tokens": "patches"})
+    image = _draw(tmp_path / "photo.png", {"red": (0, 0, 30, 30)})
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "VLMSAE_HOME": str(tmp_path / "home")}
+    cmd = [sys.executable, "-m", "vlmsae.inspect", f"sae_path={sae_dpath}", f"images={image}", "top_n=3"]
+    proc = subprocess.run([*cmd, f"hydra.run.dir={tmp_path / 'cli'}"], cwd=repo_root, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"open file://{(tmp_path / 'cli' / 'inspect.html').resolve()}" in proc.stdout
+    (im,) = formats.read_inspect(tmp_path / "cli").images
+    assert im["key"] == "photo.png" and len(im["top_pooled"]) == 3
+    bad = subprocess.run([*cmd, "top_k=3"], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "top_k" in bad.stderr  # a misspelt key fails at compose time, named
