@@ -187,11 +187,13 @@ class PlantedTap:
 
 @pytest.fixture
 def planted_tap(monkeypatch) -> PlantedTap:
-    """Every model the SAE opener loads is the :class:`PlantedTap` (the spec's name and width are the tiny
-    model's); returns one for the atoms."""
+    """Every model a job opens for an SAE is the :class:`PlantedTap` (the spec's name and width are the tiny
+    model's): the SAE opener's and the study runner's tap loader are replaced; returns one for the atoms."""
     from vlmsae.models import open_sae
+    from vlmsae.studies import sweep
 
     monkeypatch.setattr(open_sae, "load_tap", PlantedTap)
+    monkeypatch.setattr(sweep, "load_tap", PlantedTap)
     return PlantedTap()
 
 

@@ -36,11 +36,16 @@ def _patches_of(box: tuple[int, int, int, int]) -> set[int]:
     return {r * GRID + c for r in range(y0 // PATCH, y1 // PATCH + 1) for c in range(x0 // PATCH, x1 // PATCH + 1)}
 
 
-def _source(planted_sae):
-    from vlmsae.models.open_sae import open_sae_checkpoint
+def _open(sae_dpath, pool=None):
+    """The SAE at ``sae_dpath`` on the model its source names (the planted tap, by the fixture), as the job opens it."""
+    from vlmsae.models.open_sae import load_job_sae, open_sae_source
 
+    return open_sae_source(load_job_sae(sae_dpath), pool=pool, sae_dpath=sae_dpath)
+
+
+def _source(planted_sae):
     sae_dpath, latent_of = planted_sae
-    return open_sae_checkpoint(sae_dpath), latent_of
+    return _open(sae_dpath), latent_of
 
 
 def test_the_matched_latent_is_a_top_latent_and_peaks_where_its_colour_was_drawn(planted_sae, planted_tap):
@@ -84,9 +89,7 @@ def test_compare_names_the_latent_of_the_colour_only_one_image_holds(planted_sae
 
 
 def test_an_sae_without_patch_rows_has_no_heatmap(planted_sae, planted_tap):
-    from vlmsae.models.open_sae import open_sae_checkpoint
-
-    src = open_sae_checkpoint(planted_sae[0], pool="cls")
+    src = _open(planted_sae[0], pool="cls")
     found = ins.inspect_image(src, _draw({"red": (0, 0, 31, 31)}), top_n=2)
     assert found.grid is None and found.n_rows == 1 and math.isnan(found.fve)
     assert all(h.peak_patch == -1 and h.heat_P.numel() == 0 and h.peak == h.pooled for h in found.top_pooled)
