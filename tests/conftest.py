@@ -139,3 +139,81 @@ def count_embeddings(monkeypatch):
         return embedded
 
     return patch
+
+
+class PlantedTap:
+    """A stand-in vision tower with a known answer (the inspect tests): each patch's activation is
+    ``offset + 4 * sum_c share_c * atom_c``, where ``share_c`` is the fraction of the patch's pixels near planted
+    colour c (:data:`vlmsae.data.concepts.COLOURS`) and the atoms and offset are the ground-truth study's
+    (:func:`vlmsae.studies.ground_truth.planted_concepts`, 64-d like the tiny model). 64 px images, an 8 x 8 grid of
+    8 px patches (row-major), a CLS token first (the mean of the patches)."""
+
+    name, n_layers, width, embed_dim, has_cls, image_size, grid = "planted", 4, 64, 32, True, 64, 8
+
+    def __init__(self, spec: Any = None) -> None:
+        import torch
+
+        from vlmsae.data.concepts import COLOURS
+        from vlmsae.studies.ground_truth import planted_concepts
+
+        planted = planted_concepts(n_images=8, d_in=self.width, n_concepts=len(COLOURS), seed=0)
+        self.colours = list(COLOURS)
+        self.atoms_CD, self.offset_D = planted.atoms_CD, planted.offset_D
+        self.rgb_C3 = torch.tensor([COLOURS[c] for c in self.colours], dtype=torch.float32)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def resolve_layer(self, layer: Any) -> Any:
+        return layer
+
+    def preprocess(self, image: Any) -> Any:
+        import numpy as np
+        import torch
+
+        px = np.asarray(image.convert("RGB").resize((self.image_size, self.image_size)), dtype=np.float32)
+        return torch.from_numpy(px).permute(2, 0, 1)
+
+    def forward_to(self, images_BCHW: Any, layer: Any) -> Any:
+        import torch
+
+        px_BHW3 = images_BCHW.permute(0, 2, 3, 1)
+        near_BHWC = (torch.cdist(px_BHW3.reshape(-1, 3), self.rgb_C3) < 60).float().reshape(*px_BHW3.shape[:3], -1)
+        side = self.image_size // self.grid
+        share_BCGG = torch.nn.functional.avg_pool2d(near_BHWC.permute(0, 3, 1, 2), side)
+        share_BPC = share_BCGG.flatten(2).transpose(1, 2)  # patch p = row * grid + col
+        patches_BPD = self.offset_D + 4.0 * share_BPC @ self.atoms_CD
+        acts_BTD = torch.cat([patches_BPD.mean(1, keepdim=True), patches_BPD], dim=1)
+        return acts_BTD[:, 0] if layer == "last" else acts_BTD
+
+
+@pytest.fixture
+def planted_tap(monkeypatch) -> PlantedTap:
+    """Every model a job opens for an SAE is the :class:`PlantedTap` (the spec's name and width are the tiny
+    model's): the SAE opener's and the study runner's tap loader are replaced; returns one for the atoms."""
+    from vlmsae.models import open_sae
+    from vlmsae.studies import sweep
+
+    monkeypatch.setattr(open_sae, "load_tap", PlantedTap)
+    monkeypatch.setattr(sweep, "load_tap", PlantedTap)
+    return PlantedTap()
+
+
+@pytest.fixture
+def planted_sae(planted_tap, tmp_path):
+    """An SAE whose dictionary holds the planted colour atoms and as many random directions, in a shuffled order
+    (so no test can assume latent c = concept c), saved as a tiny-model layer-2 patch SAE. Returns
+    ``(sae folder, latent of concept c for c in COLOURS order)``, the latent matched to each atom by
+    :func:`vlmsae.metrics.seed_matching.match_latents`."""
+    import torch
+
+    from vlmsae.metrics.seed_matching import match_latents
+    from vlmsae.sae import save_sae
+    from vlmsae.studies.ground_truth import oracle_sae
+
+    n = planted_tap.atoms_CD.shape[0]
+    noise_CD = torch.nn.functional.normalize(torch.randn(n, 64, generator=torch.Generator().manual_seed(1)), dim=1)
+    order = torch.randperm(2 * n, generator=torch.Generator().manual_seed(2))
+    dictionary = torch.cat([planted_tap.atoms_CD, noise_CD])[order]
+    sae = oracle_sae(dictionary, planted_tap.offset_D, k=2)
+    latent_of_concept, _ = match_latents(planted_tap.atoms_CD, sae.W_dec.detach())
+    dpath = save_sae(sae, tmp_path / "planted_sae", source={"model": "tiny", "layer": 2, "tokens": "patches"})
+    return dpath, latent_of_concept.tolist()

@@ -81,6 +81,12 @@ def test_demo_runs_every_step(tmp_path: Path, capsys):
     assert srcs and all((out / "browser" / s).is_file() for s in srcs)
     assert sum(1 for c in cards for heat in c.get("heat", []) if heat) > 0  # patch tokens -> heatmaps
     assert json.loads((out / "demo_summary.json").read_text())["steps"]["browse"]["status"] == "ok"
+    # inspect: one image of the planted data, its top latents named from the MS run; the browser links to them
+    inspected = json.loads((out / "inspect" / "inspect.json").read_text())
+    assert len(inspected["images"]) == 1 and inspected["images"][0]["top_pooled"] and inspected["query"]["hits"]
+    linked = [c for c in cards if c.get("inspect")]
+    assert linked and {c["latent"] for c in linked} == {int(k) for k in inspected["latents"]}
+    assert all(c["inspect"].startswith("../inspect/inspect.html#latent-") for c in linked)
 
     # The trained digits ViT: latents named after digits (names=labels) in their own browser.
     digit_ms = json.loads((out / "digits" / "monosemanticity" / "ms_summary.json").read_text())

@@ -578,3 +578,22 @@ def test_no_module_but_formats_reads_the_format_files():
         if uses:
             offenders[rel] = uses
     assert not offenders, f"read these through vlmsae.formats: {offenders}"
+
+
+def test_inspect_json_round_trip_nan_as_null_and_a_newer_version_refused(tmp_path):
+    from vlmsae.formats import InspectResult, read_inspect, write_inspect
+
+    hit = {"latent": 3, "pooled": 0.5, "peak": 2.0, "peak_patch": 7, "heat": [0.0, 2.0], "heat_png": "heat/x.png"}
+    image = {"key": "a.png", "path": "/x/a.png", "fve": float("nan"), "nmse": 0.1, "n_rows": 1, "grid": None}
+    result = InspectResult([{**image, "top_pooled": [hit], "top_peak": [hit]}], {"3": {"name": "zebra", "ms": 0.9}})
+    fpath = write_inspect(tmp_path, result)
+    assert json.loads(fpath.read_text())["images"][0]["fve"] is None and fpath.name == "inspect.json"
+    back = read_inspect(tmp_path)
+    assert back.latents == result.latents and back.images[0]["top_pooled"] == [hit] and back.format_version == 1
+    assert back.query is None and back.compare is None
+    obj = json.loads(fpath.read_text())
+    fpath.write_text(json.dumps({**obj, "format_version": 2}))
+    with pytest.raises(FormatVersionError, match=r"inspect\.json has format_version=2.*python -m vlmsae\.inspect"):
+        read_inspect(fpath)
+    with pytest.raises(ValueError, match="images must be list"):
+        InspectResult({"not": "a list"})

@@ -33,6 +33,7 @@ JOBS = (
     "export",
     "names",
     "stability",
+    "inspect",
 )
 COMMANDS = (*JOBS, "demo")  # demo takes argparse flags (--out, --steps), not Hydra overrides
 

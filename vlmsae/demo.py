@@ -24,7 +24,10 @@ as the CLI would compose it, only with tiny choices:
                     train-split activations, MS on the 360 held-out digits with the independent
                     digits CNN as E (``embedder=digits_cnn``), latents named after the digit class
                     they fire on (``names=labels``: "seven"), and their own browser   -> digits/browser/
-9. browse           the static feature browser of the planted-concept run (steps 1-7)  -> browser/index.html
+9. inspect          one of the images through the SAE: its top latents with names, MS and patch
+                    heatmaps, and the latents a text query matches                     -> inspect/inspect.html
+10. browse          the static feature browser of the planted-concept run (steps 1-7, cards link to
+                    inspect)                                                           -> browser/index.html
 
 The tiny LLaVA is random, so steps 1-7 show the pipeline works and where the answer key is; step 8
 shows what it finds on a trained encoder. The README lists the real-model commands. A step whose job
@@ -61,6 +64,7 @@ IMAGE_PX = 64
 
 STEPS = (
     "data", "extract", "train", "monosemanticity", "hierarchy", "steer", "splice_eval", "ground_truth", "digits",
+    "inspect",
     "browse",
 )  # fmt: skip
 DIGITS_MODEL, DIGITS_EMBEDDER, DIGITS_LAYER = "digits_vit", "digits_cnn", 2  # step 8: a trained ViT, its middle
@@ -455,6 +459,28 @@ class Demo:
         ]
 
     # -- 9 ------------------------------------------------------------------------------------
+    def inspect(self) -> list[str]:
+        self.require("monosemanticity")
+        image = sorted((self.d("data") / "concepts" / "circle_red").glob("*.png"))[0]
+        over = [f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}", f"images={image}", "top_n=5"]
+        over += [f"ms_run={self.d('monosemanticity')}", "query='red circle'"]
+        call_job("inspect", over, self.d("inspect"))
+        result = formats.read_inspect(self.d("inspect"))
+        (im,) = result.images
+
+        def named(latent: int) -> str:
+            return f"#{latent} {result.latents[str(latent)].get('name')!r}"
+
+        hits = (result.query or {}).get("hits") or []
+        return [
+            f"{im['key']} (a red circle): FVE of its {im['n_rows']} patch tokens {_fmt(im['fve'])}; top latents "
+            + ", ".join(named(h["latent"]) for h in im["top_pooled"][:3])
+            + ", each with a patch heatmap",
+            f"query 'red circle' (the names' text side): {', '.join(named(h['latent']) for h in hits[:3])}",
+            "inspect.json, inspect.html (+ img/, heat/); the browser's cards link to it",
+        ]
+
+    # -- 10 -----------------------------------------------------------------------------------
     def browse(self) -> list[str]:
         self.require("monosemanticity")
         over = [f"run={self.out}", f"ms_run={self.d('monosemanticity')}", f"out={self.d('browser')}"]

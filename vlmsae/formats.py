@@ -27,6 +27,7 @@ file                 dataclass                           read / write
 ``config.json``      :class:`SAECheckpointConfig` (SAE       :func:`read_sae_config` / :func:`write_sae_config`
                      checkpoint, next to sae.safetensors)
 ``stability.json``   :class:`StabilitySummary`           :func:`read_stability` / :func:`write_stability`
+``inspect.json``     :class:`InspectResult`              :func:`read_inspect` / :func:`write_inspect`
 ===================  ==================================  ===========================================
 
 ``stability_latents.csv`` (:class:`StabilityLatents`, :func:`read_stability_latents` /
@@ -71,6 +72,7 @@ PROGRESS_JSON = "progress.json"
 SAE_CONFIG_JSON = "config.json"
 STABILITY_JSON = "stability.json"
 STABILITY_LATENTS_CSV = "stability_latents.csv"
+INSPECT_JSON = "inspect.json"
 SAE_FORMAT = "vlmsae-sae"  # the "format" key of an SAE checkpoint's config.json
 
 # The versions each reader understands; the last one is what the writer writes.
@@ -86,11 +88,13 @@ MANIFEST_VERSIONS = (1,)
 PROGRESS_VERSIONS = (1,)
 SAE_CONFIG_VERSIONS = (1,)
 STABILITY_VERSIONS = (1,)
+INSPECT_VERSIONS = (1,)
 STABILITY_LATENTS_VERSIONS = (1,)  # "# vlmsae stability_latents.csv format_version=1", then header and rows
 
 __all__ = [
     "FormatVersionError",
     "HierarchySummary",
+    "InspectResult",
     "LatentRow",
     "LatentsTable",
     "MsSummary",
@@ -106,6 +110,7 @@ __all__ = [
     "TopImagesIndex",
     "check_version",
     "read_hierarchy",
+    "read_inspect",
     "read_latents_csv",
     "read_manifest",
     "read_ms_summary",
@@ -119,6 +124,7 @@ __all__ = [
     "read_steer_eval",
     "read_top_images",
     "write_hierarchy",
+    "write_inspect",
     "write_latents_csv",
     "write_manifest",
     "write_ms_summary",
@@ -1122,3 +1128,50 @@ def read_stability_latents(path: str | Path) -> StabilityLatents:
             for s, m in enumerate(ints[2:]):
                 table.matches[s].append(m)
     return table
+
+
+# --------------------------------------------------------------------------------------------
+# Inspecting one's own images (python -m vlmsae.inspect): inspect.json
+# --------------------------------------------------------------------------------------------
+_INSPECT_JOB = "python -m vlmsae.inspect"
+
+
+@dataclass
+class InspectResult:
+    """``inspect.json`` of ``python -m vlmsae.inspect``: what an SAE sees in the given images, and where.
+
+    ``images``: one object per image (key, path, fve and nmse of its tokens, n_rows, grid = patch-grid side or
+    null, thumb = its thumbnail next to the page, and ``top_pooled`` / ``top_peak``: latent hits, best first, each
+    {latent, pooled, peak, peak_patch, heat = per-patch activations row-major (empty without patch tokens),
+    heat_png = the heatmap drawn over the image, relative to the file}); ``latents``: what the MS run says of every
+    latent shown, keyed by the latent id as a string (name, names, ms, freq, group, top = thumbnails of its top
+    images); ``query``: {text, hits: [{latent, score, per_image: [hit per image]}]} or null; ``compare``: {a, b,
+    a_over_b, b_over_a: [{latent, a, b, diff}]} or null; ``settings``: what was run (sae_path, model, layer, pool,
+    ms_run, top_n). Non-finite numbers are written as null.
+    """
+
+    images: list[dict[str, Any]]
+    latents: dict[str, Any] = field(default_factory=dict)
+    query: dict[str, Any] | None = None
+    compare: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = INSPECT_VERSIONS[-1]
+
+    def __post_init__(self) -> None:
+        _check_types(
+            self,
+            {"images": (list,), "latents": (dict,), "query": (dict,), "compare": (dict,), "settings": (dict,)},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite_or_none(_to_json_dict(self))
+
+
+def read_inspect(path: str | Path) -> InspectResult:
+    fpath = _file(path, INSPECT_JSON)
+    return _from_json_dict(InspectResult, _load_json(fpath, _INSPECT_JOB), fpath, INSPECT_VERSIONS, _INSPECT_JOB)
+
+
+def write_inspect(dpath: str | Path, result: InspectResult) -> Path:
+    return atomic_write_json(Path(dpath) / INSPECT_JSON, result.to_dict())

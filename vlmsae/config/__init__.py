@@ -51,6 +51,7 @@ def register_configs() -> None:
         export,
         extract,
         hierarchy,
+        inspect,
         monosemanticity,
         names,
         splice_eval,
@@ -76,6 +77,7 @@ def register_configs() -> None:
         export,
         names,
         stability,
+        inspect,
     ):  # one schema per job: <job>_schema
         job.register()
     _REGISTERED = True

@@ -29,6 +29,7 @@ import csv
 import html
 import json
 import math
+import os
 import re
 import shutil
 from collections import defaultdict
@@ -50,6 +51,8 @@ DEFAULT_IMAGES_PER_CARD = 16
 # W&B's html panel needs); above it the cards are loaded from chunks/ as they scroll into view.
 DEFAULT_CHUNK_SIZE = 1024
 DEFAULT_MAX_INLINE = 1000
+# The page of an inspect run (python -m vlmsae.inspect, vlmsae.report.inspect_page) the cards link to.
+INSPECT_PAGE = "inspect.html"
 # Fewer thumbnails than this are written in-process (a pool's start-up costs more than it saves).
 POOL_MIN_IMAGES = 2000
 
@@ -728,6 +731,10 @@ def build_browser(
         )
 
     heatmap_note = _fill_heatmaps(cards, index, ms_config, heatmaps, sae_source, sae_format)
+    inspect_href = inspect_links(ms_dpath, out_dpath)
+    for card in cards:
+        if card["latent"] in inspect_href:
+            card["inspect"] = inspect_href[card["latent"]]
     plots = _copy_plots(ms_dpath, sources.hierarchy_dpath, out_dpath)
     data = {
         "title": title or f"vlmsae feature browser: {ms_dpath.name}",
@@ -752,6 +759,29 @@ def build_browser(
     }
     write_page(data, out_dpath)
     return data
+
+
+def inspect_links(ms_dpath: str | Path, page_dpath: str | Path) -> dict[int, str]:
+    """``{latent: href}`` from the page at ``page_dpath`` into the inspect page (``python -m vlmsae.inspect``) of
+    each inspect run beside the MS run (a sibling or child folder whose inspect.json names ``ms_run`` = this run),
+    for every latent that page shows; {} when there is none. A broken or too-new inspect.json gives no link."""
+    ms_dpath = Path(ms_dpath).resolve()
+    links: dict[int, str] = {}
+    beside = {*ms_dpath.parent.glob(f"*/{formats.INSPECT_JSON}"), *ms_dpath.glob(f"*/{formats.INSPECT_JSON}")}
+    for fpath in sorted(beside):
+        if not (fpath.parent / INSPECT_PAGE).is_file():
+            continue
+        try:
+            result = formats.read_inspect(fpath)
+        except ValueError:
+            continue
+        ms_run = result.settings.get("ms_run")
+        if not ms_run or Path(ms_run).resolve() != ms_dpath:
+            continue
+        href = Path(os.path.relpath(fpath.parent / INSPECT_PAGE, Path(page_dpath).resolve())).as_posix()
+        for latent in result.latents:
+            links.setdefault(int(latent), f"{href}#latent-{latent}")
+    return links
 
 
 def _same_path(a: Any, b: Any) -> bool:
@@ -918,6 +948,7 @@ def chunk_payload(data: dict[str, Any], chunk: int) -> dict[str, Any]:
                 **{k: card[k] for k in CARD_FIELDS},
                 "top": [[t["image"], _round_sig(t["act"], 4)] for t in card["top"]],
                 **({"heat": heats} if any(heats) else {}),
+                **({"inspect": card["inspect"]} if card.get("inspect") else {}),
             }
         )
     return {"chunk": chunk, "images": images, "cards": cards}
@@ -1094,6 +1125,7 @@ __all__ = [
     "chunk_fname",
     "chunk_payload",
     "find_runs",
+    "inspect_links",
     "json_for_script",
     "latent_rows",
     "log_to_wandb",

@@ -369,6 +369,7 @@ FIGURES = {
     "splice_eval": _numbers("splice"),
     "stability": _numbers("stability"),
     "names": _numbers("names"),
+    "inspect": _numbers("inspect"),
     "extract": _extract_figures,
     "monosemanticity": _ms_figures,
     "hierarchy": _hierarchy_figures,
@@ -420,7 +421,7 @@ def log_job(cfg: Any, job: str, out_dpath: str | Path, result: Mapping[str, Any]
             rows = latents_table_rows(ms_dpath, jl.logger.table_rows)
             jl.table("latents", rows, image_columns=[f"top_{i}" for i in range(TABLE_IMAGES)])
         for name, table in (result.get("tables") or {}).items():  # a sweep's ms_table, hierarchy_table, ...
-            jl.table(name, Path(table["csv"]))
+            jl.table(name, Path(table["csv"]), image_columns=table.get("image_columns", ()))
         if job == "steer":
             names = (result.get("settings") or {}).get("images") or []
             answers = zip(result.get("baseline") or [], result.get("steered") or [])

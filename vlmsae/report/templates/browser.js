@@ -175,6 +175,11 @@
     if (!c.top.length && c.top_keys) card.appendChild(el("div", "meta", "top images: " + c.top_keys));
     card.appendChild(thumbs);
     if (c.steering && c.steering.length) card.appendChild(steeringBlock(c.steering));
+    if (c.inspect) {  // an inspect run beside the MS run shows this latent on the user's own images
+      var link = el("a", "inspect-link", "where it fires in your images \u2192");
+      link.href = c.inspect;
+      card.appendChild(link);
+    }
     return card;
   }
   function cardAt(pos) {

@@ -1,0 +1,96 @@
+"""Entry point: ask an SAE what it sees in your own images, and where.
+
+    python -m vlmsae.inspect sae_path=<sae dir> images=photo.jpg                  # + model= / layer= if unrecorded
+    python -m vlmsae.inspect sae_path=<sae> images=<folder | list.txt | [a.jpg,b.png]> ms_run=<its MS run>
+    python -m vlmsae.inspect sae_path=<sae> images=<dir> ms_run=<run> query="a zebra"
+    python -m vlmsae.inspect sae_path=<sae> images=[a.jpg,b.jpg] compare=true
+
+Per image: the reconstruction FVE of its tokens and the top latents by pooled and by peak patch activation, each
+with a heatmap of its activation on every patch drawn over the image; with ``ms_run=`` (a monosemanticity run of
+the same SAE) also each latent's name, MS, firing frequency, Matryoshka group and top images. ``query=``: the
+latents whose concept best matches a text (the names machinery's text side) and where they fire in the images;
+``compare=true`` with two images: the latents that separate them most. Writes ``inspect.json``
+(:class:`vlmsae.formats.InspectResult`), ``inspect.html`` (+ ``img/``, ``heat/``; opens from disk) and
+``run_info.json``. Keys: ``InspectJob`` (:mod:`vlmsae.config.jobs.inspect`); library code in
+:mod:`vlmsae.studies.inspection` and :mod:`vlmsae.report.inspect_page`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlmsae.config import conf_dir, node_dict, register_configs
+from vlmsae.formats import write_inspect
+from vlmsae.utils.paths import run_dir
+from vlmsae.utils.provenance import write_run_info
+
+
+def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
+    """Inspect ``cfg.images`` with the SAE at ``cfg.sae_path``; writes the page and inspect.json to ``out_dpath``."""
+    from vlmsae.models.open_sae import load_job_sae, open_sae_source
+    from vlmsae.report import inspect_page
+    from vlmsae.report.job_log import log_job
+    from vlmsae.studies import inspection as ins
+
+    for key in ("sae_path", "images"):
+        if OmegaConf.is_missing(cfg, key):
+            raise ValueError(f"Pass {key}=... (python -m vlmsae.inspect sae_path=<sae dir> images=<image | folder>).")
+    if cfg.query is not None and cfg.ms_run is None:
+        raise ValueError("query= matches the latents' concepts from their top images: pass ms_run=<its MS run> too.")
+    images = ins.list_images(OmegaConf.to_object(cfg.images) if OmegaConf.is_config(cfg.images) else cfg.images)
+    if cfg.compare and len(images) != 2:
+        raise ValueError(f"compare=true needs exactly two images; images={cfg.images} names {len(images)}.")
+    sae = load_job_sae(cfg.sae_path, cfg.sae_format)
+    ms = ins.open_ms_run(cfg.ms_run, cfg.sae_path, sae.n_latents) if cfg.ms_run else None
+    try:
+        model = node_dict(cfg, "model") or None  # null = the SAE's source.model
+        src = open_sae_source(sae, None, model, cfg.layer, cfg.pool, cfg.device, sae_dpath=cfg.sae_path)
+    except ValueError as err:
+        raise ValueError(f"sae_path={cfg.sae_path}: {err}") from None
+    # one image decoded at a time (a folder of photos never sits in memory); a file that is not an image is refused
+    found = [ins.inspect_image(src, ins.open_image(path), cfg.top_n, key, path) for key, path in images]
+    query = None
+    if cfg.query is not None:  # the embedder: embedder= or the MS run's own
+        query = (cfg.query, ins.query_ms_run(ms, cfg.query, node_dict(cfg, "embedder") or None, cfg.top_n))
+    compare = ins.compare_images(found[0], found[1], cfg.top_n) if cfg.compare else None
+    settings = {"sae_path": str(cfg.sae_path), "model": src.spec.name, "layer": src.layer, "pool": src.pool}
+    settings.update(ms_run=str(ms.dpath) if ms else None, top_n=cfg.top_n, query=cfg.query, compare=cfg.compare)
+    result = ins.inspection_result(found, ms, query, compare, settings, cfg.strip, src.sae.group_of_latent.cpu())
+    out_dpath = run_dir(out_dpath)
+    inspect_page.draw_images(result, out_dpath, cfg.thumb_px)
+    json_fpath = write_inspect(out_dpath, result)
+    page_fpath = inspect_page.write_page(result, out_dpath)
+    table_fpath = inspect_page.write_table(result, out_dpath)
+    summary = {
+        "out_dpath": str(out_dpath),
+        "inspect_json": str(json_fpath),
+        "inspect_html": str(page_fpath),
+        "n_images": len(found),
+        "mean_fve": sum(f.fve for f in found) / len(found),
+        "query_top": query[1][0][0] if query and query[1] else None,
+        "tables": {"inspect": {"csv": str(table_fpath), "image_columns": ["heatmap"]}},
+    }
+    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), result=summary, sae_source=src.source)
+    log_job(cfg, "inspect", out_dpath, summary, sae_path=cfg.sae_path)  # after the files
+    return summary
+
+
+def _main(cfg: DictConfig) -> None:
+    result = run(cfg)
+    print(json.dumps({k: v for k, v in result.items() if k != "tables"}, indent=2))
+    print(f"open file://{Path(result['inspect_html']).resolve()}")
+
+
+def main() -> None:
+    import hydra
+
+    register_configs()
+    hydra.main(config_path=str(conf_dir()), config_name="inspect", version_base="1.3")(_main)()
+
+
+if __name__ == "__main__":
+    main()
