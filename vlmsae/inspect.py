@@ -1,4 +1,4 @@
-"""Entry point: ask an SAE what it sees in your own images, and where.
+"""Ask an SAE what it sees in your own images, and where.
 
     python -m vlmsae.inspect sae_path=<sae dir> images=photo.jpg                  # + model= / layer= if unrecorded
     python -m vlmsae.inspect sae_path=<sae> images=<folder | list.txt | [a.jpg,b.png]> ms_run=<its MS run>
@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, node_dict, register_configs
+from vlmsae.config import conf_dir, node_dict, prepare_command_line, register_configs
 from vlmsae.formats import write_inspect
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -89,6 +89,7 @@ def main() -> None:
     import hydra
 
     register_configs()
+    prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="inspect", version_base="1.3")(_main)()
 
 
