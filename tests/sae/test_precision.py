@@ -50,10 +50,10 @@ def _train(arch: str, kernel: str, autocast: bool):
     selections, thresholds = [], []
     select = sae._select
 
-    def recording_select(z_BF):
-        rows_N, cols_N = select(z_BF)
-        selections.append((z_BF.dtype, torch.sort(rows_N * N_LATENTS + cols_N).values))
-        return rows_N, cols_N
+    def recording_select(pre):
+        rows_N, cols_N, vals_N = select(pre)
+        selections.append((vals_N.dtype, torch.sort(rows_N * N_LATENTS + cols_N).values))
+        return rows_N, cols_N, vals_N
 
     sae._select = recording_select
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -146,6 +146,7 @@ def test_checkpoint_records_the_precision_policy(tmp_path):
 
     sae = _sae("batchtopk", "auto")
     want = {
+        "policy": "fp32",
         "master": "float32",
         "selection": "float32",
         "matmul": "float32",
@@ -231,6 +232,7 @@ def test_training_run_records_the_policy_and_refuses_other_precisions(compose_cf
     assert seen == ["highest"] * 3  # the backward of every step ran at full float32 precision
     info = json.loads((tmp_path / "fp32" / "sae" / "config.json").read_text())
     assert info["precision"] == {
+        "policy": "fp32",
         "master": "float32",
         "selection": "float32",
         "matmul": "float32",

@@ -91,8 +91,8 @@ def precision_record(sae: nn.Module, trainer_precision: str | None = None) -> di
     return {
         "policy": policy,
         "master": dtype,
-        "selection": "bf16 (approximate)" if policy == "bf16" else "exact (canonical float32)",
-        "matmul": dtype if policy == "fp32" else f"{fast_matmul_kind(sae.W_enc.device)} (selecting encoder matmul)",
+        "selection": "bfloat16" if policy == "bf16" else dtype,  # what decides the selected latents
+        "matmul": dtype if policy == "fp32" else fast_matmul_kind(sae.W_enc.device),  # the selecting matmul's
         "autocast": "off inside the SAE",
         "float32_matmul_precision": "highest",
         "trainer_precision": None if trainer_precision is None else str(trainer_precision),
