@@ -15,6 +15,10 @@ Measured on the first visible CUDA device, each case with its own peak memory
   decoding and preprocessing on the GPU (``gpu_extract_fast_decode_gpu_*``; its ``_decode`` key says which path ran);
 - **MS** at N = 50,000 images x K = 65,536 latents (k = 20 codes per image, 768-d embeddings) with the
   codes and embeddings on the GPU;
+- **precision policies and peers** (:mod:`vlmsae.bench.gpu_peers`): vlmsae's step under ``sae.precision`` =
+  fp32 and fast_exact, sparsify's and SAELens' training steps on the same shapes (TopK and BatchTopK), each
+  peer's fraction of selections that differ from float32, ``gpu_sae_step_fast_exact_65k_speedup``, 100-step
+  ``gpu_fast_exact_differing_selections`` (must be 0) and the FVE after those steps per policy;
 - **many SAEs per pass**: :func:`vlmsae.bench.train_many.measure` with ``trainer=gpu``.
 
 ``python -m vlmsae.bench --only gpu --merge`` (what ``make bench-gpu`` runs) adds these keys to an
@@ -32,7 +36,7 @@ from typing import Any
 
 import torch
 
-from vlmsae.bench import sae_step, train_many
+from vlmsae.bench import gpu_peers, sae_step, train_many
 from vlmsae.bench.decode import folder_plan, make_photo_jpegs
 from vlmsae.bench.ms import random_sparse_codes
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
@@ -193,6 +197,7 @@ def run(quick: bool = False, device: str | None = None) -> dict[str, Any]:
     dev = torch.device(device)
     out: dict[str, Any] = {"gpu_device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)}
     out.update(sae_step_keys(dev, quick))
+    out.update(gpu_peers.measure(dev, quick))  # per precision policy, sparsify and SAELens side by side
     out.update(extraction_keys(dev, quick))
     out.update(ms_keys(dev, quick))
     out.update(train_many.measure(quick, trainer="gpu" if dev.type == "cuda" else "cpu", prefix="gpu_train_many"))
