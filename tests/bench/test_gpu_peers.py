@@ -13,7 +13,7 @@ def test_quick_cpu_run_reports_every_key_and_zero_differing_selections():
                 assert out[f"gpu_sae_step_{policy}_{arch}_tokens_per_s_{n_latents}"] > 0
         for peer in gpu_peers.PEERS:  # not installed here: null and a reason, never a crash
             value = out[f"gpu_peer_{peer}_topk_tokens_per_s_{n_latents}"]
-            assert value is None and out[f"gpu_peer_{peer}_topk_reason"] or value > 0
+            assert (value is None and out[f"gpu_peer_{peer}_topk_reason"]) or value > 0
     assert out["gpu_fast_matmul"] == "bf16"
     assert out["gpu_sae_step_fast_exact_65k_speedup"] > 0
     assert out["gpu_fast_exact_differing_selections"] == 0

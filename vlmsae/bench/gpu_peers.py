@@ -15,6 +15,7 @@ must be 0) and the FVE after those steps per policy (fp32, fast_exact, bf16).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 import warnings
@@ -132,7 +133,7 @@ def step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
         for arch in ARCHS:
             for policy in POLICIES:
                 sae, opt = _vlmsae(arch, n_latents, d_in, k, policy, device)
-                seconds, peak = _timed(lambda: _vlmsae_step(sae, opt, x_BD), device, warmup, rounds)
+                seconds, peak = _timed(functools.partial(_vlmsae_step, sae, opt, x_BD), device, warmup, rounds)
                 out[f"gpu_sae_step_{policy}_{arch}_tokens_per_s_{n_latents}"] = batch / seconds
                 out[f"gpu_sae_step_{policy}_{arch}_peak_gib_{n_latents}"] = peak
                 del sae, opt
@@ -142,7 +143,7 @@ def step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
                     continue
                 try:
                     step, weights = make(arch, n_latents, d_in, k, device)
-                    seconds, peak = _timed(lambda: step(x_BD), device, warmup, rounds)
+                    seconds, peak = _timed(functools.partial(step, x_BD), device, warmup, rounds)
                     out[f"{key}_tokens_per_s_{n_latents}"] = batch / seconds
                     out[f"{key}_peak_gib_{n_latents}"] = peak
                     out[f"{key}_differing_fraction_{n_latents}"] = _differing_fraction(step(x_BD), x_BD, weights, k)

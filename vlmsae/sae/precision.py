@@ -25,8 +25,8 @@ Policy (recorded in every checkpoint's ``config.json`` under ``"precision"``):
   path alike, except the one selecting matmul of the fast policies; backward follows the forward's dtypes.
 
 Why nothing else in bf16: on the sparse path everything after the selecting matmul is memory-bound
-gathers that gain little from bf16. Only the dense path's other matmuls (decoder forward, four in backward) could go faster in
-bf16, and running them so would make the two paths train different models. One rule, one result
+gathers that gain little from bf16. Only the dense path's other matmuls (decoder forward, four in
+backward) could go faster in bf16, and running them so would make the two paths train different models. One rule, one result
 per config; the price is float32 matmul speed on GPUs for dense SAEs (vlmsae/bench/gpu_precision.py
 measures it). The activations themselves may be stored in fp16/bf16: they are cast to float32 on entry.
 """

@@ -221,7 +221,6 @@ def batch_topk_exact(pre: Preacts, k_total: int) -> tuple[torch.Tensor, torch.Te
     from vlmsae.sae.sparse import batch_topk_select
 
     z_BF = pre.z_BF
-    batch_size, n_latents = z_BF.shape
     if not pre.exact:
         rows_N, cols_N = batch_topk_select(z_BF, k_total)
         return rows_N, cols_N, z_BF[rows_N, cols_N]
