@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.sae import SAEConfig, build_sae
 from vlmsae.sae.select import compute_preacts, fast_matmul_kind, topk_exact
 
@@ -161,8 +162,6 @@ def step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
 def agreement_keys(device: torch.device, quick: bool, n_steps: int | None = None) -> dict[str, Any]:
     """fp32 vs fast_exact over the same steps from the same init on planted data: differing selected entries
     (summed over steps, must be 0) and the FVE of each policy (and bf16) after the steps."""
-    from vlmsae.data.synthetic import PlantedDictionary
-
     shape = QUICK_SHAPE if quick else SHAPE
     n_latents = QUICK_SIZES[-1] if quick else SIZES[0]
     n_steps = n_steps or (10 if quick else 100)

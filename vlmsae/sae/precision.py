@@ -26,8 +26,8 @@ Policy (recorded in every checkpoint's ``config.json`` under ``"precision"``):
 
 Why nothing else in bf16: on the sparse path everything after the selecting matmul is memory-bound
 gathers that gain little from bf16. Only the dense path's other matmuls (decoder forward, four in
-backward) could go faster in bf16, and running them so would make the two paths train different models. One rule, one result
-per config; the price is float32 matmul speed on GPUs for dense SAEs (vlmsae/bench/gpu_precision.py
+backward) could go faster in bf16, and running them so would make the two paths train different
+models. One rule, one result per config; the price is float32 matmul speed on GPUs for dense SAEs (vlmsae/bench/gpu_precision.py
 measures it). The activations themselves may be stored in fp16/bf16: they are cast to float32 on entry.
 """
 
@@ -40,6 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmsae.sae.config import K_ARCHS
+from vlmsae.sae.select import fast_matmul_kind, resolve_policy
+
 MASTER_DTYPE = torch.float32
 """The dtype of the SAE parameters (and so of Adam's state) during training."""
 
@@ -47,9 +50,6 @@ MASTER_DTYPE = torch.float32
 def sae_policy(sae: nn.Module) -> str:
     """The precision policy an SAE's selection runs under on its device: ``sae.cfg.precision`` resolved
     (fp32 | fast_exact | bf16); fp32 for the archs without a top-k selection and for foreign forwards."""
-    from vlmsae.sae.config import K_ARCHS
-    from vlmsae.sae.select import resolve_policy
-
     cfg = sae.cfg
     if cfg.arch not in K_ARCHS or getattr(sae, "interop_only", None):
         return "fp32"
@@ -84,8 +84,6 @@ def fp32_region(device: torch.device | str) -> Iterator[None]:
 def precision_record(sae: nn.Module, trainer_precision: str | None = None) -> dict[str, Any]:
     """What ``config.json`` says about the SAE's precision (see the module docstring). ``sae``: a
     :class:`vlmsae.sae.base.SAE` (typed as a module: base.py uses this module's :func:`fp32_region`)."""
-    from vlmsae.sae.select import fast_matmul_kind
-
     dtype = str(sae.W_dec.dtype).removeprefix("torch.")
     policy = sae_policy(sae)
     return {

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmsae.sae.sparse import batch_topk_select
+
 POLICIES = ("fp32", "fast_exact", "bf16")
 """Resolved precision policies (``SAEConfig.precision`` also accepts ``auto``, see :func:`resolve_policy`)."""
 
@@ -218,8 +220,6 @@ def batch_topk_exact(pre: Preacts, k_total: int) -> tuple[torch.Tensor, torch.Te
 
     Exact policies: the largest canonical values, ties -> lower flat index b * F + f. ``bf16``: fast values.
     """
-    from vlmsae.sae.sparse import batch_topk_select
-
     z_BF = pre.z_BF
     if not pre.exact:
         rows_N, cols_N = batch_topk_select(z_BF, k_total)
