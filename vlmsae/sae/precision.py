@@ -28,7 +28,8 @@ Why nothing else in bf16: on the sparse path everything after the selecting matm
 gathers that gain little from bf16. Only the dense path's other matmuls (decoder forward, four in
 backward) could go faster in bf16, and running them so would make the two paths train different
 models. One rule, one result per config; the price is float32 matmul speed on GPUs for dense SAEs
-(vlmsae/bench/gpu_precision.py measures it). The activations themselves may be stored in fp16/bf16: they are cast to float32 on entry.
+(vlmsae/bench/gpu_precision.py measures it). The activations themselves may be stored in fp16/bf16:
+they are cast to float32 on entry.
 """
 
 from __future__ import annotations
