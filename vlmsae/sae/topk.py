@@ -59,7 +59,8 @@ class TopKSAE(SAE):
             pre = preacts_with_bound(z_BF, x_cent_BD, self.W_enc, self.b_enc, policy, "fp32")
             rows_N, cols_N, exact_N = self._select(pre)
             vals_N = z_BF[rows_N, cols_N]
-            vals_N = (vals_N + (exact_N - vals_N).detach()).relu()  # the canonical values, the same gradient
+            # The canonical values with z's gradient (in z's dtype: a bf16-cast SAE stays bf16 here).
+            vals_N = (vals_N + (exact_N.to(vals_N.dtype) - vals_N).detach()).relu()
             codes_BF = torch.zeros_like(z_BF).index_put((rows_N, cols_N), vals_N)
             return TrainCodes(z_BF=z_BF, codes_BF=codes_BF, rows_N=rows_N, cols_N=cols_N, vals_N=vals_N, preacts=pre)
         out = None
