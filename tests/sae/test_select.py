@@ -9,6 +9,7 @@ from vlmsae.sae import SAEConfig, build_sae, set_input_scale_, train_steps
 from vlmsae.sae.select import (
     above_threshold_exact,
     batch_topk_exact,
+    canonical_preacts,
     compute_preacts,
     masked_topk_exact,
     relative_bound,
@@ -18,8 +19,14 @@ from vlmsae.sae.select import (
 
 
 def _reference(x, W, b):
-    """Canonical float32 values computed another way (one float64 matmul)."""
-    return (x.double() @ W.double().T + b.double()).float()
+    """The canonical float32 value of every entry (what both exact policies select from)."""
+    B, F = x.shape[0], W.shape[0]
+    rows, cols = torch.arange(B).repeat_interleave(F), torch.arange(F).repeat(B)
+    return canonical_preacts(x, W, b, rows, cols).view(B, F)
+
+
+def _float64(x, W, b):
+    return x.double() @ W.double().T + b.double()
 
 
 def _ref_topk(z_BF, k):
@@ -84,6 +91,22 @@ def test_error_bound_holds(case):
     for policy in ("fp32", "fast_exact"):
         pre = compute_preacts(x, W, b, policy)
         assert bool(((pre.z_BF - ref).abs() <= pre.err_B[:, None]).all()), policy
+    # The canonical values are float32's: within a few float32 ulps of the exact dot product (products below
+    # float32's normal range lose absolute accuracy, as in any float32 matmul).
+    exact = _float64(x, W, b)
+    scale = x.double().norm(dim=1)[:, None] * W.double().norm(dim=1)[None] + b.double().abs()[None]
+    assert bool(((ref.double() - exact).abs() <= 4 * 2**-24 * scale + x.shape[1] * 2**-126).all())
+
+
+def test_canonical_values_do_not_depend_on_the_batch_of_entries():
+    _, x, W, b = CASES[0]
+    rows, cols = torch.randint(0, x.shape[0], (20_000,)), torch.randint(0, W.shape[0], (20_000,))
+    all_N = canonical_preacts(x, W, b, rows, cols)
+    for start, stop in ((0, 1), (5, 9000), (17, 20_000)):
+        assert torch.equal(canonical_preacts(x, W, b, rows[start:stop], cols[start:stop]), all_N[start:stop])
+    # ... and on random inputs, the float32 top-k of the exact values is the one selected
+    rows, cols, _ = topk_exact(compute_preacts(x, W, b, "fast_exact"), 5)
+    assert torch.equal(_flat(rows, cols, W.shape[0]), _ref_topk(_float64(x, W, b), 5))
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -6,8 +6,9 @@ fast matmul (bf16 inputs, or TF32 on CUDA), bounds each value's error, and recom
 interval [z - e, z + e] reaches the selection boundary, with one canonical float32 kernel. The selected set is
 then a function of the canonical values alone, whatever matmul produced the first pass:
 
-* canonical value of entry (b, f): the dot product x_cent[b] . W_enc[f] accumulated in float64 (products of
-  float32 numbers are exact in float64), plus b_enc[f], rounded once to float32 (:func:`canonical_preacts`);
+* canonical value of entry (b, f): the float32 products x_cent[b, i] * W_enc[f, i] summed in float64 in a
+  fixed order, plus b_enc[f], rounded once to float32 (:func:`canonical_preacts`): a function of the
+  entry's operands alone, within a few float32 ulps of the exact value;
 * order: larger canonical value first; equal values -> lower latent index (TopK), lower flat index b * F + f
   (BatchTopK); the threshold keeps values strictly above it;
 * candidates: an entry is recomputed unless its interval proves it is out (its upper end is below the k-th
@@ -45,7 +46,7 @@ _INPUT_U = {"fp32": 0.0, "tf32": 2.0**-10, "bf16": 2.0**-8}
 _OUTPUT_U = {"fp32": 0.0, "tf32": 0.0, "bf16": 2.0**-8}
 _SAFETY = 2.0  # on top of a rigorous bound: covers the rounding of the bound's own float32 arithmetic
 
-_CANONICAL_CHUNK = 4096  # entries per float64 gather: a fixed shape, so every entry is computed the same way
+_CANONICAL_CHUNK = 8192  # entries per gather: a fixed shape, so every entry is computed the same way
 
 
 def resolve_policy(policy: str, device: torch.device | str) -> str:
@@ -74,7 +75,8 @@ def relative_bound(d_in: int, kind: str) -> float:
     # Accumulation in float32 with a unit of 2^-23 (tensor cores need not round to nearest), D + 1 terms (bias).
     dot = (2 * u_in + u_in**2) + _gamma(d_in + 1, 2 * _U32) * (1 + u_in) ** 2
     fast = dot * (1 + u_out) + u_out  # the fast result, rounded to its output type
-    canonical = _U32 + 2 * _gamma(d_in + 1, _U64)  # float64 accumulation, one rounding to float32
+    # float32 products (one rounding each), float64 accumulation, one rounding to float32
+    canonical = 2 * _U32 + 2 * _gamma(d_in + 1, _U64)
     bias_add = 2 * _U32  # the bias added in float32 after a bf16 output
     return _SAFETY * (fast + canonical + bias_add)
 
@@ -154,10 +156,12 @@ def preacts_with_bound(
 def canonical_preacts(
     x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor
 ) -> torch.Tensor:
-    """The canonical float32 value of each entry: float64 x[rows] . W[cols] + b[cols], rounded to float32.
+    """The canonical float32 value of each entry: sum_i x[row, i] * W[col, i] (float32 products, a float64 sum)
+    + b[col], rounded to float32.
 
-    Computed in chunks of a fixed number of entries (the last one padded), so an entry's value depends only
-    on its operands, never on how many entries are recomputed with it.
+    Computed in chunks of a fixed number of entries (the last one padded), so every entry goes through the same
+    reduction of the same shape: its value depends only on its operands, never on how many entries are
+    recomputed with it or where it sits.
     """
     n_entries = rows_N.numel()
     out_N = torch.empty(n_entries, dtype=torch.float32, device=x_BD.device)
@@ -170,7 +174,7 @@ def canonical_preacts(
         if pad:
             rows = torch.cat([rows, rows[:1].expand(pad)])
             cols = torch.cat([cols, cols[:1].expand(pad)])
-        dots = (x_BD[rows].double() * W_FD[cols].double()).sum(dim=1) + b_F[cols].double()
+        dots = (x_BD[rows] * W_FD[cols]).sum(dim=1, dtype=torch.float64) + b_F[cols].double()
         out_N[start:stop] = dots[: stop - start].float()
     return out_N
 
@@ -197,11 +201,10 @@ def topk_exact(pre: Preacts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
         rows_N = torch.arange(batch_size, device=z_BF.device).repeat_interleave(k)
         cols_N = cols_BK.reshape(-1)
         return rows_N, cols_N, z_BF[rows_N, cols_N]
-    err_B1 = pre.err_B[:, None]
-    # Lower ends z - e: the k-th largest per row is a floor under the row's k-th canonical value.
-    floor_B1 = z_BF.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values - err_B1
-    cand_BF = (z_BF + err_B1 >= floor_B1) | torch.isnan(z_BF)
-    rows_C, cols_C = cand_BF.nonzero(as_tuple=True)  # row-major, columns ascending within a row
+    # The k-th largest lower end z - e of a row is a floor under its k-th canonical value; an entry is out only
+    # if its upper end z + e is below that floor, i.e. z < kth(z) - 2e.
+    kth_B1 = z_BF.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+    rows_C, cols_C = _not_below(z_BF, kth_B1, 2 * pre.err_B[:, None])  # row-major, columns ascending
     vals_C = pre.canonical(rows_C, cols_C)
     order_C = _rank_candidates(rows_C, _orderable(vals_C))
     rows_C, cols_C, vals_C = rows_C[order_C], cols_C[order_C], vals_C[order_C]
@@ -227,11 +230,11 @@ def batch_topk_exact(pre: Preacts, k_total: int) -> tuple[torch.Tensor, torch.Te
     if not 0 < k_total <= z_BF.numel():
         raise ValueError(f"k_total must be in [1, B*F={z_BF.numel()}], got {k_total}.")
     err_B1 = pre.err_B[:, None]
-    lower_BF = z_BF - err_B1
+    lower_BF = z_BF - err_B1  # rounding only lowers the floor below by <= 1 ulp: covered by the safety factor
     rows_L, cols_L = batch_topk_select(lower_BF, k_total)
     floor = lower_BF[rows_L, cols_L].min()
-    cand_BF = (z_BF + err_B1 >= floor) | torch.isnan(z_BF)
-    rows_C, cols_C = cand_BF.nonzero(as_tuple=True)  # flat-index order
+    del lower_BF
+    rows_C, cols_C = _not_below(z_BF, floor, err_B1)  # flat-index order
     vals_C = pre.canonical(rows_C, cols_C)
     order_C = torch.sort(_orderable(vals_C), descending=True, stable=True).indices[:k_total]
     order_C = torch.sort(order_C).values  # back to flat-index order
@@ -245,8 +248,7 @@ def above_threshold_exact(pre: Preacts, threshold: torch.Tensor) -> tuple[torch.
     if not pre.exact:
         rows_N, cols_N = (z_BF > threshold).nonzero(as_tuple=True)
         return rows_N, cols_N, z_BF[rows_N, cols_N]
-    cand_BF = (z_BF + pre.err_B[:, None] > threshold) | torch.isnan(z_BF)
-    rows_C, cols_C = cand_BF.nonzero(as_tuple=True)
+    rows_C, cols_C = _not_below(z_BF, threshold, pre.err_B[:, None])
     vals_C = pre.canonical(rows_C, cols_C)
     keep_C = vals_C > threshold
     return rows_C[keep_C], cols_C[keep_C], vals_C[keep_C]
@@ -260,6 +262,16 @@ def masked_topk_exact(pre: Preacts, keep_F: torch.Tensor, k: int) -> tuple[torch
     masked = Preacts(pre.z_BF.masked_fill(~keep_F, float("-inf")), pre.x_BD, pre.W_FD, b_F, pre.policy, pre.err_B)
     _, cols_N, vals_N = topk_exact(masked, k)
     return cols_N, vals_N
+
+
+def _not_below(z_BF: torch.Tensor, level: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) in flat-index order of the entries with z >= level - margin (and NaNs), the candidates.
+
+    One comparison pass against a per-row cut, rounded down one float32 step so that the rounding of
+    ``level - margin`` never drops an entry (NaN compares false to everything, so ``~(z < cut)`` keeps it).
+    """
+    cut = torch.nextafter(level - margin, torch.tensor(float("-inf"), device=z_BF.device))
+    return (~(z_BF < cut)).nonzero(as_tuple=True)
 
 
 def _orderable(vals_N: torch.Tensor) -> torch.Tensor:
