@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmsae.sae.sparse import batch_topk_select
+from vlmsae.sae.sparse import _single_threaded, batch_topk_select
 
 POLICIES = ("fp32", "fast_exact", "bf16")
 """Resolved precision policies (``SAEConfig.precision`` also accepts ``auto``, see :func:`resolve_policy`)."""
@@ -174,7 +174,9 @@ def canonical_preacts(
         if pad:
             rows = torch.cat([rows, rows[:1].expand(pad)])
             cols = torch.cat([cols, cols[:1].expand(pad)])
-        dots = (x_BD[rows] * W_FD[cols]).sum(dim=1, dtype=torch.float64) + b_F[cols].double()
+        # float32 products, then a float64 sum (the cast before the sum: far faster on CPU than sum(dtype=))
+        dots = (x_BD.index_select(0, rows) * W_FD.index_select(0, cols)).double().sum(dim=1)
+        dots += b_F.index_select(0, cols).double()
         out_N[start:stop] = dots[: stop - start].float()
     return out_N
 
@@ -203,14 +205,24 @@ def topk_exact(pre: Preacts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
         return rows_N, cols_N, z_BF[rows_N, cols_N]
     # The k-th largest lower end z - e of a row is a floor under its k-th canonical value; an entry is out only
     # if its upper end z + e is below that floor, i.e. z < kth(z) - 2e.
-    kth_B1 = z_BF.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
-    rows_C, cols_C = _not_below(z_BF, kth_B1, 2 * pre.err_B[:, None])  # row-major, columns ascending
+    err2_B1 = 2 * pre.err_B[:, None]
+
+    def cut(vals_BM: torch.Tensor) -> torch.Tensor:
+        return vals_BM.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values - err2_B1
+
+    rows_C, cols_C = _row_candidates(z_BF, cut, _first_m(pre, k))
+    with _single_threaded(z_BF.device):  # small ops on the candidates (see vlmsae.sae.sparse)
+        return _topk_of_candidates(pre, rows_C, cols_C, k)
+
+
+def _topk_of_candidates(pre: Preacts, rows_C: torch.Tensor, cols_C: torch.Tensor, k: int):
+    batch_size, n_latents = pre.z_BF.shape
     vals_C = pre.canonical(rows_C, cols_C)
     order_C = _rank_candidates(rows_C, _orderable(vals_C))
     rows_C, cols_C, vals_C = rows_C[order_C], cols_C[order_C], vals_C[order_C]
     counts_B = torch.bincount(rows_C, minlength=batch_size)
     starts_B = torch.cumsum(counts_B, 0) - counts_B
-    rank_C = torch.arange(rows_C.numel(), device=z_BF.device) - starts_B[rows_C]
+    rank_C = torch.arange(rows_C.numel(), device=rows_C.device) - starts_B[rows_C]
     keep_C = rank_C < k
     rows_N, cols_N, vals_N = rows_C[keep_C], cols_C[keep_C], vals_C[keep_C]
     order_N = torch.sort(rows_N * n_latents + cols_N).indices  # row-major, columns ascending
@@ -230,15 +242,21 @@ def batch_topk_exact(pre: Preacts, k_total: int) -> tuple[torch.Tensor, torch.Te
     if not 0 < k_total <= z_BF.numel():
         raise ValueError(f"k_total must be in [1, B*F={z_BF.numel()}], got {k_total}.")
     err_B1 = pre.err_B[:, None]
-    lower_BF = z_BF - err_B1  # rounding only lowers the floor below by <= 1 ulp: covered by the safety factor
-    rows_L, cols_L = batch_topk_select(lower_BF, k_total)
-    floor = lower_BF[rows_L, cols_L].min()
-    del lower_BF
-    rows_C, cols_C = _not_below(z_BF, floor, err_B1)  # flat-index order
-    vals_C = pre.canonical(rows_C, cols_C)
-    order_C = torch.sort(_orderable(vals_C), descending=True, stable=True).indices[:k_total]
-    order_C = torch.sort(order_C).values  # back to flat-index order
-    return rows_C[order_C], cols_C[order_C], vals_C[order_C]
+
+    def cut(vals_BM: torch.Tensor) -> torch.Tensor:
+        # The batch's k_total-th largest lower end z - e (over the rows' top m: exact once every row's m-th
+        # value is below the cut, which _row_candidates checks) is a floor under the k_total-th canonical value.
+        lower_N = (vals_BM - err_B1).reshape(-1)
+        floor = lower_N.topk(min(k_total, lower_N.numel()), sorted=False).values.min()
+        return floor - err_B1
+
+    per_row = -(-k_total // z_BF.shape[0])
+    rows_C, cols_C = _row_candidates(z_BF, cut, _first_m(pre, per_row))  # flat-index order
+    with _single_threaded(z_BF.device):
+        vals_C = pre.canonical(rows_C, cols_C)
+        order_C = torch.sort(_orderable(vals_C), descending=True, stable=True).indices[:k_total]
+        order_C = torch.sort(order_C).values  # back to flat-index order
+        return rows_C[order_C], cols_C[order_C], vals_C[order_C]
 
 
 @torch.no_grad()
@@ -249,9 +267,10 @@ def above_threshold_exact(pre: Preacts, threshold: torch.Tensor) -> tuple[torch.
         rows_N, cols_N = (z_BF > threshold).nonzero(as_tuple=True)
         return rows_N, cols_N, z_BF[rows_N, cols_N]
     rows_C, cols_C = _not_below(z_BF, threshold, pre.err_B[:, None])
-    vals_C = pre.canonical(rows_C, cols_C)
-    keep_C = vals_C > threshold
-    return rows_C[keep_C], cols_C[keep_C], vals_C[keep_C]
+    with _single_threaded(z_BF.device):
+        vals_C = pre.canonical(rows_C, cols_C)
+        keep_C = vals_C > threshold
+        return rows_C[keep_C], cols_C[keep_C], vals_C[keep_C]
 
 
 @torch.no_grad()
@@ -262,6 +281,36 @@ def masked_topk_exact(pre: Preacts, keep_F: torch.Tensor, k: int) -> tuple[torch
     masked = Preacts(pre.z_BF.masked_fill(~keep_F, float("-inf")), pre.x_BD, pre.W_FD, b_F, pre.policy, pre.err_B)
     _, cols_N, vals_N = topk_exact(masked, k)
     return cols_N, vals_N
+
+
+def _first_m(pre: Preacts, k: int) -> int:
+    """How many top entries per row to look at first: a few more than k for the float32 matmul's tight
+    bound, 4k for the fast ones (a row whose candidates do not fit doubles it)."""
+    n_latents = pre.z_BF.shape[1]
+    return min(n_latents, k + max(8, k // 2) if pre.policy == "fp32" else 4 * k)
+
+
+def _row_candidates(z_BF: torch.Tensor, cut_of, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) in flat-index order of the entries with z >= cut (per row, ``cut_of(top-m values)``, the
+    values in no particular order).
+
+    Looks only at each row's m largest entries, which hold every candidate once each row's m-th value is
+    below its cut; otherwise m doubles (up to F: the whole row). The cut is rounded down one float32 step so
+    its own rounding never drops an entry; NaN (compares false) counts as a candidate, as torch.topk ranks it
+    first.
+    """
+    batch_size, n_latents = z_BF.shape
+    while True:
+        vals_BM, cols_BM = z_BF.topk(m, dim=1, sorted=False)  # unsorted: about half the cost on CPU
+        cut_B1 = torch.nextafter(cut_of(vals_BM), torch.tensor(float("-inf"), device=z_BF.device))
+        if m == n_latents or bool((vals_BM.min(dim=1, keepdim=True).values < cut_B1).all()):
+            break
+        m = min(n_latents, 2 * m)
+    with _single_threaded(z_BF.device):
+        keep_BM = ~(vals_BM < cut_B1)
+        flat_C = torch.sort((torch.arange(batch_size, device=z_BF.device)[:, None] * n_latents + cols_BM)[keep_BM])
+        flat_C = flat_C.values
+        return flat_C // n_latents, flat_C % n_latents
 
 
 def _not_below(z_BF: torch.Tensor, level: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
