@@ -79,6 +79,9 @@ class TopKSAE(SAE):
             return super()._infer_codes(x_cent_BD, b_enc_F, threshold)
         pre = compute_preacts(x_cent_BD, self.W_enc, b_enc_F, self.precision_policy)
         rows_N, cols_N, exact_N = self._infer_select(pre, threshold)
-        vals_N = gather_preacts(x_cent_BD, self.W_enc, b_enc_F, rows_N, cols_N, values_N=exact_N).relu()
+        vals_N = exact_N
+        if torch.is_grad_enabled() and (self.W_enc.requires_grad or x_cent_BD.requires_grad):  # e.g. eval loss
+            vals_N = gather_preacts(x_cent_BD, self.W_enc, b_enc_F, rows_N, cols_N, values_N=exact_N)
+        vals_N = vals_N.relu()
         codes_BF = x_cent_BD.new_zeros(x_cent_BD.shape[0], self.n_latents).index_put((rows_N, cols_N), vals_N)
         return TrainCodes(z_BF=pre.z_BF, codes_BF=codes_BF, preacts=pre)
