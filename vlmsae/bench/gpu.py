@@ -5,7 +5,7 @@ Measured on the first visible CUDA device, each case with its own peak memory
 
 - **SAE step** at d = 1024, k = 20, batch 4,096 and F = 16,384 and 65,536: tokens/s of the sparse
   path (vlmsae's TopK step) and of the dense reference (top-k scattered into a dense B x F code), under
-  the SAE precision policy training uses (:mod:`vlmsae.sae.precision`: float32, autocast off, no TF32),
+  the SAE precision policy training uses by default (:mod:`vlmsae.sae.precision`: ``sae.precision=auto``),
   timed interleaved as in :mod:`vlmsae.bench.sae_step`;
 - **extraction** through a random-weight ViT-L/14-336 (the LLaVA-1.5 tower's shape) at batch 256: the
   tap's forward to the paper's layer (22) in float16 and float32 alone (``gpu_extract_forward_*``), and end to end
@@ -79,7 +79,10 @@ def sae_step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     shape_kw, sizes = (QUICK_STEP_SHAPE, QUICK_STEP_SIZES) if quick else (STEP_SHAPE, STEP_SIZES)
     rounds = 2 if quick else 10
     out: dict[str, Any] = {f"gpu_sae_step_{k}": v for k, v in shape_kw.items()}
-    out["gpu_sae_step_precision"] = "float32, autocast off, matmul precision highest (vlmsae.sae.precision)"
+    out["gpu_sae_step_precision"] = (
+        "sae.precision=auto: fast_exact on CUDA (TF32 selecting matmul, exact float32 selection), float32 elsewhere; "
+        "autocast off, matmul precision highest otherwise (vlmsae.sae.precision)"
+    )
     for n_latents in sizes:
         shape = sae_step.StepShape(n_latents=n_latents, **shape_kw)
         peaks = {}

@@ -15,6 +15,7 @@ must be 0) and the FVE after those steps per policy (fp32, fast_exact, bf16).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import time
@@ -97,8 +98,12 @@ def _peer_saelens(arch: str, n_latents: int, d_in: int, k: int, device: torch.de
     sae = TopKTrainingSAE(cfg)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
+    fields = {f.name for f in dataclasses.fields(TrainStepInput)}
+    extra = {"n_training_steps": 0} if "n_training_steps" in fields else {}  # newer SAELens releases
+
     def step(x_BD):
-        out = sae.training_forward_pass(TrainStepInput(sae_in=x_BD, coefficients={}, dead_neuron_mask=None))
+        step_input = TrainStepInput(sae_in=x_BD, coefficients={}, dead_neuron_mask=None, **extra)
+        out = sae.training_forward_pass(step_input)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -169,8 +174,7 @@ def agreement_keys(device: torch.device, quick: bool, n_steps: int | None = None
     n_steps = n_steps or (10 if quick else 100)
     d_in, k, batch = shape["d_in"], shape["k"], shape["batch_size"]
     planted = PlantedDictionary.random(d_in=d_in, n_atoms=4 * d_in, k=k, scale=5.0, seed=0)
-    x_all = planted.sample(batch * (n_steps + 1), seed=1).x.float()
-    x_val = x_all[-batch:].to(device)
+    x_val = planted.sample(batch, seed=2).x.float().to(device)
     out: dict[str, Any] = {}
     for arch in ARCHS:
         for policy in ("fp32", "fast_exact", "bf16"):
@@ -190,8 +194,8 @@ def agreement_keys(device: torch.device, quick: bool, n_steps: int | None = None
                     return rows, cols, vals
 
                 sae._select = checked
-            for step in range(n_steps):
-                _vlmsae_step(sae, opt, x_all[step * batch : (step + 1) * batch].to(device))
+            for x_BD in planted.batches(batch, n_steps, seed=1):  # the same batches for every policy
+                _vlmsae_step(sae, opt, x_BD.float().to(device))
             if policy == "fast_exact":
                 out[f"gpu_fast_exact_differing_selections_{arch}"] = differing["fast_exact"]
                 out[f"gpu_bf16_differing_selections_{arch}"] = differing["bf16"]
