@@ -276,3 +276,20 @@ def test_backward_of_train_steps_runs_at_full_float32_precision():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_checkpoint_records_the_chosen_policy_and_old_configs_load(tmp_path):
+    from vlmsae.formats import read_sae_config
+
+    cfg = SAEConfig(arch="topk", d_in=D_IN, n_latents=N_LATENTS, k=K, precision="fast_exact")
+    save_sae(build_sae(cfg, seed=0), tmp_path / "fast")
+    info = read_sae_config(tmp_path / "fast")
+    assert info.config["precision"] == "fast_exact"
+    assert info.precision["policy"] == "fast_exact" and info.precision["matmul"] == "bf16"  # CPU: bf16 inputs
+    assert load_sae(tmp_path / "fast").cfg.precision == "fast_exact"
+    # A config.json from before the key: the default (auto) applies, fp32 on this CPU.
+    raw = json.loads((tmp_path / "fast" / "config.json").read_text())
+    del raw["config"]["precision"]
+    (tmp_path / "fast" / "config.json").write_text(json.dumps(raw))
+    old = load_sae(tmp_path / "fast")
+    assert old.cfg.precision == "auto" and old.precision_policy == "fp32"
