@@ -250,8 +250,10 @@ def batch_topk_exact(pre: Preacts, k_total: int) -> tuple[torch.Tensor, torch.Te
         floor = lower_N.topk(min(k_total, lower_N.numel()), sorted=False).values.min()
         return floor - err_B1
 
+    # Rows hold k_total / B entries on average but hard samples many more: start at 4x (8x for a fast matmul).
     per_row = -(-k_total // z_BF.shape[0])
-    rows_C, cols_C = _row_candidates(z_BF, cut, _first_m(pre, per_row))  # flat-index order
+    first_m = min(z_BF.shape[1], (4 if pre.policy == "fp32" else 8) * per_row)
+    rows_C, cols_C = _row_candidates(z_BF, cut, first_m)  # flat-index order
     with _single_threaded(z_BF.device):
         vals_C = pre.canonical(rows_C, cols_C)
         order_C = torch.sort(_orderable(vals_C), descending=True, stable=True).indices[:k_total]
