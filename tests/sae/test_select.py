@@ -220,3 +220,32 @@ def test_fast_exact_training_equals_float32(arch, kernel):
         sae.eval()
     torch.testing.assert_close(fast.encode(x), ref.encode(x), rtol=0, atol=1e-6)
     assert torch.equal(fast.encode(x) > 0, ref.encode(x) > 0)
+
+
+_TRITON_CHECK = """
+import torch
+from vlmsae.sae.sampled_dots import sampled_dots
+g = torch.Generator().manual_seed(0)
+x, W, b = torch.randn(40, 200, generator=g), torch.randn(300, 200, generator=g), torch.randn(300, generator=g)
+rows, cols = torch.randint(0, 40, (1000,), generator=g), torch.randint(0, 300, (1000,), generator=g)
+kernel = sampled_dots(x, W, b, rows, cols, use_triton=True)
+fallback = sampled_dots(x, W, b, rows, cols, use_triton=False)
+exact = (x.double()[rows] * W.double()[cols]).sum(1) + b.double()[cols]
+scale = x.norm(dim=1).double()[rows] * W.norm(dim=1).double()[cols] + b.abs().double()[cols]
+assert bool(((kernel.double() - exact).abs() <= 4 * 2**-24 * scale).all())
+assert bool(((kernel - fallback).abs() <= 2**-23 * fallback.abs()).all())  # at most an ulp apart
+assert torch.equal(sampled_dots(x, W, b, rows[17:500], cols[17:500], use_triton=True), kernel[17:500])
+print("ok")
+"""
+
+
+def test_triton_kernel_agrees_with_the_torch_path():
+    """The CUDA kernel of the canonical values, run by Triton's interpreter on CPU."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

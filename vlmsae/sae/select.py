@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmsae.sae.sampled_dots import sampled_dots
 from vlmsae.sae.sparse import _single_threaded, batch_topk_select
 
 POLICIES = ("fp32", "fast_exact", "bf16")
@@ -45,8 +46,6 @@ _TINY32 = 2.0**-126  # smallest normal float32: covers flushing subnormal inputs
 _INPUT_U = {"fp32": 0.0, "tf32": 2.0**-10, "bf16": 2.0**-8}
 _OUTPUT_U = {"fp32": 0.0, "tf32": 0.0, "bf16": 2.0**-8}
 _SAFETY = 2.0  # on top of a rigorous bound: covers the rounding of the bound's own float32 arithmetic
-
-_CANONICAL_CHUNK = 8192  # entries per gather: a fixed shape, so every entry is computed the same way
 
 
 def resolve_policy(policy: str, device: torch.device | str) -> str:
@@ -152,33 +151,12 @@ def preacts_with_bound(
     return Preacts(z_BF, x_BD, W_FD, b_F, policy, err_B)
 
 
-@torch.no_grad()
 def canonical_preacts(
     x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor
 ) -> torch.Tensor:
     """The canonical float32 value of each entry: sum_i x[row, i] * W[col, i] (float32 products, a float64 sum)
-    + b[col], rounded to float32.
-
-    Computed in chunks of a fixed number of entries (the last one padded), so every entry goes through the same
-    reduction of the same shape: its value depends only on its operands, never on how many entries are
-    recomputed with it or where it sits.
-    """
-    n_entries = rows_N.numel()
-    out_N = torch.empty(n_entries, dtype=torch.float32, device=x_BD.device)
-    if n_entries == 0:
-        return out_N
-    for start in range(0, n_entries, _CANONICAL_CHUNK):
-        stop = min(n_entries, start + _CANONICAL_CHUNK)
-        rows, cols = rows_N[start:stop], cols_N[start:stop]
-        pad = _CANONICAL_CHUNK - (stop - start)
-        if pad:
-            rows = torch.cat([rows, rows[:1].expand(pad)])
-            cols = torch.cat([cols, cols[:1].expand(pad)])
-        # float32 products, then a float64 sum (the cast before the sum: far faster on CPU than sum(dtype=))
-        dots = (x_BD.index_select(0, rows) * W_FD.index_select(0, cols)).double().sum(dim=1)
-        dots += b_F.index_select(0, cols).double()
-        out_N[start:stop] = dots[: stop - start].float()
-    return out_N
+    + b[col], rounded to float32; a function of the entry's operands alone (:mod:`vlmsae.sae.sampled_dots`)."""
+    return sampled_dots(x_BD, W_FD, b_F, rows_N, cols_N)
 
 
 def _rank_candidates(keys_N: torch.Tensor, vals_N: torch.Tensor) -> torch.Tensor:
