@@ -28,3 +28,13 @@ def test_without_cuda_the_full_run_skips_cleanly(capsys):
         return
     assert gpu_peers.main([]) == 0
     assert "gpu_skipped" in capsys.readouterr().out
+
+
+def test_the_prepared_device_script_parses_and_names_both_runs():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "experiments" / "gpu_check" / "run.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "vlmsae.bench.gpu_peers" in text and "vlmsae.bench.gpu_decode --smoke" in text
