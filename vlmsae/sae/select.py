@@ -6,9 +6,9 @@ fast matmul (bf16 inputs, or TF32 on CUDA), bounds each value's error, and recom
 interval [z - e, z + e] reaches the selection boundary, with one canonical float32 kernel. The selected set is
 then a function of the canonical values alone, whatever matmul produced the first pass:
 
-* canonical value of entry (b, f): the float32 products x_cent[b, i] * W_enc[f, i] summed in float64 in a
-  fixed order, plus b_enc[f], rounded once to float32 (:func:`canonical_preacts`): a function of the
-  entry's operands alone, within a few float32 ulps of the exact value;
+* canonical value of entry (b, f): the dot product x_cent[b] . W_enc[f] plus b_enc[f] computed by one fixed
+  float32 kernel per device (:mod:`vlmsae.sae.sampled_dots`): a function of the entry's operands alone, as
+  accurate as the float32 matmul;
 * order: larger canonical value first; equal values -> lower latent index (TopK), lower flat index b * F + f
   (BatchTopK); the threshold keeps values strictly above it;
 * candidates: an entry is recomputed unless its interval proves it is out (its upper end is below the k-th
@@ -39,7 +39,6 @@ FAST_MATMUL = {"cuda": "tf32"}
 bf16 on tensor cores; CPUs have no TF32, so bf16 inputs (and a bf16 output) stand in for it there."""
 
 _U32 = 2.0**-24
-_U64 = 2.0**-53
 _TINY32 = 2.0**-126  # smallest normal float32: covers flushing subnormal inputs/products to zero
 # Unit roundoff of the input rounding and of the output (None: the matmul returns float32). TF32 is given
 # 2^-10, not 2^-11: the hardware may truncate instead of rounding to nearest.
@@ -74,8 +73,8 @@ def relative_bound(d_in: int, kind: str) -> float:
     # Accumulation in float32 with a unit of 2^-23 (tensor cores need not round to nearest), D + 1 terms (bias).
     dot = (2 * u_in + u_in**2) + _gamma(d_in + 1, 2 * _U32) * (1 + u_in) ** 2
     fast = dot * (1 + u_out) + u_out  # the fast result, rounded to its output type
-    # float32 products (one rounding each), float64 accumulation, one rounding to float32
-    canonical = 2 * _U32 + 2 * _gamma(d_in + 1, _U64)
+    # float32 products (one rounding each) summed in float64 (CUDA) or float32 (CPU), the bias, a final rounding
+    canonical = 2 * _U32 + _gamma(d_in + 1, _U32)
     bias_add = 2 * _U32  # the bias added in float32 after a bf16 output
     return _SAFETY * (fast + canonical + bias_add)
 
@@ -154,8 +153,8 @@ def preacts_with_bound(
 def canonical_preacts(
     x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor
 ) -> torch.Tensor:
-    """The canonical float32 value of each entry: sum_i x[row, i] * W[col, i] (float32 products, a float64 sum)
-    + b[col], rounded to float32; a function of the entry's operands alone (:mod:`vlmsae.sae.sampled_dots`)."""
+    """The canonical float32 value of each entry, x[row] . W[col] + b[col]: a function of the entry's operands
+    alone (:mod:`vlmsae.sae.sampled_dots`)."""
     return sampled_dots(x_BD, W_FD, b_F, rows_N, cols_N)
 
 
