@@ -35,7 +35,7 @@ POLICIES = ("fp32", "fast_exact", "bf16")
 """Resolved precision policies (``SAEConfig.precision`` also accepts ``auto``, see :func:`resolve_policy`)."""
 
 FAST_MATMUL = {"cuda": "tf32"}
-"""The fast matmul per device type (others: ``bf16``): TF32 keeps float32 output and an 8x tighter bound than
+"""The fast matmul per device type (others: ``bf16``): TF32 keeps float32 output and a 6x tighter bound than
 bf16 on tensor cores; CPUs have no TF32, so bf16 inputs (and a bf16 output) stand in for it there."""
 
 _U32 = 2.0**-24
