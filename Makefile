@@ -45,6 +45,9 @@ bench: install ## Benchmarks: SAE step, MS at 50k x 65k, extraction vs the decod
 bench-gpu: install ## GPU benchmarks (gpu_ keys: SAE step, ViT-L/14-336 extraction, MS 50k x 65k) merged into outputs/bench/; skips without CUDA
 	WANDB_MODE=disabled $(PY) -m vlmsae.bench --only gpu --merge
 
+gpu-check: install ## The prepared device check (issue 24): policies vs sparsify/SAELens, gpu_decode --smoke -> outputs/gpu_check/
+	PYTHON=$(PY) bash experiments/gpu_check/run.sh
+
 bench-quick: install ## Smoke-run every benchmark at small sizes (seconds) -> outputs/bench-quick/
 	WANDB_MODE=disabled $(PY) -m vlmsae.bench --quick --out outputs/bench-quick
 
@@ -62,4 +65,4 @@ distclean: clean ## Also remove .venv/ and everything under outputs/
 	rm -rf $(VENV)
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 
-.PHONY: help install lint format test test-fast demo bench bench-gpu bench-quick docs wheel clean distclean
+.PHONY: help install lint format test test-fast demo bench bench-gpu gpu-check bench-quick docs wheel clean distclean

@@ -13,6 +13,6 @@ def test_smoke_run_passes_every_check_and_times_both_paths():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert sum(line.startswith("PASS ") for line in lines) == 7  # 6 checks + the overall line
+    assert sum(line.startswith("PASS ") for line in lines) == 10  # 3 runs x 3 checks + the overall line
     assert not any(line.startswith("FAIL") for line in lines)
     assert sum(line.startswith("TIME F=") for line in lines) == 2  # one row per smoke size, dense and sparse timed

@@ -50,10 +50,10 @@ def _train(arch: str, kernel: str, autocast: bool):
     selections, thresholds = [], []
     select = sae._select
 
-    def recording_select(z_BF):
-        rows_N, cols_N = select(z_BF)
-        selections.append((z_BF.dtype, torch.sort(rows_N * N_LATENTS + cols_N).values))
-        return rows_N, cols_N
+    def recording_select(pre):
+        rows_N, cols_N, vals_N = select(pre)
+        selections.append((vals_N.dtype, torch.sort(rows_N * N_LATENTS + cols_N).values))
+        return rows_N, cols_N, vals_N
 
     sae._select = recording_select
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -146,6 +146,7 @@ def test_checkpoint_records_the_precision_policy(tmp_path):
 
     sae = _sae("batchtopk", "auto")
     want = {
+        "policy": "fp32",
         "master": "float32",
         "selection": "float32",
         "matmul": "float32",
@@ -231,6 +232,7 @@ def test_training_run_records_the_policy_and_refuses_other_precisions(compose_cf
     assert seen == ["highest"] * 3  # the backward of every step ran at full float32 precision
     info = json.loads((tmp_path / "fp32" / "sae" / "config.json").read_text())
     assert info["precision"] == {
+        "policy": "fp32",
         "master": "float32",
         "selection": "float32",
         "matmul": "float32",
@@ -274,3 +276,20 @@ def test_backward_of_train_steps_runs_at_full_float32_precision():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_checkpoint_records_the_chosen_policy_and_old_configs_load(tmp_path):
+    from vlmsae.formats import read_sae_config
+
+    cfg = SAEConfig(arch="topk", d_in=D_IN, n_latents=N_LATENTS, k=K, precision="fast_exact")
+    save_sae(build_sae(cfg, seed=0), tmp_path / "fast")
+    info = read_sae_config(tmp_path / "fast")
+    assert info.config["precision"] == "fast_exact"
+    assert info.precision["policy"] == "fast_exact" and info.precision["matmul"] == "bf16"  # CPU: bf16 inputs
+    assert load_sae(tmp_path / "fast").cfg.precision == "fast_exact"
+    # A config.json from before the key: the default (auto) applies, fp32 on this CPU.
+    raw = json.loads((tmp_path / "fast" / "config.json").read_text())
+    del raw["config"]["precision"]
+    (tmp_path / "fast" / "config.json").write_text(json.dumps(raw))
+    old = load_sae(tmp_path / "fast")
+    assert old.cfg.precision == "auto" and old.precision_policy == "fp32"

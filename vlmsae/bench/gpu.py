@@ -5,7 +5,7 @@ Measured on the first visible CUDA device, each case with its own peak memory
 
 - **SAE step** at d = 1024, k = 20, batch 4,096 and F = 16,384 and 65,536: tokens/s of the sparse
   path (vlmsae's TopK step) and of the dense reference (top-k scattered into a dense B x F code), under
-  the SAE precision policy training uses (:mod:`vlmsae.sae.precision`: float32, autocast off, no TF32),
+  the SAE precision policy training uses by default (:mod:`vlmsae.sae.precision`: ``sae.precision=auto``),
   timed interleaved as in :mod:`vlmsae.bench.sae_step`;
 - **extraction** through a random-weight ViT-L/14-336 (the LLaVA-1.5 tower's shape) at batch 256: the
   tap's forward to the paper's layer (22) in float16 and float32 alone (``gpu_extract_forward_*``), and end to end
@@ -15,6 +15,10 @@ Measured on the first visible CUDA device, each case with its own peak memory
   decoding and preprocessing on the GPU (``gpu_extract_fast_decode_gpu_*``; its ``_decode`` key says which path ran);
 - **MS** at N = 50,000 images x K = 65,536 latents (k = 20 codes per image, 768-d embeddings) with the
   codes and embeddings on the GPU;
+- **precision policies and peers** (:mod:`vlmsae.bench.gpu_peers`): vlmsae's step under ``sae.precision`` =
+  fp32 and fast_exact, sparsify's and SAELens' training steps on the same shapes (TopK and BatchTopK), each
+  peer's fraction of selections that differ from float32, ``gpu_sae_step_fast_exact_65k_speedup``, 100-step
+  ``gpu_fast_exact_differing_selections`` (must be 0) and the FVE after those steps per policy;
 - **many SAEs per pass**: :func:`vlmsae.bench.train_many.measure` with ``trainer=gpu``.
 
 ``python -m vlmsae.bench --only gpu --merge`` (what ``make bench-gpu`` runs) adds these keys to an
@@ -32,7 +36,7 @@ from typing import Any
 
 import torch
 
-from vlmsae.bench import sae_step, train_many
+from vlmsae.bench import gpu_peers, sae_step, train_many
 from vlmsae.bench.decode import folder_plan, make_photo_jpegs
 from vlmsae.bench.ms import random_sparse_codes
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
@@ -75,7 +79,10 @@ def sae_step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     shape_kw, sizes = (QUICK_STEP_SHAPE, QUICK_STEP_SIZES) if quick else (STEP_SHAPE, STEP_SIZES)
     rounds = 2 if quick else 10
     out: dict[str, Any] = {f"gpu_sae_step_{k}": v for k, v in shape_kw.items()}
-    out["gpu_sae_step_precision"] = "float32, autocast off, matmul precision highest (vlmsae.sae.precision)"
+    out["gpu_sae_step_precision"] = (
+        "sae.precision=auto: fast_exact on CUDA (TF32 selecting matmul, exact float32 selection), float32 elsewhere; "
+        "autocast off, matmul precision highest otherwise (vlmsae.sae.precision)"
+    )
     for n_latents in sizes:
         shape = sae_step.StepShape(n_latents=n_latents, **shape_kw)
         peaks = {}
@@ -193,6 +200,7 @@ def run(quick: bool = False, device: str | None = None) -> dict[str, Any]:
     dev = torch.device(device)
     out: dict[str, Any] = {"gpu_device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)}
     out.update(sae_step_keys(dev, quick))
+    out.update(gpu_peers.measure(dev, quick))  # per precision policy, sparsify and SAELens side by side
     out.update(extraction_keys(dev, quick))
     out.update(ms_keys(dev, quick))
     out.update(train_many.measure(quick, trainer="gpu" if dev.type == "cuda" else "cpu", prefix="gpu_train_many"))

@@ -6,15 +6,17 @@ Run from the repository root on a GPU machine (about 30 s on one H100/H200):
     python -m vlmsae.bench.gpu_precision --smoke    # tiny shapes on CPU (tests the script)
 
 Checks, on the same batches (BatchTopK, d = 1024, F = 16,384, k = 20, B = 4,096, threshold from step 5):
-  1. dense vs sparse kernel, both under bf16 autocast and with TF32 allowed globally (what Lightning's
-     bf16-mixed and its tensor-core hint would set): the same latents are selected as by the plain
-     float32 dense run (exactly at step 0, where all weights are equal; later steps may differ in a few
-     near-tie entries, as float32 reductions differ between kernels and CUDA atomics are unordered);
+  1. dense and sparse kernel under ``sae.precision=fp32``, and the sparse kernel under ``fast_exact``, all
+     under bf16 autocast and with TF32 allowed globally (what Lightning's bf16-mixed and its tensor-core hint
+     would set): the same latents are selected as by the plain float32 dense run (exactly at step 0, where
+     all weights are equal; later steps may differ in a few near-tie entries, as float32 gradients differ
+     between kernels and CUDA atomics are unordered: the weights drift apart, not the selection rule);
   2. the BatchTopK threshold agrees (relative difference < 1e-3);
   3. for scale: how many entries a bf16 encoder (the old behaviour) would have selected differently.
-Then the training-step throughput of the dense and sparse paths in float32 (the policy), and of the dense
-path with the whole SAE cast to bf16 (the speed the policy gives up), at F = 4,096 / 16,384 / 65,536;
-the sparse/dense ratio tells where ``prefer_sparse``'s GPU crossover (``_GPU_MIN_LATENTS_PER_K``) belongs.
+Then the training-step throughput of the dense and sparse paths in float32, of the sparse path under
+fast_exact, and of the dense path with the whole SAE cast to bf16 (the speed the policy gives up), at
+F = 4,096 / 16,384 / 65,536; the sparse/dense ratio tells where ``prefer_sparse``'s GPU crossover
+(``_GPU_MIN_LATENTS_PER_K``) belongs.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ def report(ok: bool, what: str) -> None:
     print(f"{'PASS' if ok else 'FAIL'} {what}", flush=True)
 
 
-def make_sae(arch: str, d: int, f: int, k: int, kernel: str, device: str):
+def make_sae(arch: str, d: int, f: int, k: int, kernel: str, device: str, precision: str = "fp32"):
     cfg = SAEConfig(
         arch=arch,
+        precision=precision,
         d_in=d,
         n_latents=f,
         k=k,
@@ -51,18 +54,18 @@ def make_sae(arch: str, d: int, f: int, k: int, kernel: str, device: str):
     return sae.train()
 
 
-def run_recorded(kernel: str, amp: bool, batches, shape, device: str):
+def run_recorded(kernel: str, amp: bool, batches, shape, device: str, precision: str = "fp32"):
     """Train on ``batches``; returns the sorted flat selection and the threshold after each step."""
     d, f, k = shape
-    sae = make_sae("batchtopk", d, f, k, kernel, device)
+    sae = make_sae("batchtopk", d, f, k, kernel, device, precision)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3, fused=device == "cuda")
     selections, thresholds = [], []
     select = sae._select
 
-    def recording_select(z_BF):
-        rows_N, cols_N = select(z_BF)
+    def recording_select(pre):
+        rows_N, cols_N, vals_N = select(pre)
         selections.append(torch.sort(rows_N * f + cols_N).values.cpu())
-        return rows_N, cols_N
+        return rows_N, cols_N, vals_N
 
     sae._select = recording_select
     previous = torch.get_float32_matmul_precision()
@@ -83,11 +86,11 @@ def check_selection(device: str, shape, batch: int, n_steps: int) -> None:
     g = torch.Generator(device=device).manual_seed(1)
     batches = [(torch.randn(batch, d, generator=g, device=device) * 2).to(torch.bfloat16) for _ in range(n_steps)]
     _ref_sae, ref_sel, ref_thr = run_recorded("dense", False, batches, shape, device)
-    for kernel in ("dense", "sparse"):
+    for kernel, precision in (("dense", "fp32"), ("sparse", "fp32"), ("sparse", "fast_exact")):
         t0 = time.perf_counter()
-        _, sel, thr = run_recorded(kernel, True, batches, shape, device)
+        _, sel, thr = run_recorded(kernel, True, batches, shape, device, precision)
         seconds = time.perf_counter() - t0
-        tag = f"{kernel} path under bf16 autocast + TF32 vs plain float32 dense"
+        tag = f"{kernel} path, precision={precision}, under bf16 autocast + TF32 vs plain float32 dense"
         report(torch.equal(sel[0], ref_sel[0]), f"{tag}: step-0 selection identical ({sel[0].numel()} entries)")
         differing = [1.0 - torch.isin(a, b).float().mean().item() for a, b in zip(sel, ref_sel)]
         report(
@@ -113,9 +116,17 @@ def check_selection(device: str, shape, batch: int, n_steps: int) -> None:
 
 
 def time_steps(
-    kernel: str, f: int, d: int, k: int, batch: int, device: str, bf16_weights: bool = False, rounds: int = 10
+    kernel: str,
+    f: int,
+    d: int,
+    k: int,
+    batch: int,
+    device: str,
+    bf16_weights: bool = False,
+    rounds: int = 10,
+    precision: str = "fp32",
 ) -> float:
-    sae = make_sae("topk", d, f, k, kernel, device)
+    sae = make_sae("topk", d, f, k, kernel, device, precision)
     if bf16_weights:
         sae = sae.to(torch.bfloat16)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=device == "cuda")
@@ -153,11 +164,13 @@ def main() -> None:
     for f in sizes:
         dense = time_steps("dense", f, d, k, batch, device)
         sparse = time_steps("sparse", f, d, k, batch, device)
+        fast = time_steps("sparse", f, d, k, batch, device, precision="fast_exact")
         dense16 = time_steps("dense", f, d, k, batch, device, bf16_weights=True)
         print(
             f"TIME F={f:>6} d={d} k={k} B={batch}: dense fp32 {dense * 1e3:8.2f} ms/step "
             f"({batch / dense:,.0f} tok/s) | sparse fp32 {sparse * 1e3:8.2f} ms/step ({batch / sparse:,.0f} tok/s, "
-            f"{dense / sparse:.2f}x dense) | dense all-bf16 (not the policy) {dense16 * 1e3:8.2f} ms/step",
+            f"{dense / sparse:.2f}x dense) | sparse fast_exact {fast * 1e3:8.2f} ms/step ({sparse / fast:.2f}x "
+            f"sparse fp32) | dense all-bf16 (not the policy) {dense16 * 1e3:8.2f} ms/step",
             flush=True,
         )
     print(

@@ -200,6 +200,9 @@ K_ARCHS = ("topk", "batchtopk", "matryoshka")
 
 SPARSE_KERNELS = ("auto", "sparse", "dense")
 
+SAE_PRECISIONS = ("auto", "fp32", "fast_exact", "bf16")
+"""``SAEConfig.precision`` choices (vlmsae.sae.precision); auto = fast_exact on CUDA, fp32 elsewhere."""
+
 DEFAULT_GROUP_FRACTIONS = (0.0625, 0.125, 0.25, 0.5625)
 """The paper's Matryoshka groups (METHOD §2); used when ``arch="matryoshka"`` and none are given."""
 
@@ -244,6 +247,10 @@ class SAEConfig:
     """BatchTopK/Matryoshka: the threshold EMA is updated from this training step on (paper: 1000)."""
     sparse_kernel: str = "auto"
     """TopK-family training compute: dense autograd, the sparse kernels of vlmsae.sae.sparse, or auto."""
+    precision: str = "auto"
+    """TopK-family encoder matmul and selection (vlmsae.sae.precision): fp32 (float32 matmul), fast_exact (bf16 /
+    TF32 matmul, the float32 selection recomputed at its boundary: same latents, same values), bf16 (bf16 matmul,
+    selections may change), auto = fast_exact on CUDA, fp32 elsewhere. Other archs: auto or fp32."""
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -276,6 +283,13 @@ class SAEConfig:
         if self.sparse_kernel not in SPARSE_KERNELS:
             raise ValueError(
                 f"SAEConfig.sparse_kernel must be one of {', '.join(SPARSE_KERNELS)}; got {self.sparse_kernel!r}."
+            )
+        if self.precision not in SAE_PRECISIONS:
+            raise ValueError(f"SAEConfig.precision must be one of {', '.join(SAE_PRECISIONS)}; got {self.precision!r}.")
+        if self.arch not in K_ARCHS and self.precision not in ("auto", "fp32"):
+            raise ValueError(
+                f"SAEConfig.precision={self.precision!r} only applies to the top-k archs ({', '.join(K_ARCHS)}), "
+                f"whose selection it makes fast; arch={self.arch!r} computes in float32: use precision=auto or fp32."
             )
         self._validate_groups()
         if self.is_resolved:

@@ -38,6 +38,7 @@ from torch import nn
 
 from vlmsae.sae.config import SAEConfig
 from vlmsae.sae.precision import fp32_region
+from vlmsae.sae.select import Preacts, masked_topk_exact
 from vlmsae.sae.sparse import gather_preacts, sparse_decode
 
 
@@ -67,6 +68,7 @@ def auxk_loss(
     k_aux: int,
     W_dec_FD: torch.Tensor,
     preacts_of=None,
+    preacts: Preacts | None = None,
 ) -> torch.Tensor:
     """AuxK (Gao et al., METHOD §2): dead latents learn to explain what the live ones miss.
 
@@ -75,16 +77,26 @@ def auxk_loss(
     the reference implementations, so they are real codes), decodes them *without* bias into
     e_hat, and the loss is ||e - e_hat||^2 / ||e - mean(e)||^2 over the batch. ``preacts_of``
     (rows, cols) -> vals gives differentiable values when ``z_BF`` is detached (sparse path);
-    by default they are read from ``z_BF``.
+    by default they are read from ``z_BF``. ``preacts`` (the step's :class:`vlmsae.sae.select.Preacts`) makes
+    the choice of dead latents exact under the precision policy, and then ``preacts_of`` (rows, cols, values)
+    receives the float32 values too.
     """
     e_BD = residual_BD.detach().float()
     batch_size = z_BF.shape[0]
-    with torch.no_grad():
-        masked_BF = z_BF.detach().masked_fill(~dead_F, float("-inf"))
-        cols_BK = masked_BF.topk(k_aux, dim=1, sorted=False).indices
     rows_N = torch.arange(batch_size, device=z_BF.device).repeat_interleave(k_aux)
-    cols_N = cols_BK.reshape(-1)
-    vals_N = z_BF[rows_N, cols_N] if preacts_of is None else preacts_of(rows_N, cols_N)
+    if preacts is not None:
+        cols_N, exact_N = masked_topk_exact(preacts, dead_F, k_aux)
+        if preacts_of is not None:
+            vals_N = preacts_of(rows_N, cols_N, exact_N)
+        else:  # dense autograd: the canonical values with z's gradient
+            vals_N = z_BF[rows_N, cols_N]
+            vals_N = vals_N + (exact_N - vals_N).detach()
+    else:
+        with torch.no_grad():
+            masked_BF = z_BF.detach().masked_fill(~dead_F, float("-inf"))
+            cols_BK = masked_BF.topk(k_aux, dim=1, sorted=False).indices
+        cols_N = cols_BK.reshape(-1)
+        vals_N = z_BF[rows_N, cols_N] if preacts_of is None else preacts_of(rows_N, cols_N)
     # Alive latents can only be picked when fewer than k_aux are dead in a row of z: mask them out.
     vals_N = vals_N.relu() * dead_F[cols_N].to(vals_N.dtype)
     e_hat_BD = sparse_decode(rows_N, cols_N, vals_N, W_dec_FD, batch_size).float()
@@ -96,8 +108,9 @@ def auxk_loss(
 class TrainCodes:
     """Training-time codes of one batch, dense ([B, F] with grad) or sparse (rows, cols, vals).
 
-    ``z_BF`` are the pre-activations: with grad on the dense path, detached on the sparse one
-    (there only the selected entries carry grad, through ``vals_N``).
+    ``z_BF`` are the pre-activations: with grad on the dense float32 path, detached otherwise
+    (there only the selected entries carry grad, through ``vals_N``). ``preacts``: the selection's
+    pre-activations with their error bound (TopK family, :mod:`vlmsae.sae.select`), for AuxK's choice.
     """
 
     z_BF: torch.Tensor
@@ -105,6 +118,7 @@ class TrainCodes:
     rows_N: torch.Tensor | None = None
     cols_N: torch.Tensor | None = None
     vals_N: torch.Tensor | None = None
+    preacts: Preacts | None = None
 
     @property
     def is_sparse(self) -> bool:
@@ -276,8 +290,8 @@ class SAE(nn.Module):
     def encode(self, x: torch.Tensor, sparse: bool = False) -> torch.Tensor:
         """Inference codes [..., F] (dense), or a coalesced sparse COO [B, F] when ``sparse=True`` (x must be 2-D)."""
         x = self.check_input(x, "encode", require_2d=sparse)
-        z_BF = self._encode_pre(x.reshape(-1, self.d_in))
-        codes_BF = self._activate(z_BF, self._raw_biases()[2])
+        b_enc, b_dec, threshold = self._raw_biases()
+        codes_BF = self._infer_codes(x.reshape(-1, self.d_in) - b_dec, b_enc, threshold).codes_BF
         if sparse:
             return codes_BF.to_sparse_coo().coalesce()
         return codes_BF.reshape(*x.shape[:-1], self.n_latents)
@@ -311,6 +325,11 @@ class SAE(nn.Module):
         """Inference codes from pre-activations (any consistent units; ``threshold`` in the same units)."""
         raise NotImplementedError
 
+    def _infer_codes(self, x_cent_BD: torch.Tensor, b_enc_F: torch.Tensor, threshold: torch.Tensor) -> TrainCodes:
+        """Inference codes of centred inputs (raw or scaled units, ``b_enc_F`` and ``threshold`` in the same)."""
+        z_BF = torch.addmm(b_enc_F, x_cent_BD, self.W_enc.T)
+        return TrainCodes(z_BF=z_BF, codes_BF=self._activate(z_BF, threshold))
+
     def _train_codes(self, x_cent_BD: torch.Tensor) -> TrainCodes:
         """Training codes from centred scaled inputs x_s - b_dec (grad flows to all parameters)."""
         z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
@@ -343,8 +362,7 @@ class SAE(nn.Module):
         if self.training:
             codes = self._train_codes(x_cent_BD)
         else:
-            z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
-            codes = TrainCodes(z_BF=z_BF, codes_BF=self._activate(z_BF, self.threshold))
+            codes = self._infer_codes(x_cent_BD, self.b_enc, self.threshold)
         objective, x_hat_s_BD, extra = self._recon_objective(x_s_BD, codes)
         l0, l1, fired_F = codes.stats(self.n_latents)
         total = objective
@@ -380,12 +398,19 @@ class SAE(nn.Module):
             return torch.zeros((), device=x_s_BD.device)
         k_aux = min(self.cfg.aux_k or max(1, self.d_in // 2), n_dead)
         preacts_of = None
-        if codes.is_sparse:
+        if codes.preacts is not None and not codes.z_BF.requires_grad:  # values from the exact selection
+
+            def preacts_of(rows_N, cols_N, exact_N):
+                return gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, values_N=exact_N)
+
+        elif codes.is_sparse:
 
             def preacts_of(rows_N, cols_N):
                 return gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, preacts_BF=codes.z_BF)
 
-        return auxk_loss(x_s_BD - x_hat_s_BD, codes.z_BF, dead_F, k_aux, self.W_dec, preacts_of=preacts_of)
+        return auxk_loss(
+            x_s_BD - x_hat_s_BD, codes.z_BF, dead_F, k_aux, self.W_dec, preacts_of=preacts_of, preacts=codes.preacts
+        )
 
     # ------------------------------------------------------------------ scale folding
     @torch.no_grad()

@@ -4,7 +4,8 @@ Training keeps the k*B largest entries of the flattened B x F batch, so samples 
 of k active latents on average. Inference cannot depend on the batch, so it uses one threshold:
 f = ReLU(z) * 1[ReLU(z) > theta], theta = EMA (beta = cfg.threshold_beta) of the smallest
 positive kept activation per training batch, updated from step ``cfg.threshold_start_step`` on.
-The first update sets theta directly (no bias towards the initial value).
+The first update sets theta directly (no bias towards the initial value). Both selections are
+exact under the fp32 and fast_exact precision policies (:mod:`vlmsae.sae.select`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from vlmsae.sae.base import TrainCodes
-from vlmsae.sae.sparse import batch_topk_select
+from vlmsae.sae.select import Preacts, above_threshold_exact, batch_topk_exact
 from vlmsae.sae.topk import TopKSAE
 
 
@@ -21,8 +22,15 @@ class BatchTopKSAE(TopKSAE):
 
     arch = "batchtopk"
 
-    def _select(self, z_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_topk_select(z_BF, self.cfg.k * z_BF.shape[0])
+    def _select(self, pre: Preacts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return batch_topk_exact(pre, self.cfg.k * pre.z_BF.shape[0])
+
+    def _infer_select(self, pre: Preacts, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if float(threshold) < 0:
+            self._warn_no_threshold()
+            return super()._infer_select(pre, threshold)
+        # f = ReLU(z) * 1[ReLU(z) > theta] keeps exactly the z > max(theta, 0).
+        return above_threshold_exact(pre, threshold.clamp_min(0))
 
     def _activate(self, z_BF: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
         if float(threshold) < 0:

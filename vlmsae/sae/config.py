@@ -8,6 +8,6 @@ A node from a YAML is resolved for the activations' width with ``SAEConfig.from_
 
 from __future__ import annotations
 
-from vlmsae.config.nodes import ARCHS, DEFAULT_GROUP_FRACTIONS, K_ARCHS, SPARSE_KERNELS, SAEConfig
+from vlmsae.config.nodes import ARCHS, DEFAULT_GROUP_FRACTIONS, K_ARCHS, SAE_PRECISIONS, SPARSE_KERNELS, SAEConfig
 
-__all__ = ["ARCHS", "DEFAULT_GROUP_FRACTIONS", "K_ARCHS", "SPARSE_KERNELS", "SAEConfig"]
+__all__ = ["ARCHS", "DEFAULT_GROUP_FRACTIONS", "K_ARCHS", "SAE_PRECISIONS", "SPARSE_KERNELS", "SAEConfig"]

@@ -6,19 +6,30 @@ Policy (recorded in every checkpoint's ``config.json`` under ``"precision"``):
   ``32-true``: half-precision settings would cast the weights, and mixed ones (``bf16-mixed``) would
   only wrap the step in an autocast the SAE turns off (and Lightning's mixed-precision plugins
   refuse gradient clipping with the fused Adam), so both are refused before training;
-* selection: the top-k / batch-top-k choice and the BatchTopK threshold EMA read float32
-  pre-activations, so the selected latents depend neither on the trainer's precision nor on the
-  kernel (``sae.sparse_kernel`` dense | sparse | auto, chosen by size);
+* selection (TopK family), by ``sae.precision`` (:data:`vlmsae.sae.select.POLICIES`):
+
+  - ``fp32``: the encoder matmul that selects runs in float32;
+  - ``fast_exact``: it runs on the tensor cores (TF32 on CUDA, bf16 inputs elsewhere), each value's
+    error is bounded (docs/METHOD.md, "Precision") and the entries whose interval reaches the
+    selection boundary are recomputed in float32;
+  - ``bf16``: it runs in bf16 and selects from those values (about 1% of the selected entries change);
+  - ``auto`` (default): ``fast_exact`` on CUDA, ``fp32`` elsewhere (CPUs gain nothing from bf16).
+
+  ``fp32`` and ``fast_exact`` select from the same canonical float32 values with the same tie rule
+  (:mod:`vlmsae.sae.select`), so they keep the same latents and hand on the same float32 values: the
+  top-k / batch-top-k choice, AuxK's dead latents, the inference threshold and the BatchTopK threshold
+  EMA depend neither on the trainer's precision nor on the kernel (``sae.sparse_kernel``) nor on which
+  of the two policies ran. The policy that ran is recorded in ``config.json`` (``precision.policy``);
 * compute: every SAE forward (``loss``, ``encode``, ``decode``) runs in a region with autocast
   off and float32 matmuls at torch's "highest" precision (no TF32), on the dense and the sparse
-  path alike; backward follows the forward's dtypes.
+  path alike, except the one selecting matmul of the fast policies; backward follows the forward's dtypes.
 
-Why nothing in bf16: selection needs the one full encoder matmul ``z = x @ W_enc.T`` in float32
-anyway, and on the sparse path everything after it is memory-bound gathers that gain little from
-bf16. Only the dense path's other matmuls (decoder forward, four in backward) could go faster in
-bf16, and running them so would make the two paths train different models. One rule, one result
-per config; the price is float32 matmul speed on GPUs for dense SAEs (vlmsae/bench/gpu_precision.py
-measures it). The activations themselves may be stored in fp16/bf16: they are cast to float32 on entry.
+Why nothing else in bf16: on the sparse path everything after the selecting matmul is memory-bound
+gathers that gain little from bf16. Only the dense path's other matmuls (decoder forward, four in
+backward) could go faster in bf16, and running them so would make the two paths train different
+models. One rule, one result per config; the price is float32 matmul speed on GPUs for dense SAEs
+(vlmsae/bench/gpu_precision.py measures it). The activations themselves may be stored in fp16/bf16:
+they are cast to float32 on entry.
 """
 
 from __future__ import annotations
@@ -30,8 +41,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmsae.sae.config import K_ARCHS
+from vlmsae.sae.select import fast_matmul_kind, resolve_policy
+
 MASTER_DTYPE = torch.float32
 """The dtype of the SAE parameters (and so of Adam's state) during training."""
+
+
+def sae_policy(sae: nn.Module) -> str:
+    """The precision policy an SAE's selection runs under on its device: ``sae.cfg.precision`` resolved
+    (fp32 | fast_exact | bf16); fp32 for the archs without a top-k selection and for foreign forwards."""
+    cfg = sae.cfg
+    if cfg.arch not in K_ARCHS or getattr(sae, "interop_only", None):
+        return "fp32"
+    return resolve_policy(getattr(cfg, "precision", "auto"), sae.W_enc.device)
 
 
 @contextlib.contextmanager
@@ -63,10 +86,12 @@ def precision_record(sae: nn.Module, trainer_precision: str | None = None) -> di
     """What ``config.json`` says about the SAE's precision (see the module docstring). ``sae``: a
     :class:`vlmsae.sae.base.SAE` (typed as a module: base.py uses this module's :func:`fp32_region`)."""
     dtype = str(sae.W_dec.dtype).removeprefix("torch.")
+    policy = sae_policy(sae)
     return {
+        "policy": policy,
         "master": dtype,
-        "selection": dtype,
-        "matmul": dtype,
+        "selection": "bfloat16" if policy == "bf16" else dtype,  # what decides the selected latents
+        "matmul": dtype if policy == "fp32" else fast_matmul_kind(sae.W_enc.device),  # the selecting matmul's
         "autocast": "off inside the SAE",
         "float32_matmul_precision": "highest",
         "trainer_precision": None if trainer_precision is None else str(trainer_precision),

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 __all__ = [
     "batch_topk_select",
     "gather_preacts",
+    "preact_buffer",
     "prefer_sparse",
     "release_selection_buffers",
     "selection_preacts",
@@ -282,10 +283,12 @@ def _grad_feeds_only_a_bias(x_cent_BD: torch.Tensor) -> bool:
 
 class _GatherPreacts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_cent_BD, W_enc_FD, b_enc_F, rows_N, cols_N, preacts_BF):
+    def forward(ctx, x_cent_BD, W_enc_FD, b_enc_F, rows_N, cols_N, preacts_BF, values_N):
         plan = _plan_for(rows_N, cols_N, x_cent_BD.shape[0])
         with _no_autocast(W_enc_FD.device):
-            if preacts_BF is not None:
+            if values_N is not None:  # the exact selection's float32 values (vlmsae.sae.select)
+                vals_N = values_N.detach().to(W_enc_FD.dtype).clone()
+            elif preacts_BF is not None:
                 # The no-grad forward used for selection already holds these numbers: reading
                 # them is free and keeps the values identical to what selection saw.
                 with _single_threaded(rows_N.device):
@@ -321,7 +324,7 @@ class _GatherPreacts(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 shape, dtype = ctx.b_enc_meta
                 db_F = dvals_F.to(dtype).reshape(shape)
-        return dx_BD, dW_FD, db_F, None, None, None
+        return dx_BD, dW_FD, db_F, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -355,16 +358,20 @@ def gather_preacts(
     rows_N: torch.Tensor,
     cols_N: torch.Tensor,
     preacts_BF: torch.Tensor | None = None,
+    values_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The selected pre-activations vals[n] = x_cent[rows[n]] . W_enc[cols[n]] + b_enc[cols[n]].
 
     Differentiable in ``x_cent_BD``, ``W_enc_FD`` and ``b_enc_F``; the backward never forms a
     dense B x F gradient (dW_enc is nonzero only at the selected latents).  Pass
     ``preacts_BF`` (the no-grad ``z`` used for selection) to read the values instead of
-    recomputing them; the backward is the same either way.  Entries may repeat a column, rows
-    may hold any number of entries (BatchTopK) or none.
+    recomputing them, or ``values_N`` (the values an exact selection already computed,
+    :mod:`vlmsae.sae.select`); the backward is the same either way.  Entries may repeat a column,
+    rows may hold any number of entries (BatchTopK) or none.
     """
     _check_index_pair(rows_N, cols_N)
+    if values_N is not None and values_N.shape != rows_N.shape:
+        raise ValueError(f"values_N must have the shape of rows_N {tuple(rows_N.shape)}, got {tuple(values_N.shape)}.")
     if x_cent_BD.dim() != 2 or W_enc_FD.dim() != 2 or x_cent_BD.shape[1] != W_enc_FD.shape[1]:
         raise ValueError(
             f"x_cent_BD [B, D] and W_enc_FD [F, D] must share D; got {tuple(x_cent_BD.shape)} and "
@@ -377,7 +384,7 @@ def gather_preacts(
             f"preacts_BF must be the [B, F] = {(x_cent_BD.shape[0], W_enc_FD.shape[0])} pre-activations, "
             f"got {tuple(preacts_BF.shape)}."
         )
-    return _GatherPreacts.apply(x_cent_BD, W_enc_FD, b_enc_F, rows_N, cols_N, preacts_BF)
+    return _GatherPreacts.apply(x_cent_BD, W_enc_FD, b_enc_F, rows_N, cols_N, preacts_BF, values_N)
 
 
 def sparse_decode(
@@ -420,13 +427,21 @@ def selection_preacts(x_cent_BD: torch.Tensor, W_enc_FD: torch.Tensor, b_enc_F: 
     device = x_cent_BD.device
     dtype = torch.promote_types(x_cent_BD.dtype, W_enc_FD.dtype)
     with _no_autocast(device):
-        if device.type != "cpu":
-            return torch.addmm(b_enc_F.to(dtype), x_cent_BD.to(dtype), W_enc_FD.to(dtype).T)
-        key = (x_cent_BD.shape[0], W_enc_FD.shape[0], dtype, str(device))
-        out_BF = _PREACT_BUFFERS.get(key)
+        out_BF = preact_buffer(x_cent_BD.shape[0], W_enc_FD.shape[0], dtype, device)
         if out_BF is None:
-            out_BF = _PREACT_BUFFERS[key] = torch.empty(key[:2], dtype=dtype, device=device)
+            return torch.addmm(b_enc_F.to(dtype), x_cent_BD.to(dtype), W_enc_FD.to(dtype).T)
         return torch.addmm(b_enc_F.to(dtype), x_cent_BD.to(dtype), W_enc_FD.to(dtype).T, out=out_BF)
+
+
+def preact_buffer(n_rows: int, n_latents: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The reused [n_rows, n_latents] buffer of :func:`selection_preacts` on CPU; None elsewhere (see there)."""
+    if torch.device(device).type != "cpu":
+        return None
+    key = (n_rows, n_latents, dtype, str(device))
+    out_BF = _PREACT_BUFFERS.get(key)
+    if out_BF is None:
+        out_BF = _PREACT_BUFFERS[key] = torch.empty(key[:2], dtype=dtype, device=device)
+    return out_BF
 
 
 def release_selection_buffers() -> None:

@@ -5,6 +5,10 @@ rounding): dense autograd over the full [B, F] codes, or the sparse kernels of
 :mod:`vlmsae.sae.sparse`, which touch only the B*k selected entries after the one dense encoder
 matmul. ``cfg.sparse_kernel`` picks: "dense", "sparse", or "auto" (``sparse.use_sparse_kernel``
 decides per shape and device). BatchTopK and Matryoshka inherit this and only change the selection.
+
+Selection goes through :mod:`vlmsae.sae.select` under ``cfg.precision`` (:mod:`vlmsae.sae.precision`):
+the encoder matmul runs in float32 (``fp32``) or on the tensor cores (``fast_exact``, ``bf16``); the exact
+policies select the same entries and hand on the same float32 values, training and inference alike.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from vlmsae.sae.base import SAE, TrainCodes
-from vlmsae.sae.sparse import gather_preacts, selection_preacts, topk_select, use_sparse_kernel
+from vlmsae.sae.precision import sae_policy
+from vlmsae.sae.select import Preacts, compute_preacts, preacts_with_bound, topk_exact
+from vlmsae.sae.sparse import _row_major_rows, gather_preacts, preact_buffer, use_sparse_kernel
 
 
 class TopKSAE(SAE):
@@ -24,9 +30,15 @@ class TopKSAE(SAE):
         top = z_BF.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(z_BF).scatter_(-1, top.indices, top.values.relu())
 
-    def _select(self, z_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows_N, cols_N) of the entries that training keeps; ``z_BF`` is detached."""
-        return topk_select(z_BF, self.cfg.k)
+    def _select(self, pre: Preacts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows_N, cols_N, vals_N) of the entries that training keeps, with their float32 values (no grad)."""
+        rows_N, cols_N, vals_N = topk_exact(pre, self.cfg.k)
+        # The cached row-major rows tensor: the sparse kernels recognise TopK's layout by its identity.
+        return _row_major_rows(pre.z_BF.shape[0], self.cfg.k, rows_N.device), cols_N, vals_N
+
+    def _infer_select(self, pre: Preacts, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows_N, cols_N, vals_N) that inference keeps (TopK: as in training)."""
+        return topk_exact(pre, self.cfg.k)
 
     def use_sparse_path(self, batch_size: int) -> bool:
         """Whether a training batch of this size runs on the sparse kernels (cfg.sparse_kernel)."""
@@ -34,15 +46,42 @@ class TopKSAE(SAE):
             self.cfg.sparse_kernel, batch_size, self.n_latents, self.d_in, self.W_enc.device, k=self.cfg.k
         )
 
+    @property
+    def precision_policy(self) -> str:
+        """The resolved ``cfg.precision`` on the SAE's device: fp32 | fast_exact | bf16."""
+        return sae_policy(self)
+
     def _train_codes(self, x_cent_BD: torch.Tensor) -> TrainCodes:
-        if self.use_sparse_path(x_cent_BD.shape[0]):
-            with torch.no_grad():  # into a buffer reused across steps: z is only read within this step
-                z_BF = selection_preacts(x_cent_BD, self.W_enc, self.b_enc)
-            rows_N, cols_N = self._select(z_BF)
-            vals_N = gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, preacts_BF=z_BF).relu()
-            return TrainCodes(z_BF=z_BF, rows_N=rows_N, cols_N=cols_N, vals_N=vals_N)
-        z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
-        rows_N, cols_N = self._select(z_BF.detach())
-        vals_N = z_BF[rows_N, cols_N].relu()
-        codes_BF = torch.zeros_like(z_BF).index_put((rows_N, cols_N), vals_N)
-        return TrainCodes(z_BF=z_BF, codes_BF=codes_BF, rows_N=rows_N, cols_N=cols_N, vals_N=vals_N)
+        policy, batch_size = self.precision_policy, x_cent_BD.shape[0]
+        sparse = self.use_sparse_path(batch_size)
+        if policy == "fp32" and not sparse:  # the dense autograd reference: z with grad, exact selection
+            z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
+            pre = preacts_with_bound(z_BF, x_cent_BD, self.W_enc, self.b_enc, policy, "fp32")
+            rows_N, cols_N, exact_N = self._select(pre)
+            vals_N = z_BF[rows_N, cols_N]
+            # The canonical values with z's gradient (in z's dtype: a bf16-cast SAE stays bf16 here).
+            vals_N = (vals_N + (exact_N.to(vals_N.dtype) - vals_N).detach()).relu()
+            codes_BF = torch.zeros_like(z_BF).index_put((rows_N, cols_N), vals_N)
+            return TrainCodes(z_BF=z_BF, codes_BF=codes_BF, rows_N=rows_N, cols_N=cols_N, vals_N=vals_N, preacts=pre)
+        out = None
+        if policy == "fp32":  # into a buffer reused across steps: z is only read within this step
+            out = preact_buffer(batch_size, self.n_latents, torch.float32, x_cent_BD.device)
+        pre = compute_preacts(x_cent_BD, self.W_enc, self.b_enc, policy, out=out)
+        rows_N, cols_N, exact_N = self._select(pre)
+        vals_N = gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, values_N=exact_N).relu()
+        if sparse:
+            return TrainCodes(z_BF=pre.z_BF, rows_N=rows_N, cols_N=cols_N, vals_N=vals_N, preacts=pre)
+        codes_BF = x_cent_BD.new_zeros(batch_size, self.n_latents).index_put((rows_N, cols_N), vals_N)
+        return TrainCodes(z_BF=pre.z_BF, codes_BF=codes_BF, rows_N=rows_N, cols_N=cols_N, vals_N=vals_N, preacts=pre)
+
+    def _infer_codes(self, x_cent_BD: torch.Tensor, b_enc_F: torch.Tensor, threshold: torch.Tensor) -> TrainCodes:
+        if getattr(self, "interop_only", None):  # a foreign forward (its own _activate) on the float32 matmul
+            return super()._infer_codes(x_cent_BD, b_enc_F, threshold)
+        pre = compute_preacts(x_cent_BD, self.W_enc, b_enc_F, self.precision_policy)
+        rows_N, cols_N, exact_N = self._infer_select(pre, threshold)
+        vals_N = exact_N
+        if torch.is_grad_enabled() and (self.W_enc.requires_grad or x_cent_BD.requires_grad):  # e.g. eval loss
+            vals_N = gather_preacts(x_cent_BD, self.W_enc, b_enc_F, rows_N, cols_N, values_N=exact_N)
+        vals_N = vals_N.relu()
+        codes_BF = x_cent_BD.new_zeros(x_cent_BD.shape[0], self.n_latents).index_put((rows_N, cols_N), vals_N)
+        return TrainCodes(z_BF=pre.z_BF, codes_BF=codes_BF, preacts=pre)
