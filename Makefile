@@ -36,7 +36,7 @@ format: install ## ruff: apply the formatter and the safe lint fixes
 test-fast: install ## Run the tests without the slow end-to-end ones
 	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
 
-demo: install ## Run extract -> train -> monosemanticity -> hierarchy -> steer -> browse on the tiny default
+demo: install ## Run the whole pipeline on the tiny default (extract ... browse, splice_eval, the trained digits ViT, inspect)
 	WANDB_MODE=disabled $(PY) -m vlmsae.demo
 
 bench: install ## Benchmarks: SAE step, MS at 50k x 65k, extraction vs the decode limit, fast_decode, loader, many SAEs per pass, browser at 65k -> outputs/bench/
