@@ -84,7 +84,11 @@ class OpenClipEmbedder(Embedder):
         if spec.tiny:
             from vlmsae.models.tiny import build_tiny_open_clip, tiny_model_dpath
 
-            dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(f"embedder_{spec.name}")
+            dpath = (
+                Path(spec.local_path).expanduser()
+                if spec.local_path
+                else tiny_model_dpath(f"embedder_{spec.name}", spec.seed)
+            )
             local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
         # The same resolution as the taps': a checkpoint file gets its registered tag's preprocessing/activation.
         source = resolve_open_clip_source(

@@ -18,6 +18,7 @@ Only the vision tower is kept by the tap. The forward runs the blocks itself and
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -84,6 +85,7 @@ class OpenClipSource:
     quick_gelu: Optional[bool]  # None only for hf-hub sources without an override: the hub config decides
     preprocess: dict[str, Any]  # mean, std, interpolation, resize_mode (hf-hub: only the overrides)
     decided_by: str  # what decided them, for logs and errors
+    seed: int = 0  # the seed of the random weights when there are none to load (pretrained and local path None)
 
     def create_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``open_clip.create_model_and_transforms(self.model_name, **kwargs)``."""
@@ -336,11 +338,12 @@ def spec_source(spec: ModelSpec) -> OpenClipSource:
     """:func:`resolve_open_clip_source` for a model spec (``tiny: true`` first builds the tiny folder)."""
     local_path = spec.local_path
     if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
+        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
         local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
-    return resolve_open_clip_source(
+    source = resolve_open_clip_source(
         spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag, open_clip_overrides(spec)
     )
+    return dataclasses.replace(source, seed=int(spec.seed))
 
 
 def create_open_clip(
@@ -363,9 +366,13 @@ def create_open_clip(
         source.decided_by,
     )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            source.model_name, cache_dir=cache_dir, device="cpu", **source.create_kwargs()
-        )
+        # Random weights (no pretrained, no folder) come from the seed, so an SAE trained on them can be scored on
+        # the same network again (the SAE's source records the seed); the caller's RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(source.seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                source.model_name, cache_dir=cache_dir, device="cpu", **source.create_kwargs()
+            )
     except (RuntimeError, OSError, ValueError) as err:
         if on_missing is not None and looks_offline(err):
             raise on_missing(err) from err

@@ -135,9 +135,12 @@ def build_tiny_hf_clip(
     return publish_dir(tmp_dpath, dpath)
 
 
-def tiny_model_dpath(name: str) -> Path:
-    """The local folder of the tiny model ``name``."""
-    return models_home() / name
+def tiny_model_dpath(name: str, seed: int = 0) -> Path:
+    """The local folder of the tiny model ``name`` built with ``seed``: the seed is part of the cache key, so
+    ``model.seed=7`` builds (and then reuses) other weights than seed 0, whose folder keeps its plain name."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"model.seed={seed!r} must be an integer (the seed of the tiny model's random weights).")
+    return models_home() / (name if seed == 0 else f"{name}-seed{seed}")
 
 
 def open_clip_visual_to_hf(visual: Any, projection_dim: int | None = None):
