@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlmsae.models.llava import load_llava_spec, vision_blocks, vision_tower
@@ -80,7 +81,8 @@ def check_fit_once(model: nn.Module, sae: nn.Module, layer: int, reads: dict[str
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         handle.remove()
-        out = module.forward(*args, **kwargs)
+        with torch.no_grad():
+            out = module.forward(*args, **kwargs)
         h_BTD = out[0] if isinstance(out, tuple) else out
         rows = h_BTD[:, :1] if tokens == "cls" else h_BTD[:, 1:] if tokens == "patches" else h_BTD
         check_fit(sae, rows, records, {**reads, "layer": layer, "tokens": tokens or "all"}, sae_path)
