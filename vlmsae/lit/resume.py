@@ -71,7 +71,7 @@ def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path |
     old one. ``resume=auto``: this run dir's own checkpoint only, else None (a requeued submitit job
     reruns in the same dir). ``resume=<path>``: a run dir or a ``.ckpt`` file.
     """
-    if resume in (None, False) or str(resume).lower() in ("false", "no", "0", "none", ""):
+    if _is_off(resume):
         return None
     if str(resume).lower() == "auto":
         own = run_checkpoint(out_dpath)
