@@ -85,3 +85,14 @@ def test_check_fit_judges_trained_saes_on_fve_and_silent_rows():
         sae.b_enc.fill_(-1e3)  # nothing fires: every row silent
     with pytest.raises(ValueError, match=r"at runs/a/sae does not fit.*100% of rows silent.*check_fit=false"):
         check_fit(sae, x_RD, {"train_steps": 10, "model": "tiny"}, reads, "runs/a/sae")
+
+
+def test_an_sae_of_a_random_network_rebuilds_that_network_not_a_download():
+    """``model.pretrained=null`` on clip_b32 trains on a random network drawn from the seed: without ``model=``
+    the job rebuilds it (no OpenAI download), with the recorded seed."""
+    from vlmsae.models.open_sae import source_model_spec
+
+    spec = source_model_spec({"model": "clip_b32", "pretrained": None, "model_seed": 3, "layer": 10})
+    assert spec.name == "clip_b32" and spec.pretrained is None and spec.seed == 3
+    spec = source_model_spec({"model": "clip_b32", "pretrained": "openai", "model_seed": None})
+    assert spec.pretrained == "openai" and spec.seed == 0
