@@ -25,6 +25,9 @@ def test_tiny_model_seed_gives_other_weights_and_its_own_cache_folder(tmp_path, 
     torch.testing.assert_close(_acts(get_model_spec("tiny", seed=7)), seed7, rtol=0, atol=0)
     assert tiny_model_dpath("tiny") != tiny_model_dpath("tiny", 7)
     assert (tiny_model_dpath("tiny", 7) / "open_clip_config.json").is_file()
+    # a folder given as model.local_path holds one seed's weights: another seed is refused, not ignored
+    with pytest.raises(ValueError, match=r"built with seed 7, not model.seed=3: pass model.seed=7"):
+        _acts(get_model_spec("tiny", seed=3, local_path=str(tiny_model_dpath("tiny", 7))))
 
 
 def test_seed_on_a_model_with_loaded_weights_is_refused():

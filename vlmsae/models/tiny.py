@@ -70,6 +70,12 @@ def build_tiny_open_clip(dpath: str | Path, seed: int = 0, **cfg_kwargs: Any) ->
 
     dpath = Path(dpath)
     if (dpath / OPEN_CLIP_CONFIG).exists() and (dpath / OPEN_CLIP_WEIGHTS).exists():
+        built = (json.loads((dpath / OPEN_CLIP_CONFIG).read_text()).get("vlmsae") or {}).get("seed", seed)
+        if built != seed:  # e.g. model.local_path=<folder> model.seed=7: the folder's weights are another seed's
+            raise ValueError(
+                f"The tiny model folder {dpath} holds weights built with seed {built}, not model.seed={seed}: "
+                f"pass model.seed={built}, or another model.local_path (or none) to build seed {seed}."
+            )
         return dpath
     model_cfg = tiny_open_clip_cfg(**cfg_kwargs)
     torch.manual_seed(seed)
