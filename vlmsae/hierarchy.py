@@ -85,7 +85,7 @@ def _scorer(job: HierarchyJob, config: dict, taxonomy, classes: list[str], image
         if job.ms_run:
             top, ms_K = study.load_ms_run(Path(job.ms_run) / m.name if is_sweep else job.ms_run, m.sae.n_latents)
         else:
-            src = shared.open(m, job.model, job.layer, job.pool, job.device)
+            src = shared.open(m, job.model, job.layer, job.pool, job.device, job.check_fit)
             batch_size = job.batch_size or images.batch_size
             top, ms_K = study.compute_top_images(src, images, embedder, top_k=job.top_k, batch_size=batch_size,
                                                  sae_path=m.sae_path)  # fmt: skip

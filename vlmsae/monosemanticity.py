@@ -68,7 +68,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
         # model: null = the SAE's source.model (a model node converts in source_model_spec)
-        src = shared.open(m, cfg.model, cfg.layer, cfg.pool, cfg.device)
+        src = shared.open(m, cfg.model, cfg.layer, cfg.pool, cfg.device, bool(cfg.check_fit))
         study = score_sae(
             src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
             sae_path=m.sae_path, embed_memo=shared.embeddings if shared.keep else None, namer=namer,

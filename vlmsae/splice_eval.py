@@ -47,7 +47,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         splice.read_prompt_file(job.prompts)
     torch.manual_seed(job.seed)
     spec = ModelSpec.from_cfg(cfg.model)
-    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format)
+    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
     items, source_note = splice.prompt_items(
         setup, job.prompts, job.images, job.n_images, job.max_new_tokens, job.batch_size
     )

@@ -46,7 +46,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         job.sweep,
     )
     torch.manual_seed(job.seed)
-    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format)
+    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
     images, names = load_images(job.image, setup.image_size)
     result, rows = compare_answers(setup, images, names, request)
     result.settings = {

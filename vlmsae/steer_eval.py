@@ -55,7 +55,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     for m in members:  # every index first: a missing one fails before LLaVA loads
         require_folder("top_images", tops[m.name], hint)
     spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
-    setup = load_steering(spec, members[0].sae_path, job.layer, job.device_map, job.sae_format)
+    setup = load_steering(spec, members[0].sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
     embedder = load_embedder(embedder_spec)
     images = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
     config = OmegaConf.to_container(cfg, resolve=True)

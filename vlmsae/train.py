@@ -4,7 +4,7 @@
         data=acts data.acts=/acts/layer22 trainer=gpu trainer.max_steps=110000 logger=wandb
     python -m vlmsae.train -m layer=11,17,22,23 sae.expansion=1,2,4,8,16,64 sae.k=20 \\
         data=acts 'data.acts=/acts/layer${layer}'          # a sweep; summary in the sweep dir
-    python -m vlmsae.train <same overrides> resume=true    # continue a killed run
+    python -m vlmsae.train <same overrides>    # again after a crash: continues the killed run in its folder
     python -m vlmsae.train data=acts data.acts=/acts/layer22 \\
         'sae_grid=[{expansion:8,k:32},{expansion:16,k:64,arch:topk,lr:1e-4}]'   # many SAEs, one pass
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import conf_dir, node_dict, prepare_command_line, register_configs
-from vlmsae.utils.paths import run_dir
+from vlmsae.utils.paths import hydra_chose_run_dir, run_dir
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | None = None) -> dict:
@@ -40,14 +40,18 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     ``callbacks``: extra Lightning callbacks (tests use them to interrupt a run or record steps).
     """
     from vlmsae.lit.fit import FitPlan, check_accelerator, fit_sae, resolve_grid, resolve_train_source
-    from vlmsae.lit.resume import find_resume_checkpoint
+    from vlmsae.lit.resume import choose_run
     from vlmsae.lit.val_ms import val_ms_callbacks
     from vlmsae.models.spec import ModelSpec
     from vlmsae.sae import SAEConfig
     from vlmsae.sae.precision import check_trainer_precision
 
-    out_dpath = run_dir(out_dpath)
     config = OmegaConf.to_container(cfg, resolve=True)
+    # the same command again continues its unfinished run in that run's folder (vlmsae.lit.resume)
+    chosen = choose_run(cfg.resume, run_dir(out_dpath), config, new_dpath=hydra_chose_run_dir(out_dpath))
+    if chosen.finished_metrics is not None:
+        return chosen.finished_metrics
+    out_dpath = chosen.out_dpath
     trainer, data = OmegaConf.to_object(cfg.trainer), OmegaConf.to_object(cfg.data)  # the node dataclasses
     # Everything that can be wrong with the input is checked before any training starts.
     check_trainer_precision(trainer.precision)  # the SAE trains in float32 only (vlmsae.sae.precision)
@@ -64,7 +68,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
         trainer=trainer,
         logger=OmegaConf.to_object(cfg.logger),
         seed=int(cfg.seed),
-        resume_ckpt=find_resume_checkpoint(cfg.resume, out_dpath, config),
+        resume_ckpt=chosen.resume_ckpt,
         config=config,
     )
     # many SAEs per pass, each reading the same batches

@@ -51,7 +51,7 @@ from vlmsae.lit.loggers import RestoreLogHistory, ResumableCSVLogger
 from vlmsae.lit.module import NonFiniteLossError, SAELitModule
 from vlmsae.lit.resume import history_dpath
 from vlmsae.models.image_rows import ImageChunkMaker
-from vlmsae.models.spec import ModelSpec
+from vlmsae.models.spec import ModelSpec, seed_decides_weights
 from vlmsae.models.tap import resolve_layer
 from vlmsae.sae import SAEConfig, default_lr, save_sae
 from vlmsae.sae.mechanics import init_from_batches_
@@ -671,6 +671,7 @@ def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
     return {
         "model": src.model,
         "pretrained": src.pretrained,
+        "model_seed": _model_seed(plan),
         "layer": src.layer,
         "tokens": src.tokens,
         "tokens_k": src.tokens_k,
@@ -679,3 +680,10 @@ def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
         "train_steps": step,
         "train_rows": step * int(plan.data.batch_size),
     }
+
+
+def _model_seed(plan: FitPlan) -> int | None:
+    """The seed of the random model the rows come from (None: loaded weights), so jobs rebuild that network."""
+    if plan.source.acts_dpath is not None:  # a store: its manifest says (extraction records model_seed)
+        return (plan.source.manifest.extra or {}).get("model_seed")
+    return plan.model.seed if seed_decides_weights(plan.model) else None

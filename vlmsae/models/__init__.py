@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from vlmsae.models.hf_backend import load_hf_clip_tap, load_hf_llava_tap
 from vlmsae.models.open_clip_backend import load_open_clip_tap
-from vlmsae.models.spec import BACKENDS, ModelSpec, get_model_spec, list_models
+from vlmsae.models.spec import BACKENDS, ModelSpec, check_model_seed, get_model_spec, list_models
 from vlmsae.models.tap import TOKEN_CHOICES, Tap, resolve_layer, select_tokens, torch_dtype
 from vlmsae.models.tiny import build_tiny_hf_clip, build_tiny_open_clip, models_home, tiny_model_dpath, vlmsae_home
 
@@ -43,6 +43,7 @@ def load_tap(spec: ModelSpec | dict | str) -> Tap:
         spec = get_model_spec(spec)
     elif not isinstance(spec, ModelSpec):
         spec = ModelSpec.from_cfg(spec)
+    check_model_seed(spec)  # a seed is honoured (tiny or random weights) or refused, never dropped
     if spec.backend == "open_clip":
         return load_open_clip_tap(spec)
     if spec.backend == "hf_clip":

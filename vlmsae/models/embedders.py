@@ -86,7 +86,11 @@ class OpenClipEmbedder(Embedder):
         if spec.tiny:
             from vlmsae.models.tiny import build_tiny_open_clip, tiny_model_dpath
 
-            dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(f"embedder_{spec.name}")
+            dpath = (
+                Path(spec.local_path).expanduser()
+                if spec.local_path
+                else tiny_model_dpath(f"embedder_{spec.name}", spec.seed)
+            )
             local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
         # The same resolution as the taps': a checkpoint file gets its registered tag's preprocessing/activation.
         source = resolve_open_clip_source(
@@ -188,7 +192,11 @@ class DigitsCNNEmbedder(Embedder):
                 f"{TRAINED_VERSION!r}: set embedder.pretrained={TRAINED_VERSION} (it keys the embedding cache)."
             )
         self.spec = spec
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(f"embedder_{spec.name}")
+        dpath = (
+            Path(spec.local_path).expanduser()
+            if spec.local_path
+            else tiny_model_dpath(f"embedder_{spec.name}", spec.seed)
+        )
         self.device = resolve_device(spec.device)
         self.model = load_digits_cnn(dpath, seed=spec.seed).to(self.device)
         self.dim = self.model.embed_dim

@@ -43,7 +43,7 @@ from vlmsae.data.shards import (
 from vlmsae.formats import MANIFEST_JSON, PROGRESS_JSON, StoreManifest, read_manifest, read_progress
 from vlmsae.models import load_tap
 from vlmsae.models.gpu_decode import BlockDecoder, choose_decode
-from vlmsae.models.spec import ModelSpec
+from vlmsae.models.spec import ModelSpec, seed_decides_weights
 from vlmsae.models.tap import TOKEN_CHOICES, Layer, select_tokens
 
 log = logging.getLogger(__name__)
@@ -374,6 +374,7 @@ class StoreExtraction:
             "arch": spec.arch,
             "pretrained": spec.pretrained,
             "local_path": spec.local_path,
+            "model_seed": spec.seed if seed_decides_weights(spec) else None,  # a random model's weights
             "layer": layer,
             "tokens": plan.tokens,
             "k": plan.k if plan.tokens == "random_k" else None,

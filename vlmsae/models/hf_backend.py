@@ -116,7 +116,7 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
+        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
         build_tiny_hf_clip(
             dpath,
             seed=spec.seed,
@@ -150,8 +150,8 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
 def load_hf_llava_tap(spec: ModelSpec) -> HFVisionTap:
     """The CLIP vision tower of a ``LlavaForConditionalGeneration`` (real or tiny), via ``vlmsae.models.llava``."""
     if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
-        llava.build_tiny_llava(dpath)
+        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
+        llava.build_tiny_llava(dpath, seed=spec.seed)
         source: str = str(dpath)
     else:
         source = spec.local_path or spec.pretrained or llava.LLAVA_15_7B

@@ -762,7 +762,7 @@ def load_llava_spec(spec: Any):
         )
     if get("tiny", False):
         source: str | Path = get("local_path", None) or build_tiny_llava(
-            tiny_model_dpath(str(get("name", "tiny_llava"))), seed=int(get("seed", 0))
+            tiny_model_dpath(str(get("name", "tiny_llava")), int(get("seed", 0))), seed=int(get("seed", 0))
         )
     else:
         source = get("local_path", None) or get("pretrained", None) or LLAVA_15_7B

@@ -18,6 +18,7 @@ Only the vision tower is kept by the tap. The forward runs the blocks itself and
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -86,6 +87,7 @@ class OpenClipSource:
     quick_gelu: Optional[bool]  # None only for hf-hub sources without an override: the hub config decides
     preprocess: dict[str, Any]  # mean, std, interpolation, resize_mode (hf-hub: only the overrides)
     decided_by: str  # what decided them, for logs and errors
+    seed: int = 0  # the seed of the random weights when there are none to load (pretrained and local path None)
 
     def needs_hub(self) -> bool:
         """Whether loading downloads (or reads the Hub's cache): an hf-hub arch or a registered tag, not a file."""
@@ -344,14 +346,15 @@ def spec_source(spec: ModelSpec) -> OpenClipSource:
     """:func:`resolve_open_clip_source` for a model spec (``tiny: true`` first builds the tiny folder)."""
     local_path = spec.local_path
     if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name)
+        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
         if spec.arch in DIGITS_VIT_ARCHS:  # trained on the real digits (checked, retrained when not trusted)
             local_path = str(ensure_digits_vit(dpath, seed=spec.seed, random_init=spec.arch == DIGITS_VIT_RANDOM_ARCH))
         else:
             local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
-    return resolve_open_clip_source(
+    source = resolve_open_clip_source(
         spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag, open_clip_overrides(spec)
     )
+    return dataclasses.replace(source, seed=int(spec.seed))
 
 
 def create_open_clip(
@@ -375,9 +378,13 @@ def create_open_clip(
     )
     offline = offline_reason() if source.needs_hub() else None  # one quick probe, not a minute of retries
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            source.model_name, cache_dir=cache_dir, device="cpu", **source.create_kwargs()
-        )
+        # Random weights (no pretrained, no folder) come from the seed, so an SAE trained on them can be scored on
+        # the same network again (the SAE's source records the seed); the caller's RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(source.seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                source.model_name, cache_dir=cache_dir, device="cpu", **source.create_kwargs()
+            )
     except (RuntimeError, OSError, ValueError) as err:
         if on_missing is not None and offline is not None:  # one message, not a chain of download tracebacks
             raise on_missing(

@@ -7,6 +7,12 @@ A loaded SAE records what it reads (``sae.source``: model, pretrained, layer, to
 token pooling (:data:`vlmsae.metrics.pooling.POOLS`), and checks the SAE's width against them before any
 image is encoded. The studies (:mod:`vlmsae.studies`) and the steering jobs (:mod:`vlmsae.steering`) both
 sit above this module.
+
+:func:`check_fit` is the one check that an SAE fits the activations a job feeds it: on the first batch, an
+SAE that ``vlmsae.train`` trained but whose reconstruction is worse than the batch mean (FVE < 0), or which leaves
+nearly every row without an active latent, stops the job, naming what the SAE records it reads against what the
+job reads and the overrides that fix it (``check_fit=false`` skips it). The studies call it through
+:meth:`SAESource.check_first_batch`, the steering jobs from their setup.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlmsae import sae as sae_lib
 from vlmsae.metrics.pooling import POOLS
 from vlmsae.models import get_model_spec, list_models, load_tap
-from vlmsae.models.spec import ModelSpec
+from vlmsae.models.spec import ModelSpec, seed_decides_weights
 from vlmsae.models.tap import Tap, resolve_layer
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,10 @@ def source_model_spec(
     native = source.get("format") in (None, "vlmsae")
     if native and source.get("pretrained") and source["pretrained"] != spec.pretrained:
         spec.pretrained = source["pretrained"]
+    if native and "pretrained" in source and source["pretrained"] is None and spec.pretrained is not None:
+        spec.pretrained = None  # trained on a random network (model.pretrained=null): rebuild that one, not a download
+    if native and source.get("model_seed") is not None:
+        spec.seed = int(source["model_seed"])  # the random network's seed (tiny, or pretrained=null)
     return spec
 
 
@@ -135,6 +147,17 @@ class SAESource:
     layer: int | str
     pool: str
     source: dict[str, Any] = field(default_factory=dict)  # what the loaded SAE records it reads (sae.source)
+    sae_path: str | None = None  # for messages
+    check_fit: bool = True  # check the first batch's reconstruction (check_fit=false: score it anyway)
+    fit_checked: bool = False  # the first batch was checked
+
+    def check_first_batch(self, acts_RD: torch.Tensor) -> None:
+        """:func:`check_fit` on the first batch of rows the SAE reads (once; nothing with ``check_fit`` False)."""
+        if self.fit_checked or not self.check_fit:
+            return
+        self.fit_checked = True
+        reads = {**model_reads(self.spec), "layer": self.layer, "pool": self.pool}
+        check_fit(self.sae, acts_RD, self.source, reads, self.sae_path)
 
 
 def open_sae_source(
@@ -146,12 +169,13 @@ def open_sae_source(
     device: str | None = None,
     sae_dpath: str | Path | None = None,
     tap_of: Callable[[ModelSpec], Tap] | None = None,
+    check_fit: bool = True,
 ) -> SAESource:
     """Load the tap the SAE reads (``source`` defaults to ``sae.source``; ``model`` / ``layer`` / ``pool``
     override it; ``device`` overrides the model's unless None or "auto") and move the SAE to it.
     Bad combinations are refused by :func:`resolve_sae_inputs` before the model loads; errors name the fix.
     ``tap_of``: what loads the tap of a model spec (None: :func:`vlmsae.models.load_tap`; a sweep passes one
-    that loads each model once)."""
+    that loads each model once). ``check_fit``: the first batch encoded is checked (:func:`check_fit`)."""
     # JSON-safe (a loader may record a Path): jobs write it to run_info.json for the browser
     source = json.loads(json.dumps(dict(sae.source if source is None else source), default=str))
     spec, layer, pool = resolve_sae_inputs(sae, source, model, layer, pool, sae_dpath)
@@ -162,7 +186,9 @@ def open_sae_source(
     width = tap.embed_dim if layer == "last" else tap.width
     if sae.d_in != width:  # the loaded weights disagree with the registered shape (e.g. an overridden model)
         raise _width_error(sae, spec.name, layer, width, source)
-    return SAESource(sae=sae.to(tap.device).eval(), tap=tap, spec=spec, layer=layer, pool=pool, source=source)
+    sae = sae.to(tap.device).eval()
+    path = None if sae_dpath is None else str(sae_dpath)
+    return SAESource(sae, tap, spec, layer, pool, source, sae_path=path, check_fit=check_fit)
 
 
 def load_job_sae(sae_path: str | Path, sae_format: str | None = None, device: str = "cpu"):
@@ -174,3 +200,57 @@ def load_job_sae(sae_path: str | Path, sae_format: str | None = None, device: st
         if type(err) not in (FileNotFoundError, ValueError):  # e.g. JSONDecodeError: its own constructor
             raise
         raise type(err)(f"sae_path={str(sae_path)!r} (sae_format={sae_format}): {err}") from err
+
+
+# A first batch below these stops the job (check_fit): worse than predicting the batch mean, or nearly every row
+# without an active latent. A fitting SAE is far from both (FVE ~0.6-0.99, a few dozen latents per row).
+MIN_FIT_FVE = 0.0
+MAX_SILENT_ROWS = 0.9
+
+
+def model_reads(spec: ModelSpec) -> dict[str, Any]:
+    """What decides a model's activations, for fit messages: its name and weights (or the seed of random ones)."""
+    reads = {"model": spec.name, "pretrained": spec.local_path or spec.pretrained}
+    if seed_decides_weights(spec):
+        reads["seed"] = spec.seed
+    return reads
+
+
+@torch.no_grad()
+def fit_on_batch(sae, acts_RD: torch.Tensor) -> tuple[float, float]:
+    """(FVE against the batch mean, fraction of rows with no active latent) of ``sae`` on rows ``acts_RD``."""
+    W = sae.W_dec
+    x = acts_RD.reshape(-1, acts_RD.shape[-1]).to(W.device, W.dtype)
+    codes = sae.encode(x)
+    codes = codes.to_dense() if codes.is_sparse else codes
+    err = (x - sae.decode(codes)).float().pow(2).sum()
+    total = (x.float() - x.float().mean(0)).pow(2).sum()
+    fve = float(1 - err / total) if total > 0 else float("nan")
+    silent = float((codes == 0).all(dim=1).float().mean())
+    return fve, silent
+
+
+def check_fit(
+    sae, acts_RD: torch.Tensor, records: dict[str, Any], reads: dict[str, Any], sae_path: str | None = None
+) -> tuple[float, float]:
+    """Stop a job whose SAE does not fit the activations it reads (see the module docstring); (fve, silent) else.
+
+    ``records``: what the SAE records it reads (``sae.source``); ``reads``: what the job reads (model, weights or
+    seed, layer, pool or tokens). Only an SAE that records its training (``source.train_steps``, written by
+    ``vlmsae.train``) is judged: an untrained or hand-built one (tests, random baselines) has nothing to fit. Fewer
+    than 2 rows cannot be judged either and pass."""
+    if not records.get("train_steps") or acts_RD.reshape(-1, acts_RD.shape[-1]).shape[0] < 2:
+        return float("nan"), float("nan")
+    fve, silent = fit_on_batch(sae, acts_RD)
+    if fve >= MIN_FIT_FVE and silent <= MAX_SILENT_ROWS:
+        return fve, silent
+    said = {k: records.get(k) for k in ("model", "pretrained", "model_seed", "layer", "tokens") if k in records}
+    what = f"FVE {fve:.3f}" if fve < MIN_FIT_FVE else f"{silent:.0%} of rows with no active latent"
+    n_rows = acts_RD.reshape(-1, acts_RD.shape[-1]).shape[0]
+    raise ValueError(
+        f"The SAE{f' at {sae_path}' if sae_path else ''} does not fit the activations it is fed: {what} on the first "
+        f"batch ({n_rows} rows; FVE {fve:.3f}, {silent:.0%} of rows silent). It records it reads {said}; this job "
+        f"reads {reads}. Likely another model, layer, token set or weights (a random network rebuilt with another "
+        "seed, or pretrained weights instead of random ones). Pass what the SAE was trained on (model=<name> "
+        "model.pretrained=<weights or null> model.seed=<seed> layer=<L>), or check_fit=false to score it anyway."
+    )

@@ -13,7 +13,7 @@ from typing import Any
 
 from vlmsae.config.nodes import BACKENDS, ModelSpec
 
-__all__ = ["BACKENDS", "ModelSpec", "get_model_spec", "list_models"]
+__all__ = ["BACKENDS", "ModelSpec", "check_model_seed", "get_model_spec", "list_models", "seed_decides_weights"]
 
 
 def list_models() -> list[str]:
@@ -39,3 +39,25 @@ def get_model_spec(name: str, **overrides: Any) -> ModelSpec:
     raw.pop("defaults", None)
     raw.update(overrides)
     return ModelSpec.from_cfg(raw)
+
+
+def seed_decides_weights(spec: ModelSpec) -> bool:
+    """Whether ``spec.seed`` decides the weights: a tiny random model (its folder is keyed by the seed, see
+    :func:`vlmsae.models.tiny.tiny_model_dpath`), or an open_clip architecture with no weights to load
+    (``pretrained`` and ``local_path`` null: a random network drawn from the seed)."""
+    if spec.tiny:
+        return True
+    no_weights = spec.pretrained is None and spec.local_path is None
+    return spec.backend == "open_clip" and no_weights and not str(spec.arch).startswith(("hf-hub:", "local-dir:"))
+
+
+def check_model_seed(spec: ModelSpec) -> None:
+    """Refuse a ``model.seed`` that would be silently ignored: one set on a model whose weights are loaded."""
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int):
+        raise ValueError(f"model.seed={spec.seed!r} must be an integer (the seed of a random model's weights).")
+    if spec.seed != 0 and not seed_decides_weights(spec):
+        weights = spec.local_path or spec.pretrained or spec.arch
+        raise ValueError(
+            f"model.seed={spec.seed} means nothing for model {spec.name!r}: its weights are loaded from {weights}. "
+            "Drop model.seed, or set model.pretrained=null (open_clip) for a random network drawn from the seed."
+        )

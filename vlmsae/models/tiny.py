@@ -70,6 +70,12 @@ def build_tiny_open_clip(dpath: str | Path, seed: int = 0, **cfg_kwargs: Any) ->
 
     dpath = Path(dpath)
     if (dpath / OPEN_CLIP_CONFIG).exists() and (dpath / OPEN_CLIP_WEIGHTS).exists():
+        built = (json.loads((dpath / OPEN_CLIP_CONFIG).read_text()).get("vlmsae") or {}).get("seed", seed)
+        if built != seed:  # e.g. model.local_path=<folder> model.seed=7: the folder's weights are another seed's
+            raise ValueError(
+                f"The tiny model folder {dpath} holds weights built with seed {built}, not model.seed={seed}: "
+                f"pass model.seed={built}, or another model.local_path (or none) to build seed {seed}."
+            )
         return dpath
     model_cfg = tiny_open_clip_cfg(**cfg_kwargs)
     torch.manual_seed(seed)
@@ -135,9 +141,12 @@ def build_tiny_hf_clip(
     return publish_dir(tmp_dpath, dpath)
 
 
-def tiny_model_dpath(name: str) -> Path:
-    """The local folder of the tiny model ``name``."""
-    return models_home() / name
+def tiny_model_dpath(name: str, seed: int = 0) -> Path:
+    """The local folder of the tiny model ``name`` built with ``seed``: the seed is part of the cache key, so
+    ``model.seed=7`` builds (and then reuses) other weights than seed 0, whose folder keeps its plain name."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"model.seed={seed!r} must be an integer (the seed of the tiny model's random weights).")
+    return models_home() / (name if seed == 0 else f"{name}-seed{seed}")
 
 
 def open_clip_visual_to_hf(visual: Any, projection_dim: int | None = None):

@@ -69,6 +69,7 @@ def _encode_batch(
     sae, tap = src.sae, src.tap
     acts = tap.forward_to(torch.stack([tap.preprocess(r.image) for r in batch]), src.layer)
     rows_RD, per_image = pool_rows(acts, src.pool, tap.has_cls)
+    src.check_first_batch(rows_RD)  # an SAE that does not fit these activations stops here (check_fit)
     on_codes = None if recon is None else (lambda x_rd, codes: recon.update(x_rd, sae.decode(codes), codes))
     pooled = pool_sparse(encode_rows(sae, rows_RD, TOKEN_ROWS, on_codes), per_image, src.pool, len(batch))
     if not keep_raw:

@@ -171,7 +171,7 @@ def require_one_model(members: list[SweepMember], what: str, model_override: Any
 
 
 def _model_key(spec: Any) -> str:
-    return repr((spec.name, spec.pretrained, spec.device))
+    return repr((spec.name, spec.pretrained, spec.local_path, spec.seed, spec.device))  # the seed: random weights
 
 
 def _pixels_digest(images_BCHW: torch.Tensor) -> str:
@@ -221,10 +221,21 @@ class SweepCache:
             self.taps[_model_key(spec)] = load_tap(spec)
         return self.taps[_model_key(spec)]
 
-    def open(self, member: SweepMember, model: Any = None, layer: Any = None, pool: Any = None, device: Any = None):
+    def open(
+        self,
+        member: SweepMember,
+        model: Any = None,
+        layer: Any = None,
+        pool: Any = None,
+        device: Any = None,
+        check_fit: bool = True,
+    ):
         """The member's :class:`SAESource` on a tap shared with every SAE of the same model (loaded once), whose
-        activations are shared with every SAE of the same model, layer and pooling."""
-        src = open_sae_source(member.sae, None, model, layer, pool, device, member.sae_path, tap_of=self._tap)
+        activations are shared with every SAE of the same model, layer and pooling. ``check_fit``: its first
+        batch is checked (:func:`vlmsae.models.open_sae.check_fit`)."""
+        src = open_sae_source(
+            member.sae, None, model, layer, pool, device, member.sae_path, tap_of=self._tap, check_fit=check_fit
+        )
         if not self.keep:
             return src
         group = (_model_key(src.spec), str(src.layer), src.pool)

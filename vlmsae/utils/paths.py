@@ -20,3 +20,20 @@ def run_dir(explicit: str | Path | None = None) -> Path:
         dpath = Path(HydraConfig.get().runtime.output_dir)
     dpath.mkdir(parents=True, exist_ok=True)
     return dpath
+
+
+def hydra_chose_run_dir(explicit: str | Path | None = None) -> bool:
+    """True when the job's output folder is Hydra's default new run dir (``conf/hydra/default.yaml``): no
+    ``explicit`` folder, a single run (not a multirun) and no ``hydra.run.dir=`` override. Only such a
+    folder may be given up for an earlier run's (``vlmsae.lit.resume.choose_run``)."""
+    if explicit is not None:
+        return False
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.RUN:
+        return False
+    return not any(str(o).split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in hydra_cfg.overrides.hydra)

@@ -37,8 +37,11 @@ class TrainJob:
     layer: Any = None
     tokens: Optional[str] = None  # cls | patches | all | mean | random_k (data=acts: the store's; images: null = cls)
     tokens_k: int = 2  # tokens per image for tokens=random_k (image sources; a store records its own k)
-    # auto: continue this run dir's own checkpoint if any (a requeued SLURM job), else start fresh; true: also the
-    # newest sibling run with this config; false: always fresh; or a run dir / .ckpt path
+    # auto: in Hydra's default run dir, rerunning the same command continues the unfinished run with this config
+    # IN its folder (a finished one is not trained again); in a run dir you chose (hydra.run.dir=, a multirun job),
+    # that dir's own checkpoint if any (a requeued SLURM job). true: as auto, and in a chosen dir also the newest
+    # sibling run with this config; false: always a fresh run (train again); or a run dir / .ckpt path to continue
+    # (in that run's folder unless you chose one) (vlmsae.lit.resume)
     resume: Any = "auto"
     # many SAEs per pass (vlmsae.lit.fit): a list of overrides of the sae node, each with an optional lr, e.g.
     # '[{expansion:4,k:8},{expansion:8,k:8,arch:topk,lr:1e-4}]'; null = one SAE from the sae node
