@@ -71,7 +71,7 @@ def test_fast_decode_shape_dtype_and_closeness(jpeg_root):
     for fpath in fpaths:
         exact, fast = load_image(fpath), load_image(fpath, draft_size=tap.image_size)
         assert fast.mode == "RGB" and min(fast.size) >= tap.image_size
-        assert min(fast.size) < 2 * tap.image_size < min(exact.size)  # draft decoding at 1/8 (375 -> 47 px)
+        assert 2 * tap.image_size <= min(fast.size) < 4 * tap.image_size < min(exact.size)  # 1/4 (375 -> 94 px)
         x_exact, x_fast = tap.preprocess(exact), tap.preprocess(fast)
         assert x_fast.shape == x_exact.shape and x_fast.dtype == x_exact.dtype == torch.float32
         cosine = torch.nn.functional.cosine_similarity(x_exact.flatten(), x_fast.flatten(), dim=0)
