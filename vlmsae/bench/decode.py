@@ -1,6 +1,9 @@
 """Extraction against the image-decode limit, and ``data.fast_decode`` (issue 18), for ``vlmsae.bench.extract``.
 
-On generated photo-like JPEGs (smooth gradients + noise, ~500 x 375, quality 90: real JPEG sizes):
+Every row is measured on two sets in the same run: generated photo-like JPEGs (smooth gradients + noise,
+~500 x 375, quality 90: real JPEG sizes; keys as named below) and real photographs (issue 23 §9: the same keys
+ending in ``_photos``; :mod:`vlmsae.bench.photos` says which set, in ``photos_source``, or why none, in
+``photos_error``). Real photographs hold edges at every scale, which the generated images lack.
 
 - ``extract_vs_decode_limit``: images/s of the real extraction (:class:`StoreExtraction`, tiny model, a
   store written) / images/s of a plain DataLoader doing only PIL open + the model's preprocess of the same
@@ -11,6 +14,8 @@ On generated photo-like JPEGs (smooth gradients + noise, ~500 x 375, quality 90:
   the decode workers for the same two cores, and the ratio drops by about that share.
 - ``fast_decode_speedup``: extraction images/s with ``fast_decode`` / without; ``fast_decode_speedup_224``
   the same for the plain decode + ViT-B/32 (224 px) preprocessing (draft mode gains less at 224 px).
+  ``fast_decode_vs_decode_limit``: extraction with ``fast_decode`` / its own limit, a DataLoader doing only
+  ``load_image(draft_size=...)`` + the preprocess.
 - ``fast_decode_act_cosine_<model>`` / ``fast_decode_act_rel_err_<model>``: the tapped layer's CLS rows
   from fast vs exact decoding of the same images (mean cosine; ||fast - exact|| / ||exact||, mean).
 
