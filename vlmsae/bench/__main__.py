@@ -7,6 +7,7 @@ import os
 import sys
 
 from vlmsae.bench.harness import DEFAULT_OUT_DPATH, MODULES, run_all
+from vlmsae.bench.photos import PHOTOS_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.photos:
-        from vlmsae.bench.photos import PHOTOS_ENV
-
         os.environ[PHOTOS_ENV] = args.photos  # read where the decode rows pick their photo set
     results = run_all(quick=args.quick, out_dpath=args.out, only=args.only, merge=args.merge)
     errors = [key for key in results if key.endswith("_error")]
