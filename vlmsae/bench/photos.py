@@ -31,6 +31,7 @@ PHOTOS_IN_PACKAGE = "usr/share/backgrounds/mate/nature"  # the package's photogr
 PHOTOS_ENV = "VLMSAE_BENCH_PHOTOS"  # a folder of the user's own JPEGs, as --photos DIR
 # ImageNet's most common sizes (landscape and portrait); the set cycles through them.
 TILE_SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (500, 334), (333, 500), (500, 500), (640, 480))
+FETCH_TIMEOUT_S = 300
 SET_VERSION = 2  # bump when the tiling changes: a cached set of another version is rebuilt
 _JPEG_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")
 
@@ -74,7 +75,13 @@ def fetch_package_photos(cache_dpath: Path) -> list[Path]:
                 raise PhotosUnavailable(f"{tool} not found: the photo set needs Debian's {PACKAGE}; or --photos DIR")
         cache_dpath.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache_dpath, prefix=".fetch-") as tmp:
-            got = subprocess.run(["apt-get", "download", PACKAGE], cwd=tmp, capture_output=True, text=True)
+            try:  # offline, apt-get may retry for minutes: give up after FETCH_TIMEOUT_S
+                got = subprocess.run(
+                    ["apt-get", "download", PACKAGE], cwd=tmp, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S
+                )
+            except subprocess.TimeoutExpired as err:
+                why = f"apt-get download {PACKAGE} took over {FETCH_TIMEOUT_S} s (no network?); or --photos DIR"
+                raise PhotosUnavailable(why) from err
             debs = sorted(Path(tmp).glob(f"{PACKAGE}_*.deb"))
             if got.returncode != 0 or not debs:
                 why = (got.stderr or got.stdout).strip().splitlines()[-1:] or ["no .deb written"]
