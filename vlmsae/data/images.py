@@ -458,6 +458,7 @@ def iter_images(
     worker_block: int = 1,
     draft_size: int | None = None,
     raw_jpeg: bool = False,
+    listing: ImageList | None = None,
 ) -> Iterator[ImageRecord]:
     """Yield the images of a source in visiting order (see the module docstring for sources and order).
 
@@ -472,6 +473,8 @@ def iter_images(
     ``raw_jpeg``: a file :func:`jpeg_for_device` accepts is not decoded: its record has ``jpeg`` (the
     bytes) and ``image=None``; every other file is decoded (or skipped) as without it.
     ``synthetic``: options of :func:`vlmsae.data.concepts.ensure_concept_images`.
+    ``listing``: the source's :func:`list_source`, already made (extraction lists once in its main process
+    instead of once per DataLoader worker: a stat per file, 4% of a worker's time with ``fast_decode``).
     """
     if source not in SOURCES:
         raise ValueError(f"Unknown image source {source!r}: use one of {list(SOURCES)}.")
@@ -534,7 +537,7 @@ def iter_images(
                 yield record
         return
 
-    listing = list_source(source, root, synthetic=synthetic)
+    listing = listing if listing is not None else list_source(source, root, synthetic=synthetic)
     order = image_order(len(listing.items), order_seed)
     if max_images is not None:
         order = order[:max_images]
