@@ -103,3 +103,11 @@ def test_fast_decode_store_is_marked_and_close_to_exact(jpeg_root, tmp_path):
 
     assert read_manifest(tmp_path / "fast").extra.get("fast_decode") is True
     assert "fast_decode" not in read_manifest(tmp_path / "exact").extra  # an old store's meta still matches
+
+
+def test_workers_take_the_main_process_listing(jpeg_root, tmp_path, monkeypatch):
+    import vlmsae.data.images as images
+
+    extraction = StoreExtraction(get_model_spec("tiny"), _plan(jpeg_root), tmp_path / "acts")  # lists here, once
+    monkeypatch.setattr(images, "list_source", lambda *args, **kwargs: pytest.fail("the source was listed again"))
+    assert extraction.run()["n_images"] == 7
