@@ -1,6 +1,9 @@
 """Extraction against the image-decode limit, and ``data.fast_decode`` (issue 18), for ``vlmsae.bench.extract``.
 
-On generated photo-like JPEGs (smooth gradients + noise, ~500 x 375, quality 90: real JPEG sizes):
+Every row is measured on two sets in the same run: generated photo-like JPEGs (smooth gradients + noise,
+~500 x 375, quality 90: real JPEG sizes; keys as named below) and real photographs (issue 23 §9: the same keys
+ending in ``_photos``; :mod:`vlmsae.bench.photos` says which set, in ``photos_source``, or why none, in
+``photos_error``). Real photographs hold edges at every scale, which the generated images lack.
 
 - ``extract_vs_decode_limit``: images/s of the real extraction (:class:`StoreExtraction`, tiny model, a
   store written) / images/s of a plain DataLoader doing only PIL open + the model's preprocess of the same
@@ -11,6 +14,8 @@ On generated photo-like JPEGs (smooth gradients + noise, ~500 x 375, quality 90:
   the decode workers for the same two cores, and the ratio drops by about that share.
 - ``fast_decode_speedup``: extraction images/s with ``fast_decode`` / without; ``fast_decode_speedup_224``
   the same for the plain decode + ViT-B/32 (224 px) preprocessing (draft mode gains less at 224 px).
+  ``fast_decode_vs_decode_limit``: extraction with ``fast_decode`` / its own limit, a DataLoader doing only
+  ``load_image(draft_size=...)`` + the preprocess.
 - ``fast_decode_act_cosine_<model>`` / ``fast_decode_act_rel_err_<model>``: the tapped layer's CLS rows
   from fast vs exact decoding of the same images (mean cosine; ||fast - exact|| / ||exact||, mean).
 
@@ -27,6 +32,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.bench.photos import PhotosUnavailable, photo_set
 from vlmsae.data.images import load_image
 from vlmsae.models import get_model_spec, load_tap
 from vlmsae.models.extraction import ExtractionPlan, StoreExtraction
@@ -61,9 +67,9 @@ class _DecodeOnly(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         from PIL import Image
 
+        if self.draft_size is not None:  # fast_decode's own decode (draft + exact-area resample): its limit
+            return self.preprocess(load_image(self.files[i], draft_size=self.draft_size))
         with Image.open(self.files[i]) as img:
-            if self.draft_size is not None:
-                img.draft("RGB", (self.draft_size, self.draft_size))
             return self.preprocess(img.convert("RGB"))
 
 
@@ -115,37 +121,37 @@ def _best_rounds(fns: dict[str, Any], rounds: int) -> dict[str, float]:
     return best
 
 
-def run(vit_tap: Any, quick: bool = False) -> dict[str, Any]:
-    """The issue-18 rows (module docstring); ``vit_tap``: the random ViT-B/32 the extract bench built."""
-    import os
+def _linked_folder(files: list[str], dpath: Path) -> Path:
+    """A folder of links to ``files`` (the images both the decode limit and the extraction read)."""
+    dpath.mkdir(parents=True)
+    for i, fpath in enumerate(files):
+        (dpath / f"{i:05d}{Path(fpath).suffix.lower()}").symlink_to(Path(fpath).resolve())
+    return dpath
 
-    n_images, rounds, batch = (96, 1, 32) if quick else (1000, 3, 64)
-    workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+
+def _measure(files: list[str], root: Path, tiny: Any, vit_tap: Any, workers: int, batch: int, rounds: int) -> dict:
+    """Every rate and accuracy row of one image set (keys without the set's suffix)."""
     spec = get_model_spec("tiny")
-    tiny = load_tap(spec)
-    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-jpegs-") as tmp:
-        root = make_photo_jpegs(Path(tmp) / "jpegs", n_images)
-        files = sorted(str(p) for p in root.iterdir())
-        best = _best_rounds(
-            {
-                "decode_limit": lambda: decode_images_per_s(files, tiny.preprocess, workers, batch),
-                "extract": lambda: extract_images_per_s(spec, root, workers, batch),
-                "extract_last": lambda: extract_images_per_s(spec, root, workers, batch, layer=-1),
-                "extract_fast": lambda: extract_images_per_s(spec, root, workers, batch, fast_decode=True),
-                "decode_224": lambda: decode_images_per_s(files, vit_tap.preprocess, workers, batch),
-                "decode_224_fast": lambda: decode_images_per_s(files, vit_tap.preprocess, workers, batch, 224),
-            },
-            rounds,
-        )
-        n_act = 8 if quick else 64
-        acts = {
-            "tiny": activation_difference(tiny, files[:n_act], tiny.n_layers // 2),
-            "vit_b32": activation_difference(vit_tap, files[:n_act], vit_tap.n_layers // 2),
-        }
+    best = _best_rounds(
+        {
+            "decode_limit": lambda: decode_images_per_s(files, tiny.preprocess, workers, batch),
+            "extract": lambda: extract_images_per_s(spec, root, workers, batch),
+            "extract_last": lambda: extract_images_per_s(spec, root, workers, batch, layer=-1),
+            "decode_limit_fast": lambda: decode_images_per_s(files, tiny.preprocess, workers, batch, tiny.image_size),
+            "extract_fast": lambda: extract_images_per_s(spec, root, workers, batch, fast_decode=True),
+            "decode_224": lambda: decode_images_per_s(files, vit_tap.preprocess, workers, batch),
+            "decode_224_fast": lambda: decode_images_per_s(files, vit_tap.preprocess, workers, batch, 224),
+        },
+        rounds,
+    )
+    n_act = 8 if len(files) < 200 else 64
+    acts = {
+        "tiny": activation_difference(tiny, files[:n_act], tiny.n_layers // 2),
+        "vit_b32": activation_difference(vit_tap, files[:n_act], vit_tap.n_layers // 2),
+    }
     out: dict[str, Any] = {
-        "decode_jpegs": n_images,
-        "decode_workers": workers,
-        "decode_batch_size": batch,
+        "decode_jpegs": len(files),
+        "decode_jpeg_mean_kb": sum(Path(f).stat().st_size for f in files) / len(files) / 1000,
         "decode_limit_images_per_s": best["decode_limit"],
         "extract_real_jpeg_images_per_s": best["extract"],
         "extract_vs_decode_limit": best["extract"] / best["decode_limit"],
@@ -153,6 +159,8 @@ def run(vit_tap: Any, quick: bool = False) -> dict[str, Any]:
         "extract_vs_decode_limit_last_layer": best["extract_last"] / best["decode_limit"],
         "fast_decode_extract_images_per_s": best["extract_fast"],
         "fast_decode_speedup": best["extract_fast"] / best["extract"],
+        "fast_decode_decode_limit_images_per_s": best["decode_limit_fast"],
+        "fast_decode_vs_decode_limit": best["extract_fast"] / best["decode_limit_fast"],
         "decode_limit_224_images_per_s": best["decode_224"],
         "fast_decode_speedup_224": best["decode_224_fast"] / best["decode_224"],
     }
@@ -161,4 +169,35 @@ def run(vit_tap: Any, quick: bool = False) -> dict[str, Any]:
         out[f"fast_decode_act_rel_err_{name}"] = rel_err
     out["fast_decode_act_cosine"] = min(cos for cos, _ in acts.values())  # the worse model
     out["fast_decode_act_rel_err"] = max(err for _, err in acts.values())
+    return out
+
+
+def run(vit_tap: Any, quick: bool = False, photos_dpath: str | None = None) -> dict[str, Any]:
+    """The issue-18 rows (module docstring) on generated JPEGs, and the same rows with the suffix ``_photos`` on
+    real photographs (:mod:`vlmsae.bench.photos`; ``photos_source`` says which set, ``photos_error`` why none).
+    ``vit_tap``: the random ViT-B/32 the extract bench built."""
+    import os
+
+    n_images, rounds, batch = (96, 1, 32) if quick else (1000, 3, 64)
+    workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+    tiny = load_tap(get_model_spec("tiny"))
+    out: dict[str, Any] = {"decode_workers": workers, "decode_batch_size": batch}
+    try:
+        photos = photo_set(n_images, photos_dpath=photos_dpath)
+        out["photos_source"] = photos.source
+        print(f"[bench] decode: real photographs: {photos.source}", flush=True)
+    except PhotosUnavailable as err:
+        photos = None
+        out["photos_source"], out["photos_error"] = None, str(err)
+        print(f"[bench] decode: no real photographs ({err}); the *_photos keys are null", flush=True)
+    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-jpegs-") as tmp:
+        root = make_photo_jpegs(Path(tmp) / "jpegs", n_images)
+        out.update(_measure(sorted(str(p) for p in root.iterdir()), root, tiny, vit_tap, workers, batch, rounds))
+        if photos is not None:
+            files = list(photos.files)
+            linked = _linked_folder(files, Path(tmp) / "photos")
+            measured = _measure(files, linked, tiny, vit_tap, workers, batch, rounds)
+            out.update({f"{key}_photos": value for key, value in measured.items()})
+        else:
+            out.update({f"{key}_photos": None for key in ("extract_vs_decode_limit", "fast_decode_act_rel_err")})
     return out

@@ -31,7 +31,15 @@ from typing import Any
 
 import torch
 
-from vlmsae.data.images import SkipLog, expand_urls, image_order, iter_images, list_source, order_digest
+from vlmsae.data.images import (
+    ImageList,
+    SkipLog,
+    expand_urls,
+    image_order,
+    iter_images,
+    list_source,
+    order_digest,
+)
 from vlmsae.data.shards import (
     RANK_DIR_PATTERN,
     ImageListDigest,
@@ -113,8 +121,10 @@ class _ImageStream(torch.utils.data.IterableDataset):
         block: int = 1,
         draft_size: int | None = None,
         raw_jpeg: bool = False,
+        listing: ImageList | None = None,
     ):
         super().__init__()
+        self.listing = listing  # the main process's listing: workers do not list the source again
         self.source, self.root, self.start, self.max_images = source, root, start, max_images
         self.preprocess, self.synthetic = preprocess, synthetic
         self.order_seed, self.exif_transpose = order_seed, exif_transpose
@@ -148,6 +158,7 @@ class _ImageStream(torch.utils.data.IterableDataset):
             worker_block=self.block,
             draft_size=self.draft_size,
             raw_jpeg=self.raw_jpeg,
+            listing=self.listing,
         ):
             this_block = (record.pos - self.start) // self.block
             if records and this_block != block_id:
@@ -333,6 +344,7 @@ class StoreExtraction:
         self.positions = (0, plan.max_images)  # this process's share of the visiting order: [start, stop)
         self.ignored: dict[str, int] = {}
         listing_digest = full_digest = None
+        self.listing: ImageList | None = None  # wds streams: nothing listed
         if ranks is not None and plan.source == "wds":
             raise ValueError(
                 "data.source=wds streams and cannot be split across torchrun ranks: extract it with one process, "
@@ -340,7 +352,7 @@ class StoreExtraction:
             )
         check_world_size(self.out_dpath, 1 if ranks is None else ranks.world)
         if plan.source != "wds":  # wds streams; the other sources are listed up front (cheap, no decoding)
-            listing = list_source(plan.source, plan.root, synthetic=plan.synthetic)
+            self.listing = listing = list_source(plan.source, plan.root, synthetic=plan.synthetic)
             order = image_order(len(listing.items), plan.order_seed)[: plan.max_images]  # max_images: a random subset
             self.classes, self.total = listing.classes, len(order)
             self.ignored = dict(listing.ignored)  # every listed file not used, by reason (the manifest counts them)
@@ -464,6 +476,7 @@ class StoreExtraction:
             block=plan.batch_size,
             draft_size=tap.image_size if plan.fast_decode else None,
             raw_jpeg=self.gpu_preprocess is not None,
+            listing=self.listing,
         )
         finish = _identity
         if self.gpu_preprocess is not None:
