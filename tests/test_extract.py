@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vlmsae.config import to_typed
 from vlmsae.data.concepts import make_concept_images
 from vlmsae.data.shards import ShardWriter, list_shards, read_rows
 from vlmsae.extract import run
@@ -80,7 +81,7 @@ def test_rows_equal_direct_forward_and_metadata(compose_cfg, image_root, tmp_pat
     got = read_rows(tmp_path / "out")
     manifest = read_manifest(tmp_path / "out")
 
-    tap = load_tap(ModelSpec.from_cfg(cfg.model))
+    tap = load_tap(to_typed(cfg.model, ModelSpec))
     listing = list_folder(image_root)
     want_acts, want_keys, want_idx, want_labels = [], [], [], []
     order = image_order(len(listing.items), 0)  # default order_seed=0: rows in the permuted visiting order

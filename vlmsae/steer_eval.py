@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.formats import TOP_IMAGES_DIR, write_steer_eval
 from vlmsae.utils.paths import run_dir
@@ -36,8 +36,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     import torch
 
     from vlmsae.metrics.topimages import TopImages
-    from vlmsae.models.embedders import EmbedderSpec, load_embedder
-    from vlmsae.models.spec import ModelSpec
+    from vlmsae.models.embedders import load_embedder
     from vlmsae.report.job_log import log_job
     from vlmsae.report.steering import write_score_report
     from vlmsae.report.tables import steer_table
@@ -46,7 +45,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.steering.setup import load_steering, require_folder
     from vlmsae.studies import sweep
 
-    job: SteerEvalJob = OmegaConf.to_object(cfg)
+    job = to_typed(cfg, SteerEvalJob)  # the one conversion: below, every node is its dataclass
     out_dpath = run_dir(out_dpath)
     members, is_sweep = sweep.open_members(str(job.sae_path), job.sae_format)
     top_dpath = Path(str(job.top_images))  # a sweep: the MS sweep's run dir, one folder per SAE
@@ -54,9 +53,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     hint = " (for a sweep, top_images= is the MS sweep's run dir)" if is_sweep else ""
     for m in members:  # every index first: a missing one fails before LLaVA loads
         require_folder("top_images", tops[m.name], hint)
-    spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
+    spec = job.model
     setup = load_steering(spec, members[0].sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
-    embedder = load_embedder(embedder_spec)
+    embedder = load_embedder(job.embedder)
     images = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
     config = OmegaConf.to_container(cfg, resolve=True)
     request = evaluate.ScoreRequest(
@@ -80,7 +79,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
     result = sweep.run_study(members, is_sweep, out_dpath, score, steer_table, config)
     # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
-    log_job(cfg, "steer_eval", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
+    log_job(job, "steer_eval", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from vlmsae.config import to_typed
 from vlmsae.sae import SAEConfig, build_sae
 
 
@@ -43,12 +44,12 @@ def test_config_is_frozen_and_relu_ignores_k():
     assert SAEConfig(arch="relu", d_in=8, n_latents=4, k=20).k == 20  # k unused by ReLU-L1: no error
 
 
-def test_from_schema_uses_expansion_and_rejects_unknown_keys():
+def test_to_typed_uses_expansion_and_rejects_unknown_keys():
     node = {"arch": "matryoshka", "expansion": 4, "n_latents": None, "k": 3, "group_fractions": [0.25, 0.75]}
-    cfg = SAEConfig.from_schema(node, d_in=16)
+    cfg = to_typed(node, SAEConfig).resolved(16)
     assert (cfg.n_latents, cfg.group_sizes) == (64, [16, 48])
-    with pytest.raises(ValueError, match=r"Unknown SAE config keys \['kk'\]"):
-        SAEConfig.from_schema({"arch": "topk", "expansion": 2, "kk": 3}, d_in=16)
+    with pytest.raises(ValueError, match=r"Unknown sae field\(s\) \['kk'\]"):
+        to_typed({"arch": "topk", "expansion": 2, "kk": 3}, SAEConfig)
 
 
 def test_group_sizes_follow_the_paper():
@@ -69,9 +70,9 @@ def test_library_nodes_refuse_unknown_and_missing_fields_naming_them():
     from vlmsae.sae import SAEConfig, build_sae
 
     with pytest.raises(ValueError, match=r"Unknown model field\(s\) \['extra'\].*model.seed=1, not model.extra.seed"):
-        ModelSpec.from_cfg({"name": "x", "backend": "open_clip", "arch": "a", "extra": {"seed": 1}})
+        to_typed({"name": "x", "backend": "open_clip", "arch": "a", "extra": {"seed": 1}}, ModelSpec)
     with pytest.raises(ValueError, match=r"Unknown embedder field\(s\) \['extra'\]"):
-        EmbedderSpec.from_cfg({"name": "x", "extra": {}})
+        to_typed({"name": "x", "extra": {}}, EmbedderSpec)
     with pytest.raises(ValueError, match=r"model needs \['arch'\].*model.arch"):
         ModelSpec(name="x", backend="open_clip")
     with pytest.raises(ValueError, match=r"SAE needs d_in and n_latents.*resolved\(d_in\)"):

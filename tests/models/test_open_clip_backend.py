@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmsae.config import conf_dir
+from vlmsae.config import conf_dir, to_typed
 from vlmsae.models import ModelSpec, get_model_spec, load_tap
 from vlmsae.models.embedders import EmbedderSpec, load_embedder
 from vlmsae.models.open_clip_backend import registered_preprocess, resolve_open_clip_source
@@ -303,7 +303,7 @@ def test_model_pretrained_tag_composes_through_hydra(compose_cfg, tmp_path):
     fpath = tmp_path / "w.safetensors"
     fpath.write_bytes(b"")
     cfg = compose_cfg("extract", ["model=siglip_so400m", f"model.pretrained={fpath}", "model.pretrained_tag=webli"])
-    spec = ModelSpec.from_cfg(cfg.model)
+    spec = to_typed(cfg.model, ModelSpec)
     assert spec.pretrained_tag == "webli"
     src = resolve_open_clip_source(spec.name, spec.arch, spec.pretrained, spec.local_path, spec.pretrained_tag)
     assert src.preprocess["resize_mode"] == "squash" and src.pretrained == str(fpath)

@@ -254,7 +254,7 @@ def test_lit_module_checks_precision_at_fit_start():
 
     from vlmsae.lit.module import SAELitModule
 
-    module = SAELitModule(_sae("topk", "dense").cfg.to_dict())
+    module = SAELitModule(_sae("topk", "dense").cfg)
     module.trainer = SimpleNamespace(precision="32-true")
     module.on_fit_start()
     assert module.sae.trainer_precision == "32-true"

@@ -13,7 +13,9 @@ Hydra's override grammar cannot read (``'sae_path="/data/run(1)/sae"'``) instead
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _REGISTERED = False
 
@@ -83,20 +85,29 @@ def register_configs() -> None:
     _REGISTERED = True
 
 
-def node_dict(cfg: Any, key: str) -> dict[str, Any]:
-    """The node ``cfg[key]`` as a plain, resolved dict: ``{}`` when the key is absent or null.
+def to_typed(cfg: Any, cls: type[T]) -> T:
+    """The one conversion from config to objects: ``cfg`` as an instance of the dataclass ``cls``.
 
-    The one conversion jobs use to hand a config node to library code (which never takes a DictConfig).
-    A ``defaults`` entry (a group YAML's own list, present when a node was loaded by hand) is dropped.
+    A job calls it once, on the first line of ``run()``: ``job = to_typed(cfg, TrainJob)``; every node of the
+    result is then its own dataclass (``job.model`` a ``ModelSpec``, ``job.sae`` an ``SAEConfig``, ...), and code
+    below the job takes those. ``cfg`` is a composed ``DictConfig`` typed by ``cls``'s schema (Hydra's), or a
+    node or mapping read some other way (a ``conf/model/<name>.yaml`` loaded by name, a ``config.json``):
+    interpolations are resolved, a ``defaults`` entry is dropped, an unknown key is an error listing the valid
+    ones, and ``cls``'s own checks run. An instance of ``cls`` is returned as it is.
     """
     from omegaconf import DictConfig, OmegaConf
 
-    value = cfg.get(key) if isinstance(cfg, (DictConfig, dict)) else getattr(cfg, key, None)
-    if isinstance(value, DictConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    value = dict(value or {})
-    value.pop("defaults", None)
-    return value
+    from vlmsae.config.nodes import check_known
+
+    if isinstance(cfg, cls):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        if OmegaConf.get_type(cfg) is cls:  # composed with cls's schema: typed and checked by Hydra already
+            return OmegaConf.to_object(cfg)
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    values = {str(key): value for key, value in dict(cfg or {}).items() if key != "defaults"}
+    check_known(cls, values)
+    return cls(**values)
 
 
 # Hydra flags whose value is the next argument (hydra/_internal/utils.py get_args_parser): not overrides.

@@ -5,7 +5,7 @@ Each class below is registered in Hydra's ConfigStore (``vlmsae.config.schemas.S
 is typed by it and a misspelt key (``model.widht=3``) or a wrong type (``sae.k=abc``) fails at compose time
 naming the key.
 The library takes the same classes (``vlmsae.models.ModelSpec``, ``vlmsae.models.embedders.EmbedderSpec``,
-``vlmsae.sae.SAEConfig`` are these), built from a composed node with ``from_cfg`` / ``from_schema``. A config
+``vlmsae.sae.SAEConfig`` are these), built from a composed node by ``vlmsae.config.to_typed``. A config
 key is therefore added in one dataclass here and one YAML file. Every field says what it is for.
 
 Import-light on purpose (dataclasses and omegaconf only, no torch): this is the bottom layer, and ``--help``
@@ -25,20 +25,10 @@ from omegaconf import MISSING
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _plain(node: Any) -> dict[str, Any]:
-    """A composed node (DictConfig) or a mapping as a plain, resolved dict without a ``defaults`` entry."""
-    if not isinstance(node, dict):
-        from omegaconf import DictConfig, OmegaConf
-
-        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    out = {str(key): value for key, value in node.items()}
-    out.pop("defaults", None)
-    return out
-
-
-def _check_known(cls: type, values: Mapping[str, Any], what: str, also: tuple[str, ...] = ()) -> None:
+def check_known(cls: type, values: Mapping[str, Any]) -> None:
     """Unknown keys are an error that lists the valid ones (and says where the old ``extra:`` keys went)."""
-    names = {f.name for f in dataclasses.fields(cls)} | set(also)
+    what = _NODE_KEYS.get(cls.__name__, cls.__name__)
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         hint = ""
@@ -48,6 +38,10 @@ def _check_known(cls: type, values: Mapping[str, Any], what: str, also: tuple[st
                 f"not {what}.extra.seed=1)."
             )
         raise ValueError(f"Unknown {what} field(s) {unknown}: valid fields are {sorted(names)}.{hint}")
+
+
+_NODE_KEYS = {"ModelSpec": "model", "EmbedderSpec": "embedder", "SAEConfig": "sae", "DataSchema": "data"}
+"""The config key of each node class, for error messages (``sae.kk``, not ``SAEConfig.kk``)."""
 
 
 def _check_set(obj: Any, names: tuple[str, ...], what: str) -> None:
@@ -119,15 +113,6 @@ class ModelSpec:
                 f"Unknown model backend {self.backend!r} (model {self.name!r}): use one of {list(BACKENDS)}."
             )
 
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> ModelSpec:
-        """Build from a composed ``cfg.model`` (DictConfig), a plain dict or a spec; unknown keys are an error."""
-        if isinstance(cfg, cls):
-            return cfg
-        values = _plain(cfg)
-        _check_known(cls, values, "model")
-        return cls(**values)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -168,15 +153,6 @@ class EmbedderSpec:
         if self.backend not in EMBEDDER_BACKENDS:
             raise ValueError(f"Unknown embedder backend {self.backend!r}: use one of {list(EMBEDDER_BACKENDS)}.")
 
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> EmbedderSpec:
-        """Build from a composed ``cfg.embedder`` (DictConfig), a plain dict or a spec; unknown keys are an error."""
-        if isinstance(cfg, cls):
-            return cfg
-        values = _plain(cfg)
-        _check_known(cls, values, "embedder")
-        return cls(**values)
-
     def cache_id(self) -> str:
         """What must match for cached embeddings to be reused."""
         weights = self.local_path or self.pretrained or ("tiny" if self.tiny else "random")
@@ -216,8 +192,8 @@ class SAEConfig:
     The ``sae`` node (``conf/sae/*.yaml``, ``sae_schema``) and the argument of ``vlmsae.sae.build_sae``.
     Frozen, so a built SAE's settings cannot drift during training, and so that the checkpoint's
     ``config.json`` rebuilds exactly the same module. A node from a YAML leaves ``d_in`` (and usually
-    ``n_latents``) unset: they depend on the activations, and :meth:`resolved` / :meth:`from_schema`
-    fill them in. Invalid values raise ``ValueError`` at construction, naming the value and what is expected.
+    ``n_latents``) unset: they depend on the activations, and :meth:`resolved` fills them
+    in. Invalid values raise ``ValueError`` at construction, naming the value and what is expected.
     """
 
     arch: str = MISSING
@@ -374,19 +350,6 @@ class SAEConfig:
         if out["group_fractions"] is not None:
             out["group_fractions"] = list(out["group_fractions"])
         return out
-
-    @classmethod
-    def from_schema(cls, node: Any, d_in: int) -> SAEConfig:
-        """The resolved config of a ``conf/sae/*.yaml`` node (DictConfig, dict or SAEConfig) for activations
-        ``d_in`` wide: ``n_latents`` from the node if set, else ``expansion * d_in``. Unknown keys raise."""
-        if not isinstance(node, cls):
-            values = _plain(node)
-            known = sorted(f.name for f in dataclasses.fields(cls))
-            unknown = sorted(set(values) - set(known))
-            if unknown:
-                raise ValueError(f"Unknown SAE config keys {unknown}; expected a subset of {known}.")
-            node = cls(**values)
-        return node.resolved(int(d_in))
 
 
 def _fractions_to_sizes(fractions: tuple[float, ...], n_latents: int) -> list[int]:

@@ -3,11 +3,10 @@ SAEs trained in one pass over the data (``sae_grid=``); one SAE is a grid of one
 
 ```python
 source = resolve_train_source(data, model_spec, layer=None, tokens=None, tokens_k=2)    # checked early
-sae_config = SAEConfig.from_schema(sae_node, d_in=source.d).to_dict()
-plan = FitPlan(model_spec, source, sae_config, data, trainer, logger, seed=0,
+plan = FitPlan(model_spec, source, sae.resolved(source.d), data, trainer, logger, seed=0,
                resume_ckpt=find_resume_checkpoint(resume, out_dpath, config), config=config)
 metrics = fit_sae(plan, out_dpath)                                                        # one SAE
-metrics = fit_sae(plan, out_dpath, grid=resolve_grid(sae_grid, sae_node, source.d, lr))   # a grid: {name: metrics}
+metrics = fit_sae(plan, out_dpath, grid=resolve_grid(sae_grid, sae, source.d, lr))        # a grid: {name: metrics}
 ```
 
 Each SAE gets its folder: the run dir for one SAE, ``sae_<i>/`` for a grid's. It holds ``sae/`` (vlmsae.sae
@@ -30,6 +29,7 @@ SAE on a device (:func:`place_saes`); each batch is copied once to every device 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from lightning.pytorch.loggers.logger import Logger
 
-from vlmsae.config.nodes import DataSchema, LoggerSchema, TrainerSchema
+from vlmsae.config.nodes import DataSchema, LoggerSchema, TrainerSchema, check_known
 from vlmsae.data.images import synthetic_options
 from vlmsae.data.store import open_store
 from vlmsae.data.stream import StreamConfig
@@ -267,7 +267,7 @@ class FitPlan:
 
     model: ModelSpec
     source: TrainSource
-    sae_config: dict[str, Any]  # vlmsae.sae.SAEConfig.to_dict()
+    sae_config: SAEConfig  # resolved for the source's width (d_in, n_latents set)
     data: DataSchema
     trainer: TrainerSchema
     logger: LoggerSchema
@@ -282,13 +282,14 @@ class GridSAE:
 
     name: str
     overrides: dict[str, Any]
-    sae_config: dict[str, Any]
+    sae_config: SAEConfig  # resolved
     lr: float
-    sae_node: dict[str, Any]  # the job's sae node with this entry's overrides (its logger run's config)
+    sae_node: SAEConfig  # the job's sae node with this entry's overrides, unresolved (its logger run's config)
 
 
-def resolve_grid(grid: Any, sae_node: dict[str, Any], d_in: int, lr: float | None) -> list[GridSAE]:
-    """``sae_grid`` (a list of overrides of the ``sae`` node, each with an optional ``lr``) as resolved SAEs."""
+def resolve_grid(grid: Any, sae: SAEConfig, d_in: int, lr: float | None) -> list[GridSAE]:
+    """``sae_grid`` (a list of overrides of the ``sae`` node ``sae``, each with an optional ``lr``) as resolved
+    SAEs."""
     if not isinstance(grid, (list, tuple)) or not grid or not all(isinstance(e, dict) for e in grid):
         raise ValueError(
             f"sae_grid={grid!r}: expected a non-empty list of overrides of the sae node, e.g. "
@@ -298,15 +299,16 @@ def resolve_grid(grid: Any, sae_node: dict[str, Any], d_in: int, lr: float | Non
     for i, entry in enumerate(grid):
         overrides = dict(entry)
         entry_lr = overrides.pop("lr", None)
-        node = {**sae_node, **overrides}
         if "expansion" in overrides and "n_latents" not in overrides:
-            node["n_latents"] = None  # a grid expansion wins over the node's explicit width
+            overrides["n_latents"] = None  # a grid expansion wins over the node's explicit width
         try:
-            cfg = SAEConfig.from_schema(node, d_in=d_in).to_dict()
+            check_known(SAEConfig, overrides)
+            node = dataclasses.replace(sae, **overrides)
+            cfg = node.resolved(d_in)
         except (ValueError, TypeError) as err:
             raise ValueError(f"sae_grid entry {i} {dict(entry)}: {err}") from err
         lr_i = entry_lr if entry_lr is not None else lr
-        out.append(GridSAE(f"sae_{i}", dict(entry), cfg, _lr(lr_i, cfg["n_latents"]), node))
+        out.append(GridSAE(f"sae_{i}", dict(entry), cfg, _lr(lr_i, cfg.n_latents), node))
     return out
 
 
@@ -419,9 +421,9 @@ def fit_sae(
     t, config, resume_ckpt = plan.trainer, plan.config, plan.resume_ckpt
     single = grid is None
     if single:  # a grid of one, in the run dir itself
-        grid = [GridSAE("", {}, plan.sae_config, _lr(t.lr, plan.sae_config["n_latents"]), {})]
+        grid = [GridSAE("", {}, plan.sae_config, _lr(t.lr, plan.sae_config.n_latents), plan.sae_config)]
     devices = None if single else _grid_devices(t, len(grid), sae_devices)
-    run_extra = {"sae_config": plan.sae_config, "lr": grid[0].lr} if single else {}  # run_info.json of one SAE
+    run_extra = {"sae_config": plan.sae_config.to_dict(), "lr": grid[0].lr} if single else {}  # its run_info.json
     resumed_from = str(resume_ckpt) if resume_ckpt else None
     is_rank_zero = rank_zero_only.rank == 0  # DDP: every rank runs this function; one writes the files
     if is_rank_zero:
@@ -521,7 +523,7 @@ def _sae_loggers(plan: FitPlan, grid: list[GridSAE], out_dpath: Path, is_rank_ze
 def sae_run_config(config: dict[str, Any], g: GridSAE, index: int, group: str) -> dict[str, Any]:
     """The config of one grid SAE's logger run: the job's, with ``sae`` and ``trainer.lr`` as this SAE's."""
     out = copy.deepcopy(config)
-    out["sae"] = dict(g.sae_node)
+    out["sae"] = g.sae_node.to_dict()
     out["trainer"] = {**out.get("trainer", {}), "lr": g.lr}
     out["grid"] = {"name": g.name, "index": index, "group": group, "overrides": dict(g.overrides)}
     return out
@@ -539,9 +541,9 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
                 "step": step,
                 "optimizer_steps": adam_steps(optimizer),
                 "lr": g.lr,
-                "n_latents": g.sae_config["n_latents"],
-                "k": g.sae_config["k"],
-                "arch": g.sae_config["arch"],
+                "n_latents": g.sae_config.n_latents,
+                "k": g.sae_config.k,
+                "arch": g.sae_config.arch,
                 "layer": plan.source.layer,
                 "input_scale": float(sae.input_scale),
                 **({"overrides": g.overrides} if g.name else {}),
@@ -558,7 +560,7 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
         save_sae(sae, sae_dpath / "sae", source=source)
         atomic_write_json(sae_dpath / "metrics.json", metrics)
         atomic_write_json(sae_dpath / "latent_density.json", record.get("density_hist", {}))
-        write_run_info(sae_dpath / "sae", plan.config, metrics=metrics, sae_config=g.sae_config, lr=g.lr)
+        write_run_info(sae_dpath / "sae", plan.config, metrics=metrics, sae_config=g.sae_config.to_dict(), lr=g.lr)
         log.info(
             "SAE saved to %s (held-out validation fve %.3f over %d rows, l0 %.1f, step %d)",
             sae_dpath / "sae",

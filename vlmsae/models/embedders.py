@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.config import to_typed
 from vlmsae.config.nodes import EMBEDDER_BACKENDS, EmbedderSpec, open_clip_overrides
 from vlmsae.models.tap import looks_offline, resolve_device
 
@@ -209,7 +210,7 @@ class DigitsCNNEmbedder(Embedder):
 
 def load_embedder(spec: EmbedderSpec | dict | Any) -> Embedder:
     """An embedder for ``spec``: an :class:`EmbedderSpec`, a dict, or a composed ``cfg.embedder`` node."""
-    spec = EmbedderSpec.from_cfg(spec)
+    spec = to_typed(spec, EmbedderSpec)
     if spec.backend == "open_clip":
         return OpenClipEmbedder(spec)
     if spec.backend == "hf":

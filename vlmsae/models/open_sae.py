@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from vlmsae import sae as sae_lib
+from vlmsae.config import to_typed
 from vlmsae.metrics.pooling import POOLS
 from vlmsae.models import get_model_spec, list_models, load_tap
 from vlmsae.models.spec import ModelSpec, seed_decides_weights
@@ -49,7 +50,7 @@ def source_model_spec(
     """The model an SAE reads: ``model`` if given, else the registered model its ``source`` names (or the one
     registered model whose ``pretrained`` equals the source's); an error naming ``model=`` when neither."""
     if model is not None:
-        return ModelSpec.from_cfg(model)
+        return to_typed(model, ModelSpec)
     name = source.get("model") or _model_for_pretrained(source.get("pretrained"))
     if not name:
         known = f" (pretrained={source['pretrained']!r} matches no single model)" if source.get("pretrained") else ""
@@ -58,7 +59,7 @@ def source_model_spec(
             f"pass model=<name> (one of: {', '.join(list_models())})."
         )
     if isinstance(name, dict):
-        return ModelSpec.from_cfg(name)
+        return to_typed(name, ModelSpec)
     try:
         spec = get_model_spec(str(name))
     except ValueError as err:

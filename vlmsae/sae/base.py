@@ -191,7 +191,7 @@ class SAE(nn.Module):
         if not cfg.is_resolved:  # a config node straight from conf/sae/*.yaml: its size is not known yet
             raise ValueError(
                 f"SAE needs d_in and n_latents; got d_in={cfg.d_in}, n_latents={cfg.n_latents}: "
-                "use cfg.resolved(d_in) or SAEConfig.from_schema(node, d_in)."
+                "use cfg.resolved(d_in) (a Hydra node: vlmsae.config.to_typed(node, SAEConfig).resolved(d_in))."
             )
         self.cfg = cfg
         n_latents, d_in = cfg.n_latents, cfg.d_in

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.config import to_typed
 from vlmsae.data.images import IMAGE_EXTENSIONS, list_file, list_folder, load_image
 from vlmsae.formats import (
     LATENTS_CSV,
@@ -329,7 +330,7 @@ def query_latents(concepts_KE: torch.Tensor, text_E: torch.Tensor, top_n: int = 
 def query_ms_run(ms: MSRunView, text: str, embedder_cfg: Any = None, top_n: int = 8) -> list[tuple[int, float]]:
     """:func:`query_latents` of ``text`` against the concepts of ``ms``'s latents, embedded with ``embedder_cfg``
     (an embedder node; None = the MS run's own, as the names job does), which must have a text side."""
-    spec = embedders.EmbedderSpec.from_cfg(ms_run_embedder(ms.dpath, embedder_cfg))
+    spec = to_typed(ms_run_embedder(ms.dpath, embedder_cfg), embedders.EmbedderSpec)
     embedder = embedders.load_embedder(spec)  # looked up at call time (tests replace it)
     text_E = query_text_embedding(text, text_side(embedder, spec.name))
     return query_latents(latent_concepts(ms.top, embedder.embed), text_E, top_n)
