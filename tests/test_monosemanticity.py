@@ -237,7 +237,7 @@ def test_sweep_scores_every_sae_once_and_tables_them(compose_cfg, tmp_path, monk
     embedded = count_embeddings("vlmsae.models.embedders.load_embedder")
     out = run(_compose(compose_cfg, sweep, tmp_path / "a"), out_dpath=tmp_path / "sweep_out")
     assert sum(embedded) == 64 and out["images_embedded"] == 64  # 64 images, embedded once for 4 SAEs
-    assert out["source_batches"] == math.ceil(64 / 16)  # one model pass over the images (data.batch_size=16)
+    assert out["source_batches"] == math.ceil(64 / 16)  # one model pass over the images (data.images_per_forward=16)
     names = ["relu_x2_L2", "relu_x4_L2", "topk_x2_L2", "topk_x4_L2"]
     assert sorted(out["sweep"]) == names
     for name in names:

@@ -83,10 +83,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         rows_per_chunk=job.rows_per_chunk,
         order_seed=job.order_seed,
         max_images=data.max_images,
-        batch_size=data.batch_size,
+        batch_size=data.images_per_forward,
         num_workers=data.num_workers,
         exif_transpose=data.exif_transpose,
-        synthetic=synthetic_options(data.source, data.n_per_class, data.size, data.seed),
+        synthetic=synthetic_options(data.source, data.n_per_class, data.size, data.synthetic_seed),
         progress=job.progress,
         fast_decode=data.fast_decode,
     )

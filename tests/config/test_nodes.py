@@ -94,3 +94,16 @@ def test_embedder_cache_id_changes_with_preprocessing_overrides():
     base = EmbedderSpec(pretrained="openai")
     assert base.cache_id() == "clip_b32|open_clip|ViT-B-32|openai|"  # unchanged for every existing cache
     assert EmbedderSpec(pretrained="openai", quick_gelu=False).cache_id() != base.cache_id()
+
+
+def test_data_keys_have_one_meaning_and_the_split_seed_is_refused_naming_the_new_keys():
+    from vlmsae.config.nodes import DataSchema
+    from vlmsae.data.images import synthetic_options_of
+
+    data = to_typed({"source": "synthetic", "synthetic_seed": 3, "shuffle_seed": 5}, DataSchema)
+    assert (data.synthetic_seed, data.shuffle_seed, data.images_per_forward) == (3, 5, 64)
+    with pytest.raises(ValueError, match=r"data.seed=1 .*data.shuffle_seed.*data.synthetic_seed"):
+        to_typed({"source": "synthetic", "seed": 1}, DataSchema)
+    # a data node recorded in an older run_info.json still names the same generated images
+    assert synthetic_options_of({"source": "synthetic", "seed": 3})["seed"] == 3
+    assert synthetic_options_of({"source": "synthetic", "synthetic_seed": 3, "seed": None})["seed"] == 3

@@ -370,17 +370,28 @@ class DataSchema:
     root: Optional[str] = None  # image folder, WebDataset url/pattern, or list file
     acts: Optional[str] = None  # activation store folder (data=acts: train on a cache written by extract)
     image_source: str = "folder"  # data=images: which image source feeds the on-the-fly activations
-    batch_size: int = 64  # images per forward (extract) or rows per step (train)
+    batch_size: int = 64  # train: rows per optimizer step (METHOD §2: 4096); images per forward: images_per_forward
     num_workers: int = 2  # data-loading worker processes
     shuffle_buffer: int = 16384  # rows held for shuffling when streaming shards
     val_fraction: float = 0.01  # held-out shards/rows for validation
     max_images: Optional[int] = None  # cap, for quick looks (extract: a random subset, see order_seed)
     exif_transpose: bool = True  # decode images in their EXIF orientation (vlmsae.data.images)
     fast_decode: bool = False  # extract: JPEG draft decoding + reduce, approximate (vlmsae.data.images.load_image)
-    seed: int = 0  # train: added to the job's seed for the data order; synthetic: seed of the generated images
+    shuffle_seed: int = 0  # train: added to the job's seed for the data order
+    synthetic_seed: int = 0  # synthetic: seed of the generated images
     n_per_class: int = 8  # synthetic: generated images per shape x colour class (16 classes, vlmsae.data.concepts)
     size: int = 64  # synthetic: side of the generated images in pixels
-    images_per_forward: int = 32  # data=images (train on the fly): images per encoder forward
+    # images per encoder forward: extract, the images of monosemanticity / hierarchy / val_ms, and training on
+    # the fly (data=images, data=tiny)
+    images_per_forward: int = 64
+    seed: Optional[int] = None  # split: refused with a message naming shuffle_seed and synthetic_seed
+
+    def __post_init__(self) -> None:
+        if self.seed is not None:
+            raise ValueError(
+                f"data.seed={self.seed} had two meanings and is split: data.shuffle_seed (train: added to the job's "
+                "seed for the data order) and data.synthetic_seed (data=synthetic/tiny: seed of the generated images)."
+            )
 
 
 # ---------------------------------------------------------------------------------------------- trainer

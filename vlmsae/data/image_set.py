@@ -45,7 +45,8 @@ class ImageSet:
             source=str(source),
             root=None if data["root"] is None else str(data["root"]),
             max_images=None if data["max_images"] is None else int(data["max_images"]),
-            batch_size=int(data["batch_size"]),
+            # a node recorded before images_per_forward existed said images per forward with batch_size
+            batch_size=int(data["images_per_forward"] if "images_per_forward" in data else data["batch_size"]),
             synthetic=synthetic_options_of(data),
         )
 

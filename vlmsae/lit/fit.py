@@ -174,7 +174,7 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
         num_workers=int(data.num_workers),
         val_fraction=float(data.val_fraction),
         val_batches=int(val_batches),
-        seed=int(seed) + int(data.seed),
+        seed=int(seed) + int(data.shuffle_seed),
     )
     if source.source == "acts":
         return ActsDataModule(source.acts_dpath, stream)
@@ -183,7 +183,7 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
     if data.max_images is not None:
         image_kwargs["max_images"] = data.max_images
     if image_source == "synthetic":  # the same generated images the extract job uses for these options
-        image_kwargs["synthetic"] = synthetic_options(image_source, data.n_per_class, data.size, data.seed)
+        image_kwargs["synthetic"] = synthetic_options(image_source, data.n_per_class, data.size, data.synthetic_seed)
     tokens, k_tokens = parse_tokens(source.tokens, source.tokens_k or 2)
     period = image_holdout_every(image_kwargs, tokens, k_tokens, model, stream)  # held-out images
     per_forward = int(data.images_per_forward)  # images per encoder forward

@@ -37,7 +37,7 @@ _ROWS = 4096  # rows per encoder call
 
 def val_ms_images(images: Any, max_images: int, batch_size: int) -> ImageSet:
     """``val_ms.images``: a folder of images, or a data node (source folder | list | wds | synthetic, root, ...)."""
-    node = {"source": "folder", "max_images": max_images, "batch_size": batch_size}
+    node = {"source": "folder", "max_images": max_images, "images_per_forward": batch_size}
     if isinstance(images, str):
         node["root"] = images
     elif isinstance(images, dict):
