@@ -32,7 +32,7 @@ from vlmsae.utils.provenance import write_run_info
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Inspect ``cfg.images`` with the SAE at ``cfg.sae_path``; writes the page and inspect.json to ``out_dpath``."""
-    from vlmsae.models.open_sae import load_job_sae, open_sae_source
+    from vlmsae.models.open_sae import load_job_sae, open_tapped_sae
     from vlmsae.report import inspect_page
     from vlmsae.report.job_log import log_job
     from vlmsae.studies import inspection as ins
@@ -50,7 +50,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     ms = ins.open_ms_run(job.ms_run, job.sae_path, sae.n_latents) if job.ms_run else None
     try:
         model = job.model  # null = the SAE's source.model
-        src = open_sae_source(sae, None, model, job.layer, job.pool, job.device, sae_dpath=job.sae_path)
+        src = open_tapped_sae(sae, None, model, job.layer, job.pool, job.device, sae_dpath=job.sae_path)
     except ValueError as err:
         raise ValueError(f"sae_path={job.sae_path}: {err}") from None
     # one image decoded at a time (a folder of photos never sits in memory); a file that is not an image is refused

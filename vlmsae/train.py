@@ -40,7 +40,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
 
     ``callbacks``: extra Lightning callbacks (tests use them to interrupt a run or record steps).
     """
-    from vlmsae.lit.fit import FitPlan, check_accelerator, fit_sae, resolve_grid, resolve_train_source
+    from vlmsae.lit.fit import FitPlan, check_accelerator, fit_sae, resolve_grid, resolve_train_input
     from vlmsae.lit.resume import choose_run
     from vlmsae.lit.val_ms import val_ms_callbacks
     from vlmsae.sae.precision import check_trainer_precision
@@ -55,12 +55,12 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     # Everything that can be wrong with the input is checked before any training starts.
     check_trainer_precision(job.trainer.precision)  # the SAE trains in float32 only (vlmsae.sae.precision)
     check_accelerator(job.trainer.accelerator)  # trainer=gpu on a machine without one: say so, name trainer=cpu
-    source = resolve_train_source(job.data, job.model, job.layer, job.tokens, job.tokens_k)
-    callbacks = [*(callbacks or []), *val_ms_callbacks(job.val_ms, job.model, source, bool(job.sae_grid))]
+    rows = resolve_train_input(job.data, job.model, job.layer, job.tokens, job.tokens_k)
+    callbacks = [*(callbacks or []), *val_ms_callbacks(job.val_ms, job.model, rows, bool(job.sae_grid))]
     plan = FitPlan(
         model=job.model,
-        source=source,
-        sae_config=job.sae.resolved(source.d),
+        rows=rows,
+        sae_config=job.sae.resolved(rows.d),
         data=job.data,
         trainer=job.trainer,
         logger=job.logger,
@@ -69,7 +69,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
         config=config,
     )
     # many SAEs per pass, each reading the same batches
-    grid = resolve_grid(job.sae_grid, job.sae, source.d, job.trainer.lr) if job.sae_grid else None
+    grid = resolve_grid(job.sae_grid, job.sae, rows.d, job.trainer.lr) if job.sae_grid else None
     return fit_sae(plan, out_dpath, callbacks, grid=grid, sae_devices=job.sae_devices)
 
 

@@ -38,9 +38,9 @@ def _patches_of(box: tuple[int, int, int, int]) -> set[int]:
 
 def _open(sae_dpath, pool=None):
     """The SAE at ``sae_dpath`` on the model its source names (the planted tap, by the fixture), as the job opens it."""
-    from vlmsae.models.open_sae import load_job_sae, open_sae_source
+    from vlmsae.models.open_sae import load_job_sae, open_tapped_sae
 
-    return open_sae_source(load_job_sae(sae_dpath), pool=pool, sae_dpath=sae_dpath)
+    return open_tapped_sae(load_job_sae(sae_dpath), pool=pool, sae_dpath=sae_dpath)
 
 
 def _source(planted_sae):

@@ -57,7 +57,7 @@ def _is_int(value: Any) -> bool:
 
 OPEN_CLIP_OVERRIDES = ("quick_gelu", "image_mean", "image_std", "image_interpolation", "image_resize_mode")
 """Fields of ModelSpec and EmbedderSpec that override what an open_clip tag or folder config says
-(vlmsae.models.open_clip_backend.resolve_open_clip_source validates them)."""
+(vlmsae.models.open_clip_backend.resolve_open_clip_weights validates them)."""
 
 
 def open_clip_overrides(spec: Any) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 SAEs trained in one pass over the data (``sae_grid=``); one SAE is a grid of one.
 
 ```python
-source = resolve_train_source(data, model_spec, layer=None, tokens=None, tokens_k=2)    # checked early
-plan = FitPlan(model_spec, source, sae.resolved(source.d), data, trainer, logger, seed=0,
+rows = resolve_train_input(data, model_spec, layer=None, tokens=None, tokens_k=2)      # checked early
+plan = FitPlan(model_spec, rows, sae.resolved(rows.d), data, trainer, logger, seed=0,
                resume_ckpt=find_resume_checkpoint(resume, out_dpath, config), config=config)
 metrics = fit_sae(plan, out_dpath)                                                        # one SAE
-metrics = fit_sae(plan, out_dpath, grid=resolve_grid(sae_grid, sae, source.d, lr))        # a grid: {name: metrics}
+metrics = fit_sae(plan, out_dpath, grid=resolve_grid(sae_grid, sae, rows.d, lr))          # a grid: {name: metrics}
 ```
 
 Each SAE gets its folder: the run dir for one SAE, ``sae_<i>/`` for a grid's. It holds ``sae/`` (vlmsae.sae
@@ -79,10 +79,10 @@ def _same_layer(a, b) -> bool:
 
 
 @dataclass(frozen=True)
-class TrainSource:
-    """What a run trains on: a store (``source="acts"``) or an image source, its width, layer and tokens."""
+class TrainInput:
+    """What a run trains on: a store (``data_source="acts"``) or an image source, its width, layer and tokens."""
 
-    source: str
+    data_source: str  # data.source: acts | images | synthetic
     d: int
     model: str | None  # the model the rows come from (a store's own record wins)
     pretrained: str | None
@@ -94,9 +94,9 @@ class TrainSource:
     n_shards: int | None = None
 
 
-def resolve_train_source(
+def resolve_train_input(
     data: DataSchema, model: ModelSpec, layer: Any, tokens: str | None, tokens_k: int
-) -> TrainSource:
+) -> TrainInput:
     """The store (or image source) ``data`` names, checked against ``model``, ``layer`` and ``tokens``.
 
     With a store, ``layer``/``tokens`` default to its manifest and a set ``layer`` must match it (so a
@@ -134,8 +134,8 @@ def resolve_train_source(
                 model.name,
                 manifest.model,
             )
-        return TrainSource(
-            source="acts",
+        return TrainInput(
+            data_source="acts",
             d=d,
             acts_dpath=str(acts_dpath),
             manifest=manifest,
@@ -151,8 +151,8 @@ def resolve_train_source(
         layer = resolve_layer(layer if layer is not None else model.n_layers - 2, model.n_layers, model.name)
         d = int(model.embed_dim if layer == "last" else model.width)
         selection, k = parse_tokens(tokens, tokens_k)
-        return TrainSource(
-            source=data.source,
+        return TrainInput(
+            data_source=data.source,
             d=d,
             model=model.name,
             pretrained=model.pretrained,
@@ -166,7 +166,7 @@ def resolve_train_source(
     )
 
 
-def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, val_batches: int, seed: int):
+def build_datamodule(rows: TrainInput, data: DataSchema, model: ModelSpec, val_batches: int, seed: int):
     """The Lightning datamodule: rows streamed from the store, or computed from images on the fly."""
     stream = StreamConfig(
         batch_size=int(data.batch_size),
@@ -176,21 +176,21 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
         val_batches=int(val_batches),
         seed=int(seed) + int(data.shuffle_seed),
     )
-    if source.source == "acts":
-        return ActsDataModule(source.acts_dpath, stream)
-    image_source = data.image_source if source.source == "images" else source.source
+    if rows.data_source == "acts":
+        return ActsDataModule(rows.acts_dpath, stream)
+    image_source = data.image_source if rows.data_source == "images" else rows.data_source
     image_kwargs: dict[str, Any] = {"source": image_source, "root": data.root}
     if data.max_images is not None:
         image_kwargs["max_images"] = data.max_images
     if image_source == "synthetic":  # the same generated images the extract job uses for these options
         image_kwargs["synthetic"] = synthetic_options(image_source, data.n_per_class, data.size, data.synthetic_seed)
-    tokens, k_tokens = parse_tokens(source.tokens, source.tokens_k or 2)
+    tokens, k_tokens = parse_tokens(rows.tokens, rows.tokens_k or 2)
     period = image_holdout_every(image_kwargs, tokens, k_tokens, model, stream)  # held-out images
     per_forward = int(data.images_per_forward)  # images per encoder forward
     common = dict(
         model_spec=model,
         image_kwargs=image_kwargs,
-        layer=source.layer,
+        layer=rows.layer,
         tokens=tokens,
         k_tokens=k_tokens,
         images_per_forward=per_forward,
@@ -200,9 +200,9 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
     return ImageActsDataModule(
         ImageChunkMaker(split="train", **common),
         ImageChunkMaker(split="val", **common),
-        source.d,
+        rows.d,
         stream,
-        source.manifest,
+        rows.manifest,
     )
 
 
@@ -266,8 +266,8 @@ class FitPlan:
     """Everything :func:`fit_sae` needs, typed; ``config`` (the resolved job config) goes to run_info.json and W&B."""
 
     model: ModelSpec
-    source: TrainSource
-    sae_config: SAEConfig  # resolved for the source's width (d_in, n_latents set)
+    rows: TrainInput
+    sae_config: SAEConfig  # resolved for the rows' width (d_in, n_latents set)
     data: DataSchema
     trainer: TrainerSchema
     logger: LoggerSchema
@@ -430,7 +430,7 @@ def fit_sae(
         write_run_info(out_dpath, config, status="running", resumed_from=resumed_from, **run_extra)
 
     L.seed_everything(plan.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(plan.source, plan.data, plan.model, t.limit_val_batches, plan.seed)
+    datamodule = build_datamodule(plan.rows, plan.data, plan.model, t.limit_val_batches, plan.seed)
     module = SAELitModule(
         [g.sae_config for g in grid],
         [g.lr for g in grid],
@@ -544,7 +544,7 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
                 "n_latents": g.sae_config.n_latents,
                 "k": g.sae_config.k,
                 "arch": g.sae_config.arch,
-                "layer": plan.source.layer,
+                "layer": plan.rows.layer,
                 "input_scale": float(sae.input_scale),
                 **({"overrides": g.overrides} if g.name else {}),
             }
@@ -669,7 +669,7 @@ def adam_steps(optimizer) -> int:
 
 def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
     """What an SAE trained by ``plan`` read, for its checkpoint's ``source``: model, tap, data and how much."""
-    src = plan.source
+    src = plan.rows
     return {
         "model": src.model,
         "pretrained": src.pretrained,
@@ -678,7 +678,7 @@ def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
         "tokens": src.tokens,
         "tokens_k": src.tokens_k,
         "data": src.acts_dpath or plan.data.root,
-        "data_source": src.source,
+        "data_source": src.data_source,
         "train_steps": step,
         "train_rows": step * int(plan.data.batch_size),
     }
@@ -686,6 +686,6 @@ def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
 
 def _model_seed(plan: FitPlan) -> int | None:
     """The seed of the random model the rows come from (None: loaded weights), so jobs rebuild that network."""
-    if plan.source.acts_dpath is not None:  # a store: its manifest says (extraction records model_seed)
-        return (plan.source.manifest.extra or {}).get("model_seed")
+    if plan.rows.acts_dpath is not None:  # a store: its manifest says (extraction records model_seed)
+        return (plan.rows.manifest.extra or {}).get("model_seed")
     return plan.model.seed if seed_decides_weights(plan.model) else None

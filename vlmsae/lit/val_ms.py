@@ -125,14 +125,14 @@ class ValMS(L.Callback):
             self._log(trainer, pl_module)
 
 
-def val_ms_callbacks(val_ms: Any, model_spec, source, many: bool = False, batch_size: int = 32) -> list:
+def val_ms_callbacks(val_ms: Any, model_spec, rows, many: bool = False, batch_size: int = 32) -> list:
     """``[ValMS]`` when ``val_ms.images`` is set, else ``[]`` (the default: nothing extra is computed or logged).
     ``val_ms``: the train job's ``val_ms`` node (images, embedder, every_n_steps, max_images).
-    ``source``: the training source (its layer and tokens); ``many``: a sae_grid run (not supported)."""
+    ``rows``: what the run trains on (a TrainInput: its layer and tokens); ``many``: a sae_grid run (not supported)."""
     if val_ms.images is None:
         return []
     if many:
         raise ValueError("val_ms.images is set with sae_grid: MS while training scores one SAE; drop one of the two.")
-    layer, tokens = source.layer, source.tokens
+    layer, tokens = rows.layer, rows.tokens
     images = val_ms_images(val_ms.images, val_ms.max_images, batch_size)
     return [ValMS(model_spec, layer, tokens, images, val_ms_embedder(val_ms.embedder), val_ms.every_n_steps)]

@@ -30,7 +30,7 @@ from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, Hierarchy
 from vlmsae.metrics import hierarchy as H
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.metrics.topimages import TopImages
-from vlmsae.models.open_sae import SAESource
+from vlmsae.models.open_sae import TappedSAE
 from vlmsae.studies.codes import encode_images, top_images_meta
 from vlmsae.utils.io import atomic_write_text
 
@@ -117,11 +117,11 @@ def load_ms_run(ms_run: str | Path, n_latents: int) -> tuple[TopImages, torch.Te
 
 
 def compute_top_images(
-    src: SAESource, images: ImageSet, embedder: Any | None, *, top_k: int, batch_size: int, sae_path: str | Path
+    src: TappedSAE, images: ImageSet, embedder: Any | None, *, top_k: int, batch_size: int, sae_path: str | Path
 ) -> tuple[TopImages, torch.Tensor | None]:
     """Run the SAE's source model and the SAE over the images, in one pass.
 
-    ``src`` comes from :func:`vlmsae.models.open_sae.open_sae_source` and the images are encoded by
+    ``src`` comes from :func:`vlmsae.models.open_sae.open_tapped_sae` and the images are encoded by
     :func:`vlmsae.studies.codes.encode_images`, as the monosemanticity study does, so the top images
     here equal those of an MS run on the same images. Returns the top-``top_k`` index and the MS per
     latent from ``embedder``'s image embeddings (None without an embedder).

@@ -1,7 +1,7 @@
 """Ask an SAE about one's own images: which latents fire, how strongly, and on which patches.
 
 The reverse of the feature browser's question. For each image (:func:`inspect_image`): its tokens through the tap
-and the SAE an :class:`~vlmsae.models.open_sae.SAESource` opened, the reconstruction of those tokens (FVE and
+and the SAE an :class:`~vlmsae.models.open_sae.TappedSAE` opened, the reconstruction of those tokens (FVE and
 normalised MSE), the latents pooled as the MS study pools them (:mod:`vlmsae.metrics.pooling`: ``cls``, ``mean``,
 ``max``) and each latent's peak over the patch tokens, with its activation on every patch (the heatmap). The top
 latents are ranked twice: by pooled activation and by peak patch activation.
@@ -45,7 +45,7 @@ from vlmsae.metrics.pooling import pool_rows, pool_sparse
 from vlmsae.metrics.reconstruction import fve, normalized_mse
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models import embedders
-from vlmsae.models.open_sae import SAESource
+from vlmsae.models.open_sae import TappedSAE
 from vlmsae.studies.naming import (
     DEFAULT_TEMPLATES,
     concepts_from_embeddings,
@@ -183,7 +183,7 @@ def _top(values_F: torch.Tensor, n: int) -> list[int]:
 
 @torch.no_grad()
 def inspect_image(
-    src: SAESource, image: Any, top_n: int = 8, key: str = "", path: str | None = None
+    src: TappedSAE, image: Any, top_n: int = 8, key: str = "", path: str | None = None
 ) -> ImageInspection:
     """One image through ``src``'s tap and SAE: reconstruction, pooled and peak top latents with heatmaps."""
     if top_n < 1:

@@ -244,7 +244,7 @@ class LatentNamer:
     vocab: list[str]
     names_VE: torch.Tensor
     top: int
-    source: str  # imagenet | wordnet | the file
+    vocabulary: str  # the names= it came from: imagenet | wordnet | the file
     embedder: Any = None  # the embedder whose text side embedded the vocabulary (its image side names a run)
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # the prompts the vocabulary was embedded with
     autointerp: AutoInterp | None = None  # the optional LLaVA pass (autointerp=llava)
@@ -292,7 +292,7 @@ class LatentNamer:
 
     def study_summary(self, names: LatentNames, ms_K: torch.Tensor | None = None) -> dict[str, Any]:
         """The ``names`` entry of ``ms_summary.json``: the vocabulary, its size, and :meth:`LatentNames.summary`."""
-        return {"vocabulary": self.source, "n_names": len(self.vocab), "top": self.top, **names.summary(ms_K)}
+        return {"vocabulary": self.vocabulary, "n_names": len(self.vocab), "top": self.top, **names.summary(ms_K)}
 
     def name_from_embeddings(
         self,
@@ -373,7 +373,7 @@ def name_ms_run(ms_dpath: str | Path, namer: LatentNamer) -> tuple[LatentsTable,
     """Name the latents of a finished monosemanticity run: its ``top_images/`` images embedded again with the
     namer's embedder (latent by latent, as the steering score does) into concepts; returns ``latents.csv`` with
     the name columns filled in, and the names. Nothing is written here."""
-    if namer.source == LABELS:
+    if namer.vocabulary == LABELS:
         raise ValueError(
             "names=labels names latents from the labelled images a monosemanticity run scores: rerun "
             "monosemanticity with names=labels (or name this run with a vocabulary, names=imagenet)."
