@@ -70,7 +70,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     import hydra
 
-    register_configs()
+    register_configs("browse")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="browse", version_base="1.3")(_main)()
 

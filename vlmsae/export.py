@@ -55,7 +55,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     import hydra
 
-    register_configs()
+    register_configs("export")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="export", version_base="1.3")(_main)()
 

@@ -90,7 +90,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     import hydra
 
-    register_configs()
+    register_configs("inspect")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="inspect", version_base="1.3")(_main)()
 

@@ -131,7 +131,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    register_configs("monosemanticity")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="monosemanticity", version_base="1.3")(_main)()
 

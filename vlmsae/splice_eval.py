@@ -74,7 +74,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    register_configs("splice_eval")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="splice_eval", version_base="1.3")(_main)()
 

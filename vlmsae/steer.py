@@ -68,7 +68,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    register_configs("steer")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="steer", version_base="1.3")(_main)()
 

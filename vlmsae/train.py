@@ -80,7 +80,7 @@ def _main(cfg: DictConfig) -> dict:
 def main() -> None:
     import hydra
 
-    register_configs()
+    register_configs("train")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_main)()
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-_REGISTERED = False
+_REGISTERED: set[str] = set()  # "nodes" and the jobs whose schema is in the ConfigStore
 
 
 def conf_dir() -> Path:
@@ -41,48 +41,28 @@ def conf_dir() -> Path:
     )
 
 
-def register_configs() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
+def register_configs(job: str | None = None) -> None:
+    """Store the node schemas and ``job``'s schema (every job's when None) in Hydra's ConfigStore (idempotent).
+
+    A job's ``main()`` names itself: Hydra deep-copies the whole store for each config group it lists (``--help``
+    lists them all), so a store holding only what the job composes answers faster."""
+    import importlib
+    import pkgutil
+
     from hydra.core.config_store import ConfigStore
 
-    from vlmsae.config.jobs import (
-        browse,
-        export,
-        extract,
-        hierarchy,
-        inspect,
-        monosemanticity,
-        names,
-        splice_eval,
-        stability,
-        steer,
-        steer_eval,
-        train,
-    )
+    from vlmsae.config import jobs
     from vlmsae.config.schemas import SCHEMAS, store_node
 
-    cs = ConfigStore.instance()
-    for _group, name, node in SCHEMAS:
-        cs.store(name=name, node=store_node(node))  # at the root: never offered as a choice of `group`
-    for job in (
-        extract,
-        train,
-        monosemanticity,
-        hierarchy,
-        steer,
-        steer_eval,
-        splice_eval,
-        browse,
-        export,
-        names,
-        stability,
-        inspect,
-    ):  # one schema per job: <job>_schema
-        job.register()
-    _REGISTERED = True
+    if "nodes" not in _REGISTERED:
+        cs = ConfigStore.instance()
+        for _group, name, node in SCHEMAS:
+            cs.store(name=name, node=store_node(node))  # at the root: never offered as a choice of `group`
+        _REGISTERED.add("nodes")
+    for name in [m.name for m in pkgutil.iter_modules(jobs.__path__)] if job is None else [job]:
+        if name not in _REGISTERED:
+            importlib.import_module(f"vlmsae.config.jobs.{name}").register()  # one schema per job: <job>_schema
+            _REGISTERED.add(name)
 
 
 def to_typed(cfg: Any, cls: type[T]) -> T:
