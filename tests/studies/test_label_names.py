@@ -34,4 +34,4 @@ def test_labels_namer_needs_labelled_images_and_is_filled_by_the_study():
     with pytest.raises(ValueError, match="names=labels needs labelled images"):
         label_namer(emb, [-1] * len(emb), ["cat"])
     placeholder = build_namer("labels", ["{}"], 3, embedder_cfg=None)  # no embedder loaded, no text side asked
-    assert placeholder.source == LABELS and placeholder.vocab == [] and placeholder.top == 3
+    assert placeholder.vocabulary == LABELS and placeholder.vocab == [] and placeholder.top == 3
