@@ -345,7 +345,7 @@ class _ColourCLIP:
         from vlmsae.data.concepts import COLOURS
 
         self.spec, self.colours = spec, list(COLOURS)
-        self.rgb_C3 = torch.tensor([COLOURS[c] for c in self.colours], dtype=torch.float32)
+        self.rgb_A3 = torch.tensor([COLOURS[c] for c in self.colours], dtype=torch.float32)
         self.dim = len(self.colours) + 1
 
     def embed(self, images, progress=False):
@@ -354,7 +354,7 @@ class _ColourCLIP:
         rows = []
         for im in images:
             px = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32).reshape(-1, 3))
-            near_PC = torch.cdist(px, self.rgb_C3) < 60
+            near_PC = torch.cdist(px, self.rgb_A3) < 60
             rows.append(torch.cat([near_PC.float().mean(0), torch.zeros(1)]))
         return torch.stack(rows)
 
