@@ -158,8 +158,8 @@ class PlantedTap:
 
         planted = planted_concepts(n_images=8, d_in=self.width, n_concepts=len(COLOURS), seed=0)
         self.colours = list(COLOURS)
-        self.atoms_CD, self.offset_D = planted.atoms_CD, planted.offset_D
-        self.rgb_C3 = torch.tensor([COLOURS[c] for c in self.colours], dtype=torch.float32)
+        self.atoms_AD, self.offset_D = planted.atoms_AD, planted.offset_D
+        self.rgb_A3 = torch.tensor([COLOURS[c] for c in self.colours], dtype=torch.float32)
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def resolve_layer(self, layer: Any) -> Any:
@@ -176,11 +176,11 @@ class PlantedTap:
         import torch
 
         px_BHW3 = images_BCHW.permute(0, 2, 3, 1)
-        near_BHWC = (torch.cdist(px_BHW3.reshape(-1, 3), self.rgb_C3) < 60).float().reshape(*px_BHW3.shape[:3], -1)
+        near_BHWA = (torch.cdist(px_BHW3.reshape(-1, 3), self.rgb_A3) < 60).float().reshape(*px_BHW3.shape[:3], -1)
         side = self.image_size // self.grid
-        share_BCGG = torch.nn.functional.avg_pool2d(near_BHWC.permute(0, 3, 1, 2), side)
-        share_BPC = share_BCGG.flatten(2).transpose(1, 2)  # patch p = row * grid + col
-        patches_BPD = self.offset_D + 4.0 * share_BPC @ self.atoms_CD
+        share_BAGG = torch.nn.functional.avg_pool2d(near_BHWA.permute(0, 3, 1, 2), side)
+        share_BPA = share_BAGG.flatten(2).transpose(1, 2)  # patch p = row * grid + col
+        patches_BPD = self.offset_D + 4.0 * share_BPA @ self.atoms_AD
         acts_BTD = torch.cat([patches_BPD.mean(1, keepdim=True), patches_BPD], dim=1)
         return acts_BTD[:, 0] if layer == "last" else acts_BTD
 
@@ -209,11 +209,11 @@ def planted_sae(planted_tap, tmp_path):
     from vlmsae.sae import save_sae
     from vlmsae.studies.ground_truth import oracle_sae
 
-    n = planted_tap.atoms_CD.shape[0]
-    noise_CD = torch.nn.functional.normalize(torch.randn(n, 64, generator=torch.Generator().manual_seed(1)), dim=1)
+    n = planted_tap.atoms_AD.shape[0]
+    noise_AD = torch.nn.functional.normalize(torch.randn(n, 64, generator=torch.Generator().manual_seed(1)), dim=1)
     order = torch.randperm(2 * n, generator=torch.Generator().manual_seed(2))
-    dictionary = torch.cat([planted_tap.atoms_CD, noise_CD])[order]
+    dictionary = torch.cat([planted_tap.atoms_AD, noise_AD])[order]
     sae = oracle_sae(dictionary, planted_tap.offset_D, k=2)
-    latent_of_concept, _ = match_latents(planted_tap.atoms_CD, sae.W_dec.detach())
+    latent_of_concept, _ = match_latents(planted_tap.atoms_AD, sae.W_dec.detach())
     dpath = save_sae(sae, tmp_path / "planted_sae", source={"model": "tiny", "layer": 2, "tokens": "patches"})
     return dpath, latent_of_concept.tolist()

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vlmsae.config import to_typed
 from vlmsae.data.concepts import make_concept_images
 from vlmsae.data.shards import ShardWriter, list_shards, read_rows
 from vlmsae.extract import run
@@ -42,7 +43,7 @@ def _cfg(compose_cfg, root, *extra):
             "model=tiny",
             "data=folder",
             f"data.root={root}",
-            "data.batch_size=5",
+            "data.images_per_forward=5",
             "data.num_workers=0",
             "progress=false",
             *extra,
@@ -80,7 +81,7 @@ def test_rows_equal_direct_forward_and_metadata(compose_cfg, image_root, tmp_pat
     got = read_rows(tmp_path / "out")
     manifest = read_manifest(tmp_path / "out")
 
-    tap = load_tap(ModelSpec.from_cfg(cfg.model))
+    tap = load_tap(to_typed(cfg.model, ModelSpec))
     listing = list_folder(image_root)
     want_acts, want_keys, want_idx, want_labels = [], [], [], []
     order = image_order(len(listing.items), 0)  # default order_seed=0: rows in the permuted visiting order
@@ -159,7 +160,8 @@ def test_resume_gives_exactly_the_uninterrupted_rows(compose_cfg, image_root, tm
 def test_workers_do_not_change_rows(compose_cfg, image_root, tmp_path):
     base = ("layer=last", "tokens=cls", "dtype=float32")
     run(_cfg(compose_cfg, image_root, *base), out_dpath=tmp_path / "w0")
-    run(_cfg(compose_cfg, image_root, *base, "data.num_workers=2", "data.batch_size=3"), out_dpath=tmp_path / "w2")
+    w2 = _cfg(compose_cfg, image_root, *base, "data.num_workers=2", "data.images_per_forward=3")
+    run(w2, out_dpath=tmp_path / "w2")
     a, b = read_rows(tmp_path / "w0"), read_rows(tmp_path / "w2")
     assert a["keys"] == b["keys"] and a["acts"].shape == (32, 32)  # layer=last: the 32-d projected embedding
     torch.testing.assert_close(a["acts"], b["acts"], rtol=1e-5, atol=1e-6)
@@ -182,7 +184,7 @@ def test_list_and_wds_sources(compose_cfg, image_root, tmp_path):
                 tar.addfile(info, io.BytesIO(data))
     common = (
         "model=tiny",
-        "data.batch_size=4",
+        "data.images_per_forward=4",
         "data.num_workers=0",
         "progress=false",
         "tokens=mean",
@@ -435,7 +437,7 @@ def test_cli_sigkill_then_resume_equals_uninterrupted(tmp_path, repo_root):
             "model=tiny",
             "data=folder",
             f"data.root={root}",
-            "data.batch_size=2",
+            "data.images_per_forward=2",
             "data.num_workers=1",
             "layer=1",
             "tokens=random_k",

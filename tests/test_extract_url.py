@@ -34,7 +34,7 @@ def image_root(tmp_path_factory):
 
 
 def _cfg(compose_cfg, root, *extra):
-    overrides = ["model=tiny", "data=folder", f"data.root={root}", "data.batch_size=5", "data.num_workers=0"]
+    overrides = ["model=tiny", "data=folder", f"data.root={root}", "data.images_per_forward=5", "data.num_workers=0"]
     return compose_cfg("extract", [*overrides, "progress=false", *ARGS, *extra])
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlmsae.config import to_typed
 from vlmsae.data.taxonomy import TaxonomyError
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.sae import SAEConfig, build_sae, save_sae, train_steps
@@ -228,11 +229,10 @@ def test_cli(hand_case, tmp_path, repo_root):
 def test_inat_recipe_has_the_papers_settings(compose_cfg):
     """experiment=inat_hierarchy composes with the train entrypoint into METHOD §4's SAE: x2 on the
     768-d embedding, k=20, groups of 3/13/53/290/1177 latents."""
-    from omegaconf import OmegaConf
 
     cfg = compose_cfg("train", ["experiment=inat_hierarchy", "data.acts=/acts/inat"])
     assert cfg.layer == "last" and cfg.model.embed_dim == 768 and cfg.data.source == "acts"
-    sae_cfg = SAEConfig.from_schema(OmegaConf.to_container(cfg.sae, resolve=True), d_in=cfg.model.embed_dim)
+    sae_cfg = to_typed(cfg.sae, SAEConfig).resolved(cfg.model.embed_dim)
     assert (sae_cfg.arch, sae_cfg.n_latents, sae_cfg.k) == ("matryoshka", 1536, 20)
     assert sae_cfg.group_sizes == [3, 13, 53, 290, 1177]
 

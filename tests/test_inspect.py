@@ -35,7 +35,7 @@ class _ColourCLIP:
         from vlmsae.data.concepts import COLOURS
 
         self.spec, self.colours = spec, list(COLOURS)
-        self.rgb_C3 = torch.tensor([COLOURS[c] for c in self.colours], dtype=torch.float32)
+        self.rgb_A3 = torch.tensor([COLOURS[c] for c in self.colours], dtype=torch.float32)
 
     def embed(self, images, progress=False):
         import numpy as np
@@ -43,7 +43,7 @@ class _ColourCLIP:
         rows = []
         for im in images:
             px = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32).reshape(-1, 3))
-            rows.append(torch.cat([(torch.cdist(px, self.rgb_C3) < 60).float().mean(0), torch.zeros(1)]))
+            rows.append(torch.cat([(torch.cdist(px, self.rgb_A3) < 60).float().mean(0), torch.zeros(1)]))
         return torch.stack(rows)
 
     def embed_text(self, prompts):

@@ -237,7 +237,7 @@ def test_sweep_scores_every_sae_once_and_tables_them(compose_cfg, tmp_path, monk
     embedded = count_embeddings("vlmsae.models.embedders.load_embedder")
     out = run(_compose(compose_cfg, sweep, tmp_path / "a"), out_dpath=tmp_path / "sweep_out")
     assert sum(embedded) == 64 and out["images_embedded"] == 64  # 64 images, embedded once for 4 SAEs
-    assert out["source_batches"] == math.ceil(64 / 16)  # one model pass over the images (data.batch_size=16)
+    assert out["source_batches"] == math.ceil(64 / 16)  # one model pass over the images (data.images_per_forward=16)
     names = ["relu_x2_L2", "relu_x4_L2", "topk_x2_L2", "topk_x4_L2"]
     assert sorted(out["sweep"]) == names
     for name in names:
@@ -345,7 +345,7 @@ class _ColourCLIP:
         from vlmsae.data.concepts import COLOURS
 
         self.spec, self.colours = spec, list(COLOURS)
-        self.rgb_C3 = torch.tensor([COLOURS[c] for c in self.colours], dtype=torch.float32)
+        self.rgb_A3 = torch.tensor([COLOURS[c] for c in self.colours], dtype=torch.float32)
         self.dim = len(self.colours) + 1
 
     def embed(self, images, progress=False):
@@ -354,7 +354,7 @@ class _ColourCLIP:
         rows = []
         for im in images:
             px = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32).reshape(-1, 3))
-            near_PC = torch.cdist(px, self.rgb_C3) < 60
+            near_PC = torch.cdist(px, self.rgb_A3) < 60
             rows.append(torch.cat([near_PC.float().mean(0), torch.zeros(1)]))
         return torch.stack(rows)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
 from vlmsae.config.jobs.browse import BrowseJob
 
 
@@ -26,7 +26,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
 
-    job: BrowseJob = OmegaConf.to_object(cfg)
+    job = to_typed(cfg, BrowseJob)  # the one conversion: below, every node is its dataclass
     out_dpath = run_dir(out_dpath if out_dpath is not None else job.out or None)
     sources = find_runs(job.run, ms_run=job.ms_run, hierarchy_run=job.hierarchy_run, steer_runs=job.steer_runs)
     data = build_browser(
@@ -70,7 +70,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     import hydra
 
-    register_configs()
+    register_configs("browse")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="browse", version_base="1.3")(_main)()
 

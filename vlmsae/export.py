@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
 from vlmsae.config.jobs.export import ExportJob
 
 
@@ -27,7 +27,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
 
-    job: ExportJob = OmegaConf.to_object(cfg)
+    job = to_typed(cfg, ExportJob)  # the one conversion: below, every node is its dataclass
     sae = load_any(job.sae_path, sae_format=job.sae_format)
     written = export_sae(sae, job.format, job.out, overwrite=job.overwrite, matryoshka_class=job.matryoshka_class)
     result = {
@@ -55,7 +55,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     import hydra
 
-    register_configs()
+    register_configs("export")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="export", version_base="1.3")(_main)()
 

@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config.jobs.extract import ExtractJob
 from vlmsae.formats import RUN_INFO_JSON
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -59,43 +60,43 @@ if TYPE_CHECKING:
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Extract activations as ``cfg`` says into ``out_dpath`` (or ``cfg.out``, or Hydra's run dir; or a URL)."""
-    from vlmsae.data.images import synthetic_options_of
+    from vlmsae.data.images import synthetic_options
     from vlmsae.data.sink import sink_of
     from vlmsae.models.extraction import ExtractionPlan, Ranks, StoreExtraction
-    from vlmsae.models.spec import ModelSpec
     from vlmsae.report.job_log import log_job
 
-    out = out_dpath if out_dpath is not None else cfg.out
-    sink = sink_of(out, cfg.staging_dir)  # out=<url>: its protocol and package are checked before any image
+    job = to_typed(cfg, ExtractJob)  # the one conversion: below, every node is its dataclass
+    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json
+    out = out_dpath if out_dpath is not None else job.out
+    sink = sink_of(out, job.staging_dir)  # out=<url>: its protocol and package are checked before any image
     out_dpath = sink.staging_dpath if sink is not None else run_dir(out)
-    data = cfg.data
+    data = job.data
     plan = ExtractionPlan(
-        source=str(data.source),
-        root=None if data.root is None else str(data.root),
-        layer=cfg.layer,
-        tokens=str(cfg.tokens),
-        k=int(cfg.k),
-        seed=int(cfg.seed),
-        dtype=str(cfg.dtype),
-        rows_per_shard=int(cfg.rows_per_shard),
-        rows_per_chunk=int(cfg.rows_per_chunk),
-        order_seed=cfg.order_seed,
-        max_images=None if data.max_images is None else int(data.max_images),
-        batch_size=int(data.batch_size),
-        num_workers=int(data.num_workers),
-        exif_transpose=bool(data.exif_transpose),
-        synthetic=synthetic_options_of(data),
-        progress=bool(cfg.progress),
-        fast_decode=bool(data.fast_decode),
+        source=data.source,
+        root=data.root,
+        layer=job.layer,
+        tokens=job.tokens,
+        k=job.k,
+        seed=job.seed,
+        dtype=job.dtype,
+        rows_per_shard=job.rows_per_shard,
+        rows_per_chunk=job.rows_per_chunk,
+        order_seed=job.order_seed,
+        max_images=data.max_images,
+        batch_size=data.images_per_forward,
+        num_workers=data.num_workers,
+        exif_transpose=data.exif_transpose,
+        synthetic=synthetic_options(data.source, data.n_per_class, data.size, data.synthetic_seed),
+        progress=job.progress,
+        fast_decode=data.fast_decode,
     )
-    extraction = StoreExtraction(ModelSpec.from_cfg(cfg.model), plan, out_dpath, Ranks.from_env(), sink=sink)
+    extraction = StoreExtraction(job.model, plan, out_dpath, Ranks.from_env(), sink=sink)
     if (finished := extraction.finished) is not None:  # rerunning a complete extraction changes nothing
         return _published(sink, finished)
-    config = OmegaConf.to_container(cfg, resolve=True)
     _write_run_info(sink, out_dpath, config, result=None)  # says what is being made, even if the run is killed
     summary = extraction.run()
     _write_run_info(sink, out_dpath, config, result=summary)
-    log_job(cfg, "extract", out_dpath, summary)  # after the files: a W&B failure costs no output
+    log_job(job, "extract", out_dpath, summary)  # after the files: a W&B failure costs no output
     return _published(sink, summary)
 
 
@@ -119,7 +120,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    register_configs("extract")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="extract", version_base="1.3")(_main)()
 

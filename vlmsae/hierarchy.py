@@ -25,7 +25,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
 from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -50,26 +50,26 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     out_dpath = run_dir(out_dpath)
     if OmegaConf.is_missing(cfg, "sae_path"):
         raise ValueError("sae_path is required: an SAE folder (<run>/sae, a published SAE's folder or hf://org/repo).")
-    job: HierarchyJob = OmegaConf.to_object(cfg)
-    members, is_sweep = sweep.open_members(str(job.sae_path), job.sae_format, "hierarchy table", cfg.model)
+    job = to_typed(cfg, HierarchyJob)  # the one conversion: below, every node is its dataclass
+    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json
+    members, is_sweep = sweep.open_members(str(job.sae_path), job.sae_format, "hierarchy table", job.model)
     if not is_sweep and members[0].arch != "matryoshka":
         log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)", members[0].arch)
-    data = study.taxonomy_data(OmegaConf.to_container(cfg.data, resolve=True), job.ms_run)
+    data = study.taxonomy_data(job.data, job.ms_run)
     # The taxonomy first: a missing WordNet or a bad CSV fails before any image is encoded.
-    taxonomy = study.open_taxonomy(OmegaConf.to_container(cfg.taxonomy, resolve=True), data)
+    taxonomy = study.open_taxonomy(job.taxonomy, data)
     hint = " (or pass ms_run=<monosemanticity run dir> to reuse its top images)"
-    images = None if job.ms_run else ImageSet.from_node(data, job="hierarchy", hint=hint)
+    images = None if job.ms_run else ImageSet.from_data(data, job="hierarchy", hint=hint)
     classes = study.check_images_have_taxa(taxonomy, images) if images is not None else []
     shared = sweep.SweepCache(keep=is_sweep)
-    embedder = load_embedder(cfg.embedder) if cfg.embedder and images is not None else None
+    embedder = load_embedder(job.embedder) if job.embedder and images is not None else None
     if embedder is not None and is_sweep:
         embedder = sweep.SharedEmbedder(embedder, shared)
-    config = OmegaConf.to_container(cfg, resolve=True)
     score = _scorer(job, config, taxonomy, classes, images, embedder, is_sweep)
     table = partial(hierarchy_table, paper=study.PAPER_TABLE2)
     result = sweep.run_study(members, is_sweep, out_dpath, score, table, config, shared)
     # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
-    log_job(cfg, "hierarchy", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
+    log_job(job, "hierarchy", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
     return result
 
 
@@ -112,7 +112,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    register_configs("hierarchy")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="hierarchy", version_base="1.3")(_main)()
 

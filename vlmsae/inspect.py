@@ -23,7 +23,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, node_dict, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config.jobs.inspect import InspectJob
 from vlmsae.formats import write_inspect
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -31,7 +32,7 @@ from vlmsae.utils.provenance import write_run_info
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Inspect ``cfg.images`` with the SAE at ``cfg.sae_path``; writes the page and inspect.json to ``out_dpath``."""
-    from vlmsae.models.open_sae import load_job_sae, open_sae_source
+    from vlmsae.models.open_sae import load_job_sae, open_tapped_sae
     from vlmsae.report import inspect_page
     from vlmsae.report.job_log import log_job
     from vlmsae.studies import inspection as ins
@@ -39,29 +40,30 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     for key in ("sae_path", "images"):
         if OmegaConf.is_missing(cfg, key):
             raise ValueError(f"Pass {key}=... (python -m vlmsae.inspect sae_path=<sae dir> images=<image | folder>).")
-    if cfg.query is not None and cfg.ms_run is None:
+    job = to_typed(cfg, InspectJob)  # the one conversion: below, every node is its dataclass
+    if job.query is not None and job.ms_run is None:
         raise ValueError("query= matches the latents' concepts from their top images: pass ms_run=<its MS run> too.")
-    images = ins.list_images(OmegaConf.to_object(cfg.images) if OmegaConf.is_config(cfg.images) else cfg.images)
-    if cfg.compare and len(images) != 2:
-        raise ValueError(f"compare=true needs exactly two images; images={cfg.images} names {len(images)}.")
-    sae = load_job_sae(cfg.sae_path, cfg.sae_format)
-    ms = ins.open_ms_run(cfg.ms_run, cfg.sae_path, sae.n_latents) if cfg.ms_run else None
+    images = ins.list_images(job.images)
+    if job.compare and len(images) != 2:
+        raise ValueError(f"compare=true needs exactly two images; images={job.images} names {len(images)}.")
+    sae = load_job_sae(job.sae_path, job.sae_format)
+    ms = ins.open_ms_run(job.ms_run, job.sae_path, sae.n_latents) if job.ms_run else None
     try:
-        model = node_dict(cfg, "model") or None  # null = the SAE's source.model
-        src = open_sae_source(sae, None, model, cfg.layer, cfg.pool, cfg.device, sae_dpath=cfg.sae_path)
+        model = job.model  # null = the SAE's source.model
+        src = open_tapped_sae(sae, None, model, job.layer, job.pool, job.device, sae_dpath=job.sae_path)
     except ValueError as err:
-        raise ValueError(f"sae_path={cfg.sae_path}: {err}") from None
+        raise ValueError(f"sae_path={job.sae_path}: {err}") from None
     # one image decoded at a time (a folder of photos never sits in memory); a file that is not an image is refused
-    found = [ins.inspect_image(src, ins.open_image(path), cfg.top_n, key, path) for key, path in images]
+    found = [ins.inspect_image(src, ins.open_image(path), job.top_n, key, path) for key, path in images]
     query = None
-    if cfg.query is not None:  # the embedder: embedder= or the MS run's own
-        query = (cfg.query, ins.query_ms_run(ms, cfg.query, node_dict(cfg, "embedder") or None, cfg.top_n))
-    compare = ins.compare_images(found[0], found[1], cfg.top_n) if cfg.compare else None
-    settings = {"sae_path": str(cfg.sae_path), "model": src.spec.name, "layer": src.layer, "pool": src.pool}
-    settings.update(ms_run=str(ms.dpath) if ms else None, top_n=cfg.top_n, query=cfg.query, compare=cfg.compare)
-    result = ins.inspection_result(found, ms, query, compare, settings, cfg.strip, src.sae.group_of_latent.cpu())
+    if job.query is not None:  # the embedder: embedder= or the MS run's own
+        query = (job.query, ins.query_ms_run(ms, job.query, job.embedder, job.top_n))
+    compare = ins.compare_images(found[0], found[1], job.top_n) if job.compare else None
+    settings = {"sae_path": str(job.sae_path), "model": src.spec.name, "layer": src.layer, "pool": src.pool}
+    settings.update(ms_run=str(ms.dpath) if ms else None, top_n=job.top_n, query=job.query, compare=job.compare)
+    result = ins.inspection_result(found, ms, query, compare, settings, job.strip, src.sae.group_of_latent.cpu())
     out_dpath = run_dir(out_dpath)
-    inspect_page.draw_images(result, out_dpath, cfg.thumb_px)
+    inspect_page.draw_images(result, out_dpath, job.thumb_px)
     json_fpath = write_inspect(out_dpath, result)
     page_fpath = inspect_page.write_page(result, out_dpath)
     table_fpath = inspect_page.write_table(result, out_dpath)
@@ -75,7 +77,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         "tables": {"inspect": {"csv": str(table_fpath), "image_columns": ["heatmap"]}},
     }
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), result=summary, sae_source=src.source)
-    log_job(cfg, "inspect", out_dpath, summary, sae_path=cfg.sae_path)  # after the files
+    log_job(job, "inspect", out_dpath, summary, sae_path=job.sae_path)  # after the files
     return summary
 
 
@@ -88,7 +90,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     import hydra
 
-    register_configs()
+    register_configs("inspect")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="inspect", version_base="1.3")(_main)()
 

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config.jobs.monosemanticity import MonosemanticityJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -51,61 +52,63 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     ``cfg``: conf/monosemanticity.yaml (keys: :class:`vlmsae.config.jobs.monosemanticity.MonosemanticityJob`).
     """
     from vlmsae.data.image_set import ImageSet
-    from vlmsae.models.embedders import EmbedderSpec
     from vlmsae.report.job_log import log_job
     from vlmsae.report.tables import ms_table
     from vlmsae.studies import sweep
     from vlmsae.studies.ms_study import score_sae
-    from vlmsae.studies.naming import namer_from_cfg
+    from vlmsae.studies.naming import namer_for
 
     if OmegaConf.is_missing(cfg, "sae_path"):
         raise ValueError("Pass sae_path=<SAE folder or hf://org/repo[/sub]> (a training run keeps it in <run>/sae/).")
+    job = to_typed(cfg, MonosemanticityJob)  # the one conversion: below, every node is its dataclass
+    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json
     out_dpath = run_dir(out_dpath)
-    sae_dpath = os.path.expanduser(str(cfg.sae_path))  # a str, not a Path: Path("hf://a/b") drops a slash
-    namer = namer_from_cfg(cfg, cfg.embedder)  # before any image is read
-    members, is_sweep = sweep.open_members(sae_dpath, cfg.sae_format, "MS table", cfg.model)
-    images = ImageSet.from_node(OmegaConf.to_container(cfg.data, resolve=True), job="monosemanticity")
+    sae_dpath = os.path.expanduser(str(job.sae_path))  # a str, not a Path: Path("hf://a/b") drops a slash
+    namer = namer_for(job, job.embedder)  # before any image is read
+    members, is_sweep = sweep.open_members(sae_dpath, job.sae_format, "MS table", job.model)
+    images = ImageSet.from_data(job.data, job="monosemanticity")
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
-        # model: null = the SAE's source.model (a model node converts in source_model_spec)
-        src = shared.open(m, cfg.model, cfg.layer, cfg.pool, cfg.device, bool(cfg.check_fit))
+        # model: null = the SAE's source.model
+        src = shared.open(m, job.model, job.layer, job.pool, job.device, job.check_fit)
         study = score_sae(
-            src, images, EmbedderSpec.from_cfg(cfg.embedder), _cache_dpath(cfg), **{k: cfg[k] for k in _STUDY_KEYS},
+            src, images, job.embedder, _cache_dpath(job), **{k: getattr(job, k) for k in _STUDY_KEYS},
             sae_path=m.sae_path, embed_memo=shared.embeddings if shared.keep else None, namer=namer,
         )  # fmt: skip
         shared.n_embedded += study.n_embedded
-        _finish(cfg, sub_dpath, study, src, images, m.sae_path)
+        _finish(job, config, sub_dpath, study, src, images, m.sae_path)
         return study.summary, src.layer
 
-    config = OmegaConf.to_container(cfg, resolve=True)
     result = sweep.run_study(members, is_sweep, out_dpath, score, ms_table, config)
     # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
-    log_job(cfg, "monosemanticity", out_dpath, result, sae_path=None if is_sweep else sae_dpath)
+    log_job(job, "monosemanticity", out_dpath, result, sae_path=None if is_sweep else sae_dpath)
     return result
 
 
 _STUDY_KEYS = ("top_k", "baseline", "chunk_size", "dense_threshold", "progress")
 
 
-def _cache_dpath(cfg: DictConfig) -> Path:
+def _cache_dpath(job: MonosemanticityJob) -> Path:
     from vlmsae.studies.embedding_cache import default_cache_dpath
 
-    return Path(cfg.embed_cache).expanduser() if cfg.embed_cache else default_cache_dpath()
+    return Path(job.embed_cache).expanduser() if job.embed_cache else default_cache_dpath()
 
 
-def _finish(cfg: DictConfig, out_dpath: Path, study: Any, src: Any, images: ImageSet, sae_path: str) -> None:
+def _finish(
+    job: MonosemanticityJob, config: dict, out_dpath: Path, study: Any, src: Any, images: ImageSet, sae_path: str
+) -> None:
     """The optional zero-shot check, then the study's files and run_info.json in ``out_dpath``."""
     from vlmsae.report.studies import write_ms_outputs
     from vlmsae.studies.ms_study import zero_shot_check
 
-    if cfg.zero_shot:
+    if job.zero_shot:
         study.summary["zero_shot"] = zero_shot_check(
-            src, images, study.classes, template=cfg.zero_shot_template, max_images=cfg.zero_shot_max_images
+            src, images, study.classes, template=job.zero_shot_template, max_images=job.zero_shot_max_images
         )
     outputs = write_ms_outputs(out_dpath, study)
     write_run_info(
         out_dpath,
-        {**OmegaConf.to_container(cfg, resolve=True), "sae_path": str(sae_path)},
+        {**config, "sae_path": str(sae_path)},
         outputs=outputs,
         sae_path=str(sae_path),
         data_root=str(images.root),
@@ -128,7 +131,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    register_configs("monosemanticity")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="monosemanticity", version_base="1.3")(_main)()
 

@@ -23,7 +23,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, node_dict, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config.jobs.names import NamesJob
 from vlmsae.formats import LATENTS_CSV, MS_SUMMARY_JSON, read_ms_summary, write_latents_csv, write_ms_summary
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -32,13 +33,13 @@ from vlmsae.utils.provenance import write_run_info
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Name ``cfg.ms_run``'s latents with ``cfg.names``; rewrites its latents.csv; run_info.json in ``out_dpath``."""
     from vlmsae.report.job_log import log_job
-    from vlmsae.studies.naming import ms_run_embedder, name_ms_run, namer_from_cfg
+    from vlmsae.studies.naming import ms_run_embedder, name_ms_run, namer_for
 
     if OmegaConf.is_missing(cfg, "ms_run"):
         raise ValueError("Pass ms_run=<monosemanticity run folder> (it holds latents.csv and top_images/).")
-    ms_dpath = Path(cfg.ms_run).expanduser()
-    embedder_cfg = ms_run_embedder(ms_dpath, node_dict(cfg, "embedder"))
-    namer = namer_from_cfg(cfg, embedder_cfg)
+    job = to_typed(cfg, NamesJob)  # the one conversion: below, every node is its dataclass
+    ms_dpath = Path(job.ms_run).expanduser()
+    namer = namer_for(job, ms_run_embedder(ms_dpath, job.embedder))
     table, names = name_ms_run(ms_dpath, namer)
     written = [str(write_latents_csv(ms_dpath, table))]
     summary = namer.study_summary(names, table.ms_K(len(table.rows)))  # latents are 0..K-1
@@ -47,9 +48,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         ms_summary.extra["names"] = summary
         written.append(str(write_ms_summary(ms_dpath, ms_summary)))
     out_dpath = run_dir(out_dpath)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=written, ms_run=str(ms_dpath))
+    record = OmegaConf.to_container(cfg, resolve=True)
+    write_run_info(out_dpath, record, outputs=written, ms_run=str(ms_dpath))
     result = {"out_dpath": str(out_dpath), "latents_csv": str(ms_dpath / LATENTS_CSV), **summary}
-    log_job(cfg, "names", out_dpath, result)  # after the files
+    log_job(job, "names", out_dpath, result)  # after the files
     return result
 
 
@@ -64,7 +66,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     import hydra
 
-    register_configs()
+    register_configs("names")
 
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="names", version_base="1.3")(_main)()

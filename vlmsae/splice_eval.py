@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
 from vlmsae.config.jobs.splice_eval import SpliceEvalJob
 from vlmsae.formats import write_splice
 from vlmsae.utils.paths import run_dir
@@ -34,19 +34,18 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     Returns the flat headline figures (:meth:`~vlmsae.steering.splice.SpliceScores.summary`) + table + out_dpath."""
     import torch
 
-    from vlmsae.models.spec import ModelSpec
     from vlmsae.report.job_log import log_job
     from vlmsae.report.splice import write_splice_report
     from vlmsae.steering import splice
     from vlmsae.steering.setup import load_steering
     from vlmsae.studies.ms_study import clip_zero_shot
 
-    job: SpliceEvalJob = OmegaConf.to_object(cfg)
+    job = to_typed(cfg, SpliceEvalJob)  # the one conversion: below, every node is its dataclass
     out_dpath = run_dir(out_dpath)
     if job.prompts is not None:  # a bad prompt file fails before the model loads
         splice.read_prompt_file(job.prompts)
     torch.manual_seed(job.seed)
-    spec = ModelSpec.from_cfg(cfg.model)
+    spec = job.model
     setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
     items, source_note = splice.prompt_items(
         setup, job.prompts, job.images, job.n_images, job.max_new_tokens, job.batch_size
@@ -65,7 +64,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     write_splice(out_dpath, result)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
     print(table)
-    log_job(cfg, "splice_eval", out_dpath, scores.summary(), sae_path=job.sae_path)  # after the files
+    log_job(job, "splice_eval", out_dpath, scores.summary(), sae_path=job.sae_path)  # after the files
     return {**scores.summary(), "table": table, "out_dpath": str(out_dpath)}
 
 
@@ -75,7 +74,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    register_configs("splice_eval")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="splice_eval", version_base="1.3")(_main)()
 

@@ -27,7 +27,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config.jobs.stability import StabilityJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -45,25 +46,26 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
     if OmegaConf.is_missing(cfg, "runs"):
         raise ValueError("Pass runs=[<run0>/sae,<run1>/sae,...]: two or more SAEs trained with different seeds.")
-    if cfg.pairs not in ("reference", "all"):
-        raise ValueError(f"pairs={cfg.pairs!r}: expected reference (every seed vs the first) or all (every pair).")
-    if not 0.0 < float(cfg.threshold) <= 1.0:
-        raise ValueError(f"threshold={cfg.threshold}: a cosine in (0, 1], e.g. threshold=0.7.")
-    runs = study.open_runs(list(cfg.runs))  # refuses < 2 runs and SAEs of different sizes before any output
+    job = to_typed(cfg, StabilityJob)  # the one conversion
+    if job.pairs not in ("reference", "all"):
+        raise ValueError(f"pairs={job.pairs!r}: expected reference (every seed vs the first) or all (every pair).")
+    if not 0.0 < float(job.threshold) <= 1.0:
+        raise ValueError(f"threshold={job.threshold}: a cosine in (0, 1], e.g. threshold=0.7.")
+    runs = study.open_runs(list(job.runs))  # refuses < 2 runs and SAEs of different sizes before any output
     out_dpath = run_dir(out_dpath)
     result = study.stability_study(
         runs,
-        threshold=float(cfg.threshold),
-        all_pairs=cfg.pairs == "all",
-        exact_max=int(cfg.exact_max),
-        ms_runs=list(cfg.ms_runs) if cfg.ms_runs else None,
-        hierarchy_runs=list(cfg.hierarchy_runs) if cfg.hierarchy_runs else None,
+        threshold=float(job.threshold),
+        all_pairs=job.pairs == "all",
+        exact_max=int(job.exact_max),
+        ms_runs=list(job.ms_runs) if job.ms_runs else None,
+        hierarchy_runs=list(job.hierarchy_runs) if job.hierarchy_runs else None,
     )
     outputs = write_stability_outputs(out_dpath, result)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=outputs)
     headline = study.headline(result.summary)
     log.info("seed stability: %s", headline)
-    log_job(cfg, "stability", out_dpath, headline)  # after the files
+    log_job(job, "stability", out_dpath, headline)  # after the files
     return {**headline, "out_dpath": str(out_dpath)}
 
 
@@ -72,7 +74,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    register_configs("stability")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="stability", version_base="1.3")(_main)()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
 from vlmsae.config.jobs.steer import SteerJob
 from vlmsae.formats import write_steer
 from vlmsae.utils.paths import run_dir
@@ -26,15 +26,14 @@ from vlmsae.utils.provenance import write_run_info
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     import torch
 
-    from vlmsae.models.spec import ModelSpec
     from vlmsae.report.job_log import log_job
     from vlmsae.report.steering import side_by_side
     from vlmsae.steering.compare import SteerRequest, compare_answers, latent_alphas, load_images
     from vlmsae.steering.setup import load_steering
 
-    job: SteerJob = OmegaConf.to_object(cfg)
+    job = to_typed(cfg, SteerJob)  # the one conversion: below, every node is its dataclass
     out_dpath = run_dir(out_dpath)
-    spec = ModelSpec.from_cfg(cfg.model)
+    spec = job.model
     request = SteerRequest(
         latent_alphas(job.latent, job.alpha),
         job.mode,
@@ -59,7 +58,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     print(side_by_side(names, rows, result.sweep))
     write_steer(out_dpath, result)
     write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
-    log_job(cfg, "steer", out_dpath, result.to_dict(), sae_path=job.sae_path)  # after the files
+    log_job(job, "steer", out_dpath, result.to_dict(), sae_path=job.sae_path)  # after the files
     return {**result.to_dict(), "out_dpath": str(out_dpath)}
 
 
@@ -69,7 +68,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    register_configs("steer")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="steer", version_base="1.3")(_main)()
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.formats import TOP_IMAGES_DIR, write_steer_eval
 from vlmsae.utils.paths import run_dir
@@ -33,20 +33,15 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     """Score steering as ``cfg`` says (keys: :class:`SteerEvalJob`); outputs in ``out_dpath``. A sweep (a folder of
     SAEs or a comma list), each SAE with ``top_images=<MS sweep run>/<its name>/top_images``: LLaVA, the embedder
     and the evaluation images loaded once; outputs in ``out_dpath/<name>/``, and ``steer_table.md/.csv``."""
-    import torch
-
-    from vlmsae.metrics.topimages import TopImages
-    from vlmsae.models.embedders import EmbedderSpec, load_embedder
-    from vlmsae.models.spec import ModelSpec
+    from vlmsae.models.embedders import load_embedder
     from vlmsae.report.job_log import log_job
-    from vlmsae.report.steering import write_score_report
     from vlmsae.report.tables import steer_table
     from vlmsae.steering import evaluate
-    from vlmsae.steering.hooks import steer_block
     from vlmsae.steering.setup import load_steering, require_folder
     from vlmsae.studies import sweep
 
-    job: SteerEvalJob = OmegaConf.to_object(cfg)
+    job = to_typed(cfg, SteerEvalJob)  # the one conversion: below, every node is its dataclass
+    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json
     out_dpath = run_dir(out_dpath)
     members, is_sweep = sweep.open_members(str(job.sae_path), job.sae_format)
     top_dpath = Path(str(job.top_images))  # a sweep: the MS sweep's run dir, one folder per SAE
@@ -54,16 +49,31 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     hint = " (for a sweep, top_images= is the MS sweep's run dir)" if is_sweep else ""
     for m in members:  # every index first: a missing one fails before LLaVA loads
         require_folder("top_images", tops[m.name], hint)
-    spec, embedder_spec = ModelSpec.from_cfg(cfg.model), EmbedderSpec.from_cfg(cfg.embedder)
-    setup = load_steering(spec, members[0].sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
-    embedder = load_embedder(embedder_spec)
+    setup = load_steering(job.model, members[0].sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
+    embedder = load_embedder(job.embedder)
     images = evaluate.eval_images(job.images, job.n_images, setup.image_size, job.seed)
-    config = OmegaConf.to_container(cfg, resolve=True)
     request = evaluate.ScoreRequest(
         evaluate.latent_list(job.latents), job.alpha, job.mode, job.prompt, job.max_new_tokens, job.batch_size,
         job.top_n, job.compare_add, evaluate.load_class_names(job.class_names), job.seed,
     )  # fmt: skip
-    settings = {"model": spec.name, "images": job.images, "embedder": config["embedder"]}
+    score = _scorer(job, config, setup, embedder, images, request, tops)
+    result = sweep.run_study(members, is_sweep, out_dpath, score, steer_table, config)
+    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
+    log_job(job, "steer_eval", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
+    return result
+
+
+def _scorer(job: SteerEvalJob, config: dict, setup, embedder, images, request, tops: dict[str, str]):
+    """The score of one SAE: LLaVA steered through it, scored against its top images; its outputs in its folder."""
+    import torch
+
+    from vlmsae.metrics.topimages import TopImages
+    from vlmsae.report.steering import write_score_report
+    from vlmsae.steering import evaluate
+    from vlmsae.steering.hooks import steer_block
+    from vlmsae.studies import sweep
+
+    settings = {"model": job.model.name, "images": job.images, "embedder": config["embedder"]}
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, int]:
         torch.manual_seed(job.seed)
@@ -78,10 +88,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         print(table)
         return {**result.to_dict(), "table": table}, one.layer
 
-    result = sweep.run_study(members, is_sweep, out_dpath, score, steer_table, config)
-    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
-    log_job(cfg, "steer_eval", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
-    return result
+    return score
 
 
 def _main(cfg: DictConfig) -> None:
@@ -91,7 +98,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs()
+    register_configs("steer_eval")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="steer_eval", version_base="1.3")(_main)()
 

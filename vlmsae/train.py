@@ -30,7 +30,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, node_dict, prepare_command_line, register_configs
+from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config.jobs.train import TrainJob
 from vlmsae.utils.paths import hydra_chose_run_dir, run_dir
 
 
@@ -39,41 +40,37 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
 
     ``callbacks``: extra Lightning callbacks (tests use them to interrupt a run or record steps).
     """
-    from vlmsae.lit.fit import FitPlan, check_accelerator, fit_sae, resolve_grid, resolve_train_source
+    from vlmsae.lit.fit import FitPlan, check_accelerator, fit_sae, resolve_grid, resolve_train_input
     from vlmsae.lit.resume import choose_run
     from vlmsae.lit.val_ms import val_ms_callbacks
-    from vlmsae.models.spec import ModelSpec
-    from vlmsae.sae import SAEConfig
     from vlmsae.sae.precision import check_trainer_precision
 
-    config = OmegaConf.to_container(cfg, resolve=True)
+    job = to_typed(cfg, TrainJob)  # the one conversion: below, every node is its dataclass
+    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json, W&B, what resume matches
     # the same command again continues its unfinished run in that run's folder (vlmsae.lit.resume)
-    chosen = choose_run(cfg.resume, run_dir(out_dpath), config, new_dpath=hydra_chose_run_dir(out_dpath))
+    chosen = choose_run(job.resume, run_dir(out_dpath), config, new_dpath=hydra_chose_run_dir(out_dpath))
     if chosen.finished_metrics is not None:
         return chosen.finished_metrics
     out_dpath = chosen.out_dpath
-    trainer, data = OmegaConf.to_object(cfg.trainer), OmegaConf.to_object(cfg.data)  # the node dataclasses
     # Everything that can be wrong with the input is checked before any training starts.
-    check_trainer_precision(trainer.precision)  # the SAE trains in float32 only (vlmsae.sae.precision)
-    check_accelerator(trainer.accelerator)  # trainer=gpu on a machine without one: say so, name trainer=cpu
-    model = ModelSpec.from_cfg(cfg.model)
-    source = resolve_train_source(data, model, cfg.layer, cfg.tokens, int(cfg.tokens_k))
-    sae_config = SAEConfig.from_schema(node_dict(cfg, "sae"), d_in=source.d).to_dict()
-    callbacks = [*(callbacks or []), *val_ms_callbacks(config.get("val_ms"), model, source, bool(cfg.sae_grid))]
+    check_trainer_precision(job.trainer.precision)  # the SAE trains in float32 only (vlmsae.sae.precision)
+    check_accelerator(job.trainer.accelerator)  # trainer=gpu on a machine without one: say so, name trainer=cpu
+    rows = resolve_train_input(job.data, job.model, job.layer, job.tokens, job.tokens_k)
+    callbacks = [*(callbacks or []), *val_ms_callbacks(job.val_ms, job.model, rows, bool(job.sae_grid))]
     plan = FitPlan(
-        model=model,
-        source=source,
-        sae_config=sae_config,
-        data=data,
-        trainer=trainer,
-        logger=OmegaConf.to_object(cfg.logger),
-        seed=int(cfg.seed),
+        model=job.model,
+        rows=rows,
+        sae_config=job.sae.resolved(rows.d),
+        data=job.data,
+        trainer=job.trainer,
+        logger=job.logger,
+        seed=job.seed,
         resume_ckpt=chosen.resume_ckpt,
         config=config,
     )
     # many SAEs per pass, each reading the same batches
-    grid = resolve_grid(config["sae_grid"], node_dict(cfg, "sae"), source.d, trainer.lr) if cfg.sae_grid else None
-    return fit_sae(plan, out_dpath, callbacks, grid=grid, sae_devices=config["sae_devices"])
+    grid = resolve_grid(job.sae_grid, job.sae, rows.d, job.trainer.lr) if job.sae_grid else None
+    return fit_sae(plan, out_dpath, callbacks, grid=grid, sae_devices=job.sae_devices)
 
 
 def _main(cfg: DictConfig) -> dict:
@@ -83,7 +80,7 @@ def _main(cfg: DictConfig) -> dict:
 def main() -> None:
     import hydra
 
-    register_configs()
+    register_configs("train")
     prepare_command_line()
     hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_main)()
 

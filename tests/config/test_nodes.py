@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from vlmsae.config import to_typed
 from vlmsae.sae import SAEConfig, build_sae
 
 
@@ -43,12 +44,12 @@ def test_config_is_frozen_and_relu_ignores_k():
     assert SAEConfig(arch="relu", d_in=8, n_latents=4, k=20).k == 20  # k unused by ReLU-L1: no error
 
 
-def test_from_schema_uses_expansion_and_rejects_unknown_keys():
+def test_to_typed_uses_expansion_and_rejects_unknown_keys():
     node = {"arch": "matryoshka", "expansion": 4, "n_latents": None, "k": 3, "group_fractions": [0.25, 0.75]}
-    cfg = SAEConfig.from_schema(node, d_in=16)
+    cfg = to_typed(node, SAEConfig).resolved(16)
     assert (cfg.n_latents, cfg.group_sizes) == (64, [16, 48])
-    with pytest.raises(ValueError, match=r"Unknown SAE config keys \['kk'\]"):
-        SAEConfig.from_schema({"arch": "topk", "expansion": 2, "kk": 3}, d_in=16)
+    with pytest.raises(ValueError, match=r"Unknown sae field\(s\) \['kk'\]"):
+        to_typed({"arch": "topk", "expansion": 2, "kk": 3}, SAEConfig)
 
 
 def test_group_sizes_follow_the_paper():
@@ -69,9 +70,9 @@ def test_library_nodes_refuse_unknown_and_missing_fields_naming_them():
     from vlmsae.sae import SAEConfig, build_sae
 
     with pytest.raises(ValueError, match=r"Unknown model field\(s\) \['extra'\].*model.seed=1, not model.extra.seed"):
-        ModelSpec.from_cfg({"name": "x", "backend": "open_clip", "arch": "a", "extra": {"seed": 1}})
+        to_typed({"name": "x", "backend": "open_clip", "arch": "a", "extra": {"seed": 1}}, ModelSpec)
     with pytest.raises(ValueError, match=r"Unknown embedder field\(s\) \['extra'\]"):
-        EmbedderSpec.from_cfg({"name": "x", "extra": {}})
+        to_typed({"name": "x", "extra": {}}, EmbedderSpec)
     with pytest.raises(ValueError, match=r"model needs \['arch'\].*model.arch"):
         ModelSpec(name="x", backend="open_clip")
     with pytest.raises(ValueError, match=r"SAE needs d_in and n_latents.*resolved\(d_in\)"):
@@ -93,3 +94,16 @@ def test_embedder_cache_id_changes_with_preprocessing_overrides():
     base = EmbedderSpec(pretrained="openai")
     assert base.cache_id() == "clip_b32|open_clip|ViT-B-32|openai|"  # unchanged for every existing cache
     assert EmbedderSpec(pretrained="openai", quick_gelu=False).cache_id() != base.cache_id()
+
+
+def test_data_keys_have_one_meaning_and_the_split_seed_is_refused_naming_the_new_keys():
+    from vlmsae.config.nodes import DataSchema
+    from vlmsae.data.images import synthetic_options_of
+
+    data = to_typed({"source": "synthetic", "synthetic_seed": 3, "shuffle_seed": 5}, DataSchema)
+    assert (data.synthetic_seed, data.shuffle_seed, data.images_per_forward) == (3, 5, 64)
+    with pytest.raises(ValueError, match=r"data.seed=1 .*data.shuffle_seed.*data.synthetic_seed"):
+        to_typed({"source": "synthetic", "seed": 1}, DataSchema)
+    # a data node recorded in an older run_info.json still names the same generated images
+    assert synthetic_options_of({"source": "synthetic", "seed": 3})["seed"] == 3
+    assert synthetic_options_of({"source": "synthetic", "synthetic_seed": 3, "seed": None})["seed"] == 3

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from vlmsae.config import conf_dir
+from vlmsae.config import conf_dir, to_typed
 from vlmsae.config.schemas import SCHEMAS
 
 CONF_DPATH = conf_dir()
@@ -137,7 +137,7 @@ def test_every_group_option_composes(compose_any, healthy_primaries, group, opti
         if group == "sae":
             from vlmsae.sae import SAEConfig, build_sae
 
-            sae_cfg = SAEConfig.from_schema(node, d_in=16)
+            sae_cfg = to_typed(node, SAEConfig).resolved(16)
             assert build_sae(sae_cfg).n_latents == sae_cfg.n_latents
 
 
@@ -214,17 +214,19 @@ def test_registered_nodes_carry_the_node_class(compose_any):
 
 
 def test_composed_nodes_become_the_library_dataclasses(compose_any):
+    from vlmsae.config.jobs.monosemanticity import MonosemanticityJob
     from vlmsae.models import ModelSpec
     from vlmsae.models.embedders import EmbedderSpec
     from vlmsae.sae import SAEConfig
 
     cfg = compose_any("monosemanticity", ["model=tiny", "embedder=pixels", "sae_path=/x"])
-    assert ModelSpec.from_cfg(cfg.model) == OmegaConf.to_object(cfg.model)
-    assert EmbedderSpec.from_cfg(cfg.embedder).embed_dim == cfg.embedder.embed_dim
+    job = to_typed(cfg, MonosemanticityJob)  # the one conversion a job makes: every node its dataclass
+    assert isinstance(job.model, ModelSpec) and job.model == to_typed(cfg.model, ModelSpec)
+    assert isinstance(job.embedder, EmbedderSpec) and job.embedder.embed_dim == cfg.embedder.embed_dim
     sae_cfg = compose_any("train", ["sae=matryoshka", "sae.expansion=2"]).sae
     node = OmegaConf.to_object(sae_cfg)  # the frozen dataclass itself, unresolved: its width is not known yet
     assert isinstance(node, SAEConfig) and (node.d_in, node.n_latents) == (None, None)
-    resolved = SAEConfig.from_schema(sae_cfg, d_in=16)
+    resolved = to_typed(sae_cfg, SAEConfig).resolved(16)
     assert resolved == node.resolved(16) and (resolved.d_in, resolved.n_latents, resolved.expansion) == (16, 32, 2)
     assert resolved.group_sizes == [2, 4, 8, 18]
 
@@ -246,7 +248,7 @@ def test_former_model_extra_keys_are_typed_fields(compose_any, override, value):
     from vlmsae.models import ModelSpec
 
     key = override.split("=")[0]
-    spec = ModelSpec.from_cfg(compose_any("extract", ["model=tiny", override]).model)
+    spec = to_typed(compose_any("extract", ["model=tiny", override]).model, ModelSpec)
     assert getattr(spec, key.split(".")[1]) == value
     with pytest.raises(Exception) as info:  # the old spelling is now a typo, named at compose time
         compose_any("extract", ["model=tiny", f"model.extra.{key.split('.')[1]}=1"])

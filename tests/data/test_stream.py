@@ -94,8 +94,8 @@ def test_shuffle_buffer_memory_is_bounded():
         for batch in buf.add(rows):
             assert batch.shape == (16, 4)
             n_out += 16
-        peak = max(peak, buf.buf_SD.shape[0] + buf.n_pending)
-    assert buf.buf_SD.shape[0] == 64
+        peak = max(peak, buf.buf_QD.shape[0] + buf.n_pending)
+    assert buf.buf_QD.shape[0] == 64
     assert peak < 64 + 16 + 50
     n_out += sum(b.shape[0] for b in buf.flush(drop_last=False))
     assert n_out == 200 * 50

@@ -15,7 +15,7 @@ import torch
 from vlmsae.data.store import write_acts_store
 from vlmsae.lit.fit import resolve_grid
 from vlmsae.lit.loggers import read_metrics_csv
-from vlmsae.sae import load_sae
+from vlmsae.sae import SAEConfig, load_sae
 from vlmsae.train import run
 
 GRID = "[{expansion:4,k:8},{expansion:8,k:4,arch:topk,lr:0.003},{expansion:2,k:8,arch:relu}]"
@@ -116,9 +116,9 @@ def test_resume_restores_every_sae(compose_cfg, store, many_run, tmp_path):
 
 def test_bad_grid_fails_naming_the_entry():
     with pytest.raises(ValueError, match="sae_grid entry 1.*expanson"):
-        resolve_grid([{"k": 8}, {"expanson": 4}], {"arch": "topk", "expansion": 4, "k": 8}, 64, None)
+        resolve_grid([{"k": 8}, {"expanson": 4}], SAEConfig(arch="topk", expansion=4, k=8), 64, None)
     with pytest.raises(ValueError, match="non-empty list"):
-        resolve_grid({"k": 8}, {"arch": "topk", "expansion": 4, "k": 8}, 64, None)
+        resolve_grid({"k": 8}, SAEConfig(arch="topk", expansion=4, k=8), 64, None)
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ from vlmsae.lit.module import SAELitModule
 from vlmsae.sae import SAEConfig
 
 
-def _config(**kw) -> dict:
-    return SAEConfig(**{"arch": "topk", "d_in": 8, "n_latents": 16, "k": 2, **kw}).to_dict()
+def _config(**kw) -> SAEConfig:
+    return SAEConfig(**{"arch": "topk", "d_in": 8, "n_latents": 16, "k": 2, **kw})
 
 
 def test_a_single_sae_checkpoint_with_the_old_weight_names_loads():

@@ -11,7 +11,7 @@ import torch
 from vlmsae.metrics import monosemanticity_scores, ms_summary
 
 
-def pairwise_ms(acts_NK: np.ndarray, emb_ND: np.ndarray) -> np.ndarray:
+def pairwise_ms(acts_NK: np.ndarray, emb_NE: np.ndarray) -> np.ndarray:
     """METHOD §3 written out: min-max normalise, then sum over pairs n < m of r_nm s_nm / sum of r_nm."""
     n_images, n_latents = acts_NK.shape
     out = np.full(n_latents, np.nan)
@@ -24,7 +24,7 @@ def pairwise_ms(acts_NK: np.ndarray, emb_ND: np.ndarray) -> np.ndarray:
         num = den = 0.0
         for n in range(n_images):
             for m in range(n + 1, n_images):
-                s = emb_ND[n] @ emb_ND[m] / (np.linalg.norm(emb_ND[n]) * np.linalg.norm(emb_ND[m]))
+                s = emb_NE[n] @ emb_NE[m] / (np.linalg.norm(emb_NE[n]) * np.linalg.norm(emb_NE[m]))
                 r = a_norm[n] * a_norm[m]
                 num += r * s
                 den += r

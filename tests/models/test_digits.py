@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlmsae.config import to_typed
 from vlmsae.data.digits import CLASS_NAMES, HELDOUT_PER_CLASS, ensure_digits, load_digit_arrays, split_indices
 from vlmsae.data.images import iter_images, list_folder
 from vlmsae.models import digits, get_model_spec, load_tap
@@ -62,7 +63,7 @@ def test_random_control_has_the_same_shapes_and_is_not_trained():
 
 
 def test_digits_cnn_embedder_is_independent_and_accurate():
-    emb = load_embedder(EmbedderSpec.from_cfg(_embedder_node()))
+    emb = load_embedder(to_typed(_embedder_node(), EmbedderSpec))
     meta = digits.read_trained_meta(tiny_model_dpath("embedder_digits_cnn"))
     assert meta["heldout_accuracy"] >= 0.9 and meta["network"] == "digits_cnn"
     records = list(iter_images("folder", ensure_digits() / "heldout"))

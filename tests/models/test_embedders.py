@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vlmsae.config import to_typed
 from vlmsae.models.embedders import EmbedderSpec, load_embedder
 
 
@@ -83,7 +84,7 @@ def test_bad_specs_are_clear(tmp_path) -> None:
     with pytest.raises(ValueError, match="backend"):
         EmbedderSpec(name="x", backend="tensorflow")
     with pytest.raises(ValueError, match="Unknown embedder field"):
-        EmbedderSpec.from_cfg({"name": "x", "backend": "pixels", "colour": 3})
+        to_typed({"name": "x", "backend": "pixels", "colour": 3}, EmbedderSpec)
     with pytest.raises(FileNotFoundError, match="local_path"):
         load_embedder({"name": "x", "backend": "hf", "arch": "a/b", "local_path": str(tmp_path / "missing")})
 

@@ -21,7 +21,7 @@ from vlmsae.extract import run
 from vlmsae.formats import read_manifest
 from vlmsae.models.extraction import Ranks, StoreExtraction, check_world_size
 
-ARGS = ["model=tiny", "data=folder", "data.batch_size=3", "data.num_workers=0", "layer=1", "tokens=patches"]
+ARGS = ["model=tiny", "data=folder", "data.images_per_forward=3", "data.num_workers=0", "layer=1", "tokens=patches"]
 ARGS += ["rows_per_shard=40", "rows_per_chunk=16", "progress=false"]
 
 

@@ -44,11 +44,11 @@ def test_hf_hub_offline_needs_no_probe(no_network, monkeypatch):
 
 
 def test_open_clip_weights_without_a_hub_fail_in_one_message(no_network, tmp_path):
-    from vlmsae.models.open_clip_backend import _missing_weights_error, create_open_clip, resolve_open_clip_source
+    from vlmsae.models.open_clip_backend import _missing_weights_error, create_open_clip, resolve_open_clip_weights
     from vlmsae.models.spec import get_model_spec
 
     spec = get_model_spec("clip_b32")
-    source = resolve_open_clip_source(spec.name, spec.arch, spec.pretrained, None, spec.pretrained_tag, {})
+    source = resolve_open_clip_weights(spec.name, spec.arch, spec.pretrained, None, spec.pretrained_tag, {})
     with pytest.raises(RuntimeError, match=r"(?s)Hugging Face Hub is unreachable .*model.local_path") as err:
         create_open_clip(source, str(tmp_path / "empty_cache"), on_missing=lambda e: _missing_weights_error(spec, e))
     assert err.value.__cause__ is None and err.value.__suppress_context__  # no chain of download tracebacks

@@ -39,10 +39,10 @@ def test_seed_on_a_model_with_loaded_weights_is_refused():
 
 def test_random_open_clip_weights_are_drawn_from_the_seed():
     """``model.pretrained=null``: the random network is the seed's, so a job can rebuild the one an SAE read."""
-    from vlmsae.models.open_clip_backend import OpenClipSource, create_open_clip
+    from vlmsae.models.open_clip_backend import OpenClipWeights, create_open_clip
 
     def weights(seed: int) -> torch.Tensor:
-        source = OpenClipSource("RN50", None, None, None, {}, "test", seed=seed)
+        source = OpenClipWeights("RN50", None, None, None, {}, "test", seed=seed)
         torch.manual_seed(123)  # the caller's RNG state must not matter, and is left as it was
         model, _ = create_open_clip(source)
         assert torch.rand(1).item() == expected_next

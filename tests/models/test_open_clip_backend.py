@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmsae.config import conf_dir
+from vlmsae.config import conf_dir, to_typed
 from vlmsae.models import ModelSpec, get_model_spec, load_tap
 from vlmsae.models.embedders import EmbedderSpec, load_embedder
-from vlmsae.models.open_clip_backend import registered_preprocess, resolve_open_clip_source
+from vlmsae.models.open_clip_backend import registered_preprocess, resolve_open_clip_weights
 
 torch.set_num_threads(1)
 CONF_MODEL_DPATH = conf_dir() / "model"
@@ -93,7 +93,7 @@ def test_file_weights_resolve_like_their_tag(name, conf, tmp_path):
 
     def resolve(**kw):
         fields = {"pretrained": tag, **kw}
-        return resolve_open_clip_source(
+        return resolve_open_clip_weights(
             conf["name"],
             arch,
             fields["pretrained"],
@@ -139,17 +139,17 @@ def test_file_without_a_tag_is_an_error_listing_the_tags(tmp_path):
     fpath = tmp_path / "w.safetensors"
     fpath.write_bytes(b"")
     with pytest.raises(ValueError, match=r"(?s)'clip_b32'.*no.*model\.pretrained_tag=<tag>.*'openai'.*local_path"):
-        resolve_open_clip_source("clip_b32", "ViT-B-32", pretrained=str(fpath))
+        resolve_open_clip_weights("clip_b32", "ViT-B-32", pretrained=str(fpath))
     with pytest.raises(ValueError, match=r"(?s)embedder\.pretrained_tag=<tag>.*'openai'"):
-        resolve_open_clip_source("e", "ViT-B-32", pretrained=None, local_path=str(fpath), where="embedder")
+        resolve_open_clip_weights("e", "ViT-B-32", pretrained=None, local_path=str(fpath), where="embedder")
     with pytest.raises(ValueError, match=r"Unknown pretrained tag 'nope' \(model.pretrained_tag\).*valid tags.*openai"):
-        resolve_open_clip_source("m", "ViT-B-32", pretrained=str(fpath), pretrained_tag="nope")
+        resolve_open_clip_weights("m", "ViT-B-32", pretrained=str(fpath), pretrained_tag="nope")
     with pytest.raises(ValueError, match=r"Unknown pretrained tag 'nope' \(model.pretrained\).*openai"):
-        resolve_open_clip_source("m", "ViT-B-32", pretrained="nope", local_path=str(fpath))
+        resolve_open_clip_weights("m", "ViT-B-32", pretrained="nope", local_path=str(fpath))
     with pytest.raises(ValueError, match=r"pretrained='openai' and model.pretrained_tag='laion2b_s34b_b79k'.*drop one"):
-        resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", pretrained_tag="laion2b_s34b_b79k")
+        resolve_open_clip_weights("m", "ViT-B-32", pretrained="openai", pretrained_tag="laion2b_s34b_b79k")
     # With local_path, pretrained_tag names the file's config over the conf's pretrained tag.
-    src = resolve_open_clip_source(
+    src = resolve_open_clip_weights(
         "m", "ViT-B-32", pretrained="openai", local_path=str(fpath), pretrained_tag="laion2b_s34b_b79k"
     )
     assert (src.tag, src.quick_gelu) == ("laion2b_s34b_b79k", False)
@@ -165,7 +165,7 @@ def test_overrides_are_validated_and_win(tmp_path):
         "image_interpolation": "bilinear",
         "image_resize_mode": "longest",
     }
-    src = resolve_open_clip_source("m", "ViT-B-32", pretrained=str(fpath), overrides=custom)  # no tag needed
+    src = resolve_open_clip_weights("m", "ViT-B-32", pretrained=str(fpath), overrides=custom)  # no tag needed
     assert src.quick_gelu is False and src.tag is None
     assert src.preprocess == {
         "mean": (0.1, 0.2, 0.3),
@@ -174,14 +174,14 @@ def test_overrides_are_validated_and_win(tmp_path):
         "resize_mode": "longest",
     }
     assert src.create_kwargs()["quick_gelu"] is False  # turns QuickGELU off even for a -quickgelu arch
-    src = resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", overrides={"quick_gelu": False})
+    src = resolve_open_clip_weights("m", "ViT-B-32", pretrained="openai", overrides={"quick_gelu": False})
     assert src.quick_gelu is False and src.preprocess == _expected("ViT-B-32", "openai")[1]
     with pytest.raises(ValueError, match=r"model.image_resize_mode='crop'.*'squash'"):
-        resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", overrides={"image_resize_mode": "crop"})
+        resolve_open_clip_weights("m", "ViT-B-32", pretrained="openai", overrides={"image_resize_mode": "crop"})
     with pytest.raises(ValueError, match=r"model.image_std=\[0.5\] must be three"):
-        resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", overrides={"image_std": [0.5]})
+        resolve_open_clip_weights("m", "ViT-B-32", pretrained="openai", overrides={"image_std": [0.5]})
     with pytest.raises(ValueError, match=r"model.quick_gelu='yes' must be true or false"):
-        resolve_open_clip_source("m", "ViT-B-32", pretrained="openai", overrides={"quick_gelu": "yes"})
+        resolve_open_clip_weights("m", "ViT-B-32", pretrained="openai", overrides={"quick_gelu": "yes"})
 
 
 def test_folder_config_decides_for_open_clip_folders(tmp_path):
@@ -194,7 +194,7 @@ def test_folder_config_decides_for_open_clip_folders(tmp_path):
     config = json.loads((dpath / "open_clip_config.json").read_text())
     config["preprocess_cfg"].update(resize_mode="squash", mean=[0.5, 0.5, 0.5])
     (dpath / "open_clip_config.json").write_text(json.dumps(config))
-    src = resolve_open_clip_source("t", "vlmsae-tiny-vit", local_path=str(dpath))
+    src = resolve_open_clip_weights("t", "vlmsae-tiny-vit", local_path=str(dpath))
     assert src.model_name == f"local-dir:{dpath}" and src.pretrained is None
     assert src.quick_gelu is True and src.preprocess["resize_mode"] == "squash"
     assert src.preprocess["mean"] == (0.5, 0.5, 0.5)
@@ -303,8 +303,8 @@ def test_model_pretrained_tag_composes_through_hydra(compose_cfg, tmp_path):
     fpath = tmp_path / "w.safetensors"
     fpath.write_bytes(b"")
     cfg = compose_cfg("extract", ["model=siglip_so400m", f"model.pretrained={fpath}", "model.pretrained_tag=webli"])
-    spec = ModelSpec.from_cfg(cfg.model)
+    spec = to_typed(cfg.model, ModelSpec)
     assert spec.pretrained_tag == "webli"
-    src = resolve_open_clip_source(spec.name, spec.arch, spec.pretrained, spec.local_path, spec.pretrained_tag)
+    src = resolve_open_clip_weights(spec.name, spec.arch, spec.pretrained, spec.local_path, spec.pretrained_tag)
     assert src.preprocess["resize_mode"] == "squash" and src.pretrained == str(fpath)
     assert get_model_spec("clip_l14", local_path=str(fpath)).pretrained == "openai"  # the conf names the tag

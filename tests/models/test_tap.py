@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlmsae.config import to_typed
 from vlmsae.models import ModelSpec, get_model_spec, list_models, load_tap, resolve_layer, select_tokens
 
 torch.set_num_threads(1)
@@ -171,7 +172,7 @@ def test_unknown_model_and_arch_errors(tiny_dpath):
     with pytest.raises(ValueError, match="Unknown model backend 'jax'"):
         ModelSpec(name="x", backend="jax", arch="a")
     with pytest.raises(ValueError, match=r"Unknown model field\(s\) \['widht'\]"):
-        ModelSpec.from_cfg({"name": "x", "backend": "open_clip", "arch": "a", "widht": 3})
+        to_typed({"name": "x", "backend": "open_clip", "arch": "a", "widht": 3}, ModelSpec)
     with pytest.raises(FileNotFoundError, match="model.local_path=.*does not exist"):
         load_tap(ModelSpec(name="x", backend="open_clip", arch="ViT-B-32", local_path=str(tiny_dpath / "none.pt")))
 

@@ -51,9 +51,9 @@ def _train(arch: str, kernel: str, autocast: bool):
     select = sae._select
 
     def recording_select(pre):
-        rows_N, cols_N, vals_N = select(pre)
-        selections.append((vals_N.dtype, torch.sort(rows_N * N_LATENTS + cols_N).values))
-        return rows_N, cols_N, vals_N
+        rows_Z, cols_Z, vals_Z = select(pre)
+        selections.append((vals_Z.dtype, torch.sort(rows_Z * N_LATENTS + cols_Z).values))
+        return rows_Z, cols_Z, vals_Z
 
     sae._select = recording_select
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -72,9 +72,9 @@ def test_selection_and_threshold_ignore_autocast_and_kernel(arch):
         assert ref_thr[0] < 0 < ref_thr[2] != ref_thr[-1]  # the EMA started at step 2 and moved
     for (kernel, autocast), (sae, sel, thr) in runs.items():
         tag = f"{kernel}, autocast={autocast}"
-        for step, ((dtype, flat_N), (_, ref_flat_N)) in enumerate(zip(sel, ref_sel)):
+        for step, ((dtype, flat_Z), (_, ref_flat_N)) in enumerate(zip(sel, ref_sel)):
             assert dtype == torch.float32, f"{tag}: step {step} selected from {dtype} pre-activations"
-            assert torch.equal(flat_N, ref_flat_N), f"{tag}: step {step} selected other latents than fp32 dense"
+            assert torch.equal(flat_Z, ref_flat_N), f"{tag}: step {step} selected other latents than fp32 dense"
         torch.testing.assert_close(torch.tensor(thr), torch.tensor(ref_thr), rtol=1e-5, atol=1e-6, msg=tag)
         for name, p in sae.named_parameters():
             assert p.dtype == torch.float32, f"{tag}: {name} master weights are {p.dtype}"
@@ -254,7 +254,7 @@ def test_lit_module_checks_precision_at_fit_start():
 
     from vlmsae.lit.module import SAELitModule
 
-    module = SAELitModule(_sae("topk", "dense").cfg.to_dict())
+    module = SAELitModule(_sae("topk", "dense").cfg)
     module.trainer = SimpleNamespace(precision="32-true")
     module.on_fit_start()
     assert module.sae.trainer_precision == "32-true"

@@ -57,10 +57,10 @@ def _ms_cfg(compose_cfg, sae_dpath, tmp_path, *extra):
 
 # --------------------------------------------------------------------------------- the source picks
 def test_source_picks_model_layer_and_pool(home, tmp_path):
-    from vlmsae.models.open_sae import load_job_sae, open_sae_source
+    from vlmsae.models.open_sae import load_job_sae, open_tapped_sae
 
     def open_sae_checkpoint(sae_dpath):
-        return open_sae_source(load_job_sae(sae_dpath))
+        return open_tapped_sae(load_job_sae(sae_dpath))
 
     src = open_sae_checkpoint(_sae(tmp_path / "cls", model="tiny", layer=-2, tokens="cls"))
     assert (src.spec.name, src.layer, src.pool, src.tap.width) == ("tiny", 2, "cls", 64)
@@ -176,13 +176,13 @@ def test_a_model_override_that_does_not_fit_is_refused(compose_cfg, home, tmp_pa
 def test_the_loaded_tap_is_checked_too(home, tmp_path, monkeypatch):
     """A spec that claims the wrong width (an overridden model node) is caught once the weights load."""
     from vlmsae.models import get_model_spec
-    from vlmsae.models.open_sae import open_sae_source
+    from vlmsae.models.open_sae import open_tapped_sae
     from vlmsae.sae import load_sae
 
     sae = load_sae(_sae(tmp_path / "sae", d_in=48, model="tiny", layer=2, tokens="cls"))
     lying = get_model_spec("tiny", width=48)  # the tiny CLIP is really 64-d
     with pytest.raises(ValueError, match=r"reads 48-d .* tiny's layer 2's residual stream is 64-d"):
-        open_sae_source(sae, model=lying)
+        open_tapped_sae(sae, model=lying)
 
 
 def test_hierarchy_refuses_an_sae_without_a_model(compose_cfg, home, tmp_path, monkeypatch):

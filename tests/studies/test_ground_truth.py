@@ -20,7 +20,7 @@ def test_sae_beats_neurons_with_margin() -> None:
 def test_shuffled_embeddings_destroy_the_signal() -> None:
     """MS measures agreement between activations and embeddings: break the pairing and it drops."""
     data = planted_concepts(n_images=1000, seed=1)
-    ms_true = monosemanticity_scores(data.codes_NC, data.embeddings_NE)
+    ms_true = monosemanticity_scores(data.codes_NA, data.embeddings_NE)
     perm = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
-    ms_shuffled = monosemanticity_scores(data.codes_NC, data.embeddings_NE[perm])
+    ms_shuffled = monosemanticity_scores(data.codes_NA, data.embeddings_NE[perm])
     assert ms_true.nanmean() > ms_shuffled.nanmean() + 0.25

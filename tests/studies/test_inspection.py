@@ -38,9 +38,9 @@ def _patches_of(box: tuple[int, int, int, int]) -> set[int]:
 
 def _open(sae_dpath, pool=None):
     """The SAE at ``sae_dpath`` on the model its source names (the planted tap, by the fixture), as the job opens it."""
-    from vlmsae.models.open_sae import load_job_sae, open_sae_source
+    from vlmsae.models.open_sae import load_job_sae, open_tapped_sae
 
-    return open_sae_source(load_job_sae(sae_dpath), pool=pool, sae_dpath=sae_dpath)
+    return open_tapped_sae(load_job_sae(sae_dpath), pool=pool, sae_dpath=sae_dpath)
 
 
 def _source(planted_sae):
@@ -98,8 +98,8 @@ def test_an_sae_without_patch_rows_has_no_heatmap(planted_sae, planted_tap):
 class _ColourCLIP:
     """Image side: the share of pixels near each planted colour; text side: the colour a prompt names."""
 
-    def __init__(self, colours, rgb_C3):
-        self.colours, self.rgb_C3 = colours, rgb_C3
+    def __init__(self, colours, rgb_A3):
+        self.colours, self.rgb_A3 = colours, rgb_A3
         self.n_embedded = 0
 
     def embed(self, images):
@@ -107,7 +107,7 @@ class _ColourCLIP:
 
         self.n_embedded += len(images)
         px = [torch.from_numpy(np.asarray(im, dtype=np.float32).reshape(-1, 3)) for im in images]
-        return torch.stack([(torch.cdist(p, self.rgb_C3) < 60).float().mean(0) for p in px])
+        return torch.stack([(torch.cdist(p, self.rgb_A3) < 60).float().mean(0) for p in px])
 
     def embed_text(self, prompts):
         return torch.stack([torch.tensor([float(f" {c}." in p) for c in self.colours]) + 0.01 for p in prompts])
@@ -130,7 +130,7 @@ def test_query_returns_the_latent_named_for_the_word_first(planted_tap, tmp_path
             paths.append(str(fpath))
         idx.append(row)
     top = TopImages(torch.tensor(idx), torch.ones(8, 3), [str(p) for p in paths], paths=paths)
-    clip = _ColourCLIP(planted_tap.colours, planted_tap.rgb_C3)
+    clip = _ColourCLIP(planted_tap.colours, planted_tap.rgb_A3)
     concepts_KE = ins.latent_concepts(top, clip.embed, batch_size=5)
     assert clip.n_embedded == len(paths)  # each distinct top image embedded once
     (tmp_path / "vocab.txt").write_text("\n".join(planted_tap.colours))

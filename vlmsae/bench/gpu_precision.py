@@ -63,9 +63,9 @@ def run_recorded(kernel: str, amp: bool, batches, shape, device: str, precision:
     select = sae._select
 
     def recording_select(pre):
-        rows_N, cols_N, vals_N = select(pre)
-        selections.append(torch.sort(rows_N * f + cols_N).values.cpu())
-        return rows_N, cols_N, vals_N
+        rows_Z, cols_Z, vals_Z = select(pre)
+        selections.append(torch.sort(rows_Z * f + cols_Z).values.cpu())
+        return rows_Z, cols_Z, vals_Z
 
     sae._select = recording_select
     previous = torch.get_float32_matmul_precision()

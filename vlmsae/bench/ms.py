@@ -40,7 +40,7 @@ def random_sparse_codes(n_images: int, n_latents: int, k: int, seed: int = 0) ->
     return codes.coalesce()  # repeated (image, latent) draws add up: ~k distinct latents per image
 
 
-def pairwise_ms_loop(acts_NK: torch.Tensor, emb_ND: torch.Tensor, block: int = 100) -> torch.Tensor:
+def pairwise_ms_loop(acts_NK: torch.Tensor, emb_NE: torch.Tensor, block: int = 100) -> torch.Tensor:
     """The O(N^2 K) definition as the reference code computes it: for each image i, the later images
     j in blocks of ``block``; weights a~_i a~_j for all latents at once, times cos(e_i, e_j)."""
     acts_NK = acts_NK.float()
@@ -52,7 +52,7 @@ def pairwise_ms_loop(acts_NK: torch.Tensor, emb_ND: torch.Tensor, block: int = 1
     for i in range(n_images):
         for j0 in range(i + 1, n_images, block):
             j1 = min(j0 + block, n_images)
-            cos_J = torch.nn.functional.cosine_similarity(emb_ND[i].expand(j1 - j0, -1), emb_ND[j0:j1], dim=1)
+            cos_J = torch.nn.functional.cosine_similarity(emb_NE[i].expand(j1 - j0, -1), emb_NE[j0:j1], dim=1)
             weights_JK = acts_NK[i][None, :] * acts_NK[j0:j1]
             weighted_sum_K += (weights_JK * cos_J[:, None]).sum(0)
             weight_sum_K += weights_JK.sum(0)

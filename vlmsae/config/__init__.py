@@ -2,9 +2,11 @@
 
 Import-light on purpose: only dataclasses and Hydra's ConfigStore, so ``--help`` stays instant.
 Each core node is one dataclass in :mod:`vlmsae.config.nodes` (also the library's typed argument);
-:func:`register_configs` stores them all. Entry points call it before ``@hydra.main`` runs, and YAML
-files in ``conf/<group>/`` list the schema first in their ``defaults`` so that an unknown key
-(``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with the key named.
+:func:`register_configs` stores them (and one job's schema, or every job's). Entry points call it before
+``@hydra.main`` runs, and YAML files in ``conf/<group>/`` list the schema first in their ``defaults`` so that
+an unknown key (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with the key named.
+:func:`to_typed` is the one conversion from config to objects: a job's ``run(cfg)`` starts with
+``job = to_typed(cfg, <Job>)`` and hands typed nodes (``job.model``, ``job.sae``, ...) to the library.
 :func:`conf_dir` says where that YAML tree is, for Hydra and every reader. :func:`prepare_command_line`
 (also called by every entry point) expands ``~`` in ``key=~/path`` and explains how to quote any other value
 Hydra's override grammar cannot read (``'sae_path="/data/run(1)/sae"'``) instead of a lexer error.
@@ -13,9 +15,11 @@ Hydra's override grammar cannot read (``'sae_path="/data/run(1)/sae"'``) instead
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-_REGISTERED = False
+T = TypeVar("T")
+
+_REGISTERED: set[str] = set()  # "nodes" and the jobs whose schema is in the ConfigStore
 
 
 def conf_dir() -> Path:
@@ -39,64 +43,53 @@ def conf_dir() -> Path:
     )
 
 
-def register_configs() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
+def register_configs(job: str | None = None) -> None:
+    """Store the node schemas and ``job``'s schema (every job's when None) in Hydra's ConfigStore (idempotent).
+
+    A job's ``main()`` names itself: Hydra deep-copies the whole store for each config group it lists (``--help``
+    lists them all), so a store holding only what the job composes answers faster."""
+    import importlib
+    import pkgutil
+
     from hydra.core.config_store import ConfigStore
 
-    from vlmsae.config.jobs import (
-        browse,
-        export,
-        extract,
-        hierarchy,
-        inspect,
-        monosemanticity,
-        names,
-        splice_eval,
-        stability,
-        steer,
-        steer_eval,
-        train,
-    )
+    from vlmsae.config import jobs
     from vlmsae.config.schemas import SCHEMAS, store_node
 
-    cs = ConfigStore.instance()
-    for _group, name, node in SCHEMAS:
-        cs.store(name=name, node=store_node(node))  # at the root: never offered as a choice of `group`
-    for job in (
-        extract,
-        train,
-        monosemanticity,
-        hierarchy,
-        steer,
-        steer_eval,
-        splice_eval,
-        browse,
-        export,
-        names,
-        stability,
-        inspect,
-    ):  # one schema per job: <job>_schema
-        job.register()
-    _REGISTERED = True
+    if "nodes" not in _REGISTERED:
+        cs = ConfigStore.instance()
+        for _group, name, node in SCHEMAS:
+            cs.store(name=name, node=store_node(node))  # at the root: never offered as a choice of `group`
+        _REGISTERED.add("nodes")
+    for name in [m.name for m in pkgutil.iter_modules(jobs.__path__)] if job is None else [job]:
+        if name not in _REGISTERED:
+            importlib.import_module(f"vlmsae.config.jobs.{name}").register()  # one schema per job: <job>_schema
+            _REGISTERED.add(name)
 
 
-def node_dict(cfg: Any, key: str) -> dict[str, Any]:
-    """The node ``cfg[key]`` as a plain, resolved dict: ``{}`` when the key is absent or null.
+def to_typed(cfg: Any, cls: type[T]) -> T:
+    """The one conversion from config to objects: ``cfg`` as an instance of the dataclass ``cls``.
 
-    The one conversion jobs use to hand a config node to library code (which never takes a DictConfig).
-    A ``defaults`` entry (a group YAML's own list, present when a node was loaded by hand) is dropped.
+    A job calls it once, on the first line of ``run()``: ``job = to_typed(cfg, TrainJob)``; every node of the
+    result is then its own dataclass (``job.model`` a ``ModelSpec``, ``job.sae`` an ``SAEConfig``, ...), and code
+    below the job takes those. ``cfg`` is a composed ``DictConfig`` typed by ``cls``'s schema (Hydra's), or a
+    node or mapping read some other way (a ``conf/model/<name>.yaml`` loaded by name, a ``config.json``):
+    interpolations are resolved, a ``defaults`` entry is dropped, an unknown key is an error listing the valid
+    ones, and ``cls``'s own checks run. An instance of ``cls`` is returned as it is.
     """
     from omegaconf import DictConfig, OmegaConf
 
-    value = cfg.get(key) if isinstance(cfg, (DictConfig, dict)) else getattr(cfg, key, None)
-    if isinstance(value, DictConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    value = dict(value or {})
-    value.pop("defaults", None)
-    return value
+    from vlmsae.config.nodes import check_known
+
+    if isinstance(cfg, cls):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        if OmegaConf.get_type(cfg) is cls:  # composed with cls's schema: typed and checked by Hydra already
+            return OmegaConf.to_object(cfg)
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    values = {str(key): value for key, value in dict(cfg or {}).items() if key != "defaults"}
+    check_known(cls, values)
+    return cls(**values)
 
 
 # Hydra flags whose value is the next argument (hydra/_internal/utils.py get_args_parser): not overrides.

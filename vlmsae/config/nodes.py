@@ -5,7 +5,7 @@ Each class below is registered in Hydra's ConfigStore (``vlmsae.config.schemas.S
 is typed by it and a misspelt key (``model.widht=3``) or a wrong type (``sae.k=abc``) fails at compose time
 naming the key.
 The library takes the same classes (``vlmsae.models.ModelSpec``, ``vlmsae.models.embedders.EmbedderSpec``,
-``vlmsae.sae.SAEConfig`` are these), built from a composed node with ``from_cfg`` / ``from_schema``. A config
+``vlmsae.sae.SAEConfig`` are these), built from a composed node by ``vlmsae.config.to_typed``. A config
 key is therefore added in one dataclass here and one YAML file. Every field says what it is for.
 
 Import-light on purpose (dataclasses and omegaconf only, no torch): this is the bottom layer, and ``--help``
@@ -25,20 +25,10 @@ from omegaconf import MISSING
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _plain(node: Any) -> dict[str, Any]:
-    """A composed node (DictConfig) or a mapping as a plain, resolved dict without a ``defaults`` entry."""
-    if not isinstance(node, dict):
-        from omegaconf import DictConfig, OmegaConf
-
-        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    out = {str(key): value for key, value in node.items()}
-    out.pop("defaults", None)
-    return out
-
-
-def _check_known(cls: type, values: Mapping[str, Any], what: str, also: tuple[str, ...] = ()) -> None:
+def check_known(cls: type, values: Mapping[str, Any]) -> None:
     """Unknown keys are an error that lists the valid ones (and says where the old ``extra:`` keys went)."""
-    names = {f.name for f in dataclasses.fields(cls)} | set(also)
+    what = _NODE_KEYS.get(cls.__name__, cls.__name__)
+    names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         hint = ""
@@ -48,6 +38,10 @@ def _check_known(cls: type, values: Mapping[str, Any], what: str, also: tuple[st
                 f"not {what}.extra.seed=1)."
             )
         raise ValueError(f"Unknown {what} field(s) {unknown}: valid fields are {sorted(names)}.{hint}")
+
+
+_NODE_KEYS = {"ModelSpec": "model", "EmbedderSpec": "embedder", "SAEConfig": "sae", "DataSchema": "data"}
+"""The config key of each node class, for error messages (``sae.kk``, not ``SAEConfig.kk``)."""
 
 
 def _check_set(obj: Any, names: tuple[str, ...], what: str) -> None:
@@ -63,7 +57,7 @@ def _is_int(value: Any) -> bool:
 
 OPEN_CLIP_OVERRIDES = ("quick_gelu", "image_mean", "image_std", "image_interpolation", "image_resize_mode")
 """Fields of ModelSpec and EmbedderSpec that override what an open_clip tag or folder config says
-(vlmsae.models.open_clip_backend.resolve_open_clip_source validates them)."""
+(vlmsae.models.open_clip_backend.resolve_open_clip_weights validates them)."""
 
 
 def open_clip_overrides(spec: Any) -> dict[str, Any]:
@@ -119,15 +113,6 @@ class ModelSpec:
                 f"Unknown model backend {self.backend!r} (model {self.name!r}): use one of {list(BACKENDS)}."
             )
 
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> ModelSpec:
-        """Build from a composed ``cfg.model`` (DictConfig), a plain dict or a spec; unknown keys are an error."""
-        if isinstance(cfg, cls):
-            return cfg
-        values = _plain(cfg)
-        _check_known(cls, values, "model")
-        return cls(**values)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -168,15 +153,6 @@ class EmbedderSpec:
         if self.backend not in EMBEDDER_BACKENDS:
             raise ValueError(f"Unknown embedder backend {self.backend!r}: use one of {list(EMBEDDER_BACKENDS)}.")
 
-    @classmethod
-    def from_cfg(cls, cfg: Any) -> EmbedderSpec:
-        """Build from a composed ``cfg.embedder`` (DictConfig), a plain dict or a spec; unknown keys are an error."""
-        if isinstance(cfg, cls):
-            return cfg
-        values = _plain(cfg)
-        _check_known(cls, values, "embedder")
-        return cls(**values)
-
     def cache_id(self) -> str:
         """What must match for cached embeddings to be reused."""
         weights = self.local_path or self.pretrained or ("tiny" if self.tiny else "random")
@@ -216,8 +192,8 @@ class SAEConfig:
     The ``sae`` node (``conf/sae/*.yaml``, ``sae_schema``) and the argument of ``vlmsae.sae.build_sae``.
     Frozen, so a built SAE's settings cannot drift during training, and so that the checkpoint's
     ``config.json`` rebuilds exactly the same module. A node from a YAML leaves ``d_in`` (and usually
-    ``n_latents``) unset: they depend on the activations, and :meth:`resolved` / :meth:`from_schema`
-    fill them in. Invalid values raise ``ValueError`` at construction, naming the value and what is expected.
+    ``n_latents``) unset: they depend on the activations, and :meth:`resolved` fills them
+    in. Invalid values raise ``ValueError`` at construction, naming the value and what is expected.
     """
 
     arch: str = MISSING
@@ -375,19 +351,6 @@ class SAEConfig:
             out["group_fractions"] = list(out["group_fractions"])
         return out
 
-    @classmethod
-    def from_schema(cls, node: Any, d_in: int) -> SAEConfig:
-        """The resolved config of a ``conf/sae/*.yaml`` node (DictConfig, dict or SAEConfig) for activations
-        ``d_in`` wide: ``n_latents`` from the node if set, else ``expansion * d_in``. Unknown keys raise."""
-        if not isinstance(node, cls):
-            values = _plain(node)
-            known = sorted(f.name for f in dataclasses.fields(cls))
-            unknown = sorted(set(values) - set(known))
-            if unknown:
-                raise ValueError(f"Unknown SAE config keys {unknown}; expected a subset of {known}.")
-            node = cls(**values)
-        return node.resolved(int(d_in))
-
 
 def _fractions_to_sizes(fractions: tuple[float, ...], n_latents: int) -> list[int]:
     # The 1e-6 guards float products like 0.29 * 100 = 28.999999999999996.
@@ -407,17 +370,28 @@ class DataSchema:
     root: Optional[str] = None  # image folder, WebDataset url/pattern, or list file
     acts: Optional[str] = None  # activation store folder (data=acts: train on a cache written by extract)
     image_source: str = "folder"  # data=images: which image source feeds the on-the-fly activations
-    batch_size: int = 64  # images per forward (extract) or rows per step (train)
+    batch_size: int = 64  # train: rows per optimizer step (METHOD §2: 4096); images per forward: images_per_forward
     num_workers: int = 2  # data-loading worker processes
     shuffle_buffer: int = 16384  # rows held for shuffling when streaming shards
     val_fraction: float = 0.01  # held-out shards/rows for validation
     max_images: Optional[int] = None  # cap, for quick looks (extract: a random subset, see order_seed)
     exif_transpose: bool = True  # decode images in their EXIF orientation (vlmsae.data.images)
     fast_decode: bool = False  # extract: JPEG draft decoding + reduce, approximate (vlmsae.data.images.load_image)
-    seed: int = 0  # train: added to the job's seed for the data order; synthetic: seed of the generated images
+    shuffle_seed: int = 0  # train: added to the job's seed for the data order
+    synthetic_seed: int = 0  # synthetic: seed of the generated images
     n_per_class: int = 8  # synthetic: generated images per shape x colour class (16 classes, vlmsae.data.concepts)
     size: int = 64  # synthetic: side of the generated images in pixels
-    images_per_forward: int = 32  # data=images (train on the fly): images per encoder forward
+    # images per encoder forward: extract, the images of monosemanticity / hierarchy / val_ms, and training on
+    # the fly (data=images, data=tiny)
+    images_per_forward: int = 64
+    seed: Optional[int] = None  # split: refused with a message naming shuffle_seed and synthetic_seed
+
+    def __post_init__(self) -> None:
+        if self.seed is not None:
+            raise ValueError(
+                f"data.seed={self.seed} had two meanings and is split: data.shuffle_seed (train: added to the job's "
+                "seed for the data order) and data.synthetic_seed (data=synthetic/tiny: seed of the generated images)."
+            )
 
 
 # ---------------------------------------------------------------------------------------------- trainer

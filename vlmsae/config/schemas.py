@@ -38,7 +38,7 @@ def store_node(schema: type) -> Any:
 
     OmegaConf makes the config of a frozen dataclass (SAEConfig) read-only, and then Hydra cannot merge the
     group YAML or a command-line override into it. The node keeps its type, so unknown keys and wrong
-    types still fail at compose time; the frozen instance is built from it later (``SAEConfig.from_schema``).
+    types still fail at compose time; the frozen instance is built from it later (``vlmsae.config.to_typed``).
     """
     from omegaconf import OmegaConf
 

@@ -8,12 +8,14 @@ caches keyed by relative image keys.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmsae.config.nodes import DataSchema
 from vlmsae.data.images import ImageList, ImageRecord, SkipLog, iter_images, list_source, synthetic_options_of
 
 IMAGE_SOURCES = ("folder", "list", "wds", "synthetic")  # sources of decoded images (not activation stores)
@@ -30,8 +32,10 @@ class ImageSet:
     synthetic: dict[str, Any] | None = None  # generated-image options (synthetic_options); None for other sources
 
     @classmethod
-    def from_node(cls, data: Mapping[str, Any], job: str, hint: str = "") -> ImageSet:
-        """From a ``data`` config node (a plain mapping); ``job`` and ``hint`` word the error for other sources."""
+    def from_data(cls, data: DataSchema | Mapping[str, Any], job: str, hint: str = "") -> ImageSet:
+        """From a job's ``data`` node, or one an earlier run recorded in its run_info.json (a mapping); ``job``
+        and ``hint`` word the error for other sources."""
+        data = data if isinstance(data, Mapping) else dataclasses.asdict(data)
         source = data["source"]
         if source not in IMAGE_SOURCES:
             raise ValueError(
@@ -41,7 +45,8 @@ class ImageSet:
             source=str(source),
             root=None if data["root"] is None else str(data["root"]),
             max_images=None if data["max_images"] is None else int(data["max_images"]),
-            batch_size=int(data["batch_size"]),
+            # a node recorded before images_per_forward existed said images per forward with batch_size
+            batch_size=int(data["images_per_forward"] if "images_per_forward" in data else data["batch_size"]),
             synthetic=synthetic_options_of(data),
         )
 

@@ -552,7 +552,8 @@ def iter_images(
 
 def synthetic_options(source: str, n_per_class: int = 8, size: int = 64, seed: int = 0) -> dict[str, Any] | None:
     """The ``synthetic`` options of ``data.source=synthetic`` (``data.n_per_class``, ``data.size``,
-    ``data.seed``: the arguments of :func:`vlmsae.data.concepts.ensure_concept_images`); None for other sources."""
+    ``data.synthetic_seed``: the arguments of :func:`vlmsae.data.concepts.ensure_concept_images`); None for other
+    sources."""
     if source != "synthetic":
         return None
     return {"n_per_class": int(n_per_class), "size": int(size), "seed": int(seed)}
@@ -560,10 +561,12 @@ def synthetic_options(source: str, n_per_class: int = 8, size: int = 64, seed: i
 
 def synthetic_options_of(data: Mapping[str, Any]) -> dict[str, Any] | None:
     """:func:`synthetic_options` of a ``data`` node (a dict or DictConfig). A node recorded in an older run's
-    ``run_info.json`` kept ``n_per_class`` / ``size`` under ``extra``; those still name the same images."""
+    ``run_info.json`` kept ``n_per_class`` / ``size`` under ``extra``, and the images' seed in ``seed`` (now
+    ``synthetic_seed``); those still name the same images."""
     legacy = dict(data.get("extra") or {})
     opts = {"n_per_class": 8, "size": 64, **legacy, **{k: data[k] for k in ("n_per_class", "size") if k in data}}
-    return synthetic_options(str(data.get("source")), opts["n_per_class"], opts["size"], data.get("seed", 0) or 0)
+    seed = data["synthetic_seed"] if "synthetic_seed" in data else data.get("seed")
+    return synthetic_options(str(data.get("source")), opts["n_per_class"], opts["size"], seed or 0)
 
 
 def list_source(source: str, root: str | Path | None, synthetic: dict[str, Any] | None = None) -> ImageList:

@@ -84,7 +84,7 @@ class RowShuffleBuffer:
             self.capacity = int(batch_size)
         self.batch_size = int(batch_size)
         self.rng = rng
-        self.buf_SD: torch.Tensor | None = None
+        self.buf_QD: torch.Tensor | None = None
         self.n_filled = 0
         self.pending: list[torch.Tensor] = []
         self.n_pending = 0
@@ -98,10 +98,10 @@ class RowShuffleBuffer:
     def add(self, rows_RD: torch.Tensor) -> Iterator[torch.Tensor]:
         """Push a chunk; yield every batch that becomes available."""
         if self.capacity > 0 and self.n_filled < self.capacity:
-            if self.buf_SD is None:
-                self.buf_SD = torch.empty((self.capacity, rows_RD.shape[1]), dtype=rows_RD.dtype)
+            if self.buf_QD is None:
+                self.buf_QD = torch.empty((self.capacity, rows_RD.shape[1]), dtype=rows_RD.dtype)
             take = min(self.capacity - self.n_filled, rows_RD.shape[0])
-            self.buf_SD[self.n_filled : self.n_filled + take] = rows_RD[:take]
+            self.buf_QD[self.n_filled : self.n_filled + take] = rows_RD[:take]
             self.n_filled += take
             rows_RD = rows_RD[take:]
         if rows_RD.shape[0] == 0:
@@ -118,8 +118,8 @@ class RowShuffleBuffer:
                 yield incoming_RD[start : start + B].clone()
             else:
                 slots_B = torch.from_numpy(self.rng.choice(self.capacity, size=B, replace=False))
-                yield self.buf_SD.index_select(0, slots_B)  # a copy; ~3x faster than buf[idx] here
-                self.buf_SD.index_copy_(0, slots_B, incoming_RD[start : start + B])
+                yield self.buf_QD.index_select(0, slots_B)  # a copy; ~3x faster than buf[idx] here
+                self.buf_QD.index_copy_(0, slots_B, incoming_RD[start : start + B])
             start += B
         if start < incoming_RD.shape[0]:
             self.pending.append(incoming_RD[start:])
@@ -128,10 +128,10 @@ class RowShuffleBuffer:
     def flush(self, drop_last: bool) -> Iterator[torch.Tensor]:
         """Emit everything still held, shuffled (the end of a finite stream)."""
         parts = []
-        if self.buf_SD is not None and self.n_filled:
-            parts.append(self.buf_SD[: self.n_filled])
+        if self.buf_QD is not None and self.n_filled:
+            parts.append(self.buf_QD[: self.n_filled])
         parts.extend(self.pending)
-        self.buf_SD, self.n_filled, self.pending, self.n_pending = None, 0, [], 0
+        self.buf_QD, self.n_filled, self.pending, self.n_pending = None, 0, [], 0
         if not parts:
             return
         rest_ND = torch.cat(parts)

@@ -2,12 +2,11 @@
 SAEs trained in one pass over the data (``sae_grid=``); one SAE is a grid of one.
 
 ```python
-source = resolve_train_source(data, model_spec, layer=None, tokens=None, tokens_k=2)    # checked early
-sae_config = SAEConfig.from_schema(sae_node, d_in=source.d).to_dict()
-plan = FitPlan(model_spec, source, sae_config, data, trainer, logger, seed=0,
+rows = resolve_train_input(data, model_spec, layer=None, tokens=None, tokens_k=2)      # checked early
+plan = FitPlan(model_spec, rows, sae.resolved(rows.d), data, trainer, logger, seed=0,
                resume_ckpt=find_resume_checkpoint(resume, out_dpath, config), config=config)
 metrics = fit_sae(plan, out_dpath)                                                        # one SAE
-metrics = fit_sae(plan, out_dpath, grid=resolve_grid(sae_grid, sae_node, source.d, lr))   # a grid: {name: metrics}
+metrics = fit_sae(plan, out_dpath, grid=resolve_grid(sae_grid, sae, rows.d, lr))          # a grid: {name: metrics}
 ```
 
 Each SAE gets its folder: the run dir for one SAE, ``sae_<i>/`` for a grid's. It holds ``sae/`` (vlmsae.sae
@@ -30,6 +29,7 @@ SAE on a device (:func:`place_saes`); each batch is copied once to every device 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from lightning.pytorch.loggers.logger import Logger
 
-from vlmsae.config.nodes import DataSchema, LoggerSchema, TrainerSchema
+from vlmsae.config.nodes import DataSchema, LoggerSchema, TrainerSchema, check_known
 from vlmsae.data.images import synthetic_options
 from vlmsae.data.store import open_store
 from vlmsae.data.stream import StreamConfig
@@ -79,10 +79,10 @@ def _same_layer(a, b) -> bool:
 
 
 @dataclass(frozen=True)
-class TrainSource:
-    """What a run trains on: a store (``source="acts"``) or an image source, its width, layer and tokens."""
+class TrainInput:
+    """What a run trains on: a store (``data_source="acts"``) or an image source, its width, layer and tokens."""
 
-    source: str
+    data_source: str  # data.source: acts | images | synthetic
     d: int
     model: str | None  # the model the rows come from (a store's own record wins)
     pretrained: str | None
@@ -94,9 +94,9 @@ class TrainSource:
     n_shards: int | None = None
 
 
-def resolve_train_source(
+def resolve_train_input(
     data: DataSchema, model: ModelSpec, layer: Any, tokens: str | None, tokens_k: int
-) -> TrainSource:
+) -> TrainInput:
     """The store (or image source) ``data`` names, checked against ``model``, ``layer`` and ``tokens``.
 
     With a store, ``layer``/``tokens`` default to its manifest and a set ``layer`` must match it (so a
@@ -134,8 +134,8 @@ def resolve_train_source(
                 model.name,
                 manifest.model,
             )
-        return TrainSource(
-            source="acts",
+        return TrainInput(
+            data_source="acts",
             d=d,
             acts_dpath=str(acts_dpath),
             manifest=manifest,
@@ -151,8 +151,8 @@ def resolve_train_source(
         layer = resolve_layer(layer if layer is not None else model.n_layers - 2, model.n_layers, model.name)
         d = int(model.embed_dim if layer == "last" else model.width)
         selection, k = parse_tokens(tokens, tokens_k)
-        return TrainSource(
-            source=data.source,
+        return TrainInput(
+            data_source=data.source,
             d=d,
             model=model.name,
             pretrained=model.pretrained,
@@ -166,7 +166,7 @@ def resolve_train_source(
     )
 
 
-def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, val_batches: int, seed: int):
+def build_datamodule(rows: TrainInput, data: DataSchema, model: ModelSpec, val_batches: int, seed: int):
     """The Lightning datamodule: rows streamed from the store, or computed from images on the fly."""
     stream = StreamConfig(
         batch_size=int(data.batch_size),
@@ -174,23 +174,23 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
         num_workers=int(data.num_workers),
         val_fraction=float(data.val_fraction),
         val_batches=int(val_batches),
-        seed=int(seed) + int(data.seed),
+        seed=int(seed) + int(data.shuffle_seed),
     )
-    if source.source == "acts":
-        return ActsDataModule(source.acts_dpath, stream)
-    image_source = data.image_source if source.source == "images" else source.source
+    if rows.data_source == "acts":
+        return ActsDataModule(rows.acts_dpath, stream)
+    image_source = data.image_source if rows.data_source == "images" else rows.data_source
     image_kwargs: dict[str, Any] = {"source": image_source, "root": data.root}
     if data.max_images is not None:
         image_kwargs["max_images"] = data.max_images
     if image_source == "synthetic":  # the same generated images the extract job uses for these options
-        image_kwargs["synthetic"] = synthetic_options(image_source, data.n_per_class, data.size, data.seed)
-    tokens, k_tokens = parse_tokens(source.tokens, source.tokens_k or 2)
+        image_kwargs["synthetic"] = synthetic_options(image_source, data.n_per_class, data.size, data.synthetic_seed)
+    tokens, k_tokens = parse_tokens(rows.tokens, rows.tokens_k or 2)
     period = image_holdout_every(image_kwargs, tokens, k_tokens, model, stream)  # held-out images
     per_forward = int(data.images_per_forward)  # images per encoder forward
     common = dict(
         model_spec=model,
         image_kwargs=image_kwargs,
-        layer=source.layer,
+        layer=rows.layer,
         tokens=tokens,
         k_tokens=k_tokens,
         images_per_forward=per_forward,
@@ -200,9 +200,9 @@ def build_datamodule(source: TrainSource, data: DataSchema, model: ModelSpec, va
     return ImageActsDataModule(
         ImageChunkMaker(split="train", **common),
         ImageChunkMaker(split="val", **common),
-        source.d,
+        rows.d,
         stream,
-        source.manifest,
+        rows.manifest,
     )
 
 
@@ -266,8 +266,8 @@ class FitPlan:
     """Everything :func:`fit_sae` needs, typed; ``config`` (the resolved job config) goes to run_info.json and W&B."""
 
     model: ModelSpec
-    source: TrainSource
-    sae_config: dict[str, Any]  # vlmsae.sae.SAEConfig.to_dict()
+    rows: TrainInput
+    sae_config: SAEConfig  # resolved for the rows' width (d_in, n_latents set)
     data: DataSchema
     trainer: TrainerSchema
     logger: LoggerSchema
@@ -282,13 +282,14 @@ class GridSAE:
 
     name: str
     overrides: dict[str, Any]
-    sae_config: dict[str, Any]
+    sae_config: SAEConfig  # resolved
     lr: float
-    sae_node: dict[str, Any]  # the job's sae node with this entry's overrides (its logger run's config)
+    sae_node: SAEConfig  # the job's sae node with this entry's overrides, unresolved (its logger run's config)
 
 
-def resolve_grid(grid: Any, sae_node: dict[str, Any], d_in: int, lr: float | None) -> list[GridSAE]:
-    """``sae_grid`` (a list of overrides of the ``sae`` node, each with an optional ``lr``) as resolved SAEs."""
+def resolve_grid(grid: Any, sae: SAEConfig, d_in: int, lr: float | None) -> list[GridSAE]:
+    """``sae_grid`` (a list of overrides of the ``sae`` node ``sae``, each with an optional ``lr``) as resolved
+    SAEs."""
     if not isinstance(grid, (list, tuple)) or not grid or not all(isinstance(e, dict) for e in grid):
         raise ValueError(
             f"sae_grid={grid!r}: expected a non-empty list of overrides of the sae node, e.g. "
@@ -298,15 +299,16 @@ def resolve_grid(grid: Any, sae_node: dict[str, Any], d_in: int, lr: float | Non
     for i, entry in enumerate(grid):
         overrides = dict(entry)
         entry_lr = overrides.pop("lr", None)
-        node = {**sae_node, **overrides}
         if "expansion" in overrides and "n_latents" not in overrides:
-            node["n_latents"] = None  # a grid expansion wins over the node's explicit width
+            overrides["n_latents"] = None  # a grid expansion wins over the node's explicit width
         try:
-            cfg = SAEConfig.from_schema(node, d_in=d_in).to_dict()
+            check_known(SAEConfig, overrides)
+            node = dataclasses.replace(sae, **overrides)
+            cfg = node.resolved(d_in)
         except (ValueError, TypeError) as err:
             raise ValueError(f"sae_grid entry {i} {dict(entry)}: {err}") from err
         lr_i = entry_lr if entry_lr is not None else lr
-        out.append(GridSAE(f"sae_{i}", dict(entry), cfg, _lr(lr_i, cfg["n_latents"]), node))
+        out.append(GridSAE(f"sae_{i}", dict(entry), cfg, _lr(lr_i, cfg.n_latents), node))
     return out
 
 
@@ -419,16 +421,16 @@ def fit_sae(
     t, config, resume_ckpt = plan.trainer, plan.config, plan.resume_ckpt
     single = grid is None
     if single:  # a grid of one, in the run dir itself
-        grid = [GridSAE("", {}, plan.sae_config, _lr(t.lr, plan.sae_config["n_latents"]), {})]
+        grid = [GridSAE("", {}, plan.sae_config, _lr(t.lr, plan.sae_config.n_latents), plan.sae_config)]
     devices = None if single else _grid_devices(t, len(grid), sae_devices)
-    run_extra = {"sae_config": plan.sae_config, "lr": grid[0].lr} if single else {}  # run_info.json of one SAE
+    run_extra = {"sae_config": plan.sae_config.to_dict(), "lr": grid[0].lr} if single else {}  # its run_info.json
     resumed_from = str(resume_ckpt) if resume_ckpt else None
     is_rank_zero = rank_zero_only.rank == 0  # DDP: every rank runs this function; one writes the files
     if is_rank_zero:
         write_run_info(out_dpath, config, status="running", resumed_from=resumed_from, **run_extra)
 
     L.seed_everything(plan.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(plan.source, plan.data, plan.model, t.limit_val_batches, plan.seed)
+    datamodule = build_datamodule(plan.rows, plan.data, plan.model, t.limit_val_batches, plan.seed)
     module = SAELitModule(
         [g.sae_config for g in grid],
         [g.lr for g in grid],
@@ -521,7 +523,7 @@ def _sae_loggers(plan: FitPlan, grid: list[GridSAE], out_dpath: Path, is_rank_ze
 def sae_run_config(config: dict[str, Any], g: GridSAE, index: int, group: str) -> dict[str, Any]:
     """The config of one grid SAE's logger run: the job's, with ``sae`` and ``trainer.lr`` as this SAE's."""
     out = copy.deepcopy(config)
-    out["sae"] = dict(g.sae_node)
+    out["sae"] = g.sae_node.to_dict()
     out["trainer"] = {**out.get("trainer", {}), "lr": g.lr}
     out["grid"] = {"name": g.name, "index": index, "group": group, "overrides": dict(g.overrides)}
     return out
@@ -539,10 +541,10 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
                 "step": step,
                 "optimizer_steps": adam_steps(optimizer),
                 "lr": g.lr,
-                "n_latents": g.sae_config["n_latents"],
-                "k": g.sae_config["k"],
-                "arch": g.sae_config["arch"],
-                "layer": plan.source.layer,
+                "n_latents": g.sae_config.n_latents,
+                "k": g.sae_config.k,
+                "arch": g.sae_config.arch,
+                "layer": plan.rows.layer,
                 "input_scale": float(sae.input_scale),
                 **({"overrides": g.overrides} if g.name else {}),
             }
@@ -558,7 +560,7 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
         save_sae(sae, sae_dpath / "sae", source=source)
         atomic_write_json(sae_dpath / "metrics.json", metrics)
         atomic_write_json(sae_dpath / "latent_density.json", record.get("density_hist", {}))
-        write_run_info(sae_dpath / "sae", plan.config, metrics=metrics, sae_config=g.sae_config, lr=g.lr)
+        write_run_info(sae_dpath / "sae", plan.config, metrics=metrics, sae_config=g.sae_config.to_dict(), lr=g.lr)
         log.info(
             "SAE saved to %s (held-out validation fve %.3f over %d rows, l0 %.1f, step %d)",
             sae_dpath / "sae",
@@ -667,7 +669,7 @@ def adam_steps(optimizer) -> int:
 
 def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
     """What an SAE trained by ``plan`` read, for its checkpoint's ``source``: model, tap, data and how much."""
-    src = plan.source
+    src = plan.rows
     return {
         "model": src.model,
         "pretrained": src.pretrained,
@@ -676,7 +678,7 @@ def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
         "tokens": src.tokens,
         "tokens_k": src.tokens_k,
         "data": src.acts_dpath or plan.data.root,
-        "data_source": src.source,
+        "data_source": src.data_source,
         "train_steps": step,
         "train_rows": step * int(plan.data.batch_size),
     }
@@ -684,6 +686,6 @@ def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
 
 def _model_seed(plan: FitPlan) -> int | None:
     """The seed of the random model the rows come from (None: loaded weights), so jobs rebuild that network."""
-    if plan.source.acts_dpath is not None:  # a store: its manifest says (extraction records model_seed)
-        return (plan.source.manifest.extra or {}).get("model_seed")
+    if plan.rows.acts_dpath is not None:  # a store: its manifest says (extraction records model_seed)
+        return (plan.rows.manifest.extra or {}).get("model_seed")
     return plan.model.seed if seed_decides_weights(plan.model) else None

@@ -59,13 +59,13 @@ def batch_stats(x_BD: torch.Tensor) -> str:
 
 
 class SAELitModule(L.LightningModule):
-    """Trains ``build_sae(SAEConfig(**c))`` for each config ``c`` of ``sae_configs`` (one dict: a single SAE) on
+    """Trains ``build_sae(c)`` for each resolved config ``c`` of ``sae_configs`` (one SAEConfig: a single SAE) on
     every batch; ``lrs``: one per SAE (None: :func:`vlmsae.sae.default_lr`); ``names``: see the module docstring;
     ``devices``: one per SAE (``sae_devices``; None: where Lightning puts the module)."""
 
     def __init__(
         self,
-        sae_configs: dict[str, Any] | list[dict[str, Any]],
+        sae_configs: SAEConfig | list[SAEConfig],
         lrs: list[float | None] | None = None,
         names: list[str] | None = None,
         warmup_steps: int = 1000,
@@ -76,12 +76,11 @@ class SAELitModule(L.LightningModule):
         devices: list[str] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["devices"])  # placement is not part of the checkpointed SAEs
-        configs = [sae_configs] if isinstance(sae_configs, dict) else list(sae_configs)
-        self.saes = torch.nn.ModuleList(
-            build_sae(SAEConfig(**{**c, "group_fractions": _tuple_or_none(c.get("group_fractions"))}), seed=seed)
-            for c in configs
-        )
+        configs = [sae_configs] if isinstance(sae_configs, SAEConfig) else list(sae_configs)
+        # placement is not part of the checkpointed SAEs; the configs are recorded as plain data (no pickled class)
+        self.save_hyperparameters(ignore=["devices", "sae_configs"])
+        self.hparams["sae_configs"] = [c.to_dict() for c in configs]
+        self.saes = torch.nn.ModuleList(build_sae(c, seed=seed) for c in configs)
         lrs = list(lrs) if lrs is not None else [None] * len(configs)
         self.lrs = [float(lr) if lr is not None else default_lr(s.n_latents) for lr, s in zip(lrs, self.saes)]
         self.names = list(names) if names is not None else [""] * len(configs)
@@ -248,10 +247,6 @@ class SAELitModule(L.LightningModule):
             inner.experiment.log(
                 {"val/latent_density_log10": wandb.Histogram(log10), "trainer/global_step": self.global_step}
             )
-
-
-def _tuple_or_none(value):
-    return None if value is None else tuple(float(f) for f in value)
 
 
 def _as_list(x) -> list:

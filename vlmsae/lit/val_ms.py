@@ -18,13 +18,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict
 from typing import Any
 
 import lightning as L
 import torch
 
-from vlmsae.config import conf_dir
+from vlmsae.config import conf_dir, to_typed
 from vlmsae.config.nodes import DataSchema, EmbedderSpec
 from vlmsae.data.image_set import ImageSet
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
@@ -38,14 +37,14 @@ _ROWS = 4096  # rows per encoder call
 
 def val_ms_images(images: Any, max_images: int, batch_size: int) -> ImageSet:
     """``val_ms.images``: a folder of images, or a data node (source folder | list | wds | synthetic, root, ...)."""
-    node = {**asdict(DataSchema(source="folder")), "max_images": max_images, "batch_size": batch_size}
+    node = {"source": "folder", "max_images": max_images, "images_per_forward": batch_size}
     if isinstance(images, str):
         node["root"] = images
     elif isinstance(images, dict):
         node.update(images)
     else:
         raise ValueError(f"val_ms.images={images!r}: give an image folder or a data node such as {{source: folder}}.")
-    return ImageSet.from_node(node, job="train val_ms", hint=" (val_ms.images)")
+    return ImageSet.from_data(to_typed(node, DataSchema), job="train val_ms", hint=" (val_ms.images)")
 
 
 def val_ms_embedder(embedder: Any) -> EmbedderSpec:
@@ -57,9 +56,8 @@ def val_ms_embedder(embedder: Any) -> EmbedderSpec:
         if not fpath.is_file():
             known = sorted(p.stem for p in fpath.parent.glob("*.yaml"))
             raise ValueError(f"val_ms.embedder={embedder!r} is not one of {known}; or give an embedder node.")
-        embedder = OmegaConf.to_container(OmegaConf.load(fpath), resolve=True)
-        embedder.pop("defaults", None)
-    return EmbedderSpec.from_cfg(embedder)
+        embedder = OmegaConf.load(fpath)
+    return to_typed(embedder, EmbedderSpec)
 
 
 class ValMS(L.Callback):
@@ -127,13 +125,14 @@ class ValMS(L.Callback):
             self._log(trainer, pl_module)
 
 
-def val_ms_callbacks(val_ms: Any, model_spec, source, many: bool = False, batch_size: int = 32) -> list:
+def val_ms_callbacks(val_ms: Any, model_spec, rows, many: bool = False, batch_size: int = 32) -> list:
     """``[ValMS]`` when ``val_ms.images`` is set, else ``[]`` (the default: nothing extra is computed or logged).
-    ``source``: the training source (its layer and tokens); ``many``: a sae_grid run (not supported)."""
-    if val_ms is None or val_ms.get("images") is None:
+    ``val_ms``: the train job's ``val_ms`` node (images, embedder, every_n_steps, max_images).
+    ``rows``: what the run trains on (a TrainInput: its layer and tokens); ``many``: a sae_grid run (not supported)."""
+    if val_ms.images is None:
         return []
     if many:
         raise ValueError("val_ms.images is set with sae_grid: MS while training scores one SAE; drop one of the two.")
-    layer, tokens = source.layer, source.tokens
-    images = val_ms_images(val_ms["images"], int(val_ms.get("max_images") or 256), batch_size)
-    return [ValMS(model_spec, layer, tokens, images, val_ms_embedder(val_ms["embedder"]), val_ms.get("every_n_steps"))]
+    layer, tokens = rows.layer, rows.tokens
+    images = val_ms_images(val_ms.images, val_ms.max_images, batch_size)
+    return [ValMS(model_spec, layer, tokens, images, val_ms_embedder(val_ms.embedder), val_ms.every_n_steps)]

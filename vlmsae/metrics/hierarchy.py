@@ -82,12 +82,12 @@ def lca_depths(
         if rows.numel() == 0:
             continue
         c_KTR = codes[idx_KT[rows]]  # every index is >= 0 on valid rows
-        a_KPR, b_KPR = c_KTR[:, ii], c_KTR[:, jj]
-        same_KPR = (a_KPR == b_KPR) & (a_KPR > 0)
-        depth_KP = same_KPR.long().cumprod(dim=2).sum(dim=2)  # shared-prefix length, 0..R
-        depth_mean_K[rows] = depth_KP.double().mean(dim=1)
-        counts_KD = torch.nn.functional.one_hot(depth_KP, R + 1).sum(dim=1)
-        depth_mode_K[rows] = counts_KD.argmax(dim=1)  # first maximum = smallest depth among ties
+        a_KJR, b_KJR = c_KTR[:, ii], c_KTR[:, jj]
+        same_KJR = (a_KJR == b_KJR) & (a_KJR > 0)
+        depth_KJ = same_KJR.long().cumprod(dim=2).sum(dim=2)  # shared-prefix length, 0..R
+        depth_mean_K[rows] = depth_KJ.double().mean(dim=1)
+        counts_KR1 = torch.nn.functional.one_hot(depth_KJ, R + 1).sum(dim=1)
+        depth_mode_K[rows] = counts_KR1.argmax(dim=1)  # first maximum = smallest depth among ties
     return LatentDepths(depth_mean_K, depth_mode_K, valid_K, R, n_top)
 
 

@@ -52,12 +52,12 @@ _SPARSE_LATENT_BLOCK = 512
 _RESOLUTION = 64 * torch.finfo(torch.float64).eps
 
 
-def unit_embeddings(embeddings_ND: torch.Tensor) -> torch.Tensor:
+def unit_embeddings(embeddings_NE: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm, in float64, so that e_n . e_m is the cosine similarity."""
-    if embeddings_ND.dim() != 2:
-        raise ValueError(f"embeddings must be [N, d], got shape {tuple(embeddings_ND.shape)}.")
-    emb_ND = embeddings_ND.detach().to("cpu", torch.float64)
-    norms_N = torch.linalg.vector_norm(emb_ND, dim=1)  # NaN/inf in a row make its norm non-finite
+    if embeddings_NE.dim() != 2:
+        raise ValueError(f"embeddings must be [N, d], got shape {tuple(embeddings_NE.shape)}.")
+    emb_NE = embeddings_NE.detach().to("cpu", torch.float64)
+    norms_N = torch.linalg.vector_norm(emb_NE, dim=1)  # NaN/inf in a row make its norm non-finite
     if not torch.isfinite(norms_N).all():
         bad = (~torch.isfinite(norms_N)).nonzero().flatten()[:5].tolist()
         raise ValueError(f"embeddings contain NaN/inf (rows {bad} ...); fix the embedder or drop those images.")
@@ -67,7 +67,7 @@ def unit_embeddings(embeddings_ND: torch.Tensor) -> torch.Tensor:
             f"embeddings of images {bad} ... are all-zero, so their cosine similarity is undefined; "
             "drop those images or use another embedder."
         )
-    return emb_ND * norms_N.reciprocal()[:, None]  # one division per row, not per element
+    return emb_NE * norms_N.reciprocal()[:, None]  # one division per row, not per element
 
 
 def _is_sparse(acts: torch.Tensor) -> bool:
@@ -78,20 +78,20 @@ def _coo_entries(acts_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     """(rows, cols, vals float64) of the stored nonzeros of a sparse [N, K] matrix; explicit zeros dropped."""
     coo = acts_NK.to_sparse_coo() if acts_NK.layout != torch.sparse_coo else acts_NK
     coo = coo.detach().cpu().coalesce()  # the scorer runs on the CPU in float64 whatever the input device
-    rows_E, cols_E = coo.indices()
-    vals_E = coo.values().to(torch.float64)
-    keep_E = vals_E != 0
-    if not bool(keep_E.all()):
-        rows_E, cols_E, vals_E = rows_E[keep_E], cols_E[keep_E], vals_E[keep_E]
-    return rows_E, cols_E, vals_E
+    rows_Z, cols_Z = coo.indices()
+    vals_Z = coo.values().to(torch.float64)
+    keep_Z = vals_Z != 0
+    if not bool(keep_Z.all()):
+        rows_Z, cols_Z, vals_Z = rows_Z[keep_Z], cols_Z[keep_Z], vals_Z[keep_Z]
+    return rows_Z, cols_Z, vals_Z
 
 
 def column_min_max(acts_NK: torch.Tensor, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-latent (min, max) over the N images, float64 [K] each; sparse inputs count implicit zeros."""
     n_images, n_latents = acts_NK.shape
     if _is_sparse(acts_NK):
-        _rows_E, cols_E, vals_E = _coo_entries(acts_NK)
-        return _sparse_min_max(cols_E, vals_E, n_images, n_latents)
+        _rows_Z, cols_Z, vals_Z = _coo_entries(acts_NK)
+        return _sparse_min_max(cols_Z, vals_Z, n_images, n_latents)
     lo_K = torch.full((n_latents,), math.inf, dtype=torch.float64)
     hi_K = torch.full((n_latents,), -math.inf, dtype=torch.float64)
     for i0 in range(0, n_images, chunk_size):
@@ -102,11 +102,11 @@ def column_min_max(acts_NK: torch.Tensor, chunk_size: int = 4096) -> tuple[torch
 
 
 def _sparse_min_max(
-    cols_E: torch.Tensor, vals_E: torch.Tensor, n_images: int, n_latents: int
+    cols_Z: torch.Tensor, vals_Z: torch.Tensor, n_images: int, n_latents: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    count_K = torch.bincount(cols_E, minlength=n_latents)
-    lo_K = torch.full((n_latents,), math.inf, dtype=torch.float64).scatter_reduce(0, cols_E, vals_E, "amin")
-    hi_K = torch.full((n_latents,), -math.inf, dtype=torch.float64).scatter_reduce(0, cols_E, vals_E, "amax")
+    count_K = torch.bincount(cols_Z, minlength=n_latents)
+    lo_K = torch.full((n_latents,), math.inf, dtype=torch.float64).scatter_reduce(0, cols_Z, vals_Z, "amin")
+    hi_K = torch.full((n_latents,), -math.inf, dtype=torch.float64).scatter_reduce(0, cols_Z, vals_Z, "amax")
     has_zero_K = count_K < n_images  # some image does not store this latent: it is 0 there
     lo_K = torch.where(has_zero_K, lo_K.clamp(max=0.0), lo_K)
     hi_K = torch.where(has_zero_K, hi_K.clamp(min=0.0), hi_K)
@@ -155,10 +155,10 @@ def monosemanticity_scores(
         latent_block = _SPARSE_LATENT_BLOCK if _is_sparse(acts) else _LATENT_BLOCK
     if chunk_size < 1 or latent_block < 1:
         raise ValueError(f"chunk_size and latent_block must be >= 1, got {chunk_size} and {latent_block}.")
-    emb_ND = unit_embeddings(embeddings)
+    emb_NE = unit_embeddings(embeddings)
     if _is_sparse(acts):
-        return _ms_sparse(acts, emb_ND, latent_block, progress)
-    return _ms_dense(acts, emb_ND, chunk_size, latent_block, progress)
+        return _ms_sparse(acts, emb_NE, latent_block, progress)
+    return _ms_dense(acts, emb_NE, chunk_size, latent_block, progress)
 
 
 def _blocks(n_latents: int, latent_block: int, progress: bool, desc: str):
@@ -171,7 +171,7 @@ def _blocks(n_latents: int, latent_block: int, progress: bool, desc: str):
 
 
 def _ms_dense(
-    acts_NK: torch.Tensor, emb_ND: torch.Tensor, chunk_size: int, latent_block: int, progress: bool
+    acts_NK: torch.Tensor, emb_NE: torch.Tensor, chunk_size: int, latent_block: int, progress: bool
 ) -> torch.Tensor:
     """Dense path: shift and scale exactly (a~ in float64), then v = a~^T e by blocks of latents and images."""
     n_images, n_latents = acts_NK.shape
@@ -184,85 +184,85 @@ def _ms_dense(
     ms_K = torch.empty(n_latents, dtype=torch.float64)
     for k0 in _blocks(n_latents, latent_block, progress, "MS (dense)"):
         k1 = min(k0 + latent_block, n_latents)
-        v_BD = torch.zeros(k1 - k0, emb_ND.shape[1], dtype=torch.float64)
-        sum_B = torch.zeros(k1 - k0, dtype=torch.float64)
-        sum_sq_B = torch.zeros(k1 - k0, dtype=torch.float64)
+        v_KE = torch.zeros(k1 - k0, emb_NE.shape[1], dtype=torch.float64)
+        sum_K = torch.zeros(k1 - k0, dtype=torch.float64)
+        sum_sq_K = torch.zeros(k1 - k0, dtype=torch.float64)
         for i0 in range(0, n_images, chunk_size):
-            a_IB = acts_NK[i0 : i0 + chunk_size, k0:k1].detach().to("cpu", torch.float64)
-            a_IB = (a_IB - lo_K[k0:k1]) / safe_range_K[k0:k1]
-            v_BD.addmm_(a_IB.T, emb_ND[i0 : i0 + chunk_size])
-            sum_B += a_IB.sum(0)
-            sum_sq_B += (a_IB * a_IB).sum(0)
-        ms_K[k0:k1] = _ratio(v_BD.pow(2).sum(1), sum_B, sum_sq_B, dead_K[k0:k1])
+            a_IK = acts_NK[i0 : i0 + chunk_size, k0:k1].detach().to("cpu", torch.float64)
+            a_IK = (a_IK - lo_K[k0:k1]) / safe_range_K[k0:k1]
+            v_KE.addmm_(a_IK.T, emb_NE[i0 : i0 + chunk_size])
+            sum_K += a_IK.sum(0)
+            sum_sq_K += (a_IK * a_IK).sum(0)
+        ms_K[k0:k1] = _ratio(v_KE.pow(2).sum(1), sum_K, sum_sq_K, dead_K[k0:k1])
     return ms_K
 
 
-def _ms_sparse(acts_NK: torch.Tensor, emb_ND: torch.Tensor, latent_block: int, progress: bool) -> torch.Tensor:
+def _ms_sparse(acts_NK: torch.Tensor, emb_NE: torch.Tensor, latent_block: int, progress: bool) -> torch.Tensor:
     """Sparse path: touch only the stored nonzeros, in latent-major order, one embedding_bag per block."""
     n_images, n_latents = acts_NK.shape
-    rows_E, cols_E, vals_E = _coo_entries(acts_NK)
-    if not torch.isfinite(vals_E).all():
+    rows_Z, cols_Z, vals_Z = _coo_entries(acts_NK)
+    if not torch.isfinite(vals_Z).all():
         raise ValueError("acts contain NaN or inf; MS is undefined for them. Check the SAE / activations.")
-    lo_K, hi_K = _sparse_min_max(cols_E, vals_E, n_images, n_latents)
+    lo_K, hi_K = _sparse_min_max(cols_Z, vals_Z, n_images, n_latents)
     range_K = hi_K - lo_K
     dead_K = range_K == 0
     safe_range_K = torch.where(dead_K, torch.ones_like(range_K), range_K)
 
-    order_E = torch.argsort(cols_E, stable=True)  # latent-major (CSC) order for embedding_bag
-    rows_E, cols_E, vals_E = rows_E[order_E], cols_E[order_E], vals_E[order_E]
-    count_K = torch.bincount(cols_E, minlength=n_latents)
+    order_Z = torch.argsort(cols_Z, stable=True)  # latent-major (CSC) order for embedding_bag
+    rows_Z, cols_Z, vals_Z = rows_Z[order_Z], cols_Z[order_Z], vals_Z[order_Z]
+    count_K = torch.bincount(cols_Z, minlength=n_latents)
     start_K1 = torch.zeros(n_latents + 1, dtype=torch.long)
     start_K1[1:] = count_K.cumsum(0)
     n_zero_K = n_images - count_K  # images where the latent is 0 (implicit entries)
 
     # Entries shifted by the latent's minimum: a_n - m >= 0 for the nonzeros.
-    shifted_E = vals_E - lo_K[cols_E]
+    shifted_Z = vals_Z - lo_K[cols_Z]
     # Exact sums of a~ and a~^2 over all images, as sums of nonnegative terms (no cancellation):
     # nonzeros contribute (a - m), each implicit zero contributes (0 - m) = -m >= 0.
     zero_shift_K = -lo_K.clamp(max=0.0) * (n_zero_K > 0)
-    sum_K = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, cols_E, shifted_E)
+    sum_K = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, cols_Z, shifted_Z)
     sum_K += n_zero_K * zero_shift_K
-    sum_sq_K = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, cols_E, shifted_E * shifted_E)
+    sum_sq_K = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, cols_Z, shifted_Z * shifted_Z)
     sum_sq_K += n_zero_K * zero_shift_K * zero_shift_K
     sum_K /= safe_range_K
     sum_sq_K /= safe_range_K * safe_range_K
 
     offset_K = (lo_K != 0) & (n_zero_K > 0)  # latents whose implicit zeros carry weight
-    emb_sum_D = emb_ND.sum(0) if bool(offset_K.any()) else None
+    emb_sum_E = emb_NE.sum(0) if bool(offset_K.any()) else None
     sq_norm_K = torch.empty(n_latents, dtype=torch.float64)
     for k0 in _blocks(n_latents, latent_block, progress, "MS (sparse)"):
         k1 = min(k0 + latent_block, n_latents)
         e0, e1 = int(start_K1[k0]), int(start_K1[k1])
-        crow_B1 = start_K1[k0 : k1 + 1] - e0
+        crow_K1 = start_K1[k0 : k1 + 1] - e0
         # v_b = sum over the block's nonzeros of (a - m) e_n
-        v_BD = _row_sums(crow_B1, rows_E[e0:e1], shifted_E[e0:e1], emb_ND)
-        block_offset_B = offset_K[k0:k1]
-        if bool(block_offset_B.any()):
+        v_KE = _row_sums(crow_K1, rows_Z[e0:e1], shifted_Z[e0:e1], emb_NE)
+        block_offset_K = offset_K[k0:k1]
+        if bool(block_offset_K.any()):
             # + (-m) * sum_{n: a_n == 0} e_n = (-m) * (sum_n e_n - sum_{n: a_n != 0} e_n)
-            nz_emb_BD = _row_sums(crow_B1, rows_E[e0:e1], torch.ones(e1 - e0, dtype=torch.float64), emb_ND)
-            zero_emb_BD = emb_sum_D[None, :] - nz_emb_BD
-            v_BD += torch.where(block_offset_B, -lo_K[k0:k1], torch.zeros(())).unsqueeze(1) * zero_emb_BD
-        v_BD /= safe_range_K[k0:k1, None]
-        sq_norm_K[k0:k1] = torch.linalg.vector_norm(v_BD, dim=1).square()  # fused: no [B, d] temporary
+            nz_emb_KE = _row_sums(crow_K1, rows_Z[e0:e1], torch.ones(e1 - e0, dtype=torch.float64), emb_NE)
+            zero_emb_KE = emb_sum_E[None, :] - nz_emb_KE
+            v_KE += torch.where(block_offset_K, -lo_K[k0:k1], torch.zeros(())).unsqueeze(1) * zero_emb_KE
+        v_KE /= safe_range_K[k0:k1, None]
+        sq_norm_K[k0:k1] = torch.linalg.vector_norm(v_KE, dim=1).square()  # fused: no [K, E] temporary
     return _ratio(sq_norm_K, sum_K, sum_sq_K, dead_K)
 
 
 def _row_sums(
-    crow_B1: torch.Tensor, rows_E: torch.Tensor, weights_E: torch.Tensor, emb_ND: torch.Tensor
+    crow_K1: torch.Tensor, rows_Z: torch.Tensor, weights_Z: torch.Tensor, emb_NE: torch.Tensor
 ) -> torch.Tensor:
-    """[B, d]: row b = sum of weights_E[e] * emb_ND[rows_E[e]] over its entries crow_B1[b]:crow_B1[b+1].
+    """[K, E]: row k = sum of weights_Z[e] * emb_NE[rows_Z[e]] over its entries crow_K1[k]:crow_K1[k+1].
 
-    A CSR [B, N] times dense [N, d] product: in float64 on the CPU it runs ~2x faster than
+    A CSR [K, N] times dense [N, E] product: in float64 on the CPU it runs ~2x faster than
     ``embedding_bag`` with per-sample weights (measured at 5k-40k entries, d = 768, 2 cores).
     """
     with warnings.catch_warnings():  # "CSR support is in beta": the product used here is long stable
         warnings.simplefilter("ignore", UserWarning)
-        weights_BN = torch.sparse_csr_tensor(
-            crow_B1, rows_E, weights_E, (crow_B1.numel() - 1, emb_ND.shape[0]), check_invariants=False
+        weights_KN = torch.sparse_csr_tensor(
+            crow_K1, rows_Z, weights_Z, (crow_K1.numel() - 1, emb_NE.shape[0]), check_invariants=False
         )
-    # addmm onto explicit zeros: measured 2x faster than ``weights_BN @ emb_ND``, which copies its operands.
-    zeros_BD = torch.zeros(weights_BN.shape[0], emb_ND.shape[1], dtype=emb_ND.dtype)
-    return torch.addmm(zeros_BD, weights_BN, emb_ND)
+    # addmm onto explicit zeros: measured 2x faster than ``weights_KN @ emb_NE``, which copies its operands.
+    zeros_KE = torch.zeros(weights_KN.shape[0], emb_NE.shape[1], dtype=emb_NE.dtype)
+    return torch.addmm(zeros_KE, weights_KN, emb_NE)
 
 
 class MSAccumulator:
@@ -289,45 +289,45 @@ class MSAccumulator:
         self.shift_K: torch.Tensor | None = None
         self.s1_K = torch.zeros(n_latents, dtype=torch.float64)
         self.s2_K = torch.zeros(n_latents, dtype=torch.float64)
-        self.v_KD = torch.zeros(n_latents, dim, dtype=torch.float64)
-        self.emb_sum_D = torch.zeros(dim, dtype=torch.float64)
+        self.v_KE = torch.zeros(n_latents, dim, dtype=torch.float64)
+        self.emb_sum_E = torch.zeros(dim, dtype=torch.float64)
         self.layout: str | None = None
 
-    def update(self, acts_BK: torch.Tensor, embeddings_BD: torch.Tensor) -> None:
+    def update(self, acts_BK: torch.Tensor, embeddings_BE: torch.Tensor) -> None:
         if (
             acts_BK.dim() != 2
             or acts_BK.shape[1] != self.n_latents
-            or embeddings_BD.shape != (acts_BK.shape[0], self.dim)
+            or embeddings_BE.shape != (acts_BK.shape[0], self.dim)
         ):
             raise ValueError(
                 f"expected acts [B, {self.n_latents}] and embeddings [B, {self.dim}] for the same B images, got "
-                f"{tuple(acts_BK.shape)} and {tuple(embeddings_BD.shape)}."
+                f"{tuple(acts_BK.shape)} and {tuple(embeddings_BE.shape)}."
             )
         layout = "sparse" if _is_sparse(acts_BK) else "dense"
         if self.layout not in (None, layout):
             raise ValueError(f"this accumulator got {self.layout} chunks before; feed all chunks as {self.layout}.")
         self.layout = layout
-        emb_BD = unit_embeddings(embeddings_BD)
+        emb_BE = unit_embeddings(embeddings_BE)
         n_b = acts_BK.shape[0]
-        self.emb_sum_D += emb_BD.sum(0)
+        self.emb_sum_E += emb_BE.sum(0)
         if layout == "sparse":
-            rows_E, cols_E, vals_E = _coo_entries(acts_BK)
-            if not torch.isfinite(vals_E).all():
+            rows_Z, cols_Z, vals_Z = _coo_entries(acts_BK)
+            if not torch.isfinite(vals_Z).all():
                 raise ValueError("acts contain NaN or inf; MS is undefined for them.")
             self.shift_K = torch.zeros(self.n_latents, dtype=torch.float64)
-            self.count_K += torch.bincount(cols_E, minlength=self.n_latents)
-            self.lo_K.scatter_reduce_(0, cols_E, vals_E, "amin")
-            self.hi_K.scatter_reduce_(0, cols_E, vals_E, "amax")
-            self.s1_K.index_add_(0, cols_E, vals_E)
-            self.s2_K.index_add_(0, cols_E, vals_E * vals_E)
+            self.count_K += torch.bincount(cols_Z, minlength=self.n_latents)
+            self.lo_K.scatter_reduce_(0, cols_Z, vals_Z, "amin")
+            self.hi_K.scatter_reduce_(0, cols_Z, vals_Z, "amax")
+            self.s1_K.index_add_(0, cols_Z, vals_Z)
+            self.s2_K.index_add_(0, cols_Z, vals_Z * vals_Z)
             # Group the chunk's entries by latent (one embedding_bag, no [entries, d] temporary), then
             # add each touched latent's row once.
-            order_E = torch.argsort(cols_E, stable=True)
-            touched_U, per_U = torch.unique_consecutive(cols_E[order_E], return_counts=True)
+            order_Z = torch.argsort(cols_Z, stable=True)
+            touched_U, per_U = torch.unique_consecutive(cols_Z[order_Z], return_counts=True)
             offsets_U = torch.zeros_like(per_U)
             offsets_U[1:] = per_U.cumsum(0)[:-1]
-            bag_UD = F.embedding_bag(rows_E[order_E], emb_BD, offsets_U, mode="sum", per_sample_weights=vals_E[order_E])
-            self.v_KD[touched_U] += bag_UD
+            bag_UE = F.embedding_bag(rows_Z[order_Z], emb_BE, offsets_U, mode="sum", per_sample_weights=vals_Z[order_Z])
+            self.v_KE[touched_U] += bag_UE
         else:
             a_BK = acts_BK.detach().to("cpu", torch.float64)
             if not torch.isfinite(a_BK).all():
@@ -340,7 +340,7 @@ class MSAccumulator:
             shifted_BK = a_BK - self.shift_K
             self.s1_K += shifted_BK.sum(0)
             self.s2_K += (shifted_BK * shifted_BK).sum(0)
-            self.v_KD.addmm_(shifted_BK.T, emb_BD)
+            self.v_KE.addmm_(shifted_BK.T, emb_BE)
         self.n_images += n_b
 
     def result(self) -> torch.Tensor:
@@ -357,8 +357,8 @@ class MSAccumulator:
         delta_K = lo_K - self.shift_K
         sum_K = (self.s1_K - n * delta_K) / safe_range_K
         sum_sq_K = (self.s2_K - 2 * delta_K * self.s1_K + n * delta_K * delta_K) / (safe_range_K * safe_range_K)
-        v_KD = (self.v_KD - delta_K[:, None] * self.emb_sum_D[None, :]) / safe_range_K[:, None]
-        return _ratio(v_KD.pow(2).sum(1), sum_K, sum_sq_K, dead_K)
+        v_KE = (self.v_KE - delta_K[:, None] * self.emb_sum_E[None, :]) / safe_range_K[:, None]
+        return _ratio(v_KE.pow(2).sum(1), sum_K, sum_sq_K, dead_K)
 
 
 def ms_summary(ms_K: torch.Tensor, n_images: int | None = None, dead_K: torch.Tensor | None = None) -> dict:

@@ -274,7 +274,7 @@ def zero_shot_fidelity(
     if tokens not in ("all", "cls"):
         raise ValueError(f"tokens={tokens!r}: splice 'all' tokens or only the 'cls' token.")
     clip_model = clip_model.eval()
-    text_CE = torch.nn.functional.normalize(clip_model.encode_text(text_tokens).float(), dim=-1)
+    text_YE = torch.nn.functional.normalize(clip_model.encode_text(text_tokens).float(), dim=-1)
     scale = float(clip_model.logit_scale.exp())
     visual = clip_model.visual
     if layer == "last":
@@ -289,7 +289,7 @@ def zero_shot_fidelity(
 
     def logits_of(x_BCHW: torch.Tensor) -> torch.Tensor:
         img_BE = torch.nn.functional.normalize(clip_model.encode_image(x_BCHW.to(device)).float(), dim=-1)
-        return scale * img_BE @ text_CE.T
+        return scale * img_BE @ text_YE.T
 
     kl_sum, agree, n = 0.0, 0, 0
     pred_orig, pred_sae = [], []

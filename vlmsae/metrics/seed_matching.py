@@ -77,12 +77,12 @@ def _greedy_match(a_FD: torch.Tensor, b_GD: torch.Tensor) -> torch.Tensor:
         v, c = (a_FD[start : start + _BLOCK] @ b_GD.T).topk(k, dim=1)
         vals.append(v)
         cols.append(c)
-    vals_FK, cols_FK = torch.cat(vals), torch.cat(cols)
-    rows_FK = torch.arange(a_FD.shape[0])[:, None].expand_as(cols_FK)
-    order = vals_FK.flatten().argsort(descending=True)
+    vals_FM, cols_FM = torch.cat(vals), torch.cat(cols)
+    rows_FM = torch.arange(a_FD.shape[0])[:, None].expand_as(cols_FM)
+    order = vals_FM.flatten().argsort(descending=True)
     match_F = torch.full((a_FD.shape[0],), -1, dtype=torch.long)
     taken = torch.zeros(b_GD.shape[0], dtype=torch.bool)
-    for r, c in zip(rows_FK.flatten()[order].tolist(), cols_FK.flatten()[order].tolist()):
+    for r, c in zip(rows_FM.flatten()[order].tolist(), cols_FM.flatten()[order].tolist()):
         if match_F[r] < 0 and not taken[c]:
             match_F[r], taken[c] = c, True
     return match_F

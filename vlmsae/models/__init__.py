@@ -2,7 +2,7 @@
 
 ```python
 from vlmsae.models import ModelSpec, load_tap, select_tokens
-tap = load_tap(ModelSpec.from_cfg(cfg.model))          # or get_model_spec("tiny")
+tap = load_tap(job.model)                    # or get_model_spec("tiny")
 x_BCHW = torch.stack([tap.preprocess(img) for img in pil_images])
 acts_BTD = tap.forward_to(x_BCHW, layer=22)            # block 22's output, later blocks never run
 rows_ND, token_idx_N, image_idx_N = select_tokens(acts_BTD, "cls", has_cls=tap.has_cls)
@@ -12,6 +12,7 @@ Heavy libraries (open_clip, transformers) are imported by the backend that needs
 
 from __future__ import annotations
 
+from vlmsae.config import to_typed
 from vlmsae.models.hf_backend import load_hf_clip_tap, load_hf_llava_tap
 from vlmsae.models.open_clip_backend import load_open_clip_tap
 from vlmsae.models.spec import BACKENDS, ModelSpec, check_model_seed, get_model_spec, list_models
@@ -42,7 +43,7 @@ def load_tap(spec: ModelSpec | dict | str) -> Tap:
     if isinstance(spec, str):
         spec = get_model_spec(spec)
     elif not isinstance(spec, ModelSpec):
-        spec = ModelSpec.from_cfg(spec)
+        spec = to_typed(spec, ModelSpec)
     check_model_seed(spec)  # a seed is honoured (tiny or random weights) or refused, never dropped
     if spec.backend == "open_clip":
         return load_open_clip_tap(spec)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.config import to_typed
 from vlmsae.config.nodes import EMBEDDER_BACKENDS, EmbedderSpec, open_clip_overrides
 from vlmsae.models.tap import looks_offline, resolve_device
 
@@ -79,7 +80,7 @@ class OpenClipEmbedder(Embedder):
     def __init__(self, spec: EmbedderSpec):
         import open_clip
 
-        from vlmsae.models.open_clip_backend import create_open_clip, resolve_open_clip_source
+        from vlmsae.models.open_clip_backend import create_open_clip, resolve_open_clip_weights
 
         self.spec = spec
         local_path = spec.local_path
@@ -93,7 +94,7 @@ class OpenClipEmbedder(Embedder):
             )
             local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
         # The same resolution as the taps': a checkpoint file gets its registered tag's preprocessing/activation.
-        source = resolve_open_clip_source(
+        weights = resolve_open_clip_weights(
             spec.name,
             spec.arch,
             spec.pretrained,
@@ -102,8 +103,8 @@ class OpenClipEmbedder(Embedder):
             open_clip_overrides(spec),
             where="embedder",
         )
-        model_name = source.model_name
-        model, preprocess = create_open_clip(source, spec.cache_dir, on_missing=lambda err: _offline_error(spec, err))
+        model_name = weights.model_name
+        model, preprocess = create_open_clip(weights, spec.cache_dir, on_missing=lambda err: _offline_error(spec, err))
         self.device = resolve_device(spec.device)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
@@ -209,7 +210,7 @@ class DigitsCNNEmbedder(Embedder):
 
 def load_embedder(spec: EmbedderSpec | dict | Any) -> Embedder:
     """An embedder for ``spec``: an :class:`EmbedderSpec`, a dict, or a composed ``cfg.embedder`` node."""
-    spec = EmbedderSpec.from_cfg(spec)
+    spec = to_typed(spec, EmbedderSpec)
     if spec.backend == "open_clip":
         return OpenClipEmbedder(spec)
     if spec.backend == "hf":

@@ -2,7 +2,7 @@
 
 ```python
 plan = ExtractionPlan(source="folder", root="/imgs", layer=22, tokens="cls", ...)
-extraction = StoreExtraction(ModelSpec.from_cfg(node), plan, out_dpath)  # checks, listing, tap, resume state
+extraction = StoreExtraction(job.model, plan, out_dpath)  # checks, listing, tap, resume state
 summary = extraction.finished or extraction.run()                     # finished: a rerun of a complete store
 ```
 

@@ -11,7 +11,7 @@ pretrained config (:func:`registered_preprocess`), named by the ``pretrained`` t
 ``pretrained`` is itself a file, by ``pretrained_tag``. A folder's own ``open_clip_config.json``
 describes its weights instead, and the override fields (:data:`OVERRIDE_TARGETS`) override both. Without
 this a file would get open_clip's defaults: CLIP normalisation with a centre crop for SigLIP, GELU
-for OpenAI CLIP. :func:`resolve_open_clip_source` decides all of it without loading anything, and
+for OpenAI CLIP. :func:`resolve_open_clip_weights` decides all of it without loading anything, and
 :func:`create_open_clip` is the one place that builds an open_clip model (taps, embedders, zero-shot).
 Only the vision tower is kept by the tap. The forward runs the blocks itself and stops after block L.
 """
@@ -74,7 +74,7 @@ _INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 @dataclass(frozen=True)
-class OpenClipSource:
+class OpenClipWeights:
     """Where open_clip weights come from, and the activation and image preprocessing they need.
 
     ``quick_gelu`` and ``preprocess`` are passed to open_clip explicitly (they override its own
@@ -228,7 +228,7 @@ def _tag_for_file(
     return None
 
 
-def resolve_open_clip_source(
+def resolve_open_clip_weights(
     name: str,
     arch: str,
     pretrained: Optional[str] = None,
@@ -236,7 +236,7 @@ def resolve_open_clip_source(
     pretrained_tag: Optional[str] = None,
     overrides: Optional[dict[str, Any]] = None,
     where: str = "model",
-) -> OpenClipSource:
+) -> OpenClipWeights:
     """Which weights to load and with which activation and preprocessing; nothing is loaded or downloaded.
 
     Precedence for the weights: ``local_path`` (folder with ``open_clip_config.json``, folder with one
@@ -253,14 +253,14 @@ def resolve_open_clip_source(
             f"different registered configs ({where} {name!r}): drop one of them."
         )
 
-    def source(
+    def weights_of(
         model_name: str, weights: Optional[str], tag: Optional[str], base: tuple[bool, dict[str, Any]], decided_by: str
-    ) -> OpenClipSource:
+    ) -> OpenClipWeights:
         quick_gelu = base[0] if quick_gelu_override is None else quick_gelu_override
         preprocess = _merge_preprocess(base[1], preprocess_override)
         if quick_gelu_override is not None or preprocess_override:
             decided_by += f" + {where} overrides"
-        return OpenClipSource(model_name, weights, tag, quick_gelu, preprocess, decided_by)
+        return OpenClipWeights(model_name, weights, tag, quick_gelu, preprocess, decided_by)
 
     fpath: Optional[Path] = None
     if local_path:
@@ -282,7 +282,7 @@ def resolve_open_clip_source(
                         tag,
                         registered,
                     )
-                return source(f"local-dir:{path}", None, None, folder, f"{path / OPEN_CLIP_CONFIG}")
+                return weights_of(f"local-dir:{path}", None, None, folder, f"{path / OPEN_CLIP_CONFIG}")
             fpath = _checkpoint_in_dir(path)
             if fpath is None:
                 raise FileNotFoundError(
@@ -299,10 +299,10 @@ def resolve_open_clip_source(
             raise FileNotFoundError(
                 f"{where}.arch={arch!r}: {dpath / OPEN_CLIP_CONFIG} does not exist ({where} {name!r})."
             )
-        return source(f"local-dir:{dpath}", None, None, _folder_preprocess(dpath), f"{dpath / OPEN_CLIP_CONFIG}")
+        return weights_of(f"local-dir:{dpath}", None, None, _folder_preprocess(dpath), f"{dpath / OPEN_CLIP_CONFIG}")
     elif arch.startswith("hf-hub:"):
         # The hub's open_clip_config.json decides; only explicit overrides are passed.
-        return OpenClipSource(arch, None, None, quick_gelu_override, preprocess_override, f"{arch} config")
+        return OpenClipWeights(arch, None, None, quick_gelu_override, preprocess_override, f"{arch} config")
     _check_arch(arch)
     if fpath is None and pretrained and not _is_tag(arch, pretrained):
         if Path(pretrained).expanduser().is_file():
@@ -317,7 +317,7 @@ def resolve_open_clip_source(
             )
     if fpath is not None:
         tag = _tag_for_file(name, arch, pretrained, pretrained_tag, overrides, where, fpath)
-        return source(
+        return weights_of(
             arch,
             str(fpath),
             tag,
@@ -330,20 +330,20 @@ def resolve_open_clip_source(
         )
         if pretrained_tag and not _is_tag(arch, pretrained_tag):
             _tag_for_file(name, arch, None, pretrained_tag, overrides, where, Path("<none>"))  # raises the tag error
-        return source(
+        return weights_of(
             arch,
             None,
             pretrained_tag,
             registered_preprocess(arch, pretrained_tag),
             f"registered config {arch}/{pretrained_tag}" if pretrained_tag else "open_clip defaults",
         )
-    return source(
+    return weights_of(
         arch, pretrained, pretrained, registered_preprocess(arch, pretrained), f"registered config {arch}/{pretrained}"
     )
 
 
-def spec_source(spec: ModelSpec) -> OpenClipSource:
-    """:func:`resolve_open_clip_source` for a model spec (``tiny: true`` first builds the tiny folder)."""
+def spec_weights(spec: ModelSpec) -> OpenClipWeights:
+    """:func:`resolve_open_clip_weights` for a model spec (``tiny: true`` first builds the tiny folder)."""
     local_path = spec.local_path
     if spec.tiny:
         dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
@@ -351,18 +351,18 @@ def spec_source(spec: ModelSpec) -> OpenClipSource:
             local_path = str(ensure_digits_vit(dpath, seed=spec.seed, random_init=spec.arch == DIGITS_VIT_RANDOM_ARCH))
         else:
             local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
-    source = resolve_open_clip_source(
+    weights = resolve_open_clip_weights(
         spec.name, spec.arch, spec.pretrained, local_path, spec.pretrained_tag, open_clip_overrides(spec)
     )
-    return dataclasses.replace(source, seed=int(spec.seed))
+    return dataclasses.replace(weights, seed=int(spec.seed))
 
 
 def create_open_clip(
-    source: OpenClipSource,
+    weights: OpenClipWeights,
     cache_dir: Optional[str] = None,
     on_missing: Optional[Callable[[BaseException], BaseException]] = None,
 ) -> tuple[Any, Any]:
-    """``(model, preprocess)`` on CPU from open_clip, with ``source``'s activation and preprocessing.
+    """``(model, preprocess)`` on CPU from open_clip, with ``weights``' activation and preprocessing.
 
     ``on_missing(err)`` turns a failed download into the caller's offline error.
     """
@@ -370,20 +370,20 @@ def create_open_clip(
 
     log.info(
         "open_clip %s (weights %s): quick_gelu=%s, preprocess=%s, decided by %s",
-        source.model_name,
-        source.pretrained,
-        source.quick_gelu,
-        source.preprocess,
-        source.decided_by,
+        weights.model_name,
+        weights.pretrained,
+        weights.quick_gelu,
+        weights.preprocess,
+        weights.decided_by,
     )
-    offline = offline_reason() if source.needs_hub() else None  # one quick probe, not a minute of retries
+    offline = offline_reason() if weights.needs_hub() else None  # one quick probe, not a minute of retries
     try:
         # Random weights (no pretrained, no folder) come from the seed, so an SAE trained on them can be scored on
         # the same network again (the SAE's source records the seed); the caller's RNG state is left as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(source.seed)
+            torch.manual_seed(weights.seed)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                source.model_name, cache_dir=cache_dir, device="cpu", **source.create_kwargs()
+                weights.model_name, cache_dir=cache_dir, device="cpu", **weights.create_kwargs()
             )
     except (RuntimeError, OSError, ValueError) as err:
         if on_missing is not None and offline is not None:  # one message, not a chain of download tracebacks
@@ -484,7 +484,7 @@ class OpenClipTap(Tap):
 def load_open_clip_tap(spec: ModelSpec) -> OpenClipTap:
     """Load ``spec`` through :func:`create_open_clip` and wrap its vision tower."""
     model, preprocess = create_open_clip(
-        spec_source(spec), spec.cache_dir, on_missing=lambda err: _missing_weights_error(spec, err)
+        spec_weights(spec), spec.cache_dir, on_missing=lambda err: _missing_weights_error(spec, err)
     )
     visual = model.visual.to(device=resolve_device(spec.device), dtype=torch_dtype(spec.dtype))
     del model

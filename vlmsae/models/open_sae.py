@@ -3,7 +3,7 @@
 A loaded SAE records what it reads (``sae.source``: model, pretrained, layer, tokens; set by
 :func:`vlmsae.sae.load` from vlmsae's ``config.json`` or a foreign format's own files).
 :func:`load_job_sae` loads the SAE a job names (every job and the steering setup load it here);
-:func:`open_sae_source` resolves its source, plus the caller's overrides, to a loaded tap, a layer and a
+:func:`open_tapped_sae` resolves its source, plus the caller's overrides, to a loaded tap, a layer and a
 token pooling (:data:`vlmsae.metrics.pooling.POOLS`), and checks the SAE's width against them before any
 image is encoded. The studies (:mod:`vlmsae.studies`) and the steering jobs (:mod:`vlmsae.steering`) both
 sit above this module.
@@ -12,7 +12,7 @@ sit above this module.
 SAE that ``vlmsae.train`` trained but whose reconstruction is worse than the batch mean (FVE < 0), or which leaves
 nearly every row without an active latent, stops the job, naming what the SAE records it reads against what the
 job reads and the overrides that fix it (``check_fit=false`` skips it). The studies call it through
-:meth:`SAESource.check_first_batch`, the steering jobs from their setup.
+:meth:`TappedSAE.check_first_batch`, the steering jobs from their setup.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from vlmsae import sae as sae_lib
+from vlmsae.config import to_typed
 from vlmsae.metrics.pooling import POOLS
 from vlmsae.models import get_model_spec, list_models, load_tap
 from vlmsae.models.spec import ModelSpec, seed_decides_weights
@@ -49,7 +50,7 @@ def source_model_spec(
     """The model an SAE reads: ``model`` if given, else the registered model its ``source`` names (or the one
     registered model whose ``pretrained`` equals the source's); an error naming ``model=`` when neither."""
     if model is not None:
-        return ModelSpec.from_cfg(model)
+        return to_typed(model, ModelSpec)
     name = source.get("model") or _model_for_pretrained(source.get("pretrained"))
     if not name:
         known = f" (pretrained={source['pretrained']!r} matches no single model)" if source.get("pretrained") else ""
@@ -58,7 +59,7 @@ def source_model_spec(
             f"pass model=<name> (one of: {', '.join(list_models())})."
         )
     if isinstance(name, dict):
-        return ModelSpec.from_cfg(name)
+        return to_typed(name, ModelSpec)
     try:
         spec = get_model_spec(str(name))
     except ValueError as err:
@@ -138,7 +139,7 @@ def resolve_sae_inputs(
 
 
 @dataclass
-class SAESource:
+class TappedSAE:
     """Where an SAE reads: the loaded tap, its spec, the resolved layer and the token pooling."""
 
     sae: Any  # vlmsae.sae.base.SAE, on the tap's device, in eval mode
@@ -160,7 +161,7 @@ class SAESource:
         check_fit(self.sae, acts_RD, self.source, reads, self.sae_path)
 
 
-def open_sae_source(
+def open_tapped_sae(
     sae,
     source: dict[str, Any] | None = None,
     model: ModelSpec | None = None,
@@ -170,7 +171,7 @@ def open_sae_source(
     sae_dpath: str | Path | None = None,
     tap_of: Callable[[ModelSpec], Tap] | None = None,
     check_fit: bool = True,
-) -> SAESource:
+) -> TappedSAE:
     """Load the tap the SAE reads (``source`` defaults to ``sae.source``; ``model`` / ``layer`` / ``pool``
     override it; ``device`` overrides the model's unless None or "auto") and move the SAE to it.
     Bad combinations are refused by :func:`resolve_sae_inputs` before the model loads; errors name the fix.
@@ -188,7 +189,7 @@ def open_sae_source(
         raise _width_error(sae, spec.name, layer, width, source)
     sae = sae.to(tap.device).eval()
     path = None if sae_dpath is None else str(sae_dpath)
-    return SAESource(sae, tap, spec, layer, pool, source, sae_path=path, check_fit=check_fit)
+    return TappedSAE(sae, tap, spec, layer, pool, source, sae_path=path, check_fit=check_fit)
 
 
 def load_job_sae(sae_path: str | Path, sae_format: str | None = None, device: str = "cpu"):

@@ -1,7 +1,7 @@
 """``ModelSpec``: which vision encoder to tap, and the registry of known models (``conf/model/*.yaml``).
 
 ``ModelSpec`` is the ``model`` config node itself, defined once in :mod:`vlmsae.config.nodes` and
-re-exported here: a composed ``cfg.model`` converts with :meth:`ModelSpec.from_cfg`, and library code
+re-exported here: a job's ``to_typed(cfg, <Job>)`` makes ``job.model`` one, and library code
 then takes the typed spec, never a ``DictConfig``. The registry reads the same YAML files Hydra
 composes, so a model is described in exactly one place.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
+from vlmsae.config import to_typed
 from vlmsae.config.nodes import BACKENDS, ModelSpec
 
 __all__ = ["BACKENDS", "ModelSpec", "check_model_seed", "get_model_spec", "list_models", "seed_decides_weights"]
@@ -35,10 +36,7 @@ def get_model_spec(name: str, **overrides: Any) -> ModelSpec:
         raise ValueError(f"Unknown model {name!r}: valid choices are {choices}.{hint}")
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.to_container(OmegaConf.load(fpath), resolve=True)
-    raw.pop("defaults", None)
-    raw.update(overrides)
-    return ModelSpec.from_cfg(raw)
+    return to_typed(OmegaConf.merge(OmegaConf.load(fpath), overrides), ModelSpec)
 
 
 def seed_decides_weights(spec: ModelSpec) -> bool:

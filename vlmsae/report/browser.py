@@ -667,13 +667,13 @@ def build_browser(
     n_show = min(images_per_card, int(index.image_idx_KT.shape[1])) if index.image_idx_KT.ndim == 2 else 0
     card_rows = [row_of_latent.get(latent) for latent in chosen]
     gather = torch.tensor([r if r is not None else 0 for r in card_rows], dtype=torch.long)
-    image_idx_CT = index.image_idx_KT[gather, :n_show].clone()
-    image_idx_CT[torch.tensor([r is None for r in card_rows], dtype=torch.bool)] = -1
-    acts_CT = index.acts_KT[gather, :n_show].float()
+    card_image_idx_KT = index.image_idx_KT[gather, :n_show].clone()
+    card_image_idx_KT[torch.tensor([r is None for r in card_rows], dtype=torch.bool)] = -1
+    card_acts_KT = index.acts_KT[gather, :n_show].float()
 
     # Thumbnails, one per image: each written once and shared by every card that shows it.
     paths = index.paths or []
-    used = sorted(int(i) for i in torch.unique(image_idx_CT[image_idx_CT >= 0]).tolist())
+    used = sorted(int(i) for i in torch.unique(card_image_idx_KT[card_image_idx_KT >= 0]).tolist())
     written = write_thumbnails(
         [(i, paths[i]) for i in used if i < len(paths) and paths[i]], img_dpath, thumb_px, workers=workers
     )
@@ -687,7 +687,7 @@ def build_browser(
         return caption_of[image_idx]
 
     cards: list[dict[str, Any]] = []
-    idx_rows, act_rows = image_idx_CT.tolist(), acts_CT.tolist()
+    idx_rows, act_rows = card_image_idx_KT.tolist(), card_acts_KT.tolist()
     for c, latent in enumerate(chosen):
         r = by_latent[latent]
         tx = taxa.get(latent, {})

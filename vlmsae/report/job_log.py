@@ -4,11 +4,11 @@ Every job (``extract``, ``monosemanticity``, ``hierarchy``, ``steer``, ``steer_e
 ``logger`` group train has (``conf/logger/{none,csv,wandb}.yaml``, :class:`vlmsae.config.nodes.LoggerSchema`)
 and logs AFTER its own files are written, so a logging failure never costs an output:
 
-    log_job(cfg, "monosemanticity", out_dpath, result, sae_path=sae_dpath)   # one line in a job's run()
+    log_job(job, "monosemanticity", out_dpath, result, sae_path=sae_dpath)   # one line in a job's run()
 
 or, for a job that picks what to log itself (the API is these five calls):
 
-    with JobLog.open(cfg.logger, job="stability", out_dpath=out, config=cfg, sae_path=p) as jl:
+    with JobLog.open(job.logger, job="stability", out_dpath=out, config=job, sae_path=p) as jl:
         jl.summary({"stability/mean": 0.8})             # headline numbers (nested dicts -> "a/b" keys)
         jl.image("ms_hist", out / "ms_hist.png")         # a plot the job wrote
         jl.table("latents", rows_or_csv_fpath, image_columns=("top_0",), max_rows=2000)
@@ -35,6 +35,8 @@ Under torchrun only rank 0 logs.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -44,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmsae import formats
+from vlmsae.config import to_typed
 from vlmsae.config.nodes import LoggerSchema
 from vlmsae.utils.io import atomic_write_json, atomic_write_text
 
@@ -61,15 +64,7 @@ class JobLogError(RuntimeError):
 
 
 def _logger_node(node: Any) -> LoggerSchema:
-    if isinstance(node, LoggerSchema):
-        return node
-    if node is None:
-        return LoggerSchema(kind="none")
-    if not isinstance(node, Mapping):
-        from omegaconf import OmegaConf
-
-        node = OmegaConf.to_container(node, resolve=True)
-    lg = LoggerSchema(**dict(node))
+    lg = LoggerSchema(kind="none") if node is None else to_typed(node, LoggerSchema)
     if lg.kind not in KINDS:
         raise ValueError(f"logger.kind={lg.kind!r}: use logger=none, logger=csv or logger=wandb")
     return lg
@@ -80,6 +75,8 @@ def _plain(config: Any) -> dict[str, Any]:
         return {}
     if isinstance(config, Mapping) and not hasattr(config, "_metadata"):
         return dict(config)
+    if dataclasses.is_dataclass(config):  # a job's typed config
+        return json.loads(json.dumps(dataclasses.asdict(config), default=str))
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(config, resolve=True)
@@ -400,9 +397,9 @@ def latents_table_rows(out_dpath: str | Path, max_rows: int) -> list[dict[str, A
 
 
 def log_job(cfg: Any, job: str, out_dpath: str | Path, result: Mapping[str, Any], sae_path: Any = None) -> None:
-    """Log a finished job with ``cfg.logger``: its headline figures (:data:`FIGURES`), every ``*.png`` in
-    ``out_dpath`` and its tables (monosemanticity: ``latents``, with top-image thumbnails; steer: ``answers``).
-    Call it after the job wrote its files."""
+    """Log a finished job with ``cfg.logger`` (``cfg``: the job's typed config, from ``config.to_typed``): its
+    headline figures (:data:`FIGURES`), every ``*.png`` in ``out_dpath`` and its tables (monosemanticity:
+    ``latents``, with top-image thumbnails; steer: ``answers``). Call it after the job wrote its files."""
     out_dpath = Path(out_dpath)
     figures = FIGURES[job](result) if job in FIGURES else {}
     try:

@@ -83,23 +83,23 @@ def auxk_loss(
     """
     e_BD = residual_BD.detach().float()
     batch_size = z_BF.shape[0]
-    rows_N = torch.arange(batch_size, device=z_BF.device).repeat_interleave(k_aux)
+    rows_Z = torch.arange(batch_size, device=z_BF.device).repeat_interleave(k_aux)
     if preacts is not None:
-        cols_N, exact_N = masked_topk_exact(preacts, dead_F, k_aux)
+        cols_Z, exact_Z = masked_topk_exact(preacts, dead_F, k_aux)
         if preacts_of is not None:
-            vals_N = preacts_of(rows_N, cols_N, exact_N)
+            vals_Z = preacts_of(rows_Z, cols_Z, exact_Z)
         else:  # dense autograd: the canonical values with z's gradient
-            vals_N = z_BF[rows_N, cols_N]
-            vals_N = vals_N + (exact_N - vals_N).detach()
+            vals_Z = z_BF[rows_Z, cols_Z]
+            vals_Z = vals_Z + (exact_Z - vals_Z).detach()
     else:
         with torch.no_grad():
             masked_BF = z_BF.detach().masked_fill(~dead_F, float("-inf"))
             cols_BK = masked_BF.topk(k_aux, dim=1, sorted=False).indices
-        cols_N = cols_BK.reshape(-1)
-        vals_N = z_BF[rows_N, cols_N] if preacts_of is None else preacts_of(rows_N, cols_N)
+        cols_Z = cols_BK.reshape(-1)
+        vals_Z = z_BF[rows_Z, cols_Z] if preacts_of is None else preacts_of(rows_Z, cols_Z)
     # Alive latents can only be picked when fewer than k_aux are dead in a row of z: mask them out.
-    vals_N = vals_N.relu() * dead_F[cols_N].to(vals_N.dtype)
-    e_hat_BD = sparse_decode(rows_N, cols_N, vals_N, W_dec_FD, batch_size).float()
+    vals_Z = vals_Z.relu() * dead_F[cols_Z].to(vals_Z.dtype)
+    e_hat_BD = sparse_decode(rows_Z, cols_Z, vals_Z, W_dec_FD, batch_size).float()
     denom = (e_BD - e_BD.mean(dim=0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
     return (e_BD - e_hat_BD).pow(2).sum() / denom
 
@@ -109,15 +109,15 @@ class TrainCodes:
     """Training-time codes of one batch, dense ([B, F] with grad) or sparse (rows, cols, vals).
 
     ``z_BF`` are the pre-activations: with grad on the dense float32 path, detached otherwise
-    (there only the selected entries carry grad, through ``vals_N``). ``preacts``: the selection's
+    (there only the selected entries carry grad, through ``vals_Z``). ``preacts``: the selection's
     pre-activations with their error bound (TopK family, :mod:`vlmsae.sae.select`), for AuxK's choice.
     """
 
     z_BF: torch.Tensor
     codes_BF: torch.Tensor | None = None
-    rows_N: torch.Tensor | None = None
-    cols_N: torch.Tensor | None = None
-    vals_N: torch.Tensor | None = None
+    rows_Z: torch.Tensor | None = None
+    cols_Z: torch.Tensor | None = None
+    vals_Z: torch.Tensor | None = None
     preacts: Preacts | None = None
 
     @property
@@ -131,10 +131,10 @@ class TrainCodes:
         if not self.is_sparse:
             codes_BF = self.codes_BF if full else self.codes_BF[:, start:end]
             return codes_BF.to(W_dec_FD.dtype) @ (W_dec_FD if full else W_dec_FD[start:end])
-        vals_N = self.vals_N
+        vals_Z = self.vals_Z
         if not full:  # a mask, not boolean indexing: no host sync, and the entry count stays fixed
-            vals_N = vals_N * ((self.cols_N >= start) & (self.cols_N < end)).to(vals_N.dtype)
-        return sparse_decode(self.rows_N, self.cols_N, vals_N, W_dec_FD, self.z_BF.shape[0])
+            vals_Z = vals_Z * ((self.cols_Z >= start) & (self.cols_Z < end)).to(vals_Z.dtype)
+        return sparse_decode(self.rows_Z, self.cols_Z, vals_Z, W_dec_FD, self.z_BF.shape[0])
 
     def decode_groups(self, W_dec_FD: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
         """Each consecutive latent group's contribution to x_hat (no bias) -> [B, G, D].
@@ -148,10 +148,10 @@ class TrainCodes:
                 [self.decode_range(W_dec_FD, start, start + size) for start, size in zip(starts, group_sizes)], dim=1
             )
         n_groups, batch_size = len(group_sizes), self.z_BF.shape[0]
-        bounds_G = torch.tensor(group_sizes, device=self.cols_N.device).cumsum(0)
-        group_N = torch.bucketize(self.cols_N, bounds_G, right=True)
-        bags_N = self.rows_N * n_groups + group_N
-        x_hat_BGD = sparse_decode(bags_N, self.cols_N, self.vals_N, W_dec_FD, batch_size * n_groups)
+        bounds_G = torch.tensor(group_sizes, device=self.cols_Z.device).cumsum(0)
+        group_Z = torch.bucketize(self.cols_Z, bounds_G, right=True)
+        bags_Z = self.rows_Z * n_groups + group_Z
+        x_hat_BGD = sparse_decode(bags_Z, self.cols_Z, self.vals_Z, W_dec_FD, batch_size * n_groups)
         return x_hat_BGD.view(batch_size, n_groups, -1)
 
     def stats(self, n_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,9 +161,9 @@ class TrainCodes:
             if not self.is_sparse:
                 active_BF = self.codes_BF > 0
                 return active_BF.sum() / batch_size, self.codes_BF.sum() / batch_size, active_BF.any(dim=0)
-            active_N = self.vals_N > 0
-            fired_F = torch.zeros(n_latents, device=self.vals_N.device).index_add_(0, self.cols_N, active_N.float()) > 0
-            return active_N.sum() / batch_size, self.vals_N.sum() / batch_size, fired_F
+            active_Z = self.vals_Z > 0
+            fired_F = torch.zeros(n_latents, device=self.vals_Z.device).index_add_(0, self.cols_Z, active_Z.float()) > 0
+            return active_Z.sum() / batch_size, self.vals_Z.sum() / batch_size, fired_F
 
 
 class SAE(nn.Module):
@@ -191,7 +191,7 @@ class SAE(nn.Module):
         if not cfg.is_resolved:  # a config node straight from conf/sae/*.yaml: its size is not known yet
             raise ValueError(
                 f"SAE needs d_in and n_latents; got d_in={cfg.d_in}, n_latents={cfg.n_latents}: "
-                "use cfg.resolved(d_in) or SAEConfig.from_schema(node, d_in)."
+                "use cfg.resolved(d_in) (a Hydra node: vlmsae.config.to_typed(node, SAEConfig).resolved(d_in))."
             )
         self.cfg = cfg
         n_latents, d_in = cfg.n_latents, cfg.d_in
@@ -400,13 +400,13 @@ class SAE(nn.Module):
         preacts_of = None
         if codes.preacts is not None and not codes.z_BF.requires_grad:  # values from the exact selection
 
-            def preacts_of(rows_N, cols_N, exact_N):
-                return gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, values_N=exact_N)
+            def preacts_of(rows_Z, cols_Z, exact_Z):
+                return gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_Z, cols_Z, values_Z=exact_Z)
 
         elif codes.is_sparse:
 
-            def preacts_of(rows_N, cols_N):
-                return gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, preacts_BF=codes.z_BF)
+            def preacts_of(rows_Z, cols_Z):
+                return gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_Z, cols_Z, preacts_BF=codes.z_BF)
 
         return auxk_loss(
             x_s_BD - x_hat_s_BD, codes.z_BF, dead_F, k_aux, self.W_dec, preacts_of=preacts_of, preacts=codes.preacts

@@ -43,8 +43,8 @@ class BatchTopKSAE(TopKSAE):
     def _after_train_step(self, codes: TrainCodes) -> None:
         # Tensor ops only (no host sync): the update is a no-op before the start step or when
         # nothing positive was kept.
-        vals_N = codes.vals_N.detach().float()
-        min_kept = torch.where(vals_N > 0, vals_N, torch.full_like(vals_N, float("inf"))).min()
+        vals_Z = codes.vals_Z.detach().float()
+        min_kept = torch.where(vals_Z > 0, vals_Z, torch.full_like(vals_Z, float("inf"))).min()
         beta = self.cfg.threshold_beta
         ema = torch.where(self.threshold < 0, min_kept, beta * self.threshold + (1 - beta) * min_kept)
         do_update = (self.n_steps >= self.cfg.threshold_start_step) & torch.isfinite(min_kept)

@@ -23,7 +23,8 @@ def build_sae(cfg: SAEConfig, seed: int | None = None, device: str | None = None
     """The SAE module for ``cfg.arch``, freshly initialised (``seed`` fixes the init; None = torch's RNG)."""
     if not isinstance(cfg, SAEConfig):
         raise TypeError(
-            f"build_sae needs an SAEConfig; got {type(cfg).__name__} (from a Hydra node use SAEConfig.from_schema)."
+            f"build_sae needs an SAEConfig; got {type(cfg).__name__} "
+            "(from a Hydra node: vlmsae.config.to_typed(node, SAEConfig).resolved(d_in))."
         )
     sae = SAE_CLASSES[cfg.arch](cfg, seed=seed)
     return sae.to(device) if device is not None else sae

@@ -2,8 +2,8 @@
 
 The class is the ``sae`` config node, defined once in :mod:`vlmsae.config.nodes` (the bottom layer, no
 torch) and re-exported here, so ``conf/sae/*.yaml`` and :func:`vlmsae.sae.build_sae` share one dataclass.
-A node from a YAML is resolved for the activations' width with ``SAEConfig.from_schema(node, d_in)``
-(or ``cfg.resolved(d_in)``), which fills ``d_in`` and ``n_latents``.
+A job gets it typed from ``vlmsae.config.to_typed`` (``job.sae``) and resolves it for the activations' width
+with ``cfg.resolved(d_in)``, which fills ``d_in`` and ``n_latents``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The canonical values of :mod:`vlmsae.sae.select` (METHOD §2 "Precision"). Every
 reduction, so its value depends on its operands alone (and on the device), never on how many entries are
 computed with it or where they sit:
 
-* CUDA: a Triton kernel that reads the rows in place (no [N, D] temporaries: the recomputation costs about one
+* CUDA: a Triton kernel that reads the rows in place (no [Z, D] temporaries: the recomputation costs about one
   read of each candidate's encoder row); float32 products, a float64 sum, one rounding to float32;
 * CPU: one ``torch.sparse.sampled_addmm`` on the entries' CSR pattern (each entry one float32 dot product of
   the two rows, computed in place; about 20x cheaper than gathering the rows), plus the bias in float32;
@@ -59,20 +59,20 @@ if triton is not None:
         tl.store(out_ptr + offs_n, (acc + bias).to(tl.float32), mask=mask_n)
 
 
-def _triton_dots(x_BD, W_FD, b_F, rows_N, cols_N, out_N) -> None:
-    n_entries = rows_N.numel()
+def _triton_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z) -> None:
+    n_entries = rows_Z.numel()
     grid = (triton.cdiv(n_entries, _BLOCK_N),)
     _dots_kernel[grid](
-        x_BD, W_FD, b_F, rows_N, cols_N, out_N, n_entries, x_BD.shape[1], x_BD.stride(0), W_FD.stride(0),
+        x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z, n_entries, x_BD.shape[1], x_BD.stride(0), W_FD.stride(0),
         BLOCK_N=_BLOCK_N, BLOCK_D=_BLOCK_D,
     )  # fmt: skip
 
 
-def _torch_dots(x_BD, W_FD, b_F, rows_N, cols_N, out_N) -> None:
-    n_entries = rows_N.numel()
+def _torch_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z) -> None:
+    n_entries = rows_Z.numel()
     for start in range(0, n_entries, _CHUNK):
         stop = min(n_entries, start + _CHUNK)
-        rows, cols = rows_N[start:stop], cols_N[start:stop]
+        rows, cols = rows_Z[start:stop], cols_Z[start:stop]
         pad = _CHUNK - (stop - start)
         if pad:
             rows = torch.cat([rows, rows[:1].expand(pad)])
@@ -80,23 +80,23 @@ def _torch_dots(x_BD, W_FD, b_F, rows_N, cols_N, out_N) -> None:
         # float32 products, then a float64 sum (the cast before the sum: far faster on CPU than sum(dtype=))
         dots = (x_BD.index_select(0, rows) * W_FD.index_select(0, cols)).double().sum(dim=1)
         dots += b_F.index_select(0, cols).double()
-        out_N[start:stop] = dots[: stop - start].float()
+        out_Z[start:stop] = dots[: stop - start].float()
 
 
-def _cpu_dots(x_BD, W_FD, b_F, rows_N, cols_N, out_N) -> None:
+def _cpu_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z) -> None:
     n_latents = W_FD.shape[0]
     # CSR wants row-major order and no repeated entry: unique sorts and merges repeats.
-    flat_S, inverse_N = torch.unique(rows_N * n_latents + cols_N, return_inverse=True)
-    rows_S, cols_S = flat_S // n_latents, flat_S % n_latents
+    flat_U, inverse_Z = torch.unique(rows_Z * n_latents + cols_Z, return_inverse=True)
+    rows_U, cols_U = flat_U // n_latents, flat_U % n_latents
     crow = torch.zeros(x_BD.shape[0] + 1, dtype=torch.long)
-    torch.cumsum(torch.bincount(rows_S, minlength=x_BD.shape[0]), 0, out=crow[1:])
+    torch.cumsum(torch.bincount(rows_U, minlength=x_BD.shape[0]), 0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         pattern = torch.sparse_csr_tensor(
-            crow, cols_S, torch.zeros(rows_S.numel()), size=(x_BD.shape[0], W_FD.shape[0]), check_invariants=False
+            crow, cols_U, torch.zeros(rows_U.numel()), size=(x_BD.shape[0], W_FD.shape[0]), check_invariants=False
         )
-        dots_S = torch.sparse.sampled_addmm(pattern, x_BD, W_FD.T, beta=0.0).values()
-    out_N.copy_((dots_S + b_F[cols_S])[inverse_N])
+        dots_U = torch.sparse.sampled_addmm(pattern, x_BD, W_FD.T, beta=0.0).values()
+    out_Z.copy_((dots_U + b_F[cols_U])[inverse_Z])
 
 
 @torch.no_grad()
@@ -104,22 +104,22 @@ def sampled_dots(
     x_BD: torch.Tensor,
     W_FD: torch.Tensor,
     b_F: torch.Tensor,
-    rows_N: torch.Tensor,
-    cols_N: torch.Tensor,
+    rows_Z: torch.Tensor,
+    cols_Z: torch.Tensor,
     use_triton: bool | None = None,
 ) -> torch.Tensor:
-    """The canonical float32 value of each (rows[n], cols[n]) entry (float32 operands, int64 indices) -> [N].
+    """The canonical float32 value of each (rows[n], cols[n]) entry (float32 operands, int64 indices) -> [Z].
 
     ``use_triton``: None = the device's kernel (above); True = Triton; False = the gathered float64 path.
     """
     x_BD, W_FD, b_F = x_BD.float().contiguous(), W_FD.float().contiguous(), b_F.float().contiguous()
-    out_N = torch.empty(rows_N.numel(), dtype=torch.float32, device=x_BD.device)
-    if rows_N.numel() == 0:
-        return out_N
+    out_Z = torch.empty(rows_Z.numel(), dtype=torch.float32, device=x_BD.device)
+    if rows_Z.numel() == 0:
+        return out_Z
     if use_triton if use_triton is not None else _use_triton(x_BD):
-        _triton_dots(x_BD, W_FD, b_F, rows_N.contiguous(), cols_N.contiguous(), out_N)
+        _triton_dots(x_BD, W_FD, b_F, rows_Z.contiguous(), cols_Z.contiguous(), out_Z)
     elif x_BD.device.type == "cpu" and use_triton is None:
-        _cpu_dots(x_BD, W_FD, b_F, rows_N, cols_N, out_N)
+        _cpu_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z)
     else:
-        _torch_dots(x_BD, W_FD, b_F, rows_N, cols_N, out_N)
-    return out_N
+        _torch_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z)
+    return out_Z

@@ -98,8 +98,8 @@ class Preacts:
     def exact(self) -> bool:
         return self.err_B is not None
 
-    def canonical(self, rows_N: torch.Tensor, cols_N: torch.Tensor) -> torch.Tensor:
-        return canonical_preacts(self.x_BD, self.W_FD, self.b_F, rows_N, cols_N)
+    def canonical(self, rows_Z: torch.Tensor, cols_Z: torch.Tensor) -> torch.Tensor:
+        return canonical_preacts(self.x_BD, self.W_FD, self.b_F, rows_Z, cols_Z)
 
 
 @torch.no_grad()
@@ -151,22 +151,22 @@ def preacts_with_bound(
 
 
 def canonical_preacts(
-    x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, rows_N: torch.Tensor, cols_N: torch.Tensor
+    x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, rows_Z: torch.Tensor, cols_Z: torch.Tensor
 ) -> torch.Tensor:
     """The canonical float32 value of each entry, x[row] . W[col] + b[col]: a function of the entry's operands
     alone (:mod:`vlmsae.sae.sampled_dots`)."""
-    return sampled_dots(x_BD, W_FD, b_F, rows_N, cols_N)
+    return sampled_dots(x_BD, W_FD, b_F, rows_Z, cols_Z)
 
 
-def _rank_candidates(keys_N: torch.Tensor, vals_N: torch.Tensor) -> torch.Tensor:
+def _rank_candidates(keys_Z: torch.Tensor, vals_Z: torch.Tensor) -> torch.Tensor:
     """Order of candidates by (key ascending, value descending, position ascending): stable sorts only."""
-    order_N = torch.sort(vals_N, descending=True, stable=True).indices
-    return order_N[torch.sort(keys_N[order_N], stable=True).indices]
+    order_Z = torch.sort(vals_Z, descending=True, stable=True).indices
+    return order_Z[torch.sort(keys_Z[order_Z], stable=True).indices]
 
 
 @torch.no_grad()
 def topk_exact(pre: Preacts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows_N, cols_N, vals_N) of the k largest entries of each row, row-major with columns ascending.
+    """(rows_Z, cols_Z, vals_Z) of the k largest entries of each row, row-major with columns ascending.
 
     Exact policies: the k largest canonical values (ties -> lower column), values canonical float32.
     ``bf16``: torch's top-k of the fast values (ties as torch breaks them), those values.
@@ -177,9 +177,9 @@ def topk_exact(pre: Preacts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
         raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}.")
     if not pre.exact:
         cols_BK = torch.sort(z_BF.topk(k, dim=1, sorted=False).indices, dim=1).values
-        rows_N = torch.arange(batch_size, device=z_BF.device).repeat_interleave(k)
-        cols_N = cols_BK.reshape(-1)
-        return rows_N, cols_N, z_BF[rows_N, cols_N]
+        rows_Z = torch.arange(batch_size, device=z_BF.device).repeat_interleave(k)
+        cols_Z = cols_BK.reshape(-1)
+        return rows_Z, cols_Z, z_BF[rows_Z, cols_Z]
     # The k-th largest lower end z - e of a row is a floor under its k-th canonical value; an entry is out only
     # if its upper end z + e is below that floor, i.e. z < kth(z) - 2e.
     err2_B1 = 2 * pre.err_B[:, None]
@@ -201,21 +201,21 @@ def _topk_of_candidates(pre: Preacts, rows_C: torch.Tensor, cols_C: torch.Tensor
     starts_B = torch.cumsum(counts_B, 0) - counts_B
     rank_C = torch.arange(rows_C.numel(), device=rows_C.device) - starts_B[rows_C]
     keep_C = rank_C < k
-    rows_N, cols_N, vals_N = rows_C[keep_C], cols_C[keep_C], vals_C[keep_C]
-    order_N = torch.sort(rows_N * n_latents + cols_N).indices  # row-major, columns ascending
-    return rows_N[order_N], cols_N[order_N], vals_N[order_N]
+    rows_Z, cols_Z, vals_Z = rows_C[keep_C], cols_C[keep_C], vals_C[keep_C]
+    order_Z = torch.sort(rows_Z * n_latents + cols_Z).indices  # row-major, columns ascending
+    return rows_Z[order_Z], cols_Z[order_Z], vals_Z[order_Z]
 
 
 @torch.no_grad()
 def batch_topk_exact(pre: Preacts, k_total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows_N, cols_N, vals_N) of the ``k_total`` largest entries of the whole batch, in flat-index order.
+    """(rows_Z, cols_Z, vals_Z) of the ``k_total`` largest entries of the whole batch, in flat-index order.
 
     Exact policies: the largest canonical values, ties -> lower flat index b * F + f. ``bf16``: fast values.
     """
     z_BF = pre.z_BF
     if not pre.exact:
-        rows_N, cols_N = batch_topk_select(z_BF, k_total)
-        return rows_N, cols_N, z_BF[rows_N, cols_N]
+        rows_Z, cols_Z = batch_topk_select(z_BF, k_total)
+        return rows_Z, cols_Z, z_BF[rows_Z, cols_Z]
     if not 0 < k_total <= z_BF.numel():
         raise ValueError(f"k_total must be in [1, B*F={z_BF.numel()}], got {k_total}.")
     err_B1 = pre.err_B[:, None]
@@ -223,8 +223,8 @@ def batch_topk_exact(pre: Preacts, k_total: int) -> tuple[torch.Tensor, torch.Te
     def cut(vals_BM: torch.Tensor) -> torch.Tensor:
         # The batch's k_total-th largest lower end z - e (over the rows' top m: exact once every row's m-th
         # value is below the cut, which _row_candidates checks) is a floor under the k_total-th canonical value.
-        lower_N = (vals_BM - err_B1).reshape(-1)
-        floor = lower_N.topk(min(k_total, lower_N.numel()), sorted=False).values.min()
+        lower_Z = (vals_BM - err_B1).reshape(-1)
+        floor = lower_Z.topk(min(k_total, lower_Z.numel()), sorted=False).values.min()
         return floor - err_B1
 
     # Rows hold k_total / B entries on average but hard samples many more: start at 4x (8x for a fast matmul).
@@ -240,11 +240,11 @@ def batch_topk_exact(pre: Preacts, k_total: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def above_threshold_exact(pre: Preacts, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows_N, cols_N, vals_N) of the entries strictly above ``threshold`` (a scalar), in flat-index order."""
+    """(rows_Z, cols_Z, vals_Z) of the entries strictly above ``threshold`` (a scalar), in flat-index order."""
     z_BF = pre.z_BF
     if not pre.exact:
-        rows_N, cols_N = (z_BF > threshold).nonzero(as_tuple=True)
-        return rows_N, cols_N, z_BF[rows_N, cols_N]
+        rows_Z, cols_Z = (z_BF > threshold).nonzero(as_tuple=True)
+        return rows_Z, cols_Z, z_BF[rows_Z, cols_Z]
     rows_C, cols_C = _not_below(z_BF, threshold, pre.err_B[:, None])
     with _single_threaded(z_BF.device):
         vals_C = pre.canonical(rows_C, cols_C)
@@ -254,12 +254,12 @@ def above_threshold_exact(pre: Preacts, threshold: torch.Tensor) -> tuple[torch.
 
 @torch.no_grad()
 def masked_topk_exact(pre: Preacts, keep_F: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cols_N, vals_N), row-major with k per row: the k largest entries of each row among the latents in
+    """(cols_Z, vals_Z), row-major with k per row: the k largest entries of each row among the latents in
     ``keep_F`` (AuxK's dead latents; needs k <= keep_F.sum()), selected as :func:`topk_exact` selects."""
     b_F = pre.b_F.masked_fill(~keep_F, float("-inf")) if pre.exact else pre.b_F  # a masked latent stays out
     masked = Preacts(pre.z_BF.masked_fill(~keep_F, float("-inf")), pre.x_BD, pre.W_FD, b_F, pre.policy, pre.err_B)
-    _, cols_N, vals_N = topk_exact(masked, k)
-    return cols_N, vals_N
+    _, cols_Z, vals_Z = topk_exact(masked, k)
+    return cols_Z, vals_Z
 
 
 def _first_m(pre: Preacts, k: int) -> int:
@@ -302,6 +302,6 @@ def _not_below(z_BF: torch.Tensor, level: torch.Tensor, margin: torch.Tensor) ->
     return (~(z_BF < cut)).nonzero(as_tuple=True)
 
 
-def _orderable(vals_N: torch.Tensor) -> torch.Tensor:
+def _orderable(vals_Z: torch.Tensor) -> torch.Tensor:
     """NaN sorts first (largest), as torch.topk treats it; -0.0 equals 0.0 under sorting already."""
-    return torch.where(torch.isnan(vals_N), torch.full_like(vals_N, float("inf")), vals_N)
+    return torch.where(torch.isnan(vals_Z), torch.full_like(vals_Z, float("inf")), vals_Z)

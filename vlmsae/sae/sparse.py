@@ -3,8 +3,8 @@
 Why: a TopK SAE keeps k (= 20) of F (8,192 .. 65,536) latents per sample, yet the dense
 reference trainer pays for six B x F x D matmuls per step (encoder forward, decoder forward,
 and four in backward).  Only the encoder forward ``z = x_cent @ W_enc.T`` is needed in full, to
-*select*; everything after selection involves N = B*k entries.  This module provides the two
-autograd primitives that make the rest cost O(N * D):
+*select*; everything after selection involves Z = B*k entries.  This module provides the two
+autograd primitives that make the rest cost O(Z * D):
 
 ``gather_preacts``  z[rows, cols] with a backward that writes dW_enc / db_enc only at the selected
                     latents and dx_cent only through the selected rows of W_enc;
@@ -17,7 +17,7 @@ dW_enc, dW_dec) are each one ``F.embedding_bag(mode="sum", per_sample_weights=..
 [B, k] bag matrix for TopK's row-major layout, with offsets after grouping otherwise (any count
 per row, repeated columns, empty rows: BatchTopK, Matryoshka groups, AuxK).  The dot products
 dvals = <dx_hat[rows], W_dec[cols]> are one ``torch.sparse.sampled_addmm`` (an SDDMM on the CSR
-pattern) on CPU.  No N x D or B x F temporary is built.  The grouping (a sort by column, CSR row
+pattern) on CPU.  No Z x D or B x F temporary is built.  The grouping (a sort by column, CSR row
 pointers) is a ``_Plan`` computed once per selection and shared by the forward, both backwards
 and every decode of the same entries.  Weight gradients come back as ordinary dense [F, D]
 tensors (zero off the selected rows), so any optimiser, gradient clipping and the decoder-norm
@@ -27,9 +27,9 @@ Usage in a TopK training step (what ``vlmsae.sae`` does when the sparse kernel i
 
     x_cent_BD = x_BD - b_dec
     z_BF = selection_preacts(x_cent_BD, W_enc, b_enc)      # the one dense matmul (no grad)
-    rows_N, cols_N = topk_select(z_BF, k)                  # or batch_topk_select(z_BF, k * B)
-    vals_N = gather_preacts(x_cent_BD, W_enc, b_enc, rows_N, cols_N, preacts_BF=z_BF).relu()
-    x_hat_BD = sparse_decode(rows_N, cols_N, vals_N, W_dec, B) + b_dec
+    rows_Z, cols_Z = topk_select(z_BF, k)                  # or batch_topk_select(z_BF, k * B)
+    vals_Z = gather_preacts(x_cent_BD, W_enc, b_enc, rows_Z, cols_Z, preacts_BF=z_BF).relu()
+    x_hat_BD = sparse_decode(rows_Z, cols_Z, vals_Z, W_dec, B) + b_dec
 
 Measured on the 2-core CPU of the build machine (fp32, d = 1024, B = 4096, k = 20): see
 ``prefer_sparse`` and ``outputs/bench/results.md`` (``python -m vlmsae.bench``).
@@ -61,21 +61,21 @@ __all__ = [
 _GATHER_CHUNK_ENTRIES = 1 << 16
 
 
-def _check_index_pair(rows_N: torch.Tensor, cols_N: torch.Tensor) -> None:
-    if rows_N.dim() != 1 or cols_N.dim() != 1 or rows_N.shape != cols_N.shape:
+def _check_index_pair(rows_Z: torch.Tensor, cols_Z: torch.Tensor) -> None:
+    if rows_Z.dim() != 1 or cols_Z.dim() != 1 or rows_Z.shape != cols_Z.shape:
         raise ValueError(
-            f"rows_N and cols_N must be 1-D and of equal length, got shapes {tuple(rows_N.shape)} and "
-            f"{tuple(cols_N.shape)}; flatten [B, k] top-k indices with .reshape(-1)."
+            f"rows_Z and cols_Z must be 1-D and of equal length, got shapes {tuple(rows_Z.shape)} and "
+            f"{tuple(cols_Z.shape)}; flatten [B, k] top-k indices with .reshape(-1)."
         )
-    if rows_N.dtype != torch.long or cols_N.dtype != torch.long:
+    if rows_Z.dtype != torch.long or cols_Z.dtype != torch.long:
         raise ValueError(
-            f"rows_N and cols_N must be int64 (torch.long), got {rows_N.dtype} and {cols_N.dtype}; "
+            f"rows_Z and cols_Z must be int64 (torch.long), got {rows_Z.dtype} and {cols_Z.dtype}; "
             "convert with .long()."
         )
 
 
 # ---------------------------------------------------------------------------------------------
-# Grouping plans.  Every sparse product groups the N entries by row (decode, dx) or by column
+# Grouping plans.  Every sparse product groups the Z entries by row (decode, dx) or by column
 # (dW_enc, dW_dec) and the dot products need CSR row pointers.  Working these out costs a sort
 # and a handful of small ops; on a CPU shared with other processes each small op can cost
 # milliseconds (threads wait on descheduled peers), so a plan is computed once per selection and
@@ -87,7 +87,7 @@ _DX_SUM_SHORTCUT = True  # see _grad_feeds_only_a_bias; a switch for A/B timing 
 
 @contextlib.contextmanager
 def _single_threaded(device: torch.device):
-    """Run the small O(N) index ops (sorts, counts, permutations of ~10^5 entries) on one thread.
+    """Run the small O(Z) index ops (sorts, counts, permutations of ~10^5 entries) on one thread.
 
     They take about a millisecond either way on an idle CPU, but each multi-threaded op ends in
     a barrier: on a CPU shared with other busy processes a descheduled peer thread turns a 1 ms
@@ -109,22 +109,22 @@ def _row_major_rows(n_rows: int, k: int, device: torch.device) -> torch.Tensor:
     """[0]*k + [1]*k + ... + [n_rows-1]*k, cached: ``topk_select`` hands out this very tensor so
     the kernels recognise TopK's layout by identity, with no check on the data."""
     key = (n_rows, k, str(device))
-    rows_N = _ROW_MAJOR_ROWS.get(key)
-    if rows_N is None or rows_N._version != 0:
+    rows_Z = _ROW_MAJOR_ROWS.get(key)
+    if rows_Z is None or rows_Z._version != 0:
         if len(_ROW_MAJOR_ROWS) > 16:
             _ROW_MAJOR_ROWS.clear()
-        rows_N = torch.arange(n_rows, device=device).repeat_interleave(k)
-        _ROW_MAJOR_ROWS[key] = rows_N
-    return rows_N
+        rows_Z = torch.arange(n_rows, device=device).repeat_interleave(k)
+        _ROW_MAJOR_ROWS[key] = rows_Z
+    return rows_Z
 
 
 class _Plan:
-    """How to group one selection's entries (rows_N, cols_N) by row and by column; lazily built."""
+    """How to group one selection's entries (rows_Z, cols_Z) by row and by column; lazily built."""
 
-    def __init__(self, rows_N: torch.Tensor, cols_N: torch.Tensor, n_rows: int) -> None:
-        self.rows_N, self.cols_N, self.n_rows = rows_N, cols_N, n_rows
-        self.n_entries = rows_N.numel()
-        with _single_threaded(rows_N.device):
+    def __init__(self, rows_Z: torch.Tensor, cols_Z: torch.Tensor, n_rows: int) -> None:
+        self.rows_Z, self.cols_Z, self.n_rows = rows_Z, cols_Z, n_rows
+        self.n_entries = rows_Z.numel()
+        with _single_threaded(rows_Z.device):
             self.k = self._detect_row_major_k()
         self._by_row = None
         self._by_col: dict[int, tuple] = {}
@@ -134,96 +134,96 @@ class _Plan:
         if n_rows == 0 or n_entries == 0 or n_entries % n_rows:
             return 0
         k = n_entries // n_rows
-        cached = _ROW_MAJOR_ROWS.get((n_rows, k, str(self.rows_N.device)))
-        if cached is not None and self.rows_N is cached and cached._version == 0:
+        cached = _ROW_MAJOR_ROWS.get((n_rows, k, str(self.rows_Z.device)))
+        if cached is not None and self.rows_Z is cached and cached._version == 0:
             return k
-        return k if torch.equal(self.rows_N, _row_major_rows(n_rows, k, self.rows_N.device)) else 0
+        return k if torch.equal(self.rows_Z, _row_major_rows(n_rows, k, self.rows_Z.device)) else 0
 
     def by_row(self):
-        """(order_N or None, cols in row order, bag offsets [n_rows], CSR row pointers [n_rows + 1])."""
+        """(order_Z or None, cols in row order, bag offsets [n_rows], CSR row pointers [n_rows + 1])."""
         if self._by_row is None:
-            with _single_threaded(self.rows_N.device):
+            with _single_threaded(self.rows_Z.device):
                 self._by_row = self._group_by_row()
         return self._by_row
 
     def _group_by_row(self):
-        rows_N, cols_N = self.rows_N, self.cols_N
-        sorted_ = self.n_entries < 2 or bool((rows_N[1:] >= rows_N[:-1]).all())
-        order_N = None if sorted_ else torch.argsort(rows_N, stable=True)
-        if order_N is not None:
-            rows_N, cols_N = rows_N[order_N], cols_N[order_N]
-        counts = torch.bincount(rows_N, minlength=self.n_rows)
+        rows_Z, cols_Z = self.rows_Z, self.cols_Z
+        sorted_ = self.n_entries < 2 or bool((rows_Z[1:] >= rows_Z[:-1]).all())
+        order_Z = None if sorted_ else torch.argsort(rows_Z, stable=True)
+        if order_Z is not None:
+            rows_Z, cols_Z = rows_Z[order_Z], cols_Z[order_Z]
+        counts = torch.bincount(rows_Z, minlength=self.n_rows)
         if counts.numel() > self.n_rows:
-            raise ValueError(f"a row index is >= {self.n_rows} (the batch size / number of bags); check rows_N.")
-        crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=rows_N.device)
+            raise ValueError(f"a row index is >= {self.n_rows} (the batch size / number of bags); check rows_Z.")
+        crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=rows_Z.device)
         torch.cumsum(counts, 0, out=crow[1:])
-        return order_N, cols_N, crow[:-1], crow
+        return order_Z, cols_Z, crow[:-1], crow
 
     def by_col(self, n_latents: int):
-        """(order_N, rows in column order, bag offsets [n_latents]) for the dW products."""
+        """(order_Z, rows in column order, bag offsets [n_latents]) for the dW products."""
         if n_latents not in self._by_col:
-            with _single_threaded(self.rows_N.device):
+            with _single_threaded(self.rows_Z.device):
                 self._by_col[n_latents] = self._group_by_col(n_latents)
         return self._by_col[n_latents]
 
     def _group_by_col(self, n_latents: int):
-        cols_N = self.cols_N
-        order_N = torch.argsort(cols_N, stable=True)
-        rows_by_col_N = torch.div(order_N, self.k, rounding_mode="floor") if self.k else self.rows_N[order_N]
-        counts = torch.bincount(cols_N, minlength=n_latents)
+        cols_Z = self.cols_Z
+        order_Z = torch.argsort(cols_Z, stable=True)
+        rows_by_col_Z = torch.div(order_Z, self.k, rounding_mode="floor") if self.k else self.rows_Z[order_Z]
+        counts = torch.bincount(cols_Z, minlength=n_latents)
         if counts.numel() > n_latents:
-            raise ValueError(f"a column index is >= n_latents={n_latents}; check cols_N.")
-        return order_N, rows_by_col_N, torch.cumsum(counts, 0) - counts
+            raise ValueError(f"a column index is >= n_latents={n_latents}; check cols_Z.")
+        return order_Z, rows_by_col_Z, torch.cumsum(counts, 0) - counts
 
 
 _PLANS: list[tuple] = []  # (weakref rows, weakref cols, versions, n_rows, plan), most recent first
 
 
-def _plan_for(rows_N: torch.Tensor, cols_N: torch.Tensor, n_rows: int) -> _Plan:
-    versions = (rows_N._version, cols_N._version)
+def _plan_for(rows_Z: torch.Tensor, cols_Z: torch.Tensor, n_rows: int) -> _Plan:
+    versions = (rows_Z._version, cols_Z._version)
     for rows_ref, cols_ref, vers, rows_count, plan in _PLANS:
-        if rows_ref() is rows_N and cols_ref() is cols_N and vers == versions and rows_count == n_rows:
+        if rows_ref() is rows_Z and cols_ref() is cols_Z and vers == versions and rows_count == n_rows:
             return plan
-    plan = _Plan(rows_N, cols_N, n_rows)
-    _PLANS.insert(0, (weakref.ref(rows_N), weakref.ref(cols_N), versions, n_rows, plan))
+    plan = _Plan(rows_Z, cols_Z, n_rows)
+    _PLANS.insert(0, (weakref.ref(rows_Z), weakref.ref(cols_Z), versions, n_rows, plan))
     del _PLANS[4:]
     return plan
 
 
-def _bag_by_row(plan: _Plan, weight_N: torch.Tensor, table_FD: torch.Tensor) -> torch.Tensor:
+def _bag_by_row(plan: _Plan, weight_Z: torch.Tensor, table_FD: torch.Tensor) -> torch.Tensor:
     """out[b] = sum over n with rows[n] == b of weight[n] * table[cols[n]]  -> [n_rows, D]."""
     if plan.n_entries == 0:
         return table_FD.new_zeros(plan.n_rows, table_FD.shape[1])
-    weight_N = weight_N.to(table_FD.dtype)
+    weight_Z = weight_Z.to(table_FD.dtype)
     if plan.k:  # TopK: a [B, k] bag matrix, no offsets
         return F.embedding_bag(
-            plan.cols_N.reshape(plan.n_rows, plan.k),
+            plan.cols_Z.reshape(plan.n_rows, plan.k),
             table_FD,
             mode="sum",
-            per_sample_weights=weight_N.reshape(plan.n_rows, plan.k),
+            per_sample_weights=weight_Z.reshape(plan.n_rows, plan.k),
         )
-    order_N, cols_by_row_N, offsets, _ = plan.by_row()
-    if order_N is not None:
-        with _single_threaded(weight_N.device):
-            weight_N = weight_N[order_N]
-    return F.embedding_bag(cols_by_row_N, table_FD, offsets, mode="sum", per_sample_weights=weight_N.contiguous())
+    order_Z, cols_by_row_Z, offsets, _ = plan.by_row()
+    if order_Z is not None:
+        with _single_threaded(weight_Z.device):
+            weight_Z = weight_Z[order_Z]
+    return F.embedding_bag(cols_by_row_Z, table_FD, offsets, mode="sum", per_sample_weights=weight_Z.contiguous())
 
 
-def _bag_by_col(plan: _Plan, weight_N: torch.Tensor, table_BD: torch.Tensor, n_latents: int) -> torch.Tensor:
+def _bag_by_col(plan: _Plan, weight_Z: torch.Tensor, table_BD: torch.Tensor, n_latents: int) -> torch.Tensor:
     """out[f] = sum over n with cols[n] == f of weight[n] * table[rows[n]]  -> [n_latents, D]."""
     if plan.n_entries == 0:
         return table_BD.new_zeros(n_latents, table_BD.shape[1])
-    order_N, rows_by_col_N, offsets = plan.by_col(n_latents)
-    with _single_threaded(weight_N.device):
-        weight_N = weight_N.to(table_BD.dtype)[order_N]
-    return F.embedding_bag(rows_by_col_N, table_BD, offsets, mode="sum", per_sample_weights=weight_N)
+    order_Z, rows_by_col_Z, offsets = plan.by_col(n_latents)
+    with _single_threaded(weight_Z.device):
+        weight_Z = weight_Z.to(table_BD.dtype)[order_Z]
+    return F.embedding_bag(rows_by_col_Z, table_BD, offsets, mode="sum", per_sample_weights=weight_Z)
 
 
 def _sampled_dots(plan: _Plan, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.Tensor:
-    """out[n] = <a[rows[n]], b[cols[n]]> -> [N]  (an SDDMM: a @ b.T sampled at the selection).
+    """out[n] = <a[rows[n]], b[cols[n]]> -> [Z]  (an SDDMM: a @ b.T sampled at the selection).
 
     CPU: one ``torch.sparse.sampled_addmm`` on the CSR pattern, which computes each dot product
-    in place; gathering the rows instead costs a [N, D] temporary or, chunked, many small ops.
+    in place; gathering the rows instead costs a [Z, D] temporary or, chunked, many small ops.
     Other devices: gathers (batched matrix-vector products for TopK's layout).
     """
     dtype = torch.promote_types(a_BD.dtype, b_FD.dtype)
@@ -231,28 +231,28 @@ def _sampled_dots(plan: _Plan, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.
     if plan.n_entries == 0:
         return a_BD.new_zeros(0)
     if a_BD.device.type == "cpu":
-        order_N, cols_by_row_N, _, crow = plan.by_row()
+        order_Z, cols_by_row_Z, _, crow = plan.by_row()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             pattern = torch.sparse_csr_tensor(
                 crow,
-                cols_by_row_N,
+                cols_by_row_Z,
                 torch.zeros(plan.n_entries, dtype=dtype),
                 size=(plan.n_rows, b_FD.shape[0]),
                 check_invariants=False,
             )
-            vals_N = torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
-        if order_N is None:
-            return vals_N
-        with _single_threaded(vals_N.device):
-            return torch.empty_like(vals_N).index_copy_(0, order_N, vals_N)
+            vals_Z = torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
+        if order_Z is None:
+            return vals_Z
+        with _single_threaded(vals_Z.device):
+            return torch.empty_like(vals_Z).index_copy_(0, order_Z, vals_Z)
     if plan.k:
-        return torch.bmm(b_FD[plan.cols_N].view(plan.n_rows, plan.k, -1), a_BD.unsqueeze(2)).reshape(-1)
-    out_N = torch.empty(plan.n_entries, dtype=dtype, device=a_BD.device)
+        return torch.bmm(b_FD[plan.cols_Z].view(plan.n_rows, plan.k, -1), a_BD.unsqueeze(2)).reshape(-1)
+    out_Z = torch.empty(plan.n_entries, dtype=dtype, device=a_BD.device)
     for start in range(0, plan.n_entries, _GATHER_CHUNK_ENTRIES):
         stop = min(plan.n_entries, start + _GATHER_CHUNK_ENTRIES)
-        out_N[start:stop] = (a_BD[plan.rows_N[start:stop]] * b_FD[plan.cols_N[start:stop]]).sum(1)
-    return out_N
+        out_Z[start:stop] = (a_BD[plan.rows_Z[start:stop]] * b_FD[plan.cols_Z[start:stop]]).sum(1)
+    return out_Z
 
 
 def _no_autocast(device: torch.device):
@@ -265,7 +265,7 @@ def _grad_feeds_only_a_bias(x_cent_BD: torch.Tensor) -> bool:
     """True if x_cent's gradient can only reach a [D] bias through ``x - b_dec`` (x without grad).
 
     Then only the batch sum of dx_cent matters (the bias gradient is minus that sum), and the
-    sum is db_enc @ W_enc, an [F] x [F, D] product, instead of an [N] gather of W_enc rows
+    sum is db_enc @ W_enc, an [F] x [F, D] product, instead of a [Z] gather of W_enc rows
     (~10 ms of a ~350 ms step at F = 8,192 on the build CPU).  Hooks or retain_grad on x_cent
     (which would observe per-row values) disable the shortcut.
     """
@@ -283,34 +283,34 @@ def _grad_feeds_only_a_bias(x_cent_BD: torch.Tensor) -> bool:
 
 class _GatherPreacts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_cent_BD, W_enc_FD, b_enc_F, rows_N, cols_N, preacts_BF, values_N):
-        plan = _plan_for(rows_N, cols_N, x_cent_BD.shape[0])
+    def forward(ctx, x_cent_BD, W_enc_FD, b_enc_F, rows_Z, cols_Z, preacts_BF, values_Z):
+        plan = _plan_for(rows_Z, cols_Z, x_cent_BD.shape[0])
         with _no_autocast(W_enc_FD.device):
-            if values_N is not None:  # the exact selection's float32 values (vlmsae.sae.select)
-                vals_N = values_N.detach().to(W_enc_FD.dtype).clone()
+            if values_Z is not None:  # the exact selection's float32 values (vlmsae.sae.select)
+                vals_Z = values_Z.detach().to(W_enc_FD.dtype).clone()
             elif preacts_BF is not None:
                 # The no-grad forward used for selection already holds these numbers: reading
                 # them is free and keeps the values identical to what selection saw.
-                with _single_threaded(rows_N.device):
-                    vals_N = preacts_BF.detach()[rows_N, cols_N].to(W_enc_FD.dtype)
+                with _single_threaded(rows_Z.device):
+                    vals_Z = preacts_BF.detach()[rows_Z, cols_Z].to(W_enc_FD.dtype)
             else:
-                vals_N = _sampled_dots(plan, x_cent_BD, W_enc_FD).to(W_enc_FD.dtype) + b_enc_F[cols_N]
-        ctx.save_for_backward(x_cent_BD, W_enc_FD, rows_N, cols_N)
+                vals_Z = _sampled_dots(plan, x_cent_BD, W_enc_FD).to(W_enc_FD.dtype) + b_enc_F[cols_Z]
+        ctx.save_for_backward(x_cent_BD, W_enc_FD, rows_Z, cols_Z)
         ctx.plan = plan
         ctx.b_enc_meta = (b_enc_F.shape, b_enc_F.dtype)
         ctx.dx_sum_only = _DX_SUM_SHORTCUT and _grad_feeds_only_a_bias(x_cent_BD)
-        return vals_N
+        return vals_Z
 
     @staticmethod
-    def backward(ctx, dvals_N):
-        x_cent_BD, W_enc_FD, _rows_N, cols_N = ctx.saved_tensors
+    def backward(ctx, dvals_Z):
+        x_cent_BD, W_enc_FD, _rows_Z, cols_Z = ctx.saved_tensors
         plan = ctx.plan
         dx_BD = dW_FD = db_F = None
-        with _no_autocast(dvals_N.device):
-            dvals_N = dvals_N.contiguous()
-            with _single_threaded(dvals_N.device):  # sum of dvals per latent: db_enc
-                dvals_F = torch.zeros(W_enc_FD.shape[0], dtype=dvals_N.dtype, device=dvals_N.device)
-                dvals_F.index_add_(0, cols_N, dvals_N)
+        with _no_autocast(dvals_Z.device):
+            dvals_Z = dvals_Z.contiguous()
+            with _single_threaded(dvals_Z.device):  # sum of dvals per latent: db_enc
+                dvals_F = torch.zeros(W_enc_FD.shape[0], dtype=dvals_Z.dtype, device=dvals_Z.device)
+                dvals_F.index_add_(0, cols_Z, dvals_Z)
             if ctx.needs_input_grad[0]:
                 if ctx.dx_sum_only:
                     # Rows equal to mean_b dx[b]: the batch sum, all the bias gradient sees, is exact.
@@ -318,9 +318,9 @@ class _GatherPreacts(torch.autograd.Function):
                     dx_mean_D = (dvals_F.to(W_enc_FD.dtype) @ W_enc_FD) / max(batch_size, 1)
                     dx_BD = dx_mean_D.to(x_cent_BD.dtype).expand(batch_size, -1)
                 else:
-                    dx_BD = _bag_by_row(plan, dvals_N, W_enc_FD).to(x_cent_BD.dtype)
+                    dx_BD = _bag_by_row(plan, dvals_Z, W_enc_FD).to(x_cent_BD.dtype)
             if ctx.needs_input_grad[1]:
-                dW_FD = _bag_by_col(plan, dvals_N, x_cent_BD, W_enc_FD.shape[0]).to(W_enc_FD.dtype)
+                dW_FD = _bag_by_col(plan, dvals_Z, x_cent_BD, W_enc_FD.shape[0]).to(W_enc_FD.dtype)
             if ctx.needs_input_grad[2]:
                 shape, dtype = ctx.b_enc_meta
                 db_F = dvals_F.to(dtype).reshape(shape)
@@ -329,49 +329,49 @@ class _GatherPreacts(torch.autograd.Function):
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows_N, cols_N, vals_N, W_dec_FD, batch_size):
-        plan = _plan_for(rows_N, cols_N, batch_size)
+    def forward(ctx, rows_Z, cols_Z, vals_Z, W_dec_FD, batch_size):
+        plan = _plan_for(rows_Z, cols_Z, batch_size)
         with _no_autocast(W_dec_FD.device):
-            x_hat_BD = _bag_by_row(plan, vals_N, W_dec_FD)
-        ctx.save_for_backward(rows_N, cols_N, vals_N, W_dec_FD)
+            x_hat_BD = _bag_by_row(plan, vals_Z, W_dec_FD)
+        ctx.save_for_backward(rows_Z, cols_Z, vals_Z, W_dec_FD)
         ctx.plan = plan
         return x_hat_BD
 
     @staticmethod
     def backward(ctx, dx_hat_BD):
-        _rows_N, _cols_N, vals_N, W_dec_FD = ctx.saved_tensors
+        _rows_Z, _cols_Z, vals_Z, W_dec_FD = ctx.saved_tensors
         plan = ctx.plan
-        dvals_N = dW_FD = None
+        dvals_Z = dW_FD = None
         with _no_autocast(dx_hat_BD.device):
             dx_hat_BD = dx_hat_BD.contiguous()
             if ctx.needs_input_grad[2]:
-                dvals_N = _sampled_dots(plan, dx_hat_BD, W_dec_FD).to(vals_N.dtype)
+                dvals_Z = _sampled_dots(plan, dx_hat_BD, W_dec_FD).to(vals_Z.dtype)
             if ctx.needs_input_grad[3]:
-                dW_FD = _bag_by_col(plan, vals_N, dx_hat_BD, W_dec_FD.shape[0]).to(W_dec_FD.dtype)
-        return None, None, dvals_N, dW_FD, None
+                dW_FD = _bag_by_col(plan, vals_Z, dx_hat_BD, W_dec_FD.shape[0]).to(W_dec_FD.dtype)
+        return None, None, dvals_Z, dW_FD, None
 
 
 def gather_preacts(
     x_cent_BD: torch.Tensor,
     W_enc_FD: torch.Tensor,
     b_enc_F: torch.Tensor,
-    rows_N: torch.Tensor,
-    cols_N: torch.Tensor,
+    rows_Z: torch.Tensor,
+    cols_Z: torch.Tensor,
     preacts_BF: torch.Tensor | None = None,
-    values_N: torch.Tensor | None = None,
+    values_Z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The selected pre-activations vals[n] = x_cent[rows[n]] . W_enc[cols[n]] + b_enc[cols[n]].
 
     Differentiable in ``x_cent_BD``, ``W_enc_FD`` and ``b_enc_F``; the backward never forms a
     dense B x F gradient (dW_enc is nonzero only at the selected latents).  Pass
     ``preacts_BF`` (the no-grad ``z`` used for selection) to read the values instead of
-    recomputing them, or ``values_N`` (the values an exact selection already computed,
+    recomputing them, or ``values_Z`` (the values an exact selection already computed,
     :mod:`vlmsae.sae.select`); the backward is the same either way.  Entries may repeat a column,
     rows may hold any number of entries (BatchTopK) or none.
     """
-    _check_index_pair(rows_N, cols_N)
-    if values_N is not None and values_N.shape != rows_N.shape:
-        raise ValueError(f"values_N must have the shape of rows_N {tuple(rows_N.shape)}, got {tuple(values_N.shape)}.")
+    _check_index_pair(rows_Z, cols_Z)
+    if values_Z is not None and values_Z.shape != rows_Z.shape:
+        raise ValueError(f"values_Z must have the shape of rows_Z {tuple(rows_Z.shape)}, got {tuple(values_Z.shape)}.")
     if x_cent_BD.dim() != 2 or W_enc_FD.dim() != 2 or x_cent_BD.shape[1] != W_enc_FD.shape[1]:
         raise ValueError(
             f"x_cent_BD [B, D] and W_enc_FD [F, D] must share D; got {tuple(x_cent_BD.shape)} and "
@@ -384,26 +384,26 @@ def gather_preacts(
             f"preacts_BF must be the [B, F] = {(x_cent_BD.shape[0], W_enc_FD.shape[0])} pre-activations, "
             f"got {tuple(preacts_BF.shape)}."
         )
-    return _GatherPreacts.apply(x_cent_BD, W_enc_FD, b_enc_F, rows_N, cols_N, preacts_BF, values_N)
+    return _GatherPreacts.apply(x_cent_BD, W_enc_FD, b_enc_F, rows_Z, cols_Z, preacts_BF, values_Z)
 
 
 def sparse_decode(
-    rows_N: torch.Tensor, cols_N: torch.Tensor, vals_N: torch.Tensor, W_dec_FD: torch.Tensor, batch_size: int
+    rows_Z: torch.Tensor, cols_Z: torch.Tensor, vals_Z: torch.Tensor, W_dec_FD: torch.Tensor, batch_size: int
 ) -> torch.Tensor:
     """x_hat[b] = sum over n with rows[n] == b of vals[n] * W_dec[cols[n]]  -> [batch_size, D], no bias.
 
-    Differentiable in ``vals_N`` and ``W_dec_FD``; dW_dec is nonzero only at the selected latents.
+    Differentiable in ``vals_Z`` and ``W_dec_FD``; dW_dec is nonzero only at the selected latents.
     Rows without entries decode to zero.  Entries need not be sorted (row-major input, as from
     ``topk_select`` / ``batch_topk_select``, skips a sort).
     """
-    _check_index_pair(rows_N, cols_N)
-    if vals_N.shape != rows_N.shape:
-        raise ValueError(f"vals_N must have the shape of rows_N {tuple(rows_N.shape)}, got {tuple(vals_N.shape)}.")
+    _check_index_pair(rows_Z, cols_Z)
+    if vals_Z.shape != rows_Z.shape:
+        raise ValueError(f"vals_Z must have the shape of rows_Z {tuple(rows_Z.shape)}, got {tuple(vals_Z.shape)}.")
     if W_dec_FD.dim() != 2:
         raise ValueError(f"W_dec_FD must be [F, D] (latents as rows), got shape {tuple(W_dec_FD.shape)}.")
     if int(batch_size) < 0:
         raise ValueError(f"batch_size must be >= 0, got {batch_size}.")
-    return _SparseDecode.apply(rows_N, cols_N, vals_N, W_dec_FD, int(batch_size))
+    return _SparseDecode.apply(rows_Z, cols_Z, vals_Z, W_dec_FD, int(batch_size))
 
 
 _PREACT_BUFFERS: dict[tuple, torch.Tensor] = {}
@@ -450,19 +450,19 @@ def release_selection_buffers() -> None:
 
 
 def topk_select(z_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows_N, cols_N) of the k largest entries of each row of ``z_BF``, row-major, N = B * k.
+    """(rows_Z, cols_Z) of the k largest entries of each row of ``z_BF``, row-major, Z = B * k.
 
-    ``rows_N`` is a cached tensor shared between calls (the kernels recognise it): do not modify it.
+    ``rows_Z`` is a cached tensor shared between calls (the kernels recognise it): do not modify it.
     """
     batch_size, n_latents = z_BF.shape
     if not 0 < k <= n_latents:
         raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}.")
-    cols_N = z_BF.topk(k, dim=1, sorted=False).indices.reshape(-1)
-    return _row_major_rows(batch_size, k, z_BF.device), cols_N
+    cols_Z = z_BF.topk(k, dim=1, sorted=False).indices.reshape(-1)
+    return _row_major_rows(batch_size, k, z_BF.device), cols_Z
 
 
 def batch_topk_select(z_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows_N, cols_N) of the ``k_total`` largest entries of the whole B x F batch, sorted by row.
+    """(rows_Z, cols_Z) of the ``k_total`` largest entries of the whole B x F batch, sorted by row.
 
     Exact (same set as ``z_BF.flatten().topk(k_total)`` up to ties) but much cheaper: a
     flattened top-k over 33M entries costs about as much as the encoder matmul on CPU.  Take
@@ -478,16 +478,16 @@ def batch_topk_select(z_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, t
     m = min(n_latents, 4 * per_row)
     while m < n_latents and m * 8 <= n_latents:
         cand_vals_BM, cand_cols_BM = z_BF.topk(m, dim=1, sorted=False)
-        flat_N = cand_vals_BM.reshape(-1).topk(k_total, sorted=False).indices
+        flat_Z = cand_vals_BM.reshape(-1).topk(k_total, sorted=False).indices
         with _single_threaded(z_BF.device):
-            if int(torch.bincount(flat_N // m, minlength=batch_size).max()) < m:
-                flat_N, _ = torch.sort(flat_N)
-                return flat_N // m, cand_cols_BM.reshape(-1)[flat_N]
+            if int(torch.bincount(flat_Z // m, minlength=batch_size).max()) < m:
+                flat_Z, _ = torch.sort(flat_Z)
+                return flat_Z // m, cand_cols_BM.reshape(-1)[flat_Z]
         m *= 2
-    flat_N = z_BF.reshape(-1).topk(k_total, sorted=False).indices
+    flat_Z = z_BF.reshape(-1).topk(k_total, sorted=False).indices
     with _single_threaded(z_BF.device):
-        flat_N, _ = torch.sort(flat_N)
-        return flat_N // n_latents, flat_N % n_latents
+        flat_Z, _ = torch.sort(flat_Z)
+        return flat_Z // n_latents, flat_Z % n_latents
 
 
 # CPU crossover, measured with vlmsae.bench.sae_step.measure_throughput on the 2-core build

@@ -31,13 +31,13 @@ class TopKSAE(SAE):
         return torch.zeros_like(z_BF).scatter_(-1, top.indices, top.values.relu())
 
     def _select(self, pre: Preacts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows_N, cols_N, vals_N) of the entries that training keeps, with their float32 values (no grad)."""
-        rows_N, cols_N, vals_N = topk_exact(pre, self.cfg.k)
+        """(rows_Z, cols_Z, vals_Z) of the entries that training keeps, with their float32 values (no grad)."""
+        rows_Z, cols_Z, vals_Z = topk_exact(pre, self.cfg.k)
         # The cached row-major rows tensor: the sparse kernels recognise TopK's layout by its identity.
-        return _row_major_rows(pre.z_BF.shape[0], self.cfg.k, rows_N.device), cols_N, vals_N
+        return _row_major_rows(pre.z_BF.shape[0], self.cfg.k, rows_Z.device), cols_Z, vals_Z
 
     def _infer_select(self, pre: Preacts, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows_N, cols_N, vals_N) that inference keeps (TopK: as in training)."""
+        """(rows_Z, cols_Z, vals_Z) that inference keeps (TopK: as in training)."""
         return topk_exact(pre, self.cfg.k)
 
     def use_sparse_path(self, batch_size: int) -> bool:
@@ -57,31 +57,31 @@ class TopKSAE(SAE):
         if policy == "fp32" and not sparse:  # the dense autograd reference: z with grad, exact selection
             z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
             pre = preacts_with_bound(z_BF, x_cent_BD, self.W_enc, self.b_enc, policy, "fp32")
-            rows_N, cols_N, exact_N = self._select(pre)
-            vals_N = z_BF[rows_N, cols_N]
+            rows_Z, cols_Z, exact_Z = self._select(pre)
+            vals_Z = z_BF[rows_Z, cols_Z]
             # The canonical values with z's gradient (in z's dtype: a bf16-cast SAE stays bf16 here).
-            vals_N = (vals_N + (exact_N.to(vals_N.dtype) - vals_N).detach()).relu()
-            codes_BF = torch.zeros_like(z_BF).index_put((rows_N, cols_N), vals_N)
-            return TrainCodes(z_BF=z_BF, codes_BF=codes_BF, rows_N=rows_N, cols_N=cols_N, vals_N=vals_N, preacts=pre)
+            vals_Z = (vals_Z + (exact_Z.to(vals_Z.dtype) - vals_Z).detach()).relu()
+            codes_BF = torch.zeros_like(z_BF).index_put((rows_Z, cols_Z), vals_Z)
+            return TrainCodes(z_BF=z_BF, codes_BF=codes_BF, rows_Z=rows_Z, cols_Z=cols_Z, vals_Z=vals_Z, preacts=pre)
         out = None
         if policy == "fp32":  # into a buffer reused across steps: z is only read within this step
             out = preact_buffer(batch_size, self.n_latents, torch.float32, x_cent_BD.device)
         pre = compute_preacts(x_cent_BD, self.W_enc, self.b_enc, policy, out=out)
-        rows_N, cols_N, exact_N = self._select(pre)
-        vals_N = gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_N, cols_N, values_N=exact_N).relu()
+        rows_Z, cols_Z, exact_Z = self._select(pre)
+        vals_Z = gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_Z, cols_Z, values_Z=exact_Z).relu()
         if sparse:
-            return TrainCodes(z_BF=pre.z_BF, rows_N=rows_N, cols_N=cols_N, vals_N=vals_N, preacts=pre)
-        codes_BF = x_cent_BD.new_zeros(batch_size, self.n_latents).index_put((rows_N, cols_N), vals_N)
-        return TrainCodes(z_BF=pre.z_BF, codes_BF=codes_BF, rows_N=rows_N, cols_N=cols_N, vals_N=vals_N, preacts=pre)
+            return TrainCodes(z_BF=pre.z_BF, rows_Z=rows_Z, cols_Z=cols_Z, vals_Z=vals_Z, preacts=pre)
+        codes_BF = x_cent_BD.new_zeros(batch_size, self.n_latents).index_put((rows_Z, cols_Z), vals_Z)
+        return TrainCodes(z_BF=pre.z_BF, codes_BF=codes_BF, rows_Z=rows_Z, cols_Z=cols_Z, vals_Z=vals_Z, preacts=pre)
 
     def _infer_codes(self, x_cent_BD: torch.Tensor, b_enc_F: torch.Tensor, threshold: torch.Tensor) -> TrainCodes:
         if getattr(self, "interop_only", None):  # a foreign forward (its own _activate) on the float32 matmul
             return super()._infer_codes(x_cent_BD, b_enc_F, threshold)
         pre = compute_preacts(x_cent_BD, self.W_enc, b_enc_F, self.precision_policy)
-        rows_N, cols_N, exact_N = self._infer_select(pre, threshold)
-        vals_N = exact_N
+        rows_Z, cols_Z, exact_Z = self._infer_select(pre, threshold)
+        vals_Z = exact_Z
         if torch.is_grad_enabled() and (self.W_enc.requires_grad or x_cent_BD.requires_grad):  # e.g. eval loss
-            vals_N = gather_preacts(x_cent_BD, self.W_enc, b_enc_F, rows_N, cols_N, values_N=exact_N)
-        vals_N = vals_N.relu()
-        codes_BF = x_cent_BD.new_zeros(x_cent_BD.shape[0], self.n_latents).index_put((rows_N, cols_N), vals_N)
+            vals_Z = gather_preacts(x_cent_BD, self.W_enc, b_enc_F, rows_Z, cols_Z, values_Z=exact_Z)
+        vals_Z = vals_Z.relu()
+        codes_BF = x_cent_BD.new_zeros(x_cent_BD.shape[0], self.n_latents).index_put((rows_Z, cols_Z), vals_Z)
         return TrainCodes(z_BF=pre.z_BF, codes_BF=codes_BF, preacts=pre)

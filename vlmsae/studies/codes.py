@@ -1,6 +1,6 @@
 """Images -> one sparse SAE code row per image: the pass the monosemanticity and hierarchy studies share.
 
-An SAE opened on the model it reads (:func:`vlmsae.models.open_sae.open_sae_source`, an ``SAESource``) runs
+An SAE opened on the model it reads (:func:`vlmsae.models.open_sae.open_tapped_sae`, an ``TappedSAE``) runs
 batches of images through its tap and the SAE (inference encoder, sparse codes) in :func:`encode_images`,
 which pools the token codes to one row per image (:mod:`vlmsae.metrics.pooling`), so both studies rank the
 same top images for the same SAE and images.
@@ -19,7 +19,7 @@ from vlmsae.data.images import ImageRecord
 from vlmsae.metrics.pooling import encode_rows, pool_rows, pool_sparse, sparse_rows
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator
 from vlmsae.metrics.topimages import TopImages, top_images
-from vlmsae.models.open_sae import SAESource
+from vlmsae.models.open_sae import TappedSAE
 
 # SAE input rows encoded at once when pooling over tokens: bounds the dense [rows, F] code block.
 TOKEN_ROWS = 1024
@@ -47,7 +47,7 @@ class ImageCodes:
         return TopImages(idx_KT, acts_KT, self.keys, paths=paths, labels=self.labels, meta=meta)
 
 
-def top_images_meta(src: SAESource, images: Any, sae_path: str | Path, **extra: Any) -> dict[str, Any]:
+def top_images_meta(src: TappedSAE, images: Any, sae_path: str | Path, **extra: Any) -> dict[str, Any]:
     """What a top-images index ranked: the SAE, its model and tap, and the images (``meta.json``)."""
     return {
         "what": "top-activating images of SAE latents",
@@ -63,7 +63,7 @@ def top_images_meta(src: SAESource, images: Any, sae_path: str | Path, **extra: 
 
 @torch.no_grad()
 def _encode_batch(
-    src: SAESource, batch: list[ImageRecord], recon: ReconstructionAccumulator | None, keep_raw: bool
+    src: TappedSAE, batch: list[ImageRecord], recon: ReconstructionAccumulator | None, keep_raw: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(per-image sparse codes [B, F], pooled raw activations [B, D] or None) of one batch of images."""
     sae, tap = src.sae, src.tap
@@ -82,7 +82,7 @@ def _encode_batch(
 
 
 def encode_images(
-    src: SAESource,
+    src: TappedSAE,
     records: Iterable[ImageRecord],
     batch_size: int,
     recon: ReconstructionAccumulator | None = None,

@@ -29,8 +29,8 @@ __all__ = ["PlantedConcepts", "ground_truth_check", "oracle_sae", "planted_conce
 @dataclass
 class PlantedConcepts:
     acts_ND: torch.Tensor  # [N, d] activations (the tapped layer's, synthetic)
-    codes_NC: torch.Tensor  # [N, C] true concept coefficients (k nonzeros per row)
-    atoms_CD: torch.Tensor  # [C, d] unit-norm concept directions in activation space
+    codes_NA: torch.Tensor  # [N, A] true concept coefficients (k nonzeros per row)
+    atoms_AD: torch.Tensor  # [A, D] unit-norm concept directions in activation space
     offset_D: torch.Tensor  # [d] shared mean of the activations
     embeddings_NE: torch.Tensor  # [N, E] what the image embedder sees
 
@@ -49,20 +49,20 @@ def planted_concepts(
     planted = PlantedDictionary.random(
         d_in=d_in, n_atoms=n_concepts, k=k, noise_std=noise_std, offset_norm=2.0, seed=seed
     )
-    x_ND, atoms_CD, codes_NC = planted.sample(n_images, seed=seed + 1)
+    x_ND, atoms_AD, codes_NA = planted.sample(n_images, seed=seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
-    concept_dirs_CE = torch.nn.functional.normalize(torch.randn(n_concepts, embed_dim, generator=g), dim=1)
-    emb_NE = codes_NC @ concept_dirs_CE + embed_noise * torch.randn(n_images, embed_dim, generator=g)
-    return PlantedConcepts(x_ND, codes_NC, atoms_CD, planted.offset_D, emb_NE)
+    concept_dirs_AE = torch.nn.functional.normalize(torch.randn(n_concepts, embed_dim, generator=g), dim=1)
+    emb_NE = codes_NA @ concept_dirs_AE + embed_noise * torch.randn(n_images, embed_dim, generator=g)
+    return PlantedConcepts(x_ND, codes_NA, atoms_AD, planted.offset_D, emb_NE)
 
 
-def oracle_sae(atoms_CD: torch.Tensor, offset_D: torch.Tensor, k: int):
+def oracle_sae(atoms_AD: torch.Tensor, offset_D: torch.Tensor, k: int):
     """A TopK SAE whose encoder and decoder are the planted atoms (b_dec = the shared offset)."""
-    n_concepts, d_in = atoms_CD.shape
+    n_concepts, d_in = atoms_AD.shape
     sae = build_sae(SAEConfig(arch="topk", d_in=d_in, n_latents=n_concepts, k=k), seed=0)
     with torch.no_grad():
-        sae.W_dec.copy_(atoms_CD)
-        sae.W_enc.copy_(atoms_CD)
+        sae.W_dec.copy_(atoms_AD)
+        sae.W_enc.copy_(atoms_AD)
         sae.b_dec.copy_(offset_D)
         sae.b_enc.zero_()
     return sae.eval()
@@ -79,14 +79,14 @@ def ground_truth_check(
     """Mean MS of the oracle SAE, of an SAE trained for ``train_steps`` (if > 0), of the raw neurons,
     and of the true concept codes; the gap ``margin`` = oracle SAE - neurons."""
     data = planted_concepts(n_images=n_images, seed=seed, **planted_kwargs)
-    k = int((data.codes_NC[0] != 0).sum())
+    k = int((data.codes_NA[0] != 0).sum())
     out: dict = {}
-    oracle = oracle_sae(data.atoms_CD, data.offset_D, k)
+    oracle = oracle_sae(data.atoms_AD, data.offset_D, k)
     out["sae"] = ms_summary(monosemanticity_scores(_sae_codes(oracle, data.acts_ND), data.embeddings_NE), n_images)
     out["neurons"] = ms_summary(monosemanticity_scores(data.acts_ND, data.embeddings_NE), n_images)
-    out["true_codes"] = ms_summary(monosemanticity_scores(data.codes_NC, data.embeddings_NE), n_images)
+    out["true_codes"] = ms_summary(monosemanticity_scores(data.codes_NA, data.embeddings_NE), n_images)
     if train_steps > 0:
-        n_concepts, d_in = data.atoms_CD.shape
+        n_concepts, d_in = data.atoms_AD.shape
         trained = build_sae(SAEConfig(arch="topk", d_in=d_in, n_latents=2 * n_concepts, k=k), seed=seed)
         g = torch.Generator().manual_seed(seed + 3)
         batches = (data.acts_ND[torch.randint(0, n_images, (batch_size,), generator=g)] for _ in range(train_steps))

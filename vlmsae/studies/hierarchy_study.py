@@ -11,6 +11,7 @@ depths (:mod:`vlmsae.metrics.hierarchy`), the per-group table and each latent's 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.config.nodes import DataSchema, TaxonomySchema
 from vlmsae.data.concepts import ensure_concept_images
 from vlmsae.data.image_set import ImageSet
 from vlmsae.data.images import SkipLog, synthetic_options_of
@@ -28,7 +30,7 @@ from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, Hierarchy
 from vlmsae.metrics import hierarchy as H
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.metrics.topimages import TopImages
-from vlmsae.models.open_sae import SAESource
+from vlmsae.models.open_sae import TappedSAE
 from vlmsae.studies.codes import encode_images, top_images_meta
 from vlmsae.utils.io import atomic_write_text
 
@@ -60,24 +62,23 @@ def concept_root(data: Mapping[str, Any]) -> str | None:
     return str(ensure_concept_images(root=data.get("root"), **opts))
 
 
-def taxonomy_data(data: Mapping[str, Any], ms_run: str | Path | None) -> dict:
-    """The ``data`` node whose images the taxonomy must cover: ``data``, or with ``ms_run`` and no
-    ``data.root`` the images the MS run ranked (as its run_info.json records them)."""
-    if ms_run and not data.get("root"):
-        return ms_run_data(ms_run) or dict(data)
-    return dict(data)
+def taxonomy_data(data: DataSchema, ms_run: str | Path | None) -> dict:
+    """The ``data`` node whose images the taxonomy must cover, as a mapping: the job's ``data``, or with
+    ``ms_run`` and no ``data.root`` the images the MS run ranked (as its run_info.json records them)."""
+    if ms_run and not data.root:
+        return ms_run_data(ms_run) or dataclasses.asdict(data)
+    return dataclasses.asdict(data)
 
 
-def open_taxonomy(taxonomy: Mapping[str, Any], data: Mapping[str, Any]) -> Taxonomy:
-    """Load the taxonomy of a ``taxonomy`` node (kind, path, key_column, ranks, wordnet_dpath); folder kinds
-    read ``data``'s root (or the generated concept images) when ``taxonomy.path`` is not set."""
-    ranks = taxonomy.get("ranks")
+def open_taxonomy(taxonomy: TaxonomySchema, data: Mapping[str, Any]) -> Taxonomy:
+    """Load the taxonomy of a ``taxonomy`` node; folder kinds read ``data``'s root (or the generated concept
+    images) when ``taxonomy.path`` is not set."""
     return load_taxonomy(
-        taxonomy["kind"],
-        taxonomy.get("path"),
-        key_column=taxonomy.get("key_column"),
-        ranks=list(ranks) if ranks is not None else None,
-        wordnet_dpath=taxonomy.get("wordnet_dpath"),
+        taxonomy.kind,
+        taxonomy.path,
+        key_column=taxonomy.key_column,
+        ranks=taxonomy.ranks,
+        wordnet_dpath=taxonomy.wordnet_dpath,
         data_root=data.get("root") or concept_root(data),
     )
 
@@ -116,11 +117,11 @@ def load_ms_run(ms_run: str | Path, n_latents: int) -> tuple[TopImages, torch.Te
 
 
 def compute_top_images(
-    src: SAESource, images: ImageSet, embedder: Any | None, *, top_k: int, batch_size: int, sae_path: str | Path
+    src: TappedSAE, images: ImageSet, embedder: Any | None, *, top_k: int, batch_size: int, sae_path: str | Path
 ) -> tuple[TopImages, torch.Tensor | None]:
     """Run the SAE's source model and the SAE over the images, in one pass.
 
-    ``src`` comes from :func:`vlmsae.models.open_sae.open_sae_source` and the images are encoded by
+    ``src`` comes from :func:`vlmsae.models.open_sae.open_tapped_sae` and the images are encoded by
     :func:`vlmsae.studies.codes.encode_images`, as the monosemanticity study does, so the top images
     here equal those of an MS run on the same images. Returns the top-``top_k`` index and the MS per
     latent from ``embedder``'s image embeddings (None without an embedder).

@@ -1,7 +1,7 @@
 """Ask an SAE about one's own images: which latents fire, how strongly, and on which patches.
 
 The reverse of the feature browser's question. For each image (:func:`inspect_image`): its tokens through the tap
-and the SAE an :class:`~vlmsae.models.open_sae.SAESource` opened, the reconstruction of those tokens (FVE and
+and the SAE an :class:`~vlmsae.models.open_sae.TappedSAE` opened, the reconstruction of those tokens (FVE and
 normalised MSE), the latents pooled as the MS study pools them (:mod:`vlmsae.metrics.pooling`: ``cls``, ``mean``,
 ``max``) and each latent's peak over the patch tokens, with its activation on every patch (the heatmap). The top
 latents are ranked twice: by pooled activation and by peak patch activation.
@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.config import to_typed
 from vlmsae.data.images import IMAGE_EXTENSIONS, list_file, list_folder, load_image
 from vlmsae.formats import (
     LATENTS_CSV,
@@ -44,7 +45,7 @@ from vlmsae.metrics.pooling import pool_rows, pool_sparse
 from vlmsae.metrics.reconstruction import fve, normalized_mse
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models import embedders
-from vlmsae.models.open_sae import SAESource
+from vlmsae.models.open_sae import TappedSAE
 from vlmsae.studies.naming import (
     DEFAULT_TEMPLATES,
     concepts_from_embeddings,
@@ -182,7 +183,7 @@ def _top(values_F: torch.Tensor, n: int) -> list[int]:
 
 @torch.no_grad()
 def inspect_image(
-    src: SAESource, image: Any, top_n: int = 8, key: str = "", path: str | None = None
+    src: TappedSAE, image: Any, top_n: int = 8, key: str = "", path: str | None = None
 ) -> ImageInspection:
     """One image through ``src``'s tap and SAE: reconstruction, pooled and peak top latents with heatmaps."""
     if top_n < 1:
@@ -329,7 +330,7 @@ def query_latents(concepts_KE: torch.Tensor, text_E: torch.Tensor, top_n: int = 
 def query_ms_run(ms: MSRunView, text: str, embedder_cfg: Any = None, top_n: int = 8) -> list[tuple[int, float]]:
     """:func:`query_latents` of ``text`` against the concepts of ``ms``'s latents, embedded with ``embedder_cfg``
     (an embedder node; None = the MS run's own, as the names job does), which must have a text side."""
-    spec = embedders.EmbedderSpec.from_cfg(ms_run_embedder(ms.dpath, embedder_cfg))
+    spec = to_typed(ms_run_embedder(ms.dpath, embedder_cfg), embedders.EmbedderSpec)
     embedder = embedders.load_embedder(spec)  # looked up at call time (tests replace it)
     text_E = query_text_embedding(text, text_side(embedder, spec.name))
     return query_latents(latent_concepts(ms.top, embedder.embed), text_E, top_n)

@@ -27,8 +27,8 @@ from vlmsae.metrics.monosemanticity import column_min_max, monosemanticity_score
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator, zero_shot_fidelity
 from vlmsae.metrics.topimages import TopImages, top_set_jaccard
 from vlmsae.models.embedders import EmbedderSpec
-from vlmsae.models.open_clip_backend import create_open_clip, spec_source
-from vlmsae.models.open_sae import SAESource, open_sae_source, source_model_spec
+from vlmsae.models.open_clip_backend import create_open_clip, spec_weights
+from vlmsae.models.open_sae import TappedSAE, open_tapped_sae, source_model_spec
 from vlmsae.studies.codes import encode_images, top_images_meta
 from vlmsae.studies.embedding_cache import CachedEmbedder
 from vlmsae.studies.naming import LABELS, LatentNamer, LatentNames, label_namer, with_names
@@ -82,7 +82,7 @@ class MSStudy:
 
 
 def score_sae(
-    src: SAESource,
+    src: TappedSAE,
     images: ImageSet,
     embedder_spec: EmbedderSpec,
     cache_dpath: Path,
@@ -152,7 +152,7 @@ def score_sae(
         "top_k": top_k,
     }
     names = None
-    if namer is not None and namer.source == LABELS:  # names=labels: the class means of these very images
+    if namer is not None and namer.vocabulary == LABELS:  # names=labels: the class means of these very images
         labelled = label_namer(emb_NE, encoded.labels, classes, namer.top)
         namer = dataclasses.replace(labelled, autointerp=namer.autointerp)
     if namer is not None:  # the top images' rows of emb_NE: the concept of the steering score, nothing re-embedded
@@ -191,7 +191,7 @@ def score_sae(
 
 
 def zero_shot_check(
-    src: SAESource, images: ImageSet, classes: list[str], *, template: str, max_images: int
+    src: TappedSAE, images: ImageSet, classes: list[str], *, template: str, max_images: int
 ) -> dict[str, Any]:
     """Zero-shot fidelity with the SAE spliced into the source CLIP (open_clip models with a text tower).
 
@@ -207,7 +207,7 @@ def zero_shot_check(
         return {"skipped": "the images have no class folders / labels, so there are no zero-shot classes"}
     import open_clip
 
-    weights = spec_source(spec)  # the tap's weights, activation and preprocessing
+    weights = spec_weights(spec)  # the tap's weights, activation and preprocessing
     model, preprocess = create_open_clip(weights, spec.cache_dir)
     model = model.to(sae.W_dec.device).eval()
     if getattr(model, "transformer", None) is None and getattr(model, "text", None) is None:
@@ -243,5 +243,5 @@ def clip_zero_shot(sae: Any, images: str | None, template: str, max_images: int,
         return {"skipped": "no class folders: pass zero_shot_images=<ImageFolder tree>"}
     image_set = ImageSet(source="folder", root=str(images), max_images=max_images, batch_size=batch_size)
     classes = image_set.listing().classes
-    src = open_sae_source(sae)
+    src = open_tapped_sae(sae)
     return zero_shot_check(src, image_set, classes, template=template, max_images=max_images)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from vlmsae.config import to_typed
 from vlmsae.data.images import load_image
 from vlmsae.data.taxonomy import find_wordnet_noun_file, load_wordnet_synsets
 from vlmsae.formats import TOP_IMAGES_DIR, LatentsTable, read_latents_csv, read_run_info
@@ -52,7 +53,7 @@ __all__ = [
     "ms_run_embedder",
     "name_embeddings",
     "name_ms_run",
-    "namer_from_cfg",
+    "namer_for",
     "top_names",
     "with_names",
     "wordnet_nouns",
@@ -243,7 +244,7 @@ class LatentNamer:
     vocab: list[str]
     names_VE: torch.Tensor
     top: int
-    source: str  # imagenet | wordnet | the file
+    vocabulary: str  # the names= it came from: imagenet | wordnet | the file
     embedder: Any = None  # the embedder whose text side embedded the vocabulary (its image side names a run)
     templates: tuple[str, ...] = DEFAULT_TEMPLATES  # the prompts the vocabulary was embedded with
     autointerp: AutoInterp | None = None  # the optional LLaVA pass (autointerp=llava)
@@ -291,7 +292,7 @@ class LatentNamer:
 
     def study_summary(self, names: LatentNames, ms_K: torch.Tensor | None = None) -> dict[str, Any]:
         """The ``names`` entry of ``ms_summary.json``: the vocabulary, its size, and :meth:`LatentNames.summary`."""
-        return {"vocabulary": self.source, "n_names": len(self.vocab), "top": self.top, **names.summary(ms_K)}
+        return {"vocabulary": self.vocabulary, "n_names": len(self.vocab), "top": self.top, **names.summary(ms_K)}
 
     def name_from_embeddings(
         self,
@@ -340,18 +341,21 @@ def build_namer(
         if top < 1:
             raise ValueError(f"names_top={top}: keep at least 1 name per latent.")
         return LatentNamer([], torch.zeros(0, 0), top, LABELS, autointerp=autointerp)
-    spec = embedders.EmbedderSpec.from_cfg(embedder_cfg)
+    spec = to_typed(embedder_cfg, embedders.EmbedderSpec)
     if not str(names).strip():
         raise ValueError(f"names={names!r} is empty; {_VOCAB_FIX}, or names=null for no names.")
     embedder = embedders.load_embedder(spec)  # looked up at call time (tests replace it)
     return LatentNamer.build(str(names), list(templates), top, embedder, spec.name, wordnet_dpath, autointerp)
 
 
-def namer_from_cfg(cfg: Any, embedder_cfg: Any) -> LatentNamer | None:
-    """:func:`build_namer` from a job config's ``names*`` and ``autointerp*`` keys; the LLaVA pass is checked
-    first (choice, model, cap: nothing loads), then the vocabulary is embedded."""
-    autointerp = build_autointerp(cfg.autointerp, cfg.autointerp_model, cfg.autointerp_max_latents, cfg.names)
-    return build_namer(cfg.names, cfg.names_templates, cfg.names_top, embedder_cfg, autointerp=autointerp)
+def namer_for(options: Any, embedder: Any) -> LatentNamer | None:
+    """:func:`build_namer` from the ``names*`` and ``autointerp*`` fields of ``options`` (a job's typed config:
+    ``names`` and :class:`vlmsae.config.nodes.NamingOptions`); the LLaVA pass is checked first (choice, model,
+    cap: nothing loads), then the vocabulary is embedded."""
+    autointerp = build_autointerp(
+        options.autointerp, options.autointerp_model, options.autointerp_max_latents, options.names
+    )
+    return build_namer(options.names, options.names_templates, options.names_top, embedder, autointerp=autointerp)
 
 
 def ms_run_embedder(ms_dpath: str | Path, embedder_cfg: Any = None) -> Any:
@@ -369,7 +373,7 @@ def name_ms_run(ms_dpath: str | Path, namer: LatentNamer) -> tuple[LatentsTable,
     """Name the latents of a finished monosemanticity run: its ``top_images/`` images embedded again with the
     namer's embedder (latent by latent, as the steering score does) into concepts; returns ``latents.csv`` with
     the name columns filled in, and the names. Nothing is written here."""
-    if namer.source == LABELS:
+    if namer.vocabulary == LABELS:
         raise ValueError(
             "names=labels names latents from the labelled images a monosemanticity run scores: rerun "
             "monosemanticity with names=labels (or name this run with a vocabulary, names=imagenet)."

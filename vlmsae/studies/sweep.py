@@ -28,7 +28,7 @@ import torch
 
 from vlmsae.formats import RUN_INFO_JSON, SAE_CONFIG_JSON, read_run_info
 from vlmsae.models import load_tap
-from vlmsae.models.open_sae import load_job_sae, open_sae_source
+from vlmsae.models.open_sae import load_job_sae, open_tapped_sae
 from vlmsae.sae.interop import available_formats
 from vlmsae.utils.provenance import write_run_info
 
@@ -230,10 +230,10 @@ class SweepCache:
         device: Any = None,
         check_fit: bool = True,
     ):
-        """The member's :class:`SAESource` on a tap shared with every SAE of the same model (loaded once), whose
+        """The member's :class:`TappedSAE` on a tap shared with every SAE of the same model (loaded once), whose
         activations are shared with every SAE of the same model, layer and pooling. ``check_fit``: its first
         batch is checked (:func:`vlmsae.models.open_sae.check_fit`)."""
-        src = open_sae_source(
+        src = open_tapped_sae(
             member.sae, None, model, layer, pool, device, member.sae_path, tap_of=self._tap, check_fit=check_fit
         )
         if not self.keep:

@@ -36,7 +36,7 @@ class HierarchyJob:
     top_k: int = 16  # images kept per latent in top_images/ (>= n_top)
     n_top: int = 16  # METHOD §4: top-16 images, 120 pairs; a latent with fewer firing images is excluded
     min_majority: float = 0.5  # latent_taxa.csv label: deepest rank whose majority taxon holds more than this share
-    batch_size: Optional[int] = None  # images per forward; null = data.batch_size
+    batch_size: Optional[int] = None  # images per forward; null = data.images_per_forward
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 

@@ -49,7 +49,7 @@ class TrainJob:
     # sae_grid only: where each SAE trains. auto = round-robin over the visible CUDA devices when the trainer runs
     # on a GPU (else CPU); or one device per grid entry, e.g. '[0,1,cuda:1,cpu]'. Each batch is copied once per device
     sae_devices: Any = "auto"
-    seed: int = 0  # SAE init, data order (with data.seed) and on-the-fly token sampling
+    seed: int = 0  # SAE init, data order (with data.shuffle_seed) and on-the-fly token sampling
     val_ms: ValMsConfig = field(default_factory=ValMsConfig)  # log val/ms_mean while training (default off)
 
 
