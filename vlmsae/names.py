@@ -1,4 +1,4 @@
-"""Entry point: automatic feature names for a finished monosemanticity run.
+"""Automatic feature names for a finished monosemanticity run.
 
     python -m vlmsae.names ms_run=outputs/monosemanticity/<run> names=imagenet
     python -m vlmsae.names ms_run=<run> names=wordnet embedder=clip_b32

@@ -1,4 +1,4 @@
-"""Seed stability of SAEs (issue 16): are the latents of SAEs trained with different seeds the same features?
+"""Seed stability of SAEs: are the latents of SAEs trained with different seeds the same features?
 
     python -m vlmsae.train -m seed=0,1,2 <the same overrides>          # one SAE per seed, in job_0 .. job_2
     python -m vlmsae.stability 'runs=[<sweep>/job_0,<sweep>/job_1,<sweep>/job_2]' \
