@@ -67,8 +67,9 @@ def test_the_probe_sees_a_heavy_import(repo_root):
 
 
 def test_every_hydra_job_is_listed(repo_root):
-    """A new vlmsae/<job>.py with @hydra.main belongs in cli.JOBS (and so in `vlmsae --help` and the layer tests)."""
-    hydra_jobs = {p.stem for p in (repo_root / "vlmsae").glob("*.py") if "hydra.main(" in p.read_text()}
+    """A new vlmsae/<job>.py launched through Hydra (``config.launch``) belongs in cli.JOBS (and so in `vlmsae --help`
+    and the layer tests)."""
+    hydra_jobs = {p.stem for p in (repo_root / "vlmsae").glob("*.py") if re.search(r"\blaunch\(\"", p.read_text())}
     assert hydra_jobs == set(cli.JOBS)
 
 

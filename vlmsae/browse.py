@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.browse import BrowseJob
 
 
@@ -68,11 +68,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    import hydra
-
-    register_configs("browse")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="browse", version_base="1.3")(_main)()
+    launch("browse", _main)
 
 
 if __name__ == "__main__":

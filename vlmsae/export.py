@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.export import ExportJob
 
 
@@ -53,11 +53,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    import hydra
-
-    register_configs("export")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="export", version_base="1.3")(_main)()
+    launch("export", _main)
 
 
 if __name__ == "__main__":

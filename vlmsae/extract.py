@@ -45,10 +45,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.extract import ExtractJob
 from vlmsae.formats import RUN_INFO_JSON
 from vlmsae.utils.paths import run_dir
@@ -120,9 +119,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs("extract")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="extract", version_base="1.3")(_main)()
+    launch("extract", _main)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ import logging
 from functools import partial
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -112,9 +111,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs("hierarchy")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="hierarchy", version_base="1.3")(_main)()
+    launch("hierarchy", _main)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.inspect import InspectJob
 from vlmsae.formats import write_inspect
 from vlmsae.utils.paths import run_dir
@@ -88,11 +88,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    import hydra
-
-    register_configs("inspect")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="inspect", version_base="1.3")(_main)()
+    launch("inspect", _main)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.monosemanticity import MonosemanticityJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -131,9 +130,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs("monosemanticity")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="monosemanticity", version_base="1.3")(_main)()
+    launch("monosemanticity", _main)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.names import NamesJob
 from vlmsae.formats import LATENTS_CSV, MS_SUMMARY_JSON, read_ms_summary, write_latents_csv, write_ms_summary
 from vlmsae.utils.paths import run_dir
@@ -64,12 +64,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    import hydra
-
-    register_configs("names")
-
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="names", version_base="1.3")(_main)()
+    launch("names", _main)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.splice_eval import SpliceEvalJob
 from vlmsae.formats import write_splice
 from vlmsae.utils.paths import run_dir
@@ -74,9 +73,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs("splice_eval")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="splice_eval", version_base="1.3")(_main)()
+    launch("splice_eval", _main)
 
 
 if __name__ == "__main__":

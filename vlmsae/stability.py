@@ -24,10 +24,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.stability import StabilityJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -74,9 +73,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs("stability")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="stability", version_base="1.3")(_main)()
+    launch("stability", _main)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.steer import SteerJob
 from vlmsae.formats import write_steer
 from vlmsae.utils.paths import run_dir
@@ -68,9 +67,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs("steer")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="steer", version_base="1.3")(_main)()
+    launch("steer", _main)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.formats import TOP_IMAGES_DIR, write_steer_eval
 from vlmsae.utils.paths import run_dir
@@ -98,9 +97,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_configs("steer_eval")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="steer_eval", version_base="1.3")(_main)()
+    launch("steer_eval", _main)
 
 
 if __name__ == "__main__":

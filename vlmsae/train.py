@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import conf_dir, prepare_command_line, register_configs, to_typed
+from vlmsae.config import launch, to_typed
 from vlmsae.config.jobs.train import TrainJob
 from vlmsae.utils.paths import hydra_chose_run_dir, run_dir
 
@@ -78,11 +78,7 @@ def _main(cfg: DictConfig) -> dict:
 
 
 def main() -> None:
-    import hydra
-
-    register_configs("train")
-    prepare_command_line()
-    hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_main)()
+    launch("train", _main)
 
 
 if __name__ == "__main__":

@@ -163,3 +163,13 @@ def _readable_override(arg: str, parser: Any) -> str:
         f"Hydra cannot read the command-line argument {arg!r}: its override grammar reserves characters such as "
         f"( ) [ ] {{ }} = ' # ~ and non-ASCII letters in an unquoted value (Hydra: {reason}).{suggestion}"
     )
+
+
+def launch(job: str, main_fn) -> None:
+    """The command line of ``python -m vlmsae.<job>``: the job's schemas, the override check
+    (:func:`prepare_command_line`), then Hydra with ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
+    import hydra
+
+    register_configs(job)
+    prepare_command_line()
+    hydra.main(config_path=str(conf_dir()), config_name=job, version_base="1.3")(main_fn)()
