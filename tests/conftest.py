@@ -217,3 +217,15 @@ def planted_sae(planted_tap, tmp_path):
     latent_of_concept, _ = match_latents(planted_tap.atoms_AD, sae.W_dec.detach())
     dpath = save_sae(sae, tmp_path / "planted_sae", source={"model": "tiny", "layer": 2, "tokens": "patches"})
     return dpath, latent_of_concept.tolist()
+
+
+@pytest.fixture(scope="module")
+def planted_store(tmp_path_factory):
+    """A 6,000-row fp16 activation store of planted atoms (d = 64) in 2 shards, for the kill-and-resume CLI tests."""
+    from vlmsae.data.store import write_acts_store
+    from vlmsae.data.synthetic import PlantedDictionary
+
+    planted = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0)
+    dpath = tmp_path_factory.mktemp("acts") / "layer2"
+    write_acts_store(dpath, planted.sample(6000, seed=1).x.half(), 500, 2, meta={"model": "tiny", "layer": 2})
+    return dpath

@@ -35,24 +35,13 @@ VAL_STEPS = [*range(CKPT_EVERY - 1, MAX_STEPS, CKPT_EVERY), MAX_STEPS]  # in-fit
 
 
 # ------------------------------------------------------------------------------ CLI: kill -9, resume
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from vlmsae.data.store import write_acts_store
-    from vlmsae.data.synthetic import PlantedDictionary
-
-    planted = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0)
-    dpath = tmp_path_factory.mktemp("acts") / "layer2"
-    write_acts_store(dpath, planted.sample(6000, seed=1).x.half(), 500, 2, meta={"model": "tiny", "layer": 2})
-    return dpath
-
-
-def _cmd(store, run_dpath, logger, *extra):
+def _cmd(planted_store, run_dpath, logger, *extra):
     return [
         sys.executable,
         "-m",
         "vlmsae.train",
         "data=acts",
-        f"data.acts={store}",
+        f"data.acts={planted_store}",
         "data.batch_size=64",
         "data.num_workers=0",
         f"trainer.max_steps={MAX_STEPS}",
@@ -141,15 +130,15 @@ def _assert_finished(run_dpath: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("same_dir", [False, True], ids=["resume=run_dir", "same_dir+resume=true"])
-def test_csv_logger_survives_kill_and_resume(store, tmp_path, same_dir):
+def test_csv_logger_survives_kill_and_resume(planted_store, tmp_path, same_dir):
     killed = tmp_path / "killed"
     env = _env(tmp_path)
-    ckpt_step = _run_and_kill(_cmd(store, killed, "csv"), env, tmp_path, killed, logged=True)
+    ckpt_step = _run_and_kill(_cmd(planted_store, killed, "csv"), env, tmp_path, killed, logged=True)
     assert max(_csv_steps(killed)) >= ckpt_step  # the killed run logged steps the resumed run logs again
     with (killed / "csv" / "metrics.csv").open("a") as fh:
         fh.write("0,99999,0.5")  # and a kill can leave a torn last line
     resumed = killed if same_dir else tmp_path / "resumed"
-    _resume(_cmd(store, resumed, "csv", "resume=true" if same_dir else f"resume={killed}"), env, tmp_path)
+    _resume(_cmd(planted_store, resumed, "csv", "resume=true" if same_dir else f"resume={killed}"), env, tmp_path)
     _assert_finished(resumed)
     columns, rows = read_metrics_csv(resumed / "csv" / "metrics.csv")
     assert "val/l0" in columns and "train/l0" in columns
@@ -157,13 +146,15 @@ def test_csv_logger_survives_kill_and_resume(store, tmp_path, same_dir):
 
 
 @pytest.mark.slow
-def test_wandb_offline_logger_survives_kill_and_resume(store, tmp_path):
+def test_wandb_offline_logger_survives_kill_and_resume(planted_store, tmp_path):
     killed, resumed = tmp_path / "killed", tmp_path / "resumed"
     env = _env(tmp_path, wandb_mode="offline")
-    ckpt_step = _run_and_kill(_cmd(store, killed, "wandb", "logger.mode=offline"), env, tmp_path, killed, logged=True)
+    ckpt_step = _run_and_kill(
+        _cmd(planted_store, killed, "wandb", "logger.mode=offline"), env, tmp_path, killed, logged=True
+    )
     run_id = (killed / "wandb_id.txt").read_text().strip()
     assert wandb_run_files(killed / "wandb", run_id) and max(_csv_steps(killed)) >= ckpt_step
-    _resume(_cmd(store, resumed, "wandb", "logger.mode=offline", f"resume={killed}"), env, tmp_path)
+    _resume(_cmd(planted_store, resumed, "wandb", "logger.mode=offline", f"resume={killed}"), env, tmp_path)
     _assert_finished(resumed)
     assert (resumed / "wandb_id.txt").read_text().strip() == run_id  # the same W&B run continues
     # What `wandb sync` would upload for this run: one transaction log holding the whole history.
@@ -177,11 +168,11 @@ def test_wandb_offline_logger_survives_kill_and_resume(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_no_logger_survives_kill_and_resume(store, tmp_path):
+def test_no_logger_survives_kill_and_resume(planted_store, tmp_path):
     killed, resumed = tmp_path / "killed", tmp_path / "resumed"
     env = _env(tmp_path)
-    _run_and_kill(_cmd(store, killed, "none"), env, tmp_path, killed, logged=False)
-    _resume(_cmd(store, resumed, "none", f"resume={killed}"), env, tmp_path)
+    _run_and_kill(_cmd(planted_store, killed, "none"), env, tmp_path, killed, logged=False)
+    _resume(_cmd(planted_store, resumed, "none", f"resume={killed}"), env, tmp_path)
     _assert_finished(resumed)
     assert not (resumed / "csv").exists() and not (resumed / "wandb").exists()
 

@@ -21,21 +21,10 @@ import torch
 MAX_STEPS, CKPT_EVERY = 200, 40
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from vlmsae.data.store import write_acts_store
-    from vlmsae.data.synthetic import PlantedDictionary
-
-    planted = PlantedDictionary.random(d_in=64, n_atoms=128, k=3, scale=5.0, seed=0)
-    dpath = tmp_path_factory.mktemp("acts") / "layer2"
-    write_acts_store(dpath, planted.sample(6000, seed=1).x.half(), 500, 2, meta={"model": "tiny", "layer": 2})
-    return dpath
-
-
-def _overrides(store) -> list[str]:
+def _overrides(planted_store) -> list[str]:
     return [
         "data=acts",
-        f"data.acts={store}",
+        f"data.acts={planted_store}",
         "data.batch_size=64",
         "data.num_workers=0",
         f"trainer.max_steps={MAX_STEPS}",
@@ -84,12 +73,12 @@ def _kill_once_checkpointed(cmd, cwd: Path, timeout: float = 240.0) -> Path:
 
 
 @pytest.mark.slow
-def test_rerunning_the_killed_command_continues_in_its_folder_to_the_same_sae(compose_cfg, store, tmp_path):
+def test_rerunning_the_killed_command_continues_in_its_folder_to_the_same_sae(compose_cfg, planted_store, tmp_path):
     from vlmsae.train import run
 
     cwd = tmp_path / "work"
     cwd.mkdir()
-    cmd = [sys.executable, "-m", "vlmsae.train", *_overrides(store)]
+    cmd = [sys.executable, "-m", "vlmsae.train", *_overrides(planted_store)]
     killed = _kill_once_checkpointed(cmd, cwd)
     assert json.loads((killed / "run_info.json").read_text())["status"] == "running"
     time.sleep(1.1)  # Hydra's dated folder has one-second resolution: the rerun gets a new one
@@ -103,7 +92,7 @@ def test_rerunning_the_killed_command_continues_in_its_folder_to_the_same_sae(co
     assert (killed / "train.log").read_text().count("continuing") == 1  # the rerun's log joined the run's
 
     ref = tmp_path / "ref"
-    run(compose_cfg("train", _overrides(store)), out_dpath=ref)
+    run(compose_cfg("train", _overrides(planted_store)), out_dpath=ref)
     a, b = _sae_state(ref), _sae_state(killed)
     assert a.keys() == b.keys()
     for name in a:
