@@ -114,9 +114,3 @@ def ensure_digits(root: str | Path | None = None) -> Path:
         return root
     return publish_dir(tmp, root)
 
-
-def digits_split(split: str = "train", root: str | Path | None = None) -> Path:
-    """The ImageFolder tree of one split (``train`` or ``heldout``), written on first use."""
-    if split not in SPLITS:
-        raise ValueError(f"Unknown digits split {split!r}: use one of {list(SPLITS)}.")
-    return ensure_digits(root) / split
