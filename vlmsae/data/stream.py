@@ -146,9 +146,9 @@ class RowShuffleBuffer:
 
 
 # ------------------------------------------------------------------------------------ stream
-def split_for(items: list, rank: int, world_size: int) -> list:
-    """Every ``world_size``-th item starting at ``rank``: disjoint, sizes differ by at most one."""
-    return items[rank::world_size]
+def kept_rows(holdout: tuple, n_rows: int, n_held: int) -> int:
+    """The rows of a chunk that ``holdout`` keeps (``n_held``: those of held-out images)."""
+    return n_rows if holdout[0] == "all" else n_held if holdout[0] == "val" else n_rows - n_held
 
 
 def window_rows(shuffle_buffer: int, batch_size: int) -> int:
@@ -295,20 +295,16 @@ class ShardRowStream(IterableDataset):
         if self.shuffle:
             perm = np.random.default_rng([self.seed, epoch]).permutation(len(order))
             order = [order[i] for i in perm]
-        mine = split_for(order, self.rank, self.world_size)
+        mine = order[self.rank :: self.world_size]  # disjoint; sizes differ by at most one
         if len(mine) >= n_workers:
-            return split_for(mine, worker, n_workers), None
+            return mine[worker::n_workers], None
         return mine, n_workers  # fewer shards than workers: split by chunk position instead
-
-    def _kept(self, n_rows: int, n_held: int) -> int:
-        mode = self.holdout[0]
-        return n_rows if mode == "all" else n_held if mode == "val" else n_rows - n_held
 
     def plan(self, epoch: int, worker: int, n_workers: int) -> list[tuple[str, int, int]]:
         """``(shard, chunk_index, kept rows)`` in reading order: what one worker reads in one epoch."""
         fpaths, stride = self.shards_for(epoch, worker, n_workers)
         index = self.index()
-        entries = [(f, c, self._kept(n, h)) for f in fpaths for c, n, h in index[f]]
+        entries = [(f, c, kept_rows(self.holdout, n, h)) for f in fpaths for c, n, h in index[f]]
         if stride is not None:
             entries = entries[worker::stride]
         return [e for e in entries if e[2] > 0]
