@@ -49,7 +49,6 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,26 +175,18 @@ class ImageList:
     ignored: dict[str, int] = field(default_factory=dict)
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def _ignored_reason(path: Path) -> str:
-    """Why the folder listing leaves out the file ``path``."""
-    if path.name.startswith("."):
-        return "hidden file"
-    return f"not an image extension: {path.suffix.lower() or '(none)'}"
-
-
 def _split_files(fpaths: list[Path], ignored: dict[str, int]) -> list[Path]:
     """The image files of ``fpaths``, sorted; the others counted into ``ignored`` by reason."""
     images = []
     for fpath in sorted(fpaths):
-        if _is_image(fpath):
-            images.append(fpath)
+        if fpath.name.startswith("."):
+            reason = "hidden file"
+        elif fpath.suffix.lower() not in IMAGE_EXTENSIONS:
+            reason = f"not an image extension: {fpath.suffix.lower() or '(none)'}"
         else:
-            reason = _ignored_reason(fpath)
-            ignored[reason] = ignored.get(reason, 0) + 1
+            images.append(fpath)
+            continue
+        ignored[reason] = ignored.get(reason, 0) + 1
     return images
 
 
@@ -406,19 +397,6 @@ def _wds_label(sample: dict[str, bytes]) -> int:
     return -1
 
 
-@contextmanager
-def _open_tar(url: str, root: str) -> Iterator[tarfile.TarFile]:
-    if not is_remote(url):
-        with tarfile.open(url, "r|*") as tar:
-            yield tar
-        return
-    with (
-        open_stream(url, f"WebDataset shard of data.root={root}") as stream,
-        tarfile.open(fileobj=stream, mode="r|*") as tar,
-    ):
-        yield tar
-
-
 def _iter_wds_samples(root: str, urls: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes], str]]:
     """``(key, {ext: bytes}, tar path)`` for each sample of the tars (``urls``, default all of ``root``), in order."""
     for url in expand_urls(root) if urls is None else urls:
@@ -426,7 +404,8 @@ def _iter_wds_samples(root: str, urls: list[str] | None = None) -> Iterator[tupl
             raise FileNotFoundError(f"WebDataset shard {url} not found (data.root={root}).")
         current_key, sample = None, {}
         # a URL or pipe: command streams (fsspec / gopen); its errors name it
-        with _open_tar(url, root) as tar:
+        opened = open_stream(url, f"WebDataset shard of data.root={root}") if is_remote(url) else open(url, "rb")  # noqa: SIM115
+        with opened as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -501,14 +480,16 @@ def iter_images(
             image = load_image(payload, exif_transpose, draft_size=draft_size)
             return ImageRecord(key, path, label, image, pos, index=index)
         except Exception as err:  # any unreadable file is skipped, never fatal
-            message, reason = f"{type(err).__name__}: {err}", skip_reason(err)
-            if skip_log is not None:
-                skip_log.add(key, path, message, reason)
-            return (
-                ImageRecord(key, path, label, None, pos, error=message, index=index, reason=reason)
-                if yield_skipped
-                else None
-            )
+            return skipped(key, path, label, pos, index, f"{type(err).__name__}: {err}", skip_reason(err))
+
+    def skipped(key: str, path: str | None, label: int, pos: int, index: int, message: str, reason: str):
+        if skip_log is not None:
+            skip_log.add(key, path, message, reason)
+        return (
+            ImageRecord(key, path, label, None, pos, error=message, index=index, reason=reason)
+            if yield_skipped
+            else None
+        )
 
     if source == "wds":
         if root is None:
@@ -527,12 +508,9 @@ def iter_images(
                 label = -1
             if image_ext is None:
                 message = f"no image member ({'/'.join(WDS_IMAGE_EXTS)}) in sample, found {sorted(sample)}"
-                if skip_log is not None:
-                    skip_log.add(key, url, message, "no image member")
-                if yield_skipped:
-                    yield ImageRecord(key, url, label, None, pos, error=message, index=pos, reason="no image member")
-                continue
-            record = finish(key, url, label, sample[image_ext], pos, pos)
+                record = skipped(key, url, label, pos, pos, message, "no image member")
+            else:
+                record = finish(key, url, label, sample[image_ext], pos, pos)
             if record is not None:
                 yield record
         return

@@ -1,36 +1,19 @@
 """Streaming activation rows: shard/rank/worker split, a windowed shuffle, epochs that reshuffle, O(1) resume.
 
-Why a hand-written stream and not a map-style dataset: the activation store of a paper-size run
-(ImageNet x tokens x 1024 fp16) is far larger than memory, so rows are read chunk by chunk from
-tar shards and only ``window + chunk`` rows are ever held. The order is a pure function of
-``(seed, epoch, rank, worker)`` and the store's per-chunk row counts, which gives the properties
-the trainer relies on:
+A store is far larger than memory, so rows are read chunk by chunk and only ``window + chunk`` rows are held.
+The order is a pure function of ``(seed, epoch, rank, worker)`` and the store's per-chunk row counts:
 
-* ranks (``trainer=ddp``, several nodes) read disjoint shards: the shard list is permuted with
-  the same ``(seed, epoch)`` generator on every rank, then rank ``r`` takes every ``world``-th
-  shard; DataLoader workers split the rank's shards the same way (or its chunks, when a rank has
-  fewer shards than workers);
-* windowed shuffle: each (rank, worker) reads its planned chunks of the epoch in order, cuts the
-  rows into windows of ``window`` rows (``shuffle_buffer`` rounded down to a multiple of the batch
-  size, at least one batch), permutes each window with ``default_rng([seed, epoch, rank, worker,
-  window])`` and emits whole batches. Extraction writes rows in a seeded permutation, so a window
-  is a uniform sample of the store; the permutation only decorrelates consecutive batches;
-* the training stream is infinite (epoch after epoch, each with a new shard order and new window
-  permutations), so every rank yields exactly as many batches as the trainer asks for. At the end
-  of an epoch a worker drops its last ``< batch_size`` rows (``drop_last``; a finite stream with
-  ``drop_last=False`` emits them as a short batch instead); the next epoch drops different ones;
-* resume costs O(1) reads: batch ``j`` of a worker maps to ``(epoch, window, offset)`` by arithmetic
-  over the per-chunk row counts (:func:`vlmsae.data.shards.chunk_row_counts`: tar and safetensors
-  headers only), so ``skip_batches=S`` opens only the chunks of the current window, whatever S is,
-  and then yields exactly the batches the uninterrupted run yields.
+* every rank permutes the shard list with the same ``(seed, epoch)`` generator and takes every ``world``-th
+  shard; DataLoader workers split the rank's shards the same way (its chunks, when it has fewer shards);
+* each worker cuts its rows into windows (``shuffle_buffer`` rounded down to whole batches), permutes each
+  with ``default_rng([seed, epoch, rank, worker, window])`` and emits whole batches; the training stream is
+  infinite, and an epoch's last ``< batch_size`` rows are dropped (``drop_last``);
+* batch ``j`` of a worker maps to ``(epoch, window, offset)`` by arithmetic over the chunk row counts
+  (:func:`vlmsae.data.shards.chunk_row_counts`), so ``skip_batches`` opens only the current window's chunks.
 
-``holdout=("train"|"val", p)`` keeps only the rows whose image is (val) or is not (train) held out
-(:func:`vlmsae.data.shards.image_holdout`: ``image_idx % p == 0``): the validation split is by
-image, never by row. Module-level functions and classes only (no lambdas): workers pickle the dataset.
-
-:class:`ImageRowsStream` is the same batching for rows computed from images on the fly (``data=images``):
-:class:`vlmsae.models.image_rows.ImageChunkMaker` makes the row chunks; every epoch visits the images in
-a fresh seeded permutation of the listing (:func:`epoch_order_seed`, :func:`iter_epoch_images`).
+``holdout=("train"|"val", p)`` keeps the rows whose image is not / is held out (``image_idx % p == 0``).
+Module-level functions and classes only (no lambdas): workers pickle the dataset. :class:`ImageRowsStream`
+batches rows computed from images on the fly (``data=images``). More: docs/training.md.
 """
 
 from __future__ import annotations
