@@ -9,21 +9,14 @@ metrics = fit_sae(plan, out_dpath)                                              
 metrics = fit_sae(plan, out_dpath, grid=resolve_grid(sae_grid, sae, rows.d, lr))          # a grid: {name: metrics}
 ```
 
-Each SAE gets its folder: the run dir for one SAE, ``sae_<i>/`` for a grid's. It holds ``sae/`` (vlmsae.sae
-checkpoint: takes raw activations, ``source`` says model, pretrained, layer, tokens, tokens_k, data),
-``metrics.json`` (the final validation metrics: fve, mse, nmse, l0, dead and dense fractions; plus step,
-optimizer_steps, lr, the SAE's size and layer), ``latent_density.json``, and its logger run: ``csv/``, and
-``wandb/`` + ``wandb_id.txt`` (the id lets ``resume`` continue the W&B run). The run dir also holds
-``run_info.json`` (status running -> done | failed), ``checkpoints/last.ckpt`` (every SAE and optimizer, for
-resume) and, for a grid, ``metrics.json`` with every SAE's metrics by name. On resume each logger history is
-the checkpointed run's up to the checkpoint's step, then this run's (:mod:`vlmsae.lit.loggers`).
-
-A grid entry overrides the ``sae`` node (any of its keys) and may set ``lr``; with the same seed and data
-order each grid SAE ends with exactly the weights a separate run would. A grid SAE's logger run has the
-metric names of a single run (``train/loss``, :class:`OneSAELogger`), and with logger=wandb lives in the W&B
-group ``logger.group`` or, when unset, the pass's run dir name; its config is the job's with ``sae`` and
-``trainer.lr`` as that SAE's, plus ``grid`` (its name, index and overrides). ``sae_devices`` places each grid
-SAE on a device (:func:`place_saes`); each batch is copied once to every device in use.
+Each SAE gets its folder (the run dir for one SAE, ``sae_<i>/`` for a grid's) with ``sae/``, ``metrics.json``,
+``latent_density.json`` and its logger run; the run dir holds ``run_info.json`` and ``checkpoints/last.ckpt``
+(every SAE and optimizer); a grid's ``metrics.json`` has every SAE's metrics by name (docs/outputs.md). On
+resume each logger history is the checkpointed run's up to the checkpoint's step, then this run's
+(:mod:`vlmsae.lit.loggers`). With the same seed and data order each grid SAE ends with exactly the weights a
+separate run would; its logger run has a single run's metric names (:class:`OneSAELogger`), the W&B group
+``logger.group`` (default: the pass's run dir name), and the job's config with its own ``sae``, ``trainer.lr``
+and ``grid``. ``sae_devices`` places each grid SAE on a device (:func:`place_saes`).
 """
 
 from __future__ import annotations
@@ -235,13 +228,9 @@ def build_logger(
 
         from lightning.pytorch.loggers import WandbLogger
 
-        run_id = None
-        if history is not None:
-            id_fpath = history / "wandb_id.txt"
-            if id_fpath.is_file():
-                run_id = id_fpath.read_text().strip()
+        id_fpath = history / "wandb_id.txt" if history is not None else None
+        run_id = id_fpath.read_text().strip() if id_fpath is not None and id_fpath.is_file() else None
         run_id = run_id or uuid.uuid4().hex[:8]  # W&B run ids: 8 lowercase alphanumerics
-        mode = os.environ.get("WANDB_MODE") or lg.mode
         wandb_kwargs.setdefault("group", lg.group)
         logger = WandbLogger(
             project=lg.project,
@@ -251,7 +240,7 @@ def build_logger(
             name=name or run_name(out_dpath),
             id=run_id,
             resume="allow",
-            mode=mode,
+            mode=os.environ.get("WANDB_MODE") or lg.mode,
             config=config,
             **wandb_kwargs,
         )
@@ -577,8 +566,6 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
 
 def check_accelerator(accelerator: str) -> None:
     """A ValueError naming the fix when ``trainer.accelerator`` asks for a GPU that this machine does not show."""
-    import torch
-
     wants = str(accelerator).lower()
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if (wants == "cuda" and not torch.cuda.is_available()) or (

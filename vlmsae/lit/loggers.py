@@ -1,20 +1,11 @@
 """Loggers that survive ``kill -9`` and ``resume=...``: each logged step appears once in the history.
 
-A killed run has logged steps past its last checkpoint; the resumed run logs them again. So on
-resume the history is rebuilt from the killed run's files, keeping only the steps before the
-checkpoint's, and the resumed run continues it:
-
-- CSV: ``csv/metrics.csv`` is rewritten (atomically, union of columns) with the rows whose step is
-  below the checkpoint's global step; later header changes are atomic too (Lightning rewrites in
-  place, which a kill can truncate) and a half-written last line of the killed run is dropped.
-- W&B offline: a resumed offline run cannot continue the old one locally (W&B ignores ``resume``
-  offline: the new process writes a second ``offline-run-*-<id>`` folder starting at ``_step`` 0),
-  and the killed run's ``.wandb`` log is unreliable (wandb-core flushes it every 15 s and drops
-  the buffer when its parent is killed). So logger=wandb also writes the CSV mirror; the resumed
-  run replays its kept rows (plus the histograms that did reach the old ``.wandb``) into its own
-  folder, and the killed run's ``run-<id>.wandb`` is renamed ``*.wandb.superseded``: ``wandb sync``
-  uploads one complete history. Online, W&B resumes the run server-side (``resume="allow"``) and
-  nothing is replayed (the server keeps what the killed run sent past the checkpoint).
+A killed run has logged steps past its last checkpoint and the resumed run logs them again, so on resume the
+history is rebuilt from the killed run's files, keeping the steps before the checkpoint's: ``csv/metrics.csv``
+is rewritten atomically (union of columns; Lightning's in-place header rewrite, which a kill can truncate, is
+atomic here too); an offline W&B run replays the kept rows into its own folder (W&B ignores ``resume`` offline,
+and the killed run's ``.wandb`` log loses its last 15 s), and the killed run's ``run-<id>.wandb`` becomes
+``*.wandb.superseded``. Online, W&B resumes the run server-side. User-facing detail: docs/wandb.md.
 
 Steps: Lightning logs a training batch after the checkpoint of that batch was saved, at
 ``step = global_step - 1``; a checkpoint at global step G is followed by rows logged at steps >= G
@@ -360,15 +351,3 @@ def _csv_row_to_wandb(row: dict[str, str]) -> dict[str, Any]:
             continue
     out[STEP_KEY] = _int_step(row["step"])
     return out
-
-
-__all__ = [
-    "RestoreLogHistory",
-    "ResumableCSVLogger",
-    "iter_wandb_records",
-    "merged_wandb_history",
-    "read_metrics_csv",
-    "read_wandb_history",
-    "resumed_wandb_rows",
-    "wandb_run_files",
-]

@@ -65,11 +65,9 @@ def history_dpath(resume_ckpt: Path) -> Path:
 def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path | None:
     """The Lightning checkpoint to continue from, or None for a fresh run.
 
-    ``resume=true``: this run dir's own ``checkpoints/last.ckpt`` if any, else the newest one among
-    sibling runs (and sibling multirun jobs) whose saved config matches this one except for
-    ``resume``: Hydra gives the repeated command a new timestamped dir, the checkpoint lives in the
-    old one. ``resume=auto``: this run dir's own checkpoint only, else None (a requeued submitit job
-    reruns in the same dir). ``resume=<path>``: a run dir or a ``.ckpt`` file.
+    ``resume=true``: this run dir's own checkpoint, else the newest one of the sibling runs (and multirun jobs)
+    whose config matches. ``resume=auto``: this run dir's own checkpoint only. ``resume=<path>``: a run dir or a
+    ``.ckpt`` file.
     """
     if _is_off(resume):
         return None
@@ -200,14 +198,12 @@ def _adopt(new_dpath: Path, target: Path) -> None:
     Hydra opened ``<new run dir>/<job>.log`` and saved ``.hydra/`` there before the job started; the earlier run's
     folder already holds both (the same config), so the new one is dropped: one folder per run.
     """
-    import logging as logging_mod
-
     new_resolved = new_dpath.resolve()
-    handlers = list(logging_mod.root.handlers)
-    for logger in logging_mod.Logger.manager.loggerDict.values():
+    handlers = list(logging.root.handlers)
+    for logger in logging.Logger.manager.loggerDict.values():
         handlers += getattr(logger, "handlers", [])
     for handler in handlers:
-        if isinstance(handler, logging_mod.FileHandler) and Path(handler.baseFilename).parent == new_resolved:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == new_resolved:
             handler.acquire()
             try:
                 handler.close()
