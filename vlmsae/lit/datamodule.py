@@ -31,29 +31,45 @@ from vlmsae.models.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 
-def _world(trainer) -> tuple[int, int]:
-    if trainer is None:
-        return 0, 1
-    return int(trainer.global_rank), int(trainer.world_size)
+class _RowsDataModule(L.LightningDataModule):
+    """What both datamodules share: the rank, the stream position a checkpoint holds, the init batches."""
+
+    def __init__(self, stream: StreamConfig):
+        super().__init__()
+        self.stream = stream
+        self.batches_seen = 0  # restored from a checkpoint: the train stream seeks past these
+        self.rank, self.world_size = 0, 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = int(self.trainer.global_rank), int(self.trainer.world_size)
+
+    def state_dict(self) -> dict:
+        step = int(self.trainer.global_step) if self.trainer is not None else self.batches_seen
+        return {"batches_seen": step, "seed": self.stream.seed, "batch_size": self.stream.batch_size}
+
+    def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
+        """The first batches of the training stream (rank 0's view), for b_dec and input-scale init."""
+        for i, batch in enumerate(self._init_stream()):
+            if i >= n_batches:
+                return
+            yield batch
 
 
-class ActsDataModule(L.LightningDataModule):
+class ActsDataModule(_RowsDataModule):
     """Streams rows ``[B, D]`` (stored dtype) from an activation store; see the module docstring."""
 
     def __init__(self, acts_dpath: str | Path, stream: StreamConfig, d_expected: int | None = None):
-        super().__init__()
+        super().__init__(stream)
         self.acts_dpath, self.manifest, self.shard_fpaths = open_store(acts_dpath)
-        self.stream = stream
         self.d = int(self.manifest.d)
         if d_expected is not None:
             check_store_width(self.manifest, d_expected, self.acts_dpath)
         if int(stream.batch_size) < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {stream.batch_size}")
         self.n_rows = int(self.manifest.n_rows)
-        self.batches_seen = 0  # restored from a checkpoint: the train stream seeks past these
         self._resume_state: dict | None = None
         self._workers: int | None = None
-        self.rank, self.world_size = 0, 1
         self.n_val_rows = 0
         self._plan_split()
         # per-chunk row counts (and held-out rows) from headers: the resume seek and the size checks use them
@@ -123,7 +139,7 @@ class ActsDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
-        self.rank, self.world_size = _world(self.trainer)
+        super().setup(stage)
         self._workers = None
         if len(self.train_fpaths) < self.world_size:
             raise ValueError(
@@ -222,12 +238,8 @@ class ActsDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_stream(), min(self.stream.num_workers, 1))
 
-    def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
-        """The first batches of the training stream (rank 0's view), for b_dec and input-scale init."""
-        for i, batch in enumerate(self.train_stream(seed_offset=104729)):
-            if i >= n_batches:
-                return
-            yield batch
+    def _init_stream(self) -> ShardRowStream:
+        return self.train_stream(seed_offset=104729)
 
     # ------------------------------------------------------- resume: the stream's position
     def _store_id(self) -> dict:
@@ -250,16 +262,7 @@ class ActsDataModule(L.LightningDataModule):
         }
 
     def state_dict(self) -> dict:
-        trainer = self.trainer
-        step = int(trainer.global_step) if trainer is not None else self.batches_seen
-        return {
-            "batches_seen": step,
-            "seed": self.stream.seed,
-            "batch_size": self.stream.batch_size,
-            "store": self._store_id(),
-            "layout": self._layout(self._workers),
-            "version": 2,
-        }
+        return {**super().state_dict(), "store": self._store_id(), "layout": self._layout(self._workers), "version": 2}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_seen = int(state.get("batches_seen", 0))
@@ -334,20 +337,14 @@ def image_holdout_every(image_kwargs: dict, tokens: str, k_tokens: int, model: M
     return period
 
 
-class ImageActsDataModule(L.LightningDataModule):
+class ImageActsDataModule(_RowsDataModule):
     """``data=images``: no cache on disk, activations are computed from images as training runs."""
 
     def __init__(
         self, make_train: ImageChunkMaker, make_val: ImageChunkMaker, d: int, stream: StreamConfig, manifest: dict
     ):
-        super().__init__()
-        self.make_train, self.make_val, self.d, self.stream = make_train, make_val, d, stream
-        self.manifest = manifest
-        self.batches_seen = 0
-        self.rank, self.world_size = 0, 1
-
-    def setup(self, stage: str | None = None) -> None:
-        self.rank, self.world_size = _world(self.trainer)
+        super().__init__(stream)
+        self.make_train, self.make_val, self.d, self.manifest = make_train, make_val, d, manifest
 
     def _loader(self, dataset, workers):
         # CUDA cannot be used in a forked worker: the encoder's workers are spawned instead.
@@ -372,8 +369,8 @@ class ImageActsDataModule(L.LightningDataModule):
         ds = ImageRowsStream(self.make_val, self.stream.batch_size, 0, self.stream.seed, self.rank, self.world_size, 1)
         return self._loader(ds, 0)
 
-    def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
-        ds = ImageRowsStream(
+    def _init_stream(self) -> ImageRowsStream:
+        return ImageRowsStream(
             self.make_train,
             self.stream.batch_size,
             self.stream.shuffle_buffer,
@@ -383,15 +380,6 @@ class ImageActsDataModule(L.LightningDataModule):
             None,
             progress=self.rank == 0,  # the first batch waits for a full shuffle window: show it filling
         )
-        for i, batch in enumerate(ds):
-            if i >= n_batches:
-                return
-            yield batch
-
-    def state_dict(self) -> dict:
-        trainer = self.trainer
-        step = int(trainer.global_step) if trainer is not None else self.batches_seen
-        return {"batches_seen": step, "seed": self.stream.seed, "batch_size": self.stream.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_seen = int(state.get("batches_seen", 0))
