@@ -113,4 +113,3 @@ def ensure_digits(root: str | Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         return root
     return publish_dir(tmp, root)
-

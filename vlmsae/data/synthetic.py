@@ -90,4 +90,3 @@ class PlantedDictionary:
         """``n_batches`` fresh batches of activations (a stream: no sample repeats)."""
         for i in range(n_batches):
             yield self.sample(batch_size, seed=seed * 1_000_003 + i).x
-

@@ -110,9 +110,7 @@ class Taxonomy:
             p = self._lookup_one(str(key), None if paths is None else paths[i], None if labels is None else labels[i])
             if p is None:
                 failed.append(str(key) if paths is None or paths[i] is None else f"{key} ({paths[i]})")
-                out.append(())
-            else:
-                out.append(p)
+            out.append(p or ())
         if failed:
             examples = ", ".join(repr(f) for f in failed[:max_examples])
             known = ", ".join(repr(k) for k in list(self.paths)[:3])
@@ -179,11 +177,7 @@ def load_inat_dirnames(source: str | Path | Iterable[str]) -> Taxonomy:
         label = str(root)
     else:
         names, label = list(source), "iNat directory names"
-    paths = {}
-    for name in names:
-        p = parse_inat_dirname(name)
-        if p is not None:
-            paths[name] = p
+    paths = {name: p for name in names if (p := parse_inat_dirname(name)) is not None}
     if not paths:
         raise TaxonomyError(
             f"No iNat 2021 class folder (like 00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax) "

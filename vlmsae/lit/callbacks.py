@@ -58,6 +58,15 @@ def collect_sweep(sweep_dpath: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def write_metrics_csv(fpath: str | Path, columns: list[str], rows: list[dict]) -> Path:
+    """Atomically write ``rows`` under ``columns`` (missing cells empty)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(fpath, buf.getvalue())
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -80,11 +89,7 @@ def write_sweep_summary(sweep_dpath: str | Path) -> tuple[Path, Path] | None:
     metric_cols = {"job", "status", *SUMMARY_METRICS}
     shared = {c: rows[0].get(c) for c in columns if c not in metric_cols and len({str(r.get(c)) for r in rows}) == 1}
     md_columns = [c for c in columns if c not in shared]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    csv_fpath = atomic_write_text(sweep_dpath / "sweep_summary.csv", buf.getvalue())
+    csv_fpath = write_metrics_csv(sweep_dpath / "sweep_summary.csv", columns, rows)
     lines = [
         f"# Sweep summary: {sweep_dpath.name}",
         "",

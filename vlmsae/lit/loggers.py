@@ -28,7 +28,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from vlmsae.utils.io import atomic_write_text
+from vlmsae.lit.callbacks import write_metrics_csv
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,6 @@ def _int_step(value: Any) -> int | None:
         return int(float(value))
     except (TypeError, ValueError):
         return None
-
-
-def write_metrics_csv(fpath: str | Path, columns: list[str], rows: list[dict]) -> Path:
-    """Atomically write ``rows`` under ``columns`` (missing cells empty)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(fpath, buf.getvalue())
 
 
 class _ResumableWriter(ExperimentWriter):
