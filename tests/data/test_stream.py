@@ -28,12 +28,12 @@ def _ids(batches) -> list[int]:
 
 
 def _stream(store, **kw):
-    from vlmsae.data.store import list_shard_fpaths
+    from vlmsae.data.shards import list_shards
 
     kw.setdefault("batch_size", 20)
     kw.setdefault("shuffle_buffer", 100)
     kw.setdefault("seed", 0)
-    return ShardRowStream(list_shard_fpaths(store), **kw)
+    return ShardRowStream([str(p) for p in list_shards(store)], **kw)
 
 
 def test_rank_and_worker_split_disjoint_equal_and_complete(tmp_path):

@@ -1,18 +1,8 @@
-"""Real handwritten digits, offline: scikit-learn's ``load_digits`` as an image folder with a fixed split.
-
-``load_digits`` ships inside scikit-learn (1,797 greyscale 8x8 digits, 10 classes, no download). They are
-written once as an ImageFolder tree that every image reader of vlmsae already understands
-(``data=folder``), one tree per split::
-
-    $VLMSAE_HOME/data/digits-v1/train/<zero..nine>/<index>.png     1,437 images: encoders and SAEs train here
-    $VLMSAE_HOME/data/digits-v1/heldout/<zero..nine>/<index>.png     360 images: never seen in training
-    $VLMSAE_HOME/data/digits-v1/digits.json                         the split, the sizes, the version
-
-``conf/data/digits.yaml`` (``data=digits``) points at the train split and ``data.root=.../heldout`` at the
-other: the split is the folder, so held-out images cannot reach SAE training by accident. The split is a
-fixed permutation (:data:`SPLIT_SEED`), stratified so every class keeps its share. Pixels are dark ink on
-white paper (``255 - 255 * v / 16``), upsampled to :data:`IMAGE_PX` with bilinear interpolation, so a
-browser shows them at a readable size; the encoders resize them to their own input side.
+"""Real handwritten digits, offline: scikit-learn's ``load_digits`` (1,797 8x8 greyscale digits, no download)
+written once as one ImageFolder tree per split, ``$VLMSAE_HOME/data/digits-v1/{train,heldout}/<zero..nine>/``,
+plus ``digits.json`` (docs/trained-network.md). The split is the folder, so held-out images cannot reach SAE
+training by accident; it is a fixed permutation (:data:`SPLIT_SEED`), stratified by class. Pixels are dark ink
+on white (``255 - 255 * v / 16``), upsampled to :data:`IMAGE_PX` so a browser shows them at a readable size.
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
 """Activation store: WebDataset tar shards of safetensors chunks, a manifest, and resumable writing.
 
-Layout of a store folder:
-- ``acts-%06d.tar``: samples with ``__key__ = "%06d" % chunk_index`` (global over the store), each
-  with ``acts.safetensors`` (``acts`` [R, D] fp16|bf16, ``token_idx`` [R] int32, ``image_idx`` [R]
-  int64, ``label`` [R] int64, -1 = none) and ``keys.json`` (the image key of every row). No pickles.
-- ``manifest.json``: what produced the store and its statistics (written last, when complete):
-  :class:`vlmsae.formats.StoreManifest`, read with :func:`vlmsae.formats.read_manifest`.
-- ``progress.json``: the writer's state after the last complete shard (resume point):
-  :class:`vlmsae.formats.StoreProgress`.
-- a store extracted by W torchrun processes holds no shards of its own but ``rank-RRRRR-of-WWWWW/`` folders,
-  each a writer's folder (shards, chunk indices and ``progress.json`` of that rank); :func:`list_shards` lists
-  them rank by rank, and the one ``manifest.json`` (:func:`write_merged_manifest`) names them by relative path.
-
-Every file is written under a temporary name and renamed, and ``progress.json`` is rewritten only
-after its shard is in place. A killed run therefore leaves whole shards plus, at worst, one shard
-newer than ``progress.json``; :class:`ShardWriter` deletes that one on restart and the caller
-resumes from the recorded state, so no row is lost or written twice.
+A store folder holds ``acts-%06d.tar`` (one sample per chunk, ``__key__`` = the chunk index over the store;
+layout in docs/ARCHITECTURE.md; no pickles), ``manifest.json`` (:class:`vlmsae.formats.StoreManifest`, written
+last) and ``progress.json`` (:class:`vlmsae.formats.StoreProgress`, the resume point); a store extracted by W
+torchrun processes holds ``rank-RRRRR-of-WWWWW/`` folders instead, each one writer's folder, which
+:func:`list_shards` lists rank by rank. Every file is written under a temporary name and renamed, and
+``progress.json`` only after its shard is in place, so a killed run leaves at worst one shard newer than the
+progress record; :class:`ShardWriter` deletes it on restart: no row is lost or written twice.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Opening an activation store for training, and writing one from rows in memory.
 
-:func:`open_store` checks, before any training step, that a store folder exists, is complete (its
-``manifest.json`` is written last) and has the shards its manifest lists; :func:`check_store_width`
-that its rows fit the SAE. :func:`write_acts_store` writes rows held in memory as a store (tests,
-benchmarks); extraction (``python -m vlmsae.extract``) writes real ones. The format is
-:mod:`vlmsae.data.shards`; the stream that reads it is :mod:`vlmsae.data.stream`.
+:func:`open_store` checks before any training step that a store exists, is complete (its manifest is written
+last) and has the shards its manifest lists; :func:`check_store_width` that its rows fit the SAE;
+:func:`write_acts_store` writes rows held in memory as a store (tests, benchmarks). Format:
+:mod:`vlmsae.data.shards`; reader: :mod:`vlmsae.data.stream`.
 """
 
 from __future__ import annotations
@@ -16,11 +15,6 @@ import torch
 from vlmsae.data.remote import is_remote, join_url, missing_files, read_bytes
 from vlmsae.data.shards import ShardWriter, list_shards
 from vlmsae.formats import MANIFEST_JSON, StoreManifest, manifest_from_json, read_manifest
-
-
-def list_shard_fpaths(acts_dpath: Path) -> list[str]:
-    """The store's shard files in order, as strings (what a ShardRowStream takes)."""
-    return [str(p) for p in list_shards(acts_dpath)]
 
 
 def open_store(acts: str | Path | None) -> tuple[Path | str, StoreManifest, list[str]]:
@@ -48,7 +42,7 @@ def open_store(acts: str | Path | None) -> tuple[Path | str, StoreManifest, list
         )
     manifest = read_manifest(acts_dpath)
     _check_complete(manifest, str(acts_dpath))
-    shard_fpaths = list_shard_fpaths(acts_dpath)
+    shard_fpaths = [str(p) for p in list_shards(acts_dpath)]  # what a ShardRowStream takes
     if not shard_fpaths:
         raise FileNotFoundError(f"{str(acts_dpath)!r} has a manifest but no acts-*.tar shards")
     listed = manifest.n_shards

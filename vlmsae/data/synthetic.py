@@ -1,12 +1,10 @@
 """Planted-feature activations: data with a known sparse dictionary, so SAE tests have an answer key.
 
-x = offset + scale * (sum over k random atoms of c_j * atom_j + noise), with a random unit-norm
-dictionary of ``n_atoms`` atoms in ``d_in`` dims and coefficients c_j ~ U[min_coef, max_coef].
-An SAE that learns well recovers the atoms as decoder rows (``metrics.seed_matching.max_cosine``).
-``scale`` and ``offset_norm`` mimic real activations (large norms, a big shared mean) so input
-scaling and the geometric-median b_dec init get exercised. Known answer (``tests/test_sae.py``): every
-architecture at 4x (``d_in=32``, 64 atoms, ``k=3``) recovers the atoms (mean best cosine >= 0.9) in
-150 Adam steps of batch 256, a few seconds on a CPU.
+x = offset + scale * (sum over k random atoms of c_j * atom_j + noise), with unit-norm atoms and c_j ~
+U[min_coef, max_coef]; ``scale`` and ``offset_norm`` mimic real activations (large norms, a big shared mean) so
+input scaling and the geometric-median b_dec init get exercised. Known answer (``tests/test_sae.py``): every
+architecture at 4x (``d_in=32``, 64 atoms, ``k=3``) recovers the atoms as decoder rows (mean best cosine >= 0.9)
+in 150 Adam steps of batch 256, a few seconds on a CPU.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Which run folder a training run writes to, and which Lightning checkpoint it continues from.
 
-Rerunning the same command continues the unfinished run: Hydra gives a repeated command a new dated
-run dir, so :func:`choose_run` looks among the earlier run dirs of the same job (the siblings of the
-new one, under ``outputs/<job>/``) for one whose saved config (``run_info.json``, read through
-:mod:`vlmsae.formats`) matches this one (:func:`config_fingerprint` says which parts must match). An
-unfinished one (status running or failed, with a checkpoint) is continued IN its own folder, and the
-new empty dated folder is removed; a finished one is not trained again (``resume=false`` does).
-``resume=<run dir>`` also continues in that folder. This applies when Hydra chose the run dir (no
-``hydra.run.dir=``, not a multirun); a run dir the caller chose is always the one written to.
-
-``resume=auto`` (the default) in a run dir the caller chose continues only that dir's own checkpoint:
-a job that SLURM (through Hydra's submitit launcher) requeues after a preemption or its time limit runs
-again in the same job dir and continues where it stopped.
+Hydra gives a repeated command a new dated run dir, so :func:`choose_run` looks among the earlier run dirs of
+the same job for one whose ``run_info.json`` config matches (:func:`config_fingerprint`): an unfinished one is
+continued IN its own folder and the new empty one is removed; a finished one is not trained again
+(``resume=false`` does). This applies when Hydra chose the run dir; a run dir the caller chose is always the
+one written to, and ``resume=auto`` there continues only its own checkpoint (a requeued SLURM job).
 """
 
 from __future__ import annotations
