@@ -237,10 +237,7 @@ def expand_urls(root: str) -> list[str]:
     """``a-{000..002}.tar::b.tar`` -> the list of tar paths (brace expansion as WebDataset does)."""
     import braceexpand
 
-    urls: list[str] = []
-    for part in str(root).split("::"):
-        urls.extend(braceexpand.braceexpand(part.strip()))
-    return urls
+    return [url for part in str(root).split("::") for url in braceexpand.braceexpand(part.strip())]
 
 
 def _has_alpha(img: Any) -> bool:

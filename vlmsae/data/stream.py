@@ -350,10 +350,6 @@ class ShardRowStream(IterableDataset):
                 if rows_RD.shape[0]:
                     yield rows_RD
 
-    def iter_chunks(self, epoch: int, worker: int, n_workers: int) -> Iterator[torch.Tensor]:
-        """Row blocks of one worker of this rank in one epoch, in reading order."""
-        yield from self.rows_from(self.plan(epoch, worker, n_workers), 0)
-
     def epoch_batches(self, epoch: int, worker: int, n_workers: int, first_batch: int = 0) -> Iterator[torch.Tensor]:
         """The batches of one worker in one epoch from ``first_batch`` on (opening only what they need)."""
         plan = self.plan(epoch, worker, n_workers)

@@ -376,18 +376,13 @@ def load_wordnet_synsets(fpath: str | Path, member: str | None = None) -> dict[i
         return parse_wordnet_data(zf.read(member).decode("utf-8", errors="replace").splitlines())
 
 
-def load_wordnet(
-    wnids: Iterable[str] | None = None, wordnet_dpath: str | Path | None = None, noun_fpath: str | Path | None = None
-) -> Taxonomy:
+def load_wordnet(wnids: Iterable[str] | None = None, wordnet_dpath: str | Path | None = None) -> Taxonomy:
     """Taxonomy of ImageNet wnids (``n01440764``) from their WordNet hypernym paths.
 
     ``wnids``: the classes to include (None = every noun synset). Ranks are ``depth_1 ... depth_D``,
     D the longest path; paths differ in length, so depth 1 is always ``entity``.
     """
-    if noun_fpath is not None:
-        fpath, member = Path(noun_fpath), None
-    else:
-        fpath, member = find_wordnet_noun_file(wordnet_dpath)
+    fpath, member = find_wordnet_noun_file(wordnet_dpath)
     synsets = load_wordnet_synsets(fpath, member)
     if wnids is None:
         wnids = [f"n{o:08d}" for o in synsets]

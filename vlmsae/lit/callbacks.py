@@ -48,9 +48,7 @@ def collect_sweep(sweep_dpath: str | Path) -> list[dict[str, Any]]:
         row.update(_job_overrides(job_dpath))
         if metrics_fpath.is_file():
             metrics = json.loads(metrics_fpath.read_text(encoding="utf-8"))
-            row["status"] = "done"
-            for key in SUMMARY_METRICS:
-                row[key] = metrics.get(key)
+            row.update({"status": "done", **{key: metrics.get(key) for key in SUMMARY_METRICS}})
         else:
             info = json.loads((job_dpath / "run_info.json").read_text(encoding="utf-8"))
             row["status"] = info.get("status", "unfinished")
