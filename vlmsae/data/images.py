@@ -1,25 +1,17 @@
 """Image sources: ImageFolder trees (iNaturalist 2021 included), WebDataset shards, list files, synthetic.
 
-``iter_images(source, root)`` yields :class:`ImageRecord` in a fixed order. ``index`` is the image's
-position in the source's listing (sorted folder walk / list-file order / tar order): the stable image
-id. ``pos`` numbers the records in the order they are *visited* (unreadable ones included); it is
-what ``start`` (resume), ``max_images`` and the ``worker`` split count. Without ``order_seed`` the
-two are equal. With ``order_seed`` a folder / list / synthetic source is visited in the order
-``numpy.random.default_rng(order_seed).permutation(n)`` of its listing (:func:`image_order`), so
-any stretch of the stream is a uniform sample of the images instead of a few classes, and
-``max_images=N`` is a uniform random subset (the first N of that order). A ``wds`` source streams
-and cannot be permuted globally: ``order_seed`` shuffles the order of its tar files only (samples
-inside a tar keep their order), and ``index == pos``. Unreadable images never stop a run: they are
-skipped and recorded in a :class:`SkipLog` with a stable reason name (:data:`SKIP_REASONS`).
+``iter_images(source, root)`` yields :class:`ImageRecord` in a fixed order: ``index`` is the image's position
+in the source's listing (the stable image id), ``pos`` its position in the visiting order, which ``start``,
+``max_images`` and the ``worker`` split count. ``order_seed`` visits a folder / list / synthetic source in a
+seeded permutation (:func:`image_order`: any stretch is a uniform sample, not a few classes); a ``wds`` source
+streams, so it shuffles only the order of its tars. Unreadable images are skipped and recorded in a
+:class:`SkipLog` with a stable reason (:data:`SKIP_REASONS`).
 
-- ``folder``: class sub-folders -> labels 0..C-1 in sorted order (``classes``); the class names are
-  kept whole, e.g. iNat 2021's ``00000_Animalia_Annelida_Clitellata_..._terrestris``. A folder
-  without sub-folders gives unlabelled images (label -1). Keys are paths relative to ``root``.
-- ``list``: a text file, one ``path`` or ``path<TAB>label`` per line (relative paths are taken from
-  the list file's folder; ``#`` lines are comments); labels are ints or class names.
-- ``wds``: WebDataset tars (``root`` may be a brace pattern ``train-{000000..000099}.tar`` or several
-  separated by ``::``); the image is the jpg/jpeg/png/webp member, the label ``cls`` or ``json``
-  (``label``/``cls`` field). Keys are the samples' ``__key__``.
+- ``folder``: class sub-folders -> labels 0..C-1 in sorted order, names kept whole (iNat 2021's
+  ``00000_Animalia_..._terrestris``); no sub-folders: label -1. Keys are paths relative to ``root``.
+- ``list``: one ``path`` or ``path<TAB>label`` per line (relative to the list file; ``#`` comments).
+- ``wds``: WebDataset tars (``root`` a brace pattern, several joined by ``::``); the jpg/jpeg/png/webp member,
+  the label from ``cls`` or ``json``. Keys are the samples' ``__key__``.
 - ``synthetic``: planted-concept images (:mod:`vlmsae.data.concepts`) written once to a cache folder.
 
 Decoding (:func:`load_image`, :func:`to_rgb`; every model input goes through them) gives 8-bit RGB:

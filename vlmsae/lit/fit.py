@@ -200,24 +200,15 @@ def build_datamodule(rows: TrainInput, data: DataSchema, model: ModelSpec, val_b
 
 
 def build_logger(
-    lg: LoggerSchema,
-    out_dpath: Path,
-    resume_ckpt: Path | None,
-    config: dict,
-    *,
-    history: Path | None = None,
-    name: str | None = None,
-    **wandb_kwargs,
+    lg: LoggerSchema, out_dpath: Path, config: dict, history: Path | None, name: str | None = None, **wandb_kwargs
 ):
     """Lightning logger(s) for ``lg.kind`` (none | csv | wandb: W&B plus a CSV mirror) and the W&B run id.
 
-    ``history``: the folder with the resumed run's ``csv/`` and ``wandb_id.txt`` (default: the checkpoint's run dir);
+    ``history``: the folder with the resumed run's ``csv/`` and ``wandb_id.txt`` (None: a fresh run);
     ``name`` and ``wandb_kwargs`` (e.g. ``group``, ``reinit``) go to the W&B run (a grid: one run per SAE).
     """
     if lg.kind == "none":
         return [], None
-    if history is None and resume_ckpt is not None:
-        history = history_dpath(resume_ckpt)
     # On resume metrics.csv continues the checkpoint's run's history (RestoreLogHistory trims it).
     history_fpath = history / "csv" / "metrics.csv" if history is not None else None
     csv_logger = ResumableCSVLogger(save_dir=str(out_dpath), name="csv", version="", history_fpath=history_fpath)
@@ -497,9 +488,7 @@ def _sae_loggers(plan: FitPlan, grid: list[GridSAE], out_dpath: Path, is_rank_ze
             run_config = sae_run_config(plan.config, g, i, group)
         else:
             run, run_config = {}, plan.config
-        loggers, wandb_id = build_logger(
-            plan.logger, out_dpath / g.name, plan.resume_ckpt, run_config, history=history, **run
-        )
+        loggers, wandb_id = build_logger(plan.logger, out_dpath / g.name, run_config, history, **run)
         if wandb_id and is_rank_zero:
             atomic_write_text(out_dpath / g.name / "wandb_id.txt", wandb_id)  # resume continues this W&B run
         if history is not None:  # the killed run logged steps past its checkpoint: keep them up to there
