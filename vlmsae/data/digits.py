@@ -25,12 +25,6 @@ IMAGE_PX = 32
 META_FILE = "digits.json"
 
 
-def digits_home() -> Path:
-    """``$VLMSAE_HOME/data/<DIGITS_VERSION>`` (default ``~/.cache/vlmsae``)."""
-    home = Path(os.environ.get("VLMSAE_HOME", "~/.cache/vlmsae")).expanduser()
-    return home / "data" / DIGITS_VERSION
-
-
 def load_digit_arrays() -> tuple[np.ndarray, np.ndarray]:
     """``(images_N88 in 0..16 float64, digit_N int)`` from scikit-learn (imported here: only this needs it)."""
     from sklearn.datasets import load_digits
@@ -72,8 +66,11 @@ def _complete(root: Path) -> bool:
 
 
 def ensure_digits(root: str | Path | None = None) -> Path:
-    """The digits folder (both splits), written on first use and rewritten when incomplete; returns its root."""
-    root = Path(root).expanduser() if root is not None else digits_home()
+    """The digits folder (both splits; default ``$VLMSAE_HOME/data/<DIGITS_VERSION>``, ``$VLMSAE_HOME`` default
+    ``~/.cache/vlmsae``), written on first use and rewritten when incomplete; returns its root."""
+    if root is None:
+        root = Path(os.environ.get("VLMSAE_HOME", "~/.cache/vlmsae")) / "data" / DIGITS_VERSION
+    root = Path(root).expanduser()
     if _complete(root):
         return root
     images, digits = load_digit_arrays()
