@@ -80,9 +80,7 @@ def write_sweep_summary(sweep_dpath: str | Path) -> tuple[Path, Path] | None:
     if not rows:
         log.warning("sweep summary: no job results under %s", sweep_dpath)
         return None
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
+    columns = list(dict.fromkeys(c for row in rows for c in row))
     # The markdown shows what varies between jobs; overrides shared by all go in one line above it.
     metric_cols = {"job", "status", *SUMMARY_METRICS}
     shared = {c: rows[0].get(c) for c in columns if c not in metric_cols and len({str(r.get(c)) for r in rows}) == 1}

@@ -49,12 +49,9 @@ def read_metrics_csv(fpath: str | Path) -> tuple[list[str], list[dict[str, str]]
         text = text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(text))
     columns = list(reader.fieldnames or [])
-    rows, bad = [], 0
-    for row in reader:
-        if None in row or _int_step(row.get("step")) is None:
-            bad += 1
-            continue
-        rows.append(row)
+    read = list(reader)
+    rows = [row for row in read if None not in row and _int_step(row.get("step")) is not None]
+    bad = len(read) - len(rows)
     if bad:
         log.warning("%s: dropped %d malformed row(s) (a killed run's partial write?)", fpath, bad)
     return columns, rows
@@ -113,9 +110,8 @@ class ResumableCSVLogger(CSVLogger):
         if self.history_fpath is not None and not self.history_fpath.is_file():
             log.warning("resume: no CSV history at %s; metrics.csv starts at step %d", self.history_fpath, before_step)
         kept = [r for r in rows if _int_step(r["step"]) < before_step]
-        for row in writer.metrics:  # anything logged before the restore (normally nothing)
-            columns += [k for k in row if k not in columns]
-        columns = sorted(set(columns))  # Lightning keeps its header sorted
+        # with anything logged before the restore (normally nothing); Lightning keeps its header sorted
+        columns = sorted({*columns, *(k for row in writer.metrics for k in row)})
         if kept or columns:
             write_metrics_csv(metrics_fpath, columns, kept)
         else:
@@ -201,8 +197,7 @@ def wandb_run_files(wandb_dpath: str | Path, run_id: str, superseded: bool = Tru
     """This run id's transaction logs under ``<run dir>/wandb``, oldest first (folder names start with the time)."""
     wandb_dpath = Path(wandb_dpath)
     suffixes = (".wandb", ".wandb.superseded") if superseded else (".wandb",)
-    patterns = [f"*-{run_id}/run-{run_id}{suffix}" for suffix in suffixes]
-    files = [p for pattern in patterns for p in wandb_dpath.glob(pattern)]
+    files = [p for suffix in suffixes for p in wandb_dpath.glob(f"*-{run_id}/run-{run_id}{suffix}")]
     return sorted(files, key=lambda p: p.parent.name.split("-", 1)[-1])
 
 
