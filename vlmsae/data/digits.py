@@ -37,11 +37,8 @@ def split_indices(digit_N: np.ndarray, seed: int = SPLIT_SEED) -> dict[str, np.n
     """``{"train": idx, "heldout": idx}``: per class, :data:`HELDOUT_PER_CLASS` images of a seeded permutation
     are held out; both index lists sorted."""
     rng = np.random.default_rng(seed)
-    heldout = []
-    for digit in range(len(CLASS_NAMES)):
-        members = np.flatnonzero(digit_N == digit)
-        heldout.append(rng.permutation(members)[:HELDOUT_PER_CLASS])
-    held = np.sort(np.concatenate(heldout))
+    per_class = [rng.permutation(np.flatnonzero(digit_N == d))[:HELDOUT_PER_CLASS] for d in range(len(CLASS_NAMES))]
+    held = np.sort(np.concatenate(per_class))
     train = np.setdiff1d(np.arange(len(digit_N)), held)
     return {"train": train, "heldout": held}
 

@@ -188,19 +188,17 @@ def list_folder(root: str | Path) -> ImageList:
     if not root.is_dir():
         raise FileNotFoundError(f"data.root={root} is not a folder (data=folder needs an image folder).")
     class_dpaths = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    items: list[tuple[str, str, int]] = []
-    classes: list[str] = []
     ignored: dict[str, int] = {}
-    if class_dpaths:
-        classes = [p.name for p in class_dpaths]
-        for label, dpath in enumerate(class_dpaths):
-            for fpath in _split_files([p for p in dpath.rglob("*") if p.is_file()], ignored):
-                items.append((fpath.relative_to(root).as_posix(), str(fpath), label))
+    items = [
+        (fpath.relative_to(root).as_posix(), str(fpath), label)
+        for label, dpath in enumerate(class_dpaths)
+        for fpath in _split_files([p for p in dpath.rglob("*") if p.is_file()], ignored)
+    ]
     flat = _split_files([p for p in root.iterdir() if p.is_file()], ignored)
     items = [(p.name, str(p), -1) for p in flat] + items
     if not items:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under data.root={root}.")
-    return ImageList(items, classes, ignored)
+    return ImageList(items, [p.name for p in class_dpaths], ignored)
 
 
 def list_file(list_fpath: str | Path) -> ImageList:

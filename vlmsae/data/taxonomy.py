@@ -170,10 +170,8 @@ def load_inat_dirnames(source: str | Path | Iterable[str]) -> Taxonomy:
         root = Path(source)
         if not root.is_dir():
             raise TaxonomyError(f"taxonomy=inat_dirnames: {root} is not a directory (expected the iNat 2021 root).")
-        names = []
-        for dpath in [root] + [root / s for s in ("train", "val", "train_mini", "public_test")]:
-            if dpath.is_dir():
-                names += [p.name for p in dpath.iterdir() if p.is_dir()]
+        dpaths = [root] + [root / s for s in ("train", "val", "train_mini", "public_test")]
+        names = [p.name for dpath in dpaths if dpath.is_dir() for p in dpath.iterdir() if p.is_dir()]
         label = str(root)
     else:
         names, label = list(source), "iNat directory names"
