@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vlmsae.data.remote import is_remote, join_url, missing_files, read_bytes
+from vlmsae.data.remote import is_remote, join_url, missing_files, open_stream
 from vlmsae.data.shards import ShardWriter, list_shards
 from vlmsae.formats import MANIFEST_JSON, StoreManifest, manifest_from_json, read_manifest
 
@@ -73,7 +73,8 @@ def open_remote_store(url: str) -> tuple[str, StoreManifest, list[str]]:
     url = url if url.startswith("pipe:") else url.rstrip("/")
     manifest_url = join_url(url, MANIFEST_JSON)
     try:
-        text = read_bytes(manifest_url, f"manifest of the activation store data.acts={url}")
+        with open_stream(manifest_url, f"manifest of the activation store data.acts={url}") as stream:
+            text = stream.read()
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{err}: {url} is not a finished activation store (extraction writes {MANIFEST_JSON} last, so an "

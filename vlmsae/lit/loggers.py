@@ -237,13 +237,6 @@ def replay_wandb_history(run, rows: list[dict[str, Any]]) -> int:
     return n
 
 
-def supersede(files: list[Path]) -> None:
-    """Rename transaction logs to ``*.wandb.superseded`` so that ``wandb sync`` skips them."""
-    for fpath in files:
-        if fpath.suffix == ".wandb":
-            os.replace(fpath, fpath.with_name(fpath.name + ".superseded"))
-
-
 # ------------------------------------------------------------------------------ the callback
 class RestoreLogHistory(L.Callback):
     """On resume, rebuild the logger history up to the checkpoint's step before training continues.
@@ -294,7 +287,9 @@ class RestoreLogHistory(L.Callback):
         files = [p for p in wandb_run_files(self.history_dpath / "wandb", self.wandb_id) if p.parent != own_dpath]
         csv_rows = read_metrics_csv(csv_logger.experiment.metrics_file_path)[1] if csv_logger is not None else None
         n = replay_wandb_history(run, resumed_wandb_rows(files, csv_rows, self._step))
-        supersede(files)
+        for fpath in files:  # renamed *.wandb.superseded: wandb sync skips them
+            if fpath.suffix == ".wandb":
+                os.replace(fpath, fpath.with_name(fpath.name + ".superseded"))
         log.info(
             "resume: replayed %d history rows (steps < %d) into the offline W&B run %s; superseded %s",
             n,
