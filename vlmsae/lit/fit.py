@@ -394,10 +394,9 @@ def fit_sae(
     from lightning.pytorch.utilities import rank_zero_only
     from tqdm import tqdm
 
-    # Manual optimisation checkpoints hold the state after the step: exactly what resume needs.
-    warnings.filterwarnings("ignore", message=".*pre-optimization state.*")
-    warnings.filterwarnings("ignore", message=".*litlogger.*")
-    warnings.filterwarnings("ignore", message=".*dirpath has changed from.*")  # resume writes to the new run dir
+    # Manual optimisation checkpoints hold the state after the step (exactly what resume needs); resume writes
+    # to the new run dir.
+    warnings.filterwarnings("ignore", message=".*(pre-optimization state|litlogger|dirpath has changed from).*")
     t, config, resume_ckpt = plan.trainer, plan.config, plan.resume_ckpt
     single = grid is None
     if single:  # a grid of one, in the run dir itself
