@@ -44,7 +44,6 @@ class StreamConfig:
     shuffle_buffer: int = 16384  # rows per shuffle window; memory = shuffle_buffer * d * 2 bytes per worker
     num_workers: int = 2  # DataLoader workers per rank (each reads its own shards)
     val_fraction: float = 0.01  # share of shards (or of images) held out for validation
-    val_batches: int = 20  # validation batches per check (per rank)
     seed: int = 0  # with the epoch, fixes the shard and row order
 
 
@@ -152,10 +151,8 @@ def build_chunk_index(
     were recorded) or with a held-out period (which needs each row's image), a shard that is not a local
     file cannot be seeked: it is read once to count.
     """
-    index: dict[str, list[tuple[int, int, int]]] = {}
-    remote = [f for f in shard_fpaths if is_remote(f)]
     if (
-        remote
+        any(is_remote(f) for f in shard_fpaths)
         and holdout_period is None
         and manifest is not None
         and manifest.shard_rows is not None
@@ -169,6 +166,7 @@ def build_chunk_index(
 
     # headers only, but a store of thousands of shards takes a while: a bar (hidden for small stores)
     bar = tqdm(shard_fpaths, desc="index store shards", unit="shard", leave=False, disable=len(shard_fpaths) < 64)
+    index: dict[str, list[tuple[int, int, int]]] = {}
     for fpath in bar:
         if not is_remote(fpath) and Path(fpath).is_file():
             index[fpath] = chunk_row_counts(fpath, d=d, holdout_period=holdout_period)

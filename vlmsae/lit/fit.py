@@ -159,14 +159,13 @@ def resolve_train_input(
     )
 
 
-def build_datamodule(rows: TrainInput, data: DataSchema, model: ModelSpec, val_batches: int, seed: int):
+def build_datamodule(rows: TrainInput, data: DataSchema, model: ModelSpec, seed: int):
     """The Lightning datamodule: rows streamed from the store, or computed from images on the fly."""
     stream = StreamConfig(
         batch_size=int(data.batch_size),
         shuffle_buffer=int(data.shuffle_buffer),
         num_workers=int(data.num_workers),
         val_fraction=float(data.val_fraction),
-        val_batches=int(val_batches),
         seed=int(seed) + int(data.shuffle_seed),
     )
     if rows.data_source == "acts":
@@ -409,7 +408,7 @@ def fit_sae(
         write_run_info(out_dpath, config, status="running", resumed_from=resumed_from, **run_extra)
 
     L.seed_everything(plan.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(plan.rows, plan.data, plan.model, t.limit_val_batches, plan.seed)
+    datamodule = build_datamodule(plan.rows, plan.data, plan.model, plan.seed)
     module = SAELitModule(
         [g.sae_config for g in grid],
         [g.lr for g in grid],
