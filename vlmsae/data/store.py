@@ -108,11 +108,9 @@ def check_store_width(store: str | Path | StoreManifest, d_expected: int, acts_d
 
     ``store``: a store folder or its manifest (then pass ``acts_dpath`` for the message).
     """
-    if isinstance(store, StoreManifest):
-        manifest, where = store, str(acts_dpath or "the activation store")
-    else:
-        where = str(store)
-        manifest = read_manifest(store)
+    given = isinstance(store, StoreManifest)
+    manifest = store if given else read_manifest(store)
+    where = str(acts_dpath or "the activation store") if given else str(store)
     d = int(manifest.d)
     if d != int(d_expected):
         raise ValueError(

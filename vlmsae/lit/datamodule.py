@@ -243,13 +243,12 @@ class ActsDataModule(_RowsDataModule):
 
     # ------------------------------------------------------- resume: the stream's position
     def _store_id(self) -> dict:
-        m = self.manifest
         return {
             "n_rows": self.n_rows,
             "n_shards": len(self.shard_fpaths),
             "d": self.d,
-            "image_list_digest": m.image_list_digest,
-            "seed": m.seed,
+            "image_list_digest": self.manifest.image_list_digest,
+            "seed": self.manifest.seed,
         }
 
     def _layout(self, workers: int | None) -> dict:

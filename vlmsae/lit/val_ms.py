@@ -129,6 +129,5 @@ def val_ms_callbacks(val_ms: Any, model_spec, rows, many: bool = False, batch_si
         return []
     if many:
         raise ValueError("val_ms.images is set with sae_grid: MS while training scores one SAE; drop one of the two.")
-    layer, tokens = rows.layer, rows.tokens
     images = val_ms_images(val_ms.images, val_ms.max_images, batch_size)
-    return [ValMS(model_spec, layer, tokens, images, val_ms_embedder(val_ms.embedder), val_ms.every_n_steps)]
+    return [ValMS(model_spec, rows.layer, rows.tokens, images, val_ms_embedder(val_ms.embedder), val_ms.every_n_steps)]
