@@ -388,7 +388,9 @@ def _tiny_sae_run(fixture_root: Path, compose_cfg, tokens: str) -> tuple[dict, P
     model_cfg = OmegaConf.to_container(compose_cfg("extract", ["model=tiny"]).model, resolve=True)
     model_cfg.pop("defaults", None)
     sae = build_sae(SAEConfig(arch="topk", d_in=model_cfg["width"], n_latents=len(LATENTS), k=3), seed=0)
-    sae_dpath = save_sae(sae, fixture_root / f"sae_{tokens}", source={"model": "tiny", "layer": 1, "tokens": tokens})
+    sae_dpath = save_sae(
+        sae, fixture_root / f"sae_{tokens}", trained_on={"model": "tiny", "layer": 1, "tokens": tokens}
+    )
     (fixture_root / "ms" / "run_info.json").write_text(
         json.dumps({"config": {"sae_path": str(sae_dpath), "model": model_cfg, "layer": None}})
     )
