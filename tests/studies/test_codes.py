@@ -139,7 +139,8 @@ def test_unknown_tokens_default_to_cls_with_a_note(caplog):
             64,
             {"model": "tiny", "layer": 7, "tokens": "cls"},
             [],
-            r"Layer 7 is out of range for tiny, which has 4 blocks.*came from the SAE's trained_on\.layer; pass layer=<L>",
+            r"Layer 7 is out of range for tiny, which has 4 blocks.*came from the SAE's trained_on\.layer; "
+            r"pass layer=<L>",
         ),
         (
             64,
