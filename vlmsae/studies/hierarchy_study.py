@@ -161,7 +161,7 @@ class HierarchyStudy:
 
     summary: HierarchySummary
     latent_rows: list[dict]  # latent_taxa.csv rows (latent_taxa_rows)
-    taxonomy_source: str  # where the taxonomy came from (Taxonomy.source)
+    taxonomy_origin: str  # where the taxonomy came from (Taxonomy.origin)
 
 
 def score_hierarchy(
@@ -199,12 +199,12 @@ def score_hierarchy(
         n_images=len(top.keys),
         n_top=n_top,
         ranks=list(taxonomy.ranks),
-        taxonomy=taxonomy.source,
+        taxonomy=taxonomy.origin,
         sae_path=str(sae_path),
         ms_run=None if ms_run is None else str(ms_run),
         paper_table2=PAPER_TABLE2,
     )
-    return HierarchyStudy(summary=summary, latent_rows=rows, taxonomy_source=taxonomy.source)
+    return HierarchyStudy(summary=summary, latent_rows=rows, taxonomy_origin=taxonomy.origin)
 
 
 def latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, ranks, min_majority: float) -> list[dict]:
