@@ -135,7 +135,7 @@ def encode_paths(paths: Sequence[Sequence[str]], n_ranks: int) -> tuple[torch.Te
     # Images share few distinct paths (2.7M iNat images, 10k species): encode each distinct path once.
     unique: dict[tuple[str, ...], int] = {}
     inverse_N = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in paths], dtype=torch.long)
-    codes_UR = torch.zeros(len(unique), n_ranks, dtype=torch.long)
+    codes_UO = torch.zeros(len(unique), n_ranks, dtype=torch.long)
     ids: list[dict[tuple[str, ...], int]] = [{} for _ in range(n_ranks)]
     names: list[list[str]] = [[""] for _ in range(n_ranks)]
     for u, path in enumerate(unique):
@@ -145,9 +145,9 @@ def encode_paths(paths: Sequence[Sequence[str]], n_ranks: int) -> tuple[torch.Te
             if code is None:
                 code = ids[r][prefix] = len(names[r])
                 names[r].append(path[r])
-            codes_UR[u, r] = code
-    codes_NR = codes_UR[inverse_N] if len(paths) else codes_UR
-    return codes_NR, names
+            codes_UO[u, r] = code
+    codes_NO = codes_UO[inverse_N] if len(paths) else codes_UO
+    return codes_NO, names
 
 
 # ----------------------------------------------------------------------------------------------

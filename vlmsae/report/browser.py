@@ -11,7 +11,7 @@ files of ``chunk_size`` cards that the page loads as they scroll into view (a ``
 sibling scripts, not fetch them), and only the cards near the viewport are in the DOM. Names come from
 ``latents.csv``'s optional ``name`` / ``names`` columns.
 
-Patch heatmaps come from an optional ``patch_acts`` [K, T, P] tensor in ``top.safetensors`` (P a square
+Patch heatmaps come from an optional ``patch_acts`` [K, X, P] tensor in ``top.safetensors`` (P a square
 grid) when a writer recorded it; otherwise they are recomputed from the MS run's ``run_info.json``
 (``sae_path``, ``sae_format``, model; the SAE's ``trained_on`` as the run recorded it) when the SAE's
 ``trained_on.tokens`` is patches | all | random_k. Latent ids mean something within one SAE only, so a
@@ -318,13 +318,13 @@ def read_taxa_csv(fpath: Path) -> dict[int, dict[str, Any]]:
 class TopIndex:
     """The top-activating images index of a monosemanticity run (``top_images/``)."""
 
-    image_idx_KT: Any  # int64 tensor [K, T], -1 = none
-    acts_KT: Any  # float32 tensor [K, T]
+    image_idx_KX: Any  # int64 tensor [K, X], -1 = none
+    acts_KX: Any  # float32 tensor [K, X]
     keys: list[str]
     paths: list[str] | None
     labels: list[Any] | None
     row_latents: list[int]  # latent id of each row (row k = latent k unless the index says otherwise)
-    patch_acts_KTP: Any = None  # optional float tensor [K, T, P]: per-patch activations, if recorded
+    patch_acts_KXP: Any = None  # optional float tensor [K, X, P]: per-patch activations, if recorded
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -341,15 +341,15 @@ def read_top_index(dpath: Path) -> TopIndex:
         row_latents = [int(x) for x in top.meta["latents"]]
     else:
         row_latents = list(range(top.n_latents))
-    patch = next((top.extra[k] for k in ("patch_acts", "patch_acts_KTP") if k in top.extra), None)
+    patch = next((top.extra[k] for k in ("patch_acts", "patch_acts_KXP") if k in top.extra), None)
     return TopIndex(
-        image_idx_KT=top.image_idx,
-        acts_KT=top.acts,
+        image_idx_KX=top.image_idx,
+        acts_KX=top.acts,
         keys=top.keys,
         paths=top.paths,
         labels=top.labels,
         row_latents=row_latents,
-        patch_acts_KTP=patch,
+        patch_acts_KXP=patch,
         meta=top.meta,
     )
 
@@ -507,12 +507,12 @@ def _grid_side(n_patches: int) -> int | None:
 
 def recorded_heatmaps(index: TopIndex, row: int, n_show: int) -> list[list[float] | None] | None:
     """Per-patch activations of one latent's top images if the MS run stored them (``patch_acts``)."""
-    if index.patch_acts_KTP is None:
+    if index.patch_acts_KXP is None:
         return None
-    P = index.patch_acts_KTP.shape[-1]
+    P = index.patch_acts_KXP.shape[-1]
     if _grid_side(P) is None:
         return None
-    return index.patch_acts_KTP[row, :n_show].float().tolist()
+    return index.patch_acts_KXP[row, :n_show].float().tolist()
 
 
 def recompute_heatmaps(
@@ -661,19 +661,19 @@ def build_browser(
                 chosen_set.add(latent)
     row_of_latent = {latent: row for row, latent in enumerate(index.row_latents)}
 
-    # The top images of every card as [C, T] tensors (one gather, not 16 Python lookups per card).
+    # The top images of every card as [cards, X] tensors (one gather, not 16 Python lookups per card).
     import torch
 
-    n_show = min(images_per_card, int(index.image_idx_KT.shape[1])) if index.image_idx_KT.ndim == 2 else 0
+    n_show = min(images_per_card, int(index.image_idx_KX.shape[1])) if index.image_idx_KX.ndim == 2 else 0
     card_rows = [row_of_latent.get(latent) for latent in chosen]
     gather = torch.tensor([r if r is not None else 0 for r in card_rows], dtype=torch.long)
-    card_image_idx_KT = index.image_idx_KT[gather, :n_show].clone()
-    card_image_idx_KT[torch.tensor([r is None for r in card_rows], dtype=torch.bool)] = -1
-    card_acts_KT = index.acts_KT[gather, :n_show].float()
+    card_image_idx_KX = index.image_idx_KX[gather, :n_show].clone()
+    card_image_idx_KX[torch.tensor([r is None for r in card_rows], dtype=torch.bool)] = -1
+    card_acts_KX = index.acts_KX[gather, :n_show].float()
 
     # Thumbnails, one per image: each written once and shared by every card that shows it.
     paths = index.paths or []
-    used = sorted(int(i) for i in torch.unique(card_image_idx_KT[card_image_idx_KT >= 0]).tolist())
+    used = sorted(int(i) for i in torch.unique(card_image_idx_KX[card_image_idx_KX >= 0]).tolist())
     written = write_thumbnails(
         [(i, paths[i]) for i in used if i < len(paths) and paths[i]], img_dpath, thumb_px, workers=workers
     )
@@ -687,14 +687,14 @@ def build_browser(
         return caption_of[image_idx]
 
     cards: list[dict[str, Any]] = []
-    idx_rows, act_rows = card_image_idx_KT.tolist(), card_acts_KT.tolist()
+    idx_rows, act_rows = card_image_idx_KX.tolist(), card_acts_KX.tolist()
     for c, latent in enumerate(chosen):
         r = by_latent[latent]
         tx = taxa.get(latent, {})
         top = []
         for slot, (image_idx, act) in enumerate(zip(idx_rows[c], act_rows[c])):
             if image_idx < 0:
-                continue  # -1 pads latents with fewer than T firing images
+                continue  # -1 pads latents with fewer than X firing images
             top.append(
                 {
                     "slot": slot,
@@ -815,7 +815,7 @@ def _fill_heatmaps(
     """Quantize recorded heatmaps, or recompute them; returns a note for the page header."""
     if mode == "off":
         return "heatmaps off"
-    if index.patch_acts_KTP is None:
+    if index.patch_acts_KXP is None:
         if mode == "recorded":
             return "no per-patch activations recorded by the MS run"
         requests: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
