@@ -320,8 +320,8 @@ def label_namer(emb_NE: torch.Tensor, labels_N: Sequence[int], classes: Sequence
             "names=labels needs labelled images (class sub-folders, or labels in a list file / WebDataset), and "
             "these have none: use a labelled image set or a vocabulary (names=imagenet, names=<file>)."
         )
-    means_CE = torch.stack([unit(unit_NE[labels == c].mean(0)) for c in present])
-    return LatentNamer([classes[c] for c in present], means_CE, top, LABELS)
+    means_YE = torch.stack([unit(unit_NE[labels == c].mean(0)) for c in present])
+    return LatentNamer([classes[c] for c in present], means_YE, top, LABELS)
 
 
 def build_namer(
