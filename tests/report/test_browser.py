@@ -481,3 +481,14 @@ def test_find_runs_takes_the_runs_of_the_same_sae_from_sibling_folders(tmp_path,
     # explicit runs win, and say so
     explicit = find_runs(ms, hierarchy_run=runs["t3"], steer_runs=[str(runs["t5"])])
     assert explicit.hierarchy_dpath == runs["t3"] and "hierarchy_run=" in "\n".join(explicit.found)
+
+
+def test_a_run_from_before_the_trained_on_rename_still_says_what_its_sae_reads():
+    """MS runs recorded the SAE's training record as ``sae_source`` before ``sae_trained_on``."""
+    from vlmsae.report.browser import run_sae_trained_on
+
+    record = {"model": "tiny", "layer": 1, "tokens": "patches"}
+    assert (
+        run_sae_trained_on({}, {"sae_source": record}) == record == run_sae_trained_on({}, {"sae_trained_on": record})
+    )
+    assert run_sae_trained_on({}, {}) == {}

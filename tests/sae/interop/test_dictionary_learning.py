@@ -345,3 +345,15 @@ def test_training_backup_is_refused_with_the_fix(tmp_path):
     torch.save(backup, dpath / "ae.pt")
     with pytest.raises(ValueError, match=r"mid-training backup.*checkpoints/ae_<step>.pt"):
         load(dpath)
+
+
+def test_an_export_from_before_the_trained_on_rename_keeps_its_exact_record(tmp_path):
+    """vlmsae's own export wrote the training record under ``vlmsae.source`` before it was ``trained_on``."""
+    sae = build_sae(SAEConfig(arch="topk", d_in=8, n_latents=16, k=2), seed=0)
+    sae.trained_on = {"model": "clip_l14_336", "pretrained": "openai", "layer": 22, "tokens": "random_k", "tokens_k": 3}
+    out = dl.save(sae, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    config["vlmsae"]["source"] = config["vlmsae"].pop("trained_on")
+    (out / "config.json").write_text(json.dumps(config))
+    back = load(out).trained_on
+    assert {k: back[k] for k in ("model", "pretrained", "layer", "tokens", "tokens_k")} == sae.trained_on

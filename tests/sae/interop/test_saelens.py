@@ -386,3 +386,15 @@ def test_export_is_what_saelens_loads_and_reimports_exactly(tmp_path, case):
         torch.testing.assert_close(back(x), sae(x), atol=ATOL, rtol=ATOL)
     assert {k: back.trained_on[k] for k in ("model", "pretrained", "layer", "tokens")} == sae.trained_on
     assert back.trained_on["format"] == "saelens"
+
+
+def test_an_export_from_before_the_trained_on_rename_keeps_its_exact_record(tmp_path):
+    """vlmsae's own export wrote the training record as ``metadata.vlmsae_source`` before ``vlmsae_trained_on``."""
+    sae = _vlmsae_sae("topk", None)
+    sae.trained_on = {**sae.trained_on, "tokens": "patches"}  # only the exact record knows the tokens
+    dpath = saelens.save(sae, tmp_path / "old")
+    cfg = json.loads((dpath / "cfg.json").read_text())
+    cfg["metadata"]["vlmsae_source"] = cfg["metadata"].pop("vlmsae_trained_on")
+    (dpath / "cfg.json").write_text(json.dumps(cfg))
+    back = saelens.load(dpath).trained_on
+    assert {k: back[k] for k in ("model", "pretrained", "layer", "tokens")} == sae.trained_on
