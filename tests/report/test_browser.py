@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from vlmsae.formats import read_latents_csv
-from vlmsae.report.browser import build_browser, find_runs, json_for_script
+from vlmsae.report.browser import build_browser, find_runs, json_for_script, run_sae_trained_on
 from vlmsae.report.cdp import Chrome
 
 EVIL = "<script>alert(1)</script>"
@@ -485,8 +485,6 @@ def test_find_runs_takes_the_runs_of_the_same_sae_from_sibling_folders(tmp_path,
 
 def test_a_run_from_before_the_trained_on_rename_still_says_what_its_sae_reads():
     """MS runs recorded the SAE's training record as ``sae_source`` before ``sae_trained_on``."""
-    from vlmsae.report.browser import run_sae_trained_on
-
     record = {"model": "tiny", "layer": 1, "tokens": "patches"}
     assert (
         run_sae_trained_on({}, {"sae_source": record}) == record == run_sae_trained_on({}, {"sae_trained_on": record})
