@@ -529,11 +529,11 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
     summary = results.get("", results)  # one SAE: its metrics
     if not trainer.is_global_zero:
         return summary
-    source = training_source(plan, step)
+    trained_on = trained_on_record(plan, step)
     for g, sae, record in zip(grid, module.saes, module.val_metrics):
         sae_dpath, metrics = out_dpath / g.name, results[g.name]
         sae.cpu()
-        save_sae(sae, sae_dpath / "sae", source=source)
+        save_sae(sae, sae_dpath / "sae", trained_on=trained_on)
         atomic_write_json(sae_dpath / "metrics.json", metrics)
         atomic_write_json(sae_dpath / "latent_density.json", record.get("density_hist", {}))
         write_run_info(sae_dpath / "sae", plan.config, metrics=metrics, sae_config=g.sae_config.to_dict(), lr=g.lr)
@@ -641,8 +641,8 @@ def adam_steps(optimizer) -> int:
     return max(steps) if steps else 0
 
 
-def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
-    """What an SAE trained by ``plan`` read, for its checkpoint's ``source``: model, tap, data and how much."""
+def trained_on_record(plan: FitPlan, step: int) -> dict[str, Any]:
+    """What an SAE trained by ``plan`` read, for its checkpoint's ``trained_on``: model, tap, data and how much."""
     src = plan.rows
     return {
         "model": src.model,
