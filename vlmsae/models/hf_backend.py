@@ -27,14 +27,6 @@ from vlmsae.models.tap import Tap, resolve_device, torch_dtype
 from vlmsae.models.tiny import build_tiny_hf_clip, tiny_model_dpath
 
 
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
-    """``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
 class HFVisionTap(Tap):
     """A transformers CLIP-style vision tower: ``embeddings``, ``pre_layrnorm``, ``encoder.layers``."""
 
@@ -131,7 +123,8 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
         source, local_only = _hf_source(spec)
     kwargs = {"cache_dir": spec.cache_dir, "local_files_only": local_only}
     try:
-        model = CLIPVisionModelWithProjection.from_pretrained(source, **_dtype_kwarg(torch_dtype(spec.dtype)), **kwargs)
+        dtype = llava.dtype_kwarg(torch_dtype(spec.dtype))
+        model = CLIPVisionModelWithProjection.from_pretrained(source, **dtype, **kwargs)
         processor = CLIPImageProcessor.from_pretrained(source, **kwargs)
     except OSError as err:
         offline = None if spec.tiny or spec.local_path else hub_unreachable()
