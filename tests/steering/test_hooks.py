@@ -341,7 +341,8 @@ def build_llava_with_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
 
-    from vlmsae.models.llava import LLAVA_CHAT_TEMPLATE, _is_complete, _llava_config, _save_llava, _tiny_vision_parts
+    from vlmsae.models.llava import LLAVA_CHAT_TEMPLATE, _is_complete, _llava_config, _save_llava
+    from vlmsae.models.tiny import tiny_hf_vision_parts
 
     dpath = Path(dpath)
     if _is_complete(dpath):
@@ -355,7 +356,9 @@ def build_llava_with_lm(
         tokenizer.pad_token = tokenizer.eos_token
     lm.resize_token_embeddings(len(tokenizer))
     template = getattr(tokenizer, "chat_template", None) or ""
-    vision_config, image_processor = _tiny_vision_parts(image_size, patch_size, vision_width, vision_layers)
+    vision_config, image_processor = tiny_hf_vision_parts(
+        image_size, patch_size, vision_width, vision_layers, heads=4, projection_dim=vision_width
+    )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

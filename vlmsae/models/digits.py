@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +33,12 @@ from torch import nn
 
 from vlmsae.data.digits import CLASS_NAMES, digit_image, ensure_digits, load_digit_arrays, split_indices
 from vlmsae.models.tiny import (
-    CLIP_MEAN,
-    CLIP_STD,
-    OPEN_CLIP_CONFIG,
     OPEN_CLIP_WEIGHTS,
+    build_folder,
+    clip_preprocess_cfg,
     tiny_open_clip_cfg,
+    write_open_clip_folder,
 )
-from vlmsae.utils.io import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +116,7 @@ def _ensure(dpath: Path, weights_name: str, seed: int, recipe: Recipe, build: An
     if dpath.exists():
         log.warning("Cached network %s is not trusted (%s): deleting it and training it again.", dpath, problem)
         shutil.rmtree(dpath, ignore_errors=True)
-    dpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    return publish_dir(tmp, dpath)
+    return build_folder(dpath, build)
 
 
 def _write_meta(tmp: Path, weights_name: str, seed: int, **fields: Any) -> None:
@@ -186,21 +179,11 @@ def digits_vit_cfg() -> dict[str, Any]:
     )
 
 
-def vit_preprocess_cfg() -> dict[str, Any]:
-    return {
-        "size": VIT_IMAGE_PX,
-        "mean": CLIP_MEAN,
-        "std": CLIP_STD,
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
-
-
 def _vit_transform() -> Any:
-    """The eval transform open_clip builds from :func:`vit_preprocess_cfg` (what the tap's preprocess is)."""
+    """The eval transform open_clip builds from the ViT's ``preprocess_cfg`` (what the tap's preprocess is)."""
     import open_clip
 
-    cfg = vit_preprocess_cfg()
+    cfg = clip_preprocess_cfg(VIT_IMAGE_PX)
     return open_clip.image_transform(
         cfg["size"],
         is_train=False,
@@ -215,7 +198,6 @@ def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> N
     """Train the ViT into ``dpath`` (an empty folder): open_clip config, safetensors weights, ``trained.json``.
     ``random_init``: save the seeded initial weights untrained (the control of the paper's claims)."""
     import open_clip
-    from safetensors.torch import save_file
 
     data = _split_arrays()
     transform = _vit_transform()
@@ -230,14 +212,9 @@ def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> N
     acc = {s: _accuracy(visual, x[s], y[s]) for s in x}
     if not random_init:
         _check_accuracy("The digits ViT", acc["heldout"])
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    config = {
-        "model_cfg": model_cfg,
-        "preprocess_cfg": vit_preprocess_cfg(),
-        "vlmsae": {"seed": seed, "what": "open_clip ViT trained on the sklearn digits (vlmsae.models.digits)"},
-    }
-    (dpath / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
-    save_file(state, str(dpath / OPEN_CLIP_WEIGHTS))
+    write_open_clip_folder(
+        dpath, model, model_cfg, seed, "open_clip ViT trained on the sklearn digits (vlmsae.models.digits)"
+    )
     _write_meta(
         dpath,
         OPEN_CLIP_WEIGHTS,

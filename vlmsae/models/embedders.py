@@ -87,11 +87,7 @@ class OpenClipEmbedder(Embedder):
         if spec.tiny:
             from vlmsae.models.tiny import build_tiny_open_clip, tiny_model_dpath
 
-            dpath = (
-                Path(spec.local_path).expanduser()
-                if spec.local_path
-                else tiny_model_dpath(f"embedder_{spec.name}", spec.seed)
-            )
+            dpath = tiny_model_dpath(f"embedder_{spec.name}", spec.seed, spec.local_path)
             local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
         # The same resolution as the taps': a checkpoint file gets its registered tag's preprocessing/activation.
         weights = resolve_open_clip_weights(
@@ -193,11 +189,7 @@ class DigitsCNNEmbedder(Embedder):
                 f"{TRAINED_VERSION!r}: set embedder.pretrained={TRAINED_VERSION} (it keys the embedding cache)."
             )
         self.spec = spec
-        dpath = (
-            Path(spec.local_path).expanduser()
-            if spec.local_path
-            else tiny_model_dpath(f"embedder_{spec.name}", spec.seed)
-        )
+        dpath = tiny_model_dpath(f"embedder_{spec.name}", spec.seed, spec.local_path)
         self.device = resolve_device(spec.device)
         self.model = load_digits_cnn(dpath, seed=spec.seed).to(self.device)
         self.dim = self.model.embed_dim

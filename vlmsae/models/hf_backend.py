@@ -108,9 +108,8 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
-        build_tiny_hf_clip(
-            dpath,
+        dpath = build_tiny_hf_clip(
+            tiny_model_dpath(spec.name, spec.seed, spec.local_path),
             seed=spec.seed,
             image_size=spec.image_size,
             width=spec.width,
@@ -143,9 +142,7 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
 def load_hf_llava_tap(spec: ModelSpec) -> HFVisionTap:
     """The CLIP vision tower of a ``LlavaForConditionalGeneration`` (real or tiny), via ``vlmsae.models.llava``."""
     if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
-        llava.build_tiny_llava(dpath, seed=spec.seed)
-        source: str = str(dpath)
+        source = str(llava.build_tiny_llava(tiny_model_dpath(spec.name, spec.seed, spec.local_path), seed=spec.seed))
     else:
         source = spec.local_path or spec.pretrained or llava.LLAVA_15_7B
     # Only the vision tower's tensors are read (not the 7B language model); block taps need no projector.

@@ -13,7 +13,6 @@ small word-level vocabulary built locally, so nothing is downloaded.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,7 @@ from torch import nn
 
 from vlmsae.models.hub import offline_reason
 from vlmsae.models.tap import resolve_device, torch_dtype
-from vlmsae.models.tiny import tiny_model_dpath
-from vlmsae.utils.io import publish_dir
+from vlmsae.models.tiny import build_folder, tiny_hf_vision_parts, tiny_model_dpath
 
 LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
 
@@ -249,40 +247,11 @@ def _is_complete(dpath: Path) -> bool:
     return (dpath / "config.json").exists() and (dpath / "tokenizer.json").exists() and any(dpath.glob("*.safetensors"))
 
 
-def _tiny_vision_parts(image_size: int, patch_size: int, vision_width: int, vision_layers: int):
-    """A tiny CLIP vision config and its image processor (CLIP normalisation, as LLaVA-1.5)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig
-
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        do_center_crop=True,
-        do_convert_rgb=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    vision_config = CLIPVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=vision_width * 4,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_width,
-        hidden_act="quick_gelu",  # as OpenAI CLIP
-    )
-    return vision_config, image_processor
-
-
 def _save_llava(model, processor, dpath: Path, max_shard_size: str | int | None = None) -> Path:
-    """``save_pretrained`` both into a sibling temp folder, then rename: a crash never leaves a
-    half-built folder that the idempotence check would take for complete. ``max_shard_size`` (e.g.
-    ``"100KB"``) writes shards + ``model.safetensors.index.json``, the layout of the Hub's 7B checkpoint."""
-    dpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp_dpath, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
-    processor.save_pretrained(tmp_dpath)
-    return publish_dir(tmp_dpath, dpath)
+    """``save_pretrained`` both into one folder (:func:`~vlmsae.models.tiny.build_folder`). ``max_shard_size``
+    (e.g. ``"100KB"``) writes shards + ``model.safetensors.index.json``, the layout of the Hub's 7B checkpoint."""
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    return build_folder(dpath, lambda tmp: (model.save_pretrained(tmp, **shards), processor.save_pretrained(tmp)))
 
 
 def _llava_config(vision_config, text_config, tokenizer, image_size: int, patch_size: int, vision_feature_layer: int):
@@ -325,7 +294,9 @@ def build_tiny_llava(
     if _is_complete(dpath):
         return dpath
     tokenizer = build_tiny_tokenizer()
-    vision_config, image_processor = _tiny_vision_parts(image_size, patch_size, vision_width, vision_layers)
+    vision_config, image_processor = tiny_hf_vision_parts(
+        image_size, patch_size, vision_width, vision_layers, heads=4, projection_dim=vision_width
+    )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

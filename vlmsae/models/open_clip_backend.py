@@ -346,7 +346,7 @@ def spec_weights(spec: ModelSpec) -> OpenClipWeights:
     """:func:`resolve_open_clip_weights` for a model spec (``tiny: true`` first builds the tiny folder)."""
     local_path = spec.local_path
     if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
+        dpath = tiny_model_dpath(spec.name, spec.seed, spec.local_path)
         if spec.arch in DIGITS_VIT_ARCHS:  # trained on the real digits (checked, retrained when not trusted)
             local_path = str(ensure_digits_vit(dpath, seed=spec.seed, random_init=spec.arch == DIGITS_VIT_RANDOM_ARCH))
         else:
