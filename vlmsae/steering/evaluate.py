@@ -236,17 +236,6 @@ def steered_answers(
     return answers
 
 
-def plain_answers(setup: SteeringSetup, images: Sequence[Any], request: ScoreRequest) -> list[str]:
-    """One answer per image, not steered, ``request.batch_size`` images per generate call."""
-    from tqdm import tqdm
-
-    r, bs, answers = request, request.batch_size, []
-    for s in tqdm(range(0, len(images), bs), desc="not steered"):
-        batch = list(images[s : s + bs])
-        answers += generate_answers(setup.model, setup.processor, batch, r.prompt, r.max_new_tokens, len(batch))
-    return answers
-
-
 def score_steering(
     setup: SteeringSetup, embedder: Any, top: Any, images: Sequence[Any], image_names: list[str], request: ScoreRequest
 ) -> SteeringScores:
@@ -260,7 +249,9 @@ def score_steering(
     # Concepts: mean image embedding of each latent's top images, decoded latent by latent.
     concepts_LE, top_paths, top_labels = latent_concepts(top, r.latents, r.top_n, embedder.embed)
     # Answers, not steered (once per image) and steered (once per latent x image).
-    plain = plain_answers(setup, images, r)
+    plain = generate_answers(
+        setup.model, setup.processor, images, r.prompt, r.max_new_tokens, r.batch_size, True, "not steered"
+    )
     pairs = [(li, ii) for li in range(len(r.latents)) for ii in range(len(images))]
     steered = steered_answers(setup, images, pairs, r, r.mode)
     steered_words = [first_word(a) for a in steered]

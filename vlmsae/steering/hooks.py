@@ -21,7 +21,7 @@ Modes (per token t of the tapped layer, ``h`` = block output, ``f = encode(h)``)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,6 +218,23 @@ def steer_block(model: nn.Module, sae: nn.Module, layer: int | None = None) -> i
 
 
 @contextlib.contextmanager
+def block_output(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, vision block ``layer`` outputs ``fn(h_BTD)``; ``prepend=True`` so LLaVA's
+    hidden-state recorder (and so the projector) sees the new output (see the module docstring)."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        h_BTD = output[0] if isinstance(output, tuple) else output
+        new_BTD = fn(h_BTD).to(h_BTD.device, h_BTD.dtype)
+        return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
+
+    handle = vision_blocks(model)[layer].register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def steer(
     model: nn.Module,
     sae: nn.Module,
@@ -242,26 +259,19 @@ def steer(
     if not latents:
         raise ValueError("No latents to steer: pass {latent index: alpha, ...}.")
     layer = steer_block(model, sae, layer)
-    blocks = vision_blocks(model)
     if has_cls is None:
-        has_cls = "siglip" not in type(blocks[0]).__name__.lower()
+        has_cls = "siglip" not in type(vision_blocks(model)[0]).__name__.lower()
     handle = SteeringHandle(layer=layer, mode=mode, latents=dict(latents), patches=patches)
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        h_BTD = output[0] if isinstance(output, tuple) else output
+    def edit(h_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = h_BTD.shape
         mask_BT = token_mask(patches, T, B, has_cls=has_cls, device=h_BTD.device)
-        new_BTD = edit_activations(h_BTD, sae, latents, mode=mode, mask_BT=mask_BT)
         handle.n_calls += 1
         handle.shapes.append(tuple(h_BTD.shape))
-        return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
+        return edit_activations(h_BTD, sae, latents, mode=mode, mask_BT=mask_BT)
 
-    # prepend=True: run before transformers' hidden-state recorder (see the module docstring).
-    removable = blocks[layer].register_forward_hook(hook, prepend=True)
-    try:
+    with block_output(model, layer, edit):
         yield handle
-    finally:
-        removable.remove()
 
 
 def alpha_sweep(

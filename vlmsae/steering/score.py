@@ -54,15 +54,9 @@ def streamed_concept_embeddings(
     1000 latents x 16 top images would otherwise be 16k ImageNet images in memory). Same values as
     :func:`concept_embeddings` on the same images: each latent is embedded as one call either way.
     """
-    rows = []
-    for paths in top_paths_per_latent:
-        if len(paths) == 0:
-            rows.append(None)
-            continue
-        images = [open_image(p) for p in paths]
-        emb_NE = embed_images(images)
-        del images  # released here, before the next latent's images are decoded
-        rows.append(_concept(emb_NE))
+    rows = [
+        _concept(embed_images([open_image(p) for p in paths])) if len(paths) else None for paths in top_paths_per_latent
+    ]
     return _stack_concepts(rows)
 
 

@@ -17,11 +17,10 @@ when the ablation does not move the loss (a zero denominator).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from vlmsae.models.llava import vision_blocks, vision_tower
 from vlmsae.steering.compare import load_images
 from vlmsae.steering.evaluate import IMAGE_SUFFIXES
 from vlmsae.steering.generate import chat_prompt, generate_answers
+from vlmsae.steering.hooks import block_output
 from vlmsae.steering.setup import SteeringSetup
 
 DEFAULT_PROMPT = "Describe the image."
@@ -169,23 +169,6 @@ def fraction_recovered(nll_ablated: float, nll_spliced: float, nll_clean: float)
 # --------------------------------------------------------------------------------------------
 # Hooks and teacher forcing
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def block_output(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Within the block, vision block ``layer`` outputs ``fn(h_BTD)``; ``prepend=True`` so LLaVA's
-    hidden-state recorder (and so the projector) sees the new output (:mod:`vlmsae.steering.hooks`)."""
-
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        h_BTD = output[0] if isinstance(output, tuple) else output
-        new_BTD = fn(h_BTD).to(h_BTD.device, h_BTD.dtype)
-        return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
-
-    handle = vision_blocks(model)[layer].register_forward_hook(hook, prepend=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def splice_fn(sae: nn.Module, mode: str, chunk_rows: int = 4096) -> Callable[[torch.Tensor], torch.Tensor]:
     """``h -> recon`` (``replace``) or ``h -> recon + (h - recon)`` (``error_preserving``), in the SAE's
     dtype/device, ``chunk_rows`` tokens at a time (a wide SAE on 577 tokens x a batch)."""
