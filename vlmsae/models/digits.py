@@ -1,19 +1,10 @@
 """Two small networks trained offline on the real digits (:mod:`vlmsae.data.digits`): a ViT and a CNN.
 
-- ``model=digits_vit``: an open_clip ``CLIP`` whose vision tower (24 px input, patch 4: 36 patches + CLS =
-  37 tokens, width 48, 4 blocks) is trained as a 10-way digit classifier: its projected embedding
-  (``layer=last``, 10-d) is the logits. Saved as an open_clip ``local-dir`` folder and loaded back through
-  the code real CLIP weights take, so the taps and the extraction are the real ones. The text tower stays
-  random (nothing reads it).
-- ``embedder=digits_cnn``: a separate convolutional classifier (another architecture, another seed) whose
-  penultimate features (64-d, after ReLU) are the MS embedder E: two images are close when the CNN sees the
-  same digit in them, independently of the ViT.
-
-Each is trained once per machine on the train split only (held-out images are never seen), with a fixed
-seed, in seconds on one CPU thread, and cached under ``$VLMSAE_HOME/models/<name>/`` with ``trained.json``:
-the :data:`TRAINED_VERSION`, the seed, the sha256 of the weights file and the held-out accuracy. A cache is
-trusted only when all of these match; a missing, truncated, altered or older one is named in a warning,
-deleted and trained again, never loaded.
+``model=digits_vit`` is an open_clip ``CLIP`` whose vision tower is a 10-way digit classifier, saved as a
+``local-dir`` folder so that the real taps and extraction load it; ``embedder=digits_cnn`` is a separate CNN
+whose penultimate features are the MS embedder E. How they are trained, cached and trusted
+(``trained.json``: :data:`TRAINED_VERSION`, seed, weights sha256, held-out accuracy) is in
+docs/trained-network.md; an untrusted cache is named in a warning, deleted and trained again, never loaded.
 """
 
 from __future__ import annotations

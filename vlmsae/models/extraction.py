@@ -108,27 +108,10 @@ class _ImageStream(torch.utils.data.IterableDataset):
     spares the main process a shared-memory segment, a file descriptor and an unpickle per image.
     """
 
-    def __init__(
-        self,
-        source: str,
-        root: Any,
-        start: int,
-        max_images: int | None,
-        preprocess: Any,
-        synthetic: dict[str, Any] | None,
-        order_seed: int | None = None,
-        exif_transpose: bool = True,
-        block: int = 1,
-        draft_size: int | None = None,
-        raw_jpeg: bool = False,
-        listing: ImageList | None = None,
-    ):
+    def __init__(self, start: int, block: int, preprocess: Any, **image_kwargs: Any):
         super().__init__()
-        self.listing = listing  # the main process's listing: workers do not list the source again
-        self.source, self.root, self.start, self.max_images = source, root, start, max_images
-        self.preprocess, self.synthetic = preprocess, synthetic
-        self.order_seed, self.exif_transpose = order_seed, exif_transpose
-        self.block, self.draft_size, self.raw_jpeg = block, draft_size, raw_jpeg
+        self.start, self.block, self.preprocess = start, block, preprocess
+        self.image_kwargs = image_kwargs  # iter_images' (listing: the main process's, workers do not list again)
 
     def _block(self, records: list[dict[str, Any]], pixels: list[torch.Tensor], jpegs: list[bytes]) -> dict[str, Any]:
         out = {"records": records, "pixels": torch.stack(pixels) if pixels else None}
@@ -145,21 +128,10 @@ class _ImageStream(torch.utils.data.IterableDataset):
         pixels: list[torch.Tensor] = []
         jpegs: list[bytes] = []
         block_id = None
-        for record in iter_images(
-            self.source,
-            self.root,
-            start=self.start,
-            max_images=self.max_images,
-            yield_skipped=True,
-            worker=worker,
-            synthetic=self.synthetic,
-            order_seed=self.order_seed,
-            exif_transpose=self.exif_transpose,
-            worker_block=self.block,
-            draft_size=self.draft_size,
-            raw_jpeg=self.raw_jpeg,
-            listing=self.listing,
-        ):
+        images = iter_images(
+            start=self.start, yield_skipped=True, worker=worker, worker_block=self.block, **self.image_kwargs
+        )
+        for record in images:
             this_block = (record.pos - self.start) // self.block
             if records and this_block != block_id:
                 yield self._block(records, pixels, jpegs)
@@ -465,15 +437,15 @@ class StoreExtraction:
         skipped = SkipLog(list(state["skipped"]))
         n_images = int(state["n_images"])
         stream = _ImageStream(
-            plan.source,
-            plan.root,
             state["next_pos"],
-            self.positions[1],
+            plan.batch_size,
             tap.preprocess,
-            plan.synthetic,
+            source=plan.source,
+            root=plan.root,
+            max_images=self.positions[1],
+            synthetic=plan.synthetic,
             order_seed=plan.order_seed,
             exif_transpose=plan.exif_transpose,
-            block=plan.batch_size,
             draft_size=tap.image_size if plan.fast_decode else None,
             raw_jpeg=self.gpu_preprocess is not None,
             listing=self.listing,

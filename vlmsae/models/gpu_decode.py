@@ -1,21 +1,10 @@
 """Batched JPEG decoding and preprocessing on the GPU for extraction (issue 18, ``data.fast_decode=true``).
 
-Which path decodes an image (:func:`decode_path`; the store's manifest records the run's choice as ``decode``):
-
-- ``cpu``: Pillow, every pixel (:func:`vlmsae.data.images.load_image`), the default;
-- ``cpu_draft``: Pillow in JPEG draft mode + reduce (``data.fast_decode=true``);
-- ``cuda_nvjpeg``: ``data.fast_decode=true``, the model on a CUDA device and torchvision's ``decode_jpeg`` able
-  to decode there (:func:`gpu_jpeg_supported`), and the model's preprocessing one :class:`GpuPreprocess`
-  reproduces. Workers then only read the bytes of each JPEG (:func:`vlmsae.data.images.jpeg_for_device`);
-  the main process decodes a block in one ``decode_jpeg(list, device="cuda")`` call (nvjpeg) and resizes, crops and
-  normalises on the GPU. Any other file (PNG, CMYK JPEG, a JPEG with a non-trivial EXIF orientation
-  while ``data.exif_transpose`` is on, one without its end marker) and any JPEG nvjpeg refuses goes
-  through the ``cpu_draft`` path instead, image by image, so unreadable files are skipped and counted
-  by the same reasons as on the CPU.
-
-Pixels differ slightly from Pillow's: the resize is torch's antialiased bicubic/bilinear on the decoded
-uint8 grid (rounded back to 0..255 as Pillow does) instead of Pillow's, and nvjpeg's IDCT / chroma
-upsampling is not libjpeg's; on photos both stay within a few levels (tests: mean cosine >= 0.99).
+The decode paths (``cpu``, ``cpu_draft``, ``cuda_nvjpeg``), when each is taken and how its pixels differ from
+Pillow's are in docs/outputs.md (``extract``). On ``cuda_nvjpeg`` workers only read each JPEG's bytes and the
+main process decodes a block in one ``decode_jpeg(list, device="cuda")`` call, then resizes, crops and
+normalises there (:class:`GpuPreprocess`); any file or JPEG nvjpeg refuses goes through ``cpu_draft`` instead,
+so unreadable files are skipped and counted by the same reasons as on the CPU.
 """
 
 from __future__ import annotations

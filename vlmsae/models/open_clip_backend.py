@@ -262,6 +262,10 @@ def resolve_open_clip_weights(
             decided_by += f" + {where} overrides"
         return OpenClipWeights(model_name, weights, tag, quick_gelu, preprocess, decided_by)
 
+    def registered(weights: Optional[str], tag: Optional[str]) -> OpenClipWeights:
+        decided_by = f"registered config {arch}/{tag}" if tag else "open_clip defaults"
+        return weights_of(arch, weights, tag, registered_preprocess(arch, tag), decided_by)
+
     fpath: Optional[Path] = None
     if local_path:
         path = Path(local_path).expanduser()
@@ -316,30 +320,15 @@ def resolve_open_clip_weights(
                 f"{where}.local_path=<path>."
             )
     if fpath is not None:
-        tag = _tag_for_file(name, arch, pretrained, pretrained_tag, overrides, where, fpath)
-        return weights_of(
-            arch,
-            str(fpath),
-            tag,
-            registered_preprocess(arch, tag),
-            f"registered config {arch}/{tag}" if tag else "open_clip defaults",
-        )
+        return registered(str(fpath), _tag_for_file(name, arch, pretrained, pretrained_tag, overrides, where, fpath))
     if pretrained is None:
         log.warning(
             "%s %s: no pretrained weights given, using a RANDOM %s (fine for benchmarks only)", where, name, arch
         )
         if pretrained_tag and not _is_tag(arch, pretrained_tag):
             _tag_for_file(name, arch, None, pretrained_tag, overrides, where, Path("<none>"))  # raises the tag error
-        return weights_of(
-            arch,
-            None,
-            pretrained_tag,
-            registered_preprocess(arch, pretrained_tag),
-            f"registered config {arch}/{pretrained_tag}" if pretrained_tag else "open_clip defaults",
-        )
-    return weights_of(
-        arch, pretrained, pretrained, registered_preprocess(arch, pretrained), f"registered config {arch}/{pretrained}"
-    )
+        return registered(None, pretrained_tag)
+    return registered(pretrained, pretrained)
 
 
 def spec_weights(spec: ModelSpec) -> OpenClipWeights:

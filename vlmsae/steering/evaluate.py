@@ -1,10 +1,6 @@
-"""The steering score run of METHOD §5 (the ``steer_eval`` job): inputs, the batched steered generation, the bounds.
-
-For each steered latent j: concept = mean image embedding of its top images (the top-images index of a
-monosemanticity run); for each evaluation image LLaVA answers the one-word prompt with and without j
-clamped to alpha; the first word's text embedding is compared (cosine) with the concept. Bounds: the
-class names of j's top images (upper) and the same names shuffled across latents (lower). The maths
-is :mod:`vlmsae.steering.score`.
+"""The steering score run of METHOD §5 (the ``steer_eval`` job): inputs, the batched steered generation, the bounds
+(the class names of a latent's top images: upper; the same names shuffled across latents: lower). The maths is
+:mod:`vlmsae.steering.score`.
 """
 
 from __future__ import annotations

@@ -1,21 +1,9 @@
 """Steer LLaVA by editing one vision-tower block's output through SAE latents (METHOD §5).
 
-The edit is a forward hook on the block that matches the SAE's layer. Why a hook and why
-``prepend=True``: transformers 5.x does not return hidden states from the encoder loop; it records
-them with forward hooks (``utils/output_capturing.py``) that it installs on every encoder layer the
-first time hidden states are requested, and LLaVA's ``get_image_features`` reads
-``hidden_states[vision_feature_layer]`` from that record. PyTorch runs forward hooks in
-registration order, each seeing the output the previous one returned. A steering hook registered
-*after* the recorder (any time after the model's first forward) would change what the next block
-sees but not what was recorded, so LLaVA's projector would never see the edit. Registered with
-``prepend=True`` it runs before the recorder, which then records the edited output.
-
-Modes (per token t of the tapped layer, ``h`` = block output, ``f = encode(h)``):
-- ``replace`` (the paper): ``f[j] = alpha``; output ``decode(f)`` (the SAE's reconstruction error is dropped).
-- ``error_preserving``: output ``h + decode(f_clamped) - decode(f)``: only the latent's
-  contribution changes, everything the SAE does not explain is kept.
-- ``add`` (baseline, no SAE forward): output ``h + alpha * W_dec[j] / ||W_dec[j]||``, plain
-  activation steering along the latent's decoder direction.
+The edit is a forward hook on the block that matches the SAE's layer, registered with ``prepend=True``
+so that it runs before transformers 5.x's hidden-state recorder, which is what LLaVA's projector reads
+(METHOD §5, "Hook ordering"). The modes (``replace``, ``error_preserving``, ``add``) are METHOD §5's
+interventions; ``h`` = block output, ``f = encode(h)``.
 """
 
 from __future__ import annotations

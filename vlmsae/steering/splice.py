@@ -1,18 +1,11 @@
 """Splice fidelity inside LLaVA (the ``splice_eval`` job): how much of LLaVA's answer loss the SAE keeps.
 
-The SAE is spliced into the vision block it reads: a forward hook (``prepend=True``, see
-:mod:`vlmsae.steering.hooks` for why) replaces the block's output, every token of every image, by
-
-- ``spliced (replace)``: the SAE reconstruction ``decode(encode(h))`` (its error is dropped);
-- ``spliced (error-preserving)``: ``recon + (h - recon)``, i.e. ``h`` again but through the hook path: a control,
-  which must give KL 0 and 100 % recovered (up to float rounding);
-- ``zero-ablated``: 0;
-- ``mean-ablated``: the block output's mean over every token of the evaluation images (one [D] vector).
-
-LLaVA is teacher-forced on ``prompt + reference answer``; over the answer tokens we pool, per token,
-the NLL of the reference token and KL(clean || condition) of the next-token distributions.
-Fraction of loss recovered = (NLL_ablated - NLL_spliced) / (NLL_ablated - NLL_clean), NaN (with a note)
-when the ablation does not move the loss (a zero denominator).
+The SAE is spliced into the vision block it reads by a forward hook (:func:`vlmsae.steering.hooks.block_output`)
+that replaces the block's output, every token of every image, under each of :data:`CONDITIONS`: the SAE
+reconstruction (``replace``), ``recon + (h - recon)`` (the error-preserving control: KL 0, 100 % recovered up to
+float rounding), zero, or the block output's mean over every token of the evaluation images. LLaVA is
+teacher-forced on ``prompt + reference answer``; the per-token NLL, KL(clean || condition) and fraction of loss
+recovered are those of docs/outputs.md (``splice_eval``).
 """
 
 from __future__ import annotations
