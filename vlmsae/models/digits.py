@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 DIGITS_VIT_ARCH = "vlmsae-digits-vit"  # conf/model/digits_vit.yaml's arch: the spec that trains this ViT
 DIGITS_VIT_RANDOM_ARCH = "vlmsae-digits-vit-random"  # conf/model/digits_vit_random.yaml: same shapes, untrained
 DIGITS_VIT_ARCHS = (DIGITS_VIT_ARCH, DIGITS_VIT_RANDOM_ARCH)
-DIGITS_CNN_ARCH = "vlmsae-digits-cnn"  # conf/embedder/digits_cnn.yaml's arch
 TRAINED_VERSION = "digits-trained-v1"  # bump when a recipe changes (and conf/embedder/digits_cnn.yaml pretrained)
 TRAINED_META = "trained.json"
 CNN_WEIGHTS = "cnn.safetensors"

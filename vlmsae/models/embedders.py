@@ -99,13 +99,12 @@ class OpenClipEmbedder(Embedder):
             open_clip_overrides(spec),
             where="embedder",
         )
-        model_name = weights.model_name
         model, preprocess = create_open_clip(weights, spec.cache_dir, on_missing=lambda err: _offline_error(spec, err))
         self.device = resolve_device(spec.device)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
         try:
-            self.tokenizer = open_clip.get_tokenizer(model_name)
+            self.tokenizer = open_clip.get_tokenizer(weights.model_name)
         except Exception:
             context = getattr(model, "context_length", 77)
             self.tokenizer = lambda texts: open_clip.tokenize(texts, context_length=context)
@@ -203,10 +202,5 @@ class DigitsCNNEmbedder(Embedder):
 def load_embedder(spec: EmbedderSpec | dict | Any) -> Embedder:
     """An embedder for ``spec``: an :class:`EmbedderSpec`, a dict, or a composed ``cfg.embedder`` node."""
     spec = to_typed(spec, EmbedderSpec)
-    if spec.backend == "open_clip":
-        return OpenClipEmbedder(spec)
-    if spec.backend == "hf":
-        return HFEmbedder(spec)
-    if spec.backend == "cnn":
-        return DigitsCNNEmbedder(spec)
-    return PixelEmbedder(spec)
+    backends = {"open_clip": OpenClipEmbedder, "hf": HFEmbedder, "cnn": DigitsCNNEmbedder}
+    return backends.get(spec.backend, PixelEmbedder)(spec)

@@ -544,14 +544,6 @@ def load_llava_vision_tower(
 
 def vision_tower(model: nn.Module) -> nn.Module:
     """The vision encoder of a LLaVA model (``...vision_tower``), whatever the transformers version."""
-    for attr_path in ("model.vision_tower", "vision_tower"):
-        obj: Any = model
-        for attr in attr_path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.Module):
-            return obj
     for name, module in model.named_modules():
         if name.split(".")[-1] == "vision_tower":
             return module

@@ -21,19 +21,10 @@ from vlmsae.steering.hooks import steer
 from vlmsae.steering.score import ScoreSummary, shuffled, streamed_concept_embeddings, word_scores
 from vlmsae.steering.setup import SteeringSetup
 
+_PAPER_BOUNDS = {"upper bound (true class names)": 0.283, "lower bound (shuffled names)": 0.185}
 PAPER = {  # METHOD §5, alpha = 100 (ImageNet images / white image)
-    "imagenet": {
-        "steered": 0.263,
-        "not steered": 0.211,
-        "upper bound (true class names)": 0.283,
-        "lower bound (shuffled names)": 0.185,
-    },
-    "white": {
-        "steered": 0.259,
-        "not steered": 0.212,
-        "upper bound (true class names)": 0.283,
-        "lower bound (shuffled names)": 0.185,
-    },
+    "imagenet": {"steered": 0.263, "not steered": 0.211, **_PAPER_BOUNDS},
+    "white": {"steered": 0.259, "not steered": 0.212, **_PAPER_BOUNDS},
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 BOUNDS_NOTE = "class names of top images (upper), shuffled across latents (lower)"
@@ -48,9 +39,7 @@ def latent_list(spec: int | Sequence[int]) -> list[int]:
     raise ValueError(f"latents={spec!r}: give a count (10 = latents 0..9) or a list of latent indices.")
 
 
-def open_image(path: str | Path) -> Any:
-    """Decode one image file to 8-bit RGB as extraction does (:func:`vlmsae.data.images.load_image`)."""
-    return load_image(path)
+open_image = load_image  # one image file -> 8-bit RGB as extraction decodes it (tests count its calls)
 
 
 def paper_setting(images: str) -> str:

@@ -318,13 +318,7 @@ class SpliceScores:
                 row["frac_recovered_mean"] = self.recovered(cond, MEAN)
             rows.append(row)
         if self.zero_shot and "kl" in self.zero_shot:
-            rows.append(
-                {
-                    "condition": ZERO_SHOT_ROW,
-                    "kl": self.zero_shot["kl"],
-                    "top1_agreement": self.zero_shot["top1_agreement"],
-                }
-            )
+            rows.append({"condition": ZERO_SHOT_ROW, **{k: self.zero_shot[k] for k in ("kl", "top1_agreement")}})
         return rows
 
     def per_answer(self) -> list[dict[str, Any]]:
