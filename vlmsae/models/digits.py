@@ -127,8 +127,8 @@ def _split_arrays() -> dict[str, tuple[list[Any], torch.Tensor]]:
     return out
 
 
-def _fit(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int) -> None:
-    """Seeded mini-batch AdamW with cosine decay; ``forward(x_B) -> logits_B10``."""
+def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int) -> None:
+    """Seeded mini-batch AdamW with cosine decay; ``model(x_B) -> logits_B10``."""
     gen = torch.Generator().manual_seed(seed)
     n_batches = (len(x) + recipe.batch_size - 1) // recipe.batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -138,7 +138,7 @@ def _fit(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, recip
         order = torch.randperm(len(x), generator=gen)
         for b in range(n_batches):
             idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
-            loss = nn.functional.cross_entropy(forward(x[idx]), y[idx])
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -146,17 +146,19 @@ def _fit(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, recip
     model.eval()
 
 
-@torch.no_grad()
-def _accuracy(forward: Any, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((forward(x).argmax(1) == y).float().mean())
-
-
-def _check_accuracy(what: str, acc: float) -> None:
-    if acc < MIN_ACCURACY:
+def _train(what: str, model: nn.Module, x: dict, y: dict, recipe: Recipe, seed: int, fit: bool = True) -> dict:
+    """``{split: accuracy}`` of ``model`` after :func:`_fit` on the train split (``fit``), which must reach
+    :data:`MIN_ACCURACY` held out."""
+    if fit:
+        _fit(model, x["train"], y["train"], recipe, seed)
+    with torch.no_grad():
+        acc = {s: float((model(x[s]).argmax(1) == y[s]).float().mean()) for s in x}
+    if fit and acc["heldout"] < MIN_ACCURACY:
         raise RuntimeError(
-            f"{what} reached only {acc:.3f} held-out accuracy (< {MIN_ACCURACY}): its training recipe is broken "
-            "on this machine's torch; report it with `pip freeze`."
+            f"{what} reached only {acc['heldout']:.3f} held-out accuracy (< {MIN_ACCURACY}): its training recipe is "
+            "broken on this machine's torch; report it with `pip freeze`."
         )
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------- the ViT
@@ -196,12 +198,7 @@ def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> N
     model_cfg = digits_vit_cfg()
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg).eval()
-    visual = model.visual
-    if not random_init:
-        _fit(visual, visual, x["train"], y["train"], VIT_RECIPE, seed)
-    acc = {s: _accuracy(visual, x[s], y[s]) for s in x}
-    if not random_init:
-        _check_accuracy("The digits ViT", acc["heldout"])
+    acc = _train("The digits ViT", model.visual, x, y, VIT_RECIPE, seed, fit=not random_init)
     write_open_clip_folder(
         dpath, model, model_cfg, seed, "open_clip ViT trained on the sklearn digits (vlmsae.models.digits)"
     )
@@ -279,9 +276,7 @@ def build_digits_cnn(dpath: Path, seed: int = 1) -> None:
     y = {s: labels for s, (_, labels) in data.items()}
     torch.manual_seed(seed)
     model = DigitsCNN()
-    _fit(model, model, x["train"], y["train"], CNN_RECIPE, seed)
-    acc = {s: _accuracy(model, x[s], y[s]) for s in x}
-    _check_accuracy("The digits CNN", acc["heldout"])
+    acc = _train("The digits CNN", model, x, y, CNN_RECIPE, seed)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(dpath / CNN_WEIGHTS))
     _write_meta(
         dpath,
