@@ -339,10 +339,16 @@ def build_llava_with_lm(
     features into soft prompts the LM reacts to), e.g. SmolLM2-135M from :func:`smollm2_gguf`.
     ``gguf_file``: transformers dequantises GGUF weights with the ``gguf`` package (and needs accelerate).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
-    from vlmsae.models.llava import LLAVA_CHAT_TEMPLATE, _is_complete, _llava_config, _save_llava
-    from vlmsae.models.tiny import tiny_hf_vision_parts
+    from vlmsae.models.llava import LLAVA_CHAT_TEMPLATE, _is_complete
+    from vlmsae.models.tiny import build_folder, tiny_hf_vision_parts
 
     dpath = Path(dpath)
     if _is_complete(dpath):
@@ -367,14 +373,22 @@ def build_llava_with_lm(
         chat_template=CHATML_IMAGE_TEMPLATE if "<|im_start|>" in template else LLAVA_CHAT_TEMPLATE,
         num_additional_image_tokens=1,
     )
-    config = _llava_config(vision_config, lm.config, tokenizer, image_size, patch_size, vision_feature_layer)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=lm.config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return _save_llava(model, processor, dpath)
+    return build_folder(dpath, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)))
 
 
 @pytest.fixture(scope="module")

@@ -247,27 +247,6 @@ def _is_complete(dpath: Path) -> bool:
     return (dpath / "config.json").exists() and (dpath / "tokenizer.json").exists() and any(dpath.glob("*.safetensors"))
 
 
-def _save_llava(model, processor, dpath: Path, max_shard_size: str | int | None = None) -> Path:
-    """``save_pretrained`` both into one folder (:func:`~vlmsae.models.tiny.build_folder`). ``max_shard_size``
-    (e.g. ``"100KB"``) writes shards + ``model.safetensors.index.json``, the layout of the Hub's 7B checkpoint."""
-    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    return build_folder(dpath, lambda tmp: (model.save_pretrained(tmp, **shards), processor.save_pretrained(tmp)))
-
-
-def _llava_config(vision_config, text_config, tokenizer, image_size: int, patch_size: int, vision_feature_layer: int):
-    from transformers import LlavaConfig
-
-    return LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default",  # drop CLS, as LLaVA-1.5
-        projector_hidden_act="gelu",
-    )
-
-
 def build_tiny_llava(
     dpath: str | Path,
     seed: int = 0,
@@ -286,9 +265,11 @@ def build_tiny_llava(
     Same shape of model as LLaVA-1.5 (CLIP vision tower, two-layer GELU projector, Llama text
     model, ``vision_feature_layer=-2``, CLS dropped), only small: 32 px images with 8 px patches
     give 16 patch tokens + CLS. Load it back with :func:`load_llava` (``from_pretrained``).
-    Idempotent: an existing complete folder is left as is. ``max_shard_size``: see :func:`_save_llava`.
+    Idempotent: an existing complete folder is left as is (:func:`~vlmsae.models.tiny.build_folder` writes it
+    whole). ``max_shard_size`` (e.g. ``"100KB"``) writes shards + ``model.safetensors.index.json``, the layout of
+    the Hub's 7B checkpoint.
     """
-    from transformers import LlamaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     dpath = Path(dpath)
     if _is_complete(dpath):
@@ -317,13 +298,22 @@ def build_tiny_llava(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = _llava_config(vision_config, text_config, tokenizer, image_size, patch_size, vision_feature_layer)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",  # drop CLS, as LLaVA-1.5
+        projector_hidden_act="gelu",
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return _save_llava(model, processor, dpath, max_shard_size)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    return build_folder(dpath, lambda tmp: (model.save_pretrained(tmp, **shards), processor.save_pretrained(tmp)))
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
