@@ -6,17 +6,10 @@ extraction = StoreExtraction(job.model, plan, out_dpath)  # checks, listing, tap
 summary = extraction.finished or extraction.run()                     # finished: a rerun of a complete store
 ```
 
-Row order: images are visited in the seeded permutation ``numpy.random.default_rng(order_seed)
-.permutation(n)`` of the source's listing (``order_seed=None`` keeps the listing order), so every
-shard and chunk is a uniform sample of the images; ``max_images=N`` keeps the first N of that order.
-A ``wds`` source streams: only its tar order is permuted. Each row's ``image_idx`` is the image's index
-in the listing (the stable image id, whatever the order), and ``keys.json`` its key.
-
-Resumable: a :class:`StoreExtraction` on a folder holding part of the same store continues after its
-last complete shard; the rows are exactly those of an uninterrupted run (batches start at the same
-visiting positions, and ``random_k`` draws from a generator seeded by ``seed`` and the batch's first
-visiting position). A changed listing, ``order_seed`` or order is refused by the shard writer.
-Unreadable images are skipped, counted by reason and listed in the manifest.
+Row order (a seeded permutation of the listing), ``image_idx`` and resuming are docs/outputs.md's (``extract``)
+and docs/training.md's: a resumed run writes exactly the rows of an uninterrupted one, because batches start at
+the same visiting positions and ``random_k`` draws from a generator seeded by ``seed`` and the batch's first
+position. Unreadable images are skipped, counted by reason and listed in the manifest.
 """
 
 from __future__ import annotations

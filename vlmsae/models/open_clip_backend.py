@@ -1,19 +1,10 @@
 """open_clip backend: CLIP ViT-B/32, ViT-L/14, ViT-L/14-336 (native ViTs) and SigLIP (a timm trunk).
 
-Weights come from, in order of precedence: the tiny model folder (``tiny: true``), ``local_path``
-(an open_clip folder with ``open_clip_config.json``, a folder holding one checkpoint, or a
-checkpoint file: .safetensors/.bin/.pt/.npz), ``arch="hf-hub:org/repo"``, or ``pretrained=<tag>``
-(downloaded into ``cache_dir``) or ``pretrained=<file>``.
-
-Wherever the weights come from, the activation (QuickGELU for OpenAI weights) and the image
-preprocessing (mean/std, resize mode, interpolation) are those of the weights' registered open_clip
-pretrained config (:func:`registered_preprocess`), named by the ``pretrained`` tag or, when
-``pretrained`` is itself a file, by ``pretrained_tag``. A folder's own ``open_clip_config.json``
-describes its weights instead, and the override fields (:data:`OVERRIDE_TARGETS`) override both. Without
-this a file would get open_clip's defaults: CLIP normalisation with a centre crop for SigLIP, GELU
-for OpenAI CLIP. :func:`resolve_open_clip_weights` decides all of it without loading anything, and
-:func:`create_open_clip` is the one place that builds an open_clip model (taps, embedders, zero-shot).
-Only the vision tower is kept by the tap. The forward runs the blocks itself and stops after block L.
+Where the weights come from and what decides their activation (QuickGELU for OpenAI weights) and image
+preprocessing (the registered pretrained config of the tag, a folder's ``open_clip_config.json``, or the
+:data:`OVERRIDE_TARGETS` fields) is docs/offline.md's first bullet; :func:`resolve_open_clip_weights` decides
+it without loading anything, and :func:`create_open_clip` is the one place that builds an open_clip model
+(taps, embedders, zero-shot). The tap keeps only the vision tower and runs its blocks itself, up to block L.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""Tiny random encoders for tests and the demo, saved once and loaded back like real weights.
+"""Tiny random encoders for tests and the demo, saved once and loaded back like real weights (docs/offline.md).
 
-``model=tiny`` (open_clip) and ``model=tiny_hf`` (transformers ``CLIPVisionModelWithProjection``)
-are built from configs with a fixed seed and written to ``$VLMSAE_HOME/models/<name>/`` (default
-``~/.cache/vlmsae/models/<name>/``) in the formats real checkpoints come in: an open_clip
-``local-dir`` folder (``open_clip_config.json`` + ``open_clip_model.safetensors``) and a
-``save_pretrained`` folder. Loading then goes through exactly the code that loads real weights, so
-the tests exercise it. ``model=tiny_llava`` is built by :func:`vlmsae.models.llava.build_tiny_llava`.
-
-Folders are written to a temporary sibling and renamed, so concurrent test runs never read a
-half-written model.
+``model=tiny`` (open_clip) and ``model=tiny_hf`` (transformers ``CLIPVisionModelWithProjection``) are written in
+the formats real checkpoints come in (an open_clip ``local-dir`` folder, a ``save_pretrained`` folder), so
+loading them runs the code that loads real weights; ``model=tiny_llava`` is built by :mod:`vlmsae.models.llava`.
 """
 
 from __future__ import annotations
