@@ -9,6 +9,8 @@ so unreadable files are skipped and counted by the same reasons as on the CPU.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,7 +23,6 @@ from vlmsae.data.images import load_image, skip_reason
 
 DECODE_PATHS = ("cpu", "cpu_draft", "cuda_nvjpeg")
 FILE_KINDS = ("jpeg", "other")
-_GPU_JPEG_SUPPORT: dict[str, bool] = {}  # per device: whether decode_jpeg decodes there (probed once)
 
 
 def decode_path(device_type: str, fast_decode: bool, gpu_jpeg: bool, file_kind: str = "jpeg") -> str:
@@ -59,24 +60,21 @@ def tiny_jpeg() -> bytes:
 def gpu_jpeg_supported(device: Any) -> bool:
     """Whether ``torchvision.io.decode_jpeg`` decodes on ``device`` (a CUDA device): its signature takes a
     ``device`` and a 1 x 1 JPEG decodes there. Probed once per device; False on any failure."""
-    import inspect
-
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    if str(device) not in _GPU_JPEG_SUPPORT:
-        ok = False
-        try:
-            from torchvision.io import decode_jpeg
+    return device.type == "cuda" and torch.cuda.is_available() and _decodes_on(str(device))
 
-            if "device" in inspect.signature(decode_jpeg).parameters:
-                data = torch.frombuffer(bytearray(tiny_jpeg()), dtype=torch.uint8)
-                out = _decode_jpeg([data], device)[0]
-                ok = out.device.type == "cuda" and tuple(out.shape) == (3, 1, 1)
-        except Exception:  # an old torchvision, no nvjpeg, a driver problem: the CPU paths still work
-            ok = False
-        _GPU_JPEG_SUPPORT[str(device)] = ok
-    return _GPU_JPEG_SUPPORT[str(device)]
+
+@functools.cache
+def _decodes_on(device: str) -> bool:
+    try:
+        from torchvision.io import decode_jpeg
+
+        if "device" not in inspect.signature(decode_jpeg).parameters:
+            return False
+        out = _decode_jpeg([torch.frombuffer(bytearray(tiny_jpeg()), dtype=torch.uint8)], device)[0]
+    except Exception:  # an old torchvision, no nvjpeg, a driver problem: the CPU paths still work
+        return False
+    return out.device.type == "cuda" and tuple(out.shape) == (3, 1, 1)
 
 
 class UnsupportedPreprocess(ValueError):
