@@ -268,15 +268,10 @@ def _batch_generator(seed: int, first_pos: int) -> torch.Generator:
 
 def extraction_summary(out_dpath: Path, manifest: StoreManifest, seconds: float, n_new: int = 0) -> dict[str, Any]:
     """What the extract job returns: the store's size and what it holds, and this run's images/s."""
+    fields = ("n_rows", "n_images", "n_shards", "n_skipped", "d", "layer", "tokens")
     return {
         "out": str(out_dpath),
-        "n_rows": manifest.n_rows,
-        "n_images": manifest.n_images,
-        "n_shards": manifest.n_shards,
-        "n_skipped": manifest.n_skipped,
-        "d": manifest.d,
-        "layer": manifest.layer,
-        "tokens": manifest.tokens,
+        **{key: getattr(manifest, key) for key in fields},
         "seconds": seconds,
         "images_per_s": n_new / seconds if seconds > 0 else 0.0,
     }

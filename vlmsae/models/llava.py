@@ -390,8 +390,8 @@ def load_llava(
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:  # some checkpoints ship without one; generation needs it
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if model.generation_config.pad_token_id is None and tokenizer is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
 
 

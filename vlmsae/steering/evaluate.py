@@ -16,7 +16,7 @@ import torch
 
 from vlmsae.data.images import load_image
 from vlmsae.formats import SteerEvalResult
-from vlmsae.steering.generate import first_word, generate_answers, white_image
+from vlmsae.steering.generate import ONE_WORD_PROMPT, first_word, generate_answers, white_image
 from vlmsae.steering.hooks import steer
 from vlmsae.steering.score import ScoreSummary, shuffled, streamed_concept_embeddings, word_scores
 from vlmsae.steering.setup import SteeringSetup
@@ -130,7 +130,7 @@ class ScoreRequest:
     latents: list[int]
     alpha: float = 100.0
     mode: str = "replace"
-    prompt: str = "What is shown in this image? Use exactly one word!"
+    prompt: str = ONE_WORD_PROMPT
     max_new_tokens: int = 5
     batch_size: int = 16  # samples per generate call
     top_n: int = 16  # top images per latent that define its concept

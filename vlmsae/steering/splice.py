@@ -42,9 +42,7 @@ _FIX_PROMPTS = (
 )
 
 
-# --------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------ inputs
 @dataclass
 class PromptItem:
     """One teacher-forced sample: an image, the question and the reference answer."""
@@ -136,9 +134,7 @@ def prompt_items(
     return items, note + (f" ({dropped} empty answers dropped)" if dropped else "")
 
 
-# --------------------------------------------------------------------------------------------
-# The maths
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- the maths
 def kl_per_token(logp_clean_NV: torch.Tensor, logp_other_NV: torch.Tensor) -> torch.Tensor:
     """KL(clean || other) of each row's next-token distribution, from log-probabilities [N, V] -> [N]."""
     p_NV = logp_clean_NV.exp()
@@ -159,9 +155,7 @@ def fraction_recovered(nll_ablated: float, nll_spliced: float, nll_clean: float)
     return (nll_ablated - nll_spliced) / den
 
 
-# --------------------------------------------------------------------------------------------
-# Hooks and teacher forcing
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------- teacher forcing
 def splice_fn(sae: nn.Module, mode: str, chunk_rows: int = 4096) -> Callable[[torch.Tensor], torch.Tensor]:
     """``h -> recon`` (``replace``) or ``h -> recon + (h - recon)`` (``error_preserving``), in the SAE's
     dtype/device, ``chunk_rows`` tokens at a time (a wide SAE on 577 tokens x a batch)."""
@@ -258,9 +252,7 @@ def block_mean(model: nn.Module, layer: int, pixel_values: Sequence[torch.Tensor
     return (total / count).float()
 
 
-# --------------------------------------------------------------------------------------------
-# The evaluation
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------- the evaluation
 @dataclass
 class SpliceScores:
     """Per answer token (pooled over answers): NLL per condition (``clean`` included), KL and top-1 agreement."""
