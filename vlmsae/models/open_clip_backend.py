@@ -264,8 +264,8 @@ def resolve_open_clip_weights(
             if (path / OPEN_CLIP_CONFIG).exists():
                 folder = _folder_preprocess(path)
                 tag = pretrained_tag or (pretrained if _is_tag(arch, pretrained) else None)
-                registered = registered_preprocess(arch, tag) if tag else folder
-                if registered != folder:  # e.g. conf/model's default tag, but other weights in the folder
+                by_tag = registered_preprocess(arch, tag) if tag else folder
+                if by_tag != folder:  # e.g. conf/model's default tag, but other weights in the folder
                     log.warning(
                         "%s %s: %s/%s says quick_gelu/preprocess %s, the registered %s/%s says %s; using the folder's",
                         where,
@@ -275,7 +275,7 @@ def resolve_open_clip_weights(
                         folder,
                         arch,
                         tag,
-                        registered,
+                        by_tag,
                     )
                 return weights_of(f"local-dir:{path}", None, None, folder, f"{path / OPEN_CLIP_CONFIG}")
             fpath = _checkpoint_in_dir(path)
