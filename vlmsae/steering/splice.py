@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vlmsae.formats import SpliceResult
-from vlmsae.models.llava import vision_blocks, vision_tower
+from vlmsae.models.llava import vision_tower
 from vlmsae.steering.compare import load_images
 from vlmsae.steering.evaluate import IMAGE_SUFFIXES
 from vlmsae.steering.generate import chat_prompt, generate_answers
@@ -235,20 +235,17 @@ def block_mean(model: nn.Module, layer: int, pixel_values: Sequence[torch.Tensor
     """The mean [D] of vision block ``layer``'s output over every token of every image (the vision tower alone)."""
     total, count = None, 0
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+    def accumulate(h_BTD: torch.Tensor) -> torch.Tensor:
         nonlocal total, count
-        h_BTD = (output[0] if isinstance(output, tuple) else output).double()
-        s_D = h_BTD.sum(dim=(0, 1))
+        s_D = h_BTD.double().sum(dim=(0, 1))
         total = s_D if total is None else total + s_D
         count += h_BTD.shape[0] * h_BTD.shape[1]
+        return h_BTD  # the output is left as it is
 
     tower = vision_tower(model)
-    handle = vision_blocks(model)[layer].register_forward_hook(hook)
-    try:
+    with block_output(model, layer, accumulate):
         for px in pixel_values:
             tower(px)
-    finally:
-        handle.remove()
     return (total / count).float()
 
 
