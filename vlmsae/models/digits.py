@@ -114,17 +114,15 @@ def _write_meta(tmp: Path, weights_name: str, seed: int, **fields: Any) -> None:
     (tmp / TRAINED_META).write_text(json.dumps(meta, indent=1))
 
 
-def _split_arrays() -> dict[str, tuple[list[Any], torch.Tensor]]:
-    """``{split: (PIL images, labels)}``: the pixels the image folder holds, labels = sorted class-folder order
-    (what ``data=folder`` gives), so a classifier's label ids match the folder's."""
+def _split_arrays() -> tuple[dict[str, list[Any]], dict[str, torch.Tensor]]:
+    """``({split: PIL images}, {split: labels})``: the pixels the image folder holds, labels = sorted class-folder
+    order (what ``data=folder`` gives), so a classifier's label ids match the folder's."""
     images, digits = load_digit_arrays()
-    folder_label = {name: i for i, name in enumerate(sorted(CLASS_NAMES))}
-    out = {}
-    for split, idx in split_indices(digits).items():
-        pils = [digit_image(images[i]).convert("RGB") for i in idx.tolist()]
-        labels = torch.tensor([folder_label[CLASS_NAMES[digits[i]]] for i in idx.tolist()])
-        out[split] = (pils, labels)
-    return out
+    label_of = {name: i for i, name in enumerate(sorted(CLASS_NAMES))}
+    splits = split_indices(digits)
+    pils = {s: [digit_image(images[i]).convert("RGB") for i in idx.tolist()] for s, idx in splits.items()}
+    labels = {s: torch.tensor([label_of[CLASS_NAMES[digits[i]]] for i in idx.tolist()]) for s, idx in splits.items()}
+    return pils, labels
 
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int) -> None:
@@ -191,10 +189,9 @@ def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> N
     ``random_init``: save the seeded initial weights untrained (the control of the paper's claims)."""
     import open_clip
 
-    data = _split_arrays()
+    pils, y = _split_arrays()
     transform = _vit_transform()
-    x = {s: torch.stack([transform(im) for im in pils]) for s, (pils, _) in data.items()}
-    y = {s: labels for s, (_, labels) in data.items()}
+    x = {s: torch.stack([transform(im) for im in images]) for s, images in pils.items()}
     model_cfg = digits_vit_cfg()
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg).eval()
@@ -271,9 +268,8 @@ def build_digits_cnn(dpath: Path, seed: int = 1) -> None:
     """Train the CNN into ``dpath`` (an empty folder): ``cnn.safetensors`` and ``trained.json``."""
     from safetensors.torch import save_file
 
-    data = _split_arrays()
-    x = {s: cnn_inputs(pils) for s, (pils, _) in data.items()}
-    y = {s: labels for s, (_, labels) in data.items()}
+    pils, y = _split_arrays()
+    x = {s: cnn_inputs(images) for s, images in pils.items()}
     torch.manual_seed(seed)
     model = DigitsCNN()
     acc = _train("The digits CNN", model, x, y, CNN_RECIPE, seed)
