@@ -4,11 +4,8 @@ Index convention as everywhere (METHOD §1): block L's output is ``hidden_states
 for all hidden states (which runs every block), the tap runs embeddings -> ``pre_layrnorm`` [sic,
 transformers' name] -> ``encoder.layers[:L+1]`` itself and stops. ``layer="last"`` is
 ``image_embeds`` (post_layernorm(CLS) @ visual_projection) for CLIP; LLaVA's tower has no
-projection of its own, so ``last`` is refused there.
-
-Weights: ``local_path`` (a ``save_pretrained`` folder) > ``pretrained`` (a HF id such as
-``openai/clip-vit-large-patch14-336``, cached in ``cache_dir``). LLaVA loads through
-``vlmsae.models.llava.load_llava_vision_tower`` (the tower's tensors only; owned by the steering module).
+projection of its own, so ``last`` is refused there. Weights: ``local_path`` (a ``save_pretrained`` folder)
+> ``pretrained`` (a HF id, cached in ``cache_dir``); LLaVA's tower alone comes from :mod:`vlmsae.models.llava`.
 """
 
 from __future__ import annotations
