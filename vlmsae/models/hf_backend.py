@@ -83,7 +83,7 @@ class HFVisionTap(Tap):
         return self.projection(pooled)
 
 
-def _hf_source(spec: ModelSpec) -> tuple[str, bool]:
+def _hf_repo_or_dir(spec: ModelSpec) -> tuple[str, bool]:
     """``(name_or_path, local_files_only)`` for ``from_pretrained``."""
     if spec.local_path:
         path = Path(spec.local_path).expanduser()
@@ -114,21 +114,22 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
             embed_dim=spec.embed_dim or spec.width,
             patch_size=spec.patch_size,
         )
-        source, local_only = str(dpath), True
+        repo_or_dir, local_only = str(dpath), True
     else:
-        source, local_only = _hf_source(spec)
+        repo_or_dir, local_only = _hf_repo_or_dir(spec)
     kwargs = {"cache_dir": spec.cache_dir, "local_files_only": local_only}
     try:
         dtype = llava.dtype_kwarg(torch_dtype(spec.dtype))
-        model = CLIPVisionModelWithProjection.from_pretrained(source, **dtype, **kwargs)
-        processor = CLIPImageProcessor.from_pretrained(source, **kwargs)
+        model = CLIPVisionModelWithProjection.from_pretrained(repo_or_dir, **dtype, **kwargs)
+        processor = CLIPImageProcessor.from_pretrained(repo_or_dir, **kwargs)
     except OSError as err:
         offline = None if spec.tiny or spec.local_path else hub_unreachable()
         why = err if offline is None else f"the Hugging Face Hub is unreachable ({offline}) and the model is not cached"
         raise OSError(
-            f"Could not load the weights of model {spec.name!r} ({source!r}, cache_dir={spec.cache_dir!r}): {why}\n"
+            f"Could not load the weights of model {spec.name!r} ({repo_or_dir!r}, cache_dir={spec.cache_dir!r}): "
+            f"{why}\n"
             "This machine may be offline and the model not cached. Download it where there is internet "
-            f"(`huggingface-cli download {source} --local-dir <folder>`) and pass model.local_path=<folder>, "
+            f"(`huggingface-cli download {repo_or_dir} --local-dir <folder>`) and pass model.local_path=<folder>, "
             "or point model.cache_dir / HF_HOME at a cache that holds it."
         ) from (None if offline is not None else err)
     model = model.to(resolve_device(spec.device)).eval()
@@ -139,10 +140,11 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
 def load_hf_llava_tap(spec: ModelSpec) -> HFVisionTap:
     """The CLIP vision tower of a ``LlavaForConditionalGeneration`` (real or tiny), via ``vlmsae.models.llava``."""
     if spec.tiny:
-        source = str(llava.build_tiny_llava(tiny_model_dpath(spec.name, spec.seed, spec.local_path), seed=spec.seed))
+        tiny_dpath = tiny_model_dpath(spec.name, spec.seed, spec.local_path)
+        repo_or_dir = str(llava.build_tiny_llava(tiny_dpath, seed=spec.seed))
     else:
-        source = spec.local_path or spec.pretrained or llava.LLAVA_15_7B
+        repo_or_dir = spec.local_path or spec.pretrained or llava.LLAVA_15_7B
     # Only the vision tower's tensors are read (not the 7B language model); block taps need no projector.
-    tower, image_processor = llava.load_llava_vision_tower(source, dtype=spec.dtype, cache_dir=spec.cache_dir)
+    tower, image_processor = llava.load_llava_vision_tower(repo_or_dir, dtype=spec.dtype, cache_dir=spec.cache_dir)
     tower = tower.to(resolve_device(spec.device))
     return HFVisionTap(spec, tower, llava.vision_blocks(tower), image_processor, projection=None)
