@@ -28,10 +28,8 @@ leaves that token's latent as encoded, so one batch can steer a different latent
 def sae_layer(sae: nn.Module) -> int | None:
     """The vision block the SAE was trained on (``sae.trained_on["layer"]``, from its ``config.json``), if known."""
     layer = getattr(sae, "trained_on", {}).get("layer")
-    return None if layer is None else _int_layer(layer)
-
-
-def _int_layer(layer: Any) -> int:
+    if layer is None:
+        return None
     try:
         return int(layer)
     except (TypeError, ValueError):
