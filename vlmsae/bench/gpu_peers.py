@@ -18,12 +18,12 @@ import argparse
 import dataclasses
 import functools
 import json
-import time
 import warnings
 from typing import Any
 
 import torch
 
+from vlmsae.bench.timing import PeakMemory, interleaved_seconds
 from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.sae import SAEConfig, build_sae
 from vlmsae.sae.select import compute_preacts, fast_matmul_kind, topk_exact
@@ -36,26 +36,13 @@ POLICIES = ("fp32", "fast_exact")
 ARCHS = ("topk", "batchtopk")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(step, device: torch.device, warmup: int, rounds: int) -> tuple[float, float | None]:
     """(median seconds per step, peak GiB on CUDA or None)."""
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
-    for _ in range(rounds):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return sorted(seconds)[len(seconds) // 2], peak
+    with PeakMemory(device) as peak:
+        seconds = interleaved_seconds({"step": step}, rounds, warmup=0, device=device)["step"]
+    return sorted(seconds)[len(seconds) // 2], peak.gib
 
 
 def _vlmsae(arch: str, n_latents: int, d_in: int, k: int, policy: str, device: torch.device, seed: int = 0):

@@ -22,14 +22,15 @@ compares their FVE.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from vlmsae.bench.timing import interleaved_seconds
 from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.sae import (
     SAE,
@@ -42,7 +43,6 @@ from vlmsae.sae import (
 )
 
 PATHS = ("sparse", "dense", "reference", "sparse_batchtopk", "encoder")
-TRAINED_PATHS = ("sparse", "dense", "reference")
 
 
 @dataclass(frozen=True)
@@ -137,11 +137,6 @@ def _encoder_only(sae: SAE, x_BD: torch.Tensor, amp_dtype: torch.dtype | None = 
 # Throughput
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_step_seconds(
     shape: StepShape,
     device: str | torch.device = "cpu",
@@ -164,33 +159,8 @@ def measure_step_seconds(
         else:
             train_step(shared.saes[path], shared.opt, x_BD, reference=path == "reference", amp_dtype=amp_dtype)
 
-    seconds: dict[str, list[float]] = {p: [] for p in paths}
-    for _ in range(warmup):
-        for path in paths:
-            one(path)
     desc = f"sae_step F={shape.n_latents} {device.type}{'' if amp_dtype is None else ' ' + str(amp_dtype)}"
-    for _ in tqdm(range(rounds), desc=desc, leave=False):
-        for path in paths:
-            _sync(device)
-            start = time.perf_counter()
-            one(path)
-            _sync(device)
-            seconds[path].append(time.perf_counter() - start)
-    return seconds
-
-
-def measure_throughput(
-    shape: StepShape,
-    device: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    warmup: int = 1,
-    rounds: int = 5,
-    paths: tuple[str, ...] = PATHS,
-    seed: int = 0,
-) -> dict:
-    """Median tokens/s of each path at ``shape`` (see :func:`measure_step_seconds`)."""
-    seconds = measure_step_seconds(shape, device, amp_dtype, warmup, rounds, paths, seed)
-    return {p: shape.batch_size / statistics.median(ts) for p, ts in seconds.items()}
+    return interleaved_seconds({p: functools.partial(one, p) for p in paths}, rounds, warmup, device, desc)
 
 
 def round_ratio(seconds: dict[str, list[float]], slow: str, fast: str) -> float:
