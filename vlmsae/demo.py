@@ -16,12 +16,14 @@ import argparse
 import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -558,9 +560,6 @@ def run(cfg: Any = None, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
 def _quiet() -> None:
     """Keep the demo's output to what each step shows: no download bars, no known-harmless warnings."""
-    import logging
-    import warnings
-
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
     for pattern in (

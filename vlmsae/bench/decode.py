@@ -25,6 +25,7 @@ other processes only ever adds time.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -176,8 +177,6 @@ def run(vit_tap: Any, quick: bool = False, photos_dpath: str | None = None) -> d
     """The issue-18 rows (module docstring) on generated JPEGs, and the same rows with the suffix ``_photos`` on
     real photographs (:mod:`vlmsae.bench.photos`; ``photos_source`` says which set, ``photos_error`` why none).
     ``vit_tap``: the random ViT-B/32 the extract bench built."""
-    import os
-
     n_images, rounds, batch = (96, 1, 32) if quick else (1000, 3, 64)
     workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
     tiny = load_tap(get_model_spec("tiny"))

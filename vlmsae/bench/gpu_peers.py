@@ -25,6 +25,7 @@ import torch
 
 from vlmsae.bench.timing import PeakMemory, interleaved_seconds
 from vlmsae.data.synthetic import PlantedDictionary
+from vlmsae.metrics import reconstruction
 from vlmsae.sae import SAEConfig, build_sae
 from vlmsae.sae.select import compute_preacts, fast_matmul_kind, topk_exact
 
@@ -189,9 +190,7 @@ def agreement_keys(device: torch.device, quick: bool, n_steps: int | None = None
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # BatchTopK's threshold starts later: per-sample top-k here
                 sae.eval()
-                x_hat = sae(x_val)
-                fve = 1 - (x_val - x_hat).pow(2).sum() / (x_val - x_val.mean(0)).pow(2).sum()
-            out[f"gpu_fve_{policy}_{arch}_after_{n_steps}"] = float(fve)
+                out[f"gpu_fve_{policy}_{arch}_after_{n_steps}"] = reconstruction.fve(x_val, sae(x_val))
     out["gpu_fast_exact_differing_selections"] = sum(out[f"gpu_fast_exact_differing_selections_{a}"] for a in ARCHS)
     out["gpu_fast_exact_differing_steps"] = n_steps
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import platform
@@ -75,11 +76,9 @@ def run_module(name: str, quick: bool) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         module = importlib.import_module(f"vlmsae.bench.{name}")
-    except ModuleNotFoundError as err:
-        if err.name != f"vlmsae.bench.{name}":
-            return {f"{name}_error": f"import failed: {err!r}"}
-        return {f"{name}_error": f"missing: vlmsae/bench/{name}.py does not exist yet"}
     except Exception as err:
+        if isinstance(err, ModuleNotFoundError) and err.name == f"vlmsae.bench.{name}":
+            return {f"{name}_error": f"missing: vlmsae/bench/{name}.py does not exist yet"}
         return {f"{name}_error": f"import failed: {err!r}"}
     try:
         results = module.run(quick=quick)
@@ -95,8 +94,6 @@ def run_module(name: str, quick: bool) -> dict[str, Any]:
 
 def _previous_results(out_dpath: Path) -> dict[str, Any]:
     """The keys of an earlier ``results.json`` in ``out_dpath`` (``--merge``), or {} if there is none."""
-    import json
-
     fpath = out_dpath / "results.json"
     if not fpath.exists():
         return {}

@@ -14,6 +14,7 @@ the training step consumes rows. This module measures both sides on the same mac
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -103,6 +104,4 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    import json
-
     print(json.dumps(run(quick=True), indent=2))

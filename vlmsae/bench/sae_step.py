@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from vlmsae.bench.timing import interleaved_seconds
 from vlmsae.data.synthetic import PlantedDictionary
+from vlmsae.metrics import reconstruction
 from vlmsae.sae import (
     SAE,
     SAEConfig,
@@ -181,10 +182,9 @@ def round_ratio(seconds: dict[str, list[float]], slow: str, fast: str) -> float:
 def fve(sae: SAE, x_BD: torch.Tensor) -> float:
     """Fraction of variance explained: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (inference encoder)."""
     was_training = sae.training
-    sae.eval()
-    err = (x_BD - sae(x_BD)).pow(2).sum()
+    x_hat_BD = sae.eval()(x_BD)
     sae.train(was_training)
-    return float(1.0 - err / (x_BD - x_BD.mean(0)).pow(2).sum())
+    return reconstruction.fve(x_BD, x_hat_BD)
 
 
 def learning_curve(

@@ -20,16 +20,19 @@ JSON inside a ``<script type="application/json">`` block or a chunk file's ``vlm
 
 from __future__ import annotations
 
+import base64
 import csv
 import functools
 import html
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
 from collections import defaultdict
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -470,9 +473,6 @@ def write_thumbnails(
     workers = workers or os.cpu_count() or 1
     if workers < 2 or len(jobs) < POOL_MIN_IMAGES:
         return {i for i in map(_thumbnail_job, jobs) if i is not None}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     # fork: the workers need nothing but PIL and this module, which the parent has already imported.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         return {i for i in pool.map(_thumbnail_job, jobs, chunksize=256) if i is not None}
@@ -909,8 +909,6 @@ def _round_sig(x: float | None, digits: int) -> float | None:
 
 def _b64_grid(heat: list[int] | None) -> str | None:
     """A quantized heatmap (ints 0..255) as base64 bytes: a third of its JSON list's size."""
-    import base64
-
     return base64.b64encode(bytes(heat)).decode("ascii") if heat else None
 
 

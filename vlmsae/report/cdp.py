@@ -29,11 +29,7 @@ def find_chromium() -> str | None:
 
 
 class Chrome:
-    """A minimal Chrome DevTools Protocol client over ``--remote-debugging-pipe``.
-
-    Chrome reads NUL-terminated JSON commands on fd 3 and writes replies and events on fd 4; no
-    websocket, no extra package. One page target, flattened session.
-    """
+    """A headless Chromium with one page target (flattened session), driven over its DevTools pipe."""
 
     def __init__(self, binary: str, profile_dpath: Path, width: int = 1400, height: int = 900):
         cmd_r, cmd_w = os.pipe()

@@ -24,7 +24,9 @@ Under torchrun only rank 0 logs.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -266,8 +268,6 @@ def _thumb(value: Any) -> Any:
 
 
 def _read_csv_rows(fpath: Path) -> list[dict[str, Any]]:
-    import csv
-
     with fpath.open(newline="", encoding="utf-8") as fh:
         lines = [line for line in fh if not line.startswith("#")]  # version lines (latents.csv)
     return list(csv.DictReader(lines))
@@ -280,9 +280,6 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_csv_rows(fpath: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Path:
     """``rows`` as a CSV file (columns: ``columns``, default every key of the rows; None and missing cells empty)."""
-    import csv
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns or _columns(rows), restval="")
     writer.writeheader()
