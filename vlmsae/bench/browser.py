@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -138,8 +137,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Build and time the browser of a synthetic run (``quick``: 3,000 latents over 2,000 images)."""
     size = QUICK if quick else FULL
     prefix = f"browser_{size['n_latents'] // 1000}k"  # browser_65k, browser_3k
-    tmp_dpath = Path(tempfile.mkdtemp(prefix="vlmsae-bench-browser-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-browser-", ignore_cleanup_errors=True) as tmp_name:
+        tmp_dpath = Path(tmp_name)
         t0 = time.perf_counter()
         ms_dpath = write_synthetic_run(tmp_dpath / "run", **size)
         synth_s = time.perf_counter() - t0
@@ -164,5 +163,3 @@ def run(quick: bool = False) -> dict[str, Any]:
                 **page,
             }
         }
-    finally:
-        shutil.rmtree(tmp_dpath, ignore_errors=True)
