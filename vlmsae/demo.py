@@ -24,7 +24,7 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,12 @@ def call_job(job: str, overrides: list[str], out_dpath: Path) -> dict[str, Any]:
 
 @dataclass
 class StepResult:
-    name: str
+    """One step's record, as demo_summary.json holds it."""
+
     status: str = "pending"  # ok | failed | missing | skipped
     seconds: float = 0.0
     out: str = ""
-    lines: list[str] = field(default_factory=list)  # the human summary
+    shows: list[str] = field(default_factory=list)  # the human summary
     error: str = ""
 
 
@@ -466,10 +467,10 @@ class Demo:
         t_start = time.perf_counter()
         for i, name in enumerate(self.steps, 1):
             print(f"\n== [{i}/{len(self.steps)}] {name} ==", flush=True)
-            res = StepResult(name=name, out=str(self.d("browser" if name == "browse" else name)))
+            res = StepResult(out=str(self.d("browser" if name == "browse" else name)))
             t0 = time.perf_counter()
             try:
-                res.lines = getattr(self, name)()
+                res.shows = getattr(self, name)()
                 res.status = "ok"
             except _Skip as e:
                 res.status, res.error = "skipped", str(e)
@@ -483,7 +484,7 @@ class Demo:
             self.results[name] = res
             if res.status == "ok":
                 print(f"   output: {res.out}  ({res.seconds:.1f} s)")
-                for line in res.lines:
+                for line in res.shows:
                     print(f"   {line}")
             else:
                 print(f"   {res.status.upper()}: {res.error}  ({res.seconds:.1f} s)")
@@ -491,16 +492,7 @@ class Demo:
         summary = {
             "out": str(self.out),
             "wall_seconds": round(wall, 1),
-            "steps": {
-                n: {
-                    "status": r.status,
-                    "seconds": round(r.seconds, 1),
-                    "out": r.out,
-                    "shows": r.lines,
-                    "error": r.error,
-                }
-                for n, r in self.results.items()
-            },
+            "steps": {n: {**asdict(r), "seconds": round(r.seconds, 1)} for n, r in self.results.items()},
         }
         from vlmsae.utils.io import atomic_write_json, atomic_write_text
 

@@ -21,11 +21,8 @@ from pathlib import Path
 
 def find_chromium() -> str | None:
     """The first Chromium or Chrome binary on PATH, else None."""
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+    names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+    return next((path for path in map(shutil.which, names) if path), None)
 
 
 class Chrome:
