@@ -618,12 +618,9 @@ def build_browser(
     run_info = _optional(formats.read_run_info, ms_dpath / formats.RUN_INFO_JSON)
     ms_config = run_info.config if run_info is not None else {}
     sae_source = run_sae_source(ms_config, run_info.extra if run_info is not None else {})
-    taxa = read_taxa_csv(sources.hierarchy_dpath / "latent_taxa.csv") if sources.hierarchy_dpath else {}
-    hierarchy = (
-        _optional(formats.read_hierarchy, sources.hierarchy_dpath / formats.HIERARCHY_JSON)
-        if sources.hierarchy_dpath
-        else None
-    )
+    hier_dpath = sources.hierarchy_dpath
+    taxa = read_taxa_csv(hier_dpath / "latent_taxa.csv") if hier_dpath else {}
+    hierarchy = _optional(formats.read_hierarchy, hier_dpath / formats.HIERARCHY_JSON) if hier_dpath else None
     steering = read_steering(sources.steer_fpaths)
 
     # Choose the cards: highest MS first (None = dead, last), then the steered latents.

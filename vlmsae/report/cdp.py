@@ -96,25 +96,23 @@ class Chrome:
         if self.session:
             msg["sessionId"] = self.session
         os.write(self._w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._read_message(deadline)
-            if reply.get("id") == self._next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-            self.events.append(reply)
+        reply = self._read_until("id", self._next_id, timeout)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result", {})
 
     def wait_event(self, method: str, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
         for i, ev in enumerate(self.events):
             if ev.get("method") == method:
                 return self.events.pop(i)
-        while True:
-            ev = self._read_message(deadline)
-            if ev.get("method") == method:
-                return ev
-            self.events.append(ev)
+        return self._read_until("method", method, timeout)
+
+    def _read_until(self, key: str, value: object, timeout: float) -> dict:
+        """The next message whose ``key`` is ``value``; the events read before it are kept in ``events``."""
+        deadline = time.monotonic() + timeout
+        while (msg := self._read_message(deadline)).get(key) != value:
+            self.events.append(msg)
+        return msg
 
     def eval(self, expression: str):
         res = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
