@@ -1,25 +1,11 @@
 """GPU benchmarks (``make bench-gpu``): every key starts with ``gpu_``; without CUDA the module skips cleanly.
 
-Measured on the first visible CUDA device, each case with its own peak memory
-(``torch.cuda.max_memory_allocated`` after a reset, so it is this case's own tensors and temporaries):
-
-- **SAE step** at d = 1024, k = 20, batch 4,096 and F = 16,384 and 65,536: tokens/s of the sparse
-  path (vlmsae's TopK step) and of the dense reference (top-k scattered into a dense B x F code), under
-  the SAE precision policy training uses by default (:mod:`vlmsae.sae.precision`: ``sae.precision=auto``),
-  timed interleaved as in :mod:`vlmsae.bench.sae_step`;
-- **extraction** through a random-weight ViT-L/14-336 (the LLaVA-1.5 tower's shape) at batch 256: the
-  tap's forward to the paper's layer (22) in float16 and float32 alone (``gpu_extract_forward_*``), and end to end
-  through :class:`vlmsae.models.extraction.StoreExtraction` on 1,024 generated ~500 x 375 JPEGs with DataLoader
-  workers (decode + preprocess + forward + shard writing): exact Pillow decoding (``gpu_extract_images_per_s``),
-  ``data.fast_decode`` with Pillow's draft mode (``gpu_extract_fast_decode_cpu_*``) and with batched nvjpeg
-  decoding and preprocessing on the GPU (``gpu_extract_fast_decode_gpu_*``; its ``_decode`` key says which path ran);
-- **MS** at N = 50,000 images x K = 65,536 latents (k = 20 codes per image, 768-d embeddings) with the
-  codes and embeddings on the GPU;
-- **precision policies and peers** (:mod:`vlmsae.bench.gpu_peers`): vlmsae's step under ``sae.precision`` =
-  fp32 and fast_exact, sparsify's and SAELens' training steps on the same shapes (TopK and BatchTopK), each
-  peer's fraction of selections that differ from float32, ``gpu_sae_step_fast_exact_65k_speedup``, 100-step
-  ``gpu_fast_exact_differing_selections`` (must be 0) and the FVE after those steps per policy;
-- **many SAEs per pass**: :func:`vlmsae.bench.train_many.measure` with ``trainer=gpu``.
+Measured on the first visible CUDA device, each case with its own peak memory (:class:`~vlmsae.bench.timing.PeakMemory`;
+the cases and one run's figures: docs/benchmarks.md): the SAE step under the precision policy training uses
+(sparse path vs the dense reference, as in :mod:`vlmsae.bench.sae_step`); precision policies and peers
+(:mod:`vlmsae.bench.gpu_peers`); extraction through a random-weight ViT-L/14-336 (the tap's forward alone per dtype,
+then end to end with exact, draft and nvjpeg decoding: ``gpu_extract_{,fast_decode_cpu_,fast_decode_gpu_}*``); MS
+at N = 50,000 x K = 65,536 on the GPU; many SAEs per pass (:func:`vlmsae.bench.train_many.measure`, ``trainer=gpu``).
 
 ``python -m vlmsae.bench --only gpu --merge`` (what ``make bench-gpu`` runs) adds these keys to an
 existing ``outputs/bench/results.json`` instead of replacing it.

@@ -7,7 +7,6 @@ Chrome reads NUL-terminated JSON commands on fd 3 and writes replies and events 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import json
@@ -123,12 +122,6 @@ class Chrome:
     def open(self, url: str) -> None:
         self.call("Page.navigate", {"url": url})
         self.wait_event("Page.loadEventFired")
-
-    def screenshot(self, fpath: Path, full_page: bool = False) -> None:
-        params: dict = {"format": "png"}
-        if full_page:
-            params["captureBeyondViewport"] = True
-        fpath.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", params)["data"]))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
