@@ -152,14 +152,14 @@ def step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     return out
 
 
-def agreement_keys(device: torch.device, quick: bool, n_steps: int | None = None) -> dict[str, Any]:
+def agreement_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     """On planted data: (1) a fast_exact training run in which every step's selection is also made by the fp32
     policy from the same weights and inputs; the differing (row, latent) entries summed over the steps
     (``gpu_fast_exact_differing_selections``, must be 0; bf16's count for scale); (2) the FVE after the same
     steps from the same init for each policy (fp32, fast_exact, bf16)."""
     shape = QUICK_SHAPE if quick else SHAPE
     n_latents = QUICK_SIZES[-1] if quick else SIZES[0]
-    n_steps = n_steps or (10 if quick else 100)
+    n_steps = 10 if quick else 100
     d_in, k, batch = shape["d_in"], shape["k"], shape["batch_size"]
     planted = PlantedDictionary.random(d_in=d_in, n_atoms=4 * d_in, k=k, scale=5.0, seed=0)
     x_val = planted.sample(batch, seed=2).x.float().to(device)

@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from vlmsae.report.job_log import flatten
 from vlmsae.utils.io import atomic_write_json, atomic_write_text
 from vlmsae.utils.provenance import provenance, write_run_info
 
@@ -24,21 +25,16 @@ DEFAULT_OUT_DPATH = Path("outputs") / "bench"
 
 
 def _flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts become ``a_b`` keys; non-finite floats become null (strict JSON)."""
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, prefix=f"{name}_"))
-        elif isinstance(value, float) and not math.isfinite(value):
-            out[name] = None
-        elif isinstance(value, (list, tuple)):
-            out[name] = ", ".join(str(v) for v in value)
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            out[name] = value
-        else:
-            out[name] = str(value)
-    return out
+    """Nested dicts become ``a_b`` keys; non-finite floats become null (strict JSON), lists one string."""
+    return {key: _json_value(value) for key, value in flatten(obj, prefix, sep="_").items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _cpu_model() -> str:

@@ -105,15 +105,15 @@ def _outputs_root(dpath: Path) -> Path:
     return dpath.parent.parent
 
 
-def runs_of_same_sae(ms_dpath: str | Path, search_dpath: str | Path | None = None) -> tuple[list[Path], list[Path]]:
+def runs_of_same_sae(ms_dpath: str | Path) -> tuple[list[Path], list[Path]]:
     """``(hierarchy run folders, steer.json files)`` of the SAE the MS run ``ms_dpath`` scored, wherever they are
-    under ``search_dpath`` (default: the ``outputs/`` folder above the MS run), matched through the ``sae_path``
-    each run recorded in its ``run_info.json``. Newest first."""
+    under the ``outputs/`` folder above the MS run, matched through the ``sae_path`` each run recorded in its
+    ``run_info.json``. Newest first."""
     ms_dpath = Path(ms_dpath)
     sae_path = _recorded_sae_path(ms_dpath)
     if sae_path is None:
         return [], []
-    root = Path(search_dpath) if search_dpath is not None else _outputs_root(ms_dpath)
+    root = _outputs_root(ms_dpath)
     bases = [Path.cwd(), root.resolve().parent]
     want = _sae_keys(sae_path, bases)
     hierarchy, steer = [], []

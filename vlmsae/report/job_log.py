@@ -73,13 +73,13 @@ def _plain(config: Any) -> dict[str, Any]:
     return OmegaConf.to_container(config, resolve=True)
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``: the keys W&B groups into panels by their first part."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten(value, name + "/"))
+            out.update(flatten(value, name + sep, sep))
         else:
             out[name] = value
     return out
