@@ -326,22 +326,16 @@ class Demo:
             self.d("steer"),
         )
         s = _read_format(formats.read_steer, self.d("steer") / formats.STEER_JSON) or res
-        lines = [
+        settings, baseline, steered = s.get("settings", {}), s.get("baseline", []), s.get("steered", [])
+        images = settings.get("images", ["?"] * 9)
+        return [
             f"latent #{latent} clamped to alpha={alpha} in every token of the tapped vision block "
-            f"(prompt {s.get('settings', {}).get('prompt', '')!r})"
+            f"(prompt {settings.get('prompt', '')!r})",
+            *(f"  {img}: baseline {b!r} -> steered {st!r}" for img, b, st in zip(images, baseline, steered)),
+            *(f"  alpha sweep {a}: {answers!r}" for a, answers in (s.get("sweep") or {}).items()),
+            f"{sum(b != st for b, st in zip(baseline, steered))} of {len(steered)} answers changed (a random tiny "
+            "LM: the words mean nothing, the change shows the hook reaches the language model)",
         ]
-        for img, b, st in zip(
-            s.get("settings", {}).get("images", ["?"] * 9), s.get("baseline", []), s.get("steered", [])
-        ):
-            lines.append(f"  {img}: baseline {b!r} -> steered {st!r}")
-        for a, answers in (s.get("sweep") or {}).items():
-            lines.append(f"  alpha sweep {a}: {answers!r}")
-        changed = sum(b != st for b, st in zip(s.get("baseline", []), s.get("steered", [])))
-        lines.append(
-            f"{changed} of {len(s.get('steered', []))} answers changed (a random tiny LM: the words mean "
-            f"nothing, the change shows the hook reaches the language model)"
-        )
-        return lines
 
     def splice_eval(self) -> list[str]:
         self.require("train")
