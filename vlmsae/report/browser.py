@@ -266,16 +266,11 @@ def latent_rows(table: formats.LatentsTable) -> list[dict[str, Any]]:
             "max_act": _float(r.max_act),
             "group": r.group,
             "top_keys": "|".join(r.top_keys),
-            "name": _name(getattr(r, "name", None)),
+            "name": (getattr(r, "name", None) or "").strip(),  # the automatic name (names=...), "" when unnamed
             "names": _names(getattr(r, "names", None)),
         }
         for r in table.rows
     ]
-
-
-def _name(value: Any) -> str:
-    """The latent's automatic name (``latents.csv``'s optional ``name`` column), "" when absent or empty."""
-    return value.strip() if isinstance(value, str) else ""
 
 
 def _names(value: Any) -> list[str]:
