@@ -1075,25 +1075,3 @@ def cards_summary(data: dict[str, Any]) -> dict[str, Any]:
         "n_steering": len(data["steering"]),
         "heatmap_note": data["heatmap_note"],
     }
-
-
-__all__ = [
-    "RunSources",
-    "TopIndex",
-    "build_browser",
-    "cards_summary",
-    "chunk_fname",
-    "chunk_payload",
-    "find_runs",
-    "inspect_links",
-    "json_for_script",
-    "latent_rows",
-    "log_to_wandb",
-    "read_steering",
-    "read_taxa_csv",
-    "read_top_index",
-    "render_html",
-    "search_index",
-    "wandb_table",
-    "write_page",
-]

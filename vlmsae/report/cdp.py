@@ -132,6 +132,3 @@ class Chrome:
             self.proc.kill()
             self.proc.wait()
         os.close(self._w), os.close(self._r)
-
-
-__all__ = ["Chrome", "find_chromium"]

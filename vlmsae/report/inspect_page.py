@@ -25,8 +25,6 @@ from vlmsae.utils.io import atomic_write, atomic_write_text
 PAGE = INSPECT_PAGE
 TABLE_CSV = "inspect_latents.csv"
 
-__all__ = ["PAGE", "TABLE_CSV", "draw_images", "table_rows", "write_page", "write_table"]
-
 
 def _hits(result: InspectResult) -> list[tuple[int, dict[str, Any]]]:
     """Every latent hit the page draws, with its image's index: each image's top lists and the query's hits."""

@@ -410,14 +410,3 @@ def log_job(cfg: Any, job: str, out_dpath: str | Path, result: Mapping[str, Any]
             names = (result.get("settings") or {}).get("images") or []
             answers = zip(result.get("baseline") or [], result.get("steered") or [])
             jl.table("answers", [{"image": str(n), "baseline": b, "steered": s} for n, (b, s) in zip(names, answers)])
-
-
-__all__ = [
-    "FIGURES",
-    "JobLog",
-    "JobLogError",
-    "flatten",
-    "latents_table_rows",
-    "log_job",
-    "training_run",
-]
