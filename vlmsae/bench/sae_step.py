@@ -256,26 +256,16 @@ def run(quick: bool = False) -> dict:
     shape_kw, sizes = (QUICK, QUICK_SIZES) if quick else (FULL, FULL_SIZES)
     rounds = {n: 2 for n in sizes} if quick else {8192: 9, 65536: 3}
     load_start = os.getloadavg()[0]
-    out: dict = {
-        "sae_step_d_in": shape_kw["d_in"],
-        "sae_step_k": shape_kw["k"],
-        "sae_step_batch_size": shape_kw["batch_size"],
-        "sae_step_threads": torch.get_num_threads(),
-        "sae_step_arch": "topk (+ batchtopk sparse)",
-    }
+    out: dict = {f"sae_step_{key}": value for key, value in shape_kw.items()}  # d_in, k, batch_size
+    out.update(sae_step_threads=torch.get_num_threads(), sae_step_arch="topk (+ batchtopk sparse)")
     out.update(_throughput_keys("sae_step", shape_kw, sizes, "cpu", None, warmup=1, rounds=rounds))
     out["sae_step_loadavg_1min"] = max(load_start, os.getloadavg()[0])
 
     curve_kw = dict(steps=100, d_in=32, n_latents=256, k=4, batch_size=128) if quick else dict(steps=1000)
     curve = learning_curve(**curve_kw)
-    out.update(
-        {
-            "sae_fve_steps": curve_kw["steps"],
-            "sae_fve_sparse": curve["sparse"],
-            "sae_fve_reference": curve["reference"],
-            "sae_fve_rel_diff": abs(curve["sparse"] - curve["reference"]) / abs(curve["reference"]),
-        }
-    )
+    out["sae_fve_steps"] = curve_kw["steps"]
+    out["sae_fve_sparse"], out["sae_fve_reference"] = curve["sparse"], curve["reference"]
+    out["sae_fve_rel_diff"] = abs(curve["sparse"] - curve["reference"]) / abs(curve["reference"])
     out["sae_fve_within_1pct"] = out["sae_fve_rel_diff"] <= 0.01
 
     if torch.cuda.is_available():
