@@ -24,6 +24,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,10 +298,8 @@ class Demo:
         if total < 2:
             return None
         pairs = total * (total - 1) / 2
-        per_shape: dict[str, int] = {}
-        for c in classes:
-            per_shape[c["shape"]] = per_shape.get(c["shape"], 0) + n
-        same_shape = sum(m * (m - 1) / 2 for m in per_shape.values()) / pairs
+        per_shape = Counter(c["shape"] for c in classes)  # classes per shape, n images each
+        same_shape = sum(m * n * (m * n - 1) / 2 for m in per_shape.values()) / pairs
         same_class = len(classes) * n * (n - 1) / 2 / pairs
         return same_shape + same_class
 
