@@ -28,6 +28,17 @@ WEIGHTS_FNAME = "sae.safetensors"
 _TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
+def read_safetensors(fpath: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on the CPU; an unreadable file is refused naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(fpath), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{str(fpath)!r} is not a readable safetensors file ({err}).") from err
+
+
 def refuse_interop_only(sae: SAE, action: str) -> None:
     """A loaded foreign SAE whose forward no vlmsae arch reproduces (``interop_only``: why) cannot be written as
     its base arch: that would silently change its codes. Use it in memory, or keep the original files."""
@@ -98,9 +109,6 @@ def save_sae(
 
 def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Rebuild an SAE from a ``save_sae`` folder (safetensors + JSON only), in eval mode on ``device``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     dpath = Path(dpath)
     info = read_sae_config(dpath)
     weights_fpath = dpath / WEIGHTS_FNAME
@@ -115,10 +123,7 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
         cfg = SAEConfig(**cfg_dict)
     except TypeError as err:
         raise ValueError(f'{str(dpath / SAE_CONFIG_JSON)!r}: its "config" does not match SAEConfig ({err}).') from err
-    try:
-        tensors = load_file(str(weights_fpath), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{str(weights_fpath)!r} is not a readable safetensors file ({err}).") from err
+    tensors = read_safetensors(weights_fpath)
     missing = [name for name in _TENSORS if name not in tensors]
     if missing:
         raise ValueError(f"{str(weights_fpath)!r} lacks tensors {missing}; expected {list(_TENSORS)}.")

@@ -68,8 +68,8 @@ import torch
 
 from vlmsae import __version__
 from vlmsae.sae.base import SAE
-from vlmsae.sae.build import build_sae
-from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.checkpoint import read_safetensors
+from vlmsae.sae.interop._convert import check_shape, positive_int, read_json_object, require_keys, sae_from_weights
 from vlmsae.sae.interop.names import model_from_name
 from vlmsae.utils.io import atomic_write, atomic_write_json
 
@@ -98,17 +98,6 @@ def layer_from_hook_name(hook_name: str | None) -> int | None:
     if match.group(2) == "pre":
         return layer - 1 if layer >= 1 else None
     return layer
-
-
-def _read_cfg(dpath: Path) -> dict[str, Any]:
-    fpath = dpath / CFG_FNAME
-    try:
-        cfg = json.loads(fpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(fpath)!r} is not valid JSON ({err}); expected a SAELens cfg.json.") from err
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{str(fpath)!r} holds a JSON {type(cfg).__name__}, expected a SAELens config object.")
-    return cfg
 
 
 def _is_v6(cfg: dict[str, Any]) -> bool:
@@ -150,17 +139,6 @@ def normalise_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     out["metadata"] = {key: old[key] for key in metadata_keys if key in old}
     out["metadata"].update(old.get("metadata") or {})
     return out
-
-
-def _load_tensors(fpath: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(fpath), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{str(fpath)!r} is not a readable safetensors file ({err}).") from err
-    return {name: tensor.float() for name, tensor in tensors.items()}
 
 
 def _scaling_factor(dpath: Path, norm_scaling_factor: float | None) -> float | None:
@@ -218,40 +196,19 @@ def _finetuning_scaling_factor(
             'was fine-tuned with it, set "finetuning_scaling_factor": true in cfg.json (vlmsae then decodes '
             "(f * s) W_dec + b_dec, as SAELens 5 does); otherwise delete the tensor."
         )
-    _check_shape(factor, (d_sae,), key, fpath)
+    check_shape(key, factor, (d_sae,), repr(str(fpath)))
     return factor.reshape(-1)
-
-
-def _need(tensors: dict[str, torch.Tensor], names: tuple[str, ...], fpath: Path, arch: str) -> None:
-    missing = [name for name in names if name not in tensors]
-    if missing:
-        raise ValueError(
-            f"{str(fpath)!r} lacks {missing} for a SAELens {arch!r} SAE (it has {sorted(tensors)}); expected "
-            f"{list(names)}."
-        )
-
-
-def _check_shape(tensor: torch.Tensor, shape: tuple[int, ...], name: str, fpath: Path) -> None:
-    if tuple(tensor.shape) != shape:
-        raise ValueError(
-            f"{str(fpath)!r}: {name} has shape {tuple(tensor.shape)}, but cfg.json (d_in, d_sae) implies {shape}."
-        )
 
 
 def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = None) -> SAE:
     """A SAELens folder as a vlmsae SAE (eval mode, ``source`` set); see the module docstring for the mapping."""
-
     dpath = Path(dpath)
     if not detect(dpath):
         raise FileNotFoundError(f"{str(dpath)!r} is not a SAELens folder: expected {EXPECTS}.")
     cfg_fpath, weights_fpath = dpath / CFG_FNAME, dpath / WEIGHTS_FNAME
-    cfg = normalise_cfg(_read_cfg(dpath))
+    cfg = normalise_cfg(read_json_object(cfg_fpath, "a SAELens cfg.json"))
     arch = cfg.get("architecture")
-    for name in ("d_in", "d_sae"):
-        value = cfg.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{str(cfg_fpath)!r}: {name} must be a positive integer; got {value!r}.")
-    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    d_in, d_sae = positive_int(cfg, "d_in", repr(str(cfg_fpath))), positive_int(cfg, "d_sae", repr(str(cfg_fpath)))
     if cfg.get("reshape_activations", "none") != "none":
         raise ValueError(
             f"{str(cfg_fpath)!r}: reshape_activations={cfg['reshape_activations']!r} (attention-head hook_z SAEs) "
@@ -276,28 +233,32 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         )
     sf = _scaling_factor(dpath, norm_scaling_factor) if norm == "expected_average_only_in" else None
 
-    tensors = _load_tensors(weights_fpath)
-    _need(tensors, ("W_enc", "W_dec", "b_dec"), weights_fpath, str(arch))
+    tensors = {name: tensor.float() for name, tensor in read_safetensors(weights_fpath).items()}
+    where = f"{str(weights_fpath)!r} (cfg.json: d_in={d_in}, d_sae={d_sae})"
+
+    def need(*names: str) -> None:
+        require_keys(tensors, names, where, f"{list(names)} for a SAELens {arch!r} SAE")
+
+    need("W_enc", "W_dec", "b_dec")
     W_enc_DF, W_dec_FD, b_dec_D = tensors["W_enc"], tensors["W_dec"], tensors["b_dec"]
-    _check_shape(W_enc_DF, (d_in, d_sae), "W_enc", weights_fpath)
-    _check_shape(W_dec_FD, (d_sae, d_in), "W_dec", weights_fpath)
-    _check_shape(b_dec_D, (d_in,), "b_dec", weights_fpath)
-    threshold_F = None
-    k = 20  # SAEConfig needs one; unused by relu/jumprelu
+    check_shape("W_enc", W_enc_DF, (d_in, d_sae), where)
+    check_shape("W_dec", W_dec_FD, (d_sae, d_in), where)
+    check_shape("b_dec", b_dec_D, (d_in,), where)
+    threshold_F = k = None  # k: topk only (SAEConfig's default otherwise)
     if arch == "gated":
-        _need(tensors, ("b_gate", "r_mag", "b_mag"), weights_fpath, arch)
+        need("b_gate", "r_mag", "b_mag")
         scale_F = tensors["r_mag"].exp()
         W_enc_DF = W_enc_DF * scale_F
         b_enc_F = tensors["b_mag"]
         threshold_F = tensors["b_mag"] - scale_F * tensors["b_gate"]
         vlmsae_arch = "jumprelu"
     else:
-        _need(tensors, ("b_enc",), weights_fpath, str(arch))
+        need("b_enc")
         b_enc_F = tensors["b_enc"]
         if arch == "standard":
             vlmsae_arch = "relu"
         elif arch == "jumprelu":
-            _need(tensors, ("threshold",), weights_fpath, arch)
+            need("threshold")
             threshold_F = tensors["threshold"]
             vlmsae_arch = "jumprelu"
         elif arch == "topk":
@@ -306,7 +267,7 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
                 raise ValueError(f"{str(cfg_fpath)!r}: a topk SAE needs an integer k in [1, d_sae={d_sae}]; got {k!r}.")
             vlmsae_arch = "topk"
         elif arch in ("batchtopk", "matryoshka_batchtopk"):
-            _need(tensors, ("topk_threshold",), weights_fpath, arch)
+            need("topk_threshold")
             threshold_F = torch.full((d_sae,), float(tensors["topk_threshold"].reshape(-1)[0]))
             vlmsae_arch = "jumprelu"
         else:
@@ -316,7 +277,7 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
             )
     for name, tensor in (("b_enc", b_enc_F), ("threshold", threshold_F)):
         if tensor is not None:
-            _check_shape(tensor, (d_sae,), name, weights_fpath)
+            check_shape(name, tensor, (d_sae,), where)
     finetuning_F = _finetuning_scaling_factor(tensors, cfg, weights_fpath, d_sae)
     if finetuning_F is not None:  # SAELens 5 decodes (f * s) W_dec: s scales the decoder rows
         W_dec_FD = W_dec_FD * finetuning_F[:, None]
@@ -338,16 +299,10 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         # threshold comparison) are unchanged.
         b_enc_F = b_enc_F + b_dec_D.double() @ W_enc_DF.double()
 
-    sae = build_sae(SAEConfig(arch=vlmsae_arch, d_in=d_in, n_latents=d_sae, k=k))
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc_DF.T)
-        sae.b_enc.copy_(b_enc_F)
-        sae.W_dec.copy_(W_dec_FD)
-        sae.b_dec.copy_(b_dec_D)
-        if threshold_F is not None:
-            sae.threshold.copy_(threshold_F)
-    sae.source = _source(cfg, dpath, norm, sf, rescale)
-    return sae.to(device).eval()
+    source = _source(cfg, dpath, norm, sf, rescale)
+    return sae_from_weights(
+        vlmsae_arch, W_enc_DF.T, b_enc_F, W_dec_FD, b_dec_D, k=k, threshold=threshold_F, source=source, device=device
+    )
 
 
 def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None, rescale: bool) -> dict[str, Any]:
