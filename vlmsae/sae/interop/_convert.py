@@ -47,11 +47,11 @@ def positive_int(cfg: Mapping[str, Any], name: str, where: str) -> int:
     return value
 
 
-def require_keys(found: Mapping[str, Any], names: Iterable[str], where: str, expected: str) -> None:
+def require_keys(found: Mapping[str, Any], names: Iterable[str], where: str, what: str = "") -> None:
     """Refuse ``found`` (a state dict) when it lacks any of ``names``, listing what it has."""
     missing = [name for name in names if name not in found]
     if missing:
-        raise ValueError(f"{where} lacks {missing} (it has {sorted(found)}); expected {expected}.")
+        raise ValueError(f"{where} lacks {missing}{what}; expected {list(names)} (found {sorted(found)}).")
 
 
 def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: str) -> None:

@@ -40,7 +40,6 @@ steering SAE); the projected embedding is one vector per image ("cls"); otherwis
 from __future__ import annotations
 
 import copy
-import json
 import re
 import warnings
 from pathlib import Path
@@ -49,8 +48,8 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.build import build_sae
 from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.interop._convert import check_shape, json_object_or_none, require_keys, sae_from_weights
 from vlmsae.sae.interop.names import hf_id, model_from_name
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.utils.io import atomic_write, atomic_write_json
@@ -98,14 +97,6 @@ _NORMALISATION += "activations"
 
 
 # ---------------------------------------------------------------------------------------------- locating files
-def _read_json(fpath: Path) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(fpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def _checkpoints(dpath: Path) -> list[Path]:
     """``dpath/checkpoints/ae_<step>.pt``, by step."""
     ckpt_dpath = dpath / "checkpoints"
@@ -132,7 +123,7 @@ def _locate_trainer(path: Path) -> tuple[Path, Path] | None:
 
 
 def _is_trainer(found: tuple[Path, Path] | None) -> bool:
-    trainer = (_read_json(found[1]) or {}).get("trainer") if found is not None else None
+    trainer = (json_object_or_none(found[1]) or {}).get("trainer") if found is not None else None
     return isinstance(trainer, dict) and "dict_class" in trainer
 
 
@@ -167,7 +158,9 @@ def detect(dpath: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _read_weights(fpath: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(fpath: Path) -> dict[str, torch.Tensor]:
+    """The flat ``{name: tensor}`` state dict of an ``ae.pt`` (:func:`~vlmsae.sae.interop.torchfile.read_torch_file`);
+    a training backup or any non-tensor value is refused, naming the keys."""
     obj = read_torch_file(fpath)
     if isinstance(obj, dict) and {"ae", "optimizer"} <= set(obj):
         raise ValueError(
@@ -175,8 +168,14 @@ def _read_weights(fpath: Path) -> dict[str, torch.Tensor]:
             "are in the trainer's normalised units), not a saved SAE: load the final ae.pt or a "
             "checkpoints/ae_<step>.pt instead."
         )
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{str(fpath)!r} is not a state dict {{name: tensor}} as dictionary_learning saves ae.pt.")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(fpath)!r} holds a {type(obj).__name__}, not a state dict {{name: tensor}}.")
+    bad = {key: type(value).__name__ for key, value in obj.items() if not isinstance(value, torch.Tensor)}
+    if bad:
+        raise ValueError(
+            f"{str(fpath)!r} is not a plain state dict: keys {sorted(bad)} hold {sorted(set(bad.values()))}, not "
+            "tensors (expected {name: tensor}, as dictionary_learning saves ae.pt)."
+        )
     return obj
 
 
@@ -204,13 +203,9 @@ def _group_fractions(sizes: list[int], n_latents: int, fpath: Path) -> tuple[flo
 
 
 def _convert(arch: str, dict_class: str, tensors: dict[str, torch.Tensor], fpath: Path, trainer: dict) -> tuple:
-    """(SAEConfig kwargs, vlmsae tensors {W_enc [F,d], b_enc, W_dec [F,d], b_dec, threshold}) of one file."""
-    missing = [key for key in _KEYS[arch] if key not in tensors]
-    if missing:
-        raise ValueError(
-            f"{str(fpath)!r} lacks {missing} for dict_class {dict_class!r}; expected keys {list(_KEYS[arch])} "
-            f"(found {sorted(tensors)}). Is config.json trainer.dict_class right for this file?"
-        )
+    """(SAEConfig fields, vlmsae tensors (W_enc [F,d], b_enc, W_dec [F,d], b_dec), threshold) of one file."""
+    what = f" for dict_class {dict_class!r} (is config.json trainer.dict_class right for this file?)"
+    require_keys(tensors, _KEYS[arch], repr(str(fpath)), what)
     t = {key: value.detach().to(torch.float32) for key, value in tensors.items() if key not in ("k", "group_sizes")}
     if arch in ("relu", "topk", "batchtopk"):
         W_enc_FD, b_enc_F, W_dec_FD = t["encoder.weight"], t["encoder.bias"], t["decoder.weight"].T
@@ -218,12 +213,11 @@ def _convert(arch: str, dict_class: str, tensors: dict[str, torch.Tensor], fpath
     else:
         W_enc_FD, b_enc_F, W_dec_FD, b_dec_D = t["W_enc"].T, t["b_enc"], t["W_dec"], t["b_dec"]
     n_latents, d_in = W_enc_FD.shape
-    shapes = {"W_dec": (tuple(W_dec_FD.shape), (n_latents, d_in)), "b_enc": (tuple(b_enc_F.shape), (n_latents,))}
-    shapes["b_dec"] = (tuple(b_dec_D.shape), (d_in,))
-    for name, (got, want) in shapes.items():
-        if got != want:
-            raise ValueError(f"{str(fpath)!r}: {name} has shape {got} but the encoder implies {want} (d={d_in}).")
-    kwargs: dict[str, Any] = {"arch": arch, "d_in": d_in, "n_latents": n_latents}
+    where = f"{str(fpath)!r} (encoder: d={d_in}, F={n_latents})"
+    check_shape("W_dec", W_dec_FD, (n_latents, d_in), where)
+    check_shape("b_enc", b_enc_F, (n_latents,), where)
+    check_shape("b_dec", b_dec_D, (d_in,), where)
+    kwargs: dict[str, Any] = {}
     if "k" in tensors:
         k = int(_scalar(tensors, "k", fpath, dict_class))
         if trainer.get("k") is not None and int(trainer["k"]) != k:
@@ -263,8 +257,7 @@ def _convert(arch: str, dict_class: str, tensors: dict[str, torch.Tensor], fpath
                 "in config.json: make them agree (the weights' buffer is what the library uses)."
             )
         kwargs["group_fractions"] = _group_fractions(sizes, n_latents, fpath)
-    weights = {"W_enc": W_enc_FD, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_dec": b_dec_D, "threshold": threshold}
-    return kwargs, weights
+    return kwargs, (W_enc_FD, b_enc_F, W_dec_FD, b_dec_D), threshold
 
 
 def _model(name: Any) -> tuple[str | None, str | None, str | None]:
@@ -304,7 +297,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     if found is None:
         raise FileNotFoundError(f"{str(dpath)!r} is not a dictionary_learning SAE; expected {EXPECTS}.")
     weights_fpath, config_fpath = found
-    config = _read_json(config_fpath)
+    config = json_object_or_none(config_fpath)
     trainer = (config or {}).get("trainer")
     if not isinstance(trainer, dict) or "dict_class" not in trainer:
         raise ValueError(f'{str(config_fpath)!r} has no "trainer": {{"dict_class": ...}}; expected {EXPECTS}.')
@@ -314,21 +307,14 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
             f"{str(config_fpath)!r}: dict_class {dict_class!r} is not supported; supported: {', '.join(DICT_CLASSES)}."
         )
     arch = DICT_CLASSES[dict_class]
-    kwargs, weights = _convert(arch, dict_class, _read_weights(weights_fpath), weights_fpath, trainer)
-    sae = build_sae(SAEConfig(**kwargs))
-    with torch.no_grad():
-        for name, value in weights.items():
-            target = getattr(sae, name)
-            if tuple(target.shape) != tuple(value.shape):
-                raise ValueError(f"{str(weights_fpath)!r}: {name} shape {tuple(value.shape)} != {tuple(target.shape)}.")
-            target.copy_(value)
+    kwargs, weights, threshold = _convert(arch, dict_class, read_state_dict(weights_fpath), weights_fpath, trainer)
     source = _source(trainer, config, config_fpath)
     source.setdefault("input_normalisation", _NORMALISATION)
-    sae.source = {**source, "format": NAME, "original_path": str(dpath), "dict_class": dict_class}
-    sae.source["checkpoint"] = (
-        weights_fpath.name if weights_fpath.parent.name != "checkpoints" else (f"checkpoints/{weights_fpath.name}")
-    )
-    return sae.to(device).eval()
+    source.update(format=NAME, original_path=str(dpath), dict_class=dict_class)
+    in_checkpoints = weights_fpath.parent.name == "checkpoints"
+    source["checkpoint"] = f"checkpoints/{weights_fpath.name}" if in_checkpoints else weights_fpath.name
+    where = repr(str(weights_fpath))
+    return sae_from_weights(arch, *weights, threshold=threshold, source=source, device=device, where=where, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- export

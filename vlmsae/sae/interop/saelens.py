@@ -237,7 +237,7 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
     where = f"{str(weights_fpath)!r} (cfg.json: d_in={d_in}, d_sae={d_sae})"
 
     def need(*names: str) -> None:
-        require_keys(tensors, names, where, f"{list(names)} for a SAELens {arch!r} SAE")
+        require_keys(tensors, names, where, f" for a SAELens {arch!r} SAE")
 
     need("W_enc", "W_dec", "b_dec")
     W_enc_DF, W_dec_FD, b_dec_D = tensors["W_enc"], tensors["W_dec"], tensors["b_dec"]

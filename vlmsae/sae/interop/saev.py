@@ -3,7 +3,7 @@
 File: one binary (``sae.pt`` on the Hub): line 1 is a UTF-8 JSON header ending in ``\\n``, the rest is
 ``torch.save(state_dict)`` with ``W_enc`` [d, F], ``b_enc`` [F], ``W_dec`` [F, d], ``b_dec`` [d] and, for
 BatchTopK, the scalar ``activation.threshold``. The header is parsed as JSON and the payload is read with
-``weights_only=True`` (:func:`vlmsae.sae.interop.torchfile.read_state_dict`); nothing is unpickled.
+``weights_only=True`` (:func:`vlmsae.sae.interop.torchfile.read_torch_file`); nothing is unpickled.
 
 Header schemas: none (flat ``{d_vit, exp_factor, ...}``, ReLU), 1 (form A: ``cls`` names the activation and
 ``cfg.top_k`` its k; form B: ``cfg.activation = {cls, params}``), 2-5 (``cfg.activation = {cls, params}``, with

@@ -81,7 +81,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     num_latents = cfg.get("num_latents", 0) or d_in * positive_int(cfg, "expansion_factor", where)
     tensors = read_safetensors(weights_fpath)
     names = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
-    require_keys(tensors, names, repr(str(weights_fpath)), f"{list(names)} (a sparsify SAE saved with its decoder)")
+    require_keys(tensors, names, repr(str(weights_fpath)), " (a sparsify SAE saved with its decoder)")
     if k > num_latents:
         raise ValueError(f"{str(cfg_fpath)!r}: k={k} is larger than the {num_latents} latents.")
     run_cfg = json_object_or_none(dpath.parent / "config.json") or {}  # sparsify's run-level TrainConfig

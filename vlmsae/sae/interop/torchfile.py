@@ -69,22 +69,3 @@ def read_torch_file(fpath: str | Path | io.BytesIO, allow_numpy_scalars: bool = 
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise ValueError(f"{label!r} is not a readable torch.save file ({type(err).__name__}: {err}).") from err
-
-
-def read_state_dict(fpath: str | Path) -> dict[str, Any]:
-    """A flat ``{name: tensor}`` state dict from a ``torch.save`` file (see :func:`read_torch_file`).
-
-    Values are tensors; anything else (a nested dict such as a training backup) is refused naming the key.
-    """
-    import torch
-
-    obj = read_torch_file(fpath)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{str(fpath)!r} holds a {type(obj).__name__}, not a state dict {{name: tensor}}.")
-    bad = {key: type(value).__name__ for key, value in obj.items() if not isinstance(value, torch.Tensor)}
-    if bad:
-        raise ValueError(
-            f"{str(fpath)!r} is not a plain state dict: keys {sorted(bad)} hold {sorted(set(bad.values()))}, not "
-            "tensors (expected {name: tensor}, e.g. the final ae.pt of a dictionary_learning run)."
-        )
-    return obj
