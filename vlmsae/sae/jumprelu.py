@@ -93,12 +93,3 @@ class JumpReLUSAE(SAE):
         if not self.training:  # eval-mode loss(): report the true L0 (no graph needed)
             return (codes.z_BF > self.threshold).sum(dim=-1).float().mean()
         return _StepFn.apply(codes.z_BF, self.threshold, BANDWIDTH).sum(dim=-1).mean()
-
-    @torch.no_grad()
-    def fold_input_scale_(self) -> None:
-        # relu(z) * (z > theta) commutes with a positive scale for any sign of theta: always divide.
-        s = self.input_scale.clone()
-        self.b_enc.div_(s)
-        self.b_dec.div_(s)
-        self.threshold.div_(s)
-        self.input_scale.fill_(1.0)

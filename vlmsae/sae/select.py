@@ -1,25 +1,12 @@
 """Exact latent selection from a fast encoder matmul (the ``fast_exact`` precision policy, METHOD §2 "Precision").
 
-Selection (top-k per row, batch top-k, the inference threshold) needs the whole B x F pre-activation matrix
-z = x_cent @ W_enc.T + b_enc, but only to decide which few entries are kept. This module computes z with a
-fast matmul (bf16 inputs, or TF32 on CUDA), bounds each value's error, and recomputes only the entries whose
-interval [z - e, z + e] reaches the selection boundary, with one canonical float32 kernel. The selected set is
-then a function of the canonical values alone, whatever matmul produced the first pass:
-
-* canonical value of entry (b, f): the dot product x_cent[b] . W_enc[f] plus b_enc[f] computed by one fixed
-  float32 kernel per device (:mod:`vlmsae.sae.sampled_dots`): a function of the entry's operands alone, as
-  accurate as the float32 matmul;
-* order: larger canonical value first; equal values -> lower latent index (TopK), lower flat index b * F + f
-  (BatchTopK); the threshold keeps values strictly above it;
-* candidates: an entry is recomputed unless its interval proves it is out (its upper end is below the k-th
-  largest lower end of its row, or of the batch for BatchTopK; at or below the threshold); every entry whose
-  canonical value ties the boundary is therefore recomputed, and the selection among candidates is exactly
-  the selection over all entries.
-
-Both exact policies run this code: ``fp32`` with the float32 matmul (a bound of a few float32 ulps, so nearly
-every candidate is selected) and ``fast_exact`` with the fast one; they select the same entries by
-construction and hand on the same canonical float32 values. ``bf16`` selects from the fast matmul's values
-without a bound (changed selections accepted). The bound is derived in docs/METHOD.md ("Precision").
+Selection (top-k, batch top-k, the threshold) needs all of z = x_cent @ W_enc.T + b_enc only to decide which few
+entries are kept. z comes from a fast matmul (bf16 inputs, or TF32 on CUDA) with a bound on each value's
+error, and only entries whose interval [z - e, z + e] reaches the selection boundary are recomputed by one
+canonical float32 kernel (:mod:`vlmsae.sae.sampled_dots`, a function of the entry's operands alone). Order:
+larger canonical value first, ties -> lower latent index (TopK) or flat index b * F + f (BatchTopK); the
+threshold keeps values strictly above it. So ``fp32`` (float32 matmul) and ``fast_exact`` select the same
+entries and hand on the same values; ``bf16`` selects from the fast values without a bound.
 """
 
 from __future__ import annotations
