@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.interop._convert import check_shape, sae_from_weights, single_checkpoint
+from vlmsae.sae.interop._convert import check_shape, require_keys, sae_from_weights, single_checkpoint
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.sae.relu import ReluSAE
 
@@ -118,9 +118,8 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     if not (isinstance(blob, dict) and isinstance(blob.get("model"), dict)):
         raise ValueError(f"{where}: expected a dict with a 'model' state dict; expected {EXPECTS}.")
     state = blob["model"]
-    missing = [key for key in ("pre_bias", "encoder", "latent_bias") if key not in state]
-    if missing or ("decoder" not in state and not info["tied"]):
-        raise ValueError(f"{where}: model state dict lacks {missing or ['decoder']}; expected {EXPECTS}.")
+    names = ("pre_bias", "encoder", "latent_bias") + (() if info["tied"] else ("decoder",))
+    require_keys(state, names, f"{where}: the model state dict")
     d_in, n_latents = info["n_inputs"], info["n_latents"]
     check_shape("encoder", state["encoder"], (d_in, n_latents), where + " (per its file name)")
     check_shape("pre_bias", state["pre_bias"], (d_in,), where)

@@ -37,7 +37,6 @@ else "all".
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.interop._convert import check_shape, sae_from_weights
+from vlmsae.sae.interop._convert import check_shape, json_object_or_none, require_keys, sae_from_weights
 from vlmsae.sae.relu import ReluSAE
 from vlmsae.sae.topk import TopKSAE
 
@@ -150,11 +149,8 @@ class PrismaTopKSAE(NormalisedInputSAE, TopKSAE):
 
 
 def _read_config(dpath: Path) -> dict[str, Any] | None:
-    try:
-        cfg = json.loads((dpath / CONFIG_JSON).read_text())
-    except (OSError, ValueError):
-        return None
-    return cfg if isinstance(cfg, dict) and all(key in cfg for key in _CONFIG_KEYS) else None
+    cfg = json_object_or_none(dpath / CONFIG_JSON)
+    return cfg if cfg is not None and all(key in cfg for key in _CONFIG_KEYS) else None
 
 
 def _weights_files(dpath: Path) -> list[Path]:
@@ -244,9 +240,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
             raise FileNotFoundError(f"{str(folder)!r} has {CONFIG_JSON} but no checkpoint (n_images_<N>.pt).")
         fpath = files[0]
     state = read_checkpoint(fpath)
-    missing = [key for key in ("W_enc", "b_enc", "W_dec", "b_dec") if key not in state]
-    if missing:
-        raise ValueError(f"{str(fpath)!r}: state dict lacks {missing}; expected {EXPECTS}.")
+    require_keys(state, ("W_enc", "b_enc", "W_dec", "b_dec"), f"{str(fpath)!r}: the state dict")
     d_in = int(cfg["d_in"])
     n_latents = d_in * int(cfg["expansion_factor"])
     where_w = f"{str(fpath)!r} (config.json: d_in={d_in}, expansion_factor={cfg['expansion_factor']})"

@@ -113,17 +113,13 @@ def _is_v6(cfg: dict[str, Any]) -> bool:
 def normalise_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     """The fields vlmsae needs, from a v6 or a pre-6 cfg.json (the renames and defaults of SAELens' v5 path)."""
     if _is_v6(cfg):
-        out = dict(cfg)
-        out["metadata"] = dict(cfg.get("metadata") or {})
-        out.setdefault("apply_b_dec_to_input", True)
+        out = {**cfg, "metadata": dict(cfg.get("metadata") or {})}
         out.setdefault("normalize_activations", "none")
         out.setdefault("reshape_activations", "none")
-        return out
+        return {"apply_b_dec_to_input": True, **out}
     renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index"}
     old = {renames.get(key, key): value for key, value in cfg.items()}
-    out = dict(old)
-    out["architecture"] = old.get("architecture") or "standard"
-    out.setdefault("apply_b_dec_to_input", True)
+    out = {"apply_b_dec_to_input": True, **old, "architecture": old.get("architecture") or "standard"}
     activation = old.get("activation_fn", old.get("activation_fn_str", "relu"))
     out["activation_fn"] = activation
     k = (old.get("activation_fn_kwargs") or {}).get("k")

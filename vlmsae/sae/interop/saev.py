@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.interop._convert import check_shape, sae_from_weights, single_checkpoint
+from vlmsae.sae.interop._convert import check_shape, require_keys, sae_from_weights, single_checkpoint
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.sae.topk import TopKSAE
 
@@ -53,7 +53,6 @@ EXPECTS = (
     "a saev file (e.g. sae.pt): a JSON header line, then a torch state dict with W_enc [d, F], b_enc, W_dec [F, d], "
     "b_dec (+ activation.threshold for BatchTopK)"
 )
-DEFAULT_FNAME = "sae.pt"
 
 
 def _shas(text: str) -> frozenset[str]:
@@ -202,9 +201,7 @@ def load(
     where = repr(str(fpath))
     header, state = read_file(fpath)
     act, top_k = _activation(header, where)
-    missing = [key for key in ("W_enc", "b_enc", "W_dec", "b_dec") if key not in state]
-    if missing:
-        raise ValueError(f"{where}: state dict lacks {missing}; expected {EXPECTS}.")
+    require_keys(state, ("W_enc", "b_enc", "W_dec", "b_dec"), f"{where}: the state dict")
     W_enc_DF = state["W_enc"].double()
     d_in, n_latents = W_enc_DF.shape
     check_shape("b_enc", state["b_enc"], (n_latents,), where)
