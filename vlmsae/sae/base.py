@@ -303,8 +303,7 @@ class SAE(nn.Module):
 
     def _train_codes(self, x_cent_BD: torch.Tensor) -> TrainCodes:
         """Training codes from centred scaled inputs x_s - b_dec (grad flows to all parameters)."""
-        z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
-        return TrainCodes(z_BF=z_BF, codes_BF=self._activate(z_BF, self.threshold))
+        return self._infer_codes(x_cent_BD, self.b_enc, self.threshold)
 
     def _recon_objective(self, x_s_BD: torch.Tensor, codes: TrainCodes) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(objective, x_hat_s, extra logs). Plain SAEs: objective = recon error of the full decode."""

@@ -11,6 +11,7 @@ format is :class:`vlmsae.formats.SAECheckpointConfig` (read it alone with :func:
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,19 @@ from vlmsae.utils.provenance import provenance
 
 WEIGHTS_FNAME = "sae.safetensors"
 _TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+
+
+def require_keys(found: Mapping[str, Any], names: Iterable[str], where: str, what: str = "") -> None:
+    """Refuse ``found`` (a state dict) when it lacks any of ``names``, listing what it has."""
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}{what}; expected {list(names)} (found {sorted(found)}).")
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
+    """Refuse a tensor whose shape is not ``shape``, naming the file and the tensor."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}.")
 
 
 def read_safetensors(fpath: Path) -> dict[str, torch.Tensor]:
@@ -124,18 +138,12 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
     except TypeError as err:
         raise ValueError(f'{str(dpath / SAE_CONFIG_JSON)!r}: its "config" does not match SAEConfig ({err}).') from err
     tensors = read_safetensors(weights_fpath)
-    missing = [name for name in _TENSORS if name not in tensors]
-    if missing:
-        raise ValueError(f"{str(weights_fpath)!r} lacks tensors {missing}; expected {list(_TENSORS)}.")
+    require_keys(tensors, _TENSORS, repr(str(weights_fpath)))
     sae = build_sae(cfg)
     with torch.no_grad():
         for name in _TENSORS:
             target = getattr(sae, name)
-            if tensors[name].shape != target.shape:
-                raise ValueError(
-                    f"{str(weights_fpath)!r}: tensor {name} has shape {tuple(tensors[name].shape)}, but config.json "
-                    f"implies {tuple(target.shape)}."
-                )
+            check_shape(name, tensors[name], tuple(target.shape), f"{str(weights_fpath)!r} (shapes per config.json)")
             target.copy_(tensors[name])
     sae.source = dict(info.source)
     sae.trainer_precision = (info.precision or {}).get("trainer_precision")

@@ -9,7 +9,7 @@ A loaded class whose forward no vlmsae arch reproduces carries ``interop_only`` 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 
 from vlmsae.sae.base import SAE
 from vlmsae.sae.build import SAE_CLASSES
+from vlmsae.sae.checkpoint import check_shape
 from vlmsae.sae.config import SAEConfig
 
 
@@ -45,19 +46,6 @@ def positive_int(cfg: Mapping[str, Any], name: str, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{where}: {name} must be an integer >= 1; got {value!r}.")
     return value
-
-
-def require_keys(found: Mapping[str, Any], names: Iterable[str], where: str, what: str = "") -> None:
-    """Refuse ``found`` (a state dict) when it lacks any of ``names``, listing what it has."""
-    missing = [name for name in names if name not in found]
-    if missing:
-        raise ValueError(f"{where} lacks {missing}{what}; expected {list(names)} (found {sorted(found)}).")
-
-
-def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
-    """Refuse a tensor whose shape is not ``shape``, naming the file and the tensor."""
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}.")
 
 
 def sae_from_weights(

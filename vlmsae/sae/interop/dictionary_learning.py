@@ -48,8 +48,9 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
+from vlmsae.sae.checkpoint import check_shape, require_keys
 from vlmsae.sae.config import SAEConfig
-from vlmsae.sae.interop._convert import check_shape, json_object_or_none, require_keys, sae_from_weights
+from vlmsae.sae.interop._convert import json_object_or_none, sae_from_weights
 from vlmsae.sae.interop.names import hf_id, model_from_name
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.utils.io import atomic_write, atomic_write_json

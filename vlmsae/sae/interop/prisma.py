@@ -45,7 +45,8 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.interop._convert import check_shape, json_object_or_none, require_keys, sae_from_weights
+from vlmsae.sae.checkpoint import check_shape, require_keys
+from vlmsae.sae.interop._convert import json_object_or_none, sae_from_weights
 from vlmsae.sae.relu import ReluSAE
 from vlmsae.sae.topk import TopKSAE
 
@@ -129,9 +130,6 @@ class NormalisedInputSAE:
                 "the same rows first, or pass decode(codes, x=x)."
             )
         return stats
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
 
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError(

@@ -68,8 +68,8 @@ import torch
 
 from vlmsae import __version__
 from vlmsae.sae.base import SAE
-from vlmsae.sae.checkpoint import read_safetensors
-from vlmsae.sae.interop._convert import check_shape, positive_int, read_json_object, require_keys, sae_from_weights
+from vlmsae.sae.checkpoint import check_shape, read_safetensors, require_keys
+from vlmsae.sae.interop._convert import positive_int, read_json_object, sae_from_weights
 from vlmsae.sae.interop.names import model_from_name
 from vlmsae.utils.io import atomic_write, atomic_write_json
 

@@ -44,7 +44,8 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.interop._convert import check_shape, require_keys, sae_from_weights, single_checkpoint
+from vlmsae.sae.checkpoint import check_shape, require_keys
+from vlmsae.sae.interop._convert import sae_from_weights, single_checkpoint
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.sae.topk import TopKSAE
 

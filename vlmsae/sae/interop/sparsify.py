@@ -27,15 +27,8 @@ import re
 from pathlib import Path
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.checkpoint import read_safetensors
-from vlmsae.sae.interop._convert import (
-    check_shape,
-    json_object_or_none,
-    positive_int,
-    read_json_object,
-    require_keys,
-    sae_from_weights,
-)
+from vlmsae.sae.checkpoint import check_shape, read_safetensors, require_keys
+from vlmsae.sae.interop._convert import json_object_or_none, positive_int, read_json_object, sae_from_weights
 from vlmsae.sae.interop.names import model_from_name
 
 NAME = "sparsify"
