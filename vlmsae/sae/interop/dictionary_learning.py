@@ -1,40 +1,28 @@
 """dictionary_learning (saprmarks/dictionary_learning) and the paper's code (ExplainableML/sae-for-vlm, which
 vendors an older copy): ``ae.pt`` + ``config.json``, loaded and written.
 
-Layout (what ``dictionary_learning.utils.load_dictionary`` reads): a folder ``trainer_<i>/`` with ``config.json``
-= ``{"trainer": {..., "dict_class": ..., "k": ...}, "buffer": {...}}`` and ``ae.pt``, a bare state dict; training
-also leaves ``checkpoints/ae_<step>.pt`` (same format). A folder without ``ae.pt`` loads its latest checkpoint,
-and ``sae_path`` may name one checkpoint file (the paper's scripts use ``checkpoints/ae_100000.pt``) or the run
-folder one level above a single ``trainer_<i>/`` (several there are refused, naming them). ``ae.pt``
-is read with torch's ``weights_only`` reader; a mid-training backup (``{step, ae, optimizer, ...}``) is refused.
+Layout (what ``dictionary_learning.utils.load_dictionary`` reads): ``trainer_<i>/config.json`` =
+``{"trainer": {"dict_class": ..., "k": ...}, "buffer": {...}}`` and ``ae.pt``, a bare state dict (also
+``checkpoints/ae_<step>.pt``, the latest loaded when there is no ``ae.pt``). ``sae_path`` may name one checkpoint
+file or the run folder above a single ``trainer_<i>/``. A mid-training backup (``{step, ae, optimizer}``) is refused.
 
-Classes (``trainer.dict_class``) -> vlmsae arch, with the library's keys and forward (x raw activations):
+``trainer.dict_class`` -> vlmsae arch (x raw activations):
 
-- ``AutoEncoder`` -> relu. ``encoder.weight`` [F,d], ``encoder.bias`` [F], ``decoder.weight`` [d,F] (transposed),
-  ``bias`` [d] (b_dec): f = relu((x - bias) W_e^T + b_e). Like ``AutoEncoder.from_pretrained`` (its default
-  ``normalize_decoder``), decoder columns are rescaled to unit norm and the encoder rows and bias by the same
-  norms (x_hat unchanged, codes in unit-direction units), unless they already are unit norm (torch.allclose).
-- ``AutoEncoderTopK`` -> topk. ``encoder.*``, ``decoder.weight``, ``b_dec``, ``k`` (int scalar), ``threshold``
-  (scalar, unused: the library's default ``use_threshold=False`` keeps each row's top k of relu(z)).
-- ``BatchTopKSAE`` -> batchtopk. Same keys; inference ``use_threshold=True``: f = p * (p > threshold), p = relu(z).
-  A threshold still at -1 (never estimated) makes that a plain ReLU; vlmsae loads it as threshold 0, which gives
-  the same codes (p * (p > 0) = p), and warns: such an SAE is dense.
-- ``MatryoshkaBatchTopKSAE`` / ``MatroyshkaBatchTopKSAE`` (the paper's spelling) -> matryoshka. ``W_enc`` [d,F]
-  (transposed), ``b_enc``, ``W_dec`` [F,d], ``b_dec``, ``k``, ``threshold`` (as BatchTopK), ``group_sizes`` [G]
-  (must sum to F; kept as vlmsae group fractions). All groups are active at inference.
-- ``JumpReluAutoEncoder`` -> jumprelu (vlmsae.sae.jumprelu). ``W_enc`` [d,F], ``b_enc``, ``W_dec``, ``b_dec``,
-  ``threshold`` [F]: pre = x W_enc + b_enc (b_dec NOT subtracted), f = relu(pre * (pre > threshold)). vlmsae
-  subtracts b_dec, so b_enc' = b_enc + b_dec W_enc.
+- ``AutoEncoder`` -> relu: ``encoder.*`` [F,d], ``decoder.weight`` [d,F], ``bias`` (b_dec). As its
+  ``from_pretrained`` does, decoder columns are rescaled to unit norm (encoder by the same norms) unless already so;
+- ``AutoEncoderTopK`` -> topk (``k``; its scalar ``threshold`` is unused at inference);
+- ``BatchTopKSAE`` -> batchtopk: f = p * (p > threshold), p = relu(z). A threshold still at -1 is a plain ReLU,
+  loaded as threshold 0 (same codes), with a warning;
+- ``MatryoshkaBatchTopKSAE`` / ``MatroyshkaBatchTopKSAE`` (the paper's spelling) -> matryoshka: ``W_enc`` [d,F],
+  ``W_dec`` [F,d], ``group_sizes`` (kept as group fractions), all groups active at inference;
+- ``JumpReluAutoEncoder`` -> jumprelu: pre = x W_enc + b_enc (b_dec NOT subtracted), so b_enc' = b_enc + b_dec W_enc.
 
-Units: with ``normalize_activations`` the trainer multiplies the biases (and a set threshold) by its norm factor
-before every save, so the file takes raw activations: no input normalisation is left to apply.
+With ``normalize_activations`` the trainer folds its norm factor into the saved weights: files take raw inputs.
 
-``sae.source``: ``trainer.layer`` is the residual output of block L (``model.layers[L]``; HF hidden_states[L+1]),
-which is vlmsae's block index. The paper's code saves ``layer=""`` and ``lm_name=""``; its folder name
-``<dataset>_<split>_activations_<model>_<layer>_<point>_<sae>_<k>_x<expansion>`` carries them instead:
-``post_mlp_residual`` layer L = block L (``vision_model.encoder.layers[L]``), ``post_projection`` (layer -1) =
-vlmsae ``"last"`` (the projected image embedding). Tokens: a ``random_k_<n>`` folder above means random_k (the
-steering SAE); the projected embedding is one vector per image ("cls"); otherwise unknown (None).
+``sae.source``: ``trainer.layer`` L is block L's residual output (vlmsae's index). The paper's code saves empty
+``layer``/``lm_name``; its folder ``<dataset>_<split>_activations_<model>_<layer>_<point>_<sae>_<k>_x<expansion>``
+has them: ``post_mlp_residual`` L = block L, ``post_projection`` = vlmsae ``"last"`` (tokens "cls"). A
+``random_k_<n>`` folder above means tokens random_k (the steering SAE); otherwise tokens are unknown (None).
 """
 
 from __future__ import annotations

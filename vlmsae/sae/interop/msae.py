@@ -1,28 +1,19 @@
 """MSAE checkpoints (WolodjaZ/MSAE, Matryoshka SAEs on CLIP embeddings) as vlmsae SAEs.
 
-File: ``<n_latents>_<n_inputs>_<activation>[_<k or L1 digits>][_RW|_UW]_<tied>_<normalize>_<latent_soft_cap>_
-<dataset>.pth`` = ``torch.save({"model": state_dict, "mean_center": Tensor[d], "scaling_factor": float,
-"target_norm": float | np.float64})``. The configuration lives only in the file NAME, parsed here as MSAE's
-``load_model`` does. The file is read with ``weights_only=True`` plus the two numpy globals a np.float64 needs
-(``numpy._core.multiarray.scalar``, ``numpy.dtype``); nothing else is allowed and nothing is executed.
-State dict: ``pre_bias`` [d], ``encoder`` [d, F], ``latent_bias`` [F], ``decoder`` [F, d] (absent when tied:
-the decoder is ``encoder.T``), ``latents_activation_frequency`` (unused).
+File: ``<n_latents>_<n_inputs>_<activation>[_<k>][_RW|_UW]_<tied>_<normalize>_<latent_soft_cap>_<dataset>.pth`` =
+``torch.save({"model": state_dict, "mean_center", "scaling_factor", "target_norm"})``; the configuration is only
+in the file name, parsed as MSAE's ``load_model`` does. Read with ``weights_only=True`` plus numpy's scalar globals
+(``target_norm`` is an np.float64). State dict: ``pre_bias`` [d], ``encoder`` [d, F], ``latent_bias`` [F],
+``decoder`` [F, d] (absent when tied: ``encoder.T``).
 
-Forward reproduced: MSAE's inference wrapper ``SAE.forward(x)`` (topk=-1). It standardises
-x~ = (x - mean_center) * scaling_factor (scaling_factor = target_norm / E||x - mean||^2, as stored), encodes
-pre = (x~ - pre_bias) @ encoder + latent_bias, and reconstructs from the DENSE codes ReLU(pre) over all latents
-(``TopK.forward_eval``; the TopK of training is not applied), x_hat = (codes @ decoder + pre_bias) /
-scaling_factor + mean_center. All of it is folded exactly into a vlmsae ReLU SAE: W_enc = s * encoder.T,
-b_enc = latent_bias, W_dec = decoder / s, b_dec = mean_center + pre_bias / s, so the module takes raw CLIP
-embeddings and returns MSAE's codes and reconstructions. A ``latent_soft_cap`` c > 0 gives codes
-c * tanh(ReLU(pre) / c) (:class:`SoftCapReluSAE`). Refused: ``normalize=True`` (MSAE's per-row standardisation,
-which its own wrapper cannot decode), and activations whose dense path is not a ReLU (TopK / BatchTopK with the
-identity, the ``abs`` variants, JumpReLU).
+Forward reproduced: MSAE's inference ``SAE.forward(x)`` (topk=-1): x~ = (x - mean_center) * s, dense codes
+ReLU((x~ - pre_bias) @ encoder + latent_bias) over all latents, x_hat = (codes @ decoder + pre_bias) / s +
+mean_center. Folded exactly into a ReLU SAE: W_enc = s * encoder.T, b_enc = latent_bias, W_dec = decoder / s,
+b_dec = mean_center + pre_bias / s. ``latent_soft_cap`` c > 0 gives c * tanh(ReLU(pre) / c)
+(:class:`SoftCapReluSAE`). Refused: ``normalize=True`` and activations whose dense path is not a ReLU.
 
-Input tensor: the OpenAI ``clip`` package's ``model.encode_image`` output, the projected image embedding (not
-L2-normalised), i.e. vlmsae layer ``"last"`` with the CLS/pooled token; the dataset part of the name
-(``<dataset>_<ViT-B~16>_<split>_<image|text>_<N>_<d>``) gives the CLIP model and the modality. Text-embedding
-SAEs load too but get layer None (vlmsae taps only the vision tower).
+Input: the OpenAI ``clip`` package's projected image embedding (vlmsae layer ``"last"``, CLS); the dataset part of
+the name (``<dataset>_<ViT-B~16>_<split>_<image|text>_<N>_<d>``) gives the CLIP model. Text SAEs get layer None.
 """
 
 from __future__ import annotations

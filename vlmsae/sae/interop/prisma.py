@@ -1,38 +1,22 @@
 """ViT-Prisma SAE checkpoints (Prisma-Multimodal/ViT-Prisma) as vlmsae SAEs.
 
-Files: ``<run>/n_images_<N>.pt`` = ``torch.save({"cfg": VisionModelSAERunnerConfig, "state_dict": sd})`` next to
-``config.json`` (Prisma's ``save_config``; the Hub repos ship both). The ``cfg`` entry is a pickled dataclass,
-which vlmsae never unpickles: the configuration is read from ``config.json``, and the ``.pt`` goes through
-torch's restricted (``weights_only``) unpickler in which every ``vit_prisma.*`` global is replaced by an inert
-placeholder class (no code from the file or from vit_prisma runs; the placeholder is then dropped). A file
-that names any other global (a class or function outside torch's tensor allowlist) is refused, naming the
-globals. A checkpoint without ``config.json`` is refused (its only config is the pickle). ``.pkl``/``.pkl.gz``
-files (plain pickles) are refused. With several ``n_images_<N>.pt`` the largest N (the last checkpoint) is
-loaded; pass a file path to pick another.
+Files: ``<run>/n_images_<N>.pt`` = ``torch.save({"cfg": <pickled dataclass>, "state_dict": sd})`` next to
+``config.json``. The config is read from ``config.json`` only (required); the ``.pt`` goes through torch's
+``weights_only`` unpickler with every ``vit_prisma.*`` global replaced by an inert placeholder, so nothing runs; any
+other global is refused, naming it, as are ``.pkl``/``.pkl.gz`` files. The largest N is loaded unless a file is named.
 
-config.json: ``d_in``, ``expansion_factor`` (F = d_in * expansion_factor), ``architecture`` (only "standard"
-is representable; gated/jumprelu and transcoders are refused), ``activation_fn_str`` ("relu" | "topk" with
-``activation_fn_kwargs.k``), ``normalize_activations``, ``model_name``, ``hook_point_layer``, ``layer_subtype``,
-``cls_token_only``, ``use_patches_only``. State dict: ``W_enc`` [d, F], ``b_enc``, ``W_dec`` [F, d], ``b_dec``.
+config.json: ``d_in``, ``expansion_factor``, ``architecture`` (only "standard"), ``activation_fn_str`` (relu |
+topk with ``activation_fn_kwargs.k``), ``normalize_activations``, ``model_name``, ``hook_point_layer``,
+``layer_subtype``, ``cls_token_only``, ``use_patches_only``. State dict: ``W_enc`` [d, F], ``b_enc``, ``W_dec``
+[F, d], ``b_dec``, mapped 1:1 (f = act((norm_in(x) - b_dec) W_enc + b_enc), x_hat = norm_out(f W_dec + b_dec)).
 
-Forward (StandardSparseAutoencoder): x~ = norm_in(x); f = act((x~ - b_dec) @ W_enc + b_enc) with act ReLU or
-TopK (top-k of the pre-activations, then ReLU on the kept values, = vlmsae's TopK); x_hat = norm_out(f @ W_dec +
-b_dec). The weights map 1:1 onto vlmsae's (b_dec is subtracted in both). ``normalize_activations``:
-- ``"layer_norm"`` (Prisma's default): norm_in(x) = (x - mu) / (sigma + 1e-5) with mu, sigma the per-sample mean
-  and *unbiased* std over the d features; norm_out(y) = y * sigma + mu;
-- ``"constant_norm_rescale"``: norm_in(x) = x * sqrt(d) / ||x||, norm_out(y) = y * ||x|| / sqrt(d);
-- anything else: identity (as in Prisma).
-The two per-sample normalisations depend on each input, so they cannot be folded into weights: the loaded
-module applies them itself as an explicit input transform (:class:`NormalisedInputSAE`, ``sae.input_transform``
-names it). ``encode(x)`` normalises x and returns Prisma's codes; ``decode(codes)`` de-normalises with the stats
-of the most recent ``encode``/``encode_pre`` call on the same rows (as Prisma's own module does), or with those
-of ``decode(codes, x=x)``; ``sae(x)`` is Prisma's full reconstruction. Inference only (``loss`` refuses).
+``normalize_activations`` ``"layer_norm"`` (default: (x - mu) / (sigma + 1e-5), unbiased std, undone by y * sigma +
+mu) and ``"constant_norm_rescale"`` (x * sqrt(d) / ||x||) depend on each input, so the loaded module applies them
+itself (:class:`NormalisedInputSAE`, ``sae.input_transform``); ``decode`` uses the stats of the last ``encode`` of
+the same rows, or ``decode(codes, x=x)``. Inference only.
 
-Layers: Prisma's ``blocks.{L}.hook_resid_post`` (= ``hook_point_layer`` L with ``layer_subtype``
-"hook_resid_post") is the output of block L = vlmsae layer L (HF ``hidden_states[L + 1]``). Other subtypes
-(``hook_mlp_out``, ``ln2.hook_normalized``, ...) are not the residual stream: the layer is recorded as None and
-the hook name under ``source["hook"]``. Tokens: ``cls_token_only`` -> "cls", ``use_patches_only`` -> "patches",
-else "all".
+Layers: ``hook_resid_post`` of block L = vlmsae layer L; other subtypes record layer None and ``source["hook"]``.
+Tokens: ``cls_token_only`` -> "cls", ``use_patches_only`` -> "patches", else "all".
 """
 
 from __future__ import annotations

@@ -1,59 +1,37 @@
 """SAELens folders (``cfg.json`` + ``sae_weights.safetensors``): load into a vlmsae SAE, and export to one.
 
-Layout (SAELens v6 ``SAE.save_model`` / ``load_from_disk``; v5 configs are read the way v6's
-``handle_pre_6_0_config`` reads them). Weights: ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in],
-``b_dec`` [d_in], plus ``threshold`` [d_sae] (jumprelu), ``b_gate``/``r_mag``/``b_mag`` instead of ``b_enc``
-(gated), ``topk_threshold`` (training checkpoints of batchtopk / matryoshka_batchtopk). SAELens encodes
-``x~ = norm_in(x) - b_dec * apply_b_dec_to_input`` and ``h = x~ W_enc + b_enc``; then
+Layout of SAELens v6 ``save_model``/``load_from_disk`` (v5 configs read as v6's ``handle_pre_6_0_config`` does):
+``W_enc`` [d_in, d_sae], ``b_enc``, ``W_dec`` [d_sae, d_in], ``b_dec``, plus ``threshold`` (jumprelu),
+``b_gate``/``r_mag``/``b_mag`` instead of ``b_enc`` (gated), ``topk_threshold`` (batchtopk /
+matryoshka_batchtopk training checkpoints). SAELens encodes h = (norm_in(x) - b_dec * apply_b_dec_to_input) W_enc
++ b_enc, then:
 
-- ``standard``: f = relu(h)                               -> vlmsae ``relu``
-- ``topk``: top-k of h, then relu on the kept values; with ``rescale_acts_by_decoder_norm`` h is first multiplied
-  by the W_dec row norms n and decode divides f by n (folded here: W_enc*n, b_enc*n, W_dec/n; exact) -> ``topk``
-- ``jumprelu``: f = relu(h) * (h > threshold)              -> ``jumprelu``
-  (SAELens saves its BatchTopK and Matryoshka BatchTopK SAEs as jumprelu with threshold = ones * the batch
-  threshold; their training checkpoints, architecture ``batchtopk`` / ``matryoshka_batchtopk``, are converted the
-  same way from ``topk_threshold``, after folding the decoder norms as SAELens' ``save_inference_model`` does)
-- ``gated``: f = 1[x~ W_enc + b_gate > 0] * relu(x~ (W_enc e^r_mag) + b_mag). With m = the magnitude
-  pre-activation, the gate is m > b_mag - e^r_mag * b_gate, so it is exactly a JumpReLU with that threshold
-  -> ``jumprelu`` (W_enc scaled by e^r_mag, b_enc = b_mag).
-- decode: x^ = f W_dec + b_dec, then norm_out. v5's ``finetuning_scaling_factor: true`` (weight
-  ``finetuning_scaling_factor`` [d_sae] as SAELens 5's ``save_model`` writes it, or ``scaling_factor`` in older
-  files; v5 decodes (f * s) W_dec + b_dec, codes unchanged) is folded into the W_dec rows. Both SAELens versions
-  refuse the first kind of file (their loaders drop the flag, then find an unexpected weight); a factor whose
-  cfg.json flag is not true is refused here too.
+- ``standard``: relu(h) -> ``relu``; ``topk``: relu of the top-k of h -> ``topk``; with
+  ``rescale_acts_by_decoder_norm`` h is scaled by the W_dec row norms n and decode divides by n (folded exactly:
+  W_enc*n, b_enc*n, W_dec/n);
+- ``jumprelu``: relu(h) * (h > threshold) -> ``jumprelu``. SAELens saves BatchTopK and Matryoshka SAEs so (threshold
+  = ones * the batch threshold); their training checkpoints are converted the same way from ``topk_threshold``,
+  after folding the decoder norms as ``save_inference_model`` does;
+- ``gated``: 1[x~ W_enc + b_gate > 0] * relu(x~ (W_enc e^r_mag) + b_mag) is exactly a JumpReLU with threshold
+  b_mag - e^r_mag * b_gate (W_enc scaled by e^r_mag, b_enc = b_mag);
+- v5's ``finetuning_scaling_factor`` (decode (f * s) W_dec; weight ``finetuning_scaling_factor`` or, older,
+  ``scaling_factor``) is folded into the W_dec rows; a factor whose cfg.json flag is not true is refused, as
+  SAELens refuses it. ``apply_b_dec_to_input: false`` becomes b_enc + W_enc b_dec.
 
-When ``apply_b_dec_to_input`` is false, b_enc becomes b_enc + W_enc b_dec (vlmsae always subtracts b_dec).
+``normalize_activations``: ``expected_average_only_in`` (SAELens trains on x * sf, sf = sqrt(d_in) / E||x||, and
+folds sf at the end of training) needs sf, from ``activation_scaler.json`` ({"scaling_factor": sf}) or
+``load(..., norm_scaling_factor=sf)`` (``pretrained_saes.yaml`` for Hub SAEs), folded as SAELens folds it (W_enc*sf,
+W_dec/sf, b_dec/sf), before the decoder norms as SAELens' end of training does (codes = training codes / sf, the
+``topk_threshold`` divided by sf too); without it the load is refused. ``constant_norm_rescale``, ``layer_norm``
+(per-input, not affine) and ``reshape_activations="hook_z"`` are refused.
 
-``normalize_activations``:
-- ``none``: nothing to do.
-- ``expected_average_only_in``: SAELens trains on x * sf (sf = sqrt(d_in) / E||x||) and folds sf into the weights
-  at the end of training (then writes "none"). A folder that still says "expected_average_only_in" needs sf: it is
-  read from ``activation_scaler.json`` ({"scaling_factor": sf}, what SAELens writes next to training checkpoints;
-  null = no scaling) or passed as ``load(..., norm_scaling_factor=sf)`` (for Hub SAEs SAELens keeps it in its
-  ``pretrained_saes.yaml`` as ``norm_scaling_factor``), and folded the way SAELens folds it (W_enc*sf, W_dec/sf,
-  b_dec/sf). Without it the load is refused: the codes would be off by sf. With ``rescale_acts_by_decoder_norm``
-  (topk, and the batchtopk / matryoshka_batchtopk training checkpoints) sf is folded first and the decoder norms
-  after, the order of SAELens' end of training (the trainer folds sf, then ``save_inference_model`` folds the norms)
-  and of its ``from_pretrained``: the codes are the training codes / sf, as in the SAE SAELens writes when training
-  ends, and the ``topk_threshold`` is divided by sf with them, so the latents that fired in training fire (SAELens
-  itself leaves that threshold in training units).
-- ``constant_norm_rescale`` and ``layer_norm`` normalise each input by its own norm (mean, std) and undo it on the
-  output: not an affine map, so not representable by a vlmsae SAE; refused with a message (never dropped).
-``reshape_activations="hook_z"`` (attention heads) is refused too.
+Layer: ``blocks.{L}.hook_resid_post`` = vlmsae layer L, ``blocks.{L}.hook_resid_pre`` = L-1 (None for L = 0),
+other hooks None (v5's ``hook_layer`` when there is no hook name). ``metadata.model_name`` is mapped to a vlmsae
+model when known; ``tokens`` is None unless vlmsae wrote the folder (``metadata.vlmsae_source``).
 
-Layer convention: SAELens ``hook_name`` is a TransformerLens hook name. ``blocks.{L}.hook_resid_post`` = output of
-block L = vlmsae layer L (= HF ``hidden_states[L+1]``); ``blocks.{L}.hook_resid_pre`` = input of block L = vlmsae
-layer L-1 (None for L = 0: the embeddings are no block output). Other hooks (mlp_out, attn, hook_z, ...) give
-layer None. v5 configs also carry ``hook_layer`` (the L in the hook name). ``metadata.model_name`` is mapped to a
-vlmsae model name when it is one, or a known HF id of one; ``tokens`` is unknown (None) unless the folder was
-written by vlmsae (``metadata.vlmsae_source``). Decoder rows of a loaded SAE need not be unit norm (inference only).
-
-Export (``save``): vlmsae relu -> standard, topk -> topk (k, rescale_acts_by_decoder_norm false), batchtopk and
-matryoshka -> jumprelu with threshold = ones * theta (the inference rule relu(z) * (z > theta), theta >= 0; an SAE
-whose threshold was never estimated encodes with per-sample top-k, so it is written as topk), jumprelu -> jumprelu.
-The cfg.json carries every field SAELens' ``SAEConfig`` reads (d_in, d_sae, dtype, device, apply_b_dec_to_input,
-normalize_activations, reshape_activations, architecture, metadata with sae_lens_version >= 6.0.0 so that SAELens
-takes the v6 path; k and rescale_acts_by_decoder_norm for topk). Input scale is folded first (raw activations in).
+Export (``save``), input scale folded: relu -> standard, topk -> topk (no rescale), jumprelu -> jumprelu,
+batchtopk / matryoshka -> jumprelu with threshold = ones * theta (topk while theta is not estimated). cfg.json
+carries every field SAELens' ``SAEConfig`` reads, with metadata.sae_lens_version >= 6.0.0 (the v6 path).
 """
 
 from __future__ import annotations

@@ -1,24 +1,13 @@
 """EleutherAI sparsify (and its predecessor ``EleutherAI/sae``) hookpoint folders: ``cfg.json`` + ``sae.safetensors``.
 
-Layout (sparsify ``SparseCoder.save_to_disk`` / ``load_from_disk``): weights ``encoder.weight`` [F, d],
-``encoder.bias`` [F], ``W_dec`` [F, d] (one row per latent, no transpose), ``b_dec`` [d], and ``W_skip`` [d, d] iff
-``skip_connection``. cfg.json: ``d_in``, ``k``, ``num_latents`` (0 = d_in * ``expansion_factor``), ``activation``
-(topk | groupmax; absent in old files = topk), ``normalize_decoder``, ``multi_topk``, ``skip_connection``,
-``transcode``, and, in mid-2024 files only, ``signed``.
+Weights (``SparseCoder.save_to_disk``): ``encoder.weight`` [F, d], ``encoder.bias``, ``W_dec`` [F, d], ``b_dec``.
+cfg.json: ``d_in``, ``k``, ``num_latents`` (0 = d_in * ``expansion_factor``), ``activation`` (absent = topk), ...
+The forward, relu((x - b_dec) W_e^T + b_e) kept at its per-sample top-k, is vlmsae's ``topk`` exactly
+(``multi_topk`` and ``normalize_decoder`` only affect training). Refused: ``activation="groupmax"``,
+``skip_connection``, ``transcode``, ``signed``. No input normalisation.
 
-Forward (an SAE, not a transcoder): p = relu((x - b_dec) encoder.weight^T + encoder.bias); keep the top-k of p per
-sample; x^ = sum values * W_dec[indices] + b_dec. That is vlmsae's ``topk`` exactly (vlmsae takes the top-k of the
-pre-activations and then the ReLU: the kept positive entries are the same, and entries below zero are 0 either way).
-``multi_topk`` only adds a training loss (inference uses k); ``normalize_decoder`` only constrains training.
-Refused, with a message: ``activation="groupmax"`` (a per-group argmax, not a top-k), ``skip_connection`` (x^ adds
-x W_skip^T, a term that is no SAE decode), ``transcode`` (predicts another layer's output), ``signed`` (top-k of
-|pre| with signed values). There is no input normalisation in sparsify.
-
-Layer convention: the folder name is the hookpoint. With ``layers`` sparsify names it ``<layers_name>.<L>`` (e.g.
-``layers.6``, ``vision_model.encoder.layers.6``) and records that module's OUTPUT: block L's output = vlmsae layer L
-(HF ``hidden_states[L+1]``); open_clip's ``transformer.resblocks.L`` likewise. Other hookpoints give layer None.
-The run folder above (``../config.json``, sparsify's TrainConfig) names the model (``model``), mapped to a vlmsae
-model name when it is a known HF id. Token selection is unknown (None).
+Layer: the folder name is the hookpoint, ``<layers_name>.<L>`` (``layers.6``, ``transformer.resblocks.6``, ...),
+whose output is vlmsae layer L; other hookpoints give None. The run's ``../config.json`` names the model.
 """
 
 from __future__ import annotations
