@@ -31,12 +31,6 @@ _BLOCK_N = 32  # entries per Triton program
 _BLOCK_D = 128  # input dims per Triton step
 
 
-def _use_triton(x_BD: torch.Tensor) -> bool:
-    if triton is None:
-        return False
-    return x_BD.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 if triton is not None:
 
     @triton.jit
@@ -125,7 +119,9 @@ def sampled_dots(
     out_Z = torch.empty(rows_Z.numel(), dtype=torch.float32, device=x_BD.device)
     if rows_Z.numel() == 0:
         return out_Z
-    if use_triton if use_triton is not None else _use_triton(x_BD):
+    if use_triton is None:
+        use_triton = triton is not None and (x_BD.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    if use_triton:
         _triton_dots(x_BD, W_FD, b_F, rows_Z.contiguous(), cols_Z.contiguous(), out_Z)
     elif x_BD.device.type == "cpu" and use_triton is None:
         _cpu_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z)

@@ -174,7 +174,9 @@ def topk_exact(pre: Preacts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     def cut(vals_BM: torch.Tensor) -> torch.Tensor:
         return vals_BM.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values - err2_B1
 
-    rows_C, cols_C = _row_candidates(z_BF, cut, _first_m(pre, k))
+    # First look at a few more than k per row for the float32 bound, 4k for the fast ones (doubled on demand).
+    first_m = min(n_latents, k + max(8, k // 2) if pre.policy == "fp32" else 4 * k)
+    rows_C, cols_C = _row_candidates(z_BF, cut, first_m)
     with _single_threaded(z_BF.device):  # small ops on the candidates (see vlmsae.sae.sparse)
         return _topk_of_candidates(pre, rows_C, cols_C, k)
 
@@ -232,7 +234,10 @@ def above_threshold_exact(pre: Preacts, threshold: torch.Tensor) -> tuple[torch.
     if not pre.exact:
         rows_Z, cols_Z = (z_BF > threshold).nonzero(as_tuple=True)
         return rows_Z, cols_Z, z_BF[rows_Z, cols_Z]
-    rows_C, cols_C = _not_below(z_BF, threshold, pre.err_B[:, None])
+    # Candidates z >= threshold - e; the cut is rounded down one float32 step so its rounding never drops an
+    # entry, and NaN (false under every comparison) is kept by ~(z < cut).
+    cut_B1 = torch.nextafter(threshold - pre.err_B[:, None], torch.tensor(float("-inf"), device=z_BF.device))
+    rows_C, cols_C = (~(z_BF < cut_B1)).nonzero(as_tuple=True)
     with _single_threaded(z_BF.device):
         vals_C = pre.canonical(rows_C, cols_C)
         keep_C = vals_C > threshold
@@ -247,13 +252,6 @@ def masked_topk_exact(pre: Preacts, keep_F: torch.Tensor, k: int) -> tuple[torch
     masked = Preacts(pre.z_BF.masked_fill(~keep_F, float("-inf")), pre.x_BD, pre.W_FD, b_F, pre.policy, pre.err_B)
     _, cols_Z, vals_Z = topk_exact(masked, k)
     return cols_Z, vals_Z
-
-
-def _first_m(pre: Preacts, k: int) -> int:
-    """How many top entries per row to look at first: a few more than k for the float32 matmul's tight
-    bound, 4k for the fast ones (a row whose candidates do not fit doubles it)."""
-    n_latents = pre.z_BF.shape[1]
-    return min(n_latents, k + max(8, k // 2) if pre.policy == "fp32" else 4 * k)
 
 
 def _row_candidates(z_BF: torch.Tensor, cut_of, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,16 +275,6 @@ def _row_candidates(z_BF: torch.Tensor, cut_of, m: int) -> tuple[torch.Tensor, t
         flat_C = torch.sort((torch.arange(batch_size, device=z_BF.device)[:, None] * n_latents + cols_BM)[keep_BM])
         flat_C = flat_C.values
         return flat_C // n_latents, flat_C % n_latents
-
-
-def _not_below(z_BF: torch.Tensor, level: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) in flat-index order of the entries with z >= level - margin (and NaNs), the candidates.
-
-    One comparison pass against a per-row cut, rounded down one float32 step so that the rounding of
-    ``level - margin`` never drops an entry (NaN compares false to everything, so ``~(z < cut)`` keeps it).
-    """
-    cut = torch.nextafter(level - margin, torch.tensor(float("-inf"), device=z_BF.device))
-    return (~(z_BF < cut)).nonzero(as_tuple=True)
 
 
 def _orderable(vals_Z: torch.Tensor) -> torch.Tensor:

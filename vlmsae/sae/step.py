@@ -36,9 +36,7 @@ class LinearWarmup:
         self.warmup_steps = max(0, int(warmup_steps))
 
     def __call__(self, step: int) -> float:
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, (step + 1) / self.warmup_steps)
+        return min(1.0, (step + 1) / max(self.warmup_steps, 1))
 
 
 def make_optimizer(

@@ -31,6 +31,7 @@ import torch
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import check_shape, require_keys
 from vlmsae.sae.interop._convert import json_object_or_none, sae_from_weights
+from vlmsae.sae.interop.names import model_from_name
 from vlmsae.sae.relu import ReluSAE
 from vlmsae.sae.topk import TopKSAE
 
@@ -43,13 +44,6 @@ CONFIG_JSON = "config.json"
 _CONFIG_KEYS = ("d_in", "hook_point_layer", "expansion_factor")
 _LN_EPS = 1e-5
 _PLACEHOLDER_PREFIXES = ("vit_prisma.",)
-# Prisma model names -> vlmsae model configs (conf/model); others are recorded as `pretrained` only.
-_MODELS = {
-    "open-clip:timm/vit_base_patch32_clip_224.openai": "clip_b32",
-    "openai/clip-vit-base-patch32": "clip_b32",
-    "openai/clip-vit-large-patch14": "clip_l14",
-    "openai/clip-vit-large-patch14-336": "clip_l14_336",
-}
 
 
 class _Placeholder:
@@ -236,7 +230,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     layer, subtype = cfg["hook_point_layer"], cfg.get("layer_subtype", "ln2.hook_normalized")
     tokens = "cls" if cfg.get("cls_token_only") else "patches" if cfg.get("use_patches_only") else "all"
     source = {
-        "model": _MODELS.get(cfg.get("model_name")),
+        "model": model_from_name(cfg.get("model_name"))[0],
         "pretrained": cfg.get("model_name"),
         "layer": int(layer) if subtype == "hook_resid_post" else None,
         "tokens": tokens,

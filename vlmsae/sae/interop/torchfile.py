@@ -29,12 +29,6 @@ def _numpy_scalar_globals() -> list[Any]:
     return [scalar, np.dtype, *dtype_classes]
 
 
-def _is_zip(fpath: Path | io.BytesIO) -> bool:
-    if isinstance(fpath, io.BytesIO):
-        fpath.seek(0)
-    return zipfile.is_zipfile(fpath)
-
-
 def read_torch_file(fpath: str | Path | io.BytesIO, allow_numpy_scalars: bool = False, name: str | None = None) -> Any:
     """The object in a ``torch.save`` file, read with ``weights_only=True`` on the CPU.
 
@@ -55,7 +49,9 @@ def read_torch_file(fpath: str | Path | io.BytesIO, allow_numpy_scalars: bool = 
                 return torch.load(fpath, map_location="cpu", weights_only=True)
         return torch.load(fpath, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if not _is_zip(fpath):  # torch.save writes zip archives (since torch 1.6): this is something else
+        if isinstance(fpath, io.BytesIO):
+            fpath.seek(0)
+        if not zipfile.is_zipfile(fpath):  # torch.save writes zip archives (since torch 1.6): this is something else
             raise ValueError(
                 f"{label!r} is not a readable torch.save file (not a zip archive; nothing in it was executed)."
             ) from err
