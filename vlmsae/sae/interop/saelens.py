@@ -70,12 +70,8 @@ def detect(dpath: Path) -> bool:
 def layer_from_hook_name(hook_name: str | None) -> int | None:
     """vlmsae layer (output of block L) of a TransformerLens hook name; None when it is not a block output."""
     match = _RESID_RE.match(hook_name or "")
-    if match is None:
-        return None
-    layer = int(match.group(1))
-    if match.group(2) == "pre":
-        return layer - 1 if layer >= 1 else None
-    return layer
+    layer = int(match.group(1)) - (match.group(2) == "pre") if match else -1  # resid_pre of L = output of L-1
+    return layer if layer >= 0 else None
 
 
 def _is_v6(cfg: dict[str, Any]) -> bool:
@@ -130,10 +126,7 @@ def _scaling_factor(dpath: Path, norm_scaling_factor: float | None) -> float | N
             "(for a SAELens Hub release sf is norm_scaling_factor in SAELens' pretrained_saes.yaml), or call "
             "vlmsae.sae.interop.saelens.load(path, norm_scaling_factor=<sf>)."
         )
-    try:
-        value = json.loads(fpath.read_text(encoding="utf-8")).get("scaling_factor")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f'{str(fpath)!r} is not {{"scaling_factor": <number or null>}} ({err}).') from err
+    value = read_json_object(fpath, '{"scaling_factor": <number or null>}').get("scaling_factor")
     if value is None:
         return None  # SAELens' ActivationScaler with no factor: inputs were not scaled
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0 and math.isfinite(value)):
