@@ -211,6 +211,12 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
     check_shape("W_enc", W_enc_DF, (d_in, d_sae), where)
     check_shape("W_dec", W_dec_FD, (d_sae, d_in), where)
     check_shape("b_dec", b_dec_D, (d_in,), where)
+    if arch not in ("standard", "topk", "jumprelu", "gated", "batchtopk", "matryoshka_batchtopk"):
+        raise ValueError(
+            f"{str(cfg_fpath)!r}: architecture={arch!r} is not supported; vlmsae loads SAELens standard, topk, "
+            "jumprelu, gated (and batchtopk / matryoshka_batchtopk, which SAELens saves as jumprelu)."
+        )
+    vlmsae_arch = {"standard": "relu", "topk": "topk"}.get(arch, "jumprelu")
     threshold_F = k = None  # k: topk only (SAEConfig's default otherwise)
     if arch == "gated":
         need("b_gate", "r_mag", "b_mag")
@@ -218,30 +224,19 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         W_enc_DF = W_enc_DF * scale_F
         b_enc_F = tensors["b_mag"]
         threshold_F = tensors["b_mag"] - scale_F * tensors["b_gate"]
-        vlmsae_arch = "jumprelu"
     else:
         need("b_enc")
         b_enc_F = tensors["b_enc"]
-        if arch == "standard":
-            vlmsae_arch = "relu"
-        elif arch == "jumprelu":
-            need("threshold")
-            threshold_F = tensors["threshold"]
-            vlmsae_arch = "jumprelu"
-        elif arch == "topk":
-            k = cfg.get("k")
-            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_sae:
-                raise ValueError(f"{str(cfg_fpath)!r}: a topk SAE needs an integer k in [1, d_sae={d_sae}]; got {k!r}.")
-            vlmsae_arch = "topk"
-        elif arch in ("batchtopk", "matryoshka_batchtopk"):
-            need("topk_threshold")
-            threshold_F = torch.full((d_sae,), float(tensors["topk_threshold"].reshape(-1)[0]))
-            vlmsae_arch = "jumprelu"
-        else:
-            raise ValueError(
-                f"{str(cfg_fpath)!r}: architecture={arch!r} is not supported; vlmsae loads SAELens standard, topk, "
-                "jumprelu, gated (and batchtopk / matryoshka_batchtopk, which SAELens saves as jumprelu)."
-            )
+    if arch == "jumprelu":
+        need("threshold")
+        threshold_F = tensors["threshold"]
+    elif arch == "topk":
+        k = cfg.get("k")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_sae:
+            raise ValueError(f"{str(cfg_fpath)!r}: a topk SAE needs an integer k in [1, d_sae={d_sae}]; got {k!r}.")
+    elif arch in ("batchtopk", "matryoshka_batchtopk"):
+        need("topk_threshold")
+        threshold_F = torch.full((d_sae,), float(tensors["topk_threshold"].reshape(-1)[0]))
     for name, tensor in (("b_enc", b_enc_F), ("threshold", threshold_F)):
         if tensor is not None:
             check_shape(name, tensor, (d_sae,), where)
@@ -250,9 +245,7 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         W_dec_FD = W_dec_FD * finetuning_F[:, None]
     # Training-time TopK/BatchTopK rescale pre-activations by the decoder row norms (SAELens' _fold_norm_topk).
     rescale_default = arch in ("batchtopk", "matryoshka_batchtopk")  # the training config's default
-    rescale = arch in ("topk", "batchtopk", "matryoshka_batchtopk") and bool(
-        cfg.get("rescale_acts_by_decoder_norm", rescale_default)
-    )
+    rescale = (arch == "topk" or rescale_default) and bool(cfg.get("rescale_acts_by_decoder_norm", rescale_default))
     if sf is not None:  # SAELens' fold_activation_norm_scaling_factor, before the decoder norms (as SAELens does)
         W_enc_DF, W_dec_FD, b_dec_D = W_enc_DF * sf, W_dec_FD / sf, b_dec_D / sf
         if rescale and threshold_F is not None:
@@ -284,12 +277,11 @@ def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None, resca
         if layer is None and isinstance(metadata.get("hook_layer"), int) and not hook_name:
             layer = metadata["hook_layer"]
         source = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
+    normalisation = "none"
     if norm == "expected_average_only_in":
         normalisation = f"expected_average_only_in, sf={sf} folded" if sf is not None else "none (scaler unset)"
         if sf is not None and rescale:
             normalisation += " before the decoder norms (codes = training codes / sf)"
-    else:
-        normalisation = "none"
     source.update(
         input_normalisation=normalisation,
         format=NAME,
@@ -319,12 +311,8 @@ def save(sae: SAE, out_dpath: Path) -> Path:
     out_dpath.mkdir(parents=True, exist_ok=True)
     folded = copy.deepcopy(sae).cpu().float()
     folded.fold_input_scale_()
-    tensors = {
-        "W_enc": folded.W_enc.detach().T.contiguous(),
-        "b_enc": folded.b_enc.detach().contiguous(),
-        "W_dec": folded.W_dec.detach().contiguous(),
-        "b_dec": folded.b_dec.detach().contiguous(),
-    }
+    tensors = {name: getattr(folded, name).detach().contiguous() for name in ("b_enc", "W_dec", "b_dec")}
+    tensors["W_enc"] = folded.W_enc.detach().T.contiguous()
     extra: dict[str, Any] = {}
     arch = sae.arch
     if arch == "relu":
