@@ -218,11 +218,7 @@ def _convert(arch: str, dict_class: str, tensors: dict[str, torch.Tensor], fpath
     threshold = torch.tensor(-1.0)
     if arch == "jumprelu":
         threshold = t["threshold"]
-        if tuple(threshold.shape) != (n_latents,):
-            raise ValueError(
-                f"{str(fpath)!r}: threshold has shape {tuple(threshold.shape)}, but JumpReluAutoEncoder needs one "
-                f"threshold per latent, shape ({n_latents},): the file contradicts its weights; re-save it."
-            )
+        check_shape("threshold", threshold, (n_latents,), where + " (JumpReluAutoEncoder: one per latent)")
         b_enc_F = b_enc_F + W_enc_FD @ b_dec_D  # the library does not subtract b_dec before encoding
     elif "threshold" in t:
         threshold = _scalar(t, "threshold", fpath, dict_class)
@@ -335,16 +331,9 @@ def _unit_decoder(W_enc_FD: torch.Tensor, b_enc_F: torch.Tensor, W_dec_FD: torch
 def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0]) -> Path:
     """Write ``out_dpath/ae.pt`` + ``config.json`` that ``dictionary_learning.utils.load_dictionary`` loads.
 
-    relu -> AutoEncoder, topk -> AutoEncoderTopK, batchtopk -> BatchTopKSAE, matryoshka -> ``matryoshka_class``
-    (MatryoshkaBatchTopKSAE, dictionary_learning's name; MatroyshkaBatchTopKSAE (sic) for sae-for-vlm's vendored
-    copy, whose ``load_dictionary`` knows only that spelling). A BatchTopK or Matryoshka SAE whose threshold is not
-    estimated encodes with per-sample top-k in vlmsae, which those classes cannot express (at -1 they encode
-    densely): it is written as AutoEncoderTopK, with a warning.
-
-    An AutoEncoder's decoder columns are written unit norm: ``AutoEncoder.from_pretrained`` rescales any others to
-    unit norm (and the encoder by the same norms) when it loads, so the file would not encode as written. The row
-    norms n of a relu SAE are folded first (W_dec / n, W_enc * n, b_enc * n; x_hat unchanged, latent i's codes
-    times n_i), with a warning; the file then loads unchanged in dictionary_learning and in vlmsae.
+    relu -> AutoEncoder (decoder rows made unit norm, see :func:`_unit_decoder`), topk -> AutoEncoderTopK, batchtopk
+    -> BatchTopKSAE, matryoshka -> ``matryoshka_class`` (MatroyshkaBatchTopKSAE (sic) for sae-for-vlm's copy). A
+    BatchTopK-family SAE without an estimated threshold (per-sample top-k in vlmsae) is written as AutoEncoderTopK.
     """
     if sae.arch not in ("relu", "topk", "batchtopk", "matryoshka"):
         raise ValueError(
@@ -372,19 +361,13 @@ def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0
             stacklevel=2,
         )
         arch = "topk"
-    k = torch.tensor(sae.cfg.k, dtype=torch.int32)
-    if arch == "relu":
-        dict_class = "AutoEncoder"
-        state = {"bias": b_dec_D, "encoder.weight": W_enc_FD, "encoder.bias": b_enc_F, "decoder.weight": W_dec_FD.T}
-    elif arch in ("topk", "batchtopk"):
-        dict_class = "AutoEncoderTopK" if arch == "topk" else "BatchTopKSAE"
-        state = {"encoder.weight": W_enc_FD, "encoder.bias": b_enc_F, "decoder.weight": W_dec_FD.T, "b_dec": b_dec_D}
-        state.update(k=k, threshold=threshold)
-    else:
-        dict_class = matryoshka_class
-        state = {"W_enc": W_enc_FD.T, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_dec": b_dec_D, "k": k}
-        state.update(threshold=threshold, group_sizes=torch.tensor(sae.group_sizes, dtype=torch.int64))
-    state = {name: value.contiguous() for name, value in state.items()}
+    dict_class = matryoshka_class if arch == "matryoshka" else next(c for c, a in DICT_CLASSES.items() if a == arch)
+    # Every key any class saves; each class writes the keys its loader reads (_KEYS; AutoEncoderTopK also a threshold).
+    values = {"bias": b_dec_D, "b_dec": b_dec_D, "encoder.weight": W_enc_FD, "encoder.bias": b_enc_F}
+    values.update({"decoder.weight": W_dec_FD.T, "W_enc": W_enc_FD.T, "b_enc": b_enc_F, "W_dec": W_dec_FD})
+    values.update(k=torch.tensor(sae.cfg.k, dtype=torch.int32), threshold=threshold)
+    values["group_sizes"] = torch.tensor(sae.group_sizes, dtype=torch.int64)
+    state = {name: values[name].contiguous() for name in _KEYS[arch] + (("threshold",) if arch == "topk" else ())}
     source = dict(sae.source)
     layer = source.get("layer")
     trainer = {
