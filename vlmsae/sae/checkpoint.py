@@ -89,10 +89,8 @@ def save_sae(
     # (jumprelu, [F] in sae.safetensors, which load_sae reads) is written as a number only when all latents
     # share it (e.g. a BatchTopK SAE saved as JumpReLU by SAELens), else null: the tensor file is authoritative.
     threshold_F = folded.threshold.detach().reshape(-1)
-    uniform = threshold_F.numel() > 0 and bool((threshold_F == threshold_F[0]).all())
-    threshold = float(threshold_F[0]) if uniform else None
-    if threshold is not None and folded.threshold.dim() == 0 and threshold < 0:
-        threshold = None
+    unset = folded.threshold.dim() == 0 and float(threshold_F[0]) < 0
+    threshold = float(threshold_F[0]) if bool((threshold_F == threshold_F[0]).all()) and not unset else None
     atomic_write(dpath / WEIGHTS_FNAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": SAE_FORMAT}))
     prov = provenance()
     info = SAECheckpointConfig(

@@ -50,9 +50,6 @@ def fp32_region(device: torch.device | str) -> Iterator[None]:
     )
     previous = torch.get_float32_matmul_precision()
     with autocast:
-        if previous == "highest":
-            yield
-            return
         torch.set_float32_matmul_precision("highest")
         try:
             yield

@@ -19,6 +19,7 @@ clipping and the decoder projection work unchanged. Timings: ``prefer_sparse`` a
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -101,7 +102,6 @@ class _Plan:
         self.n_entries = rows_Z.numel()
         with _single_threaded(rows_Z.device):
             self.k = self._detect_row_major_k()
-        self._by_row = None
         self._by_col: dict[int, tuple] = {}
 
     def _detect_row_major_k(self) -> int:
@@ -114,41 +114,33 @@ class _Plan:
             return k
         return k if torch.equal(self.rows_Z, _row_major_rows(n_rows, k, self.rows_Z.device)) else 0
 
+    @functools.cached_property
     def by_row(self):
         """(order_Z or None, cols in row order, bag offsets [n_rows], CSR row pointers [n_rows + 1])."""
-        if self._by_row is None:
-            with _single_threaded(self.rows_Z.device):
-                self._by_row = self._group_by_row()
-        return self._by_row
-
-    def _group_by_row(self):
         rows_Z, cols_Z = self.rows_Z, self.cols_Z
-        sorted_ = self.n_entries < 2 or bool((rows_Z[1:] >= rows_Z[:-1]).all())
-        order_Z = None if sorted_ else torch.argsort(rows_Z, stable=True)
-        if order_Z is not None:
-            rows_Z, cols_Z = rows_Z[order_Z], cols_Z[order_Z]
-        counts = torch.bincount(rows_Z, minlength=self.n_rows)
-        if counts.numel() > self.n_rows:
-            raise ValueError(f"a row index is >= {self.n_rows} (the batch size / number of bags); check rows_Z.")
-        crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=rows_Z.device)
-        torch.cumsum(counts, 0, out=crow[1:])
-        return order_Z, cols_Z, crow[:-1], crow
+        with _single_threaded(rows_Z.device):
+            sorted_ = self.n_entries < 2 or bool((rows_Z[1:] >= rows_Z[:-1]).all())
+            order_Z = None if sorted_ else torch.argsort(rows_Z, stable=True)
+            if order_Z is not None:
+                rows_Z, cols_Z = rows_Z[order_Z], cols_Z[order_Z]
+            counts = torch.bincount(rows_Z, minlength=self.n_rows)
+            if counts.numel() > self.n_rows:
+                raise ValueError(f"a row index is >= {self.n_rows} (the batch size / number of bags); check rows_Z.")
+            crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=rows_Z.device)
+            torch.cumsum(counts, 0, out=crow[1:])
+            return order_Z, cols_Z, crow[:-1], crow
 
     def by_col(self, n_latents: int):
         """(order_Z, rows in column order, bag offsets [n_latents]) for the dW products."""
         if n_latents not in self._by_col:
             with _single_threaded(self.rows_Z.device):
-                self._by_col[n_latents] = self._group_by_col(n_latents)
+                order_Z = torch.argsort(self.cols_Z, stable=True)
+                rows_by_col_Z = torch.div(order_Z, self.k, rounding_mode="floor") if self.k else self.rows_Z[order_Z]
+                counts = torch.bincount(self.cols_Z, minlength=n_latents)
+                if counts.numel() > n_latents:
+                    raise ValueError(f"a column index is >= n_latents={n_latents}; check cols_Z.")
+                self._by_col[n_latents] = (order_Z, rows_by_col_Z, torch.cumsum(counts, 0) - counts)
         return self._by_col[n_latents]
-
-    def _group_by_col(self, n_latents: int):
-        cols_Z = self.cols_Z
-        order_Z = torch.argsort(cols_Z, stable=True)
-        rows_by_col_Z = torch.div(order_Z, self.k, rounding_mode="floor") if self.k else self.rows_Z[order_Z]
-        counts = torch.bincount(cols_Z, minlength=n_latents)
-        if counts.numel() > n_latents:
-            raise ValueError(f"a column index is >= n_latents={n_latents}; check cols_Z.")
-        return order_Z, rows_by_col_Z, torch.cumsum(counts, 0) - counts
 
 
 _PLANS: list[tuple] = []  # (weakref rows, weakref cols, versions, n_rows, plan), most recent first
@@ -177,7 +169,7 @@ def _bag_by_row(plan: _Plan, weight_Z: torch.Tensor, table_FD: torch.Tensor) -> 
             mode="sum",
             per_sample_weights=weight_Z.reshape(plan.n_rows, plan.k),
         )
-    order_Z, cols_by_row_Z, offsets, _ = plan.by_row()
+    order_Z, cols_by_row_Z, offsets, _ = plan.by_row
     if order_Z is not None:
         with _single_threaded(weight_Z.device):
             weight_Z = weight_Z[order_Z]
@@ -202,7 +194,7 @@ def _sampled_dots(plan: _Plan, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.
     if plan.n_entries == 0:
         return a_BD.new_zeros(0)
     if a_BD.device.type == "cpu":
-        order_Z, cols_by_row_Z, _, crow = plan.by_row()
+        order_Z, cols_by_row_Z, _, crow = plan.by_row
         vals_Z = csr_sampled_dots(crow, cols_by_row_Z, a_BD, b_FD)
         if order_Z is None:
             return vals_Z
