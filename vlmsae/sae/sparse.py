@@ -35,7 +35,6 @@ __all__ = [
     "release_selection_buffers",
     "selection_preacts",
     "sparse_decode",
-    "topk_select",
     "use_sparse_kernel",
 ]
 
@@ -82,7 +81,7 @@ def _single_threaded(device: torch.device):
 
 
 def _row_major_rows(n_rows: int, k: int, device: torch.device) -> torch.Tensor:
-    """[0]*k + [1]*k + ... + [n_rows-1]*k, cached: ``topk_select`` hands out this very tensor so
+    """[0]*k + [1]*k + ... + [n_rows-1]*k, cached: TopK selections hand out this very tensor so
     the kernels recognise TopK's layout by identity, with no check on the data."""
     key = (n_rows, k, str(device))
     rows_Z = _ROW_MAJOR_ROWS.get(key)
@@ -383,18 +382,6 @@ def preact_buffer(n_rows: int, n_latents: int, dtype: torch.dtype, device: torch
 def release_selection_buffers() -> None:
     """Free the buffers held by :func:`selection_preacts`."""
     _PREACT_BUFFERS.clear()
-
-
-def topk_select(z_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows_Z, cols_Z) of the k largest entries of each row of ``z_BF``, row-major, Z = B * k.
-
-    ``rows_Z`` is a cached tensor shared between calls (the kernels recognise it): do not modify it.
-    """
-    batch_size, n_latents = z_BF.shape
-    if not 0 < k <= n_latents:
-        raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}.")
-    cols_Z = z_BF.topk(k, dim=1, sorted=False).indices.reshape(-1)
-    return _row_major_rows(batch_size, k, z_BF.device), cols_Z
 
 
 def batch_topk_select(z_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, torch.Tensor]:
