@@ -103,26 +103,18 @@ class TrainCodes:
     def is_sparse(self) -> bool:
         return self.codes_BF is None
 
-    def decode_range(self, W_dec_FD: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Contribution of latents [start, end) to x_hat (no bias) -> [B, D]."""
-        end = W_dec_FD.shape[0] if end is None else end
-        full = start == 0 and end == W_dec_FD.shape[0]
-        if not self.is_sparse:
-            codes_BF = self.codes_BF if full else self.codes_BF[:, start:end]
-            return codes_BF.to(W_dec_FD.dtype) @ (W_dec_FD if full else W_dec_FD[start:end])
-        vals_Z = self.vals_Z
-        if not full:  # a mask, not boolean indexing: no host sync, and the entry count stays fixed
-            vals_Z = vals_Z * ((self.cols_Z >= start) & (self.cols_Z < end)).to(vals_Z.dtype)
-        return sparse_decode(self.rows_Z, self.cols_Z, vals_Z, W_dec_FD, self.z_BF.shape[0])
+    def decode(self, W_dec_FD: torch.Tensor) -> torch.Tensor:
+        """x_hat without the bias -> [B, D]."""
+        if self.is_sparse:
+            return sparse_decode(self.rows_Z, self.cols_Z, self.vals_Z, W_dec_FD, self.z_BF.shape[0])
+        return self.codes_BF.to(W_dec_FD.dtype) @ W_dec_FD
 
     def decode_groups(self, W_dec_FD: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
         """Each consecutive latent group's contribution to x_hat (no bias) -> [B, G, D]; sparse: one decode into
         B*G bags (bag = row * G + group), not G decodes."""
         if not self.is_sparse:
-            starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
-            return torch.stack(
-                [self.decode_range(W_dec_FD, start, start + size) for start, size in zip(starts, group_sizes)], dim=1
-            )
+            groups = zip(self.codes_BF.split(group_sizes, dim=1), W_dec_FD.split(group_sizes))
+            return torch.stack([codes_BF.to(W_dec_FD.dtype) @ W_FD for codes_BF, W_FD in groups], dim=1)
         n_groups, batch_size = len(group_sizes), self.z_BF.shape[0]
         bounds_G = torch.tensor(group_sizes, device=self.cols_Z.device).cumsum(0)
         group_Z = torch.bucketize(self.cols_Z, bounds_G, right=True)
@@ -307,7 +299,7 @@ class SAE(nn.Module):
 
     def _recon_objective(self, x_s_BD: torch.Tensor, codes: TrainCodes) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(objective, x_hat_s, extra logs). Plain SAEs: objective = recon error of the full decode."""
-        x_hat_BD = codes.decode_range(self.W_dec) + self.b_dec
+        x_hat_BD = codes.decode(self.W_dec) + self.b_dec
         return recon_error(x_s_BD, x_hat_BD), x_hat_BD, {}
 
     def _sparsity_penalty(self, codes: TrainCodes) -> torch.Tensor | None:

@@ -78,10 +78,7 @@ class NormalisedInputSAE:
         return x * coeff, (coeff,)
 
     def _denormalise(self, y: torch.Tensor, stats: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if self.input_transform == "layer_norm":
-            mu, std = stats
-            return y * std + mu
-        return y / stats[0]
+        return y * stats[1] + stats[0] if self.input_transform == "layer_norm" else y / stats[0]  # (mu, std) | coeff
 
     def _prepare(self, x: torch.Tensor, where: str, require_2d: bool = False) -> torch.Tensor:
         x = self.check_input(x, where, require_2d=require_2d)
@@ -241,8 +238,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         "original_path": str(fpath),
         "hook": f"blocks.{layer}.{subtype}",
     }
-    base = {"relu": ReluSAE, "topk": TopKSAE}[act]
-    cls = {"relu": PrismaReluSAE, "topk": PrismaTopKSAE}[act] if transform else base
+    cls = {"relu": PrismaReluSAE, "topk": PrismaTopKSAE}[act] if transform else None
     sae = sae_from_weights(
         act,
         state["W_enc"].T,
