@@ -114,11 +114,9 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     require_keys(state, names, f"{where}: the model state dict")
     d_in, n_latents = info["n_inputs"], info["n_latents"]
     check_shape("encoder", state["encoder"], (d_in, n_latents), where + " (per its file name)")
-    check_shape("pre_bias", state["pre_bias"], (d_in,), where)
-    check_shape("latent_bias", state["latent_bias"], (n_latents,), where)
+    check_shape("pre_bias", state["pre_bias"], (d_in,), where)  # latent_bias and decoder: by sae_from_weights
     encoder_DF = state["encoder"].double()
     decoder_FD = encoder_DF.T if info["tied"] else state["decoder"].double()
-    check_shape("decoder", decoder_FD, (n_latents, d_in), where)
 
     mean = blob.get("mean_center", 0.0)
     mean_D = mean.double() if isinstance(mean, torch.Tensor) else torch.tensor(float(mean), dtype=torch.float64)
@@ -160,6 +158,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         cls=SoftCapReluSAE if info["soft_cap"] > 0 else None,
         source=source,
         device=device,
+        where=where,
     )
     if info["soft_cap"] > 0:
         sae.soft_cap = info["soft_cap"]

@@ -217,10 +217,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     d_in = int(cfg["d_in"])
     n_latents = d_in * int(cfg["expansion_factor"])
     where_w = f"{str(fpath)!r} (config.json: d_in={d_in}, expansion_factor={cfg['expansion_factor']})"
-    check_shape("W_enc", state["W_enc"], (d_in, n_latents), where_w)
-    check_shape("b_enc", state["b_enc"], (n_latents,), where_w)
-    check_shape("W_dec", state["W_dec"], (n_latents, d_in), where_w)
-    check_shape("b_dec", state["b_dec"], (d_in,), where_w)
+    check_shape("W_enc", state["W_enc"], (d_in, n_latents), where_w)  # the others: by sae_from_weights
 
     norm = cfg.get("normalize_activations", "layer_norm")
     transform = norm if norm in ("layer_norm", "constant_norm_rescale") else None
@@ -249,6 +246,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         cls=cls,
         source=source,
         device=device,
+        where=where_w,
     )
     if transform:
         sae.input_transform = transform
