@@ -86,7 +86,8 @@ class Preacts:
         return self.err_B is not None
 
     def canonical(self, rows_Z: torch.Tensor, cols_Z: torch.Tensor) -> torch.Tensor:
-        return canonical_preacts(self.x_BD, self.W_FD, self.b_F, rows_Z, cols_Z)
+        """The canonical float32 values x[row] . W[col] + b[col] (:mod:`vlmsae.sae.sampled_dots`)."""
+        return sampled_dots(self.x_BD, self.W_FD, self.b_F, rows_Z, cols_Z)
 
 
 @torch.no_grad()
@@ -135,14 +136,6 @@ def preacts_with_bound(
     # Rows with inf/NaN bounds (overflowing norms) recompute everything: nothing is proven out.
     err_B = torch.where(torch.isfinite(err_B), err_B, torch.full_like(err_B, float("inf")))
     return Preacts(z_BF, x_BD, W_FD, b_F, policy, err_B)
-
-
-def canonical_preacts(
-    x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, rows_Z: torch.Tensor, cols_Z: torch.Tensor
-) -> torch.Tensor:
-    """The canonical float32 value of each entry, x[row] . W[col] + b[col]: a function of the entry's operands
-    alone (:mod:`vlmsae.sae.sampled_dots`)."""
-    return sampled_dots(x_BD, W_FD, b_F, rows_Z, cols_Z)
 
 
 def _rank_candidates(keys_Z: torch.Tensor, vals_Z: torch.Tensor) -> torch.Tensor:
