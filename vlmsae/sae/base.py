@@ -222,8 +222,7 @@ class SAE(nn.Module):
             raise ValueError(
                 f"{where}: activations are on {x.device} but the SAE is on {self.W_enc.device}; move one with .to()."
             )
-        if x.dtype != self.W_enc.dtype:
-            x = x.to(self.W_enc.dtype)
+        x = x.to(self.W_enc.dtype)  # a no-op when it already is
         if self.check_finite and not bool(torch.isfinite(x).all()):
             n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
             bad_row = int(torch.nonzero(~torch.isfinite(x.reshape(-1, self.d_in)).all(dim=1))[0])

@@ -67,10 +67,7 @@ def sae_step(
         check(out)
     optimizer.zero_grad(set_to_none=True)
     with fp32_region(x_BD.device):  # backward at full float32 precision too (vlmsae.sae.precision)
-        if backward is None:
-            out["loss"].backward()
-        else:
-            backward(out["loss"])
+        (backward or torch.Tensor.backward)(out["loss"])
     constrain_decoder_grad_(sae)
     if grad_clip and grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
