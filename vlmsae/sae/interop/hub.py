@@ -88,10 +88,9 @@ def hub_cache_dpath() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def _cached_entries(snapshot_dpath: Path, subfolder: str) -> list[str]:
-    """Names cached next to where ``subfolder`` should be (for the error message)."""
-    parent = snapshot_dpath / Path(subfolder).parent
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in parent.iterdir()) if parent.is_dir() else []
+def folder_listing(dpath: Path) -> list[str]:
+    """The names in folder ``dpath`` (folders with a trailing "/"), sorted; [] when it is no folder (for messages)."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in dpath.iterdir()) if dpath.is_dir() else []
 
 
 def resolve_hf(uri: str) -> Path:
@@ -137,7 +136,7 @@ def resolve_hf(uri: str) -> Path:
         raise FileNotFoundError(f"{uri!r}: the Hub refused the download ({err}).") from err
     local = Path(snapshot) / hub.subfolder if hub.subfolder else Path(snapshot)
     if not local.exists():
-        near = _cached_entries(Path(snapshot), hub.subfolder)
+        near = folder_listing(Path(snapshot) / Path(hub.subfolder).parent)
         listing = f" Next to it: {near}." if near else ""
         if offline:
             raise FileNotFoundError(
