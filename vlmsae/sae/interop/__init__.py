@@ -94,9 +94,7 @@ def load_any(path: str | Path, sae_format: str | None = None, device: str = "cpu
             f"available: {', '.join(available_formats())}."
         )
     sae = module.load(local, device=device)
-    source = {key: None for key in SOURCE_KEYS} | dict(sae.source)
-    source["format"] = module.NAME
-    source["original_path"] = str(path)
+    source = {key: None for key in SOURCE_KEYS} | dict(sae.source) | {"format": module.NAME, "original_path": str(path)}
     if is_hf_uri(path):
         source["local_path"] = str(local)
     sae.source = source

@@ -49,11 +49,8 @@ _PLACEHOLDER_PREFIXES = ("vit_prisma.",)
 class _Placeholder:
     """Stands in for every vit_prisma global while reading a .pt: accepts any construction and state, does nothing."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Placeholder:
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Placeholder:  # object.__init__ then ignores the arguments
         return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def __setstate__(self, state: Any) -> None:
         pass

@@ -44,10 +44,8 @@ def read_torch_file(fpath: str | Path | io.BytesIO, allow_numpy_scalars: bool = 
             raise FileNotFoundError(f"{str(fpath)!r} does not exist (expected a torch.save file).")
     label = name or str(fpath)
     try:
-        if allow_numpy_scalars:
-            with torch.serialization.safe_globals(_numpy_scalar_globals()):
-                return torch.load(fpath, map_location="cpu", weights_only=True)
-        return torch.load(fpath, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals() if allow_numpy_scalars else []):
+            return torch.load(fpath, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if isinstance(fpath, io.BytesIO):
             fpath.seek(0)
