@@ -437,10 +437,6 @@ def use_sparse_kernel(
     kernel: str, batch_size: int, n_latents: int, d_in: int, device: torch.device | str, k: int = 20
 ) -> bool:
     """Resolve the config's ``sae.sparse_kernel`` (auto | sparse | dense) to a yes/no for this step."""
-    if kernel == "sparse":
-        return True
-    if kernel == "dense":
-        return False
-    if kernel == "auto":
-        return prefer_sparse(batch_size, n_latents, d_in, device, k=k)
-    raise ValueError(f"sparse_kernel must be 'auto', 'sparse' or 'dense', got {kernel!r}.")
+    if kernel not in ("auto", "sparse", "dense"):
+        raise ValueError(f"sparse_kernel must be 'auto', 'sparse' or 'dense', got {kernel!r}.")
+    return kernel == "sparse" or (kernel == "auto" and prefer_sparse(batch_size, n_latents, d_in, device, k=k))
