@@ -105,10 +105,8 @@ def _locate_trainer(path: Path) -> tuple[Path, Path] | None:
     config_fpath = path / CONFIG_FNAME
     if not config_fpath.is_file():
         return None
-    if (path / AE_FNAME).is_file():
-        return path / AE_FNAME, config_fpath
-    ckpts = _checkpoints(path)
-    return (ckpts[-1], config_fpath) if ckpts else None
+    weights = [path / AE_FNAME] if (path / AE_FNAME).is_file() else _checkpoints(path)  # else the latest checkpoint
+    return (weights[-1], config_fpath) if weights else None
 
 
 def _is_trainer(found: tuple[Path, Path] | None) -> bool:
