@@ -323,9 +323,8 @@ class SAE(nn.Module):
             codes = self._train_codes(x_cent_BD)
         else:
             codes = self._infer_codes(x_cent_BD, self.b_enc, self.threshold)
-        objective, x_hat_s_BD, extra = self._recon_objective(x_s_BD, codes)
+        total, x_hat_s_BD, extra = self._recon_objective(x_s_BD, codes)
         l0, l1, fired_F = codes.stats(self.n_latents)
-        total = objective
         penalty = self._sparsity_penalty(codes)
         if penalty is not None:
             total = total + self.cfg.l1_coeff * penalty
@@ -338,11 +337,9 @@ class SAE(nn.Module):
             self.samples_since_fired.add_(x_BD.shape[0]).masked_fill_(fired_F, 0)  # samples since each last fired
             self.n_steps += 1
             self._after_train_step(codes)
-        with torch.no_grad():
-            recon = recon_error(x_s_BD, x_hat_s_BD)
         return {
             "loss": total,
-            "recon": recon,
+            "recon": recon_error(x_s_BD.detach(), x_hat_s_BD.detach()),
             "aux": aux.detach(),
             "l1": l1,
             "l0": l0,
