@@ -58,7 +58,7 @@ def sae_from_weights(
     k: int | None = None,
     threshold: float | torch.Tensor | None = None,
     cls: type[SAE] | None = None,
-    source: dict[str, Any] | None = None,
+    trained_on: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     where: str = "sae_from_weights",
     **cfg_fields: Any,
@@ -80,7 +80,7 @@ def sae_from_weights(
             target = getattr(sae, name)
             check_shape(name, value, tuple(target.shape), where)
             target.copy_(value.detach().to(torch.float32))
-    sae.source = dict(source or {})
+    sae.trained_on = dict(trained_on or {})
     return sae.to(device).eval()
 
 

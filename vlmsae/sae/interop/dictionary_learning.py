@@ -19,7 +19,7 @@ file or the run folder above a single ``trainer_<i>/``. A mid-training backup (`
 
 With ``normalize_activations`` the trainer folds its norm factor into the saved weights: files take raw inputs.
 
-``sae.source``: ``trainer.layer`` L is block L's residual output (vlmsae's index). The paper's code saves empty
+``sae.trained_on``: ``trainer.layer`` L is block L's residual output (vlmsae's index). The paper's code saves empty
 ``layer``/``lm_name``; its folder ``<dataset>_<split>_activations_<model>_<layer>_<point>_<sae>_<k>_x<expansion>``
 has them: ``post_mlp_residual`` L = block L, ``post_projection`` = vlmsae ``"last"`` (tokens "cls"). A
 ``random_k_<n>`` folder above means tokens random_k (the steering SAE); otherwise tokens are unknown (None).
@@ -251,28 +251,30 @@ def _model(name: Any) -> tuple[str | None, str | None, str | None]:
     return model, pretrained, name
 
 
-def _source(trainer: dict, config: dict, config_fpath: Path) -> dict[str, Any]:
-    if isinstance(config.get("vlmsae"), dict) and isinstance(config["vlmsae"].get("source"), dict):
-        return dict(config["vlmsae"]["source"])  # written by vlmsae's own export: the exact source
+def _trained_on(trainer: dict, config: dict, config_fpath: Path) -> dict[str, Any]:
+    written = config.get("vlmsae") if isinstance(config.get("vlmsae"), dict) else {}
+    for key in ("trained_on", "source"):  # written by vlmsae's own export ("source" before the rename): exact
+        if isinstance(written.get(key), dict):
+            return dict(written[key])
     model, pretrained, hf_model = _model(trainer.get("lm_name"))
     layer = trainer.get("layer")
     layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else None
-    source: dict[str, Any] = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
+    trained_on: dict[str, Any] = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
     for dpath in list(config_fpath.parents)[:4]:
         match = _VLM_FOLDER.match(dpath.name)
         if match and model is None and layer is None:
             model, pretrained, hf_model = _model(match["model"])
             point, raw_layer = match["point"], int(match["layer"])
             layer = "last" if point == "post_projection" else raw_layer
-            source.update(model=model, pretrained=pretrained, layer=layer, library_layer=raw_layer)
-            source.update(attachment_point=point, dataset=match["dataset"])
+            trained_on.update(model=model, pretrained=pretrained, layer=layer, library_layer=raw_layer)
+            trained_on.update(attachment_point=point, dataset=match["dataset"])
             if point == "post_projection":
-                source["tokens"] = "cls"  # one projected embedding per image
+                trained_on["tokens"] = "cls"  # one projected embedding per image
         random_k = _RANDOM_K.match(dpath.name)
         if random_k:
-            source.update(tokens="random_k", tokens_k=int(random_k.group(1)))
-    source["hf_model"] = hf_model
-    return source
+            trained_on.update(tokens="random_k", tokens_k=int(random_k.group(1)))
+    trained_on["hf_model"] = hf_model
+    return trained_on
 
 
 def load(dpath: Path, device: str = "cpu") -> SAE:
@@ -291,13 +293,15 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         )
     arch = DICT_CLASSES[dict_class]
     kwargs, weights, threshold = _convert(arch, dict_class, read_state_dict(weights_fpath), weights_fpath, trainer)
-    source = _source(trainer, config, config_fpath)
-    source.setdefault("input_normalisation", _NORMALISATION)
-    source.update(format=NAME, original_path=str(dpath), dict_class=dict_class)
+    trained_on = _trained_on(trainer, config, config_fpath)
+    trained_on.setdefault("input_normalisation", _NORMALISATION)
+    trained_on.update(format=NAME, original_path=str(dpath), dict_class=dict_class)
     in_checkpoints = weights_fpath.parent.name == "checkpoints"
-    source["checkpoint"] = f"checkpoints/{weights_fpath.name}" if in_checkpoints else weights_fpath.name
+    trained_on["checkpoint"] = f"checkpoints/{weights_fpath.name}" if in_checkpoints else weights_fpath.name
     where = repr(str(weights_fpath))
-    return sae_from_weights(arch, *weights, threshold=threshold, source=source, device=device, where=where, **kwargs)
+    return sae_from_weights(
+        arch, *weights, threshold=threshold, trained_on=trained_on, device=device, where=where, **kwargs
+    )
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -366,15 +370,15 @@ def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0
     values.update(k=torch.tensor(sae.cfg.k, dtype=torch.int32), threshold=threshold)
     values["group_sizes"] = torch.tensor(sae.group_sizes, dtype=torch.int64)
     state = {name: values[name].contiguous() for name in _KEYS[arch] + (("threshold",) if arch == "topk" else ())}
-    source = dict(sae.source)
-    layer = source.get("layer")
+    trained_on = dict(sae.trained_on)
+    layer = trained_on.get("layer")
     trainer = {
         "dict_class": dict_class,
         "trainer_class": _TRAINER_CLASSES[dict_class],
         "activation_dim": sae.d_in,
         "dict_size": sae.n_latents,
         "layer": layer if isinstance(layer, int) and not isinstance(layer, bool) else "",
-        "lm_name": hf_id(source.get("model")),
+        "lm_name": hf_id(trained_on.get("model")),
         "submodule_name": "",
     }
     if arch != "relu":
@@ -382,7 +386,12 @@ def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0
     if arch == "matryoshka":
         trainer.update(group_sizes=sae.group_sizes, group_fractions=list(sae.cfg.group_fractions))
     prov = provenance()
-    extra = {"source": source, "arch": sae.arch, "vlmsae_version": prov["vlmsae_version"], "created": prov["created"]}
+    extra = {
+        "trained_on": trained_on,
+        "arch": sae.arch,
+        "vlmsae_version": prov["vlmsae_version"],
+        "created": prov["created"],
+    }
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dpath / AE_FNAME, lambda tmp: torch.save(state, tmp))

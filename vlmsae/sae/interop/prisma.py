@@ -15,7 +15,7 @@ mu) and ``"constant_norm_rescale"`` (x * sqrt(d) / ||x||) depend on each input, 
 itself (:class:`NormalisedInputSAE`, ``sae.input_transform``); ``decode`` uses the stats of the last ``encode`` of
 the same rows, or ``decode(codes, x=x)``. Inference only.
 
-Layers: ``hook_resid_post`` of block L = vlmsae layer L; other subtypes record layer None and ``source["hook"]``.
+Layers: ``hook_resid_post`` of block L = vlmsae layer L; other subtypes record layer None and ``trained_on["hook"]``.
 Tokens: ``cls_token_only`` -> "cls", ``use_patches_only`` -> "patches", else "all".
 """
 
@@ -220,7 +220,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     transform = norm if norm in ("layer_norm", "constant_norm_rescale") else None
     layer, subtype = cfg["hook_point_layer"], cfg.get("layer_subtype", "ln2.hook_normalized")
     tokens = "cls" if cfg.get("cls_token_only") else "patches" if cfg.get("use_patches_only") else "all"
-    source = {
+    trained_on = {
         "model": model_from_name(cfg.get("model_name"))[0],
         "pretrained": cfg.get("model_name"),
         "layer": int(layer) if subtype == "hook_resid_post" else None,
@@ -241,7 +241,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         state["b_dec"],
         k=int(k) if act == "topk" else None,
         cls=cls,
-        source=source,
+        trained_on=trained_on,
         device=device,
         where=where_w,
     )

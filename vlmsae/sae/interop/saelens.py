@@ -27,7 +27,8 @@ W_dec/sf, b_dec/sf), before the decoder norms as SAELens' end of training does (
 
 Layer: ``blocks.{L}.hook_resid_post`` = vlmsae layer L, ``blocks.{L}.hook_resid_pre`` = L-1 (None for L = 0),
 other hooks None (v5's ``hook_layer`` when there is no hook name). ``metadata.model_name`` is mapped to a vlmsae
-model when known; ``tokens`` is None unless vlmsae wrote the folder (``metadata.vlmsae_source``).
+model when known; ``tokens`` is None unless vlmsae wrote the folder (``metadata.vlmsae_trained_on``; ``vlmsae_source``
+in older exports).
 
 Export (``save``), input scale folded: relu -> standard, topk -> topk (no rescale), jumprelu -> jumprelu,
 batchtopk / matryoshka -> jumprelu with threshold = ones * theta (topk while theta is not estimated). cfg.json
@@ -168,7 +169,7 @@ def _finetuning_scaling_factor(
 
 
 def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = None) -> SAE:
-    """A SAELens folder as a vlmsae SAE (eval mode, ``source`` set); see the module docstring for the mapping."""
+    """A SAELens folder as a vlmsae SAE (eval mode, ``trained_on`` set); see the module docstring for the mapping."""
     dpath = Path(dpath)
     if not detect(dpath):
         raise FileNotFoundError(f"{str(dpath)!r} is not a SAELens folder: expected {EXPECTS}.")
@@ -259,44 +260,52 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         # threshold comparison) are unchanged.
         b_enc_F = b_enc_F + b_dec_D.double() @ W_enc_DF.double()
 
-    source = _source(cfg, dpath, norm, sf, rescale)
+    trained_on = _trained_on(cfg, dpath, norm, sf, rescale)
     return sae_from_weights(
-        vlmsae_arch, W_enc_DF.T, b_enc_F, W_dec_FD, b_dec_D, k=k, threshold=threshold_F, source=source, device=device
+        vlmsae_arch,
+        W_enc_DF.T,
+        b_enc_F,
+        W_dec_FD,
+        b_dec_D,
+        k=k,
+        threshold=threshold_F,
+        trained_on=trained_on,
+        device=device,
     )
 
 
-def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None, rescale: bool) -> dict[str, Any]:
+def _trained_on(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None, rescale: bool) -> dict[str, Any]:
     metadata = cfg.get("metadata") or {}
-    original = metadata.get("vlmsae_source")
+    original = metadata.get("vlmsae_trained_on", metadata.get("vlmsae_source"))  # "vlmsae_source" before the rename
     if isinstance(original, dict):  # written by vlmsae: the exact record
-        source = dict(original)
+        trained_on = dict(original)
     else:
         model, pretrained = model_from_name(metadata.get("model_name"))
         hook_name = metadata.get("hook_name")
         layer = layer_from_hook_name(hook_name)
         if layer is None and isinstance(metadata.get("hook_layer"), int) and not hook_name:
             layer = metadata["hook_layer"]
-        source = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
+        trained_on = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
     normalisation = "none"
     if norm == "expected_average_only_in":
         normalisation = f"expected_average_only_in, sf={sf} folded" if sf is not None else "none (scaler unset)"
         if sf is not None and rescale:
             normalisation += " before the decoder norms (codes = training codes / sf)"
-    source.update(
+    trained_on.update(
         input_normalisation=normalisation,
         format=NAME,
         original_path=str(dpath),
         hook_name=metadata.get("hook_name"),
         model_name=metadata.get("model_name"),
     )
-    return source
+    return trained_on
 
 
-def _hook_name(source: dict[str, Any]) -> str | None:
-    layer = source.get("layer")
+def _hook_name(trained_on: dict[str, Any]) -> str | None:
+    layer = trained_on.get("layer")
     if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0:
         return f"blocks.{layer}.hook_resid_post"
-    return source.get("hook_name") if isinstance(source.get("hook_name"), str) else None
+    return trained_on.get("hook_name") if isinstance(trained_on.get("hook_name"), str) else None
 
 
 def save(sae: SAE, out_dpath: Path) -> Path:
@@ -328,7 +337,7 @@ def save(sae: SAE, out_dpath: Path) -> Path:
         tensors["threshold"] = torch.full((sae.n_latents,), float(folded.threshold))
     else:
         raise ValueError(f"saelens.save: no SAELens architecture for a vlmsae {arch!r} SAE.")
-    source = dict(sae.source)
+    trained_on = dict(sae.trained_on)
     cfg = {
         "architecture": architecture,
         "d_in": sae.d_in,
@@ -342,13 +351,13 @@ def save(sae: SAE, out_dpath: Path) -> Path:
         "metadata": {
             "sae_lens_version": EXPORT_SAE_LENS_VERSION,
             "sae_lens_training_version": None,
-            "model_name": source.get("model_name") or source.get("model"),
-            "hook_name": _hook_name(source),
+            "model_name": trained_on.get("model_name") or trained_on.get("model"),
+            "hook_name": _hook_name(trained_on),
             "hook_head_index": None,
             "model_from_pretrained_kwargs": {},
             "exported_by": f"vlmsae {__version__}",
             "vlmsae_arch": arch,
-            "vlmsae_source": source,
+            "vlmsae_trained_on": trained_on,
         },
     }
     atomic_write(out_dpath / WEIGHTS_FNAME, lambda tmp: save_file(tensors, str(tmp)))

@@ -39,7 +39,7 @@ def layer_from_hookpoint(hookpoint: str) -> int | None:
 
 
 def load(dpath: Path, device: str = "cpu") -> SAE:
-    """A sparsify hookpoint folder as a vlmsae ``topk`` SAE (eval mode, ``source`` set)."""
+    """A sparsify hookpoint folder as a vlmsae ``topk`` SAE (eval mode, ``trained_on`` set)."""
     dpath = Path(dpath)
     if not detect(dpath):
         raise FileNotFoundError(f"{str(dpath)!r} is not a sparsify folder: expected {EXPECTS}.")
@@ -68,7 +68,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         raise ValueError(f"{str(cfg_fpath)!r}: k={k} is larger than the {num_latents} latents.")
     run_cfg = json_object_or_none(dpath.parent / "config.json") or {}  # sparsify's run-level TrainConfig
     model, pretrained = model_from_name(run_cfg.get("model"))
-    source = {
+    trained_on = {
         "model": model,
         "pretrained": pretrained,
         "layer": layer_from_hookpoint(dpath.name),
@@ -82,4 +82,4 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     where = f"{str(weights_fpath)!r} (cfg.json: d_in={d_in}, num_latents={num_latents})"
     check_shape("encoder.weight", tensors["encoder.weight"], (num_latents, d_in), where)
     weights = [tensors[name] for name in names]
-    return sae_from_weights("topk", *weights, k=k, source=source, device=device, where=where)
+    return sae_from_weights("topk", *weights, k=k, trained_on=trained_on, device=device, where=where)
