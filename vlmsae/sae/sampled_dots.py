@@ -119,11 +119,12 @@ def sampled_dots(
     out_Z = torch.empty(rows_Z.numel(), dtype=torch.float32, device=x_BD.device)
     if rows_Z.numel() == 0:
         return out_Z
-    if use_triton is None:
+    auto = use_triton is None
+    if auto:
         use_triton = triton is not None and (x_BD.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
     if use_triton:
         _triton_dots(x_BD, W_FD, b_F, rows_Z.contiguous(), cols_Z.contiguous(), out_Z)
-    elif x_BD.device.type == "cpu" and use_triton is None:
+    elif x_BD.device.type == "cpu" and auto:
         _cpu_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z)
     else:
         _torch_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z)
