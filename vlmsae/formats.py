@@ -221,6 +221,7 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
+@dataclass
 class _JsonFormat:
     """What every JSON format shares: its file, versions and the job that writes it; the type checks of its
     :func:`_f` fields; ``to_dict`` (typed fields, then ``extra``) and ``read``. Each ``read_<x>`` is its class's
@@ -231,9 +232,13 @@ class _JsonFormat:
     JOB: ClassVar[str]
     FINITE: ClassVar[bool] = False  # NaN / inf written as null
     INDENT: ClassVar[int | None] = 2
+    extra: dict[str, Any] = field(default_factory=dict, kw_only=True)
+    format_version: int = field(default=None, kw_only=True)  # None: the version this vlmsae writes, VERSIONS[-1]
 
     def __post_init__(self) -> None:
-        for f in fields(self):  # type: ignore[arg-type]
+        if self.format_version is None:
+            self.format_version = self.VERSIONS[-1]
+        for f in fields(self):
             value, types = getattr(self, f.name), f.metadata.get("types")
             if value is None and f.metadata.get("none_empty"):
                 setattr(self, f.name, {})
@@ -244,13 +249,13 @@ class _JsonFormat:
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"format_version": self.format_version}  # type: ignore[attr-defined]
-        for f in fields(self):  # type: ignore[arg-type]
+        out: dict[str, Any] = {"format_version": self.format_version}
+        for f in fields(self):
             value = getattr(self, f.name)
             if f.name in _SKIP or (value is None and f.metadata.get("omit_none")):
                 continue
             out[f.name] = value
-        out.update({k: v for k, v in self.extra.items() if k not in out})  # type: ignore[attr-defined]
+        out.update({k: v for k, v in self.extra.items() if k not in out})
         return _finite_or_none(out) if self.FINITE else out
 
     @classmethod
@@ -288,8 +293,6 @@ class MsSummary(_JsonFormat):
     n_latents: int | None = _f(int)
     n_images: int | None = _f(int)
     baseline: dict[str, Any] | None = _f(dict, omit_none=True)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = MS_SUMMARY_VERSIONS[-1]
 
 
 read_ms_summary, write_ms_summary = MsSummary.read, _write
@@ -312,8 +315,6 @@ class HierarchySummary(_JsonFormat):
     sae_path: str | None = None
     ms_run: str | None = None
     paper_table2: dict[str, Any] | None = _f(dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = HIERARCHY_VERSIONS[-1]
 
 
 read_hierarchy, write_hierarchy = HierarchySummary.read, _write
@@ -335,8 +336,6 @@ class SteerResult(_JsonFormat):
     activation_steering: list[Any] | None = _f(list, omit_none=True)
     sweep: dict[str, list[Any]] | None = _f(dict, omit_none=True)
     settings: dict[str, Any] = _f(dict, default=dict, none_empty=True)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = STEER_VERSIONS[-1]
 
 
 read_steer, write_steer = SteerResult.read, _write
@@ -356,8 +355,6 @@ class SteerEvalResult(_JsonFormat):
     per_latent: list[dict[str, Any]] = _f(list, default=MISSING)
     settings: dict[str, Any] = _f(dict, default=dict)
     paper: dict[str, Any] | None = _f(dict, omit_none=True)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = STEER_EVAL_VERSIONS[-1]
 
 
 read_steer_eval, write_steer_eval = SteerEvalResult.read, _write
@@ -380,8 +377,6 @@ class SpliceResult(_JsonFormat):
     per_answer: list[dict[str, Any]] = _f(list, default=list)
     notes: list[str] = _f(list, default=list)
     settings: dict[str, Any] = _f(dict, default=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = SPLICE_VERSIONS[-1]
 
 
 read_splice, write_splice = SpliceResult.read, _write
@@ -400,8 +395,6 @@ class RunInfo(_JsonFormat):
     versions: dict[str, str] | None = _f(dict)
     command: str | None = None
     created: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = RUN_INFO_VERSIONS[-1]
 
 
 read_run_info, write_run_info = RunInfo.read, _write
@@ -483,8 +476,6 @@ class StoreManifest(_JsonFormat):
     # ``hidden file``) and images left out by max_images (``not in the max_images subset``); skipped images
     # are in ``skipped_by_reason``. None in a store written before it was recorded.
     ignored_by_reason: dict[str, int] | None = _f(dict, omit_none=True)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = MANIFEST_VERSIONS[-1]
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> StoreManifest:
@@ -539,8 +530,6 @@ class StoreProgress(_JsonFormat):
     n_chunks: int = _f(int, default=MISSING)
     stats: dict[str, Any] = _f(dict, default=MISSING)
     state: dict[str, Any] | None = _f(dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = PROGRESS_VERSIONS[-1]
 
 
 read_progress, write_progress = StoreProgress.read, _write
@@ -574,8 +563,6 @@ class SAECheckpointConfig(_JsonFormat):
     vlmsae_version: str | None = None
     git_commit: str | None = None
     created: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = SAE_CONFIG_VERSIONS[-1]
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -871,8 +858,6 @@ class StabilitySummary(_JsonFormat):
     metrics: dict[str, Any] = _f(dict, default=dict)
     ms: dict[str, Any] | None = _f(dict, omit_none=True)
     hierarchy: dict[str, Any] | None = _f(dict, omit_none=True)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = STABILITY_VERSIONS[-1]
 
 
 read_stability, write_stability = StabilitySummary.read, _write
@@ -973,8 +958,6 @@ class InspectResult(_JsonFormat):
     query: dict[str, Any] | None = _f(dict)
     compare: dict[str, Any] | None = _f(dict)
     settings: dict[str, Any] = _f(dict, default=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = INSPECT_VERSIONS[-1]
 
 
 read_inspect, write_inspect = InspectResult.read, _write
