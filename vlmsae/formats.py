@@ -600,7 +600,6 @@ write_sae_config = _write
 LATENTS_COLUMNS = ("latent", "ms", "freq", "max_act", "group", "top_keys")  # always written
 LATENTS_NAME_COLUMNS = ("name", "name_score", "names")  # written when the run named its latents
 LATENTS_AUTOINTERP_COLUMNS = ("autointerp", "autointerp_score")  # written when the run asked LLaVA
-_VERSION_LINE = re.compile(r"^# vlmsae latents\.csv format_version=(\S+)\s*$")
 _MS_JOB = "python -m vlmsae.monosemanticity"
 
 
@@ -661,6 +660,25 @@ def _cell_int(value: str | None, fpath: Path, line: int, column: str, job: str =
     return int(x)
 
 
+def _csv_version(fpath: Path, first: str, name: str, known: tuple[int, ...], job: str, alt: str = "") -> int:
+    """The version on the first line of a CSV format, ``# vlmsae <name> format_version=<n>``."""
+    match = re.match(rf"^# vlmsae {re.escape(name)} format_version=(\S+)\s*$", first.rstrip("\r\n"))
+    if match is None:
+        raise ValueError(
+            f"{fpath} starts with {first.strip()!r}, expected '# vlmsae {name} format_version=<n>'{alt}; "
+            f"re-run `{job}` to rewrite it."
+        )
+    found: Any = int(match.group(1)) if match.group(1).isdigit() else match.group(1)
+    return check_version(fpath, found, known, job)
+
+
+def _csv_writer(name: str, version: int) -> tuple[io.StringIO, Any]:
+    """A buffer holding the version line of a CSV format, and a ``csv.writer`` onto it."""
+    buf = io.StringIO()
+    buf.write(f"# vlmsae {name} format_version={version}\r\n")  # csv.writer ends lines \r\n
+    return buf, csv.writer(buf)
+
+
 def read_latents_csv(path: str | Path) -> LatentsTable:
     """``latents.csv`` (the file or its run folder) -> typed rows; columns ``latent`` and ``ms`` are required."""
     fpath = _file(path, LATENTS_CSV)
@@ -669,14 +687,8 @@ def read_latents_csv(path: str | Path) -> LatentsTable:
     with open(fpath, newline="", encoding="utf-8") as f:
         first = f.readline()
         if first.startswith("#"):
-            match = _VERSION_LINE.match(first.rstrip("\r\n"))
-            if match is None:
-                raise ValueError(
-                    f"{fpath} starts with {first.strip()!r}, expected '# vlmsae latents.csv "
-                    f"format_version=<n>' or the header line; re-run `{_MS_JOB}` to rewrite it."
-                )
-            found: Any = int(match.group(1)) if match.group(1).isdigit() else match.group(1)
-            version, offset = check_version(fpath, found, LATENTS_CSV_VERSIONS, _MS_JOB), 1
+            known, alt = LATENTS_CSV_VERSIONS, " or the header line"
+            version, offset = _csv_version(fpath, first, LATENTS_CSV, known, _MS_JOB, alt), 1
         else:
             f.seek(0)
             version, offset = 1, 0  # written before format_version existed: version 1
@@ -725,9 +737,7 @@ def write_latents_csv(dpath: str | Path, table: LatentsTable) -> Path:
     """
     with_names = any(r.name is not None for r in table.rows)
     with_autointerp = any(r.autointerp is not None for r in table.rows)
-    buf = io.StringIO()
-    buf.write(f"# vlmsae latents.csv format_version={LATENTS_CSV_VERSIONS[-1]}\r\n")  # csv.writer ends lines \r\n
-    writer = csv.writer(buf)
+    buf, writer = _csv_writer(LATENTS_CSV, LATENTS_CSV_VERSIONS[-1])
     writer.writerow(
         LATENTS_COLUMNS
         + (LATENTS_NAME_COLUMNS if with_names else ())
@@ -864,7 +874,6 @@ read_stability, write_stability = StabilitySummary.read, _write
 
 
 STABILITY_LATENTS_COLUMNS = ("latent", "found_in", "mean_cos")  # then match_<seed> per seed after the reference
-_STABILITY_VERSION_LINE = re.compile(r"^# vlmsae stability_latents\.csv format_version=(\S+)\s*$")
 
 
 @dataclass
@@ -888,9 +897,7 @@ class StabilityLatents:
 
 def write_stability_latents(dpath: str | Path, table: StabilityLatents) -> Path:
     """Write ``dpath/stability_latents.csv``: the version line, the header, one row per latent."""
-    buf = io.StringIO()
-    buf.write(f"# vlmsae stability_latents.csv format_version={STABILITY_LATENTS_VERSIONS[-1]}\r\n")
-    writer = csv.writer(buf)
+    buf, writer = _csv_writer(STABILITY_LATENTS_CSV, STABILITY_LATENTS_VERSIONS[-1])
     writer.writerow([*STABILITY_LATENTS_COLUMNS, *(f"match_{s}" for s in range(1, len(table.matches) + 1))])
     for i, latent in enumerate(table.latent):
         cos = table.mean_cos[i]
@@ -904,15 +911,8 @@ def read_stability_latents(path: str | Path) -> StabilityLatents:
     if not fpath.is_file():
         raise FileNotFoundError(f"{fpath} not found: run `{_STABILITY_JOB}` first, or point at its output folder.")
     with open(fpath, newline="", encoding="utf-8") as f:
-        first = f.readline().rstrip("\r\n")
-        match = _STABILITY_VERSION_LINE.match(first)
-        if match is None:
-            raise ValueError(
-                f"{fpath} starts with {first!r}, expected '# vlmsae stability_latents.csv format_version=<n>'; "
-                f"re-run `{_STABILITY_JOB}` to rewrite it."
-            )
-        found: Any = int(match.group(1)) if match.group(1).isdigit() else match.group(1)
-        version = check_version(fpath, found, STABILITY_LATENTS_VERSIONS, _STABILITY_JOB)
+        first = f.readline()
+        version = _csv_version(fpath, first, STABILITY_LATENTS_CSV, STABILITY_LATENTS_VERSIONS, _STABILITY_JOB)
         reader = csv.reader(f)
         header = next(reader, [])
         seeds = [c for c in header[3:] if c.startswith("match_")]
