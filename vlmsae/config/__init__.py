@@ -57,13 +57,14 @@ def register_configs(job: str | None = None) -> None:
     from vlmsae.config.schemas import SCHEMAS, store_node
 
     if "nodes" not in _REGISTERED:
-        cs = ConfigStore.instance()
-        for _group, name, node in SCHEMAS:
-            cs.store(name=name, node=store_node(node))  # at the root: never offered as a choice of `group`
+        for _group, name, node in SCHEMAS:  # at the root: never offered as a choice of `group`
+            ConfigStore.instance().store(name=name, node=store_node(node))
         _REGISTERED.add("nodes")
     for name in [m.name for m in pkgutil.iter_modules(jobs.__path__)] if job is None else [job]:
-        if name not in _REGISTERED:
-            importlib.import_module(f"vlmsae.config.jobs.{name}").register()  # one schema per job: <job>_schema
+        if name not in _REGISTERED:  # vlmsae.config.jobs.<job>.<Job>Job is stored as <job>_schema
+            schema = "".join(part.title() for part in name.split("_")) + "Job"
+            node = getattr(importlib.import_module(f"vlmsae.config.jobs.{name}"), schema)
+            ConfigStore.instance().store(name=f"{name}_schema", node=node)
             _REGISTERED.add(name)
 
 

@@ -1,8 +1,4 @@
-"""Schema of ``conf/hierarchy.yaml``: the keys of ``python -m vlmsae.hierarchy`` and their defaults.
-
-The defaults live here, once; the YAML lists only the config groups. An unknown key
-(``ntop=8``) or a wrong type (``n_top=abc``) fails at compose time with the key named.
-"""
+"""Schema of ``python -m vlmsae.hierarchy`` (``conf/hierarchy.yaml``): every top-level key, its default and meaning."""
 
 from __future__ import annotations
 
@@ -38,10 +34,3 @@ class HierarchyJob:
     min_majority: float = 0.5  # latent_taxa.csv label: deepest rank whose majority taxon holds more than this share
     batch_size: Optional[int] = None  # images per forward; null = data.images_per_forward
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-
-def register() -> None:
-    """Store the schema as ``hierarchy_schema`` (the first entry of conf/hierarchy.yaml's defaults)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="hierarchy_schema", node=HierarchyJob)

@@ -1,8 +1,4 @@
-"""Schema of ``conf/monosemanticity.yaml``: the keys of ``python -m vlmsae.monosemanticity`` and their defaults.
-
-The defaults live here, once; the YAML lists only the config groups. An unknown key
-(``topk=5``) or a wrong type (``top_k=abc``) fails at compose time with the key named.
-"""
+"""Schema of ``python -m vlmsae.monosemanticity`` (``conf/monosemanticity.yaml``): every top-level key and default."""
 
 from __future__ import annotations
 
@@ -48,10 +44,3 @@ class MonosemanticityJob(NamingOptions):
     # null = off | imagenet (open_clip's 1000 class names) | wordnet (concrete nouns) | <file, one name per line>
     # | labels (the scored images' class names, each embedded as its images' mean: no text side needed)
     names: Optional[str] = None
-
-
-def register() -> None:
-    """Store the schema as ``monosemanticity_schema`` (the first entry of conf/monosemanticity.yaml's defaults)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="monosemanticity_schema", node=MonosemanticityJob)

@@ -39,10 +39,3 @@ class SpliceEvalJob:
     zero_shot_max_images: int = 1000  # labelled images the zero-shot row reads
     device_map: Optional[str] = None  # LLaVA-7B: auto (accelerate spreads it over GPUs/CPU), cuda:0, or null
     seed: int = 0  # torch seed set before anything runs (generation is greedy)
-
-
-def register() -> None:
-    """Store :class:`SpliceEvalJob` as ``splice_eval_schema``, the first entry of ``conf/splice_eval.yaml``."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="splice_eval_schema", node=SpliceEvalJob)

@@ -33,10 +33,3 @@ class SteerJob:
     sweep: Optional[list[float]] = None  # optional alphas, e.g. [0, 30, 40, 50] (the paper's love-poem sweep)
     device_map: Optional[str] = None  # LLaVA-7B: auto (accelerate spreads it over GPUs/CPU), cuda:0, or null
     seed: int = 0  # torch seed set before anything runs (generation itself is greedy)
-
-
-def register() -> None:
-    """Store :class:`SteerJob` as ``steer_schema``, the first entry of ``conf/steer.yaml``'s defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="steer_schema", node=SteerJob)

@@ -39,10 +39,3 @@ class SteerEvalJob:
     batch_size: int = 16  # samples per generate call (each may steer a different latent)
     device_map: Optional[str] = None  # LLaVA-7B: auto (accelerate spreads it over GPUs/CPU), cuda:0, or null
     seed: int = 0  # torch seed, the evaluation-image subset and the shuffled lower bound
-
-
-def register() -> None:
-    """Store :class:`SteerEvalJob` as ``steer_eval_schema``, the first entry of ``conf/steer_eval.yaml``'s defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="steer_eval_schema", node=SteerEvalJob)
