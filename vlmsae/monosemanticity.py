@@ -11,11 +11,8 @@
    (``pool=mean`` or ``pool=max``).
 2. Scores every SAE latent and every raw neuron with the exact linear-time MS
    (:func:`vlmsae.metrics.monosemanticity_scores`).
-3. Writes ``latents.csv`` (latent, ms, freq, max_act, group, top_keys), ``ms_summary.json``
-   (mean, std, min, max, dead, n_latents, n_images and the same under ``baseline`` for the raw
-   neurons, plus reconstruction metrics and top-image uniqueness), ``top_images/`` (the index the
-   hierarchy study, steering and the browser reuse), ``ms_hist.png``, ``ms_vs_freq.png`` and
-   ``run_info.json`` into the Hydra run dir.
+3. Writes ``latents.csv``, ``ms_summary.json``, ``top_images/`` (the index the hierarchy study, steering and
+   the browser reuse), ``ms_hist.png``, ``ms_vs_freq.png`` and ``run_info.json`` (docs/outputs.md).
 
 The study itself is :func:`vlmsae.studies.ms_study.score_sae` (embedding cache:
 :mod:`vlmsae.studies.embedding_cache`, plots: :mod:`vlmsae.report.plots`); the keys and their
