@@ -161,9 +161,15 @@ def _file(path: str | Path, name: str) -> Path:
     return path / name if path.is_dir() else path
 
 
-def _load_json(fpath: Path, job: str) -> dict[str, Any]:
+def _found(path: str | Path, name: str, job: str) -> Path:
+    """:func:`_file`, which must exist."""
+    fpath = _file(path, name)
     if not fpath.is_file():
         raise FileNotFoundError(f"{fpath} not found: run `{job}` first, or point at its output folder.")
+    return fpath
+
+
+def _load_json(fpath: Path, job: str) -> dict[str, Any]:
     try:
         obj = json.loads(fpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -267,7 +273,7 @@ class _JsonFormat:
     @classmethod
     def read(cls, path: str | Path) -> Any:
         """The format from its file, or from the folder that holds it."""
-        fpath = _file(path, cls.FILE)
+        fpath = _found(path, cls.FILE, cls.JOB)
         return cls.from_json(_load_json(fpath, cls.JOB), fpath)
 
 
@@ -681,9 +687,7 @@ def _csv_writer(name: str, version: int) -> tuple[io.StringIO, Any]:
 
 def read_latents_csv(path: str | Path) -> LatentsTable:
     """``latents.csv`` (the file or its run folder) -> typed rows; columns ``latent`` and ``ms`` are required."""
-    fpath = _file(path, LATENTS_CSV)
-    if not fpath.is_file():
-        raise FileNotFoundError(f"{fpath} not found: run `{_MS_JOB}` first, or point at its output folder.")
+    fpath = _found(path, LATENTS_CSV, _MS_JOB)
     with open(fpath, newline="", encoding="utf-8") as f:
         first = f.readline()
         if first.startswith("#"):
@@ -907,9 +911,7 @@ def write_stability_latents(dpath: str | Path, table: StabilityLatents) -> Path:
 
 
 def read_stability_latents(path: str | Path) -> StabilityLatents:
-    fpath = _file(path, STABILITY_LATENTS_CSV)
-    if not fpath.is_file():
-        raise FileNotFoundError(f"{fpath} not found: run `{_STABILITY_JOB}` first, or point at its output folder.")
+    fpath = _found(path, STABILITY_LATENTS_CSV, _STABILITY_JOB)
     with open(fpath, newline="", encoding="utf-8") as f:
         first = f.readline()
         version = _csv_version(fpath, first, STABILITY_LATENTS_CSV, STABILITY_LATENTS_VERSIONS, _STABILITY_JOB)
