@@ -607,6 +607,7 @@ LATENTS_COLUMNS = ("latent", "ms", "freq", "max_act", "group", "top_keys")  # al
 LATENTS_NAME_COLUMNS = ("name", "name_score", "names")  # written when the run named its latents
 LATENTS_AUTOINTERP_COLUMNS = ("autointerp", "autointerp_score")  # written when the run asked LLaVA
 _MS_JOB = "python -m vlmsae.monosemanticity"
+_LATENTS_FLOATS = ("ms", "freq", "max_act", "name_score", "autointerp_score")  # an empty or absent cell reads as NaN
 
 
 @dataclass(frozen=True)
@@ -710,20 +711,16 @@ def read_latents_csv(path: str | Path) -> LatentsTable:
             latent = _cell_int(r["latent"], fpath, line, "latent")
             if latent is None:
                 raise ValueError(f"{fpath} line {line}: the latent id is empty.")
-            keys, names = r.get("top_keys") or "", r.get("names") or ""
+            numbers = {c: _cell_float(r.get(c), fpath, line, c) for c in _LATENTS_FLOATS}
+            lists = {c: tuple(r[c].split("|")) if r.get(c) else () for c in ("top_keys", "names")}
             rows.append(
                 LatentRow(
-                    latent=latent,
-                    ms=_cell_float(r["ms"], fpath, line, "ms"),
-                    freq=_cell_float(r.get("freq"), fpath, line, "freq"),
-                    max_act=_cell_float(r.get("max_act"), fpath, line, "max_act"),
+                    latent,
                     group=_cell_int(r.get("group"), fpath, line, "group"),
-                    top_keys=tuple(keys.split("|")) if keys else (),
                     name=r.get("name"),  # None when the column is absent; "" for an empty cell
-                    name_score=_cell_float(r.get("name_score"), fpath, line, "name_score"),
-                    names=tuple(names.split("|")) if names else (),
                     autointerp=r.get("autointerp"),
-                    autointerp_score=_cell_float(r.get("autointerp_score"), fpath, line, "autointerp_score"),
+                    **numbers,
+                    **lists,
                 )
             )
     return LatentsTable(rows, format_version=version)

@@ -229,16 +229,14 @@ class SAEConfig:
     selections may change), auto = fast_exact on CUDA, fp32 elsewhere. Other archs: auto or fp32."""
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"SAEConfig.arch must be one of {', '.join(ARCHS)}; got {self.arch!r}.")
-        for name in ("k", "dead_after_samples"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"SAEConfig.{name} must be a positive integer; got {value!r}.")
-        for name in ("d_in", "n_latents", "expansion"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise ValueError(f"SAEConfig.{name} must be a positive integer; got {value!r} (None = set later).")
+        for name, choices in (("arch", ARCHS), ("sparse_kernel", SPARSE_KERNELS), ("precision", SAE_PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"SAEConfig.{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}.")
+        for name in ("k", "dead_after_samples", "d_in", "n_latents", "expansion"):
+            value, optional = getattr(self, name), name in ("d_in", "n_latents", "expansion")
+            if not (optional and value is None) and (not _is_int(value) or value < 1):
+                later = " (None = set later)" if optional else ""
+                raise ValueError(f"SAEConfig.{name} must be a positive integer; got {value!r}{later}.")
         if not _is_int(self.threshold_start_step) or self.threshold_start_step < 0:
             raise ValueError(
                 f"SAEConfig.threshold_start_step must be an integer >= 0; got {self.threshold_start_step!r}."
@@ -256,12 +254,6 @@ class SAEConfig:
                 raise ValueError(f"SAEConfig.{name} must be a finite number >= 0; got {value!r}.")
         if not isinstance(self.threshold_beta, (int, float)) or not 0.0 <= self.threshold_beta < 1.0:
             raise ValueError(f"SAEConfig.threshold_beta must be in [0, 1) (paper: 0.999); got {self.threshold_beta!r}.")
-        if self.sparse_kernel not in SPARSE_KERNELS:
-            raise ValueError(
-                f"SAEConfig.sparse_kernel must be one of {', '.join(SPARSE_KERNELS)}; got {self.sparse_kernel!r}."
-            )
-        if self.precision not in SAE_PRECISIONS:
-            raise ValueError(f"SAEConfig.precision must be one of {', '.join(SAE_PRECISIONS)}; got {self.precision!r}.")
         if self.arch not in K_ARCHS and self.precision not in ("auto", "fp32"):
             raise ValueError(
                 f"SAEConfig.precision={self.precision!r} only applies to the top-k archs ({', '.join(K_ARCHS)}), "
