@@ -1,15 +1,9 @@
-"""Structured-config schemas (dataclasses) for the core Hydra nodes.
+"""Structured-config schemas, and the command line and the one conversion from config to objects around them.
 
-Import-light on purpose: only dataclasses and Hydra's ConfigStore, so ``--help`` stays instant.
-Each core node is one dataclass in :mod:`vlmsae.config.nodes` (also the library's typed argument);
-:func:`register_configs` stores them (and one job's schema, or every job's). Entry points call it before
-``@hydra.main`` runs, and YAML files in ``conf/<group>/`` list the schema first in their ``defaults`` so that
-an unknown key (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with the key named.
-:func:`to_typed` is the one conversion from config to objects: a job's ``run(cfg)`` starts with
-``job = to_typed(cfg, <Job>)`` and hands typed nodes (``job.model``, ``job.sae``, ...) to the library.
-:func:`conf_dir` says where that YAML tree is, for Hydra and every reader. :func:`prepare_command_line`
-(also called by every entry point) expands ``~`` in ``key=~/path`` and explains how to quote any other value
-Hydra's override grammar cannot read (``'sae_path="/data/run(1)/sae"'``) instead of a lexer error.
+Import-light on purpose: only dataclasses and Hydra's ConfigStore, so ``--help`` stays instant. Each core node is
+one dataclass in :mod:`vlmsae.config.nodes` (also the library's typed argument), each job's schema one in
+:mod:`vlmsae.config.jobs`; YAML files in ``conf/<group>/`` list their schema first in ``defaults``, so an unknown
+key (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with the key named.
 """
 
 from __future__ import annotations
