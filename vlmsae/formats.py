@@ -8,30 +8,15 @@ read as version 1, so finished runs still load. Writers are atomic (:mod:`vlmsae
 Readers take the file itself or the folder that holds it (the file names are fixed, the constants
 below); writers take the folder and return the written path.
 
-===================  ==================================  ===========================================
-file                 dataclass                           read / write
-===================  ==================================  ===========================================
-``latents.csv``      :class:`LatentsTable` of            :func:`read_latents_csv` /
-                     :class:`LatentRow`                  :func:`write_latents_csv`
-``ms_summary.json``  :class:`MsSummary`                  :func:`read_ms_summary` / :func:`write_ms_summary`
-``top_images/``      :class:`TopImagesIndex`             :func:`read_top_images` / :func:`write_top_images`
-``hierarchy.json``   :class:`HierarchySummary`           :func:`read_hierarchy` / :func:`write_hierarchy`
-``steer.json``       :class:`SteerResult`                :func:`read_steer` / :func:`write_steer`
-``steer_eval.json``  :class:`SteerEvalResult`            :func:`read_steer_eval` / :func:`write_steer_eval`
-``splice.json``      :class:`SpliceResult`               :func:`read_splice` / :func:`write_splice`
-``run_info.json``    :class:`RunInfo`                    :func:`read_run_info` / :func:`write_run_info`
-``manifest.json``    :class:`StoreManifest` (activation      :func:`read_manifest` / :func:`write_manifest`
-                     store)
-``progress.json``    :class:`StoreProgress` (extraction      :func:`read_progress` / :func:`write_progress`
-                     resume point)
-``config.json``      :class:`SAECheckpointConfig` (SAE       :func:`read_sae_config` / :func:`write_sae_config`
-                     checkpoint, next to sae.safetensors)
-``stability.json``   :class:`StabilitySummary`           :func:`read_stability` / :func:`write_stability`
-``inspect.json``     :class:`InspectResult`              :func:`read_inspect` / :func:`write_inspect`
-===================  ==================================  ===========================================
-
-``stability_latents.csv`` (:class:`StabilityLatents`, :func:`read_stability_latents` /
-:func:`write_stability_latents`) is the per-latent table beside ``stability.json``.
+Each format is a dataclass with a ``read_<x>`` / ``write_<x>`` pair: ``latents.csv`` (:class:`LatentsTable` of
+:class:`LatentRow`; ``<x>`` = ``latents_csv``), ``ms_summary.json`` (:class:`MsSummary`), ``top_images/``
+(:class:`TopImagesIndex`), ``hierarchy.json`` (:class:`HierarchySummary`), ``steer.json`` (:class:`SteerResult`),
+``steer_eval.json`` (:class:`SteerEvalResult`), ``splice.json`` (:class:`SpliceResult`), ``run_info.json``
+(:class:`RunInfo`), an activation store's ``manifest.json`` (:class:`StoreManifest`) and ``progress.json``
+(:class:`StoreProgress`, the extraction's resume point), an SAE checkpoint's ``config.json``
+(:class:`SAECheckpointConfig`; ``sae_config``, next to sae.safetensors), ``stability.json``
+(:class:`StabilitySummary`) with its per-latent ``stability_latents.csv`` (:class:`StabilityLatents`), and
+``inspect.json`` (:class:`InspectResult`).
 
 ``latents.csv`` has no header object, so its version rides in a first comment line,
 ``# vlmsae latents.csv format_version=3``, then the usual header and rows. Version 1 is the same table
