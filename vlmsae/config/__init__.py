@@ -115,13 +115,6 @@ def readable_overrides(argv: list[str]) -> list[str]:
     return [_readable_override(arg, parser) if i in overrides else arg for i, arg in enumerate(argv)]
 
 
-def prepare_command_line() -> None:
-    """Rewrite ``sys.argv`` with :func:`readable_overrides`; every entry point calls it before ``@hydra.main``."""
-    import sys
-
-    sys.argv[1:] = readable_overrides(sys.argv[1:])
-
-
 def _parse_error(parser: Any, override: str) -> str | None:
     """Hydra's reason (first line) for refusing ``override``; None when it parses."""
     from hydra.errors import HydraException
@@ -161,10 +154,12 @@ def _readable_override(arg: str, parser: Any) -> str:
 
 
 def launch(job: str, main_fn) -> None:
-    """The command line of ``python -m vlmsae.<job>``: the job's schemas, the override check
-    (:func:`prepare_command_line`), then Hydra with ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
+    """The command line of ``python -m vlmsae.<job>``: the job's schemas, ``sys.argv`` made readable
+    (:func:`readable_overrides`), then Hydra with ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
+    import sys
+
     import hydra
 
     register_configs(job)
-    prepare_command_line()
+    sys.argv[1:] = readable_overrides(sys.argv[1:])
     hydra.main(config_path=str(conf_dir()), config_name=job, version_base="1.3")(main_fn)()

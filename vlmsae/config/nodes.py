@@ -44,13 +44,6 @@ _NODE_KEYS = {"ModelSpec": "model", "EmbedderSpec": "embedder", "SAEConfig": "sa
 """The config key of each node class, for error messages (``sae.kk``, not ``SAEConfig.kk``)."""
 
 
-def _check_set(obj: Any, names: tuple[str, ...], what: str) -> None:
-    """Fields whose default is MISSING (required in Hydra) must be given when the library builds the node."""
-    unset = [name for name in names if getattr(obj, name) == MISSING]
-    if unset:
-        raise ValueError(f"{what} needs {unset} (no default): set {', '.join(f'{what}.{n}' for n in unset)}.")
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -107,7 +100,10 @@ class ModelSpec:
     local_files_only: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        _check_set(self, ("name", "backend", "arch"), "model")
+        # MISSING fields (required in Hydra) must be given when the library builds the node
+        unset = [name for name in ("name", "backend", "arch") if getattr(self, name) == MISSING]
+        if unset:
+            raise ValueError(f"model needs {unset} (no default): set {', '.join(f'model.{n}' for n in unset)}.")
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"Unknown model backend {self.backend!r} (model {self.name!r}): use one of {list(BACKENDS)}."
