@@ -46,13 +46,19 @@ def register_configs(job: str | None = None) -> None:
     import pkgutil
 
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     from vlmsae.config import jobs
-    from vlmsae.config.schemas import SCHEMAS, store_node
+    from vlmsae.config.nodes import SCHEMAS
 
     if "nodes" not in _REGISTERED:
-        for _group, name, node in SCHEMAS:  # at the root: never offered as a choice of `group`
-            ConfigStore.instance().store(name=name, node=store_node(node))
+        for _group, name, schema in SCHEMAS:
+            # OmegaConf makes the node of a frozen dataclass (SAEConfig) read-only, and then Hydra cannot merge the
+            # group YAML or an override into it. The node keeps its type, so unknown keys and wrong types still fail
+            # at compose time; the frozen instance is built from it later (to_typed).
+            node = OmegaConf.structured(schema)
+            OmegaConf.set_readonly(node, None)
+            ConfigStore.instance().store(name=name, node=node)
         _REGISTERED.add("nodes")
     for name in [m.name for m in pkgutil.iter_modules(jobs.__path__)] if job is None else [job]:
         if name not in _REGISTERED:  # vlmsae.config.jobs.<job>.<Job>Job is stored as <job>_schema

@@ -1,6 +1,6 @@
 """One dataclass per config node: the Hydra schema of ``conf/<group>/*.yaml`` and the library's typed argument.
 
-Each class below is registered in Hydra's ConfigStore (``vlmsae.config.schemas.SCHEMAS``: ``model_schema``,
+Each class below is registered in Hydra's ConfigStore (:data:`SCHEMAS`, at the bottom: ``model_schema``,
 ``sae_schema``, ..., at the root), so a group YAML that starts with ``defaults: [/<group>_schema@_here_, _self_]``
 is typed by it and a misspelt key (``model.widht=3``) or a wrong type (``sae.k=abc``) fails at compose time
 naming the key.
@@ -460,3 +460,17 @@ class NamingOptions:
     autointerp: Optional[str] = None
     autointerp_model: str = "llava15_7b"  # a conf/model/ LLaVA (backend hf_llava); tiny_llava: random, offline
     autointerp_max_latents: int = 200  # latents asked, highest MS first; the others keep empty cells
+
+
+# (the group a schema types, its ConfigStore name, the dataclass). Stored at the root of the ConfigStore, not inside
+# their group, where ``--help`` and Hydra's "Available options" would list them as choices; group YAMLs start with
+# ``defaults: [/<name>@_here_, _self_]``, e.g. ``conf/sae/topk.yaml`` lists ``/sae_schema@_here_``.
+SCHEMAS: list[tuple[str | None, str, type]] = [
+    ("sae", "sae_schema", SAEConfig),
+    ("model", "model_schema", ModelSpec),
+    ("data", "data_schema", DataSchema),
+    ("trainer", "trainer_schema", TrainerSchema),
+    ("logger", "logger_schema", LoggerSchema),
+    ("embedder", "embedder_schema", EmbedderSpec),
+    ("taxonomy", "taxonomy_schema", TaxonomySchema),
+]
