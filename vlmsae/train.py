@@ -69,12 +69,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     return fit_sae(plan, out_dpath, callbacks, grid=grid, sae_devices=job.sae_devices)
 
 
-def _main(cfg: DictConfig) -> dict:
-    return run(cfg)
-
-
 def main() -> None:
-    launch("train", _main)
+    launch("train", run)  # Hydra calls run(cfg); its metrics are the job's return value
 
 
 if __name__ == "__main__":

@@ -71,12 +71,10 @@ def register_configs(job: str | None = None) -> None:
 def to_typed(cfg: Any, cls: type[T]) -> T:
     """The one conversion from config to objects: ``cfg`` as an instance of the dataclass ``cls``.
 
-    A job calls it once, on the first line of ``run()``: ``job = to_typed(cfg, TrainJob)``; every node of the
-    result is then its own dataclass (``job.model`` a ``ModelSpec``, ``job.sae`` an ``SAEConfig``, ...), and code
-    below the job takes those. ``cfg`` is a composed ``DictConfig`` typed by ``cls``'s schema (Hydra's), or a
-    node or mapping read some other way (a ``conf/model/<name>.yaml`` loaded by name, a ``config.json``):
-    interpolations are resolved, a ``defaults`` entry is dropped, an unknown key is an error listing the valid
-    ones, and ``cls``'s own checks run. An instance of ``cls`` is returned as it is.
+    A job calls it once, at the top of ``run()`` (``job = to_typed(cfg, TrainJob)``); below, every node is its own
+    dataclass. ``cfg`` is a composed ``DictConfig`` typed by ``cls``'s schema, or a node or mapping read some other
+    way (a ``conf/model/<name>.yaml``, a ``config.json``): interpolations are resolved, a ``defaults`` entry is
+    dropped, an unknown key is an error listing the valid ones, and ``cls``'s own checks run.
     """
     from omegaconf import DictConfig, OmegaConf
 
