@@ -355,11 +355,10 @@ read_steer_eval, write_steer_eval = SteerEvalResult.read, _write
 class SpliceResult(_JsonFormat):
     """``splice.json`` of ``python -m vlmsae.splice_eval``: LLaVA's answer loss with the SAE spliced in.
 
-    ``summary``: the headline figures, flat (kl, nll_clean, nll_spliced, nll_zero, nll_mean, frac_recovered_zero,
-    frac_recovered_mean, ...; per answer token); ``rows``: the table, one object per condition (condition, nll, kl,
-    top1_agreement, frac_recovered_zero/mean); ``per_answer``: per sample (image, prompt, answer, n_tokens, nll and kl
-    per condition); ``notes``: why a figure is null (NaN) or a row is missing; ``settings``: what was run.
-    Non-finite numbers are written as null.
+    ``summary``: the headline figures, flat (kl, nll_clean, nll_spliced, frac_recovered_zero, ...; per answer
+    token); ``rows``: the table, one object per condition; ``per_answer``: per sample; ``notes``: why a figure is null
+    (NaN) or a row is missing; ``settings``: what was run. Every key: docs/outputs.md. Non-finite numbers are
+    written as null.
     """
 
     FILE, VERSIONS, JOB, FINITE = SPLICE_JSON, SPLICE_VERSIONS, "python -m vlmsae.splice_eval", True
@@ -839,11 +838,9 @@ class StabilitySummary(_JsonFormat):
     """``stability.json`` of ``python -m vlmsae.stability``: how alike SAEs trained with different seeds are.
 
     ``runs``: the SAE folders (the first is the reference); ``matching``: the latent matching against the
-    reference (threshold, mean_matched_cos, frac_found_in_all, found_in_counts {m: latents found in m seeds},
-    ``pairs``: one object per compared pair); ``metrics``: per training metric (fve, l0, dead_fraction, ...)
-    {mean, ci95, std, n} over seeds (ci95 = half-width of the 95% t-interval) and the per-seed values;
-    ``ms`` / ``hierarchy``: the same for every numeric field of the seeds' ms_summary.json / hierarchy.json
-    (present when those runs were given). Non-finite numbers are written as null.
+    reference; ``metrics``: per training metric {mean, ci95, std, n} over seeds; ``ms`` / ``hierarchy``: the same
+    for the seeds' ms_summary.json / hierarchy.json, when given. Every key: docs/outputs.md. Non-finite numbers are
+    written as null.
     """
 
     FILE, VERSIONS, JOB, FINITE = STABILITY_JSON, STABILITY_VERSIONS, _STABILITY_JOB, True
@@ -926,14 +923,9 @@ def read_stability_latents(path: str | Path) -> StabilityLatents:
 class InspectResult(_JsonFormat):
     """``inspect.json`` of ``python -m vlmsae.inspect``: what an SAE sees in the given images, and where.
 
-    ``images``: one object per image (key, path, fve and nmse of its tokens, n_rows, grid = patch-grid side or
-    null, thumb = its thumbnail next to the page, and ``top_pooled`` / ``top_peak``: latent hits, best first, each
-    {latent, pooled, peak, peak_patch, heat = per-patch activations row-major (empty without patch tokens),
-    heat_png = the heatmap drawn over the image, relative to the file}); ``latents``: what the MS run says of every
-    latent shown, keyed by the latent id as a string (name, names, ms, freq, group, top = thumbnails of its top
-    images); ``query``: {text, hits: [{latent, score, per_image: [hit per image]}]} or null; ``compare``: {a, b,
-    a_over_b, b_over_a: [{latent, a, b, diff}]} or null; ``settings``: what was run (sae_path, model, layer, pool,
-    ms_run, top_n). Non-finite numbers are written as null.
+    ``images``: one object per image (its top latents, pooled and by peak patch, with their heatmaps); ``latents``:
+    what the MS run says of every latent shown; ``query`` and ``compare``: the answers to those options, or null;
+    ``settings``: what was run. Every key: docs/outputs.md. Non-finite numbers are written as null.
     """
 
     FILE, VERSIONS, JOB, FINITE = INSPECT_JSON, INSPECT_VERSIONS, "python -m vlmsae.inspect", True
