@@ -216,7 +216,7 @@ def _finite_or_none(obj: Any) -> Any:
 class _JsonFormat:
     """What every JSON format shares: its file, versions and the job that writes it; the type checks of its
     :func:`_f` fields; ``to_dict`` (typed fields, then ``extra``) and ``read``. Each ``read_<x>`` is its class's
-    ``read`` and each ``write_<x>`` is :func:`_write`."""
+    ``read`` and each ``write_<x>`` is :func:`_write` (the list at the end of this module)."""
 
     FILE: ClassVar[str]
     VERSIONS: ClassVar[tuple[int, ...]]
@@ -286,9 +286,6 @@ class MsSummary(_JsonFormat):
     baseline: dict[str, Any] | None = _f(dict, omit_none=True)
 
 
-read_ms_summary, write_ms_summary = MsSummary.read, _write
-
-
 @dataclass
 class HierarchySummary(_JsonFormat):
     """``hierarchy.json`` of ``python -m vlmsae.hierarchy``: one object per Matryoshka group in ``groups``
@@ -306,9 +303,6 @@ class HierarchySummary(_JsonFormat):
     sae_path: str | None = None
     ms_run: str | None = None
     paper_table2: dict[str, Any] | None = _f(dict)
-
-
-read_hierarchy, write_hierarchy = HierarchySummary.read, _write
 
 
 @dataclass
@@ -329,9 +323,6 @@ class SteerResult(_JsonFormat):
     settings: dict[str, Any] = _f(dict, default=dict, none_empty=True)
 
 
-read_steer, write_steer = SteerResult.read, _write
-
-
 @dataclass
 class SteerEvalResult(_JsonFormat):
     """``steer_eval.json`` of ``python -m vlmsae.steer_eval``: the steering score (METHOD §5).
@@ -346,9 +337,6 @@ class SteerEvalResult(_JsonFormat):
     per_latent: list[dict[str, Any]] = _f(list, default=MISSING)
     settings: dict[str, Any] = _f(dict, default=dict)
     paper: dict[str, Any] | None = _f(dict, omit_none=True)
-
-
-read_steer_eval, write_steer_eval = SteerEvalResult.read, _write
 
 
 @dataclass
@@ -369,9 +357,6 @@ class SpliceResult(_JsonFormat):
     settings: dict[str, Any] = _f(dict, default=dict)
 
 
-read_splice, write_splice = SpliceResult.read, _write
-
-
 @dataclass
 class RunInfo(_JsonFormat):
     """``run_info.json``, in every output folder: what made it. ``config`` is the resolved job config;
@@ -385,9 +370,6 @@ class RunInfo(_JsonFormat):
     versions: dict[str, str] | None = _f(dict)
     command: str | None = None
     created: str | None = None
-
-
-read_run_info, write_run_info = RunInfo.read, _write
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,9 +482,6 @@ def manifest_from_json(text: str | bytes, where: str) -> StoreManifest:
     return StoreManifest.from_json(obj, where)
 
 
-write_manifest = _write
-
-
 @dataclass
 class StoreProgress(_JsonFormat):
     """``progress.json``: the shard writer's state after its last complete shard, the point a killed
@@ -520,9 +499,6 @@ class StoreProgress(_JsonFormat):
     n_chunks: int = _f(int, default=MISSING)
     stats: dict[str, Any] = _f(dict, default=MISSING)
     state: dict[str, Any] | None = _f(dict)
-
-
-read_progress, write_progress = StoreProgress.read, _write
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,9 +555,6 @@ def read_sae_config(path: str | Path) -> SAECheckpointConfig:
             f'{str(fpath)!r} is not a vlmsae SAE config (expected "format": {SAE_FORMAT!r} and a "config" object).'
         )
     return SAECheckpointConfig.from_json(obj, fpath)
-
-
-write_sae_config = _write
 
 
 # --------------------------------------------------------------------------------------------
@@ -853,9 +826,6 @@ class StabilitySummary(_JsonFormat):
     hierarchy: dict[str, Any] | None = _f(dict, omit_none=True)
 
 
-read_stability, write_stability = StabilitySummary.read, _write
-
-
 STABILITY_LATENTS_COLUMNS = ("latent", "found_in", "mean_cos")  # then match_<seed> per seed after the reference
 
 
@@ -936,4 +906,16 @@ class InspectResult(_JsonFormat):
     settings: dict[str, Any] = _f(dict, default=dict)
 
 
+# Each JSON format is read by its class (read_manifest and read_sae_config add their own errors) and written by the
+# one writer.
+read_ms_summary, write_ms_summary = MsSummary.read, _write
+read_hierarchy, write_hierarchy = HierarchySummary.read, _write
+read_steer, write_steer = SteerResult.read, _write
+read_steer_eval, write_steer_eval = SteerEvalResult.read, _write
+read_splice, write_splice = SpliceResult.read, _write
+read_run_info, write_run_info = RunInfo.read, _write
+write_manifest = _write
+read_progress, write_progress = StoreProgress.read, _write
+write_sae_config = _write
+read_stability, write_stability = StabilitySummary.read, _write
 read_inspect, write_inspect = InspectResult.read, _write
