@@ -186,11 +186,9 @@ def _opt(default: Any = None) -> Any:
 
 def _build(cls: type, obj: dict[str, Any], fpath: Path | str, job: str, version: int) -> Any:
     """``cls`` from a flat dict: its named fields typed, every other key in ``extra``."""
-    names = [f.name for f in fields(cls) if f.name not in _SKIP]
-    required = [
-        f.name for f in fields(cls) if f.name not in _SKIP and f.default is MISSING and f.default_factory is MISSING
-    ]
-    missing = [n for n in required if n not in obj]
+    named = [f for f in fields(cls) if f.name not in _SKIP]
+    names = [f.name for f in named]
+    missing = [f.name for f in named if f.name not in obj and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise ValueError(f"{fpath} lacks the key(s) {missing} (it has {sorted(obj)}); re-run `{job}` to rewrite it.")
     extra = {k: v for k, v in obj.items() if k not in names and k != "format_version"}

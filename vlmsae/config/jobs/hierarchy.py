@@ -21,9 +21,8 @@ class HierarchyJob:
 
     sae_path: str = MISSING  # SAE folder, e.g. outputs/train/<run>/sae, a published SAE's folder or hf://org/repo
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
-    # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
-    # active latent), naming the likely cause; false = score it anyway
-    check_fit: bool = True
+    # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
+    check_fit: bool = True  # false = score it anyway
     ms_run: Optional[str] = None  # a finished `python -m vlmsae.monosemanticity` run: reuse top_images/, latents.csv
     layer: Any = None  # null = the SAE's layer (source.layer); or a block index / "last"
     # cls | mean | max over patch tokens; null = cls if the SAE read CLS tokens, else mean

@@ -22,9 +22,8 @@ class MonosemanticityJob(NamingOptions):
 
     sae_path: str = MISSING  # SAE folder (save_sae output, <run>/sae/; or a published SAE's folder / hf://org/repo)
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
-    # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
-    # active latent), naming the likely cause; false = score it anyway
-    check_fit: bool = True
+    # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
+    check_fit: bool = True  # false = score it anyway
     layer: Any = None  # null = the SAE's source layer; or a block index / "last"
     pool: Optional[str] = None  # cls | mean | max over patch tokens; null = cls if the SAE read CLS tokens, else mean
     top_k: int = 16  # top-activating images kept per latent (images where it is 0 never count)

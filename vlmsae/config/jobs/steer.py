@@ -17,9 +17,8 @@ class SteerJob:
     sae_path: str = MISSING  # SAE folder (save_sae output, a published SAE's folder or hf://org/repo); its source.layer
     # picks the block
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
-    # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
-    # active latent), naming the likely cause; false = score it anyway
-    check_fit: bool = True
+    # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
+    check_fit: bool = True  # false = score it anyway
     layer: Optional[int] = None  # override the vision block to hook (default: the SAE's source.layer)
     latent: Any = 0  # latent index, or a list [j1, j2] to clamp several at once
     alpha: Any = 100.0  # new value of the latent(s); a list matches `latent` one to one (paper: 100)

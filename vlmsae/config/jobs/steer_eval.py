@@ -20,9 +20,8 @@ class SteerEvalJob:
         MISSING  # SAE folder or hf://org/repo (the paper: Matryoshka x64 at block 22, 2 random tokens/image)
     )
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
-    # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
-    # active latent), naming the likely cause; false = score it anyway
-    check_fit: bool = True
+    # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
+    check_fit: bool = True  # false = score it anyway
     top_images: str = MISSING  # top_images/ folder of a monosemanticity run with that SAE (image paths and labels)
     layer: Optional[int] = None  # vision block to hook (default: the SAE's source.layer)
     # a count (10 = latents 0..9; the paper: 10 with ImageNet images, 1000 with the white image) or a list
