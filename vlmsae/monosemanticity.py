@@ -51,6 +51,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from vlmsae.report.job_log import log_job
     from vlmsae.report.tables import ms_table
     from vlmsae.studies import sweep
+    from vlmsae.studies.embedding_cache import default_cache_dpath
     from vlmsae.studies.ms_study import score_sae
     from vlmsae.studies.naming import namer_for
 
@@ -63,12 +64,13 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     namer = namer_for(job, job.embedder)  # before any image is read
     members, is_sweep = sweep.open_members(sae_dpath, job.sae_format, "MS table", job.model)
     images = ImageSet.from_data(job.data, job="monosemanticity")
+    cache_dpath = Path(job.embed_cache).expanduser() if job.embed_cache else default_cache_dpath()
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
         # model: null = the SAE's source.model
         src = shared.open(m, job.model, job.layer, job.pool, job.device, job.check_fit)
         study = score_sae(
-            src, images, job.embedder, _cache_dpath(job), **{k: getattr(job, k) for k in _STUDY_KEYS},
+            src, images, job.embedder, cache_dpath, **{k: getattr(job, k) for k in _STUDY_KEYS},
             sae_path=m.sae_path, embed_memo=shared.embeddings if shared.keep else None, namer=namer,
         )  # fmt: skip
         shared.n_embedded += study.n_embedded
@@ -82,12 +84,6 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
 
 _STUDY_KEYS = ("top_k", "baseline", "chunk_size", "dense_threshold", "progress")
-
-
-def _cache_dpath(job: MonosemanticityJob) -> Path:
-    from vlmsae.studies.embedding_cache import default_cache_dpath
-
-    return Path(job.embed_cache).expanduser() if job.embed_cache else default_cache_dpath()
 
 
 def _finish(
