@@ -47,8 +47,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     sae = load_job_sae(job.sae_path, job.sae_format)
     ms = ins.open_ms_run(job.ms_run, job.sae_path, sae.n_latents) if job.ms_run else None
     try:
-        model = job.model  # null = the SAE's source.model
-        src = open_tapped_sae(sae, None, model, job.layer, job.pool, job.device, sae_dpath=job.sae_path)
+        # model: null = the SAE's source.model
+        src = open_tapped_sae(sae, None, job.model, job.layer, job.pool, job.device, sae_dpath=job.sae_path)
     except ValueError as err:
         raise ValueError(f"sae_path={job.sae_path}: {err}") from None
     # one image decoded at a time (a folder of photos never sits in memory); a file that is not an image is refused

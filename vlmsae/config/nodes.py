@@ -1,12 +1,9 @@
 """One dataclass per config node: the Hydra schema of ``conf/<group>/*.yaml`` and the library's typed argument.
 
-Each class below is registered in Hydra's ConfigStore (:data:`SCHEMAS`, at the bottom: ``model_schema``,
-``sae_schema``, ..., at the root), so a group YAML that starts with ``defaults: [/<group>_schema@_here_, _self_]``
-is typed by it and a misspelt key (``model.widht=3``) or a wrong type (``sae.k=abc``) fails at compose time
-naming the key.
-The library takes the same classes (``vlmsae.models.ModelSpec``, ``vlmsae.models.embedders.EmbedderSpec``,
-``vlmsae.sae.SAEConfig`` are these), built from a composed node by ``vlmsae.config.to_typed``. A config
-key is therefore added in one dataclass here and one YAML file. Every field says what it is for.
+Each is stored in Hydra's ConfigStore (:data:`SCHEMAS`, at the bottom), so a misspelt key (``model.widht=3``) or a
+wrong type (``sae.k=abc``) fails at compose time naming the key. The library takes the same classes
+(``vlmsae.models.ModelSpec``, ``vlmsae.sae.SAEConfig``, ...), built by ``vlmsae.config.to_typed``: a config key is
+added in one dataclass here and one YAML file. Every field says what it is for.
 
 Import-light on purpose (dataclasses and omegaconf only, no torch): this is the bottom layer, and ``--help``
 must stay instant.

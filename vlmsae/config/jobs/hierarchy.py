@@ -12,7 +12,6 @@ from omegaconf import MISSING
 class HierarchyJob:
     """Taxonomy alignment of Matryoshka levels (METHOD §4): LCA depth of each latent's top images, per group."""
 
-    # config groups (typed by their own schemas in vlmsae.config.nodes)
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     data: Any = MISSING  # the images (unused with ms_run, except to find the taxonomy's data root)
     taxonomy: Any = MISSING  # where each image's taxon path comes from

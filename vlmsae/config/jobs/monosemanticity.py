@@ -14,7 +14,6 @@ from vlmsae.config.nodes import NamingOptions
 class MonosemanticityJob(NamingOptions):
     """MS of every SAE latent and every raw neuron of the layer it reads (METHOD §3), top images, plots."""
 
-    # config groups (typed by their own schemas in vlmsae.config.nodes)
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     model: Any = None  # null = the model the SAE was trained on (its source.model)
     data: Any = MISSING  # the images: folder | list | wds | synthetic
