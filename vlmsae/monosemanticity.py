@@ -44,8 +44,6 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Score ``cfg.sae_path``'s latents and the raw neurons on ``cfg.data``; outputs in ``out_dpath``. A sweep
     (a folder of SAEs or a comma list): each SAE's outputs in ``out_dpath/<name>/`` and ``ms_table.md/.csv``;
     its SAEs share the images' embeddings and, per model and layer, the source activations.
-
-    ``cfg``: conf/monosemanticity.yaml (keys: :class:`vlmsae.config.jobs.monosemanticity.MonosemanticityJob`).
     """
     from vlmsae.data.image_set import ImageSet
     from vlmsae.report.job_log import log_job

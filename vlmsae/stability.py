@@ -33,10 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
-    """Match the seeds' latents and aggregate their metrics; returns the flat headline figures (+ out_dpath).
-
-    ``cfg``: conf/stability.yaml (keys: :class:`vlmsae.config.jobs.stability.StabilityJob`).
-    """
+    """Match the seeds' latents and aggregate their metrics; returns the flat headline figures (+ out_dpath)."""
     from vlmsae.report.job_log import log_job
     from vlmsae.report.stability import write_stability_outputs
     from vlmsae.studies import stability_study as study

@@ -19,11 +19,9 @@ _REGISTERED: set[str] = set()  # "nodes" and the jobs whose schema is in the Con
 def conf_dir() -> Path:
     """The Hydra config tree (``conf/``); the only place that knows where it lives.
 
-    It is always ``<vlmsae package>/conf``: in a checkout (plain, ``PYTHONPATH`` or editable install)
-    that is the symlink ``vlmsae/conf -> ../conf``, so the tree stays at the repo root and edits show
-    at once; a wheel (``pip install .``) holds a real copy, since setuptools follows the symlink when it
-    builds. The repo-root ``conf/`` is the fallback for a checkout without symlinks (git on Windows
-    with ``core.symlinks=false`` writes the link as a small text file).
+    It is ``<vlmsae package>/conf``: in a checkout the symlink ``vlmsae/conf -> ../conf`` (edits show at once), in a
+    wheel a real copy (setuptools follows the symlink). The repo-root ``conf/`` is the fallback for a checkout
+    without symlinks (git on Windows with ``core.symlinks=false`` writes the link as a small text file).
     """
     package_dpath = Path(__file__).resolve().parents[1]
     candidates = (package_dpath / "conf", package_dpath.parent / "conf")

@@ -16,9 +16,8 @@ class SteerEvalJob:
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     model: Any = MISSING  # the LLaVA to steer: a conf/model/ choice with backend hf_llava (its own model_schema)
     embedder: Any = MISSING  # a conf/embedder/ choice with a text tower (CLIP: clip_b32 in the paper, tiny in tests)
-    sae_path: str = (
-        MISSING  # SAE folder or hf://org/repo (the paper: Matryoshka x64 at block 22, 2 random tokens/image)
-    )
+    # SAE folder or hf://org/repo (the paper: Matryoshka x64 at block 22, 2 random tokens/image)
+    sae_path: str = MISSING
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
     # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
     check_fit: bool = True  # false = score it anyway
