@@ -743,23 +743,22 @@ def read_top_images(dpath: str | Path) -> TopImagesIndex:
     from safetensors.torch import load_file
 
     dpath = Path(dpath)
-    job = "python -m vlmsae.monosemanticity"
     fpath = dpath / TOP_TENSORS
     if not fpath.exists():
-        raise FileNotFoundError(f"{fpath} not found: point at a top_images/ folder written by `{job}`.")
+        raise FileNotFoundError(f"{fpath} not found: point at a top_images/ folder written by `{_MS_JOB}`.")
     images_fpath = dpath / TOP_IMAGES_JSON
     if not images_fpath.is_file():
         raise FileNotFoundError(
             f"{images_fpath} is missing: the top_images index needs {TOP_TENSORS} and {TOP_IMAGES_JSON}."
         )
     meta_fpath = dpath / TOP_META_JSON
-    meta = _load_json(meta_fpath, job) if meta_fpath.exists() else {}
+    meta = _load_json(meta_fpath, _MS_JOB) if meta_fpath.exists() else {}
     # An index written before format_version existed (or without meta.json) is version 1.
-    version = check_version(meta_fpath, meta.pop("format_version", 1), TOP_IMAGES_VERSIONS, job)
+    version = check_version(meta_fpath, meta.pop("format_version", 1), TOP_IMAGES_VERSIONS, _MS_JOB)
     tensors = load_file(str(fpath))
     if "image_idx" not in tensors or "acts" not in tensors:
         raise ValueError(f"{fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
-    images = _load_json(images_fpath, job)
+    images = _load_json(images_fpath, _MS_JOB)
     image_idx, acts = tensors.pop("image_idx"), tensors.pop("acts")
     return TopImagesIndex(
         image_idx,
