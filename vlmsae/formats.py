@@ -681,8 +681,8 @@ def read_latents_csv(path: str | Path) -> LatentsTable:
     return LatentsTable(rows, format_version=version)
 
 
-def _score_cell(x: float) -> str:
-    return "" if math.isnan(x) else f"{x:.6f}"
+def _float_cell(x: float, nan: str = "") -> str:
+    return nan if math.isnan(x) else f"{x:.6f}"
 
 
 def write_latents_csv(dpath: str | Path, table: LatentsTable) -> Path:
@@ -702,16 +702,16 @@ def write_latents_csv(dpath: str | Path, table: LatentsTable) -> Path:
     for r in table.rows:
         cells = [
             r.latent,
-            "nan" if math.isnan(r.ms) else f"{r.ms:.6f}",
+            _float_cell(r.ms, "nan"),
             f"{r.freq:.6g}",
             f"{r.max_act:.6g}",
             "" if r.group is None else r.group,
             "|".join(r.top_keys),
         ]
         if with_names:
-            cells += [r.name or "", _score_cell(r.name_score), "|".join(r.names)]
+            cells += [r.name or "", _float_cell(r.name_score), "|".join(r.names)]
         if with_autointerp:
-            cells += [r.autointerp or "", _score_cell(r.autointerp_score)]
+            cells += [r.autointerp or "", _float_cell(r.autointerp_score)]
         writer.writerow(cells)
     return atomic_write_text(Path(dpath) / LATENTS_CSV, buf.getvalue())
 
@@ -850,8 +850,7 @@ def write_stability_latents(dpath: str | Path, table: StabilityLatents) -> Path:
     buf, writer = _csv_writer(STABILITY_LATENTS_CSV, STABILITY_LATENTS_VERSIONS[-1])
     writer.writerow([*STABILITY_LATENTS_COLUMNS, *(f"match_{s}" for s in range(1, len(table.matches) + 1))])
     for i, latent in enumerate(table.latent):
-        cos = table.mean_cos[i]
-        row = [latent, table.found_in[i], "nan" if math.isnan(cos) else f"{cos:.6f}"]
+        row = [latent, table.found_in[i], _float_cell(table.mean_cos[i], "nan")]
         writer.writerow(row + [m[i] for m in table.matches])
     return atomic_write_text(Path(dpath) / STABILITY_LATENTS_CSV, buf.getvalue())
 
