@@ -89,8 +89,7 @@ def _published(sink: StoreSink | None, summary: dict[str, Any]) -> dict[str, Any
 
 
 def _main(cfg: DictConfig) -> None:
-    summary = run(cfg)
-    print(OmegaConf.to_yaml(OmegaConf.create(summary)))
+    print(OmegaConf.to_yaml(OmegaConf.create(run(cfg))))
 
 
 def main() -> None:
