@@ -668,16 +668,9 @@ def read_latents_csv(path: str | Path) -> LatentsTable:
                 raise ValueError(f"{fpath} line {line}: the latent id is empty.")
             numbers = {c: _cell_float(r.get(c), fpath, line, c) for c in _LATENTS_FLOATS}
             lists = {c: tuple(r[c].split("|")) if r.get(c) else () for c in ("top_keys", "names")}
-            rows.append(
-                LatentRow(
-                    latent,
-                    group=_cell_int(r.get("group"), fpath, line, "group"),
-                    name=r.get("name"),  # None when the column is absent; "" for an empty cell
-                    autointerp=r.get("autointerp"),
-                    **numbers,
-                    **lists,
-                )
-            )
+            texts = {c: r.get(c) for c in ("name", "autointerp")}  # None when the column is absent; "" when empty
+            group = _cell_int(r.get("group"), fpath, line, "group")
+            rows.append(LatentRow(latent, group=group, **numbers, **lists, **texts))
     return LatentsTable(rows, format_version=version)
 
 
@@ -760,16 +753,8 @@ def read_top_images(dpath: str | Path) -> TopImagesIndex:
         raise ValueError(f"{fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
     images = _load_json(images_fpath, _MS_JOB)
     image_idx, acts = tensors.pop("image_idx"), tensors.pop("acts")
-    return TopImagesIndex(
-        image_idx,
-        acts,
-        list(images.get("keys") or []),
-        images.get("paths"),
-        images.get("labels"),
-        meta,
-        extra=tensors,
-        format_version=version,
-    )
+    keys, paths, labels = list(images.get("keys") or []), images.get("paths"), images.get("labels")
+    return TopImagesIndex(image_idx, acts, keys, paths, labels, meta, extra=tensors, format_version=version)
 
 
 def write_top_images(dpath: str | Path, index: TopImagesIndex) -> Path:
