@@ -208,7 +208,7 @@ class SAE(nn.Module):
         self.register_buffer("n_steps", torch.tensor(0, dtype=torch.long))
         # What the SAE reads (model, layer, tokens): set by training or load_sae, saved with the weights,
         # so steering and evaluation find the tapped layer without being told.
-        self.source: dict[str, Any] = {}
+        self.trained_on: dict[str, Any] = {}
         # The Lightning trainer's precision setting (e.g. "bf16-mixed"), recorded in config.json next to the
         # SAE's own policy (float32 inside, see vlmsae.sae.precision); set by the Lightning module or load_sae.
         self.trainer_precision: str | None = None

@@ -3,7 +3,7 @@
 ``save_sae`` folds the input scale into a *copy* of the weights (the live module keeps training
 unchanged), so a saved SAE takes raw activations. ``config.json`` says what the SAE is (the full
 SAEConfig, group sizes, threshold, scale), its precision policy (``precision``, see
-:mod:`vlmsae.sae.precision`), what it was trained on (``source``) and by which code (vlmsae
+:mod:`vlmsae.sae.precision`), what it was trained on (``trained_on``) and by which code (vlmsae
 version, git commit). ``load_sae`` rebuilds the module from those two files only. The ``config.json``
 format is :class:`vlmsae.formats.SAECheckpointConfig` (read it alone with :func:`vlmsae.formats.read_sae_config`).
 """
@@ -34,18 +34,18 @@ def refuse_interop_only(sae: SAE, action: str) -> None:
     reason = getattr(sae, "interop_only", None)
     if reason:
         raise ValueError(
-            f"{action}: this {type(sae).__name__} (loaded from {sae.source.get('format')}) cannot be written: "
+            f"{action}: this {type(sae).__name__} (loaded from {sae.trained_on.get('format')}) cannot be written: "
             f"{reason}. Written as its base architecture it would give other codes; keep using the original files."
         )
 
 
 def save_sae(
-    sae: SAE, dpath: str | Path, source: dict[str, Any] | None = None, trainer_precision: str | None = None
+    sae: SAE, dpath: str | Path, trained_on: dict[str, Any] | None = None, trainer_precision: str | None = None
 ) -> Path:
     """Write ``dpath/sae.safetensors`` and ``dpath/config.json`` atomically; returns ``dpath``.
 
-    ``source``: what the SAE was trained on, e.g. {"model": "clip_l14_336", "pretrained": "openai",
-    "layer": 22, "tokens": "cls", "data": "/data/acts"}; defaults to ``sae.source``.
+    ``trained_on``: what the SAE was trained on, e.g. {"model": "clip_l14_336", "pretrained": "openai",
+    "layer": 22, "tokens": "cls", "data": "/data/acts"}; defaults to ``sae.trained_on``.
     ``trainer_precision``: the trainer's precision setting, recorded under "precision" with the SAE's own
     policy (vlmsae.sae.precision); defaults to ``sae.trainer_precision`` (set by the Lightning module).
     """
@@ -86,7 +86,7 @@ def save_sae(
         n_steps=int(sae.n_steps),
         dtype=str(sae.W_dec.dtype).removeprefix("torch."),
         precision=precision_record(sae, sae.trainer_precision if trainer_precision is None else trainer_precision),
-        source=dict(source if source is not None else sae.source),
+        trained_on=dict(trained_on if trained_on is not None else sae.trained_on),
         config=sae.cfg.to_dict(),
         vlmsae_version=prov["vlmsae_version"],
         git_commit=prov["git_commit"],
@@ -132,6 +132,6 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
                     f"implies {tuple(target.shape)}."
                 )
             target.copy_(tensors[name])
-    sae.source = dict(info.source)
+    sae.trained_on = dict(info.trained_on)
     sae.trainer_precision = (info.precision or {}).get("trainer_precision")
     return sae.to(device).eval()

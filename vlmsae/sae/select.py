@@ -187,21 +187,21 @@ def topk_exact(pre: Preacts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     def cut(vals_BM: torch.Tensor) -> torch.Tensor:
         return vals_BM.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values - err2_B1
 
-    rows_C, cols_C = _row_candidates(z_BF, cut, _first_m(pre, k))
+    rows_M, cols_M = _row_candidates(z_BF, cut, _first_m(pre, k))
     with _single_threaded(z_BF.device):  # small ops on the candidates (see vlmsae.sae.sparse)
-        return _topk_of_candidates(pre, rows_C, cols_C, k)
+        return _topk_of_candidates(pre, rows_M, cols_M, k)
 
 
-def _topk_of_candidates(pre: Preacts, rows_C: torch.Tensor, cols_C: torch.Tensor, k: int):
+def _topk_of_candidates(pre: Preacts, rows_M: torch.Tensor, cols_M: torch.Tensor, k: int):
     batch_size, n_latents = pre.z_BF.shape
-    vals_C = pre.canonical(rows_C, cols_C)
-    order_C = _rank_candidates(rows_C, _orderable(vals_C))
-    rows_C, cols_C, vals_C = rows_C[order_C], cols_C[order_C], vals_C[order_C]
-    counts_B = torch.bincount(rows_C, minlength=batch_size)
+    vals_M = pre.canonical(rows_M, cols_M)
+    order_M = _rank_candidates(rows_M, _orderable(vals_M))
+    rows_M, cols_M, vals_M = rows_M[order_M], cols_M[order_M], vals_M[order_M]
+    counts_B = torch.bincount(rows_M, minlength=batch_size)
     starts_B = torch.cumsum(counts_B, 0) - counts_B
-    rank_C = torch.arange(rows_C.numel(), device=rows_C.device) - starts_B[rows_C]
-    keep_C = rank_C < k
-    rows_Z, cols_Z, vals_Z = rows_C[keep_C], cols_C[keep_C], vals_C[keep_C]
+    rank_M = torch.arange(rows_M.numel(), device=rows_M.device) - starts_B[rows_M]
+    keep_M = rank_M < k
+    rows_Z, cols_Z, vals_Z = rows_M[keep_M], cols_M[keep_M], vals_M[keep_M]
     order_Z = torch.sort(rows_Z * n_latents + cols_Z).indices  # row-major, columns ascending
     return rows_Z[order_Z], cols_Z[order_Z], vals_Z[order_Z]
 
@@ -230,12 +230,12 @@ def batch_topk_exact(pre: Preacts, k_total: int) -> tuple[torch.Tensor, torch.Te
     # Rows hold k_total / B entries on average but hard samples many more: start at 4x (8x for a fast matmul).
     per_row = -(-k_total // z_BF.shape[0])
     first_m = min(z_BF.shape[1], (4 if pre.policy == "fp32" else 8) * per_row)
-    rows_C, cols_C = _row_candidates(z_BF, cut, first_m)  # flat-index order
+    rows_M, cols_M = _row_candidates(z_BF, cut, first_m)  # flat-index order
     with _single_threaded(z_BF.device):
-        vals_C = pre.canonical(rows_C, cols_C)
-        order_C = torch.sort(_orderable(vals_C), descending=True, stable=True).indices[:k_total]
-        order_C = torch.sort(order_C).values  # back to flat-index order
-        return rows_C[order_C], cols_C[order_C], vals_C[order_C]
+        vals_M = pre.canonical(rows_M, cols_M)
+        order_M = torch.sort(_orderable(vals_M), descending=True, stable=True).indices[:k_total]
+        order_M = torch.sort(order_M).values  # back to flat-index order
+        return rows_M[order_M], cols_M[order_M], vals_M[order_M]
 
 
 @torch.no_grad()
@@ -245,11 +245,11 @@ def above_threshold_exact(pre: Preacts, threshold: torch.Tensor) -> tuple[torch.
     if not pre.exact:
         rows_Z, cols_Z = (z_BF > threshold).nonzero(as_tuple=True)
         return rows_Z, cols_Z, z_BF[rows_Z, cols_Z]
-    rows_C, cols_C = _not_below(z_BF, threshold, pre.err_B[:, None])
+    rows_M, cols_M = _not_below(z_BF, threshold, pre.err_B[:, None])
     with _single_threaded(z_BF.device):
-        vals_C = pre.canonical(rows_C, cols_C)
-        keep_C = vals_C > threshold
-        return rows_C[keep_C], cols_C[keep_C], vals_C[keep_C]
+        vals_M = pre.canonical(rows_M, cols_M)
+        keep_M = vals_M > threshold
+        return rows_M[keep_M], cols_M[keep_M], vals_M[keep_M]
 
 
 @torch.no_grad()
@@ -287,9 +287,9 @@ def _row_candidates(z_BF: torch.Tensor, cut_of, m: int) -> tuple[torch.Tensor, t
         m = min(n_latents, 2 * m)
     with _single_threaded(z_BF.device):
         keep_BM = ~(vals_BM < cut_B1)
-        flat_C = torch.sort((torch.arange(batch_size, device=z_BF.device)[:, None] * n_latents + cols_BM)[keep_BM])
-        flat_C = flat_C.values
-        return flat_C // n_latents, flat_C % n_latents
+        flat_M = torch.sort((torch.arange(batch_size, device=z_BF.device)[:, None] * n_latents + cols_BM)[keep_BM])
+        flat_M = flat_M.values
+        return flat_M // n_latents, flat_M % n_latents
 
 
 def _not_below(z_BF: torch.Tensor, level: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

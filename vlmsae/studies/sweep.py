@@ -54,13 +54,13 @@ class SweepMember:
         return self.sae.n_latents / self.sae.d_in
 
     @property
-    def source_model(self) -> str:
-        source = self.sae.source or {}
-        return str(source.get("model") or source.get("pretrained") or "unknown")
+    def trained_on_model(self) -> str:
+        trained_on = self.sae.trained_on or {}
+        return str(trained_on.get("model") or trained_on.get("pretrained") or "unknown")
 
     @property
-    def source_layer(self) -> Any:
-        return (self.sae.source or {}).get("layer")
+    def trained_on_layer(self) -> Any:
+        return (self.sae.trained_on or {}).get("layer")
 
     @property
     def seed(self) -> int | None:
@@ -131,7 +131,7 @@ def sweep_paths(sae_path: str) -> list[str] | None:
 
 def member_name(member: SweepMember) -> str:
     """``{arch}_x{expansion}_L{layer}`` from the SAE's config (a folder name, '/' and spaces replaced)."""
-    return f"{member.arch}_x{member.expansion:g}_L{member.source_layer}".replace("/", "-").replace(" ", "")
+    return f"{member.arch}_x{member.expansion:g}_L{member.trained_on_layer}".replace("/", "-").replace(" ", "")
 
 
 def load_sweep(paths: list[str], sae_format: str | None = None) -> list[SweepMember]:
@@ -161,7 +161,7 @@ def require_one_model(members: list[SweepMember], what: str, model_override: Any
         return
     models: dict[str, list[str]] = {}
     for m in members:
-        models.setdefault(m.source_model, []).append(m.sae_path)
+        models.setdefault(m.trained_on_model, []).append(m.sae_path)
     if len(models) > 1:
         listing = "; ".join(f"{model}: {', '.join(paths)}" for model, paths in models.items())
         raise ValueError(
@@ -200,7 +200,7 @@ class SharedTap:
             self.kept[key] = acts[:, :1] if self.cls_only and acts.dim() == 3 else acts
             self.n_forward += 1
             if self.counter is not None:
-                self.counter.n_source_batches += 1
+                self.counter.n_model_batches += 1
         return self.kept[key]
 
 
@@ -212,7 +212,7 @@ class SweepCache:
     shared: dict[tuple, SharedTap] = field(default_factory=dict)  # (model, layer, pool) -> its kept activations
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # image key -> E(x)
     n_embedded: int = 0  # images the embedder ran on over the whole sweep
-    n_source_batches: int = 0  # batches of images the source models ran on over the whole sweep
+    n_model_batches: int = 0  # batches of images the source models ran on over the whole sweep
     keep: bool = True  # False: one SAE alone (a job's usual run): nothing is kept for a next SAE
 
     def _tap(self, spec: Any) -> Any:
@@ -246,13 +246,16 @@ class SweepCache:
 
     def counts(self) -> dict[str, int]:
         """What the sweep computed: images embedded by E and batches run through a source model."""
-        return {"images_embedded": self.n_embedded, "source_batches": self.n_source_batches}
+        return {"images_embedded": self.n_embedded, "model_batches": self.n_model_batches}
 
 
 def grouped(members: list[SweepMember]) -> Iterator[SweepMember]:
     """The members ordered so SAEs of the same model, layer and tokens are next to each other (their kept
     activations are dropped when the next group starts)."""
-    key = {id(m): (m.source_model, str(m.source_layer), str((m.sae.source or {}).get("tokens"))) for m in members}
+    key = {
+        id(m): (m.trained_on_model, str(m.trained_on_layer), str((m.sae.trained_on or {}).get("tokens")))
+        for m in members
+    }
     yield from sorted(members, key=lambda m: key[id(m)])
 
 

@@ -20,7 +20,7 @@ class SpliceEvalJob:
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
     # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
     check_fit: bool = True  # false = score it anyway
-    layer: Optional[int] = None  # vision block to splice (default: the SAE's source.layer)
+    layer: Optional[int] = None  # vision block to splice (default: the SAE's trained_on.layer)
     # null = the built-in images (white + scikit-image's astronaut, coffee, chelsea); a folder of images; or a list
     # of `white` / `skimage:<name>` / image paths. With prompts=<file>, relative image paths are read under it.
     images: Any = None

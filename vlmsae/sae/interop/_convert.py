@@ -36,7 +36,7 @@ def sae_from_weights(
     k: int | None = None,
     threshold: float | None = None,
     cls: type[SAE] | None = None,
-    source: dict[str, Any] | None = None,
+    trained_on: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
 ) -> SAE:
     """An eval-mode SAE of ``arch`` (class ``cls`` if given, e.g. a format's own activation) holding these weights.
@@ -57,7 +57,7 @@ def sae_from_weights(
             target.copy_(value.detach().to(torch.float32))
         if threshold is not None:
             sae.threshold.fill_(float(threshold))
-    sae.source = dict(source or {})
+    sae.trained_on = dict(trained_on or {})
     return sae.to(device).eval()
 
 

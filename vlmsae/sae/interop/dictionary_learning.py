@@ -29,7 +29,7 @@ Classes (``trainer.dict_class``) -> vlmsae arch, with the library's keys and for
 Units: with ``normalize_activations`` the trainer multiplies the biases (and a set threshold) by its norm factor
 before every save, so the file takes raw activations: no input normalisation is left to apply.
 
-``sae.source``: ``trainer.layer`` is the residual output of block L (``model.layers[L]``; HF hidden_states[L+1]),
+``sae.trained_on``: ``trainer.layer`` is the residual output of block L (``model.layers[L]``; HF hidden_states[L+1]),
 which is vlmsae's block index. The paper's code saves ``layer=""`` and ``lm_name=""``; its folder name
 ``<dataset>_<split>_activations_<model>_<layer>_<point>_<sae>_<k>_x<expansion>`` carries them instead:
 ``post_mlp_residual`` layer L = block L (``vision_model.encoder.layers[L]``), ``post_projection`` (layer -1) =
@@ -275,28 +275,30 @@ def _model(name: Any) -> tuple[str | None, str | None, str | None]:
     return model, pretrained, name
 
 
-def _source(trainer: dict, config: dict, config_fpath: Path) -> dict[str, Any]:
-    if isinstance(config.get("vlmsae"), dict) and isinstance(config["vlmsae"].get("source"), dict):
-        return dict(config["vlmsae"]["source"])  # written by vlmsae's own export: the exact source
+def _trained_on(trainer: dict, config: dict, config_fpath: Path) -> dict[str, Any]:
+    written = config.get("vlmsae") if isinstance(config.get("vlmsae"), dict) else {}
+    for key in ("trained_on", "source"):  # written by vlmsae's own export ("source" before the rename): exact
+        if isinstance(written.get(key), dict):
+            return dict(written[key])
     model, pretrained, hf_model = _model(trainer.get("lm_name"))
     layer = trainer.get("layer")
     layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else None
-    source: dict[str, Any] = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
+    trained_on: dict[str, Any] = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
     for dpath in list(config_fpath.parents)[:4]:
         match = _VLM_FOLDER.match(dpath.name)
         if match and model is None and layer is None:
             model, pretrained, hf_model = _model(match["model"])
             point, raw_layer = match["point"], int(match["layer"])
             layer = "last" if point == "post_projection" else raw_layer
-            source.update(model=model, pretrained=pretrained, layer=layer, library_layer=raw_layer)
-            source.update(attachment_point=point, dataset=match["dataset"])
+            trained_on.update(model=model, pretrained=pretrained, layer=layer, library_layer=raw_layer)
+            trained_on.update(attachment_point=point, dataset=match["dataset"])
             if point == "post_projection":
-                source["tokens"] = "cls"  # one projected embedding per image
+                trained_on["tokens"] = "cls"  # one projected embedding per image
         random_k = _RANDOM_K.match(dpath.name)
         if random_k:
-            source.update(tokens="random_k", tokens_k=int(random_k.group(1)))
-    source["hf_model"] = hf_model
-    return source
+            trained_on.update(tokens="random_k", tokens_k=int(random_k.group(1)))
+    trained_on["hf_model"] = hf_model
+    return trained_on
 
 
 def load(dpath: Path, device: str = "cpu") -> SAE:
@@ -322,10 +324,10 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
             if tuple(target.shape) != tuple(value.shape):
                 raise ValueError(f"{str(weights_fpath)!r}: {name} shape {tuple(value.shape)} != {tuple(target.shape)}.")
             target.copy_(value)
-    source = _source(trainer, config, config_fpath)
-    source.setdefault("input_normalisation", _NORMALISATION)
-    sae.source = {**source, "format": NAME, "original_path": str(dpath), "dict_class": dict_class}
-    sae.source["checkpoint"] = (
+    trained_on = _trained_on(trainer, config, config_fpath)
+    trained_on.setdefault("input_normalisation", _NORMALISATION)
+    sae.trained_on = {**trained_on, "format": NAME, "original_path": str(dpath), "dict_class": dict_class}
+    sae.trained_on["checkpoint"] = (
         weights_fpath.name if weights_fpath.parent.name != "checkpoints" else (f"checkpoints/{weights_fpath.name}")
     )
     return sae.to(device).eval()
@@ -410,15 +412,15 @@ def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0
         state = {"W_enc": W_enc_FD.T, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_dec": b_dec_D, "k": k}
         state.update(threshold=threshold, group_sizes=torch.tensor(sae.group_sizes, dtype=torch.int64))
     state = {name: value.contiguous() for name, value in state.items()}
-    source = dict(sae.source)
-    layer = source.get("layer")
+    trained_on = dict(sae.trained_on)
+    layer = trained_on.get("layer")
     trainer = {
         "dict_class": dict_class,
         "trainer_class": _TRAINER_CLASSES[dict_class],
         "activation_dim": sae.d_in,
         "dict_size": sae.n_latents,
         "layer": layer if isinstance(layer, int) and not isinstance(layer, bool) else "",
-        "lm_name": hf_id(source.get("model")),
+        "lm_name": hf_id(trained_on.get("model")),
         "submodule_name": "",
     }
     if arch != "relu":
@@ -426,7 +428,12 @@ def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0
     if arch == "matryoshka":
         trainer.update(group_sizes=sae.group_sizes, group_fractions=list(sae.cfg.group_fractions))
     prov = provenance()
-    extra = {"source": source, "arch": sae.arch, "vlmsae_version": prov["vlmsae_version"], "created": prov["created"]}
+    extra = {
+        "trained_on": trained_on,
+        "arch": sae.arch,
+        "vlmsae_version": prov["vlmsae_version"],
+        "created": prov["created"],
+    }
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dpath / AE_FNAME, lambda tmp: torch.save(state, tmp))

@@ -140,7 +140,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     # (x~ - p) E + lb with x~ = (x - m) s  ==  (x - (m + p/s)) (s E) + lb;  x_hat = f (D/s) + (m + p/s)
     pre_bias_D = state["pre_bias"].double()
     b_dec_D = mean_D + pre_bias_D / scale
-    source = {
+    trained_on = {
         "model": _CLIP_MODELS.get(info["clip"]) if info["clip"] else None,
         "pretrained": "openai" if info["clip"] else None,
         "layer": "last" if info["modality"] == "image" else None,
@@ -167,7 +167,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         decoder_FD / scale,
         b_dec_D,
         cls=SoftCapReluSAE if info["soft_cap"] > 0 else None,
-        source=source,
+        trained_on=trained_on,
         device=device,
     )
     if info["soft_cap"] > 0:

@@ -31,7 +31,7 @@ of ``decode(codes, x=x)``; ``sae(x)`` is Prisma's full reconstruction. Inference
 Layers: Prisma's ``blocks.{L}.hook_resid_post`` (= ``hook_point_layer`` L with ``layer_subtype``
 "hook_resid_post") is the output of block L = vlmsae layer L (HF ``hidden_states[L + 1]``). Other subtypes
 (``hook_mlp_out``, ``ln2.hook_normalized``, ...) are not the residual stream: the layer is recorded as None and
-the hook name under ``source["hook"]``. Tokens: ``cls_token_only`` -> "cls", ``use_patches_only`` -> "patches",
+the hook name under ``trained_on["hook"]``. Tokens: ``cls_token_only`` -> "cls", ``use_patches_only`` -> "patches",
 else "all".
 """
 
@@ -259,7 +259,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     transform = norm if norm in ("layer_norm", "constant_norm_rescale") else None
     layer, subtype = cfg["hook_point_layer"], cfg.get("layer_subtype", "ln2.hook_normalized")
     tokens = "cls" if cfg.get("cls_token_only") else "patches" if cfg.get("use_patches_only") else "all"
-    source = {
+    trained_on = {
         "model": _MODELS.get(cfg.get("model_name")),
         "pretrained": cfg.get("model_name"),
         "layer": int(layer) if subtype == "hook_resid_post" else None,
@@ -281,7 +281,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         state["b_dec"],
         k=int(k) if act == "topk" else None,
         cls=cls,
-        source=source,
+        trained_on=trained_on,
         device=device,
     )
     if transform:

@@ -46,7 +46,8 @@ block L = vlmsae layer L (= HF ``hidden_states[L+1]``); ``blocks.{L}.hook_resid_
 layer L-1 (None for L = 0: the embeddings are no block output). Other hooks (mlp_out, attn, hook_z, ...) give
 layer None. v5 configs also carry ``hook_layer`` (the L in the hook name). ``metadata.model_name`` is mapped to a
 vlmsae model name when it is one, or a known HF id of one; ``tokens`` is unknown (None) unless the folder was
-written by vlmsae (``metadata.vlmsae_source``). Decoder rows of a loaded SAE need not be unit norm (inference only).
+written by vlmsae (``metadata.vlmsae_trained_on``; ``vlmsae_source`` in older exports). Decoder rows of a
+loaded SAE need not be unit norm (inference only).
 
 Export (``save``): vlmsae relu -> standard, topk -> topk (k, rescale_acts_by_decoder_norm false), batchtopk and
 matryoshka -> jumprelu with threshold = ones * theta (the inference rule relu(z) * (z > theta), theta >= 0; an SAE
@@ -239,7 +240,7 @@ def _check_shape(tensor: torch.Tensor, shape: tuple[int, ...], name: str, fpath:
 
 
 def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = None) -> SAE:
-    """A SAELens folder as a vlmsae SAE (eval mode, ``source`` set); see the module docstring for the mapping."""
+    """A SAELens folder as a vlmsae SAE (eval mode, ``trained_on`` set); see the module docstring for the mapping."""
 
     dpath = Path(dpath)
     if not detect(dpath):
@@ -346,43 +347,43 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         sae.b_dec.copy_(b_dec_D)
         if threshold_F is not None:
             sae.threshold.copy_(threshold_F)
-    sae.source = _source(cfg, dpath, norm, sf, rescale)
+    sae.trained_on = _trained_on(cfg, dpath, norm, sf, rescale)
     return sae.to(device).eval()
 
 
-def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None, rescale: bool) -> dict[str, Any]:
+def _trained_on(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None, rescale: bool) -> dict[str, Any]:
     metadata = cfg.get("metadata") or {}
-    original = metadata.get("vlmsae_source")
+    original = metadata.get("vlmsae_trained_on", metadata.get("vlmsae_source"))  # "vlmsae_source" before the rename
     if isinstance(original, dict):  # written by vlmsae: the exact record
-        source = dict(original)
+        trained_on = dict(original)
     else:
         model, pretrained = model_from_name(metadata.get("model_name"))
         hook_name = metadata.get("hook_name")
         layer = layer_from_hook_name(hook_name)
         if layer is None and isinstance(metadata.get("hook_layer"), int) and not hook_name:
             layer = metadata["hook_layer"]
-        source = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
+        trained_on = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
     if norm == "expected_average_only_in":
         normalisation = f"expected_average_only_in, sf={sf} folded" if sf is not None else "none (scaler unset)"
         if sf is not None and rescale:
             normalisation += " before the decoder norms (codes = training codes / sf)"
     else:
         normalisation = "none"
-    source.update(
+    trained_on.update(
         input_normalisation=normalisation,
         format=NAME,
         original_path=str(dpath),
         hook_name=metadata.get("hook_name"),
         model_name=metadata.get("model_name"),
     )
-    return source
+    return trained_on
 
 
-def _hook_name(source: dict[str, Any]) -> str | None:
-    layer = source.get("layer")
+def _hook_name(trained_on: dict[str, Any]) -> str | None:
+    layer = trained_on.get("layer")
     if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0:
         return f"blocks.{layer}.hook_resid_post"
-    return source.get("hook_name") if isinstance(source.get("hook_name"), str) else None
+    return trained_on.get("hook_name") if isinstance(trained_on.get("hook_name"), str) else None
 
 
 def save(sae: SAE, out_dpath: Path) -> Path:
@@ -418,7 +419,7 @@ def save(sae: SAE, out_dpath: Path) -> Path:
         tensors["threshold"] = torch.full((sae.n_latents,), float(folded.threshold))
     else:
         raise ValueError(f"saelens.save: no SAELens architecture for a vlmsae {arch!r} SAE.")
-    source = dict(sae.source)
+    trained_on = dict(sae.trained_on)
     cfg = {
         "architecture": architecture,
         "d_in": sae.d_in,
@@ -432,13 +433,13 @@ def save(sae: SAE, out_dpath: Path) -> Path:
         "metadata": {
             "sae_lens_version": EXPORT_SAE_LENS_VERSION,
             "sae_lens_training_version": None,
-            "model_name": source.get("model_name") or source.get("model"),
-            "hook_name": _hook_name(source),
+            "model_name": trained_on.get("model_name") or trained_on.get("model"),
+            "hook_name": _hook_name(trained_on),
             "hook_head_index": None,
             "model_from_pretrained_kwargs": {},
             "exported_by": f"vlmsae {__version__}",
             "vlmsae_arch": arch,
-            "vlmsae_source": source,
+            "vlmsae_trained_on": trained_on,
         },
     }
     atomic_write(out_dpath / WEIGHTS_FNAME, lambda tmp: save_file(tensors, str(tmp)))

@@ -195,7 +195,7 @@ def load(
 
     ``input_mean`` [d] / ``input_scale`` (scalar s): the SAE was trained on (x - mean) / s; folded exactly.
     ``subtract_b_dec``: override the forward chosen from the header (only needed for unknown schema-2 commits).
-    ``layer``/``model``/``tokens``: recorded in ``sae.source`` (saev files do not store them).
+    ``layer``/``model``/``tokens``: recorded in ``sae.trained_on`` (saev files do not store them).
     """
     dpath = Path(dpath)
     fpath = single_checkpoint(dpath, _find_file(dpath), "saev", EXPECTS)
@@ -242,7 +242,7 @@ def load(
     normalisation = "none (raw activations)"
     if input_mean is not None or input_scale is not None:
         normalisation = f"(x - input_mean) / {scale:g}, folded into the weights"
-    source = {
+    trained_on = {
         "model": model,
         "pretrained": None,
         "layer": layer,
@@ -268,6 +268,6 @@ def load(
         k=min(top_k, n_latents) if top_k is not None else None,
         threshold=threshold,
         cls=SignedTopKSAE if act == "TopK" else None,
-        source=source,
+        trained_on=trained_on,
         device=device,
     )

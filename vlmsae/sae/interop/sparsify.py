@@ -61,7 +61,7 @@ def _int_field(cfg: dict[str, Any], name: str, fpath: Path, minimum: int) -> int
 
 
 def load(dpath: Path, device: str = "cpu") -> SAE:
-    """A sparsify hookpoint folder as a vlmsae ``topk`` SAE (eval mode, ``source`` set)."""
+    """A sparsify hookpoint folder as a vlmsae ``topk`` SAE (eval mode, ``trained_on`` set)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -123,7 +123,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         sae.b_dec.copy_(tensors["b_dec"].float())
     run_cfg = _read_run_config(dpath.parent / "config.json")
     model, pretrained = model_from_name(run_cfg.get("model"))
-    sae.source = {
+    sae.trained_on = {
         "model": model,
         "pretrained": pretrained,
         "layer": layer_from_hookpoint(dpath.name),

@@ -1,7 +1,7 @@
 """vlmsae's own SAE folder as an interop format: ``sae.safetensors`` + ``config.json`` ("format": "vlmsae-sae").
 
 Written by :func:`vlmsae.sae.save_sae` (a training run keeps it in ``<run>/sae/``) and read by
-:func:`vlmsae.sae.load_sae`; the ``source`` recorded at training time is kept (layer = vlmsae's block index).
+:func:`vlmsae.sae.load_sae`; the ``trained_on`` recorded at training time is kept (layer = vlmsae's block index).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ def detect(dpath: Path) -> bool:
 def load(dpath: Path, device: str = "cpu") -> SAE:
     dpath = _folder(Path(dpath))
     sae = load_sae(dpath, device=device)
-    source = {"model": None, "pretrained": None, "layer": None, "tokens": None, **sae.source}
-    source.setdefault("input_normalisation", INPUT_NORMALISATION)
-    sae.source = {**source, "format": NAME, "original_path": str(dpath)}
+    trained_on = {"model": None, "pretrained": None, "layer": None, "tokens": None, **sae.trained_on}
+    trained_on.setdefault("input_normalisation", INPUT_NORMALISATION)
+    sae.trained_on = {**trained_on, "format": NAME, "original_path": str(dpath)}
     return sae
 
 
