@@ -11,6 +11,7 @@ format is :class:`vlmsae.formats.SAECheckpointConfig` (read it alone with :func:
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,30 @@ from vlmsae.utils.provenance import provenance
 
 WEIGHTS_FNAME = "sae.safetensors"
 _TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+
+
+def require_keys(found: Mapping[str, Any], names: Iterable[str], where: str, what: str = "") -> None:
+    """Refuse ``found`` (a state dict) when it lacks any of ``names``, listing what it has."""
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}{what}; expected {list(names)} (found {sorted(found)}).")
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
+    """Refuse a tensor whose shape is not ``shape``, naming the file and the tensor."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}.")
+
+
+def read_safetensors(fpath: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on the CPU; an unreadable file is refused naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(fpath), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{str(fpath)!r} is not a readable safetensors file ({err}).") from err
 
 
 def refuse_interop_only(sae: SAE, action: str) -> None:
@@ -64,10 +89,8 @@ def save_sae(
     # (jumprelu, [F] in sae.safetensors, which load_sae reads) is written as a number only when all latents
     # share it (e.g. a BatchTopK SAE saved as JumpReLU by SAELens), else null: the tensor file is authoritative.
     threshold_F = folded.threshold.detach().reshape(-1)
-    uniform = threshold_F.numel() > 0 and bool((threshold_F == threshold_F[0]).all())
-    threshold = float(threshold_F[0]) if uniform else None
-    if threshold is not None and folded.threshold.dim() == 0 and threshold < 0:
-        threshold = None
+    unset = folded.threshold.dim() == 0 and float(threshold_F[0]) < 0
+    threshold = float(threshold_F[0]) if bool((threshold_F == threshold_F[0]).all()) and not unset else None
     atomic_write(dpath / WEIGHTS_FNAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": SAE_FORMAT}))
     prov = provenance()
     info = SAECheckpointConfig(
@@ -98,9 +121,6 @@ def save_sae(
 
 def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Rebuild an SAE from a ``save_sae`` folder (safetensors + JSON only), in eval mode on ``device``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     dpath = Path(dpath)
     info = read_sae_config(dpath)
     weights_fpath = dpath / WEIGHTS_FNAME
@@ -115,22 +135,13 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
         cfg = SAEConfig(**cfg_dict)
     except TypeError as err:
         raise ValueError(f'{str(dpath / SAE_CONFIG_JSON)!r}: its "config" does not match SAEConfig ({err}).') from err
-    try:
-        tensors = load_file(str(weights_fpath), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{str(weights_fpath)!r} is not a readable safetensors file ({err}).") from err
-    missing = [name for name in _TENSORS if name not in tensors]
-    if missing:
-        raise ValueError(f"{str(weights_fpath)!r} lacks tensors {missing}; expected {list(_TENSORS)}.")
+    tensors = read_safetensors(weights_fpath)
+    require_keys(tensors, _TENSORS, repr(str(weights_fpath)))
     sae = build_sae(cfg)
     with torch.no_grad():
         for name in _TENSORS:
             target = getattr(sae, name)
-            if tensors[name].shape != target.shape:
-                raise ValueError(
-                    f"{str(weights_fpath)!r}: tensor {name} has shape {tuple(tensors[name].shape)}, but config.json "
-                    f"implies {tuple(target.shape)}."
-                )
+            check_shape(name, tensors[name], tuple(target.shape), f"{str(weights_fpath)!r} (shapes per config.json)")
             target.copy_(tensors[name])
     sae.trained_on = dict(info.trained_on)
     sae.trainer_precision = (info.precision or {}).get("trainer_precision")

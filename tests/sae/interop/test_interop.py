@@ -12,7 +12,8 @@ import torch
 import vlmsae.sae.interop as interop
 from vlmsae.sae import SAEConfig, build_sae, load, load_sae, save_sae
 from vlmsae.sae.interop import FORMAT_NAMES, TRAINED_ON_KEYS, detect_format, export_sae, load_any
-from vlmsae.sae.interop.torchfile import read_state_dict, read_torch_file
+from vlmsae.sae.interop.dictionary_learning import read_state_dict
+from vlmsae.sae.interop.torchfile import read_torch_file
 
 
 class Custom:

@@ -22,7 +22,7 @@ from types import ModuleType
 
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import refuse_interop_only
-from vlmsae.sae.interop.hub import is_hf_uri, resolve_hf
+from vlmsae.sae.interop.hub import folder_listing, is_hf_uri, resolve_hf
 
 FORMAT_NAMES = ("vlmsae", "dictionary_learning", "saelens", "sparsify", "saev", "prisma", "msae")
 EXPORT_FORMATS = ("vlmsae", "dictionary_learning", "saelens")
@@ -69,7 +69,7 @@ def detect_format(dpath: str | Path) -> str:
     tried = "\n".join(f"  - {name}: {module.EXPECTS}" for name, module in modules.items())
     absent = [name for name in FORMAT_NAMES if name not in modules]
     missing = f"\n(not available in this install: {', '.join(absent)})" if absent else ""
-    present = sorted(p.name + ("/" if p.is_dir() else "") for p in dpath.iterdir())[:20] if dpath.is_dir() else []
+    present = folder_listing(dpath)[:20]
     raise ValueError(
         f"{str(dpath)!r} is not an SAE checkpoint vlmsae recognises (it holds {present or 'a single file'}). "
         f"Formats tried, and what each expects:\n{tried}{missing}\n"
@@ -95,8 +95,7 @@ def load_any(path: str | Path, sae_format: str | None = None, device: str = "cpu
         )
     sae = module.load(local, device=device)
     trained_on = {key: None for key in TRAINED_ON_KEYS} | dict(sae.trained_on)
-    trained_on["format"] = module.NAME
-    trained_on["original_path"] = str(path)
+    trained_on.update(format=module.NAME, original_path=str(path))
     if is_hf_uri(path):
         trained_on["local_path"] = str(local)
     sae.trained_on = trained_on

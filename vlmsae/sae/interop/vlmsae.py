@@ -6,12 +6,12 @@ Written by :func:`vlmsae.sae.save_sae` (a training run keeps it in ``<run>/sae/`
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vlmsae.formats import SAE_CONFIG_JSON, SAE_FORMAT
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import WEIGHTS_FNAME, load_sae, save_sae
+from vlmsae.sae.interop._convert import json_object_or_none
 
 NAME = "vlmsae"
 EXPECTS = f'{WEIGHTS_FNAME} + {SAE_CONFIG_JSON} with "format": "{SAE_FORMAT}" (written by vlmsae.sae.save_sae)'
@@ -24,14 +24,8 @@ def _folder(dpath: Path) -> Path:
 
 def detect(dpath: Path) -> bool:
     dpath = _folder(Path(dpath))
-    config_fpath = dpath / SAE_CONFIG_JSON
-    if not (config_fpath.is_file() and (dpath / WEIGHTS_FNAME).is_file()):
-        return False
-    try:
-        obj = json.loads(config_fpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(obj, dict) and obj.get("format") == SAE_FORMAT
+    config = json_object_or_none(dpath / SAE_CONFIG_JSON) if (dpath / WEIGHTS_FNAME).is_file() else None
+    return config is not None and config.get("format") == SAE_FORMAT
 
 
 def load(dpath: Path, device: str = "cpu") -> SAE:
