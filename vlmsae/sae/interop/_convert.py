@@ -8,6 +8,7 @@ A loaded class whose forward no vlmsae arch reproduces carries ``interop_only`` 
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -90,6 +91,18 @@ def sae_from_weights(
     copy_weights_(sae, weights, where)
     sae.trained_on = dict(trained_on or {})
     return sae.to(device).eval()
+
+
+def export_weights(sae: SAE) -> tuple[dict[str, torch.Tensor], str]:
+    """What a writer saves of ``sae``: float32 CPU copies of W_enc, b_enc, W_dec, b_dec and threshold with the input
+    scale folded, and the arch to write: a BatchTopK-family SAE whose threshold is not estimated encodes with
+    per-sample top-k, so it is written as topk."""
+    folded = copy.deepcopy(sae).cpu().float()
+    folded.fold_input_scale_()
+    weights = {name: getattr(folded, name).detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    weights["threshold"] = folded.threshold.detach().clone()
+    unset = sae.arch in ("batchtopk", "matryoshka") and float(weights["threshold"]) < 0
+    return weights, "topk" if unset else sae.arch
 
 
 def single_checkpoint(dpath: Path, found: list[Path], library: str, expects: str) -> Path:

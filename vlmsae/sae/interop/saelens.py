@@ -48,7 +48,7 @@ from vlmsae import __version__
 from vlmsae.formats import read_json_object
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import check_shape, read_safetensors, require_keys
-from vlmsae.sae.interop._convert import finite_positive, has_files, positive_int, sae_from_weights
+from vlmsae.sae.interop._convert import export_weights, finite_positive, has_files, positive_int, sae_from_weights
 from vlmsae.sae.interop.names import model_from_name
 from vlmsae.utils.io import atomic_write, atomic_write_json
 
@@ -304,31 +304,25 @@ def _hook_name(trained_on: dict[str, Any]) -> str | None:
 
 def save(sae: SAE, out_dpath: Path) -> Path:
     """Write ``out_dpath/cfg.json`` + ``sae_weights.safetensors`` that SAELens' ``SAE.load_from_disk`` loads."""
-    import copy
-
     from safetensors.torch import save_file
 
     if not isinstance(sae, SAE):
         raise TypeError(f"saelens.save needs a vlmsae SAE module; got {type(sae).__name__}.")
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
-    folded = copy.deepcopy(sae).cpu().float()
-    folded.fold_input_scale_()
-    tensors = {name: getattr(folded, name).detach().contiguous() for name in ("b_enc", "W_dec", "b_dec")}
-    tensors["W_enc"] = folded.W_enc.detach().T.contiguous()
+    weights, written = export_weights(sae)
+    tensors = {name: weights[name].contiguous() for name in ("b_enc", "W_dec", "b_dec")}
+    tensors["W_enc"] = weights["W_enc"].T.contiguous()
     extra: dict[str, Any] = {}
     arch = sae.arch
-    if arch == "relu":
+    if written == "relu":
         architecture = "standard"
-    elif arch == "jumprelu":
-        architecture = "jumprelu"
-        tensors["threshold"] = folded.threshold.detach().reshape(-1).contiguous()
-    elif arch == "topk" or (arch in ("batchtopk", "matryoshka") and float(folded.threshold) < 0):
+    elif written == "topk":
         architecture = "topk"
         extra = {"k": int(sae.cfg.k), "rescale_acts_by_decoder_norm": False}
-    elif arch in ("batchtopk", "matryoshka"):
+    elif written in ("jumprelu", "batchtopk", "matryoshka"):  # BatchTopK: threshold = ones * theta
         architecture = "jumprelu"
-        tensors["threshold"] = torch.full((sae.n_latents,), float(folded.threshold))
+        tensors["threshold"] = weights["threshold"].expand(sae.n_latents).contiguous()
     else:
         raise ValueError(f"saelens.save: no SAELens architecture for a vlmsae {arch!r} SAE.")
     trained_on = dict(sae.trained_on)
