@@ -113,8 +113,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     encoder_DF = state["encoder"].double()
     decoder_FD = encoder_DF.T if info["tied"] else state["decoder"].double()
 
-    mean = blob.get("mean_center", 0.0)
-    mean_D = mean.double() if isinstance(mean, torch.Tensor) else torch.tensor(float(mean), dtype=torch.float64)
+    mean_D = torch.as_tensor(blob.get("mean_center", 0.0), dtype=torch.float64)
     mean_D = mean_D.expand(d_in).clone() if mean_D.dim() == 0 else mean_D.reshape(-1)
     check_shape("mean_center", mean_D, (d_in,), where)
     scale = finite_positive(blob.get("scaling_factor", 1.0), "scaling_factor", where)
