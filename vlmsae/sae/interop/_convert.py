@@ -56,11 +56,6 @@ def matching_files(path: Path, accept: Callable[[Path], bool], pattern: str = "*
     return sorted(f for f in path.glob(pattern) if accept(f)) if path.is_dir() else []
 
 
-def has_files(dpath: Path, *names: str) -> bool:
-    """True when folder ``dpath`` holds every file of ``names`` (the detection of a cfg + weights layout)."""
-    return all((Path(dpath) / name).is_file() for name in names)
-
-
 def sae_from_weights(
     arch: str,
     W_enc_FD: torch.Tensor,

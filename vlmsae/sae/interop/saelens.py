@@ -48,7 +48,7 @@ from vlmsae import __version__
 from vlmsae.formats import read_json_object
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import check_shape, read_safetensors, require_keys
-from vlmsae.sae.interop._convert import export_weights, finite_positive, has_files, positive_int, sae_from_weights
+from vlmsae.sae.interop._convert import export_weights, finite_positive, positive_int, sae_from_weights
 from vlmsae.sae.interop.names import model_from_name
 from vlmsae.utils.io import atomic_write, atomic_write_json
 
@@ -64,7 +64,7 @@ _RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
 
 def detect(dpath: Path) -> bool:
-    return has_files(dpath, CFG_FNAME, WEIGHTS_FNAME)
+    return (Path(dpath) / CFG_FNAME).is_file() and (Path(dpath) / WEIGHTS_FNAME).is_file()
 
 
 def layer_from_hook_name(hook_name: str | None) -> int | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from vlmsae.formats import read_json_object
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import check_shape, read_safetensors, require_keys
-from vlmsae.sae.interop._convert import has_files, json_object_or_none, positive_int, sae_from_weights
+from vlmsae.sae.interop._convert import json_object_or_none, positive_int, sae_from_weights
 from vlmsae.sae.interop.names import model_from_name
 
 NAME = "sparsify"
@@ -29,7 +29,7 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|resblocks|h|blocks)\.(\d+)$")
 
 
 def detect(dpath: Path) -> bool:
-    return has_files(dpath, CFG_FNAME, WEIGHTS_FNAME)
+    return (Path(dpath) / CFG_FNAME).is_file() and (Path(dpath) / WEIGHTS_FNAME).is_file()
 
 
 def layer_from_hookpoint(hookpoint: str) -> int | None:
