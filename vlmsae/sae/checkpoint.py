@@ -137,11 +137,8 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise FileNotFoundError(
             f"{str(dpath)!r} has {SAE_CONFIG_JSON} but no {WEIGHTS_FNAME}: the checkpoint is incomplete."
         )
-    cfg_dict = dict(info.config)
-    if cfg_dict.get("group_fractions") is not None:
-        cfg_dict["group_fractions"] = tuple(cfg_dict["group_fractions"])
     try:
-        cfg = SAEConfig(**cfg_dict)
+        cfg = SAEConfig(**info.config)  # (it makes a JSON list of group_fractions a tuple itself)
     except TypeError as err:
         raise ValueError(f'{str(dpath / SAE_CONFIG_JSON)!r}: its "config" does not match SAEConfig ({err}).') from err
     tensors = read_safetensors(weights_fpath)
