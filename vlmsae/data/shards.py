@@ -131,10 +131,7 @@ class ImageListDigest:
     def update(self, key: str) -> None:
         self.pending.append(key)
         if len(self.pending) >= self.BLOCK:
-            self._fold()
-
-    def _fold(self) -> None:
-        self.chain, self.pending = self.hexdigest(), []
+            self.chain, self.pending = self.hexdigest(), []
 
     def hexdigest(self) -> str:
         if not self.pending:

@@ -11,6 +11,7 @@ stores").
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -50,10 +51,7 @@ class _RowsDataModule(L.LightningDataModule):
 
     def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
         """The first batches of the training stream (rank 0's view), for b_dec and input-scale init."""
-        for i, batch in enumerate(self._init_stream()):
-            if i >= n_batches:
-                return
-            yield batch
+        return itertools.islice(self._init_stream(), n_batches)
 
 
 class ActsDataModule(_RowsDataModule):
@@ -205,7 +203,6 @@ class ActsDataModule(_RowsDataModule):
             batch_size=None,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
         )
 

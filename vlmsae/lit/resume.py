@@ -64,12 +64,7 @@ def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path |
     """
     if _is_off(resume):
         return None
-    if str(resume).lower() == "auto":
-        own = run_checkpoint(out_dpath)
-        if own is not None:
-            log.info("resume=auto: %s already holds a checkpoint (a requeued job?): continuing from %s", out_dpath, own)
-        return own
-    if str(resume).lower() not in ("true", "yes", "1"):
+    if str(resume).lower() not in ("auto", "true", "yes", "1"):
         path = Path(str(resume)).expanduser()
         ckpt = run_checkpoint(path) if path.is_dir() else path
         if ckpt is None or not ckpt.is_file():
@@ -80,7 +75,9 @@ def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path |
             )
         return ckpt
     own = run_checkpoint(out_dpath)
-    if own is not None:
+    if own is not None and str(resume).lower() == "auto":
+        log.info("resume=auto: %s already holds a checkpoint (a requeued job?): continuing from %s", out_dpath, own)
+    if own is not None or str(resume).lower() == "auto":
         return own
     roots = [out_dpath.parent]
     if out_dpath.name.startswith("job_") or (out_dpath.parent / "multirun.yaml").exists():
