@@ -347,17 +347,14 @@ class ImageActsDataModule(_RowsDataModule):
         context = "spawn" if workers > 0 and torch.cuda.is_available() else None
         return DataLoader(dataset, batch_size=None, num_workers=workers, multiprocessing_context=context)
 
+    def _train_rows(self, seed: int, rank: int, world_size: int, **kwargs) -> ImageRowsStream:
+        s = self.stream
+        return ImageRowsStream(self.make_train, s.batch_size, s.shuffle_buffer, seed, rank, world_size, None, **kwargs)
+
     def train_dataloader(self) -> DataLoader:
-        ds = ImageRowsStream(
-            self.make_train,
-            self.stream.batch_size,
-            self.stream.shuffle_buffer,
-            self.stream.seed,
-            self.rank,
-            self.world_size,
-            None,
-            skip_batches=self.batches_seen,
-            progress=self.trainer is not None and getattr(self.trainer, "progress_bar_callback", None) is not None,
+        progress = self.trainer is not None and getattr(self.trainer, "progress_bar_callback", None) is not None
+        ds = self._train_rows(
+            self.stream.seed, self.rank, self.world_size, skip_batches=self.batches_seen, progress=progress
         )
         return self._loader(ds, self.stream.num_workers)
 
@@ -366,16 +363,8 @@ class ImageActsDataModule(_RowsDataModule):
         return self._loader(ds, 0)
 
     def _init_stream(self) -> ImageRowsStream:
-        return ImageRowsStream(
-            self.make_train,
-            self.stream.batch_size,
-            self.stream.shuffle_buffer,
-            self.stream.seed + 104729,
-            0,
-            1,
-            None,
-            progress=self.rank == 0,  # the first batch waits for a full shuffle window: show it filling
-        )
+        # the first batch waits for a full shuffle window: show it filling
+        return self._train_rows(self.stream.seed + 104729, 0, 1, progress=self.rank == 0)
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_seen = int(state.get("batches_seen", 0))
