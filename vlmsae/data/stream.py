@@ -294,19 +294,16 @@ class ShardRowStream(IterableDataset):
         n_rows = sum(n for _, _, n in plan)
         return n_rows // self.batch_size + int(n_rows % self.batch_size > 0 and not self.drop_last)
 
-    def seek(self, local_batch: int, worker: int, n_workers: int) -> tuple[int, int] | None:
-        """(epoch, batch within that epoch) of a worker's ``local_batch``-th batch; None past a finite end."""
+    def epochs(self, worker: int, n_workers: int) -> Iterator[tuple[int, int]]:
+        """``(epoch, the worker's batches in it)`` in order; 20 empty epochs running: an error naming the fix."""
         epoch, empty = self.start_epoch, 0
         while self.n_epochs is None or epoch < self.start_epoch + self.n_epochs:
             n = self.n_batches(self.plan(epoch, worker, n_workers))
-            if local_batch < n:
-                return epoch, local_batch
-            local_batch -= n
             empty = empty + 1 if n == 0 else 0
             if empty >= 20:
                 raise RuntimeError(self._starved(epoch, worker, n_workers))
+            yield epoch, n
             epoch += 1
-        return None
 
     def _starved(self, epoch: int, worker: int, n_workers: int) -> str:
         n_rows = sum(n for _, _, n in self.plan(epoch, worker, n_workers))
@@ -379,20 +376,11 @@ class ShardRowStream(IterableDataset):
         # original worker (w + s) % n for batch s + i to come out i-th; that role has already
         # delivered len(range(role, s, n)) batches, so it seeks past exactly those.
         worker = (worker + self.skip_batches) % n_workers
-        found = self.seek(len(range(worker, self.skip_batches, n_workers)), worker, n_workers)
-        if found is None:
-            return
-        epoch, first_batch = found
-        empty = 0
-        while self.n_epochs is None or epoch < self.start_epoch + self.n_epochs:
-            n_out = 0
-            for batch in self.epoch_batches(epoch, worker, n_workers, first_batch):
-                n_out += 1
-                yield batch
-            empty = empty + 1 if n_out == 0 else 0
-            if empty >= 20 and self.n_epochs is None:
-                raise RuntimeError(self._starved(epoch, worker, n_workers))
-            epoch, first_batch = epoch + 1, 0
+        local_batch = len(range(worker, self.skip_batches, n_workers))
+        for epoch, n in self.epochs(worker, n_workers):  # epochs wholly before the resume point are not opened
+            if local_batch < n:
+                yield from self.epoch_batches(epoch, worker, n_workers, local_batch)
+            local_batch = max(0, local_batch - n)
 
 
 # ------------------------------------------------------------------- rows from images
