@@ -3,12 +3,11 @@
 Submodules import torch only; this package re-exports the functions other modules use.
 """
 
-from vlmsae.metrics.monosemanticity import MSAccumulator, monosemanticity_scores, ms_summary
+from vlmsae.metrics.monosemanticity import monosemanticity_scores, ms_summary
 from vlmsae.metrics.reconstruction import fve, l0, mse, normalized_mse, reconstruction_metrics, zero_shot_fidelity
 from vlmsae.metrics.topimages import TopImages, TopImagesAccumulator, top_images, top_set_jaccard
 
 __all__ = [
-    "MSAccumulator",
     "TopImages",
     "TopImagesAccumulator",
     "fve",

@@ -52,7 +52,7 @@ def _top_n(top_idx_KT: torch.Tensor, top_acts_KT: torch.Tensor, n_top: int) -> t
     acts = top_acts_KT.float()
     firing = (top_idx_KT >= 0) & (acts > 0)
     order = torch.where(firing, acts, torch.full_like(acts, -math.inf)).argsort(dim=1, descending=True, stable=True)
-    idx = torch.where(firing, top_idx_KT, -1).gather(1, order)[:, :n_top]
+    idx = torch.where(firing, top_idx_KT.long(), -1).gather(1, order)[:, :n_top]
     acts = torch.where(firing, acts, 0.0).gather(1, order)[:, :n_top]
     return idx, acts
 
@@ -69,7 +69,7 @@ def lca_depths(
     ``image_codes_NR``: :func:`encode_paths` codes of every image in the index (0 = no taxon at that
     rank). The mode's ties go to the smaller depth (the conservative reading).
     """
-    idx_KT, acts_KT = _top_n(top_idx_KT.long(), top_acts_KT, n_top)
+    idx_KT, acts_KT = _top_n(top_idx_KT, top_acts_KT, n_top)
     K, R = idx_KT.shape[0], image_codes_NR.shape[1]
     valid_K = (idx_KT[:, n_top - 1] >= 0) & (acts_KT[:, n_top - 1] > 0)
     ii, jj = torch.triu_indices(n_top, n_top, offset=1)  # 120 pairs for n_top = 16
@@ -104,7 +104,7 @@ def majority_taxa(
     ``n_images_K``. Ties go to the taxon of the higher-activating image. Latents with fewer than
     ``n_top`` firing images still get a label from the images they have.
     """
-    idx_KT, _ = _top_n(top_idx_KT.long(), top_acts_KT, n_top)
+    idx_KT, _ = _top_n(top_idx_KT, top_acts_KT, n_top)
     K, R = idx_KT.shape[0], image_codes_NR.shape[1]
     code_KR = torch.zeros(K, R, dtype=torch.long)
     frac_KR = torch.zeros(K, R, dtype=torch.float64)
@@ -172,11 +172,8 @@ def group_table(
             "depth_std": d["std"],
             "depth_mode_mean": float(mode.mean()) if mode.numel() else None,
         }
-        if ms_K is not None:
-            m = _stats(ms_K.double()[in_g])
-            row.update(ms_mean=m["mean"], ms_max=m["max"], ms_min=m["min"], ms_std=m["std"], n_ms=m["n"])
-        else:
-            row.update(ms_mean=None, ms_max=None, ms_min=None, ms_std=None, n_ms=0)
+        m = _stats(ms_K.double()[in_g] if ms_K is not None else torch.empty(0))  # no MS: None and n_ms 0
+        row.update(ms_mean=m["mean"], ms_max=m["max"], ms_min=m["min"], ms_std=m["std"], n_ms=m["n"])
         rows.append(row)
     return rows
 
@@ -194,7 +191,6 @@ def table_markdown(rows: Sequence[dict], reference: dict[str, Sequence[float]] |
     lines.append("| LCA depth (mean of modes) | " + " | ".join(fmt(r["depth_mode_mean"]) for r in rows) + " |")
     for key, name in (("ms_mean", "MS mean"), ("ms_max", "MS max"), ("ms_min", "MS min")):
         lines.append(f"| {name} | " + " | ".join(fmt(r[key]) for r in rows) + " |")
-    if reference:
-        for name, values in reference.items():
-            lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    for name, values in (reference or {}).items():
+        lines.append(f"| {name} | " + " | ".join(fmt(v) for v in values) + " |")
     return "\n".join(lines) + "\n"

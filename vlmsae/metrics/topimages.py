@@ -186,12 +186,10 @@ def top_set_jaccard(image_idx_KT: torch.Tensor) -> dict[str, Any]:
     if n_live < 2:
         return {"mean": math.nan, "max": math.nan, "mean_nearest": math.nan, "n_duplicates": 0, "nearest_K": nearest_K}
     n_img = int(img.max()) + 1
-    ones = torch.ones(lat.numel(), dtype=torch.float64)
-    inc = torch.sparse_coo_tensor(torch.stack([lat, img]), ones, (n_latents, n_img), check_invariants=False).coalesce()
-    # an image listed twice for one latent adds up to 2 here: clamp back to set membership
-    inc = torch.sparse_coo_tensor(inc.indices(), inc.values().clamp(max=1.0), inc.shape, check_invariants=False)
-    inc = inc.coalesce()
-    size_K = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, inc.indices()[0], inc.values())
+    pairs = torch.stack([lat, img]).unique(dim=1)  # an image listed twice for one latent counts once: sets
+    ones = torch.ones(pairs.shape[1], dtype=torch.float64)
+    inc = torch.sparse_coo_tensor(pairs, ones, (n_latents, n_img), check_invariants=False).coalesce()
+    size_K = torch.bincount(pairs[0], minlength=n_latents).double()
     with warnings.catch_warnings():  # torch flags its sparse-sparse product as beta; it is exact here
         warnings.simplefilter("ignore", UserWarning)
         inter = torch.sparse.mm(inc, inc.t()).coalesce()
