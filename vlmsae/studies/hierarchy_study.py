@@ -30,8 +30,10 @@ from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, Hierarchy
 from vlmsae.metrics import hierarchy as H
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.metrics.topimages import TopImages
+from vlmsae.models.embedders import EmbedderSpec
 from vlmsae.models.open_sae import TappedSAE
 from vlmsae.studies.codes import encode_images, top_images_meta
+from vlmsae.studies.embedding_cache import CachedEmbedder
 from vlmsae.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -117,28 +119,22 @@ def load_ms_run(ms_run: str | Path, n_latents: int) -> tuple[TopImages, torch.Te
 
 
 def compute_top_images(
-    src: TappedSAE, images: ImageSet, embedder: Any | None, *, top_k: int, batch_size: int, sae_path: str | Path
-) -> tuple[TopImages, torch.Tensor | None]:
-    """Run the SAE's source model and the SAE over the images, in one pass.
-
-    ``src`` comes from :func:`vlmsae.models.open_sae.open_tapped_sae` and the images are encoded by
-    :func:`vlmsae.studies.codes.encode_images`, as the monosemanticity study does, so the top images
-    here equal those of an MS run on the same images. Returns the top-``top_k`` index and the MS per
-    latent from ``embedder``'s image embeddings (None without an embedder).
-    """
+    src: TappedSAE,
+    images: ImageSet,
+    embedder_spec: EmbedderSpec | None,
+    *,
+    top_k: int,
+    batch_size: int,
+    sae_path: str | Path,
+    embed_memo: dict[str, torch.Tensor] | None = None,
+) -> tuple[TopImages, torch.Tensor | None, int]:
+    """Run the SAE's source model and the SAE over the images in one pass, encoded as the monosemanticity study
+    encodes them (:func:`vlmsae.studies.codes.encode_images`), so the top images equal an MS run's on the same
+    images. Returns the top-``top_k`` index, the MS per latent from the embedder's image embeddings (None without
+    an embedder) and the number of images embedded (``embed_memo``: embeddings shared by the SAEs of a sweep)."""
     skip_log = SkipLog()
-    emb_chunks: list[torch.Tensor] = []
-
-    def embed(batch: list) -> None:
-        emb_chunks.append(embedder.embed([r.image for r in batch]).float().cpu())
-
-    encoded = encode_images(
-        src,
-        images.records(skip_log),
-        batch_size,
-        on_batch=embed if embedder is not None else None,
-        desc="hierarchy: encode images",
-    )
+    embed = None if embedder_spec is None else CachedEmbedder(embedder_spec, None, images.where(), memo=embed_memo)
+    encoded = encode_images(src, images.records(skip_log), batch_size, on_batch=embed, desc="hierarchy: encode images")
     if not encoded.keys:
         raise ValueError(
             f"No readable image in data.source={images.source} data.root={images.root} ({len(skip_log)} skipped)."
@@ -146,8 +142,9 @@ def compute_top_images(
     top = encoded.top_images(
         top_k, top_images_meta(src, images, sae_path, skipped=skip_log.to_list(), written_by="vlmsae.hierarchy")
     )
-    ms_K = monosemanticity_scores(encoded.codes_NF, torch.cat(emb_chunks)).double() if emb_chunks else None
-    return top, ms_K
+    if embed is None:
+        return top, None, 0
+    return top, monosemanticity_scores(encoded.codes_NF, torch.cat(embed.rows)).double(), embed.n_embedded
 
 
 # ----------------------------------------------------------------------------------------------

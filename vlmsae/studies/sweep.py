@@ -1,16 +1,10 @@
 """Evaluating a sweep of SAEs in one job: find them, name them, open their source models once, score each.
 
-``sae_path=`` of the evaluation jobs also takes a sweep folder (every ``sae/`` folder under it, found
-recursively: a Hydra multirun dir ``multirun/<date>/<time>/<n>/sae/``) or a comma-separated list of SAE
-paths; :func:`sweep_paths` says which SAEs that is (None: one SAE, the jobs' usual path) and
-:func:`open_members` loads them (or the one SAE).
-:class:`SweepCache` holds what the SAEs of a sweep share, so it is computed once: the loaded source models
-(one tap per model), the source activations of each batch of images (:class:`SharedTap`, per model, layer
-and pooling) and the embedder E's image embeddings (``embeddings``, keyed by image key); it counts the
-model passes and embedded images so a run can show that nothing was computed twice.
-:func:`run_study` is the one loop every evaluation job (monosemanticity, hierarchy, steer_eval) runs: the
-job's study of one SAE into the run folder, or of each SAE of a sweep into its own folder, one
-:class:`SweepRow` per SAE, then the job's table (:mod:`vlmsae.report.tables`).
+``sae_path=`` of the evaluation jobs also takes a sweep folder (every ``sae/`` folder under it, e.g. a Hydra
+multirun dir) or a comma-separated list of SAE paths (:func:`sweep_paths`). :class:`SweepCache` holds what
+the SAEs share (source models, per-batch source activations, image embeddings) and counts the model passes
+and embedded images; :func:`run_study` is the one loop every evaluation job (monosemanticity, hierarchy,
+steer_eval) runs, then the job's table (:mod:`vlmsae.report.tables`).
 """
 
 from __future__ import annotations
@@ -19,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +56,6 @@ class SweepMember:
     @property
     def source_layer(self) -> Any:
         return (self.sae.source or {}).get("layer")
-
-    @property
-    def seed(self) -> int | None:
-        return training_seed(self.sae_path)
 
 
 def training_seed(sae_path: str) -> int | None:
@@ -140,9 +131,7 @@ def load_sweep(paths: list[str], sae_format: str | None = None) -> list[SweepMem
     members = [SweepMember(p, load_job_sae(p, sae_format)) for p in paths]
     for m in members:
         m.name = member_name(m)
-    counts: dict[str, int] = {}
-    for m in members:
-        counts[m.name] = counts.get(m.name, 0) + 1
+    counts = Counter(m.name for m in members)
     for m in members:
         if counts[m.name] > 1:
             run = Path(m.sae_path).parent.name if Path(m.sae_path).name == SAE_DIRNAME else Path(m.sae_path).name
@@ -182,13 +171,11 @@ class SharedTap:
     """A tap that keeps ``forward_to``'s activations of each batch (keyed by the pixels and layer), so the next
     SAE of the sweep on the same images and layer reuses them instead of running the model again.
 
-    With ``cls_only`` only the CLS token is kept (all that ``pool=cls`` reads). ``n_forward`` counts the
-    batches the model actually ran on."""
+    With ``cls_only`` only the CLS token is kept (all that ``pool=cls`` reads)."""
 
     def __init__(self, tap: Any, cls_only: bool = False, counter: SweepCache | None = None):
         self.tap, self.cls_only, self.counter = tap, cls_only, counter
         self.kept: dict[tuple[str, str], torch.Tensor] = {}
-        self.n_forward = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tap, name)
@@ -198,7 +185,6 @@ class SharedTap:
         if key not in self.kept:
             acts = self.tap.forward_to(images_BCHW, layer)
             self.kept[key] = acts[:, :1] if self.cls_only and acts.dim() == 3 else acts
-            self.n_forward += 1
             if self.counter is not None:
                 self.counter.n_source_batches += 1
         return self.kept[key]
@@ -254,34 +240,6 @@ def grouped(members: list[SweepMember]) -> Iterator[SweepMember]:
     activations are dropped when the next group starts)."""
     key = {id(m): (m.source_model, str(m.source_layer), str((m.sae.source or {}).get("tokens"))) for m in members}
     yield from sorted(members, key=lambda m: key[id(m)])
-
-
-def _image_digest(image: Any) -> str:
-    """A PIL image's content digest (mode, size, pixels): the same image read again for the next SAE."""
-    h = hashlib.sha1(f"{image.mode}|{image.size}".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
-
-
-class SharedEmbedder:
-    """An embedder E whose image embeddings are kept (keyed by the image's content), so the SAEs of a sweep
-    that embed the same images embed them once; the images embedded are counted in ``cache.n_embedded``."""
-
-    def __init__(self, embedder: Any, cache: SweepCache):
-        self.embedder, self.cache = embedder, cache
-        self.kept: dict[str, torch.Tensor] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.embedder, name)
-
-    def embed(self, images: list[Any]) -> torch.Tensor:
-        keys = [_image_digest(im) for im in images]
-        todo = [i for i, k in enumerate(keys) if k not in self.kept]
-        if todo:
-            emb_BE = self.embedder.embed([images[i] for i in todo])
-            self.kept.update((keys[i], emb_BE[j]) for j, i in enumerate(todo))
-            self.cache.n_embedded += len(todo)
-        return torch.stack([self.kept[k] for k in keys])
 
 
 @dataclass
@@ -340,7 +298,7 @@ def run_study(
     for m in grouped(members):
         (out_dpath / m.name).mkdir(parents=True, exist_ok=True)
         result, layer = score(m, cache, out_dpath / m.name)
-        rows.append(SweepRow(m.name, m.arch, m.expansion, layer, result, m.seed))
+        rows.append(SweepRow(m.name, m.arch, m.expansion, layer, result, training_seed(m.sae_path)))
         m.sae.cpu()
     table = write_table(out_dpath, rows)
     stem = Path(table["md"]).stem
