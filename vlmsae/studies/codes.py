@@ -1,15 +1,12 @@
-"""Images -> one sparse SAE code row per image: the pass the monosemanticity and hierarchy studies share.
-
-An SAE opened on the model it reads (:func:`vlmsae.models.open_sae.open_tapped_sae`, an ``TappedSAE``) runs
-batches of images through its tap and the SAE (inference encoder, sparse codes) in :func:`encode_images`,
-which pools the token codes to one row per image (:mod:`vlmsae.metrics.pooling`), so both studies rank the
-same top images for the same SAE and images.
+"""Images -> one sparse SAE code row per image (:func:`encode_images`): the pass the monosemanticity and
+hierarchy studies share, so both rank the same top images for the same SAE and images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -120,13 +117,8 @@ def encode_images(
         labels.extend(int(r.label) for r in batch)
         bar.update(len(batch))
 
-    batch: list[ImageRecord] = []
-    for record in records:
-        batch.append(record)
-        if len(batch) == batch_size:
-            flush(batch)
-            batch = []
-    if batch:
+    it = iter(records)
+    for batch in iter(lambda: list(islice(it, batch_size)), []):  # batch_size records at a time, the last fewer
         flush(batch)
     bar.close()
     codes_NF = sparse_rows(code_parts, (len(keys), src.sae.n_latents))

@@ -1,11 +1,8 @@
 """Image embeddings E(x) cached on disk, so a second MS run over the same images needs no embedder.
 
-A cache file holds the embeddings of one image list for one embedder and one image origin
-(:meth:`vlmsae.data.image_set.ImageSet.where`), since image keys are relative paths: the file name
-hashes all three. It is a safetensors file (``embeddings`` [N, E] plus the keys in its metadata);
-an unreadable one is recomputed, never fatal. :class:`CachedEmbedder` embeds batches of image
-records, takes rows from the cache when a whole batch is cached, and loads the embedder only when
-a batch is not.
+A cache file (safetensors: ``embeddings`` [N, E], the keys in its metadata) holds one image list's embeddings
+by one embedder from one image origin (:meth:`vlmsae.data.image_set.ImageSet.where`: keys are relative
+paths); the file name hashes all three. An unreadable file is recomputed, never fatal.
 """
 
 from __future__ import annotations

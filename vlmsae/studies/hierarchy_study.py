@@ -1,11 +1,8 @@
 """The taxonomy-alignment study of one SAE (METHOD §4): what ``vlmsae.hierarchy`` runs.
 
-Inputs: each latent's top images, either computed here (:func:`compute_top_images`: the SAE's
-source model and the SAE over the images, as the monosemanticity study encodes them) or read from a
-finished monosemanticity run (:func:`load_ms_run`), and each image's taxon path
-(:func:`open_taxonomy`, :func:`check_images_have_taxa`). :func:`score_hierarchy` computes the LCA
-depths (:mod:`vlmsae.metrics.hierarchy`), the per-group table and each latent's majority taxa;
-:func:`hierarchy_markdown` and :func:`write_latent_taxa_csv` render them.
+Each latent's top images (computed here as the MS study encodes them, or read from a finished MS run) and
+each image's taxon path give the LCA depths (:mod:`vlmsae.metrics.hierarchy`), the per-group table and each
+latent's majority taxa.
 """
 
 from __future__ import annotations
@@ -67,9 +64,7 @@ def concept_root(data: Mapping[str, Any]) -> str | None:
 def taxonomy_data(data: DataSchema, ms_run: str | Path | None) -> dict:
     """The ``data`` node whose images the taxonomy must cover, as a mapping: the job's ``data``, or with
     ``ms_run`` and no ``data.root`` the images the MS run ranked (as its run_info.json records them)."""
-    if ms_run and not data.root:
-        return ms_run_data(ms_run) or dataclasses.asdict(data)
-    return dataclasses.asdict(data)
+    return (ms_run and not data.root and ms_run_data(ms_run)) or dataclasses.asdict(data)
 
 
 def open_taxonomy(taxonomy: TaxonomySchema, data: Mapping[str, Any]) -> Taxonomy:
@@ -255,11 +250,5 @@ def hierarchy_markdown(summary: HierarchySummary) -> str:
 def log_groups(groups: list[dict]) -> None:
     """One log line per group (``HierarchySummary.groups``): scored latents, depth and MS."""
     for r in groups:
-        log.info(
-            "group %d: %d/%d latents scored, depth %s, MS %s",
-            r["group"],
-            r["n_scored"],
-            r["n_latents"],
-            r["depth_mean"],
-            r["ms_mean"],
-        )
+        values = [r[k] for k in ("group", "n_scored", "n_latents", "depth_mean", "ms_mean")]
+        log.info("group %d: %d/%d latents scored, depth %s, MS %s", *values)

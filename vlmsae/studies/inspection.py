@@ -1,23 +1,10 @@
 """Ask an SAE about one's own images: which latents fire, how strongly, and on which patches.
 
-The reverse of the feature browser's question. For each image (:func:`inspect_image`): its tokens through the tap
-and the SAE an :class:`~vlmsae.models.open_sae.TappedSAE` opened, the reconstruction of those tokens (FVE and
-normalised MSE), the latents pooled as the MS study pools them (:mod:`vlmsae.metrics.pooling`: ``cls``, ``mean``,
-``max``) and each latent's peak over the patch tokens, with its activation on every patch (the heatmap). The top
-latents are ranked twice: by pooled activation and by peak patch activation.
-
-- :func:`compare_images`: the latents whose pooled activations separate two images most, each way.
-- :func:`latent_concepts` + :func:`query_latents`: the latents whose concept (the names machinery's: the unit mean
-  of the unit embeddings of a latent's top images, :func:`vlmsae.studies.naming.concepts_from_embeddings`) has the
-  highest cosine with a text's template-averaged CLIP text embedding (:func:`vlmsae.studies.naming.name_embeddings`).
-- :func:`open_ms_run`: what a monosemanticity run of the same SAE says of each latent (name, MS, frequency,
-  Matryoshka group, top images); a run of another SAE is refused.
-- :func:`list_images` / :func:`open_image`: ``images=`` as a file, a folder, a list file or a list; a file that
-  is not an image is refused with its path.
-
-Heatmaps are per patch in the model's row-major patch order (a square grid: what the browser draws). An SAE that
-reads the CLS token (``pool=cls``) or the projected embedding (``layer=last``) has no patch rows of its own, so
-its hits carry no heatmap and its peak is the pooled value.
+Per image (:func:`inspect_image`): reconstruction of its tokens, latents pooled as the MS study pools them and
+each latent's peak over the patches with its per-patch heatmap (row-major; an SAE on the CLS token or the
+projected embedding has no heatmap and its peak is the pooled value); the top latents ranked by both.
+:func:`compare_images` contrasts two images, :func:`query_latents` ranks latents by the cosine of their concept
+(as names computes it) with a text, and :func:`open_ms_run` adds what an MS run of the same SAE says.
 """
 
 from __future__ import annotations
@@ -53,22 +40,6 @@ from vlmsae.studies.naming import (
     name_embeddings,
     text_side,
 )
-
-__all__ = [
-    "ImageInspection",
-    "LatentHit",
-    "MSRunView",
-    "compare_images",
-    "inspect_image",
-    "inspection_result",
-    "latent_concepts",
-    "list_images",
-    "open_image",
-    "open_ms_run",
-    "query_latents",
-    "query_ms_run",
-    "query_text_embedding",
-]
 
 _IMAGES_FIX = "pass images=<an image file | a folder of images | a .txt list of image paths | [a.jpg, b.png]>"
 LIST_SUFFIXES = (".txt", ".tsv", ".list")

@@ -1,12 +1,8 @@
 """The monosemanticity study of one SAE over a set of images (METHOD §3): what ``vlmsae.monosemanticity`` runs.
 
-:func:`score_sae` encodes the images with the SAE's source model and the SAE (codes stay sparse),
-embeds them with the embedder E (through the on-disk cache of :mod:`vlmsae.studies.embedding_cache`),
-and scores every SAE latent, and every raw neuron of the layer (the baseline), with the exact
-linear-time MS; it also collects reconstruction metrics of the same pass, each latent's top images
-and their uniqueness. :func:`zero_shot_check` splices the SAE into the source CLIP and compares
-zero-shot predictions. :class:`MSStudy` turns the result into the ``latents.csv`` and
-``ms_summary.json`` formats (:mod:`vlmsae.formats`).
+:func:`score_sae` scores every SAE latent and raw neuron with the exact MS over the images (sparse codes,
+embeddings through :mod:`vlmsae.studies.embedding_cache`), with the same pass's reconstruction metrics and
+top images; :func:`zero_shot_check` splices the SAE into its source CLIP; :class:`MSStudy` holds the result.
 """
 
 from __future__ import annotations

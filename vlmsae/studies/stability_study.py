@@ -1,9 +1,5 @@
-"""The seed-stability study of ``python -m vlmsae.stability``: read the seeds' SAEs and summaries, match, aggregate.
-
-:func:`open_runs` finds each run's SAE folder (``<run>/sae`` or the folder itself), checks that all SAEs have
-one size and reads their training metrics (the ``metrics`` that training records in ``sae/run_info.json``);
-:func:`stability_study` matches the decoders (:mod:`vlmsae.metrics.seed_matching`) and puts the figures in the
-formats :class:`vlmsae.formats.StabilitySummary` and :class:`vlmsae.formats.StabilityLatents`.
+"""The seed-stability study of ``python -m vlmsae.stability``: read the seeds' SAEs and summaries
+(:func:`open_runs`), match the decoders (:mod:`vlmsae.metrics.seed_matching`) and aggregate (:func:`stability_study`).
 """
 
 from __future__ import annotations

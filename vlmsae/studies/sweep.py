@@ -82,11 +82,6 @@ def _is_sweep_folder(dpath: Path) -> bool:
     return not any(p.is_file() and (p.suffix in _CHECKPOINT_SUFFIXES or p.name == "cfg.json") for p in dpath.iterdir())
 
 
-def _is_foreign_checkpoint(dpath: Path) -> bool:
-    """Whether a format loader of vlmsae.sae.interop recognises ``dpath`` as one (published) SAE."""
-    return any(module.detect(dpath) for module in available_formats().values())
-
-
 def sae_folders(root: Path) -> list[Path]:
     """Every ``sae/`` folder under ``root`` (recursively) that holds an SAE checkpoint, sorted by path."""
     found = [p for p in root.rglob(SAE_DIRNAME) if p.is_dir() and (p / SAE_CONFIG_JSON).is_file()]
@@ -109,8 +104,8 @@ def sweep_paths(sae_path: str) -> list[str] | None:
     if "://" in sae_path or not _is_sweep_folder(root):
         return None
     found = sae_folders(root)
-    if not found and _is_foreign_checkpoint(root):
-        return None  # e.g. a sparsify or saev folder whose checkpoints sit in per-layer subfolders
+    if not found and any(module.detect(root) for module in available_formats().values()):
+        return None  # a published SAE of another format, e.g. sparsify or saev with per-layer subfolders
     if not found:
         raise FileNotFoundError(
             f"sae_path={sae_path} is a folder with no SAE in it: looked for {SAE_DIRNAME}/ folders holding "
