@@ -4,19 +4,16 @@ Submodules import torch only; this package re-exports the functions other module
 """
 
 from vlmsae.metrics.monosemanticity import monosemanticity_scores, ms_summary
-from vlmsae.metrics.reconstruction import fve, l0, mse, normalized_mse, reconstruction_metrics, zero_shot_fidelity
+from vlmsae.metrics.reconstruction import fve, normalized_mse, zero_shot_fidelity
 from vlmsae.metrics.topimages import TopImages, TopImagesAccumulator, top_images, top_set_jaccard
 
 __all__ = [
     "TopImages",
     "TopImagesAccumulator",
     "fve",
-    "l0",
     "monosemanticity_scores",
     "ms_summary",
-    "mse",
     "normalized_mse",
-    "reconstruction_metrics",
     "top_images",
     "top_set_jaccard",
     "zero_shot_fidelity",

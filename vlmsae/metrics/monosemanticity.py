@@ -39,8 +39,6 @@ import warnings
 
 import torch
 
-__all__ = ["column_min_max", "monosemanticity_scores", "ms_summary", "unit_embeddings"]
-
 # Latents per block.  A block holds [block, d] float64 sums (4096 x 768 x 8 B = 25 MB) and, on the
 # dense path, one [images_chunk, block] float64 slice of the activations.
 _LATENT_BLOCK = 4096

@@ -14,18 +14,6 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "PairMatch",
-    "StabilityResult",
-    "chance_max_cosine",
-    "match_latents",
-    "max_cosine",
-    "mean_ci",
-    "seed_stability",
-    "summaries_mean_ci",
-    "unit_rows",
-]
-
 _BLOCK = 1024  # reference rows per block of the [block, F] cosine matrix (float32: 256 MB at F = 65,536)
 EXACT_MAX = 8192  # the Hungarian matrix at 8,192 latents is 512 MB of float64 and takes about a minute
 _CANDIDATES = 8  # best partners per latent that the greedy matching considers

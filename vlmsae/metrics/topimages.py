@@ -1,11 +1,5 @@
-"""Top-activating images per latent, streamed over image chunks, and the on-disk index others reuse.
-
-The index (folder ``top_images/``, read by the hierarchy study, steering and the browser):
-- ``top.safetensors``: ``image_idx`` [K, T] int64 (row k = latent k's images, strongest first;
-  -1 pads latents with fewer than T nonzero images) and ``acts`` [K, T] float32 (0 where padded);
-- ``images.json``: {"keys": [...], "paths": [...] or null, "labels": [...] or null}, indexed by image_idx;
-- ``meta.json``: what was ranked (source, SAE, number of images, T) and the ``format_version``, and
-  ``run_info.json``. The files are read and written by :mod:`vlmsae.formats` (``read_top_images``).
+"""Top-activating images per latent, streamed over image chunks, and the ``top_images/`` index others reuse
+(its files: :class:`vlmsae.formats.TopImagesIndex`).
 
 Images where a latent is exactly zero never enter its list (the reference code's lists could
 include them, which put unrelated images among a rare latent's "top" images).  Ties keep the
@@ -21,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-__all__ = ["TopImages", "TopImagesAccumulator", "top_images", "top_set_jaccard"]
 
 _NONE = -1
 
