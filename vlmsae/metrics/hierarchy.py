@@ -1,14 +1,9 @@
 """Taxonomy alignment of SAE latents (METHOD §4): how deep do a latent's top images agree?
 
-Per latent: its top-16 images, each image's taxon path (root first), for each of the 120 pairs the
-depth of their lowest common ancestor = the length of the shared path prefix (0 .. n_ranks); the
-latent's mean and mode of those depths; latents whose 16th top activation is 0 (fewer than 16 firing
-images) are excluded. Per Matryoshka group: the mean depth over its scored latents, with the MS of
-the group beside it (the paper's Table 2).
-
-Everything is vectorised over latents: paths are integer codes per rank
-(:func:`vlmsae.data.taxonomy.encode_paths`), the 120 pairs are gathered with one index, and the
-shared prefix is a cumulative product of per-rank equalities. 65k latents take well under a second.
+LCA depths of the 120 pairs of each latent's top-16 images, the latent's mean and mode, the per-group table
+(the paper's Table 2). Vectorised over latents: paths are integer codes per rank
+(:func:`vlmsae.data.taxonomy.encode_paths`), the pairs are gathered with one index, and the shared prefix is
+a cumulative product of per-rank equalities. 65k latents take well under a second.
 """
 
 from __future__ import annotations

@@ -1,35 +1,13 @@
-"""Monosemanticity score (MS, METHOD §3), exact and in linear time.
+"""Monosemanticity score (MS, METHOD §3), exact and in linear time (the identity of METHOD §3:
+MS_k = (||v_k||^2 - q_k) / (t_k^2 - q_k) with v_k = sum_n a~_nk e_n over unit embeddings e_n).
 
-Definition, for latent k with per-image activations a_n (n = 1..N) and image embeddings E(x_n):
-
-    a~_n  = (a_n - min a) / (max a - min a)          min-max normalised over images
-    s_nm  = cos(E(x_n), E(x_m)),   r_nm = a~_n a~_m
-    MS_k  = sum_{n<m} r_nm s_nm / sum_{n<m} r_nm
-
-The reference code loops over all pairs: O(N^2 K).  With e_n = E(x_n) / ||E(x_n)|| (so s_nm =
-e_n . e_m and s_nn = 1) both sums over pairs are half of a full double sum minus its diagonal:
-
-    2 * numerator   = ||sum_n a~_n e_n||^2 - sum_n a~_n^2
-    2 * denominator = (sum_n a~_n)^2        - sum_n a~_n^2
-
-so one weighted sum of embeddings per latent, v_k = sum_n a~_nk e_n, gives MS_k exactly.
-
-Sparse codes (an SAE keeps ~20 of 65,536 latents per image) are never densified: with
-m = min a and R = max a - min a, a~_n = (a_n - m) / R and
-
-    v_k = (sum_{n: a_n != 0} (a_n - m) e_n  -  m * sum_{n: a_n == 0} e_n) / R
-
-where the second term exists only for latents whose minimum is not 0 (they fire on every image, or
-take negative values) and is computed as m * (sum_n e_n - sum_{n: a_n != 0} e_n).  The sums over
-nonzeros are one ``embedding_bag`` per block of latents over the entries sorted by latent (CSC
-order): O(nnz * d) work, O(block * d) memory, and no [N, K] or [K, d] array ever exists.
-Everything after the embeddings are normalised is float64: the numerator is a difference of two
-sums that nearly cancel for latents concentrated on a few images, and float32 there loses the
-1e-6 agreement with the pairwise definition.
-
-Dead latents (max == min: no pair has any weight) get NaN, and so do latents whose pair weights are
-all zero (exactly one image above the minimum: 0 / 0 in the definition); both are excluded from
-summaries (see :func:`ms_summary`).
+Sparse codes are never densified: with m = min a and R = max a - min a, v_k = (sum_{n: a_n != 0} (a_n - m) e_n
+- m * (sum_n e_n - sum_{n: a_n != 0} e_n)) / R, the second term only for latents whose minimum is not 0. The
+sums over nonzeros run per block of latents over the entries sorted by latent (CSC order): O(nnz * d) work,
+O(block * d) memory, no [N, K] or [K, d] array. Everything after the embeddings are normalised is float64: the
+numerator is a difference of two sums that nearly cancel for latents concentrated on a few images, and float32
+there loses the 1e-6 agreement with the pairwise definition. Dead latents (max == min) and latents with one
+image above the minimum (0 / 0) get NaN and are left out of :func:`ms_summary`'s statistics.
 """
 
 from __future__ import annotations

@@ -151,9 +151,8 @@ def compute_top_images(
 class HierarchyStudy:
     """The per-group table (hierarchy.json) and the per-latent rows (latent_taxa.csv) of one run."""
 
-    summary: HierarchySummary
+    summary: HierarchySummary  # .taxonomy: where the taxonomy came from (Taxonomy.source)
     latent_rows: list[dict]  # latent_taxa.csv rows (latent_taxa_rows)
-    taxonomy_source: str  # where the taxonomy came from (Taxonomy.source)
 
 
 def score_hierarchy(
@@ -196,7 +195,7 @@ def score_hierarchy(
         ms_run=None if ms_run is None else str(ms_run),
         paper_table2=PAPER_TABLE2,
     )
-    return HierarchyStudy(summary=summary, latent_rows=rows, taxonomy_source=taxonomy.source)
+    return HierarchyStudy(summary=summary, latent_rows=rows)
 
 
 def latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, ranks, min_majority: float) -> list[dict]:
@@ -209,8 +208,7 @@ def latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, ranks, min_majori
         valid = bool(depths.valid_K[k])
         row["depth_mean"] = f"{float(depths.depth_mean_K[k]):.4f}" if valid else ""
         row["depth_mode"] = int(depths.depth_mode_K[k]) if valid else ""
-        for r, rank in enumerate(ranks):
-            row[rank] = names[r][int(code_KR[k, r])]
+        row.update({rank: names[r][int(code_KR[k, r])] for r, rank in enumerate(ranks)})
         d = int(deepest_K[k])
         row["label"] = f"{names[d][int(code_KR[k, d])]} ({ranks[d]})" if d >= 0 else ""
         rows.append(row)

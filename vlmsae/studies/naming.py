@@ -129,6 +129,13 @@ class LatentNames:
     autointerp: list[str] | None = None
     autointerp_score: list[float] | None = None
 
+    def columns(self, k: int) -> dict[str, Any]:
+        """Latent ``k``'s name columns of latents.csv (with LLaVA's word and its score when asked)."""
+        out: dict[str, Any] = {"name": self.name[k], "name_score": self.score[k], "names": self.names[k]}
+        if self.autointerp is not None and self.autointerp_score is not None:
+            out.update(autointerp=self.autointerp[k], autointerp_score=self.autointerp_score[k])
+        return out
+
     def summary(self, ms_K: torch.Tensor | None = None, n: int = 10) -> dict[str, Any]:
         """For the job's summary: how many latents got a name, the mean cosine, and the names of the ``n`` latents
         with the highest MS (or the first ``n``)."""
@@ -139,20 +146,13 @@ class LatentNames:
         out = {
             "n_named": len(named),
             "mean_name_score": sum(self.score[k] for k in named) / len(named) if named else float("nan"),
-            "top_latents": [
-                {"latent": k, "name": self.name[k], "name_score": self.score[k], "names": "|".join(self.names[k])}
-                for k in order[:n]
-            ],
+            "top_latents": [{"latent": k, **self.columns(k), "names": "|".join(self.names[k])} for k in order[:n]],
         }
         if self.autointerp is not None and self.autointerp_score is not None:
             asked = [k for k, w in enumerate(self.autointerp) if w]
             scored = [self.autointerp_score[k] for k in asked if self.autointerp_score[k] == self.autointerp_score[k]]
             out["n_autointerp"] = len(asked)
             out["mean_autointerp_score"] = sum(scored) / len(scored) if scored else float("nan")
-            for row in out["top_latents"]:
-                row.update(
-                    autointerp=self.autointerp[row["latent"]], autointerp_score=self.autointerp_score[row["latent"]]
-                )
         return out
 
 
@@ -177,14 +177,7 @@ def top_names(concepts_KE: torch.Tensor, names_VE: torch.Tensor, vocab: Sequence
 
 def with_names(table: LatentsTable, names: LatentNames) -> LatentsTable:
     """``table`` with the name (and autointerp) columns of ``names`` filled in, row by latent id."""
-    rows = []
-    for r in table.rows:
-        k = r.latent
-        extra: dict[str, Any] = {"name": names.name[k], "name_score": names.score[k], "names": names.names[k]}
-        if names.autointerp is not None:
-            extra.update(autointerp=names.autointerp[k], autointerp_score=names.autointerp_score[k])
-        rows.append(dataclasses.replace(r, **extra))
-    return LatentsTable(rows)
+    return LatentsTable([dataclasses.replace(r, **names.columns(r.latent)) for r in table.rows])
 
 
 def text_side(embedder: Any, embedder_name: str) -> Callable[[list[str]], torch.Tensor]:

@@ -133,14 +133,8 @@ def stability_study(
 def headline(summary: formats.StabilitySummary) -> dict[str, Any]:
     """The flat figures a logger or a sweep table shows: matching, then mean and ci95 of each metric."""
     m = summary.matching
-    out: dict[str, Any] = {
-        "n_seeds": m["n_seeds"],
-        "n_latents": summary.n_latents,
-        "threshold": m["threshold"],
-        "mean_matched_cos": m["mean_matched_cos"],
-        "frac_found_in_all": m["frac_found_in_all"],
-        "mean_found_in": m["mean_found_in"],
-    }
+    out: dict[str, Any] = {"n_seeds": m["n_seeds"], "n_latents": summary.n_latents}
+    out.update({k: m[k] for k in ("threshold", "mean_matched_cos", "frac_found_in_all", "mean_found_in")})
     for name, stats in summary.metrics.items():
         out[f"{name}_mean"], out[f"{name}_ci95"] = stats["mean"], stats["ci95"]
     if summary.ms and isinstance(summary.ms.get("mean"), dict):
