@@ -85,15 +85,6 @@ def match_latents(
     return match_F, cos_F
 
 
-def chance_max_cosine(d: int, n: int, n_trials: int = 2000, seed: int = 0) -> float:
-    """Expected best cosine between a random unit vector and ``n`` random unit vectors in ``d`` dims (simulated):
-    what a matching finds between unrelated decoders."""
-    gen = torch.Generator().manual_seed(seed)
-    a = unit_rows(torch.randn(n_trials, d, generator=gen))
-    b = unit_rows(torch.randn(n, d, generator=gen))
-    return float((a @ b.T).max(dim=1).values.mean())
-
-
 @dataclass
 class PairMatch:
     """The matching of one SAE's latents (``a``) to another's (``b``)."""

@@ -55,10 +55,8 @@ def list_images(images: str | Path | Sequence[str | Path]) -> list[tuple[str, st
             raise ValueError(f"images={list(images)} names no image: {_IMAGES_FIX}.")
         return out
     path = Path(str(images)).expanduser()
-    if path.is_dir():
-        return [(key, p) for key, p, _ in list_folder(path).items]
-    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        return [(key, p) for key, p, _ in list_file(path).items]
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in LIST_SUFFIXES):
+        return [(key, p) for key, p, _ in (list_folder(path) if path.is_dir() else list_file(path)).items]
     if path.is_file():
         return [(path.name, str(path))]
     raise FileNotFoundError(f"images={images}: {path} is neither a file nor a folder; {_IMAGES_FIX}.")
@@ -167,7 +165,7 @@ def inspect_image(
     x_hat_RD = sae.decode(codes_RF)
     codes_RF = codes_RF.cpu().coalesce()
     pooled_F = pool_sparse(codes_RF, per_image, src.pool, 1).to_dense()[0]
-    grid = _grid_side(per_image) if per_image > 1 else None
+    grid = _grid_side(per_image)
     peak_F = codes_RF.to_dense().amax(0) if grid is not None else pooled_F
     out = ImageInspection(
         key=key,

@@ -84,9 +84,7 @@ def _summaries(paths: list[str] | None, n_runs: int, key: str, read) -> dict[str
             f"{key}= lists {len(paths)} run(s) but runs= lists {n_runs} SAEs: give one {key} entry per seed, "
             "in the same order."
         )
-    dicts = [read(p).to_dict() for p in paths]
-    for d in dicts:
-        d.pop("format_version", None)
+    dicts = [{k: v for k, v in read(p).to_dict().items() if k != "format_version"} for p in paths]
     return {"runs": [str(p) for p in paths], **(summaries_mean_ci(dicts) or {})}
 
 

@@ -82,12 +82,6 @@ def _is_sweep_folder(dpath: Path) -> bool:
     return not any(p.is_file() and (p.suffix in _CHECKPOINT_SUFFIXES or p.name == "cfg.json") for p in dpath.iterdir())
 
 
-def sae_folders(root: Path) -> list[Path]:
-    """Every ``sae/`` folder under ``root`` (recursively) that holds an SAE checkpoint, sorted by path."""
-    found = [p for p in root.rglob(SAE_DIRNAME) if p.is_dir() and (p / SAE_CONFIG_JSON).is_file()]
-    return sorted(found, key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(root).parts])
-
-
 def sweep_paths(sae_path: str) -> list[str] | None:
     """The SAE paths ``sae_path`` names when it is a sweep (a comma list, or a folder with ``sae/`` folders
     under it and no checkpoint of its own); None when it is one SAE. Missing entries are refused, naming them."""
@@ -103,7 +97,8 @@ def sweep_paths(sae_path: str) -> list[str] | None:
     root = Path(os.path.expanduser(sae_path))
     if "://" in sae_path or not _is_sweep_folder(root):
         return None
-    found = sae_folders(root)
+    found = [p for p in root.rglob(SAE_DIRNAME) if p.is_dir() and (p / SAE_CONFIG_JSON).is_file()]
+    found.sort(key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(root).parts])  # 2 before 10
     if not found and any(module.detect(root) for module in available_formats().values()):
         return None  # a published SAE of another format, e.g. sparsify or saev with per-layer subfolders
     if not found:
@@ -115,17 +110,12 @@ def sweep_paths(sae_path: str) -> list[str] | None:
     return [str(p) for p in found]
 
 
-def member_name(member: SweepMember) -> str:
-    """``{arch}_x{expansion}_L{layer}`` from the SAE's config (a folder name, '/' and spaces replaced)."""
-    return f"{member.arch}_x{member.expansion:g}_L{member.source_layer}".replace("/", "-").replace(" ", "")
-
-
 def load_sweep(paths: list[str], sae_format: str | None = None) -> list[SweepMember]:
     """Load every SAE of ``paths`` (CPU) and give each a unique output-folder name; a name two SAEs share
     gets the SAE's run folder appended (e.g. the multirun job number) so no output is overwritten."""
     members = [SweepMember(p, load_job_sae(p, sae_format)) for p in paths]
-    for m in members:
-        m.name = member_name(m)
+    for m in members:  # {arch}_x{expansion}_L{layer}, a folder name
+        m.name = f"{m.arch}_x{m.expansion:g}_L{m.source_layer}".replace("/", "-").replace(" ", "")
     counts = Counter(m.name for m in members)
     for m in members:
         if counts[m.name] > 1:
@@ -168,7 +158,7 @@ class SharedTap:
 
     With ``cls_only`` only the CLS token is kept (all that ``pool=cls`` reads)."""
 
-    def __init__(self, tap: Any, cls_only: bool = False, counter: SweepCache | None = None):
+    def __init__(self, tap: Any, cls_only: bool, counter: SweepCache):
         self.tap, self.cls_only, self.counter = tap, cls_only, counter
         self.kept: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -180,8 +170,7 @@ class SharedTap:
         if key not in self.kept:
             acts = self.tap.forward_to(images_BCHW, layer)
             self.kept[key] = acts[:, :1] if self.cls_only and acts.dim() == 3 else acts
-            if self.counter is not None:
-                self.counter.n_source_batches += 1
+            self.counter.n_source_batches += 1
         return self.kept[key]
 
 
