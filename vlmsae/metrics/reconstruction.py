@@ -226,8 +226,7 @@ def zero_shot_fidelity(
         img_BE = torch.nn.functional.normalize(clip_model.encode_image(x_BCHW.to(device)).float(), dim=-1)
         return scale * img_BE @ text_YE.T
 
-    kl_sum, agree, n = 0.0, 0, 0
-    pred_orig, pred_sae = [], []
+    kl_sum, pred_orig, pred_sae = 0.0, [], []
     for x_BCHW in images:
         logits_orig = logits_of(x_BCHW)
         handle = target.register_forward_hook(_splice_hook(sae, tokens, batch_first))
@@ -238,18 +237,18 @@ def zero_shot_fidelity(
         logp_orig = logits_orig.log_softmax(-1)
         logp_sae = logits_sae.log_softmax(-1)
         kl_sum += float((logp_orig.exp() * (logp_orig - logp_sae)).sum())
-        a, b = logits_orig.argmax(-1), logits_sae.argmax(-1)
-        agree += int((a == b).sum())
-        n += a.numel()
-        pred_orig.append(a.cpu())
-        pred_sae.append(b.cpu())
+        pred_orig.append(logits_orig.argmax(-1).cpu())
+        pred_sae.append(logits_sae.argmax(-1).cpu())
+    n = sum(p.numel() for p in pred_orig)
     if n == 0:
         raise ValueError("zero_shot_fidelity: no images were given.")
+    orig_N, spliced_N = torch.cat(pred_orig), torch.cat(pred_sae)
+    agree = int((orig_N == spliced_N).sum())
     out: dict[str, Any] = {"kl": kl_sum / n, "top1_agreement": agree / n, "n_images": n, "logit_scale": scale}
     if labels is not None:
         y = torch.as_tensor(list(labels))
         if y.numel() != n:
             raise ValueError(f"{y.numel()} labels for {n} images; give one label per image or none.")
-        out["accuracy_original"] = float((torch.cat(pred_orig) == y).double().mean())
-        out["accuracy_spliced"] = float((torch.cat(pred_sae) == y).double().mean())
+        out["accuracy_original"] = float((orig_N == y).double().mean())
+        out["accuracy_spliced"] = float((spliced_N == y).double().mean())
     return out

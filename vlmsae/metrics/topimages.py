@@ -37,10 +37,7 @@ class TopImagesAccumulator:
             raise ValueError(f"expected a [B, {self.n_latents}] chunk, got shape {tuple(acts_BK.shape)}.")
         offset = self.n_images if image_offset is None else int(image_offset)
         n_chunk = acts_BK.shape[0]
-        if acts_BK.layout == torch.strided:
-            cand_vals, cand_idx = self._dense_candidates(acts_BK.detach().to("cpu", torch.float32), offset)
-        else:
-            cand_vals, cand_idx = self._sparse_candidates(acts_BK.detach().cpu(), offset)
+        cand_vals, cand_idx = self._candidates(acts_BK.detach().cpu(), offset)
         vals = torch.cat([self.vals_KT, cand_vals], 1)
         idx = torch.cat([self.idx_KT, cand_idx], 1)
         # Stable descending sort: on ties the running entries (earlier images) stay ahead.
@@ -49,14 +46,8 @@ class TopImagesAccumulator:
         self.idx_KT = idx.gather(1, order)
         self.n_images = max(self.n_images, offset + n_chunk)
 
-    def _dense_candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        vals_KB = acts_BK.T.masked_fill((acts_BK.T == 0) | torch.isnan(acts_BK.T), -math.inf)
-        t = min(self.top_k, vals_KB.shape[1])
-        top_vals, top_pos = vals_KB.topk(t, dim=1)
-        top_idx = torch.where(torch.isinf(top_vals), torch.full_like(top_pos, _NONE), top_pos + offset)
-        return top_vals, top_idx
-
-    def _sparse_candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each latent's top nonzero entries of the chunk (dense or sparse: only its nonzeros are read)."""
         coo = (acts_BK if acts_BK.layout == torch.sparse_coo else acts_BK.to_sparse_coo()).coalesce()
         rows, cols = coo.indices()
         vals = coo.values().to(torch.float32)

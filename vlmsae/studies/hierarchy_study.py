@@ -44,15 +44,6 @@ PAPER_TABLE2 = {"depth": [3.33, 2.92, 3.85, 3.86, 4.06], "ms_mean": [0.67, 0.68,
 # ----------------------------------------------------------------------------------------------
 
 
-def ms_run_data(ms_run: str | Path) -> dict | None:
-    """The ``data`` node an MS run was made with (its run_info.json), to find the taxonomy's images."""
-    info_fpath = Path(ms_run) / RUN_INFO_JSON
-    if not info_fpath.is_file():
-        return None
-    data = read_run_info(info_fpath).config.get("data")
-    return data if isinstance(data, dict) and data.get("source") else None
-
-
 def concept_root(data: Mapping[str, Any]) -> str | None:
     """The generated concept-image folder of ``data=tiny`` (its concepts.json names the classes)."""
     if data.get("source") != "synthetic":
@@ -64,7 +55,12 @@ def concept_root(data: Mapping[str, Any]) -> str | None:
 def taxonomy_data(data: DataSchema, ms_run: str | Path | None) -> dict:
     """The ``data`` node whose images the taxonomy must cover, as a mapping: the job's ``data``, or with
     ``ms_run`` and no ``data.root`` the images the MS run ranked (as its run_info.json records them)."""
-    return (ms_run and not data.root and ms_run_data(ms_run)) or dataclasses.asdict(data)
+    info_fpath = Path(ms_run or "") / RUN_INFO_JSON
+    if ms_run and not data.root and info_fpath.is_file():
+        recorded = read_run_info(info_fpath).config.get("data")
+        if isinstance(recorded, dict) and recorded.get("source"):
+            return recorded
+    return dataclasses.asdict(data)
 
 
 def open_taxonomy(taxonomy: TaxonomySchema, data: Mapping[str, Any]) -> Taxonomy:
