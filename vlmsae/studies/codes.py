@@ -32,10 +32,6 @@ class ImageCodes:
     labels: list[int]
     raw_ND: torch.Tensor | None = None  # the pooled raw activations (``keep_raw=True``), float32 CPU
 
-    @property
-    def n_images(self) -> int:
-        return len(self.keys)
-
     def top_images(self, top_k: int, meta: dict[str, Any]) -> TopImages:
         """The top-``top_k`` images of every latent as a :class:`TopImages` index (paths kept if all known).
         ``meta`` (see :func:`top_images_meta`) says what was ranked."""

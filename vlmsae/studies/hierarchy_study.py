@@ -225,11 +225,8 @@ def write_latent_taxa_csv(fpath: Path, rows: list[dict], ranks: list[str]) -> No
 def hierarchy_markdown(summary: HierarchySummary) -> str:
     """hierarchy.md: the paper's Table 2 layout for this SAE, with the paper's rows when the group count matches."""
     groups, ranks, n_top = summary.groups, summary.ranks, summary.n_top
-    reference = (
-        {"paper depth": PAPER_TABLE2["depth"], "paper MS mean": PAPER_TABLE2["ms_mean"]}
-        if len(groups) == len(PAPER_TABLE2["depth"])
-        else None
-    )
+    paper = {"paper depth": PAPER_TABLE2["depth"], "paper MS mean": PAPER_TABLE2["ms_mean"]}
+    reference = paper if len(groups) == len(PAPER_TABLE2["depth"]) else None
     return (
         f"# Taxonomy alignment of Matryoshka levels\n\nSAE: `{summary.sae_path}`  \nTaxonomy: {summary.taxonomy} "
         f"(ranks: {', '.join(ranks)})  \nImages: {summary.n_images}; top-{n_top} per latent; "

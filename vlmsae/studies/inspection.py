@@ -139,11 +139,6 @@ class ImageInspection:
         }
 
 
-def _grid_side(n: int) -> int | None:
-    side = math.isqrt(n)
-    return side if n > 1 and side * side == n else None
-
-
 def _top(values_F: torch.Tensor, n: int) -> list[int]:
     """Latents with the ``n`` largest positive values, largest first (a latent that never fired is no hit)."""
     n = min(n, int((values_F > 0).sum()))
@@ -165,7 +160,8 @@ def inspect_image(
     x_hat_RD = sae.decode(codes_RF)
     codes_RF = codes_RF.cpu().coalesce()
     pooled_F = pool_sparse(codes_RF, per_image, src.pool, 1).to_dense()[0]
-    grid = _grid_side(per_image)
+    side = math.isqrt(per_image)
+    grid = side if per_image > 1 and side * side == per_image else None  # the square patch grid, if any
     peak_F = codes_RF.to_dense().amax(0) if grid is not None else pooled_F
     out = ImageInspection(
         key=key,

@@ -120,7 +120,7 @@ def score_sae(
         progress=progress,
         total=n_total,
     )
-    codes_NF, raw_ND, n_images = encoded.codes_NF, encoded.raw_ND, encoded.n_images
+    codes_NF, raw_ND, n_images = encoded.codes_NF, encoded.raw_ND, len(encoded.keys)
     if n_images < 2:
         raise ValueError(
             f"Only {n_images} readable image(s) in data.source={images.source} root={images.root} "

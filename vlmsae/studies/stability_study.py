@@ -62,11 +62,8 @@ def open_runs(paths: list[str]) -> list[SeedRun]:
             f"runs= lists {len(paths)} SAE(s) ({paths}); seed stability needs at least two: "
             "runs=[<run0>/sae,<run1>/sae,...], " + _FIX + "."
         )
-    runs = []
-    for path in paths:
-        sae_dpath = sae_folder(path)
-        sae = load_sae(sae_dpath)
-        runs.append(SeedRun(sae_dpath, sae.W_dec.detach().float(), _train_metrics(sae_dpath)))
+    dpaths = [sae_folder(p) for p in paths]  # every folder checked before any SAE loads
+    runs = [SeedRun(d, load_sae(d).W_dec.detach().float(), _train_metrics(d)) for d in dpaths]
     for what, dim in (("n_latents", 0), ("d_in", 1)):
         values = [int(r.W_dec_FD.shape[dim]) for r in runs]
         if len(set(values)) > 1:
