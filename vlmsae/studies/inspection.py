@@ -88,13 +88,8 @@ class LatentHit:
     heat_P: torch.Tensor  # [P] activation on every patch (empty without patch rows)
 
     def to_dict(self, digits: int = 4) -> dict[str, Any]:
-        return {
-            "latent": self.latent,
-            "pooled": self.pooled,
-            "peak": self.peak,
-            "peak_patch": self.peak_patch,
-            "heat": [float(f"{v:.{digits}g}") for v in self.heat_P.tolist()],
-        }
+        out = {k: getattr(self, k) for k in ("latent", "pooled", "peak", "peak_patch")}
+        return {**out, "heat": [float(f"{v:.{digits}g}") for v in self.heat_P.tolist()]}
 
 
 @dataclass
@@ -127,16 +122,8 @@ class ImageInspection:
         return LatentHit(latent, pooled, float(peak), where, column_R.clone())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "path": self.path,
-            "fve": self.fve,
-            "nmse": self.nmse,
-            "n_rows": self.n_rows,
-            "grid": self.grid,
-            "top_pooled": [h.to_dict() for h in self.top_pooled],
-            "top_peak": [h.to_dict() for h in self.top_peak],
-        }
+        out = {k: getattr(self, k) for k in ("key", "path", "fve", "nmse", "n_rows", "grid")}
+        return {**out, **{k: [h.to_dict() for h in getattr(self, k)] for k in ("top_pooled", "top_peak")}}
 
 
 def _top(values_F: torch.Tensor, n: int) -> list[int]:
@@ -210,14 +197,8 @@ class MSRunView:
         top = [paths[i] for i in self.top.image_idx[latent, :n_top].tolist() if 0 <= i < len(paths)]
         if row is None:
             return {"name": "", "names": [], "ms": None, "freq": None, "group": None, "top_paths": top}
-        return {
-            "name": row.name or "",
-            "names": list(row.names or ()),
-            "ms": row.ms,
-            "freq": row.freq,
-            "group": row.group,
-            "top_paths": top,
-        }
+        said = {"name": row.name or "", "names": list(row.names or ()), "ms": row.ms, "freq": row.freq}
+        return {**said, "group": row.group, "top_paths": top}
 
 
 def _same_sae(a: Any, b: Any) -> bool:

@@ -140,13 +140,8 @@ def score_sae(
 
     top = encoded.top_images(top_k, top_images_meta(src, images, sae_path, image_list_digest=digest))
     uniq = top_set_jaccard(top.image_idx)
-    summary["uniqueness"] = {
-        "mean_jaccard": uniq["mean"],
-        "max_jaccard": uniq["max"],
-        "mean_nearest_jaccard": uniq["mean_nearest"],
-        "n_duplicate_sets": uniq["n_duplicates"],
-        "top_k": top_k,
-    }
+    summary["uniqueness"] = {f"{k}_jaccard": uniq[k] for k in ("mean", "max", "mean_nearest")}
+    summary["uniqueness"].update(n_duplicate_sets=uniq["n_duplicates"], top_k=top_k)
     names = None
     if namer is not None and namer.vocabulary == LABELS:  # names=labels: the class means of these very images
         labelled = label_namer(emb_NE, encoded.labels, classes, namer.top)
@@ -158,18 +153,9 @@ def score_sae(
     freq_K = torch.bincount(latent_N, minlength=sae.n_latents).double() / n_images
     max_K = torch.zeros(sae.n_latents).scatter_reduce(0, latent_N, codes_NF.values().float(), "amax")
     summary["reconstruction"] = {k: v for k, v in recon.result().items() if k != "freq_F"}
-    summary.update(
-        {
-            "embedder": embedder_spec.name,
-            "model": src.spec.name,
-            "layer": src.layer,
-            "pool": src.pool,
-            "sae_path": str(sae_path),
-            "n_latents_sae": sae.n_latents,
-            "skipped_images": len(skip_log),
-            "embeddings_cached": embed.n_embedded == 0,
-        }
-    )
+    summary.update(embedder=embedder_spec.name, model=src.spec.name, layer=src.layer, pool=src.pool)
+    summary.update(sae_path=str(sae_path), n_latents_sae=sae.n_latents, skipped_images=len(skip_log))
+    summary["embeddings_cached"] = embed.n_embedded == 0
     return MSStudy(
         summary=summary,
         ms_K=ms_K,
