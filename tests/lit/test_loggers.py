@@ -28,6 +28,7 @@ from vlmsae.lit.loggers import (
     resumed_wandb_rows,
     wandb_run_files,
 )
+from vlmsae.lit.resume import checkpoint_step, run_checkpoint
 
 MAX_STEPS, CKPT_EVERY, LOG_EVERY = 240, 40, 5
 TRAIN_STEPS = list(range(LOG_EVERY - 1, MAX_STEPS, LOG_EVERY))  # Lightning logs batch i at step i (0-based)
@@ -102,7 +103,7 @@ def _run_and_kill(cmd, env, cwd, run_dpath: Path, logged: bool) -> int:
                 proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    return int((run_dpath / "checkpoints" / "last.ckpt").resolve().stem[4:])
+    return checkpoint_step(run_checkpoint(run_dpath))  # as resume picks it: a kill can land before last.ckpt links
 
 
 def _resume(cmd, env, cwd):
