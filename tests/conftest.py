@@ -215,7 +215,7 @@ def planted_sae(planted_tap, tmp_path):
     dictionary = torch.cat([planted_tap.atoms_AD, noise_AD])[order]
     sae = oracle_sae(dictionary, planted_tap.offset_D, k=2)
     latent_of_concept, _ = match_latents(planted_tap.atoms_AD, sae.W_dec.detach())
-    dpath = save_sae(sae, tmp_path / "planted_sae", source={"model": "tiny", "layer": 2, "tokens": "patches"})
+    dpath = save_sae(sae, tmp_path / "planted_sae", trained_on={"model": "tiny", "layer": 2, "tokens": "patches"})
     return dpath, latent_of_concept.tolist()
 
 

@@ -372,6 +372,81 @@ def test_the_prose_key_check_fails_on_a_renamed_key(config_keys):
     assert _prose_key_problems(text, config_keys) == expected
 
 
+# Shape letters: a name ending in one to five capitals (and an optional kept size-1 axis, ``norms_F1``) carries
+# its tensor's shape. Names with no lowercase letter are constants (``SAE_FORMAT``, ``HF_HUB_OFFLINE``), not
+# shapes; ``.T`` (a transpose) is no suffix. Only vlmsae/'s Python files are read: tests and docs may
+# write shapes in prose.
+_SHAPE_NAME_RE = re.compile(r"\b[A-Za-z][A-Za-z0-9_]*?_([A-Z]{1,5})1?\b")
+_SHAPE_EXAMPLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*?_[A-Z]{1,5}1?$")
+
+
+def _shape_names(code: str) -> dict[str, set[str]]:
+    """Letter -> the shape-suffixed names of ``code`` that use it."""
+    letters: dict[str, set[str]] = {}
+    for match in _SHAPE_NAME_RE.finditer(code):
+        if re.search("[a-z]", match.group(0)):
+            for letter in match.group(1):
+                letters.setdefault(letter, set()).add(match.group(0))
+    return letters
+
+
+def _notation_problems(method_md: str, code: str) -> list[str]:
+    """What METHOD.md's shape-letter table gets wrong about ``code``: a letter used but not in the table, a
+    letter with two rows, a letter in the table that no name uses, an example name that is not in the code."""
+    section = method_md.split("## Notation: shape letters in names", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line.strip().strip("|").split("|")
+        for line in section.splitlines()
+        if re.match(r"^\| [A-Z1](, [A-Z])* \|", line)
+    ]
+    problems, documented = [], []
+    for cells in rows:
+        documented += [letter.strip() for letter in cells[0].split(",")]
+    for letter in sorted({x for x in documented if documented.count(x) > 1}):
+        problems.append(f"letter {letter} has more than one row")
+    used = _shape_names(code)
+    for letter in sorted(set(used) - set(documented)):
+        problems.append(f"letter {letter} is used ({', '.join(sorted(used[letter])[:3])}) but not in the table")
+    for letter in sorted(set(documented) - set(used) - {"1"}):
+        problems.append(f"letter {letter} is in the table but no name in vlmsae/ uses it")
+    names = {name for group in used.values() for name in group}
+    for cells in rows:
+        for example in re.findall(r"`([^`]+)`", cells[1]):
+            if _SHAPE_EXAMPLE_RE.match(example) and example not in names:
+                problems.append(f"example {example} is not a name in vlmsae/")
+    return problems
+
+
+def test_every_shape_letter_in_the_code_has_one_row_in_the_notation_table():
+    code = "\n".join(f.read_text(encoding="utf-8") for f in sorted((REPO_ROOT / "vlmsae").rglob("*.py")))
+    problems = _notation_problems((REPO_ROOT / "docs" / "METHOD.md").read_text(encoding="utf-8"), code)
+    assert not problems, "docs/METHOD.md's shape-letter table:\n" + "\n".join(problems)
+
+
+def test_the_notation_check_fails_on_an_undocumented_letter_a_second_row_and_a_stale_example():
+    page = """## Notation: shape letters in names
+
+| Letter | Meaning |
+|---|---|
+| B | batch (`acts_BD`, `old_BT`) |
+| D | width (`acts_BD`) |
+| D | also width |
+| H, W | height and width (`x_BHW`) |
+
+## Next
+"""
+    code = "acts_BD = x_BHW.T\nHF_HUB_OFFLINE = SAE_FORMAT\nnew_BQD = acts_BD"
+    assert _notation_problems(page, code) == [
+        "letter D has more than one row",
+        "letter Q is used (new_BQD) but not in the table",
+        "example old_BT is not a name in vlmsae/",
+    ]
+    assert _notation_problems(page, code.replace("new_BQD", "new_BD")) == [
+        "letter D has more than one row",
+        "example old_BT is not a name in vlmsae/",
+    ]
+
+
 def test_readme_is_a_front_door_and_every_page_is_in_the_site():
     n_lines = len((REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines())
     assert n_lines < README_MAX_LINES, (

@@ -21,7 +21,7 @@ def sae_dpath(tmp_path):
     with torch.no_grad():
         sae.threshold.fill_(0.05)
         sae.b_dec.normal_()
-    sae.source = {"model": "tiny", "pretrained": None, "layer": 1, "tokens": "cls"}
+    sae.trained_on = {"model": "tiny", "pretrained": None, "layer": 1, "tokens": "cls"}
     return save_sae(sae, tmp_path / "sae")
 
 
@@ -29,18 +29,18 @@ def test_export_to_dictionary_learning_and_back(compose_cfg, sae_dpath, tmp_path
     out = tmp_path / "dl"
     cfg = compose_cfg("export", [f"sae_path={sae_dpath}", "format=dictionary_learning", f"out={out}"])
     result = run(cfg, out_dpath=tmp_path / "run")
-    assert result["files"] == ["ae.pt", "config.json"] and result["source_format"] == "vlmsae"
+    assert result["files"] == ["ae.pt", "config.json"] and result["from_format"] == "vlmsae"
     assert json.loads((out / "config.json").read_text())["trainer"]["dict_class"] == "MatryoshkaBatchTopKSAE"
     x = torch.randn(16, 8)
     original, back = load(sae_dpath), load(out)
-    assert back.source["format"] == "dictionary_learning" and back.group_sizes == original.group_sizes == [8, 24]
+    assert back.trained_on["format"] == "dictionary_learning" and back.group_sizes == original.group_sizes == [8, 24]
     torch.testing.assert_close(back.encode(x), original.encode(x), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(back(x), original(x), atol=1e-6, rtol=1e-6)
     info = read_run_info(tmp_path / "run")
     assert info.extra["result"]["out"] == str(out)
     # the export reads back through the same job, to vlmsae's own layout
     cfg = compose_cfg("export", [f"sae_path={out}", "format=vlmsae", f"out={tmp_path / 'v'}"])
-    assert run(cfg, out_dpath=tmp_path / "run2")["source_format"] == "dictionary_learning"
+    assert run(cfg, out_dpath=tmp_path / "run2")["from_format"] == "dictionary_learning"
     torch.testing.assert_close(load(tmp_path / "v").encode(x), original.encode(x), atol=1e-6, rtol=1e-6)
 
 

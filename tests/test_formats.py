@@ -363,7 +363,7 @@ def _sae_config() -> formats.SAECheckpointConfig:
         n_steps=3,
         dtype="float32",
         precision={"master": "float32", "trainer_precision": None},
-        source={"model": "tiny", "layer": 1},
+        trained_on={"model": "tiny", "layer": 1},
         config={"arch": "topk", "d_in": 8, "n_latents": 16, "k": 2},
         vlmsae_version="0.1.0",
         git_commit="abc",
@@ -377,13 +377,17 @@ def test_sae_config_round_trip_legacy_and_newer(tmp_path: Path):
     fpath = formats.write_sae_config(tmp_path, info)
     raw = json.loads(fpath.read_text())
     assert fpath == tmp_path / "config.json" and list(raw)[:2] == ["format", "format_version"]
-    assert raw["format"] == "vlmsae-sae" and raw["format_version"] == 1 and raw["future"] is True
+    assert raw["format"] == "vlmsae-sae" and raw["format_version"] == 2 and raw["future"] is True
+    assert raw["trained_on"] == {"model": "tiny", "layer": 1} and "source" not in raw
     assert formats.read_sae_config(tmp_path) == info and formats.read_sae_config(fpath) == info
-    del raw["format_version"], raw["precision"]  # a checkpoint from before versions and the precision record
+    # a checkpoint from before versions, the precision record and the "trained_on" name (version 1: "source")
+    del raw["format_version"], raw["precision"]
+    raw["source"] = raw.pop("trained_on")
     fpath.write_text(json.dumps(raw))
     old = formats.read_sae_config(tmp_path)
-    assert old.format_version == 1 and old.precision is None and old.source == {"model": "tiny", "layer": 1}
-    for version in (2, 0, "1"):
+    assert old.format_version == 2 and old.precision is None and old.trained_on == {"model": "tiny", "layer": 1}
+    assert "source" not in old.extra  # read as the record, not kept as an unknown key
+    for version in (3, 0, "1"):
         fpath.write_text(json.dumps({**raw, "format_version": version}))
         with pytest.raises(FormatVersionError) as err:
             formats.read_sae_config(tmp_path)

@@ -21,7 +21,7 @@ from vlmsae.sae import SAEConfig, build_sae, save_sae, train_steps
 FIX = Path(__file__).parent / "fixtures" / "taxonomy"
 
 
-def _matryoshka(dpath: Path, d_in: int, n_latents: int, fractions, source=None, train_x=None) -> Path:
+def _matryoshka(dpath: Path, d_in: int, n_latents: int, fractions, trained_on=None, train_x=None) -> Path:
     cfg = SAEConfig(
         arch="matryoshka", d_in=d_in, n_latents=n_latents, k=4, group_fractions=fractions, threshold_start_step=20
     )
@@ -30,7 +30,7 @@ def _matryoshka(dpath: Path, d_in: int, n_latents: int, fractions, source=None, 
         g = torch.Generator().manual_seed(0)
         batches = (train_x[torch.randint(0, len(train_x), (64,), generator=g)] for _ in range(150))
         train_steps(sae, batches, lr=3e-3)
-    return save_sae(sae, dpath, source=source or {})
+    return save_sae(sae, dpath, trained_on=trained_on or {})
 
 
 def _tiny_embeddings() -> torch.Tensor:
@@ -168,7 +168,7 @@ def test_tiny_model_end_to_end(tmp_path, compose_cfg):
         d_in=32,
         n_latents=32,
         fractions=(0.125, 0.875),
-        source={"model": "tiny", "layer": "last", "tokens": "cls"},
+        trained_on={"model": "tiny", "layer": "last", "tokens": "cls"},
         train_x=_tiny_embeddings(),
     )
     cfg = compose_cfg("hierarchy", [f"sae_path={sae_dpath}", "embedder=pixels"])
@@ -248,7 +248,7 @@ def test_same_result_from_an_ms_run(tmp_path, compose_cfg):
         d_in=32,
         n_latents=32,
         fractions=(0.125, 0.875),
-        source={"model": "tiny", "layer": "last", "tokens": "cls"},
+        trained_on={"model": "tiny", "layer": "last", "tokens": "cls"},
         train_x=_tiny_embeddings(),
     )
     ms_cfg = compose_cfg(
@@ -290,7 +290,7 @@ def test_unmatched_images_fail_before_encoding(tmp_path, compose_cfg):
         d_in=32,
         n_latents=32,
         fractions=(0.125, 0.875),
-        source={"model": "tiny", "layer": "last", "tokens": "cls"},
+        trained_on={"model": "tiny", "layer": "last", "tokens": "cls"},
     )
     cfg = compose_cfg(
         "hierarchy",
@@ -373,15 +373,15 @@ def test_sweep_tables_every_sae_once(tmp_path, compose_cfg, monkeypatch, count_e
     writes them, and the images are embedded once and run through the model once for both."""
     from vlmsae.hierarchy import run
 
-    source = {"model": "tiny", "layer": "last", "tokens": "cls"}
+    trained_on = {"model": "tiny", "layer": "last", "tokens": "cls"}
     for n, width in ((0, 32), (1, 64)):
         _matryoshka(
-            tmp_path / "sweep" / str(n) / "sae", d_in=32, n_latents=width, fractions=(0.25, 0.75), source=source
+            tmp_path / "sweep" / str(n) / "sae", d_in=32, n_latents=width, fractions=(0.25, 0.75), trained_on=trained_on
         )
     embedded = count_embeddings("vlmsae.models.embedders.load_embedder")
     out = run(compose_cfg("hierarchy", [f"sae_path={tmp_path / 'sweep'}", "embedder=pixels"]), out_dpath=tmp_path / "o")
     assert out["sweep"] == ["matryoshka_x1_Llast", "matryoshka_x2_Llast"]
-    assert sum(embedded) == out["images_embedded"] == 128 and out["source_batches"] == math.ceil(128 / 16)
+    assert sum(embedded) == out["images_embedded"] == 128 and out["model_batches"] == math.ceil(128 / 16)
     rows = list(csv.DictReader((tmp_path / "o" / "hierarchy_table.csv").open()))
     assert [(r["sae"], r["measure"]) for r in rows][:2] == [
         ("matryoshka_x1_Llast", "depth"),
@@ -417,7 +417,7 @@ def test_logger_wandb_offline_run_holds_the_depth_per_group(tmp_path, compose_cf
         d_in=32,
         n_latents=32,
         fractions=(0.125, 0.875),
-        source={"model": "tiny", "layer": "last", "tokens": "cls"},
+        trained_on={"model": "tiny", "layer": "last", "tokens": "cls"},
         train_x=_tiny_embeddings(),
     )
     out = run(compose_cfg("hierarchy", [f"sae_path={sae_dpath}", "logger=wandb"]), out_dpath=tmp_path / "out")

@@ -112,7 +112,7 @@ def test_inspect_names_the_planted_latent_draws_its_heatmap_and_answers_a_query(
     assert csv_text.startswith("image,rank,latent,name") and f"photo.png,0,{pooled[0]}," in csv_text
     figures = json.loads((out / "csv" / "summary.json").read_text())
     assert figures["inspect/n_images"] == 1 and figures["inspect/mean_fve"] == pytest.approx(im["fve"])
-    assert formats.read_run_info(out).extra["sae_source"]["tokens"] == "patches"
+    assert formats.read_run_info(out).extra["sae_trained_on"]["tokens"] == "patches"
 
     # the feature browser of the MS run links each card the inspect run shows to it
     from vlmsae.report.browser import build_browser, find_runs
@@ -166,7 +166,7 @@ def test_the_tiny_default_model(compose_cfg, tmp_path, monkeypatch):
 
     root = make_concept_images(tmp_path / "concepts", n_per_class=1, size=48, seed=0)
     sae = build_sae(SAEConfig(arch="matryoshka", d_in=64, n_latents=32, k=4, group_fractions=[0.25, 0.75]), seed=0)
-    sae_dpath = save_sae(sae, tmp_path / "sae", source={"model": "tiny", "layer": 2, "tokens": "patches"})
+    sae_dpath = save_sae(sae, tmp_path / "sae", trained_on={"model": "tiny", "layer": 2, "tokens": "patches"})
     image = sorted(root.rglob("*.png"))[0]
     summary = run(compose_cfg("inspect", [f"sae_path={sae_dpath}", f"images={image}"]), out_dpath=tmp_path / "out")
     (im,) = formats.read_inspect(tmp_path / "out").images
@@ -193,10 +193,10 @@ def test_bad_input_is_refused_with_the_path_and_the_fix(planted_run, compose_cfg
     refused([f"sae_path={sae_dpath}", f"images={notes}"], ValueError, r"notes\.jpg is not an image.*Pass image files")
     refused([f"sae_path={sae_dpath}", f"images={tmp_path / 'gone.png'}"], FileNotFoundError, r"gone\.png.*images=")
     narrow = save_sae(build_sae(SAEConfig(arch="topk", d_in=32, n_latents=16, k=2), seed=0), tmp_path / "narrow",
-                      source={"model": "tiny", "layer": 2, "tokens": "patches"})  # fmt: skip
+                      trained_on={"model": "tiny", "layer": 2, "tokens": "patches"})  # fmt: skip
     refused([f"sae_path={narrow}", f"images={image}"], ValueError, rf"sae_path={narrow}.*32-d.*64-d.*Pass the model")
     other = save_sae(build_sae(SAEConfig(arch="topk", d_in=64, n_latents=8, k=2), seed=1), tmp_path / "other",
-                     source={"model": "tiny", "layer": 2, "tokens": "patches"})  # fmt: skip
+                     trained_on={"model": "tiny", "layer": 2, "tokens": "patches"})  # fmt: skip
     refused(
         [f"sae_path={other}", f"images={image}", f"ms_run={ms_dpath}"],
         ValueError,
@@ -231,7 +231,7 @@ def test_cli(tmp_path, repo_root):
     from vlmsae.sae import SAEConfig, build_sae, save_sae
 
     sae = build_sae(SAEConfig(arch="topk", d_in=64, n_latents=32, k=4), seed=0)
-    sae_dpath = save_sae(sae, tmp_path / "sae", source={"model": "tiny", "layer": 2, "tokens": "patches"})
+    sae_dpath = save_sae(sae, tmp_path / "sae", trained_on={"model": "tiny", "layer": 2, "tokens": "patches"})
     image = _draw(tmp_path / "photo.png", {"red": (0, 0, 30, 30)})
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "VLMSAE_HOME": str(tmp_path / "home")}
     cmd = [sys.executable, "-m", "vlmsae.inspect", f"sae_path={sae_dpath}", f"images={image}", "top_n=3"]

@@ -20,7 +20,9 @@ def tiny_sae_dpath(tmp_path, monkeypatch):
     from vlmsae.sae import SAEConfig, build_sae, save_sae
 
     sae = build_sae(SAEConfig(arch="topk", d_in=64, n_latents=128, k=6), seed=0)
-    return save_sae(sae, tmp_path / "sae", source={"model": "tiny", "pretrained": None, "layer": 2, "tokens": "cls"})
+    return save_sae(
+        sae, tmp_path / "sae", trained_on={"model": "tiny", "pretrained": None, "layer": 2, "tokens": "cls"}
+    )
 
 
 def _compose(compose_cfg, sae_dpath, tmp_path, *extra):
@@ -219,8 +221,8 @@ def _sweep_dpath(tmp_path, archs=("topk", "relu"), expansions=(2, 4), model="tin
     for arch in archs:
         for e in expansions:
             cfg = SAEConfig(arch=arch, d_in=64, n_latents=64 * e, k=6)
-            source = {"model": model, "pretrained": None, "layer": 2, "tokens": "cls"}
-            save_sae(build_sae(cfg, seed=n), root / str(n) / "sae", source=source)
+            trained_on = {"model": model, "pretrained": None, "layer": 2, "tokens": "cls"}
+            save_sae(build_sae(cfg, seed=n), root / str(n) / "sae", trained_on=trained_on)
             n += 1
     (root / "multirun.yaml").write_text("hydra: {}\n")  # a multirun dir has files of its own
     return tmp_path / "multirun"
@@ -237,7 +239,7 @@ def test_sweep_scores_every_sae_once_and_tables_them(compose_cfg, tmp_path, monk
     embedded = count_embeddings("vlmsae.models.embedders.load_embedder")
     out = run(_compose(compose_cfg, sweep, tmp_path / "a"), out_dpath=tmp_path / "sweep_out")
     assert sum(embedded) == 64 and out["images_embedded"] == 64  # 64 images, embedded once for 4 SAEs
-    assert out["source_batches"] == math.ceil(64 / 16)  # one model pass over the images (data.images_per_forward=16)
+    assert out["model_batches"] == math.ceil(64 / 16)  # one model pass over the images (data.images_per_forward=16)
     names = ["relu_x2_L2", "relu_x4_L2", "topk_x2_L2", "topk_x4_L2"]
     assert sorted(out["sweep"]) == names
     for name in names:
@@ -295,8 +297,10 @@ def test_sweep_of_seeds_aggregates_them_and_keeps_each_saes_outputs(compose_cfg,
     root = tmp_path / "multirun" / "2026-01-01" / "12-00-00"
     for seed in (0, 1):
         sae_dpath = root / str(seed) / "sae"
-        source = {"model": "tiny", "pretrained": None, "layer": 2, "tokens": "cls"}
-        save_sae(build_sae(SAEConfig(arch="topk", d_in=64, n_latents=128, k=6), seed=seed), sae_dpath, source=source)
+        trained_on = {"model": "tiny", "pretrained": None, "layer": 2, "tokens": "cls"}
+        save_sae(
+            build_sae(SAEConfig(arch="topk", d_in=64, n_latents=128, k=6), seed=seed), sae_dpath, trained_on=trained_on
+        )
         write_run_info(sae_dpath, {"seed": seed, "sae": {"arch": "topk"}})
     assert training_seed(str(root / "1" / "sae")) == 1 and training_seed(str(tmp_path)) is None
     out = run(_compose(compose_cfg, tmp_path / "multirun", tmp_path), out_dpath=tmp_path / "o")

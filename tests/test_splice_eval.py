@@ -22,7 +22,7 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture
 def sae_dpath(tmp_path):
     sae = build_sae(SAEConfig(arch="topk", d_in=32, n_latents=64, k=8), seed=0)
-    return save_sae(sae, tmp_path / "sae", source={"model": "tiny_llava", "layer": 2, "tokens": "random_2"})
+    return save_sae(sae, tmp_path / "sae", trained_on={"model": "tiny_llava", "layer": 2, "tokens": "random_2"})
 
 
 def test_splice_eval_run(compose_cfg, home, sae_dpath, tmp_path):
@@ -74,7 +74,7 @@ def test_splice_eval_bad_inputs(compose_cfg, home, sae_dpath, tmp_path):
         run(cfg, out_dpath=tmp_path / "bad")
     cfg.prompts = None
     wide = save_sae(
-        build_sae(SAEConfig(arch="topk", d_in=64, n_latents=64, k=8)), tmp_path / "wide", source={"layer": 2}
+        build_sae(SAEConfig(arch="topk", d_in=64, n_latents=64, k=8)), tmp_path / "wide", trained_on={"layer": 2}
     )
     cfg.sae_path = str(wide)
     with pytest.raises(ValueError, match=r"64-d activations.*32-d.*use an SAE trained on this model's vision tower"):

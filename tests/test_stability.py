@@ -30,7 +30,7 @@ def _seed_run(root: Path, seed: int, perm: torch.Tensor | None, fve: float, n_la
     with torch.no_grad():
         sae.W_dec.copy_(torch.nn.functional.normalize(base[perm] if perm is not None else base, dim=1))
     run_dpath = root / f"job_{seed}"
-    save_sae(sae, run_dpath / "sae", source={"model": "tiny", "layer": 2})
+    save_sae(sae, run_dpath / "sae", trained_on={"model": "tiny", "layer": 2})
     metrics = {"fve": fve, "l0": 2.0 + seed, "dead_fraction": 0.1 * seed, "step": 10}
     write_run_info(run_dpath / "sae", {"seed": seed}, metrics=metrics)
     return run_dpath

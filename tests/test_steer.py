@@ -21,7 +21,7 @@ def home(tmp_path, monkeypatch):
 @pytest.fixture
 def sae_dpath(tmp_path):
     sae = build_sae(SAEConfig(arch="topk", d_in=32, n_latents=64, k=8), seed=0)
-    return save_sae(sae, tmp_path / "sae", source={"model": "tiny_llava", "layer": 2, "tokens": "random_2"})
+    return save_sae(sae, tmp_path / "sae", trained_on={"model": "tiny_llava", "layer": 2, "tokens": "random_2"})
 
 
 def test_steer_run_writes_answers_side_by_side(compose_cfg, home, sae_dpath, tmp_path, capsys):

@@ -24,7 +24,7 @@ def eval_setup(tmp_path, monkeypatch):
     sae_dpath = save_sae(
         build_sae(SAEConfig(arch="topk", d_in=32, n_latents=64, k=8), seed=0),
         tmp_path / "sae",
-        source={"model": "tiny_llava", "layer": 2},
+        trained_on={"model": "tiny_llava", "layer": 2},
     )
     colours = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple", "cyan", "pink", "gray", "brown"]
     img_dpath = tmp_path / "images"
@@ -145,7 +145,7 @@ def test_steer_eval_sweep_tables_every_sae(compose_cfg, eval_setup, tmp_path, mo
 
     sae_dpath, top_dpath, img_dpath, _ = eval_setup
     relu = build_sae(SAEConfig(arch="relu", d_in=32, n_latents=64), seed=1)
-    relu_dpath = save_sae(relu, tmp_path / "sweep" / "1" / "sae", source={"model": "tiny_llava", "layer": 2})
+    relu_dpath = save_sae(relu, tmp_path / "sweep" / "1" / "sae", trained_on={"model": "tiny_llava", "layer": 2})
     shutil.copytree(sae_dpath, tmp_path / "sweep" / "0" / "sae")
     for name in ("topk_x2_L2", "relu_x2_L2"):
         shutil.copytree(top_dpath, tmp_path / "ms_sweep" / name / "top_images")

@@ -63,7 +63,7 @@ def test_train_learns_planted_features_and_writes_outputs(compose_cfg, planted_s
 
     sae = load_sae(tmp_path / "run" / "sae")
     sae_cfg = json.loads((tmp_path / "run" / "sae" / "config.json").read_text())
-    assert sae_cfg["source"]["layer"] == 2 and sae_cfg["source"]["model"] == "tiny"
+    assert sae_cfg["trained_on"]["layer"] == 2 and sae_cfg["trained_on"]["model"] == "tiny"
     x = PlantedDictionary.random(d_in=D, n_atoms=128, k=3, scale=5.0, offset_norm=10.0, seed=0).sample(2000, seed=9).x
     fve = 1 - (x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
     assert fve > 0.5
@@ -234,8 +234,8 @@ def test_default_config_trains_on_the_fly_from_images(compose_cfg, tmp_path, cap
     # at least one batch of held-out images, not 1% of 128 (2 rows); the final line says what it measured
     assert metrics["step"] == 30 and metrics["n_val_rows"] >= cfg.data.batch_size and math.isfinite(metrics["fve"])
     assert f"held-out validation fve {metrics['fve']:.3f} over {metrics['n_val_rows']} rows" in caplog.text
-    source = json.loads((tmp_path / "run" / "sae" / "config.json").read_text())["source"]
-    assert source["layer"] == 2 and source["tokens"] == "cls" and source["data_source"] == "synthetic"
+    trained_on = json.loads((tmp_path / "run" / "sae" / "config.json").read_text())["trained_on"]
+    assert trained_on["layer"] == 2 and trained_on["tokens"] == "cls" and trained_on["data_source"] == "synthetic"
 
 
 @pytest.mark.parametrize(
@@ -307,8 +307,12 @@ def test_data_images_computes_activations_from_an_image_folder(compose_cfg, tmp_
     ]
     metrics = run(compose_cfg("train", over), out_dpath=tmp_path / "run")
     assert metrics["step"] == 8 and metrics["n_val_rows"] > 0 and metrics["layer"] == 1
-    source = json.loads((tmp_path / "run" / "sae" / "config.json").read_text())["source"]
-    assert source["tokens"] == "all" and source["data_source"] == "images" and source["data"] == str(tmp_path / "imgs")
+    trained_on = json.loads((tmp_path / "run" / "sae" / "config.json").read_text())["trained_on"]
+    assert (
+        trained_on["tokens"] == "all"
+        and trained_on["data_source"] == "images"
+        and trained_on["data"] == str(tmp_path / "imgs")
+    )
 
 
 def test_sweep_summary_tables_the_final_metrics_of_every_job(tmp_path):
@@ -352,8 +356,8 @@ def test_tiny_extraction_then_training(compose_cfg, tmp_path):
         out_dpath=tmp_path / "train",
     )
     assert metrics["step"] == 60 and metrics["n_val_rows"] > 0 and metrics["fve"] > 0
-    source = json.loads((tmp_path / "train" / "sae" / "config.json").read_text())["source"]
-    assert source["model"] == "tiny" and source["layer"] == 2 and source["tokens"] == "all"
+    trained_on = json.loads((tmp_path / "train" / "sae" / "config.json").read_text())["trained_on"]
+    assert trained_on["model"] == "tiny" and trained_on["layer"] == 2 and trained_on["tokens"] == "all"
 
 
 def test_a_misspelt_or_mistyped_key_fails_at_compose_time_naming_it(tmp_path, compose_error):
@@ -412,7 +416,7 @@ def test_multirun_two_jobs_writes_job_dirs_and_sweep_summary(tmp_path, repo_root
     for job, layer in (("job_0", 1), ("job_1", 2)):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert metrics["step"] == 30 and metrics["layer"] == layer
-        assert json.loads((sweep / job / "sae" / "config.json").read_text())["source"]["layer"] == layer
+        assert json.loads((sweep / job / "sae" / "config.json").read_text())["trained_on"]["layer"] == layer
         assert (sweep / job / "wandb_id.txt").is_file()
     ids = {(sweep / j / "wandb_id.txt").read_text() for j in ("job_0", "job_1")}
     assert len(ids) == 2  # a fresh W&B run per job

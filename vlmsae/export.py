@@ -35,7 +35,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         "format": job.format,
         "files": sorted(p.name for p in Path(written).iterdir()),
         "sae_path": job.sae_path,
-        "source_format": sae.source["format"],
+        "from_format": sae.trained_on["format"],
         "arch": sae.arch,
         "d_in": sae.d_in,
         "n_latents": sae.n_latents,
@@ -47,7 +47,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 def _main(cfg: DictConfig) -> None:
     result = run(cfg)
     print(
-        f"exported {result['arch']} SAE ({result['d_in']} -> {result['n_latents']}) from {result['source_format']} "
+        f"exported {result['arch']} SAE ({result['d_in']} -> {result['n_latents']}) from {result['from_format']} "
         f"to {result['format']}: {result['out']} ({', '.join(result['files'])})"
     )
 

@@ -86,7 +86,7 @@ SPLICE_VERSIONS = (1,)
 RUN_INFO_VERSIONS = (1,)
 MANIFEST_VERSIONS = (1,)
 PROGRESS_VERSIONS = (1,)
-SAE_CONFIG_VERSIONS = (1,)
+SAE_CONFIG_VERSIONS = (1, 2)  # 2: the training record is "trained_on" (version 1 called it "source")
 STABILITY_VERSIONS = (1,)
 INSPECT_VERSIONS = (1,)
 STABILITY_LATENTS_VERSIONS = (1,)  # "# vlmsae stability_latents.csv format_version=1", then header and rows
@@ -689,7 +689,7 @@ _TRAIN_JOB = "python -m vlmsae.train"
 class SAECheckpointConfig:
     """``config.json`` of an SAE checkpoint folder (:func:`vlmsae.sae.save_sae`): what the SAE is (``config``,
     the full :class:`vlmsae.sae.SAEConfig`, plus arch, sizes, threshold and the folded input scale), its
-    precision policy (``precision``, :mod:`vlmsae.sae.precision`), what it was trained on (``source``: model,
+    precision policy (``precision``, :mod:`vlmsae.sae.precision`), what it was trained on (``trained_on``: model,
     pretrained, layer, tokens, data, ...) and by which code. ``format`` is always ``"vlmsae-sae"``.
     """
 
@@ -704,7 +704,7 @@ class SAECheckpointConfig:
     n_steps: int | None = None
     dtype: str | None = None
     precision: dict[str, Any] | None = field(default=None, metadata=_OPT)  # absent in checkpoints before it
-    source: dict[str, Any] = field(default_factory=dict)
+    trained_on: dict[str, Any] = field(default_factory=dict)  # "source" in version 1 files
     config: dict[str, Any] = field(default_factory=dict)  # SAEConfig.to_dict(); the reader requires it
     vlmsae_version: str | None = None
     git_commit: str | None = None
@@ -713,8 +713,8 @@ class SAECheckpointConfig:
     format_version: int = SAE_CONFIG_VERSIONS[-1]
 
     def __post_init__(self) -> None:
-        if self.source is None:
-            self.source = {}
+        if self.trained_on is None:
+            self.trained_on = {}
         _check_types(
             self,
             {
@@ -729,7 +729,7 @@ class SAECheckpointConfig:
                 "input_scale": (dict,),
                 "n_steps": (int,),
                 "precision": (dict,),
-                "source": (dict,),
+                "trained_on": (dict,),
             },
         )
 
@@ -757,6 +757,9 @@ def read_sae_config(path: str | Path) -> SAECheckpointConfig:
         raise ValueError(
             f'{str(fpath)!r} is not a vlmsae SAE config (expected "format": {SAE_FORMAT!r} and a "config" object).'
         )
+    if obj.get("format_version", 1) == 1 and "source" in obj:  # version 1 named the training record "source":
+        obj = {("trained_on" if key == "source" else key): value for key, value in obj.items()}  # read as version 2
+        obj["format_version"] = 2
     return _from_json_dict(SAECheckpointConfig, obj, fpath, SAE_CONFIG_VERSIONS, _TRAIN_JOB)
 
 

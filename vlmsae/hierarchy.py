@@ -95,7 +95,7 @@ def _scorer(job: HierarchyJob, config: dict, taxonomy, classes: list[str], image
         outputs = write_hierarchy_outputs(sub_dpath, result, m.name)
         write_run_info(sub_dpath, {**config, "sae_path": m.sae_path}, outputs=outputs)
         study.log_groups(result.summary.groups)
-        return result.summary.to_dict(), m.source_layer
+        return result.summary.to_dict(), m.trained_on_layer
 
     return score
 

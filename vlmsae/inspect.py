@@ -49,7 +49,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     sae = load_job_sae(job.sae_path, job.sae_format)
     ms = ins.open_ms_run(job.ms_run, job.sae_path, sae.n_latents) if job.ms_run else None
     try:
-        model = job.model  # null = the SAE's source.model
+        model = job.model  # null = the SAE's trained_on.model
         src = open_tapped_sae(sae, None, model, job.layer, job.pool, job.device, sae_dpath=job.sae_path)
     except ValueError as err:
         raise ValueError(f"sae_path={job.sae_path}: {err}") from None
@@ -76,7 +76,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         "query_top": query[1][0][0] if query and query[1] else None,
         "tables": {"inspect": {"csv": str(table_fpath), "image_columns": ["heatmap"]}},
     }
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), result=summary, sae_source=src.source)
+    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), result=summary, sae_trained_on=src.trained_on)
     log_job(job, "inspect", out_dpath, summary, sae_path=job.sae_path)  # after the files
     return summary
 

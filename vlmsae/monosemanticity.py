@@ -3,7 +3,7 @@
     python -m vlmsae.monosemanticity sae_path=<checkpoint dir> data=folder data.root=<images> embedder=clip_b32
 
 1. Embeds the images with the embedder E (cached under ``embed_cache``, keyed by the image list's
-   digest and the embedder), and runs the source model (the loaded SAE's ``source`` says model,
+   digest and the embedder), and runs the source model (the loaded SAE's ``trained_on`` says model,
    layer, tokens; ``model=<name>`` / ``layer=<L>`` override; any format ``vlmsae.sae.load`` reads,
    ``sae_format=`` names one) and the SAE (inference
    encoder, thresholded) on the same images; codes stay sparse. One vector per image: the CLS
@@ -68,7 +68,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     images = ImageSet.from_data(job.data, job="monosemanticity")
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
-        # model: null = the SAE's source.model
+        # model: null = the SAE's trained_on.model
         src = shared.open(m, job.model, job.layer, job.pool, job.device, job.check_fit)
         study = score_sae(
             src, images, job.embedder, _cache_dpath(job), **{k: getattr(job, k) for k in _STUDY_KEYS},
@@ -113,7 +113,7 @@ def _finish(
         data_root=str(images.root),
         skipped=study.skip_log.to_list(),
         image_list_digest=study.image_list_digest,
-        sae_source=src.source,
+        sae_trained_on=src.trained_on,
     )
     log.info("mean MS: SAE %.4f, raw neurons %s", study.summary["mean"], study.summary.get("baseline", {}).get("mean"))
 

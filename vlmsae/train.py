@@ -8,7 +8,7 @@
     python -m vlmsae.train data=acts data.acts=/acts/layer22 \\
         'sae_grid=[{expansion:8,k:32},{expansion:16,k:64,arch:topk,lr:1e-4}]'   # many SAEs, one pass
 
-Outputs (the Hydra run dir): ``sae/`` (vlmsae.sae checkpoint: takes raw activations, ``source``
+Outputs (the Hydra run dir): ``sae/`` (vlmsae.sae checkpoint: takes raw activations, ``trained_on``
 says model/layer/tokens), ``metrics.json`` (final validation metrics), ``run_info.json``
 (resolved config + provenance), ``checkpoints/last.ckpt`` (Lightning, for resume), ``csv/``
 (logger=csv, and logger=wandb's scalar mirror) and ``wandb/`` (logger=wandb). On resume the

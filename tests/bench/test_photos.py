@@ -39,7 +39,7 @@ def test_tiles_are_baseline_420_jpegs_of_imagenet_sizes_and_reproducible(sources
 
 def test_a_user_folder_is_used_as_it_is(tmp_path, sources):
     got = folder_photos(sources[0].parent, n=2)
-    assert got.files == tuple(str(p) for p in sorted(sources)[:2]) and "user folder" in got.source
+    assert got.files == tuple(str(p) for p in sorted(sources)[:2]) and "user folder" in got.origin
     (tmp_path / "empty").mkdir()
     with pytest.raises(PhotosUnavailable, match="no .jpg"):
         folder_photos(tmp_path / "empty")
@@ -61,6 +61,6 @@ def test_the_package_set_is_built_once_from_the_unpacked_photos(tmp_path, source
     for fpath in sources:
         (unpacked / fpath.name).write_bytes(fpath.read_bytes())
     first = photo_set(5, cache_dpath=tmp_path)  # already unpacked: no apt-get call
-    assert len(first.files) == 5 and "3 photographs" in first.source and "astronaut" in first.source
+    assert len(first.files) == 5 and "3 photographs" in first.origin and "astronaut" in first.origin
     monkeypatch.setattr(photos_mod, "make_tiles", lambda *a, **k: pytest.fail("the cached set was rebuilt"))
     assert photo_set(5, cache_dpath=tmp_path).files == first.files

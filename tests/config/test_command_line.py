@@ -54,7 +54,7 @@ def test_cli_reads_a_home_relative_sae_path_and_explains_quoting(repo_root, tmp_
 
     home = tmp_path / "home"
     sae = build_sae(SAEConfig(arch="relu", d_in=8, n_latents=16), seed=0)
-    sae.source = {"model": "tiny", "pretrained": None, "layer": 1, "tokens": "cls"}
+    sae.trained_on = {"model": "tiny", "pretrained": None, "layer": 1, "tokens": "cls"}
     save_sae(sae, home / "my sae")
     env = {**os.environ, "HOME": str(home), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     base = [sys.executable, "-m", "vlmsae.export", "format=vlmsae", f"hydra.run.dir={tmp_path / 'run'}"]

@@ -206,9 +206,9 @@ def test_matryoshka_depth_rises_with_group():
 
     with torch.no_grad():
         codes_NK = sae.encode(x_eval)
-    idx_KT, acts_KT = top_images(codes_NK, top_k=16)  # the evaluation's index: zeros never count
+    idx_KX, acts_KX = top_images(codes_NK, top_k=16)  # the evaluation's index: zeros never count
     image_codes, _ = encode_paths(paths, 3)
-    depths = H.lca_depths(idx_KT, acts_KT, image_codes)
+    depths = H.lca_depths(idx_KX, acts_KX, image_codes)
     rows = H.group_table(depths, sae.group_of_latent)
     means = [r["depth_mean"] for r in rows]
     assert all(r["n_scored"] >= 2 for r in rows), rows

@@ -101,13 +101,13 @@ def test_extra_tensors_round_trip(tmp_path):
 
     from vlmsae.metrics.topimages import TopImages
 
-    patch_KTP = torch.rand(2, 3, 4)
+    patch_KXP = torch.rand(2, 3, 4)
     top = TopImages(
         torch.tensor([[0, 1, -1], [1, -1, -1]]),
         torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, 0.0]]),
         ["a", "b"],
-        extra={"patch_acts": patch_KTP},
+        extra={"patch_acts": patch_KXP},
     )
     back = TopImages.load(top.save(tmp_path / "top_images"))
-    assert torch.equal(back.extra["patch_acts"], patch_KTP) and back.keys == ["a", "b"]
+    assert torch.equal(back.extra["patch_acts"], patch_KXP) and back.keys == ["a", "b"]
     assert torch.equal(back.image_idx, top.image_idx)

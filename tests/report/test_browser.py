@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from vlmsae.formats import read_latents_csv
-from vlmsae.report.browser import build_browser, find_runs, json_for_script
+from vlmsae.report.browser import build_browser, find_runs, json_for_script, run_sae_trained_on
 from vlmsae.report.cdp import Chrome
 
 EVIL = "<script>alert(1)</script>"
@@ -388,7 +388,9 @@ def _tiny_sae_run(fixture_root: Path, compose_cfg, tokens: str) -> tuple[dict, P
     model_cfg = OmegaConf.to_container(compose_cfg("extract", ["model=tiny"]).model, resolve=True)
     model_cfg.pop("defaults", None)
     sae = build_sae(SAEConfig(arch="topk", d_in=model_cfg["width"], n_latents=len(LATENTS), k=3), seed=0)
-    sae_dpath = save_sae(sae, fixture_root / f"sae_{tokens}", source={"model": "tiny", "layer": 1, "tokens": tokens})
+    sae_dpath = save_sae(
+        sae, fixture_root / f"sae_{tokens}", trained_on={"model": "tiny", "layer": 1, "tokens": tokens}
+    )
     (fixture_root / "ms" / "run_info.json").write_text(
         json.dumps({"config": {"sae_path": str(sae_dpath), "model": model_cfg, "layer": None}})
     )
@@ -479,3 +481,12 @@ def test_find_runs_takes_the_runs_of_the_same_sae_from_sibling_folders(tmp_path,
     # explicit runs win, and say so
     explicit = find_runs(ms, hierarchy_run=runs["t3"], steer_runs=[str(runs["t5"])])
     assert explicit.hierarchy_dpath == runs["t3"] and "hierarchy_run=" in "\n".join(explicit.found)
+
+
+def test_a_run_from_before_the_trained_on_rename_still_says_what_its_sae_reads():
+    """MS runs recorded the SAE's training record as ``sae_source`` before ``sae_trained_on``."""
+    record = {"model": "tiny", "layer": 1, "tokens": "patches"}
+    assert (
+        run_sae_trained_on({}, {"sae_source": record}) == record == run_sae_trained_on({}, {"sae_trained_on": record})
+    )
+    assert run_sae_trained_on({}, {}) == {}

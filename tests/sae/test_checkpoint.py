@@ -33,7 +33,7 @@ def _random_sae(arch: str, scale: float = 1.0):
 def test_save_load_identical_outputs(tmp_path, arch):
     sae = _random_sae(arch)
     x = torch.randn(40, D_IN) * 2
-    dpath = save_sae(sae, tmp_path / "sae", source={"model": "tiny", "layer": 2, "tokens": "cls"})
+    dpath = save_sae(sae, tmp_path / "sae", trained_on={"model": "tiny", "layer": 2, "tokens": "cls"})
     assert sorted(p.name for p in dpath.iterdir()) == ["config.json", "sae.safetensors"]
     loaded = load_sae(dpath)
     assert type(loaded) is type(sae) and not loaded.training
@@ -45,7 +45,7 @@ def test_save_load_identical_outputs(tmp_path, arch):
     assert info["arch"] == arch and info["d_in"] == D_IN and info["n_latents"] == 64 and info["k"] == 4
     assert info["group_sizes"] == ([16, 48] if arch == "matryoshka" else [64])
     assert info["threshold"] == pytest.approx(0.4)
-    assert info["source"] == {"model": "tiny", "layer": 2, "tokens": "cls"}
+    assert info["trained_on"] == {"model": "tiny", "layer": 2, "tokens": "cls"}
     assert info["vlmsae_version"] == __version__ and info["git_commit"]
     assert info["input_scale"]["folded"] is True
     assert load is load_any
@@ -109,10 +109,13 @@ def test_saved_threshold_none_before_estimation(tmp_path):
 @pytest.mark.parametrize("arch", ["matryoshka", "batchtopk"])
 def test_checkpoints_written_before_the_config_node_merge_still_load(repo_root, tmp_path, arch):
     """tests/fixtures/sae_v1/: config.json + weights saved by the code whose SAEConfig had no ``expansion`` and
-    required ``d_in``/``n_latents``; they load into the same SAE, and a re-save round-trips."""
+    required ``d_in``/``n_latents``, and that named the training record "source"; they load into the same SAE
+    (the record as ``sae.trained_on``), and a re-save round-trips under the new key."""
     dpath = repo_root / "tests" / "fixtures" / "sae_v1" / arch
-    assert "expansion" not in json.loads((dpath / "config.json").read_text())["config"]  # really the old layout
+    old = json.loads((dpath / "config.json").read_text())
+    assert "expansion" not in old["config"] and "trained_on" not in old  # really the old layout
     sae = load_sae(dpath)
+    assert sae.trained_on == old["source"] == {"model": "tiny", "layer": 2, "tokens": "cls"}
     assert (sae.arch, sae.d_in, sae.n_latents, sae.cfg.k) == (arch, 4, 8, 2)
     assert sae.cfg.expansion == 2 and sae.cfg.group_sizes == ([2, 6] if arch == "matryoshka" else [8])
     assert sae.cfg == SAEConfig(
@@ -120,7 +123,8 @@ def test_checkpoints_written_before_the_config_node_merge_still_load(repo_root, 
     )
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     again = load_sae(save_sae(sae, tmp_path / "again"))
-    assert again.cfg == sae.cfg
+    assert again.cfg == sae.cfg and again.trained_on == sae.trained_on
+    assert "source" not in json.loads((tmp_path / "again" / "config.json").read_text())
     with torch.no_grad():
         assert torch.equal(again.encode(x), sae.encode(x))
 

@@ -60,7 +60,7 @@ def test_save_load_round_trip_keeps_per_latent_thresholds_and_folds_scale(tmp_pa
     x = torch.randn(100, D_IN) * 2
     with torch.no_grad():
         codes, x_hat = sae.encode(x), sae(x)
-    dpath = save_sae(sae, tmp_path / "sae", source={"model": "tiny", "layer": 1})
+    dpath = save_sae(sae, tmp_path / "sae", trained_on={"model": "tiny", "layer": 1})
     info = json.loads((dpath / "config.json").read_text())
     assert info["arch"] == "jumprelu" and info["threshold"] is None  # per-latent: the tensor file has them
     loaded = load_sae(dpath)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from vlmsae.sae import SAEConfig, build_sae, set_input_scale_, train_steps
+from vlmsae.sae.sampled_dots import sampled_dots as canonical_preacts
 from vlmsae.sae.select import (
     above_threshold_exact,
     batch_topk_exact,
-    canonical_preacts,
     compute_preacts,
     masked_topk_exact,
     relative_bound,

@@ -8,15 +8,25 @@ import torch
 
 from vlmsae.sae import SAEConfig, build_sae, set_input_scale_, train_steps
 from vlmsae.sae.sparse import (
+    _row_major_rows,
     batch_topk_select,
     gather_preacts,
     prefer_sparse,
     sparse_decode,
-    topk_select,
     use_sparse_kernel,
 )
 
 B, D, F_LAT, K = 12, 16, 40, 3
+
+
+def topk_select(z_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows_Z, cols_Z) of the k largest entries of each row of ``z_BF``, row-major, Z = B * k (moved here from
+    vlmsae.sae.sparse, where nothing used it: TopKSAE selects through vlmsae.sae.select)."""
+    batch_size, n_latents = z_BF.shape
+    if not 0 < k <= n_latents:
+        raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}.")
+    cols_Z = z_BF.topk(k, dim=1, sorted=False).indices.reshape(-1)
+    return _row_major_rows(batch_size, k, z_BF.device), cols_Z
 
 
 def _params(seed: int = 0):

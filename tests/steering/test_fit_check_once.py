@@ -24,7 +24,7 @@ def _pixels() -> torch.Tensor:
 
 
 def _trained(sae):
-    sae.source = {"model": "tiny_llava", "layer": LAYER, "tokens": "random_2", "train_steps": 100}
+    sae.trained_on = {"model": "tiny_llava", "layer": LAYER, "tokens": "random_2", "train_steps": 100}
     return sae.eval()
 
 

@@ -240,7 +240,7 @@ def test_bad_arguments_fail_clearly(llava, sae, inputs):
         pass
     with pytest.raises(ValueError, match="64-d activations"):
         edit_activations(torch.zeros(1, 2, 32), wide, {1: 1.0})
-    with pytest.raises(ValueError, match="source.layer"), steer(model, sae, {1: 1.0}):
+    with pytest.raises(ValueError, match="trained_on.layer"), steer(model, sae, {1: 1.0}):
         pass
 
 

@@ -152,7 +152,9 @@ def _tiny_sae(tmp_path):
     from vlmsae.sae import SAEConfig, build_sae, save_sae
 
     sae = build_sae(SAEConfig(arch="topk", d_in=64, n_latents=32, k=4), seed=0)
-    return save_sae(sae, tmp_path / "sae", source={"model": "tiny", "pretrained": None, "layer": 2, "tokens": "cls"})
+    return save_sae(
+        sae, tmp_path / "sae", trained_on={"model": "tiny", "pretrained": None, "layer": 2, "tokens": "cls"}
+    )
 
 
 def test_both_jobs_write_the_columns(compose_cfg, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """Every job takes its SAE through ``vlmsae.sae.load`` (``sae_path=`` + ``sae_format=``) and runs on what the
-loaded SAE's ``source`` says it reads; an SAE that does not fit the chosen model/layer, or that leaves the
+loaded SAE's ``trained_on`` says it reads; an SAE that does not fit the chosen model/layer, or that leaves the
 model or the layer unsaid, is refused before any image is encoded, naming the one option still needed."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def _sae(dpath: Path, d_in: int = 64, **source) -> Path:
+def _sae(dpath: Path, d_in: int = 64, **trained_on) -> Path:
     """A vlmsae TopK SAE saved with ``source`` (the tiny open_clip: 4 blocks, width 64, embedding 32)."""
     sae = build_sae(SAEConfig(arch="topk", d_in=d_in, n_latents=32, k=4), seed=0)
-    return save_sae(sae, dpath, source=source)
+    return save_sae(sae, dpath, trained_on=trained_on)
 
 
 def _no_model_load(monkeypatch):
@@ -34,8 +34,8 @@ def _no_model_load(monkeypatch):
     monkeypatch.setattr("vlmsae.models.load_tap", refuse)
 
 
-def _fake_sae(d_in: int, **source):
-    return SimpleNamespace(d_in=d_in, source=source)
+def _fake_sae(d_in: int, **trained_on):
+    return SimpleNamespace(d_in=d_in, trained_on=trained_on)
 
 
 def _ms_cfg(compose_cfg, sae_dpath, tmp_path, *extra):
@@ -74,7 +74,7 @@ def test_a_published_pretrained_id_picks_its_registered_model():
     from vlmsae.models.open_sae import resolve_sae_inputs
 
     sae = _fake_sae(1024, model=None, pretrained="openai/clip-vit-large-patch14-336", layer=22, tokens="random_k")
-    spec, layer, pool = resolve_sae_inputs(sae, sae.source)
+    spec, layer, pool = resolve_sae_inputs(sae, sae.trained_on)
     assert (spec.name, layer, pool) == ("clip_l14_336_hf", 22, "mean")
     # A bare tag ("openai") fits several models: no guess, the error names model=.
     with pytest.raises(ValueError, match=r"pretrained='openai' matches no single model.*pass model=<name>"):
@@ -82,12 +82,12 @@ def test_a_published_pretrained_id_picks_its_registered_model():
 
 
 def test_a_foreign_pretrained_name_does_not_replace_the_registered_weights():
-    from vlmsae.models.open_sae import source_model_spec
+    from vlmsae.models.open_sae import trained_on_model_spec
 
-    native = source_model_spec({"model": "clip_l14", "pretrained": "laion2b_s32b_b82k"})
+    native = trained_on_model_spec({"model": "clip_l14", "pretrained": "laion2b_s32b_b82k"})
     assert native.pretrained == "laion2b_s32b_b82k"  # a vlmsae SAE trained on other weights of the same arch
     foreign = {"model": "clip_l14", "pretrained": "openai/clip-vit-large-patch14", "format": "saelens"}
-    assert source_model_spec(foreign).pretrained == "openai"
+    assert trained_on_model_spec(foreign).pretrained == "openai"
 
 
 def test_unknown_tokens_default_to_cls_with_a_note(caplog):
@@ -95,7 +95,7 @@ def test_unknown_tokens_default_to_cls_with_a_note(caplog):
 
     with caplog.at_level(logging.WARNING, logger="vlmsae.models.open_sae"):
         _, _, pool = resolve_sae_inputs(_fake_sae(64, model="tiny", layer=2), {"model": "tiny", "layer": 2})
-    assert pool == "cls" and "source.tokens is None): using pool=cls" in caplog.text
+    assert pool == "cls" and "trained_on.tokens is None): using pool=cls" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vlmsae.models.open_sae"):  # no CLS token: mean instead
         src = {"model": "siglip_so400m", "layer": 20, "tokens": None}
@@ -107,19 +107,19 @@ def test_unknown_tokens_default_to_cls_with_a_note(caplog):
 
 # --------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize(
-    "d_in, source, extra, pattern",
+    "d_in, trained_on, extra, pattern",
     [
         (
             64,
             {"layer": 2, "tokens": "cls"},
             [],
-            r"does not say which model it reads \(source.model is None\): pass model=<name> \(one of: .*tiny",
+            r"does not say which model it reads \(trained_on.model is None\): pass model=<name> \(one of: .*tiny",
         ),
         (
             64,
             {"model": "tiny", "tokens": "cls"},
             [],
-            r"does not say which layer it reads \(source.layer is None\): pass layer=<L> \(a block index 0\.\.3 of "
+            r"does not say which layer it reads \(trained_on.layer is None\): pass layer=<L> \(a block index 0\.\.3 of "
             r"tiny",
         ),
         (64, {"model": "clip_h14", "layer": 2}, [], r"says it reads model 'clip_h14'\. Unknown model.*Pass model="),
@@ -139,7 +139,8 @@ def test_unknown_tokens_default_to_cls_with_a_note(caplog):
             64,
             {"model": "tiny", "layer": 7, "tokens": "cls"},
             [],
-            r"Layer 7 is out of range for tiny, which has 4 blocks.*came from the SAE's source\.layer; pass layer=<L>",
+            r"Layer 7 is out of range for tiny, which has 4 blocks.*came from the SAE's trained_on\.layer; "
+            r"pass layer=<L>",
         ),
         (
             64,
@@ -152,11 +153,11 @@ def test_unknown_tokens_default_to_cls_with_a_note(caplog):
     ids=["no-model", "no-layer", "unknown-model", "width", "embed-width", "source-layer", "option-layer", "no-embed"],
 )
 def test_monosemanticity_refuses_before_loading_the_model(
-    compose_cfg, home, tmp_path, monkeypatch, d_in, source, extra, pattern
+    compose_cfg, home, tmp_path, monkeypatch, d_in, trained_on, extra, pattern
 ):
     from vlmsae.monosemanticity import run
 
-    sae_dpath = _sae(tmp_path / "sae", d_in=d_in, **source)
+    sae_dpath = _sae(tmp_path / "sae", d_in=d_in, **trained_on)
     _no_model_load(monkeypatch)
     with pytest.raises(ValueError, match=pattern):
         run(_ms_cfg(compose_cfg, sae_dpath, tmp_path, *extra), out_dpath=tmp_path / "out")
@@ -265,22 +266,22 @@ def test_browser_heatmaps_load_through_vlmsae_sae_load(home, tmp_path, spy_load)
     from vlmsae.report.browser import recompute_heatmaps
 
     ms_config = {"sae_path": "hf://org/repo", "sae_format": "saelens", "model": None, "layer": None}
-    source = {"model": "tiny", "layer": 1, "tokens": "patches"}
-    values, reason = recompute_heatmaps(ms_config, {0: [(0, 0, 1)]}, ["x.png"], sae_source=source)
+    trained_on = {"model": "tiny", "layer": 1, "tokens": "patches"}
+    values, reason = recompute_heatmaps(ms_config, {0: [(0, 0, 1)]}, ["x.png"], sae_trained_on=trained_on)
     assert values == {} and "spy stops here" in reason and spy_load == [("hf://org/repo", "saelens")]
-    recompute_heatmaps(ms_config, {0: [(0, 0, 1)]}, ["x.png"], sae_source=source, sae_format="saev")
+    recompute_heatmaps(ms_config, {0: [(0, 0, 1)]}, ["x.png"], sae_trained_on=trained_on, sae_format="saev")
     assert spy_load[-1] == ("hf://org/repo", "saev")  # browse's own sae_format= wins over the MS run's
 
 
 @pytest.mark.slow
 def test_monosemanticity_runs_on_a_foreign_sae_from_its_source(compose_cfg, home, tmp_path, monkeypatch):
     """A loaded SAE with no vlmsae config.json anywhere (as a foreign format gives): model, layer and pool
-    come from ``sae.source`` alone, and the run records that source for the browser."""
+    come from ``sae.trained_on`` alone, and the run records that trained_on for the browser."""
     from vlmsae.formats import read_run_info
     from vlmsae.monosemanticity import run
 
     foreign = build_sae(SAEConfig(arch="topk", d_in=64, n_latents=32, k=4), seed=0).eval()
-    foreign.source = {
+    foreign.trained_on = {
         "model": "tiny",
         "pretrained": "some/lib-name",
         "layer": 2,
@@ -298,7 +299,7 @@ def test_monosemanticity_runs_on_a_foreign_sae_from_its_source(compose_cfg, home
     summary = run(_ms_cfg(compose_cfg, "hf://org/repo", tmp_path), out_dpath=tmp_path / "out")
     assert summary["n_latents"] == 32 and summary["n_images"] == 32
     info = read_run_info(tmp_path / "out")
-    assert info.extra["sae_source"]["format"] == "saelens" and info.extra["sae_path"] == "hf://org/repo"
+    assert info.extra["sae_trained_on"]["format"] == "saelens" and info.extra["sae_path"] == "hf://org/repo"
     from vlmsae.metrics.topimages import TopImages
 
     meta = TopImages.load(tmp_path / "out" / "top_images").meta

@@ -51,7 +51,7 @@ def test_sae_records_the_model_seed_and_scores_on_its_own_model(compose_cfg, tra
 
     sae_dpath, home = trained_tiny_sae
     monkeypatch.setenv("VLMSAE_HOME", str(home))
-    assert load_sae(sae_dpath).source["model_seed"] == 0
+    assert load_sae(sae_dpath).trained_on["model_seed"] == 0
     summary = run(_ms_cfg(compose_cfg, sae_dpath, tmp_path), out_dpath=tmp_path / "ok")  # no model=: its own
     assert summary["n_latents"] > 0
 
@@ -90,9 +90,9 @@ def test_check_fit_judges_trained_saes_on_fve_and_silent_rows():
 def test_an_sae_of_a_random_network_rebuilds_that_network_not_a_download():
     """``model.pretrained=null`` on clip_b32 trains on a random network drawn from the seed: without ``model=``
     the job rebuilds it (no OpenAI download), with the recorded seed."""
-    from vlmsae.models.open_sae import source_model_spec
+    from vlmsae.models.open_sae import trained_on_model_spec
 
-    spec = source_model_spec({"model": "clip_b32", "pretrained": None, "model_seed": 3, "layer": 10})
+    spec = trained_on_model_spec({"model": "clip_b32", "pretrained": None, "model_seed": 3, "layer": 10})
     assert spec.name == "clip_b32" and spec.pretrained is None and spec.seed == 3
-    spec = source_model_spec({"model": "clip_b32", "pretrained": "openai", "model_seed": None})
+    spec = trained_on_model_spec({"model": "clip_b32", "pretrained": "openai", "model_seed": None})
     assert spec.pretrained == "openai" and spec.seed == 0

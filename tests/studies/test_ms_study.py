@@ -12,10 +12,10 @@ def test_clip_zero_shot_row(tmp_path, monkeypatch):
 
     monkeypatch.setenv("VLMSAE_HOME", str(tmp_path / "home"))
     llava_sae = build_sae(SAEConfig(arch="topk", d_in=32, n_latents=64, k=8), seed=0)
-    llava_sae.source = {"model": "tiny_llava", "layer": 2}
+    llava_sae.trained_on = {"model": "tiny_llava", "layer": 2}
     assert "hf_llava" in clip_zero_shot(llava_sae, None, "a photo of a {}.", 10, 4)["skipped"]
     clip_sae = build_sae(SAEConfig(arch="topk", d_in=64, n_latents=128, k=6), seed=0)
-    clip_sae.source = {"model": "tiny", "layer": 2, "tokens": "all"}
+    clip_sae.trained_on = {"model": "tiny", "layer": 2, "tokens": "all"}
     assert "zero_shot_images" in clip_zero_shot(clip_sae, None, "a photo of a {}.", 10, 4)["skipped"]
     for c in ("red", "blue"):
         (tmp_path / "classes" / c).mkdir(parents=True)

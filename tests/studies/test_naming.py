@@ -19,20 +19,20 @@ def test_concept_is_the_steering_concept_and_the_unit_mean_by_hand():
     from vlmsae.steering.score import concept_embeddings
 
     emb_NE = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0], [-5.0, 0.0]])
-    idx_KT = torch.tensor([[0, 1], [2, -1], [-1, -1], [3, 0]])
-    concepts_KE = nm.concepts_from_embeddings(emb_NE, idx_KT, chunk=2)  # two chunks
+    idx_KX = torch.tensor([[0, 1], [2, -1], [-1, -1], [3, 0]])
+    concepts_KE = nm.concepts_from_embeddings(emb_NE, idx_KX, chunk=2)  # two chunks
     # latent 0: unit rows (1,0) and (0,1) -> mean (.5,.5) -> unit (1/sqrt2, 1/sqrt2)
     assert torch.allclose(concepts_KE[0], torch.tensor([1.0, 1.0]) / math.sqrt(2))
     assert torch.allclose(concepts_KE[1], torch.tensor([1.0, 1.0]) / math.sqrt(2))  # padding ignored
     assert torch.isnan(concepts_KE[2]).all()  # no top images
     # latent 3: (-1,0) and (1,0) cancel: a zero mean stays a (finite) zero vector, as the steering score's does
-    rows = [[emb_NE[i] for i in r if i >= 0] for r in idx_KT.tolist()]
+    rows = [[emb_NE[i] for i in r if i >= 0] for r in idx_KX.tolist()]
     expect = concept_embeddings(rows, lambda images: torch.stack(images))
     assert torch.allclose(concepts_KE, expect, equal_nan=True)
     gen = torch.Generator().manual_seed(0)
-    emb_NE, idx_KT = torch.randn(20, 5, generator=gen), torch.randint(-1, 20, (7, 4), generator=gen)
-    expect = concept_embeddings([[emb_NE[i] for i in r if i >= 0] for r in idx_KT.tolist()], torch.stack)
-    assert torch.allclose(nm.concepts_from_embeddings(emb_NE, idx_KT, chunk=3), expect, equal_nan=True, atol=1e-6)
+    emb_NE, idx_KX = torch.randn(20, 5, generator=gen), torch.randint(-1, 20, (7, 4), generator=gen)
+    expect = concept_embeddings([[emb_NE[i] for i in r if i >= 0] for r in idx_KX.tolist()], torch.stack)
+    assert torch.allclose(nm.concepts_from_embeddings(emb_NE, idx_KX, chunk=3), expect, equal_nan=True, atol=1e-6)
 
 
 def test_template_averaging_by_hand():
@@ -100,14 +100,14 @@ def test_planted_class_names_come_out_on_top_on_the_concept_images(tmp_path):
         len(keys), len(vocab), generator=gen
     )
     # latent c fires on class c's images (plus, for latent 0, one image of class 1: still mostly class 0); last: dead
-    idx_KT = torch.full((len(classes) + 1, 4), -1)
+    idx_KX = torch.full((len(classes) + 1, 4), -1)
     for c in range(len(classes)):
-        idx_KT[c, :3] = (label_N == c).nonzero()[:, 0]
-    idx_KT[0, 3] = int((label_N == 1).nonzero()[0, 0])
+        idx_KX[c, :3] = (label_N == c).nonzero()[:, 0]
+    idx_KX[0, 3] = int((label_N == 1).nonzero()[0, 0])
     (tmp_path / "vocab.txt").write_text("\n".join(vocab))
     templates = ["a photo of a {}.", "a close-up photo of a {}."]
     namer = nm.LatentNamer.build(str(tmp_path / "vocab.txt"), templates, 3, _ClassEmbedder(vocab), "test")
-    out = namer.name_from_embeddings(emb_NE, idx_KT)
+    out = namer.name_from_embeddings(emb_NE, idx_KX)
     assert out.name[: len(classes)] == vocab[: len(classes)]  # every single-class latent: its planted name
     assert out.names[0][:2] == (vocab[0], vocab[1])  # the mixed-in class comes second
     assert all(s > 0.9 for s in out.score[1 : len(classes)]) and out.score[0] < out.score[1]

@@ -57,8 +57,8 @@ def write_synthetic_run(root: str | Path, n_latents: int, n_images: int, top_k: 
         paths.append(str(fpath))
         keys.append(f"class_{i % 1000:04d}/{i:06d}.jpg")
 
-    image_idx_KT = torch.randint(0, n_images, (n_latents, top_k), generator=g)
-    acts_KT = torch.sort(torch.rand(n_latents, top_k, generator=g) * 5, dim=1, descending=True).values
+    image_idx_KX = torch.randint(0, n_images, (n_latents, top_k), generator=g)
+    acts_KX = torch.sort(torch.rand(n_latents, top_k, generator=g) * 5, dim=1, descending=True).values
     ms_K = torch.rand(n_latents, generator=g).tolist()
     freq_K = (torch.rand(n_latents, generator=g) * 0.05).tolist()
     has_names = "name" in {f.name for f in dataclasses.fields(formats.LatentRow)}
@@ -71,17 +71,17 @@ def write_synthetic_run(root: str | Path, n_latents: int, n_images: int, top_k: 
                 latent=k,
                 ms=math.nan if dead else ms_K[k],
                 freq=0.0 if dead else freq_K[k],
-                max_act=float(acts_KT[k, 0]),
+                max_act=float(acts_KX[k, 0]),
                 group=k % 4,
-                top_keys=tuple(keys[i] for i in image_idx_KT[k, :3].tolist()),
+                top_keys=tuple(keys[i] for i in image_idx_KX[k, :3].tolist()),
                 **extra,
             )
         )
-    image_idx_KT[-1] = -1  # the dead latent fired on no image
+    image_idx_KX[-1] = -1  # the dead latent fired on no image
     formats.write_latents_csv(ms_dpath, formats.LatentsTable(rows))
     formats.write_top_images(
         ms_dpath / formats.TOP_IMAGES_DIR,
-        formats.TopImagesIndex(image_idx=image_idx_KT, acts=acts_KT, keys=keys, paths=paths, labels=None),
+        formats.TopImagesIndex(image_idx=image_idx_KX, acts=acts_KX, keys=keys, paths=paths, labels=None),
     )
     return ms_dpath
 

@@ -2,7 +2,7 @@
 
 Every row is measured on two sets in the same run: generated photo-like JPEGs (smooth gradients + noise,
 ~500 x 375, quality 90: real JPEG sizes; keys as named below) and real photographs (issue 23 §9: the same keys
-ending in ``_photos``; :mod:`vlmsae.bench.photos` says which set, in ``photos_source``, or why none, in
+ending in ``_photos``; :mod:`vlmsae.bench.photos` says which set, in ``photos_origin``, or why none, in
 ``photos_error``). Real photographs hold edges at every scale, which the generated images lack.
 
 - ``extract_vs_decode_limit``: images/s of the real extraction (:class:`StoreExtraction`, tiny model, a
@@ -174,7 +174,7 @@ def _measure(files: list[str], root: Path, tiny: Any, vit_tap: Any, workers: int
 
 def run(vit_tap: Any, quick: bool = False, photos_dpath: str | None = None) -> dict[str, Any]:
     """The issue-18 rows (module docstring) on generated JPEGs, and the same rows with the suffix ``_photos`` on
-    real photographs (:mod:`vlmsae.bench.photos`; ``photos_source`` says which set, ``photos_error`` why none).
+    real photographs (:mod:`vlmsae.bench.photos`; ``photos_origin`` says which set, ``photos_error`` why none).
     ``vit_tap``: the random ViT-B/32 the extract bench built."""
     import os
 
@@ -184,11 +184,11 @@ def run(vit_tap: Any, quick: bool = False, photos_dpath: str | None = None) -> d
     out: dict[str, Any] = {"decode_workers": workers, "decode_batch_size": batch}
     try:
         photos = photo_set(n_images, photos_dpath=photos_dpath)
-        out["photos_source"] = photos.source
-        print(f"[bench] decode: real photographs: {photos.source}", flush=True)
+        out["photos_origin"] = photos.origin
+        print(f"[bench] decode: real photographs: {photos.origin}", flush=True)
     except PhotosUnavailable as err:
         photos = None
-        out["photos_source"], out["photos_error"] = None, str(err)
+        out["photos_origin"], out["photos_error"] = None, str(err)
         print(f"[bench] decode: no real photographs ({err}); the *_photos keys are null", flush=True)
     with tempfile.TemporaryDirectory(prefix="vlmsae-bench-jpegs-") as tmp:
         root = make_photo_jpegs(Path(tmp) / "jpegs", n_images)

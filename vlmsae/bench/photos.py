@@ -10,7 +10,7 @@ a random factor (as a camera picture is scaled for ImageNet), a crop of an Image
 position (fixed seed), and saved as a baseline JPEG, quality 90, 4:2:0 chroma subsampling (as ImageNet's are).
 
 A user's own folder (``python -m vlmsae.bench --photos DIR``, e.g. ImageNet's validation images) replaces the
-set; every result records which set was used (``photos_source``), and a set that cannot be had gives the reason.
+set; every result records which set was used (``photos_origin``), and a set that cannot be had gives the reason.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ class PhotosUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class PhotoSet:
-    """JPEG files of real photographs and where they came from (``source``: recorded with every result)."""
+    """JPEG files of real photographs and where they came from (``origin``: recorded with every result)."""
 
     files: tuple[str, ...]
-    source: str
+    origin: str
 
 
 def bench_cache() -> Path:
@@ -146,5 +146,5 @@ def photo_set(
         files = make_tiles(photos, tiles_dpath, n, seed)
         atomic_write_json(done_fpath, {"photos": [p.name for p in photos], "files": [Path(f).name for f in files]})
     names = ", ".join(p.stem for p in photos)
-    source = f"{n} tiles of the {len(photos)} photographs of Debian's {PACKAGE} ({names}), seed {seed}"
-    return PhotoSet(tuple(files), source)
+    origin = f"{n} tiles of the {len(photos)} photographs of Debian's {PACKAGE} ({names}), seed {seed}"
+    return PhotoSet(tuple(files), origin)

@@ -386,16 +386,16 @@ class ShardRowStream(IterableDataset):
             size = min(W, n_rows - window * W)
             if size < B and self.drop_last:
                 return
-            rows_WD = reader.take(size)
+            rows_RD = reader.take(size)
             if self.shuffle:
-                perm_W = torch.from_numpy(
+                perm_R = torch.from_numpy(
                     np.random.default_rng([self.seed, epoch, self.rank, worker, window]).permutation(size)
                 )
             else:
-                perm_W = torch.arange(size)
+                perm_R = torch.arange(size)
             n_out = size // B + int(size % B > 0 and not self.drop_last)
             for b in range(offset, n_out):
-                yield rows_WD.index_select(0, perm_W[b * B : (b + 1) * B])  # a copy: the window is freed
+                yield rows_RD.index_select(0, perm_R[b * B : (b + 1) * B])  # a copy: the window is freed
             window, offset = window + 1, 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:

@@ -52,15 +52,15 @@ class Taxonomy:
 
     ranks: tuple[str, ...]
     paths: dict[str, tuple[str, ...]]
-    source: str = ""  # where it came from, for run_info and error messages
+    origin: str = ""  # where it came from, for run_info and error messages
 
     def __post_init__(self) -> None:
         if not self.paths:
-            raise TaxonomyError(f"Taxonomy from {self.source or '?'} is empty: no taxon was parsed.")
+            raise TaxonomyError(f"Taxonomy from {self.origin or '?'} is empty: no taxon was parsed.")
         too_long = [k for k, p in self.paths.items() if len(p) > len(self.ranks)]
         if too_long:
             raise TaxonomyError(
-                f"Taxonomy from {self.source}: {len(too_long)} paths are longer than the {len(self.ranks)} ranks "
+                f"Taxonomy from {self.origin}: {len(too_long)} paths are longer than the {len(self.ranks)} ranks "
                 f"{list(self.ranks)}, e.g. {too_long[0]!r} -> {self.paths[too_long[0]]}."
             )
 
@@ -117,7 +117,7 @@ class Taxonomy:
             examples = ", ".join(repr(f) for f in failed[:max_examples])
             known = ", ".join(repr(k) for k in list(self.paths)[:3])
             raise TaxonomyError(
-                f"{len(failed)} of {len(keys)} images match no taxon in {self.source}: {examples}"
+                f"{len(failed)} of {len(keys)} images match no taxon in {self.origin}: {examples}"
                 f"{' ...' if len(failed) > max_examples else ''}. An image matches when its key, its label, or "
                 f"one of its folder names / file-name stems is a taxon key; taxon keys look like {known}. "
                 "Point taxonomy.path at the taxonomy of these images, or use a CSV keyed by image key."
@@ -135,7 +135,7 @@ def encode_paths(paths: Sequence[Sequence[str]], n_ranks: int) -> tuple[torch.Te
     # Images share few distinct paths (2.7M iNat images, 10k species): encode each distinct path once.
     unique: dict[tuple[str, ...], int] = {}
     inverse_N = torch.tensor([unique.setdefault(tuple(p), len(unique)) for p in paths], dtype=torch.long)
-    codes_UR = torch.zeros(len(unique), n_ranks, dtype=torch.long)
+    codes_UO = torch.zeros(len(unique), n_ranks, dtype=torch.long)
     ids: list[dict[tuple[str, ...], int]] = [{} for _ in range(n_ranks)]
     names: list[list[str]] = [[""] for _ in range(n_ranks)]
     for u, path in enumerate(unique):
@@ -145,9 +145,9 @@ def encode_paths(paths: Sequence[Sequence[str]], n_ranks: int) -> tuple[torch.Te
             if code is None:
                 code = ids[r][prefix] = len(names[r])
                 names[r].append(path[r])
-            codes_UR[u, r] = code
-    codes_NR = codes_UR[inverse_N] if len(paths) else codes_UR
-    return codes_NR, names
+            codes_UO[u, r] = code
+    codes_NO = codes_UO[inverse_N] if len(paths) else codes_UO
+    return codes_NO, names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,12 +164,12 @@ def parse_inat_dirname(name: str) -> tuple[str, ...] | None:
     return (kingdom, phylum, cls, order, family, genus, f"{genus} {epithet.replace('_', ' ')}")
 
 
-def load_inat_dirnames(source: str | Path | Iterable[str]) -> Taxonomy:
+def load_inat_dirnames(root_or_names: str | Path | Iterable[str]) -> Taxonomy:
     """Taxonomy from iNat 2021 class-folder names: a dataset root (class folders directly below it,
     or below ``train/``, ``val/``, ``train_mini/``), or an iterable of names.
     """
-    if isinstance(source, (str, Path)):
-        root = Path(source)
+    if isinstance(root_or_names, (str, Path)):
+        root = Path(root_or_names)
         if not root.is_dir():
             raise TaxonomyError(f"taxonomy=inat_dirnames: {root} is not a directory (expected the iNat 2021 root).")
         names = []
@@ -178,7 +178,7 @@ def load_inat_dirnames(source: str | Path | Iterable[str]) -> Taxonomy:
                 names += [p.name for p in dpath.iterdir() if p.is_dir()]
         label = str(root)
     else:
-        names, label = list(source), "iNat directory names"
+        names, label = list(root_or_names), "iNat directory names"
     paths = {}
     for name in names:
         p = parse_inat_dirname(name)
@@ -189,7 +189,7 @@ def load_inat_dirnames(source: str | Path | Iterable[str]) -> Taxonomy:
             f"No iNat 2021 class folder (like 00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax) "
             f"found in {label}; saw e.g. {sorted(names)[:5]}."
         )
-    return Taxonomy(INAT_RANKS, paths, source=f"inat_dirnames:{label}")
+    return Taxonomy(INAT_RANKS, paths, origin=f"inat_dirnames:{label}")
 
 
 def load_inat_json(fpath: str | Path) -> Taxonomy:
@@ -224,7 +224,7 @@ def load_inat_json(fpath: str | Path) -> Taxonomy:
             cid = cat_of_image.get(img["id"])
             if cid in by_id:
                 paths[str(img["file_name"])] = by_id[cid]
-    return Taxonomy(INAT_RANKS, paths, source=f"inat_json:{fpath}")
+    return Taxonomy(INAT_RANKS, paths, origin=f"inat_json:{fpath}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def load_csv(fpath: str | Path, key_column: str | None = None, ranks: Sequence[s
             if any(cells[n:]):
                 raise TaxonomyError(f"{fpath}:{line_no}: a rank is empty but a deeper one is set: {cells}.")
             paths[(row.get(key_column) or "").strip()] = tuple(cells[:n])
-    return Taxonomy(tuple(ranks), paths, source=f"csv:{fpath}")
+    return Taxonomy(tuple(ranks), paths, origin=f"csv:{fpath}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +404,7 @@ def load_wordnet(
         paths[wnid] = wordnet_path(synsets, int(wnid[1:]))
     depth = max(len(p) for p in paths.values())
     return Taxonomy(
-        tuple(f"depth_{i + 1}" for i in range(depth)), paths, source=f"wordnet:{fpath}{'!' + member if member else ''}"
+        tuple(f"depth_{i + 1}" for i in range(depth)), paths, origin=f"wordnet:{fpath}{'!' + member if member else ''}"
     )
 
 
@@ -431,7 +431,7 @@ def load_concepts(root: str | Path | None = None) -> Taxonomy:
     if classes is None:
         classes = [(name, *name.split("_", 1)) for name in concept_classes()]
     paths = {name: (shape, f"{colour} {shape}") for name, shape, colour in classes}
-    return Taxonomy(("shape", "shape_colour"), paths, source=f"concepts:{root or 'all classes'}")
+    return Taxonomy(("shape", "shape_colour"), paths, origin=f"concepts:{root or 'all classes'}")
 
 
 def load_taxonomy(

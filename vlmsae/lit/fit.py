@@ -10,7 +10,7 @@ metrics = fit_sae(plan, out_dpath, grid=resolve_grid(sae_grid, sae, rows.d, lr))
 ```
 
 Each SAE gets its folder: the run dir for one SAE, ``sae_<i>/`` for a grid's. It holds ``sae/`` (vlmsae.sae
-checkpoint: takes raw activations, ``source`` says model, pretrained, layer, tokens, tokens_k, data),
+checkpoint: takes raw activations, ``trained_on`` says model, pretrained, layer, tokens, tokens_k, data),
 ``metrics.json`` (the final validation metrics: fve, mse, nmse, l0, dead and dense fractions; plus step,
 optimizer_steps, lr, the SAE's size and layer), ``latent_density.json``, and its logger run: ``csv/``, and
 ``wandb/`` + ``wandb_id.txt`` (the id lets ``resume`` continue the W&B run). The run dir also holds
@@ -553,11 +553,11 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
     summary = results.get("", results)  # one SAE: its metrics
     if not trainer.is_global_zero:
         return summary
-    source = training_source(plan, step)
+    trained_on = trained_on_record(plan, step)
     for g, sae, record in zip(grid, module.saes, module.val_metrics):
         sae_dpath, metrics = out_dpath / g.name, results[g.name]
         sae.cpu()
-        save_sae(sae, sae_dpath / "sae", source=source)
+        save_sae(sae, sae_dpath / "sae", trained_on=trained_on)
         atomic_write_json(sae_dpath / "metrics.json", metrics)
         atomic_write_json(sae_dpath / "latent_density.json", record.get("density_hist", {}))
         write_run_info(sae_dpath / "sae", plan.config, metrics=metrics, sae_config=g.sae_config.to_dict(), lr=g.lr)
@@ -667,8 +667,8 @@ def adam_steps(optimizer) -> int:
     return max(steps) if steps else 0
 
 
-def training_source(plan: FitPlan, step: int) -> dict[str, Any]:
-    """What an SAE trained by ``plan`` read, for its checkpoint's ``source``: model, tap, data and how much."""
+def trained_on_record(plan: FitPlan, step: int) -> dict[str, Any]:
+    """What an SAE trained by ``plan`` read, for its checkpoint's ``trained_on``: model, tap, data and how much."""
     src = plan.rows
     return {
         "model": src.model,

@@ -28,103 +28,102 @@ class LatentDepths:
     n_top: int
 
 
-def _top_n(top_idx_KT: torch.Tensor, top_acts_KT: torch.Tensor, n_top: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_n(top_idx_KX: torch.Tensor, top_acts_KX: torch.Tensor, n_top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n_top`` columns, sorted by activation, with empty slots (idx -1 or act <= 0) last.
 
     The top-images index already excludes images where the latent is 0, but a hand-made or older
     index might not: slots whose activation is not positive never count as firing images.
     """
-    if top_idx_KT.shape != top_acts_KT.shape or top_idx_KT.dim() != 2:
+    if top_idx_KX.shape != top_acts_KX.shape or top_idx_KX.dim() != 2:
         raise ValueError(
-            f"top image index and activations must both be [K, T]; got {tuple(top_idx_KT.shape)} "
-            f"and {tuple(top_acts_KT.shape)}."
+            f"top image index and activations must both be [K, X]; got {tuple(top_idx_KX.shape)} "
+            f"and {tuple(top_acts_KX.shape)}."
         )
-    if top_idx_KT.shape[1] < n_top:
+    if top_idx_KX.shape[1] < n_top:
         raise ValueError(
-            f"The top-images index keeps {top_idx_KT.shape[1]} images per latent but the hierarchy metric needs "
+            f"The top-images index keeps {top_idx_KX.shape[1]} images per latent but the hierarchy metric needs "
             f"{n_top} (METHOD §4); recompute it with top_k >= {n_top}."
         )
-    acts = top_acts_KT.float()
-    firing = (top_idx_KT >= 0) & (acts > 0)
+    acts = top_acts_KX.float()
+    firing = (top_idx_KX >= 0) & (acts > 0)
     order = torch.where(firing, acts, torch.full_like(acts, -math.inf)).argsort(dim=1, descending=True, stable=True)
-    idx = torch.where(firing, top_idx_KT.long(), -1).gather(1, order)[:, :n_top]
+    idx = torch.where(firing, top_idx_KX, -1).gather(1, order)[:, :n_top]
     acts = torch.where(firing, acts, 0.0).gather(1, order)[:, :n_top]
     return idx, acts
 
 
 def lca_depths(
-    top_idx_KT: torch.Tensor,
-    top_acts_KT: torch.Tensor,
-    image_codes_NR: torch.Tensor,
+    top_idx_KX: torch.Tensor,
+    top_acts_KX: torch.Tensor,
+    image_codes_NO: torch.Tensor,
     n_top: int = N_TOP,
     chunk: int = 8192,
 ) -> LatentDepths:
     """Mean and mode of the LCA depth over all pairs of each latent's top-``n_top`` images.
 
-    ``image_codes_NR``: :func:`encode_paths` codes of every image in the index (0 = no taxon at that
+    ``image_codes_NO``: :func:`encode_paths` codes of every image in the index (0 = no taxon at that
     rank). The mode's ties go to the smaller depth (the conservative reading).
     """
-    idx_KT, acts_KT = _top_n(top_idx_KT, top_acts_KT, n_top)
-    K, R = idx_KT.shape[0], image_codes_NR.shape[1]
-    valid_K = (idx_KT[:, n_top - 1] >= 0) & (acts_KT[:, n_top - 1] > 0)
+    idx_KX, acts_KX = _top_n(top_idx_KX.long(), top_acts_KX, n_top)
+    K, n_ranks = idx_KX.shape[0], image_codes_NO.shape[1]
+    valid_K = (idx_KX[:, n_top - 1] >= 0) & (acts_KX[:, n_top - 1] > 0)
     ii, jj = torch.triu_indices(n_top, n_top, offset=1)  # 120 pairs for n_top = 16
     depth_mean_K = torch.full((K,), math.nan, dtype=torch.float64)
     depth_mode_K = torch.full((K,), -1, dtype=torch.long)
-    codes = image_codes_NR.long()
+    codes = image_codes_NO.long()
     for start in range(0, K, chunk):
         sl = slice(start, min(start + chunk, K))
         rows = valid_K[sl].nonzero().squeeze(1) + start
         if rows.numel() == 0:
             continue
-        c_KTR = codes[idx_KT[rows]]  # every index is >= 0 on valid rows
-        a_KJR, b_KJR = c_KTR[:, ii], c_KTR[:, jj]
-        same_KJR = (a_KJR == b_KJR) & (a_KJR > 0)
-        depth_KJ = same_KJR.long().cumprod(dim=2).sum(dim=2)  # shared-prefix length, 0..R
+        c_KXO = codes[idx_KX[rows]]  # every index is >= 0 on valid rows
+        a_KJO, b_KJO = c_KXO[:, ii], c_KXO[:, jj]
+        same_KJO = (a_KJO == b_KJO) & (a_KJO > 0)
+        depth_KJ = same_KJO.long().cumprod(dim=2).sum(dim=2)  # shared-prefix length, 0..n_ranks
         depth_mean_K[rows] = depth_KJ.double().mean(dim=1)
-        counts_KR1 = torch.nn.functional.one_hot(depth_KJ, R + 1).sum(dim=1)
-        depth_mode_K[rows] = counts_KR1.argmax(dim=1)  # first maximum = smallest depth among ties
-    return LatentDepths(depth_mean_K, depth_mode_K, valid_K, R, n_top)
+        counts_KO1 = torch.nn.functional.one_hot(depth_KJ, n_ranks + 1).sum(dim=1)
+        depth_mode_K[rows] = counts_KO1.argmax(dim=1)  # first maximum = smallest depth among ties
+    return LatentDepths(depth_mean_K, depth_mode_K, valid_K, n_ranks, n_top)
 
 
 def majority_taxa(
-    top_idx_KT: torch.Tensor,
-    top_acts_KT: torch.Tensor,
-    image_codes_NR: torch.Tensor,
+    top_idx_KX: torch.Tensor,
+    top_acts_KX: torch.Tensor,
+    image_codes_NO: torch.Tensor,
     n_top: int = N_TOP,
     chunk: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per latent and rank, the most frequent taxon among its firing top images.
 
-    Returns ``code_KR`` (0 = none), ``frac_KR`` (its share of the latent's firing top images) and
+    Returns ``code_KO`` (0 = none), ``frac_KO`` (its share of the latent's firing top images) and
     ``n_images_K``. Ties go to the taxon of the higher-activating image. Latents with fewer than
     ``n_top`` firing images still get a label from the images they have.
     """
-    idx_KT, _ = _top_n(top_idx_KT, top_acts_KT, n_top)
-    K, R = idx_KT.shape[0], image_codes_NR.shape[1]
-    code_KR = torch.zeros(K, R, dtype=torch.long)
-    frac_KR = torch.zeros(K, R, dtype=torch.float64)
-    firing_KT = idx_KT >= 0
-    n_images_K = firing_KT.sum(dim=1)
-    codes = torch.cat([torch.zeros(1, R, dtype=torch.long), image_codes_NR.long()])  # row 0: empty slot
+    idx_KX, _ = _top_n(top_idx_KX.long(), top_acts_KX, n_top)
+    K, n_ranks = idx_KX.shape[0], image_codes_NO.shape[1]
+    code_KO = torch.zeros(K, n_ranks, dtype=torch.long)
+    frac_KO = torch.zeros(K, n_ranks, dtype=torch.float64)
+    firing_KX = idx_KX >= 0
+    n_images_K = firing_KX.sum(dim=1)
+    codes = torch.cat([torch.zeros(1, n_ranks, dtype=torch.long), image_codes_NO.long()])  # row 0: empty slot
     for start in range(0, K, chunk):
         sl = slice(start, min(start + chunk, K))
-        c_KTR = codes[idx_KT[sl] + 1]
-        # count_KTR[k, t, r]: how many top images share image t's taxon at rank r
-        same_KTTR = (c_KTR[:, :, None, :] == c_KTR[:, None, :, :]) & (c_KTR[:, None, :, :] > 0)
-        count_KTR = same_KTTR.sum(dim=2)
-        best_KR = count_KTR.argmax(dim=1)  # first maximum = highest-activating image
-        code_KR[sl] = c_KTR.gather(1, best_KR[:, None, :]).squeeze(1)
+        c_KXO = codes[idx_KX[sl] + 1]
+        # count_KXO[k, t, r]: how many top images share image t's taxon at rank r
+        same_KXXO = (c_KXO[:, :, None, :] == c_KXO[:, None, :, :]) & (c_KXO[:, None, :, :] > 0)
+        count_KXO = same_KXXO.sum(dim=2)
+        best_KO = count_KXO.argmax(dim=1)  # first maximum = highest-activating image
+        code_KO[sl] = c_KXO.gather(1, best_KO[:, None, :]).squeeze(1)
         n = n_images_K[sl].clamp(min=1).double()[:, None]
-        frac_KR[sl] = count_KTR.gather(1, best_KR[:, None, :]).squeeze(1).double() / n
-    return code_KR, frac_KR, n_images_K
+        frac_KO[sl] = count_KXO.gather(1, best_KO[:, None, :]).squeeze(1).double() / n
+    return code_KO, frac_KO, n_images_K
 
 
-def deepest_majority_rank(code_KR: torch.Tensor, frac_KR: torch.Tensor, min_frac: float = 0.5) -> torch.Tensor:
+def deepest_majority_rank(code_KO: torch.Tensor, frac_KO: torch.Tensor, min_frac: float = 0.5) -> torch.Tensor:
     """Index of the deepest rank whose majority taxon holds more than ``min_frac`` of the images; -1 if none."""
-    clear_KR = (frac_KR > min_frac) & (code_KR > 0)
-    R = clear_KR.shape[1]
-    ranks_R = torch.arange(R).expand_as(clear_KR)
-    return torch.where(clear_KR, ranks_R, -1).max(dim=1).values
+    clear_KO = (frac_KO > min_frac) & (code_KO > 0)
+    ranks_O = torch.arange(clear_KO.shape[1]).expand_as(clear_KO)
+    return torch.where(clear_KO, ranks_O, -1).max(dim=1).values
 
 
 def _stats(values: torch.Tensor) -> dict[str, float | None]:

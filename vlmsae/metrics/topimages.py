@@ -3,7 +3,7 @@
 
 Images where a latent is exactly zero never enter its list (the reference code's lists could
 include them, which put unrelated images among a rare latent's "top" images).  Ties keep the
-earlier image.  Memory is O(K * T) plus one chunk; sparse chunks touch only their nonzeros.
+earlier image.  Memory is O(K * X) plus one chunk; sparse chunks touch only their nonzeros.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ _NONE = -1
 
 
 class TopImagesAccumulator:
-    """Running top-T (value, image index) per latent; ``update`` with consecutive image chunks."""
+    """Running top-X (value, image index) per latent; ``update`` with consecutive image chunks."""
 
     def __init__(self, n_latents: int, top_k: int = 16) -> None:
         if n_latents < 1 or top_k < 1:
             raise ValueError(f"n_latents and top_k must be >= 1, got {n_latents} and {top_k}.")
         self.n_latents, self.top_k = n_latents, top_k
-        self.vals_KT = torch.full((n_latents, top_k), -math.inf, dtype=torch.float32)
-        self.idx_KT = torch.full((n_latents, top_k), _NONE, dtype=torch.long)
+        self.vals_KX = torch.full((n_latents, top_k), -math.inf, dtype=torch.float32)
+        self.idx_KX = torch.full((n_latents, top_k), _NONE, dtype=torch.long)
         self.n_images = 0
 
     def update(self, acts_BK: torch.Tensor, image_offset: int | None = None) -> None:
@@ -38,12 +38,12 @@ class TopImagesAccumulator:
         offset = self.n_images if image_offset is None else int(image_offset)
         n_chunk = acts_BK.shape[0]
         cand_vals, cand_idx = self._candidates(acts_BK.detach().cpu(), offset)
-        vals = torch.cat([self.vals_KT, cand_vals], 1)
-        idx = torch.cat([self.idx_KT, cand_idx], 1)
+        vals = torch.cat([self.vals_KX, cand_vals], 1)
+        idx = torch.cat([self.idx_KX, cand_idx], 1)
         # Stable descending sort: on ties the running entries (earlier images) stay ahead.
         order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.top_k]
-        self.vals_KT = vals.gather(1, order)
-        self.idx_KT = idx.gather(1, order)
+        self.vals_KX = vals.gather(1, order)
+        self.idx_KX = idx.gather(1, order)
         self.n_images = max(self.n_images, offset + n_chunk)
 
     def _candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +70,9 @@ class TopImagesAccumulator:
         return cand_vals, cand_idx
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image_idx [K, T] int64 with -1 padding, acts [K, T] float32 with 0 padding)."""
-        acts = torch.where(self.idx_KT == _NONE, torch.zeros_like(self.vals_KT), self.vals_KT)
-        return self.idx_KT.clone(), acts
+        """(image_idx [K, X] int64 with -1 padding, acts [K, X] float32 with 0 padding)."""
+        acts = torch.where(self.idx_KX == _NONE, torch.zeros_like(self.vals_KX), self.vals_KX)
+        return self.idx_KX.clone(), acts
 
 
 def top_images(acts_NK: torch.Tensor, top_k: int = 16, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,19 +90,19 @@ def top_images(acts_NK: torch.Tensor, top_k: int = 16, chunk_size: int = 4096) -
 class TopImages:
     """The top-images index (see module docstring); ``keys`` etc. are indexed by ``image_idx``."""
 
-    image_idx: torch.Tensor  # [K, T] int64, -1 = none
-    acts: torch.Tensor  # [K, T] float32, 0 where image_idx == -1
+    image_idx: torch.Tensor  # [K, X] int64, -1 = none
+    acts: torch.Tensor  # [K, X] float32, 0 where image_idx == -1
     keys: list[str]
     paths: list[str] | None = None
     labels: list[int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other tensors kept in top.safetensors,
-    # e.g. ``patch_acts`` [K, T, P] (per-patch activations the browser draws as heatmaps)
+    # e.g. ``patch_acts`` [K, X, P] (per-patch activations the browser draws as heatmaps)
 
     def __post_init__(self) -> None:
         if self.image_idx.shape != self.acts.shape or self.image_idx.dim() != 2:
             raise ValueError(
-                f"image_idx {tuple(self.image_idx.shape)} and acts {tuple(self.acts.shape)} must both be [K, T]."
+                f"image_idx {tuple(self.image_idx.shape)} and acts {tuple(self.acts.shape)} must both be [K, X]."
             )
         hi = int(self.image_idx.max()) if self.image_idx.numel() else -1
         if hi >= len(self.keys):
@@ -149,7 +149,7 @@ class TopImages:
         return cls(index.image_idx, index.acts, index.keys, index.paths, index.labels, index.meta, extra=index.extra)
 
 
-def top_set_jaccard(image_idx_KT: torch.Tensor) -> dict[str, Any]:
+def top_set_jaccard(image_idx_KX: torch.Tensor) -> dict[str, Any]:
     """Overlap of the latents' top-image sets: Jaccard |A & B| / |A | B| over latent pairs.
 
     Intersections come from one sparse product M M^T of the [K, N] latent-image incidence matrix,
@@ -158,7 +158,7 @@ def top_set_jaccard(image_idx_KT: torch.Tensor) -> dict[str, Any]:
     of each one's largest overlap with another (``mean_nearest``), the number of latents whose set
     equals another's (``n_duplicates``), and ``nearest_K`` [K] (NaN for empty latents).
     """
-    idx = image_idx_KT.long()
+    idx = image_idx_KX.long()
     n_latents = idx.shape[0]
     size_K = (idx != _NONE).sum(1)
     lat, slot = (idx != _NONE).nonzero(as_tuple=True)

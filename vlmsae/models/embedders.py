@@ -138,12 +138,12 @@ class HFEmbedder(Embedder):
         from transformers import AutoImageProcessor, AutoModel
 
         self.spec = spec
-        source = spec.local_path or spec.arch
+        repo_or_dir = spec.local_path or spec.arch
         if spec.local_path and not Path(spec.local_path).expanduser().exists():
             raise FileNotFoundError(f"embedder.local_path={spec.local_path} does not exist (embedder {spec.name!r}).")
         try:
-            self.processor = AutoImageProcessor.from_pretrained(source, cache_dir=spec.cache_dir)
-            model = AutoModel.from_pretrained(source, cache_dir=spec.cache_dir)
+            self.processor = AutoImageProcessor.from_pretrained(repo_or_dir, cache_dir=spec.cache_dir)
+            model = AutoModel.from_pretrained(repo_or_dir, cache_dir=spec.cache_dir)
         except (OSError, ValueError, RuntimeError) as err:
             if looks_offline(err) or isinstance(err, OSError):
                 raise _offline_error(spec, err) from err

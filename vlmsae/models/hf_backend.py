@@ -94,7 +94,7 @@ class HFVisionTap(Tap):
         return self.projection(pooled)
 
 
-def _hf_source(spec: ModelSpec) -> tuple[str, bool]:
+def _hf_repo_or_dir(spec: ModelSpec) -> tuple[str, bool]:
     """``(name_or_path, local_files_only)`` for ``from_pretrained``."""
     if spec.local_path:
         path = Path(spec.local_path).expanduser()
@@ -126,20 +126,23 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
             embed_dim=spec.embed_dim or spec.width,
             patch_size=spec.patch_size,
         )
-        source, local_only = str(dpath), True
+        repo_or_dir, local_only = str(dpath), True
     else:
-        source, local_only = _hf_source(spec)
+        repo_or_dir, local_only = _hf_repo_or_dir(spec)
     kwargs = {"cache_dir": spec.cache_dir, "local_files_only": local_only}
     try:
-        model = CLIPVisionModelWithProjection.from_pretrained(source, **_dtype_kwarg(torch_dtype(spec.dtype)), **kwargs)
-        processor = CLIPImageProcessor.from_pretrained(source, **kwargs)
+        model = CLIPVisionModelWithProjection.from_pretrained(
+            repo_or_dir, **_dtype_kwarg(torch_dtype(spec.dtype)), **kwargs
+        )
+        processor = CLIPImageProcessor.from_pretrained(repo_or_dir, **kwargs)
     except OSError as err:
         offline = None if spec.tiny or spec.local_path else hub_unreachable()
         why = err if offline is None else f"the Hugging Face Hub is unreachable ({offline}) and the model is not cached"
         raise OSError(
-            f"Could not load the weights of model {spec.name!r} ({source!r}, cache_dir={spec.cache_dir!r}): {why}\n"
+            f"Could not load the weights of model {spec.name!r} ({repo_or_dir!r}, cache_dir={spec.cache_dir!r}): "
+            f"{why}\n"
             "This machine may be offline and the model not cached. Download it where there is internet "
-            f"(`huggingface-cli download {source} --local-dir <folder>`) and pass model.local_path=<folder>, "
+            f"(`huggingface-cli download {repo_or_dir} --local-dir <folder>`) and pass model.local_path=<folder>, "
             "or point model.cache_dir / HF_HOME at a cache that holds it."
         ) from (None if offline is not None else err)
     model = model.to(resolve_device(spec.device)).eval()
@@ -152,10 +155,10 @@ def load_hf_llava_tap(spec: ModelSpec) -> HFVisionTap:
     if spec.tiny:
         dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
         llava.build_tiny_llava(dpath, seed=spec.seed)
-        source: str = str(dpath)
+        repo_or_dir: str = str(dpath)
     else:
-        source = spec.local_path or spec.pretrained or llava.LLAVA_15_7B
+        repo_or_dir = spec.local_path or spec.pretrained or llava.LLAVA_15_7B
     # Only the vision tower's tensors are read (not the 7B language model); block taps need no projector.
-    tower, image_processor = llava.load_llava_vision_tower(source, dtype=spec.dtype, cache_dir=spec.cache_dir)
+    tower, image_processor = llava.load_llava_vision_tower(repo_or_dir, dtype=spec.dtype, cache_dir=spec.cache_dir)
     tower = tower.to(resolve_device(spec.device))
     return HFVisionTap(spec, tower, llava.vision_blocks(tower), image_processor, projection=None)

@@ -465,34 +465,35 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def _source_kwargs(
+def _repo_or_dir_kwargs(
     name_or_path: str | Path, cache_dir: str | Path | None, local_files_only: bool | None
 ) -> tuple[str, bool, dict[str, Any]]:
-    """``(source, is_dir, from_pretrained kwargs)``: a folder is read offline; a HF id is offline only if
-    ``HF_HUB_OFFLINE`` is set, the Hub is unreachable (:mod:`vlmsae.models.hub`) or ``local_files_only`` says so."""
-    source = str(name_or_path)
-    is_dir = Path(source).expanduser().is_dir()
+    """``(repo_or_dir, is_dir, from_pretrained kwargs)``, ``repo_or_dir`` a HF repo id or a local folder: a folder
+    is read offline; a HF id is offline only if ``HF_HUB_OFFLINE`` is set, the Hub is unreachable
+    (:mod:`vlmsae.models.hub`) or ``local_files_only`` says so."""
+    repo_or_dir = str(name_or_path)
+    is_dir = Path(repo_or_dir).expanduser().is_dir()
     if is_dir:
-        source = str(Path(source).expanduser())
+        repo_or_dir = str(Path(repo_or_dir).expanduser())
     if local_files_only is None:
         local_files_only = is_dir or offline_reason() is not None  # HF_HUB_OFFLINE, or no Hub within seconds
     kwargs: dict[str, Any] = {
         "cache_dir": None if cache_dir is None else str(cache_dir),
         "local_files_only": bool(local_files_only),
     }
-    return source, is_dir, kwargs
+    return repo_or_dir, is_dir, kwargs
 
 
-def _load_error(source: str, is_dir: bool, local_files_only: Any, cache_dir: Any, err: Exception) -> OSError:
+def _load_error(repo_or_dir: str, is_dir: bool, local_files_only: Any, cache_dir: Any, err: Exception) -> OSError:
     if is_dir:
         return OSError(
-            f"Could not load LLaVA from the local folder {source!r}: {err}\nThe folder must hold what "
+            f"Could not load LLaVA from the local folder {repo_or_dir!r}: {err}\nThe folder must hold what "
             "save_pretrained writes (config.json, model weights, processor and tokenizer files)."
         )
     return OSError(
-        f"Could not load LLaVA {source!r} (local_files_only={local_files_only}, cache_dir={cache_dir}): "
+        f"Could not load LLaVA {repo_or_dir!r} (local_files_only={local_files_only}, cache_dir={cache_dir}): "
         f"{err}\nThis machine may be offline and the model not cached. Either download it where there is "
-        f"internet (`huggingface-cli download {source} --local-dir <folder>`) and pass the folder, e.g. "
+        f"internet (`huggingface-cli download {repo_or_dir} --local-dir <folder>`) and pass the folder, e.g. "
         f"`model.local_path=<folder>` (or load_llava('<folder>')), or point `cache_dir`/HF_HOME at a cache "
         "that already holds it."
     )
@@ -515,16 +516,16 @@ def load_llava(
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    source, is_dir, kwargs = _source_kwargs(name_or_path, cache_dir, local_files_only)
+    repo_or_dir, is_dir, kwargs = _repo_or_dir_kwargs(name_or_path, cache_dir, local_files_only)
     local_files_only = kwargs["local_files_only"]
     torch_dtype = _torch_dtype(dtype)  # a bad dtype is the caller's error, not a loading failure
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
-            source, device_map=device_map, **_dtype_kwarg(torch_dtype), **kwargs
+            repo_or_dir, device_map=device_map, **_dtype_kwarg(torch_dtype), **kwargs
         )
-        processor = AutoProcessor.from_pretrained(source, **kwargs)
+        processor = AutoProcessor.from_pretrained(repo_or_dir, **kwargs)
     except (OSError, ValueError) as err:
-        raise _load_error(source, is_dir, local_files_only, cache_dir, err) from err
+        raise _load_error(repo_or_dir, is_dir, local_files_only, cache_dir, err) from err
     model.eval()
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
@@ -558,14 +559,14 @@ def vision_key(key: str) -> str | None:
     return None
 
 
-def _checkpoint_file(source: str, is_dir: bool, filename: str, kwargs: dict[str, Any]) -> Path | None:
+def _checkpoint_file(repo_or_dir: str, is_dir: bool, filename: str, kwargs: dict[str, Any]) -> Path | None:
     """``filename`` of a folder or a HF repo (downloaded/cached on demand); None when the repo has no such file."""
     if is_dir:
-        fpath = Path(source) / filename
+        fpath = Path(repo_or_dir) / filename
         return fpath if fpath.is_file() else None
     from transformers.utils import cached_file
 
-    found = cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **kwargs)
+    found = cached_file(repo_or_dir, filename, _raise_exceptions_for_missing_entries=False, **kwargs)
     return None if found is None else Path(found)
 
 
@@ -580,9 +581,9 @@ def vision_tensor_files(
     """
     import json
 
-    source, is_dir, kwargs = _source_kwargs(name_or_path, cache_dir, local_files_only)
+    repo_or_dir, is_dir, kwargs = _repo_or_dir_kwargs(name_or_path, cache_dir, local_files_only)
     files: dict[Path, list[str]] = {}
-    index_fpath = _checkpoint_file(source, is_dir, SAFETENSORS_INDEX, kwargs)
+    index_fpath = _checkpoint_file(repo_or_dir, is_dir, SAFETENSORS_INDEX, kwargs)
     if index_fpath is not None:
         weight_map = json.loads(index_fpath.read_text()).get("weight_map") or {}
         by_shard: dict[str, list[str]] = {}
@@ -590,15 +591,17 @@ def vision_tensor_files(
             if vision_key(key) is not None:
                 by_shard.setdefault(shard, []).append(key)
         for shard, keys in sorted(by_shard.items()):
-            fpath = _checkpoint_file(source, is_dir, shard, kwargs)
+            fpath = _checkpoint_file(repo_or_dir, is_dir, shard, kwargs)
             if fpath is None:
-                raise FileNotFoundError(f"{source!r}: {SAFETENSORS_INDEX} names the shard {shard!r}, which is missing.")
+                raise FileNotFoundError(
+                    f"{repo_or_dir!r}: {SAFETENSORS_INDEX} names the shard {shard!r}, which is missing."
+                )
             files[fpath] = keys
     else:
-        fpath = _checkpoint_file(source, is_dir, SAFETENSORS_SINGLE, kwargs)
+        fpath = _checkpoint_file(repo_or_dir, is_dir, SAFETENSORS_SINGLE, kwargs)
         if fpath is None:
             raise FileNotFoundError(
-                f"{source!r} has neither {SAFETENSORS_INDEX} nor {SAFETENSORS_SINGLE}: the vision tower is read "
+                f"{repo_or_dir!r} has neither {SAFETENSORS_INDEX} nor {SAFETENSORS_SINGLE}: the vision tower is read "
                 "from safetensors only (pytorch_model.bin is never unpickled). Convert the checkpoint with "
                 "`save_pretrained(..., safe_serialization=True)` or use a safetensors release."
             )
@@ -608,7 +611,7 @@ def vision_tensor_files(
             files[fpath] = [key for key in handle.keys() if vision_key(key) is not None]  # noqa: SIM118 (not iterable)
     if not any(files.values()):
         raise ValueError(
-            f"{source!r} holds no vision-tower tensors (keys starting with {' or '.join(VISION_KEY_PREFIXES)}): "
+            f"{repo_or_dir!r} holds no vision-tower tensors (keys starting with {' or '.join(VISION_KEY_PREFIXES)}): "
             "is it a LLaVA checkpoint?"
         )
     return files
@@ -633,16 +636,18 @@ def load_llava_vision_tower(
     from transformers import AutoConfig, AutoModel, AutoProcessor
 
     torch_dtype = _torch_dtype(dtype)
-    source, is_dir, kwargs = _source_kwargs(name_or_path, cache_dir, local_files_only)
+    repo_or_dir, is_dir, kwargs = _repo_or_dir_kwargs(name_or_path, cache_dir, local_files_only)
     try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-        image_processor = AutoProcessor.from_pretrained(source, **kwargs).image_processor
+        config = AutoConfig.from_pretrained(repo_or_dir, **kwargs)
+        image_processor = AutoProcessor.from_pretrained(repo_or_dir, **kwargs).image_processor
     except (OSError, ValueError) as err:
-        raise _load_error(source, is_dir, kwargs["local_files_only"], cache_dir, err) from err
+        raise _load_error(repo_or_dir, is_dir, kwargs["local_files_only"], cache_dir, err) from err
     vision_config = getattr(config, "vision_config", None)
     if vision_config is None:
-        raise ValueError(f"{source!r} has no vision_config in its config.json ({type(config).__name__}): not a LLaVA.")
-    files = vision_tensor_files(source, cache_dir, kwargs["local_files_only"])
+        raise ValueError(
+            f"{repo_or_dir!r} has no vision_config in its config.json ({type(config).__name__}): not a LLaVA."
+        )
+    files = vision_tensor_files(repo_or_dir, cache_dir, kwargs["local_files_only"])
     try:  # the weights are overwritten right below: skip the random init (seconds for a ViT-L on CPU)
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x
@@ -664,7 +669,7 @@ def load_llava_vision_tower(
     missing = sorted(set(own_key.values()) - set(state))
     if missing or unexpected:
         raise ValueError(
-            f"The vision-tower tensors of {source!r} do not fit the {type(tower).__name__} its vision_config "
+            f"The vision-tower tensors of {repo_or_dir!r} do not fit the {type(tower).__name__} its vision_config "
             f"builds: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
             f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. Is the checkpoint a LLaVA "
             "(llava-hf layout) whose config.json matches its weights?"
@@ -761,14 +766,14 @@ def load_llava_spec(spec: Any):
             f"model.backend={backend!r}: steering needs a LLaVA model (backend hf_llava, e.g. model=llava15_7b)."
         )
     if get("tiny", False):
-        source: str | Path = get("local_path", None) or build_tiny_llava(
+        repo_or_dir: str | Path = get("local_path", None) or build_tiny_llava(
             tiny_model_dpath(str(get("name", "tiny_llava")), int(get("seed", 0))), seed=int(get("seed", 0))
         )
     else:
-        source = get("local_path", None) or get("pretrained", None) or LLAVA_15_7B
+        repo_or_dir = get("local_path", None) or get("pretrained", None) or LLAVA_15_7B
     device_map = get("device_map", None)
     model, processor = load_llava(
-        source,
+        repo_or_dir,
         dtype=get("dtype", "float16"),
         device_map=device_map,
         cache_dir=get("cache_dir", None),

@@ -379,7 +379,7 @@ def create_open_clip(
     offline = offline_reason() if weights.needs_hub() else None  # one quick probe, not a minute of retries
     try:
         # Random weights (no pretrained, no folder) come from the seed, so an SAE trained on them can be scored on
-        # the same network again (the SAE's source records the seed); the caller's RNG state is left as it was.
+        # the same network again (the SAE's trained_on records the seed); the caller's RNG state is left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(weights.seed)
             model, _, preprocess = open_clip.create_model_and_transforms(

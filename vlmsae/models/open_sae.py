@@ -1,9 +1,9 @@
 """Opening an SAE for a job: load it from ``sae_path=``, then load the model and layer it reads.
 
-A loaded SAE records what it reads (``sae.source``: model, pretrained, layer, tokens; set by
+A loaded SAE records what it reads (``sae.trained_on``: model, pretrained, layer, tokens; set by
 :func:`vlmsae.sae.load` from vlmsae's ``config.json`` or a foreign format's own files).
 :func:`load_job_sae` loads the SAE a job names (every job and the steering setup load it here);
-:func:`open_tapped_sae` resolves its source, plus the caller's overrides, to a loaded tap, a layer and a
+:func:`open_tapped_sae` resolves its trained_on, plus the caller's overrides, to a loaded tap, a layer and a
 token pooling (:data:`vlmsae.metrics.pooling.POOLS`), and checks the SAE's width against them before any
 image is encoded. The studies (:mod:`vlmsae.studies`) and the steering jobs (:mod:`vlmsae.steering`) both
 sit above this module.
@@ -44,18 +44,22 @@ def _model_for_pretrained(pretrained: Any) -> str | None:
     return names[0] if len(names) == 1 else None  # a bare tag like "openai" fits several: no guess
 
 
-def source_model_spec(
-    source: dict[str, Any], model: ModelSpec | None = None, sae_dpath: str | Path | None = None
+def trained_on_model_spec(
+    trained_on: dict[str, Any], model: ModelSpec | None = None, sae_dpath: str | Path | None = None
 ) -> ModelSpec:
-    """The model an SAE reads: ``model`` if given, else the registered model its ``source`` names (or the one
-    registered model whose ``pretrained`` equals the source's); an error naming ``model=`` when neither."""
+    """The model an SAE reads: ``model`` if given, else the registered model its ``trained_on`` names (or the one
+    registered model whose ``pretrained`` equals the trained_on's); an error naming ``model=`` when neither."""
     if model is not None:
         return to_typed(model, ModelSpec)
-    name = source.get("model") or _model_for_pretrained(source.get("pretrained"))
+    name = trained_on.get("model") or _model_for_pretrained(trained_on.get("pretrained"))
     if not name:
-        known = f" (pretrained={source['pretrained']!r} matches no single model)" if source.get("pretrained") else ""
+        known = (
+            f" (pretrained={trained_on['pretrained']!r} matches no single model)"
+            if trained_on.get("pretrained")
+            else ""
+        )
         raise ValueError(
-            f"The SAE at {sae_dpath} does not say which model it reads (source.model is None{known}): "
+            f"The SAE at {sae_dpath} does not say which model it reads (trained_on.model is None{known}): "
             f"pass model=<name> (one of: {', '.join(list_models())})."
         )
     if isinstance(name, dict):
@@ -66,24 +70,24 @@ def source_model_spec(
         raise ValueError(f"The SAE at {sae_dpath} says it reads model {name!r}. {err} Pass model=<name>.") from None
     # A vlmsae SAE may have been trained with other weights of the same architecture (model.pretrained=...);
     # a foreign format's `pretrained` is in that library's own naming, so the registered model's is kept.
-    native = source.get("format") in (None, "vlmsae")
-    if native and source.get("pretrained") and source["pretrained"] != spec.pretrained:
-        spec.pretrained = source["pretrained"]
-    if native and "pretrained" in source and source["pretrained"] is None and spec.pretrained is not None:
+    native = trained_on.get("format") in (None, "vlmsae")
+    if native and trained_on.get("pretrained") and trained_on["pretrained"] != spec.pretrained:
+        spec.pretrained = trained_on["pretrained"]
+    if native and "pretrained" in trained_on and trained_on["pretrained"] is None and spec.pretrained is not None:
         spec.pretrained = None  # trained on a random network (model.pretrained=null): rebuild that one, not a download
-    if native and source.get("model_seed") is not None:
-        spec.seed = int(source["model_seed"])  # the random network's seed (tiny, or pretrained=null)
+    if native and trained_on.get("model_seed") is not None:
+        spec.seed = int(trained_on["model_seed"])  # the random network's seed (tiny, or pretrained=null)
     return spec
 
 
-def default_pool(source: dict[str, Any], has_cls: bool = True) -> str:
+def default_pool(trained_on: dict[str, Any], has_cls: bool = True) -> str:
     """``cls`` for an SAE trained on CLS tokens, else ``mean`` over the patch tokens. Unknown tokens
-    (``source.tokens`` None): ``cls`` (``mean`` on a model without one), with a logged note."""
-    tokens = source.get("tokens")
+    (``trained_on.tokens`` None): ``cls`` (``mean`` on a model without one), with a logged note."""
+    tokens = trained_on.get("tokens")
     if tokens is None:
         pool = "cls" if has_cls else "mean"
         log.warning(
-            "The SAE does not say which tokens it was trained on (source.tokens is None): using pool=%s; "
+            "The SAE does not say which tokens it was trained on (trained_on.tokens is None): using pool=%s; "
             "pass pool=cls|mean|max to choose.",
             pool,
         )
@@ -91,46 +95,46 @@ def default_pool(source: dict[str, Any], has_cls: bool = True) -> str:
     return "cls" if tokens == "cls" else "mean"
 
 
-def _width_error(sae, spec_name: str, layer: int | str, width: int | None, source: dict[str, Any]) -> ValueError:
+def _width_error(sae, spec_name: str, layer: int | str, width: int | None, trained_on: dict[str, Any]) -> ValueError:
     where = "the projected image embedding (layer=last)" if layer == "last" else f"layer {layer}'s residual stream"
-    said = {k: source.get(k) for k in ("model", "layer", "tokens")}
+    said = {k: trained_on.get(k) for k in ("model", "layer", "tokens")}
     return ValueError(
         f"The SAE reads {sae.d_in}-d activations (d_in={sae.d_in}) but {spec_name}'s {where} is {width}-d: "
         f"this SAE was not trained on this model/layer. Pass the model and layer it reads (model=<name> "
-        f"layer=<L|last>); its source says {said}."
+        f"layer=<L|last>); its trained_on says {said}."
     )
 
 
 def resolve_sae_inputs(
     sae,
-    source: dict[str, Any],
+    trained_on: dict[str, Any],
     model: ModelSpec | None = None,
     layer: int | str | None = None,
     pool: str | None = None,
     sae_dpath: str | Path | None = None,
 ) -> tuple[ModelSpec, int | str, str]:
     """(model spec, layer, pool) an SAE is run on, checked against the model's registered shape (blocks,
-    width, embedding) before any weights or images are loaded. Overrides win over ``source``; what is
+    width, embedding) before any weights or images are loaded. Overrides win over ``trained_on``; what is
     neither given nor recorded is an error naming the one option still needed."""
-    spec = source_model_spec(source, model, sae_dpath)
-    from_source = layer is None
-    layer = source.get("layer") if from_source else layer
+    spec = trained_on_model_spec(trained_on, model, sae_dpath)
+    from_sae = layer is None
+    layer = trained_on.get("layer") if from_sae else layer
     if layer is None:
         raise ValueError(
-            f"The SAE at {sae_dpath} does not say which layer it reads (source.layer is None): pass layer=<L> "
+            f"The SAE at {sae_dpath} does not say which layer it reads (trained_on.layer is None): pass layer=<L> "
             f"(a block index 0..{spec.n_layers - 1} of {spec.name}, or last for the projected embedding)."
         )
     try:
         layer = resolve_layer(layer, spec.n_layers, spec.name)
     except ValueError as err:
-        said = "the SAE's source.layer" if from_source else "layer="
+        said = "the SAE's trained_on.layer" if from_sae else "layer="
         raise ValueError(f"{err} (the layer came from {said}; pass layer=<L> or the SAE's model=<name>)") from None
     width = spec.embed_dim if layer == "last" else spec.width
     if width is None:
         raise ValueError(f"{spec.name} has no projected image embedding (layer=last): pass layer=<L>, a block index.")
     if sae.d_in != width:
-        raise _width_error(sae, spec.name, layer, width, source)
-    pool = pool or default_pool(source, spec.has_cls)
+        raise _width_error(sae, spec.name, layer, width, trained_on)
+    pool = pool or default_pool(trained_on, spec.has_cls)
     if pool not in POOLS:
         raise ValueError(f"Unknown pool={pool!r}: use one of {list(POOLS)}.")
     if pool == "cls" and layer != "last" and not spec.has_cls:
@@ -147,7 +151,7 @@ class TappedSAE:
     spec: ModelSpec
     layer: int | str
     pool: str
-    source: dict[str, Any] = field(default_factory=dict)  # what the loaded SAE records it reads (sae.source)
+    trained_on: dict[str, Any] = field(default_factory=dict)  # what the loaded SAE records it reads (sae.trained_on)
     sae_path: str | None = None  # for messages
     check_fit: bool = True  # check the first batch's reconstruction (check_fit=false: score it anyway)
     fit_checked: bool = False  # the first batch was checked
@@ -158,12 +162,12 @@ class TappedSAE:
             return
         self.fit_checked = True
         reads = {**model_reads(self.spec), "layer": self.layer, "pool": self.pool}
-        check_fit(self.sae, acts_RD, self.source, reads, self.sae_path)
+        check_fit(self.sae, acts_RD, self.trained_on, reads, self.sae_path)
 
 
 def open_tapped_sae(
     sae,
-    source: dict[str, Any] | None = None,
+    trained_on: dict[str, Any] | None = None,
     model: ModelSpec | None = None,
     layer: int | str | None = None,
     pool: str | None = None,
@@ -172,24 +176,24 @@ def open_tapped_sae(
     tap_of: Callable[[ModelSpec], Tap] | None = None,
     check_fit: bool = True,
 ) -> TappedSAE:
-    """Load the tap the SAE reads (``source`` defaults to ``sae.source``; ``model`` / ``layer`` / ``pool``
+    """Load the tap the SAE reads (``trained_on`` defaults to ``sae.trained_on``; ``model`` / ``layer`` / ``pool``
     override it; ``device`` overrides the model's unless None or "auto") and move the SAE to it.
     Bad combinations are refused by :func:`resolve_sae_inputs` before the model loads; errors name the fix.
     ``tap_of``: what loads the tap of a model spec (None: :func:`vlmsae.models.load_tap`; a sweep passes one
     that loads each model once). ``check_fit``: the first batch encoded is checked (:func:`check_fit`)."""
     # JSON-safe (a loader may record a Path): jobs write it to run_info.json for the browser
-    source = json.loads(json.dumps(dict(sae.source if source is None else source), default=str))
-    spec, layer, pool = resolve_sae_inputs(sae, source, model, layer, pool, sae_dpath)
+    trained_on = json.loads(json.dumps(dict(sae.trained_on if trained_on is None else trained_on), default=str))
+    spec, layer, pool = resolve_sae_inputs(sae, trained_on, model, layer, pool, sae_dpath)
     if device not in (None, "auto"):
         spec.device = str(device)
     tap = (tap_of or load_tap)(spec)
     layer = tap.resolve_layer(layer)
     width = tap.embed_dim if layer == "last" else tap.width
     if sae.d_in != width:  # the loaded weights disagree with the registered shape (e.g. an overridden model)
-        raise _width_error(sae, spec.name, layer, width, source)
+        raise _width_error(sae, spec.name, layer, width, trained_on)
     sae = sae.to(tap.device).eval()
     path = None if sae_dpath is None else str(sae_dpath)
-    return TappedSAE(sae, tap, spec, layer, pool, source, sae_path=path, check_fit=check_fit)
+    return TappedSAE(sae, tap, spec, layer, pool, trained_on, sae_path=path, check_fit=check_fit)
 
 
 def load_job_sae(sae_path: str | Path, sae_format: str | None = None, device: str = "cpu"):
@@ -236,8 +240,8 @@ def check_fit(
 ) -> tuple[float, float]:
     """Stop a job whose SAE does not fit the activations it reads (see the module docstring); (fve, silent) else.
 
-    ``records``: what the SAE records it reads (``sae.source``); ``reads``: what the job reads (model, weights or
-    seed, layer, pool or tokens). Only an SAE that records its training (``source.train_steps``, written by
+    ``records``: what the SAE records it reads (``sae.trained_on``); ``reads``: what the job reads (model, weights or
+    seed, layer, pool or tokens). Only an SAE that records its training (``trained_on.train_steps``, written by
     ``vlmsae.train``) is judged: an untrained or hand-built one (tests, random baselines) has nothing to fit. Fewer
     than 2 rows cannot be judged either and pass."""
     if not records.get("train_steps") or acts_RD.reshape(-1, acts_RD.shape[-1]).shape[0] < 2:

@@ -11,10 +11,10 @@ files of ``chunk_size`` cards that the page loads as they scroll into view (a ``
 sibling scripts, not fetch them), and only the cards near the viewport are in the DOM. Names come from
 ``latents.csv``'s optional ``name`` / ``names`` columns.
 
-Patch heatmaps come from an optional ``patch_acts`` [K, T, P] tensor in ``top.safetensors`` (P a square
+Patch heatmaps come from an optional ``patch_acts`` [K, X, P] tensor in ``top.safetensors`` (P a square
 grid) when a writer recorded it; otherwise they are recomputed from the MS run's ``run_info.json``
-(``sae_path``, ``sae_format``, model; the SAE's ``source`` as the run recorded it) when the SAE's
-``source.tokens`` is patches | all | random_k. Latent ids mean something within one SAE only, so a
+(``sae_path``, ``sae_format``, model; the SAE's ``trained_on`` as the run recorded it) when the SAE's
+``trained_on.tokens`` is patches | all | random_k. Latent ids mean something within one SAE only, so a
 steering run attaches to the cards only when its ``settings.sae_path`` is the MS run's SAE.
 
 Safety: labels come from folder names and CSVs we do not control. They reach the page only as
@@ -318,13 +318,13 @@ def read_taxa_csv(fpath: Path) -> dict[int, dict[str, Any]]:
 class TopIndex:
     """The top-activating images index of a monosemanticity run (``top_images/``)."""
 
-    image_idx_KT: Any  # int64 tensor [K, T], -1 = none
-    acts_KT: Any  # float32 tensor [K, T]
+    image_idx_KX: Any  # int64 tensor [K, X], -1 = none
+    acts_KX: Any  # float32 tensor [K, X]
     keys: list[str]
     paths: list[str] | None
     labels: list[Any] | None
     row_latents: list[int]  # latent id of each row (row k = latent k unless the index says otherwise)
-    patch_acts_KTP: Any = None  # optional float tensor [K, T, P]: per-patch activations, if recorded
+    patch_acts_KXP: Any = None  # optional float tensor [K, X, P]: per-patch activations, if recorded
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -341,15 +341,15 @@ def read_top_index(dpath: Path) -> TopIndex:
         row_latents = [int(x) for x in top.meta["latents"]]
     else:
         row_latents = list(range(top.n_latents))
-    patch = next((top.extra[k] for k in ("patch_acts", "patch_acts_KTP") if k in top.extra), None)
+    patch = next((top.extra[k] for k in ("patch_acts", "patch_acts_KXP") if k in top.extra), None)
     return TopIndex(
-        image_idx_KT=top.image_idx,
-        acts_KT=top.acts,
+        image_idx_KX=top.image_idx,
+        acts_KX=top.acts,
         keys=top.keys,
         paths=top.paths,
         labels=top.labels,
         row_latents=row_latents,
-        patch_acts_KTP=patch,
+        patch_acts_KXP=patch,
         meta=top.meta,
     )
 
@@ -386,7 +386,7 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
         sweep = obj.sweep
         examples.append(
             {
-                "source": str(fpath.parent.name),
+                "steering_run": str(fpath.parent.name),
                 "sae_path": settings.get("sae_path"),
                 "latents": latents,
                 "alpha": alpha,
@@ -507,12 +507,12 @@ def _grid_side(n_patches: int) -> int | None:
 
 def recorded_heatmaps(index: TopIndex, row: int, n_show: int) -> list[list[float] | None] | None:
     """Per-patch activations of one latent's top images if the MS run stored them (``patch_acts``)."""
-    if index.patch_acts_KTP is None:
+    if index.patch_acts_KXP is None:
         return None
-    P = index.patch_acts_KTP.shape[-1]
+    P = index.patch_acts_KXP.shape[-1]
     if _grid_side(P) is None:
         return None
-    return index.patch_acts_KTP[row, :n_show].float().tolist()
+    return index.patch_acts_KXP[row, :n_show].float().tolist()
 
 
 def recompute_heatmaps(
@@ -520,7 +520,7 @@ def recompute_heatmaps(
     requests: dict[int, list[tuple[int, int, int]]],
     image_paths: list[str],
     batch_size: int = 32,
-    sae_source: dict[str, Any] | None = None,
+    sae_trained_on: dict[str, Any] | None = None,
     sae_format: str | None = None,
 ) -> tuple[dict[tuple[int, int], list[float]], str]:
     """Per-patch activations of the requested latents, recomputed with the model and the SAE.
@@ -529,20 +529,20 @@ def recompute_heatmaps(
     model once (in batches), all its patch tokens through the SAE (thresholded inference), and the
     columns of the latents that list it are kept. Returns ({(card, slot): values_P}, reason); the
     reason is non-empty when nothing could be recomputed (no SAE, CLS-only SAE, model unavailable).
-    ``sae_source``: what the SAE reads (default: :func:`run_sae_source` of ``ms_config`` alone);
+    ``sae_trained_on``: what the SAE reads (default: :func:`run_sae_trained_on` of ``ms_config`` alone);
     ``sae_format``: the SAE's format for :func:`vlmsae.sae.load` (default: the MS run's, else detect).
     """
     sae_path = ms_config.get("sae_path")
     if not sae_path or ("://" not in str(sae_path) and not Path(sae_path).is_dir()):
         return {}, f"no SAE checkpoint at sae_path={sae_path!r} of the MS run"
-    source = sae_source if sae_source is not None else run_sae_source(ms_config, {})
-    tokens = str(source.get("tokens") or ms_config.get("tokens") or "")
+    trained_on = sae_trained_on if sae_trained_on is not None else run_sae_trained_on(ms_config, {})
+    tokens = str(trained_on.get("tokens") or ms_config.get("tokens") or "")
     if tokens not in PATCH_TOKEN_SELECTIONS:
         return {}, f"the SAE was trained on tokens={tokens or 'unknown'!r}, not patch tokens"
     # The MS run's model node, else the model the SAE names (a registered name, conf/model/<name>.yaml).
-    model = ms_config.get("model") if isinstance(ms_config.get("model"), dict) else source.get("model")
+    model = ms_config.get("model") if isinstance(ms_config.get("model"), dict) else trained_on.get("model")
     # The layer the MS run was told (layer=), else the SAE's own: the codes the cards rank came from there.
-    layer = ms_config.get("layer") if ms_config.get("layer") is not None else source.get("layer")
+    layer = ms_config.get("layer") if ms_config.get("layer") is not None else trained_on.get("layer")
     if not model or layer is None:
         return {}, "neither the MS run nor the SAE names the model and layer"
     if str(layer) == "last":
@@ -633,7 +633,7 @@ def build_browser(
     summary = _optional(formats.read_ms_summary, ms_dpath / formats.MS_SUMMARY_JSON)
     run_info = _optional(formats.read_run_info, ms_dpath / formats.RUN_INFO_JSON)
     ms_config = run_info.config if run_info is not None else {}
-    sae_source = run_sae_source(ms_config, run_info.extra if run_info is not None else {})
+    sae_trained_on = run_sae_trained_on(ms_config, run_info.extra if run_info is not None else {})
     taxa = read_taxa_csv(sources.hierarchy_dpath / "latent_taxa.csv") if sources.hierarchy_dpath else {}
     hierarchy = (
         _optional(formats.read_hierarchy, sources.hierarchy_dpath / formats.HIERARCHY_JSON)
@@ -661,19 +661,19 @@ def build_browser(
                 chosen_set.add(latent)
     row_of_latent = {latent: row for row, latent in enumerate(index.row_latents)}
 
-    # The top images of every card as [C, T] tensors (one gather, not 16 Python lookups per card).
+    # The top images of every card as [cards, X] tensors (one gather, not 16 Python lookups per card).
     import torch
 
-    n_show = min(images_per_card, int(index.image_idx_KT.shape[1])) if index.image_idx_KT.ndim == 2 else 0
+    n_show = min(images_per_card, int(index.image_idx_KX.shape[1])) if index.image_idx_KX.ndim == 2 else 0
     card_rows = [row_of_latent.get(latent) for latent in chosen]
     gather = torch.tensor([r if r is not None else 0 for r in card_rows], dtype=torch.long)
-    card_image_idx_KT = index.image_idx_KT[gather, :n_show].clone()
-    card_image_idx_KT[torch.tensor([r is None for r in card_rows], dtype=torch.bool)] = -1
-    card_acts_KT = index.acts_KT[gather, :n_show].float()
+    card_image_idx_KX = index.image_idx_KX[gather, :n_show].clone()
+    card_image_idx_KX[torch.tensor([r is None for r in card_rows], dtype=torch.bool)] = -1
+    card_acts_KX = index.acts_KX[gather, :n_show].float()
 
     # Thumbnails, one per image: each written once and shared by every card that shows it.
     paths = index.paths or []
-    used = sorted(int(i) for i in torch.unique(card_image_idx_KT[card_image_idx_KT >= 0]).tolist())
+    used = sorted(int(i) for i in torch.unique(card_image_idx_KX[card_image_idx_KX >= 0]).tolist())
     written = write_thumbnails(
         [(i, paths[i]) for i in used if i < len(paths) and paths[i]], img_dpath, thumb_px, workers=workers
     )
@@ -687,14 +687,14 @@ def build_browser(
         return caption_of[image_idx]
 
     cards: list[dict[str, Any]] = []
-    idx_rows, act_rows = card_image_idx_KT.tolist(), card_acts_KT.tolist()
+    idx_rows, act_rows = card_image_idx_KX.tolist(), card_acts_KX.tolist()
     for c, latent in enumerate(chosen):
         r = by_latent[latent]
         tx = taxa.get(latent, {})
         top = []
         for slot, (image_idx, act) in enumerate(zip(idx_rows[c], act_rows[c])):
             if image_idx < 0:
-                continue  # -1 pads latents with fewer than T firing images
+                continue  # -1 pads latents with fewer than X firing images
             top.append(
                 {
                     "slot": slot,
@@ -730,7 +730,7 @@ def build_browser(
             }
         )
 
-    heatmap_note = _fill_heatmaps(cards, index, ms_config, heatmaps, sae_source, sae_format)
+    heatmap_note = _fill_heatmaps(cards, index, ms_config, heatmaps, sae_trained_on, sae_format)
     inspect_href = inspect_links(ms_dpath, out_dpath)
     for card in cards:
         if card["latent"] in inspect_href:
@@ -749,7 +749,7 @@ def build_browser(
         },
         "summary": summary.to_dict() if summary is not None else None,
         "hierarchy": hierarchy.to_dict() if hierarchy is not None else None,
-        "model": _model_line(ms_config, index.meta, sae_source),
+        "model": _model_line(ms_config, index.meta, sae_trained_on),
         "plots": plots,
         "steering": steering,
         "cards": cards,
@@ -809,13 +809,13 @@ def _fill_heatmaps(
     index: TopIndex,
     ms_config: dict[str, Any],
     mode: str,
-    sae_source: dict[str, Any],
+    sae_trained_on: dict[str, Any],
     sae_format: str | None,
 ) -> str:
     """Quantize recorded heatmaps, or recompute them; returns a note for the page header."""
     if mode == "off":
         return "heatmaps off"
-    if index.patch_acts_KTP is None:
+    if index.patch_acts_KXP is None:
         if mode == "recorded":
             return "no per-patch activations recorded by the MS run"
         requests: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
@@ -823,7 +823,7 @@ def _fill_heatmaps(
             for s, t in enumerate(card["top"]):
                 requests[t["image"]].append((c, s, card["latent"]))
         values, reason = recompute_heatmaps(
-            ms_config, requests, index.paths or [], sae_source=sae_source, sae_format=sae_format
+            ms_config, requests, index.paths or [], sae_trained_on=sae_trained_on, sae_format=sae_format
         )
         if not values:
             return f"no patch heatmaps: {reason}"
@@ -843,16 +843,18 @@ def _fill_heatmaps(
     return note
 
 
-def run_sae_source(ms_config: dict[str, Any], run_extra: dict[str, Any]) -> dict[str, Any]:
-    """What the MS run's SAE reads: the ``sae_source`` the run recorded (any SAE format), else, for runs
-    made before it did, the ``source`` in a vlmsae SAE folder's ``config.json``; {} when neither is there."""
-    if isinstance(run_extra.get("sae_source"), dict):
-        return dict(run_extra["sae_source"])
+def run_sae_trained_on(ms_config: dict[str, Any], run_extra: dict[str, Any]) -> dict[str, Any]:
+    """What the MS run's SAE reads: the ``sae_trained_on`` the run recorded (any SAE format; ``sae_source`` in
+    runs before the rename), else, for runs made before either, the ``trained_on`` in a vlmsae SAE folder's
+    ``config.json``; {} when none is there."""
+    for key in ("sae_trained_on", "sae_source"):
+        if isinstance(run_extra.get(key), dict):
+            return dict(run_extra[key])
     sae_path = ms_config.get("sae_path")
     if not sae_path or "://" in str(sae_path):
         return {}
     sae_config = _optional(formats.read_sae_config, Path(sae_path) / formats.SAE_CONFIG_JSON)
-    return dict(sae_config.source) if sae_config is not None else {}
+    return dict(sae_config.trained_on) if sae_config is not None else {}
 
 
 def _optional(read: Any, fpath: Path) -> Any:
@@ -877,18 +879,18 @@ def _copy_plots(ms_dpath: Path, hierarchy_dpath: Path | None, out_dpath: Path) -
     return plots
 
 
-def _model_line(ms_config: dict[str, Any], top_meta: dict[str, Any], source: dict[str, Any]) -> str:
-    """``model · layer L · tokens · SAE path`` from the MS run's config, its index meta and the SAE's source."""
+def _model_line(ms_config: dict[str, Any], top_meta: dict[str, Any], trained_on: dict[str, Any]) -> str:
+    """``model · layer L · tokens · SAE path`` from the MS run's config, its index meta and the SAE's trained_on."""
     model = ms_config.get("model") if isinstance(ms_config.get("model"), dict) else {}
     sae_path = ms_config.get("sae_path") or top_meta.get("sae_path")
-    name = model.get("name") or top_meta.get("model") or source.get("model")
+    name = model.get("name") or top_meta.get("model") or trained_on.get("model")
     layer = next(
-        (x for x in (ms_config.get("layer"), top_meta.get("layer"), source.get("layer")) if x is not None), None
+        (x for x in (ms_config.get("layer"), top_meta.get("layer"), trained_on.get("layer")) if x is not None), None
     )
     parts = [
         str(name) if name else "",
         f"layer {layer}" if layer is not None else "",
-        f"tokens {source['tokens']}" if source.get("tokens") else "",
+        f"tokens {trained_on['tokens']}" if trained_on.get("tokens") else "",
         f"SAE {sae_path}" if sae_path else "",
     ]
     return " · ".join(p for p in parts if p)

@@ -176,19 +176,19 @@ class JobLog:
     def table(
         self,
         name: str,
-        source: str | Path | Sequence[Mapping[str, Any]],
+        rows_or_csv: str | Path | Sequence[Mapping[str, Any]],
         image_columns: Iterable[str] = (),
         max_rows: int | None = None,
     ) -> None:
-        """Log a table: ``source`` is a CSV file or rows (dicts); cells of ``image_columns`` are image paths
+        """Log a table: ``rows_or_csv`` is a CSV file or rows (dicts); cells of ``image_columns`` are image paths
         (W&B: thumbnails; empty cells stay empty). At most ``max_rows`` rows (default ``logger.table_rows``)."""
         if self.logger.kind == "none":
             return
         limit = self.logger.table_rows if max_rows is None else max_rows
-        if isinstance(source, (str, Path)):
-            rows = _read_csv_rows(Path(source))
+        if isinstance(rows_or_csv, (str, Path)):
+            rows = _read_csv_rows(Path(rows_or_csv))
         else:
-            rows = [dict(r) for r in source]
+            rows = [dict(r) for r in rows_or_csv]
             if rows:
                 _write_csv_rows(self.out_dpath / CSV_DIR / f"{name}.csv", rows)
         if self.run is None or not rows:

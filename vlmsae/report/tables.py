@@ -112,11 +112,11 @@ def _ms_cells(found: list[list[dict[str, Any]]], seeds: list[str]) -> tuple[list
     return md, csv_vals
 
 
-def ms_table(out_dpath: Path, sweep: Sequence[SweepRow], source: str | None = None) -> dict[str, Any]:
+def ms_table(out_dpath: Path, sweep: Sequence[SweepRow], model_name: str | None = None) -> dict[str, Any]:
     """``ms_table.md`` / ``ms_table.csv``: mean MS ± std per (architecture, layer) and expansion factor; with
-    several SAEs per cell (seeds), their mean ± 95% interval over the seeds (module docstring). ``source``:
+    several SAEs per cell (seeds), their mean ± 95% interval over the seeds (module docstring). ``model_name``:
     the model named in the title (None: the first row's ``model``)."""
-    source = (sweep[0].result.get("model", "") if sweep else "") if source is None else source
+    model_name = (sweep[0].result.get("model", "") if sweep else "") if model_name is None else model_name
     expansions = sorted({r.expansion for r in sweep})
     layers = sorted({r.layer for r in sweep}, key=_layer_key)
     archs = sorted({r.arch for r in sweep})
@@ -156,7 +156,7 @@ def ms_table(out_dpath: Path, sweep: Sequence[SweepRow], source: str | None = No
         else "Mean MS ± std over the live latents of each SAE"
     )
     md = (
-        f"# Monosemanticity of the sweep{f' ({source})' if source else ''}\n\n"
+        f"# Monosemanticity of the sweep{f' ({model_name})' if model_name else ''}\n\n"
         f"{what} (rows: architecture and layer, columns: expansion "
         f"factor); `{RAW_ROW}`: the layer's raw neurons (the baseline).\n\n"
         + _markdown(["architecture", "layer"] + [_x(e) for e in expansions], md_rows)

@@ -6,24 +6,15 @@ Each architecture (relu.py, topk.py, batchtopk.py, matryoshka.py) only says how 
 become codes, at inference (:meth:`SAE._activate`) and in training (:meth:`SAE._train_codes`);
 everything else lives here.
 
-Input scaling. The SAE holds a scalar ``input_scale`` s (a buffer, 1 until set by
-:func:`vlmsae.sae.mechanics.set_input_scale_`). Parameters and the loss live in the *scaled*
-space x_s = s * x, where E||x_s||^2 = d_in, so learning rates and l1_coeff transfer across layers.
-The public API always takes and returns *raw* units: ``encode(x)`` returns f_s / s,
-``decode(f)`` returns x_hat_s / s. Because ReLU, top-k and thresholds commute with a positive
-scale, this is the same as an SAE with b_enc/s, b_dec/s, threshold/s and unchanged W_enc, W_dec:
-:meth:`SAE.fold_input_scale_` rewrites it so (s = 1), which is what checkpoints store. Codes are
-therefore coefficients of the unit-norm decoder rows in raw activation units.
+Input scaling: parameters and the loss live in the scaled space x_s = s * x (``input_scale`` s, set by
+:func:`vlmsae.sae.mechanics.set_input_scale_`, E||x_s||^2 = d_in), so learning rates and l1_coeff transfer
+across layers and ``recon / d_in`` is about 1 - FVE. The public API takes and returns raw units. ReLU, top-k and
+thresholds commute with a positive scale, so this equals an SAE with b_enc/s, b_dec/s, threshold/s (what
+:meth:`SAE.fold_input_scale_` writes and checkpoints store): codes are coefficients of the unit-norm decoder
+rows in raw units. Every entry point computes in float32 with autocast off (:mod:`vlmsae.sae.precision`).
 
-Loss terms (``loss()``) are in the scaled space, so ``recon / d_in`` is about 1 - FVE.
-
-Precision: ``loss``, ``encode``, ``encode_pre`` and ``decode`` run with autocast off and float32
-matmuls at full precision, on the dense and the sparse path alike (:mod:`vlmsae.sae.precision`).
-
-Inputs (:meth:`SAE.check_input`): ``encode``, ``encode_pre``, ``decode`` and ``forward`` take any leading
-dims ``[..., D]`` (steering passes ``[B, T, D]``); ``encode(x, sparse=True)`` and ``loss(x)`` need
-``[B, D]``. Wrong width or device -> ValueError, non-float dtype -> TypeError, NaN/inf -> ValueError
-(``sae.check_finite = False`` skips that reduction); float16/bfloat16/float64 are cast to the SAE's dtype.
+Inputs (:meth:`SAE.check_input`): any leading dims ``[..., D]``; ``encode(x, sparse=True)`` and ``loss(x)``
+need ``[B, D]``; float16/bfloat16/float64 are cast to the SAE's dtype (``check_finite = False`` skips NaN/inf).
 """
 
 from __future__ import annotations
@@ -54,13 +45,6 @@ def _fp32_compute(method):
     return wrapper
 
 
-@torch.no_grad()
-def update_dead_latents_(samples_since_fired_F: torch.Tensor, fired_F: torch.Tensor, batch_size: int) -> None:
-    """Count samples since each latent last fired: +batch_size for all, then 0 where it fired."""
-    samples_since_fired_F.add_(batch_size)
-    samples_since_fired_F.masked_fill_(fired_F, 0)
-
-
 def auxk_loss(
     residual_BD: torch.Tensor,
     z_BF: torch.Tensor,
@@ -72,14 +56,10 @@ def auxk_loss(
 ) -> torch.Tensor:
     """AuxK (Gao et al., METHOD §2): dead latents learn to explain what the live ones miss.
 
-    ``residual_BD`` is e = x - x_hat (detached here), ``z_BF`` the pre-activations, ``dead_F``
-    the dead mask. Each sample keeps its top-``k_aux`` dead pre-activations (through ReLU, as in
-    the reference implementations, so they are real codes), decodes them *without* bias into
-    e_hat, and the loss is ||e - e_hat||^2 / ||e - mean(e)||^2 over the batch. ``preacts_of``
-    (rows, cols) -> vals gives differentiable values when ``z_BF`` is detached (sparse path);
-    by default they are read from ``z_BF``. ``preacts`` (the step's :class:`vlmsae.sae.select.Preacts`) makes
-    the choice of dead latents exact under the precision policy, and then ``preacts_of`` (rows, cols, values)
-    receives the float32 values too.
+    Each sample's top-``k_aux`` dead pre-activations (through ReLU, so they are real codes) decode *without*
+    bias into e_hat; the loss is ||e - e_hat||^2 / ||e - mean(e)||^2 for the residual e = x - x_hat (detached).
+    ``preacts_of`` (rows, cols[, values]) -> vals gives differentiable values when ``z_BF`` is detached (sparse
+    path); ``preacts`` (the step's :class:`vlmsae.sae.select.Preacts`) makes the choice exact.
     """
     e_BD = residual_BD.detach().float()
     batch_size = z_BF.shape[0]
@@ -108,8 +88,7 @@ def auxk_loss(
 class TrainCodes:
     """Training-time codes of one batch, dense ([B, F] with grad) or sparse (rows, cols, vals).
 
-    ``z_BF`` are the pre-activations: with grad on the dense float32 path, detached otherwise
-    (there only the selected entries carry grad, through ``vals_Z``). ``preacts``: the selection's
+    ``z_BF``: the pre-activations, with grad only on the dense float32 path. ``preacts``: the selection's
     pre-activations with their error bound (TopK family, :mod:`vlmsae.sae.select`), for AuxK's choice.
     """
 
@@ -124,29 +103,18 @@ class TrainCodes:
     def is_sparse(self) -> bool:
         return self.codes_BF is None
 
-    def decode_range(self, W_dec_FD: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Contribution of latents [start, end) to x_hat (no bias) -> [B, D]."""
-        end = W_dec_FD.shape[0] if end is None else end
-        full = start == 0 and end == W_dec_FD.shape[0]
-        if not self.is_sparse:
-            codes_BF = self.codes_BF if full else self.codes_BF[:, start:end]
-            return codes_BF.to(W_dec_FD.dtype) @ (W_dec_FD if full else W_dec_FD[start:end])
-        vals_Z = self.vals_Z
-        if not full:  # a mask, not boolean indexing: no host sync, and the entry count stays fixed
-            vals_Z = vals_Z * ((self.cols_Z >= start) & (self.cols_Z < end)).to(vals_Z.dtype)
-        return sparse_decode(self.rows_Z, self.cols_Z, vals_Z, W_dec_FD, self.z_BF.shape[0])
+    def decode(self, W_dec_FD: torch.Tensor) -> torch.Tensor:
+        """x_hat without the bias -> [B, D]."""
+        if self.is_sparse:
+            return sparse_decode(self.rows_Z, self.cols_Z, self.vals_Z, W_dec_FD, self.z_BF.shape[0])
+        return self.codes_BF.to(W_dec_FD.dtype) @ W_dec_FD
 
     def decode_groups(self, W_dec_FD: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
-        """Each consecutive latent group's contribution to x_hat (no bias) -> [B, G, D].
-
-        Sparse path: one ``sparse_decode`` into B*G bags (bag = row * G + group of the latent), so
-        the G groups cost one sort and one decode instead of G.
-        """
+        """Each consecutive latent group's contribution to x_hat (no bias) -> [B, G, D]; sparse: one decode into
+        B*G bags (bag = row * G + group), not G decodes."""
         if not self.is_sparse:
-            starts = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
-            return torch.stack(
-                [self.decode_range(W_dec_FD, start, start + size) for start, size in zip(starts, group_sizes)], dim=1
-            )
+            groups = zip(self.codes_BF.split(group_sizes, dim=1), W_dec_FD.split(group_sizes))
+            return torch.stack([codes_BF.to(W_dec_FD.dtype) @ W_FD for codes_BF, W_FD in groups], dim=1)
         n_groups, batch_size = len(group_sizes), self.z_BF.shape[0]
         bounds_G = torch.tensor(group_sizes, device=self.cols_Z.device).cumsum(0)
         group_Z = torch.bucketize(self.cols_Z, bounds_G, right=True)
@@ -169,14 +137,9 @@ class TrainCodes:
 class SAE(nn.Module):
     """Base sparse autoencoder; see the module docstring for the parameterisation and units.
 
-    Parameters: ``W_enc`` [F, D], ``b_enc`` [F], ``W_dec`` [F, D] (unit-norm rows = latent
-    directions), ``b_dec`` [D]. Buffers: ``input_scale`` (scalar), ``threshold`` (scalar, scaled
-    space; < 0 = not estimated; only BatchTopK/Matryoshka use it), ``samples_since_fired`` [F]
-    (dead-latent tracking), ``n_steps`` (training ``loss()`` calls so far).
-
-    State changes (dead-latent counts, the threshold EMA, the step counter) happen only in
-    ``loss()`` while the module is in training mode; ``eval()`` mode ``loss()`` is side-effect free
-    and uses the inference encoder.
+    Parameters: ``W_enc`` [F, D], ``b_enc`` [F], ``W_dec`` [F, D] (unit-norm rows), ``b_dec`` [D]. Buffers:
+    ``input_scale``, ``threshold`` (scalar, scaled space, < 0 = not estimated; BatchTopK family),
+    ``samples_since_fired`` [F], ``n_steps``. Only training-mode ``loss()`` changes state.
     """
 
     arch: str = "base"
@@ -208,7 +171,7 @@ class SAE(nn.Module):
         self.register_buffer("n_steps", torch.tensor(0, dtype=torch.long))
         # What the SAE reads (model, layer, tokens): set by training or load_sae, saved with the weights,
         # so steering and evaluation find the tapped layer without being told.
-        self.source: dict[str, Any] = {}
+        self.trained_on: dict[str, Any] = {}
         # The Lightning trainer's precision setting (e.g. "bf16-mixed"), recorded in config.json next to the
         # SAE's own policy (float32 inside, see vlmsae.sae.precision); set by the Lightning module or load_sae.
         self.trainer_precision: str | None = None
@@ -259,8 +222,7 @@ class SAE(nn.Module):
             raise ValueError(
                 f"{where}: activations are on {x.device} but the SAE is on {self.W_enc.device}; move one with .to()."
             )
-        if x.dtype != self.W_enc.dtype:
-            x = x.to(self.W_enc.dtype)
+        x = x.to(self.W_enc.dtype)  # a no-op when it already is
         if self.check_finite and not bool(torch.isfinite(x).all()):
             n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
             bad_row = int(torch.nonzero(~torch.isfinite(x.reshape(-1, self.d_in)).all(dim=1))[0])
@@ -332,12 +294,11 @@ class SAE(nn.Module):
 
     def _train_codes(self, x_cent_BD: torch.Tensor) -> TrainCodes:
         """Training codes from centred scaled inputs x_s - b_dec (grad flows to all parameters)."""
-        z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
-        return TrainCodes(z_BF=z_BF, codes_BF=self._activate(z_BF, self.threshold))
+        return self._infer_codes(x_cent_BD, self.b_enc, self.threshold)
 
     def _recon_objective(self, x_s_BD: torch.Tensor, codes: TrainCodes) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(objective, x_hat_s, extra logs). Plain SAEs: objective = recon error of the full decode."""
-        x_hat_BD = codes.decode_range(self.W_dec) + self.b_dec
+        x_hat_BD = codes.decode(self.W_dec) + self.b_dec
         return recon_error(x_s_BD, x_hat_BD), x_hat_BD, {}
 
     def _sparsity_penalty(self, codes: TrainCodes) -> torch.Tensor | None:
@@ -351,10 +312,9 @@ class SAE(nn.Module):
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms of one batch ``x`` [B, D] (raw units); only "loss" carries gradient.
 
-        Keys: loss (total), recon (sum sq err over dims, mean over batch, scaled space), aux
-        (AuxK, unweighted), l1 (mean sum of codes; for relu the penalty term sum_j f_j||W_dec_j||),
-        l0 (mean active per sample), x_hat (raw units), fired_F (bool [F]); Matryoshka adds
-        recon_prefix [G].
+        Keys: loss, recon (sum sq err over dims, mean over batch, scaled space), aux (AuxK, unweighted), l1 (mean
+        sum of codes; relu: the penalty sum_j f_j||W_dec_j||), l0, x_hat (raw units), fired_F (bool [F]);
+        Matryoshka adds recon_prefix [G].
         """
         x_BD = self.check_input(x, "loss", require_2d=True)
         x_s_BD = x_BD * self.input_scale
@@ -363,9 +323,8 @@ class SAE(nn.Module):
             codes = self._train_codes(x_cent_BD)
         else:
             codes = self._infer_codes(x_cent_BD, self.b_enc, self.threshold)
-        objective, x_hat_s_BD, extra = self._recon_objective(x_s_BD, codes)
+        total, x_hat_s_BD, extra = self._recon_objective(x_s_BD, codes)
         l0, l1, fired_F = codes.stats(self.n_latents)
-        total = objective
         penalty = self._sparsity_penalty(codes)
         if penalty is not None:
             total = total + self.cfg.l1_coeff * penalty
@@ -375,14 +334,12 @@ class SAE(nn.Module):
             if self.uses_auxk and self.cfg.aux_k_coeff > 0:
                 aux = self._auxk(x_s_BD, x_hat_s_BD, x_cent_BD, codes)
                 total = total + self.cfg.aux_k_coeff * aux
-            update_dead_latents_(self.samples_since_fired, fired_F, x_BD.shape[0])
+            self.samples_since_fired.add_(x_BD.shape[0]).masked_fill_(fired_F, 0)  # samples since each last fired
             self.n_steps += 1
             self._after_train_step(codes)
-        with torch.no_grad():
-            recon = recon_error(x_s_BD, x_hat_s_BD)
         return {
             "loss": total,
-            "recon": recon,
+            "recon": recon_error(x_s_BD.detach(), x_hat_s_BD.detach()),
             "aux": aux.detach(),
             "l1": l1,
             "l0": l0,
@@ -419,7 +376,7 @@ class SAE(nn.Module):
         s = self.input_scale.clone()
         self.b_enc.div_(s)
         self.b_dec.div_(s)
-        if float(self.threshold) >= 0:
+        if self.threshold.dim() or float(self.threshold) >= 0:  # JumpReLU's [F] commutes with s for any sign
             self.threshold.div_(s)
         self.input_scale.fill_(1.0)
 

@@ -3,7 +3,7 @@
 ``save_sae`` folds the input scale into a *copy* of the weights (the live module keeps training
 unchanged), so a saved SAE takes raw activations. ``config.json`` says what the SAE is (the full
 SAEConfig, group sizes, threshold, scale), its precision policy (``precision``, see
-:mod:`vlmsae.sae.precision`), what it was trained on (``source``) and by which code (vlmsae
+:mod:`vlmsae.sae.precision`), what it was trained on (``trained_on``) and by which code (vlmsae
 version, git commit). ``load_sae`` rebuilds the module from those two files only. The ``config.json``
 format is :class:`vlmsae.formats.SAECheckpointConfig` (read it alone with :func:`vlmsae.formats.read_sae_config`).
 """
@@ -11,6 +11,7 @@ format is :class:`vlmsae.formats.SAECheckpointConfig` (read it alone with :func:
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +29,48 @@ WEIGHTS_FNAME = "sae.safetensors"
 _TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
+def require_keys(found: Mapping[str, Any], names: Iterable[str], where: str, what: str = "") -> None:
+    """Refuse ``found`` (a state dict) when it lacks any of ``names``, listing what it has."""
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}{what}; expected {list(names)} (found {sorted(found)}).")
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
+    """Refuse a tensor whose shape is not ``shape``, naming the file and the tensor."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}.")
+
+
+def read_safetensors(fpath: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on the CPU; an unreadable file is refused naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(fpath), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{str(fpath)!r} is not a readable safetensors file ({err}).") from err
+
+
 def refuse_interop_only(sae: SAE, action: str) -> None:
     """A loaded foreign SAE whose forward no vlmsae arch reproduces (``interop_only``: why) cannot be written as
     its base arch: that would silently change its codes. Use it in memory, or keep the original files."""
     reason = getattr(sae, "interop_only", None)
     if reason:
         raise ValueError(
-            f"{action}: this {type(sae).__name__} (loaded from {sae.source.get('format')}) cannot be written: "
+            f"{action}: this {type(sae).__name__} (loaded from {sae.trained_on.get('format')}) cannot be written: "
             f"{reason}. Written as its base architecture it would give other codes; keep using the original files."
         )
 
 
 def save_sae(
-    sae: SAE, dpath: str | Path, source: dict[str, Any] | None = None, trainer_precision: str | None = None
+    sae: SAE, dpath: str | Path, trained_on: dict[str, Any] | None = None, trainer_precision: str | None = None
 ) -> Path:
     """Write ``dpath/sae.safetensors`` and ``dpath/config.json`` atomically; returns ``dpath``.
 
-    ``source``: what the SAE was trained on, e.g. {"model": "clip_l14_336", "pretrained": "openai",
-    "layer": 22, "tokens": "cls", "data": "/data/acts"}; defaults to ``sae.source``.
+    ``trained_on``: what the SAE was trained on, e.g. {"model": "clip_l14_336", "pretrained": "openai",
+    "layer": 22, "tokens": "cls", "data": "/data/acts"}; defaults to ``sae.trained_on``.
     ``trainer_precision``: the trainer's precision setting, recorded under "precision" with the SAE's own
     policy (vlmsae.sae.precision); defaults to ``sae.trainer_precision`` (set by the Lightning module).
     """
@@ -64,10 +89,8 @@ def save_sae(
     # (jumprelu, [F] in sae.safetensors, which load_sae reads) is written as a number only when all latents
     # share it (e.g. a BatchTopK SAE saved as JumpReLU by SAELens), else null: the tensor file is authoritative.
     threshold_F = folded.threshold.detach().reshape(-1)
-    uniform = threshold_F.numel() > 0 and bool((threshold_F == threshold_F[0]).all())
-    threshold = float(threshold_F[0]) if uniform else None
-    if threshold is not None and folded.threshold.dim() == 0 and threshold < 0:
-        threshold = None
+    unset = folded.threshold.dim() == 0 and float(threshold_F[0]) < 0
+    threshold = float(threshold_F[0]) if bool((threshold_F == threshold_F[0]).all()) and not unset else None
     atomic_write(dpath / WEIGHTS_FNAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": SAE_FORMAT}))
     prov = provenance()
     info = SAECheckpointConfig(
@@ -86,7 +109,7 @@ def save_sae(
         n_steps=int(sae.n_steps),
         dtype=str(sae.W_dec.dtype).removeprefix("torch."),
         precision=precision_record(sae, sae.trainer_precision if trainer_precision is None else trainer_precision),
-        source=dict(source if source is not None else sae.source),
+        trained_on=dict(trained_on if trained_on is not None else sae.trained_on),
         config=sae.cfg.to_dict(),
         vlmsae_version=prov["vlmsae_version"],
         git_commit=prov["git_commit"],
@@ -98,9 +121,6 @@ def save_sae(
 
 def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Rebuild an SAE from a ``save_sae`` folder (safetensors + JSON only), in eval mode on ``device``."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     dpath = Path(dpath)
     info = read_sae_config(dpath)
     weights_fpath = dpath / WEIGHTS_FNAME
@@ -115,23 +135,14 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
         cfg = SAEConfig(**cfg_dict)
     except TypeError as err:
         raise ValueError(f'{str(dpath / SAE_CONFIG_JSON)!r}: its "config" does not match SAEConfig ({err}).') from err
-    try:
-        tensors = load_file(str(weights_fpath), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{str(weights_fpath)!r} is not a readable safetensors file ({err}).") from err
-    missing = [name for name in _TENSORS if name not in tensors]
-    if missing:
-        raise ValueError(f"{str(weights_fpath)!r} lacks tensors {missing}; expected {list(_TENSORS)}.")
+    tensors = read_safetensors(weights_fpath)
+    require_keys(tensors, _TENSORS, repr(str(weights_fpath)))
     sae = build_sae(cfg)
     with torch.no_grad():
         for name in _TENSORS:
             target = getattr(sae, name)
-            if tensors[name].shape != target.shape:
-                raise ValueError(
-                    f"{str(weights_fpath)!r}: tensor {name} has shape {tuple(tensors[name].shape)}, but config.json "
-                    f"implies {tuple(target.shape)}."
-                )
+            check_shape(name, tensors[name], tuple(target.shape), f"{str(weights_fpath)!r} (shapes per config.json)")
             target.copy_(tensors[name])
-    sae.source = dict(info.source)
+    sae.trained_on = dict(info.trained_on)
     sae.trainer_precision = (info.precision or {}).get("trainer_precision")
     return sae.to(device).eval()

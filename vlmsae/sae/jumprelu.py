@@ -36,39 +36,23 @@ def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
-class _JumpReLUFn(torch.autograd.Function):
-    """f = relu(z) * 1[z > theta]; d f / d z = 1[z > max(theta, 0)], d f / d theta by the rectangle-kernel STE."""
+class _ThresholdFn(torch.autograd.Function):
+    """``step=False``: f = relu(z) * 1[z > theta], d f / d z = 1[z > max(theta, 0)]. ``step=True``: H(z - theta)
+    (the paper's L0 estimator), no gradient to z. d / d theta by the rectangle-kernel STE either way."""
 
     @staticmethod
-    def forward(ctx: Any, z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    def forward(ctx: Any, z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float, step: bool) -> torch.Tensor:
         ctx.save_for_backward(z_BF, theta_F)
-        ctx.bandwidth = bandwidth
-        return torch.relu(z_BF) * (z_BF > theta_F)
+        ctx.bandwidth, ctx.step = bandwidth, step
+        return (z_BF > theta_F).to(z_BF.dtype) if step else torch.relu(z_BF) * (z_BF > theta_F)
 
     @staticmethod
     def backward(ctx: Any, grad_BF: torch.Tensor):
         z_BF, theta_F = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_z = grad_BF * ((z_BF > theta_F) & (z_BF > 0)).to(grad_BF.dtype)
-        grad_theta = (-(theta_F / eps) * _rectangle((z_BF - theta_F) / eps) * grad_BF).sum(dim=0)
-        return grad_z, grad_theta, None
-
-
-class _StepFn(torch.autograd.Function):
-    """H(z - theta) per entry; gradient only to theta, by the rectangle-kernel STE (the paper's L0 estimator)."""
-
-    @staticmethod
-    def forward(ctx: Any, z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
-        ctx.save_for_backward(z_BF, theta_F)
-        ctx.bandwidth = bandwidth
-        return (z_BF > theta_F).to(z_BF.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad_BF: torch.Tensor):
-        z_BF, theta_F = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_theta = (-(1.0 / eps) * _rectangle((z_BF - theta_F) / eps) * grad_BF).sum(dim=0)
-        return None, grad_theta, None
+        grad_theta = (-((1.0 if ctx.step else theta_F) / eps) * _rectangle((z_BF - theta_F) / eps) * grad_BF).sum(0)
+        grad_z = None if ctx.step else grad_BF * ((z_BF > theta_F) & (z_BF > 0)).to(grad_BF.dtype)
+        return grad_z, grad_theta, None, None
 
 
 class JumpReLUSAE(SAE):
@@ -87,18 +71,9 @@ class JumpReLUSAE(SAE):
 
     def _train_codes(self, x_cent_BD: torch.Tensor) -> TrainCodes:
         z_BF = torch.addmm(self.b_enc, x_cent_BD, self.W_enc.T)
-        return TrainCodes(z_BF=z_BF, codes_BF=_JumpReLUFn.apply(z_BF, self.threshold, BANDWIDTH))
+        return TrainCodes(z_BF=z_BF, codes_BF=_ThresholdFn.apply(z_BF, self.threshold, BANDWIDTH, False))
 
     def _sparsity_penalty(self, codes: TrainCodes) -> torch.Tensor | None:
         if not self.training:  # eval-mode loss(): report the true L0 (no graph needed)
             return (codes.z_BF > self.threshold).sum(dim=-1).float().mean()
-        return _StepFn.apply(codes.z_BF, self.threshold, BANDWIDTH).sum(dim=-1).mean()
-
-    @torch.no_grad()
-    def fold_input_scale_(self) -> None:
-        # relu(z) * (z > theta) commutes with a positive scale for any sign of theta: always divide.
-        s = self.input_scale.clone()
-        self.b_enc.div_(s)
-        self.b_dec.div_(s)
-        self.threshold.div_(s)
-        self.input_scale.fill_(1.0)
+        return _ThresholdFn.apply(codes.z_BF, self.threshold, BANDWIDTH, True).sum(dim=-1).mean()

@@ -1,35 +1,13 @@
 """The SAE precision policy: float32 everywhere inside the SAE, whatever the trainer's precision.
 
-Policy (recorded in every checkpoint's ``config.json`` under ``"precision"``):
-
-* master weights and Adam state: float32 (the parameters' dtype); ``trainer.precision`` must be
-  ``32-true``: half-precision settings would cast the weights, and mixed ones (``bf16-mixed``) would
-  only wrap the step in an autocast the SAE turns off (and Lightning's mixed-precision plugins
-  refuse gradient clipping with the fused Adam), so both are refused before training;
-* selection (TopK family), by ``sae.precision`` (:data:`vlmsae.sae.select.POLICIES`):
-
-  - ``fp32``: the encoder matmul that selects runs in float32;
-  - ``fast_exact``: it runs on the tensor cores (TF32 on CUDA, bf16 inputs elsewhere), each value's
-    error is bounded (docs/METHOD.md, "Precision") and the entries whose interval reaches the
-    selection boundary are recomputed in float32;
-  - ``bf16``: it runs in bf16 and selects from those values (about 1% of the selected entries change);
-  - ``auto`` (default): ``fast_exact`` on CUDA, ``fp32`` elsewhere (CPUs gain nothing from bf16).
-
-  ``fp32`` and ``fast_exact`` select from the same canonical float32 values with the same tie rule
-  (:mod:`vlmsae.sae.select`), so they keep the same latents and hand on the same float32 values: the
-  top-k / batch-top-k choice, AuxK's dead latents, the inference threshold and the BatchTopK threshold
-  EMA depend neither on the trainer's precision nor on the kernel (``sae.sparse_kernel``) nor on which
-  of the two policies ran. The policy that ran is recorded in ``config.json`` (``precision.policy``);
-* compute: every SAE forward (``loss``, ``encode``, ``decode``) runs in a region with autocast
-  off and float32 matmuls at torch's "highest" precision (no TF32), on the dense and the sparse
-  path alike, except the one selecting matmul of the fast policies; backward follows the forward's dtypes.
-
-Why nothing else in bf16: on the sparse path everything after the selecting matmul is memory-bound
-gathers that gain little from bf16. Only the dense path's other matmuls (decoder forward, four in
-backward) could go faster in bf16, and running them so would make the two paths train different
-models. One rule, one result per config; the price is float32 matmul speed on GPUs for dense SAEs
-(vlmsae/bench/gpu_precision.py measures it). The activations themselves may be stored in fp16/bf16:
-they are cast to float32 on entry.
+Master weights and Adam state are float32 and ``trainer.precision`` must be ``32-true`` (half settings would
+cast the weights; mixed ones only add an autocast the SAE turns off, and Lightning's mixed plugins refuse
+clipping with the fused Adam). Every SAE forward and backward runs with autocast off and float32 matmuls at
+"highest" precision, except the one selecting encoder matmul of the fast policies (``sae.precision``:
+:data:`vlmsae.sae.select.POLICIES`, ``auto`` = ``fast_exact`` on CUDA, ``fp32`` elsewhere), whose exact
+selection :mod:`vlmsae.sae.select` guarantees. Why nothing else in bf16: the sparse path is memory-bound, and a
+bf16 dense path would train a different model than the sparse one. The policy is in docs/training.md and
+METHOD §2 "Precision"; each checkpoint records it under ``"precision"``.
 """
 
 from __future__ import annotations
@@ -72,9 +50,6 @@ def fp32_region(device: torch.device | str) -> Iterator[None]:
     )
     previous = torch.get_float32_matmul_precision()
     with autocast:
-        if previous == "highest":
-            yield
-            return
         torch.set_float32_matmul_precision("highest")
         try:
             yield

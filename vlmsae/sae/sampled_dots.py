@@ -31,12 +31,6 @@ _BLOCK_N = 32  # entries per Triton program
 _BLOCK_D = 128  # input dims per Triton step
 
 
-def _use_triton(x_BD: torch.Tensor) -> bool:
-    if triton is None:
-        return False
-    return x_BD.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 if triton is not None:
 
     @triton.jit
@@ -83,6 +77,21 @@ def _torch_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z) -> None:
         out_Z[start:stop] = dots[: stop - start].float()
 
 
+def csr_sampled_dots(crow: torch.Tensor, cols: torch.Tensor, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.Tensor:
+    """<a[row], b[col]> of each entry of a CSR pattern (row pointers ``crow``, ``cols`` in row order), in place by
+    one ``torch.sparse.sampled_addmm`` (CPU; about 20x cheaper than gathering the rows)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        pattern = torch.sparse_csr_tensor(
+            crow,
+            cols,
+            torch.zeros(cols.numel(), dtype=a_BD.dtype),
+            size=(a_BD.shape[0], b_FD.shape[0]),
+            check_invariants=False,
+        )
+        return torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
+
+
 def _cpu_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z) -> None:
     n_latents = W_FD.shape[0]
     # CSR wants row-major order and no repeated entry: unique sorts and merges repeats.
@@ -90,13 +99,7 @@ def _cpu_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z) -> None:
     rows_U, cols_U = flat_U // n_latents, flat_U % n_latents
     crow = torch.zeros(x_BD.shape[0] + 1, dtype=torch.long)
     torch.cumsum(torch.bincount(rows_U, minlength=x_BD.shape[0]), 0, out=crow[1:])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(
-            crow, cols_U, torch.zeros(rows_U.numel()), size=(x_BD.shape[0], W_FD.shape[0]), check_invariants=False
-        )
-        dots_U = torch.sparse.sampled_addmm(pattern, x_BD, W_FD.T, beta=0.0).values()
-    out_Z.copy_((dots_U + b_F[cols_U])[inverse_Z])
+    out_Z.copy_((csr_sampled_dots(crow, cols_U, x_BD, W_FD) + b_F[cols_U])[inverse_Z])
 
 
 @torch.no_grad()
@@ -116,9 +119,12 @@ def sampled_dots(
     out_Z = torch.empty(rows_Z.numel(), dtype=torch.float32, device=x_BD.device)
     if rows_Z.numel() == 0:
         return out_Z
-    if use_triton if use_triton is not None else _use_triton(x_BD):
+    auto = use_triton is None
+    if auto:
+        use_triton = triton is not None and (x_BD.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    if use_triton:
         _triton_dots(x_BD, W_FD, b_F, rows_Z.contiguous(), cols_Z.contiguous(), out_Z)
-    elif x_BD.device.type == "cpu" and use_triton is None:
+    elif x_BD.device.type == "cpu" and auto:
         _cpu_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z)
     else:
         _torch_dots(x_BD, W_FD, b_F, rows_Z, cols_Z, out_Z)

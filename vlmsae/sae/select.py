@@ -1,25 +1,12 @@
 """Exact latent selection from a fast encoder matmul (the ``fast_exact`` precision policy, METHOD §2 "Precision").
 
-Selection (top-k per row, batch top-k, the inference threshold) needs the whole B x F pre-activation matrix
-z = x_cent @ W_enc.T + b_enc, but only to decide which few entries are kept. This module computes z with a
-fast matmul (bf16 inputs, or TF32 on CUDA), bounds each value's error, and recomputes only the entries whose
-interval [z - e, z + e] reaches the selection boundary, with one canonical float32 kernel. The selected set is
-then a function of the canonical values alone, whatever matmul produced the first pass:
-
-* canonical value of entry (b, f): the dot product x_cent[b] . W_enc[f] plus b_enc[f] computed by one fixed
-  float32 kernel per device (:mod:`vlmsae.sae.sampled_dots`): a function of the entry's operands alone, as
-  accurate as the float32 matmul;
-* order: larger canonical value first; equal values -> lower latent index (TopK), lower flat index b * F + f
-  (BatchTopK); the threshold keeps values strictly above it;
-* candidates: an entry is recomputed unless its interval proves it is out (its upper end is below the k-th
-  largest lower end of its row, or of the batch for BatchTopK; at or below the threshold); every entry whose
-  canonical value ties the boundary is therefore recomputed, and the selection among candidates is exactly
-  the selection over all entries.
-
-Both exact policies run this code: ``fp32`` with the float32 matmul (a bound of a few float32 ulps, so nearly
-every candidate is selected) and ``fast_exact`` with the fast one; they select the same entries by
-construction and hand on the same canonical float32 values. ``bf16`` selects from the fast matmul's values
-without a bound (changed selections accepted). The bound is derived in docs/METHOD.md ("Precision").
+Selection (top-k, batch top-k, the threshold) needs all of z = x_cent @ W_enc.T + b_enc only to decide which few
+entries are kept. z comes from a fast matmul (bf16 inputs, or TF32 on CUDA) with a bound on each value's
+error, and only entries whose interval [z - e, z + e] reaches the selection boundary are recomputed by one
+canonical float32 kernel (:mod:`vlmsae.sae.sampled_dots`, a function of the entry's operands alone). Order:
+larger canonical value first, ties -> lower latent index (TopK) or flat index b * F + f (BatchTopK); the
+threshold keeps values strictly above it. So ``fp32`` (float32 matmul) and ``fast_exact`` select the same
+entries and hand on the same values; ``bf16`` selects from the fast values without a bound.
 """
 
 from __future__ import annotations
@@ -99,7 +86,8 @@ class Preacts:
         return self.err_B is not None
 
     def canonical(self, rows_Z: torch.Tensor, cols_Z: torch.Tensor) -> torch.Tensor:
-        return canonical_preacts(self.x_BD, self.W_FD, self.b_F, rows_Z, cols_Z)
+        """The canonical float32 values x[row] . W[col] + b[col] (:mod:`vlmsae.sae.sampled_dots`)."""
+        return sampled_dots(self.x_BD, self.W_FD, self.b_F, rows_Z, cols_Z)
 
 
 @torch.no_grad()
@@ -150,14 +138,6 @@ def preacts_with_bound(
     return Preacts(z_BF, x_BD, W_FD, b_F, policy, err_B)
 
 
-def canonical_preacts(
-    x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, rows_Z: torch.Tensor, cols_Z: torch.Tensor
-) -> torch.Tensor:
-    """The canonical float32 value of each entry, x[row] . W[col] + b[col]: a function of the entry's operands
-    alone (:mod:`vlmsae.sae.sampled_dots`)."""
-    return sampled_dots(x_BD, W_FD, b_F, rows_Z, cols_Z)
-
-
 def _rank_candidates(keys_Z: torch.Tensor, vals_Z: torch.Tensor) -> torch.Tensor:
     """Order of candidates by (key ascending, value descending, position ascending): stable sorts only."""
     order_Z = torch.sort(vals_Z, descending=True, stable=True).indices
@@ -187,21 +167,23 @@ def topk_exact(pre: Preacts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     def cut(vals_BM: torch.Tensor) -> torch.Tensor:
         return vals_BM.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values - err2_B1
 
-    rows_C, cols_C = _row_candidates(z_BF, cut, _first_m(pre, k))
+    # First look at a few more than k per row for the float32 bound, 4k for the fast ones (doubled on demand).
+    first_m = min(n_latents, k + max(8, k // 2) if pre.policy == "fp32" else 4 * k)
+    rows_M, cols_M = _row_candidates(z_BF, cut, first_m)
     with _single_threaded(z_BF.device):  # small ops on the candidates (see vlmsae.sae.sparse)
-        return _topk_of_candidates(pre, rows_C, cols_C, k)
+        return _topk_of_candidates(pre, rows_M, cols_M, k)
 
 
-def _topk_of_candidates(pre: Preacts, rows_C: torch.Tensor, cols_C: torch.Tensor, k: int):
+def _topk_of_candidates(pre: Preacts, rows_M: torch.Tensor, cols_M: torch.Tensor, k: int):
     batch_size, n_latents = pre.z_BF.shape
-    vals_C = pre.canonical(rows_C, cols_C)
-    order_C = _rank_candidates(rows_C, _orderable(vals_C))
-    rows_C, cols_C, vals_C = rows_C[order_C], cols_C[order_C], vals_C[order_C]
-    counts_B = torch.bincount(rows_C, minlength=batch_size)
+    vals_M = pre.canonical(rows_M, cols_M)
+    order_M = _rank_candidates(rows_M, _orderable(vals_M))
+    rows_M, cols_M, vals_M = rows_M[order_M], cols_M[order_M], vals_M[order_M]
+    counts_B = torch.bincount(rows_M, minlength=batch_size)
     starts_B = torch.cumsum(counts_B, 0) - counts_B
-    rank_C = torch.arange(rows_C.numel(), device=rows_C.device) - starts_B[rows_C]
-    keep_C = rank_C < k
-    rows_Z, cols_Z, vals_Z = rows_C[keep_C], cols_C[keep_C], vals_C[keep_C]
+    rank_M = torch.arange(rows_M.numel(), device=rows_M.device) - starts_B[rows_M]
+    keep_M = rank_M < k
+    rows_Z, cols_Z, vals_Z = rows_M[keep_M], cols_M[keep_M], vals_M[keep_M]
     order_Z = torch.sort(rows_Z * n_latents + cols_Z).indices  # row-major, columns ascending
     return rows_Z[order_Z], cols_Z[order_Z], vals_Z[order_Z]
 
@@ -230,12 +212,12 @@ def batch_topk_exact(pre: Preacts, k_total: int) -> tuple[torch.Tensor, torch.Te
     # Rows hold k_total / B entries on average but hard samples many more: start at 4x (8x for a fast matmul).
     per_row = -(-k_total // z_BF.shape[0])
     first_m = min(z_BF.shape[1], (4 if pre.policy == "fp32" else 8) * per_row)
-    rows_C, cols_C = _row_candidates(z_BF, cut, first_m)  # flat-index order
+    rows_M, cols_M = _row_candidates(z_BF, cut, first_m)  # flat-index order
     with _single_threaded(z_BF.device):
-        vals_C = pre.canonical(rows_C, cols_C)
-        order_C = torch.sort(_orderable(vals_C), descending=True, stable=True).indices[:k_total]
-        order_C = torch.sort(order_C).values  # back to flat-index order
-        return rows_C[order_C], cols_C[order_C], vals_C[order_C]
+        vals_M = pre.canonical(rows_M, cols_M)
+        order_M = torch.sort(_orderable(vals_M), descending=True, stable=True).indices[:k_total]
+        order_M = torch.sort(order_M).values  # back to flat-index order
+        return rows_M[order_M], cols_M[order_M], vals_M[order_M]
 
 
 @torch.no_grad()
@@ -245,11 +227,14 @@ def above_threshold_exact(pre: Preacts, threshold: torch.Tensor) -> tuple[torch.
     if not pre.exact:
         rows_Z, cols_Z = (z_BF > threshold).nonzero(as_tuple=True)
         return rows_Z, cols_Z, z_BF[rows_Z, cols_Z]
-    rows_C, cols_C = _not_below(z_BF, threshold, pre.err_B[:, None])
+    # Candidates z >= threshold - e; the cut is rounded down one float32 step so its rounding never drops an
+    # entry, and NaN (false under every comparison) is kept by ~(z < cut).
+    cut_B1 = torch.nextafter(threshold - pre.err_B[:, None], torch.tensor(float("-inf"), device=z_BF.device))
+    rows_M, cols_M = (~(z_BF < cut_B1)).nonzero(as_tuple=True)
     with _single_threaded(z_BF.device):
-        vals_C = pre.canonical(rows_C, cols_C)
-        keep_C = vals_C > threshold
-        return rows_C[keep_C], cols_C[keep_C], vals_C[keep_C]
+        vals_M = pre.canonical(rows_M, cols_M)
+        keep_M = vals_M > threshold
+        return rows_M[keep_M], cols_M[keep_M], vals_M[keep_M]
 
 
 @torch.no_grad()
@@ -260,13 +245,6 @@ def masked_topk_exact(pre: Preacts, keep_F: torch.Tensor, k: int) -> tuple[torch
     masked = Preacts(pre.z_BF.masked_fill(~keep_F, float("-inf")), pre.x_BD, pre.W_FD, b_F, pre.policy, pre.err_B)
     _, cols_Z, vals_Z = topk_exact(masked, k)
     return cols_Z, vals_Z
-
-
-def _first_m(pre: Preacts, k: int) -> int:
-    """How many top entries per row to look at first: a few more than k for the float32 matmul's tight
-    bound, 4k for the fast ones (a row whose candidates do not fit doubles it)."""
-    n_latents = pre.z_BF.shape[1]
-    return min(n_latents, k + max(8, k // 2) if pre.policy == "fp32" else 4 * k)
 
 
 def _row_candidates(z_BF: torch.Tensor, cut_of, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,19 +265,9 @@ def _row_candidates(z_BF: torch.Tensor, cut_of, m: int) -> tuple[torch.Tensor, t
         m = min(n_latents, 2 * m)
     with _single_threaded(z_BF.device):
         keep_BM = ~(vals_BM < cut_B1)
-        flat_C = torch.sort((torch.arange(batch_size, device=z_BF.device)[:, None] * n_latents + cols_BM)[keep_BM])
-        flat_C = flat_C.values
-        return flat_C // n_latents, flat_C % n_latents
-
-
-def _not_below(z_BF: torch.Tensor, level: torch.Tensor, margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) in flat-index order of the entries with z >= level - margin (and NaNs), the candidates.
-
-    One comparison pass against a per-row cut, rounded down one float32 step so that the rounding of
-    ``level - margin`` never drops an entry (NaN compares false to everything, so ``~(z < cut)`` keeps it).
-    """
-    cut = torch.nextafter(level - margin, torch.tensor(float("-inf"), device=z_BF.device))
-    return (~(z_BF < cut)).nonzero(as_tuple=True)
+        flat_M = torch.sort((torch.arange(batch_size, device=z_BF.device)[:, None] * n_latents + cols_BM)[keep_BM])
+        flat_M = flat_M.values
+        return flat_M // n_latents, flat_M % n_latents
 
 
 def _orderable(vals_Z: torch.Tensor) -> torch.Tensor:

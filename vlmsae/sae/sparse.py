@@ -1,48 +1,31 @@
 """Sparse training compute for TopK / BatchTopK SAEs: touch only the k selected latents per sample.
 
-Why: a TopK SAE keeps k (= 20) of F (8,192 .. 65,536) latents per sample, yet the dense
-reference trainer pays for six B x F x D matmuls per step (encoder forward, decoder forward,
-and four in backward).  Only the encoder forward ``z = x_cent @ W_enc.T`` is needed in full, to
-*select*; everything after selection involves Z = B*k entries.  This module provides the two
-autograd primitives that make the rest cost O(Z * D):
+A TopK SAE keeps k of F latents per sample, yet dense training pays for six B x F x D matmuls per step. Only
+the encoder forward that *selects* is needed in full; after selection everything involves Z = B*k entries.
+Two autograd primitives make the rest cost O(Z * D):
 
-``gather_preacts``  z[rows, cols] with a backward that writes dW_enc / db_enc only at the selected
-                    latents and dx_cent only through the selected rows of W_enc;
-``sparse_decode``   x_hat = sum_n vals[n] * W_dec[cols[n]] into row rows[n] (no bias), by
-                    ``embedding_bag`` with per-sample weights; its backward gives
-                    dvals[n] = <dx_hat[rows[n]], W_dec[cols[n]]> and dW_dec at selected rows only.
+``gather_preacts``  z[rows, cols], whose backward writes dW_enc / db_enc / dx_cent only through the selected
+                    latents;
+``sparse_decode``   x_hat[rows[n]] += vals[n] * W_dec[cols[n]] (no bias), with dvals and dW_dec at selected rows.
 
-How: the four "sum over selected entries grouped by a key" products (decoder forward, dx_cent,
-dW_enc, dW_dec) are each one ``F.embedding_bag(mode="sum", per_sample_weights=...)``: over a
-[B, k] bag matrix for TopK's row-major layout, with offsets after grouping otherwise (any count
-per row, repeated columns, empty rows: BatchTopK, Matryoshka groups, AuxK).  The dot products
-dvals = <dx_hat[rows], W_dec[cols]> are one ``torch.sparse.sampled_addmm`` (an SDDMM on the CSR
-pattern) on CPU.  No Z x D or B x F temporary is built.  The grouping (a sort by column, CSR row
-pointers) is a ``_Plan`` computed once per selection and shared by the forward, both backwards
-and every decode of the same entries.  Weight gradients come back as ordinary dense [F, D]
-tensors (zero off the selected rows), so any optimiser, gradient clipping and the decoder-norm
-projection work unchanged and the step equals the dense one up to float rounding.
-
-Usage in a TopK training step (what ``vlmsae.sae`` does when the sparse kernel is chosen)::
-
-    x_cent_BD = x_BD - b_dec
-    z_BF = selection_preacts(x_cent_BD, W_enc, b_enc)      # the one dense matmul (no grad)
-    rows_Z, cols_Z = topk_select(z_BF, k)                  # or batch_topk_select(z_BF, k * B)
-    vals_Z = gather_preacts(x_cent_BD, W_enc, b_enc, rows_Z, cols_Z, preacts_BF=z_BF).relu()
-    x_hat_BD = sparse_decode(rows_Z, cols_Z, vals_Z, W_dec, B) + b_dec
-
-Measured on the 2-core CPU of the build machine (fp32, d = 1024, B = 4096, k = 20): see
-``prefer_sparse`` and ``outputs/bench/results.md`` (``python -m vlmsae.bench``).
+Each "sum over selected entries grouped by a key" product is one ``F.embedding_bag(mode="sum",
+per_sample_weights=...)`` (a [B, k] bag matrix for TopK's row-major layout, offsets after grouping otherwise:
+BatchTopK, Matryoshka groups, AuxK); the dot products dvals are one ``torch.sparse.sampled_addmm`` on CPU. No
+Z x D or B x F temporary is built. The grouping (a sort, CSR row pointers) is a ``_Plan`` computed once per
+selection. Weight gradients are ordinary dense [F, D] tensors (zero off the selected rows), so the optimiser,
+clipping and the decoder projection work unchanged. Timings: ``prefer_sparse`` and docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import warnings
+import functools
 import weakref
 
 import torch
 import torch.nn.functional as F
+
+from vlmsae.sae.sampled_dots import csr_sampled_dots
 
 __all__ = [
     "batch_topk_select",
@@ -52,7 +35,6 @@ __all__ = [
     "release_selection_buffers",
     "selection_preacts",
     "sparse_decode",
-    "topk_select",
     "use_sparse_kernel",
 ]
 
@@ -74,12 +56,9 @@ def _check_index_pair(rows_Z: torch.Tensor, cols_Z: torch.Tensor) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Grouping plans.  Every sparse product groups the Z entries by row (decode, dx) or by column
-# (dW_enc, dW_dec) and the dot products need CSR row pointers.  Working these out costs a sort
-# and a handful of small ops; on a CPU shared with other processes each small op can cost
-# milliseconds (threads wait on descheduled peers), so a plan is computed once per selection and
-# reused by the forward and both backwards (and by every Matryoshka prefix decode).
+# Grouping plans: every product groups the Z entries by row (decode, dx) or by column (dW_enc, dW_dec); that
+# costs a sort and small ops (slow on a busy CPU), so a plan is computed once per selection and reused by the
+# forward, both backwards and every Matryoshka prefix decode.
 
 _ROW_MAJOR_ROWS: dict[tuple[int, int, str], torch.Tensor] = {}
 _DX_SUM_SHORTCUT = True  # see _grad_feeds_only_a_bias; a switch for A/B timing and tests
@@ -87,13 +66,9 @@ _DX_SUM_SHORTCUT = True  # see _grad_feeds_only_a_bias; a switch for A/B timing 
 
 @contextlib.contextmanager
 def _single_threaded(device: torch.device):
-    """Run the small O(Z) index ops (sorts, counts, permutations of ~10^5 entries) on one thread.
-
-    They take about a millisecond either way on an idle CPU, but each multi-threaded op ends in
-    a barrier: on a CPU shared with other busy processes a descheduled peer thread turns a 1 ms
-    argsort into 300 ms (measured on the 2-core build machine under load ~8; 6 ms on one thread).
-    The heavy kernels (embedding_bag, sampled_addmm, the matmul) keep all threads.
-    """
+    """Run the small O(Z) index ops (sorts, counts, permutations) on one thread: each multi-threaded op ends
+    in a barrier, and on a busy shared CPU a descheduled peer turned a 1 ms argsort into 300 ms (6 ms on one
+    thread, 2-core build machine under load ~8). The heavy kernels keep all threads."""
     n_threads = torch.get_num_threads()
     if n_threads == 1 or device.type != "cpu":
         yield
@@ -106,7 +81,7 @@ def _single_threaded(device: torch.device):
 
 
 def _row_major_rows(n_rows: int, k: int, device: torch.device) -> torch.Tensor:
-    """[0]*k + [1]*k + ... + [n_rows-1]*k, cached: ``topk_select`` hands out this very tensor so
+    """[0]*k + [1]*k + ... + [n_rows-1]*k, cached: TopK selections hand out this very tensor so
     the kernels recognise TopK's layout by identity, with no check on the data."""
     key = (n_rows, k, str(device))
     rows_Z = _ROW_MAJOR_ROWS.get(key)
@@ -126,7 +101,6 @@ class _Plan:
         self.n_entries = rows_Z.numel()
         with _single_threaded(rows_Z.device):
             self.k = self._detect_row_major_k()
-        self._by_row = None
         self._by_col: dict[int, tuple] = {}
 
     def _detect_row_major_k(self) -> int:
@@ -139,41 +113,33 @@ class _Plan:
             return k
         return k if torch.equal(self.rows_Z, _row_major_rows(n_rows, k, self.rows_Z.device)) else 0
 
+    @functools.cached_property
     def by_row(self):
         """(order_Z or None, cols in row order, bag offsets [n_rows], CSR row pointers [n_rows + 1])."""
-        if self._by_row is None:
-            with _single_threaded(self.rows_Z.device):
-                self._by_row = self._group_by_row()
-        return self._by_row
-
-    def _group_by_row(self):
         rows_Z, cols_Z = self.rows_Z, self.cols_Z
-        sorted_ = self.n_entries < 2 or bool((rows_Z[1:] >= rows_Z[:-1]).all())
-        order_Z = None if sorted_ else torch.argsort(rows_Z, stable=True)
-        if order_Z is not None:
-            rows_Z, cols_Z = rows_Z[order_Z], cols_Z[order_Z]
-        counts = torch.bincount(rows_Z, minlength=self.n_rows)
-        if counts.numel() > self.n_rows:
-            raise ValueError(f"a row index is >= {self.n_rows} (the batch size / number of bags); check rows_Z.")
-        crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=rows_Z.device)
-        torch.cumsum(counts, 0, out=crow[1:])
-        return order_Z, cols_Z, crow[:-1], crow
+        with _single_threaded(rows_Z.device):
+            sorted_ = self.n_entries < 2 or bool((rows_Z[1:] >= rows_Z[:-1]).all())
+            order_Z = None if sorted_ else torch.argsort(rows_Z, stable=True)
+            if order_Z is not None:
+                rows_Z, cols_Z = rows_Z[order_Z], cols_Z[order_Z]
+            counts = torch.bincount(rows_Z, minlength=self.n_rows)
+            if counts.numel() > self.n_rows:
+                raise ValueError(f"a row index is >= {self.n_rows} (the batch size / number of bags); check rows_Z.")
+            crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=rows_Z.device)
+            torch.cumsum(counts, 0, out=crow[1:])
+            return order_Z, cols_Z, crow[:-1], crow
 
     def by_col(self, n_latents: int):
         """(order_Z, rows in column order, bag offsets [n_latents]) for the dW products."""
         if n_latents not in self._by_col:
             with _single_threaded(self.rows_Z.device):
-                self._by_col[n_latents] = self._group_by_col(n_latents)
+                order_Z = torch.argsort(self.cols_Z, stable=True)
+                rows_by_col_Z = torch.div(order_Z, self.k, rounding_mode="floor") if self.k else self.rows_Z[order_Z]
+                counts = torch.bincount(self.cols_Z, minlength=n_latents)
+                if counts.numel() > n_latents:
+                    raise ValueError(f"a column index is >= n_latents={n_latents}; check cols_Z.")
+                self._by_col[n_latents] = (order_Z, rows_by_col_Z, torch.cumsum(counts, 0) - counts)
         return self._by_col[n_latents]
-
-    def _group_by_col(self, n_latents: int):
-        cols_Z = self.cols_Z
-        order_Z = torch.argsort(cols_Z, stable=True)
-        rows_by_col_Z = torch.div(order_Z, self.k, rounding_mode="floor") if self.k else self.rows_Z[order_Z]
-        counts = torch.bincount(cols_Z, minlength=n_latents)
-        if counts.numel() > n_latents:
-            raise ValueError(f"a column index is >= n_latents={n_latents}; check cols_Z.")
-        return order_Z, rows_by_col_Z, torch.cumsum(counts, 0) - counts
 
 
 _PLANS: list[tuple] = []  # (weakref rows, weakref cols, versions, n_rows, plan), most recent first
@@ -202,7 +168,7 @@ def _bag_by_row(plan: _Plan, weight_Z: torch.Tensor, table_FD: torch.Tensor) -> 
             mode="sum",
             per_sample_weights=weight_Z.reshape(plan.n_rows, plan.k),
         )
-    order_Z, cols_by_row_Z, offsets, _ = plan.by_row()
+    order_Z, cols_by_row_Z, offsets, _ = plan.by_row
     if order_Z is not None:
         with _single_threaded(weight_Z.device):
             weight_Z = weight_Z[order_Z]
@@ -220,28 +186,15 @@ def _bag_by_col(plan: _Plan, weight_Z: torch.Tensor, table_BD: torch.Tensor, n_l
 
 
 def _sampled_dots(plan: _Plan, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.Tensor:
-    """out[n] = <a[rows[n]], b[cols[n]]> -> [Z]  (an SDDMM: a @ b.T sampled at the selection).
-
-    CPU: one ``torch.sparse.sampled_addmm`` on the CSR pattern, which computes each dot product
-    in place; gathering the rows instead costs a [Z, D] temporary or, chunked, many small ops.
-    Other devices: gathers (batched matrix-vector products for TopK's layout).
-    """
+    """out[n] = <a[rows[n]], b[cols[n]]> -> [Z] (an SDDMM). CPU: ``csr_sampled_dots`` on the plan's pattern (no
+    [Z, D] temporary); other devices: gathers (batched matrix-vector products for TopK's layout)."""
     dtype = torch.promote_types(a_BD.dtype, b_FD.dtype)
     a_BD, b_FD = a_BD.to(dtype), b_FD.to(dtype)
     if plan.n_entries == 0:
         return a_BD.new_zeros(0)
     if a_BD.device.type == "cpu":
-        order_Z, cols_by_row_Z, _, crow = plan.by_row()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            pattern = torch.sparse_csr_tensor(
-                crow,
-                cols_by_row_Z,
-                torch.zeros(plan.n_entries, dtype=dtype),
-                size=(plan.n_rows, b_FD.shape[0]),
-                check_invariants=False,
-            )
-            vals_Z = torch.sparse.sampled_addmm(pattern, a_BD, b_FD.T, beta=0.0).values()
+        order_Z, cols_by_row_Z, _, crow = plan.by_row
+        vals_Z = csr_sampled_dots(crow, cols_by_row_Z, a_BD, b_FD)
         if order_Z is None:
             return vals_Z
         with _single_threaded(vals_Z.device):
@@ -262,13 +215,9 @@ def _no_autocast(device: torch.device):
 
 
 def _grad_feeds_only_a_bias(x_cent_BD: torch.Tensor) -> bool:
-    """True if x_cent's gradient can only reach a [D] bias through ``x - b_dec`` (x without grad).
-
-    Then only the batch sum of dx_cent matters (the bias gradient is minus that sum), and the
-    sum is db_enc @ W_enc, an [F] x [F, D] product, instead of a [Z] gather of W_enc rows
-    (~10 ms of a ~350 ms step at F = 8,192 on the build CPU).  Hooks or retain_grad on x_cent
-    (which would observe per-row values) disable the shortcut.
-    """
+    """True if x_cent's gradient can only reach a [D] bias through ``x - b_dec`` (x without grad): then only
+    the batch sum of dx_cent matters, db_enc @ W_enc, instead of a [Z] gather of W_enc rows (~10 ms of a ~350 ms
+    step at F = 8,192 on the build CPU). Hooks or retain_grad on x_cent (they see per-row values) disable it."""
     grad_fn = x_cent_BD.grad_fn
     if grad_fn is None or grad_fn.name() != "SubBackward0" or x_cent_BD.retains_grad or x_cent_BD._backward_hooks:
         return False
@@ -360,15 +309,10 @@ def gather_preacts(
     preacts_BF: torch.Tensor | None = None,
     values_Z: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The selected pre-activations vals[n] = x_cent[rows[n]] . W_enc[cols[n]] + b_enc[cols[n]].
-
-    Differentiable in ``x_cent_BD``, ``W_enc_FD`` and ``b_enc_F``; the backward never forms a
-    dense B x F gradient (dW_enc is nonzero only at the selected latents).  Pass
-    ``preacts_BF`` (the no-grad ``z`` used for selection) to read the values instead of
-    recomputing them, or ``values_Z`` (the values an exact selection already computed,
-    :mod:`vlmsae.sae.select`); the backward is the same either way.  Entries may repeat a column,
-    rows may hold any number of entries (BatchTopK) or none.
-    """
+    """The selected pre-activations vals[n] = x_cent[rows[n]] . W_enc[cols[n]] + b_enc[cols[n]], differentiable
+    in x_cent, W_enc and b_enc without a dense B x F gradient. ``preacts_BF`` (the selection's no-grad z) or
+    ``values_Z`` (an exact selection's values, :mod:`vlmsae.sae.select`) supply the values instead of
+    recomputing them. Columns may repeat; rows may hold any number of entries or none."""
     _check_index_pair(rows_Z, cols_Z)
     if values_Z is not None and values_Z.shape != rows_Z.shape:
         raise ValueError(f"values_Z must have the shape of rows_Z {tuple(rows_Z.shape)}, got {tuple(values_Z.shape)}.")
@@ -390,12 +334,10 @@ def gather_preacts(
 def sparse_decode(
     rows_Z: torch.Tensor, cols_Z: torch.Tensor, vals_Z: torch.Tensor, W_dec_FD: torch.Tensor, batch_size: int
 ) -> torch.Tensor:
-    """x_hat[b] = sum over n with rows[n] == b of vals[n] * W_dec[cols[n]]  -> [batch_size, D], no bias.
+    """x_hat[b] = sum over n with rows[n] == b of vals[n] * W_dec[cols[n]] -> [batch_size, D], no bias.
 
-    Differentiable in ``vals_Z`` and ``W_dec_FD``; dW_dec is nonzero only at the selected latents.
-    Rows without entries decode to zero.  Entries need not be sorted (row-major input, as from
-    ``topk_select`` / ``batch_topk_select``, skips a sort).
-    """
+    Differentiable in ``vals_Z`` and ``W_dec_FD`` (dW_dec only at the selected latents); empty rows decode to
+    zero. Entries need not be sorted (row-major input, as from the select functions, skips a sort)."""
     _check_index_pair(rows_Z, cols_Z)
     if vals_Z.shape != rows_Z.shape:
         raise ValueError(f"vals_Z must have the shape of rows_Z {tuple(rows_Z.shape)}, got {tuple(vals_Z.shape)}.")
@@ -411,18 +353,11 @@ _PREACT_BUFFERS: dict[tuple, torch.Tensor] = {}
 
 @torch.no_grad()
 def selection_preacts(x_cent_BD: torch.Tensor, W_enc_FD: torch.Tensor, b_enc_F: torch.Tensor) -> torch.Tensor:
-    """The no-grad pre-activations z = x_cent @ W_enc.T + b_enc that the sparse path selects from,
-    written into a [B, F] buffer reused from call to call (per shape, dtype and device).
+    """The no-grad pre-activations z = x_cent @ W_enc.T + b_enc to select from, in the operands' dtype (autocast
+    ignored), written on CPU into a [B, F] buffer reused per shape (:func:`preact_buffer`).
 
-    Why: a fresh [4096, 8192] float32 tensor is 128 MB (1 GB at 65,536 latents); allocations that
-    large are mmap'ed by the C allocator and page-faulted in on every step.  Reusing the buffer
-    measured 374 -> 353 ms per TopK step on the 2-core build CPU (F = 8,192, B = 4,096).
-    The result is overwritten by the next call with the same shape: use it within the step (the
-    sparse primitives never keep it).  Off the CPU it is a plain ``addmm``.
-    ``release_selection_buffers()`` frees the memory.
-
-    Like the other primitives it computes in the operands' dtype, ignoring autocast: selection must
-    see the pre-activations the dense path sees (float32, see vlmsae.sae.precision).
+    Why: a fresh [4096, 8192] float32 tensor (128 MB) is mmap'ed and page-faulted in every step; reuse measured
+    374 -> 353 ms per TopK step on the 2-core build CPU. The next call with that shape overwrites the result.
     """
     device = x_cent_BD.device
     dtype = torch.promote_types(x_cent_BD.dtype, W_enc_FD.dtype)
@@ -449,26 +384,11 @@ def release_selection_buffers() -> None:
     _PREACT_BUFFERS.clear()
 
 
-def topk_select(z_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows_Z, cols_Z) of the k largest entries of each row of ``z_BF``, row-major, Z = B * k.
-
-    ``rows_Z`` is a cached tensor shared between calls (the kernels recognise it): do not modify it.
-    """
-    batch_size, n_latents = z_BF.shape
-    if not 0 < k <= n_latents:
-        raise ValueError(f"k must be in [1, n_latents={n_latents}], got {k}.")
-    cols_Z = z_BF.topk(k, dim=1, sorted=False).indices.reshape(-1)
-    return _row_major_rows(batch_size, k, z_BF.device), cols_Z
-
-
 def batch_topk_select(z_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows_Z, cols_Z) of the ``k_total`` largest entries of the whole B x F batch, sorted by row.
 
-    Exact (same set as ``z_BF.flatten().topk(k_total)`` up to ties) but much cheaper: a
-    flattened top-k over 33M entries costs about as much as the encoder matmul on CPU.  Take
-    each row's top m candidates (m = 4x the mean count per row), select the global top-k_total
-    among the B*m candidates, and accept if no row had all m of its candidates selected (then no
-    row can hold a missed entry); otherwise double m and retry, ending in the exact flat top-k.
+    The set of ``z_BF.flatten().topk(k_total)`` (up to ties), cheaper: the global top-k of each row's top m
+    (4x the mean count), accepted when no row had all m selected (none can hide a missed entry); else m doubles.
     """
     batch_size, n_latents = z_BF.shape
     n_total = batch_size * n_latents
@@ -495,25 +415,17 @@ def batch_topk_select(z_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, t
 # sparse / dense tokens/s of the TopKSAE step:  F = 64: 0.86   128: 1.05   256: 1.17
 # 512: 1.33   1024: 1.47   2048: 1.90   8192: ~3.5.  Sparse wins from F ~ 6k on, i.e. F >= 8k here.
 _CPU_MIN_LATENTS_PER_K = 8
-# GPUs: the dense matmuls run on tensor cores while the sparse path is memory-bound (B*k*D
-# gathers, a B x F top-k) and launches a few dozen small kernels, so the crossover sits at a much
-# larger F.  An estimate from bandwidth and FLOP rates (H100: 6 dense bf16 matmuls at F = 16k,
-# B = 4096, D = 1024 take ~1.5 ms, about what the sparse step's fixed costs do), NOT measured:
-# there is no GPU on the build machine; re-measure with `python -m vlmsae.bench` on one.  Since the
-# precision policy (vlmsae.sae.precision) the dense matmuls run in float32, not bf16, which moves the
-# crossover lower still; vlmsae/bench/gpu_precision.py prints both paths' step times on a GPU.
+# GPUs: dense matmuls run on tensor cores while the sparse path is memory-bound and launches small kernels, so
+# the crossover is at a much larger F. An estimate from bandwidth and FLOP rates, NOT measured (re-measure with
+# `python -m vlmsae.bench`; float32 dense matmuls, the precision policy, move it lower still).
 _GPU_MIN_LATENTS_PER_K = 512
 
 
 def prefer_sparse(batch_size: int, n_latents: int, d_in: int, device: torch.device | str, k: int = 20) -> bool:
     """The ``sparse_kernel="auto"`` rule: is the sparse path faster for this shape on this device?
 
-    Dense training costs about 6 B*F*D multiply-adds; the sparse path 1 B*F*D (the selecting
-    encoder forward) plus O(B*k*D) gathers with a larger constant and a fixed per-step overhead
-    (a sort, small index ops), so it wins once F is large relative to k: F >= 8k on CPU (the
-    measured crossover, see ``_CPU_MIN_LATENTS_PER_K``), F >= 512k on GPUs (an estimate).
-    Tiny batches (< 64 rows) stay dense: there the fixed overhead dominates and both are fast.
-    """
+    Dense costs ~6 B*F*D multiply-adds, sparse 1 B*F*D plus O(B*k*D) gathers and a fixed overhead, so sparse
+    wins once F is large relative to k (constants above). Tiny batches (< 64 rows) stay dense."""
     if batch_size < 64 or d_in < 1 or k < 1:
         return False
     device_type = torch.device(device).type
@@ -525,10 +437,6 @@ def use_sparse_kernel(
     kernel: str, batch_size: int, n_latents: int, d_in: int, device: torch.device | str, k: int = 20
 ) -> bool:
     """Resolve the config's ``sae.sparse_kernel`` (auto | sparse | dense) to a yes/no for this step."""
-    if kernel == "sparse":
-        return True
-    if kernel == "dense":
-        return False
-    if kernel == "auto":
-        return prefer_sparse(batch_size, n_latents, d_in, device, k=k)
-    raise ValueError(f"sparse_kernel must be 'auto', 'sparse' or 'dense', got {kernel!r}.")
+    if kernel not in ("auto", "sparse", "dense"):
+        raise ValueError(f"sparse_kernel must be 'auto', 'sparse' or 'dense', got {kernel!r}.")
+    return kernel == "sparse" or (kernel == "auto" and prefer_sparse(batch_size, n_latents, d_in, device, k=k))

@@ -36,9 +36,7 @@ class LinearWarmup:
         self.warmup_steps = max(0, int(warmup_steps))
 
     def __call__(self, step: int) -> float:
-        if self.warmup_steps == 0:
-            return 1.0
-        return min(1.0, (step + 1) / self.warmup_steps)
+        return min(1.0, (step + 1) / max(self.warmup_steps, 1))
 
 
 def make_optimizer(
@@ -69,10 +67,7 @@ def sae_step(
         check(out)
     optimizer.zero_grad(set_to_none=True)
     with fp32_region(x_BD.device):  # backward at full float32 precision too (vlmsae.sae.precision)
-        if backward is None:
-            out["loss"].backward()
-        else:
-            backward(out["loss"])
+        (backward or torch.Tensor.backward)(out["loss"])
     constrain_decoder_grad_(sae)
     if grad_clip and grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)

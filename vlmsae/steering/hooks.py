@@ -38,8 +38,8 @@ leaves that token's latent as encoded, so one batch can steer a different latent
 
 
 def sae_layer(sae: nn.Module) -> int | None:
-    """The vision block the SAE was trained on (``sae.source["layer"]``, from its ``config.json``), if known."""
-    layer = getattr(sae, "source", {}).get("layer")
+    """The vision block the SAE was trained on (``sae.trained_on["layer"]``, from its ``config.json``), if known."""
+    layer = getattr(sae, "trained_on", {}).get("layer")
     return None if layer is None else _int_layer(layer)
 
 
@@ -181,13 +181,13 @@ class SteeringHandle:
 
 
 def steer_block(model: nn.Module, sae: nn.Module, layer: int | None = None) -> int:
-    """The vision block of ``model`` to edit with ``sae`` (``layer``, else the SAE's ``source.layer``), checked:
+    """The vision block of ``model`` to edit with ``sae`` (``layer``, else the SAE's ``trained_on.layer``), checked:
     in range, not after the block LLaVA projects, and as wide as the SAE. Cheap: no forward pass."""
     if layer is None:
         layer = sae_layer(sae)
     if layer is None:
         raise ValueError(
-            "The SAE does not say which vision block it was trained on (source.layer is None): pass layer=<block>."
+            "The SAE does not say which vision block it was trained on (trained_on.layer is None): pass layer=<block>."
         )
     blocks = vision_blocks(model)
     if -len(blocks) <= layer < 0:  # counted from the end, as train's layer=-2
@@ -212,7 +212,8 @@ def steer_block(model: nn.Module, sae: nn.Module, layer: int | None = None) -> i
     if width is not None and sae.W_dec.shape[1] != width:
         raise ValueError(
             f"The SAE reads {sae.W_dec.shape[1]}-d activations but {type(model).__name__}'s vision tower is "
-            f"{width}-d: use an SAE trained on this model's vision tower (source: {getattr(sae, 'source', 'unknown')})."
+            f"{width}-d: use an SAE trained on this model's vision tower "
+            f"(trained_on: {getattr(sae, 'trained_on', 'unknown')})."
         )
     return layer
 
@@ -230,7 +231,7 @@ def steer(
     """Within the block, LLaVA's vision block ``layer`` outputs the steered activation.
 
     ``latents``: {latent index: alpha} (several at once are clamped together). ``layer``: defaults
-    to the SAE's ``source.layer``. It must not lie after the block LLaVA projects
+    to the SAE's ``trained_on.layer``. It must not lie after the block LLaVA projects
     (:func:`tapped_block_index`), which LLaVA would never read. ``patches``: see :func:`token_mask`.
     The hook is removed when the block exits, also on an exception.
 

@@ -23,7 +23,7 @@ class SteeringSetup:
     model: nn.Module
     processor: Any
     sae: nn.Module
-    layer: int  # the vision block to hook (the job's layer, else the SAE's source.layer), checked against the tower
+    layer: int  # the vision block to hook (the job's layer, else the SAE's trained_on.layer), checked against the tower
     image_size: int  # the vision tower's input side (the white image is made this size)
 
 
@@ -54,7 +54,7 @@ def load_steering(
     :func:`vlmsae.models.open_sae.load_job_sae`; ``sae_format`` None = detect),
     then the LLaVA of ``spec``, and move the SAE onto its vision tower's device.
 
-    ``layer`` overrides the block the SAE was trained on (its ``source.layer``). The SAE loads first, so a
+    ``layer`` overrides the block the SAE was trained on (its ``trained_on.layer``). The SAE loads first, so a
     bad path fails before the (large) model loads; its block and width are checked against the tower
     (:func:`vlmsae.steering.hooks.steer_block`) before any image is read. ``check_fit``: the first images the tower
     sees are checked against the SAE (:func:`vlmsae.models.open_sae.check_fit`, see :func:`check_fit_once`).
@@ -76,8 +76,8 @@ def check_fit_once(model: nn.Module, sae: nn.Module, layer: int, reads: dict[str
     unsteered output whatever steering hooks are installed later; the rows are the tokens the SAE was trained on.
     """
     block = vision_blocks(model)[layer]
-    tokens = (getattr(sae, "source", None) or {}).get("tokens")
-    records = dict(getattr(sae, "source", None) or {})
+    tokens = (getattr(sae, "trained_on", None) or {}).get("tokens")
+    records = dict(getattr(sae, "trained_on", None) or {})
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         handle.remove()

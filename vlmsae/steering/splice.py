@@ -240,14 +240,14 @@ def forced_batch(processor: Any, items: Sequence[PromptItem], device: torch.devi
         rows += [b] * A
         pos += list(range(P - 1, P + A - 1))  # logits at t predict token t + 1
         targets.append(answer_ids)
-    L = max(s.numel() for s in seqs)
-    ids_BL = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask_BL = torch.zeros(len(seqs), L, dtype=torch.long)
+    n_tokens = max(s.numel() for s in seqs)
+    ids_BT = torch.full((len(seqs), n_tokens), pad_id, dtype=torch.long)
+    mask_BT = torch.zeros(len(seqs), n_tokens, dtype=torch.long)
     for b, s in enumerate(seqs):
-        ids_BL[b, : s.numel()], mask_BL[b, : s.numel()] = s, 1
+        ids_BT[b, : s.numel()], mask_BT[b, : s.numel()] = s, 1
     inputs = {
-        "input_ids": ids_BL.to(device),
-        "attention_mask": mask_BL.to(device),
+        "input_ids": ids_BT.to(device),
+        "attention_mask": mask_BT.to(device),
         "pixel_values": torch.cat(pixels).to(device, dtype),
     }
     return ForcedBatch(inputs, torch.tensor(pos), torch.tensor(rows), torch.cat(targets))
@@ -256,8 +256,8 @@ def forced_batch(processor: Any, items: Sequence[PromptItem], device: torch.devi
 @torch.no_grad()
 def answer_logprobs(model: nn.Module, batch: ForcedBatch) -> torch.Tensor:
     """float32 log-probabilities [N, V] of the next token at every answer position of ``batch``."""
-    logits_BLV = model(**batch.inputs).logits
-    return logits_BLV[batch.row_N.to(logits_BLV.device), batch.pred_pos_N.to(logits_BLV.device)].float().log_softmax(-1)
+    logits_BTV = model(**batch.inputs).logits
+    return logits_BTV[batch.row_N.to(logits_BTV.device), batch.pred_pos_N.to(logits_BTV.device)].float().log_softmax(-1)
 
 
 @torch.no_grad()

@@ -35,9 +35,9 @@ class ImageCodes:
     def top_images(self, top_k: int, meta: dict[str, Any]) -> TopImages:
         """The top-``top_k`` images of every latent as a :class:`TopImages` index (paths kept if all known).
         ``meta`` (see :func:`top_images_meta`) says what was ranked."""
-        idx_KT, acts_KT = top_images(self.codes_NF, top_k=top_k)
+        idx_KX, acts_KX = top_images(self.codes_NF, top_k=top_k)
         paths = self.paths if all(p is not None for p in self.paths) else None
-        return TopImages(idx_KT, acts_KT, self.keys, paths=paths, labels=self.labels, meta=meta)
+        return TopImages(idx_KX, acts_KX, self.keys, paths=paths, labels=self.labels, meta=meta)
 
 
 def top_images_meta(src: TappedSAE, images: Any, sae_path: str | Path, **extra: Any) -> dict[str, Any]:

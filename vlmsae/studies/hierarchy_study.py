@@ -147,7 +147,7 @@ def compute_top_images(
 class HierarchyStudy:
     """The per-group table (hierarchy.json) and the per-latent rows (latent_taxa.csv) of one run."""
 
-    summary: HierarchySummary  # .taxonomy: where the taxonomy came from (Taxonomy.source)
+    summary: HierarchySummary  # .taxonomy: where the taxonomy came from (Taxonomy.origin)
     latent_rows: list[dict]  # latent_taxa.csv rows (latent_taxa_rows)
 
 
@@ -173,11 +173,11 @@ def score_hierarchy(
         classes[lab] if classes and isinstance(lab, int) and 0 <= lab < len(classes) else lab
         for lab in (top.labels or [None] * len(top.keys))
     ]
-    codes_NR, names = encode_paths(taxonomy.match(top.keys, top.paths, labels), taxonomy.n_ranks)
-    depths = H.lca_depths(top.image_idx, top.acts, codes_NR, n_top=n_top)
+    codes_NO, names = encode_paths(taxonomy.match(top.keys, top.paths, labels), taxonomy.n_ranks)
+    depths = H.lca_depths(top.image_idx, top.acts, codes_NO, n_top=n_top)
     groups = H.group_table(depths, group_K, ms_K, n_groups=len(sae.group_sizes))
-    code_KR, frac_KR, _ = H.majority_taxa(top.image_idx, top.acts, codes_NR, n_top=n_top)
-    rows = latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, taxonomy.ranks, min_majority)
+    code_KO, frac_KO, _ = H.majority_taxa(top.image_idx, top.acts, codes_NO, n_top=n_top)
+    rows = latent_taxa_rows(depths, group_K, code_KO, frac_KO, names, taxonomy.ranks, min_majority)
     summary = HierarchySummary(
         groups=groups,
         group_sizes=list(sae.group_sizes),
@@ -186,7 +186,7 @@ def score_hierarchy(
         n_images=len(top.keys),
         n_top=n_top,
         ranks=list(taxonomy.ranks),
-        taxonomy=taxonomy.source,
+        taxonomy=taxonomy.origin,
         sae_path=str(sae_path),
         ms_run=None if ms_run is None else str(ms_run),
         paper_table2=PAPER_TABLE2,
@@ -194,19 +194,19 @@ def score_hierarchy(
     return HierarchyStudy(summary=summary, latent_rows=rows)
 
 
-def latent_taxa_rows(depths, group_K, code_KR, frac_KR, names, ranks, min_majority: float) -> list[dict]:
+def latent_taxa_rows(depths, group_K, code_KO, frac_KO, names, ranks, min_majority: float) -> list[dict]:
     """One row per latent for latent_taxa.csv (the columns the feature browser reads); ``label`` is the
     deepest rank whose majority taxon holds more than ``min_majority`` of the latent's top images."""
-    deepest_K = H.deepest_majority_rank(code_KR, frac_KR, min_majority)
+    deepest_K = H.deepest_majority_rank(code_KO, frac_KO, min_majority)
     rows = []
-    for k in range(code_KR.shape[0]):
+    for k in range(code_KO.shape[0]):
         row: dict[str, Any] = {"latent": k, "group": int(group_K[k])}
         valid = bool(depths.valid_K[k])
         row["depth_mean"] = f"{float(depths.depth_mean_K[k]):.4f}" if valid else ""
         row["depth_mode"] = int(depths.depth_mode_K[k]) if valid else ""
-        row.update({rank: names[r][int(code_KR[k, r])] for r, rank in enumerate(ranks)})
+        row.update({rank: names[r][int(code_KO[k, r])] for r, rank in enumerate(ranks)})
         d = int(deepest_K[k])
-        row["label"] = f"{names[d][int(code_KR[k, d])]} ({ranks[d]})" if d >= 0 else ""
+        row["label"] = f"{names[d][int(code_KO[k, d])]} ({ranks[d]})" if d >= 0 else ""
         rows.append(row)
     return rows
 

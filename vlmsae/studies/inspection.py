@@ -249,8 +249,8 @@ def latent_concepts(
     for i0 in range(0, len(used), batch_size):
         parts.append(embed_images([load_image(top.paths[i]) for i in used[i0 : i0 + batch_size]]).float().cpu())
     emb_NE = torch.cat(parts) if parts else torch.zeros(0, 1)
-    idx_KT = remap[top.image_idx.clamp_min(-1)]  # -1 stays -1 (the last slot of remap)
-    return concepts_from_embeddings(emb_NE, idx_KT)
+    idx_KX = remap[top.image_idx.clamp_min(-1)]  # -1 stays -1 (the last slot of remap)
+    return concepts_from_embeddings(emb_NE, idx_KX)
 
 
 def query_text_embedding(

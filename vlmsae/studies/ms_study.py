@@ -24,7 +24,7 @@ from vlmsae.metrics.reconstruction import ReconstructionAccumulator, zero_shot_f
 from vlmsae.metrics.topimages import TopImages, top_set_jaccard
 from vlmsae.models.embedders import EmbedderSpec
 from vlmsae.models.open_clip_backend import create_open_clip, spec_weights
-from vlmsae.models.open_sae import TappedSAE, open_tapped_sae, source_model_spec
+from vlmsae.models.open_sae import TappedSAE, open_tapped_sae, trained_on_model_spec
 from vlmsae.studies.codes import encode_images, top_images_meta
 from vlmsae.studies.embedding_cache import CachedEmbedder
 from vlmsae.studies.naming import LABELS, LatentNamer, LatentNames, label_namer, with_names
@@ -204,7 +204,7 @@ def zero_shot_check(
         return {"skipped": "no labelled images"}
     bs = images.batch_size
     batches = [torch.stack([preprocess(r.image) for r in records[i : i + bs]]) for i in range(0, len(records), bs)]
-    tokens = "cls" if src.source.get("tokens", "cls") == "cls" else "all"
+    tokens = "cls" if src.trained_on.get("tokens", "cls") == "cls" else "all"
     with torch.no_grad():
         out = zero_shot_fidelity(
             model, sae, src.layer, batches, text.to(sae.W_dec.device), labels=[r.label for r in records], tokens=tokens
@@ -216,7 +216,7 @@ def clip_zero_shot(sae: Any, images: str | None, template: str, max_images: int,
     """:func:`zero_shot_check` for ``sae`` (its own source CLIP) on a class-folder tree,
     or ``{"skipped": why}``: the source is not an open_clip model, or no class folders were given."""
     try:
-        spec = source_model_spec(dict(getattr(sae, "source", {}) or {}), None, None)
+        spec = trained_on_model_spec(dict(getattr(sae, "trained_on", {}) or {}), None, None)
     except (ValueError, KeyError, FileNotFoundError) as err:
         return {"skipped": f"the SAE's source model is unknown ({err})"}
     if spec.backend != "open_clip":

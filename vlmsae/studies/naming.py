@@ -105,13 +105,13 @@ def name_embeddings(
     return unit(total / len(templates))
 
 
-def concepts_from_embeddings(emb_NE: torch.Tensor, image_idx_KT: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """[K, E] concepts: the unit mean of the unit embeddings of each latent's top images (``image_idx_KT`` rows,
-    -1 = padding); NaN rows for latents without images. In chunks of latents, so K x T x E never materialises."""
+def concepts_from_embeddings(emb_NE: torch.Tensor, image_idx_KX: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """[K, E] concepts: the unit mean of the unit embeddings of each latent's top images (``image_idx_KX`` rows,
+    -1 = padding); NaN rows for latents without images. In chunks of latents, so K x X x E never materialises."""
     unit_NE = unit(emb_NE)
-    out = torch.full((image_idx_KT.shape[0], unit_NE.shape[1]), float("nan"))
-    for k0 in range(0, image_idx_KT.shape[0], chunk):
-        idx = image_idx_KT[k0 : k0 + chunk].long()
+    out = torch.full((image_idx_KX.shape[0], unit_NE.shape[1]), float("nan"))
+    for k0 in range(0, image_idx_KX.shape[0], chunk):
+        idx = image_idx_KX[k0 : k0 + chunk].long()
         valid = (idx >= 0).float()
         summed = (unit_NE[idx.clamp_min(0)] * valid[..., None]).sum(1)
         count = valid.sum(1, keepdim=True)
@@ -252,14 +252,14 @@ class LatentNamer:
     def name_from_embeddings(
         self,
         emb_NE: torch.Tensor,
-        image_idx_KT: torch.Tensor,
+        image_idx_KX: torch.Tensor,
         paths: Sequence[Any] | None = None,
         ms_K: torch.Tensor | None = None,
     ) -> LatentNames:
         """Names of every latent of a top-images index whose rows index ``emb_NE`` (and ``paths``, the images'
         files, which the LLaVA pass opens)."""
-        paths_K = None if paths is None else [[paths[i] for i in row if i >= 0] for row in image_idx_KT.tolist()]
-        return self.name(concepts_from_embeddings(emb_NE, image_idx_KT), paths_K, ms_K)
+        paths_K = None if paths is None else [[paths[i] for i in row if i >= 0] for row in image_idx_KX.tolist()]
+        return self.name(concepts_from_embeddings(emb_NE, image_idx_KX), paths_K, ms_K)
 
 
 def label_namer(emb_NE: torch.Tensor, labels_N: Sequence[int], classes: Sequence[str], top: int = 3) -> LatentNamer:
@@ -275,8 +275,8 @@ def label_namer(emb_NE: torch.Tensor, labels_N: Sequence[int], classes: Sequence
             "names=labels needs labelled images (class sub-folders, or labels in a list file / WebDataset), and "
             "these have none: use a labelled image set or a vocabulary (names=imagenet, names=<file>)."
         )
-    means_CE = torch.stack([unit(unit_NE[labels == c].mean(0)) for c in present])
-    return LatentNamer([classes[c] for c in present], means_CE, top, LABELS)
+    means_YE = torch.stack([unit(unit_NE[labels == c].mean(0)) for c in present])
+    return LatentNamer([classes[c] for c in present], means_YE, top, LABELS)
 
 
 def build_namer(

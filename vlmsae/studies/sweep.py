@@ -49,13 +49,13 @@ class SweepMember:
         return self.sae.n_latents / self.sae.d_in
 
     @property
-    def source_model(self) -> str:
-        source = self.sae.source or {}
-        return str(source.get("model") or source.get("pretrained") or "unknown")
+    def trained_on_model(self) -> str:
+        trained_on = self.sae.trained_on or {}
+        return str(trained_on.get("model") or trained_on.get("pretrained") or "unknown")
 
     @property
-    def source_layer(self) -> Any:
-        return (self.sae.source or {}).get("layer")
+    def trained_on_layer(self) -> Any:
+        return (self.sae.trained_on or {}).get("layer")
 
 
 def training_seed(sae_path: str) -> int | None:
@@ -115,7 +115,7 @@ def load_sweep(paths: list[str], sae_format: str | None = None) -> list[SweepMem
     gets the SAE's run folder appended (e.g. the multirun job number) so no output is overwritten."""
     members = [SweepMember(p, load_job_sae(p, sae_format)) for p in paths]
     for m in members:  # {arch}_x{expansion}_L{layer}, a folder name
-        m.name = f"{m.arch}_x{m.expansion:g}_L{m.source_layer}".replace("/", "-").replace(" ", "")
+        m.name = f"{m.arch}_x{m.expansion:g}_L{m.trained_on_layer}".replace("/", "-").replace(" ", "")
     counts = Counter(m.name for m in members)
     for m in members:
         if counts[m.name] > 1:
@@ -135,7 +135,7 @@ def require_one_model(members: list[SweepMember], what: str, model_override: Any
         return
     models: dict[str, list[str]] = {}
     for m in members:
-        models.setdefault(m.source_model, []).append(m.sae_path)
+        models.setdefault(m.trained_on_model, []).append(m.sae_path)
     if len(models) > 1:
         listing = "; ".join(f"{model}: {', '.join(paths)}" for model, paths in models.items())
         raise ValueError(
@@ -170,7 +170,7 @@ class SharedTap:
         if key not in self.kept:
             acts = self.tap.forward_to(images_BCHW, layer)
             self.kept[key] = acts[:, :1] if self.cls_only and acts.dim() == 3 else acts
-            self.counter.n_source_batches += 1
+            self.counter.n_model_batches += 1
         return self.kept[key]
 
 
@@ -182,7 +182,7 @@ class SweepCache:
     shared: dict[tuple, SharedTap] = field(default_factory=dict)  # (model, layer, pool) -> its kept activations
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # image key -> E(x)
     n_embedded: int = 0  # images the embedder ran on over the whole sweep
-    n_source_batches: int = 0  # batches of images the source models ran on over the whole sweep
+    n_model_batches: int = 0  # batches of images the source models ran on over the whole sweep
     keep: bool = True  # False: one SAE alone (a job's usual run): nothing is kept for a next SAE
 
     def _tap(self, spec: Any) -> Any:
@@ -216,13 +216,16 @@ class SweepCache:
 
     def counts(self) -> dict[str, int]:
         """What the sweep computed: images embedded by E and batches run through a source model."""
-        return {"images_embedded": self.n_embedded, "source_batches": self.n_source_batches}
+        return {"images_embedded": self.n_embedded, "model_batches": self.n_model_batches}
 
 
 def grouped(members: list[SweepMember]) -> Iterator[SweepMember]:
     """The members ordered so SAEs of the same model, layer and tokens are next to each other (their kept
     activations are dropped when the next group starts)."""
-    key = {id(m): (m.source_model, str(m.source_layer), str((m.sae.source or {}).get("tokens"))) for m in members}
+    key = {
+        id(m): (m.trained_on_model, str(m.trained_on_layer), str((m.sae.trained_on or {}).get("tokens")))
+        for m in members
+    }
     yield from sorted(members, key=lambda m: key[id(m)])
 
 

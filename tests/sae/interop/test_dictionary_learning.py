@@ -1,6 +1,6 @@
 """dictionary_learning / sae-for-vlm checkpoints: written here exactly as the library lays them out (keys, shapes,
 transposes, config.json), loaded through vlmsae, compared with the library's forward re-implemented below in plain
-torch (from its source: trainers/top_k.py, batch_top_k.py, matryoshka_batch_top_k.py, dictionary.py)."""
+torch (from its trained_on: trainers/top_k.py, batch_top_k.py, matryoshka_batch_top_k.py, dictionary.py)."""
 
 from __future__ import annotations
 
@@ -123,9 +123,9 @@ def test_load_matches_the_library_forward(tmp_path, dict_class):
         assert sae.cfg.k == K
     if "shkaBatchTopK" in dict_class:
         assert sae.group_sizes == [6, 12, 30]
-    assert sae.source["format"] == "dictionary_learning" and sae.source["layer"] == 3
-    assert sae.source["model"] is None and sae.source["hf_model"] == "EleutherAI/pythia-70m-deduped"
-    assert sae.source["original_path"] == str(dpath) and "raw" in sae.source["input_normalisation"]
+    assert sae.trained_on["format"] == "dictionary_learning" and sae.trained_on["layer"] == 3
+    assert sae.trained_on["model"] is None and sae.trained_on["hf_model"] == "EleutherAI/pythia-70m-deduped"
+    assert sae.trained_on["original_path"] == str(dpath) and "raw" in sae.trained_on["input_normalisation"]
 
 
 @pytest.mark.parametrize("dict_class", ["BatchTopKSAE", "MatryoshkaBatchTopKSAE"])
@@ -160,17 +160,17 @@ def test_paper_folder_gives_model_layer_and_tokens(tmp_path):
     x = _x()
     for path in (trainer, trainer / "checkpoints" / "ae_100000.pt"):  # the latest checkpoint, or that file
         sae = load(path)
-        src = sae.source
+        src = sae.trained_on
         assert (src["model"], src["pretrained"], src["layer"]) == ("clip_l14_336", "openai", 22)
         assert (src["tokens"], src["tokens_k"], src["hf_model"]) == ("random_k", 2, "clip-vit-large-patch14-336")
         assert src["checkpoint"] == "checkpoints/ae_100000.pt"
         torch.testing.assert_close(sae.encode(x), _library_forward("MatroyshkaBatchTopKSAE", state, x)[0])
     proj = tmp_path / VLM_NAME.replace("_22_post_mlp_residual", "_-1_post_projection") / "trainer_0"
-    src = load(_write(proj, "BatchTopKSAE", _library_state("BatchTopKSAE"), layer="", lm_name="")).source
+    src = load(_write(proj, "BatchTopKSAE", _library_state("BatchTopKSAE"), layer="", lm_name="")).trained_on
     assert (src["layer"], src["tokens"], src["library_layer"]) == ("last", "cls", -1)
     plain = load(
         _write(tmp_path / "plain" / "trainer_0", "BatchTopKSAE", _library_state("BatchTopKSAE"), layer="", lm_name="")
-    ).source
+    ).trained_on
     assert plain["model"] is None and plain["layer"] is None and plain["tokens"] is None
 
 
@@ -191,7 +191,7 @@ def test_run_folder_one_level_above_its_trainer_is_searched(tmp_path):
     x = _x()
     sae = load_job_sae(run)
     torch.testing.assert_close(sae.encode(x), _library_forward("MatroyshkaBatchTopKSAE", state, x)[0])
-    assert sae.source["layer"] == 22 and sae.source["checkpoint"] == "checkpoints/ae_100000.pt"
+    assert sae.trained_on["layer"] == 22 and sae.trained_on["checkpoint"] == "checkpoints/ae_100000.pt"
     for i in (1, 10, 2):
         _write(run / f"trainer_{i}", "BatchTopKSAE", _library_state("BatchTopKSAE", seed=i))
     with pytest.raises(ValueError, match=r"holds 4 dictionary_learning trainers \(trainer_0, trainer_1, trainer_2, "):
@@ -211,7 +211,7 @@ def test_export_then_import_is_exact_and_the_library_forward_agrees(tmp_path, ar
         sae.b_dec.normal_(0, 1.0, generator=_g(3))
         sae.threshold.fill_(0.2)
         sae.input_scale.fill_(1.7)  # folded on export
-    sae.source = {"model": "clip_l14_336", "pretrained": "openai", "layer": 22, "tokens": "cls"}
+    sae.trained_on = {"model": "clip_l14_336", "pretrained": "openai", "layer": 22, "tokens": "cls"}
     out = dl.save(sae, tmp_path / "export", **({"matryoshka_class": "MatroyshkaBatchTopKSAE"} if paper else {}))
     raw = torch.load(out / "ae.pt", weights_only=True)
     trainer = json.loads((out / "config.json").read_text())["trainer"]
@@ -234,7 +234,7 @@ def test_export_then_import_is_exact_and_the_library_forward_agrees(tmp_path, ar
     assert torch.equal(back.encode(x), sae.encode(x)) or torch.allclose(back.encode(x), sae.encode(x), atol=1e-6)
     torch.testing.assert_close(back(x), sae(x), atol=1e-5, rtol=1e-5)
     assert back.arch == arch and back.group_sizes == sae.group_sizes
-    assert {k: back.source[k] for k in ("model", "layer", "tokens")} == {
+    assert {k: back.trained_on[k] for k in ("model", "layer", "tokens")} == {
         "model": "clip_l14_336",
         "layer": 22,
         "tokens": "cls",
@@ -345,3 +345,15 @@ def test_training_backup_is_refused_with_the_fix(tmp_path):
     torch.save(backup, dpath / "ae.pt")
     with pytest.raises(ValueError, match=r"mid-training backup.*checkpoints/ae_<step>.pt"):
         load(dpath)
+
+
+def test_an_export_from_before_the_trained_on_rename_keeps_its_exact_record(tmp_path):
+    """vlmsae's own export wrote the training record under ``vlmsae.source`` before it was ``trained_on``."""
+    sae = build_sae(SAEConfig(arch="topk", d_in=8, n_latents=16, k=2), seed=0)
+    sae.trained_on = {"model": "clip_l14_336", "pretrained": "openai", "layer": 22, "tokens": "random_k", "tokens_k": 3}
+    out = dl.save(sae, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    config["vlmsae"]["source"] = config["vlmsae"].pop("trained_on")
+    (out / "config.json").write_text(json.dumps(config))
+    back = load(out).trained_on
+    assert {k: back[k] for k in ("model", "pretrained", "layer", "tokens", "tokens_k")} == sae.trained_on

@@ -56,7 +56,7 @@ def test_resolves_subfolder_and_revision_from_the_cache(hub_cache):
 def test_load_through_hf_records_the_uri(hub_cache):
     sae = load(f"hf://org/saes/{SUB}@v1")
     assert torch.equal(sae.b_dec.detach(), torch.full((4,), 2.0))
-    src = sae.source
+    src = sae.trained_on
     assert src["original_path"] == f"hf://org/saes/{SUB}@v1" and src["format"] == "dictionary_learning"
     assert src["local_path"] == str(hub_cache / "snapshots" / COMMIT_V1 / SUB)
     assert (src["model"], src["layer"]) == ("clip_b32", 5)

@@ -11,8 +11,9 @@ import torch
 
 import vlmsae.sae.interop as interop
 from vlmsae.sae import SAEConfig, build_sae, load, load_sae, save_sae
-from vlmsae.sae.interop import FORMAT_NAMES, SOURCE_KEYS, detect_format, export_sae, load_any
-from vlmsae.sae.interop.torchfile import read_state_dict, read_torch_file
+from vlmsae.sae.interop import FORMAT_NAMES, TRAINED_ON_KEYS, detect_format, export_sae, load_any
+from vlmsae.sae.interop.dictionary_learning import read_state_dict
+from vlmsae.sae.interop.torchfile import read_torch_file
 
 
 class Custom:
@@ -23,7 +24,7 @@ def _sae(arch="batchtopk"):
     sae = build_sae(SAEConfig(arch=arch, d_in=8, n_latents=32, k=3), seed=0)
     with torch.no_grad():
         sae.threshold.fill_(0.1)
-    sae.source = {"model": "tiny", "layer": 1, "tokens": "cls"}
+    sae.trained_on = {"model": "tiny", "layer": 1, "tokens": "cls"}
     return sae
 
 
@@ -33,11 +34,11 @@ def test_load_is_load_any_and_a_vlmsae_folder_round_trips(tmp_path):
     sae, ref = load(dpath), load_sae(dpath)
     x = torch.randn(5, 8)
     assert torch.equal(sae.encode(x), ref.encode(x)) and not sae.training
-    assert set(SOURCE_KEYS) <= set(sae.source)
-    assert sae.source["format"] == "vlmsae" and sae.source["original_path"] == str(dpath)
-    assert (sae.source["model"], sae.source["layer"], sae.source["tokens"]) == ("tiny", 1, "cls")
-    assert sae.source["pretrained"] is None  # unknown -> None, never a guess
-    assert load(dpath, sae_format="vlmsae").source["format"] == "vlmsae"
+    assert set(TRAINED_ON_KEYS) <= set(sae.trained_on)
+    assert sae.trained_on["format"] == "vlmsae" and sae.trained_on["original_path"] == str(dpath)
+    assert (sae.trained_on["model"], sae.trained_on["layer"], sae.trained_on["tokens"]) == ("tiny", 1, "cls")
+    assert sae.trained_on["pretrained"] is None  # unknown -> None, never a guess
+    assert load(dpath, sae_format="vlmsae").trained_on["format"] == "vlmsae"
 
 
 def test_unrecognised_folder_lists_every_format_tried_and_what_it_expects(tmp_path):
@@ -96,7 +97,7 @@ def test_export_sae_writes_the_target_layout(tmp_path):
     out = export_sae(_sae(), "dictionary_learning", tmp_path / "dl")
     assert detect_format(out) == "dictionary_learning"
     out = export_sae(load(out), "vlmsae", tmp_path / "v")
-    assert detect_format(out) == "vlmsae" and load(out).source["layer"] == 1
+    assert detect_format(out) == "vlmsae" and load(out).trained_on["layer"] == 1
 
 
 # ---------------------------------------------------------------------------------------------- torchfile

@@ -65,7 +65,7 @@ def test_load_matches_msae_forward(tmp_path, fname, tied, soft_cap):
     torch.testing.assert_close(sae.decode(codes), x_hat_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sae(x), x_hat_ref, atol=1e-5, rtol=1e-5)
     assert (codes > 0).sum(-1).float().mean() > 8  # dense ReLU codes, not the training TopK
-    src = sae.source
+    src = sae.trained_on
     assert (src["model"], src["pretrained"], src["layer"], src["tokens"]) == ("clip_b32", "openai", "last", "cls")
     assert src["format"] == "msae" and src["library"]["target_norm"] == pytest.approx(np.sqrt(D))
     assert src["library"]["tied"] is tied and src["library"]["latent_soft_cap"] == soft_cap

@@ -115,7 +115,7 @@ def test_load_matches_prisma_forward(tmp_path, act, k, norm):
     if norm != "none":
         assert sae.input_transform == norm
         torch.testing.assert_close(sae.decode(codes, x=x), x_hat_ref, atol=1e-5, rtol=1e-5)
-    src = sae.source
+    src = sae.trained_on
     assert (src["model"], src["layer"], src["tokens"], src["format"]) == ("clip_b32", 9, "all", "prisma")
     assert src["hook"] == "blocks.9.hook_resid_post" and src["original_path"].endswith("n_images_2600058.pt")
 
@@ -133,7 +133,7 @@ def test_layer_norm_decode_needs_matching_stats(tmp_path):
 
 def test_source_tokens_and_non_residual_hooks(tmp_path):
     _write_run(tmp_path, layer_subtype="hook_mlp_out", cls_token_only=True, model_name="some/other-vit")
-    src = prisma.load(tmp_path).source
+    src = prisma.load(tmp_path).trained_on
     assert src["layer"] is None and src["hook"] == "blocks.9.hook_mlp_out"  # not the residual stream
     assert src["tokens"] == "cls" and src["model"] is None and src["pretrained"] == "some/other-vit"
 
@@ -142,9 +142,9 @@ def test_latest_checkpoint_and_file_path(tmp_path):
     _write_run(tmp_path, seed=1, n_images=1000)
     state = _write_run(tmp_path, seed=2, n_images=20000)
     sae = prisma.load(tmp_path)
-    assert sae.source["original_path"].endswith("n_images_20000.pt")
+    assert sae.trained_on["original_path"].endswith("n_images_20000.pt")
     torch.testing.assert_close(sae.W_dec.detach(), state["W_dec"])
-    assert prisma.load(tmp_path / "n_images_1000.pt").source["original_path"].endswith("n_images_1000.pt")
+    assert prisma.load(tmp_path / "n_images_1000.pt").trained_on["original_path"].endswith("n_images_1000.pt")
 
 
 def test_missing_config_json_refused(tmp_path):

@@ -149,10 +149,10 @@ def test_v6_folders_match_saelens_forward(tmp_path, case):
     sae = saelens.load(dpath)
     assert type(sae) is cls and not sae.training
     _check_same(sae, cfg, w)
-    assert sae.source["model"] == "clip_l14_336" and sae.source["pretrained"] == "openai"
-    assert sae.source["layer"] == 22 and sae.source["tokens"] is None
-    assert sae.source["format"] == "saelens" and sae.source["original_path"] == str(dpath)
-    assert sae.source["input_normalisation"] == "none"
+    assert sae.trained_on["model"] == "clip_l14_336" and sae.trained_on["pretrained"] == "openai"
+    assert sae.trained_on["layer"] == 22 and sae.trained_on["tokens"] is None
+    assert sae.trained_on["format"] == "saelens" and sae.trained_on["original_path"] == str(dpath)
+    assert sae.trained_on["input_normalisation"] == "none"
 
 
 def test_batchtopk_exported_as_jumprelu_keeps_one_threshold(tmp_path):
@@ -178,7 +178,9 @@ def test_v5_configs(tmp_path):
     }  # fmt: skip
     sae = saelens.load(_write(tmp_path / "v5std", cfg, w))
     _check_same(sae, cfg, w)
-    assert sae.source["model"] == "clip_b32" and sae.source["layer"] == 6  # resid_pre of block 7 = block 6 output
+    assert (
+        sae.trained_on["model"] == "clip_b32" and sae.trained_on["layer"] == 6
+    )  # resid_pre of block 7 = block 6 output
     # v5 topk: activation_fn_str "topk" + activation_fn_kwargs.k, architecture still "standard".
     w = _weights("topk", seed=5)
     cfg = {
@@ -189,7 +191,7 @@ def test_v5_configs(tmp_path):
     sae = saelens.load(_write(tmp_path / "v5topk", cfg, w))
     assert type(sae) is TopKSAE and sae.cfg.k == 3
     _check_same(sae, cfg, w)
-    assert sae.source["layer"] == 3 and sae.source["model"] is None
+    assert sae.trained_on["layer"] == 3 and sae.trained_on["model"] is None
 
 
 def test_expected_average_only_in_is_folded_from_activation_scaler(tmp_path):
@@ -202,7 +204,7 @@ def test_expected_average_only_in_is_folded_from_activation_scaler(tmp_path):
     (dpath / "activation_scaler.json").write_text(json.dumps({"scaling_factor": sf}))
     sae = saelens.load(dpath)
     _check_same(sae, cfg, w, sf=sf)
-    assert "0.37" in sae.source["input_normalisation"]
+    assert "0.37" in sae.trained_on["input_normalisation"]
     (dpath / "activation_scaler.json").write_text(json.dumps({"scaling_factor": None}))
     _check_same(saelens.load(dpath), cfg, w, sf=None)  # SAELens' scaler with no factor: identity
 
@@ -340,7 +342,7 @@ def _vlmsae_sae(arch: str, threshold: float | None = 0.2):
         elif threshold is not None:
             sae.threshold.fill_(threshold)
     set_input_scale_(sae, 2.5)  # export folds it: the folder takes raw activations
-    sae.source = {"model": "clip_l14_336", "pretrained": "openai", "layer": 22, "tokens": "cls"}
+    sae.trained_on = {"model": "clip_l14_336", "pretrained": "openai", "layer": 22, "tokens": "cls"}
     return sae.eval()
 
 
@@ -382,5 +384,17 @@ def test_export_is_what_saelens_loads_and_reimports_exactly(tmp_path, case):
     with torch.no_grad():
         torch.testing.assert_close(back.encode(x), sae.encode(x), atol=ATOL, rtol=ATOL)
         torch.testing.assert_close(back(x), sae(x), atol=ATOL, rtol=ATOL)
-    assert {k: back.source[k] for k in ("model", "pretrained", "layer", "tokens")} == sae.source
-    assert back.source["format"] == "saelens"
+    assert {k: back.trained_on[k] for k in ("model", "pretrained", "layer", "tokens")} == sae.trained_on
+    assert back.trained_on["format"] == "saelens"
+
+
+def test_an_export_from_before_the_trained_on_rename_keeps_its_exact_record(tmp_path):
+    """vlmsae's own export wrote the training record as ``metadata.vlmsae_source`` before ``vlmsae_trained_on``."""
+    sae = _vlmsae_sae("topk", None)
+    sae.trained_on = {**sae.trained_on, "tokens": "patches"}  # only the exact record knows the tokens
+    dpath = saelens.save(sae, tmp_path / "old")
+    cfg = json.loads((dpath / "cfg.json").read_text())
+    cfg["metadata"]["vlmsae_source"] = cfg["metadata"].pop("vlmsae_trained_on")
+    (dpath / "cfg.json").write_text(json.dumps(cfg))
+    back = saelens.load(dpath).trained_on
+    assert {k: back[k] for k in ("model", "pretrained", "layer", "tokens")} == sae.trained_on

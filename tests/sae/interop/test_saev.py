@@ -74,8 +74,8 @@ def test_schema5_topk_keeps_negative_values(tmp_path):
     x = torch.randn(32, D, generator=torch.Generator().manual_seed(1))
     f_ref = _check(sae, state, x, "TopK", 6, subtract=False)
     assert (f_ref < 0).any()  # the case where a ReLU would differ
-    assert sae.source["format"] == "saev" and sae.source["original_path"] == str(fpath)
-    assert sae.source["library"]["b_dec_subtracted"] is False and not sae.training
+    assert sae.trained_on["format"] == "saev" and sae.trained_on["original_path"] == str(fpath)
+    assert sae.trained_on["library"]["b_dec_subtracted"] is False and not sae.training
 
 
 @pytest.mark.parametrize("theta", [0.3, -0.2, 0.0])
@@ -96,8 +96,12 @@ def test_schema5_relu_with_folded_input_normalisation(tmp_path):
     sae = saev.load(tmp_path, input_mean=mean, input_scale=scale, layer=10, model="clip_b16", tokens="patches")
     x = torch.randn(32, D, generator=torch.Generator().manual_seed(5)) * 2 + mean
     _check(sae, state, x, "Relu", None, subtract=False, mean=mean, scale=scale)
-    assert sae.source["layer"] == 10 and sae.source["tokens"] == "patches" and sae.source["model"] == "clip_b16"
-    assert "folded" in sae.source["input_normalisation"]
+    assert (
+        sae.trained_on["layer"] == 10
+        and sae.trained_on["tokens"] == "patches"
+        and sae.trained_on["model"] == "clip_b16"
+    )
+    assert "folded" in sae.trained_on["input_normalisation"]
 
 
 def test_old_unversioned_file_subtracts_b_dec(tmp_path):
@@ -109,7 +113,7 @@ def test_old_unversioned_file_subtracts_b_dec(tmp_path):
     sae = saev.load(tmp_path)
     x = torch.randn(16, d, generator=torch.Generator().manual_seed(7))
     _check(sae, state, x, "Relu", None, subtract=True)
-    assert sae.source["library"]["b_dec_subtracted"] is True
+    assert sae.trained_on["library"]["b_dec_subtracted"] is True
     # The other convention gives different codes here (b_dec != 0): the choice is tested, not incidental.
     f_other, _ = _reference(state, x, "Relu", None, subtract=False)
     assert not torch.allclose(sae.encode(x), f_other, atol=1e-3)

@@ -62,8 +62,8 @@ def test_sparsify_topk_matches_library_forward(tmp_path, dtype):
     with torch.no_grad():
         torch.testing.assert_close(sae.encode(x), codes_ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sae(x), x_hat_ref, atol=1e-5, rtol=1e-5)
-    assert sae.source["layer"] == 6 and sae.source["model"] == "clip_l14" and sae.source["tokens"] is None
-    assert sae.source["format"] == "sparsify" and sae.source["input_normalisation"] == "none"
+    assert sae.trained_on["layer"] == 6 and sae.trained_on["model"] == "clip_l14" and sae.trained_on["tokens"] is None
+    assert sae.trained_on["format"] == "sparsify" and sae.trained_on["input_normalisation"] == "none"
 
 
 def test_old_config_without_activation_and_explicit_num_latents(tmp_path):
@@ -75,7 +75,7 @@ def test_old_config_without_activation_and_explicit_num_latents(tmp_path):
     x = _randn(50, D_IN, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(sae(x), _reference(w, x, K)[1], atol=1e-5, rtol=1e-5)
-    assert sae.source["layer"] == 3 and sae.source["model"] is None
+    assert sae.trained_on["layer"] == 3 and sae.trained_on["model"] is None
 
 
 @pytest.mark.parametrize(

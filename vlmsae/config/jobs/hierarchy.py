@@ -20,7 +20,7 @@ class HierarchyJob:
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     data: Any = MISSING  # the images (unused with ms_run, except to find the taxonomy's data root)
     taxonomy: Any = MISSING  # where each image's taxon path comes from
-    model: Any = None  # null = the model the SAE was trained on (its source.model)
+    model: Any = None  # null = the model the SAE was trained on (its trained_on.model)
     embedder: Any = None  # an image embedder for MS per group (e.g. embedder=clip_b32); null = no MS unless ms_run
 
     sae_path: str = MISSING  # SAE folder, e.g. outputs/train/<run>/sae, a published SAE's folder or hf://org/repo
@@ -29,7 +29,7 @@ class HierarchyJob:
     # active latent), naming the likely cause; false = score it anyway
     check_fit: bool = True
     ms_run: Optional[str] = None  # a finished `python -m vlmsae.monosemanticity` run: reuse top_images/, latents.csv
-    layer: Any = None  # null = the SAE's layer (source.layer); or a block index / "last"
+    layer: Any = None  # null = the SAE's layer (trained_on.layer); or a block index / "last"
     # cls | mean | max over patch tokens; null = cls if the SAE read CLS tokens, else mean
     # (as vlmsae.monosemanticity, so both jobs rank the same top images)
     pool: Optional[str] = None

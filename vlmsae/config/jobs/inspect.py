@@ -13,11 +13,11 @@ class InspectJob:
     """Ask an SAE about one's own images: its top latents on each, where they fire, names from an MS run."""
 
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
-    model: Any = None  # null = the model the SAE was trained on (its source.model)
+    model: Any = None  # null = the model the SAE was trained on (its trained_on.model)
     embedder: Any = None  # query= only: null = the MS run's own embedder (its run_info.json); it must be a CLIP
     sae_path: str = MISSING  # SAE folder (save_sae output, <run>/sae/; or a published SAE's folder / hf://org/repo)
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
-    layer: Any = None  # null = the SAE's source layer; or a block index / "last"
+    layer: Any = None  # null = the SAE's trained_on.layer; or a block index / "last"
     pool: Optional[str] = None  # cls | mean | max over patch tokens; null = cls if the SAE read CLS tokens, else mean
     images: Any = MISSING  # an image file, a folder of images, a .txt list of paths, or a list of any of these
     ms_run: Optional[str] = None  # a monosemanticity run of this SAE: names, MS, frequency, group, top images

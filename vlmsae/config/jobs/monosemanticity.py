@@ -20,7 +20,7 @@ class MonosemanticityJob(NamingOptions):
 
     # config groups (typed by their own schemas in vlmsae.config.schemas)
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
-    model: Any = None  # null = the model the SAE was trained on (its source.model)
+    model: Any = None  # null = the model the SAE was trained on (its trained_on.model)
     data: Any = MISSING  # the images: folder | list | wds | synthetic
     embedder: Any = MISSING  # the image embedder E of the score
 
@@ -29,7 +29,7 @@ class MonosemanticityJob(NamingOptions):
     # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
     # active latent), naming the likely cause; false = score it anyway
     check_fit: bool = True
-    layer: Any = None  # null = the SAE's source layer; or a block index / "last"
+    layer: Any = None  # null = the SAE's trained_on.layer; or a block index / "last"
     pool: Optional[str] = None  # cls | mean | max over patch tokens; null = cls if the SAE read CLS tokens, else mean
     top_k: int = 16  # top-activating images kept per latent (images where it is 0 never count)
     baseline: bool = True  # also score the raw neurons of the same layer

@@ -21,7 +21,7 @@ class SpliceEvalJob:
     # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
     # active latent), naming the likely cause; false = score it anyway
     check_fit: bool = True
-    layer: Optional[int] = None  # vision block to splice (default: the SAE's source.layer)
+    layer: Optional[int] = None  # vision block to splice (default: the SAE's trained_on.layer)
     # null = the built-in images (white + scikit-image's astronaut, coffee, chelsea); a folder of images; or a list
     # of `white` / `skimage:<name>` / image paths. With prompts=<file>, relative image paths are read under it.
     images: Any = None

@@ -14,13 +14,15 @@ class SteerJob:
 
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     model: Any = MISSING  # the LLaVA to steer: a conf/model/ choice with backend hf_llava (its own model_schema)
-    sae_path: str = MISSING  # SAE folder (save_sae output, a published SAE's folder or hf://org/repo); its source.layer
+    sae_path: str = (
+        MISSING  # SAE folder (save_sae output, a published SAE's folder or hf://org/repo); its trained_on.layer
+    )
     # picks the block
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
     # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
     # active latent), naming the likely cause; false = score it anyway
     check_fit: bool = True
-    layer: Optional[int] = None  # override the vision block to hook (default: the SAE's source.layer)
+    layer: Optional[int] = None  # override the vision block to hook (default: the SAE's trained_on.layer)
     latent: Any = 0  # latent index, or a list [j1, j2] to clamp several at once
     alpha: Any = 100.0  # new value of the latent(s); a list matches `latent` one to one (paper: 100)
     mode: str = "replace"  # replace (paper: f_j = alpha, decode) | error_preserving (h + dec(f') - dec(f)) | add

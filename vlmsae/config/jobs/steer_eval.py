@@ -24,7 +24,7 @@ class SteerEvalJob:
     # active latent), naming the likely cause; false = score it anyway
     check_fit: bool = True
     top_images: str = MISSING  # top_images/ folder of a monosemanticity run with that SAE (image paths and labels)
-    layer: Optional[int] = None  # vision block to hook (default: the SAE's source.layer)
+    layer: Optional[int] = None  # vision block to hook (default: the SAE's trained_on.layer)
     # a count (10 = latents 0..9; the paper: 10 with ImageNet images, 1000 with the white image) or a list
     latents: Any = 10
     alpha: float = 100.0  # the clamped value (paper: 100)

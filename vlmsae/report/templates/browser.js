@@ -249,7 +249,7 @@
     info.appendChild(el("div", "muted", "MS run: " + DATA.sources.ms));
     if (DATA.sources.hierarchy) info.appendChild(el("div", "muted", "hierarchy run: " + DATA.sources.hierarchy));
     DATA.steering.forEach(function (ex) {
-      var what = "steering run " + ex.source + ": latent(s) " + ex.latents.join(", ");
+      var what = "steering run " + ex.steering_run + ": latent(s) " + ex.latents.join(", ");
       if (!ex.same_sae) what += " of another SAE (" + ex.sae_path + "), not attached to these cards";
       info.appendChild(el("div", "muted", what));
     });

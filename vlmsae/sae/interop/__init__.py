@@ -3,14 +3,14 @@
     from vlmsae.sae import load                       # = load_any
     sae = load("hf://org/repo/folder")                # fetched into the HF cache, format detected
     sae = load("/ckpts/trainer_0", sae_format="dictionary_learning")
-    sae.source                                        # model, pretrained, layer (vlmsae block index), tokens, ...
+    sae.trained_on                                        # model, pretrained, layer (vlmsae block index), tokens, ...
 
 One module per format (``vlmsae/sae/interop/<name>.py``) with ``NAME``, ``EXPECTS`` (one line: the files and
 keys it needs), ``detect(dpath)`` (file names and JSON keys only, no tensors), ``load(dpath, device)`` and, for
 export targets, ``save(sae, out_dpath)``. Detection tries ``FORMAT_NAMES`` in order. A foreign SAE becomes a
 vlmsae SAE only where its forward is exactly representable (z = (x - b_dec) W_enc^T + b_enc, x_hat = f W_dec +
 b_dec; other bias and scaling conventions are folded in); loaded decoder rows need not be unit norm (inference
-only). ``sae.source`` always has the keys of :data:`SOURCE_KEYS` (None = unknown). Checkpoints are read with
+only). ``sae.trained_on`` always has the keys of :data:`TRAINED_ON_KEYS` (None = unknown). Checkpoints are read with
 safetensors or torch's ``weights_only`` reader (:mod:`vlmsae.sae.interop.torchfile`), never unpickled.
 """
 
@@ -22,11 +22,11 @@ from types import ModuleType
 
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import refuse_interop_only
-from vlmsae.sae.interop.hub import is_hf_uri, resolve_hf
+from vlmsae.sae.interop.hub import folder_listing, is_hf_uri, resolve_hf
 
 FORMAT_NAMES = ("vlmsae", "dictionary_learning", "saelens", "sparsify", "saev", "prisma", "msae")
 EXPORT_FORMATS = ("vlmsae", "dictionary_learning", "saelens")
-SOURCE_KEYS = ("model", "pretrained", "layer", "tokens", "input_normalisation", "format", "original_path")
+TRAINED_ON_KEYS = ("model", "pretrained", "layer", "tokens", "input_normalisation", "format", "original_path")
 
 
 def format_module(name: str) -> ModuleType | None:
@@ -69,7 +69,7 @@ def detect_format(dpath: str | Path) -> str:
     tried = "\n".join(f"  - {name}: {module.EXPECTS}" for name, module in modules.items())
     absent = [name for name in FORMAT_NAMES if name not in modules]
     missing = f"\n(not available in this install: {', '.join(absent)})" if absent else ""
-    present = sorted(p.name + ("/" if p.is_dir() else "") for p in dpath.iterdir())[:20] if dpath.is_dir() else []
+    present = folder_listing(dpath)[:20]
     raise ValueError(
         f"{str(dpath)!r} is not an SAE checkpoint vlmsae recognises (it holds {present or 'a single file'}). "
         f"Formats tried, and what each expects:\n{tried}{missing}\n"
@@ -80,8 +80,8 @@ def detect_format(dpath: str | Path) -> str:
 def load_any(path: str | Path, sae_format: str | None = None, device: str = "cpu") -> SAE:
     """Load an SAE of any supported format (``hf://`` paths resolved first) as a vlmsae SAE in eval mode.
 
-    ``sae_format`` names the format (one of ``FORMAT_NAMES``); None detects it. ``sae.source`` gets every key
-    of ``SOURCE_KEYS``; ``original_path`` is ``path`` as given (the hf:// path, not the cache folder).
+    ``sae_format`` names the format (one of ``FORMAT_NAMES``); None detects it. ``sae.trained_on`` gets every key
+    of ``TRAINED_ON_KEYS``; ``original_path`` is ``path`` as given (the hf:// path, not the cache folder).
     """
     if sae_format is not None and sae_format not in FORMAT_NAMES:
         raise ValueError(f"sae_format={sae_format!r} is not a known SAE format; use one of {', '.join(FORMAT_NAMES)}.")
@@ -94,12 +94,11 @@ def load_any(path: str | Path, sae_format: str | None = None, device: str = "cpu
             f"available: {', '.join(available_formats())}."
         )
     sae = module.load(local, device=device)
-    source = {key: None for key in SOURCE_KEYS} | dict(sae.source)
-    source["format"] = module.NAME
-    source["original_path"] = str(path)
+    trained_on = {key: None for key in TRAINED_ON_KEYS} | dict(sae.trained_on)
+    trained_on.update(format=module.NAME, original_path=str(path))
     if is_hf_uri(path):
-        source["local_path"] = str(local)
-    sae.source = source
+        trained_on["local_path"] = str(local)
+    sae.trained_on = trained_on
     return sae.eval()
 
 
@@ -147,7 +146,7 @@ def export_sae(
 __all__ = [
     "EXPORT_FORMATS",
     "FORMAT_NAMES",
-    "SOURCE_KEYS",
+    "TRAINED_ON_KEYS",
     "available_formats",
     "detect_format",
     "export_sae",

@@ -1,46 +1,33 @@
 """dictionary_learning (saprmarks/dictionary_learning) and the paper's code (ExplainableML/sae-for-vlm, which
 vendors an older copy): ``ae.pt`` + ``config.json``, loaded and written.
 
-Layout (what ``dictionary_learning.utils.load_dictionary`` reads): a folder ``trainer_<i>/`` with ``config.json``
-= ``{"trainer": {..., "dict_class": ..., "k": ...}, "buffer": {...}}`` and ``ae.pt``, a bare state dict; training
-also leaves ``checkpoints/ae_<step>.pt`` (same format). A folder without ``ae.pt`` loads its latest checkpoint,
-and ``sae_path`` may name one checkpoint file (the paper's scripts use ``checkpoints/ae_100000.pt``) or the run
-folder one level above a single ``trainer_<i>/`` (several there are refused, naming them). ``ae.pt``
-is read with torch's ``weights_only`` reader; a mid-training backup (``{step, ae, optimizer, ...}``) is refused.
+Layout (what ``dictionary_learning.utils.load_dictionary`` reads): ``trainer_<i>/config.json`` =
+``{"trainer": {"dict_class": ..., "k": ...}, "buffer": {...}}`` and ``ae.pt``, a bare state dict (also
+``checkpoints/ae_<step>.pt``, the latest loaded when there is no ``ae.pt``). ``sae_path`` may name one checkpoint
+file or the run folder above a single ``trainer_<i>/``. A mid-training backup (``{step, ae, optimizer}``) is refused.
 
-Classes (``trainer.dict_class``) -> vlmsae arch, with the library's keys and forward (x raw activations):
+``trainer.dict_class`` -> vlmsae arch (x raw activations):
 
-- ``AutoEncoder`` -> relu. ``encoder.weight`` [F,d], ``encoder.bias`` [F], ``decoder.weight`` [d,F] (transposed),
-  ``bias`` [d] (b_dec): f = relu((x - bias) W_e^T + b_e). Like ``AutoEncoder.from_pretrained`` (its default
-  ``normalize_decoder``), decoder columns are rescaled to unit norm and the encoder rows and bias by the same
-  norms (x_hat unchanged, codes in unit-direction units), unless they already are unit norm (torch.allclose).
-- ``AutoEncoderTopK`` -> topk. ``encoder.*``, ``decoder.weight``, ``b_dec``, ``k`` (int scalar), ``threshold``
-  (scalar, unused: the library's default ``use_threshold=False`` keeps each row's top k of relu(z)).
-- ``BatchTopKSAE`` -> batchtopk. Same keys; inference ``use_threshold=True``: f = p * (p > threshold), p = relu(z).
-  A threshold still at -1 (never estimated) makes that a plain ReLU; vlmsae loads it as threshold 0, which gives
-  the same codes (p * (p > 0) = p), and warns: such an SAE is dense.
-- ``MatryoshkaBatchTopKSAE`` / ``MatroyshkaBatchTopKSAE`` (the paper's spelling) -> matryoshka. ``W_enc`` [d,F]
-  (transposed), ``b_enc``, ``W_dec`` [F,d], ``b_dec``, ``k``, ``threshold`` (as BatchTopK), ``group_sizes`` [G]
-  (must sum to F; kept as vlmsae group fractions). All groups are active at inference.
-- ``JumpReluAutoEncoder`` -> jumprelu (vlmsae.sae.jumprelu). ``W_enc`` [d,F], ``b_enc``, ``W_dec``, ``b_dec``,
-  ``threshold`` [F]: pre = x W_enc + b_enc (b_dec NOT subtracted), f = relu(pre * (pre > threshold)). vlmsae
-  subtracts b_dec, so b_enc' = b_enc + b_dec W_enc.
+- ``AutoEncoder`` -> relu: ``encoder.*`` [F,d], ``decoder.weight`` [d,F], ``bias`` (b_dec). As its
+  ``from_pretrained`` does, decoder columns are rescaled to unit norm (encoder by the same norms) unless already so;
+- ``AutoEncoderTopK`` -> topk (``k``; its scalar ``threshold`` is unused at inference);
+- ``BatchTopKSAE`` -> batchtopk: f = p * (p > threshold), p = relu(z). A threshold still at -1 is a plain ReLU,
+  loaded as threshold 0 (same codes), with a warning;
+- ``MatryoshkaBatchTopKSAE`` / ``MatroyshkaBatchTopKSAE`` (the paper's spelling) -> matryoshka: ``W_enc`` [d,F],
+  ``W_dec`` [F,d], ``group_sizes`` (kept as group fractions), all groups active at inference;
+- ``JumpReluAutoEncoder`` -> jumprelu: pre = x W_enc + b_enc (b_dec NOT subtracted), so b_enc' = b_enc + b_dec W_enc.
 
-Units: with ``normalize_activations`` the trainer multiplies the biases (and a set threshold) by its norm factor
-before every save, so the file takes raw activations: no input normalisation is left to apply.
+With ``normalize_activations`` the trainer folds its norm factor into the saved weights: files take raw inputs.
 
-``sae.source``: ``trainer.layer`` is the residual output of block L (``model.layers[L]``; HF hidden_states[L+1]),
-which is vlmsae's block index. The paper's code saves ``layer=""`` and ``lm_name=""``; its folder name
-``<dataset>_<split>_activations_<model>_<layer>_<point>_<sae>_<k>_x<expansion>`` carries them instead:
-``post_mlp_residual`` layer L = block L (``vision_model.encoder.layers[L]``), ``post_projection`` (layer -1) =
-vlmsae ``"last"`` (the projected image embedding). Tokens: a ``random_k_<n>`` folder above means random_k (the
-steering SAE); the projected embedding is one vector per image ("cls"); otherwise unknown (None).
+``sae.trained_on``: ``trainer.layer`` L is block L's residual output (vlmsae's index). The paper's code saves empty
+``layer``/``lm_name``; its folder ``<dataset>_<split>_activations_<model>_<layer>_<point>_<sae>_<k>_x<expansion>``
+has them: ``post_mlp_residual`` L = block L, ``post_projection`` = vlmsae ``"last"`` (tokens "cls"). A
+``random_k_<n>`` folder above means tokens random_k (the steering SAE); otherwise tokens are unknown (None).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import re
 import warnings
 from pathlib import Path
@@ -49,8 +36,9 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.build import build_sae
+from vlmsae.sae.checkpoint import check_shape, require_keys
 from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.interop._convert import json_object_or_none, sae_from_weights
 from vlmsae.sae.interop.names import hf_id, model_from_name
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.utils.io import atomic_write, atomic_write_json
@@ -98,14 +86,6 @@ _NORMALISATION += "activations"
 
 
 # ---------------------------------------------------------------------------------------------- locating files
-def _read_json(fpath: Path) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(fpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def _checkpoints(dpath: Path) -> list[Path]:
     """``dpath/checkpoints/ae_<step>.pt``, by step."""
     ckpt_dpath = dpath / "checkpoints"
@@ -125,14 +105,12 @@ def _locate_trainer(path: Path) -> tuple[Path, Path] | None:
     config_fpath = path / CONFIG_FNAME
     if not config_fpath.is_file():
         return None
-    if (path / AE_FNAME).is_file():
-        return path / AE_FNAME, config_fpath
-    ckpts = _checkpoints(path)
-    return (ckpts[-1], config_fpath) if ckpts else None
+    weights = [path / AE_FNAME] if (path / AE_FNAME).is_file() else _checkpoints(path)  # else the latest checkpoint
+    return (weights[-1], config_fpath) if weights else None
 
 
 def _is_trainer(found: tuple[Path, Path] | None) -> bool:
-    trainer = (_read_json(found[1]) or {}).get("trainer") if found is not None else None
+    trainer = (json_object_or_none(found[1]) or {}).get("trainer") if found is not None else None
     return isinstance(trainer, dict) and "dict_class" in trainer
 
 
@@ -167,7 +145,9 @@ def detect(dpath: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _read_weights(fpath: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(fpath: Path) -> dict[str, torch.Tensor]:
+    """The flat ``{name: tensor}`` state dict of an ``ae.pt`` (:func:`~vlmsae.sae.interop.torchfile.read_torch_file`);
+    a training backup or any non-tensor value is refused, naming the keys."""
     obj = read_torch_file(fpath)
     if isinstance(obj, dict) and {"ae", "optimizer"} <= set(obj):
         raise ValueError(
@@ -175,8 +155,14 @@ def _read_weights(fpath: Path) -> dict[str, torch.Tensor]:
             "are in the trainer's normalised units), not a saved SAE: load the final ae.pt or a "
             "checkpoints/ae_<step>.pt instead."
         )
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{str(fpath)!r} is not a state dict {{name: tensor}} as dictionary_learning saves ae.pt.")
+    if not isinstance(obj, dict):
+        raise ValueError(f"{str(fpath)!r} holds a {type(obj).__name__}, not a state dict {{name: tensor}}.")
+    bad = {key: type(value).__name__ for key, value in obj.items() if not isinstance(value, torch.Tensor)}
+    if bad:
+        raise ValueError(
+            f"{str(fpath)!r} is not a plain state dict: keys {sorted(bad)} hold {sorted(set(bad.values()))}, not "
+            "tensors (expected {name: tensor}, as dictionary_learning saves ae.pt)."
+        )
     return obj
 
 
@@ -204,13 +190,9 @@ def _group_fractions(sizes: list[int], n_latents: int, fpath: Path) -> tuple[flo
 
 
 def _convert(arch: str, dict_class: str, tensors: dict[str, torch.Tensor], fpath: Path, trainer: dict) -> tuple:
-    """(SAEConfig kwargs, vlmsae tensors {W_enc [F,d], b_enc, W_dec [F,d], b_dec, threshold}) of one file."""
-    missing = [key for key in _KEYS[arch] if key not in tensors]
-    if missing:
-        raise ValueError(
-            f"{str(fpath)!r} lacks {missing} for dict_class {dict_class!r}; expected keys {list(_KEYS[arch])} "
-            f"(found {sorted(tensors)}). Is config.json trainer.dict_class right for this file?"
-        )
+    """(SAEConfig fields, vlmsae tensors (W_enc [F,d], b_enc, W_dec [F,d], b_dec), threshold) of one file."""
+    what = f" for dict_class {dict_class!r} (is config.json trainer.dict_class right for this file?)"
+    require_keys(tensors, _KEYS[arch], repr(str(fpath)), what)
     t = {key: value.detach().to(torch.float32) for key, value in tensors.items() if key not in ("k", "group_sizes")}
     if arch in ("relu", "topk", "batchtopk"):
         W_enc_FD, b_enc_F, W_dec_FD = t["encoder.weight"], t["encoder.bias"], t["decoder.weight"].T
@@ -218,12 +200,11 @@ def _convert(arch: str, dict_class: str, tensors: dict[str, torch.Tensor], fpath
     else:
         W_enc_FD, b_enc_F, W_dec_FD, b_dec_D = t["W_enc"].T, t["b_enc"], t["W_dec"], t["b_dec"]
     n_latents, d_in = W_enc_FD.shape
-    shapes = {"W_dec": (tuple(W_dec_FD.shape), (n_latents, d_in)), "b_enc": (tuple(b_enc_F.shape), (n_latents,))}
-    shapes["b_dec"] = (tuple(b_dec_D.shape), (d_in,))
-    for name, (got, want) in shapes.items():
-        if got != want:
-            raise ValueError(f"{str(fpath)!r}: {name} has shape {got} but the encoder implies {want} (d={d_in}).")
-    kwargs: dict[str, Any] = {"arch": arch, "d_in": d_in, "n_latents": n_latents}
+    where = f"{str(fpath)!r} (encoder: d={d_in}, F={n_latents})"
+    check_shape("W_dec", W_dec_FD, (n_latents, d_in), where)
+    check_shape("b_enc", b_enc_F, (n_latents,), where)
+    check_shape("b_dec", b_dec_D, (d_in,), where)
+    kwargs: dict[str, Any] = {}
     if "k" in tensors:
         k = int(_scalar(tensors, "k", fpath, dict_class))
         if trainer.get("k") is not None and int(trainer["k"]) != k:
@@ -235,11 +216,7 @@ def _convert(arch: str, dict_class: str, tensors: dict[str, torch.Tensor], fpath
     threshold = torch.tensor(-1.0)
     if arch == "jumprelu":
         threshold = t["threshold"]
-        if tuple(threshold.shape) != (n_latents,):
-            raise ValueError(
-                f"{str(fpath)!r}: threshold has shape {tuple(threshold.shape)}, but JumpReluAutoEncoder needs one "
-                f"threshold per latent, shape ({n_latents},): the file contradicts its weights; re-save it."
-            )
+        check_shape("threshold", threshold, (n_latents,), where + " (JumpReluAutoEncoder: one per latent)")
         b_enc_F = b_enc_F + W_enc_FD @ b_dec_D  # the library does not subtract b_dec before encoding
     elif "threshold" in t:
         threshold = _scalar(t, "threshold", fpath, dict_class)
@@ -263,8 +240,7 @@ def _convert(arch: str, dict_class: str, tensors: dict[str, torch.Tensor], fpath
                 "in config.json: make them agree (the weights' buffer is what the library uses)."
             )
         kwargs["group_fractions"] = _group_fractions(sizes, n_latents, fpath)
-    weights = {"W_enc": W_enc_FD, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_dec": b_dec_D, "threshold": threshold}
-    return kwargs, weights
+    return kwargs, (W_enc_FD, b_enc_F, W_dec_FD, b_dec_D), threshold
 
 
 def _model(name: Any) -> tuple[str | None, str | None, str | None]:
@@ -275,28 +251,30 @@ def _model(name: Any) -> tuple[str | None, str | None, str | None]:
     return model, pretrained, name
 
 
-def _source(trainer: dict, config: dict, config_fpath: Path) -> dict[str, Any]:
-    if isinstance(config.get("vlmsae"), dict) and isinstance(config["vlmsae"].get("source"), dict):
-        return dict(config["vlmsae"]["source"])  # written by vlmsae's own export: the exact source
+def _trained_on(trainer: dict, config: dict, config_fpath: Path) -> dict[str, Any]:
+    written = config.get("vlmsae") if isinstance(config.get("vlmsae"), dict) else {}
+    for key in ("trained_on", "source"):  # written by vlmsae's own export ("source" before the rename): exact
+        if isinstance(written.get(key), dict):
+            return dict(written[key])
     model, pretrained, hf_model = _model(trainer.get("lm_name"))
     layer = trainer.get("layer")
     layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else None
-    source: dict[str, Any] = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
+    trained_on: dict[str, Any] = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
     for dpath in list(config_fpath.parents)[:4]:
         match = _VLM_FOLDER.match(dpath.name)
         if match and model is None and layer is None:
             model, pretrained, hf_model = _model(match["model"])
             point, raw_layer = match["point"], int(match["layer"])
             layer = "last" if point == "post_projection" else raw_layer
-            source.update(model=model, pretrained=pretrained, layer=layer, library_layer=raw_layer)
-            source.update(attachment_point=point, dataset=match["dataset"])
+            trained_on.update(model=model, pretrained=pretrained, layer=layer, library_layer=raw_layer)
+            trained_on.update(attachment_point=point, dataset=match["dataset"])
             if point == "post_projection":
-                source["tokens"] = "cls"  # one projected embedding per image
+                trained_on["tokens"] = "cls"  # one projected embedding per image
         random_k = _RANDOM_K.match(dpath.name)
         if random_k:
-            source.update(tokens="random_k", tokens_k=int(random_k.group(1)))
-    source["hf_model"] = hf_model
-    return source
+            trained_on.update(tokens="random_k", tokens_k=int(random_k.group(1)))
+    trained_on["hf_model"] = hf_model
+    return trained_on
 
 
 def load(dpath: Path, device: str = "cpu") -> SAE:
@@ -304,7 +282,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     if found is None:
         raise FileNotFoundError(f"{str(dpath)!r} is not a dictionary_learning SAE; expected {EXPECTS}.")
     weights_fpath, config_fpath = found
-    config = _read_json(config_fpath)
+    config = json_object_or_none(config_fpath)
     trainer = (config or {}).get("trainer")
     if not isinstance(trainer, dict) or "dict_class" not in trainer:
         raise ValueError(f'{str(config_fpath)!r} has no "trainer": {{"dict_class": ...}}; expected {EXPECTS}.')
@@ -314,21 +292,16 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
             f"{str(config_fpath)!r}: dict_class {dict_class!r} is not supported; supported: {', '.join(DICT_CLASSES)}."
         )
     arch = DICT_CLASSES[dict_class]
-    kwargs, weights = _convert(arch, dict_class, _read_weights(weights_fpath), weights_fpath, trainer)
-    sae = build_sae(SAEConfig(**kwargs))
-    with torch.no_grad():
-        for name, value in weights.items():
-            target = getattr(sae, name)
-            if tuple(target.shape) != tuple(value.shape):
-                raise ValueError(f"{str(weights_fpath)!r}: {name} shape {tuple(value.shape)} != {tuple(target.shape)}.")
-            target.copy_(value)
-    source = _source(trainer, config, config_fpath)
-    source.setdefault("input_normalisation", _NORMALISATION)
-    sae.source = {**source, "format": NAME, "original_path": str(dpath), "dict_class": dict_class}
-    sae.source["checkpoint"] = (
-        weights_fpath.name if weights_fpath.parent.name != "checkpoints" else (f"checkpoints/{weights_fpath.name}")
+    kwargs, weights, threshold = _convert(arch, dict_class, read_state_dict(weights_fpath), weights_fpath, trainer)
+    trained_on = _trained_on(trainer, config, config_fpath)
+    trained_on.setdefault("input_normalisation", _NORMALISATION)
+    trained_on.update(format=NAME, original_path=str(dpath), dict_class=dict_class)
+    in_checkpoints = weights_fpath.parent.name == "checkpoints"
+    trained_on["checkpoint"] = f"checkpoints/{weights_fpath.name}" if in_checkpoints else weights_fpath.name
+    where = repr(str(weights_fpath))
+    return sae_from_weights(
+        arch, *weights, threshold=threshold, trained_on=trained_on, device=device, where=where, **kwargs
     )
-    return sae.to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -360,16 +333,9 @@ def _unit_decoder(W_enc_FD: torch.Tensor, b_enc_F: torch.Tensor, W_dec_FD: torch
 def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0]) -> Path:
     """Write ``out_dpath/ae.pt`` + ``config.json`` that ``dictionary_learning.utils.load_dictionary`` loads.
 
-    relu -> AutoEncoder, topk -> AutoEncoderTopK, batchtopk -> BatchTopKSAE, matryoshka -> ``matryoshka_class``
-    (MatryoshkaBatchTopKSAE, dictionary_learning's name; MatroyshkaBatchTopKSAE (sic) for sae-for-vlm's vendored
-    copy, whose ``load_dictionary`` knows only that spelling). A BatchTopK or Matryoshka SAE whose threshold is not
-    estimated encodes with per-sample top-k in vlmsae, which those classes cannot express (at -1 they encode
-    densely): it is written as AutoEncoderTopK, with a warning.
-
-    An AutoEncoder's decoder columns are written unit norm: ``AutoEncoder.from_pretrained`` rescales any others to
-    unit norm (and the encoder by the same norms) when it loads, so the file would not encode as written. The row
-    norms n of a relu SAE are folded first (W_dec / n, W_enc * n, b_enc * n; x_hat unchanged, latent i's codes
-    times n_i), with a warning; the file then loads unchanged in dictionary_learning and in vlmsae.
+    relu -> AutoEncoder (decoder rows made unit norm, see :func:`_unit_decoder`), topk -> AutoEncoderTopK, batchtopk
+    -> BatchTopKSAE, matryoshka -> ``matryoshka_class`` (MatroyshkaBatchTopKSAE (sic) for sae-for-vlm's copy). A
+    BatchTopK-family SAE without an estimated threshold (per-sample top-k in vlmsae) is written as AutoEncoderTopK.
     """
     if sae.arch not in ("relu", "topk", "batchtopk", "matryoshka"):
         raise ValueError(
@@ -397,28 +363,22 @@ def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0
             stacklevel=2,
         )
         arch = "topk"
-    k = torch.tensor(sae.cfg.k, dtype=torch.int32)
-    if arch == "relu":
-        dict_class = "AutoEncoder"
-        state = {"bias": b_dec_D, "encoder.weight": W_enc_FD, "encoder.bias": b_enc_F, "decoder.weight": W_dec_FD.T}
-    elif arch in ("topk", "batchtopk"):
-        dict_class = "AutoEncoderTopK" if arch == "topk" else "BatchTopKSAE"
-        state = {"encoder.weight": W_enc_FD, "encoder.bias": b_enc_F, "decoder.weight": W_dec_FD.T, "b_dec": b_dec_D}
-        state.update(k=k, threshold=threshold)
-    else:
-        dict_class = matryoshka_class
-        state = {"W_enc": W_enc_FD.T, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_dec": b_dec_D, "k": k}
-        state.update(threshold=threshold, group_sizes=torch.tensor(sae.group_sizes, dtype=torch.int64))
-    state = {name: value.contiguous() for name, value in state.items()}
-    source = dict(sae.source)
-    layer = source.get("layer")
+    dict_class = matryoshka_class if arch == "matryoshka" else next(c for c, a in DICT_CLASSES.items() if a == arch)
+    # Every key any class saves; each class writes the keys its loader reads (_KEYS; AutoEncoderTopK also a threshold).
+    values = {"bias": b_dec_D, "b_dec": b_dec_D, "encoder.weight": W_enc_FD, "encoder.bias": b_enc_F}
+    values.update({"decoder.weight": W_dec_FD.T, "W_enc": W_enc_FD.T, "b_enc": b_enc_F, "W_dec": W_dec_FD})
+    values.update(k=torch.tensor(sae.cfg.k, dtype=torch.int32), threshold=threshold)
+    values["group_sizes"] = torch.tensor(sae.group_sizes, dtype=torch.int64)
+    state = {name: values[name].contiguous() for name in _KEYS[arch] + (("threshold",) if arch == "topk" else ())}
+    trained_on = dict(sae.trained_on)
+    layer = trained_on.get("layer")
     trainer = {
         "dict_class": dict_class,
         "trainer_class": _TRAINER_CLASSES[dict_class],
         "activation_dim": sae.d_in,
         "dict_size": sae.n_latents,
         "layer": layer if isinstance(layer, int) and not isinstance(layer, bool) else "",
-        "lm_name": hf_id(source.get("model")),
+        "lm_name": hf_id(trained_on.get("model")),
         "submodule_name": "",
     }
     if arch != "relu":
@@ -426,7 +386,12 @@ def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0
     if arch == "matryoshka":
         trainer.update(group_sizes=sae.group_sizes, group_fractions=list(sae.cfg.group_fractions))
     prov = provenance()
-    extra = {"source": source, "arch": sae.arch, "vlmsae_version": prov["vlmsae_version"], "created": prov["created"]}
+    extra = {
+        "trained_on": trained_on,
+        "arch": sae.arch,
+        "vlmsae_version": prov["vlmsae_version"],
+        "created": prov["created"],
+    }
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dpath / AE_FNAME, lambda tmp: torch.save(state, tmp))

@@ -3,12 +3,10 @@
     resolve_hf("hf://mateuszpach/sae-for-vlm/some/folder")          # -> <HF cache>/.../snapshots/<commit>/some/folder
     resolve_hf("hf://org/repo/folder@v1.0")                           # a branch, tag or commit hash
 
-Files go through huggingface_hub into its cache (``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
-``~/.cache/huggingface/hub``); only the subfolder is fetched (``allow_patterns=["<subfolder>/**"]``). A path
-whose last part looks like a file (``.../checkpoints/ae_100000.pt``) fetches that file plus a ``config.json``
-or ``cfg.json`` one and two folders up, where dictionary_learning keeps the config of its intermediate checkpoints.
-With ``HF_HUB_OFFLINE=1`` only the cache is read, and a miss fails with the command that fills it on a machine
-with a network. The environment is read at each call (not when huggingface_hub was imported).
+Files go through huggingface_hub into its cache (:func:`hub_cache_dpath`); only the subfolder is fetched, or for
+a file path (``.../checkpoints/ae_100000.pt``) that file plus the ``config.json``/``cfg.json`` one and two folders
+up (where dictionary_learning keeps the config of its checkpoints). With ``HF_HUB_OFFLINE=1`` (read at each call)
+only the cache is read, and a miss fails with the command that fills it on a machine with a network.
 """
 
 from __future__ import annotations
@@ -40,12 +38,6 @@ class HubPath:
     @property
     def is_file(self) -> bool:
         return bool(_FILE_SUFFIX.search(self.subfolder))
-
-    @property
-    def uri(self) -> str:
-        sub = f"/{self.subfolder}" if self.subfolder else ""
-        rev = f"@{self.revision}" if self.revision else ""
-        return f"{HF_SCHEME}{self.repo_id}{sub}{rev}"
 
     def allow_patterns(self) -> list[str] | None:
         """What to fetch: the subfolder (recursively), or a file and the configs beside and above it."""
@@ -88,11 +80,6 @@ def parse_hf_uri(uri: str) -> HubPath:
     return HubPath(repo_id="/".join(parts[:2]), subfolder="/".join(parts[2:]), revision=revision or None)
 
 
-def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE is set now (read at call time, unlike huggingface_hub.constants)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
-
-
 def hub_cache_dpath() -> Path:
     """The Hub cache folder now: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -101,10 +88,9 @@ def hub_cache_dpath() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-def _cached_entries(snapshot_dpath: Path, subfolder: str) -> list[str]:
-    """Names cached next to where ``subfolder`` should be (for the error message)."""
-    parent = snapshot_dpath / Path(subfolder).parent
-    return sorted(p.name + ("/" if p.is_dir() else "") for p in parent.iterdir()) if parent.is_dir() else []
+def folder_listing(dpath: Path) -> list[str]:
+    """The names in folder ``dpath`` (folders with a trailing "/"), sorted; [] when it is no folder (for messages)."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in dpath.iterdir()) if dpath.is_dir() else []
 
 
 def resolve_hf(uri: str) -> Path:
@@ -118,7 +104,8 @@ def resolve_hf(uri: str) -> Path:
     )
 
     hub = parse_hf_uri(uri)
-    offline, cache_dpath = hub_offline(), hub_cache_dpath()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE  # now, not at huggingface_hub's import
+    cache_dpath = hub_cache_dpath()
     fill = f"On a machine with a network run: {hub.fill_command()}; then copy {cache_dpath} here (or point " + (
         "HF_HUB_CACHE at the copy)."
     )
@@ -149,7 +136,7 @@ def resolve_hf(uri: str) -> Path:
         raise FileNotFoundError(f"{uri!r}: the Hub refused the download ({err}).") from err
     local = Path(snapshot) / hub.subfolder if hub.subfolder else Path(snapshot)
     if not local.exists():
-        near = _cached_entries(Path(snapshot), hub.subfolder)
+        near = folder_listing(Path(snapshot) / Path(hub.subfolder).parent)
         listing = f" Next to it: {near}." if near else ""
         if offline:
             raise FileNotFoundError(

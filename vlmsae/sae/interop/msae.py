@@ -1,28 +1,19 @@
 """MSAE checkpoints (WolodjaZ/MSAE, Matryoshka SAEs on CLIP embeddings) as vlmsae SAEs.
 
-File: ``<n_latents>_<n_inputs>_<activation>[_<k or L1 digits>][_RW|_UW]_<tied>_<normalize>_<latent_soft_cap>_
-<dataset>.pth`` = ``torch.save({"model": state_dict, "mean_center": Tensor[d], "scaling_factor": float,
-"target_norm": float | np.float64})``. The configuration lives only in the file NAME, parsed here as MSAE's
-``load_model`` does. The file is read with ``weights_only=True`` plus the two numpy globals a np.float64 needs
-(``numpy._core.multiarray.scalar``, ``numpy.dtype``); nothing else is allowed and nothing is executed.
-State dict: ``pre_bias`` [d], ``encoder`` [d, F], ``latent_bias`` [F], ``decoder`` [F, d] (absent when tied:
-the decoder is ``encoder.T``), ``latents_activation_frequency`` (unused).
+File: ``<n_latents>_<n_inputs>_<activation>[_<k>][_RW|_UW]_<tied>_<normalize>_<latent_soft_cap>_<dataset>.pth`` =
+``torch.save({"model": state_dict, "mean_center", "scaling_factor", "target_norm"})``; the configuration is only
+in the file name, parsed as MSAE's ``load_model`` does. Read with ``weights_only=True`` plus numpy's scalar globals
+(``target_norm`` is an np.float64). State dict: ``pre_bias`` [d], ``encoder`` [d, F], ``latent_bias`` [F],
+``decoder`` [F, d] (absent when tied: ``encoder.T``).
 
-Forward reproduced: MSAE's inference wrapper ``SAE.forward(x)`` (topk=-1). It standardises
-x~ = (x - mean_center) * scaling_factor (scaling_factor = target_norm / E||x - mean||^2, as stored), encodes
-pre = (x~ - pre_bias) @ encoder + latent_bias, and reconstructs from the DENSE codes ReLU(pre) over all latents
-(``TopK.forward_eval``; the TopK of training is not applied), x_hat = (codes @ decoder + pre_bias) /
-scaling_factor + mean_center. All of it is folded exactly into a vlmsae ReLU SAE: W_enc = s * encoder.T,
-b_enc = latent_bias, W_dec = decoder / s, b_dec = mean_center + pre_bias / s, so the module takes raw CLIP
-embeddings and returns MSAE's codes and reconstructions. A ``latent_soft_cap`` c > 0 gives codes
-c * tanh(ReLU(pre) / c) (:class:`SoftCapReluSAE`). Refused: ``normalize=True`` (MSAE's per-row standardisation,
-which its own wrapper cannot decode), and activations whose dense path is not a ReLU (TopK / BatchTopK with the
-identity, the ``abs`` variants, JumpReLU).
+Forward reproduced: MSAE's inference ``SAE.forward(x)`` (topk=-1): x~ = (x - mean_center) * s, dense codes
+ReLU((x~ - pre_bias) @ encoder + latent_bias) over all latents, x_hat = (codes @ decoder + pre_bias) / s +
+mean_center. Folded exactly into a ReLU SAE: W_enc = s * encoder.T, b_enc = latent_bias, W_dec = decoder / s,
+b_dec = mean_center + pre_bias / s. ``latent_soft_cap`` c > 0 gives c * tanh(ReLU(pre) / c)
+(:class:`SoftCapReluSAE`). Refused: ``normalize=True`` and activations whose dense path is not a ReLU.
 
-Input tensor: the OpenAI ``clip`` package's ``model.encode_image`` output, the projected image embedding (not
-L2-normalised), i.e. vlmsae layer ``"last"`` with the CLS/pooled token; the dataset part of the name
-(``<dataset>_<ViT-B~16>_<split>_<image|text>_<N>_<d>``) gives the CLIP model and the modality. Text-embedding
-SAEs load too but get layer None (vlmsae taps only the vision tower).
+Input: the OpenAI ``clip`` package's projected image embedding (vlmsae layer ``"last"``, CLS); the dataset part of
+the name (``<dataset>_<ViT-B~16>_<split>_<image|text>_<N>_<d>``) gives the CLIP model. Text SAEs get layer None.
 """
 
 from __future__ import annotations
@@ -35,7 +26,8 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.interop._convert import check_shape, sae_from_weights, single_checkpoint
+from vlmsae.sae.checkpoint import check_shape, require_keys
+from vlmsae.sae.interop._convert import sae_from_weights, single_checkpoint
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.sae.relu import ReluSAE
 
@@ -118,16 +110,13 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     if not (isinstance(blob, dict) and isinstance(blob.get("model"), dict)):
         raise ValueError(f"{where}: expected a dict with a 'model' state dict; expected {EXPECTS}.")
     state = blob["model"]
-    missing = [key for key in ("pre_bias", "encoder", "latent_bias") if key not in state]
-    if missing or ("decoder" not in state and not info["tied"]):
-        raise ValueError(f"{where}: model state dict lacks {missing or ['decoder']}; expected {EXPECTS}.")
+    names = ("pre_bias", "encoder", "latent_bias") + (() if info["tied"] else ("decoder",))
+    require_keys(state, names, f"{where}: the model state dict")
     d_in, n_latents = info["n_inputs"], info["n_latents"]
     check_shape("encoder", state["encoder"], (d_in, n_latents), where + " (per its file name)")
-    check_shape("pre_bias", state["pre_bias"], (d_in,), where)
-    check_shape("latent_bias", state["latent_bias"], (n_latents,), where)
+    check_shape("pre_bias", state["pre_bias"], (d_in,), where)  # latent_bias and decoder: by sae_from_weights
     encoder_DF = state["encoder"].double()
     decoder_FD = encoder_DF.T if info["tied"] else state["decoder"].double()
-    check_shape("decoder", decoder_FD, (n_latents, d_in), where)
 
     mean = blob.get("mean_center", 0.0)
     mean_D = mean.double() if isinstance(mean, torch.Tensor) else torch.tensor(float(mean), dtype=torch.float64)
@@ -140,7 +129,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     # (x~ - p) E + lb with x~ = (x - m) s  ==  (x - (m + p/s)) (s E) + lb;  x_hat = f (D/s) + (m + p/s)
     pre_bias_D = state["pre_bias"].double()
     b_dec_D = mean_D + pre_bias_D / scale
-    source = {
+    trained_on = {
         "model": _CLIP_MODELS.get(info["clip"]) if info["clip"] else None,
         "pretrained": "openai" if info["clip"] else None,
         "layer": "last" if info["modality"] == "image" else None,
@@ -167,8 +156,9 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         decoder_FD / scale,
         b_dec_D,
         cls=SoftCapReluSAE if info["soft_cap"] > 0 else None,
-        source=source,
+        trained_on=trained_on,
         device=device,
+        where=where,
     )
     if info["soft_cap"] > 0:
         sae.soft_cap = info["soft_cap"]

@@ -13,6 +13,7 @@ HF_MODELS: dict[str, tuple[str, str | None]] = {
     "openai/clip-vit-base-patch32": ("clip_b32", "openai"),
     "google/siglip-so400m-patch14-384": ("siglip_so400m", "webli"),
     "llava-hf/llava-1.5-7b-hf": ("llava15_7b", "llava-hf/llava-1.5-7b-hf"),
+    "open-clip:timm/vit_base_patch32_clip_224.openai": ("clip_b32", "openai"),  # ViT-Prisma's name (not an HF id)
 }
 VLMSAE_MODELS = ("clip_b32", "clip_l14", "clip_l14_336", "clip_l14_336_hf", "siglip_so400m", "llava15_7b")
 

@@ -1,43 +1,26 @@
 """ViT-Prisma SAE checkpoints (Prisma-Multimodal/ViT-Prisma) as vlmsae SAEs.
 
-Files: ``<run>/n_images_<N>.pt`` = ``torch.save({"cfg": VisionModelSAERunnerConfig, "state_dict": sd})`` next to
-``config.json`` (Prisma's ``save_config``; the Hub repos ship both). The ``cfg`` entry is a pickled dataclass,
-which vlmsae never unpickles: the configuration is read from ``config.json``, and the ``.pt`` goes through
-torch's restricted (``weights_only``) unpickler in which every ``vit_prisma.*`` global is replaced by an inert
-placeholder class (no code from the file or from vit_prisma runs; the placeholder is then dropped). A file
-that names any other global (a class or function outside torch's tensor allowlist) is refused, naming the
-globals. A checkpoint without ``config.json`` is refused (its only config is the pickle). ``.pkl``/``.pkl.gz``
-files (plain pickles) are refused. With several ``n_images_<N>.pt`` the largest N (the last checkpoint) is
-loaded; pass a file path to pick another.
+Files: ``<run>/n_images_<N>.pt`` = ``torch.save({"cfg": <pickled dataclass>, "state_dict": sd})`` next to
+``config.json``. The config is read from ``config.json`` only (required); the ``.pt`` goes through torch's
+``weights_only`` unpickler with every ``vit_prisma.*`` global replaced by an inert placeholder, so nothing runs; any
+other global is refused, naming it, as are ``.pkl``/``.pkl.gz`` files. The largest N is loaded unless a file is named.
 
-config.json: ``d_in``, ``expansion_factor`` (F = d_in * expansion_factor), ``architecture`` (only "standard"
-is representable; gated/jumprelu and transcoders are refused), ``activation_fn_str`` ("relu" | "topk" with
-``activation_fn_kwargs.k``), ``normalize_activations``, ``model_name``, ``hook_point_layer``, ``layer_subtype``,
-``cls_token_only``, ``use_patches_only``. State dict: ``W_enc`` [d, F], ``b_enc``, ``W_dec`` [F, d], ``b_dec``.
+config.json: ``d_in``, ``expansion_factor``, ``architecture`` (only "standard"), ``activation_fn_str`` (relu |
+topk with ``activation_fn_kwargs.k``), ``normalize_activations``, ``model_name``, ``hook_point_layer``,
+``layer_subtype``, ``cls_token_only``, ``use_patches_only``. State dict: ``W_enc`` [d, F], ``b_enc``, ``W_dec``
+[F, d], ``b_dec``, mapped 1:1 (f = act((norm_in(x) - b_dec) W_enc + b_enc), x_hat = norm_out(f W_dec + b_dec)).
 
-Forward (StandardSparseAutoencoder): x~ = norm_in(x); f = act((x~ - b_dec) @ W_enc + b_enc) with act ReLU or
-TopK (top-k of the pre-activations, then ReLU on the kept values, = vlmsae's TopK); x_hat = norm_out(f @ W_dec +
-b_dec). The weights map 1:1 onto vlmsae's (b_dec is subtracted in both). ``normalize_activations``:
-- ``"layer_norm"`` (Prisma's default): norm_in(x) = (x - mu) / (sigma + 1e-5) with mu, sigma the per-sample mean
-  and *unbiased* std over the d features; norm_out(y) = y * sigma + mu;
-- ``"constant_norm_rescale"``: norm_in(x) = x * sqrt(d) / ||x||, norm_out(y) = y * ||x|| / sqrt(d);
-- anything else: identity (as in Prisma).
-The two per-sample normalisations depend on each input, so they cannot be folded into weights: the loaded
-module applies them itself as an explicit input transform (:class:`NormalisedInputSAE`, ``sae.input_transform``
-names it). ``encode(x)`` normalises x and returns Prisma's codes; ``decode(codes)`` de-normalises with the stats
-of the most recent ``encode``/``encode_pre`` call on the same rows (as Prisma's own module does), or with those
-of ``decode(codes, x=x)``; ``sae(x)`` is Prisma's full reconstruction. Inference only (``loss`` refuses).
+``normalize_activations`` ``"layer_norm"`` (default: (x - mu) / (sigma + 1e-5), unbiased std, undone by y * sigma +
+mu) and ``"constant_norm_rescale"`` (x * sqrt(d) / ||x||) depend on each input, so the loaded module applies them
+itself (:class:`NormalisedInputSAE`, ``sae.input_transform``); ``decode`` uses the stats of the last ``encode`` of
+the same rows, or ``decode(codes, x=x)``. Inference only.
 
-Layers: Prisma's ``blocks.{L}.hook_resid_post`` (= ``hook_point_layer`` L with ``layer_subtype``
-"hook_resid_post") is the output of block L = vlmsae layer L (HF ``hidden_states[L + 1]``). Other subtypes
-(``hook_mlp_out``, ``ln2.hook_normalized``, ...) are not the residual stream: the layer is recorded as None and
-the hook name under ``source["hook"]``. Tokens: ``cls_token_only`` -> "cls", ``use_patches_only`` -> "patches",
-else "all".
+Layers: ``hook_resid_post`` of block L = vlmsae layer L; other subtypes record layer None and ``trained_on["hook"]``.
+Tokens: ``cls_token_only`` -> "cls", ``use_patches_only`` -> "patches", else "all".
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -46,7 +29,9 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.interop._convert import check_shape, sae_from_weights
+from vlmsae.sae.checkpoint import check_shape, require_keys
+from vlmsae.sae.interop._convert import json_object_or_none, sae_from_weights
+from vlmsae.sae.interop.names import model_from_name
 from vlmsae.sae.relu import ReluSAE
 from vlmsae.sae.topk import TopKSAE
 
@@ -59,23 +44,13 @@ CONFIG_JSON = "config.json"
 _CONFIG_KEYS = ("d_in", "hook_point_layer", "expansion_factor")
 _LN_EPS = 1e-5
 _PLACEHOLDER_PREFIXES = ("vit_prisma.",)
-# Prisma model names -> vlmsae model configs (conf/model); others are recorded as `pretrained` only.
-_MODELS = {
-    "open-clip:timm/vit_base_patch32_clip_224.openai": "clip_b32",
-    "openai/clip-vit-base-patch32": "clip_b32",
-    "openai/clip-vit-large-patch14": "clip_l14",
-    "openai/clip-vit-large-patch14-336": "clip_l14_336",
-}
 
 
 class _Placeholder:
     """Stands in for every vit_prisma global while reading a .pt: accepts any construction and state, does nothing."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> _Placeholder:
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Placeholder:  # object.__init__ then ignores the arguments
         return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def __setstate__(self, state: Any) -> None:
         pass
@@ -100,10 +75,7 @@ class NormalisedInputSAE:
         return x * coeff, (coeff,)
 
     def _denormalise(self, y: torch.Tensor, stats: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if self.input_transform == "layer_norm":
-            mu, std = stats
-            return y * std + mu
-        return y / stats[0]
+        return y * stats[1] + stats[0] if self.input_transform == "layer_norm" else y / stats[0]  # (mu, std) | coeff
 
     def _prepare(self, x: torch.Tensor, where: str, require_2d: bool = False) -> torch.Tensor:
         x = self.check_input(x, where, require_2d=require_2d)
@@ -131,9 +103,6 @@ class NormalisedInputSAE:
             )
         return stats
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
-
     def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError(
             f"{type(self).__name__} is an inference-only import of a ViT-Prisma SAE with a per-sample "
@@ -150,11 +119,8 @@ class PrismaTopKSAE(NormalisedInputSAE, TopKSAE):
 
 
 def _read_config(dpath: Path) -> dict[str, Any] | None:
-    try:
-        cfg = json.loads((dpath / CONFIG_JSON).read_text())
-    except (OSError, ValueError):
-        return None
-    return cfg if isinstance(cfg, dict) and all(key in cfg for key in _CONFIG_KEYS) else None
+    cfg = json_object_or_none(dpath / CONFIG_JSON)
+    return cfg if cfg is not None and all(key in cfg for key in _CONFIG_KEYS) else None
 
 
 def _weights_files(dpath: Path) -> list[Path]:
@@ -244,23 +210,18 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
             raise FileNotFoundError(f"{str(folder)!r} has {CONFIG_JSON} but no checkpoint (n_images_<N>.pt).")
         fpath = files[0]
     state = read_checkpoint(fpath)
-    missing = [key for key in ("W_enc", "b_enc", "W_dec", "b_dec") if key not in state]
-    if missing:
-        raise ValueError(f"{str(fpath)!r}: state dict lacks {missing}; expected {EXPECTS}.")
+    require_keys(state, ("W_enc", "b_enc", "W_dec", "b_dec"), f"{str(fpath)!r}: the state dict")
     d_in = int(cfg["d_in"])
     n_latents = d_in * int(cfg["expansion_factor"])
     where_w = f"{str(fpath)!r} (config.json: d_in={d_in}, expansion_factor={cfg['expansion_factor']})"
-    check_shape("W_enc", state["W_enc"], (d_in, n_latents), where_w)
-    check_shape("b_enc", state["b_enc"], (n_latents,), where_w)
-    check_shape("W_dec", state["W_dec"], (n_latents, d_in), where_w)
-    check_shape("b_dec", state["b_dec"], (d_in,), where_w)
+    check_shape("W_enc", state["W_enc"], (d_in, n_latents), where_w)  # the others: by sae_from_weights
 
     norm = cfg.get("normalize_activations", "layer_norm")
     transform = norm if norm in ("layer_norm", "constant_norm_rescale") else None
     layer, subtype = cfg["hook_point_layer"], cfg.get("layer_subtype", "ln2.hook_normalized")
     tokens = "cls" if cfg.get("cls_token_only") else "patches" if cfg.get("use_patches_only") else "all"
-    source = {
-        "model": _MODELS.get(cfg.get("model_name")),
+    trained_on = {
+        "model": model_from_name(cfg.get("model_name"))[0],
         "pretrained": cfg.get("model_name"),
         "layer": int(layer) if subtype == "hook_resid_post" else None,
         "tokens": tokens,
@@ -271,8 +232,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         "original_path": str(fpath),
         "hook": f"blocks.{layer}.{subtype}",
     }
-    base = {"relu": ReluSAE, "topk": TopKSAE}[act]
-    cls = {"relu": PrismaReluSAE, "topk": PrismaTopKSAE}[act] if transform else base
+    cls = {"relu": PrismaReluSAE, "topk": PrismaTopKSAE}[act] if transform else None
     sae = sae_from_weights(
         act,
         state["W_enc"].T,
@@ -281,8 +241,9 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         state["b_dec"],
         k=int(k) if act == "topk" else None,
         cls=cls,
-        source=source,
+        trained_on=trained_on,
         device=device,
+        where=where_w,
     )
     if transform:
         sae.input_transform = transform

@@ -1,59 +1,38 @@
 """SAELens folders (``cfg.json`` + ``sae_weights.safetensors``): load into a vlmsae SAE, and export to one.
 
-Layout (SAELens v6 ``SAE.save_model`` / ``load_from_disk``; v5 configs are read the way v6's
-``handle_pre_6_0_config`` reads them). Weights: ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in],
-``b_dec`` [d_in], plus ``threshold`` [d_sae] (jumprelu), ``b_gate``/``r_mag``/``b_mag`` instead of ``b_enc``
-(gated), ``topk_threshold`` (training checkpoints of batchtopk / matryoshka_batchtopk). SAELens encodes
-``x~ = norm_in(x) - b_dec * apply_b_dec_to_input`` and ``h = x~ W_enc + b_enc``; then
+Layout of SAELens v6 ``save_model``/``load_from_disk`` (v5 configs read as v6's ``handle_pre_6_0_config`` does):
+``W_enc`` [d_in, d_sae], ``b_enc``, ``W_dec`` [d_sae, d_in], ``b_dec``, plus ``threshold`` (jumprelu),
+``b_gate``/``r_mag``/``b_mag`` instead of ``b_enc`` (gated), ``topk_threshold`` (batchtopk /
+matryoshka_batchtopk training checkpoints). SAELens encodes h = (norm_in(x) - b_dec * apply_b_dec_to_input) W_enc
++ b_enc, then:
 
-- ``standard``: f = relu(h)                               -> vlmsae ``relu``
-- ``topk``: top-k of h, then relu on the kept values; with ``rescale_acts_by_decoder_norm`` h is first multiplied
-  by the W_dec row norms n and decode divides f by n (folded here: W_enc*n, b_enc*n, W_dec/n; exact) -> ``topk``
-- ``jumprelu``: f = relu(h) * (h > threshold)              -> ``jumprelu``
-  (SAELens saves its BatchTopK and Matryoshka BatchTopK SAEs as jumprelu with threshold = ones * the batch
-  threshold; their training checkpoints, architecture ``batchtopk`` / ``matryoshka_batchtopk``, are converted the
-  same way from ``topk_threshold``, after folding the decoder norms as SAELens' ``save_inference_model`` does)
-- ``gated``: f = 1[x~ W_enc + b_gate > 0] * relu(x~ (W_enc e^r_mag) + b_mag). With m = the magnitude
-  pre-activation, the gate is m > b_mag - e^r_mag * b_gate, so it is exactly a JumpReLU with that threshold
-  -> ``jumprelu`` (W_enc scaled by e^r_mag, b_enc = b_mag).
-- decode: x^ = f W_dec + b_dec, then norm_out. v5's ``finetuning_scaling_factor: true`` (weight
-  ``finetuning_scaling_factor`` [d_sae] as SAELens 5's ``save_model`` writes it, or ``scaling_factor`` in older
-  files; v5 decodes (f * s) W_dec + b_dec, codes unchanged) is folded into the W_dec rows. Both SAELens versions
-  refuse the first kind of file (their loaders drop the flag, then find an unexpected weight); a factor whose
-  cfg.json flag is not true is refused here too.
+- ``standard``: relu(h) -> ``relu``; ``topk``: relu of the top-k of h -> ``topk``; with
+  ``rescale_acts_by_decoder_norm`` h is scaled by the W_dec row norms n and decode divides by n (folded exactly:
+  W_enc*n, b_enc*n, W_dec/n);
+- ``jumprelu``: relu(h) * (h > threshold) -> ``jumprelu``. SAELens saves BatchTopK and Matryoshka SAEs so (threshold
+  = ones * the batch threshold); their training checkpoints are converted the same way from ``topk_threshold``,
+  after folding the decoder norms as ``save_inference_model`` does;
+- ``gated``: 1[x~ W_enc + b_gate > 0] * relu(x~ (W_enc e^r_mag) + b_mag) is exactly a JumpReLU with threshold
+  b_mag - e^r_mag * b_gate (W_enc scaled by e^r_mag, b_enc = b_mag);
+- v5's ``finetuning_scaling_factor`` (decode (f * s) W_dec; weight ``finetuning_scaling_factor`` or, older,
+  ``scaling_factor``) is folded into the W_dec rows; a factor whose cfg.json flag is not true is refused, as
+  SAELens refuses it. ``apply_b_dec_to_input: false`` becomes b_enc + W_enc b_dec.
 
-When ``apply_b_dec_to_input`` is false, b_enc becomes b_enc + W_enc b_dec (vlmsae always subtracts b_dec).
+``normalize_activations``: ``expected_average_only_in`` (SAELens trains on x * sf, sf = sqrt(d_in) / E||x||, and
+folds sf at the end of training) needs sf, from ``activation_scaler.json`` ({"scaling_factor": sf}) or
+``load(..., norm_scaling_factor=sf)`` (``pretrained_saes.yaml`` for Hub SAEs), folded as SAELens folds it (W_enc*sf,
+W_dec/sf, b_dec/sf), before the decoder norms as SAELens' end of training does (codes = training codes / sf, the
+``topk_threshold`` divided by sf too); without it the load is refused. ``constant_norm_rescale``, ``layer_norm``
+(per-input, not affine) and ``reshape_activations="hook_z"`` are refused.
 
-``normalize_activations``:
-- ``none``: nothing to do.
-- ``expected_average_only_in``: SAELens trains on x * sf (sf = sqrt(d_in) / E||x||) and folds sf into the weights
-  at the end of training (then writes "none"). A folder that still says "expected_average_only_in" needs sf: it is
-  read from ``activation_scaler.json`` ({"scaling_factor": sf}, what SAELens writes next to training checkpoints;
-  null = no scaling) or passed as ``load(..., norm_scaling_factor=sf)`` (for Hub SAEs SAELens keeps it in its
-  ``pretrained_saes.yaml`` as ``norm_scaling_factor``), and folded the way SAELens folds it (W_enc*sf, W_dec/sf,
-  b_dec/sf). Without it the load is refused: the codes would be off by sf. With ``rescale_acts_by_decoder_norm``
-  (topk, and the batchtopk / matryoshka_batchtopk training checkpoints) sf is folded first and the decoder norms
-  after, the order of SAELens' end of training (the trainer folds sf, then ``save_inference_model`` folds the norms)
-  and of its ``from_pretrained``: the codes are the training codes / sf, as in the SAE SAELens writes when training
-  ends, and the ``topk_threshold`` is divided by sf with them, so the latents that fired in training fire (SAELens
-  itself leaves that threshold in training units).
-- ``constant_norm_rescale`` and ``layer_norm`` normalise each input by its own norm (mean, std) and undo it on the
-  output: not an affine map, so not representable by a vlmsae SAE; refused with a message (never dropped).
-``reshape_activations="hook_z"`` (attention heads) is refused too.
+Layer: ``blocks.{L}.hook_resid_post`` = vlmsae layer L, ``blocks.{L}.hook_resid_pre`` = L-1 (None for L = 0),
+other hooks None (v5's ``hook_layer`` when there is no hook name). ``metadata.model_name`` is mapped to a vlmsae
+model when known; ``tokens`` is None unless vlmsae wrote the folder (``metadata.vlmsae_trained_on``; ``vlmsae_source``
+in older exports).
 
-Layer convention: SAELens ``hook_name`` is a TransformerLens hook name. ``blocks.{L}.hook_resid_post`` = output of
-block L = vlmsae layer L (= HF ``hidden_states[L+1]``); ``blocks.{L}.hook_resid_pre`` = input of block L = vlmsae
-layer L-1 (None for L = 0: the embeddings are no block output). Other hooks (mlp_out, attn, hook_z, ...) give
-layer None. v5 configs also carry ``hook_layer`` (the L in the hook name). ``metadata.model_name`` is mapped to a
-vlmsae model name when it is one, or a known HF id of one; ``tokens`` is unknown (None) unless the folder was
-written by vlmsae (``metadata.vlmsae_source``). Decoder rows of a loaded SAE need not be unit norm (inference only).
-
-Export (``save``): vlmsae relu -> standard, topk -> topk (k, rescale_acts_by_decoder_norm false), batchtopk and
-matryoshka -> jumprelu with threshold = ones * theta (the inference rule relu(z) * (z > theta), theta >= 0; an SAE
-whose threshold was never estimated encodes with per-sample top-k, so it is written as topk), jumprelu -> jumprelu.
-The cfg.json carries every field SAELens' ``SAEConfig`` reads (d_in, d_sae, dtype, device, apply_b_dec_to_input,
-normalize_activations, reshape_activations, architecture, metadata with sae_lens_version >= 6.0.0 so that SAELens
-takes the v6 path; k and rescale_acts_by_decoder_norm for topk). Input scale is folded first (raw activations in).
+Export (``save``), input scale folded: relu -> standard, topk -> topk (no rescale), jumprelu -> jumprelu,
+batchtopk / matryoshka -> jumprelu with threshold = ones * theta (topk while theta is not estimated). cfg.json
+carries every field SAELens' ``SAEConfig`` reads, with metadata.sae_lens_version >= 6.0.0 (the v6 path).
 """
 
 from __future__ import annotations
@@ -68,8 +47,8 @@ import torch
 
 from vlmsae import __version__
 from vlmsae.sae.base import SAE
-from vlmsae.sae.build import build_sae
-from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.checkpoint import check_shape, read_safetensors, require_keys
+from vlmsae.sae.interop._convert import positive_int, read_json_object, sae_from_weights
 from vlmsae.sae.interop.names import model_from_name
 from vlmsae.utils.io import atomic_write, atomic_write_json
 
@@ -92,23 +71,8 @@ def detect(dpath: Path) -> bool:
 def layer_from_hook_name(hook_name: str | None) -> int | None:
     """vlmsae layer (output of block L) of a TransformerLens hook name; None when it is not a block output."""
     match = _RESID_RE.match(hook_name or "")
-    if match is None:
-        return None
-    layer = int(match.group(1))
-    if match.group(2) == "pre":
-        return layer - 1 if layer >= 1 else None
-    return layer
-
-
-def _read_cfg(dpath: Path) -> dict[str, Any]:
-    fpath = dpath / CFG_FNAME
-    try:
-        cfg = json.loads(fpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(fpath)!r} is not valid JSON ({err}); expected a SAELens cfg.json.") from err
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{str(fpath)!r} holds a JSON {type(cfg).__name__}, expected a SAELens config object.")
-    return cfg
+    layer = int(match.group(1)) - (match.group(2) == "pre") if match else -1  # resid_pre of L = output of L-1
+    return layer if layer >= 0 else None
 
 
 def _is_v6(cfg: dict[str, Any]) -> bool:
@@ -124,17 +88,13 @@ def _is_v6(cfg: dict[str, Any]) -> bool:
 def normalise_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     """The fields vlmsae needs, from a v6 or a pre-6 cfg.json (the renames and defaults of SAELens' v5 path)."""
     if _is_v6(cfg):
-        out = dict(cfg)
-        out["metadata"] = dict(cfg.get("metadata") or {})
-        out.setdefault("apply_b_dec_to_input", True)
+        out = {**cfg, "metadata": dict(cfg.get("metadata") or {})}
         out.setdefault("normalize_activations", "none")
         out.setdefault("reshape_activations", "none")
-        return out
+        return {"apply_b_dec_to_input": True, **out}
     renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index"}
     old = {renames.get(key, key): value for key, value in cfg.items()}
-    out = dict(old)
-    out["architecture"] = old.get("architecture") or "standard"
-    out.setdefault("apply_b_dec_to_input", True)
+    out = {"apply_b_dec_to_input": True, **old, "architecture": old.get("architecture") or "standard"}
     activation = old.get("activation_fn", old.get("activation_fn_str", "relu"))
     out["activation_fn"] = activation
     k = (old.get("activation_fn_kwargs") or {}).get("k")
@@ -152,17 +112,6 @@ def normalise_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_tensors(fpath: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(fpath), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{str(fpath)!r} is not a readable safetensors file ({err}).") from err
-    return {name: tensor.float() for name, tensor in tensors.items()}
-
-
 def _scaling_factor(dpath: Path, norm_scaling_factor: float | None) -> float | None:
     if norm_scaling_factor is not None:
         value = float(norm_scaling_factor)
@@ -178,10 +127,7 @@ def _scaling_factor(dpath: Path, norm_scaling_factor: float | None) -> float | N
             "(for a SAELens Hub release sf is norm_scaling_factor in SAELens' pretrained_saes.yaml), or call "
             "vlmsae.sae.interop.saelens.load(path, norm_scaling_factor=<sf>)."
         )
-    try:
-        value = json.loads(fpath.read_text(encoding="utf-8")).get("scaling_factor")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f'{str(fpath)!r} is not {{"scaling_factor": <number or null>}} ({err}).') from err
+    value = read_json_object(fpath, '{"scaling_factor": <number or null>}').get("scaling_factor")
     if value is None:
         return None  # SAELens' ActivationScaler with no factor: inputs were not scaled
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0 and math.isfinite(value)):
@@ -218,40 +164,19 @@ def _finetuning_scaling_factor(
             'was fine-tuned with it, set "finetuning_scaling_factor": true in cfg.json (vlmsae then decodes '
             "(f * s) W_dec + b_dec, as SAELens 5 does); otherwise delete the tensor."
         )
-    _check_shape(factor, (d_sae,), key, fpath)
+    check_shape(key, factor, (d_sae,), repr(str(fpath)))
     return factor.reshape(-1)
 
 
-def _need(tensors: dict[str, torch.Tensor], names: tuple[str, ...], fpath: Path, arch: str) -> None:
-    missing = [name for name in names if name not in tensors]
-    if missing:
-        raise ValueError(
-            f"{str(fpath)!r} lacks {missing} for a SAELens {arch!r} SAE (it has {sorted(tensors)}); expected "
-            f"{list(names)}."
-        )
-
-
-def _check_shape(tensor: torch.Tensor, shape: tuple[int, ...], name: str, fpath: Path) -> None:
-    if tuple(tensor.shape) != shape:
-        raise ValueError(
-            f"{str(fpath)!r}: {name} has shape {tuple(tensor.shape)}, but cfg.json (d_in, d_sae) implies {shape}."
-        )
-
-
 def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = None) -> SAE:
-    """A SAELens folder as a vlmsae SAE (eval mode, ``source`` set); see the module docstring for the mapping."""
-
+    """A SAELens folder as a vlmsae SAE (eval mode, ``trained_on`` set); see the module docstring for the mapping."""
     dpath = Path(dpath)
     if not detect(dpath):
         raise FileNotFoundError(f"{str(dpath)!r} is not a SAELens folder: expected {EXPECTS}.")
     cfg_fpath, weights_fpath = dpath / CFG_FNAME, dpath / WEIGHTS_FNAME
-    cfg = normalise_cfg(_read_cfg(dpath))
+    cfg = normalise_cfg(read_json_object(cfg_fpath, "a SAELens cfg.json"))
     arch = cfg.get("architecture")
-    for name in ("d_in", "d_sae"):
-        value = cfg.get(name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{str(cfg_fpath)!r}: {name} must be a positive integer; got {value!r}.")
-    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    d_in, d_sae = positive_int(cfg, "d_in", repr(str(cfg_fpath))), positive_int(cfg, "d_sae", repr(str(cfg_fpath)))
     if cfg.get("reshape_activations", "none") != "none":
         raise ValueError(
             f"{str(cfg_fpath)!r}: reshape_activations={cfg['reshape_activations']!r} (attention-head hook_z SAEs) "
@@ -276,55 +201,52 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         )
     sf = _scaling_factor(dpath, norm_scaling_factor) if norm == "expected_average_only_in" else None
 
-    tensors = _load_tensors(weights_fpath)
-    _need(tensors, ("W_enc", "W_dec", "b_dec"), weights_fpath, str(arch))
+    tensors = {name: tensor.float() for name, tensor in read_safetensors(weights_fpath).items()}
+    where = f"{str(weights_fpath)!r} (cfg.json: d_in={d_in}, d_sae={d_sae})"
+
+    def need(*names: str) -> None:
+        require_keys(tensors, names, where, f" for a SAELens {arch!r} SAE")
+
+    need("W_enc", "W_dec", "b_dec")
     W_enc_DF, W_dec_FD, b_dec_D = tensors["W_enc"], tensors["W_dec"], tensors["b_dec"]
-    _check_shape(W_enc_DF, (d_in, d_sae), "W_enc", weights_fpath)
-    _check_shape(W_dec_FD, (d_sae, d_in), "W_dec", weights_fpath)
-    _check_shape(b_dec_D, (d_in,), "b_dec", weights_fpath)
-    threshold_F = None
-    k = 20  # SAEConfig needs one; unused by relu/jumprelu
+    check_shape("W_enc", W_enc_DF, (d_in, d_sae), where)
+    check_shape("W_dec", W_dec_FD, (d_sae, d_in), where)
+    check_shape("b_dec", b_dec_D, (d_in,), where)
+    if arch not in ("standard", "topk", "jumprelu", "gated", "batchtopk", "matryoshka_batchtopk"):
+        raise ValueError(
+            f"{str(cfg_fpath)!r}: architecture={arch!r} is not supported; vlmsae loads SAELens standard, topk, "
+            "jumprelu, gated (and batchtopk / matryoshka_batchtopk, which SAELens saves as jumprelu)."
+        )
+    vlmsae_arch = {"standard": "relu", "topk": "topk"}.get(arch, "jumprelu")
+    threshold_F = k = None  # k: topk only (SAEConfig's default otherwise)
     if arch == "gated":
-        _need(tensors, ("b_gate", "r_mag", "b_mag"), weights_fpath, arch)
+        need("b_gate", "r_mag", "b_mag")
         scale_F = tensors["r_mag"].exp()
         W_enc_DF = W_enc_DF * scale_F
         b_enc_F = tensors["b_mag"]
         threshold_F = tensors["b_mag"] - scale_F * tensors["b_gate"]
-        vlmsae_arch = "jumprelu"
     else:
-        _need(tensors, ("b_enc",), weights_fpath, str(arch))
+        need("b_enc")
         b_enc_F = tensors["b_enc"]
-        if arch == "standard":
-            vlmsae_arch = "relu"
-        elif arch == "jumprelu":
-            _need(tensors, ("threshold",), weights_fpath, arch)
-            threshold_F = tensors["threshold"]
-            vlmsae_arch = "jumprelu"
-        elif arch == "topk":
-            k = cfg.get("k")
-            if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_sae:
-                raise ValueError(f"{str(cfg_fpath)!r}: a topk SAE needs an integer k in [1, d_sae={d_sae}]; got {k!r}.")
-            vlmsae_arch = "topk"
-        elif arch in ("batchtopk", "matryoshka_batchtopk"):
-            _need(tensors, ("topk_threshold",), weights_fpath, arch)
-            threshold_F = torch.full((d_sae,), float(tensors["topk_threshold"].reshape(-1)[0]))
-            vlmsae_arch = "jumprelu"
-        else:
-            raise ValueError(
-                f"{str(cfg_fpath)!r}: architecture={arch!r} is not supported; vlmsae loads SAELens standard, topk, "
-                "jumprelu, gated (and batchtopk / matryoshka_batchtopk, which SAELens saves as jumprelu)."
-            )
+    if arch == "jumprelu":
+        need("threshold")
+        threshold_F = tensors["threshold"]
+    elif arch == "topk":
+        k = cfg.get("k")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= d_sae:
+            raise ValueError(f"{str(cfg_fpath)!r}: a topk SAE needs an integer k in [1, d_sae={d_sae}]; got {k!r}.")
+    elif arch in ("batchtopk", "matryoshka_batchtopk"):
+        need("topk_threshold")
+        threshold_F = torch.full((d_sae,), float(tensors["topk_threshold"].reshape(-1)[0]))
     for name, tensor in (("b_enc", b_enc_F), ("threshold", threshold_F)):
         if tensor is not None:
-            _check_shape(tensor, (d_sae,), name, weights_fpath)
+            check_shape(name, tensor, (d_sae,), where)
     finetuning_F = _finetuning_scaling_factor(tensors, cfg, weights_fpath, d_sae)
     if finetuning_F is not None:  # SAELens 5 decodes (f * s) W_dec: s scales the decoder rows
         W_dec_FD = W_dec_FD * finetuning_F[:, None]
     # Training-time TopK/BatchTopK rescale pre-activations by the decoder row norms (SAELens' _fold_norm_topk).
     rescale_default = arch in ("batchtopk", "matryoshka_batchtopk")  # the training config's default
-    rescale = arch in ("topk", "batchtopk", "matryoshka_batchtopk") and bool(
-        cfg.get("rescale_acts_by_decoder_norm", rescale_default)
-    )
+    rescale = (arch == "topk" or rescale_default) and bool(cfg.get("rescale_acts_by_decoder_norm", rescale_default))
     if sf is not None:  # SAELens' fold_activation_norm_scaling_factor, before the decoder norms (as SAELens does)
         W_enc_DF, W_dec_FD, b_dec_D = W_enc_DF * sf, W_dec_FD / sf, b_dec_D / sf
         if rescale and threshold_F is not None:
@@ -338,51 +260,52 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
         # threshold comparison) are unchanged.
         b_enc_F = b_enc_F + b_dec_D.double() @ W_enc_DF.double()
 
-    sae = build_sae(SAEConfig(arch=vlmsae_arch, d_in=d_in, n_latents=d_sae, k=k))
-    with torch.no_grad():
-        sae.W_enc.copy_(W_enc_DF.T)
-        sae.b_enc.copy_(b_enc_F)
-        sae.W_dec.copy_(W_dec_FD)
-        sae.b_dec.copy_(b_dec_D)
-        if threshold_F is not None:
-            sae.threshold.copy_(threshold_F)
-    sae.source = _source(cfg, dpath, norm, sf, rescale)
-    return sae.to(device).eval()
+    trained_on = _trained_on(cfg, dpath, norm, sf, rescale)
+    return sae_from_weights(
+        vlmsae_arch,
+        W_enc_DF.T,
+        b_enc_F,
+        W_dec_FD,
+        b_dec_D,
+        k=k,
+        threshold=threshold_F,
+        trained_on=trained_on,
+        device=device,
+    )
 
 
-def _source(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None, rescale: bool) -> dict[str, Any]:
+def _trained_on(cfg: dict[str, Any], dpath: Path, norm: str, sf: float | None, rescale: bool) -> dict[str, Any]:
     metadata = cfg.get("metadata") or {}
-    original = metadata.get("vlmsae_source")
+    original = metadata.get("vlmsae_trained_on", metadata.get("vlmsae_source"))  # "vlmsae_source" before the rename
     if isinstance(original, dict):  # written by vlmsae: the exact record
-        source = dict(original)
+        trained_on = dict(original)
     else:
         model, pretrained = model_from_name(metadata.get("model_name"))
         hook_name = metadata.get("hook_name")
         layer = layer_from_hook_name(hook_name)
         if layer is None and isinstance(metadata.get("hook_layer"), int) and not hook_name:
             layer = metadata["hook_layer"]
-        source = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
+        trained_on = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
+    normalisation = "none"
     if norm == "expected_average_only_in":
         normalisation = f"expected_average_only_in, sf={sf} folded" if sf is not None else "none (scaler unset)"
         if sf is not None and rescale:
             normalisation += " before the decoder norms (codes = training codes / sf)"
-    else:
-        normalisation = "none"
-    source.update(
+    trained_on.update(
         input_normalisation=normalisation,
         format=NAME,
         original_path=str(dpath),
         hook_name=metadata.get("hook_name"),
         model_name=metadata.get("model_name"),
     )
-    return source
+    return trained_on
 
 
-def _hook_name(source: dict[str, Any]) -> str | None:
-    layer = source.get("layer")
+def _hook_name(trained_on: dict[str, Any]) -> str | None:
+    layer = trained_on.get("layer")
     if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0:
         return f"blocks.{layer}.hook_resid_post"
-    return source.get("hook_name") if isinstance(source.get("hook_name"), str) else None
+    return trained_on.get("hook_name") if isinstance(trained_on.get("hook_name"), str) else None
 
 
 def save(sae: SAE, out_dpath: Path) -> Path:
@@ -397,12 +320,8 @@ def save(sae: SAE, out_dpath: Path) -> Path:
     out_dpath.mkdir(parents=True, exist_ok=True)
     folded = copy.deepcopy(sae).cpu().float()
     folded.fold_input_scale_()
-    tensors = {
-        "W_enc": folded.W_enc.detach().T.contiguous(),
-        "b_enc": folded.b_enc.detach().contiguous(),
-        "W_dec": folded.W_dec.detach().contiguous(),
-        "b_dec": folded.b_dec.detach().contiguous(),
-    }
+    tensors = {name: getattr(folded, name).detach().contiguous() for name in ("b_enc", "W_dec", "b_dec")}
+    tensors["W_enc"] = folded.W_enc.detach().T.contiguous()
     extra: dict[str, Any] = {}
     arch = sae.arch
     if arch == "relu":
@@ -418,7 +337,7 @@ def save(sae: SAE, out_dpath: Path) -> Path:
         tensors["threshold"] = torch.full((sae.n_latents,), float(folded.threshold))
     else:
         raise ValueError(f"saelens.save: no SAELens architecture for a vlmsae {arch!r} SAE.")
-    source = dict(sae.source)
+    trained_on = dict(sae.trained_on)
     cfg = {
         "architecture": architecture,
         "d_in": sae.d_in,
@@ -432,13 +351,13 @@ def save(sae: SAE, out_dpath: Path) -> Path:
         "metadata": {
             "sae_lens_version": EXPORT_SAE_LENS_VERSION,
             "sae_lens_training_version": None,
-            "model_name": source.get("model_name") or source.get("model"),
-            "hook_name": _hook_name(source),
+            "model_name": trained_on.get("model_name") or trained_on.get("model"),
+            "hook_name": _hook_name(trained_on),
             "hook_head_index": None,
             "model_from_pretrained_kwargs": {},
             "exported_by": f"vlmsae {__version__}",
             "vlmsae_arch": arch,
-            "vlmsae_source": source,
+            "vlmsae_trained_on": trained_on,
         },
     }
     atomic_write(out_dpath / WEIGHTS_FNAME, lambda tmp: save_file(tensors, str(tmp)))

@@ -1,36 +1,23 @@
 """saev checkpoints (OSU-NLP-Group/saev, samuelstevens/saev) as vlmsae SAEs.
 
-File: one binary (``sae.pt`` on the Hub): line 1 is a UTF-8 JSON header ending in ``\\n``, the rest is
-``torch.save(state_dict)`` with ``W_enc`` [d, F], ``b_enc`` [F], ``W_dec`` [F, d], ``b_dec`` [d] and, for
-BatchTopK, the scalar ``activation.threshold``. The header is parsed as JSON and the payload is read with
-``weights_only=True`` (:func:`vlmsae.sae.interop.torchfile.read_state_dict`); nothing is unpickled.
+File (``sae.pt`` on the Hub): a UTF-8 JSON header line, then ``torch.save(state_dict)`` with ``W_enc`` [d, F],
+``b_enc``, ``W_dec`` [F, d], ``b_dec`` and, for BatchTopK, the scalar ``activation.threshold``; read with
+``weights_only=True`` (:func:`vlmsae.sae.interop.torchfile.read_torch_file`).
 
-Header schemas: none (flat ``{d_vit, exp_factor, ...}``, ReLU), 1 (form A: ``cls`` names the activation and
-``cfg.top_k`` its k; form B: ``cfg.activation = {cls, params}``), 2-5 (``cfg.activation = {cls, params}``, with
-``params.top_k``). Activations: ``Relu`` f = relu(h); ``TopK`` f = h on the per-row top-k, *no ReLU* (negative
-values survive; loaded as :class:`SignedTopKSAE`); ``BatchTopK`` at inference f = h * (h > theta), theta =
-``activation.threshold`` (theta <= 0 means h * (h > 0)), loaded as a vlmsae BatchTopK SAE with threshold
-max(theta, 0). BatchTopK files without a threshold (saev before 2025-11-16) select over the whole batch, which
-no per-sample encoder reproduces: they are refused.
+Header schemas: none (flat, ReLU), 1 (``cls`` and ``cfg.top_k``, or ``cfg.activation``), 2-5
+(``cfg.activation = {cls, params}``). ``Relu``; ``TopK`` keeps the per-row top-k with no ReLU
+(:class:`SignedTopKSAE`); ``BatchTopK`` at inference h * (h > theta), loaded with threshold max(theta, 0). BatchTopK
+files without a threshold (before 2025-11-16) select over the whole batch and are refused.
 
-Encoder bias. saev's forward changed twice: saev subtracted ``b_dec`` before encoding until 2025-07-31
-(commit e7ca004), a merge brought the subtraction back the same day, and it was removed for good on
-2025-09-05 (654befb). So: no schema and schema 1 subtract; schema 2 subtracts when its ``commit`` is one of
-the saev commits of 2025-07-31..2025-09-05 listed below, not when it is a later schema-2 commit, and any
-other schema-2 commit is ambiguous (refused unless ``subtract_b_dec=`` says which); schemas 3-5 do not
-subtract. A file that does not subtract is converted exactly with b_enc' = b_enc + b_dec @ W_enc.
+Encoder bias: saev subtracted ``b_dec`` before encoding until 2025-07-31 (e7ca004), again the same day after a
+merge, and not since 2025-09-05 (654befb). No schema and schema 1 subtract; schema 2 by the commit lists below
+(unknown commits refused unless ``subtract_b_dec=`` says); schemas 3-5 do not. Without the subtraction,
+b_enc' = b_enc + b_dec @ W_enc.
 
-Input normalisation is NOT in the file: saev's old trainer fed x~ = (x - act_mean) / scalar, the Hub CLIP
-and BioCLIP SAEs take raw activations, and the Hub DINOv2 example normalises outside the SAE. By default the
-loaded SAE takes the activations raw, as stored. If the SAE was trained on (x - mean) / scale, pass
-``input_mean`` ([d]) and/or ``input_scale`` (the scalar divisor) to :func:`load`: they are folded exactly
-(W_enc / scale, W_dec * scale, b_dec * scale + mean), so the module takes raw x and returns raw x_hat with the
-same codes as saev. (The DINOv2 notebook's clamp is not representable: clamp the activations yourself.)
-
-Layers: saev records layer i as the OUTPUT of ``resblocks[i]`` (a forward hook; negative i counts from the
-end, default -2), which is vlmsae's block index i (= HF ``hidden_states[i + 1]``), negatives included. The
-file does not record the layer, model or tokens (the Hub SAEs: layer 10 of ViT-B, patch tokens, CLS dropped):
-pass ``layer=``, ``model=``, ``tokens=`` to :func:`load`, or the job options, otherwise they stay None.
+Input normalisation is not in the file: the SAE takes activations as stored, unless ``input_mean`` / ``input_scale``
+(trained on (x - mean) / scale) are passed to :func:`load` and folded exactly. Layer i = the output of
+``resblocks[i]`` = vlmsae's block index (negatives included); the file records no layer, model or tokens: pass
+``layer=``, ``model=``, ``tokens=`` (or the job options).
 """
 
 from __future__ import annotations
@@ -44,7 +31,8 @@ from typing import Any
 import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.interop._convert import check_shape, sae_from_weights, single_checkpoint
+from vlmsae.sae.checkpoint import check_shape, require_keys
+from vlmsae.sae.interop._convert import sae_from_weights, single_checkpoint
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.sae.topk import TopKSAE
 
@@ -53,7 +41,6 @@ EXPECTS = (
     "a saev file (e.g. sae.pt): a JSON header line, then a torch state dict with W_enc [d, F], b_enc, W_dec [F, d], "
     "b_dec (+ activation.threshold for BatchTopK)"
 )
-DEFAULT_FNAME = "sae.pt"
 
 
 def _shas(text: str) -> frozenset[str]:
@@ -195,16 +182,14 @@ def load(
 
     ``input_mean`` [d] / ``input_scale`` (scalar s): the SAE was trained on (x - mean) / s; folded exactly.
     ``subtract_b_dec``: override the forward chosen from the header (only needed for unknown schema-2 commits).
-    ``layer``/``model``/``tokens``: recorded in ``sae.source`` (saev files do not store them).
+    ``layer``/``model``/``tokens``: recorded in ``sae.trained_on`` (saev files do not store them).
     """
     dpath = Path(dpath)
     fpath = single_checkpoint(dpath, _find_file(dpath), "saev", EXPECTS)
     where = repr(str(fpath))
     header, state = read_file(fpath)
     act, top_k = _activation(header, where)
-    missing = [key for key in ("W_enc", "b_enc", "W_dec", "b_dec") if key not in state]
-    if missing:
-        raise ValueError(f"{where}: state dict lacks {missing}; expected {EXPECTS}.")
+    require_keys(state, ("W_enc", "b_enc", "W_dec", "b_dec"), f"{where}: the state dict")
     W_enc_DF = state["W_enc"].double()
     d_in, n_latents = W_enc_DF.shape
     check_shape("b_enc", state["b_enc"], (n_latents,), where)
@@ -242,7 +227,7 @@ def load(
     normalisation = "none (raw activations)"
     if input_mean is not None or input_scale is not None:
         normalisation = f"(x - input_mean) / {scale:g}, folded into the weights"
-    source = {
+    trained_on = {
         "model": model,
         "pretrained": None,
         "layer": layer,
@@ -268,6 +253,6 @@ def load(
         k=min(top_k, n_latents) if top_k is not None else None,
         threshold=threshold,
         cls=SignedTopKSAE if act == "TopK" else None,
-        source=source,
+        trained_on=trained_on,
         device=device,
     )

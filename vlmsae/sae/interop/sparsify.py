@@ -1,38 +1,23 @@
 """EleutherAI sparsify (and its predecessor ``EleutherAI/sae``) hookpoint folders: ``cfg.json`` + ``sae.safetensors``.
 
-Layout (sparsify ``SparseCoder.save_to_disk`` / ``load_from_disk``): weights ``encoder.weight`` [F, d],
-``encoder.bias`` [F], ``W_dec`` [F, d] (one row per latent, no transpose), ``b_dec`` [d], and ``W_skip`` [d, d] iff
-``skip_connection``. cfg.json: ``d_in``, ``k``, ``num_latents`` (0 = d_in * ``expansion_factor``), ``activation``
-(topk | groupmax; absent in old files = topk), ``normalize_decoder``, ``multi_topk``, ``skip_connection``,
-``transcode``, and, in mid-2024 files only, ``signed``.
+Weights (``SparseCoder.save_to_disk``): ``encoder.weight`` [F, d], ``encoder.bias``, ``W_dec`` [F, d], ``b_dec``.
+cfg.json: ``d_in``, ``k``, ``num_latents`` (0 = d_in * ``expansion_factor``), ``activation`` (absent = topk), ...
+The forward, relu((x - b_dec) W_e^T + b_e) kept at its per-sample top-k, is vlmsae's ``topk`` exactly
+(``multi_topk`` and ``normalize_decoder`` only affect training). Refused: ``activation="groupmax"``,
+``skip_connection``, ``transcode``, ``signed``. No input normalisation.
 
-Forward (an SAE, not a transcoder): p = relu((x - b_dec) encoder.weight^T + encoder.bias); keep the top-k of p per
-sample; x^ = sum values * W_dec[indices] + b_dec. That is vlmsae's ``topk`` exactly (vlmsae takes the top-k of the
-pre-activations and then the ReLU: the kept positive entries are the same, and entries below zero are 0 either way).
-``multi_topk`` only adds a training loss (inference uses k); ``normalize_decoder`` only constrains training.
-Refused, with a message: ``activation="groupmax"`` (a per-group argmax, not a top-k), ``skip_connection`` (x^ adds
-x W_skip^T, a term that is no SAE decode), ``transcode`` (predicts another layer's output), ``signed`` (top-k of
-|pre| with signed values). There is no input normalisation in sparsify.
-
-Layer convention: the folder name is the hookpoint. With ``layers`` sparsify names it ``<layers_name>.<L>`` (e.g.
-``layers.6``, ``vision_model.encoder.layers.6``) and records that module's OUTPUT: block L's output = vlmsae layer L
-(HF ``hidden_states[L+1]``); open_clip's ``transformer.resblocks.L`` likewise. Other hookpoints give layer None.
-The run folder above (``../config.json``, sparsify's TrainConfig) names the model (``model``), mapped to a vlmsae
-model name when it is a known HF id. Token selection is unknown (None).
+Layer: the folder name is the hookpoint, ``<layers_name>.<L>`` (``layers.6``, ``transformer.resblocks.6``, ...),
+whose output is vlmsae layer L; other hookpoints give None. The run's ``../config.json`` names the model.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from vlmsae.sae.base import SAE
-from vlmsae.sae.build import build_sae
-from vlmsae.sae.config import SAEConfig
+from vlmsae.sae.checkpoint import check_shape, read_safetensors, require_keys
+from vlmsae.sae.interop._convert import json_object_or_none, positive_int, read_json_object, sae_from_weights
 from vlmsae.sae.interop.names import model_from_name
 
 NAME = "sparsify"
@@ -53,77 +38,37 @@ def layer_from_hookpoint(hookpoint: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _int_field(cfg: dict[str, Any], name: str, fpath: Path, minimum: int) -> int:
-    value = cfg.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{str(fpath)!r}: {name} must be an integer >= {minimum}; got {value!r}.")
-    return value
-
-
 def load(dpath: Path, device: str = "cpu") -> SAE:
-    """A sparsify hookpoint folder as a vlmsae ``topk`` SAE (eval mode, ``source`` set)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """A sparsify hookpoint folder as a vlmsae ``topk`` SAE (eval mode, ``trained_on`` set)."""
     dpath = Path(dpath)
     if not detect(dpath):
         raise FileNotFoundError(f"{str(dpath)!r} is not a sparsify folder: expected {EXPECTS}.")
     cfg_fpath, weights_fpath = dpath / CFG_FNAME, dpath / WEIGHTS_FNAME
-    try:
-        cfg = json.loads(cfg_fpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(cfg_fpath)!r} is not valid JSON ({err}); expected a sparsify cfg.json.") from err
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{str(cfg_fpath)!r} holds a JSON {type(cfg).__name__}, expected a sparsify config object.")
+    cfg = read_json_object(cfg_fpath, "a sparsify cfg.json")
     activation = cfg.get("activation", "topk")
-    refusals = {
-        "activation": (activation != "topk", f"activation={activation!r} (a per-group argmax, not a top-k)"),
-        "skip_connection": (bool(cfg.get("skip_connection")), "skip_connection=true (x^ adds x W_skip^T)"),
-        "transcode": (bool(cfg.get("transcode")), "transcode=true (a transcoder predicts another layer's output)"),
-        "signed": (bool(cfg.get("signed")), "signed=true (top-k of |pre| with signed values, no ReLU)"),
-    }
-    for _, (refused, why) in refusals.items():
+    refusals = (
+        (activation != "topk", f"activation={activation!r} (a per-group argmax, not a top-k)"),
+        (bool(cfg.get("skip_connection")), "skip_connection=true (x^ adds x W_skip^T)"),
+        (bool(cfg.get("transcode")), "transcode=true (a transcoder predicts another layer's output)"),
+        (bool(cfg.get("signed")), "signed=true (top-k of |pre| with signed values, no ReLU)"),
+    )
+    for refused, why in refusals:
         if refused:
             raise ValueError(
                 f"{str(cfg_fpath)!r}: {why} is not representable by a vlmsae SAE; only sparsify TopK SAEs "
                 "(activation topk, no skip connection, not a transcoder, unsigned) load."
             )
-    d_in = _int_field(cfg, "d_in", cfg_fpath, 1)
-    k = _int_field(cfg, "k", cfg_fpath, 1)
-    num_latents = cfg.get("num_latents", 0) or d_in * _int_field(cfg, "expansion_factor", cfg_fpath, 1)
-    try:
-        tensors = load_file(str(weights_fpath), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{str(weights_fpath)!r} is not a readable safetensors file ({err}).") from err
-    shapes = {
-        "encoder.weight": (num_latents, d_in),
-        "encoder.bias": (num_latents,),
-        "W_dec": (num_latents, d_in),
-        "b_dec": (d_in,),
-    }
-    missing = [name for name in shapes if name not in tensors]
-    if missing:
-        raise ValueError(
-            f"{str(weights_fpath)!r} lacks {missing} (it has {sorted(tensors)}); a sparsify SAE saved with its "
-            f"decoder has {list(shapes)}."
-        )
-    for name, shape in shapes.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(
-                f"{str(weights_fpath)!r}: {name} has shape {tuple(tensors[name].shape)}, but cfg.json (d_in={d_in}, "
-                f"num_latents={num_latents}) implies {shape}."
-            )
+    where = repr(str(cfg_fpath))
+    d_in, k = positive_int(cfg, "d_in", where), positive_int(cfg, "k", where)
+    num_latents = cfg.get("num_latents", 0) or d_in * positive_int(cfg, "expansion_factor", where)
+    tensors = read_safetensors(weights_fpath)
+    names = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+    require_keys(tensors, names, repr(str(weights_fpath)), " (a sparsify SAE saved with its decoder)")
     if k > num_latents:
         raise ValueError(f"{str(cfg_fpath)!r}: k={k} is larger than the {num_latents} latents.")
-    sae = build_sae(SAEConfig(arch="topk", d_in=d_in, n_latents=num_latents, k=k))
-    with torch.no_grad():
-        sae.W_enc.copy_(tensors["encoder.weight"].float())
-        sae.b_enc.copy_(tensors["encoder.bias"].float())
-        sae.W_dec.copy_(tensors["W_dec"].float())
-        sae.b_dec.copy_(tensors["b_dec"].float())
-    run_cfg = _read_run_config(dpath.parent / "config.json")
+    run_cfg = json_object_or_none(dpath.parent / "config.json") or {}  # sparsify's run-level TrainConfig
     model, pretrained = model_from_name(run_cfg.get("model"))
-    sae.source = {
+    trained_on = {
         "model": model,
         "pretrained": pretrained,
         "layer": layer_from_hookpoint(dpath.name),
@@ -134,13 +79,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
         "hookpoint": dpath.name,
         "model_name": run_cfg.get("model"),
     }
-    return sae.to(device).eval()
-
-
-def _read_run_config(fpath: Path) -> dict[str, Any]:
-    """sparsify's run-level TrainConfig (``model``, ``hookpoints``, ...), or {} when absent or unreadable."""
-    try:
-        obj = json.loads(fpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
+    where = f"{str(weights_fpath)!r} (cfg.json: d_in={d_in}, num_latents={num_latents})"
+    check_shape("encoder.weight", tensors["encoder.weight"], (num_latents, d_in), where)
+    weights = [tensors[name] for name in names]
+    return sae_from_weights("topk", *weights, k=k, trained_on=trained_on, device=device, where=where)

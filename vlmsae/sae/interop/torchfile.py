@@ -29,12 +29,6 @@ def _numpy_scalar_globals() -> list[Any]:
     return [scalar, np.dtype, *dtype_classes]
 
 
-def _is_zip(fpath: Path | io.BytesIO) -> bool:
-    if isinstance(fpath, io.BytesIO):
-        fpath.seek(0)
-    return zipfile.is_zipfile(fpath)
-
-
 def read_torch_file(fpath: str | Path | io.BytesIO, allow_numpy_scalars: bool = False, name: str | None = None) -> Any:
     """The object in a ``torch.save`` file, read with ``weights_only=True`` on the CPU.
 
@@ -50,12 +44,12 @@ def read_torch_file(fpath: str | Path | io.BytesIO, allow_numpy_scalars: bool = 
             raise FileNotFoundError(f"{str(fpath)!r} does not exist (expected a torch.save file).")
     label = name or str(fpath)
     try:
-        if allow_numpy_scalars:
-            with torch.serialization.safe_globals(_numpy_scalar_globals()):
-                return torch.load(fpath, map_location="cpu", weights_only=True)
-        return torch.load(fpath, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals() if allow_numpy_scalars else []):
+            return torch.load(fpath, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if not _is_zip(fpath):  # torch.save writes zip archives (since torch 1.6): this is something else
+        if isinstance(fpath, io.BytesIO):
+            fpath.seek(0)
+        if not zipfile.is_zipfile(fpath):  # torch.save writes zip archives (since torch 1.6): this is something else
             raise ValueError(
                 f"{label!r} is not a readable torch.save file (not a zip archive; nothing in it was executed)."
             ) from err
@@ -69,22 +63,3 @@ def read_torch_file(fpath: str | Path | io.BytesIO, allow_numpy_scalars: bool = 
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise ValueError(f"{label!r} is not a readable torch.save file ({type(err).__name__}: {err}).") from err
-
-
-def read_state_dict(fpath: str | Path) -> dict[str, Any]:
-    """A flat ``{name: tensor}`` state dict from a ``torch.save`` file (see :func:`read_torch_file`).
-
-    Values are tensors; anything else (a nested dict such as a training backup) is refused naming the key.
-    """
-    import torch
-
-    obj = read_torch_file(fpath)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{str(fpath)!r} holds a {type(obj).__name__}, not a state dict {{name: tensor}}.")
-    bad = {key: type(value).__name__ for key, value in obj.items() if not isinstance(value, torch.Tensor)}
-    if bad:
-        raise ValueError(
-            f"{str(fpath)!r} is not a plain state dict: keys {sorted(bad)} hold {sorted(set(bad.values()))}, not "
-            "tensors (expected {name: tensor}, e.g. the final ae.pt of a dictionary_learning run)."
-        )
-    return obj
