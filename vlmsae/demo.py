@@ -3,36 +3,11 @@
     python -m vlmsae.demo                      # -> outputs/demo/ (replaced on each run)
     python -m vlmsae.demo --out /tmp/demo --steps data,extract,train,monosemanticity,browse
 
-Every step calls a real job's ``run(cfg, out_dpath)`` with a config composed from ``conf/`` exactly
-as the CLI would compose it, only with tiny choices:
-
-0. data             the generated planted-concept images (what ``data=tiny`` uses): 16 shape x
-                    colour classes, an ImageFolder tree every later step reads       -> data/concepts/
-1. extract          tiny random LLaVA vision tower (``model=tiny_llava``) on those images,
-                    2 random tokens per image (the paper's steering-SAE recipe)       -> extract/
-2. train            a small Matryoshka BatchTopK SAE on those activations             -> train/
-3. monosemanticity  MS of every latent and of the raw neurons (``embedder=tiny``), each latent
-                    named from a vocabulary of the planted concept names (``names=``) -> monosemanticity/
-4. hierarchy        LCA depth of each latent's top images in the shape > shape+colour
-                    taxonomy, per Matryoshka group (``taxonomy=tiny``)                -> hierarchy/
-5. steer            clamp the best latent in the tiny LLaVA, answers with and without  -> steer/
-6. splice_eval      the SAE spliced into the tiny LLaVA's vision block: KL per answer token,
-                    fraction of loss recovered vs zero and mean ablation (2 images)    -> splice_eval/
-7. ground_truth     planted-concept check: SAE mean MS vs raw neurons on data with a known answer
-8. digits           a network that has learned something: the small ViT trained offline on
-                    scikit-learn's real 8x8 digits (``model=digits_vit``), an SAE on block 2 of its
-                    train-split activations, MS on the 360 held-out digits with the independent
-                    digits CNN as E (``embedder=digits_cnn``), latents named after the digit class
-                    they fire on (``names=labels``: "seven"), and their own browser   -> digits/browser/
-9. inspect          one of the images through the SAE: its top latents with names, MS and patch
-                    heatmaps, and the latents a text query matches                     -> inspect/inspect.html
-10. browse          the static feature browser of the planted-concept run (steps 1-7, cards link to
-                    inspect)                                                           -> browser/index.html
-
-The tiny LLaVA is random, so steps 1-7 show the pipeline works and where the answer key is; step 8
-shows what it finds on a trained encoder. The README lists the real-model commands. A step whose job
-module is missing or fails is reported and the steps that do not need its output still run; the exit
-status is non-zero if any step did not finish.
+Every step (:data:`STEPS`) calls a real job's ``run(cfg, out_dpath)`` with a config composed from ``conf/``
+exactly as the CLI would compose it, only with tiny choices; docs/demo.md says what each step runs, writes and
+shows. The tiny LLaVA is random, so steps 1-7 show the pipeline works and where the answer key is; step 8
+(``digits``) shows what it finds on a trained encoder. A step whose job module is missing or fails is reported
+and the steps that do not need its output still run; the exit status is non-zero if any step did not finish.
 """
 
 from __future__ import annotations
@@ -41,13 +16,16 @@ import argparse
 import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +73,12 @@ def call_job(job: str, overrides: list[str], out_dpath: Path) -> dict[str, Any]:
 
 @dataclass
 class StepResult:
-    name: str
+    """One step's record, as demo_summary.json holds it."""
+
     status: str = "pending"  # ok | failed | missing | skipped
     seconds: float = 0.0
     out: str = ""
-    lines: list[str] = field(default_factory=list)  # the human summary
+    shows: list[str] = field(default_factory=list)  # the human summary
     error: str = ""
 
 
@@ -165,7 +144,11 @@ class Demo:
     def data_overrides(self) -> list[str]:
         return ["data=folder", f"data.root={self.d('data') / 'concepts'}", "data.num_workers=0"]
 
-    # -- 0 ------------------------------------------------------------------------------------
+    @property
+    def sae_overrides(self) -> list[str]:
+        """The trained SAE in the demo's model: what every step after ``train`` reads."""
+        return [f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}"]
+
     def data(self) -> list[str]:
         from vlmsae.data.concepts import make_concept_images
 
@@ -180,7 +163,6 @@ class Demo:
             "each class shares one shape and one colour and nothing else: the answer key for MS and hierarchy",
         ]
 
-    # -- 1 ------------------------------------------------------------------------------------
     def extract(self) -> list[str]:
         self.require("data")
         # Small shards, so there are several: training holds out whole shards for validation.
@@ -208,7 +190,6 @@ class Demo:
             f"{m.n_skipped or 0} skipped images",
         ]
 
-    # -- 2 ------------------------------------------------------------------------------------
     def train(self) -> list[str]:
         self.require("extract")
         call_job(
@@ -239,15 +220,13 @@ class Demo:
             f"checkpoint: {self.d('train') / 'sae'} (sae.safetensors + config.json)",
         ]
 
-    # -- 3 ------------------------------------------------------------------------------------
     def monosemanticity(self) -> list[str]:
         self.require("train")
         vocab_fpath = self._write_vocabulary()
         call_job(
             "monosemanticity",
             [
-                f"sae_path={self.d('train') / 'sae'}",
-                f"model={MODEL}",
+                *self.sae_overrides,
                 *self.data_overrides,
                 "embedder=tiny",  # it has a text side, so it can name the latents
                 f"names={vocab_fpath}",
@@ -277,7 +256,6 @@ class Demo:
         classes = [" ".join(reversed(c.split("_", 1))) for c in concept_classes()]  # circle_red -> red circle
         return atomic_write_text(self.out / VOCAB_FILE, "\n".join([*SHAPES, *COLOURS, *classes]) + "\n")
 
-    # -- 4 ------------------------------------------------------------------------------------
     def hierarchy(self) -> list[str]:
         self.require("train")
         # Reuse the MS run's top images (and its MS per latent) when it finished.
@@ -285,8 +263,7 @@ class Demo:
         call_job(
             "hierarchy",
             [
-                f"sae_path={self.d('train') / 'sae'}",
-                f"model={MODEL}",
+                *self.sae_overrides,
                 *self.data_overrides,
                 "taxonomy=tiny",
                 *ms_run,
@@ -321,14 +298,11 @@ class Demo:
         if total < 2:
             return None
         pairs = total * (total - 1) / 2
-        per_shape: dict[str, int] = {}
-        for c in classes:
-            per_shape[c["shape"]] = per_shape.get(c["shape"], 0) + n
-        same_shape = sum(m * (m - 1) / 2 for m in per_shape.values()) / pairs
+        per_shape = Counter(c["shape"] for c in classes)  # classes per shape, n images each
+        same_shape = sum(m * n * (m * n - 1) / 2 for m in per_shape.values()) / pairs
         same_class = len(classes) * n * (n - 1) / 2 / pairs
         return same_shape + same_class
 
-    # -- 5 ------------------------------------------------------------------------------------
     def steer(self) -> list[str]:
         self.require("train")
         best = best_latents(self.d("monosemanticity"), 1) if self.ok("monosemanticity") else []
@@ -340,8 +314,7 @@ class Demo:
         res = call_job(
             "steer",
             [
-                f"model={MODEL}",
-                f"sae_path={self.d('train') / 'sae'}",
+                *self.sae_overrides,
                 f"latent={latent}",
                 f"alpha={alpha}",
                 "image=[white,skimage:astronaut]",
@@ -352,31 +325,23 @@ class Demo:
             self.d("steer"),
         )
         s = _read_format(formats.read_steer, self.d("steer") / formats.STEER_JSON) or res
-        lines = [
+        settings, baseline, steered = s.get("settings", {}), s.get("baseline", []), s.get("steered", [])
+        images = settings.get("images", ["?"] * 9)
+        return [
             f"latent #{latent} clamped to alpha={alpha} in every token of the tapped vision block "
-            f"(prompt {s.get('settings', {}).get('prompt', '')!r})"
+            f"(prompt {settings.get('prompt', '')!r})",
+            *(f"  {img}: baseline {b!r} -> steered {st!r}" for img, b, st in zip(images, baseline, steered)),
+            *(f"  alpha sweep {a}: {answers!r}" for a, answers in (s.get("sweep") or {}).items()),
+            f"{sum(b != st for b, st in zip(baseline, steered))} of {len(steered)} answers changed (a random tiny "
+            "LM: the words mean nothing, the change shows the hook reaches the language model)",
         ]
-        for img, b, st in zip(
-            s.get("settings", {}).get("images", ["?"] * 9), s.get("baseline", []), s.get("steered", [])
-        ):
-            lines.append(f"  {img}: baseline {b!r} -> steered {st!r}")
-        for a, answers in (s.get("sweep") or {}).items():
-            lines.append(f"  alpha sweep {a}: {answers!r}")
-        changed = sum(b != st for b, st in zip(s.get("baseline", []), s.get("steered", [])))
-        lines.append(
-            f"{changed} of {len(s.get('steered', []))} answers changed (a random tiny LM: the words mean "
-            f"nothing, the change shows the hook reaches the language model)"
-        )
-        return lines
 
-    # -- 6 ------------------------------------------------------------------------------------
     def splice_eval(self) -> list[str]:
         self.require("train")
         call_job(
             "splice_eval",
             [
-                f"model={MODEL}",
-                f"sae_path={self.d('train') / 'sae'}",
+                *self.sae_overrides,
                 "n_images=2",
                 "max_new_tokens=6",
                 f"seed={self.seed}",
@@ -393,7 +358,6 @@ class Demo:
             "splice.json, splice.md",
         ]
 
-    # -- 7 ------------------------------------------------------------------------------------
     def ground_truth(self) -> list[str]:
         from vlmsae.studies.ground_truth import ground_truth_check
         from vlmsae.utils.io import atomic_write_json
@@ -414,7 +378,6 @@ class Demo:
             raise RuntimeError("planted-concept check failed: " + " ".join(x.strip() for x in lines[1:3]))
         return lines
 
-    # -- 8 ------------------------------------------------------------------------------------
     def digits(self) -> list[str]:
         from vlmsae.data.digits import ensure_digits
         from vlmsae.models.digits import read_trained_meta
@@ -458,11 +421,10 @@ class Demo:
             f"open file://{Path(browser['index_html']).resolve()}",
         ]
 
-    # -- 9 ------------------------------------------------------------------------------------
     def inspect(self) -> list[str]:
         self.require("monosemanticity")
         image = sorted((self.d("data") / "concepts" / "circle_red").glob("*.png"))[0]
-        over = [f"sae_path={self.d('train') / 'sae'}", f"model={MODEL}", f"images={image}", "top_n=5"]
+        over = [*self.sae_overrides, f"images={image}", "top_n=5"]
         over += [f"ms_run={self.d('monosemanticity')}", "query='red circle'"]
         call_job("inspect", over, self.d("inspect"))
         result = formats.read_inspect(self.d("inspect"))
@@ -480,7 +442,6 @@ class Demo:
             "inspect.json, inspect.html (+ img/, heat/); the browser's cards link to it",
         ]
 
-    # -- 10 -----------------------------------------------------------------------------------
     def browse(self) -> list[str]:
         self.require("monosemanticity")
         over = [f"run={self.out}", f"ms_run={self.d('monosemanticity')}", f"out={self.d('browser')}"]
@@ -491,7 +452,6 @@ class Demo:
             f"open file://{Path(res['index_html']).resolve()}",
         ]
 
-    # -------------------------------------------------------------------------------------------
     def require(self, step: str) -> None:
         if not self.ok(step):
             raise _Skip(f"needs the {step} step, which did not finish")
@@ -500,27 +460,24 @@ class Demo:
         t_start = time.perf_counter()
         for i, name in enumerate(self.steps, 1):
             print(f"\n== [{i}/{len(self.steps)}] {name} ==", flush=True)
-            res = StepResult(name=name, out=str(self.d("browser" if name == "browse" else name)))
+            res = StepResult(out=str(self.d("browser" if name == "browse" else name)))
             t0 = time.perf_counter()
             try:
-                res.lines = getattr(self, name)()
+                res.shows = getattr(self, name)()
                 res.status = "ok"
             except _Skip as e:
                 res.status, res.error = "skipped", str(e)
-            except ModuleNotFoundError as e:
-                if not str(getattr(e, "name", "")).startswith("vlmsae"):
+            except Exception as e:
+                if isinstance(e, ModuleNotFoundError) and str(getattr(e, "name", "")).startswith("vlmsae"):
+                    res.status, res.error = "missing", str(e)
+                else:
                     res.status, res.error = "failed", f"{type(e).__name__}: {e}"
                     traceback.print_exc()
-                else:
-                    res.status, res.error = "missing", str(e)
-            except Exception as e:
-                res.status, res.error = "failed", f"{type(e).__name__}: {e}"
-                traceback.print_exc()
             res.seconds = time.perf_counter() - t0
             self.results[name] = res
             if res.status == "ok":
                 print(f"   output: {res.out}  ({res.seconds:.1f} s)")
-                for line in res.lines:
+                for line in res.shows:
                     print(f"   {line}")
             else:
                 print(f"   {res.status.upper()}: {res.error}  ({res.seconds:.1f} s)")
@@ -528,16 +485,7 @@ class Demo:
         summary = {
             "out": str(self.out),
             "wall_seconds": round(wall, 1),
-            "steps": {
-                n: {
-                    "status": r.status,
-                    "seconds": round(r.seconds, 1),
-                    "out": r.out,
-                    "shows": r.lines,
-                    "error": r.error,
-                }
-                for n, r in self.results.items()
-            },
+            "steps": {n: {**asdict(r), "seconds": round(r.seconds, 1)} for n, r in self.results.items()},
         }
         from vlmsae.utils.io import atomic_write_json, atomic_write_text
 
@@ -557,14 +505,8 @@ class _Skip(Exception):
 def _markdown(summary: dict[str, Any]) -> str:
     lines = ["# vlmsae demo", "", f"Output folder: `{summary['out']}`; wall time {summary['wall_seconds']} s.", ""]
     for name, s in summary["steps"].items():
-        lines.append(f"## {name}: {s['status']} ({s['seconds']} s)")
-        lines.append("")
-        lines.append(f"Output: `{s['out']}`")
-        lines.append("")
-        lines += [f"- {line}" for line in s["shows"]]
-        if s["error"]:
-            lines.append(f"- {s['error']}")
-        lines.append("")
+        lines += [f"## {name}: {s['status']} ({s['seconds']} s)", "", f"Output: `{s['out']}`", ""]
+        lines += [f"- {line}" for line in [*s["shows"], *([s["error"]] if s["error"] else [])]] + [""]
     return "\n".join(lines)
 
 
@@ -603,9 +545,6 @@ def run(cfg: Any = None, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
 def _quiet() -> None:
     """Keep the demo's output to what each step shows: no download bars, no known-harmless warnings."""
-    import logging
-    import warnings
-
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
     for pattern in (

@@ -11,11 +11,9 @@ Without Chromium those two are null and ``<prefix>_chromium`` says why.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import shutil
 import statistics
 import tempfile
 import time
@@ -38,8 +36,7 @@ def latent_name(latent: int) -> str:
 
 def write_synthetic_run(root: str | Path, n_latents: int, n_images: int, top_k: int = 16, seed: int = 0) -> Path:
     """An MS run folder ``root/ms`` (latents.csv + top_images/) over ``n_images`` generated 32 x 32 JPEGs
-    in ``root/images``; the last latent is dead (it sorts last by MS). Names go into latents.csv when the
-    formats module has the name columns."""
+    in ``root/images``; the last latent is dead (it sorts last by MS)."""
     import torch
     from PIL import Image, ImageDraw
 
@@ -61,11 +58,9 @@ def write_synthetic_run(root: str | Path, n_latents: int, n_images: int, top_k: 
     acts_KX = torch.sort(torch.rand(n_latents, top_k, generator=g) * 5, dim=1, descending=True).values
     ms_K = torch.rand(n_latents, generator=g).tolist()
     freq_K = (torch.rand(n_latents, generator=g) * 0.05).tolist()
-    has_names = "name" in {f.name for f in dataclasses.fields(formats.LatentRow)}
     rows = []
     for k in range(n_latents):
         dead = k == n_latents - 1
-        extra = {"name": latent_name(k), "names": (latent_name(k),)} if has_names else {}
         rows.append(
             formats.LatentRow(
                 latent=k,
@@ -74,7 +69,8 @@ def write_synthetic_run(root: str | Path, n_latents: int, n_images: int, top_k: 
                 max_act=float(acts_KX[k, 0]),
                 group=k % 4,
                 top_keys=tuple(keys[i] for i in image_idx_KX[k, :3].tolist()),
-                **extra,
+                name=latent_name(k),
+                names=(latent_name(k),),
             )
         )
     image_idx_KX[-1] = -1  # the dead latent fired on no image
@@ -141,8 +137,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     """Build and time the browser of a synthetic run (``quick``: 3,000 latents over 2,000 images)."""
     size = QUICK if quick else FULL
     prefix = f"browser_{size['n_latents'] // 1000}k"  # browser_65k, browser_3k
-    tmp_dpath = Path(tempfile.mkdtemp(prefix="vlmsae-bench-browser-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-browser-", ignore_cleanup_errors=True) as tmp_name:
+        tmp_dpath = Path(tmp_name)
         t0 = time.perf_counter()
         ms_dpath = write_synthetic_run(tmp_dpath / "run", **size)
         synth_s = time.perf_counter() - t0
@@ -167,5 +163,3 @@ def run(quick: bool = False) -> dict[str, Any]:
                 **page,
             }
         }
-    finally:
-        shutil.rmtree(tmp_dpath, ignore_errors=True)

@@ -25,6 +25,8 @@ other processes only ever adds time.
 
 from __future__ import annotations
 
+import functools
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -55,26 +57,22 @@ def make_photo_jpegs(dpath: Path, n: int, seed: int = 0) -> Path:
     return dpath
 
 
-class _DecodeOnly(torch.utils.data.Dataset):
-    """PIL open + the model's preprocess, nothing else: the decode limit's dataset."""
+def _decode_only(fpaths: list[str], preprocess: Any, draft_size: int | None) -> torch.Tensor:
+    """PIL open + the model's preprocess of a batch of files, nothing else: the decode limit's work."""
+    from PIL import Image
 
-    def __init__(self, files: list[str], preprocess: Any, draft_size: int | None):
-        self.files, self.preprocess, self.draft_size = files, preprocess, draft_size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
-        if self.draft_size is not None:  # fast_decode's own decode (draft + exact-area resample): its limit
-            return self.preprocess(load_image(self.files[i], draft_size=self.draft_size))
-        with Image.open(self.files[i]) as img:
-            return self.preprocess(img.convert("RGB"))
+    if draft_size is not None:  # fast_decode's own decode (draft + exact-area resample): its limit
+        return torch.stack([preprocess(load_image(f, draft_size=draft_size)) for f in fpaths])
+    images = []
+    for fpath in fpaths:
+        with Image.open(fpath) as img:
+            images.append(preprocess(img.convert("RGB")))
+    return torch.stack(images)
 
 
 def decode_images_per_s(files: list[str], preprocess: Any, workers: int, batch: int, draft: int | None = None) -> float:
-    loader = torch.utils.data.DataLoader(_DecodeOnly(files, preprocess, draft), batch_size=batch, num_workers=workers)
+    decode = functools.partial(_decode_only, preprocess=preprocess, draft_size=draft)  # runs in the workers
+    loader = torch.utils.data.DataLoader(files, batch_size=batch, num_workers=workers, collate_fn=decode)
     t0, n = time.perf_counter(), 0
     for x in loader:
         n += len(x)
@@ -176,8 +174,6 @@ def run(vit_tap: Any, quick: bool = False, photos_dpath: str | None = None) -> d
     """The issue-18 rows (module docstring) on generated JPEGs, and the same rows with the suffix ``_photos`` on
     real photographs (:mod:`vlmsae.bench.photos`; ``photos_origin`` says which set, ``photos_error`` why none).
     ``vit_tap``: the random ViT-B/32 the extract bench built."""
-    import os
-
     n_images, rounds, batch = (96, 1, 32) if quick else (1000, 3, 64)
     workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
     tiny = load_tap(get_model_spec("tiny"))

@@ -13,7 +13,6 @@ selection, shard writing) at the middle layer on generated 224 px images. The ``
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,40 +20,35 @@ import torch
 
 from vlmsae.bench.decode import folder_plan
 from vlmsae.bench.decode import run as run_decode
+from vlmsae.bench.timing import interleaved_seconds
 from vlmsae.data.concepts import make_concept_images
 from vlmsae.models import ModelSpec, load_tap
 from vlmsae.models.extraction import StoreExtraction
 
+# (image size, blocks, width, embedding dim) of the open_clip ViTs the benchmarks build without weights
+RANDOM_VITS = {"ViT-B-32": (224, 12, 768, 512), "ViT-L-14-336": (336, 24, 1024, 768)}
 
-def _time_rounds(fns: dict[str, Any], rounds: int, warmup: int = 1) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(warmup + rounds):
-        for name, fn in fns.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: min(ts) for name, ts in times.items()}
+
+def random_vit(arch: str, dtype: str = "float32", device: str = "auto") -> ModelSpec:
+    """An open_clip ``arch`` of :data:`RANDOM_VITS` with random weights (nothing downloaded)."""
+    size, n_layers, width, embed = RANDOM_VITS[arch]
+    return ModelSpec(
+        name=f"{arch}_random",
+        backend="open_clip",
+        arch=arch,
+        pretrained=None,
+        image_size=size,
+        n_layers=n_layers,
+        width=width,
+        embed_dim=embed,
+        dtype=dtype,
+        device=device,
+    )
 
 
 def run(quick: bool = False) -> dict[str, Any]:
     """Ratios ``extract_layer{L}_over_full_ratio`` next to ``extract_expected_ratio_layer{L}`` + images/s."""
-    spec = ModelSpec(
-        name="vit_b32_random",
-        backend="open_clip",
-        arch="ViT-B-32",
-        pretrained=None,
-        image_size=224,
-        n_layers=12,
-        width=768,
-        embed_dim=512,
-        dtype="float32",
-        device="auto",
-    )
+    spec = random_vit("ViT-B-32")
     tap = load_tap(spec)
     batch = 4 if quick else 16
     rounds = 3 if quick else 7
@@ -68,7 +62,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     fns = {"full": full}
     for layer in layers:
         fns[f"layer{layer}"] = lambda layer=layer: tap.forward_to(x, layer)
-    best = _time_rounds(fns, rounds)
+    best = {name: min(ts) for name, ts in interleaved_seconds(fns, rounds, device=tap.device).items()}
     out: dict[str, Any] = {
         "extract_model": f"{spec.arch} random ({tap.n_layers} blocks, width {tap.width})",
         "extract_device": str(tap.device),

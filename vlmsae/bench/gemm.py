@@ -8,9 +8,10 @@ TopK trainer can reach: it must compute every pre-activation once to select the 
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
+
+from vlmsae.bench.timing import interleaved_seconds
 
 
 def gemm_seconds(m: int, k: int, n: int, repeats: int, device: str = "cpu", dtype=torch.float32) -> float:
@@ -19,17 +20,8 @@ def gemm_seconds(m: int, k: int, n: int, repeats: int, device: str = "cpu", dtyp
     a = torch.randn(m, k, generator=g, dtype=dtype).to(device)
     b = torch.randn(k, n, generator=g, dtype=dtype).to(device)
     out = torch.empty(m, n, dtype=dtype, device=device)
-    torch.matmul(a, b, out=out)
-    times = []
-    for _ in range(repeats):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    product = {"matmul": lambda: torch.matmul(a, b, out=out)}
+    return statistics.median(interleaved_seconds(product, repeats, warmup=1, device=device)["matmul"])
 
 
 def run(quick: bool = False) -> dict:

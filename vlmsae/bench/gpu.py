@@ -1,25 +1,11 @@
 """GPU benchmarks (``make bench-gpu``): every key starts with ``gpu_``; without CUDA the module skips cleanly.
 
-Measured on the first visible CUDA device, each case with its own peak memory
-(``torch.cuda.max_memory_allocated`` after a reset, so it is this case's own tensors and temporaries):
-
-- **SAE step** at d = 1024, k = 20, batch 4,096 and F = 16,384 and 65,536: tokens/s of the sparse
-  path (vlmsae's TopK step) and of the dense reference (top-k scattered into a dense B x F code), under
-  the SAE precision policy training uses by default (:mod:`vlmsae.sae.precision`: ``sae.precision=auto``),
-  timed interleaved as in :mod:`vlmsae.bench.sae_step`;
-- **extraction** through a random-weight ViT-L/14-336 (the LLaVA-1.5 tower's shape) at batch 256: the
-  tap's forward to the paper's layer (22) in float16 and float32 alone (``gpu_extract_forward_*``), and end to end
-  through :class:`vlmsae.models.extraction.StoreExtraction` on 1,024 generated ~500 x 375 JPEGs with DataLoader
-  workers (decode + preprocess + forward + shard writing): exact Pillow decoding (``gpu_extract_images_per_s``),
-  ``data.fast_decode`` with Pillow's draft mode (``gpu_extract_fast_decode_cpu_*``) and with batched nvjpeg
-  decoding and preprocessing on the GPU (``gpu_extract_fast_decode_gpu_*``; its ``_decode`` key says which path ran);
-- **MS** at N = 50,000 images x K = 65,536 latents (k = 20 codes per image, 768-d embeddings) with the
-  codes and embeddings on the GPU;
-- **precision policies and peers** (:mod:`vlmsae.bench.gpu_peers`): vlmsae's step under ``sae.precision`` =
-  fp32 and fast_exact, sparsify's and SAELens' training steps on the same shapes (TopK and BatchTopK), each
-  peer's fraction of selections that differ from float32, ``gpu_sae_step_fast_exact_65k_speedup``, 100-step
-  ``gpu_fast_exact_differing_selections`` (must be 0) and the FVE after those steps per policy;
-- **many SAEs per pass**: :func:`vlmsae.bench.train_many.measure` with ``trainer=gpu``.
+Measured on the first visible CUDA device, each case with its own peak memory (:class:`~vlmsae.bench.timing.PeakMemory`;
+the cases and one run's figures: docs/benchmarks.md): the SAE step under the precision policy training uses
+(sparse path vs the dense reference, as in :mod:`vlmsae.bench.sae_step`); precision policies and peers
+(:mod:`vlmsae.bench.gpu_peers`); extraction through a random-weight ViT-L/14-336 (the tap's forward alone per dtype,
+then end to end with exact, draft and nvjpeg decoding: ``gpu_extract_{,fast_decode_cpu_,fast_decode_gpu_}*``); MS
+at N = 50,000 x K = 65,536 on the GPU; many SAEs per pass (:func:`vlmsae.bench.train_many.measure`, ``trainer=gpu``).
 
 ``python -m vlmsae.bench --only gpu --merge`` (what ``make bench-gpu`` runs) adds these keys to an
 existing ``outputs/bench/results.json`` instead of replacing it.
@@ -27,6 +13,7 @@ existing ``outputs/bench/results.json`` instead of replacing it.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import tempfile
@@ -38,9 +25,11 @@ import torch
 
 from vlmsae.bench import gpu_peers, sae_step, train_many
 from vlmsae.bench.decode import folder_plan, make_photo_jpegs
+from vlmsae.bench.extract import random_vit
 from vlmsae.bench.ms import random_sparse_codes
+from vlmsae.bench.timing import PeakMemory, interleaved_seconds, sync
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
-from vlmsae.models import ModelSpec, load_tap
+from vlmsae.models import load_tap
 from vlmsae.models.extraction import StoreExtraction
 from vlmsae.sae.precision import fp32_region
 
@@ -48,30 +37,7 @@ STEP_SIZES = (16_384, 65_536)
 STEP_SHAPE = dict(d_in=1024, k=20, batch_size=4096)
 QUICK_STEP_SIZES = (512, 2048)
 QUICK_STEP_SHAPE = dict(d_in=64, k=8, batch_size=256)
-
-
-def _gib(n_bytes: int) -> float:
-    return n_bytes / 2**30
-
-
-class PeakMemory:
-    """``with PeakMemory(device) as peak: ...``; then ``peak.gib`` is its peak allocated memory (CUDA) or None."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.gib: float | None = None
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.gib = _gib(torch.cuda.max_memory_allocated(self.device))
+VIT, VIT_QUICK = "ViT-L-14-336", "ViT-B-32"  # the LLaVA-1.5 tower's shape; quick: ViT-B/32 at 224 px
 
 
 def sae_step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
@@ -99,52 +65,24 @@ def sae_step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     return out
 
 
-def _vit_l14_336(device: torch.device, dtype: str, quick: bool) -> ModelSpec:
-    """ViT-L/14-336 with random weights (nothing downloaded); ``quick``: ViT-B/32 at 224 px."""
-    if quick:
-        arch, size, n_layers, width, embed = "ViT-B-32", 224, 12, 768, 512
-    else:
-        arch, size, n_layers, width, embed = "ViT-L-14-336", 336, 24, 1024, 768
-    return ModelSpec(
-        name=f"{arch}_random",
-        backend="open_clip",
-        arch=arch,
-        pretrained=None,
-        image_size=size,
-        n_layers=n_layers,
-        width=width,
-        embed_dim=embed,
-        dtype=dtype,
-        device=str(device),
-    )
-
-
 def extraction_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     """Forward-only images/s at batch 256 per dtype, then the end-to-end extraction rate."""
     batch = 8 if quick else 256
     layer = 5 if quick else 22  # LLaVA-1.5 reads the second-to-last block (METHOD §1)
     out: dict[str, Any] = {"gpu_extract_batch_size": batch, "gpu_extract_layer": layer}
     for dtype in ("float16", "float32"):
-        spec = _vit_l14_336(device, dtype, quick)
+        spec = random_vit(VIT_QUICK if quick else VIT, dtype, str(device))
         tap = load_tap(spec)
         x = torch.randn(batch, 3, spec.image_size, spec.image_size, device=tap.device, dtype=getattr(torch, dtype))
-        seconds = []
         with PeakMemory(tap.device) as peak:
-            for i in range(2 + (2 if quick else 8)):
-                if tap.device.type == "cuda":
-                    torch.cuda.synchronize(tap.device)
-                start = time.perf_counter()
-                tap.forward_to(x, layer)
-                if tap.device.type == "cuda":
-                    torch.cuda.synchronize(tap.device)
-                if i >= 2:
-                    seconds.append(time.perf_counter() - start)
+            forward = {"forward": functools.partial(tap.forward_to, x, layer)}
+            seconds = interleaved_seconds(forward, 2 if quick else 8, warmup=2, device=tap.device)["forward"]
         out["gpu_extract_model"] = f"{spec.arch} random weights ({spec.n_layers} blocks, width {spec.width})"
         out[f"gpu_extract_forward_{dtype}_images_per_s"] = batch / statistics.median(seconds)
         out[f"gpu_extract_forward_{dtype}_peak_gib"] = peak.gib
-        del tap, x
+        del tap, x, forward
 
-    spec = _vit_l14_336(device, "float16", quick)
+    spec = random_vit(VIT_QUICK if quick else VIT, "float16", str(device))
     workers = 0 if quick else min(14, max(1, (os.cpu_count() or 1) - 2))
     n_images = 16 if quick else 1024
     out["gpu_extract_num_workers"] = workers
@@ -180,8 +118,7 @@ def ms_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     with PeakMemory(device) as peak:
         start = time.perf_counter()
         ms = monosemanticity_scores(codes, emb)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         seconds = time.perf_counter() - start
     return {
         "gpu_ms_shape": f"N={n_images} K={n_latents} k={k} d={dim}",

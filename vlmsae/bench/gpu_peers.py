@@ -18,13 +18,14 @@ import argparse
 import dataclasses
 import functools
 import json
-import time
 import warnings
 from typing import Any
 
 import torch
 
+from vlmsae.bench.timing import PeakMemory, interleaved_seconds
 from vlmsae.data.synthetic import PlantedDictionary
+from vlmsae.metrics import reconstruction
 from vlmsae.sae import SAEConfig, build_sae
 from vlmsae.sae.select import compute_preacts, fast_matmul_kind, topk_exact
 
@@ -36,26 +37,13 @@ POLICIES = ("fp32", "fast_exact")
 ARCHS = ("topk", "batchtopk")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(step, device: torch.device, warmup: int, rounds: int) -> tuple[float, float | None]:
     """(median seconds per step, peak GiB on CUDA or None)."""
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = []
-    for _ in range(rounds):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return sorted(seconds)[len(seconds) // 2], peak
+    with PeakMemory(device) as peak:
+        seconds = interleaved_seconds({"step": step}, rounds, warmup=0, device=device)["step"]
+    return sorted(seconds)[len(seconds) // 2], peak.gib
 
 
 def _vlmsae(arch: str, n_latents: int, d_in: int, k: int, policy: str, device: torch.device, seed: int = 0):
@@ -164,14 +152,14 @@ def step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     return out
 
 
-def agreement_keys(device: torch.device, quick: bool, n_steps: int | None = None) -> dict[str, Any]:
+def agreement_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     """On planted data: (1) a fast_exact training run in which every step's selection is also made by the fp32
     policy from the same weights and inputs; the differing (row, latent) entries summed over the steps
     (``gpu_fast_exact_differing_selections``, must be 0; bf16's count for scale); (2) the FVE after the same
     steps from the same init for each policy (fp32, fast_exact, bf16)."""
     shape = QUICK_SHAPE if quick else SHAPE
     n_latents = QUICK_SIZES[-1] if quick else SIZES[0]
-    n_steps = n_steps or (10 if quick else 100)
+    n_steps = 10 if quick else 100
     d_in, k, batch = shape["d_in"], shape["k"], shape["batch_size"]
     planted = PlantedDictionary.random(d_in=d_in, n_atoms=4 * d_in, k=k, scale=5.0, seed=0)
     x_val = planted.sample(batch, seed=2).x.float().to(device)
@@ -202,9 +190,7 @@ def agreement_keys(device: torch.device, quick: bool, n_steps: int | None = None
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # BatchTopK's threshold starts later: per-sample top-k here
                 sae.eval()
-                x_hat = sae(x_val)
-                fve = 1 - (x_val - x_hat).pow(2).sum() / (x_val - x_val.mean(0)).pow(2).sum()
-            out[f"gpu_fve_{policy}_{arch}_after_{n_steps}"] = float(fve)
+                out[f"gpu_fve_{policy}_{arch}_after_{n_steps}"] = reconstruction.fve(x_val, sae(x_val))
     out["gpu_fast_exact_differing_selections"] = sum(out[f"gpu_fast_exact_differing_selections_{a}"] for a in ARCHS)
     out["gpu_fast_exact_differing_steps"] = n_steps
     return out

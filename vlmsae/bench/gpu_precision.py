@@ -22,10 +22,13 @@ F = 4,096 / 16,384 / 65,536; the sparse/dense ratio tells where ``prefer_sparse`
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
 import time
 
 import torch
 
+from vlmsae.bench.timing import interleaved_seconds
 from vlmsae.sae import SAEConfig, build_sae, sae_step, set_input_scale_
 from vlmsae.sae.sparse import batch_topk_select
 
@@ -131,17 +134,9 @@ def time_steps(
         sae = sae.to(torch.bfloat16)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=device == "cuda")
     x_BD = torch.randn(batch, d, device=device).to(sae.W_enc.dtype)
-    for _ in range(3):
-        sae_step(sae, x_BD, opt)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        sae_step(sae, x_BD, opt)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / rounds
-    del sae, opt, x_BD
+    step = {"step": functools.partial(sae_step, sae, x_BD, opt)}
+    seconds = statistics.mean(interleaved_seconds(step, rounds, warmup=3, device=device)["step"])
+    del sae, opt, x_BD, step
     if device == "cuda":
         torch.cuda.empty_cache()
     return seconds

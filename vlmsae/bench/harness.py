@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import platform
@@ -11,6 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from vlmsae.report.job_log import flatten
 from vlmsae.utils.io import atomic_write_json, atomic_write_text
 from vlmsae.utils.provenance import provenance, write_run_info
 
@@ -23,21 +25,16 @@ DEFAULT_OUT_DPATH = Path("outputs") / "bench"
 
 
 def _flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts become ``a_b`` keys; non-finite floats become null (strict JSON)."""
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, prefix=f"{name}_"))
-        elif isinstance(value, float) and not math.isfinite(value):
-            out[name] = None
-        elif isinstance(value, (list, tuple)):
-            out[name] = ", ".join(str(v) for v in value)
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            out[name] = value
-        else:
-            out[name] = str(value)
-    return out
+    """Nested dicts become ``a_b`` keys; non-finite floats become null (strict JSON), lists one string."""
+    return {key: _json_value(value) for key, value in flatten(obj, prefix, sep="_").items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _cpu_model() -> str:
@@ -75,11 +72,9 @@ def run_module(name: str, quick: bool) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         module = importlib.import_module(f"vlmsae.bench.{name}")
-    except ModuleNotFoundError as err:
-        if err.name != f"vlmsae.bench.{name}":
-            return {f"{name}_error": f"import failed: {err!r}"}
-        return {f"{name}_error": f"missing: vlmsae/bench/{name}.py does not exist yet"}
     except Exception as err:
+        if isinstance(err, ModuleNotFoundError) and err.name == f"vlmsae.bench.{name}":
+            return {f"{name}_error": f"missing: vlmsae/bench/{name}.py does not exist yet"}
         return {f"{name}_error": f"import failed: {err!r}"}
     try:
         results = module.run(quick=quick)
@@ -95,8 +90,6 @@ def run_module(name: str, quick: bool) -> dict[str, Any]:
 
 def _previous_results(out_dpath: Path) -> dict[str, Any]:
     """The keys of an earlier ``results.json`` in ``out_dpath`` (``--merge``), or {} if there is none."""
-    import json
-
     fpath = out_dpath / "results.json"
     if not fpath.exists():
         return {}

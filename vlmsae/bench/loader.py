@@ -14,8 +14,8 @@ the training step consumes rows. This module measures both sides on the same mac
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -70,8 +70,8 @@ def _train_step_rate(n_latents: int, batch: int, n_steps: int) -> float:
 def run(quick: bool = False) -> dict:
     """Loader and training-step throughput; see the module docstring for the keys."""
     n_rows = 32_768 if quick else 262_144  # 64 MB / 512 MB of fp16 rows
-    tmp = Path(tempfile.mkdtemp(prefix="vlmsae-loader-bench-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="vlmsae-loader-bench-", ignore_cleanup_errors=True) as tmp_name:
+        tmp = Path(tmp_name)
         gen = torch.Generator().manual_seed(0)
         acts = torch.randn(n_rows, D, generator=gen).to(torch.float16)
         write_acts_store(tmp / "acts", acts, rows_per_chunk=4096, chunks_per_shard=4, meta={"model": "bench"})
@@ -98,11 +98,7 @@ def run(quick: bool = False) -> dict:
         results["loader_vs_train_ratio"] = results["loader_rows_per_s"] / train
         results["loader_meets_5x"] = bool(results["loader_vs_train_ratio"] >= 5.0)
         return results
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    import json
-
     print(json.dumps(run(quick=True), indent=2))

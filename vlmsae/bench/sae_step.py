@@ -22,15 +22,17 @@ compares their FVE.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from vlmsae.bench.timing import interleaved_seconds
 from vlmsae.data.synthetic import PlantedDictionary
+from vlmsae.metrics import reconstruction
 from vlmsae.sae import (
     SAE,
     SAEConfig,
@@ -42,7 +44,6 @@ from vlmsae.sae import (
 )
 
 PATHS = ("sparse", "dense", "reference", "sparse_batchtopk", "encoder")
-TRAINED_PATHS = ("sparse", "dense", "reference")
 
 
 @dataclass(frozen=True)
@@ -137,11 +138,6 @@ def _encoder_only(sae: SAE, x_BD: torch.Tensor, amp_dtype: torch.dtype | None = 
 # Throughput
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_step_seconds(
     shape: StepShape,
     device: str | torch.device = "cpu",
@@ -149,14 +145,12 @@ def measure_step_seconds(
     warmup: int = 1,
     rounds: int = 5,
     paths: tuple[str, ...] = PATHS,
-    seed: int = 0,
 ) -> dict[str, list[float]]:
     """Seconds per step of each path at ``shape``, one list entry per round (after ``warmup``
     rounds), measured interleaved on shared weights."""
     device = torch.device(device)
-    g = torch.Generator().manual_seed(seed + 1)
-    x_BD = torch.randn(shape.batch_size, shape.d_in, generator=g).to(device)
-    shared = SharedSAEs(shape, x_BD, seed, device)
+    x_BD = torch.randn(shape.batch_size, shape.d_in, generator=torch.Generator().manual_seed(1)).to(device)
+    shared = SharedSAEs(shape, x_BD, 0, device)
 
     def one(path: str) -> None:
         if path == "encoder":
@@ -164,33 +158,8 @@ def measure_step_seconds(
         else:
             train_step(shared.saes[path], shared.opt, x_BD, reference=path == "reference", amp_dtype=amp_dtype)
 
-    seconds: dict[str, list[float]] = {p: [] for p in paths}
-    for _ in range(warmup):
-        for path in paths:
-            one(path)
     desc = f"sae_step F={shape.n_latents} {device.type}{'' if amp_dtype is None else ' ' + str(amp_dtype)}"
-    for _ in tqdm(range(rounds), desc=desc, leave=False):
-        for path in paths:
-            _sync(device)
-            start = time.perf_counter()
-            one(path)
-            _sync(device)
-            seconds[path].append(time.perf_counter() - start)
-    return seconds
-
-
-def measure_throughput(
-    shape: StepShape,
-    device: str | torch.device = "cpu",
-    amp_dtype: torch.dtype | None = None,
-    warmup: int = 1,
-    rounds: int = 5,
-    paths: tuple[str, ...] = PATHS,
-    seed: int = 0,
-) -> dict:
-    """Median tokens/s of each path at ``shape`` (see :func:`measure_step_seconds`)."""
-    seconds = measure_step_seconds(shape, device, amp_dtype, warmup, rounds, paths, seed)
-    return {p: shape.batch_size / statistics.median(ts) for p, ts in seconds.items()}
+    return interleaved_seconds({p: functools.partial(one, p) for p in paths}, rounds, warmup, device, desc)
 
 
 def round_ratio(seconds: dict[str, list[float]], slow: str, fast: str) -> float:
@@ -211,10 +180,9 @@ def round_ratio(seconds: dict[str, list[float]], slow: str, fast: str) -> float:
 def fve(sae: SAE, x_BD: torch.Tensor) -> float:
     """Fraction of variance explained: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (inference encoder)."""
     was_training = sae.training
-    sae.eval()
-    err = (x_BD - sae(x_BD)).pow(2).sum()
+    x_hat_BD = sae.eval()(x_BD)
     sae.train(was_training)
-    return float(1.0 - err / (x_BD - x_BD.mean(0)).pow(2).sum())
+    return reconstruction.fve(x_BD, x_hat_BD)
 
 
 def learning_curve(
@@ -288,26 +256,16 @@ def run(quick: bool = False) -> dict:
     shape_kw, sizes = (QUICK, QUICK_SIZES) if quick else (FULL, FULL_SIZES)
     rounds = {n: 2 for n in sizes} if quick else {8192: 9, 65536: 3}
     load_start = os.getloadavg()[0]
-    out: dict = {
-        "sae_step_d_in": shape_kw["d_in"],
-        "sae_step_k": shape_kw["k"],
-        "sae_step_batch_size": shape_kw["batch_size"],
-        "sae_step_threads": torch.get_num_threads(),
-        "sae_step_arch": "topk (+ batchtopk sparse)",
-    }
+    out: dict = {f"sae_step_{key}": value for key, value in shape_kw.items()}  # d_in, k, batch_size
+    out.update(sae_step_threads=torch.get_num_threads(), sae_step_arch="topk (+ batchtopk sparse)")
     out.update(_throughput_keys("sae_step", shape_kw, sizes, "cpu", None, warmup=1, rounds=rounds))
     out["sae_step_loadavg_1min"] = max(load_start, os.getloadavg()[0])
 
     curve_kw = dict(steps=100, d_in=32, n_latents=256, k=4, batch_size=128) if quick else dict(steps=1000)
     curve = learning_curve(**curve_kw)
-    out.update(
-        {
-            "sae_fve_steps": curve_kw["steps"],
-            "sae_fve_sparse": curve["sparse"],
-            "sae_fve_reference": curve["reference"],
-            "sae_fve_rel_diff": abs(curve["sparse"] - curve["reference"]) / abs(curve["reference"]),
-        }
-    )
+    out["sae_fve_steps"] = curve_kw["steps"]
+    out["sae_fve_sparse"], out["sae_fve_reference"] = curve["sparse"], curve["reference"]
+    out["sae_fve_rel_diff"] = abs(curve["sparse"] - curve["reference"]) / abs(curve["reference"])
     out["sae_fve_within_1pct"] = out["sae_fve_rel_diff"] <= 0.01
 
     if torch.cuda.is_available():

@@ -9,26 +9,17 @@ on CPU (fp32), the same steps and batch size; the grid is 2 expansions x 2 k of 
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from vlmsae.config import conf_dir, register_configs
 from vlmsae.data.store import write_acts_store
+from vlmsae.demo import compose
 from vlmsae.train import run as train_run
 
 GRID = [(4, 8), (4, 16), (8, 8), (8, 16)]  # (expansion, k)
-
-
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def run(quick: bool = False) -> dict:
@@ -39,8 +30,8 @@ def run(quick: bool = False) -> dict:
 def measure(quick: bool = False, trainer: str = "cpu", prefix: str = "train_many") -> dict:
     """N = 4 separate runs vs one 4-SAE pass on ``trainer`` (a conf/trainer choice: cpu | gpu)."""
     d, rows, steps, batch = (64, 4000, 20, 128) if quick else (256, 60_000, 200, 1024)
-    tmp = Path(tempfile.mkdtemp(prefix="vlmsae-bench-many-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="vlmsae-bench-many-", ignore_cleanup_errors=True) as tmp_name:
+        tmp = Path(tmp_name)
         x = torch.randn(rows, d, generator=torch.Generator().manual_seed(0))
         store = write_acts_store(tmp / "acts", x.half(), rows_per_chunk=1000, chunks_per_shard=4, meta={"layer": 2})
         common = [
@@ -57,14 +48,14 @@ def measure(quick: bool = False, trainer: str = "cpu", prefix: str = "train_many
         ]
         start = time.perf_counter()
         for i, (expansion, k) in enumerate(GRID):
-            train_run(_compose([*common, f"sae.expansion={expansion}", f"sae.k={k}"]), out_dpath=tmp / f"single{i}")
+            train_run(
+                compose("train", [*common, f"sae.expansion={expansion}", f"sae.k={k}"]), out_dpath=tmp / f"single{i}"
+            )
         separate_s = time.perf_counter() - start
         grid = "[" + ",".join(f"{{expansion:{e},k:{k}}}" for e, k in GRID) + "]"
         start = time.perf_counter()
-        train_run(_compose([*common, f"sae_grid={grid}"]), out_dpath=tmp / "many")
+        train_run(compose("train", [*common, f"sae_grid={grid}"]), out_dpath=tmp / "many")
         pass_s = time.perf_counter() - start
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {
         f"{prefix}_n_saes": len(GRID),
         f"{prefix}_d_in": d,

@@ -2,14 +2,9 @@
 
 The browser only *reads* what the other jobs wrote (through :mod:`vlmsae.formats`): a monosemanticity
 run (``latents.csv``, ``ms_summary.json``, ``top_images/``), an optional hierarchy run (``latent_taxa.csv``,
-``hierarchy.json``) and optional steering runs (``steer.json``). It writes one square thumbnail per top
-image under ``img/`` (shared by every card that shows the image, named by its index), so the folder can be
-zipped, mailed or opened from disk. Every latent gets a card (65,536 for the paper's SAEs): ``index.html``
-inlines the page data and a search index of all cards (id, name, label, MS, frequency, group); the
-cards' images and numbers are inline too up to ``max_inline`` cards, else in ``chunks/cNNNNN.js`` script
-files of ``chunk_size`` cards that the page loads as they scroll into view (a ``file://`` page may load
-sibling scripts, not fetch them), and only the cards near the viewport are in the DOM. Names come from
-``latents.csv``'s optional ``name`` / ``names`` columns.
+``hierarchy.json``) and optional steering runs (``steer.json``), and writes a folder that opens from disk:
+``index.html``, ``img/`` thumbnails, ``chunks/`` of card data above ``max_inline`` cards (docs/demo.md, "At
+the paper's size").
 
 Patch heatmaps come from an optional ``patch_acts`` [K, X, P] tensor in ``top.safetensors`` (P a square
 grid) when a writer recorded it; otherwise they are recomputed from the MS run's ``run_info.json``
@@ -25,21 +20,25 @@ JSON inside a ``<script type="application/json">`` block or a chunk file's ``vlm
 
 from __future__ import annotations
 
+import base64
 import csv
+import functools
 import html
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
 from collections import defaultdict
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmsae import formats
-from vlmsae.config.schemas import LoggerSchema
+from vlmsae.config.nodes import LoggerSchema
 from vlmsae.utils.io import atomic_write_text
 
 TEMPLATE_DPATH = Path(__file__).resolve().parent / "templates"
@@ -106,15 +105,15 @@ def _outputs_root(dpath: Path) -> Path:
     return dpath.parent.parent
 
 
-def runs_of_same_sae(ms_dpath: str | Path, search_dpath: str | Path | None = None) -> tuple[list[Path], list[Path]]:
+def runs_of_same_sae(ms_dpath: str | Path) -> tuple[list[Path], list[Path]]:
     """``(hierarchy run folders, steer.json files)`` of the SAE the MS run ``ms_dpath`` scored, wherever they are
-    under ``search_dpath`` (default: the ``outputs/`` folder above the MS run), matched through the ``sae_path``
-    each run recorded in its ``run_info.json``. Newest first."""
+    under the ``outputs/`` folder above the MS run, matched through the ``sae_path`` each run recorded in its
+    ``run_info.json``. Newest first."""
     ms_dpath = Path(ms_dpath)
     sae_path = _recorded_sae_path(ms_dpath)
     if sae_path is None:
         return [], []
-    root = Path(search_dpath) if search_dpath is not None else _outputs_root(ms_dpath)
+    root = _outputs_root(ms_dpath)
     bases = [Path.cwd(), root.resolve().parent]
     want = _sae_keys(sae_path, bases)
     hierarchy, steer = [], []
@@ -170,30 +169,24 @@ def find_runs(
                 f"run `python -m vlmsae.monosemanticity` first or fix the path."
             )
     else:
-        cands = [p.parent for p in scan(formats.LATENTS_CSV) if _is_ms_run(p.parent)]
-        if not cands:
+        ms_dpath = _at_most_one(
+            [p.parent for p in scan(formats.LATENTS_CSV) if _is_ms_run(p.parent)],
+            f"monosemanticity runs under run={root}",
+            "ms_run=<dir> (or point run= at one of them)",
+        )
+        if ms_dpath is None:
             raise FileNotFoundError(
                 f"No monosemanticity run under run={root}: found no folder with latents.csv and top_images/. "
                 f"Run `python -m vlmsae.monosemanticity sae_path=...` and point run= at its output folder."
             )
-        if len(cands) > 1:
-            listing = "\n  ".join(str(c) for c in cands)
-            raise ValueError(
-                f"Several monosemanticity runs under run={root}:\n  {listing}\n"
-                f"Pick one with ms_run=<dir> (or point run= at one of them)."
-            )
-        ms_dpath = cands[0]
 
     found = [f"monosemanticity run: {ms_dpath}" + (" (ms_run=)" if ms_run is not None else f" (under run={root})")]
+
     # Hydra puts each job in its own folder (outputs/<job>/<time>/): runs of the same SAE elsewhere under
     # outputs/ are found through the sae_path their run_info.json recorded.
-    same_sae: tuple[list[Path], list[Path]] | None = None
-
+    @functools.cache
     def of_same_sae() -> tuple[list[Path], list[Path]]:
-        nonlocal same_sae
-        if same_sae is None:
-            same_sae = runs_of_same_sae(ms_dpath)
-        return same_sae
+        return runs_of_same_sae(ms_dpath)
 
     if hierarchy_run is not None:
         hierarchy_dpath: Path | None = Path(hierarchy_run)
@@ -201,13 +194,9 @@ def find_runs(
             raise FileNotFoundError(f"hierarchy_run={hierarchy_dpath} holds no latent_taxa.csv.")
         found.append(f"hierarchy run: {hierarchy_dpath} (hierarchy_run=)")
     else:
-        cands = [p.parent for p in scan("latent_taxa.csv")]
-        if len(cands) > 1:
-            listing = "\n  ".join(str(c) for c in cands)
-            raise ValueError(
-                f"Several hierarchy runs under run={root}:\n  {listing}\nPick one with hierarchy_run=<dir>."
-            )
-        hierarchy_dpath = cands[0] if cands else None
+        hierarchy_dpath = _at_most_one(
+            [p.parent for p in scan("latent_taxa.csv")], f"hierarchy runs under run={root}", "hierarchy_run=<dir>"
+        )
         if hierarchy_dpath is not None:
             found.append(f"hierarchy run: {hierarchy_dpath} (under run={root})")
         elif of_same_sae()[0]:
@@ -237,6 +226,14 @@ def find_runs(
             steer_fpaths, how = of_same_sae()[1], "same sae_path"
         found.append(f"steering runs: {len(steer_fpaths)} ({how})" + "".join(f"\n  {p.parent}" for p in steer_fpaths))
     return RunSources(ms_dpath=ms_dpath, hierarchy_dpath=hierarchy_dpath, steer_fpaths=steer_fpaths, found=found)
+
+
+def _at_most_one(cands: list[Path], what: str, pick: str) -> Path | None:
+    """The one candidate (None for none); several are an error that lists them and says how to ``pick``."""
+    if len(cands) > 1:
+        listing = "\n  ".join(str(c) for c in cands)
+        raise ValueError(f"Several {what}:\n  {listing}\nPick one with {pick}.")
+    return cands[0] if cands else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,16 +266,11 @@ def latent_rows(table: formats.LatentsTable) -> list[dict[str, Any]]:
             "max_act": _float(r.max_act),
             "group": r.group,
             "top_keys": "|".join(r.top_keys),
-            "name": _name(getattr(r, "name", None)),
+            "name": (getattr(r, "name", None) or "").strip(),  # the automatic name (names=...), "" when unnamed
             "names": _names(getattr(r, "names", None)),
         }
         for r in table.rows
     ]
-
-
-def _name(value: Any) -> str:
-    """The latent's automatic name (``latents.csv``'s optional ``name`` column), "" when absent or empty."""
-    return value.strip() if isinstance(value, str) else ""
 
 
 def _names(value: Any) -> list[str]:
@@ -373,16 +365,15 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
         steered, baseline = _as_list(obj.steered), _as_list(obj.baseline)
         added = _as_list(obj.activation_steering)
         images = _as_list(settings.get("images", settings.get("image")))
-        rows = []
-        for i in range(max(len(steered), len(baseline))):
-            rows.append(
-                {
-                    "image": str(images[i]) if i < len(images) else (str(images[0]) if len(images) == 1 else ""),
-                    "baseline": _answer_text(baseline[i]) if i < len(baseline) else "",
-                    "steered": _answer_text(steered[i]) if i < len(steered) else "",
-                    "activation_steering": _answer_text(added[i]) if i < len(added) else None,
-                }
-            )
+        rows = [
+            {
+                "image": str(images[i]) if i < len(images) else (str(images[0]) if len(images) == 1 else ""),
+                "baseline": _answer_text(baseline[i]) if i < len(baseline) else "",
+                "steered": _answer_text(steered[i]) if i < len(steered) else "",
+                "activation_steering": _answer_text(added[i]) if i < len(added) else None,
+            }
+            for i in range(max(len(steered), len(baseline)))
+        ]
         sweep = obj.sweep
         examples.append(
             {
@@ -421,12 +412,7 @@ def _steered_latents(settings: dict[str, Any]) -> list[int]:
         val = settings.get(key)
         if val is None:
             continue
-        if isinstance(val, dict):
-            vals = list(val.keys())
-        elif isinstance(val, (list, tuple)):
-            vals = list(val)
-        else:
-            vals = [val]
+        vals = list(val) if isinstance(val, (dict, list, tuple)) else [val]  # a dict's keys are the latents
         out = [i for i in (_int(v) for v in vals) if i is not None]
         if out:
             return out
@@ -478,15 +464,10 @@ def write_thumbnails(
 
     Tens of thousands of images (every latent's top images) take a minute on one core, so large sets
     go through a process pool of ``workers`` (default: the CPU count); a small set stays in-process."""
-    import os
-
     jobs = [(i, src, str(img_dpath / _thumb_rel(i).split("/", 1)[1]), size_px) for i, src in sources]
     workers = workers or os.cpu_count() or 1
     if workers < 2 or len(jobs) < POOL_MIN_IMAGES:
         return {i for i in map(_thumbnail_job, jobs) if i is not None}
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     # fork: the workers need nothing but PIL and this module, which the parent has already imported.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         return {i for i in pool.map(_thumbnail_job, jobs, chunksize=256) if i is not None}
@@ -606,10 +587,8 @@ def build_browser(
     """Write ``out_dpath/index.html`` (+ ``img/`` thumbnails, ``chunks/``, plots) and return the page's data.
 
     Cards: every latent (``max_cards=None``) or the ``max_cards`` with the highest MS (dead latents last),
-    plus every latent a steering run used. Up to ``max_inline`` cards, all card data is inlined in
-    ``index.html`` (one file, as W&B's html panel needs); above, the page inlines a search index (ids,
-    names, labels, MS, frequency, group of every card) and loads the cards' images and numbers from
-    ``chunks/cNNNNN.js`` (``chunk_size`` cards each) as they scroll into view. ``heatmaps``: ``auto``
+    plus every latent a steering run used; above ``max_inline`` cards their data goes to ``chunks/`` files of
+    ``chunk_size`` cards (:func:`write_page`). ``heatmaps``: ``auto``
     (recorded, else recomputed when the SAE saw patch tokens), ``recorded`` (only what the MS run stored)
     or ``off``. ``sae_format``: the SAE's format when heatmaps are recomputed (default: the MS run's
     ``sae_format``, else detect). ``workers``: processes writing thumbnails (default: the CPU count).
@@ -634,12 +613,9 @@ def build_browser(
     run_info = _optional(formats.read_run_info, ms_dpath / formats.RUN_INFO_JSON)
     ms_config = run_info.config if run_info is not None else {}
     sae_trained_on = run_sae_trained_on(ms_config, run_info.extra if run_info is not None else {})
-    taxa = read_taxa_csv(sources.hierarchy_dpath / "latent_taxa.csv") if sources.hierarchy_dpath else {}
-    hierarchy = (
-        _optional(formats.read_hierarchy, sources.hierarchy_dpath / formats.HIERARCHY_JSON)
-        if sources.hierarchy_dpath
-        else None
-    )
+    hier_dpath = sources.hierarchy_dpath
+    taxa = read_taxa_csv(hier_dpath / "latent_taxa.csv") if hier_dpath else {}
+    hierarchy = _optional(formats.read_hierarchy, hier_dpath / formats.HIERARCHY_JSON) if hier_dpath else None
     steering = read_steering(sources.steer_fpaths)
 
     # Choose the cards: highest MS first (None = dead, last), then the steered latents.
@@ -678,13 +654,11 @@ def build_browser(
         [(i, paths[i]) for i in used if i < len(paths) and paths[i]], img_dpath, thumb_px, workers=workers
     )
     n_keys, labels = len(index.keys), index.labels
-    caption_of: dict[int, str] = {}
 
+    @functools.cache
     def caption(image_idx: int) -> str:
-        if image_idx not in caption_of:
-            key = index.keys[image_idx] if image_idx < n_keys else ""
-            caption_of[image_idx] = _caption(key, labels[image_idx] if labels and image_idx < len(labels) else None)
-        return caption_of[image_idx]
+        key = index.keys[image_idx] if image_idx < n_keys else ""
+        return _caption(key, labels[image_idx] if labels and image_idx < len(labels) else None)
 
     cards: list[dict[str, Any]] = []
     idx_rows, act_rows = card_image_idx_KX.tolist(), card_acts_KX.tolist()
@@ -929,8 +903,6 @@ def _round_sig(x: float | None, digits: int) -> float | None:
 
 def _b64_grid(heat: list[int] | None) -> str | None:
     """A quantized heatmap (ints 0..255) as base64 bytes: a third of its JSON list's size."""
-    import base64
-
     return base64.b64encode(bytes(heat)).decode("ascii") if heat else None
 
 
@@ -1058,17 +1030,7 @@ def wandb_table(
             else:
                 images.append(None)
         images += [None] * (images_per_row - len(images))
-        table.add_data(
-            card["latent"],
-            card["ms"],
-            card["freq"],
-            card["group"],
-            card["label"],
-            card["depth_mean"],
-            card["name"],
-            steer_text,
-            *images,
-        )
+        table.add_data(*(card[c] for c in columns[:7]), steer_text, *images)  # columns[7] is "steering"
     return table
 
 
@@ -1076,11 +1038,9 @@ def log_to_wandb(
     data: dict[str, Any], out_dpath: str | Path, logger: LoggerSchema | Mapping[str, Any], config: dict[str, Any]
 ) -> str:
     """Log the cards table to W&B; returns the run dir. ``logger``: the job's logger node (a mapping takes
-    :class:`~vlmsae.config.schemas.LoggerSchema`'s defaults for the keys it lacks). The mode is ``$WANDB_MODE``
+    :class:`~vlmsae.config.nodes.LoggerSchema`'s defaults for the keys it lacks). The mode is ``$WANDB_MODE``
     if set (as for training: ``WANDB_MODE=disabled`` always wins), else ``logger.mode`` (online | offline |
     disabled)."""
-    import os
-
     import wandb
 
     if not isinstance(logger, LoggerSchema):
@@ -1117,25 +1077,3 @@ def cards_summary(data: dict[str, Any]) -> dict[str, Any]:
         "n_steering": len(data["steering"]),
         "heatmap_note": data["heatmap_note"],
     }
-
-
-__all__ = [
-    "RunSources",
-    "TopIndex",
-    "build_browser",
-    "cards_summary",
-    "chunk_fname",
-    "chunk_payload",
-    "find_runs",
-    "inspect_links",
-    "json_for_script",
-    "latent_rows",
-    "log_to_wandb",
-    "read_steering",
-    "read_taxa_csv",
-    "read_top_index",
-    "render_html",
-    "search_index",
-    "wandb_table",
-    "write_page",
-]

@@ -7,7 +7,6 @@ Chrome reads NUL-terminated JSON commands on fd 3 and writes replies and events 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import json
@@ -21,19 +20,12 @@ from pathlib import Path
 
 def find_chromium() -> str | None:
     """The first Chromium or Chrome binary on PATH, else None."""
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+    names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+    return next((path for path in map(shutil.which, names) if path), None)
 
 
 class Chrome:
-    """A minimal Chrome DevTools Protocol client over ``--remote-debugging-pipe``.
-
-    Chrome reads NUL-terminated JSON commands on fd 3 and writes replies and events on fd 4; no
-    websocket, no extra package. One page target, flattened session.
-    """
+    """A headless Chromium with one page target (flattened session), driven over its DevTools pipe."""
 
     def __init__(self, binary: str, profile_dpath: Path, width: int = 1400, height: int = 900):
         cmd_r, cmd_w = os.pipe()
@@ -103,25 +95,23 @@ class Chrome:
         if self.session:
             msg["sessionId"] = self.session
         os.write(self._w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._read_message(deadline)
-            if reply.get("id") == self._next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-            self.events.append(reply)
+        reply = self._read_until("id", self._next_id, timeout)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply.get("result", {})
 
     def wait_event(self, method: str, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
         for i, ev in enumerate(self.events):
             if ev.get("method") == method:
                 return self.events.pop(i)
-        while True:
-            ev = self._read_message(deadline)
-            if ev.get("method") == method:
-                return ev
-            self.events.append(ev)
+        return self._read_until("method", method, timeout)
+
+    def _read_until(self, key: str, value: object, timeout: float) -> dict:
+        """The next message whose ``key`` is ``value``; the events read before it are kept in ``events``."""
+        deadline = time.monotonic() + timeout
+        while (msg := self._read_message(deadline)).get(key) != value:
+            self.events.append(msg)
+        return msg
 
     def eval(self, expression: str):
         res = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
@@ -133,12 +123,6 @@ class Chrome:
         self.call("Page.navigate", {"url": url})
         self.wait_event("Page.loadEventFired")
 
-    def screenshot(self, fpath: Path, full_page: bool = False) -> None:
-        params: dict = {"format": "png"}
-        if full_page:
-            params["captureBeyondViewport"] = True
-        fpath.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", params)["data"]))
-
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.call("Browser.close", timeout=5)
@@ -148,6 +132,3 @@ class Chrome:
             self.proc.kill()
             self.proc.wait()
         os.close(self._w), os.close(self._r)
-
-
-__all__ = ["Chrome", "find_chromium"]

@@ -19,19 +19,18 @@ from typing import Any
 
 from vlmsae.formats import InspectResult
 from vlmsae.report.browser import INSPECT_PAGE, TEMPLATE_DPATH, card_overlay_image, quantize_grid, write_thumbnail
+from vlmsae.report.job_log import write_csv_rows
 from vlmsae.utils.io import atomic_write, atomic_write_text
 
 PAGE = INSPECT_PAGE
 TABLE_CSV = "inspect_latents.csv"
 
-__all__ = ["PAGE", "TABLE_CSV", "draw_images", "table_rows", "write_page", "write_table"]
 
-
-def _hits(result: InspectResult) -> list[dict[str, Any]]:
-    """Every latent hit the page draws: each image's top lists and the query's per-image hits."""
-    out = [h for im in result.images for h in (*im["top_pooled"], *im["top_peak"])]
+def _hits(result: InspectResult) -> list[tuple[int, dict[str, Any]]]:
+    """Every latent hit the page draws, with its image's index: each image's top lists and the query's hits."""
+    out = [(i, h) for i, im in enumerate(result.images) for h in (*im["top_pooled"], *im["top_peak"])]
     for q in (result.query or {}).get("hits", []):
-        out += [h for h in q["per_image"] if h is not None]
+        out += [(i, h) for i, h in enumerate(q["per_image"]) if h is not None]
     return out
 
 
@@ -44,13 +43,11 @@ def draw_images(result: InspectResult, out_dpath: str | Path, thumb_px: int = 16
     for i, im in enumerate(result.images):
         rel = f"img/image_{i:04d}.jpg"
         im["thumb"] = rel if im.get("path") and write_thumbnail(im["path"], out_dpath / rel, thumb_px) else None
+    hits = _hits(result)
     scale: dict[int, float] = {}
-    for h in _hits(result):
+    for _, h in hits:
         scale[h["latent"]] = max(scale.get(h["latent"], 0.0), max(h["heat"], default=0.0))
-    per_image = [(i, h) for i, im in enumerate(result.images) for h in (*im["top_pooled"], *im["top_peak"])]
-    for q in (result.query or {}).get("hits", []):
-        per_image += [(i, h) for i, h in enumerate(q["per_image"]) if h is not None]
-    for i, h in per_image:
+    for i, h in hits:
         thumb = result.images[i].get("thumb")
         h["heat_png"] = None
         if not thumb or not h["heat"]:
@@ -223,12 +220,5 @@ def table_rows(result: InspectResult, out_dpath: str | Path) -> list[dict[str, A
 
 def write_table(result: InspectResult, out_dpath: str | Path) -> Path:
     """``out_dpath/inspect_latents.csv``: :func:`table_rows` (the job logger logs it, heatmaps as images)."""
-    import csv
-    import io
-
     rows = table_rows(result, out_dpath)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["image", "latent"])
-    writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-    return atomic_write_text(Path(out_dpath) / TABLE_CSV, buf.getvalue())
+    return write_csv_rows(Path(out_dpath) / TABLE_CSV, rows, None if rows else ["image", "latent"])

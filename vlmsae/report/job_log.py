@@ -14,28 +14,19 @@ or, for a job that picks what to log itself (the API is these five calls):
         jl.table("latents", rows_or_csv_fpath, image_columns=("top_0",), max_rows=2000)
     # finish() on leaving the block (also on an error)
 
-What each logger kind writes:
-
-- ``none``: nothing.
-- ``csv`` (the default, as for train): ``<run>/csv/summary.json``, the flat ``{key: number}`` summary; a table
-  given as rows also becomes ``<run>/csv/<name>.csv`` (plots and CSV files are already in the run dir).
-- ``wandb``: the csv files too, plus one W&B run: the summary as the run summary (W&B's scatter and
-  parallel-coordinates plots compare it across runs), each plot as a ``wandb.Image`` under ``plots/``, each
-  table as a ``wandb.Table`` (image columns as thumbnails, at most ``logger.table_rows`` rows). The run
-  config is the job's config plus ``sae`` (the SAE's config.json), ``train`` (the training run's config from
-  its run_info.json) and ``train_wandb_id``; the run joins the training run's project (unless
-  ``logger.project`` is set to something else) and group (``logger.group``, else the training run's group,
-  else its name), with ``job_type`` = the job, so a training run and its evaluations sit together.
-  ``WANDB_MODE`` wins over ``logger.mode`` (``disabled``: no W&B run, the csv files only). If W&B cannot
-  start a run (no network, no login) the job fails AFTER writing its outputs, with :class:`JobLogError`
-  saying to rerun with ``logger.mode=offline`` (or ``WANDB_MODE=offline``) and ``wandb sync`` later.
+What each logger kind writes (``none``: nothing; ``csv``: ``<run>/csv/summary.json`` and tables given as rows as
+``<run>/csv/<name>.csv``; ``wandb``: those, plus one W&B run joined to the SAE's training run) is in
+docs/wandb.md, "Dashboards". If W&B cannot start a run the job fails AFTER writing its outputs, with
+:class:`JobLogError` saying to rerun with ``logger.mode=offline``.
 
 Under torchrun only rank 0 logs.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -82,13 +73,13 @@ def _plain(config: Any) -> dict[str, Any]:
     return OmegaConf.to_container(config, resolve=True)
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a/b": 1}``: the keys W&B groups into panels by their first part."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten(value, name + "/"))
+            out.update(flatten(value, name + sep, sep))
         else:
             out[name] = value
     return out
@@ -190,16 +181,14 @@ class JobLog:
         else:
             rows = [dict(r) for r in rows_or_csv]
             if rows:
-                _write_csv_rows(self.out_dpath / CSV_DIR / f"{name}.csv", rows)
+                write_csv_rows(self.out_dpath / CSV_DIR / f"{name}.csv", rows)
         if self.run is None or not rows:
             return
         import wandb
 
         if len(rows) > limit:
             log.info("job log: table %s keeps the first %d of %d rows (logger.table_rows)", name, limit, len(rows))
-        columns = list(rows[0])
-        for row in rows[1:]:
-            columns += [c for c in row if c not in columns]
+        columns = _columns(rows)
         images = set(image_columns)
         data = [[_thumb(row.get(c)) if c in images else _cell(row.get(c)) for c in columns] for row in rows[:limit]]
         self.run.log({name: wandb.Table(columns=columns, data=data)})
@@ -279,25 +268,23 @@ def _thumb(value: Any) -> Any:
 
 
 def _read_csv_rows(fpath: Path) -> list[dict[str, Any]]:
-    import csv
-
     with fpath.open(newline="", encoding="utf-8") as fh:
         lines = [line for line in fh if not line.startswith("#")]  # version lines (latents.csv)
     return list(csv.DictReader(lines))
 
 
-def _write_csv_rows(fpath: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-    import io
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of ``rows``, in the order they first appear."""
+    return list(dict.fromkeys(c for row in rows for c in row))
 
-    columns = list(rows[0])
-    for row in rows[1:]:
-        columns += [c for c in row if c not in columns]
+
+def write_csv_rows(fpath: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Path:
+    """``rows`` as a CSV file (columns: ``columns``, default every key of the rows; None and missing cells empty)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer = csv.DictWriter(buf, fieldnames=columns or _columns(rows), restval="")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(fpath, buf.getvalue())
+    return atomic_write_text(fpath, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ per job
@@ -423,14 +410,3 @@ def log_job(cfg: Any, job: str, out_dpath: str | Path, result: Mapping[str, Any]
             names = (result.get("settings") or {}).get("images") or []
             answers = zip(result.get("baseline") or [], result.get("steered") or [])
             jl.table("answers", [{"image": str(n), "baseline": b, "steered": s} for n, (b, s) in zip(names, answers)])
-
-
-__all__ = [
-    "FIGURES",
-    "JobLog",
-    "JobLogError",
-    "flatten",
-    "latents_table_rows",
-    "log_job",
-    "training_run",
-]

@@ -1,21 +1,14 @@
 """The sweep-level tables of the evaluation jobs, in the paper's layouts (``.md`` to read, ``.csv`` to load).
 
-- ``ms_table``: rows architecture x layer, columns expansion factor, cells mean MS ± std (METHOD §3, as
-  a table), plus one ``raw neurons`` row per layer (the baseline, the same in every column: it has no
-  expansion). The csv has one ``x{e}_mean`` and one ``x{e}_std`` column per expansion.
-- ``hierarchy_table``: the paper's Table 2 per SAE: rows (SAE, depth) and (SAE, MS), one column per
-  Matryoshka group.
+- ``ms_table``: rows architecture x layer, columns expansion factor, cells mean MS ± std (METHOD §3), plus
+  one ``raw neurons`` row per layer (the baseline, the same in every column: it has no expansion);
+- ``hierarchy_table``: the paper's Table 2 per SAE: rows (SAE, depth) and (SAE, MS), one column per group;
+- ``steer_table``: one row per SAE, the mean steering score of every condition.
 
-Seeds (issue 16): when some (architecture, layer, expansion) has several SAEs (a training multirun over
-``seed=0,1,2``), both tables aggregate over them instead of listing duplicates ("seeded" tables). A cell is
-then the mean over the seeds of each SAE's value ± the half-width of its 95% t-interval over the seeds
-(:func:`vlmsae.metrics.seed_matching.mean_ci`; one seed: no interval), and the csv gains, per cell, the
-interval (``x{e}_ci95`` / ``group_{g}_ci95``), the number of SAEs (``x{e}_n_seeds`` / ``n_seeds``) and the
-training seeds (``x{e}_seeds`` / ``seeds``, ";"-joined, empty unless every SAE's seed is recorded). In a
-seeded ms_table ``x{e}_std`` is the mean over the seeds of each SAE's std over its latents. Tables with one
-SAE per cell are written exactly as before (no extra columns).
-- ``steer_table``: one row per SAE, the mean steering score of every condition (steered, not steered, the
-  bounds).
+Seeds (issue 16; docs/sweeps.md): when some (architecture, layer, expansion) has several SAEs, ms_table and
+hierarchy_table give per cell the mean over the seeds ± the half-width of its 95% t-interval
+(:func:`vlmsae.metrics.seed_matching.mean_ci`), and the csv gains ``_ci95``, ``n_seeds`` and ``seeds`` columns
+(in a seeded ms_table ``x{e}_std`` is the mean of each SAE's std). One SAE per cell: no extra columns.
 
 Each writer takes one ``(SAE name, arch, expansion, layer, result)`` row per SAE and returns the paths
 and rows it wrote, so a caller can log the same rows elsewhere.
@@ -172,11 +165,10 @@ def _hierarchy_seeded(groups: dict[tuple[Any, Any, float], list[SweepRow]], n_gr
     for (arch, layer, e), members in groups.items():
         name = f"{arch}_x{e:g}_L{layer}"
         for measure, key in (("depth", "depth_mean"), ("ms", "ms_mean")):
-            cells = []
-            for g in range(n_groups):
-                cells.append(
-                    _over_seeds([r.result["groups"][g].get(key) for r in members if g < len(r.result["groups"])])
-                )
+            cells = [
+                _over_seeds([r.result["groups"][g].get(key) for r in members if g < len(r.result["groups"])])
+                for g in range(n_groups)
+            ]
             seeds = _seeds(members)
             rows.append([name, arch, f"{e:g}", layer, measure, len(members), seeds])
             rows[-1] += [_num(c[k]) for c in cells for k in ("mean", "ci95")]
@@ -207,12 +199,10 @@ def hierarchy_table(out_dpath: Path, sweep: Sequence[SweepRow], paper: dict[str,
         md_header, md_rows, what = header, [[c or "-" for c in row] for row in rows], ""
     if paper and n_groups == len(paper["depth"]):
         pad = [""] * (len(md_header) - 5 - n_groups)  # a seeded table's seeds column
-        md_rows.append(
-            ["paper (Table 2)", "matryoshka", "2", "last", "depth", *pad, *[f"{v:.2f}" for v in paper["depth"]]]
-        )
-        md_rows.append(
-            ["paper (Table 2)", "matryoshka", "2", "last", "ms", *pad, *[f"{v:.2f}" for v in paper["ms_mean"]]]
-        )
+        for measure, key in (("depth", "depth"), ("ms", "ms_mean")):
+            md_rows.append(
+                ["paper (Table 2)", "matryoshka", "2", "last", measure, *pad, *[f"{v:.2f}" for v in paper[key]]]
+            )
     md = (
         "# Taxonomy alignment of the sweep (Table 2 per SAE)\n\n"
         "depth: mean LCA depth of the top images' taxon paths over a group's scored latents; ms: the group's "
@@ -230,11 +220,9 @@ def steer_table(out_dpath: Path, sweep: Sequence[SweepRow]) -> dict[str, Any]:
     header = ["sae", "architecture", "expansion", "layer", *conditions]
     rows, md_rows = [], []
     for r in sweep:
-        stats = [r.result["summary"].get(c) for c in conditions]
-        rows.append([r.name, r.arch, f"{r.expansion:g}", r.layer, *[_num(s["mean"]) if s else "" for s in stats]])
-        md_rows.append(
-            [r.name, r.arch, f"{r.expansion:g}", r.layer, *[_pm(s["mean"], s.get("std")) if s else "-" for s in stats]]
-        )
+        stats, sae = [r.result["summary"].get(c) for c in conditions], [r.name, r.arch, f"{r.expansion:g}", r.layer]
+        rows.append([*sae, *[_num(s["mean"]) if s else "" for s in stats]])
+        md_rows.append([*sae, *[_pm(s["mean"], s.get("std")) if s else "-" for s in stats]])
     md = (
         "# Steering score of the sweep\n\nMean cosine of the answer's text embedding with the latent's concept "
         "(± std): steered vs not steered, and the bounds (true class names, shuffled names).\n\n"

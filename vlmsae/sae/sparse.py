@@ -410,7 +410,7 @@ def batch_topk_select(z_BF: torch.Tensor, k_total: int) -> tuple[torch.Tensor, t
         return flat_Z // n_latents, flat_Z % n_latents
 
 
-# CPU crossover, measured with vlmsae.bench.sae_step.measure_throughput on the 2-core build
+# CPU crossover, measured with vlmsae.bench.sae_step.measure_step_seconds on the 2-core build
 # machine (d = 1024, B = 4096, k = 20, fp32, 2 threads, shared with other jobs at load ~7),
 # sparse / dense tokens/s of the TopKSAE step:  F = 64: 0.86   128: 1.05   256: 1.17
 # 512: 1.33   1024: 1.47   2048: 1.90   8192: ~3.5.  Sparse wins from F ~ 6k on, i.e. F >= 8k here.
