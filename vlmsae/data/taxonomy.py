@@ -84,16 +84,11 @@ class Taxonomy:
             if not candidate:
                 continue
             *folders, fname = str(candidate).replace("\\", "/").split("/")
-            for part in reversed(folders):
+            stem = os.path.splitext(fname)[0]
+            wnid = _WNID_RE.match(stem)
+            for part in (*reversed(folders), fname, stem, wnid and wnid.group(0)):
                 if part in self.paths:
                     return self.paths[part]
-            stem = os.path.splitext(fname)[0]
-            for name in (fname, stem):
-                if name in self.paths:
-                    return self.paths[name]
-            wnid = _WNID_RE.match(stem)
-            if wnid and wnid.group(0) in self.paths:
-                return self.paths[wnid.group(0)]
         return None
 
     def match(
@@ -101,7 +96,6 @@ class Taxonomy:
         keys: Sequence[str],
         paths: Sequence[str | None] | None = None,
         labels: Sequence[object] | None = None,
-        max_examples: int = 5,
     ) -> list[tuple[str, ...]]:
         """The taxon path of every image; a :class:`TaxonomyError` listing examples if any is unmatched."""
         out: list[tuple[str, ...]] = []
@@ -112,11 +106,11 @@ class Taxonomy:
                 failed.append(str(key) if paths is None or paths[i] is None else f"{key} ({paths[i]})")
             out.append(p or ())
         if failed:
-            examples = ", ".join(repr(f) for f in failed[:max_examples])
+            examples = ", ".join(repr(f) for f in failed[:5])
             known = ", ".join(repr(k) for k in list(self.paths)[:3])
             raise TaxonomyError(
                 f"{len(failed)} of {len(keys)} images match no taxon in {self.origin}: {examples}"
-                f"{' ...' if len(failed) > max_examples else ''}. An image matches when its key, its label, or "
+                f"{' ...' if len(failed) > 5 else ''}. An image matches when its key, its label, or "
                 f"one of its folder names / file-name stems is a taxon key; taxon keys look like {known}. "
                 "Point taxonomy.path at the taxonomy of these images, or use a CSV keyed by image key."
             )
