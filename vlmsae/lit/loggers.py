@@ -97,9 +97,8 @@ class ResumableCSVLogger(CSVLogger):
             return super().experiment  # the dummy writer of non-zero ranks
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = _ResumableWriter(log_dir=self.log_dir)
-        metrics_fpath = Path(self._experiment.metrics_file_path)
-        if self.history_fpath is None:
-            metrics_fpath.unlink(missing_ok=True)  # a stale file from an earlier run in this dir
+        if self.history_fpath is None:  # a stale file from an earlier run in this dir
+            Path(self._experiment.metrics_file_path).unlink(missing_ok=True)
         return self._experiment
 
     def restore_history(self, before_step: int) -> int:
@@ -154,16 +153,10 @@ def iter_wandb_records(fpath: str | Path):
             log.warning("%s: checksum mismatch at byte %d; reading stops there", fpath, pos)
             return
         pos = end
-        if kind == _FULL:
-            pending, payload = b"", chunk
-        elif kind == _FIRST:
-            pending = chunk
+        pending = chunk if kind in (_FULL, _FIRST) else pending + chunk
+        if kind in (_FIRST, _MIDDLE):  # a record continues in the next chunk
             continue
-        elif kind == _MIDDLE:
-            pending += chunk
-            continue
-        else:
-            payload, pending = pending + chunk, b""
+        payload, pending = pending, b""
         record = pb.Record()
         try:
             record.ParseFromString(payload)
