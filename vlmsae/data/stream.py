@@ -71,12 +71,6 @@ class RowShuffleBuffer:
         self.pending: list[torch.Tensor] = []
         self.n_pending = 0
 
-    def _take_pending(self) -> torch.Tensor:
-        rows = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
-        self.pending = []
-        self.n_pending = 0
-        return rows
-
     def add(self, rows_RD: torch.Tensor) -> Iterator[torch.Tensor]:
         """Push a chunk; yield every batch that becomes available."""
         if self.capacity > 0 and self.n_filled < self.capacity:
@@ -93,7 +87,8 @@ class RowShuffleBuffer:
         B = self.batch_size
         if self.n_pending < B:
             return
-        incoming_RD = self._take_pending()
+        incoming_RD = self.pending[0] if len(self.pending) == 1 else torch.cat(self.pending)
+        self.pending, self.n_pending = [], 0
         start = 0
         while incoming_RD.shape[0] - start >= B:
             if self.capacity == 0:

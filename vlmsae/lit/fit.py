@@ -178,14 +178,13 @@ def build_datamodule(rows: TrainInput, data: DataSchema, model: ModelSpec, seed:
         image_kwargs["synthetic"] = synthetic_options(image_source, data.n_per_class, data.size, data.synthetic_seed)
     tokens, k_tokens = parse_tokens(rows.tokens, rows.tokens_k or 2)
     period = image_holdout_every(image_kwargs, tokens, k_tokens, model, stream)  # held-out images
-    per_forward = int(data.images_per_forward)  # images per encoder forward
     common = dict(
         model_spec=model,
         image_kwargs=image_kwargs,
         layer=rows.layer,
         tokens=tokens,
         k_tokens=k_tokens,
-        images_per_forward=per_forward,
+        images_per_forward=int(data.images_per_forward),
         seed=stream.seed,
         holdout_every=period,
     )
