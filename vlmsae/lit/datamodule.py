@@ -182,14 +182,9 @@ class ActsDataModule(_RowsDataModule):
 
     def _min_worker_rows(self, workers: int, n_epochs: int = 4) -> int:
         """The fewest training rows any worker of any rank gets in the first epochs (arithmetic, no reads)."""
-        least = None
-        for rank in range(self.world_size):
-            stream = self._stream(rank=rank)
-            for epoch in range(n_epochs):
-                for worker in range(workers):
-                    n = sum(k for _, _, k in stream.plan(epoch, worker, workers))
-                    least = n if least is None else min(least, n)
-        return int(least or 0)
+        streams = [self._stream(rank=rank) for rank in range(self.world_size)]
+        plans = (s.plan(epoch, w, workers) for s in streams for epoch in range(n_epochs) for w in range(workers))
+        return min(sum(k for _, _, k in plan) for plan in plans)
 
     def train_stream(self, skip_batches: int = 0, seed_offset: int = 0) -> ShardRowStream:
         return self._stream(seed_offset=seed_offset, skip_batches=skip_batches)

@@ -23,14 +23,10 @@ log = logging.getLogger(__name__)
 
 def config_fingerprint(config: dict) -> dict:
     """The parts of a resolved config that define a run (what resume=true matches on)."""
-    config = dict(config)
-    for key in ("resume", "hydra", "val_ms"):  # val_ms only monitors: it never changes the SAE
-        config.pop(key, None)
-    logger = dict(config.get("logger") or {})
-    config["logger"] = {k: v for k, v in logger.items() if k == "kind"}
-    trainer = dict(config.get("trainer") or {})
-    trainer.pop("enable_progress_bar", None)
-    config["trainer"] = trainer
+    # val_ms only monitors: it never changes the SAE
+    config = {k: v for k, v in config.items() if k not in ("resume", "hydra", "val_ms")}
+    config["logger"] = {k: v for k, v in (config.get("logger") or {}).items() if k == "kind"}
+    config["trainer"] = {k: v for k, v in (config.get("trainer") or {}).items() if k != "enable_progress_bar"}
     return config
 
 
