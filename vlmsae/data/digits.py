@@ -93,7 +93,4 @@ def ensure_digits(root: str | Path | None = None) -> Path:
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     if root.exists() and not _complete(root):  # a broken earlier copy: replaced, never mixed in
         shutil.rmtree(root, ignore_errors=True)
-    if _complete(root):  # a concurrent process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return root
-    return publish_dir(tmp, root)
+    return publish_dir(tmp, root)  # a concurrent process that finished first wins
