@@ -84,7 +84,6 @@ class TrainInput:
     tokens_k: int | None  # random_k's tokens per image, else None
     manifest: dict[str, Any]  # the store's manifest (image sources: the same keys, made up)
     acts_dpath: str | None = None
-    n_shards: int | None = None
 
 
 def resolve_train_input(
@@ -97,7 +96,7 @@ def resolve_train_input(
     times on one layer). With image sources the activations are computed at ``layer`` (None: n_layers - 2).
     """
     if data.source == "acts":
-        acts_dpath, manifest, shard_fpaths = open_store(data.acts)
+        acts_dpath, manifest, _ = open_store(data.acts)
         d = int(manifest.d)
         store_layer = manifest.layer
         if layer is not None:
@@ -132,7 +131,6 @@ def resolve_train_input(
             d=d,
             acts_dpath=str(acts_dpath),
             manifest=manifest,
-            n_shards=len(shard_fpaths),
             # a store that names its model also names its pretrained weights (None included)
             model=manifest.model if manifest.model is not None else model.name,
             pretrained=manifest.pretrained if manifest.model is not None else model.pretrained,
