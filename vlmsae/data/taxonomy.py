@@ -330,13 +330,9 @@ def parse_wordnet_data(lines: Iterable[str]) -> dict[int, tuple[str, list[int]]]
             lemma = fields[4].replace("_", " ")
             p_at = 4 + 2 * w_cnt
             p_cnt = int(fields[p_at])
-            hyper, inst = [], []
-            for j in range(p_cnt):
-                symbol, target, pos = fields[p_at + 1 + 4 * j : p_at + 4 + 4 * j]
-                if pos == "n" and symbol == "@":
-                    hyper.append(int(target))
-                elif pos == "n" and symbol == "@i":
-                    inst.append(int(target))
+            pointers = [fields[p_at + 1 + 4 * j : p_at + 4 + 4 * j] for j in range(p_cnt)]  # symbol, offset, pos
+            hyper = [int(target) for symbol, target, pos in pointers if pos == "n" and symbol == "@"]
+            inst = [int(target) for symbol, target, pos in pointers if pos == "n" and symbol == "@i"]
         except (IndexError, ValueError) as e:
             raise TaxonomyError(f"WordNet data.noun line {line_no} is malformed ({e}): {line[:120]!r}") from e
         synsets[offset] = (lemma, hyper + inst)
