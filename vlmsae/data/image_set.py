@@ -69,7 +69,5 @@ class ImageSet:
 
     def records(self, skip_log: SkipLog | None = None, max_images: int | None = None) -> Iterator[ImageRecord]:
         """The readable images, decoded; ``max_images`` lowers the cap further."""
-        cap = self.max_images
-        if max_images is not None:
-            cap = max_images if cap is None else min(cap, max_images)
+        cap = min((c for c in (self.max_images, max_images) if c is not None), default=None)
         return iter_images(self.source, self.root, max_images=cap, skip_log=skip_log, synthetic=self.synthetic)
