@@ -217,8 +217,7 @@ class ShardWriter:
         self.shard_rows: list[int] = []  # rows of each shard (in progress.json: the manifest needs no shard read)
         self.sink = sink  # out=<url>: dpath stages, the sink publishes every finished file (vlmsae.data.sink)
         self._buf: list[tuple[torch.Tensor, ...]] = []
-        self._buf_keys: list[str] = []
-        self._buf_rows = 0
+        self._buf_keys: list[str] = []  # one per buffered row
         if sink is not None:
             sink.pull(self.dpath)  # the remote progress.json is the resume point
         self._resume()
@@ -254,7 +253,7 @@ class ShardWriter:
 
     @property
     def buffered_rows(self) -> int:
-        return self._buf_rows
+        return len(self._buf_keys)
 
     def add(
         self,
@@ -274,11 +273,10 @@ class ShardWriter:
         self.stats.update(rows)
         self._buf.append((rows, token_idx_N.cpu(), image_idx_N.cpu(), label_N.cpu()))
         self._buf_keys.extend(keys)
-        self._buf_rows += n
 
     def flush(self, state: dict[str, Any] | None = None) -> Path | None:
         """Write every buffered row as the next shard, then record ``state`` as the resume point."""
-        if self._buf_rows == 0:
+        if not self._buf_keys:
             if state is not None:
                 self.state = state
                 self._write_progress()
@@ -308,7 +306,7 @@ class ShardWriter:
         self.n_shards += 1
         self.n_rows += len(keys)
         self.n_chunks += n_chunks
-        self._buf, self._buf_keys, self._buf_rows = [], [], 0
+        self._buf, self._buf_keys = [], []
         self.state = state
         self._write_progress()
         return shard_fpath
@@ -331,7 +329,7 @@ class ShardWriter:
 
     def write_manifest(self, **fields: Any) -> StoreManifest:
         """Write ``manifest.json`` (statistics + ``meta`` + ``fields``); call after the last ``flush``."""
-        if self._buf_rows:
+        if self._buf_keys:
             raise RuntimeError("write_manifest() with rows still buffered: call flush() first.")
         if self.sink is not None:  # the shards are uploaded, not here: their rows were recorded in progress.json
             if len(self.shard_rows) != self.n_shards:
