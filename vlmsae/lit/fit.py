@@ -58,11 +58,9 @@ IMAGE_SOURCES = ("images", "folder", "wds", "list", "synthetic")
 
 def parse_tokens(tokens: str | None, tokens_k: int = 2) -> tuple[str, int]:
     """(selection, k) for select_tokens: ``random_k`` takes ``tokens_k``; ``random_2`` is read as k = 2."""
-    if tokens is None:
-        return "cls", int(tokens_k)
-    text = str(tokens)
+    text = "cls" if tokens is None else str(tokens)
     if text.startswith("random_"):
-        tail = text.split("_", 1)[1]
+        tail = text.removeprefix("random_")
         return "random_k", int(tail) if tail.isdigit() else int(tokens_k)
     return text, int(tokens_k)
 
