@@ -368,7 +368,7 @@ def jpeg_for_device(data: bytes, exif_transpose: bool) -> bool:
         with Image.open(io.BytesIO(data)) as img:  # lazy: parses the header, decodes nothing
             if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                 return False
-            return not exif_transpose or img.getexif().get(0x0112, 1) == 1
+            return not exif_transpose or img.getexif().get(_EXIF_ORIENTATION, 1) == 1
     except Exception:  # Pillow says why when it decodes the file on the CPU path
         return False
 
