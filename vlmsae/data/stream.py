@@ -285,15 +285,14 @@ class ShardRowStream(IterableDataset):
             entries = entries[worker::stride]
         return [e for e in entries if e[2] > 0]
 
-    def n_batches(self, plan: list[tuple[str, int, int]]) -> int:
-        n_rows = sum(n for _, _, n in plan)
+    def n_batches(self, n_rows: int) -> int:
         return n_rows // self.batch_size + int(n_rows % self.batch_size > 0 and not self.drop_last)
 
     def epochs(self, worker: int, n_workers: int) -> Iterator[tuple[int, int]]:
         """``(epoch, the worker's batches in it)`` in order; 20 empty epochs running: an error naming the fix."""
         epoch, empty = self.start_epoch, 0
         while self.n_epochs is None or epoch < self.start_epoch + self.n_epochs:
-            n = self.n_batches(self.plan(epoch, worker, n_workers))
+            n = self.n_batches(sum(n for _, _, n in self.plan(epoch, worker, n_workers)))
             empty = empty + 1 if n == 0 else 0
             if empty >= 20:
                 raise RuntimeError(self._starved(epoch, worker, n_workers))
@@ -358,8 +357,7 @@ class ShardRowStream(IterableDataset):
                 )
             else:
                 perm_R = torch.arange(size)
-            n_out = size // B + int(size % B > 0 and not self.drop_last)
-            for b in range(offset, n_out):
+            for b in range(offset, self.n_batches(size)):
                 yield rows_RD.index_select(0, perm_R[b * B : (b + 1) * B])  # a copy: the window is freed
             window, offset = window + 1, 0
 

@@ -506,21 +506,18 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
     results = {}
     optimizers = trainer.optimizers or [None] * len(grid)
     for g, sae, record, optimizer in zip(grid, module.saes, module.val_metrics, optimizers):
-        metrics = {k: v for k, v in record.items() if k != "density_hist"}
-        metrics.update(
-            {
-                "step": step,
-                "optimizer_steps": adam_steps(optimizer),
-                "lr": g.lr,
-                "n_latents": g.sae_config.n_latents,
-                "k": g.sae_config.k,
-                "arch": g.sae_config.arch,
-                "layer": plan.rows.layer,
-                "input_scale": float(sae.input_scale),
-                **({"overrides": g.overrides} if g.name else {}),
-            }
-        )
-        results[g.name] = metrics
+        results[g.name] = {
+            **{k: v for k, v in record.items() if k != "density_hist"},
+            "step": step,
+            "optimizer_steps": adam_steps(optimizer),
+            "lr": g.lr,
+            "n_latents": g.sae_config.n_latents,
+            "k": g.sae_config.k,
+            "arch": g.sae_config.arch,
+            "layer": plan.rows.layer,
+            "input_scale": float(sae.input_scale),
+            **({"overrides": g.overrides} if g.name else {}),
+        }
     summary = results.get("", results)  # one SAE: its metrics
     if not trainer.is_global_zero:
         return summary
