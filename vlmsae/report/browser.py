@@ -306,24 +306,10 @@ def read_taxa_csv(fpath: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
-@dataclass
-class TopIndex:
-    """The top-activating images index of a monosemanticity run (``top_images/``)."""
-
-    image_idx_KX: Any  # int64 tensor [K, X], -1 = none
-    acts_KX: Any  # float32 tensor [K, X]
-    keys: list[str]
-    paths: list[str] | None
-    labels: list[Any] | None
-    row_latents: list[int]  # latent id of each row (row k = latent k unless the index says otherwise)
-    patch_acts_KXP: Any = None  # optional float tensor [K, X, P]: per-patch activations, if recorded
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def read_top_index(dpath: Path) -> TopIndex:
-    """The top-images index (``vlmsae.metrics.topimages.TopImages.load``) with the browser's extras:
-    the latent id of each row (a ``latents`` tensor or ``meta["latents"]``, else row k = latent k)
-    and recorded per-patch activations (``patch_acts``), if any."""
+def read_top_index(dpath: Path) -> tuple[Any, list[int], Any]:
+    """The top-images index (``vlmsae.metrics.topimages.TopImages.load``) with the browser's extras: the latent id
+    of each row (a ``latents`` tensor or ``meta["latents"]``, else row k = latent k) and the recorded per-patch
+    activations [K, X, P] (``patch_acts``, None when absent)."""
     from vlmsae.metrics.topimages import TopImages
 
     top = TopImages.load(dpath)
@@ -334,16 +320,7 @@ def read_top_index(dpath: Path) -> TopIndex:
     else:
         row_latents = list(range(top.n_latents))
     patch = next((top.extra[k] for k in ("patch_acts", "patch_acts_KXP") if k in top.extra), None)
-    return TopIndex(
-        image_idx_KX=top.image_idx,
-        acts_KX=top.acts,
-        keys=top.keys,
-        paths=top.paths,
-        labels=top.labels,
-        row_latents=row_latents,
-        patch_acts_KXP=patch,
-        meta=top.meta,
-    )
+    return top, row_latents, patch
 
 
 def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
@@ -486,16 +463,6 @@ def _grid_side(n_patches: int) -> int | None:
     return side if side * side == n_patches and side > 0 else None
 
 
-def recorded_heatmaps(index: TopIndex, row: int, n_show: int) -> list[list[float] | None] | None:
-    """Per-patch activations of one latent's top images if the MS run stored them (``patch_acts``)."""
-    if index.patch_acts_KXP is None:
-        return None
-    P = index.patch_acts_KXP.shape[-1]
-    if _grid_side(P) is None:
-        return None
-    return index.patch_acts_KXP[row, :n_show].float().tolist()
-
-
 def recompute_heatmaps(
     ms_config: dict[str, Any],
     requests: dict[int, list[tuple[int, int, int]]],
@@ -607,7 +574,7 @@ def build_browser(
 
     ms_dpath = sources.ms_dpath
     rows = latent_rows(formats.read_latents_csv(ms_dpath / formats.LATENTS_CSV))
-    index = read_top_index(ms_dpath / formats.TOP_IMAGES_DIR)
+    index, row_latents, patch_acts_KXP = read_top_index(ms_dpath / formats.TOP_IMAGES_DIR)
     # ms_summary.json, run_info.json and hierarchy.json are optional here: the page shows what there is.
     summary = _optional(formats.read_ms_summary, ms_dpath / formats.MS_SUMMARY_JSON)
     run_info = _optional(formats.read_run_info, ms_dpath / formats.RUN_INFO_JSON)
@@ -635,17 +602,17 @@ def build_browser(
             if latent not in chosen_set and latent in by_latent:
                 chosen.append(latent)
                 chosen_set.add(latent)
-    row_of_latent = {latent: row for row, latent in enumerate(index.row_latents)}
+    row_of_latent = {latent: row for row, latent in enumerate(row_latents)}
 
     # The top images of every card as [cards, X] tensors (one gather, not 16 Python lookups per card).
     import torch
 
-    n_show = min(images_per_card, int(index.image_idx_KX.shape[1])) if index.image_idx_KX.ndim == 2 else 0
+    n_show = min(images_per_card, int(index.image_idx.shape[1])) if index.image_idx.ndim == 2 else 0
     card_rows = [row_of_latent.get(latent) for latent in chosen]
     gather = torch.tensor([r if r is not None else 0 for r in card_rows], dtype=torch.long)
-    card_image_idx_KX = index.image_idx_KX[gather, :n_show].clone()
+    card_image_idx_KX = index.image_idx[gather, :n_show].clone()
     card_image_idx_KX[torch.tensor([r is None for r in card_rows], dtype=torch.bool)] = -1
-    card_acts_KX = index.acts_KX[gather, :n_show].float()
+    card_acts_KX = index.acts[gather, :n_show].float()
 
     # Thumbnails, one per image: each written once and shared by every card that shows it.
     paths = index.paths or []
@@ -660,11 +627,14 @@ def build_browser(
         key = index.keys[image_idx] if image_idx < n_keys else ""
         return _caption(key, labels[image_idx] if labels and image_idx < len(labels) else None)
 
+    show_recorded = heatmaps != "off" and patch_acts_KXP is not None and _grid_side(patch_acts_KXP.shape[-1])
     cards: list[dict[str, Any]] = []
     idx_rows, act_rows = card_image_idx_KX.tolist(), card_acts_KX.tolist()
     for c, latent in enumerate(chosen):
         r = by_latent[latent]
         tx = taxa.get(latent, {})
+        row = card_rows[c]
+        heat = patch_acts_KXP[row, :n_show].float().tolist() if show_recorded and row is not None else []
         top = []
         for slot, (image_idx, act) in enumerate(zip(idx_rows[c], act_rows[c])):
             if image_idx < 0:
@@ -677,34 +647,25 @@ def build_browser(
                     "label": caption(image_idx),
                     "act": _float(act),
                     "src": _thumb_rel(image_idx) if image_idx in written else None,
-                    "heat": None,
+                    "heat": heat[slot] if slot < len(heat) else None,
                 }
             )
-        if heatmaps != "off" and card_rows[c] is not None:
-            recorded = recorded_heatmaps(index, card_rows[c], images_per_card)
-            if recorded is not None:
-                for t in top:
-                    t["heat"] = recorded[t["slot"]] if t["slot"] < len(recorded) else None
-        group = r["group"] if r["group"] is not None else tx.get("group")
         cards.append(
             {
-                "latent": latent,
-                "ms": r["ms"],
-                "freq": r["freq"],
-                "max_act": r["max_act"],
-                "group": group,
-                "name": r["name"],
-                "names": r["names"],
+                **{k: r[k] for k in ("latent", "ms", "freq", "max_act", "name", "names")},
+                "group": r["group"] if r["group"] is not None else tx.get("group"),
                 "label": tx.get("label", ""),
                 "ranks": tx.get("ranks", {}),
                 "depth_mean": tx.get("depth_mean"),
-                "top_keys": r["top_keys"] if card_rows[c] is None else "",
+                "top_keys": r["top_keys"] if row is None else "",
                 "top": top,
                 "steering": steer_by_latent.get(latent, []),
             }
         )
 
-    heatmap_note = _fill_heatmaps(cards, index, ms_config, heatmaps, sae_trained_on, sae_format)
+    heatmap_note = _fill_heatmaps(
+        cards, patch_acts_KXP is not None, index.paths, ms_config, heatmaps, sae_trained_on, sae_format
+    )
     inspect_href = inspect_links(ms_dpath, out_dpath)
     for card in cards:
         if card["latent"] in inspect_href:
@@ -780,7 +741,8 @@ def _caption(key: str, label: Any) -> str:
 
 def _fill_heatmaps(
     cards: list[dict[str, Any]],
-    index: TopIndex,
+    recorded: bool,
+    image_paths: list[str] | None,
     ms_config: dict[str, Any],
     mode: str,
     sae_trained_on: dict[str, Any],
@@ -789,7 +751,7 @@ def _fill_heatmaps(
     """Quantize recorded heatmaps, or recompute them; returns a note for the page header."""
     if mode == "off":
         return "heatmaps off"
-    if index.patch_acts_KXP is None:
+    if not recorded:
         if mode == "recorded":
             return "no per-patch activations recorded by the MS run"
         requests: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
@@ -797,7 +759,7 @@ def _fill_heatmaps(
             for s, t in enumerate(card["top"]):
                 requests[t["image"]].append((c, s, card["latent"]))
         values, reason = recompute_heatmaps(
-            ms_config, requests, index.paths or [], sae_trained_on=sae_trained_on, sae_format=sae_format
+            ms_config, requests, image_paths or [], sae_trained_on=sae_trained_on, sae_format=sae_format
         )
         if not values:
             return f"no patch heatmaps: {reason}"
