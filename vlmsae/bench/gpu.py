@@ -5,7 +5,7 @@ the cases and one run's figures: docs/benchmarks.md): the SAE step under the pre
 (sparse path vs the dense reference, as in :mod:`vlmsae.bench.sae_step`); precision policies and peers
 (:mod:`vlmsae.bench.gpu_peers`); extraction through a random-weight ViT-L/14-336 (the tap's forward alone per dtype,
 then end to end with exact, draft and nvjpeg decoding: ``gpu_extract_{,fast_decode_cpu_,fast_decode_gpu_}*``); MS
-at N = 50,000 x K = 65,536 on the GPU; many SAEs per pass (:func:`vlmsae.bench.train_many.measure`, ``trainer=gpu``).
+at N = 50,000 x K = 65,536 on the GPU; many SAEs per pass (:func:`vlmsae.bench.train_many.run`, ``trainer=gpu``).
 
 ``python -m vlmsae.bench --only gpu --merge`` (what ``make bench-gpu`` runs) adds these keys to an
 existing ``outputs/bench/results.json`` instead of replacing it.
@@ -140,5 +140,5 @@ def run(quick: bool = False, device: str | None = None) -> dict[str, Any]:
     out.update(gpu_peers.measure(dev, quick))  # per precision policy, sparsify and SAELens side by side
     out.update(extraction_keys(dev, quick))
     out.update(ms_keys(dev, quick))
-    out.update(train_many.measure(quick, trainer="gpu" if dev.type == "cuda" else "cpu", prefix="gpu_train_many"))
+    out.update(train_many.run(quick, trainer="gpu" if dev.type == "cuda" else "cpu", prefix="gpu_train_many"))
     return out

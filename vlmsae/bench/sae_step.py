@@ -176,15 +176,6 @@ def round_ratio(seconds: dict[str, list[float]], slow: str, fast: str) -> float:
 # Learning curve: sparse vs reference on the same planted-feature data
 
 
-@torch.no_grad()
-def fve(sae: SAE, x_BD: torch.Tensor) -> float:
-    """Fraction of variance explained: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (inference encoder)."""
-    was_training = sae.training
-    x_hat_BD = sae.eval()(x_BD)
-    sae.train(was_training)
-    return reconstruction.fve(x_BD, x_hat_BD)
-
-
 def learning_curve(
     steps: int = 1000,
     d_in: int = 256,
@@ -212,7 +203,8 @@ def learning_curve(
             planted.batches(batch_size, steps, seed=seed), total=steps, desc=f"learning curve ({path})", leave=False
         ):
             train_step(sae, shared.opt, x_BD, reference=path == "reference")
-        out[path] = fve(sae, x_eval_BD)
+        with torch.no_grad():
+            out[path] = reconstruction.fve(x_eval_BD, sae.eval()(x_eval_BD))  # the inference encoder
     return out
 
 

@@ -1003,21 +1003,11 @@ def log_to_wandb(
     :class:`~vlmsae.config.schemas.LoggerSchema`'s defaults for the keys it lacks). The mode is ``$WANDB_MODE``
     if set (as for training: ``WANDB_MODE=disabled`` always wins), else ``logger.mode`` (online | offline |
     disabled)."""
-    import wandb
+    from vlmsae.report.job_log import init_wandb
 
     if not isinstance(logger, LoggerSchema):
         logger = LoggerSchema(**logger)
-    mode = os.environ.get("WANDB_MODE") or logger.mode
-    run = wandb.init(
-        project=logger.project,
-        entity=logger.entity,
-        mode=mode,
-        tags=list(logger.tags),
-        group=logger.group,
-        job_type="browse",
-        dir=str(out_dpath),
-        config=config,
-    )
+    run = init_wandb(logger, os.environ.get("WANDB_MODE") or logger.mode, "browse", Path(out_dpath), config, {})
     try:
         run.log({"feature_browser": wandb_table(data, out_dpath)})
         return str(getattr(run, "dir", "") or "")

@@ -142,7 +142,7 @@ class JobLog:
         run = None
         mode = os.environ.get("WANDB_MODE") or lg.mode
         if lg.kind == "wandb" and mode != "disabled":
-            run = _init_wandb(lg, mode, job, out_dpath, _plain(config), training_run(sae_path))
+            run = init_wandb(lg, mode, job, out_dpath, _plain(config), training_run(sae_path))
         return cls(lg, job, out_dpath, run)
 
     # -------------------------------------------------------------------------------------------- the API
@@ -210,7 +210,9 @@ class JobLog:
         self.finish(failed=exc_type is not None)
 
 
-def _init_wandb(lg: LoggerSchema, mode: str, job: str, out_dpath: Path, config: dict, trained: dict) -> Any:
+def init_wandb(lg: LoggerSchema, mode: str, job: str, out_dpath: Path, config: dict, trained: dict) -> Any:
+    """The W&B run of ``job`` (``trained``: :func:`training_run` of the SAE it read, which it joins), or
+    :class:`JobLogError` saying how to log offline."""
     import wandb
 
     train_logger = (trained.get("train") or {}).get("logger") or {}
@@ -299,10 +301,6 @@ def _pick(src: Mapping[str, Any] | None, keys: Iterable[str], prefix: str) -> di
     return {f"{prefix}/{k}": src[k] for k in keys if _number(src.get(k)) is not None}
 
 
-def _extract_figures(result: Mapping[str, Any]) -> dict[str, Any]:
-    return _pick(result, ("images_per_s", "n_rows", "n_shards", "n_images", "n_skipped", "seconds", "d"), "extract")
-
-
 def _ms_figures(result: Mapping[str, Any]) -> dict[str, Any]:
     stats = ("mean", "std", "min", "max", "dead", "n_latents", "n_images")
     return {
@@ -354,7 +352,9 @@ FIGURES = {
     "stability": _numbers("stability"),
     "names": _numbers("names"),
     "inspect": _numbers("inspect"),
-    "extract": _extract_figures,
+    "extract": lambda r: _pick(
+        r, ("images_per_s", "n_rows", "n_shards", "n_images", "n_skipped", "seconds", "d"), "extract"
+    ),
     "monosemanticity": _ms_figures,
     "hierarchy": _hierarchy_figures,
     "steer": _steer_figures,

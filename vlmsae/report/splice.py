@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from vlmsae.report.tables import markdown_table
 from vlmsae.utils.io import atomic_write_text
 
 SPLICE_MD = "splice.md"
@@ -29,9 +30,7 @@ def _cell(value: Any) -> str:
 
 def splice_table(rows: list[dict[str, Any]]) -> str:
     """The markdown table of ``rows`` (:meth:`vlmsae.steering.splice.SpliceScores.rows`); – = not applicable."""
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table([h for _, h in COLUMNS], [[_cell(r.get(k)) for k, _ in COLUMNS] for r in rows])
 
 
 def write_splice_report(out_dpath: str | Path, rows: list[dict[str, Any]], notes: list[str], title: str) -> str:
