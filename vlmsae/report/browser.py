@@ -339,8 +339,7 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
         alpha = settings.get("alpha")
         if alpha is None and isinstance(settings.get("latents"), dict):
             alpha = {str(k): v for k, v in settings["latents"].items()}
-        steered, baseline = _as_list(obj.steered), _as_list(obj.baseline)
-        added = _as_list(obj.activation_steering)
+        steered, baseline, added = obj.steered, obj.baseline, obj.activation_steering or []
         images = _as_list(settings.get("images", settings.get("image")))
         rows = [
             {
@@ -351,7 +350,6 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
             }
             for i in range(max(len(steered), len(baseline)))
         ]
-        sweep = obj.sweep
         examples.append(
             {
                 "steering_run": str(fpath.parent.name),
@@ -361,7 +359,9 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
                 "mode": settings.get("mode"),
                 "prompt": settings.get("prompt"),
                 "rows": rows,
-                "sweep": {str(a): [_answer_text(x) for x in _as_list(v)] for a, v in sweep.items()} if sweep else None,
+                "sweep": {str(a): [_answer_text(x) for x in _as_list(v)] for a, v in obj.sweep.items()}
+                if obj.sweep
+                else None,
             }
         )
     return examples
@@ -399,15 +399,6 @@ def _steered_latents(settings: dict[str, Any]) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # Thumbnails and heatmaps
 # --------------------------------------------------------------------------------------------
-def square_crop(img: Any) -> Any:
-    """Centre square crop, the same region CLIP-style preprocessing (resize + centre crop) sees,
-    so a patch grid drawn over the thumbnail lines up with the tokens the model saw."""
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return img.crop((left, top, left + s, top + s))
-
-
 def write_thumbnail(src_fpath: str | Path, dst_fpath: Path, size_px: int) -> bool:
     """Save a ``size_px`` square JPEG thumbnail; False (and no file) when the image cannot be read."""
     from PIL import Image, UnidentifiedImageError
@@ -415,7 +406,12 @@ def write_thumbnail(src_fpath: str | Path, dst_fpath: Path, size_px: int) -> boo
     from vlmsae.data.images import load_image  # the pixels the model saw (EXIF, 16-bit, alpha rules)
 
     try:
-        thumb = square_crop(load_image(src_fpath)).resize((size_px, size_px), Image.Resampling.BICUBIC)
+        img = load_image(src_fpath)
+        # The centre square, the region CLIP-style preprocessing (resize + centre crop) sees, so a patch grid
+        # drawn over the thumbnail lines up with the tokens the model saw.
+        (w, h), s = img.size, min(img.size)
+        left, top = (w - s) // 2, (h - s) // 2
+        thumb = img.crop((left, top, left + s, top + s)).resize((size_px, size_px), Image.Resampling.BICUBIC)
     except (OSError, UnidentifiedImageError, ValueError):
         return False
     tmp = dst_fpath.with_name(f".{dst_fpath.name}.tmp")
@@ -863,11 +859,6 @@ def _round_sig(x: float | None, digits: int) -> float | None:
     return None if x is None else float(f"{x:.{digits}g}")
 
 
-def _b64_grid(heat: list[int] | None) -> str | None:
-    """A quantized heatmap (ints 0..255) as base64 bytes: a third of its JSON list's size."""
-    return base64.b64encode(bytes(heat)).decode("ascii") if heat else None
-
-
 def chunk_payload(data: dict[str, Any], chunk: int) -> dict[str, Any]:
     """Cards ``chunk * chunk_size`` onwards as the page reads them: each card's top images as
     ``[image, act]`` pairs and base64 heatmaps, and the key, caption and thumbnail flag of each image
@@ -878,7 +869,8 @@ def chunk_payload(data: dict[str, Any], chunk: int) -> dict[str, Any]:
     for card in data["cards"][chunk * size : (chunk + 1) * size]:
         for t in card["top"]:
             images.setdefault(str(t["image"]), [t["key"], t["label"], 1 if t["src"] else 0])
-        heats = [_b64_grid(t["heat"]) for t in card["top"]]
+        # A quantized heatmap (ints 0..255) as base64 bytes: a third of its JSON list's size.
+        heats = [base64.b64encode(bytes(t["heat"])).decode("ascii") if t["heat"] else None for t in card["top"]]
         cards.append(
             {
                 **{k: card[k] for k in CARD_FIELDS},
