@@ -234,11 +234,10 @@ def _throughput_keys(
             seconds, "reference", "sparse_batchtopk"
         )
         out[f"{prefix}_rounds_{n_latents}"] = rounds[n_latents]
-    head = sizes[0]
     for name in ("sparse", "dense", "reference"):
-        out[f"{prefix}_{name}_tokens_per_s"] = out[f"{prefix}_{name}_tokens_per_s_{head}"]
-    out[f"{prefix}_speedup_vs_reference"] = out[f"{prefix}_speedup_vs_reference_{head}"]
-    out[f"{prefix}_speedup_vs_dense"] = out[f"{prefix}_speedup_vs_dense_{head}"]
+        out[f"{prefix}_{name}_tokens_per_s"] = out[f"{prefix}_{name}_tokens_per_s_{sizes[0]}"]
+    for name in ("speedup_vs_reference", "speedup_vs_dense"):
+        out[f"{prefix}_{name}"] = out[f"{prefix}_{name}_{sizes[0]}"]
     return out
 
 

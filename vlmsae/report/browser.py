@@ -96,15 +96,6 @@ def _sae_keys(sae_path: str, bases: list[Path]) -> set[Path]:
     return keys
 
 
-def _outputs_root(dpath: Path) -> Path:
-    """The ``outputs/`` folder above a run (Hydra's default run dirs), else the run's grandparent."""
-    dpath = dpath.resolve()
-    for parent in dpath.parents:
-        if parent.name == "outputs":
-            return parent
-    return dpath.parent.parent
-
-
 def runs_of_same_sae(ms_dpath: str | Path) -> tuple[list[Path], list[Path]]:
     """``(hierarchy run folders, steer.json files)`` of the SAE the MS run ``ms_dpath`` scored, wherever they are
     under the ``outputs/`` folder above the MS run, matched through the ``sae_path`` each run recorded in its
@@ -113,7 +104,9 @@ def runs_of_same_sae(ms_dpath: str | Path) -> tuple[list[Path], list[Path]]:
     sae_path = _recorded_sae_path(ms_dpath)
     if sae_path is None:
         return [], []
-    root = _outputs_root(ms_dpath)
+    # The outputs/ folder above the run (Hydra's default run dirs), else the run's grandparent.
+    resolved = ms_dpath.resolve()
+    root = next((parent for parent in resolved.parents if parent.name == "outputs"), resolved.parent.parent)
     bases = [Path.cwd(), root.resolve().parent]
     want = _sae_keys(sae_path, bases)
     hierarchy, steer = [], []

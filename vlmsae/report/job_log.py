@@ -54,13 +54,6 @@ class JobLogError(RuntimeError):
     """W&B could not start (or finish) the job's run; the job's own files are already written."""
 
 
-def _logger_node(node: Any) -> LoggerSchema:
-    lg = LoggerSchema(kind="none") if node is None else to_typed(node, LoggerSchema)
-    if lg.kind not in KINDS:
-        raise ValueError(f"logger.kind={lg.kind!r}: use logger=none, logger=csv or logger=wandb")
-    return lg
-
-
 def _plain(config: Any) -> dict[str, Any]:
     if config is None:
         return {}
@@ -135,7 +128,9 @@ class JobLog:
         """Start the job's logger run. ``logger``: the job's ``logger`` node (DictConfig, mapping or
         LoggerSchema); ``config``: the job's config (recorded by W&B); ``sae_path``: the SAE the job read (links
         the run to its training run). Raises :class:`JobLogError` if W&B cannot start."""
-        lg = _logger_node(logger)
+        lg = LoggerSchema(kind="none") if logger is None else to_typed(logger, LoggerSchema)
+        if lg.kind not in KINDS:
+            raise ValueError(f"logger.kind={lg.kind!r}: use logger=none, logger=csv or logger=wandb")
         if os.environ.get("RANK", "0") != "0":  # torchrun: one log per job
             lg = LoggerSchema(kind="none")
         out_dpath = Path(out_dpath)
@@ -177,7 +172,8 @@ class JobLog:
             return
         limit = self.logger.table_rows if max_rows is None else max_rows
         if isinstance(rows_or_csv, (str, Path)):
-            rows = _read_csv_rows(Path(rows_or_csv))
+            with Path(rows_or_csv).open(newline="", encoding="utf-8") as fh:  # "#" lines: latents.csv's version
+                rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
         else:
             rows = [dict(r) for r in rows_or_csv]
             if rows:
@@ -267,12 +263,6 @@ def _thumb(value: Any) -> Any:
     except OSError as err:
         log.warning("job log: thumbnail of %s skipped (%s)", value, err)
         return None
-
-
-def _read_csv_rows(fpath: Path) -> list[dict[str, Any]]:
-    with fpath.open(newline="", encoding="utf-8") as fh:
-        lines = [line for line in fh if not line.startswith("#")]  # version lines (latents.csv)
-    return list(csv.DictReader(lines))
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:

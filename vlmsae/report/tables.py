@@ -45,18 +45,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _write(out_dpath: Path, stem: str, md: str, header: list[str], rows: list[list[Any]]) -> dict[str, Any]:
     md_fpath, csv_fpath = Path(out_dpath) / f"{stem}.md", Path(out_dpath) / f"{stem}.csv"
     atomic_write_text(md_fpath, md)
-    atomic_write_text(csv_fpath, _csv(header, rows))
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *rows])
+    atomic_write_text(csv_fpath, buf.getvalue())
     return {"md": str(md_fpath), "csv": str(csv_fpath), "columns": header, "rows": rows}
 
 
