@@ -204,13 +204,10 @@ def find_runs(
             )
 
     if steer_runs is not None:
-        steer_fpaths = []
-        for s in steer_runs:
-            p = Path(s)
-            p = p / formats.STEER_JSON if p.is_dir() else p
+        steer_fpaths = [Path(s) / formats.STEER_JSON if Path(s).is_dir() else Path(s) for s in steer_runs]
+        for s, p in zip(steer_runs, steer_fpaths):
             if not p.is_file():
                 raise FileNotFoundError(f"steer_runs entry {s} holds no steer.json.")
-            steer_fpaths.append(p)
         found.append(f"steering runs: {len(steer_fpaths)} (steer_runs=)")
     else:
         steer_fpaths = scan(formats.STEER_JSON)

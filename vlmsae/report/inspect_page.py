@@ -82,12 +82,12 @@ def _img(src: str | None, alt: str, cls: str = "") -> str:
     return f'<img src="{_e(src)}" alt="{_e(alt)}" title="{_e(alt)}"{f" class={cls!r}" if cls else ""}>'
 
 
-def _latent_card(hit: dict[str, Any], info: dict[str, Any], extra: str = "", seen: set[int] | None = None) -> str:
-    """One latent's card; the first card of a latent on the page carries the anchor ``#latent-<id>``."""
+def _latent_card(hit: dict[str, Any], info: dict[str, Any], extra: str, seen: set[int]) -> str:
+    """One latent's card; the first card of a latent on the page (not in ``seen``) carries the anchor
+    ``#latent-<id>``."""
     latent = hit["latent"]
-    anchor = "" if seen is None or latent in seen else f' id="latent-{latent}"'
-    if seen is not None:
-        seen.add(latent)
+    anchor = "" if latent in seen else f' id="latent-{latent}"'
+    seen.add(latent)
     group = info.get("group")
     strip = "".join(f"<figure>{_img(src, 'top image')}</figure>" for src in info.get("top", []))
     fires = hit["peak"] is not None and hit["peak"] > 0
