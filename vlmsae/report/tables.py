@@ -165,9 +165,7 @@ def _hierarchy_seeded(groups: dict[tuple[Any, Any, float], list[SweepRow]], n_gr
             rows[-1] += [_num(c[k]) for c in cells for k in ("mean", "ci95")]
             md_rows.append([name, arch, f"{e:g}", layer, measure, seeds or f"{len(members)} SAEs"])
             md_rows[-1] += [_pm_seeds(c) for c in cells]
-    md_header = ["sae", "architecture", "expansion", "layer", "measure", "seeds"] + [
-        f"group_{g}" for g in range(n_groups)
-    ]
+    md_header = [*header[:5], "seeds", *(f"group_{g}" for g in range(n_groups))]
     return header, rows, md_header, md_rows
 
 
