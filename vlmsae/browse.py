@@ -4,10 +4,8 @@
     python -m vlmsae.browse run=<ms run> max_cards=2000 heatmaps=off   # default: every latent
     python -m vlmsae.browse run=<dir> logger=wandb logger.mode=offline   # also a W&B Table
 
-The page is one self-contained folder (index.html, img/ thumbnails shared by the cards, plots/, and for
-more than ``max_inline`` cards chunks/ of card data loaded as they scroll into view): open it from disk, no
-server needed. Keys: ``BrowseJob`` (:mod:`vlmsae.config.jobs.browse`); library code lives in
-:mod:`vlmsae.report.browser`.
+The page is one self-contained folder (docs/outputs.md): open it from disk, no server needed. Keys:
+``BrowseJob`` (:mod:`vlmsae.config.jobs.browse`); library code lives in :mod:`vlmsae.report.browser`.
 """
 
 from __future__ import annotations

@@ -7,9 +7,8 @@
 
 Import-light on purpose, so that both answer at once: the job list below is the only one (the layer
 tests read it too), each job's line is the first line of its module docstring, read with ``ast``
-(no job is imported to list them), and a job module is imported only when it is asked for. The
-job modules themselves import only ``vlmsae.config``, ``vlmsae.utils`` and ``vlmsae.formats`` at
-module level, so a job's ``--help`` and ``--cfg`` never load torch.
+(no job is imported to list them), and a job module is imported only when it is asked for (at module
+level it imports no torch: tests/test_layers.py).
 """
 
 from __future__ import annotations

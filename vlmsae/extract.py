@@ -5,39 +5,14 @@
 Runs images through a vision encoder up to block ``layer`` (METHOD §1; later blocks never run), keeps
 the rows ``tokens`` selects (cls | patches | all | random_k | mean), and writes them as an activation
 store (``acts-%06d.tar`` + ``manifest.json``, see :mod:`vlmsae.data.shards`) with ``run_info.json``.
+Images are visited in the seeded permutation of ``order_seed``, so every shard is a uniform sample of them.
 
-Row order: images are visited in the seeded permutation ``numpy.random.default_rng(order_seed)
-.permutation(n)`` of the source's listing (``order_seed``, default 0; ``order_seed=null`` keeps the
-listing order), so every shard and chunk is a uniform sample of the images. Folder listings are
-sorted by class, and the trainer shuffles rows only within a bounded buffer: without the permutation
-a training batch of an ImageNet store would hold a dozen classes. ``data.max_images=N`` keeps the
-first N images of that order, a uniform random subset. A ``wds`` source streams: only its tar order
-is permuted (samples inside a tar keep their order; shuffle the tars' contents when writing them).
-Each row's ``image_idx`` is the image's index in the listing (the stable image id, whatever the
-order), and ``keys.json`` its key. The manifest records ``order_seed``, ``order_digest`` and
-``image_idx_meaning``.
-
-Resumable: rerunning the same command in the same ``out`` continues after the last complete shard;
-the rows are exactly those of an uninterrupted run (batches start at the same visiting positions,
-and ``random_k`` draws from a generator seeded by ``seed`` and the batch's first visiting position).
-A changed listing, ``order_seed`` or order is refused on resume. Unreadable images are skipped,
-counted by reason (``skipped_by_reason``) and listed in the manifest; decoding follows
-:mod:`vlmsae.data.images` (EXIF orientation, 16-bit, alpha over white, CMYK).
-
-Object storage: ``out=s3://bucket/store`` (any writable fsspec URL: gs://, az://, file://, memory://; s3 needs
-``pip install s3fs``, gs ``gcsfs``, az ``adlfs``) stages each shard in ``staging_dir`` (default: a temporary
-folder), uploads it under a temporary name and moves it onto ``acts-%06d.tar`` (readers never see half a shard),
-then uploads ``progress.json``; ``manifest.json`` comes last (:mod:`vlmsae.data.sink`). Rerunning resumes from the
-remote ``progress.json``. A URL with an unknown protocol or a missing package is refused before any image; torchrun
-ranks cannot write to a URL (extract to a shared folder, or with one process).
-
-Several processes: ``torchrun --nproc_per_node=N [--nnodes=M ...] -m vlmsae.extract ...`` (``WORLD_SIZE`` > 1)
-splits the visiting order into W contiguous blocks (each a uniform sample); rank r writes its shards and
-``progress.json`` in ``out/rank-RRRRR-of-WWWWW/`` on ``cuda:LOCAL_RANK``, and rank 0 writes the one
-``manifest.json`` once every rank is done (a gloo barrier). The rows are those of one process (``random_k``
-draws depend on batch boundaries, so they differ). Ranks first compare the listing and order digests and all
-fail, before any shard, if they differ (e.g. another ``data.root`` on one node). Rerunning resumes each rank;
-a store begun with another world size is refused. ``data=wds`` (streamed) runs in one process only.
+Resumable: rerunning the same command in the same ``out`` continues after the last complete shard, with
+the rows of an uninterrupted run (``random_k`` draws are seeded by ``seed`` and the batch's first visiting
+position). ``out=s3://...`` (any writable fsspec URL) stages each shard locally and uploads it
+(:mod:`vlmsae.data.sink`); ``torchrun --nproc_per_node=N -m vlmsae.extract ...`` splits the visiting order
+over the ranks. Row order, the manifest and skipped images: docs/outputs.md; several processes and
+object storage: docs/scaling.md; the work itself: :mod:`vlmsae.models.extraction`.
 """
 
 from __future__ import annotations
@@ -114,8 +89,7 @@ def _published(sink: StoreSink | None, summary: dict[str, Any]) -> dict[str, Any
 
 
 def _main(cfg: DictConfig) -> None:
-    summary = run(cfg)
-    print(OmegaConf.to_yaml(OmegaConf.create(summary)))
+    print(OmegaConf.to_yaml(OmegaConf.create(run(cfg))))
 
 
 def main() -> None:

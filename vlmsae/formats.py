@@ -8,30 +8,15 @@ read as version 1, so finished runs still load. Writers are atomic (:mod:`vlmsae
 Readers take the file itself or the folder that holds it (the file names are fixed, the constants
 below); writers take the folder and return the written path.
 
-===================  ==================================  ===========================================
-file                 dataclass                           read / write
-===================  ==================================  ===========================================
-``latents.csv``      :class:`LatentsTable` of            :func:`read_latents_csv` /
-                     :class:`LatentRow`                  :func:`write_latents_csv`
-``ms_summary.json``  :class:`MsSummary`                  :func:`read_ms_summary` / :func:`write_ms_summary`
-``top_images/``      :class:`TopImagesIndex`             :func:`read_top_images` / :func:`write_top_images`
-``hierarchy.json``   :class:`HierarchySummary`           :func:`read_hierarchy` / :func:`write_hierarchy`
-``steer.json``       :class:`SteerResult`                :func:`read_steer` / :func:`write_steer`
-``steer_eval.json``  :class:`SteerEvalResult`            :func:`read_steer_eval` / :func:`write_steer_eval`
-``splice.json``      :class:`SpliceResult`               :func:`read_splice` / :func:`write_splice`
-``run_info.json``    :class:`RunInfo`                    :func:`read_run_info` / :func:`write_run_info`
-``manifest.json``    :class:`StoreManifest` (activation      :func:`read_manifest` / :func:`write_manifest`
-                     store)
-``progress.json``    :class:`StoreProgress` (extraction      :func:`read_progress` / :func:`write_progress`
-                     resume point)
-``config.json``      :class:`SAECheckpointConfig` (SAE       :func:`read_sae_config` / :func:`write_sae_config`
-                     checkpoint, next to sae.safetensors)
-``stability.json``   :class:`StabilitySummary`           :func:`read_stability` / :func:`write_stability`
-``inspect.json``     :class:`InspectResult`              :func:`read_inspect` / :func:`write_inspect`
-===================  ==================================  ===========================================
-
-``stability_latents.csv`` (:class:`StabilityLatents`, :func:`read_stability_latents` /
-:func:`write_stability_latents`) is the per-latent table beside ``stability.json``.
+Each format is a dataclass with a ``read_<x>`` / ``write_<x>`` pair: ``latents.csv`` (:class:`LatentsTable` of
+:class:`LatentRow`; ``<x>`` = ``latents_csv``), ``ms_summary.json`` (:class:`MsSummary`), ``top_images/``
+(:class:`TopImagesIndex`), ``hierarchy.json`` (:class:`HierarchySummary`), ``steer.json`` (:class:`SteerResult`),
+``steer_eval.json`` (:class:`SteerEvalResult`), ``splice.json`` (:class:`SpliceResult`), ``run_info.json``
+(:class:`RunInfo`), an activation store's ``manifest.json`` (:class:`StoreManifest`) and ``progress.json``
+(:class:`StoreProgress`, the extraction's resume point), an SAE checkpoint's ``config.json``
+(:class:`SAECheckpointConfig`; ``sae_config``, next to sae.safetensors), ``stability.json``
+(:class:`StabilitySummary`) with its per-latent ``stability_latents.csv`` (:class:`StabilityLatents`), and
+``inspect.json`` (:class:`InspectResult`).
 
 ``latents.csv`` has no header object, so its version rides in a first comment line,
 ``# vlmsae latents.csv format_version=3``, then the usual header and rows. Version 1 is the same table
@@ -51,7 +36,7 @@ import math
 import re
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vlmsae import __version__
 from vlmsae.utils.io import atomic_write, atomic_write_json, atomic_write_text
@@ -161,9 +146,15 @@ def _file(path: str | Path, name: str) -> Path:
     return path / name if path.is_dir() else path
 
 
-def _load_json(fpath: Path, job: str) -> dict[str, Any]:
+def _found(path: str | Path, name: str, job: str) -> Path:
+    """:func:`_file`, which must exist."""
+    fpath = _file(path, name)
     if not fpath.is_file():
         raise FileNotFoundError(f"{fpath} not found: run `{job}` first, or point at its output folder.")
+    return fpath
+
+
+def _load_json(fpath: Path, job: str) -> dict[str, Any]:
     try:
         obj = json.loads(fpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -177,32 +168,27 @@ def _load_json(fpath: Path, job: str) -> dict[str, Any]:
 # JSON formats: typed fields + ``extra`` (keys this vlmsae does not name, kept on a round trip)
 # --------------------------------------------------------------------------------------------
 _SKIP = ("format_version", "extra")
+_NUM = (int, float)
 
 
-def _to_json_dict(obj: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"format_version": obj.format_version}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if f.name in _SKIP or (value is None and f.metadata.get("omit_none")):
-            continue
-        out[f.name] = value
-    out.update({k: v for k, v in obj.extra.items() if k not in out})
-    return out
+def _f(*types: type, default: Any = None, omit_none: bool = False, none_empty: bool = False) -> Any:
+    """A format field checked to be one of ``types`` (None passes); ``default=dict`` / ``list``: a fresh empty one;
+    ``omit_none``: not written while None; ``none_empty``: None becomes ``{}``."""
+    meta = {"types": types, "omit_none": omit_none, "none_empty": none_empty}
+    if default in (dict, list):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def _from_json_dict(cls: type, obj: dict[str, Any], fpath: Path, known: tuple[int, ...], job: str) -> Any:
-    # Files written before format_version existed have none: they are version 1.
-    version = check_version(fpath, obj.get("format_version", 1), known, job)
-    return _build(cls, obj, fpath, job, version)
+def _opt(default: Any = None) -> Any:
+    return field(default=default, metadata={"omit_none": True})
 
 
 def _build(cls: type, obj: dict[str, Any], fpath: Path | str, job: str, version: int) -> Any:
     """``cls`` from a flat dict: its named fields typed, every other key in ``extra``."""
-    names = [f.name for f in fields(cls) if f.name not in _SKIP]
-    required = [
-        f.name for f in fields(cls) if f.name not in _SKIP and f.default is MISSING and f.default_factory is MISSING
-    ]
-    missing = [n for n in required if n not in obj]
+    named = [f for f in fields(cls) if f.name not in _SKIP]
+    names = [f.name for f in named]
+    missing = [f.name for f in named if f.name not in obj and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise ValueError(f"{fpath} lacks the key(s) {missing} (it has {sorted(obj)}); re-run `{job}` to rewrite it.")
     extra = {k: v for k, v in obj.items() if k not in names and k != "format_version"}
@@ -210,193 +196,6 @@ def _build(cls: type, obj: dict[str, Any], fpath: Path | str, job: str, version:
         return cls(**{n: obj[n] for n in names if n in obj}, extra=extra, format_version=version)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{fpath}: {err}; re-run `{job}` to rewrite it.") from err
-
-
-def _check_types(obj: Any, spec: dict[str, tuple[type, ...]]) -> None:
-    for name, types in spec.items():
-        value = getattr(obj, name)
-        if value is not None and not isinstance(value, types):
-            raise ValueError(
-                f"{name} must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__} {value!r:.60}"
-            )
-
-
-_NUM = (int, float)
-
-
-@dataclass
-class MsSummary:
-    """``ms_summary.json`` of ``python -m vlmsae.monosemanticity``: MS statistics over the SAE's latents.
-
-    ``baseline`` holds the same statistics for the raw neurons; ``extra`` the rest (``undefined``,
-    ``n_scored``, ``uniqueness``, ``reconstruction``, ``zero_shot``, ``embedder``, ``model``, ...).
-    """
-
-    mean: float | None = None  # NaN when no latent was scored
-    std: float | None = None
-    min: float | None = None
-    max: float | None = None
-    dead: int | None = None
-    n_latents: int | None = None
-    n_images: int | None = None
-    baseline: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = MS_SUMMARY_VERSIONS[-1]
-
-    def __post_init__(self) -> None:
-        _check_types(
-            self,
-            {
-                "mean": _NUM,
-                "std": _NUM,
-                "min": _NUM,
-                "max": _NUM,
-                "dead": (int,),
-                "n_latents": (int,),
-                "n_images": (int,),
-                "baseline": (dict,),
-            },
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_json_dict(self)
-
-
-def read_ms_summary(path: str | Path) -> MsSummary:
-    fpath = _file(path, MS_SUMMARY_JSON)
-    job = "python -m vlmsae.monosemanticity"
-    return _from_json_dict(MsSummary, _load_json(fpath, job), fpath, MS_SUMMARY_VERSIONS, job)
-
-
-def write_ms_summary(dpath: str | Path, summary: MsSummary) -> Path:
-    return atomic_write_json(Path(dpath) / MS_SUMMARY_JSON, summary.to_dict())
-
-
-@dataclass
-class HierarchySummary:
-    """``hierarchy.json`` of ``python -m vlmsae.hierarchy``: one object per Matryoshka group in ``groups``
-    (group, n_latents, n_scored, depth_mean, depth_std, ms_mean, ms_max, ms_min, ...)."""
-
-    groups: list[dict[str, Any]]
-    group_sizes: list[int] | None = None
-    n_latents: int | None = None
-    n_scored: int | None = None
-    n_images: int | None = None
-    n_top: int | None = None
-    ranks: list[str] | None = None
-    taxonomy: str | None = None
-    sae_path: str | None = None
-    ms_run: str | None = None
-    paper_table2: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = HIERARCHY_VERSIONS[-1]
-
-    def __post_init__(self) -> None:
-        _check_types(
-            self,
-            {
-                "groups": (list,),
-                "group_sizes": (list,),
-                "n_latents": (int,),
-                "n_scored": (int,),
-                "n_images": (int,),
-                "n_top": (int,),
-                "ranks": (list,),
-                "paper_table2": (dict,),
-            },
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_json_dict(self)
-
-
-def read_hierarchy(path: str | Path) -> HierarchySummary:
-    fpath = _file(path, HIERARCHY_JSON)
-    job = "python -m vlmsae.hierarchy"
-    return _from_json_dict(HierarchySummary, _load_json(fpath, job), fpath, HIERARCHY_VERSIONS, job)
-
-
-def write_hierarchy(dpath: str | Path, summary: HierarchySummary) -> Path:
-    return atomic_write_json(Path(dpath) / HIERARCHY_JSON, summary.to_dict())
-
-
-@dataclass
-class SteerResult:
-    """``steer.json`` of ``python -m vlmsae.steer``: one answer per image with and without steering.
-
-    ``settings``: model, sae_path, layer, ``latents`` {id: alpha}, mode, patches, prompt, ``images``,
-    max_new_tokens, ... ``activation_steering`` (the add-the-direction baseline) and ``sweep``
-    ({alpha: answers}) are there only when asked for. A job that steers differently can write this
-    format too: ``extra`` keeps any further keys.
-    """
-
-    steered: list[Any]
-    baseline: list[Any]
-    activation_steering: list[Any] | None = field(default=None, metadata={"omit_none": True})
-    sweep: dict[str, list[Any]] | None = field(default=None, metadata={"omit_none": True})
-    settings: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = STEER_VERSIONS[-1]
-
-    def __post_init__(self) -> None:
-        if self.settings is None:
-            self.settings = {}
-        _check_types(
-            self,
-            {
-                "steered": (list,),
-                "baseline": (list,),
-                "activation_steering": (list,),
-                "sweep": (dict,),
-                "settings": (dict,),
-            },
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_json_dict(self)
-
-
-def read_steer(path: str | Path) -> SteerResult:
-    fpath = _file(path, STEER_JSON)
-    job = "python -m vlmsae.steer"
-    return _from_json_dict(SteerResult, _load_json(fpath, job), fpath, STEER_VERSIONS, job)
-
-
-def write_steer(dpath: str | Path, result: SteerResult) -> Path:
-    return atomic_write_json(Path(dpath) / STEER_JSON, result.to_dict())
-
-
-@dataclass
-class SteerEvalResult:
-    """``steer_eval.json`` of ``python -m vlmsae.steer_eval``: the steering score (METHOD §5).
-
-    ``summary``: per condition ("steered", "not steered", bounds) the score statistics; ``per_latent``: one
-    object per latent (latent, n_top_images, steered, not_steered, steered_words); ``paper``: the paper's
-    figures for the setting; ``settings``: what was run.
-    """
-
-    summary: dict[str, Any]
-    per_latent: list[dict[str, Any]]
-    settings: dict[str, Any] = field(default_factory=dict)
-    paper: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = STEER_EVAL_VERSIONS[-1]
-
-    def __post_init__(self) -> None:
-        _check_types(self, {"summary": (dict,), "per_latent": (list,), "settings": (dict,), "paper": (dict,)})
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_json_dict(self)
-
-
-def read_steer_eval(path: str | Path) -> SteerEvalResult:
-    fpath = _file(path, STEER_EVAL_JSON)
-    job = "python -m vlmsae.steer_eval"
-    return _from_json_dict(SteerEvalResult, _load_json(fpath, job), fpath, STEER_EVAL_VERSIONS, job)
-
-
-def write_steer_eval(dpath: str | Path, result: SteerEvalResult) -> Path:
-    return atomic_write_json(Path(dpath) / STEER_EVAL_JSON, result.to_dict())
 
 
 def _finite_or_none(obj: Any) -> Any:
@@ -412,121 +211,207 @@ def _finite_or_none(obj: Any) -> Any:
 
 
 @dataclass
-class SpliceResult:
-    """``splice.json`` of ``python -m vlmsae.splice_eval``: LLaVA's answer loss with the SAE spliced in.
+class _JsonFormat:
+    """What every JSON format shares: its file, versions and the job that writes it; the type checks of its
+    :func:`_f` fields; ``to_dict`` (typed fields, then ``extra``) and ``read``. Each ``read_<x>`` is its class's
+    ``read`` and each ``write_<x>`` is :func:`_write` (the list at the end of this module)."""
 
-    ``summary``: the headline figures, flat (kl, nll_clean, nll_spliced, nll_zero, nll_mean, frac_recovered_zero,
-    frac_recovered_mean, ...; per answer token); ``rows``: the table, one object per condition (condition, nll, kl,
-    top1_agreement, frac_recovered_zero/mean); ``per_answer``: per sample (image, prompt, answer, n_tokens, nll and kl
-    per condition); ``notes``: why a figure is null (NaN) or a row is missing; ``settings``: what was run.
-    Non-finite numbers are written as null.
-    """
-
-    summary: dict[str, Any]
-    rows: list[dict[str, Any]]
-    per_answer: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = SPLICE_VERSIONS[-1]
+    FILE: ClassVar[str]
+    VERSIONS: ClassVar[tuple[int, ...]]
+    JOB: ClassVar[str]
+    FINITE: ClassVar[bool] = False  # NaN / inf written as null
+    INDENT: ClassVar[int | None] = 2
+    extra: dict[str, Any] = field(default_factory=dict, kw_only=True)
+    format_version: int = field(default=None, kw_only=True)  # None: the version this vlmsae writes, VERSIONS[-1]
 
     def __post_init__(self) -> None:
-        _check_types(
-            self, {"summary": (dict,), "rows": (list,), "per_answer": (list,), "notes": (list,), "settings": (dict,)}
-        )
+        if self.format_version is None:
+            self.format_version = self.VERSIONS[-1]
+        for f in fields(self):
+            value, types = getattr(self, f.name), f.metadata.get("types")
+            if value is None and f.metadata.get("none_empty"):
+                setattr(self, f.name, {})
+            elif types and value is not None and not isinstance(value, types):
+                raise ValueError(
+                    f"{f.name} must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__} "
+                    f"{value!r:.60}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite_or_none(_to_json_dict(self))
+        out: dict[str, Any] = {"format_version": self.format_version}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SKIP or (value is None and f.metadata.get("omit_none")):
+                continue
+            out[f.name] = value
+        out.update({k: v for k, v in self.extra.items() if k not in out})
+        return _finite_or_none(out) if self.FINITE else out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], fpath: Path | str) -> Any:
+        # Files written before format_version existed have none: they are version 1.
+        version = check_version(fpath, obj.get("format_version", 1), cls.VERSIONS, cls.JOB)
+        return _build(cls, obj, fpath, cls.JOB, version)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Any:
+        """The format from its file, or from the folder that holds it."""
+        fpath = _found(path, cls.FILE, cls.JOB)
+        return cls.from_json(_load_json(fpath, cls.JOB), fpath)
 
 
-def read_splice(path: str | Path) -> SpliceResult:
-    fpath = _file(path, SPLICE_JSON)
-    job = "python -m vlmsae.splice_eval"
-    return _from_json_dict(SpliceResult, _load_json(fpath, job), fpath, SPLICE_VERSIONS, job)
-
-
-def write_splice(dpath: str | Path, result: SpliceResult) -> Path:
-    return atomic_write_json(Path(dpath) / SPLICE_JSON, result.to_dict())
+def _write(dpath: str | Path, obj: _JsonFormat) -> Path:
+    """Write ``obj`` as its file in folder ``dpath`` (atomically); returns the file's path."""
+    return atomic_write_json(Path(dpath) / obj.FILE, obj.to_dict(), indent=obj.INDENT)
 
 
 @dataclass
-class RunInfo:
-    """``run_info.json``, in every output folder: what made it. ``config`` is the resolved job config;
-    ``extra`` holds what the job added (``status``, ``sae_path``, ``skipped``, ``outputs``, ...)."""
+class MsSummary(_JsonFormat):
+    """``ms_summary.json`` of ``python -m vlmsae.monosemanticity``: MS statistics over the SAE's latents.
 
-    config: dict[str, Any] = field(default_factory=dict)
+    ``baseline`` holds the same statistics for the raw neurons; ``extra`` the rest (``undefined``,
+    ``n_scored``, ``uniqueness``, ``reconstruction``, ``zero_shot``, ``embedder``, ``model``, ...).
+    """
+
+    FILE, VERSIONS, JOB = MS_SUMMARY_JSON, MS_SUMMARY_VERSIONS, "python -m vlmsae.monosemanticity"
+    mean: float | None = _f(*_NUM)  # NaN when no latent was scored
+    std: float | None = _f(*_NUM)
+    min: float | None = _f(*_NUM)
+    max: float | None = _f(*_NUM)
+    dead: int | None = _f(int)
+    n_latents: int | None = _f(int)
+    n_images: int | None = _f(int)
+    baseline: dict[str, Any] | None = _f(dict, omit_none=True)
+
+
+@dataclass
+class HierarchySummary(_JsonFormat):
+    """``hierarchy.json`` of ``python -m vlmsae.hierarchy``: one object per Matryoshka group in ``groups``
+    (group, n_latents, n_scored, depth_mean, depth_std, ms_mean, ms_max, ms_min, ...)."""
+
+    FILE, VERSIONS, JOB = HIERARCHY_JSON, HIERARCHY_VERSIONS, "python -m vlmsae.hierarchy"
+    groups: list[dict[str, Any]] = _f(list, default=MISSING)
+    group_sizes: list[int] | None = _f(list)
+    n_latents: int | None = _f(int)
+    n_scored: int | None = _f(int)
+    n_images: int | None = _f(int)
+    n_top: int | None = _f(int)
+    ranks: list[str] | None = _f(list)
+    taxonomy: str | None = None
+    sae_path: str | None = None
+    ms_run: str | None = None
+    paper_table2: dict[str, Any] | None = _f(dict)
+
+
+@dataclass
+class SteerResult(_JsonFormat):
+    """``steer.json`` of ``python -m vlmsae.steer``: one answer per image with and without steering.
+
+    ``settings``: model, sae_path, layer, ``latents`` {id: alpha}, mode, patches, prompt, ``images``,
+    max_new_tokens, ... ``activation_steering`` (the add-the-direction baseline) and ``sweep``
+    ({alpha: answers}) are there only when asked for. A job that steers differently can write this
+    format too: ``extra`` keeps any further keys.
+    """
+
+    FILE, VERSIONS, JOB = STEER_JSON, STEER_VERSIONS, "python -m vlmsae.steer"
+    steered: list[Any] = _f(list, default=MISSING)
+    baseline: list[Any] = _f(list, default=MISSING)
+    activation_steering: list[Any] | None = _f(list, omit_none=True)
+    sweep: dict[str, list[Any]] | None = _f(dict, omit_none=True)
+    settings: dict[str, Any] = _f(dict, default=dict, none_empty=True)
+
+
+@dataclass
+class SteerEvalResult(_JsonFormat):
+    """``steer_eval.json`` of ``python -m vlmsae.steer_eval``: the steering score (METHOD §5).
+
+    ``summary``: per condition ("steered", "not steered", bounds) the score statistics; ``per_latent``: one
+    object per latent (latent, n_top_images, steered, not_steered, steered_words); ``paper``: the paper's
+    figures for the setting; ``settings``: what was run.
+    """
+
+    FILE, VERSIONS, JOB = STEER_EVAL_JSON, STEER_EVAL_VERSIONS, "python -m vlmsae.steer_eval"
+    summary: dict[str, Any] = _f(dict, default=MISSING)
+    per_latent: list[dict[str, Any]] = _f(list, default=MISSING)
+    settings: dict[str, Any] = _f(dict, default=dict)
+    paper: dict[str, Any] | None = _f(dict, omit_none=True)
+
+
+@dataclass
+class SpliceResult(_JsonFormat):
+    """``splice.json`` of ``python -m vlmsae.splice_eval``: LLaVA's answer loss with the SAE spliced in.
+
+    ``summary``: the headline figures, flat (kl, nll_clean, nll_spliced, frac_recovered_zero, ...; per answer
+    token); ``rows``: the table, one object per condition; ``per_answer``: per sample; ``notes``: why a figure is null
+    (NaN) or a row is missing; ``settings``: what was run. Every key: docs/outputs.md. Non-finite numbers are
+    written as null.
+    """
+
+    FILE, VERSIONS, JOB, FINITE = SPLICE_JSON, SPLICE_VERSIONS, "python -m vlmsae.splice_eval", True
+    summary: dict[str, Any] = _f(dict, default=MISSING)
+    rows: list[dict[str, Any]] = _f(list, default=MISSING)
+    per_answer: list[dict[str, Any]] = _f(list, default=list)
+    notes: list[str] = _f(list, default=list)
+    settings: dict[str, Any] = _f(dict, default=dict)
+
+
+@dataclass
+class RunInfo(_JsonFormat):
+    """``run_info.json``, in every output folder: what made it. ``config`` is the resolved job config;
+    ``extra`` holds what the job added (``status``, ``sae_path``, ``skipped``, ``outputs``, ...).
+    :func:`vlmsae.utils.provenance.write_run_info` fills it in."""
+
+    FILE, VERSIONS, JOB = RUN_INFO_JSON, RUN_INFO_VERSIONS, "the job that made this folder"
+    config: dict[str, Any] = _f(dict, default=dict, none_empty=True)
     vlmsae_version: str | None = None
     git_commit: str | None = None
-    versions: dict[str, str] | None = None
+    versions: dict[str, str] | None = _f(dict)
     command: str | None = None
     created: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = RUN_INFO_VERSIONS[-1]
-
-    def __post_init__(self) -> None:
-        if self.config is None:
-            self.config = {}
-        _check_types(self, {"config": (dict,), "versions": (dict,)})
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_json_dict(self)
-
-
-def read_run_info(path: str | Path) -> RunInfo:
-    fpath = _file(path, RUN_INFO_JSON)
-    job = "the job that made this folder"
-    return _from_json_dict(RunInfo, _load_json(fpath, job), fpath, RUN_INFO_VERSIONS, job)
-
-
-def write_run_info(dpath: str | Path, info: RunInfo) -> Path:
-    """Write ``info`` as ``dpath/run_info.json``; :func:`vlmsae.utils.provenance.write_run_info` fills it in."""
-    return atomic_write_json(Path(dpath) / RUN_INFO_JSON, info.to_dict())
 
 
 # --------------------------------------------------------------------------------------------
 # The activation store (vlmsae.data.shards): manifest.json and progress.json
 # --------------------------------------------------------------------------------------------
 _EXTRACT_JOB = "python -m vlmsae.extract"
-_OPT = {"omit_none": True}  # not every store records every key (write_acts_store stores have no model details)
-
-
-def _opt(default: Any = None) -> Any:
-    return field(default=default, metadata=_OPT)
 
 
 @dataclass
-class StoreManifest:
+class StoreManifest(_JsonFormat):
     """``manifest.json`` of an activation store, written last (by :meth:`vlmsae.data.shards.ShardWriter.write_manifest`)
     when the store is complete. Layout of the store: :mod:`vlmsae.data.shards`.
 
     The shard writer's own keys (shapes, counts, the per-dimension statistics, provenance) are always there;
     the extraction's (model, layer, tokens, images, order, skipped images, ...) when ``python -m vlmsae.extract``
     wrote the store. A key absent from the file reads as None; ``extra`` keeps keys this vlmsae does not name.
+    Keys marked ``omit_none`` are not written while None: not every store records every key
+    (write_acts_store stores have no model details).
     """
 
-    d: int | None = None  # row width
-    n_rows: int | None = None
-    dtype: str | None = None  # stored dtype: float16 | bfloat16 | float32
-    n_shards: int | None = None
-    n_chunks: int | None = None
-    rows_per_chunk: int | None = None
-    shards: list[str] | None = None  # shard file names, in order
+    FILE, VERSIONS, JOB, INDENT = MANIFEST_JSON, MANIFEST_VERSIONS, _EXTRACT_JOB, 1
+    d: int | None = _f(int)  # row width
+    n_rows: int | None = _f(int)
+    dtype: str | None = _f(str)  # stored dtype: float16 | bfloat16 | float32
+    n_shards: int | None = _f(int)
+    n_chunks: int | None = _f(int)
+    rows_per_chunk: int | None = _f(int)
+    shards: list[str] | None = _f(list)  # shard file names, in order
     shard_rows: list[int] | None = _opt()  # rows per shard (with rows_per_chunk: the chunk index of a remote store)
-    mean: list[float] | None = None  # per dimension, over the stored rows
-    var: list[float] | None = None  # population variance per dimension
-    mean_sq_norm: float | None = None  # E||x||^2
-    versions: dict[str, Any] | None = None
+    mean: list[float] | None = _f(list)  # per dimension, over the stored rows
+    var: list[float] | None = _f(list)  # population variance per dimension
+    mean_sq_norm: float | None = _f(*_NUM)  # E||x||^2
+    versions: dict[str, Any] | None = _f(dict)
     git_commit: str | None = None
-    complete: bool | None = _opt()  # False: an unfinished extraction
+    complete: bool | None = _f(bool, omit_none=True)  # False: an unfinished extraction
     # what was extracted
     model: str | None = _opt()
     backend: str | None = _opt()
     arch: str | None = _opt()
     pretrained: str | None = _opt()
     local_path: str | None = _opt()
-    layer: int | str | None = _opt()  # a block index or "last" (the pooled embedding)
-    tokens: str | None = _opt()  # cls | mean | patches | all | random_k
-    k: int | None = _opt()  # tokens per image for random_k
+    layer: int | str | None = _f(int, str, omit_none=True)  # a block index or "last" (the pooled embedding)
+    tokens: str | None = _f(str, omit_none=True)  # cls | mean | patches | all | random_k
+    k: int | None = _f(int, omit_none=True)  # tokens per image for random_k
     seed: int | None = _opt()
     model_dtype: str | None = _opt()
     image_size: int | None = _opt()
@@ -539,12 +424,12 @@ class StoreManifest:
     # which images, in which order
     source: str | None = _opt()
     root: str | None = _opt()
-    synthetic: dict[str, Any] | None = _opt()
+    synthetic: dict[str, Any] | None = _f(dict, omit_none=True)
     max_images: int | None = _opt()
     batch_size: int | None = _opt()
-    n_images: int | None = _opt()
+    n_images: int | None = _f(int, omit_none=True)
     n_listed: int | None = _opt()
-    classes: list[str] | None = _opt()  # label names
+    classes: list[str] | None = _f(list, omit_none=True)  # label names
     image_list_digest: str | None = _opt()  # vlmsae.data.shards.image_list_digest of the stored images' keys
     listing_digest: str | None = _opt()
     order_seed: int | None = _opt()
@@ -554,52 +439,18 @@ class StoreManifest:
     exif_transpose: bool | None = _opt()
     alpha_background: str | None = _opt()
     decode: str | None = _opt()  # cpu | cpu_draft | cuda_nvjpeg: how images were decoded (vlmsae.models.gpu_decode)
-    n_skipped: int | None = _opt()
-    skipped: list[dict[str, Any]] | None = _opt()  # {key, path, error, reason} per unreadable image
-    skipped_by_reason: dict[str, int] | None = _opt()
+    n_skipped: int | None = _f(int, omit_none=True)
+    skipped: list[dict[str, Any]] | None = _f(list, omit_none=True)  # {key, path, error, reason} per unreadable image
+    skipped_by_reason: dict[str, int] | None = _f(dict, omit_none=True)
     # listed files that were not used, by reason: other files under data.root (``not an image extension: .txt``,
     # ``hidden file``) and images left out by max_images (``not in the max_images subset``); skipped images
     # are in ``skipped_by_reason``. None in a store written before it was recorded.
-    ignored_by_reason: dict[str, int] | None = _opt()
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = MANIFEST_VERSIONS[-1]
-
-    def __post_init__(self) -> None:
-        _check_types(
-            self,
-            {
-                "d": (int,),
-                "n_rows": (int,),
-                "dtype": (str,),
-                "n_shards": (int,),
-                "n_chunks": (int,),
-                "rows_per_chunk": (int,),
-                "shards": (list,),
-                "mean": (list,),
-                "var": (list,),
-                "mean_sq_norm": _NUM,
-                "versions": (dict,),
-                "complete": (bool,),
-                "layer": (int, str),
-                "tokens": (str,),
-                "k": (int,),
-                "n_images": (int,),
-                "n_skipped": (int,),
-                "skipped": (list,),
-                "skipped_by_reason": (dict,),
-                "ignored_by_reason": (dict,),
-                "classes": (list,),
-                "synthetic": (dict,),
-            },
-        )
+    ignored_by_reason: dict[str, int] | None = _f(dict, omit_none=True)
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> StoreManifest:
         """A manifest from the writer's flat dict (its ``meta`` and fields): named keys typed, the rest in extra."""
         return _build(cls, obj, "the activation store manifest", _EXTRACT_JOB, MANIFEST_VERSIONS[-1])
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_json_dict(self)
 
 
 def read_manifest(path: str | Path) -> StoreManifest:
@@ -615,7 +466,7 @@ def read_manifest(path: str | Path) -> StoreManifest:
         raise FileNotFoundError(
             f"No {MANIFEST_JSON} in {fpath.parent}{hint}: run `{_EXTRACT_JOB} ... out={fpath.parent}` first."
         )
-    return _from_json_dict(StoreManifest, _load_json(fpath, _EXTRACT_JOB), fpath, MANIFEST_VERSIONS, _EXTRACT_JOB)
+    return StoreManifest.read(fpath)
 
 
 def manifest_from_json(text: str | bytes, where: str) -> StoreManifest:
@@ -626,16 +477,11 @@ def manifest_from_json(text: str | bytes, where: str) -> StoreManifest:
         raise ValueError(f"{where} is not valid JSON ({err}): the store is damaged or not a vlmsae store.") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{where} holds a JSON {type(obj).__name__}, expected an object; re-run `{_EXTRACT_JOB}`.")
-    version = check_version(where, obj.get("format_version", 1), MANIFEST_VERSIONS, _EXTRACT_JOB)
-    return _build(StoreManifest, obj, where, _EXTRACT_JOB, version)
-
-
-def write_manifest(dpath: str | Path, manifest: StoreManifest) -> Path:
-    return atomic_write_json(Path(dpath) / MANIFEST_JSON, manifest.to_dict(), indent=1)
+    return StoreManifest.from_json(obj, where)
 
 
 @dataclass
-class StoreProgress:
+class StoreProgress(_JsonFormat):
     """``progress.json``: the shard writer's state after its last complete shard, the point a killed
     extraction resumes from (rewritten only after that shard is in place).
 
@@ -644,97 +490,46 @@ class StoreProgress:
     (e.g. the next image position), None before the first shard.
     """
 
-    meta: dict[str, Any]
-    n_shards: int
-    n_rows: int
-    n_chunks: int
-    stats: dict[str, Any]
-    state: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = PROGRESS_VERSIONS[-1]
-
-    def __post_init__(self) -> None:
-        _check_types(
-            self,
-            {
-                "meta": (dict,),
-                "n_shards": (int,),
-                "n_rows": (int,),
-                "n_chunks": (int,),
-                "stats": (dict,),
-                "state": (dict,),
-            },
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_json_dict(self)
-
-
-def read_progress(path: str | Path) -> StoreProgress:
-    fpath = _file(path, PROGRESS_JSON)
-    return _from_json_dict(StoreProgress, _load_json(fpath, _EXTRACT_JOB), fpath, PROGRESS_VERSIONS, _EXTRACT_JOB)
-
-
-def write_progress(dpath: str | Path, progress: StoreProgress) -> Path:
-    return atomic_write_json(Path(dpath) / PROGRESS_JSON, progress.to_dict(), indent=None)
+    FILE, VERSIONS, JOB, INDENT = PROGRESS_JSON, PROGRESS_VERSIONS, _EXTRACT_JOB, None
+    meta: dict[str, Any] = _f(dict, default=MISSING)
+    n_shards: int = _f(int, default=MISSING)
+    n_rows: int = _f(int, default=MISSING)
+    n_chunks: int = _f(int, default=MISSING)
+    stats: dict[str, Any] = _f(dict, default=MISSING)
+    state: dict[str, Any] | None = _f(dict)
 
 
 # --------------------------------------------------------------------------------------------
 # SAE checkpoint: config.json (the weights, sae.safetensors, are vlmsae.sae.checkpoint's)
 # --------------------------------------------------------------------------------------------
-_TRAIN_JOB = "python -m vlmsae.train"
-
-
 @dataclass
-class SAECheckpointConfig:
+class SAECheckpointConfig(_JsonFormat):
     """``config.json`` of an SAE checkpoint folder (:func:`vlmsae.sae.save_sae`): what the SAE is (``config``,
     the full :class:`vlmsae.sae.SAEConfig`, plus arch, sizes, threshold and the folded input scale), its
     precision policy (``precision``, :mod:`vlmsae.sae.precision`), what it was trained on (``trained_on``: model,
     pretrained, layer, tokens, data, ...) and by which code. ``format`` is always ``"vlmsae-sae"``.
     """
 
-    format: str = SAE_FORMAT
-    arch: str | None = None
-    d_in: int | None = None
-    n_latents: int | None = None
-    k: int | None = None
-    group_sizes: list[int] | None = None
-    threshold: float | None = None  # None: no scalar threshold (jumprelu: per-latent [F] in sae.safetensors)
-    input_scale: dict[str, Any] | None = None  # {value, folded, convention}
-    n_steps: int | None = None
+    FILE, VERSIONS, JOB = SAE_CONFIG_JSON, SAE_CONFIG_VERSIONS, "python -m vlmsae.train"
+    format: str = _f(str, default=SAE_FORMAT)
+    arch: str | None = _f(str)
+    d_in: int | None = _f(int)
+    n_latents: int | None = _f(int)
+    k: int | None = _f(int)
+    group_sizes: list[int] | None = _f(list)
+    threshold: float | None = _f(*_NUM)  # None: no scalar threshold (jumprelu: per-latent [F] in sae.safetensors)
+    input_scale: dict[str, Any] | None = _f(dict)  # {value, folded, convention}
+    n_steps: int | None = _f(int)
     dtype: str | None = None
-    precision: dict[str, Any] | None = field(default=None, metadata=_OPT)  # absent in checkpoints before it
-    trained_on: dict[str, Any] = field(default_factory=dict)  # "source" in version 1 files
-    config: dict[str, Any] = field(default_factory=dict)  # SAEConfig.to_dict(); the reader requires it
+    precision: dict[str, Any] | None = _f(dict, omit_none=True)  # absent in checkpoints before it
+    trained_on: dict[str, Any] = _f(dict, default=dict, none_empty=True)  # "source" in version 1 files
+    config: dict[str, Any] = _f(dict, default=dict)  # SAEConfig.to_dict(); the reader requires it
     vlmsae_version: str | None = None
     git_commit: str | None = None
     created: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = SAE_CONFIG_VERSIONS[-1]
-
-    def __post_init__(self) -> None:
-        if self.trained_on is None:
-            self.trained_on = {}
-        _check_types(
-            self,
-            {
-                "config": (dict,),
-                "format": (str,),
-                "arch": (str,),
-                "d_in": (int,),
-                "n_latents": (int,),
-                "k": (int,),
-                "group_sizes": (list,),
-                "threshold": _NUM,
-                "input_scale": (dict,),
-                "n_steps": (int,),
-                "precision": (dict,),
-                "trained_on": (dict,),
-            },
-        )
 
     def to_dict(self) -> dict[str, Any]:
-        out = _to_json_dict(self)
+        out = super().to_dict()
         return {"format": out.pop("format"), **out}  # "format" first, as save_sae always wrote it
 
 
@@ -760,11 +555,7 @@ def read_sae_config(path: str | Path) -> SAECheckpointConfig:
     if obj.get("format_version", 1) == 1 and "source" in obj:  # version 1 named the training record "source":
         obj = {("trained_on" if key == "source" else key): value for key, value in obj.items()}  # read as version 2
         obj["format_version"] = 2
-    return _from_json_dict(SAECheckpointConfig, obj, fpath, SAE_CONFIG_VERSIONS, _TRAIN_JOB)
-
-
-def write_sae_config(dpath: str | Path, info: SAECheckpointConfig) -> Path:
-    return atomic_write_json(Path(dpath) / SAE_CONFIG_JSON, info.to_dict())
+    return SAECheckpointConfig.from_json(obj, fpath)
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,8 +564,8 @@ def write_sae_config(dpath: str | Path, info: SAECheckpointConfig) -> Path:
 LATENTS_COLUMNS = ("latent", "ms", "freq", "max_act", "group", "top_keys")  # always written
 LATENTS_NAME_COLUMNS = ("name", "name_score", "names")  # written when the run named its latents
 LATENTS_AUTOINTERP_COLUMNS = ("autointerp", "autointerp_score")  # written when the run asked LLaVA
-_VERSION_LINE = re.compile(r"^# vlmsae latents\.csv format_version=(\S+)\s*$")
 _MS_JOB = "python -m vlmsae.monosemanticity"
+_LATENTS_FLOATS = ("ms", "freq", "max_act", "name_score", "autointerp_score")  # an empty or absent cell reads as NaN
 
 
 @dataclass(frozen=True)
@@ -834,22 +625,33 @@ def _cell_int(value: str | None, fpath: Path, line: int, column: str, job: str =
     return int(x)
 
 
+def _csv_version(fpath: Path, first: str, name: str, known: tuple[int, ...], job: str, alt: str = "") -> int:
+    """The version on the first line of a CSV format, ``# vlmsae <name> format_version=<n>``."""
+    match = re.match(rf"^# vlmsae {re.escape(name)} format_version=(\S+)\s*$", first.rstrip("\r\n"))
+    if match is None:
+        raise ValueError(
+            f"{fpath} starts with {first.strip()!r}, expected '# vlmsae {name} format_version=<n>'{alt}; "
+            f"re-run `{job}` to rewrite it."
+        )
+    found: Any = int(match.group(1)) if match.group(1).isdigit() else match.group(1)
+    return check_version(fpath, found, known, job)
+
+
+def _csv_writer(name: str, version: int) -> tuple[io.StringIO, Any]:
+    """A buffer holding the version line of a CSV format, and a ``csv.writer`` onto it."""
+    buf = io.StringIO()
+    buf.write(f"# vlmsae {name} format_version={version}\r\n")  # csv.writer ends lines \r\n
+    return buf, csv.writer(buf)
+
+
 def read_latents_csv(path: str | Path) -> LatentsTable:
     """``latents.csv`` (the file or its run folder) -> typed rows; columns ``latent`` and ``ms`` are required."""
-    fpath = _file(path, LATENTS_CSV)
-    if not fpath.is_file():
-        raise FileNotFoundError(f"{fpath} not found: run `{_MS_JOB}` first, or point at its output folder.")
+    fpath = _found(path, LATENTS_CSV, _MS_JOB)
     with open(fpath, newline="", encoding="utf-8") as f:
         first = f.readline()
         if first.startswith("#"):
-            match = _VERSION_LINE.match(first.rstrip("\r\n"))
-            if match is None:
-                raise ValueError(
-                    f"{fpath} starts with {first.strip()!r}, expected '# vlmsae latents.csv "
-                    f"format_version=<n>' or the header line; re-run `{_MS_JOB}` to rewrite it."
-                )
-            found: Any = int(match.group(1)) if match.group(1).isdigit() else match.group(1)
-            version, offset = check_version(fpath, found, LATENTS_CSV_VERSIONS, _MS_JOB), 1
+            known, alt = LATENTS_CSV_VERSIONS, " or the header line"
+            version, offset = _csv_version(fpath, first, LATENTS_CSV, known, _MS_JOB, alt), 1
         else:
             f.seek(0)
             version, offset = 1, 0  # written before format_version existed: version 1
@@ -867,27 +669,16 @@ def read_latents_csv(path: str | Path) -> LatentsTable:
             latent = _cell_int(r["latent"], fpath, line, "latent")
             if latent is None:
                 raise ValueError(f"{fpath} line {line}: the latent id is empty.")
-            keys, names = r.get("top_keys") or "", r.get("names") or ""
-            rows.append(
-                LatentRow(
-                    latent=latent,
-                    ms=_cell_float(r["ms"], fpath, line, "ms"),
-                    freq=_cell_float(r.get("freq"), fpath, line, "freq"),
-                    max_act=_cell_float(r.get("max_act"), fpath, line, "max_act"),
-                    group=_cell_int(r.get("group"), fpath, line, "group"),
-                    top_keys=tuple(keys.split("|")) if keys else (),
-                    name=r.get("name"),  # None when the column is absent; "" for an empty cell
-                    name_score=_cell_float(r.get("name_score"), fpath, line, "name_score"),
-                    names=tuple(names.split("|")) if names else (),
-                    autointerp=r.get("autointerp"),
-                    autointerp_score=_cell_float(r.get("autointerp_score"), fpath, line, "autointerp_score"),
-                )
-            )
+            numbers = {c: _cell_float(r.get(c), fpath, line, c) for c in _LATENTS_FLOATS}
+            lists = {c: tuple(r[c].split("|")) if r.get(c) else () for c in ("top_keys", "names")}
+            texts = {c: r.get(c) for c in ("name", "autointerp")}  # None when the column is absent; "" when empty
+            group = _cell_int(r.get("group"), fpath, line, "group")
+            rows.append(LatentRow(latent, group=group, **numbers, **lists, **texts))
     return LatentsTable(rows, format_version=version)
 
 
-def _score_cell(x: float) -> str:
-    return "" if math.isnan(x) else f"{x:.6f}"
+def _float_cell(x: float, nan: str = "") -> str:
+    return nan if math.isnan(x) else f"{x:.6f}"
 
 
 def write_latents_csv(dpath: str | Path, table: LatentsTable) -> Path:
@@ -898,9 +689,7 @@ def write_latents_csv(dpath: str | Path, table: LatentsTable) -> Path:
     """
     with_names = any(r.name is not None for r in table.rows)
     with_autointerp = any(r.autointerp is not None for r in table.rows)
-    buf = io.StringIO()
-    buf.write(f"# vlmsae latents.csv format_version={LATENTS_CSV_VERSIONS[-1]}\r\n")  # csv.writer ends lines \r\n
-    writer = csv.writer(buf)
+    buf, writer = _csv_writer(LATENTS_CSV, LATENTS_CSV_VERSIONS[-1])
     writer.writerow(
         LATENTS_COLUMNS
         + (LATENTS_NAME_COLUMNS if with_names else ())
@@ -909,16 +698,16 @@ def write_latents_csv(dpath: str | Path, table: LatentsTable) -> Path:
     for r in table.rows:
         cells = [
             r.latent,
-            "nan" if math.isnan(r.ms) else f"{r.ms:.6f}",
+            _float_cell(r.ms, "nan"),
             f"{r.freq:.6g}",
             f"{r.max_act:.6g}",
             "" if r.group is None else r.group,
             "|".join(r.top_keys),
         ]
         if with_names:
-            cells += [r.name or "", _score_cell(r.name_score), "|".join(r.names)]
+            cells += [r.name or "", _float_cell(r.name_score), "|".join(r.names)]
         if with_autointerp:
-            cells += [r.autointerp or "", _score_cell(r.autointerp_score)]
+            cells += [r.autointerp or "", _float_cell(r.autointerp_score)]
         writer.writerow(cells)
     return atomic_write_text(Path(dpath) / LATENTS_CSV, buf.getvalue())
 
@@ -950,34 +739,25 @@ def read_top_images(dpath: str | Path) -> TopImagesIndex:
     from safetensors.torch import load_file
 
     dpath = Path(dpath)
-    job = "python -m vlmsae.monosemanticity"
     fpath = dpath / TOP_TENSORS
     if not fpath.exists():
-        raise FileNotFoundError(f"{fpath} not found: point at a top_images/ folder written by `{job}`.")
+        raise FileNotFoundError(f"{fpath} not found: point at a top_images/ folder written by `{_MS_JOB}`.")
     images_fpath = dpath / TOP_IMAGES_JSON
     if not images_fpath.is_file():
         raise FileNotFoundError(
             f"{images_fpath} is missing: the top_images index needs {TOP_TENSORS} and {TOP_IMAGES_JSON}."
         )
     meta_fpath = dpath / TOP_META_JSON
-    meta = _load_json(meta_fpath, job) if meta_fpath.exists() else {}
+    meta = _load_json(meta_fpath, _MS_JOB) if meta_fpath.exists() else {}
     # An index written before format_version existed (or without meta.json) is version 1.
-    version = check_version(meta_fpath, meta.pop("format_version", 1), TOP_IMAGES_VERSIONS, job)
+    version = check_version(meta_fpath, meta.pop("format_version", 1), TOP_IMAGES_VERSIONS, _MS_JOB)
     tensors = load_file(str(fpath))
     if "image_idx" not in tensors or "acts" not in tensors:
         raise ValueError(f"{fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
-    images = _load_json(images_fpath, job)
+    images = _load_json(images_fpath, _MS_JOB)
     image_idx, acts = tensors.pop("image_idx"), tensors.pop("acts")
-    return TopImagesIndex(
-        image_idx,
-        acts,
-        list(images.get("keys") or []),
-        images.get("paths"),
-        images.get("labels"),
-        meta,
-        extra=tensors,
-        format_version=version,
-    )
+    keys, paths, labels = list(images.get("keys") or []), images.get("paths"), images.get("labels")
+    return TopImagesIndex(image_idx, acts, keys, paths, labels, meta, extra=tensors, format_version=version)
 
 
 def write_top_images(dpath: str | Path, index: TopImagesIndex) -> Path:
@@ -1012,57 +792,26 @@ _STABILITY_JOB = "python -m vlmsae.stability"
 
 
 @dataclass
-class StabilitySummary:
+class StabilitySummary(_JsonFormat):
     """``stability.json`` of ``python -m vlmsae.stability``: how alike SAEs trained with different seeds are.
 
     ``runs``: the SAE folders (the first is the reference); ``matching``: the latent matching against the
-    reference (threshold, mean_matched_cos, frac_found_in_all, found_in_counts {m: latents found in m seeds},
-    ``pairs``: one object per compared pair); ``metrics``: per training metric (fve, l0, dead_fraction, ...)
-    {mean, ci95, std, n} over seeds (ci95 = half-width of the 95% t-interval) and the per-seed values;
-    ``ms`` / ``hierarchy``: the same for every numeric field of the seeds' ms_summary.json / hierarchy.json
-    (present when those runs were given).
+    reference; ``metrics``: per training metric {mean, ci95, std, n} over seeds; ``ms`` / ``hierarchy``: the same
+    for the seeds' ms_summary.json / hierarchy.json, when given. Every key: docs/outputs.md. Non-finite numbers are
+    written as null.
     """
 
-    runs: list[str]
-    n_latents: int
-    d_in: int
-    matching: dict[str, Any]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    ms: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
-    hierarchy: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = STABILITY_VERSIONS[-1]
-
-    def __post_init__(self) -> None:
-        _check_types(
-            self,
-            {
-                "runs": (list,),
-                "n_latents": (int,),
-                "d_in": (int,),
-                "matching": (dict,),
-                "metrics": (dict,),
-                "ms": (dict,),
-                "hierarchy": (dict,),
-            },
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return _to_json_dict(self)
-
-
-def read_stability(path: str | Path) -> StabilitySummary:
-    fpath = _file(path, STABILITY_JSON)
-    obj = _load_json(fpath, _STABILITY_JOB)
-    return _from_json_dict(StabilitySummary, obj, fpath, STABILITY_VERSIONS, _STABILITY_JOB)
-
-
-def write_stability(dpath: str | Path, summary: StabilitySummary) -> Path:
-    return atomic_write_json(Path(dpath) / STABILITY_JSON, _finite_or_none(summary.to_dict()))
+    FILE, VERSIONS, JOB, FINITE = STABILITY_JSON, STABILITY_VERSIONS, _STABILITY_JOB, True
+    runs: list[str] = _f(list, default=MISSING)
+    n_latents: int = _f(int, default=MISSING)
+    d_in: int = _f(int, default=MISSING)
+    matching: dict[str, Any] = _f(dict, default=MISSING)
+    metrics: dict[str, Any] = _f(dict, default=dict)
+    ms: dict[str, Any] | None = _f(dict, omit_none=True)
+    hierarchy: dict[str, Any] | None = _f(dict, omit_none=True)
 
 
 STABILITY_LATENTS_COLUMNS = ("latent", "found_in", "mean_cos")  # then match_<seed> per seed after the reference
-_STABILITY_VERSION_LINE = re.compile(r"^# vlmsae stability_latents\.csv format_version=(\S+)\s*$")
 
 
 @dataclass
@@ -1086,31 +835,19 @@ class StabilityLatents:
 
 def write_stability_latents(dpath: str | Path, table: StabilityLatents) -> Path:
     """Write ``dpath/stability_latents.csv``: the version line, the header, one row per latent."""
-    buf = io.StringIO()
-    buf.write(f"# vlmsae stability_latents.csv format_version={STABILITY_LATENTS_VERSIONS[-1]}\r\n")
-    writer = csv.writer(buf)
+    buf, writer = _csv_writer(STABILITY_LATENTS_CSV, STABILITY_LATENTS_VERSIONS[-1])
     writer.writerow([*STABILITY_LATENTS_COLUMNS, *(f"match_{s}" for s in range(1, len(table.matches) + 1))])
     for i, latent in enumerate(table.latent):
-        cos = table.mean_cos[i]
-        row = [latent, table.found_in[i], "nan" if math.isnan(cos) else f"{cos:.6f}"]
+        row = [latent, table.found_in[i], _float_cell(table.mean_cos[i], "nan")]
         writer.writerow(row + [m[i] for m in table.matches])
     return atomic_write_text(Path(dpath) / STABILITY_LATENTS_CSV, buf.getvalue())
 
 
 def read_stability_latents(path: str | Path) -> StabilityLatents:
-    fpath = _file(path, STABILITY_LATENTS_CSV)
-    if not fpath.is_file():
-        raise FileNotFoundError(f"{fpath} not found: run `{_STABILITY_JOB}` first, or point at its output folder.")
+    fpath = _found(path, STABILITY_LATENTS_CSV, _STABILITY_JOB)
     with open(fpath, newline="", encoding="utf-8") as f:
-        first = f.readline().rstrip("\r\n")
-        match = _STABILITY_VERSION_LINE.match(first)
-        if match is None:
-            raise ValueError(
-                f"{fpath} starts with {first!r}, expected '# vlmsae stability_latents.csv format_version=<n>'; "
-                f"re-run `{_STABILITY_JOB}` to rewrite it."
-            )
-        found: Any = int(match.group(1)) if match.group(1).isdigit() else match.group(1)
-        version = check_version(fpath, found, STABILITY_LATENTS_VERSIONS, _STABILITY_JOB)
+        first = f.readline()
+        version = _csv_version(fpath, first, STABILITY_LATENTS_CSV, STABILITY_LATENTS_VERSIONS, _STABILITY_JOB)
         reader = csv.reader(f)
         header = next(reader, [])
         seeds = [c for c in header[3:] if c.startswith("match_")]
@@ -1136,45 +873,33 @@ def read_stability_latents(path: str | Path) -> StabilityLatents:
 # --------------------------------------------------------------------------------------------
 # Inspecting one's own images (python -m vlmsae.inspect): inspect.json
 # --------------------------------------------------------------------------------------------
-_INSPECT_JOB = "python -m vlmsae.inspect"
-
-
 @dataclass
-class InspectResult:
+class InspectResult(_JsonFormat):
     """``inspect.json`` of ``python -m vlmsae.inspect``: what an SAE sees in the given images, and where.
 
-    ``images``: one object per image (key, path, fve and nmse of its tokens, n_rows, grid = patch-grid side or
-    null, thumb = its thumbnail next to the page, and ``top_pooled`` / ``top_peak``: latent hits, best first, each
-    {latent, pooled, peak, peak_patch, heat = per-patch activations row-major (empty without patch tokens),
-    heat_png = the heatmap drawn over the image, relative to the file}); ``latents``: what the MS run says of every
-    latent shown, keyed by the latent id as a string (name, names, ms, freq, group, top = thumbnails of its top
-    images); ``query``: {text, hits: [{latent, score, per_image: [hit per image]}]} or null; ``compare``: {a, b,
-    a_over_b, b_over_a: [{latent, a, b, diff}]} or null; ``settings``: what was run (sae_path, model, layer, pool,
-    ms_run, top_n). Non-finite numbers are written as null.
+    ``images``: one object per image (its top latents, pooled and by peak patch, with their heatmaps); ``latents``:
+    what the MS run says of every latent shown; ``query`` and ``compare``: the answers to those options, or null;
+    ``settings``: what was run. Every key: docs/outputs.md. Non-finite numbers are written as null.
     """
 
-    images: list[dict[str, Any]]
-    latents: dict[str, Any] = field(default_factory=dict)
-    query: dict[str, Any] | None = None
-    compare: dict[str, Any] | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format_version: int = INSPECT_VERSIONS[-1]
-
-    def __post_init__(self) -> None:
-        _check_types(
-            self,
-            {"images": (list,), "latents": (dict,), "query": (dict,), "compare": (dict,), "settings": (dict,)},
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return _finite_or_none(_to_json_dict(self))
+    FILE, VERSIONS, JOB, FINITE = INSPECT_JSON, INSPECT_VERSIONS, "python -m vlmsae.inspect", True
+    images: list[dict[str, Any]] = _f(list, default=MISSING)
+    latents: dict[str, Any] = _f(dict, default=dict)
+    query: dict[str, Any] | None = _f(dict)
+    compare: dict[str, Any] | None = _f(dict)
+    settings: dict[str, Any] = _f(dict, default=dict)
 
 
-def read_inspect(path: str | Path) -> InspectResult:
-    fpath = _file(path, INSPECT_JSON)
-    return _from_json_dict(InspectResult, _load_json(fpath, _INSPECT_JOB), fpath, INSPECT_VERSIONS, _INSPECT_JOB)
-
-
-def write_inspect(dpath: str | Path, result: InspectResult) -> Path:
-    return atomic_write_json(Path(dpath) / INSPECT_JSON, result.to_dict())
+# Each JSON format is read by its class (read_manifest and read_sae_config add their own errors) and written by the
+# one writer.
+read_ms_summary, write_ms_summary = MsSummary.read, _write
+read_hierarchy, write_hierarchy = HierarchySummary.read, _write
+read_steer, write_steer = SteerResult.read, _write
+read_steer_eval, write_steer_eval = SteerEvalResult.read, _write
+read_splice, write_splice = SpliceResult.read, _write
+read_run_info, write_run_info = RunInfo.read, _write
+write_manifest = _write
+read_progress, write_progress = StoreProgress.read, _write
+write_sae_config = _write
+read_stability, write_stability = StabilitySummary.read, _write
+read_inspect, write_inspect = InspectResult.read, _write

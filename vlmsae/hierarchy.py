@@ -9,10 +9,8 @@ Steps: the top-16 images of every latent (computed here by running the SAE's sou
 SAE over the images, or read from an MS run), each image's taxon path, the LCA depth of all 120
 pairs per latent (vlmsae.metrics.hierarchy), averaged per Matryoshka group, beside the group's MS.
 
-Outputs in the run dir: ``hierarchy.json`` (``groups``: one object per group), ``hierarchy.md``
-(the paper's Table 2 layout, with the paper's numbers for comparison), ``hierarchy.png`` (depth
-against level), ``latent_taxa.csv`` (per latent: depth mean / mode, the majority taxon at each rank,
-and ``label`` = the deepest rank with a clear majority, which the feature browser shows),
+Outputs in the run dir (docs/outputs.md): ``hierarchy.json``, ``hierarchy.md`` (the paper's Table 2 layout),
+``hierarchy.png``, ``latent_taxa.csv`` (per latent: the majority taxon at each rank, the label the browser shows),
 ``top_images/`` (when computed here) and ``run_info.json``.
 """
 

@@ -5,14 +5,12 @@
     python -m vlmsae.inspect sae_path=<sae> images=<dir> ms_run=<run> query="a zebra"
     python -m vlmsae.inspect sae_path=<sae> images=[a.jpg,b.jpg] compare=true
 
-Per image: the reconstruction FVE of its tokens and the top latents by pooled and by peak patch activation, each
-with a heatmap of its activation on every patch drawn over the image; with ``ms_run=`` (a monosemanticity run of
-the same SAE) also each latent's name, MS, firing frequency, Matryoshka group and top images. ``query=``: the
-latents whose concept best matches a text (the names machinery's text side) and where they fire in the images;
-``compare=true`` with two images: the latents that separate them most. Writes ``inspect.json``
-(:class:`vlmsae.formats.InspectResult`), ``inspect.html`` (+ ``img/``, ``heat/``; opens from disk) and
-``run_info.json``. Keys: ``InspectJob`` (:mod:`vlmsae.config.jobs.inspect`); library code in
-:mod:`vlmsae.studies.inspection` and :mod:`vlmsae.report.inspect_page`.
+Per image: the reconstruction FVE of its tokens and its top latents by pooled and by peak patch activation, each
+with a heatmap over the image; with ``ms_run=`` (a monosemanticity run of the same SAE) also each latent's name,
+MS, frequency, group and top images; ``query=``: the latents whose concept best matches a text; ``compare=true``
+with two images: the latents that separate them most. Writes ``inspect.json``, ``inspect.html`` (+ ``img/``,
+``heat/``) and ``run_info.json`` (docs/outputs.md). Keys: ``InspectJob`` (:mod:`vlmsae.config.jobs.inspect`);
+library code in :mod:`vlmsae.studies.inspection` and :mod:`vlmsae.report.inspect_page`.
 """
 
 from __future__ import annotations
@@ -49,8 +47,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     sae = load_job_sae(job.sae_path, job.sae_format)
     ms = ins.open_ms_run(job.ms_run, job.sae_path, sae.n_latents) if job.ms_run else None
     try:
-        model = job.model  # null = the SAE's trained_on.model
-        src = open_tapped_sae(sae, None, model, job.layer, job.pool, job.device, sae_dpath=job.sae_path)
+        # model: null = the SAE's trained_on.model
+        src = open_tapped_sae(sae, None, job.model, job.layer, job.pool, job.device, sae_dpath=job.sae_path)
     except ValueError as err:
         raise ValueError(f"sae_path={job.sae_path}: {err}") from None
     # one image decoded at a time (a folder of photos never sits in memory); a file that is not an image is refused

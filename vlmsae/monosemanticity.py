@@ -11,11 +11,8 @@
    (``pool=mean`` or ``pool=max``).
 2. Scores every SAE latent and every raw neuron with the exact linear-time MS
    (:func:`vlmsae.metrics.monosemanticity_scores`).
-3. Writes ``latents.csv`` (latent, ms, freq, max_act, group, top_keys), ``ms_summary.json``
-   (mean, std, min, max, dead, n_latents, n_images and the same under ``baseline`` for the raw
-   neurons, plus reconstruction metrics and top-image uniqueness), ``top_images/`` (the index the
-   hierarchy study, steering and the browser reuse), ``ms_hist.png``, ``ms_vs_freq.png`` and
-   ``run_info.json`` into the Hydra run dir.
+3. Writes ``latents.csv``, ``ms_summary.json``, ``top_images/`` (the index the hierarchy study, steering and
+   the browser reuse), ``ms_hist.png``, ``ms_vs_freq.png`` and ``run_info.json`` (docs/outputs.md).
 
 The study itself is :func:`vlmsae.studies.ms_study.score_sae` (embedding cache:
 :mod:`vlmsae.studies.embedding_cache`, plots: :mod:`vlmsae.report.plots`); the keys and their
@@ -47,13 +44,12 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """Score ``cfg.sae_path``'s latents and the raw neurons on ``cfg.data``; outputs in ``out_dpath``. A sweep
     (a folder of SAEs or a comma list): each SAE's outputs in ``out_dpath/<name>/`` and ``ms_table.md/.csv``;
     its SAEs share the images' embeddings and, per model and layer, the source activations.
-
-    ``cfg``: conf/monosemanticity.yaml (keys: :class:`vlmsae.config.jobs.monosemanticity.MonosemanticityJob`).
     """
     from vlmsae.data.image_set import ImageSet
     from vlmsae.report.job_log import log_job
     from vlmsae.report.tables import ms_table
     from vlmsae.studies import sweep
+    from vlmsae.studies.embedding_cache import default_cache_dpath
     from vlmsae.studies.ms_study import score_sae
     from vlmsae.studies.naming import namer_for
 
@@ -66,12 +62,13 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     namer = namer_for(job, job.embedder)  # before any image is read
     members, is_sweep = sweep.open_members(sae_dpath, job.sae_format, "MS table", job.model)
     images = ImageSet.from_data(job.data, job="monosemanticity")
+    cache_dpath = Path(job.embed_cache).expanduser() if job.embed_cache else default_cache_dpath()
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
         # model: null = the SAE's trained_on.model
         src = shared.open(m, job.model, job.layer, job.pool, job.device, job.check_fit)
         study = score_sae(
-            src, images, job.embedder, _cache_dpath(job), **{k: getattr(job, k) for k in _STUDY_KEYS},
+            src, images, job.embedder, cache_dpath, **{k: getattr(job, k) for k in _STUDY_KEYS},
             sae_path=m.sae_path, embed_memo=shared.embeddings if shared.keep else None, namer=namer,
         )  # fmt: skip
         shared.n_embedded += study.n_embedded
@@ -85,12 +82,6 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
 
 _STUDY_KEYS = ("top_k", "baseline", "chunk_size", "dense_threshold", "progress")
-
-
-def _cache_dpath(job: MonosemanticityJob) -> Path:
-    from vlmsae.studies.embedding_cache import default_cache_dpath
-
-    return Path(job.embed_cache).expanduser() if job.embed_cache else default_cache_dpath()
 
 
 def _finish(

@@ -48,8 +48,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         ms_summary.extra["names"] = summary
         written.append(str(write_ms_summary(ms_dpath, ms_summary)))
     out_dpath = run_dir(out_dpath)
-    record = OmegaConf.to_container(cfg, resolve=True)
-    write_run_info(out_dpath, record, outputs=written, ms_run=str(ms_dpath))
+    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=written, ms_run=str(ms_dpath))
     result = {"out_dpath": str(out_dpath), "latents_csv": str(ms_dpath / LATENTS_CSV), **summary}
     log_job(job, "names", out_dpath, result)  # after the files
     return result

@@ -4,14 +4,9 @@
 
 The SAE replaces its vision block's output (every token) by its reconstruction; LLaVA is teacher-forced
 on reference answers (``prompts=``: a .json/.csv of image, prompt, answer; default: the built-in images
-asked "Describe the image.", the clean model's greedy answer as reference). Reported per answer token:
-KL(clean || spliced), NLL clean / spliced / zero-ablated / mean-ablated block, the fraction of loss
-recovered against each ablation, and the error-preserving splice as a control (KL 0, 100 %).
-``zero_shot=true`` adds the CLIP zero-shot splice of ``monosemanticity`` for an open_clip-sourced SAE.
-
-Writes ``splice.json`` (:class:`vlmsae.formats.SpliceResult`), ``splice.md`` (the table) and
-``run_info.json``. Keys: ``SpliceEvalJob`` (:mod:`vlmsae.config.jobs.splice_eval`); library:
-:mod:`vlmsae.steering.splice`.
+asked "Describe the image.", the clean model's greedy answer as reference). Writes ``splice.json``, ``splice.md``
+and ``run_info.json`` (the figures: docs/outputs.md). Keys: ``SpliceEvalJob`` (:mod:`vlmsae.config.jobs.splice_eval`);
+library: :mod:`vlmsae.steering.splice`.
 """
 
 from __future__ import annotations

@@ -8,9 +8,7 @@ Decoder rows are L2-normalised; each seed's latents are matched one-to-one to th
 method on the cosines; greedy above ``exact_max`` latents), and with ``pairs=all`` every pair is matched too.
 A latent of the reference is "found" in a seed when its partner's cosine is >= ``threshold``.
 
-Outputs in the run dir: ``stability.json`` (matching summary, per-pair figures, mean ± 95% t-interval over
-seeds of FVE, L0, dead fraction, ..., and of every numeric field of the seeds' ms_summary.json /
-hierarchy.json as ``ms`` / ``hierarchy``), ``stability_latents.csv`` (latent, found_in, mean_cos, match_1 ...),
+Outputs in the run dir (every key: docs/outputs.md): ``stability.json``, ``stability_latents.csv``,
 ``stability.md`` (the tables), ``stability_cos.png`` (matched cosines per pair) and ``run_info.json``.
 
 The study is :mod:`vlmsae.studies.stability_study` (matching: :mod:`vlmsae.metrics.seed_matching`); the keys and
@@ -35,10 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
-    """Match the seeds' latents and aggregate their metrics; returns the flat headline figures (+ out_dpath).
-
-    ``cfg``: conf/stability.yaml (keys: :class:`vlmsae.config.jobs.stability.StabilityJob`).
-    """
+    """Match the seeds' latents and aggregate their metrics; returns the flat headline figures (+ out_dpath)."""
     from vlmsae.report.job_log import log_job
     from vlmsae.report.stability import write_stability_outputs
     from vlmsae.studies import stability_study as study

@@ -62,8 +62,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
 
 def _main(cfg: DictConfig) -> None:
-    out = run(cfg)
-    print(json.dumps({"out_dpath": out["out_dpath"]}))
+    print(json.dumps({"out_dpath": run(cfg)["out_dpath"]}))
 
 
 def main() -> None:

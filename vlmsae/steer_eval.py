@@ -3,11 +3,9 @@
     python -m vlmsae.steer_eval model=llava15_7b sae_path=<sae dir> top_images=<ms run>/top_images \
         images=white latents=1000 alpha=100 embedder=clip_b32
 
-For each steered latent j: concept = mean CLIP image embedding of its top-16 images (the top-images
-index of the monosemanticity run); for each evaluation image LLaVA answers "What is shown in this
-image? Use exactly one word!" (5 new tokens, greedy) with and without j clamped to alpha; the first
-word's CLIP text embedding is compared (cosine) with the concept. Bounds: the class names of j's
-top images (upper) and the same names shuffled across latents (lower).
+For each steered latent j, LLaVA answers with and without j clamped to alpha; the first word's CLIP text embedding
+is compared (cosine) with j's concept, the mean image embedding of its top images (the monosemanticity run's
+index). Bounds: the class names of j's top images (upper) and the same names shuffled across latents (lower).
 
 Writes ``steer_eval.json`` (summary + per latent + settings), ``steer_eval.md`` (the table),
 ``answers.csv`` (every latent x image answer) and ``run_info.json`` into the run directory.

@@ -8,12 +8,8 @@
     python -m vlmsae.train data=acts data.acts=/acts/layer22 \\
         'sae_grid=[{expansion:8,k:32},{expansion:16,k:64,arch:topk,lr:1e-4}]'   # many SAEs, one pass
 
-Outputs (the Hydra run dir): ``sae/`` (vlmsae.sae checkpoint: takes raw activations, ``trained_on``
-says model/layer/tokens), ``metrics.json`` (final validation metrics), ``run_info.json``
-(resolved config + provenance), ``checkpoints/last.ckpt`` (Lightning, for resume), ``csv/``
-(logger=csv, and logger=wandb's scalar mirror) and ``wandb/`` (logger=wandb). On resume the
-logger history is the checkpointed run's up to the checkpoint's step, then this run's
-(vlmsae.lit.loggers): each logged step appears once.
+Outputs (the Hydra run dir, listed in docs/outputs.md): ``sae/`` (the vlmsae.sae checkpoint: it takes raw
+activations), ``metrics.json``, ``run_info.json``, ``checkpoints/last.ckpt`` (for resume), ``csv/`` and ``wandb/``.
 
 ``layer`` and ``tokens`` (top level) say what to train on. With ``data=acts`` they default to the
 store's manifest and, when set, must agree with it (so a layer sweep whose ``data.acts`` forgot
@@ -73,12 +69,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     return fit_sae(plan, out_dpath, callbacks, grid=grid, sae_devices=job.sae_devices)
 
 
-def _main(cfg: DictConfig) -> dict:
-    return run(cfg)
-
-
 def main() -> None:
-    launch("train", _main)
+    launch("train", run)  # Hydra calls run(cfg); its metrics are the job's return value
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from vlmsae.config import conf_dir, to_typed
-from vlmsae.config.schemas import SCHEMAS
+from vlmsae.config.nodes import SCHEMAS
 
 CONF_DPATH = conf_dir()
 SCHEMA_OF_GROUP = {group: node for group, _name, node in SCHEMAS if group}

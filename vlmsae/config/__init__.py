@@ -1,15 +1,9 @@
-"""Structured-config schemas (dataclasses) for the core Hydra nodes.
+"""Structured-config schemas, and the command line and the one conversion from config to objects around them.
 
-Import-light on purpose: only dataclasses and Hydra's ConfigStore, so ``--help`` stays instant.
-Each core node is one dataclass in :mod:`vlmsae.config.nodes` (also the library's typed argument);
-:func:`register_configs` stores them (and one job's schema, or every job's). Entry points call it before
-``@hydra.main`` runs, and YAML files in ``conf/<group>/`` list the schema first in their ``defaults`` so that
-an unknown key (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with the key named.
-:func:`to_typed` is the one conversion from config to objects: a job's ``run(cfg)`` starts with
-``job = to_typed(cfg, <Job>)`` and hands typed nodes (``job.model``, ``job.sae``, ...) to the library.
-:func:`conf_dir` says where that YAML tree is, for Hydra and every reader. :func:`prepare_command_line`
-(also called by every entry point) expands ``~`` in ``key=~/path`` and explains how to quote any other value
-Hydra's override grammar cannot read (``'sae_path="/data/run(1)/sae"'``) instead of a lexer error.
+Import-light on purpose: only dataclasses and Hydra's ConfigStore, so ``--help`` stays instant. Each core node is
+one dataclass in :mod:`vlmsae.config.nodes` (also the library's typed argument), each job's schema one in
+:mod:`vlmsae.config.jobs`; YAML files in ``conf/<group>/`` list their schema first in ``defaults``, so an unknown
+key (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with the key named.
 """
 
 from __future__ import annotations
@@ -25,11 +19,9 @@ _REGISTERED: set[str] = set()  # "nodes" and the jobs whose schema is in the Con
 def conf_dir() -> Path:
     """The Hydra config tree (``conf/``); the only place that knows where it lives.
 
-    It is always ``<vlmsae package>/conf``: in a checkout (plain, ``PYTHONPATH`` or editable install)
-    that is the symlink ``vlmsae/conf -> ../conf``, so the tree stays at the repo root and edits show
-    at once; a wheel (``pip install .``) holds a real copy, since setuptools follows the symlink when it
-    builds. The repo-root ``conf/`` is the fallback for a checkout without symlinks (git on Windows
-    with ``core.symlinks=false`` writes the link as a small text file).
+    It is ``<vlmsae package>/conf``: in a checkout the symlink ``vlmsae/conf -> ../conf`` (edits show at once), in a
+    wheel a real copy (setuptools follows the symlink). The repo-root ``conf/`` is the fallback for a checkout
+    without symlinks (git on Windows with ``core.symlinks=false`` writes the link as a small text file).
     """
     package_dpath = Path(__file__).resolve().parents[1]
     candidates = (package_dpath / "conf", package_dpath.parent / "conf")
@@ -52,30 +44,35 @@ def register_configs(job: str | None = None) -> None:
     import pkgutil
 
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     from vlmsae.config import jobs
-    from vlmsae.config.schemas import SCHEMAS, store_node
+    from vlmsae.config.nodes import SCHEMAS
 
     if "nodes" not in _REGISTERED:
-        cs = ConfigStore.instance()
-        for _group, name, node in SCHEMAS:
-            cs.store(name=name, node=store_node(node))  # at the root: never offered as a choice of `group`
+        for _group, name, schema in SCHEMAS:
+            # OmegaConf makes the node of a frozen dataclass (SAEConfig) read-only, and then Hydra cannot merge the
+            # group YAML or an override into it. The node keeps its type, so unknown keys and wrong types still fail
+            # at compose time; the frozen instance is built from it later (to_typed).
+            node = OmegaConf.structured(schema)
+            OmegaConf.set_readonly(node, None)
+            ConfigStore.instance().store(name=name, node=node)
         _REGISTERED.add("nodes")
     for name in [m.name for m in pkgutil.iter_modules(jobs.__path__)] if job is None else [job]:
-        if name not in _REGISTERED:
-            importlib.import_module(f"vlmsae.config.jobs.{name}").register()  # one schema per job: <job>_schema
+        if name not in _REGISTERED:  # vlmsae.config.jobs.<job>.<Job>Job is stored as <job>_schema
+            schema = "".join(part.title() for part in name.split("_")) + "Job"
+            node = getattr(importlib.import_module(f"vlmsae.config.jobs.{name}"), schema)
+            ConfigStore.instance().store(name=f"{name}_schema", node=node)
             _REGISTERED.add(name)
 
 
 def to_typed(cfg: Any, cls: type[T]) -> T:
     """The one conversion from config to objects: ``cfg`` as an instance of the dataclass ``cls``.
 
-    A job calls it once, on the first line of ``run()``: ``job = to_typed(cfg, TrainJob)``; every node of the
-    result is then its own dataclass (``job.model`` a ``ModelSpec``, ``job.sae`` an ``SAEConfig``, ...), and code
-    below the job takes those. ``cfg`` is a composed ``DictConfig`` typed by ``cls``'s schema (Hydra's), or a
-    node or mapping read some other way (a ``conf/model/<name>.yaml`` loaded by name, a ``config.json``):
-    interpolations are resolved, a ``defaults`` entry is dropped, an unknown key is an error listing the valid
-    ones, and ``cls``'s own checks run. An instance of ``cls`` is returned as it is.
+    A job calls it once, at the top of ``run()`` (``job = to_typed(cfg, TrainJob)``); below, every node is its own
+    dataclass. ``cfg`` is a composed ``DictConfig`` typed by ``cls``'s schema, or a node or mapping read some other
+    way (a ``conf/model/<name>.yaml``, a ``config.json``): interpolations are resolved, a ``defaults`` entry is
+    dropped, an unknown key is an error listing the valid ones, and ``cls``'s own checks run.
     """
     from omegaconf import DictConfig, OmegaConf
 
@@ -120,13 +117,6 @@ def readable_overrides(argv: list[str]) -> list[str]:
     return [_readable_override(arg, parser) if i in overrides else arg for i, arg in enumerate(argv)]
 
 
-def prepare_command_line() -> None:
-    """Rewrite ``sys.argv`` with :func:`readable_overrides`; every entry point calls it before ``@hydra.main``."""
-    import sys
-
-    sys.argv[1:] = readable_overrides(sys.argv[1:])
-
-
 def _parse_error(parser: Any, override: str) -> str | None:
     """Hydra's reason (first line) for refusing ``override``; None when it parses."""
     from hydra.errors import HydraException
@@ -166,10 +156,12 @@ def _readable_override(arg: str, parser: Any) -> str:
 
 
 def launch(job: str, main_fn) -> None:
-    """The command line of ``python -m vlmsae.<job>``: the job's schemas, the override check
-    (:func:`prepare_command_line`), then Hydra with ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
+    """The command line of ``python -m vlmsae.<job>``: the job's schemas, ``sys.argv`` made readable
+    (:func:`readable_overrides`), then Hydra with ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
+    import sys
+
     import hydra
 
     register_configs(job)
-    prepare_command_line()
+    sys.argv[1:] = readable_overrides(sys.argv[1:])
     hydra.main(config_path=str(conf_dir()), config_name=job, version_base="1.3")(main_fn)()

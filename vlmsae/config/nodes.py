@@ -1,12 +1,9 @@
 """One dataclass per config node: the Hydra schema of ``conf/<group>/*.yaml`` and the library's typed argument.
 
-Each class below is registered in Hydra's ConfigStore (``vlmsae.config.schemas.SCHEMAS``: ``model_schema``,
-``sae_schema``, ..., at the root), so a group YAML that starts with ``defaults: [/<group>_schema@_here_, _self_]``
-is typed by it and a misspelt key (``model.widht=3``) or a wrong type (``sae.k=abc``) fails at compose time
-naming the key.
-The library takes the same classes (``vlmsae.models.ModelSpec``, ``vlmsae.models.embedders.EmbedderSpec``,
-``vlmsae.sae.SAEConfig`` are these), built from a composed node by ``vlmsae.config.to_typed``. A config
-key is therefore added in one dataclass here and one YAML file. Every field says what it is for.
+Each is stored in Hydra's ConfigStore (:data:`SCHEMAS`, at the bottom), so a misspelt key (``model.widht=3``) or a
+wrong type (``sae.k=abc``) fails at compose time naming the key. The library takes the same classes
+(``vlmsae.models.ModelSpec``, ``vlmsae.sae.SAEConfig``, ...), built by ``vlmsae.config.to_typed``: a config key is
+added in one dataclass here and one YAML file. Every field says what it is for.
 
 Import-light on purpose (dataclasses and omegaconf only, no torch): this is the bottom layer, and ``--help``
 must stay instant.
@@ -42,13 +39,6 @@ def check_known(cls: type, values: Mapping[str, Any]) -> None:
 
 _NODE_KEYS = {"ModelSpec": "model", "EmbedderSpec": "embedder", "SAEConfig": "sae", "DataSchema": "data"}
 """The config key of each node class, for error messages (``sae.kk``, not ``SAEConfig.kk``)."""
-
-
-def _check_set(obj: Any, names: tuple[str, ...], what: str) -> None:
-    """Fields whose default is MISSING (required in Hydra) must be given when the library builds the node."""
-    unset = [name for name in names if getattr(obj, name) == MISSING]
-    if unset:
-        raise ValueError(f"{what} needs {unset} (no default): set {', '.join(f'{what}.{n}' for n in unset)}.")
 
 
 def _is_int(value: Any) -> bool:
@@ -107,7 +97,10 @@ class ModelSpec:
     local_files_only: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        _check_set(self, ("name", "backend", "arch"), "model")
+        # MISSING fields (required in Hydra) must be given when the library builds the node
+        unset = [name for name in ("name", "backend", "arch") if getattr(self, name) == MISSING]
+        if unset:
+            raise ValueError(f"model needs {unset} (no default): set {', '.join(f'model.{n}' for n in unset)}.")
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"Unknown model backend {self.backend!r} (model {self.name!r}): use one of {list(BACKENDS)}."
@@ -229,16 +222,14 @@ class SAEConfig:
     selections may change), auto = fast_exact on CUDA, fp32 elsewhere. Other archs: auto or fp32."""
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"SAEConfig.arch must be one of {', '.join(ARCHS)}; got {self.arch!r}.")
-        for name in ("k", "dead_after_samples"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"SAEConfig.{name} must be a positive integer; got {value!r}.")
-        for name in ("d_in", "n_latents", "expansion"):
-            value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
-                raise ValueError(f"SAEConfig.{name} must be a positive integer; got {value!r} (None = set later).")
+        for name, choices in (("arch", ARCHS), ("sparse_kernel", SPARSE_KERNELS), ("precision", SAE_PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"SAEConfig.{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}.")
+        for name in ("k", "dead_after_samples", "d_in", "n_latents", "expansion"):
+            value, optional = getattr(self, name), name in ("d_in", "n_latents", "expansion")
+            if not (optional and value is None) and (not _is_int(value) or value < 1):
+                later = " (None = set later)" if optional else ""
+                raise ValueError(f"SAEConfig.{name} must be a positive integer; got {value!r}{later}.")
         if not _is_int(self.threshold_start_step) or self.threshold_start_step < 0:
             raise ValueError(
                 f"SAEConfig.threshold_start_step must be an integer >= 0; got {self.threshold_start_step!r}."
@@ -256,12 +247,6 @@ class SAEConfig:
                 raise ValueError(f"SAEConfig.{name} must be a finite number >= 0; got {value!r}.")
         if not isinstance(self.threshold_beta, (int, float)) or not 0.0 <= self.threshold_beta < 1.0:
             raise ValueError(f"SAEConfig.threshold_beta must be in [0, 1) (paper: 0.999); got {self.threshold_beta!r}.")
-        if self.sparse_kernel not in SPARSE_KERNELS:
-            raise ValueError(
-                f"SAEConfig.sparse_kernel must be one of {', '.join(SPARSE_KERNELS)}; got {self.sparse_kernel!r}."
-            )
-        if self.precision not in SAE_PRECISIONS:
-            raise ValueError(f"SAEConfig.precision must be one of {', '.join(SAE_PRECISIONS)}; got {self.precision!r}.")
         if self.arch not in K_ARCHS and self.precision not in ("auto", "fp32"):
             raise ValueError(
                 f"SAEConfig.precision={self.precision!r} only applies to the top-k archs ({', '.join(K_ARCHS)}), "
@@ -472,3 +457,17 @@ class NamingOptions:
     autointerp: Optional[str] = None
     autointerp_model: str = "llava15_7b"  # a conf/model/ LLaVA (backend hf_llava); tiny_llava: random, offline
     autointerp_max_latents: int = 200  # latents asked, highest MS first; the others keep empty cells
+
+
+# (the group a schema types, its ConfigStore name, the dataclass). Stored at the root of the ConfigStore, not inside
+# their group, where ``--help`` and Hydra's "Available options" would list them as choices; group YAMLs start with
+# ``defaults: [/<name>@_here_, _self_]``, e.g. ``conf/sae/topk.yaml`` lists ``/sae_schema@_here_``.
+SCHEMAS: list[tuple[str | None, str, type]] = [
+    ("sae", "sae_schema", SAEConfig),
+    ("model", "model_schema", ModelSpec),
+    ("data", "data_schema", DataSchema),
+    ("trainer", "trainer_schema", TrainerSchema),
+    ("logger", "logger_schema", LoggerSchema),
+    ("embedder", "embedder_schema", EmbedderSpec),
+    ("taxonomy", "taxonomy_schema", TaxonomySchema),
+]

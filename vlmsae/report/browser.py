@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmsae import formats
-from vlmsae.config.schemas import LoggerSchema
+from vlmsae.config.nodes import LoggerSchema
 from vlmsae.utils.io import atomic_write_text
 
 TEMPLATE_DPATH = Path(__file__).resolve().parent / "templates"
@@ -982,7 +982,7 @@ def log_to_wandb(
     data: dict[str, Any], out_dpath: str | Path, logger: LoggerSchema | Mapping[str, Any], config: dict[str, Any]
 ) -> str:
     """Log the cards table to W&B; returns the run dir. ``logger``: the job's logger node (a mapping takes
-    :class:`~vlmsae.config.schemas.LoggerSchema`'s defaults for the keys it lacks). The mode is ``$WANDB_MODE``
+    :class:`~vlmsae.config.nodes.LoggerSchema`'s defaults for the keys it lacks). The mode is ``$WANDB_MODE``
     if set (as for training: ``WANDB_MODE=disabled`` always wins), else ``logger.mode`` (online | offline |
     disabled)."""
     from vlmsae.report.job_log import init_wandb

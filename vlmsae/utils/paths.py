@@ -31,9 +31,6 @@ def hydra_chose_run_dir(explicit: str | Path | None = None) -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
         return False
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.RUN:
-        return False
-    return not any(str(o).split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in hydra_cfg.overrides.hydra)
+    return not any(str(o).split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in HydraConfig.get().overrides.hydra)

@@ -22,17 +22,14 @@ _PACKAGES = ("torch", "torchvision", "transformers", "open_clip_torch", "lightni
 def git_commit() -> str:
     """Commit of the checkout vlmsae runs from, with ``-dirty`` if it has local changes; ``unknown`` outside git."""
     repo_dpath = Path(__file__).resolve().parents[2]
+
+    def git(*args: str, check: bool = True) -> str:
+        cmd = ["git", "-C", str(repo_dpath), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=check).stdout.strip()
+
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(repo_dpath), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo_dpath), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        sha = git("rev-parse", "HEAD")
+        return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", check=False) else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

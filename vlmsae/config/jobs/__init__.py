@@ -1,1 +1,1 @@
-"""One structured-config schema per job (``<job>_schema``), each module with its own ``register()``."""
+"""One structured-config schema per job: ``<job>.py`` holds ``<Job>Job``, stored as ``<job>_schema``."""

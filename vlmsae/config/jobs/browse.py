@@ -26,10 +26,3 @@ class BrowseJob:
     heatmaps: str = "auto"  # auto: recorded per-patch activations, else recompute with model + SAE | recorded | off
     title: Optional[str] = None  # page title; default names the MS run
     sae_format: Optional[str] = None  # the MS run's SAE format for recomputed heatmaps; null = the run's, else detect
-
-
-def register() -> None:
-    """Store :class:`BrowseJob` as ``browse_schema``, the first entry of ``conf/browse.yaml``'s defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="browse_schema", node=BrowseJob)

@@ -20,10 +20,3 @@ class ExportJob:
     # format=dictionary_learning of a Matryoshka SAE: the class name config.json gives it. null = the library's
     # MatryoshkaBatchTopKSAE; MatroyshkaBatchTopKSAE (sic) is the only one the paper's code (sae-for-vlm) loads.
     matryoshka_class: Optional[str] = None
-
-
-def register() -> None:
-    """Store :class:`ExportJob` as ``export_schema``, the first entry of ``conf/export.yaml``'s defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="export_schema", node=ExportJob)

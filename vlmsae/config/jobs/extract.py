@@ -1,9 +1,4 @@
-"""The ``extract`` job's schema: every top-level key of ``conf/extract.yaml`` (``python -m vlmsae.extract``).
-
-``conf/extract.yaml`` lists ``extract_schema`` first in its defaults, so a misspelt key (``layr=3``) or a
-wrong type (``k=abc``) fails at compose time naming the key. Defaults live here only (the YAML holds the
-group choices).
-"""
+"""Schema of ``python -m vlmsae.extract`` (``conf/extract.yaml``): every top-level key, its default and meaning."""
 
 from __future__ import annotations
 
@@ -33,10 +28,3 @@ class ExtractJob:
     # it and its message says what the seed is for (vlmsae.models.extraction.ExtractionPlan)
     order_seed: Any = 0
     progress: bool = True  # tqdm bar with images/s
-
-
-def register() -> None:
-    """Store :class:`ExtractJob` as ``extract_schema`` (the first entry of conf/extract.yaml's defaults)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="extract_schema", node=ExtractJob)

@@ -1,8 +1,4 @@
-"""Schema of ``conf/hierarchy.yaml``: the keys of ``python -m vlmsae.hierarchy`` and their defaults.
-
-The defaults live here, once; the YAML lists only the config groups. An unknown key
-(``ntop=8``) or a wrong type (``n_top=abc``) fails at compose time with the key named.
-"""
+"""Schema of ``python -m vlmsae.hierarchy`` (``conf/hierarchy.yaml``): every top-level key, its default and meaning."""
 
 from __future__ import annotations
 
@@ -16,7 +12,6 @@ from omegaconf import MISSING
 class HierarchyJob:
     """Taxonomy alignment of Matryoshka levels (METHOD §4): LCA depth of each latent's top images, per group."""
 
-    # config groups (typed by their own schemas in vlmsae.config.schemas)
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     data: Any = MISSING  # the images (unused with ms_run, except to find the taxonomy's data root)
     taxonomy: Any = MISSING  # where each image's taxon path comes from
@@ -25,9 +20,8 @@ class HierarchyJob:
 
     sae_path: str = MISSING  # SAE folder, e.g. outputs/train/<run>/sae, a published SAE's folder or hf://org/repo
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
-    # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
-    # active latent), naming the likely cause; false = score it anyway
-    check_fit: bool = True
+    # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
+    check_fit: bool = True  # false = score it anyway
     ms_run: Optional[str] = None  # a finished `python -m vlmsae.monosemanticity` run: reuse top_images/, latents.csv
     layer: Any = None  # null = the SAE's layer (trained_on.layer); or a block index / "last"
     # cls | mean | max over patch tokens; null = cls if the SAE read CLS tokens, else mean
@@ -38,10 +32,3 @@ class HierarchyJob:
     min_majority: float = 0.5  # latent_taxa.csv label: deepest rank whose majority taxon holds more than this share
     batch_size: Optional[int] = None  # images per forward; null = data.images_per_forward
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-
-def register() -> None:
-    """Store the schema as ``hierarchy_schema`` (the first entry of conf/hierarchy.yaml's defaults)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="hierarchy_schema", node=HierarchyJob)

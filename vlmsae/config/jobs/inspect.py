@@ -27,10 +27,3 @@ class InspectJob:
     compare: bool = False  # exactly two images: the latents that separate them most
     thumb_px: int = 160  # side of the page's image thumbnails and heatmaps
     device: Optional[str] = None  # null = the model config's device (auto: first GPU, else CPU); e.g. cpu, cuda:1
-
-
-def register() -> None:
-    """Store :class:`InspectJob` as ``inspect_schema``, the first entry of ``conf/inspect.yaml``'s defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="inspect_schema", node=InspectJob)

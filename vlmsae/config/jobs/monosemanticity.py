@@ -1,8 +1,4 @@
-"""Schema of ``conf/monosemanticity.yaml``: the keys of ``python -m vlmsae.monosemanticity`` and their defaults.
-
-The defaults live here, once; the YAML lists only the config groups. An unknown key
-(``topk=5``) or a wrong type (``top_k=abc``) fails at compose time with the key named.
-"""
+"""Schema of ``python -m vlmsae.monosemanticity`` (``conf/monosemanticity.yaml``): every top-level key and default."""
 
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ from vlmsae.config.nodes import NamingOptions
 class MonosemanticityJob(NamingOptions):
     """MS of every SAE latent and every raw neuron of the layer it reads (METHOD §3), top images, plots."""
 
-    # config groups (typed by their own schemas in vlmsae.config.schemas)
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     model: Any = None  # null = the model the SAE was trained on (its trained_on.model)
     data: Any = MISSING  # the images: folder | list | wds | synthetic
@@ -26,9 +21,8 @@ class MonosemanticityJob(NamingOptions):
 
     sae_path: str = MISSING  # SAE folder (save_sae output, <run>/sae/; or a published SAE's folder / hf://org/repo)
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
-    # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
-    # active latent), naming the likely cause; false = score it anyway
-    check_fit: bool = True
+    # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
+    check_fit: bool = True  # false = score it anyway
     layer: Any = None  # null = the SAE's trained_on.layer; or a block index / "last"
     pool: Optional[str] = None  # cls | mean | max over patch tokens; null = cls if the SAE read CLS tokens, else mean
     top_k: int = 16  # top-activating images kept per latent (images where it is 0 never count)
@@ -48,10 +42,3 @@ class MonosemanticityJob(NamingOptions):
     # null = off | imagenet (open_clip's 1000 class names) | wordnet (concrete nouns) | <file, one name per line>
     # | labels (the scored images' class names, each embedded as its images' mean: no text side needed)
     names: Optional[str] = None
-
-
-def register() -> None:
-    """Store the schema as ``monosemanticity_schema`` (the first entry of conf/monosemanticity.yaml's defaults)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="monosemanticity_schema", node=MonosemanticityJob)

@@ -18,10 +18,3 @@ class NamesJob(NamingOptions):
     embedder: Any = None  # null = the MS run's own embedder (its run_info.json); it must be a CLIP (text side)
     ms_run: str = MISSING  # the monosemanticity run folder (latents.csv, top_images/ with image paths)
     names: str = "imagenet"  # imagenet | wordnet | <text file, one name per line>
-
-
-def register() -> None:
-    """Store :class:`NamesJob` as ``names_schema``, the first entry of ``conf/names.yaml``'s defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="names_schema", node=NamesJob)

@@ -18,9 +18,8 @@ class SpliceEvalJob:
     model: Any = MISSING  # the LLaVA: a conf/model/ choice with backend hf_llava (tiny_llava by default)
     sae_path: str = MISSING  # SAE folder or hf://org/repo, trained on that LLaVA's vision tower
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
-    # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
-    # active latent), naming the likely cause; false = score it anyway
-    check_fit: bool = True
+    # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
+    check_fit: bool = True  # false = score it anyway
     layer: Optional[int] = None  # vision block to splice (default: the SAE's trained_on.layer)
     # null = the built-in images (white + scikit-image's astronaut, coffee, chelsea); a folder of images; or a list
     # of `white` / `skimage:<name>` / image paths. With prompts=<file>, relative image paths are read under it.
@@ -39,10 +38,3 @@ class SpliceEvalJob:
     zero_shot_max_images: int = 1000  # labelled images the zero-shot row reads
     device_map: Optional[str] = None  # LLaVA-7B: auto (accelerate spreads it over GPUs/CPU), cuda:0, or null
     seed: int = 0  # torch seed set before anything runs (generation is greedy)
-
-
-def register() -> None:
-    """Store :class:`SpliceEvalJob` as ``splice_eval_schema``, the first entry of ``conf/splice_eval.yaml``."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="splice_eval_schema", node=SpliceEvalJob)

@@ -1,8 +1,4 @@
-"""Schema of ``conf/stability.yaml``: the keys of ``python -m vlmsae.stability`` and their defaults.
-
-The defaults live here, once; the YAML lists only the Hydra settings. An unknown key (``treshold=0.8``)
-or a wrong type (``threshold=abc``) fails at compose time with the key named.
-"""
+"""Schema of ``python -m vlmsae.stability`` (``conf/stability.yaml``): every top-level key, its default and meaning."""
 
 from __future__ import annotations
 
@@ -27,10 +23,3 @@ class StabilityJob:
     pairs: str = "reference"  # reference: every seed against the first | all: every pair (pairs table only)
     # above this many latents the one-to-one matching is greedy (best candidates first) instead of Hungarian
     exact_max: int = 8192
-
-
-def register() -> None:
-    """Store the schema as ``stability_schema`` (the first entry of conf/stability.yaml's defaults)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="stability_schema", node=StabilityJob)

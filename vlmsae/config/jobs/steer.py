@@ -19,9 +19,8 @@ class SteerJob:
     )
     # picks the block
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
-    # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
-    # active latent), naming the likely cause; false = score it anyway
-    check_fit: bool = True
+    # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
+    check_fit: bool = True  # false = score it anyway
     layer: Optional[int] = None  # override the vision block to hook (default: the SAE's trained_on.layer)
     latent: Any = 0  # latent index, or a list [j1, j2] to clamp several at once
     alpha: Any = 100.0  # new value of the latent(s); a list matches `latent` one to one (paper: 100)
@@ -35,10 +34,3 @@ class SteerJob:
     sweep: Optional[list[float]] = None  # optional alphas, e.g. [0, 30, 40, 50] (the paper's love-poem sweep)
     device_map: Optional[str] = None  # LLaVA-7B: auto (accelerate spreads it over GPUs/CPU), cuda:0, or null
     seed: int = 0  # torch seed set before anything runs (generation itself is greedy)
-
-
-def register() -> None:
-    """Store :class:`SteerJob` as ``steer_schema``, the first entry of ``conf/steer.yaml``'s defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="steer_schema", node=SteerJob)

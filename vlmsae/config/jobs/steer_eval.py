@@ -16,13 +16,11 @@ class SteerEvalJob:
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     model: Any = MISSING  # the LLaVA to steer: a conf/model/ choice with backend hf_llava (its own model_schema)
     embedder: Any = MISSING  # a conf/embedder/ choice with a text tower (CLIP: clip_b32 in the paper, tiny in tests)
-    sae_path: str = (
-        MISSING  # SAE folder or hf://org/repo (the paper: Matryoshka x64 at block 22, 2 random tokens/image)
-    )
+    # SAE folder or hf://org/repo (the paper: Matryoshka x64 at block 22, 2 random tokens/image)
+    sae_path: str = MISSING
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
-    # stop when the SAE does not fit the activations it is fed (first batch: FVE < 0 or nearly all rows without an
-    # active latent), naming the likely cause; false = score it anyway
-    check_fit: bool = True
+    # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
+    check_fit: bool = True  # false = score it anyway
     top_images: str = MISSING  # top_images/ folder of a monosemanticity run with that SAE (image paths and labels)
     layer: Optional[int] = None  # vision block to hook (default: the SAE's trained_on.layer)
     # a count (10 = latents 0..9; the paper: 10 with ImageNet images, 1000 with the white image) or a list
@@ -39,10 +37,3 @@ class SteerEvalJob:
     batch_size: int = 16  # samples per generate call (each may steer a different latent)
     device_map: Optional[str] = None  # LLaVA-7B: auto (accelerate spreads it over GPUs/CPU), cuda:0, or null
     seed: int = 0  # torch seed, the evaluation-image subset and the shuffled lower bound
-
-
-def register() -> None:
-    """Store :class:`SteerEvalJob` as ``steer_eval_schema``, the first entry of ``conf/steer_eval.yaml``'s defaults."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="steer_eval_schema", node=SteerEvalJob)

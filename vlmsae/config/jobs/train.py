@@ -1,9 +1,4 @@
-"""The ``train`` job's schema: every top-level key of ``conf/train.yaml`` (``python -m vlmsae.train``).
-
-``conf/train.yaml`` lists ``train_schema`` first in its defaults, so a misspelt key (``layr=3``) or a
-wrong type (``seed=abc``) fails at compose time naming the key. Defaults live here only (the YAML holds the
-group choices).
-"""
+"""Schema of ``python -m vlmsae.train`` (``conf/train.yaml``): every top-level key, its default and meaning."""
 
 from __future__ import annotations
 
@@ -51,10 +46,3 @@ class TrainJob:
     sae_devices: Any = "auto"
     seed: int = 0  # SAE init, data order (with data.shuffle_seed) and on-the-fly token sampling
     val_ms: ValMsConfig = field(default_factory=ValMsConfig)  # log val/ms_mean while training (default off)
-
-
-def register() -> None:
-    """Store :class:`TrainJob` as ``train_schema`` (the first entry of conf/train.yaml's defaults)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="train_schema", node=TrainJob)
