@@ -1,6 +1,6 @@
 """GPU benchmarks (``make bench-gpu``): every key starts with ``gpu_``; without CUDA the module skips cleanly.
 
-Measured on the first visible CUDA device, each case with its own peak memory (:class:`~vlmsae.bench.timing.PeakMemory`;
+Measured on the first visible CUDA device, each case with its own peak memory (:func:`~vlmsae.bench.timing.peak_memory`;
 the cases and one run's figures: docs/benchmarks.md): the SAE step under the precision policy training uses
 (sparse path vs the dense reference, as in :mod:`vlmsae.bench.sae_step`); precision policies and peers
 (:mod:`vlmsae.bench.gpu_peers`); extraction through a random-weight ViT-L/14-336 (the tap's forward alone per dtype,
@@ -27,7 +27,7 @@ from vlmsae.bench import gpu_peers, sae_step, train_many
 from vlmsae.bench.decode import folder_plan, make_photo_jpegs
 from vlmsae.bench.extract import random_vit
 from vlmsae.bench.ms import random_sparse_codes
-from vlmsae.bench.timing import PeakMemory, interleaved_seconds, sync
+from vlmsae.bench.timing import interleaved_seconds, peak_memory, sync
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.models import load_tap
 from vlmsae.models.extraction import StoreExtraction
@@ -53,7 +53,7 @@ def sae_step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
         shape = sae_step.StepShape(n_latents=n_latents, **shape_kw)
         peaks = {}
         for path in ("sparse", "reference"):  # one path at a time so each peak is its own
-            with PeakMemory(device) as peak, fp32_region(device):
+            with peak_memory(device) as peak, fp32_region(device):
                 seconds = sae_step.measure_step_seconds(shape, device, None, warmup=2, rounds=rounds, paths=(path,))
             peaks[path] = peak.gib
             out[f"gpu_sae_step_{path}_tokens_per_s_{n_latents}"] = shape.batch_size / statistics.median(seconds[path])
@@ -74,7 +74,7 @@ def extraction_keys(device: torch.device, quick: bool) -> dict[str, Any]:
         spec = random_vit(VIT_QUICK if quick else VIT, dtype, str(device))
         tap = load_tap(spec)
         x = torch.randn(batch, 3, spec.image_size, spec.image_size, device=tap.device, dtype=getattr(torch, dtype))
-        with PeakMemory(tap.device) as peak:
+        with peak_memory(tap.device) as peak:
             forward = {"forward": functools.partial(tap.forward_to, x, layer)}
             seconds = interleaved_seconds(forward, 2 if quick else 8, warmup=2, device=tap.device)["forward"]
         out["gpu_extract_model"] = f"{spec.arch} random weights ({spec.n_layers} blocks, width {spec.width})"
@@ -99,7 +99,7 @@ def extraction_keys(device: torch.device, quick: bool) -> dict[str, Any]:
                 root, layer=layer, tokens="random_k", k=16, rows_per_shard=1 << 20, rows_per_chunk=1 << 16,
                 batch_size=batch, num_workers=workers, fast_decode=fast, gpu_decode=gpu_decode,
             )  # fmt: skip
-            with PeakMemory(device) as peak:
+            with peak_memory(device) as peak:
                 extraction = StoreExtraction(spec, plan, Path(tmp) / f"acts_{name or 'exact'}")
                 summary = extraction.run()
             out[f"gpu_extract_{name}images_per_s"] = summary["images_per_s"]
@@ -115,7 +115,7 @@ def ms_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     emb = torch.randn(n_images, dim, generator=torch.Generator().manual_seed(2)).to(device)
     warm = random_sparse_codes(256, 512, k, seed=3).to(device)  # first CUDA calls load kernels: not the scorer's cost
     monosemanticity_scores(warm, emb[:256])
-    with PeakMemory(device) as peak:
+    with peak_memory(device) as peak:
         start = time.perf_counter()
         ms = monosemanticity_scores(codes, emb)
         sync(device)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vlmsae.bench.timing import PeakMemory, interleaved_seconds
+from vlmsae.bench.timing import interleaved_seconds, peak_memory
 from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.metrics import reconstruction
 from vlmsae.sae import SAEConfig, build_sae
@@ -41,7 +41,7 @@ def _timed(step, device: torch.device, warmup: int, rounds: int) -> tuple[float,
     """(median seconds per step, peak GiB on CUDA or None)."""
     for _ in range(warmup):
         step()
-    with PeakMemory(device) as peak:
+    with peak_memory(device) as peak:
         seconds = interleaved_seconds({"step": step}, rounds, warmup=0, device=device)["step"]
     return sorted(seconds)[len(seconds) // 2], peak.gib
 
