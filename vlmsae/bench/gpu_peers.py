@@ -174,10 +174,9 @@ def agreement_keys(device: torch.device, quick: bool) -> dict[str, Any]:
                 def checked(pre, select=select, differing=differing):
                     rows, cols, vals = select(pre)
                     got = rows * n_latents + cols
-                    for other in ("fp32", "bf16"):
+                    for other, key in (("fp32", "fast_exact"), ("bf16", "bf16")):
                         o_rows, o_cols, _ = select(compute_preacts(pre.x_BD, pre.W_FD, pre.b_F, other))
                         want = o_rows * n_latents + o_cols
-                        key = "fast_exact" if other == "fp32" else "bf16"
                         differing[key] += int(got.numel() + want.numel() - 2 * torch.isin(got, want).sum())
                     return rows, cols, vals
 

@@ -613,6 +613,7 @@ def build_browser(
         key = index.keys[image_idx] if image_idx < n_keys else ""
         return _caption(key, labels[image_idx] if labels and image_idx < len(labels) else None)
 
+    inspect_href = inspect_links(ms_dpath, out_dpath)
     show_recorded = heatmaps != "off" and patch_acts_KXP is not None and _grid_side(patch_acts_KXP.shape[-1])
     cards: list[dict[str, Any]] = []
     idx_rows, act_rows = card_image_idx_KX.tolist(), card_acts_KX.tolist()
@@ -646,16 +647,13 @@ def build_browser(
                 "top_keys": r["top_keys"] if row is None else "",
                 "top": top,
                 "steering": steer_by_latent.get(latent, []),
+                **({"inspect": inspect_href[latent]} if latent in inspect_href else {}),
             }
         )
 
     heatmap_note = _fill_heatmaps(
         cards, patch_acts_KXP is not None, index.paths, ms_config, heatmaps, sae_trained_on, sae_format
     )
-    inspect_href = inspect_links(ms_dpath, out_dpath)
-    for card in cards:
-        if card["latent"] in inspect_href:
-            card["inspect"] = inspect_href[card["latent"]]
     plots = _copy_plots(ms_dpath, sources.hierarchy_dpath, out_dpath)
     data = {
         "title": title or f"vlmsae feature browser: {ms_dpath.name}",
@@ -758,10 +756,7 @@ def _fill_heatmaps(
         grids = [t["heat"] for t in card["top"] if t["heat"]]
         scale = max((max(g) for g in grids), default=0.0)
         for t in card["top"]:
-            if t["heat"] and _grid_side(len(t["heat"])):
-                t["heat"] = quantize_grid(t["heat"], scale)
-            else:
-                t["heat"] = None
+            t["heat"] = quantize_grid(t["heat"], scale) if t["heat"] and _grid_side(len(t["heat"])) else None
     return note
 
 

@@ -212,11 +212,9 @@ def init_wandb(lg: LoggerSchema, mode: str, job: str, out_dpath: Path, config: d
     import wandb
 
     train_logger = (trained.get("train") or {}).get("logger") or {}
-    default_project = LoggerSchema().project
     project = lg.project
-    if project == default_project and train_logger.get("kind") == "wandb" and train_logger.get("project"):
+    if project == LoggerSchema().project and train_logger.get("kind") == "wandb" and train_logger.get("project"):
         project = train_logger["project"]  # the training run's project, unless logger.project says otherwise
-    group = lg.group or train_logger.get("group") or trained.get("name")
     extra = {k: trained[k] for k in ("sae", "train") if k in trained}
     if "wandb_id" in trained:
         extra["train_wandb_id"] = trained["wandb_id"]
@@ -224,7 +222,7 @@ def init_wandb(lg: LoggerSchema, mode: str, job: str, out_dpath: Path, config: d
         return wandb.init(
             project=project,
             entity=lg.entity or train_logger.get("entity"),
-            group=group,
+            group=lg.group or train_logger.get("group") or trained.get("name"),
             job_type=job,
             name=_run_name(out_dpath),
             tags=list(lg.tags or []),
