@@ -51,13 +51,11 @@ def sae_step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     )
     for n_latents in sizes:
         shape = sae_step.StepShape(n_latents=n_latents, **shape_kw)
-        peaks = {}
         for path in ("sparse", "reference"):  # one path at a time so each peak is its own
             with peak_memory(device) as peak, fp32_region(device):
                 seconds = sae_step.measure_step_seconds(shape, device, None, warmup=2, rounds=rounds, paths=(path,))
-            peaks[path] = peak.gib
             out[f"gpu_sae_step_{path}_tokens_per_s_{n_latents}"] = shape.batch_size / statistics.median(seconds[path])
-            out[f"gpu_sae_step_{path}_peak_gib_{n_latents}"] = peaks[path]
+            out[f"gpu_sae_step_{path}_peak_gib_{n_latents}"] = peak.gib
         out[f"gpu_sae_step_speedup_vs_reference_{n_latents}"] = (
             out[f"gpu_sae_step_sparse_tokens_per_s_{n_latents}"]
             / out[f"gpu_sae_step_reference_tokens_per_s_{n_latents}"]
