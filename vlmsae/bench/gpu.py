@@ -33,8 +33,6 @@ from vlmsae.models import load_tap
 from vlmsae.models.extraction import StoreExtraction
 from vlmsae.sae.precision import fp32_region
 
-STEP_SIZES = (16_384, 65_536)
-STEP_SHAPE = dict(d_in=1024, k=20, batch_size=4096)
 QUICK_STEP_SIZES = (512, 2048)
 QUICK_STEP_SHAPE = dict(d_in=64, k=8, batch_size=256)
 VIT, VIT_QUICK = "ViT-L-14-336", "ViT-B-32"  # the LLaVA-1.5 tower's shape; quick: ViT-B/32 at 224 px
@@ -42,7 +40,8 @@ VIT, VIT_QUICK = "ViT-L-14-336", "ViT-B-32"  # the LLaVA-1.5 tower's shape; quic
 
 def sae_step_keys(device: torch.device, quick: bool) -> dict[str, Any]:
     """Sparse vs dense-reference step tokens/s and peak memory per F, under the SAE precision policy."""
-    shape_kw, sizes = (QUICK_STEP_SHAPE, QUICK_STEP_SIZES) if quick else (STEP_SHAPE, STEP_SIZES)
+    # the full shapes: the precision and peer cases' (the paper's d, k and batch; F = 16,384 and 65,536)
+    shape_kw, sizes = (QUICK_STEP_SHAPE, QUICK_STEP_SIZES) if quick else (gpu_peers.SHAPE, gpu_peers.SIZES)
     rounds = 2 if quick else 10
     out: dict[str, Any] = {f"gpu_sae_step_{k}": v for k, v in shape_kw.items()}
     out["gpu_sae_step_precision"] = (
