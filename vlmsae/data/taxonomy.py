@@ -401,11 +401,10 @@ def load_concepts(root: str | Path | None = None) -> Taxonomy:
 
     ``root``: a generated folder (its ``concepts.json`` lists the classes); None = every class.
     """
-    classes = None
     if root is not None and (Path(root) / "concepts.json").is_file():
         meta = json.loads((Path(root) / "concepts.json").read_text())
         classes = [(c["name"], c["shape"], c["colour"]) for c in meta["classes"]]
-    if classes is None:
+    else:
         classes = [(name, *name.split("_", 1)) for name in concept_classes()]
     paths = {name: (shape, f"{colour} {shape}") for name, shape, colour in classes}
     return Taxonomy(("shape", "shape_colour"), paths, origin=f"concepts:{root or 'all classes'}")

@@ -44,8 +44,7 @@ def collect_sweep(sweep_dpath: str | Path) -> list[dict[str, Any]]:
         metrics_fpath = job_dpath / "metrics.json"
         if not metrics_fpath.is_file() and not (job_dpath / "run_info.json").is_file():
             continue
-        row: dict[str, Any] = {"job": job_dpath.name}
-        row.update(_job_overrides(job_dpath))
+        row: dict[str, Any] = {"job": job_dpath.name, **_job_overrides(job_dpath)}
         if metrics_fpath.is_file():
             metrics = json.loads(metrics_fpath.read_text(encoding="utf-8"))
             row.update({"status": "done", **{key: metrics.get(key) for key in SUMMARY_METRICS}})
