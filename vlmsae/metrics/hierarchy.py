@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmsae.metrics.monosemanticity import finite_stats
+
 N_TOP = 16  # METHOD §4: the top-16 images of each latent, 120 pairs
+_NONE_STATS = dict.fromkeys(("mean", "std", "min", "max"))  # a group without values: JSON nulls
 
 
 @dataclass
@@ -126,19 +129,6 @@ def deepest_majority_rank(code_KO: torch.Tensor, frac_KO: torch.Tensor, min_frac
     return torch.where(clear_KO, ranks_O, -1).max(dim=1).values
 
 
-def _stats(values: torch.Tensor) -> dict[str, float | None]:
-    values = values[~torch.isnan(values)]
-    if values.numel() == 0:
-        return {"mean": None, "std": None, "max": None, "min": None, "n": 0}
-    return {
-        "mean": float(values.mean()),
-        "std": float(values.std(unbiased=False)),
-        "max": float(values.max()),
-        "min": float(values.min()),
-        "n": int(values.numel()),
-    }
-
-
 def group_table(
     depths: LatentDepths,
     group_of_latent_K: torch.Tensor,
@@ -155,19 +145,23 @@ def group_table(
     rows = []
     for g in range(n_groups):
         in_g = group_K == g
-        d = _stats(depths.depth_mean_K[in_g & depths.valid_K])
+        depth_G = depths.depth_mean_K[in_g & depths.valid_K]
+        n_scored = int((~torch.isnan(depth_G)).sum())
+        d = finite_stats(depth_G) or _NONE_STATS
         mode = depths.depth_mode_K[in_g & depths.valid_K].double()
         row = {
             "group": g,
             "n_latents": int(in_g.sum()),
-            "n_scored": d["n"],
-            "n_excluded": int(in_g.sum()) - d["n"],
+            "n_scored": n_scored,
+            "n_excluded": int(in_g.sum()) - n_scored,
             "depth_mean": d["mean"],
             "depth_std": d["std"],
             "depth_mode_mean": float(mode.mean()) if mode.numel() else None,
         }
-        m = _stats(ms_K.double()[in_g] if ms_K is not None else torch.empty(0))  # no MS: None and n_ms 0
-        row.update(ms_mean=m["mean"], ms_max=m["max"], ms_min=m["min"], ms_std=m["std"], n_ms=m["n"])
+        ms_G = ms_K.double()[in_g] if ms_K is not None else torch.empty(0)  # no MS: None and n_ms 0
+        m = finite_stats(ms_G) or _NONE_STATS
+        row.update(ms_mean=m["mean"], ms_max=m["max"], ms_min=m["min"], ms_std=m["std"])
+        row["n_ms"] = int((~torch.isnan(ms_G)).sum())
         rows.append(row)
     return rows
 
