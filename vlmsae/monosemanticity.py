@@ -46,10 +46,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     its SAEs share the images' embeddings and, per model and layer, the source activations.
     """
     from vlmsae.data.image_set import ImageSet
+    from vlmsae.models.tiny import vlmsae_home
     from vlmsae.report.job_log import log_job
     from vlmsae.report.tables import ms_table
     from vlmsae.studies import sweep
-    from vlmsae.studies.embedding_cache import default_cache_dpath
     from vlmsae.studies.ms_study import score_sae
     from vlmsae.studies.naming import namer_for
 
@@ -62,7 +62,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     namer = namer_for(job, job.embedder)  # before any image is read
     members, is_sweep = sweep.open_members(sae_dpath, job.sae_format, "MS table", job.model)
     images = ImageSet.from_data(job.data, job="monosemanticity")
-    cache_dpath = Path(job.embed_cache).expanduser() if job.embed_cache else default_cache_dpath()
+    cache_dpath = Path(job.embed_cache).expanduser() if job.embed_cache else vlmsae_home() / "embeddings"
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
         # model: null = the SAE's trained_on.model

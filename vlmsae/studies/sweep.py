@@ -129,10 +129,8 @@ def load_sweep(paths: list[str], sae_format: str | None = None) -> list[SweepMem
     return members
 
 
-def require_one_model(members: list[SweepMember], what: str, model_override: Any = None) -> None:
+def require_one_model(members: list[SweepMember], what: str) -> None:
     """Refuse a table over SAEs of different source models (a table compares SAEs of one model)."""
-    if model_override is not None:
-        return
     models: dict[str, list[str]] = {}
     for m in members:
         models.setdefault(m.trained_on_model, []).append(m.sae_path)
@@ -146,10 +144,6 @@ def require_one_model(members: list[SweepMember], what: str, model_override: Any
 
 def _model_key(spec: Any) -> str:
     return repr((spec.name, spec.pretrained, spec.local_path, spec.seed, spec.device))  # the seed: random weights
-
-
-def _pixels_digest(images_BCHW: torch.Tensor) -> str:
-    return hashlib.sha1(images_BCHW.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 class SharedTap:
@@ -166,7 +160,7 @@ class SharedTap:
         return getattr(self.tap, name)
 
     def forward_to(self, images_BCHW: torch.Tensor, layer: Any) -> torch.Tensor:
-        key = (str(layer), _pixels_digest(images_BCHW))
+        key = (str(layer), hashlib.sha1(images_BCHW.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
         if key not in self.kept:
             acts = self.tap.forward_to(images_BCHW, layer)
             self.kept[key] = acts[:, :1] if self.cls_only and acts.dim() == 3 else acts
@@ -222,11 +216,10 @@ class SweepCache:
 def grouped(members: list[SweepMember]) -> Iterator[SweepMember]:
     """The members ordered so SAEs of the same model, layer and tokens are next to each other (their kept
     activations are dropped when the next group starts)."""
-    key = {
-        id(m): (m.trained_on_model, str(m.trained_on_layer), str((m.sae.trained_on or {}).get("tokens")))
-        for m in members
-    }
-    yield from sorted(members, key=lambda m: key[id(m)])
+    yield from sorted(
+        members,
+        key=lambda m: (m.trained_on_model, str(m.trained_on_layer), str((m.sae.trained_on or {}).get("tokens"))),
+    )
 
 
 @dataclass
@@ -258,8 +251,8 @@ def open_members(
     if paths is None:
         return [SweepMember(sae_path, load_job_sae(sae_path, sae_format), Path(sae_path).name)], False
     members = load_sweep(paths, sae_format)
-    if table is not None:
-        require_one_model(members, table, model_override)
+    if table is not None and model_override is None:
+        require_one_model(members, table)
     return members, True
 
 
