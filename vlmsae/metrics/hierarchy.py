@@ -27,8 +27,6 @@ class LatentDepths:
     depth_mean_K: torch.Tensor  # float64 [K]
     depth_mode_K: torch.Tensor  # int64 [K]
     valid_K: torch.Tensor  # bool [K]: the latent has n_top firing images
-    n_ranks: int
-    n_top: int
 
 
 def _top_n(top_idx_KX: torch.Tensor, top_acts_KX: torch.Tensor, n_top: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +84,7 @@ def lca_depths(
         depth_mean_K[rows] = depth_KJ.double().mean(dim=1)
         counts_KO1 = torch.nn.functional.one_hot(depth_KJ, n_ranks + 1).sum(dim=1)
         depth_mode_K[rows] = counts_KO1.argmax(dim=1)  # first maximum = smallest depth among ties
-    return LatentDepths(depth_mean_K, depth_mode_K, valid_K, n_ranks, n_top)
+    return LatentDepths(depth_mean_K, depth_mode_K, valid_K)
 
 
 def majority_taxa(

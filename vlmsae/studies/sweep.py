@@ -129,19 +129,6 @@ def load_sweep(paths: list[str], sae_format: str | None = None) -> list[SweepMem
     return members
 
 
-def require_one_model(members: list[SweepMember], what: str) -> None:
-    """Refuse a table over SAEs of different source models (a table compares SAEs of one model)."""
-    models: dict[str, list[str]] = {}
-    for m in members:
-        models.setdefault(m.trained_on_model, []).append(m.sae_path)
-    if len(models) > 1:
-        listing = "; ".join(f"{model}: {', '.join(paths)}" for model, paths in models.items())
-        raise ValueError(
-            f"The sweep mixes SAEs of {len(models)} source models ({listing}): one {what} compares SAEs of "
-            "one model. Split the sweep: run the job once per model with sae_path=<that model's SAEs>."
-        )
-
-
 def _model_key(spec: Any) -> str:
     return repr((spec.name, spec.pretrained, spec.local_path, spec.seed, spec.device))  # the seed: random weights
 
@@ -246,13 +233,20 @@ def open_members(
 ) -> tuple[list[SweepMember], bool]:
     """The SAEs ``sae_path`` names, loaded on the CPU, and whether they are a sweep. A sweep folder or a comma list
     (:func:`sweep_paths`) gives its SAEs, named (:func:`load_sweep`) and, when ``table`` names the sweep's table,
-    refused unless they read one model (:func:`require_one_model`); one SAE gives itself, named by its folder."""
+    refused unless they read one model; one SAE gives itself, named by its folder."""
     paths = sweep_paths(sae_path)
     if paths is None:
         return [SweepMember(sae_path, load_job_sae(sae_path, sae_format), Path(sae_path).name)], False
     members = load_sweep(paths, sae_format)
-    if table is not None and model_override is None:
-        require_one_model(members, table)
+    models: dict[str, list[str]] = {}
+    for m in members:
+        models.setdefault(m.trained_on_model, []).append(m.sae_path)
+    if table is not None and model_override is None and len(models) > 1:  # a table compares SAEs of one model
+        listing = "; ".join(f"{model}: {', '.join(paths)}" for model, paths in models.items())
+        raise ValueError(
+            f"The sweep mixes SAEs of {len(models)} source models ({listing}): one {table} compares SAEs of "
+            "one model. Split the sweep: run the job once per model with sae_path=<that model's SAEs>."
+        )
     return members, True
 
 
