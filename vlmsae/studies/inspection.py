@@ -33,6 +33,7 @@ from vlmsae.metrics.reconstruction import fve, normalized_mse
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models import embedders
 from vlmsae.models.open_sae import TappedSAE
+from vlmsae.steering.score import unit
 from vlmsae.studies.naming import (
     DEFAULT_TEMPLATES,
     concepts_from_embeddings,
@@ -42,7 +43,6 @@ from vlmsae.studies.naming import (
 )
 
 _IMAGES_FIX = "pass images=<an image file | a folder of images | a .txt list of image paths | [a.jpg, b.png]>"
-LIST_SUFFIXES = (".txt", ".tsv", ".list")
 
 
 # ---------------------------------------------------------------------------------------------- the images
@@ -55,7 +55,7 @@ def list_images(images: str | Path | Sequence[str | Path]) -> list[tuple[str, st
             raise ValueError(f"images={list(images)} names no image: {_IMAGES_FIX}.")
         return out
     path = Path(str(images)).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix.lower() in LIST_SUFFIXES):
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in (".txt", ".tsv", ".list")):
         return [(key, p) for key, p, _ in (list_folder(path) if path.is_dir() else list_file(path)).items]
     if path.is_file():
         return [(path.name, str(path))]
@@ -265,12 +265,9 @@ def query_text_embedding(
 def query_latents(concepts_KE: torch.Tensor, text_E: torch.Tensor, top_n: int = 8) -> list[tuple[int, float]]:
     """``(latent, cosine)`` of the ``top_n`` latents whose concept is closest to ``text_E``, best first (latents
     without a concept are skipped; ties keep the lower id)."""
-    unit_E = text_E.float() / text_E.float().norm().clamp_min(1e-12)
-    cos_K = concepts_KE.float() @ unit_E
-    valid = ~torch.isnan(cos_K)
-    order = torch.sort(cos_K.nan_to_num(-3.0), descending=True, stable=True).indices
-    picked = [int(k) for k in order.tolist() if valid[k]][:top_n]
-    return [(k, float(cos_K[k])) for k in picked]
+    cos_K = concepts_KE.float() @ unit(text_E)
+    order = torch.sort(cos_K.nan_to_num(-3.0), descending=True, stable=True).indices.tolist()
+    return [(k, float(cos_K[k])) for k in order if not math.isnan(cos_K[k])][:top_n]
 
 
 def query_ms_run(ms: MSRunView, text: str, embedder_cfg: Any = None, top_n: int = 8) -> list[tuple[int, float]]:
