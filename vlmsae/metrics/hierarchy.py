@@ -88,11 +88,7 @@ def lca_depths(
 
 
 def majority_taxa(
-    top_idx_KX: torch.Tensor,
-    top_acts_KX: torch.Tensor,
-    image_codes_NO: torch.Tensor,
-    n_top: int = N_TOP,
-    chunk: int = 4096,
+    top_idx_KX: torch.Tensor, top_acts_KX: torch.Tensor, image_codes_NO: torch.Tensor, n_top: int = N_TOP
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per latent and rank, the most frequent taxon among its firing top images.
 
@@ -104,11 +100,10 @@ def majority_taxa(
     K, n_ranks = idx_KX.shape[0], image_codes_NO.shape[1]
     code_KO = torch.zeros(K, n_ranks, dtype=torch.long)
     frac_KO = torch.zeros(K, n_ranks, dtype=torch.float64)
-    firing_KX = idx_KX >= 0
-    n_images_K = firing_KX.sum(dim=1)
+    n_images_K = (idx_KX >= 0).sum(dim=1)
     codes = torch.cat([torch.zeros(1, n_ranks, dtype=torch.long), image_codes_NO.long()])  # row 0: empty slot
-    for start in range(0, K, chunk):
-        sl = slice(start, min(start + chunk, K))
+    for start in range(0, K, 4096):  # [4096, X, X, O] booleans per chunk
+        sl = slice(start, start + 4096)
         c_KXO = codes[idx_KX[sl] + 1]
         # count_KXO[k, t, r]: how many top images share image t's taxon at rank r
         same_KXXO = (c_KXO[:, :, None, :] == c_KXO[:, None, :, :]) & (c_KXO[:, None, :, :] > 0)
