@@ -92,7 +92,9 @@ def _scorer(job: HierarchyJob, config: dict, taxonomy, classes: list[str], image
         )  # fmt: skip
         outputs = write_hierarchy_outputs(sub_dpath, result, m.name)
         write_run_info(sub_dpath, {**config, "sae_path": m.sae_path}, outputs=outputs)
-        study.log_groups(result.summary.groups)
+        for r in result.summary.groups:
+            values = [r[k] for k in ("group", "n_scored", "n_latents", "depth_mean", "ms_mean")]
+            log.info("group %d: %d/%d latents scored, depth %s, MS %s", *values)
         return result.summary.to_dict(), m.trained_on_layer
 
     return score

@@ -233,10 +233,3 @@ def hierarchy_markdown(summary: HierarchySummary) -> str:
         f"{ranks[0]}, {len(ranks)} = same {ranks[-1]}), mean over the "
         f"{n_top * (n_top - 1) // 2} pairs of a latent, then over the latents of a group.\n"
     )
-
-
-def log_groups(groups: list[dict]) -> None:
-    """One log line per group (``HierarchySummary.groups``): scored latents, depth and MS."""
-    for r in groups:
-        values = [r[k] for k in ("group", "n_scored", "n_latents", "depth_mean", "ms_mean")]
-        log.info("group %d: %d/%d latents scored, depth %s, MS %s", *values)

@@ -253,13 +253,11 @@ def latent_concepts(
     return concepts_from_embeddings(emb_NE, idx_KX)
 
 
-def query_text_embedding(
-    text: str, embed_text: Callable[[list[str]], torch.Tensor], templates: Sequence[str] = DEFAULT_TEMPLATES
-) -> torch.Tensor:
+def query_text_embedding(text: str, embed_text: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
     """[E] unit text embedding of ``text``, averaged over the names templates exactly as a vocabulary name is."""
     if not str(text).strip():
         raise ValueError("query= is empty: pass a text, e.g. query='a zebra', or drop it.")
-    return name_embeddings([str(text)], list(templates), embed_text)[0]
+    return name_embeddings([str(text)], DEFAULT_TEMPLATES, embed_text)[0]
 
 
 def query_latents(concepts_KE: torch.Tensor, text_E: torch.Tensor, top_n: int = 8) -> list[tuple[int, float]]:

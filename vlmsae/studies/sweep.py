@@ -110,25 +110,6 @@ def sweep_paths(sae_path: str) -> list[str] | None:
     return [str(p) for p in found]
 
 
-def load_sweep(paths: list[str], sae_format: str | None = None) -> list[SweepMember]:
-    """Load every SAE of ``paths`` (CPU) and give each a unique output-folder name; a name two SAEs share
-    gets the SAE's run folder appended (e.g. the multirun job number) so no output is overwritten."""
-    members = [SweepMember(p, load_job_sae(p, sae_format)) for p in paths]
-    for m in members:  # {arch}_x{expansion}_L{layer}, a folder name
-        m.name = f"{m.arch}_x{m.expansion:g}_L{m.trained_on_layer}".replace("/", "-").replace(" ", "")
-    counts = Counter(m.name for m in members)
-    for m in members:
-        if counts[m.name] > 1:
-            run = Path(m.sae_path).parent.name if Path(m.sae_path).name == SAE_DIRNAME else Path(m.sae_path).name
-            m.name = f"{m.name}_{run}"
-    names = [m.name for m in members]
-    if len(set(names)) != len(names):  # same config and same run folder name: fall back to the position
-        for i, m in enumerate(members):
-            m.name = f"{m.name}_{i}"
-    log.info("sweep of %d SAEs: %s", len(members), ", ".join(names))
-    return members
-
-
 def _model_key(spec: Any) -> str:
     return repr((spec.name, spec.pretrained, spec.local_path, spec.seed, spec.device))  # the seed: random weights
 
@@ -232,12 +213,24 @@ def open_members(
     sae_path: str, sae_format: str | None, table: str | None = None, model_override: Any = None
 ) -> tuple[list[SweepMember], bool]:
     """The SAEs ``sae_path`` names, loaded on the CPU, and whether they are a sweep. A sweep folder or a comma list
-    (:func:`sweep_paths`) gives its SAEs, named (:func:`load_sweep`) and, when ``table`` names the sweep's table,
+    (:func:`sweep_paths`) gives its SAEs, each named for its output folder and, when ``table`` names the sweep's table,
     refused unless they read one model; one SAE gives itself, named by its folder."""
     paths = sweep_paths(sae_path)
     if paths is None:
         return [SweepMember(sae_path, load_job_sae(sae_path, sae_format), Path(sae_path).name)], False
-    members = load_sweep(paths, sae_format)
+    members = [SweepMember(p, load_job_sae(p, sae_format)) for p in paths]
+    for m in members:  # {arch}_x{expansion}_L{layer}, a folder name
+        m.name = f"{m.arch}_x{m.expansion:g}_L{m.trained_on_layer}".replace("/", "-").replace(" ", "")
+    counts = Counter(m.name for m in members)
+    for m in members:  # a name two SAEs share gets the run folder (e.g. the multirun job number): no overwrite
+        if counts[m.name] > 1:
+            run = Path(m.sae_path).parent.name if Path(m.sae_path).name == SAE_DIRNAME else Path(m.sae_path).name
+            m.name = f"{m.name}_{run}"
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):  # same config and same run folder name: fall back to the position
+        for i, m in enumerate(members):
+            m.name = f"{m.name}_{i}"
+    log.info("sweep of %d SAEs: %s", len(members), ", ".join(names))
     models: dict[str, list[str]] = {}
     for m in members:
         models.setdefault(m.trained_on_model, []).append(m.sae_path)
