@@ -186,7 +186,6 @@ class MSRunView:
     dpath: Path
     table: LatentsTable
     top: TopImages
-    config: dict[str, Any]
 
     def latent(self, latent: int, n_top: int = 8) -> dict[str, Any]:
         """Name, names, MS, frequency, Matryoshka group and the paths of the first ``n_top`` top images."""
@@ -217,8 +216,8 @@ def open_ms_run(ms_run: str | Path, sae_path: str | Path, n_latents: int) -> MSR
             f"ms_run={ms_run}: {dpath} holds no latents.csv + top_images/. Pass the output folder of "
             f"`python -m vlmsae.monosemanticity sae_path={sae_path} ...`, or drop ms_run=."
         )
-    config = read_run_info(dpath).config if (dpath / RUN_INFO_JSON).is_file() else {}
-    run_sae = (config or {}).get("sae_path")
+    config = (read_run_info(dpath).config or {}) if (dpath / RUN_INFO_JSON).is_file() else {}
+    run_sae = config.get("sae_path")
     top = TopImages.load(dpath / TOP_IMAGES_DIR)
     if (run_sae and not _same_sae(run_sae, sae_path)) or top.n_latents != n_latents:
         said = f"sae_path={run_sae}" if run_sae else "an unnamed SAE"
@@ -228,7 +227,7 @@ def open_ms_run(ms_run: str | Path, sae_path: str | Path, n_latents: int) -> MSR
             f"latents. Pass the MS run of this SAE (python -m vlmsae.monosemanticity sae_path={sae_path} ...), or "
             "drop ms_run=."
         )
-    return MSRunView(dpath, read_latents_csv(dpath), top, dict(config or {}))
+    return MSRunView(dpath, read_latents_csv(dpath), top)
 
 
 # ---------------------------------------------------------------------------------------------- query
