@@ -61,11 +61,8 @@ CNN_RECIPE = Recipe(epochs=15, lr=3e-3)  # ~3 s of one CPU thread, ~96% held out
 
 
 def file_sha256(fpath: Path) -> str:
-    h = hashlib.sha256()
     with open(fpath, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_problem(dpath: Path, weights_name: str, seed: int, recipe: Recipe | None = None) -> str | None:
@@ -174,14 +171,7 @@ def _vit_transform() -> Any:
     import open_clip
 
     cfg = clip_preprocess_cfg(VIT_IMAGE_PX)
-    return open_clip.image_transform(
-        cfg["size"],
-        is_train=False,
-        mean=cfg["mean"],
-        std=cfg["std"],
-        interpolation=cfg["interpolation"],
-        resize_mode=cfg["resize_mode"],
-    )
+    return open_clip.image_transform(cfg.pop("size"), is_train=False, **cfg)
 
 
 def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> None:
