@@ -112,17 +112,6 @@ def latent_concepts(top: Any, latents: Sequence[int], top_n: int, embed_images: 
     return concepts_LE, top_paths, top_labels
 
 
-def text_embed_fn(embedder: Any):
-    """The embedder's text tower (``embed_text``), or a TypeError naming the fix."""
-    for name in ("embed_text", "embed_texts", "encode_text"):
-        if callable(getattr(embedder, name, None)):
-            return getattr(embedder, name)
-    raise TypeError(
-        f"The embedder {type(embedder).__name__} has no text tower (embed_text): the steering score needs a CLIP "
-        "embedder (embedder=clip_b32, or the tiny CLIP in tests)."
-    )
-
-
 @dataclass
 class ScoreRequest:
     """What the steering score steers and asks (the ``steer_eval`` job's keys, typed)."""
@@ -230,7 +219,12 @@ def score_steering(
     :class:`~vlmsae.metrics.topimages.TopImages` of a monosemanticity run with ``setup.sae``.
     """
     r = request
-    embed_texts = text_embed_fn(embedder)
+    embed_texts = getattr(embedder, "embed_text", None)
+    if not callable(embed_texts):
+        raise TypeError(
+            f"The embedder {type(embedder).__name__} has no text tower (embed_text): the steering score needs a CLIP "
+            "embedder (embedder=clip_b32, or the tiny CLIP in tests)."
+        )
     # Concepts: mean image embedding of each latent's top images, decoded latent by latent.
     concepts_LE, top_paths, top_labels = latent_concepts(top, r.latents, r.top_n, embedder.embed)
     # Answers, not steered (once per image) and steered (once per latent x image).
