@@ -36,14 +36,6 @@ from vlmsae.models.tap import Tap, resolve_layer
 log = logging.getLogger(__name__)
 
 
-def _model_for_pretrained(pretrained: Any) -> str | None:
-    """The one registered model whose ``pretrained`` is exactly ``pretrained`` (e.g. an HF id), else None."""
-    if not pretrained:
-        return None
-    names = [n for n in list_models() if get_model_spec(n).pretrained == pretrained]
-    return names[0] if len(names) == 1 else None  # a bare tag like "openai" fits several: no guess
-
-
 def trained_on_model_spec(
     trained_on: dict[str, Any], model: ModelSpec | None = None, sae_dpath: str | Path | None = None
 ) -> ModelSpec:
@@ -51,7 +43,10 @@ def trained_on_model_spec(
     registered model whose ``pretrained`` equals the trained_on's); an error naming ``model=`` when neither."""
     if model is not None:
         return to_typed(model, ModelSpec)
-    name = trained_on.get("model") or _model_for_pretrained(trained_on.get("pretrained"))
+    name = trained_on.get("model")
+    if not name and trained_on.get("pretrained"):  # the one model with exactly this pretrained (e.g. an HF id)
+        names = [n for n in list_models() if get_model_spec(n).pretrained == trained_on["pretrained"]]
+        name = names[0] if len(names) == 1 else None  # a bare tag like "openai" fits several: no guess
     if not name:
         known = (
             f" (pretrained={trained_on['pretrained']!r} matches no single model)"
