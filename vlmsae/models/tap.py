@@ -10,6 +10,7 @@ image embedding (what CLIP compares with text). Blocks after L never run: extrac
 
 from __future__ import annotations
 
+import re
 from typing import Any, Union
 
 import torch
@@ -165,19 +166,7 @@ def select_tokens(
 
 def looks_offline(err: BaseException) -> bool:
     """Whether a loading error reads like missing network access or an uncached download (not a bad file)."""
-    text = f"{type(err).__name__} {err}".lower()
-    words = (
-        "download",
-        "connect",
-        "offline",
-        "resolve",
-        "hub",
-        "not found",
-        "404",
-        "internet",
-        "local_files_only",
-        "couldn't",
-        "max retries",
-        "no such file",
+    hints = (
+        "download|connect|offline|resolve|hub|not found|404|internet|local_files_only|couldn't|max retries|no such file"
     )
-    return any(w in text for w in words)
+    return re.search(hints, f"{type(err).__name__} {err}".lower()) is not None
