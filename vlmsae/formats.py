@@ -154,14 +154,19 @@ def _found(path: str | Path, name: str, job: str) -> Path:
     return fpath
 
 
-def _load_json(fpath: Path, job: str) -> dict[str, Any]:
+def read_json_object(fpath: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``fpath``; unreadable JSON or another JSON type is refused, naming the file and ``fix``."""
     try:
         obj = json.loads(fpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{fpath} is not valid JSON ({err}); re-run `{job}` to rewrite it.") from err
+        raise ValueError(f"{fpath} is not valid JSON ({err}); {fix}") from err
     if not isinstance(obj, dict):
-        raise ValueError(f"{fpath} holds a JSON {type(obj).__name__}, expected an object; re-run `{job}`.")
+        raise ValueError(f"{fpath} holds a JSON {type(obj).__name__}, expected an object; {fix}")
     return obj
+
+
+def _load_json(fpath: Path, job: str) -> dict[str, Any]:
+    return read_json_object(fpath, f"re-run `{job}` to rewrite it.")
 
 
 # --------------------------------------------------------------------------------------------
