@@ -1,6 +1,6 @@
 """Every on-disk format that one job writes and another reads: a dataclass, one read, one write.
 
-Each format carries a ``format_version``. A reader accepts the versions in its ``*_VERSIONS`` tuple
+Each format carries a ``format_version``. A reader accepts the versions in its ``VERSIONS`` tuple
 and refuses any other (a newer vlmsae wrote it) with a message that names the file, the version found,
 the versions this vlmsae reads and the fix. Files written before versions existed carry none: they are
 read as version 1, so finished runs still load. Writers are atomic (:mod:`vlmsae.utils.io`).
@@ -60,69 +60,10 @@ STABILITY_LATENTS_CSV = "stability_latents.csv"
 INSPECT_JSON = "inspect.json"
 SAE_FORMAT = "vlmsae-sae"  # the "format" key of an SAE checkpoint's config.json
 
-# The versions each reader understands; the last one is what the writer writes.
+# The versions each reader understands (a JSON format's VERSIONS, (1,) unless its class says); the last is written.
 LATENTS_CSV_VERSIONS = (1, 2, 3)  # 1: no version line; 2: the version line; 3: optional name columns
-MS_SUMMARY_VERSIONS = (1,)
 TOP_IMAGES_VERSIONS = (1,)
-HIERARCHY_VERSIONS = (1,)
-STEER_VERSIONS = (1,)
-STEER_EVAL_VERSIONS = (1,)
-SPLICE_VERSIONS = (1,)
-RUN_INFO_VERSIONS = (1,)
-MANIFEST_VERSIONS = (1,)
-PROGRESS_VERSIONS = (1,)
-SAE_CONFIG_VERSIONS = (1, 2)  # 2: the training record is "trained_on" (version 1 called it "source")
-STABILITY_VERSIONS = (1,)
-INSPECT_VERSIONS = (1,)
 STABILITY_LATENTS_VERSIONS = (1,)  # "# vlmsae stability_latents.csv format_version=1", then header and rows
-
-__all__ = [
-    "FormatVersionError",
-    "HierarchySummary",
-    "InspectResult",
-    "LatentRow",
-    "LatentsTable",
-    "MsSummary",
-    "RunInfo",
-    "SAECheckpointConfig",
-    "SpliceResult",
-    "StabilityLatents",
-    "StabilitySummary",
-    "SteerEvalResult",
-    "SteerResult",
-    "StoreManifest",
-    "StoreProgress",
-    "TopImagesIndex",
-    "check_version",
-    "read_hierarchy",
-    "read_inspect",
-    "read_latents_csv",
-    "read_manifest",
-    "read_ms_summary",
-    "read_progress",
-    "read_run_info",
-    "read_sae_config",
-    "read_splice",
-    "read_stability",
-    "read_stability_latents",
-    "read_steer",
-    "read_steer_eval",
-    "read_top_images",
-    "write_hierarchy",
-    "write_inspect",
-    "write_latents_csv",
-    "write_manifest",
-    "write_ms_summary",
-    "write_progress",
-    "write_run_info",
-    "write_sae_config",
-    "write_splice",
-    "write_stability",
-    "write_stability_latents",
-    "write_steer",
-    "write_steer_eval",
-    "write_top_images",
-]
 
 
 class FormatVersionError(ValueError):
@@ -217,7 +158,7 @@ class _JsonFormat:
     ``read`` and each ``write_<x>`` is :func:`_write` (the list at the end of this module)."""
 
     FILE: ClassVar[str]
-    VERSIONS: ClassVar[tuple[int, ...]]
+    VERSIONS: ClassVar[tuple[int, ...]] = (1,)
     JOB: ClassVar[str]
     FINITE: ClassVar[bool] = False  # NaN / inf written as null
     INDENT: ClassVar[int | None] = 2
@@ -273,7 +214,7 @@ class MsSummary(_JsonFormat):
     ``n_scored``, ``uniqueness``, ``reconstruction``, ``zero_shot``, ``embedder``, ``model``, ...).
     """
 
-    FILE, VERSIONS, JOB = MS_SUMMARY_JSON, MS_SUMMARY_VERSIONS, "python -m vlmsae.monosemanticity"
+    FILE, JOB = MS_SUMMARY_JSON, "python -m vlmsae.monosemanticity"
     mean: float | None = _f(*_NUM)  # NaN when no latent was scored
     std: float | None = _f(*_NUM)
     min: float | None = _f(*_NUM)
@@ -289,7 +230,7 @@ class HierarchySummary(_JsonFormat):
     """``hierarchy.json`` of ``python -m vlmsae.hierarchy``: one object per Matryoshka group in ``groups``
     (group, n_latents, n_scored, depth_mean, depth_std, ms_mean, ms_max, ms_min, ...)."""
 
-    FILE, VERSIONS, JOB = HIERARCHY_JSON, HIERARCHY_VERSIONS, "python -m vlmsae.hierarchy"
+    FILE, JOB = HIERARCHY_JSON, "python -m vlmsae.hierarchy"
     groups: list[dict[str, Any]] = _f(list, default=MISSING)
     group_sizes: list[int] | None = _f(list)
     n_latents: int | None = _f(int)
@@ -313,7 +254,7 @@ class SteerResult(_JsonFormat):
     format too: ``extra`` keeps any further keys.
     """
 
-    FILE, VERSIONS, JOB = STEER_JSON, STEER_VERSIONS, "python -m vlmsae.steer"
+    FILE, JOB = STEER_JSON, "python -m vlmsae.steer"
     steered: list[Any] = _f(list, default=MISSING)
     baseline: list[Any] = _f(list, default=MISSING)
     activation_steering: list[Any] | None = _f(list, omit_none=True)
@@ -330,7 +271,7 @@ class SteerEvalResult(_JsonFormat):
     figures for the setting; ``settings``: what was run.
     """
 
-    FILE, VERSIONS, JOB = STEER_EVAL_JSON, STEER_EVAL_VERSIONS, "python -m vlmsae.steer_eval"
+    FILE, JOB = STEER_EVAL_JSON, "python -m vlmsae.steer_eval"
     summary: dict[str, Any] = _f(dict, default=MISSING)
     per_latent: list[dict[str, Any]] = _f(list, default=MISSING)
     settings: dict[str, Any] = _f(dict, default=dict)
@@ -347,7 +288,7 @@ class SpliceResult(_JsonFormat):
     written as null.
     """
 
-    FILE, VERSIONS, JOB, FINITE = SPLICE_JSON, SPLICE_VERSIONS, "python -m vlmsae.splice_eval", True
+    FILE, JOB, FINITE = SPLICE_JSON, "python -m vlmsae.splice_eval", True
     summary: dict[str, Any] = _f(dict, default=MISSING)
     rows: list[dict[str, Any]] = _f(list, default=MISSING)
     per_answer: list[dict[str, Any]] = _f(list, default=list)
@@ -361,7 +302,7 @@ class RunInfo(_JsonFormat):
     ``extra`` holds what the job added (``status``, ``sae_path``, ``skipped``, ``outputs``, ...).
     :func:`vlmsae.utils.provenance.write_run_info` fills it in."""
 
-    FILE, VERSIONS, JOB = RUN_INFO_JSON, RUN_INFO_VERSIONS, "the job that made this folder"
+    FILE, JOB = RUN_INFO_JSON, "the job that made this folder"
     config: dict[str, Any] = _f(dict, default=dict, none_empty=True)
     vlmsae_version: str | None = None
     git_commit: str | None = None
@@ -388,7 +329,7 @@ class StoreManifest(_JsonFormat):
     (write_acts_store stores have no model details).
     """
 
-    FILE, VERSIONS, JOB, INDENT = MANIFEST_JSON, MANIFEST_VERSIONS, _EXTRACT_JOB, 1
+    FILE, JOB, INDENT = MANIFEST_JSON, _EXTRACT_JOB, 1
     d: int | None = _f(int)  # row width
     n_rows: int | None = _f(int)
     dtype: str | None = _f(str)  # stored dtype: float16 | bfloat16 | float32
@@ -450,7 +391,7 @@ class StoreManifest(_JsonFormat):
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> StoreManifest:
         """A manifest from the writer's flat dict (its ``meta`` and fields): named keys typed, the rest in extra."""
-        return _build(cls, obj, "the activation store manifest", _EXTRACT_JOB, MANIFEST_VERSIONS[-1])
+        return _build(cls, obj, "the activation store manifest", _EXTRACT_JOB, StoreManifest.VERSIONS[-1])
 
 
 def read_manifest(path: str | Path) -> StoreManifest:
@@ -490,7 +431,7 @@ class StoreProgress(_JsonFormat):
     (e.g. the next image position), None before the first shard.
     """
 
-    FILE, VERSIONS, JOB, INDENT = PROGRESS_JSON, PROGRESS_VERSIONS, _EXTRACT_JOB, None
+    FILE, JOB, INDENT = PROGRESS_JSON, _EXTRACT_JOB, None
     meta: dict[str, Any] = _f(dict, default=MISSING)
     n_shards: int = _f(int, default=MISSING)
     n_rows: int = _f(int, default=MISSING)
@@ -510,7 +451,8 @@ class SAECheckpointConfig(_JsonFormat):
     pretrained, layer, tokens, data, ...) and by which code. ``format`` is always ``"vlmsae-sae"``.
     """
 
-    FILE, VERSIONS, JOB = SAE_CONFIG_JSON, SAE_CONFIG_VERSIONS, "python -m vlmsae.train"
+    FILE, JOB = SAE_CONFIG_JSON, "python -m vlmsae.train"
+    VERSIONS = (1, 2)  # 2: the training record is "trained_on" (version 1 called it "source")
     format: str = _f(str, default=SAE_FORMAT)
     arch: str | None = _f(str)
     d_in: int | None = _f(int)
@@ -801,7 +743,7 @@ class StabilitySummary(_JsonFormat):
     written as null.
     """
 
-    FILE, VERSIONS, JOB, FINITE = STABILITY_JSON, STABILITY_VERSIONS, _STABILITY_JOB, True
+    FILE, JOB, FINITE = STABILITY_JSON, _STABILITY_JOB, True
     runs: list[str] = _f(list, default=MISSING)
     n_latents: int = _f(int, default=MISSING)
     d_in: int = _f(int, default=MISSING)
@@ -882,7 +824,7 @@ class InspectResult(_JsonFormat):
     ``settings``: what was run. Every key: docs/outputs.md. Non-finite numbers are written as null.
     """
 
-    FILE, VERSIONS, JOB, FINITE = INSPECT_JSON, INSPECT_VERSIONS, "python -m vlmsae.inspect", True
+    FILE, JOB, FINITE = INSPECT_JSON, "python -m vlmsae.inspect", True
     images: list[dict[str, Any]] = _f(list, default=MISSING)
     latents: dict[str, Any] = _f(dict, default=dict)
     query: dict[str, Any] | None = _f(dict)
