@@ -65,9 +65,7 @@ def _main(cfg: DictConfig) -> None:
     print(f"open file://{Path(result['index_html']).resolve()}")
 
 
-def main() -> None:
-    launch("browse", _main)
-
+main = launch("browse", _main)
 
 if __name__ == "__main__":
     main()

@@ -52,9 +52,7 @@ def _main(cfg: DictConfig) -> None:
     )
 
 
-def main() -> None:
-    launch("export", _main)
-
+main = launch("export", _main)
 
 if __name__ == "__main__":
     main()

@@ -88,13 +88,7 @@ def _published(sink: StoreSink | None, summary: dict[str, Any]) -> dict[str, Any
     return {**summary, "out": sink.url}
 
 
-def _main(cfg: DictConfig) -> None:
-    print(OmegaConf.to_yaml(OmegaConf.create(run(cfg))))
-
-
-def main() -> None:
-    launch("extract", _main)
-
+main = launch("extract", lambda cfg: print(OmegaConf.to_yaml(OmegaConf.create(run(cfg)))))
 
 if __name__ == "__main__":
     main()

@@ -108,9 +108,7 @@ def _main(cfg: DictConfig) -> None:
     print(f"outputs: {out['out_dpath']} (hierarchy.json, hierarchy.md, hierarchy.png, latent_taxa.csv)")
 
 
-def main() -> None:
-    launch("hierarchy", _main)
-
+main = launch("hierarchy", _main)
 
 if __name__ == "__main__":
     main()

@@ -85,9 +85,7 @@ def _main(cfg: DictConfig) -> None:
     print(f"open file://{Path(result['inspect_html']).resolve()}")
 
 
-def main() -> None:
-    launch("inspect", _main)
-
+main = launch("inspect", _main)
 
 if __name__ == "__main__":
     main()

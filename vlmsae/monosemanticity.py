@@ -120,9 +120,7 @@ def _main(cfg: DictConfig) -> None:
     print(json.dumps(brief, indent=2))
 
 
-def main() -> None:
-    launch("monosemanticity", _main)
-
+main = launch("monosemanticity", _main)
 
 if __name__ == "__main__":
     main()

@@ -62,9 +62,7 @@ def _main(cfg: DictConfig) -> None:
         print(f"latent {row['latent']}: {row['name']} ({row['name_score']:.3f}); {row['names']}{said}")
 
 
-def main() -> None:
-    launch("names", _main)
-
+main = launch("names", _main)
 
 if __name__ == "__main__":
     main()

@@ -67,9 +67,7 @@ def _main(cfg: DictConfig) -> None:
     print(json.dumps({k: out[k] for k in ("kl", "frac_recovered_zero", "frac_recovered_mean", "out_dpath")}))
 
 
-def main() -> None:
-    launch("splice_eval", _main)
-
+main = launch("splice_eval", _main)
 
 if __name__ == "__main__":
     main()

@@ -63,13 +63,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     return {**headline, "out_dpath": str(out_dpath)}
 
 
-def _main(cfg: DictConfig) -> None:
-    print(json.dumps(run(cfg), indent=2))
-
-
-def main() -> None:
-    launch("stability", _main)
-
+main = launch("stability", lambda cfg: print(json.dumps(run(cfg), indent=2)))
 
 if __name__ == "__main__":
     main()

@@ -61,13 +61,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     return {**result.to_dict(), "out_dpath": str(out_dpath)}
 
 
-def _main(cfg: DictConfig) -> None:
-    print(json.dumps({"out_dpath": run(cfg)["out_dpath"]}))
-
-
-def main() -> None:
-    launch("steer", _main)
-
+main = launch("steer", lambda cfg: print(json.dumps({"out_dpath": run(cfg)["out_dpath"]})))
 
 if __name__ == "__main__":
     main()

@@ -94,9 +94,7 @@ def _main(cfg: DictConfig) -> None:
         print(Path(out["tables"]["steer_table"]["md"]).read_text())
 
 
-def main() -> None:
-    launch("steer_eval", _main)
-
+main = launch("steer_eval", _main)
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ key (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -155,13 +156,17 @@ def _readable_override(arg: str, parser: Any) -> str:
     )
 
 
-def launch(job: str, main_fn) -> None:
-    """The command line of ``python -m vlmsae.<job>``: the job's schemas, ``sys.argv`` made readable
+def launch(job: str, main_fn: Callable[[Any], Any]) -> Callable[[], None]:
+    """The ``main()`` of ``python -m vlmsae.<job>``: the job's schemas, ``sys.argv`` made readable
     (:func:`readable_overrides`), then Hydra with ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
-    import sys
 
-    import hydra
+    def main() -> None:
+        import sys
 
-    register_configs(job)
-    sys.argv[1:] = readable_overrides(sys.argv[1:])
-    hydra.main(config_path=str(conf_dir()), config_name=job, version_base="1.3")(main_fn)()
+        import hydra
+
+        register_configs(job)
+        sys.argv[1:] = readable_overrides(sys.argv[1:])
+        hydra.main(config_path=str(conf_dir()), config_name=job, version_base="1.3")(main_fn)()
+
+    return main
