@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, typed_job
 from vlmsae.config.jobs.inspect import InspectJob
 from vlmsae.formats import write_inspect
 from vlmsae.utils.paths import run_dir
@@ -35,10 +35,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from vlmsae.report.job_log import log_job
     from vlmsae.studies import inspection as ins
 
-    for key in ("sae_path", "images"):
-        if OmegaConf.is_missing(cfg, key):
-            raise ValueError(f"Pass {key}=... (python -m vlmsae.inspect sae_path=<sae dir> images=<image | folder>).")
-    job = to_typed(cfg, InspectJob)  # the one conversion: below, every node is its dataclass
+    hint = "=... (python -m vlmsae.inspect sae_path=<sae dir> images=<image | folder>)."
+    job, config = typed_job(cfg, InspectJob, sae_path=f"Pass sae_path{hint}", images=f"Pass images{hint}")
     if job.query is not None and job.ms_run is None:
         raise ValueError("query= matches the latents' concepts from their top images: pass ms_run=<its MS run> too.")
     images = ins.list_images(job.images)
@@ -74,7 +72,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         "query_top": query[1][0][0] if query and query[1] else None,
         "tables": {"inspect": {"csv": str(table_fpath), "image_columns": ["heatmap"]}},
     }
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), result=summary, sae_trained_on=src.trained_on)
+    write_run_info(out_dpath, config, result=summary, sae_trained_on=src.trained_on)
     log_job(job, "inspect", out_dpath, summary, sae_path=job.sae_path)  # after the files
     return summary
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, typed_job
 from vlmsae.config.jobs.splice_eval import SpliceEvalJob
 from vlmsae.formats import write_splice
 from vlmsae.utils.paths import run_dir
@@ -34,7 +34,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.steering.setup import load_steering
     from vlmsae.studies.ms_study import clip_zero_shot
 
-    job = to_typed(cfg, SpliceEvalJob)  # the one conversion: below, every node is its dataclass
+    job, config = typed_job(cfg, SpliceEvalJob)  # below, every node is its dataclass; config: run_info.json
     out_dpath = run_dir(out_dpath)
     if job.prompts is not None:  # a bad prompt file fails before the model loads
         splice.read_prompt_file(job.prompts)
@@ -56,7 +56,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     )
     table = write_splice_report(out_dpath, result.rows, result.notes, title)
     write_splice(out_dpath, result)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
+    write_run_info(out_dpath, config)
     print(table)
     log_job(job, "splice_eval", out_dpath, scores.summary(), sae_path=job.sae_path)  # after the files
     return {**scores.summary(), "table": table, "out_dpath": str(out_dpath)}

@@ -22,9 +22,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, typed_job
 from vlmsae.config.jobs.stability import StabilityJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -38,9 +38,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from vlmsae.report.stability import write_stability_outputs
     from vlmsae.studies import stability_study as study
 
-    if OmegaConf.is_missing(cfg, "runs"):
-        raise ValueError("Pass runs=[<run0>/sae,<run1>/sae,...]: two or more SAEs trained with different seeds.")
-    job = to_typed(cfg, StabilityJob)  # the one conversion
+    hint = "Pass runs=[<run0>/sae,<run1>/sae,...]: two or more SAEs trained with different seeds."
+    job, config = typed_job(cfg, StabilityJob, runs=hint)
     if job.pairs not in ("reference", "all"):
         raise ValueError(f"pairs={job.pairs!r}: expected reference (every seed vs the first) or all (every pair).")
     if not 0.0 < float(job.threshold) <= 1.0:
@@ -56,7 +55,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         hierarchy_runs=list(job.hierarchy_runs) if job.hierarchy_runs else None,
     )
     outputs = write_stability_outputs(out_dpath, result)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=outputs)
+    write_run_info(out_dpath, config, outputs=outputs)
     headline = study.headline(result.summary)
     log.info("seed stability: %s", headline)
     log_job(job, "stability", out_dpath, headline)  # after the files

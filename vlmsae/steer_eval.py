@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, typed_job
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.formats import TOP_IMAGES_DIR, write_steer_eval
 from vlmsae.utils.paths import run_dir
@@ -37,8 +37,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.steering.setup import load_steering, require_folder
     from vlmsae.studies import sweep
 
-    job = to_typed(cfg, SteerEvalJob)  # the one conversion: below, every node is its dataclass
-    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json
+    job, config = typed_job(cfg, SteerEvalJob)  # below, every node is its dataclass; config: run_info.json
     out_dpath = run_dir(out_dpath)
     members, is_sweep = sweep.open_members(str(job.sae_path), job.sae_format)
     top_dpath = Path(str(job.top_images))  # a sweep: the MS sweep's run dir, one folder per SAE

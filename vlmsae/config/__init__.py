@@ -90,6 +90,22 @@ def to_typed(cfg: Any, cls: type[T]) -> T:
     return cls(**values)
 
 
+def typed_job(cfg: Any, cls: type[T], **required: str) -> tuple[T, dict[str, Any]]:
+    """A job's config as its schema ``cls`` (:func:`to_typed`, the one conversion) and as the resolved dict that
+    run_info.json records; a ``required`` key left unset (``???``) stops the job with its message."""
+    from omegaconf import OmegaConf
+
+    for key, message in required.items():
+        if OmegaConf.is_missing(cfg, key):
+            raise ValueError(message)
+    return to_typed(cfg, cls), OmegaConf.to_container(cfg, resolve=True)
+
+
+def pick(obj: Any, *names: str) -> dict[str, Any]:
+    """``{name: obj.<name>}``: a job's keys passed on to a library call that names them alike."""
+    return {name: getattr(obj, name) for name in names}
+
+
 # Hydra flags whose value is the next argument (hydra/_internal/utils.py get_args_parser): not overrides.
 _FLAGS_WITH_VALUE = frozenset({
     "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c", "--cfg", "-p", "--package",
