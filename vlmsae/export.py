@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from vlmsae.config import launch, typed_job
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.export import ExportJob
 
 
@@ -36,9 +36,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         "files": sorted(p.name for p in Path(written).iterdir()),
         "sae_path": job.sae_path,
         "from_format": sae.trained_on["format"],
-        "arch": sae.arch,
-        "d_in": sae.d_in,
-        "n_latents": sae.n_latents,
+        **pick(sae, "arch", "d_in", "n_latents"),
     }
     write_run_info(run_dir(out_dpath), config, result=result)
     return result

@@ -121,10 +121,6 @@ def _f(*types: type, default: Any = None, omit_none: bool = False, none_empty: b
     return field(default=default, metadata=meta)
 
 
-def _opt(default: Any = None) -> Any:
-    return field(default=default, metadata={"omit_none": True})
-
-
 def _build(cls: type, obj: dict[str, Any], fpath: Path | str, job: str, version: int) -> Any:
     """``cls`` from a flat dict: its named fields typed, every other key in ``extra``."""
     named = [f for f in fields(cls) if f.name not in _SKIP]
@@ -337,7 +333,7 @@ class StoreManifest(_JsonFormat):
     n_chunks: int | None = _f(int)
     rows_per_chunk: int | None = _f(int)
     shards: list[str] | None = _f(list)  # shard file names, in order
-    shard_rows: list[int] | None = _opt()  # rows per shard (with rows_per_chunk: the chunk index of a remote store)
+    shard_rows: list[int] | None = _f(omit_none=True)  # rows per shard (+ rows_per_chunk: a remote store's chunk index)
     mean: list[float] | None = _f(list)  # per dimension, over the stored rows
     var: list[float] | None = _f(list)  # population variance per dimension
     mean_sq_norm: float | None = _f(*_NUM)  # E||x||^2
@@ -345,41 +341,41 @@ class StoreManifest(_JsonFormat):
     git_commit: str | None = None
     complete: bool | None = _f(bool, omit_none=True)  # False: an unfinished extraction
     # what was extracted
-    model: str | None = _opt()
-    backend: str | None = _opt()
-    arch: str | None = _opt()
-    pretrained: str | None = _opt()
-    local_path: str | None = _opt()
+    model: str | None = _f(omit_none=True)
+    backend: str | None = _f(omit_none=True)
+    arch: str | None = _f(omit_none=True)
+    pretrained: str | None = _f(omit_none=True)
+    local_path: str | None = _f(omit_none=True)
     layer: int | str | None = _f(int, str, omit_none=True)  # a block index or "last" (the pooled embedding)
     tokens: str | None = _f(str, omit_none=True)  # cls | mean | patches | all | random_k
     k: int | None = _f(int, omit_none=True)  # tokens per image for random_k
-    seed: int | None = _opt()
-    model_dtype: str | None = _opt()
-    image_size: int | None = _opt()
-    has_cls: bool | None = _opt()
-    n_tokens_per_image: int | None = _opt()
-    embed_dim: int | None = _opt()
-    width: int | None = _opt()
-    n_layers: int | None = _opt()
-    rows_per_shard: int | None = _opt()
+    seed: int | None = _f(omit_none=True)
+    model_dtype: str | None = _f(omit_none=True)
+    image_size: int | None = _f(omit_none=True)
+    has_cls: bool | None = _f(omit_none=True)
+    n_tokens_per_image: int | None = _f(omit_none=True)
+    embed_dim: int | None = _f(omit_none=True)
+    width: int | None = _f(omit_none=True)
+    n_layers: int | None = _f(omit_none=True)
+    rows_per_shard: int | None = _f(omit_none=True)
     # which images, in which order
-    source: str | None = _opt()
-    root: str | None = _opt()
+    source: str | None = _f(omit_none=True)
+    root: str | None = _f(omit_none=True)
     synthetic: dict[str, Any] | None = _f(dict, omit_none=True)
-    max_images: int | None = _opt()
-    batch_size: int | None = _opt()
+    max_images: int | None = _f(omit_none=True)
+    batch_size: int | None = _f(omit_none=True)
     n_images: int | None = _f(int, omit_none=True)
-    n_listed: int | None = _opt()
+    n_listed: int | None = _f(omit_none=True)
     classes: list[str] | None = _f(list, omit_none=True)  # label names
-    image_list_digest: str | None = _opt()  # vlmsae.data.shards.image_list_digest of the stored images' keys
-    listing_digest: str | None = _opt()
-    order_seed: int | None = _opt()
-    order_unit: str | None = _opt()  # image | shard (wds)
-    order_digest: str | None = _opt()
-    image_idx_meaning: str | None = _opt()
-    exif_transpose: bool | None = _opt()
-    alpha_background: str | None = _opt()
-    decode: str | None = _opt()  # cpu | cpu_draft | cuda_nvjpeg: how images were decoded (vlmsae.models.gpu_decode)
+    image_list_digest: str | None = _f(omit_none=True)  # vlmsae.data.shards.image_list_digest of stored images' keys
+    listing_digest: str | None = _f(omit_none=True)
+    order_seed: int | None = _f(omit_none=True)
+    order_unit: str | None = _f(omit_none=True)  # image | shard (wds)
+    order_digest: str | None = _f(omit_none=True)
+    image_idx_meaning: str | None = _f(omit_none=True)
+    exif_transpose: bool | None = _f(omit_none=True)
+    alpha_background: str | None = _f(omit_none=True)
+    decode: str | None = _f(omit_none=True)  # cpu | cpu_draft | cuda_nvjpeg: image decoding (vlmsae.models.gpu_decode)
     n_skipped: int | None = _f(int, omit_none=True)
     skipped: list[dict[str, Any]] | None = _f(list, omit_none=True)  # {key, path, error, reason} per unreadable image
     skipped_by_reason: dict[str, int] | None = _f(dict, omit_none=True)

@@ -42,8 +42,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     result.settings = {
         "model": spec.name,
         "dtype": spec.dtype,
-        "device_map": job.device_map,
-        "sae_path": job.sae_path,
+        **pick(job, "device_map", "sae_path"),
         **result.settings,
     }
     print(side_by_side(names, rows, result.sweep))
