@@ -54,7 +54,4 @@ def _main(cfg: DictConfig) -> None:
     print(f"open file://{Path(result['index_html']).resolve()}")
 
 
-main = launch("browse", _main)
-
-if __name__ == "__main__":
-    main()
+main = launch("browse", _main, __name__)

@@ -50,7 +50,4 @@ def _main(cfg: DictConfig) -> None:
     )
 
 
-main = launch("export", _main)
-
-if __name__ == "__main__":
-    main()
+main = launch("export", _main, __name__)

@@ -75,7 +75,4 @@ def _published(sink: StoreSink | None, summary: dict[str, Any]) -> dict[str, Any
     return {**summary, "out": sink.url}
 
 
-main = launch("extract", lambda cfg: print(OmegaConf.to_yaml(OmegaConf.create(run(cfg)))))
-
-if __name__ == "__main__":
-    main()
+main = launch("extract", lambda cfg: print(OmegaConf.to_yaml(OmegaConf.create(run(cfg)))), __name__)

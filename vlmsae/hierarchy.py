@@ -99,7 +99,4 @@ def _main(cfg: DictConfig) -> None:
     print(f"outputs: {out['out_dpath']} (hierarchy.json, hierarchy.md, hierarchy.png, latent_taxa.csv)")
 
 
-main = launch("hierarchy", _main)
-
-if __name__ == "__main__":
-    main()
+main = launch("hierarchy", _main, __name__)

@@ -83,7 +83,4 @@ def _main(cfg: DictConfig) -> None:
     print(f"open file://{Path(result['inspect_html']).resolve()}")
 
 
-main = launch("inspect", _main)
-
-if __name__ == "__main__":
-    main()
+main = launch("inspect", _main, __name__)

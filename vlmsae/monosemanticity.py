@@ -107,7 +107,4 @@ def _main(cfg: DictConfig) -> None:
     print(json.dumps(brief, indent=2))
 
 
-main = launch("monosemanticity", _main)
-
-if __name__ == "__main__":
-    main()
+main = launch("monosemanticity", _main, __name__)

@@ -61,7 +61,4 @@ def _main(cfg: DictConfig) -> None:
         print(f"latent {row['latent']}: {row['name']} ({row['name_score']:.3f}); {row['names']}{said}")
 
 
-main = launch("names", _main)
-
-if __name__ == "__main__":
-    main()
+main = launch("names", _main, __name__)

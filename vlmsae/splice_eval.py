@@ -67,7 +67,4 @@ def _main(cfg: DictConfig) -> None:
     print(json.dumps({k: out[k] for k in ("kl", "frac_recovered_zero", "frac_recovered_mean", "out_dpath")}))
 
 
-main = launch("splice_eval", _main)
-
-if __name__ == "__main__":
-    main()
+main = launch("splice_eval", _main, __name__)

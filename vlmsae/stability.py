@@ -62,7 +62,4 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     return {**headline, "out_dpath": str(out_dpath)}
 
 
-main = launch("stability", lambda cfg: print(json.dumps(run(cfg), indent=2)))
-
-if __name__ == "__main__":
-    main()
+main = launch("stability", lambda cfg: print(json.dumps(run(cfg), indent=2)), __name__)

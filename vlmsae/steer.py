@@ -52,7 +52,4 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     return {**result.to_dict(), "out_dpath": str(out_dpath)}
 
 
-main = launch("steer", lambda cfg: print(json.dumps({"out_dpath": run(cfg)["out_dpath"]})))
-
-if __name__ == "__main__":
-    main()
+main = launch("steer", lambda cfg: print(json.dumps({"out_dpath": run(cfg)["out_dpath"]})), __name__)

@@ -85,7 +85,4 @@ def _main(cfg: DictConfig) -> None:
         print(Path(out["tables"]["steer_table"]["md"]).read_text())
 
 
-main = launch("steer_eval", _main)
-
-if __name__ == "__main__":
-    main()
+main = launch("steer_eval", _main, __name__)

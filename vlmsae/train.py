@@ -64,7 +64,4 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     return fit_sae(plan, out_dpath, callbacks, grid=grid, sae_devices=job.sae_devices)
 
 
-main = launch("train", run)  # Hydra calls run(cfg); its metrics are the job's return value
-
-if __name__ == "__main__":
-    main()
+main = launch("train", run, __name__)  # Hydra calls run(cfg); its metrics are the job's return value

@@ -172,9 +172,10 @@ def _readable_override(arg: str, parser: Any) -> str:
     )
 
 
-def launch(job: str, main_fn: Callable[[Any], Any]) -> Callable[[], None]:
-    """The ``main()`` of ``python -m vlmsae.<job>``: the job's schemas, ``sys.argv`` made readable
-    (:func:`readable_overrides`), then Hydra with ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
+def launch(job: str, main_fn: Callable[[Any], Any], module: str) -> Callable[[], None]:
+    """The ``main()`` of ``python -m vlmsae.<job>``, run at once when ``module`` (the job module's ``__name__``) is
+    ``"__main__"``: the job's schemas, ``sys.argv`` made readable (:func:`readable_overrides`), then Hydra with
+    ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
 
     def main() -> None:
         import sys
@@ -185,4 +186,6 @@ def launch(job: str, main_fn: Callable[[Any], Any]) -> Callable[[], None]:
         sys.argv[1:] = readable_overrides(sys.argv[1:])
         hydra.main(config_path=str(conf_dir()), config_name=job, version_base="1.3")(main_fn)()
 
+    if module == "__main__":
+        main()
     return main
