@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.extract import ExtractJob
-from vlmsae.formats import RUN_INFO_JSON
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -62,9 +61,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
 
 def _write_run_info(sink: StoreSink | None, out_dpath: Path, config: Any, result: Any) -> None:
-    write_run_info(out_dpath, config, result=result)
+    fpath = write_run_info(out_dpath, config, result=result)
     if sink is not None:
-        sink.put(out_dpath / RUN_INFO_JSON)
+        sink.put(fpath)
 
 
 def _published(sink: StoreSink | None, summary: dict[str, Any]) -> dict[str, Any]:

@@ -37,11 +37,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
     ``cfg``: conf/hierarchy.yaml (keys: :class:`vlmsae.config.jobs.hierarchy.HierarchyJob`).
     """
-    from vlmsae import formats
     from vlmsae.data.image_set import ImageSet
     from vlmsae.models.embedders import load_embedder
     from vlmsae.report.job_log import log_job
-    from vlmsae.report.studies import write_hierarchy_outputs
     from vlmsae.report.tables import hierarchy_table
     from vlmsae.studies import hierarchy_study as study
     from vlmsae.studies import sweep
@@ -62,10 +60,23 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     embedder = load_embedder(job.embedder) if job.embedder and images is not None else None
     if embedder is not None and is_sweep:
         embedder = sweep.SharedEmbedder(embedder, shared)
+    score = _scorer(job, config, taxonomy, classes, images, embedder, is_sweep)
+    table = partial(hierarchy_table, paper=study.PAPER_TABLE2)
+    result = sweep.run_study(members, is_sweep, out_dpath, score, table, config, shared)
+    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
+    log_job(job, "hierarchy", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
+    return result
+
+
+def _scorer(job: HierarchyJob, config: dict, taxonomy, classes: list[str], images, embedder, is_sweep: bool):
+    """The study of one SAE: its top images (computed, or read from ``ms_run``; for a sweep, the MS sweep's folder
+    of this SAE), their LCA depths, and the outputs with run_info.json in its folder."""
+    from vlmsae import formats
+    from vlmsae.report.studies import write_hierarchy_outputs
+    from vlmsae.studies import hierarchy_study as study
+    from vlmsae.studies import sweep
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, object]:
-        """One SAE: its top images (computed, or read from ``ms_run``; for a sweep, the MS sweep's folder of this SAE),
-        their LCA depths, and the outputs with run_info.json in its folder."""
         if job.ms_run:
             top, ms_K = study.load_ms_run(Path(job.ms_run) / m.name if is_sweep else job.ms_run, m.sae.n_latents)
         else:
@@ -83,11 +94,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         study.log_groups(result.summary.groups)
         return result.summary.to_dict(), m.trained_on_layer
 
-    table = partial(hierarchy_table, paper=study.PAPER_TABLE2)
-    result = sweep.run_study(members, is_sweep, out_dpath, score, table, config, shared)
-    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
-    log_job(job, "hierarchy", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
-    return result
+    return score
 
 
 def _main(cfg: DictConfig) -> None:

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
@@ -33,6 +33,9 @@ from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.monosemanticity import MonosemanticityJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
+
+if TYPE_CHECKING:
+    from vlmsae.data.image_set import ImageSet
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     """
     from vlmsae.data.image_set import ImageSet
     from vlmsae.report.job_log import log_job
-    from vlmsae.report.studies import write_ms_outputs
     from vlmsae.report.tables import ms_table
     from vlmsae.studies import sweep
     from vlmsae.studies.embedding_cache import default_cache_dpath
-    from vlmsae.studies.ms_study import score_sae, zero_shot_check
+    from vlmsae.studies.ms_study import score_sae
     from vlmsae.studies.naming import namer_for
 
     hint = "Pass sae_path=<SAE folder or hf://org/repo[/sub]> (a training run keeps it in <run>/sae/)."
@@ -68,23 +70,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
             sae_path=m.sae_path, embed_memo=shared.embeddings if shared.keep else None, namer=namer,
         )  # fmt: skip
         shared.n_embedded += study.n_embedded
-        if job.zero_shot:
-            study.summary["zero_shot"] = zero_shot_check(
-                src, images, study.classes, template=job.zero_shot_template, max_images=job.zero_shot_max_images
-            )
-        outputs = write_ms_outputs(sub_dpath, study)
-        write_run_info(
-            sub_dpath,
-            {**config, "sae_path": str(m.sae_path)},
-            outputs=outputs,
-            sae_path=str(m.sae_path),
-            data_root=str(images.root),
-            skipped=study.skip_log.to_list(),
-            image_list_digest=study.image_list_digest,
-            sae_trained_on=src.trained_on,
-        )
-        baseline_mean = study.summary.get("baseline", {}).get("mean")
-        log.info("mean MS: SAE %.4f, raw neurons %s", study.summary["mean"], baseline_mean)
+        _finish(job, config, sub_dpath, study, src, images, m.sae_path)
         return study.summary, src.layer
 
     result = sweep.run_study(members, is_sweep, out_dpath, score, ms_table, config)
@@ -94,6 +80,31 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
 
 
 _STUDY_KEYS = ("top_k", "baseline", "chunk_size", "dense_threshold", "progress")
+
+
+def _finish(
+    job: MonosemanticityJob, config: dict, out_dpath: Path, study: Any, src: Any, images: ImageSet, sae_path: str
+) -> None:
+    """The optional zero-shot check, then the study's files and run_info.json in ``out_dpath``."""
+    from vlmsae.report.studies import write_ms_outputs
+    from vlmsae.studies.ms_study import zero_shot_check
+
+    if job.zero_shot:
+        study.summary["zero_shot"] = zero_shot_check(
+            src, images, study.classes, template=job.zero_shot_template, max_images=job.zero_shot_max_images
+        )
+    outputs = write_ms_outputs(out_dpath, study)
+    write_run_info(
+        out_dpath,
+        {**config, "sae_path": str(sae_path)},
+        outputs=outputs,
+        sae_path=str(sae_path),
+        data_root=str(images.root),
+        skipped=study.skip_log.to_list(),
+        image_list_digest=study.image_list_digest,
+        sae_trained_on=src.trained_on,
+    )
+    log.info("mean MS: SAE %.4f, raw neurons %s", study.summary["mean"], study.summary.get("baseline", {}).get("mean"))
 
 
 def _main(cfg: DictConfig) -> None:
