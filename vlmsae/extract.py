@@ -51,27 +51,22 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         progress=job.progress,
     )
     extraction = StoreExtraction(job.model, plan, out_dpath, Ranks.from_env(), sink=sink)
-    if (finished := extraction.finished) is not None:  # rerunning a complete extraction changes nothing
-        return _published(sink, finished)
-    _write_run_info(sink, out_dpath, config, result=None)  # says what is being made, even if the run is killed
-    summary = extraction.run()
-    _write_run_info(sink, out_dpath, config, result=summary)
-    log_job(job, "extract", out_dpath, summary)  # after the files: a W&B failure costs no output
-    return _published(sink, summary)
+    summary = extraction.finished  # rerunning a complete extraction changes nothing
+    if summary is None:
+        _write_run_info(sink, out_dpath, config, result=None)  # says what is being made, even if the run is killed
+        summary = extraction.run()
+        _write_run_info(sink, out_dpath, config, result=summary)
+        log_job(job, "extract", out_dpath, summary)  # after the files: a W&B failure costs no output
+    if sink is None:
+        return summary
+    sink.close()  # the staging folder, if temporary, is removed
+    return {**summary, "out": sink.url}  # the URL the store was written to
 
 
 def _write_run_info(sink: StoreSink | None, out_dpath: Path, config: Any, result: Any) -> None:
     fpath = write_run_info(out_dpath, config, result=result)
     if sink is not None:
         sink.put(fpath)
-
-
-def _published(sink: StoreSink | None, summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary naming the URL the store was written to (the staging folder, if temporary, is removed)."""
-    if sink is None:
-        return summary
-    sink.close()
-    return {**summary, "out": sink.url}
 
 
 main = launch("extract", lambda cfg: print(OmegaConf.to_yaml(OmegaConf.create(run(cfg)))), __name__)

@@ -51,9 +51,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError(f"sae_path={job.sae_path}: {err}") from None
     # one image decoded at a time (a folder of photos never sits in memory); a file that is not an image is refused
     found = [ins.inspect_image(src, ins.open_image(path), job.top_n, key, path) for key, path in images]
-    query = None
-    if job.query is not None:  # the embedder: embedder= or the MS run's own
-        query = (job.query, ins.query_ms_run(ms, job.query, job.embedder, job.top_n))
+    # the query's embedder: embedder= or the MS run's own
+    query = (job.query, ins.query_ms_run(ms, job.query, job.embedder, job.top_n)) if job.query is not None else None
     compare = ins.compare_images(found[0], found[1], job.top_n) if job.compare else None
     settings = {"sae_path": str(job.sae_path), "model": src.spec.name, "layer": src.layer, "pool": src.pool}
     settings.update(ms_run=str(ms.dpath) if ms else None, top_n=job.top_n, query=job.query, compare=job.compare)

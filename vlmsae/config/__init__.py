@@ -153,12 +153,11 @@ def _readable_override(arg: str, parser: Any) -> str:
     if reason is None:
         return arg
     key, _, value = arg.partition("=")
-    if "~" in value:
-        expanded = ",".join(os.path.expanduser(part) if part.startswith("~") else part for part in value.split(","))
-        if expanded != value:
-            if _parse_error(parser, f"{key}={expanded}") is None:
-                return f"{key}={expanded}"
-            value = expanded
+    expanded = ",".join(os.path.expanduser(part) for part in value.split(","))  # only a leading ~ is expanded
+    if expanded != value:
+        if _parse_error(parser, f"{key}={expanded}") is None:
+            return f"{key}={expanded}"
+        value = expanded
     suggestion = ""
     for quoted in (f'"{value}"', f"'{value}'", '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'):
         candidate = f"{key}={quoted}"
