@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from vlmsae.config import launch, typed_job
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.stability import StabilityJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -46,14 +46,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError(f"threshold={job.threshold}: a cosine in (0, 1], e.g. threshold=0.7.")
     runs = study.open_runs(list(job.runs))  # refuses < 2 runs and SAEs of different sizes before any output
     out_dpath = run_dir(out_dpath)
-    result = study.stability_study(
-        runs,
-        threshold=float(job.threshold),
-        all_pairs=job.pairs == "all",
-        exact_max=int(job.exact_max),
-        ms_runs=list(job.ms_runs) if job.ms_runs else None,
-        hierarchy_runs=list(job.hierarchy_runs) if job.hierarchy_runs else None,
-    )
+    keys = ("threshold", "exact_max", "ms_runs", "hierarchy_runs")  # typed by StabilityJob; [] reads as None
+    result = study.stability_study(runs, all_pairs=job.pairs == "all", **pick(job, *keys))
     outputs = write_stability_outputs(out_dpath, result)
     write_run_info(out_dpath, config, outputs=outputs)
     headline = study.headline(result.summary)
