@@ -95,16 +95,19 @@ def _found(path: str | Path, name: str, job: str) -> Path:
     return fpath
 
 
-def _load_json(fpath: Path | str, job: str, text: str | bytes | None = None, damaged: str = "") -> dict[str, Any]:
-    """The JSON object in file ``fpath``, or in ``text`` read from ``fpath`` (a URL); ``damaged`` ends the error
-    for invalid JSON (default: re-run ``job``)."""
+def read_json_object(fpath: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``fpath``; unreadable JSON or another JSON type is refused, naming the file and ``fix``."""
     try:
-        obj = json.loads(Path(fpath).read_text(encoding="utf-8") if text is None else text)
+        obj = json.loads(fpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{fpath} is not valid JSON ({err}){damaged or f'; re-run `{job}` to rewrite it.'}") from err
+        raise ValueError(f"{fpath} is not valid JSON ({err}); {fix}") from err
     if not isinstance(obj, dict):
-        raise ValueError(f"{fpath} holds a JSON {type(obj).__name__}, expected an object; re-run `{job}`.")
+        raise ValueError(f"{fpath} holds a JSON {type(obj).__name__}, expected an object; {fix}")
     return obj
+
+
+def _load_json(fpath: Path, job: str) -> dict[str, Any]:
+    return read_json_object(fpath, f"re-run `{job}` to rewrite it.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +413,12 @@ def read_manifest(path: str | Path) -> StoreManifest:
 
 def manifest_from_json(text: str | bytes, where: str) -> StoreManifest:
     """A ``manifest.json`` read from elsewhere than a local file (a URL): ``where`` names it in errors."""
-    obj = _load_json(where, _EXTRACT_JOB, text, damaged=": the store is damaged or not a vlmsae store.")
+    try:
+        obj = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{where} is not valid JSON ({err}): the store is damaged or not a vlmsae store.") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} holds a JSON {type(obj).__name__}, expected an object; re-run `{_EXTRACT_JOB}`.")
     return StoreManifest.from_json(obj, where)
 
 

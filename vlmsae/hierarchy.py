@@ -38,7 +38,6 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     ``cfg``: conf/hierarchy.yaml (keys: :class:`vlmsae.config.jobs.hierarchy.HierarchyJob`).
     """
     from vlmsae.data.image_set import ImageSet
-    from vlmsae.models.embedders import load_embedder
     from vlmsae.report.job_log import log_job
     from vlmsae.report.tables import hierarchy_table
     from vlmsae.studies import hierarchy_study as study
@@ -56,13 +55,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     hint = " (or pass ms_run=<monosemanticity run dir> to reuse its top images)"
     images = None if job.ms_run else ImageSet.from_data(data, job="hierarchy", hint=hint)
     classes = study.check_images_have_taxa(taxonomy, images) if images is not None else []
-    shared = sweep.SweepCache(keep=is_sweep)
-    embedder = load_embedder(job.embedder) if job.embedder and images is not None else None
-    if embedder is not None and is_sweep:
-        embedder = sweep.SharedEmbedder(embedder, shared)
+    embedder = job.embedder if job.embedder and images is not None else None
     score = _scorer(job, config, taxonomy, classes, images, embedder, is_sweep)
     table = partial(hierarchy_table, paper=study.PAPER_TABLE2)
-    result = sweep.run_study(members, is_sweep, out_dpath, score, table, config, shared)
+    result = sweep.run_study(members, is_sweep, out_dpath, score, table, config)
     # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
     log_job(job, "hierarchy", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
     return result
@@ -82,8 +78,11 @@ def _scorer(job: HierarchyJob, config: dict, taxonomy, classes: list[str], image
         else:
             src = shared.open(m, job.model, job.layer, job.pool, job.device, job.check_fit)
             batch_size = job.batch_size or images.batch_size
-            top, ms_K = study.compute_top_images(src, images, embedder, top_k=job.top_k, batch_size=batch_size,
-                                                 sae_path=m.sae_path)  # fmt: skip
+            top, ms_K, n_embedded = study.compute_top_images(
+                src, images, embedder, top_k=job.top_k, batch_size=batch_size, sae_path=m.sae_path,
+                embed_memo=shared.embeddings if shared.keep else None,
+            )  # fmt: skip
+            shared.n_embedded += n_embedded
             top.save(sub_dpath / formats.TOP_IMAGES_DIR)
         result = study.score_hierarchy(
             top, ms_K, taxonomy, classes, m.sae, n_top=job.n_top, min_majority=job.min_majority,

@@ -28,12 +28,12 @@ def _ids(batches) -> list[int]:
 
 
 def _stream(store, **kw):
-    from vlmsae.data.store import list_shard_fpaths
+    from vlmsae.data.shards import list_shards
 
     kw.setdefault("batch_size", 20)
     kw.setdefault("shuffle_buffer", 100)
     kw.setdefault("seed", 0)
-    return ShardRowStream(list_shard_fpaths(store), **kw)
+    return ShardRowStream([str(p) for p in list_shards(store)], **kw)
 
 
 def test_rank_and_worker_split_disjoint_equal_and_complete(tmp_path):
@@ -43,7 +43,7 @@ def test_rank_and_worker_split_disjoint_equal_and_complete(tmp_path):
     for rank in range(world):
         stream = _stream(store, rank=rank, world_size=world, n_epochs=1)
         for worker in range(workers):
-            per_part.append([r for rows in stream.iter_chunks(0, worker, workers) for r in _ids([rows])])
+            per_part.append([r for rows in stream.rows_from(stream.plan(0, worker, workers), 0) for r in _ids([rows])])
     sets = [set(p) for p in per_part]
     for i in range(len(sets)):
         for j in range(i + 1, len(sets)):
@@ -55,7 +55,7 @@ def test_rank_and_worker_split_disjoint_equal_and_complete(tmp_path):
 def test_fewer_shards_than_workers_splits_by_chunk(tmp_path):
     store = _ids_store(tmp_path, n_rows=480, chunks_per_shard=12)  # 1 shard, 12 chunks
     stream = _stream(store, n_epochs=1)
-    parts = [set(_ids(list(stream.iter_chunks(0, w, 3)))) for w in range(3)]
+    parts = [set(_ids(list(stream.rows_from(stream.plan(0, w, 3), 0)))) for w in range(3)]
     assert all(len(p) == 160 for p in parts)
     assert not (parts[0] & parts[1]) and not (parts[1] & parts[2])
 

@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vlmsae.metrics import monosemanticity_scores, ms_summary
+from vlmsae.metrics.monosemanticity import _coo_entries, _is_sparse, _ratio, dead_and_range, unit_embeddings
 
 
 def pairwise_ms(acts_NK: np.ndarray, emb_NE: np.ndarray) -> np.ndarray:
@@ -132,8 +134,6 @@ def test_summary_excludes_nan() -> None:
 
 @pytest.mark.parametrize("sparse", [False, True])
 def test_streaming_accumulator_matches_two_pass(sparse: bool) -> None:
-    from vlmsae.metrics.monosemanticity import MSAccumulator
-
     acts = make_acts(41, seed=5)
     acts[:, 6] += 1000.0  # a raw neuron with a large offset: the shifted sums must not cancel
     emb = torch.randn(41, 7, generator=torch.Generator().manual_seed(9))
@@ -147,3 +147,97 @@ def test_streaming_accumulator_matches_two_pass(sparse: bool) -> None:
     np.testing.assert_allclose(streamed[~np.isnan(ref)], ref[~np.isnan(ref)], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="chunks"):
         acc.update(acts[:2] if sparse else acts[:2].to_sparse(), emb[:2])
+
+
+class MSAccumulator:
+    """MS from a stream of image chunks, one pass: ``update(acts_chunk, emb_chunk)`` then ``result()``.
+
+    For activations that never sit in memory together (e.g. codes computed on the fly over a large
+    image set).  Keeps per-latent sufficient statistics: the nonzero count, min and max, and, after a
+    per-latent shift c, S1 = sum (a - c), S2 = sum (a - c)^2 and A = sum (a - c) e_n ([K, d] float64:
+    400 MB at K = 65,536, d = 768), plus sum_n e_n.  At the end, with delta = min a - c:
+    sum a~ R = S1 - N delta, sum a~^2 R^2 = S2 - 2 delta S1 + N delta^2, v R = A - delta sum_n e_n.
+    c = 0 for sparse chunks (their implicit zeros pin the minimum at or below 0) and the first dense
+    chunk's minimum otherwise, so delta stays of the order of the latent's range and the expansions do
+    not cancel away precision for raw neurons with a large offset.  Mixing dense and sparse chunks for
+    one accumulator is refused.  The two-pass :func:`monosemanticity_scores` is the reference and is
+    several times faster when everything fits in memory (it never holds or scatters into [K, d] sums).
+    """
+
+    def __init__(self, n_latents: int, dim: int) -> None:
+        self.n_latents, self.dim = n_latents, dim
+        self.n_images = 0
+        self.count_K = torch.zeros(n_latents, dtype=torch.long)
+        self.lo_K = torch.full((n_latents,), math.inf, dtype=torch.float64)
+        self.hi_K = torch.full((n_latents,), -math.inf, dtype=torch.float64)
+        self.shift_K: torch.Tensor | None = None
+        self.s1_K = torch.zeros(n_latents, dtype=torch.float64)
+        self.s2_K = torch.zeros(n_latents, dtype=torch.float64)
+        self.v_KE = torch.zeros(n_latents, dim, dtype=torch.float64)
+        self.emb_sum_E = torch.zeros(dim, dtype=torch.float64)
+        self.layout: str | None = None
+
+    def update(self, acts_BK: torch.Tensor, embeddings_BE: torch.Tensor) -> None:
+        if (
+            acts_BK.dim() != 2
+            or acts_BK.shape[1] != self.n_latents
+            or embeddings_BE.shape != (acts_BK.shape[0], self.dim)
+        ):
+            raise ValueError(
+                f"expected acts [B, {self.n_latents}] and embeddings [B, {self.dim}] for the same B images, got "
+                f"{tuple(acts_BK.shape)} and {tuple(embeddings_BE.shape)}."
+            )
+        layout = "sparse" if _is_sparse(acts_BK) else "dense"
+        if self.layout not in (None, layout):
+            raise ValueError(f"this accumulator got {self.layout} chunks before; feed all chunks as {self.layout}.")
+        self.layout = layout
+        emb_BE = unit_embeddings(embeddings_BE)
+        n_b = acts_BK.shape[0]
+        self.emb_sum_E += emb_BE.sum(0)
+        if layout == "sparse":
+            rows_Z, cols_Z, vals_Z = _coo_entries(acts_BK)
+            if not torch.isfinite(vals_Z).all():
+                raise ValueError("acts contain NaN or inf; MS is undefined for them.")
+            self.shift_K = torch.zeros(self.n_latents, dtype=torch.float64)
+            self.count_K += torch.bincount(cols_Z, minlength=self.n_latents)
+            self.lo_K.scatter_reduce_(0, cols_Z, vals_Z, "amin")
+            self.hi_K.scatter_reduce_(0, cols_Z, vals_Z, "amax")
+            self.s1_K.index_add_(0, cols_Z, vals_Z)
+            self.s2_K.index_add_(0, cols_Z, vals_Z * vals_Z)
+            # Group the chunk's entries by latent (one embedding_bag, no [entries, d] temporary), then
+            # add each touched latent's row once.
+            order_Z = torch.argsort(cols_Z, stable=True)
+            touched_U, per_U = torch.unique_consecutive(cols_Z[order_Z], return_counts=True)
+            offsets_U = torch.zeros_like(per_U)
+            offsets_U[1:] = per_U.cumsum(0)[:-1]
+            bag_UE = F.embedding_bag(rows_Z[order_Z], emb_BE, offsets_U, mode="sum", per_sample_weights=vals_Z[order_Z])
+            self.v_KE[touched_U] += bag_UE
+        else:
+            a_BK = acts_BK.detach().to("cpu", torch.float64)
+            if not torch.isfinite(a_BK).all():
+                raise ValueError("acts contain NaN or inf; MS is undefined for them.")
+            if self.shift_K is None:
+                self.shift_K = a_BK.amin(0)
+            self.count_K += n_b
+            self.lo_K = torch.minimum(self.lo_K, a_BK.amin(0))
+            self.hi_K = torch.maximum(self.hi_K, a_BK.amax(0))
+            shifted_BK = a_BK - self.shift_K
+            self.s1_K += shifted_BK.sum(0)
+            self.s2_K += (shifted_BK * shifted_BK).sum(0)
+            self.v_KE.addmm_(shifted_BK.T, emb_BE)
+        self.n_images += n_b
+
+    def result(self) -> torch.Tensor:
+        """[K] float64 MS, NaN where undefined (as :func:`monosemanticity_scores`)."""
+        n = self.n_images
+        if n < 2:
+            raise ValueError(f"MS needs at least 2 images (pairs), got N={n}.")
+        has_zero_K = self.count_K < n
+        lo_K = torch.where(has_zero_K, self.lo_K.clamp(max=0.0), self.lo_K)
+        hi_K = torch.where(has_zero_K, self.hi_K.clamp(min=0.0), self.hi_K)
+        dead_K, safe_range_K = dead_and_range(lo_K, hi_K)
+        delta_K = lo_K - self.shift_K
+        sum_K = (self.s1_K - n * delta_K) / safe_range_K
+        sum_sq_K = (self.s2_K - 2 * delta_K * self.s1_K + n * delta_K * delta_K) / (safe_range_K * safe_range_K)
+        v_KE = (self.v_KE - delta_K[:, None] * self.emb_sum_E[None, :]) / safe_range_K[:, None]
+        return _ratio(v_KE.pow(2).sum(1), sum_K, sum_sq_K, dead_K)

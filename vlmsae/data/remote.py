@@ -80,11 +80,6 @@ def open_stream(url: str, what: str = "file") -> Iterator[IO[bytes]]:
             raise ConnectionError(f"reading {url} (the {what}) failed: {type(err).__name__}: {err}") from err
 
 
-def read_bytes(url: str, what: str = "file") -> bytes:
-    with open_stream(url, what) as stream:
-        return stream.read()
-
-
 def missing_files(base: str, names: list[str]) -> list[str]:
     """The ``names`` that do not exist beside ``base`` (one listing, then one check per unlisted name).
 

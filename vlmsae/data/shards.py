@@ -1,21 +1,12 @@
 """Activation store: WebDataset tar shards of safetensors chunks, a manifest, and resumable writing.
 
-Layout of a store folder:
-- ``acts-%06d.tar``: samples with ``__key__ = "%06d" % chunk_index`` (global over the store), each
-  with ``acts.safetensors`` (``acts`` [R, D] fp16|bf16, ``token_idx`` [R] int32, ``image_idx`` [R]
-  int64, ``label`` [R] int64, -1 = none) and ``keys.json`` (the image key of every row). No pickles.
-- ``manifest.json``: what produced the store and its statistics (written last, when complete):
-  :class:`vlmsae.formats.StoreManifest`, read with :func:`vlmsae.formats.read_manifest`.
-- ``progress.json``: the writer's state after the last complete shard (resume point):
-  :class:`vlmsae.formats.StoreProgress`.
-- a store extracted by W torchrun processes holds no shards of its own but ``rank-RRRRR-of-WWWWW/`` folders,
-  each a writer's folder (shards, chunk indices and ``progress.json`` of that rank); :func:`list_shards` lists
-  them rank by rank, and the one ``manifest.json`` (:func:`write_merged_manifest`) names them by relative path.
-
-Every file is written under a temporary name and renamed, and ``progress.json`` is rewritten only
-after its shard is in place. A killed run therefore leaves whole shards plus, at worst, one shard
-newer than ``progress.json``; :class:`ShardWriter` deletes that one on restart and the caller
-resumes from the recorded state, so no row is lost or written twice.
+A store folder holds ``acts-%06d.tar`` (one sample per chunk, ``__key__`` = the chunk index over the store;
+layout in docs/ARCHITECTURE.md; no pickles), ``manifest.json`` (:class:`vlmsae.formats.StoreManifest`, written
+last) and ``progress.json`` (:class:`vlmsae.formats.StoreProgress`, the resume point); a store extracted by W
+torchrun processes holds ``rank-RRRRR-of-WWWWW/`` folders instead, each one writer's folder, which
+:func:`list_shards` lists rank by rank. Every file is written under a temporary name and renamed, and
+``progress.json`` only after its shard is in place, so a killed run leaves at worst one shard newer than the
+progress record; :class:`ShardWriter` deletes it on restart: no row is lost or written twice.
 """
 
 from __future__ import annotations
@@ -86,18 +77,11 @@ class RunningStats:
         self.sq_norm_sum = 0.0
 
     def update(self, x_ND: torch.Tensor) -> None:
-        if x_ND.shape[0] == 0:
-            return
         x = x_ND.detach().to("cpu", torch.float64)
-        n_b = x.shape[0]
-        mean_b = x.mean(dim=0)
-        m2_b = ((x - mean_b) ** 2).sum(dim=0)
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n_b / n)
-        self.m2 = self.m2 + m2_b + delta**2 * (self.n * n_b / n)
-        self.n = n
-        self.sq_norm_sum += float((x**2).sum())
+        batch = RunningStats(x.shape[1])
+        batch.n, batch.mean = x.shape[0], x.mean(dim=0)
+        batch.m2, batch.sq_norm_sum = ((x - batch.mean) ** 2).sum(dim=0), float((x**2).sum())
+        self.merge(batch)
 
     def merge(self, other: RunningStats) -> None:
         """Add another part's statistics (Chan et al.'s pairwise combination)."""
@@ -150,9 +134,7 @@ class ImageListDigest:
             self._fold()
 
     def _fold(self) -> None:
-        block = "\n".join(self.pending).encode("utf-8")
-        self.chain = hashlib.sha256(self.chain.encode() + hashlib.sha256(block).digest()).hexdigest()
-        self.pending = []
+        self.chain, self.pending = self.hexdigest(), []
 
     def hexdigest(self) -> str:
         if not self.pending:
@@ -364,52 +346,24 @@ class ShardWriter:
         else:
             shards = [p.name for p in list_shards(self.dpath)]
             shard_rows = [sum(n for _, n, _ in chunk_row_counts(p)) for p in list_shards(self.dpath)]
-        manifest = StoreManifest.from_dict(
-            {
-                **self.meta,
-                "d": self.d,
-                "dtype": self.dtype_name,
-                "n_rows": self.n_rows,
-                "n_shards": self.n_shards,
-                "n_chunks": self.n_chunks,
-                "rows_per_chunk": self.rows_per_chunk,
-                "shards": shards,
-                # rows per shard: with rows_per_chunk, a remote store's chunk index without reading its shards
-                "shard_rows": shard_rows,
-                **fields,
-                "mean": self.stats.mean.tolist(),
-                "var": self.stats.var.tolist(),
-                "mean_sq_norm": self.stats.mean_sq_norm,
-                "versions": versions(),
-                "git_commit": git_commit(),
-            }
-        )
-        write_manifest(self.dpath, manifest)
+        counts = dict(d=self.d, dtype=self.dtype_name, n_rows=self.n_rows, n_shards=self.n_shards)
+        # rows per shard: with rows_per_chunk, a remote store's chunk index without reading its shards
+        counts.update(n_chunks=self.n_chunks, rows_per_chunk=self.rows_per_chunk, shards=shards, shard_rows=shard_rows)
+        manifest = _write_store_manifest(self.dpath, self.meta, counts, fields, self.stats)
         if self.sink is not None:
             self.sink.put(self.dpath / MANIFEST_JSON)  # last: a store with a manifest is complete
         return manifest
 
 
-def write_merged_manifest(dpath: str | Path, part_dpaths: list[Path], **fields: Any) -> StoreManifest:
-    """The manifest of a store written in parts (one :class:`ShardWriter` per rank folder): counts summed,
-    statistics merged, the parts' ``meta`` less its per-rank keys (``rank``, ``positions``)."""
-    dpath = Path(dpath)
-    parts = [read_progress(p) for p in part_dpaths]
-    stats = RunningStats.from_state(parts[0].stats)
-    for part in parts[1:]:
-        stats.merge(RunningStats.from_state(part.stats))
-    meta = {k: v for k, v in parts[0].meta.items() if k not in ("rank", "positions")}
-    d = len(parts[0].stats["mean"])
+def _write_store_manifest(
+    dpath: Path, meta: dict[str, Any], counts: dict[str, Any], fields: dict[str, Any], stats: RunningStats
+) -> StoreManifest:
+    """Write ``manifest.json``: the extraction's ``meta``, the writer's ``counts``, the caller's ``fields``, the
+    statistics and provenance (later keys win)."""
     manifest = StoreManifest.from_dict(
         {
             **meta,
-            "d": d,
-            "dtype": meta["dtype"],
-            "n_rows": sum(p.n_rows for p in parts),
-            "n_shards": sum(p.n_shards for p in parts),
-            "n_chunks": sum(p.n_chunks for p in parts),
-            "rows_per_chunk": meta["rows_per_chunk"],
-            "shards": [fpath.relative_to(dpath).as_posix() for fpath in list_shards(dpath)],
+            **counts,
             **fields,
             "mean": stats.mean.tolist(),
             "var": stats.var.tolist(),
@@ -422,8 +376,19 @@ def write_merged_manifest(dpath: str | Path, part_dpaths: list[Path], **fields: 
     return manifest
 
 
-def _want_all(chunk_index: int) -> bool:
-    return True
+def write_merged_manifest(dpath: str | Path, part_dpaths: list[Path], **fields: Any) -> StoreManifest:
+    """The manifest of a store written in parts (one :class:`ShardWriter` per rank folder): counts summed,
+    statistics merged, the parts' ``meta`` less its per-rank keys (``rank``, ``positions``)."""
+    dpath = Path(dpath)
+    parts = [read_progress(p) for p in part_dpaths]
+    stats = RunningStats.from_state(parts[0].stats)
+    for part in parts[1:]:
+        stats.merge(RunningStats.from_state(part.stats))
+    meta = {k: v for k, v in parts[0].meta.items() if k not in ("rank", "positions")}
+    counts = {name: sum(getattr(p, name) for p in parts) for name in ("n_rows", "n_shards", "n_chunks")}
+    counts.update(d=len(parts[0].stats["mean"]), dtype=meta["dtype"], rows_per_chunk=meta["rows_per_chunk"])
+    counts["shards"] = [fpath.relative_to(dpath).as_posix() for fpath in list_shards(dpath)]
+    return _write_store_manifest(dpath, meta, counts, fields, stats)
 
 
 def iter_chunks(
@@ -438,7 +403,6 @@ def iter_chunks(
     member and decoding it whole measured ~4x faster (``vlmsae/bench/loader.py``); refused chunks
     are then never read. Anything else (a URL, ``pipe:...``) is streamed with ``webdataset.gopen``.
     """
-    want = want or _want_all
     for fpath in shard_fpaths:
         if Path(fpath).is_file():
             yield from _iter_local_chunks(Path(fpath), want, with_keys)
@@ -490,7 +454,7 @@ def _shard_members(fpath: Path) -> dict[str, dict[str, tarfile.TarInfo]]:
     return members
 
 
-def _iter_local_chunks(fpath: Path, want: Callable[[int], bool], with_keys: bool) -> Iterator[dict[str, Any]]:
+def _iter_local_chunks(fpath: Path, want: Callable[[int], bool] | None, with_keys: bool) -> Iterator[dict[str, Any]]:
     """Seek to each chunk's members (the fast path: only the chunks ``want`` accepts are read)."""
     members = _shard_members(fpath)
     needed = ("acts.safetensors", "keys.json") if with_keys else ("acts.safetensors",)
@@ -504,7 +468,7 @@ def _iter_local_chunks(fpath: Path, want: Callable[[int], bool], with_keys: bool
 
     with open(fpath, "rb") as fh:
         for key, parts in members.items():
-            if want(int(key)):
+            if want is None or want(int(key)):
                 keys_json = read(fh, parts["keys.json"]) if with_keys else None
                 yield _decode_chunk(key, read(fh, parts["acts.safetensors"]), keys_json, where=str(fpath))
 
@@ -595,7 +559,7 @@ def chunk_row_counts(
     return out
 
 
-def _iter_streamed_chunks(url: str, want: Callable[[int], bool], with_keys: bool) -> Iterator[dict[str, Any]]:
+def _iter_streamed_chunks(url: str, want: Callable[[int], bool] | None, with_keys: bool) -> Iterator[dict[str, Any]]:
     """One pass through a shard that cannot be seeked (a URL or a pipe): every member is read."""
     pending: dict[str, dict[str, bytes]] = {}
     with open_stream(url, "activation shard") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -607,7 +571,7 @@ def _iter_streamed_chunks(url: str, want: Callable[[int], bool], with_keys: bool
             sample[ext] = tar.extractfile(member).read()
             if "acts.safetensors" in sample and "keys.json" in sample:
                 del pending[key]
-                if want(int(key)):
+                if want is None or want(int(key)):
                     keys_json = sample["keys.json"] if with_keys else None
                     yield _decode_chunk(key, sample["acts.safetensors"], keys_json, where=url)
     if pending:
@@ -616,18 +580,16 @@ def _iter_streamed_chunks(url: str, want: Callable[[int], bool], with_keys: bool
 
 def read_rows(dpath: str | Path, max_rows: int | None = None) -> dict[str, Any]:
     """Load a (small) store into memory: ``acts`` [N, D], ``token_idx``, ``image_idx``, ``label``, ``keys``."""
-    parts: dict[str, list] = {"acts": [], "token_idx": [], "image_idx": [], "label": [], "keys": []}
-    n = 0
+    chunks, n = [], 0
     for chunk in iter_chunks(list_shards(dpath)):
-        for name in parts:
-            parts[name].append(chunk[name])
+        chunks.append(chunk)
         n += len(chunk["keys"])
         if max_rows is not None and n >= max_rows:
             break
-    if not parts["keys"]:
+    if not chunks:
         raise ValueError(f"No activation rows in {dpath}.")
-    out: dict[str, Any] = {name: torch.cat(parts[name]) for name in ("acts", "token_idx", "image_idx", "label")}
-    out["keys"] = [key for keys in parts["keys"] for key in keys]
-    if max_rows is not None:
-        out = {name: value[:max_rows] for name, value in out.items()}
+    out: dict[str, Any] = {
+        name: torch.cat([c[name] for c in chunks])[:max_rows] for name in ("acts", "token_idx", "image_idx", "label")
+    }
+    out["keys"] = [key for c in chunks for key in c["keys"]][:max_rows]
     return out

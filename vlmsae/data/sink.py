@@ -1,17 +1,10 @@
 """Writing an activation store to an fsspec URL (``out=s3://bucket/store``, ``gs://``, ``file://``, ``memory://``, ...).
 
-The shard writer (:class:`vlmsae.data.shards.ShardWriter`) works in a local staging folder; a :class:`StoreSink`
-publishes each file it finishes there:
-
-- every file is uploaded under a temporary name (``.<name>.<random>.tmp``: no shard pattern matches it) and then
-  moved onto its final name, so a reader listing the URL never sees a half-written shard (a rename on ``file://``
-  and ``memory://``; on object stores the final object appears whole, a server-side copy);
-- a shard is deleted from the staging folder once uploaded (the staging folder holds one shard at most);
-- ``progress.json`` is uploaded after each shard, ``manifest.json`` last, as in a local store.
-
-Resume: :meth:`StoreSink.pull` copies the remote ``progress.json`` (and ``manifest.json``) into the staging folder,
-the writer resumes from them as from a local folder, and :meth:`StoreSink.prune` deletes the remote shards newer
-than that progress (a kill between a shard's upload and its progress upload) and stray temporary uploads.
+The shard writer works in a local staging folder; a :class:`StoreSink` uploads each file it finishes under a
+temporary name (``.<name>.<random>.tmp``) and moves it onto its final name, so a reader never sees a
+half-written shard; a shard leaves the staging folder once uploaded; ``progress.json`` follows each shard,
+``manifest.json`` comes last. Resume: :meth:`StoreSink.pull` fetches the remote resume point and
+:meth:`StoreSink.prune` deletes the remote shards newer than it and stray temporary uploads.
 """
 
 from __future__ import annotations

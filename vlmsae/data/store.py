@@ -1,10 +1,9 @@
 """Opening an activation store for training, and writing one from rows in memory.
 
-:func:`open_store` checks, before any training step, that a store folder exists, is complete (its
-``manifest.json`` is written last) and has the shards its manifest lists; :func:`check_store_width`
-that its rows fit the SAE. :func:`write_acts_store` writes rows held in memory as a store (tests,
-benchmarks); extraction (``python -m vlmsae.extract``) writes real ones. The format is
-:mod:`vlmsae.data.shards`; the stream that reads it is :mod:`vlmsae.data.stream`.
+:func:`open_store` checks before any training step that a store exists, is complete (its manifest is written
+last) and has the shards its manifest lists; :func:`check_store_width` that its rows fit the SAE;
+:func:`write_acts_store` writes rows held in memory as a store (tests, benchmarks). Format:
+:mod:`vlmsae.data.shards`; reader: :mod:`vlmsae.data.stream`.
 """
 
 from __future__ import annotations
@@ -13,14 +12,9 @@ from pathlib import Path
 
 import torch
 
-from vlmsae.data.remote import is_remote, join_url, missing_files, read_bytes
+from vlmsae.data.remote import is_remote, join_url, missing_files, open_stream
 from vlmsae.data.shards import ShardWriter, list_shards
 from vlmsae.formats import MANIFEST_JSON, StoreManifest, manifest_from_json, read_manifest
-
-
-def list_shard_fpaths(acts_dpath: Path) -> list[str]:
-    """The store's shard files in order, as strings (what a ShardRowStream takes)."""
-    return [str(p) for p in list_shards(acts_dpath)]
 
 
 def open_store(acts: str | Path | None) -> tuple[Path | str, StoreManifest, list[str]]:
@@ -48,7 +42,7 @@ def open_store(acts: str | Path | None) -> tuple[Path | str, StoreManifest, list
         )
     manifest = read_manifest(acts_dpath)
     _check_complete(manifest, str(acts_dpath))
-    shard_fpaths = list_shard_fpaths(acts_dpath)
+    shard_fpaths = [str(p) for p in list_shards(acts_dpath)]  # what a ShardRowStream takes
     if not shard_fpaths:
         raise FileNotFoundError(f"{str(acts_dpath)!r} has a manifest but no acts-*.tar shards")
     listed = manifest.n_shards
@@ -79,7 +73,8 @@ def open_remote_store(url: str) -> tuple[str, StoreManifest, list[str]]:
     url = url if url.startswith("pipe:") else url.rstrip("/")
     manifest_url = join_url(url, MANIFEST_JSON)
     try:
-        text = read_bytes(manifest_url, f"manifest of the activation store data.acts={url}")
+        with open_stream(manifest_url, f"manifest of the activation store data.acts={url}") as stream:
+            text = stream.read()
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{err}: {url} is not a finished activation store (extraction writes {MANIFEST_JSON} last, so an "
@@ -113,11 +108,9 @@ def check_store_width(store: str | Path | StoreManifest, d_expected: int, acts_d
 
     ``store``: a store folder or its manifest (then pass ``acts_dpath`` for the message).
     """
-    if isinstance(store, StoreManifest):
-        manifest, where = store, str(acts_dpath or "the activation store")
-    else:
-        where = str(store)
-        manifest = read_manifest(store)
+    given = isinstance(store, StoreManifest)
+    manifest = store if given else read_manifest(store)
+    where = str(acts_dpath or "the activation store") if given else str(store)
     d = int(manifest.d)
     if d != int(d_expected):
         raise ValueError(

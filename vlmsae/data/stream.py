@@ -1,36 +1,19 @@
 """Streaming activation rows: shard/rank/worker split, a windowed shuffle, epochs that reshuffle, O(1) resume.
 
-Why a hand-written stream and not a map-style dataset: the activation store of a paper-size run
-(ImageNet x tokens x 1024 fp16) is far larger than memory, so rows are read chunk by chunk from
-tar shards and only ``window + chunk`` rows are ever held. The order is a pure function of
-``(seed, epoch, rank, worker)`` and the store's per-chunk row counts, which gives the properties
-the trainer relies on:
+A store is far larger than memory, so rows are read chunk by chunk and only ``window + chunk`` rows are held.
+The order is a pure function of ``(seed, epoch, rank, worker)`` and the store's per-chunk row counts:
 
-* ranks (``trainer=ddp``, several nodes) read disjoint shards: the shard list is permuted with
-  the same ``(seed, epoch)`` generator on every rank, then rank ``r`` takes every ``world``-th
-  shard; DataLoader workers split the rank's shards the same way (or its chunks, when a rank has
-  fewer shards than workers);
-* windowed shuffle: each (rank, worker) reads its planned chunks of the epoch in order, cuts the
-  rows into windows of ``window`` rows (``shuffle_buffer`` rounded down to a multiple of the batch
-  size, at least one batch), permutes each window with ``default_rng([seed, epoch, rank, worker,
-  window])`` and emits whole batches. Extraction writes rows in a seeded permutation, so a window
-  is a uniform sample of the store; the permutation only decorrelates consecutive batches;
-* the training stream is infinite (epoch after epoch, each with a new shard order and new window
-  permutations), so every rank yields exactly as many batches as the trainer asks for. At the end
-  of an epoch a worker drops its last ``< batch_size`` rows (``drop_last``; a finite stream with
-  ``drop_last=False`` emits them as a short batch instead); the next epoch drops different ones;
-* resume costs O(1) reads: batch ``j`` of a worker maps to ``(epoch, window, offset)`` by arithmetic
-  over the per-chunk row counts (:func:`vlmsae.data.shards.chunk_row_counts`: tar and safetensors
-  headers only), so ``skip_batches=S`` opens only the chunks of the current window, whatever S is,
-  and then yields exactly the batches the uninterrupted run yields.
+* every rank permutes the shard list with the same ``(seed, epoch)`` generator and takes every ``world``-th
+  shard; DataLoader workers split the rank's shards the same way (its chunks, when it has fewer shards);
+* each worker cuts its rows into windows (``shuffle_buffer`` rounded down to whole batches), permutes each
+  with ``default_rng([seed, epoch, rank, worker, window])`` and emits whole batches; the training stream is
+  infinite, and an epoch's last ``< batch_size`` rows are dropped (``drop_last``);
+* batch ``j`` of a worker maps to ``(epoch, window, offset)`` by arithmetic over the chunk row counts
+  (:func:`vlmsae.data.shards.chunk_row_counts`), so ``skip_batches`` opens only the current window's chunks.
 
-``holdout=("train"|"val", p)`` keeps only the rows whose image is (val) or is not (train) held out
-(:func:`vlmsae.data.shards.image_holdout`: ``image_idx % p == 0``): the validation split is by
-image, never by row. Module-level functions and classes only (no lambdas): workers pickle the dataset.
-
-:class:`ImageRowsStream` is the same batching for rows computed from images on the fly (``data=images``):
-:class:`vlmsae.models.image_rows.ImageChunkMaker` makes the row chunks; every epoch visits the images in
-a fresh seeded permutation of the listing (:func:`epoch_order_seed`, :func:`iter_epoch_images`).
+``holdout=("train"|"val", p)`` keeps the rows whose image is not / is held out (``image_idx % p == 0``).
+Module-level functions and classes only (no lambdas): workers pickle the dataset. :class:`ImageRowsStream`
+batches rows computed from images on the fly (``data=images``). More: docs/training.md.
 """
 
 from __future__ import annotations
@@ -61,7 +44,6 @@ class StreamConfig:
     shuffle_buffer: int = 16384  # rows per shuffle window; memory = shuffle_buffer * d * 2 bytes per worker
     num_workers: int = 2  # DataLoader workers per rank (each reads its own shards)
     val_fraction: float = 0.01  # share of shards (or of images) held out for validation
-    val_batches: int = 20  # validation batches per check (per rank)
     seed: int = 0  # with the epoch, fixes the shard and row order
 
 
@@ -146,9 +128,9 @@ class RowShuffleBuffer:
 
 
 # ------------------------------------------------------------------------------------ stream
-def split_for(items: list, rank: int, world_size: int) -> list:
-    """Every ``world_size``-th item starting at ``rank``: disjoint, sizes differ by at most one."""
-    return items[rank::world_size]
+def kept_rows(holdout: tuple, n_rows: int, n_held: int) -> int:
+    """The rows of a chunk that ``holdout`` keeps (``n_held``: those of held-out images)."""
+    return n_rows if holdout[0] == "all" else n_held if holdout[0] == "val" else n_rows - n_held
 
 
 def window_rows(shuffle_buffer: int, batch_size: int) -> int:
@@ -169,10 +151,8 @@ def build_chunk_index(
     were recorded) or with a held-out period (which needs each row's image), a shard that is not a local
     file cannot be seeked: it is read once to count.
     """
-    index: dict[str, list[tuple[int, int, int]]] = {}
-    remote = [f for f in shard_fpaths if is_remote(f)]
     if (
-        remote
+        any(is_remote(f) for f in shard_fpaths)
         and holdout_period is None
         and manifest is not None
         and manifest.shard_rows is not None
@@ -186,6 +166,7 @@ def build_chunk_index(
 
     # headers only, but a store of thousands of shards takes a while: a bar (hidden for small stores)
     bar = tqdm(shard_fpaths, desc="index store shards", unit="shard", leave=False, disable=len(shard_fpaths) < 64)
+    index: dict[str, list[tuple[int, int, int]]] = {}
     for fpath in bar:
         if not is_remote(fpath) and Path(fpath).is_file():
             index[fpath] = chunk_row_counts(fpath, d=d, holdout_period=holdout_period)
@@ -295,20 +276,16 @@ class ShardRowStream(IterableDataset):
         if self.shuffle:
             perm = np.random.default_rng([self.seed, epoch]).permutation(len(order))
             order = [order[i] for i in perm]
-        mine = split_for(order, self.rank, self.world_size)
+        mine = order[self.rank :: self.world_size]  # disjoint; sizes differ by at most one
         if len(mine) >= n_workers:
-            return split_for(mine, worker, n_workers), None
+            return mine[worker::n_workers], None
         return mine, n_workers  # fewer shards than workers: split by chunk position instead
-
-    def _kept(self, n_rows: int, n_held: int) -> int:
-        mode = self.holdout[0]
-        return n_rows if mode == "all" else n_held if mode == "val" else n_rows - n_held
 
     def plan(self, epoch: int, worker: int, n_workers: int) -> list[tuple[str, int, int]]:
         """``(shard, chunk_index, kept rows)`` in reading order: what one worker reads in one epoch."""
         fpaths, stride = self.shards_for(epoch, worker, n_workers)
         index = self.index()
-        entries = [(f, c, self._kept(n, h)) for f in fpaths for c, n, h in index[f]]
+        entries = [(f, c, kept_rows(self.holdout, n, h)) for f in fpaths for c, n, h in index[f]]
         if stride is not None:
             entries = entries[worker::stride]
         return [e for e in entries if e[2] > 0]
@@ -370,10 +347,6 @@ class ShardRowStream(IterableDataset):
                     rows_RD, skip = rows_RD[skip:], 0
                 if rows_RD.shape[0]:
                     yield rows_RD
-
-    def iter_chunks(self, epoch: int, worker: int, n_workers: int) -> Iterator[torch.Tensor]:
-        """Row blocks of one worker of this rank in one epoch, in reading order."""
-        yield from self.rows_from(self.plan(epoch, worker, n_workers), 0)
 
     def epoch_batches(self, epoch: int, worker: int, n_workers: int, first_batch: int = 0) -> Iterator[torch.Tensor]:
         """The batches of one worker in one epoch from ``first_batch`` on (opening only what they need)."""

@@ -1,12 +1,10 @@
 """Planted-feature activations: data with a known sparse dictionary, so SAE tests have an answer key.
 
-x = offset + scale * (sum over k random atoms of c_j * atom_j + noise), with a random unit-norm
-dictionary of ``n_atoms`` atoms in ``d_in`` dims and coefficients c_j ~ U[min_coef, max_coef].
-An SAE that learns well recovers the atoms as decoder rows (:func:`atom_recovery`).
-``scale`` and ``offset_norm`` mimic real activations (large norms, a big shared mean) so input
-scaling and the geometric-median b_dec init get exercised. Known answer (``tests/test_sae.py``): every
-architecture at 4x (``d_in=32``, 64 atoms, ``k=3``) recovers the atoms (mean best cosine >= 0.9) in
-150 Adam steps of batch 256, a few seconds on a CPU.
+x = offset + scale * (sum over k random atoms of c_j * atom_j + noise), with unit-norm atoms and c_j ~
+U[min_coef, max_coef]; ``scale`` and ``offset_norm`` mimic real activations (large norms, a big shared mean) so
+input scaling and the geometric-median b_dec init get exercised. Known answer (``tests/test_sae.py``): every
+architecture at 4x (``d_in=32``, 64 atoms, ``k=3``) recovers the atoms as decoder rows (mean best cosine >= 0.9)
+in 150 Adam steps of batch 256, a few seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -90,24 +88,3 @@ class PlantedDictionary:
         """``n_batches`` fresh batches of activations (a stream: no sample repeats)."""
         for i in range(n_batches):
             yield self.sample(batch_size, seed=seed * 1_000_003 + i).x
-
-
-def planted_activations(
-    n_samples: int,
-    d_in: int = 32,
-    n_atoms: int = 64,
-    k: int = 3,
-    noise_std: float = 0.01,
-    seed: int = 0,
-    **kwargs,
-) -> PlantedActivations:
-    """``(x, dictionary, codes)`` from a random dictionary fixed by ``seed`` (see :class:`PlantedDictionary`)."""
-    planted = PlantedDictionary.random(d_in=d_in, n_atoms=n_atoms, k=k, noise_std=noise_std, seed=seed, **kwargs)
-    return planted.sample(n_samples, seed=seed + 1)
-
-
-def atom_recovery(W_dec_FD: torch.Tensor, atoms_AD: torch.Tensor) -> torch.Tensor:
-    """For each atom, the best cosine similarity with any decoder row -> [A] (1 = found exactly)."""
-    W_FD = torch.nn.functional.normalize(W_dec_FD.detach().float(), dim=1)
-    atoms = torch.nn.functional.normalize(atoms_AD.detach().float().to(W_FD.device), dim=1)
-    return (atoms @ W_FD.T).max(dim=1).values

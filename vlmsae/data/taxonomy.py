@@ -110,9 +110,7 @@ class Taxonomy:
             p = self._lookup_one(str(key), None if paths is None else paths[i], None if labels is None else labels[i])
             if p is None:
                 failed.append(str(key) if paths is None or paths[i] is None else f"{key} ({paths[i]})")
-                out.append(())
-            else:
-                out.append(p)
+            out.append(p or ())
         if failed:
             examples = ", ".join(repr(f) for f in failed[:max_examples])
             known = ", ".join(repr(k) for k in list(self.paths)[:3])
@@ -172,18 +170,12 @@ def load_inat_dirnames(root_or_names: str | Path | Iterable[str]) -> Taxonomy:
         root = Path(root_or_names)
         if not root.is_dir():
             raise TaxonomyError(f"taxonomy=inat_dirnames: {root} is not a directory (expected the iNat 2021 root).")
-        names = []
-        for dpath in [root] + [root / s for s in ("train", "val", "train_mini", "public_test")]:
-            if dpath.is_dir():
-                names += [p.name for p in dpath.iterdir() if p.is_dir()]
+        dpaths = [root] + [root / s for s in ("train", "val", "train_mini", "public_test")]
+        names = [p.name for dpath in dpaths if dpath.is_dir() for p in dpath.iterdir() if p.is_dir()]
         label = str(root)
     else:
         names, label = list(root_or_names), "iNat directory names"
-    paths = {}
-    for name in names:
-        p = parse_inat_dirname(name)
-        if p is not None:
-            paths[name] = p
+    paths = {name: p for name in names if (p := parse_inat_dirname(name)) is not None}
     if not paths:
         raise TaxonomyError(
             f"No iNat 2021 class folder (like 00000_Animalia_Chordata_Aves_Passeriformes_Corvidae_Corvus_corax) "
@@ -382,18 +374,13 @@ def load_wordnet_synsets(fpath: str | Path, member: str | None = None) -> dict[i
         return parse_wordnet_data(zf.read(member).decode("utf-8", errors="replace").splitlines())
 
 
-def load_wordnet(
-    wnids: Iterable[str] | None = None, wordnet_dpath: str | Path | None = None, noun_fpath: str | Path | None = None
-) -> Taxonomy:
+def load_wordnet(wnids: Iterable[str] | None = None, wordnet_dpath: str | Path | None = None) -> Taxonomy:
     """Taxonomy of ImageNet wnids (``n01440764``) from their WordNet hypernym paths.
 
     ``wnids``: the classes to include (None = every noun synset). Ranks are ``depth_1 ... depth_D``,
     D the longest path; paths differ in length, so depth 1 is always ``entity``.
     """
-    if noun_fpath is not None:
-        fpath, member = Path(noun_fpath), None
-    else:
-        fpath, member = find_wordnet_noun_file(wordnet_dpath)
+    fpath, member = find_wordnet_noun_file(wordnet_dpath)
     synsets = load_wordnet_synsets(fpath, member)
     if wnids is None:
         wnids = [f"n{o:08d}" for o in synsets]

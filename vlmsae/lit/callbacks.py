@@ -48,14 +48,21 @@ def collect_sweep(sweep_dpath: str | Path) -> list[dict[str, Any]]:
         row.update(_job_overrides(job_dpath))
         if metrics_fpath.is_file():
             metrics = json.loads(metrics_fpath.read_text(encoding="utf-8"))
-            row["status"] = "done"
-            for key in SUMMARY_METRICS:
-                row[key] = metrics.get(key)
+            row.update({"status": "done", **{key: metrics.get(key) for key in SUMMARY_METRICS}})
         else:
             info = json.loads((job_dpath / "run_info.json").read_text(encoding="utf-8"))
             row["status"] = info.get("status", "unfinished")
         rows.append(row)
     return rows
+
+
+def write_metrics_csv(fpath: str | Path, columns: list[str], rows: list[dict]) -> Path:
+    """Atomically write ``rows`` under ``columns`` (missing cells empty)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(fpath, buf.getvalue())
 
 
 def _fmt(value: Any) -> str:
@@ -73,18 +80,12 @@ def write_sweep_summary(sweep_dpath: str | Path) -> tuple[Path, Path] | None:
     if not rows:
         log.warning("sweep summary: no job results under %s", sweep_dpath)
         return None
-    columns: list[str] = []
-    for row in rows:
-        columns += [c for c in row if c not in columns]
+    columns = list(dict.fromkeys(c for row in rows for c in row))
     # The markdown shows what varies between jobs; overrides shared by all go in one line above it.
     metric_cols = {"job", "status", *SUMMARY_METRICS}
     shared = {c: rows[0].get(c) for c in columns if c not in metric_cols and len({str(r.get(c)) for r in rows}) == 1}
     md_columns = [c for c in columns if c not in shared]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    csv_fpath = atomic_write_text(sweep_dpath / "sweep_summary.csv", buf.getvalue())
+    csv_fpath = write_metrics_csv(sweep_dpath / "sweep_summary.csv", columns, rows)
     lines = [
         f"# Sweep summary: {sweep_dpath.name}",
         "",

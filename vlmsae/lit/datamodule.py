@@ -1,46 +1,12 @@
 """LightningDataModules that feed activation rows to the SAE trainer.
 
-``ActsDataModule`` streams an activation store (``acts-%06d.tar`` + ``manifest.json``, written by
-``python -m vlmsae.extract``) through :class:`vlmsae.data.stream.ShardRowStream`: memory stays
-flat whatever the store size (one shuffle window of ``data.shuffle_buffer`` rows plus a chunk per
-worker), ranks and workers read disjoint shards, and the training stream is infinite
-(``trainer.max_steps`` ends training) so every rank runs the same number of steps.
-
-Resume: the checkpoint holds the stream position (``state_dict``: batches trained, batch size,
-seed, shuffle window, workers, world size and the store's identity). A resumed run seeks there in
-O(1) reads (only the chunks of the current shuffle window are opened) and yields exactly the
-batches the uninterrupted run would have. If the batch size or the store changed, the stream
-restarts from its beginning with a warning; if the workers, ranks or window changed, it seeks to
-the same number of batches but the row order differs from the uninterrupted run (warning).
-
-Held-out validation, always by image (no image gives rows to both splits), of ``val_fraction`` of the
-rows and at least one batch (that floor capped at ``VAL_MAX_FRACTION`` of the store, with a warning
-naming the numbers when the store is too small: :func:`vlmsae.data.shards.holdout_target`): whole
-shards from the end when they come to less than twice that and one training shard remains (extraction
-flushes a shard only between images, so no image straddles two shards), else the images with
-``image_idx % period == 0`` (every row of those images, wherever their chunks lie;
-:func:`vlmsae.data.shards.holdout_period`), so even a single-chunk store keeps a validation split
-that training never sees.
-
-Small or odd stores (each case names the store, the numbers and the fix):
-
-* fail: a store path that does not exist, has no manifest or no shards; a manifest with
-  ``complete: false`` or without ``n_rows`` (an unfinished extraction); a truncated or corrupt
-  shard (checked on open from the tar and safetensors headers, and again in the reader, naming the
-  shard file); a store width ``d`` that differs from the SAE's (:func:`vlmsae.data.store.check_store_width`) or a
-  chunk whose width differs from the manifest's; fewer training rows per rank than one batch;
-  fewer training shards than ranks (every rank streams its own shards);
-* adapt with a warning: fewer shards than DataLoader workers (workers split the rank's chunks
-  instead of its shards) and fewer rows than one batch per worker (``data.num_workers`` is lowered
-  until every worker gets a batch per epoch); a ``data.shuffle_buffer`` smaller than a batch (the
-  window is one batch).
-
-``ImageActsDataModule`` (``data=images``) computes the rows on the fly from images through the
-extraction model, for users without disk for a cache. Every epoch visits the images in a fresh
-seeded permutation of the listing (folder, list and synthetic sources; ``wds`` streams in file
-order); images with listing index ``% period == 0`` are validation, the period chosen as for a
-store (:func:`image_holdout_every`). Its resume still replays the stream (the row
-count of an image is only known once it is decoded).
+``ActsDataModule`` streams an activation store through :class:`vlmsae.data.stream.ShardRowStream` (memory stays
+flat whatever the store size; the training stream is infinite, ``trainer.max_steps`` ends it, so every rank runs
+the same number of steps). ``ImageActsDataModule`` (``data=images``) computes the rows on the fly from images
+through the extraction model; its resume replays the stream (an image's row count is only known once decoded).
+What a resume restores, how validation is held out by image, and which small or odd stores fail or adapt with a
+warning: docs/training.md (the bullets "Resume costs O(1)", "Validation is held out by image", "Small or odd
+stores").
 """
 
 from __future__ import annotations
@@ -58,36 +24,52 @@ from torch.utils.data import DataLoader, IterableDataset
 from vlmsae.data.images import list_source
 from vlmsae.data.shards import VAL_MAX_FRACTION, holdout_period, holdout_target
 from vlmsae.data.store import check_store_width, open_store
-from vlmsae.data.stream import ImageRowsStream, ShardRowStream, StreamConfig, build_chunk_index, window_rows
+from vlmsae.data.stream import ImageRowsStream, ShardRowStream, StreamConfig, build_chunk_index, kept_rows, window_rows
 from vlmsae.models.image_rows import ImageChunkMaker
 from vlmsae.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 
-def _world(trainer) -> tuple[int, int]:
-    if trainer is None:
-        return 0, 1
-    return int(trainer.global_rank), int(trainer.world_size)
+class _RowsDataModule(L.LightningDataModule):
+    """What both datamodules share: the rank, the stream position a checkpoint holds, the init batches."""
+
+    def __init__(self, stream: StreamConfig):
+        super().__init__()
+        self.stream = stream
+        self.batches_seen = 0  # restored from a checkpoint: the train stream seeks past these
+        self.rank, self.world_size = 0, 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = int(self.trainer.global_rank), int(self.trainer.world_size)
+
+    def state_dict(self) -> dict:
+        step = int(self.trainer.global_step) if self.trainer is not None else self.batches_seen
+        return {"batches_seen": step, "seed": self.stream.seed, "batch_size": self.stream.batch_size}
+
+    def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
+        """The first batches of the training stream (rank 0's view), for b_dec and input-scale init."""
+        for i, batch in enumerate(self._init_stream()):
+            if i >= n_batches:
+                return
+            yield batch
 
 
-class ActsDataModule(L.LightningDataModule):
+class ActsDataModule(_RowsDataModule):
     """Streams rows ``[B, D]`` (stored dtype) from an activation store; see the module docstring."""
 
     def __init__(self, acts_dpath: str | Path, stream: StreamConfig, d_expected: int | None = None):
-        super().__init__()
+        super().__init__(stream)
         self.acts_dpath, self.manifest, self.shard_fpaths = open_store(acts_dpath)
-        self.stream = stream
         self.d = int(self.manifest.d)
         if d_expected is not None:
             check_store_width(self.manifest, d_expected, self.acts_dpath)
         if int(stream.batch_size) < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {stream.batch_size}")
         self.n_rows = int(self.manifest.n_rows)
-        self.batches_seen = 0  # restored from a checkpoint: the train stream seeks past these
         self._resume_state: dict | None = None
         self._workers: int | None = None
-        self.rank, self.world_size = 0, 1
         self.n_val_rows = 0
         self._plan_split()
         # per-chunk row counts (and held-out rows) from headers: the resume seek and the size checks use them
@@ -138,8 +120,7 @@ class ActsDataModule(L.LightningDataModule):
         """Say so when the store is too small to hold out one batch for validation (the held-out FVE is noisy)."""
         if self.val_fpaths == self.train_fpaths and self.val_keep[0] == "all":
             return
-        n_val = self._rows_in(self.val_fpaths, self.val_keep)
-        self.n_val_rows = n_val
+        n_val = self.n_val_rows = self._rows_in(self.val_fpaths, self.val_keep)
         if n_val < int(self.stream.batch_size):
             log.warning(
                 "the activation store %s holds out only %d of its %d rows for validation (data.val_fraction=%g, "
@@ -154,15 +135,11 @@ class ActsDataModule(L.LightningDataModule):
             )
 
     def _rows_in(self, fpaths: list[str], keep: tuple) -> int:
-        total = 0
-        for fpath in fpaths:
-            for _, n, held in self.chunk_rows[fpath]:
-                total += n if keep[0] == "all" else held if keep[0] == "val" else n - held
-        return total
+        return sum(kept_rows(keep, n, held) for fpath in fpaths for _, n, held in self.chunk_rows[fpath])
 
     # ---------------------------------------------------------------- Lightning hooks
     def setup(self, stage: str | None = None) -> None:
-        self.rank, self.world_size = _world(self.trainer)
+        super().setup(stage)
         self._workers = None
         if len(self.train_fpaths) < self.world_size:
             raise ValueError(
@@ -174,30 +151,32 @@ class ActsDataModule(L.LightningDataModule):
         per_rank = self._min_worker_rows(1)
         if per_rank < B:
             n_train = self._rows_in(self.train_fpaths, self.train_keep)
-            n_val = (
-                self._rows_in(self.val_fpaths, self.val_keep)
-                if self.val_fpaths != self.train_fpaths or self.val_keep[0] != "all"
-                else 0
-            )
             raise ValueError(
-                f"the activation store {self.acts_dpath} has {n_train} training rows ({n_val} held out for "
+                f"the activation store {self.acts_dpath} has {n_train} training rows ({self.n_val_rows} held out for "
                 f"validation; {self.world_size} rank(s), at least {per_rank} rows per rank) but data.batch_size={B}: "
                 f"one batch needs more rows than a rank gets. Lower data.batch_size (<= {max(1, per_rank)}), "
                 "extract more images, or train on fewer devices"
             )
 
-    def _stream(self, seed_offset: int = 0, skip_batches: int = 0, rank: int | None = None) -> ShardRowStream:
+    def _stream(self, train: bool = True, seed_offset: int = 0, skip_batches: int = 0, rank: int | None = None):
+        """The training stream (of ``rank``, default this one), or the validation pass over the held-out rows."""
+        if train:
+            fpaths, keep, world, rank = self.train_fpaths, self.train_keep, self.world_size, rank
+        else:  # every rank reads its own validation shards when there are enough, else all of them
+            fpaths, keep = self.val_fpaths, self.val_keep
+            world = self.world_size if len(fpaths) >= self.world_size else 1
+            rank = self.rank if world > 1 else 0
         return ShardRowStream(
-            self.train_fpaths,
+            fpaths,
             self.stream.batch_size,
-            self.stream.shuffle_buffer,
+            self.stream.shuffle_buffer if train else 0,
             seed=self.stream.seed + seed_offset,
             rank=self.rank if rank is None else rank,
-            world_size=self.world_size,
-            n_epochs=None,
-            shuffle=True,
-            drop_last=True,
-            holdout=self.train_keep,
+            world_size=world,
+            n_epochs=None if train else 1,
+            shuffle=train,
+            drop_last=train,
+            holdout=keep,
             skip_batches=skip_batches,
             chunk_rows=self.chunk_rows,
             d=self.d,
@@ -218,22 +197,7 @@ class ActsDataModule(L.LightningDataModule):
         return self._stream(seed_offset=seed_offset, skip_batches=skip_batches)
 
     def val_stream(self) -> ShardRowStream:
-        world = self.world_size if len(self.val_fpaths) >= self.world_size else 1
-        rank = self.rank if world > 1 else 0
-        return ShardRowStream(
-            self.val_fpaths,
-            self.stream.batch_size,
-            0,
-            seed=self.stream.seed,
-            rank=rank,
-            world_size=world,
-            n_epochs=1,
-            shuffle=False,
-            drop_last=False,
-            holdout=self.val_keep,
-            chunk_rows=self.chunk_rows,
-            d=self.d,
-        )
+        return self._stream(train=False)
 
     def _loader(self, dataset: IterableDataset, workers: int) -> DataLoader:
         return DataLoader(
@@ -274,22 +238,17 @@ class ActsDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_stream(), min(self.stream.num_workers, 1))
 
-    def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
-        """The first batches of the training stream (rank 0's view), for b_dec and input-scale init."""
-        for i, batch in enumerate(self.train_stream(seed_offset=104729)):
-            if i >= n_batches:
-                return
-            yield batch
+    def _init_stream(self) -> ShardRowStream:
+        return self.train_stream(seed_offset=104729)
 
     # ------------------------------------------------------- resume: the stream's position
     def _store_id(self) -> dict:
-        m = self.manifest
         return {
             "n_rows": self.n_rows,
             "n_shards": len(self.shard_fpaths),
             "d": self.d,
-            "image_list_digest": m.image_list_digest,
-            "seed": m.seed,
+            "image_list_digest": self.manifest.image_list_digest,
+            "seed": self.manifest.seed,
         }
 
     def _layout(self, workers: int | None) -> dict:
@@ -302,16 +261,7 @@ class ActsDataModule(L.LightningDataModule):
         }
 
     def state_dict(self) -> dict:
-        trainer = self.trainer
-        step = int(trainer.global_step) if trainer is not None else self.batches_seen
-        return {
-            "batches_seen": step,
-            "seed": self.stream.seed,
-            "batch_size": self.stream.batch_size,
-            "store": self._store_id(),
-            "layout": self._layout(self._workers),
-            "version": 2,
-        }
+        return {**super().state_dict(), "store": self._store_id(), "layout": self._layout(self._workers), "version": 2}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_seen = int(state.get("batches_seen", 0))
@@ -386,20 +336,14 @@ def image_holdout_every(image_kwargs: dict, tokens: str, k_tokens: int, model: M
     return period
 
 
-class ImageActsDataModule(L.LightningDataModule):
+class ImageActsDataModule(_RowsDataModule):
     """``data=images``: no cache on disk, activations are computed from images as training runs."""
 
     def __init__(
         self, make_train: ImageChunkMaker, make_val: ImageChunkMaker, d: int, stream: StreamConfig, manifest: dict
     ):
-        super().__init__()
-        self.make_train, self.make_val, self.d, self.stream = make_train, make_val, d, stream
-        self.manifest = manifest
-        self.batches_seen = 0
-        self.rank, self.world_size = 0, 1
-
-    def setup(self, stage: str | None = None) -> None:
-        self.rank, self.world_size = _world(self.trainer)
+        super().__init__(stream)
+        self.make_train, self.make_val, self.d, self.manifest = make_train, make_val, d, manifest
 
     def _loader(self, dataset, workers):
         # CUDA cannot be used in a forked worker: the encoder's workers are spawned instead.
@@ -424,8 +368,8 @@ class ImageActsDataModule(L.LightningDataModule):
         ds = ImageRowsStream(self.make_val, self.stream.batch_size, 0, self.stream.seed, self.rank, self.world_size, 1)
         return self._loader(ds, 0)
 
-    def first_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
-        ds = ImageRowsStream(
+    def _init_stream(self) -> ImageRowsStream:
+        return ImageRowsStream(
             self.make_train,
             self.stream.batch_size,
             self.stream.shuffle_buffer,
@@ -435,15 +379,6 @@ class ImageActsDataModule(L.LightningDataModule):
             None,
             progress=self.rank == 0,  # the first batch waits for a full shuffle window: show it filling
         )
-        for i, batch in enumerate(ds):
-            if i >= n_batches:
-                return
-            yield batch
-
-    def state_dict(self) -> dict:
-        trainer = self.trainer
-        step = int(trainer.global_step) if trainer is not None else self.batches_seen
-        return {"batches_seen": step, "seed": self.stream.seed, "batch_size": self.stream.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_seen = int(state.get("batches_seen", 0))

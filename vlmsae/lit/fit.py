@@ -9,21 +9,14 @@ metrics = fit_sae(plan, out_dpath)                                              
 metrics = fit_sae(plan, out_dpath, grid=resolve_grid(sae_grid, sae, rows.d, lr))          # a grid: {name: metrics}
 ```
 
-Each SAE gets its folder: the run dir for one SAE, ``sae_<i>/`` for a grid's. It holds ``sae/`` (vlmsae.sae
-checkpoint: takes raw activations, ``trained_on`` says model, pretrained, layer, tokens, tokens_k, data),
-``metrics.json`` (the final validation metrics: fve, mse, nmse, l0, dead and dense fractions; plus step,
-optimizer_steps, lr, the SAE's size and layer), ``latent_density.json``, and its logger run: ``csv/``, and
-``wandb/`` + ``wandb_id.txt`` (the id lets ``resume`` continue the W&B run). The run dir also holds
-``run_info.json`` (status running -> done | failed), ``checkpoints/last.ckpt`` (every SAE and optimizer, for
-resume) and, for a grid, ``metrics.json`` with every SAE's metrics by name. On resume each logger history is
-the checkpointed run's up to the checkpoint's step, then this run's (:mod:`vlmsae.lit.loggers`).
-
-A grid entry overrides the ``sae`` node (any of its keys) and may set ``lr``; with the same seed and data
-order each grid SAE ends with exactly the weights a separate run would. A grid SAE's logger run has the
-metric names of a single run (``train/loss``, :class:`OneSAELogger`), and with logger=wandb lives in the W&B
-group ``logger.group`` or, when unset, the pass's run dir name; its config is the job's with ``sae`` and
-``trainer.lr`` as that SAE's, plus ``grid`` (its name, index and overrides). ``sae_devices`` places each grid
-SAE on a device (:func:`place_saes`); each batch is copied once to every device in use.
+Each SAE gets its folder (the run dir for one SAE, ``sae_<i>/`` for a grid's) with ``sae/``, ``metrics.json``,
+``latent_density.json`` and its logger run; the run dir holds ``run_info.json`` and ``checkpoints/last.ckpt``
+(every SAE and optimizer); a grid's ``metrics.json`` has every SAE's metrics by name (docs/outputs.md). On
+resume each logger history is the checkpointed run's up to the checkpoint's step, then this run's
+(:mod:`vlmsae.lit.loggers`). With the same seed and data order each grid SAE ends with exactly the weights a
+separate run would; its logger run has a single run's metric names (:class:`OneSAELogger`), the W&B group
+``logger.group`` (default: the pass's run dir name), and the job's config with its own ``sae``, ``trainer.lr``
+and ``grid``. ``sae_devices`` places each grid SAE on a device (:func:`place_saes`).
 """
 
 from __future__ import annotations
@@ -166,14 +159,13 @@ def resolve_train_input(
     )
 
 
-def build_datamodule(rows: TrainInput, data: DataSchema, model: ModelSpec, val_batches: int, seed: int):
+def build_datamodule(rows: TrainInput, data: DataSchema, model: ModelSpec, seed: int):
     """The Lightning datamodule: rows streamed from the store, or computed from images on the fly."""
     stream = StreamConfig(
         batch_size=int(data.batch_size),
         shuffle_buffer=int(data.shuffle_buffer),
         num_workers=int(data.num_workers),
         val_fraction=float(data.val_fraction),
-        val_batches=int(val_batches),
         seed=int(seed) + int(data.shuffle_seed),
     )
     if rows.data_source == "acts":
@@ -207,24 +199,15 @@ def build_datamodule(rows: TrainInput, data: DataSchema, model: ModelSpec, val_b
 
 
 def build_logger(
-    lg: LoggerSchema,
-    out_dpath: Path,
-    resume_ckpt: Path | None,
-    config: dict,
-    *,
-    history: Path | None = None,
-    name: str | None = None,
-    **wandb_kwargs,
+    lg: LoggerSchema, out_dpath: Path, config: dict, history: Path | None, name: str | None = None, **wandb_kwargs
 ):
     """Lightning logger(s) for ``lg.kind`` (none | csv | wandb: W&B plus a CSV mirror) and the W&B run id.
 
-    ``history``: the folder with the resumed run's ``csv/`` and ``wandb_id.txt`` (default: the checkpoint's run dir);
+    ``history``: the folder with the resumed run's ``csv/`` and ``wandb_id.txt`` (None: a fresh run);
     ``name`` and ``wandb_kwargs`` (e.g. ``group``, ``reinit``) go to the W&B run (a grid: one run per SAE).
     """
     if lg.kind == "none":
         return [], None
-    if history is None and resume_ckpt is not None:
-        history = history_dpath(resume_ckpt)
     # On resume metrics.csv continues the checkpoint's run's history (RestoreLogHistory trims it).
     history_fpath = history / "csv" / "metrics.csv" if history is not None else None
     csv_logger = ResumableCSVLogger(save_dir=str(out_dpath), name="csv", version="", history_fpath=history_fpath)
@@ -235,13 +218,9 @@ def build_logger(
 
         from lightning.pytorch.loggers import WandbLogger
 
-        run_id = None
-        if history is not None:
-            id_fpath = history / "wandb_id.txt"
-            if id_fpath.is_file():
-                run_id = id_fpath.read_text().strip()
+        id_fpath = history / "wandb_id.txt" if history is not None else None
+        run_id = id_fpath.read_text().strip() if id_fpath is not None and id_fpath.is_file() else None
         run_id = run_id or uuid.uuid4().hex[:8]  # W&B run ids: 8 lowercase alphanumerics
-        mode = os.environ.get("WANDB_MODE") or lg.mode
         wandb_kwargs.setdefault("group", lg.group)
         logger = WandbLogger(
             project=lg.project,
@@ -251,7 +230,7 @@ def build_logger(
             name=name or run_name(out_dpath),
             id=run_id,
             resume="allow",
-            mode=mode,
+            mode=os.environ.get("WANDB_MODE") or lg.mode,
             config=config,
             **wandb_kwargs,
         )
@@ -414,10 +393,9 @@ def fit_sae(
     from lightning.pytorch.utilities import rank_zero_only
     from tqdm import tqdm
 
-    # Manual optimisation checkpoints hold the state after the step: exactly what resume needs.
-    warnings.filterwarnings("ignore", message=".*pre-optimization state.*")
-    warnings.filterwarnings("ignore", message=".*litlogger.*")
-    warnings.filterwarnings("ignore", message=".*dirpath has changed from.*")  # resume writes to the new run dir
+    # Manual optimisation checkpoints hold the state after the step (exactly what resume needs); resume writes
+    # to the new run dir.
+    warnings.filterwarnings("ignore", message=".*(pre-optimization state|litlogger|dirpath has changed from).*")
     t, config, resume_ckpt = plan.trainer, plan.config, plan.resume_ckpt
     single = grid is None
     if single:  # a grid of one, in the run dir itself
@@ -430,7 +408,7 @@ def fit_sae(
         write_run_info(out_dpath, config, status="running", resumed_from=resumed_from, **run_extra)
 
     L.seed_everything(plan.seed, workers=True, verbose=False)
-    datamodule = build_datamodule(plan.rows, plan.data, plan.model, t.limit_val_batches, plan.seed)
+    datamodule = build_datamodule(plan.rows, plan.data, plan.model, plan.seed)
     module = SAELitModule(
         [g.sae_config for g in grid],
         [g.lr for g in grid],
@@ -508,9 +486,7 @@ def _sae_loggers(plan: FitPlan, grid: list[GridSAE], out_dpath: Path, is_rank_ze
             run_config = sae_run_config(plan.config, g, i, group)
         else:
             run, run_config = {}, plan.config
-        loggers, wandb_id = build_logger(
-            plan.logger, out_dpath / g.name, plan.resume_ckpt, run_config, history=history, **run
-        )
+        loggers, wandb_id = build_logger(plan.logger, out_dpath / g.name, run_config, history, **run)
         if wandb_id and is_rank_zero:
             atomic_write_text(out_dpath / g.name / "wandb_id.txt", wandb_id)  # resume continues this W&B run
         if history is not None:  # the killed run logged steps past its checkpoint: keep them up to there
@@ -577,8 +553,6 @@ def _write_outputs(plan, grid, module, trainer, out_dpath: Path, resumed_from, r
 
 def check_accelerator(accelerator: str) -> None:
     """A ValueError naming the fix when ``trainer.accelerator`` asks for a GPU that this machine does not show."""
-    import torch
-
     wants = str(accelerator).lower()
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if (wants == "cuda" and not torch.cuda.is_available()) or (

@@ -1,20 +1,11 @@
 """Loggers that survive ``kill -9`` and ``resume=...``: each logged step appears once in the history.
 
-A killed run has logged steps past its last checkpoint; the resumed run logs them again. So on
-resume the history is rebuilt from the killed run's files, keeping only the steps before the
-checkpoint's, and the resumed run continues it:
-
-- CSV: ``csv/metrics.csv`` is rewritten (atomically, union of columns) with the rows whose step is
-  below the checkpoint's global step; later header changes are atomic too (Lightning rewrites in
-  place, which a kill can truncate) and a half-written last line of the killed run is dropped.
-- W&B offline: a resumed offline run cannot continue the old one locally (W&B ignores ``resume``
-  offline: the new process writes a second ``offline-run-*-<id>`` folder starting at ``_step`` 0),
-  and the killed run's ``.wandb`` log is unreliable (wandb-core flushes it every 15 s and drops
-  the buffer when its parent is killed). So logger=wandb also writes the CSV mirror; the resumed
-  run replays its kept rows (plus the histograms that did reach the old ``.wandb``) into its own
-  folder, and the killed run's ``run-<id>.wandb`` is renamed ``*.wandb.superseded``: ``wandb sync``
-  uploads one complete history. Online, W&B resumes the run server-side (``resume="allow"``) and
-  nothing is replayed (the server keeps what the killed run sent past the checkpoint).
+A killed run has logged steps past its last checkpoint and the resumed run logs them again, so on resume the
+history is rebuilt from the killed run's files, keeping the steps before the checkpoint's: ``csv/metrics.csv``
+is rewritten atomically (union of columns; Lightning's in-place header rewrite, which a kill can truncate, is
+atomic here too); an offline W&B run replays the kept rows into its own folder (W&B ignores ``resume`` offline,
+and the killed run's ``.wandb`` log loses its last 15 s), and the killed run's ``run-<id>.wandb`` becomes
+``*.wandb.superseded``. Online, W&B resumes the run server-side. User-facing detail: docs/wandb.md.
 
 Steps: Lightning logs a training batch after the checkpoint of that batch was saved, at
 ``step = global_step - 1``; a checkpoint at global step G is followed by rows logged at steps >= G
@@ -37,7 +28,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from vlmsae.utils.io import atomic_write_text
+from vlmsae.lit.callbacks import write_metrics_csv
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +49,9 @@ def read_metrics_csv(fpath: str | Path) -> tuple[list[str], list[dict[str, str]]
         text = text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(text))
     columns = list(reader.fieldnames or [])
-    rows, bad = [], 0
-    for row in reader:
-        if None in row or _int_step(row.get("step")) is None:
-            bad += 1
-            continue
-        rows.append(row)
+    read = list(reader)
+    rows = [row for row in read if None not in row and _int_step(row.get("step")) is not None]
+    bad = len(read) - len(rows)
     if bad:
         log.warning("%s: dropped %d malformed row(s) (a killed run's partial write?)", fpath, bad)
     return columns, rows
@@ -74,15 +62,6 @@ def _int_step(value: Any) -> int | None:
         return int(float(value))
     except (TypeError, ValueError):
         return None
-
-
-def write_metrics_csv(fpath: str | Path, columns: list[str], rows: list[dict]) -> Path:
-    """Atomically write ``rows`` under ``columns`` (missing cells empty)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(fpath, buf.getvalue())
 
 
 class _ResumableWriter(ExperimentWriter):
@@ -131,9 +110,8 @@ class ResumableCSVLogger(CSVLogger):
         if self.history_fpath is not None and not self.history_fpath.is_file():
             log.warning("resume: no CSV history at %s; metrics.csv starts at step %d", self.history_fpath, before_step)
         kept = [r for r in rows if _int_step(r["step"]) < before_step]
-        for row in writer.metrics:  # anything logged before the restore (normally nothing)
-            columns += [k for k in row if k not in columns]
-        columns = sorted(set(columns))  # Lightning keeps its header sorted
+        # with anything logged before the restore (normally nothing); Lightning keeps its header sorted
+        columns = sorted({*columns, *(k for row in writer.metrics for k in row)})
         if kept or columns:
             write_metrics_csv(metrics_fpath, columns, kept)
         else:
@@ -219,8 +197,7 @@ def wandb_run_files(wandb_dpath: str | Path, run_id: str, superseded: bool = Tru
     """This run id's transaction logs under ``<run dir>/wandb``, oldest first (folder names start with the time)."""
     wandb_dpath = Path(wandb_dpath)
     suffixes = (".wandb", ".wandb.superseded") if superseded else (".wandb",)
-    patterns = [f"*-{run_id}/run-{run_id}{suffix}" for suffix in suffixes]
-    files = [p for pattern in patterns for p in wandb_dpath.glob(pattern)]
+    files = [p for suffix in suffixes for p in wandb_dpath.glob(f"*-{run_id}/run-{run_id}{suffix}")]
     return sorted(files, key=lambda p: p.parent.name.split("-", 1)[-1])
 
 
@@ -258,13 +235,6 @@ def replay_wandb_history(run, rows: list[dict[str, Any]]) -> int:
             run.log(values)
             n += 1
     return n
-
-
-def supersede(files: list[Path]) -> None:
-    """Rename transaction logs to ``*.wandb.superseded`` so that ``wandb sync`` skips them."""
-    for fpath in files:
-        if fpath.suffix == ".wandb":
-            os.replace(fpath, fpath.with_name(fpath.name + ".superseded"))
 
 
 # ------------------------------------------------------------------------------ the callback
@@ -317,7 +287,9 @@ class RestoreLogHistory(L.Callback):
         files = [p for p in wandb_run_files(self.history_dpath / "wandb", self.wandb_id) if p.parent != own_dpath]
         csv_rows = read_metrics_csv(csv_logger.experiment.metrics_file_path)[1] if csv_logger is not None else None
         n = replay_wandb_history(run, resumed_wandb_rows(files, csv_rows, self._step))
-        supersede(files)
+        for fpath in files:  # renamed *.wandb.superseded: wandb sync skips them
+            if fpath.suffix == ".wandb":
+                os.replace(fpath, fpath.with_name(fpath.name + ".superseded"))
         log.info(
             "resume: replayed %d history rows (steps < %d) into the offline W&B run %s; superseded %s",
             n,
@@ -360,15 +332,3 @@ def _csv_row_to_wandb(row: dict[str, str]) -> dict[str, Any]:
             continue
     out[STEP_KEY] = _int_step(row["step"])
     return out
-
-
-__all__ = [
-    "RestoreLogHistory",
-    "ResumableCSVLogger",
-    "iter_wandb_records",
-    "merged_wandb_history",
-    "read_metrics_csv",
-    "read_wandb_history",
-    "resumed_wandb_rows",
-    "wandb_run_files",
-]

@@ -1,26 +1,17 @@
 """The LightningModule that trains pure-torch SAEs from :mod:`vlmsae.sae` (METHOD §2): one SAE, or a grid of
 them reading each batch once (``sae_grid=``); one SAE is a grid of one.
 
-Manual optimisation, because the SAE step (:func:`vlmsae.sae.step.sae_step`: loss -> backward -> remove the
-decoder-parallel gradient -> clip -> Adam -> renormalise the decoder rows -> warmup scheduler) has its own
-order that Lightning's automatic loop would hide. Doing it by hand also lets a non-finite loss stop the run
-*before* the step, so the last saved checkpoint stays good. Each SAE has its own Adam and scheduler, so a
-grid SAE ends with exactly the weights a separate run with the same seed and data order ends with.
+Manual optimisation, because the SAE step (:func:`vlmsae.sae.step.sae_step`) has its own order that Lightning's
+automatic loop would hide, and so that a non-finite loss stops the run *before* the step (the last checkpoint
+stays good). Each SAE has its own Adam and scheduler, so a grid SAE ends with exactly the weights of a separate
+run. A single run's SAE is named ``""`` and logs ``train/loss``; a grid's are ``sae_<i>`` and log
+``sae_<i>/train/loss``.
 
-Names: a single run's SAE has the name ``""`` and logs ``train/loss``; a grid's are ``sae_<i>`` and log
-``sae_<i>/train/loss`` (:class:`vlmsae.lit.fit.OneSAELogger` gives each SAE's logger run its own names).
-
-Units: the SAE takes raw activations and keeps a scalar input scale inside (set once from the
-first batches, see :func:`vlmsae.sae.mechanics.init_from_batches_`). Logged ``mse`` is the mean squared
-error per element in raw activation units; ``nmse`` is ||x - x_hat||^2 / ||x||^2; ``fve`` is
-1 - ||x - x_hat||^2 / ||x - mean(x)||^2 (summed over the rows seen); ``l0`` active latents per row.
-These, the dense fractions and the validation ``l0`` come from
-:class:`vlmsae.metrics.reconstruction.ReconstructionAccumulator` (what ``vlmsae.monosemanticity``
-reports too); ``train/l0`` is the training encoder's, from ``sae.loss``.
-
-Precision: the SAE keeps float32 weights and computes forward and backward in float32
-(:mod:`vlmsae.sae.precision`); ``trainer.precision`` other than 32-true is refused at fit start,
-and the setting is recorded in the checkpoint's config.json.
+Units: the SAE takes raw activations (its input scale is inside). ``mse`` is per element in raw units; ``nmse``
+is ||x - x_hat||^2 / ||x||^2; ``fve`` is 1 - ||x - x_hat||^2 / ||x - mean(x)||^2 over the rows seen; ``l0``
+active latents per row; all from :class:`vlmsae.metrics.reconstruction.ReconstructionAccumulator`, except
+``train/l0`` (the training encoder's, from ``sae.loss``). ``trainer.precision`` other than 32-true is refused
+at fit start (:mod:`vlmsae.sae.precision`).
 """
 
 from __future__ import annotations
@@ -206,9 +197,7 @@ class SAELitModule(L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         for val, sae, x_BD in zip(self._vals, self.saes, self._on_devices(batch.float())):
-            with warnings.catch_warnings():  # before the threshold exists encode() uses top-k: expected here
-                warnings.simplefilter("ignore", UserWarning)
-                codes_BF = sae.encode(x_BD)
+            codes_BF = _encode(sae, x_BD)
             val.update(x_BD, sae.decode(codes_BF).float(), codes_BF)
 
     def _val_over_ranks(self, val: ReconstructionAccumulator) -> ReconstructionAccumulator:
@@ -247,6 +236,12 @@ class SAELitModule(L.LightningModule):
             inner.experiment.log(
                 {"val/latent_density_log10": wandb.Histogram(log10), "trainer/global_step": self.global_step}
             )
+
+
+def _encode(sae, x_BD: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():  # before the threshold exists encode() uses top-k: expected here
+        warnings.simplefilter("ignore", UserWarning)
+        return sae.encode(x_BD)
 
 
 def _as_list(x) -> list:
@@ -299,9 +294,7 @@ def sync_dead_tracking(sae, fired_F: torch.Tensor, batch_size: int) -> None:
 @torch.no_grad()
 def train_metrics(sae, x_BD: torch.Tensor, out: dict, lr: float) -> dict[str, float]:
     """The ``train/*`` scalars of one step (see the module docstring for the units)."""
-    with warnings.catch_warnings():  # before the threshold exists encode() uses top-k: expected here
-        warnings.simplefilter("ignore", UserWarning)
-        codes_BF = sae.encode(x_BD)  # inference codes, for firing frequencies
+    codes_BF = _encode(sae, x_BD)  # inference codes, for firing frequencies
     batch = ReconstructionAccumulator(sae.n_latents, DENSE_FREQ, device=x_BD.device)
     batch.update(x_BD, out["x_hat"].float(), codes_BF)
     rec = batch.result()

@@ -1,17 +1,10 @@
 """Which run folder a training run writes to, and which Lightning checkpoint it continues from.
 
-Rerunning the same command continues the unfinished run: Hydra gives a repeated command a new dated
-run dir, so :func:`choose_run` looks among the earlier run dirs of the same job (the siblings of the
-new one, under ``outputs/<job>/``) for one whose saved config (``run_info.json``, read through
-:mod:`vlmsae.formats`) matches this one (:func:`config_fingerprint` says which parts must match). An
-unfinished one (status running or failed, with a checkpoint) is continued IN its own folder, and the
-new empty dated folder is removed; a finished one is not trained again (``resume=false`` does).
-``resume=<run dir>`` also continues in that folder. This applies when Hydra chose the run dir (no
-``hydra.run.dir=``, not a multirun); a run dir the caller chose is always the one written to.
-
-``resume=auto`` (the default) in a run dir the caller chose continues only that dir's own checkpoint:
-a job that SLURM (through Hydra's submitit launcher) requeues after a preemption or its time limit runs
-again in the same job dir and continues where it stopped.
+Hydra gives a repeated command a new dated run dir, so :func:`choose_run` looks among the earlier run dirs of
+the same job for one whose ``run_info.json`` config matches (:func:`config_fingerprint`): an unfinished one is
+continued IN its own folder and the new empty one is removed; a finished one is not trained again
+(``resume=false`` does). This applies when Hydra chose the run dir; a run dir the caller chose is always the
+one written to, and ``resume=auto`` there continues only its own checkpoint (a requeued SLURM job).
 """
 
 from __future__ import annotations
@@ -65,11 +58,9 @@ def history_dpath(resume_ckpt: Path) -> Path:
 def find_resume_checkpoint(resume: Any, out_dpath: Path, config: dict) -> Path | None:
     """The Lightning checkpoint to continue from, or None for a fresh run.
 
-    ``resume=true``: this run dir's own ``checkpoints/last.ckpt`` if any, else the newest one among
-    sibling runs (and sibling multirun jobs) whose saved config matches this one except for
-    ``resume``: Hydra gives the repeated command a new timestamped dir, the checkpoint lives in the
-    old one. ``resume=auto``: this run dir's own checkpoint only, else None (a requeued submitit job
-    reruns in the same dir). ``resume=<path>``: a run dir or a ``.ckpt`` file.
+    ``resume=true``: this run dir's own checkpoint, else the newest one of the sibling runs (and multirun jobs)
+    whose config matches. ``resume=auto``: this run dir's own checkpoint only. ``resume=<path>``: a run dir or a
+    ``.ckpt`` file.
     """
     if _is_off(resume):
         return None
@@ -200,14 +191,12 @@ def _adopt(new_dpath: Path, target: Path) -> None:
     Hydra opened ``<new run dir>/<job>.log`` and saved ``.hydra/`` there before the job started; the earlier run's
     folder already holds both (the same config), so the new one is dropped: one folder per run.
     """
-    import logging as logging_mod
-
     new_resolved = new_dpath.resolve()
-    handlers = list(logging_mod.root.handlers)
-    for logger in logging_mod.Logger.manager.loggerDict.values():
+    handlers = list(logging.root.handlers)
+    for logger in logging.Logger.manager.loggerDict.values():
         handlers += getattr(logger, "handlers", [])
     for handler in handlers:
-        if isinstance(handler, logging_mod.FileHandler) and Path(handler.baseFilename).parent == new_resolved:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == new_resolved:
             handler.acquire()
             try:
                 handler.close()

@@ -1,16 +1,12 @@
 """MS while training (optional, ``val_ms.images=...``): the mean monosemanticity of the SAE's latents, logged
 as ``val/ms_mean`` at every validation (or every ``val_ms.every_n_steps`` steps).
 
-At fit start the callback reads a fixed set of images once: their embeddings by the embedder E and the rows
-the SAE reads at the training layer (the CLS token, or the patch tokens pooled like the monosemanticity job's
-``pool=mean``). Each evaluation then only encodes those rows with the current SAE and scores every latent
-with the exact linear-time MS (:func:`vlmsae.metrics.monosemanticity_scores`).
-
-Cost per evaluation, N images, T rows per image (1 for CLS), D inputs, F latents, k active latents per image,
-E embedding width: the encoder's N*T*D*F multiply-adds plus the MS's O(N*k*E + F*E) (sparse sums of
-embeddings), memory N*T*D floats for the kept rows. The one-off preparation is one forward of the source
-model and the embedder over the N images. It runs in eval mode under no_grad: training is untouched.
-Lives apart from :mod:`vlmsae.lit.callbacks`, which must stay importable without Lightning.
+At fit start the callback embeds a fixed set of images once and keeps the rows the SAE reads at the training
+layer (CLS, or patches pooled like the monosemanticity job's ``pool=mean``); each evaluation only encodes those
+rows and scores every latent with the exact linear-time MS. Cost per evaluation (N images, T rows each, D inputs,
+F latents, k active per image, E embedding width): N*T*D*F multiply-adds plus O(N*k*E + F*E); memory N*T*D
+floats. Eval mode under no_grad: training is untouched. Apart from :mod:`vlmsae.lit.callbacks`, which must stay
+importable without Lightning.
 """
 
 from __future__ import annotations
@@ -133,6 +129,5 @@ def val_ms_callbacks(val_ms: Any, model_spec, rows, many: bool = False, batch_si
         return []
     if many:
         raise ValueError("val_ms.images is set with sae_grid: MS while training scores one SAE; drop one of the two.")
-    layer, tokens = rows.layer, rows.tokens
     images = val_ms_images(val_ms.images, val_ms.max_images, batch_size)
-    return [ValMS(model_spec, layer, tokens, images, val_ms_embedder(val_ms.embedder), val_ms.every_n_steps)]
+    return [ValMS(model_spec, rows.layer, rows.tokens, images, val_ms_embedder(val_ms.embedder), val_ms.every_n_steps)]

@@ -1,24 +1,8 @@
-"""Metrics on SAEs: monosemanticity (MS), reconstruction, top-activating images, hierarchy.
+"""Metrics on SAEs, pure maths on tensors: monosemanticity (MS), reconstruction, top images, hierarchy, seed matching.
 
-Submodules import torch only; this package re-exports the functions other modules use.
+The package re-exports the MS functions that jobs, docs and tests name as ``vlmsae.metrics.*``.
 """
 
-from vlmsae.metrics.monosemanticity import MSAccumulator, monosemanticity_scores, ms_summary
-from vlmsae.metrics.reconstruction import fve, l0, mse, normalized_mse, reconstruction_metrics, zero_shot_fidelity
-from vlmsae.metrics.topimages import TopImages, TopImagesAccumulator, top_images, top_set_jaccard
+from vlmsae.metrics.monosemanticity import monosemanticity_scores, ms_summary
 
-__all__ = [
-    "MSAccumulator",
-    "TopImages",
-    "TopImagesAccumulator",
-    "fve",
-    "l0",
-    "monosemanticity_scores",
-    "ms_summary",
-    "mse",
-    "normalized_mse",
-    "reconstruction_metrics",
-    "top_images",
-    "top_set_jaccard",
-    "zero_shot_fidelity",
-]
+__all__ = ["monosemanticity_scores", "ms_summary"]

@@ -1,14 +1,9 @@
 """Taxonomy alignment of SAE latents (METHOD §4): how deep do a latent's top images agree?
 
-Per latent: its top-16 images, each image's taxon path (root first), for each of the 120 pairs the
-depth of their lowest common ancestor = the length of the shared path prefix (0 .. n_ranks); the
-latent's mean and mode of those depths; latents whose 16th top activation is 0 (fewer than 16 firing
-images) are excluded. Per Matryoshka group: the mean depth over its scored latents, with the MS of
-the group beside it (the paper's Table 2).
-
-Everything is vectorised over latents: paths are integer codes per rank
-(:func:`vlmsae.data.taxonomy.encode_paths`), the 120 pairs are gathered with one index, and the
-shared prefix is a cumulative product of per-rank equalities. 65k latents take well under a second.
+LCA depths of the 120 pairs of each latent's top-16 images, the latent's mean and mode, the per-group table
+(the paper's Table 2). Vectorised over latents: paths are integer codes per rank
+(:func:`vlmsae.data.taxonomy.encode_paths`), the pairs are gathered with one index, and the shared prefix is
+a cumulative product of per-rank equalities. 65k latents take well under a second.
 """
 
 from __future__ import annotations
@@ -171,11 +166,8 @@ def group_table(
             "depth_std": d["std"],
             "depth_mode_mean": float(mode.mean()) if mode.numel() else None,
         }
-        if ms_K is not None:
-            m = _stats(ms_K.double()[in_g])
-            row.update(ms_mean=m["mean"], ms_max=m["max"], ms_min=m["min"], ms_std=m["std"], n_ms=m["n"])
-        else:
-            row.update(ms_mean=None, ms_max=None, ms_min=None, ms_std=None, n_ms=0)
+        m = _stats(ms_K.double()[in_g] if ms_K is not None else torch.empty(0))  # no MS: None and n_ms 0
+        row.update(ms_mean=m["mean"], ms_max=m["max"], ms_min=m["min"], ms_std=m["std"], n_ms=m["n"])
         rows.append(row)
     return rows
 
@@ -193,7 +185,6 @@ def table_markdown(rows: Sequence[dict], reference: dict[str, Sequence[float]] |
     lines.append("| LCA depth (mean of modes) | " + " | ".join(fmt(r["depth_mode_mean"]) for r in rows) + " |")
     for key, name in (("ms_mean", "MS mean"), ("ms_max", "MS max"), ("ms_min", "MS min")):
         lines.append(f"| {name} | " + " | ".join(fmt(r[key]) for r in rows) + " |")
-    if reference:
-        for name, values in reference.items():
-            lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+    for name, values in (reference or {}).items():
+        lines.append(f"| {name} | " + " | ".join(fmt(v) for v in values) + " |")
     return "\n".join(lines) + "\n"

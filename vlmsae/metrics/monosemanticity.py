@@ -1,35 +1,13 @@
-"""Monosemanticity score (MS, METHOD §3), exact and in linear time.
+"""Monosemanticity score (MS, METHOD §3), exact and in linear time (the identity of METHOD §3:
+MS_k = (||v_k||^2 - q_k) / (t_k^2 - q_k) with v_k = sum_n a~_nk e_n over unit embeddings e_n).
 
-Definition, for latent k with per-image activations a_n (n = 1..N) and image embeddings E(x_n):
-
-    a~_n  = (a_n - min a) / (max a - min a)          min-max normalised over images
-    s_nm  = cos(E(x_n), E(x_m)),   r_nm = a~_n a~_m
-    MS_k  = sum_{n<m} r_nm s_nm / sum_{n<m} r_nm
-
-The reference code loops over all pairs: O(N^2 K).  With e_n = E(x_n) / ||E(x_n)|| (so s_nm =
-e_n . e_m and s_nn = 1) both sums over pairs are half of a full double sum minus its diagonal:
-
-    2 * numerator   = ||sum_n a~_n e_n||^2 - sum_n a~_n^2
-    2 * denominator = (sum_n a~_n)^2        - sum_n a~_n^2
-
-so one weighted sum of embeddings per latent, v_k = sum_n a~_nk e_n, gives MS_k exactly.
-
-Sparse codes (an SAE keeps ~20 of 65,536 latents per image) are never densified: with
-m = min a and R = max a - min a, a~_n = (a_n - m) / R and
-
-    v_k = (sum_{n: a_n != 0} (a_n - m) e_n  -  m * sum_{n: a_n == 0} e_n) / R
-
-where the second term exists only for latents whose minimum is not 0 (they fire on every image, or
-take negative values) and is computed as m * (sum_n e_n - sum_{n: a_n != 0} e_n).  The sums over
-nonzeros are one ``embedding_bag`` per block of latents over the entries sorted by latent (CSC
-order): O(nnz * d) work, O(block * d) memory, and no [N, K] or [K, d] array ever exists.
-Everything after the embeddings are normalised is float64: the numerator is a difference of two
-sums that nearly cancel for latents concentrated on a few images, and float32 there loses the
-1e-6 agreement with the pairwise definition.
-
-Dead latents (max == min: no pair has any weight) get NaN, and so do latents whose pair weights are
-all zero (exactly one image above the minimum: 0 / 0 in the definition); both are excluded from
-summaries (see :func:`ms_summary`).
+Sparse codes are never densified: with m = min a and R = max a - min a, v_k = (sum_{n: a_n != 0} (a_n - m) e_n
+- m * (sum_n e_n - sum_{n: a_n != 0} e_n)) / R, the second term only for latents whose minimum is not 0. The
+sums over nonzeros run per block of latents over the entries sorted by latent (CSC order): O(nnz * d) work,
+O(block * d) memory, no [N, K] or [K, d] array. Everything after the embeddings are normalised is float64: the
+numerator is a difference of two sums that nearly cancel for latents concentrated on a few images, and float32
+there loses the 1e-6 agreement with the pairwise definition. Dead latents (max == min) and latents with one
+image above the minimum (0 / 0) get NaN and are left out of :func:`ms_summary`'s statistics.
 """
 
 from __future__ import annotations
@@ -38,9 +16,6 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
-
-__all__ = ["MSAccumulator", "column_min_max", "monosemanticity_scores", "ms_summary", "unit_embeddings"]
 
 # Latents per block.  A block holds [block, d] float64 sums (4096 x 768 x 8 B = 25 MB) and, on the
 # dense path, one [images_chunk, block] float64 slice of the activations.
@@ -113,6 +88,12 @@ def _sparse_min_max(
     return lo_K, hi_K
 
 
+def dead_and_range(lo_K: torch.Tensor, hi_K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dead latents: max == min, the range max - min with 1 where dead, so that dividing by it stays finite)."""
+    dead_K = hi_K == lo_K
+    return dead_K, torch.where(dead_K, torch.ones_like(hi_K), hi_K - lo_K)
+
+
 def _ratio(sq_norm_K: torch.Tensor, sum_K: torch.Tensor, sum_sq_K: torch.Tensor, dead_K: torch.Tensor) -> torch.Tensor:
     """MS from the three sufficient statistics of the normalised activations (see module docstring)."""
     numerator_K = sq_norm_K - sum_sq_K
@@ -178,9 +159,7 @@ def _ms_dense(
     lo_K, hi_K = column_min_max(acts_NK, chunk_size)
     if not (torch.isfinite(lo_K).all() and torch.isfinite(hi_K).all()):
         raise ValueError("acts contain NaN or inf; MS is undefined for them. Check the SAE / activations.")
-    range_K = hi_K - lo_K
-    dead_K = range_K == 0
-    safe_range_K = torch.where(dead_K, torch.ones_like(range_K), range_K)
+    dead_K, safe_range_K = dead_and_range(lo_K, hi_K)
     ms_K = torch.empty(n_latents, dtype=torch.float64)
     for k0 in _blocks(n_latents, latent_block, progress, "MS (dense)"):
         k1 = min(k0 + latent_block, n_latents)
@@ -204,9 +183,7 @@ def _ms_sparse(acts_NK: torch.Tensor, emb_NE: torch.Tensor, latent_block: int, p
     if not torch.isfinite(vals_Z).all():
         raise ValueError("acts contain NaN or inf; MS is undefined for them. Check the SAE / activations.")
     lo_K, hi_K = _sparse_min_max(cols_Z, vals_Z, n_images, n_latents)
-    range_K = hi_K - lo_K
-    dead_K = range_K == 0
-    safe_range_K = torch.where(dead_K, torch.ones_like(range_K), range_K)
+    dead_K, safe_range_K = dead_and_range(lo_K, hi_K)
 
     order_Z = torch.argsort(cols_Z, stable=True)  # latent-major (CSC) order for embedding_bag
     rows_Z, cols_Z, vals_Z = rows_Z[order_Z], cols_Z[order_Z], vals_Z[order_Z]
@@ -263,102 +240,6 @@ def _row_sums(
     # addmm onto explicit zeros: measured 2x faster than ``weights_KN @ emb_NE``, which copies its operands.
     zeros_KE = torch.zeros(weights_KN.shape[0], emb_NE.shape[1], dtype=emb_NE.dtype)
     return torch.addmm(zeros_KE, weights_KN, emb_NE)
-
-
-class MSAccumulator:
-    """MS from a stream of image chunks, one pass: ``update(acts_chunk, emb_chunk)`` then ``result()``.
-
-    For activations that never sit in memory together (e.g. codes computed on the fly over a large
-    image set).  Keeps per-latent sufficient statistics: the nonzero count, min and max, and, after a
-    per-latent shift c, S1 = sum (a - c), S2 = sum (a - c)^2 and A = sum (a - c) e_n ([K, d] float64:
-    400 MB at K = 65,536, d = 768), plus sum_n e_n.  At the end, with delta = min a - c:
-    sum a~ R = S1 - N delta, sum a~^2 R^2 = S2 - 2 delta S1 + N delta^2, v R = A - delta sum_n e_n.
-    c = 0 for sparse chunks (their implicit zeros pin the minimum at or below 0) and the first dense
-    chunk's minimum otherwise, so delta stays of the order of the latent's range and the expansions do
-    not cancel away precision for raw neurons with a large offset.  Mixing dense and sparse chunks for
-    one accumulator is refused.  The two-pass :func:`monosemanticity_scores` is the reference and is
-    several times faster when everything fits in memory (it never holds or scatters into [K, d] sums).
-    """
-
-    def __init__(self, n_latents: int, dim: int) -> None:
-        self.n_latents, self.dim = n_latents, dim
-        self.n_images = 0
-        self.count_K = torch.zeros(n_latents, dtype=torch.long)
-        self.lo_K = torch.full((n_latents,), math.inf, dtype=torch.float64)
-        self.hi_K = torch.full((n_latents,), -math.inf, dtype=torch.float64)
-        self.shift_K: torch.Tensor | None = None
-        self.s1_K = torch.zeros(n_latents, dtype=torch.float64)
-        self.s2_K = torch.zeros(n_latents, dtype=torch.float64)
-        self.v_KE = torch.zeros(n_latents, dim, dtype=torch.float64)
-        self.emb_sum_E = torch.zeros(dim, dtype=torch.float64)
-        self.layout: str | None = None
-
-    def update(self, acts_BK: torch.Tensor, embeddings_BE: torch.Tensor) -> None:
-        if (
-            acts_BK.dim() != 2
-            or acts_BK.shape[1] != self.n_latents
-            or embeddings_BE.shape != (acts_BK.shape[0], self.dim)
-        ):
-            raise ValueError(
-                f"expected acts [B, {self.n_latents}] and embeddings [B, {self.dim}] for the same B images, got "
-                f"{tuple(acts_BK.shape)} and {tuple(embeddings_BE.shape)}."
-            )
-        layout = "sparse" if _is_sparse(acts_BK) else "dense"
-        if self.layout not in (None, layout):
-            raise ValueError(f"this accumulator got {self.layout} chunks before; feed all chunks as {self.layout}.")
-        self.layout = layout
-        emb_BE = unit_embeddings(embeddings_BE)
-        n_b = acts_BK.shape[0]
-        self.emb_sum_E += emb_BE.sum(0)
-        if layout == "sparse":
-            rows_Z, cols_Z, vals_Z = _coo_entries(acts_BK)
-            if not torch.isfinite(vals_Z).all():
-                raise ValueError("acts contain NaN or inf; MS is undefined for them.")
-            self.shift_K = torch.zeros(self.n_latents, dtype=torch.float64)
-            self.count_K += torch.bincount(cols_Z, minlength=self.n_latents)
-            self.lo_K.scatter_reduce_(0, cols_Z, vals_Z, "amin")
-            self.hi_K.scatter_reduce_(0, cols_Z, vals_Z, "amax")
-            self.s1_K.index_add_(0, cols_Z, vals_Z)
-            self.s2_K.index_add_(0, cols_Z, vals_Z * vals_Z)
-            # Group the chunk's entries by latent (one embedding_bag, no [entries, d] temporary), then
-            # add each touched latent's row once.
-            order_Z = torch.argsort(cols_Z, stable=True)
-            touched_U, per_U = torch.unique_consecutive(cols_Z[order_Z], return_counts=True)
-            offsets_U = torch.zeros_like(per_U)
-            offsets_U[1:] = per_U.cumsum(0)[:-1]
-            bag_UE = F.embedding_bag(rows_Z[order_Z], emb_BE, offsets_U, mode="sum", per_sample_weights=vals_Z[order_Z])
-            self.v_KE[touched_U] += bag_UE
-        else:
-            a_BK = acts_BK.detach().to("cpu", torch.float64)
-            if not torch.isfinite(a_BK).all():
-                raise ValueError("acts contain NaN or inf; MS is undefined for them.")
-            if self.shift_K is None:
-                self.shift_K = a_BK.amin(0)
-            self.count_K += n_b
-            self.lo_K = torch.minimum(self.lo_K, a_BK.amin(0))
-            self.hi_K = torch.maximum(self.hi_K, a_BK.amax(0))
-            shifted_BK = a_BK - self.shift_K
-            self.s1_K += shifted_BK.sum(0)
-            self.s2_K += (shifted_BK * shifted_BK).sum(0)
-            self.v_KE.addmm_(shifted_BK.T, emb_BE)
-        self.n_images += n_b
-
-    def result(self) -> torch.Tensor:
-        """[K] float64 MS, NaN where undefined (as :func:`monosemanticity_scores`)."""
-        n = self.n_images
-        if n < 2:
-            raise ValueError(f"MS needs at least 2 images (pairs), got N={n}.")
-        has_zero_K = self.count_K < n
-        lo_K = torch.where(has_zero_K, self.lo_K.clamp(max=0.0), self.lo_K)
-        hi_K = torch.where(has_zero_K, self.hi_K.clamp(min=0.0), self.hi_K)
-        range_K = hi_K - lo_K
-        dead_K = range_K == 0
-        safe_range_K = torch.where(dead_K, torch.ones_like(range_K), range_K)
-        delta_K = lo_K - self.shift_K
-        sum_K = (self.s1_K - n * delta_K) / safe_range_K
-        sum_sq_K = (self.s2_K - 2 * delta_K * self.s1_K + n * delta_K * delta_K) / (safe_range_K * safe_range_K)
-        v_KE = (self.v_KE - delta_K[:, None] * self.emb_sum_E[None, :]) / safe_range_K[:, None]
-        return _ratio(v_KE.pow(2).sum(1), sum_K, sum_sq_K, dead_K)
 
 
 def ms_summary(ms_K: torch.Tensor, n_images: int | None = None, dead_K: torch.Tensor | None = None) -> dict:

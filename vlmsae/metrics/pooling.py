@@ -1,10 +1,6 @@
-"""Token rows -> sparse SAE codes -> one code row per image: the pooling every MS pass shares.
-
-:func:`pool_rows` picks the rows an SAE reads from a batch of a layer's activations (the CLS token, or
-every patch token), :func:`encode_rows` encodes them in chunks to sparse codes and :func:`pool_sparse`
-pools the token codes to one row per image (``POOLS``: ``cls``; ``mean`` counts zeros; ``max`` of the
-nonzeros). Pure torch: the studies (:mod:`vlmsae.studies.codes`) and MS while training
-(:mod:`vlmsae.lit.val_ms`) call the same three functions.
+"""Token rows -> sparse SAE codes -> one code row per image: the pooling every MS pass shares (the studies'
+:mod:`vlmsae.studies.codes` and MS while training, :mod:`vlmsae.lit.val_ms`). ``POOLS``: ``cls``; ``mean``
+counts zeros; ``max`` of the nonzeros.
 """
 
 from __future__ import annotations

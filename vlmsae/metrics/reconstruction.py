@@ -1,19 +1,9 @@
 """How well an SAE reconstructs held-out activations, and how much the model notices the splice.
 
-Plain functions on tensors:
-- ``fve(x, x_hat)``: fraction of variance explained, 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2;
-- ``mse(x, x_hat)``: mean squared error per element; ``sq_err(x, x_hat)``: squared error summed
-  over dims, mean over samples (the training loss's "recon", METHOD §2);
-- ``normalized_mse(x, x_hat)``: sum ||x - x_hat||^2 / sum ||x||^2 (error relative to predicting 0);
-- ``l0(codes)``: mean number of active latents per sample (dense or sparse codes).
-``ReconstructionAccumulator`` gives the same numbers over a stream of batches exactly (the
-variance is merged with Chan's formula, so a large shared mean does not cancel away precision),
-plus dead (never fired) and dense (fired on more than ``dense_threshold`` of samples) fractions;
-the Lightning trainer logs its train and validation metrics with it (merged over DDP ranks).
-``reconstruction_metrics(sae, batches)`` runs an SAE over an iterable of activation batches.
-``zero_shot_fidelity`` splices the SAE into an open_clip CLIP at the tapped layer and compares
-the zero-shot class distributions with and without it (KL with the model's logit scale, top-1
-agreement).
+:func:`fve` and :func:`normalized_mse` on tensors; :class:`ReconstructionAccumulator` gives them (and MSE, the
+loss's squared error, L0, dead and dense fractions) over a stream of batches exactly, the variance merged with
+Chan's formula so that a large shared mean does not cancel away precision; :func:`zero_shot_fidelity` splices
+the SAE into an open_clip CLIP at the tapped layer and compares the zero-shot class distributions.
 """
 
 from __future__ import annotations
@@ -23,17 +13,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-
-__all__ = [
-    "ReconstructionAccumulator",
-    "fve",
-    "l0",
-    "mse",
-    "normalized_mse",
-    "reconstruction_metrics",
-    "sq_err",
-    "zero_shot_fidelity",
-]
 
 
 def _check_pair(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,17 +27,6 @@ def fve(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
     x, x_hat = _check_pair(x_BD, x_hat_BD)
     total = (x - x.mean(0)).pow(2).sum()
     return float(1.0 - (x - x_hat).pow(2).sum() / total) if total > 0 else math.nan
-
-
-def mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
-    x, x_hat = _check_pair(x_BD, x_hat_BD)
-    return float((x - x_hat).pow(2).mean())
-
-
-def sq_err(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
-    """Squared error summed over dims, mean over samples (METHOD §2's reconstruction loss)."""
-    x, x_hat = _check_pair(x_BD, x_hat_BD)
-    return float((x - x_hat).pow(2).sum(1).mean())
 
 
 def normalized_mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
@@ -76,12 +44,6 @@ def _active_per_latent(codes_BF: torch.Tensor) -> tuple[torch.Tensor, int]:
     coo = (codes_BF if codes_BF.layout == torch.sparse_coo else codes_BF.to_sparse_coo()).coalesce()
     cols = coo.indices()[1][coo.values() != 0]
     return torch.bincount(cols, minlength=codes_BF.shape[1]), codes_BF.shape[0]
-
-
-def l0(codes_BF: torch.Tensor) -> float:
-    """Mean number of nonzero latents per sample (dense [..., F] or sparse [B, F] codes)."""
-    counts_F, n = _active_per_latent(codes_BF)
-    return float(counts_F.sum()) / max(n, 1)
 
 
 class ReconstructionAccumulator:
@@ -203,33 +165,6 @@ class ReconstructionAccumulator:
         return out
 
 
-@torch.no_grad()
-def reconstruction_metrics(
-    sae: torch.nn.Module,
-    batches: Iterable[torch.Tensor],
-    device: str | torch.device = "cpu",
-    dense_threshold: float = 0.1,
-    max_batches: int | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Run ``sae`` (inference encoder) over held-out activation batches [B, D]; metrics as
-    :class:`ReconstructionAccumulator` (``freq_F`` is the per-latent firing frequency tensor)."""
-    acc = ReconstructionAccumulator(getattr(sae, "n_latents", None), dense_threshold)
-    iterator: Iterable = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc="reconstruction", unit="batch", total=max_batches)
-    for i, x_BD in enumerate(iterator):
-        if max_batches is not None and i >= max_batches:
-            break
-        x_BD = x_BD.to(device=device, dtype=torch.float32)
-        codes_BF = sae.encode(x_BD, sparse=True)  # never a dense [B, F] block (F = 65,536 at x64)
-        x_hat_BD = sae.decode(codes_BF)
-        acc.update(x_BD, x_hat_BD, codes_BF)
-    return acc.result()
-
-
 def _splice_hook(sae: Callable[[torch.Tensor], torch.Tensor], tokens: str, batch_first: bool):
     """A forward hook replacing a block's residual output by the SAE's reconstruction."""
 
@@ -291,8 +226,7 @@ def zero_shot_fidelity(
         img_BE = torch.nn.functional.normalize(clip_model.encode_image(x_BCHW.to(device)).float(), dim=-1)
         return scale * img_BE @ text_YE.T
 
-    kl_sum, agree, n = 0.0, 0, 0
-    pred_orig, pred_sae = [], []
+    kl_sum, pred_orig, pred_sae = 0.0, [], []
     for x_BCHW in images:
         logits_orig = logits_of(x_BCHW)
         handle = target.register_forward_hook(_splice_hook(sae, tokens, batch_first))
@@ -303,18 +237,18 @@ def zero_shot_fidelity(
         logp_orig = logits_orig.log_softmax(-1)
         logp_sae = logits_sae.log_softmax(-1)
         kl_sum += float((logp_orig.exp() * (logp_orig - logp_sae)).sum())
-        a, b = logits_orig.argmax(-1), logits_sae.argmax(-1)
-        agree += int((a == b).sum())
-        n += a.numel()
-        pred_orig.append(a.cpu())
-        pred_sae.append(b.cpu())
+        pred_orig.append(logits_orig.argmax(-1).cpu())
+        pred_sae.append(logits_sae.argmax(-1).cpu())
+    n = sum(p.numel() for p in pred_orig)
     if n == 0:
         raise ValueError("zero_shot_fidelity: no images were given.")
+    orig_N, spliced_N = torch.cat(pred_orig), torch.cat(pred_sae)
+    agree = int((orig_N == spliced_N).sum())
     out: dict[str, Any] = {"kl": kl_sum / n, "top1_agreement": agree / n, "n_images": n, "logit_scale": scale}
     if labels is not None:
         y = torch.as_tensor(list(labels))
         if y.numel() != n:
             raise ValueError(f"{y.numel()} labels for {n} images; give one label per image or none.")
-        out["accuracy_original"] = float((torch.cat(pred_orig) == y).double().mean())
-        out["accuracy_spliced"] = float((torch.cat(pred_sae) == y).double().mean())
+        out["accuracy_original"] = float((orig_N == y).double().mean())
+        out["accuracy_spliced"] = float((spliced_N == y).double().mean())
     return out

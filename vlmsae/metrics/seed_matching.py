@@ -1,19 +1,8 @@
 """Seed stability: which latents of SAEs trained with different seeds are the same feature (issue 16).
 
-Two latents are "the same" when their decoder directions agree: rows of W_dec are L2-normalised and
-compared by cosine. Per pair of SAEs (reference = the first, or every pair):
-
-* :func:`max_cosine` -- for each reference latent, the best cosine with any latent of the other SAE
-  (many reference latents may pick the same partner);
-* :func:`match_latents` -- a one-to-one matching maximising the summed cosine (the Hungarian method,
-  ``scipy.optimize.linear_sum_assignment``, exact; O(F^3) time and an [F, F] float64 matrix, so above
-  ``exact_max`` latents a greedy one-to-one matching over each latent's best candidates is used instead).
-
-:func:`seed_stability` turns the matchings against the reference into "found in m of n seeds" per latent
-(matched cosine >= threshold; the reference itself counts as one). :func:`mean_ci` is the mean with a
-95% t-interval over seeds and :func:`summaries_mean_ci` applies it to every numeric field shared by
-several summaries (ms_summary.json, hierarchy.json, training metrics).
-
+Two latents are "the same" when their decoder directions agree (cosine of L2-normalised W_dec rows).
+:func:`match_latents` is one-to-one (Hungarian, exact, up to ``exact_max`` latents; greedy above), unlike
+:func:`max_cosine`; :func:`seed_stability` counts per reference latent the seeds it is found in.
 Pure functions on tensors and dicts; reading the runs is the ``stability`` job's.
 """
 
@@ -24,18 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-__all__ = [
-    "PairMatch",
-    "StabilityResult",
-    "chance_max_cosine",
-    "match_latents",
-    "max_cosine",
-    "mean_ci",
-    "seed_stability",
-    "summaries_mean_ci",
-    "unit_rows",
-]
 
 _BLOCK = 1024  # reference rows per block of the [block, F] cosine matrix (float32: 256 MB at F = 65,536)
 EXACT_MAX = 8192  # the Hungarian matrix at 8,192 latents is 512 MB of float64 and takes about a minute
@@ -49,35 +26,30 @@ def unit_rows(W_FD: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(W_FD.detach().to("cpu", torch.float32), dim=1)
 
 
-def _check_pair(a_FD: torch.Tensor, b_GD: torch.Tensor) -> None:
+def _unit_pair(a_FD: torch.Tensor, b_GD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if a_FD.shape[1] != b_GD.shape[1]:
         raise ValueError(
             f"decoders read different input widths: d_in={a_FD.shape[1]} and d_in={b_GD.shape[1]}; "
             "compare SAEs trained on the same layer of the same model."
         )
+    return unit_rows(a_FD), unit_rows(b_GD)
+
+
+def _by_block(a_FD: torch.Tensor, b_GD: torch.Tensor, pick) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pick`` (values, indices per row) of the cosines [block, G], ``_BLOCK`` rows of ``a`` at a time."""
+    parts = [pick(a_FD[start : start + _BLOCK] @ b_GD.T) for start in range(0, a_FD.shape[0], _BLOCK)]
+    return torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
 
 
 def max_cosine(a_FD: torch.Tensor, b_GD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(best cosine [F], index of that latent of b [F]) for each row of ``a``, rows normalised here; blocked."""
-    _check_pair(a_FD, b_GD)
-    a_FD, b_GD = unit_rows(a_FD), unit_rows(b_GD)
-    best, idx = [], []
-    for start in range(0, a_FD.shape[0], _BLOCK):
-        values, index = (a_FD[start : start + _BLOCK] @ b_GD.T).max(dim=1)
-        best.append(values)
-        idx.append(index)
-    return torch.cat(best), torch.cat(idx)
+    return _by_block(*_unit_pair(a_FD, b_GD), lambda cos: cos.max(dim=1))
 
 
 def _greedy_match(a_FD: torch.Tensor, b_GD: torch.Tensor) -> torch.Tensor:
     """One-to-one by descending cosine over each row's best candidates; rows left over get -1."""
     k = min(_CANDIDATES, b_GD.shape[0])
-    vals, cols = [], []
-    for start in range(0, a_FD.shape[0], _BLOCK):
-        v, c = (a_FD[start : start + _BLOCK] @ b_GD.T).topk(k, dim=1)
-        vals.append(v)
-        cols.append(c)
-    vals_FM, cols_FM = torch.cat(vals), torch.cat(cols)
+    vals_FM, cols_FM = _by_block(a_FD, b_GD, lambda cos: cos.topk(k, dim=1))
     rows_FM = torch.arange(a_FD.shape[0])[:, None].expand_as(cols_FM)
     order = vals_FM.flatten().argsort(descending=True)
     match_F = torch.full((a_FD.shape[0],), -1, dtype=torch.long)
@@ -97,8 +69,7 @@ def match_latents(
     or the greedy matching ran out of candidates) has index -1 and cosine NaN. Exact (Hungarian) when
     max(F, G) <= ``exact_max``, else greedy (each latent's best candidates, strongest pairs first).
     """
-    _check_pair(a_FD, b_GD)
-    a_FD, b_GD = unit_rows(a_FD), unit_rows(b_GD)
+    a_FD, b_GD = _unit_pair(a_FD, b_GD)
     if max(a_FD.shape[0], b_GD.shape[0]) <= exact_max:
         from scipy.optimize import linear_sum_assignment
 
@@ -112,15 +83,6 @@ def match_latents(
     found = match_F >= 0
     cos_F[found] = (a_FD[found] * b_GD[match_F[found]]).sum(dim=1)
     return match_F, cos_F
-
-
-def chance_max_cosine(d: int, n: int, n_trials: int = 2000, seed: int = 0) -> float:
-    """Expected best cosine between a random unit vector and ``n`` random unit vectors in ``d`` dims (simulated):
-    what a matching finds between unrelated decoders."""
-    gen = torch.Generator().manual_seed(seed)
-    a = unit_rows(torch.randn(n_trials, d, generator=gen))
-    b = unit_rows(torch.randn(n, d, generator=gen))
-    return float((a @ b.T).max(dim=1).values.mean())
 
 
 @dataclass

@@ -1,11 +1,5 @@
-"""Top-activating images per latent, streamed over image chunks, and the on-disk index others reuse.
-
-The index (folder ``top_images/``, read by the hierarchy study, steering and the browser):
-- ``top.safetensors``: ``image_idx`` [K, X] int64 (row k = latent k's images, strongest first;
-  -1 pads latents with fewer than X nonzero images) and ``acts`` [K, X] float32 (0 where padded);
-- ``images.json``: {"keys": [...], "paths": [...] or null, "labels": [...] or null}, indexed by image_idx;
-- ``meta.json``: what was ranked (source, SAE, number of images, X = top_k) and the ``format_version``, and
-  ``run_info.json``. The files are read and written by :mod:`vlmsae.formats` (``read_top_images``).
+"""Top-activating images per latent, streamed over image chunks, and the ``top_images/`` index others reuse
+(its files: :class:`vlmsae.formats.TopImagesIndex`).
 
 Images where a latent is exactly zero never enter its list (the reference code's lists could
 include them, which put unrelated images among a rare latent's "top" images).  Ties keep the
@@ -21,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-__all__ = ["TopImages", "TopImagesAccumulator", "top_images", "top_set_jaccard"]
 
 _NONE = -1
 
@@ -45,10 +37,7 @@ class TopImagesAccumulator:
             raise ValueError(f"expected a [B, {self.n_latents}] chunk, got shape {tuple(acts_BK.shape)}.")
         offset = self.n_images if image_offset is None else int(image_offset)
         n_chunk = acts_BK.shape[0]
-        if acts_BK.layout == torch.strided:
-            cand_vals, cand_idx = self._dense_candidates(acts_BK.detach().to("cpu", torch.float32), offset)
-        else:
-            cand_vals, cand_idx = self._sparse_candidates(acts_BK.detach().cpu(), offset)
+        cand_vals, cand_idx = self._candidates(acts_BK.detach().cpu(), offset)
         vals = torch.cat([self.vals_KX, cand_vals], 1)
         idx = torch.cat([self.idx_KX, cand_idx], 1)
         # Stable descending sort: on ties the running entries (earlier images) stay ahead.
@@ -57,14 +46,8 @@ class TopImagesAccumulator:
         self.idx_KX = idx.gather(1, order)
         self.n_images = max(self.n_images, offset + n_chunk)
 
-    def _dense_candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        vals_KB = acts_BK.T.masked_fill((acts_BK.T == 0) | torch.isnan(acts_BK.T), -math.inf)
-        t = min(self.top_k, vals_KB.shape[1])
-        top_vals, top_pos = vals_KB.topk(t, dim=1)
-        top_idx = torch.where(torch.isinf(top_vals), torch.full_like(top_pos, _NONE), top_pos + offset)
-        return top_vals, top_idx
-
-    def _sparse_candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each latent's top nonzero entries of the chunk (dense or sparse: only its nonzeros are read)."""
         coo = (acts_BK if acts_BK.layout == torch.sparse_coo else acts_BK.to_sparse_coo()).coalesce()
         rows, cols = coo.indices()
         vals = coo.values().to(torch.float32)
@@ -186,12 +169,10 @@ def top_set_jaccard(image_idx_KX: torch.Tensor) -> dict[str, Any]:
     if n_live < 2:
         return {"mean": math.nan, "max": math.nan, "mean_nearest": math.nan, "n_duplicates": 0, "nearest_K": nearest_K}
     n_img = int(img.max()) + 1
-    ones = torch.ones(lat.numel(), dtype=torch.float64)
-    inc = torch.sparse_coo_tensor(torch.stack([lat, img]), ones, (n_latents, n_img), check_invariants=False).coalesce()
-    # an image listed twice for one latent adds up to 2 here: clamp back to set membership
-    inc = torch.sparse_coo_tensor(inc.indices(), inc.values().clamp(max=1.0), inc.shape, check_invariants=False)
-    inc = inc.coalesce()
-    size_K = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, inc.indices()[0], inc.values())
+    pairs = torch.stack([lat, img]).unique(dim=1)  # an image listed twice for one latent counts once: sets
+    ones = torch.ones(pairs.shape[1], dtype=torch.float64)
+    inc = torch.sparse_coo_tensor(pairs, ones, (n_latents, n_img), check_invariants=False).coalesce()
+    size_K = torch.bincount(pairs[0], minlength=n_latents).double()
     with warnings.catch_warnings():  # torch flags its sparse-sparse product as beta; it is exact here
         warnings.simplefilter("ignore", UserWarning)
         inter = torch.sparse.mm(inc, inc.t()).coalesce()

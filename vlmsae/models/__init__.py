@@ -45,10 +45,7 @@ def load_tap(spec: ModelSpec | dict | str) -> Tap:
     elif not isinstance(spec, ModelSpec):
         spec = to_typed(spec, ModelSpec)
     check_model_seed(spec)  # a seed is honoured (tiny or random weights) or refused, never dropped
-    if spec.backend == "open_clip":
-        return load_open_clip_tap(spec)
-    if spec.backend == "hf_clip":
-        return load_hf_clip_tap(spec)
-    if spec.backend == "hf_llava":
-        return load_hf_llava_tap(spec)
-    raise ValueError(f"Unknown backend {spec.backend!r} for model {spec.name!r}: use one of {list(BACKENDS)}.")
+    loaders = {"open_clip": load_open_clip_tap, "hf_clip": load_hf_clip_tap, "hf_llava": load_hf_llava_tap}
+    if spec.backend not in loaders:
+        raise ValueError(f"Unknown backend {spec.backend!r} for model {spec.name!r}: use one of {list(BACKENDS)}.")
+    return loaders[spec.backend](spec)

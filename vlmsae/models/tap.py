@@ -21,8 +21,10 @@ TOKEN_CHOICES = ("cls", "patches", "all", "random_k", "mean")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
+    "float": torch.float32,
     "float16": torch.float16,
     "fp16": torch.float16,
+    "half": torch.float16,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }

@@ -1,20 +1,16 @@
-"""Tiny random encoders for tests and the demo, saved once and loaded back like real weights.
+"""Tiny random encoders for tests and the demo, saved once and loaded back like real weights (docs/offline.md).
 
-``model=tiny`` (open_clip) and ``model=tiny_hf`` (transformers ``CLIPVisionModelWithProjection``)
-are built from configs with a fixed seed and written to ``$VLMSAE_HOME/models/<name>/`` (default
-``~/.cache/vlmsae/models/<name>/``) in the formats real checkpoints come in: an open_clip
-``local-dir`` folder (``open_clip_config.json`` + ``open_clip_model.safetensors``) and a
-``save_pretrained`` folder. Loading then goes through exactly the code that loads real weights, so
-the tests exercise it. ``model=tiny_llava`` is built by :func:`vlmsae.models.llava.build_tiny_llava`.
-
-Folders are written to a temporary sibling and renamed, so concurrent test runs never read a
-half-written model.
+``model=tiny`` (open_clip) and ``model=tiny_hf`` (transformers ``CLIPVisionModelWithProjection``) are written in
+the formats real checkpoints come in (an open_clip ``local-dir`` folder, a ``save_pretrained`` folder), so
+loading them runs the code that loads real weights; ``model=tiny_llava`` is built by :mod:`vlmsae.models.llava`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +59,39 @@ def tiny_open_clip_cfg(
     }
 
 
+def clip_preprocess_cfg(size: int) -> dict[str, Any]:
+    """open_clip's ``preprocess_cfg`` for OpenAI-CLIP preprocessing at ``size`` px."""
+    return {"size": size, "mean": CLIP_MEAN, "std": CLIP_STD, "interpolation": "bicubic", "resize_mode": "shortest"}
+
+
+def build_folder(dpath: str | Path, build: Callable[[Path], None]) -> Path:
+    """``build(tmp)`` into an empty temporary sibling of ``dpath``, then :func:`publish_dir` it onto ``dpath``:
+    a crash never leaves a half-built folder that an existence check would take for complete."""
+    dpath = Path(dpath)
+    tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp_dpath, ignore_errors=True)
+    tmp_dpath.mkdir(parents=True)
+    build(tmp_dpath)
+    return publish_dir(tmp_dpath, dpath)
+
+
+def write_open_clip_folder(dpath: Path, model: Any, model_cfg: dict[str, Any], seed: int, what: str) -> None:
+    """An open_clip ``local-dir`` folder: ``open_clip_config.json`` (CLIP preprocessing) + safetensors weights."""
+    from safetensors.torch import save_file
+
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": clip_preprocess_cfg(model_cfg["vision_cfg"]["image_size"]),
+        "vlmsae": {"seed": seed, "what": what},
+    }
+    (dpath / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(dpath / OPEN_CLIP_WEIGHTS))
+
+
 def build_tiny_open_clip(dpath: str | Path, seed: int = 0, **cfg_kwargs: Any) -> Path:
     """Build a random tiny open_clip CLIP with ``seed`` and save it as a ``local-dir`` folder (idempotent)."""
     import open_clip
-    from safetensors.torch import save_file
 
     dpath = Path(dpath)
     if (dpath / OPEN_CLIP_CONFIG).exists() and (dpath / OPEN_CLIP_WEIGHTS).exists():
@@ -80,24 +105,31 @@ def build_tiny_open_clip(dpath: str | Path, seed: int = 0, **cfg_kwargs: Any) ->
     model_cfg = tiny_open_clip_cfg(**cfg_kwargs)
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg).eval()
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    dpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
-    tmp_dpath.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model_cfg": model_cfg,
-        "preprocess_cfg": {
-            "size": model_cfg["vision_cfg"]["image_size"],
-            "mean": CLIP_MEAN,
-            "std": CLIP_STD,
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-        },
-        "vlmsae": {"seed": seed, "what": "random tiny open_clip CLIP for tests"},
-    }
-    (tmp_dpath / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
-    save_file(state, str(tmp_dpath / OPEN_CLIP_WEIGHTS))
-    return publish_dir(tmp_dpath, dpath)
+    what = "random tiny open_clip CLIP for tests"
+    return build_folder(dpath, lambda tmp: write_open_clip_folder(tmp, model, model_cfg, seed, what))
+
+
+def tiny_hf_vision_parts(image_size: int, patch_size: int, width: int, layers: int, heads: int, projection_dim: int):
+    """``(CLIPVisionConfig, CLIPImageProcessor)`` of a tiny OpenAI-style CLIP tower (quick_gelu, CLIP normalisation)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    config = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu",
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return config, processor
 
 
 def build_tiny_hf_clip(
@@ -111,96 +143,23 @@ def build_tiny_hf_clip(
     embed_dim: int = 32,
 ) -> Path:
     """Build a random tiny ``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor`` and ``save_pretrained`` them."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
     dpath = Path(dpath)
     if (dpath / "config.json").exists() and any(dpath.glob("*.safetensors")):
         return dpath
-    config = CLIPVisionConfig(
-        hidden_size=width,
-        intermediate_size=4 * width,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=embed_dim,
-        hidden_act="quick_gelu",
-    )
+    config, processor = tiny_hf_vision_parts(image_size, patch_size, width, layers, heads, embed_dim)
     torch.manual_seed(seed)
     model = CLIPVisionModelWithProjection(config).eval()
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-    )
-    dpath.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dpath = dpath.parent / f".{dpath.name}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp_dpath)
-    processor.save_pretrained(tmp_dpath)
-    return publish_dir(tmp_dpath, dpath)
+    return build_folder(dpath, lambda tmp: (model.save_pretrained(tmp), processor.save_pretrained(tmp)))
 
 
-def tiny_model_dpath(name: str, seed: int = 0) -> Path:
+def tiny_model_dpath(name: str, seed: int = 0, local_path: str | None = None) -> Path:
     """The local folder of the tiny model ``name`` built with ``seed``: the seed is part of the cache key, so
-    ``model.seed=7`` builds (and then reuses) other weights than seed 0, whose folder keeps its plain name."""
+    ``model.seed=7`` builds (and then reuses) other weights than seed 0, whose folder keeps its plain name.
+    A ``local_path`` (``model.local_path``) is the folder instead."""
+    if local_path:
+        return Path(local_path).expanduser()
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"model.seed={seed!r} must be an integer (the seed of the tiny model's random weights).")
     return models_home() / (name if seed == 0 else f"{name}-seed{seed}")
-
-
-def open_clip_visual_to_hf(visual: Any, projection_dim: int | None = None):
-    """Copy an open_clip (native ViT) vision tower into a transformers ``CLIPVisionModelWithProjection``.
-
-    Layout map: conv1 -> patch_embedding, class/positional embeddings, ln_pre -> pre_layrnorm [sic],
-    each block's packed ``in_proj`` qkv -> q/k/v_proj, out_proj, ln_1/ln_2 -> layer_norm1/2,
-    mlp.c_fc/c_proj -> fc1/fc2, ln_post -> post_layernorm, proj ([width, E], applied as x @ proj)
-    -> visual_projection ([E, width]). The activation (quick_gelu for OpenAI weights) is read from
-    the blocks. Used to prove the two backends tap the same residual stream (METHOD §1 index fact).
-    """
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    blocks = visual.transformer.resblocks
-    width = visual.conv1.out_channels
-    patch = visual.conv1.kernel_size[0]
-    heads = blocks[0].attn.num_heads
-    mlp_width = blocks[0].mlp.c_fc.out_features
-    act = blocks[0].mlp.gelu
-    act_name = "quick_gelu" if type(act).__name__ == "QuickGELU" else "gelu"
-    proj = visual.proj
-    config = CLIPVisionConfig(
-        hidden_size=width,
-        intermediate_size=mlp_width,
-        num_hidden_layers=len(blocks),
-        num_attention_heads=heads,
-        image_size=visual.image_size[0],
-        patch_size=patch,
-        projection_dim=projection_dim or proj.shape[1],
-        hidden_act=act_name,
-        layer_norm_eps=visual.ln_pre.eps,
-    )
-    hf = CLIPVisionModelWithProjection(config).eval()
-    vm = hf.vision_model
-    with torch.no_grad():
-        vm.embeddings.patch_embedding.weight.copy_(visual.conv1.weight)
-        vm.embeddings.class_embedding.copy_(visual.class_embedding)
-        vm.embeddings.position_embedding.weight.copy_(visual.positional_embedding)
-        vm.pre_layrnorm.load_state_dict(visual.ln_pre.state_dict())
-        for blk, layer in zip(blocks, vm.encoder.layers):
-            q_w, k_w, v_w = blk.attn.in_proj_weight.chunk(3, dim=0)
-            q_b, k_b, v_b = blk.attn.in_proj_bias.chunk(3, dim=0)
-            for lin, w, b in (
-                (layer.self_attn.q_proj, q_w, q_b),
-                (layer.self_attn.k_proj, k_w, k_b),
-                (layer.self_attn.v_proj, v_w, v_b),
-            ):
-                lin.weight.copy_(w)
-                lin.bias.copy_(b)
-            layer.self_attn.out_proj.load_state_dict(blk.attn.out_proj.state_dict())
-            layer.layer_norm1.load_state_dict(blk.ln_1.state_dict())
-            layer.layer_norm2.load_state_dict(blk.ln_2.state_dict())
-            layer.mlp.fc1.load_state_dict(blk.mlp.c_fc.state_dict())
-            layer.mlp.fc2.load_state_dict(blk.mlp.c_proj.state_dict())
-        vm.post_layernorm.load_state_dict(visual.ln_post.state_dict())
-        hf.visual_projection.weight.copy_(proj.T)
-    return hf

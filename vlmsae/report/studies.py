@@ -35,6 +35,6 @@ def write_hierarchy_outputs(out_dpath: Path, result: HierarchyStudy, sae_name: s
     hierarchy_study.write_latent_taxa_csv(out_dpath / "latent_taxa.csv", result.latent_rows, result.summary.ranks)
     formats.write_hierarchy(out_dpath, result.summary)
     atomic_write_text(out_dpath / "hierarchy.md", hierarchy_study.hierarchy_markdown(result.summary))
-    title = f"{sae_name}: {result.taxonomy_origin}"[:90]
+    title = f"{sae_name}: {result.summary.taxonomy}"[:90]
     plot_depth(out_dpath / "hierarchy.png", result.summary.groups, title, hierarchy_study.PAPER_TABLE2["depth"])
     return HIERARCHY_OUTPUTS

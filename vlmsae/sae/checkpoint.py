@@ -42,6 +42,15 @@ def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], where: 
         raise ValueError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}; expected {tuple(shape)}.")
 
 
+def copy_weights_(sae: SAE, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Copy ``tensors`` into the same-named tensors of ``sae`` (cast to their dtype), refusing any other shape."""
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = getattr(sae, name)
+            check_shape(name, value, tuple(target.shape), where)
+            target.copy_(value)
+
+
 def read_safetensors(fpath: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, on the CPU; an unreadable file is refused naming it."""
     from safetensors import SafetensorError
@@ -128,21 +137,14 @@ def load_sae(dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise FileNotFoundError(
             f"{str(dpath)!r} has {SAE_CONFIG_JSON} but no {WEIGHTS_FNAME}: the checkpoint is incomplete."
         )
-    cfg_dict = dict(info.config)
-    if cfg_dict.get("group_fractions") is not None:
-        cfg_dict["group_fractions"] = tuple(cfg_dict["group_fractions"])
     try:
-        cfg = SAEConfig(**cfg_dict)
+        cfg = SAEConfig(**info.config)  # (it makes a JSON list of group_fractions a tuple itself)
     except TypeError as err:
         raise ValueError(f'{str(dpath / SAE_CONFIG_JSON)!r}: its "config" does not match SAEConfig ({err}).') from err
     tensors = read_safetensors(weights_fpath)
     require_keys(tensors, _TENSORS, repr(str(weights_fpath)))
     sae = build_sae(cfg)
-    with torch.no_grad():
-        for name in _TENSORS:
-            target = getattr(sae, name)
-            check_shape(name, tensors[name], tuple(target.shape), f"{str(weights_fpath)!r} (shapes per config.json)")
-            target.copy_(tensors[name])
+    copy_weights_(sae, {name: tensors[name] for name in _TENSORS}, f"{str(weights_fpath)!r} (shapes per config.json)")
     sae.trained_on = dict(info.trained_on)
     sae.trainer_precision = (info.precision or {}).get("trainer_precision")
     return sae.to(device).eval()

@@ -171,21 +171,15 @@ def topk_exact(pre: Preacts, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     first_m = min(n_latents, k + max(8, k // 2) if pre.policy == "fp32" else 4 * k)
     rows_M, cols_M = _row_candidates(z_BF, cut, first_m)
     with _single_threaded(z_BF.device):  # small ops on the candidates (see vlmsae.sae.sparse)
-        return _topk_of_candidates(pre, rows_M, cols_M, k)
-
-
-def _topk_of_candidates(pre: Preacts, rows_M: torch.Tensor, cols_M: torch.Tensor, k: int):
-    batch_size, n_latents = pre.z_BF.shape
-    vals_M = pre.canonical(rows_M, cols_M)
-    order_M = _rank_candidates(rows_M, _orderable(vals_M))
-    rows_M, cols_M, vals_M = rows_M[order_M], cols_M[order_M], vals_M[order_M]
-    counts_B = torch.bincount(rows_M, minlength=batch_size)
-    starts_B = torch.cumsum(counts_B, 0) - counts_B
-    rank_M = torch.arange(rows_M.numel(), device=rows_M.device) - starts_B[rows_M]
-    keep_M = rank_M < k
-    rows_Z, cols_Z, vals_Z = rows_M[keep_M], cols_M[keep_M], vals_M[keep_M]
-    order_Z = torch.sort(rows_Z * n_latents + cols_Z).indices  # row-major, columns ascending
-    return rows_Z[order_Z], cols_Z[order_Z], vals_Z[order_Z]
+        vals_M = pre.canonical(rows_M, cols_M)
+        order_M = _rank_candidates(rows_M, _orderable(vals_M))
+        rows_M, cols_M, vals_M = rows_M[order_M], cols_M[order_M], vals_M[order_M]
+        counts_B = torch.bincount(rows_M, minlength=batch_size)
+        starts_B = torch.cumsum(counts_B, 0) - counts_B
+        keep_M = torch.arange(rows_M.numel(), device=rows_M.device) - starts_B[rows_M] < k  # rank in its row < k
+        rows_Z, cols_Z, vals_Z = rows_M[keep_M], cols_M[keep_M], vals_M[keep_M]
+        order_Z = torch.sort(rows_Z * n_latents + cols_Z).indices  # row-major, columns ascending
+        return rows_Z[order_Z], cols_Z[order_Z], vals_Z[order_Z]
 
 
 @torch.no_grad()

@@ -108,10 +108,8 @@ class _Plan:
         if n_rows == 0 or n_entries == 0 or n_entries % n_rows:
             return 0
         k = n_entries // n_rows
-        cached = _ROW_MAJOR_ROWS.get((n_rows, k, str(self.rows_Z.device)))
-        if cached is not None and self.rows_Z is cached and cached._version == 0:
-            return k
-        return k if torch.equal(self.rows_Z, _row_major_rows(n_rows, k, self.rows_Z.device)) else 0
+        expected = _row_major_rows(n_rows, k, self.rows_Z.device)  # the cached tensor, unless it was modified
+        return k if self.rows_Z is expected or torch.equal(self.rows_Z, expected) else 0
 
     @functools.cached_property
     def by_row(self):

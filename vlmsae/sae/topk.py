@@ -69,9 +69,9 @@ class TopKSAE(SAE):
         pre = compute_preacts(x_cent_BD, self.W_enc, self.b_enc, policy, out=out)
         rows_Z, cols_Z, exact_Z = self._select(pre)
         vals_Z = gather_preacts(x_cent_BD, self.W_enc, self.b_enc, rows_Z, cols_Z, values_Z=exact_Z).relu()
-        if sparse:
-            return TrainCodes(z_BF=pre.z_BF, rows_Z=rows_Z, cols_Z=cols_Z, vals_Z=vals_Z, preacts=pre)
-        codes_BF = x_cent_BD.new_zeros(batch_size, self.n_latents).index_put((rows_Z, cols_Z), vals_Z)
+        codes_BF = (
+            None if sparse else x_cent_BD.new_zeros(batch_size, self.n_latents).index_put((rows_Z, cols_Z), vals_Z)
+        )
         return TrainCodes(z_BF=pre.z_BF, codes_BF=codes_BF, rows_Z=rows_Z, cols_Z=cols_Z, vals_Z=vals_Z, preacts=pre)
 
     def _infer_codes(self, x_cent_BD: torch.Tensor, b_enc_F: torch.Tensor, threshold: torch.Tensor) -> TrainCodes:

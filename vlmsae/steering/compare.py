@@ -9,7 +9,7 @@ from typing import Any
 
 from vlmsae.data.images import load_image
 from vlmsae.formats import SteerResult
-from vlmsae.steering.generate import generate_answers, white_image
+from vlmsae.steering.generate import ONE_WORD_PROMPT, generate_answers, white_image
 from vlmsae.steering.hooks import alpha_sweep, steer
 from vlmsae.steering.setup import SteeringSetup
 
@@ -63,7 +63,7 @@ class SteerRequest:
     latents: dict[int, float]  # {latent: alpha}, clamped together
     mode: str = "replace"  # replace | error_preserving | add (vlmsae.steering.MODES)
     patches: Any = None  # which tokens (vlmsae.steering.token_mask)
-    prompt: str = "What is shown in this image? Use exactly one word!"
+    prompt: str = ONE_WORD_PROMPT
     max_new_tokens: int = 30
     batch_size: int = 8
     compare_add: bool = True  # also the plain activation-steering baseline (mode add)

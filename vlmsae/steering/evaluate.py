@@ -1,10 +1,6 @@
-"""The steering score run of METHOD §5 (the ``steer_eval`` job): inputs, the batched steered generation, the bounds.
-
-For each steered latent j: concept = mean image embedding of its top images (the top-images index of a
-monosemanticity run); for each evaluation image LLaVA answers the one-word prompt with and without j
-clamped to alpha; the first word's text embedding is compared (cosine) with the concept. Bounds: the
-class names of j's top images (upper) and the same names shuffled across latents (lower). The maths
-is :mod:`vlmsae.steering.score`.
+"""The steering score run of METHOD §5 (the ``steer_eval`` job): inputs, the batched steered generation, the bounds
+(the class names of a latent's top images: upper; the same names shuffled across latents: lower). The maths is
+:mod:`vlmsae.steering.score`.
 """
 
 from __future__ import annotations
@@ -20,24 +16,15 @@ import torch
 
 from vlmsae.data.images import load_image
 from vlmsae.formats import SteerEvalResult
-from vlmsae.steering.generate import first_word, generate_answers, white_image
+from vlmsae.steering.generate import ONE_WORD_PROMPT, first_word, generate_answers, white_image
 from vlmsae.steering.hooks import steer
 from vlmsae.steering.score import ScoreSummary, shuffled, streamed_concept_embeddings, word_scores
 from vlmsae.steering.setup import SteeringSetup
 
+_PAPER_BOUNDS = {"upper bound (true class names)": 0.283, "lower bound (shuffled names)": 0.185}
 PAPER = {  # METHOD §5, alpha = 100 (ImageNet images / white image)
-    "imagenet": {
-        "steered": 0.263,
-        "not steered": 0.211,
-        "upper bound (true class names)": 0.283,
-        "lower bound (shuffled names)": 0.185,
-    },
-    "white": {
-        "steered": 0.259,
-        "not steered": 0.212,
-        "upper bound (true class names)": 0.283,
-        "lower bound (shuffled names)": 0.185,
-    },
+    "imagenet": {"steered": 0.263, "not steered": 0.211, **_PAPER_BOUNDS},
+    "white": {"steered": 0.259, "not steered": 0.212, **_PAPER_BOUNDS},
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
 BOUNDS_NOTE = "class names of top images (upper), shuffled across latents (lower)"
@@ -52,9 +39,7 @@ def latent_list(spec: int | Sequence[int]) -> list[int]:
     raise ValueError(f"latents={spec!r}: give a count (10 = latents 0..9) or a list of latent indices.")
 
 
-def open_image(path: str | Path) -> Any:
-    """Decode one image file to 8-bit RGB as extraction does (:func:`vlmsae.data.images.load_image`)."""
-    return load_image(path)
+open_image = load_image  # one image file -> 8-bit RGB as extraction decodes it (tests count its calls)
 
 
 def paper_setting(images: str) -> str:
@@ -145,7 +130,7 @@ class ScoreRequest:
     latents: list[int]
     alpha: float = 100.0
     mode: str = "replace"
-    prompt: str = "What is shown in this image? Use exactly one word!"
+    prompt: str = ONE_WORD_PROMPT
     max_new_tokens: int = 5
     batch_size: int = 16  # samples per generate call
     top_n: int = 16  # top images per latent that define its concept
@@ -236,17 +221,6 @@ def steered_answers(
     return answers
 
 
-def plain_answers(setup: SteeringSetup, images: Sequence[Any], request: ScoreRequest) -> list[str]:
-    """One answer per image, not steered, ``request.batch_size`` images per generate call."""
-    from tqdm import tqdm
-
-    r, bs, answers = request, request.batch_size, []
-    for s in tqdm(range(0, len(images), bs), desc="not steered"):
-        batch = list(images[s : s + bs])
-        answers += generate_answers(setup.model, setup.processor, batch, r.prompt, r.max_new_tokens, len(batch))
-    return answers
-
-
 def score_steering(
     setup: SteeringSetup, embedder: Any, top: Any, images: Sequence[Any], image_names: list[str], request: ScoreRequest
 ) -> SteeringScores:
@@ -260,7 +234,9 @@ def score_steering(
     # Concepts: mean image embedding of each latent's top images, decoded latent by latent.
     concepts_LE, top_paths, top_labels = latent_concepts(top, r.latents, r.top_n, embedder.embed)
     # Answers, not steered (once per image) and steered (once per latent x image).
-    plain = plain_answers(setup, images, r)
+    plain = generate_answers(
+        setup.model, setup.processor, images, r.prompt, r.max_new_tokens, r.batch_size, True, "not steered"
+    )
     pairs = [(li, ii) for li in range(len(r.latents)) for ii in range(len(images))]
     steered = steered_answers(setup, images, pairs, r, r.mode)
     steered_words = [first_word(a) for a in steered]

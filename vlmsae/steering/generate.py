@@ -36,8 +36,10 @@ def generate_answers(
     max_new_tokens: int = 5,
     batch_size: int = 8,
     progress: bool = False,
+    desc: str = "generate",
 ) -> list[str]:
-    """Greedy answers to ``question`` about each image, batched (left padding), decoded without the prompt."""
+    """Greedy answers to ``question`` about each image, batched (left padding), decoded without the prompt;
+    ``progress``: a tqdm bar named ``desc``."""
     from tqdm import tqdm
 
     prompt = chat_prompt(processor, question)
@@ -45,7 +47,7 @@ def generate_answers(
     vision_dtype = next(model.parameters()).dtype
     answers: list[str] = []
     starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress):
+    for start in tqdm(starts, desc=desc, disable=not progress):
         batch = list(images[start : start + batch_size])
         inputs = processor(images=batch, text=[prompt] * len(batch), return_tensors="pt", padding=True)
         inputs = {k: v.to(device) for k, v in inputs.items()}

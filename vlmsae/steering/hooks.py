@@ -1,27 +1,15 @@
 """Steer LLaVA by editing one vision-tower block's output through SAE latents (METHOD §5).
 
-The edit is a forward hook on the block that matches the SAE's layer. Why a hook and why
-``prepend=True``: transformers 5.x does not return hidden states from the encoder loop; it records
-them with forward hooks (``utils/output_capturing.py``) that it installs on every encoder layer the
-first time hidden states are requested, and LLaVA's ``get_image_features`` reads
-``hidden_states[vision_feature_layer]`` from that record. PyTorch runs forward hooks in
-registration order, each seeing the output the previous one returned. A steering hook registered
-*after* the recorder (any time after the model's first forward) would change what the next block
-sees but not what was recorded, so LLaVA's projector would never see the edit. Registered with
-``prepend=True`` it runs before the recorder, which then records the edited output.
-
-Modes (per token t of the tapped layer, ``h`` = block output, ``f = encode(h)``):
-- ``replace`` (the paper): ``f[j] = alpha``; output ``decode(f)`` (the SAE's reconstruction error is dropped).
-- ``error_preserving``: output ``h + decode(f_clamped) - decode(f)``: only the latent's
-  contribution changes, everything the SAE does not explain is kept.
-- ``add`` (baseline, no SAE forward): output ``h + alpha * W_dec[j] / ||W_dec[j]||``, plain
-  activation steering along the latent's decoder direction.
+The edit is a forward hook on the block that matches the SAE's layer, registered with ``prepend=True``
+so that it runs before transformers 5.x's hidden-state recorder, which is what LLaVA's projector reads
+(METHOD §5, "Hook ordering"). The modes (``replace``, ``error_preserving``, ``add``) are METHOD §5's
+interventions; ``h`` = block output, ``f = encode(h)``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,10 +28,8 @@ leaves that token's latent as encoded, so one batch can steer a different latent
 def sae_layer(sae: nn.Module) -> int | None:
     """The vision block the SAE was trained on (``sae.trained_on["layer"]``, from its ``config.json``), if known."""
     layer = getattr(sae, "trained_on", {}).get("layer")
-    return None if layer is None else _int_layer(layer)
-
-
-def _int_layer(layer: Any) -> int:
+    if layer is None:
+        return None
     try:
         return int(layer)
     except (TypeError, ValueError):
@@ -219,6 +205,23 @@ def steer_block(model: nn.Module, sae: nn.Module, layer: int | None = None) -> i
 
 
 @contextlib.contextmanager
+def block_output(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, vision block ``layer`` outputs ``fn(h_BTD)``; ``prepend=True`` so LLaVA's
+    hidden-state recorder (and so the projector) sees the new output (see the module docstring)."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        h_BTD = output[0] if isinstance(output, tuple) else output
+        new_BTD = fn(h_BTD).to(h_BTD.device, h_BTD.dtype)
+        return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
+
+    handle = vision_blocks(model)[layer].register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
 def steer(
     model: nn.Module,
     sae: nn.Module,
@@ -243,26 +246,19 @@ def steer(
     if not latents:
         raise ValueError("No latents to steer: pass {latent index: alpha, ...}.")
     layer = steer_block(model, sae, layer)
-    blocks = vision_blocks(model)
     if has_cls is None:
-        has_cls = "siglip" not in type(blocks[0]).__name__.lower()
+        has_cls = "siglip" not in type(vision_blocks(model)[0]).__name__.lower()
     handle = SteeringHandle(layer=layer, mode=mode, latents=dict(latents), patches=patches)
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        h_BTD = output[0] if isinstance(output, tuple) else output
+    def edit(h_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = h_BTD.shape
         mask_BT = token_mask(patches, T, B, has_cls=has_cls, device=h_BTD.device)
-        new_BTD = edit_activations(h_BTD, sae, latents, mode=mode, mask_BT=mask_BT)
         handle.n_calls += 1
         handle.shapes.append(tuple(h_BTD.shape))
-        return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
+        return edit_activations(h_BTD, sae, latents, mode=mode, mask_BT=mask_BT)
 
-    # prepend=True: run before transformers' hidden-state recorder (see the module docstring).
-    removable = blocks[layer].register_forward_hook(hook, prepend=True)
-    try:
+    with block_output(model, layer, edit):
         yield handle
-    finally:
-        removable.remove()
 
 
 def alpha_sweep(

@@ -1,11 +1,4 @@
-"""The steering score of METHOD §5: does clamping latent j make LLaVA name latent j's concept?
-
-- concept of latent j: the mean CLIP image embedding (each unit-normalised) of its top-16 images;
-- LLaVA answers "What is shown in this image? Use exactly one word!" (5 new tokens) about an image,
-  steered (latent j clamped to alpha) or not; the first word of the answer is kept;
-- score = cos(CLIP text embedding of the word, concept of j), averaged over (latent, image) pairs.
-Bounds: the words an oracle would say (the class names of latent j's top images: upper) and
-the same names shuffled across latents (lower).
+"""The maths of METHOD §5's steering score: concept vectors, word-to-concept cosines, their summary.
 
 The embedding functions come in as callables (``embed_images(pil_list) -> [N, E]``,
 ``embed_texts(str_list) -> [N, E]``), so the score does not care which CLIP computes them.
@@ -54,15 +47,9 @@ def streamed_concept_embeddings(
     1000 latents x 16 top images would otherwise be 16k ImageNet images in memory). Same values as
     :func:`concept_embeddings` on the same images: each latent is embedded as one call either way.
     """
-    rows = []
-    for paths in top_paths_per_latent:
-        if len(paths) == 0:
-            rows.append(None)
-            continue
-        images = [open_image(p) for p in paths]
-        emb_NE = embed_images(images)
-        del images  # released here, before the next latent's images are decoded
-        rows.append(_concept(emb_NE))
+    rows = [
+        _concept(embed_images([open_image(p) for p in paths])) if len(paths) else None for paths in top_paths_per_latent
+    ]
     return _stack_concepts(rows)
 
 

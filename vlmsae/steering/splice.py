@@ -1,27 +1,19 @@
 """Splice fidelity inside LLaVA (the ``splice_eval`` job): how much of LLaVA's answer loss the SAE keeps.
 
-The SAE is spliced into the vision block it reads: a forward hook (``prepend=True``, see
-:mod:`vlmsae.steering.hooks` for why) replaces the block's output, every token of every image, by
-
-- ``spliced (replace)``: the SAE reconstruction ``decode(encode(h))`` (its error is dropped);
-- ``spliced (error-preserving)``: ``recon + (h - recon)``, i.e. ``h`` again but through the hook path: a control,
-  which must give KL 0 and 100 % recovered (up to float rounding);
-- ``zero-ablated``: 0;
-- ``mean-ablated``: the block output's mean over every token of the evaluation images (one [D] vector).
-
-LLaVA is teacher-forced on ``prompt + reference answer``; over the answer tokens we pool, per token,
-the NLL of the reference token and KL(clean || condition) of the next-token distributions.
-Fraction of loss recovered = (NLL_ablated - NLL_spliced) / (NLL_ablated - NLL_clean), NaN (with a note)
-when the ablation does not move the loss (a zero denominator).
+The SAE is spliced into the vision block it reads by a forward hook (:func:`vlmsae.steering.hooks.block_output`)
+that replaces the block's output, every token of every image, under each of :data:`CONDITIONS`: the SAE
+reconstruction (``replace``), ``recon + (h - recon)`` (the error-preserving control: KL 0, 100 % recovered up to
+float rounding), zero, or the block output's mean over every token of the evaluation images. LLaVA is
+teacher-forced on ``prompt + reference answer``; the per-token NLL, KL(clean || condition) and fraction of loss
+recovered are those of docs/outputs.md (``splice_eval``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +22,11 @@ import torch
 from torch import nn
 
 from vlmsae.formats import SpliceResult
-from vlmsae.models.llava import vision_blocks, vision_tower
+from vlmsae.models.llava import vision_tower
 from vlmsae.steering.compare import load_images
 from vlmsae.steering.evaluate import IMAGE_SUFFIXES
 from vlmsae.steering.generate import chat_prompt, generate_answers
+from vlmsae.steering.hooks import block_output
 from vlmsae.steering.setup import SteeringSetup
 
 DEFAULT_PROMPT = "Describe the image."
@@ -49,9 +42,7 @@ _FIX_PROMPTS = (
 )
 
 
-# --------------------------------------------------------------------------------------------
-# Inputs
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------ inputs
 @dataclass
 class PromptItem:
     """One teacher-forced sample: an image, the question and the reference answer."""
@@ -143,9 +134,7 @@ def prompt_items(
     return items, note + (f" ({dropped} empty answers dropped)" if dropped else "")
 
 
-# --------------------------------------------------------------------------------------------
-# The maths
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- the maths
 def kl_per_token(logp_clean_NV: torch.Tensor, logp_other_NV: torch.Tensor) -> torch.Tensor:
     """KL(clean || other) of each row's next-token distribution, from log-probabilities [N, V] -> [N]."""
     p_NV = logp_clean_NV.exp()
@@ -166,26 +155,7 @@ def fraction_recovered(nll_ablated: float, nll_spliced: float, nll_clean: float)
     return (nll_ablated - nll_spliced) / den
 
 
-# --------------------------------------------------------------------------------------------
-# Hooks and teacher forcing
-# --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def block_output(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Within the block, vision block ``layer`` outputs ``fn(h_BTD)``; ``prepend=True`` so LLaVA's
-    hidden-state recorder (and so the projector) sees the new output (:mod:`vlmsae.steering.hooks`)."""
-
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        h_BTD = output[0] if isinstance(output, tuple) else output
-        new_BTD = fn(h_BTD).to(h_BTD.device, h_BTD.dtype)
-        return (new_BTD, *output[1:]) if isinstance(output, tuple) else new_BTD
-
-    handle = vision_blocks(model)[layer].register_forward_hook(hook, prepend=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
+# --------------------------------------------------------------------------------- teacher forcing
 def splice_fn(sae: nn.Module, mode: str, chunk_rows: int = 4096) -> Callable[[torch.Tensor], torch.Tensor]:
     """``h -> recon`` (``replace``) or ``h -> recon + (h - recon)`` (``error_preserving``), in the SAE's
     dtype/device, ``chunk_rows`` tokens at a time (a wide SAE on 577 tokens x a batch)."""
@@ -265,26 +235,21 @@ def block_mean(model: nn.Module, layer: int, pixel_values: Sequence[torch.Tensor
     """The mean [D] of vision block ``layer``'s output over every token of every image (the vision tower alone)."""
     total, count = None, 0
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+    def accumulate(h_BTD: torch.Tensor) -> torch.Tensor:
         nonlocal total, count
-        h_BTD = (output[0] if isinstance(output, tuple) else output).double()
-        s_D = h_BTD.sum(dim=(0, 1))
+        s_D = h_BTD.double().sum(dim=(0, 1))
         total = s_D if total is None else total + s_D
         count += h_BTD.shape[0] * h_BTD.shape[1]
+        return h_BTD  # the output is left as it is
 
     tower = vision_tower(model)
-    handle = vision_blocks(model)[layer].register_forward_hook(hook)
-    try:
+    with block_output(model, layer, accumulate):
         for px in pixel_values:
             tower(px)
-    finally:
-        handle.remove()
     return (total / count).float()
 
 
-# --------------------------------------------------------------------------------------------
-# The evaluation
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------- the evaluation
 @dataclass
 class SpliceScores:
     """Per answer token (pooled over answers): NLL per condition (``clean`` included), KL and top-1 agreement."""
@@ -342,13 +307,7 @@ class SpliceScores:
                 row["frac_recovered_mean"] = self.recovered(cond, MEAN)
             rows.append(row)
         if self.zero_shot and "kl" in self.zero_shot:
-            rows.append(
-                {
-                    "condition": ZERO_SHOT_ROW,
-                    "kl": self.zero_shot["kl"],
-                    "top1_agreement": self.zero_shot["top1_agreement"],
-                }
-            )
+            rows.append({"condition": ZERO_SHOT_ROW, **{k: self.zero_shot[k] for k in ("kl", "top1_agreement")}})
         return rows
 
     def per_answer(self) -> list[dict[str, Any]]:

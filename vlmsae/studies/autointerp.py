@@ -1,15 +1,10 @@
 """The optional second naming pass (``autointerp=llava``): LLaVA names a grid of each latent's top images.
 
-For each latent with top images (the ``autointerp_max_latents`` with the highest MS, best first; the others
-keep empty cells), the first :data:`GRID_SIDE` x :data:`GRID_SIDE` top images are pasted into one grid image
-(:func:`grid_image`), LLaVA is asked :data:`AUTOINTERP_PROMPT` (greedy), and the first word of its answer
-(lower-cased, punctuation stripped) is the latent's ``autointerp``. ``autointerp_score`` is the cosine between
-that word's text embedding (averaged over the names pass's templates, as a vocabulary name's is) and the
-latent's concept (the unit mean of the unit embeddings of its top images), so it is comparable with
-``name_score``: a word LLaVA reads off the images against the nearest vocabulary name.
-
-``autointerp_model`` is a ``conf/model/`` choice with ``backend: hf_llava``: ``llava15_7b`` (the default; real
-use) or ``tiny_llava`` (random, offline: it answers gibberish, for tests and the demo's plumbing).
+For the ``autointerp_max_latents`` latents of highest MS, LLaVA is asked :data:`AUTOINTERP_PROMPT` (greedy)
+about a :data:`GRID_SIDE` x :data:`GRID_SIDE` grid of the latent's top images; the first word of its answer is
+``autointerp``, and ``autointerp_score`` its cosine with the latent's concept, embedded as the names pass
+embeds a vocabulary name (so it compares with ``name_score``). ``autointerp_model``: a ``conf/model/`` choice
+with ``backend: hf_llava`` (``llava15_7b``, or ``tiny_llava``: random and offline, for tests and the demo).
 """
 
 from __future__ import annotations
@@ -25,15 +20,6 @@ from vlmsae.models.llava import load_llava_spec
 from vlmsae.models.spec import ModelSpec, get_model_spec
 from vlmsae.steering.generate import first_word, generate_answers
 from vlmsae.steering.score import word_scores
-
-__all__ = [
-    "AUTOINTERP_CHOICES",
-    "AUTOINTERP_PROMPT",
-    "AutoInterp",
-    "build_autointerp",
-    "grid_image",
-    "pick_latents",
-]
 
 AUTOINTERP_CHOICES = ("llava",)
 AUTOINTERP_PROMPT = "These images share one visual concept. Answer with one word: what is it?"

@@ -1,15 +1,12 @@
-"""Images -> one sparse SAE code row per image: the pass the monosemanticity and hierarchy studies share.
-
-An SAE opened on the model it reads (:func:`vlmsae.models.open_sae.open_tapped_sae`, an ``TappedSAE``) runs
-batches of images through its tap and the SAE (inference encoder, sparse codes) in :func:`encode_images`,
-which pools the token codes to one row per image (:mod:`vlmsae.metrics.pooling`), so both studies rank the
-same top images for the same SAE and images.
+"""Images -> one sparse SAE code row per image (:func:`encode_images`): the pass the monosemanticity and
+hierarchy studies share, so both rank the same top images for the same SAE and images.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +32,6 @@ class ImageCodes:
     labels: list[int]
     raw_ND: torch.Tensor | None = None  # the pooled raw activations (``keep_raw=True``), float32 CPU
 
-    @property
-    def n_images(self) -> int:
-        return len(self.keys)
-
     def top_images(self, top_k: int, meta: dict[str, Any]) -> TopImages:
         """The top-``top_k`` images of every latent as a :class:`TopImages` index (paths kept if all known).
         ``meta`` (see :func:`top_images_meta`) says what was ranked."""
@@ -62,25 +55,6 @@ def top_images_meta(src: TappedSAE, images: Any, sae_path: str | Path, **extra: 
 
 
 @torch.no_grad()
-def _encode_batch(
-    src: TappedSAE, batch: list[ImageRecord], recon: ReconstructionAccumulator | None, keep_raw: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(per-image sparse codes [B, F], pooled raw activations [B, D] or None) of one batch of images."""
-    sae, tap = src.sae, src.tap
-    acts = tap.forward_to(torch.stack([tap.preprocess(r.image) for r in batch]), src.layer)
-    rows_RD, per_image = pool_rows(acts, src.pool, tap.has_cls)
-    src.check_first_batch(rows_RD)  # an SAE that does not fit these activations stops here (check_fit)
-    on_codes = None if recon is None else (lambda x_rd, codes: recon.update(x_rd, sae.decode(codes), codes))
-    pooled = pool_sparse(encode_rows(sae, rows_RD, TOKEN_ROWS, on_codes), per_image, src.pool, len(batch))
-    if not keep_raw:
-        return pooled, None
-    raw = rows_RD.float().cpu()
-    if per_image > 1:
-        tok = raw.reshape(len(batch), per_image, -1)
-        raw = tok.mean(1) if src.pool == "mean" else tok.amax(1)
-    return pooled, raw
-
-
 def encode_images(
     src: TappedSAE,
     records: Iterable[ImageRecord],
@@ -101,17 +75,26 @@ def encode_images(
     """
     from tqdm.auto import tqdm
 
+    sae, tap = src.sae, src.tap
     keys: list[str] = []
     paths: list[str | None] = []
     labels: list[int] = []
     code_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     raw_rows: list[torch.Tensor] = []
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
-
-    def flush(batch: list[ImageRecord]) -> None:
-        pooled, raw = _encode_batch(src, batch, recon, keep_raw)
+    on_codes = None if recon is None else (lambda x_rd, codes: recon.update(x_rd, sae.decode(codes), codes))
+    it = iter(records)
+    for batch in iter(lambda: list(islice(it, batch_size)), []):  # batch_size records at a time, the last fewer
+        acts = tap.forward_to(torch.stack([tap.preprocess(r.image) for r in batch]), src.layer)
+        rows_RD, per_image = pool_rows(acts, src.pool, tap.has_cls)
+        src.check_first_batch(rows_RD)  # an SAE that does not fit these activations stops here (check_fit)
+        pooled = pool_sparse(encode_rows(sae, rows_RD, TOKEN_ROWS, on_codes), per_image, src.pool, len(batch))
         code_parts.append((pooled.indices()[0] + len(keys), pooled.indices()[1], pooled.values()))
-        if raw is not None:
+        if keep_raw:
+            raw = rows_RD.float().cpu()
+            if per_image > 1:
+                tok = raw.reshape(len(batch), per_image, -1)
+                raw = tok.mean(1) if src.pool == "mean" else tok.amax(1)
             raw_rows.append(raw)
         if on_batch is not None:
             on_batch(batch)
@@ -119,15 +102,6 @@ def encode_images(
         paths.extend(r.path for r in batch)
         labels.extend(int(r.label) for r in batch)
         bar.update(len(batch))
-
-    batch: list[ImageRecord] = []
-    for record in records:
-        batch.append(record)
-        if len(batch) == batch_size:
-            flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
     bar.close()
-    codes_NF = sparse_rows(code_parts, (len(keys), src.sae.n_latents))
+    codes_NF = sparse_rows(code_parts, (len(keys), sae.n_latents))
     return ImageCodes(codes_NF, keys, paths, labels, torch.cat(raw_rows) if raw_rows else None)

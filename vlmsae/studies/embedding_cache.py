@@ -1,11 +1,8 @@
 """Image embeddings E(x) cached on disk, so a second MS run over the same images needs no embedder.
 
-A cache file holds the embeddings of one image list for one embedder and one image origin
-(:meth:`vlmsae.data.image_set.ImageSet.where`), since image keys are relative paths: the file name
-hashes all three. It is a safetensors file (``embeddings`` [N, E] plus the keys in its metadata);
-an unreadable one is recomputed, never fatal. :class:`CachedEmbedder` embeds batches of image
-records, takes rows from the cache when a whole batch is cached, and loads the embedder only when
-a batch is not.
+A cache file (safetensors: ``embeddings`` [N, E], the keys in its metadata) holds one image list's embeddings
+by one embedder from one image origin (:meth:`vlmsae.data.image_set.ImageSet.where`: keys are relative
+paths); the file name hashes all three. An unreadable file is recomputed, never fatal.
 """
 
 from __future__ import annotations
@@ -65,22 +62,24 @@ def save_cache(fpath: Path, keys: list[str], emb_NE: torch.Tensor, embedder_id: 
 class CachedEmbedder:
     """Embeds batches of images in order (call it with each batch), reusing ``cache_dpath``'s rows.
 
-    ``listing_digest``: the digest of the image list when it is known before reading (a listed
-    source), so the cache is read up front; None for a stream, whose list is known only at the end.
-    ``memo``: an in-memory {image key: embedding} of the same images shared by several runs (the SAEs of a
-    sweep): its rows are used like cached ones and every row embedded here is added to it.
+    ``cache_dpath``: None keeps nothing on disk (the hierarchy study). ``listing_digest``: the digest of the
+    image list when it is known before reading (a listed source), so the cache is read up front; None for a
+    stream, whose list is known only at the end. ``memo``: an in-memory {image key: embedding} of the same
+    images shared by several runs (the SAEs of a sweep): its rows are used like cached ones and every row
+    embedded here is added to it.
     """
 
     def __init__(
         self,
         spec: EmbedderSpec,
-        cache_dpath: Path,
+        cache_dpath: Path | None,
         where: str,
         listing_digest: str | None = None,
         memo: dict[str, torch.Tensor] | None = None,
     ):
         self.spec, self.cache_dpath, self.where, self.listing_digest = spec, cache_dpath, where, listing_digest
-        self.cached = load_cache(cache_fpath(cache_dpath, spec, listing_digest, where)) if listing_digest else {}
+        on_disk = listing_digest and cache_dpath is not None
+        self.cached = load_cache(cache_fpath(cache_dpath, spec, listing_digest, where)) if on_disk else {}
         self.memo = memo
         if memo:
             self.cached = {**self.cached, **memo}
@@ -106,6 +105,6 @@ class CachedEmbedder:
         embedded. ``keys``: the keys of the rows, in order."""
         emb_NE = torch.cat(self.rows)
         digest = self.listing_digest if self.listing_digest is not None else image_list_digest(keys)
-        if self.n_embedded:
+        if self.n_embedded and self.cache_dpath is not None:
             save_cache(cache_fpath(self.cache_dpath, self.spec, digest, self.where), keys, emb_NE, self.spec.cache_id())
         return emb_NE, digest

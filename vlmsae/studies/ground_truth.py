@@ -1,15 +1,11 @@
 """A synthetic check with a known answer: SAE latents that recover planted concepts are more
 monosemantic than the raw neurons that mix them.
 
-Each "image" n has k planted concepts out of C (``vlmsae.data.synthetic.PlantedDictionary``):
-its activation is x_n = offset + sum_j c_nj atom_j + noise (atoms: random unit vectors in d dims,
-so every neuron x[:, i] mixes all concepts), and its embedding (what the image embedder E would
-see) is a function of which concepts it shows: E_n = sum_j c_nj u_j + noise, with u_j random
-directions of the embedding space.  A latent that fires for exactly one concept fires on images
-that share that concept, so their embeddings are close and its MS is high; a raw neuron fires on
-a mixture, so its MS is lower.  ``ground_truth_check`` scores an SAE whose dictionary is the
-planted atoms (what a perfect training run recovers), optionally a freshly trained SAE, and the
-raw neurons; the tests and the demo assert the SAE scores clearly higher.
+Each "image" has k of C planted concepts (:class:`vlmsae.data.synthetic.PlantedDictionary`): its activation
+mixes the concepts' random atoms (so every neuron mixes all concepts) and its embedding sums random concept
+directions. A latent firing for one concept fires on images sharing it, so its MS is high; a raw neuron's
+is lower. :func:`ground_truth_check` scores the oracle SAE (the planted atoms), optionally a trained SAE,
+and the raw neurons.
 """
 
 from __future__ import annotations
@@ -22,8 +18,6 @@ from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.metrics.monosemanticity import monosemanticity_scores, ms_summary
 from vlmsae.sae import SAEConfig, build_sae
 from vlmsae.sae import train_steps as fit
-
-__all__ = ["PlantedConcepts", "ground_truth_check", "oracle_sae", "planted_concepts"]
 
 
 @dataclass
@@ -68,11 +62,6 @@ def oracle_sae(atoms_AD: torch.Tensor, offset_D: torch.Tensor, k: int):
     return sae.eval()
 
 
-@torch.no_grad()
-def _sae_codes(sae, acts_ND: torch.Tensor) -> torch.Tensor:
-    return sae.encode(acts_ND, sparse=True)
-
-
 def ground_truth_check(
     n_images: int = 2000, seed: int = 0, train_steps: int = 0, batch_size: int = 256, **planted_kwargs
 ) -> dict:
@@ -80,20 +69,22 @@ def ground_truth_check(
     and of the true concept codes; the gap ``margin`` = oracle SAE - neurons."""
     data = planted_concepts(n_images=n_images, seed=seed, **planted_kwargs)
     k = int((data.codes_NA[0] != 0).sum())
-    out: dict = {}
-    oracle = oracle_sae(data.atoms_AD, data.offset_D, k)
-    out["sae"] = ms_summary(monosemanticity_scores(_sae_codes(oracle, data.acts_ND), data.embeddings_NE), n_images)
-    out["neurons"] = ms_summary(monosemanticity_scores(data.acts_ND, data.embeddings_NE), n_images)
-    out["true_codes"] = ms_summary(monosemanticity_scores(data.codes_NA, data.embeddings_NE), n_images)
+
+    def ms(acts_NK: torch.Tensor) -> dict:
+        return ms_summary(monosemanticity_scores(acts_NK, data.embeddings_NE), n_images)
+
+    def sae_ms(sae) -> dict:
+        with torch.no_grad():
+            return ms(sae.encode(data.acts_ND, sparse=True))
+
+    out = {"sae": sae_ms(oracle_sae(data.atoms_AD, data.offset_D, k))}
+    out["neurons"], out["true_codes"] = ms(data.acts_ND), ms(data.codes_NA)
     if train_steps > 0:
         n_concepts, d_in = data.atoms_AD.shape
         trained = build_sae(SAEConfig(arch="topk", d_in=d_in, n_latents=2 * n_concepts, k=k), seed=seed)
         g = torch.Generator().manual_seed(seed + 3)
         batches = (data.acts_ND[torch.randint(0, n_images, (batch_size,), generator=g)] for _ in range(train_steps))
         fit(trained, batches, lr=3e-3)
-        trained.eval()
-        out["trained_sae"] = ms_summary(
-            monosemanticity_scores(_sae_codes(trained, data.acts_ND), data.embeddings_NE), n_images
-        )
+        out["trained_sae"] = sae_ms(trained.eval())
     out["margin"] = out["sae"]["mean"] - out["neurons"]["mean"]
     return out

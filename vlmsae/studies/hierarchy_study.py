@@ -1,11 +1,8 @@
 """The taxonomy-alignment study of one SAE (METHOD §4): what ``vlmsae.hierarchy`` runs.
 
-Inputs: each latent's top images, either computed here (:func:`compute_top_images`: the SAE's
-source model and the SAE over the images, as the monosemanticity study encodes them) or read from a
-finished monosemanticity run (:func:`load_ms_run`), and each image's taxon path
-(:func:`open_taxonomy`, :func:`check_images_have_taxa`). :func:`score_hierarchy` computes the LCA
-depths (:mod:`vlmsae.metrics.hierarchy`), the per-group table and each latent's majority taxa;
-:func:`hierarchy_markdown` and :func:`write_latent_taxa_csv` render them.
+Each latent's top images (computed here as the MS study encodes them, or read from a finished MS run) and
+each image's taxon path give the LCA depths (:mod:`vlmsae.metrics.hierarchy`), the per-group table and each
+latent's majority taxa.
 """
 
 from __future__ import annotations
@@ -30,8 +27,10 @@ from vlmsae.formats import LATENTS_CSV, RUN_INFO_JSON, TOP_IMAGES_DIR, Hierarchy
 from vlmsae.metrics import hierarchy as H
 from vlmsae.metrics.monosemanticity import monosemanticity_scores
 from vlmsae.metrics.topimages import TopImages
+from vlmsae.models.embedders import EmbedderSpec
 from vlmsae.models.open_sae import TappedSAE
 from vlmsae.studies.codes import encode_images, top_images_meta
+from vlmsae.studies.embedding_cache import CachedEmbedder
 from vlmsae.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -45,15 +44,6 @@ PAPER_TABLE2 = {"depth": [3.33, 2.92, 3.85, 3.86, 4.06], "ms_mean": [0.67, 0.68,
 # ----------------------------------------------------------------------------------------------
 
 
-def ms_run_data(ms_run: str | Path) -> dict | None:
-    """The ``data`` node an MS run was made with (its run_info.json), to find the taxonomy's images."""
-    info_fpath = Path(ms_run) / RUN_INFO_JSON
-    if not info_fpath.is_file():
-        return None
-    data = read_run_info(info_fpath).config.get("data")
-    return data if isinstance(data, dict) and data.get("source") else None
-
-
 def concept_root(data: Mapping[str, Any]) -> str | None:
     """The generated concept-image folder of ``data=tiny`` (its concepts.json names the classes)."""
     if data.get("source") != "synthetic":
@@ -65,8 +55,11 @@ def concept_root(data: Mapping[str, Any]) -> str | None:
 def taxonomy_data(data: DataSchema, ms_run: str | Path | None) -> dict:
     """The ``data`` node whose images the taxonomy must cover, as a mapping: the job's ``data``, or with
     ``ms_run`` and no ``data.root`` the images the MS run ranked (as its run_info.json records them)."""
-    if ms_run and not data.root:
-        return ms_run_data(ms_run) or dataclasses.asdict(data)
+    info_fpath = Path(ms_run or "") / RUN_INFO_JSON
+    if ms_run and not data.root and info_fpath.is_file():
+        recorded = read_run_info(info_fpath).config.get("data")
+        if isinstance(recorded, dict) and recorded.get("source"):
+            return recorded
     return dataclasses.asdict(data)
 
 
@@ -117,28 +110,22 @@ def load_ms_run(ms_run: str | Path, n_latents: int) -> tuple[TopImages, torch.Te
 
 
 def compute_top_images(
-    src: TappedSAE, images: ImageSet, embedder: Any | None, *, top_k: int, batch_size: int, sae_path: str | Path
-) -> tuple[TopImages, torch.Tensor | None]:
-    """Run the SAE's source model and the SAE over the images, in one pass.
-
-    ``src`` comes from :func:`vlmsae.models.open_sae.open_tapped_sae` and the images are encoded by
-    :func:`vlmsae.studies.codes.encode_images`, as the monosemanticity study does, so the top images
-    here equal those of an MS run on the same images. Returns the top-``top_k`` index and the MS per
-    latent from ``embedder``'s image embeddings (None without an embedder).
-    """
+    src: TappedSAE,
+    images: ImageSet,
+    embedder_spec: EmbedderSpec | None,
+    *,
+    top_k: int,
+    batch_size: int,
+    sae_path: str | Path,
+    embed_memo: dict[str, torch.Tensor] | None = None,
+) -> tuple[TopImages, torch.Tensor | None, int]:
+    """Run the SAE's source model and the SAE over the images in one pass, encoded as the monosemanticity study
+    encodes them (:func:`vlmsae.studies.codes.encode_images`), so the top images equal an MS run's on the same
+    images. Returns the top-``top_k`` index, the MS per latent from the embedder's image embeddings (None without
+    an embedder) and the number of images embedded (``embed_memo``: embeddings shared by the SAEs of a sweep)."""
     skip_log = SkipLog()
-    emb_chunks: list[torch.Tensor] = []
-
-    def embed(batch: list) -> None:
-        emb_chunks.append(embedder.embed([r.image for r in batch]).float().cpu())
-
-    encoded = encode_images(
-        src,
-        images.records(skip_log),
-        batch_size,
-        on_batch=embed if embedder is not None else None,
-        desc="hierarchy: encode images",
-    )
+    embed = None if embedder_spec is None else CachedEmbedder(embedder_spec, None, images.where(), memo=embed_memo)
+    encoded = encode_images(src, images.records(skip_log), batch_size, on_batch=embed, desc="hierarchy: encode images")
     if not encoded.keys:
         raise ValueError(
             f"No readable image in data.source={images.source} data.root={images.root} ({len(skip_log)} skipped)."
@@ -146,8 +133,9 @@ def compute_top_images(
     top = encoded.top_images(
         top_k, top_images_meta(src, images, sae_path, skipped=skip_log.to_list(), written_by="vlmsae.hierarchy")
     )
-    ms_K = monosemanticity_scores(encoded.codes_NF, torch.cat(emb_chunks)).double() if emb_chunks else None
-    return top, ms_K
+    if embed is None:
+        return top, None, 0
+    return top, monosemanticity_scores(encoded.codes_NF, torch.cat(embed.rows)).double(), embed.n_embedded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,9 +147,8 @@ def compute_top_images(
 class HierarchyStudy:
     """The per-group table (hierarchy.json) and the per-latent rows (latent_taxa.csv) of one run."""
 
-    summary: HierarchySummary
+    summary: HierarchySummary  # .taxonomy: where the taxonomy came from (Taxonomy.origin)
     latent_rows: list[dict]  # latent_taxa.csv rows (latent_taxa_rows)
-    taxonomy_origin: str  # where the taxonomy came from (Taxonomy.origin)
 
 
 def score_hierarchy(
@@ -204,7 +191,7 @@ def score_hierarchy(
         ms_run=None if ms_run is None else str(ms_run),
         paper_table2=PAPER_TABLE2,
     )
-    return HierarchyStudy(summary=summary, latent_rows=rows, taxonomy_origin=taxonomy.origin)
+    return HierarchyStudy(summary=summary, latent_rows=rows)
 
 
 def latent_taxa_rows(depths, group_K, code_KO, frac_KO, names, ranks, min_majority: float) -> list[dict]:
@@ -217,8 +204,7 @@ def latent_taxa_rows(depths, group_K, code_KO, frac_KO, names, ranks, min_majori
         valid = bool(depths.valid_K[k])
         row["depth_mean"] = f"{float(depths.depth_mean_K[k]):.4f}" if valid else ""
         row["depth_mode"] = int(depths.depth_mode_K[k]) if valid else ""
-        for r, rank in enumerate(ranks):
-            row[rank] = names[r][int(code_KO[k, r])]
+        row.update({rank: names[r][int(code_KO[k, r])] for r, rank in enumerate(ranks)})
         d = int(deepest_K[k])
         row["label"] = f"{names[d][int(code_KO[k, d])]} ({ranks[d]})" if d >= 0 else ""
         rows.append(row)
@@ -239,11 +225,8 @@ def write_latent_taxa_csv(fpath: Path, rows: list[dict], ranks: list[str]) -> No
 def hierarchy_markdown(summary: HierarchySummary) -> str:
     """hierarchy.md: the paper's Table 2 layout for this SAE, with the paper's rows when the group count matches."""
     groups, ranks, n_top = summary.groups, summary.ranks, summary.n_top
-    reference = (
-        {"paper depth": PAPER_TABLE2["depth"], "paper MS mean": PAPER_TABLE2["ms_mean"]}
-        if len(groups) == len(PAPER_TABLE2["depth"])
-        else None
-    )
+    paper = {"paper depth": PAPER_TABLE2["depth"], "paper MS mean": PAPER_TABLE2["ms_mean"]}
+    reference = paper if len(groups) == len(PAPER_TABLE2["depth"]) else None
     return (
         f"# Taxonomy alignment of Matryoshka levels\n\nSAE: `{summary.sae_path}`  \nTaxonomy: {summary.taxonomy} "
         f"(ranks: {', '.join(ranks)})  \nImages: {summary.n_images}; top-{n_top} per latent; "
@@ -258,11 +241,5 @@ def hierarchy_markdown(summary: HierarchySummary) -> str:
 def log_groups(groups: list[dict]) -> None:
     """One log line per group (``HierarchySummary.groups``): scored latents, depth and MS."""
     for r in groups:
-        log.info(
-            "group %d: %d/%d latents scored, depth %s, MS %s",
-            r["group"],
-            r["n_scored"],
-            r["n_latents"],
-            r["depth_mean"],
-            r["ms_mean"],
-        )
+        values = [r[k] for k in ("group", "n_scored", "n_latents", "depth_mean", "ms_mean")]
+        log.info("group %d: %d/%d latents scored, depth %s, MS %s", *values)

@@ -1,23 +1,10 @@
 """Ask an SAE about one's own images: which latents fire, how strongly, and on which patches.
 
-The reverse of the feature browser's question. For each image (:func:`inspect_image`): its tokens through the tap
-and the SAE an :class:`~vlmsae.models.open_sae.TappedSAE` opened, the reconstruction of those tokens (FVE and
-normalised MSE), the latents pooled as the MS study pools them (:mod:`vlmsae.metrics.pooling`: ``cls``, ``mean``,
-``max``) and each latent's peak over the patch tokens, with its activation on every patch (the heatmap). The top
-latents are ranked twice: by pooled activation and by peak patch activation.
-
-- :func:`compare_images`: the latents whose pooled activations separate two images most, each way.
-- :func:`latent_concepts` + :func:`query_latents`: the latents whose concept (the names machinery's: the unit mean
-  of the unit embeddings of a latent's top images, :func:`vlmsae.studies.naming.concepts_from_embeddings`) has the
-  highest cosine with a text's template-averaged CLIP text embedding (:func:`vlmsae.studies.naming.name_embeddings`).
-- :func:`open_ms_run`: what a monosemanticity run of the same SAE says of each latent (name, MS, frequency,
-  Matryoshka group, top images); a run of another SAE is refused.
-- :func:`list_images` / :func:`open_image`: ``images=`` as a file, a folder, a list file or a list; a file that
-  is not an image is refused with its path.
-
-Heatmaps are per patch in the model's row-major patch order (a square grid: what the browser draws). An SAE that
-reads the CLS token (``pool=cls``) or the projected embedding (``layer=last``) has no patch rows of its own, so
-its hits carry no heatmap and its peak is the pooled value.
+Per image (:func:`inspect_image`): reconstruction of its tokens, latents pooled as the MS study pools them and
+each latent's peak over the patches with its per-patch heatmap (row-major; an SAE on the CLS token or the
+projected embedding has no heatmap and its peak is the pooled value); the top latents ranked by both.
+:func:`compare_images` contrasts two images, :func:`query_latents` ranks latents by the cosine of their concept
+(as names computes it) with a text, and :func:`open_ms_run` adds what an MS run of the same SAE says.
 """
 
 from __future__ import annotations
@@ -54,22 +41,6 @@ from vlmsae.studies.naming import (
     text_side,
 )
 
-__all__ = [
-    "ImageInspection",
-    "LatentHit",
-    "MSRunView",
-    "compare_images",
-    "inspect_image",
-    "inspection_result",
-    "latent_concepts",
-    "list_images",
-    "open_image",
-    "open_ms_run",
-    "query_latents",
-    "query_ms_run",
-    "query_text_embedding",
-]
-
 _IMAGES_FIX = "pass images=<an image file | a folder of images | a .txt list of image paths | [a.jpg, b.png]>"
 LIST_SUFFIXES = (".txt", ".tsv", ".list")
 
@@ -84,10 +55,8 @@ def list_images(images: str | Path | Sequence[str | Path]) -> list[tuple[str, st
             raise ValueError(f"images={list(images)} names no image: {_IMAGES_FIX}.")
         return out
     path = Path(str(images)).expanduser()
-    if path.is_dir():
-        return [(key, p) for key, p, _ in list_folder(path).items]
-    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        return [(key, p) for key, p, _ in list_file(path).items]
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in LIST_SUFFIXES):
+        return [(key, p) for key, p, _ in (list_folder(path) if path.is_dir() else list_file(path)).items]
     if path.is_file():
         return [(path.name, str(path))]
     raise FileNotFoundError(f"images={images}: {path} is neither a file nor a folder; {_IMAGES_FIX}.")
@@ -119,13 +88,8 @@ class LatentHit:
     heat_P: torch.Tensor  # [P] activation on every patch (empty without patch rows)
 
     def to_dict(self, digits: int = 4) -> dict[str, Any]:
-        return {
-            "latent": self.latent,
-            "pooled": self.pooled,
-            "peak": self.peak,
-            "peak_patch": self.peak_patch,
-            "heat": [float(f"{v:.{digits}g}") for v in self.heat_P.tolist()],
-        }
+        out = {k: getattr(self, k) for k in ("latent", "pooled", "peak", "peak_patch")}
+        return {**out, "heat": [float(f"{v:.{digits}g}") for v in self.heat_P.tolist()]}
 
 
 @dataclass
@@ -158,21 +122,8 @@ class ImageInspection:
         return LatentHit(latent, pooled, float(peak), where, column_R.clone())
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "path": self.path,
-            "fve": self.fve,
-            "nmse": self.nmse,
-            "n_rows": self.n_rows,
-            "grid": self.grid,
-            "top_pooled": [h.to_dict() for h in self.top_pooled],
-            "top_peak": [h.to_dict() for h in self.top_peak],
-        }
-
-
-def _grid_side(n: int) -> int | None:
-    side = math.isqrt(n)
-    return side if n > 1 and side * side == n else None
+        out = {k: getattr(self, k) for k in ("key", "path", "fve", "nmse", "n_rows", "grid")}
+        return {**out, **{k: [h.to_dict() for h in getattr(self, k)] for k in ("top_pooled", "top_peak")}}
 
 
 def _top(values_F: torch.Tensor, n: int) -> list[int]:
@@ -196,7 +147,8 @@ def inspect_image(
     x_hat_RD = sae.decode(codes_RF)
     codes_RF = codes_RF.cpu().coalesce()
     pooled_F = pool_sparse(codes_RF, per_image, src.pool, 1).to_dense()[0]
-    grid = _grid_side(per_image) if per_image > 1 else None
+    side = math.isqrt(per_image)
+    grid = side if per_image > 1 and side * side == per_image else None  # the square patch grid, if any
     peak_F = codes_RF.to_dense().amax(0) if grid is not None else pooled_F
     out = ImageInspection(
         key=key,
@@ -245,14 +197,8 @@ class MSRunView:
         top = [paths[i] for i in self.top.image_idx[latent, :n_top].tolist() if 0 <= i < len(paths)]
         if row is None:
             return {"name": "", "names": [], "ms": None, "freq": None, "group": None, "top_paths": top}
-        return {
-            "name": row.name or "",
-            "names": list(row.names or ()),
-            "ms": row.ms,
-            "freq": row.freq,
-            "group": row.group,
-            "top_paths": top,
-        }
+        said = {"name": row.name or "", "names": list(row.names or ()), "ms": row.ms, "freq": row.freq}
+        return {**said, "group": row.group, "top_paths": top}
 
 
 def _same_sae(a: Any, b: Any) -> bool:

@@ -1,12 +1,8 @@
 """The monosemanticity study of one SAE over a set of images (METHOD §3): what ``vlmsae.monosemanticity`` runs.
 
-:func:`score_sae` encodes the images with the SAE's source model and the SAE (codes stay sparse),
-embeds them with the embedder E (through the on-disk cache of :mod:`vlmsae.studies.embedding_cache`),
-and scores every SAE latent, and every raw neuron of the layer (the baseline), with the exact
-linear-time MS; it also collects reconstruction metrics of the same pass, each latent's top images
-and their uniqueness. :func:`zero_shot_check` splices the SAE into the source CLIP and compares
-zero-shot predictions. :class:`MSStudy` turns the result into the ``latents.csv`` and
-``ms_summary.json`` formats (:mod:`vlmsae.formats`).
+:func:`score_sae` scores every SAE latent and raw neuron with the exact MS over the images (sparse codes,
+embeddings through :mod:`vlmsae.studies.embedding_cache`), with the same pass's reconstruction metrics and
+top images; :func:`zero_shot_check` splices the SAE into its source CLIP; :class:`MSStudy` holds the result.
 """
 
 from __future__ import annotations
@@ -124,7 +120,7 @@ def score_sae(
         progress=progress,
         total=n_total,
     )
-    codes_NF, raw_ND, n_images = encoded.codes_NF, encoded.raw_ND, encoded.n_images
+    codes_NF, raw_ND, n_images = encoded.codes_NF, encoded.raw_ND, len(encoded.keys)
     if n_images < 2:
         raise ValueError(
             f"Only {n_images} readable image(s) in data.source={images.source} root={images.root} "
@@ -144,13 +140,8 @@ def score_sae(
 
     top = encoded.top_images(top_k, top_images_meta(src, images, sae_path, image_list_digest=digest))
     uniq = top_set_jaccard(top.image_idx)
-    summary["uniqueness"] = {
-        "mean_jaccard": uniq["mean"],
-        "max_jaccard": uniq["max"],
-        "mean_nearest_jaccard": uniq["mean_nearest"],
-        "n_duplicate_sets": uniq["n_duplicates"],
-        "top_k": top_k,
-    }
+    summary["uniqueness"] = {f"{k}_jaccard": uniq[k] for k in ("mean", "max", "mean_nearest")}
+    summary["uniqueness"].update(n_duplicate_sets=uniq["n_duplicates"], top_k=top_k)
     names = None
     if namer is not None and namer.vocabulary == LABELS:  # names=labels: the class means of these very images
         labelled = label_namer(emb_NE, encoded.labels, classes, namer.top)
@@ -162,18 +153,9 @@ def score_sae(
     freq_K = torch.bincount(latent_N, minlength=sae.n_latents).double() / n_images
     max_K = torch.zeros(sae.n_latents).scatter_reduce(0, latent_N, codes_NF.values().float(), "amax")
     summary["reconstruction"] = {k: v for k, v in recon.result().items() if k != "freq_F"}
-    summary.update(
-        {
-            "embedder": embedder_spec.name,
-            "model": src.spec.name,
-            "layer": src.layer,
-            "pool": src.pool,
-            "sae_path": str(sae_path),
-            "n_latents_sae": sae.n_latents,
-            "skipped_images": len(skip_log),
-            "embeddings_cached": embed.n_embedded == 0,
-        }
-    )
+    summary.update(embedder=embedder_spec.name, model=src.spec.name, layer=src.layer, pool=src.pool)
+    summary.update(sae_path=str(sae_path), n_latents_sae=sae.n_latents, skipped_images=len(skip_log))
+    summary["embeddings_cached"] = embed.n_embedded == 0
     return MSStudy(
         summary=summary,
         ms_K=ms_K,

@@ -1,25 +1,11 @@
 """Automatic feature names: each latent's concept embedding against CLIP text embeddings of a vocabulary.
 
-- concept of latent k: the unit mean of the unit image embeddings of its top images, exactly the concept
-  of the steering score (:func:`vlmsae.steering.score.concept_embeddings`), from the embeddings the MS run
-  already holds (no image is embedded twice);
-- a name's text embedding: CLIP zero-shot style, every prompt template ("a photo of a {}.") embedded with
-  the name, each unit-normalised, averaged over templates and normalised again;
-- a latent's names: the vocabulary entries with the highest cosine to its concept, best first; ``name`` and
-  ``name_score`` are the best one and its cosine. A latent without top images gets "" and NaN.
-
-``names=labels`` needs no text side (:func:`label_namer`): the vocabulary is the images' class names, and a
-class's "text" embedding is the unit mean of its labelled images' unit embeddings, so any labelled image set
-and any embedder (the digits CNN included) names latents: a latent is named after the class whose mean
-embedding is nearest its concept, with that cosine as its score.
-
-Vocabularies (:func:`load_vocabulary`): ``imagenet`` (open_clip's 1000 ImageNet class names, read at
-runtime), ``wordnet`` (:func:`wordnet_nouns`: concrete WordNet nouns) or a text file, one name per line.
-The embedder must have a text side (``embed_text``: the open_clip embedders, ``clip_b32`` and ``tiny``).
-
-``autointerp=llava`` adds a second pass (:mod:`vlmsae.studies.autointerp`): LLaVA's one word for a grid of
-each latent's top images, scored against the same concept with the same templates (``autointerp`` and
-``autointerp_score``).
+A latent's concept is the unit mean of the unit embeddings of its top images (the steering score's concept,
+from the embeddings the MS run already holds); a name's text embedding is the unit mean of its unit embeddings
+over the prompt templates; a latent's names are the vocabulary entries of highest cosine, best first ("" and
+NaN without top images). ``names=labels`` (:func:`label_namer`) needs no text side: each class of the images is
+embedded as the unit mean of its images' unit embeddings. ``autointerp=llava`` adds LLaVA's word per latent
+(:mod:`vlmsae.studies.autointerp`), scored against the same concept.
 """
 
 from __future__ import annotations
@@ -42,26 +28,8 @@ from vlmsae.models import embedders
 from vlmsae.steering.score import streamed_concept_embeddings, unit
 from vlmsae.studies.autointerp import AutoInterp, build_autointerp
 
-__all__ = [
-    "DEFAULT_TEMPLATES",
-    "LatentNamer",
-    "LatentNames",
-    "build_namer",
-    "concepts_from_embeddings",
-    "label_namer",
-    "load_vocabulary",
-    "ms_run_embedder",
-    "name_embeddings",
-    "name_ms_run",
-    "namer_for",
-    "top_names",
-    "with_names",
-    "wordnet_nouns",
-]
-
 # A few of CLIP's ImageNet prompt templates: enough to smooth one prompt's quirks, cheap for 29k names.
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.", "a photo of many {}.")
-VOCABULARIES = ("imagenet", "wordnet")
 LABELS = "labels"  # names=labels: the class names of the scored images, embedded by their images (label_namer)
 _PHYSICAL_ENTITY = 1930  # WordNet 3.0 synset n00001930 "physical entity": the root of concrete nouns
 _WORDNET_LEMMA_RE = re.compile(r"[a-z]+(?:[ -][a-z]+)?")  # lowercase, one or two words: no proper nouns
@@ -130,11 +98,10 @@ def name_embeddings(
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
         raise ValueError(f"names_templates entry {bad[0]!r} must contain exactly one {{}} (where the name goes).")
-    total = None
-    for template in templates:
-        prompts = [template.format(n) for n in names]
-        emb = torch.cat([unit(embed_text(prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)])
-        total = emb if total is None else total + emb
+    prompts_T = [[template.format(n) for n in names] for template in templates]
+    total = sum(
+        torch.cat([unit(embed_text(p[i : i + batch_size])) for i in range(0, len(p), batch_size)]) for p in prompts_T
+    )
     return unit(total / len(templates))
 
 
@@ -162,6 +129,13 @@ class LatentNames:
     autointerp: list[str] | None = None
     autointerp_score: list[float] | None = None
 
+    def columns(self, k: int) -> dict[str, Any]:
+        """Latent ``k``'s name columns of latents.csv (with LLaVA's word and its score when asked)."""
+        out: dict[str, Any] = {"name": self.name[k], "name_score": self.score[k], "names": self.names[k]}
+        if self.autointerp is not None and self.autointerp_score is not None:
+            out.update(autointerp=self.autointerp[k], autointerp_score=self.autointerp_score[k])
+        return out
+
     def summary(self, ms_K: torch.Tensor | None = None, n: int = 10) -> dict[str, Any]:
         """For the job's summary: how many latents got a name, the mean cosine, and the names of the ``n`` latents
         with the highest MS (or the first ``n``)."""
@@ -172,20 +146,13 @@ class LatentNames:
         out = {
             "n_named": len(named),
             "mean_name_score": sum(self.score[k] for k in named) / len(named) if named else float("nan"),
-            "top_latents": [
-                {"latent": k, "name": self.name[k], "name_score": self.score[k], "names": "|".join(self.names[k])}
-                for k in order[:n]
-            ],
+            "top_latents": [{"latent": k, **self.columns(k), "names": "|".join(self.names[k])} for k in order[:n]],
         }
         if self.autointerp is not None and self.autointerp_score is not None:
             asked = [k for k, w in enumerate(self.autointerp) if w]
             scored = [self.autointerp_score[k] for k in asked if self.autointerp_score[k] == self.autointerp_score[k]]
             out["n_autointerp"] = len(asked)
             out["mean_autointerp_score"] = sum(scored) / len(scored) if scored else float("nan")
-            for row in out["top_latents"]:
-                row.update(
-                    autointerp=self.autointerp[row["latent"]], autointerp_score=self.autointerp_score[row["latent"]]
-                )
         return out
 
 
@@ -199,30 +166,18 @@ def top_names(concepts_KE: torch.Tensor, names_VE: torch.Tensor, vocab: Sequence
     t = min(top, len(vocab))
     # a stable descending sort keeps the earlier vocabulary entry first on a tie (topk does not promise it)
     order_KV = torch.sort(sims_KV.nan_to_num(-2.0), dim=1, descending=True, stable=True).indices[:, :t]
-    out = LatentNames([], [], [])
-    for k in range(concepts_KE.shape[0]):
-        if torch.isnan(concepts_KE[k]).any():
-            out.name.append("")
-            out.score.append(float("nan"))
-            out.names.append(())
-            continue
-        picked = order_KV[k].tolist()
-        out.name.append(vocab[picked[0]])
-        out.score.append(float(sims_KV[k, picked[0]]))
-        out.names.append(tuple(vocab[v] for v in picked))
-    return out
+    no_concept_K = torch.isnan(concepts_KE).any(1).tolist()
+    picked_K = [[] if no_concept_K[k] else row for k, row in enumerate(order_KV.tolist())]
+    return LatentNames(
+        [vocab[p[0]] if p else "" for p in picked_K],
+        [float(sims_KV[k, p[0]]) if p else float("nan") for k, p in enumerate(picked_K)],
+        [tuple(vocab[v] for v in p) for p in picked_K],
+    )
 
 
 def with_names(table: LatentsTable, names: LatentNames) -> LatentsTable:
     """``table`` with the name (and autointerp) columns of ``names`` filled in, row by latent id."""
-    rows = []
-    for r in table.rows:
-        k = r.latent
-        extra: dict[str, Any] = {"name": names.name[k], "name_score": names.score[k], "names": names.names[k]}
-        if names.autointerp is not None:
-            extra.update(autointerp=names.autointerp[k], autointerp_score=names.autointerp_score[k])
-        rows.append(dataclasses.replace(r, **extra))
-    return LatentsTable(rows)
+    return LatentsTable([dataclasses.replace(r, **names.columns(r.latent)) for r in table.rows])
 
 
 def text_side(embedder: Any, embedder_name: str) -> Callable[[list[str]], torch.Tensor]:

@@ -1,9 +1,5 @@
-"""The seed-stability study of ``python -m vlmsae.stability``: read the seeds' SAEs and summaries, match, aggregate.
-
-:func:`open_runs` finds each run's SAE folder (``<run>/sae`` or the folder itself), checks that all SAEs have
-one size and reads their training metrics (the ``metrics`` that training records in ``sae/run_info.json``);
-:func:`stability_study` matches the decoders (:mod:`vlmsae.metrics.seed_matching`) and puts the figures in the
-formats :class:`vlmsae.formats.StabilitySummary` and :class:`vlmsae.formats.StabilityLatents`.
+"""The seed-stability study of ``python -m vlmsae.stability``: read the seeds' SAEs and summaries
+(:func:`open_runs`), match the decoders (:mod:`vlmsae.metrics.seed_matching`) and aggregate (:func:`stability_study`).
 """
 
 from __future__ import annotations
@@ -66,11 +62,8 @@ def open_runs(paths: list[str]) -> list[SeedRun]:
             f"runs= lists {len(paths)} SAE(s) ({paths}); seed stability needs at least two: "
             "runs=[<run0>/sae,<run1>/sae,...], " + _FIX + "."
         )
-    runs = []
-    for path in paths:
-        sae_dpath = sae_folder(path)
-        sae = load_sae(sae_dpath)
-        runs.append(SeedRun(sae_dpath, sae.W_dec.detach().float(), _train_metrics(sae_dpath)))
+    dpaths = [sae_folder(p) for p in paths]  # every folder checked before any SAE loads
+    runs = [SeedRun(d, load_sae(d).W_dec.detach().float(), _train_metrics(d)) for d in dpaths]
     for what, dim in (("n_latents", 0), ("d_in", 1)):
         values = [int(r.W_dec_FD.shape[dim]) for r in runs]
         if len(set(values)) > 1:
@@ -88,9 +81,7 @@ def _summaries(paths: list[str] | None, n_runs: int, key: str, read) -> dict[str
             f"{key}= lists {len(paths)} run(s) but runs= lists {n_runs} SAEs: give one {key} entry per seed, "
             "in the same order."
         )
-    dicts = [read(p).to_dict() for p in paths]
-    for d in dicts:
-        d.pop("format_version", None)
+    dicts = [{k: v for k, v in read(p).to_dict().items() if k != "format_version"} for p in paths]
     return {"runs": [str(p) for p in paths], **(summaries_mean_ci(dicts) or {})}
 
 
@@ -137,14 +128,8 @@ def stability_study(
 def headline(summary: formats.StabilitySummary) -> dict[str, Any]:
     """The flat figures a logger or a sweep table shows: matching, then mean and ci95 of each metric."""
     m = summary.matching
-    out: dict[str, Any] = {
-        "n_seeds": m["n_seeds"],
-        "n_latents": summary.n_latents,
-        "threshold": m["threshold"],
-        "mean_matched_cos": m["mean_matched_cos"],
-        "frac_found_in_all": m["frac_found_in_all"],
-        "mean_found_in": m["mean_found_in"],
-    }
+    out: dict[str, Any] = {"n_seeds": m["n_seeds"], "n_latents": summary.n_latents}
+    out.update({k: m[k] for k in ("threshold", "mean_matched_cos", "frac_found_in_all", "mean_found_in")})
     for name, stats in summary.metrics.items():
         out[f"{name}_mean"], out[f"{name}_ci95"] = stats["mean"], stats["ci95"]
     if summary.ms and isinstance(summary.ms.get("mean"), dict):

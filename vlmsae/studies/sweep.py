@@ -1,16 +1,10 @@
 """Evaluating a sweep of SAEs in one job: find them, name them, open their source models once, score each.
 
-``sae_path=`` of the evaluation jobs also takes a sweep folder (every ``sae/`` folder under it, found
-recursively: a Hydra multirun dir ``multirun/<date>/<time>/<n>/sae/``) or a comma-separated list of SAE
-paths; :func:`sweep_paths` says which SAEs that is (None: one SAE, the jobs' usual path) and
-:func:`open_members` loads them (or the one SAE).
-:class:`SweepCache` holds what the SAEs of a sweep share, so it is computed once: the loaded source models
-(one tap per model), the source activations of each batch of images (:class:`SharedTap`, per model, layer
-and pooling) and the embedder E's image embeddings (``embeddings``, keyed by image key); it counts the
-model passes and embedded images so a run can show that nothing was computed twice.
-:func:`run_study` is the one loop every evaluation job (monosemanticity, hierarchy, steer_eval) runs: the
-job's study of one SAE into the run folder, or of each SAE of a sweep into its own folder, one
-:class:`SweepRow` per SAE, then the job's table (:mod:`vlmsae.report.tables`).
+``sae_path=`` of the evaluation jobs also takes a sweep folder (every ``sae/`` folder under it, e.g. a Hydra
+multirun dir) or a comma-separated list of SAE paths (:func:`sweep_paths`). :class:`SweepCache` holds what
+the SAEs share (source models, per-batch source activations, image embeddings) and counts the model passes
+and embedded images; :func:`run_study` is the one loop every evaluation job (monosemanticity, hierarchy,
+steer_eval) runs, then the job's table (:mod:`vlmsae.report.tables`).
 """
 
 from __future__ import annotations
@@ -19,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +57,6 @@ class SweepMember:
     def trained_on_layer(self) -> Any:
         return (self.sae.trained_on or {}).get("layer")
 
-    @property
-    def seed(self) -> int | None:
-        return training_seed(self.sae_path)
-
 
 def training_seed(sae_path: str) -> int | None:
     """The seed the SAE was trained with: ``seed`` of the training config that ``python -m vlmsae.train``
@@ -91,17 +82,6 @@ def _is_sweep_folder(dpath: Path) -> bool:
     return not any(p.is_file() and (p.suffix in _CHECKPOINT_SUFFIXES or p.name == "cfg.json") for p in dpath.iterdir())
 
 
-def _is_foreign_checkpoint(dpath: Path) -> bool:
-    """Whether a format loader of vlmsae.sae.interop recognises ``dpath`` as one (published) SAE."""
-    return any(module.detect(dpath) for module in available_formats().values())
-
-
-def sae_folders(root: Path) -> list[Path]:
-    """Every ``sae/`` folder under ``root`` (recursively) that holds an SAE checkpoint, sorted by path."""
-    found = [p for p in root.rglob(SAE_DIRNAME) if p.is_dir() and (p / SAE_CONFIG_JSON).is_file()]
-    return sorted(found, key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(root).parts])
-
-
 def sweep_paths(sae_path: str) -> list[str] | None:
     """The SAE paths ``sae_path`` names when it is a sweep (a comma list, or a folder with ``sae/`` folders
     under it and no checkpoint of its own); None when it is one SAE. Missing entries are refused, naming them."""
@@ -117,9 +97,10 @@ def sweep_paths(sae_path: str) -> list[str] | None:
     root = Path(os.path.expanduser(sae_path))
     if "://" in sae_path or not _is_sweep_folder(root):
         return None
-    found = sae_folders(root)
-    if not found and _is_foreign_checkpoint(root):
-        return None  # e.g. a sparsify or saev folder whose checkpoints sit in per-layer subfolders
+    found = [p for p in root.rglob(SAE_DIRNAME) if p.is_dir() and (p / SAE_CONFIG_JSON).is_file()]
+    found.sort(key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(root).parts])  # 2 before 10
+    if not found and any(module.detect(root) for module in available_formats().values()):
+        return None  # a published SAE of another format, e.g. sparsify or saev with per-layer subfolders
     if not found:
         raise FileNotFoundError(
             f"sae_path={sae_path} is a folder with no SAE in it: looked for {SAE_DIRNAME}/ folders holding "
@@ -129,20 +110,13 @@ def sweep_paths(sae_path: str) -> list[str] | None:
     return [str(p) for p in found]
 
 
-def member_name(member: SweepMember) -> str:
-    """``{arch}_x{expansion}_L{layer}`` from the SAE's config (a folder name, '/' and spaces replaced)."""
-    return f"{member.arch}_x{member.expansion:g}_L{member.trained_on_layer}".replace("/", "-").replace(" ", "")
-
-
 def load_sweep(paths: list[str], sae_format: str | None = None) -> list[SweepMember]:
     """Load every SAE of ``paths`` (CPU) and give each a unique output-folder name; a name two SAEs share
     gets the SAE's run folder appended (e.g. the multirun job number) so no output is overwritten."""
     members = [SweepMember(p, load_job_sae(p, sae_format)) for p in paths]
-    for m in members:
-        m.name = member_name(m)
-    counts: dict[str, int] = {}
-    for m in members:
-        counts[m.name] = counts.get(m.name, 0) + 1
+    for m in members:  # {arch}_x{expansion}_L{layer}, a folder name
+        m.name = f"{m.arch}_x{m.expansion:g}_L{m.trained_on_layer}".replace("/", "-").replace(" ", "")
+    counts = Counter(m.name for m in members)
     for m in members:
         if counts[m.name] > 1:
             run = Path(m.sae_path).parent.name if Path(m.sae_path).name == SAE_DIRNAME else Path(m.sae_path).name
@@ -182,13 +156,11 @@ class SharedTap:
     """A tap that keeps ``forward_to``'s activations of each batch (keyed by the pixels and layer), so the next
     SAE of the sweep on the same images and layer reuses them instead of running the model again.
 
-    With ``cls_only`` only the CLS token is kept (all that ``pool=cls`` reads). ``n_forward`` counts the
-    batches the model actually ran on."""
+    With ``cls_only`` only the CLS token is kept (all that ``pool=cls`` reads)."""
 
-    def __init__(self, tap: Any, cls_only: bool = False, counter: SweepCache | None = None):
+    def __init__(self, tap: Any, cls_only: bool, counter: SweepCache):
         self.tap, self.cls_only, self.counter = tap, cls_only, counter
         self.kept: dict[tuple[str, str], torch.Tensor] = {}
-        self.n_forward = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tap, name)
@@ -198,9 +170,7 @@ class SharedTap:
         if key not in self.kept:
             acts = self.tap.forward_to(images_BCHW, layer)
             self.kept[key] = acts[:, :1] if self.cls_only and acts.dim() == 3 else acts
-            self.n_forward += 1
-            if self.counter is not None:
-                self.counter.n_model_batches += 1
+            self.counter.n_model_batches += 1
         return self.kept[key]
 
 
@@ -259,34 +229,6 @@ def grouped(members: list[SweepMember]) -> Iterator[SweepMember]:
     yield from sorted(members, key=lambda m: key[id(m)])
 
 
-def _image_digest(image: Any) -> str:
-    """A PIL image's content digest (mode, size, pixels): the same image read again for the next SAE."""
-    h = hashlib.sha1(f"{image.mode}|{image.size}".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
-
-
-class SharedEmbedder:
-    """An embedder E whose image embeddings are kept (keyed by the image's content), so the SAEs of a sweep
-    that embed the same images embed them once; the images embedded are counted in ``cache.n_embedded``."""
-
-    def __init__(self, embedder: Any, cache: SweepCache):
-        self.embedder, self.cache = embedder, cache
-        self.kept: dict[str, torch.Tensor] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.embedder, name)
-
-    def embed(self, images: list[Any]) -> torch.Tensor:
-        keys = [_image_digest(im) for im in images]
-        todo = [i for i, k in enumerate(keys) if k not in self.kept]
-        if todo:
-            emb_BE = self.embedder.embed([images[i] for i in todo])
-            self.kept.update((keys[i], emb_BE[j]) for j, i in enumerate(todo))
-            self.cache.n_embedded += len(todo)
-        return torch.stack([self.kept[k] for k in keys])
-
-
 @dataclass
 class SweepRow:
     """One SAE of a sweep and the result of a job on it (``ms_summary``, ``hierarchy.json`` or the steer
@@ -343,7 +285,7 @@ def run_study(
     for m in grouped(members):
         (out_dpath / m.name).mkdir(parents=True, exist_ok=True)
         result, layer = score(m, cache, out_dpath / m.name)
-        rows.append(SweepRow(m.name, m.arch, m.expansion, layer, result, m.seed))
+        rows.append(SweepRow(m.name, m.arch, m.expansion, layer, result, training_seed(m.sae_path)))
         m.sae.cpu()
     table = write_table(out_dpath, rows)
     stem = Path(table["md"]).stem

@@ -48,10 +48,8 @@ def available_formats() -> dict[str, ModuleType]:
 
 
 def _local_path(path: str | Path) -> Path:
-    if is_hf_uri(path):
-        return resolve_hf(str(path))
-    local = Path(path).expanduser()
-    if not local.exists():
+    local = resolve_hf(str(path)) if is_hf_uri(path) else Path(path).expanduser()
+    if not local.exists():  # (resolve_hf refuses a missing Hub path itself)
         raise FileNotFoundError(
             f"SAE path {str(path)!r} does not exist; expected a folder of a supported format "
             f"({', '.join(FORMAT_NAMES)}) or an hf://<org>/<repo>[/<subfolder>][@<revision>] path."

@@ -8,34 +8,25 @@ A loaded class whose forward no vlmsae arch reproduces carries ``interop_only`` 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+import copy
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vlmsae.formats import read_json_object
 from vlmsae.sae.base import SAE
 from vlmsae.sae.build import SAE_CLASSES
-from vlmsae.sae.checkpoint import check_shape
+from vlmsae.sae.checkpoint import copy_weights_
 from vlmsae.sae.config import SAEConfig
-
-
-def read_json_object(fpath: Path, what: str) -> dict[str, Any]:
-    """The JSON object in ``fpath``; unreadable JSON or another JSON type is refused, naming the file and ``what``."""
-    try:
-        obj = json.loads(fpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{str(fpath)!r} is not valid JSON ({err}); expected {what}.") from err
-    if not isinstance(obj, dict):
-        raise ValueError(f"{str(fpath)!r} holds a JSON {type(obj).__name__}, expected {what}.")
-    return obj
 
 
 def json_object_or_none(fpath: Path) -> dict[str, Any] | None:
     """The JSON object in ``fpath``, or None when it is absent, unreadable or not an object (for ``detect``)."""
     try:
-        return read_json_object(fpath, "an object")
+        return read_json_object(fpath, "")
     except ValueError:
         return None
 
@@ -46,6 +37,23 @@ def positive_int(cfg: Mapping[str, Any], name: str, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{where}: {name} must be an integer >= 1; got {value!r}.")
     return value
+
+
+def finite_positive(value: Any, name: str, where: str) -> float:
+    """``value`` as a float, refused unless it is a finite number > 0 (booleans are not numbers here)."""
+    ok = isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool)
+    number = float(value) if ok else math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{where}: {name} must be a finite number > 0; got {value!r}.")
+    return number
+
+
+def matching_files(path: Path, accept: Callable[[Path], bool], pattern: str = "*") -> list[Path]:
+    """``[path]`` when it is a file ``accept`` takes, else the files matching ``pattern`` in folder ``path`` that
+    it takes, sorted ([] when ``path`` is neither)."""
+    if path.is_file():
+        return [path] if accept(path) else []
+    return sorted(f for f in path.glob(pattern) if accept(f)) if path.is_dir() else []
 
 
 def sae_from_weights(
@@ -75,13 +83,21 @@ def sae_from_weights(
     weights = {"W_enc": W_enc_FD, "b_enc": b_enc_F, "W_dec": W_dec_FD, "b_dec": b_dec_D}
     if threshold is not None:
         weights["threshold"] = torch.as_tensor(threshold)
-    with torch.no_grad():
-        for name, value in weights.items():
-            target = getattr(sae, name)
-            check_shape(name, value, tuple(target.shape), where)
-            target.copy_(value.detach().to(torch.float32))
+    copy_weights_(sae, weights, where)
     sae.trained_on = dict(trained_on or {})
     return sae.to(device).eval()
+
+
+def export_weights(sae: SAE) -> tuple[dict[str, torch.Tensor], str]:
+    """What a writer saves of ``sae``: float32 CPU copies of W_enc, b_enc, W_dec, b_dec and threshold with the input
+    scale folded, and the arch to write: a BatchTopK-family SAE whose threshold is not estimated encodes with
+    per-sample top-k, so it is written as topk."""
+    folded = copy.deepcopy(sae).cpu().float()
+    folded.fold_input_scale_()
+    weights = {name: getattr(folded, name).detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    weights["threshold"] = folded.threshold.detach().clone()
+    unset = sae.arch in ("batchtopk", "matryoshka") and float(weights["threshold"]) < 0
+    return weights, "topk" if unset else sae.arch
 
 
 def single_checkpoint(dpath: Path, found: list[Path], library: str, expects: str) -> Path:

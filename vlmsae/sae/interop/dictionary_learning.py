@@ -27,7 +27,6 @@ has them: ``post_mlp_residual`` L = block L, ``post_projection`` = vlmsae ``"las
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import check_shape, require_keys
 from vlmsae.sae.config import SAEConfig
-from vlmsae.sae.interop._convert import json_object_or_none, sae_from_weights
+from vlmsae.sae.interop._convert import export_weights, json_object_or_none, sae_from_weights
 from vlmsae.sae.interop.names import hf_id, model_from_name
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.utils.io import atomic_write, atomic_write_json
@@ -243,27 +242,21 @@ def _convert(arch: str, dict_class: str, tensors: dict[str, torch.Tensor], fpath
     return kwargs, (W_enc_FD, b_enc_F, W_dec_FD, b_dec_D), threshold
 
 
-def _model(name: Any) -> tuple[str | None, str | None, str | None]:
-    """(vlmsae model, pretrained tag, the library's model name) from an HF-style name; Nones when unknown."""
-    if not isinstance(name, str) or not name:
-        return None, None, None
-    model, pretrained = model_from_name(name)
-    return model, pretrained, name
-
-
 def _trained_on(trainer: dict, config: dict, config_fpath: Path) -> dict[str, Any]:
     written = config.get("vlmsae") if isinstance(config.get("vlmsae"), dict) else {}
     for key in ("trained_on", "source"):  # written by vlmsae's own export ("source" before the rename): exact
         if isinstance(written.get(key), dict):
             return dict(written[key])
-    model, pretrained, hf_model = _model(trainer.get("lm_name"))
+    hf_model = trainer.get("lm_name") if isinstance(trainer.get("lm_name"), str) and trainer["lm_name"] else None
+    model, pretrained = model_from_name(hf_model)
     layer = trainer.get("layer")
     layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else None
     trained_on: dict[str, Any] = {"model": model, "pretrained": pretrained, "layer": layer, "tokens": None}
     for dpath in list(config_fpath.parents)[:4]:
         match = _VLM_FOLDER.match(dpath.name)
         if match and model is None and layer is None:
-            model, pretrained, hf_model = _model(match["model"])
+            hf_model = match["model"]
+            model, pretrained = model_from_name(hf_model)
             point, raw_layer = match["point"], int(match["layer"])
             layer = "last" if point == "post_projection" else raw_layer
             trained_on.update(model=model, pretrained=pretrained, layer=layer, library_layer=raw_layer)
@@ -346,28 +339,22 @@ def save(sae: SAE, out_dpath: Path, matryoshka_class: str = MATRYOSHKA_CLASSES[0
             f"matryoshka_class={matryoshka_class!r} is not a dictionary_learning class name; use "
             f"{MATRYOSHKA_CLASSES[0]} (dictionary_learning) or {MATRYOSHKA_CLASSES[1]} (sic; the paper's code)."
         )
-    folded = copy.deepcopy(sae).cpu().float()
-    folded.fold_input_scale_()
-    W_enc_FD, b_enc_F, W_dec_FD, b_dec_D = (
-        getattr(folded, n).detach().clone() for n in ("W_enc", "b_enc", "W_dec", "b_dec")
-    )
-    threshold = folded.threshold.detach().clone().reshape(())
-    arch = sae.arch
+    weights, arch = export_weights(sae)
+    W_enc_FD, b_enc_F, W_dec_FD, b_dec_D = (weights[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
     if arch == "relu":
         W_enc_FD, b_enc_F, W_dec_FD = _unit_decoder(W_enc_FD, b_enc_F, W_dec_FD)
-    if arch in ("batchtopk", "matryoshka") and float(threshold) < 0:
+    if arch != sae.arch:
         warnings.warn(
-            f"{arch} SAE without an estimated threshold: vlmsae encodes it with per-sample top-k, which "
+            f"{sae.arch} SAE without an estimated threshold: vlmsae encodes it with per-sample top-k, which "
             "dictionary_learning's batch top-k classes cannot express; written as AutoEncoderTopK (same codes"
-            + (f"; matryoshka_class={matryoshka_class} does not apply)." if arch == "matryoshka" else ")."),
+            + (f"; matryoshka_class={matryoshka_class} does not apply)." if sae.arch == "matryoshka" else ")."),
             stacklevel=2,
         )
-        arch = "topk"
     dict_class = matryoshka_class if arch == "matryoshka" else next(c for c, a in DICT_CLASSES.items() if a == arch)
     # Every key any class saves; each class writes the keys its loader reads (_KEYS; AutoEncoderTopK also a threshold).
     values = {"bias": b_dec_D, "b_dec": b_dec_D, "encoder.weight": W_enc_FD, "encoder.bias": b_enc_F}
     values.update({"decoder.weight": W_dec_FD.T, "W_enc": W_enc_FD.T, "b_enc": b_enc_F, "W_dec": W_dec_FD})
-    values.update(k=torch.tensor(sae.cfg.k, dtype=torch.int32), threshold=threshold)
+    values.update(k=torch.tensor(sae.cfg.k, dtype=torch.int32), threshold=weights["threshold"].reshape(()))
     values["group_sizes"] = torch.tensor(sae.group_sizes, dtype=torch.int64)
     state = {name: values[name].contiguous() for name in _KEYS[arch] + (("threshold",) if arch == "topk" else ())}
     trained_on = dict(sae.trained_on)

@@ -95,13 +95,7 @@ def folder_listing(dpath: Path) -> list[str]:
 
 def resolve_hf(uri: str) -> Path:
     """The local path of ``uri`` in the Hub cache, downloading it first unless HF_HUB_OFFLINE is set."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import errors, snapshot_download
 
     hub = parse_hf_uri(uri)
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE  # now, not at huggingface_hub's import
@@ -117,22 +111,22 @@ def resolve_hf(uri: str) -> Path:
             cache_dir=str(cache_dpath),
             local_files_only=offline,
         )
-    except RevisionNotFoundError as err:
+    except errors.RevisionNotFoundError as err:
         raise FileNotFoundError(
             f"{uri!r}: the Hub repo {hub.repo_id!r} has no revision {hub.revision!r}; name an existing branch, tag "
             "or commit after '@'."
         ) from err
-    except RepositoryNotFoundError as err:
+    except errors.RepositoryNotFoundError as err:
         raise FileNotFoundError(
             f"{uri!r}: no Hub model repo {hub.repo_id!r} (or it is private/gated: log in with `hf auth login`). "
             "Check the org/repo spelling."
         ) from err
-    except LocalEntryNotFoundError as err:
+    except errors.LocalEntryNotFoundError as err:
         where = "HF_HUB_OFFLINE=1, so only the cache was searched" if offline else "the Hub could not be reached"
         raise FileNotFoundError(
             f"{uri!r} is not in the Hugging Face cache {str(cache_dpath)!r} ({where}). {fill}"
         ) from err
-    except HfHubHTTPError as err:
+    except errors.HfHubHTTPError as err:
         raise FileNotFoundError(f"{uri!r}: the Hub refused the download ({err}).") from err
     local = Path(snapshot) / hub.subfolder if hub.subfolder else Path(snapshot)
     if not local.exists():

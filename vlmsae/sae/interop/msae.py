@@ -18,7 +18,6 @@ the name (``<dataset>_<ViT-B~16>_<split>_<image|text>_<N>_<d>``) gives the CLIP 
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import check_shape, require_keys
-from vlmsae.sae.interop._convert import sae_from_weights, single_checkpoint
+from vlmsae.sae.interop._convert import finite_positive, matching_files, sae_from_weights, single_checkpoint
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.sae.relu import ReluSAE
 
@@ -76,11 +75,7 @@ def parse_name(fname: str) -> dict[str, Any] | None:
 
 
 def _candidates(dpath: Path) -> list[Path]:
-    if dpath.is_file():
-        return [dpath] if parse_name(dpath.name) else []
-    if not dpath.is_dir():
-        return []
-    return sorted(f for f in dpath.iterdir() if f.suffix in (".pt", ".pth") and parse_name(f.name))
+    return matching_files(dpath, lambda f: f.suffix in (".pt", ".pth") and parse_name(f.name) is not None)
 
 
 def detect(dpath: Path) -> bool:
@@ -118,13 +113,10 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     encoder_DF = state["encoder"].double()
     decoder_FD = encoder_DF.T if info["tied"] else state["decoder"].double()
 
-    mean = blob.get("mean_center", 0.0)
-    mean_D = mean.double() if isinstance(mean, torch.Tensor) else torch.tensor(float(mean), dtype=torch.float64)
+    mean_D = torch.as_tensor(blob.get("mean_center", 0.0), dtype=torch.float64)
     mean_D = mean_D.expand(d_in).clone() if mean_D.dim() == 0 else mean_D.reshape(-1)
     check_shape("mean_center", mean_D, (d_in,), where)
-    scale = float(blob.get("scaling_factor", 1.0))
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{where}: scaling_factor={scale!r}; expected a finite number > 0.")
+    scale = finite_positive(blob.get("scaling_factor", 1.0), "scaling_factor", where)
 
     # (x~ - p) E + lb with x~ = (x - m) s  ==  (x - (m + p/s)) (s E) + lb;  x_hat = f (D/s) + (m + p/s)
     pre_bias_D = state["pre_bias"].double()

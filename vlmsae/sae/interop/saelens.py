@@ -38,7 +38,6 @@ carries every field SAELens' ``SAEConfig`` reads, with metadata.sae_lens_version
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,10 @@ from typing import Any
 import torch
 
 from vlmsae import __version__
+from vlmsae.formats import read_json_object
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import check_shape, read_safetensors, require_keys
-from vlmsae.sae.interop._convert import positive_int, read_json_object, sae_from_weights
+from vlmsae.sae.interop._convert import export_weights, finite_positive, positive_int, sae_from_weights
 from vlmsae.sae.interop.names import model_from_name
 from vlmsae.utils.io import atomic_write, atomic_write_json
 
@@ -64,8 +64,7 @@ _RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
 
 def detect(dpath: Path) -> bool:
-    dpath = Path(dpath)
-    return (dpath / CFG_FNAME).is_file() and (dpath / WEIGHTS_FNAME).is_file()
+    return (Path(dpath) / CFG_FNAME).is_file() and (Path(dpath) / WEIGHTS_FNAME).is_file()
 
 
 def layer_from_hook_name(hook_name: str | None) -> int | None:
@@ -114,10 +113,7 @@ def normalise_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _scaling_factor(dpath: Path, norm_scaling_factor: float | None) -> float | None:
     if norm_scaling_factor is not None:
-        value = float(norm_scaling_factor)
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"norm_scaling_factor must be a finite number > 0; got {norm_scaling_factor!r}.")
-        return value
+        return finite_positive(norm_scaling_factor, "norm_scaling_factor", "saelens load")
     fpath = dpath / SCALER_FNAME
     if not fpath.is_file():
         raise ValueError(
@@ -127,12 +123,10 @@ def _scaling_factor(dpath: Path, norm_scaling_factor: float | None) -> float | N
             "(for a SAELens Hub release sf is norm_scaling_factor in SAELens' pretrained_saes.yaml), or call "
             "vlmsae.sae.interop.saelens.load(path, norm_scaling_factor=<sf>)."
         )
-    value = read_json_object(fpath, '{"scaling_factor": <number or null>}').get("scaling_factor")
+    value = read_json_object(fpath, 'expected {"scaling_factor": <number or null>}.').get("scaling_factor")
     if value is None:
         return None  # SAELens' ActivationScaler with no factor: inputs were not scaled
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{str(fpath)!r}: scaling_factor must be a finite number > 0 or null; got {value!r}.")
-    return float(value)
+    return finite_positive(value, "scaling_factor (or null)", repr(str(fpath)))
 
 
 def _finetuning_scaling_factor(
@@ -174,7 +168,7 @@ def load(dpath: Path, device: str = "cpu", norm_scaling_factor: float | None = N
     if not detect(dpath):
         raise FileNotFoundError(f"{str(dpath)!r} is not a SAELens folder: expected {EXPECTS}.")
     cfg_fpath, weights_fpath = dpath / CFG_FNAME, dpath / WEIGHTS_FNAME
-    cfg = normalise_cfg(read_json_object(cfg_fpath, "a SAELens cfg.json"))
+    cfg = normalise_cfg(read_json_object(cfg_fpath, "expected a SAELens cfg.json."))
     arch = cfg.get("architecture")
     d_in, d_sae = positive_int(cfg, "d_in", repr(str(cfg_fpath))), positive_int(cfg, "d_sae", repr(str(cfg_fpath)))
     if cfg.get("reshape_activations", "none") != "none":
@@ -310,31 +304,25 @@ def _hook_name(trained_on: dict[str, Any]) -> str | None:
 
 def save(sae: SAE, out_dpath: Path) -> Path:
     """Write ``out_dpath/cfg.json`` + ``sae_weights.safetensors`` that SAELens' ``SAE.load_from_disk`` loads."""
-    import copy
-
     from safetensors.torch import save_file
 
     if not isinstance(sae, SAE):
         raise TypeError(f"saelens.save needs a vlmsae SAE module; got {type(sae).__name__}.")
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
-    folded = copy.deepcopy(sae).cpu().float()
-    folded.fold_input_scale_()
-    tensors = {name: getattr(folded, name).detach().contiguous() for name in ("b_enc", "W_dec", "b_dec")}
-    tensors["W_enc"] = folded.W_enc.detach().T.contiguous()
+    weights, written = export_weights(sae)
+    tensors = {name: weights[name].contiguous() for name in ("b_enc", "W_dec", "b_dec")}
+    tensors["W_enc"] = weights["W_enc"].T.contiguous()
     extra: dict[str, Any] = {}
     arch = sae.arch
-    if arch == "relu":
+    if written == "relu":
         architecture = "standard"
-    elif arch == "jumprelu":
-        architecture = "jumprelu"
-        tensors["threshold"] = folded.threshold.detach().reshape(-1).contiguous()
-    elif arch == "topk" or (arch in ("batchtopk", "matryoshka") and float(folded.threshold) < 0):
+    elif written == "topk":
         architecture = "topk"
         extra = {"k": int(sae.cfg.k), "rescale_acts_by_decoder_norm": False}
-    elif arch in ("batchtopk", "matryoshka"):
+    elif written in ("jumprelu", "batchtopk", "matryoshka"):  # BatchTopK: threshold = ones * theta
         architecture = "jumprelu"
-        tensors["threshold"] = torch.full((sae.n_latents,), float(folded.threshold))
+        tensors["threshold"] = weights["threshold"].expand(sae.n_latents).contiguous()
     else:
         raise ValueError(f"saelens.save: no SAELens architecture for a vlmsae {arch!r} SAE.")
     trained_on = dict(sae.trained_on)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import torch
 
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import check_shape, require_keys
-from vlmsae.sae.interop._convert import sae_from_weights, single_checkpoint
+from vlmsae.sae.interop._convert import finite_positive, matching_files, sae_from_weights, single_checkpoint
 from vlmsae.sae.interop.torchfile import read_torch_file
 from vlmsae.sae.topk import TopKSAE
 
@@ -82,17 +81,9 @@ def _starts_with_json(fpath: Path) -> bool:
         return False
 
 
-def _find_file(dpath: Path) -> list[Path]:
-    if dpath.is_file():
-        return [dpath] if _starts_with_json(dpath) else []
-    if not dpath.is_dir():
-        return []
-    return [fpath for fpath in sorted(dpath.glob("*.pt")) if _starts_with_json(fpath)]
-
-
 def detect(dpath: Path) -> bool:
     """True for a saev file, or a folder holding one (``*.pt`` whose first byte opens a JSON header)."""
-    return bool(_find_file(Path(dpath)))
+    return bool(matching_files(Path(dpath), _starts_with_json, "*.pt"))
 
 
 def read_file(fpath: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -185,7 +176,7 @@ def load(
     ``layer``/``model``/``tokens``: recorded in ``sae.trained_on`` (saev files do not store them).
     """
     dpath = Path(dpath)
-    fpath = single_checkpoint(dpath, _find_file(dpath), "saev", EXPECTS)
+    fpath = single_checkpoint(dpath, matching_files(dpath, _starts_with_json, "*.pt"), "saev", EXPECTS)
     where = repr(str(fpath))
     header, state = read_file(fpath)
     act, top_k = _activation(header, where)
@@ -203,9 +194,7 @@ def load(
         b_enc_F = b_enc_F + b_dec_D @ W_enc_DF
 
     # Input normalisation x~ = (x - m) / s, folded: codes unchanged, x_hat = s * x~_hat + m.
-    scale = 1.0 if input_scale is None else float(input_scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"saev load: input_scale must be a finite number > 0 (the divisor); got {input_scale!r}.")
+    scale = 1.0 if input_scale is None else finite_positive(input_scale, "input_scale (the divisor)", "saev load")
     mean_D = torch.zeros(d_in, dtype=torch.float64)
     if input_mean is not None:
         mean_D = torch.as_tensor(input_mean, dtype=torch.float64).reshape(-1)

@@ -15,9 +15,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from vlmsae.formats import read_json_object
 from vlmsae.sae.base import SAE
 from vlmsae.sae.checkpoint import check_shape, read_safetensors, require_keys
-from vlmsae.sae.interop._convert import json_object_or_none, positive_int, read_json_object, sae_from_weights
+from vlmsae.sae.interop._convert import json_object_or_none, positive_int, sae_from_weights
 from vlmsae.sae.interop.names import model_from_name
 
 NAME = "sparsify"
@@ -28,8 +29,7 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|resblocks|h|blocks)\.(\d+)$")
 
 
 def detect(dpath: Path) -> bool:
-    dpath = Path(dpath)
-    return (dpath / CFG_FNAME).is_file() and (dpath / WEIGHTS_FNAME).is_file()
+    return (Path(dpath) / CFG_FNAME).is_file() and (Path(dpath) / WEIGHTS_FNAME).is_file()
 
 
 def layer_from_hookpoint(hookpoint: str) -> int | None:
@@ -44,7 +44,7 @@ def load(dpath: Path, device: str = "cpu") -> SAE:
     if not detect(dpath):
         raise FileNotFoundError(f"{str(dpath)!r} is not a sparsify folder: expected {EXPECTS}.")
     cfg_fpath, weights_fpath = dpath / CFG_FNAME, dpath / WEIGHTS_FNAME
-    cfg = read_json_object(cfg_fpath, "a sparsify cfg.json")
+    cfg = read_json_object(cfg_fpath, "expected a sparsify cfg.json.")
     activation = cfg.get("activation", "topk")
     refusals = (
         (activation != "topk", f"activation={activation!r} (a per-group argmax, not a top-k)"),

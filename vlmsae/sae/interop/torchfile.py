@@ -17,8 +17,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-REFUSED_NOTE = "nothing in it was executed"
-
 
 def _numpy_scalar_globals() -> list[Any]:
     """numpy's scalar reconstructor and dtype classes: what ``np.float64(x)`` pickles to, nothing else."""
@@ -58,8 +56,8 @@ def read_torch_file(fpath: str | Path | io.BytesIO, allow_numpy_scalars: bool = 
         first = named[0].split(". Please use")[0] if named else type(err).__name__
         raise ValueError(
             f"{label!r} needs code to unpickle (torch's weights_only reader refused it: {first}); vlmsae never "
-            f"unpickles checkpoints, so it was not loaded and {REFUSED_NOTE}. Re-save its tensors as a plain "
-            "state_dict (torch.save({name: tensor})) or as safetensors, in an environment you trust."
+            "unpickles checkpoints, so it was not loaded and nothing in it was executed. Re-save its tensors as a "
+            "plain state_dict (torch.save({name: tensor})) or as safetensors, in an environment you trust."
         ) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
         raise ValueError(f"{label!r} is not a readable torch.save file ({type(err).__name__}: {err}).") from err
