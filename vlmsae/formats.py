@@ -106,10 +106,6 @@ def read_json_object(fpath: Path, fix: str) -> dict[str, Any]:
     return obj
 
 
-def _load_json(fpath: Path, job: str) -> dict[str, Any]:
-    return read_json_object(fpath, f"re-run `{job}` to rewrite it.")
-
-
 # --------------------------------------------------------------------------------------------
 # JSON formats: typed fields + ``extra`` (keys this vlmsae does not name, kept on a round trip)
 # --------------------------------------------------------------------------------------------
@@ -199,7 +195,7 @@ class _JsonFormat:
     def read(cls, path: str | Path) -> Any:
         """The format from its file, or from the folder that holds it."""
         fpath = _found(path, cls.FILE, cls.JOB)
-        return cls.from_json(_load_json(fpath, cls.JOB), fpath)
+        return cls.from_json(read_json_object(fpath, f"re-run `{cls.JOB}` to rewrite it."), fpath)
 
 
 def _write(dpath: str | Path, obj: _JsonFormat) -> Path:
@@ -508,6 +504,7 @@ LATENTS_COLUMNS = ("latent", "ms", "freq", "max_act", "group", "top_keys")  # al
 LATENTS_NAME_COLUMNS = ("name", "name_score", "names")  # written when the run named its latents
 LATENTS_AUTOINTERP_COLUMNS = ("autointerp", "autointerp_score")  # written when the run asked LLaVA
 _MS_JOB = "python -m vlmsae.monosemanticity"
+_MS_REWRITE = f"re-run `{_MS_JOB}` to rewrite it."
 _LATENTS_FLOATS = ("ms", "freq", "max_act", "name_score", "autointerp_score")  # an empty or absent cell reads as NaN
 
 
@@ -691,13 +688,13 @@ def read_top_images(dpath: str | Path) -> TopImagesIndex:
             f"{images_fpath} is missing: the top_images index needs {TOP_TENSORS} and {TOP_IMAGES_JSON}."
         )
     meta_fpath = dpath / TOP_META_JSON
-    meta = _load_json(meta_fpath, _MS_JOB) if meta_fpath.exists() else {}
+    meta = read_json_object(meta_fpath, _MS_REWRITE) if meta_fpath.exists() else {}
     # An index written before format_version existed (or without meta.json) is version 1.
     version = check_version(meta_fpath, meta.pop("format_version", 1), TOP_IMAGES_VERSIONS, _MS_JOB)
     tensors = load_file(str(fpath))
     if "image_idx" not in tensors or "acts" not in tensors:
         raise ValueError(f"{fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
-    images = _load_json(images_fpath, _MS_JOB)
+    images = read_json_object(images_fpath, _MS_REWRITE)
     image_idx, acts = tensors.pop("image_idx"), tensors.pop("acts")
     keys, paths, labels = list(images.get("keys") or []), images.get("paths"), images.get("labels")
     return TopImagesIndex(image_idx, acts, keys, paths, labels, meta, extra=tensors, format_version=version)

@@ -32,16 +32,15 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
 
     job, config = typed_job(cfg, SteerJob)  # below, every node is its dataclass; config: run_info.json
     out_dpath = run_dir(out_dpath)
-    spec = job.model
     keys = ("mode", "patches", "prompt", "max_new_tokens", "batch_size", "compare_add", "sweep")
     request = SteerRequest(latent_alphas(job.latent, job.alpha), **pick(job, *keys))
     torch.manual_seed(job.seed)
-    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
+    setup = load_steering(job.model, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
     images, names = load_images(job.image, setup.image_size)
     result, rows = compare_answers(setup, images, names, request)
     result.settings = {
-        "model": spec.name,
-        "dtype": spec.dtype,
+        "model": job.model.name,
+        "dtype": job.model.dtype,
         **pick(job, "device_map", "sae_path"),
         **result.settings,
     }

@@ -8,6 +8,11 @@ key (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with th
 
 from __future__ import annotations
 
+import importlib
+import os
+import pkgutil
+import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,9 +46,6 @@ def register_configs(job: str | None = None) -> None:
 
     A job's ``main()`` names itself: Hydra deep-copies the whole store for each config group it lists (``--help``
     lists them all), so a store holding only what the job composes answers faster."""
-    import importlib
-    import pkgutil
-
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
@@ -146,9 +148,6 @@ def _parse_error(parser: Any, override: str) -> str | None:
 
 
 def _readable_override(arg: str, parser: Any) -> str:
-    import os
-    import shlex
-
     reason = _parse_error(parser, arg)
     if reason is None:
         return arg
@@ -177,8 +176,6 @@ def launch(job: str, main_fn: Callable[[Any], Any], module: str) -> Callable[[],
     ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
 
     def main() -> None:
-        import sys
-
         import hydra
 
         register_configs(job)
