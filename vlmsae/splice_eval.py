@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from vlmsae.config import launch, typed_job
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.splice_eval import SpliceEvalJob
 from vlmsae.formats import write_splice
 from vlmsae.utils.paths import run_dir
@@ -39,21 +39,18 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     if job.prompts is not None:  # a bad prompt file fails before the model loads
         splice.read_prompt_file(job.prompts)
     torch.manual_seed(job.seed)
-    spec = job.model
-    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
-    items, source_note = splice.prompt_items(
-        setup, job.prompts, job.images, job.n_images, job.max_new_tokens, job.batch_size
-    )
+    setup = load_steering(job.model, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
+    keys = ("prompts", "images", "n_images", "max_new_tokens", "batch_size")
+    items, source_note = splice.prompt_items(setup, **pick(job, *keys))
     scores = splice.evaluate_splice(setup, items, job.batch_size)
     scores.notes.append(source_note)
     if job.zero_shot:
         args = (job.zero_shot_images, job.zero_shot_template, job.zero_shot_max_images, job.batch_size)
         scores.zero_shot = clip_zero_shot(setup.sae, *args)
-    settings = {"model": spec.name, "sae_path": job.sae_path, "images": job.images, "prompts": job.prompts}
+    settings = {"model": job.model.name, "sae_path": job.sae_path, "images": job.images, "prompts": job.prompts}
     result = scores.result(settings)
-    title = (
-        f"Splice fidelity: {spec.name}, block {setup.layer}, {len(items)} answers ({result.summary['n_tokens']} tokens)"
-    )
+    n_tokens = result.summary["n_tokens"]
+    title = f"Splice fidelity: {job.model.name}, block {setup.layer}, {len(items)} answers ({n_tokens} tokens)"
     table = write_splice_report(out_dpath, result.rows, result.notes, title)
     write_splice(out_dpath, result)
     write_run_info(out_dpath, config)
