@@ -104,17 +104,11 @@ def _sci(x: Any) -> str:
     return text if text == "n/a" else f"{float(x):.2e}"
 
 
-def best_latents(ms_dpath: Path, n: int = 1) -> list[dict[str, Any]]:
+def best_latents(ms_dpath: Path, n: int = 1) -> list[formats.LatentRow]:
     """The ``n`` live latents with the highest MS (``latents.csv``)."""
     fpath = ms_dpath / formats.LATENTS_CSV
-    if not fpath.is_file():
-        return []
-    rows = [
-        {"latent": r.latent, "ms": r.ms, "max_act": r.max_act, "freq": r.freq, "name": r.name, "score": r.name_score}
-        for r in formats.read_latents_csv(fpath).rows
-        if not math.isnan(r.ms)
-    ]
-    return sorted(rows, key=lambda r: -r["ms"])[:n]
+    rows = formats.read_latents_csv(fpath).rows if fpath.is_file() else []
+    return sorted((r for r in rows if not math.isnan(r.ms)), key=lambda r: -r.ms)[:n]
 
 
 def _read_format(read: Any, fpath: Path) -> dict[str, Any]:
@@ -241,9 +235,9 @@ class Demo:
             f"mean MS of SAE latents {_fmt(s.get('mean'))} +- {_fmt(s.get('std'))} vs raw neurons "
             f"{_fmt(b.get('mean'))} +- {_fmt(b.get('std'))} ({s.get('n_images')} images, "
             f"{s.get('dead')} of {s.get('n_latents')} latents dead)",
-            "best latents: " + ", ".join(f"#{r['latent']} MS {r['ms']:.3f}" for r in best),
+            "best latents: " + ", ".join(f"#{r.latent} MS {r.ms:.3f}" for r in best),
             f"feature names ({VOCAB_FILE}: the planted shapes, colours and classes, embedder=tiny's text side): "
-            + ", ".join(f"#{r['latent']} {r['name']!r} (cos {_fmt(r['score'])})" for r in best),
+            + ", ".join(f"#{r.latent} {r.name!r} (cos {_fmt(r.name_score)})" for r in best),
             "latents.csv (with name, name_score, names), ms_summary.json, top_images/ (the index the browser reads), "
             "ms_hist.png, ms_vs_freq.png",
         ]
@@ -306,10 +300,10 @@ class Demo:
     def steer(self) -> list[str]:
         self.require("train")
         best = best_latents(self.d("monosemanticity"), 1) if self.ok("monosemanticity") else []
-        latent = best[0]["latent"] if best else 0
+        latent = best[0].latent if best else 0
         # The paper clamps to alpha=100 on CLIP-L activations; tiny activations are ~100x smaller,
         # so clamp to a large multiple of the latent's own maximum instead.
-        max_act = best[0]["max_act"] if best and math.isfinite(best[0]["max_act"]) else 1.0
+        max_act = best[0].max_act if best and math.isfinite(best[0].max_act) else 1.0
         alpha = round(max(10.0, 20.0 * max_act), 2)
         res = call_job(
             "steer",
@@ -417,7 +411,7 @@ class Demo:
             f"SAE on block {DIGITS_LAYER} (every token and CLS), scored on the 360 held-out digits: mean MS "
             f"{_fmt(s.get('mean'))} vs raw neurons {_fmt(b.get('mean'))}",
             "digit latents (names=labels: the class whose mean embedding is nearest each latent's top images): "
-            + ", ".join(f"#{r['latent']} {r['name']!r} (MS {r['ms']:.3f}, cos {_fmt(r['score'])})" for r in best),
+            + ", ".join(f"#{r.latent} {r.name!r} (MS {r.ms:.3f}, cos {_fmt(r.name_score)})" for r in best),
             f"open file://{Path(browser['index_html']).resolve()}",
         ]
 

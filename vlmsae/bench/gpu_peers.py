@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vlmsae.bench.timing import PeakMemory, interleaved_seconds
+from vlmsae.bench.timing import interleaved_seconds, peak_memory
 from vlmsae.data.synthetic import PlantedDictionary
 from vlmsae.metrics import reconstruction
 from vlmsae.sae import SAEConfig, build_sae
@@ -41,7 +41,7 @@ def _timed(step, device: torch.device, warmup: int, rounds: int) -> tuple[float,
     """(median seconds per step, peak GiB on CUDA or None)."""
     for _ in range(warmup):
         step()
-    with PeakMemory(device) as peak:
+    with peak_memory(device) as peak:
         seconds = interleaved_seconds({"step": step}, rounds, warmup=0, device=device)["step"]
     return sorted(seconds)[len(seconds) // 2], peak.gib
 
@@ -174,10 +174,9 @@ def agreement_keys(device: torch.device, quick: bool) -> dict[str, Any]:
                 def checked(pre, select=select, differing=differing):
                     rows, cols, vals = select(pre)
                     got = rows * n_latents + cols
-                    for other in ("fp32", "bf16"):
+                    for other, key in (("fp32", "fast_exact"), ("bf16", "bf16")):
                         o_rows, o_cols, _ = select(compute_preacts(pre.x_BD, pre.W_FD, pre.b_F, other))
                         want = o_rows * n_latents + o_cols
-                        key = "fast_exact" if other == "fp32" else "bf16"
                         differing[key] += int(got.numel() + want.numel() - 2 * torch.isin(got, want).sum())
                     return rows, cols, vals
 

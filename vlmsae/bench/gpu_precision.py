@@ -126,7 +126,6 @@ def time_steps(
     batch: int,
     device: str,
     bf16_weights: bool = False,
-    rounds: int = 10,
     precision: str = "fp32",
 ) -> float:
     sae = make_sae("topk", d, f, k, kernel, device, precision)
@@ -135,7 +134,7 @@ def time_steps(
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=device == "cuda")
     x_BD = torch.randn(batch, d, device=device).to(sae.W_enc.dtype)
     step = {"step": functools.partial(sae_step, sae, x_BD, opt)}
-    seconds = statistics.mean(interleaved_seconds(step, rounds, warmup=3, device=device)["step"])
+    seconds = statistics.mean(interleaved_seconds(step, 10, warmup=3, device=device)["step"])
     del sae, opt, x_BD, step
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -120,8 +120,7 @@ def run_all(
     machine = machine_info()
     results.update({"quick": quick, **machine})
     if merge:
-        for name in names:
-            results.update({f"{name}_{key}": value for key, value in machine.items()})
+        results.update({f"{name}_{key}": value for name in names for key, value in machine.items()})
     for name in names:
         print(f"[bench] {name} ...", flush=True)
         module_results = run_module(name, quick)

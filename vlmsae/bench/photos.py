@@ -48,11 +48,6 @@ class PhotoSet:
     origin: str
 
 
-def bench_cache() -> Path:
-    """``$VLMSAE_HOME/bench`` (default ``~/.cache/vlmsae/bench``): downloads and sets the benchmarks build."""
-    return vlmsae_home() / "bench"
-
-
 def folder_photos(root: str | Path, n: int | None = None) -> PhotoSet:
     """The JPEGs of a user's folder (searched recursively, sorted; the first ``n``), used as they are."""
     root = Path(root).expanduser()
@@ -135,7 +130,7 @@ def photo_set(
     photos_dpath = photos_dpath or os.environ.get(PHOTOS_ENV) or None
     if photos_dpath is not None:
         return folder_photos(photos_dpath, n)
-    cache_dpath = cache_dpath or bench_cache()
+    cache_dpath = cache_dpath or vlmsae_home() / "bench"  # downloads and the sets the benchmarks build
     photos = fetch_package_photos(cache_dpath)
     tiles_dpath = cache_dpath / "photos" / f"{PACKAGE}-v{SET_VERSION}-n{n}-seed{seed}"
     done_fpath = tiles_dpath / "photos.json"  # written last: its presence means the set is whole

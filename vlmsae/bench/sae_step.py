@@ -62,44 +62,35 @@ QUICK_SIZES = (512, 2048)
 QUICK = dict(d_in=64, k=8, batch_size=128)
 
 
-class SharedSAEs:
+# The (architecture, sparse_kernel) of each compute path's SAE; the first owns the shared parameters.
+PATH_SAES = {
+    "sparse": ("topk", "sparse"),
+    "dense": ("topk", "dense"),
+    "reference": ("topk", "dense"),
+    "sparse_batchtopk": ("batchtopk", "sparse"),
+}
+
+
+def shared_saes(
+    shape: StepShape, x_init_BD: torch.Tensor, seed: int, device: torch.device
+) -> tuple[dict[str, SAE], torch.optim.Optimizer]:
     """TopK SAEs on each compute path (and a BatchTopK one) sharing one set of Parameters + Adam.
 
     Sharing means every path steps the same weights: no path gets an easier state, and memory
     stays at one model + one optimiser (2.5 GB at 65,536 latents instead of 10 GB).
     """
-
-    def __init__(
-        self,
-        shape: StepShape,
-        x_init_BD: torch.Tensor,
-        seed: int,
-        device: torch.device,
-        archs: dict[str, tuple[str, str]] | None = None,
-    ) -> None:
-        archs = archs or {
-            "sparse": ("topk", "sparse"),
-            "dense": ("topk", "dense"),
-            "reference": ("topk", "dense"),
-            "sparse_batchtopk": ("batchtopk", "sparse"),
-        }
-        self.shape = shape
-        self.saes: dict[str, SAE] = {}
-        owner = None
-        for path, (arch, kernel) in archs.items():
-            cfg = SAEConfig(arch=arch, d_in=shape.d_in, n_latents=shape.n_latents, k=shape.k, sparse_kernel=kernel)
-            sae = build_sae(cfg, seed=seed, device=device).train()
-            if owner is None:
-                owner = sae
-                init_from_batches_(sae, [x_init_BD])
-            else:
-                for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                    setattr(sae, name, getattr(owner, name))
-                sae.input_scale.copy_(owner.input_scale)
-            self.saes[path] = sae
-        self.owner = owner
-        self.params = list(owner.parameters())
-        self.opt, _ = make_optimizer(self.params, default_lr(shape.n_latents))  # fused Adam, as every trainer
+    saes: dict[str, SAE] = {}
+    for path, (arch, kernel) in PATH_SAES.items():
+        cfg = SAEConfig(arch=arch, d_in=shape.d_in, n_latents=shape.n_latents, k=shape.k, sparse_kernel=kernel)
+        sae = saes[path] = build_sae(cfg, seed=seed, device=device).train()
+        if path == "sparse":
+            init_from_batches_(sae, [x_init_BD])
+        else:
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                setattr(sae, name, getattr(saes["sparse"], name))
+            sae.input_scale.copy_(saes["sparse"].input_scale)
+    opt, _ = make_optimizer(list(saes["sparse"].parameters()), default_lr(shape.n_latents))  # fused, as every trainer
+    return saes, opt
 
 
 def reference_loss(sae: SAE, x_BD: torch.Tensor, k: int) -> torch.Tensor:
@@ -150,13 +141,13 @@ def measure_step_seconds(
     rounds), measured interleaved on shared weights."""
     device = torch.device(device)
     x_BD = torch.randn(shape.batch_size, shape.d_in, generator=torch.Generator().manual_seed(1)).to(device)
-    shared = SharedSAEs(shape, x_BD, 0, device)
+    saes, opt = shared_saes(shape, x_BD, 0, device)
 
     def one(path: str) -> None:
         if path == "encoder":
-            _encoder_only(shared.owner, x_BD, amp_dtype)
+            _encoder_only(saes["sparse"], x_BD, amp_dtype)
         else:
-            train_step(shared.saes[path], shared.opt, x_BD, reference=path == "reference", amp_dtype=amp_dtype)
+            train_step(saes[path], opt, x_BD, reference=path == "reference", amp_dtype=amp_dtype)
 
     desc = f"sae_step F={shape.n_latents} {device.type}{'' if amp_dtype is None else ' ' + str(amp_dtype)}"
     return interleaved_seconds({p: functools.partial(one, p) for p in paths}, rounds, warmup, device, desc)
@@ -176,15 +167,6 @@ def round_ratio(seconds: dict[str, list[float]], slow: str, fast: str) -> float:
 # Learning curve: sparse vs reference on the same planted-feature data
 
 
-@torch.no_grad()
-def fve(sae: SAE, x_BD: torch.Tensor) -> float:
-    """Fraction of variance explained: 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (inference encoder)."""
-    was_training = sae.training
-    x_hat_BD = sae.eval()(x_BD)
-    sae.train(was_training)
-    return reconstruction.fve(x_BD, x_hat_BD)
-
-
 def learning_curve(
     steps: int = 1000,
     d_in: int = 256,
@@ -201,18 +183,18 @@ def learning_curve(
     )
     x_eval_BD = planted.sample(4 * batch_size, seed=10_000_019).x
     x_first_BD = planted.sample(batch_size, seed=seed * 1_000_003).x
-    shape = StepShape(d_in, n_latents, k, batch_size)
+    cfg = SAEConfig(arch="topk", d_in=d_in, n_latents=n_latents, k=k, sparse_kernel="sparse")
     out: dict[str, float] = {}
     for path in ("sparse", "reference"):
-        shared = SharedSAEs(shape, x_first_BD, seed, torch.device("cpu"), archs={path: ("topk", "sparse")})
-        for group in shared.opt.param_groups:
-            group["lr"] = lr  # a short run: a larger constant lr than the 110k-step recipe's
-        sae = shared.saes[path]
+        sae = build_sae(cfg, seed=seed, device="cpu").train()
+        init_from_batches_(sae, [x_first_BD])
+        opt, _ = make_optimizer(list(sae.parameters()), lr)  # a short run: a larger constant lr than the recipe's
         for x_BD in tqdm(
             planted.batches(batch_size, steps, seed=seed), total=steps, desc=f"learning curve ({path})", leave=False
         ):
-            train_step(sae, shared.opt, x_BD, reference=path == "reference")
-        out[path] = fve(sae, x_eval_BD)
+            train_step(sae, opt, x_BD, reference=path == "reference")
+        with torch.no_grad():
+            out[path] = reconstruction.fve(x_eval_BD, sae.eval()(x_eval_BD))  # the inference encoder
     return out
 
 
@@ -242,11 +224,10 @@ def _throughput_keys(
             seconds, "reference", "sparse_batchtopk"
         )
         out[f"{prefix}_rounds_{n_latents}"] = rounds[n_latents]
-    head = sizes[0]
     for name in ("sparse", "dense", "reference"):
-        out[f"{prefix}_{name}_tokens_per_s"] = out[f"{prefix}_{name}_tokens_per_s_{head}"]
-    out[f"{prefix}_speedup_vs_reference"] = out[f"{prefix}_speedup_vs_reference_{head}"]
-    out[f"{prefix}_speedup_vs_dense"] = out[f"{prefix}_speedup_vs_dense_{head}"]
+        out[f"{prefix}_{name}_tokens_per_s"] = out[f"{prefix}_{name}_tokens_per_s_{sizes[0]}"]
+    for name in ("speedup_vs_reference", "speedup_vs_dense"):
+        out[f"{prefix}_{name}"] = out[f"{prefix}_{name}_{sizes[0]}"]
     return out
 
 

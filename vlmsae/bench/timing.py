@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -36,21 +38,15 @@ def interleaved_seconds(
     return seconds
 
 
-class PeakMemory:
-    """``with PeakMemory(device) as peak: ...``; then ``peak.gib`` is its peak allocated memory (CUDA) or None."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.gib: float | None = None
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[SimpleNamespace]:
+    """``with peak_memory(device) as peak: ...``; then ``peak.gib`` is its peak allocated memory (CUDA) or None."""
+    peak = SimpleNamespace(gib=None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    yield peak
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak.gib = torch.cuda.max_memory_allocated(device) / 2**30

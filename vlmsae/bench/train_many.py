@@ -4,7 +4,7 @@ over an activation store against 4 separate ``vlmsae.train`` runs over the same 
 ``train_many_speedup`` = (time of the 4 separate runs) / (time of the one 4-SAE pass): what reading and
 shuffling each batch once, and starting Lightning once, saves. Both sides go through ``vlmsae.train.run``
 on CPU (fp32), the same steps and batch size; the grid is 2 expansions x 2 k of BatchTopK.
-``make bench-gpu`` runs the same comparison with ``trainer=gpu`` (:func:`measure`, keys ``gpu_train_many_*``).
+``make bench-gpu`` runs the same comparison with ``trainer=gpu`` (:func:`run`, keys ``gpu_train_many_*``).
 """
 
 from __future__ import annotations
@@ -22,13 +22,8 @@ from vlmsae.train import run as train_run
 GRID = [(4, 8), (4, 16), (8, 8), (8, 16)]  # (expansion, k)
 
 
-def run(quick: bool = False) -> dict:
-    """The CPU comparison (keys ``train_many_*``)."""
-    return measure(quick)
-
-
-def measure(quick: bool = False, trainer: str = "cpu", prefix: str = "train_many") -> dict:
-    """N = 4 separate runs vs one 4-SAE pass on ``trainer`` (a conf/trainer choice: cpu | gpu)."""
+def run(quick: bool = False, trainer: str = "cpu", prefix: str = "train_many") -> dict:
+    """N = 4 separate runs vs one 4-SAE pass on ``trainer`` (a conf/trainer choice: cpu | gpu); keys ``<prefix>_*``."""
     d, rows, steps, batch = (64, 4000, 20, 128) if quick else (256, 60_000, 200, 1024)
     with tempfile.TemporaryDirectory(prefix="vlmsae-bench-many-", ignore_cleanup_errors=True) as tmp_name:
         tmp = Path(tmp_name)

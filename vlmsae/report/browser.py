@@ -96,15 +96,6 @@ def _sae_keys(sae_path: str, bases: list[Path]) -> set[Path]:
     return keys
 
 
-def _outputs_root(dpath: Path) -> Path:
-    """The ``outputs/`` folder above a run (Hydra's default run dirs), else the run's grandparent."""
-    dpath = dpath.resolve()
-    for parent in dpath.parents:
-        if parent.name == "outputs":
-            return parent
-    return dpath.parent.parent
-
-
 def runs_of_same_sae(ms_dpath: str | Path) -> tuple[list[Path], list[Path]]:
     """``(hierarchy run folders, steer.json files)`` of the SAE the MS run ``ms_dpath`` scored, wherever they are
     under the ``outputs/`` folder above the MS run, matched through the ``sae_path`` each run recorded in its
@@ -113,7 +104,9 @@ def runs_of_same_sae(ms_dpath: str | Path) -> tuple[list[Path], list[Path]]:
     sae_path = _recorded_sae_path(ms_dpath)
     if sae_path is None:
         return [], []
-    root = _outputs_root(ms_dpath)
+    # The outputs/ folder above the run (Hydra's default run dirs), else the run's grandparent.
+    resolved = ms_dpath.resolve()
+    root = next((parent for parent in resolved.parents if parent.name == "outputs"), resolved.parent.parent)
     bases = [Path.cwd(), root.resolve().parent]
     want = _sae_keys(sae_path, bases)
     hierarchy, steer = [], []
@@ -211,13 +204,10 @@ def find_runs(
             )
 
     if steer_runs is not None:
-        steer_fpaths = []
-        for s in steer_runs:
-            p = Path(s)
-            p = p / formats.STEER_JSON if p.is_dir() else p
+        steer_fpaths = [Path(s) / formats.STEER_JSON if Path(s).is_dir() else Path(s) for s in steer_runs]
+        for s, p in zip(steer_runs, steer_fpaths):
             if not p.is_file():
                 raise FileNotFoundError(f"steer_runs entry {s} holds no steer.json.")
-            steer_fpaths.append(p)
         found.append(f"steering runs: {len(steer_fpaths)} (steer_runs=)")
     else:
         steer_fpaths = scan(formats.STEER_JSON)
@@ -306,24 +296,10 @@ def read_taxa_csv(fpath: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
-@dataclass
-class TopIndex:
-    """The top-activating images index of a monosemanticity run (``top_images/``)."""
-
-    image_idx_KX: Any  # int64 tensor [K, X], -1 = none
-    acts_KX: Any  # float32 tensor [K, X]
-    keys: list[str]
-    paths: list[str] | None
-    labels: list[Any] | None
-    row_latents: list[int]  # latent id of each row (row k = latent k unless the index says otherwise)
-    patch_acts_KXP: Any = None  # optional float tensor [K, X, P]: per-patch activations, if recorded
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-def read_top_index(dpath: Path) -> TopIndex:
-    """The top-images index (``vlmsae.metrics.topimages.TopImages.load``) with the browser's extras:
-    the latent id of each row (a ``latents`` tensor or ``meta["latents"]``, else row k = latent k)
-    and recorded per-patch activations (``patch_acts``), if any."""
+def read_top_index(dpath: Path) -> tuple[Any, list[int], Any]:
+    """The top-images index (``vlmsae.metrics.topimages.TopImages.load``) with the browser's extras: the latent id
+    of each row (a ``latents`` tensor or ``meta["latents"]``, else row k = latent k) and the recorded per-patch
+    activations [K, X, P] (``patch_acts``, None when absent)."""
     from vlmsae.metrics.topimages import TopImages
 
     top = TopImages.load(dpath)
@@ -334,16 +310,7 @@ def read_top_index(dpath: Path) -> TopIndex:
     else:
         row_latents = list(range(top.n_latents))
     patch = next((top.extra[k] for k in ("patch_acts", "patch_acts_KXP") if k in top.extra), None)
-    return TopIndex(
-        image_idx_KX=top.image_idx,
-        acts_KX=top.acts,
-        keys=top.keys,
-        paths=top.paths,
-        labels=top.labels,
-        row_latents=row_latents,
-        patch_acts_KXP=patch,
-        meta=top.meta,
-    )
+    return top, row_latents, patch
 
 
 def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
@@ -362,8 +329,7 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
         alpha = settings.get("alpha")
         if alpha is None and isinstance(settings.get("latents"), dict):
             alpha = {str(k): v for k, v in settings["latents"].items()}
-        steered, baseline = _as_list(obj.steered), _as_list(obj.baseline)
-        added = _as_list(obj.activation_steering)
+        steered, baseline, added = obj.steered, obj.baseline, obj.activation_steering or []
         images = _as_list(settings.get("images", settings.get("image")))
         rows = [
             {
@@ -374,7 +340,6 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
             }
             for i in range(max(len(steered), len(baseline)))
         ]
-        sweep = obj.sweep
         examples.append(
             {
                 "steering_run": str(fpath.parent.name),
@@ -384,7 +349,9 @@ def read_steering(fpaths: list[Path]) -> list[dict[str, Any]]:
                 "mode": settings.get("mode"),
                 "prompt": settings.get("prompt"),
                 "rows": rows,
-                "sweep": {str(a): [_answer_text(x) for x in _as_list(v)] for a, v in sweep.items()} if sweep else None,
+                "sweep": {str(a): [_answer_text(x) for x in _as_list(v)] for a, v in obj.sweep.items()}
+                if obj.sweep
+                else None,
             }
         )
     return examples
@@ -422,15 +389,6 @@ def _steered_latents(settings: dict[str, Any]) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # Thumbnails and heatmaps
 # --------------------------------------------------------------------------------------------
-def square_crop(img: Any) -> Any:
-    """Centre square crop, the same region CLIP-style preprocessing (resize + centre crop) sees,
-    so a patch grid drawn over the thumbnail lines up with the tokens the model saw."""
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return img.crop((left, top, left + s, top + s))
-
-
 def write_thumbnail(src_fpath: str | Path, dst_fpath: Path, size_px: int) -> bool:
     """Save a ``size_px`` square JPEG thumbnail; False (and no file) when the image cannot be read."""
     from PIL import Image, UnidentifiedImageError
@@ -438,7 +396,12 @@ def write_thumbnail(src_fpath: str | Path, dst_fpath: Path, size_px: int) -> boo
     from vlmsae.data.images import load_image  # the pixels the model saw (EXIF, 16-bit, alpha rules)
 
     try:
-        thumb = square_crop(load_image(src_fpath)).resize((size_px, size_px), Image.Resampling.BICUBIC)
+        img = load_image(src_fpath)
+        # The centre square, the region CLIP-style preprocessing (resize + centre crop) sees, so a patch grid
+        # drawn over the thumbnail lines up with the tokens the model saw.
+        (w, h), s = img.size, min(img.size)
+        left, top = (w - s) // 2, (h - s) // 2
+        thumb = img.crop((left, top, left + s, top + s)).resize((size_px, size_px), Image.Resampling.BICUBIC)
     except (OSError, UnidentifiedImageError, ValueError):
         return False
     tmp = dst_fpath.with_name(f".{dst_fpath.name}.tmp")
@@ -484,16 +447,6 @@ def quantize_grid(values_P: list[float], scale: float) -> list[int]:
 def _grid_side(n_patches: int) -> int | None:
     side = math.isqrt(n_patches)
     return side if side * side == n_patches and side > 0 else None
-
-
-def recorded_heatmaps(index: TopIndex, row: int, n_show: int) -> list[list[float] | None] | None:
-    """Per-patch activations of one latent's top images if the MS run stored them (``patch_acts``)."""
-    if index.patch_acts_KXP is None:
-        return None
-    P = index.patch_acts_KXP.shape[-1]
-    if _grid_side(P) is None:
-        return None
-    return index.patch_acts_KXP[row, :n_show].float().tolist()
 
 
 def recompute_heatmaps(
@@ -607,7 +560,7 @@ def build_browser(
 
     ms_dpath = sources.ms_dpath
     rows = latent_rows(formats.read_latents_csv(ms_dpath / formats.LATENTS_CSV))
-    index = read_top_index(ms_dpath / formats.TOP_IMAGES_DIR)
+    index, row_latents, patch_acts_KXP = read_top_index(ms_dpath / formats.TOP_IMAGES_DIR)
     # ms_summary.json, run_info.json and hierarchy.json are optional here: the page shows what there is.
     summary = _optional(formats.read_ms_summary, ms_dpath / formats.MS_SUMMARY_JSON)
     run_info = _optional(formats.read_run_info, ms_dpath / formats.RUN_INFO_JSON)
@@ -635,17 +588,17 @@ def build_browser(
             if latent not in chosen_set and latent in by_latent:
                 chosen.append(latent)
                 chosen_set.add(latent)
-    row_of_latent = {latent: row for row, latent in enumerate(index.row_latents)}
+    row_of_latent = {latent: row for row, latent in enumerate(row_latents)}
 
     # The top images of every card as [cards, X] tensors (one gather, not 16 Python lookups per card).
     import torch
 
-    n_show = min(images_per_card, int(index.image_idx_KX.shape[1])) if index.image_idx_KX.ndim == 2 else 0
+    n_show = min(images_per_card, int(index.image_idx.shape[1])) if index.image_idx.ndim == 2 else 0
     card_rows = [row_of_latent.get(latent) for latent in chosen]
     gather = torch.tensor([r if r is not None else 0 for r in card_rows], dtype=torch.long)
-    card_image_idx_KX = index.image_idx_KX[gather, :n_show].clone()
+    card_image_idx_KX = index.image_idx[gather, :n_show].clone()
     card_image_idx_KX[torch.tensor([r is None for r in card_rows], dtype=torch.bool)] = -1
-    card_acts_KX = index.acts_KX[gather, :n_show].float()
+    card_acts_KX = index.acts[gather, :n_show].float()
 
     # Thumbnails, one per image: each written once and shared by every card that shows it.
     paths = index.paths or []
@@ -660,11 +613,15 @@ def build_browser(
         key = index.keys[image_idx] if image_idx < n_keys else ""
         return _caption(key, labels[image_idx] if labels and image_idx < len(labels) else None)
 
+    inspect_href = inspect_links(ms_dpath, out_dpath)
+    show_recorded = heatmaps != "off" and patch_acts_KXP is not None and _grid_side(patch_acts_KXP.shape[-1])
     cards: list[dict[str, Any]] = []
     idx_rows, act_rows = card_image_idx_KX.tolist(), card_acts_KX.tolist()
     for c, latent in enumerate(chosen):
         r = by_latent[latent]
         tx = taxa.get(latent, {})
+        row = card_rows[c]
+        heat = patch_acts_KXP[row, :n_show].float().tolist() if show_recorded and row is not None else []
         top = []
         for slot, (image_idx, act) in enumerate(zip(idx_rows[c], act_rows[c])):
             if image_idx < 0:
@@ -677,38 +634,26 @@ def build_browser(
                     "label": caption(image_idx),
                     "act": _float(act),
                     "src": _thumb_rel(image_idx) if image_idx in written else None,
-                    "heat": None,
+                    "heat": heat[slot] if slot < len(heat) else None,
                 }
             )
-        if heatmaps != "off" and card_rows[c] is not None:
-            recorded = recorded_heatmaps(index, card_rows[c], images_per_card)
-            if recorded is not None:
-                for t in top:
-                    t["heat"] = recorded[t["slot"]] if t["slot"] < len(recorded) else None
-        group = r["group"] if r["group"] is not None else tx.get("group")
         cards.append(
             {
-                "latent": latent,
-                "ms": r["ms"],
-                "freq": r["freq"],
-                "max_act": r["max_act"],
-                "group": group,
-                "name": r["name"],
-                "names": r["names"],
+                **{k: r[k] for k in ("latent", "ms", "freq", "max_act", "name", "names")},
+                "group": r["group"] if r["group"] is not None else tx.get("group"),
                 "label": tx.get("label", ""),
                 "ranks": tx.get("ranks", {}),
                 "depth_mean": tx.get("depth_mean"),
-                "top_keys": r["top_keys"] if card_rows[c] is None else "",
+                "top_keys": r["top_keys"] if row is None else "",
                 "top": top,
                 "steering": steer_by_latent.get(latent, []),
+                **({"inspect": inspect_href[latent]} if latent in inspect_href else {}),
             }
         )
 
-    heatmap_note = _fill_heatmaps(cards, index, ms_config, heatmaps, sae_trained_on, sae_format)
-    inspect_href = inspect_links(ms_dpath, out_dpath)
-    for card in cards:
-        if card["latent"] in inspect_href:
-            card["inspect"] = inspect_href[card["latent"]]
+    heatmap_note = _fill_heatmaps(
+        cards, patch_acts_KXP is not None, index.paths, ms_config, heatmaps, sae_trained_on, sae_format
+    )
     plots = _copy_plots(ms_dpath, sources.hierarchy_dpath, out_dpath)
     data = {
         "title": title or f"vlmsae feature browser: {ms_dpath.name}",
@@ -780,7 +725,8 @@ def _caption(key: str, label: Any) -> str:
 
 def _fill_heatmaps(
     cards: list[dict[str, Any]],
-    index: TopIndex,
+    recorded: bool,
+    image_paths: list[str] | None,
     ms_config: dict[str, Any],
     mode: str,
     sae_trained_on: dict[str, Any],
@@ -789,7 +735,7 @@ def _fill_heatmaps(
     """Quantize recorded heatmaps, or recompute them; returns a note for the page header."""
     if mode == "off":
         return "heatmaps off"
-    if index.patch_acts_KXP is None:
+    if not recorded:
         if mode == "recorded":
             return "no per-patch activations recorded by the MS run"
         requests: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
@@ -797,7 +743,7 @@ def _fill_heatmaps(
             for s, t in enumerate(card["top"]):
                 requests[t["image"]].append((c, s, card["latent"]))
         values, reason = recompute_heatmaps(
-            ms_config, requests, index.paths or [], sae_trained_on=sae_trained_on, sae_format=sae_format
+            ms_config, requests, image_paths or [], sae_trained_on=sae_trained_on, sae_format=sae_format
         )
         if not values:
             return f"no patch heatmaps: {reason}"
@@ -810,10 +756,7 @@ def _fill_heatmaps(
         grids = [t["heat"] for t in card["top"] if t["heat"]]
         scale = max((max(g) for g in grids), default=0.0)
         for t in card["top"]:
-            if t["heat"] and _grid_side(len(t["heat"])):
-                t["heat"] = quantize_grid(t["heat"], scale)
-            else:
-                t["heat"] = None
+            t["heat"] = quantize_grid(t["heat"], scale) if t["heat"] and _grid_side(len(t["heat"])) else None
     return note
 
 
@@ -901,11 +844,6 @@ def _round_sig(x: float | None, digits: int) -> float | None:
     return None if x is None else float(f"{x:.{digits}g}")
 
 
-def _b64_grid(heat: list[int] | None) -> str | None:
-    """A quantized heatmap (ints 0..255) as base64 bytes: a third of its JSON list's size."""
-    return base64.b64encode(bytes(heat)).decode("ascii") if heat else None
-
-
 def chunk_payload(data: dict[str, Any], chunk: int) -> dict[str, Any]:
     """Cards ``chunk * chunk_size`` onwards as the page reads them: each card's top images as
     ``[image, act]`` pairs and base64 heatmaps, and the key, caption and thumbnail flag of each image
@@ -916,7 +854,8 @@ def chunk_payload(data: dict[str, Any], chunk: int) -> dict[str, Any]:
     for card in data["cards"][chunk * size : (chunk + 1) * size]:
         for t in card["top"]:
             images.setdefault(str(t["image"]), [t["key"], t["label"], 1 if t["src"] else 0])
-        heats = [_b64_grid(t["heat"]) for t in card["top"]]
+        # A quantized heatmap (ints 0..255) as base64 bytes: a third of its JSON list's size.
+        heats = [base64.b64encode(bytes(t["heat"])).decode("ascii") if t["heat"] else None for t in card["top"]]
         cards.append(
             {
                 **{k: card[k] for k in CARD_FIELDS},
@@ -1041,21 +980,11 @@ def log_to_wandb(
     :class:`~vlmsae.config.nodes.LoggerSchema`'s defaults for the keys it lacks). The mode is ``$WANDB_MODE``
     if set (as for training: ``WANDB_MODE=disabled`` always wins), else ``logger.mode`` (online | offline |
     disabled)."""
-    import wandb
+    from vlmsae.report.job_log import init_wandb
 
     if not isinstance(logger, LoggerSchema):
         logger = LoggerSchema(**logger)
-    mode = os.environ.get("WANDB_MODE") or logger.mode
-    run = wandb.init(
-        project=logger.project,
-        entity=logger.entity,
-        mode=mode,
-        tags=list(logger.tags),
-        group=logger.group,
-        job_type="browse",
-        dir=str(out_dpath),
-        config=config,
-    )
+    run = init_wandb(logger, os.environ.get("WANDB_MODE") or logger.mode, "browse", Path(out_dpath), config, {})
     try:
         run.log({"feature_browser": wandb_table(data, out_dpath)})
         return str(getattr(run, "dir", "") or "")

@@ -82,12 +82,12 @@ def _img(src: str | None, alt: str, cls: str = "") -> str:
     return f'<img src="{_e(src)}" alt="{_e(alt)}" title="{_e(alt)}"{f" class={cls!r}" if cls else ""}>'
 
 
-def _latent_card(hit: dict[str, Any], info: dict[str, Any], extra: str = "", seen: set[int] | None = None) -> str:
-    """One latent's card; the first card of a latent on the page carries the anchor ``#latent-<id>``."""
+def _latent_card(hit: dict[str, Any], info: dict[str, Any], extra: str, seen: set[int]) -> str:
+    """One latent's card; the first card of a latent on the page (not in ``seen``) carries the anchor
+    ``#latent-<id>``."""
     latent = hit["latent"]
-    anchor = "" if seen is None or latent in seen else f' id="latent-{latent}"'
-    if seen is not None:
-        seen.add(latent)
+    anchor = "" if latent in seen else f' id="latent-{latent}"'
+    seen.add(latent)
     group = info.get("group")
     strip = "".join(f"<figure>{_img(src, 'top image')}</figure>" for src in info.get("top", []))
     fires = hit["peak"] is not None and hit["peak"] > 0
@@ -192,9 +192,9 @@ def write_page(result: InspectResult, out_dpath: str | Path, title: str = "vlmsa
     return atomic_write_text(Path(out_dpath) / PAGE, page)
 
 
-def table_rows(result: InspectResult, out_dpath: str | Path) -> list[dict[str, Any]]:
-    """One row per (image, top latent by pooled activation): the numbers, the name, and ``heatmap`` = the overlay's
-    path (the image column of the job logger's W&B table)."""
+def write_table(result: InspectResult, out_dpath: str | Path) -> Path:
+    """``out_dpath/inspect_latents.csv``: one row per (image, top latent by pooled activation): the numbers, the
+    name, and ``heatmap`` = the overlay's path (the job logger logs it, heatmaps as images)."""
     out_dpath = Path(out_dpath)
     rows = []
     for im in result.images:
@@ -215,10 +215,4 @@ def table_rows(result: InspectResult, out_dpath: str | Path) -> list[dict[str, A
                     "heatmap": str(out_dpath / h["heat_png"]) if h.get("heat_png") else None,
                 }
             )
-    return rows
-
-
-def write_table(result: InspectResult, out_dpath: str | Path) -> Path:
-    """``out_dpath/inspect_latents.csv``: :func:`table_rows` (the job logger logs it, heatmaps as images)."""
-    rows = table_rows(result, out_dpath)
-    return write_csv_rows(Path(out_dpath) / TABLE_CSV, rows, None if rows else ["image", "latent"])
+    return write_csv_rows(out_dpath / TABLE_CSV, rows, None if rows else ["image", "latent"])

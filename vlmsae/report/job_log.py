@@ -54,13 +54,6 @@ class JobLogError(RuntimeError):
     """W&B could not start (or finish) the job's run; the job's own files are already written."""
 
 
-def _logger_node(node: Any) -> LoggerSchema:
-    lg = LoggerSchema(kind="none") if node is None else to_typed(node, LoggerSchema)
-    if lg.kind not in KINDS:
-        raise ValueError(f"logger.kind={lg.kind!r}: use logger=none, logger=csv or logger=wandb")
-    return lg
-
-
 def _plain(config: Any) -> dict[str, Any]:
     if config is None:
         return {}
@@ -135,14 +128,16 @@ class JobLog:
         """Start the job's logger run. ``logger``: the job's ``logger`` node (DictConfig, mapping or
         LoggerSchema); ``config``: the job's config (recorded by W&B); ``sae_path``: the SAE the job read (links
         the run to its training run). Raises :class:`JobLogError` if W&B cannot start."""
-        lg = _logger_node(logger)
+        lg = LoggerSchema(kind="none") if logger is None else to_typed(logger, LoggerSchema)
+        if lg.kind not in KINDS:
+            raise ValueError(f"logger.kind={lg.kind!r}: use logger=none, logger=csv or logger=wandb")
         if os.environ.get("RANK", "0") != "0":  # torchrun: one log per job
             lg = LoggerSchema(kind="none")
         out_dpath = Path(out_dpath)
         run = None
         mode = os.environ.get("WANDB_MODE") or lg.mode
         if lg.kind == "wandb" and mode != "disabled":
-            run = _init_wandb(lg, mode, job, out_dpath, _plain(config), training_run(sae_path))
+            run = init_wandb(lg, mode, job, out_dpath, _plain(config), training_run(sae_path))
         return cls(lg, job, out_dpath, run)
 
     # -------------------------------------------------------------------------------------------- the API
@@ -177,7 +172,8 @@ class JobLog:
             return
         limit = self.logger.table_rows if max_rows is None else max_rows
         if isinstance(rows_or_csv, (str, Path)):
-            rows = _read_csv_rows(Path(rows_or_csv))
+            with Path(rows_or_csv).open(newline="", encoding="utf-8") as fh:  # "#" lines: latents.csv's version
+                rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
         else:
             rows = [dict(r) for r in rows_or_csv]
             if rows:
@@ -210,15 +206,15 @@ class JobLog:
         self.finish(failed=exc_type is not None)
 
 
-def _init_wandb(lg: LoggerSchema, mode: str, job: str, out_dpath: Path, config: dict, trained: dict) -> Any:
+def init_wandb(lg: LoggerSchema, mode: str, job: str, out_dpath: Path, config: dict, trained: dict) -> Any:
+    """The W&B run of ``job`` (``trained``: :func:`training_run` of the SAE it read, which it joins), or
+    :class:`JobLogError` saying how to log offline."""
     import wandb
 
     train_logger = (trained.get("train") or {}).get("logger") or {}
-    default_project = LoggerSchema().project
     project = lg.project
-    if project == default_project and train_logger.get("kind") == "wandb" and train_logger.get("project"):
+    if project == LoggerSchema().project and train_logger.get("kind") == "wandb" and train_logger.get("project"):
         project = train_logger["project"]  # the training run's project, unless logger.project says otherwise
-    group = lg.group or train_logger.get("group") or trained.get("name")
     extra = {k: trained[k] for k in ("sae", "train") if k in trained}
     if "wandb_id" in trained:
         extra["train_wandb_id"] = trained["wandb_id"]
@@ -226,7 +222,7 @@ def _init_wandb(lg: LoggerSchema, mode: str, job: str, out_dpath: Path, config: 
         return wandb.init(
             project=project,
             entity=lg.entity or train_logger.get("entity"),
-            group=group,
+            group=lg.group or train_logger.get("group") or trained.get("name"),
             job_type=job,
             name=_run_name(out_dpath),
             tags=list(lg.tags or []),
@@ -267,12 +263,6 @@ def _thumb(value: Any) -> Any:
         return None
 
 
-def _read_csv_rows(fpath: Path) -> list[dict[str, Any]]:
-    with fpath.open(newline="", encoding="utf-8") as fh:
-        lines = [line for line in fh if not line.startswith("#")]  # version lines (latents.csv)
-    return list(csv.DictReader(lines))
-
-
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     """Every key of ``rows``, in the order they first appear."""
     return list(dict.fromkeys(c for row in rows for c in row))
@@ -297,10 +287,6 @@ def _number(value: Any) -> float | int | None:
 def _pick(src: Mapping[str, Any] | None, keys: Iterable[str], prefix: str) -> dict[str, Any]:
     src = src or {}
     return {f"{prefix}/{k}": src[k] for k in keys if _number(src.get(k)) is not None}
-
-
-def _extract_figures(result: Mapping[str, Any]) -> dict[str, Any]:
-    return _pick(result, ("images_per_s", "n_rows", "n_shards", "n_images", "n_skipped", "seconds", "d"), "extract")
 
 
 def _ms_figures(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -354,7 +340,9 @@ FIGURES = {
     "stability": _numbers("stability"),
     "names": _numbers("names"),
     "inspect": _numbers("inspect"),
-    "extract": _extract_figures,
+    "extract": lambda r: _pick(
+        r, ("images_per_s", "n_rows", "n_shards", "n_images", "n_skipped", "seconds", "d"), "extract"
+    ),
     "monosemanticity": _ms_figures,
     "hierarchy": _hierarchy_figures,
     "steer": _steer_figures,

@@ -42,10 +42,9 @@ def plot_ms_hist(fpath: Path, ms_K: torch.Tensor, ms_raw_D: torch.Tensor | None)
     lo = min(float(v.min()) for v in both) if both else 0.0
     hi = max(float(v.max()) for v in both) if both else 1.0
     bins = torch.linspace(min(lo, 0.0), max(hi, 1.0), 41).numpy()
-    if len(sae_vals):
-        ax.hist(sae_vals, bins=bins, density=True, alpha=0.6, label=f"SAE latents (mean {sae_vals.mean():.3f})")
-    if raw_vals is not None and len(raw_vals):
-        ax.hist(raw_vals, bins=bins, density=True, alpha=0.6, label=f"raw neurons (mean {raw_vals.mean():.3f})")
+    for vals, what in ((sae_vals, "SAE latents"), (raw_vals, "raw neurons")):
+        if vals is not None and len(vals):
+            ax.hist(vals, bins=bins, density=True, alpha=0.6, label=f"{what} (mean {vals.mean():.3f})")
     ax.set_xlabel("monosemanticity score")
     ax.set_ylabel("density")
     ax.legend()

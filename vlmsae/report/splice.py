@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from vlmsae.report.tables import markdown_table
 from vlmsae.utils.io import atomic_write_text
 
 SPLICE_MD = "splice.md"
@@ -27,16 +28,10 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def splice_table(rows: list[dict[str, Any]]) -> str:
-    """The markdown table of ``rows`` (:meth:`vlmsae.steering.splice.SpliceScores.rows`); – = not applicable."""
-    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_splice_report(out_dpath: str | Path, rows: list[dict[str, Any]], notes: list[str], title: str) -> str:
-    """Write ``splice.md`` (title, table, notes) into ``out_dpath``; returns the table."""
-    table = splice_table(rows)
+    """Write ``splice.md`` (title, the table of ``rows`` (:meth:`vlmsae.steering.splice.SpliceScores.rows`; – = not
+    applicable), notes) into ``out_dpath``; returns the table."""
+    table = markdown_table([h for _, h in COLUMNS], [[_cell(r.get(k)) for k, _ in COLUMNS] for r in rows])
     body = f"# {title}\n\n{table}\n" + "".join(f"- {n}\n" for n in notes)
     atomic_write_text(Path(out_dpath) / SPLICE_MD, body)
     return table

@@ -38,24 +38,19 @@ def _pm(mean: Any, std: Any) -> str:
     return "-" if mean is None else f"{float(mean):.3f} ± {float(std or 0.0):.3f}"
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table: the header row, the separator, one line per row."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _write(out_dpath: Path, stem: str, md: str, header: list[str], rows: list[list[Any]]) -> dict[str, Any]:
     md_fpath, csv_fpath = Path(out_dpath) / f"{stem}.md", Path(out_dpath) / f"{stem}.csv"
     atomic_write_text(md_fpath, md)
-    atomic_write_text(csv_fpath, _csv(header, rows))
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows([header, *rows])
+    atomic_write_text(csv_fpath, buf.getvalue())
     return {"md": str(md_fpath), "csv": str(csv_fpath), "columns": header, "rows": rows}
 
 
@@ -94,10 +89,16 @@ def _pm_seeds(stat: dict[str, Any]) -> str:
     return f"{stat['mean']:.3f} ± {stat['ci95']:.3f} ({stat['n']} seeds)"
 
 
-def _ms_cells(found: list[list[dict[str, Any]]], seeds: list[str]) -> tuple[list[str], list[str]]:
-    """A seeded ms_table row's md cells and csv values from each expansion's results (one per seed)."""
+def _ms_cells(found: list[list[dict[str, Any]]], seeds: list[str], seeded: bool) -> tuple[list[str], list[str]]:
+    """An ms_table row's md cells and csv values from each expansion's results (one per seed; unseeded: the
+    first result's mean ± std)."""
     md, csv_vals = [], []
     for results, seed_list in zip(found, seeds):
+        if not seeded:
+            c = results[0] if results else None
+            md.append(_pm(c["mean"], c["std"]) if c else "-")
+            csv_vals += [_num(c[k]) if c else "" for k in ("mean", "std")]
+            continue
         stat = _over_seeds([r["mean"] for r in results])
         std = _over_seeds([r.get("std") for r in results])["mean"] if results else None
         md.append(_pm_seeds(stat) if results else "-")
@@ -123,26 +124,16 @@ def ms_table(out_dpath: Path, sweep: Sequence[SweepRow], model_name: str | None 
             members = [groups.get((arch, layer, e), []) for e in expansions]
             if not any(members):
                 continue
-            if seeded:
-                md, vals = _ms_cells([[r.result for r in g] for g in members], [_seeds(g) for g in members])
-                md_rows.append([arch, layer, *md])
-                csv_rows.append([arch, layer, *vals])
-                continue
-            found = [g[0].result if g else None for g in members]
-            md_rows.append([arch, layer] + [_pm(c["mean"], c["std"]) if c else "-" for c in found])
-            csv_rows.append([arch, layer] + [_num(c[k]) if c else "" for c in found for k in ("mean", "std")])
+            md, vals = _ms_cells([[r.result for r in g] for g in members], [_seeds(g) for g in members], seeded)
+            md_rows.append([arch, layer, *md])
+            csv_rows.append([arch, layer, *vals])
+        # the raw neurons have no expansion factor: the same baseline in every column; seeded, over every SAE of
+        # the layer (the same images give the same baseline: interval 0)
         with_base = [r for r in sweep if r.layer == layer and "baseline" in r.result]
-        if not with_base:
-            continue
-        # the raw neurons have no expansion factor: the same baseline in every column
-        if seeded:  # over every SAE of the layer (the same images give the same baseline: interval 0)
-            md, vals = _ms_cells([[r.result["baseline"] for r in with_base]], [_seeds(with_base)])
+        if with_base:
+            md, vals = _ms_cells([[r.result["baseline"] for r in with_base]], [_seeds(with_base)], seeded)
             md_rows.append([RAW_ROW, layer] + md * len(expansions))
             csv_rows.append([RAW_ROW, layer] + vals * len(expansions))
-            continue
-        base = with_base[0].result["baseline"]
-        md_rows.append([RAW_ROW, layer] + [_pm(base["mean"], base["std"])] * len(expansions))
-        csv_rows.append([RAW_ROW, layer] + [_num(base[k]) for _ in expansions for k in ("mean", "std")])
     what = (
         "Mean over the seeds of each SAE's mean MS ± the half-width of its 95% t-interval over the seeds (n seeds)"
         if seeded
@@ -152,7 +143,7 @@ def ms_table(out_dpath: Path, sweep: Sequence[SweepRow], model_name: str | None 
         f"# Monosemanticity of the sweep{f' ({model_name})' if model_name else ''}\n\n"
         f"{what} (rows: architecture and layer, columns: expansion "
         f"factor); `{RAW_ROW}`: the layer's raw neurons (the baseline).\n\n"
-        + _markdown(["architecture", "layer"] + [_x(e) for e in expansions], md_rows)
+        + markdown_table(["architecture", "layer"] + [_x(e) for e in expansions], md_rows)
     )
     return _write(out_dpath, "ms_table", md, header, csv_rows)
 
@@ -174,9 +165,7 @@ def _hierarchy_seeded(groups: dict[tuple[Any, Any, float], list[SweepRow]], n_gr
             rows[-1] += [_num(c[k]) for c in cells for k in ("mean", "ci95")]
             md_rows.append([name, arch, f"{e:g}", layer, measure, seeds or f"{len(members)} SAEs"])
             md_rows[-1] += [_pm_seeds(c) for c in cells]
-    md_header = ["sae", "architecture", "expansion", "layer", "measure", "seeds"] + [
-        f"group_{g}" for g in range(n_groups)
-    ]
+    md_header = [*header[:5], "seeds", *(f"group_{g}" for g in range(n_groups))]
     return header, rows, md_header, md_rows
 
 
@@ -206,7 +195,7 @@ def hierarchy_table(out_dpath: Path, sweep: Sequence[SweepRow], paper: dict[str,
     md = (
         "# Taxonomy alignment of the sweep (Table 2 per SAE)\n\n"
         "depth: mean LCA depth of the top images' taxon paths over a group's scored latents; ms: the group's "
-        f"mean MS{f'; {what}' if what else ''}.\n\n" + _markdown(md_header, md_rows)
+        f"mean MS{f'; {what}' if what else ''}.\n\n" + markdown_table(md_header, md_rows)
     )
     return _write(out_dpath, "hierarchy_table", md, header, rows)
 
@@ -226,6 +215,6 @@ def steer_table(out_dpath: Path, sweep: Sequence[SweepRow]) -> dict[str, Any]:
     md = (
         "# Steering score of the sweep\n\nMean cosine of the answer's text embedding with the latent's concept "
         "(± std): steered vs not steered, and the bounds (true class names, shuffled names).\n\n"
-        + _markdown(header, md_rows)
+        + markdown_table(header, md_rows)
     )
     return _write(out_dpath, "steer_table", md, header, rows)
