@@ -34,17 +34,8 @@ class TopImagesAccumulator:
         """Merge the next chunk of images (dense [B, K] or torch sparse), numbered on from the previous chunk."""
         if acts_BK.dim() != 2 or acts_BK.shape[1] != self.n_latents:
             raise ValueError(f"expected a [B, {self.n_latents}] chunk, got shape {tuple(acts_BK.shape)}.")
-        cand_vals, cand_idx = self._candidates(acts_BK.detach().cpu(), self.n_images)
-        vals = torch.cat([self.vals_KX, cand_vals], 1)
-        idx = torch.cat([self.idx_KX, cand_idx], 1)
-        # Stable descending sort: on ties the running entries (earlier images) stay ahead.
-        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.top_k]
-        self.vals_KX = vals.gather(1, order)
-        self.idx_KX = idx.gather(1, order)
-        self.n_images += acts_BK.shape[0]
-
-    def _candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each latent's top nonzero entries of the chunk (dense or sparse: only its nonzeros are read)."""
+        # each latent's top nonzero entries of the chunk (dense or sparse: only its nonzeros are read)
+        acts_BK = acts_BK.detach().cpu()
         coo = (acts_BK if acts_BK.layout == torch.sparse_coo else acts_BK.to_sparse_coo()).coalesce()
         rows, cols = coo.indices()
         vals = coo.values().to(torch.float32)
@@ -63,8 +54,15 @@ class TopImagesAccumulator:
         cand_vals = torch.full((self.n_latents, self.top_k), -math.inf, dtype=torch.float32)
         cand_idx = torch.full((self.n_latents, self.top_k), _NONE, dtype=torch.long)
         cand_vals[cols[keep], rank[keep]] = vals[keep]
-        cand_idx[cols[keep], rank[keep]] = rows[keep] + offset
-        return cand_vals, cand_idx
+        cand_idx[cols[keep], rank[keep]] = rows[keep] + self.n_images
+
+        vals = torch.cat([self.vals_KX, cand_vals], 1)
+        idx = torch.cat([self.idx_KX, cand_idx], 1)
+        # Stable descending sort: on ties the running entries (earlier images) stay ahead.
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.top_k]
+        self.vals_KX = vals.gather(1, order)
+        self.idx_KX = idx.gather(1, order)
+        self.n_images += acts_BK.shape[0]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image_idx [K, X] int64 with -1 padding, acts [K, X] float32 with 0 padding)."""
