@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.browse import BrowseJob
 
 
@@ -24,21 +24,11 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
 
-    job = to_typed(cfg, BrowseJob)  # the one conversion: below, every node is its dataclass
+    job, config = typed_job(cfg, BrowseJob)  # below, every node is its dataclass; config: run_info.json
     out_dpath = run_dir(out_dpath if out_dpath is not None else job.out or None)
     sources = find_runs(job.run, ms_run=job.ms_run, hierarchy_run=job.hierarchy_run, steer_runs=job.steer_runs)
-    data = build_browser(
-        sources,
-        out_dpath,
-        max_cards=job.max_cards,
-        max_inline=job.max_inline,
-        chunk_size=job.chunk_size,
-        images_per_card=job.images_per_card,
-        thumb_px=job.thumb_px,
-        heatmaps=job.heatmaps,
-        title=job.title,
-        sae_format=job.sae_format,
-    )
+    keys = ("max_cards", "max_inline", "chunk_size", "images_per_card", "thumb_px", "heatmaps", "title", "sae_format")
+    data = build_browser(sources, out_dpath, **pick(job, *keys))
     result = {
         **cards_summary(data),
         "index_html": str(Path(out_dpath) / "index.html"),
@@ -47,7 +37,6 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         "steer_files": [str(p) for p in sources.steer_fpaths],
         "found": sources.found,
     }
-    config = OmegaConf.to_container(cfg, resolve=True)
     if job.logger.kind == "wandb":
         result["wandb_dir"] = log_to_wandb(data, out_dpath, job.logger, config)
     write_run_info(out_dpath, config, result=result)
@@ -65,9 +54,4 @@ def _main(cfg: DictConfig) -> None:
     print(f"open file://{Path(result['index_html']).resolve()}")
 
 
-def main() -> None:
-    launch("browse", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("browse", _main, __name__)

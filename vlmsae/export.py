@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.export import ExportJob
 
 
@@ -27,7 +27,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.utils.paths import run_dir
     from vlmsae.utils.provenance import write_run_info
 
-    job = to_typed(cfg, ExportJob)  # the one conversion: below, every node is its dataclass
+    job, config = typed_job(cfg, ExportJob)  # below, every node is its dataclass; config: run_info.json
     sae = load_any(job.sae_path, sae_format=job.sae_format)
     written = export_sae(sae, job.format, job.out, overwrite=job.overwrite, matryoshka_class=job.matryoshka_class)
     result = {
@@ -36,11 +36,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         "files": sorted(p.name for p in Path(written).iterdir()),
         "sae_path": job.sae_path,
         "from_format": sae.trained_on["format"],
-        "arch": sae.arch,
-        "d_in": sae.d_in,
-        "n_latents": sae.n_latents,
+        **pick(sae, "arch", "d_in", "n_latents"),
     }
-    write_run_info(run_dir(out_dpath), OmegaConf.to_container(cfg, resolve=True), result=result)
+    write_run_info(run_dir(out_dpath), config, result=result)
     return result
 
 
@@ -52,9 +50,4 @@ def _main(cfg: DictConfig) -> None:
     )
 
 
-def main() -> None:
-    launch("export", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("export", _main, __name__)

@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.extract import ExtractJob
-from vlmsae.formats import RUN_INFO_JSON
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
 
@@ -39,62 +38,35 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from vlmsae.models.extraction import ExtractionPlan, Ranks, StoreExtraction
     from vlmsae.report.job_log import log_job
 
-    job = to_typed(cfg, ExtractJob)  # the one conversion: below, every node is its dataclass
-    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json
+    job, config = typed_job(cfg, ExtractJob)  # below, every node is its dataclass; config: run_info.json
     out = out_dpath if out_dpath is not None else job.out
     sink = sink_of(out, job.staging_dir)  # out=<url>: its protocol and package are checked before any image
     out_dpath = sink.staging_dpath if sink is not None else run_dir(out)
     data = job.data
     plan = ExtractionPlan(
-        source=data.source,
-        root=data.root,
-        layer=job.layer,
-        tokens=job.tokens,
-        k=job.k,
-        seed=job.seed,
-        dtype=job.dtype,
-        rows_per_shard=job.rows_per_shard,
-        rows_per_chunk=job.rows_per_chunk,
-        order_seed=job.order_seed,
-        max_images=data.max_images,
+        **pick(job, "layer", "tokens", "k", "seed", "dtype", "rows_per_shard", "rows_per_chunk", "order_seed"),
+        **pick(data, "source", "root", "max_images", "num_workers", "exif_transpose", "fast_decode"),
         batch_size=data.images_per_forward,
-        num_workers=data.num_workers,
-        exif_transpose=data.exif_transpose,
         synthetic=synthetic_options(data.source, data.n_per_class, data.size, data.synthetic_seed),
         progress=job.progress,
-        fast_decode=data.fast_decode,
     )
     extraction = StoreExtraction(job.model, plan, out_dpath, Ranks.from_env(), sink=sink)
-    if (finished := extraction.finished) is not None:  # rerunning a complete extraction changes nothing
-        return _published(sink, finished)
-    _write_run_info(sink, out_dpath, config, result=None)  # says what is being made, even if the run is killed
-    summary = extraction.run()
-    _write_run_info(sink, out_dpath, config, result=summary)
-    log_job(job, "extract", out_dpath, summary)  # after the files: a W&B failure costs no output
-    return _published(sink, summary)
+    summary = extraction.finished  # rerunning a complete extraction changes nothing
+    if summary is None:
+        _write_run_info(sink, out_dpath, config, result=None)  # says what is being made, even if the run is killed
+        summary = extraction.run()
+        _write_run_info(sink, out_dpath, config, result=summary)
+        log_job(job, "extract", out_dpath, summary)  # after the files: a W&B failure costs no output
+    if sink is None:
+        return summary
+    sink.close()  # the staging folder, if temporary, is removed
+    return {**summary, "out": sink.url}  # the URL the store was written to
 
 
 def _write_run_info(sink: StoreSink | None, out_dpath: Path, config: Any, result: Any) -> None:
-    write_run_info(out_dpath, config, result=result)
+    fpath = write_run_info(out_dpath, config, result=result)
     if sink is not None:
-        sink.put(out_dpath / RUN_INFO_JSON)
+        sink.put(fpath)
 
 
-def _published(sink: StoreSink | None, summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary naming the URL the store was written to (the staging folder, if temporary, is removed)."""
-    if sink is None:
-        return summary
-    sink.close()
-    return {**summary, "out": sink.url}
-
-
-def _main(cfg: DictConfig) -> None:
-    print(OmegaConf.to_yaml(OmegaConf.create(run(cfg))))
-
-
-def main() -> None:
-    launch("extract", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("extract", lambda cfg: print(OmegaConf.to_yaml(OmegaConf.create(run(cfg)))), __name__)

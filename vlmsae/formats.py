@@ -1,6 +1,6 @@
 """Every on-disk format that one job writes and another reads: a dataclass, one read, one write.
 
-Each format carries a ``format_version``. A reader accepts the versions in its ``*_VERSIONS`` tuple
+Each format carries a ``format_version``. A reader accepts the versions in its ``VERSIONS`` tuple
 and refuses any other (a newer vlmsae wrote it) with a message that names the file, the version found,
 the versions this vlmsae reads and the fix. Files written before versions existed carry none: they are
 read as version 1, so finished runs still load. Writers are atomic (:mod:`vlmsae.utils.io`).
@@ -60,69 +60,10 @@ STABILITY_LATENTS_CSV = "stability_latents.csv"
 INSPECT_JSON = "inspect.json"
 SAE_FORMAT = "vlmsae-sae"  # the "format" key of an SAE checkpoint's config.json
 
-# The versions each reader understands; the last one is what the writer writes.
+# The versions each reader understands (a JSON format's VERSIONS, (1,) unless its class says); the last is written.
 LATENTS_CSV_VERSIONS = (1, 2, 3)  # 1: no version line; 2: the version line; 3: optional name columns
-MS_SUMMARY_VERSIONS = (1,)
 TOP_IMAGES_VERSIONS = (1,)
-HIERARCHY_VERSIONS = (1,)
-STEER_VERSIONS = (1,)
-STEER_EVAL_VERSIONS = (1,)
-SPLICE_VERSIONS = (1,)
-RUN_INFO_VERSIONS = (1,)
-MANIFEST_VERSIONS = (1,)
-PROGRESS_VERSIONS = (1,)
-SAE_CONFIG_VERSIONS = (1, 2)  # 2: the training record is "trained_on" (version 1 called it "source")
-STABILITY_VERSIONS = (1,)
-INSPECT_VERSIONS = (1,)
 STABILITY_LATENTS_VERSIONS = (1,)  # "# vlmsae stability_latents.csv format_version=1", then header and rows
-
-__all__ = [
-    "FormatVersionError",
-    "HierarchySummary",
-    "InspectResult",
-    "LatentRow",
-    "LatentsTable",
-    "MsSummary",
-    "RunInfo",
-    "SAECheckpointConfig",
-    "SpliceResult",
-    "StabilityLatents",
-    "StabilitySummary",
-    "SteerEvalResult",
-    "SteerResult",
-    "StoreManifest",
-    "StoreProgress",
-    "TopImagesIndex",
-    "check_version",
-    "read_hierarchy",
-    "read_inspect",
-    "read_latents_csv",
-    "read_manifest",
-    "read_ms_summary",
-    "read_progress",
-    "read_run_info",
-    "read_sae_config",
-    "read_splice",
-    "read_stability",
-    "read_stability_latents",
-    "read_steer",
-    "read_steer_eval",
-    "read_top_images",
-    "write_hierarchy",
-    "write_inspect",
-    "write_latents_csv",
-    "write_manifest",
-    "write_ms_summary",
-    "write_progress",
-    "write_run_info",
-    "write_sae_config",
-    "write_splice",
-    "write_stability",
-    "write_stability_latents",
-    "write_steer",
-    "write_steer_eval",
-    "write_top_images",
-]
 
 
 class FormatVersionError(ValueError):
@@ -165,10 +106,6 @@ def read_json_object(fpath: Path, fix: str) -> dict[str, Any]:
     return obj
 
 
-def _load_json(fpath: Path, job: str) -> dict[str, Any]:
-    return read_json_object(fpath, f"re-run `{job}` to rewrite it.")
-
-
 # --------------------------------------------------------------------------------------------
 # JSON formats: typed fields + ``extra`` (keys this vlmsae does not name, kept on a round trip)
 # --------------------------------------------------------------------------------------------
@@ -183,10 +120,6 @@ def _f(*types: type, default: Any = None, omit_none: bool = False, none_empty: b
     if default in (dict, list):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
-
-
-def _opt(default: Any = None) -> Any:
-    return field(default=default, metadata={"omit_none": True})
 
 
 def _build(cls: type, obj: dict[str, Any], fpath: Path | str, job: str, version: int) -> Any:
@@ -222,7 +155,7 @@ class _JsonFormat:
     ``read`` and each ``write_<x>`` is :func:`_write` (the list at the end of this module)."""
 
     FILE: ClassVar[str]
-    VERSIONS: ClassVar[tuple[int, ...]]
+    VERSIONS: ClassVar[tuple[int, ...]] = (1,)
     JOB: ClassVar[str]
     FINITE: ClassVar[bool] = False  # NaN / inf written as null
     INDENT: ClassVar[int | None] = 2
@@ -262,7 +195,7 @@ class _JsonFormat:
     def read(cls, path: str | Path) -> Any:
         """The format from its file, or from the folder that holds it."""
         fpath = _found(path, cls.FILE, cls.JOB)
-        return cls.from_json(_load_json(fpath, cls.JOB), fpath)
+        return cls.from_json(read_json_object(fpath, f"re-run `{cls.JOB}` to rewrite it."), fpath)
 
 
 def _write(dpath: str | Path, obj: _JsonFormat) -> Path:
@@ -278,7 +211,7 @@ class MsSummary(_JsonFormat):
     ``n_scored``, ``uniqueness``, ``reconstruction``, ``zero_shot``, ``embedder``, ``model``, ...).
     """
 
-    FILE, VERSIONS, JOB = MS_SUMMARY_JSON, MS_SUMMARY_VERSIONS, "python -m vlmsae.monosemanticity"
+    FILE, JOB = MS_SUMMARY_JSON, "python -m vlmsae.monosemanticity"
     mean: float | None = _f(*_NUM)  # NaN when no latent was scored
     std: float | None = _f(*_NUM)
     min: float | None = _f(*_NUM)
@@ -294,7 +227,7 @@ class HierarchySummary(_JsonFormat):
     """``hierarchy.json`` of ``python -m vlmsae.hierarchy``: one object per Matryoshka group in ``groups``
     (group, n_latents, n_scored, depth_mean, depth_std, ms_mean, ms_max, ms_min, ...)."""
 
-    FILE, VERSIONS, JOB = HIERARCHY_JSON, HIERARCHY_VERSIONS, "python -m vlmsae.hierarchy"
+    FILE, JOB = HIERARCHY_JSON, "python -m vlmsae.hierarchy"
     groups: list[dict[str, Any]] = _f(list, default=MISSING)
     group_sizes: list[int] | None = _f(list)
     n_latents: int | None = _f(int)
@@ -318,7 +251,7 @@ class SteerResult(_JsonFormat):
     format too: ``extra`` keeps any further keys.
     """
 
-    FILE, VERSIONS, JOB = STEER_JSON, STEER_VERSIONS, "python -m vlmsae.steer"
+    FILE, JOB = STEER_JSON, "python -m vlmsae.steer"
     steered: list[Any] = _f(list, default=MISSING)
     baseline: list[Any] = _f(list, default=MISSING)
     activation_steering: list[Any] | None = _f(list, omit_none=True)
@@ -335,7 +268,7 @@ class SteerEvalResult(_JsonFormat):
     figures for the setting; ``settings``: what was run.
     """
 
-    FILE, VERSIONS, JOB = STEER_EVAL_JSON, STEER_EVAL_VERSIONS, "python -m vlmsae.steer_eval"
+    FILE, JOB = STEER_EVAL_JSON, "python -m vlmsae.steer_eval"
     summary: dict[str, Any] = _f(dict, default=MISSING)
     per_latent: list[dict[str, Any]] = _f(list, default=MISSING)
     settings: dict[str, Any] = _f(dict, default=dict)
@@ -352,7 +285,7 @@ class SpliceResult(_JsonFormat):
     written as null.
     """
 
-    FILE, VERSIONS, JOB, FINITE = SPLICE_JSON, SPLICE_VERSIONS, "python -m vlmsae.splice_eval", True
+    FILE, JOB, FINITE = SPLICE_JSON, "python -m vlmsae.splice_eval", True
     summary: dict[str, Any] = _f(dict, default=MISSING)
     rows: list[dict[str, Any]] = _f(list, default=MISSING)
     per_answer: list[dict[str, Any]] = _f(list, default=list)
@@ -366,7 +299,7 @@ class RunInfo(_JsonFormat):
     ``extra`` holds what the job added (``status``, ``sae_path``, ``skipped``, ``outputs``, ...).
     :func:`vlmsae.utils.provenance.write_run_info` fills it in."""
 
-    FILE, VERSIONS, JOB = RUN_INFO_JSON, RUN_INFO_VERSIONS, "the job that made this folder"
+    FILE, JOB = RUN_INFO_JSON, "the job that made this folder"
     config: dict[str, Any] = _f(dict, default=dict, none_empty=True)
     vlmsae_version: str | None = None
     git_commit: str | None = None
@@ -393,7 +326,7 @@ class StoreManifest(_JsonFormat):
     (write_acts_store stores have no model details).
     """
 
-    FILE, VERSIONS, JOB, INDENT = MANIFEST_JSON, MANIFEST_VERSIONS, _EXTRACT_JOB, 1
+    FILE, JOB, INDENT = MANIFEST_JSON, _EXTRACT_JOB, 1
     d: int | None = _f(int)  # row width
     n_rows: int | None = _f(int)
     dtype: str | None = _f(str)  # stored dtype: float16 | bfloat16 | float32
@@ -401,7 +334,7 @@ class StoreManifest(_JsonFormat):
     n_chunks: int | None = _f(int)
     rows_per_chunk: int | None = _f(int)
     shards: list[str] | None = _f(list)  # shard file names, in order
-    shard_rows: list[int] | None = _opt()  # rows per shard (with rows_per_chunk: the chunk index of a remote store)
+    shard_rows: list[int] | None = _f(omit_none=True)  # rows per shard (+ rows_per_chunk: a remote store's chunk index)
     mean: list[float] | None = _f(list)  # per dimension, over the stored rows
     var: list[float] | None = _f(list)  # population variance per dimension
     mean_sq_norm: float | None = _f(*_NUM)  # E||x||^2
@@ -409,41 +342,41 @@ class StoreManifest(_JsonFormat):
     git_commit: str | None = None
     complete: bool | None = _f(bool, omit_none=True)  # False: an unfinished extraction
     # what was extracted
-    model: str | None = _opt()
-    backend: str | None = _opt()
-    arch: str | None = _opt()
-    pretrained: str | None = _opt()
-    local_path: str | None = _opt()
+    model: str | None = _f(omit_none=True)
+    backend: str | None = _f(omit_none=True)
+    arch: str | None = _f(omit_none=True)
+    pretrained: str | None = _f(omit_none=True)
+    local_path: str | None = _f(omit_none=True)
     layer: int | str | None = _f(int, str, omit_none=True)  # a block index or "last" (the pooled embedding)
     tokens: str | None = _f(str, omit_none=True)  # cls | mean | patches | all | random_k
     k: int | None = _f(int, omit_none=True)  # tokens per image for random_k
-    seed: int | None = _opt()
-    model_dtype: str | None = _opt()
-    image_size: int | None = _opt()
-    has_cls: bool | None = _opt()
-    n_tokens_per_image: int | None = _opt()
-    embed_dim: int | None = _opt()
-    width: int | None = _opt()
-    n_layers: int | None = _opt()
-    rows_per_shard: int | None = _opt()
+    seed: int | None = _f(omit_none=True)
+    model_dtype: str | None = _f(omit_none=True)
+    image_size: int | None = _f(omit_none=True)
+    has_cls: bool | None = _f(omit_none=True)
+    n_tokens_per_image: int | None = _f(omit_none=True)
+    embed_dim: int | None = _f(omit_none=True)
+    width: int | None = _f(omit_none=True)
+    n_layers: int | None = _f(omit_none=True)
+    rows_per_shard: int | None = _f(omit_none=True)
     # which images, in which order
-    source: str | None = _opt()
-    root: str | None = _opt()
+    source: str | None = _f(omit_none=True)
+    root: str | None = _f(omit_none=True)
     synthetic: dict[str, Any] | None = _f(dict, omit_none=True)
-    max_images: int | None = _opt()
-    batch_size: int | None = _opt()
+    max_images: int | None = _f(omit_none=True)
+    batch_size: int | None = _f(omit_none=True)
     n_images: int | None = _f(int, omit_none=True)
-    n_listed: int | None = _opt()
+    n_listed: int | None = _f(omit_none=True)
     classes: list[str] | None = _f(list, omit_none=True)  # label names
-    image_list_digest: str | None = _opt()  # vlmsae.data.shards.image_list_digest of the stored images' keys
-    listing_digest: str | None = _opt()
-    order_seed: int | None = _opt()
-    order_unit: str | None = _opt()  # image | shard (wds)
-    order_digest: str | None = _opt()
-    image_idx_meaning: str | None = _opt()
-    exif_transpose: bool | None = _opt()
-    alpha_background: str | None = _opt()
-    decode: str | None = _opt()  # cpu | cpu_draft | cuda_nvjpeg: how images were decoded (vlmsae.models.gpu_decode)
+    image_list_digest: str | None = _f(omit_none=True)  # vlmsae.data.shards.image_list_digest of stored images' keys
+    listing_digest: str | None = _f(omit_none=True)
+    order_seed: int | None = _f(omit_none=True)
+    order_unit: str | None = _f(omit_none=True)  # image | shard (wds)
+    order_digest: str | None = _f(omit_none=True)
+    image_idx_meaning: str | None = _f(omit_none=True)
+    exif_transpose: bool | None = _f(omit_none=True)
+    alpha_background: str | None = _f(omit_none=True)
+    decode: str | None = _f(omit_none=True)  # cpu | cpu_draft | cuda_nvjpeg: image decoding (vlmsae.models.gpu_decode)
     n_skipped: int | None = _f(int, omit_none=True)
     skipped: list[dict[str, Any]] | None = _f(list, omit_none=True)  # {key, path, error, reason} per unreadable image
     skipped_by_reason: dict[str, int] | None = _f(dict, omit_none=True)
@@ -455,7 +388,7 @@ class StoreManifest(_JsonFormat):
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> StoreManifest:
         """A manifest from the writer's flat dict (its ``meta`` and fields): named keys typed, the rest in extra."""
-        return _build(cls, obj, "the activation store manifest", _EXTRACT_JOB, MANIFEST_VERSIONS[-1])
+        return _build(cls, obj, "the activation store manifest", _EXTRACT_JOB, StoreManifest.VERSIONS[-1])
 
 
 def read_manifest(path: str | Path) -> StoreManifest:
@@ -495,7 +428,7 @@ class StoreProgress(_JsonFormat):
     (e.g. the next image position), None before the first shard.
     """
 
-    FILE, VERSIONS, JOB, INDENT = PROGRESS_JSON, PROGRESS_VERSIONS, _EXTRACT_JOB, None
+    FILE, JOB, INDENT = PROGRESS_JSON, _EXTRACT_JOB, None
     meta: dict[str, Any] = _f(dict, default=MISSING)
     n_shards: int = _f(int, default=MISSING)
     n_rows: int = _f(int, default=MISSING)
@@ -515,7 +448,8 @@ class SAECheckpointConfig(_JsonFormat):
     pretrained, layer, tokens, data, ...) and by which code. ``format`` is always ``"vlmsae-sae"``.
     """
 
-    FILE, VERSIONS, JOB = SAE_CONFIG_JSON, SAE_CONFIG_VERSIONS, "python -m vlmsae.train"
+    FILE, JOB = SAE_CONFIG_JSON, "python -m vlmsae.train"
+    VERSIONS = (1, 2)  # 2: the training record is "trained_on" (version 1 called it "source")
     format: str = _f(str, default=SAE_FORMAT)
     arch: str | None = _f(str)
     d_in: int | None = _f(int)
@@ -570,6 +504,7 @@ LATENTS_COLUMNS = ("latent", "ms", "freq", "max_act", "group", "top_keys")  # al
 LATENTS_NAME_COLUMNS = ("name", "name_score", "names")  # written when the run named its latents
 LATENTS_AUTOINTERP_COLUMNS = ("autointerp", "autointerp_score")  # written when the run asked LLaVA
 _MS_JOB = "python -m vlmsae.monosemanticity"
+_MS_REWRITE = f"re-run `{_MS_JOB}` to rewrite it."
 _LATENTS_FLOATS = ("ms", "freq", "max_act", "name_score", "autointerp_score")  # an empty or absent cell reads as NaN
 
 
@@ -753,13 +688,13 @@ def read_top_images(dpath: str | Path) -> TopImagesIndex:
             f"{images_fpath} is missing: the top_images index needs {TOP_TENSORS} and {TOP_IMAGES_JSON}."
         )
     meta_fpath = dpath / TOP_META_JSON
-    meta = _load_json(meta_fpath, _MS_JOB) if meta_fpath.exists() else {}
+    meta = read_json_object(meta_fpath, _MS_REWRITE) if meta_fpath.exists() else {}
     # An index written before format_version existed (or without meta.json) is version 1.
     version = check_version(meta_fpath, meta.pop("format_version", 1), TOP_IMAGES_VERSIONS, _MS_JOB)
     tensors = load_file(str(fpath))
     if "image_idx" not in tensors or "acts" not in tensors:
         raise ValueError(f"{fpath} must hold tensors 'image_idx' and 'acts' [K, T]; it has {sorted(tensors)}.")
-    images = _load_json(images_fpath, _MS_JOB)
+    images = read_json_object(images_fpath, _MS_REWRITE)
     image_idx, acts = tensors.pop("image_idx"), tensors.pop("acts")
     keys, paths, labels = list(images.get("keys") or []), images.get("paths"), images.get("labels")
     return TopImagesIndex(image_idx, acts, keys, paths, labels, meta, extra=tensors, format_version=version)
@@ -806,7 +741,7 @@ class StabilitySummary(_JsonFormat):
     written as null.
     """
 
-    FILE, VERSIONS, JOB, FINITE = STABILITY_JSON, STABILITY_VERSIONS, _STABILITY_JOB, True
+    FILE, JOB, FINITE = STABILITY_JSON, _STABILITY_JOB, True
     runs: list[str] = _f(list, default=MISSING)
     n_latents: int = _f(int, default=MISSING)
     d_in: int = _f(int, default=MISSING)
@@ -887,7 +822,7 @@ class InspectResult(_JsonFormat):
     ``settings``: what was run. Every key: docs/outputs.md. Non-finite numbers are written as null.
     """
 
-    FILE, VERSIONS, JOB, FINITE = INSPECT_JSON, INSPECT_VERSIONS, "python -m vlmsae.inspect", True
+    FILE, JOB, FINITE = INSPECT_JSON, "python -m vlmsae.inspect", True
     images: list[dict[str, Any]] = _f(list, default=MISSING)
     latents: dict[str, Any] = _f(dict, default=dict)
     query: dict[str, Any] | None = _f(dict)

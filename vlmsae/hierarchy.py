@@ -20,9 +20,9 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, typed_job
 from vlmsae.config.jobs.hierarchy import HierarchyJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -43,11 +43,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.studies import hierarchy_study as study
     from vlmsae.studies import sweep
 
+    hint = "sae_path is required: an SAE folder (<run>/sae, a published SAE's folder or hf://org/repo)."
+    job, config = typed_job(cfg, HierarchyJob, sae_path=hint)
     out_dpath = run_dir(out_dpath)
-    if OmegaConf.is_missing(cfg, "sae_path"):
-        raise ValueError("sae_path is required: an SAE folder (<run>/sae, a published SAE's folder or hf://org/repo).")
-    job = to_typed(cfg, HierarchyJob)  # the one conversion: below, every node is its dataclass
-    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json
     members, is_sweep = sweep.open_members(str(job.sae_path), job.sae_format, "hierarchy table", job.model)
     if not is_sweep and members[0].arch != "matryoshka":
         log.warning("sae_path holds a %s SAE: one group only (the study is meant for Matryoshka SAEs)", members[0].arch)
@@ -92,7 +90,9 @@ def _scorer(job: HierarchyJob, config: dict, taxonomy, classes: list[str], image
         )  # fmt: skip
         outputs = write_hierarchy_outputs(sub_dpath, result, m.name)
         write_run_info(sub_dpath, {**config, "sae_path": m.sae_path}, outputs=outputs)
-        study.log_groups(result.summary.groups)
+        for r in result.summary.groups:
+            values = [r[k] for k in ("group", "n_scored", "n_latents", "depth_mean", "ms_mean")]
+            log.info("group %d: %d/%d latents scored, depth %s, MS %s", *values)
         return result.summary.to_dict(), m.trained_on_layer
 
     return score
@@ -107,9 +107,4 @@ def _main(cfg: DictConfig) -> None:
     print(f"outputs: {out['out_dpath']} (hierarchy.json, hierarchy.md, hierarchy.png, latent_taxa.csv)")
 
 
-def main() -> None:
-    launch("hierarchy", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("hierarchy", _main, __name__)

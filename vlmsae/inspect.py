@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, typed_job
 from vlmsae.config.jobs.inspect import InspectJob
 from vlmsae.formats import write_inspect
 from vlmsae.utils.paths import run_dir
@@ -35,10 +35,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from vlmsae.report.job_log import log_job
     from vlmsae.studies import inspection as ins
 
-    for key in ("sae_path", "images"):
-        if OmegaConf.is_missing(cfg, key):
-            raise ValueError(f"Pass {key}=... (python -m vlmsae.inspect sae_path=<sae dir> images=<image | folder>).")
-    job = to_typed(cfg, InspectJob)  # the one conversion: below, every node is its dataclass
+    hint = "=... (python -m vlmsae.inspect sae_path=<sae dir> images=<image | folder>)."
+    job, config = typed_job(cfg, InspectJob, sae_path=f"Pass sae_path{hint}", images=f"Pass images{hint}")
     if job.query is not None and job.ms_run is None:
         raise ValueError("query= matches the latents' concepts from their top images: pass ms_run=<its MS run> too.")
     images = ins.list_images(job.images)
@@ -53,9 +51,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         raise ValueError(f"sae_path={job.sae_path}: {err}") from None
     # one image decoded at a time (a folder of photos never sits in memory); a file that is not an image is refused
     found = [ins.inspect_image(src, ins.open_image(path), job.top_n, key, path) for key, path in images]
-    query = None
-    if job.query is not None:  # the embedder: embedder= or the MS run's own
-        query = (job.query, ins.query_ms_run(ms, job.query, job.embedder, job.top_n))
+    # the query's embedder: embedder= or the MS run's own
+    query = (job.query, ins.query_ms_run(ms, job.query, job.embedder, job.top_n)) if job.query is not None else None
     compare = ins.compare_images(found[0], found[1], job.top_n) if job.compare else None
     settings = {"sae_path": str(job.sae_path), "model": src.spec.name, "layer": src.layer, "pool": src.pool}
     settings.update(ms_run=str(ms.dpath) if ms else None, top_n=job.top_n, query=job.query, compare=job.compare)
@@ -74,7 +71,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         "query_top": query[1][0][0] if query and query[1] else None,
         "tables": {"inspect": {"csv": str(table_fpath), "image_columns": ["heatmap"]}},
     }
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), result=summary, sae_trained_on=src.trained_on)
+    write_run_info(out_dpath, config, result=summary, sae_trained_on=src.trained_on)
     log_job(job, "inspect", out_dpath, summary, sae_path=job.sae_path)  # after the files
     return summary
 
@@ -85,9 +82,4 @@ def _main(cfg: DictConfig) -> None:
     print(f"open file://{Path(result['inspect_html']).resolve()}")
 
 
-def main() -> None:
-    launch("inspect", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("inspect", _main, __name__)

@@ -27,9 +27,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.monosemanticity import MonosemanticityJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -46,29 +46,27 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     its SAEs share the images' embeddings and, per model and layer, the source activations.
     """
     from vlmsae.data.image_set import ImageSet
+    from vlmsae.models.tiny import vlmsae_home
     from vlmsae.report.job_log import log_job
     from vlmsae.report.tables import ms_table
     from vlmsae.studies import sweep
-    from vlmsae.studies.embedding_cache import default_cache_dpath
     from vlmsae.studies.ms_study import score_sae
     from vlmsae.studies.naming import namer_for
 
-    if OmegaConf.is_missing(cfg, "sae_path"):
-        raise ValueError("Pass sae_path=<SAE folder or hf://org/repo[/sub]> (a training run keeps it in <run>/sae/).")
-    job = to_typed(cfg, MonosemanticityJob)  # the one conversion: below, every node is its dataclass
-    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json
+    hint = "Pass sae_path=<SAE folder or hf://org/repo[/sub]> (a training run keeps it in <run>/sae/)."
+    job, config = typed_job(cfg, MonosemanticityJob, sae_path=hint)
     out_dpath = run_dir(out_dpath)
     sae_dpath = os.path.expanduser(str(job.sae_path))  # a str, not a Path: Path("hf://a/b") drops a slash
     namer = namer_for(job, job.embedder)  # before any image is read
     members, is_sweep = sweep.open_members(sae_dpath, job.sae_format, "MS table", job.model)
     images = ImageSet.from_data(job.data, job="monosemanticity")
-    cache_dpath = Path(job.embed_cache).expanduser() if job.embed_cache else default_cache_dpath()
+    cache_dpath = Path(job.embed_cache).expanduser() if job.embed_cache else vlmsae_home() / "embeddings"
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, Any]:
         # model: null = the SAE's trained_on.model
         src = shared.open(m, job.model, job.layer, job.pool, job.device, job.check_fit)
         study = score_sae(
-            src, images, job.embedder, cache_dpath, **{k: getattr(job, k) for k in _STUDY_KEYS},
+            src, images, job.embedder, cache_dpath, **pick(job, *_STUDY_KEYS),
             sae_path=m.sae_path, embed_memo=shared.embeddings if shared.keep else None, namer=namer,
         )  # fmt: skip
         shared.n_embedded += study.n_embedded
@@ -120,9 +118,4 @@ def _main(cfg: DictConfig) -> None:
     print(json.dumps(brief, indent=2))
 
 
-def main() -> None:
-    launch("monosemanticity", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("monosemanticity", _main, __name__)

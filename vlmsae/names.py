@@ -21,9 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, typed_job
 from vlmsae.config.jobs.names import NamesJob
 from vlmsae.formats import LATENTS_CSV, MS_SUMMARY_JSON, read_ms_summary, write_latents_csv, write_ms_summary
 from vlmsae.utils.paths import run_dir
@@ -35,9 +35,8 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from vlmsae.report.job_log import log_job
     from vlmsae.studies.naming import ms_run_embedder, name_ms_run, namer_for
 
-    if OmegaConf.is_missing(cfg, "ms_run"):
-        raise ValueError("Pass ms_run=<monosemanticity run folder> (it holds latents.csv and top_images/).")
-    job = to_typed(cfg, NamesJob)  # the one conversion: below, every node is its dataclass
+    hint = "Pass ms_run=<monosemanticity run folder> (it holds latents.csv and top_images/)."
+    job, config = typed_job(cfg, NamesJob, ms_run=hint)
     ms_dpath = Path(job.ms_run).expanduser()
     namer = namer_for(job, ms_run_embedder(ms_dpath, job.embedder))
     table, names = name_ms_run(ms_dpath, namer)
@@ -48,7 +47,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
         ms_summary.extra["names"] = summary
         written.append(str(write_ms_summary(ms_dpath, ms_summary)))
     out_dpath = run_dir(out_dpath)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=written, ms_run=str(ms_dpath))
+    write_run_info(out_dpath, config, outputs=written, ms_run=str(ms_dpath))
     result = {"out_dpath": str(out_dpath), "latents_csv": str(ms_dpath / LATENTS_CSV), **summary}
     log_job(job, "names", out_dpath, result)  # after the files
     return result
@@ -62,9 +61,4 @@ def _main(cfg: DictConfig) -> None:
         print(f"latent {row['latent']}: {row['name']} ({row['name_score']:.3f}); {row['names']}{said}")
 
 
-def main() -> None:
-    launch("names", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("names", _main, __name__)

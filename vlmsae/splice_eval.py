@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.splice_eval import SpliceEvalJob
 from vlmsae.formats import write_splice
 from vlmsae.utils.paths import run_dir
@@ -34,29 +34,26 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.steering.setup import load_steering
     from vlmsae.studies.ms_study import clip_zero_shot
 
-    job = to_typed(cfg, SpliceEvalJob)  # the one conversion: below, every node is its dataclass
+    job, config = typed_job(cfg, SpliceEvalJob)  # below, every node is its dataclass; config: run_info.json
     out_dpath = run_dir(out_dpath)
     if job.prompts is not None:  # a bad prompt file fails before the model loads
         splice.read_prompt_file(job.prompts)
     torch.manual_seed(job.seed)
-    spec = job.model
-    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
-    items, source_note = splice.prompt_items(
-        setup, job.prompts, job.images, job.n_images, job.max_new_tokens, job.batch_size
-    )
+    setup = load_steering(job.model, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
+    keys = ("prompts", "images", "n_images", "max_new_tokens", "batch_size")
+    items, source_note = splice.prompt_items(setup, **pick(job, *keys))
     scores = splice.evaluate_splice(setup, items, job.batch_size)
     scores.notes.append(source_note)
     if job.zero_shot:
         args = (job.zero_shot_images, job.zero_shot_template, job.zero_shot_max_images, job.batch_size)
         scores.zero_shot = clip_zero_shot(setup.sae, *args)
-    settings = {"model": spec.name, "sae_path": job.sae_path, "images": job.images, "prompts": job.prompts}
+    settings = {"model": job.model.name, "sae_path": job.sae_path, "images": job.images, "prompts": job.prompts}
     result = scores.result(settings)
-    title = (
-        f"Splice fidelity: {spec.name}, block {setup.layer}, {len(items)} answers ({result.summary['n_tokens']} tokens)"
-    )
+    n_tokens = result.summary["n_tokens"]
+    title = f"Splice fidelity: {job.model.name}, block {setup.layer}, {len(items)} answers ({n_tokens} tokens)"
     table = write_splice_report(out_dpath, result.rows, result.notes, title)
     write_splice(out_dpath, result)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
+    write_run_info(out_dpath, config)
     print(table)
     log_job(job, "splice_eval", out_dpath, scores.summary(), sae_path=job.sae_path)  # after the files
     return {**scores.summary(), "table": table, "out_dpath": str(out_dpath)}
@@ -67,9 +64,4 @@ def _main(cfg: DictConfig) -> None:
     print(json.dumps({k: out[k] for k in ("kl", "frac_recovered_zero", "frac_recovered_mean", "out_dpath")}))
 
 
-def main() -> None:
-    launch("splice_eval", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("splice_eval", _main, __name__)

@@ -22,9 +22,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.stability import StabilityJob
 from vlmsae.utils.paths import run_dir
 from vlmsae.utils.provenance import write_run_info
@@ -38,38 +38,22 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict[str, Any]:
     from vlmsae.report.stability import write_stability_outputs
     from vlmsae.studies import stability_study as study
 
-    if OmegaConf.is_missing(cfg, "runs"):
-        raise ValueError("Pass runs=[<run0>/sae,<run1>/sae,...]: two or more SAEs trained with different seeds.")
-    job = to_typed(cfg, StabilityJob)  # the one conversion
+    hint = "Pass runs=[<run0>/sae,<run1>/sae,...]: two or more SAEs trained with different seeds."
+    job, config = typed_job(cfg, StabilityJob, runs=hint)
     if job.pairs not in ("reference", "all"):
         raise ValueError(f"pairs={job.pairs!r}: expected reference (every seed vs the first) or all (every pair).")
     if not 0.0 < float(job.threshold) <= 1.0:
         raise ValueError(f"threshold={job.threshold}: a cosine in (0, 1], e.g. threshold=0.7.")
     runs = study.open_runs(list(job.runs))  # refuses < 2 runs and SAEs of different sizes before any output
     out_dpath = run_dir(out_dpath)
-    result = study.stability_study(
-        runs,
-        threshold=float(job.threshold),
-        all_pairs=job.pairs == "all",
-        exact_max=int(job.exact_max),
-        ms_runs=list(job.ms_runs) if job.ms_runs else None,
-        hierarchy_runs=list(job.hierarchy_runs) if job.hierarchy_runs else None,
-    )
+    keys = ("threshold", "exact_max", "ms_runs", "hierarchy_runs")  # typed by StabilityJob; [] reads as None
+    result = study.stability_study(runs, all_pairs=job.pairs == "all", **pick(job, *keys))
     outputs = write_stability_outputs(out_dpath, result)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True), outputs=outputs)
+    write_run_info(out_dpath, config, outputs=outputs)
     headline = study.headline(result.summary)
     log.info("seed stability: %s", headline)
     log_job(job, "stability", out_dpath, headline)  # after the files
     return {**headline, "out_dpath": str(out_dpath)}
 
 
-def _main(cfg: DictConfig) -> None:
-    print(json.dumps(run(cfg), indent=2))
-
-
-def main() -> None:
-    launch("stability", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("stability", lambda cfg: print(json.dumps(run(cfg), indent=2)), __name__)

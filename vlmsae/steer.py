@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.steer import SteerJob
 from vlmsae.formats import write_steer
 from vlmsae.utils.paths import run_dir
@@ -30,44 +30,25 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     from vlmsae.steering.compare import SteerRequest, compare_answers, latent_alphas, load_images
     from vlmsae.steering.setup import load_steering
 
-    job = to_typed(cfg, SteerJob)  # the one conversion: below, every node is its dataclass
+    job, config = typed_job(cfg, SteerJob)  # below, every node is its dataclass; config: run_info.json
     out_dpath = run_dir(out_dpath)
-    spec = job.model
-    request = SteerRequest(
-        latent_alphas(job.latent, job.alpha),
-        job.mode,
-        job.patches,
-        job.prompt,
-        job.max_new_tokens,
-        job.batch_size,
-        job.compare_add,
-        job.sweep,
-    )
+    keys = ("mode", "patches", "prompt", "max_new_tokens", "batch_size", "compare_add", "sweep")
+    request = SteerRequest(latent_alphas(job.latent, job.alpha), **pick(job, *keys))
     torch.manual_seed(job.seed)
-    setup = load_steering(spec, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
+    setup = load_steering(job.model, job.sae_path, job.layer, job.device_map, job.sae_format, job.check_fit)
     images, names = load_images(job.image, setup.image_size)
     result, rows = compare_answers(setup, images, names, request)
     result.settings = {
-        "model": spec.name,
-        "dtype": spec.dtype,
-        "device_map": job.device_map,
-        "sae_path": job.sae_path,
+        "model": job.model.name,
+        "dtype": job.model.dtype,
+        **pick(job, "device_map", "sae_path"),
         **result.settings,
     }
     print(side_by_side(names, rows, result.sweep))
     write_steer(out_dpath, result)
-    write_run_info(out_dpath, OmegaConf.to_container(cfg, resolve=True))
+    write_run_info(out_dpath, config)
     log_job(job, "steer", out_dpath, result.to_dict(), sae_path=job.sae_path)  # after the files
     return {**result.to_dict(), "out_dpath": str(out_dpath)}
 
 
-def _main(cfg: DictConfig) -> None:
-    print(json.dumps({"out_dpath": run(cfg)["out_dpath"]}))
-
-
-def main() -> None:
-    launch("steer", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("steer", lambda cfg: print(json.dumps({"out_dpath": run(cfg)["out_dpath"]})), __name__)

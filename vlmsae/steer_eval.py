@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, typed_job
 from vlmsae.config.jobs.steer_eval import SteerEvalJob
 from vlmsae.formats import TOP_IMAGES_DIR, write_steer_eval
 from vlmsae.utils.paths import run_dir
@@ -30,15 +30,19 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
     """Score steering as ``cfg`` says (keys: :class:`SteerEvalJob`); outputs in ``out_dpath``. A sweep (a folder of
     SAEs or a comma list), each SAE with ``top_images=<MS sweep run>/<its name>/top_images``: LLaVA, the embedder
     and the evaluation images loaded once; outputs in ``out_dpath/<name>/``, and ``steer_table.md/.csv``."""
+    import torch
+
+    from vlmsae.metrics.topimages import TopImages
     from vlmsae.models.embedders import load_embedder
     from vlmsae.report.job_log import log_job
+    from vlmsae.report.steering import write_score_report
     from vlmsae.report.tables import steer_table
     from vlmsae.steering import evaluate
+    from vlmsae.steering.hooks import steer_block
     from vlmsae.steering.setup import load_steering, require_folder
     from vlmsae.studies import sweep
 
-    job = to_typed(cfg, SteerEvalJob)  # the one conversion: below, every node is its dataclass
-    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json
+    job, config = typed_job(cfg, SteerEvalJob)  # below, every node is its dataclass; config: run_info.json
     out_dpath = run_dir(out_dpath)
     members, is_sweep = sweep.open_members(str(job.sae_path), job.sae_format)
     top_dpath = Path(str(job.top_images))  # a sweep: the MS sweep's run dir, one folder per SAE
@@ -53,26 +57,10 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None) -> dict:
         evaluate.latent_list(job.latents), job.alpha, job.mode, job.prompt, job.max_new_tokens, job.batch_size,
         job.top_n, job.compare_add, evaluate.load_class_names(job.class_names), job.seed,
     )  # fmt: skip
-    score = _scorer(job, config, setup, embedder, images, request, tops)
-    result = sweep.run_study(members, is_sweep, out_dpath, score, steer_table, config)
-    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
-    log_job(job, "steer_eval", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
-    return result
-
-
-def _scorer(job: SteerEvalJob, config: dict, setup, embedder, images, request, tops: dict[str, str]):
-    """The score of one SAE: LLaVA steered through it, scored against its top images; its outputs in its folder."""
-    import torch
-
-    from vlmsae.metrics.topimages import TopImages
-    from vlmsae.report.steering import write_score_report
-    from vlmsae.steering import evaluate
-    from vlmsae.steering.hooks import steer_block
-    from vlmsae.studies import sweep
-
     settings = {"model": job.model.name, "images": job.images, "embedder": config["embedder"]}
 
     def score(m: sweep.SweepMember, shared: sweep.SweepCache, sub_dpath: Path) -> tuple[dict, int]:
+        """One SAE: LLaVA steered through it, scored against its top images; its outputs in its folder."""
         torch.manual_seed(job.seed)
         sae = m.sae.to(setup.sae.W_dec.device).eval()  # the same model and device: only the SAE changes
         one = dataclasses.replace(setup, sae=sae, layer=steer_block(setup.model, sae, job.layer))
@@ -85,7 +73,10 @@ def _scorer(job: SteerEvalJob, config: dict, setup, embedder, images, request, t
         print(table)
         return {**result.to_dict(), "table": table}, one.layer
 
-    return score
+    result = sweep.run_study(members, is_sweep, out_dpath, score, steer_table, config)
+    # after the files (W&B may fail); a sweep logs one sweep-level run holding the table
+    log_job(job, "steer_eval", out_dpath, result, sae_path=None if is_sweep else job.sae_path)
+    return result
 
 
 def _main(cfg: DictConfig) -> None:
@@ -94,9 +85,4 @@ def _main(cfg: DictConfig) -> None:
         print(Path(out["tables"]["steer_table"]["md"]).read_text())
 
 
-def main() -> None:
-    launch("steer_eval", _main)
-
-
-if __name__ == "__main__":
-    main()
+main = launch("steer_eval", _main, __name__)

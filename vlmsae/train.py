@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlmsae.config import launch, to_typed
+from vlmsae.config import launch, pick, typed_job
 from vlmsae.config.jobs.train import TrainJob
 from vlmsae.utils.paths import hydra_chose_run_dir, run_dir
 
@@ -41,8 +41,7 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     from vlmsae.lit.val_ms import val_ms_callbacks
     from vlmsae.sae.precision import check_trainer_precision
 
-    job = to_typed(cfg, TrainJob)  # the one conversion: below, every node is its dataclass
-    config = OmegaConf.to_container(cfg, resolve=True)  # the record: run_info.json, W&B, what resume matches
+    job, config = typed_job(cfg, TrainJob)  # config: the record in run_info.json, W&B, what resume matches
     # the same command again continues its unfinished run in that run's folder (vlmsae.lit.resume)
     chosen = choose_run(job.resume, run_dir(out_dpath), config, new_dpath=hydra_chose_run_dir(out_dpath))
     if chosen.finished_metrics is not None:
@@ -54,13 +53,9 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     rows = resolve_train_input(job.data, job.model, job.layer, job.tokens, job.tokens_k)
     callbacks = [*(callbacks or []), *val_ms_callbacks(job.val_ms, job.model, rows, bool(job.sae_grid))]
     plan = FitPlan(
-        model=job.model,
+        **pick(job, "model", "data", "trainer", "logger", "seed"),
         rows=rows,
         sae_config=job.sae.resolved(rows.d),
-        data=job.data,
-        trainer=job.trainer,
-        logger=job.logger,
-        seed=job.seed,
         resume_ckpt=chosen.resume_ckpt,
         config=config,
     )
@@ -69,9 +64,4 @@ def run(cfg: DictConfig, out_dpath: str | Path | None = None, callbacks: list | 
     return fit_sae(plan, out_dpath, callbacks, grid=grid, sae_devices=job.sae_devices)
 
 
-def main() -> None:
-    launch("train", run)  # Hydra calls run(cfg); its metrics are the job's return value
-
-
-if __name__ == "__main__":
-    main()
+main = launch("train", run, __name__)  # Hydra calls run(cfg); its metrics are the job's return value

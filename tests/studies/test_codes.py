@@ -31,7 +31,9 @@ def _no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the SAE inputs were checked")
 
-    monkeypatch.setattr("vlmsae.models.load_tap", refuse)
+    # studies.sweep binds load_tap at import: patch it there too, so a first import under the patch keeps nothing
+    for where in ("vlmsae.studies.sweep.load_tap", "vlmsae.models.load_tap"):
+        monkeypatch.setattr(where, refuse)
 
 
 def _fake_sae(d_in: int, **trained_on):

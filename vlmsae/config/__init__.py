@@ -8,6 +8,12 @@ key (``sae.kk=3``) or a wrong type (``sae.k=abc``) fails at compose time with th
 
 from __future__ import annotations
 
+import importlib
+import os
+import pkgutil
+import shlex
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,9 +46,6 @@ def register_configs(job: str | None = None) -> None:
 
     A job's ``main()`` names itself: Hydra deep-copies the whole store for each config group it lists (``--help``
     lists them all), so a store holding only what the job composes answers faster."""
-    import importlib
-    import pkgutil
-
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
@@ -89,6 +92,22 @@ def to_typed(cfg: Any, cls: type[T]) -> T:
     return cls(**values)
 
 
+def typed_job(cfg: Any, cls: type[T], **required: str) -> tuple[T, dict[str, Any]]:
+    """A job's config as its schema ``cls`` (:func:`to_typed`, the one conversion) and as the resolved dict that
+    run_info.json records; a ``required`` key left unset (``???``) stops the job with its message."""
+    from omegaconf import OmegaConf
+
+    for key, message in required.items():
+        if OmegaConf.is_missing(cfg, key):
+            raise ValueError(message)
+    return to_typed(cfg, cls), OmegaConf.to_container(cfg, resolve=True)
+
+
+def pick(obj: Any, *names: str) -> dict[str, Any]:
+    """``{name: obj.<name>}``: a job's keys passed on to a library call that names them alike."""
+    return {name: getattr(obj, name) for name in names}
+
+
 # Hydra flags whose value is the next argument (hydra/_internal/utils.py get_args_parser): not overrides.
 _FLAGS_WITH_VALUE = frozenset({
     "-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c", "--cfg", "-p", "--package",
@@ -129,19 +148,15 @@ def _parse_error(parser: Any, override: str) -> str | None:
 
 
 def _readable_override(arg: str, parser: Any) -> str:
-    import os
-    import shlex
-
     reason = _parse_error(parser, arg)
     if reason is None:
         return arg
     key, _, value = arg.partition("=")
-    if "~" in value:
-        expanded = ",".join(os.path.expanduser(part) if part.startswith("~") else part for part in value.split(","))
-        if expanded != value:
-            if _parse_error(parser, f"{key}={expanded}") is None:
-                return f"{key}={expanded}"
-            value = expanded
+    expanded = ",".join(os.path.expanduser(part) for part in value.split(","))  # only a leading ~ is expanded
+    if expanded != value:
+        if _parse_error(parser, f"{key}={expanded}") is None:
+            return f"{key}={expanded}"
+        value = expanded
     suggestion = ""
     for quoted in (f'"{value}"', f"'{value}'", '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'):
         candidate = f"{key}={quoted}"
@@ -155,13 +170,18 @@ def _readable_override(arg: str, parser: Any) -> str:
     )
 
 
-def launch(job: str, main_fn) -> None:
-    """The command line of ``python -m vlmsae.<job>``: the job's schemas, ``sys.argv`` made readable
-    (:func:`readable_overrides`), then Hydra with ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
-    import sys
+def launch(job: str, main_fn: Callable[[Any], Any], module: str) -> Callable[[], None]:
+    """The ``main()`` of ``python -m vlmsae.<job>``, run at once when ``module`` (the job module's ``__name__``) is
+    ``"__main__"``: the job's schemas, ``sys.argv`` made readable (:func:`readable_overrides`), then Hydra with
+    ``conf/<job>.yaml`` calling ``main_fn(cfg)``."""
 
-    import hydra
+    def main() -> None:
+        import hydra
 
-    register_configs(job)
-    sys.argv[1:] = readable_overrides(sys.argv[1:])
-    hydra.main(config_path=str(conf_dir()), config_name=job, version_base="1.3")(main_fn)()
+        register_configs(job)
+        sys.argv[1:] = readable_overrides(sys.argv[1:])
+        hydra.main(config_path=str(conf_dir()), config_name=job, version_base="1.3")(main_fn)()
+
+    if module == "__main__":
+        main()
+    return main

@@ -106,9 +106,6 @@ class ModelSpec:
                 f"Unknown model backend {self.backend!r} (model {self.name!r}): use one of {list(BACKENDS)}."
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 # ---------------------------------------------------------------------------------------------- embedder
 

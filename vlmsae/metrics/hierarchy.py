@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmsae.metrics.monosemanticity import finite_stats
+
 N_TOP = 16  # METHOD §4: the top-16 images of each latent, 120 pairs
+_NONE_STATS = dict.fromkeys(("mean", "std", "min", "max"))  # a group without values: JSON nulls
 
 
 @dataclass
@@ -24,8 +27,6 @@ class LatentDepths:
     depth_mean_K: torch.Tensor  # float64 [K]
     depth_mode_K: torch.Tensor  # int64 [K]
     valid_K: torch.Tensor  # bool [K]: the latent has n_top firing images
-    n_ranks: int
-    n_top: int
 
 
 def _top_n(top_idx_KX: torch.Tensor, top_acts_KX: torch.Tensor, n_top: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,15 +84,11 @@ def lca_depths(
         depth_mean_K[rows] = depth_KJ.double().mean(dim=1)
         counts_KO1 = torch.nn.functional.one_hot(depth_KJ, n_ranks + 1).sum(dim=1)
         depth_mode_K[rows] = counts_KO1.argmax(dim=1)  # first maximum = smallest depth among ties
-    return LatentDepths(depth_mean_K, depth_mode_K, valid_K, n_ranks, n_top)
+    return LatentDepths(depth_mean_K, depth_mode_K, valid_K)
 
 
 def majority_taxa(
-    top_idx_KX: torch.Tensor,
-    top_acts_KX: torch.Tensor,
-    image_codes_NO: torch.Tensor,
-    n_top: int = N_TOP,
-    chunk: int = 4096,
+    top_idx_KX: torch.Tensor, top_acts_KX: torch.Tensor, image_codes_NO: torch.Tensor, n_top: int = N_TOP
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per latent and rank, the most frequent taxon among its firing top images.
 
@@ -103,11 +100,10 @@ def majority_taxa(
     K, n_ranks = idx_KX.shape[0], image_codes_NO.shape[1]
     code_KO = torch.zeros(K, n_ranks, dtype=torch.long)
     frac_KO = torch.zeros(K, n_ranks, dtype=torch.float64)
-    firing_KX = idx_KX >= 0
-    n_images_K = firing_KX.sum(dim=1)
+    n_images_K = (idx_KX >= 0).sum(dim=1)
     codes = torch.cat([torch.zeros(1, n_ranks, dtype=torch.long), image_codes_NO.long()])  # row 0: empty slot
-    for start in range(0, K, chunk):
-        sl = slice(start, min(start + chunk, K))
+    for start in range(0, K, 4096):  # [4096, X, X, O] booleans per chunk
+        sl = slice(start, start + 4096)
         c_KXO = codes[idx_KX[sl] + 1]
         # count_KXO[k, t, r]: how many top images share image t's taxon at rank r
         same_KXXO = (c_KXO[:, :, None, :] == c_KXO[:, None, :, :]) & (c_KXO[:, None, :, :] > 0)
@@ -126,19 +122,6 @@ def deepest_majority_rank(code_KO: torch.Tensor, frac_KO: torch.Tensor, min_frac
     return torch.where(clear_KO, ranks_O, -1).max(dim=1).values
 
 
-def _stats(values: torch.Tensor) -> dict[str, float | None]:
-    values = values[~torch.isnan(values)]
-    if values.numel() == 0:
-        return {"mean": None, "std": None, "max": None, "min": None, "n": 0}
-    return {
-        "mean": float(values.mean()),
-        "std": float(values.std(unbiased=False)),
-        "max": float(values.max()),
-        "min": float(values.min()),
-        "n": int(values.numel()),
-    }
-
-
 def group_table(
     depths: LatentDepths,
     group_of_latent_K: torch.Tensor,
@@ -155,19 +138,23 @@ def group_table(
     rows = []
     for g in range(n_groups):
         in_g = group_K == g
-        d = _stats(depths.depth_mean_K[in_g & depths.valid_K])
+        depth_G = depths.depth_mean_K[in_g & depths.valid_K]
+        n_scored = int((~torch.isnan(depth_G)).sum())
+        d = finite_stats(depth_G) or _NONE_STATS
         mode = depths.depth_mode_K[in_g & depths.valid_K].double()
         row = {
             "group": g,
             "n_latents": int(in_g.sum()),
-            "n_scored": d["n"],
-            "n_excluded": int(in_g.sum()) - d["n"],
+            "n_scored": n_scored,
+            "n_excluded": int(in_g.sum()) - n_scored,
             "depth_mean": d["mean"],
             "depth_std": d["std"],
             "depth_mode_mean": float(mode.mean()) if mode.numel() else None,
         }
-        m = _stats(ms_K.double()[in_g] if ms_K is not None else torch.empty(0))  # no MS: None and n_ms 0
-        row.update(ms_mean=m["mean"], ms_max=m["max"], ms_min=m["min"], ms_std=m["std"], n_ms=m["n"])
+        ms_G = ms_K.double()[in_g] if ms_K is not None else torch.empty(0)  # no MS: None and n_ms 0
+        m = finite_stats(ms_G) or _NONE_STATS
+        row.update(ms_mean=m["mean"], ms_max=m["max"], ms_min=m["min"], ms_std=m["std"])
+        row["n_ms"] = int((~torch.isnan(ms_G)).sum())
         rows.append(row)
     return rows
 

@@ -242,6 +242,19 @@ def _row_sums(
     return torch.addmm(zeros_KE, weights_KN, emb_NE)
 
 
+def finite_stats(values: torch.Tensor) -> dict[str, float] | None:
+    """mean, std (population), min and max of the non-NaN ``values``; None when there are none."""
+    values = values[~torch.isnan(values)]
+    if values.numel() == 0:
+        return None
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std(unbiased=False)),
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+
+
 def ms_summary(ms_K: torch.Tensor, n_images: int | None = None, dead_K: torch.Tensor | None = None) -> dict:
     """mean, std, min, max over scored latents; ``dead`` = NaN latents (or those flagged in dead_K).
 
@@ -250,14 +263,10 @@ def ms_summary(ms_K: torch.Tensor, n_images: int | None = None, dead_K: torch.Te
     """
     ms_K = ms_K.detach().to("cpu", torch.float64)
     valid_K = ~torch.isnan(ms_K)
-    scored = ms_K[valid_K]
     n_nan = int((~valid_K).sum())
     n_dead = int(dead_K.sum()) if dead_K is not None else n_nan
     out = {
-        "mean": float(scored.mean()) if scored.numel() else math.nan,
-        "std": float(scored.std(unbiased=False)) if scored.numel() else math.nan,
-        "min": float(scored.min()) if scored.numel() else math.nan,
-        "max": float(scored.max()) if scored.numel() else math.nan,
+        **(finite_stats(ms_K) or dict.fromkeys(("mean", "std", "min", "max"), math.nan)),
         "dead": n_dead,
         "undefined": n_nan - n_dead if dead_K is not None else 0,
         "n_scored": int(valid_K.sum()),

@@ -46,20 +46,6 @@ def max_cosine(a_FD: torch.Tensor, b_GD: torch.Tensor) -> tuple[torch.Tensor, to
     return _by_block(*_unit_pair(a_FD, b_GD), lambda cos: cos.max(dim=1))
 
 
-def _greedy_match(a_FD: torch.Tensor, b_GD: torch.Tensor) -> torch.Tensor:
-    """One-to-one by descending cosine over each row's best candidates; rows left over get -1."""
-    k = min(_CANDIDATES, b_GD.shape[0])
-    vals_FM, cols_FM = _by_block(a_FD, b_GD, lambda cos: cos.topk(k, dim=1))
-    rows_FM = torch.arange(a_FD.shape[0])[:, None].expand_as(cols_FM)
-    order = vals_FM.flatten().argsort(descending=True)
-    match_F = torch.full((a_FD.shape[0],), -1, dtype=torch.long)
-    taken = torch.zeros(b_GD.shape[0], dtype=torch.bool)
-    for r, c in zip(rows_FM.flatten()[order].tolist(), cols_FM.flatten()[order].tolist()):
-        if match_F[r] < 0 and not taken[c]:
-            match_F[r], taken[c] = c, True
-    return match_F
-
-
 def match_latents(
     a_FD: torch.Tensor, b_GD: torch.Tensor, exact_max: int = EXACT_MAX
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,15 +56,22 @@ def match_latents(
     max(F, G) <= ``exact_max``, else greedy (each latent's best candidates, strongest pairs first).
     """
     a_FD, b_GD = _unit_pair(a_FD, b_GD)
+    match_F = torch.full((a_FD.shape[0],), -1, dtype=torch.long)
     if max(a_FD.shape[0], b_GD.shape[0]) <= exact_max:
         from scipy.optimize import linear_sum_assignment
 
         cos_FG = (a_FD.double() @ b_GD.double().T).numpy()
         rows, cols = linear_sum_assignment(cos_FG, maximize=True)
-        match_F = torch.full((a_FD.shape[0],), -1, dtype=torch.long)
         match_F[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
-    else:
-        match_F = _greedy_match(a_FD, b_GD)
+    else:  # greedy: by descending cosine over each row's best candidates; rows left over keep -1
+        k = min(_CANDIDATES, b_GD.shape[0])
+        vals_FM, cols_FM = _by_block(a_FD, b_GD, lambda cos: cos.topk(k, dim=1))
+        rows_FM = torch.arange(a_FD.shape[0])[:, None].expand_as(cols_FM)
+        order = vals_FM.flatten().argsort(descending=True)
+        taken = torch.zeros(b_GD.shape[0], dtype=torch.bool)
+        for r, c in zip(rows_FM.flatten()[order].tolist(), cols_FM.flatten()[order].tolist()):
+            if match_F[r] < 0 and not taken[c]:
+                match_F[r], taken[c] = c, True
     cos_F = torch.full((a_FD.shape[0],), math.nan)
     found = match_F >= 0
     cos_F[found] = (a_FD[found] * b_GD[match_F[found]]).sum(dim=1)

@@ -30,24 +30,12 @@ class TopImagesAccumulator:
         self.idx_KX = torch.full((n_latents, top_k), _NONE, dtype=torch.long)
         self.n_images = 0
 
-    def update(self, acts_BK: torch.Tensor, image_offset: int | None = None) -> None:
-        """Merge one chunk of images (dense [B, K] or torch sparse); images are numbered from
-        ``image_offset`` (default: right after the previous chunk)."""
+    def update(self, acts_BK: torch.Tensor) -> None:
+        """Merge the next chunk of images (dense [B, K] or torch sparse), numbered on from the previous chunk."""
         if acts_BK.dim() != 2 or acts_BK.shape[1] != self.n_latents:
             raise ValueError(f"expected a [B, {self.n_latents}] chunk, got shape {tuple(acts_BK.shape)}.")
-        offset = self.n_images if image_offset is None else int(image_offset)
-        n_chunk = acts_BK.shape[0]
-        cand_vals, cand_idx = self._candidates(acts_BK.detach().cpu(), offset)
-        vals = torch.cat([self.vals_KX, cand_vals], 1)
-        idx = torch.cat([self.idx_KX, cand_idx], 1)
-        # Stable descending sort: on ties the running entries (earlier images) stay ahead.
-        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.top_k]
-        self.vals_KX = vals.gather(1, order)
-        self.idx_KX = idx.gather(1, order)
-        self.n_images = max(self.n_images, offset + n_chunk)
-
-    def _candidates(self, acts_BK: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each latent's top nonzero entries of the chunk (dense or sparse: only its nonzeros are read)."""
+        # each latent's top nonzero entries of the chunk (dense or sparse: only its nonzeros are read)
+        acts_BK = acts_BK.detach().cpu()
         coo = (acts_BK if acts_BK.layout == torch.sparse_coo else acts_BK.to_sparse_coo()).coalesce()
         rows, cols = coo.indices()
         vals = coo.values().to(torch.float32)
@@ -66,8 +54,15 @@ class TopImagesAccumulator:
         cand_vals = torch.full((self.n_latents, self.top_k), -math.inf, dtype=torch.float32)
         cand_idx = torch.full((self.n_latents, self.top_k), _NONE, dtype=torch.long)
         cand_vals[cols[keep], rank[keep]] = vals[keep]
-        cand_idx[cols[keep], rank[keep]] = rows[keep] + offset
-        return cand_vals, cand_idx
+        cand_idx[cols[keep], rank[keep]] = rows[keep] + self.n_images
+
+        vals = torch.cat([self.vals_KX, cand_vals], 1)
+        idx = torch.cat([self.idx_KX, cand_idx], 1)
+        # Stable descending sort: on ties the running entries (earlier images) stay ahead.
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.top_k]
+        self.vals_KX = vals.gather(1, order)
+        self.idx_KX = idx.gather(1, order)
+        self.n_images += acts_BK.shape[0]
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image_idx [K, X] int64 with -1 padding, acts [K, X] float32 with 0 padding)."""
@@ -80,9 +75,9 @@ def top_images(acts_NK: torch.Tensor, top_k: int = 16, chunk_size: int = 4096) -
     acc = TopImagesAccumulator(acts_NK.shape[1], top_k)
     if acts_NK.layout == torch.strided:
         for i0 in range(0, acts_NK.shape[0], chunk_size):
-            acc.update(acts_NK[i0 : i0 + chunk_size], image_offset=i0)
+            acc.update(acts_NK[i0 : i0 + chunk_size])
     else:
-        acc.update(acts_NK, image_offset=0)  # the sparse path only touches nonzeros: no chunking needed
+        acc.update(acts_NK)  # the sparse path only touches nonzeros: no chunking needed
     return acc.result()
 
 

@@ -61,11 +61,8 @@ CNN_RECIPE = Recipe(epochs=15, lr=3e-3)  # ~3 s of one CPU thread, ~96% held out
 
 
 def file_sha256(fpath: Path) -> str:
-    h = hashlib.sha256()
     with open(fpath, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_problem(dpath: Path, weights_name: str, seed: int, recipe: Recipe | None = None) -> str | None:
@@ -145,8 +142,8 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, see
 
 
 def _train(what: str, model: nn.Module, x: dict, y: dict, recipe: Recipe, seed: int, fit: bool = True) -> dict:
-    """``{split: accuracy}`` of ``model`` after :func:`_fit` on the train split (``fit``), which must reach
-    :data:`MIN_ACCURACY` held out."""
+    """The ``trained.json`` fields (recipe, train and held-out accuracy, classes) of ``model`` after :func:`_fit`
+    on the train split (``fit``), which must reach :data:`MIN_ACCURACY` held out."""
     if fit:
         _fit(model, x["train"], y["train"], recipe, seed)
     with torch.no_grad():
@@ -156,7 +153,12 @@ def _train(what: str, model: nn.Module, x: dict, y: dict, recipe: Recipe, seed: 
             f"{what} reached only {acc['heldout']:.3f} held-out accuracy (< {MIN_ACCURACY}): its training recipe is "
             "broken on this machine's torch; report it with `pip freeze`."
         )
-    return acc
+    return {
+        "recipe": dataclasses.asdict(recipe),
+        "train_accuracy": acc["train"],
+        "heldout_accuracy": acc["heldout"],
+        "classes": sorted(CLASS_NAMES),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the ViT
@@ -174,14 +176,7 @@ def _vit_transform() -> Any:
     import open_clip
 
     cfg = clip_preprocess_cfg(VIT_IMAGE_PX)
-    return open_clip.image_transform(
-        cfg["size"],
-        is_train=False,
-        mean=cfg["mean"],
-        std=cfg["std"],
-        interpolation=cfg["interpolation"],
-        resize_mode=cfg["resize_mode"],
-    )
+    return open_clip.image_transform(cfg.pop("size"), is_train=False, **cfg)
 
 
 def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> None:
@@ -195,21 +190,11 @@ def build_digits_vit(dpath: Path, seed: int = 0, random_init: bool = False) -> N
     model_cfg = digits_vit_cfg()
     torch.manual_seed(seed)
     model = open_clip.CLIP(**model_cfg).eval()
-    acc = _train("The digits ViT", model.visual, x, y, VIT_RECIPE, seed, fit=not random_init)
+    fields = _train("The digits ViT", model.visual, x, y, VIT_RECIPE, seed, fit=not random_init)
     write_open_clip_folder(
         dpath, model, model_cfg, seed, "open_clip ViT trained on the sklearn digits (vlmsae.models.digits)"
     )
-    _write_meta(
-        dpath,
-        OPEN_CLIP_WEIGHTS,
-        seed,
-        network="digits_vit",
-        random_init=random_init,
-        recipe=dataclasses.asdict(VIT_RECIPE),
-        train_accuracy=acc["train"],
-        heldout_accuracy=acc["heldout"],
-        classes=sorted(CLASS_NAMES),
-    )
+    _write_meta(dpath, OPEN_CLIP_WEIGHTS, seed, network="digits_vit", random_init=random_init, **fields)
 
 
 def ensure_digits_vit(dpath: str | Path, seed: int = 0, random_init: bool = False) -> Path:
@@ -272,19 +257,9 @@ def build_digits_cnn(dpath: Path, seed: int = 1) -> None:
     x = {s: cnn_inputs(images) for s, images in pils.items()}
     torch.manual_seed(seed)
     model = DigitsCNN()
-    acc = _train("The digits CNN", model, x, y, CNN_RECIPE, seed)
+    fields = _train("The digits CNN", model, x, y, CNN_RECIPE, seed)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(dpath / CNN_WEIGHTS))
-    _write_meta(
-        dpath,
-        CNN_WEIGHTS,
-        seed,
-        network="digits_cnn",
-        recipe=dataclasses.asdict(CNN_RECIPE),
-        train_accuracy=acc["train"],
-        heldout_accuracy=acc["heldout"],
-        classes=sorted(CLASS_NAMES),
-        embed_dim=DigitsCNN.embed_dim,
-    )
+    _write_meta(dpath, CNN_WEIGHTS, seed, network="digits_cnn", **fields, embed_dim=DigitsCNN.embed_dim)
 
 
 def ensure_digits_cnn(dpath: str | Path, seed: int = 1) -> Path:

@@ -422,6 +422,7 @@ class StoreExtraction:
                 state["next_pos"],
             )
         digest = ImageListDigest.from_state(state["digest"])
+        draft_size = tap.image_size if plan.fast_decode else None
         skipped = SkipLog(list(state["skipped"]))
         n_images = int(state["n_images"])
         stream = _ImageStream(
@@ -434,19 +435,13 @@ class StoreExtraction:
             synthetic=plan.synthetic,
             order_seed=plan.order_seed,
             exif_transpose=plan.exif_transpose,
-            draft_size=tap.image_size if plan.fast_decode else None,
+            draft_size=draft_size,
             raw_jpeg=self.gpu_preprocess is not None,
             listing=self.listing,
         )
         finish = _identity
         if self.gpu_preprocess is not None:
-            finish = BlockDecoder(
-                self.gpu_preprocess,
-                tap.device,
-                tap.preprocess,
-                plan.exif_transpose,
-                tap.image_size if plan.fast_decode else None,
-            )
+            finish = BlockDecoder(self.gpu_preprocess, tap.device, tap.preprocess, plan.exif_transpose, draft_size)
         loader = torch.utils.data.DataLoader(
             stream,
             batch_size=None,

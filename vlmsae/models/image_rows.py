@@ -55,14 +55,11 @@ class ImageChunkMaker:
         pixels: list[torch.Tensor] = []
 
         def flush() -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad():  # layer="last": select_tokens keeps the one embedding per image
                 acts = tap.forward_to(torch.stack(pixels).to(device), layer=self.layer)
-                if acts.dim() == 2:  # layer="last": one embedding per image
-                    rows = acts
-                else:
-                    rows = select_tokens(
-                        acts.cpu(), tokens=self.tokens, k=self.k_tokens, generator=generator, has_cls=tap.has_cls
-                    )[0]
+                rows = select_tokens(
+                    acts.cpu(), tokens=self.tokens, k=self.k_tokens, generator=generator, has_cls=tap.has_cls
+                )[0]
             pixels.clear()
             return rows.detach().to("cpu", torch.float16)
 

@@ -36,14 +36,6 @@ from vlmsae.models.tap import Tap, resolve_layer
 log = logging.getLogger(__name__)
 
 
-def _model_for_pretrained(pretrained: Any) -> str | None:
-    """The one registered model whose ``pretrained`` is exactly ``pretrained`` (e.g. an HF id), else None."""
-    if not pretrained:
-        return None
-    names = [n for n in list_models() if get_model_spec(n).pretrained == pretrained]
-    return names[0] if len(names) == 1 else None  # a bare tag like "openai" fits several: no guess
-
-
 def trained_on_model_spec(
     trained_on: dict[str, Any], model: ModelSpec | None = None, sae_dpath: str | Path | None = None
 ) -> ModelSpec:
@@ -51,7 +43,10 @@ def trained_on_model_spec(
     registered model whose ``pretrained`` equals the trained_on's); an error naming ``model=`` when neither."""
     if model is not None:
         return to_typed(model, ModelSpec)
-    name = trained_on.get("model") or _model_for_pretrained(trained_on.get("pretrained"))
+    name = trained_on.get("model")
+    if not name and trained_on.get("pretrained"):  # the one model with exactly this pretrained (e.g. an HF id)
+        names = [n for n in list_models() if get_model_spec(n).pretrained == trained_on["pretrained"]]
+        name = names[0] if len(names) == 1 else None  # a bare tag like "openai" fits several: no guess
     if not name:
         known = (
             f" (pretrained={trained_on['pretrained']!r} matches no single model)"
@@ -70,11 +65,11 @@ def trained_on_model_spec(
         raise ValueError(f"The SAE at {sae_dpath} says it reads model {name!r}. {err} Pass model=<name>.") from None
     # A vlmsae SAE may have been trained with other weights of the same architecture (model.pretrained=...);
     # a foreign format's `pretrained` is in that library's own naming, so the registered model's is kept.
+    # A recorded None is a random network (model.pretrained=null): rebuild that one, not a download.
     native = trained_on.get("format") in (None, "vlmsae")
-    if native and trained_on.get("pretrained") and trained_on["pretrained"] != spec.pretrained:
-        spec.pretrained = trained_on["pretrained"]
-    if native and "pretrained" in trained_on and trained_on["pretrained"] is None and spec.pretrained is not None:
-        spec.pretrained = None  # trained on a random network (model.pretrained=null): rebuild that one, not a download
+    pretrained = trained_on.get("pretrained", spec.pretrained)
+    if native and (pretrained or pretrained is None):
+        spec.pretrained = pretrained
     if native and trained_on.get("model_seed") is not None:
         spec.seed = int(trained_on["model_seed"])  # the random network's seed (tiny, or pretrained=null)
     return spec
@@ -244,14 +239,14 @@ def check_fit(
     seed, layer, pool or tokens). Only an SAE that records its training (``trained_on.train_steps``, written by
     ``vlmsae.train``) is judged: an untrained or hand-built one (tests, random baselines) has nothing to fit. Fewer
     than 2 rows cannot be judged either and pass."""
-    if not records.get("train_steps") or acts_RD.reshape(-1, acts_RD.shape[-1]).shape[0] < 2:
+    n_rows = acts_RD.reshape(-1, acts_RD.shape[-1]).shape[0]
+    if not records.get("train_steps") or n_rows < 2:
         return float("nan"), float("nan")
     fve, silent = fit_on_batch(sae, acts_RD)
     if fve >= MIN_FIT_FVE and silent <= MAX_SILENT_ROWS:
         return fve, silent
     said = {k: records.get(k) for k in ("model", "pretrained", "model_seed", "layer", "tokens") if k in records}
     what = f"FVE {fve:.3f}" if fve < MIN_FIT_FVE else f"{silent:.0%} of rows with no active latent"
-    n_rows = acts_RD.reshape(-1, acts_RD.shape[-1]).shape[0]
     raise ValueError(
         f"The SAE{f' at {sae_path}' if sae_path else ''} does not fit the activations it is fed: {what} on the first "
         f"batch ({n_rows} rows; FVE {fve:.3f}, {silent:.0%} of rows silent). It records it reads {said}; this job "

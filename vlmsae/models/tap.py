@@ -10,6 +10,7 @@ image embedding (what CLIP compares with text). Blocks after L never run: extrac
 
 from __future__ import annotations
 
+import re
 from typing import Any, Union
 
 import torch
@@ -19,14 +20,9 @@ Layer = Union[int, str]
 TOKEN_CHOICES = ("cls", "patches", "all", "random_k", "mean")
 
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    **dict.fromkeys(("float32", "fp32", "float"), torch.float32),
+    **dict.fromkeys(("float16", "fp16", "half"), torch.float16),
+    **dict.fromkeys(("bfloat16", "bf16"), torch.bfloat16),
 }
 
 
@@ -170,19 +166,7 @@ def select_tokens(
 
 def looks_offline(err: BaseException) -> bool:
     """Whether a loading error reads like missing network access or an uncached download (not a bad file)."""
-    text = f"{type(err).__name__} {err}".lower()
-    words = (
-        "download",
-        "connect",
-        "offline",
-        "resolve",
-        "hub",
-        "not found",
-        "404",
-        "internet",
-        "local_files_only",
-        "couldn't",
-        "max retries",
-        "no such file",
+    hints = (
+        "download|connect|offline|resolve|hub|not found|404|internet|local_files_only|couldn't|max retries|no such file"
     )
-    return any(w in text for w in words)
+    return re.search(hints, f"{type(err).__name__} {err}".lower()) is not None

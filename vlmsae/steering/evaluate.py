@@ -78,10 +78,12 @@ def load_class_names(fpath: str | Path | None) -> dict[int, str] | None:
     return {i: line.strip() for i, line in enumerate(path.read_text().splitlines())}
 
 
-def top_lists(top: Any, latents: Sequence[int], top_n: int) -> tuple[list[list[str]], list[list[int]]]:
-    """Paths and labels of each latent's top-``top_n`` images (slots with -1 or a zero activation dropped).
+def latent_concepts(top: Any, latents: Sequence[int], top_n: int, embed_images: Any) -> tuple[Any, list, list]:
+    """``(concepts_LE, top_paths, top_labels)``: each latent's concept from its top-``top_n`` images (slots with
+    -1 or a zero activation dropped) of ``top``, a :class:`vlmsae.metrics.topimages.TopImages`.
 
-    ``top``: a :class:`vlmsae.metrics.topimages.TopImages` (``image_idx``, ``acts``, ``paths``, ``labels``).
+    The images are decoded latent by latent (:func:`~vlmsae.steering.score.streamed_concept_embeddings`),
+    so memory does not grow with the number of latents.
     """
     image_idx, acts = top.image_idx, top.acts
     paths, labels = top.paths, top.labels
@@ -98,29 +100,7 @@ def top_lists(top: Any, latents: Sequence[int], top_n: int) -> tuple[list[list[s
         rows = [int(i) for i, a in zip(image_idx[j, :top_n].tolist(), acts[j, :top_n].tolist()) if i >= 0 and a > 0]
         out_paths.append([paths[i] for i in rows])
         out_labels.append([int(labels[i]) if labels is not None and labels[i] is not None else -1 for i in rows])
-    return out_paths, out_labels
-
-
-def latent_concepts(top: Any, latents: Sequence[int], top_n: int, embed_images: Any) -> tuple[Any, list, list]:
-    """``(concepts_LE, top_paths, top_labels)``: each latent's concept from its top-``top_n`` images.
-
-    The images are decoded latent by latent (:func:`~vlmsae.steering.score.streamed_concept_embeddings`),
-    so memory does not grow with the number of latents.
-    """
-    top_paths, top_labels = top_lists(top, latents, top_n)
-    concepts_LE = streamed_concept_embeddings(top_paths, open_image, embed_images)
-    return concepts_LE, top_paths, top_labels
-
-
-def text_embed_fn(embedder: Any):
-    """The embedder's text tower (``embed_text``), or a TypeError naming the fix."""
-    for name in ("embed_text", "embed_texts", "encode_text"):
-        if callable(getattr(embedder, name, None)):
-            return getattr(embedder, name)
-    raise TypeError(
-        f"The embedder {type(embedder).__name__} has no text tower (embed_text): the steering score needs a CLIP "
-        "embedder (embedder=clip_b32, or the tiny CLIP in tests)."
-    )
+    return streamed_concept_embeddings(out_paths, open_image, embed_images), out_paths, out_labels
 
 
 @dataclass
@@ -230,7 +210,12 @@ def score_steering(
     :class:`~vlmsae.metrics.topimages.TopImages` of a monosemanticity run with ``setup.sae``.
     """
     r = request
-    embed_texts = text_embed_fn(embedder)
+    embed_texts = getattr(embedder, "embed_text", None)
+    if not callable(embed_texts):
+        raise TypeError(
+            f"The embedder {type(embedder).__name__} has no text tower (embed_text): the steering score needs a CLIP "
+            "embedder (embedder=clip_b32, or the tiny CLIP in tests)."
+        )
     # Concepts: mean image embedding of each latent's top images, decoded latent by latent.
     concepts_LE, top_paths, top_labels = latent_concepts(top, r.latents, r.top_n, embedder.embed)
     # Answers, not steered (once per image) and steered (once per latent x image).

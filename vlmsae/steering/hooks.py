@@ -278,9 +278,7 @@ def alpha_sweep(
     """
     results: dict[float, Any] = {}
     for alpha in alphas:
-        if alpha is None:
-            results[alpha] = generate_fn()
-            continue
-        with steer(model, sae, {latent: float(alpha)}, mode=mode, patches=patches, layer=layer):
+        steered = alpha is not None
+        with steer(model, sae, {latent: float(alpha)}, mode, patches, layer) if steered else contextlib.nullcontext():
             results[alpha] = generate_fn()
     return results

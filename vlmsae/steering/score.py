@@ -32,9 +32,11 @@ def concept_embeddings(top_images_per_latent: Sequence[Sequence[Any]], embed_ima
     A latent with no top images gets a NaN row (its scores are NaN and left out of means). Takes
     images already in memory; :func:`streamed_concept_embeddings` decodes them latent by latent.
     """
-    return _stack_concepts(
-        [_concept(embed_images(list(images))) if len(images) else None for images in top_images_per_latent]
-    )
+    return streamed_concept_embeddings(top_images_per_latent, _as_is, embed_images)
+
+
+def _as_is(image: Any) -> Any:
+    return image
 
 
 def streamed_concept_embeddings(
@@ -50,10 +52,6 @@ def streamed_concept_embeddings(
     rows = [
         _concept(embed_images([open_image(p) for p in paths])) if len(paths) else None for paths in top_paths_per_latent
     ]
-    return _stack_concepts(rows)
-
-
-def _stack_concepts(rows: list[torch.Tensor | None]) -> torch.Tensor:
     dim = next((r.shape[0] for r in rows if r is not None), None)
     if dim is None:
         raise ValueError("No latent has any top image: the top-images index is empty for every steered latent.")

@@ -54,17 +54,15 @@ class AutoInterp:
 
     spec: ModelSpec
     max_latents: int = 200
-    prompt: str = AUTOINTERP_PROMPT
-    max_new_tokens: int = 8
     batch_size: int = 4
     _loaded: tuple[Any, Any] | None = field(default=None, repr=False)
 
     def ask(self, grids: Sequence[Any]) -> list[str]:
-        """LLaVA's greedy answer to :attr:`prompt` about each grid image."""
+        """LLaVA's greedy answer to :data:`AUTOINTERP_PROMPT` about each grid image (8 new tokens: room for a word)."""
         if self._loaded is None:
             self._loaded = load_llava_spec(self.spec)
         model, processor = self._loaded
-        return generate_answers(model, processor, grids, self.prompt, self.max_new_tokens, self.batch_size)
+        return generate_answers(model, processor, grids, AUTOINTERP_PROMPT, 8, self.batch_size)
 
     def interpret(
         self,

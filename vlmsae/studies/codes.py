@@ -76,9 +76,7 @@ def encode_images(
     from tqdm.auto import tqdm
 
     sae, tap = src.sae, src.tap
-    keys: list[str] = []
-    paths: list[str | None] = []
-    labels: list[int] = []
+    seen: list[tuple[str, str | None, int]] = []  # (key, path, label) of every encoded image
     code_parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     raw_rows: list[torch.Tensor] = []
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
@@ -89,7 +87,7 @@ def encode_images(
         rows_RD, per_image = pool_rows(acts, src.pool, tap.has_cls)
         src.check_first_batch(rows_RD)  # an SAE that does not fit these activations stops here (check_fit)
         pooled = pool_sparse(encode_rows(sae, rows_RD, TOKEN_ROWS, on_codes), per_image, src.pool, len(batch))
-        code_parts.append((pooled.indices()[0] + len(keys), pooled.indices()[1], pooled.values()))
+        code_parts.append((pooled.indices()[0] + len(seen), pooled.indices()[1], pooled.values()))
         if keep_raw:
             raw = rows_RD.float().cpu()
             if per_image > 1:
@@ -98,10 +96,9 @@ def encode_images(
             raw_rows.append(raw)
         if on_batch is not None:
             on_batch(batch)
-        keys.extend(r.key for r in batch)
-        paths.extend(r.path for r in batch)
-        labels.extend(int(r.label) for r in batch)
+        seen.extend((r.key, r.path, int(r.label)) for r in batch)
         bar.update(len(batch))
     bar.close()
-    codes_NF = sparse_rows(code_parts, (len(keys), sae.n_latents))
+    keys, paths, labels = (list(column) for column in zip(*seen)) if seen else ([], [], [])
+    codes_NF = sparse_rows(code_parts, (len(seen), sae.n_latents))
     return ImageCodes(codes_NF, keys, paths, labels, torch.cat(raw_rows) if raw_rows else None)

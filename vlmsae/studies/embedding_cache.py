@@ -18,15 +18,9 @@ from vlmsae.data.images import ImageRecord
 from vlmsae.data.shards import image_list_digest
 from vlmsae.models import embedders
 from vlmsae.models.embedders import EmbedderSpec
-from vlmsae.models.tiny import vlmsae_home
 from vlmsae.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dpath() -> Path:
-    """``$VLMSAE_HOME/embeddings`` (``~/.cache/vlmsae/embeddings``)."""
-    return vlmsae_home() / "embeddings"
 
 
 def cache_fpath(cache_dpath: Path, embedder_spec: EmbedderSpec, digest: str, where: str) -> Path:
@@ -81,8 +75,7 @@ class CachedEmbedder:
         on_disk = listing_digest and cache_dpath is not None
         self.cached = load_cache(cache_fpath(cache_dpath, spec, listing_digest, where)) if on_disk else {}
         self.memo = memo
-        if memo:
-            self.cached = {**self.cached, **memo}
+        self.cached.update(memo or {})
         self.rows: list[torch.Tensor] = []
         self.n_embedded = 0  # images the embedder ran on (0: every row came from the cache)
         self._embedder = None  # loaded on first use: a fully cached run needs no embedder weights

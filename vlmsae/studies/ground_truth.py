@@ -19,6 +19,8 @@ from vlmsae.metrics.monosemanticity import monosemanticity_scores, ms_summary
 from vlmsae.sae import SAEConfig, build_sae
 from vlmsae.sae import train_steps as fit
 
+EMBED_DIM, EMBED_NOISE = 48, 0.1  # the embedder's width and the noise on each image's concept sum
+
 
 @dataclass
 class PlantedConcepts:
@@ -29,24 +31,13 @@ class PlantedConcepts:
     embeddings_NE: torch.Tensor  # [N, E] what the image embedder sees
 
 
-def planted_concepts(
-    n_images: int = 2000,
-    d_in: int = 32,
-    n_concepts: int = 48,
-    k: int = 2,
-    embed_dim: int = 48,
-    noise_std: float = 0.02,
-    embed_noise: float = 0.1,
-    seed: int = 0,
-) -> PlantedConcepts:
-    """Activations and embeddings of ``n_images`` images with ``k`` of ``n_concepts`` concepts each."""
-    planted = PlantedDictionary.random(
-        d_in=d_in, n_atoms=n_concepts, k=k, noise_std=noise_std, offset_norm=2.0, seed=seed
-    )
+def planted_concepts(n_images: int = 2000, d_in: int = 32, n_concepts: int = 48, seed: int = 0) -> PlantedConcepts:
+    """Activations and embeddings of ``n_images`` images with 2 of ``n_concepts`` concepts each."""
+    planted = PlantedDictionary.random(d_in=d_in, n_atoms=n_concepts, k=2, noise_std=0.02, offset_norm=2.0, seed=seed)
     x_ND, atoms_AD, codes_NA = planted.sample(n_images, seed=seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
-    concept_dirs_AE = torch.nn.functional.normalize(torch.randn(n_concepts, embed_dim, generator=g), dim=1)
-    emb_NE = codes_NA @ concept_dirs_AE + embed_noise * torch.randn(n_images, embed_dim, generator=g)
+    concept_dirs_AE = torch.nn.functional.normalize(torch.randn(n_concepts, EMBED_DIM, generator=g), dim=1)
+    emb_NE = codes_NA @ concept_dirs_AE + EMBED_NOISE * torch.randn(n_images, EMBED_DIM, generator=g)
     return PlantedConcepts(x_ND, codes_NA, atoms_AD, planted.offset_D, emb_NE)
 
 
@@ -62,12 +53,10 @@ def oracle_sae(atoms_AD: torch.Tensor, offset_D: torch.Tensor, k: int):
     return sae.eval()
 
 
-def ground_truth_check(
-    n_images: int = 2000, seed: int = 0, train_steps: int = 0, batch_size: int = 256, **planted_kwargs
-) -> dict:
-    """Mean MS of the oracle SAE, of an SAE trained for ``train_steps`` (if > 0), of the raw neurons,
-    and of the true concept codes; the gap ``margin`` = oracle SAE - neurons."""
-    data = planted_concepts(n_images=n_images, seed=seed, **planted_kwargs)
+def ground_truth_check(n_images: int = 2000, seed: int = 0, train_steps: int = 0) -> dict:
+    """Mean MS of the oracle SAE, of an SAE trained for ``train_steps`` (if > 0, batches of 256), of the raw
+    neurons, and of the true concept codes; the gap ``margin`` = oracle SAE - neurons."""
+    data = planted_concepts(n_images=n_images, seed=seed)
     k = int((data.codes_NA[0] != 0).sum())
 
     def ms(acts_NK: torch.Tensor) -> dict:
@@ -83,7 +72,7 @@ def ground_truth_check(
         n_concepts, d_in = data.atoms_AD.shape
         trained = build_sae(SAEConfig(arch="topk", d_in=d_in, n_latents=2 * n_concepts, k=k), seed=seed)
         g = torch.Generator().manual_seed(seed + 3)
-        batches = (data.acts_ND[torch.randint(0, n_images, (batch_size,), generator=g)] for _ in range(train_steps))
+        batches = (data.acts_ND[torch.randint(0, n_images, (256,), generator=g)] for _ in range(train_steps))
         fit(trained, batches, lr=3e-3)
         out["trained_sae"] = sae_ms(trained.eval())
     out["margin"] = out["sae"]["mean"] - out["neurons"]["mean"]

@@ -44,14 +44,6 @@ PAPER_TABLE2 = {"depth": [3.33, 2.92, 3.85, 3.86, 4.06], "ms_mean": [0.67, 0.68,
 # ----------------------------------------------------------------------------------------------
 
 
-def concept_root(data: Mapping[str, Any]) -> str | None:
-    """The generated concept-image folder of ``data=tiny`` (its concepts.json names the classes)."""
-    if data.get("source") != "synthetic":
-        return None
-    opts = synthetic_options_of(data)
-    return str(ensure_concept_images(root=data.get("root"), **opts))
-
-
 def taxonomy_data(data: DataSchema, ms_run: str | Path | None) -> dict:
     """The ``data`` node whose images the taxonomy must cover, as a mapping: the job's ``data``, or with
     ``ms_run`` and no ``data.root`` the images the MS run ranked (as its run_info.json records them)."""
@@ -65,15 +57,23 @@ def taxonomy_data(data: DataSchema, ms_run: str | Path | None) -> dict:
 
 def open_taxonomy(taxonomy: TaxonomySchema, data: Mapping[str, Any]) -> Taxonomy:
     """Load the taxonomy of a ``taxonomy`` node; folder kinds read ``data``'s root (or the generated concept
-    images) when ``taxonomy.path`` is not set."""
+    images of ``data=tiny``, whose concepts.json names the classes) when ``taxonomy.path`` is not set."""
+    concept_root = None
+    if data.get("source") == "synthetic":
+        concept_root = str(ensure_concept_images(root=data.get("root"), **synthetic_options_of(data)))
     return load_taxonomy(
         taxonomy.kind,
         taxonomy.path,
         key_column=taxonomy.key_column,
         ranks=taxonomy.ranks,
         wordnet_dpath=taxonomy.wordnet_dpath,
-        data_root=data.get("root") or concept_root(data),
+        data_root=data.get("root") or concept_root,
     )
+
+
+def _class_name(classes: list[str], label: Any, default: Any) -> Any:
+    """The class name of an integer image label, else ``default``."""
+    return classes[label] if isinstance(label, int) and 0 <= label < len(classes) else default
 
 
 def check_images_have_taxa(taxonomy: Taxonomy, images: ImageSet) -> list[str]:
@@ -84,7 +84,7 @@ def check_images_have_taxa(taxonomy: Taxonomy, images: ImageSet) -> list[str]:
     listing = images.listing()
     classes = list(listing.classes)
     items = images.items(listing)
-    names = [classes[lab] if isinstance(lab, int) and 0 <= lab < len(classes) else None for _, _, lab in items]
+    names = [_class_name(classes, lab, None) for _, _, lab in items]
     taxonomy.match([k for k, _, _ in items], [p for _, p, _ in items], names)
     return classes
 
@@ -169,10 +169,7 @@ def score_hierarchy(
     label by name; ``min_majority``: see :func:`latent_taxa_rows`; ``sae_path``, ``ms_run``: recorded.
     """
     group_K = sae.group_of_latent.cpu()
-    labels = [
-        classes[lab] if classes and isinstance(lab, int) and 0 <= lab < len(classes) else lab
-        for lab in (top.labels or [None] * len(top.keys))
-    ]
+    labels = [_class_name(classes, lab, lab) for lab in (top.labels or [None] * len(top.keys))]
     codes_NO, names = encode_paths(taxonomy.match(top.keys, top.paths, labels), taxonomy.n_ranks)
     depths = H.lca_depths(top.image_idx, top.acts, codes_NO, n_top=n_top)
     groups = H.group_table(depths, group_K, ms_K, n_groups=len(sae.group_sizes))
@@ -236,10 +233,3 @@ def hierarchy_markdown(summary: HierarchySummary) -> str:
         f"{ranks[0]}, {len(ranks)} = same {ranks[-1]}), mean over the "
         f"{n_top * (n_top - 1) // 2} pairs of a latent, then over the latents of a group.\n"
     )
-
-
-def log_groups(groups: list[dict]) -> None:
-    """One log line per group (``HierarchySummary.groups``): scored latents, depth and MS."""
-    for r in groups:
-        values = [r[k] for k in ("group", "n_scored", "n_latents", "depth_mean", "ms_mean")]
-        log.info("group %d: %d/%d latents scored, depth %s, MS %s", *values)

@@ -33,6 +33,7 @@ from vlmsae.metrics.reconstruction import fve, normalized_mse
 from vlmsae.metrics.topimages import TopImages
 from vlmsae.models import embedders
 from vlmsae.models.open_sae import TappedSAE
+from vlmsae.steering.score import unit
 from vlmsae.studies.naming import (
     DEFAULT_TEMPLATES,
     concepts_from_embeddings,
@@ -42,7 +43,6 @@ from vlmsae.studies.naming import (
 )
 
 _IMAGES_FIX = "pass images=<an image file | a folder of images | a .txt list of image paths | [a.jpg, b.png]>"
-LIST_SUFFIXES = (".txt", ".tsv", ".list")
 
 
 # ---------------------------------------------------------------------------------------------- the images
@@ -55,7 +55,7 @@ def list_images(images: str | Path | Sequence[str | Path]) -> list[tuple[str, st
             raise ValueError(f"images={list(images)} names no image: {_IMAGES_FIX}.")
         return out
     path = Path(str(images)).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix.lower() in LIST_SUFFIXES):
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in (".txt", ".tsv", ".list")):
         return [(key, p) for key, p, _ in (list_folder(path) if path.is_dir() else list_file(path)).items]
     if path.is_file():
         return [(path.name, str(path))]
@@ -186,7 +186,6 @@ class MSRunView:
     dpath: Path
     table: LatentsTable
     top: TopImages
-    config: dict[str, Any]
 
     def latent(self, latent: int, n_top: int = 8) -> dict[str, Any]:
         """Name, names, MS, frequency, Matryoshka group and the paths of the first ``n_top`` top images."""
@@ -217,8 +216,8 @@ def open_ms_run(ms_run: str | Path, sae_path: str | Path, n_latents: int) -> MSR
             f"ms_run={ms_run}: {dpath} holds no latents.csv + top_images/. Pass the output folder of "
             f"`python -m vlmsae.monosemanticity sae_path={sae_path} ...`, or drop ms_run=."
         )
-    config = read_run_info(dpath).config if (dpath / RUN_INFO_JSON).is_file() else {}
-    run_sae = (config or {}).get("sae_path")
+    config = (read_run_info(dpath).config or {}) if (dpath / RUN_INFO_JSON).is_file() else {}
+    run_sae = config.get("sae_path")
     top = TopImages.load(dpath / TOP_IMAGES_DIR)
     if (run_sae and not _same_sae(run_sae, sae_path)) or top.n_latents != n_latents:
         said = f"sae_path={run_sae}" if run_sae else "an unnamed SAE"
@@ -228,7 +227,7 @@ def open_ms_run(ms_run: str | Path, sae_path: str | Path, n_latents: int) -> MSR
             f"latents. Pass the MS run of this SAE (python -m vlmsae.monosemanticity sae_path={sae_path} ...), or "
             "drop ms_run=."
         )
-    return MSRunView(dpath, read_latents_csv(dpath), top, dict(config or {}))
+    return MSRunView(dpath, read_latents_csv(dpath), top)
 
 
 # ---------------------------------------------------------------------------------------------- query
@@ -253,24 +252,19 @@ def latent_concepts(
     return concepts_from_embeddings(emb_NE, idx_KX)
 
 
-def query_text_embedding(
-    text: str, embed_text: Callable[[list[str]], torch.Tensor], templates: Sequence[str] = DEFAULT_TEMPLATES
-) -> torch.Tensor:
+def query_text_embedding(text: str, embed_text: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
     """[E] unit text embedding of ``text``, averaged over the names templates exactly as a vocabulary name is."""
     if not str(text).strip():
         raise ValueError("query= is empty: pass a text, e.g. query='a zebra', or drop it.")
-    return name_embeddings([str(text)], list(templates), embed_text)[0]
+    return name_embeddings([str(text)], DEFAULT_TEMPLATES, embed_text)[0]
 
 
 def query_latents(concepts_KE: torch.Tensor, text_E: torch.Tensor, top_n: int = 8) -> list[tuple[int, float]]:
     """``(latent, cosine)`` of the ``top_n`` latents whose concept is closest to ``text_E``, best first (latents
     without a concept are skipped; ties keep the lower id)."""
-    unit_E = text_E.float() / text_E.float().norm().clamp_min(1e-12)
-    cos_K = concepts_KE.float() @ unit_E
-    valid = ~torch.isnan(cos_K)
-    order = torch.sort(cos_K.nan_to_num(-3.0), descending=True, stable=True).indices
-    picked = [int(k) for k in order.tolist() if valid[k]][:top_n]
-    return [(k, float(cos_K[k])) for k in picked]
+    cos_K = concepts_KE.float() @ unit(text_E)
+    order = torch.sort(cos_K.nan_to_num(-3.0), descending=True, stable=True).indices.tolist()
+    return [(k, float(cos_K[k])) for k in order if not math.isnan(cos_K[k])][:top_n]
 
 
 def query_ms_run(ms: MSRunView, text: str, embedder_cfg: Any = None, top_n: int = 8) -> list[tuple[int, float]]:

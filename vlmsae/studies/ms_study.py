@@ -18,7 +18,7 @@ import torch
 from vlmsae.data.image_set import ImageSet
 from vlmsae.data.images import SkipLog
 from vlmsae.data.shards import image_list_digest
-from vlmsae.formats import LatentRow, LatentsTable, MsSummary
+from vlmsae.formats import MS_SUMMARY_JSON, LatentRow, LatentsTable, MsSummary
 from vlmsae.metrics.monosemanticity import column_min_max, monosemanticity_scores, ms_summary
 from vlmsae.metrics.reconstruction import ReconstructionAccumulator, zero_shot_fidelity
 from vlmsae.metrics.topimages import TopImages, top_set_jaccard
@@ -30,9 +30,6 @@ from vlmsae.studies.embedding_cache import CachedEmbedder
 from vlmsae.studies.naming import LABELS, LatentNamer, LatentNames, label_namer, with_names
 
 log = logging.getLogger(__name__)
-
-# ms_summary.json keys typed by the format; the rest go into its ``extra``
-_SUMMARY_FIELDS = ("mean", "std", "min", "max", "dead", "n_latents", "n_images", "baseline")
 
 
 @dataclass
@@ -71,10 +68,7 @@ class MSStudy:
 
     def summary_format(self) -> MsSummary:
         """``summary`` as the ``ms_summary.json`` format (the headline statistics typed, the rest in ``extra``)."""
-        return MsSummary(
-            **{k: self.summary[k] for k in _SUMMARY_FIELDS if k in self.summary},
-            extra={k: v for k, v in self.summary.items() if k not in _SUMMARY_FIELDS},
-        )
+        return MsSummary.from_json({**self.summary, "format_version": MsSummary.VERSIONS[-1]}, MS_SUMMARY_JSON)
 
 
 def score_sae(

@@ -59,7 +59,7 @@ def wordnet_nouns(wordnet_dpath: str | Path | None = None) -> list[str]:
     return sorted({lemma for o, (lemma, _) in synsets.items() if _WORDNET_LEMMA_RE.fullmatch(lemma) and below(o)})
 
 
-def load_vocabulary(spec: str, wordnet_dpath: str | Path | None = None) -> list[str]:
+def load_vocabulary(spec: str) -> list[str]:
     """The names to choose from: ``imagenet``, ``wordnet`` or a file (one name per line, ``#`` lines and blank
     lines skipped, duplicates dropped, "_" read as " "). An empty or missing file is refused."""
     if spec == "imagenet":
@@ -67,7 +67,7 @@ def load_vocabulary(spec: str, wordnet_dpath: str | Path | None = None) -> list[
 
         return list(IMAGENET_CLASSNAMES)
     if spec == "wordnet":
-        return wordnet_nouns(wordnet_dpath)
+        return wordnet_nouns()
     fpath = Path(spec).expanduser()
     if not fpath.is_file():
         raise FileNotFoundError(f"names={spec!r}: {fpath} is not a file (and not a built-in vocabulary); {_VOCAB_FIX}.")
@@ -212,14 +212,13 @@ class LatentNamer:
         top: int,
         embedder: Any,
         embedder_name: str,
-        wordnet_dpath: str | Path | None = None,
         autointerp: AutoInterp | None = None,
     ) -> LatentNamer:
         """Load the vocabulary and embed it (the embedder checked for a text side first: the cheap errors first)."""
         embed_text = text_side(embedder, embedder_name)
         if top < 1:
             raise ValueError(f"names_top={top}: keep at least 1 name per latent.")
-        vocab = load_vocabulary(str(names), wordnet_dpath)
+        vocab = load_vocabulary(str(names))
         names_VE = name_embeddings(vocab, list(templates), embed_text)
         return cls(vocab, names_VE, top, str(names), embedder, tuple(templates), autointerp)
 
@@ -284,7 +283,6 @@ def build_namer(
     templates: Sequence[str],
     top: int,
     embedder_cfg: Any,
-    wordnet_dpath: str | None = None,
     autointerp: AutoInterp | None = None,
 ) -> LatentNamer | None:
     """The namer of a job's ``names`` / ``names_templates`` / ``names_top`` keys (None when ``names`` is null),
@@ -300,7 +298,7 @@ def build_namer(
     if not str(names).strip():
         raise ValueError(f"names={names!r} is empty; {_VOCAB_FIX}, or names=null for no names.")
     embedder = embedders.load_embedder(spec)  # looked up at call time (tests replace it)
-    return LatentNamer.build(str(names), list(templates), top, embedder, spec.name, wordnet_dpath, autointerp)
+    return LatentNamer.build(str(names), list(templates), top, embedder, spec.name, autointerp)
 
 
 def namer_for(options: Any, embedder: Any) -> LatentNamer | None:

@@ -110,46 +110,8 @@ def sweep_paths(sae_path: str) -> list[str] | None:
     return [str(p) for p in found]
 
 
-def load_sweep(paths: list[str], sae_format: str | None = None) -> list[SweepMember]:
-    """Load every SAE of ``paths`` (CPU) and give each a unique output-folder name; a name two SAEs share
-    gets the SAE's run folder appended (e.g. the multirun job number) so no output is overwritten."""
-    members = [SweepMember(p, load_job_sae(p, sae_format)) for p in paths]
-    for m in members:  # {arch}_x{expansion}_L{layer}, a folder name
-        m.name = f"{m.arch}_x{m.expansion:g}_L{m.trained_on_layer}".replace("/", "-").replace(" ", "")
-    counts = Counter(m.name for m in members)
-    for m in members:
-        if counts[m.name] > 1:
-            run = Path(m.sae_path).parent.name if Path(m.sae_path).name == SAE_DIRNAME else Path(m.sae_path).name
-            m.name = f"{m.name}_{run}"
-    names = [m.name for m in members]
-    if len(set(names)) != len(names):  # same config and same run folder name: fall back to the position
-        for i, m in enumerate(members):
-            m.name = f"{m.name}_{i}"
-    log.info("sweep of %d SAEs: %s", len(members), ", ".join(names))
-    return members
-
-
-def require_one_model(members: list[SweepMember], what: str, model_override: Any = None) -> None:
-    """Refuse a table over SAEs of different source models (a table compares SAEs of one model)."""
-    if model_override is not None:
-        return
-    models: dict[str, list[str]] = {}
-    for m in members:
-        models.setdefault(m.trained_on_model, []).append(m.sae_path)
-    if len(models) > 1:
-        listing = "; ".join(f"{model}: {', '.join(paths)}" for model, paths in models.items())
-        raise ValueError(
-            f"The sweep mixes SAEs of {len(models)} source models ({listing}): one {what} compares SAEs of "
-            "one model. Split the sweep: run the job once per model with sae_path=<that model's SAEs>."
-        )
-
-
 def _model_key(spec: Any) -> str:
     return repr((spec.name, spec.pretrained, spec.local_path, spec.seed, spec.device))  # the seed: random weights
-
-
-def _pixels_digest(images_BCHW: torch.Tensor) -> str:
-    return hashlib.sha1(images_BCHW.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 class SharedTap:
@@ -166,7 +128,7 @@ class SharedTap:
         return getattr(self.tap, name)
 
     def forward_to(self, images_BCHW: torch.Tensor, layer: Any) -> torch.Tensor:
-        key = (str(layer), _pixels_digest(images_BCHW))
+        key = (str(layer), hashlib.sha1(images_BCHW.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
         if key not in self.kept:
             acts = self.tap.forward_to(images_BCHW, layer)
             self.kept[key] = acts[:, :1] if self.cls_only and acts.dim() == 3 else acts
@@ -222,11 +184,10 @@ class SweepCache:
 def grouped(members: list[SweepMember]) -> Iterator[SweepMember]:
     """The members ordered so SAEs of the same model, layer and tokens are next to each other (their kept
     activations are dropped when the next group starts)."""
-    key = {
-        id(m): (m.trained_on_model, str(m.trained_on_layer), str((m.sae.trained_on or {}).get("tokens")))
-        for m in members
-    }
-    yield from sorted(members, key=lambda m: key[id(m)])
+    yield from sorted(
+        members,
+        key=lambda m: (m.trained_on_model, str(m.trained_on_layer), str((m.sae.trained_on or {}).get("tokens"))),
+    )
 
 
 @dataclass
@@ -252,14 +213,33 @@ def open_members(
     sae_path: str, sae_format: str | None, table: str | None = None, model_override: Any = None
 ) -> tuple[list[SweepMember], bool]:
     """The SAEs ``sae_path`` names, loaded on the CPU, and whether they are a sweep. A sweep folder or a comma list
-    (:func:`sweep_paths`) gives its SAEs, named (:func:`load_sweep`) and, when ``table`` names the sweep's table,
-    refused unless they read one model (:func:`require_one_model`); one SAE gives itself, named by its folder."""
+    (:func:`sweep_paths`) gives its SAEs, each named for its output folder and, when ``table`` names the sweep's table,
+    refused unless they read one model; one SAE gives itself, named by its folder."""
     paths = sweep_paths(sae_path)
     if paths is None:
         return [SweepMember(sae_path, load_job_sae(sae_path, sae_format), Path(sae_path).name)], False
-    members = load_sweep(paths, sae_format)
-    if table is not None:
-        require_one_model(members, table, model_override)
+    members = [SweepMember(p, load_job_sae(p, sae_format)) for p in paths]
+    for m in members:  # {arch}_x{expansion}_L{layer}, a folder name
+        m.name = f"{m.arch}_x{m.expansion:g}_L{m.trained_on_layer}".replace("/", "-").replace(" ", "")
+    counts = Counter(m.name for m in members)
+    for m in members:  # a name two SAEs share gets the run folder (e.g. the multirun job number): no overwrite
+        if counts[m.name] > 1:
+            run = Path(m.sae_path).parent.name if Path(m.sae_path).name == SAE_DIRNAME else Path(m.sae_path).name
+            m.name = f"{m.name}_{run}"
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):  # same config and same run folder name: fall back to the position
+        for i, m in enumerate(members):
+            m.name = f"{m.name}_{i}"
+    log.info("sweep of %d SAEs: %s", len(members), ", ".join(names))
+    models: dict[str, list[str]] = {}
+    for m in members:
+        models.setdefault(m.trained_on_model, []).append(m.sae_path)
+    if table is not None and model_override is None and len(models) > 1:  # a table compares SAEs of one model
+        listing = "; ".join(f"{model}: {', '.join(paths)}" for model, paths in models.items())
+        raise ValueError(
+            f"The sweep mixes SAEs of {len(models)} source models ({listing}): one {table} compares SAEs of "
+            "one model. Split the sweep: run the job once per model with sae_path=<that model's SAEs>."
+        )
     return members, True
 
 

@@ -24,18 +24,14 @@ def atomic_write(fpath: str | Path, write_fn: Callable[[Path], None]) -> Path:
     tmp_fpath = Path(tmp_name)
     try:
         write_fn(tmp_fpath)
-        os.chmod(tmp_fpath, 0o666 & ~_umask())
+        umask = os.umask(0)  # the only portable way to read it is to set it and put it back
+        os.umask(umask)
+        os.chmod(tmp_fpath, 0o666 & ~umask)
         os.replace(tmp_fpath, fpath)
     finally:
         if tmp_fpath.exists():
             tmp_fpath.unlink()
     return fpath
-
-
-def _umask() -> int:
-    umask = os.umask(0)  # the only portable way to read it is to set it and put it back
-    os.umask(umask)
-    return umask
 
 
 def atomic_write_text(fpath: str | Path, text: str) -> Path:

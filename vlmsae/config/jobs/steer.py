@@ -14,10 +14,8 @@ class SteerJob:
 
     logger: Any = MISSING  # the logger group (conf/logger/*.yaml): none | csv | wandb (vlmsae.report.job_log)
     model: Any = MISSING  # the LLaVA to steer: a conf/model/ choice with backend hf_llava (its own model_schema)
-    sae_path: str = (
-        MISSING  # SAE folder (save_sae output, a published SAE's folder or hf://org/repo); its trained_on.layer
-    )
-    # picks the block
+    # SAE folder (save_sae output, a published SAE's folder or hf://org/repo); its trained_on.layer picks the block
+    sae_path: str = MISSING
     sae_format: Optional[str] = None  # null = detect; vlmsae | dictionary_learning | saelens | sparsify | saev | ...
     # stop when the SAE does not fit the first batch it is fed (FVE < 0, or nearly all rows without an active latent)
     check_fit: bool = True  # false = score it anyway
