@@ -6,8 +6,6 @@ job runs, so nothing heavy (torch, Lightning) is imported here.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from vlmsae.utils.io import atomic_write_text
+from vlmsae.utils.io import atomic_write_text, write_csv_rows
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +53,6 @@ def collect_sweep(sweep_dpath: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_metrics_csv(fpath: str | Path, columns: list[str], rows: list[dict]) -> Path:
-    """Atomically write ``rows`` under ``columns`` (missing cells empty)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(fpath, buf.getvalue())
-
-
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -84,7 +73,7 @@ def write_sweep_summary(sweep_dpath: str | Path) -> tuple[Path, Path] | None:
     metric_cols = {"job", "status", *SUMMARY_METRICS}
     shared = {c: rows[0].get(c) for c in columns if c not in metric_cols and len({str(r.get(c)) for r in rows}) == 1}
     md_columns = [c for c in columns if c not in shared]
-    csv_fpath = write_metrics_csv(sweep_dpath / "sweep_summary.csv", columns, rows)
+    csv_fpath = write_csv_rows(sweep_dpath / "sweep_summary.csv", rows, columns)
     lines = [
         f"# Sweep summary: {sweep_dpath.name}",
         "",

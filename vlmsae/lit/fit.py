@@ -49,6 +49,7 @@ from vlmsae.models.tap import resolve_layer
 from vlmsae.sae import SAEConfig, default_lr, save_sae
 from vlmsae.sae.mechanics import init_from_batches_
 from vlmsae.utils.io import atomic_write_json, atomic_write_text
+from vlmsae.utils.paths import run_name
 from vlmsae.utils.provenance import write_run_info
 
 log = logging.getLogger(__name__)
@@ -460,11 +461,6 @@ def _grid_devices(t: TrainerSchema, n_saes: int, sae_devices: Any) -> list[str]:
     devices = place_saes(n_saes, sae_devices, n_cuda)
     log.info("sae_grid devices: %s", devices)
     return devices
-
-
-def run_name(out_dpath: Path) -> str:
-    """A run's name for W&B: its run dir's name (a multirun job's: ``<sweep>/job_<i>``)."""
-    return out_dpath.name if not out_dpath.name.startswith("job_") else f"{out_dpath.parent.name}/{out_dpath.name}"
 
 
 def _sae_loggers(plan: FitPlan, grid: list[GridSAE], out_dpath: Path, is_rank_zero: bool = True):

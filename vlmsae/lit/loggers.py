@@ -28,7 +28,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from vlmsae.lit.callbacks import write_metrics_csv
+from vlmsae.utils.io import write_csv_rows
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class _ResumableWriter(ExperimentWriter):
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         _, rows = read_metrics_csv(self.metrics_file_path)
-        write_metrics_csv(self.metrics_file_path, list(fieldnames), rows)
+        write_csv_rows(self.metrics_file_path, rows, list(fieldnames))
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -112,7 +112,7 @@ class ResumableCSVLogger(CSVLogger):
         # with anything logged before the restore (normally nothing); Lightning keeps its header sorted
         columns = sorted({*columns, *(k for row in writer.metrics for k in row)})
         if kept or columns:
-            write_metrics_csv(metrics_fpath, columns, kept)
+            write_csv_rows(metrics_fpath, kept, columns)
         else:
             metrics_fpath.unlink(missing_ok=True)
         writer.metrics_keys = columns  # so the next save appends under this header

@@ -19,8 +19,7 @@ from typing import Any
 
 from vlmsae.formats import InspectResult
 from vlmsae.report.browser import INSPECT_PAGE, TEMPLATE_DPATH, card_overlay_image, quantize_grid, write_thumbnail
-from vlmsae.report.job_log import write_csv_rows
-from vlmsae.utils.io import atomic_write, atomic_write_text
+from vlmsae.utils.io import atomic_write, atomic_write_text, write_csv_rows
 
 PAGE = INSPECT_PAGE
 TABLE_CSV = "inspect_latents.csv"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -39,7 +38,8 @@ from typing import Any
 from vlmsae import formats
 from vlmsae.config import to_typed
 from vlmsae.config.nodes import LoggerSchema
-from vlmsae.utils.io import atomic_write_json, atomic_write_text
+from vlmsae.utils.io import atomic_write_json, write_csv_rows
+from vlmsae.utils.paths import run_name
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +96,11 @@ def training_run(sae_path: str | Path | None) -> dict[str, Any]:
             out["train"] = formats.read_run_info(run_dpath).config
         except (OSError, ValueError) as err:
             log.warning("job log: cannot read the training run's run_info.json (%s); logged without it", err)
-        out["name"] = _run_name(run_dpath)
+        out["name"] = run_name(run_dpath)
     id_fpath = run_dpath / "wandb_id.txt"
     if id_fpath.is_file():
         out["wandb_id"] = id_fpath.read_text(encoding="utf-8").strip()
     return out
-
-
-def _run_name(dpath: Path) -> str:
-    """The W&B run name train gives a run dir: its name, or ``<sweep>/<job_N>`` inside a multirun."""
-    return dpath.name if not dpath.name.startswith("job_") else f"{dpath.parent.name}/{dpath.name}"
 
 
 class JobLog:
@@ -184,7 +179,7 @@ class JobLog:
 
         if len(rows) > limit:
             log.info("job log: table %s keeps the first %d of %d rows (logger.table_rows)", name, limit, len(rows))
-        columns = _columns(rows)
+        columns = list(dict.fromkeys(c for row in rows for c in row))
         images = set(image_columns)
         data = [[_thumb(row.get(c)) if c in images else _cell(row.get(c)) for c in columns] for row in rows[:limit]]
         self.run.log({name: wandb.Table(columns=columns, data=data)})
@@ -224,7 +219,7 @@ def init_wandb(lg: LoggerSchema, mode: str, job: str, out_dpath: Path, config: d
             entity=lg.entity or train_logger.get("entity"),
             group=lg.group or train_logger.get("group") or trained.get("name"),
             job_type=job,
-            name=_run_name(out_dpath),
+            name=run_name(out_dpath),
             tags=list(lg.tags or []),
             dir=str(out_dpath),
             mode=mode,
@@ -261,20 +256,6 @@ def _thumb(value: Any) -> Any:
     except OSError as err:
         log.warning("job log: thumbnail of %s skipped (%s)", value, err)
         return None
-
-
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    """Every key of ``rows``, in the order they first appear."""
-    return list(dict.fromkeys(c for row in rows for c in row))
-
-
-def write_csv_rows(fpath: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Path:
-    """``rows`` as a CSV file (columns: ``columns``, default every key of the rows; None and missing cells empty)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns or _columns(rows), restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(fpath, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ per job

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -60,3 +62,13 @@ def publish_dir(tmp_dpath: str | Path, dpath: str | Path) -> Path:
     except OSError:  # lost the race against an identical build
         shutil.rmtree(tmp_dpath, ignore_errors=True)
     return dpath
+
+
+def write_csv_rows(fpath: str | Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Path:
+    """Atomically write ``rows`` as a CSV file (columns: ``columns``, default every key of the rows in the order
+    they first appear; missing cells empty)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns or list(dict.fromkeys(c for r in rows for c in r)), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(fpath, buf.getvalue())

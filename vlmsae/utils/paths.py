@@ -34,3 +34,8 @@ def hydra_chose_run_dir(explicit: str | Path | None = None) -> bool:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
         return False
     return not any(str(o).split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in HydraConfig.get().overrides.hydra)
+
+
+def run_name(out_dpath: Path) -> str:
+    """A run's name for W&B: its run dir's name (a multirun job's: ``<sweep>/job_<i>``)."""
+    return out_dpath.name if not out_dpath.name.startswith("job_") else f"{out_dpath.parent.name}/{out_dpath.name}"
