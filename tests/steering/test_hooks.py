@@ -339,16 +339,10 @@ def build_llava_with_lm(
     features into soft prompts the LM reacts to), e.g. SmolLM2-135M from :func:`smollm2_gguf`.
     ``gguf_file``: transformers dequantises GGUF weights with the ``gguf`` package (and needs accelerate).
     """
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
-    from vlmsae.models.llava import LLAVA_CHAT_TEMPLATE, _is_complete
-    from vlmsae.models.tiny import build_folder, tiny_hf_vision_parts
+    from vlmsae.models.llava import LLAVA_CHAT_TEMPLATE, _is_complete, llava_parts
+    from vlmsae.models.tiny import build_folder
 
     dpath = Path(dpath)
     if _is_complete(dpath):
@@ -362,25 +356,9 @@ def build_llava_with_lm(
         tokenizer.pad_token = tokenizer.eos_token
     lm.resize_token_embeddings(len(tokenizer))
     template = getattr(tokenizer, "chat_template", None) or ""
-    vision_config, image_processor = tiny_hf_vision_parts(
-        image_size, patch_size, vision_width, vision_layers, heads=4, projection_dim=vision_width
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHATML_IMAGE_TEMPLATE if "<|im_start|>" in template else LLAVA_CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=lm.config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
+    chat_template = CHATML_IMAGE_TEMPLATE if "<|im_start|>" in template else LLAVA_CHAT_TEMPLATE
+    processor, config = llava_parts(
+        tokenizer, lm.config, chat_template, image_size, patch_size, vision_width, vision_layers, vision_feature_layer
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()

@@ -91,6 +91,44 @@ def _is_complete(dpath: Path) -> bool:
     return (dpath / "config.json").exists() and (dpath / "tokenizer.json").exists() and any(dpath.glob("*.safetensors"))
 
 
+def llava_parts(
+    tokenizer: Any,
+    text_config: Any,
+    chat_template: str,
+    image_size: int,
+    patch_size: int,
+    vision_width: int,
+    vision_layers: int,
+    vision_feature_layer: int,
+) -> tuple[Any, Any]:
+    """``(LlavaProcessor, LlavaConfig)`` of a LLaVA-1.5-shaped model with a tiny random CLIP tower around the
+    language model ``text_config`` (``<image>`` must be in ``tokenizer``); :func:`build_tiny_llava` and the
+    tests' LLaVA around a real language model share it."""
+    from transformers import LlavaConfig, LlavaProcessor
+
+    vision_config, image_processor = tiny_hf_vision_parts(
+        image_size, patch_size, vision_width, vision_layers, heads=4, projection_dim=vision_width
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=chat_template,
+        num_additional_image_tokens=1,  # CLIP's CLS
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",  # drop CLS, as LLaVA-1.5
+        projector_hidden_act="gelu",
+    )
+    return processor, config
+
+
 def build_tiny_llava(
     dpath: str | Path,
     seed: int = 0,
@@ -113,23 +151,12 @@ def build_tiny_llava(
     whole). ``max_shard_size`` (e.g. ``"100KB"``) writes shards + ``model.safetensors.index.json``, the layout of
     the Hub's 7B checkpoint.
     """
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlamaConfig, LlavaForConditionalGeneration
 
     dpath = Path(dpath)
     if _is_complete(dpath):
         return dpath
     tokenizer = build_tiny_tokenizer()
-    vision_config, image_processor = tiny_hf_vision_parts(
-        image_size, patch_size, vision_width, vision_layers, heads=4, projection_dim=vision_width
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=LLAVA_CHAT_TEMPLATE,
-        num_additional_image_tokens=1,  # CLIP's CLS
-    )
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=text_width,
@@ -142,14 +169,15 @@ def build_tiny_llava(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default",  # drop CLS, as LLaVA-1.5
-        projector_hidden_act="gelu",
+    processor, config = llava_parts(
+        tokenizer,
+        text_config,
+        LLAVA_CHAT_TEMPLATE,
+        image_size,
+        patch_size,
+        vision_width,
+        vision_layers,
+        vision_feature_layer,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
