@@ -23,20 +23,8 @@ def llava(tmp_path_factory):
     return load_llava(build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny_llava"), dtype="float32")
 
 
-def identity_sae():
-    """A ReLU SAE with decode(encode(x)) == x exactly: latents [x+, x-] (W_enc = W_dec = [I; -I], no biases)."""
-    sae = build_sae(SAEConfig(arch="relu", d_in=32, n_latents=64), seed=0).eval()
-    eye_DD = torch.eye(32)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye_DD, -eye_DD]))
-        sae.W_dec.copy_(torch.cat([eye_DD, -eye_DD]))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
-
-
 @pytest.fixture(scope="module")
-def items(llava):
+def items(llava, identity_sae):
     model, processor = llava
     setup = SteeringSetup(model, processor, identity_sae(), LAYER, 32)
     items, note = splice.prompt_items(setup, None, None, 3, max_new_tokens=5, batch_size=2)
@@ -68,7 +56,7 @@ def test_teacher_forcing_lines_up_with_generation(llava, items):
     assert torch.equal(logp_NV.argmax(-1), batch.target_N)
 
 
-def test_exact_sae_and_control_lose_nothing_random_sae_loses(llava, items):
+def test_exact_sae_and_control_lose_nothing_random_sae_loses(llava, items, identity_sae):
     model, processor = llava
     exact = splice.evaluate_splice(SteeringSetup(model, processor, identity_sae(), LAYER, 32), items, batch_size=2)
     s = exact.summary()
@@ -108,7 +96,7 @@ def test_exact_sae_and_control_lose_nothing_random_sae_loses(llava, items):
     assert [a["n_tokens"] for a in scores.per_answer()] == [int((scores.owner_N == i).sum()) for i in range(3)]
 
 
-def test_nan_denominator_gets_a_note(llava, items):
+def test_nan_denominator_gets_a_note(llava, items, identity_sae):
     model, processor = llava
     scores = splice.evaluate_splice(SteeringSetup(model, processor, identity_sae(), LAYER, 32), items[:1], 1)
     scores.nll[splice.ZERO] = scores.nll["clean"].clone()  # an ablation that loses nothing
@@ -118,7 +106,7 @@ def test_nan_denominator_gets_a_note(llava, items):
     assert result.to_dict()["summary"]["frac_recovered_zero"] is None  # strict JSON: null, not NaN
 
 
-def test_prompt_files(tmp_path, llava):
+def test_prompt_files(tmp_path, llava, identity_sae):
     from PIL import Image
 
     model, processor = llava
